@@ -1,0 +1,72 @@
+"""`onnx.backend.base.Backend` over nnc: device "CPU" runs the reference interpreter on the
+imported IR; device "CUDA" compiles and runs generated kernels (see nnc.runtime).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx.backend.base import Backend, BackendRep
+
+from .ir.interp import Interpreter
+from .ir.verify import verify
+from .onnx_import import import_model
+
+
+class NncRep(BackendRep):
+    def __init__(self, module, device: str):
+        self.module = module
+        self.device = device
+        self.input_names = [a.name for a in module.main.args]
+        self._cuda = None
+
+    def run(self, inputs, **kwargs):
+        if isinstance(inputs, dict):
+            feed = dict(inputs)
+        else:
+            if not isinstance(inputs, (list, tuple)):
+                inputs = [inputs]
+            feed = dict(zip(self.input_names, inputs))
+        feed = {k: np.asarray(v) for k, v in feed.items()}
+        if self.device == "CPU":
+            out = Interpreter(self.module).run(feed)
+        else:
+            out = self._cuda_run(feed)
+        return [out[v.name] for v in self.module.main.results]
+
+    def _cuda_run(self, feed):
+        from .runtime import compile_module_for_backend
+        if self._cuda is None:
+            self._cuda = compile_module_for_backend(self.module)
+        return self._cuda.run(feed, output="numpy")
+
+
+class NncBackend(Backend):
+    @classmethod
+    def prepare(cls, model: onnx.ModelProto, device: str = "CPU", **kwargs) -> NncRep:
+        super().prepare(model, device, **kwargs)
+        module = import_model(model)
+        verify(module)
+        return NncRep(module, device.split(":")[0].upper())
+
+    @classmethod
+    def run_model(cls, model, inputs, device="CPU", **kwargs):
+        return cls.prepare(model, device, **kwargs).run(inputs)
+
+    @classmethod
+    def run_node(cls, node, inputs, device="CPU", outputs_info=None, **kwargs):
+        raise NotImplementedError("run_node: use run_model with a one-node model")
+
+    @classmethod
+    def supports_device(cls, device: str) -> bool:
+        d = device.split(":")[0].upper()
+        if d == "CPU":
+            return True
+        if d == "CUDA":
+            from .runtime import gpu_available
+            return gpu_available()
+        return False
+
+
+prepare = NncBackend.prepare
+run_model = NncBackend.run_model
+supports_device = NncBackend.supports_device

@@ -1,0 +1,116 @@
+"""Builds ops with inferred result types: the one way importers and passes create IR.
+
+`Builder.create` checks the operand count, builds typed attrs, infers result types and appends
+the op. With `fold=True`, an op whose operands are all small constants is evaluated by its
+reference semantics and replaced by a `const` (this is how Shape->Gather->Concat->Reshape chains
+fold during import).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from . import registry
+from .errors import NncError
+from .graph import Loc, NameGen, Op, Region, Value
+from .types import TensorType, type_of_array
+from .weights import WeightStore
+
+FOLD_MAX_ELEMENTS = 1 << 16  # results larger than this stay ops (e.g. in-graph ConstantOfShape weights)
+INLINE_MAX_ELEMENTS = 16  # constants larger than this go to the weight store
+
+
+def const_value(v: Value, weights: Optional[WeightStore]) -> Optional[np.ndarray]:
+    """The value of `v` if a `const` op defines it, else None."""
+    op = v.producer
+    if op is None or op.name != "const":
+        return None
+    a = op.attrs
+    if a.value is not None:
+        return a.value
+    if weights is not None and a.weight in weights:
+        return weights[a.weight]
+    return None
+
+
+class Builder:
+    def __init__(self, region: Region, weights: WeightStore, names: NameGen, fold: bool = False):
+        self.region = region
+        self.weights = weights
+        self.names = names
+        self.fold = fold
+
+    def value_of(self, v: Value) -> Optional[np.ndarray]:
+        return const_value(v, self.weights)
+
+    def constant(self, a: np.ndarray, name: str = "", loc: Loc = Loc(), weight_hint: str = "") -> Value:
+        a = np.asarray(a)
+        if a.size > INLINE_MAX_ELEMENTS:
+            wname = self.weights.fresh_name(weight_hint or name or "w")
+            self.weights[wname] = a
+            attrs = registry.make_attrs(registry.get("const").attrs, {"weight": wname}, "const")
+        else:
+            attrs = registry.make_attrs(registry.get("const").attrs, {"value": a}, "const")
+        res = Value(self.names(name), type_of_array(a))
+        op = Op("const", [], [res], attrs, loc)
+        self.region.ops.append(op)
+        return res
+
+    def create(self, name: str, operands: list, attrs=None, *, num_results: int = 1,
+               names: Optional[list] = None, loc: Loc = Loc(), declared=None) -> list[Value]:
+        opdef = registry.get(name)
+        where = f"{loc}: {name}"
+        lo, hi = opdef.inputs
+        n = len(operands)
+        while n > lo and operands[n - 1] is None:  # trailing omitted optionals
+            n -= 1
+        operands = list(operands[:n])
+        if n < lo or (hi >= 0 and n > hi):
+            want = f"{lo}" if lo == hi else f"{lo} to {'any' if hi < 0 else hi}"
+            raise NncError(f"{where}: takes {want} operands, got {n}")
+        olo, ohi = opdef.outputs
+        if num_results < olo or (ohi >= 0 and num_results > ohi):
+            raise NncError(f"{where}: produces {olo}..{ohi} results, {num_results} requested")
+        if attrs is None or isinstance(attrs, dict):
+            attrs = registry.make_attrs(opdef.attrs, attrs or {}, where)
+        types = registry.run_infer(opdef, attrs, operands, num_results, loc,
+                                   lambda v: self.value_of(v), declared)
+        if self.fold and opdef.foldable and not any(r for _, r in _regions(attrs)):
+            folded = self._try_fold(opdef, attrs, operands, types, names, loc)
+            if folded is not None:
+                return folded
+        names = names or [""] * num_results
+        results = [Value(self.names(nm), t) for nm, t in zip(names, types)]
+        self.region.ops.append(Op(name, operands, results, attrs, loc))
+        return results
+
+    def _try_fold(self, opdef, attrs, operands, types, names, loc):
+        vals = []
+        for v in operands:
+            if v is None:
+                vals.append(None)
+                continue
+            a = self.value_of(v)
+            if a is None or a.size > FOLD_MAX_ELEMENTS:
+                return None
+            vals.append(a)
+        if not all(t.is_static for t in types):
+            return None
+        if sum(int(np.prod(t.shape, dtype=np.int64)) for t in types) > FOLD_MAX_ELEMENTS:
+            return None
+        from .interp import call_ref
+        try:
+            outs = call_ref(opdef, attrs, vals, types, None)
+        except NncError:
+            return None
+        names = names or [""] * len(types)
+        return [self.constant(o, nm, loc) for o, nm in zip(outs, names)]
+
+
+def _regions(attrs):
+    if attrs is None or not dataclasses.is_dataclass(attrs):
+        return []
+    return [(f.name, getattr(attrs, f.name)) for f in dataclasses.fields(attrs)
+            if isinstance(getattr(attrs, f.name), Region)]
