@@ -1,0 +1,214 @@
+"""The `nnc` command line: ir | opt | compile | run.
+
+Errors go to stderr with exit status 1 and no traceback (add --debug for one).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .ir.errors import NncError
+
+EPILOG = "Docs: README.md. Shapes use trtexec's convention: --shapes input:1x3x224x224,mask:1x128"
+
+
+def _add_shapes(p):
+    p.add_argument("--shapes", default="", metavar="NAME:DxDx..,...",
+                   help="bind input dims, e.g. input:1x3x224x224 (unbound symbols stay symbolic)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="nnc", description="nnc: ahead-of-time ONNX -> CUDA C++ compiler",
+                                 epilog=EPILOG)
+    ap.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    p = sub.add_parser("ir", help="import an ONNX model and print its IR",
+                       description="Imports MODEL.onnx and prints the IR (constants over 16 elements are "
+                                   "shown by weight name). With -o, writes FILE.nnir plus its weights.")
+    p.add_argument("model", help="ONNX model file")
+    _add_shapes(p)
+    p.add_argument("-o", "--output", help="write IR to this .nnir file (and <stem>.weights.bin/.json)")
+    p.add_argument("--verify", action="store_true", help="run the verifier on the imported IR")
+
+    p = sub.add_parser("opt", help="parse IR, run passes, print IR (like mlir-opt)",
+                       description="Parses FILE.nnir, runs the named passes in order and prints the IR. "
+                                   "With no --passes it prints the parsed IR unchanged (the round-trip check).")
+    p.add_argument("file", help="IR text file (weights are read from <stem>.weights.* beside it)")
+    p.add_argument("--passes", default="", help="comma-separated pass names, e.g. fold-constants,canonicalize,dce")
+    p.add_argument("--verify-each", action="store_true", help="run the verifier after every pass")
+    p.add_argument("--dump-ir", metavar="DIR", help="write NN-<pass>.nnir after each pass into DIR")
+    p.add_argument("--list-passes", action="store_true", help="list the known passes and exit")
+    p.add_argument("-o", "--output", help="write the result here instead of stdout (weights beside it)")
+
+    p = sub.add_parser("compile", help="compile an ONNX model into an output directory",
+                       description="Imports MODEL.onnx, runs the default pass pipeline and writes OUT/: "
+                                   "ir/final.nnir (+ weights), plan.json, and the generated CUDA.")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("-o", "--out", required=True, help="output directory")
+    _add_shapes(p)
+    p.add_argument("--arch", default=None, help="GPU architecture, e.g. sm_90 (default: the GPU present, else sm_90)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="storage type of weights and activations (accumulation stays fp32)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 tensor cores for fp32 GEMMs and convolutions")
+    p.add_argument("--backend", choices=["nvrtc", "nvcc"], default="nvrtc", help="CUDA compiler to use")
+    p.add_argument("--no-codegen", action="store_true", help="stop after writing the IR and plan.json")
+    p.add_argument("--verify-each", action="store_true", help="run the verifier after every pass")
+    p.add_argument("--dump-ir", metavar="DIR", help="write NN-<pass>.nnir after each pass into DIR")
+
+    p = sub.add_parser("run", help="run a compiled output directory on inputs",
+                       description="Runs OUT with inputs from an .npz whose keys are the model's input names; "
+                                   "prints a summary of each output. Random inputs are drawn when --inputs is omitted.")
+    p.add_argument("out", help="directory written by `nnc compile`")
+    p.add_argument("--inputs", help=".npz file keyed by input name")
+    p.add_argument("--backend", choices=["reference", "cuda"], default="reference",
+                   help="reference: numpy interpreter on ir/final.nnir; cuda: the generated kernels")
+    p.add_argument("--save", help="write outputs to this .npz (keys: output names)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random inputs")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not args.cmd:
+        ap.print_help()
+        return 2
+    try:
+        return {"ir": cmd_ir, "opt": cmd_opt, "compile": cmd_compile, "run": cmd_run}[args.cmd](args)
+    except NncError as e:
+        if args.debug:
+            raise
+        print(f"nnc {args.cmd}: error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, KeyError) as e:
+        if args.debug:
+            raise
+        print(f"nnc {args.cmd}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def _import(model, shapes):
+    from .onnx_import import import_model, parse_shapes
+    return import_model(model, shapes=parse_shapes(shapes))
+
+
+def _write_ir(module, path: Path):
+    from .ir.printer import print_module
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(print_module(module))
+    module.weights.save(path)
+
+
+def cmd_ir(args) -> int:
+    from .ir.printer import print_module
+    from .ir.verify import verify
+    m = _import(args.model, args.shapes)
+    if args.verify:
+        verify(m)
+    if args.output:
+        _write_ir(m, Path(args.output))
+    else:
+        sys.stdout.write(print_module(m))
+    return 0
+
+
+def load_ir(path) -> "object":
+    from .ir.parser import parse
+    from .ir.weights import WeightStore
+    p = Path(path)
+    if not p.exists():
+        raise NncError(f"{p}: no such file")
+    m = parse(p.read_text(), str(p))
+    m.weights = WeightStore.load(p)
+    return m
+
+
+def cmd_opt(args) -> int:
+    from .ir.printer import print_module
+    from .pipeline import PASSES, Pipeline
+    if args.list_passes:
+        print("\n".join(PASSES))
+        return 0
+    m = load_ir(args.file)
+    passes = [p for p in args.passes.split(",") if p]
+    if passes or args.verify_each:
+        Pipeline(passes, args.verify_each, Path(args.dump_ir) if args.dump_ir else None).run(m)
+    if args.output:
+        _write_ir(m, Path(args.output))
+    else:
+        sys.stdout.write(print_module(m))
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from .compile import compile_model
+    t0 = time.perf_counter()
+    plan = compile_model(args.model, args.out, shapes=args.shapes, arch=args.arch, precision=args.precision,
+                         tf32=args.tf32, backend=args.backend, codegen=not args.no_codegen,
+                         verify_each=args.verify_each, dump_ir=args.dump_ir)
+    n_k = len(plan.get("kernels", []))
+    print(f"compiled {args.model} -> {args.out} ({len(plan['inputs'])} inputs, {len(plan['outputs'])} outputs, "
+          f"{n_k} kernels, {time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+def _random_inputs(plan: dict, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    from .ir.types import dtype
+    out = {}
+    for i in plan["inputs"]:
+        if any(isinstance(d, str) for d in i["shape"]):
+            raise NncError(f"input {i['name']!r} has symbolic shape {i['shape']}: pass --inputs "
+                           f"or compile with --shapes")
+        dt = dtype(i["dtype"])
+        if dt.is_float:
+            a = rng.standard_normal(i["shape"]).astype(dt.np)
+        elif dt.kind == "bool":
+            a = rng.random(i["shape"]) < 0.5
+        else:
+            a = rng.integers(0, 4, i["shape"]).astype(dt.np)
+        out[i["name"]] = a
+    return out
+
+
+def cmd_run(args) -> int:
+    out = Path(args.out)
+    plan_p = out / "plan.json"
+    if not plan_p.exists():
+        raise NncError(f"{out}: no plan.json (is this a directory written by `nnc compile`?)")
+    plan = json.loads(plan_p.read_text())
+    if args.inputs:
+        with np.load(args.inputs, allow_pickle=False) as z:
+            feed = {k: z[k] for k in z.files}
+    else:
+        feed = _random_inputs(plan, args.seed)
+    t0 = time.perf_counter()
+    if args.backend == "reference":
+        from .ir.interp import Interpreter
+        m = load_ir(out / "ir" / "final.nnir")
+        res = Interpreter(m).run(feed)
+    else:
+        from .runtime import load
+        res = load(out).run(feed, output="numpy")
+    dt = time.perf_counter() - t0
+    for k, v in res.items():
+        v = np.asarray(v)
+        stats = ""
+        if v.size and v.dtype.kind in "fiub":
+            f = v.astype(np.float64)
+            stats = f" min {f.min():.6g} max {f.max():.6g} mean {f.mean():.6g}"
+        print(f"{k}: {v.dtype} {list(v.shape)}{stats}")
+    print(f"({args.backend}, {dt * 1e3:.1f} ms)")
+    if args.save:
+        np.savez(args.save, **{k: np.asarray(v) for k, v in res.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

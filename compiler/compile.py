@@ -1,0 +1,61 @@
+"""`nnc compile`: import -> pass pipeline -> OUT/ir/final.nnir + plan.json -> generated CUDA.
+
+plan.json contract (kept stable, extended freely):
+{"arch", "inputs": [{"name", "dtype", "shape"}], "outputs": [...], "passes": [...],
+ "kernels": [{"name", "ops", "template", "params"}],
+ "memory": {"arena_bytes", "naive_bytes", "peak_live_bytes"}}
+Shapes list ints or symbol names; dtypes use numpy names.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .ir.printer import print_module
+from .ir.symbolic import fmt
+from .ir.verify import verify
+from .pipeline import DEFAULT_PIPELINE, Pipeline
+
+
+def io_entry(v) -> dict:
+    shape = None if v.type.shape is None else [d if isinstance(d, int) else fmt(d) for d in v.type.shape]
+    return {"name": v.name, "dtype": v.type.dtype.np_name, "shape": shape}
+
+
+def default_arch() -> str:
+    """The present GPU's sm_XY, else sm_90 (compiling needs no GPU)."""
+    try:
+        import cupy
+        major, minor = cupy.cuda.Device(0).compute_capability[:1], cupy.cuda.Device(0).compute_capability[1:]
+        return f"sm_{major}{minor}"
+    except Exception:
+        return "sm_90"
+
+
+def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp32", tf32: bool = False,
+                  backend: str = "nvrtc", codegen: bool = True, verify_each: bool = False, dump_ir=None) -> dict:
+    from .onnx_import import import_model, parse_shapes
+    out = Path(out)
+    module = import_model(model, shapes=parse_shapes(shapes) if isinstance(shapes, str) else shapes)
+    verify(module)
+    pipe = Pipeline(list(DEFAULT_PIPELINE), verify_each, Path(dump_ir) if dump_ir else None)
+    pipe.run(module)
+    (out / "ir").mkdir(parents=True, exist_ok=True)
+    (out / "ir" / "final.nnir").write_text(print_module(module))
+    module.weights.save(out / "ir" / "final")
+    plan = {
+        "arch": arch or default_arch(),
+        "inputs": [io_entry(a) for a in module.main.args],
+        "outputs": [io_entry(r) for r in module.main.results],
+        "passes": [r.name for r in pipe.records],
+        "precision": precision,
+        "tf32": tf32,
+        "kernels": [],
+        "memory": {"arena_bytes": 0, "naive_bytes": 0, "peak_live_bytes": 0},
+    }
+    if codegen:
+        from .codegen.emit import compile_to_dir
+        plan.update(compile_to_dir(module, out, arch=plan["arch"], precision=precision, tf32=tf32,
+                                   backend=backend, base_plan=plan))
+    (out / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    return plan

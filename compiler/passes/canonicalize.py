@@ -1,0 +1,86 @@
+"""Canonicalisation: local rewrites to a simpler equivalent form.
+
+Rewrites:
+- Identity / inference Dropout whose result is not a function result -> its operand;
+- Cast to the operand's own dtype -> its operand;
+- Reshape of Reshape -> one Reshape (the inner shape no longer matters);
+- Transpose of Transpose -> one Transpose with the composed permutation (or nothing if identity);
+- Expand / Reshape to the operand's own static shape -> its operand.
+Requires: a verified module. Function results keep their names: an op whose result is a function
+result is never bypassed (the result name is the model's output name).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from nnc.ir.builder import const_value
+from nnc.ir.graph import Function, Module, Region
+from nnc.ir.rewrite import is_result, replace_uses
+
+
+def _bypass_operand(op, module) -> bool:
+    x = op.operands[0] if op.operands else None
+    if x is None:
+        return False
+    res = op.results[0]
+    if op.name == "Identity":
+        return True
+    if op.name == "Dropout":
+        a = op.attrs
+        training = len(op.operands) > 2 and op.operands[2] is not None and bool(const_value(op.operands[2], module.weights))
+        return len(op.results) == 1 and not training and not getattr(a, "training_mode", False)
+    if op.name == "Cast":
+        return x.type.dtype == res.type.dtype
+    if op.name in ("Reshape", "Expand", "Squeeze", "Unsqueeze", "Flatten"):
+        return x.type.is_static and res.type == x.type
+    return False
+
+
+def _fold_pairs(op, module) -> bool:
+    """Merges op with its producer where the pair has a one-op equivalent; True if changed."""
+    x = op.operands[0] if op.operands else None
+    prod = x.producer if x is not None else None
+    if prod is None:
+        return False
+    if op.name == "Reshape" and prod.name == "Reshape":
+        op.operands = [prod.operands[0]] + op.operands[1:]
+        return True
+    if op.name == "Transpose" and prod.name == "Transpose":
+        p1, p2 = prod.attrs.perm, op.attrs.perm
+        if not p1 or not p2:
+            return False
+        import dataclasses
+        op.attrs = dataclasses.replace(op.attrs, perm=tuple(p1[i] for i in p2))
+        op.operands = [prod.operands[0]]
+        return True
+    return False
+
+
+def _region(r: Region, module: Module, func) -> bool:
+    changed = False
+    for op in list(r.ops):
+        for _, sub in op.regions():
+            changed |= _region(sub, module, None)
+        if op.name == "const":
+            continue
+        if _fold_pairs(op, module):
+            changed = True
+        if op.name == "Transpose" and getattr(op.attrs, "perm", None) and \
+                tuple(op.attrs.perm) == tuple(range(len(op.attrs.perm))):
+            bypass = True
+        else:
+            bypass = _bypass_operand(op, module)
+        if bypass and not (func is not None and is_result(func, op.results[0])) \
+                and not (func is None and any(v is op.results[0] for v in r.results)):
+            replace_uses(r, op.results[0], op.operands[0])
+            r.ops.remove(op)
+            changed = True
+    return changed
+
+
+def run(module: Module) -> bool:
+    changed = False
+    for f in module.functions:
+        while _region(f, module, f):
+            changed = True
+    return changed

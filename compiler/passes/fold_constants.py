@@ -1,0 +1,60 @@
+"""Constant folding: evaluates ops whose operands are all constants with their reference
+semantics and replaces them by `const` ops.
+
+Rewrites: foldable op (registry `foldable=True`, no regions) with all-`const` operands and a
+static result no larger than FOLD_MAX_ELEMENTS -> `const` (inline if small, else a new weight).
+Requires: a verified module (result types are trusted as the folded values' types).
+Leaves big producers (e.g. in-graph ConstantOfShape weights) alone: they stay cheap device work.
+"""
+from __future__ import annotations
+
+from nnc.ir import registry
+from nnc.ir.builder import FOLD_MAX_ELEMENTS, Builder, const_value
+from nnc.ir.errors import NncError
+from nnc.ir.graph import Module, NameGen, Region
+from nnc.ir.interp import call_ref
+from nnc.ir.rewrite import replace_uses
+
+
+def _all_names(module: Module) -> set[str]:
+    out = set()
+    for f in module.functions:
+        out |= {a.name for a in f.args}
+        for op in f.walk():
+            out |= {r.name for r in op.results}
+    return out
+
+
+def _region(r: Region, module: Module, names: NameGen) -> bool:
+    changed = False
+    new_ops = []
+    b = Builder(Region([], new_ops, []), module.weights, names)
+    for op in list(r.ops):
+        for _, sub in op.regions():
+            changed |= _region(sub, module, names)
+        opdef = registry.get(op.name)
+        vals = [None if v is None else const_value(v, module.weights) for v in op.operands]
+        ok = (op.name != "const" and opdef.foldable and not op.regions()
+              and all(x is not None for v, x in zip(op.operands, vals) if v is not None)
+              and all(r_.type.is_static for r_ in op.results)
+              and sum(int(r_.type.numel) for r_ in op.results) <= FOLD_MAX_ELEMENTS)
+        if ok:
+            try:
+                outs = call_ref(opdef, op.attrs, vals, [x.type for x in op.results], None)
+            except NncError:
+                outs = None
+            if outs is not None:
+                for res, val in zip(op.results, outs):
+                    names.taken.discard(res.name)
+                    c = b.constant(val, res.name, op.loc, weight_hint=res.name)
+                    replace_uses(r, res, c)
+                changed = True
+                continue
+        new_ops.append(op)
+    r.ops = new_ops
+    return changed
+
+
+def run(module: Module) -> bool:
+    names = NameGen(_all_names(module))
+    return any([_region(f, module, names) for f in module.functions])

@@ -1,0 +1,75 @@
+"""The pass pipeline: one flat, ordered list, plus instruments around every pass.
+
+Instruments: `verify_each` runs the verifier after every pass (tests always do), `dump_dir`
+writes `NN-<pass>.nnir` after each pass (MLIR's print-ir-after-all), and each pass is timed.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .ir.errors import NncError
+from .ir.graph import Module
+from .ir.printer import print_module
+from .ir.verify import verify
+
+# name -> module under nnc.passes exposing run(module) -> bool (changed)
+PASSES = {
+    "canonicalize": "canonicalize",
+    "fold-constants": "fold_constants",
+    "dce": "dce",
+}
+
+# The default pipeline, top to bottom. Order matters where commented.
+DEFAULT_PIPELINE = [
+    "fold-constants",   # first: turns shape subgraphs left after import into constants
+    "canonicalize",     # needs folded constants to see no-op Reshape/Expand/Cast
+    "dce",              # last: sweeps what folding and canonicalisation left unused
+]
+
+
+def get_pass(name: str) -> Callable[[Module], bool]:
+    if name not in PASSES:
+        raise NncError(f"unknown pass {name!r}; known passes: {', '.join(PASSES)}")
+    return importlib.import_module(f"nnc.passes.{PASSES[name]}").run
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    changed: bool
+
+
+@dataclass
+class Pipeline:
+    passes: list = field(default_factory=lambda: list(DEFAULT_PIPELINE))
+    verify_each: bool = False
+    dump_dir: Path | None = None
+    records: list = field(default_factory=list)
+
+    def run(self, module: Module) -> Module:
+        fns = [(n, get_pass(n)) for n in self.passes]  # unknown names fail before any work
+        if self.dump_dir is not None:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            (self.dump_dir / "00-input.nnir").write_text(print_module(module))
+        for i, (name, fn) in enumerate(fns, 1):
+            t0 = time.perf_counter()
+            changed = fn(module)
+            self.records.append(PassRecord(name, time.perf_counter() - t0, bool(changed)))
+            if self.verify_each:
+                try:
+                    verify(module)
+                except NncError as e:
+                    raise NncError(f"after pass {name!r}: {e}") from None
+            if self.dump_dir is not None:
+                (self.dump_dir / f"{i:02d}-{name}.nnir").write_text(print_module(module))
+        return module
+
+
+def run_passes(module: Module, passes=None, verify_each=False, dump_dir=None) -> Module:
+    return Pipeline(list(DEFAULT_PIPELINE if passes is None else passes), verify_each,
+                    Path(dump_dir) if dump_dir else None).run(module)
