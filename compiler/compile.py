@@ -38,7 +38,10 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
     out = Path(out)
     module = import_model(model, shapes=parse_shapes(shapes) if isinstance(shapes, str) else shapes)
     verify(module)
-    pipe = Pipeline(list(DEFAULT_PIPELINE), verify_each, Path(dump_ir) if dump_ir else None)
+    passes = list(DEFAULT_PIPELINE)
+    if precision in ("fp16", "bf16"):
+        passes += [f"to-{precision}", "canonicalize", "dce"]
+    pipe = Pipeline(passes, verify_each, Path(dump_ir) if dump_ir else None)
     pipe.run(module)
     (out / "ir").mkdir(parents=True, exist_ok=True)
     (out / "ir" / "final.nnir").write_text(print_module(module))

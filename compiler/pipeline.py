@@ -16,25 +16,31 @@ from .ir.graph import Module
 from .ir.printer import print_module
 from .ir.verify import verify
 
-# name -> module under nnc.passes exposing run(module) -> bool (changed)
+# name -> "module[:function]" under nnc.passes; the function (default `run`) takes the module and
+# returns whether it changed anything
 PASSES = {
     "canonicalize": "canonicalize",
     "fold-constants": "fold_constants",
     "dce": "dce",
+    "to-fp16": "to_precision:run_fp16",
+    "to-bf16": "to_precision:run_bf16",
 }
 
 # The default pipeline, top to bottom. Order matters where commented.
 DEFAULT_PIPELINE = [
     "fold-constants",   # first: turns shape subgraphs left after import into constants
     "canonicalize",     # needs folded constants to see no-op Reshape/Expand/Cast
-    "dce",              # last: sweeps what folding and canonicalisation left unused
+    "dce",              # sweeps what folding and canonicalisation left unused
 ]
+# --precision fp16|bf16 appends "to-fp16"/"to-bf16" after these: it must see the final graph so
+# that casts land only at the model's inputs and outputs.
 
 
 def get_pass(name: str) -> Callable[[Module], bool]:
     if name not in PASSES:
         raise NncError(f"unknown pass {name!r}; known passes: {', '.join(PASSES)}")
-    return importlib.import_module(f"nnc.passes.{PASSES[name]}").run
+    mod, _, fn = PASSES[name].partition(":")
+    return getattr(importlib.import_module(f"nnc.passes.{mod}"), fn or "run")
 
 
 @dataclass

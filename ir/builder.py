@@ -19,7 +19,7 @@ from .types import TensorType, type_of_array
 from .weights import WeightStore
 
 FOLD_MAX_ELEMENTS = 1 << 16  # results larger than this stay ops (e.g. in-graph ConstantOfShape weights)
-INLINE_MAX_ELEMENTS = 16  # constants larger than this go to the weight store
+INLINE_MAX_ELEMENTS = 8  # constants larger than this go to the weight store
 
 
 def const_value(v: Value, weights: Optional[WeightStore]) -> Optional[np.ndarray]:

@@ -168,7 +168,7 @@ class _Importer:
             if a.type.shape is not None:
                 a.type = a.type.with_shape(symbolic.substitute(d, bindings) for d in a.type.shape)
         for init in g.initializer:
-            env[init.name] = b.constant(self.tensor(init), init.name, Loc(node=init.name), init.name)
+            env[init.name] = b.constant(self.tensor(init), init.name, Loc(), init.name)
         self.nodes(g.node, b, [env])
         results = []
         for o in g.output:
@@ -233,6 +233,10 @@ class _Importer:
         if a.type in (T.SPARSE_TENSOR, T.SPARSE_TENSORS, T.TYPE_PROTO, T.TYPE_PROTOS, T.GRAPHS, T.TENSORS):
             raise ImportError_(f"{where}: attribute {a.name!r} of type {T.AttributeType.Name(a.type)} is not supported")
         v = onnx.helper.get_attribute_value(a)
+        if a.type == T.FLOAT:  # ONNX floats are float32: keep their shortest float32 spelling
+            return float(str(np.float32(v)))
+        if a.type == T.FLOATS:
+            return [float(str(np.float32(x))) for x in v]
         if isinstance(v, bytes):
             return v.decode()
         if isinstance(v, list):

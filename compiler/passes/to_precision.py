@@ -1,0 +1,126 @@
+"""Lowers a float32 model to fp16 or bf16 storage (`--precision fp16|bf16`).
+
+Rewrites: every f32 value inside the main function becomes f16/bf16; f32 constants are converted
+(new weights); dtype-carrying attributes that produce f32 (Cast `to`, ConstantOfShape `value`, ...)
+are retargeted; function arguments and results keep their declared f32 types, with a Cast at entry
+and exit, so the model's interface does not change. An op whose inference rejects the low
+precision keeps f32: its operands are cast up and its results cast down around it.
+Requires: a verified module with static or symbolic shapes. Kernels still accumulate in fp32
+(softmax, normalisation statistics and GEMM accumulators), so this changes storage only.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from nnc.ir import registry
+from nnc.ir.builder import Builder, const_value
+from nnc.ir.errors import NncError
+from nnc.ir.graph import Function, Module, NameGen, Value
+from nnc.ir.types import F32, DType, TensorType, dtype
+
+
+def _retarget_attrs(attrs, low: DType):
+    if attrs is None or not dataclasses.is_dataclass(attrs):
+        return attrs
+    changes = {}
+    for f in dataclasses.fields(attrs):
+        v = getattr(attrs, f.name)
+        if isinstance(v, DType) and v == F32:
+            changes[f.name] = low
+        elif isinstance(v, np.ndarray) and v.dtype == np.float32:
+            changes[f.name] = v.astype(low.np)
+        elif f.name in ("to", "dtype", "output_datatype") and isinstance(v, int) and v == F32.onnx:
+            changes[f.name] = low.onnx
+    return dataclasses.replace(attrs, **changes) if changes else attrs
+
+
+def _names(m: Module) -> set:
+    out = set()
+    for f in m.functions:
+        out |= {a.name for a in f.args}
+        for op in f.walk():
+            out |= {r.name for r in op.results}
+    return out
+
+
+def lower(module: Module, low: DType) -> bool:
+    f = module.main
+    names = NameGen(_names(module))
+    old_ops = f.ops
+    f.ops = []
+    b = Builder(f, module.weights, names)
+    vmap: dict[int, Value] = {}
+
+    def cast(v: Value, to: DType) -> Value:
+        return b.create("Cast", [v], {"to": to.onnx if _cast_takes_int() else to})[0]
+
+    for a in f.args:
+        vmap[id(a)] = cast(a, low) if a.type.dtype == F32 else a
+    changed = False
+    for op in old_ops:
+        if op.regions():  # sub-graphs keep their own types: run the op at f32
+            ins = [None if v is None else (cast(vmap[id(v)], F32) if vmap[id(v)].type.dtype == low and v.type.dtype == F32
+                                           else vmap[id(v)]) for v in op.operands]
+            op.operands = ins
+            f.ops.append(op)
+            for r in op.results:
+                vmap[id(r)] = cast(r, low) if r.type.dtype == F32 else r
+            continue
+        if op.name == "const":
+            val = const_value(op.results[0], module.weights)
+            if val is not None and val.dtype == np.float32:
+                vmap[id(op.results[0])] = b.constant(val.astype(low.np), op.results[0].name, op.loc,
+                                                     weight_hint=op.results[0].name)
+                changed = True
+                continue
+            f.ops.append(op)
+            vmap[id(op.results[0])] = op.results[0]
+            continue
+        ins = [None if v is None else vmap[id(v)] for v in op.operands]
+        opdef = registry.get(op.name)
+        attrs = _retarget_attrs(op.attrs, low)
+        try:
+            outs = b.create(op.name, ins, attrs, num_results=len(op.results),
+                            names=[r.name for r in op.results], loc=op.loc)
+            changed = True
+        except NncError:  # the op insists on f32 somewhere: run it at f32
+            for r in op.results:
+                names.taken.discard(r.name)
+            ins32 = [None if v is None else (cast(v, F32) if v.type.dtype == low else v) for v in ins]
+            outs = b.create(op.name, ins32, op.attrs, num_results=len(op.results),
+                            names=[r.name + ".f32" for r in op.results], loc=op.loc)
+            outs = [cast(o, low) if o.type.dtype == F32 else o for o in outs]
+        del opdef
+        for r, o in zip(op.results, outs):
+            vmap[id(r)] = o
+    results = []
+    for r in f.results:
+        v = vmap[id(r)]
+        if r.type.dtype == F32 and v.type.dtype != F32:
+            v = cast(v, F32)
+        results.append(v)
+    # keep the model's output names on the values finally returned
+    for r, v in zip(f.results, results):
+        if v.name != r.name:
+            names.taken.discard(v.name)
+            clash = next((x for op in f.ops for x in op.results if x.name == r.name and x is not v), None)
+            if clash is not None:
+                clash.name = names(r.name + ".low")
+            v.name = r.name
+    f.results = results
+    return changed
+
+
+def _cast_takes_int() -> bool:
+    spec = registry.attr_specs(registry.get("Cast").attrs)["to"]
+    return spec.base is int
+
+
+def run_fp16(module: Module) -> bool:
+    return lower(module, dtype("f16"))
+
+
+def run_bf16(module: Module) -> bool:
+    return lower(module, dtype("bf16"))
