@@ -1,0 +1,50 @@
+"""ONNX's node test cases through nnc.onnx_backend (device CPU = the reference interpreter).
+
+Every case not listed in node_xfail.txt must pass; a listed case that passes fails the test too,
+so the list stays honest. The pass count is printed (pytest -s, or the summary line with -rA).
+"""
+from pathlib import Path
+
+import pytest
+
+from .node_suite import load_cases, run_case
+
+XFAIL_FILE = Path(__file__).parent / "node_xfail.txt"
+
+
+def load_xfail() -> dict[str, str]:
+    out = {}
+    for line in XFAIL_FILE.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, reason = line.partition("\t")
+        assert reason.strip(), f"node_xfail.txt: {name} has no reason"
+        out[name] = reason.strip()
+    return out
+
+
+def test_node_suite(capsys):
+    from rich.progress import Progress  # progress bar: the suite takes a minute or two
+    xfail = load_xfail()
+    cases = load_cases()
+    names = {c.name for c in cases}
+    stale = sorted(set(xfail) - names)
+    assert not stale, f"node_xfail.txt lists unknown cases: {stale[:10]}"
+    unexpected_fail, unexpected_pass, n_ok = [], [], 0
+    with Progress(transient=True) as bar:
+        task = bar.add_task("ONNX node suite", total=len(cases))
+        for tc in cases:
+            status, detail = run_case(tc)
+            bar.advance(task)
+            if status == "ok":
+                n_ok += 1
+                if tc.name in xfail:
+                    unexpected_pass.append(tc.name)
+            elif tc.name not in xfail:
+                unexpected_fail.append(f"{tc.name}: {status}: {detail[:200]}")
+    with capsys.disabled():
+        print(f"\nONNX node suite (reference interpreter): {n_ok}/{len(cases)} passed, "
+              f"{len(xfail)} expected failures")
+    assert not unexpected_fail, "\n".join(unexpected_fail[:50])
+    assert not unexpected_pass, f"now passing, remove from node_xfail.txt: {unexpected_pass}"
