@@ -86,9 +86,7 @@ def _mod_ref(a: ModAttrs, x, y):
     return np.asarray(r).astype(x.dtype, copy=False)
 
 
-def _mod_infer(ctx):
-    if not ctx.attrs.fmod and ctx.dtype(0).is_float:
-        ctx.fail("fmod=0 is for integers; floats need fmod=1")
+def _mod_infer(ctx):  # fmod=0 on floats: Python-style mod (sign of the divisor), as onnx's tests
     return _binary_infer(NUM)(ctx)
 
 
@@ -101,18 +99,27 @@ class BitShiftAttrs:
 
 
 def _bitshift_ref(a: BitShiftAttrs, x, y):
+    """Right shifts of signed ints are arithmetic; a shift < 0 or >= the width leaves only the
+    sign fill (-1 for a right shift of a negative x, else 0)."""
+    x, y = np.broadcast_arrays(x, y)
     bits = x.dtype.itemsize * 8
-    y = y.astype(x.dtype)
-    big = y >= bits  # C would be undefined; a shift past the width gives 0
-    ys = np.where(big, 0, y).astype(x.dtype)
-    r = np.left_shift(x, ys) if a.direction == "LEFT" else np.right_shift(x, ys)
-    return np.where(big, 0, r).astype(x.dtype, copy=False)
+    yi = y.astype(np.int64)
+    bad = (yi < 0) | (yi >= bits)
+    ys = np.where(bad, 0, yi)
+    ux = x.view(np.dtype(f"u{x.dtype.itemsize}"))
+    if a.direction == "LEFT":
+        r = np.left_shift(ux, ys.astype(ux.dtype)).view(x.dtype)
+        fill = np.zeros_like(x)
+    else:
+        r = np.right_shift(x, ys.astype(x.dtype))
+        fill = np.where(x < 0, -1, 0).astype(x.dtype) if x.dtype.kind == "i" else np.zeros_like(x)
+    return np.where(bad, fill, r).astype(x.dtype, copy=False)
 
 
 def _bitshift_infer(ctx):
     if ctx.attrs.direction not in ("LEFT", "RIGHT"):
         ctx.fail(f"direction must be LEFT or RIGHT, got {ctx.attrs.direction!r}")
-    return _binary_infer(("uint",))(ctx)
+    return _binary_infer(INTS)(ctx)
 
 
 register("BitShift", BitShiftAttrs, infer=_bitshift_infer, ref=_bitshift_ref, inputs=2)

@@ -117,6 +117,8 @@ def _loop_infer(ctx):
     m = ctx.value(0)
     if m is not None and m.size == 1:
         cres = body.results[0]
+        while cres.producer is not None and cres.producer.name == "Identity" and cres.producer in body.ops:
+            cres = cres.producer.operands[0]
         cv = _body_const(body, cres)
         cond_in = ctx.value(1) if ctx.has(1) else np.array(True)
         stays_true = (cv is not None and cv.size == 1 and bool(cv.reshape(-1)[0])) or (

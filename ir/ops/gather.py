@@ -151,11 +151,7 @@ def _scatternd_ref(a, x, idx, upd):
     ind = idx.reshape(-1, k)
     cols = tuple(_fix_index(ind[:, j], x.shape[j]) for j in range(k))
     u = upd.reshape((ind.shape[0],) + x.shape[k:])
-    if a.reduction == "none":
-        for i in range(ind.shape[0]):  # sequential, so later updates win like the spec's loop
-            out[tuple(c[i] for c in cols)] = u[i]
-    else:
-        _apply(out, cols, u, a.reduction)
+    _apply(out, cols, u, a.reduction)
     return out
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import NncError
 from ..registry import NoAttrs, register
-from ..types import DType, TensorType, U8, F32, dtype
+from ..types import DType, TensorType, U8, dtype
 from ._util import norm_axis
 
 _F8 = {"f8e4m3", "f8e4m3fnuz", "f8e5m2", "f8e5m2fnuz"}
@@ -104,7 +104,7 @@ def _bitcast_infer(ctx):
 
 
 register("BitCast", BitCastAttrs, inputs=1, infer=_bitcast_infer,
-         ref=lambda a, x: np.ascontiguousarray(x).view(a.to.np))
+         ref=lambda a, x: (x if x.flags.c_contiguous else x.copy()).view(a.to.np))
 
 
 # ---------------------------------------------------------------- quantization
@@ -181,11 +181,12 @@ def _quantize_infer(ctx):
 
 def quantize(x, scale, zp, out: DType, axis=1, block_size=0, saturate=True, precision=None):
     x = np.asarray(x)
-    ax = norm_axis(axis, x.ndim) if x.ndim else 0
-    s = expand_param(scale, x.shape, ax, block_size)
+    s = np.asarray(scale)
+    ax = norm_axis(axis, x.ndim) if s.size > 1 or block_size else 0
+    s = expand_param(s, x.shape, ax, block_size)
     if precision is not None:
-        pd = precision.np if precision.np in (np.float32, np.float64) else np.float32
-        v = x.astype(pd) / s.astype(pd)
+        pd = precision.np  # the division's precision, also for narrow floats (bf16, f16)
+        v = (x.astype(pd) / s.astype(pd)).astype(np.float32 if pd != np.float64 else np.float64)
     else:
         cd = np.result_type(np.float32, *(d for d in (x.dtype, s.dtype) if d in (np.float32, np.float64)))
         v = x.astype(cd) / s.astype(cd)
@@ -233,8 +234,9 @@ def _dequantize_infer(ctx):
 
 def dequantize(x, scale, zp, out: np.dtype, axis=1, block_size=0):
     x = np.asarray(x)
-    ax = norm_axis(axis, x.ndim) if x.ndim else 0
-    s = expand_param(scale, x.shape, ax, block_size)
+    s = np.asarray(scale)
+    ax = norm_axis(axis, x.ndim) if s.size > 1 or block_size else 0
+    s = expand_param(s, x.shape, ax, block_size)
     cd = np.float64 if np.float64 in (s.dtype, np.dtype(out)) or x.dtype == np.int32 else np.float32
     if x.dtype.kind in "iu" or x.dtype.name in ("int4", "uint4"):
         xi = x.astype(np.int64)

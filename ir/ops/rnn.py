@@ -61,8 +61,8 @@ def _num_dirs(a) -> int:
 def _activation_fns(kind: str, a) -> list:
     """Per direction, the list of (fn) for the op's activation slots."""
     nd = _num_dirs(a)
-    per, default = _KIND[kind][1], _KIND[kind][1]
-    names = list(a.activations) or list(default) * nd
+    per = _KIND[kind][1]
+    names = list(a.activations) or list(per) * nd
     if len(names) == len(per) and nd == 2:
         names = names * 2
     if len(names) != len(per) * nd:

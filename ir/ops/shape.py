@@ -186,10 +186,26 @@ def _concat_infer(ctx):
 
 
 def prod_sum(ds):
-    n = 0
+    """Sum of dims with like terms collected (N + N + N-1 -> 3*N-1)."""
+    const = 0
+    coefs: dict = {}
     for d in ds:
-        n = n + d
-    return n
+        if isinstance(d, Expr) and d.kind == "unknown":
+            return UNKNOWN
+        for t in (d.args if isinstance(d, Expr) and d.kind == "add" else (d,)):
+            if isinstance(t, int):
+                const += t
+                continue
+            c, rest = 1, t
+            if t.kind == "mul" and isinstance(t.args[0], int):
+                c = t.args[0]
+                rest = t.args[1] if len(t.args) == 2 else Expr("mul", args=t.args[1:])
+            coefs[rest] = coefs.get(rest, 0) + c
+    n = 0
+    for rest, c in coefs.items():
+        if c:
+            n = n + c * rest
+    return n + const
 
 
 register("Concat", ConcatAttrs, infer=_concat_infer, inputs=(1, -1),
@@ -666,7 +682,7 @@ def _onehot_infer(ctx):
 def _onehot_ref(a, idx, depth, values):
     depth = int(np.asarray(depth).reshape(-1)[0])
     ax = norm_axis(a.axis, idx.ndim + 1)
-    v = np.asarray(idx).astype(np.int64) if idx.dtype.kind != "f" else np.asarray(idx).astype(np.float64)
+    v = np.asarray(idx).astype(np.int64)  # float indices truncate, as ONNX casts them
     v = np.where(v < 0, v + depth, v)
     v = np.expand_dims(v, ax)
     rng = np.arange(depth).reshape((1,) * ax + (depth,) + (1,) * (idx.ndim - ax))

@@ -39,6 +39,7 @@ def run_case(tc, device: str = "CPU") -> tuple[str, str]:
     except Exception as e:
         return "crash", f"prepare: {type(e).__name__}: {e}"
     for inputs, expected in tc.data_sets:
+        inputs, expected = _arrays(inputs), _arrays(expected)  # exotic dtypes come as TensorProto
         try:
             with warnings.catch_warnings(), np.errstate(all="ignore"):
                 warnings.simplefilter("ignore")
@@ -54,6 +55,12 @@ def run_case(tc, device: str = "CPU") -> tuple[str, str]:
             if msg:
                 return "mismatch", f"output {i}: {msg}"
     return "ok", ""
+
+
+def _arrays(xs):
+    import onnx
+    from onnx import numpy_helper
+    return [numpy_helper.to_array(x) if isinstance(x, onnx.TensorProto) else x for x in xs]
 
 
 def compare(got, exp, rtol, atol) -> str:
