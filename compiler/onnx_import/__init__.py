@@ -28,7 +28,7 @@ from ..ir.graph import Function, Loc, Module, NameGen, Region, Value
 from ..ir.types import TensorType, dtype
 from ..ir.weights import WeightStore
 
-MIN_OPSET, MAX_OPSET = 7, 28  # the node suite reaches opset 28
+MIN_OPSET, MAX_OPSET = 1, 28  # the node suite reaches opset 28
 IMPORTERS: dict[str, Callable] = {}
 
 
@@ -212,7 +212,7 @@ class _Importer:
                 inputs.append(v)
             attrs = {}
             for a in node.attribute:
-                attrs[a.name] = self.attr(a, b, scopes, where)
+                attrs[a.name] = self.attr(a, b, scopes, where, _arg_hints(node, inputs, self.opset))
             ctx = NodeCtx(node, self.opset, inputs, attrs, b, self, loc)
             try:
                 outs = (fn or generic_import)(ctx)
@@ -224,10 +224,10 @@ class _Importer:
                 if name:
                     env[name] = v
 
-    def attr(self, a: onnx.AttributeProto, b: Builder, scopes: list, where: str):
+    def attr(self, a: onnx.AttributeProto, b: Builder, scopes: list, where: str, hints=()):
         T = onnx.AttributeProto
         if a.type == T.GRAPH:
-            return self.subgraph(a.g, b, scopes)
+            return self.subgraph(a.g, b, scopes, hints)
         if a.type == T.TENSOR:
             return self.tensor(a.t)
         if a.type in (T.SPARSE_TENSOR, T.SPARSE_TENSORS, T.TYPE_PROTO, T.TYPE_PROTOS, T.GRAPHS, T.TENSORS):
@@ -243,12 +243,16 @@ class _Importer:
             return [x.decode() if isinstance(x, bytes) else x for x in v]
         return v
 
-    def subgraph(self, g: onnx.GraphProto, outer: Builder, scopes: list) -> Region:
+    def subgraph(self, g: onnx.GraphProto, outer: Builder, scopes: list, hints=()) -> Region:
         r = Region([], [], [])
         b = Builder(r, self.weights, self.names, fold=True)
         env: dict = {"": None}
-        for i in g.input:
-            t = onnx_type(i.type, {}, i.name) if i.type.HasField("tensor_type") else None
+        for k, i in enumerate(g.input):
+            typed = i.type.HasField("tensor_type") and i.type.tensor_type.elem_type != 0
+            if i.type.WhichOneof("value") is None or (i.type.HasField("tensor_type") and not typed):
+                t = hints[k] if k < len(hints) else None  # untyped body input: the op's operand says
+            else:
+                t = onnx_type(i.type, {}, i.name) if typed else None
             if t is None:
                 raise ImportError_(f"subgraph {g.name!r} input {i.name!r}: only tensor types are supported")
             v = Value(self.names(i.name), t)
@@ -263,6 +267,28 @@ class _Importer:
                 raise ImportError_(f"subgraph {g.name!r}: output {o.name!r} is not defined")
             r.results.append(v)
         return r
+
+
+def _arg_hints(node: onnx.NodeProto, inputs: list, opset: int) -> list:
+    """Types for sub-graph inputs that the ONNX file leaves untyped, from the node's operands."""
+    from ..ir.types import BOOL, I64, TensorType as TT
+    if node.op_type == "Loop":
+        return [TT(I64, ()), TT(BOOL, ())] + [v.type if v is not None else None for v in inputs[2:]]
+    if node.op_type == "Scan" and opset >= 9 and all(v is not None for v in inputs):
+        n_scan = next((a.i for a in node.attribute if a.name == "num_scan_inputs"), 0)
+        axes = next((list(a.ints) for a in node.attribute if a.name == "scan_input_axes"), [])
+        state, scans = inputs[:len(inputs) - n_scan], inputs[len(inputs) - n_scan:]
+        out = [v.type for v in state]
+        for j, v in enumerate(scans):
+            t = v.type
+            if t.shape is None:
+                out.append(t)
+                continue
+            ax = axes[j] if j < len(axes) else 0
+            ax = ax + len(t.shape) if ax < 0 else ax
+            out.append(t.with_shape(t.shape[:ax] + t.shape[ax + 1:]))
+        return out
+    return []
 
 
 def import_model(path_or_model, shapes: Optional[dict] = None) -> Module:

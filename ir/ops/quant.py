@@ -21,10 +21,11 @@ from ._util import norm_axis
 
 _F8 = {"f8e4m3", "f8e4m3fnuz", "f8e5m2", "f8e5m2fnuz"}
 _INT_RANGE = {"u8": (0, 255), "i8": (-128, 127), "u16": (0, 65535), "i16": (-32768, 32767),
-              "u4": (0, 15), "i4": (-8, 7), "i32": (-2**31, 2**31 - 1)}
+              "u4": (0, 15), "i4": (-8, 7), "u2": (0, 3), "i2": (-2, 1), "i32": (-2**31, 2**31 - 1)}
 
 
-_EXOTIC_INT = {"int4": np.int8, "uint4": np.uint8}
+_EXOTIC_INT = {"int4": np.int8, "uint4": np.uint8, "int2": np.int8, "uint2": np.uint8}
+_NARROW_INT_BITS = {"i4": 4, "u4": 4, "i2": 2, "u2": 2}
 
 
 def _plain(x: np.ndarray) -> np.ndarray:
@@ -46,18 +47,19 @@ def cast_array(x: np.ndarray, to: DType, saturate: bool = True) -> np.ndarray:
     x = _plain(x)
     if to.kind == "bool":
         return x != 0
-    narrow = to.short in _F8 or to.short in ("f4e2m1", "bf16", "i4", "u4")
+    narrow = to.short in _F8 or to.short in ("f4e2m1", "bf16") or to.short in _NARROW_INT_BITS
     if not narrow:
         with np.errstate(all="ignore"):
             return x.astype(tnp)
-    if to.short in ("i4", "u4"):
+    if to.short in _NARROW_INT_BITS:
+        bits = _NARROW_INT_BITS[to.short]
         if x.dtype.kind == "f":
             with np.errstate(all="ignore"):
                 t = np.trunc(x.astype(np.float64))
                 x = np.where(np.isfinite(t), t, 0).astype(np.int64)
-        lo = x.astype(np.int64) & 0xF
-        if to.short == "i4":
-            lo = np.where(lo >= 8, lo - 16, lo)
+        lo = x.astype(np.int64) & ((1 << bits) - 1)
+        if to.kind == "int":
+            lo = np.where(lo >= 1 << (bits - 1), lo - (1 << bits), lo)
         return lo.astype(tnp)
     src = x if x.dtype in (np.float32, np.float64) else x.astype(np.float64 if x.dtype.itemsize >= 4 else np.float32)
     if to.short in _F8 and saturate:
@@ -238,7 +240,7 @@ def dequantize(x, scale, zp, out: np.dtype, axis=1, block_size=0):
     ax = norm_axis(axis, x.ndim) if s.size > 1 or block_size else 0
     s = expand_param(s, x.shape, ax, block_size)
     cd = np.float64 if np.float64 in (s.dtype, np.dtype(out)) or x.dtype == np.int32 else np.float32
-    if x.dtype.kind in "iu" or x.dtype.name in ("int4", "uint4"):
+    if x.dtype.kind in "iu" or x.dtype.name in _EXOTIC_INT:
         xi = x.astype(np.int64)
         if zp is not None:
             xi = xi - expand_param(zp, x.shape, ax, block_size).astype(np.int64)
