@@ -197,7 +197,7 @@ class _Importer:
         for node in nodes:
             loc = Loc(node=node.name or f"{node.op_type}:{node.output[0] if node.output else ''}")
             where = f"ONNX node {node.name!r} ({node.op_type}, opset {self.opset})"
-            if node.domain not in ("", "ai.onnx"):
+            if node.domain not in ("", "ai.onnx", "ai.onnx.ml"):  # ml ops register under their own names
                 raise ImportError_(f"{where}: unsupported operator domain {node.domain!r}")
             fn = IMPORTERS.get(node.op_type)
             if fn is None:

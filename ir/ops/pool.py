@@ -89,7 +89,18 @@ def _crop(win, out):
     return win[(slice(None), slice(None)) + tuple(slice(0, o) for o in out)]
 
 
-def _maxpool_ref(a: PoolAttrs, x):
+def _tap_reduce(xp, out, k, s, d, fn):
+    """Reduces over kernel taps with one strided slice per tap (vectorised over pixels)."""
+    nd = len(k)
+    y = None
+    for kpos in np.ndindex(*k):
+        sl = tuple(slice(kpos[i] * d[i], kpos[i] * d[i] + (out[i] - 1) * s[i] + 1, s[i]) for i in range(nd))
+        v = xp[(slice(None), slice(None)) + sl]
+        y = v.copy() if y is None else fn(y, v, out=y)
+    return y
+
+
+def _maxpool_ref(a: PoolAttrs, x, *, ctx=None):
     if x.dtype.kind == "f":
         fill = -np.inf
     else:
@@ -98,6 +109,8 @@ def _maxpool_ref(a: PoolAttrs, x):
     nd = len(k)
     win = _crop(windows(xp, k, s, d), out)
     N, C = x.shape[:2]
+    if ctx is not None and len(ctx.result_types) == 1:
+        return _tap_reduce(xp, out, k, s, d, np.maximum).astype(x.dtype, copy=False)
     flat = win.reshape(win.shape[:2 + nd] + (-1,))
     y = flat.max(axis=-1)
     # indices: argmax within window -> position in the unpadded input
@@ -124,7 +137,7 @@ def _maxpool_ref(a: PoolAttrs, x):
     return y.astype(x.dtype, copy=False), idx.astype(np.int64)
 
 
-register("MaxPool", PoolAttrs, infer=_pool_infer, ref=_maxpool_ref, outputs=(1, 2))
+register("MaxPool", PoolAttrs, infer=_pool_infer, ref=_maxpool_ref, outputs=(1, 2), ref_ctx=True)
 
 
 def _avgpool_ref(a: AvgPoolAttrs, x):
@@ -133,7 +146,7 @@ def _avgpool_ref(a: AvgPoolAttrs, x):
     xp, out, pads, extra, k, s, d = _prepare(a, xa, 0)
     nd = len(k)
     axes = tuple(range(-nd, 0))
-    sums = _crop(windows(xp, k, s, d), out).sum(axis=axes)
+    sums = _tap_reduce(xp, out, k, s, d, np.add)
     # divisor: number of counted positions in each window
     spatial = x.shape[2:]
     ones = np.ones((1, 1) + tuple(spatial), acc)
@@ -142,7 +155,7 @@ def _avgpool_ref(a: AvgPoolAttrs, x):
         ones = np.pad(ones, [(0, 0), (0, 0)] + [(0, e) for e in extra])
     else:
         ones = np.pad(ones, [(0, 0), (0, 0)] + [(pads[i][0], pads[i][1] + extra[i]) for i in range(nd)])
-    cnt = _crop(windows(ones, k, s, d), out).sum(axis=axes)
+    cnt = _tap_reduce(ones, out, k, s, d, np.add)
     return (sums / np.maximum(cnt, 1)).astype(x.dtype, copy=False)
 
 
@@ -153,7 +166,7 @@ def _lppool_ref(a: LpPoolAttrs, x):
     acc = acc_dtype(x.dtype)
     xp, out, pads, extra, k, s, d = _prepare(a, np.abs(x.astype(acc)) ** a.p, 0)
     nd = len(k)
-    sums = _crop(windows(xp, k, s, d), out).sum(axis=tuple(range(-nd, 0)))
+    sums = _tap_reduce(xp, out, k, s, d, np.add)
     return (sums ** (1.0 / a.p)).astype(x.dtype, copy=False)
 
 
