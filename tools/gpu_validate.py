@@ -1,0 +1,335 @@
+"""One-call GPU validation for nnc (run on the device machine; prints a short table last).
+
+    python tools/gpu_validate.py --out $OUT [--parts node,light,models,cpp,bench] [--jobs 14]
+
+Parts:
+  node    ONNX node suite through nnc.onnx_backend device "CUDA" (parallel worker processes);
+          writes node_cuda.tsv (case, status, detail) and the pass count.
+  light   the nine onnx light_* models through the CUDA backend vs their stored outputs.
+  models  a CNN (torchvision ResNet-18), a transformer encoder (transformers BERT, random
+          weights) and an LSTM exported here with torch.onnx, compiled by nnc at fp32 and fp16,
+          checked against onnxruntime on fresh random inputs (rel. L2 error: fp32 1e-3, fp16 1e-2).
+  cpp     cmake build of one compiled out/ dir; its example runner's outputs vs the Python runtime.
+  bench   median CUDA-event times: nnc vs torch eager vs torch.compile on the same models.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+ROWS: list[tuple] = []  # (part, item, result, detail)
+
+
+def row(part, item, result, detail=""):
+    ROWS.append((part, item, result, detail))
+    print(f"[{part}] {item}: {result} {detail}", flush=True)
+
+
+def rel_err(got, ref) -> float:
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if got.shape != ref.shape:
+        return float("inf")
+    if not np.isfinite(got).all():
+        return float("inf")
+    return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+# ------------------------------------------------------------------ node suite
+
+def _node_worker(names):
+    warnings.simplefilter("ignore")
+    from tests.conformance.node_suite import load_cases, run_case
+    cases = {c.name: c for c in load_cases(names)}
+    out = []
+    for n in names:
+        tc = cases.get(n)
+        if tc is None:
+            continue
+        try:
+            st, det = run_case(tc, "CUDA")
+        except Exception as e:  # a worker must never die on one case
+            st, det = "crash", f"{type(e).__name__}: {e}"
+        out.append((n, st, det.replace("\t", " ").replace("\n", " ")[:300]))
+    return out
+
+
+def part_node(args, out: Path):
+    from tests.conformance.node_suite import load_cases
+    names = [c.name for c in load_cases(args.filter or ())]
+    chunks = [names[i::args.jobs * 4] for i in range(args.jobs * 4)]
+    t0 = time.time()
+    results = []
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        for i, r in enumerate(pool.imap_unordered(_node_worker, chunks)):
+            results += r
+            if i % 8 == 0:
+                print(f"  node suite: {len(results)}/{len(names)} ({time.time() - t0:.0f}s)", flush=True)
+    results.sort()
+    (out / "node_cuda.tsv").write_text("".join(f"{n}\t{s}\t{d}\n" for n, s, d in results))
+    ok = sum(s == "ok" for _, s, _ in results)
+    cpu_fail = set()
+    xf = ROOT / "tests" / "conformance" / "node_xfail.txt"
+    if xf.exists():
+        cpu_fail = {l.split("\t")[0] for l in xf.read_text().splitlines() if l and not l.startswith("#")}
+    cpu_ok = len(names) - len(cpu_fail & set(names))
+    classes = {}
+    for _, s, _ in results:
+        classes[s] = classes.get(s, 0) + 1
+    row("node", "CUDA pass count", f"{ok}/{len(names)}", f"(CPU reference passes {cpu_ok}) {classes} {time.time() - t0:.0f}s")
+
+
+# ------------------------------------------------------------------ light models
+
+def part_light(args, out: Path):
+    import onnx
+    from onnx import numpy_helper
+    from nnc.onnx_backend import NncBackend
+    from tests.conformance.test_light_models import LIGHT, MODELS, dummy_inputs
+    for name in MODELS:
+        t0 = time.time()
+        try:
+            model = onnx.load(str(LIGHT / f"{name}.onnx"))
+            rep = NncBackend.prepare(model, "CUDA")
+            feed = dummy_inputs(model)
+            got = rep.run(feed)[0]
+            exp = numpy_helper.to_array(onnx.load_tensor(str(LIGHT / f"{name}_output_0.pb")))
+            ok = got.shape == exp.shape and np.allclose(got, exp, rtol=1e-3, atol=1e-5)
+            row("light", name, "ok" if ok else "MISMATCH", f"rel {rel_err(got, exp):.2e} {time.time() - t0:.1f}s")
+        except Exception as e:
+            row("light", name, "FAIL", f"{type(e).__name__}: {str(e)[:200]}")
+            traceback.print_exc()
+
+
+# ------------------------------------------------------------------ own models
+
+def export_models(d: Path) -> dict:
+    """name -> (onnx path, {input: array}, torch module, torch inputs)"""
+    import torch
+    torch.manual_seed(0)
+    models = {}
+
+    def export(name, mod, inputs, input_names, dynamic=None):
+        p = d / f"{name}.onnx"
+        mod.eval()
+        with torch.no_grad():
+            try:
+                torch.onnx.export(mod, inputs, str(p), input_names=input_names, opset_version=17, dynamo=False)
+            except TypeError:
+                torch.onnx.export(mod, inputs, str(p), input_names=input_names, opset_version=17)
+        feeds = {n: t.detach().cpu().numpy() for n, t in zip(input_names, inputs)}
+        models[name] = (p, feeds, mod, inputs)
+
+    import torchvision
+    cnn = torchvision.models.resnet18(weights=None)
+    export("resnet18", cnn, (torch.randn(1, 3, 224, 224),), ["input"])
+
+    from transformers import BertConfig, BertModel
+    cfg = BertConfig(hidden_size=768, num_hidden_layers=4, num_attention_heads=12, intermediate_size=3072,
+                     vocab_size=30522, attn_implementation="eager")
+
+    class Enc(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = BertModel(cfg)
+
+        def forward(self, ids, mask):
+            return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    ids = torch.randint(0, 30522, (1, 128))
+    mask = torch.ones(1, 128, dtype=torch.int64)
+    export("bert4", Enc(), (ids, mask), ["input_ids", "attention_mask"])
+
+    class L(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(512, 512, num_layers=2)
+
+        def forward(self, x):
+            return self.lstm(x)[0]
+
+    export("lstm2x512", L(), (torch.randn(128, 1, 512),), ["x"])
+    return models
+
+
+def part_models(args, out: Path, models: dict):
+    import onnxruntime as ort
+    import nnc
+    from nnc.compile import compile_model
+    for name, (path, feeds, _, _) in models.items():
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng()
+        fresh = {}
+        for k, v in feeds.items():  # fresh random inputs of the exported kinds
+            if v.dtype.kind == "f":
+                fresh[k] = rng.standard_normal(v.shape).astype(v.dtype)
+            elif k == "attention_mask":
+                m = np.ones_like(v)
+                m[:, -rng.integers(1, 16):] = 0
+                fresh[k] = m
+            else:
+                fresh[k] = rng.integers(0, 30000, v.shape).astype(v.dtype)
+        ref = sess.run(None, fresh)[0]
+        for prec, tol in (("fp32", 1e-3), ("fp16", 1e-2)):
+            od = out / "compiled" / f"{name}_{prec}"
+            try:
+                t0 = time.time()
+                compile_model(str(path), od, precision=prec)
+                tc = time.time() - t0
+                m = nnc.load(od)
+                name0 = m.output_names[0]
+                got = m.run(fresh, output="numpy")[name0]
+                e = rel_err(got, ref)
+                row("models", f"{name} {prec}", "ok" if e <= tol else "MISMATCH",
+                    f"rel {e:.2e} (tol {tol:g}), compile {tc:.1f}s, {len(m.plan.get('kernels', []))} kernels")
+            except Exception as e:
+                row("models", f"{name} {prec}", "FAIL", f"{type(e).__name__}: {str(e)[:300]}")
+                traceback.print_exc()
+
+
+# ------------------------------------------------------------------ C++ embedding
+
+def part_cpp(args, out: Path, models: dict):
+    import nnc
+    from nnc.compile import compile_model
+    name = "resnet18"
+    path, feeds, _, _ = models[name]
+    od = out / "compiled" / f"{name}_fp32"
+    if not (od / "plan.json").exists():
+        compile_model(str(path), od)
+    build = Path("/tmp/nnc_cpp_build")
+    try:
+        subprocess.run(["cmake", "-S", str(od), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release"],
+                       check=True, capture_output=True, text=True)
+        subprocess.run(["cmake", "--build", str(build)], check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as e:
+        row("cpp", "cmake build", "FAIL", (e.stdout + e.stderr)[-600:])
+        return
+    x = np.random.default_rng().standard_normal((1, 3, 224, 224)).astype(np.float32)
+    io = Path("/tmp/nnc_cpp_io")
+    io.mkdir(exist_ok=True)
+    x.tofile(io / "input.bin")
+    exe = next(build.glob("nnc_run_example*"), None) or build / "nnc_run_example"
+    p = subprocess.run([str(exe), str(od), str(io)], capture_output=True, text=True)
+    if p.returncode != 0:
+        row("cpp", "example runner", "FAIL", (p.stdout + p.stderr)[-600:])
+        return
+    m = nnc.load(od)
+    py = m.run({"input": x}, output="numpy")[m.output_names[0]]
+    outs = sorted(io.glob("output*.bin"))
+    if not outs:
+        row("cpp", "example runner", "FAIL", f"no output*.bin in {io}: {p.stdout[-300:]}")
+        return
+    cpp = np.fromfile(outs[0], dtype=np.float32).reshape(py.shape)
+    e = rel_err(cpp, py)
+    row("cpp", "cmake + nnc_run_example vs nnc.load", "ok" if e < 1e-6 else "MISMATCH", f"rel {e:.2e}")
+
+
+# ------------------------------------------------------------------ timing
+
+def _time_cuda(fn, warmup=10, iters=50):
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return float(np.median(ts))
+
+
+def part_bench(args, out: Path, models: dict):
+    import torch
+    import nnc
+    for name, (path, feeds, mod, inputs) in models.items():
+        for prec in ("fp32", "fp16"):
+            od = out / "compiled" / f"{name}_{prec}"
+            res = {}
+            try:
+                m = nnc.load(od)
+                import cupy as cp
+                dev = {k: cp.asarray(v) for k, v in feeds.items()}
+                res["nnc"] = _time_cuda(lambda: m.run(dev))
+            except Exception as e:
+                res["nnc"] = float("nan")
+                print("bench nnc failed:", e)
+            dt = torch.float16 if prec == "fp16" else torch.float32
+            tm = mod.to("cuda")
+            ti = [t.to("cuda") for t in inputs]
+            if prec == "fp16":
+                tm = tm.half()
+                ti = [t.half() if t.is_floating_point() else t for t in ti]
+            with torch.no_grad():
+                res["eager"] = _time_cuda(lambda: tm(*ti))
+                try:
+                    cm = torch.compile(tm)
+                    res["compile"] = _time_cuda(lambda: cm(*ti), warmup=3)
+                except Exception as e:
+                    res["compile"] = float("nan")
+                    print("torch.compile failed:", e)
+            del dt
+            row("bench", f"{name} {prec}", f"nnc {res['nnc']:.3f} ms",
+                f"eager {res['eager']:.3f} ms, torch.compile {res['compile']:.3f} ms")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/nnc_gpu"))
+    ap.add_argument("--parts", default="node,light,models,cpp,bench")
+    ap.add_argument("--jobs", type=int, default=14)
+    ap.add_argument("--filter", nargs="*")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = args.parts.split(",")
+    models = {}
+    if {"models", "cpp", "bench"} & set(parts):
+        d = Path("/tmp/nnc_models")
+        d.mkdir(exist_ok=True)
+        try:
+            models = export_models(d)
+        except Exception as e:
+            row("models", "export", "FAIL", f"{type(e).__name__}: {str(e)[:300]}")
+            traceback.print_exc()
+    for p in parts:
+        t0 = time.time()
+        try:
+            if p == "node":
+                part_node(args, out)
+            elif p == "light":
+                part_light(args, out)
+            elif p == "models":
+                part_models(args, out, models)
+            elif p == "cpp":
+                part_cpp(args, out, models)
+            elif p == "bench":
+                part_bench(args, out, models)
+        except Exception as e:
+            row(p, "part", "FAIL", f"{type(e).__name__}: {str(e)[:300]}")
+            traceback.print_exc()
+        print(f"-- part {p} took {time.time() - t0:.0f}s", flush=True)
+    (out / "summary.json").write_text(json.dumps(ROWS, indent=1))
+    print("\n==== summary ====")
+    for r in ROWS:
+        print(" | ".join(str(x) for x in r))
+
+
+if __name__ == "__main__":
+    main()
