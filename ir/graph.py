@@ -115,6 +115,18 @@ def users(region: Region) -> dict[int, list[Op]]:
     return out
 
 
+def value_names(module: Module) -> set[str]:
+    """Every SSA name in the module (arguments and results, nested regions included)."""
+    out = set()
+    for f in module.functions:
+        out |= {a.name for a in f.args}
+        for op in f.walk():
+            out |= {r.name for r in op.results}
+            for _, r in op.regions():
+                out |= {a.name for a in r.args}
+    return out
+
+
 class NameGen:
     """Fresh SSA names that do not collide with names already in use."""
 

@@ -11,18 +11,9 @@ from __future__ import annotations
 from nnc.ir import registry
 from nnc.ir.builder import FOLD_MAX_ELEMENTS, Builder, const_value
 from nnc.ir.errors import NncError
-from nnc.ir.graph import Module, NameGen, Region
+from nnc.ir.graph import Module, NameGen, Region, value_names
 from nnc.ir.interp import call_ref
 from nnc.ir.rewrite import replace_uses
-
-
-def _all_names(module: Module) -> set[str]:
-    out = set()
-    for f in module.functions:
-        out |= {a.name for a in f.args}
-        for op in f.walk():
-            out |= {r.name for r in op.results}
-    return out
 
 
 def _region(r: Region, module: Module, names: NameGen) -> bool:
@@ -56,5 +47,5 @@ def _region(r: Region, module: Module, names: NameGen) -> bool:
 
 
 def run(module: Module) -> bool:
-    names = NameGen(_all_names(module))
+    names = NameGen(value_names(module))
     return any([_region(f, module, names) for f in module.functions])

@@ -17,7 +17,7 @@ import numpy as np
 from nnc.ir import registry
 from nnc.ir.builder import Builder, const_value
 from nnc.ir.errors import NncError
-from nnc.ir.graph import Function, Module, NameGen, Value
+from nnc.ir.graph import Module, NameGen, Value, value_names
 from nnc.ir.types import F32, DType, TensorType, dtype
 
 
@@ -36,18 +36,9 @@ def _retarget_attrs(attrs, low: DType):
     return dataclasses.replace(attrs, **changes) if changes else attrs
 
 
-def _names(m: Module) -> set:
-    out = set()
-    for f in m.functions:
-        out |= {a.name for a in f.args}
-        for op in f.walk():
-            out |= {r.name for r in op.results}
-    return out
-
-
 def lower(module: Module, low: DType) -> bool:
     f = module.main
-    names = NameGen(_names(module))
+    names = NameGen(value_names(module))
     old_ops = f.ops
     f.ops = []
     b = Builder(f, module.weights, names)

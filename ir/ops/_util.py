@@ -54,3 +54,9 @@ def broadcast_infer(result_dtype=None):
 def as_dtype(x, t: TensorType | np.dtype):
     dt = t.dtype.np if isinstance(t, TensorType) else t
     return np.asarray(x).astype(dt, copy=False)
+
+
+def is_float(dt) -> bool:
+    """numpy and ml_dtypes floats (ml_dtypes' bfloat16/float8 have numpy kind 'V')."""
+    dt = np.dtype(dt)
+    return dt.kind == "f" or "float" in dt.name

@@ -11,7 +11,7 @@ from ..errors import NncError
 from ..registry import NoAttrs, register
 from ..symbolic import UNKNOWN
 from ..types import I32, TensorType, dtype
-from ._util import broadcast_shapes
+from ._util import broadcast_shapes, is_float
 from .conv import acc_dtype, requantize
 
 
@@ -36,7 +36,7 @@ def _gemm_infer(ctx):
 
 
 def _gemm_ref(a: GemmAttrs, A, B, C=None):
-    acc = acc_dtype(A.dtype) if A.dtype.kind == "f" else A.dtype
+    acc = acc_dtype(A.dtype) if is_float(A.dtype) else A.dtype
     x = A.astype(acc, copy=False)
     y = B.astype(acc, copy=False)
     if a.transA:
@@ -45,7 +45,7 @@ def _gemm_ref(a: GemmAttrs, A, B, C=None):
         y = y.T
     r = x @ y
     if a.alpha != 1.0:
-        r = r * acc.type(a.alpha) if A.dtype.kind == "f" else (r * a.alpha).astype(acc)
+        r = r * acc.type(a.alpha) if is_float(A.dtype) else (r * a.alpha).astype(acc)
     if C is not None:
         c = C.astype(acc, copy=False)
         r = r + (c * acc.type(a.beta) if a.beta != 1.0 else c)

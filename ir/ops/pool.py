@@ -10,6 +10,7 @@ import numpy as np
 from ..registry import NoAttrs, register
 from ..types import I64, TensorType
 from .conv import _ints, acc_dtype, conv_out_dim, resolve_pads, windows
+from ._util import is_float
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def _tap_reduce(xp, out, k, s, d, fn):
 
 
 def _maxpool_ref(a: PoolAttrs, x, *, ctx=None):
-    if x.dtype.kind == "f":
+    if is_float(x.dtype):
         fill = -np.inf
     else:
         fill = np.iinfo(x.dtype).min

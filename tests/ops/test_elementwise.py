@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 import nnc
 from nnc.ir import Interpreter, parse, print_module, verify
 from nnc.ir.errors import NncError
+from tests.ops.util import run_nnc
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -31,11 +32,6 @@ def make_model(nodes, inputs: dict, outputs: list, opset=21, inits=None):
     return m
 
 
-def run_nnc(m, inputs):
-    mod = nnc.import_onnx(m)
-    verify(mod)
-    out = Interpreter(mod).run(dict(inputs))
-    return [out[v.name] for v in mod.main.results]
 
 
 def run_ref(m, inputs, oracle):

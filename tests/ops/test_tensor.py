@@ -10,6 +10,7 @@ from onnx import TensorProto, helper
 import nnc
 from nnc.ir import Interpreter, parse, print_module, registry, verify
 from nnc.ir.builder import const_value
+from tests.ops.util import run_nnc
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -46,11 +47,6 @@ def check(nodes, inputs: dict, outputs: list, opset=21, inits=None, rtol=1e-5):
     return got
 
 
-def run_nnc(m, inputs):
-    mod = nnc.import_onnx(m)
-    verify(mod)
-    out = Interpreter(mod).run(dict(inputs))
-    return [out[v.name] for v in mod.main.results]
 
 
 rng = np.random.default_rng(0)
