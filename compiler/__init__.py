@@ -13,4 +13,10 @@ def import_onnx(path_or_model, shapes=None):
     return import_model(path_or_model, shapes=shapes)
 
 
-__all__ = ["NncError", "import_onnx"]
+def load(out_dir):
+    """Loads a compiled model directory (needs a CUDA GPU; cupy is imported only here)."""
+    from .runtime import load as _load
+    return _load(out_dir)
+
+
+__all__ = ["NncError", "import_onnx", "load"]

@@ -1,0 +1,142 @@
+"""Shared plumbing for the kernel families: Jinja environment, dtype tables, KernelSpec."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "templates"
+
+_ENV = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+    trim_blocks=False,
+    lstrip_blocks=False,
+)
+
+# onnx-ish dtype name -> (C type, bytes, 2-vector C type)
+CTYPES = {
+    "float16": ("__half", 2, "__half2"),
+    "bfloat16": ("__nv_bfloat16", 2, "__nv_bfloat162"),
+    "float32": ("float", 4, "float2"),
+}
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "sigmoid", "tanh", "silu", "leaky_relu", "clip")
+MAX_SMEM = 227 * 1024  # H100 opt-in dynamic shared memory per block
+
+
+@dataclass
+class KernelSpec:
+    """A rendered kernel ready for NVRTC + launch.
+
+    args: launch arguments in order, each (name, ctype, value). Pointer args have value None and a
+    buffer role as name ('A', 'B', 'D', 'C', 'bias', 'X', 'W', 'Y'); scalar args carry their value.
+    smem: dynamic shared memory bytes; > 48 KiB needs cudaFuncAttributeMaxDynamicSharedMemorySize
+    (cupy: `kernel.max_dynamic_shared_size_bytes = smem`).
+    """
+    source: str
+    name: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    smem: int
+    args: list[tuple[str, str, Any]]
+    params: dict = field(default_factory=dict)
+
+    @property
+    def arg_order(self) -> list[str]:
+        return [a[0] for a in self.args]
+
+    def scalar_args(self) -> dict:
+        return {n: v for n, t, v in self.args if not t.endswith("*")}
+
+
+def render(template: str, **ctx) -> str:
+    return _ENV.get_template(template).render(**ctx)
+
+
+def kernel_name(prefix: str, ctx: dict) -> str:
+    h = hashlib.sha1(json.dumps(ctx, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{prefix}_{h}"
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def act_ctx(act: str | None, act_params: dict | None = None) -> dict:
+    act = act or "none"
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unsupported epilogue activation {act!r}")
+    p = dict(act_params or {})
+    return {"act": act, "act_alpha": float(p.get("alpha", 0.01)), "act_lo": float(p.get("lo", 0.0)),
+            "act_hi": float(p.get("hi", 6.0))}
+
+
+# ---------------------------------------------------------------- compile / launch helpers (tests, bench)
+NVRTC_OPTS = ["-std=c++17"]
+
+
+def cuda_include_dirs() -> list[str]:
+    import glob
+    import os
+    dirs = ["/usr/local/cuda/include"]
+    try:
+        import cupy
+        p = cupy.cuda.get_cuda_path()
+        if p:
+            dirs.append(os.path.join(p, "include"))
+    except Exception:
+        pass
+    for mod in ("nvidia",):
+        try:
+            m = __import__(mod)
+            for base in getattr(m, "__path__", []):
+                dirs += glob.glob(os.path.join(base, "cu*", "include")) + glob.glob(os.path.join(base, "cuda_*", "include"))
+        except Exception:
+            pass
+    return [d for d in dict.fromkeys(dirs) if os.path.exists(os.path.join(d, "cuda_fp16.h"))]
+
+
+def nvrtc_compile(source: str, arch: str = "sm_90", extra: list[str] | None = None) -> bytes:
+    """Compile to a cubin with NVRTC (works on CPU-only machines). Raises RuntimeError with the log."""
+    from cupy_backends.cuda.libs import nvrtc
+    prog = nvrtc.createProgram(source, "nnc_kernel.cu", [], [])
+    opts = [f"--gpu-architecture={arch}"] + [f"-I{d}" for d in cuda_include_dirs()] + NVRTC_OPTS + list(extra or [])
+    try:
+        nvrtc.compileProgram(prog, opts)
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"NVRTC failed: {e}\n{nvrtc.getProgramLog(prog)}") from None
+    return nvrtc.getCUBIN(prog)
+
+
+_MODULES: list = []
+
+
+def load_cubin(cubin: bytes, spec: KernelSpec):
+    """-> cupy kernel function with the dynamic-smem limit raised as needed (GPU only)."""
+    import cupy
+    mod = cupy.cuda.function.Module()
+    mod.load(cubin)
+    fn = mod.get_function(spec.name)
+    _MODULES.append(mod)  # keep the module alive with its function
+    if spec.smem > 48 * 1024:
+        from cupy_backends.cuda.api import driver
+        driver.funcSetAttribute(fn.ptr, 8, spec.smem)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    return fn
+
+
+def launch(fn, spec: KernelSpec, buffers: dict, stream=None):
+    """Launch with pointer args bound by name from `buffers` (cupy arrays) and scalar args from spec."""
+    import numpy as np
+    conv = {"int": np.int32, "long long": np.int64, "float": np.float32}
+    args = []
+    for name, ctype, value in spec.args:
+        if ctype.endswith("*"):
+            args.append(buffers[name])
+        else:
+            args.append(conv[ctype](buffers.get(name, value)))
+    fn(spec.grid, spec.block, tuple(args), shared_mem=spec.smem, stream=stream)

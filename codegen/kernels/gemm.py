@@ -1,0 +1,264 @@
+"""GEMM / batched MatMul kernel family.
+
+    D[z] = act(alpha * op(A[z]) @ op(B[z]) + beta * C[z] + bias)      (per-column bias)
+
+Templates: templates/gemm_tc.cu.j2 (fp16/bf16 mma.sync m16n8k16, or tf32 m16n8k8 on fp32 data;
+ldmatrix + cp.async multi-stage pipeline) and templates/gemm_f32.cu.j2 (fp32 FFMA, 8x8 per thread).
+
+Batch: z runs over B0*B1; operand X's offset is (z // B1) * sX[0] + (z % B1) * sX[1] (elements), so a
+stride of 0 broadcasts. `matmul_problem()` builds this from ONNX MatMul shapes (numpy broadcasting).
+
+API:  candidates(problem) -> list[dict];  render(problem, params=None) -> KernelSpec;
+      default_params(problem) -> dict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .common import CTYPES, MAX_SMEM, KernelSpec, act_ctx, cdiv, kernel_name, render as _render
+
+NUM_SMS = 132
+
+
+@dataclass(frozen=True)
+class GemmProblem:
+    M: int
+    N: int
+    K: int
+    dtype: str = "float16"           # float16 | bfloat16 | float32
+    out_dtype: str | None = None     # default: dtype
+    trans_a: bool = False            # A stored [K, M] (ld = lda)
+    trans_b: bool = False            # B stored [N, K]
+    lda: int | None = None           # default: contiguous
+    ldb: int | None = None
+    ldd: int | None = None
+    batch: tuple[int, int] = (1, 1)  # (B0, B1)
+    stride_a: tuple[int, int] = (0, 0)
+    stride_b: tuple[int, int] = (0, 0)
+    stride_d: tuple[int, int] = (0, 0)
+    has_c: bool = False              # beta * C, C broadcast via (ldc_m, ldc_n, stride_c)
+    c_dtype: str | None = None
+    ldc_m: int = 0
+    ldc_n: int = 1
+    stride_c: tuple[int, int] = (0, 0)
+    alpha: float = 1.0
+    beta: float = 1.0
+    has_bias: bool = False           # per-column bias[N]
+    bias_dtype: str | None = None
+    act: str = "none"
+    act_params: tuple = ()           # e.g. (("alpha", 0.2),)
+    tf32: bool = False               # fp32 data on tensor cores (TF32 inputs, fp32 accumulate)
+
+    @property
+    def lda_(self):
+        return self.lda if self.lda is not None else (self.M if self.trans_a else self.K)
+
+    @property
+    def ldb_(self):
+        return self.ldb if self.ldb is not None else (self.K if self.trans_b else self.N)
+
+    @property
+    def ldd_(self):
+        return self.ldd if self.ldd is not None else self.N
+
+    @property
+    def nbatch(self):
+        return self.batch[0] * self.batch[1]
+
+    @property
+    def flops(self):
+        return 2.0 * self.M * self.N * self.K * self.nbatch
+
+    @property
+    def family(self):
+        if self.dtype in ("float16", "bfloat16"):
+            return "tc"
+        if self.dtype == "float32":
+            return "tc" if self.tf32 else "f32"
+        raise ValueError(f"GEMM dtype {self.dtype} unsupported")
+
+
+def matmul_problem(a_shape, b_shape, dtype="float16", **kw) -> GemmProblem | None:
+    """ONNX MatMul (numpy semantics) on contiguous inputs -> GemmProblem, or None when the broadcast
+    batch cannot be expressed with two batch levels."""
+    a_shape, b_shape = list(a_shape), list(b_shape)
+    squeeze_a = len(a_shape) == 1
+    squeeze_b = len(b_shape) == 1
+    if squeeze_a:
+        a_shape = [1] + a_shape
+    if squeeze_b:
+        b_shape = b_shape + [1]
+    M, K = a_shape[-2:]
+    K2, N = b_shape[-2:]
+    if K != K2:
+        raise ValueError("MatMul inner dims differ")
+    ab, bb = a_shape[:-2], b_shape[:-2]
+    nd = max(len(ab), len(bb))
+    ab = [1] * (nd - len(ab)) + ab
+    bb = [1] * (nd - len(bb)) + bb
+    ob = []
+    for x, y in zip(ab, bb):
+        if x != y and 1 not in (x, y):
+            raise ValueError("MatMul batch dims do not broadcast")
+        ob.append(max(x, y))
+
+    def strides(bshape, mat):
+        s, acc = [0] * nd, mat
+        for i in reversed(range(nd)):
+            s[i] = acc if bshape[i] != 1 else 0
+            acc *= bshape[i]
+        return s
+
+    sa, sb = strides(ab, M * K), strides(bb, K * N)
+    sd = strides(ob, M * N)
+    dims = [[ob[i], sa[i], sb[i], sd[i]] for i in range(nd) if ob[i] != 1]
+    merged = []
+    for d in dims:
+        if merged:
+            p = merged[-1]
+            if all(p[j] == d[j] * d[0] for j in (1, 2, 3)):
+                p[0] *= d[0]
+                p[1], p[2], p[3] = d[1], d[2], d[3]
+                continue
+        merged.append(list(d))
+    if len(merged) > 2:
+        return None
+    while len(merged) < 2:
+        merged.insert(0, [1, 0, 0, 0])
+    (b0, a0, bs0, d0), (b1, a1, bs1, d1) = merged
+    return GemmProblem(M=M, N=N, K=K, dtype=dtype, batch=(b0, b1), stride_a=(a0, a1), stride_b=(bs0, bs1),
+                       stride_d=(d0, d1), **kw)
+
+
+# ---------------------------------------------------------------- tuning spaces (next to the templates)
+# gemm_tc.cu.j2: (BM, BN, BK, WARPS_M, WARPS_N, STAGES)
+TC16_SPACE = [
+    (128, 256, 32, 2, 4, 3),
+    (256, 128, 32, 4, 2, 3),
+    (128, 128, 32, 2, 2, 4),
+    (128, 128, 64, 2, 2, 3),
+    (128, 64, 32, 2, 2, 4),
+    (64, 128, 32, 2, 2, 4),
+    (64, 64, 32, 2, 2, 4),
+    (64, 64, 64, 2, 2, 3),
+]
+TF32_SPACE = [
+    (128, 128, 16, 2, 2, 4),
+    (128, 128, 32, 2, 2, 3),
+    (128, 64, 32, 2, 2, 3),
+    (64, 64, 32, 2, 2, 4),
+]
+# gemm_f32.cu.j2: (BM, BN, BK); 8x8 outputs per thread
+F32_SPACE = [(128, 128, 8), (128, 64, 8), (64, 128, 8), (64, 64, 8)]
+GROUP_M = 8
+
+
+def _tc_smem(p: dict, elem: int, a_kmajor: bool, b_kmajor: bool) -> int:
+    epc = 16 // elem
+    a = (p["BM"] * (p["BK"] + epc)) if a_kmajor else (p["BK"] * (p["BM"] + epc))
+    b = (p["BN"] * (p["BK"] + epc)) if b_kmajor else (p["BK"] * (p["BN"] + epc))
+    return p["STAGES"] * (a + b) * elem
+
+
+def _tc_valid(p: dict, elem: int, tf32: bool) -> bool:
+    wtm, wtn = p["BM"] // p["WARPS_M"], p["BN"] // p["WARPS_N"]
+    kstep = 8 if tf32 else 16
+    return (wtm % 16 == 0 and wtn % 16 == 0 and p["BK"] % kstep == 0 and p["BK"] % (16 // elem) == 0
+            and p["STAGES"] >= 2 and _tc_smem(p, elem, True, True) <= MAX_SMEM
+            and _tc_smem(p, elem, False, False) <= MAX_SMEM)
+
+
+def _size_ok(tile: int, dim: int) -> bool:
+    """Drop tiles much larger than the problem dimension (pure waste)."""
+    return tile <= max(64, 1 << max(0, (dim - 1)).bit_length())
+
+
+def candidates(problem: GemmProblem) -> list[dict]:
+    fam = problem.family
+    out = []
+    if fam == "tc":
+        elem = CTYPES[problem.dtype][1]
+        space = TF32_SPACE if problem.dtype == "float32" else TC16_SPACE
+        for bm, bn, bk, wm, wn, st in space:
+            p = dict(BM=bm, BN=bn, BK=bk, WARPS_M=wm, WARPS_N=wn, STAGES=st)
+            if _tc_valid(p, elem, problem.dtype == "float32") and _size_ok(bm, problem.M) and _size_ok(bn, problem.N):
+                out.append(p)
+    else:
+        for bm, bn, bk in F32_SPACE:
+            if _size_ok(bm, problem.M) and _size_ok(bn, problem.N):
+                out.append(dict(BM=bm, BN=bn, BK=bk))
+    if not out:  # tiny problems: keep the smallest tile
+        out = [dict(zip(("BM", "BN", "BK", "WARPS_M", "WARPS_N", "STAGES"), TC16_SPACE[-2]))] if fam == "tc" else [
+            dict(BM=64, BN=64, BK=8)]
+        if fam == "tc" and problem.dtype == "float32":
+            out = [dict(BM=64, BN=64, BK=32, WARPS_M=2, WARPS_N=2, STAGES=4)]
+    return out
+
+
+def default_params(problem: GemmProblem) -> dict:
+    """Heuristic pick (no measurement): the largest tile that still fills ~all SMs, else the most CTAs."""
+    cands = candidates(problem)
+
+    def score(p):
+        ctas = cdiv(problem.M, p["BM"]) * cdiv(problem.N, p["BN"]) * problem.nbatch
+        waves = ctas / NUM_SMS
+        eff = waves / cdiv(ctas, NUM_SMS) if ctas else 0  # last-wave efficiency
+        util = min(1.0, waves) * eff
+        waste = (problem.M * problem.N) / (cdiv(problem.M, p["BM"]) * p["BM"] * cdiv(problem.N, p["BN"]) * p["BN"])
+        return util * waste * (1.0 + 0.15 * (p["BM"] * p["BN"]) / (128 * 128))
+
+    return max(cands, key=score)
+
+
+def _vec(elem_per_16b: int, *vals) -> bool:
+    return all(int(v) % elem_per_16b == 0 for v in vals)
+
+
+def render(problem: GemmProblem, params: dict | None = None, name: str | None = None) -> KernelSpec:
+    pr = problem
+    params = dict(params or default_params(pr))
+    fam = pr.family
+    ctype, elem, _ = CTYPES[pr.dtype]
+    out_dtype = pr.out_dtype or pr.dtype
+    to, to_bytes, to2 = CTYPES[out_dtype]
+    a_kmajor, b_kmajor = not pr.trans_a, pr.trans_b
+    lda, ldb, ldd = pr.lda_, pr.ldb_, pr.ldd_
+    ctx = dict(params)
+    ctx.update(act_ctx(pr.act, dict(pr.act_params)))
+    ctx.update(T=ctype, TO=to, TO2=to2, elem_bytes=elem, a_kmajor=a_kmajor, b_kmajor=b_kmajor,
+               has_c=pr.has_c, has_bias=pr.has_bias, GROUP_M=GROUP_M,
+               TC=CTYPES[pr.c_dtype or out_dtype][0], TBIAS=CTYPES[pr.bias_dtype or out_dtype][0])
+    if fam == "tc":
+        epc = 16 // elem
+        ctx.update(conv=False, mma={"float16": "f16", "bfloat16": "bf16", "float32": "tf32"}[pr.dtype],
+                   vec_a=_vec(epc, lda, *pr.stride_a), vec_b=_vec(epc, ldb, *pr.stride_b),
+                   pair_store=_vec(2, ldd, *pr.stride_d))
+        nt = params["WARPS_M"] * params["WARPS_N"] * 32
+        smem = _tc_smem(params, elem, a_kmajor, b_kmajor)
+        template, prefix = "gemm_tc.cu.j2", "nnc_gemm_tc"
+    else:
+        ctx.update(vec_a=_vec(4, lda, *pr.stride_a), vec_b=_vec(4, ldb, *pr.stride_b), vec_d=_vec(4, ldd, *pr.stride_d))
+        nt = (params["BM"] // 8) * (params["BN"] // 8)
+        smem = 0
+        template, prefix = "gemm_f32.cu.j2", "nnc_gemm_f32"
+    ctx["name"] = name or kernel_name(prefix, ctx)
+    src = _render(template, **ctx)
+    grid = (cdiv(pr.M, params["BM"]) * cdiv(pr.N, params["BN"]), 1, pr.nbatch)
+    args = [("A", f"const {ctype}*", None), ("B", f"const {ctype}*", None), ("D", f"{to}*", None)]
+    if pr.has_c:
+        args.append(("C", f"const {ctx['TC']}*", None))
+    if pr.has_bias:
+        args.append(("bias", f"const {ctx['TBIAS']}*", None))
+    args += [("M", "int", pr.M), ("N", "int", pr.N), ("K", "int", pr.K), ("lda", "long long", lda),
+             ("ldb", "long long", ldb), ("ldd", "long long", ldd), ("ldc_m", "long long", pr.ldc_m),
+             ("ldc_n", "long long", pr.ldc_n), ("alpha", "float", float(pr.alpha)), ("beta", "float", float(pr.beta)),
+             ("bdiv", "int", pr.batch[1]), ("sA0", "long long", pr.stride_a[0]), ("sA1", "long long", pr.stride_a[1]),
+             ("sB0", "long long", pr.stride_b[0]), ("sB1", "long long", pr.stride_b[1]),
+             ("sC0", "long long", pr.stride_c[0]), ("sC1", "long long", pr.stride_c[1]),
+             ("sD0", "long long", pr.stride_d[0]), ("sD1", "long long", pr.stride_d[1])]
+    return KernelSpec(source=src, name=ctx["name"], grid=grid, block=(nt, 1, 1), smem=smem, args=args,
+                      params=dict(params, family=fam, template=template))
+
+
+def with_(problem: GemmProblem, **kw) -> GemmProblem:
+    return replace(problem, **kw)

@@ -1,0 +1,232 @@
+"""Data movement family: views (Identity/Reshape/Squeeze/Unsqueeze/Flatten as buffer aliases),
+Transpose, Expand, Tile, Slice, Split, Concat, DepthToSpace/SpaceToDepth (all one strided-copy
+template), Gather, GatherElements, Pad, Resize."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..lower import Buffer, LowerCtx, contiguous_strides, lowering
+from ..render import cfloat
+from .elementwise import lit
+
+
+def strided_copy(ctx: LowerCtx, src: Buffer, dst: Buffer, shape, in_strides, in_base: int = 0,
+                 out_strides=None, out_base: int = 0, in_mods=None):
+    shape = [int(d) for d in shape]
+    n = int(np.prod(shape, dtype=np.int64))
+    if n == 0:
+        return
+    # drop extent-1 dims (they contribute nothing), keep at least one
+    keep = [d for d in range(len(shape)) if shape[d] != 1] or [0] if shape else []
+    in_mods = in_mods or [0] * len(shape)
+    out_contig = out_strides is None and out_base == 0
+    out_strides = out_strides or contiguous_strides(shape)
+    sh = [shape[d] for d in keep] or [1]
+    ist = [int(in_strides[d]) for d in keep] or [0]
+    ost = [int(out_strides[d]) for d in keep] or [0]
+    mods = [int(in_mods[d]) for d in keep] or [0]
+    k = ctx.render("strided_copy.cu.j2", "copy_" + ctx.op.name.lower(), ctype=src.ctype, shape=sh, in_strides=ist,
+                   in_mods=mods, in_base=int(in_base), out_contig=out_contig, out_strides=ost, out_base=int(out_base))
+    ctx.launch(k, ctx.grid1d(n), 256, [src, dst, ctx.i64(n)])
+
+
+@lowering("Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
+def _view(ctx: LowerCtx):
+    ctx.alias(0, ctx.inp(0))  # buffers are always contiguous: a reshape is a view
+    return True
+
+
+@lowering("Transpose")
+def _transpose(ctx: LowerCtx):
+    x, y = ctx.inp(0), ctx.out(0)
+    rank = len(x.shape)
+    perm = ctx.attr("perm") or tuple(reversed(range(rank)))
+    st = x.strides()
+    strided_copy(ctx, x, y, y.shape, [st[p] for p in perm])
+    return True
+
+
+def _bcast_strides(in_shape, out_shape):
+    st = contiguous_strides(in_shape)
+    out = [0] * len(out_shape)
+    for k in range(1, len(in_shape) + 1):
+        out[-k] = 0 if in_shape[-k] == 1 and out_shape[-k] != 1 else st[-k]
+    return out
+
+
+@lowering("Expand")
+def _expand(ctx: LowerCtx):
+    x, y = ctx.inp(0), ctx.out(0)
+    strided_copy(ctx, x, y, y.shape, _bcast_strides(x.shape, y.shape))
+    return True
+
+
+@lowering("Tile")
+def _tile(ctx: LowerCtx):
+    x, y = ctx.inp(0), ctx.out(0)
+    mods = [d if o != d else 0 for d, o in zip(x.shape, y.shape)]
+    strided_copy(ctx, x, y, y.shape, x.strides(), in_mods=mods)
+    return True
+
+
+def _const_ints(ctx, i, what):
+    v = ctx.value(i)
+    if v is None:
+        ctx.fail(f"{what} (operand {i}) must be a compile-time constant")
+    return [int(a) for a in np.asarray(v).reshape(-1)]
+
+
+@lowering("Slice")
+def _slice(ctx: LowerCtx):
+    x, y = ctx.inp(0), ctx.out(0)
+    rank = len(x.shape)
+    starts, ends = _const_ints(ctx, 1, "starts"), _const_ints(ctx, 2, "ends")
+    axes = _const_ints(ctx, 3, "axes") if ctx.has(3) else list(range(len(starts)))
+    steps = _const_ints(ctx, 4, "steps") if ctx.has(4) else [1] * len(starts)
+    st = x.strides()
+    begin = [0] * rank
+    step = [1] * rank
+    for s, e, a, k in zip(starts, ends, axes, steps):
+        a = a + rank if a < 0 else a
+        b0, _, _ = slice(s, e, k).indices(x.shape[a])
+        begin[a], step[a] = b0, k
+    base = sum(b * s for b, s in zip(begin, st))
+    strided_copy(ctx, x, y, y.shape, [s * k for s, k in zip(st, step)], in_base=base)
+    return True
+
+
+@lowering("Split")
+def _split(ctx: LowerCtx):
+    x = ctx.inp(0)
+    rank = len(x.shape)
+    axis = int(ctx.attr("axis", 0))
+    axis = axis + rank if axis < 0 else axis
+    st = x.strides()
+    off = 0
+    for i in range(ctx.n_out):
+        y = ctx.out(i)
+        strided_copy(ctx, x, y, y.shape, st, in_base=off * st[axis])
+        off += y.shape[axis]
+    return True
+
+
+@lowering("Concat")
+def _concat(ctx: LowerCtx):
+    y = ctx.out(0)
+    rank = len(y.shape)
+    axis = int(ctx.attr("axis", 0))
+    axis = axis + rank if axis < 0 else axis
+    yst = y.strides()
+    off = 0
+    for i in range(ctx.n_in):
+        x = ctx.inp(i)
+        if x is None:
+            continue
+        strided_copy(ctx, x, y, x.shape, x.strides(), out_strides=yst, out_base=off * yst[axis])
+        off += x.shape[axis]
+    return True
+
+
+@lowering("DepthToSpace", "SpaceToDepth")
+def _depth_space(ctx: LowerCtx):
+    x, y = ctx.inp(0), ctx.out(0)
+    b = int(ctx.attr("blocksize"))
+    N, C, H, W = x.shape
+    if ctx.op.name == "DepthToSpace":
+        if ctx.attr("mode", "DCR") == "DCR":
+            rs, perm = [N, b, b, C // (b * b), H, W], [0, 3, 4, 1, 5, 2]
+        else:
+            rs, perm = [N, C // (b * b), b, b, H, W], [0, 1, 4, 2, 5, 3]
+    else:
+        rs, perm = [N, C, H // b, b, W // b, b], [0, 3, 5, 1, 2, 4]
+    st = contiguous_strides(rs)
+    strided_copy(ctx, x, y, [rs[p] for p in perm], [st[p] for p in perm])
+    return True
+
+
+@lowering("Gather")
+def _gather(ctx: LowerCtx):
+    x, ind, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
+    rank = len(x.shape)
+    axis = int(ctx.attr("axis", 0))
+    axis = axis + rank if axis < 0 else axis
+    pre = int(np.prod(x.shape[:axis], dtype=np.int64))
+    post = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
+    n = y.numel
+    if n == 0:
+        ctx.alias(0, x)
+        return True
+    k = ctx.render("gather.cu.j2", "gather", ctype=x.ctype, ictype=ind.ctype, post=post, nidx=max(ind.numel, 1),
+                   dim=x.shape[axis])
+    ctx.launch(k, ctx.grid1d(n), 256, [x, ind, y, ctx.i64(n)])
+    return True
+
+
+@lowering("GatherElements")
+def _gather_elements(ctx: LowerCtx):
+    x, ind, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
+    rank = len(x.shape)
+    axis = int(ctx.attr("axis", 0))
+    axis = axis + rank if axis < 0 else axis
+    k = ctx.render("gather_elements.cu.j2", "gather_elements", ctype=x.ctype, ictype=ind.ctype, shape=list(y.shape),
+                   axis=axis, x_strides=x.strides(), dim=x.shape[axis])
+    ctx.launch(k, ctx.grid1d(y.numel), 256, [x, ind, y, ctx.i64(y.numel)])
+    return True
+
+
+@lowering("Pad")
+def _pad(ctx: LowerCtx):
+    x, y = ctx.inp(0), ctx.out(0)
+    rank = len(x.shape)
+    pads = _const_ints(ctx, 1, "pads")
+    axes = _const_ints(ctx, 3, "axes") if ctx.has(3) else list(range(rank))
+    begin = [0] * rank
+    for j, a in enumerate(axes):
+        begin[a + rank if a < 0 else a] = pads[j]
+    value = 0
+    if ctx.has(2):
+        v = ctx.value(2)
+        if v is None:
+            ctx.fail("constant_value must be a compile-time constant")
+        value = np.asarray(v).reshape(-1)[0].item() if np.asarray(v).size else 0
+    cv = lit(value, y.compute)
+    k = ctx.render("pad.cu.j2", "pad", ctype=x.ctype, mode=ctx.attr("mode", "constant"), out_shape=list(y.shape),
+                   in_shape=list(x.shape), in_strides=x.strides(), begin=begin, value=cv)
+    ctx.launch(k, ctx.grid1d(y.numel), 256, [x, y, ctx.i64(y.numel)])
+    return True
+
+
+@lowering("Resize", "Upsample")
+def _resize(ctx: LowerCtx):
+    x, y = ctx.inp(0), ctx.out(0)
+    rank = len(x.shape)
+    mode = ctx.attr("mode", "nearest")
+    if mode not in ("nearest", "linear"):
+        ctx.fail(f"mode {mode!r} is not supported by the CUDA backend (nearest, linear)")
+    coord = ctx.attr("coordinate_transformation_mode", "half_pixel")
+    if coord not in ("half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel", "tf_half_pixel_for_nn"):
+        ctx.fail(f"coordinate_transformation_mode {coord!r} is not supported")
+    if ctx.attr("antialias", 0):
+        ctx.fail("antialias is not supported")
+    scales = None
+    sidx = 2 if ctx.op.name == "Resize" else 1
+    if ctx.has(sidx):
+        v = ctx.value(sidx)
+        if v is not None and np.asarray(v).size:
+            scales = [float(s) for s in np.asarray(v).reshape(-1)]
+            axes = ctx.attr("axes")
+            if axes and len(scales) != rank:
+                full = [1.0] * rank
+                for a, s in zip(axes, scales):
+                    full[a] = s
+                scales = full
+    if scales is None or ctx.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
+        scales = [o / i for o, i in zip(y.shape, x.shape)]
+    resized = [d for d in range(rank) if y.shape[d] != x.shape[d] or scales[d] != 1.0]
+    if mode == "linear" and len(resized) > 3:
+        ctx.fail("linear resize over more than 3 dims is not supported")
+    k = ctx.render("resize.cu.j2", "resize", ctype=x.ctype, mode=mode, coord=coord,
+                   nearest_mode=ctx.attr("nearest_mode", "round_prefer_floor"), out_shape=list(y.shape),
+                   in_shape=list(x.shape), in_strides=x.strides(), scales=scales, resized=resized)
+    ctx.launch(k, ctx.grid1d(y.numel), 256, [x, y, ctx.i64(y.numel)])
+    return True

@@ -1,0 +1,78 @@
+"""Pooling (MaxPool, AveragePool; Global* are reductions, see reduce.py) and BatchNormalization
+(inference; constant parameters folded at compile time into one [2, C] fp32 weight)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..lower import LowerCtx, lowering
+
+
+def spatial_pads(ctx: LowerCtx, in_sp, out_sp, kernel, strides, dil):
+    """Leading/trailing pads per spatial dim, auto_pad resolved."""
+    nd = len(in_sp)
+    auto = ctx.attr("auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for i in range(nd):
+            total = max(0, (out_sp[i] - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - in_sp[i])
+            b = total // 2 if auto == "SAME_UPPER" else (total + 1) // 2
+            begin.append(b)
+            end.append(total - b)
+        return begin, end
+    if auto == "VALID":
+        return [0] * nd, [0] * nd
+    pads = list(ctx.attr("pads") or [0] * (2 * nd))
+    return pads[:nd], pads[nd:]
+
+
+def _pad3(v, fill):
+    v = list(v)
+    return [fill] * (3 - len(v)) + v
+
+
+@lowering("MaxPool", "AveragePool")
+def _pool(ctx: LowerCtx):
+    x, y = ctx.inp(0), ctx.out(0)
+    if ctx.n_out > 1:
+        ctx.fail("MaxPool's Indices output is not supported by the CUDA backend")
+    in_sp, out_sp = list(x.shape[2:]), list(y.shape[2:])
+    nd = len(in_sp)
+    if nd > 3:
+        ctx.fail(f"{nd}-D pooling is not supported")
+    kernel = list(ctx.attr("kernel_shape"))
+    strides = list(ctx.attr("strides") or [1] * nd)
+    dil = list(ctx.attr("dilations") or [1] * nd)
+    begin, end = spatial_pads(ctx, in_sp, out_sp, kernel, strides, dil)
+    k = ctx.render("pool.cu.j2", ctx.op.name.lower(), ctype=x.ctype, kind="max" if ctx.op.name == "MaxPool" else "avg",
+                   in_sp=_pad3(in_sp, 1), out_sp=_pad3(out_sp, 1), kernel=_pad3(kernel, 1), strides=_pad3(strides, 1),
+                   dil=_pad3(dil, 1), pads=_pad3(begin, 0), pads_end=_pad3(end, 0),
+                   count_include_pad=bool(ctx.attr("count_include_pad", 0)))
+    ctx.launch(k, ctx.grid1d(y.numel), 256, [x, y, ctx.i64(y.numel)])
+    return True
+
+
+@lowering("BatchNormalization")
+def _batchnorm(ctx: LowerCtx):
+    if ctx.attr("training_mode", 0) or ctx.n_out > 1:
+        ctx.fail("training-mode BatchNormalization is not supported by the CUDA backend")
+    x, y = ctx.inp(0), ctx.out(0)
+    C = x.shape[1] if len(x.shape) > 1 else 1
+    spatial = int(np.prod(x.shape[2:], dtype=np.int64))
+    eps = float(ctx.attr("epsilon", 1e-5))
+    vals = [ctx.value(i) for i in range(1, 5)]
+    n = y.numel
+    if all(v is not None for v in vals):
+        def fold(_):
+            s, b, m, v = (np.asarray(a, np.float64) for a in vals)
+            a = s / np.sqrt(v + eps)
+            return np.stack([a, b - m * a]).astype(np.float32)
+        ab = ctx.weight(1, fold, key="bn_fold")
+        k = ctx.render("batchnorm.cu.j2", "batchnorm", ctype=x.ctype, folded=True, pctype="float", C=C,
+                       spatial=spatial, epsilon=eps)
+        ctx.launch(k, ctx.grid1d(n), 256, [x, ab, y, ctx.i64(n)])
+    else:
+        ps = [ctx.inp(i) for i in range(1, 5)]
+        k = ctx.render("batchnorm.cu.j2", "batchnorm", ctype=x.ctype, folded=False, pctype=ps[0].ctype, C=C,
+                       spatial=spatial, epsilon=eps)
+        ctx.launch(k, ctx.grid1d(n), 256, [x, *ps, y, ctx.i64(n)])
+    return True

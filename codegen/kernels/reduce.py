@@ -1,0 +1,171 @@
+"""Reduction family: Reduce* over any axes (via an [outer, R, inner] view, transposing first when
+the axes are not contiguous), Softmax/LogSoftmax, LayerNormalization, ArgMax/ArgMin,
+GlobalAveragePool/GlobalMaxPool."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..lower import LowerCtx, compute_type, lowering
+from .elementwise import lit
+from .movement import strided_copy
+
+# op -> (combine, map(v), final(acc))  (R is the reduced extent, m the max for lse)
+REDUCE = {
+    "ReduceSum": ("sum", "v", "acc"),
+    "ReduceMean": ("sum", "v", "acc / static_cast<{acc}>({R})"),
+    "ReduceMax": ("max", "v", "acc"),
+    "ReduceMin": ("min", "v", "acc"),
+    "ReduceProd": ("prod", "v", "acc"),
+    "ReduceL1": ("sum", "nnc_abs(v)", "acc"),
+    "ReduceL2": ("sum", "v * v", "sqrt{f}(acc)"),
+    "ReduceSumSquare": ("sum", "v * v", "acc"),
+    "ReduceLogSum": ("sum", "v", "log{f}(acc)"),
+    "ReduceLogSumExp": ("sum", "exp{f}(v - m)", "log{f}(acc) + m"),
+}
+
+
+def _acc_type(dt) -> str:
+    ct = compute_type(dt)
+    if ct in ("float", "double"):
+        return ct
+    return "int64_t" if dt.kind != "uint" else "uint64_t"
+
+
+def _init(combine, acc):
+    if combine == "sum":
+        return lit(0, acc)
+    if combine == "prod":
+        return lit(1, acc)
+    if acc in ("float", "double"):
+        return lit(float("-inf") if combine == "max" else float("inf"), acc)
+    big = "9223372036854775807LL" if acc == "int64_t" else "18446744073709551615ULL"
+    small = "(-9223372036854775807LL - 1)" if acc == "int64_t" else "0ULL"
+    return small if combine == "max" else big
+
+
+def reduce_view(ctx: LowerCtx, x, axes: list):
+    """-> (buffer, outer, R, inner): x itself when the axes are contiguous, else a transposed temp
+    with the reduced axes last."""
+    shape = list(x.shape)
+    axes = sorted(axes)
+    if not axes:
+        return x, int(np.prod(shape, dtype=np.int64)), 1, 1
+    if axes == list(range(axes[0], axes[-1] + 1)):
+        outer = int(np.prod(shape[:axes[0]], dtype=np.int64))
+        R = int(np.prod([shape[a] for a in axes], dtype=np.int64))
+        inner = int(np.prod(shape[axes[-1] + 1:], dtype=np.int64))
+        return x, outer, R, inner
+    kept = [d for d in range(len(shape)) if d not in axes]
+    perm = kept + axes
+    st = x.strides()
+    tshape = [shape[p] for p in perm]
+    t = ctx.temp(x.dtype, tshape, "reduce_t")
+    strided_copy(ctx, x, t, tshape, [st[p] for p in perm])
+    outer = int(np.prod([shape[d] for d in kept], dtype=np.int64))
+    return t, outer, int(np.prod([shape[a] for a in axes], dtype=np.int64)), 1
+
+
+def emit_reduce(ctx: LowerCtx, kind: str, x, y, axes):
+    src, outer, R, inner = reduce_view(ctx, x, axes)
+    combine, mp, fin = REDUCE[kind]
+    acc = _acc_type(x.dtype)
+    f = "f" if acc == "float" else ""
+    lowest = lit(float("-inf"), acc) if acc in ("float", "double") else _init("max", acc)
+    variant = "row" if inner == 1 and R > 1 else "col"
+    block = 256 if variant == "row" else 256
+    k = ctx.render("reduce.cu.j2", "reduce_" + kind[6:].lower(), variant=variant, outer=outer, R=R, inner=inner,
+                   in_ctype=x.ctype, out_ctype=y.ctype, acc=acc, combine_op=combine, map_expr=mp.format(f=f),
+                   final_expr=fin.format(f=f, acc=acc, R=R), init=_init(combine, acc), lowest=lowest,
+                   lse=kind == "ReduceLogSumExp", block=block)
+    grid = min(outer, 65535) if variant == "row" else ctx.grid1d(outer * inner)
+    ctx.launch(k, grid, block, [src, y])
+
+
+@lowering(*REDUCE)
+def _reduce(ctx: LowerCtx):
+    x, y = ctx.inp(0), ctx.out(0)
+    rank = len(x.shape)
+    axes = None
+    if ctx.has(1):
+        v = ctx.value(1)
+        if v is None:
+            ctx.fail("the axes input must be a compile-time constant")
+        axes = [int(a) for a in np.asarray(v).reshape(-1)]
+    elif ctx.attr("axes") is not None:  # older-opset form, should the importer keep it
+        axes = list(ctx.attr("axes"))
+    if not axes:
+        if ctx.attr("noop_with_empty_axes", 0):
+            if ctx.op.name in ("ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceMean"):
+                ctx.alias(0, x)
+                return True
+        axes = list(range(rank))
+    axes = sorted({a + rank if a < 0 else a for a in axes})
+    emit_reduce(ctx, ctx.op.name, x, y, axes)
+    return True
+
+
+@lowering("GlobalAveragePool", "GlobalMaxPool")
+def _global_pool(ctx: LowerCtx):
+    x, y = ctx.inp(0), ctx.out(0)
+    emit_reduce(ctx, "ReduceMean" if ctx.op.name == "GlobalAveragePool" else "ReduceMax", x, y,
+                list(range(2, len(x.shape))))
+    return True
+
+
+def _axis_view(shape, axis):
+    axis = axis + len(shape) if axis < 0 else axis
+    outer = int(np.prod(shape[:axis], dtype=np.int64))
+    inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+    return outer, int(shape[axis]), inner
+
+
+@lowering("Softmax", "LogSoftmax")
+def _softmax(ctx: LowerCtx):
+    x, y = ctx.inp(0), ctx.out(0)
+    if len(x.shape) == 0:
+        outer, R, inner = 1, 1, 1
+    else:
+        outer, R, inner = _axis_view(x.shape, int(ctx.attr("axis", -1)))
+    variant = "row" if inner == 1 else "col"
+    k = ctx.render("softmax.cu.j2", ctx.op.name.lower(), variant=variant, outer=outer, R=R, inner=inner,
+                   ctype=x.ctype, log=ctx.op.name == "LogSoftmax")
+    grid = min(outer, 65535) if variant == "row" else ctx.grid1d(outer * inner)
+    ctx.launch(k, grid, 256, [x, y])
+    return True
+
+
+@lowering("LayerNormalization")
+def _layernorm(ctx: LowerCtx):
+    x, y = ctx.inp(0), ctx.out(0)
+    rank = len(x.shape)
+    axis = int(ctx.attr("axis", -1))
+    axis = axis + rank if axis < 0 else axis
+    outer = int(np.prod(x.shape[:axis], dtype=np.int64))
+    R = int(np.prod(x.shape[axis:], dtype=np.int64))
+    scale, bias = ctx.inp(1), ctx.inp(2)
+    for b, what in ((scale, "Scale"), (bias, "B")):
+        if b is not None and b.numel not in (1, R):
+            ctx.fail(f"{what} of {b.numel} elements does not cover the normalised {R} elements")
+    outs = [y]
+    mean = ctx.out(1) if ctx.n_out > 1 else None
+    rstd = ctx.out(2) if ctx.n_out > 2 else None
+    args = [x] + [b for b in (scale, bias) if b is not None] + [y] + [b for b in (mean, rstd) if b is not None]
+    k = ctx.render("layernorm.cu.j2", "layernorm", outer=outer, R=R, ctype=x.ctype, epsilon=float(ctx.attr("epsilon", 1e-5)),
+                   has_scale=scale is not None, has_bias=bias is not None,
+                   sctype=scale.ctype if scale else "", bctype=bias.ctype if bias else "",
+                   scale_n=scale.numel if scale else 1, bias_n=bias.numel if bias else 1,
+                   has_mean=mean is not None, has_rstd=rstd is not None,
+                   mctype=(mean or rstd).ctype if (mean or rstd) else "")
+    ctx.launch(k, min(max(outer, 1), 65535), 256, args)
+    return True
+
+
+@lowering("ArgMax", "ArgMin")
+def _argreduce(ctx: LowerCtx):
+    x, y = ctx.inp(0), ctx.out(0)
+    outer, R, inner = _axis_view(x.shape, int(ctx.attr("axis", 0)))
+    k = ctx.render("argreduce.cu.j2", ctx.op.name.lower(), outer=outer, R=R, inner=inner, ctype=x.ctype,
+                   compute=compute_type(x.dtype), cmp=">" if ctx.op.name == "ArgMax" else "<",
+                   last=bool(ctx.attr("select_last_index", 0)))
+    ctx.launch(k, ctx.grid1d(outer * inner), 256, [x, y])
+    return True

@@ -1,0 +1,605 @@
+"""Lowering: IR main function -> buffers, kernels and a launch plan.
+
+The plugin API
+--------------
+Kernel families live in codegen/kernels/<family>.py and register per-op lowering functions:
+
+    from ..lower import lowering
+
+    @lowering("Relu", "Sigmoid")                    # priority 0: the generic, always-correct path
+    def _unary(ctx):                                # ctx: LowerCtx (one op)
+        x, y = ctx.inp(0), ctx.out(0)               # Buffers
+        k = ctx.render("elementwise.cu.j2", "ew", **params)   # -> Kernel (deduplicated by source)
+        ctx.launch(k, grid=ctx.grid1d(y.numel), block=256, args=[x, y, ctx.i64(y.numel)])
+
+    @lowering("MatMul", priority=10)                # a faster specialisation, tried first
+    def _fast(ctx):
+        if not suitable(ctx.op):
+            return None                             # decline: the next priority is tried
+        ...
+
+Functions for one op are tried in decreasing priority; a function *declines* by returning None
+(or NOT_HANDLED) without having emitted anything. Registering the same (op, priority) twice is an
+error. A lowering that emitted launches or aliases counts as handled whatever it returns.
+
+What a lowering can ask of its LowerCtx: `inp(i)`/`out(i)` buffers, `value(i)` (compile-time
+constant operand or None), `render(template, hint, **params)`, `launch(...)`, `temp(dtype, shape)`,
+`weight(i, transform, key)` (a constant operand pre-transformed at compile time into its own weight
+buffer), `new_weight(array)`, `alias(i, buf)` (result i is a view of `buf`, no kernel), `copy`,
+`readback` (data-dependent output shapes), `fail(msg)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ..ir.builder import const_value
+from ..ir.errors import NncError
+from ..ir.graph import Module, Op, Value
+from ..ir.types import DType, TensorType
+from .render import render as _render_template
+
+ALIGN = 256
+
+# dtype -> C type of the element in memory
+CTYPES = {
+    "f64": "double", "f32": "float", "f16": "__half", "bf16": "__nv_bfloat16",
+    "i64": "int64_t", "i32": "int32_t", "i16": "int16_t", "i8": "int8_t",
+    "u64": "uint64_t", "u32": "uint32_t", "u16": "uint16_t", "u8": "uint8_t", "bool": "bool",
+}
+# dtype -> C type arithmetic happens in (fp16/bf16 accumulate in fp32)
+COMPUTE = dict(CTYPES, f16="float", bf16="float")
+
+
+class LoweringError(NncError):
+    pass
+
+
+def ctype(dt: DType) -> str:
+    if dt.short not in CTYPES:
+        raise LoweringError(f"dtype {dt} is not supported by the CUDA backend")
+    return CTYPES[dt.short]
+
+
+def compute_type(dt: DType) -> str:
+    ctype(dt)
+    return COMPUTE[dt.short]
+
+
+# ---------------------------------------------------------------- plan data
+
+@dataclass(eq=False)
+class Buffer:
+    id: int
+    name: str
+    dtype: DType
+    shape: tuple
+    kind: str  # input | output | weight | const | temp
+    io_index: int = -1  # position among inputs/outputs
+    alias_of: Optional[int] = None  # root buffer id if this is a view
+    alias_offset: int = 0  # bytes into the root
+    offset: int = 0  # arena offset (temp) or weights.bin offset (weight/const)
+    data: Optional[np.ndarray] = None  # weight/const payload (already transformed)
+    dynamic: bool = False  # true extent known only after the run (NonZero)
+    value: Optional[Value] = field(default=None, repr=False)
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * (self.dtype.bits // 8)
+
+    @property
+    def ctype(self) -> str:
+        return ctype(self.dtype)
+
+    @property
+    def compute(self) -> str:
+        return compute_type(self.dtype)
+
+    def strides(self) -> list[int]:
+        return contiguous_strides(self.shape)
+
+
+@dataclass(eq=False)
+class Kernel:
+    name: str
+    template: str
+    params: dict
+    body: str
+    ops: list = field(default_factory=list)  # IR op descriptions this kernel implements
+
+    @property
+    def source(self) -> str:
+        head = _render_template("kernel_header.cu.j2", name=self.name, template=self.template,
+                                params=_short_json(self.params), ops=self.ops)
+        return head + self.body
+
+
+@dataclass
+class Scalar:
+    type: str  # C type: int64_t | int32_t | float
+    value: Any
+
+
+@dataclass(eq=False)
+class Launch:
+    kind: str  # kernel | memcpy | readback
+    kernel: Optional[str]
+    grid: tuple
+    block: tuple
+    smem: int
+    args: list  # Buffer | Scalar
+    op: str  # description of the IR op
+    nbytes: int = 0  # memcpy/readback size
+
+
+@dataclass
+class Plan:
+    buffers: list
+    kernels: dict  # name -> Kernel, first-use order
+    launches: list
+    inputs: list  # Buffer
+    outputs: list  # Buffer
+    memory: dict = field(default_factory=dict)
+    weights_bytes: int = 0
+    options: dict = field(default_factory=dict)
+
+    def buffer(self, bid: int) -> Buffer:
+        return self.buffers[bid]
+
+    def root(self, b: Buffer) -> Buffer:
+        return self.buffers[b.alias_of] if b.alias_of is not None else b
+
+
+def contiguous_strides(shape) -> list[int]:
+    st, acc = [], 1
+    for d in reversed(list(shape)):
+        st.append(acc)
+        acc *= int(d)
+    return st[::-1]
+
+
+def _short_json(p) -> str:
+    s = json.dumps(p, sort_keys=True, default=str, separators=(",", ":"))
+    return s if len(s) <= 600 else s[:600] + "..."
+
+
+def describe_op(op: Op) -> str:
+    res = ", ".join(f"%{r.name}: {r.type}" for r in op.results)
+    args = ", ".join("none" if v is None else f"%{v.name}: {v.type}" for v in op.operands)
+    attrs = ""
+    if op.attrs is not None and dataclasses.is_dataclass(op.attrs) and op.name != "const":
+        from ..ir.registry import attrs_items
+        items = [f"{k}={_fmt_attr(v)}" for k, v in attrs_items(op.attrs)]
+        attrs = " {" + ", ".join(items) + "}" if items else ""
+    return f"{res} = {op.name}({args}){attrs}"
+
+
+def _fmt_attr(v):
+    if isinstance(v, np.ndarray):
+        return f"tensor<{v.dtype}{list(v.shape)}>"
+    return str(v)
+
+
+# ---------------------------------------------------------------- registration
+
+NOT_HANDLED = None
+
+
+@dataclass
+class _Entry:
+    priority: int
+    fn: Callable
+    when: Optional[Callable]
+
+
+LOWERINGS: dict[str, list[_Entry]] = {}
+
+
+def lowering(*ops: str, priority: int = 0, when: Optional[Callable] = None):
+    """Registers a lowering function for ops. Higher priority is tried first; `when(op)` is an
+    optional predicate; the function may still decline by returning None without emitting."""
+    def deco(fn):
+        for name in ops:
+            lst = LOWERINGS.setdefault(name, [])
+            for e in lst:
+                if e.priority == priority:
+                    raise RuntimeError(f"lowering for {name!r} at priority {priority} registered twice "
+                                       f"({e.fn.__module__}.{e.fn.__name__} and {fn.__module__}.{fn.__name__})")
+            lst.append(_Entry(priority, fn, when))
+            lst.sort(key=lambda e: -e.priority)
+        return fn
+    return deco
+
+
+_LOADED = False
+
+
+def _ensure_loaded():
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        import importlib
+        import pkgutil
+        from . import kernels  # every module of codegen/kernels/ registers its family on import
+        for m in sorted(m.name for m in pkgutil.iter_modules(kernels.__path__)):
+            if not m.startswith("_"):
+                importlib.import_module(f"{kernels.__name__}.{m}")
+
+
+# ---------------------------------------------------------------- the per-op context
+
+class LowerCtx:
+    def __init__(self, lowerer: "Lowerer", op: Op):
+        self.L = lowerer
+        self.op = op
+        self.options = lowerer.options
+        self.emitted = 0
+
+    # operands / results
+    @property
+    def attrs(self):
+        return self.op.attrs
+
+    def attr(self, name: str, default=None):
+        return getattr(self.op.attrs, name, default)
+
+    def has(self, i: int) -> bool:
+        return i < len(self.op.operands) and self.op.operands[i] is not None
+
+    def inp(self, i: int) -> Optional[Buffer]:
+        if not self.has(i):
+            return None
+        return self.L.buffer(self.op.operands[i])
+
+    def out(self, i: int = 0) -> Buffer:
+        return self.L.result_buffer(self.op.results[i])
+
+    @property
+    def n_in(self) -> int:
+        return len(self.op.operands)
+
+    @property
+    def n_out(self) -> int:
+        return len(self.op.results)
+
+    def type(self, i: int) -> TensorType:
+        return self.op.operands[i].type
+
+    def shape(self, i: int) -> tuple:
+        return tuple(int(d) for d in self.op.operands[i].type.shape)
+
+    def out_shape(self, i: int = 0) -> tuple:
+        return self.L.static_shape(self.op.results[i])
+
+    def value(self, i: int) -> Optional[np.ndarray]:
+        if not self.has(i):
+            return None
+        return const_value(self.op.operands[i], self.L.module.weights)
+
+    def fail(self, msg: str):
+        raise LoweringError(f"{self.op.loc}: {self.op.name}: {msg}")
+
+    # kernels and launches
+    def render(self, template: str, hint: str = "", **params) -> Kernel:
+        k = self.L.kernel(template, hint or template.split(".")[0], params)
+        desc = describe_op(self.op)
+        if desc not in k.ops:
+            k.ops.append(desc)
+        return k
+
+    def add_kernel(self, name: str, source: str, template: str, params: dict) -> Kernel:
+        """A kernel rendered elsewhere (e.g. a KernelSpec of codegen/kernels/gemm.py): `source`
+        must define `extern "C" __global__ void <name>`. Deduplicated by source."""
+        k = self.L.kernels.get(name)
+        if k is not None and k.body != source:
+            self.fail(f"two different kernels named {name!r}")
+        if k is None:
+            k = Kernel(name, template, dict(params), source)
+            self.L.kernels[name] = k
+        desc = describe_op(self.op)
+        if desc not in k.ops:
+            k.ops.append(desc)
+        return k
+
+    def launch(self, kernel: Kernel, grid, block, args: list, smem: int = 0):
+        grid = _dim3(grid)
+        block = _dim3(block)
+        for a in args:
+            if not isinstance(a, (Buffer, Scalar)):
+                self.fail(f"launch argument {a!r} is neither a Buffer nor a Scalar")
+        self.L.launches.append(Launch("kernel", kernel.name, grid, block, int(smem), list(args),
+                                      describe_op(self.op)))
+        self.emitted += 1
+
+    def copy(self, dst: Buffer, src: Buffer, nbytes: Optional[int] = None):
+        n = dst.nbytes if nbytes is None else nbytes
+        self.L.launches.append(Launch("memcpy", None, (1, 1, 1), (1, 1, 1), 0, [dst, src], describe_op(self.op), n))
+        self.emitted += 1
+
+    def readback(self, count: Buffer, output: Buffer, axis: int):
+        """After the preceding launches, the host reads `count` (one int64) to learn the true extent
+        of `output` along `axis` (data-dependent shapes: NonZero)."""
+        output.dynamic = True
+        self.L.launches.append(Launch("readback", None, (1, 1, 1), (1, 1, 1), 0, [count, output],
+                                      describe_op(self.op), 8))
+        self.L.dynamic[output.id] = {"count_buffer": count.id, "axis": axis}
+        self.emitted += 1
+
+    @staticmethod
+    def grid1d(n: int, block: int = 256, max_blocks: int = 1 << 20) -> int:
+        return max(1, min((int(n) + block - 1) // block, max_blocks))
+
+    @staticmethod
+    def i64(v) -> Scalar:
+        return Scalar("int64_t", int(v))
+
+    @staticmethod
+    def i32(v) -> Scalar:
+        return Scalar("int32_t", int(v))
+
+    @staticmethod
+    def f32(v) -> Scalar:
+        return Scalar("float", float(v))
+
+    # buffers
+    def temp(self, dt, shape, name: str = "tmp") -> Buffer:
+        from ..ir.types import dtype as _dt
+        return self.L.new_buffer(f"{self.op.results[0].name}.{name}", _dt(dt), tuple(int(d) for d in shape), "temp")
+
+    def new_weight(self, array: np.ndarray, name: str = "w") -> Buffer:
+        a = np.ascontiguousarray(array)
+        from ..ir.types import dtype as _dt
+        return self.L.new_buffer(f"{self.op.results[0].name}.{name}", _dt(a.dtype), a.shape, "weight", data=a)
+
+    def weight(self, i: int, transform: Optional[Callable] = None, key: str = "") -> Buffer:
+        """Constant operand i, pre-transformed at compile time by `transform(array) -> array`
+        into the layout/dtype the kernel reads, stored as its own weight buffer (cached per key)."""
+        v = self.value(i)
+        if v is None:
+            self.fail(f"operand {i} must be a compile-time constant")
+        if transform is None:
+            return self.inp(i)
+        ck = (id(self.op.operands[i]), key or getattr(transform, "__name__", "t"))
+        if ck not in self.L.transformed:
+            out = np.ascontiguousarray(transform(np.asarray(v)))
+            self.L.transformed[ck] = self.new_weight(out, f"{self.op.operands[i].name}.{ck[1]}")
+        return self.L.transformed[ck]
+
+    def out_dynamic(self, i: int, max_shape) -> Buffer:
+        """Result i has a data-dependent shape: allocate its upper bound `max_shape`."""
+        v = self.op.results[i]
+        b = self.L.values.get(id(v))
+        if b is None:
+            kind = "output" if self.L.is_output(v) else "temp"
+            b = self.L.new_buffer(v.name, v.type.dtype, tuple(int(d) for d in max_shape), kind,
+                                  io_index=self.L.outputs_by_value.get(id(v), -1), value=v)
+            b.dynamic = True
+            self.L.values[id(v)] = b
+        return b
+
+    def alias(self, i: int, src: Buffer, byte_offset: int = 0):
+        """Result i is a view of `src` (no kernel). Graph outputs get a copy instead."""
+        v = self.op.results[i]
+        if self.L.is_output(v):
+            dst = self.out(i)
+            self.copy(dst, self.L.view(src, dst.dtype, dst.shape, byte_offset, v.name))
+            return
+        self.L.values[id(v)] = self.L.view(src, v.type.dtype, self.out_shape(i), byte_offset, v.name)
+        self.emitted += 1
+
+
+def _dim3(x) -> tuple:
+    if isinstance(x, int):
+        return (int(x), 1, 1)
+    x = tuple(int(d) for d in x)
+    return x + (1,) * (3 - len(x))
+
+
+# ---------------------------------------------------------------- the driver
+
+DYNAMIC_OPS = {"NonZero"}
+
+
+class Lowerer:
+    def __init__(self, module: Module, options: dict):
+        self.module = module
+        self.options = options
+        self.buffers: list[Buffer] = []
+        self.values: dict[int, Buffer] = {}
+        self.kernels: dict[str, Kernel] = {}
+        self._by_key: dict[str, Kernel] = {}
+        self.launches: list[Launch] = []
+        self.transformed: dict = {}
+        self.dynamic: dict = {}
+        self.outputs_by_value: dict[int, int] = {}
+
+    def static_shape(self, v: Value) -> tuple:
+        t = v.type
+        if t.shape is None or not all(isinstance(d, int) for d in t.shape):
+            if v.producer is not None and v.producer.name in DYNAMIC_OPS:
+                return None
+            args = self.module.main.args
+            eg = ",".join(f"{a.name}:" + "x".join(str(d) if isinstance(d, int) else "1" for d in (a.type.shape or ()))
+                          for a in args if a.type.shape is not None and not a.type.is_static) or "input:1x3x224x224"
+            raise LoweringError(
+                f"value %{v.name} has type {t}: CUDA code generation needs static shapes; bind the "
+                f"symbolic dims with --shapes (e.g. --shapes {eg})")
+        return tuple(int(d) for d in t.shape)
+
+    def new_buffer(self, name, dt, shape, kind, data=None, io_index=-1, value=None) -> Buffer:
+        ctype(dt)
+        b = Buffer(len(self.buffers), name, dt, tuple(shape), kind, io_index=io_index, data=data, value=value)
+        self.buffers.append(b)
+        return b
+
+    def view(self, src: Buffer, dt, shape, byte_offset: int, name: str) -> Buffer:
+        root = self.buffers[src.alias_of] if src.alias_of is not None else src
+        off = src.alias_offset + byte_offset
+        if root.kind in ("input",) or True:
+            b = self.new_buffer(name, dt, shape, src.kind)
+            b.alias_of, b.alias_offset, b.io_index = root.id, off, root.io_index
+            return b
+
+    def is_output(self, v: Value) -> bool:
+        return id(v) in self.outputs_by_value
+
+    def buffer(self, v: Value) -> Buffer:
+        b = self.values.get(id(v))
+        if b is not None:
+            return b
+        op = v.producer
+        if op is not None and op.name == "const":  # created lazily: consts read only at compile time cost nothing
+            a = np.ascontiguousarray(const_value(v, self.module.weights))
+            kind = "weight" if op.attrs.weight is not None else "const"
+            name = op.attrs.weight if op.attrs.weight is not None else v.name
+            b = self.new_buffer(name, v.type.dtype, self.static_shape(v), kind, data=a, value=v)
+            self.values[id(v)] = b
+            return b
+        raise LoweringError(f"value %{v.name} is used before it is defined")
+
+    def result_buffer(self, v: Value) -> Buffer:
+        b = self.values.get(id(v))
+        if b is None:
+            shape = self.static_shape(v)
+            if self.is_output(v):
+                idx = self.outputs_by_value[id(v)]
+                b = self.new_buffer(v.name, v.type.dtype, shape, "output", io_index=idx, value=v)
+            else:
+                b = self.new_buffer(v.name, v.type.dtype, shape, "temp", value=v)
+            self.values[id(v)] = b
+        return b
+
+    def kernel(self, template: str, hint: str, params: dict) -> Kernel:
+        key = template + "|" + json.dumps(params, sort_keys=True, default=str)
+        k = self._by_key.get(key)
+        if k is not None:
+            return k
+        name = f"nnc_{_ident(hint)}_{len(self.kernels)}"
+        body = _render_template(template, name=name, **params)
+        # identical sources (different params spelling) deduplicate too
+        skey = hashlib.sha256(body.replace(name, "@K@").encode()).hexdigest()
+        k = self._by_key.get(skey)
+        if k is None:
+            k = Kernel(name, template, params, body)
+            self.kernels[name] = k
+            self._by_key[skey] = k
+        self._by_key[key] = k
+        return k
+
+    def run(self) -> Plan:
+        _ensure_loaded()
+        f = self.module.main
+        for i, r in enumerate(f.results):
+            if id(r) not in self.outputs_by_value:
+                self.outputs_by_value[id(r)] = i
+        inputs = []
+        for i, a in enumerate(f.args):
+            shape = self.static_shape(a)
+            b = self.new_buffer(a.name, a.type.dtype, shape, "input", io_index=i, value=a)
+            self.values[id(a)] = b
+            inputs.append(b)
+        for op in f.ops:
+            if op.name == "const":
+                continue
+            self.lower_op(op)
+        outputs = []
+        for i, r in enumerate(f.results):
+            b = self.values.get(id(r))
+            if self.outputs_by_value[id(r)] != i or b is None or b.kind != "output" or b.alias_of is not None:
+                # the output is an input, a constant, an alias, or returned twice: copy it out
+                src = self.buffer(r) if b is None else b
+                dst = self.new_buffer(r.name, r.type.dtype, self.static_shape(r) or src.shape, "output", io_index=i, value=r)
+                dst.dynamic = src.dynamic
+                self.launches.append(Launch("memcpy", None, (1, 1, 1), (1, 1, 1), 0, [dst, src], f"return %{r.name}", dst.nbytes))
+                b = dst
+            outputs.append(b)
+        plan = Plan(self.buffers, self.kernels, self.launches, inputs, outputs, options=self.options)
+        plan.dynamic = self.dynamic
+        plan_memory(plan)
+        return plan
+
+    def lower_op(self, op: Op):
+        entries = LOWERINGS.get(op.name)
+        if not entries:
+            raise LoweringError(f"{op.loc}: no CUDA lowering for op {op.name!r} "
+                                f"(%{', %'.join(r.name for r in op.results)})")
+        if op.regions():
+            raise LoweringError(f"{op.loc}: {op.name} with regions is not supported by the CUDA backend")
+        for r in op.results:
+            self.static_shape(r)
+        for e in entries:
+            if e.when is not None and not e.when(op):
+                continue
+            ctx = LowerCtx(self, op)
+            ret = e.fn(ctx)
+            if ret is not None or ctx.emitted:
+                missing = [r.name for r in op.results if id(r) not in self.values]
+                if missing:
+                    raise LoweringError(f"{op.loc}: lowering {e.fn.__module__}.{e.fn.__name__} of {op.name} "
+                                        f"left results {missing} undefined")
+                return
+        raise LoweringError(f"{op.loc}: every CUDA lowering of {op.name} declined "
+                            f"({describe_op(op)})")
+
+
+def _ident(s: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in s)
+
+
+def lower(module: Module, options: Optional[dict] = None) -> Plan:
+    return Lowerer(module, dict(options or {})).run()
+
+
+# ---------------------------------------------------------------- memory planning
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def plan_memory(plan: Plan) -> None:
+    """Activations (temp buffers) share one arena by liveness: greedy first-fit, largest first,
+    256-byte aligned. Weights/consts are laid out back to back in weights.bin."""
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for t, l in enumerate(plan.launches):
+        for a in l.args:
+            if isinstance(a, Buffer):
+                r = plan.root(a)
+                first.setdefault(r.id, t)
+                last[r.id] = t
+    temps = [b for b in plan.buffers if b.kind == "temp" and b.alias_of is None and b.id in first]
+    placed: list[tuple[int, int, int, int]] = []  # offset, size, first, last
+    arena = 0
+    for b in sorted(temps, key=lambda b: (-b.nbytes, first[b.id])):
+        size = _align(max(b.nbytes, 1))
+        conflicts = sorted((o, s) for o, s, f0, l0 in placed if not (l0 < first[b.id] or last[b.id] < f0))
+        off = 0
+        for o, s in conflicts:
+            if off + size <= o:
+                break
+            off = max(off, o + s)
+        b.offset = off
+        placed.append((off, size, first[b.id], last[b.id]))
+        arena = max(arena, off + size)
+    naive = sum(_align(max(b.nbytes, 1)) for b in temps)
+    peak = 0
+    for t in range(len(plan.launches)):
+        peak = max(peak, sum(_align(max(b.nbytes, 1)) for b in temps if first[b.id] <= t <= last[b.id]))
+    woff = 0
+    for b in plan.buffers:
+        if b.kind in ("weight", "const") and b.alias_of is None and b.id in first:
+            woff = _align(woff)
+            b.offset = woff
+            woff += b.nbytes
+    plan.weights_bytes = woff
+    plan.memory = {"arena_bytes": arena, "naive_bytes": naive, "peak_live_bytes": peak,
+                   "weights_bytes": woff}

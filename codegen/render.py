@@ -1,0 +1,43 @@
+"""The one jinja2 environment over templates/ (package nnc.templates).
+
+CUDA/C++ text lives only in templates/*.j2; Python decides *what* to emit (parameters), the
+templates say *how*. StrictUndefined makes a missing parameter an error instead of empty text.
+"""
+from __future__ import annotations
+
+import functools
+import json
+
+import jinja2
+
+
+@functools.lru_cache(maxsize=1)
+def env() -> jinja2.Environment:
+    e = jinja2.Environment(
+        loader=jinja2.PackageLoader("nnc.templates", "."),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    e.filters["cfloat"] = cfloat
+    e.filters["tojson"] = lambda v: json.dumps(v)
+    e.filters["cstr"] = lambda s: json.dumps(str(s))
+    return e
+
+
+def cfloat(x) -> str:
+    """A float as a C float literal (inf/nan spelled portably)."""
+    x = float(x)
+    if x != x:
+        return "__int_as_float(0x7fc00000)"
+    if x == float("inf"):
+        return "__int_as_float(0x7f800000)"
+    if x == float("-inf"):
+        return "__int_as_float(0xff800000)"
+    return repr(x) + "f"
+
+
+def render(template_name: str, /, **params) -> str:
+    return env().get_template(template_name).render(**params)

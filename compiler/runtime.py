@@ -1,0 +1,249 @@
+"""Python runtime for compiled model directories (the output of codegen.emit.compile_to_dir).
+
+    m = nnc.load("out/")            # plan.json + model.cubin + weights.bin
+    y = m(x)                        # numpy, cupy or torch arrays in; cupy arrays out
+    outs = m.run({"input": x}, output="numpy")
+
+cupy is imported lazily: importing nnc (or this module) never needs a GPU.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .ir.errors import InputError, NncError
+
+
+def gpu_available() -> bool:
+    """True when cupy imports and sees at least one CUDA device. Never raises."""
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def _np_dtype(name: str) -> np.dtype:
+    from .ir.types import dtype
+    return dtype(name).np
+
+
+def _dev_dtype(name: str):
+    """cupy has no bfloat16: such tensors live on the device as uint16 bit patterns."""
+    return np.dtype(np.uint16) if name == "bfloat16" else _np_dtype(name)
+
+
+class Module:
+    """A compiled model loaded on the current CUDA device."""
+
+    def __init__(self, out_dir, verify_weights: bool = True):
+        import cupy
+        self._cp = cupy
+        self.dir = Path(out_dir)
+        plan_path = self.dir / "plan.json"
+        if not plan_path.exists():
+            raise NncError(f"{self.dir}: no plan.json (is this an nnc output directory?)")
+        self.plan = json.loads(plan_path.read_text())
+        p = self.plan
+        self.input_names = [t["name"] for t in p["inputs"]]
+        self.output_names = [t["name"] for t in p["outputs"]]
+        raw = np.fromfile(self.dir / p.get("weights_file", "weights.bin"), dtype=np.uint8)
+        if raw.size != p.get("weights_bytes", raw.size):
+            raise NncError(f"{self.dir}/weights.bin has {raw.size} bytes, plan.json expects {p['weights_bytes']}")
+        if verify_weights and p.get("weights_sha256") and hashlib.sha256(raw.tobytes()).hexdigest() != p["weights_sha256"]:
+            raise NncError(f"{self.dir}/weights.bin does not match plan.json's weights_sha256")
+        self.weights = cupy.asarray(raw) if raw.size else cupy.zeros(1, cupy.uint8)
+        self.arena = cupy.empty(max(int(p["memory"]["arena_bytes"]), 1), cupy.uint8)
+        self.module = cupy.RawModule(path=str(self.dir / p.get("cubin_file", "model.cubin")))
+        self.funcs = {k["name"]: self.module.get_function(k["name"]) for k in p["kernels"]}
+        self.buffers = {b["id"]: b for b in p["buffers"]}
+        self._extent = {}
+        self._launches = []
+        for l in p["launches"]:
+            args = []
+            for a in l["args"]:
+                if "buf" in a:
+                    b = self.buffers[a["buf"]]
+                    args.append(("buf", b["region"], b["index"], b["offset"]))
+                else:
+                    t = {"int64_t": np.int64, "int32_t": np.int32, "float": np.float32,
+                         "double": np.float64}[a["type"]]
+                    args.append(("val", t(a["value"]), 0, 0))
+            f = self.funcs.get(l["kernel"]) if l["kind"] == "kernel" else None
+            if f is not None and l["smem"] > 48 * 1024:
+                f.max_dynamic_shared_size_bytes = l["smem"]
+            self._launches.append((l["kind"], f, tuple(l["grid"]), tuple(l["block"]), l["smem"], args,
+                                   l.get("nbytes", 0), l.get("output_index", -1)))
+
+    def __repr__(self):
+        ins = ", ".join(f"{t['name']}: {t['dtype']}{t['shape']}" for t in self.plan["inputs"])
+        outs = ", ".join(f"{t['name']}: {t['dtype']}{t['shape']}" for t in self.plan["outputs"])
+        return f"<nnc.Module {self.dir} ({ins}) -> ({outs}), {len(self.funcs)} kernels>"
+
+    # ------------------------------------------------------------ inputs
+    def _to_device(self, name: str, spec: dict, x):
+        cp = self._cp
+        want = spec["dtype"]
+        if type(x).__module__.startswith("torch"):
+            import torch
+            if x.dtype == torch.bfloat16:
+                x = x.view(torch.int16)
+                given = "bfloat16"
+            else:
+                given = None
+            x = cp.from_dlpack(x.detach().contiguous()) if x.is_cuda else np.asarray(x.detach().contiguous().cpu())
+            if given:
+                x = x.view(np.uint16)
+        else:
+            given = None
+        if isinstance(x, cp.ndarray):
+            arr = x
+        elif hasattr(x, "__cuda_array_interface__"):
+            arr = cp.asarray(x)
+        elif hasattr(x, "__dlpack__") and not isinstance(x, np.ndarray):
+            try:
+                arr = cp.from_dlpack(x)
+            except Exception:
+                arr = np.asarray(x)
+        else:
+            arr = np.asarray(x)
+        gname = given or str(arr.dtype)
+        if gname == "bfloat16":  # ml_dtypes numpy array
+            arr = arr.view(np.uint16)
+        if gname != want and not (want == "bfloat16" and given == "bfloat16"):
+            raise InputError(f"input {name!r}: expected dtype {want}, given {gname}")
+        if list(arr.shape) != list(spec["shape"]):
+            raise InputError(f"input {name!r}: expected shape {list(spec['shape'])}, given {list(arr.shape)}")
+        return cp.ascontiguousarray(cp.asarray(arr))
+
+    def _feed(self, args, kwargs):
+        if len(args) == 1 and isinstance(args[0], dict) and not kwargs:
+            feed = dict(args[0])
+        else:
+            if len(args) > len(self.input_names):
+                raise InputError(f"the model takes {len(self.input_names)} inputs {self.input_names}, given {len(args)}")
+            feed = dict(zip(self.input_names, args))
+            feed.update(kwargs)
+        missing = [n for n in self.input_names if n not in feed]
+        extra = [n for n in feed if n not in self.input_names]
+        if missing or extra:
+            raise InputError(f"inputs: expected {self.input_names}; missing {missing}, unknown {extra}")
+        return [self._to_device(t["name"], t, feed[t["name"]]) for t in self.plan["inputs"]]
+
+    # ------------------------------------------------------------ running
+    def __call__(self, *args, **kwargs):
+        outs = self.run(self._feed_dict(args, kwargs))
+        vals = [outs[n] for n in self.output_names]
+        return vals[0] if len(vals) == 1 else tuple(vals)
+
+    def _feed_dict(self, args, kwargs):
+        if len(args) == 1 and isinstance(args[0], dict):
+            return args[0]
+        d = dict(zip(self.input_names, args))
+        d.update(kwargs)
+        if len(args) > len(self.input_names):
+            raise InputError(f"the model takes {len(self.input_names)} inputs {self.input_names}, given {len(args)}")
+        return d
+
+    def run(self, inputs: dict, stream=None, output: str = "cupy", out: Optional[dict] = None,
+            poison: bool = False) -> dict:
+        """inputs: {name: array}. stream: a cupy Stream, an int cudaStream_t or None (current).
+        out: optional preallocated cupy output arrays by name. poison: fill the arena and fresh
+        outputs with 0xFF bytes first (testing). Returns {name: array} (cupy, or numpy)."""
+        cp = self._cp
+        if output not in ("cupy", "numpy"):
+            raise NncError(f"output must be 'cupy' or 'numpy', not {output!r}")
+        ins = self._feed((inputs,), {})
+        if stream is None:
+            st = cp.cuda.get_current_stream()
+        elif isinstance(stream, int):
+            st = cp.cuda.ExternalStream(stream)
+        else:
+            st = stream
+        with st:
+            outs = []
+            for t in self.plan["outputs"]:
+                shape = t.get("max_shape", t["shape"])
+                o = (out or {}).get(t["name"])
+                if o is None:
+                    o = cp.empty(shape, _dev_dtype(t["dtype"]))
+                    if poison and o.nbytes:
+                        cp.cuda.runtime.memsetAsync(o.data.ptr, 0xFF, o.nbytes, st.ptr)
+                elif list(o.shape) != list(shape) or o.dtype != _dev_dtype(t["dtype"]) or not o.flags.c_contiguous:
+                    raise InputError(f"out[{t['name']!r}]: expected contiguous {t['dtype']}{shape}")
+                outs.append(o)
+            if poison:
+                self.arena.fill(0xFF)
+            self._execute(ins, outs, st)
+            result = {}
+            for t, o in zip(self.plan["outputs"], outs):
+                if t.get("shape_known_after_run"):
+                    i = self.output_names.index(t["name"])
+                    n = int(self._extent.get(i, 0))
+                    ax = t["dynamic_axis"]
+                    shape = list(t["max_shape"])
+                    shape[ax] = n
+                    o = o.reshape(-1)[: int(np.prod(shape))].reshape(shape)
+                result[t["name"]] = o
+        if output == "numpy":
+            conv = {}
+            for t in self.plan["outputs"]:
+                a = cp.asnumpy(result[t["name"]], stream=st)
+                st.synchronize()
+                conv[t["name"]] = a.view(_np_dtype("bfloat16")) if t["dtype"] == "bfloat16" else a
+            return conv
+        return result
+
+    def _execute(self, ins, outs, st):
+        cp = self._cp
+        wptr, aptr = self.weights.data.ptr, self.arena.data.ptr
+        iptr = [a.data.ptr for a in ins]
+        optr = [a.data.ptr for a in outs]
+
+        def ptr(region, index, off):
+            if region == "input":
+                return iptr[index] + off
+            if region == "output":
+                return optr[index] + off
+            if region == "weights":
+                return wptr + off
+            return aptr + off
+
+        self._extent = {}
+        for kind, f, grid, block, smem, args, nbytes, oidx in self._launches:
+            vals = [np.uint64(ptr(r, i, o)) if k == "buf" else r for k, r, i, o in args]
+            if kind == "kernel":
+                f(grid, block, tuple(vals), shared_mem=smem)
+            elif kind == "memcpy":
+                if nbytes:
+                    cp.cuda.runtime.memcpyAsync(int(vals[0]), int(vals[1]), nbytes, 3, st.ptr)
+            else:  # readback: the extent of a data-dependent output
+                host = np.zeros(1, np.int64)
+                cp.cuda.runtime.memcpyAsync(host.ctypes.data, int(vals[0]), 8, 2, st.ptr)
+                st.synchronize()
+                self._extent[oidx] = int(host[0])
+
+
+def load(out_dir) -> Module:
+    """Loads a compiled model directory onto the current CUDA device."""
+    return Module(out_dir)
+
+
+def compile_module_for_backend(ir_module, arch=None) -> Module:
+    """Compiles an IR module into a temporary directory and loads it (onnx_backend device CUDA)."""
+    from .codegen.emit import compile_to_dir
+    d = tempfile.mkdtemp(prefix="nnc_backend_")
+    try:
+        compile_to_dir(ir_module, d, arch=arch)
+        m = Module(d)
+    except Exception:
+        shutil.rmtree(d, ignore_errors=True)
+        raise
+    m._tmpdir = d
+    return m
