@@ -222,17 +222,17 @@ def part_cpp(args, out: Path, models: dict):
     io.mkdir(exist_ok=True)
     x.tofile(io / "input.bin")
     exe = next(build.glob("nnc_run_example*"), None) or build / "nnc_run_example"
-    p = subprocess.run([str(exe), str(od), str(io)], capture_output=True, text=True)
+    p = subprocess.run([str(exe), str(od), str(io / "input.bin"), "--out", str(io)], capture_output=True, text=True)
     if p.returncode != 0:
         row("cpp", "example runner", "FAIL", (p.stdout + p.stderr)[-600:])
         return
     m = nnc.load(od)
     py = m.run({"input": x}, output="numpy")[m.output_names[0]]
-    outs = sorted(io.glob("output*.bin"))
-    if not outs:
-        row("cpp", "example runner", "FAIL", f"no output*.bin in {io}: {p.stdout[-300:]}")
+    outp = io / f"{m.output_names[0]}.bin"
+    if not outp.exists():
+        row("cpp", "example runner", "FAIL", f"no {outp.name} in {io}: {p.stdout[-300:]}")
         return
-    cpp = np.fromfile(outs[0], dtype=np.float32).reshape(py.shape)
+    cpp = np.fromfile(outp, dtype=np.float32).reshape(py.shape)
     e = rel_err(cpp, py)
     row("cpp", "cmake + nnc_run_example vs nnc.load", "ok" if e < 1e-6 else "MISMATCH", f"rel {e:.2e}")
 
