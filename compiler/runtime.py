@@ -65,6 +65,7 @@ class Module:
         self.buffers = {b["id"]: b for b in p["buffers"]}
         self._extent = {}
         self._launches = []
+        optin = {}
         for l in p["launches"]:
             args = []
             for a in l["args"]:
@@ -76,9 +77,14 @@ class Module:
                          "double": np.float64}[a["type"]]
                     args.append(("val", t(a["value"]), 0, 0))
             f = self.funcs.get(l["kernel"]) if l["kind"] == "kernel" else None
-            if f is not None and l["smem"] > 48 * 1024:
-                f.max_dynamic_shared_size_bytes = l["smem"]
-            self._launches.append((l["kind"], f, tuple(l["grid"]), tuple(l["block"]), l["smem"], args,
+            if f is not None and l["smem"] > max(48 * 1024, optin.get(l["kernel"], 0)):
+                f.max_dynamic_shared_size_bytes = l["smem"]  # opt in (the largest launch of this kernel wins)
+                optin[l["kernel"]] = l["smem"]
+            kind, grid = l["kind"], tuple(l["grid"])
+            if f is not None and l["kernel"].startswith("nnc_coop_"):
+                # grid-wide barriers inside: a cooperative launch, at most the co-resident blocks
+                kind, grid = "coop", _coop_grid(f, grid, l["block"], l["smem"])
+            self._launches.append((kind, f, grid, tuple(l["block"]), l["smem"], args,
                                    l.get("nbytes", 0), l.get("output_index", -1)))
 
     def __repr__(self):
@@ -220,6 +226,8 @@ class Module:
             vals = [np.uint64(ptr(r, i, o)) if k == "buf" else r for k, r, i, o in args]
             if kind == "kernel":
                 f(grid, block, tuple(vals), shared_mem=smem)
+            elif kind == "coop":  # RawModule.get_function gives a RawKernel: launch its Function
+                getattr(f, "kernel", f)(grid, block, tuple(vals), shared_mem=smem, enable_cooperative_groups=True)
             elif kind == "memcpy":
                 if nbytes:
                     cp.cuda.runtime.memcpyAsync(int(vals[0]), int(vals[1]), nbytes, 3, st.ptr)
@@ -228,6 +236,17 @@ class Module:
                 cp.cuda.runtime.memcpyAsync(host.ctypes.data, int(vals[0]), 8, 2, st.ptr)
                 st.synchronize()
                 self._extent[oidx] = int(host[0])
+
+
+def _coop_grid(f, grid, block, smem) -> tuple:
+    """A cooperative kernel's grid (such kernels loop over their work: any grid size is correct)
+    clamped to the blocks that can be co-resident on the current device."""
+    import cupy
+    from cupy_backends.cuda.api import driver
+    per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(getattr(f, "kernel", f).ptr, int(block[0] * block[1] * block[2]), int(smem))
+    rt = cupy.cuda.runtime
+    sms = rt.deviceGetAttribute(rt.cudaDevAttrMultiProcessorCount, cupy.cuda.Device().id)
+    return (max(1, min(int(grid[0]), int(per_sm) * int(sms))),) + tuple(grid[1:])
 
 
 def load(out_dir) -> Module:
