@@ -7,17 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "templates"
 
-_ENV = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-    undefined=jinja2.StrictUndefined,
-    keep_trailing_newline=True,
-    trim_blocks=False,
-    lstrip_blocks=False,
-)
+# There is ONE jinja2 environment: codegen/render.py's (trim_blocks + lstrip_blocks). The gemm*/conv*
+# templates are written for it (own-line {% %} tags vanish; a `+%}` keeps the newline after an inline tag).
 
 # onnx-ish dtype name -> (C type, bytes, 2-vector C type)
 CTYPES = {
@@ -55,7 +48,8 @@ class KernelSpec:
 
 
 def render(template: str, **ctx) -> str:
-    return _ENV.get_template(template).render(**ctx)
+    from ..render import render as _render_project
+    return _render_project(template, **ctx)
 
 
 def kernel_name(prefix: str, ctx: dict) -> str:

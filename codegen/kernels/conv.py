@@ -196,7 +196,7 @@ def render(problem: ConvProblem, params: dict | None = None, kind: str | None = 
         args.append(("bias", f"const {ctype}*", None))
     args.append(("NB", "int", pr.N))
     return KernelSpec(source=src, name=ctx["name"], grid=grid, block=block, smem=smem, args=args,
-                      params=dict(params, family=kind))
+                      params=dict(params, family=kind, template="conv_igemm.cu.j2" if kind == "igemm" else "conv_direct.cu.j2"))
 
 
 def render_layout(direction: str, N: int, C: int, HW: int, dtype: str = "float16", CP: int | None = None,
@@ -213,7 +213,22 @@ def render_layout(direction: str, N: int, C: int, HW: int, dtype: str = "float16
         grid = (cdiv(C, 32), cdiv(HW, 32), N)
     return KernelSpec(source=src, name=ctx["name"], grid=grid, block=(32, 8, 1), smem=0,
                       args=[("X", f"const {ctype}*", None), ("Y", f"{ctype}*", None), ("NB", "int", N)],
-                      params=dict(family="layout", direction=direction))
+                      params=dict(family="layout", direction=direction, template="conv_layout.cu.j2"))
+
+
+def render_im2col(problem: ConvProblem, name: str | None = None, max_blocks: int = 65536) -> KernelSpec:
+    """NCHW im2col: X [N, C, H, W] -> Col [N, C*R*S, P*Q] (grouped convs: group g owns rows
+    [g*CG*R*S, (g+1)*CG*R*S)), so the conv is a batched GEMM W[K, CG*R*S] @ Col -> NCHW Y."""
+    pr = problem
+    ctype = CTYPES[pr.dtype][0]
+    ctx = dict(_geom(pr), T=ctype)
+    ctx["name"] = name or kernel_name("nnc_im2col", ctx)
+    src = _render("conv_im2col.cu.j2", **ctx)
+    total = pr.N * pr.C * pr.R * pr.S * pr.P * pr.Q
+    return KernelSpec(source=src, name=ctx["name"], grid=(max(1, min(cdiv(total, 256), max_blocks)), 1, 1),
+                      block=(256, 1, 1), smem=0,
+                      args=[("X", f"const {ctype}*", None), ("Y", f"{ctype}*", None), ("NB", "int", pr.N)],
+                      params=dict(family="im2col", template="conv_im2col.cu.j2"))
 
 
 def plan(problem: ConvProblem, params: dict | None = None) -> list[tuple[KernelSpec, dict]]:

@@ -1,0 +1,166 @@
+"""Conv / ConvTranspose (NCHW, 1-D and 2-D) on the fast conv + GEMM families, priority 10.
+
+Conv, per case (first match):
+* depthwise-like (C/group == 1): direct kernel, specialised depthwise path (conv_direct.cu.j2), any dtype.
+* 1x1, stride 1, no padding: a batched GEMM straight on NCHW, no layout pass:
+  Y[n, g] (KG x HW) = W[g] (KG x CG) @ X[n, g] (CG x HW); bias enters as a per-row C operand.
+* fp16 / bf16 / fp32 with `tf32`: NCHW -> NHWC (+ channel zero-padding to 16 bytes) transpose into a
+  temp, then the tensor-core implicit GEMM (conv_igemm.cu.j2) with the weight pre-transformed at
+  compile time to OHWI and the NCHW output written by its epilogue. Grouped convs whose C/group is not
+  a multiple of 16 bytes use the direct kernel.
+* strict fp32 (no tf32): im2col into a temp (conv_im2col.cu.j2) + FFMA batched GEMM (gemm_f32.cu.j2)
+  writing NCHW; the direct kernel when the im2col buffer would exceed IM2COL_MAX_BYTES; declines (the
+  fallback) when that GEMM has fewer 64x64 CTAs than gemm_lowering.F32_MIN_CTAS (no split-K yet).
+ConvTranspose: the direct gather kernel (no atomics), any dtype.
+
+Declines (fallback_linalg.py handles Conv; ConvTranspose has no fallback) for 3-D convs, mixed or
+unsupported dtypes, grids past the hardware limits.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..lower import LowerCtx, lowering
+from . import conv, gemm
+from .common import CTYPES
+from .gemm_lowering import (FAST_PRIORITY, MAX_GRID_YZ, aligned, emit_gemm, emit_spec, f32_worth_it, gemm_ok,
+                            kernel_dtype, use_tf32)
+from .pool import spatial_pads
+
+IM2COL_MAX_BYTES = 512 << 20
+
+
+def conv_params_for(ctx: LowerCtx, problem: conv.ConvProblem, kind: str) -> dict:
+    """Tile parameters (heuristic for now; `conv.candidates(problem, kind)` is the tuning space)."""
+    return conv.default_params(problem, kind)
+
+
+def _geometry_2d(x_shape, w_shape):
+    """(N, C, H, W, R, S, nd) with 1-D convs mapped onto H = R = 1."""
+    nd = len(x_shape) - 2
+    if nd == 2:
+        return x_shape[0], x_shape[1], x_shape[2], x_shape[3], w_shape[2], w_shape[3], 2
+    if nd == 1:
+        return x_shape[0], x_shape[1], 1, x_shape[2], 1, w_shape[2], 1
+    return None
+
+
+def _to2(v, nd, fill):
+    v = list(v)
+    return tuple(v) if nd == 2 else (fill, v[0])
+
+
+def _emit_direct(ctx, pr, x, w, y, bias):
+    if pr.N * pr.K > MAX_GRID_YZ:
+        return None
+    spec = conv.render(pr, conv_params_for(ctx, pr, "direct"), kind="direct")
+    emit_spec(ctx, spec, {"X": x, "W": w, "Y": y, "bias": bias})
+    return True
+
+
+@lowering("Conv", priority=FAST_PRIORITY)
+def _conv(ctx: LowerCtx):
+    x, w, y, bias = ctx.inp(0), ctx.inp(1), ctx.out(0), ctx.inp(2)
+    dt = kernel_dtype(x, w, y, bias)
+    if dt is None or y.numel == 0:
+        return None
+    g2 = _geometry_2d(x.shape, w.shape)
+    if g2 is None:
+        return None
+    N, C, H, W, R, S, nd = g2
+    in_sp, out_sp, kernel = list(x.shape[2:]), list(y.shape[2:]), list(w.shape[2:])
+    strides = list(ctx.attr("strides") or [1] * nd)
+    dil = list(ctx.attr("dilations") or [1] * nd)
+    begin, end = spatial_pads(ctx, in_sp, out_sp, kernel, strides, dil)
+    groups = int(ctx.attr("group", 1) or 1)
+    K = y.shape[1]
+    sh, sw = _to2(strides, nd, 1)
+    dh, dw = _to2(dil, nd, 1)
+    pt, pl = _to2(begin, nd, 0)
+    pb, pr_ = _to2(end, nd, 0)
+    tf32 = use_tf32(ctx) and dt == "float32"
+    pr = conv.ConvProblem(N, C, H, W, K, R, S, stride=(sh, sw), pads=(pt, pl, pb, pr_), dilation=(dh, dw),
+                          groups=groups, dtype=dt, has_bias=bias is not None, tf32=tf32)
+    P, Q = (out_sp[0], out_sp[1]) if nd == 2 else (1, out_sp[0])
+    if pr.P != P or pr.Q != Q or C % groups or K % groups or w.shape[1] != C // groups:
+        return None
+    CG, KG = pr.CG, pr.KG
+
+    if CG == 1:  # depthwise (and single-input-channel convs)
+        return _emit_direct(ctx, pr, x, w, y, bias)
+
+    if R == 1 and S == 1 and (sh, sw) == (1, 1) and (pt, pl, pb, pr_) == (0, 0, 0, 0):
+        # pointwise: batched GEMM on NCHW, no layout pass
+        HW = H * W
+        gp = gemm.GemmProblem(KG, HW, CG, dtype=dt, tf32=tf32, batch=(N, groups), stride_a=(0, KG * CG),
+                              stride_b=(C * HW, CG * HW), stride_d=(K * HW, KG * HW),
+                              has_c=bias is not None, c_dtype=dt, ldc_m=1, ldc_n=0, stride_c=(0, KG), beta=1.0)
+        if gemm_ok(gp) and aligned(x):
+            emit_gemm(ctx, gp, {"A": w, "B": x, "D": y, "C": bias})
+            return True
+
+    epc = 16 // CTYPES[dt][1]
+    if pr.igemm_ok():
+        if groups > 1 and CG % epc:
+            return _emit_direct(ctx, pr, x, w, y, bias)
+        if ctx.value(1) is None or N > MAX_GRID_YZ or groups > MAX_GRID_YZ:
+            return None
+        cp = conv.padded_channels(pr)
+        wpad = cp if groups == 1 else None  # only ungrouped convs pad their input channels
+        wt = ctx.weight(1, lambda a: conv.prepare_weight(a.reshape(K, CG, R, S), groups, c_pad=wpad), key=f"ohwi_c{cp}")
+        xt = ctx.temp(x.dtype, (N, H, W, cp), "nhwc")
+        lay = conv.render_layout("nchw_to_nhwc", N, C, H * W, dt, CP=cp)
+        emit_spec(ctx, lay, {"X": x, "Y": xt})
+        cpr = conv.ConvProblem(N, cp, H, W, K, R, S, stride=(sh, sw), pads=(pt, pl, pb, pr_), dilation=(dh, dw),
+                               groups=groups, dtype=dt, has_bias=bias is not None, tf32=tf32,
+                               in_layout="NHWC", out_layout="NCHW")
+        spec = conv.render(cpr, conv_params_for(ctx, cpr, "igemm"), kind="igemm")
+        emit_spec(ctx, spec, {"X": xt, "W": wt, "Y": y, "bias": bias})
+        return True
+
+    # strict fp32: im2col + FFMA GEMM writing NCHW
+    RS, PQ = R * S, P * Q
+    col_bytes = N * C * RS * PQ * CTYPES[dt][1]
+    gp = gemm.GemmProblem(KG, PQ, CG * RS, dtype=dt, batch=(N, groups), stride_a=(0, KG * CG * RS),
+                          stride_b=(C * RS * PQ, CG * RS * PQ), stride_d=(K * PQ, KG * PQ),
+                          has_c=bias is not None, c_dtype=dt, ldc_m=1, ldc_n=0, stride_c=(0, KG), beta=1.0)
+    if not f32_worth_it(gp):  # too few FFMA CTAs: the fallback measured faster (H100, resnet18 l3/l4 at b8)
+        return None
+    if col_bytes > IM2COL_MAX_BYTES or not gemm_ok(gp):
+        return _emit_direct(ctx, pr, x, w, y, bias)
+    col = ctx.temp(x.dtype, (N, C * RS, PQ), "col")
+    emit_spec(ctx, conv.render_im2col(pr), {"X": x, "Y": col})
+    emit_gemm(ctx, gp, {"A": w, "B": col, "D": y, "C": bias})
+    return True
+
+
+@lowering("ConvTranspose", priority=FAST_PRIORITY)
+def _conv_transpose(ctx: LowerCtx):
+    from ...ir.ops.conv import _convt_geometry
+    x, w, y, bias = ctx.inp(0), ctx.inp(1), ctx.out(0), ctx.inp(2)
+    dt = kernel_dtype(x, w, y, bias)
+    if dt is None or y.numel == 0:
+        return None
+    g2 = _geometry_2d(x.shape, w.shape)
+    if g2 is None:
+        return None
+    N, C, H, W, R, S, nd = g2
+    groups = int(ctx.attr("group", 1) or 1)
+    K = y.shape[1]
+    kernel = list(w.shape[2:])
+    pads, out = _convt_geometry(ctx.attrs, list(x.shape[2:]), kernel)
+    if [int(o) for o in out] != list(y.shape[2:]) or K != w.shape[1] * groups or C % groups:
+        return None
+    strides = list(ctx.attr("strides") or [1] * nd)
+    dil = list(ctx.attr("dilations") or [1] * nd)
+    sh, sw = _to2(strides, nd, 1)
+    dh, dw = _to2(dil, nd, 1)
+    P, Q = (out[0], out[1]) if nd == 2 else (1, out[0])
+    ph, pw = _to2([p[0] for p in pads], nd, 0)
+    # end pads chosen so that ConvProblem's output size is exactly (P, Q) (output_padding folded in)
+    full_h, full_w = (H - 1) * sh + (R - 1) * dh + 1, (W - 1) * sw + (S - 1) * dw + 1
+    pr = conv.ConvProblem(N, C, H, W, K, R, S, stride=(sh, sw), pads=(ph, pw, full_h - P - ph, full_w - Q - pw),
+                          dilation=(dh, dw), groups=groups, dtype=dt, has_bias=bias is not None, transposed=True)
+    if pr.P != P or pr.Q != Q:
+        return None
+    return _emit_direct(ctx, pr, x, w, y, bias)

@@ -1,0 +1,129 @@
+"""MatMul / Gemm on the fast GEMM family (codegen/kernels/gemm.py), priority 10.
+
+fp16/bf16: mma.sync tensor cores (fp32 accumulate). fp32: FFMA (gemm_f32.cu.j2) unless the compile
+option `tf32` is set, then TF32 tensor cores. Declines (returns None before emitting anything) for
+other dtypes, empty outputs, batches the kernel's two batch levels cannot express, grid.z > 65535 and
+operands that are not 16-byte aligned views, and strict-fp32 problems too small to fill the GPU
+(F32_MIN_CTAS); the priority-0 fallback (fallback_linalg.py) then runs.
+
+Params: `gemm.default_params` (heuristic). `gemm.candidates(problem)` stays the tuning space for a
+later timing-based selection (`params_for` is the single hook where it will plug in).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from ..lower import Buffer, LowerCtx, lowering
+from . import gemm
+from .common import KernelSpec
+
+FAST_PRIORITY = 10
+DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+MAX_GRID_YZ = 65535
+# The fp32 FFMA kernel has no split-K: with fewer CTAs (64x64 tiles) than this it loses to the
+# fallback's 16x16 tiles on H100 (BERT b1 128x768x768: 0.18 ms vs 0.05 ms), so MatMul/Gemm decline.
+F32_MIN_CTAS = gemm.NUM_SMS
+
+
+def kernel_dtype(*bufs: Optional[Buffer]) -> Optional[str]:
+    """The kernel-family dtype name when every given buffer has the same supported dtype."""
+    dts = {b.dtype.short for b in bufs if b is not None}
+    if len(dts) != 1:
+        return None
+    return DTYPES.get(dts.pop())
+
+
+def aligned(b: Optional[Buffer], nbytes: int = 16) -> bool:
+    """Root buffers are 256-byte aligned; views may start anywhere."""
+    return b is None or (b.alias_offset if b.alias_of is not None else 0) % nbytes == 0
+
+
+def use_tf32(ctx: LowerCtx) -> bool:
+    return bool(ctx.options.get("tf32", False))
+
+
+def params_for(ctx: LowerCtx, problem) -> dict:
+    """Tile parameters for a GEMM problem (heuristic for now; the autotuner will plug in here)."""
+    return gemm.default_params(problem)
+
+
+def emit_spec(ctx: LowerCtx, spec: KernelSpec, bufs: dict) -> None:
+    """Adds a rendered KernelSpec to the plan and launches it: pointer args bound by role from `bufs`."""
+    template = spec.params.get("template", "")
+    k = ctx.add_kernel(spec.name, spec.source, template, spec.params)
+    args = []
+    for role, ct, val in spec.args:
+        if ct.endswith("*"):
+            if bufs.get(role) is None:
+                ctx.fail(f"kernel {spec.name}: no buffer bound to {role}")
+            args.append(bufs[role])
+        elif ct == "int":
+            args.append(ctx.i32(val))
+        elif ct == "long long":
+            args.append(ctx.i64(val))
+        elif ct == "float":
+            args.append(ctx.f32(val))
+        else:
+            ctx.fail(f"kernel {spec.name}: unsupported scalar type {ct}")
+    ctx.launch(k, spec.grid, spec.block, args, smem=spec.smem)
+
+
+def emit_gemm(ctx: LowerCtx, problem: gemm.GemmProblem, bufs: dict) -> None:
+    spec = gemm.render(problem, params_for(ctx, problem))
+    emit_spec(ctx, spec, bufs)
+
+
+def f32_worth_it(problem: gemm.GemmProblem) -> bool:
+    if problem.family != "f32":
+        return True
+    return -(-problem.M // 64) * -(-problem.N // 64) * problem.nbatch >= F32_MIN_CTAS
+
+
+def gemm_ok(problem: Optional[gemm.GemmProblem]) -> bool:
+    return (problem is not None and problem.M > 0 and problem.N > 0 and problem.nbatch <= MAX_GRID_YZ
+            and problem.M < 2 ** 31 and problem.N < 2 ** 31 and problem.K < 2 ** 31)
+
+
+@lowering("MatMul", priority=FAST_PRIORITY)
+def _matmul(ctx: LowerCtx):
+    a, b, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
+    dt = kernel_dtype(a, b, y)
+    if dt is None or not a.shape or not b.shape or y.numel == 0 or not (aligned(a) and aligned(b)):
+        return None
+    try:
+        pr = gemm.matmul_problem(a.shape, b.shape, dt, tf32=use_tf32(ctx) and dt == "float32")
+    except ValueError:
+        return None
+    if not gemm_ok(pr) or not f32_worth_it(pr):
+        return None
+    emit_gemm(ctx, pr, {"A": a, "B": b, "D": y})
+    return True
+
+
+@lowering("Gemm", priority=FAST_PRIORITY)
+def _gemm(ctx: LowerCtx):
+    a, b, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
+    c = ctx.inp(2)
+    alpha, beta = float(ctx.attr("alpha", 1.0)), float(ctx.attr("beta", 1.0))
+    if c is not None and beta == 0.0:
+        c = None
+    dt = kernel_dtype(a, b, y, c)
+    if dt is None or len(a.shape) != 2 or len(b.shape) != 2 or y.numel == 0:
+        return None
+    if c is not None and len(c.shape) > 2:
+        return None
+    if not (aligned(a) and aligned(b)):
+        return None
+    ta, tb = bool(ctx.attr("transA", 0)), bool(ctx.attr("transB", 0))
+    M, K = (a.shape[1], a.shape[0]) if ta else a.shape
+    N = b.shape[0] if tb else b.shape[1]
+    kw = {}
+    if c is not None:
+        cs = [1] * (2 - len(c.shape)) + list(c.shape)
+        kw = dict(has_c=True, c_dtype=dt, ldc_m=cs[1] if cs[0] != 1 else 0, ldc_n=1 if cs[1] != 1 else 0, beta=beta)
+    pr = gemm.GemmProblem(M, N, K, dtype=dt, trans_a=ta, trans_b=tb, alpha=alpha,
+                          tf32=use_tf32(ctx) and dt == "float32", **kw)
+    if not gemm_ok(pr) or not f32_worth_it(pr):
+        return None
+    emit_gemm(ctx, pr, {"A": a, "B": b, "D": y, "C": c})
+    return True
