@@ -128,7 +128,7 @@ def _shrink(a, x, ct, ot):
 @_e("Clip")
 def _clip(a, x, ct, ot):
     e = x[0]
-    if x[1] is not None:
+    if len(x) > 1 and x[1] is not None:
         e = f"({e} < {x[1]} ? static_cast<{ot}>({x[1]}) : {e})"
     if len(x) > 2 and x[2] is not None:
         e = f"({e} > {x[2]} ? static_cast<{ot}>({x[2]}) : {e})"
@@ -146,6 +146,9 @@ _e("IsInf")(lambda a, x, ct, ot: (f"nnc_isinf((float){x[0]}, {'true' if getattr(
                                   f"{'true' if getattr(a, 'detect_negative', 1) else 'false'})"))
 _e("Where")(lambda a, x, ct, ot: f"({x[0]} ? static_cast<{ot}>({x[1]}) : static_cast<{ot}>({x[2]}))")
 _e("Cast", "CastLike")(lambda a, x, ct, ot: f"static_cast<{ot}>({x[0]})")
+_e("Swish")(lambda a, x, ct, ot: f"({x[0]} * nnc_sigmoid({x[0]} * {lit(getattr(a, 'alpha', 1.0), ot)}))")
+_e("SwiGLU")(lambda a, x, ct, ot: f"({x[0]} * nnc_sigmoid({x[0]} * {lit(getattr(a, 'alpha', 1.0), ot)}) * {x[1]})")
+_e("Binarizer")(lambda a, x, ct, ot: f"({x[0]} > {lit(getattr(a, 'threshold', 0.0), ct[0])} ? {lit(1, ot)} : {lit(0, ot)})")
 
 
 def op_expr(op_name: str, attrs, args: list, arg_dtypes: list, out_dtype) -> str:

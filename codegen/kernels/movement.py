@@ -138,7 +138,8 @@ def _depth_space(ctx: LowerCtx):
         else:
             rs, perm = [N, C // (b * b), b, b, H, W], [0, 1, 4, 2, 5, 3]
     else:
-        rs, perm = [N, C, H // b, b, W // b, b], [0, 3, 5, 1, 2, 4]
+        rs = [N, C, H // b, b, W // b, b]
+        perm = [0, 3, 5, 1, 2, 4] if ctx.attr("mode", "DCR") == "DCR" else [0, 1, 3, 5, 2, 4]
     st = contiguous_strides(rs)
     strided_copy(ctx, x, y, [rs[p] for p in perm], [st[p] for p in perm])
     return True
@@ -184,15 +185,20 @@ def _pad(ctx: LowerCtx):
     for j, a in enumerate(axes):
         begin[a + rank if a < 0 else a] = pads[j]
     value = 0
+    vbuf = None  # a run-time constant_value (one element), read by the kernel
     if ctx.has(2):
         v = ctx.value(2)
         if v is None:
-            ctx.fail("constant_value must be a compile-time constant")
-        value = np.asarray(v).reshape(-1)[0].item() if np.asarray(v).size else 0
-    cv = lit(value, y.compute)
+            vbuf = ctx.inp(2)
+            if vbuf.numel != 1 or vbuf.dtype != x.dtype:
+                ctx.fail("constant_value must be a compile-time constant")
+        else:
+            value = np.asarray(v).reshape(-1)[0].item() if np.asarray(v).size else 0
+    cv = lit(value, y.compute) if vbuf is None else "cv[0]"
+    extra = {"value_ptr": True} if vbuf is not None else {}
     k = ctx.render("pad.cu.j2", "pad", ctype=x.ctype, mode=ctx.attr("mode", "constant"), out_shape=list(y.shape),
-                   in_shape=list(x.shape), in_strides=x.strides(), begin=begin, value=cv)
-    ctx.launch(k, ctx.grid1d(y.numel), 256, [x, y, ctx.i64(y.numel)])
+                   in_shape=list(x.shape), in_strides=x.strides(), begin=begin, value=cv, **extra)
+    ctx.launch(k, ctx.grid1d(y.numel), 256, [x] + ([vbuf] if vbuf is not None else []) + [y, ctx.i64(y.numel)])
     return True
 
 

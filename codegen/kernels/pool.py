@@ -30,11 +30,10 @@ def _pad3(v, fill):
     return [fill] * (3 - len(v)) + v
 
 
-@lowering("MaxPool", "AveragePool")
+@lowering("MaxPool", "AveragePool", "LpPool")
 def _pool(ctx: LowerCtx):
     x, y = ctx.inp(0), ctx.out(0)
-    if ctx.n_out > 1:
-        ctx.fail("MaxPool's Indices output is not supported by the CUDA backend")
+    ind = ctx.out(1) if ctx.n_out > 1 else None  # MaxPool's Indices
     in_sp, out_sp = list(x.shape[2:]), list(y.shape[2:])
     nd = len(in_sp)
     if nd > 3:
@@ -43,11 +42,15 @@ def _pool(ctx: LowerCtx):
     strides = list(ctx.attr("strides") or [1] * nd)
     dil = list(ctx.attr("dilations") or [1] * nd)
     begin, end = spatial_pads(ctx, in_sp, out_sp, kernel, strides, dil)
-    k = ctx.render("pool.cu.j2", ctx.op.name.lower(), ctype=x.ctype, kind="max" if ctx.op.name == "MaxPool" else "avg",
+    kind = {"MaxPool": "max", "LpPool": "lp"}.get(ctx.op.name, "avg")
+    extra = {}
+    if ind is not None:
+        extra = {"with_index": True, "storage_order": int(ctx.attr("storage_order", 0) or 0)}
+    k = ctx.render("pool.cu.j2", ctx.op.name.lower(), ctype=x.ctype, kind=kind, p=int(ctx.attr("p", 2) or 2), **extra,
                    in_sp=_pad3(in_sp, 1), out_sp=_pad3(out_sp, 1), kernel=_pad3(kernel, 1), strides=_pad3(strides, 1),
                    dil=_pad3(dil, 1), pads=_pad3(begin, 0), pads_end=_pad3(end, 0),
                    count_include_pad=bool(ctx.attr("count_include_pad", 0)))
-    ctx.launch(k, ctx.grid1d(y.numel), 256, [x, y, ctx.i64(y.numel)])
+    ctx.launch(k, ctx.grid1d(y.numel), 256, [x, y] + ([ind] if ind is not None else []) + [ctx.i64(y.numel)])
     return True
 
 
