@@ -12,12 +12,18 @@ from .ir.verify import verify
 from .onnx_import import import_model
 
 
+SPECIALIZE_MAX_ELEMENTS = 64  # inputs at most this big may be baked in as constants (CUDA)
+
+
 class NncRep(BackendRep):
-    def __init__(self, module, device: str):
+    def __init__(self, module, device: str, model: onnx.ModelProto | None = None):
         self.module = module
+        self.model = model
         self.device = device
         self.input_names = [a.name for a in module.main.args]
         self._cuda = None
+        self._static_error = None
+        self._specialized: dict = {}  # (bound input values) -> compiled module
 
     def run(self, inputs, **kwargs):
         if isinstance(inputs, dict):
@@ -34,10 +40,39 @@ class NncRep(BackendRep):
         return [out[v.name] for v in self.module.main.results]
 
     def _cuda_run(self, feed):
+        """Compiles the model once. When its shapes depend on input values (a shape tensor fed
+        as an input, so codegen cannot plan static buffers), specialise instead: small inputs are
+        bound as constants, folded, and the model is compiled for those values (cached by value),
+        first integer inputs only, then all small inputs."""
+        from .ir.errors import NncError
         from .runtime import compile_module_for_backend
-        if self._cuda is None:
-            self._cuda = compile_module_for_backend(self.module)
-        return self._cuda.run(feed, output="numpy")
+        if self._cuda is None and self._static_error is None:
+            try:
+                self._cuda = compile_module_for_backend(self.module)
+            except NncError as e:
+                if self.model is None:
+                    raise
+                self._static_error = e
+        if self._cuda is not None:
+            return self._cuda.run(feed, output="numpy")
+        last = self._static_error
+        for ints_only in (True, False):
+            bound = {k: v for k, v in feed.items() if v.size <= SPECIALIZE_MAX_ELEMENTS
+                     and (v.dtype.kind in "iub" or not ints_only)}
+            if not bound:
+                continue
+            key = tuple(sorted((k, v.dtype.str, v.shape, v.tobytes()) for k, v in bound.items()))
+            if key not in self._specialized:
+                try:
+                    m = import_model(self.model, constants=bound)
+                    verify(m)
+                    self._specialized[key] = compile_module_for_backend(m)
+                except NncError as e:
+                    last = e
+                    continue
+            rest = {k: v for k, v in feed.items() if k not in bound}
+            return self._specialized[key].run(rest, output="numpy")
+        raise last
 
 
 class NncBackend(Backend):
@@ -47,7 +82,7 @@ class NncBackend(Backend):
         # outputs; nnc's importer validates what it needs and names the node when it cannot.
         module = import_model(model)
         verify(module)
-        return NncRep(module, device.split(":")[0].upper())
+        return NncRep(module, device.split(":")[0].upper(), model)
 
     @classmethod
     def run_model(cls, model, inputs, device="CPU", **kwargs):

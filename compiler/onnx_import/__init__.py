@@ -127,12 +127,13 @@ def onnx_type(tp: onnx.TypeProto, shapes: dict, name: str) -> TensorType:
 
 
 class _Importer:
-    def __init__(self, model: onnx.ModelProto, shapes: Optional[dict]):
+    def __init__(self, model: onnx.ModelProto, shapes: Optional[dict], constants: Optional[dict] = None):
         self.model = model
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         if self.opset and not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise ImportError_(f"model opset {self.opset} is outside the supported range {MIN_OPSET}..{MAX_OPSET}")
         self.shapes = dict(shapes or {})
+        self.constants = dict(constants or {})
         self.weights = WeightStore()
         self.names = NameGen()
 
@@ -148,6 +149,13 @@ class _Importer:
         if unknown:
             raise ImportError_(f"--shapes names {sorted(unknown)}, but the model's inputs are "
                                f"{[i.name for i in real_inputs]}")
+        for i in [i for i in real_inputs if i.name in self.constants]:  # inputs bound to values
+            t = onnx_type(i.type, {}, i.name)
+            a = np.asarray(self.constants[i.name])
+            if a.dtype != t.dtype.np or (t.shape is not None and len(t.shape) != a.ndim):
+                raise ImportError_(f"constant for input {i.name!r}: expected {t}, given {a.dtype}{list(a.shape)}")
+            env[i.name] = b.constant(a, i.name, Loc(), i.name)
+        real_inputs = [i for i in real_inputs if i.name not in self.constants]
         for i in real_inputs:
             t = onnx_type(i.type, self.shapes, i.name)
             if i.name in self.shapes:
@@ -291,8 +299,10 @@ def _arg_hints(node: onnx.NodeProto, inputs: list, opset: int) -> list:
     return []
 
 
-def import_model(path_or_model, shapes: Optional[dict] = None) -> Module:
-    """Imports an ONNX model (path or ModelProto). `shapes` binds input dims: {name: [1, 3, 224, 224]}."""
+def import_model(path_or_model, shapes: Optional[dict] = None, constants: Optional[dict] = None) -> Module:
+    """Imports an ONNX model (path or ModelProto). `shapes` binds input dims: {name: [1, 3, 224, 224]}.
+    `constants` binds inputs to values ({name: array}): they become constants and fold, which
+    specialises shape inputs (a Reshape's target fed as an input, say) into static shapes."""
     base_dir = ""
     if isinstance(path_or_model, (str, Path)):
         p = Path(path_or_model)
@@ -305,7 +315,7 @@ def import_model(path_or_model, shapes: Optional[dict] = None) -> Module:
         base_dir = str(p.parent)
     else:
         model = path_or_model
-    imp = _Importer(model, shapes)
+    imp = _Importer(model, shapes, constants)
     imp.base_dir = base_dir
     return imp.run()
 
