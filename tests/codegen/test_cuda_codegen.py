@@ -190,6 +190,17 @@ def test_gpu_runtime_api(compiled, rng):
         m(x[:2])
     with pytest.raises(InputError, match="missing"):
         m.run({"y": x})
+    # numpy in -> same result; an explicit stream; torch CUDA tensors through DLPack
+    ref = [cupy.asnumpy(o) for o in outs]
+    st = cupy.cuda.Stream(non_blocking=True)
+    got = m.run({m.input_names[0]: x}, stream=st, output="numpy")
+    for r, n in zip(ref, m.output_names):
+        np.testing.assert_array_equal(got[n], r)
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        t_out = m(torch.from_numpy(x).cuda())
+        for r, o in zip(ref, t_out):
+            np.testing.assert_array_equal(cupy.asnumpy(o), r)
 
 
 @pytest.mark.gpu
