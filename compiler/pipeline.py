@@ -22,6 +22,8 @@ PASSES = {
     "canonicalize": "canonicalize",
     "fold-constants": "fold_constants",
     "dce": "dce",
+    "inline-if": "inline_if",
+    "unroll-loops": "unroll_loops",
     "to-fp16": "to_precision:run_fp16",
     "to-bf16": "to_precision:run_bf16",
 }
@@ -29,6 +31,10 @@ PASSES = {
 # The default pipeline, top to bottom. Order matters where commented.
 DEFAULT_PIPELINE = [
     "fold-constants",   # first: turns shape subgraphs left after import into constants
+    "inline-if",        # after folding: needs constant conds (and static branch types) to flatten Ifs
+    "unroll-loops",     # after inline-if: a constant If around a Loop/Scan must be gone first; needs
+                        # folded trip counts. The CUDA backend has no control flow, so both precede it
+    "fold-constants",   # again: unrolled copies and inlined branches leave all-constant chains
     "canonicalize",     # needs folded constants to see no-op Reshape/Expand/Cast
     "dce",              # sweeps what folding and canonicalisation left unused
 ]

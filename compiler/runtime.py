@@ -34,9 +34,16 @@ def _np_dtype(name: str) -> np.dtype:
     return dtype(name).np
 
 
+# ml_dtypes types cupy lacks: they live on the device as their raw bytes (bf16 as uint16 bit
+# patterns, the narrow ones one byte an element, bit-identical to the ml_dtypes numpy layout)
+_RAW = {"bfloat16": np.uint16, "float8_e4m3fn": np.uint8, "float8_e4m3fnuz": np.uint8,
+        "float8_e5m2": np.uint8, "float8_e5m2fnuz": np.uint8, "float8_e8m0fnu": np.uint8,
+        "float4_e2m1fn": np.uint8, "int4": np.uint8, "uint4": np.uint8, "int2": np.uint8, "uint2": np.uint8}
+
+
 def _dev_dtype(name: str):
-    """cupy has no bfloat16: such tensors live on the device as uint16 bit patterns."""
-    return np.dtype(np.uint16) if name == "bfloat16" else _np_dtype(name)
+    """The cupy dtype a tensor of dtype `name` has on the device (raw bits for ml_dtypes types)."""
+    return np.dtype(_RAW[name]) if name in _RAW else _np_dtype(name)
 
 
 class Module:
@@ -98,14 +105,18 @@ class Module:
         want = spec["dtype"]
         if type(x).__module__.startswith("torch"):
             import torch
-            if x.dtype == torch.bfloat16:
-                x = x.view(torch.int16)
-                given = "bfloat16"
-            else:
-                given = None
+            tmap = {torch.bfloat16: "bfloat16"}
+            for tn, nn in (("float8_e4m3fn", "float8_e4m3fn"), ("float8_e4m3fnuz", "float8_e4m3fnuz"),
+                           ("float8_e5m2", "float8_e5m2"), ("float8_e5m2fnuz", "float8_e5m2fnuz"),
+                           ("float8_e8m0fnu", "float8_e8m0fnu")):
+                if hasattr(torch, tn):
+                    tmap[getattr(torch, tn)] = nn
+            given = tmap.get(x.dtype)
+            if given:
+                x = x.view(torch.int16 if given == "bfloat16" else torch.uint8)
             x = cp.from_dlpack(x.detach().contiguous()) if x.is_cuda else np.asarray(x.detach().contiguous().cpu())
             if given:
-                x = x.view(np.uint16)
+                x = x.view(_RAW[given])
         else:
             given = None
         if isinstance(x, cp.ndarray):
@@ -120,9 +131,11 @@ class Module:
         else:
             arr = np.asarray(x)
         gname = given or str(arr.dtype)
-        if gname == "bfloat16":  # ml_dtypes numpy array
-            arr = arr.view(np.uint16)
-        if gname != want and not (want == "bfloat16" and given == "bfloat16"):
+        if gname in _RAW and not given:  # ml_dtypes numpy array: its raw bytes
+            arr = arr.view(_RAW[gname])
+        if want in _RAW and not given and isinstance(arr, cp.ndarray) and arr.dtype == _RAW[want]:
+            gname = want  # raw device bits (what run() returns as cupy) of a bf16 / narrow tensor
+        if gname != want:
             raise InputError(f"input {name!r}: expected dtype {want}, given {gname}")
         if list(arr.shape) != list(spec["shape"]):
             raise InputError(f"input {name!r}: expected shape {list(spec['shape'])}, given {list(arr.shape)}")
@@ -202,7 +215,7 @@ class Module:
             for t in self.plan["outputs"]:
                 a = cp.asnumpy(result[t["name"]], stream=st)
                 st.synchronize()
-                conv[t["name"]] = a.view(_np_dtype("bfloat16")) if t["dtype"] == "bfloat16" else a
+                conv[t["name"]] = a.view(_np_dtype(t["dtype"])) if t["dtype"] in _RAW else a
             return conv
         return result
 
@@ -257,6 +270,8 @@ def load(out_dir) -> Module:
 def compile_module_for_backend(ir_module, arch=None) -> Module:
     """Compiles an IR module into a temporary directory and loads it (onnx_backend device CUDA)."""
     from .codegen.emit import compile_to_dir
+    from .pipeline import run_passes
+    run_passes(ir_module)  # flattens If/Loop/Scan where static: the CUDA plan has no control flow
     d = tempfile.mkdtemp(prefix="nnc_backend_")
     try:
         compile_to_dir(ir_module, d, arch=arch)
