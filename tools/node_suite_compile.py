@@ -37,6 +37,7 @@ def classify_case(tc) -> tuple[str, str, str]:
     from nnc.codegen.emit import compile_to_dir
     from nnc.ir.errors import ImportError_
     from nnc.onnx_import import import_model
+    from nnc.pipeline import run_passes
     ops = _ops(tc.model)
     op = ops[0] if len(ops) == 1 else "+".join(ops)
     try:
@@ -47,6 +48,7 @@ def classify_case(tc) -> tuple[str, str, str]:
         return "import", op, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     d = tempfile.mkdtemp(prefix="nnc_nsc_")
     try:
+        run_passes(mod)  # as the CUDA backend does (control flow is flattened there)
         compile_to_dir(mod, d, arch="sm_90")
         return "ok", op, ""
     except Exception as e:  # noqa: BLE001
