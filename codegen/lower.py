@@ -51,9 +51,15 @@ CTYPES = {
     "f64": "double", "f32": "float", "f16": "__half", "bf16": "__nv_bfloat16",
     "i64": "int64_t", "i32": "int32_t", "i16": "int16_t", "i8": "int8_t",
     "u64": "uint64_t", "u32": "uint32_t", "u16": "uint16_t", "u8": "uint8_t", "bool": "bool",
+    # narrow types: one byte an element in the ml_dtypes layout, structs of templates/exotic_types.cu.j2
+    "f8e4m3": "nnc_f8e4m3", "f8e4m3fnuz": "nnc_f8e4m3fnuz", "f8e5m2": "nnc_f8e5m2",
+    "f8e5m2fnuz": "nnc_f8e5m2fnuz", "f8e8m0": "nnc_f8e8m0", "f4e2m1": "nnc_f4e2m1",
+    "i4": "nnc_i4", "u4": "nnc_u4", "i2": "nnc_i2", "u2": "nnc_u2",
 }
-# dtype -> C type arithmetic happens in (fp16/bf16 accumulate in fp32)
-COMPUTE = dict(CTYPES, f16="float", bf16="float")
+NARROW = ("f8e4m3", "f8e4m3fnuz", "f8e5m2", "f8e5m2fnuz", "f8e8m0", "f4e2m1", "i4", "u4", "i2", "u2")
+# dtype -> C type arithmetic happens in (fp16/bf16/narrow floats in fp32, narrow ints in int32)
+COMPUTE = dict(CTYPES, f16="float", bf16="float",
+               **{k: ("int32_t" if k[0] in "iu" else "float") for k in NARROW})
 
 
 class LoweringError(NncError):
@@ -94,7 +100,7 @@ class Buffer:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * (self.dtype.bits // 8)
+        return self.numel * self.dtype.np.itemsize  # narrow types: one byte an element
 
     @property
     def ctype(self) -> str:
@@ -406,7 +412,7 @@ def _dim3(x) -> tuple:
 
 # ---------------------------------------------------------------- the driver
 
-DYNAMIC_OPS = {"NonZero"}
+DYNAMIC_OPS = {"NonZero", "Compress", "Unique", "NonMaxSuppression"}
 
 
 class Lowerer:

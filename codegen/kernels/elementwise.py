@@ -151,8 +151,33 @@ _e("SwiGLU")(lambda a, x, ct, ot: f"({x[0]} * nnc_sigmoid({x[0]} * {lit(getattr(
 _e("Binarizer")(lambda a, x, ct, ot: f"({x[0]} > {lit(getattr(a, 'threshold', 0.0), ct[0])} ? {lit(1, ot)} : {lit(0, ot)})")
 
 
+# largest finite value of the f8 types: ONNX Cast / QuantizeLinear `saturate` clamps to it
+F8_MAX = {"f8e4m3": 448.0, "f8e4m3fnuz": 240.0, "f8e5m2": 57344.0, "f8e5m2fnuz": 57344.0}
+NARROW_INT = ("i4", "u4", "i2", "u2")
+
+
+def cast_expr(attrs, x: str, src, dst) -> str:
+    """ONNX Cast of expression x (compute type of dtype src) to dtype dst, as a value of dst's
+    compute type; the store into dst's C type finishes it (ml_dtypes rounding, narrow-int wrap)."""
+    ot = compute_type(dst)
+    if dst.short == "f8e8m0":  # ONNX round_mode / saturate rule (not ml_dtypes' astype)
+        mode = {"up": 0, "down": 1, "nearest": 2}[str(getattr(attrs, "round_mode", "up") or "up")]
+        sat = "true" if getattr(attrs, "saturate", 1) else "false"
+        return f"nnc_dec_f8e8m0(nnc_onnx_f8e8m0(static_cast<float>({x}), {mode}, {sat}))"
+    if dst.short in F8_MAX:
+        e = f"static_cast<float>({x})"
+        if getattr(attrs, "saturate", 1):
+            e = f"nnc_satf({e}, {F8_MAX[dst.short]!r}f)"
+        return e
+    if dst.short in NARROW_INT:  # truncate toward zero (non-finite -> 0), keep the low bits on store
+        return f"static_cast<int32_t>(nnc_trunc_i64({x}))"
+    return f"static_cast<{ot}>({x})"
+
+
 def op_expr(op_name: str, attrs, args: list, arg_dtypes: list, out_dtype) -> str:
     """C expression of one elementwise op over argument expressions (None = omitted optional)."""
+    if op_name in ("Cast", "CastLike") and arg_dtypes and arg_dtypes[0] is not None:
+        return cast_expr(attrs, args[0], arg_dtypes[0], out_dtype)
     ct = [None if d is None else compute_type(d) for d in arg_dtypes]
     return EXPR[op_name](attrs, args, ct, compute_type(out_dtype))
 

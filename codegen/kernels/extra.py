@@ -142,7 +142,9 @@ def _shape(ctx: LowerCtx):
 # ---------------------------------------------------------------- quantization (elementwise template)
 
 _QRANGE = {"i8": (-128, 127), "u8": (0, 255), "i16": (-32768, 32767), "u16": (0, 65535),
-           "i32": (-2147483648, 2147483647), "u32": (0, 4294967295)}
+           "i32": (-2147483648, 2147483647), "u32": (0, 4294967295),
+           "i4": (-8, 7), "u4": (0, 15), "i2": (-2, 1), "u2": (0, 3)}
+_QFLOAT = ("f8e4m3", "f8e4m3fnuz", "f8e5m2", "f8e5m2fnuz", "f4e2m1")  # float targets: x / s (+ zp), cast
 
 
 def _param_strides(ctx, i, xshape, axis, block):
@@ -180,7 +182,17 @@ def _quant(ctx: LowerCtx):
     has_zp = len(bufs) > 2
     wide = "f64" in (x.dtype.short, s.dtype.short, y.dtype.short) or x.dtype.short == "i32"
     cd = "double" if wide else "float"
-    if ctx.op.name == "QuantizeLinear":
+    st = "double" if ctx.op.name == "QuantizeLinear" else cd
+    if ctx.op.name == "QuantizeLinear" and y.dtype.short in _QFLOAT:
+        from .elementwise import F8_MAX
+        e = f"(({cd})x0 / ({cd})x1)"
+        if has_zp:
+            e = f"({e} + ({cd})x2)"
+        expr = f"static_cast<float>({e})"
+        if y.dtype.short in F8_MAX and int(ctx.attr("saturate", 1)):
+            expr = f"nnc_satf({expr}, {F8_MAX[y.dtype.short]!r}f)"
+        st = "float"
+    elif ctx.op.name == "QuantizeLinear":
         if y.dtype.short not in _QRANGE:
             ctx.fail(f"quantizing to {y.dtype} is not supported by the CUDA backend")
         lo, hi = _QRANGE[y.dtype.short]
@@ -191,8 +203,7 @@ def _quant(ctx: LowerCtx):
     else:
         e = f"(({cd})x0 - ({cd})x2)" if has_zp else f"({cd})x0"
         expr = f"({e} * ({cd})x1)"
-    params = elementwise_params(bufs, y.shape, [("double" if ctx.op.name == "QuantizeLinear" else cd, "t0", expr)],
-                                [(y, "t0")])
+    params = elementwise_params(bufs, y.shape, [(st, "t0", expr)], [(y, "t0")])
     for p, st in zip(params["inputs"], strides):
         if isinstance(st, tuple):  # blocked: (strides, per-dim coordinate divisors)
             st, p["divs"] = st
