@@ -20,11 +20,13 @@ def test_generated_is_fresh(name, capsys):
 
 @pytest.mark.parametrize("name", list(regen.MODELS))
 def test_generated_kernels_open_with_their_ops(name):
-    lines = (ROOT / "generated" / name / "model.cu").read_text().splitlines()
-    starts = [i for i, l in enumerate(lines) if l.startswith('extern "C" __global__')]
-    assert starts
-    for i in starts:
-        head = "\n".join(lines[max(0, i - 30):i])
-        block = head[head.rfind("// kernel "):]
-        assert "// template: " in block and "// params: " in block and "// implements:" in block, lines[i]
-        assert " = " in block.split("// implements:")[1], lines[i]  # "%res: type = Op(%operands...)"
+    import re
+    text = (ROOT / "generated" / name / "model.cu").read_text()
+    kernels = re.findall(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(', text)
+    assert kernels
+    for k in kernels:
+        i = text.find(f"// kernel {k}\n")
+        assert i >= 0, f"kernel {k} has no header comment"
+        block = text[i:text.find("// ====", i)]
+        assert "// template: " in block and "// params: " in block and "// implements:" in block, k
+        assert " = " in block.split("// implements:")[1], k  # "%res: type = Op(%operands...)"

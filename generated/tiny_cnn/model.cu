@@ -20,6 +20,150 @@ typedef unsigned char uint8_t;
 #include <cstdint>
 #endif
 
+// ---------------------------------------------------------------- narrow element types
+// f8e4m3 (float8_e4m3fn), f8e4m3fnuz, f8e5m2, f8e5m2fnuz, f8e8m0 (float8_e8m0fnu), f4e2m1, i4, u4,
+// i2, u2: one byte an element, bit-identical to the ml_dtypes numpy layout (4/2-bit values in the
+// low bits, upper bits zero). Conversions from float round to nearest even and follow ml_dtypes'
+// astype (overflow -> inf / NaN, f4e2m1 saturates); ONNX Cast's `saturate` clamps before
+// (nnc_satf). Integers wrap to the low bits. Pure bit manipulation: also compiles as host C++
+// (tests/codegen/test_exotic_dtypes_cuda.py checks it against ml_dtypes on every float32).
+#ifndef NNC_HD
+#define NNC_HD __device__ __forceinline__
+#define NNC_HDM __device__ __forceinline__
+#endif
+
+// |x| bits a (finite, a < 0x7f800000) -> code (no sign) of a minifloat with M mantissa bits and
+// exponent bias B, rounded to nearest even; may exceed the format's largest code (caller decides).
+NNC_HD uint32_t nnc_mf_round(uint32_t a, int M, int B) {
+  if (a < 0x00800000u) return 0u;  // f32 zero / subnormal: below half of every target's smallest value
+  const int e = (int)(a >> 23) - 127, emin = 1 - B;
+  const uint32_t m = (a & 0x7fffffu) | 0x800000u;
+  const int shift = 23 - M + (e < emin ? emin - e : 0);
+  if (shift > 25) return 0u;
+  uint32_t q = m >> shift;
+  const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
+  if (rem > half || (rem == half && (q & 1u))) ++q;
+  if (e < emin) return q;  // subnormal (q == 1 << M is the smallest normal)
+  return ((uint32_t)(e + B - 1) << M) + q;
+}
+// code (no sign, finite) -> float
+NNC_HD float nnc_mf_value(uint32_t c, int M, int B) {
+  const uint32_t e = c >> M, m = c & ((1u << M) - 1u);
+  if (e == 0u) return (float)m * __uint_as_float((uint32_t)(128 - B - M) << 23);  // m * 2^(1-B-M)
+  return __uint_as_float(((e + 127u - (uint32_t)B) << 23) | (m << (23 - M)));
+}
+
+NNC_HD uint8_t nnc_enc_f8e4m3(float x) {  // float8_e4m3fn: no inf, NaN = S.1111.111
+  const uint32_t u = __float_as_uint(x), s = (u >> 24) & 0x80u, a = u & 0x7fffffffu;
+  if (a >= 0x7f800000u) return (uint8_t)(s | 0x7fu);
+  const uint32_t c = nnc_mf_round(a, 3, 7);
+  return (uint8_t)(s | (c > 0x7eu ? 0x7fu : c));
+}
+NNC_HD float nnc_dec_f8e4m3(uint8_t v) {
+  const uint32_t c = v & 0x7fu;
+  const float f = c == 0x7fu ? __uint_as_float(0x7fc00000u) : nnc_mf_value(c, 3, 7);
+  return (v & 0x80u) ? -f : f;
+}
+NNC_HD uint8_t nnc_enc_f8e5m2(float x) {  // float8_e5m2: IEEE-like
+  const uint32_t u = __float_as_uint(x), s = (u >> 24) & 0x80u, a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return (uint8_t)(s | 0x7eu);
+  if (a == 0x7f800000u) return (uint8_t)(s | 0x7cu);
+  const uint32_t c = nnc_mf_round(a, 2, 15);
+  return (uint8_t)(s | (c > 0x7cu ? 0x7cu : c));
+}
+NNC_HD float nnc_dec_f8e5m2(uint8_t v) {
+  const uint32_t c = v & 0x7fu;
+  const float f = c > 0x7cu ? __uint_as_float(0x7fc00000u) : c == 0x7cu ? __uint_as_float(0x7f800000u)
+                                                                        : nnc_mf_value(c, 2, 15);
+  return (v & 0x80u) ? -f : f;
+}
+// fnuz: no inf, no negative zero, NaN = 0x80
+NNC_HD uint8_t nnc_enc_fnuz(float x, int M, int B) {
+  const uint32_t u = __float_as_uint(x), s = (u >> 24) & 0x80u, a = u & 0x7fffffffu;
+  if (a >= 0x7f800000u) return (uint8_t)0x80u;
+  const uint32_t c = nnc_mf_round(a, M, B);
+  return (uint8_t)(c > 0x7fu ? 0x80u : c == 0u ? 0u : (s | c));
+}
+NNC_HD float nnc_dec_fnuz(uint8_t v, int M, int B) {
+  if (v == 0x80u) return __uint_as_float(0x7fc00000u);
+  const float f = nnc_mf_value(v & 0x7fu, M, B);
+  return (v & 0x80u) ? -f : f;
+}
+NNC_HD uint8_t nnc_enc_f4e2m1(float x) {  // float4_e2m1fn: no inf / NaN, saturates; sign in bit 3
+  const uint32_t u = __float_as_uint(x), s = (u >> 28) & 0x8u, a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return (uint8_t)(s ^ 0x8u);  // NaN -> zero of the opposite sign, like ml_dtypes
+  if (a == 0x7f800000u) return (uint8_t)(s | 0x7u);
+  const uint32_t c = nnc_mf_round(a, 1, 1);
+  return (uint8_t)(s | (c > 0x7u ? 0x7u : c));
+}
+NNC_HD float nnc_dec_f4e2m1(uint8_t v) {
+  const float f = nnc_mf_value(v & 0x7u, 1, 1);
+  return (v & 0x8u) ? -f : f;
+}
+NNC_HD uint8_t nnc_enc_f8e8m0(float x) {  // float8_e8m0fnu: 2^(c-127), c = 255 NaN; ties round up
+  const uint32_t u = __float_as_uint(x);
+  if (u >= 0x7f800000u || u == 0u) return (uint8_t)0xffu;  // NaN, inf, negative, +0
+  if (u < 0x00800000u) return (uint8_t)(u > 0x00400000u ? 1u : 0u);  // f32 subnormal
+  const uint32_t e = (u >> 23) + ((u & 0x400000u) ? 1u : 0u);
+  return (uint8_t)(e > 0xfeu ? 0xffu : e);
+}
+NNC_HD float nnc_dec_f8e8m0(uint8_t v) {
+  return v == 0xffu ? __uint_as_float(0x7fc00000u) : __uint_as_float(v == 0u ? 0x00400000u : ((uint32_t)v << 23));
+}
+// ONNX Cast to float8e8m0 (onnx.numpy_helper.to_float8e8m0): the f32 exponent field, sign ignored,
+// rounded by round_mode (0 up, 1 down, 2 nearest); saturate keeps 0xfe from rounding into NaN
+NNC_HD uint8_t nnc_onnx_f8e8m0(float x, int mode, bool sat) {
+  const uint32_t u = __float_as_uint(x), e = (u >> 23) & 0xffu;
+  if (e == 0xffu) return (uint8_t)0xffu;
+  bool up = false;
+  if (mode == 0) up = (u & 0x7fffffu) != 0u;
+  else if (mode == 2) up = (u & 0x400000u) && ((u & 0x3fffffu) || e > 0u);
+  if (up && sat && e == 0xfeu) up = false;
+  return (uint8_t)(e + (up ? 1u : 0u));
+}
+// ONNX Cast saturate: clamp into [-m, m] first (NaN stays NaN, inf becomes +-m)
+NNC_HD float nnc_satf(float x, float m) { return x != x ? x : (x > m ? m : (x < -m ? -m : x)); }
+// float -> integer for narrow int targets: truncate toward zero; non-finite -> 0, |x| >= 2^63 -> a
+// value whose low bits are 0 (numpy's x86 INT64_MIN)
+template <typename T> NNC_HD int64_t nnc_trunc_i64(T x) { return (int64_t)x; }
+NNC_HD int64_t nnc_trunc_i64(float x) { return (x > -9.2233720e18f && x < 9.2233720e18f) ? (int64_t)x : (int64_t)0; }
+NNC_HD int64_t nnc_trunc_i64(double x) { return (x > -9.223372036854775e18 && x < 9.223372036854775e18) ? (int64_t)x : (int64_t)0; }
+
+#define NNC_NARROW_FLOAT(T, ENC, DEC)                                                   \
+  struct T {                                                                            \
+    uint8_t v;                                                                          \
+    T() = default;                                                                      \
+    template <typename S> NNC_HDM T(S x) : v(ENC((float)x)) {}                           \
+    NNC_HDM operator float() const { return DEC(v); }                                    \
+  };
+NNC_HD uint8_t nnc_enc_f8e4m3fnuz(float x) { return nnc_enc_fnuz(x, 3, 8); }
+NNC_HD float nnc_dec_f8e4m3fnuz(uint8_t v) { return nnc_dec_fnuz(v, 3, 8); }
+NNC_HD uint8_t nnc_enc_f8e5m2fnuz(float x) { return nnc_enc_fnuz(x, 2, 16); }
+NNC_HD float nnc_dec_f8e5m2fnuz(uint8_t v) { return nnc_dec_fnuz(v, 2, 16); }
+NNC_NARROW_FLOAT(nnc_f8e4m3, nnc_enc_f8e4m3, nnc_dec_f8e4m3)
+NNC_NARROW_FLOAT(nnc_f8e5m2, nnc_enc_f8e5m2, nnc_dec_f8e5m2)
+NNC_NARROW_FLOAT(nnc_f8e4m3fnuz, nnc_enc_f8e4m3fnuz, nnc_dec_f8e4m3fnuz)
+NNC_NARROW_FLOAT(nnc_f8e5m2fnuz, nnc_enc_f8e5m2fnuz, nnc_dec_f8e5m2fnuz)
+NNC_NARROW_FLOAT(nnc_f8e8m0, nnc_enc_f8e8m0, nnc_dec_f8e8m0)
+NNC_NARROW_FLOAT(nnc_f4e2m1, nnc_enc_f4e2m1, nnc_dec_f4e2m1)
+#undef NNC_NARROW_FLOAT
+
+// narrow ints: BITS low bits of the byte; signed ones sign-extend on read
+#define NNC_NARROW_INT(T, BITS, SIGNED)                                                 \
+  struct T {                                                                            \
+    uint8_t v;                                                                          \
+    T() = default;                                                                      \
+    template <typename S> NNC_HDM T(S x) : v((uint8_t)(nnc_trunc_i64(x) & ((1 << BITS) - 1))) {} \
+    NNC_HDM operator int32_t() const {                                                   \
+      return SIGNED ? ((int32_t)((uint32_t)v << (32 - BITS)) >> (32 - BITS)) : (int32_t)(v & ((1 << BITS) - 1)); \
+    }                                                                                   \
+  };
+NNC_NARROW_INT(nnc_i4, 4, 1)
+NNC_NARROW_INT(nnc_u4, 4, 0)
+NNC_NARROW_INT(nnc_i2, 2, 1)
+NNC_NARROW_INT(nnc_u2, 2, 0)
+#undef NNC_NARROW_INT
+
 // Numeric helpers used by the per-op expression table (codegen/kernels/elementwise.py).
 __device__ __forceinline__ float nnc_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 __device__ __forceinline__ double nnc_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
@@ -168,7 +312,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_ew_relu_2(
 // ============================================================================
 // kernel nnc_maxpool_3
 // template: pool.cu.j2
-// params: {"count_include_pad":false,"ctype":"float","dil":[1,1,1],"in_sp":[1,32,32],"kernel":[1,2,2],"kind":"max","out_sp":[1,16,16],"pads":[0,0,0],"pads_end":[0,0,0],"strides":[1,2,2]}
+// params: {"count_include_pad":false,"ctype":"float","dil":[1,1,1],"in_sp":[1,32,32],"kernel":[1,2,2],"kind":"max","out_sp":[1,16,16],"p":2,"pads":[0,0,0],"pads_end":[0,0,0],"strides":[1,2,2]}
 // implements:
 //   %pool: f32[1,16,16,16] = MaxPool(%stem.r: f32[1,16,32,32]) {kernel_shape=(2, 2), strides=(2, 2)}
 // ============================================================================
@@ -468,6 +612,13 @@ const size_t kOutputBytes[] = { 40ULL, 0 };
 const int kOutputDynamicAxis[] = { -1, 0 };
 
 int dims_offset(const int* ranks, int i) { int o = 0; for (int k = 0; k < i; ++k) o += ranks[k]; return o; }
+// kernels launched with more than 48 KiB of dynamic shared memory must opt in (never lowers a limit)
+template <typename F> cudaError_t smem_optin(F* f, int bytes) {
+  cudaFuncAttributes a;
+  cudaError_t e = cudaFuncGetAttributes(&a, f);
+  if (e != cudaSuccess || a.maxDynamicSharedSizeBytes >= bytes) return e;
+  return cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
 }  // namespace
 
 struct nnc_model {
