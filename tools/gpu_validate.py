@@ -115,15 +115,51 @@ def part_light(args, out: Path):
 
 # ------------------------------------------------------------------ own models
 
+def torch_model(name: str):
+    """(module, example inputs, input names) for one of the models, seeded (same weights each call)."""
+    import torch
+    torch.manual_seed(0)
+    if name == "resnet18":
+        import torchvision
+        return torchvision.models.resnet18(weights=None).eval(), (torch.randn(1, 3, 224, 224),), ["input"]
+    if name == "bert4":
+        from transformers import BertConfig, BertModel
+        cfg = BertConfig(hidden_size=768, num_hidden_layers=4, num_attention_heads=12, intermediate_size=3072,
+                         vocab_size=30522, attn_implementation="eager")
+
+        class Enc(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.bert = BertModel(cfg)
+
+            def forward(self, ids, mask):
+                return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+
+        ids = torch.randint(0, 30522, (1, 128))
+        return Enc().eval(), (ids, torch.ones(1, 128, dtype=torch.int64)), ["input_ids", "attention_mask"]
+    if name == "lstm2x512":
+        class L(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lstm = torch.nn.LSTM(512, 512, num_layers=2)
+
+            def forward(self, x):
+                return self.lstm(x)[0]
+
+        return L().eval(), (torch.randn(128, 1, 512),), ["x"]
+    raise KeyError(name)
+
+
+MODEL_NAMES = ["resnet18", "bert4", "lstm2x512"]
+
+
 def export_models(d: Path) -> dict:
     """name -> (onnx path, {input: array}, torch module, torch inputs)"""
     import torch
-    torch.manual_seed(0)
     models = {}
-
-    def export(name, mod, inputs, input_names, dynamic=None):
+    for name in MODEL_NAMES:
+        mod, inputs, input_names = torch_model(name)
         p = d / f"{name}.onnx"
-        mod.eval()
         with torch.no_grad():
             try:
                 torch.onnx.export(mod, inputs, str(p), input_names=input_names, opset_version=17, dynamo=False)
@@ -131,36 +167,6 @@ def export_models(d: Path) -> dict:
                 torch.onnx.export(mod, inputs, str(p), input_names=input_names, opset_version=17)
         feeds = {n: t.detach().cpu().numpy() for n, t in zip(input_names, inputs)}
         models[name] = (p, feeds, mod, inputs)
-
-    import torchvision
-    cnn = torchvision.models.resnet18(weights=None)
-    export("resnet18", cnn, (torch.randn(1, 3, 224, 224),), ["input"])
-
-    from transformers import BertConfig, BertModel
-    cfg = BertConfig(hidden_size=768, num_hidden_layers=4, num_attention_heads=12, intermediate_size=3072,
-                     vocab_size=30522, attn_implementation="eager")
-
-    class Enc(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bert = BertModel(cfg)
-
-        def forward(self, ids, mask):
-            return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
-
-    ids = torch.randint(0, 30522, (1, 128))
-    mask = torch.ones(1, 128, dtype=torch.int64)
-    export("bert4", Enc(), (ids, mask), ["input_ids", "attention_mask"])
-
-    class L(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lstm = torch.nn.LSTM(512, 512, num_layers=2)
-
-        def forward(self, x):
-            return self.lstm(x)[0]
-
-    export("lstm2x512", L(), (torch.randn(128, 1, 512),), ["x"])
     return models
 
 
@@ -255,38 +261,49 @@ def _time_cuda(fn, warmup=10, iters=50):
     return float(np.median(ts))
 
 
-def part_bench(args, out: Path, models: dict):
+def bench_one(name: str, prec: str, out: Path) -> dict:
+    """Times nnc, torch eager and torch.compile on one model in this process (CUDA events)."""
     import torch
-    import nnc
-    for name, (path, feeds, mod, inputs) in models.items():
+    res = {"model": name, "precision": prec}
+    od = out / "compiled" / f"{name}_{prec}"
+    mod, inputs, input_names = torch_model(name)
+    try:
+        import cupy as cp
+        import nnc
+        m = nnc.load(od)
+        dev = {k: cp.asarray(t.numpy()) for k, t in zip(input_names, inputs)}
+        res["nnc_ms"] = _time_cuda(lambda: m.run(dev))
+    except Exception as e:
+        res["nnc_error"] = f"{type(e).__name__}: {e}"[:200]
+    tm = mod.to("cuda")
+    ti = [t.to("cuda") for t in inputs]
+    if prec == "fp16":
+        tm = tm.half()
+        ti = [t.half() if t.is_floating_point() else t for t in ti]
+    with torch.no_grad():
+        res["eager_ms"] = _time_cuda(lambda: tm(*ti))
+        try:
+            cm = torch.compile(tm)
+            res["compile_ms"] = _time_cuda(lambda: cm(*ti), warmup=3)
+        except Exception as e:
+            res["compile_error"] = f"{type(e).__name__}: {e}"[:200]
+    return res
+
+
+def part_bench(args, out: Path, models: dict):
+    for name in models:
         for prec in ("fp32", "fp16"):
-            od = out / "compiled" / f"{name}_{prec}"
-            res = {}
-            try:
-                m = nnc.load(od)
-                import cupy as cp
-                dev = {k: cp.asarray(v) for k, v in feeds.items()}
-                res["nnc"] = _time_cuda(lambda: m.run(dev))
-            except Exception as e:
-                res["nnc"] = float("nan")
-                print("bench nnc failed:", e)
-            dt = torch.float16 if prec == "fp16" else torch.float32
-            tm = mod.to("cuda")
-            ti = [t.to("cuda") for t in inputs]
-            if prec == "fp16":
-                tm = tm.half()
-                ti = [t.half() if t.is_floating_point() else t for t in ti]
-            with torch.no_grad():
-                res["eager"] = _time_cuda(lambda: tm(*ti))
-                try:
-                    cm = torch.compile(tm)
-                    res["compile"] = _time_cuda(lambda: cm(*ti), warmup=3)
-                except Exception as e:
-                    res["compile"] = float("nan")
-                    print("torch.compile failed:", e)
-            del dt
-            row("bench", f"{name} {prec}", f"nnc {res['nnc']:.3f} ms",
-                f"eager {res['eager']:.3f} ms, torch.compile {res['compile']:.3f} ms")
+            p = subprocess.run([sys.executable, __file__, "--bench-one", name, prec, "--out", str(out)],
+                               capture_output=True, text=True, timeout=240)
+            line = next((l for l in p.stdout.splitlines() if l.startswith("BENCH ")), None)
+            if line is None:
+                row("bench", f"{name} {prec}", "FAIL", (p.stdout + p.stderr)[-300:])
+                continue
+            r = json.loads(line[6:])
+            fmt = lambda k: f"{r[k]:.3f} ms" if k in r else "n/a"  # noqa: E731
+            row("bench", f"{name} {prec}", f"nnc {fmt('nnc_ms')}",
+                f"eager {fmt('eager_ms')}, torch.compile {fmt('compile_ms')}"
+                + "".join(f"; {k}: {r[k]}" for k in r if k.endswith("_error")))
 
 
 def main():
@@ -295,7 +312,11 @@ def main():
     ap.add_argument("--parts", default="node,light,models,cpp,bench")
     ap.add_argument("--jobs", type=int, default=14)
     ap.add_argument("--filter", nargs="*")
+    ap.add_argument("--bench-one", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.bench_one:
+        print("BENCH " + json.dumps(bench_one(*args.bench_one, Path(args.out))), flush=True)
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")

@@ -62,7 +62,7 @@ def lower(module: Module, low: DType) -> bool:
         if op.name == "const":
             val = const_value(op.results[0], module.weights)
             if val is not None and val.dtype == np.float32:
-                vmap[id(op.results[0])] = b.constant(val.astype(low.np), op.results[0].name, op.loc,
+                vmap[id(op.results[0])] = b.constant(_narrow(val, low), op.results[0].name, op.loc,
                                                      weight_hint=op.results[0].name)
                 changed = True
                 continue
@@ -102,6 +102,16 @@ def lower(module: Module, low: DType) -> bool:
             v.name = r.name
     f.results = results
     return changed
+
+
+def _narrow(val: np.ndarray, low: DType) -> np.ndarray:
+    """f32 constant -> low precision, finite values saturating at the type's largest finite value
+    (attention masks written as -3.4e38 stay a huge negative instead of turning into -inf, which
+    would make a fully masked softmax row NaN)."""
+    import ml_dtypes
+    big = float(ml_dtypes.finfo(low.np).max)
+    finite = np.isfinite(val)
+    return np.where(finite, np.clip(val, -big, big), val).astype(low.np)
 
 
 def _cast_takes_int() -> bool:
