@@ -546,7 +546,12 @@ class Lowerer:
             if e.when is not None and not e.when(op):
                 continue
             ctx = LowerCtx(self, op)
-            ret = e.fn(ctx)
+            try:
+                ret = e.fn(ctx)
+            except LoweringError:
+                raise
+            except NncError as err:  # from shared helpers (attrs parsing...): add where it happened
+                raise LoweringError(f"{op.loc}: {op.name}: {err}") from None
             if ret is not None or ctx.emitted:
                 missing = [r.name for r in op.results if id(r) not in self.values]
                 if missing:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from ...ir.ops.rnn import _ACT, _KIND, _num_dirs
+from ...ir.ops.rnn import _KIND, _num_dirs, activation_slots
 from ..lower import LowerCtx, lowering
 
 FLOATS = ("f32", "f16", "bf16")
@@ -26,27 +26,8 @@ COOP_MAX_GRID = 1024  # the runtime clamps further to the co-resident blocks of 
 
 
 def activations(kind: str, a) -> list[list[dict]]:
-    """Per direction, the op's activation slots as {kind, alpha, beta} (as ir/ops/rnn.py parses them)."""
-    nd = _num_dirs(a)
-    per = _KIND[kind][1]
-    names = list(a.activations) or list(per) * nd
-    if len(names) == len(per) and nd == 2:
-        names = names * 2
-    if len(names) != len(per) * nd:
-        raise ValueError(f"{kind}: {len(names)} activations given, {len(per) * nd} expected")
-    alphas, betas = list(a.activation_alpha), list(a.activation_beta)
-    out = []
-    for n in names:
-        key = n.lower()
-        if key not in _ACT:
-            raise ValueError(f"{kind}: unsupported activation {n!r}")
-        na, nb, al, be = _ACT[key]
-        if na and alphas:
-            al = alphas.pop(0)
-        if nb and betas:
-            be = betas.pop(0)
-        out.append({"kind": key, "alpha": float(al), "beta": float(be)})
-    return [out[i * len(per):(i + 1) * len(per)] for i in range(nd)]
+    """Per direction, the op's activation slots as {kind, alpha, beta} (ir/ops/rnn.py's parsing)."""
+    return [[{"kind": k, "alpha": al, "beta": be} for k, al, be in d] for d in activation_slots(kind, a)]
 
 
 def _stepwise(ctx: LowerCtx) -> bool:
@@ -69,10 +50,7 @@ def _rnn(ctx: LowerCtx):
             ctx.fail(f"{what} has dtype {buf.dtype}: the CUDA RNN kernels take f32 / f16 / bf16")
     if lens is not None and lens.dtype.kind not in ("int", "uint"):
         ctx.fail(f"sequence_lens has dtype {lens.dtype}, an integer type is expected")
-    try:
-        acts = activations(kind, a)
-    except ValueError as e:
-        ctx.fail(str(e))
+    acts = activations(kind, a)  # NncError names the bad activation; lowering adds the op's location
     nd = _num_dirs(a)
     layout = int(a.layout)
     S, NB = (x.shape[0], x.shape[1]) if layout == 0 else (x.shape[1], x.shape[0])

@@ -58,8 +58,9 @@ def _num_dirs(a) -> int:
     return 2 if a.direction == "bidirectional" else 1
 
 
-def _activation_fns(kind: str, a) -> list:
-    """Per direction, the list of (fn) for the op's activation slots."""
+def activation_slots(kind: str, a) -> list[list[tuple[str, float, float]]]:
+    """Per direction, the op's activation slots as (name, alpha, beta): the defaults filled in,
+    one list repeated for both directions when only one is given. Codegen reads the same."""
     nd = _num_dirs(a)
     per = _KIND[kind][1]
     names = list(a.activations) or list(per) * nd
@@ -68,7 +69,7 @@ def _activation_fns(kind: str, a) -> list:
     if len(names) != len(per) * nd:
         raise NncError(f"{kind}: {len(names)} activations given, {len(per) * nd} expected")
     alphas, betas = list(a.activation_alpha), list(a.activation_beta)
-    fns = []
+    slots = []
     for n in names:
         key = n.lower()
         if key not in _ACT:
@@ -78,8 +79,13 @@ def _activation_fns(kind: str, a) -> list:
             al = alphas.pop(0)
         if nb and betas:
             be = betas.pop(0)
-        fns.append(_make_act(key, al, be))
-    return [fns[i * len(per):(i + 1) * len(per)] for i in range(nd)]
+        slots.append((key, float(al), float(be)))
+    return [slots[i * len(per):(i + 1) * len(per)] for i in range(nd)]
+
+
+def _activation_fns(kind: str, a) -> list:
+    """Per direction, the activation functions of the op's slots."""
+    return [[_make_act(k, al, be) for k, al, be in d] for d in activation_slots(kind, a)]
 
 
 def _make_act(key, al, be):
