@@ -145,3 +145,15 @@ def random_feed(spec, rng):
             a = rng.standard_normal(shape)
         feed[name] = np.asarray(a).astype(dt)
     return feed
+
+
+def compile_models(models: dict, tmp_path_factory) -> dict:
+    """name -> (out dir, plan, IR module): each model imported and compiled once (NVRTC, sm_90)."""
+    from nnc.codegen.emit import compile_to_dir
+    from nnc.onnx_import import import_model
+    out = {}
+    for name, (m, _) in models.items():
+        d = tmp_path_factory.mktemp(name)
+        mod = import_model(m)
+        out[name] = (d, compile_to_dir(mod, d, arch="sm_90"), mod)
+    return out

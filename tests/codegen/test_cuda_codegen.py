@@ -13,7 +13,7 @@ from nnc.codegen.emit import compile_to_dir
 from nnc.ir.interp import Interpreter
 from nnc.onnx_import import import_model
 
-from .cuda_models import models, random_feed
+from .cuda_models import models, random_feed, compile_models
 
 MODELS = models()
 
@@ -21,13 +21,7 @@ MODELS = models()
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """name -> (out dir, plan, module): every model compiled once (NVRTC, sm_90)."""
-    out = {}
-    for name, (m, _) in MODELS.items():
-        d = tmp_path_factory.mktemp(name)
-        mod = import_model(m)
-        plan = compile_to_dir(mod, d, arch="sm_90")
-        out[name] = (d, plan, mod)
-    return out
+    return compile_models(MODELS, tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -12,7 +12,7 @@ from nnc.codegen.emit import compile_to_dir
 from nnc.ir.interp import Interpreter
 from nnc.onnx_import import import_model
 
-from .cuda_models import N, mk
+from .cuda_models import N, mk, compile_models
 from .cuda_models import random_feed as _random_feed
 
 
@@ -179,13 +179,8 @@ MODELS = _models()
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    out = {}
-    for name, (m, _) in MODELS.items():
-        d = tmp_path_factory.mktemp(name)
-        mod = import_model(m)
-        plan = compile_to_dir(mod, d, arch="sm_90")
-        out[name] = (d, plan, mod)
-    return out
+    """name -> (out dir, plan, module): every model compiled once (NVRTC, sm_90)."""
+    return compile_models(MODELS, tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -12,7 +12,7 @@ from nnc.codegen.emit import compile_to_dir
 from nnc.ir.interp import Interpreter
 from nnc.onnx_import import import_model
 
-from .cuda_models import N, mk, random_feed
+from .cuda_models import N, mk, random_feed, compile_models
 
 F, I64, B, I8, U8 = T.FLOAT, T.INT64, T.BOOL, T.INT8, T.UINT8
 
@@ -126,13 +126,8 @@ MODELS = _models()
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    out = {}
-    for name, (m, _) in MODELS.items():
-        d = tmp_path_factory.mktemp(name)
-        mod = import_model(m)
-        plan = compile_to_dir(mod, d, arch="sm_90")
-        out[name] = (d, plan, mod)
-    return out
+    """name -> (out dir, plan, module): every model compiled once (NVRTC, sm_90)."""
+    return compile_models(MODELS, tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
