@@ -92,7 +92,9 @@ def compile_nvcc(source: str, arch: str, name: str = "model.cu", extra=(), nvcc:
         src = Path(d) / name
         src.write_text(source)
         out = Path(d) / "out.cubin"
-        cmd = [nvcc, "-cubin", f"-arch={normalize_arch(arch)}", "-std=c++17", "-o", str(out), str(src), *extra]
+        # the cubin holds the kernels only: the host part (C API) is built by CMakeLists.txt
+        cmd = [nvcc, "-cubin", f"-arch={normalize_arch(arch)}", "-std=c++17", "-DNNC_KERNELS_ONLY",
+               "-o", str(out), str(src), *extra]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise CompileError(f"nvcc failed ({' '.join(cmd)}):\n{_trim(r.stderr + r.stdout)}")

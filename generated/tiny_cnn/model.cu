@@ -583,7 +583,7 @@ extern "C" __global__ void nnc_softmax_11(const float* __restrict__ x, float* __
   }
 }
 
-#ifndef __CUDACC_RTC__
+#if !defined(__CUDACC_RTC__) && !defined(NNC_KERNELS_ONLY)
 // ---------------------------------------------------------------- host code: the C API
 #include "nnc_model.h"
 #include <cstdio>
@@ -744,4 +744,4 @@ int nnc_model_run(nnc_model* m, cudaStream_t stream, const void* const* inputs, 
 
 }  // extern "C"
 
-#endif  // __CUDACC_RTC__
+#endif  // host part

@@ -1491,7 +1491,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_ew_cast_15(
   }
 }
 
-#ifndef __CUDACC_RTC__
+#if !defined(__CUDACC_RTC__) && !defined(NNC_KERNELS_ONLY)
 // ---------------------------------------------------------------- host code: the C API
 #include "nnc_model.h"
 #include <cstdio>
@@ -1664,4 +1664,4 @@ int nnc_model_run(nnc_model* m, cudaStream_t stream, const void* const* inputs, 
 
 }  // extern "C"
 
-#endif  // __CUDACC_RTC__
+#endif  // host part

@@ -614,7 +614,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_matmul_12(const float* __r
 }
 #undef NNC_TILE
 
-#ifndef __CUDACC_RTC__
+#if !defined(__CUDACC_RTC__) && !defined(NNC_KERNELS_ONLY)
 // ---------------------------------------------------------------- host code: the C API
 #include "nnc_model.h"
 #include <cstdio>
@@ -785,4 +785,4 @@ int nnc_model_run(nnc_model* m, cudaStream_t stream, const void* const* inputs, 
 
 }  // extern "C"
 
-#endif  // __CUDACC_RTC__
+#endif  // host part
