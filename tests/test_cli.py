@@ -107,3 +107,18 @@ def test_opt_parse_error_has_position(tmp_path):
     f.write_text("func @main(%x: f32[2]) -> (f32[2]) {\n  %a = Relu(%x) f32[2]\n  return %a\n}\n")
     p = nnc("opt", f, check=False)
     assert p.returncode == 1 and f"{f}:2:" in p.stderr and "expected" in p.stderr
+
+
+@pytest.mark.gpu
+def test_run_cuda_backend_matches_reference(tmp_path):
+    out = tmp_path / "out"
+    nnc("compile", EXAMPLE, "-o", out, "--shapes", "input:2x3x32x32")
+    x = np.random.default_rng().standard_normal((2, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", input=x)
+    nnc("run", out, "--inputs", tmp_path / "in.npz", "--backend", "cuda", "--save", tmp_path / "gpu.npz")
+    nnc("run", out, "--inputs", tmp_path / "in.npz", "--save", tmp_path / "ref.npz")
+    with np.load(tmp_path / "gpu.npz") as g, np.load(tmp_path / "ref.npz") as r:
+        np.testing.assert_allclose(g["probs"], r["probs"], rtol=1e-3, atol=1e-6)
+    np.savez(tmp_path / "bad.npz", input=x[:1])
+    p = nnc("run", out, "--inputs", tmp_path / "bad.npz", "--backend", "cuda", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and "expected shape" in p.stderr

@@ -3,6 +3,7 @@
     python tools/gpu_validate.py --out $OUT [--parts node,light,models,cpp,bench] [--jobs 14]
 
 Parts:
+  pytest  the GPU-marked tests (`pytest -m gpu tests`), their pass count.
   node    ONNX node suite through nnc.onnx_backend device "CUDA" (parallel worker processes);
           writes node_cuda.tsv (case, status, detail) and the pass count.
   light   the nine onnx light_* models through the CUDA backend vs their stored outputs.
@@ -45,6 +46,18 @@ def rel_err(got, ref) -> float:
     if not np.isfinite(got).all():
         return float("inf")
     return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+# ------------------------------------------------------------------ GPU-marked tests
+
+def part_pytest(args, out: Path):
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=400)
+    (out / "pytest_gpu.log").write_text(p.stdout + p.stderr)
+    last = [l for l in p.stdout.splitlines() if " passed" in l or " failed" in l or " error" in l]
+    row("pytest", "-m gpu tests", "ok" if p.returncode == 0 else "FAIL",
+        f"{last[-1] if last else p.stdout[-200:]} ({time.time() - t0:.0f}s)")
 
 
 # ------------------------------------------------------------------ node suite
@@ -309,7 +322,7 @@ def part_bench(args, out: Path, models: dict):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/nnc_gpu"))
-    ap.add_argument("--parts", default="node,light,models,cpp,bench")
+    ap.add_argument("--parts", default="pytest,node,light,models,cpp,bench")
     ap.add_argument("--jobs", type=int, default=14)
     ap.add_argument("--filter", nargs="*")
     ap.add_argument("--bench-one", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
@@ -332,7 +345,9 @@ def main():
     for p in parts:
         t0 = time.time()
         try:
-            if p == "node":
+            if p == "pytest":
+                part_pytest(args, out)
+            elif p == "node":
                 part_node(args, out)
             elif p == "light":
                 part_light(args, out)
