@@ -1,12 +1,14 @@
 """Data movement family: views (Identity/Reshape/Squeeze/Unsqueeze/Flatten as buffer aliases),
 Transpose, Expand, Tile, Slice, Split, Concat, DepthToSpace/SpaceToDepth (all one strided-copy
-template), Gather, GatherElements, Pad, Resize."""
+template), Gather, GatherElements, Pad, Resize (cubic / antialiased: sampling.py), ReverseSequence
+(misc2.cu.j2, one thread per output element)."""
 from __future__ import annotations
 
 import numpy as np
 
 from ..lower import Buffer, LowerCtx, contiguous_strides, lowering
 from ..render import cfloat
+from ._helpers import empty_result, misc2_launch
 from .elementwise import lit
 
 
@@ -235,4 +237,17 @@ def _resize(ctx: LowerCtx):
                    nearest_mode=ctx.attr("nearest_mode", "round_prefer_floor"), out_shape=list(y.shape),
                    in_shape=list(x.shape), in_strides=x.strides(), scales=scales, resized=resized)
     ctx.launch(k, ctx.grid1d(y.numel), 256, [x, y, ctx.i64(y.numel)])
+    return True
+
+
+@lowering("ReverseSequence")
+def _revseq(ctx: LowerCtx):
+    x, lens, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
+    if empty_result(ctx):
+        return True
+    ba, ta = int(ctx.attr("batch_axis", 1)), int(ctx.attr("time_axis", 0))
+    inner = int(np.prod(x.shape[2:], dtype=np.int64))
+    misc2_launch(ctx, "revseq", "revseq", [f"const {x.ctype}* __restrict__ x", f"const {lens.ctype}* __restrict__ lens",
+                                           f"{y.ctype}* __restrict__ y"], [x, lens, y], y.numel,
+                 inner=inner, d1=x.shape[1], batch_axis=ba, T=x.shape[ta])
     return True

@@ -1,10 +1,12 @@
-"""Pooling (MaxPool, AveragePool; Global* are reductions, see reduce.py) and BatchNormalization
-(inference; constant parameters folded at compile time into one [2, C] fp32 weight)."""
+"""Pooling (pool.cu.j2: MaxPool with optional Indices, AveragePool, LpPool; Global* are reductions,
+see reduce.py), BatchNormalization (inference; constant parameters folded at compile time into one
+[2, C] fp32 weight) and MaxUnpool (fill.cu.j2 zero fill + a misc2.cu.j2 scatter)."""
 from __future__ import annotations
 
 import numpy as np
 
 from ..lower import LowerCtx, lowering
+from ._helpers import empty_result, misc2_launch
 
 
 def spatial_pads(ctx: LowerCtx, in_sp, out_sp, kernel, strides, dil):
@@ -78,4 +80,22 @@ def _batchnorm(ctx: LowerCtx):
         k = ctx.render("batchnorm.cu.j2", "batchnorm", ctype=x.ctype, folded=False, pctype=ps[0].ctype, C=C,
                        spatial=spatial, epsilon=eps)
         ctx.launch(k, ctx.grid1d(n), 256, [x, *ps, y, ctx.i64(n)])
+    return True
+
+
+def _zero(ctx, y):
+    k = ctx.render("fill.cu.j2", "fill", kind="fill", ctype=y.ctype, value="0")
+    ctx.launch(k, ctx.grid1d(y.numel), 256, [y, ctx.i64(y.numel)])
+
+
+@lowering("MaxUnpool")
+def _maxunpool(ctx: LowerCtx):
+    x, ind, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
+    if empty_result(ctx):
+        return True
+    _zero(ctx, y)
+    if x.numel:
+        misc2_launch(ctx, "unpool", "maxunpool", [f"const {x.ctype}* __restrict__ x",
+                                                  f"const {ind.ctype}* __restrict__ ind", f"{y.ctype}* __restrict__ y"],
+                     [x, ind, y], x.numel, ynumel=y.numel)
     return True

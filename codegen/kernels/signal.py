@@ -1,6 +1,6 @@
 """DFT (direct O(n^2) in double, forward / inverse / onesided / irfft) and STFT (framed, windowed direct
-DFT): signal.cu.j2, one thread per output element. Window ops and MelWeightMatrix are compile-time
-constants (codegen/kernels/extra2.py)."""
+DFT): signal.cu.j2, one thread per output element. HannWindow / HammingWindow / BlackmanWindow and
+MelWeightMatrix are compile-time constants (evaluated by the reference, emitted as weights)."""
 from __future__ import annotations
 
 import numpy as np
@@ -56,4 +56,19 @@ def _stft(ctx: LowerCtx):
                    wctype=win.ctype if win is not None else "", bins=bins, F=F, L=L, step=step, cin=cin, fl=fl)
     total = B * F * bins
     ctx.launch(k, ctx.grid1d(total), 256, [x] + ([win] if win is not None else []) + [y, ctx.i64(total)])
+    return True
+
+
+@lowering("HannWindow", "HammingWindow", "BlackmanWindow", "MelWeightMatrix")
+def _const_signal(ctx: LowerCtx):
+    """Fully determined by compile-time constant operands: evaluated by the reference at compile time."""
+    from ...ir import registry
+    vals = []
+    for i in range(ctx.n_in):
+        v = ctx.value(i)
+        if v is None:
+            ctx.fail(f"operand {i} must be a compile-time constant")
+        vals.append(np.asarray(v))
+    out = registry.REGISTRY[ctx.op.name].ref(ctx.attrs, *vals)
+    ctx.alias(0, ctx.new_weight(np.asarray(out).astype(ctx.out(0).dtype.np).reshape(ctx.out_shape(0)), "const"))
     return True

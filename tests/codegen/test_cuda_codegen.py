@@ -64,7 +64,7 @@ def test_model_cu_structure(compiled, name):
         for op in k["ops"]:
             assert op in head  # the IR ops, with %names and types
         assert "%" in head
-    assert "nnc_model_run" in src and "#ifndef __CUDACC_RTC__" in src
+    assert "nnc_model_run" in src and "#if !defined(__CUDACC_RTC__) && !defined(NNC_KERNELS_ONLY)" in src
     hdr = (d / "nnc_model.h").read_text()
     for fn in ("nnc_model_create", "nnc_model_run", "nnc_model_destroy", "nnc_model_num_inputs",
                "nnc_model_num_outputs", "nnc_model_input_name", "nnc_model_output_shape", "nnc_last_error"):

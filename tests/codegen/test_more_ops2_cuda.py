@@ -1,4 +1,5 @@
-"""CUDA lowerings of the remaining ops (codegen/kernels/intgemm.py, extra2.py, signal.py, detect.py):
+"""CUDA lowerings of the remaining ops (codegen/kernels/ intgemm.py, signal.py, detect.py, sampling.py,
+attention.py, scatter.py, linalg.py, ml.py, movement.py, pool.py):
 every model compiles with NVRTC for sm_90 on the CPU; GPU-marked checks compare with the reference
 interpreter on fresh random inputs (outputs poisoned before the run)."""
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""CUDA lowerings of the less common ops (codegen/kernels/extra.py and additions to the existing
+"""CUDA lowerings of the less common ops (codegen/kernels/ fill.py, views.py, quantize.py, norm.py,
+cumulative.py, scatter.py, loss.py, einsum.py, attention.py, sampling.py and additions to the existing
 families): every model compiles with NVRTC for sm_90 on the CPU; GPU-marked checks compare with the
 reference interpreter on fresh random inputs (outputs poisoned before the run)."""
 from __future__ import annotations

@@ -1,0 +1,38 @@
+"""Small helpers shared by several kernel families (fill, views, quantize, norm, scatter, attention,
+sampling, linalg, ml, movement, pool): axis normalisation, constant scalars, accumulator types and the
+launcher of misc2.cu.j2's direct kernels. Registers no lowering."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def float_acc(dt) -> str:
+    return "double" if dt.short == "f64" else "float"
+
+
+def norm_axis(a, rank):
+    return a + rank if a < 0 else a
+
+
+def scalar_const(ctx, i, default=None):
+    v = ctx.value(i)
+    if v is None:
+        return default
+    a = np.asarray(v).reshape(-1)
+    return a[0].item() if a.size else default
+
+
+def misc2_launch(ctx, kind, hint, args, bufs, count, **p):
+    """One misc2.cu.j2 kernel (`kind` picks its body; `args` its C parameter list), one thread per
+    element of `count`."""
+    k = ctx.render("misc2.cu.j2", hint, kind=kind, args=args, **p)
+    ctx.launch(k, ctx.grid1d(count), 256, bufs + [ctx.i64(count)])
+
+
+def empty_result(ctx, i=0):
+    """Result i with no elements becomes a zero-size weight: -> True (nothing left to emit)."""
+    y = ctx.out(i)
+    if y.numel == 0:
+        ctx.alias(i, ctx.new_weight(np.zeros(y.shape, y.dtype.np)))
+        return True
+    return False
