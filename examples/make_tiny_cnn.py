@@ -46,7 +46,8 @@ def build(seed: int = 0) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "tiny_cnn",
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
                               [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="nnc-examples")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="nnc-examples",
+                              ir_version=10)  # IR 10: loadable by onnxruntime 1.18 and newer
     onnx.checker.check_model(model)
     return model
 

@@ -32,7 +32,8 @@ def build(seed: int = 0) -> onnx.ModelProto:
     nodes.append(helper.make_node("Gemm", ["h_last", t("Wo", r(Hd, 4)), t("bo", r(4))], ["y"], name="head"))
     graph = helper.make_graph(nodes, "tiny_lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [T, B, I])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, 4])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="nnc-examples")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="nnc-examples",
+                              ir_version=10)  # IR 10: loadable by onnxruntime 1.18 and newer
     onnx.checker.check_model(model)
     return model
 

@@ -50,7 +50,8 @@ def build(seed: int = 0) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "tiny_transformer",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, S, D])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, S, D])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], producer_name="nnc-examples")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], producer_name="nnc-examples",
+                              ir_version=10)  # IR 10: loadable by onnxruntime 1.18 and newer
     onnx.checker.check_model(model)
     return model
 
