@@ -280,4 +280,6 @@ def compile_module_for_backend(ir_module, arch=None) -> Module:
         shutil.rmtree(d, ignore_errors=True)
         raise
     m._tmpdir = d
+    import weakref
+    weakref.finalize(m, shutil.rmtree, d, True)  # the backend's scratch directory goes with the module
     return m
