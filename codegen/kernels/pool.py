@@ -38,13 +38,29 @@ def _pool(ctx: LowerCtx):
     ind = ctx.out(1) if ctx.n_out > 1 else None  # MaxPool's Indices
     in_sp, out_sp = list(x.shape[2:]), list(y.shape[2:])
     nd = len(in_sp)
-    if nd > 3:
-        ctx.fail(f"{nd}-D pooling is not supported")
     kernel = list(ctx.attr("kernel_shape"))
     strides = list(ctx.attr("strides") or [1] * nd)
     dil = list(ctx.attr("dilations") or [1] * nd)
     begin, end = spatial_pads(ctx, in_sp, out_sp, kernel, strides, dil)
     kind = {"MaxPool": "max", "LpPool": "lp"}.get(ctx.op.name, "avg")
+    _emit_pool(ctx, kind, kernel, strides, dil, begin, end, ind)
+    return True
+
+
+@lowering("GlobalLpPool")
+def _global_lp_pool(ctx: LowerCtx):
+    """One window covering every spatial position."""
+    in_sp = list(ctx.inp(0).shape[2:])
+    nd = len(in_sp)
+    _emit_pool(ctx, "lp", in_sp, [1] * nd, [1] * nd, [0] * nd, [0] * nd, None)
+    return True
+
+
+def _emit_pool(ctx: LowerCtx, kind: str, kernel, strides, dil, begin, end, ind):
+    x, y = ctx.inp(0), ctx.out(0)
+    in_sp, out_sp = list(x.shape[2:]), list(y.shape[2:])
+    if len(in_sp) > 3:
+        ctx.fail(f"{len(in_sp)}-D pooling is not supported")
     extra = {}
     if ind is not None:
         extra = {"with_index": True, "storage_order": int(ctx.attr("storage_order", 0) or 0)}
@@ -53,7 +69,6 @@ def _pool(ctx: LowerCtx):
                    dil=_pad3(dil, 1), pads=_pad3(begin, 0), pads_end=_pad3(end, 0),
                    count_include_pad=bool(ctx.attr("count_include_pad", 0)))
     ctx.launch(k, ctx.grid1d(y.numel), 256, [x, y] + ([ind] if ind is not None else []) + [ctx.i64(y.numel)])
-    return True
 
 
 @lowering("BatchNormalization")

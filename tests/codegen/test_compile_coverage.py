@@ -17,7 +17,6 @@ from tests.conformance.test_light_models import LIGHT, MODELS as LIGHT_MODELS
 SLICE_STEP = 8  # every 8th node case: ~235 models over every op family
 # ops the CUDA backend refuses on purpose, with why (the reference interpreter runs them)
 NOT_ON_CUDA = {
-    "TfIdfVectorizer": "no CUDA lowering yet (text featurisation; rare in GPU models)",
     "training-mode Dropout": "its mask comes from numpy's generator; inference Dropout is supported",
 }
 

@@ -33,6 +33,18 @@ def _models():
         [("shp", np.array([5, 7], np.int64)), ("k", np.array(-1, np.int64)), ("depth", np.array(4, np.int64)),
          ("vals", np.array([-1.0, 2.0], np.float32))]),
         {"x": ([5, 7], np.float32, "normal"), "ind": ([3], np.int64, "int:4")})
+    M["global_lp_pool"] = (mk([
+        N("GlobalLpPool", ["x"], ["g2"], p=2), N("GlobalLpPool", ["x"], ["g3"], p=3),
+    ], [("x", F, [2, 3, 5, 4])], [("g2", F), ("g3", F)]),
+        {"x": ([2, 3, 5, 4], np.float32, "normal")})
+    M["tfidf"] = (mk([
+        N("TfIdfVectorizer", ["t"], ["tf"], mode="TFIDF", min_gram_length=1, max_gram_length=2, max_skip_count=2,
+          ngram_counts=[0, 3], ngram_indexes=[0, 1, 2, 3, 4], pool_int64s=[1, 2, 3, 1, 2, 2, 3],
+          weights=[0.5, 1.0, 2.0, 1.5, 0.25]),
+        N("TfIdfVectorizer", ["t"], ["idf"], mode="IDF", min_gram_length=2, max_gram_length=2, max_skip_count=1,
+          ngram_counts=[0, 3], ngram_indexes=[0, 1, 2, 3, 4], pool_int64s=[1, 2, 3, 1, 2, 2, 3]),
+    ], [("t", I64, [4, 9])], [("tf", F), ("idf", F)]),
+        {"t": ([4, 9], np.int64, "int:4")})
     M["elementwise_more"] = (mk([
         N("Swish", ["x"], ["sw"], alpha=0.7), N("Shrink", ["x"], ["shr"], lambd=0.3, bias=0.1),
         N("Celu", ["x"], ["ce"], alpha=0.8), N("IsInf", ["x"], ["inf"]), N("Clip", ["x"], ["cl"]),
