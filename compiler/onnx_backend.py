@@ -39,6 +39,11 @@ class NncRep(BackendRep):
             out = self._cuda_run(feed)
         return [out[v.name] for v in self.module.main.results]
 
+    @property
+    def specialized(self) -> bool:
+        """True once a run needed a value-specialised compile (see _cuda_run)."""
+        return bool(self._specialized)
+
     def _cuda_run(self, feed):
         """Compiles the model once. When its shapes depend on input values (a shape tensor fed
         as an input, so codegen cannot plan static buffers), specialise instead: small inputs are
@@ -50,7 +55,8 @@ class NncRep(BackendRep):
             try:
                 self._cuda = compile_module_for_backend(self.module)
             except NncError as e:
-                if self.model is None:
+                # only value-dependent shapes are worth specialising; a missing lowering stays an error
+                if self.model is None or "needs static shapes" not in str(e):
                     raise
                 self._static_error = e
         if self._cuda is not None:

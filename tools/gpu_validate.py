@@ -99,8 +99,9 @@ def part_node(args, out: Path):
         cpu_fail = {l.split("\t")[0] for l in xf.read_text().splitlines() if l and not l.startswith("#")}
     cpu_ok = len(names) - len(cpu_fail & set(names))
     classes = {}
-    for _, s, _ in results:
+    for _, s, d in results:
         classes[s] = classes.get(s, 0) + 1
+    classes["ok after value specialisation"] = sum(s == "ok" and d == "specialized" for _, s, d in results)
     row("node", "CUDA pass count", f"{ok}/{len(names)}", f"(CPU reference passes {cpu_ok}) {classes} {time.time() - t0:.0f}s")
 
 

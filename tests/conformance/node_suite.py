@@ -54,7 +54,8 @@ def run_case(tc, device: str = "CPU") -> tuple[str, str]:
             msg = compare(g, e, tc.rtol, tc.atol)
             if msg:
                 return "mismatch", f"output {i}: {msg}"
-    return "ok", ""
+    # CUDA: say when the shapes needed value specialisation (see NncRep._cuda_run)
+    return "ok", "specialized" if getattr(rep, "specialized", False) else ""
 
 
 def _arrays(xs):
