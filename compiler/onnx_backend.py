@@ -15,6 +15,11 @@ from .onnx_import import import_model
 SPECIALIZE_MAX_ELEMENTS = 64  # inputs at most this big may be baked in as constants (CUDA)
 
 
+def _value_dependent(msg: str) -> bool:
+    """The static compile failed because shapes or control flow depend on input values."""
+    return "needs static shapes" in msg or any(f"no CUDA lowering for op '{c}'" in msg for c in ("If", "Loop", "Scan"))
+
+
 class NncRep(BackendRep):
     def __init__(self, module, device: str, model: onnx.ModelProto | None = None):
         self.module = module
@@ -45,18 +50,20 @@ class NncRep(BackendRep):
         return bool(self._specialized)
 
     def _cuda_run(self, feed):
-        """Compiles the model once. When its shapes depend on input values (a shape tensor fed
-        as an input, so codegen cannot plan static buffers), specialise instead: small inputs are
-        bound as constants, folded, and the model is compiled for those values (cached by value),
-        first integer inputs only, then all small inputs."""
+        """Compiles the model once. When its shapes or control flow depend on input values (a
+        shape tensor or a loop trip count fed as an input, so codegen cannot plan static buffers or
+        flatten the loop), specialise instead: small inputs are bound as constants, folded, and the
+        model is compiled for those values (cached by value), first integer inputs only, then all
+        small inputs."""
         from .ir.errors import NncError
         from .runtime import compile_module_for_backend
         if self._cuda is None and self._static_error is None:
             try:
                 self._cuda = compile_module_for_backend(self.module)
             except NncError as e:
-                # only value-dependent shapes are worth specialising; a missing lowering stays an error
-                if self.model is None or "needs static shapes" not in str(e):
+                # only value-dependent shapes and control flow (loop trip counts, If conditions fed
+                # as inputs) are worth specialising; any other missing lowering stays an error
+                if self.model is None or not _value_dependent(str(e)):
                     raise
                 self._static_error = e
         if self._cuda is not None:
