@@ -29,6 +29,7 @@ class NncRep(BackendRep):
         self._cuda = None
         self._static_error = None
         self._specialized: dict = {}  # (bound input values) -> compiled module
+        self.last_kernel_launches = None  # kernels the last CUDA run launched (0: it all folded)
 
     def run(self, inputs, **kwargs):
         if isinstance(inputs, dict):
@@ -43,6 +44,10 @@ class NncRep(BackendRep):
         else:
             out = self._cuda_run(feed)
         return [out[v.name] for v in self.module.main.results]
+
+    def _run_compiled(self, m, feed):
+        self.last_kernel_launches = sum(l["kind"] == "kernel" for l in m.plan["launches"])
+        return m.run(feed, output="numpy")
 
     @property
     def specialized(self) -> bool:
@@ -67,7 +72,7 @@ class NncRep(BackendRep):
                     raise
                 self._static_error = e
         if self._cuda is not None:
-            return self._cuda.run(feed, output="numpy")
+            return self._run_compiled(self._cuda, feed)
         last = self._static_error
         for ints_only in (True, False):
             bound = {k: v for k, v in feed.items() if v.size <= SPECIALIZE_MAX_ELEMENTS
@@ -84,7 +89,7 @@ class NncRep(BackendRep):
                     last = e
                     continue
             rest = {k: v for k, v in feed.items() if k not in bound}
-            return self._specialized[key].run(rest, output="numpy")
+            return self._run_compiled(self._specialized[key], rest)
         raise last
 
 

@@ -102,6 +102,7 @@ def part_node(args, out: Path):
     for _, s, d in results:
         classes[s] = classes.get(s, 0) + 1
     classes["ok after value specialisation"] = sum(s == "ok" and d == "specialized" for _, s, d in results)
+    classes["ok but no kernel ran (folded to constants)"] = sum(s == "ok" and d == "no kernel ran" for _, s, d in results)
     row("node", "CUDA pass count", f"{ok}/{len(names)}", f"(CPU reference passes {cpu_ok}) {classes} {time.time() - t0:.0f}s")
 
 
