@@ -15,6 +15,41 @@ from .onnx_import import import_model
 SPECIALIZE_MAX_ELEMENTS = 64  # inputs at most this big may be baked in as constants (CUDA)
 
 
+def shape_inputs(module) -> set[str]:
+    """Names of the model inputs whose *values* decide shapes or control flow: those that shape
+    inference reads as constants (Reshape targets, Resize sizes, Range bounds...), Loop trip counts
+    and conditions, If conditions, and every input those values are computed from."""
+    from .ir import registry
+    from .ir.builder import const_value
+    from .ir.errors import NncError
+    args = {id(a): a.name for a in module.main.args}
+    wanted: dict[int, object] = {}
+
+    def record(v):
+        if v is not None:
+            wanted[id(v)] = v
+        return None if v is None else const_value(v, module.weights)
+
+    for op in module.main.walk():
+        if op.name in ("Loop", "If"):
+            for v in op.operands[:2 if op.name == "Loop" else 1]:
+                record(v)
+        try:
+            registry.run_infer(registry.get(op.name), op.attrs, op.operands, len(op.results), op.loc, record,
+                               [r.type for r in op.results])
+        except NncError:
+            pass
+    todo = list(wanted.values())
+    while todo:  # backwards: whatever a shape value is computed from decides it too
+        v = todo.pop()
+        if v.producer is not None:
+            for u in v.producer.operands:
+                if u is not None and id(u) not in wanted:
+                    wanted[id(u)] = u
+                    todo.append(u)
+    return {args[i] for i in wanted if i in args}
+
+
 def _value_dependent(msg: str) -> bool:
     """The static compile failed because shapes or control flow depend on input values."""
     return "needs static shapes" in msg or any(f"no CUDA lowering for op '{c}'" in msg for c in ("If", "Loop", "Scan"))
@@ -57,9 +92,9 @@ class NncRep(BackendRep):
     def _cuda_run(self, feed):
         """Compiles the model once. When its shapes or control flow depend on input values (a
         shape tensor or a loop trip count fed as an input, so codegen cannot plan static buffers or
-        flatten the loop), specialise instead: small inputs are bound as constants, folded, and the
-        model is compiled for those values (cached by value), first integer inputs only, then all
-        small inputs."""
+        flatten the loop), specialise instead: exactly those inputs (`shape_inputs`) are bound as
+        constants, folded, and the model is compiled for their values (cached by value). Data
+        inputs stay inputs, so their computation still runs as kernels."""
         from .ir.errors import NncError
         from .runtime import compile_module_for_backend
         if self._cuda is None and self._static_error is None:
@@ -71,26 +106,20 @@ class NncRep(BackendRep):
                 if self.model is None or not _value_dependent(str(e)):
                     raise
                 self._static_error = e
+                self._shape_inputs = shape_inputs(import_model(self.model))
         if self._cuda is not None:
             return self._run_compiled(self._cuda, feed)
-        last = self._static_error
-        for ints_only in (True, False):
-            bound = {k: v for k, v in feed.items() if v.size <= SPECIALIZE_MAX_ELEMENTS
-                     and (v.dtype.kind in "iub" or not ints_only)}
-            if not bound:
-                continue
-            key = tuple(sorted((k, v.dtype.str, v.shape, v.tobytes()) for k, v in bound.items()))
-            if key not in self._specialized:
-                try:
-                    m = import_model(self.model, constants=bound)
-                    verify(m)
-                    self._specialized[key] = compile_module_for_backend(m)
-                except NncError as e:
-                    last = e
-                    continue
-            rest = {k: v for k, v in feed.items() if k not in bound}
-            return self._run_compiled(self._specialized[key], rest)
-        raise last
+        bound = {k: v for k, v in feed.items() if k in self._shape_inputs and v.size <= SPECIALIZE_MAX_ELEMENTS}
+        if not bound:
+            raise self._static_error
+        key = tuple(sorted((k, v.dtype.str, v.shape, v.tobytes()) for k, v in bound.items()))
+        if key not in self._specialized:
+            m = import_model(self.model, constants=bound)
+            verify(m)
+            self._specialized[key] = compile_module_for_backend(m)
+        rest = {k: v for k, v in feed.items() if k not in bound}
+        return self._run_compiled(self._specialized[key], rest)
+
 
 
 class NncBackend(Backend):
