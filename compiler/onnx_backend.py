@@ -15,6 +15,10 @@ from .onnx_import import import_model
 SPECIALIZE_MAX_ELEMENTS = 64  # inputs at most this big may be baked in as constants (CUDA)
 
 
+# ops that are pure functions of scalar operands, which their CUDA lowering evaluates at compile time
+GENERATORS = ("MelWeightMatrix", "HannWindow", "HammingWindow", "BlackmanWindow")
+
+
 def shape_inputs(module) -> set[str]:
     """Names of the model inputs whose *values* decide shapes or control flow: those that shape
     inference reads as constants (Reshape targets, Resize sizes, Range bounds...), Loop trip counts
@@ -31,6 +35,9 @@ def shape_inputs(module) -> set[str]:
         return None if v is None else const_value(v, module.weights)
 
     for op in module.main.walk():
+        if op.name in GENERATORS:  # lowered by evaluation at compile time: every operand decides
+            for v in op.operands:
+                record(v)
         if op.name in ("Loop", "If"):
             for v in op.operands[:2 if op.name == "Loop" else 1]:
                 record(v)

@@ -28,7 +28,8 @@ def _acc_type(dt) -> str:
     ct = compute_type(dt)
     if ct in ("float", "double"):
         return ct
-    return "int64_t" if dt.kind != "uint" else "uint64_t"
+    # bool accumulates unsigned, so the max/min identities are false/true (empty reductions)
+    return "int64_t" if dt.kind == "int" else "uint64_t"
 
 
 def _init(combine, acc):

@@ -1,6 +1,6 @@
 """Spatial sampling and resampling, one thread per output element. gridsample.cu.j2: GridSample
-(1-3-D, nearest / linear / cubic). misc2.cu.j2: Resize cubic / antialiased linear (priority 5 over
-movement.py's Resize: per-axis tap tables computed at compile time with the reference's own 1-D
+(1-3-D, nearest / linear / cubic). misc2.cu.j2: Resize linear / cubic (priority 5 over
+movement.py's Resize, which keeps nearest: per-axis tap tables computed at compile time with the reference's own 1-D
 resampler), RoiAlign, CenterCropPad, Col2Im, AffineGrid, DeformConv (bilinearly sampled inputs)."""
 from __future__ import annotations
 
@@ -34,10 +34,12 @@ def _grid_sample(ctx: LowerCtx):
 def _resize_taps(ctx: LowerCtx):
     a = ctx.attrs
     mode = getattr(a, "mode", "nearest")
-    if not (mode == "cubic" or (mode == "linear" and getattr(a, "antialias", 0))):
+    # every linear and cubic mode: the taps come from the reference resampler, so each
+    # coordinate_transformation_mode (half_pixel_symmetric, align_corners...) matches it exactly
+    if mode not in ("cubic", "linear"):
         return None
     if a.coordinate_transformation_mode == "tf_crop_and_resize":
-        ctx.fail("tf_crop_and_resize is not supported with cubic / antialias")
+        ctx.fail("tf_crop_and_resize is not supported with linear / cubic")
     from ...ir.ops.nn import _resize_axis
     x, y = ctx.inp(0), ctx.out(0)
     if empty_result(ctx):
