@@ -7,15 +7,14 @@ fold during import).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import numpy as np
 
 from . import registry
 from .errors import NncError
-from .graph import Loc, NameGen, Op, Region, Value
-from .types import TensorType, type_of_array
+from .graph import Loc, NameGen, Op, Region, Value, regions_of
+from .types import type_of_array
 from .weights import WeightStore
 
 FOLD_MAX_ELEMENTS = 1 << 16  # results larger than this stay ops (e.g. in-graph ConstantOfShape weights)
@@ -77,7 +76,7 @@ class Builder:
             attrs = registry.make_attrs(opdef.attrs, attrs or {}, where)
         types = registry.run_infer(opdef, attrs, operands, num_results, loc,
                                    lambda v: self.value_of(v), declared)
-        if self.fold and opdef.foldable and not any(r for _, r in _regions(attrs)):
+        if self.fold:
             folded = self._try_fold(opdef, attrs, operands, types, names, loc)
             if folded is not None:
                 return folded
@@ -89,28 +88,27 @@ class Builder:
     def _try_fold(self, opdef, attrs, operands, types, names, loc):
         vals = []
         for v in operands:
-            if v is None:
-                vals.append(None)
-                continue
-            a = self.value_of(v)
-            if a is None or a.size > FOLD_MAX_ELEMENTS:
+            a = None if v is None else self.value_of(v)
+            if v is not None and (a is None or a.size > FOLD_MAX_ELEMENTS):
                 return None
             vals.append(a)
-        if not all(t.is_static for t in types):
-            return None
-        if sum(int(np.prod(t.shape, dtype=np.int64)) for t in types) > FOLD_MAX_ELEMENTS:
-            return None
-        from .interp import call_ref
-        try:
-            outs = call_ref(opdef, attrs, vals, types, None)
-        except NncError:
+        outs = evaluate(opdef, attrs, vals, types)
+        if outs is None:
             return None
         names = names or [""] * len(types)
         return [self.constant(o, nm, loc) for o, nm in zip(outs, names)]
 
 
-def _regions(attrs):
-    if attrs is None or not dataclasses.is_dataclass(attrs):
-        return []
-    return [(f.name, getattr(attrs, f.name)) for f in dataclasses.fields(attrs)
-            if isinstance(getattr(attrs, f.name), Region)]
+def evaluate(opdef, attrs, vals: list, types: list) -> Optional[list]:
+    """An op's results computed at compile time by its reference semantics, from operand values
+    `vals` (None only for omitted optional operands); None when the op must stay an op: not
+    `foldable` (random, say), has regions, or gives non-static or over-large results."""
+    if not opdef.foldable or regions_of(attrs) or not all(t.is_static for t in types):
+        return None
+    if sum(int(np.prod(t.shape, dtype=np.int64)) for t in types) > FOLD_MAX_ELEMENTS:
+        return None
+    from .interp import call_ref
+    try:
+        return call_ref(opdef, attrs, vals, types, None)
+    except NncError:
+        return None

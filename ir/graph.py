@@ -56,14 +56,19 @@ class Op:
         return self.results[0]
 
     def regions(self) -> list[tuple[str, "Region"]]:
-        if self.attrs is None or not dataclasses.is_dataclass(self.attrs):
-            return []
-        return [(f.name, getattr(self.attrs, f.name)) for f in dataclasses.fields(self.attrs)
-                if isinstance(getattr(self.attrs, f.name), Region)]
+        return regions_of(self.attrs)
 
     def __repr__(self) -> str:
         res = ", ".join(f"%{r.name}" for r in self.results)
         return f"<{res} = {self.name} at {self.loc}>"
+
+
+def regions_of(attrs) -> list[tuple[str, "Region"]]:
+    """(field name, region) for every region-valued attribute of an attrs dataclass."""
+    if attrs is None or not dataclasses.is_dataclass(attrs):
+        return []
+    return [(f.name, getattr(attrs, f.name)) for f in dataclasses.fields(attrs)
+            if isinstance(getattr(attrs, f.name), Region)]
 
 
 @dataclass(eq=False)

@@ -14,7 +14,7 @@ import numpy as np
 from . import registry
 from .errors import InputError, NncError
 from .graph import Module, Op, Region
-from .types import TensorType, dims_compatible, dtype
+from .types import TensorType, dims_compatible
 
 
 class RefCtx:

@@ -12,7 +12,7 @@ from typing import Optional
 import ml_dtypes
 import numpy as np
 
-from .symbolic import UNKNOWN, Dim, Expr, fmt
+from .symbolic import UNKNOWN, Dim, fmt
 
 
 @dataclass(frozen=True)

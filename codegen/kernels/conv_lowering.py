@@ -18,7 +18,6 @@ unsupported dtypes, grids past the hardware limits.
 """
 from __future__ import annotations
 
-import numpy as np
 
 from ..lower import LowerCtx, lowering
 from . import conv, gemm

@@ -11,7 +11,6 @@ from .reduce import _acc_type, _axis_view
 @lowering("CumSum", "CumProd")
 def _cum(ctx: LowerCtx):
     x, y = ctx.inp(0), ctx.out(0)
-    rank = len(x.shape)
     if y.numel == 0:
         ctx.alias(0, x)
         return True

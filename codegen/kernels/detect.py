@@ -21,7 +21,6 @@ def _compress(ctx: LowerCtx):
     axis = ctx.attr("axis", None)
     shape = list(x.shape) if axis is not None else [x.numel]
     ax = _norm(int(axis), len(shape)) if axis is not None else 0
-    outer = int(np.prod(shape[:ax], dtype=np.int64))
     inner = int(np.prod(shape[ax + 1:], dtype=np.int64))
     D = shape[ax]
     n = min(cond.numel, D)

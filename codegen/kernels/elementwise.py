@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from ..lower import Buffer, LowerCtx, compute_type, ctype, lowering
+from ..lower import LowerCtx, compute_type, lowering
 from ..render import cfloat
 
 

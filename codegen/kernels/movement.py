@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..lower import Buffer, LowerCtx, contiguous_strides, lowering
-from ..render import cfloat
 from ._helpers import empty_result, misc2_launch
 from .elementwise import lit
 
@@ -153,7 +152,6 @@ def _gather(ctx: LowerCtx):
     rank = len(x.shape)
     axis = int(ctx.attr("axis", 0))
     axis = axis + rank if axis < 0 else axis
-    pre = int(np.prod(x.shape[:axis], dtype=np.int64))
     post = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
     n = y.numel
     if n == 0:

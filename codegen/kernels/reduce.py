@@ -147,7 +147,6 @@ def _layernorm(ctx: LowerCtx):
     for b, what in ((scale, "Scale"), (bias, "B")):
         if b is not None and b.numel not in (1, R):
             ctx.fail(f"{what} of {b.numel} elements does not cover the normalised {R} elements")
-    outs = [y]
     mean = ctx.out(1) if ctx.n_out > 1 else None
     rstd = ctx.out(2) if ctx.n_out > 2 else None
     args = [x] + [b for b in (scale, bias) if b is not None] + [y] + [b for b in (mean, rstd) if b is not None]

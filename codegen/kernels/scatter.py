@@ -19,7 +19,6 @@ def _gathernd(ctx: LowerCtx):
     if y.numel == 0:
         ctx.alias(0, ctx.new_weight(np.zeros(y.shape, y.dtype.np)))
         return True
-    nb = int(np.prod(x.shape[:b], dtype=np.int64))
     slice_ = int(np.prod(x.shape[b + kk:], dtype=np.int64))
     nj = int(np.prod(ind.shape[b:-1], dtype=np.int64))
     xs = x.strides()

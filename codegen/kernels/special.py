@@ -18,7 +18,6 @@ def _topk(ctx: LowerCtx):
     rank = len(x.shape)
     axis = int(ctx.attr("axis", -1))
     axis = axis + rank if axis < 0 else axis
-    outer = int(np.prod(x.shape[:axis], dtype=np.int64))
     inner = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
     R = x.shape[axis]
     k = ctx.render("topk.cu.j2", "topk", ctype=x.ctype, compute=compute_type(x.dtype), R=R, inner=inner, K=K,

@@ -11,10 +11,9 @@ result is never bypassed (the result name is the model's output name).
 """
 from __future__ import annotations
 
-import numpy as np
 
 from nnc.ir.builder import const_value
-from nnc.ir.graph import Function, Module, Region
+from nnc.ir.graph import Module, Region
 from nnc.ir.rewrite import is_result, replace_uses
 
 

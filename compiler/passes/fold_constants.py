@@ -9,10 +9,8 @@ Leaves big producers (e.g. in-graph ConstantOfShape weights) alone: they stay ch
 from __future__ import annotations
 
 from nnc.ir import registry
-from nnc.ir.builder import FOLD_MAX_ELEMENTS, Builder, const_value
-from nnc.ir.errors import NncError
+from nnc.ir.builder import Builder, const_value, evaluate
 from nnc.ir.graph import Module, NameGen, Region, value_names
-from nnc.ir.interp import call_ref
 from nnc.ir.rewrite import replace_uses
 
 
@@ -23,24 +21,17 @@ def _region(r: Region, module: Module, names: NameGen) -> bool:
     for op in list(r.ops):
         for _, sub in op.regions():
             changed |= _region(sub, module, names)
-        opdef = registry.get(op.name)
         vals = [None if v is None else const_value(v, module.weights) for v in op.operands]
-        ok = (op.name != "const" and opdef.foldable and not op.regions()
-              and all(x is not None for v, x in zip(op.operands, vals) if v is not None)
-              and all(r_.type.is_static for r_ in op.results)
-              and sum(int(r_.type.numel) for r_ in op.results) <= FOLD_MAX_ELEMENTS)
-        if ok:
-            try:
-                outs = call_ref(opdef, op.attrs, vals, [x.type for x in op.results], None)
-            except NncError:
-                outs = None
-            if outs is not None:
-                for res, val in zip(op.results, outs):
-                    names.taken.discard(res.name)
-                    c = b.constant(val, res.name, op.loc, weight_hint=res.name)
-                    replace_uses(r, res, c)
-                changed = True
-                continue
+        outs = None
+        if op.name != "const" and all(x is not None for v, x in zip(op.operands, vals) if v is not None):
+            outs = evaluate(registry.get(op.name), op.attrs, vals, [x.type for x in op.results])
+        if outs is not None:
+            for res, val in zip(op.results, outs):
+                names.taken.discard(res.name)
+                c = b.constant(val, res.name, op.loc, weight_hint=res.name)
+                replace_uses(r, res, c)
+            changed = True
+            continue
         new_ops.append(op)
     r.ops = new_ops
     return changed

@@ -2,8 +2,9 @@
 
 Rewrites:
 - If whose cond is a compile-time value (a `const`, or pure ops over consts, evaluated here without
-  rewriting them: a cond computed from an earlier inlined branch's constants counts) -> the chosen branch's ops, moved in place of the If (outer-scope
-  references already point at the outer values; branches take no arguments);
+  rewriting them: a cond computed from an earlier inlined branch's constants counts) -> the chosen
+  branch's ops, moved in place of the If (outer-scope references already point at the outer
+  values; branches take no arguments);
 - If with a non-constant cond whose branches return pairwise equal static types and contain only
   pure ops (registry `foldable`, no regions) -> both branches' ops, then one
   `Where(cond, then_value, else_value)` per result (Where broadcasts the one-element cond; a
@@ -22,15 +23,10 @@ import collections
 import numpy as np
 
 from nnc.ir import registry
-from nnc.ir.builder import FOLD_MAX_ELEMENTS, Builder, const_value
-from nnc.ir.errors import NncError
+from nnc.ir.builder import Builder, const_value, evaluate
 from nnc.ir.graph import Loc, Module, NameGen, Op, Region
-from nnc.ir.interp import call_ref
 from nnc.ir.rewrite import replace_uses
 
-# registered ops whose value is not a function of their operands: never evaluated speculatively
-_IMPURE = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
-           "Bernoulli"}
 MAX_SELECT_OPS = 256  # a branch bigger than this keeps its If (both sides would always run)
 
 
@@ -41,23 +37,16 @@ def static_value(v, weights, depth: int = 16):
     if cv is not None or depth == 0:
         return cv
     op = v.producer
-    if op is None or op.regions() or op.name in _IMPURE or not registry.get(op.name).foldable:
-        return None
-    if not all(r.type.is_static for r in op.results) or \
-            sum(int(r.type.numel) for r in op.results) > FOLD_MAX_ELEMENTS:
+    if op is None:
         return None
     vals = []
     for x in op.operands:
-        if x is None:
-            vals.append(None)
-            continue
-        xv = static_value(x, weights, depth - 1)
-        if xv is None:
+        xv = None if x is None else static_value(x, weights, depth - 1)
+        if x is not None and xv is None:
             return None
         vals.append(xv)
-    try:
-        outs = call_ref(registry.get(op.name), op.attrs, vals, [r.type for r in op.results], None)
-    except NncError:
+    outs = evaluate(registry.get(op.name), op.attrs, vals, [r.type for r in op.results])
+    if outs is None:
         return None
     return next(o for r, o in zip(op.results, outs) if r is v)
 
@@ -108,7 +97,7 @@ def bind_results(b: Builder, olds: list, news: list, fresh: set, region: Region,
 
 def _pure(r: Region) -> bool:
     for op in r.ops:
-        if op.regions() or op.name in _IMPURE or not registry.get(op.name).foldable:
+        if op.regions() or not registry.get(op.name).foldable:
             return False
     return True
 

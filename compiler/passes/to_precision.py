@@ -18,7 +18,7 @@ from nnc.ir import registry
 from nnc.ir.builder import Builder, const_value
 from nnc.ir.errors import NncError
 from nnc.ir.graph import Module, NameGen, Value, value_names
-from nnc.ir.types import F32, DType, TensorType, dtype
+from nnc.ir.types import F32, DType, dtype
 
 
 def _retarget_attrs(attrs, low: DType):

@@ -256,7 +256,6 @@ def _convt_geometry(a, in_sizes, kernel):
 def _convt_infer(ctx):
     a = ctx.attrs
     xs, ws = ctx.shape(0), ctx.shape(1)
-    nd = len(xs) - 2
     kernel = a.kernel_shape or tuple(ws[2:])
     _, out = _convt_geometry(a, xs[2:], kernel)
     return [TensorType(ctx.dtype(0), (xs[0], ws[1] * a.group) + tuple(out))]

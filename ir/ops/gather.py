@@ -14,7 +14,7 @@ from ..errors import NncError
 from ..registry import NoAttrs, register
 from ..symbolic import UNKNOWN
 from ..types import I64, TensorType
-from ._util import norm_axis, same_as
+from ._util import norm_axis
 from .shape import int_list
 
 

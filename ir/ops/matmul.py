@@ -9,7 +9,6 @@ import numpy as np
 
 from ..errors import NncError
 from ..registry import NoAttrs, register
-from ..symbolic import UNKNOWN
 from ..types import I32, TensorType, dtype
 from ._util import broadcast_shapes, is_float
 from .conv import acc_dtype, requantize

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import NncError
 from ..registry import NoAttrs, register
-from ..types import I64, TensorType
+from ..types import I64
 from ._util import same_as
 from .gather import _fix_index
 

@@ -86,7 +86,6 @@ def _prepare(a, x, fill):
 
 
 def _crop(win, out):
-    nd = len(out)
     return win[(slice(None), slice(None)) + tuple(slice(0, o) for o in out)]
 
 
@@ -146,7 +145,6 @@ def _avgpool_ref(a: AvgPoolAttrs, x):
     xa = x.astype(acc, copy=False)
     xp, out, pads, extra, k, s, d = _prepare(a, xa, 0)
     nd = len(k)
-    axes = tuple(range(-nd, 0))
     sums = _tap_reduce(xp, out, k, s, d, np.add)
     # divisor: number of counted positions in each window
     spatial = x.shape[2:]
@@ -166,7 +164,6 @@ register("AveragePool", AvgPoolAttrs, infer=_pool_infer, ref=_avgpool_ref)
 def _lppool_ref(a: LpPoolAttrs, x):
     acc = acc_dtype(x.dtype)
     xp, out, pads, extra, k, s, d = _prepare(a, np.abs(x.astype(acc)) ** a.p, 0)
-    nd = len(k)
     sums = _tap_reduce(xp, out, k, s, d, np.add)
     return (sums ** (1.0 / a.p)).astype(x.dtype, copy=False)
 

@@ -11,8 +11,7 @@ import numpy as np
 from ..errors import NncError
 from ..registry import register
 from ..symbolic import UNKNOWN
-from ..types import F32, I64, DType, TensorType
-from ._util import norm_axis
+from ..types import F32, DType, TensorType
 
 
 def _scalar(v):

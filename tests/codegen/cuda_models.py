@@ -3,7 +3,6 @@ structure/NVRTC tests and the GPU correctness tests)."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh

@@ -9,9 +9,7 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 
-from nnc.codegen.emit import compile_to_dir
 from nnc.ir.interp import Interpreter
-from nnc.onnx_import import import_model
 
 from .cuda_models import N, mk, compile_models
 from .cuda_models import random_feed as _random_feed

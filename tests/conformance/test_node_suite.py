@@ -5,7 +5,6 @@ so the list stays honest. The pass count is printed (pytest -s, or the summary l
 """
 from pathlib import Path
 
-import pytest
 
 from .node_suite import load_cases, run_case
 

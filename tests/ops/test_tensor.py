@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import nnc
-from nnc.ir import Interpreter, parse, print_module, registry, verify
+from nnc.ir import parse, print_module, registry, verify
 from nnc.ir.builder import const_value
 from tests.ops.util import run_nnc
 
