@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .codegen.cuda import normalize_arch
 from .ir.printer import print_module
 from .ir.symbolic import fmt
 from .ir.verify import verify
@@ -20,16 +21,6 @@ from .pipeline import DEFAULT_PIPELINE, Pipeline
 def io_entry(v) -> dict:
     shape = None if v.type.shape is None else [d if isinstance(d, int) else fmt(d) for d in v.type.shape]
     return {"name": v.name, "dtype": v.type.dtype.np_name, "shape": shape}
-
-
-def default_arch() -> str:
-    """The present GPU's sm_XY, else sm_90 (compiling needs no GPU)."""
-    try:
-        import cupy
-        major, minor = cupy.cuda.Device(0).compute_capability[:1], cupy.cuda.Device(0).compute_capability[1:]
-        return f"sm_{major}{minor}"
-    except Exception:
-        return "sm_90"
 
 
 def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp32", tf32: bool = False,
@@ -43,11 +34,8 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
         passes += [f"to-{precision}", "canonicalize", "dce"]
     pipe = Pipeline(passes, verify_each, Path(dump_ir) if dump_ir else None)
     pipe.run(module)
-    (out / "ir").mkdir(parents=True, exist_ok=True)
-    (out / "ir" / "final.nnir").write_text(print_module(module))
-    module.weights.save(out / "ir" / "final")
     plan = {
-        "arch": arch or default_arch(),
+        "arch": normalize_arch(arch),  # the GPU present, else sm_90; validates e.g. "90" -> sm_90
         "inputs": [io_entry(a) for a in module.main.args],
         "outputs": [io_entry(r) for r in module.main.results],
         "passes": [r.name for r in pipe.records],
@@ -56,9 +44,12 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
         "kernels": [],
         "memory": {"arena_bytes": 0, "naive_bytes": 0, "peak_live_bytes": 0},
     }
-    if codegen:
+    if codegen:  # writes ir/, the CUDA files and plan.json (this plan's fields kept)
         from .codegen.emit import compile_to_dir
-        plan.update(compile_to_dir(module, out, arch=plan["arch"], precision=precision, tf32=tf32,
-                                   backend=backend, base_plan=plan))
+        return compile_to_dir(module, out, arch=plan["arch"], precision=precision, tf32=tf32,
+                              backend=backend, base_plan=plan)
+    (out / "ir").mkdir(parents=True, exist_ok=True)
+    (out / "ir" / "final.nnir").write_text(print_module(module))
+    module.weights.save(out / "ir" / "final")
     (out / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
     return plan

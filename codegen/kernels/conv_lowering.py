@@ -44,6 +44,17 @@ def _geometry_2d(x_shape, w_shape):
     return None
 
 
+def _operands(ctx: LowerCtx):
+    """((x, w, y, bias), kernel dtype, 2-D geometry) of a Conv/ConvTranspose the fast kernels
+    take, or None (unsupported dtype, empty output, 3-D): the lowering then declines."""
+    x, w, y, bias = ctx.inp(0), ctx.inp(1), ctx.out(0), ctx.inp(2)
+    dt = kernel_dtype(x, w, y, bias)
+    g2 = _geometry_2d(x.shape, w.shape)
+    if dt is None or y.numel == 0 or g2 is None:
+        return None
+    return (x, w, y, bias), dt, g2
+
+
 def _to2(v, nd, fill):
     v = list(v)
     return tuple(v) if nd == 2 else (fill, v[0])
@@ -59,14 +70,10 @@ def _emit_direct(ctx, pr, x, w, y, bias):
 
 @lowering("Conv", priority=FAST_PRIORITY)
 def _conv(ctx: LowerCtx):
-    x, w, y, bias = ctx.inp(0), ctx.inp(1), ctx.out(0), ctx.inp(2)
-    dt = kernel_dtype(x, w, y, bias)
-    if dt is None or y.numel == 0:
+    got = _operands(ctx)
+    if got is None:
         return None
-    g2 = _geometry_2d(x.shape, w.shape)
-    if g2 is None:
-        return None
-    N, C, H, W, R, S, nd = g2
+    (x, w, y, bias), dt, (N, C, H, W, R, S, nd) = got
     in_sp, out_sp, kernel = list(x.shape[2:]), list(y.shape[2:]), list(w.shape[2:])
     strides = list(ctx.attr("strides") or [1] * nd)
     dil = list(ctx.attr("dilations") or [1] * nd)
@@ -136,14 +143,10 @@ def _conv(ctx: LowerCtx):
 @lowering("ConvTranspose", priority=FAST_PRIORITY)
 def _conv_transpose(ctx: LowerCtx):
     from ...ir.ops.conv import _convt_geometry
-    x, w, y, bias = ctx.inp(0), ctx.inp(1), ctx.out(0), ctx.inp(2)
-    dt = kernel_dtype(x, w, y, bias)
-    if dt is None or y.numel == 0:
+    got = _operands(ctx)
+    if got is None:
         return None
-    g2 = _geometry_2d(x.shape, w.shape)
-    if g2 is None:
-        return None
-    N, C, H, W, R, S, nd = g2
+    (x, w, y, bias), dt, (N, C, H, W, R, S, nd) = got
     groups = int(ctx.attr("group", 1) or 1)
     K = y.shape[1]
     kernel = list(w.shape[2:])
