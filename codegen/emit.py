@@ -20,6 +20,7 @@ import numpy as np
 
 from ..ir.graph import Module
 from ..ir.printer import print_module
+from ..progress import stage
 from . import cuda
 from .lower import Buffer, Plan, Scalar, lower
 from .render import render
@@ -161,14 +162,17 @@ def compile_to_dir(module: Module, out_dir, arch: Optional[str] = None, precisio
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     arch = cuda.normalize_arch(arch)
-    plan = lower(module, {"arch": arch, "precision": precision, "tf32": bool(tf32)})
-    sources = render_sources(plan, name, arch, precision)
+    with stage("lowering"):  # stage times: `nnc compile -v` (see nnc.progress)
+        plan = lower(module, {"arch": arch, "precision": precision, "tf32": bool(tf32)})
+    with stage("render"):
+        sources = render_sources(plan, name, arch, precision)
     src = sources["model.cu"]
     source_sha = hashlib.sha256((arch + backend + src).encode()).hexdigest()
     cubin_path = out / "model.cubin"
     old = _read_json(out / "plan.json")
     if not (cubin_path.exists() and old and old.get("source_sha256") == source_sha):
-        cubin = cuda.compile_source(src, arch, backend)
+        with stage(backend):  # the CUDA compile: parallel code reports through current().task
+            cubin = cuda.compile_source(src, arch, backend)
         cubin_path.write_bytes(cubin)
     for fname, text in sources.items():
         (out / fname).write_text(text)

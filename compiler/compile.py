@@ -15,7 +15,8 @@ from .codegen.cuda import normalize_arch
 from .ir.printer import print_module
 from .ir.symbolic import fmt
 from .ir.verify import verify
-from .pipeline import DEFAULT_PIPELINE, Pipeline
+from . import progress
+from .pipeline import DEFAULT_PIPELINE, Pipeline, count_ops
 
 
 def io_entry(v) -> dict:
@@ -27,8 +28,12 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
                   backend: str = "nvrtc", codegen: bool = True, verify_each: bool = False, dump_ir=None) -> dict:
     from .onnx_import import import_model, parse_shapes
     out = Path(out)
-    module = import_model(model, shapes=parse_shapes(shapes) if isinstance(shapes, str) else shapes)
-    verify(module)
+    rep = progress.current()
+    with rep.stage("import"):
+        module = import_model(model, shapes=parse_shapes(shapes) if isinstance(shapes, str) else shapes)
+        verify(module)
+    if rep.verbose:
+        rep.log(f"  import {'':<14} {rep.times['import'] * 1e3:9.1f} ms {count_ops(module):8d} ops")
     passes = list(DEFAULT_PIPELINE)
     if precision in ("fp16", "bf16"):
         passes += [f"to-{precision}", "canonicalize", "dce"]
@@ -46,8 +51,9 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
     }
     if codegen:  # writes ir/, the CUDA files and plan.json (this plan's fields kept)
         from .codegen.emit import compile_to_dir
-        return compile_to_dir(module, out, arch=plan["arch"], precision=precision, tf32=tf32,
-                              backend=backend, base_plan=plan)
+        with rep.stage("codegen"):  # lowering, render, the CUDA compile and writing OUT
+            return compile_to_dir(module, out, arch=plan["arch"], precision=precision, tf32=tf32,
+                                  backend=backend, base_plan=plan)
     (out / "ir").mkdir(parents=True, exist_ok=True)
     (out / "ir" / "final.nnir").write_text(print_module(module))
     module.weights.save(out / "ir" / "final")

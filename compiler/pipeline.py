@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import progress
 from .ir.errors import NncError
 from .ir.graph import Module
 from .ir.printer import print_module
@@ -54,6 +55,11 @@ class PassRecord:
     name: str
     seconds: float
     changed: bool
+    ops: int = 0  # ops in the module after the pass (nested regions included)
+
+
+def count_ops(module: Module) -> int:
+    return sum(1 for f in module.functions for _ in f.walk())
 
 
 @dataclass
@@ -68,17 +74,24 @@ class Pipeline:
         if self.dump_dir is not None:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             (self.dump_dir / "00-input.nnir").write_text(print_module(module))
-        for i, (name, fn) in enumerate(fns, 1):
-            t0 = time.perf_counter()
-            changed = fn(module)
-            self.records.append(PassRecord(name, time.perf_counter() - t0, bool(changed)))
-            if self.verify_each:
-                try:
-                    verify(module)
-                except NncError as e:
-                    raise NncError(f"after pass {name!r}: {e}") from None
-            if self.dump_dir is not None:
-                (self.dump_dir / f"{i:02d}-{name}.nnir").write_text(print_module(module))
+        rep = progress.current()  # the progress bar / `-v` lines (silent unless the CLI set one)
+        with rep.stage("passes", total=len(fns)) as task:
+            for i, (name, fn) in enumerate(fns, 1):
+                task.describe(name)
+                t0 = time.perf_counter()
+                changed = fn(module)
+                rec = PassRecord(name, time.perf_counter() - t0, bool(changed), count_ops(module))
+                self.records.append(rec)
+                rep.log(f"  pass {name:<16} {rec.seconds * 1e3:9.1f} ms {rec.ops:8d} ops"
+                        f"{'  (changed)' if rec.changed else ''}")
+                if self.verify_each:
+                    try:
+                        verify(module)
+                    except NncError as e:
+                        raise NncError(f"after pass {name!r}: {e}") from None
+                if self.dump_dir is not None:
+                    (self.dump_dir / f"{i:02d}-{name}.nnir").write_text(print_module(module))
+                task.advance()
         return module
 
 
