@@ -24,6 +24,14 @@ def io_entry(v) -> dict:
     return {"name": v.name, "dtype": v.type.dtype.np_name, "shape": shape}
 
 
+def pipeline_passes(precision: str = "fp32") -> list[str]:
+    """The pass list `nnc compile` runs at this precision (`nnc verify` runs the same one)."""
+    passes = list(DEFAULT_PIPELINE)
+    if precision in ("fp16", "bf16"):
+        passes += [f"to-{precision}", "canonicalize", "dce"]
+    return passes
+
+
 def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp32", tf32: bool = False,
                   backend: str = "nvrtc", codegen: bool = True, verify_each: bool = False, dump_ir=None) -> dict:
     from .onnx_import import import_model, parse_shapes
@@ -34,10 +42,7 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
         verify(module)
     if rep.verbose:
         rep.log(f"  import {'':<14} {rep.times['import'] * 1e3:9.1f} ms {count_ops(module):8d} ops")
-    passes = list(DEFAULT_PIPELINE)
-    if precision in ("fp16", "bf16"):
-        passes += [f"to-{precision}", "canonicalize", "dce"]
-    pipe = Pipeline(passes, verify_each, Path(dump_ir) if dump_ir else None)
+    pipe = Pipeline(pipeline_passes(precision), verify_each, Path(dump_ir) if dump_ir else None)
     pipe.run(module)
     plan = {
         "arch": normalize_arch(arch),  # the GPU present, else sm_90; validates e.g. "90" -> sm_90
