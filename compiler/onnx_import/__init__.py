@@ -178,6 +178,7 @@ class _Importer:
         for init in g.initializer:
             env[init.name] = b.constant(self.tensor(init), init.name, Loc(), init.name)
         self.nodes(g.node, b, [env])
+        self.tensors = env  # ONNX tensor name -> IR value (main graph), for import_model(tensor_map=)
         results = []
         for o in g.output:
             if o.name not in env or env[o.name] is None:
@@ -299,10 +300,12 @@ def _arg_hints(node: onnx.NodeProto, inputs: list, opset: int) -> list:
     return []
 
 
-def import_model(path_or_model, shapes: Optional[dict] = None, constants: Optional[dict] = None) -> Module:
+def import_model(path_or_model, shapes: Optional[dict] = None, constants: Optional[dict] = None,
+                 tensor_map: Optional[dict] = None) -> Module:
     """Imports an ONNX model (path or ModelProto). `shapes` binds input dims: {name: [1, 3, 224, 224]}.
     `constants` binds inputs to values ({name: array}): they become constants and fold, which
-    specialises shape inputs (a Reshape's target fed as an input, say) into static shapes."""
+    specialises shape inputs (a Reshape's target fed as an input, say) into static shapes.
+    `tensor_map`, if given, receives {ONNX tensor name: IR Value} for the main graph's tensors."""
     base_dir = ""
     if isinstance(path_or_model, (str, Path)):
         p = Path(path_or_model)
@@ -317,7 +320,10 @@ def import_model(path_or_model, shapes: Optional[dict] = None, constants: Option
         model = path_or_model
     imp = _Importer(model, shapes, constants)
     imp.base_dir = base_dir
-    return imp.run()
+    module = imp.run()
+    if tensor_map is not None:  # `nnc verify --per-layer` maps IR values back to ONNX tensors
+        tensor_map.update({k: v for k, v in imp.tensors.items() if k and v is not None})
+    return module
 
 
 def parse_shapes(spec: str) -> dict:
