@@ -7,7 +7,7 @@ so a wrong reference implementation fails loudly instead of drifting.
 from __future__ import annotations
 
 from collections import ChainMap
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -60,8 +60,11 @@ def call_ref(opdef, attrs, vals: list, types: list, ctx: Optional[RefCtx]) -> li
 
 
 class Interpreter:
-    def __init__(self, module: Module):
+    def __init__(self, module: Module, observe: Optional[Callable[[Op, list], None]] = None):
+        """observe(op, results): called after every op runs (ops inside regions too, once per
+        execution), with its result arrays; `nnc verify --per-layer` reads intermediates this way."""
         self.module = module
+        self.observe = observe
 
     def run(self, inputs: dict, func: str = "main") -> dict[str, np.ndarray]:
         f = next((g for g in self.module.functions if g.name == func), None)
@@ -92,6 +95,8 @@ class Interpreter:
                 raise NncError(f"{op.loc}: {e}") from e.__cause__
             for r, o in zip(op.results, outs):
                 env[id(r)] = o
+            if self.observe is not None:
+                self.observe(op, outs)
         return [env[id(v)] for v in region.results]
 
 
