@@ -255,7 +255,30 @@ def run_infer(opdef: OpDef, attrs, operands: list, num_results: int, loc: Loc,
     out = list(out)[:num_results]
     if len(out) < num_results:
         ctx.fail(f"inference gave {len(out)} result types, {num_results} requested")
+    for i, t in enumerate(out):
+        check_extents(t, lambda msg, i=i: ctx.fail(f"result {i}: {msg}"))
     return out
+
+
+# A tensor with more elements than this is refused at compile time: no device holds it, and the
+# reference interpreter would die allocating it (2**36 elements = 256 GiB of f32).
+MAX_ELEMENTS = 1 << 36
+
+
+def check_extents(t: TensorType, fail: Callable[[str], Any]) -> None:
+    """Every static dim of `t` is >= 0 and its static element count is at most MAX_ELEMENTS.
+    `fail(msg)` raises (with the caller's location); a negative extent comes from bad attributes
+    (negative pads, huge dilations) or a malformed model, never from a valid graph."""
+    if t is None or t.shape is None:
+        return
+    n = 1
+    for d in t.shape:
+        if isinstance(d, int):
+            if d < 0:
+                fail(f"negative extent {d} in {t}")
+            n *= d
+    if n > MAX_ELEMENTS:
+        fail(f"{t} has {n} elements, more than the {MAX_ELEMENTS} nnc accepts")
 
 
 def unknown_dims(rank: int) -> tuple:

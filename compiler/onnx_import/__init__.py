@@ -27,6 +27,7 @@ from ..ir.errors import ImportError_, NncError
 from ..ir.graph import Function, Loc, Module, NameGen, Region, Value
 from ..ir.types import TensorType, dtype
 from ..ir.weights import WeightStore
+from ._validate import check_model, check_unique
 
 MIN_OPSET, MAX_OPSET = 1, 28  # the node suite reaches opset 28
 IMPORTERS: dict[str, Callable] = {}
@@ -105,19 +106,31 @@ def sanitize_symbol(name: str) -> str:
     return s if re.match(r"[A-Za-z_]", s) else "s" + s
 
 
+def onnx_dtype(elem_type: int, what: str):
+    """The DType of an ONNX element type; the error names `what` and the type by its ONNX name."""
+    try:
+        return dtype(int(elem_type))
+    except ValueError:
+        try:
+            tname = onnx.TensorProto.DataType.Name(elem_type)
+        except ValueError:
+            tname = "not a TensorProto.DataType"
+        raise ImportError_(f"{what}: ONNX element type {tname} ({elem_type}) is not supported") from None
+
+
 def onnx_type(tp: onnx.TypeProto, shapes: dict, name: str) -> TensorType:
     if not tp.HasField("tensor_type"):
         raise ImportError_(f"value {name!r}: only tensor types are supported, got {tp.WhichOneof('value')}")
     tt = tp.tensor_type
-    try:
-        dt = dtype(tt.elem_type)
-    except ValueError as e:
-        raise ImportError_(f"value {name!r}: {e}") from None
+    dt = onnx_dtype(tt.elem_type, f"value {name!r}")
     if not tt.HasField("shape"):
         return TensorType(dt, None)
     dims = []
     for d in tt.shape.dim:
         if d.HasField("dim_value"):
+            if d.dim_value < 0:
+                raise ImportError_(f"value {name!r}: dim {len(dims)} is {d.dim_value}; dims must be >= 0 "
+                                   f"(a symbolic dim is written with dim_param)")
             dims.append(int(d.dim_value))
         elif d.HasField("dim_param") and d.dim_param:
             dims.append(symbolic.sym(sanitize_symbol(d.dim_param)))
@@ -127,11 +140,14 @@ def onnx_type(tp: onnx.TypeProto, shapes: dict, name: str) -> TensorType:
 
 
 class _Importer:
-    def __init__(self, model: onnx.ModelProto, shapes: Optional[dict], constants: Optional[dict] = None):
+    def __init__(self, model: onnx.ModelProto, shapes: Optional[dict], constants: Optional[dict] = None,
+                 what: str = "model"):
+        check_model(model, what)
         self.model = model
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        if self.opset and not MIN_OPSET <= self.opset <= MAX_OPSET:
-            raise ImportError_(f"model opset {self.opset} is outside the supported range {MIN_OPSET}..{MAX_OPSET}")
+        default = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+        self.opset = default[0] if default else 0  # 0: only other domains (ai.onnx.ml) are used
+        if default and not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise ImportError_(f"{what}: opset {self.opset} is outside the supported range {MIN_OPSET}..{MAX_OPSET}")
         self.shapes = dict(shapes or {})
         self.constants = dict(constants or {})
         self.weights = WeightStore()
@@ -144,6 +160,10 @@ class _Importer:
         b = Builder(fn, self.weights, self.names, fold=True)
         env: dict[str, Optional[Value]] = {"": None}
         bindings: dict[str, int] = {}
+        check_unique([i.name for i in g.input], "graph input", f"graph {g.name!r}")
+        check_unique([i.name for i in g.initializer], "initializer", f"graph {g.name!r}")
+        check_unique([o.name for o in g.output], "output", f"graph {g.name!r}",
+                     "is listed twice in graph.output (a value is one output; add an Identity for a copy)")
         real_inputs = [i for i in g.input if i.name not in init_names]
         unknown = set(self.shapes) - {i.name for i in real_inputs}
         if unknown:
@@ -176,7 +196,7 @@ class _Importer:
             if a.type.shape is not None:
                 a.type = a.type.with_shape(symbolic.substitute(d, bindings) for d in a.type.shape)
         for init in g.initializer:
-            env[init.name] = b.constant(self.tensor(init), init.name, Loc(), init.name)
+            env[init.name] = b.constant(self.tensor(init, f"initializer {init.name!r}"), init.name, Loc(), init.name)
         self.nodes(g.node, b, [env])
         self.tensors = env  # ONNX tensor name -> IR value (main graph), for import_model(tensor_map=)
         results = []
@@ -187,12 +207,13 @@ class _Importer:
         fn.results = results
         return Module([fn], self.weights)
 
-    def tensor(self, t: onnx.TensorProto) -> np.ndarray:
+    def tensor(self, t: onnx.TensorProto, what: str = "") -> np.ndarray:
+        dt = onnx_dtype(t.data_type, what or f"tensor {t.name!r}")
         try:
             a = numpy_helper.to_array(t, base_dir=getattr(self, "base_dir", ""))
         except Exception as e:
             raise ImportError_(f"tensor {t.name!r}: cannot read ({e})") from None
-        return np.asarray(a).astype(dtype(t.data_type).np, copy=False)
+        return np.asarray(a).astype(dt.np, copy=False)
 
     def lookup(self, name: str, scopes: list) -> Optional[Value]:
         for s in reversed(scopes):
@@ -213,6 +234,10 @@ class _Importer:
                 registry._ensure_loaded()
                 if node.op_type not in registry.REGISTRY or node.op_type[0].islower():  # lowercase: nnc-internal
                     raise ImportError_(f"{where}: unsupported ONNX op {node.op_type!r}")
+            for k, name in enumerate(node.output):
+                if name and (name in env or name in node.output[:k]):
+                    raise ImportError_(f"{where}: output {name!r} is already defined (by a graph input, "
+                                       f"an initializer or another node); ONNX allows one producer per name")
             inputs = []
             for n in node.input:
                 v = self.lookup(n, scopes) if n else None
@@ -238,7 +263,7 @@ class _Importer:
         if a.type == T.GRAPH:
             return self.subgraph(a.g, b, scopes, hints)
         if a.type == T.TENSOR:
-            return self.tensor(a.t)
+            return self.tensor(a.t, f"{where}: attribute {a.name!r}")
         if a.type in (T.SPARSE_TENSOR, T.SPARSE_TENSORS, T.TYPE_PROTO, T.TYPE_PROTOS, T.GRAPHS, T.TENSORS):
             raise ImportError_(f"{where}: attribute {a.name!r} of type {T.AttributeType.Name(a.type)} is not supported")
         v = onnx.helper.get_attribute_value(a)
@@ -256,6 +281,8 @@ class _Importer:
         r = Region([], [], [])
         b = Builder(r, self.weights, self.names, fold=True)
         env: dict = {"": None}
+        check_unique([i.name for i in g.input] + [i.name for i in g.initializer], "input or initializer",
+                     f"subgraph {g.name!r}")
         for k, i in enumerate(g.input):
             typed = i.type.HasField("tensor_type") and i.type.tensor_type.elem_type != 0
             if i.type.WhichOneof("value") is None or (i.type.HasField("tensor_type") and not typed):
@@ -318,7 +345,7 @@ def import_model(path_or_model, shapes: Optional[dict] = None, constants: Option
         base_dir = str(p.parent)
     else:
         model = path_or_model
-    imp = _Importer(model, shapes, constants)
+    imp = _Importer(model, shapes, constants, str(path_or_model) if base_dir else "model")
     imp.base_dir = base_dir
     module = imp.run()
     if tensor_map is not None:  # `nnc verify --per-layer` maps IR values back to ONNX tensors
@@ -339,4 +366,6 @@ def parse_shapes(spec: str) -> dict:
             out[name] = [int(d) for d in dims.split("x")] if dims else []
         except ValueError:
             raise NncError(f"--shapes: {part!r}: dims must be integers joined by 'x'") from None
+        if any(d < 0 for d in out[name]):
+            raise NncError(f"--shapes: {part!r}: dims must be >= 0")
     return out

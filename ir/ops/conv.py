@@ -31,6 +31,9 @@ def _ints(t, n, default):
 
 def conv_out_dim(i, k, s, d, pb, pe, auto_pad, ceil=False):
     """Output extent of a sliding window (works on symbolic dims)."""
+    for what, v, lo in (("kernel size", k, 1), ("stride", s, 1), ("dilation", d, 1), ("pad", pb, 0), ("pad", pe, 0)):
+        if isinstance(v, int) and v < lo:
+            raise NncError(f"{what} {v} must be >= {lo}")
     keff = (k - 1) * d + 1
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         return (i + s - 1) // s
@@ -41,8 +44,15 @@ def conv_out_dim(i, k, s, d, pb, pe, auto_pad, ceil=False):
         o = (num + s - 1) // s + 1
         if isinstance(o, int) and isinstance(i, int) and (o - 1) * s >= i + pb:
             o -= 1  # the last window would start in the end padding
-        return o
-    return num // s + 1
+        return _positive(o, i, keff)
+    return _positive(num // s + 1, i, keff)
+
+
+def _positive(o, i, keff):
+    if isinstance(o, int) and o < 1 and isinstance(i, int) and i > 0:
+        raise NncError(f"the window (effective extent {keff}) does not fit the padded input extent {i}: "
+                       f"output extent would be {o}")
+    return o
 
 
 def resolve_pads(in_sizes, kernel, strides, dilations, auto_pad, pads):

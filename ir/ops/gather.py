@@ -33,9 +33,24 @@ class AxisAttrs:
     axis: int = 0
 
 
+def check_const_index(ctx, i: int, dim, what="index"):
+    """A constant index operand must lie in [-dim, dim): caught at compile time, because the CUDA
+    kernels do not bounds-check (an out-of-range runtime index is an error in the reference
+    interpreter and undefined on the GPU, as in ONNX)."""
+    idx = ctx.value(i)
+    if idx is None or not isinstance(dim, int) or not np.asarray(idx).size:
+        return
+    idx = np.asarray(idx).astype(np.int64)
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < -dim or hi >= dim:
+        bad = lo if lo < -dim else hi
+        ctx.fail(f"constant {what} {bad} is out of range for extent {dim} (valid: {-dim}..{dim - 1})")
+
+
 def _gather_infer(ctx):
     s = ctx.shape(0)
     ax = norm_axis(ctx.attrs.axis, len(s))
+    check_const_index(ctx, 1, s[ax])
     return [ctx.type(0).with_shape(tuple(s[:ax]) + tuple(ctx.shape(1)) + tuple(s[ax + 1:]))]
 
 
@@ -51,7 +66,7 @@ def _gather_elements_infer(ctx):
     s, si = ctx.shape(0), ctx.shape(1)
     if len(s) != len(si):
         ctx.fail(f"data rank {len(s)} and indices rank {len(si)} differ")
-    norm_axis(ctx.attrs.axis, len(s))
+    check_const_index(ctx, 1, s[norm_axis(ctx.attrs.axis, len(s))])
     return [ctx.type(0).with_shape(si)]
 
 

@@ -463,7 +463,25 @@ def _range_infer(ctx):
     vals = [ctx.value(i) for i in range(3)]
     if any(v is None for v in vals):
         return [TensorType(dt, (UNKNOWN,))]
-    return [TensorType(dt, (int(_range_ref(None, *[np.asarray(v).reshape(()) for v in vals]).shape[0]),))]
+    return [TensorType(dt, (range_length(ctx, *[np.asarray(v).reshape(()) for v in vals]),))]
+
+
+def range_length(ctx, start, limit, delta) -> int:
+    """ONNX's max(ceil((limit - start) / delta), 0), computed without building the array (a
+    limit of 1e12 must give a clean size error, not a MemoryError). Integers are exact; floats
+    use the operand type's arithmetic, as np.arange in the reference does."""
+    if start.dtype.kind in "iu":
+        s, l, d = int(start), int(limit), int(delta)
+        if d == 0:
+            ctx.fail("delta is 0")
+        return max(-((s - l) // d), 0)
+    ft = start.dtype if start.dtype in (np.float32, np.float64, np.float16) else np.dtype(np.float32)
+    s, l, d = (np.asarray(x).astype(ft)[()] for x in (start, limit, delta))
+    with np.errstate(all="ignore"):  # in the operand type, as np.arange does
+        n = np.ceil((l - s) / d)
+    if d == 0 or not np.isfinite(n):
+        ctx.fail(f"start {s}, limit {l} and delta {d} do not define a finite range")
+    return max(int(n), 0)
 
 
 register("Range", NoAttrs, infer=_range_infer, inputs=3,
