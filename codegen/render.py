@@ -2,6 +2,8 @@
 
 CUDA/C++ text lives only in templates/*.j2; Python decides *what* to emit (parameters), the
 templates say *how*. StrictUndefined makes a missing parameter an error instead of empty text.
+Model strings reach templates only through the `comment` and `cstr` filters: the finalize hook
+(escape.guard) stops any other line break, backslash or non-ASCII text (see codegen/escape.py).
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import functools
 import json
 
 import jinja2
+
+from .escape import Code, c_string, comment_text, guard
 
 
 @functools.lru_cache(maxsize=1)
@@ -20,10 +24,12 @@ def env() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
         autoescape=False,
+        finalize=guard,
     )
     e.filters["cfloat"] = cfloat
     e.filters["tojson"] = lambda v: json.dumps(v)
-    e.filters["cstr"] = lambda s: json.dumps(str(s))
+    e.filters["cstr"] = c_string
+    e.filters["comment"] = comment_text
     return e
 
 
@@ -39,5 +45,6 @@ def cfloat(x) -> str:
     return repr(x) + "f"
 
 
-def render(template_name: str, /, **params) -> str:
-    return env().get_template(template_name).render(**params)
+def render(template_name: str, /, **params) -> Code:
+    """Rendered text is generated code: it interpolates into other templates unchecked."""
+    return Code(env().get_template(template_name).render(**params))
