@@ -70,6 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference: numpy interpreter on ir/final.nnir; cuda: the generated kernels")
     p.add_argument("--save", help="write outputs to this .npz (keys: output names)")
     p.add_argument("--seed", type=int, default=0, help="seed for random inputs")
+
+    p = sub.add_parser("verify", help="compare nnc with onnxruntime, per output or per layer",
+                       description="Compiles MODEL.onnx with the same pipeline as `nnc compile`, runs it and "
+                                   "onnxruntime on the same inputs (random unless --inputs) and prints max-abs / "
+                                   "rel-L2 error and a verdict per output. Exit status 0 only if every output "
+                                   "passes |nnc - ort| <= atol + rtol*|ort| elementwise. --per-layer also compares "
+                                   "every intermediate tensor that survives compilation and names the first layer "
+                                   "over tolerance and the first producing non-finite values.")
+    p.add_argument("model", help="ONNX model file")
+    _add_shapes(p)
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="as for nnc compile (the precision passes run, so fp16 overflow shows up)")
+    p.add_argument("--tf32", action="store_true", help="cuda backend: allow TF32 tensor cores (rtol 3e-3)")
+    p.add_argument("--backend", choices=["reference", "cuda"], default="reference",
+                   help="reference: numpy interpreter on the final IR; cuda: the generated kernels (needs a GPU)")
+    p.add_argument("--inputs", help=".npz keyed by input name (default: random inputs; its shapes bind symbolic dims)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random inputs")
+    p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default fp32 1e-3, fp16/bf16 1e-2)")
+    p.add_argument("--atol", type=float, default=None,
+                   help="absolute tolerance (default: rtol x max|onnxruntime value| of each tensor)")
+    p.add_argument("--per-layer", action="store_true", help="compare every intermediate tensor, not only outputs")
     return ap
 
 
@@ -80,7 +101,8 @@ def main(argv=None) -> int:
         ap.print_help()
         return 2
     try:
-        return {"ir": cmd_ir, "opt": cmd_opt, "compile": cmd_compile, "run": cmd_run}[args.cmd](args)
+        return {"ir": cmd_ir, "opt": cmd_opt, "compile": cmd_compile, "run": cmd_run,
+                "verify": cmd_verify}[args.cmd](args)
     except NncError as e:
         if args.debug:
             raise
@@ -208,6 +230,21 @@ def cmd_run(args) -> int:
     if args.save:
         np.savez(args.save, **{k: np.asarray(v) for k, v in res.items()})
     return 0
+
+
+def cmd_verify(args) -> int:
+    from .accuracy import format_text, print_rich, verify_model
+    from .progress import make_reporter, use
+    with use(make_reporter()):
+        rep = verify_model(args.model, shapes=args.shapes, precision=args.precision, backend=args.backend,
+                           inputs=args.inputs, rtol=args.rtol, atol=args.atol, per_layer=args.per_layer,
+                           seed=args.seed, tf32=args.tf32)
+    if sys.stdout.isatty():
+        from rich.console import Console
+        print_rich(rep, Console())
+    else:
+        sys.stdout.write(format_text(rep))
+    return 0 if rep.passed else 1
 
 
 if __name__ == "__main__":
