@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,14 +18,36 @@ from typing import Optional
 
 import numpy as np
 
+from . import api
 from .ir.errors import InputError, NncError
+
+
+class GpuUnavailableError(NncError):
+    """The CUDA backend was asked for on a machine where cupy finds no usable GPU."""
+
+
+def require_gpu():
+    """The cupy module, when it imports and sees a CUDA device; else GpuUnavailableError (not
+    cupy's raw CUDARuntimeError, which names no remedy)."""
+    hint = "use backend='reference' (`--backend reference` on the command line) to run the numpy reference"
+    try:
+        import cupy
+    except Exception as e:
+        raise GpuUnavailableError(f"no CUDA GPU is available (cupy cannot be imported: {e}); {hint}") from None
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        raise GpuUnavailableError(f"no CUDA GPU is available (cupy: {e}); {hint}") from None
+    if n < 1:
+        raise GpuUnavailableError(f"no CUDA GPU is available (cupy sees 0 devices); {hint}")
+    return cupy
 
 
 def gpu_available() -> bool:
     """True when cupy imports and sees at least one CUDA device. Never raises."""
     try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
+        require_gpu()
+        return True
     except Exception:
         return False
 
@@ -46,34 +69,33 @@ def _dev_dtype(name: str):
     return np.dtype(_RAW[name]) if name in _RAW else _np_dtype(name)
 
 
-class Module:
-    """A compiled model loaded on the current CUDA device."""
+class Module(api.Module):
+    """A compiled model loaded on the current CUDA device (the interface: nnc.api.Module)."""
+
+    backend = "cuda"
 
     def __init__(self, out_dir, verify_weights: bool = True):
-        import cupy
-        self._cp = cupy
         self.dir = Path(out_dir)
-        plan_path = self.dir / "plan.json"
-        if not plan_path.exists():
-            raise NncError(f"{self.dir}: no plan.json (is this an nnc output directory?)")
-        self.plan = json.loads(plan_path.read_text())
+        self.plan, weights_path, cubin_path = plan_files(self.dir)  # before the GPU: checks files only
+        self._cp = cupy = require_gpu()
         p = self.plan
-        self.input_names = [t["name"] for t in p["inputs"]]
-        self.output_names = [t["name"] for t in p["outputs"]]
-        raw = np.fromfile(self.dir / p.get("weights_file", "weights.bin"), dtype=np.uint8)
+        raw = np.fromfile(weights_path, dtype=np.uint8)
         if raw.size != p.get("weights_bytes", raw.size):
             raise NncError(f"{self.dir}/weights.bin has {raw.size} bytes, plan.json expects {p['weights_bytes']}")
         if verify_weights and p.get("weights_sha256") and hashlib.sha256(raw.tobytes()).hexdigest() != p["weights_sha256"]:
             raise NncError(f"{self.dir}/weights.bin does not match plan.json's weights_sha256")
         self.weights = cupy.asarray(raw) if raw.size else cupy.zeros(1, cupy.uint8)
         self.arena = cupy.empty(max(int(p["memory"]["arena_bytes"]), 1), cupy.uint8)
-        self.module = cupy.RawModule(path=str(self.dir / p.get("cubin_file", "model.cubin")))
+        # input-independent values (codegen/init_phase.py): computed once below, never reused by activations
+        self.persistent = cupy.empty(max(int(p["memory"].get("persistent_bytes", 0)), 1), cupy.uint8)
+        self.module = cupy.RawModule(path=str(cubin_path))
         self.funcs = {k["name"]: self.module.get_function(k["name"]) for k in p["kernels"]}
         self.buffers = {b["id"]: b for b in p["buffers"]}
         self._extent = {}
         self._launches = []
+        self._init_launches = []  # the load-time init phase, run once (_run_init)
         optin = {}
-        for l in p["launches"]:
+        for init, l in [(True, l) for l in p.get("init_launches", [])] + [(False, l) for l in p["launches"]]:
             args = []
             for a in l["args"]:
                 if "buf" in a:
@@ -91,8 +113,20 @@ class Module:
             if f is not None and l["kernel"].startswith("nnc_coop_"):
                 # grid-wide barriers inside: a cooperative launch, at most the co-resident blocks
                 kind, grid = "coop", _coop_grid(f, grid, l["block"], l["smem"])
-            self._launches.append((kind, f, grid, tuple(l["block"]), l["smem"], args,
-                                   l.get("nbytes", 0), l.get("output_index", -1)))
+            (self._init_launches if init else self._launches).append(
+                (kind, f, grid, tuple(l["block"]), l["smem"], args, l.get("nbytes", 0), l.get("output_index", -1)))
+        self.init_runs = 0  # how often the init phase ran: once, here
+        self._run_init()
+
+    def _run_init(self):
+        """The init phase: the launches that compute input-independent values (ConstantOfShape-made
+        weights, say) into the persistent region, once at load, before any run."""
+        st = self._cp.cuda.get_current_stream()
+        if self._init_launches:
+            with st:
+                self._execute([], [], st, self._init_launches)
+            st.synchronize()
+        self.init_runs += 1
 
     def __repr__(self):
         ins = ", ".join(f"{t['name']}: {t['dtype']}{t['shape']}" for t in self.plan["inputs"])
@@ -155,29 +189,18 @@ class Module:
             raise InputError(f"inputs: expected {self.input_names}; missing {missing}, unknown {extra}")
         return [self._to_device(t["name"], t, feed[t["name"]]) for t in self.plan["inputs"]]
 
-    # ------------------------------------------------------------ running
-    def __call__(self, *args, **kwargs):
-        outs = self.run(self._feed_dict(args, kwargs))
-        vals = [outs[n] for n in self.output_names]
-        return vals[0] if len(vals) == 1 else tuple(vals)
-
-    def _feed_dict(self, args, kwargs):
-        if len(args) == 1 and isinstance(args[0], dict):
-            return args[0]
-        d = dict(zip(self.input_names, args))
-        d.update(kwargs)
-        if len(args) > len(self.input_names):
-            raise InputError(f"the model takes {len(self.input_names)} inputs {self.input_names}, given {len(args)}")
-        return d
-
-    def run(self, inputs: dict, stream=None, output: str = "cupy", out: Optional[dict] = None,
+    # ------------------------------------------------------------ running (__call__: nnc.api.Module)
+    def run(self, inputs: dict, outputs=None, *, output: str = "cupy", stream=None, out: Optional[dict] = None,
             poison: bool = False) -> dict:
-        """inputs: {name: array}. stream: a cupy Stream, an int cudaStream_t or None (current).
-        out: optional preallocated cupy output arrays by name. poison: fill the arena and fresh
-        outputs with 0xFF bytes first (testing). Returns {name: array} (cupy, or numpy)."""
+        """inputs: {name: array}. outputs: the output names to return (default all; the kernels
+        compute every output either way, only these are returned and copied to the host).
+        stream: a cupy Stream, an int cudaStream_t or None (current). out: optional preallocated
+        cupy output arrays by name. poison: fill the arena and fresh outputs with 0xFF bytes first
+        (testing). Returns {name: array} (cupy, or numpy)."""
         cp = self._cp
         if output not in ("cupy", "numpy"):
             raise NncError(f"output must be 'cupy' or 'numpy', not {output!r}")
+        sel = self._selected(outputs)
         ins = self._feed((inputs,), {})
         if stream is None:
             st = cp.cuda.get_current_stream()
@@ -210,18 +233,20 @@ class Module:
                     shape[ax] = n
                     o = o.reshape(-1)[: int(np.prod(shape))].reshape(shape)
                 result[t["name"]] = o
+        result = {n: result[n] for n in sel}
         if output == "numpy":
             conv = {}
-            for t in self.plan["outputs"]:
+            specs = {t["name"]: t for t in self.plan["outputs"]}
+            for t in (specs[n] for n in sel):  # the order asked for
                 a = cp.asnumpy(result[t["name"]], stream=st)
                 st.synchronize()
                 conv[t["name"]] = a.view(_np_dtype(t["dtype"])) if t["dtype"] in _RAW else a
             return conv
         return result
 
-    def _execute(self, ins, outs, st):
+    def _execute(self, ins, outs, st, launches=None):
         cp = self._cp
-        wptr, aptr = self.weights.data.ptr, self.arena.data.ptr
+        wptr, aptr, pptr = self.weights.data.ptr, self.arena.data.ptr, self.persistent.data.ptr
         iptr = [a.data.ptr for a in ins]
         optr = [a.data.ptr for a in outs]
 
@@ -232,10 +257,12 @@ class Module:
                 return optr[index] + off
             if region == "weights":
                 return wptr + off
+            if region == "persistent":
+                return pptr + off
             return aptr + off
 
         self._extent = {}
-        for kind, f, grid, block, smem, args, nbytes, oidx in self._launches:
+        for kind, f, grid, block, smem, args, nbytes, oidx in (self._launches if launches is None else launches):
             vals = [np.uint64(ptr(r, i, o)) if k == "buf" else r for k, r, i, o in args]
             if kind == "kernel":
                 f(grid, block, tuple(vals), shared_mem=smem)
@@ -249,6 +276,25 @@ class Module:
                 cp.cuda.runtime.memcpyAsync(host.ctypes.data, int(vals[0]), 8, 2, st.ptr)
                 st.synchronize()
                 self._extent[oidx] = int(host[0])
+
+
+def plan_files(out_dir) -> tuple[dict, Path, Path]:
+    """plan.json of an output directory and the weights and cubin files it names, each a plain
+    regular file inside the directory (nnc/outdir.py: plan.json is as untrusted as a model)."""
+    from .outdir import member
+    d = Path(out_dir)
+    if not d.is_dir():
+        raise NncError(f"{d}: not a directory (give the output directory of `nnc compile`)")
+    if not os.path.lexists(d / "plan.json"):
+        raise NncError(f"{d}: no plan.json (is this an nnc output directory?)")
+    try:
+        plan = json.loads(member(d, "plan.json", "plan").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise NncError(f"{d}/plan.json: not valid JSON ({e})") from None
+    if not isinstance(plan, dict):
+        raise NncError(f"{d}/plan.json: not an nnc plan (a JSON object)")
+    return (plan, member(d, plan.get("weights_file", "weights.bin"), "weights_file"),
+            member(d, plan.get("cubin_file", "model.cubin"), "cubin_file"))
 
 
 def _coop_grid(f, grid, block, smem) -> tuple:

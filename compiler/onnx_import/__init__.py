@@ -354,18 +354,21 @@ def import_model(path_or_model, shapes: Optional[dict] = None, constants: Option
 
 
 def parse_shapes(spec: str) -> dict:
-    """trtexec's convention: 'input:1x3x224x224,mask:1x128'."""
+    """trtexec's convention: 'input:1x3x224x224,mask:1x128'. NAME:DIMS entries joined by ',';
+    DIMS are decimal integers >= 0 joined by 'x' (empty: a scalar); the name is split off at the
+    last ':', so names may contain ':'. Each input may be named once."""
     out = {}
     if not spec:
         return out
     for part in spec.split(","):
         if ":" not in part:
-            raise NncError(f"--shapes: {part!r} is not NAME:DIMxDIM...")
+            raise NncError(f"--shapes: {part!r} is not NAME:DIMxDIM... (e.g. input:1x3x224x224)")
         name, dims = part.rsplit(":", 1)
-        try:
-            out[name] = [int(d) for d in dims.split("x")] if dims else []
-        except ValueError:
-            raise NncError(f"--shapes: {part!r}: dims must be integers joined by 'x'") from None
-        if any(d < 0 for d in out[name]):
-            raise NncError(f"--shapes: {part!r}: dims must be >= 0")
+        if not name:
+            raise NncError(f"--shapes: {part!r} has no input name before ':'")
+        if name in out:
+            raise NncError(f"--shapes: input {name!r} is given twice")
+        if dims and not re.fullmatch(r"[0-9]+(x[0-9]+)*", dims):  # not int(): it takes '1_0', ' 3', '-3'
+            raise NncError(f"--shapes: {part!r}: dims must be integers >= 0 joined by 'x'")
+        out[name] = [int(d) for d in dims.split("x")] if dims else []
     return out

@@ -1,0 +1,343 @@
+"""The Python API: `nnc.compile(model, ...) -> Module` in one call, and `nnc.load(out, backend=...)`.
+
+    m = nnc.compile("model.onnx", shapes={"input": [1, 3, 224, 224]})     # CUDA, in a temp dir
+    m.inputs                      # (TensorInfo(name='input', dtype='float32', shape=(1, 3, 224, 224)),)
+    y = m(x)                      # one output -> that array; several -> a tuple in model order
+    d = m.run({"input": x}, outputs=["probs"], output="numpy")
+
+Both backends share the interface of `Module`:
+- "cuda": the generated kernels on the GPU (nnc.runtime.Module); run() returns cupy arrays
+  unless output="numpy".
+- "reference": the numpy interpreter on OUT/ir/final.nnir (no GPU needed); run() returns numpy
+  arrays unless output="cupy". `nnc.compile(..., backend="reference")` skips the CUDA code
+  generation by default (it is most of a compile's time and the reference never runs it); pass
+  codegen=True to also write the CUDA files (a directory to ship to a GPU machine).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from .ir.errors import ImportError_, InputError, NncError
+
+BACKENDS = ("cuda", "reference")
+PRECISIONS = ("fp32", "fp16", "bf16")
+CUDA_COMPILERS = ("nvrtc", "nvcc")
+
+Dim = Union[int, str]  # a size, or the name of a symbol bound at run time
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One model input or output, like onnxruntime's NodeArg.
+
+    dtype: numpy name ("float32", "bfloat16", "int64", ...). shape: ints, or symbol names for dims
+    left symbolic (a reference-backend module compiled without --shapes); None if the rank is
+    unknown."""
+    name: str
+    dtype: str
+    shape: Optional[tuple[Dim, ...]]
+
+    @classmethod
+    def from_plan(cls, entry: Mapping) -> "TensorInfo":
+        shape = entry.get("shape")
+        return cls(str(entry["name"]), str(entry["dtype"]), None if shape is None else tuple(shape))
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        from .ir.types import dtype
+        return dtype(self.dtype).np
+
+
+def _shape_dims(name: str, dims) -> tuple[int, ...]:
+    if isinstance(dims, (str, bytes)) or not hasattr(dims, "__iter__"):
+        raise NncError(f"shapes[{name!r}]: expected a sequence of ints, given {dims!r}")
+    out = []
+    for d in dims:
+        if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)) or d < 0:
+            raise NncError(f"shapes[{name!r}]: dims must be non-negative ints, given {list(dims)!r}")
+        out.append(int(d))
+    return tuple(out)
+
+
+def normalize_shapes(shapes) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """None | "in:1x3x8x8,mask:1x8" (the CLI syntax) | {name: [dims]} -> ((name, dims), ...)."""
+    if shapes is None or shapes == "":
+        return ()
+    if isinstance(shapes, str):
+        from .onnx_import import parse_shapes
+        shapes = parse_shapes(shapes)
+    if not isinstance(shapes, Mapping):
+        raise NncError(f"shapes: expected a dict {{input name: dims}} or 'name:DxD,...', given {type(shapes).__name__}")
+    return tuple((str(k), _shape_dims(str(k), v)) for k, v in shapes.items())
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Everything `nnc.compile` decides, validated on construction.
+
+    codegen None means: generate CUDA for backend "cuda" (it must), skip it for "reference"."""
+    shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    precision: str = "fp32"
+    backend: str = "cuda"
+    arch: Optional[str] = None
+    tf32: bool = False
+    name: Optional[str] = None
+    codegen: Optional[bool] = None
+    cuda_compiler: str = "nvrtc"
+    verify_each: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "shapes", normalize_shapes(dict(self.shapes) if isinstance(self.shapes, tuple)
+                                                            else self.shapes))
+        for what, val, allowed in (("precision", self.precision, PRECISIONS), ("backend", self.backend, BACKENDS),
+                                   ("cuda_compiler", self.cuda_compiler, CUDA_COMPILERS)):
+            if val not in allowed:
+                raise NncError(f"{what} must be one of {', '.join(map(repr, allowed))}, not {val!r}")
+        if self.backend == "cuda" and self.codegen is False:
+            raise NncError("backend='cuda' needs the generated CUDA: codegen=False only goes with backend='reference'")
+        if self.name is not None and not isinstance(self.name, str):
+            raise NncError(f"name must be a string, not {type(self.name).__name__}")
+
+    @property
+    def generates_cuda(self) -> bool:
+        return self.backend == "cuda" if self.codegen is None else bool(self.codegen)
+
+    def compile_kwargs(self) -> dict:
+        """The keyword arguments of nnc.compile.compile_model for these options."""
+        kw = dict(shapes={k: list(v) for k, v in self.shapes}, arch=self.arch, precision=self.precision,
+                  tf32=self.tf32, backend=self.cuda_compiler, codegen=self.generates_cuda,
+                  verify_each=self.verify_each)
+        if self.name is not None:
+            kw["name"] = self.name
+        return kw
+
+
+# ---------------------------------------------------------------------------- modules
+
+
+class Module:
+    """A compiled model, ready to run. Made by nnc.compile / nnc.load; subclasses per backend.
+
+    inputs / outputs: TensorInfo tuples in model order. m(*args, **kwargs) binds positional
+    arguments to inputs in order and keywords by name (or takes one dict) and returns the one
+    output, or a tuple of all outputs in model order. run() returns {name: array}."""
+
+    backend = ""
+    dir: Path
+    plan: dict
+
+    def _io_entries(self, kind: str) -> list:
+        return self.plan[kind]
+
+    @property
+    def inputs(self) -> tuple[TensorInfo, ...]:
+        return tuple(TensorInfo.from_plan(t) for t in self._io_entries("inputs"))
+
+    @property
+    def outputs(self) -> tuple[TensorInfo, ...]:
+        return tuple(TensorInfo.from_plan(t) for t in self._io_entries("outputs"))
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t["name"] for t in self._io_entries("inputs")]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t["name"] for t in self._io_entries("outputs")]
+
+    def run(self, inputs: Mapping[str, Any], outputs: Optional[Sequence[str]] = None, *,
+            output: Optional[str] = None, stream=None) -> dict:
+        raise NotImplementedError
+
+    def __call__(self, *args, **kwargs):
+        res = self.run(self._feed_dict(args, kwargs))
+        vals = [res[n] for n in self.output_names]
+        return vals[0] if len(vals) == 1 else tuple(vals)
+
+    def _feed_dict(self, args, kwargs) -> dict:
+        if len(args) == 1 and isinstance(args[0], Mapping) and not kwargs:
+            return dict(args[0])
+        names = self.input_names
+        if len(args) > len(names):
+            raise InputError(f"the model takes {len(names)} inputs {names}, given {len(args)}")
+        d = dict(zip(names, args))
+        for k, v in kwargs.items():
+            if k in d:
+                raise InputError(f"input {k!r} given both by position and by name")
+            d[k] = v
+        return d
+
+    def _selected(self, outputs) -> list[str]:
+        """The output names to return, in the order asked (None: all, in model order)."""
+        names = self.output_names
+        if outputs is None:
+            return list(names)
+        if isinstance(outputs, str):
+            outputs = [outputs]
+        sel = list(outputs)
+        unknown = [n for n in sel if n not in names]
+        if unknown:
+            raise InputError(f"unknown outputs {unknown}; the model's outputs are {names}")
+        if len(set(sel)) != len(sel):
+            raise InputError(f"outputs: {sel} names an output twice")
+        return sel
+
+    def close(self) -> None:
+        """Removes the temporary output directory nnc.compile(out=None) made (no-op otherwise).
+        Also done when the module is garbage-collected."""
+        fin = getattr(self, "_finalizer", None)
+        if fin is not None:
+            fin()
+
+    def _own_dir(self, d) -> None:
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(d), True)
+
+    def __repr__(self):
+        fmt = lambda ts: ", ".join(f"{t.name}: {t.dtype}{list(t.shape) if t.shape is not None else '[?]'}" for t in ts)
+        return f"<nnc.Module {self.backend} {self.dir} ({fmt(self.inputs)}) -> ({fmt(self.outputs)})>"
+
+
+def _to_numpy(name: str, x) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if type(x).__module__.startswith("torch"):
+        x = x.detach()
+        if x.is_cuda:
+            x = x.cpu()
+        return x.numpy()
+    if hasattr(x, "__cuda_array_interface__"):  # cupy, numba, ...: copy to the host
+        import cupy
+        return cupy.asnumpy(cupy.asarray(x))
+    try:
+        return np.asarray(x)
+    except Exception as e:
+        raise InputError(f"input {name!r}: cannot convert {type(x).__name__} to an array ({e})") from None
+
+
+class ReferenceModule(Module):
+    """Runs OUT/ir/final.nnir with the numpy interpreter (nnc.ir.interp): no GPU needed.
+    Its inputs/outputs come from that IR, so symbolic dims stay symbolic (bound per run)."""
+
+    backend = "reference"
+
+    def __init__(self, out_dir):
+        from .cli import load_ir
+        from .compile import io_entry
+        self.dir = Path(out_dir)
+        ir_path = self.dir / "ir" / "final.nnir"
+        if not ir_path.is_file():
+            raise NncError(f"{self.dir}: no ir/final.nnir (is this a directory written by `nnc compile`?)")
+        self.ir = load_ir(ir_path)
+        main = self.ir.main
+        self._io = {"inputs": [io_entry(a) for a in main.args], "outputs": [io_entry(r) for r in main.results]}
+        plan_p = self.dir / "plan.json"
+        self.plan = _read_plan(plan_p) if plan_p.exists() else dict(self._io)
+
+    def _io_entries(self, kind):
+        return self._io[kind]
+
+    def run(self, inputs, outputs=None, *, output="numpy", stream=None, poison: bool = False) -> dict:
+        """inputs: {name: array} (numpy, or anything numpy/cupy/torch converts). outputs: names to
+        return (default all). output: "numpy" or "cupy" (copies results to the GPU). stream and
+        poison are accepted for interface parity and have no effect (the interpreter runs on the
+        host and every result is a fresh array)."""
+        from .ir.interp import Interpreter
+        if output not in ("cupy", "numpy"):
+            raise NncError(f"output must be 'cupy' or 'numpy', not {output!r}")
+        if not isinstance(inputs, Mapping):
+            raise InputError(f"run(inputs): expected a dict {{input name: array}}, given {type(inputs).__name__}")
+        sel = self._selected(outputs)
+        feed = {k: _to_numpy(k, v) for k, v in inputs.items()}
+        res = Interpreter(self.ir).run(feed)
+        got = {n: np.asarray(res[n]) for n in sel}
+        if output == "cupy":
+            from .runtime import require_gpu
+            cp = require_gpu()
+            got = {n: cp.asarray(a) for n, a in got.items()}
+        return got
+
+
+def _read_plan(p: Path) -> dict:
+    import json
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise NncError(f"{p}: not a readable plan ({e})") from None
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def load(out, backend: str = "cuda") -> Module:
+    """Loads a directory written by `nnc compile` / nnc.compile. backend "cuda" needs a CUDA GPU
+    (an NncError says so when there is none); "reference" runs ir/final.nnir with numpy."""
+    if backend not in BACKENDS:
+        raise NncError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, not {backend!r}")
+    out = Path(out)
+    if not out.is_dir():
+        raise NncError(f"{out}: no such directory")
+    if backend == "reference":
+        return ReferenceModule(out)
+    from .runtime import Module as CudaModule
+    return CudaModule(out)
+
+
+def _model_arg(model):
+    """A path, bytes or onnx.ModelProto -> what import_model takes (a path or a ModelProto)."""
+    if isinstance(model, (str, os.PathLike)):
+        return Path(model)
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        import onnx
+        data = bytes(model)
+        if not data:
+            raise ImportError_("model bytes are empty")
+        m = onnx.ModelProto()
+        try:
+            m.ParseFromString(data)
+        except Exception as e:
+            raise ImportError_(f"model bytes are not an ONNX ModelProto ({e})") from None
+        return m
+    import onnx
+    if isinstance(model, onnx.ModelProto):
+        return model
+    raise NncError(f"model must be a path, bytes or an onnx.ModelProto, not {type(model).__name__}")
+
+
+def compile(model, shapes=None, precision: str = "fp32", out=None, backend: str = "cuda", arch=None,
+            tf32: bool = False, name: Optional[str] = None, *, codegen: Optional[bool] = None,
+            cuda_compiler: str = "nvrtc", verify_each: bool = False,
+            options: Optional[CompileOptions] = None) -> Module:
+    """Compiles an ONNX model and loads it: nnc.compile("m.onnx", shapes={"x": [1, 3, 8, 8]}).
+
+    model: a path, bytes or an onnx.ModelProto. shapes: {input: dims} or "x:1x3x8x8,..." (the
+    CLI's --shapes). out: the output directory; None compiles into a temporary directory that the
+    returned Module owns (removed with it, or by Module.close()). backend: "cuda" (needs a GPU; the
+    check comes before the compile) or "reference" (numpy; CUDA codegen skipped unless
+    codegen=True). options: a CompileOptions instead of the keyword arguments."""
+    from .compile import compile_model
+    opts = options or CompileOptions(shapes=normalize_shapes(shapes), precision=precision, backend=backend,
+                                     arch=arch, tf32=tf32, name=name, codegen=codegen,
+                                     cuda_compiler=cuda_compiler, verify_each=verify_each)
+    if opts.backend == "cuda":
+        from .runtime import require_gpu
+        require_gpu()  # before a compile that could take a while
+    src = _model_arg(model)
+    tmp = tempfile.mkdtemp(prefix="nnc_compile_") if out is None else None
+    try:
+        compile_model(src, tmp or out, **opts.compile_kwargs())
+        m = load(tmp or out, backend=opts.backend)
+    except BaseException:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if tmp:
+        m._own_dir(tmp)
+    return m
