@@ -18,11 +18,15 @@ from typing import Optional
 
 import numpy as np
 
+from ..ir.errors import NncError
 from ..ir.graph import Module
 from ..ir.printer import print_module
+from ..outdir import member, staged_dir
 from ..progress import stage
 from . import cuda
+from .init_phase import INIT_KIND, PERSISTENT
 from .lower import Buffer, Plan, Scalar, lower
+from .escape import is_c_identifier
 from .render import render
 
 PLAN_VERSION = 1
@@ -38,6 +42,8 @@ def _region(plan: Plan, b: Buffer) -> tuple[str, int, int]:
         return "output", r.io_index, off
     if r.kind in ("weight", "const"):
         return "weights", -1, r.offset + off
+    if r.kind == INIT_KIND:  # computed once at load (codegen/init_phase.py)
+        return PERSISTENT, -1, r.offset + off
     return "arena", -1, r.offset + off
 
 
@@ -51,9 +57,8 @@ def _arg(plan: Plan, a) -> dict:
 def _io(plan: Plan, b: Buffer) -> dict:
     d = {"name": b.name, "dtype": b.dtype.np_name, "shape": list(b.shape), "buffer": b.id, "nbytes": b.nbytes}
     if b.dynamic:
-        info = plan.dynamic.get(b.id) or next((v for k, v in plan.dynamic.items()
-                                                if plan.buffers[k] is plan.root(b)), None)
-        src = next((l.args[1] for l in plan.launches if l.kind == "memcpy" and l.args[0] is b), None)
+        info = plan.dynamic.get(b.id) or plan.dynamic.get(plan.root(b).id)
+        src = _copies(plan)[0].get(id(b))
         if info is None and src is not None:
             info = plan.dynamic.get(plan.root(src).id)
         d["shape_known_after_run"] = True
@@ -65,10 +70,10 @@ def _io(plan: Plan, b: Buffer) -> dict:
 
 def weights_blob(plan: Plan) -> bytes:
     buf = bytearray(plan.weights_bytes)
+    used = {id(plan.root(a)) for l in plan.init_launches + plan.launches for a in l.args if isinstance(a, Buffer)}
     for b in plan.buffers:
         if b.kind in ("weight", "const") and b.alias_of is None and b.data is not None and b.offset >= 0:
-            used = any(isinstance(a, Buffer) and plan.root(a) is b for l in plan.launches for a in l.args)
-            if not used:
+            if id(b) not in used:
                 continue
             raw = np.ascontiguousarray(b.data).astype(b.dtype.np, copy=False).tobytes()
             buf[b.offset:b.offset + len(raw)] = raw
@@ -79,8 +84,7 @@ def plan_to_json(plan: Plan, *, arch: str, precision: str, tf32: bool, passes, w
                  source_sha: str, backend: str) -> dict:
     outputs = [_io(plan, b) for b in plan.outputs]
     # readback launches name the output they size
-    launches = []
-    for l in plan.launches:
+    def launch_json(l) -> dict:
         d = {"kind": l.kind, "kernel": l.kernel, "grid": list(l.grid), "block": list(l.block), "smem": l.smem,
              "args": [{"buf": a.id} if isinstance(a, Buffer) else {"type": a.type, "value": a.value} for a in l.args],
              "op": l.op}
@@ -88,7 +92,9 @@ def plan_to_json(plan: Plan, *, arch: str, precision: str, tf32: bool, passes, w
             d["nbytes"] = l.nbytes
         if l.kind == "readback":
             d["output_index"] = _readback_output(plan, l)
-        launches.append(d)
+        return d
+    launches = [launch_json(l) for l in plan.launches]
+    init_launches = [launch_json(l) for l in plan.init_launches]  # run once at load, in order
     buffers = []
     for b in plan.buffers:
         region, index, off = _region(plan, b)
@@ -107,49 +113,81 @@ def plan_to_json(plan: Plan, *, arch: str, precision: str, tf32: bool, passes, w
         "kernels": [{"name": k.name, "ops": k.ops, "template": k.template, "params": k.params}
                     for k in plan.kernels.values()],
         "launches": launches,
+        "init_launches": init_launches,
         "buffers": buffers,
         "memory": dict(plan.memory),
         "weights_file": "weights.bin",
         "weights_bytes": plan.weights_bytes,
         "weights_sha256": weights_sha,
+        "persistent_bytes": plan.persistent_bytes,
         "cubin_file": "model.cubin",
         "source_sha256": source_sha,
     }
 
 
 def _readback_output(plan: Plan, l) -> int:
-    target = plan.root(l.args[1])
-    for i, o in enumerate(plan.outputs):
-        if plan.root(o) is target:
-            return i
-    for m in plan.launches:  # copied out to an output later
-        if m.kind == "memcpy" and plan.root(m.args[1]) is target and plan.root(m.args[0]).kind == "output":
-            return plan.root(m.args[0]).io_index
+    target = id(plan.root(l.args[1]))
+    _, copied_out, output_of = _copies(plan)
+    if target in output_of:
+        return output_of[target]
+    if target in copied_out:  # copied out to an output later
+        return copied_out[target]
     return len(plan.outputs)  # not an output: the extent slot past the end
 
 
+def _copies(plan: Plan) -> tuple[dict, dict, dict]:
+    """Indexes built once per plan (a scan per output or readback would make emission quadratic):
+    id(memcpy destination) -> its source (first copy), id(root of a source copied into an output)
+    -> that output's index, id(root of an output) -> the output's index (first)."""
+    key = (len(plan.launches), len(plan.outputs))
+    cached = getattr(plan, "_copies_index", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    src_of, copied_out, output_of = {}, {}, {}
+    for m in plan.launches:
+        if m.kind == "memcpy":
+            src_of.setdefault(id(m.args[0]), m.args[1])
+            dst = plan.root(m.args[0])
+            if dst.kind == "output":
+                copied_out.setdefault(id(plan.root(m.args[1])), dst.io_index)
+    for i, o in enumerate(plan.outputs):
+        output_of.setdefault(id(plan.root(o)), i)
+    plan._copies_index = (key, (src_of, copied_out, output_of))
+    return src_of, copied_out, output_of
+
+
+def c_api_prefix(name: str) -> str:
+    """The prefix of every exported symbol of a model named `name` (a C identifier, nnc compile
+    --name): nnc_<name>_create, ..., so several models link into one binary."""
+    if not is_c_identifier(name):
+        raise NncError(f"model name {name!r} is not a C identifier ([A-Za-z_][A-Za-z0-9_]*)")
+    return f"nnc_{name}"
+
+
 def render_sources(plan: Plan, module_name: str, arch: str, precision: str) -> dict[str, str]:
-    jplan_launches = []
-    for l in plan.launches:
+    def launch_src(l) -> dict:
         d = {"kind": l.kind, "kernel": l.kernel, "grid": list(l.grid), "block": list(l.block), "smem": l.smem,
-             "args": [_arg(plan, a) for a in l.args], "op": l.op.replace("\n", " "), "nbytes": l.nbytes}
+             "args": [_arg(plan, a) for a in l.args], "op": l.op, "nbytes": l.nbytes}
         if l.kind == "readback":
             d["output_index"] = _readback_output(plan, l)
-        jplan_launches.append(d)
+        return d
+    jplan_launches = [launch_src(l) for l in plan.launches]
+    init_launches = [launch_src(l) for l in plan.init_launches]
     ios = lambda bs: [dict(_io(plan, b), max_shape=list(b.shape), max_nbytes=b.nbytes,
                            dynamic_axis=_io(plan, b).get("dynamic_axis", -1)) for b in bs]
     inputs, outputs = ios(plan.inputs), ios(plan.outputs)
-    common = dict(model_name=module_name, arch=arch, precision=precision, memory=plan.memory,
-                  inputs=inputs, outputs=outputs)
-    host = render("host.cu.j2", launches=jplan_launches, **common)
+    common = dict(model_name=module_name, api=c_api_prefix(module_name), arch=arch, precision=precision,
+                  memory=plan.memory, inputs=inputs, outputs=outputs)
+    host = render("host.cu.j2", launches=jplan_launches, init_launches=init_launches, **common)
     kernels_src = render("model.cu.j2", prelude=render("prelude.cu.j2"), kernels=list(plan.kernels.values()),
                          launches=jplan_launches, host=host, **common)
-    return {
+    files = {
         "model.cu": kernels_src,
         "nnc_model.h": render("nnc_model.h.j2", **common),
         "CMakeLists.txt": render("CMakeLists.txt.j2", arch_num=arch.replace("sm_", ""), **common),
         "nnc_run_example.cpp": render("nnc_run_example.cpp.j2", **common),
     }
+    return {f: str(text) for f, text in files.items()}  # plain str (NVRTC's binding wants exactly str)
 
 
 def compile_to_dir(module: Module, out_dir, arch: Optional[str] = None, precision: str = "fp32",
@@ -159,8 +197,7 @@ def compile_to_dir(module: Module, out_dir, arch: Optional[str] = None, precisio
     (JSON-ready). `base_plan`: fields of the caller's plan to keep (e.g. "passes")."""
     if passes is None and base_plan:
         passes = base_plan.get("passes")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
     arch = cuda.normalize_arch(arch)
     with stage("lowering"):  # stage times: `nnc compile -v` (see nnc.progress)
         plan = lower(module, {"arch": arch, "precision": precision, "tf32": bool(tf32)})
@@ -168,27 +205,30 @@ def compile_to_dir(module: Module, out_dir, arch: Optional[str] = None, precisio
         sources = render_sources(plan, name, arch, precision)
     src = sources["model.cu"]
     source_sha = hashlib.sha256((arch + backend + src).encode()).hexdigest()
-    cubin_path = out / "model.cubin"
-    old = _read_json(out / "plan.json")
-    if not (cubin_path.exists() and old and old.get("source_sha256") == source_sha):
-        with stage(backend):  # the CUDA compile: parallel code reports through current().task
-            cubin = cuda.compile_source(src, arch, backend)
+    # written into a fresh directory renamed into place (nnc/outdir.py): all or nothing, no symlinks
+    with staged_dir(final) as out:
+        cubin_path = out / "model.cubin"
+        cubin = _reusable_cubin(final, source_sha)
+        if cubin is None:
+            with stage(backend):  # the CUDA compile: parallel code reports through current().task
+                cubin = cuda.compile_source(src, arch, backend)
         cubin_path.write_bytes(cubin)
-    for fname, text in sources.items():
-        (out / fname).write_text(text)
-    blob = weights_blob(plan)
-    (out / "weights.bin").write_bytes(blob)
-    wsha = hashlib.sha256(blob).hexdigest()
-    (out / "ir").mkdir(exist_ok=True)
-    (out / "ir" / "final.nnir").write_text(print_module(module))
-    if module.weights is not None:
-        module.weights.save(out / "ir" / "final")
-    pj = plan_to_json(plan, arch=arch, precision=precision, tf32=tf32, passes=passes, weights_sha=wsha,
-                      source_sha=source_sha, backend=backend)
-    pj = json.loads(json.dumps(pj, default=_json_default))
-    if base_plan:
-        pj = {**{k: v for k, v in base_plan.items() if k not in pj}, **pj}
-    (out / "plan.json").write_text(json.dumps(pj, indent=1) + "\n")
+        for fname, text in sources.items():
+            (out / fname).write_text(text)
+        blob = weights_blob(plan)
+        (out / "weights.bin").write_bytes(blob)
+        wsha = hashlib.sha256(blob).hexdigest()
+        (out / "ir").mkdir(exist_ok=True)
+        (out / "ir" / "final.nnir").write_text(print_module(module))
+        if module.weights is not None:
+            module.weights.save(out / "ir" / "final")
+        pj = plan_to_json(plan, arch=arch, precision=precision, tf32=tf32, passes=passes, weights_sha=wsha,
+                          source_sha=source_sha, backend=backend)
+        pj = json.loads(json.dumps(pj, default=_json_default))
+        pj["name"], pj["c_api_prefix"] = name, c_api_prefix(name)
+        if base_plan:
+            pj = {**{k: v for k, v in base_plan.items() if k not in pj}, **pj}
+        (out / "plan.json").write_text(json.dumps(pj, indent=1) + "\n")
     return pj
 
 
@@ -207,3 +247,15 @@ def _read_json(p: Path):
         return json.loads(p.read_text())
     except Exception:
         return None
+
+
+def _reusable_cubin(out: Path, source_sha: str) -> Optional[bytes]:
+    """The cubin of an earlier compile into `out` when its plan.json says it was built from the
+    same source (regular files only: a symbolic link there is never followed)."""
+    try:
+        old = _read_json(member(out, "plan.json"))
+        if old and old.get("source_sha256") == source_sha:
+            return member(out, old.get("cubin_file", "model.cubin"), "cubin_file").read_bytes()
+    except (NncError, OSError):
+        pass
+    return None

@@ -42,7 +42,10 @@ from ..ir.builder import const_value
 from ..ir.errors import NncError
 from ..ir.graph import Module, Op, Value
 from ..ir.types import DType, TensorType
+from . import init_phase
+from .memory import plan_memory  # the arena: liveness, placement, the overlap checker
 from .render import render as _render_template
+from .escape import Code, c_identifier
 
 ALIGN = 256
 
@@ -85,11 +88,11 @@ class Buffer:
     name: str
     dtype: DType
     shape: tuple
-    kind: str  # input | output | weight | const | temp
+    kind: str  # input | output | weight | const | temp | init (computed at load: codegen/init_phase.py)
     io_index: int = -1  # position among inputs/outputs
     alias_of: Optional[int] = None  # root buffer id if this is a view
     alias_offset: int = 0  # bytes into the root
-    offset: int = 0  # arena offset (temp) or weights.bin offset (weight/const)
+    offset: int = 0  # arena offset (temp), weights.bin offset (weight/const) or persistent offset (init)
     data: Optional[np.ndarray] = None  # weight/const payload (already transformed)
     dynamic: bool = False  # true extent known only after the run (NonZero)
     value: Optional[Value] = field(default=None, repr=False)
@@ -126,7 +129,7 @@ class Kernel:
     def source(self) -> str:
         head = _render_template("kernel_header.cu.j2", name=self.name, template=self.template,
                                 params=_short_json(self.params), ops=self.ops)
-        return head + self.body
+        return Code(head + self.body)  # both rendered by templates
 
 
 @dataclass
@@ -145,6 +148,7 @@ class Launch:
     args: list  # Buffer | Scalar
     op: str  # description of the IR op
     nbytes: int = 0  # memcpy/readback size
+    init: bool = False  # in the load-time init phase (Plan.init_launches), not run every time
 
 
 @dataclass
@@ -157,6 +161,8 @@ class Plan:
     memory: dict = field(default_factory=dict)
     weights_bytes: int = 0
     options: dict = field(default_factory=dict)
+    init_launches: list = field(default_factory=list)  # run once at load, before any run
+    persistent_bytes: int = 0  # the region of the init buffers (kind "init")
 
     def buffer(self, bid: int) -> Buffer:
         return self.buffers[bid]
@@ -424,6 +430,8 @@ class Lowerer:
         self.kernels: dict[str, Kernel] = {}
         self._by_key: dict[str, Kernel] = {}
         self.launches: list[Launch] = []
+        self.init_launches: list[Launch] = []
+        self.init_values: set[int] = set()  # ids of input-independent values (codegen/init_phase.py)
         self.transformed: dict = {}
         self.dynamic: dict = {}
         self.outputs_by_value: dict[int, int] = {}
@@ -476,7 +484,9 @@ class Lowerer:
         b = self.values.get(id(v))
         if b is None:
             shape = self.static_shape(v)
-            if self.is_output(v):
+            if id(v) in self.init_values:  # computed once at load; an output gets a copy every run
+                b = self.new_buffer(v.name, v.type.dtype, shape, init_phase.INIT_KIND, value=v)
+            elif self.is_output(v):
                 idx = self.outputs_by_value[id(v)]
                 b = self.new_buffer(v.name, v.type.dtype, shape, "output", io_index=idx, value=v)
             else:
@@ -513,10 +523,14 @@ class Lowerer:
             b = self.new_buffer(a.name, a.type.dtype, shape, "input", io_index=i, value=a)
             self.values[id(a)] = b
             inputs.append(b)
+        self.init_values = init_phase.input_independent(f, DYNAMIC_OPS)
         for op in f.ops:
             if op.name == "const":
                 continue
-            self.lower_op(op)
+            if op.results and id(op.results[0]) in self.init_values:
+                self.lower_init_op(op)
+            else:
+                self.lower_op(op)
         outputs = []
         for i, r in enumerate(f.results):
             b = self.values.get(id(r))
@@ -528,10 +542,24 @@ class Lowerer:
                 self.launches.append(Launch("memcpy", None, (1, 1, 1), (1, 1, 1), 0, [dst, src], f"return %{r.name}", dst.nbytes))
                 b = dst
             outputs.append(b)
-        plan = Plan(self.buffers, self.kernels, self.launches, inputs, outputs, options=self.options)
+        plan = Plan(self.buffers, self.kernels, self.launches, inputs, outputs, options=self.options,
+                    init_launches=self.init_launches)
         plan.dynamic = self.dynamic
         plan_memory(plan)
+        init_phase.place_persistent(plan, ALIGN)
+        init_phase.check(plan)
         return plan
+
+    def lower_init_op(self, op: Op):
+        """Lowers an input-independent op into the load-time init phase (codegen/init_phase.py)."""
+        run_launches, self.launches = self.launches, self.init_launches
+        n0 = len(self.init_launches)
+        try:
+            self.lower_op(op)
+        finally:
+            self.launches = run_launches
+        for l in self.init_launches[n0:]:
+            l.init = True
 
     def lower_op(self, op: Op):
         entries = LOWERINGS.get(op.name)
@@ -563,54 +591,9 @@ class Lowerer:
 
 
 def _ident(s: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in s)
+    """Kernel-name fragment from a lowering's hint: [a-z0-9_] only, never model text."""
+    return c_identifier(s)
 
 
 def lower(module: Module, options: Optional[dict] = None) -> Plan:
     return Lowerer(module, dict(options or {})).run()
-
-
-# ---------------------------------------------------------------- memory planning
-
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-def plan_memory(plan: Plan) -> None:
-    """Activations (temp buffers) share one arena by liveness: greedy first-fit, largest first,
-    256-byte aligned. Weights/consts are laid out back to back in weights.bin."""
-    first: dict[int, int] = {}
-    last: dict[int, int] = {}
-    for t, l in enumerate(plan.launches):
-        for a in l.args:
-            if isinstance(a, Buffer):
-                r = plan.root(a)
-                first.setdefault(r.id, t)
-                last[r.id] = t
-    temps = [b for b in plan.buffers if b.kind == "temp" and b.alias_of is None and b.id in first]
-    placed: list[tuple[int, int, int, int]] = []  # offset, size, first, last
-    arena = 0
-    for b in sorted(temps, key=lambda b: (-b.nbytes, first[b.id])):
-        size = _align(max(b.nbytes, 1))
-        conflicts = sorted((o, s) for o, s, f0, l0 in placed if not (l0 < first[b.id] or last[b.id] < f0))
-        off = 0
-        for o, s in conflicts:
-            if off + size <= o:
-                break
-            off = max(off, o + s)
-        b.offset = off
-        placed.append((off, size, first[b.id], last[b.id]))
-        arena = max(arena, off + size)
-    naive = sum(_align(max(b.nbytes, 1)) for b in temps)
-    peak = 0
-    for t in range(len(plan.launches)):
-        peak = max(peak, sum(_align(max(b.nbytes, 1)) for b in temps if first[b.id] <= t <= last[b.id]))
-    woff = 0
-    for b in plan.buffers:
-        if b.kind in ("weight", "const") and b.alias_of is None and b.id in first:
-            woff = _align(woff)
-            b.offset = woff
-            woff += b.nbytes
-    plan.weights_bytes = woff
-    plan.memory = {"arena_bytes": arena, "naive_bytes": naive, "peak_live_bytes": peak,
-                   "weights_bytes": woff}

@@ -12,20 +12,34 @@ from pathlib import Path
 
 import numpy as np
 
+from . import __version__, progress
 from .ir.errors import NncError
 
 EPILOG = "Docs: README.md. Shapes use trtexec's convention: --shapes input:1x3x224x224,mask:1x128"
 
 
+SHAPES_HELP = (
+    "bind input dims, trtexec's syntax: NAME:DxDx..[,NAME:Dx..], e.g. input:1x3x224x224,mask:1x128 "
+    "(dims: integers >= 0; 'NAME:' is a scalar; the name ends at the last ':'). A named input must keep "
+    "the model's rank and fixed dims. A symbolic dim (an ONNX dim_param such as N) bound in one input is "
+    "bound in every input that uses it. Inputs not named keep their dims, and dims left symbolic stay "
+    "symbolic: fine for `nnc ir` and the reference backend, while CUDA codegen needs every dim static "
+    "and names the value that is not")
+
+
 def _add_shapes(p):
-    p.add_argument("--shapes", default="", metavar="NAME:DxDx..,...",
-                   help="bind input dims, e.g. input:1x3x224x224 (unbound symbols stay symbolic)")
+    p.add_argument("--shapes", default="", metavar="NAME:DxD..,...", help=SHAPES_HELP)
+
+
+def _add_verbose(p, what):
+    p.add_argument("-v", "--verbose", action="store_true", help=f"print {what} to stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nnc", description="nnc: ahead-of-time ONNX -> CUDA C++ compiler",
                                  epilog=EPILOG)
     ap.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    ap.add_argument("--version", action="version", version=f"nnc {__version__}")
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
 
     p = sub.add_parser("ir", help="import an ONNX model and print its IR",
@@ -39,11 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("opt", help="parse IR, run passes, print IR (like mlir-opt)",
                        description="Parses FILE.nnir, runs the named passes in order and prints the IR. "
                                    "With no --passes it prints the parsed IR unchanged (the round-trip check).")
-    p.add_argument("file", help="IR text file (weights are read from <stem>.weights.* beside it)")
+    p.add_argument("file", nargs="?", help="IR text file (weights are read from <stem>.weights.* beside it); "
+                                           "not needed with --list-passes")
     p.add_argument("--passes", default="", help="comma-separated pass names, e.g. fold-constants,canonicalize,dce")
     p.add_argument("--verify-each", action="store_true", help="run the verifier after every pass")
     p.add_argument("--dump-ir", metavar="DIR", help="write NN-<pass>.nnir after each pass into DIR")
-    p.add_argument("--list-passes", action="store_true", help="list the known passes and exit")
+    p.add_argument("--list-passes", action="store_true", help="list the known passes (with what each does) and exit")
+    _add_verbose(p, "each pass's time and the op count after it")
     p.add_argument("-o", "--output", help="write the result here instead of stdout (weights beside it)")
 
     p = sub.add_parser("compile", help="compile an ONNX model into an output directory",
@@ -57,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage type of weights and activations (accumulation stays fp32)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 tensor cores for fp32 GEMMs and convolutions")
     p.add_argument("--backend", choices=["nvrtc", "nvcc"], default="nvrtc", help="CUDA compiler to use")
+    p.add_argument("--name", default=None,
+                   help="the model's C API name: its symbols are nnc_NAME_create, nnc_NAME_run, ... "
+                        "(a C identifier; default: the model file's name)")
     p.add_argument("--no-codegen", action="store_true", help="stop after writing the IR and plan.json")
+    _add_verbose(p, "each pass's time and op count, the kernel and launch counts and each stage's time")
     p.add_argument("--verify-each", action="store_true", help="run the verifier after every pass")
     p.add_argument("--dump-ir", metavar="DIR", help="write NN-<pass>.nnir after each pass into DIR")
 
@@ -100,9 +120,13 @@ def main(argv=None) -> int:
     if not args.cmd:
         ap.print_help()
         return 2
+    if args.cmd == "opt" and args.file is None and not args.list_passes:
+        ap.error("opt: the following argument is required: file (unless --list-passes)")  # exit 2
     try:
-        return {"ir": cmd_ir, "opt": cmd_opt, "compile": cmd_compile, "run": cmd_run,
-                "verify": cmd_verify}[args.cmd](args)
+        # progress bars (stderr, only on a terminal) and -v lines: every stage reports to this
+        with progress.use(progress.make_reporter(verbose=getattr(args, "verbose", False))):
+            return {"ir": cmd_ir, "opt": cmd_opt, "compile": cmd_compile, "run": cmd_run,
+                    "verify": cmd_verify}[args.cmd](args)
     except NncError as e:
         if args.debug:
             raise
@@ -141,21 +165,39 @@ def cmd_ir(args) -> int:
 
 
 def load_ir(path) -> "object":
-    from .ir.parser import parse
+    """Parses an IR file with its weights and verifies it: IR text is input like any other, and
+    passes, printer and interpreter assume a verified module."""
+    from .ir.parser import parse_file
+    from .ir.verify import verify
     from .ir.weights import WeightStore
     p = Path(path)
     if not p.exists():
         raise NncError(f"{p}: no such file")
-    m = parse(p.read_text(), str(p))
+    m = parse_file(p)
     m.weights = WeightStore.load(p)
+    try:
+        verify(m)
+    except NncError as e:
+        raise type(e)(f"{p}: {e}") from None
     return m
+
+
+def _pass_summary(name: str) -> str:
+    """The first sentence of a pass's docstring (its function's, else its module's)."""
+    from .pipeline import get_pass
+    fn = get_pass(name)
+    doc = fn.__doc__ or sys.modules[fn.__module__].__doc__ or ""
+    para = " ".join(doc.strip().split("\n\n")[0].split())
+    end = para.find(". ")
+    return para if end < 0 else para[:end + 1]
 
 
 def cmd_opt(args) -> int:
     from .ir.printer import print_module
     from .pipeline import PASSES, Pipeline
     if args.list_passes:
-        print("\n".join(PASSES))
+        width = max(map(len, PASSES))
+        print("\n".join(f"{n:<{width}}  {_pass_summary(n)}" for n in PASSES))
         return 0
     m = load_ir(args.file)
     passes = [p for p in args.passes.split(",") if p]
@@ -173,7 +215,7 @@ def cmd_compile(args) -> int:
     t0 = time.perf_counter()
     plan = compile_model(args.model, args.out, shapes=args.shapes, arch=args.arch, precision=args.precision,
                          tf32=args.tf32, backend=args.backend, codegen=not args.no_codegen,
-                         verify_each=args.verify_each, dump_ir=args.dump_ir)
+                         verify_each=args.verify_each, dump_ir=args.dump_ir, name=args.name)
     n_k = len(plan.get("kernels", []))
     print(f"compiled {args.model} -> {args.out} ({len(plan['inputs'])} inputs, {len(plan['outputs'])} outputs, "
           f"{n_k} kernels, {time.perf_counter() - t0:.1f}s)")

@@ -12,6 +12,9 @@ import json
 from pathlib import Path
 
 from .codegen.cuda import normalize_arch
+from .codegen.escape import c_identifier, is_c_identifier
+from .ir.errors import NncError
+from .outdir import staged_dir
 from .ir.printer import print_module
 from .ir.symbolic import fmt
 from .ir.verify import verify
@@ -32,10 +35,24 @@ def pipeline_passes(precision: str = "fp32") -> list[str]:
     return passes
 
 
+def model_name(name, model) -> str:
+    """The C API name of a model (its symbols are nnc_<name>_*): `name` checked, else the model
+    file's stem made a C identifier ("model" for an in-memory model)."""
+    if name is not None:
+        if not is_c_identifier(name):
+            raise NncError(f"--name {name!r}: must be a C identifier ([A-Za-z_][A-Za-z0-9_]*)")
+        return name
+    stem = Path(model).stem if isinstance(model, (str, Path)) else "model"
+    ident = c_identifier(stem)
+    return ident if ident[0].isalpha() or ident[0] == "_" else "m" + ident
+
+
 def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp32", tf32: bool = False,
-                  backend: str = "nvrtc", codegen: bool = True, verify_each: bool = False, dump_ir=None) -> dict:
+                  backend: str = "nvrtc", codegen: bool = True, verify_each: bool = False, dump_ir=None,
+                  name=None) -> dict:
     from .onnx_import import import_model, parse_shapes
     out = Path(out)
+    name = model_name(name, model)
     rep = progress.current()
     with rep.stage("import"):
         module = import_model(model, shapes=parse_shapes(shapes) if isinstance(shapes, str) else shapes)
@@ -45,6 +62,7 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
     pipe = Pipeline(pipeline_passes(precision), verify_each, Path(dump_ir) if dump_ir else None)
     pipe.run(module)
     plan = {
+        "name": name,
         "arch": normalize_arch(arch),  # the GPU present, else sm_90; validates e.g. "90" -> sm_90
         "inputs": [io_entry(a) for a in module.main.args],
         "outputs": [io_entry(r) for r in module.main.results],
@@ -58,9 +76,10 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
         from .codegen.emit import compile_to_dir
         with rep.stage("codegen"):  # lowering, render, the CUDA compile and writing OUT
             return compile_to_dir(module, out, arch=plan["arch"], precision=precision, tf32=tf32,
-                                  backend=backend, base_plan=plan)
-    (out / "ir").mkdir(parents=True, exist_ok=True)
-    (out / "ir" / "final.nnir").write_text(print_module(module))
-    module.weights.save(out / "ir" / "final")
-    (out / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+                                  backend=backend, base_plan=plan, name=name)
+    with staged_dir(out) as tmp:  # all or nothing, see nnc/outdir.py
+        (tmp / "ir").mkdir()
+        (tmp / "ir" / "final.nnir").write_text(print_module(module))
+        module.weights.save(tmp / "ir" / "final")
+        (tmp / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
     return plan
