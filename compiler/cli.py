@@ -216,10 +216,32 @@ def cmd_compile(args) -> int:
     plan = compile_model(args.model, args.out, shapes=args.shapes, arch=args.arch, precision=args.precision,
                          tf32=args.tf32, backend=args.backend, codegen=not args.no_codegen,
                          verify_each=args.verify_each, dump_ir=args.dump_ir, name=args.name)
+    wall = time.perf_counter() - t0
     n_k = len(plan.get("kernels", []))
     print(f"compiled {args.model} -> {args.out} ({len(plan['inputs'])} inputs, {len(plan['outputs'])} outputs, "
-          f"{n_k} kernels, {time.perf_counter() - t0:.1f}s)")
+          f"{n_k} kernels, {wall:.1f}s)")
+    rep = progress.current()
+    if rep.verbose:
+        launches = plan.get("launches", [])
+        n_kl = sum(l.get("kind") == "kernel" for l in launches)
+        init = len(plan.get("init_launches", []))
+        rep.log(f"  {n_k} kernels, {n_kl} kernel launches per run ({len(launches)} launches in all"
+                f"{f', {init} more once at load' if init else ''})")
+        rep.log("  stages: " + " | ".join(f"{k} {v * 1e3:.1f} ms" for k, v in _stage_times(rep.times, wall, args.backend))
+                + f" | total {wall * 1e3:.1f} ms")
     return 0
+
+
+def _stage_times(times: dict, wall: float, cuda_compiler: str) -> list:
+    """import, passes, lowering, render, the CUDA compile (absent: the cubin was up to date) and
+    write: the rest of codegen, or with --no-codegen the rest of the compile (writing ir/ and
+    plan.json)."""
+    out = [(k, times[k]) for k in ("import", "passes", "lowering", "render", cuda_compiler) if k in times]
+    if "codegen" in times:
+        rest = times["codegen"] - sum(times.get(k, 0.0) for k in ("lowering", "render", cuda_compiler))
+    else:
+        rest = wall - times.get("import", 0.0) - times.get("passes", 0.0)
+    return out + [("write", max(rest, 0.0))]
 
 
 def _random_inputs(plan: dict, seed: int) -> dict:

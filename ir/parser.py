@@ -16,6 +16,7 @@ import numpy as np
 from . import registry, symbolic
 from .errors import IRParseError, NncError
 from .graph import Function, Loc, Module, Op, Region, Value
+from .verify import MAX_REGION_DEPTH
 from .types import TensorType, dtype
 
 
@@ -91,6 +92,8 @@ class _Builder:
 
     def region(self, tree) -> Region:
         *args, block = tree.children
+        if len(self.scopes) > MAX_REGION_DEPTH:  # scopes: the function's plus one per open region
+            self.err(tree.meta, f"regions nested too deep (more than {MAX_REGION_DEPTH} levels)")
         self.scopes.append({})
         argv = [self.define(a.children[0], self.type(a.children[1])) for a in args if a is not None]
         ops, results = self.block(block)
@@ -192,6 +195,42 @@ class _Builder:
         return TensorType(dtype(str(dt_tok)), shape, layout)
 
     def dim(self, t):
+        """A dim expression tree -> Dim, without recursion: the tree of `N+N+...+N` is as deep as
+        it has terms. Chains of + - (and of *) become one n-ary sum (product) in one step, so
+        a 20,000-term sum takes linear time; an expression that stays deeper than
+        symbolic.MAX_DEPTH after that is refused (everything downstream recurses on it)."""
+        done: dict[int, object] = {}
+        stack = [(t, None)]
+        while stack:
+            node, parts = stack.pop()
+            if parts is None:
+                parts = _dim_parts(node)
+                if parts is not None:
+                    stack.append((node, parts))
+                    stack.extend((c, None) for _, c in parts if id(c) not in done)
+                    continue
+                done[id(node)] = self._dim_leaf(node)
+                continue
+            vals = [(sign, done[id(c)]) for sign, c in parts]
+            d = node.data
+            if d in ("dadd", "dsub"):
+                done[id(node)] = symbolic.add_n([v if sign > 0 else symbolic.mul(-1, v) for sign, v in vals])
+            elif d == "dmul":
+                done[id(node)] = symbolic.mul_n([v for _, v in vals])
+            elif d == "ddiv":
+                done[id(node)] = symbolic.floordiv(vals[0][1], vals[1][1])
+            elif d == "dneg":
+                done[id(node)] = symbolic.mul(-1, vals[0][1])
+            elif d == "dmax":
+                done[id(node)] = symbolic.dmax(vals[0][1], vals[1][1])
+            else:
+                raise AssertionError(d)
+        out = done[id(t)]
+        if symbolic.depth(out) > symbolic.MAX_DEPTH:
+            self.err(t.meta, f"dim expression nested too deep (more than {symbolic.MAX_DEPTH} levels)")
+        return out
+
+    def _dim_leaf(self, t):
         if isinstance(t, lark.Token):
             raise AssertionError(t)
         d = t.data
@@ -201,20 +240,50 @@ class _Builder:
             return symbolic.sym(str(t.children[0]))
         if d == "dunknown":
             return symbolic.UNKNOWN
-        a = [self.dim(c) for c in t.children]
-        if d == "dadd":
-            return symbolic.add(a[0], a[1])
-        if d == "dsub":
-            return symbolic.add(a[0], symbolic.mul(-1, a[1]))
-        if d == "dmul":
-            return symbolic.mul(a[0], a[1])
-        if d == "ddiv":
-            return symbolic.floordiv(a[0], a[1])
-        if d == "dneg":
-            return symbolic.mul(-1, a[0])
-        if d == "dmax":
-            return symbolic.dmax(a[0], a[1])
         raise AssertionError(d)
+
+
+def _dim_parts(t):
+    """(sign, subtree) operands of a dim node, a whole left-leaning +/- (or *) chain at once;
+    None for a leaf."""
+    d = t.data
+    if d in ("dint", "dsym", "dunknown"):
+        return None
+    if d in ("dadd", "dsub", "dmul"):
+        chain = ("dadd", "dsub") if d != "dmul" else ("dmul",)
+        parts = []
+        while isinstance(t, lark.Tree) and t.data in chain:
+            parts.append((-1 if t.data == "dsub" else 1, t.children[1]))
+            t = t.children[0]
+        parts.append((1, t))
+        return parts[::-1]
+    return [(1, c) for c in t.children]
+
+
+def read_ir_file(path) -> str:
+    """The text of an IR file, with clear errors for what is not UTF-8 IR text (an ONNX model
+    passed to `nnc opt`, say) instead of a UnicodeDecodeError."""
+    p = Path(path)
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        text = None
+        bad = e.start
+    if text is None or "\0" in text:
+        if p.suffix == ".onnx" or data[:1] == b"\x08":  # ModelProto starts with ir_version, field 1
+            raise IRParseError(f"{p}: this looks like an ONNX model, not IR text; use `nnc ir` to "
+                               f"import it or `nnc compile` to build it")
+        if text is None:
+            line = data[:bad].count(b"\n") + 1
+            col = bad - (data.rfind(b"\n", 0, bad) + 1) + 1
+            raise IRParseError(f"{p}:{line}:{col}: not UTF-8 text (byte 0x{data[bad]:02x}); IR files are UTF-8")
+        raise IRParseError(f"{p}: contains NUL bytes; IR files are UTF-8 text")
+    return text
+
+
+def parse_file(path) -> Module:
+    return parse(read_ir_file(path), str(path))
 
 
 def parse(text: str, filename: str = "<string>") -> Module:

@@ -75,16 +75,43 @@ def is_static(d: Dim) -> bool:
     return isinstance(d, int)
 
 
+# Deepest expression tree accepted from text (ir/parser.py): fmt, evaluate and substitute
+# recurse on the tree. Sums and products are flat, so 20,000 terms are depth 1.
+MAX_DEPTH = 128
+
+
+def depth(d: Dim) -> int:
+    """Height of the expression tree (0 for an int or a symbol), computed without recursion."""
+    best = 0
+    stack = [(d, 0)]
+    while stack:
+        x, k = stack.pop()
+        if isinstance(x, Expr) and x.args:
+            best = max(best, k + 1)
+            stack.extend((a, k + 1) for a in x.args)
+    return best
+
+
 def _has_unknown(*ds: Dim) -> bool:
-    return any(isinstance(d, Expr) and (d.kind == "unknown" or "?" in fmt(d)) for d in ds)
+    """Whether any dim is or contains `?`. The normalising constructors below turn any
+    expression with an unknown part into UNKNOWN itself, so looking one level down suffices
+    (and keeps building a long sum linear)."""
+    return any(isinstance(d, Expr) and (d.kind == "unknown" or any(
+        isinstance(a, Expr) and a.kind == "unknown" for a in d.args)) for d in ds)
 
 
 def add(a: Dim, b: Dim) -> Dim:
-    if _has_unknown(a, b):
+    return add_n((a, b))
+
+
+def add_n(ds) -> Dim:
+    """The normalised sum of several dims in one pass (what folding `add` over them gives)."""
+    ds = tuple(ds)
+    if _has_unknown(*ds):
         return UNKNOWN
     terms: list = []
     const = 0
-    for x in (a, b):
+    for x in ds:
         parts = x.args if isinstance(x, Expr) and x.kind == "add" else (x,)
         for p in parts:
             if isinstance(p, int):
@@ -99,11 +126,17 @@ def add(a: Dim, b: Dim) -> Dim:
 
 
 def mul(a: Dim, b: Dim) -> Dim:
-    if _has_unknown(a, b):
+    return mul_n((a, b))
+
+
+def mul_n(ds) -> Dim:
+    """The normalised product of several dims in one pass."""
+    ds = tuple(ds)
+    if _has_unknown(*ds):
         return UNKNOWN
     factors: list = []
     const = 1
-    for x in (a, b):
+    for x in ds:
         parts = x.args if isinstance(x, Expr) and x.kind == "mul" else (x,)
         for p in parts:
             if isinstance(p, int):
@@ -199,7 +232,9 @@ def substitute(d: Dim, env: dict[str, Dim]) -> Dim:
     if d.kind == "sym":
         return env.get(d.name, d)
     args = [substitute(a, env) for a in d.args]
-    fn = {"add": add, "mul": mul, "div": floordiv, "max": dmax}[d.kind]
+    if d.kind in ("add", "mul"):  # n-ary in one step: linear in the number of terms
+        return add_n(args) if d.kind == "add" else mul_n(args)
+    fn = {"div": floordiv, "max": dmax}[d.kind]
     out = args[0]
     for a in args[1:]:
         out = fn(out, a)

@@ -4,10 +4,16 @@ against re-inferred ones. Each error names the op and its line:col (or ONNX node
 from __future__ import annotations
 
 from . import registry
+from .registry import check_extents
 from .builder import const_value
 from .errors import NncError, ShapeError, VerifyError
 from .graph import Function, Module, Region
 from .types import types_compatible
+
+# Regions (If branches, loop bodies) nest at most this deep. The parser, the ONNX importer and
+# this verifier refuse deeper nesting up front with a clear error; every walk over the IR
+# (printer, passes, interpreter) recurses per level, and this keeps them far from Python's limit.
+MAX_REGION_DEPTH = 64
 
 
 def verify(module: Module) -> None:
@@ -15,7 +21,32 @@ def verify(module: Module) -> None:
     if len(set(names)) != len(names):
         raise VerifyError(f"duplicate function names: {names}")
     for f in module.functions:
+        _check_depth(f)
+        for a in f.args:
+            _check_type(a.type, f"@{f.name}: argument %{a.name}")
+        seen = set()
+        for v in f.results:  # outputs are keyed by name (run results, plan.json, the C API)
+            if v.name in seen:
+                raise VerifyError(f"@{f.name}: returns %{v.name} twice; each output needs its own value")
+            seen.add(v.name)
         _region(f, [], module, f"@{f.name}")
+
+
+def _check_depth(f: Function) -> None:
+    stack = [(f, 0)]
+    while stack:
+        r, k = stack.pop()
+        for op in r.ops:
+            for _, sub in op.regions():
+                if k + 1 > MAX_REGION_DEPTH:
+                    raise VerifyError(f"{_where(op)}: regions nested too deep (more than {MAX_REGION_DEPTH} levels)")
+                stack.append((sub, k + 1))
+
+
+def _check_type(t, what: str) -> None:
+    def fail(msg):
+        raise VerifyError(f"{what}: {msg}")
+    check_extents(t, fail)
 
 
 def _where(op) -> str:
@@ -59,6 +90,7 @@ def _region(r: Region, outer: list, module: Module, what: str) -> None:
             if not types_compatible(res.type, t):
                 raise VerifyError(f"{w}: result {i} %{res.name} is declared {res.type} but inference gives {t}")
         for res in op.results:
+            _check_type(res.type, f"{w}: result %{res.name}")
             if any(id(res) in s for s in scope):
                 raise VerifyError(f"{w}: %{res.name} is defined twice")
             defined.add(id(res))

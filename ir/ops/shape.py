@@ -221,9 +221,9 @@ class SplitAttrs:
 
 
 def split_sizes(d, n: int, uneven: bool):
-    if isinstance(d, int):
-        c = -(-d // n)
-        return [c] * (n - 1) + [d - c * (n - 1)]
+    if isinstance(d, int):  # chunks of ceil(d/n) while data lasts: splitting 2 into 4 gives
+        c = -(-d // n)       # [1, 1, 0, 0], what ONNX's reference slices out, never a negative size
+        return [max(0, min(c, d - c * i)) for i in range(n)]
     if uneven:
         c = (d + (n - 1)) // n
         return [c] * (n - 1) + [d - c * (n - 1)]
