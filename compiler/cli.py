@@ -227,21 +227,19 @@ def cmd_compile(args) -> int:
         init = len(plan.get("init_launches", []))
         rep.log(f"  {n_k} kernels, {n_kl} kernel launches per run ({len(launches)} launches in all"
                 f"{f', {init} more once at load' if init else ''})")
-        rep.log("  stages: " + " | ".join(f"{k} {v * 1e3:.1f} ms" for k, v in _stage_times(rep.times, wall, args.backend))
+        rep.log("  stages: " + " | ".join(f"{k} {v * 1e3:.1f} ms" for k, v in _stage_times(rep.times, args.backend))
                 + f" | total {wall * 1e3:.1f} ms")
     return 0
 
 
-def _stage_times(times: dict, wall: float, cuda_compiler: str) -> list:
+def _stage_times(times: dict, cuda_compiler: str) -> list:
     """import, passes, lowering, render, the CUDA compile (absent: the cubin was up to date) and
-    write: the rest of codegen, or with --no-codegen the rest of the compile (writing ir/ and
-    plan.json)."""
-    out = [(k, times[k]) for k in ("import", "passes", "lowering", "render", cuda_compiler) if k in times]
-    if "codegen" in times:
+    write (with codegen: the rest of the codegen stage, which writes OUT)."""
+    out = [(k, times[k]) for k in ("import", "passes", "lowering", "render", cuda_compiler, "write") if k in times]
+    if "codegen" in times and "write" not in times:
         rest = times["codegen"] - sum(times.get(k, 0.0) for k in ("lowering", "render", cuda_compiler))
-    else:
-        rest = wall - times.get("import", 0.0) - times.get("passes", 0.0)
-    return out + [("write", max(rest, 0.0))]
+        out.append(("write", max(rest, 0.0)))
+    return out
 
 
 def _random_inputs(plan: dict, seed: int) -> dict:

@@ -77,7 +77,7 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
         with rep.stage("codegen"):  # lowering, render, the CUDA compile and writing OUT
             return compile_to_dir(module, out, arch=plan["arch"], precision=precision, tf32=tf32,
                                   backend=backend, base_plan=plan, name=name)
-    with staged_dir(out) as tmp:  # all or nothing, see nnc/outdir.py
+    with rep.stage("write"), staged_dir(out) as tmp:  # all or nothing, see nnc/outdir.py
         (tmp / "ir").mkdir()
         (tmp / "ir" / "final.nnir").write_text(print_module(module))
         module.weights.save(tmp / "ir" / "final")
