@@ -601,9 +601,10 @@ def format_text(r: Report) -> str:
         out = [title]
         out += ["  " + "  ".join(str(x).ljust(w[i]) for i, x in enumerate(row)).rstrip() for row in rows]
         return out
-    lines = [_header(r)] + table("outputs:", r.outputs)
+    lines = [_header(r)]
     if r.per_layer:
         lines += table("layers (execution order):", r.layers)
+    lines += table("outputs:", r.outputs)
     return "\n".join(lines + summary_lines(r)) + "\n"
 
 

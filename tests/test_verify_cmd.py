@@ -1,0 +1,318 @@
+"""`nnc verify` / nnc.accuracy: nnc against onnxruntime, per output and per layer."""
+import dataclasses
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from nnc.accuracy import (VerifyError, compare, format_text, print_rich, random_inputs, verify_model)
+from nnc.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CNN = ROOT / "examples" / "tiny_cnn.onnx"
+TRANSFORMER = ROOT / "examples" / "tiny_transformer.onnx"
+EXAMPLES = {"tiny_cnn": (CNN, "input:2x3x32x32"), "tiny_transformer": (TRANSFORMER, "")}
+
+
+def _cli(capsys, *argv):
+    rc = main(["verify", *map(str, argv)])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return rc, out, err
+
+
+def _outputs(path):
+    return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+
+
+def _node_outputs(path):
+    return {t for n in onnx.load(str(path), load_external_data=False).graph.node for t in n.output if t}
+
+
+def _save(model, tmp_path, name="m.onnx"):
+    p = tmp_path / name
+    onnx.save(model, str(p))
+    return p
+
+
+def _chain_model(nodes, inits, n=16, opset=17):
+    """x: f32[1, n] -> nodes -> y (nodes name their outputs; the last one writes 'y')."""
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                          [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 10  # what the installed onnxruntime reads
+    return m
+
+
+def _overflow_model():
+    """fp32-safe, fp16-overflowing: |x| + 10 >= 10, times 1e4 >= 1e5 > fp16 max (65504) at node
+    'boom'; 'shrink' brings fp32 back to ~1..."""
+    return _chain_model([
+        helper.make_node("Abs", ["x"], ["a"], name="abs"),
+        helper.make_node("Add", ["a", "ten"], ["b"], name="shift"),
+        helper.make_node("Mul", ["b", "big"], ["c"], name="boom"),
+        helper.make_node("Mul", ["c", "small"], ["d"], name="shrink"),
+        helper.make_node("Relu", ["d"], ["y"], name="out"),
+    ], {"ten": [10.0], "big": [1e4], "small": [1e-5]})
+
+
+# ----------------------------------------------------------------------------- example models
+
+@pytest.mark.parametrize("name", list(EXAMPLES))
+def test_examples_pass_at_fp32(name, capsys):
+    path, shapes = EXAMPLES[name]
+    rc, out, _ = _cli(capsys, path, "--shapes", shapes) if shapes else _cli(capsys, path)
+    assert rc == 0, out
+    outs = _outputs(path)
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    for o in outs:  # the table has a row for every output, with its verdict
+        row = next(r for r in rows if r[0] == o)
+        assert row[-1] == "PASS"
+    assert f"PASSED: all {len(outs)} outputs within tolerance" in out
+
+
+@pytest.mark.parametrize("name", list(EXAMPLES))
+def test_examples_per_layer_fp32_cover_every_node_output(name):
+    path, shapes = EXAMPLES[name]
+    rep = verify_model(path, shapes=shapes, per_layer=True)
+    assert rep.passed and rep.first_failure is None and rep.first_nonfinite is None
+    compared = {c.name for c in rep.layers}
+    skipped = {s.name for s in rep.not_compared}
+    assert compared | skipped == _node_outputs(path) and not compared & skipped
+    assert len(compared) >= 15  # these models keep (nearly) every layer through the pipeline
+    assert all(c.max_abs < 1e-3 for c in rep.layers)
+
+
+@pytest.mark.parametrize("prec", ["fp16", "bf16"])
+@pytest.mark.parametrize("name", list(EXAMPLES))
+def test_examples_low_precision(name, prec):
+    path, shapes = EXAMPLES[name]
+    rep = verify_model(path, shapes=shapes, precision=prec, per_layer=True)
+    assert rep.rtol == 1e-2
+    for c in rep.outputs:
+        assert c.passed, c
+        assert 0 < c.rel_l2 < 1e-2  # the low-precision path really ran (not an fp32 copy)
+    assert rep.layers and all(c.dtype == ("float16" if prec == "fp16" else "bfloat16")
+                              for c in rep.layers if c.name not in _outputs(path))
+    assert rep.unmapped_ir_values >= 2  # the entry and exit casts the precision pass adds
+
+
+# ----------------------------------------------------------------------------- broken layers
+
+def test_fp16_overflow_names_the_node(tmp_path, capsys):
+    p = _save(_overflow_model(), tmp_path)
+    assert verify_model(p).passed  # fp32 is fine
+    rep = verify_model(p, precision="fp16", per_layer=True)
+    assert not rep.passed
+    nf = rep.first_nonfinite
+    assert (nf.node, nf.op_type, nf.name) == ("boom", "Mul", "c") and nf.nonfinite == 16
+    assert rep.first_failure.node == "boom"  # 'abs' and 'shift' are exact in fp16
+    assert [c.node for c in rep.layers[:2]] == ["abs", "shift"] and all(c.passed for c in rep.layers[:2])
+    rc, out, _ = _cli(capsys, p, "--precision", "fp16", "--per-layer")
+    assert rc == 1
+    assert "first layer with non-finite values: node 'boom' (Mul), tensor 'c'" in out
+    assert "FAILED: 1 of 1 outputs outside tolerance (y)" in out
+    rc, out, _ = _cli(capsys, p, "--precision", "fp16")
+    assert rc == 1 and "16 non-finite" in out
+
+
+def test_wrong_reference_semantics_found_per_layer(tmp_path, monkeypatch):
+    """A test-only bug in one op's reference semantics is found at exactly that node."""
+    from nnc.ir import registry
+    p = _save(_chain_model([
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("Sigmoid", ["r"], ["s"], name="sig"),
+        helper.make_node("Mul", ["s", "two"], ["y"], name="scale"),
+    ], {"two": [2.0]}), tmp_path)
+    assert verify_model(p, per_layer=True).passed
+    sig = registry.get("Sigmoid")
+    monkeypatch.setitem(registry.REGISTRY, "Sigmoid",
+                        dataclasses.replace(sig, ref=lambda attrs, x: (sig.ref(attrs, x) * 1.01).astype(x.dtype)))
+    rep = verify_model(p, per_layer=True)
+    assert not rep.passed and rep.first_nonfinite is None
+    f = rep.first_failure
+    assert (f.node, f.op_type, f.name) == ("sig", "Sigmoid", "s")
+    assert 0.005 < f.rel_l2 < 0.011 and f.fail_fraction > 0.9
+    assert [c.passed for c in rep.layers] == [True, False, False]
+
+
+def test_folded_and_removed_tensors_are_listed_not_compared(tmp_path):
+    """Identity disappears in canonicalize; the Shape -> Reshape target folds at import."""
+    p = _save(_chain_model([
+        helper.make_node("Identity", ["x"], ["i"], name="ident"),
+        helper.make_node("Exp", ["i"], ["e"], name="exp"),
+        helper.make_node("Shape", ["e"], ["shp"], name="shape"),
+        helper.make_node("Reshape", ["e", "shp"], ["rs"], name="reshape"),
+        helper.make_node("Tanh", ["rs"], ["y"], name="tanh"),
+    ], {}), tmp_path)
+    rep = verify_model(p, per_layer=True)
+    assert rep.passed
+    why = {s.name: s.reason for s in rep.not_compared}
+    assert why["shp"] == "folded"
+    assert why["i"] in ("model input", "fused or removed")
+    assert {c.name for c in rep.layers} >= {"e", "y"}
+    assert not {c.name for c in rep.layers} & set(why)
+    out = format_text(rep)
+    assert "folded" in out and "per-layer:" in out
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def test_inputs_npz_gives_the_same_numbers_and_binds_symbolic_dims(tmp_path, capsys):
+    from nnc.onnx_import import import_model
+    m = import_model(str(CNN), shapes={"input": [3, 3, 32, 32]})
+    feed = random_inputs(m.main.args, seed=5)
+    np.savez(tmp_path / "in.npz", **feed)
+    a = verify_model(CNN, shapes="input:3x3x32x32", seed=5)
+    b = verify_model(CNN, inputs=tmp_path / "in.npz")  # no --shapes: the array's shape binds N
+    assert b.seed is None and b.outputs[0].shape == (3, 10)
+    assert a.outputs[0].max_abs == b.outputs[0].max_abs and a.outputs[0].rel_l2 == b.outputs[0].rel_l2
+    rc, out, _ = _cli(capsys, CNN, "--inputs", tmp_path / "in.npz")
+    assert rc == 0 and "given inputs" in out and "3x10" in out
+
+
+def test_random_inputs_are_never_zero_and_ints_stay_small():
+    from nnc.ir.graph import Value
+    from nnc.ir.types import TensorType, dtype
+    args = [Value("f", TensorType(dtype("f32"), (4, 8))), Value("i", TensorType(dtype("i64"), (64,))),
+            Value("b", TensorType(dtype("bool"), (8,)))]
+    x = random_inputs(args, seed=0)
+    assert np.all(x["f"] != 0) and x["f"].std() > 0.5
+    assert x["i"].dtype == np.int64 and 0 <= x["i"].min() and x["i"].max() < 4 and len(set(x["i"])) > 1
+    assert x["b"].dtype == bool
+    assert not np.array_equal(random_inputs(args, seed=1)["f"], x["f"])
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, capsys):
+    rc, _, err = _cli(capsys, CNN, "--inputs", ROOT / "README.md")
+    assert rc == 1 and "--inputs" in err and "README.md" in err and "not a readable .npz" in err
+    np.savez(tmp_path / "wrong.npz", image=np.zeros((1, 3, 32, 32), np.float32))
+    rc, _, err = _cli(capsys, CNN, "--inputs", tmp_path / "wrong.npz", "--shapes", "input:1x3x32x32")
+    assert rc == 1 and "missing ['input']" in err and "unknown ['image']" in err
+    rc, _, err = _cli(capsys, CNN, "--inputs", tmp_path / "nope.npz")
+    assert rc == 1 and "no such file" in err
+
+
+def test_bad_shapes_are_clear_errors(capsys):
+    rc, _, err = _cli(capsys, CNN)  # N is symbolic
+    assert rc == 1 and "'input'" in err and "--shapes input:Dx3x32x32" in err
+    rc, _, err = _cli(capsys, CNN, "--shapes", "input:1x3")
+    assert rc == 1 and "rank 4" in err
+    rc, _, err = _cli(capsys, CNN, "--shapes", "image:1x3x32x32")
+    assert rc == 1 and "image" in err and "input" in err
+    rc, _, err = _cli(capsys, CNN, "--shapes", "input:1xAx32x32")
+    assert rc == 1 and "integers" in err
+    assert err.count("\n") == 1  # one line
+
+
+def test_missing_onnxruntime_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    rc, _, err = _cli(capsys, TRANSFORMER)
+    assert rc == 1 and "pip install onnxruntime" in err
+    with pytest.raises(VerifyError, match="not installed"):
+        verify_model(TRANSFORMER)
+
+
+def test_bad_tolerances_and_options(capsys):
+    rc, _, err = _cli(capsys, TRANSFORMER, "--rtol", "-1")
+    assert rc == 1 and "non-negative" in err
+    with pytest.raises(VerifyError, match="backend"):
+        verify_model(TRANSFORMER, backend="tpu")
+
+
+def test_tolerance_overrides_decide_the_verdict(capsys):
+    rep = verify_model(TRANSFORMER, precision="fp16")
+    err = rep.outputs[0].max_abs
+    assert rep.passed and err > 0
+    rc, out, _ = _cli(capsys, TRANSFORMER, "--precision", "fp16", "--rtol", "0", "--atol", f"{err / 4:g}")
+    assert rc == 1 and "FAIL" in out
+    rc, _, _ = _cli(capsys, TRANSFORMER, "--precision", "fp16", "--rtol", "0", "--atol", f"{err * 2:g}")
+    assert rc == 0
+
+
+# ----------------------------------------------------------------------------- comparison rules
+
+def test_compare_rules():
+    r = np.array([1.0, 2.0, 0.0, -4.0], np.float32)
+    c = compare("t", r * 1.0005, r, rtol=1e-3, atol=0.0)
+    assert c.passed and c.max_abs == pytest.approx(0.002, rel=1e-3) and c.rel_l2 == pytest.approx(5e-4, rel=1e-3)
+    c = compare("t", r + np.float32(0.01), r, rtol=1e-3, atol=0.0)
+    assert not c.passed and c.fail_fraction == 1.0
+    c = compare("t", np.array([1.0, np.inf, 0.0, np.nan], np.float32), r, rtol=1e-3, atol=None)
+    assert not c.passed and c.nonfinite == 2 and c.max_abs == np.inf and c.fail_fraction == 0.5
+    c = compare("t", np.array([np.inf, np.nan]), np.array([np.inf, np.nan]), rtol=1e-3, atol=None)
+    assert c.passed  # onnxruntime's own inf / NaN reproduced
+    c = compare("t", np.array([-np.inf]), np.array([np.inf]), rtol=1e-3, atol=None)
+    assert not c.passed
+    c = compare("t", np.zeros(3, np.float32), np.zeros(3, np.float32), rtol=1e-3, atol=None)
+    assert c.passed and c.rel_l2 == 0.0
+    c = compare("t", np.array([1, 2, 3]), np.array([1, 2, 4]), rtol=1.0, atol=10.0)
+    assert not c.passed and c.fail_fraction == pytest.approx(1 / 3)  # integers: exact, tolerances ignored
+    c = compare("t", np.array([True, False]), np.array([True, False]), rtol=0, atol=0)
+    assert c.passed
+    c = compare("t", np.zeros((2, 3)), np.zeros((3, 2)), rtol=1e-3, atol=None)
+    assert not c.passed and "shape" in c.note
+
+
+def test_default_atol_scales_with_the_tensor():
+    r = np.array([1000.0, 0.0])
+    assert compare("t", r + [0.0, 0.5], r, rtol=1e-3, atol=None).passed  # 0.5 <= 1e-3 * 1000
+    assert not compare("t", r + [0.0, 2.0], r, rtol=1e-3, atol=None).passed
+
+
+# ----------------------------------------------------------------------------- rendering, progress
+
+def test_rich_table_and_hostile_names():
+    rep = verify_model(TRANSFORMER, per_layer=True)
+    buf = io.StringIO()
+    from rich.console import Console
+    print_rich(rep, Console(file=buf, width=200, force_terminal=False))
+    text = buf.getvalue()
+    assert "ln1" in text and "PASS" in text and "PASSED: all 1 outputs" in text
+    evil = dataclasses.replace(rep.outputs[0], name="y\n\x1b[31mFAKE", node="[bold]n")
+    rep2 = dataclasses.replace(rep, outputs=(evil,), per_layer=False)
+    text = format_text(rep2)
+    assert "\x1b" not in text and "y\\n\\x1b[31mFAKE" in text
+    buf = io.StringIO()
+    print_rich(rep2, Console(file=buf, width=200, force_terminal=False))
+    assert "\x1b" not in buf.getvalue() and "[bold]n" in buf.getvalue()
+
+
+def test_stages_report_progress():
+    from nnc.progress import Reporter, use
+    rep = Reporter()
+    with use(rep):
+        verify_model(TRANSFORMER, per_layer=True)
+    assert {"import", "onnxruntime", "nnc reference", "compare"} <= set(rep.times)
+
+
+# ----------------------------------------------------------------------------- cuda
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prec", ["fp32", "fp16"])
+def test_cuda_backend_tiny_cnn(prec, capsys):
+    rep = verify_model(CNN, shapes="input:2x3x32x32", backend="cuda", precision=prec, per_layer=True)
+    assert rep.passed, format_text(rep)
+    assert len(rep.layers) == 18 and all(c.passed for c in rep.layers), format_text(rep)
+    assert 0 < rep.outputs[0].rel_l2 < rep.rtol
+    rc, out, _ = _cli(capsys, CNN, "--shapes", "input:2x3x32x32", "--backend", "cuda")
+    assert rc == 0 and "cuda backend" in out
+
+
+@pytest.mark.gpu
+def test_cuda_backend_finds_fp16_overflow(tmp_path):
+    rep = verify_model(_save(_overflow_model(), tmp_path), backend="cuda", precision="fp16", per_layer=True)
+    assert not rep.passed and rep.first_nonfinite.node == "boom"
+
+
+def test_cuda_backend_without_gpu_is_a_clear_error(capsys):
+    from nnc.runtime import gpu_available
+    if gpu_available():
+        pytest.skip("a GPU is present")
+    rc, _, err = _cli(capsys, TRANSFORMER, "--backend", "cuda")
+    assert rc == 1 and "GPU" in err and "--backend reference" in err
