@@ -27,6 +27,7 @@ from ..ir.errors import ImportError_, NncError
 from ..ir.graph import Function, Loc, Module, NameGen, Region, Value
 from ..ir.types import TensorType, dtype
 from ..ir.weights import WeightStore
+from ._external_data import is_external, read_external
 from ._validate import check_model, check_unique
 
 MIN_OPSET, MAX_OPSET = 1, 28  # the node suite reaches opset 28
@@ -209,8 +210,10 @@ class _Importer:
 
     def tensor(self, t: onnx.TensorProto, what: str = "") -> np.ndarray:
         dt = onnx_dtype(t.data_type, what or f"tensor {t.name!r}")
+        if is_external(t):  # read by nnc, every location checked (see _external_data.py)
+            t = read_external(t, getattr(self, "base_dir", ""), what or f"tensor {t.name!r}")
         try:
-            a = numpy_helper.to_array(t, base_dir=getattr(self, "base_dir", ""))
+            a = numpy_helper.to_array(t)
         except Exception as e:
             raise ImportError_(f"tensor {t.name!r}: cannot read ({e})") from None
         return np.asarray(a).astype(dt.np, copy=False)
