@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from nnc.ir.builder import const_value
 from nnc.ir.graph import Module, Region
-from nnc.ir.rewrite import is_result, replace_uses
+from nnc.ir.rewrite import Substitution
 
 
 def _bypass_operand(op, module) -> bool:
@@ -55,12 +55,18 @@ def _fold_pairs(op, module) -> bool:
     return False
 
 
-def _region(r: Region, module: Module, func) -> bool:
+def _region(r: Region, module: Module, subst: Substitution) -> bool:
+    """One sweep in program order: a bypassed result's uses (nested regions included) read the
+    operand through `subst`, without a walk over the region per bypass (that was quadratic)."""
     changed = False
-    for op in list(r.ops):
+    returned = {id(v) for v in r.results}  # a function's or region's results keep their names
+    keep = []
+    for op in r.ops:
+        subst.apply(op)
         for _, sub in op.regions():
-            changed |= _region(sub, module, None)
+            changed |= _region(sub, module, subst)
         if op.name == "const":
+            keep.append(op)
             continue
         if _fold_pairs(op, module):
             changed = True
@@ -69,17 +75,20 @@ def _region(r: Region, module: Module, func) -> bool:
             bypass = True
         else:
             bypass = _bypass_operand(op, module)
-        if bypass and not (func is not None and is_result(func, op.results[0])) \
-                and not (func is None and any(v is op.results[0] for v in r.results)):
-            replace_uses(r, op.results[0], op.operands[0])
-            r.ops.remove(op)
+        if bypass and id(op.results[0]) not in returned:
+            subst[op.results[0]] = op.operands[0]
             changed = True
+            continue
+        keep.append(op)
+    if len(keep) != len(r.ops):
+        r.ops = keep
+    subst.apply_results(r)
     return changed
 
 
 def run(module: Module) -> bool:
     changed = False
     for f in module.functions:
-        while _region(f, module, f):
+        while _region(f, module, Substitution()):
             changed = True
     return changed

@@ -11,16 +11,19 @@ from __future__ import annotations
 from nnc.ir import registry
 from nnc.ir.builder import Builder, const_value, evaluate
 from nnc.ir.graph import Module, NameGen, Region, value_names
-from nnc.ir.rewrite import replace_uses
+from nnc.ir.rewrite import Substitution
 
 
-def _region(r: Region, module: Module, names: NameGen) -> bool:
+def _region(r: Region, module: Module, names: NameGen, subst: Substitution) -> bool:
+    """One sweep in program order; a folded result's uses read its const through `subst` (nested
+    regions included), without a walk over the region per fold."""
     changed = False
     new_ops = []
     b = Builder(Region([], new_ops, []), module.weights, names)
     for op in list(r.ops):
+        subst.apply(op)
         for _, sub in op.regions():
-            changed |= _region(sub, module, names)
+            changed |= _region(sub, module, names, subst)
         vals = [None if v is None else const_value(v, module.weights) for v in op.operands]
         outs = None
         if op.name != "const" and all(x is not None for v, x in zip(op.operands, vals) if v is not None):
@@ -28,15 +31,15 @@ def _region(r: Region, module: Module, names: NameGen) -> bool:
         if outs is not None:
             for res, val in zip(op.results, outs):
                 names.taken.discard(res.name)
-                c = b.constant(val, res.name, op.loc, weight_hint=res.name)
-                replace_uses(r, res, c)
+                subst[res] = b.constant(val, res.name, op.loc, weight_hint=res.name)
             changed = True
             continue
         new_ops.append(op)
     r.ops = new_ops
+    subst.apply_results(r)
     return changed
 
 
 def run(module: Module) -> bool:
     names = NameGen(value_names(module))
-    return any([_region(f, module, names) for f in module.functions])
+    return any([_region(f, module, names, Substitution()) for f in module.functions])

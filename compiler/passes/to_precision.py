@@ -93,13 +93,23 @@ def lower(module: Module, low: DType) -> bool:
             v = cast(v, F32)
         results.append(v)
     # keep the model's output names on the values finally returned
+    by_name: dict = {}  # name -> values of that name, in program order (one index, not a scan per output)
+    for op in f.ops:
+        for x in op.results:
+            by_name.setdefault(x.name, []).append(x)
+
+    def rename(x, name):
+        by_name[x.name] = [y for y in by_name.get(x.name, []) if y is not x]
+        x.name = name
+        by_name.setdefault(name, []).append(x)
+
     for r, v in zip(f.results, results):
         if v.name != r.name:
             names.taken.discard(v.name)
-            clash = next((x for op in f.ops for x in op.results if x.name == r.name and x is not v), None)
+            clash = next((x for x in by_name.get(r.name, []) if x is not v), None)
             if clash is not None:
-                clash.name = names(r.name + ".low")
-            v.name = r.name
+                rename(clash, names(r.name + ".low"))
+            rename(v, r.name)
     f.results = results
     return changed
 

@@ -1,0 +1,260 @@
+"""The arena: liveness, placement, the overlap checker.
+
+Every temp buffer (a root, not a view: views live inside their root) is live from the first
+launch that touches it to the last, both inclusive, so two buffers read or written by the same
+launch are live together. Live buffers share one device arena; placement gives each an offset.
+
+Placement is greedy by size (largest first, ties by first use), each buffer at the lowest
+256-byte-aligned offset where it overlaps no already placed buffer that is live at the same time.
+The pairs of buffers live together are found once, by a sweep over launch times, so the cost is
+O(n log n + K) for n buffers and K pairs live together, not the O(n^2) of comparing every buffer
+with every placed one. K is n x (buffers live at once) in practice: small for chains and typical
+networks. A graph where very many buffers are live at once (K above MAX_LIVE_PAIRS) is placed by
+a strictly O(n log n) sweep instead (best-fit allocation from a free list, in launch order).
+
+`check_placement` verifies any placement in O(n log n): in a sweep over launch times, the live
+buffers, kept sorted by offset, must be disjoint; inserting one only needs its two neighbours
+checked. plan_memory runs it on every plan it makes.
+
+Weights and consts are laid out back to back (256-byte aligned) in weights.bin.
+"""
+from __future__ import annotations
+
+import bisect
+import heapq
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+ALIGN = 256
+MAX_LIVE_PAIRS_PER_BUFFER = 64
+MAX_LIVE_PAIRS_BASE = 1 << 20  # K budget: this + 64 per buffer; above it the sweep placer runs
+
+
+class ArenaOverlapError(AssertionError):
+    """Two buffers live at the same time share arena bytes (a compiler bug, never user error)."""
+
+
+def align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class Interval:
+    """One arena buffer: live over launches [first, last] (inclusive), `size` bytes (aligned)."""
+    first: int
+    last: int
+    size: int
+    nbytes: int = -1  # unaligned size: the greedy order sorts on it (-1: size)
+
+    @property
+    def order_bytes(self) -> int:
+        return self.size if self.nbytes < 0 else self.nbytes
+
+
+# ---------------------------------------------------------------- liveness
+
+def launch_sequence(plan) -> list:
+    """The launches in the order they run: the load-time init phase (codegen/init_phase.py) runs
+    once before any run, so its scratch temps are planned as if it came first."""
+    return list(getattr(plan, "init_launches", None) or []) + list(plan.launches)
+
+
+def liveness(plan) -> tuple[dict[int, int], dict[int, int]]:
+    """Root buffer id -> index (in launch_sequence) of the first / last launch that names the
+    buffer or a view of it."""
+    from .lower import Buffer
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for t, l in enumerate(launch_sequence(plan)):
+        for a in l.args:
+            if isinstance(a, Buffer):
+                rid = a.alias_of if a.alias_of is not None else a.id
+                if rid not in first:
+                    first[rid] = t
+                last[rid] = t
+    return first, last
+
+
+def live_pairs(iv: Sequence[Interval], budget: Optional[int] = None) -> Optional[list[list[int]]]:
+    """For each interval, the indices of the others live at the same time (overlapping [first,
+    last]); None if there are more than `budget` such pairs. A sweep by start time: each interval
+    meets exactly the active ones (started before, not yet ended), so the cost is O(n log n + K)."""
+    order = sorted(range(len(iv)), key=lambda i: (iv[i].first, i))
+    nbr: list[list[int]] = [[] for _ in iv]
+    active: dict[int, None] = {}  # insertion-ordered set of live interval indices
+    ends: list[tuple[int, int]] = []  # heap of (last, index) of the active ones
+    pairs = 0
+    for i in order:
+        f = iv[i].first
+        while ends and ends[0][0] < f:
+            del active[heapq.heappop(ends)[1]]
+        pairs += len(active)
+        if budget is not None and pairs > budget:
+            return None
+        for j in active:
+            nbr[i].append(j)
+            nbr[j].append(i)
+        active[i] = None
+        heapq.heappush(ends, (iv[i].last, i))
+    return nbr
+
+
+# ---------------------------------------------------------------- placement
+
+def place_greedy(iv: Sequence[Interval], nbr: list[list[int]]) -> list[int]:
+    """Largest first (ties: earlier first use, then input order), each at the lowest offset that
+    overlaps none of its already placed live-together neighbours."""
+    offsets = [-1] * len(iv)
+    for i in sorted(range(len(iv)), key=lambda i: (-iv[i].order_bytes, iv[i].first, i)):
+        size = iv[i].size
+        conflicts = sorted((offsets[j], iv[j].size) for j in nbr[i] if offsets[j] >= 0)
+        off = 0
+        for o, s in conflicts:
+            if off + size <= o:
+                break
+            off = max(off, o + s)
+        offsets[i] = off
+    return offsets
+
+
+class _FreeList:
+    """Free arena ranges below the top: by offset (to merge neighbours) and by (size, offset) (to
+    find the best fit), both sorted lists kept with bisect."""
+
+    def __init__(self):
+        self.offs: list[int] = []
+        self.size_at: dict[int, int] = {}
+        self.by_size: list[tuple[int, int]] = []
+        self.top = 0
+
+    def _add(self, off: int, size: int):
+        bisect.insort(self.offs, off)
+        self.size_at[off] = size
+        bisect.insort(self.by_size, (size, off))
+
+    def _remove(self, off: int):
+        size = self.size_at.pop(off)
+        del self.offs[bisect.bisect_left(self.offs, off)]
+        del self.by_size[bisect.bisect_left(self.by_size, (size, off))]
+
+    def alloc(self, size: int) -> int:
+        k = bisect.bisect_left(self.by_size, (size, -1))
+        if k < len(self.by_size):
+            hsize, off = self.by_size[k]
+            self._remove(off)
+            if hsize > size:
+                self._add(off + size, hsize - size)
+            return off
+        off = self.top  # no hole fits: grow (free() never leaves a range ending at the top)
+        self.top = off + size
+        return off
+
+    def free(self, off: int, size: int):
+        k = bisect.bisect_left(self.offs, off)
+        if k > 0:  # merge with the free range just below
+            p = self.offs[k - 1]
+            if p + self.size_at[p] == off:
+                off, size = p, size + self.size_at[p]
+                self._remove(p)
+        nxt = off + size
+        if nxt in self.size_at:  # and with the one just above
+            size += self.size_at[nxt]
+            self._remove(nxt)
+        if off + size == self.top:
+            self.top = off
+        else:
+            self._add(off, size)
+
+
+def place_sweep(iv: Sequence[Interval]) -> list[int]:
+    """In launch order: buffers whose last use is past are freed, then those first used now are
+    allocated (largest first) best-fit from the free list. O(n log n) whatever the overlap."""
+    offsets = [-1] * len(iv)
+    starts = sorted(range(len(iv)), key=lambda i: (iv[i].first, -iv[i].size, i))
+    ends: list[tuple[int, int]] = []
+    fl = _FreeList()
+    for i in starts:
+        while ends and ends[0][0] < iv[i].first:
+            _, j = heapq.heappop(ends)
+            fl.free(offsets[j], iv[j].size)
+        offsets[i] = fl.alloc(iv[i].size)
+        heapq.heappush(ends, (iv[i].last, i))
+    return offsets
+
+
+def place(iv: Sequence[Interval]) -> tuple[list[int], str]:
+    """Offsets for the intervals and the method used ("greedy-by-size" or "sweep")."""
+    nbr = live_pairs(iv, MAX_LIVE_PAIRS_BASE + MAX_LIVE_PAIRS_PER_BUFFER * len(iv))
+    if nbr is None:
+        return place_sweep(iv), "sweep"
+    return place_greedy(iv, nbr), "greedy-by-size"
+
+
+# ---------------------------------------------------------------- the overlap checker
+
+def check_placement(iv: Sequence[Interval], offsets: Sequence[int], names: Optional[Sequence[str]] = None) -> None:
+    """Raises ArenaOverlapError if two intervals live at the same time share a byte. O(n log n)."""
+    def name(i):
+        return names[i] if names is not None else f"#{i}"
+
+    for i, o in enumerate(offsets):
+        if o < 0 or o % ALIGN:
+            raise ArenaOverlapError(f"buffer {name(i)}: arena offset {o} is negative or not {ALIGN}-aligned")
+    order = sorted(range(len(iv)), key=lambda i: (iv[i].first, i))
+    ends: list[tuple[int, int]] = []
+    live: list[tuple[int, int]] = []  # (offset, index) of the live ones, sorted
+    for i in order:
+        while ends and ends[0][0] < iv[i].first:
+            _, j = heapq.heappop(ends)
+            del live[bisect.bisect_left(live, (offsets[j], j))]
+        o, s = offsets[i], iv[i].size
+        k = bisect.bisect_left(live, (o, i))
+        if s > 0 and k > 0:
+            po, pj = live[k - 1]
+            if po + iv[pj].size > o and iv[pj].size > 0:
+                raise ArenaOverlapError(f"buffers {name(pj)} [{po}, {po + iv[pj].size}) and {name(i)} "
+                                        f"[{o}, {o + s}) are live together (launches {iv[pj].first}..{iv[pj].last} "
+                                        f"and {iv[i].first}..{iv[i].last}) and overlap")
+        if s > 0 and k < len(live):
+            no, nj = live[k]
+            if o + s > no and iv[nj].size > 0:
+                raise ArenaOverlapError(f"buffers {name(i)} [{o}, {o + s}) and {name(nj)} "
+                                        f"[{no}, {no + iv[nj].size}) are live together (launches {iv[i].first}..{iv[i].last} "
+                                        f"and {iv[nj].first}..{iv[nj].last}) and overlap")
+        live.insert(k, (o, i))
+        heapq.heappush(ends, (iv[i].last, i))
+
+
+def peak_live(iv: Sequence[Interval]) -> int:
+    """The largest total size of buffers live at one launch (a lower bound for any arena)."""
+    ev = sorted([(x.first, x.size) for x in iv] + [(x.last + 1, -x.size) for x in iv], key=lambda e: (e[0], e[1]))
+    peak = cur = 0
+    for _, d in ev:
+        cur += d
+        peak = max(peak, cur)
+    return peak
+
+
+# ---------------------------------------------------------------- the plan
+
+def plan_memory(plan) -> None:
+    """Places the plan's temp buffers in the arena and its weights/consts in weights.bin; fills
+    plan.memory and plan.weights_bytes."""
+    first, last = liveness(plan)
+    temps = [b for b in plan.buffers if b.kind == "temp" and b.alias_of is None and b.id in first]
+    iv = [Interval(first[b.id], last[b.id], align(max(b.nbytes, 1)), b.nbytes) for b in temps]
+    offsets, method = place(iv)
+    check_placement(iv, offsets, [b.name for b in temps])
+    for b, o in zip(temps, offsets):
+        b.offset = o
+    arena = max((o + x.size for o, x in zip(offsets, iv)), default=0)
+    woff = 0
+    for b in plan.buffers:
+        if b.kind in ("weight", "const") and b.alias_of is None and b.id in first:
+            woff = align(woff)
+            b.offset = woff
+            woff += b.nbytes
+    plan.weights_bytes = woff
+    plan.memory = {"arena_bytes": arena, "naive_bytes": sum(x.size for x in iv), "peak_live_bytes": peak_live(iv),
+                   "weights_bytes": woff}
+    plan.memory_method = method
