@@ -1,8 +1,13 @@
 """CPU check of the lowering's index arithmetic: a numpy simulator executes the launch plan for the
-data-movement and reduction templates (strided_copy, gather, gather_elements, pad, reduce,
-softmax, argreduce, memcpy/aliases) and compares the outputs they produce with the interpreter.
-Kernels of other templates are skipped, and so are outputs that depend on them."""
+data-movement, reduction and fill templates (strided_copy, gather, gather_elements, pad, reduce,
+softmax, argreduce, fill/eye/range, memcpy/aliases) and compares the outputs they produce with the
+interpreter. Kernels of other templates are skipped, and so are outputs that depend on them.
+The load-time init phase (Plan.init_launches) runs once, before the runs. With `regions=True`
+buffers live where the plan put them (arena, persistent, weights.bin bytes), and the arena is
+poisoned before every run, as `Module.run(poison=True)` does on the GPU."""
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -34,13 +39,44 @@ def _strided_copy(p, x):
 _RED = {"sum": np.sum, "max": np.max, "min": np.min, "prod": np.prod}
 
 
-def simulate(plan, feed):
+def _c_literal(s: str):
+    """The value of a literal from codegen/kernels/elementwise.py's lit()."""
+    s = s.strip()
+    if s in ("true", "false"):
+        return s == "true"
+    m = re.fullmatch(r"\(\([\w ]+\)(-?\d+)LL\)", s)
+    if m:
+        return int(m.group(1))
+    m = re.fullmatch(r"__int_as_float\((0x[0-9a-f]+)\)", s)
+    if m:
+        return np.array([int(m.group(1), 16)], np.uint32).view(np.float32)[0]
+    return float(s.rstrip("f"))
+
+
+def _schedule(plan, runs: int, poison):
+    """The launches in execution order: the init phase once, then `runs` runs (poison() first)."""
+    yield from plan.init_launches
+    for _ in range(runs):
+        poison()
+        yield from plan.launches
+
+
+def simulate(plan, feed, regions: bool = False, runs: int = 1):
     mem = {}  # root buffer id -> flat numpy array
     ok = {}   # root id -> bool (fully produced by simulated kernels)
+    arena = np.zeros(max(plan.memory["arena_bytes"], 1), np.uint8)
+    persistent = np.full(max(plan.persistent_bytes, 1), 0xFF, np.uint8)
+    if regions:
+        from nnc.codegen.emit import weights_blob
+        weights = np.frombuffer(weights_blob(plan), np.uint8).copy()
+        placed = {"temp": arena, "init": persistent, "weight": weights, "const": weights}
     for b in plan.buffers:
         if b.alias_of is None:
             if b.kind == "input":
                 mem[b.id] = np.asarray(feed[b.name]).reshape(-1).copy()
+                ok[b.id] = True
+            elif regions and b.kind in placed:  # a view of the bytes where the plan put it
+                mem[b.id] = placed[b.kind][b.offset:b.offset + b.nbytes].view(b.dtype.np)
                 ok[b.id] = True
             elif b.kind in ("weight", "const"):
                 mem[b.id] = np.asarray(b.data).reshape(-1).astype(b.dtype.np)
@@ -49,12 +85,16 @@ def simulate(plan, feed):
                 mem[b.id] = np.zeros(b.numel, b.dtype.np)
                 ok[b.id] = True
 
+    def poison():
+        if regions:
+            arena.fill(0xFF)
+
     def view(b: Buffer):
         r = plan.root(b)
         off = b.alias_offset // (b.dtype.bits // 8)
         return r.id, off
 
-    for l in plan.launches:
+    for l in _schedule(plan, runs, poison):
         bufs = [a for a in l.args if isinstance(a, Buffer)]
         if l.kind == "memcpy":
             (dr, do), (sr, so) = view(bufs[0]), view(bufs[1])
@@ -136,6 +176,15 @@ def simulate(plan, feed):
             x = ins[0][:o * R * i].reshape(o, R, i)
             r = x.argmax(axis=1) if p["cmp"] == ">" else x.argmin(axis=1)
             y[out_off:out_off + o * i] = r.reshape(-1)
+        elif t == "fill.cu.j2" and p["kind"] in ("fill", "eye", "range"):
+            n = bufs[-1].numel
+            idx = np.arange(n)
+            if p["kind"] == "fill":
+                y[out_off:out_off + n] = _c_literal(p["value"])
+            elif p["kind"] == "eye":
+                y[out_off:out_off + n] = (idx % p["cols"]) - (idx // p["cols"]) == p["k"]
+            else:  # start + idx * delta in the element type
+                y[out_off:out_off + n] = ins[0][0] + idx.astype(y.dtype) * ins[1][0]
         else:
             good = False
         ok[out_root] = ok[out_root] and good
