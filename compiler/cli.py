@@ -15,6 +15,7 @@ import numpy as np
 from . import __version__, progress
 from .ir.errors import NncError
 
+NONFINITE_EXIT = 3  # `nnc run`: the model ran, but an output holds NaN or inf (1 = error, 2 = usage)
 EPILOG = "Docs: README.md. Shapes use trtexec's convention: --shapes input:1x3x224x224,mask:1x128"
 
 
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's C API name: its symbols are nnc_NAME_create, nnc_NAME_run, ... "
                         "(a C identifier; default: the model file's name)")
     p.add_argument("--no-codegen", action="store_true", help="stop after writing the IR and plan.json")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the cubin cache ($NNC_CACHE_DIR, else $XDG_CACHE_HOME/nnc or ~/.cache/nnc)")
+    p.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
+                   help="compile the kernels in N parallel processes (default: the number of CPUs)")
     _add_verbose(p, "each pass's time and op count, the kernel and launch counts and each stage's time")
     p.add_argument("--verify-each", action="store_true", help="run the verifier after every pass")
     p.add_argument("--dump-ir", metavar="DIR", help="write NN-<pass>.nnir after each pass into DIR")
@@ -90,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference: numpy interpreter on ir/final.nnir; cuda: the generated kernels")
     p.add_argument("--save", help="write outputs to this .npz (keys: output names)")
     p.add_argument("--seed", type=int, default=0, help="seed for random inputs")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help=f"exit 0 even when an output holds NaN or inf (by default each such output "
+                        f"gets a warning line on stderr naming it with its NaN/inf counts, and the exit "
+                        f"status is {NONFINITE_EXIT}; --save still writes the outputs)")
 
     p = sub.add_parser("verify", help="compare nnc with onnxruntime, per output or per layer",
                        description="Compiles MODEL.onnx with the same pipeline as `nnc compile`, runs it and "
@@ -215,7 +224,8 @@ def cmd_compile(args) -> int:
     t0 = time.perf_counter()
     plan = compile_model(args.model, args.out, shapes=args.shapes, arch=args.arch, precision=args.precision,
                          tf32=args.tf32, backend=args.backend, codegen=not args.no_codegen,
-                         verify_each=args.verify_each, dump_ir=args.dump_ir, name=args.name)
+                         verify_each=args.verify_each, dump_ir=args.dump_ir, name=args.name,
+                         no_cache=args.no_cache, jobs=args.jobs)
     wall = time.perf_counter() - t0
     n_k = len(plan.get("kernels", []))
     print(f"compiled {args.model} -> {args.out} ({len(plan['inputs'])} inputs, {len(plan['outputs'])} outputs, "
@@ -268,29 +278,41 @@ def cmd_run(args) -> int:
         raise NncError(f"{out}: no plan.json (is this a directory written by `nnc compile`?)")
     plan = json.loads(plan_p.read_text())
     if args.inputs:
-        with np.load(args.inputs, allow_pickle=False) as z:
-            feed = {k: z[k] for k in z.files}
+        from .npz_inputs import load_inputs
+        feed = load_inputs(args.inputs, plan.get("inputs", []))
     else:
         feed = _random_inputs(plan, args.seed)
     t0 = time.perf_counter()
     if args.backend == "reference":
+        from .integrity import check_ir
         from .ir.interp import Interpreter
+        check_ir(out, plan)  # ir/final.* as plan.json recorded them
         m = load_ir(out / "ir" / "final.nnir")
         res = Interpreter(m).run(feed)
     else:
         from .runtime import load
         res = load(out).run(feed, output="numpy")
     dt = time.perf_counter() - t0
+    nonfinite = []
     for k, v in res.items():
         v = np.asarray(v)
         stats = ""
-        if v.size and v.dtype.kind in "fiub":
-            f = v.astype(np.float64)
-            stats = f" min {f.min():.6g} max {f.max():.6g} mean {f.mean():.6g}"
+        if v.size and v.dtype.kind in "fiubcV":
+            with np.errstate(all="ignore"):  # NaN/inf outputs are reported below, not warned about
+                f = v.astype(np.complex128 if v.dtype.kind == "c" else np.float64)
+                if v.dtype.kind != "c":
+                    stats = f" min {f.min():.6g} max {f.max():.6g} mean {f.mean():.6g}"
+            n_nan, n_inf = int(np.isnan(f).sum()), int(np.isinf(f).sum())
+            if n_nan or n_inf:
+                nonfinite.append(f"output {k!r} has {n_nan} NaN and {n_inf} inf of {v.size} values")
         print(f"{k}: {v.dtype} {list(v.shape)}{stats}")
     print(f"({args.backend}, {dt * 1e3:.1f} ms)")
     if args.save:
         np.savez(args.save, **{k: np.asarray(v) for k, v in res.items()})
+    for line in nonfinite:
+        print(f"nnc run: warning: {line}", file=sys.stderr)
+    if nonfinite and not args.allow_nonfinite:
+        return NONFINITE_EXIT
     return 0
 
 

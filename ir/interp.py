@@ -37,7 +37,10 @@ class RefCtx:
 def call_ref(opdef, attrs, vals: list, types: list, ctx: Optional[RefCtx]) -> list[np.ndarray]:
     kwargs = {"ctx": ctx} if opdef.ref_ctx else {}
     try:
-        out = opdef.ref(attrs, *vals, **kwargs)
+        # overflow / invalid-value warnings would name nnc source lines; non-finite results are
+        # data, which `nnc run` reports per output instead
+        with np.errstate(all="ignore"):
+            out = opdef.ref(attrs, *vals, **kwargs)
     except NncError:
         raise
     except Exception as e:  # numpy errors from bad data: report which op
