@@ -117,7 +117,7 @@ class RichReporter(Reporter):
         self._console = Console(file=stream or sys.stderr, stderr=stream is None)
         self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                              MofNCompleteColumn(), TimeElapsedColumn(), console=self._console,
-                             transient=True)
+                             transient=True, redirect_stdout=False)  # stdout (IR, tables) stays stdout
         self._lock = threading.Lock()
         self._timer: Optional[threading.Timer] = None
         self._shown = False

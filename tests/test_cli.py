@@ -1,5 +1,6 @@
 """The command line end to end: ir, opt (round trip + passes), compile, run, and clear errors."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,79 @@ def test_run_cuda_backend_matches_reference(tmp_path):
     np.savez(tmp_path / "bad.npz", input=x[:1])
     p = nnc("run", out, "--inputs", tmp_path / "bad.npz", "--backend", "cuda", check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr and "expected shape" in p.stderr
+
+
+# ---------------------------------------------------------------------------- the surface (issue 6 §5)
+
+
+def test_list_passes_needs_no_file():
+    from nnc.pipeline import PASSES
+    p = nnc("opt", "--list-passes")
+    lines = p.stdout.splitlines()
+    assert [l.split()[0] for l in lines] == list(PASSES)
+    assert all(len(l.split(None, 1)) == 2 for l in lines)  # each with its summary
+    p = nnc("opt", check=False)  # neither a file nor --list-passes: a usage error
+    assert p.returncode == 2 and "file" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_version_flag():
+    import nnc as pkg
+    assert nnc("--version").stdout.strip() == f"nnc {pkg.__version__}"
+
+
+def test_verbose_compile_prints_passes_kernels_and_stages(tmp_path):
+    p = nnc("compile", EXAMPLE, "-o", tmp_path / "out", "--shapes", "input:1x3x32x32", "-v")
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    err = p.stderr
+    for name in plan["passes"]:
+        assert re.search(rf"pass {re.escape(name)}\s+[\d.]+ ms\s+\d+ ops", err), err
+    assert re.search(r"import\s+[\d.]+ ms\s+\d+ ops", err)
+    n_launch = sum(l["kind"] == "kernel" for l in plan["launches"])
+    assert f"{len(plan['kernels'])} kernels, {n_launch} kernel launches per run" in err
+    stages = re.search(r"stages: (.*)", err).group(1)
+    for st in ("import", "passes", "lowering", "render", "nvrtc", "write", "total"):
+        assert re.search(rf"\b{st} [\d.]+ ms", stages), stages
+    assert "compiled" in p.stdout and "pass " not in p.stdout  # -v goes to stderr only
+    quiet = nnc("compile", EXAMPLE, "-o", tmp_path / "q", "--shapes", "input:1x3x32x32", "--no-codegen")
+    assert quiet.stderr == ""
+
+
+def test_verbose_opt_keeps_stdout_the_ir(tmp_path):
+    ir = tmp_path / "m.nnir"
+    nnc("ir", EXAMPLE, "--shapes", "input:2x3x32x32", "-o", ir)
+    p = nnc("opt", ir, "--passes", "fold-constants,dce", "-v")
+    assert p.stdout.startswith("func @main(")
+    assert re.search(r"pass fold-constants\s+[\d.]+ ms\s+\d+ ops", p.stderr)
+    assert re.search(r"pass dce\s+[\d.]+ ms\s+\d+ ops", p.stderr)
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("input:1x3x", "dims must be integers >= 0 joined by 'x'"),
+    ("input:1_0x3x32x32", "dims must be integers >= 0"),
+    ("input:-1x3x32x32", "dims must be integers >= 0"),
+    ("input", "is not NAME:DIMxDIM"),
+    (":1x3x32x32", "no input name"),
+    ("input:1x3x32x32,input:2x3x32x32", "given twice"),
+    ("input:1x3x32x32,", "is not NAME:DIMxDIM"),
+])
+def test_malformed_shapes_are_clear_errors(spec, needle, tmp_path):
+    p = nnc("compile", EXAMPLE, "-o", tmp_path / "out", "--shapes", spec, "--no-codegen", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and "--shapes" in p.stderr
+    assert needle in p.stderr, p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_shapes_bind_symbols_across_inputs(tmp_path):
+    """What --shapes' help says: a symbol bound in one input binds it in the others (and the
+    outputs); an input not named keeps its other dims."""
+    g = helper.make_graph([helper.make_node("Add", ["a", "b"], ["c"])], "g",
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4]),
+                           helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", 4])])
+    m = tmp_path / "add.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), m)
+    nnc("compile", m, "-o", tmp_path / "out", "--shapes", "a:3x4", "--no-codegen")
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert [i["shape"] for i in plan["inputs"]] == [[3, 4], [3, 4]] and plan["outputs"][0]["shape"] == [3, 4]
+    help_text = " ".join(nnc("compile", "--help").stdout.split())
+    assert "bound in every input that uses it" in help_text and "stay symbolic" in help_text
