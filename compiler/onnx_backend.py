@@ -88,7 +88,8 @@ class NncRep(BackendRep):
         return [out[v.name] for v in self.module.main.results]
 
     def _run_compiled(self, m, feed):
-        self.last_kernel_launches = sum(l["kind"] == "kernel" for l in m.plan["launches"])
+        # the load-time init phase counts too: its kernels ran for this model (codegen/init_phase.py)
+        self.last_kernel_launches = sum(l["kind"] == "kernel" for l in m.plan.get("init_launches", []) + m.plan["launches"])
         return m.run(feed, output="numpy")
 
     @property
