@@ -93,6 +93,8 @@ class CompileOptions:
     codegen: Optional[bool] = None
     cuda_compiler: str = "nvrtc"
     verify_each: bool = False
+    cache: bool = True            # the per-kernel cubin cache (codegen/cuda.py); False: --no-cache
+    jobs: Optional[int] = None    # parallel CUDA compile processes (None: the CPUs)
 
     def __post_init__(self):
         object.__setattr__(self, "shapes", normalize_shapes(dict(self.shapes) if isinstance(self.shapes, tuple)
@@ -105,6 +107,8 @@ class CompileOptions:
             raise NncError("backend='cuda' needs the generated CUDA: codegen=False only goes with backend='reference'")
         if self.name is not None and not isinstance(self.name, str):
             raise NncError(f"name must be a string, not {type(self.name).__name__}")
+        if self.jobs is not None and (isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1):
+            raise NncError(f"jobs must be a positive int or None, not {self.jobs!r}")
 
     @property
     def generates_cuda(self) -> bool:
@@ -114,7 +118,7 @@ class CompileOptions:
         """The keyword arguments of nnc.compile.compile_model for these options."""
         kw = dict(shapes={k: list(v) for k, v in self.shapes}, arch=self.arch, precision=self.precision,
                   tf32=self.tf32, backend=self.cuda_compiler, codegen=self.generates_cuda,
-                  verify_each=self.verify_each)
+                  verify_each=self.verify_each, no_cache=not self.cache, jobs=self.jobs)
         if self.name is not None:
             kw["name"] = self.name
         return kw
@@ -235,11 +239,15 @@ class ReferenceModule(Module):
         ir_path = self.dir / "ir" / "final.nnir"
         if not ir_path.is_file():
             raise NncError(f"{self.dir}: no ir/final.nnir (is this a directory written by `nnc compile`?)")
+        plan_p = self.dir / "plan.json"
+        plan = _read_plan(plan_p) if plan_p.exists() else None
+        if plan is not None:
+            from .integrity import check_ir
+            check_ir(self.dir, plan)  # ir/final.* as plan.json recorded them
         self.ir = load_ir(ir_path)
         main = self.ir.main
         self._io = {"inputs": [io_entry(a) for a in main.args], "outputs": [io_entry(r) for r in main.results]}
-        plan_p = self.dir / "plan.json"
-        self.plan = _read_plan(plan_p) if plan_p.exists() else dict(self._io)
+        self.plan = plan if plan is not None else dict(self._io)
 
     def _io_entries(self, kind):
         return self._io[kind]
@@ -313,19 +321,22 @@ def _model_arg(model):
 
 def compile(model, shapes=None, precision: str = "fp32", out=None, backend: str = "cuda", arch=None,
             tf32: bool = False, name: Optional[str] = None, *, codegen: Optional[bool] = None,
-            cuda_compiler: str = "nvrtc", verify_each: bool = False,
-            options: Optional[CompileOptions] = None) -> Module:
+            cuda_compiler: str = "nvrtc", verify_each: bool = False, cache: bool = True,
+            jobs: Optional[int] = None, options: Optional[CompileOptions] = None) -> Module:
     """Compiles an ONNX model and loads it: nnc.compile("m.onnx", shapes={"x": [1, 3, 8, 8]}).
 
     model: a path, bytes or an onnx.ModelProto. shapes: {input: dims} or "x:1x3x8x8,..." (the
     CLI's --shapes). out: the output directory; None compiles into a temporary directory that the
     returned Module owns (removed with it, or by Module.close()). backend: "cuda" (needs a GPU; the
     check comes before the compile) or "reference" (numpy; CUDA codegen skipped unless
-    codegen=True). options: a CompileOptions instead of the keyword arguments."""
+    codegen=True). name: the C API name (default: the file's stem). cache=False: bypass the cubin
+    cache; jobs: CUDA compile processes. options: a CompileOptions instead of the keyword
+    arguments."""
     from .compile import compile_model
     opts = options or CompileOptions(shapes=normalize_shapes(shapes), precision=precision, backend=backend,
                                      arch=arch, tf32=tf32, name=name, codegen=codegen,
-                                     cuda_compiler=cuda_compiler, verify_each=verify_each)
+                                     cuda_compiler=cuda_compiler, verify_each=verify_each, cache=cache,
+                                     jobs=jobs)
     if opts.backend == "cuda":
         from .runtime import require_gpu
         require_gpu()  # before a compile that could take a while

@@ -183,11 +183,20 @@ def test_compile_options():
                     ({"shapes": {"x": [2, -1]}}, r"shapes\['x'\]: dims must be non-negative ints"),
                     ({"shapes": {"x": "2x4"}}, "expected a sequence of ints"),
                     ({"shapes": [("x", 2)]}, "expected a dict"),
-                    ({"shapes": "x:2x"}, "dims must be integers"), ({"name": 3}, "name must be a string")]:
+                    ({"shapes": "x:2x"}, "dims must be integers"), ({"name": 3}, "name must be a string"),
+                    ({"jobs": 0}, "jobs must be a positive int")]:
         with pytest.raises(NncError, match=msg):
             CompileOptions(**kw)
     m = nnc.compile(two_outputs_model(), options=CompileOptions(shapes="x:1x4", backend="reference"))
     assert m.inputs[1].shape == (1, 4)
+
+
+def test_name_cache_and_jobs_reach_the_compile(tmp_path):
+    m = nnc.compile(EXAMPLE, shapes="input:1x3x32x32", out=tmp_path / "o", backend="reference", codegen=True,
+                    name="tiny", cache=False, jobs=1)
+    assert m.plan["name"] == "tiny" and "nnc_tiny_" in (tmp_path / "o" / "nnc_model.h").read_text()
+    with pytest.raises(NncError, match="C identifier"):
+        nnc.compile(EXAMPLE, shapes="input:1x3x32x32", backend="reference", name="not an identifier")
 
 
 def test_precision_reaches_the_reference(rng):
