@@ -37,10 +37,9 @@ others). Symbolic dims must be bound by `shapes` or by the given inputs' shapes.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -55,7 +54,7 @@ _TINY = 1e-30  # rel-L2 denominator floor: an all-zero reference gives the absol
 _PROTOBUF_LIMIT = 2 ** 31 - 1  # serialized ModelProto limit; larger models go through a file
 
 
-class VerifyError(NncError):
+class AccuracyError(NncError):
     """nnc verify could not run (no onnxruntime, no GPU, bad inputs, symbolic dims...)."""
 
 
@@ -174,16 +173,16 @@ def load_npz(path) -> dict:
     """Inputs from an .npz keyed by input name (no pickles)."""
     p = Path(path)
     if not p.is_file():
-        raise VerifyError(f"--inputs {p}: no such file")
+        raise AccuracyError(f"--inputs {p}: no such file")
     try:
         with np.load(p, allow_pickle=False) as z:
             if not hasattr(z, "files"):
-                raise VerifyError(f"--inputs {p}: not an .npz archive (a single .npy array)")
+                raise AccuracyError(f"--inputs {p}: not an .npz archive (a single .npy array)")
             return {k: np.asarray(z[k]) for k in z.files}
     except NncError:
         raise
     except Exception as e:  # zipfile / format errors: say which file and why
-        raise VerifyError(f"--inputs {p}: not a readable .npz ({type(e).__name__}: {e})") from None
+        raise AccuracyError(f"--inputs {p}: not a readable .npz ({type(e).__name__}: {e})") from None
 
 
 def random_inputs(args, seed: int) -> dict:
@@ -193,7 +192,7 @@ def random_inputs(args, seed: int) -> dict:
     for a in args:
         t = a.type
         if t.shape is None or not all(isinstance(d, int) for d in t.shape):
-            raise VerifyError(f"input {a.name!r} has dims {t}: bind them with --shapes "
+            raise AccuracyError(f"input {a.name!r} has dims {t}: bind them with --shapes "
                               f"{a.name}:{'x'.join('D' if not isinstance(d, int) else str(d) for d in (t.shape or ()))} "
                               f"or give --inputs")
         shape, dt = tuple(t.shape), t.dtype
@@ -204,7 +203,7 @@ def random_inputs(args, seed: int) -> dict:
         elif dt.is_int:
             x = rng.integers(0, INT_INPUT_HIGH, shape).astype(dt.np)
         else:
-            raise VerifyError(f"input {a.name!r}: no random inputs of dtype {dt}; give --inputs")
+            raise AccuracyError(f"input {a.name!r}: no random inputs of dtype {dt}; give --inputs")
         out[a.name] = x
     return out
 
@@ -227,7 +226,7 @@ def _onnxruntime():
     try:
         import onnxruntime
     except ImportError:
-        raise VerifyError("nnc verify compares against onnxruntime, which is not installed: "
+        raise AccuracyError("nnc verify compares against onnxruntime, which is not installed: "
                           "pip install onnxruntime (or pip install 'nnc[verify]')") from None
     return onnxruntime
 
@@ -250,13 +249,14 @@ def _ort_run(model, feed: dict, outputs: list) -> dict:
     except NncError:
         raise
     except Exception as e:
-        raise VerifyError(f"onnxruntime could not run the model: {type(e).__name__}: {e}") from None
+        raise AccuracyError(f"onnxruntime could not run the model: {type(e).__name__}: {e}") from None
     return dict(zip(outputs, res))
 
 
 def _with_outputs(model, names: list):
-    """A copy of `model` that also returns the tensors `names` (typed by ONNX shape inference,
-    else by nnc's import-time dtype given as `names` entries (name, onnx elem type))."""
+    """A copy of `model` that also returns the tensors `names`, typed by ONNX shape inference
+    where it can; the others are declared without a type and onnxruntime types them itself
+    (nnc's own dtype is no oracle here: an old-opset Dropout mask is bool in onnxruntime)."""
     import onnx
     from onnx import helper
     m = onnx.ModelProto()
@@ -267,12 +267,13 @@ def _with_outputs(model, names: list):
         for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
                 types[vi.name] = vi.type.tensor_type.elem_type
-    except Exception:  # shape inference is a convenience here: nnc's own dtypes are the fallback
+    except Exception:  # shape inference is a convenience: untyped outputs are fine for onnxruntime
         pass
     have = {o.name for o in m.graph.output}
-    for name, elem in names:
+    for name in names:
         if name not in have:
-            m.graph.output.append(helper.make_tensor_value_info(name, types.get(name, elem), None))
+            m.graph.output.append(helper.make_tensor_value_info(name, types[name], None) if name in types
+                                  else helper.make_empty_tensor_value_info(name))
             have.add(name)
     return m
 
@@ -396,68 +397,75 @@ def _run_reference(module, feed: dict, watch: dict) -> tuple[dict, dict]:
                 task.advance()
             for r, o in zip(op.results, outs):
                 if id(r) in watch:
-                    seen[id(r)] = np.array(o, copy=True)
+                    seen[id(r)] = o  # reference ops return fresh arrays and never write operands
 
         with np.errstate(all="ignore"):  # overflow is reported as non-finite values, not warnings
             res = Interpreter(module, observe=observe).run(feed)
     return res, seen
 
 
-def _run_cuda(module, feed: dict, watch: dict, precision: str, tf32: bool, arch) -> tuple[dict, dict]:
-    from .runtime import gpu_available
-    from .progress import current
-    if not gpu_available():
-        raise VerifyError("--backend cuda needs a CUDA GPU and none is available here; "
-                          "use --backend reference")
+def compile_with_outputs(module, watch: dict, out_dir, precision: str = "fp32", tf32: bool = False,
+                         arch=None) -> dict:
+    """Generates CUDA for `module` (after the pipeline) with the watched values ({id: Value})
+    added as extra outputs of the function, so each is a real buffer the runtime reads back.
+    Needs no GPU (NVRTC). Returns the plan."""
     from .codegen.emit import compile_to_dir
     from .compile import io_entry
-    from .runtime import load
     f = module.main
-    n_out = len(f.results)
     present = {id(r) for r in f.results}
-    extra = [v for v in watch.values() if id(v) not in present]
-    f.results = list(f.results) + extra  # real buffers, read back after the run
+    f.results = list(f.results) + [v for v in watch.values() if id(v) not in present]
     plan = {"inputs": [io_entry(a) for a in f.args], "outputs": [io_entry(r) for r in f.results],
             "precision": precision, "tf32": tf32}
+    return compile_to_dir(module, out_dir, arch=arch, precision=precision, tf32=tf32, base_plan=plan)
+
+
+def _run_cuda(module, feed: dict, watch: dict, precision: str, tf32: bool, arch) -> tuple[dict, dict]:
+    from .progress import current
+    from .runtime import gpu_available, load
+    if not gpu_available():
+        raise AccuracyError("--backend cuda needs a CUDA GPU and none is available here; "
+                            "use --backend reference")
+    n_out = len(module.main.results)
     with tempfile.TemporaryDirectory(prefix="nnc_verify_") as d:
         with current().stage("nnc cuda compile"):
-            compile_to_dir(module, d, arch=arch, precision=precision, tf32=tf32, base_plan=plan)
+            compile_with_outputs(module, watch, d, precision, tf32, arch)
         with current().stage("nnc cuda run"):
-            m = load(d)
-            res = m.run(feed, output="numpy")
-    names = [r.name for r in f.results]
-    outs = {names[i]: res[names[i]] for i in range(n_out)}
-    seen = {id(v): res[v.name] for v in f.results if id(v) in watch}
+            res = load(d).run(feed, output="numpy")
+    results = module.main.results
+    outs = {r.name: res[r.name] for r in results[:n_out]}
+    seen = {id(v): res[v.name] for v in results if id(v) in watch}
     return outs, seen
 
 
 # ----------------------------------------------------------------------------- entry point
 
-def verify_model(model, shapes="", precision: str = "fp32", backend: str = "reference", inputs=None,
-                 rtol: Optional[float] = None, atol: Optional[float] = None, per_layer: bool = False,
-                 seed: int = 0, tf32: bool = False, arch: Optional[str] = None) -> Report:
-    """Runs `model` (a path or ModelProto) through nnc and onnxruntime on the same inputs and
-    compares the outputs (and, with per_layer, every intermediate that maps back to an ONNX
-    tensor). `shapes`: a --shapes string or {name: dims}. `inputs`: {name: array}, an .npz path,
-    or None for random inputs drawn with `seed`."""
-    import onnx
+@dataclass
+class Prepared:
+    """A model imported and through `nnc compile`'s pipeline, with its inputs and (per_layer)
+    the mapping of its ONNX tensors onto the final IR."""
+    label: str
+    proto: object  # onnx.ModelProto (external data loaded): what onnxruntime runs
+    module: object  # the IR after the pipeline
+    feed: dict
+    given: bool  # inputs were given (not drawn)
+    snapshot: list  # list[_Tensor]
+    mapping: dict  # ONNX tensor name -> (final IR Value | None, reason)
+
+    @property
+    def watch(self) -> dict:
+        """{id(Value): Value} of the IR values to read at run time."""
+        return {id(v): v for v, _ in self.mapping.values() if v is not None}
+
+
+def prepare(model, shapes="", precision: str = "fp32", inputs=None, seed: int = 0,
+            per_layer: bool = False) -> Prepared:
     from .compile import pipeline_passes
     from .ir.verify import verify
     from .onnx_import import import_model, parse_shapes
     from .pipeline import Pipeline
     from .progress import current
 
-    if precision not in DEFAULT_RTOL or precision == "tf32":
-        raise VerifyError(f"--precision {precision!r}: expected one of fp32, fp16, bf16")
-    if backend not in BACKENDS:
-        raise VerifyError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    ort = _onnxruntime()  # fail before any work when the oracle is missing
-    if rtol is None:
-        rtol = DEFAULT_RTOL["tf32" if tf32 and precision == "fp32" else precision]
-    if rtol < 0 or (atol is not None and atol < 0) or not math.isfinite(rtol):
-        raise VerifyError(f"tolerances must be finite and non-negative (rtol {rtol}, atol {atol})")
     label = str(model) if isinstance(model, (str, Path)) else (model.graph.name or "<ModelProto>")
-
     shape_map = parse_shapes(shapes) if isinstance(shapes, str) else dict(shapes or {})
     given = None
     if inputs is not None:
@@ -465,8 +473,7 @@ def verify_model(model, shapes="", precision: str = "fp32", backend: str = "refe
     tmap: dict = {}
     with current().stage("import"):
         if given is not None and not shape_map:  # the given arrays bind symbolic dims
-            import_proto = _load_proto(model, external=False)
-            shape_map = _shapes_from_inputs(import_proto, given)
+            shape_map = _shapes_from_inputs(_load_proto(model, external=False), given)
         module = import_model(model, shapes=shape_map, tensor_map=tmap)
         verify(module)
     proto = _load_proto(model, external=True)  # after nnc's import checked the file
@@ -477,22 +484,42 @@ def verify_model(model, shapes="", precision: str = "fp32", backend: str = "refe
         raise InputError(f"inputs: the model takes {sorted(want)}; missing {sorted(want - set(feed))}, "
                          f"unknown {sorted(set(feed) - want)}")
     Pipeline(pipeline_passes(precision)).run(module)
-
     mapping = map_tensors(snapshot, module.main) if per_layer else {}
-    watch = {id(v): v for v, _ in mapping.values() if v is not None}
+    return Prepared(label, proto, module, feed, given is not None, snapshot, mapping)
+
+
+def verify_model(model, shapes="", precision: str = "fp32", backend: str = "reference", inputs=None,
+                 rtol: Optional[float] = None, atol: Optional[float] = None, per_layer: bool = False,
+                 seed: int = 0, tf32: bool = False, arch: Optional[str] = None) -> Report:
+    """Runs `model` (a path or ModelProto) through nnc and onnxruntime on the same inputs and
+    compares the outputs (and, with per_layer, every intermediate that maps back to an ONNX
+    tensor). `shapes`: a --shapes string or {name: dims}. `inputs`: {name: array}, an .npz path,
+    or None for random inputs drawn with `seed`."""
+    from .progress import current
+
+    if precision not in DEFAULT_RTOL or precision == "tf32":
+        raise AccuracyError(f"--precision {precision!r}: expected one of fp32, fp16, bf16")
+    if backend not in BACKENDS:
+        raise AccuracyError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    ort = _onnxruntime()  # fail before any work when the oracle is missing
+    if rtol is None:
+        rtol = DEFAULT_RTOL["tf32" if tf32 and precision == "fp32" else precision]
+    if rtol < 0 or (atol is not None and atol < 0) or not math.isfinite(rtol):
+        raise AccuracyError(f"tolerances must be finite and non-negative (rtol {rtol}, atol {atol})")
+    pre = prepare(model, shapes, precision, inputs, seed, per_layer)
+    proto, module, feed, snapshot, mapping = pre.proto, pre.module, pre.feed, pre.snapshot, pre.mapping
+    watch = pre.watch
     order = {}
     for i, op in enumerate(module.main.ops):
         for r in op.results:
             order[id(r)] = i
-    mapped_ids = set(watch)
     unmapped = sum(1 for op in module.main.ops if op.name != "const"
-                   for r in op.results if id(r) not in mapped_ids) if per_layer else 0
+                   for r in op.results if id(r) not in watch) if per_layer else 0
 
     out_names = [o.name for o in proto.graph.output]
     compared = [t for t, (v, _) in mapping.items() if v is not None]
-    elem = {rec.name: rec.dtype.onnx for rec in snapshot}
     with current().stage("onnxruntime"):
-        ort_model = _with_outputs(proto, [(t, elem[t]) for t in compared]) if per_layer else proto
+        ort_model = _with_outputs(proto, compared) if per_layer else proto
         ref = _ort_run(ort_model, feed, out_names + [t for t in compared if t not in out_names])
 
     with current().stage(f"nnc {backend}"):
@@ -524,8 +551,8 @@ def verify_model(model, shapes="", precision: str = "fp32", backend: str = "refe
         if v is None:
             rec = recs[t]
             skipped.append(NotCompared(t, rec.node or rec.loc_key, rec.op_type, why))
-    return Report(model=label, backend=backend, precision=precision, rtol=rtol, atol=atol,
-                  seed=None if given is not None else seed, ort_version=ort.__version__,
+    return Report(model=pre.label, backend=backend, precision=precision, rtol=rtol, atol=atol,
+                  seed=None if pre.given else seed, ort_version=ort.__version__,
                   outputs=tuple(outputs), layers=tuple(layers), not_compared=tuple(skipped),
                   unmapped_ir_values=unmapped, per_layer=per_layer)
 
@@ -537,7 +564,7 @@ def _load_proto(model, external: bool):
     try:
         return onnx.load(str(model), load_external_data=external)
     except Exception as e:
-        raise VerifyError(f"{model}: not a readable ONNX model ({e})") from None
+        raise AccuracyError(f"{model}: not a readable ONNX model ({e})") from None
 
 
 # ----------------------------------------------------------------------------- rendering

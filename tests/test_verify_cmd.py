@@ -9,7 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from nnc.accuracy import (VerifyError, compare, format_text, print_rich, random_inputs, verify_model)
+from nnc.accuracy import (AccuracyError, compare, compile_with_outputs, format_text, prepare, print_rich,
+                          random_inputs, verify_model)
 from nnc.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,14 +215,14 @@ def test_missing_onnxruntime_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
     rc, _, err = _cli(capsys, TRANSFORMER)
     assert rc == 1 and "pip install onnxruntime" in err
-    with pytest.raises(VerifyError, match="not installed"):
+    with pytest.raises(AccuracyError, match="not installed"):
         verify_model(TRANSFORMER)
 
 
 def test_bad_tolerances_and_options(capsys):
     rc, _, err = _cli(capsys, TRANSFORMER, "--rtol", "-1")
     assert rc == 1 and "non-negative" in err
-    with pytest.raises(VerifyError, match="backend"):
+    with pytest.raises(AccuracyError, match="backend"):
         verify_model(TRANSFORMER, backend="tpu")
 
 
@@ -292,6 +293,22 @@ def test_stages_report_progress():
 
 
 # ----------------------------------------------------------------------------- cuda
+
+@pytest.mark.parametrize("prec", ["fp32", "fp16"])
+def test_cuda_per_layer_values_become_real_outputs(prec, tmp_path):
+    """What --backend cuda --per-layer compiles (NVRTC, no GPU needed): every compared value is
+    an output buffer of the plan, with the final IR's dtype."""
+    pre = prepare(CNN, "input:1x3x32x32", prec, per_layer=True)
+    watch = pre.watch
+    assert len(watch) == 18
+    plan = compile_with_outputs(pre.module, watch, tmp_path, precision=prec)
+    outs = {o["name"]: o for o in plan["outputs"]}
+    assert plan["outputs"][0]["name"] == "probs" and plan["outputs"][0]["dtype"] == "float32"
+    for v in watch.values():
+        assert outs[v.name]["dtype"] == v.type.dtype.np_name
+        assert outs[v.name]["shape"] == list(v.type.shape)
+    assert plan["kernels"] and any(f.stat().st_size > 0 for f in tmp_path.glob("*.cubin"))
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("prec", ["fp32", "fp16"])
