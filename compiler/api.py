@@ -38,9 +38,10 @@ Dim = Union[int, str]  # a size, or the name of a symbol bound at run time
 class TensorInfo:
     """One model input or output, like onnxruntime's NodeArg.
 
-    dtype: numpy name ("float32", "bfloat16", "int64", ...). shape: ints, or symbol names for dims
-    left symbolic (a reference-backend module compiled without --shapes); None if the rank is
-    unknown."""
+    dtype: numpy name ("float32", "bfloat16", "int64", ...). shape: ints, symbol names for dims
+    left symbolic (a reference-backend module compiled without --shapes), or "?" for an extent
+    only a run decides (NonZero's count; CUDA allocates plan.json's max_shape for it); None if the
+    rank is unknown."""
     name: str
     dtype: str
     shape: Optional[tuple[Dim, ...]]
@@ -48,6 +49,11 @@ class TensorInfo:
     @classmethod
     def from_plan(cls, entry: Mapping) -> "TensorInfo":
         shape = entry.get("shape")
+        if shape is not None:
+            shape = list(shape)
+            ax = entry.get("dynamic_axis", -1)
+            if entry.get("shape_known_after_run") and isinstance(ax, int) and 0 <= ax < len(shape):
+                shape[ax] = "?"
         return cls(str(entry["name"]), str(entry["dtype"]), None if shape is None else tuple(shape))
 
     @property

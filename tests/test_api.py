@@ -85,6 +85,19 @@ def test_metadata_is_frozen_and_typed():
     assert "relu: float32[2, 4]" in repr(m)
 
 
+def test_data_dependent_extent_is_a_question_mark_on_both_backends():
+    g = helper.make_graph([helper.make_node("NonZero", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.INT64, None)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m = nnc.compile(model, backend="reference", codegen=True)
+    assert m.outputs == (TensorInfo("y", "int64", (2, "?")),)
+    entry = m.plan["outputs"][0]  # what the CUDA module reads its metadata from
+    assert entry["shape_known_after_run"] and TensorInfo.from_plan(entry) == m.outputs[0]
+    x = np.array([[1, 0, 0, 2]] * 3, np.float32)
+    np.testing.assert_array_equal(m(x), np.stack(np.nonzero(x)))
+
+
 def test_output_selection_and_call_forms(rng):
     model = two_outputs_model()
     m = nnc.compile(model, shapes={"x": [3, 4]}, backend="reference")
