@@ -156,3 +156,22 @@ def test_run_example_prints_timing(tmp_path):
     assert re.search(r"time: median [0-9.]+ ms, min [0-9.]+ ms, max [0-9.]+ ms over 7 runs \(3 warm-up", r.stdout)
     y = np.fromfile(res / "y.bin", dtype=np.float32)
     np.testing.assert_allclose(y, 1 / (1 + np.exp(-np.maximum(x + W_A, 0))), rtol=1e-6)
+
+
+API = {"create", "run", "destroy", "num_inputs", "num_outputs", "input_name", "output_name", "input_dtype",
+       "output_dtype", "input_rank", "output_rank", "input_shape", "output_shape", "input_nbytes",
+       "output_nbytes", "last_error"}
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+def test_cmake_build_exports_only_the_prefixed_api(linked, tmp_path):
+    build = tmp_path / "build"
+    for cmd in (["cmake", "-S", str(linked / "a"), "-B", str(build), f"-DCMAKE_CUDA_COMPILER={NVCC}"],
+                ["cmake", "--build", str(build)]):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    r = subprocess.run(["nm", "-D", "--defined-only", str(build / "libnnc_a.so")], capture_output=True, text=True, check=True)
+    exported = {l.split()[-1] for l in r.stdout.splitlines() if not l.split()[-1].startswith("_")}
+    assert exported == {f"nnc_a_{f}" for f in API}
+    r = subprocess.run([str(build / "nnc_run_example")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--iters N" in r.stderr

@@ -67,7 +67,7 @@ def test_model_cu_structure(compiled, name):
     assert "nnc_model_run" in src and "#if !defined(__CUDACC_RTC__) && !defined(NNC_KERNELS_ONLY)" in src
     hdr = (d / "nnc_model.h").read_text()
     for fn in ("nnc_model_create", "nnc_model_run", "nnc_model_destroy", "nnc_model_num_inputs",
-               "nnc_model_num_outputs", "nnc_model_input_name", "nnc_model_output_shape", "nnc_last_error"):
+               "nnc_model_num_outputs", "nnc_model_input_name", "nnc_model_output_shape", "nnc_model_last_error"):
         assert fn in hdr
 
 
