@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import ml_dtypes
 import numpy as np
 
+from .. import narrow_types
 from ..errors import NncError
+from ..narrow_types import is_narrow
 from ..registry import NoAttrs, register
 from ..types import DType, TensorType, U8, dtype
 from ._util import norm_axis
@@ -24,48 +25,31 @@ _INT_RANGE = {"u8": (0, 255), "i8": (-128, 127), "u16": (0, 65535), "i16": (-327
               "u4": (0, 15), "i4": (-8, 7), "u2": (0, 3), "i2": (-2, 1), "i32": (-2**31, 2**31 - 1)}
 
 
-_EXOTIC_INT = {"int4": np.int8, "uint4": np.uint8, "int2": np.int8, "uint2": np.uint8}
-_NARROW_INT_BITS = {"i4": 4, "u4": 4, "i2": 2, "u2": 2}
+_EXOTIC_INT = ("int4", "uint4", "int2", "uint2")  # ml_dtypes names of the narrow ints
 
 
 def _plain(x: np.ndarray) -> np.ndarray:
-    """x as a numpy-native dtype (ml_dtypes ints -> int8/uint8, ml_dtypes floats -> f32)."""
-    if x.dtype.name in _EXOTIC_INT:
-        return x.astype(_EXOTIC_INT[x.dtype.name])
-    if x.dtype.kind not in "biufc":
-        return x.astype(np.float32)
+    """x as a numpy-native dtype: narrow types decoded exactly (nnc.ir.narrow_types) to int64 /
+    float64, never through ml_dtypes' own conversions."""
+    if x.dtype.name in narrow_types.FROM_CODES:
+        return narrow_types.decode(x)
     return x
 
 
-def cast_array(x: np.ndarray, to: DType, saturate: bool = True) -> np.ndarray:
-    """ONNX Cast of an array to `to`: f8 saturating (or not), ints wrap, bool = nonzero,
-    floats to int4/uint4 truncate toward zero then wrap."""
+def cast_array(x: np.ndarray, to: DType, saturate: bool = True, round_mode: str = "up") -> np.ndarray:
+    """ONNX Cast of an array to `to`. Narrow targets (f8*, f4e2m1, f8e8m0, bf16, int4/uint4/int2/
+    uint2) follow the rules in nnc.ir.narrow_types; bool = nonzero; other targets numpy's
+    conversion (float -> int truncates, ints wrap, float overflow -> inf)."""
     x = np.asarray(x)
-    tnp = to.np
-    if x.dtype == tnp:
+    if x.dtype == to.np:
         return x
+    if is_narrow(to):
+        return narrow_types.cast_to_narrow(x, to, saturate, round_mode)
     x = _plain(x)
     if to.kind == "bool":
         return x != 0
-    narrow = to.short in _F8 or to.short in ("f4e2m1", "bf16") or to.short in _NARROW_INT_BITS
-    if not narrow:
-        with np.errstate(all="ignore"):
-            return x.astype(tnp)
-    if to.short in _NARROW_INT_BITS:
-        bits = _NARROW_INT_BITS[to.short]
-        if x.dtype.kind == "f":
-            with np.errstate(all="ignore"):
-                t = np.trunc(x.astype(np.float64))
-                x = np.where(np.isfinite(t), t, 0).astype(np.int64)
-        lo = x.astype(np.int64) & ((1 << bits) - 1)
-        if to.kind == "int":
-            lo = np.where(lo >= 1 << (bits - 1), lo - (1 << bits), lo)
-        return lo.astype(tnp)
-    src = x if x.dtype in (np.float32, np.float64) else x.astype(np.float64 if x.dtype.itemsize >= 4 else np.float32)
-    if to.short in _F8 and saturate:
-        m = float(ml_dtypes.finfo(tnp).max)
-        src = np.clip(src, -m, m)
-    return src.astype(tnp)
+    with np.errstate(all="ignore"):
+        return x.astype(to.np)
 
 
 # ---------------------------------------------------------------- Cast / CastLike / BitCast
@@ -74,12 +58,22 @@ def cast_array(x: np.ndarray, to: DType, saturate: bool = True) -> np.ndarray:
 class CastAttrs:
     to: DType
     saturate: int = 1
-    round_mode: str = "up"  # only for f8e8m0, which nnc does not have
+    round_mode: str = "up"  # only for f8e8m0: up | down | nearest
 
 
-register("Cast", CastAttrs, inputs=1,
-         infer=lambda ctx: [TensorType(ctx.attrs.to, ctx.shape(0))],
-         ref=lambda a, x: cast_array(x, a.to, bool(a.saturate)))
+def _check_round_mode(ctx):
+    if ctx.attrs.round_mode not in narrow_types.E8M0_ROUND_MODES:
+        ctx.fail(f"round_mode must be one of {', '.join(narrow_types.E8M0_ROUND_MODES)}, "
+                 f"got {ctx.attrs.round_mode!r}")
+
+
+def _cast_infer(ctx):
+    _check_round_mode(ctx)
+    return [TensorType(ctx.attrs.to, ctx.shape(0))]
+
+
+register("Cast", CastAttrs, inputs=1, infer=_cast_infer,
+         ref=lambda a, x: cast_array(x, a.to, bool(a.saturate), a.round_mode))
 
 
 @dataclass(frozen=True)
@@ -88,9 +82,13 @@ class CastLikeAttrs:
     round_mode: str = "up"
 
 
-register("CastLike", CastLikeAttrs, inputs=2,
-         infer=lambda ctx: [TensorType(ctx.dtype(1), ctx.shape(0))],
-         ref=lambda a, x, like: cast_array(x, dtype(like.dtype), bool(a.saturate)))
+def _castlike_infer(ctx):
+    _check_round_mode(ctx)
+    return [TensorType(ctx.dtype(1), ctx.shape(0))]
+
+
+register("CastLike", CastLikeAttrs, inputs=2, infer=_castlike_infer,
+         ref=lambda a, x, like: cast_array(x, dtype(like.dtype), bool(a.saturate), a.round_mode))
 
 
 @dataclass(frozen=True)
