@@ -569,6 +569,7 @@ def _load_proto(model, external: bool):
 
 # ----------------------------------------------------------------------------- rendering
 
+SHOW_NAMES = 12  # not-compared tensors listed by name per reason
 COLUMNS = ("tensor", "node", "op", "dtype", "shape", "max-abs", "rel-L2", "failing", "verdict")
 
 
@@ -589,7 +590,7 @@ def _row(c: TensorCheck) -> tuple:
 
 
 def _header(r: Report) -> str:
-    atol = f"{r.atol:g}" if r.atol is not None else "rtol x max|ref|"
+    atol = f"{r.atol:g}" if r.atol is not None else "rtol x max|onnxruntime| per tensor"
     inputs = "given inputs" if r.seed is None else f"random inputs (seed {r.seed})"
     return (f"nnc verify {_show(r.model)}: {r.backend} backend, {r.precision}, against onnxruntime {r.ort_version}, "
             f"{inputs}, rtol {r.rtol:g}, atol {atol}")
@@ -612,6 +613,10 @@ def summary_lines(r: Report) -> list[str]:
         why = "".join(f", {n} {k}" for k, n in sorted(reasons.items()))
         lines.append(f"per-layer: {len(r.layers)} tensors compared{why}; {r.unmapped_ir_values} IR values "
                      f"with no ONNX tensor (made by passes) not compared")
+        for reason in sorted(reasons):
+            names = [_show(s.name) for s in r.not_compared if s.reason == reason]
+            more = f" ... (+{len(names) - SHOW_NAMES})" if len(names) > SHOW_NAMES else ""
+            lines.append(f"  {reason}: {', '.join(names[:SHOW_NAMES])}{more}")
         lines.append(_layer_line("first layer over tolerance", r.first_failure))
         lines.append(_layer_line("first layer with non-finite values", r.first_nonfinite))
     bad = [c.name for c in r.outputs if not c.passed]

@@ -333,3 +333,43 @@ def test_cuda_backend_without_gpu_is_a_clear_error(capsys):
         pytest.skip("a GPU is present")
     rc, _, err = _cli(capsys, TRANSFORMER, "--backend", "cuda")
     assert rc == 1 and "GPU" in err and "--backend reference" in err
+
+
+def test_integer_inputs_and_outputs(tmp_path):
+    """Random int64 ids stay valid Gather indices; the int64 ArgMax output is compared exactly."""
+    table = np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+         helper.make_node("ReduceSum", ["emb", "axes"], ["s"], name="sum", keepdims=0),
+         helper.make_node("ArgMax", ["emb"], ["best"], name="argmax", axis=2, keepdims=0)],
+        "ints", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, [2, 5]),
+         helper.make_tensor_value_info("best", TensorProto.INT64, [2, 5])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array([2], np.int64), "axes")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 10
+    rep = verify_model(_save(m, tmp_path), per_layer=True)
+    assert rep.passed and [c.name for c in rep.outputs] == ["s", "best"]
+    best = rep.outputs[1]
+    assert best.dtype == "int64" and best.max_abs == 0 and best.atol == 0
+    assert {c.name for c in rep.layers} == {"emb", "s", "best"}
+
+
+def test_surviving_if_is_compared_at_its_outputs(tmp_path):
+    """An If on an input-driven condition stays in the IR (reference backend): its result is a
+    layer; tensors inside the branches are not main-graph tensors."""
+    def branch(name, op):
+        return helper.make_graph([helper.make_node(op, ["x"], [f"{name}_out"], name=f"{name}_op")], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [1, 16])])
+    p = _save(_chain_model([
+        helper.make_node("ReduceSum", ["x"], ["total"], name="total", keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["cond"], name="cond"),
+        helper.make_node("If", ["cond"], ["picked"], name="pick", then_branch=branch("then", "Exp"),
+                         else_branch=branch("else", "Neg")),
+        helper.make_node("Relu", ["picked"], ["y"], name="relu"),
+    ], {"zero": 0.0}), tmp_path)
+    for seed in (0, 1, 2):
+        rep = verify_model(p, per_layer=True, seed=seed)
+        assert rep.passed
+        assert {c.name for c in rep.layers} == {"total", "cond", "picked", "y"}
+        assert next(c for c in rep.layers if c.name == "picked").op_type == "If"
