@@ -150,6 +150,7 @@ def test_mixed_model_plan(tmp_path):
     assert {by_id[b.id]["region"] for b in plan.buffers if b.kind == "init"} == {"persistent"}
     kernels = {k["name"]: k["template"] for k in on_disk["kernels"]}
     assert not [l for l in on_disk["launches"] if kernels.get(l["kernel"]) == "fill.cu.j2"]
+    assert {l["kernel"] for l in on_disk["launches"] + on_disk["init_launches"] if l["kind"] == "kernel"} == set(kernels)
     src = (tmp_path / "model.cu").read_text()
     assert "init_phase(m, 0, nullptr, nullptr)" in src and "m->persistent +" in src
     assert "kPersistentBytes = %dULL" % plan.persistent_bytes in src
@@ -270,8 +271,8 @@ def test_gpu_light_resnet50_two_poisoned_runs(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")
 def test_gpu_c_api_create_runs_init_phase(tmp_path, rng):
-    """The shared library: <prefix>_create computes the init values once; two runs (the arena
-    poisoned in between) match the interpreter."""
+    """The shared library: <prefix>_create computes the init values once; two runs (outputs
+    poisoned with NaN before each) match the interpreter."""
     import cupy
     model, spec = mixed_model()
     mod = _prepared(model)
