@@ -126,18 +126,16 @@ def compare(name: str, got, ref, rtol: float, atol: Optional[float], *, ir_name:
         return TensorCheck(**base, max_abs=math.inf, rel_l2=math.inf, fail_fraction=1.0, nonfinite=0,
                            atol=0.0, passed=False,
                            note=f"shape {list(got.shape)}, onnxruntime gives {list(ref.shape)}")
-    exact = ref.dtype.kind in "biuU" or got.dtype.kind in "biu"
-    if exact:
-        if got.dtype.kind == "b" or ref.dtype.kind == "b":
-            g, r = got.astype(bool).astype(np.int64), ref.astype(bool).astype(np.int64)
-        else:
+    kinds = got.dtype.kind + ref.dtype.kind
+    if any(k in "biu" for k in kinds):  # integers and bools must match exactly
+        if all(k in "biu" for k in kinds):
             g, r = got.astype(np.int64), ref.astype(np.int64)
-        if ref.dtype.kind == "f" or got.dtype.kind == "f":  # a float on one side: compare as floats
+        else:  # a float on one side (a dtype mismatch): exact all the same
             g, r = got.astype(np.float64), ref.astype(np.float64)
-        d = np.abs(g.astype(np.float64) - r.astype(np.float64))
+        with np.errstate(all="ignore"):
+            d = np.abs(g.astype(np.float64) - r.astype(np.float64))
         bad = int(np.count_nonzero(g != r))
-        note = "" if got.dtype.kind == ref.dtype.kind or bad == 0 else \
-            f"dtype {got.dtype}, onnxruntime gives {ref.dtype}"
+        note = "" if got.dtype == ref.dtype else f"dtype {got.dtype}, onnxruntime gives {ref.dtype}"
         return TensorCheck(**base, max_abs=float(d.max()) if d.size else 0.0, rel_l2=_rel_l2(d, r),
                            fail_fraction=bad / max(d.size, 1), nonfinite=0, atol=0.0, passed=bad == 0, note=note)
     g, r = got.astype(np.float64), ref.astype(np.float64)
@@ -326,9 +324,10 @@ def _snapshot(model, module, tmap: dict) -> list:
                 rec.status = "folded"
             elif p.loc.node == key:
                 ops = groups.get(key, [])
-                k = next(i for i, o in enumerate(ops) if o is p)
-                rec.origin = (k, next(j for j, r in enumerate(p.results) if r is v))
-                rec.origin_ops = [o.name for o in ops]
+                k = next((i for i, o in enumerate(ops) if o is p), None)
+                if k is not None:  # (an op of a nested region has no origin at the top level)
+                    rec.origin = (k, next(j for j, r in enumerate(p.results) if r is v))
+                    rec.origin_ops = [o.name for o in ops]
             out.append(rec)
     return out
 
@@ -421,10 +420,7 @@ def compile_with_outputs(module, watch: dict, out_dir, precision: str = "fp32", 
 
 def _run_cuda(module, feed: dict, watch: dict, precision: str, tf32: bool, arch) -> tuple[dict, dict]:
     from .progress import current
-    from .runtime import gpu_available, load
-    if not gpu_available():
-        raise AccuracyError("--backend cuda needs a CUDA GPU and none is available here; "
-                            "use --backend reference")
+    from .runtime import load
     n_out = len(module.main.results)
     with tempfile.TemporaryDirectory(prefix="nnc_verify_") as d:
         with current().stage("nnc cuda compile"):
@@ -501,7 +497,12 @@ def verify_model(model, shapes="", precision: str = "fp32", backend: str = "refe
         raise AccuracyError(f"--precision {precision!r}: expected one of fp32, fp16, bf16")
     if backend not in BACKENDS:
         raise AccuracyError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    ort = _onnxruntime()  # fail before any work when the oracle is missing
+    ort = _onnxruntime()  # fail before any work when the oracle (or the GPU) is missing
+    if backend == "cuda":
+        from .runtime import gpu_available
+        if not gpu_available():
+            raise AccuracyError("--backend cuda needs a CUDA GPU and none is available here; "
+                                "use --backend reference")
     if rtol is None:
         rtol = DEFAULT_RTOL["tf32" if tf32 and precision == "fp32" else precision]
     if rtol < 0 or (atol is not None and atol < 0) or not math.isfinite(rtol):
