@@ -167,20 +167,25 @@ def _rel_l2(diff: np.ndarray, ref: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------- inputs
 
-def load_npz(path) -> dict:
-    """Inputs from an .npz keyed by input name (no pickles)."""
-    p = Path(path)
-    if not p.is_file():
-        raise AccuracyError(f"--inputs {p}: no such file")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            if not hasattr(z, "files"):
-                raise AccuracyError(f"--inputs {p}: not an .npz archive (a single .npy array)")
-            return {k: np.asarray(z[k]) for k in z.files}
-    except NncError:
-        raise
-    except Exception as e:  # zipfile / format errors: say which file and why
-        raise AccuracyError(f"--inputs {p}: not a readable .npz ({type(e).__name__}: {e})") from None
+def load_npz(path, model) -> dict:
+    """Inputs from an .npz keyed by input name, read without trusting it (nnc.npz_inputs: no
+    pickles, members checked against the ONNX model's inputs before decompressing)."""
+    from .ir.types import dtype
+    from .npz_inputs import load_inputs
+    init = {i.name for i in model.graph.initializer}
+    specs = []
+    for i in model.graph.input:
+        if i.name in init or not i.type.HasField("tensor_type"):
+            continue
+        tt = i.type.tensor_type
+        try:
+            dt = dtype(tt.elem_type).np_name
+        except (ValueError, KeyError):
+            continue  # the importer names the unsupported type (it runs next)
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim] \
+            if tt.HasField("shape") else None
+        specs.append({"name": i.name, "dtype": dt, "shape": shape})
+    return load_inputs(path, specs)
 
 
 def random_inputs(args, seed: int) -> dict:
@@ -455,6 +460,8 @@ class Prepared:
 
 def prepare(model, shapes="", precision: str = "fp32", inputs=None, seed: int = 0,
             per_layer: bool = False) -> Prepared:
+    """Imports `model`, reads or draws its inputs, runs `nnc compile`'s pass pipeline and (with
+    per_layer) maps the ONNX tensors onto the final IR. Nothing runs the model yet."""
     from .compile import pipeline_passes
     from .ir.verify import verify
     from .onnx_import import import_model, parse_shapes
@@ -465,7 +472,8 @@ def prepare(model, shapes="", precision: str = "fp32", inputs=None, seed: int = 
     shape_map = parse_shapes(shapes) if isinstance(shapes, str) else dict(shapes or {})
     given = None
     if inputs is not None:
-        given = load_npz(inputs) if isinstance(inputs, (str, Path)) else {k: np.asarray(v) for k, v in inputs.items()}
+        given = load_npz(inputs, _load_proto(model, external=False)) if isinstance(inputs, (str, Path)) \
+            else {k: np.asarray(v) for k, v in inputs.items()}
     tmap: dict = {}
     with current().stage("import"):
         if given is not None and not shape_map:  # the given arrays bind symbolic dims
