@@ -11,13 +11,25 @@ import functools
 import json
 
 import jinja2
+import jinja2.runtime
 
 from .escape import Code, c_string, comment_text, guard
 
 
+class _Context(jinja2.runtime.Context):
+    def call(self, obj, /, *args, **kwargs):
+        rv = super().call(obj, *args, **kwargs)
+        # a macro's text is template output (its own {{ }} went through the guard): code, not data
+        return Code(rv) if isinstance(obj, jinja2.runtime.Macro) and isinstance(rv, str) else rv
+
+
+class _Environment(jinja2.Environment):
+    context_class = _Context
+
+
 @functools.lru_cache(maxsize=1)
 def env() -> jinja2.Environment:
-    e = jinja2.Environment(
+    e = _Environment(
         loader=jinja2.PackageLoader("nnc.templates", "."),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,

@@ -211,3 +211,10 @@ def test_finalize_stops_unescaped_model_text():
             t.render(x=bad)
     assert env().from_string("// {{ x | comment }}").render(x="a\nb") == "// a\\x0ab"
     assert env().from_string("{{ x }}").render(x=Code("int a;\nint b;")) == "int a;\nint b;"
+    # a macro's text is template output, already guarded inside; a Python callable's is not
+    macro = env().from_string("{% macro m(v) %}int a;\n// {{ v }}{% endmacro %}{{ m(x) }}")
+    assert macro.render(x="ok") == "int a;\n// ok"
+    with pytest.raises(UnescapedText):
+        macro.render(x="a\nb")
+    with pytest.raises(UnescapedText):
+        env().from_string("{{ f() }}").render(f=lambda: "a\nb")
