@@ -158,19 +158,21 @@ NARROW_INT = ("i4", "u4", "i2", "u2")
 
 def cast_expr(attrs, x: str, src, dst) -> str:
     """ONNX Cast of expression x (compute type of dtype src) to dtype dst, as a value of dst's
-    compute type; the store into dst's C type finishes it (ml_dtypes rounding, narrow-int wrap)."""
+    compute type; the store into dst's C type finishes it (templates/exotic_types.cu.j2: the rules
+    of ir/narrow_types.py). Wider sources reach the float encoders rounded to odd (nnc_odd_f32),
+    so every value is rounded once."""
     ot = compute_type(dst)
-    if dst.short == "f8e8m0":  # ONNX round_mode / saturate rule (not ml_dtypes' astype)
+    if dst.short == "f8e8m0":  # ONNX round_mode / saturate rule
         mode = {"up": 0, "down": 1, "nearest": 2}[str(getattr(attrs, "round_mode", "up") or "up")]
         sat = "true" if getattr(attrs, "saturate", 1) else "false"
-        return f"nnc_dec_f8e8m0(nnc_onnx_f8e8m0(static_cast<float>({x}), {mode}, {sat}))"
-    if dst.short in F8_MAX:
-        e = f"static_cast<float>({x})"
-        if getattr(attrs, "saturate", 1):
+        return f"nnc_dec_f8e8m0(nnc_onnx_f8e8m0(nnc_odd_f32({x}), {mode}, {sat}))"
+    if dst.short in F8_MAX or dst.short == "f4e2m1":
+        e = f"nnc_odd_f32({x})"
+        if dst.short in F8_MAX and getattr(attrs, "saturate", 1):
             e = f"nnc_satf({e}, {F8_MAX[dst.short]!r}f)"
         return e
-    if dst.short in NARROW_INT:  # truncate toward zero (non-finite -> 0), keep the low bits on store
-        return f"static_cast<int32_t>(nnc_trunc_i64({x}))"
+    if dst.short in NARROW_INT:  # nearest integer, ties to even (NaN / inf -> 0); the store keeps the low bits
+        return f"static_cast<int32_t>(nnc_round_i64({x}))"
     return f"static_cast<{ot}>({x})"
 
 
