@@ -20,6 +20,7 @@ import numpy as np
 
 from ..ir.errors import NncError
 from ..ir.graph import Module
+from ..integrity import ir_hashes
 from ..ir.printer import print_module
 from ..outdir import member, staged_dir
 from ..progress import stage
@@ -28,6 +29,7 @@ from .init_phase import INIT_KIND, PERSISTENT
 from .lower import Buffer, Plan, Scalar, lower
 from .escape import is_c_identifier
 from .render import render
+from .units import make_units
 
 PLAN_VERSION = 1
 
@@ -81,7 +83,7 @@ def weights_blob(plan: Plan) -> bytes:
 
 
 def plan_to_json(plan: Plan, *, arch: str, precision: str, tf32: bool, passes, weights_sha: str,
-                 source_sha: str, backend: str) -> dict:
+                 source_sha: str, backend: str, cubins: list = ()) -> dict:
     outputs = [_io(plan, b) for b in plan.outputs]
     # readback launches name the output they size
     def launch_json(l) -> dict:
@@ -120,7 +122,7 @@ def plan_to_json(plan: Plan, *, arch: str, precision: str, tf32: bool, passes, w
         "weights_bytes": plan.weights_bytes,
         "weights_sha256": weights_sha,
         "persistent_bytes": plan.persistent_bytes,
-        "cubin_file": "model.cubin",
+        "cubins": list(cubins),  # [{"file", "sha256", "kernels"}]: one per compile unit (codegen/units.py)
         "source_sha256": source_sha,
     }
 
@@ -192,9 +194,11 @@ def render_sources(plan: Plan, module_name: str, arch: str, precision: str) -> d
 
 def compile_to_dir(module: Module, out_dir, arch: Optional[str] = None, precision: str = "fp32",
                    tf32: bool = False, backend: str = "nvrtc", passes=None, name: str = "model",
-                   base_plan: Optional[dict] = None) -> dict:
+                   base_plan: Optional[dict] = None, no_cache: bool = False, jobs: Optional[int] = None) -> dict:
     """Lowers `module` (static shapes), writes the model directory and returns the plan dict
-    (JSON-ready). `base_plan`: fields of the caller's plan to keep (e.g. "passes")."""
+    (JSON-ready). `base_plan`: fields of the caller's plan to keep (e.g. "passes"). no_cache:
+    neither read nor write the cubin cache (codegen/cuda.py); jobs: compile processes (default:
+    the CPUs)."""
     if passes is None and base_plan:
         passes = base_plan.get("passes")
     final = Path(out_dir)
@@ -207,12 +211,7 @@ def compile_to_dir(module: Module, out_dir, arch: Optional[str] = None, precisio
     source_sha = hashlib.sha256((arch + backend + src).encode()).hexdigest()
     # written into a fresh directory renamed into place (nnc/outdir.py): all or nothing, no symlinks
     with staged_dir(final) as out:
-        cubin_path = out / "model.cubin"
-        cubin = _reusable_cubin(final, source_sha)
-        if cubin is None:
-            with stage(backend):  # the CUDA compile: parallel code reports through current().task
-                cubin = cuda.compile_source(src, arch, backend)
-        cubin_path.write_bytes(cubin)
+        cubin_entries = _build_cubins(out, plan, arch, backend, no_cache, jobs)
         for fname, text in sources.items():
             (out / fname).write_text(text)
         blob = weights_blob(plan)
@@ -222,10 +221,12 @@ def compile_to_dir(module: Module, out_dir, arch: Optional[str] = None, precisio
         (out / "ir" / "final.nnir").write_text(print_module(module))
         if module.weights is not None:
             module.weights.save(out / "ir" / "final")
+        ir_sha = ir_hashes(out / "ir")  # what the reference backend loads (nnc.integrity)
         pj = plan_to_json(plan, arch=arch, precision=precision, tf32=tf32, passes=passes, weights_sha=wsha,
-                          source_sha=source_sha, backend=backend)
+                          source_sha=source_sha, backend=backend, cubins=cubin_entries)
         pj = json.loads(json.dumps(pj, default=_json_default))
         pj["name"], pj["c_api_prefix"] = name, c_api_prefix(name)
+        pj["ir_sha256"] = ir_sha
         if base_plan:
             pj = {**{k: v for k, v in base_plan.items() if k not in pj}, **pj}
         (out / "plan.json").write_text(json.dumps(pj, indent=1) + "\n")
@@ -249,13 +250,22 @@ def _read_json(p: Path):
         return None
 
 
-def _reusable_cubin(out: Path, source_sha: str) -> Optional[bytes]:
-    """The cubin of an earlier compile into `out` when its plan.json says it was built from the
-    same source (regular files only: a symbolic link there is never followed)."""
-    try:
-        old = _read_json(member(out, "plan.json"))
-        if old and old.get("source_sha256") == source_sha:
-            return member(out, old.get("cubin_file", "model.cubin"), "cubin_file").read_bytes()
-    except (NncError, OSError):
-        pass
-    return None
+def _build_cubins(out: Path, plan: Plan, arch: str, backend: str, no_cache: bool, jobs) -> list:
+    """Compiles the plan's kernels as units (codegen/units.py) in parallel through the cubin cache
+    (codegen/cuda.py) and writes model.<i>.cubin per unit; returns plan.json's "cubins" entries."""
+    units = make_units(list(plan.kernels.values()))
+    with stage(backend) as task:  # the CUDA compile; a progress bar per finished unit
+        task.set_total(len(units))
+        shown = [0]
+
+        def progress(done, total):
+            task.advance(done - shown[0])
+            shown[0] = done
+        cubins = cuda.compile_many(units, arch, jobs=jobs, backend=backend, progress=progress,
+                                   cache=None if no_cache else cuda.CubinCache.default())
+    entries = []
+    for i, (u, data) in enumerate(zip(units, cubins)):
+        fname = f"model.{i}.cubin"
+        (out / fname).write_bytes(data)
+        entries.append({"file": fname, "sha256": hashlib.sha256(data).hexdigest(), "kernels": list(u.kernels)})
+    return entries

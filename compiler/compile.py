@@ -3,7 +3,8 @@
 plan.json contract (kept stable, extended freely):
 {"arch", "inputs": [{"name", "dtype", "shape"}], "outputs": [...], "passes": [...],
  "kernels": [{"name", "ops", "template", "params"}],
- "memory": {"arena_bytes", "naive_bytes", "peak_live_bytes"}}
+ "launches": [...] (every run), "init_launches": [...] (once, at load: codegen/init_phase.py),
+ "memory": {"arena_bytes", "naive_bytes", "peak_live_bytes", "weights_bytes", "persistent_bytes"}}
 Shapes list ints or symbol names; dtypes use numpy names.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 
 from .codegen.cuda import normalize_arch
+from .integrity import ir_hashes
 from .codegen.escape import c_identifier, is_c_identifier
 from .ir.errors import NncError
 from .outdir import staged_dir
@@ -49,7 +51,8 @@ def model_name(name, model) -> str:
 
 def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp32", tf32: bool = False,
                   backend: str = "nvrtc", codegen: bool = True, verify_each: bool = False, dump_ir=None,
-                  name=None) -> dict:
+                  name=None, no_cache: bool = False, jobs=None) -> dict:
+    """no_cache: neither read nor write the cubin cache (nnc.codegen.cuda); jobs: compile processes."""
     from .onnx_import import import_model, parse_shapes
     out = Path(out)
     name = model_name(name, model)
@@ -76,10 +79,11 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
         from .codegen.emit import compile_to_dir
         with rep.stage("codegen"):  # lowering, render, the CUDA compile and writing OUT
             return compile_to_dir(module, out, arch=plan["arch"], precision=precision, tf32=tf32,
-                                  backend=backend, base_plan=plan, name=name)
+                                  backend=backend, base_plan=plan, name=name, no_cache=no_cache, jobs=jobs)
     with rep.stage("write"), staged_dir(out) as tmp:  # all or nothing, see nnc/outdir.py
         (tmp / "ir").mkdir()
         (tmp / "ir" / "final.nnir").write_text(print_module(module))
         module.weights.save(tmp / "ir" / "final")
+        plan["ir_sha256"] = ir_hashes(tmp / "ir")  # checked by the reference backend (nnc.integrity)
         (tmp / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
     return plan

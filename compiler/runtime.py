@@ -1,6 +1,6 @@
 """Python runtime for compiled model directories (the output of codegen.emit.compile_to_dir).
 
-    m = nnc.load("out/")            # plan.json + model.cubin + weights.bin
+    m = nnc.load("out/")            # plan.json + model.<i>.cubin + weights.bin
     y = m(x)                        # numpy, cupy or torch arrays in; cupy arrays out
     outs = m.run({"input": x}, output="numpy")
 
@@ -8,7 +8,6 @@ cupy is imported lazily: importing nnc (or this module) never needs a GPU.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 from . import api
+from .integrity import check_bytes, check_file
 from .ir.errors import InputError, NncError
 
 
@@ -76,20 +76,22 @@ class Module(api.Module):
 
     def __init__(self, out_dir, verify_weights: bool = True):
         self.dir = Path(out_dir)
-        self.plan, weights_path, cubin_path = plan_files(self.dir)  # before the GPU: checks files only
-        self._cp = cupy = require_gpu()
+        self.plan, weights_path, cubins = plan_files(self.dir)  # before the GPU: checks files only
         p = self.plan
         raw = np.fromfile(weights_path, dtype=np.uint8)
         if raw.size != p.get("weights_bytes", raw.size):
             raise NncError(f"{self.dir}/weights.bin has {raw.size} bytes, plan.json expects {p['weights_bytes']}")
-        if verify_weights and p.get("weights_sha256") and hashlib.sha256(raw.tobytes()).hexdigest() != p["weights_sha256"]:
-            raise NncError(f"{self.dir}/weights.bin does not match plan.json's weights_sha256")
+        if verify_weights and p.get("weights_sha256"):
+            check_bytes(raw.tobytes(), p["weights_sha256"], weights_path, "weights_sha256")
+        for path, sha, _ in cubins:  # nnc.integrity: what is loaded is what was compiled
+            if sha is not None:
+                check_file(path, sha, "cubins[].sha256")
+        self._cp = cupy = require_gpu()
         self.weights = cupy.asarray(raw) if raw.size else cupy.zeros(1, cupy.uint8)
         self.arena = cupy.empty(max(int(p["memory"]["arena_bytes"]), 1), cupy.uint8)
         # input-independent values (codegen/init_phase.py): computed once below, never reused by activations
         self.persistent = cupy.empty(max(int(p["memory"].get("persistent_bytes", 0)), 1), cupy.uint8)
-        self.module = cupy.RawModule(path=str(cubin_path))
-        self.funcs = {k["name"]: self.module.get_function(k["name"]) for k in p["kernels"]}
+        self.funcs = self._load_cubins(cubins, [k["name"] for k in p["kernels"]])
         self.buffers = {b["id"]: b for b in p["buffers"]}
         self._extent = {}
         self._launches = []
@@ -127,6 +129,20 @@ class Module(api.Module):
                 self._execute([], [], st, self._init_launches)
             st.synchronize()
         self.init_runs += 1
+
+    def _load_cubins(self, cubins, kernel_names) -> dict:
+        """Each cubin (its sha256 checked already) loaded; kernel name -> function."""
+        owner = {}
+        self.modules = []
+        for path, _, kernels in cubins:
+            mod = self._cp.RawModule(path=str(path))
+            self.modules.append(mod)
+            for k in kernels:
+                owner.setdefault(k, mod)
+        missing = [k for k in kernel_names if k not in owner]
+        if missing:
+            raise NncError(f"{self.dir}/plan.json: no cubin lists kernel(s) {missing[:5]}")
+        return {k: owner[k].get_function(k) for k in kernel_names}
 
     def __repr__(self):
         ins = ", ".join(f"{t['name']}: {t['dtype']}{t['shape']}" for t in self.plan["inputs"])
@@ -278,9 +294,10 @@ class Module(api.Module):
                 self._extent[oidx] = int(host[0])
 
 
-def plan_files(out_dir) -> tuple[dict, Path, Path]:
-    """plan.json of an output directory and the weights and cubin files it names, each a plain
-    regular file inside the directory (nnc/outdir.py: plan.json is as untrusted as a model)."""
+def plan_files(out_dir) -> tuple[dict, Path, list]:
+    """plan.json of an output directory, the weights file and the cubins it names, each a plain
+    regular file inside the directory (nnc/outdir.py: plan.json is as untrusted as a model).
+    cubins: [(path, recorded sha256 or None, [kernel names])]."""
     from .outdir import member
     d = Path(out_dir)
     if not d.is_dir():
@@ -293,8 +310,26 @@ def plan_files(out_dir) -> tuple[dict, Path, Path]:
         raise NncError(f"{d}/plan.json: not valid JSON ({e})") from None
     if not isinstance(plan, dict):
         raise NncError(f"{d}/plan.json: not an nnc plan (a JSON object)")
-    return (plan, member(d, plan.get("weights_file", "weights.bin"), "weights_file"),
-            member(d, plan.get("cubin_file", "model.cubin"), "cubin_file"))
+    return plan, member(d, plan.get("weights_file", "weights.bin"), "weights_file"), _cubin_files(d, plan)
+
+
+def _cubin_files(d: Path, plan: dict) -> list:
+    """plan.json's "cubins" (one per compile unit); an older plan's single "cubin_file" holds
+    every kernel and records no hash."""
+    from .outdir import member
+    if "cubins" not in plan:
+        names = [k.get("name") for k in plan.get("kernels", []) if isinstance(k, dict)]
+        return [(member(d, plan.get("cubin_file", "model.cubin"), "cubin_file"), None, names)]
+    entries = plan["cubins"]
+    if not isinstance(entries, list):
+        raise NncError(f"{d}/plan.json: \"cubins\" must be a list")
+    out = []
+    for i, e in enumerate(entries):
+        if not (isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("kernels"), list)
+                and all(isinstance(k, str) for k in e["kernels"])):
+            raise NncError(f"{d}/plan.json: cubins[{i}] must be {{\"file\", \"sha256\", \"kernels\": [names]}}")
+        out.append((member(d, e.get("file"), f"cubins[{i}].file"), e["sha256"], list(e["kernels"])))
+    return out
 
 
 def _coop_grid(f, grid, block, smem) -> tuple:
