@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -45,7 +46,7 @@ from ..ir.types import DType, TensorType
 from . import init_phase
 from .memory import plan_memory  # the arena: liveness, placement, the overlap checker
 from .render import render as _render_template
-from .escape import Code, c_identifier
+from .escape import Code, c_identifier, is_c_identifier
 
 ALIGN = 256
 
@@ -99,7 +100,7 @@ class Buffer:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(int(d) for d in self.shape)  # exact, and ~10x cheaper than np.prod
 
     @property
     def nbytes(self) -> int:
@@ -124,6 +125,17 @@ class Kernel:
     params: dict
     body: str
     ops: list = field(default_factory=list)  # IR op descriptions this kernel implements
+    _op_set: set = field(default_factory=set, repr=False)  # the same, for O(1) membership
+
+    def __post_init__(self):
+        self._op_set = set(self.ops)
+
+    def add_op(self, desc: str) -> None:
+        """Records an op this kernel implements, once (a list scan per op was quadratic when
+        one kernel serves thousands of ops)."""
+        if desc not in self._op_set:
+            self._op_set.add(desc)
+            self.ops.append(desc)
 
     @property
     def source(self) -> str:
@@ -255,6 +267,14 @@ class LowerCtx:
         self.op = op
         self.options = lowerer.options
         self.emitted = 0
+        self._desc: Optional[str] = None
+
+    @property
+    def desc(self) -> str:
+        """describe_op of this op, made once (kernels and launches all name it)."""
+        if self._desc is None:
+            self._desc = describe_op(self.op)
+        return self._desc
 
     # operands / results
     @property
@@ -303,23 +323,21 @@ class LowerCtx:
     # kernels and launches
     def render(self, template: str, hint: str = "", **params) -> Kernel:
         k = self.L.kernel(template, hint or template.split(".")[0], params)
-        desc = describe_op(self.op)
-        if desc not in k.ops:
-            k.ops.append(desc)
+        k.add_op(self.desc)
         return k
 
     def add_kernel(self, name: str, source: str, template: str, params: dict) -> Kernel:
         """A kernel rendered elsewhere (e.g. a KernelSpec of codegen/kernels/gemm.py): `source`
         must define `extern "C" __global__ void <name>`. Deduplicated by source."""
+        if not is_c_identifier(name):  # identifiers in generated code are nnc's own, never model text
+            self.fail(f"internal error: kernel name {name!r} is not a C identifier")
         k = self.L.kernels.get(name)
         if k is not None and k.body != source:
             self.fail(f"two different kernels named {name!r}")
         if k is None:
             k = Kernel(name, template, dict(params), source)
             self.L.kernels[name] = k
-        desc = describe_op(self.op)
-        if desc not in k.ops:
-            k.ops.append(desc)
+        k.add_op(self.desc)
         return k
 
     def launch(self, kernel: Kernel, grid, block, args: list, smem: int = 0):
@@ -328,21 +346,19 @@ class LowerCtx:
         for a in args:
             if not isinstance(a, (Buffer, Scalar)):
                 self.fail(f"launch argument {a!r} is neither a Buffer nor a Scalar")
-        self.L.launches.append(Launch("kernel", kernel.name, grid, block, int(smem), list(args),
-                                      describe_op(self.op)))
+        self.L.launches.append(Launch("kernel", kernel.name, grid, block, int(smem), list(args), self.desc))
         self.emitted += 1
 
     def copy(self, dst: Buffer, src: Buffer, nbytes: Optional[int] = None):
         n = dst.nbytes if nbytes is None else nbytes
-        self.L.launches.append(Launch("memcpy", None, (1, 1, 1), (1, 1, 1), 0, [dst, src], describe_op(self.op), n))
+        self.L.launches.append(Launch("memcpy", None, (1, 1, 1), (1, 1, 1), 0, [dst, src], self.desc, n))
         self.emitted += 1
 
     def readback(self, count: Buffer, output: Buffer, axis: int):
         """After the preceding launches, the host reads `count` (one int64) to learn the true extent
         of `output` along `axis` (data-dependent shapes: NonZero)."""
         output.dynamic = True
-        self.L.launches.append(Launch("readback", None, (1, 1, 1), (1, 1, 1), 0, [count, output],
-                                      describe_op(self.op), 8))
+        self.L.launches.append(Launch("readback", None, (1, 1, 1), (1, 1, 1), 0, [count, output], self.desc, 8))
         self.L.dynamic[output.id] = {"count_buffer": count.id, "axis": axis}
         self.emitted += 1
 
