@@ -63,12 +63,23 @@ class Op:
         return f"<{res} = {self.name} at {self.loc}>"
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # attrs class -> its field names (fields() is slow)
+
+
 def regions_of(attrs) -> list[tuple[str, "Region"]]:
     """(field name, region) for every region-valued attribute of an attrs dataclass."""
-    if attrs is None or not dataclasses.is_dataclass(attrs):
+    if attrs is None:
         return []
-    return [(f.name, getattr(attrs, f.name)) for f in dataclasses.fields(attrs)
-            if isinstance(getattr(attrs, f.name), Region)]
+    names = _FIELD_NAMES.get(type(attrs))
+    if names is None:
+        ok = dataclasses.is_dataclass(attrs) and not isinstance(attrs, type)
+        names = _FIELD_NAMES[type(attrs)] = tuple(f.name for f in dataclasses.fields(attrs)) if ok else ()
+    out = []
+    for n in names:
+        v = getattr(attrs, n)
+        if isinstance(v, Region):
+            out.append((n, v))
+    return out
 
 
 @dataclass(eq=False)

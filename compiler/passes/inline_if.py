@@ -25,7 +25,7 @@ import numpy as np
 from nnc.ir import registry
 from nnc.ir.builder import Builder, const_value, evaluate
 from nnc.ir.graph import Loc, Module, NameGen, Op, Region
-from nnc.ir.rewrite import replace_uses
+from nnc.ir.rewrite import Substitution, replace_uses
 
 MAX_SELECT_OPS = 256  # a branch bigger than this keeps its If (both sides would always run)
 
@@ -70,6 +70,7 @@ class _Ctx:
         self.module = module
         self.counts = _all_names(module)
         self.names = NameGen(self.counts)
+        self.subst = Substitution()  # uses of inlined Ifs' results, applied as the sweep goes
 
     def dedupe(self, ops: list) -> None:
         """Renames results of `ops` (moved to an enclosing scope) whose names are used twice."""
@@ -81,9 +82,12 @@ class _Ctx:
                     self.counts[v.name] += 1
 
 
-def bind_results(b: Builder, olds: list, news: list, fresh: set, region: Region, counts=None) -> None:
+def bind_results(b: Builder, olds: list, news: list, fresh: set, region: Region, counts=None,
+                 subst: Substitution | None = None) -> None:
     """Every use of olds[i] now reads news[i], which takes olds[i]'s name. `fresh`: id() of values
-    this rewrite created (they may be renamed); others get an Identity that carries the name."""
+    this rewrite created (they may be renamed); others get an Identity that carries the name.
+    With `subst`, the uses are rewritten when the caller's sweep reaches them (see Substitution),
+    instead of by a walk over `region` per value."""
     renamed = set()
     for old, new in zip(olds, news):
         if id(new) not in fresh or id(new) in renamed:
@@ -92,7 +96,10 @@ def bind_results(b: Builder, olds: list, news: list, fresh: set, region: Region,
             counts[new.name] -= 1
         new.name = old.name
         renamed.add(id(new))
-        replace_uses(region, old, new)
+        if subst is not None:
+            subst[old] = new
+        else:
+            replace_uses(region, old, new)
 
 
 def _pure(r: Region) -> bool:
@@ -115,8 +122,8 @@ def _region(r: Region, ctx: _Ctx) -> bool:
     old_ops = r.ops
     new_ops: list = []
     b = Builder(Region([], new_ops, []), ctx.module.weights, ctx.names)
-    r.ops = old_ops  # replace_uses below walks the ops not yet moved (uses come later in order)
     for op in old_ops:
+        ctx.subst.apply(op)  # results of Ifs inlined earlier (uses come later in order)
         for _, sub in op.regions():
             changed |= _region(sub, ctx)
         if op.name != "If":
@@ -129,7 +136,7 @@ def _region(r: Region, ctx: _Ctx) -> bool:
             ctx.dedupe(branch.ops)
             new_ops.extend(branch.ops)
             fresh = {id(v) for o in branch.ops for v in o.results}
-            bind_results(b, op.results, list(branch.results), fresh, r, ctx.counts)
+            bind_results(b, op.results, list(branch.results), fresh, r, ctx.counts, ctx.subst)
             changed = True
             continue
         if _selectable(op):
@@ -148,11 +155,12 @@ def _region(r: Region, ctx: _Ctx) -> bool:
                 w = b.create("Where", [cond, x, y], names=[res.name + ".sel"], loc=op.loc)[0]
                 fresh.add(id(w))
                 sel.append(w)
-            bind_results(b, op.results, sel, fresh, r, ctx.counts)
+            bind_results(b, op.results, sel, fresh, r, ctx.counts, ctx.subst)
             changed = True
             continue
         new_ops.append(op)
     r.ops = new_ops
+    ctx.subst.apply_results(r)
     return changed
 
 

@@ -31,7 +31,7 @@ from nnc.ir.errors import NncError
 from nnc.ir.graph import Module, NameGen, Op, Region, Value, value_names
 from nnc.ir.ops.control_flow import _scan_layout
 from nnc.ir.ops._util import norm_axis
-from nnc.ir.rewrite import used_values
+from nnc.ir.rewrite import Substitution, used_values
 from nnc.ir.types import TensorType
 
 from . import inline_if
@@ -241,13 +241,14 @@ def _body_names(op: Op) -> set:
     return out
 
 
-def _region(r: Region, module: Module, names: NameGen) -> bool:
+def _region(r: Region, module: Module, names: NameGen, subst: Substitution) -> bool:
     changed = False
     new_ops: list = []
     b = Builder(Region([], new_ops, []), module.weights, names, fold=True)
     for op in list(r.ops):
+        subst.apply(op)  # results of loops unrolled earlier (uses come later in order)
         for _, sub in op.regions():
-            changed |= _region(sub, module, names)
+            changed |= _region(sub, module, names, subst)
         if op.name not in ("Loop", "Scan"):
             new_ops.append(op)
             continue
@@ -264,15 +265,16 @@ def _region(r: Region, module: Module, names: NameGen) -> bool:
             new_ops.append(op)
             continue
         fresh = {id(v) for o in new_ops[start:] for v in o.results}
-        inline_if.bind_results(b, op.results, res, fresh, r)
+        inline_if.bind_results(b, op.results, res, fresh, r, subst=subst)
         changed = True
     r.ops = new_ops
+    subst.apply_results(r)
     return changed
 
 
 def run(module: Module) -> bool:
     names = NameGen(value_names(module))
-    changed = any([_region(f, module, names) for f in module.functions])
+    changed = any([_region(f, module, names, Substitution()) for f in module.functions])
     if changed:
         inline_if.run(module)
     return changed
