@@ -306,6 +306,12 @@ class _Worker:
             self.proc.kill()
 
 
+class _WorkerDied(Exception):
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
+
 class _WorkerPool:
     """NVRTC worker processes kept for the life of this process (a second compile starts none)."""
 
@@ -315,9 +321,16 @@ class _WorkerPool:
         self._lock = threading.Lock()
 
     def compile(self, source: str, name: str, opts: list) -> tuple[bool, bytes]:
-        try:
-            w = self._idle.get_nowait()
-        except queue.Empty:
+        w = None
+        while w is None:
+            try:
+                w = self._idle.get_nowait()
+            except queue.Empty:
+                break
+            if w.proc.poll() is not None:  # died while idle (killed, out of memory): never reused
+                self._drop(w)
+                w = None
+        if w is None:
             try:
                 w = _Worker()
             except OSError as e:
@@ -327,9 +340,12 @@ class _WorkerPool:
         try:
             result = w.compile(source, name, opts)
         except (EOFError, OSError):
-            code = w.proc.poll()
+            try:
+                code = w.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = None
             self._drop(w)
-            raise CompileError(f"the NVRTC worker process died compiling {name} (exit status {code})") from None
+            raise _WorkerDied(code) from None
         self._idle.put(w)
         return result
 
@@ -380,9 +396,12 @@ def _compile_text(source: str, name: str, arch: str, backend: str, opts: list, i
 
 def _compile_unit(unit: Unit, index: int, arch: str, backend: str, opts: list, in_process: bool) -> bytes:
     fname = f"unit{index}.cu"
-    ok, payload = _compile_text(unit.source, fname, arch, backend, opts, in_process)
-    if not ok and unit.fallback is not None:
-        ok, payload = _compile_text(unit.fallback, fname, arch, backend, opts, in_process)
+    try:
+        ok, payload = _compile_text(unit.source, fname, arch, backend, opts, in_process)
+        if not ok and unit.fallback is not None:
+            ok, payload = _compile_text(unit.fallback, fname, arch, backend, opts, in_process)
+    except _WorkerDied as e:
+        raise CompileError(f"the NVRTC worker process died compiling {unit.name} (exit status {e.code})") from None
     if not ok:
         what = "NVRTC" if backend == "nvrtc" else "nvcc"
         raise CompileError(f"{what} failed to compile {unit.name} for {arch}:\n"

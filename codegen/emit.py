@@ -166,7 +166,9 @@ def c_api_prefix(name: str) -> str:
     return f"nnc_{name}"
 
 
-def render_sources(plan: Plan, module_name: str, arch: str, precision: str) -> dict[str, str]:
+def render_sources(plan: Plan, module_name: str, arch: str, precision: str,
+                   weights_sha256: str = "") -> dict[str, str]:
+    """The text files of OUT. weights_sha256: weights.bin's, checked by the C API's create ("": no check)."""
     def launch_src(l) -> dict:
         d = {"kind": l.kind, "kernel": l.kernel, "grid": list(l.grid), "block": list(l.block), "smem": l.smem,
              "args": [_arg(plan, a) for a in l.args], "op": l.op, "nbytes": l.nbytes}
@@ -180,7 +182,8 @@ def render_sources(plan: Plan, module_name: str, arch: str, precision: str) -> d
     inputs, outputs = ios(plan.inputs), ios(plan.outputs)
     common = dict(model_name=module_name, api=c_api_prefix(module_name), arch=arch, precision=precision,
                   memory=plan.memory, inputs=inputs, outputs=outputs)
-    host = render("host.cu.j2", launches=jplan_launches, init_launches=init_launches, **common)
+    host = render("host.cu.j2", launches=jplan_launches, init_launches=init_launches,
+                  weights_sha256=weights_sha256, **common)
     kernels_src = render("model.cu.j2", prelude=render("prelude.cu.j2"), kernels=list(plan.kernels.values()),
                          launches=jplan_launches, host=host, **common)
     files = {
@@ -205,8 +208,10 @@ def compile_to_dir(module: Module, out_dir, arch: Optional[str] = None, precisio
     arch = cuda.normalize_arch(arch)
     with stage("lowering"):  # stage times: `nnc compile -v` (see nnc.progress)
         plan = lower(module, {"arch": arch, "precision": precision, "tf32": bool(tf32)})
+    blob = weights_blob(plan)  # before rendering: the C API checks its sha256 at create
+    wsha = hashlib.sha256(blob).hexdigest()
     with stage("render"):
-        sources = render_sources(plan, name, arch, precision)
+        sources = render_sources(plan, name, arch, precision, weights_sha256=wsha)
     src = sources["model.cu"]
     source_sha = hashlib.sha256((arch + backend + src).encode()).hexdigest()
     # written into a fresh directory renamed into place (nnc/outdir.py): all or nothing, no symlinks
@@ -214,9 +219,7 @@ def compile_to_dir(module: Module, out_dir, arch: Optional[str] = None, precisio
         cubin_entries = _build_cubins(out, plan, arch, backend, no_cache, jobs)
         for fname, text in sources.items():
             (out / fname).write_text(text)
-        blob = weights_blob(plan)
         (out / "weights.bin").write_bytes(blob)
-        wsha = hashlib.sha256(blob).hexdigest()
         (out / "ir").mkdir(exist_ok=True)
         (out / "ir" / "final.nnir").write_text(print_module(module))
         if module.weights is not None:

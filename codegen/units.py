@@ -14,11 +14,13 @@ Prelude pieces (templates/prelude.cu.j2 lists them): prelude_base always; prelud
 fp16/bf16 headers, the costliest to parse) when a kernel mentions half or bfloat16 names; every
 other piece when a kernel uses an nnc_ / NNC_ name the piece mentions. The match is loose on
 purpose (an extra piece only costs time), and each unit keeps a fallback with the whole prelude
-that cuda.compile_many tries if the trimmed one fails.
+that cuda.compile_many tries if the trimmed one fails. With NNC_STRICT_PRELUDE=1 (the test suite
+sets it) units have no fallback, so a kernel whose trimmed prelude lacks a piece fails loudly.
 """
 from __future__ import annotations
 
 import functools
+import os
 import re
 from typing import Sequence
 
@@ -95,7 +97,7 @@ def group(kernels: Sequence) -> list[list]:
 def make_units(kernels: Sequence) -> list[Unit]:
     """Compile units for kernels (objects with .name and .source, e.g. codegen.lower.Kernel)."""
     groups = group(kernels)
-    full = prelude()
+    full = None if os.environ.get("NNC_STRICT_PRELUDE") else prelude()
     units = []
     for i, g in enumerate(groups):
         body = "\n".join(k.source for k in g)
@@ -103,5 +105,5 @@ def make_units(kernels: Sequence) -> list[Unit]:
         shown = ", ".join(names[:3]) + (f", ... ({len(names)} kernels)" if len(names) > 3 else "")
         units.append(Unit(name=f"unit {i + 1} of {len(groups)} ({shown})",
                           source=prelude(pieces_for([k.source for k in g])) + body,
-                          kernels=names, fallback=full + body))
+                          kernels=names, fallback=None if full is None else full + body))
     return units

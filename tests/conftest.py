@@ -22,15 +22,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session", autouse=True)
 def _cubin_cache(tmp_path_factory):
     """One cubin cache for the whole run (nnc.codegen.cuda): tests never read or write the user's
-    ~/.cache, and the many compiles of the same kernels across tests hit it."""
+    ~/.cache, and the many compiles of the same kernels across tests hit it. NNC_STRICT_PRELUDE:
+    every kernel compiled by a test compiles with only the prelude pieces codegen/units.py picked."""
     import os
-    old = os.environ.get("NNC_CACHE_DIR")
+    old = {k: os.environ.get(k) for k in ("NNC_CACHE_DIR", "NNC_STRICT_PRELUDE")}
     os.environ["NNC_CACHE_DIR"] = str(tmp_path_factory.mktemp("nnc_cache"))
+    os.environ["NNC_STRICT_PRELUDE"] = "1"
     yield os.environ["NNC_CACHE_DIR"]
-    if old is None:
-        os.environ.pop("NNC_CACHE_DIR", None)
-    else:
-        os.environ["NNC_CACHE_DIR"] = old
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture
