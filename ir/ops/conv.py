@@ -21,8 +21,12 @@ from ..types import I32, TensorType
 # ---------------------------------------------------------------- shared helpers
 
 def acc_dtype(dt: np.dtype) -> np.dtype:
-    """The dtype to accumulate in: f64 for f64, f32 for the other floats."""
-    return np.dtype(np.float64) if dt == np.float64 else np.dtype(np.float32)
+    """The dtype to accumulate in: f64 for f64 and f32, f32 for the narrower floats. float32 dot
+    products go through float64 so that the reference does not depend on the BLAS kernel the CPU
+    gets: OpenBLAS's sgemm rounds output columns differently (its Haswell kernel, picked on AMD
+    Zen, gives identical-weight channels different last bits), and light_squeezenet's Softmax over
+    ~1e10 logits turns those bits into a different answer."""
+    return np.dtype(np.float64) if dt in (np.float64, np.float32) else np.dtype(np.float32)
 
 
 def _ints(t, n, default):
