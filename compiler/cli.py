@@ -257,7 +257,7 @@ def _random_inputs(plan: dict, seed: int) -> dict:
     from .ir.types import dtype
     out = {}
     for i in plan["inputs"]:
-        if any(isinstance(d, str) for d in i["shape"]):
+        if i["shape"] is None or any(isinstance(d, str) for d in i["shape"]):
             raise NncError(f"input {i['name']!r} has symbolic shape {i['shape']}: pass --inputs "
                            f"or compile with --shapes")
         dt = dtype(i["dtype"])
@@ -272,11 +272,9 @@ def _random_inputs(plan: dict, seed: int) -> dict:
 
 
 def cmd_run(args) -> int:
+    from .npz_inputs import check_against_ir, read_plan
     out = Path(args.out)
-    plan_p = out / "plan.json"
-    if not plan_p.exists():
-        raise NncError(f"{out}: no plan.json (is this a directory written by `nnc compile`?)")
-    plan = json.loads(plan_p.read_text())
+    plan = read_plan(out)  # checked field by field: the directory may have been edited
     if args.inputs:
         from .npz_inputs import load_inputs
         feed = load_inputs(args.inputs, plan.get("inputs", []))
@@ -288,6 +286,7 @@ def cmd_run(args) -> int:
         from .ir.interp import Interpreter
         check_ir(out, plan)  # ir/final.* as plan.json recorded them
         m = load_ir(out / "ir" / "final.nnir")
+        check_against_ir(plan, m.main, out)
         res = Interpreter(m).run(feed)
     else:
         from .runtime import load

@@ -247,6 +247,9 @@ class _Importer:
                 if n and v is None:
                     raise ImportError_(f"{where}: input {n!r} is not defined before this node")
                 inputs.append(v)
+            if fn is not None and node.op_type in registry.REGISTRY and registry.REGISTRY[node.op_type].inputs[0] >= 1 \
+                    and (not inputs or inputs[0] is None):  # special importers read input 0 first
+                raise ImportError_(f"{where}: input 0 is required, the node has {list(node.input)}")
             attrs = {}
             for a in node.attribute:
                 attrs[a.name] = self.attr(a, b, scopes, where, _arg_hints(node, inputs, self.opset))

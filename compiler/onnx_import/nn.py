@@ -62,6 +62,8 @@ def _gn(ctx: NodeCtx):
     # opset 18: scale/bias per group -> per channel
     x = ctx.inputs[0]
     C = x.type.shape[1] if x.type.shape else UNKNOWN
+    if "num_groups" not in ctx.attrs:
+        ctx.fail("attribute 'num_groups' is required")
     G = int(ctx.attrs["num_groups"])
     if not isinstance(C, int):
         ctx.fail("opset-18 GroupNormalization needs a static channel count")
