@@ -5,7 +5,8 @@
     CMakeLists.txt  shared library + nnc_run_example
     nnc_run_example.cpp
     weights.bin     pre-transformed weights (sha256 in plan.json)
-    model.cubin     the kernels compiled for `arch` (what the Python runtime loads)
+    model.<i>.cubin the kernels compiled for `arch`, one cubin per compile unit (codegen/units.py;
+                    what the Python runtime loads; plan.json "cubins" lists each with its sha256)
     plan.json       the contract (inputs, outputs, kernels, launches, buffers, memory, ...)
     ir/final.nnir   the IR that was lowered (+ ir/final.weights.{bin,json})
 """
