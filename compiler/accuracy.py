@@ -531,11 +531,10 @@ def verify_model(model, shapes="", precision: str = "fp32", backend: str = "refe
         ort_model = _with_outputs(proto, compared) if per_layer else proto
         ref = _ort_run(ort_model, feed, out_names + [t for t in compared if t not in out_names])
 
-    with current().stage(f"nnc {backend}"):
-        if backend == "reference":
-            got, seen = _run_reference(module, feed, watch)
-        else:
-            got, seen = _run_cuda(module, feed, watch, precision, tf32, arch)
+    if backend == "reference":  # each opens its own stages (progress bars on a terminal)
+        got, seen = _run_reference(module, feed, watch)
+    else:
+        got, seen = _run_cuda(module, feed, watch, precision, tf32, arch)
 
     producer = {t: n for n in proto.graph.node for t in n.output}
     outputs = []
