@@ -24,7 +24,7 @@ from ..ir.graph import Module
 from ..integrity import ir_hashes
 from ..ir.printer import print_module
 from ..outdir import member, staged_dir
-from ..progress import stage
+from ..progress import current, stage
 from . import cuda
 from .init_phase import INIT_KIND, PERSISTENT
 from .lower import Buffer, Plan, Scalar, lower
@@ -265,8 +265,10 @@ def _build_cubins(out: Path, plan: Plan, arch: str, backend: str, no_cache: bool
         def progress(done, total):
             task.advance(done - shown[0])
             shown[0] = done
-        cubins = cuda.compile_many(units, arch, jobs=jobs, backend=backend, progress=progress,
-                                   cache=None if no_cache else cuda.CubinCache.default())
+        cache = None if no_cache else cuda.CubinCache.default()
+        cubins = cuda.compile_many(units, arch, jobs=jobs, backend=backend, progress=progress, cache=cache)
+    current().log(f"  {backend}: {len(units)} compile units, " +
+                  (f"{cache.hits} from the cubin cache {cache.dir}" if cache is not None else "no cache"))
     entries = []
     for i, (u, data) in enumerate(zip(units, cubins)):
         fname = f"model.{i}.cubin"

@@ -28,8 +28,8 @@ from .cuda import Unit
 from .render import env, render
 
 # a unit closes at either bound (a kernel larger than MAX_UNIT_CHARS is a unit alone)
-MAX_UNIT_KERNELS = 12
-MAX_UNIT_CHARS = 40_000
+MAX_UNIT_KERNELS = 16
+MAX_UNIT_CHARS = 60_000
 
 ALWAYS = "prelude_base.cu.j2"
 HALF_PIECE = "prelude_fp16.cu.j2"
