@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 import numpy as np  # noqa: E402
 
-from codegen.kernels import common, conv, gemm  # noqa: E402
+from nnc.codegen.kernels import common, conv, gemm  # noqa: E402  (the package: its modules import nnc.ir)
 
 REPS, WARM = 25, 5
 

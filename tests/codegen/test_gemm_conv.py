@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from codegen.kernels import common, conv, gemm  # noqa: E402
+from nnc.codegen.kernels import common, conv, gemm  # noqa: E402  (the package: its modules import nnc.ir)
 
 try:
     from cupy_backends.cuda.libs import nvrtc  # noqa: F401
