@@ -12,7 +12,9 @@ memory planning, rendering, NVRTC, and writing out/ (IR text, weights, plan.json
 The table shows seconds per stage and size, and per stage the growth exponent between the two
 largest sizes, log(t2/t1) / log(n2/n1): about 1 for a linear stage, 2 for a quadratic one (stages
 under 50 ms at the largest size show '-', their ratio is noise). --e2e also times the `nnc
-compile` command itself (a fresh process: interpreter start and imports included).
+compile` command itself (a fresh process: interpreter start and imports included). CPU seconds
+(user + system, NVRTC worker processes included) are shown too: on a loaded machine they say
+more than wall time.
 """
 from __future__ import annotations
 
@@ -108,19 +110,25 @@ def measure_one(model: Path, out: Path, nvrtc: bool) -> dict:
     lower_mod.plan_memory = T.wrap("memory planning", plan_memory)
     emit.lower = T.wrap("lower+plan", emit.lower)
     emit.render_sources = T.wrap("render sources", emit.render_sources)
+    # the CUDA compile: compile_many (parallel units, cubin cache) where present, else one program
     if nvrtc:
-        emit.cuda.compile_source = T.wrap("NVRTC", cuda.compile_source)
+        for fn in ("compile_many", "compile_source"):
+            if hasattr(cuda, fn):
+                setattr(cuda, fn, T.wrap("NVRTC", getattr(cuda, fn)))
     else:
-        emit.cuda.compile_source = lambda *a, **k: b""
+        cuda.compile_source = lambda *a, **k: b""
+        cuda.compile_many = lambda units, *a, **k: [b""] * len(units)
+    if hasattr(emit, "make_units"):
+        emit.make_units = T.wrap("split into units", emit.make_units)
     emit.compile_to_dir = T.wrap("codegen total", emit.compile_to_dir)
-    for name in ("print_module", "weights_blob", "plan_to_json"):
+    for name in ("print_module", "weights_blob", "plan_to_json", "ir_hashes"):
         if hasattr(emit, name):
             setattr(emit, name, T.wrap(f"write: {name}", getattr(emit, name)))
     with T.stage("total"):
         plan = comp.compile_model(str(model), str(out), arch="sm_90")
     t = dict(T.t)
     t["lowering"] = t.pop("lower+plan", 0.0) - t.get("memory planning", 0.0)
-    inner = sum(t.get(k, 0.0) for k in ("lowering", "memory planning", "render sources", "NVRTC"))
+    inner = sum(t.get(k, 0.0) for k in ("lowering", "memory planning", "render sources", "NVRTC", "split into units"))
     t["write out/ (rest)"] = t.pop("codegen total", 0.0) - inner - sum(v for k, v in t.items() if k.startswith("write: "))
     order = [k for k in T.order if k in t and k not in ("total",)]
     order = [k for k in order if k != "codegen total"]
@@ -128,27 +136,35 @@ def measure_one(model: Path, out: Path, nvrtc: bool) -> dict:
         if k not in order:
             order.append(k)
     stage_order = ["import", "verify"] + [k for k in order if k.startswith("pass ")] + \
-        ["lowering", "memory planning", "render sources", "NVRTC"] + \
+        ["lowering", "memory planning", "render sources", "split into units", "NVRTC"] + \
         [k for k in order if k.startswith("write: ")] + ["write out/ (rest)"]
     stages = {k: t[k] for k in stage_order if k in t}
     stages["total"] = t["total"]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    cpu = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))  # NVRTC workers are child processes
     src = out / "model.cu"
-    return {"stages": stages, "peak_rss_mib": rss, "launches": len(plan.get("launches", [])),
+    if t.get("NVRTC", 0.0) == 0.0 and nvrtc:
+        raise SystemExit("the CUDA compile was not timed: nnc.codegen.emit no longer calls "
+                         "cuda.compile_many / cuda.compile_source (update the benchmark)")
+    return {"stages": stages, "peak_rss_mib": rss, "cpu_s": cpu, "launches": len(plan.get("launches", [])),
             "kernels": len(plan.get("kernels", [])), "arena_bytes": plan.get("memory", {}).get("arena_bytes"),
             "model_cu_bytes": src.stat().st_size if src.exists() else 0}
 
 
-def run_e2e(model: Path, out: Path) -> float:
+def run_e2e(model: Path, out: Path, env: dict) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system, the NVRTC worker processes included) of the command."""
     nnc = Path(sys.executable).with_name("nnc")
     cmd = [str(nnc) if nnc.exists() else sys.executable, *([] if nnc.exists() else ["-m", "nnc.cli"]),
            "compile", str(model), "-o", str(out), "--arch", "sm_90"]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     dt = time.perf_counter() - t0
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         raise SystemExit(f"`{' '.join(cmd)}` failed:\n{r.stdout}{r.stderr}")
-    return dt
+    return dt, (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
 
 
 # ---------------------------------------------------------------- driver
@@ -178,7 +194,7 @@ def main(argv=None) -> int:
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="nnc_scale_"))
     work.mkdir(parents=True, exist_ok=True)
     results = {}
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # piped: no wrapped table
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as prog:
         task = prog.add_task("compile chains", total=len(sizes))
@@ -190,15 +206,19 @@ def main(argv=None) -> int:
             prog.update(task, description=f"{n} blocks ({3 * n} nodes): compiling")
             for d in (work / f"out{n}", work / f"e2e{n}"):  # a fresh out/: no cubin reuse
                 shutil.rmtree(d, ignore_errors=True)
+            cache = work / f"cache{n}"  # a cold cubin cache: NVRTC really runs
+            shutil.rmtree(cache, ignore_errors=True)
+            env = dict(os.environ, NNC_CACHE_DIR=str(cache))
             r = subprocess.run([sys.executable, str(HERE), "--one", str(model), str(work / f"out{n}"),
-                                "--nvrtc", str(0 if a.no_nvrtc else 1)], capture_output=True, text=True)
+                                "--nvrtc", str(0 if a.no_nvrtc else 1)], capture_output=True, text=True, env=env)
             if r.returncode != 0:
                 console.print(r.stdout, r.stderr)
                 return 1
             res = json.loads(r.stdout.strip().splitlines()[-1])
             if a.e2e:
                 prog.update(task, description=f"{n} blocks: nnc compile")
-                res["e2e_s"] = run_e2e(model, work / f"e2e{n}")
+                shutil.rmtree(cache, ignore_errors=True)
+                res["e2e_s"], res["e2e_cpu_s"] = run_e2e(model, work / f"e2e{n}", env)
             results[n] = res
             prog.advance(task)
 
@@ -223,8 +243,9 @@ def main(argv=None) -> int:
     extra = [("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"), ("launches", "launches", "{}"),
              ("kernels", "kernels", "{}"), ("arena bytes", "arena_bytes", "{}"),
              ("model.cu bytes", "model_cu_bytes", "{}")]
+    extra.insert(0, ("CPU s (user+sys, in-process run)", "cpu_s", "{:.2f}"))
     if a.e2e:
-        extra.insert(0, ("`nnc compile` wall (s)", "e2e_s", "{:.2f}"))
+        extra[:0] = [("`nnc compile` wall (s)", "e2e_s", "{:.2f}"), ("`nnc compile` CPU s", "e2e_cpu_s", "{:.2f}")]
     for label, key, f in extra:
         tab.add_row(label, *[f.format(results[n].get(key)) for n in sizes], *([""] if len(sizes) > 1 else []))
     console.print(tab)
