@@ -69,7 +69,8 @@ def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, want: dict, where: s
         if ws is not None:
             ok = len(shape) == len(ws) and all(not isinstance(w, int) or w == g for g, w in zip(shape, ws))
             if not ok:
-                raise InputError(f"{where}: shape {list(shape)}, the input {want['name']!r} takes {ws}")
+                want_t = f"{exp.short}[{','.join(map(str, ws))}]"
+                raise InputError(f"{where}: shape {list(shape)}, the input {want['name']!r} takes {want_t}")
         from .ir.registry import MAX_ELEMENTS
         n = int(np.prod(shape, dtype=object))
         if n > MAX_ELEMENTS:

@@ -248,7 +248,7 @@ def run_infer(opdef: OpDef, attrs, operands: list, num_results: int, loc: Loc,
         raise
     except NncError as e:
         raise ShapeError(f"{loc}: {opdef.name}: {e}") from None
-    except (ValueError, IndexError, TypeError, KeyError, ZeroDivisionError) as e:
+    except (ValueError, IndexError, TypeError, KeyError, ZeroDivisionError, OverflowError) as e:
         raise ShapeError(f"{loc}: {opdef.name}: shape inference failed: {e}") from None
     if isinstance(out, TensorType):
         out = [out]

@@ -75,6 +75,12 @@ class NodeCtx:
     def fail(self, msg: str):
         raise ImportError_(f"ONNX node {self.node.name!r} ({self.node.op_type}, opset {self.opset}): {msg}")
 
+    def need(self, *idx: int) -> None:
+        """Fails cleanly unless inputs idx are given (for importers that read them directly)."""
+        for i in idx:
+            if i >= len(self.inputs) or self.inputs[i] is None:
+                self.fail(f"input {i} is required (the node's inputs are {list(self.node.input)})")
+
     def value(self, i: int) -> Optional[np.ndarray]:
         """Compile-time value of input i, or None if it is not constant."""
         if i >= len(self.inputs) or self.inputs[i] is None:
@@ -247,9 +253,6 @@ class _Importer:
                 if n and v is None:
                     raise ImportError_(f"{where}: input {n!r} is not defined before this node")
                 inputs.append(v)
-            if fn is not None and node.op_type in registry.REGISTRY and registry.REGISTRY[node.op_type].inputs[0] >= 1 \
-                    and (not inputs or inputs[0] is None):  # special importers read input 0 first
-                raise ImportError_(f"{where}: input 0 is required, the node has {list(node.input)}")
             attrs = {}
             for a in node.attribute:
                 attrs[a.name] = self.attr(a, b, scopes, where, _arg_hints(node, inputs, self.opset))

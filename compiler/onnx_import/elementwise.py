@@ -9,6 +9,7 @@ from . import NodeCtx, importer
 @importer("Clip")
 def _clip(ctx: NodeCtx):
     """Clip < 11: `min` / `max` attributes -> optional scalar inputs of the input's dtype."""
+    ctx.need(0)  # read directly below
     attrs = dict(ctx.attrs)
     inputs = list(ctx.inputs)
     if "min" in attrs or "max" in attrs:

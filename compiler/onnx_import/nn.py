@@ -31,6 +31,7 @@ def _plain_drop_consumed(ctx: NodeCtx):
 
 @importer("Softmax", "LogSoftmax", "Hardmax")
 def _softmax(ctx: NodeCtx):
+    ctx.need(0)  # read directly below
     attrs = dict(ctx.attrs)
     if ctx.opset >= 13:
         return ctx.emit(attrs=attrs)
@@ -57,6 +58,7 @@ def _softmax(ctx: NodeCtx):
 
 @importer("GroupNormalization")
 def _gn(ctx: NodeCtx):
+    ctx.need(0)  # read directly below
     if ctx.opset >= 21:
         return ctx.emit()
     # opset 18: scale/bias per group -> per channel
@@ -79,6 +81,7 @@ def _gn(ctx: NodeCtx):
 @importer("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
           "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp")
 def _reduce(ctx: NodeCtx):
+    ctx.need(0)  # read directly below
     attrs = dict(ctx.attrs)
     inputs = list(ctx.inputs)
     if "axes" in attrs:  # older opsets: attribute
@@ -89,6 +92,7 @@ def _reduce(ctx: NodeCtx):
 
 @importer("Resize")
 def _resize(ctx: NodeCtx):
+    ctx.need(0)  # read directly below
     attrs = dict(ctx.attrs)
     inputs = list(ctx.inputs)
     if ctx.opset < 11:  # Resize-10: (X, scales), asymmetric coordinates, floor for nearest
@@ -101,6 +105,7 @@ def _resize(ctx: NodeCtx):
 
 @importer("Upsample")
 def _upsample(ctx: NodeCtx):
+    ctx.need(0)  # read directly below
     attrs = dict(ctx.attrs)
     mode = attrs.pop("mode", "nearest")
     mode = {"bilinear": "linear", "trilinear": "linear"}.get(mode, mode)
@@ -117,6 +122,7 @@ def _upsample(ctx: NodeCtx):
 
 @importer("Dropout")
 def _dropout(ctx: NodeCtx):
+    ctx.need(0)  # read directly below
     attrs = dict(ctx.attrs)
     inputs = list(ctx.inputs)
     if ctx.opset < 12:

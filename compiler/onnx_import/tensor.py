@@ -59,6 +59,7 @@ def _squeeze(ctx: NodeCtx):
 
 @importer("Slice")
 def _slice(ctx: NodeCtx):
+    ctx.need(0)  # read directly below
     attrs, inputs = dict(ctx.attrs), list(ctx.inputs)
     if "starts" in attrs:  # opset < 10
         inputs = [inputs[0], ctx.const(np.array(attrs.pop("starts"), np.int64)),
@@ -79,6 +80,7 @@ def _split(ctx: NodeCtx):
 
 @importer("Pad")
 def _pad(ctx: NodeCtx):
+    ctx.need(0)  # read directly below
     attrs, inputs = dict(ctx.attrs), list(ctx.inputs)
     if "paddings" in attrs:
         attrs["pads"] = attrs.pop("paddings")
@@ -104,6 +106,7 @@ def _topk(ctx: NodeCtx):
 
 @importer("Shape")
 def _shape(ctx: NodeCtx):
+    ctx.need(0)  # read directly below
     t = ctx.inputs[0].type
     if t.shape is not None:
         a = registry.make_attrs(ShapeAttrs, ctx.attrs, "Shape")
@@ -116,6 +119,7 @@ def _shape(ctx: NodeCtx):
 
 @importer("Size")
 def _size(ctx: NodeCtx):
+    ctx.need(0)  # read directly below
     t = ctx.inputs[0].type
     if t.is_static:
         return [ctx.const(np.array(int(np.prod(t.shape, dtype=np.int64)), np.int64), ctx.node.output[0])]

@@ -27,7 +27,10 @@ def const_ints(ctx, i: int) -> Optional[list]:
     v = ctx.value(i)
     if v is None:
         return None
-    return [int(x) for x in np.asarray(v).reshape(-1)]
+    v = np.asarray(v)
+    if v.dtype.kind not in "iub" and not np.all(np.isfinite(v.astype(np.float64))):
+        ctx.fail(f"operand {i} must hold integers, got {v.reshape(-1)[:8].tolist()}")
+    return [int(x) for x in v.reshape(-1)]
 
 
 def vec_len(ctx, i: int):
