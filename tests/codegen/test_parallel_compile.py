@@ -277,6 +277,19 @@ def test_half_models_compile_with_trimmed_prelude(tmp_path, prec, monkeypatch):
     assert sorted(srcs) == sorted(k["name"] for k in plan["kernels"])
 
 
+@pytest.mark.parametrize("name,shapes,prec", [("tiny_cnn", "input:1x3x32x32", "fp16"), ("tiny_transformer", "", "fp32")])
+def test_model_cu_kernels_compile_as_one_program(tmp_path, name, shapes, prec):
+    """The cubins come from units, but model.cu (what the C API's nvcc build compiles) still holds
+    every kernel with the whole prelude in one file: its kernel part compiles as one NVRTC program
+    with the same kernels (no clash between kernels of different units)."""
+    plan = compile_model(str(ROOT / "examples" / f"{name}.onnx"), tmp_path / "o", shapes=shapes, arch="sm_90",
+                         precision=prec)
+    src = (tmp_path / "o" / "model.cu").read_text()
+    names = tuple(k["name"] for k in plan["kernels"])
+    one = compile_many([Unit("model.cu", src, names)], "sm_90", cache=CubinCache.default())[0]
+    assert valid_cubin(one, names)
+
+
 # ---------------------------------------------------------------------------- integrity
 
 
