@@ -242,9 +242,14 @@ def _decoder(short: str):
 FROM_CODES = {npn: _decoder(s) for npn, s in _BY_NP_NAME.items()}
 
 
+def _contiguous(x: np.ndarray) -> np.ndarray:
+    """x in C order, keeping its shape (np.ascontiguousarray turns a 0-d array into 1-d)."""
+    return x if x.flags.c_contiguous else x.copy(order="C")
+
+
 def decode(x: np.ndarray) -> np.ndarray:
     """A narrow-typed array's exact values (float64, or int64 for the narrow ints)."""
-    return FROM_CODES[x.dtype.name](np.ascontiguousarray(x))
+    return FROM_CODES[x.dtype.name](_contiguous(x))
 
 
 def is_narrow(dt: DType) -> bool:
@@ -260,4 +265,4 @@ def cast_to_narrow(x: np.ndarray, to: DType, saturate: bool = True, round_mode: 
             codes = encode_narrow_int(x, to.short)
         else:  # saturate only applies to the float8 types (bf16 overflows to inf, f4 always saturates)
             codes = encode_minifloat(x, to.short, saturate if to.short in _F8 else False)
-    return np.ascontiguousarray(codes).view(to.np)
+    return _contiguous(np.asarray(codes)).view(to.np)

@@ -222,3 +222,15 @@ def test_model_cast_bad_round_mode_is_a_clean_error():
     x = np.ones(2, np.float32)
     with pytest.raises(NncError, match="round_mode"):
         run_nnc(_cast_model(TensorProto.FLOAT8E8M0, {"round_mode": "sideways"}, x), {"x": x})
+
+
+@pytest.mark.parametrize("to", ["bf16", "f8e4m3", "f8e8m0", "f4e2m1", "i4", "u2", "f32"])
+def test_shapes_survive(to):
+    """0-d scalars stay 0-d, non-contiguous views convert (both ways)."""
+    y = cast_array(np.array(1.5, np.float32), dtype(to))
+    assert y.shape == () and y.dtype == dtype(to).np
+    back = cast_array(y, dtype("f32"))
+    assert back.shape == () and back.dtype == np.float32
+    x = np.arange(12, dtype=np.float32).reshape(3, 4).T  # not C-contiguous
+    z = cast_array(cast_array(x, dtype(to)).T, dtype("f64"))
+    assert z.shape == (3, 4)
