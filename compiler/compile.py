@@ -16,6 +16,7 @@ from .codegen.cuda import normalize_arch
 from .integrity import ir_hashes
 from .codegen.escape import c_identifier, is_c_identifier
 from .ir.errors import NncError
+from .ir.gc_pause import gc_paused
 from .outdir import staged_dir
 from .ir.printer import print_module
 from .ir.symbolic import fmt
@@ -49,6 +50,7 @@ def model_name(name, model) -> str:
     return ident if ident[0].isalpha() or ident[0] == "_" else "m" + ident
 
 
+@gc_paused  # allocation-heavy: see ir/gc_pause.py
 def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp32", tf32: bool = False,
                   backend: str = "nvrtc", codegen: bool = True, verify_each: bool = False, dump_ir=None,
                   name=None, no_cache: bool = False, jobs=None) -> dict:

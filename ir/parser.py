@@ -14,6 +14,7 @@ import lark
 import numpy as np
 
 from . import registry, symbolic
+from .gc_pause import gc_paused
 from .errors import IRParseError, NncError
 from .graph import Function, Loc, Module, Op, Region, Value
 from .verify import MAX_REGION_DEPTH
@@ -286,6 +287,7 @@ def parse_file(path) -> Module:
     return parse(read_ir_file(path), str(path))
 
 
+@gc_paused  # a big parse tree: see ir/gc_pause.py
 def parse(text: str, filename: str = "<string>") -> Module:
     """Parses IR text. Weights are not loaded here: see ir.weights.load_module."""
     try:
