@@ -23,7 +23,6 @@ cannot be written is skipped silently.
 from __future__ import annotations
 
 import atexit
-import functools
 import hashlib
 import json
 import os
@@ -126,22 +125,17 @@ def nvcc_command(arch: str, src: str, out: str, extra=()) -> list[str]:
             "-o", out, src, *extra]
 
 
-def _nvrtc_identity() -> str:
-    """NVRTC's getVersion() and the library file it was loaded from (loads NVRTC: ~0.5 s)."""
+def _nvrtc_identity(use_worker: bool = False) -> str:
+    """nvrtc_worker.nvrtc_identity(), here or (use_worker) in a worker process, which is about
+    to load NVRTC anyway to compile: this process then never loads it."""
     try:
-        from cupy_backends.cuda.libs import nvrtc
-        ident = "nvrtc %d.%d" % tuple(nvrtc.getVersion())
+        if use_worker:
+            return _POOL.identity()
+        return nvrtc_worker.nvrtc_identity()
+    except CompileError:
+        raise
     except Exception as e:
         raise CompileError(f"NVRTC is not available: {type(e).__name__}: {e}") from None
-    try:
-        import cuda.pathfinder
-        path = cuda.pathfinder.load_nvidia_dynamic_lib("nvrtc").abs_path  # already loaded: a lookup
-        if path:
-            st = os.stat(path)
-            ident += f" {path} {st.st_size} {st.st_mtime_ns}"
-    except Exception:
-        pass
-    return ident
 
 
 def _nvrtc_context() -> dict:
@@ -167,13 +161,23 @@ def _memo_valid(ident: str) -> bool:
     return [str(st.st_size), str(st.st_mtime_ns)] == parts[-2:]
 
 
-@functools.lru_cache(maxsize=None)
-def compiler_id(backend: str, memo_dir: Optional[str] = None) -> str:
+def compiler_id(backend: str, memo_dir: Optional[str] = None, use_worker: bool = False) -> str:
     """The compiler's identity for cache keys: a new NVRTC or nvcc never reuses old cubins.
     NVRTC: getVersion() plus its library file (path, size, mtime) and the pip package's version.
     Loading NVRTC costs half a second, more than a warm compile's cache lookups, so with a
     memo_dir (the cache directory) the identity is memoized there, keyed by what decides which
-    library is loaded, and trusted only while that library file is unchanged."""
+    library is loaded, and trusted only while that library file is unchanged. use_worker: find
+    it in a worker process (a parallel compile follows)."""
+    key = (backend, memo_dir)
+    if key not in _IDS:
+        _IDS[key] = _compiler_id(backend, memo_dir, use_worker)
+    return _IDS[key]
+
+
+_IDS: dict = {}  # per process: (backend, memo dir) -> identity
+
+
+def _compiler_id(backend: str, memo_dir: Optional[str], use_worker: bool) -> str:
     if backend == "nvrtc":
         ctx = _nvrtc_context()
         memo = Path(memo_dir) / "nvrtc-identity.json" if memo_dir else None
@@ -184,7 +188,7 @@ def compiler_id(backend: str, memo_dir: Optional[str] = None) -> str:
                     return m["identity"] + f" nvidia-cuda-nvrtc {ctx['nvidia-cuda-nvrtc']}"
             except (OSError, ValueError, AttributeError):
                 pass
-        ident = _nvrtc_identity()
+        ident = _nvrtc_identity(use_worker)
         if memo is not None:
             _atomic_write(memo, json.dumps({"context": ctx, "identity": ident}).encode())
         return ident + f" nvidia-cuda-nvrtc {ctx['nvidia-cuda-nvrtc']}"
@@ -228,9 +232,10 @@ def default_cache_dir() -> Path:
     return (Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache") / "nnc"
 
 
-def cache_key(source: str, backend: str, arch: str, opts: Sequence[str], memo_dir=None) -> str:
+def cache_key(source: str, backend: str, arch: str, opts: Sequence[str], memo_dir=None,
+              use_worker: bool = False) -> str:
     text = json.dumps({"format": CACHE_FORMAT, "backend": backend,
-                       "compiler": compiler_id(backend, None if memo_dir is None else str(memo_dir)),
+                       "compiler": compiler_id(backend, None if memo_dir is None else str(memo_dir), use_worker),
                        "arch": normalize_arch(arch), "options": list(opts), "source": source},
                       sort_keys=True)
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
@@ -284,8 +289,8 @@ class _Worker:
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(nvrtc_worker.__file__)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
 
-    def compile(self, source: str, name: str, opts: list) -> tuple[bool, bytes]:
-        header = json.dumps({"name": name, "options": opts}).encode()
+    def compile(self, source: str, name: str, opts: list, identity: bool = False) -> tuple[bool, bytes]:
+        header = json.dumps({"identity": True} if identity else {"name": name, "options": opts}).encode()
         src = source.encode("utf-8", "surrogatepass")
         self.proc.stdin.write(struct.pack("<I", len(header)) + header + struct.pack("<I", len(src)) + src)
         self.proc.stdin.flush()
@@ -320,7 +325,13 @@ class _WorkerPool:
         self._all: list[_Worker] = []
         self._lock = threading.Lock()
 
-    def compile(self, source: str, name: str, opts: list) -> tuple[bool, bytes]:
+    def identity(self) -> str:
+        ok, payload = self.compile("", "identity", [], identity=True)
+        if not ok:
+            raise CompileError(payload.decode("utf-8", "replace"))
+        return payload.decode()
+
+    def compile(self, source: str, name: str, opts: list, identity: bool = False) -> tuple[bool, bytes]:
         w = None
         while w is None:
             try:
@@ -338,7 +349,7 @@ class _WorkerPool:
             with self._lock:
                 self._all.append(w)
         try:
-            result = w.compile(source, name, opts)
+            result = w.compile(source, name, opts, identity)
         except (EOFError, OSError):
             try:
                 code = w.proc.wait(timeout=5)
@@ -425,7 +436,9 @@ def compile_many(units: Sequence[Unit], arch=None, options: Sequence[str] = (), 
     opts = nvrtc_options(arch, options) if backend == "nvrtc" else list(options)
     total = len(units)
     result: list[Optional[bytes]] = [None] * total
-    keys = [cache_key(u.source, backend, arch, opts, cache.dir) for u in units] if cache is not None else []
+    jobs = default_jobs() if jobs is None else max(1, int(jobs))
+    parallel = jobs > 1 and len(units) > 1
+    keys = [cache_key(u.source, backend, arch, opts, cache.dir, parallel) for u in units] if cache is not None else []
     todo = []
     for i, u in enumerate(units):
         data = cache.get(keys[i], u.kernels) if cache is not None else None
@@ -436,7 +449,6 @@ def compile_many(units: Sequence[Unit], arch=None, options: Sequence[str] = (), 
     done = total - len(todo)
     if progress and done:
         progress(done, total)
-    jobs = default_jobs() if jobs is None else max(1, int(jobs))
 
     def finish(i: int, data: bytes):
         nonlocal done

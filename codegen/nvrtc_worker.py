@@ -8,6 +8,7 @@ do not compile in parallel; processes do.
 
 Protocol (binary, on the worker's stdin/stdout, one request at a time):
     request  u32 header length, header JSON {"name": str, "options": [str]}, u32 source length, source (UTF-8)
+             (header {"identity": true}: the reply is nvrtc_identity(), the source is empty)
     reply    u8 status (0: cubin, 1: error text), u64 payload length, payload
 End of input ends the worker.
 """
@@ -41,6 +42,22 @@ def compile_source(source: str, name: str, options: list) -> tuple[bool, bytes]:
             pass
 
 
+def nvrtc_identity() -> str:
+    """"nvrtc MAJOR.MINOR PATH SIZE MTIME_NS": NVRTC's getVersion() and the library file it was
+    loaded from (loading NVRTC costs about half a second). Raises if NVRTC is unavailable."""
+    from cupy_backends.cuda.libs import nvrtc
+    ident = "nvrtc %d.%d" % tuple(nvrtc.getVersion())
+    try:
+        import cuda.pathfinder
+        path = cuda.pathfinder.load_nvidia_dynamic_lib("nvrtc").abs_path  # already loaded: a lookup
+        if path:
+            st = os.stat(path)
+            ident += f" {path} {st.st_size} {st.st_mtime_ns}"
+    except Exception:
+        pass
+    return ident
+
+
 def _read_exact(f, n: int) -> bytes:
     buf = b""
     while len(buf) < n:
@@ -65,7 +82,10 @@ def main() -> int:
         except EOFError:
             return 0
         try:
-            ok, payload = compile_source(source, header["name"], header["options"])
+            if header.get("identity"):
+                ok, payload = True, nvrtc_identity().encode()
+            else:
+                ok, payload = compile_source(source, header["name"], header["options"])
         except Exception as e:  # NVRTC missing or broken: reported as a compile error
             ok, payload = False, f"NVRTC unavailable in the worker: {type(e).__name__}: {e}".encode()
         proto.write(struct.pack("<BQ", 0 if ok else 1, len(payload)) + payload)
