@@ -113,8 +113,6 @@ def nvrtc_options(arch: str, extra=()) -> list[str]:
     return opts + list(extra)
 
 
-
-
 def nvcc_path() -> str:
     return os.environ.get("NNC_NVCC") or shutil.which("nvcc") or "/usr/local/bin/nvcc"
 
