@@ -64,13 +64,13 @@ def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, want: dict, where: s
         if dt.kind == "V" and not dt.fields and dt.itemsize == exp.np.itemsize and exp.np.kind == "V":
             dt = exp.np  # ml_dtypes arrays (bfloat16, float8, ...) are saved as raw void bytes
         if dt.newbyteorder("=") != exp.np:
-            raise InputError(f"{where}: dtype {dt}, the input {want['name']!r} takes {exp.np_name}")
+            raise InputError(f"{where}: input {want['name']!r}: expected dtype {exp.np_name}, given {dt}")
         ws = want.get("shape")
         if ws is not None:
             ok = len(shape) == len(ws) and all(not isinstance(w, int) or w == g for g, w in zip(shape, ws))
             if not ok:
                 want_t = f"{exp.short}[{','.join(map(str, ws))}]"
-                raise InputError(f"{where}: shape {list(shape)}, the input {want['name']!r} takes {want_t}")
+                raise InputError(f"{where}: input {want['name']!r}: expected shape {want_t}, given {list(shape)}")
         from .ir.registry import MAX_ELEMENTS
         n = int(np.prod(shape, dtype=object))
         if n > MAX_ELEMENTS:

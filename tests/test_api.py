@@ -44,7 +44,8 @@ def two_outputs_model(n: int = 4) -> onnx.ModelProto:
                           [helper.make_tensor_value_info("relu", TensorProto.FLOAT, ["N", n]),
                            helper.make_tensor_value_info("sig", TensorProto.FLOAT, ["N", n]),
                            helper.make_tensor_value_info("idx", TensorProto.INT64, ["N"])])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    # IR version 10: older onnxruntime (1.30 on the GPU machine) reads up to IR 13
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
 # ---------------------------------------------------------------------------- reference backend

@@ -71,40 +71,11 @@ def act_ctx(act: str | None, act_params: dict | None = None) -> dict:
 
 
 # ---------------------------------------------------------------- compile / launch helpers (tests, bench)
-NVRTC_OPTS = ["-std=c++17"]
-
-
-def cuda_include_dirs() -> list[str]:
-    import glob
-    import os
-    dirs = ["/usr/local/cuda/include"]
-    try:
-        import cupy
-        p = cupy.cuda.get_cuda_path()
-        if p:
-            dirs.append(os.path.join(p, "include"))
-    except Exception:
-        pass
-    for mod in ("nvidia",):
-        try:
-            m = __import__(mod)
-            for base in getattr(m, "__path__", []):
-                dirs += glob.glob(os.path.join(base, "cu*", "include")) + glob.glob(os.path.join(base, "cuda_*", "include"))
-        except Exception:
-            pass
-    return [d for d in dict.fromkeys(dirs) if os.path.exists(os.path.join(d, "cuda_fp16.h"))]
-
-
 def nvrtc_compile(source: str, arch: str = "sm_90", extra: list[str] | None = None) -> bytes:
-    """Compile to a cubin with NVRTC (works on CPU-only machines). Raises RuntimeError with the log."""
-    from cupy_backends.cuda.libs import nvrtc
-    prog = nvrtc.createProgram(source, "nnc_kernel.cu", [], [])
-    opts = [f"--gpu-architecture={arch}"] + [f"-I{d}" for d in cuda_include_dirs()] + NVRTC_OPTS + list(extra or [])
-    try:
-        nvrtc.compileProgram(prog, opts)
-    except Exception as e:  # noqa: BLE001
-        raise RuntimeError(f"NVRTC failed: {e}\n{nvrtc.getProgramLog(prog)}") from None
-    return nvrtc.getCUBIN(prog)
+    """One kernel source to a cubin through the compile service (codegen/cuda.py: one NVRTC path,
+    works on CPU-only machines). Raises CompileError with the log."""
+    from ..cuda import compile_nvrtc
+    return compile_nvrtc(str(source), arch, "nnc_kernel.cu", list(extra or []))
 
 
 _MODULES: list = []

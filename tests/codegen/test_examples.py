@@ -1,11 +1,14 @@
 """The bundled example models (CNN, transformer block, LSTM) at every precision: they compile for
 sm_90 on the CPU, and on a GPU their outputs match onnxruntime on fresh random inputs
-(relative L2 error: fp32 1e-3, tf32 3e-3, fp16 / bf16 1e-2)."""
+(nnc verify's rule, element by element: |got - ref| <= rtol * (max|ref| + |ref|), rtol fp32 1e-3,
+tf32 3e-3, fp16 / bf16 1e-2; a rel-L2 bound over a 4-element output fails on bf16 rounding alone:
+the reference interpreter itself gives 1.01e-2 on tiny_lstm at bf16 for one seed)."""
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from nnc.accuracy import compare
 from nnc.compile import compile_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +45,7 @@ def test_example_matches_onnxruntime(name, prec, tmp_path, rng):
     sess = ort.InferenceSession(str(ROOT / "examples" / f"{name}.onnx"), providers=["CPUExecutionProvider"])
     for _ in range(2):  # two fresh inputs: a result that only matches once is a race
         x = rng.standard_normal(shape).astype(np.float32)
-        ref = sess.run(None, {inp: x})[0].astype(np.float64)
-        got = m.run({inp: x}, output="numpy", poison=True)[m.output_names[0]].astype(np.float64)
-        err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
-        assert err <= PRECISIONS[prec], f"{name} {prec}: rel err {err:.3g}"
+        ref = sess.run(None, {inp: x})[0]
+        got = m.run({inp: x}, output="numpy", poison=True)[m.output_names[0]]
+        c = compare(m.output_names[0], got, ref, PRECISIONS[prec], None)
+        assert c.passed and c.nonfinite == 0, f"{name} {prec}: {c}"

@@ -57,7 +57,7 @@ def test_header_claiming_1e12_elements(outdir, tmp_path, capsys):
         z.writestr("x.npy", npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (1000000, 1000000), }",
                                       b"\0" * 64))
     err = one_line_error(capsys, "run", outdir, "--inputs", tmp_path / "h.npz")
-    assert "shape [1000000, 1000000], the input 'x' takes f32[4,8]" in err
+    assert "input 'x': expected shape f32[4,8], given [1000000, 1000000]" in err
 
 
 def test_zip_bomb_is_refused_before_decompressing(outdir, tmp_path, capsys):
@@ -88,8 +88,8 @@ def test_not_an_npz(outdir, tmp_path, capsys):
 
 @pytest.mark.parametrize("arrays, msg", [
     ({"z": np.ones((4, 8), np.float32)}, "the model has no input 'z'"),
-    ({"x": np.ones((4, 8), np.float64)}, "dtype float64, the input 'x' takes float32"),
-    ({"x": np.ones((4, 7), np.float32)}, "shape [4, 7], the input 'x' takes f32[4,8]"),
+    ({"x": np.ones((4, 8), np.float64)}, "input 'x': expected dtype float32, given float64"),
+    ({"x": np.ones((4, 7), np.float32)}, "input 'x': expected shape f32[4,8], given [4, 7]"),
 ])
 def test_wrong_members(outdir, tmp_path, capsys, arrays, msg):
     np.savez(tmp_path / "in.npz", **arrays)
