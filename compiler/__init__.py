@@ -12,30 +12,9 @@
 
 See nnc.api for the Module interface. Importing nnc never needs a GPU (cupy is imported lazily).
 """
-import inspect as _inspect
-import types as _types
-
 from . import api, ir  # noqa: F401  (nnc.api, nnc.ir)
-from . import compile as _driver  # the compile driver module, nnc/compile.py (compile_model)
-from .api import CompileOptions, Module, TensorInfo, load
+from .api import CompileOptions, Module, TensorInfo, compile, load  # noqa: A004  (nnc.compile, like torch.compile)
 from .ir.errors import NncError
-
-
-class _CallableModule(_types.ModuleType):
-    """`nnc.compile` names both the driver module (nnc/compile.py: `from nnc.compile import
-    compile_model`, `import nnc.compile as comp`) and the one-call API: Python binds a package's
-    submodule to the package attribute of the same name whenever it is imported, so a plain
-    function there would be replaced (or would shadow the module). Calling the module is
-    nnc.api.compile."""
-
-    def __call__(self, *args, **kwargs):
-        return api.compile(*args, **kwargs)
-
-
-_driver.__class__ = _CallableModule
-_driver.__signature__ = _inspect.signature(api.compile)  # help()/IDEs show compile()'s parameters
-_CallableModule.__call__.__doc__ = api.compile.__doc__
-compile = _driver
 
 
 def _version() -> str:

@@ -414,7 +414,7 @@ def compile_with_outputs(module, watch: dict, out_dir, precision: str = "fp32", 
     added as extra outputs of the function, so each is a real buffer the runtime reads back.
     Needs no GPU (NVRTC). Returns the plan."""
     from .codegen.emit import compile_to_dir
-    from .compile import io_entry
+    from .driver import io_entry
     f = module.main
     present = {id(r) for r in f.results}
     f.results = list(f.results) + [v for v in watch.values() if id(v) not in present]
@@ -462,7 +462,7 @@ def prepare(model, shapes="", precision: str = "fp32", inputs=None, seed: int = 
             per_layer: bool = False) -> Prepared:
     """Imports `model`, reads or draws its inputs, runs `nnc compile`'s pass pipeline and (with
     per_layer) maps the ONNX tensors onto the final IR. Nothing runs the model yet."""
-    from .compile import pipeline_passes
+    from .driver import pipeline_passes
     from .ir.verify import verify
     from .onnx_import import import_model, parse_shapes
     from .pipeline import Pipeline

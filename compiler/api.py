@@ -240,7 +240,7 @@ class ReferenceModule(Module):
 
     def __init__(self, out_dir):
         from .cli import load_ir
-        from .compile import io_entry
+        from .driver import io_entry
         self.dir = Path(out_dir)
         ir_path = self.dir / "ir" / "final.nnir"
         if not ir_path.is_file():
@@ -338,7 +338,7 @@ def compile(model, shapes=None, precision: str = "fp32", out=None, backend: str 
     codegen=True). name: the C API name (default: the file's stem). cache=False: bypass the cubin
     cache; jobs: CUDA compile processes. options: a CompileOptions instead of the keyword
     arguments."""
-    from .compile import compile_model
+    from .driver import compile_model
     opts = options or CompileOptions(shapes=normalize_shapes(shapes), precision=precision, backend=backend,
                                      arch=arch, tf32=tf32, name=name, codegen=codegen,
                                      cuda_compiler=cuda_compiler, verify_each=verify_each, cache=cache,

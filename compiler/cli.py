@@ -220,7 +220,7 @@ def cmd_opt(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from .compile import compile_model
+    from .driver import compile_model
     t0 = time.perf_counter()
     plan = compile_model(args.model, args.out, shapes=args.shapes, arch=args.arch, precision=args.precision,
                          tf32=args.tf32, backend=args.backend, codegen=not args.no_codegen,

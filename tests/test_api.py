@@ -228,10 +228,10 @@ def test_version_single_source():
     assert p.returncode == 0 and p.stdout.strip() == f"nnc {want}"
 
 
-def test_nnc_compile_is_callable_and_still_the_driver_module():
-    import nnc.compile as driver
-    from nnc.compile import compile_model
-    assert driver is nnc.compile and driver.compile_model is compile_model
+def test_nnc_compile_is_the_api_function_after_the_driver_imports():
+    import nnc.driver  # noqa: F401  (importing the driver module must not rebind nnc.compile)
+    from nnc.api import compile as api_compile
+    assert nnc.compile is api_compile
     import inspect
     assert list(inspect.signature(nnc.compile).parameters)[:4] == ["model", "shapes", "precision", "out"]
 

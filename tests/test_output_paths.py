@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from nnc.compile import compile_model
+from nnc.driver import compile_model
 from nnc.ir.errors import ImportError_, NncError
 from nnc.outdir import OutputDirError, member, staged_dir
 

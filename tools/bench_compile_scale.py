@@ -86,11 +86,11 @@ class _Timers:
 
 
 def measure_one(model: Path, out: Path, nvrtc: bool) -> dict:
-    """Compiles `model` into `out` through nnc.compile.compile_model with every stage timed."""
+    """Compiles `model` into `out` through nnc.driver.compile_model with every stage timed."""
     import nnc.codegen.cuda as cuda
     import nnc.codegen.emit as emit
     import nnc.codegen.lower as lower_mod
-    import nnc.compile as comp
+    import nnc.driver as comp
     import nnc.onnx_import as onnx_import
     import nnc.pipeline as pipeline
 

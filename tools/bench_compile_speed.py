@@ -35,7 +35,7 @@ def nvrtc_only(model: str, jobs) -> tuple[float, float, int]:
     """(one program s, units s, units) for the model's kernels, no cache."""
     from nnc.codegen import cuda, units
     from nnc.codegen.lower import lower
-    from nnc.compile import pipeline_passes
+    from nnc.driver import pipeline_passes
     from nnc.onnx_import import import_model
     from nnc.pipeline import Pipeline
     m = import_model(model)

@@ -26,7 +26,10 @@ def light_dir() -> Path:
 def bench(model: Path, precision: str, iters: int) -> dict:
     import cupy
     import nnc
-    from nnc.compile import compile_model
+    try:
+        from nnc.driver import compile_model
+    except ImportError:  # trees before 2026-12-01 named the driver nnc/compile.py
+        from nnc.compile import compile_model
     out = Path(tempfile.mkdtemp(prefix="nnc_bench_"))
     compile_model(str(model), out / "m", arch=None, precision=precision)
     plan = json.loads((out / "m" / "plan.json").read_text())

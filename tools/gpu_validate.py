@@ -188,7 +188,7 @@ def export_models(d: Path) -> dict:
 def part_models(args, out: Path, models: dict):
     import onnxruntime as ort
     import nnc
-    from nnc.compile import compile_model
+    from nnc.driver import compile_model
     for name, (path, feeds, _, _) in models.items():
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         rng = np.random.default_rng()
@@ -224,7 +224,7 @@ def part_models(args, out: Path, models: dict):
 
 def part_cpp(args, out: Path, models: dict):
     import nnc
-    from nnc.compile import compile_model
+    from nnc.driver import compile_model
     name = "resnet18"
     path, feeds, _, _ = models[name]
     od = out / "compiled" / f"{name}_fp32"

@@ -31,7 +31,7 @@ TEXT_FILES = ["model.cu", "nnc_model.h", "CMakeLists.txt", "nnc_run_example.cpp"
 
 
 def build(name: str, out: Path) -> dict[str, str]:
-    from nnc.compile import compile_model
+    from nnc.driver import compile_model
     model, shapes, precision = MODELS[name]
     compile_model(str(ROOT / model), out, shapes=shapes, arch="sm_90", precision=precision)
     files = {f: (out / f).read_text() for f in TEXT_FILES}

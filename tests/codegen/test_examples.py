@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nnc.accuracy import compare
-from nnc.compile import compile_model
+from nnc.driver import compile_model
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = {"tiny_cnn": ("input", [2, 3, 32, 32]), "tiny_transformer": ("x", [1, 16, 64]),

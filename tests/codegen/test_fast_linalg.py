@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto as T
 
 from nnc.codegen.kernels import gemm_lowering
-from nnc.compile import compile_model
+from nnc.driver import compile_model
 from nnc.ir.interp import Interpreter
 from nnc.onnx_import import import_model
 

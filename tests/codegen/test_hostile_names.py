@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 
 from nnc.codegen.escape import Code, UnescapedText, c_string, comment_text
 from nnc.codegen.render import env
-from nnc.compile import compile_model
+from nnc.driver import compile_model
 
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None)
 

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from nnc.codegen import cuda, units
 from nnc.codegen.cuda import CompileError, CubinCache, Unit, cache_key, compile_many, valid_cubin
-from nnc.compile import compile_model
+from nnc.driver import compile_model
 from nnc.integrity import IntegrityError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ from .util import cli, init, model, one_line_error, vi
 @pytest.fixture(scope="module")
 def outdir(tmp_path_factory):
     """Add(x, w) with a weight in ir/final.weights.bin, compiled without codegen."""
-    from nnc.compile import compile_model
+    from nnc.driver import compile_model
     d = tmp_path_factory.mktemp("run")
     m = model([h.make_node("Add", ["x", "w"], ["y"], name="add")], [vi("x", shape=[4, 8])], [vi("y")],
               [init("w", np.arange(32, dtype=np.float32).reshape(4, 8))])
@@ -148,7 +148,7 @@ def test_weights_index_tampering(outdir, tmp_path, capsys):
 
 
 def test_nonfinite_outputs_are_reported_and_fail(tmp_path, capsys):
-    from nnc.compile import compile_model
+    from nnc.driver import compile_model
     m = model([h.make_node("Log", ["x"], ["y"], name="log")], [vi("x", shape=[4])], [vi("y")])
     onnx.save(m, tmp_path / "m.onnx")
     compile_model(tmp_path / "m.onnx", tmp_path / "out", codegen=False)
@@ -169,7 +169,7 @@ def test_fp16_light_model_overflow_is_reported(tmp_path, capsys):
     `nnc run` must flag instead of printing NaN statistics with exit 0."""
     import os
     light = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
-    from nnc.compile import compile_model
+    from nnc.driver import compile_model
     compile_model(os.path.join(light, "light_bvlc_alexnet.onnx"), tmp_path / "out", precision="fp16", codegen=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -17,7 +17,7 @@ SEED = 8
 
 
 def _build(tmp_path):
-    from nnc.compile import compile_model
+    from nnc.driver import compile_model
     r = np.random.default_rng(0)
     g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["m"], name="mm"), h.make_node("Tanh", ["m"], ["y"], name="t")],
                      "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 16])],
