@@ -23,7 +23,7 @@ from ..ir.errors import NncError
 from ..ir.graph import Module
 from ..integrity import ir_hashes
 from ..ir.printer import print_module
-from ..outdir import member, staged_dir
+from ..outdir import staged_dir
 from ..progress import current, stage
 from . import cuda
 from .init_phase import INIT_KIND, PERSISTENT

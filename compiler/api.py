@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -245,8 +245,8 @@ class ReferenceModule(Module):
         ir_path = self.dir / "ir" / "final.nnir"
         if not ir_path.is_file():
             raise NncError(f"{self.dir}: no ir/final.nnir (is this a directory written by `nnc compile`?)")
-        plan_p = self.dir / "plan.json"
-        plan = _read_plan(plan_p) if plan_p.exists() else None
+        from .plan_file import read_plan
+        plan = read_plan(self.dir) if os.path.lexists(self.dir / "plan.json") else None
         if plan is not None:
             from .integrity import check_ir
             check_ir(self.dir, plan)  # ir/final.* as plan.json recorded them
@@ -277,14 +277,6 @@ class ReferenceModule(Module):
             cp = require_gpu()
             got = {n: cp.asarray(a) for n, a in got.items()}
         return got
-
-
-def _read_plan(p: Path) -> dict:
-    import json
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise NncError(f"{p}: not a readable plan ({e})") from None
 
 
 # ---------------------------------------------------------------------------- entry points

@@ -5,7 +5,6 @@ Errors go to stderr with exit status 1 and no traceback (add --debug for one).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -272,7 +271,7 @@ def _random_inputs(plan: dict, seed: int) -> dict:
 
 
 def cmd_run(args) -> int:
-    from .npz_inputs import check_against_ir, read_plan
+    from .plan_file import check_against_ir, read_plan
     out = Path(args.out)
     plan = read_plan(out)  # checked field by field: the directory may have been edited
     if args.inputs:

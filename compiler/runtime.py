@@ -8,8 +8,6 @@ cupy is imported lazily: importing nnc (or this module) never needs a GPU.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -299,17 +297,9 @@ def plan_files(out_dir) -> tuple[dict, Path, list]:
     regular file inside the directory (nnc/outdir.py: plan.json is as untrusted as a model).
     cubins: [(path, recorded sha256 or None, [kernel names])]."""
     from .outdir import member
+    from .plan_file import read_plan
     d = Path(out_dir)
-    if not d.is_dir():
-        raise NncError(f"{d}: not a directory (give the output directory of `nnc compile`)")
-    if not os.path.lexists(d / "plan.json"):
-        raise NncError(f"{d}: no plan.json (is this an nnc output directory?)")
-    try:
-        plan = json.loads(member(d, "plan.json", "plan").read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise NncError(f"{d}/plan.json: not valid JSON ({e})") from None
-    if not isinstance(plan, dict):
-        raise NncError(f"{d}/plan.json: not an nnc plan (a JSON object)")
+    plan = read_plan(d)
     return plan, member(d, plan.get("weights_file", "weights.bin"), "weights_file"), _cubin_files(d, plan)
 
 
