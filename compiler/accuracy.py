@@ -570,9 +570,13 @@ def _load_proto(model, external: bool):
     if not isinstance(model, (str, Path)):
         return model
     try:
-        return onnx.load(str(model), load_external_data=external)
+        proto = onnx.load(str(model), load_external_data=False)
     except Exception as e:
         raise AccuracyError(f"{model}: not a readable ONNX model ({e})") from None
+    if external:  # nnc reads external data itself, every location checked (onnx_import/_external_data.py)
+        from .onnx_import._external_data import inline_external
+        proto = inline_external(proto, str(Path(model).resolve().parent))
+    return proto
 
 
 # ----------------------------------------------------------------------------- rendering

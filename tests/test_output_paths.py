@@ -252,3 +252,16 @@ def test_external_data_of_an_in_memory_model_is_refused(tmp_path):
     p = _external_model(tmp_path)
     with pytest.raises(ImportError_, match="load the model from its file"):
         import_model(onnx.load(str(p), load_external_data=False))
+
+
+def test_verify_reads_external_data_through_nnc(tmp_path):
+    """nnc verify hands onnxruntime a proto whose external tensors nnc read itself: a good model
+    verifies; a location outside the model's directory is refused before onnxruntime sees it."""
+    from nnc.accuracy import _load_proto, verify_model
+    p = _external_model(tmp_path)
+    r = verify_model(str(p), seed=1)
+    assert r.passed and [o.name for o in r.outputs] == ["y"]
+    (tmp_path / "secret.bin").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    _set_external(p, location="../secret.bin")
+    with pytest.raises(NncError, match="leaves the model's directory"):
+        _load_proto(str(p), external=True)

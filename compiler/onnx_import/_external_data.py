@@ -96,3 +96,23 @@ def read_external(t: onnx.TensorProto, base_dir: str, what: str) -> onnx.TensorP
     out.data_location = onnx.TensorProto.DEFAULT
     out.raw_data = data
     return out
+
+
+def inline_external(model: onnx.ModelProto, base_dir: str) -> onnx.ModelProto:
+    """`model` with every externally stored tensor (initializers and tensor attributes, subgraphs
+    included) read in through read_external, for code that hands the proto to another library
+    (nnc verify's onnxruntime run) instead of letting onnx.load follow the locations itself."""
+    stack = [model.graph]
+    while stack:
+        g = stack.pop()
+        for i, t in enumerate(g.initializer):
+            if is_external(t):
+                g.initializer[i].CopyFrom(read_external(t, base_dir, f"initializer {t.name!r}"))
+        for node in g.node:
+            for a in node.attribute:
+                if a.HasField("t") and is_external(a.t):
+                    a.t.CopyFrom(read_external(a.t, base_dir, f"node {node.name!r} attribute {a.name!r}"))
+                stack.extend(a.graphs)
+                if a.HasField("g"):
+                    stack.append(a.g)
+    return model
