@@ -223,14 +223,16 @@ class _Entry:
     priority: int
     fn: Callable
     when: Optional[Callable]
+    regions: bool = False  # lowers an op with regions itself (`fused`: it lowers its body)
 
 
 LOWERINGS: dict[str, list[_Entry]] = {}
 
 
-def lowering(*ops: str, priority: int = 0, when: Optional[Callable] = None):
+def lowering(*ops: str, priority: int = 0, when: Optional[Callable] = None, regions: bool = False):
     """Registers a lowering function for ops. Higher priority is tried first; `when(op)` is an
-    optional predicate; the function may still decline by returning None without emitting."""
+    optional predicate; the function may still decline by returning None without emitting.
+    `regions=True`: the function handles the op's regions (others never see an op with regions)."""
     def deco(fn):
         for name in ops:
             lst = LOWERINGS.setdefault(name, [])
@@ -238,7 +240,7 @@ def lowering(*ops: str, priority: int = 0, when: Optional[Callable] = None):
                 if e.priority == priority:
                     raise RuntimeError(f"lowering for {name!r} at priority {priority} registered twice "
                                        f"({e.fn.__module__}.{e.fn.__name__} and {fn.__module__}.{fn.__name__})")
-            lst.append(_Entry(priority, fn, when))
+            lst.append(_Entry(priority, fn, when, regions))
             lst.sort(key=lambda e: -e.priority)
         return fn
     return deco
@@ -315,7 +317,7 @@ class LowerCtx:
     def value(self, i: int) -> Optional[np.ndarray]:
         if not self.has(i):
             return None
-        return const_value(self.op.operands[i], self.L.module.weights)
+        return const_value(self.L.canon(self.op.operands[i]), self.L.module.weights)
 
     def fail(self, msg: str):
         raise LoweringError(f"{self.op.loc}: {self.op.name}: {msg}")
@@ -396,7 +398,7 @@ class LowerCtx:
             self.fail(f"operand {i} must be a compile-time constant")
         if transform is None:
             return self.inp(i)
-        ck = (id(self.op.operands[i]), key or getattr(transform, "__name__", "t"))
+        ck = (id(self.L.canon(self.op.operands[i])), key or getattr(transform, "__name__", "t"))
         if ck not in self.L.transformed:
             out = np.ascontiguousarray(transform(np.asarray(v)))
             self.L.transformed[ck] = self.new_weight(out, f"{self.op.operands[i].name}.{ck[1]}")
@@ -404,7 +406,7 @@ class LowerCtx:
 
     def out_dynamic(self, i: int, max_shape) -> Buffer:
         """Result i has a data-dependent shape: allocate its upper bound `max_shape`."""
-        v = self.op.results[i]
+        v = self.L.canon(self.op.results[i])
         b = self.L.values.get(id(v))
         if b is None:
             kind = "output" if self.L.is_output(v) else "temp"
@@ -416,7 +418,7 @@ class LowerCtx:
 
     def alias(self, i: int, src: Buffer, byte_offset: int = 0):
         """Result i is a view of `src` (no kernel). Graph outputs get a copy instead."""
-        v = self.op.results[i]
+        v = self.L.canon(self.op.results[i])
         if self.L.is_output(v):
             dst = self.out(i)
             self.copy(dst, self.L.view(src, dst.dtype, dst.shape, byte_offset, v.name))
@@ -451,6 +453,13 @@ class Lowerer:
         self.transformed: dict = {}
         self.dynamic: dict = {}
         self.outputs_by_value: dict[int, int] = {}
+        # value equivalence while a fused body is lowered op by op (codegen/kernels/fused.py): a body
+        # argument stands for its operand, a body result for the fused op's result (id -> outer Value)
+        self.equiv: dict[int, Value] = {}
+
+    def canon(self, v: Value) -> Value:
+        """The function-level Value that `v` stands for (itself outside fused bodies)."""
+        return self.equiv.get(id(v), v)
 
     def static_shape(self, v: Value) -> tuple:
         t = v.type
@@ -480,9 +489,10 @@ class Lowerer:
             return b
 
     def is_output(self, v: Value) -> bool:
-        return id(v) in self.outputs_by_value
+        return id(self.canon(v)) in self.outputs_by_value
 
     def buffer(self, v: Value) -> Buffer:
+        v = self.canon(v)
         b = self.values.get(id(v))
         if b is not None:
             return b
@@ -497,6 +507,7 @@ class Lowerer:
         raise LoweringError(f"value %{v.name} is used before it is defined")
 
     def result_buffer(self, v: Value) -> Buffer:
+        v = self.canon(v)
         b = self.values.get(id(v))
         if b is None:
             shape = self.static_shape(v)
@@ -583,8 +594,10 @@ class Lowerer:
             raise LoweringError(f"{op.loc}: no CUDA lowering for op {op.name!r} "
                                 f"(%{', %'.join(r.name for r in op.results)})")
         if op.regions():
-            raise LoweringError(f"{op.loc}: {op.name} with regions is not supported by the CUDA backend")
-        for r in op.results:
+            entries = [e for e in entries if e.regions]
+            if not entries:
+                raise LoweringError(f"{op.loc}: {op.name} with regions is not supported by the CUDA backend")
+        for r in op.results if not op.regions() else ():  # a fused body's ops are checked one by one
             self.static_shape(r)
         for e in entries:
             if e.when is not None and not e.when(op):
@@ -597,7 +610,7 @@ class Lowerer:
             except NncError as err:  # from shared helpers (attrs parsing...): add where it happened
                 raise LoweringError(f"{op.loc}: {op.name}: {err}") from None
             if ret is not None or ctx.emitted:
-                missing = [r.name for r in op.results if id(r) not in self.values]
+                missing = [r.name for r in op.results if id(self.canon(r)) not in self.values]
                 if missing:
                     raise LoweringError(f"{op.loc}: lowering {e.fn.__module__}.{e.fn.__name__} of {op.name} "
                                         f"left results {missing} undefined")
