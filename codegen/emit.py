@@ -118,6 +118,7 @@ def plan_to_json(plan: Plan, *, arch: str, precision: str, tf32: bool, passes, w
         "launches": launches,
         "init_launches": init_launches,
         "buffers": buffers,
+        "steps": [s.to_json() for s in getattr(plan, "steps", ())],  # codegen/steps.py, run by codegen/plan_exec.py
         "memory": dict(plan.memory),
         "weights_file": "weights.bin",
         "weights_bytes": plan.weights_bytes,

@@ -33,167 +33,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
 
 import numpy as np
 
 from ..ir.builder import const_value
 from ..ir.errors import NncError
 from ..ir.graph import Module, Op, Value
-from ..ir.types import DType, TensorType
+from ..ir.types import TensorType
 from . import init_phase
-from .memory import plan_memory  # the arena: liveness, placement, the overlap checker
+from .memory import fused_away_bytes, plan_memory  # the arena: liveness, placement, the overlap checker
+from .steps import StepRecorder
 from .render import render as _render_template
-from .escape import Code, c_identifier, is_c_identifier
+from .escape import c_identifier, is_c_identifier
+from .dtypes import compute_type, ctype  # noqa: F401  the one dtype table (codegen/dtypes.py)
+from .errors import LoweringError
+from .options import LowerOptions
+from .plan import Buffer, Kernel, Launch, Plan, Scalar, contiguous_strides  # noqa: F401  codegen/plan.py
 
 ALIGN = 256
-
-# dtype -> C type of the element in memory
-CTYPES = {
-    "f64": "double", "f32": "float", "f16": "__half", "bf16": "__nv_bfloat16",
-    "i64": "int64_t", "i32": "int32_t", "i16": "int16_t", "i8": "int8_t",
-    "u64": "uint64_t", "u32": "uint32_t", "u16": "uint16_t", "u8": "uint8_t", "bool": "bool",
-    # narrow types: one byte an element in the ml_dtypes layout, structs of templates/exotic_types.cu.j2
-    "f8e4m3": "nnc_f8e4m3", "f8e4m3fnuz": "nnc_f8e4m3fnuz", "f8e5m2": "nnc_f8e5m2",
-    "f8e5m2fnuz": "nnc_f8e5m2fnuz", "f8e8m0": "nnc_f8e8m0", "f4e2m1": "nnc_f4e2m1",
-    "i4": "nnc_i4", "u4": "nnc_u4", "i2": "nnc_i2", "u2": "nnc_u2",
-}
-NARROW = ("f8e4m3", "f8e4m3fnuz", "f8e5m2", "f8e5m2fnuz", "f8e8m0", "f4e2m1", "i4", "u4", "i2", "u2")
-# dtype -> C type arithmetic happens in (fp16/bf16/narrow floats in fp32, narrow ints in int32)
-COMPUTE = dict(CTYPES, f16="float", bf16="float",
-               **{k: ("int32_t" if k[0] in "iu" else "float") for k in NARROW})
-
-
-class LoweringError(NncError):
-    pass
-
-
-def ctype(dt: DType) -> str:
-    if dt.short not in CTYPES:
-        raise LoweringError(f"dtype {dt} is not supported by the CUDA backend")
-    return CTYPES[dt.short]
-
-
-def compute_type(dt: DType) -> str:
-    ctype(dt)
-    return COMPUTE[dt.short]
-
-
-# ---------------------------------------------------------------- plan data
-
-@dataclass(eq=False)
-class Buffer:
-    id: int
-    name: str
-    dtype: DType
-    shape: tuple
-    kind: str  # input | output | weight | const | temp | init (computed at load: codegen/init_phase.py)
-    io_index: int = -1  # position among inputs/outputs
-    alias_of: Optional[int] = None  # root buffer id if this is a view
-    alias_offset: int = 0  # bytes into the root
-    offset: int = 0  # arena offset (temp), weights.bin offset (weight/const) or persistent offset (init)
-    data: Optional[np.ndarray] = None  # weight/const payload (already transformed)
-    dynamic: bool = False  # true extent known only after the run (NonZero)
-    value: Optional[Value] = field(default=None, repr=False)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(int(d) for d in self.shape)  # exact, and ~10x cheaper than np.prod
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.np.itemsize  # narrow types: one byte an element
-
-    @property
-    def ctype(self) -> str:
-        return ctype(self.dtype)
-
-    @property
-    def compute(self) -> str:
-        return compute_type(self.dtype)
-
-    def strides(self) -> list[int]:
-        return contiguous_strides(self.shape)
-
-
-@dataclass(eq=False)
-class Kernel:
-    name: str
-    template: str
-    params: dict
-    body: str
-    ops: list = field(default_factory=list)  # IR op descriptions this kernel implements
-    _op_set: set = field(default_factory=set, repr=False)  # the same, for O(1) membership
-
-    def __post_init__(self):
-        self._op_set = set(self.ops)
-
-    def add_op(self, desc: str) -> None:
-        """Records an op this kernel implements, once (a list scan per op was quadratic when
-        one kernel serves thousands of ops)."""
-        if desc not in self._op_set:
-            self._op_set.add(desc)
-            self.ops.append(desc)
-
-    @property
-    def source(self) -> str:
-        head = _render_template("kernel_header.cu.j2", name=self.name, template=self.template,
-                                params=_short_json(self.params), ops=self.ops)
-        return Code(head + self.body)  # both rendered by templates
-
-
-@dataclass
-class Scalar:
-    type: str  # C type: int64_t | int32_t | float
-    value: Any
-
-
-@dataclass(eq=False)
-class Launch:
-    kind: str  # kernel | memcpy | readback
-    kernel: Optional[str]
-    grid: tuple
-    block: tuple
-    smem: int
-    args: list  # Buffer | Scalar
-    op: str  # description of the IR op
-    nbytes: int = 0  # memcpy/readback size
-    init: bool = False  # in the load-time init phase (Plan.init_launches), not run every time
-
-
-@dataclass
-class Plan:
-    buffers: list
-    kernels: dict  # name -> Kernel, first-use order
-    launches: list
-    inputs: list  # Buffer
-    outputs: list  # Buffer
-    memory: dict = field(default_factory=dict)
-    weights_bytes: int = 0
-    options: dict = field(default_factory=dict)
-    init_launches: list = field(default_factory=list)  # run once at load, before any run
-    persistent_bytes: int = 0  # the region of the init buffers (kind "init")
-
-    def buffer(self, bid: int) -> Buffer:
-        return self.buffers[bid]
-
-    def root(self, b: Buffer) -> Buffer:
-        return self.buffers[b.alias_of] if b.alias_of is not None else b
-
-
-def contiguous_strides(shape) -> list[int]:
-    st, acc = [], 1
-    for d in reversed(list(shape)):
-        st.append(acc)
-        acc *= int(d)
-    return st[::-1]
-
-
-def _short_json(p) -> str:
-    s = json.dumps(p, sort_keys=True, default=str, separators=(",", ":"))
-    return s if len(s) <= 600 else s[:600] + "..."
 
 
 def describe_op(op: Op) -> str:
@@ -267,7 +126,8 @@ class LowerCtx:
     def __init__(self, lowerer: "Lowerer", op: Op):
         self.L = lowerer
         self.op = op
-        self.options = lowerer.options
+        self.options = lowerer.options  # LowerOptions (codegen/options.py)
+        self.target = lowerer.options.target  # the device limits (codegen/target.py)
         self.emitted = 0
         self._desc: Optional[str] = None
 
@@ -440,7 +300,7 @@ DYNAMIC_OPS = {"NonZero", "Compress", "Unique", "NonMaxSuppression"}
 
 
 class Lowerer:
-    def __init__(self, module: Module, options: dict):
+    def __init__(self, module: Module, options: LowerOptions):
         self.module = module
         self.options = options
         self.buffers: list[Buffer] = []
@@ -551,13 +411,16 @@ class Lowerer:
             self.values[id(a)] = b
             inputs.append(b)
         self.init_values = init_phase.input_independent(f, DYNAMIC_OPS)
-        for op in f.ops:
+        recorder = StepRecorder(self, f)  # one Step per op: what the CPU plan executor runs
+        for index, op in enumerate(f.ops):
             if op.name == "const":
                 continue
-            if op.results and id(op.results[0]) in self.init_values:
-                self.lower_init_op(op)
-            else:
-                self.lower_op(op)
+            init = bool(op.results) and id(op.results[0]) in self.init_values
+            with recorder.step(index, op, init):
+                if init:
+                    self.lower_init_op(op)
+                else:
+                    self.lower_op(op)
         outputs = []
         for i, r in enumerate(f.results):
             b = self.values.get(id(r))
@@ -572,7 +435,9 @@ class Lowerer:
         plan = Plan(self.buffers, self.kernels, self.launches, inputs, outputs, options=self.options,
                     init_launches=self.init_launches)
         plan.dynamic = self.dynamic
+        plan.steps = recorder.steps  # plan.json "steps" (codegen/steps.py)
         plan_memory(plan)
+        plan.memory["fused_away_bytes"] = fused_away_bytes(f)
         init_phase.place_persistent(plan, ALIGN)
         init_phase.check(plan)
         return plan
@@ -624,5 +489,8 @@ def _ident(s: str) -> str:
     return c_identifier(s)
 
 
-def lower(module: Module, options: Optional[dict] = None) -> Plan:
-    return Lowerer(module, dict(options or {})).run()
+def lower(module: Module, options: Union[LowerOptions, dict, None] = None) -> Plan:
+    """options: LowerOptions, or the dict form {"arch", "precision", "tf32"} (LowerOptions.from_dict)."""
+    if not isinstance(options, LowerOptions):
+        options = LowerOptions.from_dict(options)
+    return Lowerer(module, options).run()

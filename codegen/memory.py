@@ -258,3 +258,28 @@ def plan_memory(plan) -> None:
     plan.memory = {"arena_bytes": arena, "naive_bytes": sum(x.size for x in iv), "peak_live_bytes": peak_live(iv),
                    "weights_bytes": woff}
     plan.memory_method = method
+
+
+def fused_away_bytes(func) -> int:
+    """Bytes of the intermediates that fusion took out of the graph: over the `fused` ops of
+    `func` (ir/ops/fused.py), the sizes of the values their bodies define and do not return (the
+    body's results are the fused op's results, which still exist). Static shapes only; a dim
+    left symbolic counts 0 bytes. A group a family could not render as one kernel is lowered op
+    by op (codegen/kernels/fused.py) and still materialises these: the figure is what the IR
+    removed, plan.json's arena figures are what the lowering kept."""
+    import math
+    total = 0
+    for op in func.ops:
+        if op.name != "fused":
+            continue
+        body = op.attrs.body
+        returned = {id(v) for v in body.results}
+        for bop in body.ops:
+            if bop.name == "const":
+                continue
+            for r in bop.results:
+                t = r.type
+                if id(r) in returned or t.shape is None or not all(isinstance(d, int) for d in t.shape):
+                    continue
+                total += math.prod(t.shape) * t.dtype.np.itemsize
+    return total
