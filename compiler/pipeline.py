@@ -25,6 +25,11 @@ PASSES = {
     "dce": "dce",
     "inline-if": "inline_if",
     "unroll-loops": "unroll_loops",
+    "simplify": "simplify",
+    "cse": "cse",
+    "fold-batchnorm": "fold_batchnorm",
+    "fuse-epilogue": "fuse_epilogue",
+    "fuse-elementwise": "fuse_elementwise",
     "to-fp16": "to_precision:run_fp16",
     "to-bf16": "to_precision:run_bf16",
 }
@@ -38,7 +43,16 @@ DEFAULT_PIPELINE = [
     "fold-constants",   # again: unrolled copies and inlined branches leave all-constant chains
     "canonicalize",     # needs folded constants to see no-op Reshape/Expand/Cast
     "dce",              # sweeps what folding and canonicalisation left unused
+    # fusion: after the cleanups (cse, fold-batchnorm, simplify: BN must already be in the conv's
+    # weights and bias for conv+bias+act+residual chains to be visible) and, at fp16/bf16, after
+    # the precision passes (see FUSION_PASSES). fuse-epilogue comes before fuse-elementwise, which
+    # would otherwise take the Add/Relu chains after convs and GEMMs into elementwise groups
+    "fuse-epilogue",
+    "fuse-elementwise",  # after fuse-epilogue: takes the elementwise/broadcast groups it left
 ]
+# Passes that outline `fused` ops. The precision passes treat ops with regions as opaque f32
+# islands, so `pipeline_passes(precision)` (compiler/driver.py) runs them before the first of these.
+FUSION_PASSES = ("fuse-epilogue", "fuse-elementwise")
 # --precision fp16|bf16 appends "to-fp16"/"to-bf16" after these: it must see the final graph so
 # that casts land only at the model's inputs and outputs.
 

@@ -1,9 +1,11 @@
 """Canonicalisation: local rewrites to a simpler equivalent form.
 
 Rewrites:
-- Identity / inference Dropout whose result is not a function result -> its operand;
+- Identity whose result is not a function result -> its operand (inference Dropout, Cast round
+  trips and Flatten/Squeeze/Unsqueeze chains: see `simplify`);
 - Cast to the operand's own dtype -> its operand;
-- Reshape of Reshape -> one Reshape (the inner shape no longer matters);
+- Reshape of Reshape -> one Reshape (the inner shape no longer matters; not when the outer
+  shape has a 0 entry, which copies a dim of the inner result);
 - Transpose of Transpose -> one Transpose with the composed permutation (or nothing if identity);
 - Expand / Reshape to the operand's own static shape -> its operand.
 Requires: a verified module. Function results keep their names: an op whose result is a function
@@ -11,6 +13,7 @@ result is never bypassed (the result name is the model's output name).
 """
 from __future__ import annotations
 
+import numpy as np
 
 from nnc.ir.builder import const_value
 from nnc.ir.graph import Module, Region
@@ -24,10 +27,6 @@ def _bypass_operand(op, module) -> bool:
     res = op.results[0]
     if op.name == "Identity":
         return True
-    if op.name == "Dropout":
-        a = op.attrs
-        training = len(op.operands) > 2 and op.operands[2] is not None and bool(const_value(op.operands[2], module.weights))
-        return len(op.results) == 1 and not training and not getattr(a, "training_mode", False)
     if op.name == "Cast":
         return x.type.dtype == res.type.dtype
     if op.name in ("Reshape", "Expand", "Squeeze", "Unsqueeze", "Flatten"):
@@ -42,6 +41,10 @@ def _fold_pairs(op, module) -> bool:
     if prod is None:
         return False
     if op.name == "Reshape" and prod.name == "Reshape":
+        # a 0 entry copies a dim of the operand: once the operand changes, so would that dim
+        target = const_value(op.operands[1], module.weights)
+        if not op.attrs.allowzero and (target is None or 0 in np.asarray(target).reshape(-1)):
+            return False
         op.operands = [prod.operands[0]] + op.operands[1:]
         return True
     if op.name == "Transpose" and prod.name == "Transpose":
