@@ -40,7 +40,7 @@ import numpy as np
 
 from ..ir.builder import const_value
 from ..ir.errors import NncError
-from ..ir.graph import Module, Op, Value
+from ..ir.graph import Module, Op, Region, Value
 from ..ir.types import TensorType
 from . import init_phase
 from .memory import fused_away_bytes, plan_memory  # the arena: liveness, placement, the overlap checker
@@ -69,6 +69,8 @@ def describe_op(op: Op) -> str:
 def _fmt_attr(v):
     if isinstance(v, np.ndarray):
         return f"tensor<{v.dtype}{list(v.shape)}>"
+    if isinstance(v, Region):  # a fused body: its ops are described one by one where lowered
+        return f"region({len(v.ops)} ops)"
     return str(v)
 
 

@@ -1,0 +1,126 @@
+"""Lowering of `fused {kind = "elementwise"}` (compiler/passes/fuse_elementwise.py): the whole
+expression DAG of the body as ONE elementwise.cu.j2 kernel, one thread per element of the output.
+
+- Every body op is rendered by the elementwise family's expression table (`EXPR`,
+  codegen/kernels/elementwise.py, through `op_expr`): `can_render(op)` is the one test the fusion
+  pass and this lowering share of which ops are "elementwise".
+- Inputs whose shape differs from the output are read with broadcast index math (stride 0 on
+  broadcast dims, numpy rules); every result of the group has the output's shape, so each is
+  stored at the flat index (several outputs per kernel).
+- Arithmetic happens in compute types: f16/bf16 values stay fp32 between the ops of the group
+  (a single op rounds to storage after each op; here only the stored outputs round), except an
+  explicit Cast to f16/bf16, which still rounds (what a Cast is for).
+- The kernel's header comment names every IR op of the group.
+Declines (the fallback of codegen/kernels/fused.py then lowers the body op by op) when an op is
+not renderable, shapes are not static, or a value does not broadcast to the output.
+"""
+from __future__ import annotations
+
+from ..lower import LowerCtx, LoweringError, compute_type, ctype, describe_op, lowering
+from .elementwise import EXPR, elementwise_params, op_expr
+
+PRIORITY = 10  # above the op-by-op fallback
+
+
+def _plain_dtype(dt) -> bool:
+    """Types the expression table computes in directly: the C types of ir/types.py that are their
+    own compute type, and f16/bf16 (computed in fp32). Narrow / exotic types are not fused (their
+    rounding at every op is part of their meaning)."""
+    try:
+        return compute_type(dt) == ctype(dt) or dt.short in ("f16", "bf16")
+    except LoweringError:
+        return False
+
+
+def _static(t) -> bool:
+    return t.shape is not None and all(isinstance(d, int) and d >= 0 for d in t.shape)
+
+
+def can_render(op) -> bool:
+    """op can be one expression of a fused elementwise kernel: in the family's table, one result,
+    static shapes, plain dtypes, every operand broadcasting to the result."""
+    if op.name not in EXPR or len(op.results) != 1 or op.regions():
+        return False
+    r = op.results[0].type
+    if not _static(r) or not _plain_dtype(r.dtype):
+        return False
+    for v in op.operands:
+        if v is None:
+            continue
+        if not _static(v.type) or not _plain_dtype(v.type.dtype) or not broadcasts(v.type.shape, r.shape):
+            return False
+    return True
+
+
+def broadcasts(shape, to) -> bool:
+    """numpy broadcasting of `shape` to `to` without growing `to`."""
+    shape, to = tuple(shape), tuple(to)
+    if len(shape) > len(to):
+        return False
+    return all(d == t or d == 1 for d, t in zip(shape[::-1], to[::-1]))
+
+
+def _round_through_storage(expr: str, dt) -> str:
+    """A Cast to f16/bf16 inside the group rounds as the unfused Cast's store would."""
+    if compute_type(dt) != ctype(dt):
+        return f"static_cast<{compute_type(dt)}>(static_cast<{ctype(dt)}>({expr}))"
+    return expr
+
+
+@lowering("fused", priority=PRIORITY, regions=True, when=lambda op: op.attrs.kind == "elementwise")
+def _fused_elementwise(ctx: LowerCtx):
+    op, L = ctx.op, ctx.L
+    body = op.attrs.body
+    if not all(can_render(b) for b in body.ops if b.name != "const"):
+        return None
+    shape = ctx.out_shape(0)
+    if any(ctx.out_shape(i) != shape for i in range(ctx.n_out)):
+        return None
+    arg_of = {id(a): i for i, a in enumerate(body.args)}
+    bufs, var_of_buf = [], {}
+    var: dict[int, str] = {}  # id(body value) -> C variable
+
+    def ref(v) -> str:
+        if id(v) in var:
+            return var[id(v)]
+        b = ctx.inp(arg_of[id(v)]) if id(v) in arg_of else L.buffer(v)  # an operand, or a body const
+        if not broadcasts(b.shape, shape):
+            raise _Decline
+        if b.id not in var_of_buf:
+            var_of_buf[b.id] = f"x{len(bufs)}"
+            bufs.append(b)
+        var[id(v)] = var_of_buf[b.id]
+        return var[id(v)]
+
+    stmts, descs = [], []
+    try:
+        for bop in body.ops:
+            if bop.name == "const":
+                continue
+            used = bop.operands[:1] if bop.name == "CastLike" else bop.operands
+            args = [None if v is None else ref(v) for v in used]
+            dts = [None if v is None else v.type.dtype for v in used]
+            r = bop.results[0]
+            expr = op_expr(bop.name, bop.attrs, args, dts, r.type.dtype)
+            if bop.name in ("Cast", "CastLike"):
+                expr = _round_through_storage(expr, r.type.dtype)
+            v = f"t{len(stmts)}"
+            stmts.append((compute_type(r.type.dtype), v, expr))
+            var[id(r)] = v
+            descs.append(describe_op(bop))
+    except _Decline:
+        return None
+    outs = [(ctx.out(i), var[id(r)]) for i, r in enumerate(body.results)]
+    params = elementwise_params(bufs, shape, stmts, outs)
+    names = "_".join(dict.fromkeys(b.name.lower() for b in body.ops if b.name != "const"))[:40]
+    k = L.kernel("elementwise.cu.j2", "fused_ew_" + names, params)
+    k.add_op(f"fused elementwise group of {len(descs)} ops -> " + ", ".join(f"%{r.name}" for r in op.results))
+    for d in descs:
+        k.add_op(d)
+    n = max(1, outs[0][0].numel)
+    ctx.launch(k, ctx.grid1d(n), 256, [*bufs, *(b for b, _ in outs), ctx.i64(outs[0][0].numel)])
+    return True
+
+
+class _Decline(Exception):
+    pass
