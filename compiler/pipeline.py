@@ -42,7 +42,13 @@ DEFAULT_PIPELINE = [
                         # folded trip counts. The CUDA backend has no control flow, so both precede it
     "fold-constants",   # again: unrolled copies and inlined branches leave all-constant chains
     "canonicalize",     # needs folded constants to see no-op Reshape/Expand/Cast
-    "dce",              # sweeps what folding and canonicalisation left unused
+    # cleanups: after fold-constants/inline-if/unroll-loops (their constants and flattened graph)
+    # and before any fusion pass
+    "simplify",         # after canonicalize (which merged Reshape/Transpose pairs): Dropout, exact
+                        # Cast round trips, view chains; before cse so that the copies it unwraps merge
+    "cse",              # before fold-batchnorm: two equal BNs reading one conv would block the fold
+    "fold-batchnorm",   # needs the BN parameters folded to consts; its new weights are unique
+    "dce",              # sweeps what folding, canonicalisation and the cleanups left unused
     # fusion: after the cleanups (cse, fold-batchnorm, simplify: BN must already be in the conv's
     # weights and bias for conv+bias+act+residual chains to be visible) and, at fp16/bf16, after
     # the precision passes (see FUSION_PASSES). fuse-epilogue comes before fuse-elementwise, which
