@@ -40,9 +40,10 @@ from typing import Callable, Optional, Sequence
 
 from ..ir.errors import NncError
 from . import nvrtc_worker
+from .options import env_cache_dir, env_cuda_include, env_nvcc
+from .target import DEFAULT_ARCH, default_arch, normalize_arch  # noqa: F401  (arch spelling and GPU detection)
 
-DEFAULT_ARCH = "sm_90"
-CUDA_INCLUDE = os.environ.get("NNC_CUDA_INCLUDE", "/usr/local/cuda/include")
+CUDA_INCLUDE = env_cuda_include()
 BACKENDS = ("nvrtc", "nvcc")
 CACHE_FORMAT = 1  # bump when the meaning of a cache entry changes
 ELF_MAGIC = b"\x7fELF"
@@ -68,31 +69,6 @@ class Unit:
 # ---------------------------------------------------------------------------- arch and options
 
 
-def default_arch() -> str:
-    """sm_XY of GPU 0 when one is present (never raises), else sm_90."""
-    try:
-        from ..runtime import gpu_available
-        if gpu_available():
-            import cupy
-            return f"sm_{cupy.cuda.Device(0).compute_capability}"
-    except Exception:
-        pass
-    return DEFAULT_ARCH
-
-
-def normalize_arch(arch) -> str:
-    if arch is None:
-        return default_arch()
-    a = str(arch).strip().lower()
-    for p in ("compute_", "sm_", "sm"):
-        if a.startswith(p):
-            a = a[len(p):]
-    a = a.replace(".", "")
-    if not a[:2].isdigit() or not a.isalnum():
-        raise CompileError(f"bad arch {arch!r}: expected e.g. sm_90 or 90")
-    return f"sm_{a}"
-
-
 def _include_dirs() -> list[str]:
     dirs = [CUDA_INCLUDE]
     try:  # the pip NVRTC/cuda headers when the toolkit is not installed
@@ -114,7 +90,7 @@ def nvrtc_options(arch: str, extra=()) -> list[str]:
 
 
 def nvcc_path() -> str:
-    return os.environ.get("NNC_NVCC") or shutil.which("nvcc") or "/usr/local/bin/nvcc"
+    return env_nvcc() or shutil.which("nvcc") or "/usr/local/bin/nvcc"
 
 
 def nvcc_command(arch: str, src: str, out: str, extra=()) -> list[str]:
@@ -223,11 +199,8 @@ def _atomic_write(p: Path, data: bytes) -> None:
 
 
 def default_cache_dir() -> Path:
-    """$NNC_CACHE_DIR, else $XDG_CACHE_HOME/nnc, else ~/.cache/nnc."""
-    if os.environ.get("NNC_CACHE_DIR"):
-        return Path(os.environ["NNC_CACHE_DIR"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache") / "nnc"
+    """$NNC_CACHE_DIR, else $XDG_CACHE_HOME/nnc, else ~/.cache/nnc (codegen/options.py reads them)."""
+    return env_cache_dir()
 
 
 def cache_key(source: str, backend: str, arch: str, opts: Sequence[str], memo_dir=None,

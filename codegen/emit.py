@@ -27,7 +27,10 @@ from ..outdir import staged_dir
 from ..progress import current, stage
 from . import cuda
 from .init_phase import INIT_KIND, PERSISTENT
-from .lower import Buffer, Plan, Scalar, lower
+from .lower import lower
+from .options import CodegenOptions, LowerOptions
+from .plan import Buffer, Plan, Scalar
+from .target import Target, resolve_target
 from .escape import is_c_identifier
 from .render import render
 from .units import make_units
@@ -84,7 +87,7 @@ def weights_blob(plan: Plan) -> bytes:
 
 
 def plan_to_json(plan: Plan, *, arch: str, precision: str, tf32: bool, passes, weights_sha: str,
-                 source_sha: str, backend: str, cubins: list = ()) -> dict:
+                 source_sha: str, backend: str, cubins: list = (), target: Optional[Target] = None) -> dict:
     outputs = [_io(plan, b) for b in plan.outputs]
     # readback launches name the output they size
     def launch_json(l) -> dict:
@@ -107,6 +110,9 @@ def plan_to_json(plan: Plan, *, arch: str, precision: str, tf32: bool, passes, w
     return {
         "version": PLAN_VERSION,
         "arch": arch,
+        # the device limits lowering assumed (codegen/target.py): the table's for an explicit
+        # --arch (cross-compiling), else the GPU's own
+        "target": (target or plan.options.target).to_json(),
         "precision": precision,
         "tf32": bool(tf32),
         "backend": backend,
@@ -199,17 +205,24 @@ def render_sources(plan: Plan, module_name: str, arch: str, precision: str,
 
 def compile_to_dir(module: Module, out_dir, arch: Optional[str] = None, precision: str = "fp32",
                    tf32: bool = False, backend: str = "nvrtc", passes=None, name: str = "model",
-                   base_plan: Optional[dict] = None, no_cache: bool = False, jobs: Optional[int] = None) -> dict:
+                   base_plan: Optional[dict] = None, no_cache: bool = False, jobs: Optional[int] = None,
+                   *, options: Optional[CodegenOptions] = None) -> dict:
     """Lowers `module` (static shapes), writes the model directory and returns the plan dict
-    (JSON-ready). `base_plan`: fields of the caller's plan to keep (e.g. "passes"). no_cache:
-    neither read nor write the cubin cache (codegen/cuda.py); jobs: compile processes (default:
-    the CPUs)."""
+    (JSON-ready). `base_plan`: fields of the caller's plan to keep (e.g. "passes").
+    options: a CodegenOptions (codegen/options.py: the Target, precision, tf32, the CUDA compiler,
+    cache, jobs); without one it is made from the keyword arguments: arch (None: the GPU present,
+    else sm_90; codegen/target.py), no_cache (neither read nor write the cubin cache,
+    codegen/cuda.py), jobs (compile processes, default: the CPUs)."""
+    if options is None:
+        options = CodegenOptions(LowerOptions(resolve_target(arch), precision, tf32), backend,
+                                 cache=not no_cache, jobs=jobs)
+    lo = options.lower
+    arch, precision, tf32, backend = lo.arch, lo.precision, lo.tf32, options.backend
     if passes is None and base_plan:
         passes = base_plan.get("passes")
     final = Path(out_dir)
-    arch = cuda.normalize_arch(arch)
     with stage("lowering"):  # stage times: `nnc compile -v` (see nnc.progress)
-        plan = lower(module, {"arch": arch, "precision": precision, "tf32": bool(tf32)})
+        plan = lower(module, lo)
     blob = weights_blob(plan)  # before rendering: the C API checks its sha256 at create
     wsha = hashlib.sha256(blob).hexdigest()
     with stage("render"):
@@ -218,7 +231,7 @@ def compile_to_dir(module: Module, out_dir, arch: Optional[str] = None, precisio
     source_sha = hashlib.sha256((arch + backend + src).encode()).hexdigest()
     # written into a fresh directory renamed into place (nnc/outdir.py): all or nothing, no symlinks
     with staged_dir(final) as out:
-        cubin_entries = _build_cubins(out, plan, arch, backend, no_cache, jobs)
+        cubin_entries = _build_cubins(out, plan, arch, backend, not options.cache, options.jobs)
         for fname, text in sources.items():
             (out / fname).write_text(text)
         (out / "weights.bin").write_bytes(blob)
@@ -228,7 +241,7 @@ def compile_to_dir(module: Module, out_dir, arch: Optional[str] = None, precisio
             module.weights.save(out / "ir" / "final")
         ir_sha = ir_hashes(out / "ir")  # what the reference backend loads (nnc.integrity)
         pj = plan_to_json(plan, arch=arch, precision=precision, tf32=tf32, passes=passes, weights_sha=wsha,
-                          source_sha=source_sha, backend=backend, cubins=cubin_entries)
+                          source_sha=source_sha, backend=backend, cubins=cubin_entries, target=lo.target)
         pj = json.loads(json.dumps(pj, default=_json_default))
         pj["name"], pj["c_api_prefix"] = name, c_api_prefix(name)
         pj["ir_sha256"] = ir_sha

@@ -67,7 +67,7 @@ def _align(n: int, a: int) -> int:
 
 def place_persistent(plan, align: int) -> int:
     """Offsets of the init buffers (roots) in the persistent region; returns its size in bytes."""
-    from .lower import Buffer
+    from .plan import Buffer
     used = {id(plan.root(a)) for l in plan.init_launches + plan.launches for a in l.args
             if isinstance(a, Buffer)}
     off = 0
@@ -86,7 +86,8 @@ def place_persistent(plan, align: int) -> int:
 
 def check(plan) -> None:
     """Internal invariants of the init phase (a violation is a compiler bug, reported as one)."""
-    from .lower import Buffer, LoweringError
+    from .errors import LoweringError
+    from .plan import Buffer
     for l in plan.init_launches:
         if l.kind not in ("kernel", "memcpy"):
             raise LoweringError(f"internal: init-phase launch of kind {l.kind!r} ({l.op})")

@@ -62,7 +62,7 @@ def launch_sequence(plan) -> list:
 def liveness(plan) -> tuple[dict[int, int], dict[int, int]]:
     """Root buffer id -> index (in launch_sequence) of the first / last launch that names the
     buffer or a view of it."""
-    from .lower import Buffer
+    from .plan import Buffer
     first: dict[int, int] = {}
     last: dict[int, int] = {}
     for t, l in enumerate(launch_sequence(plan)):

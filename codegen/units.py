@@ -20,11 +20,11 @@ sets it) units have no fallback, so a kernel whose trimmed prelude lacks a piece
 from __future__ import annotations
 
 import functools
-import os
 import re
 from typing import Sequence
 
 from .cuda import Unit
+from .options import env_strict_prelude
 from .render import env, render
 
 # a unit closes at either bound (a kernel larger than MAX_UNIT_CHARS is a unit alone)
@@ -97,7 +97,7 @@ def group(kernels: Sequence) -> list[list]:
 def make_units(kernels: Sequence) -> list[Unit]:
     """Compile units for kernels (objects with .name and .source, e.g. codegen.lower.Kernel)."""
     groups = group(kernels)
-    full = None if os.environ.get("NNC_STRICT_PRELUDE") else prelude()
+    full = None if env_strict_prelude() else prelude()
     units = []
     for i, g in enumerate(groups):
         body = "\n".join(k.source for k in g)

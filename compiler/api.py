@@ -120,6 +120,15 @@ class CompileOptions:
     def generates_cuda(self) -> bool:
         return self.backend == "cuda" if self.codegen is None else bool(self.codegen)
 
+    def codegen_options(self, target=None):
+        """The typed options code generation runs with (nnc.codegen.options.CodegenOptions).
+        target: the codegen.target.Target already resolved from `arch` (None: resolve it now)."""
+        from .codegen.options import CodegenOptions, LowerOptions
+        from .codegen.target import resolve_target
+        t = resolve_target(self.arch) if target is None else target
+        return CodegenOptions(LowerOptions(t, self.precision, self.tf32), self.cuda_compiler,
+                              cache=self.cache, jobs=self.jobs)
+
     def compile_kwargs(self) -> dict:
         """The keyword arguments of nnc.compile.compile_model for these options."""
         kw = dict(shapes={k: list(v) for k, v in self.shapes}, arch=self.arch, precision=self.precision,
@@ -233,12 +242,15 @@ def _to_numpy(name: str, x) -> np.ndarray:
 
 
 class ReferenceModule(Module):
-    """Runs OUT/ir/final.nnir with the numpy interpreter (nnc.ir.interp): no GPU needed.
-    Its inputs/outputs come from that IR, so symbolic dims stay symbolic (bound per run)."""
+    """Runs OUT/ir/final.nnir with the numpy reference semantics: no GPU needed.
+    in_arena (None: when plan.json has steps, i.e. code was generated): execute the plan itself on
+    the CPU (nnc.codegen.plan_exec: every value at its plan offset in one byte arena, temporaries
+    poisoned, so a wrong plan gives wrong answers); False: the plain interpreter (nnc.ir.interp),
+    whose inputs/outputs come from the IR, so symbolic dims stay symbolic (bound per run)."""
 
     backend = "reference"
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, in_arena: Optional[bool] = None):
         from .cli import load_ir
         from .driver import io_entry
         self.dir = Path(out_dir)
@@ -254,6 +266,15 @@ class ReferenceModule(Module):
         main = self.ir.main
         self._io = {"inputs": [io_entry(a) for a in main.args], "outputs": [io_entry(r) for r in main.results]}
         self.plan = plan if plan is not None else dict(self._io)
+        self.executor = None  # the plan executor, when running in the arena
+        if in_arena or (in_arena is None and plan is not None and "steps" in plan):
+            from .codegen.plan_exec import PlanExecutor
+            self.executor = PlanExecutor.from_dir(self.dir, plan, self.ir)
+            self._io = {k: plan[k] for k in ("inputs", "outputs")}  # the plan's static shapes
+
+    @property
+    def in_arena(self) -> bool:
+        return self.executor is not None
 
     def _io_entries(self, kind):
         return self._io[kind]
@@ -270,7 +291,7 @@ class ReferenceModule(Module):
             raise InputError(f"run(inputs): expected a dict {{input name: array}}, given {type(inputs).__name__}")
         sel = self._selected(outputs)
         feed = {k: _to_numpy(k, v) for k, v in inputs.items()}
-        res = Interpreter(self.ir).run(feed)
+        res = self.executor.run(feed) if self.executor is not None else Interpreter(self.ir).run(feed)
         got = {n: np.asarray(res[n]) for n in sel}
         if output == "cupy":
             from .runtime import require_gpu
@@ -282,16 +303,19 @@ class ReferenceModule(Module):
 # ---------------------------------------------------------------------------- entry points
 
 
-def load(out, backend: str = "cuda") -> Module:
+def load(out, backend: str = "cuda", *, in_arena: Optional[bool] = None) -> Module:
     """Loads a directory written by `nnc compile` / nnc.compile. backend "cuda" needs a CUDA GPU
-    (an NncError says so when there is none); "reference" runs ir/final.nnir with numpy."""
+    (an NncError says so when there is none); "reference" runs ir/final.nnir with numpy, by default
+    inside the plan's arena when plan.json has steps (in_arena: see ReferenceModule)."""
     if backend not in BACKENDS:
         raise NncError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, not {backend!r}")
     out = Path(out)
     if not out.is_dir():
         raise NncError(f"{out}: no such directory")
     if backend == "reference":
-        return ReferenceModule(out)
+        return ReferenceModule(out, in_arena=in_arena)
+    if in_arena is not None:
+        raise NncError("in_arena chooses how the reference backend runs; not with backend='cuda'")
     from .runtime import Module as CudaModule
     return CudaModule(out)
 
@@ -341,7 +365,7 @@ def compile(model, shapes=None, precision: str = "fp32", out=None, backend: str 
     src = _model_arg(model)
     tmp = tempfile.mkdtemp(prefix="nnc_compile_") if out is None else None
     try:
-        compile_model(src, tmp or out, **opts.compile_kwargs())
+        compile_model(src, tmp or out, options=opts)
         m = load(tmp or out, backend=opts.backend)
     except BaseException:
         if tmp:

@@ -91,7 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="directory written by `nnc compile`")
     p.add_argument("--inputs", help=".npz file keyed by input name")
     p.add_argument("--backend", choices=["reference", "cuda"], default="reference",
-                   help="reference: numpy interpreter on ir/final.nnir; cuda: the generated kernels")
+                   help="reference: numpy reference semantics (by default inside the planned arena, see "
+                        "--in-arena); cuda: the generated kernels")
+    arena = p.add_mutually_exclusive_group()
+    arena.add_argument("--in-arena", dest="arena", action="store_const", const=True, default=None,
+                       help="reference backend: execute the plan itself on the CPU, every value at its "
+                            "plan.json offset in one byte arena, temporaries poisoned, so a wrong plan gives "
+                            "wrong answers (the default when plan.json has steps; an error when it has none)")
+    arena.add_argument("--no-arena", dest="arena", action="store_const", const=False,
+                       help="reference backend: the plain interpreter on ir/final.nnir (values in their own arrays)")
     p.add_argument("--save", help="write outputs to this .npz (keys: output names)")
     p.add_argument("--seed", type=int, default=0, help="seed for random inputs")
     p.add_argument("--allow-nonfinite", action="store_true",
@@ -219,12 +227,14 @@ def cmd_opt(args) -> int:
 
 
 def cmd_compile(args) -> int:
+    from .api import CompileOptions, normalize_shapes
     from .driver import compile_model
     t0 = time.perf_counter()
-    plan = compile_model(args.model, args.out, shapes=args.shapes, arch=args.arch, precision=args.precision,
-                         tf32=args.tf32, backend=args.backend, codegen=not args.no_codegen,
-                         verify_each=args.verify_each, dump_ir=args.dump_ir, name=args.name,
-                         no_cache=args.no_cache, jobs=args.jobs)
+    opts = CompileOptions(shapes=normalize_shapes(args.shapes), precision=args.precision, arch=args.arch,
+                          tf32=args.tf32, name=args.name, backend="reference" if args.no_codegen else "cuda",
+                          codegen=not args.no_codegen, cuda_compiler=args.backend, verify_each=args.verify_each,
+                          cache=not args.no_cache, jobs=args.jobs)
+    plan = compile_model(args.model, args.out, dump_ir=args.dump_ir, options=opts)
     wall = time.perf_counter() - t0
     n_k = len(plan.get("kernels", []))
     print(f"compiled {args.model} -> {args.out} ({len(plan['inputs'])} inputs, {len(plan['outputs'])} outputs, "
@@ -280,7 +290,14 @@ def cmd_run(args) -> int:
     else:
         feed = _random_inputs(plan, args.seed)
     t0 = time.perf_counter()
-    if args.backend == "reference":
+    how = args.backend
+    if args.arena is not None and args.backend != "reference":
+        raise NncError("--in-arena / --no-arena choose how the reference backend runs; not with --backend cuda")
+    if args.backend == "reference" and (args.arena or (args.arena is None and "steps" in plan)):
+        from .codegen.plan_exec import PlanExecutor  # the plan run on the CPU (codegen/plan_exec.py)
+        res = PlanExecutor.from_dir(out).run(feed)
+        how = "reference in the plan's arena"
+    elif args.backend == "reference":
         from .integrity import check_ir
         from .ir.interp import Interpreter
         check_ir(out, plan)  # ir/final.* as plan.json recorded them
@@ -304,7 +321,7 @@ def cmd_run(args) -> int:
             if n_nan or n_inf:
                 nonfinite.append(f"output {k!r} has {n_nan} NaN and {n_inf} inf of {v.size} values")
         print(f"{k}: {v.dtype} {list(v.shape)}{stats}")
-    print(f"({args.backend}, {dt * 1e3:.1f} ms)")
+    print(f"({how}, {dt * 1e3:.1f} ms)")
     if args.save:
         np.savez(args.save, **{k: np.asarray(v) for k, v in res.items()})
     for line in nonfinite:

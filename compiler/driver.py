@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
-from .codegen.cuda import normalize_arch
+from .api import CompileOptions, normalize_shapes
+from .codegen.target import resolve_target
 from .integrity import ir_hashes
 from .codegen.escape import c_identifier, is_c_identifier
 from .ir.errors import NncError
@@ -22,7 +24,7 @@ from .ir.printer import print_module
 from .ir.symbolic import fmt
 from .ir.verify import verify
 from . import progress
-from .pipeline import DEFAULT_PIPELINE, Pipeline, count_ops
+from .pipeline import DEFAULT_PIPELINE, FUSION_PASSES, Pipeline, count_ops
 
 
 def io_entry(v) -> dict:
@@ -34,7 +36,9 @@ def pipeline_passes(precision: str = "fp32") -> list[str]:
     """The pass list `nnc compile` runs at this precision (`nnc verify` runs the same one)."""
     passes = list(DEFAULT_PIPELINE)
     if precision in ("fp16", "bf16"):
-        passes += [f"to-{precision}", "canonicalize", "dce"]
+        # before the fusion passes: to-fp16 would run a fused op's body at f32 (casts around it)
+        at = next((i for i, p in enumerate(passes) if p in FUSION_PASSES), len(passes))
+        passes[at:at] = [f"to-{precision}", "canonicalize", "dce"]
     return passes
 
 
@@ -53,35 +57,46 @@ def model_name(name, model) -> str:
 @gc_paused  # allocation-heavy: see ir/gc_pause.py
 def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp32", tf32: bool = False,
                   backend: str = "nvrtc", codegen: bool = True, verify_each: bool = False, dump_ir=None,
-                  name=None, no_cache: bool = False, jobs=None) -> dict:
-    """no_cache: neither read nor write the cubin cache (nnc.codegen.cuda); jobs: compile processes."""
-    from .onnx_import import import_model, parse_shapes
+                  name=None, no_cache: bool = False, jobs=None, *, options: Optional[CompileOptions] = None) -> dict:
+    """options: a CompileOptions (nnc.api) carrying everything below; without one it is made from
+    the keyword arguments (backend: the CUDA compiler; no_cache: neither read nor write the cubin
+    cache, nnc.codegen.cuda; jobs: compile processes). dump_ir: a directory for per-pass dumps."""
+    if options is None:
+        options = CompileOptions(shapes=normalize_shapes(shapes), precision=precision, arch=arch, tf32=tf32,
+                                 name=name, backend="cuda" if codegen else "reference", codegen=codegen,
+                                 cuda_compiler=backend, verify_each=verify_each, cache=not no_cache, jobs=jobs)
+    from .onnx_import import import_model
     out = Path(out)
-    name = model_name(name, model)
+    name = model_name(options.name, model)
+    precision = options.precision
     rep = progress.current()
     with rep.stage("import"):
-        module = import_model(model, shapes=parse_shapes(shapes) if isinstance(shapes, str) else shapes)
+        module = import_model(model, shapes={k: list(v) for k, v in options.shapes})
         verify(module)
     if rep.verbose:
         rep.log(f"  import {'':<14} {rep.times['import'] * 1e3:9.1f} ms {count_ops(module):8d} ops")
-    pipe = Pipeline(pipeline_passes(precision), verify_each, Path(dump_ir) if dump_ir else None)
+    pipe = Pipeline(pipeline_passes(precision), options.verify_each, Path(dump_ir) if dump_ir else None)
     pipe.run(module)
+    # the device limits lowering fits kernels to (codegen/target.py): --arch's table entry, else
+    # the GPU present, else sm_90; an unknown arch is an error here, before any work is written
+    target = resolve_target(options.arch)
     plan = {
         "name": name,
-        "arch": normalize_arch(arch),  # the GPU present, else sm_90; validates e.g. "90" -> sm_90
+        "arch": target.arch,
+        "target": target.to_json(),  # what a --no-tune / cross compile assumed about the device
         "inputs": [io_entry(a) for a in module.main.args],
         "outputs": [io_entry(r) for r in module.main.results],
         "passes": [r.name for r in pipe.records],
         "precision": precision,
-        "tf32": tf32,
+        "tf32": options.tf32,
         "kernels": [],
         "memory": {"arena_bytes": 0, "naive_bytes": 0, "peak_live_bytes": 0},
     }
-    if codegen:  # writes ir/, the CUDA files and plan.json (this plan's fields kept)
+    if options.generates_cuda:  # writes ir/, the CUDA files and plan.json (this plan's fields kept)
         from .codegen.emit import compile_to_dir
         with rep.stage("codegen"):  # lowering, render, the CUDA compile and writing OUT
-            return compile_to_dir(module, out, arch=plan["arch"], precision=precision, tf32=tf32,
-                                  backend=backend, base_plan=plan, name=name, no_cache=no_cache, jobs=jobs)
+            return compile_to_dir(module, out, base_plan=plan, name=name,
+                                  options=options.codegen_options(target))
     with rep.stage("write"), staged_dir(out) as tmp:  # all or nothing, see nnc/outdir.py
         (tmp / "ir").mkdir()
         (tmp / "ir" / "final.nnir").write_text(print_module(module))

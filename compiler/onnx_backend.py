@@ -3,6 +3,10 @@ imported IR; device "CUDA" compiles and runs generated kernels (see nnc.runtime)
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
+import weakref
+
 import numpy as np
 import onnx
 from onnx.backend.base import Backend, BackendRep
@@ -10,6 +14,25 @@ from onnx.backend.base import Backend, BackendRep
 from .ir.interp import Interpreter
 from .ir.verify import verify
 from .onnx_import import import_model
+
+
+def compile_module_for_backend(ir_module, arch=None):
+    """Compiles an IR module into a temporary directory and loads it (device CUDA). Here, not in
+    the runtime: the runtime loads and runs, it never compiles."""
+    from .codegen.emit import compile_to_dir
+    from .pipeline import run_passes
+    from .runtime import Module
+    run_passes(ir_module)  # flattens If/Loop/Scan where static: the CUDA plan has no control flow
+    d = tempfile.mkdtemp(prefix="nnc_backend_")
+    try:
+        compile_to_dir(ir_module, d, arch=arch)
+        m = Module(d)
+    except Exception:
+        shutil.rmtree(d, ignore_errors=True)
+        raise
+    m._tmpdir = d
+    weakref.finalize(m, shutil.rmtree, d, True)  # the backend's scratch directory goes with the module
+    return m
 
 
 SPECIALIZE_MAX_ELEMENTS = 64  # inputs at most this big may be baked in as constants (CUDA)
@@ -104,7 +127,6 @@ class NncRep(BackendRep):
         constants, folded, and the model is compiled for their values (cached by value). Data
         inputs stay inputs, so their computation still runs as kernels."""
         from .ir.errors import NncError
-        from .runtime import compile_module_for_backend
         if self._cuda is None and self._static_error is None:
             try:
                 self._cuda = compile_module_for_backend(self.module)

@@ -8,14 +8,14 @@ cupy is imported lazily: importing nnc (or this module) never needs a GPU.
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from . import api
+from .codegen.dtypes import BY_NP_NAME, SCALAR_NP
+from .codegen.target import gpu_present
 from .integrity import check_bytes, check_file
 from .ir.errors import InputError, NncError
 
@@ -42,12 +42,9 @@ def require_gpu():
 
 
 def gpu_available() -> bool:
-    """True when cupy imports and sees at least one CUDA device. Never raises."""
-    try:
-        require_gpu()
-        return True
-    except Exception:
-        return False
+    """True when cupy imports and sees at least one CUDA device. Never raises (the one detection,
+    codegen/target.py's, which the compile side uses too)."""
+    return gpu_present()
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -56,10 +53,9 @@ def _np_dtype(name: str) -> np.dtype:
 
 
 # ml_dtypes types cupy lacks: they live on the device as their raw bytes (bf16 as uint16 bit
-# patterns, the narrow ones one byte an element, bit-identical to the ml_dtypes numpy layout)
-_RAW = {"bfloat16": np.uint16, "float8_e4m3fn": np.uint8, "float8_e4m3fnuz": np.uint8,
-        "float8_e5m2": np.uint8, "float8_e5m2fnuz": np.uint8, "float8_e8m0fnu": np.uint8,
-        "float4_e2m1fn": np.uint8, "int4": np.uint8, "uint4": np.uint8, "int2": np.uint8, "uint2": np.uint8}
+# patterns, the narrow ones one byte an element, bit-identical to the ml_dtypes numpy layout):
+# numpy name -> that raw dtype, from the one dtype table (codegen/dtypes.py)
+_RAW = {n: row.device_np for n, row in BY_NP_NAME.items() if row.raw_on_device}
 
 
 def _dev_dtype(name: str):
@@ -95,6 +91,11 @@ class Module(api.Module):
         self._launches = []
         self._init_launches = []  # the load-time init phase, run once (_run_init)
         optin = {}
+        # shared memory a block gets without opting in: the plan's Target (older plans: 48 KB)
+        tgt = p.get("target")
+        smem_default = tgt.get("smem_per_block") if isinstance(tgt, dict) else None
+        if isinstance(smem_default, bool) or not isinstance(smem_default, int) or smem_default <= 0:
+            smem_default = 48 * 1024
         for init, l in [(True, l) for l in p.get("init_launches", [])] + [(False, l) for l in p["launches"]]:
             args = []
             for a in l["args"]:
@@ -102,11 +103,10 @@ class Module(api.Module):
                     b = self.buffers[a["buf"]]
                     args.append(("buf", b["region"], b["index"], b["offset"]))
                 else:
-                    t = {"int64_t": np.int64, "int32_t": np.int32, "float": np.float32,
-                         "double": np.float64}[a["type"]]
+                    t = SCALAR_NP[a["type"]]
                     args.append(("val", t(a["value"]), 0, 0))
             f = self.funcs.get(l["kernel"]) if l["kind"] == "kernel" else None
-            if f is not None and l["smem"] > max(48 * 1024, optin.get(l["kernel"], 0)):
+            if f is not None and l["smem"] > max(smem_default, optin.get(l["kernel"], 0)):
                 f.max_dynamic_shared_size_bytes = l["smem"]  # opt in (the largest launch of this kernel wins)
                 optin[l["kernel"]] = l["smem"]
             kind, grid = l["kind"], tuple(l["grid"])
@@ -336,21 +336,3 @@ def _coop_grid(f, grid, block, smem) -> tuple:
 def load(out_dir) -> Module:
     """Loads a compiled model directory onto the current CUDA device."""
     return Module(out_dir)
-
-
-def compile_module_for_backend(ir_module, arch=None) -> Module:
-    """Compiles an IR module into a temporary directory and loads it (onnx_backend device CUDA)."""
-    from .codegen.emit import compile_to_dir
-    from .pipeline import run_passes
-    run_passes(ir_module)  # flattens If/Loop/Scan where static: the CUDA plan has no control flow
-    d = tempfile.mkdtemp(prefix="nnc_backend_")
-    try:
-        compile_to_dir(ir_module, d, arch=arch)
-        m = Module(d)
-    except Exception:
-        shutil.rmtree(d, ignore_errors=True)
-        raise
-    m._tmpdir = d
-    import weakref
-    weakref.finalize(m, shutil.rmtree, d, True)  # the backend's scratch directory goes with the module
-    return m

@@ -7,19 +7,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import KERNEL_FAMILY_TYPES
+from ..target import ARCHS, DEFAULT_ARCH
+
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "templates"
 
 # There is ONE jinja2 environment: codegen/render.py's (trim_blocks + lstrip_blocks). The gemm*/conv*
 # templates are written for it (own-line {% %} tags vanish; a `+%}` keeps the newline after an inline tag).
 
-# onnx-ish dtype name -> (C type, bytes, 2-vector C type)
-CTYPES = {
-    "float16": ("__half", 2, "__half2"),
-    "bfloat16": ("__nv_bfloat16", 2, "__nv_bfloat162"),
-    "float32": ("float", 4, "float2"),
-}
+# numpy dtype name -> (C type, bytes, 2-vector C type): the GEMM/conv dtypes of codegen/dtypes.py
+CTYPES = KERNEL_FAMILY_TYPES
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "sigmoid", "tanh", "silu", "leaky_relu", "clip")
-MAX_SMEM = 227 * 1024  # H100 opt-in dynamic shared memory per block
+# the Target when a caller names none (tests, tools/bench_gemm_conv.py): the sm_90 table entry
+DEFAULT_TARGET = ARCHS[DEFAULT_ARCH]
+MAX_SMEM = DEFAULT_TARGET.smem_per_block_optin  # old name; kernels read target.smem_per_block_optin
 
 
 @dataclass
@@ -88,7 +89,7 @@ def load_cubin(cubin: bytes, spec: KernelSpec):
     mod.load(cubin)
     fn = mod.get_function(spec.name)
     _MODULES.append(mod)  # keep the module alive with its function
-    if spec.smem > 48 * 1024:
+    if spec.smem > DEFAULT_TARGET.smem_per_block:  # beyond the default: opt in
         from cupy_backends.cuda.api import driver
         driver.funcSetAttribute(fn.ptr, 8, spec.smem)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
     return fn

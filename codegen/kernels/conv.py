@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .common import CTYPES, MAX_SMEM, KernelSpec, act_ctx, cdiv, kernel_name, render as _render
+from ..target import Target
+from .common import CTYPES, DEFAULT_TARGET, KernelSpec, act_ctx, cdiv, kernel_name, render as _render
 from .gemm import GROUP_M, _tc_smem
 
 MMA = {"float16": "f16", "bfloat16": "bf16", "float32": "tf32"}
@@ -94,7 +95,7 @@ IGEMM_TF32_SPACE = [(128, 128, 16, 2, 2, 4), (128, 64, 32, 2, 2, 3), (64, 64, 32
 DIRECT_SPACE = [(128, 1), (256, 1), (128, 2), (128, 4), (256, 4)]
 
 
-def candidates(problem: ConvProblem, kind: str | None = None) -> list[dict]:
+def candidates(problem: ConvProblem, kind: str | None = None, target: Target = DEFAULT_TARGET) -> list[dict]:
     kind = kind or ("igemm" if problem.igemm_ok() else "direct")
     if kind == "direct":
         return [dict(NT=nt, OPT=o) for nt, o in DIRECT_SPACE if o <= max(1, problem.Q)]
@@ -104,7 +105,7 @@ def candidates(problem: ConvProblem, kind: str | None = None) -> list[dict]:
     out = []
     for bm, bn, bk, wm, wn, st in space:
         p = dict(BM=bm, BN=bn, BK=bk, WARPS_M=wm, WARPS_N=wn, STAGES=st)
-        if _tc_smem(p, elem, True, True) > MAX_SMEM:
+        if _tc_smem(p, elem, True, True) > target.smem_per_block_optin:
             continue
         if bn > max(64, 1 << max(0, problem.KG - 1).bit_length()) or bm > max(64, 1 << max(0, m - 1).bit_length()):
             continue
@@ -112,17 +113,18 @@ def candidates(problem: ConvProblem, kind: str | None = None) -> list[dict]:
     return out or [dict(BM=64, BN=64, BK=32, WARPS_M=2, WARPS_N=2, STAGES=3)]
 
 
-def default_params(problem: ConvProblem, kind: str | None = None) -> dict:
+def default_params(problem: ConvProblem, kind: str | None = None, target: Target = DEFAULT_TARGET) -> dict:
     kind = kind or ("igemm" if problem.igemm_ok() else "direct")
-    cands = candidates(problem, kind)
+    cands = candidates(problem, kind, target)
+    sms = target.sm_count
     if kind == "direct":
         return cands[0]
     m = problem.N * problem.P * problem.Q
 
     def score(p):
         ctas = cdiv(m, p["BM"]) * cdiv(problem.KG, p["BN"]) * problem.groups
-        waves = ctas / 132
-        util = min(1.0, waves) * (waves / cdiv(ctas, 132))
+        waves = ctas / sms
+        util = min(1.0, waves) * (waves / cdiv(ctas, sms))
         waste = problem.KG / (cdiv(problem.KG, p["BN"]) * p["BN"])
         return util * waste * (1.0 + 0.15 * p["BM"] * p["BN"] / (128 * 128))
 

@@ -31,7 +31,7 @@ IM2COL_MAX_BYTES = 512 << 20
 
 def conv_params_for(ctx: LowerCtx, problem: conv.ConvProblem, kind: str) -> dict:
     """Tile parameters (heuristic for now; `conv.candidates(problem, kind)` is the tuning space)."""
-    return conv.default_params(problem, kind)
+    return conv.default_params(problem, kind, ctx.target)
 
 
 def _geometry_2d(x_shape, w_shape):
@@ -130,7 +130,7 @@ def _conv(ctx: LowerCtx):
     gp = gemm.GemmProblem(KG, PQ, CG * RS, dtype=dt, batch=(N, groups), stride_a=(0, KG * CG * RS),
                           stride_b=(C * RS * PQ, CG * RS * PQ), stride_d=(K * PQ, KG * PQ),
                           has_c=bias is not None, c_dtype=dt, ldc_m=1, ldc_n=0, stride_c=(0, KG), beta=1.0)
-    if not f32_worth_it(gp):  # too few FFMA CTAs: the fallback measured faster (H100, resnet18 l3/l4 at b8)
+    if not f32_worth_it(gp, ctx.target):  # too few FFMA CTAs: the fallback measured faster (H100, resnet18 l3/l4 at b8)
         return None
     if col_bytes > IM2COL_MAX_BYTES or not gemm_ok(gp):
         return _emit_direct(ctx, pr, x, w, y, bias)

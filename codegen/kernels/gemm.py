@@ -8,16 +8,18 @@ ldmatrix + cp.async multi-stage pipeline) and templates/gemm_f32.cu.j2 (fp32 FFM
 Batch: z runs over B0*B1; operand X's offset is (z // B1) * sX[0] + (z % B1) * sX[1] (elements), so a
 stride of 0 broadcasts. `matmul_problem()` builds this from ONNX MatMul shapes (numpy broadcasting).
 
-API:  candidates(problem) -> list[dict];  render(problem, params=None) -> KernelSpec;
-      default_params(problem) -> dict.
+API:  candidates(problem, target) -> list[dict];  render(problem, params=None) -> KernelSpec;
+      default_params(problem, target) -> dict. target: the codegen/target.py Target the tiles are
+      fitted to (shared memory, SM count; default: the sm_90 table entry).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .common import CTYPES, MAX_SMEM, KernelSpec, act_ctx, cdiv, kernel_name, render as _render
+from ..target import Target
+from .common import CTYPES, DEFAULT_TARGET, KernelSpec, act_ctx, cdiv, kernel_name, render as _render
 
-NUM_SMS = 132
+NUM_SMS = DEFAULT_TARGET.sm_count  # old name; the heuristics read target.sm_count
 
 
 @dataclass(frozen=True)
@@ -160,12 +162,12 @@ def _tc_smem(p: dict, elem: int, a_kmajor: bool, b_kmajor: bool) -> int:
     return p["STAGES"] * (a + b) * elem
 
 
-def _tc_valid(p: dict, elem: int, tf32: bool) -> bool:
+def _tc_valid(p: dict, elem: int, tf32: bool, max_smem: int) -> bool:
     wtm, wtn = p["BM"] // p["WARPS_M"], p["BN"] // p["WARPS_N"]
     kstep = 8 if tf32 else 16
     return (wtm % 16 == 0 and wtn % 16 == 0 and p["BK"] % kstep == 0 and p["BK"] % (16 // elem) == 0
-            and p["STAGES"] >= 2 and _tc_smem(p, elem, True, True) <= MAX_SMEM
-            and _tc_smem(p, elem, False, False) <= MAX_SMEM)
+            and p["STAGES"] >= 2 and _tc_smem(p, elem, True, True) <= max_smem
+            and _tc_smem(p, elem, False, False) <= max_smem)
 
 
 def _size_ok(tile: int, dim: int) -> bool:
@@ -173,7 +175,7 @@ def _size_ok(tile: int, dim: int) -> bool:
     return tile <= max(64, 1 << max(0, (dim - 1)).bit_length())
 
 
-def candidates(problem: GemmProblem) -> list[dict]:
+def candidates(problem: GemmProblem, target: Target = DEFAULT_TARGET) -> list[dict]:
     fam = problem.family
     out = []
     if fam == "tc":
@@ -181,7 +183,8 @@ def candidates(problem: GemmProblem) -> list[dict]:
         space = TF32_SPACE if problem.dtype == "float32" else TC16_SPACE
         for bm, bn, bk, wm, wn, st in space:
             p = dict(BM=bm, BN=bn, BK=bk, WARPS_M=wm, WARPS_N=wn, STAGES=st)
-            if _tc_valid(p, elem, problem.dtype == "float32") and _size_ok(bm, problem.M) and _size_ok(bn, problem.N):
+            if (_tc_valid(p, elem, problem.dtype == "float32", target.smem_per_block_optin)
+                    and _size_ok(bm, problem.M) and _size_ok(bn, problem.N)):
                 out.append(p)
     else:
         for bm, bn, bk in F32_SPACE:
@@ -195,14 +198,15 @@ def candidates(problem: GemmProblem) -> list[dict]:
     return out
 
 
-def default_params(problem: GemmProblem) -> dict:
+def default_params(problem: GemmProblem, target: Target = DEFAULT_TARGET) -> dict:
     """Heuristic pick (no measurement): the largest tile that still fills ~all SMs, else the most CTAs."""
-    cands = candidates(problem)
+    cands = candidates(problem, target)
+    sms = target.sm_count
 
     def score(p):
         ctas = cdiv(problem.M, p["BM"]) * cdiv(problem.N, p["BN"]) * problem.nbatch
-        waves = ctas / NUM_SMS
-        eff = waves / cdiv(ctas, NUM_SMS) if ctas else 0  # last-wave efficiency
+        waves = ctas / sms
+        eff = waves / cdiv(ctas, sms) if ctas else 0  # last-wave efficiency
         util = min(1.0, waves) * eff
         waste = (problem.M * problem.N) / (cdiv(problem.M, p["BM"]) * p["BM"] * cdiv(problem.N, p["BN"]) * p["BN"])
         return util * waste * (1.0 + 0.15 * (p["BM"] * p["BN"]) / (128 * 128))

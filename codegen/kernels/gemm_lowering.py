@@ -15,14 +15,18 @@ from typing import Optional
 
 from ..lower import Buffer, LowerCtx, lowering
 from . import gemm
-from .common import KernelSpec
+from ..dtypes import KERNEL_FAMILY_TYPES, TABLE
+from ..target import Target
+from .common import DEFAULT_TARGET, KernelSpec
 
 FAST_PRIORITY = 10
-DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+# IR dtype -> the kernel family's dtype name: the GEMM/conv dtypes of codegen/dtypes.py (f32, f16, bf16)
+DTYPES = {short: row.dtype.np_name for short, row in TABLE.items() if row.dtype.np_name in KERNEL_FAMILY_TYPES}
 MAX_GRID_YZ = 65535
 # The fp32 FFMA kernel has no split-K: with fewer CTAs (64x64 tiles) than this it loses to the
 # fallback's 16x16 tiles on H100 (BERT b1 128x768x768: 0.18 ms vs 0.05 ms), so MatMul/Gemm decline.
-F32_MIN_CTAS = gemm.NUM_SMS
+# None: the Target's SM count (one wave); tests set an int to force the FFMA kernel.
+F32_MIN_CTAS: Optional[int] = None
 
 
 def kernel_dtype(*bufs: Optional[Buffer]) -> Optional[str]:
@@ -39,12 +43,12 @@ def aligned(b: Optional[Buffer], nbytes: int = 16) -> bool:
 
 
 def use_tf32(ctx: LowerCtx) -> bool:
-    return bool(ctx.options.get("tf32", False))
+    return ctx.options.tf32
 
 
 def params_for(ctx: LowerCtx, problem) -> dict:
     """Tile parameters for a GEMM problem (heuristic for now; the autotuner will plug in here)."""
-    return gemm.default_params(problem)
+    return gemm.default_params(problem, ctx.target)
 
 
 def emit_spec(ctx: LowerCtx, spec: KernelSpec, bufs: dict) -> None:
@@ -73,10 +77,11 @@ def emit_gemm(ctx: LowerCtx, problem: gemm.GemmProblem, bufs: dict) -> None:
     emit_spec(ctx, spec, bufs)
 
 
-def f32_worth_it(problem: gemm.GemmProblem) -> bool:
+def f32_worth_it(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET) -> bool:
     if problem.family != "f32":
         return True
-    return -(-problem.M // 64) * -(-problem.N // 64) * problem.nbatch >= F32_MIN_CTAS
+    min_ctas = target.sm_count if F32_MIN_CTAS is None else F32_MIN_CTAS
+    return -(-problem.M // 64) * -(-problem.N // 64) * problem.nbatch >= min_ctas
 
 
 def gemm_ok(problem: Optional[gemm.GemmProblem]) -> bool:
@@ -94,7 +99,7 @@ def _matmul(ctx: LowerCtx):
         pr = gemm.matmul_problem(a.shape, b.shape, dt, tf32=use_tf32(ctx) and dt == "float32")
     except ValueError:
         return None
-    if not gemm_ok(pr) or not f32_worth_it(pr):
+    if not gemm_ok(pr) or not f32_worth_it(pr, ctx.target):
         return None
     emit_gemm(ctx, pr, {"A": a, "B": b, "D": y})
     return True
@@ -123,7 +128,7 @@ def _gemm(ctx: LowerCtx):
         kw = dict(has_c=True, c_dtype=dt, ldc_m=cs[1] if cs[0] != 1 else 0, ldc_n=1 if cs[1] != 1 else 0, beta=beta)
     pr = gemm.GemmProblem(M, N, K, dtype=dt, trans_a=ta, trans_b=tb, alpha=alpha,
                           tf32=use_tf32(ctx) and dt == "float32", **kw)
-    if not gemm_ok(pr) or not f32_worth_it(pr):
+    if not gemm_ok(pr) or not f32_worth_it(pr, ctx.target):
         return None
     emit_gemm(ctx, pr, {"A": a, "B": b, "D": y, "C": c})
     return True

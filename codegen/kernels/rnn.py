@@ -14,8 +14,6 @@ several layers in one launch) builds on the persistent form.
 """
 from __future__ import annotations
 
-import os
-
 from ...ir.ops.rnn import _KIND, _num_dirs, activation_slots
 from ..lower import LowerCtx, lowering
 
@@ -31,9 +29,7 @@ def activations(kind: str, a) -> list[list[dict]]:
 
 
 def _stepwise(ctx: LowerCtx) -> bool:
-    if "rnn_stepwise" in ctx.options:
-        return bool(ctx.options["rnn_stepwise"])
-    return os.environ.get("NNC_RNN_STEPWISE", "") not in ("", "0")
+    return ctx.options.rnn_stepwise  # LowerOptions (default: $NNC_RNN_STEPWISE, codegen/options.py)
 
 
 @lowering("RNN", "GRU", "LSTM")
