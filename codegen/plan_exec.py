@@ -129,17 +129,19 @@ class PlanExecutor:
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def from_dir(cls, out_dir) -> "PlanExecutor":
+    def from_dir(cls, out_dir, plan: Optional[dict] = None, module=None) -> "PlanExecutor":
         """A compiled output directory: plan.json, ir/final.* and weights.bin, each checked against
-        the sha256 plan.json records (compiler/integrity.py)."""
+        the sha256 plan.json records (compiler/integrity.py). plan / module: plan.json and
+        ir/final.nnir already read and checked by the caller (nnc.api.ReferenceModule)."""
         from ..cli import load_ir
         from ..integrity import check_bytes, check_ir
         from ..outdir import member
         from ..plan_file import check_against_ir, read_plan
         d = Path(out_dir)
-        plan = read_plan(d)
-        check_ir(d, plan)
-        module = load_ir(d / "ir" / "final.nnir")
+        if plan is None or module is None:
+            plan = read_plan(d)
+            check_ir(d, plan)
+            module = load_ir(d / "ir" / "final.nnir")
         check_against_ir(plan, module.main, d)
         wpath = member(d, plan.get("weights_file", "weights.bin"), "weights_file")
         data = wpath.read_bytes()
@@ -154,7 +156,9 @@ class PlanExecutor:
         import json
         from .emit import _json_default, plan_to_json, weights_blob
         blob = weights_blob(plan)
-        pj = plan_to_json(plan, arch=str(plan.options.get("arch", "sm_90")), precision="", tf32=False, passes=(),
+        opts = plan.options
+        arch = getattr(opts, "arch", None) or (opts.get("arch") if isinstance(opts, dict) else None) or "sm_90"
+        pj = plan_to_json(plan, arch=str(arch), precision="", tf32=False, passes=(),
                           weights_sha="", source_sha="", backend="")
         pj = json.loads(json.dumps(pj, default=_json_default))
         return cls(pj, module, blob, where="<plan>")
