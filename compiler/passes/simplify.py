@@ -1,6 +1,8 @@
-"""Simplification: no-op ops and inverse pairs removed (complements `canonicalize`, which
-already removes Identity, Cast to the same dtype, Reshape∘Reshape, Transpose∘Transpose and
-Reshape/Expand to the operand's own shape; nothing here repeats those).
+"""Simplification: inference Dropout, exact Cast round trips and static view chains removed.
+
+Complements `canonicalize`, which already removes Identity, Cast to the same dtype,
+Reshape∘Reshape, Transpose∘Transpose and Reshape/Expand to the operand's own shape; nothing here
+repeats those.
 
 Rewrites:
 - inference Dropout (`training_mode` absent or a constant false; any ratio): the output is the
