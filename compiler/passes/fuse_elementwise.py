@@ -36,6 +36,7 @@ from nnc.codegen.kernels.fused_elementwise import can_render
 from nnc.codegen.lower import DYNAMIC_OPS
 from nnc.ir.graph import Module, Op
 from nnc.ir.outline import Outliner
+from nnc.ir.outline import _reads  # operands, and the outer values an op's regions read
 
 KIND = "elementwise"
 
@@ -71,11 +72,6 @@ class _Groups:
         self.ops[root].extend(self.ops.pop(other))
         self.parent[other] = root
         del self.shape[other], self.open[other]
-
-
-def _reads(op: Op):
-    from nnc.ir.outline import _reads as reads  # operands and values captured by regions
-    return reads(op)
 
 
 def find_groups(func) -> list[list[Op]]:
