@@ -56,6 +56,13 @@ class PlanExecError(NncError):
     """plan.json cannot be executed as written (malformed, or out of its regions' bounds)."""
 
 
+def _require_steps(plan: dict, where) -> None:
+    if not isinstance(plan.get("steps"), list):
+        raise PlanExecError(f"{where}: has no \"steps\" (written by an older nnc or without code generation): "
+                            "compile with code generation to run the reference backend in the arena, or run "
+                            "the plain interpreter (--no-arena)")
+
+
 class _Buf:
     __slots__ = ("id", "name", "dtype", "np", "shape", "numel", "nbytes", "region", "index", "offset",
                  "root", "dynamic", "touched")
@@ -100,9 +107,7 @@ class PlanExecutor:
         self.module = module
         self.func = module.main
         self._interp = Interpreter(module)  # for region ops (fused bodies): RefCtx.run_region
-        if not isinstance(plan.get("steps"), list):
-            raise PlanExecError(f"{where}: has no \"steps\" (written by an older nnc or without code generation): "
-                                "compile again to run the reference backend in the arena, or run without it")
+        _require_steps(plan, where)
         raw = plan.get("buffers")
         if not isinstance(raw, list):
             raise PlanExecError(f"{where}: \"buffers\" must be a list")
@@ -143,6 +148,7 @@ class PlanExecutor:
             check_ir(d, plan)
             module = load_ir(d / "ir" / "final.nnir")
         check_against_ir(plan, module.main, d)
+        _require_steps(plan, d / "plan.json")  # before weights.bin, which --no-codegen does not write
         wpath = member(d, plan.get("weights_file", "weights.bin"), "weights_file")
         data = wpath.read_bytes()
         if plan.get("weights_sha256"):
