@@ -22,6 +22,7 @@ from __future__ import annotations
 from ..lower import LowerCtx, lowering
 from . import conv, gemm
 from .common import CTYPES
+from .epilogue import NONE, Epilogue
 from .gemm_lowering import (FAST_PRIORITY, MAX_GRID_YZ, aligned, emit_gemm, emit_spec, f32_worth_it, gemm_ok,
                             kernel_dtype, use_tf32)
 from .pool import spatial_pads
@@ -60,20 +61,39 @@ def _to2(v, nd, fill):
     return tuple(v) if nd == 2 else (fill, v[0])
 
 
-def _emit_direct(ctx, pr, x, w, y, bias):
+def _emit_direct(ctx, pr, x, w, y, bias, res=None):
     if pr.N * pr.K > MAX_GRID_YZ:
         return None
     spec = conv.render(pr, conv_params_for(ctx, pr, "direct"), kind="direct")
-    emit_spec(ctx, spec, {"X": x, "W": w, "Y": y, "bias": bias})
+    emit_spec(ctx, spec, {"X": x, "W": w, "Y": y, "bias": bias, "C": res})
     return True
 
 
+def _nchw_gemm_epilogue(dt, bias, res, epi: Epilogue, K: int, KG: int, PQ: int):
+    """GemmProblem epilogue fields and C/bias bindings of a conv run as a batched GEMM writing NCHW
+    (rows: the output channels of group z1, columns: pixels)."""
+    kw = dict(act=epi.act, act_params=epi.act_params)
+    if res is None:  # the bias enters as a per-row C operand (broadcast along the columns)
+        kw.update(has_c=bias is not None, c_dtype=dt, ldc_m=1, ldc_n=0, stride_c=(0, KG), beta=1.0)
+        return kw, {"C": bias}
+    kw.update(has_c=True, c_dtype=dt, ldc_m=PQ, ldc_n=1, stride_c=(K * PQ, KG * PQ), beta=1.0,
+              has_bias=bias is not None, bias_dtype=dt, bias_rows=True, bias_stride_z1=KG)
+    return kw, {"C": res, "bias": bias}
+
+
 @lowering("Conv", priority=FAST_PRIORITY)
-def _conv(ctx: LowerCtx):
+def _conv(ctx: LowerCtx, epi: Epilogue = NONE):
+    """epi: the epilogue of a fused group (codegen/kernels/epilogue_fusion.py); every path below
+    takes bias, residual and activation, none a scale."""
     got = _operands(ctx)
-    if got is None:
+    if got is None or epi.alpha != 1.0 or epi.beta != 1.0:
         return None
     (x, w, y, bias), dt, (N, C, H, W, R, S, nd) = got
+    if epi.bias is not None:  # the op's own bias is already summed into it
+        bias = epi.bias
+    res = epi.residual
+    if kernel_dtype(x, bias, res) != dt or (res is not None and tuple(res.shape) != tuple(y.shape)):
+        return None
     in_sp, out_sp, kernel = list(x.shape[2:]), list(y.shape[2:]), list(w.shape[2:])
     strides = list(ctx.attr("strides") or [1] * nd)
     dil = list(ctx.attr("dilations") or [1] * nd)
@@ -86,29 +106,30 @@ def _conv(ctx: LowerCtx):
     pb, pr_ = _to2(end, nd, 0)
     tf32 = use_tf32(ctx) and dt == "float32"
     pr = conv.ConvProblem(N, C, H, W, K, R, S, stride=(sh, sw), pads=(pt, pl, pb, pr_), dilation=(dh, dw),
-                          groups=groups, dtype=dt, has_bias=bias is not None, tf32=tf32)
+                          groups=groups, dtype=dt, has_bias=bias is not None, tf32=tf32,
+                          has_c=res is not None, act=epi.act, act_params=epi.act_params)
     P, Q = (out_sp[0], out_sp[1]) if nd == 2 else (1, out_sp[0])
     if pr.P != P or pr.Q != Q or C % groups or K % groups or w.shape[1] != C // groups:
         return None
     CG, KG = pr.CG, pr.KG
 
     if CG == 1:  # depthwise (and single-input-channel convs)
-        return _emit_direct(ctx, pr, x, w, y, bias)
+        return _emit_direct(ctx, pr, x, w, y, bias, res)
 
     if R == 1 and S == 1 and (sh, sw) == (1, 1) and (pt, pl, pb, pr_) == (0, 0, 0, 0):
         # pointwise: batched GEMM on NCHW, no layout pass
         HW = H * W
+        kw, cb = _nchw_gemm_epilogue(dt, bias, res, epi, K, KG, HW)
         gp = gemm.GemmProblem(KG, HW, CG, dtype=dt, tf32=tf32, batch=(N, groups), stride_a=(0, KG * CG),
-                              stride_b=(C * HW, CG * HW), stride_d=(K * HW, KG * HW),
-                              has_c=bias is not None, c_dtype=dt, ldc_m=1, ldc_n=0, stride_c=(0, KG), beta=1.0)
+                              stride_b=(C * HW, CG * HW), stride_d=(K * HW, KG * HW), **kw)
         if gemm_ok(gp) and aligned(x):
-            emit_gemm(ctx, gp, {"A": w, "B": x, "D": y, "C": bias})
+            emit_gemm(ctx, gp, {"A": w, "B": x, "D": y, **cb})
             return True
 
     epc = 16 // CTYPES[dt][1]
     if pr.igemm_ok():
         if groups > 1 and CG % epc:
-            return _emit_direct(ctx, pr, x, w, y, bias)
+            return _emit_direct(ctx, pr, x, w, y, bias, res)
         if ctx.value(1) is None or N > MAX_GRID_YZ or groups > MAX_GRID_YZ:
             return None
         cp = conv.padded_channels(pr)
@@ -119,24 +140,25 @@ def _conv(ctx: LowerCtx):
         emit_spec(ctx, lay, {"X": x, "Y": xt})
         cpr = conv.ConvProblem(N, cp, H, W, K, R, S, stride=(sh, sw), pads=(pt, pl, pb, pr_), dilation=(dh, dw),
                                groups=groups, dtype=dt, has_bias=bias is not None, tf32=tf32,
-                               in_layout="NHWC", out_layout="NCHW")
+                               in_layout="NHWC", out_layout="NCHW",
+                               has_c=res is not None, act=epi.act, act_params=epi.act_params)
         spec = conv.render(cpr, conv_params_for(ctx, cpr, "igemm"), kind="igemm")
-        emit_spec(ctx, spec, {"X": xt, "W": wt, "Y": y, "bias": bias})
+        emit_spec(ctx, spec, {"X": xt, "W": wt, "Y": y, "bias": bias, "C": res})
         return True
 
     # strict fp32: im2col + FFMA GEMM writing NCHW
     RS, PQ = R * S, P * Q
     col_bytes = N * C * RS * PQ * CTYPES[dt][1]
+    kw, cb = _nchw_gemm_epilogue(dt, bias, res, epi, K, KG, PQ)
     gp = gemm.GemmProblem(KG, PQ, CG * RS, dtype=dt, batch=(N, groups), stride_a=(0, KG * CG * RS),
-                          stride_b=(C * RS * PQ, CG * RS * PQ), stride_d=(K * PQ, KG * PQ),
-                          has_c=bias is not None, c_dtype=dt, ldc_m=1, ldc_n=0, stride_c=(0, KG), beta=1.0)
+                          stride_b=(C * RS * PQ, CG * RS * PQ), stride_d=(K * PQ, KG * PQ), **kw)
     if not f32_worth_it(gp, ctx.target):  # too few FFMA CTAs: the fallback measured faster (H100, resnet18 l3/l4 at b8)
         return None
     if col_bytes > IM2COL_MAX_BYTES or not gemm_ok(gp):
-        return _emit_direct(ctx, pr, x, w, y, bias)
+        return _emit_direct(ctx, pr, x, w, y, bias, res)
     col = ctx.temp(x.dtype, (N, C * RS, PQ), "col")
     emit_spec(ctx, conv.render_im2col(pr), {"X": x, "Y": col})
-    emit_gemm(ctx, gp, {"A": w, "B": col, "D": y, "C": bias})
+    emit_gemm(ctx, gp, {"A": w, "B": col, "D": y, **cb})
     return True
 
 

@@ -47,6 +47,8 @@ class GemmProblem:
     beta: float = 1.0
     has_bias: bool = False           # per-column bias[N]
     bias_dtype: str | None = None
+    bias_rows: bool = False          # bias per row instead: bias[z1 * bias_stride_z1 + row] (NCHW
+    bias_stride_z1: int = 0          # pointwise convs: rows are output channels, z1 the group)
     act: str = "none"
     act_params: tuple = ()           # e.g. (("alpha", 0.2),)
     tf32: bool = False               # fp32 data on tensor cores (TF32 inputs, fp32 accumulate)
@@ -232,6 +234,8 @@ def render(problem: GemmProblem, params: dict | None = None, name: str | None = 
     ctx.update(T=ctype, TO=to, TO2=to2, elem_bytes=elem, a_kmajor=a_kmajor, b_kmajor=b_kmajor,
                has_c=pr.has_c, has_bias=pr.has_bias, GROUP_M=GROUP_M,
                TC=CTYPES[pr.c_dtype or out_dtype][0], TBIAS=CTYPES[pr.bias_dtype or out_dtype][0])
+    if pr.has_bias and pr.bias_rows:  # only when set, so other kernels keep their names (hash of ctx)
+        ctx.update(bias_row_z1=int(pr.bias_stride_z1))
     if fam == "tc":
         epc = 16 // elem
         ctx.update(conv=False, mma={"float16": "f16", "bfloat16": "bf16", "float32": "tf32"}[pr.dtype],

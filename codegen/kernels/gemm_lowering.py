@@ -18,6 +18,7 @@ from . import gemm
 from ..dtypes import KERNEL_FAMILY_TYPES, TABLE
 from ..target import Target
 from .common import DEFAULT_TARGET, KernelSpec
+from .epilogue import NONE, Epilogue
 
 FAST_PRIORITY = 10
 # IR dtype -> the kernel family's dtype name: the GEMM/conv dtypes of codegen/dtypes.py (f32, f16, bf16)
@@ -89,30 +90,71 @@ def gemm_ok(problem: Optional[gemm.GemmProblem]) -> bool:
             and problem.M < 2 ** 31 and problem.N < 2 ** 31 and problem.K < 2 ** 31)
 
 
+def epilogue_fields(epi: Epilogue, dt: str, y: Buffer, N: int, stride_d=(0, 0)):
+    """(GemmProblem fields, buffer bindings) of a fused epilogue on a GEMM writing y contiguously
+    (ldd = N): y's dtype as the output dtype, the residual as C (y's shape), a per-column fp32
+    bias, the activation; None when the variant cannot take it (the f32 template stores fp32 only).
+    Empty for NONE, so an unfused op renders exactly the kernel it did before."""
+    odt = kernel_dtype(y)
+    if odt is None or (odt != dt and dt == "float32"):  # gemm_f32.cu.j2 stores fp32 only
+        return None
+    kw, bufs = {}, {}
+    if odt != dt:
+        kw["out_dtype"] = odt
+    if epi.residual is not None:
+        if kernel_dtype(epi.residual) != dt or tuple(epi.residual.shape) != tuple(y.shape):
+            return None
+        kw.update(has_c=True, c_dtype=dt, ldc_m=N, ldc_n=1, stride_c=tuple(stride_d), beta=float(epi.beta))
+        bufs["C"] = epi.residual
+    if epi.bias is not None:
+        if epi.bias.dtype.short != "f32" or epi.bias.numel != N:
+            return None
+        kw.update(has_bias=True, bias_dtype="float32")
+        bufs["bias"] = epi.bias
+    if epi.act != "none":
+        kw.update(act=epi.act, act_params=tuple(epi.act_params))
+    return kw, bufs
+
+
 @lowering("MatMul", priority=FAST_PRIORITY)
-def _matmul(ctx: LowerCtx):
+def _matmul(ctx: LowerCtx, epi: Epilogue = NONE):
+    """epi: the epilogue of a fused group (codegen/kernels/epilogue_fusion.py)."""
     a, b, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
-    dt = kernel_dtype(a, b, y)
+    dt = kernel_dtype(a, b)
     if dt is None or not a.shape or not b.shape or y.numel == 0 or not (aligned(a) and aligned(b)):
         return None
     try:
         pr = gemm.matmul_problem(a.shape, b.shape, dt, tf32=use_tf32(ctx) and dt == "float32")
     except ValueError:
         return None
+    if pr is None:
+        return None
+    got = epilogue_fields(epi, dt, y, pr.N, pr.stride_d)
+    if got is None:
+        return None
+    kw, bufs = got
+    if epi.alpha != 1.0:
+        kw["alpha"] = float(epi.alpha)
+    pr = gemm.with_(pr, **kw) if kw else pr
     if not gemm_ok(pr) or not f32_worth_it(pr, ctx.target):
         return None
-    emit_gemm(ctx, pr, {"A": a, "B": b, "D": y})
+    emit_gemm(ctx, pr, {"A": a, "B": b, "D": y, **bufs})
     return True
 
 
 @lowering("Gemm", priority=FAST_PRIORITY)
-def _gemm(ctx: LowerCtx):
+def _gemm(ctx: LowerCtx, epi: Epilogue = NONE):
+    """epi: the epilogue of a fused group (codegen/kernels/epilogue_fusion.py); its alpha scales
+    the whole Gemm result (alpha * A @ B + beta * C), its residual needs the C operand free."""
     a, b, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
     c = ctx.inp(2)
     alpha, beta = float(ctx.attr("alpha", 1.0)), float(ctx.attr("beta", 1.0))
     if c is not None and beta == 0.0:
         c = None
-    dt = kernel_dtype(a, b, y, c)
+    if c is not None and epi.residual is not None:
+        return None
+    alpha, beta = alpha * epi.alpha, beta * epi.alpha
+    dt = kernel_dtype(a, b, c)
     if dt is None or len(a.shape) != 2 or len(b.shape) != 2 or y.numel == 0:
         return None
     if c is not None and len(c.shape) > 2:
@@ -122,13 +164,17 @@ def _gemm(ctx: LowerCtx):
     ta, tb = bool(ctx.attr("transA", 0)), bool(ctx.attr("transB", 0))
     M, K = (a.shape[1], a.shape[0]) if ta else a.shape
     N = b.shape[0] if tb else b.shape[1]
-    kw = {}
+    got = epilogue_fields(epi, dt, y, N)
+    if got is None:
+        return None
+    kw, bufs = got
     if c is not None:
         cs = [1] * (2 - len(c.shape)) + list(c.shape)
-        kw = dict(has_c=True, c_dtype=dt, ldc_m=cs[1] if cs[0] != 1 else 0, ldc_n=1 if cs[1] != 1 else 0, beta=beta)
+        kw.update(has_c=True, c_dtype=dt, ldc_m=cs[1] if cs[0] != 1 else 0, ldc_n=1 if cs[1] != 1 else 0, beta=beta)
+        bufs["C"] = c
     pr = gemm.GemmProblem(M, N, K, dtype=dt, trans_a=ta, trans_b=tb, alpha=alpha,
                           tf32=use_tf32(ctx) and dt == "float32", **kw)
     if not gemm_ok(pr) or not f32_worth_it(pr, ctx.target):
         return None
-    emit_gemm(ctx, pr, {"A": a, "B": b, "D": y, "C": c})
+    emit_gemm(ctx, pr, {"A": a, "B": b, "D": y, **bufs})
     return True

@@ -14,7 +14,10 @@ from nnc.ir.interp import Interpreter
 from nnc.ir.outline import Outliner
 from nnc.ir.verify import verify
 from nnc.onnx_import import import_model
-from nnc.pipeline import run_passes
+from nnc.pipeline import DEFAULT_PIPELINE, FUSION_PASSES, run_passes
+
+# the cleanups without the fusion passes: the random groups here are the only fused ops
+NO_FUSION = [p for p in DEFAULT_PIPELINE if p not in FUSION_PASSES]
 
 from .cuda_models import models, random_feed
 from .test_plan_sim import simulate
@@ -78,11 +81,11 @@ CASES = sorted(models()) + sorted(EXAMPLES)
 @pytest.mark.parametrize("name", CASES)
 def test_fused_fallback_lowers_like_unfused(name):
     base, _ = _load(name)
-    run_passes(base)
+    run_passes(base, NO_FUSION)
     want = plan_signature(lower(base, {"arch": "sm_90"}))
     for seed in range(2):
         mod, _ = _load(name)
-        run_passes(mod)
+        run_passes(mod, NO_FUSION)
         made = outline_random(mod, np.random.default_rng(seed))
         assert made > 0 and any(op.name == "fused" for op in mod.main.ops)
         got = plan_signature(lower(mod, {"arch": "sm_90"}))
@@ -93,10 +96,10 @@ def test_fused_fallback_light_model():
     from tests.conformance.test_light_models import LIGHT
     path = str(LIGHT / "light_squeezenet.onnx")
     base = import_model(onnx.load(path))
-    run_passes(base)
+    run_passes(base, NO_FUSION)
     want = plan_signature(lower(base, {"arch": "sm_90"}))
     mod = import_model(onnx.load(path))
-    run_passes(mod)
+    run_passes(mod, NO_FUSION)
     assert outline_random(mod, np.random.default_rng(3), max_len=6) > 5
     assert plan_signature(lower(mod, {"arch": "sm_90"})) == want
 

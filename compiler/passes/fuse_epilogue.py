@@ -1,0 +1,283 @@
+"""Epilogue fusion: a Conv / Gemm / MatMul and the elementwise chain after it become one `fused`
+op (kind "conv_epilogue" or "gemm_epilogue"), lowered to ONE conv/GEMM kernel whose epilogue does
+the chain (codegen/kernels/epilogue_fusion.py).
+
+Rewrites, per anchor (Conv 1-D/2-D, Gemm, MatMul of rank >= 2), the longest chain of its single
+consumers that the kernel templates' epilogue can compute,
+
+    D = cast(act(scale * (A @ B) + residual_scale * residual + bias))
+
+in this form (templates/gemm_tc_core.cu.j2, gemm_f32.cu.j2, conv_direct.cu.j2):
+- Add (or two-operand Sum) of a constant that broadcasts along the output channel only (conv: axis
+  1, e.g. [K,1,1] or [1,K,1,1]; Gemm/MatMul: the last axis, [N] or [1,N]; or a scalar) -> `bias`;
+- Add / Sum of a tensor of the result's own shape, at most one -> `residual` (a Gemm whose own C is
+  not a per-column constant takes no residual: the kernel has one C operand);
+- Mul by a scalar constant, Gemm/MatMul only, before the activation -> `scale` (the kernel's alpha
+  and beta; the conv epilogue has no scale);
+- one activation: Relu, LeakyRelu, Sigmoid, Tanh, Gelu (erf or tanh form), Clip with constant
+  finite bounds (Relu6); nothing but a Cast may follow it (the kernel applies it last);
+- Cast to f16/bf16/f32, Gemm/MatMul only, last -> `cast` (the GEMM's output dtype).
+The fused op's `params` names the epilogue in the kernel's order, e.g. "bias residual relu".
+
+Must hold: static shapes and float (f16/bf16/f32) types without layout tags on the whole chain;
+every intermediate has exactly one user (the next op of the chain) and is not a function result,
+so only the chain's last value leaves the kernel; the group is convex (ir/outline.py checks).
+A Conv's own bias must be a constant when the chain adds another (the two are summed at compile
+time). Run after the cleanups (cse, fold-batchnorm folds BN into the conv's weights and bias,
+simplify) so the chains are visible, and before fuse-elementwise, which would otherwise take the
+Add/Relu chains into elementwise groups.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from nnc.ir.builder import const_value
+from nnc.ir.graph import Module, Op, Value
+from nnc.ir.outline import Outliner
+from nnc.ir.rewrite import used_values
+
+ANCHORS = ("Conv", "Gemm", "MatMul")
+FLOATS = ("f16", "bf16", "f32")
+# activation ops -> the templates' epilogue activation name (common.ACTIVATIONS)
+ACTIVATION_OPS = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "Clip")
+FLT_MAX = 3.4028234663852886e38
+ConstOf = Callable[[Value], Optional[np.ndarray]]  # a value's compile-time constant, or None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One op of the chain and what it does in the epilogue."""
+    role: str                 # bias | residual | scale | act | cast
+    op: Op
+    operand: Optional[Value] = None  # bias / residual: the other operand of the Add
+    scale: float = 1.0        # scale: the scalar
+    act: str = "none"         # act: template activation name
+    act_params: tuple = ()    # act: (("alpha", a),) or (("lo", lo), ("hi", hi))
+
+
+@dataclass(frozen=True)
+class Chain:
+    anchor: Op
+    steps: tuple              # Step, program order
+
+    @property
+    def kind(self) -> str:
+        return "conv_epilogue" if self.anchor.name == "Conv" else "gemm_epilogue"
+
+    @property
+    def params(self) -> str:
+        """The epilogue in the kernel's order of application."""
+        roles = [s.role for s in self.steps]
+        words = []
+        if "scale" in roles:
+            words.append("scale=%g" % math.prod(s.scale for s in self.steps if s.role == "scale"))
+        if "residual" in roles:
+            words.append("residual")
+        if "bias" in roles:
+            words.append("bias" if roles.count("bias") == 1 else f"bias x{roles.count('bias')}")
+        for s in self.steps:
+            if s.role == "act":
+                words.append(s.act)
+            if s.role == "cast":
+                words.append(f"cast={s.op.results[0].type.dtype.short}")
+        return " ".join(words)
+
+    @property
+    def ops(self) -> list:
+        return [self.anchor] + [s.op for s in self.steps]
+
+
+def _ok_type(v: Value) -> bool:
+    t = v.type
+    return t.is_static and t.dtype.short in FLOATS and getattr(t, "layout", None) is None
+
+
+def _scalar(v: Value, const_of) -> Optional[float]:
+    a = const_of(v)
+    if a is None or a.size != 1 or a.ndim > 1:
+        return None
+    x = float(np.asarray(a, dtype=np.float64).reshape(()))
+    return x if math.isfinite(x) else None
+
+
+def _bias_shape_ok(shape, out_shape, channel_axis: int) -> bool:
+    """A constant of this shape broadcast onto out_shape varies at most along channel_axis."""
+    if len(shape) > len(out_shape):
+        return False
+    full = (1,) * (len(out_shape) - len(shape)) + tuple(shape)
+    return all(d == 1 or (i == channel_axis and d == out_shape[i]) for i, d in enumerate(full))
+
+
+def _activation(op: Op, const_of) -> Optional[tuple]:
+    """(template activation, params) for an activation op, or None."""
+    n = op.name
+    if n == "Relu":
+        return "relu", ()
+    if n == "Sigmoid":
+        return "sigmoid", ()
+    if n == "Tanh":
+        return "tanh", ()
+    if n == "LeakyRelu":
+        return "leaky_relu", (("alpha", float(op.attrs.alpha)),)
+    if n == "Gelu":
+        return {"none": ("gelu", ()), "tanh": ("gelu_tanh", ())}.get(op.attrs.approximate)
+    if n == "Clip":
+        bounds = []
+        for i, default in ((1, -FLT_MAX), (2, FLT_MAX)):
+            if i < len(op.operands) and op.operands[i] is not None:
+                b = _scalar(op.operands[i], const_of)
+                if b is None:
+                    return None
+                bounds.append(max(-FLT_MAX, min(FLT_MAX, b)))
+            else:
+                bounds.append(default)
+        return "clip", (("lo", bounds[0]), ("hi", bounds[1]))
+    return None
+
+
+def anchor_ok(op: Op) -> bool:
+    if op.name not in ANCHORS or len(op.results) != 1 or not _ok_type(op.results[0]):
+        return False
+    ins = [v for v in op.operands if v is not None]
+    if not all(_ok_type(v) for v in ins) or len({v.type.dtype for v in ins} | {op.results[0].type.dtype}) != 1:
+        return False
+    if op.name == "Conv":
+        return op.results[0].type.rank in (3, 4)  # 1-D and 2-D convs (the kernels' geometries)
+    if op.name == "MatMul":
+        return all(v.type.rank >= 2 for v in ins)
+    return True
+
+
+def classify(anchor: Op, op: Op, cur: Value, seen: set, const_of: ConstOf) -> Optional[Step]:
+    """What `op` (reading the chain's current value `cur`) does in the epilogue, given the roles
+    `seen` so far; None when the kernel cannot do it there."""
+    out = op.results[0] if len(op.results) == 1 else None
+    if out is None or not _ok_type(out) or ("act" in seen and op.name != "Cast") or "cast" in seen:
+        return None
+    shape = tuple(anchor.results[0].type.shape)
+    conv = anchor.name == "Conv"
+    if op.name in ("Add", "Sum") and len(op.operands) == 2:
+        a, b = op.operands
+        other = b if a is cur else a
+        if (a is cur) == (b is cur) or other is None or tuple(out.type.shape) != shape:
+            return None
+        if out.type.dtype != cur.type.dtype:
+            return None
+        if const_of(other) is not None:
+            if _bias_shape_ok(tuple(other.type.shape), shape, 1 if conv else len(shape) - 1):
+                if conv and not _conv_bias_ok(anchor, const_of):
+                    return None
+                return Step("bias", op, operand=other)
+        if tuple(other.type.shape) == shape and "residual" not in seen and _other_c_free(anchor, const_of):
+            return Step("residual", op, operand=other)
+        return None
+    if op.name == "Mul" and len(op.operands) == 2 and not conv:
+        a, b = op.operands
+        other = b if a is cur else a
+        if (a is cur) == (b is cur) or tuple(out.type.shape) != shape:
+            return None
+        s = _scalar(other, const_of)
+        return None if s is None else Step("scale", op, scale=s)
+    if op.name in ACTIVATION_OPS and op.operands[0] is cur and out.type.dtype == cur.type.dtype:
+        got = _activation(op, const_of)
+        return None if got is None else Step("act", op, act=got[0], act_params=got[1])
+    if op.name == "Cast" and not conv and out.type.dtype.short in FLOATS and op.operands[0] is cur:
+        return Step("cast", op)
+    return None
+
+
+def _conv_bias_ok(anchor: Op, const_of: ConstOf) -> bool:
+    """A second bias is summed into the Conv's own at compile time: that one must be constant."""
+    b = anchor.operands[2] if len(anchor.operands) > 2 else None
+    return b is None or const_of(b) is not None
+
+
+def gemm_c_is_bias(anchor: Op, const_of: ConstOf) -> bool:
+    """A Gemm's C that is a per-column constant (it moves into the kernel's bias)."""
+    c = anchor.operands[2] if len(anchor.operands) > 2 else None
+    n = anchor.results[0].type.shape[1]
+    return c is not None and const_of(c) is not None and _bias_shape_ok(tuple(c.type.shape), (1, n), 1)
+
+
+def _other_c_free(anchor: Op, const_of: ConstOf) -> bool:
+    """Gemm's own C takes the kernel's C operand unless it is a per-column constant (then it moves
+    into the bias)."""
+    if anchor.name != "Gemm" or len(anchor.operands) < 3 or anchor.operands[2] is None:
+        return True
+    return gemm_c_is_bias(anchor, const_of)
+
+
+def match(anchor: Op, next_user: Callable[[Value], Optional[Op]], const_of: ConstOf) -> Optional[Chain]:
+    """The longest fusible chain after `anchor`; next_user(v) is v's only user, or None when v has
+    another user, is a function result, or has none."""
+    if not anchor_ok(anchor):
+        return None
+    steps, seen, cur = [], set(), anchor.results[0]
+    while True:
+        op = next_user(cur)
+        if op is None:
+            break
+        s = classify(anchor, op, cur, seen, const_of)
+        if s is None:
+            break
+        steps.append(s)
+        seen.add(s.role)
+        cur = op.results[0]
+    return Chain(anchor, tuple(steps)) if steps else None
+
+
+def match_body(body, const_of: ConstOf) -> Optional[Chain]:
+    """The Chain of a fused body made by this pass (the lowering's view of the group): the first op
+    is the anchor, each next op reads the previous op's result. const_of sees through the body's
+    arguments to the constants they stand for."""
+    ops = body.ops
+    if not ops or len(body.results) != 1:
+        return None
+    nxt = {id(a.results[0]): b for a, b in zip(ops, ops[1:]) if len(a.results) == 1}
+    ch = match(ops[0], lambda v: nxt.get(id(v)), const_of)
+    if ch is None or len(ch.ops) != len(ops) or ch.ops[-1].results[0] is not body.results[0]:
+        return None
+    return ch
+
+
+def _run_func(func, weights) -> bool:
+    users: dict[int, list] = {}
+    for op in func.ops:
+        for v in op.operands:
+            if v is not None:
+                users.setdefault(id(v), []).append(op)
+        for _, r in op.regions():  # values read inside regions count as uses (never fused through)
+            for vid in used_values(r):
+                users.setdefault(vid, []).append(op)
+    returned = {id(v) for v in func.results}
+
+    def next_user(v: Value) -> Optional[Op]:
+        us = users.get(id(v), ())
+        if id(v) in returned or len(us) != 1:
+            return None
+        return us[0]
+
+    out = Outliner(func)
+    changed = False
+    for op in list(func.ops):
+        if op.name not in ANCHORS:
+            continue
+        ch = match(op, next_user, lambda v: const_value(v, weights))
+        if ch is None or not out.can_outline(ch.ops):
+            continue
+        out.outline(ch.ops, kind=ch.kind, params=ch.params)
+        changed = True
+    if changed:
+        out.finish()
+    return changed
+
+
+def run(module: Module) -> bool:
+    changed = False
+    for f in module.functions:
+        changed |= _run_func(f, module.weights)
+    return changed
