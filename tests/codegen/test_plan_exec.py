@@ -100,7 +100,7 @@ def _check_exact(m, plan, feeds):
         t_arena += time.perf_counter() - t0
         assert set(got) == set(ref)
         assert _same(got, ref) == [], f"outputs {_same(got, ref)} differ from the interpreter's"
-    return ex, (t_load, t_arena / len(feeds), t_interp / len(feeds))
+    return ex, got, (t_load, t_arena / len(feeds), t_interp / len(feeds))
 
 
 # ---------------------------------------------------------------- matches the interpreter
@@ -111,7 +111,7 @@ def test_example_runs_in_the_arena(name, precision):
     m = _module(str(ROOT / "examples" / f"{name}.onnx"), EXAMPLES[name], precision)
     plan = _lower(m, precision)
     rng = np.random.default_rng(0)
-    _, (tl, ta, ti) = _check_exact(m, plan, [_feed(m, rng), _feed(m, rng)])
+    _, _, (tl, ta, ti) = _check_exact(m, plan, [_feed(m, rng), _feed(m, rng)])
     print(f"{name} {precision}: {len(plan.steps)} steps, load {tl * 1e3:.0f} ms, run {ta * 1e3:.0f} ms "
           f"(interpreter {ti * 1e3:.0f} ms)")
 
@@ -126,18 +126,18 @@ def test_kernel_family_model_runs_in_the_arena(name):
     _check_exact(m, plan, [random_feed(spec, rng), random_feed(spec, rng)])
 
 
-def _light(name):
+def _light(name, precision="fp32"):
     model = onnx.load(str(LIGHT / f"{name}.onnx"))
     t0 = time.perf_counter()
-    m = _module(model)
-    plan = _lower(m)
+    m = _module(model, precision=precision)
+    plan = _lower(m, precision)
     t_compile = time.perf_counter() - t0
     feed = dummy_inputs(model)
-    ex, (tl, ta, ti) = _check_exact(m, plan, [feed])
-    expected = numpy_helper.to_array(onnx.load_tensor(str(LIGHT / f"{name}_output_0.pb")))
-    got = ex.run(feed)[m.main.results[0].name]
-    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-7)
-    print(f"{name}: {len(plan.steps)} steps, {len(plan.launches)} launches, arena {plan.memory['arena_bytes']} B; "
+    _, out, (tl, ta, ti) = _check_exact(m, plan, [feed])
+    if precision == "fp32":
+        expected = numpy_helper.to_array(onnx.load_tensor(str(LIGHT / f"{name}_output_0.pb")))
+        np.testing.assert_allclose(out[m.main.results[0].name], expected, rtol=1e-3, atol=1e-7)
+    print(f"{name} {precision}: {len(plan.steps)} steps, {len(plan.launches)} launches, arena {plan.memory['arena_bytes']} B; "
           f"import+passes+lowering {t_compile:.2f} s, load (init phase) {tl:.2f} s, run {ta:.2f} s, "
           f"interpreter {ti:.2f} s")
 
@@ -145,6 +145,10 @@ def _light(name):
 @pytest.mark.parametrize("name", LIGHT_CI)
 def test_light_model_runs_in_the_arena(name):
     _light(name)
+
+
+def test_light_resnet50_fp16_runs_in_the_arena():
+    _light("light_resnet50", "fp16")
 
 
 @pytest.mark.slow
@@ -171,7 +175,7 @@ def test_dynamic_outputs_in_the_arena():
     run_passes(m)
     plan = _lower(m)
     rng = np.random.default_rng(2)
-    ex, _ = _check_exact(m, plan, [_feed(m, rng), {"x": np.zeros((4, 6), np.float32)}])
+    ex, _, _ = _check_exact(m, plan, [_feed(m, rng), {"x": np.zeros((4, 6), np.float32)}])
     assert ex.run({"x": np.ones((4, 6), np.float32)})["nz"].shape == (2, 24)
 
 
