@@ -101,6 +101,7 @@ def _fused_epilogue(ctx: LowerCtx):
             a_op = Op(anchor.name, operands, [], anchor.attrs, anchor.loc)
             a_op.results = anchor.results
         actx = LowerCtx(L, a_op)
+        actx._desc = describe_op(anchor)  # headers name the body's own ops (below), not the copy
         try:
             ret = ANCHOR_LOWERING[anchor.name](actx, epi)
         finally:
