@@ -25,8 +25,9 @@ Per-layer mapping, ONNX tensor -> IR value of the final IR (explicit, in this or
    keep locs): the same result of the same op;
 3. name: a final value carries the importer's name for it (fold-constants keeps names).
 A candidate must have the tensor's static shape and dtype class, else it is not used. A tensor
-that maps to a constant is reported "folded", one with no candidate "fused or removed"; neither
-is compared. IR values created by passes that have no ONNX tensor (casts, decompositions) are
+that maps to a constant is reported "folded", one computed inside a `fused` op's body "inside a
+fused group" (the group is compared at its boundary: its results), one with no candidate "fused
+or removed"; none of these is compared. IR values created by passes that have no ONNX tensor (casts, decompositions) are
 counted, not compared. With backend "cuda" the compared values become extra outputs of the IR
 before code generation, so each is a real buffer read back after the run.
 
@@ -81,7 +82,7 @@ class NotCompared:
     name: str  # ONNX tensor name
     node: str
     op_type: str
-    reason: str  # "folded" (constant at compile time) | "fused or removed" | "model input"
+    reason: str  # "folded" (constant at compile time) | "inside a fused group" | "fused or removed" | "model input"
 
 
 @dataclass(frozen=True)
@@ -303,11 +304,14 @@ def _node_key(node) -> str:
     return node.name or f"{node.op_type}:{node.output[0] if node.output else ''}"  # as the importer
 
 
-def _groups(func) -> dict:
+def _groups(func, inside_fused: bool = False) -> dict:
+    """Loc.node -> its non-const top-level ops; with inside_fused, a `fused` op stands for the ops
+    of its body (which keep their locs)."""
     g: dict = {}
     for op in func.ops:
-        if op.name != "const":
-            g.setdefault(op.loc.node, []).append(op)
+        for o in (op.attrs.body.ops if inside_fused and op.name == "fused" else (op,)):
+            if o.name != "const":
+                g.setdefault(o.loc.node, []).append(o)
     return g
 
 
@@ -349,15 +353,18 @@ def _fits(rec: _Tensor, v) -> bool:
     return True
 
 
-def map_tensors(snapshot: list, func) -> dict:
-    """ONNX tensor name -> (final IR Value or None, reason when None) for each recorded tensor."""
+def map_tensors(snapshot: list, func, inside_fused: bool = False) -> dict:
+    """ONNX tensor name -> (final IR Value or None, reason when None) for each recorded tensor.
+    inside_fused: values inside `fused` bodies map too (by origin: the reference interpreter runs
+    the body op by op and sees them); else a group is compared at its boundary, its results."""
     defined = {}
     for op in func.ops:
         for r in op.results:
             defined[id(r)] = r
     by_name = {r.name: r for r in defined.values()}
     args = {id(a) for a in func.args}
-    g1 = _groups(func)
+    g1 = _groups(func, inside_fused)
+    in_fused = {o.loc.node for op in func.ops if op.name == "fused" for o in op.attrs.body.ops}
     out = {}
     for rec in snapshot:
         if rec.status:
@@ -375,7 +382,7 @@ def map_tensors(snapshot: list, func) -> dict:
             cands.append(by_name[rec.ir_name])
         v = next((c for c in cands if _fits(rec, c)), None)
         if v is None:
-            out[rec.name] = (None, "fused or removed")
+            out[rec.name] = (None, "inside a fused group" if rec.loc_key in in_fused else "fused or removed")
         elif id(v) in args:
             out[rec.name] = (None, "model input")
         elif v.producer is not None and v.producer.name == "const":
@@ -459,9 +466,10 @@ class Prepared:
 
 
 def prepare(model, shapes="", precision: str = "fp32", inputs=None, seed: int = 0,
-            per_layer: bool = False) -> Prepared:
+            per_layer: bool = False, inside_fused: bool = False) -> Prepared:
     """Imports `model`, reads or draws its inputs, runs `nnc compile`'s pass pipeline and (with
-    per_layer) maps the ONNX tensors onto the final IR. Nothing runs the model yet."""
+    per_layer) maps the ONNX tensors onto the final IR (inside_fused: see map_tensors). Nothing
+    runs the model yet."""
     from .driver import pipeline_passes
     from .ir.verify import verify
     from .onnx_import import import_model, parse_shapes
@@ -488,7 +496,7 @@ def prepare(model, shapes="", precision: str = "fp32", inputs=None, seed: int = 
         raise InputError(f"inputs: the model takes {sorted(want)}; missing {sorted(want - set(feed))}, "
                          f"unknown {sorted(set(feed) - want)}")
     Pipeline(pipeline_passes(precision)).run(module)
-    mapping = map_tensors(snapshot, module.main) if per_layer else {}
+    mapping = map_tensors(snapshot, module.main, inside_fused) if per_layer else {}
     return Prepared(label, proto, module, feed, given is not None, snapshot, mapping)
 
 
@@ -515,13 +523,19 @@ def verify_model(model, shapes="", precision: str = "fp32", backend: str = "refe
         rtol = DEFAULT_RTOL["tf32" if tf32 and precision == "fp32" else precision]
     if rtol < 0 or (atol is not None and atol < 0) or not math.isfinite(rtol):
         raise AccuracyError(f"tolerances must be finite and non-negative (rtol {rtol}, atol {atol})")
-    pre = prepare(model, shapes, precision, inputs, seed, per_layer)
+    # the reference interpreter runs fused bodies op by op, so it compares inside them; the CUDA
+    # build computes a group in one kernel and is compared at the group's results
+    pre = prepare(model, shapes, precision, inputs, seed, per_layer, inside_fused=backend == "reference")
     proto, module, feed, snapshot, mapping = pre.proto, pre.module, pre.feed, pre.snapshot, pre.mapping
     watch = pre.watch
-    order = {}
+    order = {}  # id(value) -> (top-level op, op of a fused body): execution order
     for i, op in enumerate(module.main.ops):
+        body = op.attrs.body.ops if op.name == "fused" else ()
+        for j, o in enumerate(body):
+            for r in o.results:
+                order[id(r)] = (i, j)
         for r in op.results:
-            order[id(r)] = i
+            order[id(r)] = (i, len(body))
     unmapped = sum(1 for op in module.main.ops if op.name != "const"
                    for r in op.results if id(r) not in watch) if per_layer else 0
 
@@ -544,7 +558,7 @@ def verify_model(model, shapes="", precision: str = "fp32", backend: str = "refe
                                node=n.name if n is not None else "", op_type=n.op_type if n is not None else ""))
     layers, skipped = [], []
     recs = {rec.name: rec for rec in snapshot}
-    todo = sorted(compared, key=lambda t: order.get(id(mapping[t][0]), 0))
+    todo = sorted(compared, key=lambda t: order.get(id(mapping[t][0]), (0, 0)))
     with current().stage("compare", total=len(todo)) as task:
         for t in todo:
             v = mapping[t][0]

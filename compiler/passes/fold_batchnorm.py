@@ -156,6 +156,7 @@ class _Fold:
         else:
             prod.results = [res]
             res.producer = prod
+            prod.loc = bn.loc  # it now computes the BN node's output (nnc verify --per-layer maps by loc)
             b.region.ops.append(prod)
         self.counts[f"{prod.name}+BatchNormalization"] += 1
         return True

@@ -191,3 +191,41 @@ def test_gpu_fused_elementwise_matches_interpreter(name, tmp_path, rng):
             b = v.astype(np.float64)
             np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(1.0, float(np.nanmax(np.abs(b), initial=0))),
                                        err_msg=f"{name}/{k}")
+
+
+def _verify_per_layer(tmp_path, backend):
+    import onnx
+    from nnc.accuracy import verify_model
+    m, _ = bias_gelu_model()
+    p = tmp_path / "bias_gelu.onnx"
+    onnx.save(m, str(p))
+    return verify_model(str(p), per_layer=True, backend=backend)
+
+
+INSIDE = ["xs", "rk", "e", "e1", "g2", "g", "sg"]
+
+
+def test_verify_per_layer_reference_sees_inside_fused_groups(tmp_path):
+    """The reference interpreter runs the body op by op: every node output is compared."""
+    r = _verify_per_layer(tmp_path, "reference")
+    assert r.passed and not r.not_compared
+    assert sorted(c.name for c in r.layers) == sorted(["r", "y"] + INSIDE)
+    assert [c.name for c in r.layers][-1] == "y"  # execution order: the body's ops, then the results
+
+
+def test_verify_per_layer_cuda_maps_fused_groups_at_their_boundaries(tmp_path):
+    import onnx
+    from nnc.accuracy import prepare
+    m, _ = bias_gelu_model()
+    pre = prepare(m, per_layer=True, inside_fused=False)  # what the cuda backend compares
+    assert sorted(t for t, (v, _) in pre.mapping.items() if v is not None) == ["r", "y"]
+    assert {t: why for t, (v, why) in pre.mapping.items() if v is None} == {t: "inside a fused group" for t in INSIDE}
+    assert all(any(v is r for r in pre.module.main.ops[-1].results) for v in pre.watch.values())
+    del onnx
+
+
+@pytest.mark.gpu
+def test_gpu_verify_per_layer_on_a_fused_build(tmp_path):
+    r = _verify_per_layer(tmp_path, "cuda")
+    assert r.passed and sorted(c.name for c in r.layers) == ["r", "y"]
+    assert {s.name: s.reason for s in r.not_compared} == {t: "inside a fused group" for t in INSIDE}
