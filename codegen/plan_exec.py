@@ -46,6 +46,7 @@ from typing import Optional
 import numpy as np
 
 from ..ir.errors import InputError, NncError
+from ..ir.registry import MAX_ELEMENTS
 from ..ir.types import dtype as to_dtype
 
 POISON = 0xFF
@@ -80,6 +81,8 @@ class _Buf:
             raise PlanExecError(f"{where}: malformed buffer entry ({type(e).__name__}: {e})") from None
         self.np = self.dtype.np
         self.numel = math.prod(self.shape)
+        if self.numel > MAX_ELEMENTS:
+            raise PlanExecError(f"{where}: shape {list(self.shape)} has more elements than nnc accepts")
         if self.region not in REGIONS:
             raise PlanExecError(f"{where}: unknown region {self.region!r}")
         if min(self.shape, default=0) < 0 or self.nbytes != self.numel * self.np.itemsize or self.offset < 0:
@@ -195,10 +198,30 @@ class PlanExecutor:
         return x
 
     def _make_regions(self, weights: bytes) -> dict:
+        """One byte array per region. The arena and the persistent region get the bytes their
+        placed buffers reach (within the sizes plan.json declares, and never more than the sum of
+        those buffers' aligned sizes, which any placement fits in): a tampered size or offset is an
+        error naming the buffer, not a giant allocation."""
         mem = self.plan.get("memory") or {}
-        regions = {"arena": np.full(max(int(mem.get("arena_bytes", 0)), 0), POISON, np.uint8),
-                   "persistent": np.full(max(int(self.plan.get("persistent_bytes", 0)), 0), POISON, np.uint8),
-                   "weights": np.frombuffer(weights, np.uint8)}  # read-only: nothing writes a weight
+        declared = {"arena": mem.get("arena_bytes", 0), "persistent": self.plan.get("persistent_bytes", 0)}
+        for k, v in declared.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise PlanExecError(f"{self.where}: the {k} size {v!r} must be an int >= 0")
+        reach, bound = dict.fromkeys(declared, 0), dict.fromkeys(declared, 0)
+        for b in self.bufs:
+            if b.touched and b.region in declared:
+                if b.offset + b.nbytes > declared[b.region]:
+                    raise PlanExecError(f"{self.where}: buffer {b.id} (%{b.name}) [{b.offset}, {b.offset + b.nbytes}) "
+                                        f"lies outside region {b.region} of {declared[b.region]} bytes")
+                reach[b.region] = max(reach[b.region], b.offset + b.nbytes)
+                if b.root == b.id:
+                    bound[b.region] += -(-max(b.nbytes, 1) // 256) * 256
+        for k in declared:
+            if reach[k] > bound[k]:
+                raise PlanExecError(f"{self.where}: the {k} buffers reach byte {reach[k]}, past the {bound[k]} "
+                                    f"bytes of all of them side by side")
+        regions = {k: np.full(reach[k], POISON, np.uint8) for k in declared}
+        regions["weights"] = np.frombuffer(weights, np.uint8)  # read-only: nothing writes a weight
         for kind in ("input", "output"):
             for i, e in enumerate(self.plan[kind + "s"]):
                 b = self.bufs[self._buf_index(e.get("buffer"), f"{self.where}: {kind}s[{i}]")]

@@ -266,6 +266,12 @@ def test_malformed_plans_are_clear_errors():
     with pytest.raises(PlanExecError, match=rf"buffer {b['id']} .* lies outside region arena"):
         PlanExecutor(bad, m, blob)
     bad = copy.deepcopy(pj)
+    bad["memory"]["arena_bytes"] = 1 << 50  # a tampered size allocates nothing
+    b = next(b for b in bad["buffers"] if b["region"] == "arena" and b["alias_of"] is None)
+    b["offset"] = 1 << 45
+    with pytest.raises(PlanExecError, match="the arena buffers reach byte"):
+        PlanExecutor(bad, m, blob)
+    bad = copy.deepcopy(pj)
     bad["steps"][0]["op"] = 10 ** 6
     with pytest.raises(PlanExecError, match=r"steps\[0\]: op 1000000 is not an op"):
         PlanExecutor(bad, m, blob)
