@@ -55,9 +55,11 @@ from .plan import Buffer, Kernel, Launch, Plan, Scalar, contiguous_strides  # no
 ALIGN = 256
 
 
-def describe_op(op: Op) -> str:
-    res = ", ".join(f"%{r.name}: {r.type}" for r in op.results)
-    args = ", ".join("none" if v is None else f"%{v.name}: {v.type}" for v in op.operands)
+def describe_op(op: Op, name: Callable = lambda v: v.name) -> str:
+    """One line for kernel headers and launch comments; `name(value)`: the name shown (inside a
+    fused body: the function-level value a body value stands for, see Lowerer.canon)."""
+    res = ", ".join(f"%{name(r)}: {r.type}" for r in op.results)
+    args = ", ".join("none" if v is None else f"%{name(v)}: {v.type}" for v in op.operands)
     attrs = ""
     if op.attrs is not None and dataclasses.is_dataclass(op.attrs) and op.name != "const":
         from ..ir.registry import attrs_items
@@ -137,7 +139,7 @@ class LowerCtx:
     def desc(self) -> str:
         """describe_op of this op, made once (kernels and launches all name it)."""
         if self._desc is None:
-            self._desc = describe_op(self.op)
+            self._desc = describe_op(self.op, lambda v: self.L.canon(v).name)
         return self._desc
 
     # operands / results

@@ -93,6 +93,12 @@ def _fused_elementwise(ctx: LowerCtx):
         return var[id(v)]
 
     stmts, descs = [], []
+    outer = {id(a): v for a, v in zip(body.args, op.operands)}  # headers show the function's names
+    outer.update((id(r), v) for r, v in zip(body.results, op.results))
+
+    def name(v) -> str:
+        return outer.get(id(v), v).name
+
     try:
         for bop in body.ops:
             if bop.name == "const":
@@ -107,7 +113,7 @@ def _fused_elementwise(ctx: LowerCtx):
             v = f"t{len(stmts)}"
             stmts.append((compute_type(r.type.dtype), v, expr))
             var[id(r)] = v
-            descs.append(describe_op(bop))
+            descs.append(describe_op(bop, name))
     except _Decline:
         return None
     outs = [(ctx.out(i), var[id(r)]) for i, r in enumerate(body.results)]

@@ -287,7 +287,7 @@ __device__ __forceinline__ float nnc_block_max(float v, float* smem) {
 // template: direct_conv.cu.j2
 // params: {"IC":3,"ICg":3,"OC":16,"bctype":"float","ctype":"float","dil":[1,1,1],"group":1,"has_bias":true,"in_sp":[1,32,32],"kernel":[1,3,3],"out_sp":[1,32,32],"pads":[0,1,1],"strides":[1,1,1],"wctype":"float"}
 // implements:
-//   %stem.bn_3: f32[1,16,32,32] = Conv(%input_0: f32[1,3,32,32], %stem.w_bn_1: f32[16,3,3,3], %stem.c_bn_bias_2: f32[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1)}
+//   %stem.bn_3: f32[1,16,32,32] = Conv(%input: f32[1,3,32,32], %stem.w_bn: f32[16,3,3,3], %stem.c_bn_bias: f32[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1)}
 // ============================================================================
 extern "C" __global__ void __launch_bounds__(256) nnc_conv_direct_0(const float* __restrict__ x, const float* __restrict__ w,
     const float* __restrict__ bias,
@@ -391,8 +391,8 @@ extern "C" __global__ void __launch_bounds__(256) nnc_maxpool_2(const float* __r
 // template: direct_conv.cu.j2
 // params: {"IC":16,"ICg":16,"OC":16,"bctype":"float","ctype":"float","dil":[1,1,1],"group":1,"has_bias":true,"in_sp":[1,16,16],"kernel":[1,3,3],"out_sp":[1,16,16],"pads":[0,1,1],"strides":[1,1,1],"wctype":"float"}
 // implements:
-//   %block.a.bn_8: f32[1,16,16,16] = Conv(%pool_5: f32[1,16,16,16], %block.a.w_bn_6: f32[16,16,3,3], %block.a.c_bn_bias_7: f32[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1)}
-//   %block.b.bn_13: f32[1,16,16,16] = Conv(%block.a.r_10: f32[1,16,16,16], %block.b.w_bn_11: f32[16,16,3,3], %block.b.c_bn_bias_12: f32[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1)}
+//   %block.a.bn_8: f32[1,16,16,16] = Conv(%pool: f32[1,16,16,16], %block.a.w_bn: f32[16,16,3,3], %block.a.c_bn_bias: f32[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1)}
+//   %block.b.bn_13: f32[1,16,16,16] = Conv(%block.a.r: f32[1,16,16,16], %block.b.w_bn: f32[16,16,3,3], %block.b.c_bn_bias: f32[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1)}
 // ============================================================================
 extern "C" __global__ void __launch_bounds__(256) nnc_conv_direct_3(const float* __restrict__ x, const float* __restrict__ w,
     const float* __restrict__ bias,
@@ -460,7 +460,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_add_relu_4(
 // template: direct_conv.cu.j2
 // params: {"IC":16,"ICg":16,"OC":32,"bctype":"float","ctype":"float","dil":[1,1,1],"group":1,"has_bias":true,"in_sp":[1,16,16],"kernel":[1,3,3],"out_sp":[1,8,8],"pads":[0,1,1],"strides":[1,2,2],"wctype":"float"}
 // implements:
-//   %down.bn_20: f32[1,32,8,8] = Conv(%res.r_17: f32[1,16,16,16], %down.w_bn_18: f32[32,16,3,3], %down.c_bn_bias_19: f32[32]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(2, 2)}
+//   %down.bn_20: f32[1,32,8,8] = Conv(%res.r: f32[1,16,16,16], %down.w_bn: f32[32,16,3,3], %down.c_bn_bias: f32[32]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(2, 2)}
 // ============================================================================
 extern "C" __global__ void __launch_bounds__(256) nnc_conv_direct_5(const float* __restrict__ x, const float* __restrict__ w,
     const float* __restrict__ bias,
@@ -712,23 +712,23 @@ namespace nnc_tiny_cnn_internal {
 int run_phase(nnc_tiny_cnn* m, cudaStream_t stream, const void* const* inputs, void* const* outputs) {
   (void)m; (void)inputs; (void)outputs;
   cudaError_t e;
-  // [0] %stem.bn_3: f32[1,16,32,32] = Conv(%input_0: f32[1,3,32,32], %stem.w_bn_1: f32[16,3,3,3], %stem.c_bn_bias_2: f32[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1)}
+  // [0] %stem.bn_3: f32[1,16,32,32] = Conv(%input: f32[1,3,32,32], %stem.w_bn: f32[16,3,3,3], %stem.c_bn_bias: f32[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1)}
   nnc_conv_direct_0<<<dim3(64, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)((char*)inputs[0] + 0), (float*)(m->weights + 0), (float*)(m->weights + 1792), (float*)(m->arena + 0), (int64_t)16384LL);
-  // [1] %stem.r_4: f32[1,16,32,32] = fused(%stem.bn_3: f32[1,16,32,32]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
+  // [1] %stem.r: f32[1,16,32,32] = fused(%stem.bn_3: f32[1,16,32,32]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
   nnc_fused_ew_relu_1<<<dim3(64, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->arena + 65536), (int64_t)16384LL);
   // [2] %pool: f32[1,16,16,16] = MaxPool(%stem.r: f32[1,16,32,32]) {kernel_shape=(2, 2), strides=(2, 2)}
   nnc_maxpool_2<<<dim3(16, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 65536), (float*)(m->arena + 0), (int64_t)4096LL);
-  // [3] %block.a.bn_8: f32[1,16,16,16] = Conv(%pool_5: f32[1,16,16,16], %block.a.w_bn_6: f32[16,16,3,3], %block.a.c_bn_bias_7: f32[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1)}
+  // [3] %block.a.bn_8: f32[1,16,16,16] = Conv(%pool: f32[1,16,16,16], %block.a.w_bn: f32[16,16,3,3], %block.a.c_bn_bias: f32[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1)}
   nnc_conv_direct_3<<<dim3(16, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->weights + 2048), (float*)(m->weights + 11264), (float*)(m->arena + 16384), (int64_t)4096LL);
-  // [4] %block.a.r_9: f32[1,16,16,16] = fused(%block.a.bn_8: f32[1,16,16,16]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
+  // [4] %block.a.r: f32[1,16,16,16] = fused(%block.a.bn_8: f32[1,16,16,16]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
   nnc_fused_ew_relu_1<<<dim3(16, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 16384), (float*)(m->arena + 32768), (int64_t)4096LL);
-  // [5] %block.b.bn_13: f32[1,16,16,16] = Conv(%block.a.r_10: f32[1,16,16,16], %block.b.w_bn_11: f32[16,16,3,3], %block.b.c_bn_bias_12: f32[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1)}
+  // [5] %block.b.bn_13: f32[1,16,16,16] = Conv(%block.a.r: f32[1,16,16,16], %block.b.w_bn: f32[16,16,3,3], %block.b.c_bn_bias: f32[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1)}
   nnc_conv_direct_3<<<dim3(16, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 32768), (float*)(m->weights + 11520), (float*)(m->weights + 20736), (float*)(m->arena + 16384), (int64_t)4096LL);
-  // [6] %res.r_16: f32[1,16,16,16] = fused(%pool_14: f32[1,16,16,16], %block.b.bn_13: f32[1,16,16,16]) {body=region(2 ops), kind=elementwise, params=the chain of a declined epilogue group}
+  // [6] %res.r: f32[1,16,16,16] = fused(%pool: f32[1,16,16,16], %block.b.bn_13: f32[1,16,16,16]) {body=region(2 ops), kind=elementwise, params=the chain of a declined epilogue group}
   nnc_fused_ew_add_relu_4<<<dim3(16, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->arena + 16384), (float*)(m->arena + 32768), (int64_t)4096LL);
-  // [7] %down.bn_20: f32[1,32,8,8] = Conv(%res.r_17: f32[1,16,16,16], %down.w_bn_18: f32[32,16,3,3], %down.c_bn_bias_19: f32[32]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(2, 2)}
+  // [7] %down.bn_20: f32[1,32,8,8] = Conv(%res.r: f32[1,16,16,16], %down.w_bn: f32[32,16,3,3], %down.c_bn_bias: f32[32]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(2, 2)}
   nnc_conv_direct_5<<<dim3(8, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 32768), (float*)(m->weights + 20992), (float*)(m->weights + 39424), (float*)(m->arena + 0), (int64_t)2048LL);
-  // [8] %down.r_21: f32[1,32,8,8] = fused(%down.bn_20: f32[1,32,8,8]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
+  // [8] %down.r: f32[1,32,8,8] = fused(%down.bn_20: f32[1,32,8,8]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
   nnc_fused_ew_relu_1<<<dim3(8, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->arena + 8192), (int64_t)2048LL);
   // [9] %gap: f32[1,32,1,1] = GlobalAveragePool(%down.r: f32[1,32,8,8])
   nnc_reduce_mean_6<<<dim3(32, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 8192), (float*)(m->arena + 0));

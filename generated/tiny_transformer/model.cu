@@ -325,10 +325,10 @@ extern "C" __global__ void nnc_layernorm_0(const float* __restrict__ x,
 // template: matmul_fallback.cu.j2
 // params: {"K":64,"M":16,"N":64,"a_bs":[0],"a_ks":1,"a_ms":64,"actype":"float","alpha":1.0,"b_bs":[0],"b_ks":64,"b_ns":1,"batch":[1],"bctype":"float","beta":1.0,"bias_ms":0,"bias_ns":0,"biasctype":"","cctype":"float","has_bias":false,"tile":16}
 // implements:
-//   %q.mm_2: f32[1,16,64] = MatMul(%ln1_0: f32[1,16,64], %wq_1: f32[64,64])
-//   %k.mm_7: f32[1,16,64] = MatMul(%ln1_5: f32[1,16,64], %wk_6: f32[64,64])
-//   %v.mm_12: f32[1,16,64] = MatMul(%ln1_10: f32[1,16,64], %wv_11: f32[64,64])
-//   %attn.out_22: f32[1,16,64] = MatMul(%attn.flat_20: f32[1,16,64], %wo_21: f32[64,64])
+//   %q.mm_2: f32[1,16,64] = MatMul(%ln1: f32[1,16,64], %wq: f32[64,64])
+//   %k.mm_7: f32[1,16,64] = MatMul(%ln1: f32[1,16,64], %wk: f32[64,64])
+//   %v.mm_12: f32[1,16,64] = MatMul(%ln1: f32[1,16,64], %wv: f32[64,64])
+//   %attn.out_22: f32[1,16,64] = MatMul(%attn.flat: f32[1,16,64], %wo: f32[64,64])
 // ============================================================================
 #define NNC_TILE 16
 extern "C" __global__ void __launch_bounds__(256) nnc_matmul_1(const float* __restrict__ A, const float* __restrict__ B,
@@ -453,7 +453,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_copy_transpose_4(const flo
 // template: matmul_fallback.cu.j2
 // params: {"K":16,"M":16,"N":16,"a_bs":[0,256],"a_ks":1,"a_ms":16,"actype":"float","alpha":1.0,"b_bs":[0,256],"b_ks":16,"b_ns":1,"batch":[1,4],"bctype":"float","beta":1.0,"bias_ms":0,"bias_ns":0,"biasctype":"","cctype":"float","has_bias":false,"tile":16}
 // implements:
-//   %scores_17: f32[1,4,16,16] = MatMul(%q.t_15: f32[1,4,16,16], %k.t_16: f32[1,4,16,16])
+//   %scores_17: f32[1,4,16,16] = MatMul(%q.t: f32[1,4,16,16], %k.t: f32[1,4,16,16])
 //   %attn: f32[1,4,16,16] = MatMul(%probs: f32[1,4,16,16], %v.t: f32[1,4,16,16])
 // ============================================================================
 #define NNC_TILE 16
@@ -597,7 +597,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_add_9(
 // template: matmul_fallback.cu.j2
 // params: {"K":64,"M":16,"N":128,"a_bs":[0],"a_ks":1,"a_ms":64,"actype":"float","alpha":1.0,"b_bs":[0],"b_ks":128,"b_ns":1,"batch":[1],"bctype":"float","beta":1.0,"bias_ms":0,"bias_ns":0,"biasctype":"","cctype":"float","has_bias":false,"tile":16}
 // implements:
-//   %ff1_27: f32[1,16,128] = MatMul(%ln2_25: f32[1,16,64], %w1_26: f32[64,128])
+//   %ff1_27: f32[1,16,128] = MatMul(%ln2: f32[1,16,64], %w1: f32[64,128])
 // ============================================================================
 #define NNC_TILE 16
 extern "C" __global__ void __launch_bounds__(256) nnc_matmul_10(const float* __restrict__ A, const float* __restrict__ B,
@@ -653,7 +653,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_gelu_11(
 // template: matmul_fallback.cu.j2
 // params: {"K":128,"M":16,"N":64,"a_bs":[0],"a_ks":1,"a_ms":128,"actype":"float","alpha":1.0,"b_bs":[0],"b_ks":64,"b_ns":1,"batch":[1],"bctype":"float","beta":1.0,"bias_ms":0,"bias_ns":0,"biasctype":"","cctype":"float","has_bias":false,"tile":16}
 // implements:
-//   %ff2_31: f32[1,16,64] = MatMul(%ff1.gelu_29: f32[1,16,128], %w2_30: f32[128,64])
+//   %ff2_31: f32[1,16,64] = MatMul(%ff1.gelu: f32[1,16,128], %w2: f32[128,64])
 // ============================================================================
 #define NNC_TILE 16
 extern "C" __global__ void __launch_bounds__(256) nnc_matmul_12(const float* __restrict__ A, const float* __restrict__ B,
@@ -806,27 +806,27 @@ int run_phase(nnc_tiny_transformer* m, cudaStream_t stream, const void* const* i
   cudaError_t e;
   // [0] %ln1: f32[1,16,64] = LayerNormalization(%x: f32[1,16,64], %ln1.g: f32[64], %ln1.b: f32[64])
   nnc_layernorm_0<<<dim3(16, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)((char*)inputs[0] + 0), (float*)(m->weights + 0), (float*)(m->weights + 256), (float*)(m->arena + 0));
-  // [1] %q.mm_2: f32[1,16,64] = MatMul(%ln1_0: f32[1,16,64], %wq_1: f32[64,64])
+  // [1] %q.mm_2: f32[1,16,64] = MatMul(%ln1: f32[1,16,64], %wq: f32[64,64])
   nnc_matmul_1<<<dim3(4, 1, 1), dim3(16, 16, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->weights + 512), (float*)(m->arena + 4096));
-  // [2] %q.b_4: f32[1,16,64] = fused(%q.mm_2: f32[1,16,64], %bq_3: f32[64]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
+  // [2] %q.b: f32[1,16,64] = fused(%q.mm_2: f32[1,16,64], %bq: f32[64]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
   nnc_fused_ew_add_2<<<dim3(4, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 4096), (float*)(m->weights + 16896), (float*)(m->arena + 8192), (int64_t)1024LL);
   // [3] %q.t: f32[1,4,16,16] = Transpose(%q.heads: f32[1,16,4,16]) {perm=(0, 2, 1, 3)}
   nnc_copy_transpose_3<<<dim3(4, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 8192), (float*)(m->arena + 4096), (int64_t)1024LL);
-  // [4] %k.mm_7: f32[1,16,64] = MatMul(%ln1_5: f32[1,16,64], %wk_6: f32[64,64])
+  // [4] %k.mm_7: f32[1,16,64] = MatMul(%ln1: f32[1,16,64], %wk: f32[64,64])
   nnc_matmul_1<<<dim3(4, 1, 1), dim3(16, 16, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->weights + 17152), (float*)(m->arena + 8192));
-  // [5] %k.b_9: f32[1,16,64] = fused(%k.mm_7: f32[1,16,64], %bk_8: f32[64]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
+  // [5] %k.b: f32[1,16,64] = fused(%k.mm_7: f32[1,16,64], %bk: f32[64]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
   nnc_fused_ew_add_2<<<dim3(4, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 8192), (float*)(m->weights + 33536), (float*)(m->arena + 12288), (int64_t)1024LL);
   // [6] %k.t: f32[1,4,16,16] = Transpose(%k.heads: f32[1,16,4,16]) {perm=(0, 2, 3, 1)}
   nnc_copy_transpose_4<<<dim3(4, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 12288), (float*)(m->arena + 8192), (int64_t)1024LL);
-  // [7] %v.mm_12: f32[1,16,64] = MatMul(%ln1_10: f32[1,16,64], %wv_11: f32[64,64])
+  // [7] %v.mm_12: f32[1,16,64] = MatMul(%ln1: f32[1,16,64], %wv: f32[64,64])
   nnc_matmul_1<<<dim3(4, 1, 1), dim3(16, 16, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->weights + 33792), (float*)(m->arena + 12288));
-  // [8] %v.b_14: f32[1,16,64] = fused(%v.mm_12: f32[1,16,64], %bv_13: f32[64]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
+  // [8] %v.b: f32[1,16,64] = fused(%v.mm_12: f32[1,16,64], %bv: f32[64]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
   nnc_fused_ew_add_2<<<dim3(4, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 12288), (float*)(m->weights + 50176), (float*)(m->arena + 0), (int64_t)1024LL);
   // [9] %v.t: f32[1,4,16,16] = Transpose(%v.heads: f32[1,16,4,16]) {perm=(0, 2, 1, 3)}
   nnc_copy_transpose_3<<<dim3(4, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->arena + 12288), (int64_t)1024LL);
-  // [10] %scores_17: f32[1,4,16,16] = MatMul(%q.t_15: f32[1,4,16,16], %k.t_16: f32[1,4,16,16])
+  // [10] %scores_17: f32[1,4,16,16] = MatMul(%q.t: f32[1,4,16,16], %k.t: f32[1,4,16,16])
   nnc_matmul_5<<<dim3(1, 1, 4), dim3(16, 16, 1), 0, stream>>>((float*)(m->arena + 4096), (float*)(m->arena + 8192), (float*)(m->arena + 0));
-  // [11] %scores.scaled_19: f32[1,4,16,16] = fused(%scores_17: f32[1,4,16,16], %scale_18: f32[]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
+  // [11] %scores.scaled: f32[1,4,16,16] = fused(%scores_17: f32[1,4,16,16], %scale: f32[]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
   nnc_fused_ew_mul_6<<<dim3(4, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->weights + 50432), (float*)(m->arena + 4096), (int64_t)1024LL);
   // [12] %probs: f32[1,4,16,16] = Softmax(%scores.scaled: f32[1,4,16,16])
   nnc_softmax_7<<<dim3(64, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 4096), (float*)(m->arena + 0));
@@ -834,19 +834,19 @@ int run_phase(nnc_tiny_transformer* m, cudaStream_t stream, const void* const* i
   nnc_matmul_5<<<dim3(1, 1, 4), dim3(16, 16, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->arena + 12288), (float*)(m->arena + 4096));
   // [14] %attn.t: f32[1,16,4,16] = Transpose(%attn: f32[1,4,16,16]) {perm=(0, 2, 1, 3)}
   nnc_copy_transpose_8<<<dim3(4, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 4096), (float*)(m->arena + 0), (int64_t)1024LL);
-  // [15] %attn.out_22: f32[1,16,64] = MatMul(%attn.flat_20: f32[1,16,64], %wo_21: f32[64,64])
+  // [15] %attn.out_22: f32[1,16,64] = MatMul(%attn.flat: f32[1,16,64], %wo: f32[64,64])
   nnc_matmul_1<<<dim3(4, 1, 1), dim3(16, 16, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->weights + 50688), (float*)(m->arena + 4096));
-  // [16] %res1_24: f32[1,16,64] = fused(%x_23: f32[1,16,64], %attn.out_22: f32[1,16,64]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
+  // [16] %res1: f32[1,16,64] = fused(%x: f32[1,16,64], %attn.out_22: f32[1,16,64]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
   nnc_fused_ew_add_9<<<dim3(4, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)((char*)inputs[0] + 0), (float*)(m->arena + 4096), (float*)(m->arena + 16384), (int64_t)1024LL);
   // [17] %ln2: f32[1,16,64] = LayerNormalization(%res1: f32[1,16,64], %ln1.g: f32[64], %ln1.b: f32[64])
   nnc_layernorm_0<<<dim3(16, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 16384), (float*)(m->weights + 0), (float*)(m->weights + 256), (float*)(m->arena + 8192));
-  // [18] %ff1_27: f32[1,16,128] = MatMul(%ln2_25: f32[1,16,64], %w1_26: f32[64,128])
+  // [18] %ff1_27: f32[1,16,128] = MatMul(%ln2: f32[1,16,64], %w1: f32[64,128])
   nnc_matmul_10<<<dim3(8, 1, 1), dim3(16, 16, 1), 0, stream>>>((float*)(m->arena + 8192), (float*)(m->weights + 67072), (float*)(m->arena + 0));
-  // [19] %ff1.gelu_28: f32[1,16,128] = fused(%ff1_27: f32[1,16,128]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
+  // [19] %ff1.gelu: f32[1,16,128] = fused(%ff1_27: f32[1,16,128]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
   nnc_fused_ew_gelu_11<<<dim3(8, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->arena + 8192), (int64_t)2048LL);
-  // [20] %ff2_31: f32[1,16,64] = MatMul(%ff1.gelu_29: f32[1,16,128], %w2_30: f32[128,64])
+  // [20] %ff2_31: f32[1,16,64] = MatMul(%ff1.gelu: f32[1,16,128], %w2: f32[128,64])
   nnc_matmul_12<<<dim3(4, 1, 1), dim3(16, 16, 1), 0, stream>>>((float*)(m->arena + 8192), (float*)(m->weights + 99840), (float*)(m->arena + 0));
-  // [21] %y_33: f32[1,16,64] = fused(%res1_32: f32[1,16,64], %ff2_31: f32[1,16,64]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
+  // [21] %y: f32[1,16,64] = fused(%res1: f32[1,16,64], %ff2_31: f32[1,16,64]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
   nnc_fused_ew_add_9<<<dim3(4, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 16384), (float*)(m->arena + 0), (float*)((char*)outputs[0] + 0), (int64_t)1024LL);
   e = cudaGetLastError();
   if (e != cudaSuccess) return fail(NNC_ERR_CUDA, std::string("nnc_tiny_transformer_run: ") + cudaGetErrorString(e));

@@ -98,8 +98,11 @@ def test_bias_gelu_is_one_kernel_with_every_op_in_its_header():
     src = k.source
     body_ops = [op for op in fused[0].attrs.body.ops if op.name != "const"]
     assert len(body_ops) == n_ops
-    for op in body_ops:
-        assert f"= {op.name}(%" in src and f"%{op.results[0].name}:" in src
+    outer = {id(r): o for r, o in zip(fused[0].attrs.body.results, fused[0].results)}
+    for op in body_ops:  # each op once, its result under the function's name where it has one
+        shown = outer.get(id(op.results[0]), op.results[0]).name
+        assert f"//   %{shown}: f32[2,4,3,5] = {op.name}(%" in src, op
+    assert "%x: f32[2,4,3,5]" in src and "%x_" not in src  # operands under their own names
     assert "out1[idx]" in src  # two outputs, one kernel
     assert [(b.name, b.io_index) for b in plan.outputs] == [("y", 0), ("r", 1)]
 
