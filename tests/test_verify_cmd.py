@@ -85,7 +85,8 @@ def test_examples_per_layer_fp32_cover_every_node_output(name):
     compared = {c.name for c in rep.layers}
     skipped = {s.name for s in rep.not_compared}
     assert compared | skipped == _node_outputs(path) and not compared & skipped
-    assert len(compared) >= 15  # these models keep (nearly) every layer through the pipeline
+    # fold-batchnorm removes the pre-BN tensor of each folded conv (4 in tiny_cnn); the rest remain
+    assert len(compared) >= 10
     assert all(c.max_abs < 1e-3 for c in rep.layers)
 
 
@@ -311,7 +312,10 @@ def test_cuda_per_layer_values_become_real_outputs(prec, tmp_path):
     an output buffer of the plan, with the final IR's dtype."""
     pre = prepare(CNN, "input:1x3x32x32", prec, per_layer=True)
     watch = pre.watch
-    assert len(watch) == 18
+    # the values that are buffers at run time: not folded away (BN into convs), not inside a
+    # fused group (compared at the group's results instead)
+    assert len(watch) >= 5 and all(v in pre.module.main.results or v.producer in pre.module.main.ops
+                                   for v in watch.values())
     plan = compile_with_outputs(pre.module, watch, tmp_path, precision=prec)
     outs = {o["name"]: o for o in plan["outputs"]}
     assert plan["outputs"][0]["name"] == "probs" and plan["outputs"][0]["dtype"] == "float32"
@@ -326,7 +330,8 @@ def test_cuda_per_layer_values_become_real_outputs(prec, tmp_path):
 def test_cuda_backend_tiny_cnn(prec, capsys):
     rep = verify_model(CNN, shapes="input:2x3x32x32", backend="cuda", precision=prec, per_layer=True)
     assert rep.passed, format_text(rep)
-    assert len(rep.layers) == 18 and all(c.passed for c in rep.layers), format_text(rep)
+    n_watched = len(prepare(CNN, "input:2x3x32x32", prec, per_layer=True).watch)
+    assert len(rep.layers) == n_watched >= 5 and all(c.passed for c in rep.layers), format_text(rep)
     assert 0 < rep.outputs[0].rel_l2 < rep.rtol
     rc, out, _ = _cli(capsys, CNN, "--shapes", "input:2x3x32x32", "--backend", "cuda")
     assert rc == 0 and "cuda backend" in out

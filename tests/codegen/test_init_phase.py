@@ -191,16 +191,20 @@ def test_simulated_runs_with_poisoned_arena_match_interpreter():
 
 def test_light_resnet50_fills_run_once_at_load():
     model = onnx.load(str(LIGHT / "light_resnet50.onnx"))
-    plan = lower(_prepared(model), {"arch": "sm_90"})
+    prepared = _prepared(model)
+    # the pipeline's cse merges identical ConstantOfShape weights (35 in the model): one fill each
+    fills = sum(op.name == "ConstantOfShape" for op in prepared.main.ops)
+    assert 0 < fills <= 35
+    plan = lower(prepared, {"arch": "sm_90"})
     run = Counter(_template(plan, l) for l in plan.launches)
     init = Counter(_template(plan, l) for l in plan.init_launches)
-    assert run["fill.cu.j2"] == 0 and init["fill.cu.j2"] == 35, (run, init)
+    assert run["fill.cu.j2"] == 0 and init["fill.cu.j2"] == fills, (run, init)
     _check_phases(plan)
     pj = plan_to_json(plan, arch="sm_90", precision="fp32", tf32=False, passes=[], weights_sha="",
                       source_sha="", backend="nvrtc")
     kernels = {k["name"]: k["template"] for k in pj["kernels"]}
     assert sum(kernels.get(l["kernel"]) == "fill.cu.j2" for l in pj["launches"]) == 0
-    assert sum(kernels.get(l["kernel"]) == "fill.cu.j2" for l in pj["init_launches"]) == 35
+    assert sum(kernels.get(l["kernel"]) == "fill.cu.j2" for l in pj["init_launches"]) == fills
     # the ConstantOfShape weights (about 100 MB) live in the persistent region, not weights.bin
     assert pj["memory"]["persistent_bytes"] > 90e6 and pj["weights_bytes"] < 10e6
     assert pj["memory"]["arena_bytes"] < 20e6

@@ -227,18 +227,20 @@ def _chain_model(n_blocks, dim=16, seed=0):
 
 
 def test_long_chain_lowers():
-    """2,000 blocks (6,000 nodes): lowering and planning work; a chain needs two 1 KiB slots."""
+    """2,000 blocks (6,000 nodes): lowering and planning work; a chain needs two 1 KiB slots.
+    Each block is two launches: the MatMul (16x16 is below the fast GEMM's sizes, so its epilogue
+    is declined) and one fused elementwise kernel for its bias Add + Tanh."""
     from nnc.codegen.emit import plan_to_json, render_sources, weights_blob
     mod = import_model(_chain_model(2000))
     run_passes(mod)
     plan = lower(mod, {"arch": "sm_90"})
-    assert len(plan.launches) == 6000
+    assert len(plan.launches) == 4000
     assert plan.memory["arena_bytes"] == 2048
     assert plan.memory_method == "greedy-by-size"
     blob = weights_blob(plan)
     assert len(blob) == plan.weights_bytes >= 2000 * (16 * 16 + 16) * 4
     srcs = render_sources(plan, "chain", "sm_90", "fp32")
-    assert srcs["model.cu"].count("<<<") == 6000
+    assert srcs["model.cu"].count("<<<") == 4000
     pj = plan_to_json(plan, arch="sm_90", precision="fp32", tf32=False, passes=[], weights_sha="",
                       source_sha="", backend="nvrtc")
-    assert len(pj["launches"]) == 6000
+    assert len(pj["launches"]) == 4000
