@@ -101,6 +101,7 @@ class CompileOptions:
     verify_each: bool = False
     cache: bool = True            # the per-kernel cubin cache (codegen/cuda.py); False: --no-cache
     jobs: Optional[int] = None    # parallel CUDA compile processes (None: the CPUs)
+    fuse: bool = True             # the fusion passes (pipeline.FUSION_PASSES); False: --no-fuse
 
     def __post_init__(self):
         object.__setattr__(self, "shapes", normalize_shapes(dict(self.shapes) if isinstance(self.shapes, tuple)
@@ -344,7 +345,7 @@ def _model_arg(model):
 def compile(model, shapes=None, precision: str = "fp32", out=None, backend: str = "cuda", arch=None,
             tf32: bool = False, name: Optional[str] = None, *, codegen: Optional[bool] = None,
             cuda_compiler: str = "nvrtc", verify_each: bool = False, cache: bool = True,
-            jobs: Optional[int] = None, options: Optional[CompileOptions] = None) -> Module:
+            jobs: Optional[int] = None, fuse: bool = True, options: Optional[CompileOptions] = None) -> Module:
     """Compiles an ONNX model and loads it: nnc.compile("m.onnx", shapes={"x": [1, 3, 8, 8]}).
 
     model: a path, bytes or an onnx.ModelProto. shapes: {input: dims} or "x:1x3x8x8,..." (the
@@ -352,13 +353,13 @@ def compile(model, shapes=None, precision: str = "fp32", out=None, backend: str 
     returned Module owns (removed with it, or by Module.close()). backend: "cuda" (needs a GPU; the
     check comes before the compile) or "reference" (numpy; CUDA codegen skipped unless
     codegen=True). name: the C API name (default: the file's stem). cache=False: bypass the cubin
-    cache; jobs: CUDA compile processes. options: a CompileOptions instead of the keyword
-    arguments."""
+    cache; jobs: CUDA compile processes. fuse=False: no fusion passes (about one kernel per op).
+    options: a CompileOptions instead of the keyword arguments."""
     from .driver import compile_model
     opts = options or CompileOptions(shapes=normalize_shapes(shapes), precision=precision, backend=backend,
                                      arch=arch, tf32=tf32, name=name, codegen=codegen,
                                      cuda_compiler=cuda_compiler, verify_each=verify_each, cache=cache,
-                                     jobs=jobs)
+                                     jobs=jobs, fuse=fuse)
     if opts.backend == "cuda":
         from .runtime import require_gpu
         require_gpu()  # before a compile that could take a while

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's C API name: its symbols are nnc_NAME_create, nnc_NAME_run, ... "
                         "(a C identifier; default: the model file's name)")
     p.add_argument("--no-codegen", action="store_true", help="stop after writing the IR and plan.json")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="leave out the fusion passes (fuse-epilogue, fuse-elementwise): about one kernel per op")
     p.add_argument("--no-cache", action="store_true",
                    help="neither read nor write the cubin cache ($NNC_CACHE_DIR, else $XDG_CACHE_HOME/nnc or ~/.cache/nnc)")
     p.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
@@ -233,7 +235,7 @@ def cmd_compile(args) -> int:
     opts = CompileOptions(shapes=normalize_shapes(args.shapes), precision=args.precision, arch=args.arch,
                           tf32=args.tf32, name=args.name, backend="reference" if args.no_codegen else "cuda",
                           codegen=not args.no_codegen, cuda_compiler=args.backend, verify_each=args.verify_each,
-                          cache=not args.no_cache, jobs=args.jobs)
+                          cache=not args.no_cache, jobs=args.jobs, fuse=not args.no_fuse)
     plan = compile_model(args.model, args.out, dump_ir=args.dump_ir, options=opts)
     wall = time.perf_counter() - t0
     n_k = len(plan.get("kernels", []))

@@ -32,9 +32,10 @@ def io_entry(v) -> dict:
     return {"name": v.name, "dtype": v.type.dtype.np_name, "shape": shape}
 
 
-def pipeline_passes(precision: str = "fp32") -> list[str]:
-    """The pass list `nnc compile` runs at this precision (`nnc verify` runs the same one)."""
-    passes = list(DEFAULT_PIPELINE)
+def pipeline_passes(precision: str = "fp32", fuse: bool = True) -> list[str]:
+    """The pass list `nnc compile` runs at this precision (`nnc verify` runs the same one).
+    fuse=False leaves out the fusion passes (`--no-fuse`: one kernel per op, to compare against)."""
+    passes = [p for p in DEFAULT_PIPELINE if fuse or p not in FUSION_PASSES]
     if precision in ("fp16", "bf16"):
         # before the fusion passes: to-fp16 would run a fused op's body at f32 (casts around it)
         at = next((i for i, p in enumerate(passes) if p in FUSION_PASSES), len(passes))
@@ -75,7 +76,7 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
         verify(module)
     if rep.verbose:
         rep.log(f"  import {'':<14} {rep.times['import'] * 1e3:9.1f} ms {count_ops(module):8d} ops")
-    pipe = Pipeline(pipeline_passes(precision), options.verify_each, Path(dump_ir) if dump_ir else None)
+    pipe = Pipeline(pipeline_passes(precision, options.fuse), options.verify_each, Path(dump_ir) if dump_ir else None)
     pipe.run(module)
     # the device limits lowering fits kernels to (codegen/target.py): --arch's table entry, else
     # the GPU present, else sm_90; an unknown arch is an error here, before any work is written

@@ -59,8 +59,6 @@ DEFAULT_PIPELINE = [
 # Passes that outline `fused` ops. The precision passes treat ops with regions as opaque f32
 # islands, so `pipeline_passes(precision)` (compiler/driver.py) runs them before the first of these.
 FUSION_PASSES = ("fuse-epilogue", "fuse-elementwise")
-# --precision fp16|bf16 appends "to-fp16"/"to-bf16" after these: it must see the final graph so
-# that casts land only at the model's inputs and outputs.
 
 
 def get_pass(name: str) -> Callable[[Module], bool]:

@@ -199,3 +199,13 @@ def test_shapes_bind_symbols_across_inputs(tmp_path):
     assert [i["shape"] for i in plan["inputs"]] == [[3, 4], [3, 4]] and plan["outputs"][0]["shape"] == [3, 4]
     help_text = " ".join(nnc("compile", "--help").stdout.split())
     assert "bound in every input that uses it" in help_text and "stay symbolic" in help_text
+
+
+def test_compile_no_fuse_leaves_out_the_fusion_passes(tmp_path):
+    from nnc.pipeline import FUSION_PASSES
+    for flag, out in (((), tmp_path / "fused"), (("--no-fuse",), tmp_path / "unfused")):
+        nnc("compile", EXAMPLE, "-o", out, "--shapes", "input:1x3x32x32", "--arch", "sm_90", *flag)
+    fused = json.loads((tmp_path / "fused" / "plan.json").read_text())
+    unfused = json.loads((tmp_path / "unfused" / "plan.json").read_text())
+    assert set(FUSION_PASSES) <= set(fused["passes"]) and not set(FUSION_PASSES) & set(unfused["passes"])
+    assert len(fused["launches"]) < len(unfused["launches"])

@@ -134,9 +134,9 @@ def torch_model(name: str):
     """(module, example inputs, input names) for one of the models, seeded (same weights each call)."""
     import torch
     torch.manual_seed(0)
-    if name == "resnet18":
+    if name in ("resnet18", "resnet50"):
         import torchvision
-        return torchvision.models.resnet18(weights=None).eval(), (torch.randn(1, 3, 224, 224),), ["input"]
+        return getattr(torchvision.models, name)(weights=None).eval(), (torch.randn(1, 3, 224, 224),), ["input"]
     if name == "bert4":
         from transformers import BertConfig, BertModel
         cfg = BertConfig(hidden_size=768, num_hidden_layers=4, num_attention_heads=12, intermediate_size=3072,
@@ -165,7 +165,8 @@ def torch_model(name: str):
     raise KeyError(name)
 
 
-MODEL_NAMES = ["resnet18", "bert4", "lstm2x512"]
+MODEL_NAMES = ["resnet18", "resnet50", "bert4", "lstm2x512"]
+BUILDS = {"": True, "_unfused": False}  # out-dir suffix -> fuse (the fusion passes on or off)
 
 
 def export_models(d: Path) -> dict:
@@ -203,20 +204,21 @@ def part_models(args, out: Path, models: dict):
             else:
                 fresh[k] = rng.integers(0, 30000, v.shape).astype(v.dtype)
         ref = sess.run(None, fresh)[0]
-        for prec, tol in (("fp32", 1e-3), ("fp16", 1e-2)):
-            od = out / "compiled" / f"{name}_{prec}"
+        for prec, tol, (suffix, fuse) in ((p, t, b) for p, t in (("fp32", 1e-3), ("fp16", 1e-2))
+                                          for b in BUILDS.items()):
+            od = out / "compiled" / f"{name}_{prec}{suffix}"
             try:
                 t0 = time.time()
-                compile_model(str(path), od, precision=prec)
+                compile_model(str(path), od, precision=prec, fuse=fuse)
                 tc = time.time() - t0
                 m = nnc.load(od)
                 name0 = m.output_names[0]
                 got = m.run(fresh, output="numpy")[name0]
                 e = rel_err(got, ref)
-                row("models", f"{name} {prec}", "ok" if e <= tol else "MISMATCH",
-                    f"rel {e:.2e} (tol {tol:g}), compile {tc:.1f}s, {len(m.plan.get('kernels', []))} kernels")
+                row("models", f"{name} {prec}{suffix}", "ok" if e <= tol else "MISMATCH",
+                    f"rel {e:.2e} (tol {tol:g}), compile {tc:.1f}s, {len(m.plan.get('launches', []))} launches")
             except Exception as e:
-                row("models", f"{name} {prec}", "FAIL", f"{type(e).__name__}: {str(e)[:300]}")
+                row("models", f"{name} {prec}{suffix}", "FAIL", f"{type(e).__name__}: {str(e)[:300]}")
                 traceback.print_exc()
 
 
@@ -285,9 +287,11 @@ def bench_one(name: str, prec: str, out: Path) -> dict:
     try:
         import cupy as cp
         import nnc
-        m = nnc.load(od)
         dev = {k: cp.asarray(t.numpy()) for k, t in zip(input_names, inputs)}
-        res["nnc_ms"] = _time_cuda(lambda: m.run(dev))
+        for suffix in BUILDS:
+            m = nnc.load(Path(f"{od}{suffix}"))
+            res[f"nnc{suffix}_ms"] = _time_cuda(lambda: m.run(dev))
+            res[f"nnc{suffix}_launches"] = len(m.plan["launches"])
     except Exception as e:
         res["nnc_error"] = f"{type(e).__name__}: {e}"[:200]
     tm = mod.to("cuda")
@@ -316,7 +320,8 @@ def part_bench(args, out: Path, models: dict):
                 continue
             r = json.loads(line[6:])
             fmt = lambda k: f"{r[k]:.3f} ms" if k in r else "n/a"  # noqa: E731
-            row("bench", f"{name} {prec}", f"nnc {fmt('nnc_ms')}",
+            row("bench", f"{name} {prec}", f"nnc {fmt('nnc_ms')} ({r.get('nnc_launches')} launches)",
+                f"unfused {fmt('nnc_unfused_ms')} ({r.get('nnc_unfused_launches')}), "
                 f"eager {fmt('eager_ms')}, torch.compile {fmt('compile_ms')}"
                 + "".join(f"; {k}: {r[k]}" for k in r if k.endswith("_error")))
 
