@@ -58,14 +58,16 @@ def model_name(name, model) -> str:
 @gc_paused  # allocation-heavy: see ir/gc_pause.py
 def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp32", tf32: bool = False,
                   backend: str = "nvrtc", codegen: bool = True, verify_each: bool = False, dump_ir=None,
-                  name=None, no_cache: bool = False, jobs=None, *, options: Optional[CompileOptions] = None) -> dict:
+                  name=None, no_cache: bool = False, jobs=None, fuse: bool = True, *,
+                  options: Optional[CompileOptions] = None) -> dict:
     """options: a CompileOptions (nnc.api) carrying everything below; without one it is made from
     the keyword arguments (backend: the CUDA compiler; no_cache: neither read nor write the cubin
     cache, nnc.codegen.cuda; jobs: compile processes). dump_ir: a directory for per-pass dumps."""
     if options is None:
         options = CompileOptions(shapes=normalize_shapes(shapes), precision=precision, arch=arch, tf32=tf32,
                                  name=name, backend="cuda" if codegen else "reference", codegen=codegen,
-                                 cuda_compiler=backend, verify_each=verify_each, cache=not no_cache, jobs=jobs)
+                                 cuda_compiler=backend, verify_each=verify_each, cache=not no_cache, jobs=jobs,
+                                 fuse=fuse)
     from .onnx_import import import_model
     out = Path(out)
     name = model_name(options.name, model)

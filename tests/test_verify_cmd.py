@@ -52,13 +52,17 @@ def _chain_model(nodes, inits, n=16, opset=17):
 
 def _overflow_model():
     """fp32-safe, fp16-overflowing: |x| + 10 >= 10, times 1e4 >= 1e5 > fp16 max (65504) at node
-    'boom'; 'shrink' brings fp32 back to ~1..."""
+    'boom'; 'shrink' brings fp32 back to ~1... The Transposes end the elementwise group at 'boom'
+    (a fused kernel keeps its intermediates in fp32, so an overflow inside a group never reaches
+    memory; the group's result c is stored in fp16)."""
     return _chain_model([
         helper.make_node("Abs", ["x"], ["a"], name="abs"),
         helper.make_node("Add", ["a", "ten"], ["b"], name="shift"),
         helper.make_node("Mul", ["b", "big"], ["c"], name="boom"),
-        helper.make_node("Mul", ["c", "small"], ["d"], name="shrink"),
-        helper.make_node("Relu", ["d"], ["y"], name="out"),
+        helper.make_node("Transpose", ["c"], ["ct"], name="flip", perm=[1, 0]),
+        helper.make_node("Mul", ["ct", "small"], ["d"], name="shrink"),
+        helper.make_node("Relu", ["d"], ["dr"], name="out"),
+        helper.make_node("Transpose", ["dr"], ["y"], name="flop", perm=[1, 0]),
     ], {"ten": [10.0], "big": [1e4], "small": [1e-5]})
 
 

@@ -182,6 +182,9 @@ def test_gpu_fused_elementwise_matches_interpreter(name, tmp_path, rng):
     from nnc.codegen.emit import compile_to_dir
     mod, spec = _fused(name)
     fuse_elementwise.run(mod)
+    # f16/bf16 anywhere: the kernel keeps a group's intermediates in fp32 while the interpreter
+    # rounds every op's result, so the fp16 tolerance applies even to an f32 output
+    low_precision = any(r.type.dtype.short in ("f16", "bf16") for op in mod.main.walk() for r in op.results)
     compile_to_dir(mod, tmp_path, arch=None)
     g = nnc.load(tmp_path)
     for _ in range(2):  # fresh inputs each time; arena and outputs poisoned
@@ -189,7 +192,7 @@ def test_gpu_fused_elementwise_matches_interpreter(name, tmp_path, rng):
         ref = Interpreter(mod).run(feed)
         got = g.run(feed, output="numpy", poison=True)
         for k, v in ref.items():
-            tol = 1e-2 if v.dtype in (np.float16,) or "f16" in name else 1e-5
+            tol = 1e-2 if low_precision else 1e-5
             a = np.asarray(got[k]).astype(np.float64)
             b = v.astype(np.float64)
             np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(1.0, float(np.nanmax(np.abs(b), initial=0))),
