@@ -365,6 +365,14 @@ def map_tensors(snapshot: list, func, inside_fused: bool = False) -> dict:
     args = {id(a) for a in func.args}
     g1 = _groups(func, inside_fused)
     in_fused = {o.loc.node for op in func.ops if op.name == "fused" for o in op.attrs.body.ops}
+    # a group's results stand for the body ops that return them: (node, op, result index) -> result
+    group_result = {}
+    for op in func.ops:
+        if op.name == "fused":
+            for outer, inner in zip(op.results, op.attrs.body.results):
+                p = inner.producer
+                if p is not None and p.loc.node:
+                    group_result.setdefault((p.loc.node, p.name, p.results.index(inner)), outer)
     out = {}
     for rec in snapshot:
         if rec.status:
@@ -380,6 +388,12 @@ def map_tensors(snapshot: list, func, inside_fused: bool = False) -> dict:
                 cands.append(ops[k].results[j])
         if rec.ir_name in by_name:
             cands.append(by_name[rec.ir_name])
+        if rec.origin is not None and not inside_fused:
+            k, j = rec.origin
+            if k < len(rec.origin_ops):
+                g = group_result.get((rec.loc_key, rec.origin_ops[k], j))
+                if g is not None:
+                    cands.append(g)
         v = next((c for c in cands if _fits(rec, c)), None)
         if v is None:
             out[rec.name] = (None, "inside a fused group" if rec.loc_key in in_fused else "fused or removed")

@@ -83,7 +83,9 @@ class Outliner:
         if not outputs:
             return None
         body = Region(args, body_ops, [copy_of[id(r)] for r in outputs])
-        fused = Op("fused", operands, outputs, FusedAttrs(body, kind, params), group[0].loc)
+        # the group's location: its first op that came from the model (a pass-made Cast has none)
+        loc = next((op.loc for op in group if op.loc.node), group[0].loc)
+        fused = Op("fused", operands, outputs, FusedAttrs(body, kind, params), loc)
         last = self._pos(group[-1])
         self.pos[id(fused)] = last
         self._at[last] = fused
