@@ -195,8 +195,12 @@ def test_gpu_fused_elementwise_matches_interpreter(name, tmp_path, rng):
             tol = 1e-2 if low_precision else 1e-5
             a = np.asarray(got[k]).astype(np.float64)
             b = v.astype(np.float64)
-            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(1.0, float(np.nanmax(np.abs(b), initial=0))),
-                                       err_msg=f"{name}/{k}")
+            # where the interpreter's per-op f16 rounding overflows, the kernel's fp32
+            # intermediates may not (bias_gelu_f16 on some draws): compare the finite elements
+            fin = np.isfinite(b) if low_precision else np.ones(b.shape, bool)
+            assert fin.mean() > 0.5, f"{name}/{k}: the reference is mostly non-finite"
+            scale = max(1.0, float(np.max(np.abs(b[fin]), initial=0)))
+            np.testing.assert_allclose(a[fin], b[fin], rtol=tol, atol=tol * scale, err_msg=f"{name}/{k}")
 
 
 def _verify_per_layer(tmp_path, backend):
