@@ -40,12 +40,9 @@ def bias_gelu_model(dt=TensorProto.FLOAT):
     shape = [2, 4, 3, 5]
     inputs = [("x", dt, shape), ("s", dt, [4, 1, 1]), ("b", dt, [5])]
     npdt = np.float16 if dt == TensorProto.FLOAT16 else np.float32
-    inits = [helper.make_tensor("k", dt, [], np.array([0.7071067811865476], npdt).view(np.uint16).tolist()
-                                if dt == TensorProto.FLOAT16 else [0.7071067811865476]),
-             helper.make_tensor("one", dt, [], np.array([1.0], npdt).view(np.uint16).tolist()
-                                if dt == TensorProto.FLOAT16 else [1.0]),
-             helper.make_tensor("half", dt, [], np.array([0.5], npdt).view(np.uint16).tolist()
-                                if dt == TensorProto.FLOAT16 else [0.5])]
+    # make_tensor converts float values to the tensor's type itself (fp16 bit patterns given
+    # here would be read as the numbers 14760, 15360, 14336 and overflow every output)
+    inits = [helper.make_tensor(n, dt, [], [v]) for n, v in (("k", 0.7071067811865476), ("one", 1.0), ("half", 0.5))]
     spec = {"x": (shape, npdt, "normal"), "s": ([4, 1, 1], npdt, "normal"), "b": ([5], npdt, "normal")}
     return _mk(nodes, inputs, [("y", dt, shape), ("r", dt, shape)], inits), spec
 
