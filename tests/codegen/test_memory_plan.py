@@ -69,10 +69,17 @@ def test_random_placements_never_overlap(seed):
     rng = random.Random(seed)
     iv = random_intervals(rng, rng.randrange(1, 160), rng.randrange(1, 80), rng.choice([1, 3, 10, 80]))
     offsets, method = place(iv)
-    assert method == "greedy-by-size"
+    assert method in [m for m, _ in memory.GREEDY_METHODS]
     assert brute_overlaps(iv, offsets) == []
     check_placement(iv, offsets)
-    assert offsets == old_first_fit(iv)  # the same placement as before: no arena grew
+    old = old_first_fit(iv)
+    assert memory.place_greedy(iv, memory.live_pairs(iv), "size") == old  # the former placement, still tried first
+    assert arena(iv, offsets) <= arena(iv, old)  # no arena grew
+    if method != "greedy-by-size":  # another order won only by being strictly smaller
+        assert arena(iv, offsets) < arena(iv, old)
+    for _, order in memory.GREEDY_METHODS:  # every order tried is a valid placement on its own
+        alt = memory.place_greedy(iv, memory.live_pairs(iv), order)
+        assert brute_overlaps(iv, alt) == []
     sweep = memory.place_sweep(iv)
     assert brute_overlaps(iv, sweep) == []
     check_placement(iv, sweep)
@@ -94,6 +101,19 @@ def test_checker_agrees_with_brute_force(seed):
             check_placement(iv, offsets)
     else:
         check_placement(iv, offsets)
+
+
+def test_a_later_order_wins_where_by_size_fragments():
+    """By size, the 768-byte buffer goes low and the three 512-byte ones that meet at launch 4 stack
+    above it (1792 bytes); placing the most-contended ones first reaches peak_live (1536): the
+    smaller arena wins and the method is recorded."""
+    iv = [Interval(0, 3, 768), Interval(3, 5, 512), Interval(4, 5, 512), Interval(4, 4, 512)]
+    nbr = memory.live_pairs(iv)
+    by_size = memory.place_greedy(iv, nbr, "size")
+    offsets, method = place(iv)
+    assert brute_overlaps(iv, offsets) == []
+    assert arena(iv, offsets) == peak_live(iv) == 1536 < arena(iv, by_size) == 1792
+    assert method == "greedy-by-conflict"
 
 
 def test_checker_names_the_buffers():
