@@ -30,6 +30,7 @@ PASSES = {
     "fold-batchnorm": "fold_batchnorm",
     "fuse-epilogue": "fuse_epilogue",
     "fuse-elementwise": "fuse_elementwise",
+    "schedule-memory": "schedule_memory",
     "to-fp16": "to_precision:run_fp16",
     "to-bf16": "to_precision:run_bf16",
 }
@@ -55,6 +56,8 @@ DEFAULT_PIPELINE = [
     # would otherwise take the Add/Relu chains after convs and GEMMs into elementwise groups
     "fuse-epilogue",
     "fuse-elementwise",  # after fuse-epilogue: takes the elementwise/broadcast groups it left
+    "schedule-memory",  # last: after fusion, because fusion changes which tensors exist; only
+                        # reorders ops, and only where the estimated peak of live bytes drops
 ]
 # Passes that outline `fused` ops. The precision passes treat ops with regions as opaque f32
 # islands, so `pipeline_passes(precision)` (compiler/driver.py) runs them before the first of these.
