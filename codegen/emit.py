@@ -106,7 +106,8 @@ def plan_to_json(plan: Plan, *, arch: str, precision: str, tf32: bool, passes, w
         region, index, off = _region(plan, b)
         buffers.append({"id": b.id, "name": b.name, "dtype": b.dtype.np_name, "shape": list(b.shape),
                         "nbytes": b.nbytes, "kind": b.kind, "region": region, "index": index, "offset": off,
-                        "alias_of": b.alias_of, "dynamic": b.dynamic})
+                        "alias_of": b.alias_of, "dynamic": b.dynamic,
+                        **({"inplace_of": b.inplace_of} if b.inplace_of is not None else {})})
     return {
         "version": PLAN_VERSION,
         "arch": arch,

@@ -229,14 +229,28 @@ def place(iv: Sequence[Interval]) -> tuple[list[int], str]:
 
 # ---------------------------------------------------------------- the overlap checker
 
-def check_placement(iv: Sequence[Interval], offsets: Sequence[int], names: Optional[Sequence[str]] = None) -> None:
-    """Raises ArenaOverlapError if two intervals live at the same time share a byte. O(n log n)."""
+def check_placement(iv: Sequence[Interval], offsets: Sequence[int], names: Optional[Sequence[str]] = None,
+                    inplace: Sequence[tuple[int, int]] = ()) -> None:
+    """Raises ArenaOverlapError if two intervals live at the same time share a byte, except an
+    in-place pair (i, j) of `inplace` (j written over i by the launch where i dies), which must
+    overlap exactly: the same offset and size. O(n log n) plus the in-place partners met."""
     def name(i):
         return names[i] if names is not None else f"#{i}"
 
+    allowed = {(min(i, j), max(i, j)) for i, j in inplace}
     for i, o in enumerate(offsets):
         if o < 0 or o % ALIGN:
             raise ArenaOverlapError(f"buffer {name(i)}: arena offset {o} is negative or not {ALIGN}-aligned")
+    for i, j in inplace:
+        if offsets[i] != offsets[j] or iv[i].size != iv[j].size:
+            raise ArenaOverlapError(f"in-place pair {name(i)} -> {name(j)}: not the same slot "
+                                    f"([{offsets[i]}, +{iv[i].size}) and [{offsets[j]}, +{iv[j].size}))")
+
+    def clash(a, b):
+        raise ArenaOverlapError(f"buffers {name(a)} [{offsets[a]}, {offsets[a] + iv[a].size}) and {name(b)} "
+                                f"[{offsets[b]}, {offsets[b] + iv[b].size}) are live together (launches "
+                                f"{iv[a].first}..{iv[a].last} and {iv[b].first}..{iv[b].last}) and overlap")
+
     order = sorted(range(len(iv)), key=lambda i: (iv[i].first, i))
     ends: list[tuple[int, int]] = []
     live: list[tuple[int, int]] = []  # (offset, index) of the live ones, sorted
@@ -246,18 +260,25 @@ def check_placement(iv: Sequence[Interval], offsets: Sequence[int], names: Optio
             del live[bisect.bisect_left(live, (offsets[j], j))]
         o, s = offsets[i], iv[i].size
         k = bisect.bisect_left(live, (o, i))
-        if s > 0 and k > 0:
-            po, pj = live[k - 1]
-            if po + iv[pj].size > o and iv[pj].size > 0:
-                raise ArenaOverlapError(f"buffers {name(pj)} [{po}, {po + iv[pj].size}) and {name(i)} "
-                                        f"[{o}, {o + s}) are live together (launches {iv[pj].first}..{iv[pj].last} "
-                                        f"and {iv[i].first}..{iv[i].last}) and overlap")
-        if s > 0 and k < len(live):
-            no, nj = live[k]
-            if o + s > no and iv[nj].size > 0:
-                raise ArenaOverlapError(f"buffers {name(i)} [{o}, {o + s}) and {name(nj)} "
-                                        f"[{no}, {no + iv[nj].size}) are live together (launches {iv[i].first}..{iv[i].last} "
-                                        f"and {iv[nj].first}..{iv[nj].last}) and overlap")
+        if s > 0:
+            # the live ones are disjoint but for exact in-place partners: walk past those (each
+            # partner already passed this test against the rest) to the first true neighbours
+            q = k - 1
+            while q >= 0:
+                po, pj = live[q]
+                if po + iv[pj].size <= o or iv[pj].size == 0:
+                    break
+                if (min(i, pj), max(i, pj)) not in allowed:
+                    clash(pj, i)
+                q -= 1
+            q = k
+            while q < len(live):
+                no, nj = live[q]
+                if o + s <= no:
+                    break
+                if iv[nj].size > 0 and (min(i, nj), max(i, nj)) not in allowed:
+                    clash(i, nj)
+                q += 1
         live.insert(k, (o, i))
         heapq.heappush(ends, (iv[i].last, i))
 
@@ -274,16 +295,124 @@ def peak_live(iv: Sequence[Interval]) -> int:
 
 # ---------------------------------------------------------------- the plan
 
-def plan_memory(plan) -> None:
+ELEMENTWISE_TEMPLATE = "elementwise.cu.j2"  # launch args: its inputs, its outputs, n (kernels/elementwise.py)
+
+
+def inplace_pairs(plan, first: dict[int, int], last: dict[int, int]) -> list[tuple[int, int, int]]:
+    """(launch index, input buffer id, output buffer id): an elementwise kernel's output written
+    over an input's slot. Legal only where a thread reads element idx of the input and then
+    writes element idx of the output and nothing else touches that input any more: the input is
+    read at the output's own index (not broadcast: its template strides are None), has the
+    output's dtype and shape, is a temp root (not a view, input, output, weight or persistent
+    value, not dynamic) that no other argument of the launch views, and this launch is its last
+    use; the output is a temp root first used by this launch. Each input and output in one pair."""
+    from .plan import Buffer
+    out = []
+    for t, l in enumerate(launch_sequence(plan)):
+        if l.kind != "kernel":
+            continue
+        k = plan.kernels.get(l.kernel)
+        if k is None or k.template != ELEMENTWISE_TEMPLATE:
+            continue
+        ins, outs = k.params.get("inputs", []), k.params.get("outputs", [])
+        if len(l.args) < len(ins) + len(outs):
+            continue
+        roots: dict[int, int] = {}
+        for a in l.args:
+            if isinstance(a, Buffer):
+                r = a.alias_of if a.alias_of is not None else a.id
+                roots[r] = roots.get(r, 0) + 1
+
+        def plain(b) -> bool:
+            return (isinstance(b, Buffer) and b.kind == "temp" and b.alias_of is None and not b.dynamic
+                    and roots.get(b.id) == 1)
+        taken: set[int] = set()
+        for kin, p in enumerate(ins):
+            b = l.args[kin]
+            if p.get("strides", 0) is not None or not plain(b) or last.get(b.id) != t:
+                continue
+            for kout in range(len(outs)):
+                ob = l.args[len(ins) + kout]
+                if (kout in taken or not plain(ob) or first.get(ob.id) != t or ob.dtype != b.dtype
+                        or tuple(ob.shape) != tuple(b.shape)):
+                    continue
+                taken.add(kout)
+                out.append((t, b.id, ob.id))
+                break
+    return out
+
+
+def _alias_kernels(plan, pairs: list[tuple[int, int, int]]) -> None:
+    """Launches written in place run a variant of their kernel whose aliased pointers are not
+    __restrict__ (templates/elementwise.cu.j2 `aliased`); kernels no launch runs any more go."""
+    from .plan import Kernel
+    from .render import render
+    seq = launch_sequence(plan)
+    by_launch: dict[int, list[tuple[int, int]]] = {}
+    for t, i, o in pairs:
+        by_launch.setdefault(t, []).append((i, o))
+    made: dict[tuple, str] = {}
+    for t, ios in by_launch.items():
+        l = seq[t]
+        k = plan.kernels[l.kernel]
+        ids = [a.id if hasattr(a, "alias_of") else None for a in l.args]
+        n_in = len(k.params["inputs"])
+        marks = tuple(sorted((ids.index(i), ids.index(o) - n_in) for i, o in ios))
+        key = (k.name, marks)
+        if key not in made:
+            params = dict(k.params)
+            params["inputs"] = [dict(p) for p in params["inputs"]]
+            params["outputs"] = [dict(p) for p in params["outputs"]]
+            for ki, ko in marks:
+                params["inputs"][ki]["aliased"] = True
+                params["outputs"][ko]["aliased"] = True
+            name = f"{k.name}_inplace{len(made)}"
+            made[key] = name
+            plan.kernels[name] = Kernel(name, k.template, params, render(k.template, name=name, **params), list(k.ops))
+        l.kernel = made[key]
+    used = {l.kernel for l in seq if l.kind == "kernel"}
+    for name in [n for n in plan.kernels if n not in used]:
+        del plan.kernels[name]
+
+
+def plan_memory(plan, inplace: bool = True) -> None:
     """Places the plan's temp buffers in the arena and its weights/consts in weights.bin; fills
-    plan.memory and plan.weights_bytes."""
+    plan.memory and plan.weights_bytes. With `inplace`, an elementwise kernel's output shares
+    the slot of an operand that dies there (inplace_pairs): the pair is placed as one interval
+    (chains of such pairs too), the output's Buffer.inplace_of names the operand, and the checker
+    allows exactly that overlap."""
     first, last = liveness(plan)
     temps = [b for b in plan.buffers if b.kind == "temp" and b.alias_of is None and b.id in first]
     iv = [Interval(first[b.id], last[b.id], align(max(b.nbytes, 1)), b.nbytes) for b in temps]
-    offsets, method = place(iv)
-    check_placement(iv, offsets, [b.name for b in temps])
+    pairs = inplace_pairs(plan, first, last) if inplace else []
+    pos = {b.id: n for n, b in enumerate(temps)}
+    group = list(range(len(temps)))  # union-find: in-place chains share one slot
+
+    def find(x):
+        while group[x] != x:
+            group[x] = group[group[x]]
+            x = group[x]
+        return x
+    for _, i, o in pairs:
+        group[find(pos[o])] = find(pos[i])
+    roots = sorted({find(n) for n in range(len(temps))})
+    gi = {r: n for n, r in enumerate(roots)}
+    span: list[list[int]] = [[iv[r].first, iv[r].last, iv[r].size, iv[r].order_bytes] for r in roots]
+    for n in range(len(temps)):
+        g = span[gi[find(n)]]
+        g[0], g[1] = min(g[0], iv[n].first), max(g[1], iv[n].last)
+        g[2], g[3] = max(g[2], iv[n].size), max(g[3], iv[n].order_bytes)
+    giv = [Interval(f, l, s, nb) for f, l, s, nb in span]
+    goff, method = place(giv)
+    offsets = [goff[gi[find(n)]] for n in range(len(temps))]
+    check_placement(iv, offsets, [b.name for b in temps], [(pos[i], pos[o]) for _, i, o in pairs])
     for b, o in zip(temps, offsets):
         b.offset = o
+        b.inplace_of = None
+    for _, i, o in pairs:
+        temps[pos[o]].inplace_of = i
+    if pairs:
+        _alias_kernels(plan, pairs)
     arena = max((o + x.size for o, x in zip(offsets, iv)), default=0)
     woff = 0
     for b in plan.buffers:
@@ -292,8 +421,8 @@ def plan_memory(plan) -> None:
             b.offset = woff
             woff += b.nbytes
     plan.weights_bytes = woff
-    plan.memory = {"arena_bytes": arena, "naive_bytes": sum(x.size for x in iv), "peak_live_bytes": peak_live(iv),
-                   "weights_bytes": woff}
+    plan.memory = {"arena_bytes": arena, "naive_bytes": sum(x.size for x in iv), "peak_live_bytes": peak_live(giv),
+                   "weights_bytes": woff, "inplace_bytes": sum(iv[pos[o]].size for _, _, o in pairs)}
     plan.memory_method = method
 
 

@@ -33,6 +33,7 @@ class Buffer:
     offset: int = 0  # arena offset (temp), weights.bin offset (weight/const) or persistent offset (init)
     data: Optional[np.ndarray] = None  # weight/const payload (already transformed)
     dynamic: bool = False  # true extent known only after the run (NonZero)
+    inplace_of: Optional[int] = None  # temp written in place over this dying operand's slot (codegen/memory.py)
     value: Optional[Value] = field(default=None, repr=False)
 
     @property

@@ -171,7 +171,14 @@ def _check_plan(plan):
     temps = [b for b in plan.buffers if b.kind == "temp" and b.alias_of is None and b.id in first]
     iv = [Interval(first[b.id], last[b.id], align(max(b.nbytes, 1))) for b in temps]
     offsets = [b.offset for b in temps]
-    assert brute_overlaps(iv, offsets) == []
+    pos = {b.id: n for n, b in enumerate(temps)}
+    inplace = set()
+    for n, b in enumerate(temps):  # written in place: the same slot, born at the launch where the operand dies
+        if b.inplace_of is not None:
+            i = pos[b.inplace_of]
+            assert offsets[i] == offsets[n] and iv[i].size == iv[n].size and last[b.inplace_of] == first[b.id]
+            inplace.add((min(i, n), max(i, n)))
+    assert [p for p in brute_overlaps(iv, offsets) if p not in inplace] == []
     assert plan.memory["arena_bytes"] == arena(iv, offsets)
     assert plan.memory["peak_live_bytes"] <= plan.memory["arena_bytes"] <= plan.memory["naive_bytes"]
     for b in plan.buffers:  # views stay inside their root; the root of a view is never a view
