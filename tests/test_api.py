@@ -116,7 +116,8 @@ def test_output_selection_and_call_forms(rng):
     # __call__: positional, keyword, mixed and a dict all bind the same way; several outputs -> tuple
     for res in (m(x, y), m(x=x, y=y), m(x, y=y), m({"x": x, "y": y})):
         assert isinstance(res, tuple) and len(res) == 3
-        np.testing.assert_allclose(res[1], ref["sig"], rtol=1e-6)
+        # fp32 against onnxruntime: its Sigmoid differs from numpy's by up to ~1.1e-6 relative
+        np.testing.assert_allclose(res[1], ref["sig"], rtol=1e-5, atol=1e-7)
     with pytest.raises(InputError, match="takes 2 inputs"):
         m(x, y, x)
     with pytest.raises(InputError, match="both by position and by name"):
