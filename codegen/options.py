@@ -88,21 +88,6 @@ class LowerOptions:
         return {"arch": self.arch, "precision": self.precision, "tf32": self.tf32,
                 "rnn_stepwise": self.rnn_stepwise}
 
-    # read-only dict-style access by field name, for lowerings written against the old dict
-    def __getitem__(self, key: str):
-        if key == "arch" or key in self.__dataclass_fields__:
-            return getattr(self, key)
-        raise KeyError(key)
-
-    def __contains__(self, key: str) -> bool:
-        return key == "arch" or key in self.__dataclass_fields__
-
-    def get(self, key: str, default=None):
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
 
 CUDA_COMPILERS = ("nvrtc", "nvcc")
 

@@ -166,7 +166,7 @@ class PlanExecutor:
         from .emit import _json_default, plan_to_json, weights_blob
         blob = weights_blob(plan)
         opts = plan.options
-        arch = getattr(opts, "arch", None) or (opts.get("arch") if isinstance(opts, dict) else None) or "sm_90"
+        arch = opts.arch  # Plan.options is a LowerOptions (codegen/options.py)
         pj = plan_to_json(plan, arch=str(arch), precision="", tf32=False, passes=(),
                           weights_sha="", source_sha="", backend="")
         pj = json.loads(json.dumps(pj, default=_json_default))

@@ -135,7 +135,7 @@ def test_kernel_heuristics_read_the_target():
 
 def test_lower_options_typed_and_frozen(monkeypatch):
     o = LowerOptions(for_arch("sm_90"), "fp16", tf32=1)
-    assert o.arch == "sm_90" and o.tf32 is True and o["precision"] == "fp16" and o.get("nope", 3) == 3
+    assert o.arch == "sm_90" and o.tf32 is True and o.precision == "fp16"
     with pytest.raises(Exception):
         o.tf32 = False  # frozen
     with pytest.raises(NncError, match="precision must be one of"):
