@@ -41,7 +41,7 @@ from typing import Callable, Optional, Sequence
 from ..ir.errors import NncError
 from . import nvrtc_worker
 from .options import env_cache_dir, env_cuda_include, env_nvcc
-from .target import DEFAULT_ARCH, default_arch, normalize_arch  # noqa: F401  (arch spelling and GPU detection)
+from .target import normalize_arch  # arch spelling (GPU detection lives in target.py too)
 
 CUDA_INCLUDE = env_cuda_include()
 BACKENDS = ("nvrtc", "nvcc")

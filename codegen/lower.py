@@ -47,10 +47,10 @@ from .memory import fused_away_bytes, plan_memory  # the arena: liveness, placem
 from .steps import StepRecorder
 from .render import render as _render_template
 from .escape import c_identifier, is_c_identifier
-from .dtypes import compute_type, ctype  # noqa: F401  the one dtype table (codegen/dtypes.py)
+from .dtypes import ctype  # the one dtype table (codegen/dtypes.py)
 from .errors import LoweringError
 from .options import LowerOptions
-from .plan import Buffer, Kernel, Launch, Plan, Scalar, contiguous_strides  # noqa: F401  codegen/plan.py
+from .plan import Buffer, Kernel, Launch, Plan, Scalar  # codegen/plan.py
 
 ALIGN = 256
 

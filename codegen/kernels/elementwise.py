@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from ..lower import LowerCtx, compute_type, lowering
+from ..dtypes import compute_type
+from ..lower import LowerCtx, lowering
 from ..render import cfloat
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..lower import LowerCtx, contiguous_strides, lowering
+from ..lower import LowerCtx, lowering
+from ..plan import contiguous_strides
 from .pool import spatial_pads
 
 FALLBACK_PRIORITY = 0

@@ -16,7 +16,8 @@ not renderable, shapes are not static, or a value does not broadcast to the outp
 """
 from __future__ import annotations
 
-from ..lower import LowerCtx, LoweringError, compute_type, ctype, describe_op, lowering
+from ..dtypes import compute_type, ctype
+from ..lower import LowerCtx, LoweringError, describe_op, lowering
 from .elementwise import EXPR, elementwise_params, op_expr
 
 PRIORITY = 10  # above the op-by-op fallback

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..lower import Buffer, LowerCtx, lowering
+from ..lower import LowerCtx, lowering
+from ..plan import Buffer
 from . import gemm
 from ..dtypes import KERNEL_FAMILY_TYPES, TABLE
 from ..target import Target

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..lower import Buffer, LowerCtx, contiguous_strides, lowering
+from ..lower import LowerCtx, lowering
+from ..plan import Buffer, contiguous_strides
 from ._helpers import empty_result, misc2_launch
 from .elementwise import lit
 

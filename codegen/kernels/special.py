@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..lower import LowerCtx, compute_type, lowering
+from ..dtypes import compute_type
+from ..lower import LowerCtx, lowering
 
 
 @lowering("TopK")

@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 import pytest
 
-from nnc.codegen.lower import Buffer, lower
+from nnc.codegen.lower import lower
+from nnc.codegen.plan import Buffer
 from nnc.ir.interp import Interpreter
 from nnc.ir.outline import Outliner
 from nnc.ir.verify import verify

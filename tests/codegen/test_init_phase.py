@@ -20,7 +20,8 @@ from onnx import numpy_helper
 
 from nnc.codegen import init_phase
 from nnc.codegen.emit import compile_to_dir, plan_to_json
-from nnc.codegen.lower import Buffer, lower
+from nnc.codegen.lower import lower
+from nnc.codegen.plan import Buffer
 from nnc.ir.builder import FOLD_MAX_ELEMENTS
 from nnc.ir.interp import Interpreter
 from nnc.onnx_import import import_model

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from nnc.codegen import memory
-from nnc.codegen.lower import Buffer, lower
+from nnc.codegen.lower import lower
+from nnc.codegen.plan import Buffer
 from nnc.codegen.memory import ArenaOverlapError, Interval, align, check_placement, peak_live, place
 from nnc.onnx_import import import_model, parse_shapes
 from nnc.pipeline import run_passes

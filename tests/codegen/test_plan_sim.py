@@ -12,7 +12,8 @@ import re
 import numpy as np
 import pytest
 
-from nnc.codegen.lower import Buffer, lower
+from nnc.codegen.lower import lower
+from nnc.codegen.plan import Buffer
 from nnc.ir.interp import Interpreter
 from nnc.onnx_import import import_model
 
