@@ -96,3 +96,9 @@ def guard(value):
             f"internal error: a template interpolated text with {m.group()!r} at offset {m.start()} "
             f"({comment_text(s[:80])}...) without the `comment` or `cstr` filter")
     return s
+
+
+def terminal_text(s) -> str:
+    """A model string for a terminal (`nnc run`, `nnc verify`): printable characters as they are,
+    anything else (control characters, escape sequences, line breaks) as a Python escape."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in _as_str(s))

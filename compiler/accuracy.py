@@ -614,9 +614,9 @@ COLUMNS = ("tensor", "node", "op", "dtype", "shape", "max-abs", "rel-L2", "faili
 
 
 def _show(s: str) -> str:
-    """A model-given name made safe to print: control and other non-printable characters escaped
-    (no terminal escape sequences or line breaks from a model file reach the screen)."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(s))
+    """A model-given name made safe to print (no escape sequences or line breaks reach the screen)."""
+    from .codegen.escape import terminal_text
+    return terminal_text(s)
 
 
 def _row(c: TensorCheck) -> tuple:

@@ -310,6 +310,7 @@ def cmd_run(args) -> int:
         from .runtime import load
         res = load(out).run(feed, output="numpy")
     dt = time.perf_counter() - t0
+    from .codegen.escape import terminal_text  # output names come from the model file
     nonfinite = []
     for k, v in res.items():
         v = np.asarray(v)
@@ -321,8 +322,8 @@ def cmd_run(args) -> int:
                     stats = f" min {f.min():.6g} max {f.max():.6g} mean {f.mean():.6g}"
             n_nan, n_inf = int(np.isnan(f).sum()), int(np.isinf(f).sum())
             if n_nan or n_inf:
-                nonfinite.append(f"output {k!r} has {n_nan} NaN and {n_inf} inf of {v.size} values")
-        print(f"{k}: {v.dtype} {list(v.shape)}{stats}")
+                nonfinite.append(f"output '{terminal_text(k)}' has {n_nan} NaN and {n_inf} inf of {v.size} values")
+        print(f"{terminal_text(k)}: {v.dtype} {list(v.shape)}{stats}")
     print(f"({how}, {dt * 1e3:.1f} ms)")
     if args.save:
         np.savez(args.save, **{k: np.asarray(v) for k, v in res.items()})

@@ -131,6 +131,21 @@ def models():
     return M
 
 
+def nonzero_view_model():
+    """x: f32[4,6] -> Relu -> Reshape view [6,4] -> Sigmoid (output s) and Tanh -> NonZero (output
+    nz, data-dependent extent): views, a dynamic output and its readback in one small plan."""
+    g = h.make_graph([
+        h.make_node("Relu", ["x"], ["r"]),
+        h.make_node("Reshape", ["r", "shp"], ["v"]),
+        h.make_node("Sigmoid", ["v"], ["s"]),
+        h.make_node("Tanh", ["v"], ["t"]),
+        h.make_node("NonZero", ["t"], ["nz"]),
+    ], "g", [h.make_tensor_value_info("x", T.FLOAT, [4, 6])],
+        [h.make_tensor_value_info("nz", T.INT64, None), h.make_tensor_value_info("s", T.FLOAT, None)],
+        [h.make_tensor(name="shp", data_type=T.INT64, dims=[2], vals=[6, 4])])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
 def random_feed(spec, rng):
     feed = {}
     for name, (shape, dt, kind) in spec.items():

@@ -221,3 +221,10 @@ def test_finalize_stops_unescaped_model_text():
         macro.render(x="a\nb")
     with pytest.raises(UnescapedText):
         env().from_string("{{ f() }}").render(f=lambda: "a\nb")
+
+
+def test_terminal_text_keeps_escape_sequences_off_the_screen():
+    from nnc.codegen.escape import terminal_text
+    assert terminal_text("probs") == "probs" and terminal_text("é") == "é"
+    shown = terminal_text("y\x1b[2J\nrm -rf\r\u2028")
+    assert shown.isprintable() and "\\x1b" in shown and "\\n" in shown

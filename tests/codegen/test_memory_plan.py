@@ -209,19 +209,8 @@ def test_fp16_example_plan_never_overlaps():
 def test_views_and_dynamic_buffers():
     """A Reshape view shares its root's bytes and lifetime; NonZero's output (dynamic) is planned
     at its upper bound and keeps its readback."""
-    from onnx import TensorProto as T
-    from onnx import helper as h
-    g = h.make_graph([
-        h.make_node("Relu", ["x"], ["r"]),
-        h.make_node("Reshape", ["r", "shp"], ["v"]),
-        h.make_node("Sigmoid", ["v"], ["s"]),
-        h.make_node("Tanh", ["v"], ["t"]),
-        h.make_node("NonZero", ["t"], ["nz"]),
-    ], "g", [h.make_tensor_value_info("x", T.FLOAT, [4, 6])],
-        [h.make_tensor_value_info("nz", T.INT64, None), h.make_tensor_value_info("s", T.FLOAT, None)],
-        [h.make_tensor(name="shp", data_type=T.INT64, dims=[2], vals=[6, 4])])
-    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
-    mod = import_model(m)
+    from .cuda_models import nonzero_view_model
+    mod = import_model(nonzero_view_model())
     run_passes(mod)
     plan = lower(mod, {"arch": "sm_90"})
     temps = _check_plan(plan)

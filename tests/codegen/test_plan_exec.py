@@ -160,18 +160,8 @@ def test_big_light_model_runs_in_the_arena(name):
 def test_dynamic_outputs_in_the_arena():
     """NonZero's output: written compact at the start of its max-size buffer, its true extent
     carried to the output (the layout the CUDA runtime reads back)."""
-    from onnx import TensorProto as T
-    from onnx import helper as h
-    g = h.make_graph([
-        h.make_node("Relu", ["x"], ["r"]),
-        h.make_node("Reshape", ["r", "shp"], ["v"]),
-        h.make_node("Sigmoid", ["v"], ["s"]),
-        h.make_node("Tanh", ["v"], ["t"]),
-        h.make_node("NonZero", ["t"], ["nz"]),
-    ], "g", [h.make_tensor_value_info("x", T.FLOAT, [4, 6])],
-        [h.make_tensor_value_info("nz", T.INT64, None), h.make_tensor_value_info("s", T.FLOAT, None)],
-        [h.make_tensor(name="shp", data_type=T.INT64, dims=[2], vals=[6, 4])])
-    m = import_model(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))
+    from .cuda_models import nonzero_view_model
+    m = import_model(nonzero_view_model())
     run_passes(m)
     plan = _lower(m)
     rng = np.random.default_rng(2)
