@@ -37,7 +37,7 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def check_bytes(data: bytes, expected, path, what: str) -> None:
+def check_bytes(data, expected, path, what: str) -> None:
     """Raises IntegrityError unless sha256(data) is `expected` (a recorded hex digest)."""
     _check(sha256_bytes(data), expected, path, what)
 

@@ -76,7 +76,7 @@ class Module(api.Module):
         if raw.size != p.get("weights_bytes", raw.size):
             raise NncError(f"{self.dir}/weights.bin has {raw.size} bytes, plan.json expects {p['weights_bytes']}")
         if verify_weights and p.get("weights_sha256"):
-            check_bytes(raw.tobytes(), p["weights_sha256"], weights_path, "weights_sha256")
+            check_bytes(memoryview(raw), p["weights_sha256"], weights_path, "weights_sha256")  # no copy
         for path, sha, _ in cubins:  # nnc.integrity: what is loaded is what was compiled
             if sha is not None:
                 check_file(path, sha, "cubins[].sha256")
