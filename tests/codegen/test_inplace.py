@@ -133,7 +133,8 @@ def test_gpu_inplace_plan_matches_interpreter(name, shapes, tmp_path):
     from nnc.codegen.emit import compile_to_dir
     m = import_model(_model() if name == "_model" else str(ROOT / "examples" / f"{name}.onnx"),
                      shapes=parse_shapes(shapes))
-    run_passes(m)
+    if name != "_model":  # _model is the unfused chain of the CPU test above: fusion would merge it
+        run_passes(m)
     pj = compile_to_dir(m, tmp_path, arch=None)
     assert any(b.get("inplace_of") is not None for b in pj["buffers"])
     g = nnc.load(tmp_path)
