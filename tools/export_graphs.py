@@ -68,7 +68,9 @@ def torch_model(name: str, batch: int = 1):
                 self.gpt = GPT2Model(cfg)
 
             def forward(self, ids):
-                return self.gpt(input_ids=ids, use_cache=False).last_hidden_state
+                # an explicit all-ones mask: without one, transformers looks for packed sequences
+                # with torch.diff, which has no ONNX export
+                return self.gpt(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
 
         return Dec().eval(), (torch.randint(0, cfg.vocab_size, (batch, 128)),), ["input_ids"]
     raise KeyError(name)
@@ -80,6 +82,7 @@ MODELS = ["resnet50", "mobilenet_v2", "vit_b_16", "fcn_resnet50", "bert_base", "
 def export(name: str, path: Path, batch: int = 1) -> None:
     import onnx
     import torch
+    torch.backends.mha.set_fastpath_enabled(False)  # ViT: the fused MHA fast path has no ONNX export
     mod, inputs, input_names = torch_model(name, batch)
     with torch.no_grad():
         torch.onnx.export(mod, inputs, str(path), input_names=input_names, output_names=["output"],
