@@ -14,7 +14,8 @@ in this form (templates/gemm_tc_core.cu.j2, gemm_f32.cu.j2, conv_direct.cu.j2):
   not a per-column constant takes no residual: the kernel has one C operand);
 - Mul by a scalar constant, Gemm/MatMul only, before the activation -> `scale` (the kernel's alpha
   and beta; the conv epilogue has no scale);
-- one activation: Relu, LeakyRelu, Sigmoid, Tanh, Gelu (erf or tanh form), Clip with constant
+- one activation: Relu, LeakyRelu, Sigmoid, Tanh, Gelu (erf or tanh form; also written out as
+  ops, see match_gelu: those become a Gelu op first), Clip with constant
   finite bounds (Relu6); nothing but a Cast may follow it (the kernel applies it last);
 - Cast to f16/bf16/f32, Gemm/MatMul only, last -> `cast` (the GEMM's output dtype).
 The fused op's `params` names the epilogue in the kernel's order, e.g. "bias residual relu".
@@ -244,7 +245,165 @@ def match_body(body, const_of: ConstOf) -> Optional[Chain]:
     return ch
 
 
-def _run_func(func, weights) -> bool:
+# ---------------------------------------------------------------- GELU written out as ops
+# Exporters write GELU as elementwise ops (BERT: Div(x, sqrt2) -> Erf -> Add 1 -> Mul x -> Mul 0.5;
+# GPT-2: 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x^3)))). Where such a subgraph reads the end of an
+# anchor's chain it is replaced by one Gelu op (approximate "none" / "tanh"), which the epilogue
+# then takes as its activation. Constants match within GELU_RTOL (f16 rounds them: sqrt2 becomes
+# 1.4140625), any operand order of the commutative Add/Mul.
+GELU_RTOL = 2e-3
+SQRT2 = math.sqrt(2.0)
+SQRT_2_PI = math.sqrt(2.0 / math.pi)
+
+
+def _near(v: Optional[float], want: float) -> bool:
+    return v is not None and abs(v - want) <= GELU_RTOL * abs(want)
+
+
+def _other(op: Op, v: Value) -> Optional[Value]:
+    """The other operand of a binary op that reads v once."""
+    if len(op.operands) != 2 or (op.operands[0] is v) == (op.operands[1] is v):
+        return None
+    return op.operands[1] if op.operands[0] is v else op.operands[0]
+
+
+def match_gelu(x: Value, users: Callable[[Value], list], const_of: ConstOf) -> Optional[tuple]:
+    """(ops of the subgraph, its result, approximate) when the users of x compute GELU(x) as
+    written-out ops; every intermediate is read only inside the subgraph."""
+    def only(v):  # v's single user, or None
+        us = users(v)
+        return us[0] if len(us) == 1 else None
+
+    def scalar_other(op, v):
+        o = _other(op, v)
+        return None if o is None else _scalar(o, const_of)
+
+    for first in users(x):
+        ops, approx, t = [first], None, None
+        if first.name == "Div" and first.operands[0] is x and _near(_scalar(first.operands[1], const_of), SQRT2):
+            e = only(first.results[0])
+            if e is not None and e.name == "Erf":
+                ops.append(e)
+                approx, t = "none", e.results[0]
+        elif first.name == "Mul" and _near(scalar_other(first, x), 1 / SQRT2):
+            e = only(first.results[0])
+            if e is not None and e.name == "Erf":
+                ops.append(e)
+                approx, t = "none", e.results[0]
+        elif first.name in ("Pow", "Mul"):
+            got = _gelu_tanh_inner(x, first, only, scalar_other, const_of)
+            if got is not None:
+                ops, t = got
+                approx = "tanh"
+        if t is None:
+            continue
+        a = only(t)  # 1 + erf(..) / 1 + tanh(..)
+        if a is None or a.name != "Add" or not _near(scalar_other(a, t), 1.0):
+            continue
+        ops.append(a)
+        cur, have_x, have_half = a.results[0], False, False
+        while not (have_x and have_half):
+            m = only(cur)
+            o = None if m is None or m.name != "Mul" else _other(m, cur)
+            if o is None:
+                break
+            if o is x and not have_x:
+                have_x = True
+            elif not have_half and _near(_scalar(o, const_of), 0.5):
+                have_half = True
+            elif (not have_x and not have_half and o.producer is not None and o.producer.name == "Mul"
+                  and _near(scalar_other(o.producer, x), 0.5) and len(users(o)) == 1):
+                ops.append(o.producer)  # 0.5 * x computed first
+                have_x = have_half = True
+            else:
+                break
+            ops.append(m)
+            cur = m.results[0]
+        if have_x and have_half and all(len(op.results) == 1 for op in ops):
+            inner = {id(op) for op in ops}
+            y = cur
+            if all(all(id(u) in inner for u in users(op.results[0])) for op in ops if op.results[0] is not y):
+                return ops, y, approx
+    return None
+
+
+def _gelu_tanh_inner(x, first, only, scalar_other, const_of):
+    """(ops, tanh result) for tanh(sqrt(2/pi) * (x + 0.044715 * x^3)) starting at the op making x^3
+    (Pow(x, 3), or Mul(x, x) then Mul by x)."""
+    ops = [first]
+    if first.name == "Pow":
+        if first.operands[0] is not x or not _near(_scalar(first.operands[1], const_of), 3.0):
+            return None
+        cube = first.results[0]
+    else:
+        if first.operands[0] is not x or first.operands[1] is not x:
+            return None
+        m = only(first.results[0])
+        if m is None or m.name != "Mul" or _other(m, first.results[0]) is not x:
+            return None
+        ops.append(m)
+        cube = m.results[0]
+    k = only(cube)
+    if k is None or k.name != "Mul" or not _near(scalar_other(k, cube), 0.044715):
+        return None
+    s = only(k.results[0])
+    if s is None or s.name != "Add" or _other(s, k.results[0]) is not x:
+        return None
+    c = only(s.results[0])
+    if c is None or c.name != "Mul" or not _near(scalar_other(c, s.results[0]), SQRT_2_PI):
+        return None
+    th = only(c.results[0])
+    if th is None or th.name != "Tanh":
+        return None
+    return ops + [k, s, c, th], th.results[0]
+
+
+def _chain_end(anchor: Op, next_user, const_of) -> Optional[Value]:
+    """The value an activation would read after anchor's chain (None: the chain already has one)."""
+    if not anchor_ok(anchor):
+        return None
+    ch = match(anchor, next_user, const_of)
+    if ch is None:
+        return anchor.results[0]
+    if any(s.role in ("act", "cast") for s in ch.steps):
+        return None
+    return ch.ops[-1].results[0]
+
+
+def _gelus_to_ops(func, users, returned, const_of) -> bool:
+    """Replaces written-out GELUs that read the end of an anchor's chain by Gelu ops."""
+    from nnc.ir.ops.elementwise import GeluAttrs
+
+    def next_user(v):
+        us = users.get(id(v), ())
+        return None if id(v) in returned or len(us) != 1 else us[0]
+
+    def users_of(v):
+        return list(users.get(id(v), ()))
+
+    drop, put = set(), {}
+    for op in func.ops:
+        if op.name not in ANCHORS or id(op) in drop:
+            continue
+        x = _chain_end(op, next_user, const_of)
+        if x is None or id(x) in returned:
+            continue
+        got = match_gelu(x, users_of, const_of)
+        if got is None:
+            continue
+        ops, y, approx = got
+        if any(id(o) in drop for o in ops) or any(id(o.results[0]) in returned for o in ops if o.results[0] is not y):
+            continue
+        drop.update(id(o) for o in ops)
+        last = y.producer  # (Op() below makes the Gelu y's producer)
+        put[id(last)] = Op("Gelu", [x], [y], GeluAttrs(approx), last.loc)
+    if not put:
+        return False
+    func.ops = [put.get(id(op), op) for op in func.ops if id(op) not in drop or id(op) in put]
+    return True
+
+
+def _users(func) -> dict:
     users: dict[int, list] = {}
     for op in func.ops:
         for v in op.operands:
@@ -253,7 +412,16 @@ def _run_func(func, weights) -> bool:
         for _, r in op.regions():  # values read inside regions count as uses (never fused through)
             for vid in used_values(r):
                 users.setdefault(vid, []).append(op)
+    return users
+
+
+def _run_func(func, weights) -> bool:
     returned = {id(v) for v in func.results}
+    const_of = lambda v: const_value(v, weights)  # noqa: E731
+    users = _users(func)
+    gelus = _gelus_to_ops(func, users, returned, const_of)
+    if gelus:  # the Gelu ops replaced subgraphs: users change
+        users = _users(func)
 
     def next_user(v: Value) -> Optional[Op]:
         us = users.get(id(v), ())
@@ -266,14 +434,14 @@ def _run_func(func, weights) -> bool:
     for op in list(func.ops):
         if op.name not in ANCHORS:
             continue
-        ch = match(op, next_user, lambda v: const_value(v, weights))
+        ch = match(op, next_user, const_of)
         if ch is None or not out.can_outline(ch.ops):
             continue
         out.outline(ch.ops, kind=ch.kind, params=ch.params)
         changed = True
     if changed:
         out.finish()
-    return changed
+    return changed or gelus
 
 
 def run(module: Module) -> bool:
