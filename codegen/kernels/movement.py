@@ -93,8 +93,23 @@ def _slice(ctx: LowerCtx):
         b0, _, _ = slice(s, e, k).indices(x.shape[a])
         begin[a], step[a] = b0, k
     base = sum(b * s for b, s in zip(begin, st))
+    if y.numel and not x.dynamic and contiguous_slice(x.shape, y.shape, step):
+        ctx.alias(0, x, base * x.dtype.np.itemsize)  # one contiguous run of x: a view, no copy
+        return True
     strided_copy(ctx, x, y, y.shape, [s * k for s, k in zip(st, step)], in_base=base)
     return True
+
+
+def contiguous_slice(in_shape, out_shape, step) -> bool:
+    """Whether a slice of a contiguous tensor is one contiguous run: for some axis a, every axis
+    before it has extent 1, every axis after it is taken whole, and a itself has step 1 (or one
+    element), as have the whole axes (a negative step reverses them). E.g. Y[i] of Y[G, ...] (fuse-horizontal's members) or a channel range at batch 1."""
+    r = len(in_shape)
+    a = next((d for d in range(r) if out_shape[d] != 1), r)
+    if a == r:
+        return True
+    return all(step[d] == 1 or out_shape[d] == 1 for d in range(a, r)) and \
+        all(out_shape[d] == in_shape[d] for d in range(a + 1, r))
 
 
 @lowering("Split")
