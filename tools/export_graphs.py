@@ -24,13 +24,35 @@ KEEP_ELEMENTS = 4096
 STATS_KEY = "nnc.stripped_weights"  # metadata: {initializer name: [mean, std]}
 
 
+def realistic_bn(model):
+    """Random weights with BatchNorm's default running stats (mean 0, var 1) let activations shrink
+    or grow layer by layer (MobileNetV2's logits end near 1e-9, below fp16's range). Estimating the
+    stats from a few random batches, as training would, keeps them near unit scale like a trained
+    model's."""
+    import torch
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return model
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 224, 224))
+    return model
+
+
 def torch_model(name: str, batch: int = 1):
     """(module, example inputs, input names) for one model; seeded, random weights."""
     import torch
     torch.manual_seed(0)
     if name in ("resnet50", "mobilenet_v2", "vit_b_16"):
         import torchvision
-        return getattr(torchvision.models, name)(weights=None).eval(), (torch.randn(batch, 3, 224, 224),), ["input"]
+        m = getattr(torchvision.models, name)(weights=None)
+        if name == "vit_b_16":  # torchvision zero-initialises the head: every output would be 0
+            torch.nn.init.normal_(m.heads.head.weight, std=0.02)
+        return realistic_bn(m).eval(), (torch.randn(batch, 3, 224, 224),), ["input"]
     if name == "fcn_resnet50":
         import torchvision
 
@@ -43,7 +65,7 @@ def torch_model(name: str, batch: int = 1):
             def forward(self, x):
                 return self.m(x)["out"]
 
-        return Seg().eval(), (torch.randn(batch, 3, 224, 224),), ["input"]
+        return realistic_bn(Seg()).eval(), (torch.randn(batch, 3, 224, 224),), ["input"]
     if name == "bert_base":
         from transformers import BertConfig, BertModel
         cfg = BertConfig(attn_implementation="eager")  # bert-base-uncased's sizes: 12 x 768, 12 heads
