@@ -51,6 +51,7 @@ from .dtypes import ctype  # the one dtype table (codegen/dtypes.py)
 from .errors import LoweringError
 from .options import LowerOptions
 from .plan import Buffer, Kernel, Launch, Plan, Scalar  # codegen/plan.py
+from .variants import REGISTRY, Candidate, Selection, Selector, Variant, make_selector, register
 
 ALIGN = 256
 
@@ -80,33 +81,36 @@ def _fmt_attr(v):
 
 NOT_HANDLED = None
 
-
-@dataclass
-class _Entry:
-    priority: int
-    fn: Callable
-    when: Optional[Callable]
-    regions: bool = False  # lowers an op with regions itself (`fused`: it lowers its body)
-
-
-LOWERINGS: dict[str, list[_Entry]] = {}
+# op name -> Variants (codegen/variants.py), highest priority first: declared variants and the
+# legacy lowerings below alike (tests may reassign an op's list; the driver reads it per op)
+LOWERINGS: dict[str, list[Variant]] = REGISTRY
 
 
 def lowering(*ops: str, priority: int = 0, when: Optional[Callable] = None, regions: bool = False):
-    """Registers a lowering function for ops. Higher priority is tried first; `when(op)` is an
-    optional predicate; the function may still decline by returning None without emitting.
-    `regions=True`: the function handles the op's regions (others never see an op with regions)."""
+    """Registers a lowering function for ops (the legacy form of a Variant: codegen/variants.py).
+    Higher priority is tried first; `when(op)` is an optional predicate (the variant's applies);
+    the function may still decline by returning None without emitting ("render may decline": the
+    driver then tries the next candidate). `regions=True`: the function handles the op's regions
+    (others never see an op with regions)."""
     def deco(fn):
-        for name in ops:
-            lst = LOWERINGS.setdefault(name, [])
-            for e in lst:
-                if e.priority == priority:
-                    raise RuntimeError(f"lowering for {name!r} at priority {priority} registered twice "
-                                       f"({e.fn.__module__}.{e.fn.__name__} and {fn.__module__}.{fn.__name__})")
-            lst.append(_Entry(priority, fn, when, regions))
-            lst.sort(key=lambda e: -e.priority)
+        register(Variant(
+            name=f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}", family=f"{fn.__module__}.{fn.__name__}",
+            ops=tuple(ops), render=_legacy_render(fn), applies=_legacy_applies(when), priority=priority,
+            regions=regions, may_decline=True, fn=fn))
         return fn
     return deco
+
+
+def _legacy_render(fn):
+    def render(ctx, problem, params):
+        return fn(ctx)
+    return render
+
+
+def _legacy_applies(when):
+    if when is None:
+        return lambda problem: True
+    return lambda problem: bool(when(problem.op))
 
 
 _LOADED = False
@@ -134,6 +138,7 @@ class LowerCtx:
         self.target = lowerer.options.target  # the device limits (codegen/target.py)
         self.emitted = 0
         self._desc: Optional[str] = None
+        self.problem: Optional["Problem"] = None  # set by the driver: what the variant's applies saw
 
     @property
     def desc(self) -> str:
@@ -298,15 +303,106 @@ def _dim3(x) -> tuple:
     return x + (1,) * (3 - len(x))
 
 
+# ---------------------------------------------------------------- what a variant's applies() sees
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """An operand as applies() may know it without creating its buffer: the existing Buffer's
+    facts, or (a constant or result not made yet: a root, so offset 0) its type's. Has the
+    attributes of a Buffer the families' checks read (dtype, shape, numel, alias_of, alias_offset)."""
+    dtype: object
+    shape: tuple
+    alias_of: Optional[int] = None
+    alias_offset: int = 0
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        return n
+
+
+class Problem:
+    """One op (a fused group is one op) as the variants see it before anything is emitted: its
+    operands' and results' types and placement (`tensor`, `result`), compile-time values, the
+    options and target, and `extra` (what a fused lowering passes an anchor's variants, e.g. the
+    GEMM's Epilogue). `memo`: a family's derived data, computed once by applies() for space() and
+    render(). `key`: the stable text the selector caches choices by (no value names)."""
+
+    def __init__(self, lowerer: "Lowerer", op: Op, extra=None, key_extra: str = ""):
+        self.L = lowerer
+        self.op = op
+        self.extra = extra
+        self.options = lowerer.options
+        self.target = lowerer.options.target
+        self.memo: dict = {}
+        self._key_extra = key_extra
+        self._key: Optional[str] = None
+
+    def attr(self, name: str, default=None):
+        return getattr(self.op.attrs, name, default)
+
+    def has(self, i: int) -> bool:
+        return i < len(self.op.operands) and self.op.operands[i] is not None
+
+    def info(self, v: Value) -> TensorInfo:
+        v = self.L.canon(v)
+        b = self.L.values.get(id(v))
+        if b is not None:
+            return TensorInfo(b.dtype, tuple(b.shape), b.alias_of, b.alias_offset)
+        return TensorInfo(v.type.dtype, self.L.static_shape(v) or ())
+
+    def tensor(self, i: int) -> Optional[TensorInfo]:
+        return self.info(self.op.operands[i]) if self.has(i) else None
+
+    def result(self, i: int = 0) -> TensorInfo:
+        return self.info(self.op.results[i])
+
+    def value(self, i: int):
+        if not self.has(i):
+            return None
+        return const_value(self.L.canon(self.op.operands[i]), self.L.module.weights)
+
+    @property
+    def key(self) -> str:
+        if self._key is None:
+            o = self.options
+            ops = [_op_key(self.op, self.info)]
+            if self.op.regions():
+                ops += [_op_key(b, None) for b in self.op.attrs.body.ops]
+            self._key = f"{o.arch}|{o.precision}|tf32={int(o.tf32)}|" + "; ".join(ops) + self._key_extra
+        return self._key
+
+
+def _op_key(op: Op, info) -> str:
+    """op name, operand/result types (views: their byte offset mod 256) and attrs, no names."""
+    def t(v):
+        if v is None:
+            return "none"
+        if info is not None:
+            i = info(v)
+            return f"{v.type}@{i.alias_offset % ALIGN}" if i.alias_of is not None else str(v.type)
+        return str(v.type)
+    attrs = ""
+    if op.attrs is not None and dataclasses.is_dataclass(op.attrs) and op.name != "const":
+        from ..ir.registry import attrs_items
+        attrs = "{" + ",".join(f"{k}={_fmt_attr(v)}" for k, v in attrs_items(op.attrs)) + "}"
+    return f"{op.name}({','.join(t(v) for v in op.operands)})->({','.join(t(r) for r in op.results)}){attrs}"
+
+
 # ---------------------------------------------------------------- the driver
 
 DYNAMIC_OPS = {"NonZero", "Compress", "Unique", "NonMaxSuppression"}
 
 
 class Lowerer:
-    def __init__(self, module: Module, options: LowerOptions):
+    def __init__(self, module: Module, options: LowerOptions, selector: Optional[Selector] = None):
         self.module = module
         self.options = options
+        # chooses among each op's candidate variants (codegen/variants.py); LowerOptions.selector
+        self.selector = selector if selector is not None else make_selector(options.selector)
+        self.selections: list[Selection] = []  # what was chosen, op by op (Plan.selections)
         self.buffers: list[Buffer] = []
         self.values: dict[int, Buffer] = {}
         self.kernels: dict[str, Kernel] = {}
@@ -440,6 +536,7 @@ class Lowerer:
                     init_launches=self.init_launches)
         plan.dynamic = self.dynamic
         plan.steps = recorder.steps  # plan.json "steps" (codegen/steps.py)
+        plan.selections = self.selections
         plan_memory(plan)
         plan.memory["fused_away_bytes"] = fused_away_bytes(f)
         init_phase.place_persistent(plan, ALIGN)
@@ -457,8 +554,12 @@ class Lowerer:
         for l in self.init_launches[n0:]:
             l.init = True
 
-    def lower_op(self, op: Op):
-        entries = LOWERINGS.get(op.name)
+    def lower_op(self, op: Op, extra=None, variants: Optional[list] = None, key_extra: str = ""):
+        """Collects the candidates of `op` (the registered variants whose applies holds; `variants`:
+        only those), asks the selector to choose, renders the choice and records it. A candidate
+        whose render declines (legacy variants only) is removed and the selector asked again.
+        `extra`: passed to the variants as problem.extra (a fused lowering's Epilogue)."""
+        entries = LOWERINGS.get(op.name) if variants is None else variants
         if not entries:
             raise LoweringError(f"{op.loc}: no CUDA lowering for op {op.name!r} "
                                 f"(%{', %'.join(r.name for r in op.results)})")
@@ -468,12 +569,27 @@ class Lowerer:
                 raise LoweringError(f"{op.loc}: {op.name} with regions is not supported by the CUDA backend")
         for r in op.results if not op.regions() else ():  # a fused body's ops are checked one by one
             self.static_shape(r)
-        for e in entries:
-            if e.when is not None and not e.when(op):
-                continue
-            ctx = LowerCtx(self, op)
+        problem = Problem(self, op, extra, key_extra)
+        cands = []
+        for v in entries:
             try:
-                ret = e.fn(ctx)
+                fit = v.check(problem)
+            except LoweringError:
+                raise
+            except NncError as err:
+                raise LoweringError(f"{op.loc}: {op.name}: {err}") from None
+            if fit:
+                cands.append(Candidate(v, problem))
+        declined = []
+        while cands:
+            chosen, params = self.selector.choose(problem.key, cands) if len(cands) > 1 or \
+                len(cands[0].space) > 1 else (cands[0], cands[0].default_params())
+            v = chosen.variant
+            ctx = LowerCtx(self, op)
+            ctx.problem = problem
+            n0 = len(self.launches)
+            try:
+                ret = v.render(ctx, problem, params)
             except LoweringError:
                 raise
             except NncError as err:  # from shared helpers (attrs parsing...): add where it happened
@@ -481,11 +597,31 @@ class Lowerer:
             if ret is not None or ctx.emitted:
                 missing = [r.name for r in op.results if id(self.canon(r)) not in self.values]
                 if missing:
-                    raise LoweringError(f"{op.loc}: lowering {e.fn.__module__}.{e.fn.__name__} of {op.name} "
-                                        f"left results {missing} undefined")
+                    raise LoweringError(f"{op.loc}: lowering {v.name} of {op.name} left results {missing} undefined")
+                self._record(v, params, n0)
+                self.selections.append(Selection(ctx.desc, v.name, dict(params), tuple(c.name for c in cands),
+                                                 tuple(declined)))
                 return
+            if not v.may_decline:
+                raise LoweringError(f"{op.loc}: internal error: variant {v.name} applies to {op.name} but its "
+                                    f"render declined ({describe_op(op)})")
+            declined.append(v.name)
+            cands = [c for c in cands if c is not chosen]
         raise LoweringError(f"{op.loc}: every CUDA lowering of {op.name} declined "
                             f"({describe_op(op)})")
+
+    def _record(self, v: Variant, params: dict, n0: int) -> None:
+        """The kernels launched since n0 name the variant that emitted them and its params, as
+        params["selected"] = {"variant", "params"} (plan.json, the kernel header); the innermost
+        choice wins (a fused fallback's body ops record their own; a kernel shared by several ops
+        keeps the first). ("variant" alone is a template parameter of some families.)"""
+        for launch in self.launches[n0:]:
+            k = self.kernels.get(launch.kernel) if launch.kernel is not None else None
+            if k is not None and SELECTED not in k.params:
+                k.params = {**k.params, SELECTED: {"variant": v.name, "params": dict(params)}}
+
+
+SELECTED = "selected"  # the key of a kernel's params that records the selection
 
 
 def _ident(s: str) -> str:
@@ -493,8 +629,10 @@ def _ident(s: str) -> str:
     return c_identifier(s)
 
 
-def lower(module: Module, options: Union[LowerOptions, dict, None] = None) -> Plan:
-    """options: LowerOptions, or the dict form {"arch", "precision", "tf32"} (LowerOptions.from_dict)."""
+def lower(module: Module, options: Union[LowerOptions, dict, None] = None,
+          selector: Optional[Selector] = None) -> Plan:
+    """options: LowerOptions, or the dict form {"arch", "precision", "tf32"} (LowerOptions.from_dict).
+    selector: a Selector instance (codegen/variants.py) instead of the one options.selector names."""
     if not isinstance(options, LowerOptions):
         options = LowerOptions.from_dict(options)
-    return Lowerer(module, options).run()
+    return Lowerer(module, options, selector).run()

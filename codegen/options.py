@@ -56,6 +56,7 @@ class LowerOptions:
     precision: str = "fp32"
     tf32: bool = False  # fp32 GEMM/conv on TF32 tensor cores
     rnn_stepwise: bool = field(default_factory=env_rnn_stepwise)  # one launch a time step (debugging)
+    selector: str = "heuristic"  # who chooses among each op's kernel variants: a name of codegen/variants.SELECTORS
 
     def __post_init__(self):
         if not isinstance(self.target, Target):
@@ -64,6 +65,9 @@ class LowerOptions:
             raise NncError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, not {self.precision!r}")
         object.__setattr__(self, "tf32", bool(self.tf32))
         object.__setattr__(self, "rnn_stepwise", bool(self.rnn_stepwise))
+        from .variants import SELECTORS
+        if self.selector not in SELECTORS:
+            raise NncError(f"selector must be one of {', '.join(map(repr, sorted(SELECTORS)))}, not {self.selector!r}")
 
     @property
     def arch(self) -> str:
