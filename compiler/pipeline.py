@@ -28,7 +28,11 @@ PASSES = {
     "simplify": "simplify",
     "cse": "cse",
     "fold-batchnorm": "fold_batchnorm",
+    "fuse-horizontal": "fuse_horizontal",
+    "fuse-attention": "fuse_attention",
+    "assign-layout": "assign_layout",
     "fuse-epilogue": "fuse_epilogue",
+    "fuse-reduction": "fuse_reduction",
     "fuse-elementwise": "fuse_elementwise",
     "schedule-memory": "schedule_memory",
     "to-fp16": "to_precision:run_fp16",
@@ -49,19 +53,34 @@ DEFAULT_PIPELINE = [
                         # Cast round trips, view chains; before cse so that the copies it unwraps merge
     "cse",              # before fold-batchnorm: two equal BNs reading one conv would block the fold
     "fold-batchnorm",   # needs the BN parameters folded to consts; its new weights are unique
+    "fuse-horizontal",  # after cse (equal readers of x merged) and fold-batchnorm (conv biases final),
+                        # before the fusion passes: they then put the stacked bias/activation into the
+                        # one GEMM/conv's epilogue; before dce, which sweeps the members' old weights
     "dce",              # sweeps what folding, canonicalisation and the cleanups left unused
     # fusion: after the cleanups (cse, fold-batchnorm, simplify: BN must already be in the conv's
     # weights and bias for conv+bias+act+residual chains to be visible) and, at fp16/bf16, after
     # the precision passes (see FUSION_PASSES). fuse-epilogue comes before fuse-elementwise, which
     # would otherwise take the Add/Relu chains after convs and GEMMs into elementwise groups
+    "assign-layout",    # after fold-batchnorm (BN already in the NCHW weights) and, at fp16/bf16,
+                        # after the precision passes (it picks convs by dtype: see LAYOUT_PASSES);
+                        # before fuse-epilogue, so conv+bias+act+residual fuse into the NHWC conv
+    "fuse-attention",   # first fusion pass: before fuse-epilogue, which would take MatMul(Q, K^T) * c
+                        # as a GEMM epilogue and break the pattern; the Q/K/V projection GEMMs stay
+                        # outside the group, so fuse-epilogue still gives them their bias epilogues
     "fuse-epilogue",
+    "fuse-reduction",   # after fuse-epilogue (a residual Add already in a GEMM's epilogue stays
+                        # there) and fuse-attention (which takes attention's Softmax first); before
+                        # fuse-elementwise, which would take the mask Add / scale / residual Add
+                        # around Softmax and LayerNorm into elementwise groups
     "fuse-elementwise",  # after fuse-epilogue: takes the elementwise/broadcast groups it left
     "schedule-memory",  # last: after fusion, because fusion changes which tensors exist; only
                         # reorders ops, and only where the estimated peak of live bytes drops
 ]
 # Passes that outline `fused` ops. The precision passes treat ops with regions as opaque f32
 # islands, so `pipeline_passes(precision)` (compiler/driver.py) runs them before the first of these.
-FUSION_PASSES = ("fuse-epilogue", "fuse-elementwise")
+FUSION_PASSES = ("fuse-attention", "fuse-epilogue", "fuse-reduction", "fuse-elementwise")
+# Passes that pick ops by dtype: `pipeline_passes(precision)` runs the precision passes before these too.
+LAYOUT_PASSES = ("assign-layout",)
 
 
 def get_pass(name: str) -> Callable[[Module], bool]:
