@@ -24,7 +24,7 @@ from .ir.printer import print_module
 from .ir.symbolic import fmt
 from .ir.verify import verify
 from . import progress
-from .pipeline import DEFAULT_PIPELINE, FUSION_PASSES, Pipeline, count_ops
+from .pipeline import DEFAULT_PIPELINE, FUSION_PASSES, LAYOUT_PASSES, Pipeline, count_ops
 
 
 def io_entry(v) -> dict:
@@ -38,7 +38,7 @@ def pipeline_passes(precision: str = "fp32", fuse: bool = True) -> list[str]:
     passes = [p for p in DEFAULT_PIPELINE if fuse or p not in FUSION_PASSES]
     if precision in ("fp16", "bf16"):
         # before the fusion passes: to-fp16 would run a fused op's body at f32 (casts around it)
-        at = next((i for i, p in enumerate(passes) if p in FUSION_PASSES), len(passes))
+        at = next((i for i, p in enumerate(passes) if p in FUSION_PASSES + LAYOUT_PASSES), len(passes))
         passes[at:at] = [f"to-{precision}", "canonicalize", "dce"]
     return passes
 

@@ -5,7 +5,8 @@
   when C/group % 8 == 0 (fp16) / % 4 (fp32)) or NCHW (element gathers); weight pre-transformed at compile
   time to [K, R, S, C/group] (OHWI, `prepare_weight`); output NHWC or NCHW written by the epilogue.
 * `direct`: NCHW direct conv for tiny shapes, specialised depthwise kernel (C/group == 1), and ConvTranspose
-  as a gather (templates/conv_direct.cu.j2); any dtype incl. strict fp32; weight in ONNX layout.
+  as a gather (templates/conv_direct.cu.j2); any dtype incl. strict fp32; weight in ONNX layout. With
+  in_layout NHWC: the depthwise kernel on NHWC -> NHWC (2 channels per thread), weight OHWI [K,R,S,1].
 * `layout`: NCHW -> NHWC (channel zero-padding) and back (templates/conv_layout.cu.j2).
 
 `plan(problem)` returns the fastest kernel sequence for an ONNX (NCHW) Conv: [nchw->nhwc(+pad)] + igemm
@@ -179,9 +180,19 @@ def render(problem: ConvProblem, params: dict | None = None, kind: str | None = 
         block = (params["WARPS_M"] * params["WARPS_N"] * 32, 1, 1)
         smem = _tc_smem(params, elem, True, True)
         names = ("X", "W", "Y")
+    elif kind == "direct" and pr.in_layout == "NHWC":
+        if pr.out_layout != "NHWC" or pr.CG != 1 or pr.transposed:
+            raise ValueError("the NHWC direct conv is depthwise (C/group == 1), NHWC -> NHWC only")
+        vec = 2 if pr.K % 2 == 0 else 1
+        ctx.update(transposed=False, in_layout="NHWC", VEC=vec)
+        ctx["name"] = name or kernel_name("nnc_conv_dw_nhwc", ctx)
+        src = _render("conv_direct.cu.j2", **ctx)
+        grid = (cdiv(pr.N * pr.P * pr.Q * (pr.K // vec), params["NT"]), 1, 1)
+        block, smem = (params["NT"], 1, 1), 0
+        names = ("X", "W", "Y")
     elif kind == "direct":
         if pr.in_layout != "NCHW" or pr.out_layout != "NCHW":
-            raise ValueError("direct conv is NCHW only")
+            raise ValueError("direct conv is NCHW only (NHWC: depthwise only)")
         ctx.update(transposed=pr.transposed)
         ctx["name"] = name or kernel_name("nnc_conv_direct", ctx)
         src = _render("conv_direct.cu.j2", **ctx)

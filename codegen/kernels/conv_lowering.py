@@ -1,4 +1,4 @@
-"""Conv / ConvTranspose (NCHW, 1-D and 2-D) on the fast conv + GEMM families, priority 10.
+"""Conv / ConvTranspose (NCHW 1-D and 2-D, NHWC 2-D) on the fast conv + GEMM families, priority 10.
 
 Conv, per case (first match):
 * depthwise-like (C/group == 1): direct kernel, specialised depthwise path (conv_direct.cu.j2), any dtype.
@@ -13,6 +13,12 @@ Conv, per case (first match):
   fallback) when that GEMM has fewer 64x64 CTAs than gemm_lowering.F32_MIN_CTAS (no split-K yet).
 ConvTranspose: the direct gather kernel (no atomics), any dtype.
 
+Conv {layout = "NHWC"} (set by compiler/passes/assign_layout.py; weight already OHWI, output NHWC):
+* depthwise: the NHWC direct kernel (conv_direct.cu.j2, channels innermost, 2 per thread);
+* 1x1, stride 1, no padding, groups 1: one plain GEMM [N*H*W, C] x [C, K] (weight as B^T), bias per column;
+* otherwise: the implicit GEMM reading NHWC and writing NHWC (no layout kernel, no channel padding:
+  C/group not a multiple of 16 bytes loads by element gathers).
+
 Declines (fallback_linalg.py handles Conv; ConvTranspose has no fallback) for 3-D convs, mixed or
 unsupported dtypes, grids past the hardware limits.
 """
@@ -26,6 +32,7 @@ from .epilogue import NONE, Epilogue
 from .gemm_lowering import (FAST_PRIORITY, MAX_GRID_YZ, aligned, emit_gemm, emit_spec, f32_worth_it, gemm_ok,
                             kernel_dtype, use_tf32)
 from .pool import spatial_pads
+from .conv_weight import ohwi_weight
 
 IM2COL_MAX_BYTES = 512 << 20
 
@@ -85,6 +92,8 @@ def _nchw_gemm_epilogue(dt, bias, res, epi: Epilogue, K: int, KG: int, PQ: int):
 def _conv(ctx: LowerCtx, epi: Epilogue = NONE):
     """epi: the epilogue of a fused group (codegen/kernels/epilogue_fusion.py); every path below
     takes bias, residual and activation, none a scale."""
+    if (ctx.attr("layout", "NCHW") or "NCHW") == "NHWC":
+        return _conv_nhwc(ctx, epi)
     got = _operands(ctx)
     if got is None or epi.alpha != 1.0 or epi.beta != 1.0:
         return None
@@ -130,11 +139,14 @@ def _conv(ctx: LowerCtx, epi: Epilogue = NONE):
     if pr.igemm_ok():
         if groups > 1 and CG % epc:
             return _emit_direct(ctx, pr, x, w, y, bias, res)
-        if ctx.value(1) is None or N > MAX_GRID_YZ or groups > MAX_GRID_YZ:
+        if N > MAX_GRID_YZ or groups > MAX_GRID_YZ:
             return None
         cp = conv.padded_channels(pr)
         wpad = cp if groups == 1 else None  # only ungrouped convs pad their input channels
-        wt = ctx.weight(1, lambda a: conv.prepare_weight(a.reshape(K, CG, R, S), groups, c_pad=wpad), key=f"ohwi_c{cp}")
+        # a const weight transposed at compile time, an init value at load (conv_weight.py)
+        wt = ohwi_weight(ctx, K, CG, R, S, groups, wpad, f"ohwi_c{cp}", dt)
+        if wt is None:
+            return None
         xt = ctx.temp(x.dtype, (N, H, W, cp), "nhwc")
         lay = conv.render_layout("nchw_to_nhwc", N, C, H * W, dt, CP=cp)
         emit_spec(ctx, lay, {"X": x, "Y": xt})
@@ -159,6 +171,58 @@ def _conv(ctx: LowerCtx, epi: Epilogue = NONE):
     col = ctx.temp(x.dtype, (N, C * RS, PQ), "col")
     emit_spec(ctx, conv.render_im2col(pr), {"X": x, "Y": col})
     emit_gemm(ctx, gp, {"A": w, "B": col, "D": y, **cb})
+    return True
+
+
+def _conv_nhwc(ctx: LowerCtx, epi: Epilogue):
+    """Conv {layout = "NHWC"} (compiler/passes/assign_layout.py): X [N,H,W,C], weight already OHWI
+    [K,R,S,C/g], Y [N,P,Q,K]. Never declines: the fallback lowerings only know NCHW, so a case no
+    kernel here takes is a clear error instead."""
+    x, w, y, bias = ctx.inp(0), ctx.inp(1), ctx.out(0), ctx.inp(2)
+    dt = kernel_dtype(x, w, y, bias)
+    if epi.bias is not None:
+        bias = epi.bias
+    res = epi.residual
+    if dt is None or kernel_dtype(x, bias, res) != dt or epi.alpha != 1.0 or epi.beta != 1.0 or \
+            (res is not None and tuple(res.shape) != tuple(y.shape)):
+        ctx.fail("an NHWC Conv needs one float dtype on all operands (and no epilogue scale)")
+    N, H, W, C = x.shape
+    K, R, S, CG = w.shape
+    _, P, Q, _ = y.shape
+    strides = list(ctx.attr("strides") or [1, 1])
+    dil = list(ctx.attr("dilations") or [1, 1])
+    begin, end = spatial_pads(ctx, [H, W], [P, Q], [R, S], strides, dil)
+    groups = int(ctx.attr("group", 1) or 1)
+    tf32 = use_tf32(ctx) and dt == "float32"
+    pr = conv.ConvProblem(N, C, H, W, K, R, S, stride=tuple(strides), pads=(begin[0], begin[1], end[0], end[1]),
+                          dilation=tuple(dil), groups=groups, dtype=dt, has_bias=bias is not None, tf32=tf32,
+                          in_layout="NHWC", out_layout="NHWC",
+                          has_c=res is not None, act=epi.act, act_params=epi.act_params)
+    if pr.P != P or pr.Q != Q or C % groups or K % groups or CG != C // groups or y.numel == 0:
+        ctx.fail(f"NHWC Conv geometry: input {list(x.shape)}, weight {list(w.shape)}, output {list(y.shape)}")
+    bufs = {"X": x, "W": w, "Y": y, "bias": bias, "C": res}
+    if CG == 1:  # depthwise: channels-vectorised direct kernel
+        spec = conv.render(pr, dict(NT=256, OPT=1), kind="direct")
+        emit_spec(ctx, spec, bufs)
+        return True
+    if groups == 1 and (R, S) == (1, 1) and tuple(strides) == (1, 1) and pr.pads == (0, 0, 0, 0):
+        # pointwise: one plain GEMM, D [N*H*W, K] = X [N*H*W, C] @ W[K, C]^T, per-column bias
+        kw = dict(act=epi.act, act_params=epi.act_params)
+        if bias is not None:
+            kw.update(has_bias=True, bias_dtype=dt)
+        if res is not None:
+            kw.update(has_c=True, c_dtype=dt, ldc_m=K, ldc_n=1, beta=1.0)
+        gp = gemm.GemmProblem(N * H * W, K, C, dtype=dt, tf32=tf32, trans_b=True, **kw)
+        if gemm_ok(gp) and aligned(x) and aligned(w) and (dt != "float32" or tf32):
+            emit_gemm(ctx, gp, {"A": x, "B": w, "D": y, "C": res, "bias": bias})
+            return True
+    if not pr.igemm_ok() or N > MAX_GRID_YZ or groups > MAX_GRID_YZ:
+        ctx.fail(f"no NHWC kernel for this Conv ({dt}{'' if dt != 'float32' else ' without tf32'}, "
+                 f"groups {groups}): assign-layout leaves such convs NCHW")
+    # implicit GEMM reading NHWC directly (16-byte cp.async when C/group % 8 == 0 (fp16), element
+    # gathers otherwise, e.g. the 3-channel stem) and writing NHWC from its epilogue
+    spec = conv.render(pr, conv_params_for(ctx, pr, "igemm"), kind="igemm")
+    emit_spec(ctx, spec, bufs)
     return True
 
 

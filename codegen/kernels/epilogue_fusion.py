@@ -26,7 +26,7 @@ import numpy as np
 from ...ir.builder import const_value
 from ...ir.graph import Op, Region, Value
 from ...ir.ops.fused import FusedAttrs
-from ...passes.fuse_epilogue import gemm_c_is_bias, match_body
+from ...passes.fuse_epilogue import conv_channel_axis, gemm_c_is_bias, match_body
 from ..lower import LowerCtx, describe_op, lowering
 from . import conv_lowering, gemm_lowering
 from .epilogue import Epilogue
@@ -53,7 +53,7 @@ def _fused_epilogue(ctx: LowerCtx):
     anchor = ch.anchor
     y_shape = tuple(anchor.results[0].type.shape)
     conv = anchor.name == "Conv"
-    chan = y_shape[1] if conv else y_shape[-1]
+    chan = y_shape[conv_channel_axis(anchor)] if conv else y_shape[-1]  # NHWC convs: the last axis
 
     # the anchor's own bias moves into the epilogue's (summed with the chain's)
     operands = list(anchor.operands)

@@ -1,4 +1,5 @@
-"""Pooling (pool.cu.j2: MaxPool with optional Indices, AveragePool, LpPool; Global* are reductions,
+"""Pooling (pool.cu.j2: MaxPool with optional Indices, AveragePool, LpPool, MaxPool/AveragePool
+{layout = "NHWC"} with channels innermost; Global* are reductions,
 see reduce.py), BatchNormalization (inference; constant parameters folded at compile time into one
 [2, C] fp32 weight) and MaxUnpool (fill.cu.j2 zero fill + a misc2.cu.j2 scatter)."""
 from __future__ import annotations
@@ -36,6 +37,10 @@ def _pad3(v, fill):
 def _pool(ctx: LowerCtx):
     x, y = ctx.inp(0), ctx.out(0)
     ind = ctx.out(1) if ctx.n_out > 1 else None  # MaxPool's Indices
+    if (ctx.attr("layout", "NCHW") or "NCHW") == "NHWC":  # compiler/passes/assign_layout.py
+        if ind is not None:
+            ctx.fail("an NHWC MaxPool has no Indices output")
+        return _pool_nhwc(ctx)
     in_sp, out_sp = list(x.shape[2:]), list(y.shape[2:])
     nd = len(in_sp)
     kernel = list(ctx.attr("kernel_shape"))
@@ -44,6 +49,23 @@ def _pool(ctx: LowerCtx):
     begin, end = spatial_pads(ctx, in_sp, out_sp, kernel, strides, dil)
     kind = {"MaxPool": "max", "LpPool": "lp"}.get(ctx.op.name, "avg")
     _emit_pool(ctx, kind, kernel, strides, dil, begin, end, ind)
+    return True
+
+
+def _pool_nhwc(ctx: LowerCtx):
+    """[N,H,W,C] -> [N,P,Q,C]: the same template with channels innermost."""
+    x, y = ctx.inp(0), ctx.out(0)
+    in_sp, out_sp, C = list(x.shape[1:3]), list(y.shape[1:3]), int(x.shape[3])
+    kernel = list(ctx.attr("kernel_shape"))
+    strides = list(ctx.attr("strides") or [1, 1])
+    dil = list(ctx.attr("dilations") or [1, 1])
+    begin, end = spatial_pads(ctx, in_sp, out_sp, kernel, strides, dil)
+    kind = "max" if ctx.op.name == "MaxPool" else "avg"
+    k = ctx.render("pool.cu.j2", ctx.op.name.lower() + "_nhwc", ctype=x.ctype, kind=kind, nhwc=True, C=C,
+                   in_sp=_pad3(in_sp, 1), out_sp=_pad3(out_sp, 1), kernel=_pad3(kernel, 1),
+                   strides=_pad3(strides, 1), dil=_pad3(dil, 1), pads=_pad3(begin, 0), pads_end=_pad3(end, 0),
+                   count_include_pad=bool(ctx.attr("count_include_pad", 0)))
+    ctx.launch(k, ctx.grid1d(y.numel), 256, [x, y, ctx.i64(y.numel)])
     return True
 
 

@@ -9,7 +9,7 @@ consumers that the kernel templates' epilogue can compute,
 
 in this form (templates/gemm_tc_core.cu.j2, gemm_f32.cu.j2, conv_direct.cu.j2):
 - Add (or two-operand Sum) of a constant that broadcasts along the output channel only (conv: axis
-  1, e.g. [K,1,1] or [1,K,1,1]; Gemm/MatMul: the last axis, [N] or [1,N]; or a scalar) -> `bias`;
+  1, e.g. [K,1,1] or [1,K,1,1], the last axis for an NHWC conv; Gemm/MatMul: the last axis, [N] or [1,N]; or a scalar) -> `bias`;
 - Add / Sum of a tensor of the result's own shape, at most one -> `residual` (a Gemm whose own C is
   not a per-column constant takes no residual: the kernel has one C operand);
 - Mul by a scalar constant, Gemm/MatMul only, before the activation -> `scale` (the kernel's alpha
@@ -169,7 +169,7 @@ def classify(anchor: Op, op: Op, cur: Value, seen: set, const_of: ConstOf) -> Op
         if out.type.dtype != cur.type.dtype:
             return None
         if const_of(other) is not None:
-            if _bias_shape_ok(tuple(other.type.shape), shape, 1 if conv else len(shape) - 1):
+            if _bias_shape_ok(tuple(other.type.shape), shape, conv_channel_axis(anchor) if conv else len(shape) - 1):
                 if conv and not _conv_bias_ok(anchor, const_of):
                     return None
                 return Step("bias", op, operand=other)
@@ -189,6 +189,11 @@ def classify(anchor: Op, op: Op, cur: Value, seen: set, const_of: ConstOf) -> Op
     if op.name == "Cast" and not conv and out.type.dtype.short in FLOATS and op.operands[0] is cur:
         return Step("cast", op)
     return None
+
+
+def conv_channel_axis(anchor: Op) -> int:
+    """1, or the last axis for a Conv {layout = "NHWC"} (compiler/passes/assign_layout.py)."""
+    return 3 if getattr(anchor.attrs, "layout", "NCHW") == "NHWC" else 1
 
 
 def _conv_bias_ok(anchor: Op, const_of: ConstOf) -> bool:

@@ -136,14 +136,48 @@ def conv_out_shape(ctx, a, xs, ws):
                  for i in range(nd))
 
 
+# nnc's layout extension (compiler/passes/assign_layout.py): Conv {layout = "NHWC"} reads X [N,H,W,C] and
+# the weight pre-transformed to OHWI [K,R,S,C/group], and writes Y [N,P,Q,K]; 2-D only. Everything else
+# (attributes, bias [K], numerics) is the ONNX NCHW op's, and the reference is exactly that op's.
+LAYOUTS = ("NCHW", "NHWC")
+TO_NCHW, TO_NHWC = (0, 3, 1, 2), (0, 2, 3, 1)
+
+
+def check_layout(ctx, layout: str, rank: int):
+    if layout not in LAYOUTS:
+        ctx.fail(f"layout {layout!r} must be one of {', '.join(LAYOUTS)}")
+    if layout == "NHWC" and rank != 4:
+        ctx.fail(f"layout NHWC needs a rank-4 input, got rank {rank}")
+
+
+def permute(shape, perm):
+    return tuple(shape[p] for p in perm)
+
+
+@dataclass(frozen=True)
+class ConvOpAttrs(ConvAttrs):
+    layout: str = "NCHW"
+
+
 def _conv_infer(ctx):
     a = ctx.attrs
     xs, ws = ctx.shape(0), ctx.shape(1)
+    layout = getattr(a, "layout", "NCHW")
+    check_layout(ctx, layout, len(xs))
+    if layout == "NHWC":
+        if len(ws) != 4:
+            ctx.fail(f"layout NHWC needs a rank-4 OHWI weight, got rank {len(ws)}")
+        t = _conv_infer_nchw(ctx, a, permute(xs, TO_NCHW), permute(ws, TO_NCHW))
+        return [t.with_shape(permute(t.shape, TO_NHWC))]
+    return [_conv_infer_nchw(ctx, a, xs, ws)]
+
+
+def _conv_infer_nchw(ctx, a, xs, ws):
     if len(ws) != len(xs):
         ctx.fail(f"weight rank {len(ws)} != input rank {len(xs)}")
     if isinstance(xs[1], int) and isinstance(ws[1], int) and xs[1] != ws[1] * a.group:
         ctx.fail(f"input channels {xs[1]} != weight channels {ws[1]} * group {a.group}")
-    return [TensorType(ctx.dtype(0), (xs[0], ws[0]) + conv_out_shape(ctx, a, xs, ws))]
+    return TensorType(ctx.dtype(0), (xs[0], ws[0]) + conv_out_shape(ctx, a, xs, ws))
 
 
 def _conv_params(a, x, w):
@@ -156,6 +190,10 @@ def _conv_params(a, x, w):
 
 
 def _conv_ref(a: ConvAttrs, x, w, b=None):
+    if getattr(a, "layout", "NCHW") == "NHWC":  # exactly the NCHW op on transposed operands
+        y = _conv_ref(ConvAttrs(a.auto_pad, a.dilations, a.group, a.kernel_shape, a.pads, a.strides),
+                      x.transpose(TO_NCHW), w.transpose(TO_NCHW), b)
+        return np.ascontiguousarray(y.transpose(TO_NHWC))
     s, d, pads = _conv_params(a, x, w)
     acc = acc_dtype(x.dtype)
     y = conv_core(x.astype(acc, copy=False), w.astype(acc, copy=False), s, pads, d, a.group)
@@ -164,7 +202,7 @@ def _conv_ref(a: ConvAttrs, x, w, b=None):
     return y.astype(x.dtype, copy=False)
 
 
-register("Conv", ConvAttrs, infer=_conv_infer, ref=_conv_ref, inputs=(2, 3))
+register("Conv", ConvOpAttrs, infer=_conv_infer, ref=_conv_ref, inputs=(2, 3))
 
 
 def _convint_infer(ctx):

@@ -2,6 +2,7 @@
 GlobalLpPool, MaxUnpool. Vectorised over sliding-window views."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from ..registry import NoAttrs, register
 from ..types import I64, TensorType
-from .conv import _ints, acc_dtype, conv_out_dim, resolve_pads, windows
+from .conv import TO_NCHW, TO_NHWC, _ints, acc_dtype, check_layout, conv_out_dim, permute, resolve_pads, windows
 from ._util import is_float
 
 
@@ -22,6 +23,7 @@ class PoolAttrs:
     pads: Optional[tuple[int, ...]] = None
     storage_order: int = 0
     strides: Optional[tuple[int, ...]] = None
+    layout: str = "NCHW"  # nnc extension, as Conv's (ir/ops/conv.py): "NHWC" pools X [N,H,W,C] -> [N,P,Q,C]
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class AvgPoolAttrs:
     dilations: Optional[tuple[int, ...]] = None
     pads: Optional[tuple[int, ...]] = None
     strides: Optional[tuple[int, ...]] = None
+    layout: str = "NCHW"  # as PoolAttrs.layout
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,27 @@ def _pool_out(ctx_or_none, a, spatial):
 
 def _pool_infer(ctx):
     xs = ctx.shape(0)
+    layout = getattr(ctx.attrs, "layout", "NCHW")
+    check_layout(ctx, layout, len(xs))
+    if layout == "NHWC":
+        if ctx.num_results > 1:
+            ctx.fail("layout NHWC has no Indices output")
+        out = _pool_infer_nchw(ctx, permute(xs, TO_NCHW))
+        return [t.with_shape(permute(t.shape, TO_NHWC)) for t in out]
+    return _pool_infer_nchw(ctx, xs)
+
+
+def _nhwc_ref(ref):
+    """The reference of a pool with the layout attribute: the NCHW op's on the transposed input."""
+    def run(a, x, **kw):
+        if getattr(a, "layout", "NCHW") != "NHWC":
+            return ref(a, x, **kw)
+        y = ref(dataclasses.replace(a, layout="NCHW"), x.transpose(TO_NCHW), **kw)
+        return np.ascontiguousarray(y.transpose(TO_NHWC))
+    return run
+
+
+def _pool_infer_nchw(ctx, xs):
     if len(xs) != len(ctx.attrs.kernel_shape) + 2:
         ctx.fail(f"kernel_shape {list(ctx.attrs.kernel_shape)} does not match input rank {len(xs)}")
     shape = tuple(xs[:2]) + _pool_out(ctx, ctx.attrs, xs[2:])
@@ -137,7 +161,7 @@ def _maxpool_ref(a: PoolAttrs, x, *, ctx=None):
     return y.astype(x.dtype, copy=False), idx.astype(np.int64)
 
 
-register("MaxPool", PoolAttrs, infer=_pool_infer, ref=_maxpool_ref, outputs=(1, 2), ref_ctx=True)
+register("MaxPool", PoolAttrs, infer=_pool_infer, ref=_nhwc_ref(_maxpool_ref), outputs=(1, 2), ref_ctx=True)
 
 
 def _avgpool_ref(a: AvgPoolAttrs, x):
@@ -158,7 +182,7 @@ def _avgpool_ref(a: AvgPoolAttrs, x):
     return (sums / np.maximum(cnt, 1)).astype(x.dtype, copy=False)
 
 
-register("AveragePool", AvgPoolAttrs, infer=_pool_infer, ref=_avgpool_ref)
+register("AveragePool", AvgPoolAttrs, infer=_pool_infer, ref=_nhwc_ref(_avgpool_ref))
 
 
 def _lppool_ref(a: LpPoolAttrs, x):

@@ -1,0 +1,275 @@
+"""Layout assignment: activations between convolutions stay NHWC.
+
+Rewrites (top-level ops of each function, one sweep in program order, linear time):
+- an eligible Conv -> Conv {layout = "NHWC"} reading the NHWC form of its input, with its weight
+  pre-transformed at compile time to OHWI [K, R, S, C/group] (a new const; shared weights are
+  transformed once). Eligible: 2-D (rank-4 static input), f16/bf16, a constant weight, groups 1,
+  depthwise (C/group == 1) or C/group a multiple of 8 (16-byte igemm loads); a 1x1 stride-1 unpadded
+  conv only when its input already has an NHWC form (on NCHW it is one GEMM with no layout kernel). fp32 convs stay NCHW:
+  without tf32 the CUDA backend runs them as im2col + FFMA GEMM on NCHW, which has no NHWC form;
+- MaxPool (no Indices) / AveragePool whose input already has an NHWC form -> {layout = "NHWC"};
+- GlobalAveragePool / GlobalMaxPool of an NHWC form -> ReduceMean / ReduceMax over axes [1, 2]
+  (keepdims) on it;
+- an elementwise op (the CUDA elementwise family's table, numpy broadcasting) whose 4-D operands of
+  the result's shape all have NHWC forms, the others being constants (permuted at compile time,
+  e.g. a per-channel [1,C,1,1] -> [1,1,1,C]) or all-ones shapes, -> the same op on the NHWC forms;
+- a Transpose of a value with an NHWC form -> one Transpose of that form with the composed
+  permutation (nothing when it is the identity): transposes cancel.
+Every rewritten op's original NCHW result is re-defined right after it as Transpose(NHWC form,
+[0,3,1,2]) (a Reshape when only extent-1 dims move, e.g. [1,1,1,C] -> [1,C,1,1], which is a view), so
+every other user and the function results see the same value under the same name; the ones
+nobody reads any more are removed at the end, as are the original weights the rewritten convs no
+longer read. An NHWC form of a value that has none is a Transpose(x, [0,2,3,1]) placed before its first NHWC
+user (and shared by the later ones): what is left are transposes at the
+model's edges (after the input, before Flatten/the classifier).
+
+Must hold: a verified module; run after fold-batchnorm (BN folded into the NCHW weights first) and
+after the precision passes (eligibility reads the dtype), before fuse-epilogue (the NHWC conv's
+bias/residual/activation then fuse into its NHWC epilogue; bias is per channel = per column).
+The layout is an op attribute (ir/ops/conv.py, ir/ops/pool.py), with exact reference semantics;
+values carry NHWC shapes and no type layout tag.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from nnc.codegen.kernels.elementwise import EXPR
+from nnc.ir.builder import Builder, const_value
+from nnc.ir.graph import Module, NameGen, Op, Region, Value, users, value_names
+from nnc.ir.ops.conv import TO_NCHW, TO_NHWC
+from nnc.ir.rewrite import Substitution, used_values
+
+FLOATS = ("f16", "bf16")
+POOLS = ("MaxPool", "AveragePool")
+GLOBAL_POOLS = {"GlobalAveragePool": "ReduceMean", "GlobalMaxPool": "ReduceMax"}
+IGEMM_VEC_ELEMS = 8  # 16-byte loads of f16/bf16: a grouped conv's C/group must be a multiple
+
+
+def _static4(v: Optional[Value]) -> bool:
+    return v is not None and v.type.is_static and v.type.rank == 4 and v.type.layout is None
+
+
+def _only_unit_moves(shape, perm) -> bool:
+    """Transposing `shape` by `perm` keeps the order of its non-unit dims: a Reshape does it."""
+    moved = [p for p in perm if shape[p] != 1]
+    return moved == sorted(moved)
+
+
+class _Assign:
+    def __init__(self, module: Module, func):
+        self.module, self.func = module, func
+        self.names = NameGen(value_names(module))
+        self.nhwc: dict[int, Value] = {}      # id(NCHW value) -> its NHWC form
+        self.ohwi: dict[int, Value] = {}      # id(OIHW weight) -> its OHWI const
+        self.created: set[int] = set()        # ids of ops this pass added (removed again if unused)
+        self.orphans: list[Value] = []        # weights of rewritten convs (removed if unused)
+        self.changed = False
+        self.subst = Substitution()  # cancelled transposes: their result -> the value they restore
+        # values a function result or a nested region reads stay defined by an op of their own
+        self.keep_defined = {id(v) for v in func.results}
+        for op in func.ops:
+            for _, sub in op.regions():
+                self.keep_defined |= used_values(sub)
+
+    # ------------------------------------------------------------ helpers
+    def _const(self, v):
+        return None if v is None else const_value(v, self.module.weights)
+
+    def _emit(self, b: Builder, name, operands, attrs, loc, hint) -> Value:
+        r = b.create(name, operands, attrs, names=[hint], loc=loc)[0]
+        self.created.add(id(b.region.ops[-1]))
+        return r
+
+    def _relayout(self, b: Builder, x: Value, perm, loc, hint) -> Value:
+        """x transposed by perm: a Reshape (a view) when only extent-1 dims move."""
+        shape = tuple(x.type.shape)
+        if tuple(perm) == tuple(range(len(perm))):
+            return x
+        if _only_unit_moves(shape, perm):
+            sh = b.constant(np.array([shape[p] for p in perm], np.int64), hint + "_shape", loc)
+            self.created.add(id(b.region.ops[-1]))
+            return self._emit(b, "Reshape", [x, sh], {}, loc, hint)
+        return self._emit(b, "Transpose", [x], {"perm": list(perm)}, loc, hint)
+
+    def _define_as(self, b: Builder, y: Value, src: Value, perm, loc):
+        """Re-defines the original value y as src transposed by perm (y keeps name and users)."""
+        r = self._relayout(b, src, perm, loc, y.name + "_nchw")
+        if r is src:  # the transposes cancel: later ops read src (a function result needs an op)
+            if id(y) not in self.keep_defined:
+                self.subst[y] = src
+                return
+            r = self._emit(b, "Identity", [src], {}, loc, y.name + "_nchw")
+        op = b.region.ops[-1]
+        assert r.type == y.type, (r.type, y.type)
+        op.results = [y]
+        y.producer = op
+
+    def nhwc_of(self, x: Value, b: Builder, loc) -> Value:
+        """x's NHWC form (a new edge Transpose when x has none yet)."""
+        got = self.nhwc.get(id(x))
+        if got is None:
+            got = self._relayout(b, x, TO_NHWC, loc, x.name + "_nhwc")
+            self.nhwc[id(x)] = got
+        return got
+
+    def _has(self, v) -> bool:
+        return v is not None and id(v) in self.nhwc
+
+    # ------------------------------------------------------------ eligibility
+    def _conv_ok(self, op: Op) -> bool:
+        if len(op.results) != 1 or len(op.operands) < 2:
+            return False
+        x, w, y = op.operands[0], op.operands[1], op.results[0]
+        if not (_static4(x) and _static4(y) and _static4(w)) or x.type.dtype.short not in FLOATS:
+            return False
+        ins = [v for v in op.operands if v is not None]
+        if len({v.type.dtype for v in ins} | {y.type.dtype}) != 1 or self._const(w) is None:
+            return False
+        if getattr(op.attrs, "layout", "NCHW") != "NCHW":
+            return False
+        g = int(op.attrs.group or 1)
+        cg = w.type.shape[1]
+        if not (g == 1 or cg == 1 or cg % IGEMM_VEC_ELEMS == 0):
+            return False
+        # a pointwise conv on an NCHW-only input is already one GEMM on NCHW: moving it alone would
+        # only add transposes; every other conv reads NHWC on the GPU anyway (a layout kernel)
+        pointwise = tuple(w.type.shape[2:]) == (1, 1) and tuple(op.attrs.strides or (1, 1)) == (1, 1) \
+            and not any(op.attrs.pads or ()) and op.attrs.auto_pad in ("NOTSET", "VALID")
+        return self._has(x) or not pointwise
+
+    def _elementwise_ok(self, op: Op) -> bool:
+        if op.name not in EXPR or len(op.results) != 1 or op.regions() or not _static4(op.results[0]):
+            return False
+        some = False
+        for v in op.operands:
+            if v is None:
+                continue
+            if self._has(v) and v.type.rank == 4:  # e.g. x * SE-gate: [1,C,H,W] * [1,C,1,1]
+                some = True
+            elif not (v.type.is_static and v.type.rank is not None and v.type.rank <= 4):
+                return False
+            elif self._const(v) is None and any(d != 1 for d in v.type.shape):
+                return False
+        return some
+
+    # ------------------------------------------------------------ rewrites
+    def region(self, r: Region) -> None:
+        new_ops: list = []
+        b = Builder(Region([], new_ops, []), self.module.weights, self.names)
+        for op in r.ops:
+            self.subst.apply(op)
+            done = False
+            if op.name == "Conv" and self._conv_ok(op):
+                self._conv(op, b)
+                done = True
+            elif op.name in POOLS and len(op.results) == 1 and _static4(op.operands[0]) \
+                    and self._has(op.operands[0]) and getattr(op.attrs, "layout", "NCHW") == "NCHW":
+                x = self.nhwc[id(op.operands[0])]
+                yn = self._emit(b, op.name, [x], dataclasses.replace(op.attrs, layout="NHWC"), op.loc,
+                                op.results[0].name + "_nhwc")
+                self._finish(op, yn, b)
+                done = True
+            elif op.name in GLOBAL_POOLS and _static4(op.operands[0]) and self._has(op.operands[0]):
+                x = self.nhwc[id(op.operands[0])]
+                axes = b.constant(np.array([1, 2], np.int64), op.results[0].name + "_axes", op.loc)
+                self.created.add(id(new_ops[-1]))
+                yn = self._emit(b, GLOBAL_POOLS[op.name], [x, axes], {"keepdims": 1}, op.loc,
+                                op.results[0].name + "_nhwc")
+                self._finish(op, yn, b)
+                done = True
+            elif op.name == "Transpose" and self._has(op.operands[0]) and op.attrs.perm:
+                # x = T(xn, TO_NCHW), so T(x, p) = T(xn, q) with q[i] = TO_NCHW[p[i]]
+                xn = self.nhwc[id(op.operands[0])]
+                q = [TO_NCHW[p] for p in op.attrs.perm]
+                self._define_as(b, op.results[0], xn, q, op.loc)
+                self.changed = True
+                done = True
+            elif self._elementwise_ok(op):
+                self._elementwise(op, b)
+                done = True
+            if not done:
+                new_ops.append(op)
+        r.ops = new_ops
+        self.subst.apply_results(r)
+
+    def _finish(self, op: Op, yn: Value, b: Builder):
+        y = op.results[0]
+        self.nhwc[id(y)] = yn
+        self._define_as(b, y, yn, TO_NCHW, op.loc)
+        self.changed = True
+
+    def _conv(self, op: Op, b: Builder):
+        x, w = op.operands[0], op.operands[1]
+        xn = self.nhwc_of(x, b, op.loc)
+        wn = self.ohwi.get(id(w))
+        if wn is None:
+            a = np.ascontiguousarray(np.transpose(self._const(w), TO_NHWC))
+            wn = b.constant(a, w.name + "_ohwi", w.producer.loc if w.producer else op.loc,
+                            weight_hint=w.name + "_ohwi")
+            self.ohwi[id(w)] = wn
+            self.orphans.append(w)
+        yn = self._emit(b, "Conv", [xn, wn] + list(op.operands[2:]), dataclasses.replace(op.attrs, layout="NHWC"),
+                        op.loc, op.results[0].name + "_nhwc")
+        self._finish(op, yn, b)
+
+    def _elementwise(self, op: Op, b: Builder):
+        ins = []
+        for v in op.operands:
+            if v is None:
+                ins.append(None)
+            elif self._has(v) and v.type.rank == 4:
+                ins.append(self.nhwc[id(v)])
+            elif all(d == 1 for d in v.type.shape):
+                ins.append(v)
+            else:  # a constant broadcasting onto the NCHW result: permuted at compile time
+                a = np.asarray(self._const(v))
+                a4 = a.reshape((1,) * (4 - a.ndim) + a.shape)
+                c = b.constant(np.ascontiguousarray(np.transpose(a4, TO_NHWC)), v.name + "_nhwc", op.loc,
+                               weight_hint=v.name + "_nhwc")
+                self.created.add(id(b.region.ops[-1]))
+                ins.append(c)
+        yn = self._emit(b, op.name, ins, op.attrs, op.loc, op.results[0].name + "_nhwc")
+        self._finish(op, yn, b)
+
+    # ------------------------------------------------------------ cleanup
+    def sweep(self) -> None:
+        """Drops what this pass added that nobody reads, and the weights it made unused."""
+        f = self.func
+        uses = users(f)
+        returned = {id(v) for v in f.results}
+        count = {k: len(v) for k, v in uses.items()}
+        orphan_ops = {id(w.producer) for w in self.orphans if w.producer is not None}
+        keep = []
+        for op in reversed(f.ops):
+            cand = id(op) in self.created or id(op) in orphan_ops
+            if cand and all(count.get(id(r), 0) == 0 and id(r) not in returned for r in op.results):
+                for v in op.operands:
+                    if v is not None:
+                        count[id(v)] = count.get(id(v), 0) - 1
+                continue
+            keep.append(op)
+        keep.reverse()
+        f.ops = keep
+        ws = self.module.weights
+        if ws is not None:
+            named = {op.attrs.weight for g in self.module.functions for op in g.walk()
+                     if op.name == "const" and op.attrs.weight}
+            for w in self.orphans:
+                p = w.producer
+                nm = getattr(p.attrs, "weight", None) if p is not None else None
+                if nm and nm not in named and nm in ws:
+                    del ws.arrays[nm]
+
+
+def run(module: Module) -> bool:
+    changed = False
+    for f in module.functions:
+        a = _Assign(module, f)
+        a.region(f)
+        if a.changed:
+            a.sweep()
+            changed = True
+    return changed
