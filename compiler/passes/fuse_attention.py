@@ -12,9 +12,10 @@ Rewrites, per Softmax, the pattern as exporters write it
     o = MatMul(p, V)                 V: [.., T, Dv]
 
 and takes into the group, so that the kernel reads through strides instead of copying:
-- a rank-4 Transpose producing Q, Kt or V (the head split Transpose(0,2,1,3) of a Reshape
-  [B,S,H*D] -> [B,S,H,D], or (0,2,3,1) for K^T), when the group is its only user;
-- a rank-4 Transpose of o, when it is o's only user (the head merge back to [B,S,H,Dv]).
+- rank-3/4 Transposes producing Q, Kt or V (the head split Transpose(0,2,1,3) of a Reshape
+  [B,S,H*D] -> [B,S,H,D], (0,2,3,1) for K^T, or the split followed by (0,1,3,2) as GPT-2 writes
+  K^T; composed), each when the group is its only user;
+- a Transpose of o, when it is o's only user (the head merge back to [B,S,H,Dv]).
 The scale/mask steps may come in any order; the kernel applies them in program order.
 
 Must hold: static shapes; float (f16/bf16/f32) types without layout tags; Q, Kt, V, o and the
@@ -69,7 +70,7 @@ class Step:
 @dataclass(frozen=True)
 class Operand:
     """Q, Kt or V as the kernel reads it: `source` (a contiguous value outside the group) seen
-    through an absorbed Transpose (`perm`, None: none) and scalar scales (`pre_ops`)."""
+    through absorbed Transposes (`perm`, composed; None: none) and scalar scales."""
     source: Value
     perm: Optional[tuple]
     ops: tuple      # the group's ops producing the operand from source (Transpose, Mul/Div)
@@ -213,8 +214,8 @@ def _scale_of(op: Op, cur: Value, const_of: ConstOf) -> Optional[float]:
 
 
 def _operand(v: Value, producer: Producer, only_user: OnlyUser, const_of: ConstOf, allow_scale: bool) -> Operand:
-    """Q / Kt / V behind `v`: absorbs scalar scales (Q and Kt only) and one rank-4 Transpose, each
-    only when the group is the sole user of its result."""
+    """Q / Kt / V behind `v`: absorbs scalar scales (Q and Kt only), then rank-3/4 Transposes (their
+    perms composed), each only when the group is the sole user of its result."""
     ops, scale, perm = [], 1.0, None
     while allow_scale:
         p = producer(v)
@@ -227,10 +228,13 @@ def _operand(v: Value, producer: Producer, only_user: OnlyUser, const_of: ConstO
         ops.insert(0, p)
         scale *= s
         v = x
-    p = producer(v)
-    if (p is not None and p.name == "Transpose" and only_user(v) is not None and v.type.rank == 4
-            and p.operands[0] is not None and _ok_type(p.operands[0])):
-        perm = _perm(p)
+    while True:  # Transposes, composed (GPT-2: the head split, then K's last two axes swapped)
+        p = producer(v)
+        if not (p is not None and p.name == "Transpose" and only_user(v) is not None and v.type.rank in (3, 4)
+                and p.operands[0] is not None and _ok_type(p.operands[0])):
+            break
+        inner = _perm(p)
+        perm = inner if perm is None else tuple(inner[k] for k in perm)
         ops.insert(0, p)
         v = p.operands[0]
     return Operand(v, perm, tuple(ops), scale)
@@ -287,7 +291,7 @@ def match(softmax: Op, producer: Producer, only_user: OnlyUser, const_of: ConstO
     v = _operand(vv, producer, only_user, const_of, False)
     out_op, out_perm = None, None
     u = only_user(o)
-    if u is not None and u.name == "Transpose" and rank == 4 and _ok_type(u.results[0]):
+    if u is not None and u.name == "Transpose" and _ok_type(u.results[0]):
         out_op, out_perm = u, _perm(u)
     return Attention(qk, softmax, pv, tuple(steps), q, kt, v, out_perm, out_op)
 
