@@ -24,7 +24,7 @@ import math
 
 from ...ir.builder import const_value
 from ...passes.fuse_attention import TC_MAX_D, choose_warps, match_body, parse_warps
-from ..lower import LowerCtx, lowering
+from ..lower import LowerCtx, describe_op, lowering
 
 PRIORITY = 30  # above the generic fallback (fused.FALLBACK_PRIORITY) and the other fused families
 LOG2E = 1.4426950408889634
@@ -192,6 +192,9 @@ def _fused_attention(ctx: LowerCtx):
         rows = SIMT_ROWS
         block = SIMT_ROWS
     k = ctx.render("flash_attention.cu.j2", "flash_attention", **params)
+    for bop in body.ops:  # the header names every op of the group
+        if bop.name != "const":
+            k.add_op(describe_op(bop))
     grid = (-(-S // rows), B1, B0)
     if B0 > 65535 or B1 > 65535:
         return None

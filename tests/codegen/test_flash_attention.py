@@ -1,0 +1,165 @@
+"""The lowering of `fused {kind = "attention"}` (codegen/kernels/flash_attention.py) to one
+flash-attention kernel (templates/flash_attention.cu.j2):
+- each attention group is exactly ONE kernel launch, with no copy_transpose (the head split /
+  merge is in the kernel's strides) and no Softmax / GEMM kernel left;
+- the strides it passes are those of the absorbed transposes (checked against numpy);
+- the plan runs in its arena on the CPU (codegen/plan_exec.py) with the interpreter's outputs;
+- NVRTC compiles every variant for sm_90 on the CPU (tc f16/bf16 at head dims 64 and 128, with
+  additive / boolean masks, the element-load path, and the f32 SIMT variant);
+- on a GPU (`-m gpu`): the kernel matches the interpreter at S = 128, 512 and 77 (a tail tile),
+  head dims 64 and 128, fp16, bf16 and fp32, with and without masks, outputs poisoned.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nnc.codegen.lower import lower
+from nnc.codegen.plan_exec import PlanExecutor
+from nnc.driver import pipeline_passes
+from nnc.ir.interp import Interpreter
+from nnc.onnx_import import import_model
+from nnc.pipeline import Pipeline
+from tests.passes.test_fuse_attention import attention_feed, attention_model
+
+TEMPLATE = "flash_attention.cu.j2"
+
+
+def _build(precision="fp16", **kw):
+    mod = import_model(attention_model(**kw))
+    Pipeline(pipeline_passes(precision), verify_each=True).run(mod)
+    return mod
+
+
+def _plan(mod, precision):
+    return lower(mod, {"arch": "sm_90", "precision": precision})
+
+
+def _attention_launches(plan):
+    return [l for l in plan.launches if l.kernel and plan.kernels[l.kernel].template == TEMPLATE]
+
+
+CASES = {
+    "bert_f16": ("fp16", dict(B=2, S=128, H=2, D=64)),
+    "bert_f16_d128": ("fp16", dict(B=1, S=64, H=2, D=128)),
+    "gpt2_bf16_tail": ("bf16", dict(S=77, H=2, D=64, causal=True, gpt2_kt=True)),
+    "kt_input_f16": ("fp16", dict(S=40, H=2, D=32, kt_input=True, mask="b1st")),
+    "f32_simt": ("fp32", dict(S=33, H=2, D=16, mask="11st")),
+    "f16_odd_head_dim": ("fp16", dict(S=20, H=2, D=24, mask=None)),  # D % 16 != 0: the SIMT variant
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_one_kernel_no_transpose_copies(name):
+    prec, kw = CASES[name]
+    mod = _build(prec, **kw)
+    plan = _plan(mod, prec)
+    att = _attention_launches(plan)
+    assert len(att) == 1
+    k = plan.kernels[att[0].kernel]
+    want = "tc" if prec != "fp32" and kw["D"] % 16 == 0 else "simt"
+    assert k.params["variant"] == want
+    others = {plan.kernels[l.kernel].template for l in plan.launches if l.kernel and l not in att}
+    # what is left: the dtype casts at the fp32 interface of the test model, nothing else
+    assert others <= {"elementwise.cu.j2"}, others
+    assert not any("transpose" in (l.kernel or "") or "softmax" in (l.kernel or "") for l in plan.launches)
+    # the kernel names every op of the group in its header
+    body = next(op for op in mod.main.ops if op.name == "fused").attrs.body
+    assert sum(1 for op in body.ops if op.name != "const") <= len(k.ops) - 1
+
+
+def test_strides_are_the_absorbed_transposes():
+    """q [B,S,H*D] split into heads: (batch, head, seq, dim) strides (S*H*D, D, H*D, 1); K^T from
+    Transpose(0,2,3,1) likewise; the merged output [B,S,H,D] the same; the mask [B,1,1,T]
+    (T, 0, 0, 1)."""
+    B, S, H, D = 2, 64, 3, 32
+    mod = _build("fp16", B=B, S=S, H=H, D=D)
+    (l,) = _attention_launches(_plan(mod, "fp16"))
+    ints = [a.value for a in l.args if hasattr(a, "value") and not hasattr(a, "shape")]
+    assert ints[:2] == [S, S]
+    split = [S * H * D, D, H * D, 1]
+    assert ints[2:18] == split * 4
+    assert ints[18:22] == [S, 0, 0, 1]
+    assert l.grid == (S // 32, H, B) or l.grid[1:] == (H, B)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_plan_runs_in_its_arena(name, rng):
+    prec, kw = CASES[name]
+    mod = _build(prec, **kw)
+    plan = _plan(mod, prec)
+    ex = PlanExecutor.from_plan(plan, mod)
+    for _ in range(2):
+        feed = attention_feed(mod, rng)
+        ref = Interpreter(mod).run(feed)
+        got = ex.run(feed)
+        for k in ref:
+            np.testing.assert_array_equal(got[k], ref[k])
+
+
+def test_too_large_head_dim_falls_back_op_by_op(rng):
+    """D > 256: no variant takes it; the generic fallback lowers the body op by op (still right)."""
+    mod = _build("fp32", S=8, H=1, D=272, mask=None)
+    plan = _plan(mod, "fp32")
+    assert not _attention_launches(plan)
+    ex = PlanExecutor.from_plan(plan, mod)
+    feed = attention_feed(mod, rng)
+    ref = Interpreter(mod).run(feed)
+    got = ex.run(feed)
+    np.testing.assert_array_equal(got["y"], ref["y"])
+
+
+def test_every_variant_compiles_with_nvrtc():
+    from nnc.codegen.kernels import common
+    sources = []
+
+    def add(plan):  # kernel names repeat across plans: one translation unit, so renamed
+        for l in _attention_launches(plan):
+            sources.append(plan.kernels[l.kernel].body.replace(l.kernel, f"{l.kernel}_v{len(sources)}"))
+
+    for prec, kw in CASES.values():
+        add(_plan(_build(prec, **kw), prec))
+    # the largest CTA (8 warps) and the B=32 S=512 shape of the benchmark
+    plan = _plan(_build("fp16", B=32, S=512, H=12, D=64), "fp16")
+    (l,) = _attention_launches(plan)
+    assert plan.kernels[l.kernel].params["WARPS"] == 8 and l.block == (256, 1, 1)
+    assert l.smem <= 227 * 1024
+    add(plan)
+    assert len(common.nvrtc_compile("\n".join(sources), "sm_90")) > 0
+
+
+# ---------------------------------------------------------------- on the GPU
+
+GPU_CASES = [
+    ("fp16", dict(B=2, S=128, H=4, D=64)),
+    ("fp16", dict(B=1, S=512, H=4, D=64)),
+    ("fp16", dict(B=2, S=77, H=3, D=64)),
+    ("fp16", dict(B=1, S=128, H=2, D=128)),
+    ("fp16", dict(B=1, S=77, H=2, D=128, mask="b1st")),
+    ("fp16", dict(B=2, S=128, H=4, D=64, mask=None)),
+    ("fp16", dict(B=1, S=512, H=2, D=64, causal=True, mask="b11t", gpt2_kt=True)),
+    ("fp16", dict(B=1, S=77, H=2, D=64, kt_input=True)),
+    ("bf16", dict(B=2, S=128, H=2, D=64)),
+    ("fp32", dict(B=2, S=128, H=2, D=64)),
+    ("fp32", dict(B=1, S=77, H=2, D=128, mask=None)),
+    ("fp32", dict(B=1, S=512, H=2, D=64, causal=True)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prec,kw", GPU_CASES, ids=[f"{p}-" + "-".join(f"{k}{v}" for k, v in kw.items()) for p, kw in GPU_CASES])
+def test_gpu_flash_attention_matches_interpreter(prec, kw, tmp_path, rng):
+    import nnc
+    from nnc.codegen.emit import compile_to_dir
+    mod = _build(prec, **kw)
+    plan = compile_to_dir(mod, tmp_path, arch=None, precision=prec)
+    assert sum(1 for l in plan["launches"] if l.get("kernel") and "flash_attention" in l["kernel"]) == 1
+    g = nnc.load(tmp_path)
+    tol = {"fp16": 2e-2, "bf16": 6e-2, "fp32": 1e-4}[prec]
+    for _ in range(2):  # fresh inputs; arena and outputs poisoned
+        feed = attention_feed(mod, rng)
+        ref = Interpreter(mod).run(feed)["y"].astype(np.float64)
+        got = np.asarray(g.run(feed, output="numpy", poison=True)["y"]).astype(np.float64)
+        assert np.isfinite(got).all(), "non-finite output"
+        scale = max(1.0, float(np.abs(ref).max()))
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * scale)
