@@ -43,7 +43,7 @@ from ..ir.errors import NncError
 from ..ir.graph import Module, Op, Region, Value
 from ..ir.types import TensorType
 from . import init_phase
-from .memory import fused_away_bytes, plan_memory  # the arena: liveness, placement, the overlap checker
+from .memory import concat_slots, fused_away_bytes, plan_memory  # the arena: liveness, placement, the overlap checker
 from .steps import StepRecorder
 from .render import render as _render_template
 from .escape import c_identifier, is_c_identifier
@@ -416,6 +416,11 @@ class Lowerer:
         # value equivalence while a fused body is lowered op by op (codegen/kernels/fused.py): a body
         # argument stands for its operand, a body result for the fused op's result (id -> outer Value)
         self.equiv: dict[int, Value] = {}
+        # zero-copy Concat (memory.concat_slots): id(input) -> (Concat result, byte offset); the
+        # slot views made for them (id(input) -> (view, the Concat's buffer)) and the bytes no copy moved
+        self.concat_slots: dict = {}
+        self.slot_views: dict[int, tuple] = {}
+        self.zero_copy_bytes = 0
 
     def canon(self, v: Value) -> Value:
         """The function-level Value that `v` stands for (itself outside fused bodies)."""
@@ -469,6 +474,12 @@ class Lowerer:
     def result_buffer(self, v: Value) -> Buffer:
         v = self.canon(v)
         b = self.values.get(id(v))
+        if b is None and id(v) in self.concat_slots:  # written straight into its Concat's output
+            cv, off = self.concat_slots[id(v)]
+            parent = self.result_buffer(cv)
+            b = self.view(parent, v.type.dtype, self.static_shape(v), off, v.name)
+            self.values[id(v)] = b
+            self.slot_views[id(v)] = (b, parent)
         if b is None:
             shape = self.static_shape(v)
             if id(v) in self.init_values:  # computed once at load; an output gets a copy every run
@@ -511,6 +522,8 @@ class Lowerer:
             self.values[id(a)] = b
             inputs.append(b)
         self.init_values = init_phase.input_independent(f, DYNAMIC_OPS)
+        if self.options.zero_copy_concat:
+            self.concat_slots = concat_slots(f, self.init_values, set(self.outputs_by_value))
         recorder = StepRecorder(self, f)  # one Step per op: what the CPU plan executor runs
         for index, op in enumerate(f.ops):
             if op.name == "const":
@@ -537,8 +550,10 @@ class Lowerer:
         plan.dynamic = self.dynamic
         plan.steps = recorder.steps  # plan.json "steps" (codegen/steps.py)
         plan.selections = self.selections
+        plan.slot_views = list(self.slot_views.values())  # (slot, concat): plan_memory's check_slot_views
         plan_memory(plan)
         plan.memory["fused_away_bytes"] = fused_away_bytes(f)
+        plan.memory["zero_copy_concat_bytes"] = self.zero_copy_bytes
         init_phase.place_persistent(plan, ALIGN)
         init_phase.check(plan)
         return plan

@@ -381,6 +381,7 @@ def plan_memory(plan, inplace: bool = True) -> None:
     the slot of an operand that dies there (inplace_pairs): the pair is placed as one interval
     (chains of such pairs too), the output's Buffer.inplace_of names the operand, and the checker
     allows exactly that overlap."""
+    check_slot_views(plan, getattr(plan, "slot_views", ()))
     first, last = liveness(plan)
     temps = [b for b in plan.buffers if b.kind == "temp" and b.alias_of is None and b.id in first]
     iv = [Interval(first[b.id], last[b.id], align(max(b.nbytes, 1)), b.nbytes) for b in temps]
@@ -424,6 +425,81 @@ def plan_memory(plan, inplace: bool = True) -> None:
     plan.memory = {"arena_bytes": arena, "naive_bytes": sum(x.size for x in iv), "peak_live_bytes": peak_live(giv),
                    "weights_bytes": woff, "inplace_bytes": sum(iv[pos[o]].size for _, _, o in pairs)}
     plan.memory_method = method
+
+
+# ---------------------------------------------------------------- zero-copy concat
+
+SLOT_ALIGN = 16  # bytes: kernels store outputs with vector stores of up to 16 bytes
+
+
+def concat_slots(func, skip: set, outputs: set) -> dict:
+    """Zero-copy Concat: id(input Value) -> (the Concat's result Value, byte offset of its slot),
+    for the inputs whose producer can write straight into the Concat's output (codegen/lower.py
+    makes their result buffers views of it; the Concat lowering then copies only the inputs that
+    did not end up in their slot, e.g. a producer that aliased its result). A Concat qualifies when
+    its result is one contiguous run per input: static shapes, every dim before the axis 1 (a
+    channel concat at batch 1 in NCHW), its result neither a function result (`outputs`: ids) nor
+    in `skip` (ids of input-independent values, computed at load). An input qualifies when an op
+    of `func` produces it (no argument or const), it is the Concat's operand once, it is no
+    function result and not in `skip`, it is no slot of an earlier Concat, and its slot starts
+    SLOT_ALIGN-aligned. Other readers of an input are fine: an SSA value is written once, by its
+    producer, so reading it where it lies in the Concat's output is reading it (DenseNet's chain
+    Concat(Concat(a, b), c) puts a whole dense block in one buffer). The arena needs
+    nothing more: liveness is per root, so the Concat's output is live from its first producer on
+    and the overlap checker sees it as one buffer."""
+    import math
+
+    def static(v):
+        s = v.type.shape
+        return s is not None and all(isinstance(d, int) for d in s)
+    out: dict = {}
+    for op in func.ops:
+        if op.name != "Concat" or len(op.results) != 1:
+            continue
+        y = op.results[0]
+        if not static(y) or id(y) in outputs or id(y) in skip or not y.type.shape:
+            continue
+        rank = len(y.type.shape)
+        axis = int(op.attrs.axis)
+        axis = axis + rank if axis < 0 else axis
+        if not 0 <= axis < rank or math.prod(y.type.shape[:axis]) != 1:
+            continue
+        inner = math.prod(y.type.shape[axis + 1:]) * y.type.dtype.np.itemsize
+        off = 0
+        for x in op.operands:
+            if x is None or not static(x):
+                break
+            n = int(x.type.shape[axis])
+            p = x.producer
+            if (p is not None and p.name != "const" and id(x) not in outputs and id(x) not in skip
+                    and id(x) not in out and sum(v is x for v in op.operands) == 1
+                    and off * inner % SLOT_ALIGN == 0 and n):
+                out[id(x)] = (y, off * inner)
+            off += n
+    return out
+
+
+def check_slot_views(plan, views) -> None:
+    """Raises ArenaOverlapError unless the zero-copy Concat slots (`views`: (slot, concat) Buffer
+    pairs, the slot a view of the Concat's output written by its producer; the Concat's output
+    may itself be a slot of a later Concat) each lie inside their Concat's bytes, start
+    SLOT_ALIGN-aligned and are pairwise disjoint among one Concat's slots: the root-level checker
+    above sees one buffer per outermost Concat, so this is what proves that two producers never
+    write the same bytes."""
+    by_parent: dict = {}
+    for v, parent in views:
+        proot = parent.alias_of if parent.alias_of is not None else parent.id
+        base = parent.alias_offset if parent.alias_of is not None else 0
+        lo, hi = v.alias_offset - base, v.alias_offset - base + v.nbytes
+        if v.alias_of != proot or lo < 0 or hi > parent.nbytes or v.alias_offset % SLOT_ALIGN:
+            raise ArenaOverlapError(f"concat slot {v.name} [{lo}, {hi}) is not an aligned range of {parent.name} "
+                                    f"({parent.nbytes} bytes)")
+        by_parent.setdefault(parent.id, []).append((lo, hi, v.name))
+    for spans in by_parent.values():
+        spans.sort()
+        for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise ArenaOverlapError(f"concat slots {an} [{a0}, {a1}) and {bn} [{b0}, {b1}) overlap")
 
 
 def fused_away_bytes(func) -> int:

@@ -57,6 +57,7 @@ class LowerOptions:
     tf32: bool = False  # fp32 GEMM/conv on TF32 tensor cores
     rnn_stepwise: bool = field(default_factory=env_rnn_stepwise)  # one launch a time step (debugging)
     selector: str = "heuristic"  # who chooses among each op's kernel variants: a name of codegen/variants.SELECTORS
+    zero_copy_concat: bool = True  # Concat inputs written straight into its output (codegen/memory.concat_slots)
 
     def __post_init__(self):
         if not isinstance(self.target, Target):
@@ -65,6 +66,7 @@ class LowerOptions:
             raise NncError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, not {self.precision!r}")
         object.__setattr__(self, "tf32", bool(self.tf32))
         object.__setattr__(self, "rnn_stepwise", bool(self.rnn_stepwise))
+        object.__setattr__(self, "zero_copy_concat", bool(self.zero_copy_concat))
         from .variants import SELECTORS
         if self.selector not in SELECTORS:
             raise NncError(f"selector must be one of {', '.join(map(repr, sorted(SELECTORS)))}, not {self.selector!r}")

@@ -139,7 +139,10 @@ def _concat(ctx: LowerCtx):
         x = ctx.inp(i)
         if x is None:
             continue
-        strided_copy(ctx, x, y, x.shape, x.strides(), out_strides=yst, out_base=off * yst[axis])
+        if ctx.L.slot_views.get(id(ctx.L.canon(ctx.op.operands[i])), (None,))[0] is x:
+            ctx.L.zero_copy_bytes += x.nbytes  # its producer wrote it in place (memory.concat_slots)
+        else:
+            strided_copy(ctx, x, y, x.shape, x.strides(), out_strides=yst, out_base=off * yst[axis])
         off += x.shape[axis]
     return True
 
