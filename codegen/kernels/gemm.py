@@ -10,11 +10,16 @@ stride of 0 broadcasts. `matmul_problem()` builds this from ONNX MatMul shapes (
 
 API:  candidates(problem, target) -> list[dict];  render(problem, params=None) -> KernelSpec;
       default_params(problem, target) -> dict. target: the codegen/target.py Target the tiles are
-      fitted to (shared memory, SM count; default: the sm_90 table entry).
+      fitted to (shared memory, SM count, L2; default: the sm_90 table entry).
+Params: the tile (BM, BN, BK; tensor cores also WARPS_M, WARPS_N, STAGES) and `swizzle`, the block
+order (GROUP_M tile rows per group, see SWIZZLE_SPACE; chosen by `choose_swizzle` for grids of more
+than one wave whose operands do not fit in L2).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
+import numpy as np
 
 from ..target import Target
 from .common import CTYPES, DEFAULT_TARGET, KernelSpec, act_ctx, cdiv, kernel_name, render as _render
@@ -154,7 +159,71 @@ TF32_SPACE = [
 ]
 # gemm_f32.cu.j2: (BM, BN, BK); 8x8 outputs per thread
 F32_SPACE = [(128, 128, 8), (128, 64, 8), (64, 128, 8), (64, 64, 8)]
+# Block order (both templates): `swizzle` = G tile rows per group. Block bid of the grid's
+# tiles_m x tiles_n tiles walks G rows of M (down a column of tiles) before moving one tile along
+# N, group after group (`tile_of` below is the same formula): the CTAs resident at once then read
+# G row panels of A and about W/G column panels of B (W: CTAs per wave), so L2 serves more of the
+# reuse. 1 is plain row-major order. GROUP_M (8) is the order every GEMM had before `swizzle`
+# existed and stays the default, so kernels the heuristic does not re-order are unchanged.
 GROUP_M = 8
+SWIZZLE_SPACE = (1, 4, 8, 16)
+SWIZZLE_MIN_GAIN = 0.10  # a non-default order must cut the modelled DRAM panel traffic this much
+SWIZZLE_MAX_WAVES = 64   # the traffic model looks at the first waves only (linear, bounded cost)
+
+
+def tile_of(bid, tiles_m: int, tiles_n: int, group: int):
+    """(tm, tn) of block `bid` (int or numpy array) under swizzle `group`: the templates' formula."""
+    per_group = group * tiles_n
+    first_m = (bid // per_group) * group
+    gsize = np.minimum(tiles_m - first_m, group) if isinstance(bid, np.ndarray) else min(tiles_m - first_m, group)
+    r = bid % per_group
+    return first_m + r % gsize, r // gsize
+
+
+def ctas_per_sm(p: dict, family: str, elem: int, target: Target) -> int:
+    """Resident CTAs of tile p per SM (thread and shared-memory limits; registers assumed to fit)."""
+    if family == "tc":
+        nt = p["WARPS_M"] * p["WARPS_N"] * 32
+        smem = _tc_smem(p, elem, True, True)
+    else:
+        nt = (p["BM"] // 8) * (p["BN"] // 8)
+        smem = 2 * p["BK"] * (p["BM"] + p["BN"]) * 4
+    by_smem = target.smem_per_sm // max(smem, 1)
+    return max(1, min(target.max_threads_per_sm // nt, by_smem, 32))
+
+
+def wave_traffic(tiles_m: int, tiles_n: int, BM: int, BN: int, group: int, wave: int) -> int:
+    """Rows of A plus columns of B the CTAs of each wave (`wave` consecutive blocks) read, summed
+    over the first SWIZZLE_MAX_WAVES waves: the DRAM traffic (in units of K elements) when L2 keeps
+    a wave's panels and nothing older."""
+    n = min(tiles_m * tiles_n, wave * SWIZZLE_MAX_WAVES)
+    bid = np.arange(n, dtype=np.int64)
+    tm, tn = tile_of(bid, tiles_m, tiles_n, group)
+    w = bid // wave
+    rows = np.unique(w * tiles_m + tm).size
+    cols = np.unique(w * tiles_n + tn).size
+    return rows * BM + cols * BN
+
+
+def choose_swizzle(problem: "GemmProblem", p: dict, target: Target = DEFAULT_TARGET) -> int:
+    """The block order for tile p: GROUP_M (the old order) unless the grid runs more than one wave,
+    A and B do not fit in half of L2 anyway, and another order in SWIZZLE_SPACE cuts the modelled
+    panel traffic by SWIZZLE_MIN_GAIN."""
+    fam = problem.family
+    elem = CTYPES[problem.dtype][1]
+    tiles_m, tiles_n = cdiv(problem.M, p["BM"]), cdiv(problem.N, p["BN"])
+    wave = target.sm_count * ctas_per_sm(p, fam, elem, target)
+    if tiles_m * tiles_n * problem.nbatch <= wave or tiles_m == 1 or tiles_n == 1:
+        return GROUP_M
+    if (problem.M + problem.N) * problem.K * elem * problem.nbatch <= target.l2_bytes // 2:
+        return GROUP_M
+    base = wave_traffic(tiles_m, tiles_n, p["BM"], p["BN"], GROUP_M, wave)
+    best, best_t = GROUP_M, base
+    for g in SWIZZLE_SPACE:
+        t = wave_traffic(tiles_m, tiles_n, p["BM"], p["BN"], g, wave)
+        if t < best_t:
+            best, best_t = g, t
+    return best if best_t <= (1.0 - SWIZZLE_MIN_GAIN) * base else GROUP_M
 
 
 def _tc_smem(p: dict, elem: int, a_kmajor: bool, b_kmajor: bool) -> int:
@@ -197,7 +266,18 @@ def candidates(problem: GemmProblem, target: Target = DEFAULT_TARGET) -> list[di
             dict(BM=64, BN=64, BK=8)]
         if fam == "tc" and problem.dtype == "float32":
             out = [dict(BM=64, BN=64, BK=32, WARPS_M=2, WARPS_N=2, STAGES=4)]
-    return out
+    # block order: every SWIZZLE_SPACE value where the grid is more than one wave (the order then
+    # matters), the heuristic's choice first; else only the default order
+    elem = CTYPES[problem.dtype][1] if problem.dtype in CTYPES else 4
+    full = []
+    for p in out:
+        tiles = cdiv(problem.M, p["BM"]) * cdiv(problem.N, p["BN"]) * problem.nbatch
+        if tiles <= target.sm_count * ctas_per_sm(p, fam, elem, target):
+            full.append(dict(p, swizzle=GROUP_M))
+            continue
+        pick = choose_swizzle(problem, p, target)
+        full.extend(dict(p, swizzle=g) for g in (pick,) + tuple(g for g in SWIZZLE_SPACE if g != pick))
+    return full
 
 
 def default_params(problem: GemmProblem, target: Target = DEFAULT_TARGET) -> dict:
@@ -213,7 +293,7 @@ def default_params(problem: GemmProblem, target: Target = DEFAULT_TARGET) -> dic
         waste = (problem.M * problem.N) / (cdiv(problem.M, p["BM"]) * p["BM"] * cdiv(problem.N, p["BN"]) * p["BN"])
         return util * waste * (1.0 + 0.15 * (p["BM"] * p["BN"]) / (128 * 128))
 
-    return max(cands, key=score)
+    return max(cands, key=score)  # first of equal scores: the tile with its chosen swizzle
 
 
 def _vec(elem_per_16b: int, *vals) -> bool:
@@ -229,10 +309,14 @@ def render(problem: GemmProblem, params: dict | None = None, name: str | None = 
     to, to_bytes, to2 = CTYPES[out_dtype]
     a_kmajor, b_kmajor = not pr.trans_a, pr.trans_b
     lda, ldb, ldd = pr.lda_, pr.ldb_, pr.ldd_
-    ctx = dict(params)
-    ctx.update(act_ctx(pr.act, dict(pr.act_params)))
+    params.setdefault("swizzle", GROUP_M)
+    swz = params["swizzle"]
+    if not isinstance(swz, int) or isinstance(swz, bool) or not 1 <= swz <= 1024:
+        raise ValueError(f"GEMM swizzle must be an int in 1..1024, got {swz!r}")
+    ctx = {k: v for k, v in params.items() if k != "swizzle"}  # the templates read it as GROUP_M,
+    ctx.update(act_ctx(pr.act, dict(pr.act_params)))          # so the default order keeps its names
     ctx.update(T=ctype, TO=to, TO2=to2, elem_bytes=elem, a_kmajor=a_kmajor, b_kmajor=b_kmajor,
-               has_c=pr.has_c, has_bias=pr.has_bias, GROUP_M=GROUP_M,
+               has_c=pr.has_c, has_bias=pr.has_bias, GROUP_M=swz,
                TC=CTYPES[pr.c_dtype or out_dtype][0], TBIAS=CTYPES[pr.bias_dtype or out_dtype][0])
     if pr.has_bias and pr.bias_rows:  # only when set, so other kernels keep their names (hash of ctx)
         ctx.update(bias_row_z1=int(pr.bias_stride_z1))
@@ -264,6 +348,8 @@ def render(problem: GemmProblem, params: dict | None = None, name: str | None = 
              ("sB0", "long long", pr.stride_b[0]), ("sB1", "long long", pr.stride_b[1]),
              ("sC0", "long long", pr.stride_c[0]), ("sC1", "long long", pr.stride_c[1]),
              ("sD0", "long long", pr.stride_d[0]), ("sD1", "long long", pr.stride_d[1])]
+    if swz == GROUP_M:  # the default order is left out of plan.json / model.cu, which stay as before
+        params.pop("swizzle")
     return KernelSpec(source=src, name=ctx["name"], grid=grid, block=(nt, 1, 1), smem=smem, args=args,
                       params=dict(params, family=fam, template=template))
 
