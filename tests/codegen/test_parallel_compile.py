@@ -36,13 +36,14 @@ def _units(n: int, tag: str = "k") -> list:
 
 def _chain_model(n: int = 8) -> onnx.ModelProto:
     """x -> (Tanh, Add c_i, Softmax) * n -> y: a few distinct kernels (the Softmax keeps each
-    Tanh+Add pair its own fused group, so fuse-elementwise does not make the chain one kernel)."""
+    Tanh+Add pair its own fused group, so fuse-elementwise does not make the chain one kernel; it
+    is over axis 0, not the last axis, so fuse-reduction does not take the chain as one row group)."""
     nodes, inits, prev = [], [], "x"
     for i in range(n):
         nodes.append(helper.make_node("Tanh", [prev], [f"t{i}"], name=f"tanh{i}"))
         inits.append(numpy_helper.from_array(np.linspace(0.0, 0.1 * (i + 1), 32, dtype=np.float32), f"c{i}"))
         nodes.append(helper.make_node("Add", [f"t{i}", f"c{i}"], [f"a{i}"], name=f"add{i}"))
-        nodes.append(helper.make_node("Softmax", [f"a{i}"], [f"s{i}"], name=f"softmax{i}", axis=-1))
+        nodes.append(helper.make_node("Softmax", [f"a{i}"], [f"s{i}"], name=f"softmax{i}", axis=0))
         prev = f"s{i}"
     nodes.append(helper.make_node("ReduceSum", [prev], ["y"], name="sum", keepdims=1))
     g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 32])],
