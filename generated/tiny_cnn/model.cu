@@ -285,7 +285,7 @@ __device__ __forceinline__ float nnc_block_max(float v, float* smem) {
 // ============================================================================
 // kernel nnc_conv_direct_0
 // template: direct_conv.cu.j2
-// params: {"IC":3,"ICg":3,"OC":16,"bctype":"float","ctype":"float","dil":[1,1,1],"group":1,"has_bias":true,"in_sp":[1,32,32],"kernel":[1,3,3],"out_sp":[1,32,32],"pads":[0,1,1],"strides":[1,1,1],"wctype":"float"}
+// params: {"IC":3,"ICg":3,"OC":16,"bctype":"float","ctype":"float","dil":[1,1,1],"group":1,"has_bias":true,"in_sp":[1,32,32],"kernel":[1,3,3],"out_sp":[1,32,32],"pads":[0,1,1],"selected":{"params":{},"variant":"fallback_linalg._conv"},"strides":[1,1,1],"wctype":"float"}
 // implements:
 //   %stem.bn_3: f32[1,16,32,32] = Conv(%input: f32[1,3,32,32], %stem.w_bn: f32[16,3,3,3], %stem.c_bn_bias: f32[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1)}
 // ============================================================================
@@ -328,7 +328,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_conv_direct_0(const float*
 // ============================================================================
 // kernel nnc_maxpool_2
 // template: pool.cu.j2
-// params: {"count_include_pad":false,"ctype":"float","dil":[1,1,1],"in_sp":[1,32,32],"kernel":[1,2,2],"kind":"max","out_sp":[1,16,16],"p":2,"pads":[0,0,0],"pads_end":[0,0,0],"strides":[1,2,2]}
+// params: {"count_include_pad":false,"ctype":"float","dil":[1,1,1],"in_sp":[1,32,32],"kernel":[1,2,2],"kind":"max","out_sp":[1,16,16],"p":2,"pads":[0,0,0],"pads_end":[0,0,0],"selected":{"params":{},"variant":"pool._pool"},"strides":[1,2,2]}
 // implements:
 //   %pool: f32[1,16,16,16] = MaxPool(%stem.r: f32[1,16,32,32]) {kernel_shape=(2, 2), strides=(2, 2)}
 // ============================================================================
@@ -351,7 +351,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_maxpool_2(const float* __r
         for (int k2 = 0; k2 < 2; ++k2) {
           const int64_t i2 = o2 * 2 - 0 + k2 * 1;
           if (i2 < 0 || i2 >= 32) continue;
-          const float v = static_cast<float>(base[(i0 * 32 + i1) * 32 + i2]);
+          const float v = static_cast<float>(base[((i0 * 32 + i1) * 32 + i2)]);
           acc = (v > acc || v != v) ? v : acc;
         }
       }
@@ -364,7 +364,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_maxpool_2(const float* __r
 // ============================================================================
 // kernel nnc_conv_direct_3
 // template: direct_conv.cu.j2
-// params: {"IC":16,"ICg":16,"OC":16,"bctype":"float","ctype":"float","dil":[1,1,1],"group":1,"has_bias":true,"in_sp":[1,16,16],"kernel":[1,3,3],"out_sp":[1,16,16],"pads":[0,1,1],"strides":[1,1,1],"wctype":"float"}
+// params: {"IC":16,"ICg":16,"OC":16,"bctype":"float","ctype":"float","dil":[1,1,1],"group":1,"has_bias":true,"in_sp":[1,16,16],"kernel":[1,3,3],"out_sp":[1,16,16],"pads":[0,1,1],"selected":{"params":{},"variant":"fallback_linalg._conv"},"strides":[1,1,1],"wctype":"float"}
 // implements:
 //   %block.a.bn_8: f32[1,16,16,16] = Conv(%pool: f32[1,16,16,16], %block.a.w_bn: f32[16,16,3,3], %block.a.c_bn_bias: f32[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1)}
 //   %block.b.bn_13: f32[1,16,16,16] = Conv(%block.a.r: f32[1,16,16,16], %block.b.w_bn: f32[16,16,3,3], %block.b.c_bn_bias: f32[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1)}
@@ -408,7 +408,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_conv_direct_3(const float*
 // ============================================================================
 // kernel nnc_conv_direct_5
 // template: direct_conv.cu.j2
-// params: {"IC":16,"ICg":16,"OC":32,"bctype":"float","ctype":"float","dil":[1,1,1],"group":1,"has_bias":true,"in_sp":[1,16,16],"kernel":[1,3,3],"out_sp":[1,8,8],"pads":[0,1,1],"strides":[1,2,2],"wctype":"float"}
+// params: {"IC":16,"ICg":16,"OC":32,"bctype":"float","ctype":"float","dil":[1,1,1],"group":1,"has_bias":true,"in_sp":[1,16,16],"kernel":[1,3,3],"out_sp":[1,8,8],"pads":[0,1,1],"selected":{"params":{},"variant":"fallback_linalg._conv"},"strides":[1,2,2],"wctype":"float"}
 // implements:
 //   %down.bn_20: f32[1,32,8,8] = Conv(%res.r: f32[1,16,16,16], %down.w_bn: f32[32,16,3,3], %down.c_bn_bias: f32[32]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(2, 2)}
 // ============================================================================
@@ -451,7 +451,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_conv_direct_5(const float*
 // ============================================================================
 // kernel nnc_reduce_mean_6
 // template: reduce.cu.j2
-// params: {"R":64,"acc":"float","block":256,"combine_op":"sum","final_expr":"acc / static_cast<float>(64)","in_ctype":"float","init":"0.0f","inner":1,"lowest":"__int_as_float(0xff800000)","lse":false,"map_expr":"v","out_ctype":"float","outer":32,"variant":"row"}
+// params: {"R":64,"acc":"float","block":256,"combine_op":"sum","final_expr":"acc / static_cast<float>(64)","in_ctype":"float","init":"0.0f","inner":1,"lowest":"__int_as_float(0xff800000)","lse":false,"map_expr":"v","out_ctype":"float","outer":32,"selected":{"params":{},"variant":"reduce._global_pool"},"variant":"row"}
 // implements:
 //   %gap: f32[1,32,1,1] = GlobalAveragePool(%down.r: f32[1,32,8,8])
 // ============================================================================
@@ -483,7 +483,7 @@ extern "C" __global__ void nnc_reduce_mean_6(const float* __restrict__ x, float*
 // ============================================================================
 // kernel nnc_matmul_7
 // template: matmul_fallback.cu.j2
-// params: {"K":32,"M":1,"N":10,"a_bs":[],"a_ks":1,"a_ms":32,"actype":"float","alpha":1.0,"b_bs":[],"b_ks":1,"b_ns":32,"batch":[],"bctype":"float","beta":1.0,"bias_ms":0,"bias_ns":1,"biasctype":"float","cctype":"float","has_bias":true,"tile":16}
+// params: {"K":32,"M":1,"N":10,"a_bs":[],"a_ks":1,"a_ms":32,"actype":"float","alpha":1.0,"b_bs":[],"b_ks":1,"b_ns":32,"batch":[],"bctype":"float","beta":1.0,"bias_ms":0,"bias_ns":1,"biasctype":"float","cctype":"float","has_bias":true,"selected":{"params":{"tile":16},"variant":"linalg.gemm"},"tile":16}
 // implements:
 //   %logits: f32[1,10] = Gemm(%flat: f32[1,32], %fc.w: f32[10,32], %fc.b: f32[10]) {transB=1}
 // ============================================================================
@@ -519,7 +519,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_matmul_7(const float* __re
 // ============================================================================
 // kernel nnc_softmax_8
 // template: softmax.cu.j2
-// params: {"R":10,"ctype":"float","inner":1,"log":false,"outer":1,"variant":"row"}
+// params: {"R":10,"ctype":"float","inner":1,"log":false,"outer":1,"selected":{"params":{},"variant":"reduce._softmax"},"variant":"row"}
 // implements:
 //   %probs: f32[1,10] = Softmax(%logits: f32[1,10])
 // ============================================================================
@@ -544,7 +544,7 @@ extern "C" __global__ void nnc_softmax_8(const float* __restrict__ x, float* __r
 // ============================================================================
 // kernel nnc_fused_ew_relu_1_inplace0
 // template: elementwise.cu.j2
-// params: {"inputs":[{"aliased":true,"compute":"float","ctype":"float","strides":null}],"need_coords":false,"outputs":[{"aliased":true,"ctype":"float","var":"t0"}],"shape":[1,16,32,32],"stmts":[{"ctype":"float","expr":"(x0 < 0.0f ? 0.0f : x0)","var":"t0"}]}
+// params: {"inputs":[{"aliased":true,"compute":"float","ctype":"float","strides":null}],"need_coords":false,"outputs":[{"aliased":true,"ctype":"float","var":"t0"}],"selected":{"params":{},"variant":"fused.elementwise"},"shape":[1,16,32,32],"stmts":[{"ctype":"float","expr":"(x0 < 0.0f ? 0.0f : x0)","var":"t0"}]}
 // implements:
 //   fused elementwise group of 1 ops -> %stem.r_4
 //   %stem.r_4: f32[1,16,32,32] = Relu(%stem.bn_3: f32[1,16,32,32])
@@ -569,7 +569,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_relu_1_inplace0(
 // ============================================================================
 // kernel nnc_fused_ew_add_relu_4_inplace1
 // template: elementwise.cu.j2
-// params: {"inputs":[{"aliased":true,"compute":"float","ctype":"float","strides":null},{"compute":"float","ctype":"float","strides":null}],"need_coords":false,"outputs":[{"aliased":true,"ctype":"float","var":"t1"}],"shape":[1,16,16,16],"stmts":[{"ctype":"float","expr":"(x0 + x1)","var":"t0"},{"ctype":"float","expr":"(t0 < 0.0f ? 0.0f : t0)","var":"t1"}]}
+// params: {"inputs":[{"aliased":true,"compute":"float","ctype":"float","strides":null},{"compute":"float","ctype":"float","strides":null}],"need_coords":false,"outputs":[{"aliased":true,"ctype":"float","var":"t1"}],"selected":{"params":{},"variant":"fused.elementwise"},"shape":[1,16,16,16],"stmts":[{"ctype":"float","expr":"(x0 + x1)","var":"t0"},{"ctype":"float","expr":"(t0 < 0.0f ? 0.0f : t0)","var":"t1"}]}
 // implements:
 //   fused elementwise group of 2 ops -> %res.r_16
 //   %res_15: f32[1,16,16,16] = Add(%pool_14: f32[1,16,16,16], %block.b.bn_13: f32[1,16,16,16])

@@ -281,7 +281,7 @@ __device__ __forceinline__ float nnc_block_max(float v, float* smem) {
 // ============================================================================
 // kernel nnc_rnn_proj_0
 // template: rnn.cu.j2
-// params: {"GH":128,"H":32,"I":16,"NB":1,"ND":1,"S":8,"bt":"float","has_b":true,"kind":"LSTM","layout":0,"lbr":false,"variant":"proj","wt":"float","xt":"float"}
+// params: {"GH":128,"H":32,"I":16,"NB":1,"ND":1,"S":8,"bt":"float","has_b":true,"kind":"LSTM","layout":0,"lbr":false,"selected":{"params":{},"variant":"rnn._rnn"},"variant":"proj","wt":"float","xt":"float"}
 // implements:
 //   %Y0: f32[8,1,1,32], %Yh0: f32[1,1,32] = LSTM(%x: f32[8,1,16], %W0: f32[1,128,16], %R0: f32[1,128,32], %B0: f32[1,256]) {hidden_size=32}
 // ============================================================================
@@ -349,7 +349,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_rnn_proj_0(const float* __
 // ============================================================================
 // kernel nnc_rnn_init_1
 // template: rnn.cu.j2
-// params: {"GH":128,"H":32,"I":16,"NB":1,"ND":1,"S":8,"c0t":"","h0t":"","has_c0":false,"has_h0":false,"kind":"LSTM","layout":0,"lbr":false,"variant":"init"}
+// params: {"GH":128,"H":32,"I":16,"NB":1,"ND":1,"S":8,"c0t":"","h0t":"","has_c0":false,"has_h0":false,"kind":"LSTM","layout":0,"lbr":false,"selected":{"params":{},"variant":"rnn._rnn"},"variant":"init"}
 // implements:
 //   %Y0: f32[8,1,1,32], %Yh0: f32[1,1,32] = LSTM(%x: f32[8,1,16], %W0: f32[1,128,16], %R0: f32[1,128,32], %B0: f32[1,256]) {hidden_size=32}
 //   %Y1: f32[8,1,1,32], %Yh1: f32[1,1,32] = LSTM(%seq0: f32[8,1,32], %W1: f32[1,128,32], %R1: f32[1,128,32], %B1: f32[1,256]) {hidden_size=32}
@@ -372,7 +372,7 @@ extern "C" __global__ void nnc_rnn_init_1(float* __restrict__ hs,
 // ============================================================================
 // kernel nnc_coop_lstm_step_2
 // template: rnn.cu.j2
-// params: {"BT":1,"GH":128,"H":32,"I":16,"NB":1,"NBT":1,"ND":1,"S":8,"acts":[[{"alpha":0.0,"beta":0.0,"kind":"sigmoid"},{"alpha":0.0,"beta":0.0,"kind":"tanh"},{"alpha":0.0,"beta":0.0,"kind":"tanh"}]],"bt":"float","clip":null,"coop":true,"direction":"forward","has_b":true,"has_lens":false,"has_p":false,"has_y":true,"has_yc":false,"has_yh":true,"input_forget":false,"kind":"LSTM","layout":0,"lbr":false,"lt":"","pt":"","rt":"float","two_phase":false,"variant":"step","yt":"float"}
+// params: {"BT":1,"GH":128,"H":32,"I":16,"NB":1,"NBT":1,"ND":1,"S":8,"acts":[[{"alpha":0.0,"beta":0.0,"kind":"sigmoid"},{"alpha":0.0,"beta":0.0,"kind":"tanh"},{"alpha":0.0,"beta":0.0,"kind":"tanh"}]],"bt":"float","clip":null,"coop":true,"direction":"forward","has_b":true,"has_lens":false,"has_p":false,"has_y":true,"has_yc":false,"has_yh":true,"input_forget":false,"kind":"LSTM","layout":0,"lbr":false,"lt":"","pt":"","rt":"float","selected":{"params":{},"variant":"rnn._rnn"},"two_phase":false,"variant":"step","yt":"float"}
 // implements:
 //   %Y0: f32[8,1,1,32], %Yh0: f32[1,1,32] = LSTM(%x: f32[8,1,16], %W0: f32[1,128,16], %R0: f32[1,128,32], %B0: f32[1,256]) {hidden_size=32}
 //   %Y1: f32[8,1,1,32], %Yh1: f32[1,1,32] = LSTM(%seq0: f32[8,1,32], %W1: f32[1,128,32], %R1: f32[1,128,32], %B1: f32[1,256]) {hidden_size=32}
@@ -501,7 +501,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_coop_lstm_step_2(const flo
 // ============================================================================
 // kernel nnc_rnn_proj_3
 // template: rnn.cu.j2
-// params: {"GH":128,"H":32,"I":32,"NB":1,"ND":1,"S":8,"bt":"float","has_b":true,"kind":"LSTM","layout":0,"lbr":false,"variant":"proj","wt":"float","xt":"float"}
+// params: {"GH":128,"H":32,"I":32,"NB":1,"ND":1,"S":8,"bt":"float","has_b":true,"kind":"LSTM","layout":0,"lbr":false,"selected":{"params":{},"variant":"rnn._rnn"},"variant":"proj","wt":"float","xt":"float"}
 // implements:
 //   %Y1: f32[8,1,1,32], %Yh1: f32[1,1,32] = LSTM(%seq0: f32[8,1,32], %W1: f32[1,128,32], %R1: f32[1,128,32], %B1: f32[1,256]) {hidden_size=32}
 // ============================================================================
@@ -569,7 +569,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_rnn_proj_3(const float* __
 // ============================================================================
 // kernel nnc_matmul_4
 // template: matmul_fallback.cu.j2
-// params: {"K":32,"M":1,"N":4,"a_bs":[],"a_ks":1,"a_ms":32,"actype":"float","alpha":1.0,"b_bs":[],"b_ks":4,"b_ns":1,"batch":[],"bctype":"float","beta":1.0,"bias_ms":0,"bias_ns":1,"biasctype":"float","cctype":"float","has_bias":true,"tile":16}
+// params: {"K":32,"M":1,"N":4,"a_bs":[],"a_ks":1,"a_ms":32,"actype":"float","alpha":1.0,"b_bs":[],"b_ks":4,"b_ns":1,"batch":[],"bctype":"float","beta":1.0,"bias_ms":0,"bias_ns":1,"biasctype":"float","cctype":"float","has_bias":true,"selected":{"params":{"tile":16},"variant":"linalg.gemm"},"tile":16}
 // implements:
 //   %y: f32[1,4] = Gemm(%h_last: f32[1,32], %Wo: f32[32,4], %bo: f32[4])
 // ============================================================================
