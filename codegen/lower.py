@@ -569,11 +569,13 @@ class Lowerer:
         for l in self.init_launches[n0:]:
             l.init = True
 
-    def lower_op(self, op: Op, extra=None, variants: Optional[list] = None, key_extra: str = ""):
+    def lower_op(self, op: Op, extra=None, variants: Optional[list] = None, key_extra: str = "",
+                 desc: Optional[str] = None):
         """Collects the candidates of `op` (the registered variants whose applies holds; `variants`:
         only those), asks the selector to choose, renders the choice and records it. A candidate
         whose render declines (legacy variants only) is removed and the selector asked again.
-        `extra`: passed to the variants as problem.extra (a fused lowering's Epilogue)."""
+        `extra`: passed to the variants as problem.extra (a fused lowering's Epilogue); key_extra:
+        appended to the problem key; desc: what kernels and launches name (default: describe_op)."""
         entries = LOWERINGS.get(op.name) if variants is None else variants
         if not entries:
             raise LoweringError(f"{op.loc}: no CUDA lowering for op {op.name!r} "
@@ -602,6 +604,8 @@ class Lowerer:
             v = chosen.variant
             ctx = LowerCtx(self, op)
             ctx.problem = problem
+            if desc is not None:
+                ctx._desc = desc
             n0 = len(self.launches)
             try:
                 ret = v.render(ctx, problem, params)

@@ -11,36 +11,69 @@
 - a final Cast is the output buffer's dtype (the GEMM's out_dtype).
 
 The body is read back with the pass's own matcher (`fuse_epilogue.match_body`), so the pass and
-this lowering agree on every op's role. When the anchor's lowering declines with the epilogue
-(dtype, alignment, a too-small fp32 problem, non-constant conv weights on the igemm path, ...), the
-group is split as the unfused pipeline would have it: the anchor alone through its usual lowerings,
-then the rest of the chain as one `fused {kind = "elementwise"}` group (fused_elementwise.py, or
-its own fallback); where that cannot render, this declines and the generic fallback
-(codegen/kernels/fused.py) lowers the body op by op. Every kernel emitted names all ops of the
-group in its header.
+this lowering agree on every op's role.
+
+Variants (codegen/variants.py; family "epilogue", priority 20, in this order):
+- "epilogue.gemm": a Gemm/MatMul anchor whose GEMM variant (gemm_lowering.FAST) applies with the
+  epilogue — decided without emitting; the anchor is then lowered through the selector with its
+  own variant, so plan.json names the GEMM variant and tile params of the kernel;
+- "epilogue.conv": a Conv anchor through conv_lowering._conv (a legacy lowering, so this render
+  may decline: dtype, alignment, a too-small fp32 problem, non-constant weights on igemm, ...);
+- "epilogue.split": the group as the unfused pipeline would have it: the anchor alone through its
+  usual lowerings, then the rest of the chain as one `fused {kind = "elementwise"}` group
+  (fused_elementwise.py, or its own fallback); applies when that chain is elementwise-renderable.
+Where none applies the generic fallback (codegen/kernels/fused.py) lowers the body op by op.
+Every kernel emitted names all ops of the group in its header.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 
 from ...ir.builder import const_value
 from ...ir.graph import Op, Region, Value
 from ...ir.ops.fused import FusedAttrs
+from ...ir.types import dtype as _dtype
 from ...passes.fuse_epilogue import conv_channel_axis, gemm_c_is_bias, match_body
-from ..lower import LowerCtx, describe_op, lowering
+from ..lower import LowerCtx, Problem, TensorInfo, describe_op
+from ..variants import YES, Variant, no, register
 from . import conv_lowering, gemm_lowering
 from .epilogue import Epilogue
 from .fused_elementwise import can_render
 
-PRIORITY = 20  # above the generic fallback (fused.FALLBACK_PRIORITY); kind-specific (`when`); unique
-# per op (fused_elementwise.py has 10)
+PRIORITY = 20  # above the generic fallback (fused.FALLBACK_PRIORITY) and fused_elementwise.py (10)
 KINDS = ("conv_epilogue", "gemm_epilogue")
-ANCHOR_LOWERING = {"Conv": conv_lowering._conv, "Gemm": gemm_lowering._gemm, "MatMul": gemm_lowering._matmul}
 
 
-@lowering("fused", priority=PRIORITY, regions=True, when=lambda op: op.attrs.kind in KINDS)
-def _fused_epilogue(ctx: LowerCtx):
-    L, op = ctx.L, ctx.op
+@dataclass
+class _Group:
+    """What the body says, read once (pure): the anchor, its operands without a bias that moved
+    into the epilogue, and the epilogue's pieces (bias: float64 values, residual: a body Value)."""
+    anchor: Op
+    a_op: Op  # the anchor, or a copy without its bias operand (results not re-owned)
+    bias: Optional[np.ndarray]
+    residual: Optional[Value]
+    act: str
+    act_params: tuple
+    alpha: float
+    beta: float
+    conv: bool
+    chan: int
+
+
+def _group(problem: Problem):
+    """The _Group of a fused epilogue op, or why not (memoised on the problem)."""
+    if "epilogue" in problem.memo:
+        return problem.memo["epilogue"]
+    problem.memo["epilogue"] = got = _read(problem)
+    return got
+
+
+def _read(problem: Problem):
+    L, op = problem.L, problem.op
     body = op.attrs.body
     outer = {id(a): v for a, v in zip(body.args, op.operands)}
 
@@ -49,7 +82,7 @@ def _fused_epilogue(ctx: LowerCtx):
 
     ch = match_body(body, const_of)
     if ch is None or len(op.results) != 1:
-        return None
+        return "the body is not an anchor and its epilogue chain"
     anchor = ch.anchor
     y_shape = tuple(anchor.results[0].type.shape)
     conv = anchor.name == "Conv"
@@ -78,74 +111,166 @@ def _fused_epilogue(ctx: LowerCtx):
             bias = None if bias is None else bias * s.scale
         elif s.role == "act":
             act, act_params = s.act, s.act_params
+    a_op = anchor
+    if len(operands) != len(anchor.operands):  # without the bias it gave up; results not re-owned
+        a_op = Op(anchor.name, operands, [], anchor.attrs, anchor.loc)
+        a_op.results = anchor.results
+    return _Group(anchor, a_op, bias, residual, act, act_params, alpha, beta, conv, chan)
 
-    n_buf, n_launch = len(L.buffers), len(L.launches)
+
+@contextmanager
+def _bound(L, op: Op, anchor: Optional[Op] = None):
+    """Body arguments stand for the fused op's operands, the body's result (and the anchor's, when
+    given: its lowering then writes the group's output directly) for the group's result."""
+    body = op.attrs.body
     bound = []
     try:
-        # body arguments stand for the fused op's operands, the anchor's result for the group's
-        # result: the anchor's lowering writes the group's output directly
         for inner, v in zip(body.args, op.operands):
             L.equiv[id(inner)] = L.canon(v)
             bound.append(id(inner))
         L.equiv[id(body.results[0])] = L.canon(op.results[0])
         bound.append(id(body.results[0]))
-        L.equiv[id(anchor.results[0])] = L.canon(op.results[0])
-        bias_buf = None
-        if bias is not None:
-            dt = anchor.results[0].type.dtype.np if conv else np.dtype(np.float32)
-            bias_buf = ctx.new_weight(np.ascontiguousarray(bias.astype(dt)), "epilogue_bias")
-        epi = Epilogue(bias=bias_buf, residual=None if residual is None else L.buffer(residual),
-                       act=act, act_params=act_params, alpha=alpha, beta=beta)
-        a_op = anchor
-        if len(operands) != len(anchor.operands):  # without the bias it gave up; results not re-owned
-            a_op = Op(anchor.name, operands, [], anchor.attrs, anchor.loc)
-            a_op.results = anchor.results
-        actx = LowerCtx(L, a_op)
-        actx._desc = describe_op(anchor)  # headers name the body's own ops (below), not the copy
-        try:
-            ret = ANCHOR_LOWERING[anchor.name](actx, epi)
-        finally:
-            L.equiv.pop(id(anchor.results[0]), None)
-        if ret is None and not actx.emitted:
-            if len(L.buffers) == n_buf + (bias_buf is not None):
-                del L.buffers[n_buf:]  # the bias weight nobody reads
-            return _split(ctx, body)
+        if anchor is not None:
+            L.equiv[id(anchor.results[0])] = L.canon(op.results[0])
+            bound.append(id(anchor.results[0]))
+        yield
     finally:
         for k in bound:
             L.equiv.pop(k, None)
-    descs = [describe_op(b) for b in body.ops]
+
+
+def _gemm_epilogue_info(problem: Problem, g: _Group) -> Epilogue:
+    """The Epilogue as applies() knows it: TensorInfos where render makes buffers."""
+    bias = TensorInfo(_dtype(np.dtype(np.float32)), (g.chan,)) if g.bias is not None else None
+    res = problem.info(g.residual) if g.residual is not None else None
+    return Epilogue(bias=bias, residual=res, act=g.act, act_params=g.act_params, alpha=g.alpha, beta=g.beta)
+
+
+def _epilogue_key(g: _Group) -> str:
+    return (f"|epilogue(bias={g.bias is not None},residual={g.residual is not None},act={g.act}"
+            f"{list(g.act_params)},alpha={g.alpha},beta={g.beta})")
+
+
+def _applies_gemm(problem: Problem):
+    g = _group(problem)
+    if isinstance(g, str):
+        return no(g)
+    fast = gemm_lowering.FAST.get(g.anchor.name)
+    if fast is None:
+        return no("the anchor is not a Gemm/MatMul")
+    with _bound(problem.L, problem.op, g.anchor):
+        fit = fast.check(Problem(problem.L, g.a_op, _gemm_epilogue_info(problem, g)))
+    return fit if not fit else YES
+
+
+def _make_epilogue(ctx: LowerCtx, g: _Group) -> Epilogue:
+    """The real Epilogue: the summed bias as its own weight (conv: the conv's dtype; GEMM: fp32)."""
+    L = ctx.L
+    bias_buf = None
+    if g.bias is not None:
+        dt = g.anchor.results[0].type.dtype.np if g.conv else np.dtype(np.float32)
+        bias_buf = ctx.new_weight(np.ascontiguousarray(g.bias.astype(dt)), "epilogue_bias")
+    return Epilogue(bias=bias_buf, residual=None if g.residual is None else L.buffer(g.residual),
+                    act=g.act, act_params=g.act_params, alpha=g.alpha, beta=g.beta)
+
+
+def _name_group(ctx: LowerCtx, n_launch: int) -> None:
+    """Every kernel launched for the group names all the body's ops."""
+    L = ctx.L
+    descs = [describe_op(b) for b in ctx.op.attrs.body.ops]
     for launch in L.launches[n_launch:]:
         if launch.kernel is not None:
             for d in descs:
                 L.kernels[launch.kernel].add_op(d)
+
+
+def _render_gemm(ctx: LowerCtx, problem: Problem, params: dict):
+    L, g = ctx.L, _group(problem)
+    n_launch = len(L.launches)
+    with _bound(L, ctx.op, g.anchor):
+        epi = _make_epilogue(ctx, g)
+        # the anchor through the selector, restricted to its GEMM variant (which applies: see
+        # _applies_gemm); headers name the body's own ops, not the copy
+        L.lower_op(g.a_op, extra=epi, variants=[gemm_lowering.FAST[g.anchor.name]], desc=describe_op(g.anchor),
+                   key_extra=_epilogue_key(g))
+    _name_group(ctx, n_launch)
+    ctx.emitted += 1
+    return True
+
+
+def _applies_conv(problem: Problem):
+    g = _group(problem)
+    if isinstance(g, str):
+        return no(g)
+    return YES if g.conv else no("the anchor is not a Conv")
+
+
+def _render_conv(ctx: LowerCtx, problem: Problem, params: dict):
+    L, g = ctx.L, _group(problem)
+    n_buf, n_launch = len(L.buffers), len(L.launches)
+    with _bound(L, ctx.op, g.anchor):
+        epi = _make_epilogue(ctx, g)
+        actx = LowerCtx(L, g.a_op)
+        actx._desc = describe_op(g.anchor)  # headers name the body's own ops (below), not the copy
+        ret = conv_lowering._conv(actx, epi)
+    if ret is None and not actx.emitted:  # declined: the next candidate (epilogue.split) runs
+        if len(L.buffers) == n_buf + (epi.bias is not None):
+            del L.buffers[n_buf:]  # the bias weight nobody reads
+        return None
+    _name_group(ctx, n_launch)
     ctx.emitted += actx.emitted
     return True
 
 
-def _split(ctx: LowerCtx, body: Region):
-    """The anchor alone (its lowerings by priority), then the chain after it as one elementwise
-    group; None (nothing emitted) when the chain is not elementwise-renderable."""
-    L = ctx.L
+def _applies_split(problem: Problem):
+    g = _group(problem)
+    if isinstance(g, str):
+        return no(g)
+    if not all(can_render(t) for t in problem.op.attrs.body.ops[1:]):
+        return no("the chain after the anchor is not elementwise-renderable")
+    return YES
+
+
+def _render_split(ctx: LowerCtx, problem: Problem, params: dict):
+    """The anchor alone (its lowerings by priority), then the chain after it as one elementwise group."""
+    L, body = ctx.L, ctx.op.attrs.body
     anchor, tail = body.ops[0], body.ops[1:]
-    if not all(can_render(t) for t in tail):
-        return None
-    L.lower_op(anchor)
-    # the tail as its own closed region (copies of its ops reading fresh arguments)
-    new, args, ext, ops = {}, [], [], []
-    for t in tail:
-        operands = []
-        for v in t.operands:
-            if v is not None and id(v) not in new:
-                new[id(v)] = Value(v.name, v.type)
-                args.append(new[id(v)])
-                ext.append(v)
-            operands.append(None if v is None else new[id(v)])
-        results = [Value(r.name, r.type) for r in t.results]
-        new.update((id(r), c) for r, c in zip(t.results, results))
-        ops.append(Op(t.name, operands, results, t.attrs, t.loc))
-    group = Op("fused", ext, [], FusedAttrs(Region(args, ops, [new[id(body.results[0])]]), "elementwise",
-                                            "the chain of a declined epilogue group"), tail[0].loc)
-    group.results = [body.results[0]]  # stands for the fused op's result (bound by the caller)
-    L.lower_op(group)
+    g = _group(problem)
+    if g.anchor.name in gemm_lowering.FAST:
+        # buffers in the order the GEMM variant's render makes them (operands, then the group's
+        # output), as when the fused attempt made them first: the plan does not depend on
+        # whether the split was decided before or after trying
+        with _bound(L, ctx.op, g.anchor):
+            actx = LowerCtx(L, g.a_op)
+            actx.inp(0), actx.inp(1), actx.out(0)
+            if g.anchor.name == "Gemm":
+                actx.inp(2)
+    with _bound(L, ctx.op):
+        L.lower_op(anchor)
+        # the tail as its own closed region (copies of its ops reading fresh arguments)
+        new, args, ext, ops = {}, [], [], []
+        for t in tail:
+            operands = []
+            for v in t.operands:
+                if v is not None and id(v) not in new:
+                    new[id(v)] = Value(v.name, v.type)
+                    args.append(new[id(v)])
+                    ext.append(v)
+                operands.append(None if v is None else new[id(v)])
+            results = [Value(r.name, r.type) for r in t.results]
+            new.update((id(r), c) for r, c in zip(t.results, results))
+            ops.append(Op(t.name, operands, results, t.attrs, t.loc))
+        group = Op("fused", ext, [], FusedAttrs(Region(args, ops, [new[id(body.results[0])]]), "elementwise",
+                                                "the chain of a declined epilogue group"), tail[0].loc)
+        group.results = [body.results[0]]  # stands for the fused op's result (bound above)
+        L.lower_op(group)
     ctx.emitted += 1
     return True
+
+
+GEMM_EPILOGUE = register(Variant("epilogue.gemm", "epilogue", ("fused",), _render_gemm, _applies_gemm,
+                                 priority=PRIORITY, rank=0, kinds=KINDS, regions=True))
+CONV_EPILOGUE = register(Variant("epilogue.conv", "epilogue", ("fused",), _render_conv, _applies_conv,
+                                 priority=PRIORITY, rank=1, kinds=KINDS, regions=True, may_decline=True))
+SPLIT = register(Variant("epilogue.split", "epilogue", ("fused",), _render_split, _applies_split,
+                         priority=PRIORITY, rank=2, kinds=KINDS, regions=True))

@@ -1,7 +1,10 @@
 """Simple, always-correct MatMul/Gemm (smem-tiled) and direct Conv, registered at priority 0.
 
-Faster kernels (codegen/kernels/gemm.py, conv.py) register the same ops at a higher priority and
-return None to decline the cases they do not handle; these then run.
+MatMul/Gemm: the Variants "linalg.matmul" / "linalg.gemm" (codegen/variants.py), which apply to
+every problem; space: the square smem tile (16 only, the template's one tested size). Conv: a
+legacy @lowering (the conv family's). Faster kernels (codegen/kernels/gemm_lowering.py,
+conv_lowering.py) register the same ops at a higher priority and do not apply (or decline) in the
+cases they do not handle; these then run.
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import numpy as np
 
 from ..lower import LowerCtx, lowering
 from ..plan import contiguous_strides
+from ..variants import Variant, register
 from .pool import spatial_pads
 
 FALLBACK_PRIORITY = 0
@@ -27,21 +31,24 @@ def _batch_strides(shape, batch):
 
 
 def emit_matmul(ctx: LowerCtx, a, b, y, M, N, K, batch, a_bs, b_bs, a_ms, a_ks, b_ks, b_ns,
-                bias=None, bias_ms=0, bias_ns=0, alpha=1.0, beta=1.0):
+                bias=None, bias_ms=0, bias_ns=0, alpha=1.0, beta=1.0, tile: int = TILE):
     nb = int(np.prod(batch, dtype=np.int64)) if batch else 1
     if nb > 65535:
         ctx.fail(f"batch {nb} exceeds the fallback matmul's grid.z limit")
-    k = ctx.render("matmul_fallback.cu.j2", "matmul", tile=TILE, actype=a.ctype, bctype=b.ctype, cctype=y.ctype,
+    k = ctx.render("matmul_fallback.cu.j2", "matmul", tile=tile, actype=a.ctype, bctype=b.ctype, cctype=y.ctype,
                    has_bias=bias is not None, biasctype=bias.ctype if bias is not None else "",
                    M=M, N=N, K=K, batch=list(batch), a_bs=a_bs, b_bs=b_bs, a_ms=a_ms, a_ks=a_ks,
                    b_ks=b_ks, b_ns=b_ns, bias_ms=bias_ms, bias_ns=bias_ns, alpha=alpha, beta=beta)
-    grid = ((N + TILE - 1) // TILE, (M + TILE - 1) // TILE, nb)
+    grid = ((N + tile - 1) // tile, (M + tile - 1) // tile, nb)
     args = [a, b] + ([bias] if bias is not None else []) + [y]
-    ctx.launch(k, grid, (TILE, TILE), args)
+    ctx.launch(k, grid, (tile, tile), args)
 
 
-@lowering("MatMul", priority=FALLBACK_PRIORITY)
-def _matmul(ctx: LowerCtx):
+def _space(problem) -> list:
+    return [{"tile": TILE}]
+
+
+def _matmul(ctx: LowerCtx, problem=None, params=None):
     a, b, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
     ash, bsh = list(a.shape), list(b.shape)
     if len(ash) == 1:
@@ -57,12 +64,11 @@ def _matmul(ctx: LowerCtx):
         db = bsh[-2 - i] if len(bsh) - 2 >= i else 1
         batch.append(max(da, db))
     emit_matmul(ctx, a, b, y, M, N, K, batch, _batch_strides(ash, batch), _batch_strides(bsh, batch),
-                K, 1, N, 1)
+                K, 1, N, 1, tile=(params or {}).get("tile", TILE))
     return True
 
 
-@lowering("Gemm", priority=FALLBACK_PRIORITY)
-def _gemm(ctx: LowerCtx):
+def _gemm(ctx: LowerCtx, problem=None, params=None):
     a, b, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
     ta, tb = bool(ctx.attr("transA", 0)), bool(ctx.attr("transB", 0))
     M, K = (a.shape[1], a.shape[0]) if ta else a.shape
@@ -76,8 +82,13 @@ def _gemm(ctx: LowerCtx):
         bias_ms = cs[1] if cs[0] != 1 else 0
         bias_ns = 1 if cs[1] != 1 else 0
     emit_matmul(ctx, a, b, y, M, N, K, [], [], [], a_ms, a_ks, b_ks, b_ns, bias=c, bias_ms=bias_ms,
-                bias_ns=bias_ns, alpha=float(ctx.attr("alpha", 1.0)), beta=float(ctx.attr("beta", 1.0)))
+                bias_ns=bias_ns, alpha=float(ctx.attr("alpha", 1.0)), beta=float(ctx.attr("beta", 1.0)),
+                tile=(params or {}).get("tile", TILE))
     return True
+
+
+MATMUL = register(Variant("linalg.matmul", "linalg", ("MatMul",), _matmul, space=_space, priority=FALLBACK_PRIORITY))
+GEMM = register(Variant("linalg.gemm", "linalg", ("Gemm",), _gemm, space=_space, priority=FALLBACK_PRIORITY))
 
 
 def _pad3(v, fill):

@@ -9,13 +9,15 @@ LowerCtx.value) maps
   operand is a const: a Reshape's shape stays known inside the body),
 - each body result to the fused op's result (graph outputs keep their names and io_index),
 so intermediate values get buffers of their own, named after the body's values.
-Families that render a whole group as one kernel register at higher priority (e.g. "elementwise"
-, codegen/kernels/fused_elementwise.py) and may decline; then this runs.
+Families that render a whole group as one kernel register at higher priority (e.g. "elementwise",
+codegen/kernels/fused_elementwise.py); when none applies (or a legacy one declines) this, the
+Variant "fused.op_by_op" (codegen/variants.py: it applies to every group), runs.
 """
 from __future__ import annotations
 
 from .. import init_phase
-from ..lower import DYNAMIC_OPS, LowerCtx, lowering
+from ..lower import DYNAMIC_OPS, LowerCtx
+from ..variants import Variant, register
 
 FALLBACK_PRIORITY = -1000  # below every family's lowering of `fused`
 
@@ -62,7 +64,10 @@ def _is_init(L, v) -> bool:
     return id(v) in L.init_values or (v.producer is not None and v.producer.name == "const")
 
 
-@lowering("fused", priority=FALLBACK_PRIORITY, regions=True)
-def _fused_fallback(ctx: LowerCtx):
+def _render(ctx: LowerCtx, problem, params: dict):
     lower_body(ctx)
     return True
+
+
+OP_BY_OP = register(Variant("fused.op_by_op", "fused", ("fused",), _render, priority=FALLBACK_PRIORITY,
+                            regions=True))

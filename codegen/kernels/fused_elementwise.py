@@ -11,13 +11,16 @@ expression DAG of the body as ONE elementwise.cu.j2 kernel, one thread per eleme
   (a single op rounds to storage after each op; here only the stored outputs round), except an
   explicit Cast to f16/bf16, which still rounds (what a Cast is for).
 - The kernel's header comment names every IR op of the group.
-Declines (the fallback of codegen/kernels/fused.py then lowers the body op by op) when an op is
-not renderable, shapes are not static, or a value does not broadcast to the output.
+The Variant "fused.elementwise" (codegen/variants.py): `applies` is false (the fallback of
+codegen/kernels/fused.py then lowers the body op by op) when an op is not renderable, shapes are
+not static, results differ in shape, or a value read from memory does not broadcast to the output;
+it decides on types alone, so render never declines. No parameter space yet.
 """
 from __future__ import annotations
 
 from ..dtypes import compute_type, ctype
-from ..lower import LowerCtx, LoweringError, describe_op, lowering
+from ..lower import LowerCtx, LoweringError, Problem, describe_op
+from ..variants import YES, Variant, no, register
 from .elementwise import EXPR, elementwise_params, op_expr
 
 PRIORITY = 10  # above the op-by-op fallback
@@ -68,15 +71,35 @@ def _round_through_storage(expr: str, dt) -> str:
     return expr
 
 
-@lowering("fused", priority=PRIORITY, regions=True, when=lambda op: op.attrs.kind == "elementwise")
-def _fused_elementwise(ctx: LowerCtx):
-    op, L = ctx.op, ctx.L
+def _applies(problem: Problem):
+    """The whole group renders as one kernel: every op in the table, one output shape, every value
+    read from memory (an operand or a body const) broadcasting to it. Types only, no buffers."""
+    op = problem.op
     body = op.attrs.body
     if not all(can_render(b) for b in body.ops if b.name != "const"):
-        return None
+        return no("an op of the group is not elementwise-renderable")
+    shape = problem.L.static_shape(op.results[0])
+    if any(problem.L.static_shape(r) != shape for r in op.results):
+        return no("the group's results differ in shape")
+    arg_of = {id(a): i for i, a in enumerate(body.args)}
+    computed = set()  # results of the body's (non-const) ops: registers, not memory
+    for bop in body.ops:
+        if bop.name == "const":
+            continue
+        for v in (bop.operands[:1] if bop.name == "CastLike" else bop.operands):
+            if v is None or id(v) in computed:
+                continue
+            read = problem.tensor(arg_of[id(v)]).shape if id(v) in arg_of else problem.L.static_shape(v)
+            if not broadcasts(read, shape):
+                return no(f"%{v.name} does not broadcast to the output")
+        computed.update(id(r) for r in bop.results)
+    return YES
+
+
+def _render(ctx: LowerCtx, problem: Problem, params: dict):
+    op, L = ctx.op, ctx.L
+    body = op.attrs.body
     shape = ctx.out_shape(0)
-    if any(ctx.out_shape(i) != shape for i in range(ctx.n_out)):
-        return None
     arg_of = {id(a): i for i, a in enumerate(body.args)}
     bufs, var_of_buf = [], {}
     var: dict[int, str] = {}  # id(body value) -> C variable
@@ -116,7 +139,7 @@ def _fused_elementwise(ctx: LowerCtx):
             var[id(r)] = v
             descs.append(describe_op(bop, name))
     except _Decline:
-        return None
+        ctx.fail("internal error: fused.elementwise applied but a value does not broadcast")
     outs = [(ctx.out(i), var[id(r)]) for i, r in enumerate(body.results)]
     params = elementwise_params(bufs, shape, stmts, outs)
     names = "_".join(dict.fromkeys(b.name.lower() for b in body.ops if b.name != "const"))[:40]
@@ -131,3 +154,7 @@ def _fused_elementwise(ctx: LowerCtx):
 
 class _Decline(Exception):
     pass
+
+
+FUSED_ELEMENTWISE = register(Variant("fused.elementwise", "fused_elementwise", ("fused",), _render, _applies,
+                                     priority=PRIORITY, kinds=("elementwise",), regions=True))

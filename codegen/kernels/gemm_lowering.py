@@ -1,24 +1,29 @@
-"""MatMul / Gemm on the fast GEMM family (codegen/kernels/gemm.py), priority 10.
+"""MatMul / Gemm on the fast GEMM family (codegen/kernels/gemm.py): the Variants "gemm.matmul" and
+"gemm.gemm" (codegen/variants.py), priority 10.
 
 fp16/bf16: mma.sync tensor cores (fp32 accumulate). fp32: FFMA (gemm_f32.cu.j2) unless the compile
-option `tf32` is set, then TF32 tensor cores. Declines (returns None before emitting anything) for
-other dtypes, empty outputs, batches the kernel's two batch levels cannot express, grid.z > 65535 and
-operands that are not 16-byte aligned views, and strict-fp32 problems too small to fill the GPU
-(F32_MIN_CTAS); the priority-0 fallback (fallback_linalg.py) then runs.
+option `tf32` is set, then TF32 tensor cores. `applies` is false (nothing emitted; the reason is
+the Fit's `why`) for other dtypes, empty outputs, batches the kernel's two batch levels cannot
+express, grid.z > 65535 and operands that are not 16-byte aligned views, and strict-fp32 problems
+too small to fill the GPU (F32_MIN_CTAS); the priority-0 fallback (fallback_linalg.py) then runs.
 
-Params: `gemm.default_params` (heuristic). `gemm.candidates(problem)` stays the tuning space for a
-later timing-based selection (`params_for` is the single hook where it will plug in).
+One function per op builds the GemmProblem (`matmul_case`, `gemm_case`) from Buffer-like operands:
+applies() calls it on the problem's TensorInfos, render() on the real buffers (made in the order
+the lowering always made them), so both decide alike. Space: `gemm.candidates(problem, target)`;
+default: `gemm.default_params` (the heuristic). problem.extra: the Epilogue of a fused group
+(epilogue_fusion.py), NONE for the op alone.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-from ..lower import LowerCtx, lowering
+from ..lower import LowerCtx
 from ..plan import Buffer
+from ..variants import YES, Variant, no, register
 from . import gemm
 from ..dtypes import KERNEL_FAMILY_TYPES, TABLE
 from ..target import Target
-from .common import DEFAULT_TARGET, KernelSpec
+from .common import DEFAULT_TARGET, KernelSpec, cdiv
 from .epilogue import NONE, Epilogue
 
 FAST_PRIORITY = 10
@@ -49,7 +54,9 @@ def use_tf32(ctx: LowerCtx) -> bool:
 
 
 def params_for(ctx: LowerCtx, problem) -> dict:
-    """Tile parameters for a GEMM problem (heuristic for now; the autotuner will plug in here)."""
+    """The heuristic tile parameters of a GEMM another family emits (conv's GEMM paths, which are
+    not variants yet); the GEMM family's own variants declare gemm.candidates as their space and
+    the selector picks (codegen/variants.py)."""
     return gemm.default_params(problem, ctx.target)
 
 
@@ -117,65 +124,119 @@ def epilogue_fields(epi: Epilogue, dt: str, y: Buffer, N: int, stride_d=(0, 0)):
     return kw, bufs
 
 
-@lowering("MatMul", priority=FAST_PRIORITY)
-def _matmul(ctx: LowerCtx, epi: Epilogue = NONE):
-    """epi: the epilogue of a fused group (codegen/kernels/epilogue_fusion.py)."""
-    a, b, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
+def matmul_case(a, b, y, epi: Epilogue, tf32: bool, target: Target):
+    """(GemmProblem, buffer bindings) of a MatMul on a, b -> y with `epi`, or why not (a str).
+    a, b, y: Buffers or TensorInfos (codegen/lower.py); the bindings hold what was given."""
     dt = kernel_dtype(a, b)
-    if dt is None or not a.shape or not b.shape or y.numel == 0 or not (aligned(a) and aligned(b)):
-        return None
+    if dt is None:
+        return "operand dtypes not a GEMM dtype (or different)"
+    if not a.shape or not b.shape or y.numel == 0:
+        return "a scalar operand or an empty result"
+    if not (aligned(a) and aligned(b)):
+        return "an operand view not 16-byte aligned"
     try:
-        pr = gemm.matmul_problem(a.shape, b.shape, dt, tf32=use_tf32(ctx) and dt == "float32")
-    except ValueError:
-        return None
+        pr = gemm.matmul_problem(a.shape, b.shape, dt, tf32=tf32 and dt == "float32")
+    except ValueError as e:
+        return str(e)
     if pr is None:
-        return None
+        return "the batch needs more than two batch levels"
     got = epilogue_fields(epi, dt, y, pr.N, pr.stride_d)
     if got is None:
-        return None
+        return "the epilogue does not fit the kernel"
     kw, bufs = got
     if epi.alpha != 1.0:
         kw["alpha"] = float(epi.alpha)
     pr = gemm.with_(pr, **kw) if kw else pr
-    if not gemm_ok(pr) or not f32_worth_it(pr, ctx.target):
-        return None
-    emit_gemm(ctx, pr, {"A": a, "B": b, "D": y, **bufs})
-    return True
+    return _checked(pr, target) or (pr, {"A": a, "B": b, "D": y, **bufs})
 
 
-@lowering("Gemm", priority=FAST_PRIORITY)
-def _gemm(ctx: LowerCtx, epi: Epilogue = NONE):
-    """epi: the epilogue of a fused group (codegen/kernels/epilogue_fusion.py); its alpha scales
-    the whole Gemm result (alpha * A @ B + beta * C), its residual needs the C operand free."""
-    a, b, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
-    c = ctx.inp(2)
-    alpha, beta = float(ctx.attr("alpha", 1.0)), float(ctx.attr("beta", 1.0))
+def gemm_case(a, b, c, y, attrs, epi: Epilogue, tf32: bool, target: Target):
+    """(GemmProblem, buffer bindings) of an ONNX Gemm (c: its C operand or None), or why not.
+    The epilogue's alpha scales the whole result (alpha * A @ B + beta * C); its residual needs C free."""
+    alpha, beta = float(getattr(attrs, "alpha", 1.0)), float(getattr(attrs, "beta", 1.0))
     if c is not None and beta == 0.0:
         c = None
     if c is not None and epi.residual is not None:
-        return None
+        return "C and a residual: one C operand"
     alpha, beta = alpha * epi.alpha, beta * epi.alpha
     dt = kernel_dtype(a, b, c)
-    if dt is None or len(a.shape) != 2 or len(b.shape) != 2 or y.numel == 0:
-        return None
-    if c is not None and len(c.shape) > 2:
-        return None
+    if dt is None:
+        return "operand dtypes not a GEMM dtype (or different)"
+    if len(a.shape) != 2 or len(b.shape) != 2 or y.numel == 0 or (c is not None and len(c.shape) > 2):
+        return "operand ranks, or an empty result"
     if not (aligned(a) and aligned(b)):
-        return None
-    ta, tb = bool(ctx.attr("transA", 0)), bool(ctx.attr("transB", 0))
+        return "an operand view not 16-byte aligned"
+    ta, tb = bool(getattr(attrs, "transA", 0)), bool(getattr(attrs, "transB", 0))
     M, K = (a.shape[1], a.shape[0]) if ta else a.shape
     N = b.shape[0] if tb else b.shape[1]
     got = epilogue_fields(epi, dt, y, N)
     if got is None:
-        return None
+        return "the epilogue does not fit the kernel"
     kw, bufs = got
     if c is not None:
         cs = [1] * (2 - len(c.shape)) + list(c.shape)
         kw.update(has_c=True, c_dtype=dt, ldc_m=cs[1] if cs[0] != 1 else 0, ldc_n=1 if cs[1] != 1 else 0, beta=beta)
         bufs["C"] = c
     pr = gemm.GemmProblem(M, N, K, dtype=dt, trans_a=ta, trans_b=tb, alpha=alpha,
-                          tf32=use_tf32(ctx) and dt == "float32", **kw)
-    if not gemm_ok(pr) or not f32_worth_it(pr, ctx.target):
-        return None
-    emit_gemm(ctx, pr, {"A": a, "B": b, "D": y, **bufs})
+                          tf32=tf32 and dt == "float32", **kw)
+    return _checked(pr, target) or (pr, {"A": a, "B": b, "D": y, **bufs})
+
+
+def _checked(pr: gemm.GemmProblem, target: Target) -> Optional[str]:
+    if not gemm_ok(pr):
+        return "grid or index limits"
+    if not f32_worth_it(pr, target):
+        return "strict fp32 problem too small for the FFMA kernel (F32_MIN_CTAS)"
+    return None
+
+
+def _case(problem, a, b, c, y):
+    epi = problem.extra if problem.extra is not None else NONE
+    tf32 = problem.options.tf32
+    if problem.op.name == "MatMul":
+        return matmul_case(a, b, y, epi, tf32, problem.target)
+    return gemm_case(a, b, c, y, problem.op.attrs, epi, tf32, problem.target)
+
+
+def _applies(problem):
+    got = _case(problem, problem.tensor(0), problem.tensor(1), problem.tensor(2) if problem.op.name == "Gemm" else None,
+                problem.result(0))
+    if isinstance(got, str):
+        return no(got)
+    problem.memo["gemm"] = got[0]
+    return YES
+
+
+def _space(problem) -> list:
+    return gemm.candidates(problem.memo["gemm"], problem.target)
+
+
+def _default(problem, space) -> dict:
+    return gemm.default_params(problem.memo["gemm"], problem.target)
+
+
+def _render(ctx: LowerCtx, problem, params: dict):
+    a, b, y = ctx.inp(0), ctx.inp(1), ctx.out(0)  # the order buffers were always made in
+    c = ctx.inp(2) if ctx.op.name == "Gemm" else None
+    got = _case(problem, a, b, c, y)
+    if isinstance(got, str):
+        ctx.fail(f"internal error: the GEMM variant applied but its buffers do not fit ({got})")
+    pr, bufs = got
+    emit_spec(ctx, gemm.render(pr, params), bufs)
     return True
+
+
+def _time_model(problem, params) -> float:
+    """A rough cost (seconds) for a stand-in timer: waves of CTAs times one CTA's tile of work
+    at a nominal 5 TFLOP/s per SM (a model, not a measurement)."""
+    pr = problem.memo["gemm"]
+    ctas = cdiv(pr.M, params["BM"]) * cdiv(pr.N, params["BN"]) * pr.nbatch
+    waves = cdiv(ctas, problem.target.sm_count)
+    return waves * 2.0 * params["BM"] * params["BN"] * pr.K / 5e12
+
+
+MATMUL = register(Variant("gemm.matmul", "gemm", ("MatMul",), _render, _applies, _space, _default,
+                          priority=FAST_PRIORITY, cost=_time_model))
+GEMM = register(Variant("gemm.gemm", "gemm", ("Gemm",), _render, _applies, _space, _default,
+                        priority=FAST_PRIORITY, cost=_time_model))
+FAST = {"MatMul": MATMUL, "Gemm": GEMM}  # the variants a fused GEMM epilogue group renders its anchor with
