@@ -10,11 +10,17 @@ Rewrites (top-level ops of each function, one sweep in program order, linear tim
 - MaxPool (no Indices) / AveragePool whose input already has an NHWC form -> {layout = "NHWC"};
 - GlobalAveragePool / GlobalMaxPool of an NHWC form -> ReduceMean / ReduceMax over axes [1, 2]
   (keepdims) on it;
-- an elementwise op (the CUDA elementwise family's table, numpy broadcasting) whose 4-D operands of
-  the result's shape all have NHWC forms, the others being constants (permuted at compile time,
-  e.g. a per-channel [1,C,1,1] -> [1,1,1,C]) or all-ones shapes, -> the same op on the NHWC forms;
+- an elementwise op (the CUDA elementwise family's table, numpy broadcasting) with an operand that
+  has an NHWC form, the others being 4-D with NHWC forms, constants (permuted at compile time, e.g.
+  a per-channel [1,C,1,1] -> [1,1,1,C]), all-ones shapes, or NCHW activations of the result's shape
+  (given an edge transpose: one in, instead of one back out) -> the same op on the NHWC forms;
 - a Transpose of a value with an NHWC form -> one Transpose of that form with the composed
   permutation (nothing when it is the identity): transposes cancel.
+The rewrite is kept for a function only where it adds no launches: the transposes it leaves must not
+outnumber the launches it saves (the NCHW igemm path's layout kernel of every conv but pointwise and
+depthwise ones, and cancelled transposes); otherwise the function is restored as it was (densenet's
+channel Concats, shufflenet's channel shuffles, LRN keep NCHW: on NCHW at batch 1 a channel Concat is
+zero-copy, on NHWC it is a copy).
 Every rewritten op's original NCHW result is re-defined right after it as Transpose(NHWC form,
 [0,3,1,2]) (a Reshape when only extent-1 dims move, e.g. [1,1,1,C] -> [1,C,1,1], which is a view), so
 every other user and the function results see the same value under the same name; the ones
@@ -67,6 +73,7 @@ class _Assign:
         self.created: set[int] = set()        # ids of ops this pass added (removed again if unused)
         self.orphans: list[Value] = []        # weights of rewritten convs (removed if unused)
         self.changed = False
+        self.saved = 0  # launches the rewrite saves: NCHW convs' layout kernels, cancelled transposes
         self.subst = Substitution()  # cancelled transposes: their result -> the value they restore
         # values a function result or a nested region reads stay defined by an op of their own
         self.keep_defined = {id(v) for v in func.results}
@@ -151,7 +158,8 @@ class _Assign:
                 some = True
             elif not (v.type.is_static and v.type.rank is not None and v.type.rank <= 4):
                 return False
-            elif self._const(v) is None and any(d != 1 for d in v.type.shape):
+            elif self._const(v) is None and any(d != 1 for d in v.type.shape) and \
+                    tuple(v.type.shape) != tuple(op.results[0].type.shape):
                 return False
         return some
 
@@ -184,6 +192,7 @@ class _Assign:
                 # x = T(xn, TO_NCHW), so T(x, p) = T(xn, q) with q[i] = TO_NCHW[p[i]]
                 xn = self.nhwc[id(op.operands[0])]
                 q = [TO_NCHW[p] for p in op.attrs.perm]
+                self.saved += not _only_unit_moves(tuple(op.operands[0].type.shape), op.attrs.perm)
                 self._define_as(b, op.results[0], xn, q, op.loc)
                 self.changed = True
                 done = True
@@ -203,6 +212,10 @@ class _Assign:
 
     def _conv(self, op: Op, b: Builder):
         x, w = op.operands[0], op.operands[1]
+        # on NCHW, convs other than pointwise and depthwise transpose their input first (a launch)
+        pointwise = tuple(w.type.shape[2:]) == (1, 1) and tuple(op.attrs.strides or (1, 1)) == (1, 1) \
+            and not any(op.attrs.pads or ()) and op.attrs.auto_pad in ("NOTSET", "VALID")
+        self.saved += not pointwise and w.type.shape[1] != 1
         xn = self.nhwc_of(x, b, op.loc)
         wn = self.ohwi.get(id(w))
         if wn is None:
@@ -224,6 +237,9 @@ class _Assign:
                 ins.append(self.nhwc[id(v)])
             elif all(d == 1 for d in v.type.shape):
                 ins.append(v)
+            elif self._const(v) is None:  # an NCHW activation of the result's shape (a residual
+                # input): transposed once, instead of transposing this op's result back
+                ins.append(self.nhwc_of(v, b, op.loc))
             else:  # a constant broadcasting onto the NCHW result: permuted at compile time
                 a = np.asarray(self._const(v))
                 a4 = a.reshape((1,) * (4 - a.ndim) + a.shape)
@@ -235,8 +251,12 @@ class _Assign:
         self._finish(op, yn, b)
 
     # ------------------------------------------------------------ cleanup
+    def added(self) -> int:
+        """Launches the rewrite adds: its transposes left after the sweep (its Reshapes are views)."""
+        return sum(1 for op in self.func.ops if op.name == "Transpose" and id(op) in self.created)
+
     def sweep(self) -> None:
-        """Drops what this pass added that nobody reads, and the weights it made unused."""
+        """Drops what this pass added that nobody reads."""
         f = self.func
         uses = users(f)
         returned = {id(v) for v in f.results}
@@ -253,6 +273,8 @@ class _Assign:
             keep.append(op)
         keep.reverse()
         f.ops = keep
+
+    def drop_orphan_weights(self) -> None:
         ws = self.module.weights
         if ws is not None:
             named = {op.attrs.weight for g in self.module.functions for op in g.walk()
@@ -267,9 +289,33 @@ class _Assign:
 def run(module: Module) -> bool:
     changed = False
     for f in module.functions:
+        # kept only where it does not add launches (transposes added <= launches saved): densenet's
+        # channel Concats, shufflenet's channel shuffles and LRN want NCHW and would pay transposes
+        snap = [(op, list(op.operands)) for op in f.ops]
+        results = list(f.results)
+        ws = module.weights
+        before = set(ws.names()) if ws is not None else set()
         a = _Assign(module, f)
         a.region(f)
-        if a.changed:
-            a.sweep()
-            changed = True
+        if not a.changed:
+            continue
+        a.sweep()
+        if a.added() > a.saved:
+            _restore(f, snap, results, ws, before)
+            continue
+        a.drop_orphan_weights()
+        changed = True
     return changed
+
+
+def _restore(f, snap, results, ws, before) -> None:
+    """The function as it was before the rewrite (operand lists, producers, results, weights)."""
+    f.ops = [op for op, _ in snap]
+    for op, operands in snap:
+        op.operands = operands
+        for r in op.results:
+            r.producer = op
+    f.results = results
+    if ws is not None:
+        for name in [n for n in ws.names() if n not in before]:
+            del ws.arrays[name]
