@@ -9,9 +9,9 @@ a broadcast batch dim (K/V shared across heads) gets stride 0, a mask gets strid
 dim it broadcasts over. Rank-3 scores [N,S,T] run as batch0 = 1, batch1 = N.
 
 Variants:
-- "tc" (f16/bf16, D and Dv multiples of 16 up to 128): tensor cores; the CTA size (warps) is the
-  pass's decision in params (fuse_attention.tile_of), halved while the target's shared memory
-  would not hold it;
+- "tc" (f16/bf16, D and Dv multiples of 16 up to 128): tensor cores; the CTA shape (warps, m-tiles
+  per warp) is the pass's decision in params (fuse_attention.tile_of / choose_tile), made smaller
+  while the target's shared memory would not hold it;
 - "simt" (f32, or head dims the tc variant does not take, up to 256): one thread per query row.
 The scale/mask steps are folded with log2(e) into per-step coefficients when no Where step sits
 among them (x = a * qk + sum b_i * mask_i); otherwise they run in order and a final factor
@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 
 from ...ir.builder import const_value
-from ...passes.fuse_attention import TC_MAX_D, choose_warps, match_body, parse_warps
+from ...passes.fuse_attention import TC_MAX_D, choose_tile, match_body, parse_tile
 from ..lower import LowerCtx, describe_op, lowering
 
 PRIORITY = 30  # above the generic fallback (fused.FALLBACK_PRIORITY) and the other fused families
@@ -155,31 +155,33 @@ def _fused_attention(ctx: LowerCtx):
         if s.role in ("add", "where"):
             b = buf(s.operand)
             index[id(s.op)] = len(masks)
-            masks.append({"ctype": b.ctype})
+            mshape = tuple(int(d) for d in s.operand.type.shape)
+            # does the mask vary along the query rows (its dim -2, right-aligned)?
+            masks.append({"ctype": b.ctype, "rows": len(mshape) >= 2 and mshape[-2] != 1})
             margs.append(b)
-            mstr += _mask_strides(tuple(int(d) for d in s.operand.type.shape), 4)
+            mstr += _mask_strides(mshape, 4)
     steps = steps_for_template(at, index)
 
     qb, kb, vb = buf(at.q.source), buf(at.kt.source), buf(at.v.source)
     tc = dt in MMA and D % 16 == 0 and Dv % 16 == 0 and D <= TC_MAX_D and Dv <= TC_MAX_D
     sm = ctx.target.sm_count
     if tc:
-        warps = parse_warps(op.attrs.params) or choose_warps(S, B0 * B1, sm)
+        mi, warps = parse_tile(op.attrs.params) or choose_tile(S, B0 * B1, D, Dv, sm)
         while True:
-            smem = (16 * warps * (D + 8) + 2 * BC * (D + 8) + 2 * BC * (Dv + 8)) * 2
-            if smem <= ctx.target.smem_per_block_optin or warps == 1:
+            smem = (16 * mi * warps * (D + 8) + 2 * BC * (D + 8) + 2 * BC * (Dv + 8)) * 2
+            if smem <= ctx.target.smem_per_block_optin or (warps == 1 and mi == 1):
                 break
-            warps //= 2
+            mi, warps = (1, warps) if mi > 1 else (1, warps // 2)
         if smem > ctx.target.smem_per_block_optin:
             tc = False
     if tc:
-        params = dict(variant="tc", T=y.ctype, T2=PAIR[dt], mma=MMA[dt], D=D, DV=Dv, WARPS=warps, BC=BC,
+        params = dict(variant="tc", T=y.ctype, T2=PAIR[dt], mma=MMA[dt], D=D, DV=Dv, WARPS=warps, MI=mi, BC=BC,
                       vec_q=q4[3] == 1 and _aligned(qb, q4[:3], elem),
                       vec_k=k4[3] == 1 and _aligned(kb, k4[:3], elem),
                       vec_v=v4[3] == 1 and _aligned(vb, v4[:3], elem),
                       vec_o=o4[3] == 1 and _pair_aligned(y, o4[:3]),
                       masks=masks, steps=steps)
-        rows = 16 * warps
+        rows = 16 * mi * warps
         block = 32 * warps
     else:
         if D > SIMT_MAX_D or Dv > SIMT_MAX_D:

@@ -134,16 +134,20 @@ class Attention:
         return " ".join(words)
 
 
-def choose_warps(S: int, batch_ctas: int, sm_count: int = DEFAULT_SM_COUNT) -> int:
-    """Warps per CTA of the tensor-core kernel (query rows = 16 * warps): the largest of 8/4/2
-    that still gives two CTAs per SM, else one per SM, else 2 (short sequences at batch 1 want
-    more, smaller CTAs; long ones fewer, larger CTAs that load each K/V tile for more rows). One
-    warp is not chosen: its unrolled tile loads need more than 255 registers (ptxas spills)."""
+def choose_tile(S: int, batch_ctas: int, D: int = 64, Dv: int = 64, sm_count: int = DEFAULT_SM_COUNT) -> tuple:
+    """(m-tiles per warp, warps per CTA) of the tensor-core kernel; a CTA takes 16 * mi * warps
+    query rows. The first candidate that still gives two CTAs per SM, else one per SM, else the
+    smallest: FlashAttention-2's 4 warps of 32 rows (mi = 2: every K/V fragment a warp loads from
+    shared memory serves two m-tiles) where the head dims are <= 64 (at 128 the accumulators of
+    two m-tiles do not fit 255 registers), then 8, 4 and 2 warps of 16 rows. Short sequences at
+    batch 1 get more, smaller CTAs; long ones fewer, larger CTAs that reuse each K/V tile for more
+    rows. One warp is never chosen: its unrolled tile loads spill."""
+    cands = ([(2, 4)] if D <= 64 and Dv <= 64 else []) + [(1, 8), (1, 4), (1, 2)]
     for need in (2 * sm_count, sm_count):
-        for w in (8, 4, 2):
-            if -(-S // (16 * w)) * batch_ctas >= need:
-                return w
-    return 2
+        for mi, w in cands:
+            if -(-S // (16 * mi * w)) * batch_ctas >= need:
+                return mi, w
+    return cands[-1]
 
 
 def tile_of(at: "Attention") -> str:
@@ -153,19 +157,24 @@ def tile_of(at: "Attention") -> str:
     dt = at.qk.results[0].type.dtype.short
     if dt not in TC_DTYPES or D % 16 or Dv % 16 or D > TC_MAX_D or Dv > TC_MAX_D:
         return "simt"
-    w = choose_warps(S, math.prod(batch))
-    return f"tile={16 * w}x{KV_TILE} warps={w}"
+    mi, w = choose_tile(S, math.prod(batch), D, Dv)
+    return f"tile={16 * mi * w}x{KV_TILE} warps={w}"
 
 
-def parse_warps(params: str) -> Optional[int]:
+def parse_tile(params: str) -> Optional[tuple]:
+    """(m-tiles per warp, warps) from params written by tile_of; None when absent or malformed."""
+    rows = warps = None
     for word in params.split():
-        if word.startswith("warps="):
-            try:
-                w = int(word[len("warps="):])
-            except ValueError:
-                return None
-            return w if w in (1, 2, 4, 8) else None
-    return None
+        try:
+            if word.startswith("tile="):
+                rows = int(word[len("tile="):].split("x")[0])
+            elif word.startswith("warps="):
+                warps = int(word[len("warps="):])
+        except ValueError:
+            return None
+    if rows is None or warps not in (1, 2, 4, 8) or rows % (16 * warps) or rows // (16 * warps) not in (1, 2):
+        return None
+    return rows // (16 * warps), warps
 
 
 def _ok_type(v: Value) -> bool:

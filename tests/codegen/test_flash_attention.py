@@ -119,8 +119,13 @@ def test_every_variant_compiles_with_nvrtc():
 
     for prec, kw in CASES.values():
         add(_plan(_build(prec, **kw), prec))
-    # the largest CTA (8 warps) and the B=32 S=512 shape of the benchmark
+    # the benchmark's B=32 S=512 shape (4 warps of 2 m-tiles), and 8 warps at head dim 128
     plan = _plan(_build("fp16", B=32, S=512, H=12, D=64), "fp16")
+    (l,) = _attention_launches(plan)
+    p = plan.kernels[l.kernel].params
+    assert (p["WARPS"], p["MI"], l.block, l.grid) == (4, 2, (128, 1, 1), (4, 12, 32))
+    add(plan)
+    plan = _plan(_build("fp16", B=32, S=512, H=12, D=128), "fp16")
     (l,) = _attention_launches(plan)
     assert plan.kernels[l.kernel].params["WARPS"] == 8 and l.block == (256, 1, 1)
     assert l.smem <= 227 * 1024
@@ -139,6 +144,12 @@ GPU_CASES = [
     ("fp16", dict(B=2, S=128, H=4, D=64, mask=None)),
     ("fp16", dict(B=1, S=512, H=2, D=64, causal=True, mask="b11t", gpt2_kt=True)),
     ("fp16", dict(B=1, S=77, H=2, D=64, kt_input=True)),
+    # large batches: 4 warps of 2 m-tiles (mi = 2), 8 warps at head dim 128
+    ("fp16", dict(B=32, S=128, H=12, D=64)),
+    ("fp16", dict(B=8, S=512, H=12, D=64, mask=None)),
+    ("fp16", dict(B=32, S=77, H=12, D=64, mask="b1st")),
+    ("fp16", dict(B=32, S=256, H=8, D=128)),
+    ("bf16", dict(B=32, S=128, H=12, D=64, causal=True)),
     ("bf16", dict(B=2, S=128, H=2, D=64)),
     ("fp32", dict(B=2, S=128, H=2, D=64)),
     ("fp32", dict(B=1, S=77, H=2, D=128, mask=None)),

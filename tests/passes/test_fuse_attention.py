@@ -145,8 +145,11 @@ def test_params_name_the_tile_and_transposes():
     assert f.attrs.params == "S=128 T=128 D=64 scale=0.125 mask transposes=q,k,v,o tile=32x64 warps=2"
     mod = import_model(attention_model(B=32, S=512, H=12, D=64))
     Pipeline(PRE + ["to-fp16", "fuse-attention"], verify_each=True).run(mod)
-    assert _fused(mod)[0].attrs.params.endswith("tile=128x64 warps=8")
-    assert fuse_attention.choose_warps(128, 12) == 2 and fuse_attention.choose_warps(512, 384) == 8
+    assert _fused(mod)[0].attrs.params.endswith("tile=128x64 warps=4")  # 2 m-tiles a warp
+    assert fuse_attention.choose_tile(128, 12) == (1, 2) and fuse_attention.choose_tile(512, 384) == (2, 4)
+    assert fuse_attention.choose_tile(512, 384, D=128, Dv=128) == (1, 8)
+    assert fuse_attention.parse_tile("S=4 tile=128x64 warps=4") == (2, 4)
+    assert fuse_attention.parse_tile("tile=48x64 warps=4") is None and fuse_attention.parse_tile("simt") is None
 
 
 NEAR_MISSES = {
