@@ -2,25 +2,37 @@
 
 The plugin API
 --------------
-Kernel families live in codegen/kernels/<family>.py and register per-op lowering functions:
+Kernel families live in codegen/kernels/<family>.py and declare how they lower ops as Variants
+(codegen/variants.py: lowering as data):
 
-    from ..lower import lowering
+    from ..variants import Variant, register, no, YES
 
-    @lowering("Relu", "Sigmoid")                    # priority 0: the generic, always-correct path
-    def _unary(ctx):                                # ctx: LowerCtx (one op)
+    def _applies(p):                                # p: Problem (below): types, no emission
+        return YES if suitable(p) else no("why not")
+    def _render(ctx, p, params):                    # ctx: LowerCtx (one op); params: from the space
         x, y = ctx.inp(0), ctx.out(0)               # Buffers
         k = ctx.render("elementwise.cu.j2", "ew", **params)   # -> Kernel (deduplicated by source)
         ctx.launch(k, grid=ctx.grid1d(y.numel), block=256, args=[x, y, ctx.i64(y.numel)])
+        return True
+    register(Variant("mine.fast", "mine", ("MatMul",), _render, _applies,
+                     space=lambda p: [...], default=lambda p, space: ..., priority=10))
+
+For each op (a `fused` group is one op) the driver collects the variants whose applies holds and
+asks one Selector (LowerOptions.selector; the heuristic: highest priority, the family's default
+params) to choose; the kernels emitted record params["selected"] = {"variant", "params"}.
+
+The legacy form still works (an adapter: a Variant whose applies is `when` and whose render may
+decline — the driver then asks the selector again without it):
 
     @lowering("MatMul", priority=10)                # a faster specialisation, tried first
     def _fast(ctx):
         if not suitable(ctx.op):
-            return None                             # decline: the next priority is tried
+            return None                             # decline: the next candidate is tried
         ...
 
-Functions for one op are tried in decreasing priority; a function *declines* by returning None
-(or NOT_HANDLED) without having emitted anything. Registering the same (op, priority) twice is an
-error. A lowering that emitted launches or aliases counts as handled whatever it returns.
+A legacy function *declines* by returning None (or NOT_HANDLED) without having emitted anything.
+Two families at one (op, priority) is an error. A lowering that emitted launches or aliases counts
+as handled whatever it returns.
 
 What a lowering can ask of its LowerCtx: `inp(i)`/`out(i)` buffers, `value(i)` (compile-time
 constant operand or None), `render(template, hint, **params)`, `launch(...)`, `temp(dtype, shape)`,
