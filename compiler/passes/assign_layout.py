@@ -3,7 +3,8 @@
 Rewrites (top-level ops of each function, one sweep in program order, linear time):
 - an eligible Conv -> Conv {layout = "NHWC"} reading the NHWC form of its input, with its weight
   pre-transformed at compile time to OHWI [K, R, S, C/group] (a new const; shared weights are
-  transformed once). Eligible: 2-D (rank-4 static input), f16/bf16, a constant weight, groups 1,
+  transformed once; a weight computed from constants only gets a Transpose, which the CUDA backend
+  runs once in its init phase). Eligible: 2-D (rank-4 static input), f16/bf16, groups 1,
   depthwise (C/group == 1) or C/group a multiple of 8 (16-byte igemm loads); a 1x1 stride-1 unpadded
   conv only when its input already has an NHWC form (on NCHW it is one GEMM with no layout kernel). fp32 convs stay NCHW:
   without tf32 the CUDA backend runs them as im2col + FFMA GEMM on NCHW, which has no NHWC form;
@@ -42,7 +43,9 @@ from typing import Optional
 
 import numpy as np
 
+from nnc.codegen.init_phase import input_independent
 from nnc.codegen.kernels.elementwise import EXPR
+from nnc.codegen.lower import DYNAMIC_OPS
 from nnc.ir.builder import Builder, const_value
 from nnc.ir.graph import Module, NameGen, Op, Region, Value, users, value_names
 from nnc.ir.ops.conv import TO_NCHW, TO_NHWC
@@ -73,6 +76,7 @@ class _Assign:
         self.created: set[int] = set()        # ids of ops this pass added (removed again if unused)
         self.orphans: list[Value] = []        # weights of rewritten convs (removed if unused)
         self.changed = False
+        self.init = input_independent(func, DYNAMIC_OPS)  # ids of values computed from constants only
         self.saved = 0  # launches the rewrite saves: NCHW convs' layout kernels, cancelled transposes
         self.subst = Substitution()  # cancelled transposes: their result -> the value they restore
         # values a function result or a nested region reads stay defined by an op of their own
@@ -133,7 +137,8 @@ class _Assign:
         if not (_static4(x) and _static4(y) and _static4(w)) or x.type.dtype.short not in FLOATS:
             return False
         ins = [v for v in op.operands if v is not None]
-        if len({v.type.dtype for v in ins} | {y.type.dtype}) != 1 or self._const(w) is None:
+        if len({v.type.dtype for v in ins} | {y.type.dtype}) != 1 or \
+                (self._const(w) is None and id(w) not in self.init):
             return False
         if getattr(op.attrs, "layout", "NCHW") != "NCHW":
             return False
@@ -218,7 +223,13 @@ class _Assign:
         self.saved += not pointwise and w.type.shape[1] != 1
         xn = self.nhwc_of(x, b, op.loc)
         wn = self.ohwi.get(id(w))
-        if wn is None:
+        if wn is None and self._const(w) is None:
+            # computed from constants only (light_resnet50's ConstantOfShape weights): a Transpose
+            # of it is too, so the CUDA backend runs it once, in the init phase
+            wn = self._emit(b, "Transpose", [w], {"perm": list(TO_NHWC)}, op.loc, w.name + "_ohwi")
+            self.created.discard(id(b.region.ops[-1]))  # no launch per run: not an added transpose
+            self.ohwi[id(w)] = wn
+        elif wn is None:
             a = np.ascontiguousarray(np.transpose(self._const(w), TO_NHWC))
             wn = b.constant(a, w.name + "_ohwi", w.producer.loc if w.producer else op.loc,
                             weight_hint=w.name + "_ohwi")
