@@ -129,6 +129,24 @@ def _fused_attention(ctx: LowerCtx):
     elem = {"f16": 2, "bf16": 2, "f32": 4}[dt]
     B0, B1 = (1, batch[0]) if len(batch) == 1 else batch
 
+    tc = dt in MMA and D % 16 == 0 and Dv % 16 == 0 and D <= TC_MAX_D and Dv <= TC_MAX_D
+    sm = ctx.target.sm_count
+    if tc:
+        mi, warps = parse_tile(op.attrs.params) or choose_tile(S, B0 * B1, D, Dv, sm)
+        while True:
+            smem = (16 * mi * warps * (D + 8) + 2 * BC * (D + 8) + 2 * BC * (Dv + 8)) * 2
+            if smem <= ctx.target.smem_per_block_optin or (warps == 1 and mi == 1):
+                break
+            mi, warps = (1, warps) if mi > 1 else (1, warps // 2)
+        if smem > ctx.target.smem_per_block_optin:
+            tc = False
+    if not tc:
+        smem = BC_SIMT * (D + Dv) * 4
+        if D > SIMT_MAX_D or Dv > SIMT_MAX_D or smem > ctx.target.smem_per_block_optin:
+            return None  # nothing renders it: the fallback lowers the body op by op
+    if B0 > 65535 or B1 > 65535:  # grid y/z limits: likewise
+        return None
+
     def buf(v):
         return L.buffer(outer.get(id(v), v))
 
@@ -163,17 +181,6 @@ def _fused_attention(ctx: LowerCtx):
     steps = steps_for_template(at, index)
 
     qb, kb, vb = buf(at.q.source), buf(at.kt.source), buf(at.v.source)
-    tc = dt in MMA and D % 16 == 0 and Dv % 16 == 0 and D <= TC_MAX_D and Dv <= TC_MAX_D
-    sm = ctx.target.sm_count
-    if tc:
-        mi, warps = parse_tile(op.attrs.params) or choose_tile(S, B0 * B1, D, Dv, sm)
-        while True:
-            smem = (16 * mi * warps * (D + 8) + 2 * BC * (D + 8) + 2 * BC * (Dv + 8)) * 2
-            if smem <= ctx.target.smem_per_block_optin or (warps == 1 and mi == 1):
-                break
-            mi, warps = (1, warps) if mi > 1 else (1, warps // 2)
-        if smem > ctx.target.smem_per_block_optin:
-            tc = False
     if tc:
         params = dict(variant="tc", T=y.ctype, T2=PAIR[dt], mma=MMA[dt], D=D, DV=Dv, WARPS=warps, MI=mi, BC=BC,
                       vec_q=q4[3] == 1 and _aligned(qb, q4[:3], elem),
@@ -184,11 +191,6 @@ def _fused_attention(ctx: LowerCtx):
         rows = 16 * mi * warps
         block = 32 * warps
     else:
-        if D > SIMT_MAX_D or Dv > SIMT_MAX_D:
-            return None
-        smem = BC_SIMT * (D + Dv) * 4
-        if smem > ctx.target.smem_per_block_optin:
-            return None
         params = dict(variant="simt", T=y.ctype, D=D, DV=Dv, WARPS=SIMT_ROWS // 32, BC=BC_SIMT,
                       masks=masks, steps=steps)
         rows = SIMT_ROWS
@@ -198,8 +200,6 @@ def _fused_attention(ctx: LowerCtx):
         if bop.name != "const":
             k.add_op(describe_op(bop))
     grid = (-(-S // rows), B1, B0)
-    if B0 > 65535 or B1 > 65535:
-        return None
     args = [qb, kb, vb, y] + margs + [ctx.i32(S), ctx.i32(T)]
     args += [ctx.i64(x) for x in q4 + k4 + v4 + o4 + mstr]
     ctx.launch(k, grid, block, args, smem=smem)

@@ -289,7 +289,9 @@ def match(softmax: Op, producer: Producer, only_user: OnlyUser, const_of: ConstO
         return None
     S, T = scores_shape[-2:]
     D, Dv = qv.type.shape[-1], vv.type.shape[-1]
-    if tuple(ktv.type.shape)[-2:] != (D, T) or tuple(vv.type.shape)[-2] != T or D < 1 or Dv < 1:
+    if tuple(ktv.type.shape)[-2:] != (D, T) or tuple(vv.type.shape)[-2] != T:
+        return None
+    if min(scores_shape) < 1 or D < 1 or Dv < 1 or max(S, T) >= 2 ** 31:  # empty, or past int32 rows
         return None
     if not _broadcasts(tuple(ktv.type.shape)[:-2], scores_shape[:-2]) \
             or not _broadcasts(tuple(vv.type.shape)[:-2], scores_shape[:-2]) \
