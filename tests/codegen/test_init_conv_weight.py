@@ -46,9 +46,11 @@ def _family(plan, l):
     return plan.kernels[l.kernel].template.split(".")[0] if l.kind == "kernel" else l.kind
 
 
-def _lowered(model, precision="fp16"):
+def _lowered(model, precision="fp16", nchw=True):
+    """nchw: without assign-layout, which may move the conv to NHWC (its weight then gets an IR
+    Transpose, also run at load), so that the NCHW lowering's own init-phase transform is tested."""
     m = import_model(model)
-    run_passes(m, pipeline_passes(precision))
+    run_passes(m, [p for p in pipeline_passes(precision) if not (nchw and p == "assign-layout")])
     return m, lower(m, {"arch": "sm_90", "precision": precision})
 
 
@@ -76,13 +78,17 @@ def test_init_weight_fp32_strict_keeps_its_path():
     assert not any(_family(p16, l) == "conv_layout" for l in p16.init_launches)
 
 
-def test_light_resnet50_fp16_has_no_direct_fallback_convs():
+@pytest.mark.parametrize("nchw", [True, False])
+def test_light_resnet50_fp16_has_no_direct_fallback_convs(nchw):
+    """Its 16 convs with init-value weights (the 3x3 and strided 1x1 ones over FOLD_MAX_ELEMENTS)
+    ran the direct fallback conv every run; now all its non-pointwise convs are implicit GEMMs."""
     model = onnx.load(str(LIGHT / "light_resnet50.onnx"))
-    _, plan = _lowered(model)
+    _, plan = _lowered(model, nchw=nchw)
     run = Counter(_family(plan, l) for l in plan.launches)
     init = Counter(_family(plan, l) for l in plan.init_launches)
-    assert run["direct_conv"] == 0, run
-    assert init["conv_layout"] == 16, init  # its 16 convs with init-value weights (3x3 and strided 1x1)
+    assert run["direct_conv"] == 0 and run["conv_igemm"] >= 19, run
+    if nchw:
+        assert init["conv_layout"] == 16, init  # the NCHW lowering's weight transforms, at load
 
 
 @pytest.mark.gpu
