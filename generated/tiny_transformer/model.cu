@@ -416,6 +416,13 @@ template <> __device__ __forceinline__ __nv_bfloat16 nnc_from_f<__nv_bfloat16>(f
 
 namespace nnc_flash_attention_3_ns {
 typedef float T;
+// 2^x on the SFU (MUFU.EX2, flush-to-zero): exp2f without fast-math adds a denormal-range fix-up
+// around it; the scores' exponents are <= 0 and denormal probabilities round to 0 in 16 bits anyway
+__device__ __forceinline__ float nnc_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
 extern "C" __global__ void __launch_bounds__(64) nnc_flash_attention_3(
     const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V, T* __restrict__ O,
@@ -468,7 +475,7 @@ extern "C" __global__ void __launch_bounds__(64) nnc_flash_attention_3(
 
       const float mn = fmaxf(m, x);
       const float msafe = mn == NEG_INF ? 0.f : mn;
-      const float corr = exp2f(m - msafe), p = exp2f(x - msafe);
+      const float corr = nnc_exp2(m - msafe), p = nnc_exp2(x - msafe);
       l = l * corr + p;
 #pragma unroll
       for (int d = 0; d < DV; ++d) o[d] = fmaf(p, Vs[t * DV + d], o[d] * corr);
