@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ...ir.builder import const_value
 from ...passes.fuse_attention import TC_MAX_D, choose_tile, match_body, parse_tile
 from ..lower import LowerCtx, describe_op, lowering
@@ -46,12 +48,18 @@ def _contiguous(shape) -> list:
 
 
 def _logical_strides(operand) -> tuple:
-    """(shape, strides) of Q/Kt/V as the group's MatMul sees it, into the source's buffer."""
-    src = tuple(int(d) for d in operand.source.type.shape)
-    st = _contiguous(src)
-    if operand.perm is None:
-        return src, st
-    return tuple(src[p] for p in operand.perm), [st[p] for p in operand.perm]
+    """(shape, strides, element offset) of Q/Kt/V as the group's MatMul sees it, into the source's
+    buffer: the packed pick first (rank-5 perm, index along its axis 0), then the perm."""
+    shape = tuple(int(d) for d in operand.source.type.shape)
+    st = _contiguous(shape)
+    off = 0
+    if operand.pick is not None:
+        p5, index = operand.pick
+        off = index * st[p5[0]]
+        shape, st = tuple(shape[p] for p in p5[1:]), [st[p] for p in p5[1:]]
+    if operand.perm is not None:
+        shape, st = tuple(shape[p] for p in operand.perm), [st[p] for p in operand.perm]
+    return shape, st, off
 
 
 def _batch2(shape, strides, batch) -> list:
@@ -150,9 +158,9 @@ def _fused_attention(ctx: LowerCtx):
     def buf(v):
         return L.buffer(outer.get(id(v), v))
 
-    qshape, qst = _logical_strides(at.q)
-    kshape, kst = _logical_strides(at.kt)
-    vshape, vst = _logical_strides(at.v)
+    qshape, qst, qoff = _logical_strides(at.q)
+    kshape, kst, koff = _logical_strides(at.kt)
+    vshape, vst, voff = _logical_strides(at.v)
     q4 = _batch2(qshape, qst, batch) + [qst[-2], qst[-1]]
     k4 = _batch2(kshape, kst, batch) + [kst[-1], kst[-2]]  # Kt [.., D, T] read as K (t, d)
     v4 = _batch2(vshape, vst, batch) + [vst[-2], vst[-1]]
@@ -180,7 +188,15 @@ def _fused_attention(ctx: LowerCtx):
             mstr += _mask_strides(mshape, 4)
     steps = steps_for_template(at, index)
 
-    qb, kb, vb = buf(at.q.source), buf(at.kt.source), buf(at.v.source)
+    def source(operand, off):
+        """The operand's buffer; a packed pick reads a view from its element offset to the end."""
+        b = buf(operand.source)
+        if not off:
+            return b
+        n = int(np.prod(b.shape))
+        return L.view(b, b.dtype, (n - off,), off * elem, f"{operand.source.name}.pick{off}")
+
+    qb, kb, vb = source(at.q, qoff), source(at.kt, koff), source(at.v, voff)
     if tc:
         params = dict(variant="tc", T=y.ctype, T2=PAIR[dt], mma=MMA[dt], D=D, DV=Dv, WARPS=warps, MI=mi, BC=BC,
                       vec_q=q4[3] == 1 and _aligned(qb, q4[:3], elem),

@@ -15,7 +15,10 @@ and takes into the group, so that the kernel reads through strides instead of co
 - rank-3/4 Transposes producing Q, Kt or V (the head split Transpose(0,2,1,3) of a Reshape
   [B,S,H*D] -> [B,S,H,D], (0,2,3,1) for K^T, or the split followed by (0,1,3,2) as GPT-2 writes
   K^T; composed), each when the group is its only user;
-- a Transpose of o, when it is o's only user (the head merge back to [B,S,H,Dv]).
+- a Transpose of o, when it is o's only user (the head merge back to [B,S,H,Dv]);
+- the packed form, qkv Reshape [B,S,3,H,D] -> Transpose(2,0,3,1,4) -> q/k/v = Gather(.., i,
+  axis 0) or Squeeze(Split(.., axis 0)) (torch's `qkv[i]` / `unbind(0)`, ViT-style exports):
+  the rank-5 Transpose and the pickers, when every use of them is in the group.
 The scale/mask steps may come in any order; the kernel applies them in program order.
 
 Must hold: static shapes; float (f16/bf16/f32) types without layout tags; Q, Kt, V, o and the
@@ -69,12 +72,15 @@ class Step:
 
 @dataclass(frozen=True)
 class Operand:
-    """Q, Kt or V as the kernel reads it: `source` (a contiguous value outside the group) seen
-    through absorbed Transposes (`perm`, composed; None: none) and scalar scales."""
+    """Q, Kt or V as the kernel reads it: `source` (a contiguous value outside the group), when
+    `pick` is set first seen through a rank-5 Transpose (pick[0], its perm) and indexed at
+    pick[1] along the transposed axis 0 (the packed q/k/v of [B,S,3,H,D]), then through absorbed
+    Transposes (`perm`, composed; None: none) and scalar scales."""
     source: Value
     perm: Optional[tuple]
-    ops: tuple      # the group's ops producing the operand from source (Transpose, Mul/Div)
+    ops: tuple      # the group's ops producing the operand from source (Transpose, Mul/Div, ...)
     scale: float    # product of the absorbed scalar scales
+    pick: Optional[tuple] = None  # (rank-5 perm, index)
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,13 @@ class Attention:
     def ops(self) -> list:
         ops = list(self.q.ops) + list(self.kt.ops) + list(self.v.ops) + [self.qk]
         ops += [s.op for s in self.steps] + [self.softmax, self.pv]
-        return ops + ([self.out_op] if self.out_op is not None else [])
+        ops += [self.out_op] if self.out_op is not None else []
+        seen, out = set(), []  # a packed q/k/v Transpose (and Split) serves several operands
+        for op in ops:
+            if id(op) not in seen:
+                seen.add(id(op))
+                out.append(op)
+        return out
 
     @property
     def shape(self) -> tuple:
@@ -124,7 +136,8 @@ class Attention:
             words.append("mask" if n_add == 1 else f"mask x{n_add}")
         if any(s.role == "where" for s in self.steps):
             words.append("where")
-        absorbed = [n for n, o in (("q", self.q), ("k", self.kt), ("v", self.v)) if o.perm is not None]
+        absorbed = [n for n, o in (("q", self.q), ("k", self.kt), ("v", self.v))
+                    if o.perm is not None or o.pick is not None]
         if self.out_perm is not None:
             absorbed.append("o")
         if absorbed:
@@ -222,7 +235,8 @@ def _scale_of(op: Op, cur: Value, const_of: ConstOf) -> Optional[float]:
     return c if op.name == "Mul" else 1.0 / c
 
 
-def _operand(v: Value, producer: Producer, only_user: OnlyUser, const_of: ConstOf, allow_scale: bool) -> Operand:
+def _operand(v: Value, producer: Producer, only_user: OnlyUser, const_of: ConstOf, allow_scale: bool,
+             allow_pick: bool = True) -> Operand:
     """Q / Kt / V behind `v`: absorbs scalar scales (Q and Kt only), then rank-3/4 Transposes (their
     perms composed), each only when the group is the sole user of its result."""
     ops, scale, perm = [], 1.0, None
@@ -246,7 +260,50 @@ def _operand(v: Value, producer: Producer, only_user: OnlyUser, const_of: ConstO
         perm = inner if perm is None else tuple(inner[k] for k in perm)
         ops.insert(0, p)
         v = p.operands[0]
+    got = _pick(v, producer, only_user, const_of) if allow_pick and v.type.rank == 4 else None
+    if got is not None:
+        t5, index, pick_ops = got
+        return Operand(t5.operands[0], perm, tuple([t5] + pick_ops + ops), scale, (_perm(t5), index))
     return Operand(v, perm, tuple(ops), scale)
+
+
+def _pick(v: Value, producer: Producer, only_user: OnlyUser, const_of: ConstOf):
+    """(the rank-5 Transpose, index, [the ops between]) when `v` is one of the packed q/k/v
+    taken along axis 0 of a rank-5 Transpose: Gather(t, i, axis=0) with a constant scalar i, or
+    Squeeze(Split(t, axis=0)[i], [0]) with parts of size 1 (torch's `qkv[i]` and `unbind(0)`).
+    The Transpose (and Split) then has several users, all of which must be in the group
+    (match checks that)."""
+    p = producer(v)
+    if p is None or only_user(v) is None or len(p.results) != 1:
+        return None
+    if p.name == "Gather" and len(p.operands) == 2 and int(p.attrs.axis) == 0 and p.operands[0] is not None:
+        data, idx = p.operands
+        a = const_of(idx) if idx is not None else None
+        if a is None or a.size != 1 or a.ndim != 0:
+            return None
+        i = int(np.asarray(a).reshape(()))
+        n0 = data.type.shape[0] if data.type.is_static else None
+        if n0 is None or not -n0 <= i < n0:
+            return None
+        t5 = producer(data)
+        if t5 is None or t5.name != "Transpose" or data.type.rank != 5 or not _ok_type(t5.operands[0]):
+            return None
+        return t5, i % n0, [p]
+    if p.name == "Squeeze" and len(p.operands) == 2 and p.operands[0] is not None and p.operands[1] is not None:
+        axes = const_of(p.operands[1])
+        part = p.operands[0]
+        sp = producer(part)
+        if axes is None or [int(x) % 5 for x in np.asarray(axes).reshape(-1)] != [0] or sp is None \
+                or sp.name != "Split" or int(sp.attrs.axis) % 5 != 0 or only_user(part) is None:
+            return None
+        if any(not r.type.is_static or r.type.shape[0] != 1 for r in sp.results):
+            return None
+        t5 = producer(sp.operands[0])
+        if t5 is None or t5.name != "Transpose" or sp.operands[0].type.rank != 5 or not _ok_type(t5.operands[0]):
+            return None
+        i = next(k for k, r in enumerate(sp.results) if r is part)
+        return t5, i, [sp, p]
+    return None
 
 
 def _perm(op: Op) -> tuple:
@@ -255,10 +312,12 @@ def _perm(op: Op) -> tuple:
     return tuple(range(rank))[::-1] if p is None else tuple(int(x) % rank for x in p)
 
 
-def match(softmax: Op, producer: Producer, only_user: OnlyUser, const_of: ConstOf) -> Optional[Attention]:
+def match(softmax: Op, producer: Producer, only_user: OnlyUser, const_of: ConstOf,
+          users: Optional[Callable] = None) -> Optional[Attention]:
     """The attention pattern ending in `softmax`, or None. producer(v): v's defining op (None:
     an argument or outside the region); only_user(v): v's only user, None when v has several, is
-    a function result, or has none."""
+    a function result, or has none; users(v): all of v's users, None when v is a function result
+    (needed for a packed q/k/v Transpose that several operands share; without it none matches)."""
     if softmax.name != "Softmax" or len(softmax.results) != 1:
         return None
     x = softmax.operands[0]
@@ -297,14 +356,32 @@ def match(softmax: Op, producer: Producer, only_user: OnlyUser, const_of: ConstO
             or not _broadcasts(tuple(vv.type.shape)[:-2], scores_shape[:-2]) \
             or tuple(o.type.shape) != scores_shape[:-2] + (S, Dv):
         return None
-    q = _operand(qv, producer, only_user, const_of, True)
-    kt = _operand(ktv, producer, only_user, const_of, True)
-    v = _operand(vv, producer, only_user, const_of, False)
     out_op, out_perm = None, None
     u = only_user(o)
     if u is not None and u.name == "Transpose" and _ok_type(u.results[0]):
         out_op, out_perm = u, _perm(u)
-    return Attention(qk, softmax, pv, tuple(steps), q, kt, v, out_perm, out_op)
+    for allow_pick in (users is not None, False):
+        q = _operand(qv, producer, only_user, const_of, True, allow_pick)
+        kt = _operand(ktv, producer, only_user, const_of, True, allow_pick)
+        v = _operand(vv, producer, only_user, const_of, False, allow_pick)
+        at = Attention(qk, softmax, pv, tuple(steps), q, kt, v, out_perm, out_op)
+        if not any(o.pick is not None for o in (q, kt, v)) or _closed(at, users):
+            return at
+    return None
+
+
+def _closed(at: Attention, users: Callable) -> bool:
+    """Every use of every value made in the group (but its result) is in the group: the shared
+    packed q/k/v Transpose / Split must not be needed outside."""
+    ids = {id(op) for op in at.ops}
+    for op in at.ops:
+        for r in op.results:
+            if r is at.result:
+                continue
+            us = users(r)
+            if us is None or any(id(u) not in ids for u in us):
+                return False
+    return True
 
 
 def _walk_back(cur: Value, producer: Producer, only_user: OnlyUser, const_of: ConstOf, depth: int):
@@ -364,10 +441,13 @@ def match_body(body, const_of: ConstOf) -> Optional[Attention]:
         us = users.get(id(v), ())
         return us[0] if len(us) == 1 and id(v) not in ret else None
 
+    def all_users(v):
+        return None if id(v) in ret else users.get(id(v), [])
+
     sms = [op for op in body.ops if op.name == "Softmax"]
     if len(sms) != 1 or len(body.results) != 1:
         return None
-    at = match(sms[0], lambda v: prod.get(id(v)), only_user, const_of)
+    at = match(sms[0], lambda v: prod.get(id(v)), only_user, const_of, all_users)
     if at is None or len(at.ops) != sum(op.name != "const" for op in body.ops) or at.result is not body.results[0]:
         return None
     return at
@@ -396,12 +476,15 @@ def _run_func(func, weights) -> bool:
     def const_of(v):
         return const_value(v, weights)
 
+    def all_users(v: Value):
+        return None if id(v) in returned else users.get(id(v), [])
+
     out = Outliner(func)
     changed = False
     for op in list(func.ops):
         if op.name != "Softmax":
             continue
-        at = match(op, lambda v: prod.get(id(v)), only_user, const_of)
+        at = match(op, lambda v: prod.get(id(v)), only_user, const_of, all_users)
         if at is None or not out.can_outline(at.ops):
             continue
         out.outline(at.ops, kind="attention", params=at.params(tile_of(at)))

@@ -2,7 +2,7 @@
 flash-attention kernel (templates/flash_attention.cu.j2):
 - each attention group is exactly ONE kernel launch, with no copy_transpose (the head split /
   merge is in the kernel's strides) and no Softmax / GEMM kernel left;
-- the strides it passes are those of the absorbed transposes (checked against numpy);
+- the strides it passes are those of the absorbed transposes;
 - the plan runs in its arena on the CPU (codegen/plan_exec.py) with the interpreter's outputs;
 - NVRTC compiles every variant for sm_90 on the CPU (tc f16/bf16 at head dims 64 and 128, with
   additive / boolean masks, the element-load path, and the f32 SIMT variant);
@@ -46,6 +46,8 @@ CASES = {
     "kt_input_f16": ("fp16", dict(S=40, H=2, D=32, kt_input=True, mask="b1st")),
     "f32_simt": ("fp32", dict(S=33, H=2, D=16, mask="11st")),
     "f16_odd_head_dim": ("fp16", dict(S=20, H=2, D=24, mask=None)),  # D % 16 != 0: the SIMT variant
+    "packed_qkv_f16": ("fp16", dict(B=2, S=48, H=2, D=64, packed="gather")),  # ViT-style [B,S,3,H,D]
+    "packed_split_f32": ("fp32", dict(S=24, H=2, D=16, packed="split", mask=None)),
 }
 
 
@@ -81,6 +83,66 @@ def test_strides_are_the_absorbed_transposes():
     assert ints[2:18] == split * 4
     assert ints[18:22] == [S, 0, 0, 1]
     assert l.grid == (S // 32, H, B) or l.grid[1:] == (H, B)
+
+
+def _emulate(plan, launch, values):
+    """The kernel's arithmetic in numpy (float64), addressing every operand exactly as the launch
+    does: its buffers (views at their element offsets into the root's value) and its stride
+    arguments; returns the output root's bytes as the kernel would leave them (NaN elsewhere)."""
+    k = plan.kernels[launch.kernel]
+    p = k.params
+    bufs = [a for a in launch.args if hasattr(a, "shape")]
+    ints = [a.value for a in launch.args if not hasattr(a, "shape")]
+    S, T = ints[:2]
+    st = ints[2:]
+    B1, B0 = launch.grid[1], launch.grid[2]
+
+    def view(buf, strides, shape):
+        root = plan.buffers[buf.alias_of] if buf.alias_of is not None else buf
+        off = buf.alias_offset // buf.dtype.np.itemsize if buf.alias_of is not None else 0
+        flat = np.asarray(values[id(root.value)], np.float64).reshape(-1)
+        return np.lib.stride_tricks.as_strided(flat[off:], shape, [x * 8 for x in strides]), root, off
+
+    q, _, _ = view(bufs[0], st[0:4], (B0, B1, S, p["D"]))
+    kk, _, _ = view(bufs[1], st[4:8], (B0, B1, T, p["D"]))
+    v, _, _ = view(bufs[2], st[8:12], (B0, B1, T, p["DV"]))
+    x = np.einsum("absd,abtd->abst", q, kk)
+    for s in p["steps"]:
+        if s["role"] == "scale":
+            x = x * s["c"]
+        else:
+            i = s["i"]
+            m, _, _ = view(bufs[4 + i], st[16 + 4 * i:20 + 4 * i], (B0, B1, S, T))
+            if s["role"] == "add":
+                x = x + s["c"] * m
+            else:
+                x = np.where((m != 0) == s["keep"], x, s["fill"])
+    e = np.exp2(x - x.max(-1, keepdims=True))
+    o = np.einsum("abst,abtd->absd", e / e.sum(-1, keepdims=True), v)
+    root = plan.buffers[bufs[3].alias_of] if bufs[3].alias_of is not None else bufs[3]
+    out = np.full(root.numel, np.nan)
+    np.lib.stride_tricks.as_strided(out, o.shape, [x * 8 for x in st[12:16]])[...] = o
+    return root, out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_launch_addresses_what_the_interpreter_computes(name, rng):
+    """The launch's buffers, offsets and strides, read as the kernel reads them (numpy), give the
+    group's result: the absorbed transposes, packed picks and masks are addressed right."""
+    prec, kw = CASES[name]
+    mod = _build(prec, **kw)
+    plan = _plan(mod, prec)
+    (launch,) = _attention_launches(plan)
+    values = {}
+    feed = attention_feed(mod, rng)
+    ref = Interpreter(mod, observe=lambda op, outs: values.update({id(r): o for r, o in zip(op.results, outs)})).run(feed)
+    values.update({id(a): np.asarray(feed[a.name]) for a in mod.main.args})
+    root, out = _emulate(plan, launch, values)
+    want = np.asarray(values[id(root.value)], np.float64).reshape(-1)
+    assert not np.isnan(out).any(), "the kernel leaves part of its output unwritten"
+    tol = {"fp16": 2e-2, "bf16": 5e-2, "fp32": 1e-6}[prec]
+    np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
+    assert ref
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -144,6 +206,8 @@ GPU_CASES = [
     ("fp16", dict(B=2, S=128, H=4, D=64, mask=None)),
     ("fp16", dict(B=1, S=512, H=2, D=64, causal=True, mask="b11t", gpt2_kt=True)),
     ("fp16", dict(B=1, S=77, H=2, D=64, kt_input=True)),
+    ("fp16", dict(B=4, S=197, H=12, D=64, packed="gather", mask=None)),  # ViT-B/16
+    ("fp32", dict(B=1, S=50, H=2, D=64, packed="split")),
     # large batches: 4 warps of 2 m-tiles (mi = 2), 8 warps at head dim 128
     ("fp16", dict(B=32, S=128, H=12, D=64)),
     ("fp16", dict(B=8, S=512, H=12, D=64, mask=None)),

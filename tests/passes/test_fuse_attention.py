@@ -21,10 +21,12 @@ PRE = ["fold-constants", "canonicalize", "simplify", "cse", "dce"]
 
 
 def attention_model(B=1, S=16, H=2, D=16, T=None, Dv=None, mask="b11t", causal=False, scale_on="scores",
-                    merge=True, kt_input=False, softmax_axis=-1, mask_first=False, gpt2_kt=False):
+                    merge=True, kt_input=False, softmax_axis=-1, mask_first=False, gpt2_kt=False, packed=None):
     """An ONNX attention subgraph as transformers exports it (fp32; compile at fp16/bf16 to get
     those types): inputs q [B,S,H*D], k [B,T,H*D], v [B,T,H*Dv] (kt_input: kt [B,H,D,T] given
-    already transposed), head split Reshape+Transpose, MatMul, scale (Div on the scores, or Mul
+    already transposed; packed: one qkv [B,S,3*H*D] split ViT-style through [B,S,3,H,D] and
+    Transpose(2,0,3,1,4), q/k/v picked by Gather ("gather") or Split+Squeeze ("split")), head
+    split Reshape+Transpose, MatMul, scale (Div on the scores, or Mul
     of Q), optional causal Where (GPT-2) and additive mask of the given broadcast form
     ("b11t" [B,1,1,T], "b1st" [B,1,S,T], "11st" [1,1,S,T], "bhst" [B,H,S,T], None), Softmax,
     MatMul with V, and (merge) the Transpose+Reshape back to [B,S,H*Dv]."""
@@ -36,10 +38,27 @@ def attention_model(B=1, S=16, H=2, D=16, T=None, Dv=None, mask="b11t", causal=F
         inits.append(numpy_helper.from_array(np.asarray(arr), name))
         return name
 
-    inputs = [helper.make_tensor_value_info("q", F, [B, S, H * D])]
-    const("shq", np.array([B, S, H, D], np.int64))
-    nodes += [N("Reshape", ["q", "shq"], ["q4"]), N("Transpose", ["q4"], ["qh"], perm=[0, 2, 1, 3])]
-    if kt_input:
+    if packed:  # ViT-style: one qkv input [B,S,3*H*D] -> [B,S,3,H,D] -> (2,0,3,1,4) -> q/k/v
+        assert T == S and Dv == D
+        inputs = [helper.make_tensor_value_info("qkv", F, [B, S, 3 * H * D])]
+        const("sh5", np.array([B, S, 3, H, D], np.int64))
+        nodes += [N("Reshape", ["qkv", "sh5"], ["qkv5"]), N("Transpose", ["qkv5"], ["qkvt"], perm=[2, 0, 3, 1, 4])]
+        if packed == "gather":
+            for i, n in enumerate(("qh", "kh", "vh")):
+                nodes.append(N("Gather", ["qkvt", const(f"i{i}", np.array(i, np.int64))], [n], axis=0))
+        else:  # unbind(0): Split + Squeeze
+            nodes.append(N("Split", ["qkvt", const("parts", np.array([1, 1, 1], np.int64))], ["p0", "p1", "p2"], axis=0))
+            const("ax0", np.array([0], np.int64))
+            for i, n in enumerate(("qh", "kh", "vh")):
+                nodes.append(N("Squeeze", [f"p{i}", "ax0"], [n]))
+        nodes.append(N("Transpose", ["kh"], ["kt"], perm=[0, 1, 3, 2]))
+    else:
+        inputs = [helper.make_tensor_value_info("q", F, [B, S, H * D])]
+        const("shq", np.array([B, S, H, D], np.int64))
+        nodes += [N("Reshape", ["q", "shq"], ["q4"]), N("Transpose", ["q4"], ["qh"], perm=[0, 2, 1, 3])]
+    if packed:
+        pass
+    elif kt_input:
         inputs.append(helper.make_tensor_value_info("kt", F, [B, H, D, T]))
     else:
         inputs.append(helper.make_tensor_value_info("k", F, [B, T, H * D]))
@@ -49,9 +68,10 @@ def attention_model(B=1, S=16, H=2, D=16, T=None, Dv=None, mask="b11t", causal=F
             nodes += [N("Transpose", ["k4"], ["kh"], perm=[0, 2, 1, 3]), N("Transpose", ["kh"], ["kt"], perm=[0, 1, 3, 2])]
         else:
             nodes.append(N("Transpose", ["k4"], ["kt"], perm=[0, 2, 3, 1]))
-    inputs.append(helper.make_tensor_value_info("v", F, [B, T, H * Dv]))
-    const("shv", np.array([B, T, H, Dv], np.int64))
-    nodes += [N("Reshape", ["v", "shv"], ["v4"]), N("Transpose", ["v4"], ["vh"], perm=[0, 2, 1, 3])]
+    if not packed:
+        inputs.append(helper.make_tensor_value_info("v", F, [B, T, H * Dv]))
+        const("shv", np.array([B, T, H, Dv], np.int64))
+        nodes += [N("Reshape", ["v", "shv"], ["v4"]), N("Transpose", ["v4"], ["vh"], perm=[0, 2, 1, 3])]
     qin = "qh"
     if scale_on == "q":
         const("qscale", np.array(1.0 / np.sqrt(D), np.float32))
@@ -113,6 +133,8 @@ CASES = {
     "no_mask_no_merge": dict(mask=None, merge=False),
     "kt_input": dict(kt_input=True),
     "dv_differs": dict(Dv=32),
+    "packed_gather": dict(packed="gather", mask=None),
+    "packed_split": dict(packed="split", B=2),
 }
 
 
@@ -188,3 +210,20 @@ def test_constant_over_scores_stays_unfused():
 """
     m = parse(text)
     assert not fuse_attention.run(m)
+
+
+def test_packed_transpose_used_outside_is_not_absorbed(rng):
+    """The packed q/k/v Transpose is also a graph output: the group reads the picked q/k/v as
+    they are (the Transpose and the Gathers stay outside), and still fuses."""
+    model = attention_model(packed="gather", mask=None)
+    model.graph.output.append(helper.make_tensor_value_info("qkvt", F, [3, 1, 2, 16, 16]))
+    mod = import_model(model)
+    Pipeline(PRE, verify_each=True).run(mod)
+    feed = attention_feed(mod, rng)
+    before = Interpreter(mod).run(feed)
+    assert fuse_attention.run(mod)
+    names = [op.name for op in mod.main.ops if op.name != "const"]
+    assert names.count("fused") == 1 and names.count("Gather") == 3 and "Transpose" in names
+    after = Interpreter(mod).run(feed)
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
