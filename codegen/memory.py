@@ -432,6 +432,91 @@ def plan_memory(plan, inplace: bool = True) -> None:
 SLOT_ALIGN = 16  # bytes: kernels store outputs with vector stores of up to 16 bytes
 
 
+# ops whose CUDA lowering is a view of operand 0 (codegen/kernels/movement.py _view): in the IR-level
+# estimate they extend their operand's life instead of holding bytes of their own
+VIEW_OPS = ("Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
+# how far a zero-copy Concat may push the IR-level live-bytes estimate past its original peak. The
+# estimate is coarse (no fusion, no in-place) and a Concat refused half-way leaves a long-lived
+# partial chain that fragments the arena: light_densenet121 fp16 refuses its first dense block's
+# last Concat at 1.03 (arena 4616192 B over a peak of 3813376: 1.21) and takes it at 1.06 (arena =
+# peak = 3813376, no concat copy left; 3612672 without zero-copy), while light_shufflenet's
+# memory-scheduled order (a shortcut made long before its Concat) needs the refusal either way
+SLOT_PEAK_SLACK = 1.06
+MAX_SLOT_SPAN = 4096  # ops between a Concat and its earliest slot producer: beyond, no zero-copy (linear time)
+
+
+class _LiveProfile:
+    """Bytes live at each top-level op of `func` (a value from its producer to its last reader,
+    operands and results of an op live at it; returned values to the end; arguments, consts and
+    values computed at load cost nothing; a view holds its root), with the intervals of the arena roots it assumes: the IR-level estimate that
+    concat_slots uses to keep a zero-copy Concat from raising the bytes live anywhere."""
+
+    def __init__(self, func, skip: set):
+        import math
+        from ..ir.rewrite import used_values
+        ops = func.ops
+        self.n = len(ops)
+        self.at: dict[int, int] = {}
+        last: dict[int, int] = {}
+        root: dict[int, int] = {}  # a view op's result -> the value whose buffer it views
+        for t, op in enumerate(ops):
+            for r in op.results:
+                self.at[id(r)] = t
+            if op.name in VIEW_OPS and op.operands and op.operands[0] is not None:
+                root[id(op.results[0])] = root.get(id(op.operands[0]), id(op.operands[0]))
+            reads = {id(v) for v in op.operands if v is not None}
+            for _, sub in op.regions():
+                reads |= used_values(sub)
+            for i in reads:
+                last[root.get(i, i)] = t
+        for v in func.results:
+            last[root.get(id(v), id(v))] = self.n - 1
+        diff = [0] * (self.n + 1)
+        self.span: dict[int, list] = {}  # root value id -> [first, last, bytes]
+        for t, op in enumerate(ops):
+            if op.name == "const":
+                continue
+            for r in op.results:
+                if id(r) in root or id(r) in skip:  # a view, or computed at load (persistent)
+                    continue
+                sh = r.type.shape
+                b = math.prod(sh) * r.type.dtype.np.itemsize if sh is not None and all(isinstance(d, int) for d in sh) else 0
+                self.span[id(r)] = [t, last.get(id(r), t), b]
+                diff[t] += b
+                diff[last.get(id(r), t) + 1] -= b
+        self.live = []
+        cur = 0
+        for t in range(self.n):
+            cur += diff[t]
+            self.live.append(cur)
+        self.peak = max(self.live, default=0)  # the original order's peak: no merge may exceed it
+
+    def try_merge(self, c, xs) -> bool:
+        """Makes the values `xs` slots of Concat result `c` (one arena root) unless that makes the
+        bytes live at some op exceed the peak (the arena's lower bound); returns whether it did."""
+        roots = [self.span.get(id(v)) for v in [c] + list(xs)]
+        if any(r is None for r in roots):
+            return False
+        lo, hi = min(r[0] for r in roots), max(r[1] for r in roots)
+        if hi - lo > MAX_SLOT_SPAN:
+            return False
+        delta = [0] * (hi - lo + 1)
+        for f, l, b in roots:
+            for t in range(f, l + 1):
+                delta[t - lo] -= b
+        cb = roots[0][2]
+        for t in range(lo, hi + 1):
+            delta[t - lo] += cb
+        if max(self.live[t] + delta[t - lo] for t in range(lo, hi + 1)) > self.peak * SLOT_PEAK_SLACK:
+            return False
+        for t in range(lo, hi + 1):
+            self.live[t] += delta[t - lo]
+        for v in xs:
+            del self.span[id(v)]
+        self.span[id(c)] = [lo, hi, cb]
+        return True
+
+
 def concat_slots(func, skip: set, outputs: set) -> dict:
     """Zero-copy Concat: id(input Value) -> (the Concat's result Value, byte offset of its slot),
     for the inputs whose producer can write straight into the Concat's output (codegen/lower.py
@@ -444,15 +529,20 @@ def concat_slots(func, skip: set, outputs: set) -> dict:
     function result and not in `skip`, it is no slot of an earlier Concat, and its slot starts
     SLOT_ALIGN-aligned. Other readers of an input are fine: an SSA value is written once, by its
     producer, so reading it where it lies in the Concat's output is reading it (DenseNet's chain
-    Concat(Concat(a, b), c) puts a whole dense block in one buffer). The arena needs
-    nothing more: liveness is per root, so the Concat's output is live from its first producer on
-    and the overlap checker sees it as one buffer."""
+    Concat(Concat(a, b), c) puts a whole dense block in one buffer).
+    The Concat's output is then live from its first slot's producer on (liveness is per root), so
+    slots are taken only where the IR-level live bytes (_LiveProfile) stay within their peak: all of a
+    Concat's candidates, else without the earliest-produced ones in turn (light_shufflenet's
+    shortcut branch, made long before the Concat, would otherwise keep the whole output live
+    across the other branch). The arena needs nothing more: the overlap checker sees one buffer
+    per outermost Concat, check_slot_views the slots inside it."""
     import math
+    prof = None
+    out: dict = {}
 
     def static(v):
         s = v.type.shape
         return s is not None and all(isinstance(d, int) for d in s)
-    out: dict = {}
     for op in func.ops:
         if op.name != "Concat" or len(op.results) != 1:
             continue
@@ -466,6 +556,7 @@ def concat_slots(func, skip: set, outputs: set) -> dict:
             continue
         inner = math.prod(y.type.shape[axis + 1:]) * y.type.dtype.np.itemsize
         off = 0
+        cands = []
         for x in op.operands:
             if x is None or not static(x):
                 break
@@ -474,8 +565,17 @@ def concat_slots(func, skip: set, outputs: set) -> dict:
             if (p is not None and p.name != "const" and id(x) not in outputs and id(x) not in skip
                     and id(x) not in out and sum(v is x for v in op.operands) == 1
                     and off * inner % SLOT_ALIGN == 0 and n):
-                out[id(x)] = (y, off * inner)
+                cands.append((x, off * inner))
             off += n
+        if not cands:
+            continue
+        if prof is None:
+            prof = _LiveProfile(func, skip)
+        cands.sort(key=lambda c: prof.at.get(id(c[0]), 0))  # earliest producer first
+        for k in range(min(len(cands), 4)):  # drop the earliest ones in turn (bounded tries)
+            if prof.try_merge(y, [x for x, _ in cands[k:]]):
+                out.update((id(x), (y, o)) for x, o in cands[k:])
+                break
     return out
 
 
