@@ -8,7 +8,8 @@ Rewrites, per region, groups of two or more "members" reading the same value x:
       W  = const [G, 1.., K, N]                      (stacked at compile time)
       Y  = MatMul(Unsqueeze(x, 0) [1, *b, M, K], W) -> [G, *b, M, N]   (A broadcast: batch stride 0)
       Y' = Add(Y, bias [G, 1.., 1, N])               (when every member has a per-column bias:
-                                                      its own Gemm C, or an Add of a constant)
+                                                      its own Gemm C, or an Add of a constant;
+                                                      bias [N] when all members' are equal)
       member i = Squeeze(Slice(Y', i:i+1, axis 0), 0)
   The outermost-axis slices are contiguous, so the CUDA backend lowers Slice and Squeeze as views
   (codegen/kernels/movement.py): one batched GEMM, no copies.
@@ -18,7 +19,9 @@ Rewrites, per region, groups of two or more "members" reading the same value x:
 After the bias, a unary activation that every member applies to its result alone (the same op,
 attributes and constant extra operands: ACTIVATIONS) is hoisted onto the fused result, so the
 fused op keeps the epilogue the members had (fuse-epilogue puts a Conv's bias + Relu into the
-conv's kernel, a MatMul's per-column bias into the GEMM's). Members are partitioned by their
+conv's kernel, a MatMul's per-column bias into the GEMM's; a bias that differs per member,
+[G, 1.., 1, N], is not an epilogue the GEMM kernels take yet: it stays one elementwise Add over the
+fused result, G GEMM launches -> 2). Members are partitioned by their
 chain (bias or not, activations) and each partition of two or more is fused.
 
 Must hold: static shapes; every chain intermediate has one user and is no region result, so the
@@ -265,6 +268,8 @@ class _Horizontal:
         y = b.create("MatMul", [xu, wv], names=[f"{hint}_h"], loc=loc)[0]
         if ms[0].bias is not None:
             bias = np.stack([m.bias for m in ms]).reshape((G,) + (1,) * (nb + 1) + (N,)).astype(w.dtype)
+            if all(np.array_equal(m.bias, ms[0].bias) for m in ms):  # one per-column bias: the GEMM
+                bias = np.ascontiguousarray(bias[0].reshape(N))      # epilogue takes it (fuse-epilogue)
             bv = b.constant(np.ascontiguousarray(bias), f"{hint}_hb", loc, weight_hint=f"{hint}_hb")
             y = b.create("Add", [y, bv], names=[f"{hint}_hbias"], loc=loc)[0]
         y = self._tail(ms, y, b, loc)

@@ -26,9 +26,10 @@ def _mk(nodes, inputs, outputs, inits):
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
 
 
-def qkv_model(S=32, D=64, heads=4):
+def qkv_model(S=32, D=64, heads=4, equal_bias=False):
     """BERT's self-attention as transformers exports it: Add(bias, MatMul(x, W)) for Q, K, V, then
-    Reshape/Transpose into heads, softmax(Q K^T / sqrt(d)) V, and the output projection."""
+    Reshape/Transpose into heads, softmax(Q K^T / sqrt(d)) V, and the output projection.
+    equal_bias: the three biases equal (e.g. all zero)."""
     r = np.random.default_rng(7)
     w = lambda *s: (r.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)
     dh = D // heads
@@ -36,7 +37,8 @@ def qkv_model(S=32, D=64, heads=4):
     nodes, inits = [], [("hs", np.array([1, S, heads, dh], np.int64)), ("os", np.array([1, S, D], np.int64)),
                         ("sc", np.array(1 / np.sqrt(dh), np.float32)), ("wo", w(D, D))]
     for p in "qkv":
-        inits += [(f"w{p}", w(D, D)), (f"b{p}", r.standard_normal(D).astype(np.float32))]
+        inits += [(f"w{p}", w(D, D)), (f"b{p}", np.full(D, 0.5, np.float32) if equal_bias else
+                                        r.standard_normal(D).astype(np.float32))]
         nodes += [N("MatMul", ["x", f"w{p}"], [f"{p}m"]), N("Add", [f"b{p}", f"{p}m"], [f"{p}a"]),
                   N("Reshape", [f"{p}a", "hs"], [f"{p}r"])]
     nodes += [N("Transpose", ["qr"], ["qt"], perm=[0, 2, 1, 3]), N("Transpose", ["kr"], ["kt"], perm=[0, 2, 3, 1]),
@@ -120,6 +122,20 @@ def test_qkv_plan_is_one_batched_gemm_and_views():
             if getattr(b, "alias_of", None) is not None and b.numel == 32 * 64:
                 roots.setdefault(b.alias_of, set()).add(b.alias_offset)
     assert {0, 32 * 64 * 2, 2 * 32 * 64 * 2} in list(roots.values()), roots
+
+
+def test_qkv_plan_differing_biases_one_add_equal_biases_epilogue():
+    """Distinct per-member biases ([3,1,1,N]) are one elementwise Add after the batched GEMM (the
+    GEMM epilogue takes per-column biases only); equal ones are the GEMM's epilogue bias."""
+    _, plan = _plan(qkv_model)
+    adds = [l for l in plan.launches if l.kernel and "_ew_add" in l.kernel]
+    assert len(adds) == 1 and adds[0].args[0].numel == 3 * 32 * 64
+    _, plan = _plan(lambda: qkv_model(equal_bias=True))
+    _, base = _plan(lambda: qkv_model(equal_bias=True), drop=("fuse-horizontal",))
+    assert not any(l.kernel and "_ew_" in l.kernel and "cast" not in l.kernel for l in plan.launches)
+    qkv = [l for l in plan.launches if l.kernel and "gemm" in l.kernel and l.grid[2] == 3]
+    assert len(qkv) == 1 and any(getattr(a, "numel", 0) == 64 and a.dtype.short == "f32" for a in qkv[0].args)
+    assert len(plan.launches) == len(base.launches) - 2
 
 
 def test_inception_plan_is_one_conv_and_channel_views():
