@@ -320,8 +320,9 @@ def _dim3(x) -> tuple:
 @dataclass(frozen=True)
 class TensorInfo:
     """An operand as applies() may know it without creating its buffer: the existing Buffer's
-    facts, or (a constant or result not made yet: a root, so offset 0) its type's. Has the
-    attributes of a Buffer the families' checks read (dtype, shape, numel, alias_of, alias_offset)."""
+    facts, or (a constant or result not made yet: a root, so offset 0; a zero-copy Concat slot: a
+    view at its offset, alias_of -1 while the root is not made) its type's. Has the attributes of
+    a Buffer the families' checks read (dtype, shape, numel, alias_of, alias_offset)."""
     dtype: object
     shape: tuple
     alias_of: Optional[int] = None
@@ -363,6 +364,11 @@ class Problem:
         b = self.L.values.get(id(v))
         if b is not None:
             return TensorInfo(b.dtype, tuple(b.shape), b.alias_of, b.alias_offset)
+        slot = getattr(self.L, "concat_slots", {}).get(id(v))
+        if slot is not None:  # will be a view into its Concat's output (result_buffer)
+            root = self.info(slot[0])
+            return TensorInfo(v.type.dtype, self.L.static_shape(v) or (), -1 if root.alias_of is None else root.alias_of,
+                              root.alias_offset + slot[1])
         return TensorInfo(v.type.dtype, self.L.static_shape(v) or ())
 
     def tensor(self, i: int) -> Optional[TensorInfo]:
