@@ -137,11 +137,12 @@ def test_heuristic_gemm_params_are_the_family_default():
 def test_small_fp32_matmul_keeps_the_fallback_large_takes_ffma():
     small = lower(_module(_matmul(64, 64, 64)), _opts())
     assert _kernels_by_variant(small) == [("matmul_fallback.cu.j2", "linalg.matmul")]
-    sel = [s for s in small.selections if s.op.endswith("MatMul(%x: f32[64,64], %w: f32[64,64])")] or small.selections
-    assert sel[-1].candidates == ("linalg.matmul",)  # gemm.matmul does not apply (F32_MIN_CTAS)
+    (sel,) = small.selections
+    assert "MatMul(" in sel.op and sel.candidates == ("linalg.matmul",)  # gemm.matmul does not apply (F32_MIN_CTAS)
     big = lower(_module(_matmul(2048, 512, 2048)), _opts())
     assert _kernels_by_variant(big) == [("gemm_f32.cu.j2", "gemm.matmul")]
-    assert big.selections[-1].candidates == ("gemm.matmul", "linalg.matmul")
+    (sel,) = big.selections
+    assert sel.candidates == ("gemm.matmul", "linalg.matmul") and sel.variant == "gemm.matmul"
 
 
 def test_gemm_applies_explains_why_not():
