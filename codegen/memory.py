@@ -451,10 +451,9 @@ class _LiveProfile:
     values computed at load cost nothing; a view holds its root), with the intervals of the arena roots it assumes: the IR-level estimate that
     concat_slots uses to keep a zero-copy Concat from raising the bytes live anywhere."""
 
-    def __init__(self, func, skip: set):
+    def __init__(self, func, skip: set, ops: list):
         import math
         from ..ir.rewrite import used_values
-        ops = func.ops
         self.n = len(ops)
         self.at: dict[int, int] = {}
         last: dict[int, int] = {}
@@ -517,6 +516,36 @@ class _LiveProfile:
         return True
 
 
+class _FlatOp:
+    """An op of a `fused` body seen from the function: operands and results are the Values the
+    lowering canonicalises them to (Lowerer.canon: a body argument is its operand, a body result
+    the fused op's result), so a Concat inside a fused group lowered op by op (codegen/kernels/
+    fused.py) gets the same slots as unfused."""
+
+    def __init__(self, op, canon):
+        self.name, self.attrs = op.name, op.attrs
+        self.operands = [None if v is None else canon(v) for v in op.operands]
+        self.results = [canon(r) for r in op.results]
+
+    @staticmethod
+    def regions():
+        return []
+
+
+def flat_ops(func, skip: set) -> list:
+    """func's top-level ops with each `fused` op (not computed at load) replaced by its body's ops."""
+    out = []
+    for op in func.ops:
+        if op.name != "fused" or any(id(r) in skip for r in op.results):
+            out.append(op)
+            continue
+        body = op.attrs.body
+        eq = {id(a): v for a, v in zip(body.args, op.operands)}
+        eq.update((id(r), v) for r, v in zip(body.results, op.results))
+        out.extend(_FlatOp(b, lambda v: eq.get(id(v), v)) for b in body.ops if b.name != "const")
+    return out
+
+
 def concat_slots(func, skip: set, outputs: set) -> dict:
     """Zero-copy Concat: id(input Value) -> (the Concat's result Value, byte offset of its slot),
     for the inputs whose producer can write straight into the Concat's output (codegen/lower.py
@@ -539,11 +568,12 @@ def concat_slots(func, skip: set, outputs: set) -> dict:
     import math
     prof = None
     out: dict = {}
+    ops = flat_ops(func, skip)
 
     def static(v):
         s = v.type.shape
         return s is not None and all(isinstance(d, int) for d in s)
-    for op in func.ops:
+    for op in ops:
         if op.name != "Concat" or len(op.results) != 1:
             continue
         y = op.results[0]
@@ -570,7 +600,7 @@ def concat_slots(func, skip: set, outputs: set) -> dict:
         if not cands:
             continue
         if prof is None:
-            prof = _LiveProfile(func, skip)
+            prof = _LiveProfile(func, skip, ops)
         cands.sort(key=lambda c: prof.at.get(id(c[0]), 0))  # earliest producer first
         for k in range(min(len(cands), 4)):  # drop the earliest ones in turn (bounded tries)
             if prof.try_merge(y, [x for x, _ in cands[k:]]):
