@@ -83,16 +83,35 @@ def build(path: Path, name: str, batch: int, prec: str, fuse: bool) -> tuple[Pat
     return od, time.time() - t0
 
 
+def torch_fp16_error(mod, feeds, x, ref) -> float:
+    """rel-L2 of torch's own fp16 run (eager, CUDA) against the fp32 reference: what fp16 storage
+    costs on this model with these random weights, the yardstick for nnc's fp16 error."""
+    import copy
+
+    import torch
+    try:
+        tm = copy.deepcopy(mod).to("cuda").half()
+        ti = [torch.from_numpy(x[k]).to("cuda") for k in feeds]
+        ti = [t.half() if t.is_floating_point() else t for t in ti]
+        with torch.no_grad():
+            out = tm(*ti)
+        return rel_err(out.float().cpu().numpy(), ref)
+    except Exception as e:  # the yardstick is optional, the check is not
+        print(f"torch fp16 run failed: {type(e).__name__}: {e}", flush=True)
+        return float("nan")
+
+
 def part_check(models, batches):
     import onnxruntime as ort
     import nnc
     for name in models:
         for batch in batches:
             try:
-                path, feeds, _, _ = export(name, batch)
+                path, feeds, mod, _ = export(name, batch)
                 sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
                 x = fresh_inputs(feeds)
                 ref = sess.run(None, x)[0]
+                torch_fp16 = torch_fp16_error(mod, feeds, x, ref)  # how fp16 itself does on this model
                 for prec, tol, fuse in (("fp32", 1e-3, True), ("fp16", 1e-2, True), ("fp16", 1e-2, False)):
                     build_name = f"{prec}{'' if fuse else ' unfused'}"
                     try:
@@ -102,7 +121,7 @@ def part_check(models, batches):
                         e = rel_err(got, ref)
                         row(part="check", model=name, batch=batch, build=build_name, ok=e <= tol, rel=e,
                             launches=len(m.plan.get("launches", [])), compile_s=round(tc, 1),
-                            max_abs_ref=float(np.abs(ref).max()))
+                            max_abs_ref=float(np.abs(ref).max()), torch_fp16_rel=torch_fp16)
                     except Exception as e:
                         row(part="check", model=name, batch=batch, build=build_name, ok=False,
                             error=f"{type(e).__name__}: {str(e)[:300]}")
@@ -168,7 +187,8 @@ def table():
     print("\n==== summary ====")
     for r in ROWS:
         if r["part"] == "check":
-            extra = (f"rel {r['rel']:.2e}, {r['launches']} launches, compile {r['compile_s']}s"
+            extra = (f"rel {r['rel']:.2e} (torch fp16 {r.get('torch_fp16_rel', float('nan')):.2e}), "
+                     f"{r['launches']} launches, compile {r['compile_s']}s"
                      if "rel" in r else r.get("error", ""))
             print(f"check | {r['model']} b{r['batch']} {r['build']} | {'ok' if r['ok'] else 'FAIL'} | {extra}")
         else:
