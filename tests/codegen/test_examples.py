@@ -43,9 +43,20 @@ def test_example_matches_onnxruntime(name, prec, tmp_path, rng):
     inp, shape = EXAMPLES[name]
     m = nnc.load(tmp_path)
     sess = ort.InferenceSession(str(ROOT / "examples" / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+    interp = nnc.load(tmp_path, backend="reference") if prec == "bf16" else None
     for _ in range(2):  # two fresh inputs: a result that only matches once is a race
         x = rng.standard_normal(shape).astype(np.float32)
         ref = sess.run(None, {inp: x})[0]
         got = m.run({inp: x}, output="numpy", poison=True)[m.output_names[0]]
-        c = compare(m.output_names[0], got, ref, PRECISIONS[prec], None)
+        if interp is not None:
+            # bf16 (8 mantissa bits) over tiny_lstm's 2 x 8 recurrent steps can exceed 1e-2 against
+            # fp32 by itself: the reference interpreter running the same bf16 IR does (1.01e-2 for
+            # one seed). So the kernels are held to the bf16 interpreter at 1e-2, and to fp32
+            # onnxruntime at what bf16 storage allows (3e-2).
+            want = interp.run({inp: x}, output="numpy")[m.output_names[0]]
+            c = compare(m.output_names[0], got, want, PRECISIONS[prec], None)
+            assert c.passed and c.nonfinite == 0, f"{name} {prec} vs the bf16 interpreter: {c}"
+            c = compare(m.output_names[0], got, ref, 3e-2, None)
+        else:
+            c = compare(m.output_names[0], got, ref, PRECISIONS[prec], None)
         assert c.passed and c.nonfinite == 0, f"{name} {prec}: {c}"
