@@ -24,7 +24,9 @@ Per-layer mapping, ONNX tensor -> IR value of the final IR (explicit, in this or
    name, the same list after the passes as after import (passes that rebuild ops, e.g. to-fp16,
    keep locs): the same result of the same op;
 3. name: a final value carries the importer's name for it (fold-constants keeps names).
-A candidate must have the tensor's static shape and dtype class, else it is not used. A tensor
+A candidate must have the tensor's static shape and dtype class, else it is not used; a
+candidate laid out differently (its `relayout` perm, set by assign-layout on NHWC results) must
+have the shape transposed by it and is compared transposed back (TensorCheck.perm). A tensor
 that maps to a constant is reported "folded", one computed inside a `fused` op's body "inside a
 fused group" (the group is compared at its boundary: its results), one with no candidate "fused
 or removed"; none of these is compared. IR values created by passes that have no ONNX tensor (casts, decompositions) are
@@ -38,6 +40,7 @@ others). Symbolic dims must be bound by `shapes` or by the given inputs' shapes.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from dataclasses import dataclass
@@ -75,6 +78,7 @@ class TensorCheck:
     atol: float  # the absolute tolerance actually used
     passed: bool
     note: str = ""  # why it failed when the numbers do not say (shape or dtype mismatch)
+    perm: tuple = ()  # the IR value is the tensor transposed by perm (module.layouts: NHWC); compared transposed back
 
 
 @dataclass(frozen=True)
@@ -341,22 +345,34 @@ def _snapshot(model, module, tmap: dict) -> list:
     return out
 
 
-def _fits(rec: _Tensor, v) -> bool:
-    """A final-IR candidate must have the tensor's static shape and dtype class."""
+def _fits(rec: _Tensor, v, perm: tuple = ()) -> bool:
+    """A final-IR candidate must have the tensor's static shape (transposed by perm when the
+    value is laid out so) and dtype class."""
     t = v.type
     if (t.dtype.kind == "float") != (rec.dtype.kind == "float"):
         return False
     if t.dtype.kind != "float" and t.dtype != rec.dtype:
         return False
     if rec.shape is not None and t.shape is not None and all(isinstance(d, int) for d in rec.shape):
-        return tuple(t.shape) == tuple(rec.shape)
+        want = tuple(rec.shape[p] for p in perm) if perm and len(perm) == len(rec.shape) else tuple(rec.shape)
+        return tuple(t.shape) == want and (not perm or len(perm) == len(rec.shape))
     return True
+
+
+def _inverse(perm: tuple) -> tuple:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
 
 
 def map_tensors(snapshot: list, func, inside_fused: bool = False) -> dict:
     """ONNX tensor name -> (final IR Value or None, reason when None) for each recorded tensor.
     inside_fused: values inside `fused` bodies map too (by origin: the reference interpreter runs
-    the body op by op and sees them); else a group is compared at its boundary, its results."""
+    the body op by op and sees them); else a group is compared at its boundary, its results.
+    A candidate with a `relayout` perm (assign-layout's NHWC result of a conv, pool or
+    elementwise op standing for its node's NCHW tensor) must have the tensor's shape transposed
+    by it, and is compared transposed back."""
     defined = {}
     for op in func.ops:
         for r in op.results:
@@ -394,7 +410,7 @@ def map_tensors(snapshot: list, func, inside_fused: bool = False) -> dict:
                 g = group_result.get((rec.loc_key, rec.origin_ops[k], j))
                 if g is not None:
                     cands.append(g)
-        v = next((c for c in cands if _fits(rec, c)), None)
+        v = next((c for c in cands if _fits(rec, c, c.relayout)), None)
         if v is None:
             out[rec.name] = (None, "inside a fused group" if rec.loc_key in in_fused else "fused or removed")
         elif id(v) in args:
@@ -578,8 +594,11 @@ def verify_model(model, shapes="", precision: str = "fp32", backend: str = "refe
             v = mapping[t][0]
             rec = recs[t]
             if id(v) in seen:
-                layers.append(compare(t, seen[id(v)], ref[t], rtol, atol, ir_name=v.name, node=rec.node or rec.loc_key,
-                                      op_type=rec.op_type))
+                perm = tuple(v.relayout)
+                got_t = np.transpose(np.asarray(seen[id(v)]), _inverse(perm)) if perm else seen[id(v)]
+                c = compare(t, got_t, ref[t], rtol, atol, ir_name=v.name, node=rec.node or rec.loc_key,
+                            op_type=rec.op_type)
+                layers.append(dataclasses.replace(c, perm=perm) if perm else c)
             else:  # an op inside a region that never ran, say
                 skipped.append(NotCompared(t, rec.node or rec.loc_key, rec.op_type, "not computed at run time"))
             task.advance()

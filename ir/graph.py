@@ -33,6 +33,11 @@ class Value:
     name: str
     type: TensorType
     producer: Optional["Op"] = field(default=None, repr=False)
+    # set by a layout pass (assign-layout) on a value laid out differently from the value it stands
+    # for: this value == Transpose(that value, relayout), e.g. an NHWC conv's result: (0, 2, 3, 1).
+    # No effect on types or semantics and not printed; copies (outlining) keep it; `nnc verify
+    # --per-layer` reads it to compare the value with its ONNX tensor transposed back
+    relayout: tuple = field(default=(), repr=False)
 
     def __repr__(self) -> str:
         return f"%{self.name}: {self.type}"

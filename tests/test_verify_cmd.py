@@ -106,6 +106,48 @@ def test_examples_low_precision(name, prec):
     assert rep.layers and all(c.dtype == ("float16" if prec == "fp16" else "bfloat16")
                               for c in rep.layers if c.name not in _outputs(path))
     assert rep.unmapped_ir_values >= 2  # the entry and exit casts the precision pass adds
+    # every compared layer, not only the outputs (an NHWC value compared as NCHW failed here unseen)
+    assert rep.first_failure is None, format_text(rep)
+
+
+# tiny_cnn's activations after the stem conv, laid out NHWC by assign-layout at fp16/bf16
+NHWC_TENSORS = {"stem.r", "pool", "block.a.r", "res", "res.r", "down.r"}
+
+
+@pytest.mark.parametrize("prec", ["fp16", "bf16"])
+def test_per_layer_compares_nhwc_values_transposed_back(prec):
+    """assign-layout's NHWC results stand for their nodes' NCHW tensors (same loc and op): per-layer
+    verify compares them transposed back (TensorCheck.perm) and they pass. At 32x32 the pooled
+    [2,16,16,16] is the same shape in either layout, so only the relayout mark tells them apart;
+    the others ([2,16,32,32], [2,32,8,8]) used to be skipped as 'fused or removed'."""
+    pre = prepare(CNN, "input:2x3x32x32", prec, per_layer=True)
+    assert any(getattr(op.attrs, "layout", "") == "NHWC" for op in pre.module.main.walk()), \
+        "assign-layout did not run: this test checks its NHWC values"
+    rep = verify_model(CNN, shapes="input:2x3x32x32", precision=prec, per_layer=True)
+    got = {c.name: c for c in rep.layers}
+    assert NHWC_TENSORS <= set(got), format_text(rep)
+    for t in NHWC_TENSORS:
+        assert got[t].perm == (0, 2, 3, 1) and got[t].passed and got[t].rel_l2 < 1e-2, got[t]
+        assert list(got[t].shape) == [int(d) for d in {"stem.r": (2, 16, 32, 32), "down.r": (2, 32, 8, 8)}
+                                      .get(t, (2, 16, 16, 16))]  # reported in the ONNX (NCHW) layout
+    assert rep.first_failure is None, format_text(rep)
+    # at fp32 nothing is relaid: the same tensors are compared as they are
+    rep32 = verify_model(CNN, shapes="input:2x3x32x32", per_layer=True)
+    assert all(c.perm == () and c.passed for c in rep32.layers)
+
+
+def test_relaid_value_without_its_mark_is_caught():
+    """The mark is what makes the comparison right: the NHWC pooled value compared as if NCHW
+    (the bug the GPU run found) fails by a wide margin, so a lost mark cannot pass unseen."""
+    from nnc.accuracy import _inverse
+    pre = prepare(CNN, "input:2x3x32x32", "fp16", per_layer=True)
+    v = pre.mapping["pool"][0]
+    assert v is not None and v.relayout == (0, 2, 3, 1) and tuple(v.type.shape) == (2, 16, 16, 16)
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((2, 16, 16, 16)).astype(np.float32)
+    nhwc = np.transpose(ref, v.relayout)
+    assert compare("pool", np.transpose(nhwc, _inverse(v.relayout)), ref, 1e-2, None).passed
+    assert not compare("pool", nhwc, ref, 1e-2, None).passed
 
 
 # ----------------------------------------------------------------------------- broken layers
@@ -336,6 +378,8 @@ def test_cuda_backend_tiny_cnn(prec, capsys):
     assert rep.passed, format_text(rep)
     n_watched = len(prepare(CNN, "input:2x3x32x32", prec, per_layer=True).watch)
     assert len(rep.layers) == n_watched >= 5 and all(c.passed for c in rep.layers), format_text(rep)
+    if prec == "fp16":  # assign-layout's NHWC buffers, read back and compared transposed
+        assert NHWC_TENSORS & {c.name for c in rep.layers if c.perm == (0, 2, 3, 1)}, format_text(rep)
     assert 0 < rep.outputs[0].rel_l2 < rep.rtol
     rc, out, _ = _cli(capsys, CNN, "--shapes", "input:2x3x32x32", "--backend", "cuda")
     assert rc == 0 and "cuda backend" in out

@@ -30,6 +30,10 @@ longer read. An NHWC form of a value that has none is a Transpose(x, [0,2,3,1]) 
 user (and shared by the later ones): what is left are transposes at the
 model's edges (after the input, before Flatten/the classifier).
 
+Every NHWC form that stands for a rewritten op's result (same loc) gets `relayout = (0, 2, 3, 1)`
+(ir/graph.py Value): `nnc verify --per-layer` maps an ONNX node's tensor to its op's result and
+transposes such a value back before comparing it (its shape may equal the NCHW one: [N,C,C,C]).
+
 Must hold: a verified module; run after fold-batchnorm (BN folded into the NCHW weights first) and
 after the precision passes (eligibility reads the dtype), before fuse-epilogue (the NHWC conv's
 bias/residual/activation then fuse into its NHWC epilogue; bias is per channel = per column).
@@ -76,6 +80,7 @@ class _Assign:
         self.created: set[int] = set()        # ids of ops this pass added (removed again if unused)
         self.orphans: list[Value] = []        # weights of rewritten convs (removed if unused)
         self.changed = False
+        self.recorded: list[Value] = []  # NHWC forms given a relayout (cleared on restore)
         self.init = input_independent(func, DYNAMIC_OPS)  # ids of values computed from constants only
         self.saved = 0  # launches the rewrite saves: NCHW convs' layout kernels, cancelled transposes
         self.subst = Substitution()  # cancelled transposes: their result -> the value they restore
@@ -212,6 +217,10 @@ class _Assign:
     def _finish(self, op: Op, yn: Value, b: Builder):
         y = op.results[0]
         self.nhwc[id(y)] = yn
+        # yn stands for the node's result y (same loc, same op name but pools' globals): recorded so
+        # that `nnc verify --per-layer`, which maps a node's tensor to its op's result, transposes it back
+        yn.relayout = TO_NHWC
+        self.recorded.append(yn)
         self._define_as(b, y, yn, TO_NCHW, op.loc)
         self.changed = True
 
@@ -313,6 +322,8 @@ def run(module: Module) -> bool:
         a.sweep()
         if a.added() > a.saved:
             _restore(f, snap, results, ws, before)
+            for v in a.recorded:
+                v.relayout = ()
             continue
         a.drop_orphan_weights()
         changed = True

@@ -120,6 +120,40 @@ def test_interpreter_same_with_and_without_the_pass(name, rng):
             np.testing.assert_allclose(got[k].astype(np.float64), b, rtol=2e-3, atol=2e-3 * float(np.abs(b).max()))
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_relayout_marks_say_how_values_relate(name, rng):
+    """Each value the pass marks (Value.relayout, read by nnc verify --per-layer) holds the tensor
+    its op's node computes without the pass, transposed by the mark: checked on the interpreter's
+    values, matched by (node, op name, result index), bodies of fused groups included (the
+    Outliner's copies keep the mark). Unmarked results of those nodes keep the NCHW shape."""
+    before, after = _build(name, layout=False), _build(name)
+    feed = _feed(before, rng)
+
+    def values(m):
+        seen = {}
+
+        def observe(op, outs):
+            for i, (r, o) in enumerate(zip(op.results, outs)):
+                if op.name != "fused" and op.loc.node:
+                    seen.setdefault((op.loc.node, op.name, i), []).append((r, o))
+        Interpreter(m, observe=observe).run(feed)
+        return seen
+
+    want, got = values(before), values(after)
+    marked = 0
+    for key, rs in got.items():
+        for r, o in rs:
+            if not r.relayout or key not in want or len(want[key]) != 1:
+                continue
+            assert r.relayout == (0, 2, 3, 1)
+            b = want[key][0][1].astype(np.float64)
+            np.testing.assert_allclose(np.transpose(o, (0, 3, 1, 2)).astype(np.float64), b,
+                                       rtol=2e-3, atol=2e-3 * float(np.abs(b).max()) + 1e-6)
+            marked += 1
+    assert marked >= 4
+    assert all(not r.relayout for op in before.main.walk() for r in op.results)
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_plan_runs_exactly_in_its_arena(name, precision, rng):
