@@ -17,7 +17,8 @@ from typing import Any, Optional
 class Epilogue:
     bias: Optional[Any] = None      # Buffer [channels]: per output channel (conv: replaces the op's own
                                     # bias, which the fused lowering summed into it; GEMM: per column)
-    residual: Optional[Any] = None  # Buffer of the output's shape, added before the activation
+    residual: Optional[Any] = None  # Buffer of the output's shape (GEMM: or one broadcasting onto it),
+                                    # added before the activation
     act: str = "none"               # one of common.ACTIVATIONS
     act_params: tuple = ()          # (("alpha", a),) / (("lo", lo), ("hi", hi))
     alpha: float = 1.0              # GEMM: scale of the product

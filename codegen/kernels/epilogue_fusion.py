@@ -7,7 +7,9 @@
   beta) are summed at compile time (float64) into one per-channel weight (conv: the conv's dtype,
   the template reads it so; GEMM: fp32);
 - a scale step multiplies everything so far: alpha, the residual's beta and the bias;
-- the residual is bound to the kernel's C operand, the activation to its epilogue activation;
+- the residual is bound to the kernel's C operand (one that broadcasts onto the result, e.g.
+  fuse-horizontal's per-member bias [G, 1, 1, N], is read with zero strides along its broadcast
+  axes: gemm_lowering.c_strides), the activation to its epilogue activation;
 - a final Cast is the output buffer's dtype (the GEMM's out_dtype).
 
 The body is read back with the pass's own matcher (`fuse_epilogue.match_body`), so the pass and
@@ -147,7 +149,13 @@ def _gemm_epilogue_info(problem: Problem, g: _Group) -> Epilogue:
 
 
 def _epilogue_key(g: _Group) -> str:
-    return (f"|epilogue(bias={g.bias is not None},residual={g.residual is not None},act={g.act}"
+    # a residual broadcast onto the result (a per-batch bias) reads less than a full one: its shape
+    # is part of the key (a full one's key stays as it was)
+    bshape = ""
+    if g.residual is not None and tuple(g.residual.type.shape) != tuple(g.anchor.results[0].type.shape):
+        bshape = "x".join(map(str, g.residual.type.shape))
+        bshape = f"[{bshape}]"
+    return (f"|epilogue(bias={g.bias is not None},residual={g.residual is not None}{bshape},act={g.act}"
             f"{list(g.act_params)},alpha={g.alpha},beta={g.beta})")
 
 

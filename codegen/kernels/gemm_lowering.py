@@ -15,6 +15,7 @@ default: `gemm.default_params` (the heuristic). problem.extra: the Epilogue of a
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from ..lower import LowerCtx
@@ -98,11 +99,50 @@ def gemm_ok(problem: Optional[gemm.GemmProblem]) -> bool:
             and problem.M < 2 ** 31 and problem.N < 2 ** 31 and problem.K < 2 ** 31)
 
 
-def epilogue_fields(epi: Epilogue, dt: str, y: Buffer, N: int, stride_d=(0, 0)):
+def c_strides(c_shape, y_shape, M: int, N: int, batch=(1, 1)) -> Optional[tuple]:
+    """(ldc_m, ldc_n, (sC0, sC1)) that read a contiguous C of c_shape broadcast (numpy rules) onto
+    the GEMM result y_shape [*batch dims, M, N], whose nonunit batch dims the kernel runs as
+    z = z0 * B1 + z1 (batch = (B0, B1): B1 the product of the last ones, as matmul_problem merges
+    them); None when C does not broadcast onto y or a batch level would need two strides (a
+    broadcast and a real axis merged into one level).
+
+    An axis where C has extent 1 and y does not gets stride 0; the others keep C's contiguous
+    strides, so a C of y's own shape reads exactly like y."""
+    c_shape, y_shape = tuple(c_shape), tuple(y_shape)
+    r = len(y_shape)
+    if len(c_shape) > r or r < 2 or y_shape[-2:] != (M, N):
+        return None
+    cs = (1,) * (r - len(c_shape)) + c_shape
+    if any(c not in (1, d) for c, d in zip(cs, y_shape)):
+        return None
+    eff, acc = [0] * r, 1
+    for i in reversed(range(r)):
+        eff[i] = 0 if cs[i] == 1 and y_shape[i] != 1 else acc
+        acc *= cs[i]
+    dims = [i for i in range(r - 2) if y_shape[i] != 1]  # the batch axes the grid runs over
+    B0, B1 = batch
+    split, inner = len(dims), 1
+    while split > 0 and inner < B1:
+        split -= 1
+        inner *= y_shape[dims[split]]
+    if inner != B1 or math.prod(y_shape[i] for i in dims[:split]) != B0:
+        return None
+    level = []
+    for group in (dims[:split], dims[split:]):
+        # one level walks its axes as one flattened index: each axis' stride is the next one's
+        # times that one's extent (all zero: a broadcast level)
+        if any(eff[i] != eff[j] * y_shape[j] for i, j in zip(group, group[1:])):
+            return None
+        level.append(eff[group[-1]] if group else 0)
+    return eff[-2], eff[-1], tuple(level)
+
+
+def epilogue_fields(epi: Epilogue, dt: str, y: Buffer, M: int, N: int, stride_d=(0, 0), batch=(1, 1)):
     """(GemmProblem fields, buffer bindings) of a fused epilogue on a GEMM writing y contiguously
-    (ldd = N): y's dtype as the output dtype, the residual as C (y's shape), a per-column fp32
-    bias, the activation; None when the variant cannot take it (the f32 template stores fp32 only).
-    Empty for NONE, so an unfused op renders exactly the kernel it did before."""
+    (ldd = N): y's dtype as the output dtype, the residual as C (y's shape, or one that broadcasts
+    onto it: c_strides), a per-column fp32 bias, the activation; None when the variant cannot take
+    it (the f32 template stores fp32 only). Empty for NONE, so an unfused op renders exactly the
+    kernel it did before."""
     odt = kernel_dtype(y)
     if odt is None or (odt != dt and dt == "float32"):  # gemm_f32.cu.j2 stores fp32 only
         return None
@@ -110,9 +150,16 @@ def epilogue_fields(epi: Epilogue, dt: str, y: Buffer, N: int, stride_d=(0, 0)):
     if odt != dt:
         kw["out_dtype"] = odt
     if epi.residual is not None:
-        if kernel_dtype(epi.residual) != dt or tuple(epi.residual.shape) != tuple(y.shape):
+        if kernel_dtype(epi.residual) != dt:
             return None
-        kw.update(has_c=True, c_dtype=dt, ldc_m=N, ldc_n=1, stride_c=tuple(stride_d), beta=float(epi.beta))
+        if tuple(epi.residual.shape) == tuple(y.shape):  # y's own layout (also a squeezed 1-D MatMul's)
+            ldc_m, ldc_n, stride_c = N, 1, tuple(stride_d)
+        else:
+            got = c_strides(epi.residual.shape, y.shape, M, N, batch)
+            if got is None:
+                return None
+            ldc_m, ldc_n, stride_c = got
+        kw.update(has_c=True, c_dtype=dt, ldc_m=ldc_m, ldc_n=ldc_n, stride_c=stride_c, beta=float(epi.beta))
         bufs["C"] = epi.residual
     if epi.bias is not None:
         if epi.bias.dtype.short != "f32" or epi.bias.numel != N:
@@ -140,7 +187,7 @@ def matmul_case(a, b, y, epi: Epilogue, tf32: bool, target: Target):
         return str(e)
     if pr is None:
         return "the batch needs more than two batch levels"
-    got = epilogue_fields(epi, dt, y, pr.N, pr.stride_d)
+    got = epilogue_fields(epi, dt, y, pr.M, pr.N, pr.stride_d, pr.batch)
     if got is None:
         return "the epilogue does not fit the kernel"
     kw, bufs = got
@@ -169,7 +216,7 @@ def gemm_case(a, b, c, y, attrs, epi: Epilogue, tf32: bool, target: Target):
     ta, tb = bool(getattr(attrs, "transA", 0)), bool(getattr(attrs, "transB", 0))
     M, K = (a.shape[1], a.shape[0]) if ta else a.shape
     N = b.shape[0] if tb else b.shape[1]
-    got = epilogue_fields(epi, dt, y, N)
+    got = epilogue_fields(epi, dt, y, M, N)
     if got is None:
         return "the epilogue does not fit the kernel"
     kw, bufs = got

@@ -11,7 +11,12 @@ in this form (templates/gemm_tc_core.cu.j2, gemm_f32.cu.j2, conv_direct.cu.j2):
 - Add (or two-operand Sum) of a constant that broadcasts along the output channel only (conv: axis
   1, e.g. [K,1,1] or [1,K,1,1], the last axis for an NHWC conv; Gemm/MatMul: the last axis, [N] or [1,N]; or a scalar) -> `bias`;
 - Add / Sum of a tensor of the result's own shape, at most one -> `residual` (a Gemm whose own C is
-  not a per-column constant takes no residual: the kernel has one C operand);
+  not a per-column constant takes no residual: the kernel has one C operand); for a Gemm/MatMul
+  also a constant that broadcasts onto the result another way (fuse-horizontal's per-member bias
+  [G, 1.., 1, N] of a batched GEMM, a per-row [M, 1]): the kernel reads C with zero strides along
+  its broadcast axes (gemm_lowering.c_strides; where the GEMM's two batch levels cannot express
+  them the lowering splits the group again). Broadcast non-constant tensors stay out (mask Adds
+  and the like keep going to fuse-reduction / fuse-elementwise);
 - Mul by a scalar constant, Gemm/MatMul only, before the activation -> `scale` (the kernel's alpha
   and beta; the conv epilogue has no scale);
 - one activation: Relu, LeakyRelu, Sigmoid, Tanh, Gelu (erf or tanh form; also written out as
@@ -113,6 +118,14 @@ def _bias_shape_ok(shape, out_shape, channel_axis: int) -> bool:
     return all(d == 1 or (i == channel_axis and d == out_shape[i]) for i, d in enumerate(full))
 
 
+def _broadcasts_onto(shape, out_shape) -> bool:
+    """A tensor of this shape broadcasts (numpy rules) onto out_shape without changing it."""
+    if len(shape) > len(out_shape):
+        return False
+    full = (1,) * (len(out_shape) - len(shape)) + tuple(shape)
+    return all(d in (1, o) for d, o in zip(full, out_shape))
+
+
 def _activation(op: Op, const_of) -> Optional[tuple]:
     """(template activation, params) for an activation op, or None."""
     n = op.name
@@ -173,8 +186,12 @@ def classify(anchor: Op, op: Op, cur: Value, seen: set, const_of: ConstOf) -> Op
                 if conv and not _conv_bias_ok(anchor, const_of):
                     return None
                 return Step("bias", op, operand=other)
-        if tuple(other.type.shape) == shape and "residual" not in seen and _other_c_free(anchor, const_of):
+        if "residual" in seen or not _other_c_free(anchor, const_of):
+            return None
+        if tuple(other.type.shape) == shape:
             return Step("residual", op, operand=other)
+        if not conv and const_of(other) is not None and _broadcasts_onto(tuple(other.type.shape), shape):
+            return Step("residual", op, operand=other)  # read with zero strides along its 1-axes
         return None
     if op.name == "Mul" and len(op.operands) == 2 and not conv:
         a, b = op.operands
