@@ -20,8 +20,8 @@ After the bias, a unary activation that every member applies to its result alone
 attributes and constant extra operands: ACTIVATIONS) is hoisted onto the fused result, so the
 fused op keeps the epilogue the members had (fuse-epilogue puts a Conv's bias + Relu into the
 conv's kernel, a MatMul's per-column bias into the GEMM's; a bias that differs per member,
-[G, 1.., 1, N], is not an epilogue the GEMM kernels take yet: it stays one elementwise Add over the
-fused result, G GEMM launches -> 2). Members are partitioned by their
+[G, 1.., 1, N], is the batched GEMM's C read per batch (fuse-epilogue's broadcast residual):
+G GEMM launches -> 1). Members are partitioned by their
 chain (bias or not, activations) and each partition of two or more is fused.
 
 Must hold: static shapes; every chain intermediate has one user and is no region result, so the
