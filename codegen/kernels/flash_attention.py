@@ -8,15 +8,24 @@ strides into the buffer of the value the group reads: an absorbed Transpose perm
 a broadcast batch dim (K/V shared across heads) gets stride 0, a mask gets stride 0 along every
 dim it broadcasts over. Rank-3 scores [N,S,T] run as batch0 = 1, batch1 = N.
 
-Variants:
-- "tc" (f16/bf16, D and Dv multiples of 16 up to 128): tensor cores; the CTA shape (warps, m-tiles
-  per warp) is the pass's decision in params (fuse_attention.tile_of / choose_tile), made smaller
-  while the target's shared memory would not hold it;
-- "simt" (f32, or head dims the tc variant does not take, up to 256): one thread per query row.
-The scale/mask steps are folded with log2(e) into per-step coefficients when no Where step sits
-among them (x = a * qk + sum b_i * mask_i); otherwise they run in order and a final factor
-log2(e) follows. The lowering declines (the generic fallback then lowers the body op by op) when
-shared memory would not fit the target.
+One declared Variant, "flash_attention" (codegen/variants.py), with two kernel shapes:
+- tensor cores (f16/bf16, D and Dv multiples of 16 up to 128). Declared space: every
+  {mi, warps, bc} (m-tiles per warp, warps per CTA: 16 * mi * warps query rows; bc key/value rows
+  per tile) whose shared memory fits the target and whose accumulators fit the register budget
+  (TILE_REGS); `default`: the tile the pass recorded in params ("tile=<rows>x<bc> warps=<w>",
+  fuse_attention.tile_of / choose_tile, per (B*H, S, D)) when it is in the space, else
+  choose_tile's; a timed selector may pick any other point;
+- "simt" (f32, or head dims the tc kernel does not take, up to 256): one thread per query row
+  (space: the one point {}).
+applies() declines (the generic fallback then lowers the body op by op) when no kernel takes the
+group: D > 256, shared memory, or grid limits.
+
+Semantics (steps_for_template): the scores go through the body's steps in order, in fp32; when
+the group computes in 16 bits, every additive mask's sum is rounded to that type, as the body's Add
+produces it (a -1e4 padding mask swamps the score in bf16/fp16: a row whose visible columns are all
+padded averages them uniformly in the reference, and so here). With masks the scores stay in
+natural units and log2(e) is applied inside the exponentials, so a finite fill stays finite.
+A row of nothing but -inf gives NaN, as the reference's softmax.
 """
 from __future__ import annotations
 
@@ -26,11 +35,16 @@ import numpy as np
 
 from ...ir.builder import const_value
 from ...passes.fuse_attention import TC_MAX_D, choose_tile, match_body, parse_tile
-from ..lower import LowerCtx, describe_op, lowering
+from ..lower import LowerCtx, describe_op
+from ..variants import Variant, YES, no, register
 
 PRIORITY = 30  # above the generic fallback (fused.FALLBACK_PRIORITY) and the other fused families
 LOG2E = 1.4426950408889634
-BC = 64          # key/value rows per tile (tc)
+BC = 64          # key/value rows per tile (tc): the default
+BCS = (32, 64, 128)  # the declared choices
+WARPS = (2, 4, 8)    # one warp is never declared: its unrolled tile loads spill
+TILE_REGS = 160  # fp32 registers per thread a tile's S, O and Q fragments may take, MI*(bc/2 + Dv/2 + D/4):
+                 # FlashAttention-2's 4 warps x 2 m-tiles at bc = 64, D = 64 (measured spill-free)
 BC_SIMT = 32     # key/value rows per tile (simt)
 SIMT_ROWS = 64   # threads (query rows) per CTA (simt)
 SIMT_MAX_D = 256
@@ -49,17 +63,10 @@ def _contiguous(shape) -> list:
 
 def _logical_strides(operand) -> tuple:
     """(shape, strides, element offset) of Q/Kt/V as the group's MatMul sees it, into the source's
-    buffer: the packed pick first (rank-5 perm, index along its axis 0), then the perm."""
-    shape = tuple(int(d) for d in operand.source.type.shape)
-    st = _contiguous(shape)
-    off = 0
-    if operand.pick is not None:
-        p5, index = operand.pick
-        off = index * st[p5[0]]
-        shape, st = tuple(shape[p] for p in p5[1:]), [st[p] for p in p5[1:]]
-    if operand.perm is not None:
-        shape, st = tuple(shape[p] for p in operand.perm), [st[p] for p in operand.perm]
-    return shape, st, off
+    buffer: the pass's strided view (fuse_attention.Operand.layout: absorbed Transposes, reshapes,
+    Split/Slice/Gather parts of a packed projection)."""
+    lay = operand.layout
+    return tuple(lay.shape), list(lay.strides), lay.offset
 
 
 def _batch2(shape, strides, batch) -> list:
@@ -91,37 +98,72 @@ def _pair_aligned(buf, strides_but_last) -> bool:
     return off % 4 == 0 and all(s % 2 == 0 for s in strides_but_last)
 
 
-def steps_for_template(at, masks_index) -> list:
-    """The steps as the template applies them, with log2(e) and the Q/K scales folded in."""
+def steps_for_template(at, masks_index, round16: bool = False) -> tuple:
+    """(steps, post): the steps as the template applies them and the factor taking their result to
+    log2 units inside the exponentials. Without masks: one scale with the Q/K scales and log2(e)
+    folded in, post = 1. With masks: the steps in order in natural units (a leading scale folded
+    into the first Add's FMA), each Add followed by a rounding to the 16-bit type when `round16`
+    (the body's Add produces that type), post = log2(e)."""
     steps = list(at.steps)
     pre = at.scale
-    if not any(s.role == "where" for s in steps):
-        # x = a * qk + sum_i b_i * mask_i, in log2 units
-        out = []
+    if not any(s.role in ("where", "add") for s in steps):
         total = pre * math.prod(s.scale for s in steps if s.role == "scale") * LOG2E
-        out.append({"role": "scale", "c": total})
-        for k, s in enumerate(steps):
-            if s.role == "add":
-                after = math.prod(t.scale for t in steps[k + 1:] if t.role == "scale")
-                out.append({"role": "add", "i": masks_index[id(s.op)], "c": after * LOG2E})
-        return out if (total != 1.0 or len(out) > 1) else []
+        return ([{"role": "scale", "c": total}] if total != 1.0 else []), 1.0
     out = [] if pre == 1.0 else [{"role": "scale", "c": pre}]
     for s in steps:
         if s.role == "scale":
-            out.append({"role": "scale", "c": s.scale})
+            if out and out[-1]["role"] == "scale":
+                out[-1] = {"role": "scale", "c": out[-1]["c"] * s.scale}
+            else:
+                out.append({"role": "scale", "c": s.scale})
         elif s.role == "add":
-            out.append({"role": "add", "i": masks_index[id(s.op)], "c": 1.0})
+            a = {"role": "add", "i": masks_index[id(s.op)], "c": 1.0, "pre": 1.0}
+            if out and out[-1]["role"] == "scale":  # x = pre * x + mask: one FMA
+                a["pre"] = out.pop()["c"]
+            out.append(a)
+            if round16:
+                out.append({"role": "round"})
         else:
             fill = s.fill if s.fill >= -FLT_MAX else float("-inf")
             out.append({"role": "where", "i": masks_index[id(s.op)], "fill": max(min(fill, FLT_MAX), -math.inf),
                         "keep": s.keep_if_true})
-    out.append({"role": "scale", "c": LOG2E})
+    return out, LOG2E
+
+
+# ---------------------------------------------------------------- the declared variant
+
+def _smem(mi: int, warps: int, bc: int, D: int, Dv: int) -> int:
+    return (16 * mi * warps * (D + 8) + 2 * bc * (D + 8) + 2 * bc * (Dv + 8)) * 2
+
+
+def tile_space(D: int, Dv: int, smem_limit: int) -> list:
+    """Every tensor-core tile {mi, warps, bc} that fits shared memory and the register budget."""
+    out = []
+    for mi in (1, 2):
+        for w in WARPS:
+            for bc in BCS:
+                if mi * (bc // 2 + Dv // 2 + D // 4) <= TILE_REGS and _smem(mi, w, bc, D, Dv) <= smem_limit:
+                    out.append({"mi": mi, "warps": w, "bc": bc})
     return out
 
 
-@lowering("fused", priority=PRIORITY, regions=True, when=lambda op: op.attrs.kind == "attention")
-def _fused_attention(ctx: LowerCtx):
-    L, op = ctx.L, ctx.op
+def _recorded_bc(params: str):
+    """The kv rows of the pass's "tile=<rows>x<bc>" (None when absent or malformed)."""
+    for word in params.split():
+        if word.startswith("tile=") and "x" in word:
+            try:
+                return int(word.split("x", 1)[1])
+            except ValueError:
+                return None
+    return None
+
+
+def _case(problem):
+    """The group as the kernel sees it (problem.memo["attention"]), or why no kernel takes it."""
+    got = problem.memo.get("attention")
+    if got is not None:
+        return got
+    L, op = problem.L, problem.op
     body = op.attrs.body
     outer = {id(a): v for a, v in zip(body.args, op.operands)}
 
@@ -130,31 +172,80 @@ def _fused_attention(ctx: LowerCtx):
 
     at = match_body(body, const_of)
     if at is None or len(op.results) != 1:
-        return None
+        return "the body is not an attention the kernel takes"
     batch, S, T, D, Dv = at.shape
     batch = tuple(int(d) for d in batch)
     dt = at.qk.results[0].type.dtype.short
-    elem = {"f16": 2, "bf16": 2, "f32": 4}[dt]
     B0, B1 = (1, batch[0]) if len(batch) == 1 else batch
+    if B0 > 65535 or B1 > 65535:
+        return "batch beyond the grid's y/z limits"
+    limit = problem.target.smem_per_block_optin
+    space = []
+    if dt in MMA and D % 16 == 0 and Dv % 16 == 0 and D <= TC_MAX_D and Dv <= TC_MAX_D:
+        space = tile_space(D, Dv, limit)
+    if not space:  # simt
+        if D > SIMT_MAX_D or Dv > SIMT_MAX_D or BC_SIMT * (D + Dv) * 4 > limit:
+            return f"head dims {D}/{Dv}: no flash-attention kernel takes them"
+        space = [{}]
+    got = dict(at=at, outer=outer, batch=batch, S=S, T=T, D=D, Dv=Dv, dt=dt, B0=B0, B1=B1, space=space)
+    problem.memo["attention"] = got
+    return got
 
-    tc = dt in MMA and D % 16 == 0 and Dv % 16 == 0 and D <= TC_MAX_D and Dv <= TC_MAX_D
-    sm = ctx.target.sm_count
+
+def _applies(problem):
+    got = _case(problem)
+    return no(got) if isinstance(got, str) else YES
+
+
+def _space(problem) -> list:
+    return _case(problem)["space"]
+
+
+def _default(problem, space) -> dict:
+    """The pass's recorded tile when declared, else choose_tile's (bc 64), shrunk until it fits."""
+    c = _case(problem)
+    if space == [{}]:
+        return {}
+    recorded = parse_tile(problem.op.attrs.params)
+    if recorded is not None:
+        want = {"mi": recorded[0], "warps": recorded[1], "bc": _recorded_bc(problem.op.attrs.params) or BC}
+        if want in space:
+            return dict(want)
+    mi, w = choose_tile(c["S"], c["B0"] * c["B1"], c["D"], c["Dv"], problem.target.sm_count)
+    while True:
+        want = {"mi": mi, "warps": w, "bc": BC}
+        if want in space or (mi == 1 and w == WARPS[0]):
+            break
+        mi, w = (1, w) if mi > 1 else (1, max(WARPS[0], w // 2))
+    return dict(want) if want in space else dict(space[0])
+
+
+def _cost(problem, params) -> float:
+    """A rough model (seconds) for the stand-in timer: waves of CTAs x one CTA's MMA work at a
+    nominal 2 TFLOP/s per SM, plus a K/V reload per CTA (not a measurement)."""
+    c = _case(problem)
+    if not params:
+        return 4.0 * c["B0"] * c["B1"] * c["S"] * c["T"] * (c["D"] + c["Dv"]) / 2e13
+    rows = 16 * params["mi"] * params["warps"]
+    ctas = -(-c["S"] // rows) * c["B0"] * c["B1"]
+    waves = -(-ctas // problem.target.sm_count)
+    work = 2.0 * rows * c["T"] * (c["D"] + c["Dv"]) / 2e12
+    return waves * (work + c["T"] * (c["D"] + c["Dv"]) * 2 / 2e10)
+
+
+def _render(ctx: LowerCtx, problem, params: dict):
+    L, op = ctx.L, ctx.op
+    c = _case(problem)
+    at, outer, batch, S, T, D, Dv, dt, B0, B1 = (c[k] for k in ("at", "outer", "batch", "S", "T", "D", "Dv", "dt",
+                                                                 "B0", "B1"))
+    body = op.attrs.body
+    elem = {"f16": 2, "bf16": 2, "f32": 4}[dt]
+    tc = bool(params)
     if tc:
-        mi, warps = parse_tile(op.attrs.params) or choose_tile(S, B0 * B1, D, Dv, sm)
-        while True:
-            smem = (16 * mi * warps * (D + 8) + 2 * BC * (D + 8) + 2 * BC * (Dv + 8)) * 2
-            if smem <= ctx.target.smem_per_block_optin or (warps == 1 and mi == 1):
-                break
-            mi, warps = (1, warps) if mi > 1 else (1, warps // 2)
-        if smem > ctx.target.smem_per_block_optin:
-            tc = False
-    if not tc:
+        mi, warps, bc = params["mi"], params["warps"], params["bc"]
+        smem = _smem(mi, warps, bc, D, Dv)
+    else:
         smem = BC_SIMT * (D + Dv) * 4
-        if D > SIMT_MAX_D or Dv > SIMT_MAX_D or smem > ctx.target.smem_per_block_optin:
-            return None  # nothing renders it: the fallback lowers the body op by op
-    if B0 > 65535 or B1 > 65535:  # grid y/z limits: likewise
-        return None
-
     def buf(v):
         return L.buffer(outer.get(id(v), v))
 
@@ -165,14 +256,7 @@ def _fused_attention(ctx: LowerCtx):
     k4 = _batch2(kshape, kst, batch) + [kst[-1], kst[-2]]  # Kt [.., D, T] read as K (t, d)
     v4 = _batch2(vshape, vst, batch) + [vst[-2], vst[-1]]
     y = ctx.out(0)
-    rshape = tuple(int(d) for d in at.result.type.shape)
-    rst = _contiguous(rshape)
-    if at.out_perm is None:
-        ost = rst
-    else:
-        ost = [0] * len(rshape)
-        for k, a in enumerate(at.out_perm):
-            ost[a] = rst[k]
+    ost = list(at.out_strides)  # o's strides into the result's buffer (the absorbed head merge)
     oshape = tuple(int(d) for d in at.pv.results[0].type.shape)
     o4 = _batch2(oshape, ost, batch) + [ost[-2], ost[-1]]
 
@@ -182,11 +266,18 @@ def _fused_attention(ctx: LowerCtx):
             b = buf(s.operand)
             index[id(s.op)] = len(masks)
             mshape = tuple(int(d) for d in s.operand.type.shape)
-            # does the mask vary along the query rows (its dim -2, right-aligned)?
-            masks.append({"ctype": b.ctype, "rows": len(mshape) >= 2 and mshape[-2] != 1})
+            ms = _mask_strides(mshape, 4)
+            unit = ms[3] == 1
+            # 32-bit loads of column pairs (col is even): a 16-bit mask of the scores' type, rows
+            # and offset 4-byte aligned, T even (col < T then implies col + 1 < T)
+            pair = (tc and s.role == "add" and unit and b.dtype.short == dt and T % 2 == 0
+                    and _pair_aligned(b, ms[:3]))
+            # rows: does the mask vary along the query rows (its dim -2, right-aligned)?
+            masks.append({"ctype": b.ctype, "rows": len(mshape) >= 2 and mshape[-2] != 1, "unit": unit,
+                          "pair": bool(pair)})
             margs.append(b)
-            mstr += _mask_strides(mshape, 4)
-    steps = steps_for_template(at, index)
+            mstr += ms
+    steps, post = steps_for_template(at, index, round16=elem == 2)
 
     def source(operand, off):
         """The operand's buffer; a packed pick reads a view from its element offset to the end."""
@@ -198,20 +289,21 @@ def _fused_attention(ctx: LowerCtx):
 
     qb, kb, vb = source(at.q, qoff), source(at.kt, koff), source(at.v, voff)
     if tc:
-        params = dict(variant="tc", T=y.ctype, T2=PAIR[dt], mma=MMA[dt], D=D, DV=Dv, WARPS=warps, MI=mi, BC=BC,
+        params = dict(variant="tc", T=y.ctype, T2=PAIR[dt], mma=MMA[dt], D=D, DV=Dv, WARPS=warps, MI=mi, BC=bc,
                       vec_q=q4[3] == 1 and _aligned(qb, q4[:3], elem),
                       vec_k=k4[3] == 1 and _aligned(kb, k4[:3], elem),
                       vec_v=v4[3] == 1 and _aligned(vb, v4[:3], elem),
                       vec_o=o4[3] == 1 and _pair_aligned(y, o4[:3]),
-                      masks=masks, steps=steps)
+                      masks=masks, steps=steps, post=post)
         rows = 16 * mi * warps
         block = 32 * warps
     else:
-        params = dict(variant="simt", T=y.ctype, D=D, DV=Dv, WARPS=SIMT_ROWS // 32, BC=BC_SIMT,
-                      masks=masks, steps=steps)
+        params = dict(variant="simt", T=y.ctype, T2=PAIR.get(dt), D=D, DV=Dv, WARPS=SIMT_ROWS // 32, BC=BC_SIMT,
+                      masks=masks, steps=steps, post=post)
         rows = SIMT_ROWS
         block = SIMT_ROWS
     k = ctx.render("flash_attention.cu.j2", "flash_attention", **params)
+    k.add_op("flash attention tile: " + (f"{rows}x{bc} rows x kv rows, {warps} warps" if tc else "simt, one thread per row"))
     for bop in body.ops:  # the header names every op of the group
         if bop.name != "const":
             k.add_op(describe_op(bop))
@@ -221,3 +313,6 @@ def _fused_attention(ctx: LowerCtx):
     ctx.launch(k, grid, block, args, smem=smem)
     return True
 
+
+FLASH_ATTENTION = register(Variant("flash_attention", "flash_attention", ("fused",), _render, _applies, _space,
+                                   _default, priority=PRIORITY, kinds=("attention",), regions=True, cost=_cost))

@@ -11,6 +11,7 @@ flash-attention kernel (templates/flash_attention.cu.j2):
 """
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -20,13 +21,13 @@ from nnc.driver import pipeline_passes
 from nnc.ir.interp import Interpreter
 from nnc.onnx_import import import_model
 from nnc.pipeline import Pipeline
-from tests.passes.test_fuse_attention import attention_feed, attention_model
+from tests.passes.test_fuse_attention import attention_feed, attention_model, mha_model
 
 TEMPLATE = "flash_attention.cu.j2"
 
 
-def _build(precision="fp16", **kw):
-    mod = import_model(attention_model(**kw))
+def _build(precision="fp16", mha=False, **kw):
+    mod = import_model(mha_model(**kw) if mha else attention_model(**kw))  # mha: torch MHA (ViT) export
     Pipeline(pipeline_passes(precision), verify_each=True).run(mod)
     return mod
 
@@ -48,6 +49,12 @@ CASES = {
     "f16_odd_head_dim": ("fp16", dict(S=20, H=2, D=24, mask=None)),  # D % 16 != 0: the SIMT variant
     "packed_qkv_f16": ("fp16", dict(B=2, S=48, H=2, D=64, packed="gather")),  # ViT-style [B,S,3,H,D]
     "packed_split_f32": ("fp32", dict(S=24, H=2, D=16, packed="split", mask=None)),
+    # GPT-2: c_attn's [B,S,3E] Split / Sliced on the last axis, read at offsets i*E, seq stride 3E
+    "gpt2_split_last_f16": ("fp16", dict(B=2, S=40, H=2, D=16, packed="split_last", causal=True)),
+    "gpt2_slice_last_f32": ("fp32", dict(S=24, H=2, D=8, packed="slice_last", mask=None)),
+    # ViT's torch MHA export: packed in_proj [S,B,3E], Gather(i) after the transposes, q/K scaled
+    "vit_mha_f16": ("fp16", dict(mha=True, B=2, S=40, H=2, D=16)),
+    "mha_bmm3d_f32": ("fp32", dict(mha=True, B=1, S=24, H=2, D=8, bmm3d=True)),
 }
 
 
@@ -85,10 +92,16 @@ def test_strides_are_the_absorbed_transposes():
     assert l.grid == (S // 32, H, B) or l.grid[1:] == (H, B)
 
 
+STORE = {"__half": np.float16, "__nv_bfloat16": ml_dtypes.bfloat16, "float": np.float32}
+
+
 def _emulate(plan, launch, values):
-    """The kernel's arithmetic in numpy (float64), addressing every operand exactly as the launch
-    does: its buffers (views at their element offsets into the root's value) and its stride
-    arguments; returns the output root's bytes as the kernel would leave them (NaN elsewhere)."""
+    """The kernel's arithmetic in numpy, addressing every operand exactly as the launch does: its
+    buffers (views at their element offsets into the root's value) and its stride arguments, the
+    steps in fp32 in order (a `round` to the kernel's 16-bit type where the template rounds), then
+    the online softmax tile by tile (the kernel's BC key rows per tile: a running max of -inf,
+    rescales by exp2((m - max) * post), P rounded to 16 bits for the P V product, 1 / l at the end);
+    returns the output root's values as the kernel would leave them (NaN elsewhere)."""
     k = plan.kernels[launch.kernel]
     p = k.params
     bufs = [a for a in launch.args if hasattr(a, "shape")]
@@ -96,6 +109,7 @@ def _emulate(plan, launch, values):
     S, T = ints[:2]
     st = ints[2:]
     B1, B0 = launch.grid[1], launch.grid[2]
+    store = STORE[p["T"]]
 
     def view(buf, strides, shape):
         root = plan.buffers[buf.alias_of] if buf.alias_of is not None else buf
@@ -106,23 +120,52 @@ def _emulate(plan, launch, values):
     q, _, _ = view(bufs[0], st[0:4], (B0, B1, S, p["D"]))
     kk, _, _ = view(bufs[1], st[4:8], (B0, B1, T, p["D"]))
     v, _, _ = view(bufs[2], st[8:12], (B0, B1, T, p["DV"]))
-    x = np.einsum("absd,abtd->abst", q, kk)
-    for s in p["steps"]:
-        if s["role"] == "scale":
-            x = x * s["c"]
-        else:
-            i = s["i"]
-            m, _, _ = view(bufs[4 + i], st[16 + 4 * i:20 + 4 * i], (B0, B1, S, T))
-            if s["role"] == "add":
-                x = x + s["c"] * m
+    x = np.einsum("absd,abtd->abst", q, kk).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for s in p["steps"]:
+            if s["role"] == "scale":
+                x = x * np.float32(s["c"])
+            elif s["role"] == "round":
+                x = x.astype(store).astype(np.float32)
             else:
-                x = np.where((m != 0) == s["keep"], x, s["fill"])
-    e = np.exp2(x - x.max(-1, keepdims=True))
-    o = np.einsum("abst,abtd->absd", e / e.sum(-1, keepdims=True), v)
+                i = s["i"]
+                m, _, _ = view(bufs[4 + i], st[16 + 4 * i:20 + 4 * i], (B0, B1, S, T))
+                m = m.astype(np.float32)
+                if s["role"] == "add":
+                    x = np.float32(s.get("pre", 1.0)) * x + np.float32(s["c"]) * m
+                else:
+                    x = np.where((m != 0) == s["keep"], x, np.float32(s["fill"]))
+        post = np.float32(p["post"])
+        bc = p["BC"] if p["variant"] == "tc" else T  # simt: one column at a time, the same sums
+        mrow = np.full(x.shape[:-1] + (1,), -np.inf, np.float32)
+        l = np.zeros_like(mrow)
+        o = np.zeros((B0, B1, S, p["DV"]))
+        for j in range(0, T, bc):
+            xs = x[..., j:j + bc]
+            mx = np.maximum(mrow, xs.max(-1, keepdims=True))
+            msafe = np.where(mx == -np.inf, np.float32(0), mx)
+            corr = np.exp2((mrow - msafe) * post)
+            pr = np.exp2((xs - msafe) * post)
+            l = l * corr + pr.sum(-1, keepdims=True)
+            p16 = pr.astype(store).astype(np.float64) if p["variant"] == "tc" else pr
+            o = o * corr + np.einsum("abst,abtd->absd", p16, v[:, :, j:j + bc])
+            mrow = mx
+        o = o * (1.0 / l)
     root = plan.buffers[bufs[3].alias_of] if bufs[3].alias_of is not None else bufs[3]
     out = np.full(root.numel, np.nan)
     np.lib.stride_tricks.as_strided(out, o.shape, [x * 8 for x in st[12:16]])[...] = o
     return root, out
+
+
+def _run_emulated(mod, prec, feed):
+    """(interpreter's result, emulated kernel's) of the one attention launch, flat float64."""
+    plan = _plan(mod, prec)
+    (launch,) = _attention_launches(plan)
+    values = {}
+    Interpreter(mod, observe=lambda op, outs: values.update({id(r): o for r, o in zip(op.results, outs)})).run(feed)
+    values.update({id(a): np.asarray(feed[a.name]) for a in mod.main.args})
+    root, out = _emulate(plan, launch, values)
+    return np.asarray(values[id(root.value)], np.float64).reshape(-1), out, plan.kernels[launch.kernel]
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -157,6 +200,109 @@ def test_plan_runs_in_its_arena(name, rng):
         got = ex.run(feed)
         for k in ref:
             np.testing.assert_array_equal(got[k], ref[k])
+
+
+def _padded_feed(mod, rng, pad_rows_of):
+    """attention_feed, with every key column a causal row r of batch b sees padded (-1e4) for the
+    (b, r) in pad_rows_of: that row's visible scores are all swamped by the mask."""
+    feed = attention_feed(mod, rng)
+    m = feed["mask"]
+    for b, r in pad_rows_of:
+        m[b, ..., : r + 1] = -1e4
+    return feed
+
+
+@pytest.mark.parametrize("prec", ["bf16", "fp16"])
+def test_padding_swamped_rows_match_the_reference(prec):
+    """The H200 failure of bf16 B=32 S=128 causal (151 elements of query row 1 wrong): a causal row
+    whose visible key columns are all padded. The body's Add gives -1e4 + s in 16 bits, which
+    rounds every such score to the same value (the reference averages those V rows uniformly);
+    the kernel kept fp32 sums and weighted them by s. Emulated tile by tile on the CPU with the
+    kernel's steps: with its `round` steps it matches at the GPU test's tolerance, without them it
+    does not (the test sees the bug)."""
+    rng = np.random.default_rng(7)
+    mod = _build(prec, B=4, S=128, H=2, D=64, causal=True)
+    feed = _padded_feed(mod, rng, [(0, 1), (1, 2), (2, 5), (3, 70)])
+    want, got, k = _run_emulated(mod, prec, feed)
+    assert any(s["role"] == "round" for s in k.params["steps"])
+    tol = {"fp16": 2e-2, "bf16": 6e-2}[prec]
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)
+    # the same emulation without the rounding: the pre-fix kernel, wrong on those rows
+    k.params["steps"] = [s for s in k.params["steps"] if s["role"] != "round"]
+    plan = _plan(mod, prec)
+    (launch,) = _attention_launches(plan)
+    plan.kernels[launch.kernel].params["steps"] = k.params["steps"]
+    values = {}
+    Interpreter(mod, observe=lambda op, outs: values.update({id(r): o for r, o in zip(op.results, outs)})).run(feed)
+    values.update({id(a): np.asarray(feed[a.name]) for a in mod.main.args})
+    _, old = _emulate(plan, launch, values)
+    assert (np.abs(old - want) > tol * scale + tol * np.abs(want)).sum() > 0
+
+
+@pytest.mark.parametrize("prec,fill", [("fp16", -np.inf), ("bf16", -np.inf), ("fp32", -np.inf), ("fp32", -1e30),
+                                       ("fp16", -1e4), ("bf16", -1e4)])
+def test_fully_masked_rows_give_what_the_reference_gives(prec, fill):
+    """A query row masked at every key column: -inf gives NaN (the reference's softmax of all -inf,
+    the kernel's 0 * (1 / 0)); a finite big negative gives the uniform average of the V rows (the
+    scores stay in natural units until the exponentials, so the fill stays finite). Emulated on
+    the CPU tile by tile with the kernel's steps; NaN where and only where the reference has it."""
+    rng = np.random.default_rng(3)
+    kw = dict(B=2, S=80, H=2, D=64 if prec != "fp32" else 16, mask="b1st")
+    mod = _build(prec, **kw)
+    feed = attention_feed(mod, rng)
+    feed["mask"][0, 0, 3, :] = fill
+    feed["mask"][1, 0, 79, :] = fill
+    want, got, k = _run_emulated(mod, prec, feed)
+    if fill == -np.inf:
+        assert np.isnan(want).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    tol = {"fp16": 2e-2, "bf16": 6e-2, "fp32": 1e-5}[prec]
+    ok = ~np.isnan(want)
+    np.testing.assert_allclose(got[ok], want[ok], rtol=tol, atol=tol * max(1.0, float(np.abs(want[ok]).max())))
+
+
+def test_tile_space_is_declared_and_each_point_compiles():
+    """The tc variant's declared space (mi, warps, bc), the default the pass's recorded tile, and
+    every declared point of the benchmark shapes compiles with NVRTC for sm_90 (with the [B,1,1,T]
+    mask: the paired mask loads, the rounding)."""
+    from nnc.codegen.kernels import common
+    from nnc.codegen.kernels import flash_attention as fa
+    mod = _build("fp16", B=32, S=128, H=12, D=64)
+    plan = _plan(mod, "fp16")
+    (l,) = _attention_launches(plan)
+    kp = plan.kernels[l.kernel].params
+    assert kp["selected"]["variant"] == "flash_attention"
+    chosen = kp["selected"]["params"]
+    assert (chosen["mi"], chosen["warps"], chosen["bc"]) == (kp["MI"], kp["WARPS"], kp["BC"])
+    assert all(m["pair"] and m["unit"] and not m["rows"] for m in kp["masks"])
+    space = fa.tile_space(64, 64, 227 * 1024)
+    assert {"mi": 2, "warps": 4, "bc": 64} in space and {"mi": 1, "warps": 4, "bc": 128} in space
+    assert {"mi": 2, "warps": 4, "bc": 128} not in space  # its accumulators would spill
+    assert fa.tile_space(128, 128, 227 * 1024) and all(p["mi"] == 1 for p in fa.tile_space(128, 128, 227 * 1024))
+    sources = []
+    for p in space:
+        pl = lower(mod, {"arch": "sm_90", "precision": "fp16"}, selector=Forced(p))
+        (ll,) = _attention_launches(pl)
+        kk = pl.kernels[ll.kernel]
+        assert (kk.params["MI"], kk.params["WARPS"], kk.params["BC"]) == (p["mi"], p["warps"], p["bc"])
+        assert ll.block == (32 * p["warps"], 1, 1) and ll.grid[0] == -(-128 // (16 * p["mi"] * p["warps"]))
+        assert ll.smem == fa._smem(p["mi"], p["warps"], p["bc"], 64, 64)
+        sources.append(kk.body.replace(ll.kernel, f"{ll.kernel}_t{len(sources)}"))
+    assert len(common.nvrtc_compile("\n".join(sources), "sm_90")) > 0
+
+
+class Forced:
+    """A selector giving the flash-attention candidate the params `p`, everything else its default."""
+
+    def __init__(self, p):
+        self.p = p
+
+    def choose(self, key, cands):
+        for c in cands:
+            if c.name == "flash_attention" and self.p in c.space:
+                return c, dict(self.p)
+        return cands[0], cands[0].default_params()
 
 
 def test_too_large_head_dim_falls_back_op_by_op(rng):
@@ -208,6 +354,9 @@ GPU_CASES = [
     ("fp16", dict(B=1, S=77, H=2, D=64, kt_input=True)),
     ("fp16", dict(B=4, S=197, H=12, D=64, packed="gather", mask=None)),  # ViT-B/16
     ("fp32", dict(B=1, S=50, H=2, D=64, packed="split")),
+    ("fp16", dict(B=1, S=128, H=12, D=64, packed="split_last", causal=True)),  # GPT-2's packed c_attn
+    ("fp16", dict(mha=True, B=2, S=197, H=12, D=64)),  # ViT-B/16's torch MHA export
+    ("fp32", dict(mha=True, B=1, S=77, H=2, D=64, bmm3d=True)),
     # large batches: 4 warps of 2 m-tiles (mi = 2), 8 warps at head dim 128
     ("fp16", dict(B=32, S=128, H=12, D=64)),
     ("fp16", dict(B=8, S=512, H=12, D=64, mask=None)),
