@@ -71,16 +71,25 @@ class Step:
 
 
 @dataclass(frozen=True)
+class View:
+    """A strided view into the buffer of a contiguous value: element offset, then one stride per
+    dim (a size-1 dim has stride 0)."""
+    shape: tuple
+    strides: tuple
+    offset: int = 0
+
+
+@dataclass(frozen=True)
 class Operand:
-    """Q, Kt or V as the kernel reads it: `source` (a contiguous value outside the group), when
-    `pick` is set first seen through a rank-5 Transpose (pick[0], its perm) and indexed at
-    pick[1] along the transposed axis 0 (the packed q/k/v of [B,S,3,H,D]), then through absorbed
-    Transposes (`perm`, composed; None: none) and scalar scales."""
+    """Q, Kt or V as the kernel reads it: `layout`, a strided view into the buffer of `source` (a
+    value outside the group, read contiguous), made by the view ops in `ops` (Transpose, Reshape,
+    Squeeze/Unsqueeze/Flatten, Split/Slice/Gather taking one part: each exactly a new view, see
+    `view_step`); `ops` also holds the absorbed scalar scales (their product is `scale`)."""
     source: Value
-    perm: Optional[tuple]
-    ops: tuple      # the group's ops producing the operand from source (Transpose, Mul/Div, ...)
-    scale: float    # product of the absorbed scalar scales
-    pick: Optional[tuple] = None  # (rank-5 perm, index)
+    layout: View     # of the operand as the group's MatMul sees it ([.., S, D], [.., D, T], [.., T, Dv])
+    ops: tuple       # the group's ops producing the operand from source
+    scale: float     # product of the absorbed scalar scales
+    absorbed: bool = False  # some view op (not only scales) is read through strides
 
 
 @dataclass(frozen=True)
@@ -92,12 +101,12 @@ class Attention:
     q: Operand
     kt: Operand
     v: Operand
-    out_perm: Optional[tuple]    # the absorbed Transpose of o
-    out_op: Optional[Op]
+    out_ops: tuple = ()          # the absorbed Transposes/Reshapes after o (head merge), in order
+    out_strides: tuple = ()      # o's strides into the buffer of `result` (contiguous)
 
     @property
     def result(self) -> Value:
-        return (self.out_op or self.pv).results[0]
+        return (self.out_ops[-1] if self.out_ops else self.pv).results[0]
 
     @property
     def scale(self) -> float:
@@ -107,8 +116,8 @@ class Attention:
     def ops(self) -> list:
         ops = list(self.q.ops) + list(self.kt.ops) + list(self.v.ops) + [self.qk]
         ops += [s.op for s in self.steps] + [self.softmax, self.pv]
-        ops += [self.out_op] if self.out_op is not None else []
-        seen, out = set(), []  # a packed q/k/v Transpose (and Split) serves several operands
+        ops += list(self.out_ops)
+        seen, out = set(), []  # a packed q/k/v Transpose / Split serves several operands
         for op in ops:
             if id(op) not in seen:
                 seen.add(id(op))
@@ -136,9 +145,8 @@ class Attention:
             words.append("mask" if n_add == 1 else f"mask x{n_add}")
         if any(s.role == "where" for s in self.steps):
             words.append("where")
-        absorbed = [n for n, o in (("q", self.q), ("k", self.kt), ("v", self.v))
-                    if o.perm is not None or o.pick is not None]
-        if self.out_perm is not None:
+        absorbed = [n for n, o in (("q", self.q), ("k", self.kt), ("v", self.v)) if o.absorbed]
+        if self.out_ops:
             absorbed.append("o")
         if absorbed:
             words.append("transposes=" + ",".join(absorbed))
@@ -235,75 +243,276 @@ def _scale_of(op: Op, cur: Value, const_of: ConstOf) -> Optional[float]:
     return c if op.name == "Mul" else 1.0 / c
 
 
-def _operand(v: Value, producer: Producer, only_user: OnlyUser, const_of: ConstOf, allow_scale: bool,
-             allow_pick: bool = True) -> Operand:
-    """Q / Kt / V behind `v`: absorbs scalar scales (Q and Kt only), then rank-3/4 Transposes (their
-    perms composed), each only when the group is the sole user of its result."""
-    ops, scale, perm = [], 1.0, None
-    while allow_scale:
-        p = producer(v)
-        if p is None or only_user(v) is None or len(p.operands) != 2:
-            break
-        x = p.operands[0]
-        s = _scale_of(p, x, const_of) if x is not None else None
-        if s is None:
-            break
-        ops.insert(0, p)
-        scale *= s
-        v = x
-    while True:  # Transposes, composed (GPT-2: the head split, then K's last two axes swapped)
-        p = producer(v)
-        if not (p is not None and p.name == "Transpose" and only_user(v) is not None and v.type.rank in (3, 4)
-                and p.operands[0] is not None and _ok_type(p.operands[0])):
-            break
-        inner = _perm(p)
-        perm = inner if perm is None else tuple(inner[k] for k in perm)
-        ops.insert(0, p)
-        v = p.operands[0]
-    got = _pick(v, producer, only_user, const_of) if allow_pick and v.type.rank == 4 else None
-    if got is not None:
-        t5, index, pick_ops = got
-        return Operand(t5.operands[0], perm, tuple([t5] + pick_ops + ops), scale, (_perm(t5), index))
-    return Operand(v, perm, tuple(ops), scale)
+# ---------------------------------------------------------------- strided views
+
+RESHAPES = ("Reshape", "Squeeze", "Unsqueeze", "Flatten")  # row-major order kept: a reshape to the result
+VIEW_OPS = RESHAPES + ("Transpose", "Gather", "Split", "Slice")
+MAX_CHAIN = 16  # ops walked back from an operand / forward from o (bounds the work per Softmax)
 
 
-def _pick(v: Value, producer: Producer, only_user: OnlyUser, const_of: ConstOf):
-    """(the rank-5 Transpose, index, [the ops between]) when `v` is one of the packed q/k/v
-    taken along axis 0 of a rank-5 Transpose: Gather(t, i, axis=0) with a constant scalar i, or
-    Squeeze(Split(t, axis=0)[i], [0]) with parts of size 1 (torch's `qkv[i]` and `unbind(0)`).
-    The Transpose (and Split) then has several users, all of which must be in the group
-    (match checks that)."""
-    p = producer(v)
-    if p is None or only_user(v) is None or len(p.results) != 1:
+def contiguous(shape) -> tuple:
+    """Row-major strides; a size-1 dim gets 0 (never stepped along)."""
+    st, acc = [], 1
+    for d in reversed(shape):
+        st.insert(0, acc if d != 1 else 0)
+        acc *= int(d)
+    return tuple(st)
+
+
+def _merge(factors) -> tuple:
+    """(size, stride) factors of one dim, outer first, size-1 ones dropped and neighbours one
+    stride apart merged."""
+    out = []
+    for f, s in factors:
+        if f == 1:
+            continue
+        if out and out[-1][1] == s * f:
+            out[-1] = (out[-1][0] * f, s)
+        else:
+            out.append((f, s))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class NView:
+    """A view whose dims may each be several (size, stride) factors, outer first: what merging
+    dims that are not one stride apart makes (the B*H of a packed projection with B > 1); a later
+    reshape may split them apart again. Only where every dim is one factor are there kernel strides
+    (flat)."""
+    dims: tuple
+    offset: int = 0
+
+    @staticmethod
+    def of(v: View) -> "NView":
+        return NView(tuple(_merge([(int(d), int(s))]) for d, s in zip(v.shape, v.strides)), v.offset)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(math.prod(f for f, _ in d) for d in self.dims)
+
+    def flat(self) -> Optional[View]:
+        if any(len(d) > 1 for d in self.dims):
+            return None
+        return View(self.shape, tuple(d[0][1] if d else 0 for d in self.dims), self.offset)
+
+    def permute(self, p) -> "NView":
+        return NView(tuple(self.dims[k] for k in p), self.offset)
+
+    def reshape(self, new_shape) -> Optional["NView"]:
+        """Row-major reshape without a copy: each new dim takes factors from the front of the
+        stream (splitting one where it is larger than what the dim still needs); None where a
+        dim size does not divide a factor (no strides express it)."""
+        new_shape = tuple(int(d) for d in new_shape)
+        if math.prod(self.shape) != math.prod(new_shape) or 0 in new_shape:
+            return None
+        stream = [f for d in self.dims for f in d]
+        out, k = [], 0
+        for n in new_shape:
+            need, fs = n, []
+            while need > 1:
+                if k == len(stream):
+                    return None
+                f, s = stream[k]
+                if f <= need:
+                    if need % f:
+                        return None
+                    fs.append((f, s))
+                    need //= f
+                    k += 1
+                else:
+                    if f % need:
+                        return None
+                    fs.append((need, s * (f // need)))
+                    stream[k] = (f // need, s)
+                    need = 1
+            out.append(_merge(fs))
+        return NView(tuple(out), self.offset) if k == len(stream) else None
+
+
+def reshape_view(v: View, new_shape) -> Optional[View]:
+    """`v` reshaped (row-major) to `new_shape` without a copy, or None where no strides express it
+    (torch's view rule: the dims merged into one must be one stride apart)."""
+    got = NView.of(v).reshape(new_shape)
+    return got.flat() if got is not None else None
+
+
+def _single(dim) -> Optional[tuple]:
+    """(size, stride) of a dim of one factor (or size 1), else None."""
+    if len(dim) > 1:
         return None
-    if p.name == "Gather" and len(p.operands) == 2 and int(p.attrs.axis) == 0 and p.operands[0] is not None:
-        data, idx = p.operands
-        a = const_of(idx) if idx is not None else None
-        if a is None or a.size != 1 or a.ndim != 0:
+    return dim[0] if dim else (1, 0)
+
+
+def view_step(op: Op, result: Value, x: NView, const_of: ConstOf) -> Optional[NView]:
+    """The view of `result` (one result of the view op `op`) given the view `x` of its data
+    operand, or None where `result` is not exactly a strided view of the same buffer (a Gather of
+    several or computed indices, a Slice with a step <= 0 or computed bounds, a Split / Slice along
+    a dim of several factors, ...)."""
+    if not result.type.is_static:
+        return None
+    rshape = tuple(int(d) for d in result.type.shape)
+    rank = len(x.dims)
+    if op.name in RESHAPES:
+        return x.reshape(rshape)
+    if op.name == "Transpose":
+        p = _perm(op)
+        return x.permute(p) if sorted(p) == list(range(rank)) else None
+    if op.name == "Gather" and len(op.operands) == 2 and op.operands[1] is not None:
+        axis = int(op.attrs.axis)
+        a = const_of(op.operands[1])
+        if not -rank <= axis < rank or a is None or a.size != 1 or a.dtype.kind not in "iu":
             return None
-        i = int(np.asarray(a).reshape(()))
-        n0 = data.type.shape[0] if data.type.is_static else None
-        if n0 is None or not -n0 <= i < n0:
+        axis %= rank
+        i, n = int(np.asarray(a).reshape(())), x.shape[axis]
+        if not -n <= i < n:
             return None
-        t5 = producer(data)
-        if t5 is None or t5.name != "Transpose" or data.type.rank != 5 or not _ok_type(t5.operands[0]):
+        i %= n
+        off = x.offset
+        for f, s in reversed(x.dims[axis]):  # the index split over the dim's factors, inner first
+            off += (i % f) * s
+            i //= f
+        return NView(x.dims[:axis] + ((),) + x.dims[axis + 1:], off).reshape(rshape)
+    if op.name == "Split":
+        axis = int(op.attrs.axis)
+        if not -rank <= axis < rank or any(not r.type.is_static for r in op.results):
             return None
-        return t5, i % n0, [p]
-    if p.name == "Squeeze" and len(p.operands) == 2 and p.operands[0] is not None and p.operands[1] is not None:
-        axes = const_of(p.operands[1])
-        part = p.operands[0]
-        sp = producer(part)
-        if axes is None or [int(x) % 5 for x in np.asarray(axes).reshape(-1)] != [0] or sp is None \
-                or sp.name != "Split" or int(sp.attrs.axis) % 5 != 0 or only_user(part) is None:
+        axis %= rank
+        one = _single(x.dims[axis])
+        k = next(n for n, r in enumerate(op.results) if r is result)
+        start = sum(int(r.type.shape[axis]) for r in op.results[:k])
+        if one is None or rshape[:axis] + rshape[axis + 1:] != x.shape[:axis] + x.shape[axis + 1:] \
+                or start + rshape[axis] > one[0]:
             return None
-        if any(not r.type.is_static or r.type.shape[0] != 1 for r in sp.results):
+        dims = x.dims[:axis] + (_merge([(rshape[axis], one[1])]),) + x.dims[axis + 1:]
+        return NView(dims, x.offset + start * one[1])
+    if op.name == "Slice" and len(op.operands) >= 3:
+        args = [const_of(v) if v is not None else None for v in op.operands[1:]]
+        if any(a is None for a in args[:2]) or any(a is None and v is not None for a, v in zip(args, op.operands[1:])):
             return None
-        t5 = producer(sp.operands[0])
-        if t5 is None or t5.name != "Transpose" or sp.operands[0].type.rank != 5 or not _ok_type(t5.operands[0]):
+        ints = [None if a is None else [int(t) for t in np.asarray(a).reshape(-1)] for a in args]
+        starts, ends = ints[0], ints[1]
+        axes = ints[2] if len(ints) > 2 and ints[2] is not None else list(range(len(starts)))
+        steps = ints[3] if len(ints) > 3 and ints[3] is not None else [1] * len(starts)
+        if not len(starts) == len(ends) == len(axes) == len(steps) or any(not -rank <= a < rank for a in axes) \
+                or len({a % rank for a in axes}) != len(axes):
             return None
-        i = next(k for k, r in enumerate(sp.results) if r is part)
-        return t5, i, [sp, p]
+        dims, off = list(x.dims), x.offset
+        for a, b, e, sp in zip(axes, starts, ends, steps):
+            a %= rank
+            one = _single(dims[a])
+            if sp <= 0 or one is None:
+                return None
+            b, e, sp = slice(b, e, sp).indices(one[0])
+            off += b * one[1]
+            dims[a] = _merge([(len(range(b, e, sp)), one[1] * sp)])
+        got = NView(tuple(dims), off)
+        return got if got.shape == rshape else None
     return None
+
+
+def _chain_view(source: Value, chain, const_of: ConstOf) -> Optional[View]:
+    """The view the ops of `chain` ((op, result, role) from source towards the operand; scales
+    keep the layout) make of `source`'s contiguous buffer, or None when one is no strided view or
+    the end has a dim of several factors."""
+    shape = tuple(int(d) for d in source.type.shape)
+    v = NView.of(View(shape, contiguous(shape)))
+    for op, res, role in chain:
+        if role == "view":
+            v = view_step(op, res, v, const_of)
+            if v is None:
+                return None
+    return v.flat()
+
+
+def _chain_back(v: Value, producer: Producer, only_user: OnlyUser, const_of: ConstOf, allow_scale: bool,
+                permissive: bool) -> list:
+    """The (op, result, role) steps behind operand `v`, from v backwards: scalar scales (Q and Kt
+    only) and view ops, as far as they go (MAX_CHAIN). permissive: a value may have several users
+    (the packed q/k/v shared by three operands; closure is checked on the whole group), else each
+    value's only user must be the next op of the chain."""
+    out = []
+    cur = v
+    while len(out) < MAX_CHAIN:
+        p = producer(cur)
+        if p is None or (not permissive and only_user(cur) is None):
+            break
+        if allow_scale and len(p.results) == 1 and len(p.operands) == 2:
+            s = None
+            for x in (p.operands if p.name == "Mul" else p.operands[:1]):
+                s = _scale_of(p, x, const_of) if x is not None else None
+                if s is not None:
+                    break
+            if s is not None:
+                out.append((p, cur, "scale", s))
+                cur = x
+                continue
+        x = p.operands[0] if p.operands else None
+        if p.name in VIEW_OPS and x is not None and _ok_type(x) and x.type.dtype == cur.type.dtype \
+                and _ok_type(cur) and not p.regions():
+            out.append((p, cur, "view", 1.0))
+            cur = x
+            continue
+        break
+    return out
+
+
+def _operand(v: Value, steps: list, upto: int, const_of: ConstOf) -> Operand:
+    """Operand `v` absorbing at most the first `upto` of its chain `steps`: the longest prefix whose
+    view ops are all strided views of the value it starts from, less the plain reshapes at its
+    start (a reshape of a contiguous value is a free view outside too; leaving it there keeps the
+    group minimal)."""
+    def values(k):
+        return steps[k - 1][0].operands[0] if k else v
+
+    k = min(upto, len(steps))
+    while k > 0:
+        fwd = [(op, res, role) for op, res, role, _ in reversed(steps[:k])]
+        if _chain_view(values(k), fwd, const_of) is not None:
+            break
+        k -= 1
+    while k > 0 and steps[k - 1][2] == "view" and steps[k - 1][0].name in RESHAPES:
+        k -= 1
+    src = values(k)
+    fwd = [(op, res, role) for op, res, role, _ in reversed(steps[:k])]
+    layout = _chain_view(src, fwd, const_of)
+    return Operand(src, layout, tuple(op for op, _, _, _ in reversed(steps[:k])),
+                   math.prod(s for _, _, role, s in steps[:k] if role == "scale"),
+                   any(role == "view" for _, _, role, _ in steps[:k]))
+
+
+def _out_chain(o: Value, only_user: OnlyUser) -> tuple:
+    """(the Transposes/reshapes after o the kernel writes through, o's strides into the last one's
+    buffer): the longest run of only users ending in a Transpose whose inverse is a strided view
+    (trailing reshapes stay outside: free views)."""
+    chain, cur = [], o
+    while len(chain) < MAX_CHAIN:
+        u = only_user(cur)
+        if u is None or u.name not in RESHAPES + ("Transpose",) or not u.operands or u.operands[0] is not cur \
+                or len(u.results) != 1 or not _ok_type(u.results[0]) or u.results[0].type.dtype != cur.type.dtype:
+            break
+        chain.append(u)
+        cur = u.results[0]
+    oshape = tuple(int(d) for d in o.type.shape)
+    for n in range(len(chain), 0, -1):
+        if chain[n - 1].name != "Transpose":
+            continue
+        rshape = tuple(int(d) for d in chain[n - 1].results[0].type.shape)
+        v = NView.of(View(rshape, contiguous(rshape)))
+        for op in reversed(chain[:n]):  # back from the result to o: inverse permutations, reshapes
+            if op.name == "Transpose":
+                p = _perm(op)
+                inv = [0] * len(p)
+                for k, a in enumerate(p):
+                    inv[a] = k
+                v = v.permute(inv)
+            else:
+                v = v.reshape(tuple(int(d) for d in op.operands[0].type.shape))
+            if v is None:
+                break
+        flat = v.flat() if v is not None else None
+        if flat is not None and flat.shape == oshape:
+            return tuple(chain[:n]), flat.strides
+    return (), contiguous(oshape)
 
 
 def _perm(op: Op) -> tuple:
@@ -356,32 +565,37 @@ def match(softmax: Op, producer: Producer, only_user: OnlyUser, const_of: ConstO
             or not _broadcasts(tuple(vv.type.shape)[:-2], scores_shape[:-2]) \
             or tuple(o.type.shape) != scores_shape[:-2] + (S, Dv):
         return None
-    out_op, out_perm = None, None
-    u = only_user(o)
-    if u is not None and u.name == "Transpose" and _ok_type(u.results[0]):
-        out_op, out_perm = u, _perm(u)
-    for allow_pick in (users is not None, False):
-        q = _operand(qv, producer, only_user, const_of, True, allow_pick)
-        kt = _operand(ktv, producer, only_user, const_of, True, allow_pick)
-        v = _operand(vv, producer, only_user, const_of, False, allow_pick)
-        at = Attention(qk, softmax, pv, tuple(steps), q, kt, v, out_perm, out_op)
-        if not any(o.pick is not None for o in (q, kt, v)) or _closed(at, users):
+    out_ops, out_strides = _out_chain(o, only_user)
+    permissive = users is not None
+    operands = ((qv, True), (ktv, True), (vv, False))
+    chains = [_chain_back(x, producer, only_user, const_of, sc, permissive) for x, sc in operands]
+    upto = [len(c) for c in chains]
+    while True:  # each round cuts some chain: at most sum(len(chains)) rounds
+        q, kt, v = (_operand(x, c, u, const_of) for (x, _), c, u in zip(operands, chains, upto))
+        at = Attention(qk, softmax, pv, tuple(steps), q, kt, v, out_ops, out_strides)
+        leaky = _leaky(at, users) if permissive else set()
+        if not leaky:
             return at
-    return None
+        # an op whose result is also read outside cannot be in the group: each chain stops before it
+        cut = [next((k for k in range(u) if id(c[k][0]) in leaky), u) for c, u in zip(chains, upto)]
+        if cut == upto:
+            return None  # a leak outside the operand chains (the scores / probabilities)
+        upto = cut
 
 
-def _closed(at: Attention, users: Callable) -> bool:
-    """Every use of every value made in the group (but its result) is in the group: the shared
-    packed q/k/v Transpose / Split must not be needed outside."""
+def _leaky(at: Attention, users: Callable) -> set:
+    """ids of the group's ops with a result (other than the group's) that is read outside the
+    group or returned: a packed q/k/v Transpose / Split also needed elsewhere."""
     ids = {id(op) for op in at.ops}
+    out = set()
     for op in at.ops:
         for r in op.results:
             if r is at.result:
                 continue
             us = users(r)
             if us is None or any(id(u) not in ids for u in us):
-                return False
-    return True
+                out.add(id(op))
+    return out
 
 
 def _walk_back(cur: Value, producer: Producer, only_user: OnlyUser, const_of: ConstOf, depth: int):

@@ -38,7 +38,23 @@ def attention_model(B=1, S=16, H=2, D=16, T=None, Dv=None, mask="b11t", causal=F
         inits.append(numpy_helper.from_array(np.asarray(arr), name))
         return name
 
-    if packed:  # ViT-style: one qkv input [B,S,3*H*D] -> [B,S,3,H,D] -> (2,0,3,1,4) -> q/k/v
+    if packed in ("split_last", "slice_last"):  # GPT-2: c_attn's [B,S,3*H*D] split on the last axis
+        assert T == S and Dv == D
+        E = H * D
+        inputs = [helper.make_tensor_value_info("qkv", F, [B, S, 3 * E])]
+        parts = ["qp", "kp", "vp"]
+        if packed == "split_last":
+            nodes.append(N("Split", ["qkv", const("parts", np.array([E, E, E], np.int64))], parts, axis=2))
+        else:
+            for i, n in enumerate(parts):
+                nodes.append(N("Slice", ["qkv", const(f"st{i}", np.array([i * E], np.int64)),
+                                         const(f"en{i}", np.array([(i + 1) * E], np.int64)),
+                                         const(f"ax{i}", np.array([-1], np.int64))], [n]))
+        const("shh", np.array([B, S, H, D], np.int64))
+        for n, h in zip(parts, ("qh", "kt", "vh")):  # K straight to [B,H,D,T], as GPT-2 exports it
+            nodes += [N("Reshape", [n, "shh"], [n + "4"]),
+                      N("Transpose", [n + "4"], [h], perm=[0, 2, 3, 1] if h == "kt" else [0, 2, 1, 3])]
+    elif packed:  # ViT-style: one qkv input [B,S,3*H*D] -> [B,S,3,H,D] -> (2,0,3,1,4) -> q/k/v
         assert T == S and Dv == D
         inputs = [helper.make_tensor_value_info("qkv", F, [B, S, 3 * H * D])]
         const("sh5", np.array([B, S, 3, H, D], np.int64))
@@ -106,6 +122,49 @@ def attention_model(B=1, S=16, H=2, D=16, T=None, Dv=None, mask="b11t", causal=F
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def mha_model(B=1, S=16, H=2, D=8, bmm3d=False):
+    """torch's nn.MultiheadAttention as torch.onnx exports it with the fast path off (ViT-B/16's
+    self-attention), seq-first: the packed in_proj output qkv [S,B,3*E] -> Reshape [S,B,3,E] ->
+    Unsqueeze(0) -> Transpose(3,1,2,0,4) -> Squeeze(3) -> [3,S,B,E] -> Gather(i) -> Reshape
+    [S,B*H,D] -> Transpose(1,0,2) -> [B*H,S,D]; then either (bmm3d False) Reshape [B,H,S,D], q and
+    K^T each scaled by D^-1/4, 4-D MatMuls, o Transpose(2,0,1,3) -> [S,B,H,D]; or (bmm3d) the
+    batch-flattened 3-D bmm form, q scaled by D^-1/2, K^T = Transpose(0,2,1), o Transpose(1,0,2)
+    -> [S,B*H,D]; finally Reshape [S*B,E] (out_proj's input)."""
+    E = H * D
+    nodes, inits = [], []
+
+    def const(name, arr):
+        inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    nodes += [N("Reshape", ["qkv", const("sh4", np.array([S, B, 3, E], np.int64))], ["u4"]),
+              N("Unsqueeze", ["u4", const("ax0", np.array([0], np.int64))], ["u5"]),
+              N("Transpose", ["u5"], ["t5"], perm=[3, 1, 2, 0, 4]),
+              N("Squeeze", ["t5", const("ax3", np.array([3], np.int64))], ["sq"])]
+    const("shf", np.array([S, B * H, D], np.int64))
+    const("sh4d", np.array([B, H, S, D], np.int64))
+    for i, n in enumerate("qkv"):
+        nodes += [N("Gather", ["sq", const(f"i{i}", np.array(i, np.int64))], [n + "g"], axis=0),
+                  N("Reshape", [n + "g", "shf"], [n + "f"]), N("Transpose", [n + "f"], [n + "3"], perm=[1, 0, 2])]
+        if not bmm3d:
+            nodes.append(N("Reshape", [n + "3", "sh4d"], [n + "4"]))
+    if bmm3d:
+        nodes += [N("Mul", ["q3", const("c", np.array(D ** -0.5, np.float32))], ["qs"]),
+                  N("Transpose", ["k3"], ["kt"], perm=[0, 2, 1]), N("MatMul", ["qs", "kt"], ["s"]),
+                  N("Softmax", ["s"], ["p"], axis=-1), N("MatMul", ["p", "v3"], ["o"]),
+                  N("Transpose", ["o"], ["ot"], perm=[1, 0, 2])]
+    else:
+        c = const("c", np.array(D ** -0.25, np.float32))
+        nodes += [N("Mul", ["q4", c], ["qs"]), N("Transpose", ["k4"], ["kt0"], perm=[0, 1, 3, 2]),
+                  N("Mul", ["kt0", c], ["kt"]), N("MatMul", ["qs", "kt"], ["s"]),
+                  N("Softmax", ["s"], ["p"], axis=-1), N("MatMul", ["p", "v4"], ["o"]),
+                  N("Transpose", ["o"], ["ot"], perm=[2, 0, 1, 3])]
+    nodes.append(N("Reshape", ["ot", const("sho", np.array([S * B, E], np.int64))], ["y"]))
+    g = helper.make_graph(nodes, "mha", [helper.make_tensor_value_info("qkv", F, [S, B, 3 * E])],
+                          [helper.make_tensor_value_info("y", F, [S * B, E])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 def attention_feed(mod, rng, masked_fraction=0.25):
     """Random inputs; a mask input gets -1e4 at some positions (padding) besides small noise."""
     feed = {}
@@ -135,6 +194,8 @@ CASES = {
     "dv_differs": dict(Dv=32),
     "packed_gather": dict(packed="gather", mask=None),
     "packed_split": dict(packed="split", B=2),
+    "gpt2_split_last": dict(packed="split_last", causal=True, B=2),   # GPT-2: Split of c_attn's output
+    "gpt2_slice_last": dict(packed="slice_last", mask="b1st"),
 }
 
 
@@ -213,8 +274,8 @@ def test_constant_over_scores_stays_unfused():
 
 
 def test_packed_transpose_used_outside_is_not_absorbed(rng):
-    """The packed q/k/v Transpose is also a graph output: the group reads the picked q/k/v as
-    they are (the Transpose and the Gathers stay outside), and still fuses."""
+    """The packed q/k/v Transpose is also a graph output: it stays outside (computed once for
+    the output) and the group reads q/k/v through strides into it (the Gathers absorbed)."""
     model = attention_model(packed="gather", mask=None)
     model.graph.output.append(helper.make_tensor_value_info("qkvt", F, [3, 1, 2, 16, 16]))
     mod = import_model(model)
@@ -223,7 +284,86 @@ def test_packed_transpose_used_outside_is_not_absorbed(rng):
     before = Interpreter(mod).run(feed)
     assert fuse_attention.run(mod)
     names = [op.name for op in mod.main.ops if op.name != "const"]
-    assert names.count("fused") == 1 and names.count("Gather") == 3 and "Transpose" in names
+    assert names.count("fused") == 1 and "Gather" not in names and "Transpose" in names
     after = Interpreter(mod).run(feed)
     for k in before:
         np.testing.assert_array_equal(before[k], after[k])
+
+
+def _model(kw):
+    kw = dict(kw)
+    return mha_model(**kw["mha"]) if "mha" in kw else attention_model(**kw)
+
+
+VIEWS = {"Reshape", "Unsqueeze"}
+MHA_CASES = {  # kwargs, the ops left outside the group
+    "vit_4d": (dict(B=1), VIEWS),
+    "vit_4d_b2": (dict(B=2), VIEWS),  # B*H merged (not one stride apart), split again: still exact
+    "mha_bmm3d": (dict(B=1, bmm3d=True), VIEWS),
+    # 3-D bmm at B > 1: [B*H,S,D] of the packed buffer has no single B*H stride, so the packed
+    # Transpose+Squeeze stay outside (one copy) and the group reads from its result
+    "mha_bmm3d_b2": (dict(B=2, bmm3d=True), VIEWS | {"Transpose", "Squeeze"}),
+}
+
+
+@pytest.mark.parametrize("name", list(MHA_CASES))
+def test_mha_export_fuses_with_no_copy_left(name, rng):
+    """torch MHA (ViT): the whole chain from the packed in_proj output to out_proj's input is one
+    group (Gathers, Squeeze, Transposes, the head split Reshapes absorbed as strides): outside it
+    only the leading Reshape / Unsqueeze (free views) and the trailing Reshape stay."""
+    kw, allowed = MHA_CASES[name]
+    mod = import_model(mha_model(**kw))
+    Pipeline(PRE, verify_each=True).run(mod)
+    feed = attention_feed(mod, rng)
+    before = Interpreter(mod).run(feed)
+    Pipeline(["fuse-attention"], verify_each=True).run(mod)
+    (f,) = _fused(mod)
+    left = [op.name for op in mod.main.ops if op.name not in ("const", "fused")]
+    assert set(left) <= allowed and left.count("Transpose") <= 1, left
+    body = [op.name for op in f.attrs.body.ops]
+    assert body.count("Gather") == 3 and body.count("Softmax") == 1
+    assert "transposes=q,k,v,o" in f.attrs.params
+    after = Interpreter(mod).run(feed)
+    np.testing.assert_array_equal(before["y"], after["y"])
+
+
+def test_packed_split_part_used_outside_stays_outside(rng):
+    """GPT-2 form with the packed Split's V part also a graph output: the Split cannot be in the
+    group (its result would leave it), so no operand reads through it; all three read their split
+    part (q, k, v heads still through strides) and the interpreter agrees."""
+    model = attention_model(packed="split_last", mask=None)
+    model.graph.output.append(helper.make_tensor_value_info("vp", F, [1, 16, 32]))
+    mod = import_model(model)
+    Pipeline(PRE, verify_each=True).run(mod)
+    feed = attention_feed(mod, rng)
+    before = Interpreter(mod).run(feed)
+    assert fuse_attention.run(mod)
+    (f,) = _fused(mod)
+    assert "Split" not in [op.name for op in f.attrs.body.ops]
+    assert "Split" in [op.name for op in mod.main.ops]
+    after = Interpreter(mod).run(feed)
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
+
+
+def test_non_view_reshape_stays_outside():
+    """A Reshape merging dims that are not one stride apart (after a Transpose) is no strided
+    view: reshape_view declines it, and the View algebra is exact where it accepts."""
+    V = fuse_attention.View
+    # [2,3,4] transposed to [3,2,4] (strides 4,12,1): merging the first two dims needs a copy
+    assert fuse_attention.reshape_view(V((3, 2, 4), (4, 12, 1)), (6, 4)) is None
+    # splitting a dim and merging contiguous ones is fine
+    got = fuse_attention.reshape_view(V((3, 2, 4), (4, 12, 1)), (3, 2, 2, 2))
+    assert got == V((3, 2, 2, 2), (4, 12, 2, 1))
+    assert fuse_attention.reshape_view(V((2, 3, 4), (12, 4, 1), 5), (1, 6, 1, 4)) == V((1, 6, 1, 4), (0, 4, 0, 1), 5)
+    # every accepted reshape reads the same elements numpy's reshape of the strided array gives
+    base = np.arange(200.0)
+    for shape, strides, new in [((3, 2, 4), (4, 12, 1), (3, 8)), ((4, 6), (1, 4), (4, 2, 3)),
+                                ((2, 1, 6), (30, 0, 2), (2, 3, 2)), ((6, 5), (5, 1), (30,))]:
+        v = fuse_attention.reshape_view(V(shape, strides, 3), new)
+        a = np.lib.stride_tricks.as_strided(base[3:], shape, [8 * s for s in strides])
+        assert v is not None or a.reshape(new).base is None or not np.shares_memory(a.reshape(new), base)
+        if v is None:
+            continue
+        b = np.lib.stride_tricks.as_strided(base[v.offset:], v.shape, [8 * s for s in v.strides])
+        np.testing.assert_array_equal(a.reshape(new), b)
