@@ -43,6 +43,10 @@ def _transpose(ctx: LowerCtx):
     x, y = ctx.inp(0), ctx.out(0)
     rank = len(x.shape)
     perm = ctx.attr("perm") or tuple(reversed(range(rank)))
+    moved = [p for p in perm if x.shape[p] != 1]
+    if moved == sorted(moved):  # only extent-1 dims move: the same bytes in the same order, a view
+        ctx.alias(0, x)          # (torch MHA's seq-first [1,S,E] <-> [S,1,E] at batch 1)
+        return True
     st = x.strides()
     strided_copy(ctx, x, y, y.shape, [st[p] for p in perm])
     return True

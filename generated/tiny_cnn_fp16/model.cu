@@ -335,7 +335,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_copy_transpose_1(const __h
 // ============================================================================
 // kernel nnc_conv_igemm_b5c4a59138
 // template: conv_igemm.cu.j2
-// params: {"BK":32,"BM":64,"BN":64,"STAGES":4,"WARPS_M":2,"WARPS_N":2,"family":"igemm","selected":{"params":{},"variant":"epilogue.conv"},"template":"conv_igemm.cu.j2"}
+// params: {"BK":32,"BM":64,"BN":64,"STAGES":4,"WARPS_M":2,"WARPS_N":2,"family":"igemm","selected":{"params":{"BK":32,"BM":64,"BN":64,"STAGES":4,"WARPS_M":2,"WARPS_N":2},"variant":"conv.igemm_nhwc"},"template":"conv_igemm.cu.j2"}
 // implements:
 //   %stem.bn_5_nhwc_3: f16[1,32,32,16] = Conv(%0_nhwc_0: f16[1,32,32,3], %stem.w_bn_3_ohwi_1: f16[16,3,3,3], %stem.c_bn_bias_4_2: f16[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1), layout=NHWC}
 //   %stem.r_6_nhwc_4: f16[1,32,32,16] = Relu(%stem.bn_5_nhwc_3: f16[1,32,32,16])
@@ -602,7 +602,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_maxpool_nhwc_3(const __hal
 // ============================================================================
 // kernel nnc_conv_igemm_e6f68b83ad
 // template: conv_igemm.cu.j2
-// params: {"BK":32,"BM":64,"BN":64,"STAGES":4,"WARPS_M":2,"WARPS_N":2,"family":"igemm","selected":{"params":{},"variant":"epilogue.conv"},"template":"conv_igemm.cu.j2"}
+// params: {"BK":32,"BM":64,"BN":64,"STAGES":4,"WARPS_M":2,"WARPS_N":2,"family":"igemm","selected":{"params":{"BK":32,"BM":64,"BN":64,"STAGES":4,"WARPS_M":2,"WARPS_N":2},"variant":"conv.igemm_nhwc"},"template":"conv_igemm.cu.j2"}
 // implements:
 //   %block.a.bn_10_nhwc_8: f16[1,16,16,16] = Conv(%pool_7_nhwc_5: f16[1,16,16,16], %block.a.w_bn_8_ohwi_6: f16[16,3,3,16], %block.a.c_bn_bias_9_7: f16[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1), layout=NHWC}
 //   %block.a.r_11_nhwc_9: f16[1,16,16,16] = Relu(%block.a.bn_10_nhwc_8: f16[1,16,16,16])
@@ -830,7 +830,7 @@ using nnc_conv_igemm_e6f68b83ad_ns::nnc_conv_igemm_e6f68b83ad;
 // ============================================================================
 // kernel nnc_conv_igemm_f0666bbb76
 // template: conv_igemm.cu.j2
-// params: {"BK":32,"BM":64,"BN":64,"STAGES":4,"WARPS_M":2,"WARPS_N":2,"family":"igemm","selected":{"params":{},"variant":"epilogue.conv"},"template":"conv_igemm.cu.j2"}
+// params: {"BK":32,"BM":64,"BN":64,"STAGES":4,"WARPS_M":2,"WARPS_N":2,"family":"igemm","selected":{"params":{"BK":32,"BM":64,"BN":64,"STAGES":4,"WARPS_M":2,"WARPS_N":2},"variant":"conv.igemm_nhwc"},"template":"conv_igemm.cu.j2"}
 // implements:
 //   %block.b.bn_14_nhwc_13: f16[1,16,16,16] = Conv(%block.a.r_11_nhwc_10: f16[1,16,16,16], %block.b.w_bn_12_ohwi_11: f16[16,3,3,16], %block.b.c_bn_bias_13_12: f16[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1), layout=NHWC}
 //   %res_15_nhwc_15: f16[1,16,16,16] = Add(%pool_7_nhwc_14: f16[1,16,16,16], %block.b.bn_14_nhwc_13: f16[1,16,16,16])
@@ -1061,7 +1061,7 @@ using nnc_conv_igemm_f0666bbb76_ns::nnc_conv_igemm_f0666bbb76;
 // ============================================================================
 // kernel nnc_conv_igemm_1a6052b50a
 // template: conv_igemm.cu.j2
-// params: {"BK":32,"BM":64,"BN":64,"STAGES":4,"WARPS_M":2,"WARPS_N":2,"family":"igemm","selected":{"params":{},"variant":"epilogue.conv"},"template":"conv_igemm.cu.j2"}
+// params: {"BK":32,"BM":64,"BN":64,"STAGES":4,"WARPS_M":2,"WARPS_N":2,"family":"igemm","selected":{"params":{"BK":32,"BM":64,"BN":64,"STAGES":4,"WARPS_M":2,"WARPS_N":2},"variant":"conv.igemm_nhwc"},"template":"conv_igemm.cu.j2"}
 // implements:
 //   %down.bn_19_nhwc_20: f16[1,8,8,32] = Conv(%res.r_16_nhwc_17: f16[1,16,16,16], %down.w_bn_17_ohwi_18: f16[32,3,3,16], %down.c_bn_bias_18_19: f16[32]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(2, 2), layout=NHWC}
 //   %down.r_20_nhwc_21: f16[1,8,8,32] = Relu(%down.bn_19_nhwc_20: f16[1,8,8,32])

@@ -278,7 +278,7 @@ __device__ __forceinline__ float nnc_block_max(float v, float* smem) {
 #define nnc_fused_ew_add_5 nnc_tiny_transformer_k_nnc_fused_ew_add_5
 #define nnc_matmul_6 nnc_tiny_transformer_k_nnc_matmul_6
 #define nnc_matmul_8 nnc_tiny_transformer_k_nnc_matmul_8
-#define nnc_ew_add_2_inplace0 nnc_tiny_transformer_k_nnc_ew_add_2_inplace0
+#define nnc_fused_ew_add_2_inplace0 nnc_tiny_transformer_k_nnc_fused_ew_add_2_inplace0
 #define nnc_fused_ew_add_5_inplace1 nnc_tiny_transformer_k_nnc_fused_ew_add_5_inplace1
 #define nnc_fused_ew_gelu_7_inplace2 nnc_tiny_transformer_k_nnc_fused_ew_gelu_7_inplace2
 #endif
@@ -322,7 +322,7 @@ extern "C" __global__ void nnc_layernorm_0(const float* __restrict__ x,
 // template: matmul_fallback.cu.j2
 // params: {"K":64,"M":16,"N":64,"a_bs":[0,0],"a_ks":1,"a_ms":64,"actype":"float","alpha":1.0,"b_bs":[4096,0],"b_ks":64,"b_ns":1,"batch":[3,1],"bctype":"float","beta":1.0,"bias_ms":0,"bias_ns":0,"biasctype":"","cctype":"float","has_bias":false,"selected":{"params":{"tile":16},"variant":"linalg.matmul"},"tile":16}
 // implements:
-//   %q.mm_h: f32[3,1,16,64] = MatMul(%q.mm_hx: f32[1,1,16,64], %q.mm_hw: f32[3,1,64,64])
+//   %q.mm_h_2: f32[3,1,16,64] = MatMul(%q.mm_hx: f32[1,1,16,64], %q.mm_hw: f32[3,1,64,64])
 // ============================================================================
 #define NNC_TILE 16
 extern "C" __global__ void __launch_bounds__(256) nnc_matmul_1(const float* __restrict__ A, const float* __restrict__ B,
@@ -356,17 +356,27 @@ extern "C" __global__ void __launch_bounds__(256) nnc_matmul_1(const float* __re
 // ============================================================================
 // kernel nnc_flash_attention_3
 // template: flash_attention.cu.j2
-// params: {"BC":32,"D":16,"DV":16,"T":"float","WARPS":2,"masks":[],"selected":{"params":{},"variant":"flash_attention._fused_attention"},"steps":[{"c":0.36067376022224085,"role":"scale"}],"variant":"simt"}
+// params: {"BC":32,"D":16,"DV":16,"T":"float","T2":null,"WARPS":2,"masks":[],"post":1.0,"selected":{"params":{},"variant":"flash_attention"},"steps":[{"c":0.36067376022224085,"role":"scale"}],"variant":"simt"}
 // implements:
-//   %attn.t: f32[1,16,4,16] = fused(%q.heads: f32[1,16,4,16], %k.heads: f32[1,16,4,16], %v.heads: f32[1,16,4,16], %scale: f32[]) {body=region(8 ops), kind=attention, params=S=16 T=16 D=16 scale=0.25 transposes=q,k,v,o simt}
-//   %q.t_1: f32[1,4,16,16] = Transpose(%q.heads_0: f32[1,16,4,16]) {perm=(0, 2, 1, 3)}
-//   %k.t_3: f32[1,4,16,16] = Transpose(%k.heads_2: f32[1,16,4,16]) {perm=(0, 2, 3, 1)}
-//   %v.t_5: f32[1,4,16,16] = Transpose(%v.heads_4: f32[1,16,4,16]) {perm=(0, 2, 1, 3)}
-//   %scores_6: f32[1,4,16,16] = MatMul(%q.t_1: f32[1,4,16,16], %k.t_3: f32[1,4,16,16])
-//   %scores.scaled_8: f32[1,4,16,16] = Mul(%scores_6: f32[1,4,16,16], %scale_7: f32[])
-//   %probs_9: f32[1,4,16,16] = Softmax(%scores.scaled_8: f32[1,4,16,16])
-//   %attn_10: f32[1,4,16,16] = MatMul(%probs_9: f32[1,4,16,16], %v.t_5: f32[1,4,16,16])
-//   %attn.t_11: f32[1,16,4,16] = Transpose(%attn_10: f32[1,4,16,16]) {perm=(0, 2, 1, 3)}
+//   %attn.t: f32[1,16,4,16] = fused(%q.mm_hbias: f32[3,1,16,64], %q.mm_hs: i64[1], %q.mm_he: i64[1], %q.mm_hax: i64[1], %q.mm_hs_0: i64[1], %q.mm_he_1: i64[1], %q.mm_hs_2: i64[1], %q.mm_he_3: i64[1], %heads_shape: i64[4], %scale: f32[]) {body=region(17 ops), kind=attention, params=S=16 T=16 D=16 scale=0.25 transposes=q,k,v,o simt}
+//   flash attention tile: simt, one thread per row
+//   %q.b_hslice_4: f32[1,1,16,64] = Slice(%q.mm_hbias_0: f32[3,1,16,64], %q.mm_hs_1: i64[1], %q.mm_he_2: i64[1], %q.mm_hax_3: i64[1])
+//   %q.b_5: f32[1,16,64] = Squeeze(%q.b_hslice_4: f32[1,1,16,64], %q.mm_hax_3: i64[1])
+//   %k.b_hslice_8: f32[1,1,16,64] = Slice(%q.mm_hbias_0: f32[3,1,16,64], %q.mm_hs_0_6: i64[1], %q.mm_he_1_7: i64[1], %q.mm_hax_3: i64[1])
+//   %k.b_9: f32[1,16,64] = Squeeze(%k.b_hslice_8: f32[1,1,16,64], %q.mm_hax_3: i64[1])
+//   %v.b_hslice_12: f32[1,1,16,64] = Slice(%q.mm_hbias_0: f32[3,1,16,64], %q.mm_hs_2_10: i64[1], %q.mm_he_3_11: i64[1], %q.mm_hax_3: i64[1])
+//   %v.b_13: f32[1,16,64] = Squeeze(%v.b_hslice_12: f32[1,1,16,64], %q.mm_hax_3: i64[1])
+//   %q.heads_15: f32[1,16,4,16] = Reshape(%q.b_5: f32[1,16,64], %heads_shape_14: i64[4])
+//   %q.t_16: f32[1,4,16,16] = Transpose(%q.heads_15: f32[1,16,4,16]) {perm=(0, 2, 1, 3)}
+//   %k.heads_17: f32[1,16,4,16] = Reshape(%k.b_9: f32[1,16,64], %heads_shape_14: i64[4])
+//   %k.t_18: f32[1,4,16,16] = Transpose(%k.heads_17: f32[1,16,4,16]) {perm=(0, 2, 3, 1)}
+//   %v.heads_19: f32[1,16,4,16] = Reshape(%v.b_13: f32[1,16,64], %heads_shape_14: i64[4])
+//   %v.t_20: f32[1,4,16,16] = Transpose(%v.heads_19: f32[1,16,4,16]) {perm=(0, 2, 1, 3)}
+//   %scores_21: f32[1,4,16,16] = MatMul(%q.t_16: f32[1,4,16,16], %k.t_18: f32[1,4,16,16])
+//   %scores.scaled_23: f32[1,4,16,16] = Mul(%scores_21: f32[1,4,16,16], %scale_22: f32[])
+//   %probs_24: f32[1,4,16,16] = Softmax(%scores.scaled_23: f32[1,4,16,16])
+//   %attn_25: f32[1,4,16,16] = MatMul(%probs_24: f32[1,4,16,16], %v.t_20: f32[1,4,16,16])
+//   %attn.t_26: f32[1,16,4,16] = Transpose(%attn_25: f32[1,4,16,16]) {perm=(0, 2, 1, 3)}
 // ============================================================================
 
 #include <cuda_fp16.h>
@@ -471,7 +481,8 @@ extern "C" __global__ void __launch_bounds__(64) nnc_flash_attention_3(
       float x = 0.f;
 #pragma unroll
       for (int d = 0; d < D; ++d) x = fmaf(q[d], Ks[t * D + d], x);
-                x *= 0.36067376022224085f;
+      const int cc = t0 + t;
+          x *= 0.36067376022224085f;
 
       const float mn = fmaxf(m, x);
       const float msafe = mn == NEG_INF ? 0.f : mn;
@@ -483,7 +494,7 @@ extern "C" __global__ void __launch_bounds__(64) nnc_flash_attention_3(
     }
   }
   if (row < S) {
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = 1.f / l;  // l = 0: every score -inf; NaN, as the reference
 #pragma unroll
     for (int d = 0; d < DV; ++d) O[(long long)row * o2 + (long long)d * o3] = nnc_from_f<T>(o[d] * inv);
   }
@@ -497,7 +508,7 @@ using nnc_flash_attention_3_ns::nnc_flash_attention_3;
 // template: matmul_fallback.cu.j2
 // params: {"K":64,"M":16,"N":64,"a_bs":[0],"a_ks":1,"a_ms":64,"actype":"float","alpha":1.0,"b_bs":[0],"b_ks":64,"b_ns":1,"batch":[1],"bctype":"float","beta":1.0,"bias_ms":0,"bias_ns":0,"biasctype":"","cctype":"float","has_bias":false,"selected":{"params":{"tile":16},"variant":"linalg.matmul"},"tile":16}
 // implements:
-//   %attn.out_2: f32[1,16,64] = MatMul(%attn.flat: f32[1,16,64], %wo: f32[64,64])
+//   %attn.out_7: f32[1,16,64] = MatMul(%attn.flat: f32[1,16,64], %wo: f32[64,64])
 // ============================================================================
 #define NNC_TILE 16
 extern "C" __global__ void __launch_bounds__(256) nnc_matmul_4(const float* __restrict__ A, const float* __restrict__ B,
@@ -532,10 +543,10 @@ extern "C" __global__ void __launch_bounds__(256) nnc_matmul_4(const float* __re
 // template: elementwise.cu.j2
 // params: {"inputs":[{"compute":"float","ctype":"float","strides":null},{"compute":"float","ctype":"float","strides":null}],"need_coords":false,"outputs":[{"ctype":"float","var":"t0"}],"selected":{"params":{},"variant":"fused.elementwise"},"shape":[1,16,64],"stmts":[{"ctype":"float","expr":"(x0 + x1)","var":"t0"}]}
 // implements:
-//   fused elementwise group of 1 ops -> %res1_4
-//   %res1_4: f32[1,16,64] = Add(%x_3: f32[1,16,64], %attn.out_2: f32[1,16,64])
-//   fused elementwise group of 1 ops -> %y_13
-//   %y_13: f32[1,16,64] = Add(%res1_12: f32[1,16,64], %ff2_11: f32[1,16,64])
+//   fused elementwise group of 1 ops -> %res1_9
+//   %res1_9: f32[1,16,64] = Add(%x_8: f32[1,16,64], %attn.out_7: f32[1,16,64])
+//   fused elementwise group of 1 ops -> %y_18
+//   %y_18: f32[1,16,64] = Add(%res1_17: f32[1,16,64], %ff2_16: f32[1,16,64])
 // ============================================================================
 extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_add_5(
     const float* __restrict__ in0,
@@ -557,7 +568,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_add_5(
 // template: matmul_fallback.cu.j2
 // params: {"K":64,"M":16,"N":128,"a_bs":[0],"a_ks":1,"a_ms":64,"actype":"float","alpha":1.0,"b_bs":[0],"b_ks":128,"b_ns":1,"batch":[1],"bctype":"float","beta":1.0,"bias_ms":0,"bias_ns":0,"biasctype":"","cctype":"float","has_bias":false,"selected":{"params":{"tile":16},"variant":"linalg.matmul"},"tile":16}
 // implements:
-//   %ff1_7: f32[1,16,128] = MatMul(%ln2: f32[1,16,64], %w1: f32[64,128])
+//   %ff1_12: f32[1,16,128] = MatMul(%ln2: f32[1,16,64], %w1: f32[64,128])
 // ============================================================================
 #define NNC_TILE 16
 extern "C" __global__ void __launch_bounds__(256) nnc_matmul_6(const float* __restrict__ A, const float* __restrict__ B,
@@ -592,7 +603,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_matmul_6(const float* __re
 // template: matmul_fallback.cu.j2
 // params: {"K":128,"M":16,"N":64,"a_bs":[0],"a_ks":1,"a_ms":128,"actype":"float","alpha":1.0,"b_bs":[0],"b_ks":64,"b_ns":1,"batch":[1],"bctype":"float","beta":1.0,"bias_ms":0,"bias_ns":0,"biasctype":"","cctype":"float","has_bias":false,"selected":{"params":{"tile":16},"variant":"linalg.matmul"},"tile":16}
 // implements:
-//   %ff2_11: f32[1,16,64] = MatMul(%ff1.gelu: f32[1,16,128], %w2: f32[128,64])
+//   %ff2_16: f32[1,16,64] = MatMul(%ff1.gelu: f32[1,16,128], %w2: f32[128,64])
 // ============================================================================
 #define NNC_TILE 16
 extern "C" __global__ void __launch_bounds__(256) nnc_matmul_8(const float* __restrict__ A, const float* __restrict__ B,
@@ -623,13 +634,14 @@ extern "C" __global__ void __launch_bounds__(256) nnc_matmul_8(const float* __re
 
 
 // ============================================================================
-// kernel nnc_ew_add_2_inplace0
+// kernel nnc_fused_ew_add_2_inplace0
 // template: elementwise.cu.j2
-// params: {"inputs":[{"aliased":true,"compute":"float","ctype":"float","strides":null},{"compute":"float","ctype":"float","strides":[64,0,0,1]}],"need_coords":true,"outputs":[{"aliased":true,"ctype":"float","var":"t0"}],"selected":{"params":{},"variant":"elementwise._elementwise"},"shape":[3,1,16,64],"stmts":[{"ctype":"float","expr":"(x0 + x1)","var":"t0"}]}
+// params: {"inputs":[{"aliased":true,"compute":"float","ctype":"float","strides":null},{"compute":"float","ctype":"float","strides":[64,0,0,1]}],"need_coords":true,"outputs":[{"aliased":true,"ctype":"float","var":"t0"}],"selected":{"params":{},"variant":"fused.elementwise"},"shape":[3,1,16,64],"stmts":[{"ctype":"float","expr":"(x0 + x1)","var":"t0"}]}
 // implements:
-//   %q.mm_hbias: f32[3,1,16,64] = Add(%q.mm_h: f32[3,1,16,64], %q.mm_hb: f32[3,1,1,64])
+//   fused elementwise group of 1 ops -> %q.mm_hbias_4
+//   %q.mm_hbias_4: f32[3,1,16,64] = Add(%q.mm_h_2: f32[3,1,16,64], %q.mm_hb_3: f32[3,1,1,64])
 // ============================================================================
-extern "C" __global__ void __launch_bounds__(256) nnc_ew_add_2_inplace0(
+extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_add_2_inplace0(
     const float* in0,
     const float* __restrict__ in1,
     float* out0,
@@ -654,10 +666,10 @@ extern "C" __global__ void __launch_bounds__(256) nnc_ew_add_2_inplace0(
 // template: elementwise.cu.j2
 // params: {"inputs":[{"compute":"float","ctype":"float","strides":null},{"aliased":true,"compute":"float","ctype":"float","strides":null}],"need_coords":false,"outputs":[{"aliased":true,"ctype":"float","var":"t0"}],"selected":{"params":{},"variant":"fused.elementwise"},"shape":[1,16,64],"stmts":[{"ctype":"float","expr":"(x0 + x1)","var":"t0"}]}
 // implements:
-//   fused elementwise group of 1 ops -> %res1_4
-//   %res1_4: f32[1,16,64] = Add(%x_3: f32[1,16,64], %attn.out_2: f32[1,16,64])
-//   fused elementwise group of 1 ops -> %y_13
-//   %y_13: f32[1,16,64] = Add(%res1_12: f32[1,16,64], %ff2_11: f32[1,16,64])
+//   fused elementwise group of 1 ops -> %res1_9
+//   %res1_9: f32[1,16,64] = Add(%x_8: f32[1,16,64], %attn.out_7: f32[1,16,64])
+//   fused elementwise group of 1 ops -> %y_18
+//   %y_18: f32[1,16,64] = Add(%res1_17: f32[1,16,64], %ff2_16: f32[1,16,64])
 // ============================================================================
 extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_add_5_inplace1(
     const float* __restrict__ in0,
@@ -679,8 +691,8 @@ extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_add_5_inplace1(
 // template: elementwise.cu.j2
 // params: {"inputs":[{"aliased":true,"compute":"float","ctype":"float","strides":null}],"need_coords":false,"outputs":[{"aliased":true,"ctype":"float","var":"t0"}],"selected":{"params":{},"variant":"fused.elementwise"},"shape":[1,16,128],"stmts":[{"ctype":"float","expr":"(0.5f * x0 * (1.0f + erff(x0 * 0.7071067811865476f)))","var":"t0"}]}
 // implements:
-//   fused elementwise group of 1 ops -> %ff1.gelu_8
-//   %ff1.gelu_8: f32[1,16,128] = Gelu(%ff1_7: f32[1,16,128])
+//   fused elementwise group of 1 ops -> %ff1.gelu_13
+//   %ff1.gelu_13: f32[1,16,128] = Gelu(%ff1_12: f32[1,16,128])
 // ============================================================================
 extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_gelu_7_inplace2(
     const float* in0,
@@ -818,25 +830,25 @@ int run_phase(nnc_tiny_transformer* m, cudaStream_t stream, const void* const* i
   cudaError_t e;
   // [0] %ln1: f32[1,16,64] = LayerNormalization(%x: f32[1,16,64], %ln1.g: f32[64], %ln1.b: f32[64])
   nnc_layernorm_0<<<dim3(16, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)((char*)inputs[0] + 0), (float*)(m->weights + 0), (float*)(m->weights + 256), (float*)(m->arena + 12288));
-  // [1] %q.mm_h: f32[3,1,16,64] = MatMul(%q.mm_hx: f32[1,1,16,64], %q.mm_hw: f32[3,1,64,64])
+  // [1] %q.mm_h_2: f32[3,1,16,64] = MatMul(%q.mm_hx: f32[1,1,16,64], %q.mm_hw: f32[3,1,64,64])
   nnc_matmul_1<<<dim3(4, 1, 3), dim3(16, 16, 1), 0, stream>>>((float*)(m->arena + 12288), (float*)(m->weights + 512), (float*)(m->arena + 0));
-  // [2] %q.mm_hbias: f32[3,1,16,64] = Add(%q.mm_h: f32[3,1,16,64], %q.mm_hb: f32[3,1,1,64])
-  nnc_ew_add_2_inplace0<<<dim3(12, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->weights + 49664), (float*)(m->arena + 0), (int64_t)3072LL);
-  // [3] %attn.t: f32[1,16,4,16] = fused(%q.heads: f32[1,16,4,16], %k.heads: f32[1,16,4,16], %v.heads: f32[1,16,4,16], %scale: f32[]) {body=region(8 ops), kind=attention, params=S=16 T=16 D=16 scale=0.25 transposes=q,k,v,o simt}
+  // [2] %q.mm_hbias: f32[3,1,16,64] = fused(%q.mm_h_2: f32[3,1,16,64], %q.mm_hb: f32[3,1,1,64]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
+  nnc_fused_ew_add_2_inplace0<<<dim3(12, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->weights + 49664), (float*)(m->arena + 0), (int64_t)3072LL);
+  // [3] %attn.t: f32[1,16,4,16] = fused(%q.mm_hbias: f32[3,1,16,64], %q.mm_hs: i64[1], %q.mm_he: i64[1], %q.mm_hax: i64[1], %q.mm_hs_0: i64[1], %q.mm_he_1: i64[1], %q.mm_hs_2: i64[1], %q.mm_he_3: i64[1], %heads_shape: i64[4], %scale: f32[]) {body=region(17 ops), kind=attention, params=S=16 T=16 D=16 scale=0.25 transposes=q,k,v,o simt}
   nnc_flash_attention_3<<<dim3(1, 4, 1), dim3(64, 1, 1), 4096, stream>>>((float*)(m->arena + 0), (float*)(m->arena + 4096), (float*)(m->arena + 8192), (float*)(m->arena + 12288), (int32_t)16LL, (int32_t)16LL, (int64_t)0LL, (int64_t)16LL, (int64_t)64LL, (int64_t)1LL, (int64_t)0LL, (int64_t)16LL, (int64_t)64LL, (int64_t)1LL, (int64_t)0LL, (int64_t)16LL, (int64_t)64LL, (int64_t)1LL, (int64_t)0LL, (int64_t)16LL, (int64_t)64LL, (int64_t)1LL);
-  // [4] %attn.out_2: f32[1,16,64] = MatMul(%attn.flat: f32[1,16,64], %wo: f32[64,64])
+  // [4] %attn.out_7: f32[1,16,64] = MatMul(%attn.flat: f32[1,16,64], %wo: f32[64,64])
   nnc_matmul_4<<<dim3(4, 1, 1), dim3(16, 16, 1), 0, stream>>>((float*)(m->arena + 12288), (float*)(m->weights + 50432), (float*)(m->arena + 8192));
-  // [5] %res1: f32[1,16,64] = fused(%x: f32[1,16,64], %attn.out_2: f32[1,16,64]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
+  // [5] %res1: f32[1,16,64] = fused(%x: f32[1,16,64], %attn.out_7: f32[1,16,64]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
   nnc_fused_ew_add_5_inplace1<<<dim3(4, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)((char*)inputs[0] + 0), (float*)(m->arena + 8192), (float*)(m->arena + 8192), (int64_t)1024LL);
   // [6] %ln2: f32[1,16,64] = LayerNormalization(%res1: f32[1,16,64], %ln1.g: f32[64], %ln1.b: f32[64])
   nnc_layernorm_0<<<dim3(16, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 8192), (float*)(m->weights + 0), (float*)(m->weights + 256), (float*)(m->arena + 12288));
-  // [7] %ff1_7: f32[1,16,128] = MatMul(%ln2: f32[1,16,64], %w1: f32[64,128])
+  // [7] %ff1_12: f32[1,16,128] = MatMul(%ln2: f32[1,16,64], %w1: f32[64,128])
   nnc_matmul_6<<<dim3(8, 1, 1), dim3(16, 16, 1), 0, stream>>>((float*)(m->arena + 12288), (float*)(m->weights + 66816), (float*)(m->arena + 0));
-  // [8] %ff1.gelu: f32[1,16,128] = fused(%ff1_7: f32[1,16,128]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
+  // [8] %ff1.gelu: f32[1,16,128] = fused(%ff1_12: f32[1,16,128]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
   nnc_fused_ew_gelu_7_inplace2<<<dim3(8, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->arena + 0), (int64_t)2048LL);
-  // [9] %ff2_11: f32[1,16,64] = MatMul(%ff1.gelu: f32[1,16,128], %w2: f32[128,64])
+  // [9] %ff2_16: f32[1,16,64] = MatMul(%ff1.gelu: f32[1,16,128], %w2: f32[128,64])
   nnc_matmul_8<<<dim3(4, 1, 1), dim3(16, 16, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->weights + 99584), (float*)(m->arena + 12288));
-  // [10] %y: f32[1,16,64] = fused(%res1: f32[1,16,64], %ff2_11: f32[1,16,64]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
+  // [10] %y: f32[1,16,64] = fused(%res1: f32[1,16,64], %ff2_16: f32[1,16,64]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
   nnc_fused_ew_add_5<<<dim3(4, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 8192), (float*)(m->arena + 12288), (float*)((char*)outputs[0] + 0), (int64_t)1024LL);
   e = cudaGetLastError();
   if (e != cudaSuccess) return fail(NNC_ERR_CUDA, std::string("nnc_tiny_transformer_run: ") + cudaGetErrorString(e));
