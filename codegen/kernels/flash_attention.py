@@ -43,8 +43,8 @@ LOG2E = 1.4426950408889634
 BC = 64          # key/value rows per tile (tc): the default
 BCS = (32, 64, 128)  # the declared choices
 WARPS = (2, 4, 8)    # one warp is never declared: its unrolled tile loads spill
-TILE_REGS = 160  # fp32 registers per thread a tile's S, O and Q fragments may take, MI*(bc/2 + Dv/2 + D/4):
-                 # FlashAttention-2's 4 warps x 2 m-tiles at bc = 64, D = 64 (measured spill-free)
+TILE_REGS = 184  # the register model's budget (tile_regs): ptxas -v (sm_90, nvcc 13.0) shows every declared
+                 # point of D = 64 / 128 spill-free with masks and causal, every excluded one spilling or at 255
 BC_SIMT = 32     # key/value rows per tile (simt)
 SIMT_ROWS = 64   # threads (query rows) per CTA (simt)
 SIMT_MAX_D = 256
@@ -98,12 +98,31 @@ def _pair_aligned(buf, strides_but_last) -> bool:
     return off % 4 == 0 and all(s % 2 == 0 for s in strides_but_last)
 
 
-def steps_for_template(at, masks_index, round16: bool = False) -> tuple:
+def causal_band(cond, S: int, T: int):
+    """(k, lower) when the constant condition `cond` (broadcast over the batch dims) is, on its
+    [S, T] slice, exactly "col - row <= k" (lower: True; np.tril(ones, k)) or its complement
+    (False); else None. GPT-2's causal Where condition: the kernel compares indices instead of
+    loading S x T bytes."""
+    if cond is None or cond.ndim < 2 or cond.shape[-2:] != (S, T) or cond.size != S * T:
+        return None
+    c = np.asarray(cond).reshape(S, T) != 0
+    for lower in (True, False):
+        m = c if lower else ~c
+        k = int(m[0].sum()) - 1
+        if np.array_equal(m, np.tril(np.ones((S, T), bool), k)):
+            return k, lower
+    return None
+
+
+def steps_for_template(at, masks_index, round16: bool = False, causal=None) -> tuple:
     """(steps, post): the steps as the template applies them and the factor taking their result to
     log2 units inside the exponentials. Without masks: one scale with the Q/K scales and log2(e)
     folded in, post = 1. With masks: the steps in order in natural units (a leading scale folded
     into the first Add's FMA), each Add followed by a rounding to the 16-bit type when `round16`
-    (the body's Add produces that type), post = log2(e)."""
+    (the body's Add produces that type), post = log2(e). causal: id(Where op) -> causal_band of
+    its condition, for the Wheres that become {role: causal, k, keep} (x = (col - row <= k) ==
+    keep ? x : fill)."""
+    causal = causal or {}
     steps = list(at.steps)
     pre = at.scale
     if not any(s.role in ("where", "add") for s in steps):
@@ -124,9 +143,12 @@ def steps_for_template(at, masks_index, round16: bool = False) -> tuple:
             if round16:
                 out.append({"role": "round"})
         else:
-            fill = s.fill if s.fill >= -FLT_MAX else float("-inf")
-            out.append({"role": "where", "i": masks_index[id(s.op)], "fill": max(min(fill, FLT_MAX), -math.inf),
-                        "keep": s.keep_if_true})
+            fill = max(min(s.fill if s.fill >= -FLT_MAX else float("-inf"), FLT_MAX), -math.inf)
+            if id(s.op) in causal:
+                k, lower = causal[id(s.op)]
+                out.append({"role": "causal", "k": k, "fill": fill, "keep": s.keep_if_true == lower})
+            else:
+                out.append({"role": "where", "i": masks_index[id(s.op)], "fill": fill, "keep": s.keep_if_true})
     return out, LOG2E
 
 
@@ -136,13 +158,20 @@ def _smem(mi: int, warps: int, bc: int, D: int, Dv: int) -> int:
     return (16 * mi * warps * (D + 8) + 2 * bc * (D + 8) + 2 * bc * (Dv + 8)) * 2
 
 
+def tile_regs(mi: int, warps: int, bc: int, D: int, Dv: int) -> int:
+    """A register model of one thread: the S, O and Q fragments (mi * (bc/2 + Dv/2 + D/4) fp32
+    registers), plus 3 per 16-byte cp.async chunk of a K/V tile it issues (the unrolled loads keep
+    their addresses live: few warps and wide tiles spill)."""
+    return mi * (bc // 2 + Dv // 2 + D // 4) + 3 * bc * (D + Dv) // (8 * 32 * warps)
+
+
 def tile_space(D: int, Dv: int, smem_limit: int) -> list:
-    """Every tensor-core tile {mi, warps, bc} that fits shared memory and the register budget."""
+    """Every tensor-core tile {mi, warps, bc} that fits shared memory and the register model."""
     out = []
     for mi in (1, 2):
         for w in WARPS:
             for bc in BCS:
-                if mi * (bc // 2 + Dv // 2 + D // 4) <= TILE_REGS and _smem(mi, w, bc, D, Dv) <= smem_limit:
+                if tile_regs(mi, w, bc, D, Dv) <= TILE_REGS and _smem(mi, w, bc, D, Dv) <= smem_limit:
                     out.append({"mi": mi, "warps": w, "bc": bc})
     return out
 
@@ -187,7 +216,7 @@ def _case(problem):
         if D > SIMT_MAX_D or Dv > SIMT_MAX_D or BC_SIMT * (D + Dv) * 4 > limit:
             return f"head dims {D}/{Dv}: no flash-attention kernel takes them"
         space = [{}]
-    got = dict(at=at, outer=outer, batch=batch, S=S, T=T, D=D, Dv=Dv, dt=dt, B0=B0, B1=B1, space=space)
+    got = dict(at=at, outer=outer, const_of=const_of, batch=batch, S=S, T=T, D=D, Dv=Dv, dt=dt, B0=B0, B1=B1, space=space)
     problem.memo["attention"] = got
     return got
 
@@ -260,9 +289,12 @@ def _render(ctx: LowerCtx, problem, params: dict):
     oshape = tuple(int(d) for d in at.pv.results[0].type.shape)
     o4 = _batch2(oshape, ost, batch) + [ost[-2], ost[-1]]
 
-    masks, margs, mstr, index = [], [], [], {}
+    masks, margs, mstr, index, causal = [], [], [], {}, {}
     for s in at.steps:
-        if s.role in ("add", "where"):
+        band = causal_band(c["const_of"](s.operand), S, T) if s.role == "where" else None
+        if band is not None:  # a constant tril/triu condition: computed from the indices, nothing loaded
+            causal[id(s.op)] = band
+        elif s.role in ("add", "where"):
             b = buf(s.operand)
             index[id(s.op)] = len(masks)
             mshape = tuple(int(d) for d in s.operand.type.shape)
@@ -277,7 +309,7 @@ def _render(ctx: LowerCtx, problem, params: dict):
                           "pair": bool(pair)})
             margs.append(b)
             mstr += ms
-    steps, post = steps_for_template(at, index, round16=elem == 2)
+    steps, post = steps_for_template(at, index, round16=elem == 2, causal=causal)
 
     def source(operand, off):
         """The operand's buffer; a packed pick reads a view from its element offset to the end."""

@@ -11,6 +11,10 @@ flash-attention kernel (templates/flash_attention.cu.j2):
 """
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -127,6 +131,9 @@ def _emulate(plan, launch, values):
                 x = x * np.float32(s["c"])
             elif s["role"] == "round":
                 x = x.astype(store).astype(np.float32)
+            elif s["role"] == "causal":
+                band = (np.arange(T)[None, :] - np.arange(S)[:, None]) <= s["k"]
+                x = np.where(band == s["keep"], x, np.float32(s["fill"]))
             else:
                 i = s["i"]
                 m, _, _ = view(bufs[4 + i], st[16 + 4 * i:20 + 4 * i], (B0, B1, S, T))
@@ -262,6 +269,28 @@ def test_fully_masked_rows_give_what_the_reference_gives(prec, fill):
     np.testing.assert_allclose(got[ok], want[ok], rtol=tol, atol=tol * max(1.0, float(np.abs(want[ok]).max())))
 
 
+@pytest.mark.parametrize("prec", ["bf16", "fp32"])
+def test_causal_where_compares_indices(prec):
+    """GPT-2's constant tril condition becomes a `causal` step (col - row <= T - S): no S x T
+    condition buffer is passed or loaded; the emulation with that step matches the interpreter."""
+    from nnc.codegen.kernels.flash_attention import causal_band
+    S, T = 6, 9
+    assert causal_band(np.tril(np.ones((S, T), bool), T - S)[None, None], S, T) == (T - S, True)
+    assert causal_band(~np.tril(np.ones((S, T), bool), 0), S, T) == (0, False)
+    odd = np.tril(np.ones((S, T), bool), 1)
+    odd[3, 0] = False
+    assert causal_band(odd, S, T) is None
+    mod = _build(prec, B=2, S=77, H=2, D=64, causal=True, mask="b11t", gpt2_kt=True)
+    plan = _plan(mod, prec)
+    (launch,) = _attention_launches(plan)
+    p = plan.kernels[launch.kernel].params
+    assert [s["role"] for s in p["steps"]].count("causal") == 1 and len(p["masks"]) == 1
+    assert sum(1 for a in launch.args if hasattr(a, "shape")) == 5  # q, k, v, out, the padding mask
+    want, got, _ = _run_emulated(mod, prec, attention_feed(mod, np.random.default_rng(1)))
+    tol = {"fp32": 1e-5, "bf16": 6e-2}[prec]
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, float(np.abs(want).max())))
+
+
 def test_tile_space_is_declared_and_each_point_compiles():
     """The tc variant's declared space (mi, warps, bc), the default the pass's recorded tile, and
     every declared point of the benchmark shapes compiles with NVRTC for sm_90 (with the [B,1,1,T]
@@ -290,6 +319,29 @@ def test_tile_space_is_declared_and_each_point_compiles():
         assert ll.smem == fa._smem(p["mi"], p["warps"], p["bc"], 64, 64)
         sources.append(kk.body.replace(ll.kernel, f"{ll.kernel}_t{len(sources)}"))
     assert len(common.nvrtc_compile("\n".join(sources), "sm_90")) > 0
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas -v)")
+def test_declared_tiles_do_not_spill(tmp_path):
+    """ptxas -v on every declared tile of D = 64 ([B,1,1,T] mask + GPT-2 causal, bf16) and D = 128
+    ([B,1,S,T] mask): no spill stores or loads (one translation unit, one ptxas run)."""
+    from nnc.codegen.kernels import flash_attention as fa
+    sources = []
+    for prec, kw in (("bf16", dict(B=32, S=128, H=12, D=64, causal=True)),
+                     ("fp16", dict(B=2, S=128, H=2, D=128, mask="b1st"))):
+        mod = _build(prec, **kw)
+        for p in fa.tile_space(kw["D"], kw["D"], 227 * 1024):
+            pl = lower(mod, {"arch": "sm_90", "precision": prec}, selector=Forced(p))
+            (ll,) = _attention_launches(pl)
+            sources.append(pl.kernels[ll.kernel].body.replace(ll.kernel, f"{ll.kernel}_t{len(sources)}"))
+    src = tmp_path / "fa.cu"
+    src.write_text("\n".join(sources))
+    r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-O3", "-Xptxas", "-v", "-o", str(tmp_path / "fa.cubin"),
+                        str(src)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
+    assert len(spills) == len(sources), r.stderr[-2000:]
+    assert all(a == "0" and b == "0" for a, b in spills), r.stderr
 
 
 class Forced:
