@@ -1,7 +1,7 @@
 """Fused attention benchmark: nnc's flash-attention kernel vs torch's scaled_dot_product_attention
 (flash backend) on the same shapes (run on the GPU machine; prints a short table last).
 
-    python tools/bench_attention.py [--out /tmp/bench_attn] [--iters 100] [--cases 1x128,32x512]
+    python tools/bench_attention.py [--out /tmp/bench_attn] [--iters 100] [--cases 1x128,32x512] [--sweep]
 
 Per case (B in {1, 32}, S in {128, 512}, H = 12, D = 64, fp16):
 - builds an ONNX attention subgraph the way transformers exports it (q/k/v [B,S,H*D] inputs,
@@ -15,6 +15,11 @@ Per case (B in {1, 32}, S in {128, 512}, H = 12, D = 64, fp16):
   alone, no Python in between), vs torch sdpa under sdpa_kernel(SDPBackend.FLASH_ATTENTION) on
   [B,H,S,D] views of the same [B,S,H*D] tensors (the flash backend takes no mask, so the
   mask-free nnc build is the like-for-like row; the masked one is shown too).
+--sweep: besides the default build, every tile of the flash-attention variant's declared space
+(codegen/kernels/flash_attention.tile_space: m-tiles per warp, warps, K/V rows per tile) is built
+(the tile written into the fused op's params, which the variant's default follows) and timed, with
+and without the mask; rows "nnc t=<rows>x<bc> w<warps>", the default marked "*", and per case the
+fastest tile is printed last (what a timed selector would pick).
 TFLOP/s = 4*B*H*S^2*D / time. Every case runs in its own try/except: a failure is a table row.
 """
 from __future__ import annotations
@@ -95,6 +100,38 @@ def time_graph(fn, warmup: int, iters: int, reps: int = 20):
         return None
 
 
+def build_tile(model_path: Path, od: Path, tile):
+    """Compiles the model like the driver (fp16), with the fused attention group's params set to
+    `tile` ({mi, warps, bc}; None: the pass's own choice); returns the chosen tile as the kernel
+    recorded it (MI, WARPS, BC)."""
+    import dataclasses
+
+    import onnx
+
+    from nnc.codegen.emit import compile_to_dir
+    from nnc.driver import pipeline_passes
+    from nnc.onnx_import import import_model
+    from nnc.pipeline import Pipeline
+    mod = import_model(onnx.load(str(model_path)))
+    Pipeline(pipeline_passes("fp16"), verify_each=False).run(mod)
+    if tile is not None:
+        for op in mod.main.ops:
+            if op.name == "fused" and op.attrs.kind == "attention":
+                words = [w for w in op.attrs.params.split() if not w.startswith(("tile=", "warps="))]
+                words = [f"tile={16 * tile['mi'] * tile['warps']}x{tile['bc']}", f"warps={tile['warps']}"] + words
+                op.attrs = dataclasses.replace(op.attrs, params=" ".join(words))
+    plan = compile_to_dir(mod, od, arch=None, precision="fp16")
+    for k in plan["kernels"]:
+        p = k.get("params", {}) if isinstance(k, dict) else {}
+        if "MI" in p and "BC" in p:
+            return (p["MI"], p["WARPS"], p["BC"])
+    return None
+
+
+def tile_name(t) -> str:
+    return "-" if t is None else f"t={16 * t[0] * t[1]}x{t[2]} w{t[1]}"
+
+
 def run_case(B: int, S: int, out: Path, args) -> None:
     import cupy as cp
     import torch
@@ -132,9 +169,13 @@ def run_case(B: int, S: int, out: Path, args) -> None:
     ROWS.append(dict(case=f"B={B} S={S}", impl="torch sdpa flash", ms=t_flash, graph_ms=g_flash, flops=flops,
                      err=None, launches=None))
 
-    for with_mask in (False, True):
+    from nnc.codegen.kernels.flash_attention import tile_space
+    from nnc.codegen.target import resolve_target
+    tiles = [None] + (tile_space(D, D, resolve_target(None).smem_per_block_optin) if args.sweep else [])
+    for with_mask, tile in [(wm, t) for wm in (False, True) for t in tiles]:
         impl = "nnc" + (" +mask" if with_mask else "")
-        row = dict(case=f"B={B} S={S}", impl=impl, ms=None, graph_ms=None, flops=flops, err=None, launches=None)
+        row = dict(case=f"B={B} S={S}", impl=impl, ms=None, graph_ms=None, flops=flops, err=None, launches=None,
+                   mask=with_mask, sweep=tile is not None)
         ROWS.append(row)
         try:
             od = out / f"attn_b{B}_s{S}{'_mask' if with_mask else ''}"
@@ -142,8 +183,20 @@ def run_case(B: int, S: int, out: Path, args) -> None:
             path = out / f"{od.name}.onnx"
             import onnx
             onnx.save(model, path)
-            compile_model(str(path), od, precision="fp16")
+            if tile is None:
+                compile_model(str(path), od, precision="fp16")
+            else:
+                od = od.with_name(od.name + f"_m{tile['mi']}w{tile['warps']}c{tile['bc']}")
+                got = build_tile(path, od, tile)
+                row["impl"] = impl + " " + tile_name(got)
+                if got != (tile["mi"], tile["warps"], tile["bc"]):
+                    row["note"] = f"asked {tile}, built {got}"
             m = nnc.load(od)
+            if tile is None:
+                chosen = next(((k["params"]["MI"], k["params"]["WARPS"], k["params"]["BC"]) for k in m.plan["kernels"]
+                               if isinstance(k, dict) and "BC" in k.get("params", {})), None)
+                row["impl"] = impl + " " + tile_name(chosen) + "*"
+                row["tile"] = chosen
             kernels = [l.get("kernel") or l.get("kind") for l in m.plan["launches"]]
             row["launches"] = len(kernels)
             n_flash = sum(1 for x in kernels if x and "flash_attention" in x)
@@ -178,6 +231,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--cases", default="1x128,1x512,32x128,32x512", help="BxS,... (H=12, D=64, fp16)")
+    ap.add_argument("--sweep", action="store_true", help="also build and time every declared flash-attention tile")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,13 +245,26 @@ def main() -> int:
                              launches=None, note=f"{type(e).__name__}: {e}"[:200]))
             traceback.print_exc()
     print()
-    print(f"{'case':<13} {'impl':<17} {'ms':>9} {'TFLOP/s':>8} {'graph ms':>9} {'TFLOP/s':>8} {'max rel err':>11} "
+    print(f"{'case':<13} {'impl':<26} {'ms':>9} {'TFLOP/s':>8} {'graph ms':>9} {'TFLOP/s':>8} {'max rel err':>11} "
           f"{'launches':>8}  note")
     for r in ROWS:
         tf = None if not r["ms"] else r["flops"] / (r["ms"] * 1e-3) / 1e12
         gtf = None if not r["graph_ms"] else r["flops"] / (r["graph_ms"] * 1e-3) / 1e12
-        print(f"{r['case']:<13} {r['impl']:<17} {fmt(r['ms'], '9.4f')} {fmt(tf, '8.1f')} {fmt(r['graph_ms'], '9.4f')} "
+        print(f"{r['case']:<13} {r['impl']:<26} {fmt(r['ms'], '9.4f')} {fmt(tf, '8.1f')} {fmt(r['graph_ms'], '9.4f')} "
               f"{fmt(gtf, '8.1f')} {fmt(r['err'], '11.2e')} {fmt(r['launches'], '8d')}  {r.get('note', '')}")
+    if args.sweep:  # the fastest tile per case (graph time: the kernel alone), vs the default's
+        print()
+        print("fastest declared tile per case (CUDA-graph ms; '*' rows: the heuristic's default):")
+        for case in dict.fromkeys(r["case"] for r in ROWS):
+            for mask in (False, True):
+                rs = [r for r in ROWS if r["case"] == case and r.get("mask") == mask and r.get("graph_ms")
+                      and r["impl"].startswith("nnc") and not r.get("note")]
+                if not rs:
+                    continue
+                best = min(rs, key=lambda r: r["graph_ms"])
+                dflt = next((r for r in rs if not r.get("sweep")), None)
+                print(f"  {case:<13} {'mask' if mask else 'no mask':<8} best {best['impl']:<26} {best['graph_ms']:.4f} ms"
+                      + (f"  default {dflt['impl']} {dflt['graph_ms']:.4f} ms" if dflt else ""))
     return 0
 
 
