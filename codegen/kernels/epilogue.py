@@ -23,6 +23,9 @@ class Epilogue:
     act_params: tuple = ()          # (("alpha", a),) / (("lo", lo), ("hi", hi))
     alpha: float = 1.0              # GEMM: scale of the product
     beta: float = 1.0               # GEMM: scale of the residual
+    residual_onto: Optional[tuple] = None  # GEMM: the shape the residual is added onto when not the
+                                    # output buffer's (a view of the GEMM result before a later
+                                    # view, fuse-epilogue's `view` steps): same elements, in order
 
     @property
     def empty(self) -> bool:

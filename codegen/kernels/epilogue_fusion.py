@@ -10,7 +10,10 @@
 - the residual is bound to the kernel's C operand (one that broadcasts onto the result, e.g.
   fuse-horizontal's per-member bias [G, 1, 1, N], is read with zero strides along its broadcast
   axes: gemm_lowering.c_strides), the activation to its epilogue activation;
-- a final Cast is the output buffer's dtype (the GEMM's out_dtype).
+- a final Cast is the output buffer's dtype (the GEMM's out_dtype);
+- views (Reshape & co. keeping the last axis) need nothing: the GEMM writes the group's output,
+  which is the same bytes; a residual added after or before one is read as the shape it was
+  added onto (Epilogue.residual_onto).
 
 The body is read back with the pass's own matcher (`fuse_epilogue.match_body`), so the pass and
 this lowering agree on every op's role.
@@ -58,6 +61,7 @@ class _Group:
     a_op: Op  # the anchor, or a copy without its bias operand (results not re-owned)
     bias: Optional[np.ndarray]
     residual: Optional[Value]
+    residual_onto: Optional[tuple]  # the shape of the value the residual is added to
     act: str
     act_params: tuple
     alpha: float
@@ -101,13 +105,13 @@ def _read(problem: Problem):
         elif not conv and gemm_c_is_bias(anchor, const_of) and float(anchor.attrs.beta) != 0.0:
             bias = float(anchor.attrs.beta) * np.broadcast_to(np.asarray(own, np.float64).reshape(-1), (chan,))
             operands = operands[:2]
-    alpha, beta, residual, act, act_params = 1.0, 1.0, None, "none", ()
+    alpha, beta, residual, onto, act, act_params = 1.0, 1.0, None, None, "none", ()
     for s in ch.steps:
         if s.role == "bias":
             v = np.broadcast_to(np.asarray(const_of(s.operand), np.float64).reshape(-1), (chan,))
             bias = v if bias is None else bias + v
         elif s.role == "residual":
-            residual = s.operand
+            residual, onto = s.operand, tuple(s.op.results[0].type.shape)
         elif s.role == "scale":
             alpha, beta = alpha * s.scale, beta * s.scale
             bias = None if bias is None else bias * s.scale
@@ -117,7 +121,7 @@ def _read(problem: Problem):
     if len(operands) != len(anchor.operands):  # without the bias it gave up; results not re-owned
         a_op = Op(anchor.name, operands, [], anchor.attrs, anchor.loc)
         a_op.results = anchor.results
-    return _Group(anchor, a_op, bias, residual, act, act_params, alpha, beta, conv, chan)
+    return _Group(anchor, a_op, bias, residual, onto, act, act_params, alpha, beta, conv, chan)
 
 
 @contextmanager
@@ -145,14 +149,15 @@ def _gemm_epilogue_info(problem: Problem, g: _Group) -> Epilogue:
     """The Epilogue as applies() knows it: TensorInfos where render makes buffers."""
     bias = TensorInfo(_dtype(np.dtype(np.float32)), (g.chan,)) if g.bias is not None else None
     res = problem.info(g.residual) if g.residual is not None else None
-    return Epilogue(bias=bias, residual=res, act=g.act, act_params=g.act_params, alpha=g.alpha, beta=g.beta)
+    return Epilogue(bias=bias, residual=res, act=g.act, act_params=g.act_params, alpha=g.alpha, beta=g.beta,
+                    residual_onto=g.residual_onto)
 
 
 def _epilogue_key(g: _Group) -> str:
     # a residual broadcast onto the result (a per-batch bias) reads less than a full one: its shape
     # is part of the key (a full one's key stays as it was)
     bshape = ""
-    if g.residual is not None and tuple(g.residual.type.shape) != tuple(g.anchor.results[0].type.shape):
+    if g.residual is not None and tuple(g.residual.type.shape) != g.residual_onto:
         bshape = "x".join(map(str, g.residual.type.shape))
         bshape = f"[{bshape}]"
     return (f"|epilogue(bias={g.bias is not None},residual={g.residual is not None}{bshape},act={g.act}"
@@ -179,7 +184,7 @@ def _make_epilogue(ctx: LowerCtx, g: _Group) -> Epilogue:
         dt = g.anchor.results[0].type.dtype.np if g.conv else np.dtype(np.float32)
         bias_buf = ctx.new_weight(np.ascontiguousarray(g.bias.astype(dt)), "epilogue_bias")
     return Epilogue(bias=bias_buf, residual=None if g.residual is None else L.buffer(g.residual),
-                    act=g.act, act_params=g.act_params, alpha=g.alpha, beta=g.beta)
+                    act=g.act, act_params=g.act_params, alpha=g.alpha, beta=g.beta, residual_onto=g.residual_onto)
 
 
 def _name_group(ctx: LowerCtx, n_launch: int) -> None:

@@ -152,10 +152,15 @@ def epilogue_fields(epi: Epilogue, dt: str, y: Buffer, M: int, N: int, stride_d=
     if epi.residual is not None:
         if kernel_dtype(epi.residual) != dt:
             return None
-        if tuple(epi.residual.shape) == tuple(y.shape):  # y's own layout (also a squeezed 1-D MatMul's)
+        # the shape it is added onto: y's, or (a fuse-epilogue view between) a view of the same
+        # elements in the same order
+        onto = tuple(epi.residual_onto) if epi.residual_onto is not None else tuple(y.shape)
+        if math.prod(onto) != y.numel:
+            return None
+        if tuple(epi.residual.shape) == onto:  # y's own layout (also a squeezed 1-D MatMul's)
             ldc_m, ldc_n, stride_c = N, 1, tuple(stride_d)
         else:
-            got = c_strides(epi.residual.shape, y.shape, M, N, batch)
+            got = c_strides(epi.residual.shape, onto, M, N, batch)
             if got is None:
                 return None
             ldc_m, ldc_n, stride_c = got

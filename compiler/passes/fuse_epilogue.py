@@ -22,7 +22,11 @@ in this form (templates/gemm_tc_core.cu.j2, gemm_f32.cu.j2, conv_direct.cu.j2):
 - one activation: Relu, LeakyRelu, Sigmoid, Tanh, Gelu (erf or tanh form; also written out as
   ops, see match_gelu: those become a Gelu op first), Clip with constant
   finite bounds (Relu6); nothing but a Cast may follow it (the kernel applies it last);
-- Cast to f16/bf16/f32, Gemm/MatMul only, last -> `cast` (the GEMM's output dtype).
+- Cast to f16/bf16/f32, Gemm/MatMul only, last -> `cast` (the GEMM's output dtype);
+- Reshape / Flatten / Squeeze / Unsqueeze that keeps the last axis (N), Gemm/MatMul only -> `view`:
+  the GEMM writes its output contiguously, so a view of it is the same bytes and the ops after it
+  still act per element / per column (GPT-2: Gemm (addmm) -> Reshape [1, S, N] -> GELU / residual
+  Add). A view ends the chain only where an epilogue op follows it (trailing views stay outside).
 The fused op's `params` names the epilogue in the kernel's order, e.g. "bias residual relu".
 
 Must hold: static shapes and float (f16/bf16/f32) types without layout tags on the whole chain;
@@ -50,6 +54,8 @@ ANCHORS = ("Conv", "Gemm", "MatMul")
 FLOATS = ("f16", "bf16", "f32")
 # activation ops -> the templates' epilogue activation name (common.ACTIVATIONS)
 ACTIVATION_OPS = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "Clip")
+# ops that only re-view a contiguous tensor (the GEMM's output: same bytes, same order)
+VIEW_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 FLT_MAX = 3.4028234663852886e38
 ConstOf = Callable[[Value], Optional[np.ndarray]]  # a value's compile-time constant, or None
 
@@ -57,7 +63,7 @@ ConstOf = Callable[[Value], Optional[np.ndarray]]  # a value's compile-time cons
 @dataclass(frozen=True)
 class Step:
     """One op of the chain and what it does in the epilogue."""
-    role: str                 # bias | residual | scale | act | cast
+    role: str                 # bias | residual | scale | act | cast | view
     op: Op
     operand: Optional[Value] = None  # bias / residual: the other operand of the Add
     scale: float = 1.0        # scale: the scalar
@@ -172,8 +178,13 @@ def classify(anchor: Op, op: Op, cur: Value, seen: set, const_of: ConstOf) -> Op
     out = op.results[0] if len(op.results) == 1 else None
     if out is None or not _ok_type(out) or ("act" in seen and op.name != "Cast") or "cast" in seen:
         return None
-    shape = tuple(anchor.results[0].type.shape)
+    shape = tuple(cur.type.shape)  # the anchor's, or a view's of it (Gemm/MatMul: last axis N)
     conv = anchor.name == "Conv"
+    if op.name in VIEW_OPS and not conv and op.operands[0] is cur and "cast" not in seen:
+        n = anchor.results[0].type.shape[-1]
+        if out.type.rank >= 1 and out.type.shape[-1] == n and out.type.dtype == cur.type.dtype:
+            return Step("view", op)
+        return None
     if op.name in ("Add", "Sum") and len(op.operands) == 2:
         a, b = op.operands
         other = b if a is cur else a
@@ -235,10 +246,19 @@ def _other_c_free(anchor: Op, const_of: ConstOf) -> bool:
 
 
 def match(anchor: Op, next_user: Callable[[Value], Optional[Op]], const_of: ConstOf) -> Optional[Chain]:
-    """The longest fusible chain after `anchor`; next_user(v) is v's only user, or None when v has
-    another user, is a function result, or has none."""
+    """The longest fusible chain after `anchor`, without trailing views; next_user(v) is v's only
+    user, or None when v has another user, is a function result, or has none."""
+    steps = _steps(anchor, next_user, const_of)
+    while steps and steps[-1].role == "view":
+        steps.pop()
+    return Chain(anchor, tuple(steps)) if steps else None
+
+
+def _steps(anchor: Op, next_user, const_of) -> list:
+    """The longest fusible chain's steps, trailing views included (an activation written out as
+    ops may read the last one: _chain_end)."""
     if not anchor_ok(anchor):
-        return None
+        return []
     steps, seen, cur = [], set(), anchor.results[0]
     while True:
         op = next_user(cur)
@@ -250,7 +270,7 @@ def match(anchor: Op, next_user: Callable[[Value], Optional[Op]], const_of: Cons
         steps.append(s)
         seen.add(s.role)
         cur = op.results[0]
-    return Chain(anchor, tuple(steps)) if steps else None
+    return steps
 
 
 def match_body(body, const_of: ConstOf) -> Optional[Chain]:
@@ -384,12 +404,10 @@ def _chain_end(anchor: Op, next_user, const_of) -> Optional[Value]:
     """The value an activation would read after anchor's chain (None: the chain already has one)."""
     if not anchor_ok(anchor):
         return None
-    ch = match(anchor, next_user, const_of)
-    if ch is None:
-        return anchor.results[0]
-    if any(s.role in ("act", "cast") for s in ch.steps):
+    steps = _steps(anchor, next_user, const_of)
+    if any(s.role in ("act", "cast") for s in steps):
         return None
-    return ch.ops[-1].results[0]
+    return steps[-1].op.results[0] if steps else anchor.results[0]
 
 
 def _gelus_to_ops(func, users, returned, const_of) -> bool:

@@ -1,7 +1,9 @@
 """A constant that broadcasts onto a GEMM's result another way than a per-column bias (fuse-horizontal's
 per-member bias [G, 1, 1, N] of the batched Q/K/V GEMM, a per-row [M, 1]) is fuse-epilogue's
 `residual`, read by the GEMM kernel as C with zero strides along its broadcast axes
-(gemm_lowering.c_strides): one launch, no elementwise Add after it.
+(gemm_lowering.c_strides): one launch, no elementwise Add after it. And the epilogue chain goes
+through views of the GEMM's output that keep its last axis (GPT-2: Gemm -> Reshape -> GELU, and
+Gemm -> Reshape -> residual Add).
 
 Checked here: c_strides against numpy broadcasting (every element's address); the plan (one GEMM
 launch for the group, C bound, no elementwise kernel) and the launch's own buffers and stride
@@ -63,6 +65,28 @@ def unexpressible_model(M=32, K=64, Nc=64):
     return _model(nodes, [("x", [2, 3, M, K])], [("y", [2, 3, M, Nc])], inits)
 
 
+def gpt2_mlp_model(S=64, K=64, Nh=128):
+    """GPT-2's MLP as exported: Reshape [S, K] -> Gemm (addmm: C = bias) -> Reshape [1, S, N] ->
+    GELU (tanh form written out) -> Reshape -> Gemm -> Reshape -> Add(residual x)."""
+    rng = np.random.default_rng(10)
+    inits = {"w1": rng.standard_normal((K, Nh)) / np.sqrt(K), "b1": rng.standard_normal(Nh),
+             "w2": rng.standard_normal((Nh, K)) / np.sqrt(Nh), "b2": rng.standard_normal(K),
+             "s2": np.array([S, K]), "s3a": np.array([1, S, Nh]), "s2b": np.array([S, Nh]), "s3": np.array([1, S, K]),
+             "half": np.array(0.5), "three": np.array(3.0), "c": np.array(0.044715),
+             "k": np.array(np.sqrt(2 / np.pi)), "one": np.array(1.0)}
+    nodes = [N("Reshape", ["x", "s2"], ["h"]), N("Gemm", ["h", "w1", "b1"], ["g"]), N("Reshape", ["g", "s3a"], ["g3"]),
+             N("Mul", ["g3", "half"], ["gh"]), N("Pow", ["g3", "three"], ["gp"]), N("Mul", ["gp", "c"], ["gc"]),
+             N("Add", ["g3", "gc"], ["ga"]), N("Mul", ["ga", "k"], ["gk"]), N("Tanh", ["gk"], ["gt"]),
+             N("Add", ["gt", "one"], ["g1"]), N("Mul", ["gh", "g1"], ["act"]),
+             N("Reshape", ["act", "s2b"], ["a2"]), N("Gemm", ["a2", "w2", "b2"], ["p"]), N("Reshape", ["p", "s3"], ["p3"]),
+             N("Add", ["p3", "x"], ["y"])]
+    model = _model(nodes, [("x", [1, S, K])], [("y", [1, S, K])], inits)
+    for t in model.graph.initializer:  # the shapes are int64
+        if t.name.startswith("s"):
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.int64), t.name))
+    return model
+
+
 # name -> (model, precision, options, GEMM template)
 CASES = {
     "qkv_f16": (qkv_model, "fp16", {}, "gemm_tc.cu.j2"),
@@ -70,6 +94,8 @@ CASES = {
     "qkv_f32_ffma": (qkv_model, "fp32", {"f32_min_ctas": 1}, "gemm_f32.cu.j2"),
     "row_bias_f16": (row_bias_model, "fp16", {}, "gemm_tc.cu.j2"),
 }
+MODELS = dict(CASES, gpt2_mlp_f16=(gpt2_mlp_model, "fp16", {}, "gemm_tc.cu.j2"),
+              gpt2_mlp_f32_tf32=(gpt2_mlp_model, "fp32", {"tf32": True}, "gemm_tc.cu.j2"))
 
 
 def _build(make, prec, passes=None):
@@ -143,7 +169,9 @@ def test_interpreter_same_before_and_after(name, rng):
 def _root_value(plan, buf, values, weights):
     root = plan.root(buf)
     off = buf.alias_offset // buf.dtype.np.itemsize if buf.alias_of is not None else 0
-    if id(root.value) in values:
+    if root.data is not None:  # a weight the lowering made (the summed epilogue bias)
+        arr = root.data
+    elif id(root.value) in values:
         arr = values[id(root.value)]
     else:
         arr = const_value(root.value, weights)
@@ -151,15 +179,30 @@ def _root_value(plan, buf, values, weights):
     return np.asarray(arr, np.float64).reshape(-1), off, root
 
 
-def _emulate(plan, launch, values, weights):
+def _act(x, params: str):
+    if "relu" in params.split():
+        return np.maximum(x, 0.0)
+    if "gelu_tanh" in params.split():
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    return x
+
+
+def _emulate(plan, launch, values, weights, params=""):
     """gemm_tc / gemm_f32 arithmetic in numpy (float64), addressing A, B, C and D exactly as the
     launch's arguments say (batch z = z0 * bdiv + z1; C[row * ldc_m + col * ldc_n] after the batch
-    offsets); returns D's root as the kernel leaves it (NaN where it writes nothing)."""
+    offsets; the per-column bias; the group's activation); returns D's root as the kernel leaves
+    it (NaN where it writes nothing)."""
     bufs = [a for a in launch.args if hasattr(a, "shape")]
     s = [a.value for a in launch.args if not hasattr(a, "shape")]
     M, Nc, K, lda, ldb, ldd, ldc_m, ldc_n, alpha, beta, bdiv, sA0, sA1, sB0, sB1, sC0, sC1, sD0, sD1 = s
-    assert len(bufs) == 4, "A, B, D and C (no separate bias)"
-    (a, ao, _), (b, bo, _), (c, co, _) = (_root_value(plan, x, values, weights) for x in (bufs[0], bufs[1], bufs[3]))
+    bias = [x for x in bufs[3:] if x.name.endswith(".epilogue_bias")]
+    cbuf = [x for x in bufs[3:] if x not in bias]
+    assert len(bufs) == 3 + len(bias) + len(cbuf) and len(bias) <= 1 and len(cbuf) <= 1
+    (a, ao, _), (b, bo, _) = (_root_value(plan, x, values, weights) for x in bufs[:2])
+    c, co, _ = _root_value(plan, cbuf[0], values, weights) if cbuf else (np.zeros(1), 0, None)
+    bv = _root_value(plan, bias[0], values, weights)[0] if bias else np.zeros(Nc)
+    if not cbuf:
+        ldc_m = ldc_n = sC0 = sC1 = 0
     droot = plan.root(bufs[2])
     do = bufs[2].alias_offset // bufs[2].dtype.np.itemsize if bufs[2].alias_of is not None else 0
     out = np.full(droot.numel, np.nan)
@@ -170,7 +213,7 @@ def _emulate(plan, launch, values, weights):
             A = a[ao + z0 * sA0 + z1 * sA1 + np.arange(M)[:, None] * lda + k[None, :]]
             Bm = b[bo + z0 * sB0 + z1 * sB1 + k[:, None] * ldb + n]
             C = c[co + z0 * sC0 + z1 * sC1 + r * ldc_m + n * ldc_n]
-            out[do + z0 * sD0 + z1 * sD1 + r * ldd + n] = alpha * (A @ Bm) + beta * C
+            out[do + z0 * sD0 + z1 * sD1 + r * ldd + n] = _act(alpha * (A @ Bm) + beta * C + bv[n], params)
     return droot, out
 
 
@@ -196,11 +239,9 @@ def test_one_launch_and_its_c_reads_give_the_group(name, rng, monkeypatch):
     feed = {a.name: rng.standard_normal(a.type.shape).astype(np.float32) for a in mod.main.args}
     Interpreter(mod, observe=lambda op, outs: values.update({id(r): o for r, o in zip(op.results, outs)})).run(feed)
     values.update({id(a): np.asarray(feed[a.name]) for a in mod.main.args})
-    droot, out = _emulate(plan, launch, values, mod.weights)
+    droot, out = _emulate(plan, launch, values, mod.weights, group.attrs.params)
     assert droot.value is group.results[0]
     want = np.asarray(values[id(group.results[0])], np.float64).reshape(-1)
-    if "relu" in group.attrs.params:
-        out = np.maximum(out, 0.0)
     assert not np.isnan(out).any(), "the launch leaves part of the result unwritten"
     tol = 1e-2 if prec == "fp16" else 1e-5
     np.testing.assert_allclose(out, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()))
@@ -218,6 +259,80 @@ def test_qkv_bias_strides_are_per_batch():
     ldc_m, ldc_n, bdiv, (sC0, sC1) = s[6], s[7], s[10], s[15:17]
     assert (ldc_m, ldc_n, bdiv, sC0, sC1) == (0, 1, B, Nc, 0)
     assert launch.grid[2] == 3 * B
+
+
+@pytest.mark.parametrize("prec,opts", [("fp16", {}), ("fp32", {"tf32": True})])
+def test_gpt2_mlp_epilogues_go_through_the_reshapes(prec, opts, rng, monkeypatch):
+    """Gemm -> Reshape -> GELU and Gemm -> Reshape -> residual Add: two GEMM launches and nothing
+    else (the casts at the fp16 model's edges); each launch, read in numpy, gives its group."""
+    mod = _build(gpt2_mlp_model, prec)
+    groups = _group_ops(mod)
+    cast = ["Cast"] if prec == "fp16" else []  # the fp16 model's output cast is the GEMM's out dtype
+    assert [[o.name for o in g.attrs.body.ops] for g in groups] == [["Gemm", "Reshape", "Gelu"],
+                                                                    ["Gemm", "Reshape", "Add"] + cast]
+    # (the Gemms' own C, a per-column constant, is the kernel's bias without a chain step)
+    assert [g.attrs.params for g in groups] == ["gelu_tanh", "residual" + " cast=f32" * bool(cast)]
+    plan = _lower(mod, prec, opts, monkeypatch)
+    gemms = _gemm_launches(plan)
+    assert len(gemms) == 2
+    assert all("= Cast(" in l.op for l in plan.launches if l not in gemms), [l.op for l in plan.launches]
+    values = {}
+    feed = {"x": rng.standard_normal((1, 64, 64)).astype(np.float32)}
+    Interpreter(mod, observe=lambda op, outs: values.update({id(r): o for r, o in zip(op.results, outs)})).run(feed)
+    values.update({id(a): np.asarray(feed[a.name]) for a in mod.main.args})
+    tol = 1e-2 if prec == "fp16" else 3e-3
+    for g, launch in zip(groups, gemms):
+        droot, out = _emulate(plan, launch, values, mod.weights, g.attrs.params)
+        assert droot.value is g.results[0]
+        want = np.asarray(values[id(g.results[0])], np.float64).reshape(-1)
+        np.testing.assert_allclose(out, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()))
+    # and the interpreter agrees with the unfused pipeline
+    before = _build(gpt2_mlp_model, prec, [p for p in pipeline_passes(prec) if p not in FUSION_PASSES])
+    got, want = Interpreter(mod).run(feed)["y"], Interpreter(before).run(feed)["y"]
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, float(np.abs(want).max())))
+
+
+def test_residual_added_before_a_view_is_read_as_that_shape(rng, monkeypatch):
+    """MatMul [2, 32, 64] -> Add(r [2, 32, 64]) -> Reshape [64, 64] -> Relu: the residual is of the
+    shape it was added onto, not the output's (Epilogue.residual_onto); one GEMM launch."""
+    from nnc.ir.parser import parse
+    w = ", ".join(repr(float(v)) for v in (np.round(rng.uniform(-1, 1, 64 * 64) * 8) / 8))
+    mod = parse(f"""func @main(%x: f32[2,32,64], %r: f32[2,32,64]) -> (f32[64,64]) {{
+  %w = const() {{value = dense<[{w}]> : f32[64,64]}} : f32[64,64]
+  %s = const() {{value = dense<[64, 64]> : i64[2]}} : i64[2]
+  %m = MatMul(%x, %w) : f32[2,32,64]
+  %a = Add(%m, %r) : f32[2,32,64]
+  %v = Reshape(%a, %s) : f32[64,64]
+  %y = Relu(%v) : f32[64,64]
+  return %y
+}}
+""")
+    Pipeline(["fuse-epilogue"], verify_each=True).run(mod)
+    (group,) = _group_ops(mod)
+    assert group.attrs.params == "residual relu"
+    plan = _lower(mod, "fp32", {"tf32": True}, monkeypatch)
+    assert [plan.kernels[l.kernel].template for l in plan.launches if l.kernel] == ["gemm_tc.cu.j2"]
+    values = {}
+    feed = {a.name: rng.standard_normal(a.type.shape).astype(np.float32) for a in mod.main.args}
+    ref = Interpreter(mod, observe=lambda op, outs: values.update({id(r): o for r, o in zip(op.results, outs)})).run(feed)
+    values.update({id(a): np.asarray(feed[a.name]) for a in mod.main.args})
+    _, out = _emulate(plan, _gemm_launches(plan)[0], values, mod.weights, group.attrs.params)
+    np.testing.assert_allclose(out, ref["y"].reshape(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_views_that_move_the_last_axis_or_trail_stay_out():
+    """A Reshape that changes the last axis ends the chain (its bias / activation would not be per
+    column of the GEMM); a view with nothing fusible after it is not taken."""
+    rng = np.random.default_rng(4)
+    model = _model([N("MatMul", ["x", "w"], ["mm"]), N("Reshape", ["mm", "s"], ["r"]), N("Relu", ["r"], ["y"]),
+                    N("MatMul", ["x", "w"], ["m2"]), N("Reshape", ["m2", "s2"], ["z"])],
+                   [("x", [32, 64])], [("y", [32, 32, 2]), ("z", [1, 32, 64])],
+                   {"w": rng.standard_normal((64, 64)), "s": np.array([32, 32, 2]), "s2": np.array([1, 32, 64])})
+    for t in model.graph.initializer:
+        if t.name.startswith("s"):
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.int64), t.name))
+    mod = _build(lambda: model, "fp32")
+    assert not _group_ops(mod)
 
 
 def test_unexpressible_broadcast_splits_and_computes_the_same(rng, monkeypatch):
@@ -246,18 +361,18 @@ def test_broadcast_tensor_that_is_not_constant_stays_out():
 def test_kernels_compile_with_nvrtc(tmp_path, monkeypatch):
     from nnc.codegen.emit import compile_to_dir
     monkeypatch.setattr(gemm_lowering, "F32_MIN_CTAS", 1)
-    for name, (make, prec, opts, _) in sorted(CASES.items()):
+    for name, (make, prec, opts, _) in sorted(MODELS.items()):
         plan = compile_to_dir(_build(make, prec), tmp_path / name, arch="sm_90", precision=prec,
                               tf32=bool(opts.get("tf32")))
         assert plan["cubins"]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", sorted(CASES) + ["unexpressible"])
+@pytest.mark.parametrize("name", sorted(MODELS) + ["unexpressible"])
 def test_gpu_build_matches_interpreter(name, tmp_path, rng, monkeypatch):
     import nnc
     from nnc.codegen.emit import compile_to_dir
-    make, prec, opts, _ = CASES.get(name, (unexpressible_model, "fp32", {"tf32": True}, None))
+    make, prec, opts, _ = MODELS.get(name, (unexpressible_model, "fp32", {"tf32": True}, None))
     mod = _build(make, prec)
     if "f32_min_ctas" in opts:
         monkeypatch.setattr(gemm_lowering, "F32_MIN_CTAS", opts["f32_min_ctas"])
