@@ -116,8 +116,8 @@ def causal_band(cond, S: int, T: int):
 
 def steps_for_template(at, masks_index, round16: bool = False, causal=None) -> tuple:
     """(steps, post): the steps as the template applies them and the factor taking their result to
-    log2 units inside the exponentials. Without masks: one scale with the Q/K scales and log2(e)
-    folded in, post = 1. With masks: the steps in order in natural units (a leading scale folded
+    log2 units inside the exponentials. Without masks: no steps, post = the Q/K scales times
+    log2(e) (the template's post_fma: one FFMA a score); a non-positive product stays a step. With masks: the steps in order in natural units (a leading scale folded
     into the first Add's FMA), each Add followed by a rounding to the 16-bit type when `round16`
     (the body's Add produces that type), post = log2(e). causal: id(Where op) -> causal_band of
     its condition, for the Wheres that become {role: causal, k, keep} (x = (col - row <= k) ==
@@ -127,7 +127,9 @@ def steps_for_template(at, masks_index, round16: bool = False, causal=None) -> t
     pre = at.scale
     if not any(s.role in ("where", "add") for s in steps):
         total = pre * math.prod(s.scale for s in steps if s.role == "scale") * LOG2E
-        return ([{"role": "scale", "c": total}] if total != 1.0 else []), 1.0
+        if total > 0:  # the raw scores' max is the scaled one's: the scale goes into the exponentials
+            return [], total
+        return [{"role": "scale", "c": total}], 1.0
     out = [] if pre == 1.0 else [{"role": "scale", "c": pre}]
     for s in steps:
         if s.role == "scale":
@@ -326,12 +328,12 @@ def _render(ctx: LowerCtx, problem, params: dict):
                       vec_k=k4[3] == 1 and _aligned(kb, k4[:3], elem),
                       vec_v=v4[3] == 1 and _aligned(vb, v4[:3], elem),
                       vec_o=o4[3] == 1 and _pair_aligned(y, o4[:3]),
-                      masks=masks, steps=steps, post=post)
+                      masks=masks, steps=steps, post=post, post_fma=not steps and post != 1.0, tail=T % bc != 0)
         rows = 16 * mi * warps
         block = 32 * warps
     else:
         params = dict(variant="simt", T=y.ctype, T2=PAIR.get(dt), D=D, DV=Dv, WARPS=SIMT_ROWS // 32, BC=BC_SIMT,
-                      masks=masks, steps=steps, post=post)
+                      masks=masks, steps=steps, post=post, post_fma=False, tail=True)
         rows = SIMT_ROWS
         block = SIMT_ROWS
     k = ctx.render("flash_attention.cu.j2", "flash_attention", **params)
