@@ -407,9 +407,12 @@ class PlanExecutor:
                 self._bytes(t).fill(POISON)
         for k, (r, bid, x) in enumerate(zip(op.results, st["results"], outs)):
             b = self.bufs[bid]
-            # a root is written when a launch names it or a view of it; a view only when named itself
-            # (one made without a kernel must already hold the bytes, through its offset)
-            if (bid in act.names) or (b.root == bid and any(self.bufs[n].root == bid for n in act.names)):
+            # a root is written when a launch names it or a view of it; a view when named itself, or
+            # when a launch of this step names its root (a fused body's last op lowered as a view of
+            # a body temp the step's kernel wrote); else one made without a kernel must already hold
+            # the bytes, through its offset
+            if (bid in act.names) or (b.root == bid and any(self.bufs[n].root == bid for n in act.names)) \
+                    or (b.root != bid and b.root in act.names):
                 self._write(b, np.asarray(x), f"steps[{st['index']}] ({op.name}) result {k} (%{r.name})")
 
     def run(self, feed: dict) -> dict[str, np.ndarray]:

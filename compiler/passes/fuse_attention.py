@@ -11,20 +11,28 @@ Rewrites, per Softmax, the pattern as exporters write it
     p = Softmax(s, axis=-1)
     o = MatMul(p, V)                 V: [.., T, Dv]
 
-and takes into the group, so that the kernel reads through strides instead of copying:
-- rank-3/4 Transposes producing Q, Kt or V (the head split Transpose(0,2,1,3) of a Reshape
-  [B,S,H*D] -> [B,S,H,D], (0,2,3,1) for K^T, or the split followed by (0,1,3,2) as GPT-2 writes
-  K^T; composed), each when the group is its only user;
-- a Transpose of o, when it is o's only user (the head merge back to [B,S,H,Dv]);
-- the packed form, qkv Reshape [B,S,3,H,D] -> Transpose(2,0,3,1,4) -> q/k/v = Gather(.., i,
-  axis 0) or Squeeze(Split(.., axis 0)) (torch's `qkv[i]` / `unbind(0)`, ViT-style exports):
-  the rank-5 Transpose and the pickers, when every use of them is in the group.
+and takes into the group, so that the kernel reads through strides instead of copying, the view
+ops between Q, Kt, V and the values they come from: Transpose, Reshape/Squeeze/Unsqueeze/Flatten,
+and the parts Split / Slice (step > 0, constant bounds) / Gather (one constant index) take of a
+packed projection, as long as each is exactly a strided view (`view_step`: element offset plus
+one stride per dim; a reshape merging dims that are not one stride apart is kept as a dim of
+several factors, valid only if a later reshape splits it again, so [B*H,S,D] of a packed buffer
+at B > 1 reaches the kernel only as [B,H,S,D]). Forms this covers: the head split Reshape [B,S,H*D]
+-> [B,S,H,D] + Transpose(0,2,1,3) / (0,2,3,1) (BERT); GPT-2's c_attn output [B,S,3E] Split on
+the last axis (each part at offset i*E, seq stride 3E, head stride D); ViT's packed [B,S,3,H,D]
+-> Transpose(2,0,3,1,4) -> Gather / Split+Squeeze, and torch nn.MultiheadAttention's seq-first
+[S,B,3E] -> Unsqueeze -> Transpose(3,1,2,0,4) -> Squeeze -> Gather(i) -> Reshape [S,B*H,D] ->
+Transpose(1,0,2) (-> Reshape [B,H,S,D]), its q / K^T scaled by a Mul. A view op whose result is
+also read outside the group stays outside (the chains stop before it, `_leaky`); plain reshapes
+at the start of a chain stay outside too (free views either way). On the output side, the run of
+Transposes/Reshapes after o up to its last Transpose (the head merge, also [B*H,S,D] ->
+Transpose(1,0,2) -> [S,B*H,D]) becomes o's strides into that Transpose's result.
 The scale/mask steps may come in any order; the kernel applies them in program order.
 
 Must hold: static shapes; float (f16/bf16/f32) types without layout tags; Q, Kt, V, o and the
 scores of one dtype; scores of rank 3 or 4 whose batch dims are those of Q (K^T and V may broadcast
-along them); every value inside the group has its only users inside it and is not a function
-result (only o, or its Transpose, leaves the group); Softmax over the last axis. A Softmax over
+along them); every value inside the group has its users inside it and is not a function result
+(only o, or the end of its absorbed head merge, leaves the group); Softmax over the last axis. A Softmax over
 another axis, a mask that does not broadcast, or a scores tensor used elsewhere does not match.
 
 Ordering (compiler/pipeline.py): after the precision passes (they see fused ops as f32 islands)
@@ -248,6 +256,7 @@ def _scale_of(op: Op, cur: Value, const_of: ConstOf) -> Optional[float]:
 RESHAPES = ("Reshape", "Squeeze", "Unsqueeze", "Flatten")  # row-major order kept: a reshape to the result
 VIEW_OPS = RESHAPES + ("Transpose", "Gather", "Split", "Slice")
 MAX_CHAIN = 16  # ops walked back from an operand / forward from o (bounds the work per Softmax)
+MAX_FANOUT = 8  # users of a value an operand chain walks through (q/k/v share the packed ones: 3)
 
 
 def contiguous(shape) -> tuple:
@@ -425,16 +434,18 @@ def _chain_view(source: Value, chain, const_of: ConstOf) -> Optional[View]:
 
 
 def _chain_back(v: Value, producer: Producer, only_user: OnlyUser, const_of: ConstOf, allow_scale: bool,
-                permissive: bool) -> list:
+                users: Optional[Callable] = None) -> list:
     """The (op, result, role) steps behind operand `v`, from v backwards: scalar scales (Q and Kt
-    only) and view ops, as far as they go (MAX_CHAIN). permissive: a value may have several users
-    (the packed q/k/v shared by three operands; closure is checked on the whole group), else each
-    value's only user must be the next op of the chain."""
+    only) and view ops, as far as they go (MAX_CHAIN). With `users` a value may have a few users
+    (the packed q/k/v shared by three operands; closure is checked on the whole group; a value
+    with more than MAX_FANOUT cannot be all in it), else each value's only user must be the next
+    op of the chain."""
     out = []
     cur = v
     while len(out) < MAX_CHAIN:
         p = producer(cur)
-        if p is None or (not permissive and only_user(cur) is None):
+        us = users(cur) if users is not None else None
+        if p is None or (only_user(cur) is None if users is None else us is None or len(us) > MAX_FANOUT):
             break
         if allow_scale and len(p.results) == 1 and len(p.operands) == 2:
             s = None
@@ -568,7 +579,7 @@ def match(softmax: Op, producer: Producer, only_user: OnlyUser, const_of: ConstO
     out_ops, out_strides = _out_chain(o, only_user)
     permissive = users is not None
     operands = ((qv, True), (ktv, True), (vv, False))
-    chains = [_chain_back(x, producer, only_user, const_of, sc, permissive) for x, sc in operands]
+    chains = [_chain_back(x, producer, only_user, const_of, sc, users) for x, sc in operands]
     upto = [len(c) for c in chains]
     while True:  # each round cuts some chain: at most sum(len(chains)) rounds
         q, kt, v = (_operand(x, c, u, const_of) for (x, _), c, u in zip(operands, chains, upto))
