@@ -6,7 +6,8 @@
   time to [K, R, S, C/group] (OHWI, `prepare_weight`); output NHWC or NCHW written by the epilogue.
 * `direct`: NCHW direct conv for tiny shapes, specialised depthwise kernel (C/group == 1), and ConvTranspose
   as a gather (templates/conv_direct.cu.j2); any dtype incl. strict fp32; weight in ONNX layout. With
-  in_layout NHWC: the depthwise kernel on NHWC -> NHWC (2 channels per thread), weight OHWI [K,R,S,1].
+  in_layout NHWC: the depthwise kernel on NHWC -> NHWC (VEC channels per thread: 16-byte loads and
+  stores where `dw_vec16_ok`, else 2), weight OHWI [K,R,S,1].
 * `layout`: NCHW -> NHWC (channel zero-padding) and back (templates/conv_layout.cu.j2).
 
 `plan(problem)` returns the fastest kernel sequence for an ONNX (NCHW) Conv: [nchw->nhwc(+pad)] + igemm
@@ -132,6 +133,21 @@ def default_params(problem: ConvProblem, kind: str | None = None, target: Target
     return max(cands, key=score)
 
 
+def dw_vec16_ok(problem: ConvProblem) -> bool:
+    """The NHWC depthwise kernel may load 16 bytes of channels at once (VEC = 16 / element size):
+    channel multiplier 1 (input channel = output channel) and channels a multiple of VEC, so every
+    pixel row and each thread's channels start 16-byte aligned (given aligned buffers)."""
+    vec = 16 // CTYPES[problem.dtype][1]
+    return problem.KG == 1 and problem.CG == 1 and problem.K % vec == 0 and vec > 2
+
+
+def dw_nhwc_candidates(problem: ConvProblem, target: Target = DEFAULT_TARGET) -> list[dict]:
+    """The NHWC depthwise kernel's space: threads per block x channels per thread (2, and the
+    16-byte vector width where dw_vec16_ok; OPT, the NCHW kernel's outputs per thread, stays 1)."""
+    vecs = ([16 // CTYPES[problem.dtype][1]] if dw_vec16_ok(problem) else []) + [2 if problem.K % 2 == 0 else 1]
+    return [dict(NT=nt, OPT=1, VEC=v) for v in vecs for nt, o in DIRECT_SPACE if o == 1]
+
+
 def padded_channels(problem: ConvProblem) -> int:
     """Channels the NHWC input should be padded to so the igemm A loads are 16-byte vectors."""
     epc = 16 // CTYPES[problem.dtype][1]
@@ -183,8 +199,11 @@ def render(problem: ConvProblem, params: dict | None = None, kind: str | None = 
     elif kind == "direct" and pr.in_layout == "NHWC":
         if pr.out_layout != "NHWC" or pr.CG != 1 or pr.transposed:
             raise ValueError("the NHWC direct conv is depthwise (C/group == 1), NHWC -> NHWC only")
-        vec = 2 if pr.K % 2 == 0 else 1
-        ctx.update(transposed=False, in_layout="NHWC", VEC=vec)
+        vec = int(params.get("VEC") or (2 if pr.K % 2 == 0 else 1))
+        vec16 = vec * elem == 16
+        if pr.K % vec or (vec > 2 and not (vec16 and dw_vec16_ok(pr))):
+            raise ValueError(f"NHWC depthwise VEC={vec}: {pr.K} channels, channel multiplier {pr.KG}")
+        ctx.update(transposed=False, in_layout="NHWC", VEC=vec, VEC16=vec16)
         ctx["name"] = name or kernel_name("nnc_conv_dw_nhwc", ctx)
         src = _render("conv_direct.cu.j2", **ctx)
         grid = (cdiv(pr.N * pr.P * pr.Q * (pr.K // vec), params["NT"]), 1, 1)

@@ -26,7 +26,9 @@ the old if-chain chose otherwise the earlier rank wins, so the choices are the c
   (measured faster, H100 resnet18 l3/l4 at b8), as does an igemm conv whose weight is neither a
   constant nor an init value.
 Conv {layout = "NHWC"} (compiler/passes/assign_layout.py; weight already OHWI, output NHWC):
-* conv.depthwise_nhwc: the NHWC direct kernel (channels innermost, 2 per thread);
+* conv.depthwise_nhwc: the NHWC direct kernel (channels innermost; 16 bytes of channels per thread
+  with vector loads and stores where the channel multiplier is 1, channels are a multiple of 8
+  (fp16/bf16) and the buffers 16-byte aligned, else 2 channels per thread);
 * conv.pointwise_gemm_nhwc: 1x1, stride 1, no padding, groups 1 -> one plain GEMM
   [N*H*W, C] x [C, K] (weight as B^T), bias per column;
 * conv.igemm_nhwc: the implicit GEMM reading and writing NHWC (no layout kernel, no channel padding:
@@ -458,20 +460,28 @@ def _applies_nhwc(path: str):
             problem.memo["conv.gemm"] = c.gemm
         elif path == "depthwise":
             problem.memo["conv.direct"] = c.pr
+            res = _epi(problem).residual
+            problem.memo["conv.dw_aligned"] = aligned(problem.tensor(0)) and aligned(problem.result(0)) and \
+                aligned(res)
         return YES
     return applies
 
 
-NHWC_DEPTHWISE_NT = 256  # threads per block the NHWC depthwise kernel was tuned with (2 channels each)
+NHWC_DEPTHWISE_NT = 256  # threads per block the NHWC depthwise kernel was tuned with
 
 
 def _dw_nhwc_space(problem) -> list:
-    """The NHWC depthwise kernel's block sizes (it has no outputs-per-thread: OPT stays 1)."""
-    return [p for p in conv.candidates(problem.memo["conv.direct"], "direct", problem.target) if p["OPT"] == 1]
+    """conv.dw_nhwc_candidates: block sizes x channels per thread; the 16-byte vector width only
+    where input, output and residual start 16-byte aligned (views may not)."""
+    space = conv.dw_nhwc_candidates(problem.memo["conv.direct"], problem.target)
+    if not problem.memo["conv.dw_aligned"]:
+        space = [p for p in space if p["VEC"] <= 2]
+    return space
 
 
 def _dw_nhwc_default(problem, space) -> dict:
-    return dict(NT=NHWC_DEPTHWISE_NT, OPT=1)
+    """The widest channels per thread at the tuned block size (16-byte loads where they apply)."""
+    return dict(NT=NHWC_DEPTHWISE_NT, OPT=1, VEC=max(p["VEC"] for p in space))
 
 
 def _render_nhwc_conv(kind: str):

@@ -242,3 +242,79 @@ def test_gpu_stand_in_choices_match_the_interpreter(name, tmp_path):
         b = v.astype(np.float64)
         np.testing.assert_allclose(np.asarray(got[k]).astype(np.float64), b, rtol=tol,
                                    atol=tol * max(1.0, float(np.abs(b).max())), err_msg=f"{name}/{k}")
+
+
+def _dw_block():
+    """NHWC after assign-layout: stem 3x3 (16 -> 24), depthwise 3x3 over 24 channels with bias,
+    residual and Relu fused (16-byte vectors: 24 % 8 == 0), 3x3 (24 -> 20), depthwise over 20
+    channels (20 % 8 != 0: 2 channels a thread), depthwise multiplier 2 (20 -> 40), 3x3 out."""
+    rng = np.random.default_rng(3)
+
+    def w(*s):
+        return (rng.standard_normal(s) / np.sqrt(np.prod(s[1:]))).astype(np.float32)
+    nodes = [N("Conv", ["x", "w0"], ["c0"], pads=[1] * 4), N("Relu", ["c0"], ["r0"]),
+             N("Conv", ["r0", "wd", "bd"], ["d"], pads=[1] * 4, group=24), N("Add", ["d", "r0"], ["a"]),
+             N("Relu", ["a"], ["ra"]),
+             N("Conv", ["ra", "w1"], ["c1"], pads=[1] * 4), N("Conv", ["c1", "we"], ["e"], pads=[1] * 4, group=20),
+             N("Conv", ["e", "wm"], ["m"], pads=[1] * 4, group=20), N("Conv", ["m", "w2"], ["y"], pads=[1] * 4)]
+    return mk(nodes, [("x", F, [2, 16, 12, 12])], [("y", F)],
+              [("w0", w(24, 16, 3, 3)), ("wd", w(24, 1, 3, 3)), ("bd", rng.standard_normal(24).astype(np.float32)),
+               ("w1", w(20, 24, 3, 3)), ("we", w(20, 1, 3, 3)), ("wm", w(40, 1, 3, 3)), ("w2", w(8, 40, 3, 3))])
+
+
+@pytest.mark.parametrize("prec", ["fp16", "bf16"])
+def test_depthwise_nhwc_loads_16_bytes_where_it_can(prec, rng):
+    from nnc.codegen.plan_exec import PlanExecutor
+    m = _module(_dw_block(), prec, layout=True, fuse=True)
+    assert all(op.attrs.layout == "NHWC" for op in m.main.walk() if op.name == "Conv")
+    plan = lower(m, _opts(prec))
+    dws = [k for k in plan.kernels.values() if k.name.startswith("nnc_conv_dw_nhwc")]
+    vec = sorted((k.params["VEC"], "uint4" in k.source) for k in dws)
+    assert vec == [(2, False), (2, False), (8, True)], vec  # 20 channels, multiplier 2 | 24 channels
+    sels = [s for s in plan.selections if s.variant == "conv.depthwise_nhwc"]
+    assert sorted(s.params["VEC"] for s in sels) == [2, 2, 8]
+    (fused,) = [k for k in dws if k.params["VEC"] == 8]
+    assert "Cin" in fused.source and "bias" in fused.source  # residual and bias in the vector path
+    ex = PlanExecutor.from_plan(plan, m)
+    feed = {"x": rng.standard_normal((2, 16, 12, 12)).astype(np.float32)}
+    ref, got = Interpreter(m).run(feed), ex.run(feed)
+    assert all(np.array_equal(got[k], ref[k]) for k in ref)
+
+
+def test_depthwise_nhwc_kernels_compile_with_nvrtc(tmp_path):
+    from nnc.codegen.emit import compile_to_dir
+    for prec in ("fp16", "bf16"):
+        plan = compile_to_dir(_module(_dw_block(), prec, layout=True, fuse=True), tmp_path / prec, arch="sm_90",
+                              precision=prec)
+        assert any(k["name"].startswith("nnc_conv_dw_nhwc") for k in plan["kernels"])
+        assert all(f.stat().st_size > 0 for f in (tmp_path / prec).glob("*.cubin"))
+
+
+def test_depthwise_nhwc_vector_width_is_checked():
+    pr = conv.ConvProblem(1, 20, 8, 8, 20, 3, 3, groups=20, dtype="float16", in_layout="NHWC", out_layout="NHWC")
+    assert not conv.dw_vec16_ok(pr) and {p["VEC"] for p in conv.dw_nhwc_candidates(pr)} == {2}
+    with pytest.raises(ValueError, match="VEC=8"):
+        conv.render(pr, dict(NT=256, OPT=1, VEC=8), kind="direct")
+    ok = conv.ConvProblem(1, 24, 8, 8, 24, 3, 3, groups=24, dtype="bfloat16", in_layout="NHWC", out_layout="NHWC")
+    assert conv.dw_vec16_ok(ok) and {p["VEC"] for p in conv.dw_nhwc_candidates(ok)} == {2, 8}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prec", ["fp16", "bf16"])
+def test_gpu_depthwise_nhwc_vectorised_matches_interpreter(prec, tmp_path, rng):
+    """The 16-byte depthwise kernel (bias, residual, Relu fused) and the 2-channel ones against
+    the interpreter (needs GPU run)."""
+    import nnc
+    from nnc.codegen.emit import compile_to_dir
+    m = _module(_dw_block(), prec, layout=True, fuse=True)
+    compile_to_dir(m, tmp_path, arch=None, precision=prec)
+    g = nnc.load(tmp_path)
+    tol = 1e-2 if prec == "fp16" else 4e-2
+    for _ in range(2):
+        feed = {"x": rng.standard_normal((2, 16, 12, 12)).astype(np.float32)}
+        ref = Interpreter(m).run(feed)
+        got = g.run(feed, output="numpy", poison=True)
+        for k, v in ref.items():
+            b = v.astype(np.float64)
+            np.testing.assert_allclose(np.asarray(got[k]).astype(np.float64), b, rtol=tol,
+                                       atol=tol * max(1.0, float(np.abs(b).max())), err_msg=k)
