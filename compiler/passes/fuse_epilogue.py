@@ -27,6 +27,10 @@ in this form (templates/gemm_tc_core.cu.j2, gemm_f32.cu.j2, conv_direct.cu.j2):
   the GEMM writes its output contiguously, so a view of it is the same bytes and the ops after it
   still act per element / per column (GPT-2: Gemm (addmm) -> Reshape [1, S, N] -> GELU / residual
   Add). A view ends the chain only where an epilogue op follows it (trailing views stay outside).
+  VIEW_RESIDUAL: at f32 a tensor residual after a view stays outside: there such an Add usually
+  feeds a LayerNorm (GPT-2's residual stream), whose fuse-reduction kernel takes it for free, and
+  strict-fp32 GEMMs this small often go to the fallback GEMM, which takes no epilogue (the group
+  would split into GEMM + one more elementwise launch; GPT-2 fp32 99 -> 123 launches).
 The fused op's `params` names the epilogue in the kernel's order, e.g. "bias residual relu".
 
 Must hold: static shapes and float (f16/bf16/f32) types without layout tags on the whole chain;
@@ -200,6 +204,8 @@ def classify(anchor: Op, op: Op, cur: Value, seen: set, const_of: ConstOf) -> Op
         if "residual" in seen or not _other_c_free(anchor, const_of):
             return None
         if tuple(other.type.shape) == shape:
+            if "view" in seen and cur.type.dtype.short == "f32" and const_of(other) is None:
+                return None  # see VIEW_RESIDUAL in the docstring
             return Step("residual", op, operand=other)
         if not conv and const_of(other) is not None and _broadcasts_onto(tuple(other.type.shape), shape):
             return Step("residual", op, operand=other)  # read with zero strides along its 1-axes
