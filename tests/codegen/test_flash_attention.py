@@ -109,7 +109,8 @@ def _emulate(plan, launch, values):
     buffers (views at their element offsets into the root's value) and its stride arguments, the
     steps in fp32 in order (a `round` to the kernel's 16-bit type where the template rounds), then
     the online softmax tile by tile (the kernel's BC key rows per tile: a running max of -inf,
-    rescales by exp2((m - max) * post), P rounded to 16 bits for the P V product, 1 / l at the end);
+    rescales by exp2((m - max) * post), P rounded to 16 bits for the P V product, 1 / l at the end),
+    with the kernel's skips per warp of rows (Q K^T of a causally filled tile, dead tiles);
     returns the output root's values as the kernel would leave them (NaN elsewhere)."""
     k = plan.kernels[launch.kernel]
     p = k.params
@@ -130,6 +131,16 @@ def _emulate(plan, launch, values):
     kk, _, _ = view(bufs[1], st[4:8], (B0, B1, T, p["D"]))
     v, _, _ = view(bufs[2], st[8:12], (B0, B1, T, p["DV"]))
     x = np.einsum("absd,abtd->abst", q, kk).astype(np.float32)
+    tc = p["variant"] == "tc"
+    bc = p["BC"] if tc else T  # simt: one column at a time, the same sums
+    rw = 16 * p["MI"] if tc else 1  # the rows of a warp (tc: its skips and votes are per warp)
+    causal = [s for s in p["steps"] if s["role"] == "causal"]
+    if tc and causal:  # the kernel skips Q K^T of a tile the causal step fills for all the warp's rows
+        c = causal[0]
+        for r0 in range(0, S, rw):
+            for c0 in range(0, T, bc):
+                if (c0 - (r0 + rw - 1) > c["k"]) if c["keep"] else (c0 + bc - 1 - r0 <= c["k"]):
+                    x[:, :, r0:r0 + rw, c0:c0 + bc] = 0
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for s in p["steps"]:
             if s["role"] == "scale":
@@ -148,20 +159,27 @@ def _emulate(plan, launch, values):
                 else:
                     x = np.where((m != 0) == s["keep"], x, np.float32(s["fill"]))
         post = np.float32(p["post"])
-        bc = p["BC"] if p["variant"] == "tc" else T  # simt: one column at a time, the same sums
         mrow = np.full(x.shape[:-1] + (1,), -np.inf, np.float32)
         l = np.zeros_like(mrow)
         o = np.zeros((B0, B1, S, p["DV"]))
         for j in range(0, T, bc):
             xs = x[..., j:j + bc]
-            mx = np.maximum(mrow, xs.max(-1, keepdims=True))
+            mt = xs.max(-1, keepdims=True)
+            # the kernel's dead-tile vote: a warp whose rows' scores all lie 2^150 below their max
+            # skips the update (probabilities of 0 in fp32)
+            live = ~((mt - mrow) * post < -150)
+            if tc:
+                pad = np.zeros((B0, B1, -(-S // rw) * rw, 1), bool)
+                pad[:, :, :S] = live
+                live = np.repeat(pad.reshape(B0, B1, -1, rw).any(-1), rw, axis=2)[:, :, :S, None]
+            mx = np.maximum(mrow, mt)
             msafe = np.where(mx == -np.inf, np.float32(0), mx)
             corr = np.exp2((mrow - msafe) * post)
             pr = np.exp2((xs - msafe) * post)
-            l = l * corr + pr.sum(-1, keepdims=True)
-            p16 = pr.astype(store).astype(np.float64) if p["variant"] == "tc" else pr
-            o = o * corr + np.einsum("abst,abtd->absd", p16, v[:, :, j:j + bc])
-            mrow = mx
+            p16 = pr.astype(store).astype(np.float64) if tc else pr
+            l = np.where(live, l * corr + pr.sum(-1, keepdims=True), l)
+            o = np.where(live, o * corr + np.einsum("abst,abtd->absd", p16, v[:, :, j:j + bc]), o)
+            mrow = np.where(live, mx, mrow)
         o = o * (1.0 / l)
     root = plan.buffers[bufs[3].alias_of] if bufs[3].alias_of is not None else bufs[3]
     out = np.full(root.numel, np.nan)
