@@ -356,7 +356,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_matmul_1(const float* __re
 // ============================================================================
 // kernel nnc_flash_attention_3
 // template: flash_attention.cu.j2
-// params: {"BC":32,"D":16,"DV":16,"T":"float","T2":null,"WARPS":2,"masks":[],"post":1.0,"selected":{"params":{},"variant":"flash_attention"},"steps":[{"c":0.36067376022224085,"role":"scale"}],"variant":"simt"}
+// params: {"BC":32,"D":16,"DV":16,"T":"float","T2":null,"WARPS":2,"masks":[],"post":0.36067376022224085,"post_fma":false,"selected":{"params":{},"variant":"flash_attention"},"steps":[],"tail":true,"variant":"simt"}
 // implements:
 //   %attn.t: f32[1,16,4,16] = fused(%q.mm_hbias: f32[3,1,16,64], %q.mm_hs: i64[1], %q.mm_he: i64[1], %q.mm_hax: i64[1], %q.mm_hs_0: i64[1], %q.mm_he_1: i64[1], %q.mm_hs_2: i64[1], %q.mm_he_3: i64[1], %heads_shape: i64[4], %scale: f32[]) {body=region(17 ops), kind=attention, params=S=16 T=16 D=16 scale=0.25 transposes=q,k,v,o simt}
 //   flash attention tile: simt, one thread per row
@@ -482,11 +482,10 @@ extern "C" __global__ void __launch_bounds__(64) nnc_flash_attention_3(
 #pragma unroll
       for (int d = 0; d < D; ++d) x = fmaf(q[d], Ks[t * D + d], x);
       const int cc = t0 + t;
-          x *= 0.36067376022224085f;
 
       const float mn = fmaxf(m, x);
       const float msafe = mn == NEG_INF ? 0.f : mn;
-      const float corr = nnc_exp2(m - msafe), p = nnc_exp2(x - msafe);
+      const float corr = nnc_exp2((m - msafe) * 0.36067376022224085f), p = nnc_exp2((x - msafe) * 0.36067376022224085f);
       l = l * corr + p;
 #pragma unroll
       for (int d = 0; d < DV; ++d) o[d] = fmaf(p, Vs[t * DV + d], o[d] * corr);
