@@ -34,7 +34,7 @@ import math
 import numpy as np
 
 from ...ir.builder import const_value
-from ...passes.fuse_attention import TC_MAX_D, choose_tile, match_body, parse_tile
+from ...passes.fuse_attention import TC_MAX_D, choose_kv_rows, choose_tile, match_body, parse_tile
 from ..lower import LowerCtx, describe_op
 from ..variants import Variant, YES, no, register
 
@@ -243,11 +243,13 @@ def _default(problem, space) -> dict:
         if want in space:
             return dict(want)
     mi, w = choose_tile(c["S"], c["B0"] * c["B1"], c["D"], c["Dv"], problem.target.sm_count)
+    bc = choose_kv_rows(c["S"], c["B0"] * c["B1"], c["D"], c["Dv"], problem.target.sm_count)
     while True:
-        want = {"mi": mi, "warps": w, "bc": BC}
+        want = {"mi": mi, "warps": w, "bc": bc}
         if want in space or (mi == 1 and w == WARPS[0]):
             break
         mi, w = (1, w) if mi > 1 else (1, max(WARPS[0], w // 2))
+        bc = BC
     return dict(want) if want in space else dict(space[0])
 
 

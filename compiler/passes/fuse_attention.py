@@ -170,13 +170,31 @@ def choose_tile(S: int, batch_ctas: int, D: int = 64, Dv: int = 64, sm_count: in
     shared memory serves two m-tiles) where the head dims are <= 64 (at 128 the accumulators of
     two m-tiles do not fit 255 registers), then 8, 4 and 2 warps of 16 rows. Short sequences at
     batch 1 get more, smaller CTAs; long ones fewer, larger CTAs that reuse each K/V tile for more
-    rows. One warp is never chosen: its unrolled tile loads spill."""
-    cands = ([(2, 4)] if D <= 64 and Dv <= 64 else []) + [(1, 8), (1, 4), (1, 2)]
+    rows. One warp is never chosen: its unrolled tile loads spill. Head dims <= 64 follow the
+    H200 measurement below instead."""
+    if D <= 64 and Dv <= 64:
+        # measured on the H200 (tools/bench_attention.py --sweep, 2026-12-01, fp16, H=12, D=64,
+        # CUDA-graph times): with >= one wave of 128-row CTAs, 4 warps of 32 rows win (B=32:
+        # S=128 0.0112 ms, S=512 0.1076 ms); with fewer, 4 warps of 16 rows over 128 K/V rows
+        # (B=1: S=128 0.0038 ms, S=512 0.0087 ms against 0.0122 ms for the 2-warp tile)
+        return (2, 4) if -(-S // 128) * batch_ctas >= sm_count else (1, 4)
+    cands = [(1, 8), (1, 4), (1, 2)]
     for need in (2 * sm_count, sm_count):
         for mi, w in cands:
             if -(-S // (16 * mi * w)) * batch_ctas >= need:
                 return mi, w
     return cands[-1]
+
+
+def choose_kv_rows(S: int, batch_ctas: int, D: int = 64, Dv: int = 64, sm_count: int = DEFAULT_SM_COUNT) -> int:
+    """K/V rows per tile for choose_tile's CTA (the same sweep): 32 for short sequences filling
+    the GPU (B=32 S=128: 0.0112 against 0.0150 ms at 64), 128 for the 64-row CTAs of few heads
+    (B=1), else 64."""
+    if D > 64 or Dv > 64:
+        return KV_TILE
+    if choose_tile(S, batch_ctas, D, Dv, sm_count) == (1, 4):
+        return 128
+    return 32 if S <= 128 else KV_TILE
 
 
 def tile_of(at: "Attention") -> str:
@@ -187,7 +205,7 @@ def tile_of(at: "Attention") -> str:
     if dt not in TC_DTYPES or D % 16 or Dv % 16 or D > TC_MAX_D or Dv > TC_MAX_D:
         return "simt"
     mi, w = choose_tile(S, math.prod(batch), D, Dv)
-    return f"tile={16 * mi * w}x{KV_TILE} warps={w}"
+    return f"tile={16 * mi * w}x{choose_kv_rows(S, math.prod(batch), D, Dv)} warps={w}"
 
 
 def parse_tile(params: str) -> Optional[tuple]:

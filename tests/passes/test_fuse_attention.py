@@ -225,11 +225,15 @@ def test_params_name_the_tile_and_transposes():
     mod = import_model(attention_model(B=1, S=128, H=12, D=64))
     Pipeline(PRE + ["to-fp16", "fuse-attention"], verify_each=True).run(mod)
     (f,) = _fused(mod)
-    assert f.attrs.params == "S=128 T=128 D=64 scale=0.125 mask transposes=q,k,v,o tile=32x64 warps=2"
+    assert f.attrs.params == "S=128 T=128 D=64 scale=0.125 mask transposes=q,k,v,o tile=64x128 warps=4"
     mod = import_model(attention_model(B=32, S=512, H=12, D=64))
     Pipeline(PRE + ["to-fp16", "fuse-attention"], verify_each=True).run(mod)
     assert _fused(mod)[0].attrs.params.endswith("tile=128x64 warps=4")  # 2 m-tiles a warp
-    assert fuse_attention.choose_tile(128, 12) == (1, 2) and fuse_attention.choose_tile(512, 384) == (2, 4)
+    # the H200 sweep's winners at D=64: few heads -> 64-row CTAs over 128 K/V rows; a full GPU of
+    # 128-row CTAs -> 32 K/V rows at S=128, 64 at S=512
+    assert fuse_attention.choose_tile(128, 12) == (1, 4) and fuse_attention.choose_tile(512, 384) == (2, 4)
+    assert [fuse_attention.choose_kv_rows(S, b) for S, b in ((128, 12), (512, 12), (128, 384), (512, 384))] == \
+        [128, 128, 32, 64]
     assert fuse_attention.choose_tile(512, 384, D=128, Dv=128) == (1, 8)
     assert fuse_attention.parse_tile("S=4 tile=128x64 warps=4") == (2, 4)
     assert fuse_attention.parse_tile("tile=48x64 warps=4") is None and fuse_attention.parse_tile("simt") is None
