@@ -70,7 +70,7 @@ def test_random_placements_never_overlap(seed):
     rng = random.Random(seed)
     iv = random_intervals(rng, rng.randrange(1, 160), rng.randrange(1, 80), rng.choice([1, 3, 10, 80]))
     offsets, method = place(iv)
-    assert method in [m for m, _ in memory.GREEDY_METHODS]
+    assert method.removesuffix("+repair") in [m for m, _ in memory.GREEDY_METHODS]
     assert brute_overlaps(iv, offsets) == []
     check_placement(iv, offsets)
     old = old_first_fit(iv)
