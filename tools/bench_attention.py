@@ -34,6 +34,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tools.cuda_timing import time_cuda  # noqa: E402
 H, D = 12, 64
 ROWS: list[dict] = []
 
@@ -60,23 +61,6 @@ def attention_onnx(B: int, S: int, mask: bool):
     # the kernel's result, which the runtime copies into the output buffer (one more launch)
     g = helper.make_graph(nodes, "attention", ins, [helper.make_tensor_value_info("y", F16, [B, S, H, D])], inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
-def time_cuda(fn, warmup: int, iters: int) -> float:
-    """Median milliseconds of fn() between two CUDA events."""
-    import torch
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return float(np.median(ts))
 
 
 def time_graph(fn, warmup: int, iters: int, reps: int = 20):

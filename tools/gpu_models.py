@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 from export_graphs import torch_model  # noqa: E402
+from cuda_timing import time_cuda  # noqa: E402
 
 ROWS: list[dict] = []
 WORK = Path("/tmp/nnc_gpu_models")
@@ -130,22 +131,6 @@ def part_check(models, batches):
                 row(part="check", model=name, batch=batch, build="export", ok=False,
                     error=f"{type(e).__name__}: {str(e)[:300]}")
                 traceback.print_exc()
-
-
-def time_cuda(fn, warmup=10, iters=50) -> float:
-    import torch
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return float(np.median(ts))
 
 
 def part_bench(models, batches, compile_models):

@@ -30,6 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tools.cuda_timing import time_cuda  # noqa: E402
 ROWS: list[tuple] = []  # (part, item, result, detail)
 
 
@@ -262,22 +263,6 @@ def part_cpp(args, out: Path, models: dict):
 
 # ------------------------------------------------------------------ timing
 
-def _time_cuda(fn, warmup=10, iters=50):
-    import torch
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return float(np.median(ts))
-
-
 def bench_one(name: str, prec: str, out: Path) -> dict:
     """Times nnc, torch eager and torch.compile on one model in this process (CUDA events)."""
     import torch
@@ -290,7 +275,7 @@ def bench_one(name: str, prec: str, out: Path) -> dict:
         dev = {k: cp.asarray(t.numpy()) for k, t in zip(input_names, inputs)}
         for suffix in BUILDS:
             m = nnc.load(Path(f"{od}{suffix}"))
-            res[f"nnc{suffix}_ms"] = _time_cuda(lambda: m.run(dev))
+            res[f"nnc{suffix}_ms"] = time_cuda(lambda: m.run(dev))
             res[f"nnc{suffix}_launches"] = len(m.plan["launches"])
     except Exception as e:
         res["nnc_error"] = f"{type(e).__name__}: {e}"[:200]
@@ -300,10 +285,10 @@ def bench_one(name: str, prec: str, out: Path) -> dict:
         tm = tm.half()
         ti = [t.half() if t.is_floating_point() else t for t in ti]
     with torch.no_grad():
-        res["eager_ms"] = _time_cuda(lambda: tm(*ti))
+        res["eager_ms"] = time_cuda(lambda: tm(*ti))
         try:
             cm = torch.compile(tm)
-            res["compile_ms"] = _time_cuda(lambda: cm(*ti), warmup=3)
+            res["compile_ms"] = time_cuda(lambda: cm(*ti), warmup=3)
         except Exception as e:
             res["compile_error"] = f"{type(e).__name__}: {e}"[:200]
     return res
