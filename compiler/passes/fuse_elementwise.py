@@ -35,43 +35,26 @@ from nnc.codegen.init_phase import input_independent
 from nnc.codegen.kernels.fused_elementwise import can_render
 from nnc.codegen.lower import DYNAMIC_OPS
 from nnc.ir.graph import Module, Op
+from nnc.ir.op_groups import OpGroups
 from nnc.ir.outline import Outliner
 from nnc.ir.outline import _reads  # operands, and the outer values an op's regions read
 
 KIND = "elementwise"
 
 
-class _Groups:
-    """Union-find over op indices, each root holding its ops, shape and whether it is open."""
+class _Groups(OpGroups):
+    """OpGroups whose roots also hold the shape every member result has."""
 
     def __init__(self):
-        self.parent: dict[int, int] = {}
-        self.ops: dict[int, list[Op]] = {}
+        super().__init__()
         self.shape: dict[int, tuple] = {}
-        self.open: dict[int, bool] = {}
 
     def new(self, i: int, op: Op) -> None:
-        self.parent[i] = i
-        self.ops[i] = [op]
+        super().new(i, op)
         self.shape[i] = tuple(op.results[0].type.shape)
-        self.open[i] = True
 
-    def find(self, i: int) -> int:
-        root = i
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[i] != root:  # path compression
-            self.parent[i], i = root, self.parent[i]
-        return root
-
-    def union_into(self, root: int, other: int) -> None:
-        if root == other:
-            return
-        if len(self.ops[other]) > len(self.ops[root]):  # move the shorter list
-            self.ops[root], self.ops[other] = self.ops[other], self.ops[root]
-        self.ops[root].extend(self.ops.pop(other))
-        self.parent[other] = root
-        del self.shape[other], self.open[other]
+    def _merged(self, root: int, gone: int) -> None:
+        del self.shape[gone]
 
 
 def find_groups(func) -> list[list[Op]]:
@@ -92,20 +75,14 @@ def find_groups(func) -> list[list[Op]]:
             shape = g.shape[i]
             for r in dict.fromkeys(read_groups):
                 if g.open.get(r) and g.shape[r] == shape:
-                    g.union_into(r, joined)
-                    joined = r
+                    joined = g.union(r, joined)
             for r in op.results:
                 group_of_value[id(r)] = i
         for r in dict.fromkeys(read_groups):  # read from outside: that group can grow no further
             r = g.find(r)
             if r != (g.find(joined) if joined is not None else None):
                 g.open[r] = False
-    groups = [ops for ops in g.ops.values() if len(ops) >= 2]
-    pos = {id(op): k for k, op in enumerate(func.ops)}
-    for ops in groups:
-        ops.sort(key=lambda o: pos[id(o)])
-    groups.sort(key=lambda ops: pos[id(ops[0])])
-    return groups
+    return g.in_program_order(func, [r for r, ops in g.ops.items() if len(ops) >= 2])
 
 
 def run(module: Module) -> bool:

@@ -36,33 +36,23 @@ from nnc.codegen.kernels.fused_reduction import FLOATS, KIND, data_operands, row
 from nnc.codegen.lower import DYNAMIC_OPS
 from nnc.ir.builder import const_value
 from nnc.ir.graph import Module, Op
+from nnc.ir.op_groups import OpGroups
 from nnc.ir.outline import Outliner
 from nnc.ir.outline import _reads  # operands, and the outer values an op's regions read
 
 
-class _Groups:
-    """Union-find over op indices; each root has its ops, its domain F (None before a core joins),
-    its shape (the elementwise result shape while the domain is None), whether it is open."""
+class _Groups(OpGroups):
+    """OpGroups whose roots also hold their domain F (None before a core joins) and their shape
+    (the elementwise result shape while the domain is None)."""
 
     def __init__(self):
-        self.parent: dict[int, int] = {}
-        self.ops: dict[int, list[Op]] = {}
+        super().__init__()
         self.domain: dict[int, tuple | None] = {}
         self.shape: dict[int, tuple] = {}
-        self.open: dict[int, bool] = {}
 
     def new(self, i, op, domain, shape):
-        self.parent[i] = i
-        self.ops[i] = [op]
-        self.domain[i], self.shape[i], self.open[i] = domain, shape, True
-
-    def find(self, i):
-        root = i
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[i] != root:
-            self.parent[i], i = root, self.parent[i]
-        return root
+        super().new(i, op)
+        self.domain[i], self.shape[i] = domain, shape
 
     def agree(self, a, b) -> bool:
         da, db = self.domain[a], self.domain[b]
@@ -73,17 +63,10 @@ class _Groups:
         d, s = (da, self.shape[b]) if da is not None else (db, self.shape[a])
         return s in (d, row_shape(d))
 
-    def union_into(self, root, other):
-        if root == other:
-            return root
-        if len(self.ops[other]) > len(self.ops[root]):
-            root, other = other, root
-        self.ops[root].extend(self.ops.pop(other))
-        self.parent[other] = root
+    def _merged(self, root, gone):
         if self.domain[root] is None:
-            self.domain[root], self.shape[root] = self.domain[other], self.shape[other]
-        del self.domain[other], self.shape[other], self.open[other]
-        return root
+            self.domain[root], self.shape[root] = self.domain[gone], self.shape[gone]
+        del self.domain[gone], self.shape[gone]
 
 
 def _floats(op: Op) -> bool:
@@ -121,19 +104,14 @@ def find_groups(func, weights=None) -> list[list[Op]]:
                         continue
                     r = g.find(j)
                     if r != joined and g.open.get(r) and g.agree(r, joined):
-                        joined = g.union_into(r, joined)
+                        joined = g.union(r, joined)
                 for r in op.results:
                     group_of_value[id(r)] = i
         for r in dict.fromkeys(read_groups):  # read from outside: that group can grow no further
             r = g.find(r)
             if r != (g.find(joined) if joined is not None else None):
                 g.open[r] = False
-    groups = [ops for root, ops in g.ops.items() if len(ops) >= 2 and g.domain[root] is not None]
-    pos = {id(op): k for k, op in enumerate(func.ops)}
-    for ops in groups:
-        ops.sort(key=lambda o: pos[id(o)])
-    groups.sort(key=lambda ops: pos[id(ops[0])])
-    return groups
+    return g.in_program_order(func, [r for r, ops in g.ops.items() if len(ops) >= 2 and g.domain[r] is not None])
 
 
 def run(module: Module) -> bool:
