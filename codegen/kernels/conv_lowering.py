@@ -96,6 +96,11 @@ class _Nchw:
     x_aligned: bool
 
 
+def _nchw_only(problem) -> "_Nchw | str":
+    """For the NCHW variants: the op's NCHW problem, or why they do not take it."""
+    return "an NHWC conv" if _nhwc_layout(problem) else _nchw(problem)
+
+
 def _nchw(problem) -> "_Nchw | str":
     """The op's NCHW problem, or why no fast kernel takes it (memoised)."""
     got = problem.memo.get("conv.nchw")
@@ -224,9 +229,7 @@ def _gemm_default(problem, space) -> dict:
 # ---------------------------------------------------------------- NCHW variants
 
 def _applies_depthwise_nchw(problem):
-    if _nhwc_layout(problem):
-        return no("an NHWC conv")
-    c = _nchw(problem)
+    c = _nchw_only(problem)
     if isinstance(c, str):
         return no(c)
     if c.pr.CG != 1:
@@ -238,9 +241,7 @@ def _applies_depthwise_nchw(problem):
 
 
 def _applies_pointwise_nchw(problem):
-    if _nhwc_layout(problem):
-        return no("an NHWC conv")
-    c = _nchw(problem)
+    c = _nchw_only(problem)
     if isinstance(c, str):
         return no(c)
     pr = c.pr
@@ -270,9 +271,7 @@ def _weight_ready(problem, K: int) -> bool:
 
 
 def _applies_igemm_nchw(problem):
-    if _nhwc_layout(problem):
-        return no("an NHWC conv")
-    c = _nchw(problem)
+    c = _nchw_only(problem)
     if isinstance(c, str):
         return no(c)
     pr = c.pr
@@ -327,9 +326,7 @@ def _strict_f32_case(problem, c: _Nchw):
 
 
 def _applies_im2col(problem):
-    if _nhwc_layout(problem):
-        return no("an NHWC conv")
-    c = _nchw(problem)
+    c = _nchw_only(problem)
     if isinstance(c, str):
         return no(c)
     if c.pr.CG == 1:
@@ -358,9 +355,7 @@ def _render_im2col(ctx: LowerCtx, problem, params: dict):
 
 
 def _applies_direct(problem):
-    if _nhwc_layout(problem):
-        return no("an NHWC conv")
-    c = _nchw(problem)
+    c = _nchw_only(problem)
     if isinstance(c, str):
         return no(c)
     pr = c.pr
