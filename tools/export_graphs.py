@@ -95,6 +95,16 @@ def torch_model(name: str, batch: int = 1):
                 return self.gpt(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
 
         return Dec().eval(), (torch.randint(0, cfg.vocab_size, (batch, 128)),), ["input_ids"]
+    if name == "lstm_2x512":  # issue 9's recurrent row: nn.LSTM(512, 512, num_layers=2), seq 128
+        class Lstm(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.rnn = torch.nn.LSTM(512, 512, num_layers=2)
+
+            def forward(self, x):
+                return self.rnn(x)[0]
+
+        return Lstm().eval(), (torch.randn(128, batch, 512),), ["input"]
     raise KeyError(name)
 
 
