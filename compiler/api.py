@@ -102,6 +102,11 @@ class CompileOptions:
     cache: bool = True            # the per-kernel cubin cache (codegen/cuda.py); False: --no-cache
     jobs: Optional[int] = None    # parallel CUDA compile processes (None: the CPUs)
     fuse: bool = True             # the fusion passes (pipeline.FUSION_PASSES); False: --no-fuse
+    # kernel selection by timing on the GPU (codegen/tuning.py). None: tune when a GPU is present
+    # and backend is "cuda", else the heuristic (--no-tune: False; what it assumes: plan.json "target")
+    tune: Optional[bool] = None
+    tune_budget: Optional[float] = None  # seconds for all the tuning (--tune-budget); then the heuristic
+    timing_cache: Optional[str] = None   # timing cache file read and written (--timing-cache)
 
     def __post_init__(self):
         object.__setattr__(self, "shapes", normalize_shapes(dict(self.shapes) if isinstance(self.shapes, tuple)
@@ -116,6 +121,13 @@ class CompileOptions:
             raise NncError(f"name must be a string, not {type(self.name).__name__}")
         if self.jobs is not None and (isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1):
             raise NncError(f"jobs must be a positive int or None, not {self.jobs!r}")
+        if self.tune is not None and not isinstance(self.tune, bool):
+            raise NncError(f"tune must be True, False or None (auto), not {self.tune!r}")
+        if self.tune_budget is not None and (isinstance(self.tune_budget, bool) or
+                                             not isinstance(self.tune_budget, (int, float)) or not self.tune_budget > 0):
+            raise NncError(f"tune_budget must be a positive number of seconds or None, not {self.tune_budget!r}")
+        if self.timing_cache is not None:
+            object.__setattr__(self, "timing_cache", os.fspath(self.timing_cache))
 
     @property
     def generates_cuda(self) -> bool:
@@ -127,8 +139,25 @@ class CompileOptions:
         from .codegen.options import CodegenOptions, LowerOptions
         from .codegen.target import resolve_target
         t = resolve_target(self.arch) if target is None else target
-        return CodegenOptions(LowerOptions(t, self.precision, self.tf32), self.cuda_compiler,
-                              cache=self.cache, jobs=self.jobs)
+        tune, why = self.tuning()
+        return CodegenOptions(LowerOptions(t, self.precision, self.tf32, tune=tune, tune_budget=self.tune_budget,
+                                           timing_cache=self.timing_cache, tune_reason=why),
+                              self.cuda_compiler, cache=self.cache, jobs=self.jobs)
+
+    def tuning(self) -> tuple[bool, str]:
+        """(tune?, why): tune=None means tune when the backend is "cuda" and a GPU is present."""
+        from .codegen.options import env_tune
+        tune = self.tune if self.tune is not None else env_tune()
+        if tune is False:
+            return False, "--no-tune" if self.tune is False else "NNC_TUNE=0"
+        if self.backend != "cuda":
+            return False, f"backend {self.backend!r} (tuning needs the cuda backend)"
+        from .codegen.target import gpu_present
+        if not gpu_present():
+            if tune:
+                raise NncError("tune=True needs a CUDA GPU (none is available); use tune=False (--no-tune)")
+            return False, "no GPU present (heuristic: what it assumes is plan.json's target)"
+        return True, "--tune" if tune else "default: a GPU is present"
 
     def compile_kwargs(self) -> dict:
         """The keyword arguments of nnc.compile.compile_model for these options."""
@@ -304,10 +333,12 @@ class ReferenceModule(Module):
 # ---------------------------------------------------------------------------- entry points
 
 
-def load(out, backend: str = "cuda", *, in_arena: Optional[bool] = None) -> Module:
+def load(out, backend: str = "cuda", *, in_arena: Optional[bool] = None, cuda_graph: bool = True) -> Module:
     """Loads a directory written by `nnc compile` / nnc.compile. backend "cuda" needs a CUDA GPU
     (an NncError says so when there is none); "reference" runs ir/final.nnir with numpy, by default
-    inside the plan's arena when plan.json has steps (in_arena: see ReferenceModule)."""
+    inside the plan's arena when plan.json has steps (in_arena: see ReferenceModule). cuda_graph:
+    "cuda" replays each run as one CUDA graph captured at load (False: eager launches; see
+    nnc.runtime); the reference backend has no launches and ignores it."""
     if backend not in BACKENDS:
         raise NncError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, not {backend!r}")
     out = Path(out)
@@ -318,7 +349,7 @@ def load(out, backend: str = "cuda", *, in_arena: Optional[bool] = None) -> Modu
     if in_arena is not None:
         raise NncError("in_arena chooses how the reference backend runs; not with backend='cuda'")
     from .runtime import Module as CudaModule
-    return CudaModule(out)
+    return CudaModule(out, cuda_graph=cuda_graph)
 
 
 def _model_arg(model):
@@ -345,7 +376,9 @@ def _model_arg(model):
 def compile(model, shapes=None, precision: str = "fp32", out=None, backend: str = "cuda", arch=None,
             tf32: bool = False, name: Optional[str] = None, *, codegen: Optional[bool] = None,
             cuda_compiler: str = "nvrtc", verify_each: bool = False, cache: bool = True,
-            jobs: Optional[int] = None, fuse: bool = True, options: Optional[CompileOptions] = None) -> Module:
+            jobs: Optional[int] = None, fuse: bool = True, tune: Optional[bool] = None,
+            tune_budget: Optional[float] = None, timing_cache=None,
+            options: Optional[CompileOptions] = None) -> Module:
     """Compiles an ONNX model and loads it: nnc.compile("m.onnx", shapes={"x": [1, 3, 8, 8]}).
 
     model: a path, bytes or an onnx.ModelProto. shapes: {input: dims} or "x:1x3x8x8,..." (the
@@ -354,12 +387,15 @@ def compile(model, shapes=None, precision: str = "fp32", out=None, backend: str 
     check comes before the compile) or "reference" (numpy; CUDA codegen skipped unless
     codegen=True). name: the C API name (default: the file's stem). cache=False: bypass the cubin
     cache; jobs: CUDA compile processes. fuse=False: no fusion passes (about one kernel per op).
+    tune: time the kernel candidates on the GPU (None: when a GPU is present), tune_budget: seconds
+    for it, timing_cache: a file of past timings (codegen/timing_cache.py).
     options: a CompileOptions instead of the keyword arguments."""
     from .driver import compile_model
     opts = options or CompileOptions(shapes=normalize_shapes(shapes), precision=precision, backend=backend,
                                      arch=arch, tf32=tf32, name=name, codegen=codegen,
                                      cuda_compiler=cuda_compiler, verify_each=verify_each, cache=cache,
-                                     jobs=jobs, fuse=fuse)
+                                     jobs=jobs, fuse=fuse, tune=tune, tune_budget=tune_budget,
+                                     timing_cache=timing_cache)
     if opts.backend == "cuda":
         from .runtime import require_gpu
         require_gpu()  # before a compile that could take a while

@@ -4,6 +4,14 @@
     y = m(x)                        # numpy, cupy or torch arrays in; cupy arrays out
     outs = m.run({"input": x}, output="numpy")
 
+CUDA graphs: the plan's shapes are static, so at load the whole run (every launch of
+plan.json "launches", over device input/output buffers the module owns) is captured once into a
+CUDA graph; run() copies the given inputs into those buffers, replays the graph and copies the
+asked-for outputs out. Readbacks (the extent of a data-dependent output, NonZero's count) are
+captured as device-to-host copies into pinned memory and read after one synchronize at the end
+of the run: no launch depends on a host-read value. A plan the capture refuses runs eagerly
+(Module.graph_fallback says why); nnc.load(out, cuda_graph=False) asks for eager launches.
+
 cupy is imported lazily: importing nnc (or this module) never needs a GPU.
 """
 from __future__ import annotations
@@ -68,7 +76,7 @@ class Module(api.Module):
 
     backend = "cuda"
 
-    def __init__(self, out_dir, verify_weights: bool = True):
+    def __init__(self, out_dir, verify_weights: bool = True, cuda_graph: bool = True):
         self.dir = Path(out_dir)
         self.plan, weights_path, cubins = plan_files(self.dir)  # before the GPU: checks files only
         p = self.plan
@@ -115,8 +123,60 @@ class Module(api.Module):
                 kind, grid = "coop", _coop_grid(f, grid, l["block"], l["smem"])
             (self._init_launches if init else self._launches).append(
                 (kind, f, grid, tuple(l["block"]), l["smem"], args, l.get("nbytes", 0), l.get("output_index", -1)))
+        # readbacks: D2H copies of an int64 extent into pinned host memory, read after the run's end
+        self._readback_outputs = sorted({o for k, *_, o in self._launches if k == "readback"})
+        self._extent_mem = cupy.cuda.alloc_pinned_memory(8 * (len(p["outputs"]) + 1))
+        self._extent_host = np.frombuffer(self._extent_mem, np.int64, len(p["outputs"]) + 1)
         self.init_runs = 0  # how often the init phase ran: once, here
         self._run_init()
+        self.graph = None           # the captured cupy.cuda.graph.Graph, replayed by run()
+        self.graph_fallback = None  # why runs are eager (a sentence), None when the graph is used
+        if not isinstance(cuda_graph, bool):
+            raise NncError(f"cuda_graph must be True or False, not {cuda_graph!r}")
+        if cuda_graph:
+            self._capture()
+        else:
+            self.graph_fallback = "cuda_graph=False"
+
+    @property
+    def uses_cuda_graph(self) -> bool:
+        """True when run() replays the captured CUDA graph (False: eager launches)."""
+        return self.graph is not None
+
+    def _capture(self):
+        """Captures every run launch, bound to buffers this module owns, into one CUDA graph (on a
+        private stream: the legacy default stream cannot capture). On any capture error the module
+        stays eager and graph_fallback names the error."""
+        cp = self._cp
+        if not self._launches:
+            self.graph_fallback = "the plan has no launches"
+            return
+        self._in_bufs = [cp.empty(t["shape"], _dev_dtype(t["dtype"])) for t in self.plan["inputs"]]
+        self._out_bufs = [cp.empty(t.get("max_shape", t["shape"]), _dev_dtype(t["dtype"])) for t in self.plan["outputs"]]
+        st = cp.cuda.Stream(non_blocking=True)
+        err, graph = None, None
+        mode = getattr(cp.cuda.runtime, "streamCaptureModeRelaxed", None)  # coop grid queries stay legal
+        with st:
+            st.begin_capture() if mode is None else st.begin_capture(mode)
+            try:
+                self._execute(self._in_bufs, self._out_bufs, st, capture=True)
+            except Exception as e:  # the capture is ended below either way
+                err = e
+            try:
+                graph = st.end_capture()
+            except Exception as e:
+                err = err or e
+        if err is not None or graph is None:
+            self.graph_fallback = f"CUDA graph capture failed, running eagerly: {type(err).__name__}: {err}"
+            self._in_bufs = self._out_bufs = None
+            return
+        try:
+            graph.upload(st)  # instantiate the device-side work now, not at the first replay
+        except Exception:
+            pass  # upload is an optimisation (older cupy/driver): launch uploads on first use
+        st.synchronize()
+        self._capture_stream = st
+        self.graph = graph
 
     def _run_init(self):
         """The init phase: the launches that compute input-independent values (ConstantOfShape-made
@@ -149,6 +209,11 @@ class Module(api.Module):
 
     # ------------------------------------------------------------ inputs
     def _to_device(self, name: str, spec: dict, x):
+        return self._cp.ascontiguousarray(self._cp.asarray(self._input_array(name, spec, x)))
+
+    def _input_array(self, name: str, spec: dict, x):
+        """x (numpy, cupy, torch, DLPack, ...) checked against the input's dtype and shape: a numpy
+        or cupy array of the device dtype (raw bits for ml_dtypes types), not yet contiguous."""
         cp = self._cp
         want = spec["dtype"]
         if type(x).__module__.startswith("torch"):
@@ -187,9 +252,9 @@ class Module(api.Module):
             raise InputError(f"input {name!r}: expected dtype {want}, given {gname}")
         if list(arr.shape) != list(spec["shape"]):
             raise InputError(f"input {name!r}: expected shape {list(spec['shape'])}, given {list(arr.shape)}")
-        return cp.ascontiguousarray(cp.asarray(arr))
+        return arr
 
-    def _feed(self, args, kwargs):
+    def _feed(self, args, kwargs, upload: bool = True):
         if len(args) == 1 and isinstance(args[0], dict) and not kwargs:
             feed = dict(args[0])
         else:
@@ -201,7 +266,8 @@ class Module(api.Module):
         extra = [n for n in feed if n not in self.input_names]
         if missing or extra:
             raise InputError(f"inputs: expected {self.input_names}; missing {missing}, unknown {extra}")
-        return [self._to_device(t["name"], t, feed[t["name"]]) for t in self.plan["inputs"]]
+        conv = self._to_device if upload else self._input_array
+        return [conv(t["name"], t, feed[t["name"]]) for t in self.plan["inputs"]]
 
     # ------------------------------------------------------------ running (__call__: nnc.api.Module)
     def run(self, inputs: dict, outputs=None, *, output: str = "cupy", stream=None, out: Optional[dict] = None,
@@ -210,12 +276,12 @@ class Module(api.Module):
         compute every output either way, only these are returned and copied to the host).
         stream: a cupy Stream, an int cudaStream_t or None (current). out: optional preallocated
         cupy output arrays by name. poison: fill the arena and fresh outputs with 0xFF bytes first
-        (testing). Returns {name: array} (cupy, or numpy)."""
+        (testing). Returns {name: array} (cupy, or numpy); the arrays are the caller's (with a
+        CUDA graph, copies of the module's output buffers, which the next run overwrites)."""
         cp = self._cp
         if output not in ("cupy", "numpy"):
             raise NncError(f"output must be 'cupy' or 'numpy', not {output!r}")
         sel = self._selected(outputs)
-        ins = self._feed((inputs,), {})
         if stream is None:
             st = cp.cuda.get_current_stream()
         elif isinstance(stream, int):
@@ -223,42 +289,105 @@ class Module(api.Module):
         else:
             st = stream
         with st:
-            outs = []
-            for t in self.plan["outputs"]:
-                shape = t.get("max_shape", t["shape"])
-                o = (out or {}).get(t["name"])
-                if o is None:
-                    o = cp.empty(shape, _dev_dtype(t["dtype"]))
-                    if poison and o.nbytes:
-                        cp.cuda.runtime.memsetAsync(o.data.ptr, 0xFF, o.nbytes, st.ptr)
-                elif list(o.shape) != list(shape) or o.dtype != _dev_dtype(t["dtype"]) or not o.flags.c_contiguous:
-                    raise InputError(f"out[{t['name']!r}]: expected contiguous {t['dtype']}{shape}")
-                outs.append(o)
-            if poison:
-                self.arena.fill(0xFF)
-            self._execute(ins, outs, st)
-            result = {}
-            for t, o in zip(self.plan["outputs"], outs):
-                if t.get("shape_known_after_run"):
-                    i = self.output_names.index(t["name"])
-                    n = int(self._extent.get(i, 0))
-                    ax = t["dynamic_axis"]
-                    shape = list(t["max_shape"])
-                    shape[ax] = n
-                    o = o.reshape(-1)[: int(np.prod(shape))].reshape(shape)
-                result[t["name"]] = o
-        result = {n: result[n] for n in sel}
+            if self.graph is not None:
+                result = self._run_graph(self._feed((inputs,), {}, upload=False), sel, output, out, poison, st)
+            else:
+                result = self._run_eager(self._feed((inputs,), {}), sel, out, poison, st)
         if output == "numpy":
             conv = {}
             specs = {t["name"]: t for t in self.plan["outputs"]}
             for t in (specs[n] for n in sel):  # the order asked for
-                a = cp.asnumpy(result[t["name"]], stream=st)
-                st.synchronize()
+                a = result[t["name"]]
+                if not isinstance(a, np.ndarray):
+                    a = cp.asnumpy(a, stream=st)
+                    st.synchronize()
                 conv[t["name"]] = a.view(_np_dtype(t["dtype"])) if t["dtype"] in _RAW else a
             return conv
         return result
 
-    def _execute(self, ins, outs, st, launches=None):
+    def _out_array(self, t: dict, out: Optional[dict], poison: bool, st):
+        """The caller's out[name] (checked), else a fresh array (0xFF bytes when poisoning)."""
+        cp = self._cp
+        shape = t.get("max_shape", t["shape"])
+        o = (out or {}).get(t["name"])
+        if o is None:
+            o = cp.empty(shape, _dev_dtype(t["dtype"]))
+            if poison and o.nbytes:
+                cp.cuda.runtime.memsetAsync(o.data.ptr, 0xFF, o.nbytes, st.ptr)
+        elif list(o.shape) != list(shape) or o.dtype != _dev_dtype(t["dtype"]) or not o.flags.c_contiguous:
+            raise InputError(f"out[{t['name']!r}]: expected contiguous {t['dtype']}{shape}")
+        return o
+
+    def _true_shape(self, i: int, t: dict, o):
+        """o, cut to the extent the run read back for a data-dependent output (else o)."""
+        if not t.get("shape_known_after_run"):
+            return o
+        n = int(self._extent.get(i, 0))
+        shape = list(t["max_shape"])
+        shape[t["dynamic_axis"]] = n
+        return o.reshape(-1)[: int(np.prod(shape))].reshape(shape)
+
+    def _read_extents(self, st):
+        """After a run with readbacks: one synchronize, then the extents the run copied to pinned memory."""
+        self._extent = {}
+        if self._readback_outputs:
+            st.synchronize()
+            self._extent = {i: int(self._extent_host[i]) for i in self._readback_outputs}
+
+    def _run_eager(self, ins, sel, out, poison, st) -> dict:
+        outs = [self._out_array(t, out, poison, st) for t in self.plan["outputs"]]
+        if poison:
+            self.arena.fill(0xFF)
+        self._execute(ins, outs, st)
+        self._read_extents(st)
+        res = {t["name"]: self._true_shape(i, t, o) for i, (t, o) in enumerate(zip(self.plan["outputs"], outs))}
+        return {n: res[n] for n in sel}
+
+    def _run_graph(self, arrays, sel, output, out, poison, st) -> dict:
+        """Inputs copied into the owned buffers (device-to-device, or host-to-device from numpy),
+        the graph replayed, the selected outputs copied out of the owned buffers."""
+        cp = self._cp
+        rt = cp.cuda.runtime
+        for arr, buf in zip(arrays, self._in_bufs):
+            if not buf.nbytes:
+                continue
+            if isinstance(arr, np.ndarray):
+                src = np.ascontiguousarray(arr)  # pageable: the call returns once src is staged
+                rt.memcpyAsync(buf.data.ptr, src.ctypes.data, buf.nbytes, 1, st.ptr)  # H2D
+            else:
+                src = arr if arr.flags.c_contiguous else cp.ascontiguousarray(arr)
+                rt.memcpyAsync(buf.data.ptr, src.data.ptr, buf.nbytes, 3, st.ptr)  # D2D
+        if poison:
+            self.arena.fill(0xFF)
+            for b in self._out_bufs:
+                if b.nbytes:
+                    rt.memsetAsync(b.data.ptr, 0xFF, b.nbytes, st.ptr)
+        self.graph.launch(st)
+        self._read_extents(st)
+        index = {t["name"]: i for i, t in enumerate(self.plan["outputs"])}
+        res = {}
+        for n in sel:
+            i = index[n]
+            t, buf = self.plan["outputs"][i], self._out_bufs[i]
+            if output == "numpy":  # straight from the owned buffer to the host
+                view = self._true_shape(i, t, buf)
+                a = np.empty(view.shape, view.dtype)
+                if a.nbytes:
+                    rt.memcpyAsync(a.ctypes.data, view.data.ptr, a.nbytes, 2, st.ptr)  # D2H
+                res[n] = a
+                continue
+            o = self._out_array(t, out, False, st)
+            if o.nbytes:
+                rt.memcpyAsync(o.data.ptr, buf.data.ptr, o.nbytes, 3, st.ptr)
+            res[n] = self._true_shape(i, t, o)
+        if output == "numpy":
+            st.synchronize()
+        return res
+
+    def _execute(self, ins, outs, st, launches=None, capture: bool = False):
+        """Queues the launches on st (the current stream). A readback copies its extent into
+        pinned host memory without waiting: _read_extents synchronizes once at the end (and a
+        stream being captured may not synchronize at all)."""
         cp = self._cp
         wptr, aptr, pptr = self.weights.data.ptr, self.arena.data.ptr, self.persistent.data.ptr
         iptr = [a.data.ptr for a in ins]
@@ -275,7 +404,6 @@ class Module(api.Module):
                 return pptr + off
             return aptr + off
 
-        self._extent = {}
         for kind, f, grid, block, smem, args, nbytes, oidx in (self._launches if launches is None else launches):
             vals = [np.uint64(ptr(r, i, o)) if k == "buf" else r for k, r, i, o in args]
             if kind == "kernel":
@@ -285,11 +413,8 @@ class Module(api.Module):
             elif kind == "memcpy":
                 if nbytes:
                     cp.cuda.runtime.memcpyAsync(int(vals[0]), int(vals[1]), nbytes, 3, st.ptr)
-            else:  # readback: the extent of a data-dependent output
-                host = np.zeros(1, np.int64)
-                cp.cuda.runtime.memcpyAsync(host.ctypes.data, int(vals[0]), 8, 2, st.ptr)
-                st.synchronize()
-                self._extent[oidx] = int(host[0])
+            else:  # readback: the extent of a data-dependent output, into its pinned slot
+                cp.cuda.runtime.memcpyAsync(self._extent_host.ctypes.data + 8 * oidx, int(vals[0]), 8, 2, st.ptr)
 
 
 def plan_files(out_dir) -> tuple[dict, Path, list]:
@@ -333,6 +458,7 @@ def _coop_grid(f, grid, block, smem) -> tuple:
     return (max(1, min(int(grid[0]), int(per_sm) * int(sms))),) + tuple(grid[1:])
 
 
-def load(out_dir) -> Module:
-    """Loads a compiled model directory onto the current CUDA device."""
-    return Module(out_dir)
+def load(out_dir, cuda_graph: bool = True) -> Module:
+    """Loads a compiled model directory onto the current CUDA device (cuda_graph: replay the run
+    as one captured CUDA graph; False: eager launches)."""
+    return Module(out_dir, cuda_graph=cuda_graph)

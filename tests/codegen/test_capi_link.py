@@ -154,13 +154,19 @@ def test_run_example_prints_timing(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(r"time: median [0-9.]+ ms, min [0-9.]+ ms, max [0-9.]+ ms over 7 runs \(3 warm-up", r.stdout)
+    assert "CUDA graph)" in r.stdout  # the C API replays a captured graph by default
     y = np.fromfile(res / "y.bin", dtype=np.float32)
     np.testing.assert_allclose(y, 1 / (1 + np.exp(-np.maximum(x + W_A, 0))), rtol=1e-6)
+    (res / "y.bin").unlink()
+    r = subprocess.run([str(tmp_path / "run"), str(out), str(tmp_path / "x.bin"), "--out", str(res), "--iters", "3",
+                        "--no-cuda-graph"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "eager launches)" in r.stdout, r.stdout + r.stderr
+    np.testing.assert_array_equal(np.fromfile(res / "y.bin", dtype=np.float32), y)
 
 
 API = {"create", "run", "destroy", "num_inputs", "num_outputs", "input_name", "output_name", "input_dtype",
        "output_dtype", "input_rank", "output_rank", "input_shape", "output_shape", "input_nbytes",
-       "output_nbytes", "last_error"}
+       "output_nbytes", "last_error", "set_cuda_graph", "used_cuda_graph"}
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
