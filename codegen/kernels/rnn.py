@@ -9,13 +9,27 @@ Per op, three kernels:
         (kernel name prefix `nnc_coop_`: the runtime and host.cu.j2 launch such kernels with
         cudaLaunchCooperativeKernel, clamping the grid to what is co-resident). With the option
         `rnn_stepwise` (or NNC_RNN_STEPWISE=1) it is one ordinary launch per (step, phase) instead.
-Storage f32 / f16 / bf16 (the IR types), math in fp32. Time fusion (R held on chip across steps,
-several layers in one launch) builds on the persistent form.
+Storage f32 / f16 / bf16 (the IR types), math in fp32.
+
+Time fusion (issue 8): the variant "rnn.persistent" (priority 10, below) replaces the step kernel by
+the persistent on-chip recurrence of `emit_recurrence` (template variant "rec"): block (d, slice)
+of ONE cooperative launch keeps its slice of R (all gates of HS hidden units) in shared memory for
+every step; per step only h (fp32 ping-pong in global, read from L2), G[t] and y[t] move; the
+sync is flag-based producer/consumer (release/acquire, one word per block) or a per-direction
+counter barrier. It declares its space (sync, blocks per direction, matvec tiling) for the
+selector. The legacy @lowering below stays the fallback (stepwise mode, two-phase GRU, shapes whose
+h or R do not fit). rnn-pass's `recurrence` lowering calls `emit_recurrence` directly
+(/work/notes/rnn_interface.md: the contract).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
 from ...ir.ops.rnn import _KIND, _num_dirs, activation_slots
 from ..lower import LowerCtx, lowering
+from ..target import Target
+from ..variants import YES, Fit, Variant, no, register
 
 FLOATS = ("f32", "f16", "bf16")
 BLOCK = 256
@@ -107,3 +121,306 @@ def _rnn(ctx: LowerCtx):
     else:
         ctx.launch(ks, min(blocks, COOP_MAX_GRID), BLOCK, args + [ctx.i32(0), ctx.i32(stages)])
     return True
+
+
+# ---------------------------------------------------------------- the persistent on-chip recurrence
+
+CT = {"f32": "float", "f16": "__half", "bf16": "__nv_bfloat16"}
+ESIZE = {"f32": 4, "f16": 2, "bf16": 2}
+SYNCS = ("flags", "barrier")
+SYNC_WORDS_PER_DIR = 32  # barrier counters one 128-byte line apart; flags need D*NSB words
+
+
+@dataclass(frozen=True)
+class RecurrenceSpec:
+    """One recurrence: what emit_recurrence needs (the contract: /work/notes/rnn_interface.md).
+    Strides in elements. g: element (t, b, d, n) at t*g_st + b*g_sb + d*g_sd + n (None: the plain
+    GEMM output [S*B, D*gates*H]); y: (t, b, d, j) at t*y_st + b*y_sb + d*y_sd + j (None: ONNX
+    layout 0 [S][D][B][H]); states (initial_h/c, Y_h, Y_c): (b, d, j) at b*st_sb + d*st_sd + j
+    (None: layout 0 [D][B][H]). rbh (GRU linear_before_reset's hidden recurrent bias): d*rbh_sd +
+    rbh_off + j."""
+    kind: str
+    S: int
+    B: int
+    D: int
+    H: int
+    direction: str = "forward"
+    storage: str = "f32"
+    g_dtype: str = "f32"
+    g_strides: Optional[tuple] = None
+    y_strides: Optional[tuple] = None
+    state_strides: Optional[tuple] = None
+    acts: Optional[list] = None
+    clip: Optional[float] = None
+    input_forget: bool = False
+    linear_before_reset: bool = True
+    has_h0: bool = False
+    has_c0: bool = False
+    has_peep: bool = False
+    has_rbh: bool = False
+    rbh_sd: Optional[int] = None
+    rbh_off: int = 0
+    has_lens: bool = False
+    lens_dtype: str = "i32"
+    has_y: bool = True
+    has_yh: bool = False
+    has_yc: bool = False
+
+    @property
+    def gates(self) -> int:
+        return _KIND[self.kind][0]
+
+    @property
+    def GH(self) -> int:
+        return self.gates * self.H
+
+    def strides(self):
+        S, B, D, H, GH = self.S, self.B, self.D, self.H, self.GH
+        g = self.g_strides or (B * D * GH, D * GH, GH)
+        y = self.y_strides or (D * B * H, H, B * H)
+        st = self.state_strides or (H, B * H)
+        return g, y, st
+
+
+def _default_acts(kind: str, D: int) -> list:
+    from types import SimpleNamespace
+    a = SimpleNamespace(direction="bidirectional" if D == 2 else "forward", activations=[],
+                        activation_alpha=[], activation_beta=[])
+    return activations(kind, a)
+
+
+def _vec(spec: RecurrenceSpec) -> int:
+    return 16 // ESIZE[spec.storage]
+
+
+def _layout(spec: RecurrenceSpec, nsb: int, tr: int, tb: int, r_smem: bool) -> dict:
+    """Block geometry and shared-memory bytes for nsb blocks per direction."""
+    H, vec = spec.H, _vec(spec)
+    hs = -(-H // nsb)
+    rows = spec.gates * hs
+    rowsp = -(-rows // tr) * tr
+    bp = -(-spec.B // tb) * tb
+    hp = -(-H // vec) * vec
+    r_bytes = rowsp * hp * ESIZE[spec.storage] if r_smem else 0
+    smem = r_bytes + bp * hp * 4 + bp * rowsp * 4
+    return dict(HS=hs, NSB=-(-H // hs), ROWS=rows, ROWSP=rowsp, BP=bp, HP=hp, R_BYTES=r_bytes, smem=smem)
+
+
+def _tiling_cost(spec: RecurrenceSpec, lay: dict, tr: int, tb: int, ks: int) -> tuple:
+    """(threads, modelled clocks of one step's matvec) for a tiling; threads 0: does not fit."""
+    vec = _vec(spec)
+    ntile = (lay["ROWSP"] // tr) * (lay["BP"] // tb)
+    threads = -(-max(ntile * ks, spec.B * lay["HS"], 32) // 32) * 32
+    regs = tr * tb + vec * (tr + tb) + 40
+    if threads > 1024 or regs * threads > 65536:
+        return 0, 0.0
+    iters = -(-(lay["HP"] // vec) // ks)
+    per_thread = iters * (tr * tb * vec + tr * (1 + vec // 2) + tb * vec // 4) + 2 * tr * tb * max(1, ks.bit_length() - 1)
+    issue = threads / 32 * per_thread / 4.0         # four schedulers, one warp instruction a clock each
+    latency = iters * 30.0 + per_thread             # smem latency per k-vector, partly hidden
+    return threads, max(issue, latency)
+
+
+def _blocks_per_dir(spec: RecurrenceSpec, target: Target) -> int:
+    return max(1, min(spec.H, target.sm_count // spec.D))
+
+
+def recurrence_fits(spec: RecurrenceSpec, target: Target) -> Fit:
+    """Whether the persistent kernel takes this recurrence (and why not)."""
+    if spec.kind not in _KIND:
+        return no(f"kind {spec.kind!r}")
+    if spec.kind == "GRU" and not spec.linear_before_reset:
+        return no("GRU with linear_before_reset=0 needs r*h of every unit before its matvec: two phases a step")
+    if spec.storage not in CT or spec.g_dtype not in CT:
+        return no(f"dtype {spec.storage}/{spec.g_dtype}")
+    if spec.H % 4:
+        return no(f"hidden size {spec.H} not a multiple of 4 (16-byte h staging)")
+    if spec.S < 1 or spec.B < 1:
+        return no("empty sequence or batch")
+    if not recurrence_space(spec, target):
+        return no(f"batch {spec.B} x hidden {spec.H}: h does not fit in shared memory beside the R slice")
+    return YES
+
+
+def recurrence_space(spec: RecurrenceSpec, target: Target) -> list[dict]:
+    """The declared space: sync scheme x blocks per direction (the most that are co-resident, and
+    half) x the best-modelled matvec tilings; R in smem when it fits, else streamed from L2."""
+    out = []
+    top = _blocks_per_dir(spec, target)
+    for nsb in sorted({top, max(1, top // 2)}, reverse=True):
+        for r_smem in (True, False):
+            if not r_smem and spec.H % _vec(spec):
+                continue
+            tilings = []
+            for tr in (1, 2, 4):
+                for tb in (1, 2, 4, 8):
+                    if tb > 1 and tb > spec.B:
+                        continue
+                    lay = _layout(spec, nsb, tr, tb, r_smem)
+                    if lay["smem"] > target.smem_per_block_optin:
+                        continue
+                    for ks in (32, 16, 8, 4):
+                        threads, cost = _tiling_cost(spec, lay, tr, tb, ks)
+                        if threads:
+                            tilings.append((cost, threads, tr, tb, ks, lay["NSB"]))
+            tilings.sort()
+            for cost, threads, tr, tb, ks, nsb_real in tilings[:2]:
+                for sync in SYNCS:
+                    out.append(dict(sync=sync, nsb=nsb_real, tr=tr, tb=tb, ks=ks, threads=threads,
+                                    r_smem=r_smem))
+            if tilings:
+                break  # R in smem fits: streaming it is never better
+    return out
+
+
+def recurrence_default(spec: RecurrenceSpec, target: Target, space: Optional[list] = None) -> dict:
+    """The heuristic: the first of the space (most blocks, R on chip, best-modelled tiling) with
+    the flag sync (DEFAULT_SYNC: the measured-faster scheme, tools/bench_rnn.py)."""
+    space = recurrence_space(spec, target) if space is None else space
+    for p in space:
+        if p["sync"] == DEFAULT_SYNC:
+            return dict(p)
+    return dict(space[0])
+
+
+DEFAULT_SYNC = "flags"
+
+
+def sync_words(spec: RecurrenceSpec, params: dict) -> int:
+    return max(spec.D * params["nsb"], spec.D * SYNC_WORDS_PER_DIR)
+
+
+def render_params(spec: RecurrenceSpec, params: dict) -> dict:
+    """Template parameters of the "rec" kernel for spec and a point of its space."""
+    g, y, st = spec.strides()
+    lay = _layout(spec, params["nsb"], params["tr"], params["tb"], params["r_smem"])
+    if lay["NSB"] != params["nsb"]:
+        raise ValueError(f"nsb {params['nsb']} does not split hidden {spec.H} evenly into slices")
+    return dict(variant="rec", kind=spec.kind, S=spec.S, B=spec.B, D=spec.D, H=spec.H, NG=spec.gates,
+                direction=spec.direction, acts=spec.acts or _default_acts(spec.kind, spec.D),
+                clip=None if spec.clip is None else float(spec.clip), input_forget=bool(spec.input_forget),
+                rt=CT[spec.storage], gt=CT[spec.g_dtype], lt={"i32": "int32_t", "i64": "int64_t"}.get(spec.lens_dtype, "int32_t"),
+                g_st=g[0], g_sb=g[1], g_sd=g[2], y_st=y[0], y_sb=y[1], y_sd=y[2], st_sb=st[0], st_sd=st[1],
+                has_h0=spec.has_h0, has_c0=spec.has_c0 and spec.kind == "LSTM", has_p=spec.has_peep and spec.kind == "LSTM",
+                has_rbh=spec.has_rbh and spec.kind == "GRU", rbh_sd=spec.H if spec.rbh_sd is None else spec.rbh_sd,
+                rbh_off=spec.rbh_off, has_lens=spec.has_lens, has_y=spec.has_y, has_yh=spec.has_yh,
+                has_yc=spec.has_yc and spec.kind == "LSTM", sync=params["sync"], NSB=lay["NSB"], HS=lay["HS"],
+                ROWSP=lay["ROWSP"], BP=lay["BP"], HP=lay["HP"], R_BYTES=lay["R_BYTES"], R_SMEM=params["r_smem"],
+                TR=params["tr"], TB=params["tb"], KS=params["ks"], VEC=_vec(spec), NTHR=params["threads"],
+                layout=0, lbr=spec.linear_before_reset)
+
+
+def emit_recurrence(ctx: LowerCtx, spec: RecurrenceSpec, params: Optional[dict] = None, *, g, r, y=None, yh=None,
+                    yc=None, h0=None, c0=None, peep=None, rbh=None, lens=None) -> dict:
+    """Emits the sync-word reset and the ONE cooperative launch running every step (both
+    directions). Returns the params used. Buffers: see RecurrenceSpec / rnn_interface.md."""
+    fit = recurrence_fits(spec, ctx.target)
+    if not fit:
+        ctx.fail(f"the persistent recurrence does not take this op: {fit.why}")
+    params = dict(params) if params else recurrence_default(spec, ctx.target)
+    for flag, buf, what in ((spec.has_h0, h0, "initial_h"), (spec.has_c0 and spec.kind == "LSTM", c0, "initial_c"),
+                            (spec.has_peep and spec.kind == "LSTM", peep, "P"), (spec.has_rbh and spec.kind == "GRU", rbh, "rbh"),
+                            (spec.has_lens, lens, "sequence_lens"), (spec.has_y, y, "Y"), (spec.has_yh, yh, "Y_h"),
+                            (spec.has_yc and spec.kind == "LSTM", yc, "Y_c")):
+        if flag and buf is None:
+            ctx.fail(f"internal error: the recurrence spec says {what} but no buffer was given")
+    tp = render_params(spec, params)
+    lay = _layout(spec, params["nsb"], params["tr"], params["tb"], params["r_smem"])
+    nwords = sync_words(spec, params)
+    words = ctx.temp("u32", (nwords,), "rnn_sync")
+    hbuf = ctx.temp("f32", (2, spec.D, spec.B, spec.H), "rnn_h")
+    ki = ctx.render("rnn.cu.j2", "rnn_sync_init", variant="sync_init", NWORDS=nwords, kind=spec.kind)
+    ctx.launch(ki, ctx.grid1d(nwords), 256, [words])
+    k = ctx.render("rnn.cu.j2", f"coop_{spec.kind.lower()}_step", **tp)
+    args = [g, r]
+    args += [b for b, on in ((rbh, tp["has_rbh"]), (lens, tp["has_lens"]), (peep, tp["has_p"]), (h0, tp["has_h0"]),
+                             (c0, tp["has_c0"])) if on]
+    args += [hbuf, words]
+    args += [b for b, on in ((y, tp["has_y"]), (yh, tp["has_yh"]), (yc, tp["has_yc"])) if on]
+    args.append(ctx.i32(0))
+    ctx.launch(k, spec.D * lay["NSB"], params["threads"], args, smem=lay["smem"])
+    return params
+
+
+# ---------------------------------------------------------------- the variant (ONNX RNN / GRU / LSTM)
+
+def _spec_of(op, tensor, target_dtype_ok=True) -> Optional[RecurrenceSpec]:
+    """The RecurrenceSpec of an ONNX RNN/GRU/LSTM op as the legacy proj kernel leaves G:
+    fp32 [D][S][B][GH]. tensor(i): the operand's Buffer/TensorInfo or None."""
+    kind, a = op.name, op.attrs
+    lstm = kind == "LSTM"
+    x, r = tensor(0), tensor(2)
+    nd = _num_dirs(a)
+    layout = int(a.layout)
+    S, NB = (x.shape[0], x.shape[1]) if layout == 0 else (x.shape[1], x.shape[0])
+    H = r.shape[2]
+    GH = _KIND[kind][0] * H
+    bias, lens, h0 = tensor(3), tensor(4), tensor(5)
+    c0 = tensor(6) if lstm else None
+    peep = tensor(7) if lstm else None
+    lbr = bool(getattr(a, "linear_before_reset", 0)) if kind == "GRU" else True
+    st = r.dtype.short
+    for t in (x, tensor(1), bias, h0, c0, peep):
+        if t is not None and t.dtype.short != st:
+            return None
+    if lens is not None and lens.dtype.short not in ("i32", "i64"):
+        return None
+    nres = len(op.results)
+    y_strides = (nd * NB * H, H, NB * H) if layout == 0 else (nd * H, S * nd * H, H)
+    st_strides = (H, NB * H) if layout == 0 else (nd * H, H)
+    return RecurrenceSpec(
+        kind=kind, S=S, B=NB, D=nd, H=H, direction=a.direction, storage=st, g_dtype="f32",
+        g_strides=(NB * GH, GH, S * NB * GH), y_strides=y_strides, state_strides=st_strides,
+        acts=activations(kind, a), clip=None if a.clip is None else float(a.clip),
+        input_forget=bool(getattr(a, "input_forget", 0)) if lstm else False, linear_before_reset=lbr,
+        has_h0=h0 is not None, has_c0=c0 is not None, has_peep=peep is not None,
+        has_rbh=kind == "GRU" and bias is not None, rbh_sd=2 * GH, rbh_off=GH + 2 * H,
+        has_lens=lens is not None, lens_dtype=lens.dtype.short if lens is not None else "i32",
+        has_y=True, has_yh=nres > 1, has_yc=lstm and nres > 2)
+
+
+def _applies(p):
+    if p.options.rnn_stepwise:
+        return no("rnn_stepwise: one launch a step asked for")
+    try:
+        spec = _spec_of(p.op, p.tensor)
+    except Exception as e:  # malformed op: the legacy lowering reports it with its location
+        return no(f"not a well-formed recurrent op ({e})")
+    if spec is None:
+        return no("mixed operand dtypes")
+    fit = recurrence_fits(spec, p.target)
+    if fit:
+        p.memo["rnn_spec"] = spec
+    return fit
+
+
+def _space(p) -> list:
+    return recurrence_space(p.memo["rnn_spec"], p.target)
+
+
+def _default(p, space) -> dict:
+    return recurrence_default(p.memo["rnn_spec"], p.target, space)
+
+
+def _render(ctx: LowerCtx, p, params: dict):
+    spec = _spec_of(ctx.op, ctx.inp)
+    a = ctx.attrs
+    kind = ctx.op.name
+    x, w, bias = ctx.inp(0), ctx.inp(1), ctx.inp(3)
+    S, NB, D, H, GH = spec.S, spec.B, spec.D, spec.H, spec.GH
+    g = ctx.temp("f32", (D, S, NB, GH), "rnn_proj")
+    common = dict(kind=kind, S=S, NB=NB, ND=D, H=H, GH=GH, I=x.shape[2], layout=int(a.layout),
+                  lbr=spec.linear_before_reset if kind == "GRU" else False)
+    kp = ctx.render("rnn.cu.j2", "rnn_proj", variant="proj", xt=x.ctype, wt=w.ctype,
+                    has_b=bias is not None, bt=bias.ctype if bias is not None else "", **common)
+    ctx.launch(kp, (-(-D * GH // 64), -(-S * NB // 64)), BLOCK, [x, w] + ([bias] if bias is not None else []) + [g])
+    lstm = kind == "LSTM"
+    emit_recurrence(ctx, spec, params, g=g, r=ctx.inp(2), y=ctx.out(0),
+                    yh=ctx.out(1) if spec.has_yh else None, yc=ctx.out(2) if spec.has_yc else None,
+                    h0=ctx.inp(5), c0=ctx.inp(6) if lstm else None, peep=ctx.inp(7) if lstm else None,
+                    rbh=bias if spec.has_rbh else None, lens=ctx.inp(4))
+    return True
+
+
+PERSISTENT = register(Variant("rnn.persistent", "rnn", ("RNN", "GRU", "LSTM"), _render, _applies, _space, _default,
+                              priority=10))
