@@ -1,4 +1,4 @@
-"""The `nnc` command line: ir | opt | compile | run.
+"""The `nnc` command line: ir | opt | compile | run | verify | bench | inspect.
 
 Errors go to stderr with exit status 1 and no traceback (add --debug for one).
 """
@@ -129,6 +129,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=None,
                    help="absolute tolerance (default: rtol x max|onnxruntime value| of each tensor)")
     p.add_argument("--per-layer", action="store_true", help="compare every intermediate tensor, not only outputs")
+
+    p = sub.add_parser("bench", help="time a compiled output directory as trtexec does",
+                       description="Runs OUT on random inputs: latency per request (host wall clock: H2D + "
+                                   "compute + D2H) min/mean/median/p90/p99/max, throughput (batch = the first "
+                                   "input's leading dim), GPU compute time (CUDA events around the graph launch "
+                                   "or kernel sequence) and H2D / D2H copy times (CUDA events). See nnc/bench.py.")
+    p.add_argument("out", help="directory written by `nnc compile`")
+    p.add_argument("--iterations", type=int, default=200, metavar="K", help="timed requests (default 200)")
+    p.add_argument("--warmup", type=int, default=20, metavar="W", help="untimed requests first (default 20)")
+    p.add_argument("--json", metavar="F", help="also write the numbers (and GPU, driver, versions, date) to F")
+    p.add_argument("--no-cuda-graph", action="store_true", help="launch every kernel from the host (no CUDA graph)")
+    p.add_argument("--backend", choices=["cuda", "reference"], default="cuda",
+                   help="reference: time the numpy reference instead (latency and throughput only; slow)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
+
+    p = sub.add_parser("inspect", help="per-kernel table of a compiled output directory",
+                       description="Prints one row per kernel from OUT/plan.json: launches per run, the IR ops "
+                                   "it implements, template, chosen tactic, the tuner's time if any, and with "
+                                   "--time the measured time per run and share of the total.")
+    p.add_argument("out", help="directory written by `nnc compile`")
+    p.add_argument("--time", action="store_true",
+                   help="measure each launch on the GPU (CUDA events, each launch repeated on the planned arena)")
+    p.add_argument("--plot", metavar="F.png", help="draw the times as bars into F.png (needs matplotlib)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random inputs of --time")
     return ap
 
 
@@ -143,7 +167,8 @@ def main(argv=None) -> int:
     try:
         # progress bars (stderr, only on a terminal) and -v lines: every stage reports to this
         with progress.use(progress.make_reporter(verbose=getattr(args, "verbose", False))):
-            return {"ir": cmd_ir, "opt": cmd_opt, "compile": cmd_compile, "run": cmd_run,
+            return {"ir": cmd_ir, "opt": cmd_opt, "compile": cmd_compile, "run": cmd_run, "bench": cmd_bench,
+                    "inspect": cmd_inspect,
                     "verify": cmd_verify}[args.cmd](args)
     except NncError as e:
         if args.debug:
@@ -347,6 +372,35 @@ def cmd_verify(args) -> int:
     else:
         sys.stdout.write(format_text(rep))
     return 0 if rep.passed else 1
+
+
+def cmd_bench(args) -> int:
+    from .bench import BenchOptions, bench, format_text, print_rich, write_json
+    res = bench(args.out, BenchOptions(iterations=args.iterations, warmup=args.warmup,
+                                       cuda_graph=not args.no_cuda_graph, backend=args.backend, seed=args.seed))
+    if sys.stdout.isatty():
+        from rich.console import Console
+        print_rich(res, Console())
+    else:
+        sys.stdout.write(format_text(res))
+    if args.json:
+        write_json(res, args.json)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect_cmd import format_text, inspect, plot, print_rich, require_matplotlib
+    if args.plot:
+        require_matplotlib()  # before any GPU time is spent
+    rows, footer = inspect(args.out, time=args.time, seed=args.seed)
+    if sys.stdout.isatty():
+        from rich.console import Console
+        print_rich(rows, Console(), f"{args.out}: per-kernel table", footer)
+    else:
+        sys.stdout.write(format_text(rows, footer))
+    if args.plot:
+        plot(rows, args.plot, f"{Path(args.out).name}: time per kernel")
+    return 0
 
 
 if __name__ == "__main__":

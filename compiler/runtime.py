@@ -384,6 +384,76 @@ class Module(api.Module):
             st.synchronize()
         return res
 
+    # ------------------------------------------------------------ raw runs (nnc bench, nnc inspect)
+    def io_buffers(self) -> tuple[list, list]:
+        """(inputs, outputs): the device arrays launch() runs on, in plan order: with a graph the
+        owned buffers it was captured with, else arrays allocated once for eager runs. Write the
+        inputs, launch(), read the outputs (a data-dependent output at its maximum shape)."""
+        if self.graph is not None:
+            return self._in_bufs, self._out_bufs
+        if getattr(self, "_eager_bufs", None) is None:
+            cp = self._cp
+            self._eager_bufs = ([cp.empty(t["shape"], _dev_dtype(t["dtype"])) for t in self.plan["inputs"]],
+                                [cp.empty(t.get("max_shape", t["shape"]), _dev_dtype(t["dtype"]))
+                                 for t in self.plan["outputs"]])
+        return self._eager_bufs
+
+    def launch(self, stream) -> None:
+        """Queues one run over io_buffers() on stream: the graph replay, or every launch eagerly.
+        No copies and no synchronize (so extents of data-dependent outputs are not read)."""
+        if self.graph is not None:
+            self.graph.launch(stream)
+        else:
+            ins, outs = self.io_buffers()
+            with stream:
+                self._execute(ins, outs, stream)
+
+    def time_launches(self, feed: Optional[dict] = None, reps: int = 20, repeats: int = 5) -> list:
+        """Device milliseconds of each launch of plan.json "launches" (None for a readback, a host
+        copy of 8 bytes). The inputs (feed, else left as they are) go into io_buffers() and one
+        whole run fills the arena with real values; then each launch alone is captured `reps`
+        times into a CUDA graph (no host launch cost inside the timing; eager when the capture
+        refuses) and replayed between two CUDA events, after one untimed replay: the median over
+        `repeats`, divided by reps. In-place kernels rerun on their own results: the times are
+        right, the arena's values are not kept."""
+        cp = self._cp
+        ins, outs = self.io_buffers()
+        st = cp.cuda.Stream(non_blocking=True)
+        for t, buf in zip(self.plan["inputs"], ins):
+            if feed is not None and t["name"] in feed and buf.nbytes:
+                buf.set(np.ascontiguousarray(feed[t["name"]]).view(buf.dtype), stream=st)
+        self.launch(st)
+        st.synchronize()
+        t0, t1 = cp.cuda.Event(), cp.cuda.Event()
+        times = []
+        for launch in self._launches:
+            if launch[0] == "readback":
+                times.append(None)
+                continue
+            graph = None
+            with st:
+                try:
+                    st.begin_capture()
+                    try:
+                        self._execute(ins, outs, st, [launch] * reps, capture=True)
+                    finally:
+                        graph = st.end_capture()
+                except Exception:
+                    graph = None  # eager below: the host's launch cost is then inside the time
+
+                def once():
+                    graph.launch(st) if graph is not None else self._execute(ins, outs, st, [launch] * reps)
+                once()
+                ts = []
+                for _ in range(repeats):
+                    t0.record(st)
+                    once()
+                    t1.record(st)
+                    t1.synchronize()
+                    ts.append(cp.cuda.get_elapsed_time(t0, t1) / reps)
+            times.append(float(np.median(ts)))
+        return times
+
     def _execute(self, ins, outs, st, launches=None, capture: bool = False):
         """Queues the launches on st (the current stream). A readback copies its extent into
         pinned host memory without waiting: _read_extents synchronizes once at the end (and a

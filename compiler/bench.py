@@ -1,0 +1,263 @@
+"""`nnc bench OUT`: what trtexec reports, for a compiled output directory.
+
+One request = host-to-device copies of the inputs (from pinned host memory) + the run (the CUDA
+graph replay, or eager launches with --no-cuda-graph) + device-to-host copies of every output
+(into pinned memory), then a synchronize. Per request:
+
+- latency: host wall clock (time.perf_counter) from before the input copies to after the
+  synchronize: end to end, as a caller waiting on each request sees it;
+- GPU compute: CUDA events around the run alone (graph launch / kernel sequence);
+- H2D / D2H: CUDA events around the input / output copies;
+- enqueue: host time of the call that queues the run (graph launch or the eager launches).
+
+Throughput: inferences per second over the timed loop's wall time, batch taken into account
+(batch: the leading dim of the first input). Statistics: min, mean, median, p90, p99, max over
+the timed iterations (percentiles by linear interpolation, numpy's default), after `warmup`
+untimed requests. Inputs are random (normal floats, small positive-and-zero ints, coin-flip
+bools) of each input's dtype and shape, never all zeros.
+
+--backend reference runs the numpy reference (ReferenceModule) instead: latency and throughput
+only (no device, so no GPU compute or copy times); slow, but it exercises the statistics on a
+machine without a GPU.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .ir.errors import NncError
+
+STATS = ("min", "mean", "median", "p90", "p99", "max")
+PROGRESS_EVERY = 50  # requests between progress-bar updates (each update is host work)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `nnc bench` measures: iterations timed after warmup untimed ones."""
+    iterations: int = 200
+    warmup: int = 20
+    cuda_graph: bool = True
+    backend: str = "cuda"
+    seed: int = 0
+
+    def __post_init__(self):
+        for what, v, lo in (("iterations", self.iterations, 1), ("warmup", self.warmup, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise NncError(f"--{what} must be an integer >= {lo}, not {v!r}")
+        if self.backend not in ("cuda", "reference"):
+            raise NncError(f"backend must be 'cuda' or 'reference', not {self.backend!r}")
+
+
+def summarize(samples_ms) -> Optional[dict]:
+    """{min, mean, median, p90, p99, max} of a list of milliseconds (None for no samples)."""
+    a = np.asarray(list(samples_ms), np.float64)
+    if a.size == 0:
+        return None
+    return {"min": float(a.min()), "mean": float(a.mean()), "median": float(np.median(a)),
+            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+
+
+@dataclass
+class BenchResult:
+    model: str
+    backend: str
+    cuda_graph: bool
+    graph_fallback: Optional[str]
+    batch: int
+    iterations: int
+    warmup: int
+    latency_ms: dict
+    throughput_per_s: float
+    gpu_compute_ms: Optional[dict] = None
+    h2d_ms: Optional[dict] = None
+    d2h_ms: Optional[dict] = None
+    enqueue_ms: Optional[dict] = None
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0
+    environment: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _batch(plan: dict) -> int:
+    ins = plan.get("inputs") or []
+    shape = ins[0].get("shape") if ins else None
+    if shape and isinstance(shape[0], int) and shape[0] > 0:
+        return int(shape[0])
+    return 1
+
+
+def random_inputs(plan: dict, seed: int) -> dict:
+    """Random arrays of each input's dtype and static shape (the same draws as `nnc run`)."""
+    from .cli import _random_inputs
+    return _random_inputs(plan, seed)
+
+
+def _environment(cp=None) -> dict:
+    from . import __version__
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "nnc": __version__, "numpy": np.__version__, "python": platform.python_version(),
+           "host": platform.node()}
+    if cp is not None:
+        rt = cp.cuda.runtime
+        dev = cp.cuda.Device()
+        props = rt.getDeviceProperties(dev.id)
+        name = props.get("name", b"")
+        env.update(gpu=name.decode() if isinstance(name, bytes) else str(name), cupy=cp.__version__,
+                   cuda_runtime=rt.runtimeGetVersion(), cuda_driver=rt.driverGetVersion(),
+                   sm=f"{props.get('major')}{props.get('minor')}")
+    return env
+
+
+def bench(out_dir, options: BenchOptions = BenchOptions()) -> BenchResult:
+    """Measures OUT (see the module docstring); a progress bar (nnc.progress stage "bench") when
+    the caller installed a drawing reporter."""
+    from .progress import current
+    out = Path(out_dir)
+    total = options.warmup + options.iterations
+    with current().stage("bench", total=total) as task:
+        if options.backend == "reference":
+            return _bench_reference(out, options, task.advance)
+        return _bench_cuda(out, options, task.advance)
+
+
+def _bench_cuda(out: Path, options: BenchOptions, advance) -> BenchResult:
+    from .runtime import load, require_gpu
+    cp = require_gpu()  # GpuUnavailableError, naming --backend reference, before anything else
+    m = load(out, cuda_graph=options.cuda_graph)
+    plan = m.plan
+    feed = random_inputs(plan, options.seed)
+    ins, outs = m.io_buffers()
+    host_in = []
+    for t, buf in zip(plan["inputs"], ins):
+        h = _pinned(cp, buf.shape, buf.dtype)
+        h[...] = np.ascontiguousarray(feed[t["name"]]).view(buf.dtype)  # ml_dtypes: their raw bits
+        host_in.append(h)
+    host_out = [_pinned(cp, b.shape, b.dtype) for b in outs]
+    st = cp.cuda.Stream(non_blocking=True)
+    rt = cp.cuda.runtime
+    ev = [cp.cuda.Event() for _ in range(4)]
+    lat, gpu, h2d, d2h, enq = [], [], [], [], []
+    total = options.warmup + options.iterations
+    wall0 = None
+    for it in range(total):
+        if it == options.warmup:
+            st.synchronize()
+            wall0 = time.perf_counter()
+        t0 = time.perf_counter()
+        ev[0].record(st)
+        for h, b in zip(host_in, ins):
+            if b.nbytes:
+                rt.memcpyAsync(b.data.ptr, h.ctypes.data, b.nbytes, 1, st.ptr)
+        ev[1].record(st)
+        q0 = time.perf_counter()
+        m.launch(st)
+        q1 = time.perf_counter()
+        ev[2].record(st)
+        for h, b in zip(host_out, outs):
+            if b.nbytes:
+                rt.memcpyAsync(h.ctypes.data, b.data.ptr, b.nbytes, 2, st.ptr)
+        ev[3].record(st)
+        st.synchronize()
+        t1 = time.perf_counter()
+        if it >= options.warmup:
+            lat.append((t1 - t0) * 1e3)
+            enq.append((q1 - q0) * 1e3)
+            h2d.append(cp.cuda.get_elapsed_time(ev[0], ev[1]))
+            gpu.append(cp.cuda.get_elapsed_time(ev[1], ev[2]))
+            d2h.append(cp.cuda.get_elapsed_time(ev[2], ev[3]))
+        if (it + 1) % PROGRESS_EVERY == 0:
+            advance(PROGRESS_EVERY)  # outside the timed request
+    wall = time.perf_counter() - wall0
+    batch = _batch(plan)
+    return BenchResult(str(out), "cuda", m.uses_cuda_graph, m.graph_fallback, batch, options.iterations,
+                       options.warmup, summarize(lat), options.iterations * batch / wall,
+                       gpu_compute_ms=summarize(gpu), h2d_ms=summarize(h2d), d2h_ms=summarize(d2h),
+                       enqueue_ms=summarize(enq), h2d_bytes=int(sum(b.nbytes for b in ins)),
+                       d2h_bytes=int(sum(b.nbytes for b in outs)), environment=_environment(cp))
+
+
+def _pinned(cp, shape, dtype) -> np.ndarray:
+    """A numpy array in page-locked host memory (asynchronous copies, as trtexec uses)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    mem = cp.cuda.alloc_pinned_memory(max(n, 1))
+    return np.frombuffer(mem, dtype, int(np.prod(shape))).reshape(shape)
+
+
+def _bench_reference(out: Path, options: BenchOptions, advance) -> BenchResult:
+    from .api import load
+    m = load(out, backend="reference")
+    plan = m.plan
+    if any(not isinstance(d, int) for t in plan["inputs"] for d in (t.get("shape") or [])):
+        raise NncError(f"{out}: inputs have symbolic dims; compile with --shapes to bench")
+    feed = random_inputs(plan, options.seed)
+    lat = []
+    total = options.warmup + options.iterations
+    wall0 = None
+    for it in range(total):
+        if it == options.warmup:
+            wall0 = time.perf_counter()
+        t0 = time.perf_counter()
+        m.run(feed)
+        if it >= options.warmup:
+            lat.append((time.perf_counter() - t0) * 1e3)
+        advance()
+    wall = time.perf_counter() - wall0
+    batch = _batch(plan)
+    return BenchResult(str(out), "reference", False, "the reference backend has no launches", batch,
+                       options.iterations, options.warmup, summarize(lat), options.iterations * batch / wall,
+                       environment=_environment())
+
+
+# ---------------------------------------------------------------- printing
+
+ROWS = (("latency (host, end to end)", "latency_ms"), ("GPU compute", "gpu_compute_ms"),
+        ("H2D copy", "h2d_ms"), ("D2H copy", "d2h_ms"), ("enqueue (host)", "enqueue_ms"))
+
+
+def _head(r: BenchResult) -> str:
+    how = ("CUDA graph" if r.cuda_graph else f"eager launches ({r.graph_fallback})") if r.backend == "cuda" \
+        else "numpy reference"
+    dev = r.environment.get("gpu", "CPU")
+    return (f"{r.model}: {r.backend} on {dev}, {how}, batch {r.batch}, {r.iterations} iterations "
+            f"after {r.warmup} warm-up")
+
+
+def format_text(r: BenchResult) -> str:
+    """The table as plain text (what a non-terminal gets)."""
+    lines = [_head(r), f"{'ms':<28}" + "".join(f"{s:>10}" for s in STATS)]
+    for label, key in ROWS:
+        st = getattr(r, key)
+        if st is not None:
+            lines.append(f"{label:<28}" + "".join(f"{st[s]:>10.4f}" for s in STATS))
+    lines.append(f"throughput: {r.throughput_per_s:.1f} inferences/s"
+                 + (f"; H2D {r.h2d_bytes} bytes, D2H {r.d2h_bytes} bytes per request" if r.backend == "cuda" else ""))
+    return "\n".join(lines) + "\n"
+
+
+def print_rich(r: BenchResult, console) -> None:
+    from rich.table import Table
+    t = Table(title=_head(r), title_justify="left")
+    t.add_column("ms", style="bold")
+    for s in STATS:
+        t.add_column(s, justify="right")
+    for label, key in ROWS:
+        st = getattr(r, key)
+        if st is not None:
+            t.add_row(label, *(f"{st[s]:.4f}" for s in STATS))
+    console.print(t)
+    console.print(f"throughput: [bold]{r.throughput_per_s:.1f}[/bold] inferences/s"
+                  + (f"; H2D {r.h2d_bytes} bytes, D2H {r.d2h_bytes} bytes per request" if r.backend == "cuda" else ""))
+
+
+def write_json(r: BenchResult, path) -> None:
+    Path(path).write_text(json.dumps(r.to_json(), indent=2) + "\n")
