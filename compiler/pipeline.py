@@ -32,9 +32,11 @@ PASSES = {
     "fuse-attention": "fuse_attention",
     "assign-layout": "assign_layout",
     "fuse-epilogue": "fuse_epilogue",
+    "fuse-cross-layer": "fuse_cross_layer",
     "fuse-reduction": "fuse_reduction",
     "fuse-elementwise": "fuse_elementwise",
     "schedule-memory": "schedule_memory",
+    "time-fusion": "time_fusion",
     "to-fp16": "to_precision:run_fp16",
     "to-bf16": "to_precision:run_bf16",
 }
@@ -57,6 +59,14 @@ DEFAULT_PIPELINE = [
                         # before the fusion passes: they then put the stacked bias/activation into the
                         # one GEMM/conv's epilogue; before dce, which sweeps the members' old weights
     "dce",              # sweeps what folding, canonicalisation and the cleanups left unused
+    "time-fusion",      # LSTM/GRU/RNN -> projection MatMul + `recurrence`. After fold-constants /
+                        # canonicalize / simplify (W, B, zero initial states and the exporters' glue
+                        # must be folded constants and plain views) and, at fp16/bf16, after the
+                        # precision passes (in LAYOUT_PASSES: the recurrence takes the storage dtype;
+                        # to-fp16 would keep an op with a region at f32); before assign-layout and the
+                        # fusion passes, so the projection gets fuse-epilogue's bias epilogue and the
+                        # GEMM variants like any MatMul. (fuse-horizontal has nothing to merge: the
+                        # directions' gate weights are already one [I, D*gates*H] constant)
     # fusion: after the cleanups (cse, fold-batchnorm, simplify: BN must already be in the conv's
     # weights and bias for conv+bias+act+residual chains to be visible) and, at fp16/bf16, after
     # the precision passes (see FUSION_PASSES). fuse-epilogue comes before fuse-elementwise, which
@@ -68,6 +78,8 @@ DEFAULT_PIPELINE = [
                         # as a GEMM epilogue and break the pattern; the Q/K/V projection GEMMs stay
                         # outside the group, so fuse-epilogue still gives them their bias epilogues
     "fuse-epilogue",
+    "fuse-cross-layer",  # after fuse-epilogue (it pairs a depthwise conv group with the 1x1 conv group
+                        # reading it, each already carrying its epilogue) and assign-layout (NHWC only)
     "fuse-reduction",   # after fuse-epilogue (a residual Add already in a GEMM's epilogue stays
                         # there) and fuse-attention (which takes attention's Softmax first); before
                         # fuse-elementwise, which would take the mask Add / scale / residual Add
@@ -78,9 +90,9 @@ DEFAULT_PIPELINE = [
 ]
 # Passes that outline `fused` ops. The precision passes treat ops with regions as opaque f32
 # islands, so `pipeline_passes(precision)` (compiler/driver.py) runs them before the first of these.
-FUSION_PASSES = ("fuse-attention", "fuse-epilogue", "fuse-reduction", "fuse-elementwise")
+FUSION_PASSES = ("fuse-attention", "fuse-epilogue", "fuse-cross-layer", "fuse-reduction", "fuse-elementwise")
 # Passes that pick ops by dtype: `pipeline_passes(precision)` runs the precision passes before these too.
-LAYOUT_PASSES = ("assign-layout",)
+LAYOUT_PASSES = ("time-fusion", "assign-layout")
 
 
 def get_pass(name: str) -> Callable[[Module], bool]:
