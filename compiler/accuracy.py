@@ -25,7 +25,7 @@ Per-layer mapping, ONNX tensor -> IR value of the final IR (explicit, in this or
    keep locs): the same result of the same op;
 3. name: a final value carries the importer's name for it (fold-constants keeps names).
 A candidate must have the tensor's static shape and dtype class, else it is not used; a
-candidate laid out differently (its `relayout` perm, set by assign-layout on NHWC results) must
+candidate laid out differently (its layout tag's perm, ir/layout.py: assign-layout's #nhwc values) must
 have the shape transposed by it and is compared transposed back (TensorCheck.perm). A tensor
 that maps to a constant is reported "folded", one computed inside a `fused` op's body "inside a
 fused group" (the group is compared at its boundary: its results), one with no candidate "fused
@@ -50,6 +50,7 @@ from typing import Optional
 import numpy as np
 
 from .ir.errors import InputError, NncError
+from .ir.layout import perm_of
 
 INT_INPUT_HIGH = 4
 DEFAULT_RTOL = {"fp32": 1e-3, "tf32": 3e-3, "fp16": 1e-2, "bf16": 1e-2}
@@ -370,7 +371,7 @@ def map_tensors(snapshot: list, func, inside_fused: bool = False) -> dict:
     """ONNX tensor name -> (final IR Value or None, reason when None) for each recorded tensor.
     inside_fused: values inside `fused` bodies map too (by origin: the reference interpreter runs
     the body op by op and sees them); else a group is compared at its boundary, its results.
-    A candidate with a `relayout` perm (assign-layout's NHWC result of a conv, pool or
+    A candidate with a layout tag (ir/layout.perm_of: assign-layout's #nhwc result of a conv, pool or
     elementwise op standing for its node's NCHW tensor) must have the tensor's shape transposed
     by it, and is compared transposed back."""
     defined = {}
@@ -410,7 +411,7 @@ def map_tensors(snapshot: list, func, inside_fused: bool = False) -> dict:
                 g = group_result.get((rec.loc_key, rec.origin_ops[k], j))
                 if g is not None:
                     cands.append(g)
-        v = next((c for c in cands if _fits(rec, c, c.relayout)), None)
+        v = next((c for c in cands if _fits(rec, c, perm_of(c))), None)
         if v is None:
             out[rec.name] = (None, "inside a fused group" if rec.loc_key in in_fused else "fused or removed")
         elif id(v) in args:
@@ -594,7 +595,7 @@ def verify_model(model, shapes="", precision: str = "fp32", backend: str = "refe
             v = mapping[t][0]
             rec = recs[t]
             if id(v) in seen:
-                perm = tuple(v.relayout)
+                perm = perm_of(v)
                 got_t = np.transpose(np.asarray(seen[id(v)]), _inverse(perm)) if perm else seen[id(v)]
                 c = compare(t, got_t, ref[t], rtol, atol, ir_name=v.name, node=rec.node or rec.loc_key,
                             op_type=rec.op_type)

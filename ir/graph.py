@@ -33,11 +33,12 @@ class Value:
     name: str
     type: TensorType
     producer: Optional["Op"] = field(default=None, repr=False)
-    # set by a layout pass (assign-layout) on a value laid out differently from the value it stands
-    # for: this value == Transpose(that value, relayout), e.g. an NHWC conv's result: (0, 2, 3, 1).
-    # No effect on types or semantics and not printed; copies (outlining) keep it; `nnc verify
-    # --per-layer` reads it to compare the value with its ONNX tensor transposed back
-    relayout: tuple = field(default=(), repr=False)
+
+    @property
+    def relayout(self) -> tuple:
+        """Read-only, kept for old callers: ir.layout.perm_of(value), from the type's layout tag."""
+        from .layout import perm_of
+        return perm_of(self)
 
     def __repr__(self) -> str:
         return f"%{self.name}: {self.type}"

@@ -98,3 +98,49 @@ def op_is_nhwc(op) -> bool:
     if getattr(op.attrs, "layout", None) == "NHWC":
         return True
     return bool(op.results) and is_nhwc(op.results[0])
+
+
+# Ops that read their input as NCHW (channels at axis 1, spatial dims after it) without naming an
+# axis: a #nhwc operand reaching one of these is read with the wrong dims unless the op itself says
+# it reads NHWC ({layout = "NHWC"}: Conv, MaxPool, AveragePool, ir/ops/conv.py, ir/ops/pool.py).
+# Ops that name their axes (Concat, Slice, Reduce*, Transpose, Resize scales, ...) or are
+# elementwise compute on the physical dims and may take tagged values: the layout pass rewrote
+# their axes. Not a kernel list: only what the verifier checks (check_op).
+NCHW_IMPLICIT = frozenset({
+    "Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "DeformConv", "MaxPool", "AveragePool",
+    "LpPool", "MaxUnpool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "BatchNormalization",
+    "InstanceNormalization", "LRN", "DepthToSpace", "SpaceToDepth", "Flatten", "MaxRoiPool",
+    "RoiAlign", "GridSample", "Col2Im", "Upsample",
+})
+
+
+def check_type(t: TensorType, fail) -> None:
+    """A tag is a known one on a value of its rank."""
+    if t.layout is None:
+        return
+    if t.layout not in LAYOUT_PERMS:
+        fail(f"unknown layout tag #{t.layout} (known: {', '.join('#' + k for k in LAYOUT_PERMS)})")
+    rank = LAYOUT_PERMS[t.layout][0]
+    if t.shape is not None and len(t.shape) != rank:
+        fail(f"layout #{t.layout} needs a rank-{rank} type, got {t}")
+
+
+def check_op(op, fail) -> None:
+    """An op that reads NCHW implicitly gets no #nhwc operand and gives no #nhwc result unless it
+    has {layout = "NHWC"} (then its data input and result may be tagged, never another layout)."""
+    if op.name not in NCHW_IMPLICIT:
+        return
+    nhwc_op = getattr(op.attrs, "layout", "NCHW") == "NHWC"
+    for i, v in enumerate(op.operands):
+        if v is None or layout_of(v) is None:
+            continue
+        if nhwc_op and not (i == 0 and is_nhwc(v)):
+            fail(f"operand {i} %{v.name} is {v.type}; {op.name} {{layout = \"NHWC\"}} takes only its data "
+                 f"input (operand 0) as #nhwc")
+        elif not nhwc_op:
+            fail(f"operand {i} %{v.name} is {v.type}, which {op.name} does not read as laid out (it reads "
+                 f"NCHW); transpose it back first (Transpose perm = [0, 3, 1, 2])")
+    for r in op.results:
+        if layout_of(r) is not None and not (nhwc_op and is_nhwc(r)):
+            fail(f"result %{r.name} is {r.type}, but {op.name} computes "
+                 f"{'NHWC' if nhwc_op else 'NCHW'}")

@@ -68,12 +68,12 @@ class Outliner:
                     new_operands.append(copy_of[id(v)])
                 else:
                     if id(v) not in arg_of:
-                        a = Value(self.names(v.name), v.type, relayout=v.relayout)
+                        a = Value(self.names(v.name), v.type)
                         arg_of[id(v)] = a
                         args.append(a)
                         operands.append(v)
                     new_operands.append(arg_of[id(v)])
-            results = [Value(self.names(r.name), r.type, relayout=r.relayout) for r in op.results]
+            results = [Value(self.names(r.name), r.type) for r in op.results]
             for r, c in zip(op.results, results):
                 copy_of[id(r)] = c
             body_ops.append(Op(op.name, new_operands, results, op.attrs, op.loc))

@@ -1,7 +1,9 @@
 """Element types and tensor types.
 
 A `TensorType` is a dtype, a shape whose dims are ints or symbolic `Expr`s (None = unknown rank),
-and an optional layout tag (e.g. "nhwc") that layout passes set and codegen reads. Printed form:
+and an optional layout tag (e.g. "nhwc") that layout passes set and codegen reads (ir/layout.py: the
+shape is the physical one, the tag names the logical tensor; equality compares it, inference and
+`types_compatible` ignore it). Printed form:
 `f32[N,3,224,224]`, `i64[]` (scalar), `f16[1,56,56,64]#nhwc`, `f32[*]` (unknown rank).
 """
 from __future__ import annotations
@@ -135,7 +137,9 @@ class TensorType:
         return n
 
     def with_shape(self, shape) -> "TensorType":
-        return TensorType(self.dtype, None if shape is None else tuple(shape), self.layout)
+        """Same dtype, new shape, no layout tag: inference gives physical shapes only; a layout pass
+        sets the tag of what it lays out (ir/layout.py), and the verifier checks where tags go."""
+        return TensorType(self.dtype, None if shape is None else tuple(shape))
 
     def with_dtype(self, dt) -> "TensorType":
         return TensorType(dtype(dt), self.shape, self.layout)

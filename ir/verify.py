@@ -1,9 +1,10 @@
-"""The verifier: def-before-use, operand/result counts, attrs schema, and declared result types
-against re-inferred ones. Each error names the op and its line:col (or ONNX node).
+"""The verifier: def-before-use, operand/result counts, attrs schema, declared result types
+against re-inferred ones, and layout tags (ir/layout.py: a known tag of the right rank; no #nhwc
+value into an op that reads NCHW implicitly). Each error names the op and its line:col (or ONNX node).
 """
 from __future__ import annotations
 
-from . import registry
+from . import layout, registry
 from .registry import check_extents
 from .builder import const_value
 from .errors import NncError, ShapeError, VerifyError
@@ -47,6 +48,11 @@ def _check_type(t, what: str) -> None:
     def fail(msg):
         raise VerifyError(f"{what}: {msg}")
     check_extents(t, fail)
+    layout.check_type(t, fail)
+
+
+def _fail(msg):
+    raise VerifyError(msg)
 
 
 def _where(op) -> str:
@@ -86,6 +92,7 @@ def _region(r: Region, outer: list, module: Module, what: str) -> None:
                                           [x.type for x in op.results])
         except ShapeError as e:
             raise VerifyError(f"{w}: {e}") from None
+        layout.check_op(op, lambda msg: _fail(f"{w}: {msg}"))
         for i, (res, t) in enumerate(zip(op.results, inferred)):
             if not types_compatible(res.type, t):
                 raise VerifyError(f"{w}: result {i} %{res.name} is declared {res.type} but inference gives {t}")

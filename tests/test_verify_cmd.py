@@ -140,13 +140,14 @@ def test_relaid_value_without_its_mark_is_caught():
     """The mark is what makes the comparison right: the NHWC pooled value compared as if NCHW
     (the bug the GPU run found) fails by a wide margin, so a lost mark cannot pass unseen."""
     from nnc.accuracy import _inverse
+    from nnc.ir.layout import perm_of
     pre = prepare(CNN, "input:2x3x32x32", "fp16", per_layer=True)
     v = pre.mapping["pool"][0]
-    assert v is not None and v.relayout == (0, 2, 3, 1) and tuple(v.type.shape) == (2, 16, 16, 16)
+    assert v is not None and perm_of(v) == (0, 2, 3, 1) and tuple(v.type.shape) == (2, 16, 16, 16)
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((2, 16, 16, 16)).astype(np.float32)
-    nhwc = np.transpose(ref, v.relayout)
-    assert compare("pool", np.transpose(nhwc, _inverse(v.relayout)), ref, 1e-2, None).passed
+    nhwc = np.transpose(ref, perm_of(v))
+    assert compare("pool", np.transpose(nhwc, _inverse(perm_of(v))), ref, 1e-2, None).passed
     assert not compare("pool", nhwc, ref, 1e-2, None).passed
 
 

@@ -47,7 +47,7 @@ NORM_OPS = ("LayerNormalization", "RMSNormalization")
 
 def _float_static(t) -> bool:
     return (t.shape is not None and all(isinstance(d, int) and d >= 0 for d in t.shape)
-            and t.dtype.short in FLOATS and getattr(t, "layout", None) is None)
+            and t.dtype.short in FLOATS)  # a layout tag: same physical dims (ir/layout.py)
 
 
 def row_core(op, const_of) -> Optional[str]:

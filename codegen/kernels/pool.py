@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...ir.layout import op_is_nhwc
 from ..lower import LowerCtx, lowering
 from ._helpers import empty_result, misc2_launch
 
@@ -37,7 +38,7 @@ def _pad3(v, fill):
 def _pool(ctx: LowerCtx):
     x, y = ctx.inp(0), ctx.out(0)
     ind = ctx.out(1) if ctx.n_out > 1 else None  # MaxPool's Indices
-    if (ctx.attr("layout", "NCHW") or "NCHW") == "NHWC":  # compiler/passes/assign_layout.py
+    if op_is_nhwc(ctx.op):  # compiler/passes/assign_layout.py
         if ind is not None:
             ctx.fail("an NHWC MaxPool has no Indices output")
         return _pool_nhwc(ctx)

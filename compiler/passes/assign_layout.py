@@ -30,15 +30,20 @@ longer read. An NHWC form of a value that has none is a Transpose(x, [0,2,3,1]) 
 user (and shared by the later ones): what is left are transposes at the
 model's edges (after the input, before Flatten/the classifier).
 
-Every NHWC form that stands for a rewritten op's result (same loc) gets `relayout = (0, 2, 3, 1)`
-(ir/graph.py Value): `nnc verify --per-layer` maps an ONNX node's tensor to its op's result and
-transposes such a value back before comparing it (its shape may equal the NCHW one: [N,C,C,C]).
+Every NHWC form (a rewritten op's result, an edge Transpose's, a re-laid per-channel constant) has
+the layout tag `#nhwc` in its type (ir/layout.py: the shape is the physical [N,H,W,C], the tensor it
+stands for the NCHW one): `nnc verify --per-layer` maps an ONNX node's tensor to its op's result and
+transposes a tagged value back before comparing it (its shape may equal the NCHW one: [N,C,C,C]),
+and the verifier refuses a tagged value reaching an op that reads NCHW implicitly. A user Transpose
+that composes with an NHWC form to the identity becomes a Reshape of it to the same shape (a view):
+the user's tensor is untagged, the NHWC form is not.
 
 Must hold: a verified module; run after fold-batchnorm (BN folded into the NCHW weights first) and
 after the precision passes (eligibility reads the dtype), before fuse-epilogue (the NHWC conv's
 bias/residual/activation then fuse into its NHWC epilogue; bias is per channel = per column).
-The layout is an op attribute (ir/ops/conv.py, ir/ops/pool.py), with exact reference semantics;
-values carry NHWC shapes and no type layout tag.
+How Conv and pools read their operands stays an op attribute (ir/ops/conv.py, ir/ops/pool.py: the
+OHWI weight is not a tagged activation), with exact reference semantics; the values carry NHWC
+shapes and the `#nhwc` tag.
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ from nnc.codegen.kernels.elementwise import EXPR
 from nnc.codegen.lower import DYNAMIC_OPS
 from nnc.ir.builder import Builder, const_value
 from nnc.ir.graph import Module, NameGen, Op, Region, Value, users, value_names
+from nnc.ir.layout import NHWC, tag
 from nnc.ir.ops.conv import TO_NCHW, TO_NHWC
 from nnc.ir.rewrite import Substitution, used_values
 
@@ -80,7 +86,7 @@ class _Assign:
         self.created: set[int] = set()        # ids of ops this pass added (removed again if unused)
         self.orphans: list[Value] = []        # weights of rewritten convs (removed if unused)
         self.changed = False
-        self.recorded: list[Value] = []  # NHWC forms given a relayout (cleared on restore)
+        self.recorded: list[Value] = []  # values tagged #nhwc (untagged again on restore)
         self.init = input_independent(func, DYNAMIC_OPS)  # ids of values computed from constants only
         self.saved = 0  # launches the rewrite saves: NCHW convs' layout kernels, cancelled transposes
         self.subst = Substitution()  # cancelled transposes: their result -> the value they restore
@@ -110,14 +116,22 @@ class _Assign:
             return self._emit(b, "Reshape", [x, sh], {}, loc, hint)
         return self._emit(b, "Transpose", [x], {"perm": list(perm)}, loc, hint)
 
+    def _tag(self, v: Value) -> Value:
+        self.recorded.append(tag(v, NHWC))
+        return v
+
     def _define_as(self, b: Builder, y: Value, src: Value, perm, loc):
         """Re-defines the original value y as src transposed by perm (y keeps name and users)."""
         r = self._relayout(b, src, perm, loc, y.name + "_nchw")
-        if r is src:  # the transposes cancel: later ops read src (a function result needs an op)
-            if id(y) not in self.keep_defined:
+        if r is src and y.type.layout == src.type.layout:  # the transposes cancel: later ops read
+            if id(y) not in self.keep_defined:                 # src (a function result needs an op)
                 self.subst[y] = src
                 return
             r = self._emit(b, "Identity", [src], {}, loc, y.name + "_nchw")
+        elif r is src:  # same bytes, but y is the user's (untagged) tensor: a view of src
+            sh = b.constant(np.array(y.type.shape, np.int64), y.name + "_shape", loc)
+            self.created.add(id(b.region.ops[-1]))
+            r = self._emit(b, "Reshape", [src, sh], {}, loc, y.name + "_nchw")
         op = b.region.ops[-1]
         assert r.type == y.type, (r.type, y.type)
         op.results = [y]
@@ -127,7 +141,7 @@ class _Assign:
         """x's NHWC form (a new edge Transpose when x has none yet)."""
         got = self.nhwc.get(id(x))
         if got is None:
-            got = self._relayout(b, x, TO_NHWC, loc, x.name + "_nhwc")
+            got = self._tag(self._relayout(b, x, TO_NHWC, loc, x.name + "_nhwc"))
             self.nhwc[id(x)] = got
         return got
 
@@ -217,10 +231,9 @@ class _Assign:
     def _finish(self, op: Op, yn: Value, b: Builder):
         y = op.results[0]
         self.nhwc[id(y)] = yn
-        # yn stands for the node's result y (same loc, same op name but pools' globals): recorded so
+        # yn stands for the node's result y (same loc, same op name but pools' globals): tagged, so
         # that `nnc verify --per-layer`, which maps a node's tensor to its op's result, transposes it back
-        yn.relayout = TO_NHWC
-        self.recorded.append(yn)
+        self._tag(yn)
         self._define_as(b, y, yn, TO_NCHW, op.loc)
         self.changed = True
 
@@ -266,7 +279,7 @@ class _Assign:
                 c = b.constant(np.ascontiguousarray(np.transpose(a4, TO_NHWC)), v.name + "_nhwc", op.loc,
                                weight_hint=v.name + "_nhwc")
                 self.created.add(id(b.region.ops[-1]))
-                ins.append(c)
+                ins.append(self._tag(c))
         yn = self._emit(b, op.name, ins, op.attrs, op.loc, op.results[0].name + "_nhwc")
         self._finish(op, yn, b)
 
@@ -323,7 +336,7 @@ def run(module: Module) -> bool:
         if a.added() > a.saved:
             _restore(f, snap, results, ws, before)
             for v in a.recorded:
-                v.relayout = ()
+                tag(v, None)
             continue
         a.drop_orphan_weights()
         changed = True

@@ -226,7 +226,7 @@ def parse_tile(params: str) -> Optional[tuple]:
 
 def _ok_type(v: Value) -> bool:
     t = v.type
-    return t.is_static and t.dtype.short in FLOATS and getattr(t, "layout", None) is None
+    return t.is_static and t.dtype.short in FLOATS  # a layout tag: same physical dims (ir/layout.py)
 
 
 def _scalar(v: Value, const_of: ConstOf) -> Optional[float]:

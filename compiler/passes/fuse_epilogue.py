@@ -51,6 +51,7 @@ import numpy as np
 
 from nnc.ir.builder import const_value
 from nnc.ir.graph import Module, Op, Value
+from nnc.ir.layout import op_is_nhwc
 from nnc.ir.outline import Outliner
 from nnc.ir.rewrite import used_values
 
@@ -109,7 +110,7 @@ class Chain:
 
 def _ok_type(v: Value) -> bool:
     t = v.type
-    return t.is_static and t.dtype.short in FLOATS and getattr(t, "layout", None) is None
+    return t.is_static and t.dtype.short in FLOATS  # a layout tag: same physical dims (ir/layout.py)
 
 
 def _scalar(v: Value, const_of) -> Optional[float]:
@@ -227,7 +228,7 @@ def classify(anchor: Op, op: Op, cur: Value, seen: set, const_of: ConstOf) -> Op
 
 def conv_channel_axis(anchor: Op) -> int:
     """1, or the last axis for a Conv {layout = "NHWC"} (compiler/passes/assign_layout.py)."""
-    return 3 if getattr(anchor.attrs, "layout", "NCHW") == "NHWC" else 1
+    return 3 if op_is_nhwc(anchor) else 1
 
 
 def _conv_bias_ok(anchor: Op, const_of: ConstOf) -> bool:

@@ -14,6 +14,7 @@ from nnc.driver import pipeline_passes
 from nnc.ir import parse, verify
 from nnc.ir.errors import NncError
 from nnc.ir.interp import Interpreter
+from nnc.ir.layout import perm_of
 from nnc.onnx_import import import_model
 from nnc.pipeline import Pipeline
 
@@ -122,7 +123,7 @@ def test_interpreter_same_with_and_without_the_pass(name, rng):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_relayout_marks_say_how_values_relate(name, rng):
-    """Each value the pass marks (Value.relayout, read by nnc verify --per-layer) holds the tensor
+    """Each value the pass tags #nhwc (ir.layout.perm_of, read by nnc verify --per-layer) holds the tensor
     its op's node computes without the pass, transposed by the mark: checked on the interpreter's
     values, matched by (node, op name, result index), bodies of fused groups included (the
     Outliner's copies keep the mark). Unmarked results of those nodes keep the NCHW shape."""
@@ -143,15 +144,15 @@ def test_relayout_marks_say_how_values_relate(name, rng):
     marked = 0
     for key, rs in got.items():
         for r, o in rs:
-            if not r.relayout or key not in want or len(want[key]) != 1:
+            if not perm_of(r) or key not in want or len(want[key]) != 1:
                 continue
-            assert r.relayout == (0, 2, 3, 1)
+            assert perm_of(r) == (0, 2, 3, 1)
             b = want[key][0][1].astype(np.float64)
             np.testing.assert_allclose(np.transpose(o, (0, 3, 1, 2)).astype(np.float64), b,
                                        rtol=2e-3, atol=2e-3 * float(np.abs(b).max()) + 1e-6)
             marked += 1
     assert marked >= 4
-    assert all(not r.relayout for op in before.main.walk() for r in op.results)
+    assert all(not perm_of(r) for op in before.main.walk() for r in op.results)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
