@@ -98,6 +98,8 @@ def plan_to_json(plan: Plan, *, arch: str, precision: str, tf32: bool, passes, w
             d["nbytes"] = l.nbytes
         if l.kind == "readback":
             d["output_index"] = _readback_output(plan, l)
+        if getattr(l, "tuning", None) is not None:  # codegen/tuning.py: tactic, time, candidates
+            d["tuning"] = l.tuning
         return d
     launches = [launch_json(l) for l in plan.launches]
     init_launches = [launch_json(l) for l in plan.init_launches]  # run once at load, in order
@@ -133,6 +135,8 @@ def plan_to_json(plan: Plan, *, arch: str, precision: str, tf32: bool, passes, w
         "persistent_bytes": plan.persistent_bytes,
         "cubins": list(cubins),  # [{"file", "sha256", "kernels"}]: one per compile unit (codegen/units.py)
         "source_sha256": source_sha,
+        # how kernels were chosen (codegen/tuning.py): heuristic (why) or tuned (counts, cache, time)
+        "tuning": getattr(plan, "tuning", None) or {"mode": "heuristic", "why": "tuning off"},
     }
 
 

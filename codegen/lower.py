@@ -636,6 +636,7 @@ class Lowerer:
                 if missing:
                     raise LoweringError(f"{op.loc}: lowering {v.name} of {op.name} left results {missing} undefined")
                 self._record(v, params, n0)
+                self._record_tuning(problem.key, n0)
                 self.selections.append(Selection(ctx.desc, v.name, dict(params), tuple(c.name for c in cands),
                                                  tuple(declined)))
                 return
@@ -658,6 +659,17 @@ class Lowerer:
                 k.params = {**k.params, SELECTED: {"variant": v.name, "params": dict(params)}}
 
 
+    def _record_tuning(self, key: str, n0: int) -> None:
+        """A tuning selector's record of this problem (codegen/tuning.py: tactic, time, candidates
+        tried and rejected) on the launches since n0: plan.json launches[i]["tuning"] (innermost wins)."""
+        rec = getattr(self.selector, "record", None)
+        t = rec(key) if rec is not None else None
+        if t is not None:
+            for launch in self.launches[n0:]:
+                if getattr(launch, "tuning", None) is None:
+                    launch.tuning = t
+
+
 SELECTED = "selected"  # the key of a kernel's params that records the selection
 
 
@@ -672,4 +684,9 @@ def lower(module: Module, options: Union[LowerOptions, dict, None] = None,
     selector: a Selector instance (codegen/variants.py) instead of the one options.selector names."""
     if not isinstance(options, LowerOptions):
         options = LowerOptions.from_dict(options)
-    return Lowerer(module, options, selector).run()
+    if options.tune and selector is None:  # timing-based selection on the GPU (codegen/tuning.py)
+        from .tuning import lower_tuned
+        return lower_tuned(module, options)
+    plan = Lowerer(module, options, selector).run()
+    plan.tuning = {"mode": "heuristic", "why": options.tune_reason or "tuning off"}
+    return plan

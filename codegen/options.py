@@ -5,7 +5,7 @@
 
 Environment variables are defaults only, each read here, when an option object is made (not at
 import, so a test can set one): NNC_RNN_STEPWISE (RNN lowering mode), NNC_CACHE_DIR /
-XDG_CACHE_HOME (the cubin cache), NNC_STRICT_PRELUDE (no full-prelude fallback: tests),
+XDG_CACHE_HOME (the cubin cache), NNC_TUNE (the tuning default), NNC_STRICT_PRELUDE (no full-prelude fallback: tests),
 NNC_CUDA_INCLUDE and NNC_NVCC (where the CUDA headers and nvcc are).
 """
 from __future__ import annotations
@@ -41,6 +41,13 @@ def env_cache_dir() -> Path:
     return (Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache") / "nnc"
 
 
+def env_tune():
+    """$NNC_TUNE: "0" never tune by default, "1" always (needs a GPU), unset/"": tune when a GPU is
+    present (nnc.CompileOptions.tuning; an explicit tune= / --no-tune wins)."""
+    v = os.environ.get("NNC_TUNE", "")
+    return None if v == "" else v not in ("0", "false", "no", "off")
+
+
 def env_cuda_include() -> str:
     return os.environ.get("NNC_CUDA_INCLUDE", "/usr/local/cuda/include")
 
@@ -58,6 +65,11 @@ class LowerOptions:
     rnn_stepwise: bool = field(default_factory=env_rnn_stepwise)  # one launch a time step (debugging)
     selector: str = "heuristic"  # who chooses among each op's kernel variants: a name of codegen/variants.SELECTORS
     zero_copy_concat: bool = True  # Concat inputs written straight into its output (codegen/memory.concat_slots)
+    # timing-based selection (codegen/tuning.py): needs a GPU; nnc.CompileOptions decides the default
+    tune: bool = False  # time every candidate on the GPU and keep the fastest correct one
+    tune_budget: Optional[float] = None  # seconds for all the tuning (None: no bound); then the heuristic
+    timing_cache: Optional[str] = None  # the timing cache file read and written (codegen/timing_cache.py)
+    tune_reason: str = ""  # why tuning is on or off (plan.json "tuning" and -v say it)
 
     def __post_init__(self):
         if not isinstance(self.target, Target):
@@ -67,6 +79,14 @@ class LowerOptions:
         object.__setattr__(self, "tf32", bool(self.tf32))
         object.__setattr__(self, "rnn_stepwise", bool(self.rnn_stepwise))
         object.__setattr__(self, "zero_copy_concat", bool(self.zero_copy_concat))
+        object.__setattr__(self, "tune", bool(self.tune))
+        if self.tune_budget is not None:
+            if isinstance(self.tune_budget, bool) or not isinstance(self.tune_budget, (int, float)) \
+                    or not self.tune_budget > 0:
+                raise NncError(f"tune_budget must be a positive number of seconds or None, not {self.tune_budget!r}")
+            object.__setattr__(self, "tune_budget", float(self.tune_budget))
+        if self.timing_cache is not None:
+            object.__setattr__(self, "timing_cache", str(self.timing_cache))
         from .variants import SELECTORS
         if self.selector not in SELECTORS:
             raise NncError(f"selector must be one of {', '.join(map(repr, sorted(SELECTORS)))}, not {self.selector!r}")

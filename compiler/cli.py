@@ -86,6 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose(p, "each pass's time and op count, the kernel and launch counts and each stage's time")
     p.add_argument("--verify-each", action="store_true", help="run the verifier after every pass")
     p.add_argument("--dump-ir", metavar="DIR", help="write NN-<pass>.nnir after each pass into DIR")
+    tune = p.add_mutually_exclusive_group()  # kernel selection by timing (codegen/tuning.py)
+    tune.add_argument("--tune", dest="tune", action="store_const", const=True, default=None,
+                      help="time every kernel candidate on the GPU and keep the fastest correct one "
+                           "(default: when a GPU is present; $NNC_TUNE=0 turns the default off)")
+    tune.add_argument("--no-tune", dest="tune", action="store_const", const=False,
+                      help="pick kernels by the heuristic (no GPU needed: cross-compiling)")
+    p.add_argument("--tune-budget", type=float, default=None, metavar="SECONDS",
+                   help="bound the tuning time; problems left when it runs out use the heuristic")
+    p.add_argument("--timing-cache", default=None, metavar="FILE",
+                   help="read and write this timing cache (a corrupt, stale or foreign one is rebuilt)")
+
+    p = sub.add_parser("timing-cache", help="timing cache files (nnc compile --timing-cache)")
+    tsub = p.add_subparsers(dest="tc_cmd", required=True)
+    m = tsub.add_parser("merge", help="merge timing caches of one GPU (the faster entry wins)")
+    m.add_argument("files", nargs="+", help="timing cache files")
+    m.add_argument("-o", "--output", required=True, help="the merged cache")
 
     p = sub.add_parser("run", help="run a compiled output directory on inputs",
                        description="Runs OUT with inputs from an .npz whose keys are the model's input names; "
@@ -169,7 +185,7 @@ def main(argv=None) -> int:
         with progress.use(progress.make_reporter(verbose=getattr(args, "verbose", False))):
             return {"ir": cmd_ir, "opt": cmd_opt, "compile": cmd_compile, "run": cmd_run, "bench": cmd_bench,
                     "inspect": cmd_inspect,
-                    "verify": cmd_verify}[args.cmd](args)
+                    "verify": cmd_verify, "timing-cache": cmd_timing_cache}[args.cmd](args)
     except NncError as e:
         if args.debug:
             raise
@@ -260,7 +276,8 @@ def cmd_compile(args) -> int:
     opts = CompileOptions(shapes=normalize_shapes(args.shapes), precision=args.precision, arch=args.arch,
                           tf32=args.tf32, name=args.name, backend="reference" if args.no_codegen else "cuda",
                           codegen=not args.no_codegen, cuda_compiler=args.backend, verify_each=args.verify_each,
-                          cache=not args.no_cache, jobs=args.jobs, fuse=not args.no_fuse)
+                          cache=not args.no_cache, jobs=args.jobs, fuse=not args.no_fuse, tune=args.tune,
+                          tune_budget=args.tune_budget, timing_cache=args.timing_cache)
     plan = compile_model(args.model, args.out, dump_ir=args.dump_ir, options=opts)
     wall = time.perf_counter() - t0
     n_k = len(plan.get("kernels", []))
@@ -273,8 +290,18 @@ def cmd_compile(args) -> int:
         init = len(plan.get("init_launches", []))
         rep.log(f"  {n_k} kernels, {n_kl} kernel launches per run ({len(launches)} launches in all"
                 f"{f', {init} more once at load' if init else ''})")
+        t = plan.get("tuning") or {}
+        rep.log(f"  kernel selection: {t.get('mode', 'heuristic')} ({t.get('why', '')})")
         rep.log("  stages: " + " | ".join(f"{k} {v * 1e3:.1f} ms" for k, v in _stage_times(rep.times, args.backend))
                 + f" | total {wall * 1e3:.1f} ms")
+    return 0
+
+
+def cmd_timing_cache(args) -> int:
+    from .codegen.timing_cache import merge
+    doc = merge(args.files, args.output)
+    print(f"merged {len(args.files)} timing caches -> {args.output} ({len(doc['entries'])} entries, "
+          f"{doc['header'].get('gpu')} {doc['header'].get('sm')})")
     return 0
 
 

@@ -1,0 +1,764 @@
+"""Timing-based kernel selection: every candidate (variant, params) of every tunable problem is
+rendered in a sandbox, compiled in one parallel batch, checked against the heuristic's output and
+timed on the GPU; the fastest correct one is kept (a TensorRT-style tactic search).
+
+    plan = lower_tuned(module, options)               # options.tune; codegen/lower.lower calls it
+    plan.tuning                                       # the summary plan.json keeps as "tuning"
+
+How (codegen/variants.py has the variants and the selector protocol):
+
+1. Survey: the module is lowered with a `SurveySelector`. A problem (one op or fused group, by its
+   Problem.key: op or group kind, shapes, dtypes, layouts/views, epilogue) with more than one
+   (candidate, params) is a tunable problem. A problem in the timing cache (codegen/timing_cache.py)
+   takes the cached choice. Otherwise every (candidate, params) is rendered in a sandbox: the
+   Lowerer's state is snapshotted, the variant's render runs (nested problems inside it take the
+   heuristic), what it emitted (kernels, launches, the buffers those read and write) is captured,
+   and the state is rolled back. The heuristic's choice renders for real. Identical problems
+   (same key) are captured once.
+2. Tune: the runner compiles every captured kernel at once (codegen/cuda.compile_many: parallel,
+   cubin-cached), then per problem runs the baseline (the heuristic's choice, itself checked by the
+   test suite against the reference interpreter) and every other candidate on the same random
+   inputs (never zeros; constants are the op's real, pre-transformed weights; outputs poisoned
+   first). A candidate whose output differs from the baseline's beyond the dtype's tolerance is
+   rejected (recorded in plan.json and logged), never picked. Eligible candidates are timed with
+   CUDA events: warm-up, then the median of repeats with the L2 flushed before each.
+3. Again: with new choices the module is lowered again (the survey now hits them in the
+   in-memory cache), until a lowering meets no new problem (a choice can reveal problems: a
+   fused group tuned to op by op has its body's); with a warm cache there is one lowering only.
+   Every launch of a tunable problem gets `launch.tuning` (plan.json launches[i]["tuning"]:
+   source tuned/cache/heuristic, variant, params, time_ms, the heuristic's time, candidates,
+   tried, rejected with why; or why the heuristic stayed).
+
+A problem that cannot be timed safely (an integer operand that is not a constant: indices could
+go out of range; a readback or cooperative launch; the baseline failing) keeps the heuristic, and
+says why. `--tune-budget` bounds the whole (capture, compile, timing): what is left when it runs
+out keeps the heuristic ("budget"). A launch error that the CUDA context cannot survive stops the
+tuning; the rest keeps the heuristic.
+
+Runners: `CudaRunner` (the GPU: cupy, imported lazily) and `StandInRunner` (CPU tests: times from
+variants.stand_in_time, outputs a deterministic function of the problem unless a test makes a
+candidate wrong). Both see only `Capture`s, so any registered variant is handled generically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ..ir.errors import NncError
+from ..progress import current
+from .dtypes import info as dtype_info
+from .plan import Buffer, Kernel, Scalar
+from .variants import Candidate, HeuristicSelector, _params_key
+
+WARMUP = 2
+REPEATS = 9
+# candidate vs baseline, by the output's dtype (the project's accuracy standard, nnc.accuracy)
+RTOL = {"float32": 1e-3, "float64": 1e-6, "float16": 1e-2, "bfloat16": 1e-2}
+RTOL_TF32 = 3e-3
+
+
+def tolerance(np_name: str, tf32: bool = False) -> Optional[float]:
+    """Relative tolerance of a candidate's output against the baseline's (atol: rtol x max|baseline|);
+    None: must match exactly (integers, bool)."""
+    if np_name == "float32" and tf32:
+        return RTOL_TF32
+    if np_name in RTOL:
+        return RTOL[np_name]
+    kind = dtype_info(np_name).dtype.np.kind
+    return 1e-2 if kind == "f" else None  # narrow floats: the fp16 band
+
+
+# ---------------------------------------------------------------- what a sandbox render emitted
+
+@dataclass
+class RootSpec:
+    """A device allocation a capture's launches touch: a root Buffer. data: its constant bytes
+    (weights, pre-transformed); None: random data (fresh values: `shared` ones are the same for
+    every candidate of the problem) or poison (results)."""
+    id: int
+    np_name: str
+    nbytes: int
+    data: Optional[bytes]
+    shared: bool  # existed before the render (an operand): same bytes for every candidate
+    result: bool  # holds one of the op's results (poisoned before a run)
+
+
+@dataclass
+class Capture:
+    """One (candidate, params) rendered in a sandbox. launches: (kind, kernel name, grid, block,
+    smem, args, nbytes), args ("buf", root id, byte offset) | ("val", numpy scalar); kernels:
+    name -> Kernel, renamed unique in the tuning batch; outputs per op result: (root id, byte
+    offset, np name, shape). why_not: "" or why it cannot run (then it is not a candidate)."""
+    variant: str
+    params: dict
+    candidate: Optional[Candidate] = None
+    kernels: dict = field(default_factory=dict)
+    launches: list = field(default_factory=list)
+    roots: dict = field(default_factory=dict)
+    outputs: list = field(default_factory=list)
+    why_not: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant} {_params_key(self.params)}"
+
+
+class _Snapshot:
+    """The Lowerer state a render changes, to roll it back."""
+
+    def __init__(self, L):
+        self.L = L
+        self.n_buf = len(L.buffers)
+        self.n_launch = len(L.launches)
+        self.n_init = len(L.init_launches)
+        self.n_sel = len(L.selections)
+        self.dicts = {a: dict(getattr(L, a)) for a in ("values", "kernels", "_by_key", "transformed", "dynamic",
+                                                         "equiv", "slot_views")}
+        self.params = {n: k.params for n, k in L.kernels.items()}
+        self.dynamic_flags = [b.dynamic for b in L.buffers]
+        self.zero_copy_bytes = L.zero_copy_bytes
+
+    def restore(self):
+        L = self.L
+        del L.buffers[self.n_buf:]
+        del L.launches[self.n_launch:]
+        del L.init_launches[self.n_init:]
+        del L.selections[self.n_sel:]
+        for a, d in self.dicts.items():
+            setattr(L, a, d)
+        for n, p in self.params.items():
+            L.kernels[n].params = p
+        for b, f in zip(L.buffers, self.dynamic_flags):
+            b.dynamic = f
+        L.zero_copy_bytes = self.zero_copy_bytes
+
+
+_RAW_INT_OK = ("bool",)  # integer-like dtypes random data is always in range for
+
+
+def capture(problem, cand: Candidate, params: dict, tag: str) -> Capture:
+    """Renders (cand, params) for `problem` in a sandbox of its Lowerer and rolls the state back.
+    tag: makes the captured kernels' names unique in the tuning batch."""
+    from .lower import LowerCtx
+    L, op = problem.L, problem.op
+    cap = Capture(cand.name, dict(params), cand)
+    snap = _Snapshot(L)
+    try:
+        ctx = LowerCtx(L, op)
+        ctx.problem = problem
+        try:
+            ret = cand.variant.render(ctx, problem, dict(params))
+        except NncError as e:
+            cap.why_not = f"render failed: {e}"
+            return cap
+        except Exception as e:  # a candidate's render bug must not stop the compile: not a candidate
+            cap.why_not = f"render failed: {type(e).__name__}: {e}"
+            return cap
+        if ret is None and not ctx.emitted:
+            cap.why_not = "render declined"
+            return cap
+        _describe(cap, L, op, snap, tag)
+    finally:
+        snap.restore()
+    return cap
+
+
+def _describe(cap: Capture, L, op, snap: _Snapshot, tag: str):
+    launches = L.launches[snap.n_launch:]
+    if not any(l.kind == "kernel" for l in launches):
+        cap.why_not = "no kernel launched"
+        return
+    results = set()
+    for r in op.results:
+        b = L.values.get(id(L.canon(r)))
+        if b is None:
+            cap.why_not = f"result %{r.name} not defined"
+            return
+        root = L.buffers[b.alias_of] if b.alias_of is not None else b
+        results.add(root.id)
+        cap.outputs.append((root.id, b.alias_offset if b.alias_of is not None else 0, b.dtype.np_name,
+                            tuple(int(d) for d in b.shape)))
+    names = {}
+    for l in launches:
+        if l.kind == "readback":
+            cap.why_not = "data-dependent output (readback)"
+            return
+        args = []
+        for a in l.args:
+            if isinstance(a, Scalar):
+                from .dtypes import SCALAR_NP
+                args.append(("val", SCALAR_NP[a.type](a.value)))
+                continue
+            root = L.buffers[a.alias_of] if a.alias_of is not None else a
+            if root.id not in cap.roots:
+                shared = root.id < snap.n_buf
+                data = None
+                if root.data is not None:
+                    data = np.ascontiguousarray(root.data).astype(root.dtype.np, copy=False).tobytes()
+                elif shared and root.id not in results and root.dtype.np.kind in "iu" and \
+                        root.dtype.np_name not in _RAW_INT_OK:
+                    cap.why_not = (f"integer operand {root.name} ({root.dtype.np_name}) is not a constant: "
+                                   f"random indices could be out of range")
+                    return
+                cap.roots[root.id] = RootSpec(root.id, root.dtype.np_name, int(root.nbytes), data, shared,
+                                              root.id in results)
+            args.append(("buf", root.id, a.alias_offset if a.alias_of is not None else 0))
+        kname = None
+        if l.kind == "kernel":
+            if l.kernel.startswith("nnc_coop_"):
+                cap.why_not = "cooperative launch"
+                return
+            if l.kernel not in names:
+                names[l.kernel] = f"{l.kernel}_{tag}"
+            kname = names[l.kernel]
+        cap.launches.append((l.kind, kname, tuple(l.grid), tuple(l.block), int(l.smem), args, int(l.nbytes)))
+    for old, new in names.items():
+        k = L.kernels[old]
+        body = re.sub(rf"\b{re.escape(old)}\b", new, k.body)
+        cap.kernels[new] = Kernel(new, k.template, dict(k.params), body, list(k.ops))
+
+
+# ---------------------------------------------------------------- runners
+
+class Unrecoverable(NncError):
+    """The device cannot go on (a sticky CUDA error): tuning stops."""
+
+
+class Runner:
+    """Compiles captures and runs them. run(capture, inputs_seed) -> (median seconds, outputs as
+    numpy arrays, one per op result); raises NncError (why) for a candidate that fails."""
+    name = "runner"
+
+    def device(self) -> dict:
+        """The identity a timing cache is valid for (GPU name, SM, CUDA versions)."""
+        raise NotImplementedError
+
+    def prepare(self, captures: Sequence[Capture]) -> dict:
+        """Compiles the captures' kernels in one batch; returns {id(capture): why} for failures."""
+        return {}
+
+    def run(self, cap: Capture, seed: int, baseline: Optional[list] = None) -> tuple[float, list]:
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+def _problem_seed(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+
+
+class StandInRunner(Runner):
+    """No GPU: times from `timer(candidate, params)` (default variants.stand_in_time), outputs
+    a deterministic function of the problem; `wrong(capture) -> bool` makes a candidate's output
+    wrong, `fail(capture) -> str|None` makes it fail (tests)."""
+    name = "stand-in"
+
+    def __init__(self, timer: Optional[Callable] = None, wrong: Optional[Callable] = None,
+                 fail: Optional[Callable] = None, delay: float = 0.0):
+        from .variants import stand_in_time
+        self.timer = timer or stand_in_time
+        self.wrong = wrong or (lambda cap: False)
+        self.fail = fail or (lambda cap: None)
+        self.delay = delay  # seconds each run takes (budget tests)
+        self.prepared = 0
+
+    def device(self) -> dict:
+        return {"gpu": "stand-in", "sm": "sm_90", "cuda_runtime": 0, "cuda_driver": 0, "nvrtc": "none"}
+
+    def prepare(self, captures):
+        self.prepared += len(captures)
+        return {}
+
+    def run(self, cap, seed, baseline=None):
+        if self.delay:
+            time.sleep(self.delay)
+        why = self.fail(cap)
+        if why:
+            raise NncError(why)
+        rng = np.random.default_rng(seed)
+        outs = []
+        for _, _, np_name, shape in cap.outputs:
+            a = rng.standard_normal(shape).astype(np.float32)
+            if self.wrong(cap):
+                a = a + 1.0
+            outs.append(a)
+        return float(self.timer(cap.candidate, cap.params)), outs
+
+
+class CudaRunner(Runner):
+    """The GPU (cupy, imported lazily): NVRTC batch compile through the cubin cache, device buffers
+    per root, CUDA-event timing with the L2 flushed before each repeat."""
+    name = "cuda"
+
+    def __init__(self, arch: str, l2_bytes: int, jobs: Optional[int] = None, warmup: int = WARMUP,
+                 repeats: int = REPEATS):
+        import cupy as cp
+        self.cp = cp
+        self.arch, self.jobs, self.warmup, self.repeats = arch, jobs, warmup, repeats
+        self.funcs: dict = {}
+        self._modules = []
+        self._flush = cp.empty(max(2 * int(l2_bytes), 1 << 20), dtype=cp.uint8)
+        self._shared: dict = {}  # (seed, root id) -> device array (the operands of the problem being tuned)
+        self._shared_seed = None
+        self.stream = cp.cuda.Stream(non_blocking=True)
+
+    def device(self) -> dict:
+        cp = self.cp
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        name = props.get("name", b"")
+        try:
+            from cupy_backends.cuda.libs import nvrtc
+            nv = "%d.%d" % tuple(nvrtc.getVersion())
+        except Exception:
+            nv = "unknown"
+        return {"gpu": name.decode() if isinstance(name, bytes) else str(name),
+                "sm": f"sm_{props['major']}{props['minor']}", "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
+                "cuda_driver": cp.cuda.runtime.driverGetVersion(), "nvrtc": nv}
+
+    def prepare(self, captures):
+        import os
+        import tempfile
+        from . import cuda
+        from .units import make_units
+        kernels = [k for c in captures for k in c.kernels.values()]
+        if not kernels:
+            return {}
+        failed = {}
+        owner = {k.name: c for c in captures for k in c.kernels.values()}
+        units = [u for k in kernels for u in make_units([k])]  # one kernel a unit: a failure names one candidate
+        try:
+            cubins = cuda.compile_many(units, self.arch, jobs=self.jobs, cache=cuda.CubinCache.default())
+        except cuda.CompileError:
+            cubins = []
+            for u in units:  # find the failing ones (rare: a declared space must compile)
+                try:
+                    cubins.append(cuda.compile_many([u], self.arch, jobs=1, cache=cuda.CubinCache.default())[0])
+                except cuda.CompileError as e:
+                    cubins.append(None)
+                    failed[id(owner[u.kernels[0]])] = f"compile failed: {str(e).splitlines()[0]}"
+        with tempfile.TemporaryDirectory(prefix="nnc_tune_") as d:
+            for i, (u, data) in enumerate(zip(units, cubins)):
+                if data is None:
+                    continue
+                p = os.path.join(d, f"{i}.cubin")
+                with open(p, "wb") as f:
+                    f.write(data)
+                try:
+                    mod = self.cp.RawModule(path=p)
+                    for k in u.kernels:
+                        self.funcs[k] = mod.get_function(k)
+                    self._modules.append(mod)
+                except Exception as e:
+                    failed[id(owner[u.kernels[0]])] = f"load failed: {type(e).__name__}: {e}"
+        return failed
+
+    def _alloc(self, spec: RootSpec, seed: int):
+        cp = self.cp
+        n = max(spec.nbytes, 1)
+        if spec.data is not None:
+            return cp.asarray(np.frombuffer(spec.data, np.uint8))
+        if spec.result:
+            a = cp.empty(n, cp.uint8)
+            a.fill(0xFF)  # poison: NaN for every float type
+            return a
+        dt = dtype_info(spec.np_name)
+        rng = np.random.default_rng((seed, spec.id))
+        count = spec.nbytes // max(dt.itemsize, 1)
+        if dt.dtype.np.kind == "f" or spec.np_name == "bfloat16":
+            host = rng.uniform(-1.0, 1.0, count).astype(dt.dtype.np)
+        elif dt.dtype.np.kind == "b":
+            host = rng.integers(0, 2, count).astype(np.bool_)
+        else:  # a scratch or write-only integer buffer: any bits
+            host = rng.integers(0, 127, count).astype(dt.dtype.np)
+        raw = np.zeros(n, np.uint8)
+        raw[:host.nbytes] = np.frombuffer(host.tobytes(), np.uint8)
+        return cp.asarray(raw)
+
+    def _launch_all(self, cap: Capture, ptrs: dict):
+        cp = self.cp
+        for kind, kname, grid, block, smem, args, nbytes in cap.launches:
+            vals = tuple(np.uint64(ptrs[a[1]] + a[2]) if a[0] == "buf" else a[1] for a in args)
+            if kind == "kernel":
+                self.funcs[kname](grid, block, vals, shared_mem=smem, stream=self.stream)
+            elif kind == "memcpy" and nbytes:
+                cp.cuda.runtime.memcpyAsync(int(vals[0]), int(vals[1]), nbytes, 3, self.stream.ptr)
+
+    def run(self, cap, seed, baseline=None):
+        cp = self.cp
+        if self._shared_seed != seed:
+            self._shared, self._shared_seed = {}, seed
+        for k in {c for _, c, *_ in cap.launches if c is not None}:
+            if k not in self.funcs:
+                raise NncError("not compiled")
+        arrays = {}
+        for rid, spec in cap.roots.items():
+            if spec.shared and not spec.result:
+                if rid not in self._shared:
+                    self._shared[rid] = self._alloc(spec, seed)
+                arrays[rid] = self._shared[rid]
+            else:
+                arrays[rid] = self._alloc(spec, seed)
+        ptrs = {rid: a.data.ptr for rid, a in arrays.items()}
+        for kname, k in ((c, self.funcs[c]) for _, c, *_ in cap.launches if c is not None):
+            smem = max(s for _, c, _, _, s, *_ in cap.launches if c == kname)
+            if smem > 48 * 1024:
+                k.max_dynamic_shared_size_bytes = smem
+        try:
+            with self.stream:
+                self._launch_all(cap, ptrs)
+                self.stream.synchronize()
+                outs = []
+                for rid, off, np_name, shape in cap.outputs:
+                    dt = dtype_info(np_name)
+                    n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+                    raw = cp.asnumpy(arrays[rid][off:off + n])
+                    outs.append(_as_float(raw.view(dt.device_np).reshape(shape), np_name))
+                if baseline is not None:
+                    why = mismatch(outs, baseline, cap)
+                    if why:
+                        return float("nan"), outs  # wrong: not timed
+                for _ in range(self.warmup):
+                    self._launch_all(cap, ptrs)
+                evs = []
+                for _ in range(self.repeats):
+                    self._flush.fill(0)  # memset 2x L2: the launches read from DRAM as in a model run
+                    a, b = cp.cuda.Event(), cp.cuda.Event()
+                    a.record(self.stream)
+                    self._launch_all(cap, ptrs)
+                    b.record(self.stream)
+                    evs.append((a, b))
+                self.stream.synchronize()
+        except cp.cuda.driver.CUDADriverError as e:
+            raise _classify(e) from None
+        except cp.cuda.runtime.CUDARuntimeError as e:
+            raise _classify(e) from None
+        ms = [cp.cuda.get_elapsed_time(a, b) for a, b in evs]
+        return float(np.median(ms)) * 1e-3, outs
+
+    def close(self):
+        self.funcs.clear()
+        self._modules.clear()
+        self._shared.clear()
+
+
+def _classify(e) -> NncError:
+    text = f"{type(e).__name__}: {e}"
+    sticky = any(s in text for s in ("ILLEGAL_ADDRESS", "illegal memory", "MISALIGNED", "misaligned",
+                                      "LAUNCH_FAILED", "unspecified launch failure", "ILLEGAL_INSTRUCTION",
+                                      "illegal instruction", "HARDWARE_STACK_ERROR", "assert"))
+    return Unrecoverable(text) if sticky else NncError(text)
+
+
+def _as_float(a: np.ndarray, np_name: str) -> np.ndarray:
+    """A device array's values for comparing (bf16 raw bits -> float32)."""
+    if np_name == "bfloat16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    d = dtype_info(np_name)
+    if d.raw_on_device:
+        return a  # narrow types: compared bit for bit
+    return a.astype(np.float64) if a.dtype.kind == "f" else a
+
+
+def mismatch(outs: list, ref: list, cap: Capture, tf32: bool = False) -> str:
+    """"" when every output matches the baseline's (same non-finite pattern, finite elements
+    within atol + rtol|ref|, atol = rtol x max|ref|; integers exactly), else why not."""
+    for i, ((_, _, np_name, _), a, r) in enumerate(zip(cap.outputs, outs, ref)):
+        a, r = np.asarray(a), np.asarray(r)
+        if a.shape != r.shape:
+            return f"result {i}: shape {a.shape} vs {r.shape}"
+        rtol = tolerance(np_name, tf32)
+        if rtol is None or a.dtype.kind not in "fc":
+            if not np.array_equal(a, r):
+                return f"result {i}: {int(np.sum(a != r))} of {a.size} elements differ"
+            continue
+        fa, fr = np.isfinite(a), np.isfinite(r)
+        if not np.array_equal(fa, fr):
+            return f"result {i}: {int(np.sum(fa != fr))} of {a.size} elements finite in one, not the other"
+        if not fr.any():
+            continue
+        d, m = np.abs(a[fr] - r[fr]), np.abs(r[fr])
+        atol = rtol * float(m.max())
+        bad = d > atol + rtol * m
+        if bad.any():
+            return f"result {i}: {int(bad.sum())} of {a.size} elements off (max |diff| {float(d.max()):.3g}, " \
+                   f"max |baseline| {float(m.max()):.3g}, rtol {rtol:g})"
+    return ""
+
+
+# ---------------------------------------------------------------- selectors
+
+@dataclass
+class TuneProblem:
+    """One distinct tunable problem: its key, where it was met (the layer), the heuristic's
+    choice (the baseline) and every other (candidate, params), captured."""
+    key: str
+    layer: str
+    baseline: Capture
+    others: list
+    count: int = 1  # how many ops of the model share it
+    skip: str = ""  # why it is not timed (then: the heuristic)
+
+
+def layer_name(op) -> str:
+    kind = getattr(op.attrs, "kind", None) if op.name == "fused" else None
+    res = op.results[0].name if op.results else "?"
+    return f"{op.name}{f'({kind})' if kind else ''} %{res}"
+
+
+def record_of(entry: dict, source: str) -> dict:
+    """plan.json launches[i]["tuning"] from a cache/tuning entry."""
+    rec = {"source": source, "variant": entry["variant"], "params": entry["params"]}
+    if "candidates" in entry:
+        rec["candidates"] = entry["candidates"]
+    for k in ("time_ms", "heuristic", "tried", "rejected", "why"):
+        if k in entry:
+            rec[k] = entry[k]
+    return rec
+
+
+class SurveySelector:
+    """Pass 1: cached choices where the timing cache has one (the candidate set unchanged), else
+    the heuristic's, capturing every (candidate, params) of each new tunable problem (once per
+    key). Nested problems inside a sandbox render take the heuristic."""
+    name = "survey"
+
+    def __init__(self, cache, deadline: Optional[float] = None, enabled: bool = True,
+                 skips: Optional[dict] = None, fresh: Optional[dict] = None, final: bool = False):
+        self.cache = cache
+        self.deadline = deadline
+        self.enabled = enabled and not final  # final: capture nothing more (the last round)
+        self.known_skips = skips or {}  # key -> why (an earlier round): the heuristic, not captured again
+        self.fresh = fresh or {}  # keys tuned by this run (their records say "tuned", not "cache")
+        self.problems: dict[str, TuneProblem] = {}
+        self.hits: dict[str, dict] = {}
+        self.skipped: dict[str, str] = {}  # key -> why it was not captured
+        self._depth = 0
+        self._tags = 0
+        self._heur = HeuristicSelector()
+
+    def choose(self, key: str, cands: Sequence[Candidate]):
+        if self._depth:
+            return self._heur.choose(key, cands)
+        options = _options(cands)
+        space = space_digest(options)
+        hit = self.cache.get(key, space) if self.cache is not None else None
+        if hit is not None:
+            c = next((c for c in cands if c.name == hit["variant"]), None)
+            if c is not None:
+                self.hits[key] = hit
+                return c, dict(hit["params"])
+        base_c, base_p = self._heur.choose(key, cands)
+        if key in self.known_skips:
+            self.skipped[key] = self.known_skips[key]
+        elif key in self.problems:
+            self.problems[key].count += 1
+        elif key not in self.skipped:
+            problem = cands[0].problem
+            if not self.enabled:
+                self.skipped[key] = "met only in the last lowering round"
+            elif problem.L.launches is problem.L.init_launches:
+                self.skipped[key] = "init phase (runs once at load)"
+            elif self.deadline is not None and time.perf_counter() > self.deadline:
+                self.skipped[key] = "budget"
+            else:
+                self.problems[key] = self._capture(key, problem, cands, base_c, base_p, options, space)
+        return base_c, base_p
+
+    def record(self, key: str) -> Optional[dict]:
+        """What the launches of problem `key` carry into plan.json when this pass is final."""
+        if key in self.hits:
+            return record_of(self.hits[key], "tuned" if key in self.fresh else "cache")
+        if key in self.skipped:
+            return {"source": "heuristic", "why": self.skipped[key]}
+        return None
+
+    def _capture(self, key, problem, cands, base_c, base_p, options, space) -> TuneProblem:
+        self._depth += 1
+        try:
+            caps = []
+            for c, p in [(base_c, base_p)] + [(c, p) for c, p in options
+                                              if not (c is base_c and _params_key(p) == _params_key(base_p))]:
+                self._tags += 1
+                caps.append(capture(problem, c, p, f"t{self._tags}"))
+        finally:
+            self._depth -= 1
+        tp = TuneProblem(key, layer_name(problem.op), caps[0], caps[1:])
+        tp.space = space
+        if caps[0].why_not:
+            tp.skip = f"baseline: {caps[0].why_not}"
+        return tp
+
+
+def _options(cands) -> list:
+    return [(c, dict(p)) for c in cands for p in c.space]
+
+
+def space_digest(options) -> str:
+    """What a cache entry was tuned over (a new variant or tile makes it stale)."""
+    text = "\n".join(sorted(f"{c.name} {_params_key(p)}" for c, p in options))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the tuner
+
+def tune_problems(problems: Sequence[TuneProblem], runner: Runner, deadline: Optional[float], tf32: bool,
+                  log: Callable[[str], None]) -> dict:
+    """Compiles every capture in one batch, then gates and times each problem's candidates.
+    Returns key -> entry {"variant", "params", "time_ms", "heuristic", "tried", "rejected"} or
+    {"skip": why} (the heuristic stays)."""
+    out: dict = {}
+    todo = [p for p in problems if not p.skip]
+    for p in problems:
+        if p.skip:
+            out[p.key] = {"skip": p.skip}
+    caps = [c for p in todo for c in [p.baseline] + p.others if not c.why_not]
+    rep = current()
+    with rep.stage("tune-compile") as task:
+        task.describe(f"{sum(len(c.kernels) for c in caps)} candidate kernels")
+        failed = runner.prepare(caps)
+    n_total = sum(1 + len(p.others) for p in todo)
+    stopped = ""
+    with rep.stage("tune", total=n_total) as task:
+        for p in todo:
+            if stopped or (deadline is not None and time.perf_counter() > deadline):
+                out[p.key] = {"skip": stopped or "budget"}
+                task.advance(1 + len(p.others))
+                continue
+            seed = _problem_seed(p.key)
+            base = p.baseline
+            why = failed.get(id(base))
+            try:
+                if why:
+                    raise NncError(why)
+                t_base, ref = runner.run(base, seed)
+            except Unrecoverable as e:
+                stopped = f"stopped: the device failed ({e})"
+                out[p.key] = {"skip": stopped}
+                task.advance(1 + len(p.others))
+                continue
+            except NncError as e:
+                out[p.key] = {"skip": f"baseline failed: {e}"}
+                task.advance(1 + len(p.others))
+                continue
+            task.advance()
+            best = (t_base, base)
+            rejected, tried = [], 1
+            left = len(p.others)
+            for c in p.others:
+                left -= 1
+                task.describe(f"{p.layer} | {left} candidates left | best {best[0] * 1e3:.4f} ms")
+                if deadline is not None and time.perf_counter() > deadline:
+                    rejected.append({"variant": c.variant, "params": c.params, "why": "budget"})
+                    task.advance(1 + left)
+                    break
+                why = c.why_not or failed.get(id(c))
+                if not why:
+                    tried += 1
+                    try:
+                        t, outs = runner.run(c, seed, baseline=ref)
+                        why = mismatch(outs, ref, c, tf32)
+                        if why:
+                            why = f"wrong output: {why}"
+                        elif not t < best[0]:
+                            pass
+                        else:
+                            best = (t, c)
+                    except Unrecoverable as e:
+                        why = f"device failed: {e}"
+                        stopped = f"stopped: the device failed ({e}) running {c.label}"
+                    except NncError as e:
+                        why = f"failed: {e}"
+                if why:
+                    if why.startswith("wrong output") or why.startswith("device failed") or why.startswith("failed"):
+                        log(f"  tune: {p.layer}: {c.label} rejected: {why}")
+                    rejected.append({"variant": c.variant, "params": c.params, "why": why})
+                task.advance()
+                if stopped:
+                    task.advance(left)
+                    break
+            t, c = best
+            out[p.key] = {"variant": c.variant, "params": c.params, "time_ms": round(t * 1e3, 6),
+                          "heuristic": {"variant": base.variant, "params": base.params,
+                                        "time_ms": round(t_base * 1e3, 6)},
+                          "tried": tried, "candidates": 1 + len(p.others), "rejected": rejected,
+                          "space": getattr(p, "space", "")}
+    return out
+
+
+MAX_ROUNDS = 4  # lowerings that may meet new problems (a tuned group lowered op by op: its body's)
+
+
+def lower_tuned(module, options, runner: Optional[Runner] = None):
+    """Lowers `module` choosing by timing (options.tune; see the module docstring). Returns the
+    Plan with plan.tuning (the summary) and launch.tuning per tuned launch.
+
+    Rounds: a lowering meets problems; the new ones are tuned and the module is lowered again
+    with their choices. A choice can reveal problems the heuristic's never met (a fused group
+    tuned to op by op: its body ops), so this repeats until a lowering meets nothing new (at
+    most MAX_ROUNDS; what is left then keeps the heuristic). With a warm cache: one lowering."""
+    from .lower import Lowerer
+    from .timing_cache import TimingCache
+    rep = current()
+    t0 = time.perf_counter()
+    deadline = None if options.tune_budget is None else t0 + float(options.tune_budget)
+    if runner is None:
+        runner = CudaRunner(options.arch, options.target.l2_bytes)
+    device = runner.device()
+    cache = TimingCache.load(options.timing_cache, device, log=rep.log) if options.timing_cache \
+        else TimingCache(device)
+    fresh: dict = {}  # key -> entry tuned by this run
+    skips: dict = {}  # key -> why it keeps the heuristic
+    rounds, t_survey = 0, 0.0
+    try:
+        while True:
+            ts = time.perf_counter()
+            survey = SurveySelector(cache, deadline, skips=skips, fresh=fresh,
+                                    final=rounds == MAX_ROUNDS)
+            plan = Lowerer(module, options, survey).run()
+            t_survey += time.perf_counter() - ts
+            if not survey.problems:
+                break
+            tuned = tune_problems(list(survey.problems.values()), runner, deadline, options.tf32, rep.log)
+            for k, e in tuned.items():
+                if "skip" in e:
+                    skips[k] = e["skip"]
+                else:
+                    fresh[k] = e
+                    cache.put(k, e)
+            rounds += 1
+    finally:
+        runner.close()
+    if options.timing_cache:
+        cache.save(options.timing_cache)
+    hits = survey.hits
+    n_tuned = sum(1 for k in hits if k in fresh)
+    n_changed = sum(1 for e in hits.values() if isinstance(e.get("heuristic"), dict) and
+                    (e["variant"], _params_key(e["params"])) != (e["heuristic"].get("variant"),
+                                                                 _params_key(e["heuristic"].get("params", {}))))
+    n_rej = sum(len([r for r in e.get("rejected", ()) if r["why"].startswith("wrong")])
+                for k, e in hits.items() if k in fresh)
+    cache.status["hits"] = len(hits) - n_tuned
+    summary = {"mode": "tuned", "why": options.tune_reason or "--tune", "runner": runner.name, "device": device,
+               "problems": len(hits) + len(survey.skipped), "tuned": n_tuned, "cache_hits": len(hits) - n_tuned,
+               "heuristic": len(survey.skipped), "changed_from_heuristic": n_changed, "wrong_candidates": n_rej,
+               "rounds": rounds + 1, "budget_s": options.tune_budget, "seconds": round(time.perf_counter() - t0, 3),
+               "lowering_seconds": round(t_survey, 3),
+               "timing_cache": None if not options.timing_cache else {"file": str(options.timing_cache),
+                                                                      **cache.status}}
+    plan.tuning = summary
+    rep.log(f"  tuning: {summary['problems']} tunable problems: {n_tuned} timed, "
+            f"{summary['cache_hits']} from the timing cache, {summary['heuristic']} heuristic; "
+            f"{n_changed} differ from the heuristic, {n_rej} wrong candidates rejected "
+            f"({summary['seconds']:.1f} s, {rounds + 1} lowerings)")
+    return plan
+
+
+def heuristic_summary(why: str) -> dict:
+    return {"mode": "heuristic", "why": why}

@@ -1,0 +1,324 @@
+"""Timing-based kernel selection (codegen/tuning.py) on the CPU, with the deterministic stand-in
+runner: candidates rendered in a sandbox that leaves the lowering untouched, the fastest correct
+candidate picked, a wrong or failing one rejected and recorded, identical problems timed once,
+the budget falling back to the heuristic, the records in plan.json, and the options/CLI flags.
+(The timing cache: test_timing_cache.py; the real GPU timer: test_tuning_gpu.py.)"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nnc.codegen import tuning
+from nnc.codegen.emit import plan_to_json
+from nnc.codegen.lower import Lowerer, lower
+from nnc.codegen.options import LowerOptions
+from nnc.codegen.target import for_arch
+from nnc.codegen.variants import _params_key, stand_in_time
+from nnc.driver import pipeline_passes
+from nnc.ir.errors import NncError
+from nnc.onnx_import import import_model
+from nnc.pipeline import Pipeline
+
+from .cuda_models import F, N, mk
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _module(model, precision="fp16", shapes=None):
+    mod = import_model(model, shapes=shapes)
+    Pipeline(pipeline_passes(precision)).run(mod)
+    return mod
+
+
+def _matmul(m=256, k=512, n=512):
+    rng = np.random.default_rng(0)
+    return mk([N("MatMul", ["x", "w"], ["y"])], [("x", F, [m, k])], [("y", F)],
+              [("w", rng.standard_normal((k, n)).astype(np.float32))])
+
+
+def _two_matmuls():
+    """Two MatMuls of the same signature (one problem, timed once) and one of another."""
+    rng = np.random.default_rng(0)
+    w = lambda k, n: rng.standard_normal((k, n)).astype(np.float32)
+    return mk([N("MatMul", ["x", "w1"], ["a"]), N("Relu", ["a"], ["r"]), N("MatMul", ["r", "w2"], ["b"]),
+               N("Relu", ["b"], ["s"]), N("MatMul", ["s", "w3"], ["y"])],
+              [("x", F, [128, 256])], [("y", F)], [("w1", w(256, 256)), ("w2", w(256, 256)), ("w3", w(256, 128))])
+
+
+def _opts(precision="fp16", **kw):
+    return LowerOptions(for_arch("sm_90"), precision=precision, tune=True, **kw)
+
+
+def _tiny_cnn():
+    return _module(str(EXAMPLES / "tiny_cnn.onnx"), "fp16", {"input": [1, 3, 32, 32]})
+
+
+def _plan_fingerprint(plan):
+    return ([(k.name, k.body) for k in plan.kernels.values()],
+            [(l.kind, l.kernel, l.grid, l.block, l.smem, [getattr(a, "id", getattr(a, "value", None)) for a in l.args])
+             for l in plan.launches],
+            [(b.id, b.name, b.shape, b.kind, b.offset, b.alias_of) for b in plan.buffers])
+
+
+def _gemm_problem(survey):
+    """The GEMM anchor's problem (its tile space); the fused group around it is a problem too
+    (epilogue.gemm / epilogue.split / op by op)."""
+    (p,) = [p for p in survey.problems.values() if p.baseline.variant == "gemm.matmul"]
+    return p
+
+
+def _selected(plan):
+    return [(k.params["selected"]["variant"], _params_key(k.params["selected"]["params"]))
+            for k in plan.kernels.values()]
+
+
+# ---------------------------------------------------------------- the sandbox
+
+def test_sandbox_renders_leave_the_lowering_unchanged():
+    # pass 1 captures every candidate of every problem and rolls back: its plan is the heuristic's
+    mod = _tiny_cnn()
+    heur = Lowerer(mod, LowerOptions(for_arch("sm_90"), precision="fp16")).run()
+    survey = tuning.SurveySelector(None)
+    got = Lowerer(mod, _opts(), survey).run()
+    assert _plan_fingerprint(got) == _plan_fingerprint(heur)
+    assert survey.problems, "tiny_cnn has tunable convolutions"
+    for p in survey.problems.values():
+        assert not p.baseline.why_not
+        caps = [p.baseline] + p.others
+        names = [n for c in caps for n in c.kernels]
+        assert len(names) == len(set(names)), "captured kernels are renamed unique in the batch"
+        for c in caps:
+            if c.why_not:
+                continue
+            assert c.launches and c.outputs
+            for name, k in c.kernels.items():
+                assert f"void {name}(" in k.body or f" {name}(" in k.body
+            assert any(r.data is None and r.shared for r in c.roots.values())  # operands: random
+            assert any(r.result for r in c.roots.values())  # results: poisoned, compared
+    # conv weights are captured with their real (pre-transformed) bytes
+    assert any(r.data is not None for p in survey.problems.values() for c in [p.baseline] + p.others
+               for r in c.roots.values())
+
+
+def test_identical_problems_are_timed_once():
+    mod = _module(_two_matmuls(), "fp16")
+    timed = []
+
+    def timer(c, p):
+        timed.append((c.problem.key, c.name, _params_key(p)))
+        return stand_in_time(c, p)
+    plan = tuning.lower_tuned(mod, _opts(), tuning.StandInRunner(timer))
+    assert len(timed) == len(set(timed)), "each (problem, candidate) timed once"
+    assert plan.tuning["problems"] <= len({k for k, _, _ in timed})  # (a round may time problems a choice drops)
+    survey = tuning.SurveySelector(None)
+    Lowerer(mod, _opts(), survey).run()
+    assert sorted(p.count for p in survey.problems.values())[-1] == 2  # the two MatMul+Relu of one shape
+    shared = next(k for k, p in survey.problems.items() if p.count == 2)
+    n_timed = len({(c, q) for k, c, q in timed if k == shared})
+    assert n_timed == 1 + len(survey.problems[shared].others)
+    recs = [l.tuning for l in plan.launches if getattr(l, "tuning", None)]
+    assert len(recs) >= 3  # every MatMul's launches carry its problem's record
+
+
+# ---------------------------------------------------------------- picking
+
+def _fastest_by(pref):
+    """A stand-in timer where `pref(candidate, params)` sorts: the smallest is fastest."""
+    return lambda c, p: 1e-3 + 1e-6 * pref(c, p)
+
+
+def test_picks_the_fastest_correct_candidate():
+    mod = _module(_matmul(256, 512, 512), "fp16")
+    survey = tuning.SurveySelector(None)
+    Lowerer(mod, _opts(), survey).run()
+    p = _gemm_problem(survey)
+    caps = [c for c in [p.baseline] + p.others if not c.why_not]
+    assert len(caps) > 2
+    want = caps[-1]  # the last of the space: not the heuristic's default
+    timer = lambda c, q: 1e-4 if (c.name, _params_key(q)) == (want.variant, _params_key(want.params)) else 1e-3
+    plan = tuning.lower_tuned(mod, _opts(), tuning.StandInRunner(timer))
+    assert (want.variant, _params_key(want.params)) in _selected(plan)
+    (rec,) = {json.dumps(l.tuning, sort_keys=True) for l in plan.launches if getattr(l, "tuning", None)}
+    rec = json.loads(rec)
+    assert rec["source"] == "tuned" and rec["variant"] == want.variant and rec["params"] == want.params
+    assert rec["time_ms"] == pytest.approx(0.1)
+    assert rec["heuristic"]["variant"] == p.baseline.variant and rec["heuristic"]["time_ms"] == pytest.approx(1.0)
+    assert rec["tried"] == len(caps) and rec["rejected"] == []
+    assert plan.tuning["changed_from_heuristic"] == 1
+
+
+def test_a_wrong_candidate_is_rejected_never_picked(caplog):
+    mod = _module(_matmul(256, 512, 512), "fp16")
+    survey = tuning.SurveySelector(None)
+    Lowerer(mod, _opts(), survey).run()
+    p = _gemm_problem(survey)
+    bad = p.others[0]
+    fastest_bad = lambda c, q: 1e-6 if (c.name, _params_key(q)) == (bad.variant, _params_key(bad.params)) else 1e-3
+    is_bad = lambda cap: (cap.variant, _params_key(cap.params)) == (bad.variant, _params_key(bad.params))
+    plan = tuning.lower_tuned(mod, _opts(), tuning.StandInRunner(fastest_bad, wrong=is_bad))
+    assert (bad.variant, _params_key(bad.params)) not in _selected(plan)
+    rec = next(l.tuning for l in plan.launches if getattr(l, "tuning", None))
+    (rej,) = [r for r in rec["rejected"] if r["why"].startswith("wrong output")]
+    assert rej["variant"] == bad.variant and rej["params"] == bad.params
+    assert plan.tuning["wrong_candidates"] == 1
+    # the plan.json record says it too
+    pj = plan_to_json(plan, arch="sm_90", precision="fp16", tf32=False, passes=[], weights_sha="0",
+                      source_sha="0", backend="nvrtc")
+    assert pj["tuning"]["mode"] == "tuned" and pj["tuning"]["wrong_candidates"] == 1
+    recs = [l["tuning"] for l in pj["launches"] if "tuning" in l]
+    assert recs and any(r["why"].startswith("wrong output") for r in recs[0]["rejected"])
+
+
+def test_a_failing_baseline_keeps_the_heuristic_and_says_why():
+    mod = _module(_matmul(256, 512, 512), "fp16")
+    heur = Lowerer(mod, LowerOptions(for_arch("sm_90"), precision="fp16")).run()
+    plan = tuning.lower_tuned(mod, _opts(), tuning.StandInRunner(fail=lambda cap: "launch failed: bad"))
+    assert _selected(plan) == _selected(heur)
+    rec = next(l.tuning for l in plan.launches if getattr(l, "tuning", None))
+    assert rec["source"] == "heuristic" and "baseline failed" in rec["why"]
+    assert plan.tuning["heuristic"] == plan.tuning["problems"] == 2 and plan.tuning["tuned"] == 0
+
+
+def test_a_failing_candidate_is_rejected():
+    mod = _module(_matmul(256, 512, 512), "fp16")
+    survey = tuning.SurveySelector(None)
+    Lowerer(mod, _opts(), survey).run()
+    p = _gemm_problem(survey)
+    victim = p.others[0]
+    hit = lambda cap: (cap.variant, _params_key(cap.params)) == (victim.variant, _params_key(victim.params))
+    plan = tuning.lower_tuned(mod, _opts(), tuning.StandInRunner(
+        lambda c, q: 1e-6 if (c.name, _params_key(q)) == (victim.variant, _params_key(victim.params)) else 1e-3,
+        fail=lambda cap: "too many resources requested for launch" if hit(cap) else None))
+    assert (victim.variant, _params_key(victim.params)) not in _selected(plan)
+    rec = next(l.tuning for l in plan.launches if getattr(l, "tuning", None))
+    assert any(r["why"].startswith("failed: too many resources") for r in rec["rejected"])
+
+
+def test_integer_operands_that_are_not_constants_are_not_randomised(monkeypatch):
+    # a Gather with runtime indices, made tunable (two params) for the test: random indices
+    # could be out of range, so the problem keeps the heuristic and says why
+    import dataclasses
+    from nnc.codegen import variants
+    from nnc.codegen.lower import _ensure_loaded
+    _ensure_loaded()
+    real = variants.REGISTRY["Gather"][0]
+    twin = dataclasses.replace(real, space=lambda p: [{"t": 1}, {"t": 2}], may_decline=True)
+    monkeypatch.setitem(variants.REGISTRY, "Gather", [twin])
+    rng = np.random.default_rng(0)
+    m = mk([N("Gather", ["table", "idx"], ["y"], axis=0)], [("idx", 7, [64])], [("y", F)],
+           [("table", rng.standard_normal((100, 256)).astype(np.float32))])
+    mod = _module(m, "fp32")
+    survey = tuning.SurveySelector(None)
+    Lowerer(mod, _opts("fp32"), survey).run()
+    (p,) = survey.problems.values()
+    assert "integer operand" in p.skip and "not a constant" in p.skip
+    plan = tuning.lower_tuned(mod, _opts("fp32"), tuning.StandInRunner())
+    rec = next(l.tuning for l in plan.launches if getattr(l, "tuning", None))
+    assert rec["source"] == "heuristic" and "integer operand" in rec["why"]
+
+
+def test_mismatch_tolerances_come_from_the_dtype():
+    cap = tuning.Capture("v", {}, outputs=[(0, 0, "float16", (4,))])
+    ref = [np.array([1.0, 2.0, -3.0, np.nan])]
+    assert tuning.mismatch([np.array([1.005, 2.0, -3.0, np.nan])], ref, cap) == ""
+    assert "off" in tuning.mismatch([np.array([1.2, 2.0, -3.0, np.nan])], ref, cap)
+    assert "finite" in tuning.mismatch([np.array([1.0, 2.0, -3.0, 0.0])], ref, cap)
+    cap32 = tuning.Capture("v", {}, outputs=[(0, 0, "float32", (3,))])
+    assert tuning.mismatch([np.array([1.0, 2.0, 3.0 + 3e-2])], [np.array([1.0, 2.0, 3.0])], cap32) != ""
+    assert tuning.tolerance("float32") == 1e-3 and tuning.tolerance("float32", tf32=True) == 3e-3
+    assert tuning.tolerance("bfloat16") == 1e-2 and tuning.tolerance("int64") is None
+    capi = tuning.Capture("v", {}, outputs=[(0, 0, "int64", (2,))])
+    assert "differ" in tuning.mismatch([np.array([1, 3])], [np.array([1, 2])], capi)
+
+
+# ---------------------------------------------------------------- budget
+
+def test_budget_exhaustion_falls_back_to_the_heuristic():
+    mod = _tiny_cnn()
+    heur = Lowerer(mod, LowerOptions(for_arch("sm_90"), precision="fp16")).run()
+    plan = tuning.lower_tuned(mod, _opts(tune_budget=0.05), tuning.StandInRunner(delay=0.02))
+    t = plan.tuning
+    assert t["heuristic"] >= 1, t
+    recs = [l.tuning for l in plan.launches if getattr(l, "tuning", None)]
+    assert any(r.get("why") == "budget" or any(x["why"] == "budget" for x in r.get("rejected", ())) for r in recs)
+    assert all(r["source"] == "heuristic" for r in recs if r.get("why") == "budget")
+
+
+def test_budget_out_before_the_survey_ends():
+    mod = _tiny_cnn()
+    heur = Lowerer(mod, LowerOptions(for_arch("sm_90"), precision="fp16")).run()
+    plan = tuning.lower_tuned(mod, _opts(tune_budget=1e-9), tuning.StandInRunner())
+    assert plan.tuning["tuned"] == 0 and plan.tuning["heuristic"] == plan.tuning["problems"] > 0
+    assert _plan_fingerprint(plan) == _plan_fingerprint(heur)  # exactly the heuristic's plan
+    recs = [l.tuning for l in plan.launches if getattr(l, "tuning", None)]
+    assert recs and all(r == {"source": "heuristic", "why": "budget"} for r in recs)
+
+
+# ---------------------------------------------------------------- options and the CLI
+
+def test_default_is_heuristic_without_a_gpu(monkeypatch):
+    from nnc.api import CompileOptions
+    monkeypatch.setattr("nnc.codegen.target.gpu_present", lambda: False)
+    monkeypatch.delenv("NNC_TUNE", raising=False)
+    lo = CompileOptions().codegen_options(for_arch("sm_90")).lower
+    assert lo.tune is False and "no GPU" in lo.tune_reason
+    lo = CompileOptions(tune=False).codegen_options(for_arch("sm_90")).lower
+    assert lo.tune is False and lo.tune_reason == "--no-tune"
+    with pytest.raises(NncError, match="needs a CUDA GPU"):
+        CompileOptions(tune=True).codegen_options(for_arch("sm_90"))
+    monkeypatch.setattr("nnc.codegen.target.gpu_present", lambda: True)
+    lo = CompileOptions(tune_budget=30, timing_cache="tc.json").codegen_options(for_arch("sm_90")).lower
+    assert lo.tune and lo.tune_budget == 30.0 and lo.timing_cache == "tc.json" and "GPU is present" in lo.tune_reason
+    lo = CompileOptions(backend="reference", codegen=True).codegen_options(for_arch("sm_90")).lower
+    assert lo.tune is False and "reference" in lo.tune_reason
+    monkeypatch.setenv("NNC_TUNE", "0")
+    assert CompileOptions().codegen_options(for_arch("sm_90")).lower.tune is False
+    with pytest.raises(NncError, match="tune_budget"):
+        CompileOptions(tune_budget=0)
+    with pytest.raises(NncError, match="tune_budget"):
+        LowerOptions(tune_budget=-1)
+
+
+def test_cli_no_tune_compiles_with_the_heuristic_and_says_so(tmp_path, capsys):
+    from nnc.cli import main
+    out = tmp_path / "o"
+    assert main(["compile", str(EXAMPLES / "tiny_cnn.onnx"), "-o", str(out), "--shapes", "input:1x3x32x32",
+                 "--no-tune", "-v"]) == 0
+    pj = json.loads((out / "plan.json").read_text())
+    assert pj["tuning"] == {"mode": "heuristic", "why": "--no-tune"}
+    assert not any("tuning" in l for l in pj["launches"])
+    assert "kernel selection: heuristic (--no-tune)" in capsys.readouterr().err
+
+
+def test_cli_flags_parse():
+    from nnc.cli import build_parser
+    a = build_parser().parse_args(["compile", "m.onnx", "-o", "o", "--tune-budget", "12.5", "--timing-cache", "t.json"])
+    assert a.tune is None and a.tune_budget == 12.5 and a.timing_cache == "t.json"
+    assert build_parser().parse_args(["compile", "m.onnx", "-o", "o", "--tune"]).tune is True
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compile", "m.onnx", "-o", "o", "--tune", "--no-tune"])
+
+
+def test_progress_reports_the_layer_and_the_best_time():
+    from nnc import progress
+
+    class Rec(progress.Reporter):
+        def __init__(self):
+            super().__init__()
+            self.texts = []
+
+        def _start(self, name, total):
+            rep = self
+
+            class T(progress.Task):
+                def describe(self, text):
+                    rep.texts.append((name, text))
+            return T()
+    rep = Rec()
+    with progress.use(rep):
+        tuning.lower_tuned(_tiny_cnn(), _opts(), tuning.StandInRunner())
+    texts = [t for n, t in rep.texts if n == "tune"]
+    assert texts and all("candidates left" in t and "best" in t and " ms" in t for t in texts)
+    assert any("Conv" in t or "fused" in t for t in texts)
+    assert "tune" in rep.times and "tune-compile" in rep.times
