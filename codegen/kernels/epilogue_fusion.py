@@ -168,12 +168,12 @@ def _applies_gemm(problem: Problem):
     g = _group(problem)
     if isinstance(g, str):
         return no(g)
-    fast = gemm_lowering.FAST.get(g.anchor.name)
+    fast = gemm_lowering.EPILOGUE_VARIANTS.get(g.anchor.name)
     if fast is None:
         return no("the anchor is not a Gemm/MatMul")
     with _bound(problem.L, problem.op, g.anchor):
-        fit = fast.check(Problem(problem.L, g.a_op, _gemm_epilogue_info(problem, g)))
-    return fit if not fit else YES
+        fits = [v.check(Problem(problem.L, g.a_op, _gemm_epilogue_info(problem, g))) for v in fast]
+    return YES if any(fits) else fits[fast.index(gemm_lowering.FAST[g.anchor.name])]  # mma.sync's reason
 
 
 def _make_epilogue(ctx: LowerCtx, g: _Group) -> Epilogue:
@@ -202,9 +202,9 @@ def _render_gemm(ctx: LowerCtx, problem: Problem, params: dict):
     n_launch = len(L.launches)
     with _bound(L, ctx.op, g.anchor):
         epi = _make_epilogue(ctx, g)
-        # the anchor through the selector, restricted to its GEMM variant (which applies: see
+        # the anchor through the selector, restricted to its GEMM-family variants (one applies: see
         # _applies_gemm); headers name the body's own ops, not the copy
-        L.lower_op(g.a_op, extra=epi, variants=[gemm_lowering.FAST[g.anchor.name]], desc=describe_op(g.anchor),
+        L.lower_op(g.a_op, extra=epi, variants=gemm_lowering.EPILOGUE_VARIANTS[g.anchor.name], desc=describe_op(g.anchor),
                    key_extra=_epilogue_key(g))
     _name_group(ctx, n_launch)
     ctx.emitted += 1

@@ -291,4 +291,12 @@ MATMUL = register(Variant("gemm.matmul", "gemm", ("MatMul",), _render, _applies,
                           priority=FAST_PRIORITY, cost=_time_model))
 GEMM = register(Variant("gemm.gemm", "gemm", ("Gemm",), _render, _applies, _space, _default,
                         priority=FAST_PRIORITY, cost=_time_model))
-FAST = {"MatMul": MATMUL, "Gemm": GEMM}  # the variants a fused GEMM epilogue group renders its anchor with
+FAST = {"MatMul": MATMUL, "Gemm": GEMM}  # the mma.sync variants a fused GEMM epilogue group renders its anchor with
+# every GEMM-family variant a fused epilogue group may render its anchor with, in the heuristic order
+# (other GEMM families, e.g. gemm_wgmma.py, add theirs with add_epilogue_variant)
+EPILOGUE_VARIANTS: dict = {"MatMul": [MATMUL], "Gemm": [GEMM]}
+
+
+def add_epilogue_variant(op: str, v: Variant) -> None:
+    from ..variants import order_key
+    EPILOGUE_VARIANTS[op] = sorted(EPILOGUE_VARIANTS[op] + [v], key=order_key)

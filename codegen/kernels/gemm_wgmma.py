@@ -1,0 +1,209 @@
+"""Hopper GEMM family (templates/gemm_wgmma.cu.j2): wgmma.mma_async on sm_90a, a warp-specialised
+producer/consumer pipeline (one producer warp group filling a STAGES-deep shared-memory ring with
+16-byte cp.async at 128B-swizzled addresses, mbarrier full/empty handshakes; CW consumer warp groups
+issuing wgmma), fp32 accumulate, and the GEMM family's fused epilogue.
+
+Loads: cp.async by the producer warps, not TMA: TMA needs CUtensorMaps built on the host at load
+time (cuTensorMapEncodeTiled), which the runtime does not provide yet; cp.async needs nothing from
+the host, zero-fills ragged edges itself and keeps the kernel's arguments those of gemm_tc.cu.j2.
+
+The problem is the GEMM family's own GemmProblem (codegen/kernels/gemm.py), built by the same
+functions as the mma.sync variants (gemm_lowering.matmul_case / gemm_case: the Epilogue of a fused
+group becomes the same bias / residual / activation / alpha / beta / output-dtype fields), so both
+variants compute exactly the same thing from the same buffers.
+
+    applies(problem) -> Fit      sm_90a only (Target.has_wgmma); fp16/bf16 (not tf32); K % 8 == 0
+                                 and 16-byte aligned rows and batch strides (lda, ldb, sA*, sB* % 8);
+                                 an MN-major operand (B not transposed, A transposed) also needs
+                                 its MN extent % 8 == 0 (whole 16-byte chunks)
+    candidates(problem, target)  the declared space: (BM, BN, STAGES, CW) tiles, BK = 64
+    default_params(problem, target), render(problem, params) -> KernelSpec (same args as gemm.render)
+"""
+from __future__ import annotations
+
+from ..lower import LowerCtx
+from ..target import Target
+from ..variants import YES, Variant, no, register
+from . import gemm
+from .common import CTYPES, DEFAULT_TARGET, KernelSpec, act_ctx, cdiv, kernel_name, render as render_template
+
+TEMPLATE = "gemm_wgmma.cu.j2"
+BK = 64  # one 128-byte swizzle row of fp16/bf16
+# (BM, BN, STAGES, CW): CW consumer warp groups share the BM rows (each BM/CW, as BM/CW/64 m64 wgmmas
+# of n = BN); accumulators per consumer thread: (BM/CW/64) * BN/2 floats
+TILE_SPACE = [
+    (128, 256, 4, 2),
+    (256, 128, 4, 2),
+    (128, 128, 6, 2),
+    (128, 128, 6, 1),
+    (128, 64, 8, 2),
+    (64, 128, 8, 1),
+    (64, 64, 8, 1),
+]
+MAX_ACC = 128  # fp32 accumulators per consumer thread the register budget allows
+
+
+def smem_bytes(p: dict) -> int:
+    """The ring, the mbarriers and 1 KB to align the ring to a swizzle atom."""
+    return p["STAGES"] * (p["BM"] + p["BN"]) * BK * 2 + 16 * p["STAGES"] + 1024
+
+
+def _valid(p: dict, target: Target) -> bool:
+    rows = p["BM"] // p["CW"]
+    return (rows % 64 == 0 and p["BN"] % 64 == 0 and p["BN"] <= 256 and p["STAGES"] >= 3
+            and (rows // 64) * p["BN"] // 2 <= MAX_ACC and smem_bytes(p) <= target.smem_per_block_optin)
+
+
+def lag(p: dict) -> int:
+    """k-tiles a stage's copies may stay in flight before the producer publishes it: at most
+    STAGES - 2, or the producer would wait on an empty stage the consumers cannot free yet."""
+    return max(1, min(4, p["STAGES"] - 2))
+
+
+def fits(pr: gemm.GemmProblem, target: Target):
+    """Fit: whether the wgmma kernel can compute pr on target."""
+    if not getattr(target, "has_wgmma", False):
+        return no(f"wgmma needs sm_90a (target {target.arch})")
+    if pr.dtype not in ("float16", "bfloat16"):
+        return no(f"wgmma GEMM takes fp16/bf16, not {pr.dtype}")
+    if pr.M <= 0 or pr.N <= 0 or pr.K <= 0:
+        return no("an empty GEMM")
+    if pr.K % 8:
+        return no(f"K = {pr.K} is not a multiple of 8 (16-byte chunks)")
+    if pr.trans_a and pr.M % 8:
+        return no(f"transposed A needs M % 8 == 0 (M = {pr.M})")
+    if not pr.trans_b and pr.N % 8:
+        return no(f"B [K, N] needs N % 8 == 0 (N = {pr.N})")
+    if any(int(v) % 8 for v in (pr.lda_, pr.ldb_, *pr.stride_a, *pr.stride_b)):
+        return no("an operand's rows or batch strides are not 16-byte aligned")
+    return YES
+
+
+def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET) -> list[dict]:
+    out = []
+    for bm, bn, st, cw in TILE_SPACE:
+        p = dict(BM=bm, BN=bn, STAGES=st, CW=cw)
+        if _valid(p, target) and gemm._size_ok(bm, problem.M) and gemm._size_ok(bn, problem.N):
+            out.append(dict(p, swizzle=gemm.GROUP_M))
+    if not out:
+        out = [dict(BM=64, BN=64, STAGES=8, CW=1, swizzle=gemm.GROUP_M)]
+    return out
+
+
+def default_params(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET) -> dict:
+    """The largest tile that still fills the SMs (one CTA per SM: the ring takes most of shared
+    memory), weighing the last wave's occupancy and the padding waste."""
+    sms = target.sm_count
+
+    def score(p):
+        ctas = cdiv(problem.M, p["BM"]) * cdiv(problem.N, p["BN"]) * problem.nbatch
+        eff = (ctas / sms) / cdiv(ctas, sms)
+        util = min(1.0, ctas / sms) * eff
+        waste = (problem.M * problem.N) / (cdiv(problem.M, p["BM"]) * p["BM"] * cdiv(problem.N, p["BN"]) * p["BN"])
+        return util * waste * (1.0 + 0.25 * (p["BM"] * p["BN"]) / (128 * 128))
+
+    return max(candidates(problem, target), key=score)
+
+
+def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | None = None) -> KernelSpec:
+    pr = problem
+    params = dict(params or default_params(pr))
+    ctype, elem, _ = CTYPES[pr.dtype]
+    out_dtype = pr.out_dtype or pr.dtype
+    to, _, to2 = CTYPES[out_dtype]
+    swz = params.get("swizzle", gemm.GROUP_M)
+    if not isinstance(swz, int) or isinstance(swz, bool) or not 1 <= swz <= 1024:
+        raise ValueError(f"GEMM swizzle must be an int in 1..1024, got {swz!r}")
+    if not _valid(params, DEFAULT_TARGET):
+        raise ValueError(f"wgmma GEMM params {params} are not in the declared space's bounds")
+    ctx = dict(BM=params["BM"], BN=params["BN"], BK=BK, STAGES=params["STAGES"], CW=params["CW"], LAG=lag(params))
+    ctx.update(act_ctx(pr.act, dict(pr.act_params)))
+    ctx.update(T=ctype, TO=to, TO2=to2, a_kmajor=not pr.trans_a, b_kmajor=pr.trans_b, has_c=pr.has_c,
+               has_bias=pr.has_bias, GROUP_M=swz, mma={"float16": "f16", "bfloat16": "bf16"}[pr.dtype],
+               TC=CTYPES[pr.c_dtype or out_dtype][0], TBIAS=CTYPES[pr.bias_dtype or out_dtype][0],
+               pair_store=all(int(v) % 2 == 0 for v in (pr.ldd_, *pr.stride_d)))
+    if pr.has_bias and pr.bias_rows:
+        ctx.update(bias_row_z1=int(pr.bias_stride_z1))
+    ctx["name"] = name or kernel_name("nnc_gemm_wgmma", ctx)
+    src = render_template(TEMPLATE, **ctx)
+    grid = (cdiv(pr.M, params["BM"]) * cdiv(pr.N, params["BN"]), 1, pr.nbatch)
+    args = [("A", f"const {ctype}*", None), ("B", f"const {ctype}*", None), ("D", f"{to}*", None)]
+    if pr.has_c:
+        args.append(("C", f"const {ctx['TC']}*", None))
+    if pr.has_bias:
+        args.append(("bias", f"const {ctx['TBIAS']}*", None))
+    args += [("M", "int", pr.M), ("N", "int", pr.N), ("K", "int", pr.K), ("lda", "long long", pr.lda_),
+             ("ldb", "long long", pr.ldb_), ("ldd", "long long", pr.ldd_), ("ldc_m", "long long", pr.ldc_m),
+             ("ldc_n", "long long", pr.ldc_n), ("alpha", "float", float(pr.alpha)), ("beta", "float", float(pr.beta)),
+             ("bdiv", "int", pr.batch[1]), ("sA0", "long long", pr.stride_a[0]), ("sA1", "long long", pr.stride_a[1]),
+             ("sB0", "long long", pr.stride_b[0]), ("sB1", "long long", pr.stride_b[1]),
+             ("sC0", "long long", pr.stride_c[0]), ("sC1", "long long", pr.stride_c[1]),
+             ("sD0", "long long", pr.stride_d[0]), ("sD1", "long long", pr.stride_d[1])]
+    return KernelSpec(source=src, name=ctx["name"], grid=grid, block=(128 * (params["CW"] + 1), 1, 1),
+                      smem=smem_bytes(params), args=args,
+                      params=dict(params, BK=BK, family="wgmma", template=TEMPLATE))
+
+
+# ---------------------------------------------------------------- the Variants (MatMul, Gemm)
+# Below the mma.sync variants (gemm_lowering.FAST_PRIORITY = 10) until measured faster on the GPU:
+# the heuristic keeps mma.sync; a timed selector races both.
+PRIORITY = 9
+
+
+def _case(problem, a, b, c, y):
+    from . import gemm_lowering
+    return gemm_lowering._case(problem, a, b, c, y)
+
+
+def _applies(problem):
+    got = _case(problem, problem.tensor(0), problem.tensor(1),
+                problem.tensor(2) if problem.op.name == "Gemm" else None, problem.result(0))
+    if isinstance(got, str):
+        return no(got)
+    fit = fits(got[0], problem.target)
+    if not fit:
+        return fit
+    problem.memo["gemm_wgmma"] = got[0]
+    return YES
+
+
+def _space(problem) -> list:
+    return candidates(problem.memo["gemm_wgmma"], problem.target)
+
+
+def _default(problem, space) -> dict:
+    return default_params(problem.memo["gemm_wgmma"], problem.target)
+
+
+def _render(ctx: LowerCtx, problem, params: dict):
+    from . import gemm_lowering
+    a, b, y = ctx.inp(0), ctx.inp(1), ctx.out(0)  # the order the mma.sync variant makes them in
+    c = ctx.inp(2) if ctx.op.name == "Gemm" else None
+    got = _case(problem, a, b, c, y)
+    if isinstance(got, str):
+        ctx.fail(f"internal error: the wgmma GEMM variant applied but its buffers do not fit ({got})")
+    pr, bufs = got
+    gemm_lowering.emit_spec(ctx, render(pr, params), bufs)
+    return True
+
+
+def _register_epilogue_variants():
+    from . import gemm_lowering
+    gemm_lowering.add_epilogue_variant("MatMul", MATMUL)
+    gemm_lowering.add_epilogue_variant("Gemm", GEMM)
+
+
+def _time_model(problem, params) -> float:
+    """A rough cost (seconds) for a stand-in timer: waves of CTAs (one per SM) times a tile's work at
+    a nominal 6 TFLOP/s per SM (a model, not a measurement)."""
+    pr = problem.memo["gemm_wgmma"]
+    ctas = cdiv(pr.M, params["BM"]) * cdiv(pr.N, params["BN"]) * pr.nbatch
+    return cdiv(ctas, problem.target.sm_count) * 2.0 * params["BM"] * params["BN"] * pr.K / 6e12
+
+
+MATMUL = register(Variant("gemm.wgmma.matmul", "gemm_wgmma", ("MatMul",), _render, _applies, _space, _default,
+                          priority=PRIORITY, cost=_time_model))
+GEMM = register(Variant("gemm.wgmma.gemm", "gemm_wgmma", ("Gemm",), _render, _applies, _space, _default,
+                        priority=PRIORITY, cost=_time_model))
+# a fused epilogue group's GEMM anchor may render with these too
+_register_epilogue_variants()

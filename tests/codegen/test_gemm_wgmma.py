@@ -1,0 +1,245 @@
+"""The Hopper wgmma GEMM family (codegen/kernels/gemm_wgmma.py, templates/gemm_wgmma.cu.j2).
+
+CPU: applies() (sm_90a only, dtypes, alignment and shape limits, with reasons), the declared space
+fits the Target, every point of the space and every layout / epilogue flag NVRTC-compiles for
+sm_90a, the kernel opens with the header comment when lowered through a model, and the variant is a
+candidate of MatMul / Gemm on sm_90a only. GPU (marked `gpu`): every candidate and every layout and
+epilogue kind against numpy (fp64 of the rounded inputs), ragged M (1, 7, 129), N and K edges,
+outputs poisoned first, random inputs."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import pytest
+
+from nnc.codegen.kernels import common, gemm, gemm_wgmma as W
+from nnc.codegen.target import ARCHS
+
+from .test_gemm_conv import HAVE_NVRTC, _check, _dev, _host, _poison, _rounded, needs_gpu
+
+SM90A = ARCHS["sm_90a"]
+SM90 = ARCHS["sm_90"]
+
+
+# ---------------------------------------------------------------- applies (CPU)
+def test_fits_sm90a_fp16_bf16_only():
+    pr = gemm.GemmProblem(4096, 4096, 4096, dtype="float16")
+    assert W.fits(pr, SM90A)
+    assert W.fits(gemm.with_(pr, dtype="bfloat16"), SM90A)
+    f = W.fits(pr, SM90)
+    assert not f and "sm_90a" in f.why
+    f = W.fits(gemm.with_(pr, dtype="float32", tf32=True), SM90A)
+    assert not f and "float32" in f.why
+
+
+@pytest.mark.parametrize("kw,why", [
+    (dict(K=100), "K = 100"),
+    (dict(N=100), "N % 8"),
+    (dict(lda=4100), "16-byte aligned"),
+    (dict(trans_a=True, M=7), "M % 8"),
+    (dict(batch=(1, 2), stride_b=(0, 12)), "16-byte aligned"),
+    (dict(M=0), "empty"),
+])
+def test_fits_refuses_with_reason(kw, why):
+    pr = gemm.with_(gemm.GemmProblem(4096, 4096, 4096, dtype="float16"), **kw)
+    f = W.fits(pr, SM90A)
+    assert not f and why in f.why, f.why
+
+
+def test_fits_ragged_m_and_transposed_b_ragged_n():
+    assert W.fits(gemm.GemmProblem(7, 4096, 64), SM90A)
+    assert W.fits(gemm.GemmProblem(1, 100, 64, trans_b=True), SM90A)  # K-major B: any N
+
+
+def test_space_within_target_and_valid():
+    for M, N in ((4096, 4096), (128, 768), (1, 64), (100, 3000)):
+        pr = gemm.GemmProblem(M, N, 768)
+        space = W.candidates(pr, SM90A)
+        assert space
+        for p in space:
+            assert W.smem_bytes(p) <= SM90A.smem_per_block_optin
+            assert (p["BM"] // p["CW"]) % 64 == 0 and p["BN"] % 64 == 0
+            assert 1 <= W.lag(p) <= p["STAGES"] - 2
+        assert W.default_params(pr, SM90A) in space
+
+
+def test_render_refuses_params_outside_the_space():
+    with pytest.raises(ValueError, match="declared space"):
+        W.render(gemm.GemmProblem(256, 256, 256), dict(BM=256, BN=256, STAGES=4, CW=1))
+
+
+# ---------------------------------------------------------------- NVRTC compile (CPU)
+def all_specs():
+    specs = []
+    for dt in ("float16", "bfloat16"):
+        base = gemm.GemmProblem(4096, 4096, 4096, dtype=dt, has_bias=True, bias_dtype="float32", act="gelu")
+        for p in W.candidates(base, SM90A):
+            specs.append(W.render(base, p))
+        for ta in (False, True):
+            for tb in (False, True):
+                pr = gemm.GemmProblem(1000, 1000 if not tb else 999, 328, dtype=dt, trans_a=ta, trans_b=tb,
+                                      has_c=True, ldc_m=0, act="relu", alpha=0.5, beta=2.0,
+                                      out_dtype="float32" if ta else None)
+                specs.append(W.render(pr, W.candidates(pr, SM90A)[-1]))
+    rows = gemm.GemmProblem(512, 64, 64, has_bias=True, bias_rows=True, bias_stride_z1=512, batch=(1, 2),
+                            stride_a=(0, 0), stride_b=(0, 64 * 64), stride_d=(0, 512 * 64), act="silu")
+    specs.append(W.render(rows, W.candidates(rows, SM90A)[0]))
+    odd = gemm.GemmProblem(7, 72, 8, ldd=73)  # odd ldd: scalar stores
+    specs.append(W.render(odd))
+    return specs
+
+
+def _compile(src):
+    return len(common.nvrtc_compile(src, "sm_90a"))
+
+
+@pytest.mark.skipif(not HAVE_NVRTC, reason="NVRTC unavailable")
+def test_every_point_compiles_sm90a():
+    specs = all_specs()
+    srcs = list({s.name: s.source for s in specs}.values())
+    assert len(srcs) >= 15
+    with ProcessPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
+        sizes = list(ex.map(_compile, srcs))
+    assert all(sz > 0 for sz in sizes)
+    assert all("wgmma.mma_async" in s.source and ("setmaxnreg" in s.source) == (s.params["CW"] == 2) for s in specs)
+
+
+# ---------------------------------------------------------------- lowering (CPU)
+def _plan(model, arch, selector=None):
+    from nnc.codegen.lower import lower
+    from nnc.codegen.options import LowerOptions
+    from nnc.codegen.target import for_arch
+    from nnc.driver import pipeline_passes
+    from nnc.onnx_import import import_model
+    from nnc.pipeline import Pipeline
+    mod = import_model(model)
+    Pipeline([p for p in pipeline_passes("fp16") if p != "fuse-attention"]).run(mod)
+    return lower(mod, LowerOptions(for_arch(arch), precision="fp16"), selector=selector)
+
+
+def _matmul_model(m=256, k=512, n=512):
+    from .cuda_models import F, N, mk
+    rng = np.random.default_rng(0)
+    return mk([N("MatMul", ["x", "w"], ["y"])], [("x", F, [m, k])], [("y", F)],
+              [("w", rng.standard_normal((k, n)).astype(np.float32))])
+
+
+def test_a_candidate_on_sm90a_only():
+    from nnc.codegen.variants import TimedSelector
+    (s90,) = [s for s in _plan(_matmul_model(), "sm_90").selections if "MatMul" in s.op]
+    assert "gemm.wgmma.matmul" not in s90.candidates
+    prefer = TimedSelector(lambda c, p: 0.0 if c.variant.family == "gemm_wgmma" else 1.0)
+    plan = _plan(_matmul_model(), "sm_90a", prefer)
+    (sel,) = [s for s in plan.selections if "MatMul" in s.op]
+    assert "gemm.wgmma.matmul" in sel.candidates and "gemm.matmul" in sel.candidates
+    assert sel.variant == "gemm.wgmma.matmul"
+    (k,) = [k for k in plan.kernels.values() if k.template == W.TEMPLATE]
+    src = str(k.source)
+    assert src.lstrip().startswith("// ====") and "template: gemm_wgmma.cu.j2" in src and "MatMul" in src
+    assert "wgmma.mma_async" in src
+    assert W.MATMUL.priority != 10  # its own family: never at the mma.sync variants' priority
+
+
+# ---------------------------------------------------------------- GPU correctness
+def _np_act(x, act):
+    if act == "relu":
+        return np.maximum(x, 0)
+    if act == "gelu":
+        from math import erf, sqrt
+        return 0.5 * x * (1 + np.vectorize(erf)(x / sqrt(2)))
+    if act == "silu":
+        return x / (1 + np.exp(-x))
+    return x
+
+
+def _run(spec, bufs):
+    import cupy
+    fn = common.load_cubin(common.nvrtc_compile(spec.source, "sm_90a"), spec)
+    common.launch(fn, spec, bufs)
+    cupy.cuda.runtime.deviceSynchronize()
+
+
+# M, N, K, dtype, trans_a, trans_b, epilogue
+GPU_CASES = [
+    (256, 256, 256, "float16", False, False, "none"),
+    (1, 768, 768, "float16", False, False, "bias"),
+    (7, 136, 72, "bfloat16", False, False, "bias_gelu"),
+    (129, 200, 328, "float16", False, True, "residual"),
+    (128, 2304, 768, "float16", False, False, "bias_residual_relu"),
+    (200, 64, 136, "bfloat16", True, False, "scale"),
+    (136, 72, 64, "float16", True, True, "cast_f32"),
+    (4096, 768, 3072, "bfloat16", False, False, "bias_gelu"),
+    (1000, 999, 520, "float16", False, True, "bias_residual_relu"),
+]
+
+
+def _case_arrays(case, rng):
+    M, N, K, dt, ta, tb, epi = case
+    a = rng.uniform(-1, 1, (K, M) if ta else (M, K))
+    b = rng.uniform(-1, 1, (N, K) if tb else (K, N))
+    kw, extra = {}, {}
+    ar, br = _rounded(a, dt), _rounded(b, dt)
+    ref = (ar.T if ta else ar) @ (br.T if tb else br)
+    if epi == "scale":
+        kw["alpha"] = 0.25
+        ref = 0.25 * ref
+    if "bias" in epi:
+        bias = rng.uniform(-1, 1, N).astype(np.float32)
+        kw.update(has_bias=True, bias_dtype="float32")
+        extra["bias"] = bias
+        ref = ref + bias.astype(np.float64)
+    if "residual" in epi:
+        c = rng.uniform(-1, 1, (M, N))
+        kw.update(has_c=True, c_dtype=dt, ldc_m=N, ldc_n=1, beta=0.5)
+        extra["C"] = c
+        ref = ref + 0.5 * _rounded(c, dt)
+    for act in ("relu", "gelu"):
+        if epi.endswith(act):
+            kw["act"] = act
+            ref = _np_act(ref, act)
+    if epi == "cast_f32":
+        kw["out_dtype"] = "float32"
+    pr = gemm.GemmProblem(M, N, K, dtype=dt, trans_a=ta, trans_b=tb, **kw)
+    return pr, a, b, extra, ref
+
+
+def _bufs(pr, a, b, extra):
+    import cupy
+    dt = pr.dtype
+    bufs = dict(A=_dev(a, dt), B=_dev(b, dt))
+    if "bias" in extra:
+        bufs["bias"] = cupy.asarray(extra["bias"])
+    if "C" in extra:
+        bufs["C"] = _dev(extra["C"], dt)
+    return bufs
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{c[3]}-ta{int(c[4])}tb{int(c[5])}-{c[6]}")
+def test_wgmma_gemm_gpu(case):
+    rng = np.random.default_rng(abs(hash(case)) & 0xFFFF)
+    pr, a, b, extra, ref = _case_arrays(case, rng)
+    odt = pr.out_dtype or pr.dtype
+    bufs = _bufs(pr, a, b, extra)
+    space = W.candidates(pr, SM90A)
+    for p in space if pr.M * pr.N <= 1 << 18 else [W.default_params(pr, SM90A)]:
+        d = _poison((pr.M, pr.N), odt)
+        _run(W.render(pr, p), dict(bufs, D=d))
+        _check(_host(d, odt), ref, 1e-2 if pr.dtype == "float16" else 3e-2)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_wgmma_batched_broadcast_gpu():
+    rng = np.random.default_rng(5)
+    a = rng.uniform(-1, 1, (3, 1, 33, 64))
+    b = rng.uniform(-1, 1, (4, 64, 24))
+    pr = gemm.matmul_problem(a.shape, b.shape, "float16", act="relu")
+    assert W.fits(pr, SM90A)
+    ref = np.maximum(_rounded(a, "float16") @ _rounded(b, "float16"), 0)
+    d = _poison(ref.shape, "float16")
+    _run(W.render(pr), dict(A=_dev(a, "float16"), B=_dev(b, "float16"), D=d))
+    _check(_host(d, "float16"), ref, 1e-2)
