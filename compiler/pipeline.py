@@ -36,6 +36,7 @@ PASSES = {
     "fuse-reduction": "fuse_reduction",
     "fuse-elementwise": "fuse_elementwise",
     "schedule-memory": "schedule_memory",
+    "time-fusion": "time_fusion",
     "to-fp16": "to_precision:run_fp16",
     "to-bf16": "to_precision:run_bf16",
 }
@@ -58,6 +59,14 @@ DEFAULT_PIPELINE = [
                         # before the fusion passes: they then put the stacked bias/activation into the
                         # one GEMM/conv's epilogue; before dce, which sweeps the members' old weights
     "dce",              # sweeps what folding, canonicalisation and the cleanups left unused
+    "time-fusion",      # LSTM/GRU/RNN -> projection Gemm + `recurrence`. After fold-constants /
+                        # canonicalize / simplify (W, B, zero initial states and the exporters' glue
+                        # must be folded constants and plain views) and, at fp16/bf16, after the
+                        # precision passes (in LAYOUT_PASSES: the recurrence takes the storage dtype;
+                        # to-fp16 would keep an op with a region at f32); before assign-layout and the
+                        # fusion passes, so the projection gets fuse-epilogue's bias epilogue and the
+                        # GEMM variants like any Gemm. (fuse-horizontal has nothing to merge: the
+                        # directions' gate weights are already one [I, D*gates*H] constant)
     # fusion: after the cleanups (cse, fold-batchnorm, simplify: BN must already be in the conv's
     # weights and bias for conv+bias+act+residual chains to be visible) and, at fp16/bf16, after
     # the precision passes (see FUSION_PASSES). fuse-epilogue comes before fuse-elementwise, which
@@ -83,7 +92,7 @@ DEFAULT_PIPELINE = [
 # islands, so `pipeline_passes(precision)` (compiler/driver.py) runs them before the first of these.
 FUSION_PASSES = ("fuse-attention", "fuse-epilogue", "fuse-cross-layer", "fuse-reduction", "fuse-elementwise")
 # Passes that pick ops by dtype: `pipeline_passes(precision)` runs the precision passes before these too.
-LAYOUT_PASSES = ("assign-layout",)
+LAYOUT_PASSES = ("time-fusion", "assign-layout")
 
 
 def get_pass(name: str) -> Callable[[Module], bool]:

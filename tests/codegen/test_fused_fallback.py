@@ -84,13 +84,20 @@ def test_fused_fallback_lowers_like_unfused(name):
     base, _ = _load(name)
     run_passes(base, NO_FUSION)
     want = plan_signature(lower(base, {"arch": "sm_90"}))
-    for seed in range(2):
-        mod, _ = _load(name)
+    checked = 0
+    for seed in range(8):  # two seeds that outline something (tiny_lstm: windows across a
+        mod, _ = _load(name)  # `recurrence`, an op with regions, are never outlined)
         run_passes(mod, NO_FUSION)
         made = outline_random(mod, np.random.default_rng(seed))
-        assert made > 0 and any(op.name == "fused" for op in mod.main.ops)
+        if made == 0:
+            continue
+        assert any(op.name == "fused" for op in mod.main.ops)
         got = plan_signature(lower(mod, {"arch": "sm_90"}))
         assert got == want, f"{name} seed {seed}: fused plan differs from the unfused one"
+        checked += 1
+        if checked == 2:
+            break
+    assert checked == 2, f"{name}: fewer than two of eight seeds outlined anything"
 
 
 def test_fused_fallback_light_model():

@@ -1,0 +1,226 @@
+"""Recurrence family: the `recurrence` op (ir/ops/recurrence.py, made by compiler/passes/time_fusion.py).
+
+The input projection G is an ordinary GEMM before it (its own launch, through the GEMM variants);
+this lowers only the time loop. The cell (activations, clip, input_forget, linear_before_reset)
+is read back from the op's body (`cell_of`: the body must be the canonical body of a cell; a
+body some pass changed is refused with a clear error rather than run wrong).
+
+Variants (family "recurrence"):
+  recurrence.persistent  priority 10: rnn-kernel's persistent on-chip recurrence
+                         (codegen/kernels/rnn.py emit_recurrence, contract in its RecurrenceSpec):
+                         G, Y, Y_h/Y_c read and written in place through strides (layout 1 and the
+                         y_layouts "sbdh"/"bsdh" cost nothing); its space (sync scheme, blocks per
+                         direction, matvec tiling) is rnn.recurrence_space.
+  recurrence.legacy      priority 0, every cell: G copied into the fp32 [D][S][B][GH] temp of the
+                         legacy step kernel (recurrence.cu.j2 "g_relayout"), rnn.cu.j2's "init"
+                         and "step" kernels (cooperative, or one launch a stage with rnn_stepwise),
+                         Y through a strided copy when y_layout is not ONNX's. Two-phase GRU
+                         (linear_before_reset = 0), hidden sizes not a multiple of 4, and shapes
+                         whose h/R slices do not fit go here.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...ir.ops.recurrence import cell_of, num_dirs
+from ...ir.ops.rnn import _KIND
+from ..lower import LowerCtx
+from ..variants import Variant, no, register
+from . import rnn
+from .movement import strided_copy
+
+FLOATS = ("f32", "f16", "bf16")
+
+
+def _cells(op):
+    a = op.attrs
+    c0 = cell_of(a.kind, a.body)
+    c1 = cell_of(a.kind, a.body_backward) if a.body_backward is not None else c0
+    return [c0, c1][:num_dirs(a.direction)]
+
+
+def _dims(op, shape_of):
+    a = op.attrs
+    gs = shape_of(0)
+    S, B = (gs[1], gs[0]) if a.layout == 1 else (gs[0], gs[1])
+    return int(S), int(B), num_dirs(a.direction), int(a.hidden_size)
+
+
+def _strides(a, S, B, D, H, GH):
+    """(g_strides, y_strides, state_strides) in elements (None: rnn's defaults, i.e. layout 0)."""
+    g = (D * GH, S * D * GH, GH) if a.layout == 1 else None
+    if a.y_layout == "sbdh":
+        y = (B * D * H, D * H, H)
+    elif a.y_layout == "bsdh" or a.layout == 1:
+        y = (D * H, S * D * H, H)
+    else:
+        y = None
+    st = (D * H, H) if a.layout == 1 else None
+    return g, y, st
+
+
+def spec_of(op, tensor) -> rnn.RecurrenceSpec:
+    """The RecurrenceSpec of a recurrence op; tensor(i): operand i's TensorInfo/Buffer or None."""
+    a = op.attrs
+    cells = _cells(op)
+    S, B, D, H = _dims(op, lambda i: tensor(i).shape)
+    GH = _KIND[a.kind][0] * H
+    g_st, y_st, s_st = _strides(a, S, B, D, H, GH)
+    lens = tensor(6)
+    n = len(op.results)
+    return rnn.RecurrenceSpec(
+        kind=a.kind, S=S, B=B, D=D, H=H, direction=a.direction, storage=tensor(1).dtype.short,
+        g_dtype=tensor(0).dtype.short, g_strides=g_st, y_strides=y_st, state_strides=s_st,
+        acts=[[{"kind": k, "alpha": al, "beta": be} for k, al, be in c.acts] for c in cells],
+        clip=cells[0].clip, input_forget=cells[0].input_forget,
+        linear_before_reset=cells[0].linear_before_reset if a.kind == "GRU" else True,
+        has_h0=tensor(4) is not None, has_c0=tensor(5) is not None, has_peep=tensor(3) is not None,
+        has_rbh=tensor(2) is not None, has_lens=lens is not None,
+        lens_dtype=lens.dtype.short if lens is not None else "i32",
+        has_y=True, has_yh=n > 1, has_yc=a.kind == "LSTM" and n > 2)
+
+
+def _common_checks(p):
+    """A reason the op cannot lower at all (dtypes), or None."""
+    op = p.op
+    for i, what in ((0, "G"), (1, "R"), (2, "rbh"), (3, "P"), (4, "initial_h"), (5, "initial_c")):
+        t = p.tensor(i)
+        if t is not None and t.dtype.short not in FLOATS:
+            return f"{what} has dtype {t.dtype}: the CUDA recurrence kernels take f32 / f16 / bf16"
+    st = p.tensor(1).dtype.short
+    for i, what in ((2, "rbh"), (3, "P"), (4, "initial_h"), (5, "initial_c")):
+        t = p.tensor(i)
+        if t is not None and t.dtype.short != st:
+            return f"{what} has dtype {t.dtype}, R is {st}: one storage dtype is expected"
+    if p.result(0).dtype.short != st:
+        return f"Y has dtype {p.result(0).dtype}, R is {st}"
+    lens = p.tensor(6)
+    if lens is not None and lens.dtype.short not in ("i32", "i64"):
+        return f"sequence_lens has dtype {lens.dtype}: i32 or i64 expected"
+    del op
+    return None
+
+
+def _spec(p):
+    if "rec_spec" not in p.memo:
+        p.memo["rec_spec"] = spec_of(p.op, p.tensor)  # NncError (a body that is no cell) -> located
+    return p.memo["rec_spec"]
+
+
+# ---------------------------------------------------------------- persistent (rnn-kernel's kernel)
+
+def _persistent_applies(p):
+    why = _common_checks(p)
+    if why:
+        return no(why)
+    if p.options.rnn_stepwise:
+        return no("rnn_stepwise: one launch a step asked for")
+    return rnn.recurrence_fits(_spec(p), p.target)
+
+
+def _persistent_render(ctx: LowerCtx, p, params):
+    spec = _spec(p)
+    a = ctx.attrs
+    rnn.emit_recurrence(ctx, spec, params, g=ctx.inp(0), r=ctx.inp(1), y=ctx.out(0),
+                        yh=ctx.out(1) if spec.has_yh else None, yc=ctx.out(2) if spec.has_yc else None,
+                        h0=ctx.inp(4), c0=ctx.inp(5) if a.kind == "LSTM" else None,
+                        peep=ctx.inp(3), rbh=ctx.inp(2), lens=ctx.inp(6))
+    return True
+
+
+register(Variant("recurrence.persistent", "recurrence", ("recurrence",), _persistent_render, _persistent_applies,
+                 space=lambda p: rnn.recurrence_space(_spec(p), p.target),
+                 default=lambda p, space: rnn.recurrence_default(_spec(p), p.target, space),
+                 priority=10, regions=True))
+
+
+# ---------------------------------------------------------------- legacy step kernel (every cell)
+
+def _legacy_applies(p):
+    why = _common_checks(p)
+    if why:
+        return no(why)
+    _spec(p)  # the body must be a known cell
+    if p.has(2) and p.value(2) is None:
+        return no("rbh is not a constant (the legacy step kernel reads it from a [D, 2*gates*H] bias)")
+    return True
+
+
+def _legacy_render(ctx: LowerCtx, p, params):
+    spec = _spec(p)
+    a = ctx.attrs
+    kind = a.kind
+    lstm = kind == "LSTM"
+    S, NB, D, H, GH = spec.S, spec.B, spec.D, spec.H, spec.GH
+    G, R = ctx.inp(0), ctx.inp(1)
+    lens, h0 = ctx.inp(6), ctx.inp(4)
+    c0 = ctx.inp(5) if lstm else None
+    peep = ctx.inp(3)
+    layout = int(a.layout)
+    lbr = kind == "GRU" and spec.linear_before_reset
+    two_phase = kind == "GRU" and not lbr
+    y_out = ctx.out(0)
+    yh = ctx.out(1) if spec.has_yh else None
+    yc = ctx.out(2) if spec.has_yc else None
+    common = dict(kind=kind, S=S, NB=NB, ND=D, H=H, GH=GH, I=0, layout=layout, lbr=lbr)
+
+    g_st, g_sb, _ = spec.strides()[0]
+    g = ctx.temp("f32", (D, S, NB, GH), "rec_g")
+    kr = ctx.render("recurrence.cu.j2", "recurrence_g_relayout", variant="g_relayout", gt=G.ctype,
+                    D=D, S=S, B=NB, GH=GH, G_ST=g_st, G_SB=g_sb)
+    ctx.launch(kr, ctx.grid1d(D * S * NB * GH), 256, [G, g])
+
+    bias = None
+    if spec.has_rbh:  # the legacy kernel reads the hidden gate's Rb at [d][GH + 2H + j] of ONNX's B
+        full = np.zeros((D, 2 * GH), np.asarray(ctx.value(2)).dtype)
+        full[:, GH + 2 * H:] = np.asarray(ctx.value(2))
+        bias = ctx.new_weight(full, "rbh_as_b")
+    hs = ctx.temp("f32", (2, D, NB, H), "rnn_h")
+    cs = ctx.temp("f32", (D, NB, H), "rnn_c") if lstm else None
+    aux = ctx.temp("f32", (2, D, NB, H), "rnn_aux") if two_phase else None
+    bar = ctx.temp("u32", (2,), "rnn_barrier")
+    ki = ctx.render("rnn.cu.j2", "rnn_init", variant="init", has_h0=h0 is not None, has_c0=c0 is not None,
+                    h0t=h0.ctype if h0 is not None else "", c0t=c0.ctype if c0 is not None else "", **common)
+    ctx.launch(ki, ctx.grid1d(D * NB * H), rnn.BLOCK,
+               [hs] + ([cs] if lstm else []) + [b for b in (h0, c0) if b is not None] + [bar])
+
+    # Y: straight into the output in ONNX's layout, else a [S][D][B][H] temp copied into y_layout
+    # (the legacy kernel writes Y in the op's ONNX layout, the layout of Y_h/Y_c too)
+    y = y_out
+    if a.y_layout:
+        y = ctx.temp(y_out.dtype.short, (S, D, NB, H) if layout == 0 else (NB, S, D, H), "rec_y")
+    BT = min(NB, 8 if kind == "RNN" else 4)
+    NBT = -(-NB // BT)
+    stepwise = ctx.options.rnn_stepwise
+    kparams = dict(variant="step", coop=not stepwise, direction=a.direction, acts=spec.acts,
+                   clip=spec.clip, input_forget=spec.input_forget, two_phase=two_phase, BT=BT, NBT=NBT,
+                   rt=R.ctype, has_b=bias is not None, bt=bias.ctype if bias is not None else "",
+                   has_lens=lens is not None, lt=lens.ctype if lens is not None else "",
+                   has_p=peep is not None, pt=peep.ctype if peep is not None else "",
+                   has_y=True, has_yh=yh is not None, has_yc=yc is not None, yt=y_out.ctype, **common)
+    ks = ctx.render("rnn.cu.j2", ("coop_" if not stepwise else "") + kind.lower() + "_step", **kparams)
+    args = [g, R] + ([bias] if lbr and bias is not None else [])
+    args += [b for b in (lens, peep, hs, cs, aux) if b is not None] + [bar, y]
+    args += [b for b in (yh, yc) if b is not None]
+    stages = S * (2 if two_phase else 1)
+    blocks = -(-(D * NBT * H) // rnn.WARPS)
+    if stepwise:
+        for u in range(stages):
+            ctx.launch(ks, min(blocks, 65535), rnn.BLOCK, args + [ctx.i32(u), ctx.i32(u + 1)])
+    else:
+        ctx.launch(ks, min(blocks, rnn.COOP_MAX_GRID), rnn.BLOCK, args + [ctx.i32(0), ctx.i32(stages)])
+    if a.y_layout:
+        # y (t, b, d, j) -> y_out in y_layout: iterate y_out's [d0, d1, D, H] coordinates
+        if layout == 0:
+            src = {"t": D * NB * H, "d": NB * H, "b": H}
+        else:
+            src = {"b": S * D * H, "t": D * H, "d": H}
+        outer = ("t", "b") if a.y_layout == "sbdh" else ("b", "t")
+        ext = {"t": S, "b": NB}
+        strided_copy(ctx, y, y_out, [ext[outer[0]], ext[outer[1]], D, H],
+                     [src[outer[0]], src[outer[1]], src["d"], 1])
+    return True
+
+
+register(Variant("recurrence.legacy", "recurrence", ("recurrence",), _legacy_render, _legacy_applies,
+                 priority=0, regions=True))

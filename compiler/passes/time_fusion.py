@@ -1,0 +1,251 @@
+"""Time fusion: ONNX LSTM / GRU / RNN -> one input projection over all steps + one `recurrence` op.
+
+Rewrites each LSTM, GRU and RNN of the main function (X [S,B,I] or, layout 1, [B,S,I]) into
+- the projection of every timestep and both directions at once: Gemm(Reshape(X, [S*B, I]), Wcat,
+  bias) -> Reshape [S, B, D*gates*H] (layout 1: [B, S, ...]), with Wcat = [W_0^T | W_1^T]
+  ([I, D*gates*H], a new constant) and the biases folded into one C operand (Wb + Rb; GRU with
+  linear_before_reset = 1 keeps the hidden gate's Rb out: it multiplies the reset gate, so it
+  becomes the recurrence's `rbh` operand [D, H]). The reshapes are views; the Gemm is an ordinary
+  one through the GEMM variants (its bias in the epilogue). With a symbolic S or B it is
+  MatMul(X, Wcat) + Add(bias) instead (fuse-epilogue puts the Add into the GEMM);
+- a `recurrence` op (ir/ops/recurrence.py) whose body is the per-step gate math (activations with
+  alpha/beta, clip, peepholes, input_forget, linear_before_reset) and which keeps the op's
+  direction, layout and sequence_lens semantics. Y, Y_h, Y_c are the same values as before.
+And folds what surrounds it:
+- the view/transpose chain exporters put after Y (torch: Y [S,D,B,H] -> Transpose(0,2,1,3) ->
+  Reshape [S,B,D*H]; unidirectional: Squeeze(1)) becomes the recurrence's y_layout ("sbdh" or
+  "bsdh"): the recurrence writes Y in that layout directly and the chain goes. Only a chain that
+  is Y's single use, transposes before views, whose end holds Y's elements in (S,B,D,H) or
+  (B,S,D,H) order (unit axes ignored) with shape [S,B,D*H] / [B,S,D*H];
+- initial_h / initial_c that are zeros (a zero constant, a ConstantOfShape of 0 - what the
+  batch-size Shape chains fold to -, or a Cast/Expand/view of one) are dropped (zero-initialised),
+  as are all-zero constant peepholes and constant sequence_lens that cover every step;
+- an embedding Gather(table, ids) (axis 0, constant 2-D table) feeding X: X.Wcat + b ==
+  Gather(table.Wcat + b, ids) exactly, so the whole projection becomes one Gather of a
+  precomputed [V, D*gates*H] table (computed in float64, rounded once) when that table is at most
+  GATHER_TABLE_MAX_BYTES. Larger vocabularies keep Gather -> GEMM.
+Left alone (they keep the ONNX op and its own lowering): W or B not constant, activations that
+are not one IR op (affine, scaledtanh), X and W of different dtypes.
+Requires: a verified module, constants folded (run after fold-constants / canonicalize / simplify,
+and at fp16/bf16 after the precision passes: the projection and the recurrence's storage take
+the precision the LSTM had; the recurrence's state and math stay fp32). Sweeps the constants and
+glue it leaves unread (dce).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from nnc.ir.builder import Builder, const_value
+from nnc.ir.graph import Module, NameGen, Op, users, value_names
+from nnc.ir.ops.recurrence import ACT_OPS, Cell, cell_body, num_dirs
+from nnc.ir.ops.rnn import _KIND, activation_slots
+from nnc.ir.errors import NncError
+from nnc.ir import registry
+
+RNN_OPS = ("LSTM", "GRU", "RNN")
+GATHER_TABLE_MAX_BYTES = 64 << 20  # the precomputed embedding x projection table, at most
+_VIEWS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten")
+_ZERO_THROUGH = ("Cast", "Expand", "Identity") + _VIEWS
+
+
+def _is_zero(v, weights, depth=0) -> bool:
+    if v is None or depth > 8:
+        return False
+    val = const_value(v, weights)
+    if val is not None:
+        return bool(np.isfinite(val).all()) and not np.any(val)
+    p = v.producer
+    if p is None:
+        return False
+    if p.name == "ConstantOfShape":
+        return p.attrs.value is None or not np.any(p.attrs.value)
+    if p.name in _ZERO_THROUGH and p.operands:
+        return _is_zero(p.operands[0], weights, depth + 1)
+    return False
+
+
+def _y_chain(y, uses, results, S, B, nd, H, layout):
+    """(chain ops, y_layout, end value) of the longest foldable glue chain after Y, or None."""
+    order = ["S", "D", "B", "H"] if layout == 0 else ["B", "S", "D", "H"]
+    size = {"S": S, "D": nd, "B": B, "H": H}
+    targets = {"sbdh": (["S", "B", "D", "H"], (S, B, nd * H)), "bsdh": (["B", "S", "D", "H"], (B, S, nd * H))}
+
+    def nonunit(axes):
+        return [x for x in axes if size[x] != 1]
+
+    chain, v, best, views_seen = [], y, None, False
+    while True:
+        us = uses.get(id(v), [])
+        if any(r is v for r in results) or len(us) != 1 or len(us[0].results) != 1:
+            break
+        u = us[0]
+        if u.operands[0] is not v:
+            break
+        if u.name == "Transpose" and not views_seen:
+            perm = u.attrs.perm if u.attrs.perm is not None else tuple(reversed(range(len(order))))
+            if len(perm) != len(order):
+                break
+            order = [order[p] for p in perm]
+        elif u.name in _VIEWS:
+            views_seen = True
+        else:
+            break
+        chain.append(u)
+        v = u.results[0]
+        for name, (t_order, t_shape) in targets.items():
+            if v.type.shape == tuple(t_shape) and nonunit(order) == nonunit(t_order):
+                best = (list(chain), name, v)
+                break
+    return best
+
+
+class _Rewriter:
+    def __init__(self, module: Module):
+        self.m = module
+        self.f = module.main
+        self.names = NameGen(value_names(module))
+        self.uses = users(self.f)
+        self.skip: set[int] = set()  # glue ops folded into a recurrence
+        self.notes: list[str] = []
+
+    def plan(self, op: Op):
+        """None (op left alone, reason in self.notes) or what the rewrite needs."""
+        kind, a, w = op.name, op.attrs, self.m.weights
+        ops = list(op.operands) + [None] * (8 - len(op.operands))
+        X, W, R, Bv_, lens, h0, c0, P = ops
+        Wv = const_value(W, w)
+        Bv = None if Bv_ is None else const_value(Bv_, w)
+        if Wv is None or (Bv_ is not None and Bv is None):
+            self.notes.append(f"{op.loc}: {kind}: W or B is not a constant")
+            return None
+        if X.type.dtype != W.type.dtype or not X.type.dtype.is_float or X.type.shape is None:
+            self.notes.append(f"{op.loc}: {kind}: X {X.type} and W {W.type}")
+            return None
+        try:
+            slots = activation_slots(kind, a)
+        except NncError:
+            return None
+        if any(k not in ACT_OPS for d in slots for k, _, _ in d):
+            self.notes.append(f"{op.loc}: {kind}: activations {slots} are not all single IR ops")
+            return None
+        nd = num_dirs(a.direction)
+        gates = _KIND[kind][0]
+        H = int(R.type.shape[2]) if a.hidden_size is None else int(a.hidden_size)
+        GH = gates * H
+        lbr = kind == "GRU" and bool(a.linear_before_reset)
+        S, B = (X.type.shape[0], X.type.shape[1]) if a.layout == 0 else (X.type.shape[1], X.type.shape[0])
+        wcat = np.concatenate([Wv[d].astype(np.float64).T for d in range(nd)], axis=1)  # [I, D*GH]
+        bcat = rbh = None
+        if Bv is not None:
+            bb = Bv.astype(np.float64)
+            wb, rb = bb[:, :GH], bb[:, GH:].copy()
+            if lbr:
+                rbh = rb[:, 2 * H:].copy()
+                rb[:, 2 * H:] = 0.0
+            bcat = (wb + rb).reshape(-1)
+            if not np.any(rbh if rbh is not None else 0.0):
+                rbh = None  # a zero hidden-gate bias adds nothing
+        zero = lambda v: v is not None and _is_zero(v, w)  # noqa: E731
+        if zero(h0):
+            h0 = None
+        if zero(c0):
+            c0 = None
+        if zero(P):
+            P = None
+        lv = const_value(lens, w) if lens is not None else None
+        if lv is not None and isinstance(S, int) and lv.size and int(lv.min()) >= S:
+            lens = None
+        clip = None if a.clip is None else float(a.clip)
+        cells = [Cell(kind, tuple(slots[d]), clip, kind == "LSTM" and bool(a.input_forget), lbr,
+                      rbh is not None, P is not None) for d in range(nd)]
+        chain = None
+        if op.results:
+            chain = _y_chain(op.results[0], self.uses, self.f.results, S, B, nd, H, a.layout)
+            if chain is not None:
+                self.skip |= {id(u) for u in chain[0]}
+        gather = None
+        xp = X.producer
+        if xp is not None and xp.name == "Gather" and len(X.type.shape) == 3:
+            table = const_value(xp.operands[0], w)
+            if table is not None and table.ndim == 2 and int(xp.attrs.axis) in (0, -2) \
+                    and table.shape[0] * nd * GH * X.type.dtype.np.itemsize <= GATHER_TABLE_MAX_BYTES:
+                gather = (table, xp.operands[1])
+        return dict(kind=kind, a=a, X=X, R=R, lens=lens, h0=h0, c0=c0, P=P, nd=nd, H=H, S=S, B=B,
+                    wcat=wcat, bcat=bcat, rbh=rbh, cells=cells, chain=chain, gather=gather)
+
+    def emit(self, op: Op, p: dict, b: Builder):
+        dt = p["X"].type.dtype
+        loc = op.loc
+        stem = op.results[0].name
+        if p["gather"] is not None:
+            table, ids = p["gather"]
+            t = table.astype(np.float64) @ p["wcat"]
+            if p["bcat"] is not None:
+                t = t + p["bcat"]
+            tconst = b.constant(t.astype(dt.np), stem + ".proj_table", loc)
+            G = b.create("Gather", [tconst, ids], {"axis": 0}, names=[stem + ".proj"], loc=loc)[0]
+        else:
+            X = p["X"]
+            wconst = b.constant(p["wcat"].astype(dt.np), stem + ".wcat", loc)
+            bconst = None if p["bcat"] is None else b.constant(p["bcat"].astype(dt.np), stem + ".bcat", loc)
+            d0, d1, inner = X.type.shape
+            if all(isinstance(d, int) for d in (d0, d1, inner)):
+                # static: one 2-D Gemm over [S*B, I] with the bias as its C operand, between views
+                x2 = b.create("Reshape", [X, b.constant(np.array([d0 * d1, inner], np.int64))],
+                              names=[stem + ".x2d"], loc=loc)[0]
+                g2 = b.create("Gemm", [x2, wconst] + ([bconst] if bconst is not None else []),
+                              names=[stem + ".proj2d"], loc=loc)[0]
+                G = b.create("Reshape", [g2, b.constant(np.array([d0, d1, g2.type.shape[1]], np.int64))],
+                             names=[stem + ".proj"], loc=loc)[0]
+            else:  # symbolic S or B: MatMul broadcasting over [S, B] (+ the bias Add)
+                G = b.create("MatMul", [X, wconst], names=[stem + (".proj" if bconst is None else ".xw")],
+                             loc=loc)[0]
+                if bconst is not None:
+                    G = b.create("Add", [G, bconst], names=[stem + ".proj"], loc=loc)[0]
+        rbh = None if p["rbh"] is None else b.constant(p["rbh"].astype(dt.np), stem + ".rbh", loc)
+        cells = p["cells"]
+        body = cell_body(cells[0], p["B"], p["H"], dt, self.names, self.m.weights)
+        back = None
+        if p["nd"] == 2 and cells[1] != cells[0]:
+            back = cell_body(cells[1], p["B"], p["H"], dt, self.names, self.m.weights)
+        chain = p["chain"]
+        attrs = {"body": body, "kind": p["kind"], "direction": p["a"].direction, "hidden_size": p["H"],
+                 "layout": int(p["a"].layout), "y_layout": chain[1] if chain else "", "body_backward": back}
+        operands = [G, p["R"], rbh, p["P"], p["h0"], p["c0"], p["lens"]]
+        new = b.create("recurrence", operands, attrs, num_results=len(op.results), loc=loc)
+        rec = new[0].producer
+        results = list(op.results)
+        if chain:
+            results[0] = chain[2]
+        for i, (old, fresh) in enumerate(zip(results, new)):
+            if old.type != fresh.type:
+                raise NncError(f"{loc}: time-fusion: result {i} would change type {old.type} -> {fresh.type}")
+            old.producer = rec
+        rec.results = results
+
+    def run(self) -> bool:
+        plans = {}
+        for op in self.f.ops:
+            if op.name in RNN_OPS:
+                p = self.plan(op)
+                if p is not None:
+                    plans[id(op)] = p
+        if not plans:
+            return False
+        old, self.f.ops = self.f.ops, []
+        b = Builder(self.f, self.m.weights, self.names)
+        for op in old:
+            if id(op) in self.skip:
+                continue
+            if id(op) in plans:
+                self.emit(op, plans[id(op)], b)
+            else:
+                self.f.ops.append(op)
+        from nnc.passes import dce
+        dce.run(self.m)
+        return True
+
+
+def run(module: Module) -> bool:
+    registry.get("recurrence")  # the op families are loaded
+    return _Rewriter(module).run()
