@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...ir.layout import op_is_nhwc
 from ..lower import LowerCtx, lowering
 from ._helpers import norm_axis
 from .movement import strided_copy
@@ -101,8 +102,9 @@ def _hardmax(ctx: LowerCtx):
 def _lrn(ctx: LowerCtx):
     x, y = ctx.inp(0), ctx.out(0)
     size = int(ctx.attr("size"))
-    C = x.shape[1]
-    inner = int(np.prod(x.shape[2:], dtype=np.int64))
+    axis = 3 if op_is_nhwc(ctx.op) else 1  # {layout = "NHWC"} (assign-layout): channels innermost
+    C = x.shape[axis]
+    inner = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
     lo = (size - 1) // 2
     k = ctx.render("scan.cu.j2", "lrn", kind="lrn", ctype=x.ctype, acc="double" if x.dtype.short == "f64" else "float",
                    numel=x.numel, inner=inner, C=C, lo=lo, hi=size - 1 - lo, size=size,

@@ -8,7 +8,8 @@ Rewrites (top-level ops of each function, one sweep in program order, linear tim
   depthwise (C/group == 1) or C/group a multiple of 8 (16-byte igemm loads); a 1x1 stride-1 unpadded
   conv only when its input already has an NHWC form (on NCHW it is one GEMM with no layout kernel). fp32 convs stay NCHW:
   without tf32 the CUDA backend runs them as im2col + FFMA GEMM on NCHW, which has no NHWC form;
-- MaxPool (no Indices) / AveragePool whose input already has an NHWC form -> {layout = "NHWC"};
+- MaxPool (no Indices) / AveragePool / LRN whose input already has an NHWC form -> {layout = "NHWC"}
+  (LRN's window then runs over the last axis: AlexNet/ZFNet/GoogLeNet's conv -> LRN -> pool stems);
 - GlobalAveragePool / GlobalMaxPool of an NHWC form -> ReduceMean / ReduceMax over axes [1, 2]
   (keepdims) on it;
 - an elementwise op (the CUDA elementwise family's table, numpy broadcasting) with an operand that
@@ -20,7 +21,7 @@ Rewrites (top-level ops of each function, one sweep in program order, linear tim
 The rewrite is kept for a function only where it adds no launches: the transposes it leaves must not
 outnumber the launches it saves (the NCHW igemm path's layout kernel of every conv but pointwise and
 depthwise ones, and cancelled transposes); otherwise the function is restored as it was (densenet's
-channel Concats, shufflenet's channel shuffles, LRN keep NCHW: on NCHW at batch 1 a channel Concat is
+channel Concats, shufflenet's channel shuffles keep NCHW: on NCHW at batch 1 a channel Concat is
 zero-copy, on NHWC it is a copy).
 Every rewritten op's original NCHW result is re-defined right after it as Transpose(NHWC form,
 [0,3,1,2]) (a Reshape when only extent-1 dims move, e.g. [1,1,1,C] -> [1,C,1,1], which is a view), so
@@ -62,7 +63,7 @@ from nnc.ir.ops.conv import TO_NCHW, TO_NHWC
 from nnc.ir.rewrite import Substitution, used_values
 
 FLOATS = ("f16", "bf16")
-POOLS = ("MaxPool", "AveragePool")
+POOLS = ("MaxPool", "AveragePool", "LRN")  # ops with a layout attribute (LRN: its channel window)
 GLOBAL_POOLS = {"GlobalAveragePool": "ReduceMean", "GlobalMaxPool": "ReduceMax"}
 IGEMM_VEC_ELEMS = 8  # 16-byte loads of f16/bf16: a grouped conv's C/group must be a multiple
 
@@ -323,7 +324,7 @@ def run(module: Module) -> bool:
     changed = False
     for f in module.functions:
         # kept only where it does not add launches (transposes added <= launches saved): densenet's
-        # channel Concats, shufflenet's channel shuffles and LRN want NCHW and would pay transposes
+        # channel Concats and shufflenet's channel shuffles want NCHW and would pay transposes
         snap = [(op, list(op.operands)) for op in f.ops]
         results = list(f.results)
         ws = module.weights

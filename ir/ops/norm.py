@@ -159,9 +159,25 @@ class LRNAttrs:
     alpha: float = 1e-4
     beta: float = 0.75
     bias: float = 1.0
+    layout: str = "NCHW"  # nnc extension, as Conv's (ir/ops/conv.py): "NHWC" windows over the last axis
+
+
+def _lrn_infer(ctx):
+    from .conv import check_layout
+    xs = ctx.shape(0)
+    check_layout(ctx, ctx.attrs.layout, 4 if xs is None else len(xs))
+    return same_as(0)(ctx)
 
 
 def _lrn_ref(a: LRNAttrs, x):
+    if a.layout == "NHWC":  # exactly the NCHW op on the transposed input
+        from .conv import TO_NCHW, TO_NHWC
+        y = _lrn_nchw_ref(a, x.transpose(TO_NCHW))
+        return np.ascontiguousarray(y.transpose(TO_NHWC))
+    return _lrn_nchw_ref(a, x)
+
+
+def _lrn_nchw_ref(a: LRNAttrs, x):
     xf = x.astype(np.float64)
     C = x.shape[1]
     sq = xf * xf
@@ -175,7 +191,7 @@ def _lrn_ref(a: LRNAttrs, x):
     return y.astype(x.dtype)
 
 
-register("LRN", LRNAttrs, infer=same_as(0), ref=_lrn_ref)
+register("LRN", LRNAttrs, infer=_lrn_infer, ref=_lrn_ref)
 
 
 # ---------------------------------------------------------------- LpNormalization
