@@ -231,8 +231,10 @@ class Unrecoverable(NncError):
 
 
 class Runner:
-    """Compiles captures and runs them. run(capture, inputs_seed) -> (median seconds, outputs as
-    numpy arrays, one per op result); raises NncError (why) for a candidate that fails."""
+    """Compiles captures and runs them. run(capture, seed, gate) -> (median seconds, outputs as
+    numpy arrays, one per op result): inputs from `seed` (the same for every candidate of a
+    problem), outputs poisoned, one run, then gate(outputs) -> why wrong ("" ok): a wrong one is
+    not timed (nan). Raises NncError (why) for a candidate that fails."""
     name = "runner"
 
     def device(self) -> dict:
@@ -243,7 +245,7 @@ class Runner:
         """Compiles the captures' kernels in one batch; returns {id(capture): why} for failures."""
         return {}
 
-    def run(self, cap: Capture, seed: int, baseline: Optional[list] = None) -> tuple[float, list]:
+    def run(self, cap: Capture, seed: int, gate: Optional[Callable] = None) -> tuple[float, list]:
         raise NotImplementedError
 
     def close(self):
@@ -276,7 +278,7 @@ class StandInRunner(Runner):
         self.prepared += len(captures)
         return {}
 
-    def run(self, cap, seed, baseline=None):
+    def run(self, cap, seed, gate=None):
         if self.delay:
             time.sleep(self.delay)
         why = self.fail(cap)
@@ -289,6 +291,8 @@ class StandInRunner(Runner):
             if self.wrong(cap):
                 a = a + 1.0
             outs.append(a)
+        if gate is not None and gate(outs):
+            return float("nan"), outs
         return float(self.timer(cap.candidate, cap.params)), outs
 
 
@@ -314,8 +318,8 @@ class CudaRunner(Runner):
         props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
         name = props.get("name", b"")
         try:
-            from cupy_backends.cuda.libs import nvrtc
-            nv = "%d.%d" % tuple(nvrtc.getVersion())
+            from .nvrtc_worker import nvrtc_identity
+            nv = " ".join(nvrtc_identity().split()[:2])  # "nvrtc 12.8"
         except Exception:
             nv = "unknown"
         return {"gpu": name.decode() if isinstance(name, bytes) else str(name),
@@ -386,11 +390,11 @@ class CudaRunner(Runner):
         for kind, kname, grid, block, smem, args, nbytes in cap.launches:
             vals = tuple(np.uint64(ptrs[a[1]] + a[2]) if a[0] == "buf" else a[1] for a in args)
             if kind == "kernel":
-                self.funcs[kname](grid, block, vals, shared_mem=smem, stream=self.stream)
+                self.funcs[kname](grid, block, vals, shared_mem=smem)  # on the current stream: self.stream
             elif kind == "memcpy" and nbytes:
                 cp.cuda.runtime.memcpyAsync(int(vals[0]), int(vals[1]), nbytes, 3, self.stream.ptr)
 
-    def run(self, cap, seed, baseline=None):
+    def run(self, cap, seed, gate=None):
         cp = self.cp
         if self._shared_seed != seed:
             self._shared, self._shared_seed = {}, seed
@@ -420,10 +424,8 @@ class CudaRunner(Runner):
                     n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
                     raw = cp.asnumpy(arrays[rid][off:off + n])
                     outs.append(_as_float(raw.view(dt.device_np).reshape(shape), np_name))
-                if baseline is not None:
-                    why = mismatch(outs, baseline, cap)
-                    if why:
-                        return float("nan"), outs  # wrong: not timed
+                if gate is not None and gate(outs):
+                    return float("nan"), outs  # wrong: not timed
                 for _ in range(self.warmup):
                     self._launch_all(cap, ptrs)
                 evs = []
@@ -662,7 +664,7 @@ def tune_problems(problems: Sequence[TuneProblem], runner: Runner, deadline: Opt
                 if not why:
                     tried += 1
                     try:
-                        t, outs = runner.run(c, seed, baseline=ref)
+                        t, outs = runner.run(c, seed, gate=lambda o, c=c: mismatch(o, ref, c, tf32))
                         why = mismatch(outs, ref, c, tf32)
                         if why:
                             why = f"wrong output: {why}"
