@@ -28,6 +28,7 @@ from typing import Optional
 
 from ...ir.ops.rnn import _KIND, _num_dirs, activation_slots
 from ..lower import LowerCtx, lowering
+from ..dtypes import TABLE
 from ..target import Target
 from ..variants import YES, Fit, Variant, no, register
 
@@ -60,7 +61,7 @@ def _rnn(ctx: LowerCtx):
             ctx.fail(f"{what} has dtype {buf.dtype}: the CUDA RNN kernels take f32 / f16 / bf16")
     if lens is not None and lens.dtype.kind not in ("int", "uint"):
         ctx.fail(f"sequence_lens has dtype {lens.dtype}, an integer type is expected")
-    acts = activations(kind, a)  # NncError names the bad activation; lowering adds the op's location
+    activations(kind, a)  # NncError names the bad activation; lowering adds the op's location
     nd = _num_dirs(a)
     layout = int(a.layout)
     S, NB = (x.shape[0], x.shape[1]) if layout == 0 else (x.shape[1], x.shape[0])
@@ -69,57 +70,24 @@ def _rnn(ctx: LowerCtx):
     gates = _KIND[kind][0]
     GH = gates * H
     lbr = bool(getattr(a, "linear_before_reset", 0)) if kind == "GRU" else False
-    input_forget = bool(getattr(a, "input_forget", 0)) if lstm else False
-    two_phase = kind == "GRU" and not lbr
     y = ctx.out(0)
     yh = ctx.out(1) if ctx.n_out > 1 else None
     yc = ctx.out(2) if ctx.n_out > 2 and lstm else None
-    yt = y.ctype
     common = dict(kind=kind, S=S, NB=NB, ND=nd, H=H, GH=GH, I=I, layout=layout, lbr=lbr)
 
-    # fp32 intermediates: projections, state, GRU's z and r*h, the grid barrier words
-    g = ctx.temp("f32", (nd, S, NB, GH), "rnn_proj")
-    hs = ctx.temp("f32", (2, nd, NB, H), "rnn_h")
-    cs = ctx.temp("f32", (nd, NB, H), "rnn_c") if lstm else None
-    aux = ctx.temp("f32", (2, nd, NB, H), "rnn_aux") if two_phase else None
-    bar = ctx.temp("u32", (2,), "rnn_barrier")
+    g = ctx.temp("f32", (nd, S, NB, GH), "rnn_proj")  # fp32 projections of every step
 
     # (1) input projection, all steps and directions
     kp = ctx.render("rnn.cu.j2", "rnn_proj", variant="proj", xt=x.ctype, wt=w.ctype,
                     has_b=bias is not None, bt=bias.ctype if bias is not None else "", **common)
     ctx.launch(kp, (-(-nd * GH // 64), -(-S * NB // 64)), BLOCK, [x, w] + ([bias] if bias is not None else []) + [g])
 
-    # (2) state
-    ki = ctx.render("rnn.cu.j2", "rnn_init", variant="init", has_h0=h0 is not None, has_c0=c0 is not None,
-                    h0t=h0.ctype if h0 is not None else "", c0t=c0.ctype if c0 is not None else "", **common)
-    ctx.launch(ki, ctx.grid1d(nd * NB * H), BLOCK,
-               [hs] + ([cs] if lstm else []) + [b for b in (h0, c0) if b is not None] + [bar])
-
-    # (3) the recurrence
-    BT = min(NB, 8 if kind == "RNN" else 4)
-    NBT = -(-NB // BT)
-    items = nd * NBT * H
-    stepwise = _stepwise(ctx)
-    params = dict(variant="step", coop=not stepwise, direction=a.direction, acts=acts,
-                  clip=None if a.clip is None else float(a.clip), input_forget=input_forget,
-                  two_phase=two_phase, BT=BT, NBT=NBT, rt=r.ctype,
-                  has_b=bias is not None, bt=bias.ctype if bias is not None else "",
-                  has_lens=lens is not None, lt=lens.ctype if lens is not None else "",
-                  has_p=peep is not None, pt=peep.ctype if peep is not None else "",
-                  has_y=True, has_yh=yh is not None, has_yc=yc is not None, yt=yt, **common)
-    ks = ctx.render("rnn.cu.j2", ("coop_" if not stepwise else "") + kind.lower() + "_step", **params)
-    args = [g, r]
-    if kind == "GRU" and lbr and bias is not None:
-        args.append(bias)
-    args += [b for b in (lens, peep, hs, cs, aux) if b is not None] + [bar, y]
-    args += [b for b in (yh, yc) if b is not None]
-    stages = S * (2 if two_phase else 1)
-    blocks = -(-items // WARPS)
-    if stepwise:
-        for u in range(stages):
-            ctx.launch(ks, min(blocks, 65535), BLOCK, args + [ctx.i32(u), ctx.i32(u + 1)])
-    else:
-        ctx.launch(ks, min(blocks, COOP_MAX_GRID), BLOCK, args + [ctx.i32(0), ctx.i32(stages)])
+    # (2)+(3) state and the recurrence: the warp-per-item step kernel, G read as the proj left it
+    spec = _spec_of(ctx.op, ctx.inp)
+    if spec is None:
+        ctx.fail("X, W, R, B, initial_h, initial_c and P must share one float dtype")
+    emit_recurrence_fallback(ctx, spec, g=g, r=r, y=y, yh=yh if spec.has_yh else None, yc=yc if spec.has_yc else None,
+                             h0=h0, c0=c0, peep=peep, rbh=bias if spec.has_rbh else None, lens=lens)
     return True
 
 
@@ -299,7 +267,7 @@ def render_params(spec: RecurrenceSpec, params: dict) -> dict:
     return dict(variant="rec", kind=spec.kind, S=spec.S, B=spec.B, D=spec.D, H=spec.H, NG=spec.gates,
                 direction=spec.direction, acts=spec.acts or _default_acts(spec.kind, spec.D),
                 clip=None if spec.clip is None else float(spec.clip), input_forget=bool(spec.input_forget),
-                rt=CT[spec.storage], gt=CT[spec.g_dtype], lt={"i32": "int32_t", "i64": "int64_t"}.get(spec.lens_dtype, "int32_t"),
+                rt=CT[spec.storage], gt=CT[spec.g_dtype], lt=TABLE[spec.lens_dtype].ctype,
                 g_st=g[0], g_sb=g[1], g_sd=g[2], y_st=y[0], y_sb=y[1], y_sd=y[2], st_sb=st[0], st_sd=st[1],
                 has_h0=spec.has_h0, has_c0=spec.has_c0 and spec.kind == "LSTM", has_p=spec.has_peep and spec.kind == "LSTM",
                 has_rbh=spec.has_rbh and spec.kind == "GRU", rbh_sd=spec.H if spec.rbh_sd is None else spec.rbh_sd,
@@ -310,20 +278,76 @@ def render_params(spec: RecurrenceSpec, params: dict) -> dict:
                 layout=0, lbr=spec.linear_before_reset)
 
 
-def emit_recurrence(ctx: LowerCtx, spec: RecurrenceSpec, params: Optional[dict] = None, *, g, r, y=None, yh=None,
-                    yc=None, h0=None, c0=None, peep=None, rbh=None, lens=None) -> dict:
-    """Emits the sync-word reset and the ONE cooperative launch running every step (both
-    directions). Returns the params used. Buffers: see RecurrenceSpec / rnn_interface.md."""
-    fit = recurrence_fits(spec, ctx.target)
-    if not fit:
-        ctx.fail(f"the persistent recurrence does not take this op: {fit.why}")
-    params = dict(params) if params else recurrence_default(spec, ctx.target)
+def _check_buffers(ctx, spec, h0, c0, peep, rbh, lens, y, yh, yc):
     for flag, buf, what in ((spec.has_h0, h0, "initial_h"), (spec.has_c0 and spec.kind == "LSTM", c0, "initial_c"),
                             (spec.has_peep and spec.kind == "LSTM", peep, "P"), (spec.has_rbh and spec.kind == "GRU", rbh, "rbh"),
                             (spec.has_lens, lens, "sequence_lens"), (spec.has_y, y, "Y"), (spec.has_yh, yh, "Y_h"),
                             (spec.has_yc and spec.kind == "LSTM", yc, "Y_c")):
         if flag and buf is None:
             ctx.fail(f"internal error: the recurrence spec says {what} but no buffer was given")
+
+
+def emit_recurrence_fallback(ctx: LowerCtx, spec: RecurrenceSpec, params: Optional[dict] = None, *, g, r, y=None,
+                             yh=None, yc=None, h0=None, c0=None, peep=None, rbh=None, lens=None) -> dict:
+    """Any spec (two-phase GRU, h too big for smem, H not a multiple of 4): the warp-per-item
+    step kernel (template variant "step", R read from global every step) with the spec's strided
+    G / Y / state indexing, as one cooperative launch with a grid barrier (or, with the option
+    rnn_stepwise, one launch a stage). params: unused (no space declared)."""
+    _check_buffers(ctx, spec, h0, c0, peep, rbh, lens, y, yh, yc)
+    kind, D, NB, H, S, GH = spec.kind, spec.D, spec.B, spec.H, spec.S, spec.GH
+    lstm = kind == "LSTM"
+    gs, ys, ss = spec.strides()
+    two_phase = kind == "GRU" and not spec.linear_before_reset
+    common = dict(kind=kind, S=S, NB=NB, ND=D, H=H, GH=GH, I=0, layout=0, lbr=kind == "GRU" and spec.linear_before_reset,
+                  st_sb=ss[0], st_sd=ss[1])
+    has_h0, has_c0 = spec.has_h0, spec.has_c0 and lstm
+    hs = ctx.temp("f32", (2, D, NB, H), "rnn_h")
+    cs = ctx.temp("f32", (D, NB, H), "rnn_c") if lstm else None
+    aux = ctx.temp("f32", (2, D, NB, H), "rnn_aux") if two_phase else None
+    bar = ctx.temp("u32", (2,), "rnn_barrier")
+    ki = ctx.render("rnn.cu.j2", "rnn_init", variant="init", has_h0=has_h0, has_c0=has_c0,
+                    h0t=CT[spec.storage] if has_h0 else "", c0t=CT[spec.storage] if has_c0 else "", **common)
+    ctx.launch(ki, ctx.grid1d(D * NB * H), BLOCK, [hs] + ([cs] if lstm else []) + [b for b in (h0 if has_h0 else None,
+               c0 if has_c0 else None) if b is not None] + [bar])
+    BT = min(NB, 8 if kind == "RNN" else 4)
+    NBT = -(-NB // BT)
+    stepwise = _stepwise(ctx)
+    rt = CT[spec.storage]
+    has_rbh = spec.has_rbh and kind == "GRU" and spec.linear_before_reset
+    has_p = spec.has_peep and lstm
+    tp = dict(variant="step", coop=not stepwise, direction=spec.direction,
+              acts=spec.acts or _default_acts(kind, D), clip=None if spec.clip is None else float(spec.clip),
+              input_forget=bool(spec.input_forget) and lstm, two_phase=two_phase, BT=BT, NBT=NBT, rt=rt,
+              has_b=has_rbh, bt=rt, rbh_sd=spec.H if spec.rbh_sd is None else spec.rbh_sd, rbh_off=spec.rbh_off,
+              has_lens=spec.has_lens, lt=TABLE[spec.lens_dtype].ctype,
+              has_p=has_p, pt=rt, has_y=spec.has_y, has_yh=spec.has_yh, has_yc=spec.has_yc and lstm, yt=rt,
+              gt=CT[spec.g_dtype], g_st=gs[0], g_sb=gs[1], g_sd=gs[2], y_st=ys[0], y_sb=ys[1], y_sd=ys[2], **common)
+    ks = ctx.render("rnn.cu.j2", ("coop_" if not stepwise else "") + kind.lower() + "_step", **tp)
+    args = [g, r] + ([rbh] if has_rbh else [])
+    args += [b for b, on in ((lens, spec.has_lens), (peep, has_p), (hs, True), (cs, lstm), (aux, two_phase)) if on]
+    args += [bar] + [b for b, on in ((y, spec.has_y), (yh, spec.has_yh), (yc, tp["has_yc"])) if on]
+    stages = S * (2 if two_phase else 1)
+    blocks = -(-(D * NBT * H) // WARPS)
+    if stepwise:
+        for u in range(stages):
+            ctx.launch(ks, min(blocks, 65535), BLOCK, args + [ctx.i32(u), ctx.i32(u + 1)])
+    else:
+        ctx.launch(ks, min(blocks, COOP_MAX_GRID), BLOCK, args + [ctx.i32(0), ctx.i32(stages)])
+    return {}
+
+
+def emit_recurrence(ctx: LowerCtx, spec: RecurrenceSpec, params: Optional[dict] = None, *, g, r, y=None, yh=None,
+                    yc=None, h0=None, c0=None, peep=None, rbh=None, lens=None) -> dict:
+    """Emits the sync-word reset and the ONE cooperative launch running every step (both
+    directions). Returns the params used. Buffers: see RecurrenceSpec / rnn_interface.md. A spec
+    the persistent kernel does not take (recurrence_fits), or the option rnn_stepwise, goes to
+    emit_recurrence_fallback (returns {})."""
+    fit = recurrence_fits(spec, ctx.target)
+    if not fit or _stepwise(ctx):
+        return emit_recurrence_fallback(ctx, spec, g=g, r=r, y=y, yh=yh, yc=yc, h0=h0, c0=c0, peep=peep, rbh=rbh,
+                                        lens=lens)
+    params = dict(params) if params else recurrence_default(spec, ctx.target)
+    _check_buffers(ctx, spec, h0, c0, peep, rbh, lens, y, yh, yc)
     tp = render_params(spec, params)
     lay = _layout(spec, params["nsb"], params["tr"], params["tb"], params["r_smem"])
     nwords = sync_words(spec, params)
@@ -363,7 +387,7 @@ def _spec_of(op, tensor, target_dtype_ok=True) -> Optional[RecurrenceSpec]:
     for t in (x, tensor(1), bias, h0, c0, peep):
         if t is not None and t.dtype.short != st:
             return None
-    if lens is not None and lens.dtype.short not in ("i32", "i64"):
+    if lens is not None and lens.dtype.kind not in ("int", "uint"):
         return None
     nres = len(op.results)
     y_strides = (nd * NB * H, H, NB * H) if layout == 0 else (nd * H, S * nd * H, H)

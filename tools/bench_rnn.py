@@ -1,0 +1,257 @@
+"""Issue 8's RNN benchmark (GPU machine): each model of tools/export_rnn_models.py at each batch,
+nnc fp32 and fp16 (each sync scheme of the persistent recurrence: flags / barrier) against torch
+eager (cuDNN) at the same precision, torch.compile with --torch-compile.
+
+- correctness: nnc vs onnxruntime (CPU, the fp32 export) on fresh random inputs: max |diff| over
+  max(1, max |ref|); fp32 <= 1e-3, fp16 <= 1e-2;
+- timing: tools/cuda_timing.time_cuda (CUDA events, warm-up, median) of each side, in `--reps`
+  alternating rounds (nnc builds, then torch, then again): the median of the rounds' medians;
+- the recurrence per step: plan.json's launches timed alone (Module.time_launches) for the
+  projection and the sync-word reset; the persistent kernel's own time is the whole run minus
+  those (re-running it alone would find its sync words already past: not a valid timing); divided
+  by seq x layers. Its bound: the bytes a step moves (each block reads h of its direction from L2,
+  G[t], writes h and y[t]) over L2 bandwidth (L2_TBPS) plus one synchronisation, the floor
+  measured by --floor (an RNN with hidden 64, batch 1: nothing but the per-step latency chain).
+
+    python tools/bench_rnn.py --models lstm2x512 --batches 1 --out $OUT [--floor] [--torch-compile]
+
+Rows go to OUT/bench_rnn.jsonl as they finish (a later call with other --models appends); a short
+table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_timing import time_cuda  # noqa: E402
+from export_rnn_models import MODELS, export  # noqa: E402
+
+L2_TBPS = 7.0  # H200 L2 read bandwidth, TB/s (nominal; the h broadcast is L2-resident)
+TOL = {"fp32": 1e-3, "fp16": 1e-2}
+ROWS: list = []
+
+
+def rel_max(got, ref) -> float:
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    if got.shape != ref.shape or not np.isfinite(got).all():
+        return float("inf")
+    return float(np.max(np.abs(got - ref)) / max(1.0, float(np.max(np.abs(ref)))))
+
+
+def build(onnx_path: Path, od: Path, prec: str, sync: str) -> Path:
+    """Compile with the persistent recurrence's sync scheme forced to `sync`."""
+    from nnc.codegen.kernels import rnn
+    from nnc.driver import compile_model
+    if not (od / "plan.json").exists():
+        old = rnn.DEFAULT_SYNC
+        rnn.DEFAULT_SYNC = sync
+        try:
+            compile_model(str(onnx_path), od, precision=prec)
+        finally:
+            rnn.DEFAULT_SYNC = old
+    return od
+
+
+def rec_launches(plan: dict) -> list:
+    return [i for i, l in enumerate(plan["launches"]) if (l.get("kernel") or "").startswith("nnc_coop_")]
+
+
+def rec_params(plan: dict) -> list:
+    ks = {k["name"]: k["params"] for k in plan["kernels"]}
+    return [ks[plan["launches"][i]["kernel"]] for i in rec_launches(plan)]
+
+
+def step_bound_us(spec_params: dict, sync_us: float) -> float:
+    """Bytes one step of one layer moves over L2 bandwidth, plus one synchronisation."""
+    p = spec_params
+    D, B, H, NG = p["D"], p["B"], p["H"], p["NG"]
+    esz = 4 if p["rt"] == "float" else 2
+    nblk = D * p["NSB"]
+    h_reads = nblk * B * H * 4
+    g = D * B * NG * H * 4
+    writes = D * B * H * (4 + esz)
+    return (h_reads + g + writes) / (L2_TBPS * 1e12) * 1e6 + sync_us
+
+
+def row(**r):
+    ROWS.append(r)
+    print(json.dumps(r), flush=True)
+    if ARGS.out:
+        with open(ARGS.out / "bench_rnn.jsonl", "a") as f:
+            f.write(json.dumps(r) + "\n")
+
+
+def floor_bench(work: Path) -> dict:
+    """Per-step time of a recurrence with nothing to compute (RNN hidden 64, batch 1, 2048 steps):
+    the synchronisation + latency chain of each sync scheme, in microseconds."""
+    import cupy as cp
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+    import nnc
+    S, H = 2048, 64
+    r = np.random.default_rng(0)
+    w = (r.standard_normal((1, H, H)) * 0.1).astype(np.float32)
+    g = h.make_graph([h.make_node("RNN", ["x", "W", "R"], ["y"], hidden_size=H)], "floor",
+                     [h.make_tensor_value_info("x", T.FLOAT, [S, 1, H])], [h.make_tensor_value_info("y", T.FLOAT, None)],
+                     [nh.from_array(w, "W"), nh.from_array(w.copy(), "R")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 10
+    p = work / "floor.onnx"
+    onnx.save(m, str(p))
+    out = {}
+    x = cp.asarray(r.standard_normal((S, 1, H)).astype(np.float32))
+    for sync in ("flags", "barrier"):
+        mod = nnc.load(build(p, work / f"floor_{sync}", "fp32", sync))
+        t = time_cuda(lambda: mod.run({"x": x}), warmup=3, iters=10)
+        out[sync] = t * 1e3 / S
+    row(part="floor", S=S, H=H, **{f"{k}_us_per_step": v for k, v in out.items()})
+    return out
+
+
+def bench_one(name: str, batch: int, work: Path, precs, syncs, floor: dict):
+    import cupy as cp
+    import onnxruntime as ort
+    import torch
+    import nnc
+    spec = MODELS[name]
+    path = export(spec, batch, work)
+    rng = np.random.default_rng()
+    x = rng.standard_normal(spec.input_shape(batch)).astype(np.float32)
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    tm32 = spec.torch_module().cuda()
+    for prec in precs:
+        r = {"part": "bench", "model": name, "batch": batch, "prec": prec}
+        mods = {}
+        for sync in syncs:
+            try:
+                t0 = time.time()
+                od = build(path, work / f"{name}_b{batch}_{prec}_{sync}", prec, sync)
+                m = nnc.load(od)
+                r[f"compile_s_{sync}"] = round(time.time() - t0, 1)
+                xin = x.astype(m.inputs[0].dtype)
+                got = m.run({"x": xin}, output="numpy", poison=True)["y"]
+                r[f"err_{sync}"] = rel_max(got, ref)
+                r[f"ok_{sync}"] = r[f"err_{sync}"] <= TOL[prec]
+                mods[sync] = (m, cp.asarray(xin), xin)
+            except Exception as e:
+                r[f"error_{sync}"] = f"{type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc()
+        tm = tm32.half() if prec == "fp16" else tm32.float()
+        tx = torch.from_numpy(x).cuda()
+        tx = tx.half() if prec == "fp16" else tx
+        with torch.no_grad():
+            tref = tm(tx).float().cpu().numpy()
+        r["torch_err"] = rel_max(tref, ref)
+        cm = None
+        if ARGS.torch_compile:
+            try:
+                cm = torch.compile(tm)
+                with torch.no_grad():
+                    cm(tx)
+            except Exception as e:
+                r["torch_compile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                cm = None
+        rounds = {k: [] for k in list(mods) + ["torch"] + (["torch_compile"] if cm else [])}
+        with torch.no_grad():
+            for _ in range(ARGS.reps):  # alternate: the peer moves +-30 % between runs on this machine
+                for sync, (m, dx, _) in mods.items():
+                    rounds[sync].append(time_cuda(lambda m=m, dx=dx: m.run({"x": dx}), warmup=3, iters=ARGS.iters))
+                rounds["torch"].append(time_cuda(lambda: tm(tx), warmup=3, iters=ARGS.iters))
+                if cm:
+                    rounds["torch_compile"].append(time_cuda(lambda: cm(tx), warmup=3, iters=ARGS.iters))
+        for k, v in rounds.items():
+            if v:
+                r[f"{k}_ms"] = float(np.median(v))
+                r[f"{k}_rounds_ms"] = [round(t, 4) for t in v]
+        # the recurrence per step, derived (see the docstring), for the default sync
+        for sync, (m, _, xin) in mods.items():
+            try:
+                lt = m.time_launches({"x": xin}, reps=5, repeats=3)
+                recs = set(rec_launches(m.plan))
+                other = sum(t for i, t in enumerate(lt) if t is not None and i not in recs)
+                layers = max(1, len(recs))
+                rec_ms = r[f"{sync}_ms"] - other
+                r[f"other_launches_ms_{sync}"] = other
+                r[f"rec_step_us_{sync}"] = rec_ms * 1e3 / (spec.seq * layers)
+                ps = rec_params(m.plan)
+                if ps:
+                    r[f"step_bound_us_{sync}"] = step_bound_us(ps[-1], floor.get(sync, 1.0))
+                    r[f"rec_params_{sync}"] = {k: ps[-1][k] for k in ("NSB", "HS", "TR", "TB", "KS", "NTHR", "R_SMEM")}
+                r["launches"] = len(m.plan["launches"])
+            except Exception as e:
+                r[f"per_step_error_{sync}"] = f"{type(e).__name__}: {str(e)[:200]}"
+        row(**r)
+
+
+def table():
+    print("\n==== bench_rnn (ms; speedup = torch eager / nnc best sync) ====")
+    print(f"{'model':<12}{'b':>3} {'prec':<5}{'err':>9} {'ok':<3}{'flags':>8}{'barrier':>8}{'torch':>8}{'tcomp':>8}"
+          f"{'speedup':>8}{'us/step':>8}{'bound':>7}")
+    for r in ROWS:
+        if r["part"] == "floor":
+            print(f"floor (sync+latency, us/step): flags {r.get('flags_us_per_step', float('nan')):.2f}, "
+                  f"barrier {r.get('barrier_us_per_step', float('nan')):.2f}")
+            continue
+        ts = {s: r.get(f"{s}_ms") for s in ("flags", "barrier")}
+        best = min((v, s) for s, v in ts.items() if v is not None) if any(ts.values()) else (None, None)
+        errs = [r.get(f"err_{s}") for s in ("flags", "barrier") if r.get(f"err_{s}") is not None]
+        ok = all(r.get(f"ok_{s}", True) for s in ("flags", "barrier")) and bool(errs)
+        f = lambda v, w=8, p=3: f"{v:>{w}.{p}f}" if isinstance(v, (int, float)) and v is not None else f"{'-':>{w}}"
+        sp = r.get("torch_ms") / best[0] if best[0] and r.get("torch_ms") else None
+        print(f"{r['model']:<12}{r['batch']:>3} {r['prec']:<5}{max(errs) if errs else float('nan'):>9.1e} "
+              f"{'y' if ok else 'N':<3}{f(ts['flags'])}{f(ts['barrier'])}{f(r.get('torch_ms'))}"
+              f"{f(r.get('torch_compile_ms'))}{f(sp, 8, 2)}{f(r.get(f'rec_step_us_{best[1]}'), 8, 2)}"
+              f"{f(r.get(f'step_bound_us_{best[1]}'), 7, 2)}")
+
+
+def main(argv=None) -> int:
+    global ARGS
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--batches", default="", help="only these batches (comma-separated); default: each model's")
+    ap.add_argument("--precisions", default="fp32,fp16")
+    ap.add_argument("--syncs", default="flags,barrier")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--floor", action="store_true", help="measure the per-step sync floor first")
+    ap.add_argument("--torch-compile", action="store_true")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/rnn_bench"))
+    ap.add_argument("--out", type=Path, default=None)
+    ARGS = ap.parse_args(argv)
+    ARGS.work.mkdir(parents=True, exist_ok=True)
+    if ARGS.out:
+        ARGS.out.mkdir(parents=True, exist_ok=True)
+    batches = {int(b) for b in ARGS.batches.split(",") if b}
+    floor = {}
+    if ARGS.floor:
+        try:
+            floor = floor_bench(ARGS.work)
+        except Exception:
+            traceback.print_exc()
+    for name in ARGS.models.split(","):
+        if name not in MODELS:
+            ap.error(f"unknown model {name!r} (known: {', '.join(MODELS)})")
+        for b in MODELS[name].batches:
+            if batches and b not in batches:
+                continue
+            try:
+                bench_one(name, b, ARGS.work, ARGS.precisions.split(","), ARGS.syncs.split(","), floor)
+            except Exception as e:
+                row(part="bench", model=name, batch=b, prec="-", error=f"{type(e).__name__}: {str(e)[:300]}")
+                traceback.print_exc()
+    table()
+    return 0
+
+
+ARGS = None
+if __name__ == "__main__":
+    raise SystemExit(main())
