@@ -45,6 +45,7 @@ import hashlib
 import json
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -225,6 +226,10 @@ def _describe(cap: Capture, L, op, snap: _Snapshot, tag: str):
 
 
 # ---------------------------------------------------------------- runners
+
+class WrongCandidateWarning(UserWarning):
+    """A candidate kernel whose output differs from the baseline's (rejected; plan.json says which)."""
+
 
 class Unrecoverable(NncError):
     """The device cannot go on (a sticky CUDA error): tuning stops."""
@@ -679,7 +684,10 @@ def tune_problems(problems: Sequence[TuneProblem], runner: Runner, deadline: Opt
                         why = f"failed: {e}"
                 if why:
                     if why.startswith("wrong output") or why.startswith("device failed") or why.startswith("failed"):
-                        log(f"  tune: {p.layer}: {c.label} rejected: {why}")
+                        msg = f"tune: {p.layer}: {c.label} rejected: {why}"
+                        log(f"  {msg}")
+                        if why.startswith("wrong output"):  # a kernel bug the gate caught: always shown
+                            warnings.warn(msg, WrongCandidateWarning, stacklevel=2)
                     rejected.append({"variant": c.variant, "params": c.params, "why": why})
                 task.advance()
                 if stopped:

@@ -72,6 +72,16 @@ def main() -> int:
             pjh, th = _compile(model, work / f"heur_b{b}", b, a.precision, False, None, cubins)
             r["no_tune_s"] = round(th, 2)
             r["launches_tuned"], r["launches_heuristic"] = len(pj["launches"]), len(pjh["launches"])
+            seen = set()
+            r["wrong_candidates"] = []  # what the correctness gate rejected (kernel bugs to look at)
+            for l in pj["launches"]:
+                for x in (l.get("tuning") or {}).get("rejected", ()):
+                    k = json.dumps([l["op"][:160], x], sort_keys=True)
+                    if x["why"].startswith("wrong") and k not in seen:
+                        seen.add(k)
+                        r["wrong_candidates"].append({"op": l["op"][:160], **x})
+                        print(f"wrong: {x['variant']} {json.dumps(x['params'], sort_keys=True)} on {l['op'][:120]}: "
+                              f"{x['why'][:200]}", file=sys.stderr)
             rows.append([b, r["fresh_s"], r["warm_s"], r["no_tune_s"], pj["tuning"]["tuned"],
                          pj["tuning"]["changed_from_heuristic"], pj["tuning"]["wrong_candidates"], "-", "-"])
             (out / "tuning_measure.json").write_text(json.dumps(results, indent=1, default=str))

@@ -148,7 +148,7 @@ def test_picks_the_fastest_correct_candidate():
     assert plan.tuning["changed_from_heuristic"] == 1
 
 
-def test_a_wrong_candidate_is_rejected_never_picked(caplog):
+def test_a_wrong_candidate_is_rejected_never_picked():
     mod = _module(_matmul(256, 512, 512), "fp16")
     survey = tuning.SurveySelector(None)
     Lowerer(mod, _opts(), survey).run()
@@ -156,7 +156,8 @@ def test_a_wrong_candidate_is_rejected_never_picked(caplog):
     bad = p.others[0]
     fastest_bad = lambda c, q: 1e-6 if (c.name, _params_key(q)) == (bad.variant, _params_key(bad.params)) else 1e-3
     is_bad = lambda cap: (cap.variant, _params_key(cap.params)) == (bad.variant, _params_key(bad.params))
-    plan = tuning.lower_tuned(mod, _opts(), tuning.StandInRunner(fastest_bad, wrong=is_bad))
+    with pytest.warns(tuning.WrongCandidateWarning, match="rejected: wrong output"):
+        plan = tuning.lower_tuned(mod, _opts(), tuning.StandInRunner(fastest_bad, wrong=is_bad))
     assert (bad.variant, _params_key(bad.params)) not in _selected(plan)
     rec = next(l.tuning for l in plan.launches if getattr(l, "tuning", None))
     (rej,) = [r for r in rec["rejected"] if r["why"].startswith("wrong output")]

@@ -12,7 +12,7 @@ import pytest
 
 import nnc
 from nnc.api import CompileOptions, normalize_shapes
-from nnc.codegen import variants
+from nnc.codegen import tuning, variants
 from nnc.codegen.kernels import gemm_lowering
 from nnc.codegen.lower import _ensure_loaded
 from nnc.driver import compile_model
@@ -90,7 +90,8 @@ def test_a_broken_variant_is_rejected_on_the_gpu(tmp_path, monkeypatch):
     w = rng.standard_normal((512, 512)).astype(np.float32)
     m = mk([N("MatMul", ["x", "w"], ["y"])], [("x", F, [256, 512])], [("y", F)], [("w", w)])
     # fp32 + tf32: a plain MatMul (no casts, no epilogue group) whose candidates are all MatMul variants
-    pj, _ = _compile(m.SerializeToString(), tmp_path / "o", precision="fp32", tf32=True, tune=True)
+    with pytest.warns(tuning.WrongCandidateWarning, match="test.broken_gemm"):
+        pj, _ = _compile(m, tmp_path / "o", precision="fp32", tf32=True, tune=True)
     assert pj["tuning"]["wrong_candidates"] >= 1, pj["tuning"]
     recs = [l["tuning"] for l in pj["launches"] if "tuning" in l]
     rej = [r for rec in recs for r in rec.get("rejected", ()) if r["variant"] == "test.broken_gemm"]
