@@ -125,8 +125,9 @@ def cell_body(cell: Cell, batch, hidden: int, storage, names: NameGen, weights=N
     rbh = arg("rbh", storage, (H,)) if cell.has_rbh else None
     p = arg("p", storage, (3 * H,)) if cell.has_peep else None
 
-    def op(name, operands, attrs=None, n=1):
-        out = b.create(name, operands, attrs, num_results=n)
+    def op(name, operands, attrs=None, n=1, hint=None):  # hint: the value name(s) dumps show
+        hints = None if hint is None else ([hint] if isinstance(hint, str) else list(hint))
+        out = b.create(name, operands, attrs, num_results=n, names=hints)
         return out if n > 1 else out[0]
 
     def up(v):  # storage -> state dtype (math in fp32 whatever the storage)
@@ -140,55 +141,56 @@ def cell_body(cell: Cell, batch, hidden: int, storage, names: NameGen, weights=N
     def clip(v):
         return op("Clip", [v, *lo_hi]) if lo_hi else v
 
-    def act(slot, v):
+    def act(slot, v, hint=None):
         key, al, be = cell.acts[slot]
         name, attrs = ACT_OPS[key]
-        return op(name, [v], attrs(al, be))
+        return op(name, [v], attrs(al, be), hint=hint)
 
-    def split(v, n, axis):
-        return op("Split", [v], {"axis": axis, "num_outputs": n}, n=n)
+    def split(v, n, axis, hint=None):
+        return op("Split", [v], {"axis": axis, "num_outputs": n}, n=n, hint=hint)
 
     g, r, rbh, p = up(g), up(r), up(rbh), up(p)
     if kind == "RNN":
-        hn = act(0, clip(op("Add", [g, op("Gemm", [h, r], {"transB": 1})])))
+        hn = act(0, clip(op("Add", [g, op("Gemm", [h, r], {"transB": 1}, hint="hr")])), hint="h_next")
         region.results = [hn]
         return region
     if kind == "GRU":
-        gz, gr, gh = split(g, 3, 1)
+        gz, gr, gh = split(g, 3, 1, hint=("gz", "gr", "gh"))
         if cell.linear_before_reset:
-            hz, hr, hh = split(op("Gemm", [h, r], {"transB": 1}), 3, 1)
+            hz, hr, hh = split(op("Gemm", [h, r], {"transB": 1}, hint="hr"), 3, 1, hint=("hz", "hrr", "hh"))
             if rbh is not None:
                 hh = op("Add", [hh, rbh])
         else:
             rzr, rh = op("Split", [r, b.constant(np.array([2 * H, H], np.int64))], {"axis": 0}, n=2)
-            hz, hr = split(op("Gemm", [h, rzr], {"transB": 1}), 2, 1)
-        z = act(0, clip(op("Add", [gz, hz])))
-        rr = act(0, clip(op("Add", [gr, hr])))
+            hz, hr = split(op("Gemm", [h, rzr], {"transB": 1}, hint="hzr"), 2, 1, hint=("hz", "hrr"))
+        z = act(0, clip(op("Add", [gz, hz])), hint="z")
+        rr = act(0, clip(op("Add", [gr, hr])), hint="rg")
         if cell.linear_before_reset:
             pre = op("Add", [gh, op("Mul", [rr, hh])])
         else:
             pre = op("Add", [gh, op("Gemm", [op("Mul", [rr, h]), rh], {"transB": 1})])
-        hh = act(1, clip(pre))
+        hh = act(1, clip(pre), hint="hbar")
         one = const(1.0)
-        hn = op("Add", [op("Mul", [op("Sub", [one, z]), hh]), op("Mul", [z, h])])
+        hn = op("Add", [op("Mul", [op("Sub", [one, z]), hh]), op("Mul", [z, h])], hint="h_next")
         region.results = [hn]
         return region
     # LSTM, gates i o f c
-    gi, go, gf, gc = split(op("Add", [g, op("Gemm", [h, r], {"transB": 1})]), 4, 1)
-    pi, po, pf = split(p, 3, 0) if p is not None else (None, None, None)
+    pre = op("Add", [g, op("Gemm", [h, r], {"transB": 1}, hint="hr")], hint="gates")
+    gi, go, gf, gc = split(pre, 4, 1, hint=("gi", "go", "gf", "gc"))
+    pi, po, pf = split(p, 3, 0, hint=("pi", "po", "pf")) if p is not None else (None, None, None)
 
     def peep(v, pv, cv):
         return op("Add", [v, op("Mul", [pv, cv])]) if pv is not None else v
 
-    i = act(0, clip(peep(gi, pi, c)))
+    i = act(0, clip(peep(gi, pi, c)), hint="i")
     if cell.input_forget:
-        f = op("Sub", [const(1.0), i])
+        f = op("Sub", [const(1.0), i], hint="f")
     else:
-        f = act(0, clip(peep(gf, pf, c)))
-    cc = act(1, clip(gc))
-    cn = op("Add", [op("Mul", [f, c]), op("Mul", [i, cc])])
-    o = act(0, clip(peep(go, po, cn)))
-    hn = op("Mul", [o, act(2, cn)])
+        f = act(0, clip(peep(gf, pf, c)), hint="f")
+    cc = act(1, clip(gc), hint="cbar")
+    cn = op("Add", [op("Mul", [f, c]), op("Mul", [i, cc])], hint="c_next")
+    o = act(0, clip(peep(go, po, cn)), hint="o")
+    hn = op("Mul", [o, act(2, cn)], hint="h_next")
     region.results = [hn, cn]
     return region
 

@@ -253,19 +253,19 @@ GOLDEN_OUT = """func @main(%x: f32[2,1,1]) -> (f32[2,1,1]) {
   %1 = const() {value = dense<[2, 1, 4]> : i64[3]} : i64[3]
   %Y.proj = Reshape(%Y.proj2d, %1) : f32[2,1,4]
   %y, %Yh = recurrence(%Y.proj, %R) {body = region(%g: f32[1,4], %h: f32[1,1], %c: f32[1,1], %r: f32[4,1]) {
-    %2 = Gemm(%h, %r) {transB = 1} : f32[1,4]
-    %3 = Add(%g, %2) : f32[1,4]
-    %4, %5, %6, %7 = Split(%3) {axis = 1, num_outputs = 4} : f32[1,1], f32[1,1], f32[1,1], f32[1,1]
-    %8 = Sigmoid(%4) : f32[1,1]
-    %9 = Sigmoid(%6) : f32[1,1]
-    %10 = Tanh(%7) : f32[1,1]
-    %11 = Mul(%9, %c) : f32[1,1]
-    %12 = Mul(%8, %10) : f32[1,1]
-    %13 = Add(%11, %12) : f32[1,1]
-    %14 = Sigmoid(%5) : f32[1,1]
-    %15 = Tanh(%13) : f32[1,1]
-    %16 = Mul(%14, %15) : f32[1,1]
-    return %16, %13
+    %hr = Gemm(%h, %r) {transB = 1} : f32[1,4]
+    %gates = Add(%g, %hr) : f32[1,4]
+    %gi, %go, %gf, %gc = Split(%gates) {axis = 1, num_outputs = 4} : f32[1,1], f32[1,1], f32[1,1], f32[1,1]
+    %i = Sigmoid(%gi) : f32[1,1]
+    %f = Sigmoid(%gf) : f32[1,1]
+    %cbar = Tanh(%gc) : f32[1,1]
+    %2 = Mul(%f, %c) : f32[1,1]
+    %3 = Mul(%i, %cbar) : f32[1,1]
+    %c_next = Add(%2, %3) : f32[1,1]
+    %o = Sigmoid(%go) : f32[1,1]
+    %4 = Tanh(%c_next) : f32[1,1]
+    %h_next = Mul(%o, %4) : f32[1,1]
+    return %h_next, %c_next
   }, kind = "LSTM", hidden_size = 1, y_layout = "sbdh"} : f32[2,1,1], f32[1,1,1]
   return %y
 }
