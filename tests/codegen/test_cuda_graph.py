@@ -233,3 +233,24 @@ def test_capi_graph_rebinds_and_keeps_readbacks(dirs, capi_app):
         assert n == want["nz"].shape[1], line
         np.testing.assert_array_equal(np.array(f[i + 1:], np.int64).reshape(2, n), want["nz"], err_msg=line)
     assert int(lines[0].split()[5]) != int(lines[1].split()[5])  # the two inputs differ in extent
+
+
+@pytest.mark.gpu
+def test_a_refused_capture_runs_eagerly_and_says_why(dirs, monkeypatch):
+    import nnc
+    from nnc.runtime import Module
+    real = Module._execute
+
+    def refuse(self, ins, outs, st, launches=None, capture=False):
+        if capture:
+            raise RuntimeError("stand-in for a launch the capture does not take")
+        return real(self, ins, outs, st, launches)
+    monkeypatch.setattr(Module, "_execute", refuse)
+    d = dirs["nz"]
+    g = nnc.load(d)
+    assert not g.uses_cuda_graph and "capture failed" in g.graph_fallback and "stand-in" in g.graph_fallback
+    feed = _random_inputs(_plan(d), 5)
+    want = nnc.load(d, backend="reference").run(feed)
+    got = g.run(feed, output="numpy", poison=True)
+    for n in want:
+        _close(got[n], want[n], f"eager fallback {n}")
