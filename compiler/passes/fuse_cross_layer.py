@@ -16,7 +16,8 @@ Rewrites, in the top-level region of each function,
     %y = fused(%x, %wd, ..., %wp, ..., %res) {kind = "dw_pw", params = "tile=.. kn=.. cc=.. warps=..",
                                               body = {the ops of both, in order}}
 
-The body is the two groups' ops, unchanged, so the interpreter computes exactly what it did
+Grouped only where it pays (`pays`: the output sizes and channel counts where the pair kernel was
+measured faster than the two kernels). The body is the two groups' ops, unchanged, so the interpreter computes exactly what it did
 before. `params` records the tile the heuristic picks for the default Target (sm_90 table:
 `default_tile`); the lowering's variant starts from it (the selector may choose another point of
 the declared space: `tile_space`), and the kernel header names the tile it was rendered with.
@@ -77,6 +78,23 @@ TILES = ((2, 8), (4, 4), (4, 8), (8, 4), (8, 8), (4, 16), (8, 16))  # (TH, TW) o
 WARPS = ((1, 2), (2, 1), (2, 2), (1, 4), (4, 1), (2, 4))  # (WARPS_M, WARPS_N)
 CHUNKS = (32, 64)  # dw channels a block holds in shared memory at once
 MAX_ACC = 64  # fp32 accumulators a thread may hold (MT * NT8 * 4)
+
+
+# Where grouping pays, from the H200 measurement of 2026-12-02 (tools/bench_dw_pw.py, fp16, one
+# MobileNetV2 block with and without this pass, CUDA-event medians): the pair kernel wins at 56x56
+# (c144 -> 24, stride 1: 1.02-1.04x at batch 1, 1.47x at 32; stride 2 to 28x28: 1.11x / 1.03x) and
+# loses at 14x14 (c576 -> 96: 0.95x / 0.89x) and 7x7 (c960 -> 160: 0.84x / 0.78x): there the block
+# loops over many channel chunks one after the other with few blocks in flight. 112x112 was not
+# measured alone and stays out until it is. Whole MobileNetV2 with every pair grouped: 0.53 vs
+# 0.31 ms at batch 1, 1.26 vs 1.22 ms at 32 (slower), hence this bound.
+PAYS_MIN_PIXELS = 28 * 28  # output pixels per image
+PAYS_MAX_PIXELS = 56 * 56
+PAYS_MAX_CHANNELS = 192  # depthwise channels
+
+
+def pays(s: "DwPwShape") -> bool:
+    """Whether grouping this pair was measured (or is bracketed by measurements) to be faster."""
+    return PAYS_MIN_PIXELS <= s.P * s.Q <= PAYS_MAX_PIXELS and s.C <= PAYS_MAX_CHANNELS
 
 
 def cdiv(a: int, b: int) -> int:
@@ -268,7 +286,7 @@ def _run_func(func, module: Module, smem_limit: int) -> bool:
             if p.conv.operands[0] is not arg:
                 continue
         s = pair_shape(d.conv, p.conv)
-        if s is None:
+        if s is None or not pays(s):
             continue
         pairs.append((d, p, s))
         taken.update((id(op), id(us[0])))

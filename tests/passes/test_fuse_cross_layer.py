@@ -6,7 +6,8 @@ group reading it become one `fused {kind = "dw_pw"}` op whose params record the 
 - the interpreter gives bit-identical outputs with and without the pass (the body is the same ops),
   on MobileNetV2-style inverted residual blocks built as ONNX (stride 1 and 2, with and without
   the residual add), at fp16 and bf16;
-- what must not group: fp32 (convs stay NCHW), a depthwise result read twice;
+- what must not group: fp32 (convs stay NCHW), a depthwise result read twice, shapes outside the
+  measured `pays` bound (the other tests lift the bound to exercise the mechanism on small shapes);
 - lowering (CPU): one `conv_dw_pw` kernel per pair ("dw_pw.tiled"), the tile in the kernel's
   params and header; channels that are not a multiple of 8 fall back to two kernels
   ("dw_pw.split"); the plan runs in its arena (codegen/plan_exec.py) exactly as the interpreter.
@@ -29,6 +30,14 @@ from nnc.pipeline import Pipeline
 
 N = helper.make_node
 F = TensorProto.FLOAT
+
+
+@pytest.fixture(autouse=True)
+def every_pair_pays(request, monkeypatch):
+    """The mechanism tests group every eligible pair (small shapes the measured `pays` bound leaves
+    out); test_pays_bound checks the bound itself."""
+    if request.node.name != "test_pays_bound":
+        monkeypatch.setattr(xl, "pays", lambda s: True)
 
 
 def inverted_residual(n=1, cin=8, hw=9, expand=2, k=None, stride=1, residual=None, seed=0, dw_users=1):
@@ -149,6 +158,14 @@ def test_interpreter_same_with_and_without(case, precision, rng):
         ra, rb = Interpreter(a).run(f), Interpreter(b).run(f)
         for k in rb:
             np.testing.assert_array_equal(ra[k], rb[k])
+
+
+def test_pays_bound():
+    """Measured (H200, fp16): 56x56 c144 and 56->28 c144 pairs win, 14x14 c576 and 7x7 c960 lose."""
+    assert len(dw_pw_ops(build(inverted_residual(hw=56, cin=24, expand=6), "fp16"))) == 1
+    assert len(dw_pw_ops(build(inverted_residual(hw=56, cin=24, expand=6, stride=2, k=32), "fp16"))) == 1
+    assert not dw_pw_ops(build(inverted_residual(hw=14, cin=96, expand=6), "fp16"))
+    assert not dw_pw_ops(build(inverted_residual(hw=7, cin=160, expand=6), "fp16"))
 
 
 def test_fp32_not_grouped():
