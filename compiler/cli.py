@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reference backend: the plain interpreter on ir/final.nnir (values in their own arrays)")
     p.add_argument("--save", help="write outputs to this .npz (keys: output names)")
     p.add_argument("--seed", type=int, default=0, help="seed for random inputs")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="cuda backend: launch every kernel from the host instead of replaying the captured CUDA graph")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help=f"exit 0 even when an output holds NaN or inf (by default each such output "
                         f"gets a warning line on stderr naming it with its NaN/inf counts, and the exit "
@@ -347,6 +349,8 @@ def cmd_run(args) -> int:
     how = args.backend
     if args.arena is not None and args.backend != "reference":
         raise NncError("--in-arena / --no-arena choose how the reference backend runs; not with --backend cuda")
+    if args.no_cuda_graph and args.backend != "cuda":
+        raise NncError("--no-cuda-graph chooses how the cuda backend launches; not with --backend reference")
     if args.backend == "reference" and (args.arena or (args.arena is None and "steps" in plan)):
         from .codegen.plan_exec import PlanExecutor  # the plan run on the CPU (codegen/plan_exec.py)
         res = PlanExecutor.from_dir(out).run(feed)
@@ -360,7 +364,7 @@ def cmd_run(args) -> int:
         res = Interpreter(m).run(feed)
     else:
         from .runtime import load
-        res = load(out).run(feed, output="numpy")
+        res = load(out, cuda_graph=not args.no_cuda_graph).run(feed, output="numpy")
     dt = time.perf_counter() - t0
     from .codegen.escape import terminal_text  # output names come from the model file
     nonfinite = []

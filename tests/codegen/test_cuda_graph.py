@@ -254,3 +254,9 @@ def test_a_refused_capture_runs_eagerly_and_says_why(dirs, monkeypatch):
     got = g.run(feed, output="numpy", poison=True)
     for n in want:
         _close(got[n], want[n], f"eager fallback {n}")
+
+
+def test_run_no_cuda_graph_flag_is_for_the_cuda_backend(dirs, capsys):
+    from nnc.cli import main
+    assert main(["run", str(dirs["tiny_cnn"]), "--no-cuda-graph"]) == 1
+    assert "--no-cuda-graph chooses how the cuda backend launches" in capsys.readouterr().err
