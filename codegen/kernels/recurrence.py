@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...ir.ops.recurrence import cell_of, num_dirs
+from ...ir.ops.recurrence import cell_of, g_batch_major, num_dirs
 from ...ir.ops.rnn import _KIND
 from ..lower import LowerCtx
 from ..variants import Variant, no, register
@@ -42,13 +42,13 @@ def _cells(op):
 def _dims(op, shape_of):
     a = op.attrs
     gs = shape_of(0)
-    S, B = (gs[1], gs[0]) if a.layout == 1 else (gs[0], gs[1])
+    S, B = (gs[1], gs[0]) if g_batch_major(a) else (gs[0], gs[1])
     return int(S), int(B), num_dirs(a.direction), int(a.hidden_size)
 
 
 def _strides(a, S, B, D, H, GH):
     """(g_strides, y_strides, state_strides) in elements (None: rnn's defaults, i.e. layout 0)."""
-    g = (D * GH, S * D * GH, GH) if a.layout == 1 else None
+    g = (D * GH, S * D * GH, GH) if g_batch_major(a) else None
     if a.y_layout == "sbdh":
         y = (B * D * H, D * H, H)
     elif a.y_layout == "bsdh" or a.layout == 1:

@@ -13,10 +13,13 @@ Rewrites each LSTM, GRU and RNN of the main function (X [S,B,I] or, layout 1, [B
   direction, layout and sequence_lens semantics. Y, Y_h, Y_c are the same values as before.
 And folds what surrounds it:
 - the view/transpose chain exporters put after Y (torch: Y [S,D,B,H] -> Transpose(0,2,1,3) ->
-  Reshape [S,B,D*H]; unidirectional: Squeeze(1)) becomes the recurrence's y_layout ("sbdh" or
-  "bsdh"): the recurrence writes Y in that layout directly and the chain goes. Only a chain that
-  is Y's single use, transposes before views, whose end holds Y's elements in (S,B,D,H) or
-  (B,S,D,H) order (unit axes ignored) with shape [S,B,D*H] / [B,S,D*H];
+  Reshape [S,B,D*H], batch_first then -> Transpose(1,0,2); unidirectional: Squeeze(1)) becomes the
+  recurrence's y_layout ("sbdh" or "bsdh"): the recurrence writes Y in that layout directly and
+  the chain goes. Only a chain of single uses of Transposes and views (no view that splits an
+  axis) up to a value holding Y as [S,B,D*H] / [B,S,D*H];
+- a batch_first input Transpose(x, [1,0,2]) before X: the projection reads x, and the
+  recurrence reads G in the other row order (g_layout "bs" / "sb"); the Transpose goes when
+  nothing else reads it;
 - initial_h / initial_c that are zeros (a zero constant, a ConstantOfShape of 0 - what the
   batch-size Shape chains fold to -, or a Cast/Expand/view of one) are dropped (zero-initialised),
   as are all-zero constant peepholes and constant sequence_lens that cover every step;
@@ -64,36 +67,72 @@ def _is_zero(v, weights, depth=0) -> bool:
     return False
 
 
+def _regroup(groups, shape, size):
+    """The axis groups of a view of a value whose dims hold `groups` (tuples of Y's logical axes),
+    reshaped to `shape`: adjacent axes merge, unit axes come and go; None when the view would
+    split an axis."""
+    seq = [a for g in groups for a in g if size[a] != 1]
+    out, k = [], 0
+    for n in shape:
+        if n == 1:
+            out.append(())
+            continue
+        g, prod = [], 1
+        while k < len(seq) and not (g and prod == n):
+            a = seq[k]
+            g.append(a)
+            k += 1
+            s = size[a]
+            if not (isinstance(s, int) and isinstance(prod, int) and isinstance(n, int)):
+                if len(g) == 1 and s == n:  # a symbolic extent maps only onto itself
+                    prod = n
+                    continue
+                return None
+            prod *= s
+            if prod > n:
+                return None
+        if not g or prod != n:
+            return None
+        out.append(tuple(g))
+    return out if k == len(seq) else None
+
+
 def _y_chain(y, uses, results, S, B, nd, H, layout):
-    """(chain ops, y_layout, end value) of the longest foldable glue chain after Y, or None."""
-    order = ["S", "D", "B", "H"] if layout == 0 else ["B", "S", "D", "H"]
+    """(chain ops, y_layout, end value) of the longest foldable glue chain after Y, or None.
+    Each dim of a value in the chain holds a group of Y's logical axes S, D, B, H (in order);
+    Transposes permute the groups, views regroup them (_regroup). The chain folds up to a value
+    whose groups are (S)(B)(D H) or (B)(S)(D H), unit axes aside: Y written as [S,B,D*H] / [B,S,D*H]."""
     size = {"S": S, "D": nd, "B": B, "H": H}
-    targets = {"sbdh": (["S", "B", "D", "H"], (S, B, nd * H)), "bsdh": (["B", "S", "D", "H"], (B, S, nd * H))}
+    groups = [("S",), ("D",), ("B",), ("H",)] if layout == 0 else [("B",), ("S",), ("D",), ("H",)]
+    targets = {"sbdh": ([("S",), ("B",), ("D", "H")], (S, B, nd * H)),
+               "bsdh": ([("B",), ("S",), ("D", "H")], (B, S, nd * H))}
 
-    def nonunit(axes):
-        return [x for x in axes if size[x] != 1]
+    def norm(gs):  # unit axes and the dims left empty by them do not change the bytes
+        return [t for t in (tuple(a for a in g if size[a] != 1) for g in gs) if t]
 
-    chain, v, best, views_seen = [], y, None, False
+    chain, v, best = [], y, None
     while True:
         us = uses.get(id(v), [])
         if any(r is v for r in results) or len(us) != 1 or len(us[0].results) != 1:
             break
         u = us[0]
-        if u.operands[0] is not v:
+        if u.operands[0] is not v or u.results[0].type.shape is None:
             break
-        if u.name == "Transpose" and not views_seen:
-            perm = u.attrs.perm if u.attrs.perm is not None else tuple(reversed(range(len(order))))
-            if len(perm) != len(order):
+        if u.name == "Transpose":
+            perm = u.attrs.perm if u.attrs.perm is not None else tuple(reversed(range(len(groups))))
+            if sorted(perm) != list(range(len(groups))):
                 break
-            order = [order[p] for p in perm]
+            groups = [groups[p] for p in perm]
         elif u.name in _VIEWS:
-            views_seen = True
+            groups = _regroup(groups, u.results[0].type.shape, size)
+            if groups is None:
+                break
         else:
             break
         chain.append(u)
         v = u.results[0]
-        for name, (t_order, t_shape) in targets.items():
-            if v.type.shape == tuple(t_shape) and nonunit(order) == nonunit(t_order):
+        for name, (t_groups, t_shape) in targets.items():
+            if v.type.shape == tuple(t_shape) and norm(groups) == norm(t_groups):
                 best = (list(chain), name, v)
                 break
     return best
@@ -163,6 +202,13 @@ class _Rewriter:
             chain = _y_chain(op.results[0], self.uses, self.f.results, S, B, nd, H, a.layout)
             if chain is not None:
                 self.skip |= {id(u) for u in chain[0]}
+        # a batch_first model's input Transpose(x, [1, 0, 2]): project x itself, G then has the
+        # other row order (g_layout)
+        g_bm = a.layout == 1
+        xp = X.producer
+        if xp is not None and xp.name == "Transpose" and tuple(xp.attrs.perm or (2, 1, 0)) == (1, 0, 2):
+            X, g_bm = xp.operands[0], not g_bm
+        g_layout = "" if g_bm == (a.layout == 1) else ("bs" if g_bm else "sb")
         gather = None
         xp = X.producer
         if xp is not None and xp.name == "Gather" and len(X.type.shape) == 3:
@@ -170,7 +216,7 @@ class _Rewriter:
             if table is not None and table.ndim == 2 and int(xp.attrs.axis) in (0, -2) \
                     and table.shape[0] * nd * GH * X.type.dtype.np.itemsize <= GATHER_TABLE_MAX_BYTES:
                 gather = (table, xp.operands[1])
-        return dict(kind=kind, a=a, X=X, R=R, lens=lens, h0=h0, c0=c0, P=P, nd=nd, H=H, S=S, B=B,
+        return dict(kind=kind, a=a, X=X, g_layout=g_layout, R=R, lens=lens, h0=h0, c0=c0, P=P, nd=nd, H=H, S=S, B=B,
                     wcat=wcat, bcat=bcat, rbh=rbh, cells=cells, chain=chain, gather=gather)
 
     def emit(self, op: Op, p: dict, b: Builder):
@@ -210,7 +256,8 @@ class _Rewriter:
             back = cell_body(cells[1], p["B"], p["H"], dt, self.names, self.m.weights)
         chain = p["chain"]
         attrs = {"body": body, "kind": p["kind"], "direction": p["a"].direction, "hidden_size": p["H"],
-                 "layout": int(p["a"].layout), "y_layout": chain[1] if chain else "", "body_backward": back}
+                 "layout": int(p["a"].layout), "y_layout": chain[1] if chain else "", "g_layout": p["g_layout"],
+                 "body_backward": back}
         operands = [G, p["R"], rbh, p["P"], p["h0"], p["c0"], p["lens"]]
         new = b.create("recurrence", operands, attrs, num_results=len(op.results), loc=loc)
         rec = new[0].producer

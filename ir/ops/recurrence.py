@@ -6,7 +6,8 @@
 
 Operands (fixed positions, `none` where absent):
   0 G              the input projection of every step and direction, biases folded in:
-                   [S, B, D*gates*H] (layout 0) or [B, S, D*gates*H] (layout 1); the columns of
+                   [S, B, D*gates*H] (layout 0) or [B, S, D*gates*H] (layout 1), or as g_layout
+                   says ("sb" / "bs": a batch_first model's input, no transpose); the columns of
                    direction d are [d*gates*H, (d+1)*gates*H), gates in ONNX order (LSTM i o f c,
                    GRU z r h, RNN one). Storage dtype f32/f16/bf16/f64.
   1 R              recurrent weights, ONNX layout [D, gates*H, H].
@@ -74,6 +75,7 @@ class RecurrenceAttrs:
     direction: str = "forward"
     layout: int = 0
     y_layout: str = ""
+    g_layout: str = ""  # "": G's rows as `layout` says; "sb" / "bs": [S, B, ...] / [B, S, ...] regardless
     body_backward: Optional[Region] = None
 
 
@@ -95,6 +97,11 @@ def num_dirs(direction: str) -> int:
     if direction not in ("forward", "reverse", "bidirectional"):
         raise NncError(f"direction must be forward, reverse or bidirectional, got {direction!r}")
     return 2 if direction == "bidirectional" else 1
+
+
+def g_batch_major(a) -> bool:
+    """Whether G is [B, S, ...] (else [S, B, ...])."""
+    return a.g_layout == "bs" or (a.g_layout == "" and a.layout == 1)
 
 
 def state_dtype(storage):
@@ -309,7 +316,9 @@ def _infer(ctx):
     gs = ctx.shape(0)
     if len(gs) != 3:
         ctx.fail(f"G must have rank 3, got {ctx.type(0)}")
-    S, B = (gs[1], gs[0]) if a.layout == 1 else (gs[0], gs[1])
+    if a.g_layout not in ("", "sb", "bs"):
+        ctx.fail(f"g_layout must be \"\", \"sb\" or \"bs\", got {a.g_layout!r}")
+    S, B = (gs[1], gs[0]) if g_batch_major(a) else (gs[0], gs[1])
     if isinstance(gs[2], int) and gs[2] != nd * GH:
         ctx.fail(f"G has {gs[2]} columns, expected directions*gates*hidden = {nd}*{gates}*{H} = {nd * GH}")
     storage = ctx.dtype(0)
@@ -362,8 +371,9 @@ def _ref(a: RecurrenceAttrs, G, R, rbh=None, P=None, h0=None, c0=None, lens=None
     lstm = a.kind == "LSTM"
     storage = G.dtype
     st = np.float64 if storage == np.float64 else np.float32
-    if a.layout == 1:  # work in [S, B, ...]
+    if g_batch_major(a):  # work in [S, B, ...]
         G = G.transpose(1, 0, 2)
+    if a.layout == 1:
         h0 = None if h0 is None else h0.transpose(1, 0, 2)
         c0 = None if c0 is None else c0.transpose(1, 0, 2)
     S, B = G.shape[0], G.shape[1]

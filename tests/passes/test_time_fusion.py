@@ -131,11 +131,13 @@ def test_runtime_weights_are_left_alone(rng):
 
 # ---------------------------------------------------------------- what surrounds the RNN
 
-def torch_stacked_lstm(S=6, B=3, I=5, H=4, batch_dim=None, seed=0, gather_vocab=0):
+def torch_stacked_lstm(S=6, B=3, I=5, H=4, batch_dim=None, seed=0, gather_vocab=0, batch_first=False):
     """torch.onnx-style nn.LSTM(I, H, num_layers=2) with layer 0 bidirectional: the initial states
     from Shape(x) -> Gather(1) -> Concat -> ConstantOfShape(0), Y [S,2,B,H] -> Transpose(0,2,1,3) ->
     Reshape [S,B,2H] into layer 1, whose Y [S,1,B,H] -> Squeeze(1). batch_dim: a symbol for B.
-    gather_vocab: x comes from an embedding Gather(table [V, I], ids [S, B])."""
+    gather_vocab: x comes from an embedding Gather(table [V, I], ids [S, B]). batch_first: the model
+    takes [B, S, I] and returns [B, S, H] through Transpose(1, 0, 2) on both sides, as torch exports
+    nn.LSTM(batch_first=True)."""
     r = np.random.default_rng(seed)
     w = lambda *s: (r.standard_normal(s) * 0.4).astype(np.float32)  # noqa: E731
     b = batch_dim or B
@@ -150,6 +152,9 @@ def torch_stacked_lstm(S=6, B=3, I=5, H=4, batch_dim=None, seed=0, gather_vocab=
         inits.append(nh.from_array(w(gather_vocab, I), "table"))
         nodes.append(oh.make_node("Gather", ["table", "ids"], ["x"], axis=0))
         ins = [oh.make_tensor_value_info("ids", T.INT64, [S, b])]
+    elif batch_first:
+        ins = [oh.make_tensor_value_info("xb", T.FLOAT, [b, S, I])]
+        nodes.append(oh.make_node("Transpose", ["xb"], ["x"], perm=[1, 0, 2]))
     else:
         ins = [oh.make_tensor_value_info("x", T.FLOAT, [S, b, I])]
     zero = oh.make_tensor("zero", T.FLOAT, [1], [0.0])
@@ -166,8 +171,10 @@ def torch_stacked_lstm(S=6, B=3, I=5, H=4, batch_dim=None, seed=0, gather_vocab=
         oh.make_node("Concat", ["one", "nb", "hid"], ["s1"], axis=0),
         oh.make_node("ConstantOfShape", ["s1"], ["h1"], value=zero),
         oh.make_node("LSTM", ["x1", "W1", "R1", "B1", "", "h1", "h1"], ["Y1", "Yh1", "Yc1"], hidden_size=H),
-        oh.make_node("Squeeze", ["Y1", "ax1"], ["out"]),
+        oh.make_node("Squeeze", ["Y1", "ax1"], ["out_sb" if batch_first else "out"]),
     ]
+    if batch_first:
+        nodes.append(oh.make_node("Transpose", ["out_sb"], ["out"], perm=[1, 0, 2]))
     outs = [oh.make_tensor_value_info("out", T.FLOAT, None), oh.make_tensor_value_info("Yh0", T.FLOAT, None)]
     g = oh.make_graph(nodes, "stacked", ins, outs, inits)
     return oh.make_model(g, opset_imports=[oh.make_opsetid("", 14)])
@@ -192,6 +199,32 @@ def test_torch_stacked_lstm_glue_and_zero_states(batch, rng):
     assert recs[0].results[0] is recs[1].operands[0].producer.operands[0].producer.operands[0] \
         or any(recs[0].results[0] in op.operands for op in mod.main.ops if op.name in ("MatMul", "Reshape"))
     _close(want, Interpreter(mod).run(feed), 1e-5)
+
+
+def test_torch_batch_first_transposes_fold(rng):
+    m = torch_stacked_lstm(batch_first=True)
+    ref = import_model(m)
+    feed = _feed(ref, rng)
+    want = Interpreter(ref).run(feed)
+    mod = import_model(m)
+    Pipeline(pipeline_passes("fp32"), verify_each=True).run(mod)
+    recs = [op for op in mod.main.ops if op.name == "recurrence"]
+    assert [(r.attrs.g_layout, r.attrs.y_layout) for r in recs] == [("bs", "sbdh"), ("", "bsdh")]
+    assert "Transpose" not in _ops(mod)
+    _close(want, Interpreter(mod).run(feed), 1e-5)
+
+
+def test_glue_that_splits_an_axis_stays(rng):
+    """Y [S,1,B,H] -> Reshape [S,B,H/2,2] splits H: not a layout of Y, the chain is kept."""
+    m, _ = rnn_model("LSTM", H=6)
+    g = m.graph
+    g.initializer.append(nh.from_array(np.array([5, 3, 3, 2], np.int64), "split_shape"))
+    g.node.append(oh.make_node("Reshape", ["Y", "split_shape"], ["Ys"]))
+    del g.output[:]
+    g.output.append(oh.make_tensor_value_info("Ys", T.FLOAT, None))
+    mod = _check(import_model(m), rng)
+    rec = next(op for op in mod.main.ops if op.name == "recurrence")
+    assert rec.attrs.y_layout == "" and "Reshape" in _ops(mod)
 
 
 def test_embedding_gather_becomes_a_gather_of_the_projected_table(rng):
@@ -293,6 +326,7 @@ COMPILE_CASES = {
                                            lens=[2, 5, 4], H=16)[0],
     "rnn_h70": lambda: rnn_model("RNN", Bn=11, H=70, h0=True)[0],
     "embedding_lstm": lambda: torch_stacked_lstm(S=8, B=4, I=16, H=32, gather_vocab=50),
+    "batch_first_lstm": lambda: torch_stacked_lstm(S=8, B=4, I=16, H=32, batch_first=True),
 }
 
 
