@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
+import numpy as np
+
 from ...ir.ops.rnn import _KIND, _num_dirs, activation_slots
 from ..lower import LowerCtx, lowering
 from ..dtypes import TABLE
@@ -243,7 +245,7 @@ def recurrence_space(spec: RecurrenceSpec, target: Target) -> list[dict]:
 
 def recurrence_default(spec: RecurrenceSpec, target: Target, space: Optional[list] = None) -> dict:
     """The heuristic: the first of the space (most blocks, R on chip, best-modelled tiling) with
-    the flag sync (DEFAULT_SYNC: the measured-faster scheme, tools/bench_rnn.py)."""
+    DEFAULT_SYNC (the measured-faster scheme, tools/bench_rnn.py)."""
     space = recurrence_space(spec, target) if space is None else space
     for p in space:
         if p["sync"] == DEFAULT_SYNC:
@@ -251,7 +253,9 @@ def recurrence_default(spec: RecurrenceSpec, target: Target, space: Optional[lis
     return dict(space[0])
 
 
-DEFAULT_SYNC = "flags"
+# measured (tools/bench_rnn.py, H200, 2026-12-02): LSTM 2x512 b1 fp32 0.68 ms barrier vs 0.89 ms flags,
+# fp16 0.55 vs 0.64 (acquire polls then); the floor (RNN H=64 b1) 1.46 vs 1.33 us a step
+DEFAULT_SYNC = "barrier"
 
 
 def sync_words(spec: RecurrenceSpec, params: dict) -> int:
@@ -426,19 +430,67 @@ def _default(p, space) -> dict:
     return recurrence_default(p.memo["rnn_spec"], p.target, space)
 
 
+# The projection of all steps on the GEMM family (tensor cores at fp16/bf16, the 8x8 FFMA kernel
+# at fp32) once it is this big (flops); below, the family's own 64x64 proj kernel.
+GEMM_PROJ_MIN_FLOPS = 1 << 26
+
+
+def _gemm_projection(ctx: LowerCtx, spec: RecurrenceSpec):
+    """G = X.W^T + (Wb + Rb, folded at compile time) as one GEMM [S*B, I] x [I, D*GH] into fp32, the
+    rows in X's order. Returns (G, g_strides), or None (nothing emitted) when it does not apply."""
+    from . import gemm
+    from .gemm_lowering import DTYPES, emit_spec
+    a = ctx.attrs
+    x, w, bias = ctx.inp(0), ctx.inp(1), ctx.inp(3)
+    S, NB, D, H, GH, I = spec.S, spec.B, spec.D, spec.H, spec.GH, x.shape[2]
+    if 2.0 * S * NB * D * GH * I < GEMM_PROJ_MIN_FLOPS or spec.storage not in DTYPES:
+        return None
+    bv = ctx.value(3) if bias is not None else None
+    if bias is not None and bv is None:
+        return None  # a runtime bias cannot be folded: the proj kernel adds it
+    pr = gemm.GemmProblem(M=S * NB, N=D * GH, K=I, dtype=DTYPES[spec.storage], out_dtype="float32", trans_b=True,
+                          has_bias=bias is not None, bias_dtype="float32", tf32=ctx.options.tf32)
+    try:
+        ks = gemm.render(pr, gemm.default_params(pr, ctx.target))
+    except Exception:  # a tile the family cannot render for this problem: the proj kernel does it
+        return None
+    bufs = {"A": x, "B": w}
+    if bias is not None:
+        b = np.asarray(bv, np.float32).reshape(D, 2, GH)
+        fold = b[:, 0].copy()
+        if spec.kind == "GRU" and spec.linear_before_reset:
+            fold[:, :2 * H] += b[:, 1, :2 * H]  # the hidden gate's Rb stays inside r * (.)
+        else:
+            fold += b[:, 1]
+        bufs["bias"] = ctx.new_weight(fold.reshape(D * GH), "proj_bias")
+    g = ctx.temp("f32", (S * NB, D * GH), "rnn_proj")
+    bufs["D"] = g
+    emit_spec(ctx, ks, bufs)
+    strides = (NB * D * GH, D * GH, GH) if int(a.layout) == 0 else (D * GH, S * D * GH, GH)
+    return g, strides
+
+
 def _render(ctx: LowerCtx, p, params: dict):
     spec = _spec_of(ctx.op, ctx.inp)
     a = ctx.attrs
     kind = ctx.op.name
     x, w, bias = ctx.inp(0), ctx.inp(1), ctx.inp(3)
     S, NB, D, H, GH = spec.S, spec.B, spec.D, spec.H, spec.GH
+    lstm = kind == "LSTM"
+    got = _gemm_projection(ctx, spec)
+    if got is not None:
+        g, gs = got
+        emit_recurrence(ctx, replace(spec, g_strides=gs), params, g=g, r=ctx.inp(2), y=ctx.out(0),
+                        yh=ctx.out(1) if spec.has_yh else None, yc=ctx.out(2) if spec.has_yc else None,
+                        h0=ctx.inp(5), c0=ctx.inp(6) if lstm else None, peep=ctx.inp(7) if lstm else None,
+                        rbh=bias if spec.has_rbh else None, lens=ctx.inp(4))
+        return True
     g = ctx.temp("f32", (D, S, NB, GH), "rnn_proj")
     common = dict(kind=kind, S=S, NB=NB, ND=D, H=H, GH=GH, I=x.shape[2], layout=int(a.layout),
                   lbr=spec.linear_before_reset if kind == "GRU" else False)
     kp = ctx.render("rnn.cu.j2", "rnn_proj", variant="proj", xt=x.ctype, wt=w.ctype,
                     has_b=bias is not None, bt=bias.ctype if bias is not None else "", **common)
     ctx.launch(kp, (-(-D * GH // 64), -(-S * NB // 64)), BLOCK, [x, w] + ([bias] if bias is not None else []) + [g])
-    lstm = kind == "LSTM"
     emit_recurrence(ctx, spec, params, g=g, r=ctx.inp(2), y=ctx.out(0),
                     yh=ctx.out(1) if spec.has_yh else None, yc=ctx.out(2) if spec.has_yc else None,
                     h0=ctx.inp(5), c0=ctx.inp(6) if lstm else None, peep=ctx.inp(7) if lstm else None,

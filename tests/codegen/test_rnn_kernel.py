@@ -145,3 +145,32 @@ def test_gpu_persistent_matches_interpreter(kind, dirn, dt, b, sync, tmp_path, m
     assert k["params"]["sync"] == sync
     for _ in range(2):
         _compare(f"{kind}/{dirn}/{sync}", tmp_path, mod, _feed(spec, rng))
+
+
+# the projection on the GEMM family (rnn.GEMM_PROJ_MIN_FLOPS and above), G read with its strides
+BIG_CASES = [("LSTM", dict(), np.float32), ("LSTM", dict(direction="bidirectional", h0=True, c0=True), np.float16),
+             ("GRU", dict(linear_before_reset=1, layout=1, h0=True), np.float16), ("RNN", dict(Bn=17), np.float32)]
+
+
+def _big_model(kind, kw, dt):
+    kw = dict(dict(S=64, Bn=4, I=256, H=256), **kw)
+    return rnn_model(kind, dt=dt, **kw)
+
+
+def test_big_projection_is_one_gemm(tmp_path):
+    for i, (kind, kw, dt) in enumerate(BIG_CASES):
+        model, _ = _big_model(kind, kw, dt)
+        plan = compile_to_dir(import_model(model), tmp_path / str(i), arch="sm_90")
+        names = [l["kernel"] for l in plan["launches"]]
+        assert names[0].startswith("nnc_gemm_") and len(names) == 3, names
+        _rec_launch(plan)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", range(len(BIG_CASES)))
+def test_gpu_gemm_projection_matches_interpreter(case, tmp_path, rng):
+    model, spec = _big_model(*BIG_CASES[case])
+    mod = import_model(model)
+    compile_to_dir(mod, tmp_path, arch=None)
+    for _ in range(2):
+        _compare(f"big{case}", tmp_path, mod, _feed(spec, rng))
