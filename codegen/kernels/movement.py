@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...ir.layout import op_is_nhwc
 from ..lower import LowerCtx, lowering
 from ..plan import Buffer, contiguous_strides
 from ._helpers import empty_result, misc2_launch
@@ -139,16 +140,42 @@ def _concat(ctx: LowerCtx):
     axis = axis + rank if axis < 0 else axis
     yst = y.strides()
     off = 0
+    copies = []  # (input buffer, its offset on the axis): the inputs not written in place
     for i in range(ctx.n_in):
         x = ctx.inp(i)
         if x is None:
             continue
         if ctx.L.slot_views.get(id(ctx.L.canon(ctx.op.operands[i])), (None,))[0] is x:
             ctx.L.zero_copy_bytes += x.nbytes  # its producer wrote it in place (memory.concat_slots)
-        else:
-            strided_copy(ctx, x, y, x.shape, x.strides(), out_strides=yst, out_base=off * yst[axis])
+        elif x.numel:
+            copies.append((x, off))
         off += x.shape[axis]
+    # an NHWC Concat (assign-layout: channels innermost, so never zero-copy): one launch for all
+    # copied inputs. NCHW ones keep a copy each (their slots usually take them; tests pin the counts)
+    if op_is_nhwc(ctx.op) and 2 <= len(copies) <= CONCAT_MAX_INPUTS and not y.dynamic \
+            and not any(x.dynamic for x, _ in copies):
+        _concat_kernel(ctx, y, axis, copies)
+        return True
+    for x, o in copies:
+        strided_copy(ctx, x, y, x.shape, x.strides(), out_strides=yst, out_base=o * yst[axis])
     return True
+
+
+CONCAT_MAX_INPUTS = 16  # inputs one concat.cu.j2 launch takes (unrolled); more: a copy each
+
+
+def _concat_kernel(ctx: LowerCtx, y, axis: int, copies):
+    inner = int(np.prod(y.shape[axis + 1:], dtype=np.int64))
+    outer = int(np.prod(y.shape[:axis], dtype=np.int64))
+    parts, voff = [], 0
+    for x, o in copies:
+        n = int(x.shape[axis])
+        parts.append(dict(n=n, voff=voff, vend=voff + n, ooff=int(o)))
+        voff += n
+    k = ctx.render("concat.cu.j2", "concat", ctype=y.ctype, parts=parts, M=voff, C=int(y.shape[axis]),
+                   inner=inner)
+    total = outer * voff * inner
+    ctx.launch(k, ctx.grid1d(total), 256, [x for x, _ in copies] + [y, ctx.i64(total)])
 
 
 @lowering("DepthToSpace", "SpaceToDepth")

@@ -16,6 +16,12 @@ Rewrites (top-level ops of each function, one sweep in program order, linear tim
   has an NHWC form, the others being 4-D with NHWC forms, constants (permuted at compile time, e.g.
   a per-channel [1,C,1,1] -> [1,1,1,C]), all-ones shapes, or NCHW activations of the result's shape
   (given an edge transpose: one in, instead of one back out) -> the same op on the NHWC forms;
+- an inference BatchNormalization (constant parameters) of an NHWC form -> Mul and Add by
+  per-channel [1,1,1,C] constants computed at compile time (the elementwise fusion takes them);
+- Slice (constant starts/ends/axes/steps) of an NHWC form -> Slice of it on the physical axes;
+- Concat of 4-D values one of which has an NHWC form -> Concat of the NHWC forms along the axis's
+  physical position (the channel axis 1 -> 3); it costs a launch where the NCHW one was zero-copy
+  (batch 1: every input written in its slot), which the launch balance below counts;
 - a Transpose of a value with an NHWC form -> one Transpose of that form with the composed
   permutation (nothing when it is the identity): transposes cancel.
 The rewrite is kept for a function only where it adds no launches: the transposes it leaves must not
@@ -55,6 +61,7 @@ import numpy as np
 
 from nnc.codegen.init_phase import input_independent
 from nnc.codegen.kernels.elementwise import EXPR
+from nnc.codegen.kernels.movement import contiguous_slice
 from nnc.codegen.lower import DYNAMIC_OPS
 from nnc.ir.builder import Builder, const_value
 from nnc.ir.graph import Module, NameGen, Op, Region, Value, users, value_names
@@ -90,6 +97,7 @@ class _Assign:
         self.recorded: list[Value] = []  # values tagged #nhwc (untagged again on restore)
         self.init = input_independent(func, DYNAMIC_OPS)  # ids of values computed from constants only
         self.saved = 0  # launches the rewrite saves: NCHW convs' layout kernels, cancelled transposes
+        self.extra = 0  # launches it adds besides its transposes: NHWC channel Concats' copies
         self.subst = Substitution()  # cancelled transposes: their result -> the value they restore
         # values a function result or a nested region reads stay defined by an op of their own
         self.keep_defined = {id(v) for v in func.results}
@@ -221,6 +229,15 @@ class _Assign:
                 self._define_as(b, op.results[0], xn, q, op.loc)
                 self.changed = True
                 done = True
+            elif op.name == "BatchNormalization" and self._bn_ok(op):
+                self._bn(op, b)
+                done = True
+            elif op.name == "Slice" and self._slice_ok(op):
+                self._slice(op, b)
+                done = True
+            elif op.name == "Concat" and self._concat_ok(op):
+                self._concat(op, b)
+                done = True
             elif self._elementwise_ok(op):
                 self._elementwise(op, b)
                 done = True
@@ -262,6 +279,82 @@ class _Assign:
                         op.loc, op.results[0].name + "_nhwc")
         self._finish(op, yn, b)
 
+    def _bn_ok(self, op: Op) -> bool:
+        return len(op.results) == 1 and not op.attrs.training_mode and _static4(op.operands[0]) and \
+            self._has(op.operands[0]) and all(self._const(v) is not None for v in op.operands[1:5])
+
+    def _bn(self, op: Op, b: Builder):
+        """Inference BatchNormalization of an NHWC form (one not folded into a conv: DenseNet's
+        BN -> ReLU -> conv after each Concat) -> Mul by scale/sqrt(var+eps) and Add of
+        bias - mean*that, per-channel [1,1,1,C] constants computed at compile time in f64 (the
+        elementwise fusion then takes them with the ReLU after: one launch, not two)."""
+        y = op.results[0]
+        scale, bias, mean, var = (np.asarray(self._const(v), np.float64) for v in op.operands[1:5])
+        mul = scale / np.sqrt(var + float(op.attrs.epsilon))
+        add = bias - mean * mul
+        dt = y.type.dtype.np
+        ins = []
+        for a, hint in ((mul, "_scale"), (add, "_shift")):
+            c = b.constant(np.ascontiguousarray(a.reshape(1, 1, 1, -1).astype(dt)), y.name + hint, op.loc,
+                           weight_hint=y.name + hint)
+            self.created.add(id(b.region.ops[-1]))
+            ins.append(self._tag(c))
+        xn = self.nhwc[id(op.operands[0])]
+        m = self._tag(self._emit(b, "Mul", [xn, ins[0]], {}, op.loc, y.name + "_mul_nhwc"))
+        yn = self._emit(b, "Add", [m, ins[1]], {}, op.loc, y.name + "_nhwc")
+        self._finish(op, yn, b)
+
+    def _slice_ok(self, op: Op) -> bool:
+        x = op.operands[0]
+        return len(op.results) == 1 and _static4(x) and _static4(op.results[0]) and self._has(x) and \
+            all(v is None or self._const(v) is not None for v in op.operands[1:])
+
+    def _slice(self, op: Op, b: Builder):
+        """Slice of an NHWC form with its axes moved to their physical positions (starts, ends and
+        steps keep their order). Launches: none where the slice is one contiguous run (a view: a
+        channel range at batch 1 on NCHW, a row range on NHWC), else one copy; the balance counts."""
+        x, y = op.operands[0], op.results[0]
+        ops = list(op.operands) + [None] * (5 - len(op.operands))
+        starts = np.asarray(self._const(ops[1])).reshape(-1)
+        axes = np.arange(len(starts)) if ops[3] is None else np.asarray(self._const(ops[3])).reshape(-1)
+        steps = np.ones(len(starts), np.int64) if ops[4] is None else np.asarray(self._const(ops[4])).reshape(-1)
+        step4 = [1] * 4
+        for a, k in zip(axes, steps):
+            step4[int(a) % 4] = int(k)
+        nchw = 0 if contiguous_slice(tuple(x.type.shape), tuple(y.type.shape), step4) else 1
+        ph = [step4[p] for p in TO_NHWC]
+        nhwc = 0 if contiguous_slice(tuple(x.type.shape[p] for p in TO_NHWC),
+                                     tuple(y.type.shape[p] for p in TO_NHWC), ph) else 1
+        self.saved += max(0, nchw - nhwc)
+        self.extra += max(0, nhwc - nchw)
+        phys = b.constant(np.array([TO_NHWC.index(int(a) % 4) for a in axes], np.int64), y.name + "_axes_nhwc",
+                          op.loc)
+        self.created.add(id(b.region.ops[-1]))
+        yn = self._emit(b, "Slice", [self.nhwc[id(x)], ops[1], ops[2], phys, ops[4]], {}, op.loc, y.name + "_nhwc")
+        self._finish(op, yn, b)
+
+    def _concat_ok(self, op: Op) -> bool:
+        ins = op.operands
+        return len(op.results) == 1 and _static4(op.results[0]) and bool(ins) and \
+            all(_static4(v) for v in ins) and any(self._has(v) for v in ins)
+
+    def _concat(self, op: Op, b: Builder):
+        """Concat on the NHWC forms along the axis's physical position (channels: the last). Its
+        launches: NCHW, none where the axis has only extent-1 dims before it (batch-1 channel
+        Concats: every input written in its slot, codegen/memory.py concat_slots), else a copy
+        per input; NHWC, one (codegen/kernels/movement.py's concat kernel) unless the same holds."""
+        y = op.results[0]
+        axis = int(op.attrs.axis) % 4
+        phys = TO_NHWC.index(axis)
+        shape = tuple(y.type.shape)
+        nchw = 0 if int(np.prod(shape[:axis])) == 1 else len(op.operands)
+        nhwc = 0 if int(np.prod([shape[p] for p in TO_NHWC][:phys])) == 1 else 1
+        self.saved += max(0, nchw - nhwc)
+        self.extra += max(0, nhwc - nchw)
+        ins = [self.nhwc_of(v, b, op.loc) for v in op.operands]
+        yn = self._emit(b, "Concat", ins, {"axis": phys}, op.loc, y.name + "_nhwc")
+        self._finish(op, yn, b)
+
     def _elementwise(self, op: Op, b: Builder):
         ins = []
         for v in op.operands:
@@ -287,7 +380,7 @@ class _Assign:
     # ------------------------------------------------------------ cleanup
     def added(self) -> int:
         """Launches the rewrite adds: its transposes left after the sweep (its Reshapes are views)."""
-        return sum(1 for op in self.func.ops if op.name == "Transpose" and id(op) in self.created)
+        return self.extra + sum(1 for op in self.func.ops if op.name == "Transpose" and id(op) in self.created)
 
     def sweep(self) -> None:
         """Drops what this pass added that nobody reads."""

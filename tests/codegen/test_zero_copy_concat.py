@@ -49,9 +49,9 @@ def _opts(zc=True, precision="fp32"):
     return LowerOptions(resolve_target("sm_90"), precision, False, zero_copy_concat=zc)
 
 
-def _module(model, precision="fp32", fuse=False):
+def _module(model, precision="fp32", fuse=False, layout=True):
     m = import_model(model)
-    Pipeline(pipeline_passes(precision, fuse)).run(m)
+    Pipeline([p for p in pipeline_passes(precision, fuse) if layout or p != "assign-layout"]).run(m)
     return m
 
 
@@ -139,7 +139,9 @@ def test_light_models_lose_concat_copies(name, precision):
     fuse-horizontal's wide convs, views already), squeezenet 58/16 -> 42/0; shufflenet fp32
     (memory-scheduled) 6 -> 1 copies with the arena unchanged (the one left is refused by the
     live-bytes guard of memory.concat_slots: without it the arena grew 12%)."""
-    m = _module(str(LIGHT / f"{name}.onnx"), precision=precision, fuse=True)
+    # the NCHW build: at fp16 assign-layout moves densenet's and squeezenet's blocks to NHWC, where a
+    # channel Concat has no slots (one concat.cu.j2 launch instead)
+    m = _module(str(LIGHT / f"{name}.onnx"), precision=precision, fuse=True, layout=False)
     plan = lower(m, _opts(precision=precision))
     base = lower(m, _opts(zc=False, precision=precision))
     assert len(_concat_copies(plan)) < len(_concat_copies(base))
