@@ -661,13 +661,17 @@ class Lowerer:
 
     def _record_tuning(self, key: str, n0: int) -> None:
         """A tuning selector's record of this problem (codegen/tuning.py: tactic, time, candidates
-        tried and rejected) on the launches since n0: plan.json launches[i]["tuning"] (innermost wins)."""
+        tried and rejected) on the launches since n0: plan.json launches[i]["tuning"]; a launch
+        that has its inner problem's record (a fused group's anchor) gets the group's as "group"."""
         rec = getattr(self.selector, "record", None)
         t = rec(key) if rec is not None else None
         if t is not None:
             for launch in self.launches[n0:]:
-                if getattr(launch, "tuning", None) is None:
+                inner = getattr(launch, "tuning", None)
+                if inner is None:
                     launch.tuning = t
+                elif inner is not t and "group" not in inner:
+                    launch.tuning = {**inner, "group": t}
 
 
 SELECTED = "selected"  # the key of a kernel's params that records the selection

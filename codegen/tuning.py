@@ -555,7 +555,11 @@ class SurveySelector:
             return self._heur.choose(key, cands)
         options = _options(cands)
         space = space_digest(options)
-        hit = self.cache.get(key, space) if self.cache is not None else None
+        hit = self.fresh.get(key)  # this run's own choice (also one cut short by the budget: not cached)
+        if hit is not None and hit.get("space", space) != space:
+            hit = None
+        if hit is None and self.cache is not None:
+            hit = self.cache.get(key, space)
         if hit is not None:
             c = next((c for c in cands if c.name == hit["variant"]), None)
             if c is not None:
@@ -625,11 +629,21 @@ def tune_problems(problems: Sequence[TuneProblem], runner: Runner, deadline: Opt
     for p in problems:
         if p.skip:
             out[p.key] = {"skip": p.skip}
-    caps = [c for p in todo for c in [p.baseline] + p.others if not c.why_not]
     rep = current()
-    with rep.stage("tune-compile") as task:
-        task.describe(f"{sum(len(c.kernels) for c in caps)} candidate kernels")
-        failed = runner.prepare(caps)
+    # one batch; under a budget, batches of CHUNK_KERNELS kernels, so the budget is checked between them
+    chunks = _chunks(todo, None if deadline is None else CHUNK_KERNELS)
+    chunk_of = {id(p): i for i, ch in enumerate(chunks) for p in ch}
+    failed: dict = {}
+    prepared: set = set()
+
+    def prepare(i: int):
+        prepared.add(i)
+        caps = [c for p in chunks[i] for c in [p.baseline] + p.others if not c.why_not]
+        with rep.stage("tune-compile") as task:
+            task.describe(f"{sum(len(c.kernels) for c in caps)} candidate kernels")
+            failed.update(runner.prepare(caps))
+    if deadline is None and chunks:
+        prepare(0)
     n_total = sum(1 + len(p.others) for p in todo)
     stopped = ""
     with rep.stage("tune", total=n_total) as task:
@@ -638,6 +652,8 @@ def tune_problems(problems: Sequence[TuneProblem], runner: Runner, deadline: Opt
                 out[p.key] = {"skip": stopped or "budget"}
                 task.advance(1 + len(p.others))
                 continue
+            if chunk_of[id(p)] not in prepared:
+                prepare(chunk_of[id(p)])
             seed = _problem_seed(p.key)
             base = p.baseline
             why = failed.get(id(base))
@@ -656,13 +672,14 @@ def tune_problems(problems: Sequence[TuneProblem], runner: Runner, deadline: Opt
                 continue
             task.advance()
             best = (t_base, base)
-            rejected, tried = [], 1
+            rejected, tried, partial = [], 1, ""
             left = len(p.others)
             for c in p.others:
                 left -= 1
                 task.describe(f"{p.layer} | {left} candidates left | best {best[0] * 1e3:.4f} ms")
                 if deadline is not None and time.perf_counter() > deadline:
                     rejected.append({"variant": c.variant, "params": c.params, "why": "budget"})
+                    partial = "budget"
                     task.advance(1 + left)
                     break
                 why = c.why_not or failed.get(id(c))
@@ -679,7 +696,7 @@ def tune_problems(problems: Sequence[TuneProblem], runner: Runner, deadline: Opt
                             best = (t, c)
                     except Unrecoverable as e:
                         why = f"device failed: {e}"
-                        stopped = f"stopped: the device failed ({e}) running {c.label}"
+                        stopped = partial = f"stopped: the device failed ({e}) running {c.label}"
                     except NncError as e:
                         why = f"failed: {e}"
                 if why:
@@ -699,6 +716,27 @@ def tune_problems(problems: Sequence[TuneProblem], runner: Runner, deadline: Opt
                                         "time_ms": round(t_base * 1e3, 6)},
                           "tried": tried, "candidates": 1 + len(p.others), "rejected": rejected,
                           "space": getattr(p, "space", "")}
+            if partial:  # used by this build, never cached: a later compile tunes it in full
+                out[p.key]["partial"] = partial
+    return out
+
+
+CHUNK_KERNELS = 64  # kernels a compile batch has under a budget (several per NVRTC process)
+
+
+def _chunks(problems: Sequence[TuneProblem], kernels: Optional[int]) -> list:
+    """Consecutive problems in batches of at least `kernels` candidate kernels (None: one batch)."""
+    if kernels is None:
+        return [list(problems)] if problems else []
+    out, cur, n = [], [], 0
+    for p in problems:
+        cur.append(p)
+        n += sum(len(c.kernels) for c in [p.baseline] + p.others if not c.why_not)
+        if n >= kernels:
+            out.append(cur)
+            cur, n = [], 0
+    if cur:
+        out.append(cur)
     return out
 
 
@@ -741,7 +779,8 @@ def lower_tuned(module, options, runner: Optional[Runner] = None):
                     skips[k] = e["skip"]
                 else:
                     fresh[k] = e
-                    cache.put(k, e)
+                    if "partial" not in e:
+                        cache.put(k, e)
             rounds += 1
     finally:
         runner.close()

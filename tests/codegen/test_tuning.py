@@ -68,6 +68,18 @@ def _gemm_problem(survey):
     return p
 
 
+def _records(plan):
+    """Every launch's tuning record, and the fused group's record its anchor's carries ("group")."""
+    out = []
+    for l in plan.launches:
+        r = getattr(l, "tuning", None)
+        if r:
+            out.append(r)
+            if "group" in r:
+                out.append(r["group"])
+    return out
+
+
 def _selected(plan):
     return [(k.params["selected"]["variant"], _params_key(k.params["selected"]["params"]))
             for k in plan.kernels.values()]
@@ -252,8 +264,8 @@ def test_budget_out_before_the_survey_ends():
     plan = tuning.lower_tuned(mod, _opts(tune_budget=1e-9), tuning.StandInRunner())
     assert plan.tuning["tuned"] == 0 and plan.tuning["heuristic"] == plan.tuning["problems"] > 0
     assert _plan_fingerprint(plan) == _plan_fingerprint(heur)  # exactly the heuristic's plan
-    recs = [l.tuning for l in plan.launches if getattr(l, "tuning", None)]
-    assert recs and all(r == {"source": "heuristic", "why": "budget"} for r in recs)
+    recs = _records(plan)
+    assert recs and all((r["source"], r["why"]) == ("heuristic", "budget") for r in recs)
 
 
 # ---------------------------------------------------------------- options and the CLI
@@ -323,3 +335,55 @@ def test_progress_reports_the_layer_and_the_best_time():
     assert texts and all("candidates left" in t and "best" in t and " ms" in t for t in texts)
     assert any("Conv" in t or "fused" in t for t in texts)
     assert "tune" in rep.times and "tune-compile" in rep.times
+
+
+def test_a_problem_cut_by_the_budget_is_used_but_not_cached(tmp_path):
+    # the budget runs out inside the first problem's candidates: its best so far is used by this
+    # build, recorded as partial, and not written to the timing cache (a later compile tunes it in full)
+    mod = _tiny_cnn()
+    path = tmp_path / "tc.json"
+    class SlowSecond(tuning.StandInRunner):
+        runs: dict = {}
+        slept = False
+
+        def run(self, cap, seed, gate=None):
+            key = cap.candidate.problem.key
+            self.runs[key] = self.runs.get(key, 0) + 1
+            if not self.slept and cap.variant == "epilogue.split" and self.runs[key] == 2:
+                # a group's second candidate takes the rest of the budget: op by op is cut
+                import time
+                time.sleep(1.2)
+                self.slept = True
+            return super().run(cap, seed, gate)
+    plan = tuning.lower_tuned(mod, _opts(tune_budget=1.0, timing_cache=str(path)), SlowSecond())
+    recs = _records(plan)
+    assert any(any(x["why"] == "budget" for x in r.get("rejected", ())) for r in recs)
+    partial = [r for r in recs if r["source"] == "tuned" and any(x["why"] == "budget" for x in r["rejected"])]
+    assert partial
+    doc = json.loads(path.read_text())
+    for r in partial:
+        assert not any(e["variant"] == r["variant"] and e["params"] == r["params"] and
+                       any(x["why"] == "budget" for x in e.get("rejected", ())) for e in doc["entries"].values())
+
+
+def test_budget_compiles_in_batches():
+    class Batches(tuning.StandInRunner):
+        def __init__(self):
+            super().__init__()
+            self.batches = []
+
+        def prepare(self, caps):
+            self.batches.append(sum(len(c.kernels) for c in caps))
+            return {}
+    r = Batches()
+    tuning.lower_tuned(_module(str(EXAMPLES / "tiny_cnn.onnx"), "fp16", {"input": [1, 3, 32, 32]}), _opts(), r)
+    one_batch = r.batches
+    assert 1 <= len(one_batch) <= tuning.MAX_ROUNDS  # no budget: one batch a round
+    old = tuning.CHUNK_KERNELS
+    try:
+        tuning.CHUNK_KERNELS = 4
+        r = Batches()
+        tuning.lower_tuned(_tiny_cnn(), _opts(tune_budget=60), r)
+        assert len(r.batches) > len(one_batch) and sum(r.batches) == sum(one_batch)  # same kernels, in batches
+    finally:
+        tuning.CHUNK_KERNELS = old
