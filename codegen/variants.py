@@ -25,8 +25,13 @@ selector ranks, the driver tries in that order. A real variant's render must not
 Selectors: `HeuristicSelector` (today's order: the highest priority, then `rank`, with the
 family's default params) is the default; `TimedSelector` times every (candidate, params) of the
 declared spaces with a `timer(candidate, params) -> seconds` and caches the fastest per problem
-key — the shape of the GPU-timing selector to come; `stand_in_time` is a deterministic fake timer
-for tests (no GPU). LowerOptions.selector names one of SELECTORS.
+key; `stand_in_time` is a deterministic fake timer for tests (no GPU). LowerOptions.selector
+names one of SELECTORS.
+
+Timing on the GPU is codegen/tuning.py (LowerOptions.tune, `nnc compile --tune`): it renders every
+(candidate, params) in a sandbox, compiles them in one batch, rejects those whose output differs
+from the heuristic's and keeps the fastest, with a timing cache (codegen/timing_cache.py). It sees
+variants only through this file's interface, so a newly registered variant is tuned like any other.
 """
 from __future__ import annotations
 
