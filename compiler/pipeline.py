@@ -33,6 +33,7 @@ PASSES = {
     "assign-layout": "assign_layout",
     "fuse-epilogue": "fuse_epilogue",
     "fuse-cross-layer": "fuse_cross_layer",
+    "fuse-pooling": "fuse_pooling",
     "fuse-reduction": "fuse_reduction",
     "fuse-elementwise": "fuse_elementwise",
     "schedule-memory": "schedule_memory",
@@ -80,6 +81,9 @@ DEFAULT_PIPELINE = [
     "fuse-epilogue",
     "fuse-cross-layer",  # after fuse-epilogue (it pairs a depthwise conv group with the 1x1 conv group
                         # reading it, each already carrying its epilogue) and assign-layout (NHWC only)
+    "fuse-pooling",     # after fuse-epilogue (the classifier Gemm carries its bias/cast epilogue) and
+                        # assign-layout (its NHWC ReduceMean form of a GlobalAveragePool); before
+                        # fuse-reduction, which could take the ReduceMean
     "fuse-reduction",   # after fuse-epilogue (a residual Add already in a GEMM's epilogue stays
                         # there) and fuse-attention (which takes attention's Softmax first); before
                         # fuse-elementwise, which would take the mask Add / scale / residual Add
@@ -90,7 +94,8 @@ DEFAULT_PIPELINE = [
 ]
 # Passes that outline `fused` ops. The precision passes treat ops with regions as opaque f32
 # islands, so `pipeline_passes(precision)` (compiler/driver.py) runs them before the first of these.
-FUSION_PASSES = ("fuse-attention", "fuse-epilogue", "fuse-cross-layer", "fuse-reduction", "fuse-elementwise")
+FUSION_PASSES = ("fuse-attention", "fuse-epilogue", "fuse-cross-layer", "fuse-pooling", "fuse-reduction",
+                 "fuse-elementwise")
 # Passes that pick ops by dtype: `pipeline_passes(precision)` runs the precision passes before these too.
 LAYOUT_PASSES = ("time-fusion", "assign-layout")
 

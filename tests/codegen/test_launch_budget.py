@@ -38,8 +38,8 @@ SLOW_BUDGETS = {  # over ~10 s on the CPU machine (big graphs: import and loweri
     # elementwise kernels instead of one batchnorm kernel (unfused 612 -> 675)
     ("light_densenet121", "fp16"): (309, 675),
     ("light_densenet121", "fp32"): (310, 552),
-    ("resnet50", "fp16"): (58, 124),
-    ("mobilenet_v2", "fp16"): (51, 102),  # fuse-cross-layer: 5 dw+pw pairs as one kernel each (56 before)
+    ("resnet50", "fp16"): (57, 124),  # fuse-pooling: GAP + Flatten + fc as one kernel (58 before)
+    ("mobilenet_v2", "fp16"): (50, 102),  # fuse-cross-layer: 5 dw+pw pairs as one kernel each, fuse-pooling: the head (56 before)
 }
 
 
