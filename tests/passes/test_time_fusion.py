@@ -227,6 +227,12 @@ def test_glue_that_splits_an_axis_stays(rng):
     assert rec.attrs.y_layout == "" and "Reshape" in _ops(mod)
 
 
+def test_glue_on_a_graph_output_folds(rng):
+    mod = _check(import_model(with_glue(rnn_model("GRU", direction="bidirectional", H=12)[0])), rng)
+    rec = next(op for op in mod.main.ops if op.name == "recurrence")
+    assert rec.attrs.y_layout == "sbdh" and rec.results[0].name == "Ysbdh"
+
+
 def test_embedding_gather_becomes_a_gather_of_the_projected_table(rng):
     m = torch_stacked_lstm(gather_vocab=11)
     ref = import_model(m)
@@ -318,6 +324,18 @@ def test_golden(rng):
 
 # ---------------------------------------------------------------- CUDA (NVRTC on the CPU; GPU)
 
+def with_glue(m):
+    """m's output Y [S,D,B,H] through torch's Transpose(0,2,1,3) -> Reshape [S,B,D*H] instead."""
+    g = m.graph
+    g.initializer.append(nh.from_array(np.array([0, 0, -1], np.int64), "glue_shape"))
+    g.node.extend([oh.make_node("Transpose", ["Y"], ["Yt"], perm=[0, 2, 1, 3]),
+                   oh.make_node("Reshape", ["Yt", "glue_shape"], ["Ysbdh"])])
+    outs = [o for o in g.output if o.name != "Y"]
+    del g.output[:]
+    g.output.extend([oh.make_tensor_value_info("Ysbdh", T.FLOAT, None)] + outs)
+    return m
+
+
 COMPILE_CASES = {
     "stacked_lstm": lambda: torch_stacked_lstm(S=8, B=4, I=16, H=32),
     "gru_lbr0_bidir": lambda: rnn_model("GRU", direction="bidirectional", lens=[5, 3, 1], h0=True)[0],
@@ -325,6 +343,10 @@ COMPILE_CASES = {
     "lstm_layout1_peep": lambda: rnn_model("LSTM", layout=1, direction="bidirectional", peep=True, h0=True, c0=True,
                                            lens=[2, 5, 4], H=16)[0],
     "rnn_h70": lambda: rnn_model("RNN", Bn=11, H=70, h0=True)[0],
+    # the legacy variant with y_layout (strided copy of Y) and with rbh (as a [D, 2*3H] bias)
+    "gru_lbr0_bidir_glue": lambda: with_glue(rnn_model("GRU", direction="bidirectional", h0=True, H=12)[0]),
+    "gru_lbr1_h70_glue": lambda: with_glue(rnn_model("GRU", linear_before_reset=1, direction="bidirectional",
+                                                     layout=0, H=70, lens=[5, 1, 3])[0]),
     "embedding_lstm": lambda: torch_stacked_lstm(S=8, B=4, I=16, H=32, gather_vocab=50),
     "batch_first_lstm": lambda: torch_stacked_lstm(S=8, B=4, I=16, H=32, batch_first=True),
 }
@@ -363,15 +385,19 @@ def test_compiles_nvrtc_with_separate_launches(compiled, name, prec):
 @pytest.mark.parametrize("prec", ["fp32", "fp16"])
 @pytest.mark.parametrize("name", list(COMPILE_CASES))
 def test_gpu_matches_interpreter(compiled, name, prec, rng):
+    """The GPU against the reference interpreter of the same compiled directory (same IR, same
+    precision: what the kernels must compute), on fresh inputs, outputs poisoned first."""
     import nnc
-    model = COMPILE_CASES[name]()
-    ref_mod = import_model(model)
-    gpu = nnc.load(str(compiled[name, prec]))
+    d = str(compiled[name, prec])
+    gpu, ref = nnc.load(d), nnc.load(d, backend="reference")
+    ids = [a for a in ref.inputs if a.name == "ids"]
     for _ in range(2):  # twice: the persistent kernel's sync words must be reset per run
-        feed = _feed(ref_mod, rng, batch=4)
-        if "ids" in feed:
-            feed["ids"] = rng.integers(0, 50, feed["ids"].shape).astype(np.int64)
-        want = Interpreter(ref_mod).run(feed)
+        feed = {}
+        for a in ref.inputs:
+            shape = [int(x) for x in a.shape]
+            feed[a.name] = (rng.integers(0, 50, shape).astype(np.int64) if ids and a.name == "ids"
+                            else rng.standard_normal(shape).astype(a.dtype))
+        want = ref.run(feed, output="numpy")
         got = gpu.run(feed, output="numpy", poison=True)
         _close(want, {k: got[k] for k in want}, 1e-2 if prec == "fp16" else 1e-3)
 
