@@ -6,6 +6,9 @@ issuing wgmma), fp32 accumulate, and the GEMM family's fused epilogue.
 Loads: cp.async by the producer warps, not TMA: TMA needs CUtensorMaps built on the host at load
 time (cuTensorMapEncodeTiled), which the runtime does not provide yet; cp.async needs nothing from
 the host, zero-fills ragged edges itself and keeps the kernel's arguments those of gemm_tc.cu.j2.
+A constant 2-D B (a weight) may instead be pre-swizzled at compile time (`preswizzle_b`, through
+LowerCtx.weight) into one contiguous block per (column tile, k-tile), which the producer loads with
+a single 1-D cp.async.bulk (the TMA engine, no tensor map) per stage: params["b_bulk"].
 
 The problem is the GEMM family's own GemmProblem (codegen/kernels/gemm.py), built by the same
 functions as the mma.sync variants (gemm_lowering.matmul_case / gemm_case: the Epilogue of a fused
@@ -55,9 +58,34 @@ def _valid(p: dict, target: Target) -> bool:
 
 
 def lag(p: dict) -> int:
-    """k-tiles a stage's copies may stay in flight before the producer publishes it: at most
-    STAGES - 2, or the producer would wait on an empty stage the consumers cannot free yet."""
-    return max(1, min(4, p["STAGES"] - 2))
+    """How the producer publishes a stage: 0 = cp.async.mbarrier.arrive.noinc (the arrive fires when
+    the copies land); n > 0 = n k-tiles later, after cp.async.wait_group n (at most STAGES - 2, or
+    the producer would wait on an empty stage the consumers cannot free yet)."""
+    if "LAG" in p:
+        return int(p["LAG"])
+    return DEFAULT_LAG
+
+
+DEFAULT_LAG = 0
+
+
+def preswizzle_b(b, trans_b: bool, BN: int):
+    """A 2-D B ([K, N], or [N, K] when trans_b) as the bulk-copy layout: [tiles_n][KT][BN][64], each
+    (tile, k-tile) block exactly the K-major 128B-swizzled shared tile (16-byte chunk c of row n at
+    chunk c ^ (n % 8)), zero-padded past N and K."""
+    import numpy as np
+    bt = np.asarray(b)
+    bt = bt if trans_b else bt.T  # [N, K]
+    N, K = bt.shape
+    tn, kt = cdiv(N, BN), cdiv(K, BK)
+    pad = np.zeros((tn * BN, kt * BK), dtype=bt.dtype)
+    pad[:N, :K] = bt
+    t = pad.reshape(tn, BN, kt, BK // 8, 8).transpose(0, 2, 1, 3, 4)  # [tn][kt][n][chunk][8]
+    out = np.empty_like(t)
+    n = np.arange(BN)[:, None]
+    c = np.arange(BK // 8)[None, :]
+    out[:, :, n, c ^ (n % 8), :] = t[:, :, n, c, :]
+    return np.ascontiguousarray(out.reshape(tn * kt * BN * BK))
 
 
 def fits(pr: gemm.GemmProblem, target: Target):
@@ -79,7 +107,9 @@ def fits(pr: gemm.GemmProblem, target: Target):
     return YES
 
 
-def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET) -> list[dict]:
+def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bulk: bool = False) -> list[dict]:
+    """The declared space; b_bulk: B is a constant 2-D weight, so the pre-swizzled bulk-copy
+    points come first (the same tiles with cp.async B follow)."""
     out = []
     for bm, bn, st, cw in TILE_SPACE:
         p = dict(BM=bm, BN=bn, STAGES=st, CW=cw)
@@ -87,22 +117,36 @@ def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET) -> li
             out.append(dict(p, swizzle=gemm.GROUP_M))
     if not out:
         out = [dict(BM=64, BN=64, STAGES=8, CW=1, swizzle=gemm.GROUP_M)]
+    if b_bulk:
+        out = [dict(p, b_bulk=True) for p in out] + out
     return out
 
 
-def default_params(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET) -> dict:
-    """The largest tile that still fills the SMs (one CTA per SM: the ring takes most of shared
-    memory), weighing the last wave's occupancy and the padding waste."""
-    sms = target.sm_count
+# Whole-GPU TFLOP/s of each point on a full grid of long tiles (H200, fp16, 4096^3 and 8192^3 with B
+# [K, N], tools/bench_gemm_wgmma.py --explore, 2026-12-02): what the heuristic's model scales.
+# (BM, BN, CW, b_bulk) -> TFLOP/s
+MEASURED_RATE = {
+    (128, 256, 2, True): 714, (256, 128, 2, True): 485, (128, 128, 2, True): 410, (128, 128, 1, True): 405,
+    (128, 64, 2, True): 261, (64, 128, 1, True): 359, (64, 64, 1, True): 215,
+    (128, 256, 2, False): 364, (256, 128, 2, False): 350, (128, 128, 2, False): 270, (128, 128, 1, False): 273,
+    (128, 64, 2, False): 191, (64, 128, 1, False): 195, (64, 64, 1, False): 135,
+}
+WAVE_OVERHEAD_S = 4e-6  # pipeline fill + epilogue of one CTA (no persistence: every wave pays it)
 
-    def score(p):
-        ctas = cdiv(problem.M, p["BM"]) * cdiv(problem.N, p["BN"]) * problem.nbatch
-        eff = (ctas / sms) / cdiv(ctas, sms)
-        util = min(1.0, ctas / sms) * eff
-        waste = (problem.M * problem.N) / (cdiv(problem.M, p["BM"]) * p["BM"] * cdiv(problem.N, p["BN"]) * p["BN"])
-        return util * waste * (1.0 + 0.25 * (p["BM"] * p["BN"]) / (128 * 128))
 
-    return max(candidates(problem, target), key=score)
+def modelled_time(problem: gemm.GemmProblem, p: dict, target: Target = DEFAULT_TARGET) -> float:
+    """Seconds: waves of CTAs (one per SM) times one tile's time at its measured per-SM rate, plus
+    a per-wave fill/drain overhead. A model for the heuristic, not a measurement."""
+    rate = MEASURED_RATE.get((p["BM"], p["BN"], p["CW"], bool(p.get("b_bulk"))), 100) * 1e12 / 132
+    ctas = cdiv(problem.M, p["BM"]) * cdiv(problem.N, p["BN"]) * problem.nbatch
+    tile = 2.0 * p["BM"] * p["BN"] * cdiv(problem.K, BK) * BK / rate
+    return cdiv(ctas, target.sm_count) * (tile + WAVE_OVERHEAD_S)
+
+
+def default_params(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bulk: bool = False) -> dict:
+    """The point of the smallest modelled time (one CTA per SM: the ring takes most of shared
+    memory, so big tiles win unless they leave most SMs idle)."""
+    return min(candidates(problem, target, b_bulk), key=lambda p: modelled_time(problem, p, target))
 
 
 def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | None = None) -> KernelSpec:
@@ -116,9 +160,18 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
         raise ValueError(f"GEMM swizzle must be an int in 1..1024, got {swz!r}")
     if not _valid(params, DEFAULT_TARGET):
         raise ValueError(f"wgmma GEMM params {params} are not in the declared space's bounds")
+    bulk = bool(params.get("b_bulk", False))
+    if bulk and (pr.nbatch > 1 and any(pr.stride_b)):
+        raise ValueError("wgmma GEMM: a pre-swizzled B must be one matrix (no batch strides)")
+    if not 0 <= lag(params) <= params["STAGES"] - 2:
+        raise ValueError(f"wgmma GEMM: LAG must be in 0..STAGES-2, got {params}")
     ctx = dict(BM=params["BM"], BN=params["BN"], BK=BK, STAGES=params["STAGES"], CW=params["CW"], LAG=lag(params))
+    if bulk:
+        ctx["b_bulk"] = True
+    if params.get("probe"):  # measurement only (tools/bench_gemm_wgmma.py --probe): wrong results
+        ctx["probe"] = str(params["probe"])
     ctx.update(act_ctx(pr.act, dict(pr.act_params)))
-    ctx.update(T=ctype, TO=to, TO2=to2, a_kmajor=not pr.trans_a, b_kmajor=pr.trans_b, has_c=pr.has_c,
+    ctx.update(T=ctype, TO=to, TO2=to2, a_kmajor=not pr.trans_a, b_kmajor=pr.trans_b or bulk, has_c=pr.has_c,
                has_bias=pr.has_bias, GROUP_M=swz, mma={"float16": "f16", "bfloat16": "bf16"}[pr.dtype],
                TC=CTYPES[pr.c_dtype or out_dtype][0], TBIAS=CTYPES[pr.bias_dtype or out_dtype][0],
                pair_store=all(int(v) % 2 == 0 for v in (pr.ldd_, *pr.stride_d)))
@@ -145,9 +198,10 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
 
 
 # ---------------------------------------------------------------- the Variants (MatMul, Gemm)
-# Below the mma.sync variants (gemm_lowering.FAST_PRIORITY = 10) until measured faster on the GPU:
-# the heuristic keeps mma.sync; a timed selector races both.
-PRIORITY = 9
+# Above the mma.sync variants (gemm_lowering.FAST_PRIORITY = 10): measured faster on the H200 on every
+# large shape (4096^3 fp16: 548 vs 293 TFLOP/s with a weight B, 331 vs 293 without; BERT-base batch-32
+# GEMMs 1.0-2.0x; tools/bench_gemm_wgmma.py, 2026-12-02). Only sm_90a targets (--arch sm_90a) see it.
+PRIORITY = 11
 
 
 def _case(problem, a, b, c, y):
@@ -164,25 +218,40 @@ def _applies(problem):
     if not fit:
         return fit
     problem.memo["gemm_wgmma"] = got[0]
+    problem.memo["gemm_wgmma_bulk"] = _bulk_b(problem, got[0])
     return YES
 
 
+def _bulk_b(problem, pr) -> bool:
+    """B is a compile-time constant 2-D matrix of 2-byte elements, read unbatched: it can be
+    pre-swizzled for bulk copies."""
+    v = problem.value(1)
+    return (v is not None and getattr(v, "ndim", 0) == 2 and v.dtype.itemsize == 2
+            and not any(pr.stride_b) and pr.ldb is None)
+
+
 def _space(problem) -> list:
-    return candidates(problem.memo["gemm_wgmma"], problem.target)
+    return candidates(problem.memo["gemm_wgmma"], problem.target, problem.memo["gemm_wgmma_bulk"])
 
 
 def _default(problem, space) -> dict:
-    return default_params(problem.memo["gemm_wgmma"], problem.target)
+    return default_params(problem.memo["gemm_wgmma"], problem.target, problem.memo["gemm_wgmma_bulk"])
 
 
 def _render(ctx: LowerCtx, problem, params: dict):
     from . import gemm_lowering
-    a, b, y = ctx.inp(0), ctx.inp(1), ctx.out(0)  # the order the mma.sync variant makes them in
+    bulk = bool(params.get("b_bulk"))
+    # the order the mma.sync variant makes buffers in; a pre-swizzled B reads its own weight buffer
+    # instead of the constant's (which is then never made)
+    a, b, y = ctx.inp(0), problem.tensor(1) if bulk else ctx.inp(1), ctx.out(0)
     c = ctx.inp(2) if ctx.op.name == "Gemm" else None
     got = _case(problem, a, b, c, y)
     if isinstance(got, str):
         ctx.fail(f"internal error: the wgmma GEMM variant applied but its buffers do not fit ({got})")
     pr, bufs = got
+    if bulk:
+        BN = params["BN"]
+        bufs["B"] = ctx.weight(1, lambda w: preswizzle_b(w, pr.trans_b, BN), key=f"wgmma_b{BN}{'t' * pr.trans_b}")
     gemm_lowering.emit_spec(ctx, render(pr, params), bufs)
     return True
 
@@ -194,11 +263,8 @@ def _register_epilogue_variants():
 
 
 def _time_model(problem, params) -> float:
-    """A rough cost (seconds) for a stand-in timer: waves of CTAs (one per SM) times a tile's work at
-    a nominal 6 TFLOP/s per SM (a model, not a measurement)."""
-    pr = problem.memo["gemm_wgmma"]
-    ctas = cdiv(pr.M, params["BM"]) * cdiv(pr.N, params["BN"]) * pr.nbatch
-    return cdiv(ctas, problem.target.sm_count) * 2.0 * params["BM"] * params["BN"] * pr.K / 6e12
+    """The heuristic's model (modelled_time) as a stand-in timer's cost."""
+    return modelled_time(problem.memo["gemm_wgmma"], params, problem.target)
 
 
 MATMUL = register(Variant("gemm.wgmma.matmul", "gemm_wgmma", ("MatMul",), _render, _applies, _space, _default,

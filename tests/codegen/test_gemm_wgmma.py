@@ -61,13 +61,27 @@ def test_space_within_target_and_valid():
         for p in space:
             assert W.smem_bytes(p) <= SM90A.smem_per_block_optin
             assert (p["BM"] // p["CW"]) % 64 == 0 and p["BN"] % 64 == 0
-            assert 1 <= W.lag(p) <= p["STAGES"] - 2
+            assert 0 <= W.lag(p) <= p["STAGES"] - 2
         assert W.default_params(pr, SM90A) in space
 
 
 def test_render_refuses_params_outside_the_space():
     with pytest.raises(ValueError, match="declared space"):
         W.render(gemm.GemmProblem(256, 256, 256), dict(BM=256, BN=256, STAGES=4, CW=1))
+    with pytest.raises(ValueError, match="LAG"):
+        W.render(gemm.GemmProblem(256, 256, 256), dict(BM=128, BN=128, STAGES=4, CW=2, LAG=3))
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_preswizzle_b_layout(trans_b):
+    K, N, BN = 100, 136, 64
+    b = np.arange(K * N, dtype=np.float32).reshape(K, N).astype(np.float16)
+    o = W.preswizzle_b(b.T.copy() if trans_b else b, trans_b, BN).reshape(3, 2, BN, 64)
+    for k in range(K):
+        for n in range(N):
+            r = n % BN
+            assert o[n // BN, k // 64, r, (((k % 64) // 8) ^ (r % 8)) * 8 + k % 8] == b[k, n]
+    assert np.count_nonzero(o) == np.count_nonzero(b)  # the padding is zeros
 
 
 # ---------------------------------------------------------------- NVRTC compile (CPU)
@@ -88,6 +102,11 @@ def all_specs():
     specs.append(W.render(rows, W.candidates(rows, SM90A)[0]))
     odd = gemm.GemmProblem(7, 72, 8, ldd=73)  # odd ldd: scalar stores
     specs.append(W.render(odd))
+    for dt in ("float16", "bfloat16"):  # pre-swizzled bulk B, every publish mode
+        pr = gemm.GemmProblem(4096, 3072, 768, dtype=dt, has_bias=True, bias_dtype="float32", act="gelu")
+        for p in W.candidates(pr, SM90A, b_bulk=True):
+            for lag in range(0, p["STAGES"] - 1, 2 if dt == "float16" else 3):
+                specs.append(W.render(pr, dict(p, LAG=lag)))
     return specs
 
 
@@ -225,9 +244,19 @@ def test_wgmma_gemm_gpu(case):
     odt = pr.out_dtype or pr.dtype
     bufs = _bufs(pr, a, b, extra)
     space = W.candidates(pr, SM90A)
-    for p in space if pr.M * pr.N <= 1 << 18 else [W.default_params(pr, SM90A)]:
+    points = space if pr.M * pr.N <= 1 << 18 else [W.default_params(pr, SM90A)]
+    if not pr.trans_b:  # publish modes: noinc, and the largest lag
+        points = points + [dict(points[0], LAG=points[0]["STAGES"] - 2)]
+    for p in points:
         d = _poison((pr.M, pr.N), odt)
         _run(W.render(pr, p), dict(bufs, D=d))
+        _check(_host(d, odt), ref, 1e-2 if pr.dtype == "float16" else 3e-2)
+    # B as a weight: pre-swizzled on the host, one bulk copy a stage
+    for p in (W.candidates(pr, SM90A, b_bulk=True)[:1] if pr.M * pr.N > 1 << 18 else
+              [q for q in W.candidates(pr, SM90A, b_bulk=True) if q.get("b_bulk")]):
+        d = _poison((pr.M, pr.N), odt)
+        bb = W.preswizzle_b(_rounded(b, pr.dtype).astype(np.float32), pr.trans_b, p["BN"])
+        _run(W.render(pr, p), dict(bufs, B=_dev(bb, pr.dtype), D=d))
         _check(_host(d, odt), ref, 1e-2 if pr.dtype == "float16" else 3e-2)
 
 
@@ -243,3 +272,53 @@ def test_wgmma_batched_broadcast_gpu():
     d = _poison(ref.shape, "float16")
     _run(W.render(pr), dict(A=_dev(a, "float16"), B=_dev(b, "float16"), D=d))
     _check(_host(d, "float16"), ref, 1e-2)
+
+
+# ---------------------------------------------------------------- through the compiler (sm_90a)
+def _e2e_models():
+    from .test_epilogue_fusion import gemm_block, matmul_block
+    from .cuda_models import F, N, mk
+    rng = np.random.default_rng(3)
+    bert = mk([N("MatMul", ["x", "w"], ["mm"]), N("Add", ["mm", "b"], ["a"]), N("Gelu", ["a"], ["y"])],
+              [("x", F, [128, 768])], [("y", F)],
+              [("w", (rng.standard_normal((768, 2304)) / 28).astype(np.float32)),
+               ("b", rng.standard_normal(2304).astype(np.float32))])
+    return {"gemm_transB_bias_gelu": gemm_block(), "batched_matmul_residual_relu": matmul_block(),
+            "bert_qkv_bias_gelu": bert}
+
+
+@pytest.mark.parametrize("name", ["gemm_transB_bias_gelu", "batched_matmul_residual_relu", "bert_qkv_bias_gelu"])
+def test_heuristic_picks_wgmma_with_bulk_weight_on_sm90a(name):
+    plan = _plan(_e2e_models()[name], "sm_90a")
+    ks = [k for k in plan.kernels.values() if k.template == W.TEMPLATE]
+    assert len(ks) == 1, [k.template for k in plan.kernels.values()]
+    assert ks[0].params["selected"]["params"].get("b_bulk") is True
+    assert not [k for k in _plan(_e2e_models()[name], "sm_90").kernels.values() if k.template == W.TEMPLATE]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("name", ["gemm_transB_bias_gelu", "batched_matmul_residual_relu", "bert_qkv_bias_gelu"])
+def test_compiled_for_sm90a_matches_interpreter_gpu(name, tmp_path):
+    """The whole path: fuse-epilogue group -> the wgmma variant (heuristic) with its weight
+    pre-swizzled into weights.bin -> NVRTC sm_90a -> nnc.load, against the reference interpreter."""
+    import nnc
+    from nnc.codegen.emit import compile_to_dir
+    from nnc.driver import pipeline_passes
+    from nnc.ir.interp import Interpreter
+    from nnc.onnx_import import import_model
+    from nnc.pipeline import Pipeline
+    mod = import_model(_e2e_models()[name])
+    Pipeline(pipeline_passes("fp16"), verify_each=True).run(mod)
+    plan = compile_to_dir(mod, tmp_path, arch="sm_90a", precision="fp16", tf32=False)
+    assert any(W.TEMPLATE in str(k.get("template", "")) for k in plan["kernels"]), plan["kernels"]
+    g = nnc.load(tmp_path)
+    rng = np.random.default_rng(11)
+    for _ in range(2):  # fresh inputs each time; arena and outputs poisoned
+        feed = {a.name: rng.standard_normal(a.type.shape).astype(np.float32) for a in mod.main.args}
+        ref = Interpreter(mod).run(feed)
+        got = g.run(feed, output="numpy", poison=True)
+        for k, v in ref.items():
+            a, b = np.asarray(got[k]).astype(np.float64), v.astype(np.float64)
+            assert np.isfinite(a).all(), f"{name}/{k}: non-finite output"
+            np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2 * max(1.0, float(np.abs(b).max())), err_msg=name)
