@@ -425,3 +425,31 @@ def test_node_suite_cases_through_the_pass(case):
         got = Interpreter(mod).run(feed)
         for g, e in zip(got.values(), expected):
             assert not compare(g, e, case.rtol, case.atol), compare(g, e, case.rtol, case.atol)
+
+
+# ---------------------------------------------------------------- randomised configurations
+
+def _random_config(r):
+    kind = ["LSTM", "GRU", "RNN"][r.integers(3)]
+    kw = dict(direction=["forward", "reverse", "bidirectional"][r.integers(3)], layout=int(r.integers(2)),
+              S=int(r.integers(1, 6)), Bn=int(r.integers(1, 5)), I=int(r.integers(1, 7)), H=int(r.integers(1, 9)),
+              bias=bool(r.integers(2)), h0=bool(r.integers(2)), seed=int(r.integers(1000)))
+    if r.integers(2):
+        kw["clip"] = float(r.uniform(0.2, 2.0))
+    if r.integers(3) == 0:
+        kw["lens"] = [int(x) for x in r.integers(0, kw["S"] + 1, kw["Bn"])]
+    if kind == "LSTM":
+        kw.update(c0=bool(r.integers(2)), peep=bool(r.integers(2)), input_forget=int(r.integers(2)))
+    if kind == "GRU":
+        kw["linear_before_reset"] = int(r.integers(2))
+    if kind == "RNN" and r.integers(2):
+        kw["activations"] = ["Relu"]
+    return kind, kw
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_configurations(seed, rng):
+    kind, kw = _random_config(np.random.default_rng(seed))
+    m, _ = rnn_model(kind, **kw)
+    glue = kw["layout"] == 0 and np.random.default_rng(seed + 1000).integers(2)
+    _check(import_model(with_glue(m) if glue else m), rng, passes=pipeline_passes("fp32"), rtol=1e-5)
