@@ -18,6 +18,8 @@ Rewrites (top-level ops of each function, one sweep in program order, linear tim
   (given an edge transpose: one in, instead of one back out) -> the same op on the NHWC forms;
 - an inference BatchNormalization (constant parameters) of an NHWC form -> Mul and Add by
   per-channel [1,1,1,C] constants computed at compile time (the elementwise fusion takes them);
+- a spatial Resize (constant scales/sizes) of an NHWC form whose result feeds a Conv, Concat, Resize
+  or pool -> Resize of it with scales/sizes permuted (resizing is separable per axis);
 - Slice (constant starts/ends/axes/steps) of an NHWC form -> Slice of it on the physical axes;
 - Concat of 4-D values one of which has an NHWC form -> Concat of the NHWC forms along the axis's
   physical position (the channel axis 1 -> 3); it costs a launch where the NCHW one was zero-copy
@@ -72,6 +74,7 @@ from nnc.ir.rewrite import Substitution, used_values
 FLOATS = ("f16", "bf16")
 POOLS = ("MaxPool", "AveragePool", "LRN")  # ops with a layout attribute (LRN: its channel window)
 GLOBAL_POOLS = {"GlobalAveragePool": "ReduceMean", "GlobalMaxPool": "ReduceMax"}
+NHWC_USERS = ("Conv", "Concat", "Resize", "MaxPool", "AveragePool")  # a Resize feeding these goes NHWC
 IGEMM_VEC_ELEMS = 8  # 16-byte loads of f16/bf16: a grouped conv's C/group must be a multiple
 
 
@@ -95,6 +98,7 @@ class _Assign:
         self.orphans: list[Value] = []        # weights of rewritten convs (removed if unused)
         self.changed = False
         self.recorded: list[Value] = []  # values tagged #nhwc (untagged again on restore)
+        self.uses = users(func)  # of the ops as they were (Resize looks at its result's users)
         self.init = input_independent(func, DYNAMIC_OPS)  # ids of values computed from constants only
         self.saved = 0  # launches the rewrite saves: NCHW convs' layout kernels, cancelled transposes
         self.extra = 0  # launches it adds besides its transposes: NHWC channel Concats' copies
@@ -232,6 +236,9 @@ class _Assign:
             elif op.name == "BatchNormalization" and self._bn_ok(op):
                 self._bn(op, b)
                 done = True
+            elif op.name == "Resize" and self._resize_ok(op):
+                self._resize(op, b)
+                done = True
             elif op.name == "Slice" and self._slice_ok(op):
                 self._slice(op, b)
                 done = True
@@ -302,6 +309,36 @@ class _Assign:
         xn = self.nhwc[id(op.operands[0])]
         m = self._tag(self._emit(b, "Mul", [xn, ins[0]], {}, op.loc, y.name + "_mul_nhwc"))
         yn = self._emit(b, "Add", [m, ins[1]], {}, op.loc, y.name + "_nhwc")
+        self._finish(op, yn, b)
+
+    def _resize_ok(self, op: Op) -> bool:
+        """Spatial-only Resize of an NHWC form whose result feeds an op that runs NHWC (else the
+        transpose back is cheaper before it, on the smaller tensor: FCN's final upsampling)."""
+        x, a = op.operands[0], op.attrs
+        if len(op.results) != 1 or not (_static4(x) and _static4(op.results[0]) and self._has(x)):
+            return False
+        y = op.results[0]
+        if a.axes or a.coordinate_transformation_mode == "tf_crop_and_resize" or \
+                a.keep_aspect_ratio_policy != "stretch" or tuple(y.type.shape[:2]) != tuple(x.type.shape[:2]):
+            return False
+        if any(v is not None and self._const(v) is None for v in op.operands[1:]):
+            return False
+        return any(u.name in NHWC_USERS for u in self.uses.get(id(y), ()))
+
+    def _resize(self, op: Op, b: Builder):
+        """Resize is separable per axis: on the NHWC form with its scales / sizes permuted."""
+        y = op.results[0]
+        ins = [self.nhwc[id(op.operands[0])]]
+        for i, v in enumerate(op.operands[1:], 1):
+            a = None if v is None else np.asarray(self._const(v))
+            if i == 1 or a is None or a.size == 0:  # roi: read by tf_crop_and_resize only
+                ins.append(v)
+                continue
+            c = b.constant(np.ascontiguousarray(a.reshape(-1)[list(TO_NHWC)]), y.name + ("_scales", "_sizes")[i - 2]
+                           + "_nhwc", op.loc)
+            self.created.add(id(b.region.ops[-1]))
+            ins.append(c)
+        yn = self._emit(b, "Resize", ins, op.attrs, op.loc, y.name + "_nhwc")
         self._finish(op, yn, b)
 
     def _slice_ok(self, op: Op) -> bool:

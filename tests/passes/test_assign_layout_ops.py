@@ -157,3 +157,74 @@ def test_gpu_nhwc_block_matches_interpreter(dt, tmp_path, rng):
         got = np.asarray(g.run(feed, output="numpy", poison=True)["y"]).astype(np.float64)
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * max(1.0, float(np.abs(ref).max())))
+
+
+# Resize between convs (FPN / U-Net upsampling): runs on the NHWC form, scales permuted
+UPSAMPLE = """func @main(%x: {dt}[1,8,4,4]) -> ({dt}[1,8,8,8]) {{
+  %w1 = const() {{weight = "w1"}} : {dt}[8,8,3,3]
+  %w2 = const() {{weight = "w2"}} : {dt}[8,8,3,3]
+  %sc = const() {{value = dense<[1.0, 1.0, 2.0, 2.0]> : f32[4]}} : f32[4]
+  %c1 = Conv(%x, %w1) {{pads = [1, 1, 1, 1]}} : {dt}[1,8,4,4]
+  %u = Resize(%c1, none, %sc) {{mode = "{mode}"}} : {dt}[1,8,8,8]
+  %y = Conv(%u, %w2) {{pads = [1, 1, 1, 1]}} : {dt}[1,8,8,8]
+  return %y
+}}
+"""
+
+
+def _upsample(dt, mode, seed=0, layout=True):
+    m = parse(UPSAMPLE.format(dt=dt, mode=mode))
+    m.weights = WeightStore()
+    g = np.random.default_rng(seed)
+    for k in ("w1", "w2"):
+        m.weights.arrays[k] = (g.standard_normal((8, 8, 3, 3)) * 0.3).astype(dtype(dt).np)
+    verify(m)
+    if layout:
+        prec = {"f16": "fp16", "bf16": "bf16"}[dt]
+        Pipeline([p for p in pipeline_passes(prec) if p not in ("to-fp16", "to-bf16")], verify_each=True).run(m)
+    return m
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize_goes_nhwc_exact_in_the_arena(mode, rng):
+    m = _upsample("f16", mode)
+    rs = [op for op in m.main.walk() if op.name == "Resize"]
+    assert rs and all(is_nhwc(op.results[0]) for op in rs)
+    plan = lower(m, {"arch": "sm_90", "precision": "fp16"})
+    names = [plan.kernels[l.kernel].name for l in plan.launches if l.kernel]
+    assert not any(n.startswith("nnc_layout") for n in names), names
+    assert sum("transpose" in n for n in names) == 2, names  # the edges only
+    ex = PlanExecutor.from_plan(plan, m)
+    before = _upsample("f16", mode, layout=False)
+    for _ in range(2):
+        feed = _feed(m, rng)
+        ref, got = Interpreter(m).run(feed), ex.run(feed)
+        assert all(np.array_equal(got[k], ref[k]) for k in ref)
+        want = Interpreter(before).run(feed)["y"].astype(np.float64)
+        np.testing.assert_allclose(ref["y"].astype(np.float64), want, rtol=1e-2, atol=1e-2 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_nhwc_resize_kernels_compile_with_nvrtc(mode, tmp_path):
+    from nnc.codegen.emit import compile_to_dir
+    compile_to_dir(_upsample("bf16", mode), tmp_path, arch="sm_90", precision="bf16")
+    assert all(f.stat().st_size > 0 for f in tmp_path.glob("*.cubin"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+@pytest.mark.parametrize("dt", ["f16", "bf16"])
+def test_gpu_nhwc_resize_matches_interpreter(dt, mode, tmp_path, rng):
+    import nnc
+    from nnc.codegen.emit import compile_to_dir
+    prec = {"f16": "fp16", "bf16": "bf16"}[dt]
+    m = _upsample(dt, mode)
+    compile_to_dir(m, tmp_path, arch=None, precision=prec)
+    g = nnc.load(tmp_path)
+    tol = 1e-2 if dt == "f16" else 4e-2
+    for _ in range(2):
+        feed = _feed(m, rng)
+        ref = Interpreter(m).run(feed)["y"].astype(np.float64)
+        got = np.asarray(g.run(feed, output="numpy", poison=True)["y"]).astype(np.float64)
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * max(1.0, float(np.abs(ref).max())))
