@@ -11,23 +11,19 @@ Variants (family "recurrence"):
                          G, Y, Y_h/Y_c read and written in place through strides (layout 1 and the
                          y_layouts "sbdh"/"bsdh" cost nothing); its space (sync scheme, blocks per
                          direction, matvec tiling) is rnn.recurrence_space.
-  recurrence.legacy      priority 0, every cell: G copied into the fp32 [D][S][B][GH] temp of the
-                         legacy step kernel (recurrence.cu.j2 "g_relayout"), rnn.cu.j2's "init"
-                         and "step" kernels (cooperative, or one launch a stage with rnn_stepwise),
-                         Y through a strided copy when y_layout is not ONNX's. Two-phase GRU
-                         (linear_before_reset = 0), hidden sizes not a multiple of 4, and shapes
-                         whose h/R slices do not fit go here.
+  recurrence.fallback    priority 0, every cell: rnn.emit_recurrence_fallback, the warp-per-item
+                         step kernel (R read from global every step) with the same strided G / Y /
+                         state indexing (cooperative, or one launch a stage with rnn_stepwise).
+                         Two-phase GRU (linear_before_reset = 0), hidden sizes not a multiple of 4,
+                         shapes whose h/R slices do not fit, and rnn_stepwise go here.
 """
 from __future__ import annotations
-
-import numpy as np
 
 from ...ir.ops.recurrence import cell_of, g_batch_major, num_dirs
 from ...ir.ops.rnn import _KIND
 from ..lower import LowerCtx
 from ..variants import Variant, no, register
 from . import rnn
-from .movement import strided_copy
 
 FLOATS = ("f32", "f16", "bf16")
 
@@ -134,93 +130,25 @@ register(Variant("recurrence.persistent", "recurrence", ("recurrence",), _persis
                  priority=10, regions=True))
 
 
-# ---------------------------------------------------------------- legacy step kernel (every cell)
+# ---------------------------------------------------------------- fallback (every cell)
 
-def _legacy_applies(p):
+def _fallback_applies(p):
     why = _common_checks(p)
     if why:
         return no(why)
     _spec(p)  # the body must be a known cell
-    if p.has(2) and p.value(2) is None:
-        return no("rbh is not a constant (the legacy step kernel reads it from a [D, 2*gates*H] bias)")
     return True
 
 
-def _legacy_render(ctx: LowerCtx, p, params):
+def _fallback_render(ctx: LowerCtx, p, params):
     spec = _spec(p)
     a = ctx.attrs
-    kind = a.kind
-    lstm = kind == "LSTM"
-    S, NB, D, H, GH = spec.S, spec.B, spec.D, spec.H, spec.GH
-    G, R = ctx.inp(0), ctx.inp(1)
-    lens, h0 = ctx.inp(6), ctx.inp(4)
-    c0 = ctx.inp(5) if lstm else None
-    peep = ctx.inp(3)
-    layout = int(a.layout)
-    lbr = kind == "GRU" and spec.linear_before_reset
-    two_phase = kind == "GRU" and not lbr
-    y_out = ctx.out(0)
-    yh = ctx.out(1) if spec.has_yh else None
-    yc = ctx.out(2) if spec.has_yc else None
-    common = dict(kind=kind, S=S, NB=NB, ND=D, H=H, GH=GH, I=0, layout=layout, lbr=lbr)
-
-    g_st, g_sb, _ = spec.strides()[0]
-    g = ctx.temp("f32", (D, S, NB, GH), "rec_g")
-    kr = ctx.render("recurrence.cu.j2", "recurrence_g_relayout", variant="g_relayout", gt=G.ctype,
-                    D=D, S=S, B=NB, GH=GH, G_ST=g_st, G_SB=g_sb)
-    ctx.launch(kr, ctx.grid1d(D * S * NB * GH), 256, [G, g])
-
-    bias = None
-    if spec.has_rbh:  # the legacy kernel reads the hidden gate's Rb at [d][GH + 2H + j] of ONNX's B
-        full = np.zeros((D, 2 * GH), np.asarray(ctx.value(2)).dtype)
-        full[:, GH + 2 * H:] = np.asarray(ctx.value(2))
-        bias = ctx.new_weight(full, "rbh_as_b")
-    hs = ctx.temp("f32", (2, D, NB, H), "rnn_h")
-    cs = ctx.temp("f32", (D, NB, H), "rnn_c") if lstm else None
-    aux = ctx.temp("f32", (2, D, NB, H), "rnn_aux") if two_phase else None
-    bar = ctx.temp("u32", (2,), "rnn_barrier")
-    ki = ctx.render("rnn.cu.j2", "rnn_init", variant="init", has_h0=h0 is not None, has_c0=c0 is not None,
-                    h0t=h0.ctype if h0 is not None else "", c0t=c0.ctype if c0 is not None else "", **common)
-    ctx.launch(ki, ctx.grid1d(D * NB * H), rnn.BLOCK,
-               [hs] + ([cs] if lstm else []) + [b for b in (h0, c0) if b is not None] + [bar])
-
-    # Y: straight into the output in ONNX's layout, else a [S][D][B][H] temp copied into y_layout
-    # (the legacy kernel writes Y in the op's ONNX layout, the layout of Y_h/Y_c too)
-    y = y_out
-    if a.y_layout:
-        y = ctx.temp(y_out.dtype.short, (S, D, NB, H) if layout == 0 else (NB, S, D, H), "rec_y")
-    BT = min(NB, 8 if kind == "RNN" else 4)
-    NBT = -(-NB // BT)
-    stepwise = ctx.options.rnn_stepwise
-    kparams = dict(variant="step", coop=not stepwise, direction=a.direction, acts=spec.acts,
-                   clip=spec.clip, input_forget=spec.input_forget, two_phase=two_phase, BT=BT, NBT=NBT,
-                   rt=R.ctype, has_b=bias is not None, bt=bias.ctype if bias is not None else "",
-                   has_lens=lens is not None, lt=lens.ctype if lens is not None else "",
-                   has_p=peep is not None, pt=peep.ctype if peep is not None else "",
-                   has_y=True, has_yh=yh is not None, has_yc=yc is not None, yt=y_out.ctype, **common)
-    ks = ctx.render("rnn.cu.j2", ("coop_" if not stepwise else "") + kind.lower() + "_step", **kparams)
-    args = [g, R] + ([bias] if lbr and bias is not None else [])
-    args += [b for b in (lens, peep, hs, cs, aux) if b is not None] + [bar, y]
-    args += [b for b in (yh, yc) if b is not None]
-    stages = S * (2 if two_phase else 1)
-    blocks = -(-(D * NBT * H) // rnn.WARPS)
-    if stepwise:
-        for u in range(stages):
-            ctx.launch(ks, min(blocks, 65535), rnn.BLOCK, args + [ctx.i32(u), ctx.i32(u + 1)])
-    else:
-        ctx.launch(ks, min(blocks, rnn.COOP_MAX_GRID), rnn.BLOCK, args + [ctx.i32(0), ctx.i32(stages)])
-    if a.y_layout:
-        # y (t, b, d, j) -> y_out in y_layout: iterate y_out's [d0, d1, D, H] coordinates
-        if layout == 0:
-            src = {"t": D * NB * H, "d": NB * H, "b": H}
-        else:
-            src = {"b": S * D * H, "t": D * H, "d": H}
-        outer = ("t", "b") if a.y_layout == "sbdh" else ("b", "t")
-        ext = {"t": S, "b": NB}
-        strided_copy(ctx, y, y_out, [ext[outer[0]], ext[outer[1]], D, H],
-                     [src[outer[0]], src[outer[1]], src["d"], 1])
+    rnn.emit_recurrence_fallback(ctx, spec, params, g=ctx.inp(0), r=ctx.inp(1), y=ctx.out(0),
+                                 yh=ctx.out(1) if spec.has_yh else None, yc=ctx.out(2) if spec.has_yc else None,
+                                 h0=ctx.inp(4), c0=ctx.inp(5) if a.kind == "LSTM" else None,
+                                 peep=ctx.inp(3), rbh=ctx.inp(2), lens=ctx.inp(6))
     return True
 
 
-register(Variant("recurrence.legacy", "recurrence", ("recurrence",), _legacy_render, _legacy_applies,
+register(Variant("recurrence.fallback", "recurrence", ("recurrence",), _fallback_render, _fallback_applies,
                  priority=0, regions=True))

@@ -343,7 +343,7 @@ COMPILE_CASES = {
     "lstm_layout1_peep": lambda: rnn_model("LSTM", layout=1, direction="bidirectional", peep=True, h0=True, c0=True,
                                            lens=[2, 5, 4], H=16)[0],
     "rnn_h70": lambda: rnn_model("RNN", Bn=11, H=70, h0=True)[0],
-    # the legacy variant with y_layout (strided copy of Y) and with rbh (as a [D, 2*3H] bias)
+    # the fallback variant (warp-per-item step kernel) with y_layout and with rbh
     "gru_lbr0_bidir_glue": lambda: with_glue(rnn_model("GRU", direction="bidirectional", h0=True, H=12)[0]),
     "gru_lbr1_h70_glue": lambda: with_glue(rnn_model("GRU", linear_before_reset=1, direction="bidirectional",
                                                      layout=0, H=70, lens=[5, 1, 3])[0]),
