@@ -381,6 +381,17 @@ def test_compiles_nvrtc_with_separate_launches(compiled, name, prec):
     assert list(d.glob("model.*.cubin")), "NVRTC wrote no cubin"
 
 
+def test_stepwise_option_lowers_one_launch_a_step():
+    from nnc.codegen.lower import lower
+    from nnc.codegen.options import LowerOptions
+    from nnc.codegen.target import resolve_target
+    mod = import_model(COMPILE_CASES["stacked_lstm"]())
+    Pipeline(pipeline_passes("fp32")).run(mod)
+    plan = lower(mod, LowerOptions(resolve_target("sm_90"), "fp32", False, rnn_stepwise=True))
+    steps = [l for l in plan.launches if "= recurrence(" in l.op and "_step" in (l.kernel or "")]
+    assert len(steps) == 2 * 8 and not any(l.kernel.startswith("nnc_coop_") for l in steps)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("prec", ["fp32", "fp16"])
 @pytest.mark.parametrize("name", list(COMPILE_CASES))
