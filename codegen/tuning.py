@@ -514,8 +514,12 @@ class TuneProblem:
 
 
 def layer_name(op) -> str:
+    """What the progress bar and warnings call a problem: op (group kind) and its first result's
+    name, model text made inert for the rich bar (no markup brackets, printable, bounded)."""
     kind = getattr(op.attrs, "kind", None) if op.name == "fused" else None
     res = op.results[0].name if op.results else "?"
+    res = "".join(ch if ch.isprintable() and ch not in "[]\\" else "?" for ch in res)
+    res = res if len(res) <= 60 else res[:28] + "..." + res[-28:]
     return f"{op.name}{f'({kind})' if kind else ''} %{res}"
 
 
@@ -561,10 +565,13 @@ class SurveySelector:
         if hit is None and self.cache is not None:
             hit = self.cache.get(key, space)
         if hit is not None:
-            c = next((c for c in cands if c.name == hit["variant"]), None)
-            if c is not None:
-                self.hits[key] = hit
-                return c, dict(hit["params"])
+            # only a point of a candidate's declared space: a cache file is input, its params reach
+            # templates only when they are exactly what the variant itself declares
+            want = (hit.get("variant"), _params_key(hit.get("params")))
+            for c, p in options:
+                if (c.name, _params_key(p)) == want:
+                    self.hits[key] = hit
+                    return c, dict(p)
         base_c, base_p = self._heur.choose(key, cands)
         if key in self.known_skips:
             self.skipped[key] = self.known_skips[key]

@@ -139,3 +139,18 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         c.save(path)
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["tc.json"]  # no temporary left behind
+
+
+def test_a_cache_entry_outside_the_declared_space_is_not_used(tmp_path):
+    # a cache file is input: params that no variant declares never reach a template
+    path = tmp_path / "tc.json"
+    plan1, _ = _tune(path)
+    doc = json.loads(path.read_text())
+    for e in doc["entries"].values():
+        e["params"] = {**e["params"], "BM": "1; } __global__ void evil() {"}
+    doc["checksum"] = tc.checksum(doc["header"], doc["entries"])
+    path.write_text(json.dumps(doc))
+    plan2, r = _tune(path)
+    assert r.runs > 0 and plan2.tuning["cache_hits"] == 0  # tuned again instead
+    assert all("evil" not in k.body for k in plan2.kernels.values())
+    assert _selected(plan2) == _selected(plan1)

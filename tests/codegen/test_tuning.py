@@ -387,3 +387,17 @@ def test_budget_compiles_in_batches():
         assert len(r.batches) > len(one_batch) and sum(r.batches) == sum(one_batch)  # same kernels, in batches
     finally:
         tuning.CHUNK_KERNELS = old
+
+
+def test_layer_names_from_the_model_are_inert_in_the_progress_bar():
+    class V:
+        def __init__(self, name):
+            self.name = name
+
+    class Op:
+        name, attrs = "Conv", None
+
+        def __init__(self, res):
+            self.results = [V(res)]
+    got = tuning.layer_name(Op("x[/bold]\x1b[2J" + "y" * 100))
+    assert "[" not in got and "]" not in got and "\x1b" not in got and len(got) < 80
