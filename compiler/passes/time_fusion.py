@@ -48,11 +48,15 @@ from nnc.ir import registry
 RNN_OPS = ("LSTM", "GRU", "RNN")
 GATHER_TABLE_MAX_BYTES = 64 << 20  # the precomputed embedding x projection table, at most
 _VIEWS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten")
-_ZERO_THROUGH = ("Cast", "Expand", "Identity") + _VIEWS
+# ops whose result holds only elements of (or a cast of) their first operand: zeros stay zeros
+_ZERO_THROUGH = ("Cast", "Expand", "Identity", "Slice", "Gather", "Split", "Transpose", "Tile") + _VIEWS
 
 
 def _is_zero(v, weights, depth=0) -> bool:
-    if v is None or depth > 8:
+    """v is all zeros whatever the inputs: a zero constant, a ConstantOfShape of 0 (torch's
+    zeros(L*D, batch, H) from the input's Shape), or a selection/cast of one (torch slices each
+    layer's state out of it), or a Concat of such."""
+    if v is None or depth > 16:
         return False
     val = const_value(v, weights)
     if val is not None:
@@ -64,6 +68,8 @@ def _is_zero(v, weights, depth=0) -> bool:
         return p.attrs.value is None or not np.any(p.attrs.value)
     if p.name in _ZERO_THROUGH and p.operands:
         return _is_zero(p.operands[0], weights, depth + 1)
+    if p.name == "Concat":
+        return all(_is_zero(x, weights, depth + 1) for x in p.operands)
     return False
 
 

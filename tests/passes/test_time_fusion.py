@@ -133,7 +133,8 @@ def test_runtime_weights_are_left_alone(rng):
 
 def torch_stacked_lstm(S=6, B=3, I=5, H=4, batch_dim=None, seed=0, gather_vocab=0, batch_first=False):
     """torch.onnx-style nn.LSTM(I, H, num_layers=2) with layer 0 bidirectional: the initial states
-    from Shape(x) -> Gather(1) -> Concat -> ConstantOfShape(0), Y [S,2,B,H] -> Transpose(0,2,1,3) ->
+    zeros(3, B, H) from Shape(x) -> Gather(1) -> Concat -> ConstantOfShape(0), each layer's
+    sliced out of it (as torch exports hx = None), Y [S,2,B,H] -> Transpose(0,2,1,3) ->
     Reshape [S,B,2H] into layer 1, whose Y [S,1,B,H] -> Squeeze(1). batch_dim: a symbol for B.
     gather_vocab: x comes from an embedding Gather(table [V, I], ids [S, B]). batch_first: the model
     takes [B, S, I] and returns [B, S, H] through Transpose(1, 0, 2) on both sides, as torch exports
@@ -146,7 +147,7 @@ def torch_stacked_lstm(S=6, B=3, I=5, H=4, batch_dim=None, seed=0, gather_vocab=
              nh.from_array(w(2, 8 * H), "B0"), nh.from_array(w(1, 4 * H, 2 * H), "W1"),
              nh.from_array(w(1, 4 * H, H), "R1"), nh.from_array(w(1, 8 * H), "B1"),
              i64("one", [1]), i64("two", [2]), i64("hid", [H]), i64("perm_shape", [0, 0, -1]),
-             i64("ax1", [1]), i64("ax0", [0])]
+             i64("ax1", [1]), i64("ax0", [0]), i64("three", [3])]
     nodes = []
     if gather_vocab:
         inits.append(nh.from_array(w(gather_vocab, I), "table"))
@@ -161,15 +162,15 @@ def torch_stacked_lstm(S=6, B=3, I=5, H=4, batch_dim=None, seed=0, gather_vocab=
     nodes += [
         oh.make_node("Shape", ["x"], ["xs"]),
         oh.make_node("Gather", ["xs", "ax1"], ["nb"], axis=0),
-        oh.make_node("Concat", ["two", "nb", "hid"], ["s0"], axis=0),
-        oh.make_node("ConstantOfShape", ["s0"], ["h0"], value=zero),
-        oh.make_node("ConstantOfShape", ["s0"], ["c0"], value=zero),
+        oh.make_node("Concat", ["three", "nb", "hid"], ["s0"], axis=0),
+        oh.make_node("ConstantOfShape", ["s0"], ["hx"], value=zero),
+        oh.make_node("Slice", ["hx", "ax0", "two", "ax0"], ["h0"]),
+        oh.make_node("Slice", ["hx", "ax0", "two", "ax0"], ["c0"]),
         oh.make_node("LSTM", ["x", "W0", "R0", "B0", "", "h0", "c0"], ["Y0", "Yh0", "Yc0"], hidden_size=H,
                      direction="bidirectional"),
         oh.make_node("Transpose", ["Y0"], ["Y0t"], perm=[0, 2, 1, 3]),
         oh.make_node("Reshape", ["Y0t", "perm_shape"], ["x1"]),
-        oh.make_node("Concat", ["one", "nb", "hid"], ["s1"], axis=0),
-        oh.make_node("ConstantOfShape", ["s1"], ["h1"], value=zero),
+        oh.make_node("Slice", ["hx", "two", "three", "ax0"], ["h1"]),
         oh.make_node("LSTM", ["x1", "W1", "R1", "B1", "", "h1", "h1"], ["Y1", "Yh1", "Yc1"], hidden_size=H),
         oh.make_node("Squeeze", ["Y1", "ax1"], ["out_sb" if batch_first else "out"]),
     ]
@@ -193,7 +194,7 @@ def test_torch_stacked_lstm_glue_and_zero_states(batch, rng):
     assert len(recs) == 2
     # the glue became layouts, the zero states zero-initialisation
     assert [r.attrs.y_layout for r in recs] == ["sbdh", "sbdh"]
-    assert not {"Transpose", "Squeeze", "ConstantOfShape", "Shape", "LSTM"} & set(names), names
+    assert not {"Transpose", "Squeeze", "ConstantOfShape", "Shape", "Slice", "LSTM"} & set(names), names
     assert all(_operand(r, 4) is None and _operand(r, 5) is None for r in recs)
     # layer 1 reads layer 0's Y directly (through its projection)
     assert recs[0].results[0] is recs[1].operands[0].producer.operands[0].producer.operands[0] \
