@@ -153,8 +153,18 @@ BIG_CASES = [("LSTM", dict(), np.float32), ("LSTM", dict(direction="bidirectiona
 
 
 def _big_model(kind, kw, dt):
+    """rnn_model's weights (std 0.4) scaled to std 0.05: with H=256 the recurrence is then
+    contractive (spectral radius ~0.8). At std 0.4 it is chaotic over 64 steps (radius ~6): fp32
+    rounding differences of the GEMM's summation order grow to sign flips, a property of the
+    random model, not of the kernel."""
+    from onnx import numpy_helper as nh
     kw = dict(dict(S=64, Bn=4, I=256, H=256), **kw)
-    return rnn_model(kind, dt=dt, **kw)
+    model, spec = rnn_model(kind, dt=dt, **kw)
+    for init in model.graph.initializer:
+        if init.name in ("W", "R", "B"):
+            a = nh.to_array(init)
+            init.CopyFrom(nh.from_array((a * (0.05 / 0.4)).astype(a.dtype), init.name))
+    return model, spec
 
 
 def test_big_projection_is_one_gemm(tmp_path):
