@@ -18,6 +18,9 @@ Rewrites (top-level ops of each function, one sweep in program order, linear tim
   (given an edge transpose: one in, instead of one back out) -> the same op on the NHWC forms;
 - an inference BatchNormalization (constant parameters) of an NHWC form -> Mul and Add by
   per-channel [1,1,1,C] constants computed at compile time (the elementwise fusion takes them);
+- ShuffleNet's channel shuffle (Reshape [N,g,C/g,H,W] -> Transpose [0,2,1,3,4] -> Reshape [N,C,H,W],
+  each intermediate read once) of an NHWC form -> the same three ops on it ([N,H,W,g,C/g], perm
+  [0,1,2,4,3]): one strided copy either way;
 - a spatial Resize (constant scales/sizes) of an NHWC form whose result feeds a Conv, Concat, Resize
   or pool -> Resize of it with scales/sizes permuted (resizing is separable per axis);
 - Slice (constant starts/ends/axes/steps) of an NHWC form -> Slice of it on the physical axes;
@@ -98,7 +101,8 @@ class _Assign:
         self.orphans: list[Value] = []        # weights of rewritten convs (removed if unused)
         self.changed = False
         self.recorded: list[Value] = []  # values tagged #nhwc (untagged again on restore)
-        self.uses = users(func)  # of the ops as they were (Resize looks at its result's users)
+        self.uses = users(func)  # of the ops as they were (Resize, channel shuffles look at users)
+        self.absorbed: set[int] = set()  # ids of ops a pattern rewrite replaced with its first op
         self.init = input_independent(func, DYNAMIC_OPS)  # ids of values computed from constants only
         self.saved = 0  # launches the rewrite saves: NCHW convs' layout kernels, cancelled transposes
         self.extra = 0  # launches it adds besides its transposes: NHWC channel Concats' copies
@@ -205,9 +209,15 @@ class _Assign:
         new_ops: list = []
         b = Builder(Region([], new_ops, []), self.module.weights, self.names)
         for op in r.ops:
+            if id(op) in self.absorbed:  # the rest of a channel shuffle rewritten at its first op
+                continue
             self.subst.apply(op)
             done = False
-            if op.name == "Conv" and self._conv_ok(op):
+            shuffle = self._shuffle_of(op) if op.name == "Reshape" else None
+            if shuffle is not None:
+                self._shuffle(op, shuffle, b)
+                done = True
+            elif op.name == "Conv" and self._conv_ok(op):
                 self._conv(op, b)
                 done = True
             elif op.name in POOLS and len(op.results) == 1 and _static4(op.operands[0]) \
@@ -310,6 +320,47 @@ class _Assign:
         m = self._tag(self._emit(b, "Mul", [xn, ins[0]], {}, op.loc, y.name + "_mul_nhwc"))
         yn = self._emit(b, "Add", [m, ins[1]], {}, op.loc, y.name + "_nhwc")
         self._finish(op, yn, b)
+
+    def _only_user(self, v: Value) -> Optional[Op]:
+        us = self.uses.get(id(v), ())
+        return us[0] if len(us) == 1 and id(v) not in self.keep_defined else None
+
+    def _shuffle_of(self, op: Op):
+        """ShuffleNet's channel shuffle Reshape [N,C,H,W] -> [N,g,C/g,H,W], Transpose [0,2,1,3,4],
+        Reshape -> [N,C,H,W] of a value with an NHWC form: (g, the Transpose, the last Reshape)."""
+        x, r1 = op.operands[0], op.results[0]
+        if not (_static4(x) and self._has(x) and r1.type.is_static and r1.type.rank == 5):
+            return None
+        N, C, H, W = x.type.shape
+        n, g, cg, h, w = r1.type.shape
+        if (n, h, w) != (N, H, W) or g * cg != C or g == 1 or cg == 1:
+            return None
+        t = self._only_user(r1)
+        if t is None or t.name != "Transpose" or tuple(t.attrs.perm or ()) != (0, 2, 1, 3, 4):
+            return None
+        r2 = self._only_user(t.results[0])
+        if r2 is None or r2.name != "Reshape" or r2.operands[0] is not t.results[0] or \
+                tuple(r2.results[0].type.shape or ()) != (N, C, H, W):
+            return None
+        return g, t, r2
+
+    def _shuffle(self, op: Op, shuffle, b: Builder):
+        """The shuffle on the NHWC form: Reshape [N,H,W,g,C/g], Transpose [0,1,2,4,3], Reshape
+        [N,H,W,C] (one strided copy, as on NCHW); the NCHW chain's other two ops are dropped."""
+        g, t, r2 = shuffle
+        x, y = op.operands[0], r2.results[0]
+        N, C, H, W = x.type.shape
+        loc = op.loc
+        s5 = b.constant(np.array([N, H, W, g, C // g], np.int64), y.name + "_groups_shape", loc)
+        self.created.add(id(b.region.ops[-1]))
+        v5 = self._emit(b, "Reshape", [self.nhwc[id(x)], s5], {}, loc, y.name + "_groups_nhwc")
+        t5 = self._emit(b, "Transpose", [v5], {"perm": [0, 1, 2, 4, 3]}, t.loc, y.name + "_shuffled_nhwc")
+        self.created.discard(id(b.region.ops[-1]))  # the shuffle's own copy, not an added transpose
+        s4 = b.constant(np.array([N, H, W, C], np.int64), y.name + "_shape_nhwc", loc)
+        self.created.add(id(b.region.ops[-1]))
+        yn = self._emit(b, "Reshape", [t5, s4], {}, r2.loc, y.name + "_nhwc")
+        self.absorbed |= {id(t), id(r2)}
+        self._finish(r2, yn, b)
 
     def _resize_ok(self, op: Op) -> bool:
         """Spatial-only Resize of an NHWC form whose result feeds an op that runs NHWC (else the

@@ -228,3 +228,75 @@ def test_gpu_nhwc_resize_matches_interpreter(dt, mode, tmp_path, rng):
         got = np.asarray(g.run(feed, output="numpy", poison=True)["y"]).astype(np.float64)
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * max(1.0, float(np.abs(ref).max())))
+
+
+# ShuffleNet's channel shuffle between convs (groups of 8 channels)
+SHUFFLE = """func @main(%x: {dt}[1,16,4,4]) -> ({dt}[1,16,4,4]{extra_ret}) {{
+  %w1 = const() {{weight = "w1"}} : {dt}[16,16,3,3]
+  %w2 = const() {{weight = "w2"}} : {dt}[16,16,3,3]
+  %s5 = const() {{value = dense<[1, 2, 8, 4, 4]> : i64[5]}} : i64[5]
+  %s4 = const() {{value = dense<[1, 16, 4, 4]> : i64[4]}} : i64[4]
+  %c1 = Conv(%x, %w1) {{pads = [1, 1, 1, 1]}} : {dt}[1,16,4,4]
+  %r = Relu(%c1) : {dt}[1,16,4,4]
+  %g = Reshape(%r, %s5) : {dt}[1,2,8,4,4]
+  %t = Transpose(%g) {{perm = [0, 2, 1, 3, 4]}} : {dt}[1,8,2,4,4]
+  %sh = Reshape(%t, %s4) : {dt}[1,16,4,4]
+  %y = Conv(%sh, %w2) {{pads = [1, 1, 1, 1]}} : {dt}[1,16,4,4]
+  return %y{extra}
+}}
+"""
+
+
+def _shuffle(dt="f16", seed=0, extra=False, passes=None):
+    m = parse(SHUFFLE.format(dt=dt, extra_ret=f", {dt}[1,8,2,4,4]" if extra else "", extra=", %t" if extra else ""))
+    m.weights = WeightStore()
+    g = np.random.default_rng(seed)
+    for k in ("w1", "w2"):
+        m.weights.arrays[k] = (g.standard_normal((16, 16, 3, 3)) * 0.3).astype(dtype(dt).np)
+    verify(m)
+    if passes is None:
+        prec = {"f16": "fp16", "bf16": "bf16"}[dt]
+        passes = [p for p in pipeline_passes(prec) if p not in ("to-fp16", "to-bf16")]
+    Pipeline(passes, verify_each=True).run(m)
+    return m
+
+
+def test_channel_shuffle_runs_nhwc_exact_in_the_arena(rng):
+    m = _shuffle()
+    ts = [op for op in m.main.walk() if op.name == "Transpose"]
+    assert [tuple(op.attrs.perm) for op in ts] == [(0, 2, 3, 1), (0, 1, 2, 4, 3), (0, 3, 1, 2)]
+    plan = lower(m, {"arch": "sm_90", "precision": "fp16"})
+    names = [plan.kernels[l.kernel].name for l in plan.launches if l.kernel]
+    assert not any(n.startswith("nnc_layout") for n in names), names
+    assert sum("transpose" in n for n in names) == 3, names  # 2 edges + the shuffle (as on NCHW)
+    ex = PlanExecutor.from_plan(plan, m)
+    before = _shuffle(passes=[])
+    for _ in range(2):
+        feed = _feed(m, rng)
+        ref, got = Interpreter(m).run(feed), ex.run(feed)
+        assert all(np.array_equal(got[k], ref[k]) for k in ref)
+        want = Interpreter(before).run(feed)["y"].astype(np.float64)
+        np.testing.assert_allclose(ref["y"].astype(np.float64), want, rtol=1e-2, atol=1e-2 * float(np.abs(want).max()))
+
+
+def test_shuffle_with_a_shared_intermediate_is_left_alone():
+    m = _shuffle(extra=True, passes=["assign-layout"])
+    assert any(op.name == "Transpose" and tuple(op.attrs.perm) == (0, 2, 1, 3, 4) for op in m.main.ops)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", ["f16", "bf16"])
+def test_gpu_nhwc_channel_shuffle_matches_interpreter(dt, tmp_path, rng):
+    import nnc
+    from nnc.codegen.emit import compile_to_dir
+    prec = {"f16": "fp16", "bf16": "bf16"}[dt]
+    m = _shuffle(dt)
+    compile_to_dir(m, tmp_path, arch=None, precision=prec)
+    g = nnc.load(tmp_path)
+    tol = 1e-2 if dt == "f16" else 4e-2
+    for _ in range(2):
+        feed = _feed(m, rng)
+        ref = Interpreter(m).run(feed)["y"].astype(np.float64)
+        got = np.asarray(g.run(feed, output="numpy", poison=True)["y"]).astype(np.float64)
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * max(1.0, float(np.abs(ref).max())))
