@@ -27,6 +27,7 @@ And folds what surrounds it:
   Gather(table.Wcat + b, ids) exactly, so the whole projection becomes one Gather of a
   precomputed [V, D*gates*H] table (computed in float64, rounded once) when that table is at most
   GATHER_TABLE_MAX_BYTES. Larger vocabularies keep Gather -> GEMM.
+Trailing results nobody reads (Y_c, Y_h) are dropped, so the kernels do not write them.
 Left alone (they keep the ONNX op and its own lowering): W or B not constant, activations that
 are not one IR op (affine, scaledtanh), X and W of different dtypes.
 Requires: a verified module, constants folded (run after fold-constants / canonicalize / simplify,
@@ -265,9 +266,12 @@ class _Rewriter:
                  "layout": int(p["a"].layout), "y_layout": chain[1] if chain else "", "g_layout": p["g_layout"],
                  "body_backward": back}
         operands = [G, p["R"], rbh, p["P"], p["h0"], p["c0"], p["lens"]]
-        new = b.create("recurrence", operands, attrs, num_results=len(op.results), loc=loc)
-        rec = new[0].producer
         results = list(op.results)
+        while len(results) > 1 and not self.uses.get(id(results[-1])) \
+                and not any(r is results[-1] for r in self.f.results):
+            results.pop()  # an unread Y_c / Y_h is not computed
+        new = b.create("recurrence", operands, attrs, num_results=len(results), loc=loc)
+        rec = new[0].producer
         if chain:
             results[0] = chain[2]
         for i, (old, fresh) in enumerate(zip(results, new)):

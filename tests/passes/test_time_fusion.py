@@ -292,7 +292,7 @@ GOLDEN_OUT = """func @main(%x: f32[2,1,1]) -> (f32[2,1,1]) {
   %Y.proj2d = Gemm(%Y.x2d, %Y.wcat, %Y.bcat) : f32[2,4]
   %1 = const() {value = dense<[2, 1, 4]> : i64[3]} : i64[3]
   %Y.proj = Reshape(%Y.proj2d, %1) : f32[2,1,4]
-  %y, %Yh = recurrence(%Y.proj, %R) {body = region(%g: f32[1,4], %h: f32[1,1], %c: f32[1,1], %r: f32[4,1]) {
+  %y = recurrence(%Y.proj, %R) {body = region(%g: f32[1,4], %h: f32[1,1], %c: f32[1,1], %r: f32[4,1]) {
     %hr = Gemm(%h, %r) {transB = 1} : f32[1,4]
     %gates = Add(%g, %hr) : f32[1,4]
     %gi, %go, %gf, %gc = Split(%gates) {axis = 1, num_outputs = 4} : f32[1,1], f32[1,1], f32[1,1], f32[1,1]
@@ -306,7 +306,7 @@ GOLDEN_OUT = """func @main(%x: f32[2,1,1]) -> (f32[2,1,1]) {
     %4 = Tanh(%c_next) : f32[1,1]
     %h_next = Mul(%o, %4) : f32[1,1]
     return %h_next, %c_next
-  }, kind = "LSTM", hidden_size = 1, y_layout = "sbdh"} : f32[2,1,1], f32[1,1,1]
+  }, kind = "LSTM", hidden_size = 1, y_layout = "sbdh"} : f32[2,1,1]
   return %y
 }
 """
