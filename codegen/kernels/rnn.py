@@ -234,10 +234,12 @@ def recurrence_space(spec: RecurrenceSpec, target: Target) -> list[dict]:
                         if threads:
                             tilings.append((cost, threads, tr, tb, ks, lay["NSB"]))
             tilings.sort()
+            kperms = (False, True) if r_smem and _vec(spec) == 8 and spec.H % 8 == 0 else (False,)
             for cost, threads, tr, tb, ks, nsb_real in tilings[:2]:
                 for sync in SYNCS:
-                    out.append(dict(sync=sync, nsb=nsb_real, tr=tr, tb=tb, ks=ks, threads=threads,
-                                    r_smem=r_smem))
+                    for kperm in kperms:
+                        out.append(dict(sync=sync, nsb=nsb_real, tr=tr, tb=tb, ks=ks, threads=threads,
+                                        r_smem=r_smem, kperm=kperm))
             if tilings:
                 break  # R in smem fits: streaming it is never better
     return out
@@ -248,6 +250,9 @@ def recurrence_default(spec: RecurrenceSpec, target: Target, space: Optional[lis
     DEFAULT_SYNC (the measured-faster scheme, tools/bench_rnn.py)."""
     space = recurrence_space(spec, target) if space is None else space
     for p in space:
+        if p["sync"] == DEFAULT_SYNC and p.get("kperm", False) == DEFAULT_KPERM:
+            return dict(p)
+    for p in space:
         if p["sync"] == DEFAULT_SYNC:
             return dict(p)
     return dict(space[0])
@@ -256,6 +261,9 @@ def recurrence_default(spec: RecurrenceSpec, target: Target, space: Optional[lis
 # measured (tools/bench_rnn.py, H200, 2026-12-02): LSTM 2x512 b1 fp32 0.68 ms barrier vs 0.89 ms flags,
 # fp16 0.55 vs 0.64 (acquire polls then); the floor (RNN H=64 b1) 1.46 vs 1.33 us a step
 DEFAULT_SYNC = "barrier"
+# the permuted k order of fp16/bf16 R in smem (conflict-free h reads): written after the last GPU
+# run, compile-checked only, so off by default until measured (tools/bench_rnn.py --kperm)
+DEFAULT_KPERM = False
 
 
 def sync_words(spec: RecurrenceSpec, params: dict) -> int:
@@ -279,6 +287,7 @@ def render_params(spec: RecurrenceSpec, params: dict) -> dict:
                 has_yc=spec.has_yc and spec.kind == "LSTM", sync=params["sync"], NSB=lay["NSB"], HS=lay["HS"],
                 ROWSP=lay["ROWSP"], BP=lay["BP"], HP=lay["HP"], R_BYTES=lay["R_BYTES"], R_SMEM=params["r_smem"],
                 TR=params["tr"], TB=params["tb"], KS=params["ks"], VEC=_vec(spec), NTHR=params["threads"],
+                KPERM=bool(params.get("kperm", False)),
                 layout=0, lbr=spec.linear_before_reset)
 
 

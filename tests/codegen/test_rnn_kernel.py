@@ -184,3 +184,21 @@ def test_gpu_gemm_projection_matches_interpreter(case, tmp_path, rng):
     compile_to_dir(mod, tmp_path, arch=None)
     for _ in range(2):
         _compare(f"big{case}", tmp_path, mod, _feed(spec, rng))
+
+
+# the permuted k order of fp16 R in smem (space parameter kperm; rnn.DEFAULT_KPERM)
+KPERM_CASES = [c for c in GPU_CASES if c[2] == np.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,dirn,dt,b", KPERM_CASES,
+                         ids=[f"{k}-{d[:3]}-b{b}" for k, d, t, b in KPERM_CASES])
+def test_gpu_kperm_matches_interpreter(kind, dirn, dt, b, tmp_path, monkeypatch, rng):
+    model, spec = _gpu_model(kind, dirn, dt, b)
+    monkeypatch.setattr(rnn, "DEFAULT_KPERM", True)
+    mod = import_model(model)
+    plan = compile_to_dir(mod, tmp_path, arch=None)
+    _, k = _rec_launch(plan)
+    assert k["params"]["KPERM"] is True
+    for _ in range(2):
+        _compare(f"{kind}/{dirn}/kperm", tmp_path, mod, _feed(spec, rng))
