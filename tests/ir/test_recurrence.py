@@ -142,3 +142,29 @@ def test_attrs_are_typed():
     a = m.main.ops[1].attrs
     assert a.kind == "LSTM" and a.hidden_size == 1 and a.y_layout == "" and a.body_backward is None
     assert dataclasses.replace(a, y_layout="sbdh").y_layout == "sbdh"
+
+
+def test_cuda_lowering_refuses_a_body_that_is_no_cell():
+    """A body some pass changed (here Add -> Sub) must not be run as the cell it no longer is."""
+    from nnc.codegen.errors import LoweringError
+    from nnc.codegen.lower import lower
+    from nnc.codegen.options import LowerOptions
+    from nnc.codegen.target import resolve_target
+    text = _lstm_text().replace("%s = Add(%bg, %hr)", "%s = Sub(%bg, %hr)")
+    m = parse(text)
+    m.weights = WeightStore()
+    verify(m)
+    with pytest.raises(LoweringError, match="recurrence.*not a cell the recurrence kernels know"):
+        lower(m, LowerOptions(resolve_target("sm_90"), "fp32", False))
+
+
+def test_cuda_lowering_of_the_text_form():
+    from nnc.codegen.lower import lower
+    from nnc.codegen.options import LowerOptions
+    from nnc.codegen.target import resolve_target
+    m = parse(_lstm_text(y_layout="sbdh").replace(": f32[2,1,1,1]\n  return", ": f32[2,1,1]\n  return")
+              .replace("-> (f32[2,1,1,1])", "-> (f32[2,1,1])"))
+    m.weights = WeightStore()
+    verify(m)
+    plan = lower(m, LowerOptions(resolve_target("sm_90"), "fp32", False))
+    assert any("= recurrence(" in l.op for l in plan.launches)
