@@ -50,12 +50,13 @@ def build(onnx_path: Path, od: Path, prec: str, sync: str) -> Path:
     from nnc.codegen.kernels import rnn
     from nnc.driver import compile_model
     if not (od / "plan.json").exists():
-        old = rnn.DEFAULT_SYNC, rnn.DEFAULT_KPERM
-        rnn.DEFAULT_SYNC, rnn.DEFAULT_KPERM = sync, bool(ARGS and ARGS.kperm)
+        old = rnn.DEFAULT_SYNC, rnn.DEFAULT_KPERM, rnn.DEFAULT_STAGE_BATCH
+        rnn.DEFAULT_SYNC, rnn.DEFAULT_KPERM, rnn.DEFAULT_STAGE_BATCH = (sync, bool(ARGS and ARGS.kperm),
+                                                                        bool(ARGS and ARGS.stage_batch))
         try:
             compile_model(str(onnx_path), od, precision=prec)
         finally:
-            rnn.DEFAULT_SYNC, rnn.DEFAULT_KPERM = old
+            rnn.DEFAULT_SYNC, rnn.DEFAULT_KPERM, rnn.DEFAULT_STAGE_BATCH = old
     return od
 
 
@@ -129,12 +130,13 @@ def bench_one(name: str, batch: int, work: Path, precs, syncs, floor: dict):
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     tm32 = spec.torch_module().cuda()
     for prec in precs:
-        r = {"part": "bench", "model": name, "batch": batch, "prec": prec, "kperm": bool(ARGS.kperm)}
+        r = {"part": "bench", "model": name, "batch": batch, "prec": prec, "kperm": bool(ARGS.kperm),
+             "stage_batch": bool(ARGS.stage_batch)}
         mods = {}
         for sync in syncs:
             try:
                 t0 = time.time()
-                od = build(path, work / f"{name}_b{batch}_{prec}_{sync}{'_kperm' if ARGS.kperm else ''}", prec, sync)
+                od = build(path, work / f"{name}_b{batch}_{prec}_{sync}{'_kperm' if ARGS.kperm else ''}{'_sb' if ARGS.stage_batch else ''}", prec, sync)
                 m = nnc.load(od)
                 r[f"compile_s_{sync}"] = round(time.time() - t0, 1)
                 xin = x.astype(m.inputs[0].dtype)
@@ -186,7 +188,7 @@ def bench_one(name: str, batch: int, work: Path, precs, syncs, floor: dict):
                 if ps:
                     r[f"step_bound_us_{sync}"] = step_bound_us(ps[-1], floor.get(sync, 1.0))
                     r[f"rec_params_{sync}"] = {k: ps[-1].get(k) for k in ("NSB", "HS", "TR", "TB", "KS", "NTHR", "R_SMEM",
-                                                                           "KPERM")}
+                                                                           "KPERM", "STAGE_BATCH")}
                 r["launches"] = len(m.plan["launches"])
             except Exception as e:
                 r[f"per_step_error_{sync}"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -226,6 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--floor", action="store_true", help="measure the per-step sync floor first")
     ap.add_argument("--torch-compile", action="store_true")
     ap.add_argument("--kperm", action="store_true", help="fp16/bf16 R in the permuted k order (space param kperm)")
+    ap.add_argument("--stage-batch", action="store_true", help="h staged 8 loads a thread in flight (stage_batch)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/rnn_bench"))
     ap.add_argument("--out", type=Path, default=None)
     ARGS = ap.parse_args(argv)

@@ -238,8 +238,9 @@ def recurrence_space(spec: RecurrenceSpec, target: Target) -> list[dict]:
             for cost, threads, tr, tb, ks, nsb_real in tilings[:2]:
                 for sync in SYNCS:
                     for kperm in kperms:
-                        out.append(dict(sync=sync, nsb=nsb_real, tr=tr, tb=tb, ks=ks, threads=threads,
-                                        r_smem=r_smem, kperm=kperm))
+                        for stage_batch in (False, True):
+                            out.append(dict(sync=sync, nsb=nsb_real, tr=tr, tb=tb, ks=ks, threads=threads,
+                                            r_smem=r_smem, kperm=kperm, stage_batch=stage_batch))
             if tilings:
                 break  # R in smem fits: streaming it is never better
     return out
@@ -250,7 +251,8 @@ def recurrence_default(spec: RecurrenceSpec, target: Target, space: Optional[lis
     DEFAULT_SYNC (the measured-faster scheme, tools/bench_rnn.py)."""
     space = recurrence_space(spec, target) if space is None else space
     for p in space:
-        if p["sync"] == DEFAULT_SYNC and p.get("kperm", False) == DEFAULT_KPERM:
+        if (p["sync"] == DEFAULT_SYNC and p.get("kperm", False) == DEFAULT_KPERM
+                and p.get("stage_batch", False) == DEFAULT_STAGE_BATCH):
             return dict(p)
     for p in space:
         if p["sync"] == DEFAULT_SYNC:
@@ -264,6 +266,9 @@ DEFAULT_SYNC = "barrier"
 # the permuted k order of fp16/bf16 R in smem (conflict-free h reads): written after the last GPU
 # run, compile-checked only, so off by default until measured (tools/bench_rnn.py --kperm)
 DEFAULT_KPERM = False
+# h staged with 8 loads a thread in flight (space parameter stage_batch): likewise written after
+# the last GPU run (the suspected cost at batch 16-32: ~10 us a step against a ~3 us bound)
+DEFAULT_STAGE_BATCH = False
 
 
 def sync_words(spec: RecurrenceSpec, params: dict) -> int:
@@ -287,7 +292,7 @@ def render_params(spec: RecurrenceSpec, params: dict) -> dict:
                 has_yc=spec.has_yc and spec.kind == "LSTM", sync=params["sync"], NSB=lay["NSB"], HS=lay["HS"],
                 ROWSP=lay["ROWSP"], BP=lay["BP"], HP=lay["HP"], R_BYTES=lay["R_BYTES"], R_SMEM=params["r_smem"],
                 TR=params["tr"], TB=params["tb"], KS=params["ks"], VEC=_vec(spec), NTHR=params["threads"],
-                KPERM=bool(params.get("kperm", False)),
+                KPERM=bool(params.get("kperm", False)), STAGE_BATCH=bool(params.get("stage_batch", False)),
                 layout=0, lbr=spec.linear_before_reset)
 
 

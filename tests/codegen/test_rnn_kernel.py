@@ -91,7 +91,15 @@ def test_every_point_compiles(name, tmp_path, monkeypatch):
     # every point of the declared space, through the normal compile path
     got = _space_of(mod)
     assert len(got) >= 2
-    for i, params in enumerate(got):
+    # a covering subset (the CPU is small): every (sync, kperm, stage_batch) and every geometry once
+    seen, todo = set(), []
+    for params in got:
+        keys = {("flags", params["sync"], params.get("kperm"), params.get("stage_batch")),
+                ("geometry", params["nsb"], params["tr"], params["tb"], params["ks"], params["r_smem"])}
+        if keys - seen:
+            seen |= keys
+            todo.append(params)
+    for i, params in enumerate(todo):
         _, plan = _compile(model, tmp_path / f"p{i}", params, monkeypatch)
         launch, k = _rec_launch(plan)
         assert k["params"]["sync"] == params["sync"] and k["params"]["NSB"] == params["nsb"]
@@ -202,3 +210,17 @@ def test_gpu_kperm_matches_interpreter(kind, dirn, dt, b, tmp_path, monkeypatch,
     assert k["params"]["KPERM"] is True
     for _ in range(2):
         _compare(f"{kind}/{dirn}/kperm", tmp_path, mod, _feed(spec, rng))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,dirn,dt,b", GPU_CASES,
+                         ids=[f"{k}-{d[:3]}-{np.dtype(t).name}-b{b}" for k, d, t, b in GPU_CASES])
+def test_gpu_stage_batch_matches_interpreter(kind, dirn, dt, b, tmp_path, monkeypatch, rng):
+    model, spec = _gpu_model(kind, dirn, dt, b)
+    monkeypatch.setattr(rnn, "DEFAULT_STAGE_BATCH", True)
+    mod = import_model(model)
+    plan = compile_to_dir(mod, tmp_path, arch=None)
+    _, k = _rec_launch(plan)
+    assert k["params"]["STAGE_BATCH"] is True
+    for _ in range(2):
+        _compare(f"{kind}/{dirn}/stage_batch", tmp_path, mod, _feed(spec, rng))
