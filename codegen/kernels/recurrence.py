@@ -55,7 +55,19 @@ def _strides(a, S, B, D, H, GH):
     return g, y, st
 
 
-def spec_of(op, tensor) -> rnn.RecurrenceSpec:
+def y_is_read(op, func) -> bool:
+    """Whether anything reads the recurrence's Y (a graph output, an op's operand, a region's
+    result): when nothing does (an encoder passing on only Y_h), the kernels do not write it."""
+    y = op.results[0]
+    if any(r is y for r in func.results):
+        return True
+    for o in func.walk():
+        if any(v is y for v in o.operands) or any(r is y for _, reg in o.regions() for r in reg.results):
+            return True
+    return False
+
+
+def spec_of(op, tensor, y_read: bool = True) -> rnn.RecurrenceSpec:
     """The RecurrenceSpec of a recurrence op; tensor(i): operand i's TensorInfo/Buffer or None."""
     a = op.attrs
     cells = _cells(op)
@@ -73,7 +85,7 @@ def spec_of(op, tensor) -> rnn.RecurrenceSpec:
         has_h0=tensor(4) is not None, has_c0=tensor(5) is not None, has_peep=tensor(3) is not None,
         has_rbh=tensor(2) is not None, has_lens=lens is not None,
         lens_dtype=lens.dtype.short if lens is not None else "i32",
-        has_y=True, has_yh=n > 1, has_yc=a.kind == "LSTM" and n > 2)
+        has_y=y_read, has_yh=n > 1, has_yc=a.kind == "LSTM" and n > 2)
 
 
 def _common_checks(p):
@@ -99,7 +111,8 @@ def _common_checks(p):
 
 def _spec(p):
     if "rec_spec" not in p.memo:
-        p.memo["rec_spec"] = spec_of(p.op, p.tensor)  # NncError (a body that is no cell) -> located
+        # NncError (a body that is no cell) -> located by the driver
+        p.memo["rec_spec"] = spec_of(p.op, p.tensor, len(p.op.results) == 1 or y_is_read(p.op, p.L.module.main))
     return p.memo["rec_spec"]
 
 
@@ -117,7 +130,8 @@ def _persistent_applies(p):
 def _persistent_render(ctx: LowerCtx, p, params):
     spec = _spec(p)
     a = ctx.attrs
-    rnn.emit_recurrence(ctx, spec, params, g=ctx.inp(0), r=ctx.inp(1), y=ctx.out(0),
+    y = ctx.out(0)  # defined even when unread (then no kernel writes it)
+    rnn.emit_recurrence(ctx, spec, params, g=ctx.inp(0), r=ctx.inp(1), y=y if spec.has_y else None,
                         yh=ctx.out(1) if spec.has_yh else None, yc=ctx.out(2) if spec.has_yc else None,
                         h0=ctx.inp(4), c0=ctx.inp(5) if a.kind == "LSTM" else None,
                         peep=ctx.inp(3), rbh=ctx.inp(2), lens=ctx.inp(6))
@@ -143,7 +157,8 @@ def _fallback_applies(p):
 def _fallback_render(ctx: LowerCtx, p, params):
     spec = _spec(p)
     a = ctx.attrs
-    rnn.emit_recurrence_fallback(ctx, spec, params, g=ctx.inp(0), r=ctx.inp(1), y=ctx.out(0),
+    y = ctx.out(0)  # defined even when unread (then no kernel writes it)
+    rnn.emit_recurrence_fallback(ctx, spec, params, g=ctx.inp(0), r=ctx.inp(1), y=y if spec.has_y else None,
                                  yh=ctx.out(1) if spec.has_yh else None, yc=ctx.out(2) if spec.has_yc else None,
                                  h0=ctx.inp(4), c0=ctx.inp(5) if a.kind == "LSTM" else None,
                                  peep=ctx.inp(3), rbh=ctx.inp(2), lens=ctx.inp(6))

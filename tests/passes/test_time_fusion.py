@@ -465,3 +465,25 @@ def test_random_configurations(seed, rng):
     m, _ = rnn_model(kind, **kw)
     glue = kw["layout"] == 0 and np.random.default_rng(seed + 1000).integers(2)
     _check(import_model(with_glue(m) if glue else m), rng, passes=pipeline_passes("fp32"), rtol=1e-5)
+
+
+def test_unread_y_is_not_written(tmp_path):
+    """An encoder that passes on only Y_h: the recurrence keeps Y as result 0 but no kernel writes it."""
+    import json
+    import nnc
+    for kind, kw in (("LSTM", {}), ("GRU", {})):  # persistent and fallback variants
+        m, _ = rnn_model(kind, outputs=("Y", "Y_h"), H=16, **kw)
+        m.graph.node[0].output[0] = ""  # ONNX: Y not produced
+        keep = [o for o in m.graph.output if o.name != "Y"]
+        del m.graph.output[:]
+        m.graph.output.extend(keep)
+        d = tmp_path / kind
+        nnc.compile(m, out=str(d), backend="reference", codegen=True).close()
+        plan = json.loads((d / "plan.json").read_text())
+        rec = [k for k in plan["kernels"] if k["name"].startswith("nnc_coop_")]
+        assert rec and all(k["params"].get("has_y") is False for k in rec), [k["params"].get("has_y") for k in rec]
+        ref = nnc.load(str(d), backend="reference")  # the plan in its arena still gives Y_h
+        feed = {a.name: np.random.default_rng(0).standard_normal([int(x) for x in a.shape]).astype(a.dtype)
+                for a in ref.inputs}
+        want = Interpreter(import_model(m)).run(feed)
+        _close(want, ref.run(feed, output="numpy"), 1e-5)
