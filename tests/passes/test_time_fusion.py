@@ -337,6 +337,15 @@ def with_glue(m):
     return m
 
 
+def y_h_only(m):
+    """m's node without its Y output (ONNX: ""), the graph returning only Y_h (an encoder)."""
+    m.graph.node[0].output[0] = ""
+    keep = [o for o in m.graph.output if o.name != "Y"]
+    del m.graph.output[:]
+    m.graph.output.extend(keep)
+    return m
+
+
 COMPILE_CASES = {
     "stacked_lstm": lambda: torch_stacked_lstm(S=8, B=4, I=16, H=32),
     "gru_lbr0_bidir": lambda: rnn_model("GRU", direction="bidirectional", lens=[5, 3, 1], h0=True)[0],
@@ -350,6 +359,8 @@ COMPILE_CASES = {
                                                      layout=0, H=70, lens=[5, 1, 3])[0]),
     "embedding_lstm": lambda: torch_stacked_lstm(S=8, B=4, I=16, H=32, gather_vocab=50),
     "batch_first_lstm": lambda: torch_stacked_lstm(S=8, B=4, I=16, H=32, batch_first=True),
+    "lstm_yh_only": lambda: y_h_only(rnn_model("LSTM", outputs=("Y", "Y_h"), H=16, direction="bidirectional")[0]),
+    "gru_yh_only": lambda: y_h_only(rnn_model("GRU", outputs=("Y", "Y_h"), H=16, lens=[5, 2, 4])[0]),
 }
 
 
@@ -472,11 +483,7 @@ def test_unread_y_is_not_written(tmp_path):
     import json
     import nnc
     for kind, kw in (("LSTM", {}), ("GRU", {})):  # persistent and fallback variants
-        m, _ = rnn_model(kind, outputs=("Y", "Y_h"), H=16, **kw)
-        m.graph.node[0].output[0] = ""  # ONNX: Y not produced
-        keep = [o for o in m.graph.output if o.name != "Y"]
-        del m.graph.output[:]
-        m.graph.output.extend(keep)
+        m = y_h_only(rnn_model(kind, outputs=("Y", "Y_h"), H=16, **kw)[0])
         d = tmp_path / kind
         nnc.compile(m, out=str(d), backend="reference", codegen=True).close()
         plan = json.loads((d / "plan.json").read_text())
