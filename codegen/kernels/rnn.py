@@ -95,8 +95,8 @@ def _rnn(ctx: LowerCtx):
 
 # ---------------------------------------------------------------- the persistent on-chip recurrence
 
-CT = {"f32": "float", "f16": "__half", "bf16": "__nv_bfloat16"}
-ESIZE = {"f32": 4, "f16": 2, "bf16": 2}
+CT = {s: TABLE[s].ctype for s in FLOATS}  # from the one dtype table (codegen/dtypes.py)
+ESIZE = {s: TABLE[s].itemsize for s in FLOATS}
 SYNCS = ("flags", "barrier")
 SYNC_WORDS_PER_DIR = 32  # barrier counters one 128-byte line apart; flags need D*NSB words
 
