@@ -14,6 +14,7 @@ eager (cuDNN) at the same precision, torch.compile with --torch-compile.
   measured by --floor (an RNN with hidden 64, batch 1: nothing but the per-step latency chain).
 
     python tools/bench_rnn.py --models lstm2x512 --batches 1 --out $OUT [--floor] [--torch-compile]
+        [--budget-s 120] [--kperm] [--stage-batch]
 
 Rows go to OUT/bench_rnn.jsonl as they finish (a later call with other --models appends); a short
 table is printed last.
@@ -231,6 +232,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stage-batch", action="store_true", help="h staged 8 loads a thread in flight (stage_batch)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/rnn_bench"))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="start no new model/batch after this many seconds (so the table still prints in a "
+                         "time-limited call); 0: no limit")
     ARGS = ap.parse_args(argv)
     ARGS.work.mkdir(parents=True, exist_ok=True)
     if ARGS.out:
@@ -248,6 +252,9 @@ def main(argv=None) -> int:
         for b in MODELS[name].batches:
             if batches and b not in batches:
                 continue
+            if ARGS.budget_s and time.time() - T0 > ARGS.budget_s:
+                print(f"--budget-s {ARGS.budget_s:g} spent: {name} b{b} not run", flush=True)
+                continue
             try:
                 bench_one(name, b, ARGS.work, ARGS.precisions.split(","), ARGS.syncs.split(","), floor)
             except Exception as e:
@@ -258,5 +265,6 @@ def main(argv=None) -> int:
 
 
 ARGS = None
+T0 = time.time()
 if __name__ == "__main__":
     raise SystemExit(main())
