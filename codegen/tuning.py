@@ -80,12 +80,12 @@ def tolerance(np_name: str, tf32: bool = False) -> Optional[float]:
 @dataclass
 class RootSpec:
     """A device allocation a capture's launches touch: a root Buffer. data: its constant bytes
-    (weights, pre-transformed); None: random data (fresh values: `shared` ones are the same for
+    (weights, pre-transformed: the array, in the buffer's dtype); None: random data (fresh values: `shared` ones are the same for
     every candidate of the problem) or poison (results)."""
     id: int
     np_name: str
     nbytes: int
-    data: Optional[bytes]
+    data: Optional[np.ndarray]
     shared: bool  # existed before the render (an operand): same bytes for every candidate
     result: bool  # holds one of the op's results (poisoned before a run)
 
@@ -200,8 +200,8 @@ def _describe(cap: Capture, L, op, snap: _Snapshot, tag: str):
             if root.id not in cap.roots:
                 shared = root.id < snap.n_buf
                 data = None
-                if root.data is not None:
-                    data = np.ascontiguousarray(root.data).astype(root.dtype.np, copy=False).tobytes()
+                if root.data is not None:  # the array itself (no copy per candidate: weights are big)
+                    data = np.ascontiguousarray(root.data).astype(root.dtype.np, copy=False)
                 elif shared and root.id not in results and root.dtype.np.kind in "iu" and \
                         root.dtype.np_name not in _RAW_INT_OK:
                     cap.why_not = (f"integer operand {root.name} ({root.dtype.np_name}) is not a constant: "
@@ -372,7 +372,7 @@ class CudaRunner(Runner):
         cp = self.cp
         n = max(spec.nbytes, 1)
         if spec.data is not None:
-            return cp.asarray(np.frombuffer(spec.data, np.uint8))
+            return cp.asarray(spec.data.reshape(-1).view(np.uint8))
         if spec.result:
             a = cp.empty(n, cp.uint8)
             a.fill(0xFF)  # poison: NaN for every float type
@@ -814,7 +814,3 @@ def lower_tuned(module, options, runner: Optional[Runner] = None):
             f"{n_changed} differ from the heuristic, {n_rej} wrong candidates rejected "
             f"({summary['seconds']:.1f} s, {rounds + 1} lowerings)")
     return plan
-
-
-def heuristic_summary(why: str) -> dict:
-    return {"mode": "heuristic", "why": why}
