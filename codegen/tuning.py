@@ -301,6 +301,31 @@ class StandInRunner(Runner):
         return float(self.timer(cap.candidate, cap.params)), outs
 
 
+def compile_captures(captures: Sequence[Capture], arch: str, jobs: Optional[int] = None):
+    """Every captured kernel compiled in one parallel batch through the cubin cache (codegen/cuda.py:
+    one kernel a unit, so a failure names one candidate). Returns (units, cubins, {id(capture):
+    why}) with None for a unit that failed. No GPU needed (NVRTC)."""
+    from . import cuda
+    from .units import make_units
+    kernels = [k for c in captures for k in c.kernels.values()]
+    owner = {k.name: c for c in captures for k in c.kernels.values()}
+    units = [u for k in kernels for u in make_units([k])]
+    failed: dict = {}
+    if not units:
+        return units, [], failed
+    try:
+        cubins = cuda.compile_many(units, arch, jobs=jobs, cache=cuda.CubinCache.default())
+    except cuda.CompileError:
+        cubins = []
+        for u in units:  # find the failing ones (rare: a declared space must compile)
+            try:
+                cubins.append(cuda.compile_many([u], arch, jobs=1, cache=cuda.CubinCache.default())[0])
+            except cuda.CompileError as e:
+                cubins.append(None)
+                failed[id(owner[u.kernels[0]])] = f"compile failed: {str(e).splitlines()[0]}"
+    return units, cubins, failed
+
+
 class CudaRunner(Runner):
     """The GPU (cupy, imported lazily): NVRTC batch compile through the cubin cache, device buffers
     per root, CUDA-event timing with the L2 flushed before each repeat."""
@@ -334,24 +359,8 @@ class CudaRunner(Runner):
     def prepare(self, captures):
         import os
         import tempfile
-        from . import cuda
-        from .units import make_units
-        kernels = [k for c in captures for k in c.kernels.values()]
-        if not kernels:
-            return {}
-        failed = {}
+        units, cubins, failed = compile_captures(captures, self.arch, self.jobs)
         owner = {k.name: c for c in captures for k in c.kernels.values()}
-        units = [u for k in kernels for u in make_units([k])]  # one kernel a unit: a failure names one candidate
-        try:
-            cubins = cuda.compile_many(units, self.arch, jobs=self.jobs, cache=cuda.CubinCache.default())
-        except cuda.CompileError:
-            cubins = []
-            for u in units:  # find the failing ones (rare: a declared space must compile)
-                try:
-                    cubins.append(cuda.compile_many([u], self.arch, jobs=1, cache=cuda.CubinCache.default())[0])
-                except cuda.CompileError as e:
-                    cubins.append(None)
-                    failed[id(owner[u.kernels[0]])] = f"compile failed: {str(e).splitlines()[0]}"
         with tempfile.TemporaryDirectory(prefix="nnc_tune_") as d:
             for i, (u, data) in enumerate(zip(units, cubins)):
                 if data is None:

@@ -401,3 +401,25 @@ def test_layer_names_from_the_model_are_inert_in_the_progress_bar():
             self.results = [V(res)]
     got = tuning.layer_name(Op("x[/bold]\x1b[2J" + "y" * 100))
     assert "[" not in got and "]" not in got and "\x1b" not in got and len(got) < 80
+
+
+def test_every_candidate_kernel_compiles_with_nvrtc_in_one_batch():
+    # what CudaRunner.prepare compiles (no GPU needed): each captured kernel renamed unique, one
+    # kernel a unit; a candidate whose kernel does not compile is named, the others unaffected
+    import dataclasses
+    from nnc.codegen.plan import Kernel
+    mod = _module(_matmul(128, 256, 256), "fp16")
+    survey = tuning.SurveySelector(None)
+    Lowerer(mod, _opts(), survey).run()
+    caps = [c for p in survey.problems.values() for c in [p.baseline] + p.others if not c.why_not]
+    assert len(caps) > 3
+    bad = caps[-1]
+    name, k = next(iter(bad.kernels.items()))
+    bad.kernels = {name: dataclasses.replace(k, body=k.body + "\nthis is not CUDA;\n")}
+    units, cubins, failed = tuning.compile_captures(caps, "sm_90")
+    assert len(units) == sum(len(c.kernels) for c in caps)
+    assert list(failed) == [id(bad)] and failed[id(bad)].startswith("compile failed")
+    assert sum(c is None for c in cubins) == 1
+    for u, data in zip(units, cubins):
+        if data is not None:
+            assert data.startswith(b"\x7fELF") and all(b"\0" + n.encode() + b"\0" in data for n in u.kernels)
