@@ -1,7 +1,8 @@
 """Cross-layer dw+pw fusion on the GPU: MobileNetV2 (tests/models/graphs/mobilenet_v2.graph.onnx,
 refilled with seeded weights by tools/graph_models.py) at fp16, batch 1 and 32, built with the
-default pipeline, without `fuse-cross-layer`, and with it grouping every eligible pair (its `pays`
-bound lifted): launches and median ms (tools/cuda_timing.py);
+default pipeline, without `fuse-cross-layer`, with it grouping every eligible pair (its `pays`
+bound lifted), and without `fuse-pooling` (ResNet-50 too with --models): launches and median ms
+(tools/cuda_timing.py);
 then per layer: one MobileNetV2 inverted-residual block (stem, expand, dw, project, GAP) without
 the pass, with it at the heuristic's tile, and with other tiles of the space (set in the op's
 params); a block's time is the whole small model's, so the difference is the pair's.
@@ -37,6 +38,17 @@ def _without_cross(fn):
         DEFAULT_PIPELINE.insert(i, "fuse-cross-layer")
 
 
+def _without_pooling(fn):
+    """Runs fn with fuse-pooling left out of the default pipeline."""
+    from nnc.pipeline import DEFAULT_PIPELINE
+    i = DEFAULT_PIPELINE.index("fuse-pooling")
+    DEFAULT_PIPELINE.pop(i)
+    try:
+        return fn()
+    finally:
+        DEFAULT_PIPELINE.insert(i, "fuse-pooling")
+
+
 def _every_pair(fn):
     """Runs fn with fuse-cross-layer grouping every eligible pair (its measured `pays` bound lifted)."""
     from nnc.passes import fuse_cross_layer as xl
@@ -68,24 +80,28 @@ def _compile(m, od: Path):
     compile_to_dir(m, od, arch="sm_90", precision="fp16")
 
 
-def build_all(out: Path, batches=(1, 32)):
+def build_all(out: Path, batches=(1, 32), models=("mobilenet_v2",), blocks=True):
     """Every build, compiled for sm_90 on this machine; index.json lists them."""
     from nnc.driver import compile_model
     from nnc.passes import fuse_cross_layer as xl
     from tests.passes.test_fuse_cross_layer import build, dw_pw_ops, inverted_residual
     from tools.graph_models import load_graph_model
     index = []
-    for batch in batches:
-        model = _set_batch(load_graph_model(ROOT / "tests/models/graphs/mobilenet_v2.graph.onnx"), batch)
-        p = out / f"mbv2_b{batch}.onnx"
-        p.write_bytes(model.SerializeToString())
-        for build_name, wrap in (("cross", lambda f: f()), ("nocross", _without_cross), ("every pair", _every_pair)):
-            od = out / f"mbv2_b{batch}_{build_name.replace(' ', '_')}"
-            fn = lambda: compile_model(str(p), od, precision="fp16", arch="sm_90")  # noqa: E731
-            wrap(fn)
-            index.append(dict(group=f"mobilenet_v2 fp16 b{batch}", build=build_name, dir=od.name))
-        p.unlink()
-    for li, (label, kw) in enumerate(LAYERS):
+    builds = {"mobilenet_v2": (("default", lambda f: f()), ("nocross", _without_cross), ("every pair", _every_pair),
+                               ("nopool", _without_pooling)),
+              "resnet50": (("default", lambda f: f()), ("nopool", _without_pooling))}
+    for name in models:
+        for batch in batches:
+            model = _set_batch(load_graph_model(ROOT / f"tests/models/graphs/{name}.graph.onnx"), batch)
+            p = out / f"{name}_b{batch}.onnx"
+            p.write_bytes(model.SerializeToString())
+            for build_name, wrap in builds[name]:
+                od = out / f"{name}_b{batch}_{build_name.replace(' ', '_')}"
+                fn = lambda: compile_model(str(p), od, precision="fp16", arch="sm_90")  # noqa: E731
+                wrap(fn)
+                index.append(dict(group=f"{name} fp16 b{batch}", build=build_name, dir=od.name))
+            p.unlink()
+    for li, (label, kw) in enumerate(LAYERS if blocks else ()):
         for batch in batches:
             model = inverted_residual(n=batch, **kw)
             group = f"block {label} b{batch}"
@@ -121,9 +137,12 @@ def time_all(out: Path):
         rows.append(r)
         print(json.dumps(r), flush=True)
     # the short table: each group's builds against its "nocross" build
-    print("| group | build | ms | launches | vs nocross |")
+    print("| group | build | ms | launches | speed-up vs nocross (or nopool) |")
     print("|---|---|---|---|---|")
-    base = {r["group"]: r["ms"] for r in rows if r["build"] == "nocross"}
+    base = {}
+    for r in rows:
+        if r["build"] in ("nocross", "nopool"):
+            base.setdefault(r["group"], r["ms"])
     for r in rows:
         b = base.get(r["group"])
         ratio = "" if not b else "%.2fx" % (b / r["ms"])
@@ -134,11 +153,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("step", choices=["build", "time"])
     ap.add_argument("dir")
+    ap.add_argument("--models", default="mobilenet_v2", help="comma-separated: mobilenet_v2, resnet50")
+    ap.add_argument("--no-blocks", action="store_true", help="skip the per-layer block builds")
     args = ap.parse_args()
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    build_all(out) if args.step == "build" else time_all(out)
+    if args.step == "build":
+        build_all(out, models=tuple(args.models.split(",")), blocks=not args.no_blocks)
+    else:
+        time_all(out)
     print(f"# {args.step}: {time.time() - t0:.0f} s", flush=True)
     return 0
 
