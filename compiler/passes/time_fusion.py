@@ -17,6 +17,12 @@ And folds what surrounds it:
   recurrence's y_layout ("sbdh" or "bsdh"): the recurrence writes Y in that layout directly and
   the chain goes. Only a chain of single uses of Transposes and views (no view that splits an
   axis) up to a value holding Y as [S,B,D*H] / [B,S,D*H];
+- a bidirectional layer written as two ops (a forward and a reverse op of one kind, same X, same
+  attributes and sequence_lens, constant weights) whose Ys are squeezed and concatenated on the
+  last axis: one bidirectional op (weights stacked) first, so one projection GEMM and one
+  recurrence running both directions at once, written as that Concat (y_layout sbdh); the pair's
+  Y_h/Y_c become the merged op's (a Concat of them on axis 0, torch's h_n, is the merged Y_h
+  itself; read one by one, they are Slices of it);
 - a batch_first input Transpose(x, [1,0,2]) before X: the projection reads x, and the
   recurrence reads G in the other row order (g_layout "bs" / "sb"); the Transpose goes when
   nothing else reads it;
@@ -36,6 +42,8 @@ the precision the LSTM had; the recurrence's state and math stay fp32). Sweeps t
 glue it leaves unread (dce).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -280,7 +288,170 @@ class _Rewriter:
             old.producer = rec
         rec.results = results
 
+    # ------------------------------------------------------------ direction pairs
+
+    def _pair_glue(self, fwd: Op, rev: Op):
+        """The Squeeze/Reshape of each Y and the Concat joining them on the last axis, when the
+        pair's Ys are read only that way: Concat(squeeze(Y_fwd), squeeze(Y_rev), axis=-1) is the
+        bidirectional op's Y in [S, B, 2H], the layout `sbdh`. Else None."""
+        def only_use(v):
+            us = self.uses.get(id(v), [])
+            return us[0] if len(us) == 1 and not any(r is v for r in self.f.results) else None
+        sq = []
+        for op in (fwd, rev):
+            u = only_use(op.results[0])
+            y = op.results[0].type.shape
+            if u is None or u.name not in ("Squeeze", "Reshape") or u.operands[0] is not op.results[0] \
+                    or u.results[0].type.shape != (y[0], y[2], y[3]):
+                return None
+            sq.append(u)
+        cat = only_use(sq[0].results[0])
+        if cat is None or cat.name != "Concat" or only_use(sq[1].results[0]) is not cat \
+                or [v for v in cat.operands] != [sq[0].results[0], sq[1].results[0]] \
+                or int(cat.attrs.axis) not in (2, -1):
+            return None
+        return sq, cat
+
+    def _merge_directions(self) -> bool:
+        """A forward and a reverse op of one kind on the same X with the same attributes, whose
+        Ys are squeezed and concatenated on the last axis (exporters that write a bidirectional
+        layer as two ops): one bidirectional op instead, written as that Concat directly. Its
+        Y_h/Y_c are sliced back into the pair's (views)."""
+        w = self.m.weights
+        pos = {id(op): i for i, op in enumerate(self.f.ops)}
+        groups = {}
+        for op in self.f.ops:
+            a = op.attrs
+            if op.name not in RNN_OPS or a.direction not in ("forward", "reverse") or a.layout != 0:
+                continue
+            ops = list(op.operands) + [None] * (8 - len(op.operands))
+            if const_value(ops[1], w) is None or const_value(ops[2], w) is None or \
+                    (ops[3] is not None and const_value(ops[3], w) is None) or \
+                    (ops[7] is not None and const_value(ops[7], w) is None):
+                continue
+            key = (op.name, id(ops[0]), id(ops[4]) if ops[4] is not None else None,
+                   repr(dataclasses.replace(a, direction="forward")))
+            groups.setdefault(key, {}).setdefault(a.direction, []).append(op)
+        merged = False
+        b = Builder(self.f, w, self.names)
+        for g in groups.values():
+            if len(g.get("forward", ())) != 1 or len(g.get("reverse", ())) != 1:
+                continue
+            fwd, rev = g["forward"][0], g["reverse"][0]
+            glue = self._pair_glue(fwd, rev)
+            if glue is None:
+                continue
+            sq, cat = glue
+            last = max(pos[id(fwd)], pos[id(rev)])
+            if any(pos.get(id(u), last + 1) <= last for op in (fwd, rev) for r in op.results[1:]
+                   for u in self.uses.get(id(r), [])):
+                continue  # a state read between the two ops: it would be used before the merged op
+            self._merge_pair(fwd, rev, sq, cat, b, pos)
+            merged = True
+        if merged:
+            self.uses = users(self.f)
+        return merged
+
+    def _merge_pair(self, fwd, rev, sq, cat, b: Builder, pos):
+        w = self.m.weights
+        kind, a = fwd.name, fwd.attrs
+        fo = list(fwd.operands) + [None] * (8 - len(fwd.operands))
+        ro = list(rev.operands) + [None] * (8 - len(rev.operands))
+        X, lens = fo[0], fo[4]
+        H = int(fo[2].type.shape[2])
+        gates = _KIND[kind][0]
+        dt = X.type.dtype.np
+        B = X.type.shape[1]
+
+        def stack(i, shape):
+            vals = [const_value(o[i], w) if o[i] is not None else None for o in (fo, ro)]
+            if all(v is None for v in vals):
+                return None
+            vals = [np.zeros(shape, dt) if v is None else v for v in vals]
+            return b.constant(np.concatenate(vals, axis=0), f"{fwd.results[0].name}.bidir{i}")
+
+        def state(i):
+            vs = [o[i] for o in (fo, ro)]
+            if all(v is None or _is_zero(v, w) for v in vs):
+                return None
+            zero = None
+            parts = []
+            for v in vs:
+                if v is None:
+                    zero = zero or b.constant(np.zeros((1, B, H), dt))
+                    v = zero
+                parts.append(v)
+            return b.create("Concat", parts, {"axis": 0})[0]
+
+        n0 = len(self.f.ops)  # what b.create appends below moves to the later op's place
+        W = stack(1, (1, gates * H, fo[1].type.shape[2]))
+        R = stack(2, (1, gates * H, H))
+        Bc = stack(3, (1, 2 * gates * H))
+        P = stack(7, (1, 3 * H)) if kind == "LSTM" else None
+        h0 = state(5)
+        c0 = state(6) if kind == "LSTM" else None
+        nres = max(len(fwd.results), len(rev.results))
+        operands = [X, W, R, Bc, lens, h0] + ([c0, P] if kind == "LSTM" else [])
+        bi = dataclasses.replace(a, direction="bidirectional")
+        if a.activations:  # one direction's list: ONNX reads a bidirectional op's as two of them
+            bi = dataclasses.replace(bi, activations=tuple(a.activations) * 2,
+                                     activation_alpha=tuple(a.activation_alpha) * 2,
+                                     activation_beta=tuple(a.activation_beta) * 2)
+        outs = b.create(kind, operands, bi, num_results=nres,
+                        names=[f"{fwd.results[0].name}.bidir"] + [""] * (nres - 1), loc=fwd.loc)
+        merged_op = outs[0].producer
+        gone = {id(fwd), id(rev), id(cat), id(sq[0]), id(sq[1])}
+        for k in range(1, nres):  # Concat(Y_h fwd, Y_h rev, axis 0) (torch's h_n) is the merged Y_h
+            rf = fwd.results[k] if k < len(fwd.results) else None
+            rr = rev.results[k] if k < len(rev.results) else None
+            us = [self.uses.get(id(x), []) for x in (rf, rr) if x is not None]
+            if rf is None or rr is None or len(us[0]) != 1 or us[0] != us[1] or us[0][0].name != "Concat" \
+                    or us[0][0].operands != [rf, rr] or int(us[0][0].attrs.axis) != 0 \
+                    or any(x is rf or x is rr for x in self.f.results):
+                continue
+            hcat = us[0][0]
+            merged_op.results[k] = hcat.results[0]
+            hcat.results[0].producer = merged_op
+            outs[k] = hcat.results[0]
+            gone.add(id(hcat))
+            for x in (rf, rr):
+                self.uses[id(x)] = []  # no slice needed
+        for d, op in enumerate((fwd, rev)):  # the pair's other states: slices of the merged op's
+            for k, r in enumerate(op.results[1:], 1):
+                if self.uses.get(id(r)) or any(x is r for x in self.f.results):
+                    sl = b.create("Slice", [outs[k], b.constant(np.array([d], np.int64)),
+                                            b.constant(np.array([d + 1], np.int64)),
+                                            b.constant(np.array([0], np.int64))])[0]
+                    sl.producer.results = [r]
+                    r.producer = sl.producer
+        moved = self.f.ops[n0:]
+        del self.f.ops[n0:]
+        # Y [S,2,B,H] -> [S,B,2H] where the Concat was: what the glue fold makes the layout sbdh
+        t = b.create("Transpose", [outs[0]], {"perm": (0, 2, 1, 3)})[0]
+        shape = b.constant(np.array([0, 0, 2 * H], np.int64))
+        rs = b.create("Reshape", [t, shape])[0]
+        rs.producer.results = [cat.results[0]]
+        cat.results[0].producer = rs.producer
+        at_cat = self.f.ops[n0:]
+        del self.f.ops[n0:]
+        later = fwd if pos[id(fwd)] > pos[id(rev)] else rev
+        new_ops = []
+        for op in self.f.ops:
+            if id(op) in gone:
+                if op is later:
+                    new_ops.extend(moved)
+                elif op is cat:
+                    new_ops.extend(at_cat)
+                continue
+            new_ops.append(op)
+        self.f.ops = new_ops
+        pos.clear()
+        pos.update({id(op): i for i, op in enumerate(self.f.ops)})
+
+    # ------------------------------------------------------------ the rewrite
+
     def run(self) -> bool:
+        merged = self._merge_directions()
         plans = {}
         for op in self.f.ops:
             if op.name in RNN_OPS:
@@ -288,7 +459,7 @@ class _Rewriter:
                 if p is not None:
                     plans[id(op)] = p
         if not plans:
-            return False
+            return merged
         old, self.f.ops = self.f.ops, []
         b = Builder(self.f, self.m.weights, self.names)
         for op in old:

@@ -234,6 +234,58 @@ def test_glue_on_a_graph_output_folds(rng):
     assert rec.attrs.y_layout == "sbdh" and rec.results[0].name == "Ysbdh"
 
 
+def two_direction_ops(kind="LSTM", S=5, B=3, I=4, H=6, seed=0, state_users=True, **attrs):
+    """A bidirectional layer written as two ops (forward, reverse) on one X whose Ys are
+    squeezed and concatenated on the last axis, their Y_h concatenated on axis 0."""
+    r = np.random.default_rng(seed)
+    w = lambda *s: (r.standard_normal(s) * 0.4).astype(np.float32)  # noqa: E731
+    g = {"LSTM": 4, "GRU": 3, "RNN": 1}[kind]
+    inits = [nh.from_array(np.asarray([1], np.int64), "ax1")]
+    nodes = []
+    for d in ("forward", "reverse"):
+        inits += [nh.from_array(w(1, g * H, I), f"W_{d}"), nh.from_array(w(1, g * H, H), f"R_{d}"),
+                  nh.from_array(w(1, 2 * g * H), f"B_{d}")]
+        nodes += [oh.make_node(kind, ["x", f"W_{d}", f"R_{d}", f"B_{d}"], [f"Y_{d}", f"Yh_{d}"], hidden_size=H,
+                               direction=d, **attrs),
+                  oh.make_node("Squeeze", [f"Y_{d}", "ax1"], [f"y_{d}"])]
+    nodes.append(oh.make_node("Concat", ["y_forward", "y_reverse"], ["y"], axis=2))
+    outs = [oh.make_tensor_value_info("y", T.FLOAT, None)]
+    if state_users == "separate":
+        outs += [oh.make_tensor_value_info(n, T.FLOAT, None) for n in ("Yh_forward", "Yh_reverse")]
+    elif state_users:
+        nodes.append(oh.make_node("Concat", ["Yh_forward", "Yh_reverse"], ["h_n"], axis=0))
+        outs.append(oh.make_tensor_value_info("h_n", T.FLOAT, None))
+    graph = oh.make_graph(nodes, "pair", [oh.make_tensor_value_info("x", T.FLOAT, [S, B, I])], outs, inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 14)])
+
+
+@pytest.mark.parametrize("kind, attrs", [("LSTM", {}), ("GRU", dict(linear_before_reset=1)),
+                                         ("RNN", dict(activations=["LeakyRelu"], activation_alpha=[0.3]))])
+@pytest.mark.parametrize("state_users", [True, False, "separate"])
+def test_forward_and_reverse_ops_become_one_bidirectional(kind, attrs, state_users, rng):
+    m = two_direction_ops(kind, state_users=state_users, **attrs)
+    ref = import_model(m)
+    feed = _feed(ref, rng)
+    want = Interpreter(ref).run(feed)
+    mod = import_model(m)
+    Pipeline(pipeline_passes("fp32"), verify_each=True).run(mod)
+    recs = [op for op in mod.main.ops if op.name == "recurrence"]
+    assert len(recs) == 1 and recs[0].attrs.direction == "bidirectional" and recs[0].attrs.y_layout == "sbdh"
+    assert recs[0].results[0].name == "y" and "Squeeze" not in _ops(mod)
+    assert [op.name for op in mod.main.ops].count("Gemm") == 1  # one projection for both
+    # h_n = Concat(Y_h fwd, Y_h rev) is the merged Y_h; Y_h read one by one: slices of it
+    assert "Concat" not in _ops(mod) and _ops(mod).count("Slice") == (2 if state_users == "separate" else 0)
+    _close(want, Interpreter(mod).run(feed), 1e-5)
+
+
+def test_direction_pair_joined_otherwise_stays_two(rng):
+    m = two_direction_ops("GRU", linear_before_reset=1)
+    cat = next(n for n in m.graph.node if n.output[0] == "y")
+    cat.attribute[0].i = 0  # [2S, B, H]: not a bidirectional layer's Y
+    mod = _check(import_model(m), rng, passes=pipeline_passes("fp32"), fused=2)
+    assert all(op.attrs.direction != "bidirectional" for op in mod.main.ops if op.name == "recurrence")
+
+
 def test_embedding_gather_becomes_a_gather_of_the_projected_table(rng):
     m = torch_stacked_lstm(gather_vocab=11)
     ref = import_model(m)
@@ -359,6 +411,7 @@ COMPILE_CASES = {
                                                      layout=0, H=70, lens=[5, 1, 3])[0]),
     "embedding_lstm": lambda: torch_stacked_lstm(S=8, B=4, I=16, H=32, gather_vocab=50),
     "batch_first_lstm": lambda: torch_stacked_lstm(S=8, B=4, I=16, H=32, batch_first=True),
+    "two_direction_gru": lambda: two_direction_ops("GRU", H=16, linear_before_reset=1),
     "lstm_yh_only": lambda: y_h_only(rnn_model("LSTM", outputs=("Y", "Y_h"), H=16, direction="bidirectional")[0]),
     "gru_yh_only": lambda: y_h_only(rnn_model("GRU", outputs=("Y", "Y_h"), H=16, lens=[5, 2, 4])[0]),
 }
