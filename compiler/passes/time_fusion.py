@@ -324,6 +324,11 @@ class _Rewriter:
             a = op.attrs
             if op.name not in RNN_OPS or a.direction not in ("forward", "reverse") or a.layout != 0:
                 continue
+            try:  # only cells the rewrite below takes (else the pair stays as it was)
+                if any(k not in ACT_OPS for d in activation_slots(op.name, a) for k, _, _ in d):
+                    continue
+            except NncError:
+                continue
             ops = list(op.operands) + [None] * (8 - len(op.operands))
             if const_value(ops[1], w) is None or const_value(ops[2], w) is None or \
                     (ops[3] is not None and const_value(ops[3], w) is None) or \
