@@ -1,0 +1,168 @@
+"""The sandbox render of one (candidate, params) for the tuner (codegen/tuning.py): the Lowerer's
+state is snapshotted, the variant renders, what it emitted (renamed kernels, launches, the root
+buffers they touch, where the op's results live) is captured and the state rolled back.
+
+A root buffer's bytes: the constant itself where it has one (weights, pre-transformed), else
+random data (operands: the same for every candidate of a problem) or poison (results). An
+integer operand that is not a constant makes the capture untimable (random indices could go
+out of range), as do readbacks and cooperative launches.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from ..ir.errors import NncError
+from .plan import Kernel, Scalar
+from .variants import Candidate, _params_key
+
+
+@dataclass
+class RootSpec:
+    """A device allocation a capture's launches touch: a root Buffer. data: its constant (weights,
+    pre-transformed: the array, in the buffer's dtype); None: random data (`shared` ones, the
+    operands, are the same for every candidate of the problem) or poison (results)."""
+    id: int
+    np_name: str
+    nbytes: int
+    data: Optional[np.ndarray]
+    shared: bool  # existed before the render (an operand): same bytes for every candidate
+    result: bool  # holds one of the op's results (poisoned before a run)
+
+
+@dataclass
+class Capture:
+    """One (candidate, params) rendered in a sandbox. launches: (kind, kernel name, grid, block,
+    smem, args, nbytes), args ("buf", root id, byte offset) | ("val", numpy scalar); kernels:
+    name -> Kernel, renamed unique in the tuning batch; outputs per op result: (root id, byte
+    offset, np name, shape). why_not: "" or why it cannot run (then it is not a candidate)."""
+    variant: str
+    params: dict
+    candidate: Optional[Candidate] = None
+    kernels: dict = field(default_factory=dict)
+    launches: list = field(default_factory=list)
+    roots: dict = field(default_factory=dict)
+    outputs: list = field(default_factory=list)
+    why_not: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant} {_params_key(self.params)}"
+
+
+class _Snapshot:
+    """The Lowerer state a render changes, to roll it back."""
+
+    def __init__(self, L):
+        self.L = L
+        self.n_buf = len(L.buffers)
+        self.n_launch = len(L.launches)
+        self.n_init = len(L.init_launches)
+        self.n_sel = len(L.selections)
+        self.dicts = {a: dict(getattr(L, a)) for a in ("values", "kernels", "_by_key", "transformed", "dynamic",
+                                                         "equiv", "slot_views")}
+        self.params = {n: k.params for n, k in L.kernels.items()}
+        self.dynamic_flags = [b.dynamic for b in L.buffers]
+        self.zero_copy_bytes = L.zero_copy_bytes
+
+    def restore(self):
+        L = self.L
+        del L.buffers[self.n_buf:]
+        del L.launches[self.n_launch:]
+        del L.init_launches[self.n_init:]
+        del L.selections[self.n_sel:]
+        for a, d in self.dicts.items():
+            setattr(L, a, d)
+        for n, p in self.params.items():
+            L.kernels[n].params = p
+        for b, f in zip(L.buffers, self.dynamic_flags):
+            b.dynamic = f
+        L.zero_copy_bytes = self.zero_copy_bytes
+
+
+_RAW_INT_OK = ("bool",)  # integer-like dtypes random data is always in range for
+
+
+def capture(problem, cand: Candidate, params: dict, tag: str) -> Capture:
+    """Renders (cand, params) for `problem` in a sandbox of its Lowerer and rolls the state back.
+    tag: makes the captured kernels' names unique in the tuning batch."""
+    from .lower import LowerCtx
+    L, op = problem.L, problem.op
+    cap = Capture(cand.name, dict(params), cand)
+    snap = _Snapshot(L)
+    try:
+        ctx = LowerCtx(L, op)
+        ctx.problem = problem
+        try:
+            ret = cand.variant.render(ctx, problem, dict(params))
+        except NncError as e:
+            cap.why_not = f"render failed: {e}"
+            return cap
+        except Exception as e:  # a candidate's render bug must not stop the compile: not a candidate
+            cap.why_not = f"render failed: {type(e).__name__}: {e}"
+            return cap
+        if ret is None and not ctx.emitted:
+            cap.why_not = "render declined"
+            return cap
+        _describe(cap, L, op, snap, tag)
+    finally:
+        snap.restore()
+    return cap
+
+
+def _describe(cap: Capture, L, op, snap: _Snapshot, tag: str):
+    launches = L.launches[snap.n_launch:]
+    if not any(l.kind == "kernel" for l in launches):
+        cap.why_not = "no kernel launched"
+        return
+    results = set()
+    for r in op.results:
+        b = L.values.get(id(L.canon(r)))
+        if b is None:
+            cap.why_not = f"result %{r.name} not defined"
+            return
+        root = L.buffers[b.alias_of] if b.alias_of is not None else b
+        results.add(root.id)
+        cap.outputs.append((root.id, b.alias_offset if b.alias_of is not None else 0, b.dtype.np_name,
+                            tuple(int(d) for d in b.shape)))
+    names = {}
+    for l in launches:
+        if l.kind == "readback":
+            cap.why_not = "data-dependent output (readback)"
+            return
+        args = []
+        for a in l.args:
+            if isinstance(a, Scalar):
+                from .dtypes import SCALAR_NP
+                args.append(("val", SCALAR_NP[a.type](a.value)))
+                continue
+            root = L.buffers[a.alias_of] if a.alias_of is not None else a
+            if root.id not in cap.roots:
+                shared = root.id < snap.n_buf
+                data = None
+                if root.data is not None:  # the array itself (no copy per candidate: weights are big)
+                    data = np.ascontiguousarray(root.data).astype(root.dtype.np, copy=False)
+                elif shared and root.id not in results and root.dtype.np.kind in "iu" and \
+                        root.dtype.np_name not in _RAW_INT_OK:
+                    cap.why_not = (f"integer operand {root.name} ({root.dtype.np_name}) is not a constant: "
+                                   f"random indices could be out of range")
+                    return
+                cap.roots[root.id] = RootSpec(root.id, root.dtype.np_name, int(root.nbytes), data, shared,
+                                              root.id in results)
+            args.append(("buf", root.id, a.alias_offset if a.alias_of is not None else 0))
+        kname = None
+        if l.kind == "kernel":
+            if l.kernel.startswith("nnc_coop_"):
+                cap.why_not = "cooperative launch"
+                return
+            if l.kernel not in names:
+                names[l.kernel] = f"{l.kernel}_{tag}"
+            kname = names[l.kernel]
+        cap.launches.append((l.kind, kname, tuple(l.grid), tuple(l.block), int(l.smem), args, int(l.nbytes)))
+    for old, new in names.items():
+        k = L.kernels[old]
+        body = re.sub(rf"\b{re.escape(old)}\b", new, k.body)
+        cap.kernels[new] = Kernel(new, k.template, dict(k.params), body, list(k.ops))
