@@ -221,7 +221,8 @@ class _Rewriter:
         # other row order (g_layout)
         g_bm = a.layout == 1
         xp = X.producer
-        if xp is not None and xp.name == "Transpose" and tuple(xp.attrs.perm or (2, 1, 0)) == (1, 0, 2):
+        if xp is not None and xp.name == "Transpose" and tuple(xp.attrs.perm or (2, 1, 0)) == (1, 0, 2) \
+                and id(xp) not in self.skip:  # (not the end of an earlier layer's folded glue)
             X, g_bm = xp.operands[0], not g_bm
         g_layout = "" if g_bm == (a.layout == 1) else ("bs" if g_bm else "sb")
         gather = None

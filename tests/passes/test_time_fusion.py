@@ -547,3 +547,25 @@ def test_unread_y_is_not_written(tmp_path):
                 for a in ref.inputs}
         want = Interpreter(import_model(m)).run(feed)
         _close(want, ref.run(feed, output="numpy"), 1e-5)
+
+
+def test_layer_reading_the_batch_major_glue_of_the_layer_before(rng):
+    """Layer 0's Y -> Transpose(0,2,1,3) -> Reshape -> Transpose(1,0,2) ([B,S,2H], folded into its
+    y_layout bsdh) feeds a layout-1 layer: the second layer must not fold that Transpose again."""
+    S, B, I, H = 5, 3, 4, 6
+    r = np.random.default_rng(0)
+    w = lambda *s: (r.standard_normal(s) * 0.4).astype(np.float32)  # noqa: E731
+    inits = [nh.from_array(w(2, 4 * H, I), "W0"), nh.from_array(w(2, 4 * H, H), "R0"),
+             nh.from_array(w(1, 4 * H, 2 * H), "W1"), nh.from_array(w(1, 4 * H, H), "R1"),
+             nh.from_array(np.array([0, 0, -1], np.int64), "shp")]
+    nodes = [oh.make_node("LSTM", ["x", "W0", "R0"], ["Y0"], hidden_size=H, direction="bidirectional"),
+             oh.make_node("Transpose", ["Y0"], ["t0"], perm=[0, 2, 1, 3]),
+             oh.make_node("Reshape", ["t0", "shp"], ["r0"]),
+             oh.make_node("Transpose", ["r0"], ["x1"], perm=[1, 0, 2]),
+             oh.make_node("LSTM", ["x1", "W1", "R1"], ["Y1"], hidden_size=H, layout=1)]
+    g = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", T.FLOAT, [S, B, I])],
+                      [oh.make_tensor_value_info("Y1", T.FLOAT, None)], inits)
+    mod = _check(import_model(oh.make_model(g, opset_imports=[oh.make_opsetid("", 14)])), rng,
+                 passes=pipeline_passes("fp32"), fused=2)
+    recs = [op for op in mod.main.ops if op.name == "recurrence"]
+    assert [(x.attrs.y_layout, x.attrs.g_layout) for x in recs] == [("bsdh", ""), ("", "")]
