@@ -96,7 +96,9 @@ def _pad3(v, fill):
     return [fill] * (3 - len(v)) + v
 
 
-@lowering("Conv", priority=FALLBACK_PRIORITY)
+# NCHW only: it reads x.shape[2:] as the spatial dims (an NHWC conv's kernels are conv_lowering's;
+# a timed selection found it a wrong candidate for ResNet-50's NHWC convs)
+@lowering("Conv", priority=FALLBACK_PRIORITY, when=lambda op: getattr(op.attrs, "layout", "NCHW") != "NHWC")
 def _conv(ctx: LowerCtx):
     x, w, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
     bias = ctx.inp(2)

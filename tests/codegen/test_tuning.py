@@ -423,3 +423,14 @@ def test_every_candidate_kernel_compiles_with_nvrtc_in_one_batch():
     for u, data in zip(units, cubins):
         if data is not None:
             assert data.startswith(b"\x7fELF") and all(b"\0" + n.encode() + b"\0" in data for n in u.kernels)
+
+
+def test_the_nchw_fallback_conv_is_no_candidate_for_an_nhwc_conv():
+    # the gate on the GPU rejected fallback_linalg._conv on ResNet-50's NHWC convs (it reads NCHW):
+    # it is no longer a candidate there, so it costs no tuning time and no warning
+    survey = tuning.SurveySelector(None)
+    Lowerer(_tiny_cnn(), _opts(), survey).run()
+    convs = [p for p in survey.problems.values() if "layout=NHWC" in p.key and p.key.split("|")[3].startswith("Conv")]
+    assert convs
+    for p in convs:
+        assert "fallback_linalg._conv" not in [c.variant for c in [p.baseline] + p.others]
