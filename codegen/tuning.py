@@ -404,7 +404,14 @@ def lower_tuned(module, options, runner: Optional[Runner] = None):
     finally:
         runner.close()
     if options.timing_cache:
-        cache.save(options.timing_cache)
+        try:
+            cache.save(options.timing_cache)
+        except OSError as e:  # the build is good; only the reuse is lost: say so, do not fail
+            from .timing_cache import TimingCacheWarning
+            msg = f"timing cache {options.timing_cache}: cannot write it ({e}); this build's timings are not kept"
+            warnings.warn(msg, TimingCacheWarning, stacklevel=2)
+            rep.log(f"  warning: {msg}")
+            cache.status["write_error"] = str(e)
     hits = survey.hits
     n_tuned = sum(1 for k in hits if k in fresh)
     n_changed = sum(1 for e in hits.values() if isinstance(e.get("heuristic"), dict) and

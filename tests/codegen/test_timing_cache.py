@@ -154,3 +154,13 @@ def test_a_cache_entry_outside_the_declared_space_is_not_used(tmp_path):
     assert r.runs > 0 and plan2.tuning["cache_hits"] == 0  # tuned again instead
     assert all("evil" not in k.body for k in plan2.kernels.values())
     assert _selected(plan2) == _selected(plan1)
+
+
+def test_an_unwritable_cache_warns_and_the_build_goes_on(tmp_path):
+    d = tmp_path / "a_dir"
+    d.mkdir()  # --timing-cache naming a directory: unreadable (corrupt) and unwritable
+    with pytest.warns(tc.TimingCacheWarning) as got:
+        plan, r = _tune(d)
+    msgs = " ".join(str(w.message) for w in got)
+    assert "corrupt" in msgs and "cannot write" in msgs
+    assert plan.tuning["tuned"] > 0 and "write_error" in plan.tuning["timing_cache"]
