@@ -14,7 +14,8 @@ variant or tile makes the entry stale (tuned again), never silently reused.
 Never trusted blindly: a file that is not JSON, fails its checksum or has another schema is
 *corrupt*; another nnc, CUDA runtime/driver or NVRTC version is *stale*; another GPU name or SM is
 *foreign*. Each is reported by a warning (naming the file and why) and the cache starts empty
-(rebuilt: the next save replaces it). Writes are atomic (temporary file + os.replace).
+(rebuilt: the next save replaces it). Writes are atomic (temporary file + os.replace): two
+compiles sharing one file never leave it torn, the last to finish wins (merge to combine both).
 """
 from __future__ import annotations
 
