@@ -464,6 +464,9 @@ class _Rewriter:
                 p = self.plan(op)
                 if p is not None:
                     plans[id(op)] = p
+        from nnc import progress
+        for note in self.notes:  # `nnc compile -v`: why an RNN op kept its own lowering
+            progress.current().log(f"  time-fusion left alone: {note}")
         if not plans:
             return merged
         old, self.f.ops = self.f.ops, []
