@@ -107,12 +107,24 @@ _ATTRS = ("ComputeCapabilityMajor", "ComputeCapabilityMinor", "MultiProcessorCou
           "MaxThreadsPerBlock", "MaxThreadsPerMultiProcessor", "L2CacheSize", "WarpSize")
 
 
+# A compile for the GPU present may use that chip's arch-specific instructions: its cubins only ever
+# run there (as a TensorRT engine is built for its device). sm_90 -> sm_90a gives Hopper wgmma and
+# setmaxnreg; a cubin for sm_90a loads on sm_90 devices only, which is the device it was built on.
+_ARCH_SPECIFIC = {"sm_90": "sm_90a"}
+
+
+def _device_arch(attrs: Mapping[str, int]) -> str:
+    arch = f"sm_{int(attrs['ComputeCapabilityMajor'])}{int(attrs['ComputeCapabilityMinor'])}"
+    return _ARCH_SPECIFIC.get(arch, arch)
+
+
 def from_device(attrs: Mapping[str, int], name: str = "") -> Target:
-    """A Target from a device's attributes (cupy.cuda.Device(i).attributes, or a fake in tests)."""
+    """A Target from a device's attributes (cupy.cuda.Device(i).attributes, or a fake in tests): the
+    device's arch-specific target where one exists (sm_90a for compute capability 9.0)."""
     missing = [k for k in _ATTRS if k not in attrs]
     if missing:
         raise TargetError(f"device attributes lack {missing}")
-    arch = f"sm_{int(attrs['ComputeCapabilityMajor'])}{int(attrs['ComputeCapabilityMinor'])}"
+    arch = _device_arch(attrs)
     base = ARCHS.get(arch)
     return Target(arch, name or (base.name if base else arch), "device",
                   sm_count=int(attrs["MultiProcessorCount"]),
@@ -124,7 +136,8 @@ def from_device(attrs: Mapping[str, int], name: str = "") -> Target:
                   max_threads_per_block=int(attrs["MaxThreadsPerBlock"]),
                   max_threads_per_sm=int(attrs["MaxThreadsPerMultiProcessor"]),
                   l2_bytes=int(attrs["L2CacheSize"]), warp_size=int(attrs["WarpSize"]),
-                  tensor_cores=base.tensor_cores if base else "mma.sync")
+                  tensor_cores=base.tensor_cores if base else "mma.sync",
+                  has_wgmma=base.has_wgmma if base else False)
 
 
 def gpu_present() -> bool:
@@ -151,13 +164,14 @@ def _cupy_device() -> Optional[tuple[Mapping[str, int], str]]:
 
 
 def default_arch(device: Callable[[], Optional[tuple]] = _cupy_device) -> str:
-    """sm_XY of GPU 0 when one is present (never raises), else sm_90."""
+    """GPU 0's arch (arch-specific where one exists: sm_90a) when one is present (never raises),
+    else sm_90."""
     d = device()
     if d is None:
         return DEFAULT_ARCH
     attrs = d[0]
     try:
-        return f"sm_{int(attrs['ComputeCapabilityMajor'])}{int(attrs['ComputeCapabilityMinor'])}"
+        return _device_arch(attrs)
     except (KeyError, TypeError, ValueError):
         return DEFAULT_ARCH
 

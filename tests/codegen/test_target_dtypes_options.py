@@ -102,14 +102,16 @@ FAKE_H200 = {"ComputeCapabilityMajor": 9, "ComputeCapabilityMinor": 0, "MultiPro
 
 def test_target_from_a_fake_device():
     t = from_device(FAKE_H200, "NVIDIA H200")
-    assert (t.arch, t.source, t.name, t.l2_bytes, t.sm_count) == ("sm_90", "device", "NVIDIA H200", 62914560, 132)
+    # the GPU present compiles for its arch-specific target: Hopper gets sm_90a (wgmma)
+    assert (t.arch, t.source, t.name, t.l2_bytes, t.sm_count) == ("sm_90a", "device", "NVIDIA H200", 62914560, 132)
+    assert t.has_wgmma and t.tensor_cores == "wgmma"
     small = dict(FAKE_H200, ComputeCapabilityMajor=8, ComputeCapabilityMinor=7, MultiProcessorCount=16)
     t2 = resolve_target(None, device=lambda: (small, "Orin"))  # an arch the table lacks: the device says
     assert (t2.arch, t2.sm_count, t2.source) == ("sm_87", 16, "device")
     # no GPU: the sm_90 table; an explicit arch never asks the device
     assert resolve_target(None, device=lambda: None) == ARCHS["sm_90"]
     assert resolve_target("sm_80", device=lambda: pytest.fail("asked the device")) == ARCHS["sm_80"]
-    assert target.default_arch(lambda: (FAKE_H200, "")) == "sm_90"
+    assert target.default_arch(lambda: (FAKE_H200, "")) == "sm_90a"
     with pytest.raises(TargetError, match="lack"):
         from_device({"WarpSize": 32})
 
