@@ -26,6 +26,7 @@ import datetime
 import json
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -67,18 +68,26 @@ def load_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def bench_one(name: str, batch: int, prec: str, peers) -> dict:
+def bench_one(name: str, batch: int, prec: str, peers, tune_budget=None) -> dict:
     import cupy as cp
     import torch
     import nnc
     from cuda_timing import time_cuda
-    from gpu_models import build, export, fresh_inputs
+    from gpu_models import WORK, export, fresh_inputs
+    from nnc.api import CompileOptions
+    from nnc.driver import compile_model
     r: dict = {}
+    WORK.mkdir(exist_ok=True)
     path, feeds, mod, _ = export(name, batch)
     x = fresh_inputs(feeds)
     try:
-        od, compile_s = build(path, name, batch, prec, True)
+        # nnc's defaults (timing-based selection when a GPU is present), bounded by --tune-budget
+        od = WORK / f"{name}_b{batch}_{prec}_bench"
+        t0 = time.time()
+        compile_model(str(path), od, options=CompileOptions(precision=prec, tune_budget=tune_budget))
+        compile_s = time.time() - t0
         m = nnc.load(od)
+        r["nnc_tuning"] = {k: v for k, v in (m.plan.get("tuning") or {}).items() if not isinstance(v, (list, dict))}
         dev = {k: cp.asarray(v) for k, v in x.items()}
         r["nnc_ms"] = time_cuda(lambda: m.run(dev))
         r["nnc_compile_s"] = round(compile_s, 1)
@@ -127,7 +136,7 @@ def run(a) -> int:
                 print(f"skip {a.model} b{batch} {prec}: already in {results}", flush=True)
                 continue
             row = {"model": a.model, "batch": batch, "precision": prec, **env}
-            row.update(bench_one(a.model, batch, prec, peers))
+            row.update(bench_one(a.model, batch, prec, peers, a.tune_budget))
             print("ROW " + json.dumps(row), flush=True)
             results.parent.mkdir(parents=True, exist_ok=True)
             with results.open("a") as f:
@@ -208,6 +217,7 @@ def main() -> int:
     ap.add_argument("--precisions", default="", help="default: the model's row of the matrix")
     ap.add_argument("--peers", default=",".join(PEERS))
     ap.add_argument("--out", help="also copy the results file here (the device's $OUT)")
+    ap.add_argument("--tune-budget", type=float, default=None, help="seconds of nnc tuning per build")
     ap.add_argument("--commit", default="", help="the nnc commit measured (default: git HEAD)")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--md")
