@@ -41,6 +41,13 @@ NNC_API int nnc_tiny_lstm_create(const char* path, nnc_tiny_lstm** model);
 // nnc_tiny_lstm_output_shape gives the true shape.
 NNC_API int nnc_tiny_lstm_run(nnc_tiny_lstm* model, cudaStream_t stream, const void* const* inputs, void* const* outputs);
 NNC_API void nnc_tiny_lstm_destroy(nnc_tiny_lstm* model);
+// CUDA graphs: by default the first run captures the whole launch sequence into a CUDA graph and
+// later runs with the same input/output pointers replay it (other pointers: captured again and the
+// graph updated). enable = 0 launches each kernel from the host on every run instead.
+NNC_API int nnc_tiny_lstm_set_cuda_graph(nnc_tiny_lstm* model, int enable);
+// 1 when the model's last run replayed its CUDA graph, 0 when it launched eagerly (disabled, or
+// a capture the driver refused)
+NNC_API int nnc_tiny_lstm_used_cuda_graph(const nnc_tiny_lstm* model);
 
 NNC_API int nnc_tiny_lstm_num_inputs(void);
 NNC_API int nnc_tiny_lstm_num_outputs(void);

@@ -738,6 +738,8 @@ const int64_t kOutputDims[] = { 1, 16, 64, 0 };
 const size_t kInputBytes[] = { 4096ULL, 0 };
 const size_t kOutputBytes[] = { 4096ULL, 0 };
 const int kOutputDynamicAxis[] = { -1, 0 };
+// a run copies data-dependent extents to the host (readback launches): it synchronizes once, at its end
+const bool kHasReadback = false;
 
 // the weights file is opened without following a symbolic link at its name (like nnc.load)
 FILE* open_nofollow(const std::string& p) {
@@ -819,7 +821,16 @@ struct nnc_tiny_transformer {
   char* weights = nullptr;
   char* arena = nullptr;
   char* persistent = nullptr;  // input-independent values, computed once by create (the init phase)
-  int64_t extent[1 + 1] = {};  // true extent of data-dependent outputs after a run
+  int64_t* extent = nullptr;  // [outputs + 1], pinned: true extent of data-dependent outputs after a run
+  // the run phase as one CUDA graph (stream capture), bound to the input/output pointers it was
+  // captured with; a run with other pointers captures again and updates the executable graph
+  bool use_graph = true;       // nnc_tiny_transformer_set_cuda_graph
+  bool graph_refused = false;  // a capture failed once (say, a launch kind capture does not take): eager
+  bool last_run_graph = false;
+  cudaStream_t capture_stream = nullptr;  // capture needs a stream other than the legacy default one
+  cudaGraphExec_t graph = nullptr;
+  const void* graph_inputs[kNumInputs + 1] = {};
+  void* graph_outputs[kNumOutputs + 1] = {};
 };
 
 namespace nnc_tiny_transformer_internal {
@@ -852,6 +863,61 @@ int run_phase(nnc_tiny_transformer* m, cudaStream_t stream, const void* const* i
   e = cudaGetLastError();
   if (e != cudaSuccess) return fail(NNC_ERR_CUDA, std::string("nnc_tiny_transformer_run: ") + cudaGetErrorString(e));
   return NNC_OK;
+}
+
+// captures run_phase on the model's own stream into a graph bound to these pointers: true when
+// m->graph is ready to launch (updated in place when it existed), false when capture refused
+bool capture_run(struct nnc_tiny_transformer* m, const void* const* inputs, void* const* outputs) {
+  if (!m->capture_stream && cudaStreamCreateWithFlags(&m->capture_stream, cudaStreamNonBlocking) != cudaSuccess) {
+    m->capture_stream = nullptr;
+    cudaGetLastError();
+    return false;
+  }
+  if (cudaStreamBeginCapture(m->capture_stream, cudaStreamCaptureModeRelaxed) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  const std::string saved = g_error;
+  const int rc = run_phase(m, m->capture_stream, inputs, outputs);
+  cudaGraph_t g = nullptr;
+  const cudaError_t end = cudaStreamEndCapture(m->capture_stream, &g);
+  bool ok = rc == NNC_OK && end == cudaSuccess && g != nullptr;
+  if (ok && m->graph) {  // same launches, other pointers: update the executable graph's nodes
+#if CUDART_VERSION >= 12000
+    cudaGraphExecUpdateResultInfo info;
+    const bool updated = cudaGraphExecUpdate(m->graph, g, &info) == cudaSuccess;
+#else
+    cudaGraphNode_t node;
+    cudaGraphExecUpdateResult res;
+    const bool updated = cudaGraphExecUpdate(m->graph, g, &node, &res) == cudaSuccess;
+#endif
+    if (!updated) {
+      cudaGraphExecDestroy(m->graph);
+      m->graph = nullptr;
+    }
+  }
+  if (ok && !m->graph) {
+#if CUDART_VERSION >= 12000
+    ok = cudaGraphInstantiate(&m->graph, g, 0) == cudaSuccess;
+#else
+    ok = cudaGraphInstantiate(&m->graph, g, nullptr, nullptr, 0) == cudaSuccess;
+#endif
+    if (!ok) m->graph = nullptr;
+  }
+  if (g) cudaGraphDestroy(g);
+  cudaGetLastError();  // a refused capture leaves no error behind: the eager run reports its own
+  g_error = saved;
+  if (!ok) return false;
+  for (int i = 0; i < kNumInputs; ++i) m->graph_inputs[i] = inputs[i];
+  for (int i = 0; i < kNumOutputs; ++i) m->graph_outputs[i] = outputs[i];
+  return true;
+}
+
+bool graph_bound(const struct nnc_tiny_transformer* m, const void* const* inputs, void* const* outputs) {
+  if (!m->graph) return false;
+  for (int i = 0; i < kNumInputs; ++i) if (m->graph_inputs[i] != inputs[i]) return false;
+  for (int i = 0; i < kNumOutputs; ++i) if (m->graph_outputs[i] != outputs[i]) return false;
+  return true;
 }
 }  // namespace nnc_tiny_transformer_internal
 
@@ -917,6 +983,8 @@ int nnc_tiny_transformer_create(const char* path, nnc_tiny_transformer** out) {
   if (e == cudaSuccess && kWeightsBytes) e = cudaMemcpy(m->weights, host, kWeightsBytes, cudaMemcpyHostToDevice);
   if (e == cudaSuccess && kArenaBytes) e = cudaMalloc((void**)&m->arena, kArenaBytes);
   if (e == cudaSuccess && kPersistentBytes) e = cudaMalloc((void**)&m->persistent, kPersistentBytes);
+  if (e == cudaSuccess) e = cudaMallocHost((void**)&m->extent, sizeof(int64_t) * (kNumOutputs + 1));
+  if (e == cudaSuccess) std::memset(m->extent, 0, sizeof(int64_t) * (kNumOutputs + 1));
   std::free(host);
   if (e != cudaSuccess) {
     nnc_tiny_transformer_destroy(m);
@@ -932,14 +1000,40 @@ void nnc_tiny_transformer_destroy(nnc_tiny_transformer* m) {
   if (m->weights) cudaFree(m->weights);
   if (m->arena) cudaFree(m->arena);
   if (m->persistent) cudaFree(m->persistent);
+  if (m->extent) cudaFreeHost(m->extent);
+  if (m->graph) cudaGraphExecDestroy(m->graph);
+  if (m->capture_stream) cudaStreamDestroy(m->capture_stream);
   delete m;
 }
 
 int nnc_tiny_transformer_run(nnc_tiny_transformer* m, cudaStream_t stream, const void* const* inputs, void* const* outputs) {
   if (!m) return fail(NNC_ERR_INVALID_ARGUMENT, "nnc_tiny_transformer_run: null model");
   if ((kNumInputs && !inputs) || (kNumOutputs && !outputs)) return fail(NNC_ERR_INVALID_ARGUMENT, "nnc_tiny_transformer_run: null inputs/outputs");
-  return run_phase(m, stream, inputs, outputs);
+  m->last_run_graph = false;
+  int rc = NNC_OK;
+  if (m->use_graph && !m->graph_refused && !graph_bound(m, inputs, outputs) && !capture_run(m, inputs, outputs))
+    m->graph_refused = true;
+  if (m->use_graph && !m->graph_refused) {
+    const cudaError_t e = cudaGraphLaunch(m->graph, stream);
+    if (e != cudaSuccess) return fail(NNC_ERR_CUDA, std::string("nnc_tiny_transformer_run: cudaGraphLaunch: ") + cudaGetErrorString(e));
+    m->last_run_graph = true;
+  } else {
+    rc = run_phase(m, stream, inputs, outputs);
+  }
+  if (rc == NNC_OK && kHasReadback) {  // the extents copied to m->extent are final only now
+    const cudaError_t e = cudaStreamSynchronize(stream);
+    if (e != cudaSuccess) return fail(NNC_ERR_CUDA, std::string("nnc_tiny_transformer_run: ") + cudaGetErrorString(e));
+  }
+  return rc;
 }
+
+int nnc_tiny_transformer_set_cuda_graph(nnc_tiny_transformer* m, int enable) {
+  if (!m) return fail(NNC_ERR_INVALID_ARGUMENT, "nnc_tiny_transformer_set_cuda_graph: null model");
+  m->use_graph = enable != 0;
+  return NNC_OK;
+}
+
+int nnc_tiny_transformer_used_cuda_graph(const nnc_tiny_transformer* m) { return m && m->last_run_graph ? 1 : 0; }
 
 }  // extern "C"
 
