@@ -28,7 +28,7 @@ import numpy as np
 from .ir.errors import ImportError_, InputError, NncError
 
 BACKENDS = ("cuda", "reference")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "best")  # best: per layer (compiler/precision_search.py)
 CUDA_COMPILERS = ("nvrtc", "nvcc")
 
 Dim = Union[int, str]  # a size, or the name of a symbol bound at run time
@@ -107,6 +107,11 @@ class CompileOptions:
     tune: Optional[bool] = None
     tune_budget: Optional[float] = None  # seconds for all the tuning (--tune-budget); then the heuristic
     timing_cache: Optional[str] = None   # timing cache file read and written (--timing-cache)
+    # per-layer precision (compiler/passes/mixed_precision.py, compiler/precision_search.py)
+    keep_fp32: tuple[str, ...] = ()      # layers pinned at fp32: node-name globs or op types (--keep-fp32)
+    allow: tuple[str, ...] = ()          # precision "best": the float types to choose from (--allow)
+    max_rel_err: Optional[float] = None  # precision "best": the outputs' rel-L2 budget vs fp32 (--max-rel-err)
+    calib_data: Optional[str] = None     # precision "best": an .npz or a directory of them (--calib-data)
 
     def __post_init__(self):
         object.__setattr__(self, "shapes", normalize_shapes(dict(self.shapes) if isinstance(self.shapes, tuple)
@@ -128,6 +133,8 @@ class CompileOptions:
             raise NncError(f"tune_budget must be a positive number of seconds or None, not {self.tune_budget!r}")
         if self.timing_cache is not None:
             object.__setattr__(self, "timing_cache", os.fspath(self.timing_cache))
+        from .passes.mixed_precision import check_options
+        check_options(self)  # keep_fp32 / allow / max_rel_err / calib_data, normalised
 
     @property
     def generates_cuda(self) -> bool:
@@ -140,7 +147,8 @@ class CompileOptions:
         from .codegen.target import resolve_target
         t = resolve_target(self.arch) if target is None else target
         tune, why = self.tuning()
-        return CodegenOptions(LowerOptions(t, self.precision, self.tf32, tune=tune, tune_budget=self.tune_budget,
+        from .passes.mixed_precision import storage_precision
+        return CodegenOptions(LowerOptions(t, storage_precision(self), self.tf32, tune=tune, tune_budget=self.tune_budget,
                                            timing_cache=self.timing_cache, tune_reason=why),
                               self.cuda_compiler, cache=self.cache, jobs=self.jobs)
 
@@ -377,7 +385,8 @@ def compile(model, shapes=None, precision: str = "fp32", out=None, backend: str 
             tf32: bool = False, name: Optional[str] = None, *, codegen: Optional[bool] = None,
             cuda_compiler: str = "nvrtc", verify_each: bool = False, cache: bool = True,
             jobs: Optional[int] = None, fuse: bool = True, tune: Optional[bool] = None,
-            tune_budget: Optional[float] = None, timing_cache=None,
+            tune_budget: Optional[float] = None, timing_cache=None, keep_fp32=(), allow=(),
+            max_rel_err: Optional[float] = None, calib_data=None,
             options: Optional[CompileOptions] = None) -> Module:
     """Compiles an ONNX model and loads it: nnc.compile("m.onnx", shapes={"x": [1, 3, 8, 8]}).
 
@@ -388,14 +397,17 @@ def compile(model, shapes=None, precision: str = "fp32", out=None, backend: str 
     codegen=True). name: the C API name (default: the file's stem). cache=False: bypass the cubin
     cache; jobs: CUDA compile processes. fuse=False: no fusion passes (about one kernel per op).
     tune: time the kernel candidates on the GPU (None: when a GPU is present), tune_budget: seconds
-    for it, timing_cache: a file of past timings (codegen/timing_cache.py).
+    for it, timing_cache: a file of past timings (codegen/timing_cache.py). keep_fp32: layers
+    pinned at fp32 (node-name globs or op types); precision="best" with allow (float types),
+    max_rel_err and calib_data chooses each layer's precision (README "Mixed precision").
     options: a CompileOptions instead of the keyword arguments."""
     from .driver import compile_model
     opts = options or CompileOptions(shapes=normalize_shapes(shapes), precision=precision, backend=backend,
                                      arch=arch, tf32=tf32, name=name, codegen=codegen,
                                      cuda_compiler=cuda_compiler, verify_each=verify_each, cache=cache,
                                      jobs=jobs, fuse=fuse, tune=tune, tune_budget=tune_budget,
-                                     timing_cache=timing_cache)
+                                     timing_cache=timing_cache, keep_fp32=keep_fp32, allow=allow,
+                                     max_rel_err=max_rel_err, calib_data=calib_data)
     if opts.backend == "cuda":
         from .runtime import require_gpu
         require_gpu()  # before a compile that could take a while

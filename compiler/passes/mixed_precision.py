@@ -1,0 +1,273 @@
+"""Per-layer float precision: each op of the main function runs at the dtype a chooser gives it
+(f32, f16 or bf16), with casts only where precision changes (`--keep-fp32`, `--precision best`).
+
+Rewrites: every op whose float results are f32 is rebuilt at its chosen dtype D: its f32 operands
+are converted to D (a constant is narrowed at compile time, like to-fp16 does; any other value
+gets one Cast, shared by every consumer wanting that dtype), its dtype-carrying attributes that
+produce f32 are retargeted (to_precision._retarget_attrs). So a run of ops at one dtype has no
+casts inside it, and a cast sits exactly on an edge whose two ends differ. The function's
+arguments and results keep their declared types (a Cast at the first use / before the return).
+An op whose inference rejects D runs at f32 (as to-fp16 does); an op with regions runs at f32.
+Values the model already declares in a non-f32 type are left alone.
+
+The chooser keys layers by `layer_key(op)`: its first result's name, which this pass keeps (so a
+decision made on one build of the model applies to the next; compiler/precision_search.py).
+`PrecisionChoice.decisions` records, per layer, the dtype asked for and the dtype it got.
+
+Requires: a verified module; run where to-fp16 runs (compiler/driver.pipeline_passes: after the
+cleanups, before the layout and fusion passes, which then fuse the casts: fuse-epilogue takes a
+Cast after a GEMM/conv into its epilogue, fuse-elementwise takes the others into their groups).
+Pattern and node name strings are only compared (fnmatch), never written into any source.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from nnc.ir.builder import Builder, const_value
+from nnc.ir.errors import NncError
+from nnc.ir.graph import Module, NameGen, Op, Value, value_names
+from nnc.ir.types import F32, DType, dtype
+from nnc.passes.to_precision import _cast_takes_int, _narrow, _retarget_attrs
+
+FLOAT_PRECISIONS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}  # CLI name -> IR dtype short name
+
+
+def ir_dtype(precision: str) -> DType:
+    if precision not in FLOAT_PRECISIONS:
+        raise NncError(f"unknown float precision {precision!r}; expected one of {', '.join(FLOAT_PRECISIONS)}")
+    return dtype(FLOAT_PRECISIONS[precision])
+
+
+def precision_name(dt: DType) -> str:
+    return next(k for k, v in FLOAT_PRECISIONS.items() if v == dt.short)
+
+
+def layer_key(op: Op) -> str:
+    return op.results[0].name if op.results else ""
+
+
+def is_layer(op: Op) -> bool:
+    """An op this pass chooses a dtype for: not a constant, with an f32 result."""
+    return op.name != "const" and any(r.type.dtype == F32 for r in op.results)
+
+
+@dataclass
+class Decision:
+    layer: str   # layer_key
+    op: str      # IR op name
+    node: str    # ONNX node name ("" when unknown)
+    wanted: str  # precision asked for (fp32/fp16/bf16)
+    got: str     # precision it runs at (fp32 when the op rejects the low type)
+    why: str = ""
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "op": self.op, "node": self.node, "precision": self.got,
+                **({"wanted": self.wanted} if self.wanted != self.got else {}), **({"why": self.why} if self.why else {})}
+
+
+@dataclass
+class PrecisionChoice:
+    """What dtype each layer runs at. per_layer: {layer_key: precision}; default: the rest.
+    reasons: {layer_key: why} for the record."""
+    default: str
+    per_layer: dict = field(default_factory=dict)
+    reasons: dict = field(default_factory=dict)
+    decisions: list = field(default_factory=list)  # filled by run()
+
+    def choose(self, op: Op) -> str:
+        return self.per_layer.get(layer_key(op), self.default)
+
+    def run(self, module: Module) -> bool:
+        self.decisions = []
+        return lower_mixed(module, self.choose, self.decisions, self.reasons)
+
+    __call__ = run
+
+
+def match_keep_fp32(op: Op, pattern: str) -> bool:
+    """A --keep-fp32 pattern matches an op by its op type (exactly) or, as a glob, its ONNX node
+    name or its first result's name."""
+    if op.name == pattern:
+        return True
+    names = [op.loc.node] if op.loc.node else []
+    names += [r.name for r in op.results[:1]]
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+
+
+def keep_fp32_choice(module: Module, low: str, patterns, warn: Callable[[str], None]) -> PrecisionChoice:
+    """The choice for --keep-fp32: the layers matched by any pattern at fp32, the rest at `low`.
+    A pattern matching no layer is reported through warn (naming it)."""
+    ch = PrecisionChoice(low)
+    for pat in patterns:
+        hits = [op for op in module.main.ops if is_layer(op) and match_keep_fp32(op, pat)]
+        if not hits:
+            warn(f"--keep-fp32 {pat!r} matches no layer (node name, result name or op type) of the model")
+        for op in hits:
+            ch.per_layer[layer_key(op)] = "fp32"
+            ch.reasons.setdefault(layer_key(op), f"--keep-fp32 {pat}")
+    return ch
+
+
+def lower_mixed(module: Module, choose: Callable[[Op], str], decisions: Optional[list] = None,
+                reasons: Optional[dict] = None) -> bool:
+    """Rebuilds main with each layer at choose(op) (see the module docstring)."""
+    f = module.main
+    names = NameGen(value_names(module))
+    old_ops = f.ops
+    f.ops = []
+    b = Builder(f, module.weights, names)
+    cur: dict[int, Value] = {}             # id(original value) -> its value in the new function
+    conv: dict[tuple, Value] = {}          # (id(original value), dtype short) -> converted value
+    consts: dict[int, np.ndarray] = {}     # id(original f32 constant) -> its array
+    changed = False
+
+    def cast(v: Value, to: DType) -> Value:
+        return b.create("Cast", [v], {"to": to.onnx if _cast_takes_int() else to})[0]
+
+    def get(orig: Optional[Value], to: DType) -> Optional[Value]:
+        nonlocal changed
+        if orig is None:
+            return None
+        v = cur[id(orig)]
+        if orig.type.dtype != F32 or v.type.dtype == to:
+            return v
+        key = (id(orig), to.short)
+        if key not in conv:
+            if id(orig) in consts and to != F32:
+                conv[key] = b.constant(_narrow(consts[id(orig)], to), orig.name, orig.producer.loc,
+                                       weight_hint=orig.name)
+            else:
+                conv[key] = cast(v, to)
+            changed = True
+        return conv[key]
+
+    for a in f.args:
+        cur[id(a)] = a
+    for op in old_ops:
+        if op.name == "const":
+            val = const_value(op.results[0], module.weights)
+            if val is not None and val.dtype == np.float32:
+                consts[id(op.results[0])] = val
+            f.ops.append(op)
+            cur[id(op.results[0])] = op.results[0]
+            continue
+        if not is_layer(op) and not any(v is not None and v.type.dtype == F32 for v in op.operands):
+            op.operands = [None if v is None else cur[id(v)] for v in op.operands]
+            f.ops.append(op)
+            for r in op.results:
+                cur[id(r)] = r
+            continue
+        if is_layer(op):
+            wanted = choose(op)
+        else:  # float operands, no f32 result (Shape, ArgMax, ...): at its first float operand's dtype
+            first = next(cur[id(v)] for v in op.operands if v is not None and v.type.dtype == F32)
+            wanted = precision_name(first.type.dtype)
+        low = ir_dtype(wanted)
+        why = (reasons or {}).get(layer_key(op), "")
+        if op.regions():  # sub-graphs keep their own types: run the op at f32
+            low, why = F32, "has regions (runs at fp32)"
+        outs = None
+        if low != F32:
+            for r in op.results:
+                names.taken.discard(r.name)
+            try:
+                outs = b.create(op.name, [get(v, low) for v in op.operands], _retarget_attrs(op.attrs, low),
+                                num_results=len(op.results), names=[r.name for r in op.results], loc=op.loc)
+                changed = True
+            except NncError as e:  # the op insists on f32 somewhere: run it at f32
+                low, why = F32, f"rejects {wanted}: {e}"[:200]
+        if outs is None:
+            op.operands = [get(v, F32) for v in op.operands]
+            f.ops.append(op)
+            for r in op.results:
+                names.taken.add(r.name)
+            outs = op.results
+        for r, o in zip(op.results, outs):
+            cur[id(r)] = o
+        if decisions is not None and is_layer(op):
+            decisions.append(Decision(layer_key(op), op.name, op.loc.node, wanted, precision_name(low), why))
+    results = [get(r, r.type.dtype) for r in f.results]
+    _keep_output_names(f, results, names)
+    f.results = results
+    return changed
+
+
+def _keep_output_names(f, results, names) -> None:
+    """The model's output names stay on the values finally returned (as in to_precision.lower)."""
+    by_name: dict = {}
+    for op in f.ops:
+        for x in op.results:
+            by_name.setdefault(x.name, []).append(x)
+
+    def rename(x, name):
+        by_name[x.name] = [y for y in by_name.get(x.name, []) if y is not x]
+        x.name = name
+        by_name.setdefault(name, []).append(x)
+
+    for r, v in zip(f.results, results):
+        if v.name != r.name:
+            names.taken.discard(v.name)
+            clash = next((x for x in by_name.get(r.name, []) if x is not v), None)
+            if clash is not None:
+                rename(clash, names(r.name + ".low"))
+            rename(v, r.name)
+
+
+# ----------------------------------------------------------------------------- options
+
+SPEED_ORDER = ("fp16", "bf16", "fp32")  # fastest first under the CPU heuristic (precision_search.py)
+DEFAULT_ALLOW = ("fp16", "bf16", "fp32")
+DEFAULT_MAX_REL_ERR = 1e-2  # the project's fp16/bf16 tolerance
+
+
+def _names(what: str, val) -> tuple[str, ...]:
+    if val is None:
+        return ()
+    items = val.split(",") if isinstance(val, str) else list(val)
+    if not all(isinstance(x, str) for x in items):
+        raise NncError(f"{what}: expected a comma-separated string or a list of strings, given {val!r}")
+    items = [x.strip() for x in items]
+    if any(not x for x in items):
+        raise NncError(f"{what}: empty entry in {val!r}")
+    return tuple(dict.fromkeys(items))
+
+
+def check_options(o) -> None:
+    """Validates and normalises CompileOptions' per-layer precision fields (called from its
+    __post_init__)."""
+    import math
+    import os
+    keep = _names("keep_fp32", o.keep_fp32)
+    allow = _names("allow", o.allow)
+    object.__setattr__(o, "keep_fp32", keep)
+    if keep and o.precision == "fp32":
+        raise NncError("keep_fp32 (--keep-fp32) needs precision fp16, bf16 or best: at fp32 every layer already is")
+    best = o.precision == "best"
+    for what, given in (("allow (--allow)", allow), ("max_rel_err (--max-rel-err)", o.max_rel_err),
+                        ("calib_data (--calib-data)", o.calib_data)):
+        if given not in ((), None) and not best:
+            raise NncError(f"{what} only goes with precision 'best', not {o.precision!r}")
+    if not best:
+        return
+    for a in allow:
+        if a not in FLOAT_PRECISIONS:
+            extra = " (int8/fp8 need calibration scales, not supported yet)" if a in ("int8", "fp8") else ""
+            raise NncError(f"allow: unknown type {a!r}{extra}; expected some of {', '.join(FLOAT_PRECISIONS)}")
+    allow = allow or DEFAULT_ALLOW
+    object.__setattr__(o, "allow", tuple(p for p in SPEED_ORDER if p in allow))
+    e = DEFAULT_MAX_REL_ERR if o.max_rel_err is None else o.max_rel_err
+    if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or not e > 0:
+        raise NncError(f"max_rel_err (--max-rel-err) must be a positive finite number, not {o.max_rel_err!r}")
+    object.__setattr__(o, "max_rel_err", float(e))
+    if o.calib_data is not None:
+        object.__setattr__(o, "calib_data", os.fspath(o.calib_data))
+
+
+def storage_precision(o) -> str:
+    """The precision code generation is told (its cache key and plan.json's codegen view): for
+    'best' the fastest allowed type, which most layers start at."""
+    return o.allow[0] if o.precision == "best" else o.precision
