@@ -172,6 +172,18 @@ class PlanExecutor:
         pj = json.loads(json.dumps(pj, default=_json_default))
         return cls(pj, module, blob, where="<plan>")
 
+    def fork(self) -> "PlanExecutor":
+        """An executor for one execution context (nnc.api.ReferenceContext): the parsed plan, the
+        weights and the persistent region the init phase filled are shared (runs only read them);
+        the arena, the input and output regions and the run's extents are its own, so forks run
+        concurrently from different threads without touching each other's bytes."""
+        import copy
+        f = copy.copy(self)
+        f._regions = {k: (r if k in ("weights", "persistent") else np.full(r.size, POISON, np.uint8))
+                      for k, r in self._regions.items()}
+        f._extent = dict(self._extent)
+        return f
+
     def _launch_list(self, key: str) -> list:
         seq = self.plan.get(key, [])
         if not isinstance(seq, list):

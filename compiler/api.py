@@ -247,6 +247,25 @@ class Module:
             raise InputError(f"outputs: {sel} names an output twice")
         return sel
 
+    def context(self) -> "ExecutionContext":
+        """A new execution context (TensorRT's IExecutionContext): it shares this module's weights
+        and compiled code and owns its activation arena (and, on cuda, its stream, its I/O buffers
+        and its CUDA graph). Contexts run concurrently, one per thread; run() of the module itself
+        uses its own default context."""
+        raise NotImplementedError
+
+    def run_async(self, inputs: Mapping[str, Any], outputs: Optional[Sequence[str]] = None, *,
+                  output: Optional[str] = None):
+        """Queues one run and returns a concurrent.futures.Future of run()'s dict. Runs queued
+        from one thread complete in order, on one context this module makes for them."""
+        ctx = self.__dict__.get("_async_context")
+        if ctx is None:
+            import threading
+            with self.__dict__.setdefault("_async_lock", threading.Lock()):
+                ctx = self.__dict__.get("_async_context") or self.context()
+                self._async_context = ctx
+        return ctx.run_async(inputs, outputs, output=output)
+
     def close(self) -> None:
         """Removes the temporary output directory nnc.compile(out=None) made (no-op otherwise).
         Also done when the module is garbage-collected."""
@@ -260,6 +279,66 @@ class Module:
     def __repr__(self):
         fmt = lambda ts: ", ".join(f"{t.name}: {t.dtype}{list(t.shape) if t.shape is not None else '[?]'}" for t in ts)
         return f"<nnc.Module {self.backend} {self.dir} ({fmt(self.inputs)}) -> ({fmt(self.outputs)})>"
+
+
+class ContextBusyError(NncError):
+    """An execution context was used by a second thread while a run of it was in progress."""
+
+
+class ExecutionContext:
+    """One execution context of a Module (Module.context()): the weights and compiled code are
+    the module's, the activation memory is this context's. One thread at a time: a second
+    thread's run() while one is in progress is a ContextBusyError (make a context per thread),
+    never two runs over the same arena. run / __call__ / inputs / outputs as on the Module."""
+
+    def __init__(self, module: Module):
+        import threading
+        self.module = module
+        self._busy = threading.Lock()
+        self._pool = None  # the one worker of run_async (reference backend)
+
+    @property
+    def inputs(self):
+        return self.module.inputs
+
+    @property
+    def outputs(self):
+        return self.module.outputs
+
+    def run(self, inputs: Mapping[str, Any], outputs: Optional[Sequence[str]] = None, *,
+            output: Optional[str] = None) -> dict:
+        if not self._busy.acquire(blocking=False):
+            raise ContextBusyError("this execution context is running on another thread; "
+                                   "use one context per thread (Module.context())")
+        try:
+            return self._run(inputs, outputs, output)
+        finally:
+            self._busy.release()
+
+    def _run(self, inputs, outputs, output) -> dict:
+        raise NotImplementedError
+
+    def __call__(self, *args, **kwargs):
+        res = self.run(self.module._feed_dict(args, kwargs))
+        vals = [res[n] for n in self.module.output_names]
+        return vals[0] if len(vals) == 1 else tuple(vals)
+
+    def run_async(self, inputs: Mapping[str, Any], outputs: Optional[Sequence[str]] = None, *,
+                  output: Optional[str] = None):
+        """A concurrent.futures.Future of run(inputs, outputs, output=output), run on this
+        context's one worker thread (in submission order). The inputs are read when the run
+        starts: do not change them before the future is done. (cuda overrides this with
+        pipelined copies.)"""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nnc-context")
+        return self._pool.submit(self.run, inputs, outputs, output=output)
+
+    def close(self) -> None:
+        """Waits for queued run_async work and stops the worker (the context stays usable)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _to_numpy(name: str, x) -> np.ndarray:
@@ -317,11 +396,16 @@ class ReferenceModule(Module):
     def _io_entries(self, kind):
         return self._io[kind]
 
-    def run(self, inputs, outputs=None, *, output="numpy", stream=None, poison: bool = False) -> dict:
+    def context(self) -> "ReferenceContext":
+        return ReferenceContext(self)
+
+    def run(self, inputs, outputs=None, *, output="numpy", stream=None, poison: bool = False,
+            executor=None) -> dict:
         """inputs: {name: array} (numpy, or anything numpy/cupy/torch converts). outputs: names to
         return (default all). output: "numpy" or "cupy" (copies results to the GPU). stream and
         poison are accepted for interface parity and have no effect (the interpreter runs on the
-        host and every result is a fresh array)."""
+        host and every result is a fresh array). executor: a context's PlanExecutor fork (None:
+        the module's own, its default context)."""
         from .ir.interp import Interpreter
         if output not in ("cupy", "numpy"):
             raise NncError(f"output must be 'cupy' or 'numpy', not {output!r}")
@@ -329,13 +413,27 @@ class ReferenceModule(Module):
             raise InputError(f"run(inputs): expected a dict {{input name: array}}, given {type(inputs).__name__}")
         sel = self._selected(outputs)
         feed = {k: _to_numpy(k, v) for k, v in inputs.items()}
-        res = self.executor.run(feed) if self.executor is not None else Interpreter(self.ir).run(feed)
+        executor = self.executor if executor is None else executor
+        res = executor.run(feed) if executor is not None else Interpreter(self.ir).run(feed)
         got = {n: np.asarray(res[n]) for n in sel}
         if output == "cupy":
             from .runtime import require_gpu
             cp = require_gpu()
             got = {n: cp.asarray(a) for n, a in got.items()}
         return got
+
+
+class ReferenceContext(ExecutionContext):
+    """A reference-backend context: in the arena, a PlanExecutor fork (the plan, weights.bin and
+    the init phase's persistent values shared; its own arena and I/O regions); on the plain
+    interpreter, nothing to own (every run makes fresh arrays)."""
+
+    def __init__(self, module: ReferenceModule):
+        super().__init__(module)
+        self.executor = module.executor.fork() if module.executor is not None else None
+
+    def _run(self, inputs, outputs, output) -> dict:
+        return self.module.run(inputs, outputs, output=output or "numpy", executor=self.executor)
 
 
 # ---------------------------------------------------------------------------- entry points

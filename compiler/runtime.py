@@ -384,6 +384,12 @@ class Module(api.Module):
             st.synchronize()
         return res
 
+    def context(self, slots: int = 2) -> "CudaContext":
+        """A new execution context (nnc.api.Module.context): its own arena, stream, I/O buffers
+        and CUDA graph; `slots` pipelined request buffers for run_async (see CudaContext)."""
+        from .contexts import CudaContext
+        return CudaContext(self, slots=slots)
+
     # ------------------------------------------------------------ raw runs (nnc bench, nnc inspect)
     def io_buffers(self) -> tuple[list, list]:
         """(inputs, outputs): the device arrays launch() runs on, in plan order: with a graph the
@@ -454,12 +460,15 @@ class Module(api.Module):
             times.append(float(np.median(ts)))
         return times
 
-    def _execute(self, ins, outs, st, launches=None, capture: bool = False):
+    def _execute(self, ins, outs, st, launches=None, capture: bool = False, arena=None, extent_host=None):
         """Queues the launches on st (the current stream). A readback copies its extent into
         pinned host memory without waiting: _read_extents synchronizes once at the end (and a
-        stream being captured may not synchronize at all)."""
+        stream being captured may not synchronize at all). arena / extent_host: an execution
+        context's own (None: the module's)."""
         cp = self._cp
-        wptr, aptr, pptr = self.weights.data.ptr, self.arena.data.ptr, self.persistent.data.ptr
+        arena = self.arena if arena is None else arena
+        extent_host = self._extent_host if extent_host is None else extent_host
+        wptr, aptr, pptr = self.weights.data.ptr, arena.data.ptr, self.persistent.data.ptr
         iptr = [a.data.ptr for a in ins]
         optr = [a.data.ptr for a in outs]
 
@@ -484,7 +493,7 @@ class Module(api.Module):
                 if nbytes:
                     cp.cuda.runtime.memcpyAsync(int(vals[0]), int(vals[1]), nbytes, 3, st.ptr)
             else:  # readback: the extent of a data-dependent output, into its pinned slot
-                cp.cuda.runtime.memcpyAsync(self._extent_host.ctypes.data + 8 * oidx, int(vals[0]), 8, 2, st.ptr)
+                cp.cuda.runtime.memcpyAsync(extent_host.ctypes.data + 8 * oidx, int(vals[0]), 8, 2, st.ptr)
 
 
 def plan_files(out_dir) -> tuple[dict, Path, list]:

@@ -1,0 +1,183 @@
+"""Execution contexts (nnc.api.ExecutionContext): one loaded model, many contexts, each with its
+own activation memory. CPU: the reference backend in the plan's arena (PlanExecutor forks), run
+concurrently from threads, checked against the plain interpreter; run_async futures. GPU-marked:
+CUDA contexts (own arena, stream, graph) and the pipelined run_async copies."""
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import nnc
+from nnc.api import ContextBusyError, ExecutionContext
+from nnc.driver import compile_model
+from nnc.ir.interp import Interpreter
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = [2, 3, 32, 32]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ctx") / "tiny_cnn"
+    compile_model(str(ROOT / "examples" / "tiny_cnn.onnx"), d, shapes={"input": SHAPE}, arch="sm_90")
+    return d
+
+
+def _feeds(n, seed=1):
+    rng = np.random.default_rng(seed)
+    return [{"input": rng.standard_normal(SHAPE).astype(np.float32)} for _ in range(n)]
+
+
+def _expected(m, feed):
+    return Interpreter(m.ir).run(feed)  # the plain interpreter: no arena at all
+
+
+def _close(got, want):
+    for k, w in want.items():
+        np.testing.assert_allclose(got[k], w, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(w).max())))
+
+
+def test_contexts_share_weights_own_arena(tiny):
+    m = nnc.load(tiny, backend="reference")
+    assert m.in_arena
+    a, b = m.context(), m.context()
+    assert isinstance(a, ExecutionContext) and a.module is m
+    ra, rb, rm = a.executor._regions, b.executor._regions, m.executor._regions
+    assert ra["weights"] is rm["weights"] and ra["persistent"] is rm["persistent"]  # shared
+    assert ra["arena"] is not rb["arena"] and ra["arena"] is not rm["arena"]          # owned
+    assert ra[("input", 0)] is not rb[("input", 0)] and ra[("output", 0)] is not rb[("output", 0)]
+    f = _feeds(1)[0]
+    _close(a.run(f), _expected(m, f))
+    assert a.outputs == m.outputs and a.inputs == m.inputs
+
+
+def test_concurrent_threads_independent_and_correct(tiny):
+    m = nnc.load(tiny, backend="reference")
+    n_threads, per = 4, 3
+    feeds = _feeds(n_threads * per, seed=7)
+    want = [_expected(m, f) for f in feeds]
+    got, errors = {}, []
+    start = threading.Barrier(n_threads)
+
+    def worker(t):
+        try:
+            ctx = m.context()
+            start.wait()
+            for j in range(per):
+                k = t * per + j
+                got[k] = ctx.run(feeds[k])
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    ths = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    assert not errors, errors
+    for k in range(len(feeds)):
+        _close(got[k], want[k])
+    # different inputs gave different outputs: no context returned another's result
+    outs = [got[k]["output"].tobytes() if "output" in got[k] else next(iter(got[k].values())).tobytes()
+            for k in range(len(feeds))]
+    assert len(set(outs)) == len(feeds)
+
+
+def test_one_context_two_threads_is_a_clear_error(tiny):
+    m = nnc.load(tiny, backend="reference")
+    ctx = m.context()
+    ctx._busy.acquire()  # as if another thread were inside run()
+    try:
+        with pytest.raises(ContextBusyError, match="one context per thread"):
+            ctx.run(_feeds(1)[0])
+    finally:
+        ctx._busy.release()
+
+
+def test_run_async_futures_in_order(tiny):
+    m = nnc.load(tiny, backend="reference")
+    feeds = _feeds(4, seed=3)
+    futs = [m.run_async(f) for f in feeds]
+    for f, fut in zip(feeds, futs):
+        _close(fut.result(timeout=120), _expected(m, f))
+    ctx = m.context()
+    fut = ctx.run_async({"input": np.zeros([1, 3, 32, 32], np.float32)})  # wrong shape
+    with pytest.raises(nnc.ir.errors.InputError, match="input 'input'"):
+        fut.result(timeout=60)
+    ctx.close()
+
+
+def test_plain_interpreter_contexts(tiny):
+    m = nnc.load(tiny, backend="reference", in_arena=False)
+    ctx = m.context()
+    assert ctx.executor is None
+    f = _feeds(1, seed=5)[0]
+    _close(ctx(f["input"]) if len(m.outputs) > 1 else {m.output_names[0]: ctx(f["input"])}, _expected(m, f))
+
+
+# ---------------------------------------------------------------- GPU (not run on the CPU machine)
+
+@pytest.mark.gpu
+def test_cuda_contexts_concurrent_threads(tiny):
+    m = nnc.load(tiny)
+    ref = nnc.load(tiny, backend="reference")
+    n_threads, per = 4, 8
+    feeds = _feeds(n_threads * per, seed=11)
+    got, errors = {}, []
+
+    def worker(t):
+        try:
+            ctx = m.context()
+            assert ctx.uses_cuda_graph == m.uses_cuda_graph
+            for j in range(per):
+                k = t * per + j
+                got[k] = ctx.run(feeds[k], output="numpy")
+        except BaseException as e:
+            errors.append(e)
+
+    ths = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    assert not errors, errors
+    for k, f in enumerate(feeds):
+        _close(got[k], ref.run(f))
+    _close(m.run(feeds[0], output="numpy"), ref.run(feeds[0]))  # the module's own run still works
+
+
+_SLEEP = r"""extern "C" __global__ void nnc_test_sleep(long long ns) {
+  long long t0 = clock64();  // cycles, about 1-2 GHz: ns cycles is at least ns/2 ns
+  while (clock64() - t0 < ns) {}
+}"""
+
+
+@pytest.mark.gpu
+def test_cuda_run_async_pipelines_copies(tmp_path):
+    """Requests in flight on one context give the right answers in order; and with the compute
+    stream held back by a spinning kernel, the H2D of request 1 completes before the compute of
+    request 0 does: the copies run on their own stream, overlapping compute."""
+    import cupy
+    d = tmp_path / "big"
+    compile_model(str(ROOT / "examples" / "tiny_cnn.onnx"), d, shapes={"input": [64, 3, 32, 32]})
+    m = nnc.load(d)
+    ref = nnc.load(d, backend="reference")
+    ctx = m.context(slots=3)
+    rng = np.random.default_rng(2)
+    feeds = [{"input": rng.standard_normal([64, 3, 32, 32]).astype(np.float32)} for _ in range(12)]
+    res = [f.result(timeout=60) for f in [ctx.run_async(f, output="numpy") for f in feeds]]
+    for f, r in zip(feeds, res):
+        _close(r, ref.run(f))
+    sleep = cupy.RawKernel(_SLEEP, "nnc_test_sleep")
+    with ctx.stream:
+        sleep((1,), (1,), (np.int64(200_000_000),))  # >= 0.1 s of compute-stream time
+    f0, f1 = ctx.run_async(feeds[0], output="numpy"), ctx.run_async(feeds[1], output="numpy")
+    r0, r1 = f0.result(timeout=60), f1.result(timeout=60)
+    a, b = ctx.slots[12 % 3], ctx.slots[13 % 3]
+    assert cupy.cuda.get_elapsed_time(a.compute_done, b.h2d_done) < 0  # request 1 staged while 0 waited
+    _close(r0, ref.run(feeds[0]))
+    _close(r1, ref.run(feeds[1]))
+    cupy_out = ctx.run(feeds[2])  # output="cupy" by default on cuda
+    _close({k: cupy.asnumpy(v) for k, v in cupy_out.items()}, ref.run(feeds[2]))
+    ctx.close()
