@@ -69,8 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="output directory")
     _add_shapes(p)
     p.add_argument("--arch", default=None, help="GPU architecture, e.g. sm_90 (default: the GPU present, else sm_90)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
-                   help="storage type of weights and activations (accumulation stays fp32)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "best"], default="fp32",
+                   help="storage type of weights and activations (accumulation stays fp32); best: per layer, "
+                        "the fastest of --allow within --max-rel-err")
+    p.add_argument("--keep-fp32", default="", metavar="PATTERN,...",
+                   help="layers kept at fp32: ONNX node-name globs or op types (with --precision fp16/bf16/best)")
+    p.add_argument("--allow", default="", metavar="TYPE,...",
+                   help="--precision best: the float types layers may take (default fp16,bf16,fp32; fp32 is the fallback)")
+    p.add_argument("--max-rel-err", type=float, default=None, metavar="E",
+                   help="--precision best: budget for each output's relative L2 error against fp32 (default 1e-2)")
+    p.add_argument("--calib-data", default=None, metavar="NPZ_OR_DIR",
+                   help="--precision best: calibration inputs, an .npz keyed by input name or a directory of them "
+                        "(default: seeded random inputs, with a warning)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 tensor cores for fp32 GEMMs and convolutions")
     p.add_argument("--backend", choices=["nvrtc", "nvcc"], default="nvrtc", help="CUDA compiler to use")
     p.add_argument("--name", default=None,
@@ -161,6 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["cuda", "reference"], default="cuda",
                    help="reference: time the numpy reference instead (latency and throughput only; slow)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
+    g = p.add_argument_group("MLPerf scenarios through MLCommons LoadGen (nnc/loadgen_sut.py; pip install 'nnc[bench]')")
+    g.add_argument("--scenario", choices=["single-stream", "multi-stream", "server", "offline"],
+                   help="run this LoadGen scenario instead of the trtexec-style loop")
+    g.add_argument("--duration-s", type=float, metavar="S",
+                   help="minimum duration of each LoadGen run (default 20 on cuda, 5 on the reference)")
+    g.add_argument("--target-qps", type=float, metavar="Q",
+                   help="server: the QPS search's first point; offline: the expected QPS (default: calibrated)")
+    g.add_argument("--latency-bound-ms", type=float, metavar="L", help="server: the p99 latency bound")
+    g.add_argument("--contexts", type=int, default=1, metavar="N",
+                   help="execution contexts (one worker thread each) the queries go to (default 1)")
+    g.add_argument("--batch", type=int, metavar="B", help="samples per run (must be the compiled batch)")
+    g.add_argument("--batch-window-us", type=float, default=0.0, metavar="U",
+                   help="server: wait up to U us for more samples to fill a batch (default 0)")
+    g.add_argument("--min-queries", type=int, default=64, metavar="K", help="LoadGen's min_query_count (default 64)")
+    g.add_argument("--log-dir", metavar="D", help="LoadGen's logs go here (default OUT/loadgen/SCENARIO)")
 
     p = sub.add_parser("inspect", help="per-kernel table of a compiled output directory",
                        description="Prints one row per kernel from OUT/plan.json: launches per run, the IR ops "
@@ -171,6 +196,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure each launch on the GPU (CUDA events, each launch repeated on the planned arena)")
     p.add_argument("--plot", metavar="F.png", help="draw the times as bars into F.png (needs matplotlib)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs of --time")
+
+    p = sub.add_parser("export-triton", help="write a Triton Inference Server model repository entry for OUT",
+                       description="Writes REPO/NAME/config.pbtxt, REPO/NAME/1/model.py (Triton's Python backend "
+                                   "running nnc.load) and a copy of OUT; several models can share one REPO. "
+                                   "nnc models have a static batch: with --max-batch B > 0 requests are "
+                                   "zero-padded to the compiled batch (see nnc/triton_export.py).")
+    p.add_argument("out", help="directory written by `nnc compile`")
+    p.add_argument("--repo", required=True, help="the model repository (created if missing)")
+    p.add_argument("--name", help="Triton model name (default: OUT's directory name)")
+    p.add_argument("--max-batch", type=int, default=0, metavar="B",
+                   help="Triton max_batch_size (0: serve the compiled shapes as they are, no batching)")
+    p.add_argument("--instances", type=int, default=1, metavar="K", help="instance_group count (default 1)")
+    p.add_argument("--dynamic-batching-us", type=int, default=None, metavar="U",
+                   help="turn on Triton's dynamic batching with this max queue delay (needs --max-batch >= 1)")
+    p.add_argument("--backend", choices=["cuda", "reference"], default="cuda",
+                   help="what model.py loads: cuda (KIND_GPU) or the numpy reference (KIND_CPU)")
+
+    p = sub.add_parser("serve", help="start NVIDIA Triton Inference Server on a model repository",
+                       description="Starts the tritonserver binary of the nvidia-pytriton wheel (in its own venv, "
+                                   "created on first use; see nnc/serve.py) on REPO, or on nnc OUT directories "
+                                   "exported into a temporary repository. Listens on 127.0.0.1; stops on "
+                                   "SIGTERM/SIGINT.")
+    p.add_argument("repo", nargs="+", help="a model repository, or one or more `nnc compile` directories")
+    p.add_argument("--http-port", type=int, default=None, metavar="P", help="default: a free port")
+    p.add_argument("--grpc-port", type=int, default=None, metavar="P", help="default: a free port")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="P", help="default: a free port")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1 only)")
+    p.add_argument("--backend", choices=["cuda", "reference"], default="cuda",
+                   help="for OUT directories: the backend they are exported for")
     return ap
 
 
@@ -186,7 +240,7 @@ def main(argv=None) -> int:
         # progress bars (stderr, only on a terminal) and -v lines: every stage reports to this
         with progress.use(progress.make_reporter(verbose=getattr(args, "verbose", False))):
             return {"ir": cmd_ir, "opt": cmd_opt, "compile": cmd_compile, "run": cmd_run, "bench": cmd_bench,
-                    "inspect": cmd_inspect,
+                    "inspect": cmd_inspect, "export-triton": cmd_export_triton, "serve": cmd_serve,
                     "verify": cmd_verify, "timing-cache": cmd_timing_cache}[args.cmd](args)
     except NncError as e:
         if args.debug:
@@ -279,7 +333,9 @@ def cmd_compile(args) -> int:
                           tf32=args.tf32, name=args.name, backend="reference" if args.no_codegen else "cuda",
                           codegen=not args.no_codegen, cuda_compiler=args.backend, verify_each=args.verify_each,
                           cache=not args.no_cache, jobs=args.jobs, fuse=not args.no_fuse, tune=args.tune,
-                          tune_budget=args.tune_budget, timing_cache=args.timing_cache)
+                          tune_budget=args.tune_budget, timing_cache=args.timing_cache,
+                          keep_fp32=args.keep_fp32, allow=args.allow, max_rel_err=args.max_rel_err,
+                          calib_data=args.calib_data)
     plan = compile_model(args.model, args.out, dump_ir=args.dump_ir, options=opts)
     wall = time.perf_counter() - t0
     n_k = len(plan.get("kernels", []))
@@ -406,6 +462,14 @@ def cmd_verify(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.scenario is not None:
+        return _bench_scenario(args)
+    given = [f for f, v in (("--duration-s", args.duration_s), ("--target-qps", args.target_qps),
+                            ("--latency-bound-ms", args.latency_bound_ms), ("--batch", args.batch),
+                            ("--log-dir", args.log_dir), ("--contexts", args.contexts != 1 or None),
+                            ("--batch-window-us", args.batch_window_us or None)) if v is not None]
+    if given:
+        raise NncError(f"{', '.join(given)}: only with --scenario (the LoadGen scenarios)")
     from .bench import BenchOptions, bench, format_text, print_rich, write_json
     res = bench(args.out, BenchOptions(iterations=args.iterations, warmup=args.warmup,
                                        cuda_graph=not args.no_cuda_graph, backend=args.backend, seed=args.seed))
@@ -416,6 +480,26 @@ def cmd_bench(args) -> int:
         sys.stdout.write(format_text(res))
     if args.json:
         write_json(res, args.json)
+    return 0
+
+
+def _bench_scenario(args) -> int:
+    import json
+    from .loadgen_sut import ScenarioOptions, format_text, loadgen_summary, print_rich, run_scenario
+    if args.no_cuda_graph:
+        raise NncError("--no-cuda-graph is for the trtexec-style loop, not with --scenario")
+    res = run_scenario(args.out, ScenarioOptions(
+        args.scenario, backend=args.backend, duration_s=args.duration_s, target_qps=args.target_qps,
+        latency_bound_ms=args.latency_bound_ms, contexts=args.contexts, batch=args.batch, log_dir=args.log_dir,
+        min_query_count=args.min_queries, batch_window_us=args.batch_window_us, seed=args.seed))
+    sys.stdout.write(loadgen_summary(res))
+    if sys.stdout.isatty():
+        from rich.console import Console
+        print_rich(res, Console())
+    else:
+        sys.stdout.write(format_text(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res.to_json(), indent=2) + "\n")
     return 0
 
 
@@ -432,6 +516,21 @@ def cmd_inspect(args) -> int:
     if args.plot:
         plot(rows, args.plot, f"{Path(args.out).name}: time per kernel")
     return 0
+
+
+def cmd_export_triton(args) -> int:
+    from .triton_export import TritonExportOptions, export_triton
+    d = export_triton(args.out, args.repo, TritonExportOptions(
+        name=args.name, max_batch=args.max_batch, instances=args.instances,
+        dynamic_batching_us=args.dynamic_batching_us, backend=args.backend))
+    print(f"wrote {d} (config.pbtxt, 1/model.py, 1/nnc_out)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import ServerOptions, serve
+    return serve(args.repo, ServerOptions(http_port=args.http_port, grpc_port=args.grpc_port,
+                                          metrics_port=args.metrics_port, host=args.host), backend=args.backend)
 
 
 if __name__ == "__main__":
