@@ -32,15 +32,47 @@ def io_entry(v) -> dict:
     return {"name": v.name, "dtype": v.type.dtype.np_name, "shape": shape}
 
 
-def pipeline_passes(precision: str = "fp32", fuse: bool = True) -> list[str]:
+def pipeline_passes(precision: str = "fp32", fuse: bool = True, per_layer=None) -> list:
     """The pass list `nnc compile` runs at this precision (`nnc verify` runs the same one).
-    fuse=False leaves out the fusion passes (`--no-fuse`: one kernel per op, to compare against)."""
+    fuse=False leaves out the fusion passes (`--no-fuse`: one kernel per op, to compare against).
+    per_layer: a mixed_precision.PrecisionChoice (--keep-fp32, --precision best), run in the
+    precision passes' place as the entry ("mixed-precision", choice)."""
     passes = [p for p in DEFAULT_PIPELINE if fuse or p not in FUSION_PASSES]
-    if precision in ("fp16", "bf16"):
+    if precision in ("fp16", "bf16") or per_layer is not None:
         # before the fusion passes: to-fp16 would run a fused op's body at f32 (casts around it)
         at = next((i for i, p in enumerate(passes) if p in FUSION_PASSES + LAYOUT_PASSES), len(passes))
-        passes[at:at] = [f"to-{precision}", "canonicalize", "dce"]
+        lower = ("mixed-precision", per_layer) if per_layer is not None else f"to-{precision}"
+        passes[at:at] = [lower, "canonicalize", "dce"]
     return passes
+
+
+def precision_choice(model, options, shapes: dict):
+    """The per-layer choice for --keep-fp32 / --precision best (None: one precision for all) and
+    the search record (None unless best). Warnings go to stderr and to `-v`'s log."""
+    import warnings
+    from .passes.mixed_precision import PrecisionChoice
+    rep = progress.current()
+
+    def warn(msg: str) -> None:  # python's warnings: on stderr for the CLI, catchable for API users
+        warnings.warn(msg, UserWarning, stacklevel=2)
+
+    if options.precision == "best":
+        from .precision_search import search
+        with rep.stage("precision search"):
+            return search(model, options, warn, rep.log if rep.verbose else (lambda s: None), import_shapes=shapes)
+    if options.keep_fp32:
+        return PrecisionChoice(options.precision, keep_patterns=options.keep_fp32, warn=warn), None
+    return None, None
+
+
+def layer_precision_json(choice, record, options) -> dict:
+    """plan.json's "layer_precision": what every layer runs at, and why (the search's record)."""
+    out = {"mode": "best" if options.precision == "best" else "keep-fp32",
+           "keep_fp32": list(options.keep_fp32),
+           "layers": [d.to_json() for d in choice.decisions]}
+    if record is not None:
+        out["search"] = record.to_json()
+    return out
 
 
 def model_name(name, model) -> str:
@@ -78,8 +110,16 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
         verify(module)
     if rep.verbose:
         rep.log(f"  import {'':<14} {rep.times['import'] * 1e3:9.1f} ms {count_ops(module):8d} ops")
-    pipe = Pipeline(pipeline_passes(precision, options.fuse), options.verify_each, Path(dump_ir) if dump_ir else None)
+    choice, search_record = precision_choice(model, options, {k: list(v) for k, v in options.shapes})
+    pipe = Pipeline(pipeline_passes(precision, options.fuse, choice), options.verify_each,
+                    Path(dump_ir) if dump_ir else None)
     pipe.run(module)
+    if choice is not None and rep.verbose:
+        for d in choice.decisions:
+            if d.got != choice.default or d.wanted != d.got:
+                rep.log(f"  layer {d.layer} ({d.op}): {d.got}" + (f" ({d.why})" if d.why else ""))
+        n = {p: sum(d.got == p for d in choice.decisions) for p in ("fp16", "bf16", "fp32")}
+        rep.log("  layer precision: " + ", ".join(f"{v} {k}" for k, v in n.items() if v))
     # the device limits lowering fits kernels to (codegen/target.py): --arch's table entry, else
     # the GPU present, else sm_90; an unknown arch is an error here, before any work is written
     target = resolve_target(options.arch)
@@ -91,6 +131,7 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
         "outputs": [io_entry(r) for r in module.main.results],
         "passes": [r.name for r in pipe.records],
         "precision": precision,
+        **({"layer_precision": layer_precision_json(choice, search_record, options)} if choice is not None else {}),
         "tf32": options.tf32,
         "kernels": [],
         "memory": {"arena_bytes": 0, "naive_bytes": 0, "peak_live_bytes": 0},

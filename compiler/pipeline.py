@@ -127,7 +127,9 @@ class Pipeline:
     records: list = field(default_factory=list)
 
     def run(self, module: Module) -> Module:
-        fns = [(n, get_pass(n)) for n in self.passes]  # unknown names fail before any work
+        # unknown names fail before any work; an entry may also be a (name, callable) pair: a pass
+        # configured by the driver (mixed-precision's per-layer choice, compiler/driver.py)
+        fns = [(n, get_pass(n)) if isinstance(n, str) else tuple(n) for n in self.passes]
         if self.dump_dir is not None:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             (self.dump_dir / "00-input.nnir").write_text(print_module(module))

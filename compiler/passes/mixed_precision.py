@@ -76,12 +76,18 @@ class PrecisionChoice:
     default: str
     per_layer: dict = field(default_factory=dict)
     reasons: dict = field(default_factory=dict)
+    keep_patterns: tuple = ()  # --keep-fp32: resolved against the module when the pass runs
+    warn: Optional[Callable[[str], None]] = None  # where a pattern matching nothing is reported
     decisions: list = field(default_factory=list)  # filled by run()
 
     def choose(self, op: Op) -> str:
         return self.per_layer.get(layer_key(op), self.default)
 
     def run(self, module: Module) -> bool:
+        if self.keep_patterns:
+            pinned = keep_fp32_choice(module, self.default, self.keep_patterns, self.warn or (lambda s: None))
+            self.per_layer = {**self.per_layer, **pinned.per_layer}
+            self.reasons = {**self.reasons, **pinned.reasons}
         self.decisions = []
         return lower_mixed(module, self.choose, self.decisions, self.reasons)
 
@@ -225,7 +231,7 @@ DEFAULT_MAX_REL_ERR = 1e-2  # the project's fp16/bf16 tolerance
 
 
 def _names(what: str, val) -> tuple[str, ...]:
-    if val is None:
+    if val is None or val == "":
         return ()
     items = val.split(",") if isinstance(val, str) else list(val)
     if not all(isinstance(x, str) for x in items):
