@@ -181,3 +181,101 @@ def test_cuda_run_async_pipelines_copies(tmp_path):
     cupy_out = ctx.run(feeds[2])  # output="cupy" by default on cuda
     _close({k: cupy.asnumpy(v) for k, v in cupy_out.items()}, ref.run(feeds[2]))
     ctx.close()
+
+
+# ---------------------------------------------------------------- the C API (nvcc builds on the CPU)
+
+CTX_MAIN = r"""
+#include "nnc_model.h"
+#include <cmath>
+#include <cstdio>
+#include <thread>
+#include <vector>
+
+// two contexts of one model run on two threads and streams, each on its own input; each result
+// must equal the model's own run of the same input
+int main(int argc, char** argv) {
+  if (argc < 2) { std::printf("contexts: %s\n", "built"); return 0; }
+  nnc_ctxm* m = nullptr;
+  if (nnc_ctxm_create(argv[1], &m) != NNC_OK) { std::printf("create: %s\n", nnc_ctxm_last_error()); return 1; }
+  const size_t nin = nnc_ctxm_input_nbytes(0) / 4, nout = nnc_ctxm_output_nbytes(0) / 4;
+  const int K = 2;
+  nnc_ctxm_context* ctx[K];
+  std::vector<float> want[K], got[K];
+  float *din[K], *dout[K];
+  for (int k = 0; k < K; ++k) {
+    if (nnc_ctxm_context_create(m, &ctx[k]) != NNC_OK) { std::printf("ctx: %s\n", nnc_ctxm_last_error()); return 1; }
+    std::vector<float> x(nin);
+    for (size_t i = 0; i < nin; ++i) x[i] = std::sin(0.37f * i + k);
+    cudaMalloc(&din[k], nin * 4);
+    cudaMalloc(&dout[k], nout * 4);
+    cudaMemcpy(din[k], x.data(), nin * 4, cudaMemcpyHostToDevice);
+    const void* ins[] = {din[k]};
+    void* outs[] = {dout[k]};
+    if (nnc_ctxm_run(m, 0, ins, outs) != NNC_OK) return 1;
+    cudaDeviceSynchronize();
+    want[k].resize(nout);
+    cudaMemcpy(want[k].data(), dout[k], nout * 4, cudaMemcpyDeviceToHost);
+    cudaMemset(dout[k], 0xFF, nout * 4);  // poisoned before the contexts write it
+  }
+  std::vector<std::thread> th;
+  int rc[K] = {};
+  for (int k = 0; k < K; ++k)
+    th.emplace_back([&, k] {
+      cudaStream_t s;
+      cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+      const void* ins[] = {din[k]};
+      void* outs[] = {dout[k]};
+      for (int r = 0; r < 20 && !rc[k]; ++r) rc[k] = nnc_ctxm_context_run(ctx[k], s, ins, outs);
+      cudaStreamSynchronize(s);
+      cudaStreamDestroy(s);
+    });
+  for (auto& t : th) t.join();
+  for (int k = 0; k < K; ++k) {
+    if (rc[k]) { std::printf("context_run: %s\n", nnc_ctxm_last_error()); return 1; }
+    got[k].resize(nout);
+    cudaMemcpy(got[k].data(), dout[k], nout * 4, cudaMemcpyDeviceToHost);
+    for (size_t i = 0; i < nout; ++i)
+      if (std::fabs(got[k][i] - want[k][i]) > 1e-5f * (1 + std::fabs(want[k][i]))) {
+        std::printf("context %d output %zu: %g, the model gave %g\n", k, i, got[k][i], want[k][i]);
+        return 1;
+      }
+    nnc_ctxm_context_destroy(ctx[k]);
+  }
+  nnc_ctxm_destroy(m);
+  std::printf("contexts ok\n");
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def ctx_app(tmp_path_factory):
+    import shutil
+    import subprocess
+    nvcc = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None)
+    if nvcc is None:
+        pytest.skip("needs nvcc")
+    d = tmp_path_factory.mktemp("capi_ctx")
+    out = d / "ctxm"
+    compile_model(str(ROOT / "examples" / "tiny_cnn.onnx"), out, shapes={"input": SHAPE}, arch="sm_90", name="ctxm")
+    (d / "main.cpp").write_text(CTX_MAIN)
+    r = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-I", str(out), str(out / "model.cu"), str(d / "main.cpp"),
+                        "-o", str(d / "app")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d / "app", out
+
+
+def test_c_api_contexts_build(ctx_app):
+    import subprocess
+    app, _ = ctx_app
+    r = subprocess.run([str(app)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "contexts: built" in r.stdout
+
+
+@pytest.mark.gpu
+def test_c_api_contexts_run_concurrently(ctx_app):
+    import subprocess
+    app, out = ctx_app
+    r = subprocess.run([str(app), str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "contexts ok" in r.stdout, r.stdout + r.stderr

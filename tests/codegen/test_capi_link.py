@@ -166,7 +166,8 @@ def test_run_example_prints_timing(tmp_path):
 
 API = {"create", "run", "destroy", "num_inputs", "num_outputs", "input_name", "output_name", "input_dtype",
        "output_dtype", "input_rank", "output_rank", "input_shape", "output_shape", "input_nbytes",
-       "output_nbytes", "last_error", "set_cuda_graph", "used_cuda_graph"}
+       "output_nbytes", "last_error", "set_cuda_graph", "used_cuda_graph",
+       "context_create", "context_run", "context_output_shape", "context_destroy"}  # execution contexts
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
