@@ -18,9 +18,9 @@ The algorithm (bounded, deterministic):
    MAX_ITERATIONS times:
    - overflow first: the layers whose output turns non-finite while all their float inputs are
      finite (the first overflowing layers of `nnc verify --per-layer`), and with them every fp16
-     layer whose fp32 values exceed FP16_SAFE_MAX on the calibration data (else the overflow
-     would just move one layer down per iteration), move to bf16 when it is allowed and they are
-     at fp16 (bf16 has fp32's range), else to fp32;
+     layer whose fp32 values (its output's or its inputs') exceed FP16_SAFE_MAX on the
+     calibration data (else the overflow would just move one layer down per iteration), move to
+     bf16 when it is allowed and they are at fp16 (bf16 has fp32's range), else to fp32;
    - otherwise the layers with the largest own error contribution (the rel-L2 of the layer's
      output against fp32 minus the largest rel-L2 of its inputs) move to fp32: 1 layer in the
      first such round, then 2, 4, ... (so a model needing many moves takes few iterations).
@@ -277,11 +277,13 @@ def _moves(per_layer: dict, inputs_of: dict, runs, refs, allow, step: int) -> li
         out = []
         # with the first overflowing layers go all fp16 layers whose fp32 values leave fp16's range
         # (else the overflow moves one layer down per iteration)
-        big = [k for k in low if per_layer[k] == "fp16" and k not in origins and ref_amax(k) > FP16_SAFE_MAX]
+        big = [k for k in low if per_layer[k] == "fp16" and k not in origins
+               and max([ref_amax(k)] + [ref_amax(i) for i in inputs_of[k]]) > FP16_SAFE_MAX]
         for k in origins + big:
             to = "bf16" if per_layer[k] == "fp16" and "bf16" in allow else "fp32"
+            amax = max([ref_amax(k)] + [ref_amax(i) for i in inputs_of[k]])
             why = (f"overflow: non-finite at {per_layer[k]}, inputs finite" if k in origins else
-                   f"range: fp32 values up to {ref_amax(k):.3g} exceed fp16's {FP16_SAFE_MAX:g}")
+                   f"range: fp32 values (output or inputs) up to {amax:.3g} exceed {FP16_SAFE_MAX:g}")
             out.append((k, to, why))
         return out
     contrib = []
