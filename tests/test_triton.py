@@ -31,6 +31,7 @@ EXAMPLE = ROOT / "examples" / "tiny_cnn.onnx"
 DRIVER = Path(__file__).resolve().parent / "triton_client_driver.py"
 COMPILED_BATCH = 2
 RTOL, ATOL = 1e-3, 1e-5
+N_LOAD = 2000  # requests of the load test (about 15 s on 2 shared CPU cores)
 
 
 # ---------------------------------------------------------------------------- export (no server)
@@ -111,6 +112,104 @@ def test_cli_export_triton(compiled, tmp_path):
                  "--dynamic-batching-us", "100", "--backend", "reference"]) == 0
     assert "max_queue_delay_microseconds: 100" in (tmp_path / "r" / "m" / "config.pbtxt").read_text()
     assert main(["export-triton", str(compiled), "--repo", str(tmp_path / "r"), "--name", "../m"]) == 1
+
+
+# ---------------------------------------------------------------------------- model.py without Triton
+
+class _FakeTensor:
+    def __init__(self, name, array):
+        self.name, self.array = name, np.asarray(array)
+
+    def __dlpack__(self, **kw):
+        return self.array.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()
+
+    @classmethod
+    def from_dlpack(cls, name, array):
+        return cls(name, np.from_dlpack(array))
+
+
+class _FakeResponse:
+    def __init__(self, output_tensors, error=None):
+        self.outputs, self.error = {t.name: t.array for t in output_tensors}, error
+
+
+class _FakeRequest:
+    def __init__(self, **arrays):
+        self.tensors = {k: _FakeTensor(k, v) for k, v in arrays.items()}
+
+
+def _fake_pb_utils():
+    import types
+    m = types.ModuleType("triton_python_backend_utils")
+    m.Tensor, m.InferenceResponse = _FakeTensor, _FakeResponse
+    m.TritonError = type("TritonError", (Exception,), {})
+    m.TritonModelException = type("TritonModelException", (Exception,), {})
+    m.get_input_tensor_by_name = lambda r, n: r.tensors.get(n)
+    return m
+
+
+@pytest.fixture
+def model_py(monkeypatch):
+    """templates/triton_model.py imported with a stand-in for Triton's triton_python_backend_utils."""
+    import importlib.util
+    fake = _fake_pb_utils()
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    spec = importlib.util.spec_from_file_location("nnc_triton_model_under_test", ROOT / "templates" / "triton_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod, fake
+
+
+def _initialize(mod, repo, name):
+    model = mod.TritonPythonModel()
+    cfg = json.dumps({"max_batch_size": 8 if "pad" in name else 0,
+                      "input": [{"name": "input"}], "output": [{"name": "probs"}],
+                      "parameters": {k: {"string_value": v} for k, v in
+                                     {"nnc_backend": "reference", "nnc_out": "nnc_out",
+                                      "nnc_compiled_batch": str(COMPILED_BATCH if "pad" in name else 0)}.items()}})
+    model.initialize({"model_config": cfg, "model_repository": str(repo / name), "model_version": "1"})
+    return model
+
+
+def test_model_py_pads_batches_and_isolates_errors(model_py, compiled, tmp_path, rng):
+    mod, fake = model_py
+    export_triton(compiled, tmp_path, TritonExportOptions(name="pad", max_batch=8, backend="reference"))
+    model = _initialize(mod, tmp_path, "pad")
+    xs = [rng.standard_normal((k, 3, 32, 32)).astype(np.float32) for k in (1, 3, 2)]
+    bad = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)  # Triton would refuse it; model.py must too
+    res = model.execute([_FakeRequest(input=xs[0]), _FakeRequest(input=bad), _FakeRequest(input=xs[1]),
+                         _FakeRequest(input=xs[2])])
+    assert res[1].error is not None and "expected [batch, 3, 32, 32]" in str(res[1].error)
+    want = _onnxruntime(np.concatenate(xs))
+    got = np.concatenate([res[i].outputs["probs"] for i in (0, 2, 3)])
+    assert [res[i].outputs["probs"].shape[0] for i in (0, 2, 3)] == [1, 3, 2]
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+    class Failing:  # a run that raises: those requests get a TritonError, the next execute() works
+        def run(self, *a, **k):
+            raise nnc.NncError("injected failure")
+    real, model.model = model.model, Failing()
+    res = model.execute([_FakeRequest(input=xs[0]), _FakeRequest(input=xs[1])])
+    assert all(isinstance(r.error, fake.TritonError) and "injected failure" in str(r.error) for r in res)
+    model.model = real
+    res = model.execute([_FakeRequest(input=xs[0])])
+    assert res[0].error is None and res[0].outputs["probs"].shape == (1, 10)
+
+
+def test_model_py_fixed_shapes_and_load_error(model_py, compiled, tmp_path, rng):
+    mod, fake = model_py
+    export_triton(compiled, tmp_path, TritonExportOptions(name="fixed", backend="reference"))
+    model = _initialize(mod, tmp_path, "fixed")
+    x = rng.standard_normal((COMPILED_BATCH, 3, 32, 32)).astype(np.float32)
+    res = model.execute([_FakeRequest(input=x), _FakeRequest(other=x)])
+    np.testing.assert_allclose(res[0].outputs["probs"], _onnxruntime(x), rtol=RTOL, atol=ATOL)
+    assert res[1].error is not None and "'input' is missing" in str(res[1].error)
+    (tmp_path / "fixed" / "1" / "nnc_out" / "weights.bin").write_bytes(b"\0" * 16)
+    with pytest.raises(fake.TritonModelException, match="weights.bin.*sha256"):
+        _initialize(mod, tmp_path, "fixed")
 
 
 # ---------------------------------------------------------------------------- the real server
@@ -233,6 +332,24 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(server, rng):
     assert server.proc.poll() is None
 
 
+def test_bad_grpc_requests_get_invalid_argument(server, triton_venv):
+    res = _client(triton_venv, "grpc_bad", grpc_url=server.grpc_url, model="tiny", shape=[1, 3, 32, 32],
+                  output="probs")
+    for what in ("wrong input name", "wrong shape", "wrong dtype"):
+        assert res[what]["status"] == "StatusCode.INVALID_ARGUMENT" and res[what]["message"], (what, res[what])
+    assert res["good"]["shape"] == [1, 10]
+
+
+def test_loopback_only_and_metrics(server):
+    log = server.log_text()
+    for service, port in (("GRPCInferenceService", server.grpc_port), ("HTTPService", server.http_port),
+                          ("Metrics Service", server.metrics_port)):
+        assert f"Started {service} at 127.0.0.1:{port}" in log, service
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert 'nv_inference_request_success{model="tiny"' in text
+
+
 def test_corrupt_weights_fail_to_load_others_stay_up(server):
     assert not server.model_ready("broken")
     assert server.model_ready("tiny") and server.model_ready("tiny_fixed")
@@ -247,16 +364,16 @@ def test_corrupt_weights_fail_to_load_others_stay_up(server):
 def test_load_and_dynamic_batching(server, triton_venv):
     before = _client(triton_venv, "stats", url=server.http_url, model="tiny")["model_stats"][0]
     res = _client(triton_venv, "load", url=server.http_url, model="tiny", input="input", output="probs",
-                  shape=[1, 3, 32, 32], requests=400, clients=8)
+                  shape=[1, 3, 32, 32], requests=N_LOAD, clients=8)
     print(f"\nTriton load test (CPU, reference backend, tiny_cnn, 8 HTTP clients): {res['ok']}/{res['sent']} ok, "
           f"p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f} ms, {res['rps']:.0f} req/s")
-    assert res["answered"] == res["sent"] == 400 and res["ok"] == 400, res["failures"]
+    assert res["answered"] == res["sent"] == N_LOAD and res["ok"] == N_LOAD, res["failures"]
     after = _client(triton_venv, "stats", url=server.http_url, model="tiny")["model_stats"][0]
     inferences = int(after["inference_count"]) - int(before["inference_count"])
     executions = int(after["execution_count"]) - int(before["execution_count"])
     sizes = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in after.get("batch_stats", [])}
     print(f"Triton statistics: {inferences} inferences in {executions} executions; batch sizes {sizes}")
-    assert inferences == 400
+    assert inferences == N_LOAD
     assert executions < inferences and any(b > 1 for b in sizes), "dynamic batching never grouped requests"
 
 

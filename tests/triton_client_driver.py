@@ -5,6 +5,7 @@ JSON object on stdout.
 infer  {url, grpc_url, model, inputs: IN.npz, save: OUT.npz}: one request over HTTP and one over gRPC
 load   {url, model, input, shape, requests, clients, rows}: concurrent HTTP requests; counts and latencies
 stats  {url, model}: Triton's inference statistics for the model
+grpc_bad {grpc_url, model, shape, output}: wrong name / shape / dtype over gRPC, then a good request
 """
 import json
 import sys
@@ -92,6 +93,29 @@ def load(a):
             "wall_s": wall, "rps": len(lat) / wall if wall else None}
 
 
+def grpc_bad(a):
+    """Bad requests over gRPC: each one's status code and message; then a good one."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+    g = grpcclient.InferenceServerClient(a["grpc_url"])
+    x = np.full(a["shape"], 0.5, np.float32)
+    cases = {"wrong input name": ("nope", x, "FP32"), "wrong shape": ("input", x[..., :16], "FP32"),
+             "wrong dtype": ("input", x.astype(np.int32), "INT32")}
+    out = {}
+    for what, (name, arr, dt) in cases.items():
+        t = grpcclient.InferInput(name, list(arr.shape), dt)
+        t.set_data_from_numpy(arr)
+        try:
+            g.infer(a["model"], [t])
+            out[what] = {"status": "OK"}
+        except InferenceServerException as e:
+            out[what] = {"status": str(e.status()), "message": e.message()}
+    t = grpcclient.InferInput("input", list(x.shape), "FP32")
+    t.set_data_from_numpy(x)
+    out["good"] = {"shape": list(g.infer(a["model"], [t]).as_numpy(a["output"]).shape)}
+    return out
+
+
 def stats(a):
     import tritonclient.http as httpclient
     return httpclient.InferenceServerClient(a["url"]).get_inference_statistics(a["model"])
@@ -99,4 +123,4 @@ def stats(a):
 
 if __name__ == "__main__":
     action, args = sys.argv[1], json.loads(sys.argv[2])
-    print(json.dumps({"infer": infer, "load": load, "stats": stats}[action](args)))
+    print(json.dumps({"infer": infer, "load": load, "stats": stats, "grpc_bad": grpc_bad}[action](args)))
