@@ -209,11 +209,12 @@ class CudaContext(api.ExecutionContext):
                     if output == "numpy" and t["dtype"] in _RAW:
                         a = a.view(_np_dtype(t["dtype"]))
                     res[n] = a
-                fut.set_result(res)
             except BaseException as e:  # the future carries it to the caller
-                fut.set_exception(e)
-            finally:
                 self._free.release()
+                fut.set_exception(e)
+                continue
+            self._free.release()  # the outputs are copied out: the slot is free before the caller hears
+            fut.set_result(res)
 
     def close(self) -> None:
         """Waits for the requests in flight and stops the completion thread."""
