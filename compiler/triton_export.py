@@ -137,6 +137,8 @@ def render_config(name: str, plan: dict, opts: TritonExportOptions) -> str:
         lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {opts.dynamic_batching_us} }}")
     params = {"nnc_backend": opts.backend, "nnc_out": OUT_SUBDIR,
               "nnc_compiled_batch": str(batch or 0), "nnc_batching": batching}
+    if opts.backend == "cuda":  # the Python backend may hand model.py device tensors (DLPack, no host copy)
+        params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
     for k, v in params.items():
         lines.append(f"parameters {{ key: {pbtxt_string(k)} value: {{ string_value: {pbtxt_string(v)} }} }}")
     return "\n".join(lines) + "\n"

@@ -48,8 +48,11 @@ class TritonPythonModel:
         t = pb_utils.get_input_tensor_by_name(request, name)
         if t is None:
             raise ValueError(f"input {name!r} is missing (the model's inputs: {', '.join(self.input_names)})")
-        # zero-copy through DLPack, host or device memory as Triton holds it (not as_numpy(): the stub's
-        # numpy bindings predate numpy 2 and read a numpy 2 interpreter's arrays wrongly)
+        # zero-copy through DLPack (not as_numpy(): the stub's numpy bindings predate numpy 2 and read a
+        # numpy 2 interpreter's arrays wrongly). On "cuda", a tensor Triton holds in host memory is copied
+        # to the device once; one in device memory (FORCE_CPU_ONLY_INPUT_TENSORS "no") is used in place.
+        if self.xp is not np and t.is_cpu():
+            return self.xp.asarray(np.from_dlpack(t))
         return self.xp.from_dlpack(t)
 
     def _tensor(self, name, array):
@@ -63,9 +66,10 @@ class TritonPythonModel:
 
     # ------------------------------------------------------------------ execute
     def execute(self, requests):
-        if self.batch == 0:
-            return [self._execute_one(r) for r in requests]
-        return self._execute_padded(requests)
+        responses = [self._execute_one(r) for r in requests] if self.batch == 0 else self._execute_padded(requests)
+        if self.xp is not np:  # nnc ran on cupy's current stream; Triton reads the outputs on its own
+            self.xp.cuda.get_current_stream().synchronize()
+        return responses
 
     def _error(self, e):
         return pb_utils.InferenceResponse(

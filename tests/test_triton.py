@@ -68,6 +68,7 @@ def test_export_config_batching():
     cfg0 = render_config("m", _plan(), TritonExportOptions(backend="cuda"))
     assert "max_batch_size: 0" in cfg0 and "dims: [ 2, 3, 32, 32 ]" in cfg0 and "KIND_GPU" in cfg0
     assert "dynamic_batching" not in cfg0 and "batching: none" in cfg0
+    assert 'key: "FORCE_CPU_ONLY_INPUT_TENSORS" value: { string_value: "no" }' in cfg0  # device tensors via DLPack
     with pytest.raises(TritonExportError, match="same compiled batch"):
         render_config("m", _plan(lead=(2, 1)), TritonExportOptions(max_batch=4))
     with pytest.raises(TritonExportError, match="needs --max-batch"):
@@ -401,3 +402,26 @@ def test_nnc_serve_cli_starts_and_stops_on_sigterm(triton_venv, compiled, tmp_pa
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=10)
+
+
+@pytest.mark.gpu
+def test_cuda_backend_on_triton(triton_venv, tmp_path, rng):
+    """The cuda path of model.py (KIND_GPU, DLPack/cupy, padding): outputs vs onnxruntime, fp32."""
+    from nnc.serve import ServerOptions, TritonServer
+    out = tmp_path / "tiny_cuda"
+    nnc.compile(EXAMPLE, shapes={"input": [COMPILED_BATCH, 3, 32, 32]}, out=out)
+    repo = tmp_path / "repo"
+    export_triton(out, repo, TritonExportOptions(name="tiny", max_batch=8, dynamic_batching_us=2000))
+    assert "KIND_GPU" in (repo / "tiny" / "config.pbtxt").read_text()
+    with TritonServer(repo, ServerOptions(), venv=triton_venv, log_path=tmp_path / "tritonserver.log") as srv:
+        assert srv.model_ready("tiny"), srv.log_tail()
+        for rows in (1, 2, 3):
+            x = rng.standard_normal((rows, 3, 32, 32)).astype(np.float32)
+            status, body = _infer_json(srv, "tiny", x)
+            assert status == 200, body
+            got = np.array(body["outputs"][0]["data"], np.float32).reshape(body["outputs"][0]["shape"])
+            np.testing.assert_allclose(got, _onnxruntime(x), rtol=RTOL, atol=ATOL)
+        res = _client(triton_venv, "load", url=srv.http_url, model="tiny", input="input", output="probs",
+                      shape=[1, 3, 32, 32], requests=500, clients=8)
+        print(f"\nTriton on the GPU (tiny_cnn fp32, 8 clients): p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f} ms")
+        assert res["ok"] == 500, res["failures"]
