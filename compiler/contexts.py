@@ -120,7 +120,7 @@ class CudaContext(api.ExecutionContext):
             self._submit.release()
 
     def _enqueue(self, inputs, outputs, output) -> Future:
-        cp, m = self._cp, self.module
+        m = self.module
         output = output or "cupy"
         if output not in ("cupy", "numpy"):
             raise NncError(f"output must be 'cupy' or 'numpy', not {output!r}")

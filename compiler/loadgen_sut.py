@@ -238,7 +238,6 @@ class _Sut:
         return {n: np.concatenate([self.samples[i][n] for i in idx], axis=0) for n in names}
 
     def _worker(self, ctx):
-        lg = self.lg
         stop = False
         while not stop:
             s = self.q.get()
@@ -377,11 +376,47 @@ def server_search(run_point, start_qps: float, max_points: int = MAX_SERVER_POIN
     return points
 
 
-def run_scenario(out_dir, options: ScenarioOptions) -> ScenarioResult:
-    """Runs one scenario on OUT through LoadGen (see the module docstring)."""
+class _CallableContext:
+    def __init__(self, runner):
+        self.runner = runner
+
+    def run(self, feed, outputs=None, *, output="numpy"):
+        res = self.runner(feed)
+        return {n: np.asarray(res[n]) for n in (outputs or list(res))}
+
+    def close(self):
+        pass
+
+
+class CallableSystem:
+    """Another system under the same SUT and LoadGen settings (a peer measured the same way, say
+    torch.compile in tools/loadgen_vs_torch.py): `plan` gives the "inputs" / "outputs" entries
+    (name, dtype, shape) as plan.json does; make_runner() is called once per context and returns
+    a function {input name: numpy array} -> {output name: array}."""
+
+    def __init__(self, plan: dict, make_runner, backend: str = "peer"):
+        self.plan = {"inputs": list(plan["inputs"]), "outputs": list(plan["outputs"])}
+        self.make_runner = make_runner
+        self.backend = backend
+
+    @property
+    def input_names(self):
+        return [t["name"] for t in self.plan["inputs"]]
+
+    @property
+    def output_names(self):
+        return [t["name"] for t in self.plan["outputs"]]
+
+    def context(self):
+        return _CallableContext(self.make_runner())
+
+
+def run_scenario(out_dir, options: ScenarioOptions, system=None) -> ScenarioResult:
+    """Runs one scenario on OUT through LoadGen (see the module docstring). system: run this
+    instead of loading OUT (a CallableSystem peer); OUT then only names it and holds the logs."""
     lg = require_loadgen()
     out = Path(out_dir)
-    m, output = _load(out, options.backend)
+    m, output = _load(out, options.backend) if system is None else (system, "numpy")
     batch = _sample_layout(m.plan)
     if options.batch is not None and options.batch != batch:
         raise NncError(f"--batch {options.batch}: {out} was compiled for batch {batch} (the leading dim of its "
@@ -415,7 +450,7 @@ def run_scenario(out_dir, options: ScenarioOptions) -> ScenarioResult:
             points, best = [_point(options.scenario, path)], 0
     finally:
         sut.stop()
-    return ScenarioResult(str(out), options.backend, options.scenario, options.contexts, batch, options.duration,
+    return ScenarioResult(str(out), options.backend if system is None else system.backend, options.scenario, options.contexts, batch, options.duration,
                           points, best, calib * 1e3, options.latency_bound_ms)
 
 

@@ -384,8 +384,8 @@ class Module(api.Module):
             st.synchronize()
         return res
 
-    def context(self, slots: int = 2) -> "CudaContext":
-        """A new execution context (nnc.api.Module.context): its own arena, stream, I/O buffers
+    def context(self, slots: int = 2):
+        """A new execution context (nnc.api.Module.context; a nnc.contexts.CudaContext): its own arena, streams, I/O buffers
         and CUDA graph; `slots` pipelined request buffers for run_async (see CudaContext)."""
         from .contexts import CudaContext
         return CudaContext(self, slots=slots)
