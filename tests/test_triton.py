@@ -248,12 +248,40 @@ def server(triton_venv, compiled, tmp_path_factory):
     data = bytearray(w.read_bytes())
     data[len(data) // 2] ^= 0xFF
     w.write_bytes(bytes(data))
+    hostile_out = repo.parent / "hostile_out"
+    nnc.compile(_hostile_model(), shapes={HOSTILE_IN: [2, 4]}, backend="reference", out=hostile_out, codegen=True)
+    export_triton(hostile_out, repo, TritonExportOptions(name="hostile", max_batch=4, backend="reference"))
     srv = TritonServer(repo, ServerOptions(), venv=triton_venv, log_path=repo.parent / "tritonserver.log")
     try:
         srv.start(timeout_s=120)
         yield srv
     finally:
         srv.stop()
+
+
+HOSTILE_IN, HOSTILE_OUT = 'in"} input [ { name: \\x', "out'#}"  # quotes, braces, a backslash, a comment char
+
+
+def _hostile_model():
+    """y = relu(x) * 2 with tensor names that would break an unescaped config.pbtxt."""
+    from onnx import TensorProto, helper
+    g = helper.make_graph(
+        [helper.make_node("Relu", [HOSTILE_IN], ["r"]), helper.make_node("Add", ["r", "r"], [HOSTILE_OUT])], "g",
+        [helper.make_tensor_value_info(HOSTILE_IN, TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info(HOSTILE_OUT, TensorProto.FLOAT, ["N", 4])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_hostile_tensor_names_are_served_as_given(server, rng):
+    cfg = (Path(server.repo) / "hostile" / "config.pbtxt").read_text()
+    assert HOSTILE_IN not in cfg and pbtxt_string(HOSTILE_IN) in cfg and pbtxt_string(HOSTILE_OUT) in cfg
+    assert server.model_ready("hostile"), server.log_tail()
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    status, body = _infer_json(server, "hostile", x, name=HOSTILE_IN)
+    assert status == 200, body
+    (o,) = body["outputs"]
+    assert o["name"] == HOSTILE_OUT
+    np.testing.assert_allclose(np.array(o["data"], np.float32).reshape(o["shape"]), np.maximum(x, 0) * 2, rtol=RTOL)
 
 
 def _post(srv, path, body: bytes, headers=None):
