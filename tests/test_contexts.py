@@ -307,3 +307,152 @@ def test_cuda_context_host_cost_per_request(tmp_path):
     print(f"host cost per request (run_async submit, batch 1): {us:.1f} us median")
     assert 0 < us < 1000
     ctx.close()
+
+
+# ---------------------------------------------------------------- CudaContext's bookkeeping, no GPU
+
+class _Ptr:
+    def __init__(self, p):
+        self.ptr = p
+
+
+class _DevArray:
+    """A stand-in for a cupy array: host bytes with a .data.ptr (so memcpyAsync can memmove)."""
+
+    def __init__(self, a):
+        self._a = a
+        self.shape, self.dtype, self.nbytes = a.shape, a.dtype, a.nbytes
+        self.flags = a.flags
+        self.data = _Ptr(a.ctypes.data)
+
+    def reshape(self, *s):
+        return _DevArray(self._a.reshape(*s))
+
+    def __getitem__(self, k):
+        return _DevArray(self._a[k])
+
+
+class _FakeCupy:
+    """Just what compiler/contexts.py calls, executed at once on the host (every stream
+    synchronous): checks CudaContext's Python logic, not the device's asynchrony."""
+
+    def __init__(self):
+        import ctypes
+        import types
+        self.uint8 = np.uint8
+        self.ndarray = _DevArray
+        fake = self
+
+        class Stream:
+            def __init__(self, non_blocking=False):
+                self.ptr, self.capturing = id(self), None
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *a):
+                return False
+
+            def begin_capture(self, mode=None):
+                self.capturing = []
+
+            def end_capture(self):
+                ops, self.capturing = self.capturing, None
+                return types.SimpleNamespace(launch=lambda st: [op() for op in ops], upload=lambda st: None)
+
+            def synchronize(self):
+                pass
+
+            def wait_event(self, e):
+                fake.waits.append(e)
+
+        class Event:
+            def record(self, st=None):
+                fake.records.append(self)
+
+            def synchronize(self):
+                pass
+
+        def memcpy(dst, src, n, kind, stream):
+            ctypes.memmove(dst, src, n)
+        self.records, self.waits = [], []
+        self.cuda = types.SimpleNamespace(Stream=Stream, Event=Event, alloc_pinned_memory=lambda n: bytearray(n),
+                                          runtime=types.SimpleNamespace(memcpyAsync=memcpy))
+
+    def empty(self, shape, dtype):
+        return _DevArray(np.full(shape, 0x7F, np.dtype(dtype)) if np.dtype(dtype) == np.uint8
+                         else np.full(shape, np.nan if np.dtype(dtype).kind == "f" else 7, np.dtype(dtype)))
+
+    def ascontiguousarray(self, a):
+        return _DevArray(np.ascontiguousarray(a._a))
+
+    def asarray(self, a):
+        return a if isinstance(a, _DevArray) else _DevArray(np.asarray(a))
+
+
+def _fake_module(cp):
+    """A nnc.runtime.Module whose one 'launch' computes y = 2 * x + 1 through the arena."""
+    import ctypes
+    from nnc import runtime
+    m = object.__new__(runtime.Module)
+    m._cp = cp
+    m.dir = Path("<fake>")
+    m.plan = {"inputs": [{"name": "x", "dtype": "float32", "shape": [2, 4]}],
+              "outputs": [{"name": "y", "dtype": "float32", "shape": [2, 4]}],
+              "memory": {"arena_bytes": 32}}
+    m.graph, m.graph_fallback = object(), None  # as if the module's own capture worked
+    m.calls = 0
+
+    def execute(ins, outs, st, launches=None, capture=False, arena=None, extent_host=None):
+        def op():
+            m.calls += 1
+            x = np.ctypeslib.as_array((ctypes.c_float * 8).from_address(ins[0].data.ptr))
+            a = np.ctypeslib.as_array((ctypes.c_float * 8).from_address(arena.data.ptr))
+            y = np.ctypeslib.as_array((ctypes.c_float * 8).from_address(outs[0].data.ptr))
+            a[:] = 2 * x
+            y[:] = a + 1
+        if st.capturing is not None:
+            st.capturing.append(op)
+        else:
+            op()
+    m._execute = execute
+    return m
+
+
+def test_cuda_context_bookkeeping_on_a_fake_device():
+    from nnc.contexts import CudaContext
+    cp = _FakeCupy()
+    m = _fake_module(cp)
+    ctx = CudaContext(m, slots=2)
+    assert ctx.uses_cuda_graph and len(ctx.slots) == 2 and m.calls == 0  # captured, not run
+    assert ctx.slots[0].in_bufs[0].data.ptr != ctx.slots[1].in_bufs[0].data.ptr
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal([2, 4]).astype(np.float32) for _ in range(7)]
+    futs = [ctx.run_async({"x": x}, output="numpy") for x in xs]
+    for x, f in zip(xs, futs):
+        np.testing.assert_array_equal(f.result(timeout=10)["y"], 2 * x + 1)
+    assert m.calls == 7
+    # every compute waited on its H2D, every D2H on its compute: 2 waits, 3 events per request
+    assert len(cp.waits) == 14 and len(cp.records) == 21
+    dev = ctx.run({"x": xs[0]})  # output="cupy": a device array the caller owns
+    assert isinstance(dev["y"], _DevArray)
+    np.testing.assert_array_equal(dev["y"]._a, 2 * xs[0] + 1)
+    assert dev["y"].data.ptr not in {b.data.ptr for s in ctx.slots for b in s.out_bufs}
+    with pytest.raises(nnc.ir.errors.InputError, match="expected shape"):
+        ctx.run_async({"x": np.zeros([3], np.float32)})
+    with pytest.raises(nnc.ir.errors.InputError, match="missing"):
+        ctx.run_async({})
+    assert ctx._free._value == 2  # bad inputs took no slot
+    ctx._submit.acquire()
+    try:
+        with pytest.raises(ContextBusyError):
+            ctx.run_async({"x": xs[0]})
+    finally:
+        ctx._submit.release()
+    ctx.close()
+    m.graph = None  # an eager module: contexts launch eagerly too
+    m.graph_fallback = "cuda_graph=False"
+    e = CudaContext(m, slots=1)
+    assert not e.uses_cuda_graph and e.graph_fallback == "cuda_graph=False"
+    np.testing.assert_array_equal(e.run({"x": xs[1]}, output="numpy")["y"], 2 * xs[1] + 1)
+    e.close()
