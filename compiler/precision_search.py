@@ -158,11 +158,13 @@ class SearchRecord:
     calibration: str
     iterations: list = field(default_factory=list)
     met: bool = False
+    fallback_all_fp32: bool = False  # the bounded search did not meet the budget (step 5)
     rel_err: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"allow": list(self.allow), "max_rel_err": self.max_rel_err, "cost_model": self.cost.name,
                 "cost_model_why": self.cost.why, "calibration": self.calibration, "met": self.met,
+                "fallback_all_fp32": self.fallback_all_fp32,
                 "rel_err": {k: _num(v) for k, v in self.rel_err.items()}, "iterations": self.iterations}
 
 
@@ -171,8 +173,9 @@ def _num(x: float):
 
 
 def search(model, options, warn: Callable[[str], None], log: Callable[[str], None] = lambda s: None,
-           import_shapes: Optional[dict] = None) -> tuple[PrecisionChoice, SearchRecord]:
-    """The per-layer choice for `options` (precision "best"): see the module docstring."""
+           import_shapes: Optional[dict] = None, cost: Optional[LayerCost] = None) -> tuple[PrecisionChoice, SearchRecord]:
+    """The per-layer choice for `options` (precision "best"): see the module docstring.
+    cost: the LayerCost ordering each layer's allowed types (None: cost_model(options))."""
     from .ir.verify import verify
     from .onnx_import import import_model
     from .pipeline import Pipeline
@@ -191,7 +194,7 @@ def search(model, options, warn: Callable[[str], None], log: Callable[[str], Non
     inputs_of = {layer_key(op): [v.name for v in op.operands if v is not None and v.type.dtype.is_float]
                  for op in layers}
     pinned = keep_fp32_choice(ref_module, "fp16", options.keep_fp32, warn).per_layer if options.keep_fp32 else {}
-    cost = cost_model(options)
+    cost = cost or cost_model(options)
     low_allowed = tuple(p for p in options.allow if p != "fp32") or ("fp32",)
     per_layer = {}
     reasons = {}
@@ -244,8 +247,8 @@ def search(model, options, warn: Callable[[str], None], log: Callable[[str], Non
         for k in per_layer:
             if per_layer[k] != "fp32":
                 per_layer[k], reasons[k] = "fp32", "budget not met: all layers fp32"
-        rec.rel_err = {k: 0.0 for k in rec.rel_err}
-        rec.met = True
+        rec.rel_err = {k: 0.0 for k in rec.rel_err}  # the fp32 build is the reference itself
+        rec.met = rec.fallback_all_fp32 = True
         choice = PrecisionChoice(options.allow[0], dict(per_layer), dict(reasons))
     return choice, rec
 

@@ -4,6 +4,7 @@ fp16 fails; tiny_cnn and the onnx light models whose fp16 build gives NaN meet -
 the reference backend; bad options give clear errors. Accuracy is always re-measured on fresh
 inputs against the fp32 interpreter, not read back from the search's own record."""
 import os
+import warnings
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,32 @@ def test_best_cuda_build_compiles_with_nvrtc(allow, tmp_path, rng):
     assert m.in_arena
     feed = {"x": rng.standard_normal((4, 16)).astype(np.float32)}
     assert _rel_err(overflow_model(), m, feed) <= 1e-2
+
+
+def test_tight_budget_moves_error_contributors(tmp_path, rng):
+    """No overflow, a budget below fp16's rounding: layers move to fp32 by error contribution
+    (1, 2, 4, ... per round) until the budget holds on the calibration data."""
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", input=x)
+    m = nnc.compile(str(EXAMPLE), shapes={"input": [2, 3, 32, 32]}, precision="best", max_rel_err=1e-4,
+                    calib_data=tmp_path / "calib.npz", backend="reference", out=tmp_path / "o")
+    search = m.plan["layer_precision"]["search"]
+    assert search["met"] and len(search["iterations"]) >= 2
+    moved = [mv for it in search["iterations"] for mv in it.get("moved", [])]
+    assert moved and all("error contribution" in mv["why"] and mv["to"] == "fp32" for mv in moved)
+    sizes = [len(it["moved"]) for it in search["iterations"] if "moved" in it]
+    # 1, 2, 4, ... per round (the last round may find fewer layers left)
+    assert sizes and all(n == 2 ** i for i, n in enumerate(sizes[:-1])) and 1 <= sizes[-1] <= 2 ** (len(sizes) - 1)
+    assert _rel_err(EXAMPLE, m, {"input": x}) <= 1e-4
+
+
+def test_budget_not_met_falls_back_to_fp32(tmp_path, monkeypatch):
+    from nnc import precision_search
+    monkeypatch.setattr(precision_search, "MAX_ITERATIONS", 0)
+    with pytest.warns(UserWarning, match="not met"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*seeded random")
+        m = nnc.compile(str(EXAMPLE), shapes={"input": [1, 3, 32, 32]}, precision="best", max_rel_err=1e-6,
+                        backend="reference", out=tmp_path / "o")
+    assert {d["precision"] for d in m.plan["layer_precision"]["layers"]} == {"fp32"}
+    search = m.plan["layer_precision"]["search"]
+    assert len(search["iterations"]) == 1 and search["fallback_all_fp32"]
