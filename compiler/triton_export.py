@@ -177,6 +177,10 @@ def export_triton(out, repo, opts: TritonExportOptions = TritonExportOptions()) 
                                 f"or compile for the GPU")
     name = check_model_name(opts.name if opts.name is not None else default_model_name(out))
     config = render_config(name, plan, opts)
+    src, dst = Path(os.path.realpath(out)), Path(os.path.realpath(repo))
+    if dst == src or src in dst.parents:
+        raise TritonExportError(f"--repo {repo} is inside {out}: the copy of OUT would contain itself; "
+                                f"give a repository outside OUT")
     repo.mkdir(parents=True, exist_ok=True)
     if repo.is_symlink():
         repo = Path(os.path.realpath(repo))

@@ -75,6 +75,21 @@ def test_export_config_batching():
         render_config("m", _plan(), TritonExportOptions(dynamic_batching_us=100))
 
 
+def test_export_dtypes():
+    plan = {"inputs": [{"name": "ids", "dtype": "int64", "shape": [4, 128]},
+                       {"name": "mask", "dtype": "bool", "shape": [4, 128]}],
+            "outputs": [{"name": "h", "dtype": "float16", "shape": [4, 128, 768]}]}
+    cfg = render_config("m", plan, TritonExportOptions(max_batch=16))
+    assert "data_type: TYPE_INT64\n    dims: [ 128 ]" in cfg and "data_type: TYPE_BOOL" in cfg
+    assert "data_type: TYPE_FP16\n    dims: [ 128, 768 ]" in cfg
+    plan["outputs"][0]["dtype"] = "complex64"
+    with pytest.raises(TritonExportError, match="complex64 has no Triton data type"):
+        render_config("m", plan, TritonExportOptions())
+    plan["outputs"][0].update(dtype="float32", shape=["N", 10])
+    with pytest.raises(TritonExportError, match="not static"):
+        render_config("m", plan, TritonExportOptions())
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """tiny_cnn compiled at batch 2 with its CUDA code and plan (the reference backend runs the plan)."""
@@ -105,6 +120,9 @@ def test_export_layout_and_refusals(compiled, tmp_path):
     finally:
         os.unlink(compiled.parent / "linked")
     assert not (repo / "linked").exists() and not any(p.name.startswith(".") for p in repo.iterdir())
+    with pytest.raises(TritonExportError, match="inside"):
+        export_triton(compiled, compiled / "repo", TritonExportOptions(backend="reference"))
+    assert not (compiled / "repo").exists()
 
 
 def test_cli_export_triton(compiled, tmp_path):
@@ -236,13 +254,14 @@ def _client(venv, action, **args):
 
 @pytest.fixture(scope="module")
 def server(triton_venv, compiled, tmp_path_factory):
-    """One server on a three-model repository: 'tiny' (max batch 8, padded to the compiled batch,
-    dynamic batching), 'tiny_fixed' (compiled shapes, no batching) and 'broken' (weights.bin corrupt)."""
+    """One server on a four-model repository: 'tiny' (max batch 8, padded to the compiled batch,
+    dynamic batching), 'tiny_fixed' (compiled shapes, no batching, 2 instances), 'broken' (weights.bin
+    corrupt) and 'hostile' (tensor names that need escaping)."""
     from nnc.serve import ServerOptions, TritonServer
     repo = tmp_path_factory.mktemp("triton_repo")
     export_triton(compiled, repo, TritonExportOptions(name="tiny", max_batch=8, dynamic_batching_us=20000,
                                                       backend="reference"))
-    export_triton(compiled, repo, TritonExportOptions(name="tiny_fixed", backend="reference"))
+    export_triton(compiled, repo, TritonExportOptions(name="tiny_fixed", instances=2, backend="reference"))
     broken = export_triton(compiled, repo, TritonExportOptions(name="broken", backend="reference"))
     w = broken / "1" / "nnc_out" / "weights.bin"
     data = bytearray(w.read_bytes())
@@ -377,6 +396,12 @@ def test_loopback_only_and_metrics(server):
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
         text = r.read().decode()
     assert 'nv_inference_request_success{model="tiny"' in text
+
+
+def test_instance_groups(server):
+    log = server.log_text()
+    assert "tiny_fixed_0_0" in log and "tiny_fixed_0_1" in log, server.log_tail()  # --instances 2
+    assert "tiny_0_1" not in log
 
 
 def test_corrupt_weights_fail_to_load_others_stay_up(server):
