@@ -121,7 +121,9 @@ def _light(name):
 
 # the light models whose plain fp16 build gives NaN (nnc verify --precision fp16); the larger
 # ones (ResNet-50, VGG-19, AlexNet, ZFNet) take 10-40 s each on the CPU and are left to `slow`
-@pytest.mark.parametrize("name", ["squeezenet", "inception_v1"])
+@pytest.mark.parametrize("name", ["squeezenet", "inception_v1",
+                                  pytest.param("zfnet512", marks=pytest.mark.slow),
+                                  pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_light_model_best_meets_budget(name, tmp_path, rng):
     path = _light(name)
     model = onnx.load(str(path))
@@ -217,3 +219,25 @@ def test_budget_not_met_falls_back_to_fp32(tmp_path, monkeypatch):
     assert {d["precision"] for d in m.plan["layer_precision"]["layers"]} == {"fp32"}
     search = m.plan["layer_precision"]["search"]
     assert len(search["iterations"]) == 1 and search["fallback_all_fp32"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["keep_fp32", "best_fp32", "best_bf16"])
+def test_mixed_builds_run_on_the_gpu(case, tmp_path, rng):
+    """The generated CUDA of mixed builds (fp16 kernels beside fp32 or bf16 ones, casts fused)
+    against the fp32 interpreter on fresh inputs, within the fp16 tolerance."""
+    if case == "keep_fp32":
+        model, feed = EXAMPLE, {"input": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)}
+        m = nnc.compile(str(model), shapes={"input": [2, 3, 32, 32]}, precision="fp16", keep_fp32="fc,block.a/*",
+                        out=tmp_path / "o")
+    else:
+        model, feed = overflow_model(), {"x": rng.standard_normal((4, 16)).astype(np.float32)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = nnc.compile(model, precision="best", allow="fp16,fp32" if case == "best_fp32" else "fp16,bf16",
+                            out=tmp_path / "o")
+
+    class Host:  # run() of the cuda module, numpy out
+        def run(self, f):
+            return m.run(f, output="numpy")
+    assert _rel_err(model, Host(), feed) <= 1e-2
