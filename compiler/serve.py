@@ -65,22 +65,51 @@ def _site_packages(venv: Path) -> Path:
     return Path(out.stdout.strip())
 
 
+@contextlib.contextmanager
+def _venv_lock(venv: Path):
+    """One process at a time creates or completes the venv (two first `nnc serve`s, two test runs)."""
+    import fcntl
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f".{venv.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _is_ready(venv: Path) -> bool:
+    ready = venv / ".nnc-ready"
+    return ready.is_file() and ready.read_text().strip() == "\n".join(PINS)
+
+
 def ensure_venv(venv: Optional[Path] = None, *, log=None, timeout_s: float = 900) -> Path:
     """The Triton venv (created and pip-installed with PINS the first time; a `.nnc-ready` file
     marks a complete one, so an interrupted install is redone). Raises ServeError when it cannot
     be created (no network, pip failure), with pip's last lines."""
     venv = Path(venv) if venv is not None else venv_dir()
-    ready = venv / ".nnc-ready"
-    if ready.is_file() and ready.read_text().strip() == "\n".join(PINS):
+    if _is_ready(venv):
         return venv
-    if venv.exists():
-        shutil.rmtree(venv)
+    with _venv_lock(venv):
+        if _is_ready(venv):  # another process made it while this one waited
+            return venv
+        return _create_venv(venv, log, timeout_s)
+
+
+def _create_venv(venv: Path, log, timeout_s: float) -> Path:
+    ready = venv / ".nnc-ready"
+    if venv.exists() and any(venv.iterdir()):
+        if not (venv / ".nnc-venv").is_file():  # never delete a directory nnc did not make
+            raise ServeError(f"{venv}: exists and is not a Triton venv made by nnc; remove it or point "
+                             f"$NNC_TRITON_VENV elsewhere")
+        shutil.rmtree(venv)  # an interrupted install: redo it
     venv.parent.mkdir(parents=True, exist_ok=True)
     base_python = getattr(sys, "_base_executable", None) or sys.executable
     say = log or (lambda m: print(m, file=sys.stderr))
     say(f"nnc serve: creating the Triton venv {venv} ({', '.join(PINS)}); once")
     try:
         subprocess.run([base_python, "-m", "venv", str(venv)], check=True, capture_output=True, text=True, timeout=300)
+        (venv / ".nnc-venv").write_text("made by nnc serve (nnc/serve.py); safe to delete\n")
         r = subprocess.run([str(_venv_python(venv)), "-m", "pip", "install", "--disable-pip-version-check", "-q",
                             *PINS], capture_output=True, text=True, timeout=timeout_s)
     except (subprocess.SubprocessError, OSError) as e:
@@ -121,13 +150,19 @@ def triton_dist(venv: Path) -> TritonDist:
     backends = venv / "nnc-backends"
     py = backends / "python"
     if not (py / "triton_python_backend_stub").is_file():
+        with _venv_lock(venv):
+            _make_backends(root, stub, venv, backends)
+    return TritonDist(venv, binary, backends, libs)
+
+
+def _make_backends(root: Path, stub: Path, venv: Path, backends: Path) -> None:
+    if not (backends / "python" / "triton_python_backend_stub").is_file():
         tmp = venv / "nnc-backends.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(root / "backends", tmp)
         shutil.copy2(stub, tmp / "python" / "triton_python_backend_stub")
         shutil.rmtree(backends, ignore_errors=True)
         os.rename(tmp, backends)
-    return TritonDist(venv, binary, backends, libs)
 
 
 def server_env(dist: TritonDist) -> dict:

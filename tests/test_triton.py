@@ -133,6 +133,15 @@ def test_cli_export_triton(compiled, tmp_path):
     assert main(["export-triton", str(compiled), "--repo", str(tmp_path / "r"), "--name", "../m"]) == 1
 
 
+def test_venv_never_replaces_a_directory_nnc_did_not_make(tmp_path):
+    from nnc.serve import ServeError, ensure_venv
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("keep")
+    with pytest.raises(ServeError, match="not a Triton venv made by nnc"):
+        ensure_venv(tmp_path / "mine")
+    assert (tmp_path / "mine" / "precious.txt").read_text() == "keep"
+
+
 # ---------------------------------------------------------------------------- model.py without Triton
 
 class _FakeTensor:
