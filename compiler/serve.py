@@ -257,7 +257,7 @@ class TritonServer:
                 self._close_log()
                 raise ServeError(f"tritonserver exited with status {self.proc.returncode} while starting; "
                                  f"its log ({self.log_path}):\n{self.log_tail()}")
-            if self._get(f"/v2/health/live") == 200 and self._models_settled():
+            if self._get("/v2/health/live") == 200 and self._models_settled():
                 return self
             time.sleep(0.2)
         self.stop()

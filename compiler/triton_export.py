@@ -122,7 +122,7 @@ def render_config(name: str, plan: dict, opts: TritonExportOptions) -> str:
     batching = (f"pad-to-compiled-batch {batch}: requests are concatenated, zero-padded to a multiple of "
                 f"{batch} rows and run {batch} rows at a time" if batch else
                 "none: max_batch_size 0, the compiled shapes are served as they are")
-    lines = [f"# written by nnc export-triton: an nnc-compiled model on Triton's Python backend",
+    lines = ["# written by nnc export-triton: an nnc-compiled model on Triton's Python backend",
              f"# batching: {batching}",
              f"name: {pbtxt_string(name)}", 'backend: "python"', f"max_batch_size: {opts.max_batch}"]
     for kind in ("input", "output"):

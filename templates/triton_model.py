@@ -92,7 +92,7 @@ class TritonPythonModel:
                 arrays = {n: self._array(r, n) for n in self.input_names}
                 counts = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
                 if len(counts) != 1 or -1 in counts:
-                    raise ValueError(f"every input must carry the same batch (leading) dim; given "
+                    raise ValueError("every input must carry the same batch (leading) dim; given "
                                      + ", ".join(f"{n}: {tuple(a.shape)}" for n, a in arrays.items()))
                 for n, a in arrays.items():
                     if tuple(a.shape[1:]) != self.compiled[n][1:]:
