@@ -117,7 +117,7 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
     if choice is not None and rep.verbose:
         for d in choice.decisions:
             if d.got != choice.default or d.wanted != d.got:
-                rep.log(f"  layer {d.layer} ({d.op}): {d.got}" + (f" ({d.why})" if d.why else ""))
+                rep.log(f"  layer {d.layer!r} ({d.op}): {d.got}" + (f" ({d.why!r})" if d.why else ""))
         n = {p: sum(d.got == p for d in choice.decisions) for p in ("fp16", "bf16", "fp32")}
         rep.log("  layer precision: " + ", ".join(f"{v} {k}" for k, v in n.items() if v))
     # the device limits lowering fits kernels to (codegen/target.py): --arch's table entry, else

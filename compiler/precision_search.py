@@ -90,8 +90,12 @@ def calibration(model, module, calib_data, warn: Callable[[str], None]) -> Calib
     if calib_data is None:
         warn(f"--precision best: no --calib-data; measuring on {CALIB_RANDOM_SAMPLES} seeded random samples "
              "(random data can hide errors real inputs show)")
-        return Calibration([random_inputs(module.main.args, s) for s in range(CALIB_RANDOM_SAMPLES)],
-                           f"{CALIB_RANDOM_SAMPLES} seeded random samples (seeds 0..{CALIB_RANDOM_SAMPLES - 1})")
+        try:
+            samples = [random_inputs(module.main.args, s) for s in range(CALIB_RANDOM_SAMPLES)]
+        except NncError as e:
+            raise InputError(f"--precision best: random calibration inputs need static shapes ({e}); "
+                             "bind them with --shapes or pass --calib-data") from None
+        return Calibration(samples, f"{CALIB_RANDOM_SAMPLES} seeded random samples (seeds 0..{CALIB_RANDOM_SAMPLES - 1})")
     p = Path(calib_data)
     if p.is_dir():
         files = sorted(x for x in p.iterdir() if x.suffix == ".npz" and x.is_file())
@@ -240,7 +244,7 @@ def search(model, options, warn: Callable[[str], None], log: Callable[[str], Non
             per_layer[k], reasons[k] = to, why
         entry["moved"] = [{"layer": k, "to": to, "why": why} for k, to, why in moved]
         for k, to, why in moved:
-            log(f"    {k}: -> {to} ({why})")
+            log(f"    {k!r}: -> {to} ({why})")
     if not rec.met:
         warn(f"--precision best: the budget --max-rel-err {budget:g} is not met after {len(rec.iterations)} "
              f"measurements (worst {max(rec.rel_err.values(), default=0.0):.3g}); every layer falls back to fp32")

@@ -186,6 +186,11 @@ def test_best_cuda_build_compiles_with_nvrtc(allow, tmp_path, rng):
     assert plan["kernels"] and plan["precision"] == "fp16" and plan["layer_precision"]["mode"] == "best"
     kinds = {d["precision"] for d in plan["layer_precision"]["layers"]}
     assert kinds == ({"fp16", "fp32"} if allow == "fp16,fp32" else {"fp16", "bf16"})
+    # the casts between layers are fused (fuse-reduction takes the one after LayerNorm, the GEMM
+    # epilogue the one at the output); only a cast of a model input may be a kernel of its own
+    alone = [k["ops"][0] for k in plan["kernels"] if len(k["ops"]) == 1 and " = Cast(" in k["ops"][0]]
+    assert all("Cast(%x:" in op for op in alone), alone
+    assert any("Cast(" in op for k in plan["kernels"] if len(k["ops"]) > 1 for op in k["ops"])
     m = nnc.load(out, backend="reference")
     assert m.in_arena
     feed = {"x": rng.standard_normal((4, 16)).astype(np.float32)}
