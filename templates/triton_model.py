@@ -19,6 +19,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
+def _np_dtype(name):
+    try:
+        return np.dtype(name)
+    except TypeError:  # bfloat16 and the narrow types: numpy knows them only through ml_dtypes
+        return None
+
+
 class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
@@ -31,6 +38,9 @@ class TritonPythonModel:
         out = os.path.join(args["model_repository"], args["model_version"], params.get("nnc_out", "nnc_out"))
         try:
             import nnc
+            if self.backend == "cuda" and args.get("model_instance_kind") == "GPU":
+                import cupy  # the GPU Triton placed this instance on (instance_group gpus / one per device)
+                cupy.cuda.Device(int(args.get("model_instance_device_id", 0))).use()
             self.model = nnc.load(out, backend=self.backend)
         except Exception as e:  # Triton logs this and marks the model UNAVAILABLE; other models stay up
             raise pb_utils.TritonModelException(
@@ -41,7 +51,7 @@ class TritonPythonModel:
         else:
             self.xp = np
         self.compiled = {t.name: tuple(t.shape) for t in self.model.inputs}
-        self.dtypes = {t.name: np.dtype(t.dtype) for t in self.model.inputs}
+        self.dtypes = {t.name: _np_dtype(t.dtype) for t in self.model.inputs}
 
     # ------------------------------------------------------------------ tensors in and out
     def _array(self, request, name):
@@ -114,7 +124,9 @@ class TritonPythonModel:
                     if padded != total:
                         pad = xp.zeros((padded - total,) + tuple(a.shape[1:]), dtype=a.dtype)
                         a = xp.concatenate([a, pad], axis=0)
-                    big[n] = xp.ascontiguousarray(a.astype(self.dtypes[n], copy=False))
+                    if self.dtypes[n] is not None:  # Triton checked the dtype; this only normalises
+                        a = a.astype(self.dtypes[n], copy=False)
+                    big[n] = xp.ascontiguousarray(a)
                 outs = {n: [] for n in self.output_names}
                 for s in range(0, padded, C):
                     got = self._run({n: a[s:s + C] for n, a in big.items()})
