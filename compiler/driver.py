@@ -46,7 +46,7 @@ def pipeline_passes(precision: str = "fp32", fuse: bool = True, per_layer=None) 
     return passes
 
 
-def precision_choice(model, options, shapes: dict):
+def precision_choice(model, options, shapes: dict, module=None):
     """The per-layer choice for --keep-fp32 / --precision best (None: one precision for all) and
     the search record (None unless best). Warnings go to stderr and to `-v`'s log."""
     import warnings
@@ -61,7 +61,9 @@ def precision_choice(model, options, shapes: dict):
         with rep.stage("precision search"):
             return search(model, options, warn, rep.log if rep.verbose else (lambda s: None), import_shapes=shapes)
     if options.keep_fp32:
-        return PrecisionChoice(options.precision, keep_patterns=options.keep_fp32, warn=warn), None
+        nodes = frozenset(op.loc.node for op in module.main.ops if op.loc.node) if module is not None else frozenset()
+        return PrecisionChoice(options.precision, keep_patterns=options.keep_fp32, warn=warn,
+                               imported_nodes=nodes), None
     return None, None
 
 
@@ -110,7 +112,7 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
         verify(module)
     if rep.verbose:
         rep.log(f"  import {'':<14} {rep.times['import'] * 1e3:9.1f} ms {count_ops(module):8d} ops")
-    choice, search_record = precision_choice(model, options, {k: list(v) for k, v in options.shapes})
+    choice, search_record = precision_choice(model, options, {k: list(v) for k, v in options.shapes}, module)
     pipe = Pipeline(pipeline_passes(precision, options.fuse, choice), options.verify_each,
                     Path(dump_ir) if dump_ir else None)
     pipe.run(module)

@@ -193,11 +193,15 @@ def search(model, options, warn: Callable[[str], None], log: Callable[[str], Non
         Pipeline(passes).run(m)
         return m
 
+    imported = import_model(model, shapes=shapes)
+    imported_nodes = frozenset(op.loc.node for op in imported.main.ops if op.loc.node)
+    del imported
     ref_module = build(None)
     layers = [op for op in ref_module.main.ops if is_layer(op)]
     inputs_of = {layer_key(op): [v.name for v in op.operands if v is not None and v.type.dtype.is_float]
                  for op in layers}
-    pinned = keep_fp32_choice(ref_module, "fp16", options.keep_fp32, warn).per_layer if options.keep_fp32 else {}
+    pinned = keep_fp32_choice(ref_module, "fp16", options.keep_fp32, warn,
+                              imported_nodes).per_layer if options.keep_fp32 else {}
     cost = cost or cost_model(options)
     low_allowed = tuple(p for p in options.allow if p != "fp32") or ("fp32",)
     per_layer = {}

@@ -77,6 +77,7 @@ class PrecisionChoice:
     per_layer: dict = field(default_factory=dict)
     reasons: dict = field(default_factory=dict)
     keep_patterns: tuple = ()  # --keep-fp32: resolved against the module when the pass runs
+    imported_nodes: frozenset = frozenset()  # ONNX node names at import (for the warning's hint)
     warn: Optional[Callable[[str], None]] = None  # where a pattern matching nothing is reported
     decisions: list = field(default_factory=list)  # filled by run()
 
@@ -85,7 +86,8 @@ class PrecisionChoice:
 
     def run(self, module: Module) -> bool:
         if self.keep_patterns:
-            pinned = keep_fp32_choice(module, self.default, self.keep_patterns, self.warn or (lambda s: None))
+            pinned = keep_fp32_choice(module, self.default, self.keep_patterns, self.warn or (lambda s: None),
+                                      self.imported_nodes)
             self.per_layer = {**self.per_layer, **pinned.per_layer}
             self.reasons = {**self.reasons, **pinned.reasons}
         self.decisions = []
@@ -104,14 +106,20 @@ def match_keep_fp32(op: Op, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(n, pattern) for n in names)
 
 
-def keep_fp32_choice(module: Module, low: str, patterns, warn: Callable[[str], None]) -> PrecisionChoice:
+def keep_fp32_choice(module: Module, low: str, patterns, warn: Callable[[str], None],
+                     imported_nodes=frozenset()) -> PrecisionChoice:
     """The choice for --keep-fp32: the layers matched by any pattern at fp32, the rest at `low`.
-    A pattern matching no layer is reported through warn (naming it)."""
+    A pattern matching no layer is reported through warn (naming it, and the imported ONNX nodes
+    it matched that the cleanups merged away, e.g. a Conv that fold-batchnorm folded into its BN)."""
     ch = PrecisionChoice(low)
     for pat in patterns:
         hits = [op for op in module.main.ops if is_layer(op) and match_keep_fp32(op, pat)]
         if not hits:
-            warn(f"--keep-fp32 {pat!r} matches no layer (node name, result name or op type) of the model")
+            gone = sorted(n for n in imported_nodes if fnmatch.fnmatchcase(n, pat))
+            hint = (f"; it matches ONNX node(s) {', '.join(map(repr, gone[:5]))}{' ...' if len(gone) > 5 else ''} "
+                    "that the cleanup passes merged into other layers (nnc compile -v or plan.json "
+                    "layer_precision lists the layers left)" if gone else "")
+            warn(f"--keep-fp32 {pat!r} matches no layer (node name, result name or op type) of the model{hint}")
         for op in hits:
             ch.per_layer[layer_key(op)] = "fp32"
             ch.reasons.setdefault(layer_key(op), f"--keep-fp32 {pat}")

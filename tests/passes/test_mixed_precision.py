@@ -162,3 +162,11 @@ def test_mixed_cuda_build_compiles_with_nvrtc(tmp_path, rng):
     got = m(x)
     ref = _tiny_cnn_fp32(x)
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-2
+
+
+def test_pattern_of_a_folded_node_says_so(tmp_path):
+    # fold-batchnorm folds the Conv "stem/conv" into the BN: the layer left is the node "stem/bn"
+    with pytest.warns(UserWarning, match=r"'stem/conv'.*merged into other layers"):
+        m = nnc.compile(str(EXAMPLE), shapes={"input": [1, 3, 32, 32]}, precision="fp16", backend="reference",
+                        keep_fp32="stem/conv", out=tmp_path / "o")
+    assert {d["precision"] for d in m.plan["layer_precision"]["layers"]} == {"fp16"}
