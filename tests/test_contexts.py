@@ -147,17 +147,18 @@ def test_cuda_contexts_concurrent_threads(tiny):
     _close(m.run(feeds[0], output="numpy"), ref.run(feeds[0]))  # the module's own run still works
 
 
-_SLEEP = r"""extern "C" __global__ void nnc_test_sleep(long long ns) {
-  long long t0 = clock64();  // cycles, about 1-2 GHz: ns cycles is at least ns/2 ns
-  while (clock64() - t0 < ns) {}
+_SLEEP = r"""extern "C" __global__ void nnc_test_spin(long long cycles) {
+  long long t0 = clock64();
+  while (clock64() - t0 < cycles) {}
 }"""
 
 
 @pytest.mark.gpu
 def test_cuda_run_async_pipelines_copies(tmp_path):
     """Requests in flight on one context give the right answers in order; and with the compute
-    stream held back by a spinning kernel, the H2D of request 1 completes before the compute of
-    request 0 does: the copies run on their own stream, overlapping compute."""
+    stream held back by a spinning kernel (about 0.5 s), the H2D of request 1 completes while the
+    compute of request 0 has not: the copies run on their own stream, overlapping compute."""
+    import time
     import cupy
     d = tmp_path / "big"
     compile_model(str(ROOT / "examples" / "tiny_cnn.onnx"), d, shapes={"input": [64, 3, 32, 32]})
@@ -169,13 +170,17 @@ def test_cuda_run_async_pipelines_copies(tmp_path):
     res = [f.result(timeout=60) for f in [ctx.run_async(f, output="numpy") for f in feeds]]
     for f, r in zip(feeds, res):
         _close(r, ref.run(f))
-    sleep = cupy.RawKernel(_SLEEP, "nnc_test_sleep")
+    spin = cupy.RawKernel(_SLEEP, "nnc_test_spin")
     with ctx.stream:
-        sleep((1,), (1,), (np.int64(200_000_000),))  # >= 0.1 s of compute-stream time
+        spin((1,), (1,), (np.int64(1_000_000_000),))  # ~1e9 cycles: about 0.5 s at H200 clocks
     f0, f1 = ctx.run_async(feeds[0], output="numpy"), ctx.run_async(feeds[1], output="numpy")
-    r0, r1 = f0.result(timeout=60), f1.result(timeout=60)
     a, b = ctx.slots[12 % 3], ctx.slots[13 % 3]
-    assert cupy.cuda.get_elapsed_time(a.compute_done, b.h2d_done) < 0  # request 1 staged while 0 waited
+    t0 = time.perf_counter()
+    while not b.h2d_done.done and time.perf_counter() - t0 < 0.2:
+        time.sleep(0.001)
+    assert b.h2d_done.done, "request 1's H2D did not finish while the compute stream was busy"
+    assert not a.compute_done.done, "the spin kernel ended too early for this check"
+    r0, r1 = f0.result(timeout=60), f1.result(timeout=60)
     _close(r0, ref.run(feeds[0]))
     _close(r1, ref.run(feeds[1]))
     cupy_out = ctx.run(feeds[2])  # output="cupy" by default on cuda
