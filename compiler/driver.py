@@ -4,8 +4,11 @@ plan.json contract (kept stable, extended freely):
 {"arch", "inputs": [{"name", "dtype", "shape"}], "outputs": [...], "passes": [...],
  "kernels": [{"name", "ops", "template", "params"}],
  "launches": [...] (every run), "init_launches": [...] (once, at load: codegen/init_phase.py),
- "memory": {"arena_bytes", "naive_bytes", "peak_live_bytes", "weights_bytes", "persistent_bytes"}}
-Shapes list ints or symbol names; dtypes use numpy names.
+ "memory": {"arena_bytes", "naive_bytes", "peak_live_bytes", "weights_bytes", "persistent_bytes"},
+ "layer_precision" (only with --keep-fp32 / --precision best): {"mode", "keep_fp32",
+   "layers": [{"layer", "op", "node", "precision", "wanted"?, "why"?}], "search"? (best's record)}}
+Shapes list ints or symbol names; dtypes use numpy names. "precision" is code generation's
+storage type: for best, the fastest allowed type (each layer's own is in "layer_precision").
 """
 from __future__ import annotations
 
