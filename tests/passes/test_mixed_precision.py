@@ -170,3 +170,23 @@ def test_pattern_of_a_folded_node_says_so(tmp_path):
         m = nnc.compile(str(EXAMPLE), shapes={"input": [1, 3, 32, 32]}, precision="fp16", backend="reference",
                         keep_fp32="stem/conv", out=tmp_path / "o")
     assert {d["precision"] for d in m.plan["layer_precision"]["layers"]} == {"fp16"}
+
+
+def test_hostile_node_name_pinned_by_glob(tmp_path):
+    """A model's node name is only matched, never written into the generated source raw."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from nnc.driver import compile_model
+    evil = 'mm"); system("x"); /*\n*/'
+    w = numpy_helper.from_array(np.full((8, 8), 0.1, np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"], name=evil),
+                           helper.make_node("Relu", ["h"], ["y"], name="relu")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    plan = compile_model(model, tmp_path / "o", options=nnc.CompileOptions(precision="fp16", keep_fp32=("mm*",),
+                                                                           tune=False))
+    layers = {d["node"]: d["precision"] for d in plan["layer_precision"]["layers"]}
+    assert layers == {evil: "fp32", "relu": "fp16"}
+    src = "".join(p.read_text() for p in (tmp_path / "o").glob("*.cu"))
+    assert 'system("x")' not in src
