@@ -137,6 +137,7 @@ class ScenarioResult:
     best: Optional[int]               # index into points: the reported one (server: highest passing QPS)
     calibration_ms: float
     latency_bound_ms: Optional[float] = None
+    environment: dict = field(default_factory=dict)  # date, versions (LoadGen's too), GPU and driver
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -450,8 +451,24 @@ def run_scenario(out_dir, options: ScenarioOptions, system=None) -> ScenarioResu
             points, best = [_point(options.scenario, path)], 0
     finally:
         sut.stop()
-    return ScenarioResult(str(out), options.backend if system is None else system.backend, options.scenario, options.contexts, batch, options.duration,
-                          points, best, calib * 1e3, options.latency_bound_ms)
+    return ScenarioResult(str(out), options.backend if system is None else system.backend, options.scenario,
+                          options.contexts, batch, options.duration, points, best, calib * 1e3,
+                          options.latency_bound_ms, _environment(options.backend))
+
+
+def _environment(backend: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    from .bench import _environment as bench_environment
+    cp = None
+    if backend == "cuda":
+        from .runtime import require_gpu
+        cp = require_gpu()
+    env = bench_environment(cp)
+    try:
+        env["mlcommons_loadgen"] = version("mlcommons-loadgen")
+    except PackageNotFoundError:
+        env["mlcommons_loadgen"] = "?"
+    return env
 
 
 # ---------------------------------------------------------------- printing

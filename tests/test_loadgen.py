@@ -57,6 +57,7 @@ def test_scenario_through_loadgen(tiny1, tmp_path, capsys, scenario):
     want = metric_ns if scenario == "offline" else metric_ns * 1e-6
     assert p["value"] == pytest.approx(want) and p["value"] > 0
     assert r["contexts"] == 2 and r["batch"] == 1 and r["backend"] == "reference"
+    assert r["environment"]["mlcommons_loadgen"].startswith("6.0.") and r["environment"]["date"]
     if scenario == "multi-stream":
         assert parse_summary(summary)["samples_per_query"] == "8"
     lat = p["latency_ms"]
