@@ -246,3 +246,13 @@ def test_mixed_builds_run_on_the_gpu(case, tmp_path, rng):
         def run(self, f):
             return m.run(f, output="numpy")
     assert _rel_err(model, Host(), feed) <= 1e-2
+
+
+def test_best_respects_keep_fp32(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = nnc.compile(overflow_model(), precision="best", allow="fp16,fp32", keep_fp32="relu",
+                        backend="reference", out=tmp_path / "o")
+    layers = {d["node"]: d for d in m.plan["layer_precision"]["layers"]}
+    assert layers["relu"]["precision"] == "fp32" and layers["relu"]["why"] == "--keep-fp32"
+    assert layers["proj"]["precision"] == "fp16" and layers["big_matmul"]["precision"] == "fp32"
