@@ -4,6 +4,7 @@ in the table, the server search's 5-point bound, and clear errors for bad option
 run is kept to about a second (short durations, few queries)."""
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +178,52 @@ def test_callable_peer_under_the_same_sut(tiny1, tmp_path):
     assert r.backend == "interpreter" and r.points[0].result in ("VALID", "INVALID") and r.points[0].value > 0
     assert len(seen) >= 4 + 4 and set(seen) == {(1, 3, 32, 32)}  # calibration + LoadGen's queries
     assert (tmp_path / "peer_logs" / "mlperf_log_summary.txt").is_file()
+
+
+def test_batch_window_fills_a_batch(tiny2):
+    """With a batching window, samples arriving within it share one run of the compiled batch;
+    without one, a lone sample runs at once, padded. Every sample is answered exactly once."""
+    import threading
+    import types
+    from nnc.api import load
+    from nnc.loadgen_sut import CallableSystem, _random_samples, _Sut
+    m = load(tiny2, backend="reference")
+    answered, runs = [], []
+    done = threading.Event()
+
+    def complete(resp):
+        answered.extend(r[0] for r in resp)
+        if len(answered) >= 4:
+            done.set()
+    fake_lg = types.SimpleNamespace(QuerySampleResponse=lambda i, p, n: (i, p, n), QuerySamplesComplete=complete)
+
+    def make_runner():
+        def run(feed):
+            runs.append(feed["input"].copy())
+            return {m.output_names[0]: np.zeros((2, 10), np.float32)}
+        return run
+    samples = _random_samples(m.plan, 2, 4, seed=1)
+    system = CallableSystem(m.plan, make_runner)
+    q = lambda i: types.SimpleNamespace(id=100 + i, index=i)
+    sut = _Sut(fake_lg, system, 2, 1, samples, 0.5, "numpy")  # a 0.5 s window: the pair always meets
+    try:
+        sut.issue([q(0)])
+        sut.issue([q(1)])
+        sut.issue([q(2), q(3)])
+        assert done.wait(10)
+    finally:
+        sut.stop()
+    assert sorted(answered) == [100, 101, 102, 103] and len(runs) == 2
+    np.testing.assert_array_equal(runs[0], np.concatenate([samples[0]["input"], samples[1]["input"]]))
+    runs.clear(), answered.clear()
+    done.clear()
+    sut = _Sut(fake_lg, system, 2, 1, samples, 0.0, "numpy")
+    try:
+        sut.issue([q(3)])
+        t0 = time.perf_counter()
+        while not answered and time.perf_counter() - t0 < 10:
+            time.sleep(0.005)
+    finally:
+        sut.stop()
+    assert answered == [103] and len(runs) == 1
+    np.testing.assert_array_equal(runs[0], np.concatenate([samples[3]["input"]] * 2))  # padded with itself
