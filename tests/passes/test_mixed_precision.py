@@ -174,7 +174,6 @@ def test_pattern_of_a_folded_node_says_so(tmp_path):
 
 def test_hostile_node_name_pinned_by_glob(tmp_path):
     """A model's node name is only matched, never written into the generated source raw."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
     from nnc.driver import compile_model
     evil = 'mm"); system("x"); /*\n*/'
