@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-window-us", type=float, default=0.0, metavar="U",
                    help="server: wait up to U us for more samples to fill a batch (default 0)")
     g.add_argument("--min-queries", type=int, default=64, metavar="K", help="LoadGen's min_query_count (default 64)")
-    g.add_argument("--log-dir", metavar="D", help="LoadGen's logs go here (default OUT/loadgen/SCENARIO)")
+    g.add_argument("--log-dir", metavar="D", help="LoadGen's logs go here (default ./mlperf_logs/NAME_SCENARIO)")
 
     p = sub.add_parser("inspect", help="per-kernel table of a compiled output directory",
                        description="Prints one row per kernel from OUT/plan.json: launches per run, the IR ops "

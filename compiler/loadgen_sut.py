@@ -423,7 +423,8 @@ def run_scenario(out_dir, options: ScenarioOptions, system=None) -> ScenarioResu
         raise NncError(f"--batch {options.batch}: {out} was compiled for batch {batch} (the leading dim of its "
                        f"inputs); recompile with --shapes for batch {options.batch}")
     samples = _random_samples(m.plan, batch, options.samples, options.seed)
-    log_root = Path(options.log_dir) if options.log_dir else out / "loadgen" / options.scenario
+    # default: under the working directory, not inside OUT (a directory that ships as it was compiled)
+    log_root = Path(options.log_dir) if options.log_dir else Path("mlperf_logs") / f"{out.name}_{options.scenario}"
     sut = _Sut(lg, m, batch, options.contexts, samples, options.batch_window_us * 1e-6, output)
     try:
         ctx = sut.contexts[0]  # calibration: the expected latency LoadGen is told, untimed by it

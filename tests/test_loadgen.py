@@ -227,3 +227,11 @@ def test_batch_window_fills_a_batch(tiny2):
         sut.stop()
     assert answered == [103] and len(runs) == 1
     np.testing.assert_array_equal(runs[0], np.concatenate([samples[3]["input"]] * 2))  # padded with itself
+
+
+def test_default_log_dir_is_outside_out(tiny1, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tiny1.iterdir())
+    assert main(["bench", str(tiny1), "--scenario", "offline", *FAST]) == 0
+    assert (tmp_path / "mlperf_logs" / f"{tiny1.name}_offline" / "mlperf_log_summary.txt").is_file()
+    assert sorted(p.name for p in tiny1.iterdir()) == before  # OUT ships as compiled
