@@ -145,6 +145,7 @@ def test_cuda_contexts_concurrent_threads(tiny):
     for k, f in enumerate(feeds):
         _close(got[k], ref.run(f))
     _close(m.run(feeds[0], output="numpy"), ref.run(feeds[0]))  # the module's own run still works
+    _close(m.run_async(feeds[1], output="numpy").result(timeout=60), ref.run(feeds[1]))
 
 
 _SLEEP = r"""extern "C" __global__ void nnc_test_spin(long long cycles) {
