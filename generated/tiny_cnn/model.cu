@@ -751,6 +751,13 @@ struct nnc_tiny_cnn {
   cudaGraphExec_t graph = nullptr;
   const void* graph_inputs[kNumInputs + 1] = {};
   void* graph_outputs[kNumOutputs + 1] = {};
+  bool owns_weights = true;  // false in an execution context: weights and persistent are its model's
+};
+
+// an execution context: a model whose weights and persistent values are borrowed from the model
+// it was made from; the arena, the extents and the CUDA graph (and its stream) are its own
+struct nnc_tiny_cnn_context {
+  nnc_tiny_cnn m;
 };
 
 namespace nnc_tiny_cnn_internal {
@@ -839,6 +846,15 @@ bool graph_bound(const struct nnc_tiny_cnn* m, const void* const* inputs, void* 
   for (int i = 0; i < kNumOutputs; ++i) if (m->graph_outputs[i] != outputs[i]) return false;
   return true;
 }
+// frees what m owns (a context's weights and persistent region are its model's)
+void release(nnc_tiny_cnn* m) {
+  if (m->weights && m->owns_weights) cudaFree(m->weights);
+  if (m->persistent && m->owns_weights) cudaFree(m->persistent);
+  if (m->arena) cudaFree(m->arena);
+  if (m->extent) cudaFreeHost(m->extent);
+  if (m->graph) cudaGraphExecDestroy(m->graph);
+  if (m->capture_stream) cudaStreamDestroy(m->capture_stream);
+}
 }  // namespace nnc_tiny_cnn_internal
 
 extern "C" {
@@ -917,13 +933,45 @@ int nnc_tiny_cnn_create(const char* path, nnc_tiny_cnn** out) {
 
 void nnc_tiny_cnn_destroy(nnc_tiny_cnn* m) {
   if (!m) return;
-  if (m->weights) cudaFree(m->weights);
-  if (m->arena) cudaFree(m->arena);
-  if (m->persistent) cudaFree(m->persistent);
-  if (m->extent) cudaFreeHost(m->extent);
-  if (m->graph) cudaGraphExecDestroy(m->graph);
-  if (m->capture_stream) cudaStreamDestroy(m->capture_stream);
+  release(m);
   delete m;
+}
+
+int nnc_tiny_cnn_context_create(const nnc_tiny_cnn* model, nnc_tiny_cnn_context** out) {
+  if (!model || !out) return fail(NNC_ERR_INVALID_ARGUMENT, "nnc_tiny_cnn_context_create: null argument");
+  *out = nullptr;
+  nnc_tiny_cnn_context* c = new nnc_tiny_cnn_context();
+  c->m.weights = model->weights;
+  c->m.persistent = model->persistent;  // the init phase's values: computed once, by the model's create
+  c->m.owns_weights = false;
+  c->m.use_graph = model->use_graph;
+  cudaError_t e = cudaSuccess;
+  if (kArenaBytes) e = cudaMalloc((void**)&c->m.arena, kArenaBytes);
+  if (e == cudaSuccess) e = cudaMallocHost((void**)&c->m.extent, sizeof(int64_t) * (kNumOutputs + 1));
+  if (e == cudaSuccess) std::memset(c->m.extent, 0, sizeof(int64_t) * (kNumOutputs + 1));
+  if (e != cudaSuccess) {
+    nnc_tiny_cnn_context_destroy(c);
+    return fail(e == cudaErrorMemoryAllocation ? NNC_ERR_OUT_OF_MEMORY : NNC_ERR_CUDA,
+                std::string("nnc_tiny_cnn_context_create: ") + cudaGetErrorString(e));
+  }
+  *out = c;
+  return NNC_OK;
+}
+
+void nnc_tiny_cnn_context_destroy(nnc_tiny_cnn_context* c) {
+  if (!c) return;
+  release(&c->m);
+  delete c;
+}
+
+int nnc_tiny_cnn_context_run(nnc_tiny_cnn_context* c, cudaStream_t stream, const void* const* inputs, void* const* outputs) {
+  if (!c) return fail(NNC_ERR_INVALID_ARGUMENT, "nnc_tiny_cnn_context_run: null context");
+  return nnc_tiny_cnn_run(&c->m, stream, inputs, outputs);
+}
+
+int nnc_tiny_cnn_context_output_shape(const nnc_tiny_cnn_context* c, int i, int64_t* dims) {
+  if (!c) return fail(NNC_ERR_INVALID_ARGUMENT, "nnc_tiny_cnn_context_output_shape: null context");
+  return nnc_tiny_cnn_output_shape(&c->m, i, dims);
 }
 
 int nnc_tiny_cnn_run(nnc_tiny_cnn* m, cudaStream_t stream, const void* const* inputs, void* const* outputs) {

@@ -49,6 +49,18 @@ NNC_API int nnc_tiny_lstm_set_cuda_graph(nnc_tiny_lstm* model, int enable);
 // a capture the driver refused)
 NNC_API int nnc_tiny_lstm_used_cuda_graph(const nnc_tiny_lstm* model);
 
+// Execution contexts: one model (its weights and init-phase values), many contexts, each with its
+// own activation arena, CUDA graph and data-dependent extents. Runs of different contexts may go
+// concurrently (one thread or stream each); runs of one context must not overlap. Destroy every
+// context before the model it was made from.
+typedef struct nnc_tiny_lstm_context nnc_tiny_lstm_context;
+NNC_API int nnc_tiny_lstm_context_create(const nnc_tiny_lstm* model, nnc_tiny_lstm_context** context);
+NNC_API int nnc_tiny_lstm_context_run(nnc_tiny_lstm_context* context, cudaStream_t stream, const void* const* inputs,
+                                void* const* outputs);
+// as nnc_tiny_lstm_output_shape, after this context's last run
+NNC_API int nnc_tiny_lstm_context_output_shape(const nnc_tiny_lstm_context* context, int i, int64_t* dims);
+NNC_API void nnc_tiny_lstm_context_destroy(nnc_tiny_lstm_context* context);
+
 NNC_API int nnc_tiny_lstm_num_inputs(void);
 NNC_API int nnc_tiny_lstm_num_outputs(void);
 NNC_API const char* nnc_tiny_lstm_input_name(int i);
