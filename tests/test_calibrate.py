@@ -1,0 +1,165 @@
+"""INT8 post-training calibration (compiler/calibrate.py) and Q/DQ insertion (quantize-int8)."""
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from nnc.calibrate import (NUM_BINS, CalibrationError, CalibTable, TensorStats, calibrate, entropy_amax,
+                           load_table, parse_trt_cache, percentile_amax)
+
+
+def _stats(x, method, pct=99.99):
+    s = TensorStats()
+    s.observe_range(x)
+    if method != "minmax":
+        s.observe_hist(x)
+    return s.amax_for(method, pct)
+
+
+# ---- the methods on synthetic data with known answers ----------------------------------------
+
+def test_minmax_is_max_abs_exact():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 100)).astype(np.float32)
+    x[3, 7] = -9.25
+    assert _stats(x, "minmax") == 9.25
+
+
+def test_percentile_on_uniform_grid_within_one_bin():
+    # |x| uniform on [0, 2048): the p-th percentile is 2048 * p / 100 (bins are 1 wide)
+    x = (np.arange(2048 * 100, dtype=np.float32) / 100.0) * np.where(np.arange(2048 * 100) % 2, 1, -1)
+    for p in (50.0, 90.0, 99.0, 99.99):
+        got = _stats(x, "percentile", p)
+        want = float(np.percentile(np.abs(x), p))
+        assert abs(got - want) <= 2048 / NUM_BINS, (p, got, want)
+
+
+def test_percentile_from_histogram_exact():
+    hist = np.zeros(NUM_BINS)
+    hist[:100] = 1.0  # 100 values spread over bins 0..99, bin width 0.5
+    assert percentile_amax(hist, 0.5, 50.0) == pytest.approx(25.0)
+    assert percentile_amax(hist, 0.5, 100.0) == pytest.approx(50.0)
+
+
+def test_entropy_clips_outliers_and_stays_below_max():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(200_000).astype(np.float32)
+    x[:5] = [40.0, -35.0, 30.0, 38.0, -39.0]  # a few huge outliers
+    amax = _stats(x, "entropy")
+    assert amax <= 40.0
+    assert 2.0 < amax < 10.0, amax  # clips the outliers, keeps the bulk of N(0, 1)
+    # without outliers the threshold is still inside the range and not degenerate
+    y = rng.uniform(-1, 1, 100_000).astype(np.float32)
+    a2 = _stats(y, "entropy")
+    assert 0.5 < a2 <= 1.0 + 1.0 / NUM_BINS
+
+
+def test_entropy_on_all_mass_in_first_bins():
+    hist = np.zeros(NUM_BINS)
+    hist[:128] = 10.0
+    # everything fits in 128 bins: the first candidate (128) represents it exactly
+    assert entropy_amax(hist, 1.0) == pytest.approx(128.5)
+
+
+# ---- the files ---------------------------------------------------------------------------------
+
+def test_trt_cache_round_trip(tmp_path):
+    t = CalibTable("entropy", {"input": 1.0, "conv1/out:0": 12.7, "fc_in": 0.0031})
+    text = t.to_trt_cache()
+    assert text.splitlines()[0] == "TRT-8601-EntropyCalibration2"
+    assert "conv1/out:0: " + "%08x" % struct.unpack(">I", struct.pack(">f", 0.1))[0] in text
+    (tmp_path / "c.cache").write_text(text)
+    back = load_table(tmp_path / "c.cache")
+    assert back.method == "entropy"
+    assert set(back.amax) == set(t.amax)
+    for k, v in t.amax.items():  # float32 scale: rel 1e-7
+        assert back.amax[k] == pytest.approx(v, rel=1e-6)
+
+
+def test_parse_hand_written_trt_cache():
+    # as TensorRT writes it: leading zeros dropped, names with spaces, parens and colons
+    text = ("TRT-8601-EntropyCalibration2\n"
+            "input: 3c010a14\n"
+            "(Unnamed Layer* 3) [Convolution]_output: 3d4ccccd\n"
+            "a:b: 3f800000\n")
+    t = parse_trt_cache(text, "x")
+    assert t.method == "entropy"
+    assert t.scale("input") == pytest.approx(0.00787594, rel=1e-5)
+    assert t.scale("(Unnamed Layer* 3) [Convolution]_output") == pytest.approx(0.05, rel=1e-6)
+    assert t.scale("a:b") == 1.0
+    assert parse_trt_cache("TRT-7134-MinMaxCalibration\nx: 3f800000\n", "y").method == "minmax"
+
+
+def test_calib_json_round_trip_and_errors(tmp_path):
+    t = CalibTable("percentile", {"a": 2.0, "b": 0.5}, percentile=99.9, samples=10)
+    t.save(tmp_path / "c.json")
+    back = load_table(tmp_path / "c.json")
+    assert (back.method, back.amax, back.percentile, back.samples) == ("percentile", t.amax, 99.9, 10)
+    doc = json.loads((tmp_path / "c.json").read_text())
+    bad = dict(doc, tensors={"a": {"amax": -1.0}})
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(CalibrationError, match=r"tensors\.a\.amax"):
+        load_table(tmp_path / "bad.json")
+    (tmp_path / "bad2.json").write_text(json.dumps(dict(doc, version=99)))
+    with pytest.raises(CalibrationError, match="'version'"):
+        load_table(tmp_path / "bad2.json")
+    (tmp_path / "bad3.json").write_text(json.dumps(dict(doc, tensors={"a": {"amax": 1.0, "scale": 5.0}})))
+    with pytest.raises(CalibrationError, match=r"tensors\.a.*amax / 127"):
+        load_table(tmp_path / "bad3.json")
+    (tmp_path / "junk.bin").write_bytes(b"\x00\x01garbage")
+    with pytest.raises(CalibrationError, match="neither calib.json"):
+        load_table(tmp_path / "junk.bin")
+    with pytest.raises(CalibrationError, match="no such file"):
+        load_table(tmp_path / "missing.json")
+    (tmp_path / "bad.cache").write_text("TRT-8601-EntropyCalibration2\ninput 3c010a14\n")
+    with pytest.raises(CalibrationError, match="line 2"):
+        load_table(tmp_path / "bad.cache")
+
+
+# ---- calibrating a model -----------------------------------------------------------------------
+
+def _mlp(tmp_path):
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w2")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["hr"], name="relu"),
+             helper.make_node("MatMul", ["hr", "w2"], ["y"], name="fc2")]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w1, w2])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    p = tmp_path / "mlp.onnx"
+    onnx.save(m, p)
+    return p, rng.standard_normal((40, 16)).astype(np.float32), numpy_helper.to_array(w1)
+
+
+def test_calibrate_minmax_on_a_model_exact(tmp_path):
+    model, x, w1 = _mlp(tmp_path)
+    np.savez(tmp_path / "d.npz", x=x)
+    t = calibrate(str(model), tmp_path / "d.npz", "minmax")
+    assert set(t.amax) == {"x", "hr"}
+    assert t.amax["x"] == float(np.abs(x).max())
+    assert t.amax["hr"] == pytest.approx(float(np.maximum(x @ w1, 0).max()), rel=1e-6)
+    assert t.samples == 40
+
+
+def test_calibrate_bad_data(tmp_path):
+    model, x, _ = _mlp(tmp_path)
+    np.savez(tmp_path / "wrong.npz", z=x)
+    with pytest.raises(Exception, match="no input 'z'"):
+        calibrate(str(model), tmp_path / "wrong.npz", "minmax")
+    np.savez(tmp_path / "none.npz")
+    with pytest.raises(CalibrationError, match="no array for model input"):
+        calibrate(str(model), tmp_path / "none.npz", "minmax")
+    with pytest.raises(CalibrationError, match="no such file"):
+        calibrate(str(model), tmp_path / "nope.npz", "minmax")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CalibrationError, match="no .npz files"):
+        calibrate(str(model), tmp_path / "empty", "minmax")
+    with pytest.raises(CalibrationError, match="--method"):
+        calibrate(str(model), tmp_path / "wrong.npz", "kl")
