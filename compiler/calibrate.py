@@ -2,8 +2,9 @@
 
 Runs the model (the IR after the cleanups that precede the precision passes, so tensor names are
 the ones `quantize-int8` sees at compile time) with the numpy interpreter over calibration
-inputs and records, for every activation input of a Conv / Gemm / MatMul (operands that are not
-constants), the statistic the method needs. The result is an activation amax per tensor; the
+inputs and records, for every tensor the `quantize-int8` pass quantizes (the activation inputs
+of Conv / Gemm / MatMul that are not constants, and their outputs, after a Relu that is the only
+reader: passes/quantize_int8.quantized_tensors), the statistic the method needs. The result is an activation amax per tensor; the
 int8 scale is amax / 127 (symmetric, zero point 0). Weights are not calibrated here: their
 per-channel scales come from the constants at compile time (compiler/passes/quantize_int8.py).
 
@@ -50,7 +51,6 @@ NUM_BINS = 2048          # TensorRT's histogram size
 NUM_QUANT_LEVELS = 128   # |x| in int8: 0..127 (the first candidate threshold bin)
 INT8_MAX = 127.0
 BATCH = 32               # samples per interpreter run for a symbolic batch dim
-QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 # TensorRT calibrator names in the cache header, per method. TensorRT has no percentile
 # calibrator; its legacy calibrator is the quantile one, the closest.
 TRT_CALIBRATORS = {"entropy": "EntropyCalibration2", "minmax": "MinMaxCalibration",
@@ -305,22 +305,6 @@ def pre_quant_passes() -> list[str]:
     return passes[:at]
 
 
-def quantized_inputs(module) -> list[str]:
-    """Names of the activation operands of Conv / Gemm / MatMul in @main (not constants), in order."""
-    out: list[str] = []
-    for op in module.main.ops:
-        if op.name not in QUANTIZED_OPS:
-            continue
-        idx = (0, 1) if op.name == "MatMul" else (0,)
-        for i in idx:
-            v = op.operands[i]
-            if v.producer is not None and v.producer.name == "const":
-                continue
-            if v.type.dtype.is_float and v.name not in out:
-                out.append(v.name)
-    return out
-
-
 def _npz_files(data) -> list[Path]:
     p = Path(data)
     if p.is_dir():
@@ -371,7 +355,8 @@ def calibrate(model, data, method: str = "entropy", percentile: float = 99.99, s
     if not 0 < percentile <= 100:
         raise CalibrationError(f"--percentile must be in (0, 100], not {percentile!r}")
     module = calibration_module(model, shapes)
-    names = quantized_inputs(module)
+    from .passes.quantize_int8 import quantized_tensors
+    names = list(quantized_tensors(module))
     if not names:
         raise CalibrationError("the model has no Conv / Gemm / MatMul with a float activation input: "
                                "nothing to calibrate")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import struct
 
 import numpy as np
@@ -163,3 +164,100 @@ def test_calibrate_bad_data(tmp_path):
         calibrate(str(model), tmp_path / "empty", "minmax")
     with pytest.raises(CalibrationError, match="--method"):
         calibrate(str(model), tmp_path / "wrong.npz", "kl")
+
+
+# ---- the quantize-int8 pass --------------------------------------------------------------------
+
+def _q(x, s):
+    return np.clip(np.rint(x.astype(np.float64) / s), -128, 127)
+
+
+def test_quantize_weight_per_channel_exact():
+    from nnc.passes.quantize_int8 import quantize_weight
+    w = np.array([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0], [0.1, 0.2, -0.3]], np.float32)
+    q, s = quantize_weight(w, 0)
+    assert s.dtype == np.float32 and q.dtype == np.int8
+    np.testing.assert_array_equal(s, np.array([2 / 127, 1.0, 0.3 / 127], np.float32))
+    np.testing.assert_array_equal(q[0], [64, -127, 32])  # rint(63.5) = 64 (half to even)
+    np.testing.assert_array_equal(q[1], [0, 0, 0])
+    np.testing.assert_array_equal(q[2], [42, 85, -127])
+    _, s1 = quantize_weight(w, 1)  # Gemm without transB / MatMul: the columns
+    np.testing.assert_array_equal(s1, np.array([1.0 / 127, 2.0 / 127, 0.5 / 127], np.float32))
+
+
+def test_qdq_inserted_in_fold_qdq_form_and_matches_numpy(tmp_path):
+    from nnc.calibrate import calibration_module
+    from nnc.ir.interp import Interpreter
+    from nnc.ir.printer import print_module
+    from nnc.ir.verify import verify
+    from nnc.passes.quantize_int8 import make_pass, quantize_weight
+    model, x, w1 = _mlp(tmp_path)
+    w2 = onnx.numpy_helper.to_array(onnx.load(model).graph.initializer[1])
+    m = calibration_module(str(model))
+    scales = {"x": 0.02, "hr": 0.05}
+    assert make_pass(scales)(m)
+    verify(m)
+    text = print_module(m)
+    # x -> Q -> DQ -> MatMul(., DQ(w_q i8, per-channel scale, axis 1 = the default, not printed)) -> Relu -> Q -> DQ -> MatMul
+    order = ["%x.q = QuantizeLinear(%x, %x.scale, %x.zp) : i8[N,16]",
+             "%x.dq = DequantizeLinear(%x.q, %x.scale, %x.zp) : f32[N,16]",
+             "DequantizeLinear(%w1.q, %w1.scale) : f32[16,8]",
+             "%h = MatMul(%x.dq, %w1.dq)", "%hr = Relu(%h)", "%hr.q = QuantizeLinear(%hr",
+             "%hr.dq = DequantizeLinear(%hr.q", "%y = MatMul(%hr.dq, %w2.dq)"]
+    pos = [text.find(s) for s in order]
+    assert all(p >= 0 for p in pos) and pos == sorted(pos), (pos, text)
+    assert "i8[16,8]" in text and "%y.q" not in text  # the model output stays float
+    got = Interpreter(m).run({"x": x})["y"]
+    q1, s1 = quantize_weight(w1, 1)
+    q2, s2 = quantize_weight(w2, 1)
+    xd = (_q(x, 0.02) * np.float32(0.02)).astype(np.float32)
+    hr = np.maximum(xd @ (q1 * s1).astype(np.float32), 0)
+    hd = (_q(hr, 0.05) * np.float32(0.05)).astype(np.float32)
+    want = hd @ (q2 * s2).astype(np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_tensor_scale_is_an_error_naming_it(tmp_path):
+    from nnc.calibrate import calibration_module
+    from nnc.ir.errors import NncError
+    from nnc.passes.quantize_int8 import make_pass
+    model, _, _ = _mlp(tmp_path)
+    m = calibration_module(str(model))
+    with pytest.raises(NncError, match=r"no scale for tensor 'hr' \(output of MatMul 'fc1'\)"):
+        make_pass({"x": 0.1})(m)
+    with pytest.raises(NncError, match=r"tensor 'x' .* has scale 0.0"):
+        make_pass({"x": 0.0, "hr": 0.1})(calibration_module(str(model)))
+
+
+# ---- accuracy on real data: the digits CNN (tools/train_digits.py) -----------------------------
+
+DIGITS = Path(__file__).parent / "models" / "digits"
+
+
+def _accuracy(module, x, y) -> float:
+    from nnc.ir.interp import Interpreter
+    return float((Interpreter(module).run({"input": x})["logits"].argmax(1) == y).mean() * 100)
+
+
+@pytest.fixture(scope="module")
+def digits_fp32():
+    from nnc.calibrate import calibration_module
+    h = np.load(DIGITS / "holdout.npz", allow_pickle=False)
+    x, y = h["input"], h["labels"]
+    return x, y, _accuracy(calibration_module(str(DIGITS / "digits_cnn.onnx")), x, y)
+
+
+@pytest.mark.parametrize("method,max_drop", [("entropy", 0.5), ("minmax", 1.0), ("percentile", 1.0)])
+def test_digits_int8_ptq_accuracy(method, max_drop, digits_fp32):
+    from nnc.calibrate import calibration_module
+    from nnc.passes.quantize_int8 import make_pass
+    x, y, fp32 = digits_fp32
+    assert fp32 > 95.0  # the committed model is trained (98.06% on the 360 held-out images)
+    t = calibrate(str(DIGITS / "digits_cnn.onnx"), DIGITS / "calib.npz", method)
+    m = calibration_module(str(DIGITS / "digits_cnn.onnx"))
+    make_pass({k: t.scale(k) for k in t.amax})(m)
+    assert sum(op.name == "QuantizeLinear" for op in m.main.ops) == 5
+    int8 = _accuracy(m, x, y)
+    print(f"\ndigits held-out ({len(y)} images): fp32 {fp32:.2f}%, int8 {method} {int8:.2f}% "
+          f"(drop {fp32 - int8:+.2f} points)")
+    assert fp32 - int8 <= max_drop
