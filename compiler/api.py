@@ -112,10 +112,16 @@ class CompileOptions:
     allow: tuple[str, ...] = ()          # precision "best": the float types to choose from (--allow)
     max_rel_err: Optional[float] = None  # precision "best": the outputs' rel-L2 budget vs fp32 (--max-rel-err)
     calib_data: Optional[str] = None     # precision "best": an .npz or a directory of them (--calib-data)
+    # optimization profiles (compiler/profiles.py: Profile, or "x:1x3/8x3/32x3" per profile; --profile)
+    profiles: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "shapes", normalize_shapes(dict(self.shapes) if isinstance(self.shapes, tuple)
                                                             else self.shapes))
+        from .profiles import normalize_profiles
+        object.__setattr__(self, "profiles", normalize_profiles(self.profiles))
+        if self.profiles and self.shapes:
+            raise NncError("give shapes or profiles, not both (a static profile min=opt=max is what shapes gives)")
         for what, val, allowed in (("precision", self.precision, PRECISIONS), ("backend", self.backend, BACKENDS),
                                    ("cuda_compiler", self.cuda_compiler, CUDA_COMPILERS)):
             if val not in allowed:
@@ -384,6 +390,8 @@ class ReferenceModule(Module):
         self._io = {"inputs": [io_entry(a) for a in main.args], "outputs": [io_entry(r) for r in main.results]}
         self.plan = plan if plan is not None else dict(self._io)
         self.executor = None  # the plan executor, when running in the arena
+        from .profiles import profiles_from_plan
+        self.profiles = profiles_from_plan(self.plan, str(self.dir / "plan.json"))  # checked per run
         if in_arena or (in_arena is None and plan is not None and "steps" in plan):
             from .codegen.plan_exec import PlanExecutor
             self.executor = PlanExecutor.from_dir(self.dir, plan, self.ir)
@@ -413,6 +421,9 @@ class ReferenceModule(Module):
             raise InputError(f"run(inputs): expected a dict {{input name: array}}, given {type(inputs).__name__}")
         sel = self._selected(outputs)
         feed = {k: _to_numpy(k, v) for k, v in inputs.items()}
+        if self.profiles:  # before anything runs: rank, shared symbols, inside a profile
+            from .profiles import check_run, signature_from_plan
+            check_run(feed, signature_from_plan(self._io_entries("inputs")), self.profiles)
         executor = self.executor if executor is None else executor
         res = executor.run(feed) if executor is not None else Interpreter(self.ir).run(feed)
         got = {n: np.asarray(res[n]) for n in sel}
@@ -450,6 +461,9 @@ def load(out, backend: str = "cuda", *, in_arena: Optional[bool] = None, cuda_gr
     out = Path(out)
     if not out.is_dir():
         raise NncError(f"{out}: no such directory")
+    from .profiles import ProfileSetModule
+    if ProfileSetModule.is_profile_set(out):  # several builds, one per profile (compiler/profiles.py)
+        return ProfileSetModule(out, backend, in_arena=in_arena, cuda_graph=cuda_graph)
     if backend == "reference":
         return ReferenceModule(out, in_arena=in_arena)
     if in_arena is not None:
@@ -484,7 +498,7 @@ def compile(model, shapes=None, precision: str = "fp32", out=None, backend: str 
             cuda_compiler: str = "nvrtc", verify_each: bool = False, cache: bool = True,
             jobs: Optional[int] = None, fuse: bool = True, tune: Optional[bool] = None,
             tune_budget: Optional[float] = None, timing_cache=None, keep_fp32=(), allow=(),
-            max_rel_err: Optional[float] = None, calib_data=None,
+            max_rel_err: Optional[float] = None, calib_data=None, profiles=None,
             options: Optional[CompileOptions] = None) -> Module:
     """Compiles an ONNX model and loads it: nnc.compile("m.onnx", shapes={"x": [1, 3, 8, 8]}).
 
@@ -498,6 +512,8 @@ def compile(model, shapes=None, precision: str = "fp32", out=None, backend: str 
     for it, timing_cache: a file of past timings (codegen/timing_cache.py). keep_fp32: layers
     pinned at fp32 (node-name globs or op types); precision="best" with allow (float types),
     max_rel_err and calib_data chooses each layer's precision (README "Mixed precision").
+    profiles: optimization profiles (nnc.Profile, "x:MIN/OPT/MAX,..." or {input: (min, opt, max)},
+    one or a list; compiler/profiles.py says what each compiles to).
     options: a CompileOptions instead of the keyword arguments."""
     from .driver import compile_model
     opts = options or CompileOptions(shapes=normalize_shapes(shapes), precision=precision, backend=backend,
@@ -505,7 +521,8 @@ def compile(model, shapes=None, precision: str = "fp32", out=None, backend: str 
                                      cuda_compiler=cuda_compiler, verify_each=verify_each, cache=cache,
                                      jobs=jobs, fuse=fuse, tune=tune, tune_budget=tune_budget,
                                      timing_cache=timing_cache, keep_fp32=keep_fp32, allow=allow,
-                                     max_rel_err=max_rel_err, calib_data=calib_data)
+                                     max_rel_err=max_rel_err, calib_data=calib_data,
+                                     profiles=profiles)
     if opts.backend == "cuda":
         from .runtime import require_gpu
         require_gpu()  # before a compile that could take a while

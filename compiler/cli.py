@@ -24,7 +24,8 @@ SHAPES_HELP = (
     "the model's rank and fixed dims. A symbolic dim (an ONNX dim_param such as N) bound in one input is "
     "bound in every input that uses it. Inputs not named keep their dims, and dims left symbolic stay "
     "symbolic: fine for `nnc ir` and the reference backend, while CUDA codegen needs every dim static "
-    "and names the value that is not")
+    "and names the value that is not (`nnc compile` with neither --shapes nor --profile sets every symbolic "
+    "input dim to 1, with a warning, as trtexec does)")
 
 
 def _add_shapes(p):
@@ -68,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="ONNX model file")
     p.add_argument("-o", "--out", required=True, help="output directory")
     _add_shapes(p)
+    p.add_argument("--profile", action="append", default=[], metavar="NAME:MIN/OPT/MAX,...",
+                   help="an optimization profile (trtexec's --minShapes/--optShapes/--maxShapes in one): per input "
+                        "NAME:MIN/OPT/MAX with each shape DxDx.., inputs joined by ','; give it several times for "
+                        "several profiles. min=opt=max is a static build (several: one each under OUT/profiles/); "
+                        "ranges need --no-codegen for now (the reference backend checks them per run)")
     p.add_argument("--arch", default=None, help="GPU architecture, e.g. sm_90 (default: the GPU present, else sm_90)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "best"], default="fp32",
                    help="storage type of weights and activations (accumulation stays fp32); best: per layer, "
@@ -335,8 +341,15 @@ def cmd_compile(args) -> int:
                           cache=not args.no_cache, jobs=args.jobs, fuse=not args.no_fuse, tune=args.tune,
                           tune_budget=args.tune_budget, timing_cache=args.timing_cache,
                           keep_fp32=args.keep_fp32, allow=args.allow, max_rel_err=args.max_rel_err,
-                          calib_data=args.calib_data)
-    plan = compile_model(args.model, args.out, dump_ir=args.dump_ir, options=opts)
+                          calib_data=args.calib_data, profiles=args.profile)
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:  # one "nnc compile: warning:" line each
+        warnings.simplefilter("always")
+        try:
+            plan = compile_model(args.model, args.out, dump_ir=args.dump_ir, options=opts)
+        finally:
+            for w in caught:
+                print(f"nnc compile: warning: {w.message}", file=sys.stderr)
     wall = time.perf_counter() - t0
     n_k = len(plan.get("kernels", []))
     print(f"compiled {args.model} -> {args.out} ({len(plan['inputs'])} inputs, {len(plan['outputs'])} outputs, "

@@ -96,16 +96,22 @@ def model_name(name, model) -> str:
 def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp32", tf32: bool = False,
                   backend: str = "nvrtc", codegen: bool = True, verify_each: bool = False, dump_ir=None,
                   name=None, no_cache: bool = False, jobs=None, fuse: bool = True, *,
-                  options: Optional[CompileOptions] = None) -> dict:
+                  options: Optional[CompileOptions] = None, plan_extra: Optional[dict] = None) -> dict:
     """options: a CompileOptions (nnc.api) carrying everything below; without one it is made from
     the keyword arguments (backend: the CUDA compiler; no_cache: neither read nor write the cubin
-    cache, nnc.codegen.cuda; jobs: compile processes). dump_ir: a directory for per-pass dumps."""
+    cache, nnc.codegen.cuda; jobs: compile processes). dump_ir: a directory for per-pass dumps.
+    plan_extra: fields added to plan.json (the profile a build serves: compiler/profiles.py)."""
     if options is None:
         options = CompileOptions(shapes=normalize_shapes(shapes), precision=precision, arch=arch, tf32=tf32,
                                  name=name, backend="cuda" if codegen else "reference", codegen=codegen,
                                  cuda_compiler=backend, verify_each=verify_each, cache=not no_cache, jobs=jobs,
                                  fuse=fuse)
     from .onnx_import import import_model
+    from . import profiles
+    if options.profiles:  # one build, or one per static profile under OUT/profiles/<i>/
+        return profiles.compile_with_profiles(model, out, options, dump_ir, compile_model)
+    import warnings  # no shapes with CUDA codegen: every symbolic input dim 1, as trtexec does
+    options = profiles.default_shapes(model, options, lambda m: warnings.warn(m, UserWarning, stacklevel=3))
     out = Path(out)
     name = model_name(options.name, model)
     precision = options.precision
@@ -140,6 +146,7 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
         "tf32": options.tf32,
         "kernels": [],
         "memory": {"arena_bytes": 0, "naive_bytes": 0, "peak_live_bytes": 0},
+        **(plan_extra or {}),
     }
     if options.generates_cuda:  # writes ir/, the CUDA files and plan.json (this plan's fields kept)
         from .codegen.emit import compile_to_dir

@@ -1,0 +1,504 @@
+"""Optimization profiles (TensorRT's --minShapes/--optShapes/--maxShapes): the input shapes one
+build serves, as a (min, opt, max) range per input.
+
+    nnc compile M.onnx -o OUT --profile input:1x3x224x224/8x3x224x224/32x3x224x224
+    nnc.compile(M, profiles=["ids:1x1/8x128/32x512,mask:1x1/8x128/32x512"])
+    nnc.compile(M, profiles=[Profile.of(input=((1, 3, 224, 224), (8, 3, 224, 224), (32, 3, 224, 224)))])
+
+What a profile compiles to, today (issue 10's first slice):
+- min == opt == max for every input (a static profile): a static build of those shapes, as
+  --shapes gives. One static profile writes OUT as a single build (plan.json records the
+  profile); several write one build each under OUT/profiles/<i>/ and an index OUT/plan.json
+  ("profile_builds": their count), and nnc.load(OUT) runs the build whose shapes the inputs
+  have (ProfileSetModule).
+- a range: the reference backend (no CUDA codegen) keeps the symbolic dims symbolic and checks
+  every run's inputs against the profiles; CUDA needs kernels with runtime sizes, not written
+  yet, so a range with code generation is refused (never compiled at opt and run at other
+  shapes: that would be wrong there).
+- no --shapes and no --profile with code generation on a model with symbolic input dims: every
+  symbolic dim is 1 (min = opt = max) and a warning names the dims and prints a --profile line
+  to copy, as trtexec does.
+
+At run time (check_run): wrong rank, a static dim that differs, a symbol two inputs disagree on,
+or inputs outside every profile are an InputError naming the input, its shape and the ranges,
+before anything runs.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+from .api import ExecutionContext, Module
+from .ir.errors import InputError, NncError
+
+Dims = tuple[int, ...]
+ModelDim = Union[int, str, None]  # a static size, a symbol's name, or None: unnamed (ONNX dim without value or param)
+
+RANGE_NEEDS_RUNTIME_SIZES = ("profile ranges need runtime-size kernels: not supported yet; compile with "
+                             "min=opt=max or use the reference backend (nnc compile --no-codegen and nnc run "
+                             "--backend reference; nnc.compile(..., backend='reference'))")
+
+
+class ProfileError(NncError):
+    """A malformed or invalid optimization profile (the message names the profile, input and dim)."""
+
+
+def _dims_text(d: Sequence) -> str:
+    return "x".join(str(x) for x in d)
+
+
+@dataclass(frozen=True)
+class InputRange:
+    """One input's shapes in a profile: every dim k holds min[k] <= d <= max[k]; opt is the shape
+    to tune for (the static build's shape when min == opt == max)."""
+    name: str
+    min: Dims
+    opt: Dims
+    max: Dims
+
+    @property
+    def is_static(self) -> bool:
+        return self.min == self.opt == self.max
+
+    def holds(self, shape: Sequence[int]) -> bool:
+        return len(shape) == len(self.min) and all(lo <= d <= hi for lo, d, hi in zip(self.min, shape, self.max))
+
+    def text(self) -> str:
+        return f"{self.name}:{_dims_text(self.min)}/{_dims_text(self.opt)}/{_dims_text(self.max)}"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """An optimization profile: an InputRange per dynamic input (inputs not named keep the model's
+    dims; a symbol they share with a named input takes its range)."""
+    inputs: tuple[InputRange, ...]
+
+    @classmethod
+    def of(cls, **ranges) -> "Profile":
+        """Profile.of(x=((1, 3), (8, 3), (32, 3))): keyword per input, (min, opt, max)."""
+        return from_mapping(ranges)
+
+    @property
+    def is_static(self) -> bool:
+        return all(r.is_static for r in self.inputs)
+
+    def get(self, name: str) -> Optional[InputRange]:
+        return next((r for r in self.inputs if r.name == name), None)
+
+    def text(self) -> str:
+        """The --profile argument that gives this profile."""
+        return ",".join(r.text() for r in self.inputs)
+
+    def static_shapes(self) -> dict:
+        """{input: opt dims} (a static profile's shapes, what --shapes would give)."""
+        return {r.name: list(r.opt) for r in self.inputs}
+
+    def to_json(self) -> dict:
+        return {r.name: {"min": list(r.min), "opt": list(r.opt), "max": list(r.max)} for r in self.inputs}
+
+    @classmethod
+    def from_json(cls, doc, where: str = "plan.json profiles") -> "Profile":
+        if not isinstance(doc, Mapping) or not doc:
+            raise ProfileError(f"{where}: expected an object {{input: {{min, opt, max}}}}")
+        try:
+            return from_mapping({k: (v["min"], v["opt"], v["max"]) for k, v in doc.items()}, where)
+        except (KeyError, TypeError):
+            raise ProfileError(f"{where}: every input needs 'min', 'opt' and 'max' dim lists") from None
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+_DIMS = re.compile(r"[0-9]+(x[0-9]+)*")
+
+
+def parse_profile(text: str, what: str = "--profile") -> Profile:
+    """'NAME:MIN/OPT/MAX[,NAME:MIN/OPT/MAX...]' with each shape DxDx.. (trtexec's dims). The name
+    is split off at the last ':'. Errors give the column (1-based) of the bad part."""
+    if not isinstance(text, str) or not text.strip():
+        raise ProfileError(f"{what}: empty; expected NAME:MIN/OPT/MAX, e.g. input:1x3x224x224/8x3x224x224/32x3x224x224")
+    ranges, col = [], 1
+    for part in text.split(","):
+        at = f"{what} {text!r} at column {col} ({part!r})"
+        if ":" not in part:
+            raise ProfileError(f"{at}: expected NAME:MIN/OPT/MAX (e.g. input:1x3/8x3/32x3)")
+        name, spec = part.rsplit(":", 1)
+        if not name:
+            raise ProfileError(f"{at}: no input name before ':'")
+        shapes = spec.split("/")
+        if len(shapes) != 3:
+            raise ProfileError(f"{at}: expected three shapes MIN/OPT/MAX joined by '/', given {len(shapes)}")
+        dims = []
+        off = col + len(name) + 1
+        for label, s in zip(("min", "opt", "max"), shapes):
+            if s and not _DIMS.fullmatch(s):
+                raise ProfileError(f"{what} {text!r} at column {off} ({s!r}, the {label} shape of {name!r}): "
+                                   f"dims must be integers >= 0 joined by 'x'")
+            dims.append(tuple(int(d) for d in s.split("x")) if s else ())
+            off += len(s) + 1
+        ranges.append((name, dims, at))
+        col += len(part) + 1
+    seen = set()
+    for name, _, at in ranges:
+        if name in seen:
+            raise ProfileError(f"{at}: input {name!r} is given twice in one profile")
+        seen.add(name)
+    return from_mapping({n: tuple(d) for n, d, _ in ranges}, what)
+
+
+def from_mapping(ranges: Mapping, what: str = "profile") -> Profile:
+    """{input: (min, opt, max)} -> Profile, each shape a sequence of ints >= 0 of one rank, with
+    min <= opt <= max in every dim."""
+    if not isinstance(ranges, Mapping) or not ranges:
+        raise ProfileError(f"{what}: expected {{input name: (min, opt, max)}} with at least one input")
+    out = []
+    for name, mom in ranges.items():
+        if not isinstance(name, str) or not name:
+            raise ProfileError(f"{what}: input names must be non-empty strings, given {name!r}")
+        if isinstance(mom, (str, bytes)) or not hasattr(mom, "__len__") or len(mom) != 3:
+            raise ProfileError(f"{what}: input {name!r}: expected (min, opt, max) shapes, given {mom!r}")
+        shapes = []
+        for label, s in zip(("min", "opt", "max"), mom):
+            if isinstance(s, (str, bytes)) or not hasattr(s, "__iter__") or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in s):
+                raise ProfileError(f"{what}: input {name!r}: {label} shape must be ints >= 0, given {s!r}")
+            shapes.append(tuple(int(d) for d in s))
+        lo, opt, hi = shapes
+        if not len(lo) == len(opt) == len(hi):
+            raise ProfileError(f"{what}: input {name!r}: min {_dims_text(lo)}, opt {_dims_text(opt)} and max "
+                               f"{_dims_text(hi)} have different ranks ({len(lo)}, {len(opt)}, {len(hi)})")
+        for k, (a, b, c) in enumerate(zip(lo, opt, hi)):
+            if not a <= b <= c:
+                raise ProfileError(f"{what}: input {name!r} dim {k}: needs min <= opt <= max, given "
+                                   f"{a} / {b} / {c} ({_dims_text(lo)}/{_dims_text(opt)}/{_dims_text(hi)})")
+        out.append(InputRange(name, lo, opt, hi))
+    return Profile(tuple(out))
+
+
+def normalize_profiles(profiles) -> tuple[Profile, ...]:
+    """None | a Profile | 'x:1/8/32' | {input: (min, opt, max)} | a sequence of those -> profiles."""
+    if profiles is None:
+        return ()
+    if isinstance(profiles, (Profile, str, Mapping)):
+        profiles = [profiles]
+    if not isinstance(profiles, (list, tuple)):
+        raise ProfileError(f"profiles: expected a list of Profile, 'NAME:MIN/OPT/MAX,...' or "
+                           f"{{input: (min, opt, max)}}, given {type(profiles).__name__}")
+    out = []
+    for i, p in enumerate(profiles):
+        if isinstance(p, Profile):
+            out.append(p)
+        elif isinstance(p, str):
+            out.append(parse_profile(p, f"profiles[{i}]"))
+        elif isinstance(p, Mapping):
+            out.append(from_mapping(p, f"profiles[{i}]"))
+        else:
+            raise ProfileError(f"profiles[{i}]: expected a Profile, a string or a dict, given {type(p).__name__}")
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------- against the model
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    name: str
+    dims: Optional[tuple[ModelDim, ...]]  # None: unknown rank
+
+    @property
+    def symbols(self) -> list[str]:
+        return [d for d in self.dims or () if isinstance(d, str)]
+
+    @property
+    def dynamic(self) -> bool:
+        return self.dims is None or any(not isinstance(d, int) for d in self.dims)
+
+    def text(self) -> str:
+        return "[*]" if self.dims is None else "[" + ",".join("?" if d is None else str(d) for d in self.dims) + "]"
+
+
+def model_signature(model) -> tuple[ModelInput, ...]:
+    """The model's inputs (initializers excluded) with ONNX's dims: ints, dim_param names as the
+    importer spells them, None for a dim with neither."""
+    import onnx
+    from .onnx_import import sanitize_symbol
+    m = onnx.load(str(model), load_external_data=False) if isinstance(model, (str, Path)) else model
+    inits = {i.name for i in m.graph.initializer}
+    out = []
+    for i in m.graph.input:
+        if i.name in inits:
+            continue
+        tt = i.type.tensor_type
+        if not i.type.HasField("tensor_type") or not tt.HasField("shape"):
+            out.append(ModelInput(i.name, None))
+            continue
+        dims = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param") and d.dim_param:
+                dims.append(sanitize_symbol(d.dim_param))
+            else:
+                dims.append(None)
+        out.append(ModelInput(i.name, tuple(dims)))
+    return tuple(out)
+
+
+def signature_from_plan(entries) -> tuple[ModelInput, ...]:
+    return tuple(ModelInput(e["name"], None if e["shape"] is None else tuple(e["shape"])) for e in entries)
+
+
+def validate(profile: Profile, sig: Sequence[ModelInput], where: str = "profile") -> dict:
+    """Checks a profile against the model's inputs; returns {symbol: (min, opt, max)}."""
+    by_name = {m.name: m for m in sig}
+    syms: dict = {}  # symbol -> ((min, opt, max), input, dim)
+    for r in profile.inputs:
+        m = by_name.get(r.name)
+        if m is None:
+            raise ProfileError(f"{where}: {r.name!r} is not a model input; the inputs are {list(by_name)}")
+        if m.dims is not None and len(m.dims) != len(r.min):
+            raise ProfileError(f"{where}: input {r.name!r} has rank {len(m.dims)} {m.text()}, the profile gives "
+                               f"rank {len(r.min)} ({r.text()})")
+        for k, d in enumerate(m.dims or ()):
+            got = (r.min[k], r.opt[k], r.max[k])
+            if isinstance(d, int):
+                if got != (d, d, d):
+                    raise ProfileError(f"{where}: input {r.name!r} dim {k} is fixed at {d} in the model {m.text()}, "
+                                       f"the profile gives {got[0]}/{got[1]}/{got[2]}")
+            elif isinstance(d, str):
+                prev = syms.get(d)
+                if prev is not None and prev[0] != got:
+                    raise ProfileError(
+                        f"{where}: symbolic dim {d} has {prev[0][0]}/{prev[0][1]}/{prev[0][2]} in input "
+                        f"{prev[1]!r} (dim {prev[2]}) but {got[0]}/{got[1]}/{got[2]} in input {r.name!r} (dim {k}); "
+                        f"every input using {d} must give it the same range")
+                syms.setdefault(d, (got, r.name, k))
+    for m in sig:
+        if profile.get(m.name) is None and m.dynamic:
+            missing = sorted({d for d in m.symbols if d not in syms})
+            if m.dims is None or None in m.dims or missing:
+                what = f"symbolic dims {', '.join(missing)}" if missing else "dims without a name"
+                raise ProfileError(f"{where}: input {m.name!r} {m.text()} has {what} the profile does not "
+                                   f"give; add {m.name}:MIN/OPT/MAX")
+    return {s: v[0] for s, v in syms.items()}
+
+
+def default_profile(sig: Sequence[ModelInput]) -> Optional[tuple[dict, str]]:
+    """trtexec's default for a model with symbolic input dims and no shapes: every symbolic dim 1.
+    Returns ({input: dims}, the warning), or None when every input dim is static. An input of
+    unknown rank cannot be defaulted: None then too (the compile's own error names it)."""
+    dyn = [m for m in sig if m.dynamic]
+    if not dyn or any(m.dims is None for m in dyn):
+        return None
+    shapes = {m.name: [d if isinstance(d, int) else 1 for d in m.dims] for m in dyn}
+    users: dict = {}
+    for m in dyn:
+        for k, d in enumerate(m.dims):
+            if not isinstance(d, int):
+                users.setdefault(d if d is not None else f"{m.name}[{k}]", []).append(m.name)
+    named = "; ".join(f"{s} (in {', '.join(dict.fromkeys(u))})" for s, u in users.items())
+    line = ",".join(f"{n}:{_dims_text(s)}/{_dims_text(s)}/{_dims_text(s)}" for n, s in shapes.items())
+    msg = (f"the model has symbolic input dims {named}: building with every symbolic dim = 1 "
+           f"(min = opt = max), as trtexec does. Give --shapes, or a range with (edit and copy): "
+           f"--profile {line}")
+    return shapes, msg
+
+
+# ---------------------------------------------------------------------------- at run time
+
+
+def _shape_of(x) -> tuple:
+    import numpy as np
+    s = getattr(x, "shape", None)
+    return tuple(int(d) for d in (s if s is not None else np.shape(x)))
+
+
+def check_run(feed: Mapping, sig: Sequence[ModelInput], profiles: Sequence[Profile]) -> Optional[int]:
+    """The index of the first profile holding the feed's shapes (None when there are no profiles),
+    after checking ranks, static dims and that inputs sharing a symbol agree on it. Inputs not in
+    the feed are left to the backend's own error. Raises InputError otherwise."""
+    shapes = {m.name: _shape_of(feed[m.name]) for m in sig if m.name in feed}
+    seen: dict = {}  # symbol -> (value, input, dim)
+    for m in sig:
+        if m.name not in shapes or m.dims is None:
+            continue
+        s = shapes[m.name]
+        if len(s) != len(m.dims):
+            raise InputError(f"input {m.name!r}: shape {list(s)} has rank {len(s)}; the model's is {len(m.dims)} "
+                             f"{m.text()}")
+        for k, (d, g) in enumerate(zip(m.dims, s)):
+            if isinstance(d, int) and d != g:
+                raise InputError(f"input {m.name!r}: shape {list(s)}, dim {k} must be {d} (the model's {m.text()})")
+            if isinstance(d, str):
+                prev = seen.setdefault(d, (g, m.name, k))
+                if prev[0] != g:
+                    raise InputError(f"inputs disagree on symbolic dim {d}: {d} = {prev[0]} in input {prev[1]!r} "
+                                     f"(dim {prev[2]}, shape {list(shapes[prev[1]])}) but {g} in input {m.name!r} "
+                                     f"(dim {k}, shape {list(s)})")
+    if not profiles:
+        return None
+    why = []
+    for i, p in enumerate(profiles):
+        bad = [r for r in p.inputs if r.name in shapes and not r.holds(shapes[r.name])]
+        if not bad:
+            return i
+        why.append(f"profile {i}: " + ", ".join(
+            f"{r.name} shape {list(shapes[r.name])} not in "
+            + (f"{_dims_text(r.min)}" if r.is_static else f"{_dims_text(r.min)} .. {_dims_text(r.max)}")
+            for r in bad))
+    first = next(r for r in profiles[0].inputs if r.name in shapes and not r.holds(shapes[r.name]))
+    raise InputError(f"input {first.name!r} with shape {list(shapes[first.name])} is outside every profile of "
+                     f"this build ({'; '.join(why)})")
+
+
+def profiles_from_plan(plan: Mapping, where: str) -> tuple[Profile, ...]:
+    docs = plan.get("profiles", [])
+    if not isinstance(docs, list):
+        raise NncError(f"{where}: 'profiles' must be a list")
+    return tuple(Profile.from_json(d, f"{where}: profiles[{i}]") for i, d in enumerate(docs))
+
+
+# ---------------------------------------------------------------------------- compiling
+
+
+def compile_with_profiles(model, out, options, dump_ir, compile_model) -> dict:
+    """driver.compile_model for options.profiles (see the module docstring for what each gets)."""
+    import dataclasses
+    import json
+    from .outdir import staged_dir
+    profiles = options.profiles
+    sig = model_signature(model)
+    for i, p in enumerate(profiles):
+        validate(p, sig, f"profile {i} ({p.text()})")
+    record = {"profiles": [p.to_json() for p in profiles]}
+    plain = dataclasses.replace(options, profiles=())
+    if all(p.is_static for p in profiles) and len(profiles) == 1:
+        return compile_model(model, out, dump_ir=dump_ir, plan_extra=record,
+                             options=dataclasses.replace(plain, shapes=_shapes(profiles[0])))
+    if not options.generates_cuda:  # the reference backend: symbolic dims stay, checked per run
+        return compile_model(model, out, dump_ir=dump_ir, plan_extra=record, options=plain)
+    ranged = [i for i, p in enumerate(profiles) if not p.is_static]
+    if ranged:
+        raise ProfileError(f"profile {ranged[0]} ({profiles[ranged[0]].text()}): {RANGE_NEEDS_RUNTIME_SIZES}")
+    from .onnx_import import import_model
+    from .driver import io_entry
+    symbolic = import_model(model)  # the index's inputs/outputs keep the model's symbols
+    with staged_dir(out) as tmp:
+        builds = []
+        for i, p in enumerate(profiles):
+            builds.append(compile_model(model, tmp / "profiles" / str(i),
+                                        dump_ir=Path(dump_ir) / str(i) if dump_ir else None,
+                                        plan_extra={"profiles": [p.to_json()], "profile_index": i},
+                                        options=dataclasses.replace(plain, shapes=_shapes(p))))
+        index = {"name": builds[0].get("name"),
+                 "inputs": [io_entry(a) for a in symbolic.main.args],
+                 "outputs": [io_entry(r) for r in symbolic.main.results],
+                 "profile_builds": len(profiles), **record,
+                 "kernels": [k for b in builds for k in b.get("kernels", [])]}
+        (tmp / "plan.json").write_text(json.dumps({k: v for k, v in index.items() if k != "kernels"}, indent=1) + "\n")
+    return index
+
+
+def _shapes(p: Profile) -> tuple:
+    from .api import normalize_shapes
+    return normalize_shapes(p.static_shapes())
+
+
+def default_shapes(model, options, warn) -> object:
+    """options with trtexec's default shapes when CUDA is generated without shapes or profiles on
+    a model with symbolic input dims (warn(message) says which and how to choose)."""
+    import dataclasses
+    if options.shapes or options.profiles or not options.generates_cuda:
+        return options
+    got = default_profile(model_signature(model))
+    if got is None:
+        return options
+    shapes, msg = got
+    warn(msg)
+    from .api import normalize_shapes
+    return dataclasses.replace(options, shapes=normalize_shapes(shapes))
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+class ProfileSetModule(Module):
+    """nnc.load of a directory with one build per static profile (OUT/profiles/<i>/): each run
+    goes to the build whose profile holds the input shapes (loaded on first use), after
+    check_run. Interface of nnc.api.Module; its inputs keep the model's symbolic dims."""
+
+    @staticmethod
+    def is_profile_set(out) -> bool:
+        import json
+        import os
+        p = Path(out) / "plan.json"
+        if not os.path.lexists(p) or p.is_symlink() or not p.is_file():
+            return False  # the ordinary loaders give their own errors
+        try:
+            return "profile_builds" in json.loads(p.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return False
+
+    def __init__(self, out, backend, **load_kw):
+        import threading
+        from .plan_file import read_plan
+        self.dir = Path(out)
+        self.backend = backend
+        self.plan = read_plan(self.dir)
+        n = self.plan.get("profile_builds")
+        self.profiles = profiles_from_plan(self.plan, str(self.dir / "plan.json"))
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n != len(self.profiles):
+            raise NncError(f"{self.dir}/plan.json: 'profile_builds' must be the number of profiles "
+                           f"({len(self.profiles)}), given {n!r}")
+        self._sig = signature_from_plan(self.plan["inputs"])
+        self._load_kw = {k: v for k, v in load_kw.items() if not (k == "in_arena" and v is None)}
+        if backend == "cuda":
+            self._load_kw.pop("in_arena", None)
+        else:
+            self._load_kw.pop("cuda_graph", None)
+        self._builds: dict = {}
+        self._lock = threading.Lock()
+
+    def build(self, i: int):
+        """The loaded build of profile i (OUT/profiles/<i>/)."""
+        with self._lock:
+            m = self._builds.get(i)
+            if m is None:
+                from .api import load
+                m = self._builds[i] = load(self.dir / "profiles" / str(i), self.backend, **self._load_kw)
+            return m
+
+    def pick(self, inputs: Mapping) -> int:
+        """The profile whose build runs these inputs (InputError when none holds them)."""
+        if not isinstance(inputs, Mapping):
+            raise InputError(f"run(inputs): expected a dict {{input name: array}}, given {type(inputs).__name__}")
+        return check_run(inputs, self._sig, self.profiles)
+
+    def run(self, inputs, outputs=None, *, output=None, stream=None) -> dict:
+        self._selected(outputs)
+        kw = {k: v for k, v in (("output", output), ("stream", stream)) if v is not None}
+        return self.build(self.pick(inputs)).run(inputs, outputs, **kw)
+
+    def context(self):
+        return ProfileSetContext(self)
+
+    def close(self) -> None:
+        for m in self._builds.values():
+            m.close()
+
+
+class ProfileSetContext(ExecutionContext):
+    """A context of a ProfileSetModule: one context per build, made when a run first needs it."""
+
+    def __init__(self, module: ProfileSetModule):
+        super().__init__(module)
+        self._ctx: dict = {}
+
+    def _run(self, inputs, outputs, output):
+        i = self.module.pick(inputs)
+        if i not in self._ctx:
+            self._ctx[i] = self.module.build(i).context()
+        kw = {"output": output} if output is not None else {}
+        return self._ctx[i].run(inputs, outputs, **kw)
