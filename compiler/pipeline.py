@@ -28,6 +28,7 @@ PASSES = {
     "simplify": "simplify",
     "cse": "cse",
     "fold-batchnorm": "fold_batchnorm",
+    "fold-qdq": "fold_qdq",
     "fuse-horizontal": "fuse_horizontal",
     "fuse-attention": "fuse_attention",
     "assign-layout": "assign_layout",
@@ -55,6 +56,10 @@ DEFAULT_PIPELINE = [
     "simplify",         # after canonicalize (which merged Reshape/Transpose pairs): Dropout, exact
                         # Cast round trips, view chains; before cse so that the copies it unwraps merge
     "cse",              # before fold-batchnorm: two equal BNs reading one conv would block the fold
+    "fold-qdq",         # Q(Conv/MatMul/Gemm(DQ(x_q), DQ(w_q))) -> QLinearConv/QLinearMatMul/MatMulInteger.
+                        # After fold-constants/canonicalize (scales, zero points, weights are consts)
+                        # and cse (equal DQs merged); before fold-batchnorm (which would scale a DQ'd
+                        # weight by a Mul) and every fusion pass (they would take the float conv)
     "fold-batchnorm",   # needs the BN parameters folded to consts; its new weights are unique
     "fuse-horizontal",  # after cse (equal readers of x merged) and fold-batchnorm (conv biases final),
                         # before the fusion passes: they then put the stacked bias/activation into the

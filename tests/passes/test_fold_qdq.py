@@ -1,0 +1,270 @@
+"""fold-qdq (compiler/passes/fold_qdq.py): golden IR in -> IR out, the reference interpreter bit-identical
+before/after (power-of-two scales: every float step of the literal Q/DQ graph is exact there), and the
+onnxruntime quantize_static QDQ models (tests/models/qdq/make_models.py: Conv->Relu->Conv CNN and a
+Gemm->Relu->MatMul MLP; per-tensor / per-channel weights; QInt8 / QUInt8 activations): folded to integer
+ops by the default pipeline, nnc's reference backend against onnxruntime CPU on fresh random inputs,
+NVRTC compile of the CUDA build on the CPU, and a GPU-marked CUDA-vs-reference check."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nnc.ir import parse, print_module, verify
+from nnc.ir.interp import Interpreter
+from nnc.ir.weights import WeightStore
+from nnc.pipeline import Pipeline
+
+pytest.importorskip("onnxruntime")
+
+_GEN = Path(__file__).resolve().parents[1] / "models" / "qdq" / "make_models.py"
+
+
+def _gen():
+    spec = importlib.util.spec_from_file_location("qdq_make_models", _GEN)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ---------------------------------------------------------------- golden IR
+
+CNN_IN = """func @main(%x: f32[1,2,4,4]) -> (f32[1,2,2,2]) {
+  %sx = const() {value = dense<[0.0625]> : f32[]} : f32[]
+  %zx = const() {value = dense<[3]> : i8[]} : i8[]
+  %wq = const() {value = dense<[1, -2, 3, 4, -5, 6, 7, -8, 9, 10, 11, -12, 13, -14, 15, 16, -17, 18]> : i8[2,1,3,3]} : i8[2,1,3,3]
+  %sw = const() {value = dense<[0.125, 0.25]> : f32[2]} : f32[2]
+  %zw = const() {value = dense<[0, 0]> : i8[2]} : i8[2]
+  %bq = const() {value = dense<[5, -7]> : i32[2]} : i32[2]
+  %sb = const() {value = dense<[0.0078125, 0.015625]> : f32[2]} : f32[2]
+  %s1 = const() {value = dense<[0.5]> : f32[]} : f32[]
+  %z1 = const() {value = dense<[-4]> : i8[]} : i8[]
+  %xq = QuantizeLinear(%x, %sx, %zx) : i8[1,2,4,4]
+  %xd = DequantizeLinear(%xq, %sx, %zx) : f32[1,2,4,4]
+  %wd = DequantizeLinear(%wq, %sw, %zw) {axis = 0} : f32[2,1,3,3]
+  %bd = DequantizeLinear(%bq, %sb) {axis = 0} : f32[2]
+  %c = Conv(%xd, %wd, %bd) {group = 2, pads = [1, 1, 1, 1]} : f32[1,2,4,4]
+  %r = Relu(%c) : f32[1,2,4,4]
+  %rq = QuantizeLinear(%r, %s1, %z1) : i8[1,2,4,4]
+  %rd = DequantizeLinear(%rq, %s1, %z1) : f32[1,2,4,4]
+  %rq2 = QuantizeLinear(%rd, %s1, %z1) : i8[1,2,4,4]
+  %rd2 = DequantizeLinear(%rq2, %s1, %z1) : f32[1,2,4,4]
+  %w2 = const() {value = dense<[0.9921875, -0.5, 0.25, 0.0078125, -0.125, 0.4921875, -0.25, 0.0625]> : f32[2,2,1,2]} : f32[2,2,1,2]
+  %c2 = Conv(%rd2, %w2) {kernel_shape = [1, 2], strides = [2, 2]} : f32[1,2,2,2]
+  %s2 = const() {value = dense<[1.0]> : f32[]} : f32[]
+  %z2 = const() {value = dense<[0]> : i8[]} : i8[]
+  %yq = QuantizeLinear(%c2, %s2, %z2) : i8[1,2,2,2]
+  %y = DequantizeLinear(%yq, %s2, %z2) : f32[1,2,2,2]
+  return %y
+}
+"""
+# conv 1: DQ(i8 const) per-channel weight + DQ(i32) bias + Relu (zy = -4 > -128: a Max); the
+# Q(DQ(rq)) round trip is the identity; conv 2: a float const weight recovered as int8 per-tensor
+CNN_OUT = """func @main(%x: f32[1,2,4,4]) -> (f32[1,2,2,2]) {
+  %sx = const() {value = dense<[0.0625]> : f32[]} : f32[]
+  %zx = const() {value = dense<[3]> : i8[]} : i8[]
+  %wq = const() {value = dense<[1, -2, 3, 4, -5, 6, 7, -8, 9, 10, 11, -12, 13, -14, 15, 16, -17, 18]> : i8[2,1,3,3]} : i8[2,1,3,3]
+  %sw = const() {value = dense<[0.125, 0.25]> : f32[2]} : f32[2]
+  %zw = const() {value = dense<[0, 0]> : i8[2]} : i8[2]
+  %bq = const() {value = dense<[5, -7]> : i32[2]} : i32[2]
+  %s1 = const() {value = dense<[0.5]> : f32[]} : f32[]
+  %z1 = const() {value = dense<[-4]> : i8[]} : i8[]
+  %xq = QuantizeLinear(%x, %sx, %zx) : i8[1,2,4,4]
+  %c_q = QLinearConv(%xq, %sx, %zx, %wq, %sw, %zw, %s1, %z1, %bq) {group = 2, pads = [1, 1, 1, 1]} : i8[1,2,4,4]
+  %rq = Max(%c_q, %z1) : i8[1,2,4,4]
+  %s2 = const() {value = dense<[1.0]> : f32[]} : f32[]
+  %z2 = const() {value = dense<[0]> : i8[]} : i8[]
+  %c2_w_quantized = const() {value = dense<[127, -64, 32, 1, -16, 63, -32, 8]> : i8[2,2,1,2]} : i8[2,2,1,2]
+  %c2_w_scale = const() {value = dense<[0.0078125]> : f32[]} : f32[]
+  %c2_w_zero_point = const() {value = dense<[0]> : i8[]} : i8[]
+  %yq = QLinearConv(%rq, %s1, %z1, %c2_w_quantized, %c2_w_scale, %c2_w_zero_point, %s2, %z2) {kernel_shape = [1, 2], strides = [2, 2]} : i8[1,2,2,2]
+  %y = DequantizeLinear(%yq, %s2, %z2) : f32[1,2,2,2]
+  return %y
+}
+"""
+
+MLP_IN = """func @main(%x: f32[3,4]) -> (f32[3,2], f32[3,2]) {
+  %sx = const() {value = dense<[0.03125]> : f32[]} : f32[]
+  %zx = const() {value = dense<[128]> : u8[]} : u8[]
+  %w = const() {value = dense<[0.5, -0.25, 0.125, 0.9921875, -0.5, 0.0078125, 0.25, -0.75]> : f32[2,4]} : f32[2,4]
+  %bias = const() {value = dense<[0.0390625, -0.01171875]> : f32[2]} : f32[2]
+  %sh = const() {value = dense<[0.0625]> : f32[]} : f32[]
+  %zh = const() {value = dense<[0]> : u8[]} : u8[]
+  %xq = QuantizeLinear(%x, %sx, %zx) : u8[3,4]
+  %xd = DequantizeLinear(%xq, %sx, %zx) : f32[3,4]
+  %g = Gemm(%xd, %w, %bias) {transB = 1} : f32[3,2]
+  %gr = Relu(%g) : f32[3,2]
+  %hq = QuantizeLinear(%gr, %sh, %zh) : u8[3,2]
+  %hd = DequantizeLinear(%hq, %sh, %zh) : f32[3,2]
+  %w2 = const() {value = dense<[0.9921875, -0.5, 0.25, 0.0078125]> : f32[2,2]} : f32[2,2]
+  %m = MatMul(%hd, %w2) : f32[3,2]
+  %s2 = const() {value = dense<[0.125]> : f32[]} : f32[]
+  %z2 = const() {value = dense<[100]> : u8[]} : u8[]
+  %yq = QuantizeLinear(%m, %s2, %z2) : u8[3,2]
+  %y = DequantizeLinear(%yq, %s2, %z2) : f32[3,2]
+  %w3 = const() {value = dense<[0.3, -1.7, 0.2, 0.01]> : f32[2,2]} : f32[2,2]
+  %m3 = MatMul(%hd, %w3) : f32[3,2]
+  %y3q = QuantizeLinear(%m3, %s2, %z2) : u8[3,2]
+  %y3 = DequantizeLinear(%y3q, %s2, %z2) : f32[3,2]
+  return %y, %y3
+}
+"""
+# Gemm (transB, float bias, Relu) -> MatMulInteger + Add(i32 bias) + requantize; MatMul -> QLinearMatMul
+# reading the u8 activation directly; %w3 is no int8 weight (not DQ(w_q, s) bit for bit): left as is
+MLP_OUT = """func @main(%x: f32[3,4]) -> (f32[3,2], f32[3,2]) {
+  %sx = const() {value = dense<[0.03125]> : f32[]} : f32[]
+  %zx = const() {value = dense<[128]> : u8[]} : u8[]
+  %sh = const() {value = dense<[0.0625]> : f32[]} : f32[]
+  %zh = const() {value = dense<[0]> : u8[]} : u8[]
+  %xq = QuantizeLinear(%x, %sx, %zx) : u8[3,4]
+  %g_w_quantized = const() {value = dense<[64, -64, -32, 1, 16, 32, 127, -96]> : i8[4,2]} : i8[4,2]
+  %g_w_zero_point = const() {value = dense<[0]> : i8[]} : i8[]
+  %g_acc = MatMulInteger(%xq, %g_w_quantized, %zx, %g_w_zero_point) : i32[3,2]
+  %g_bias_i32 = const() {value = dense<[160, -48]> : i32[2]} : i32[2]
+  %g_acc_bias = Add(%g_acc, %g_bias_i32) : i32[3,2]
+  %g_acc_scale = const() {value = dense<[0.00024414062]> : f32[]} : f32[]
+  %g_requant = DequantizeLinear(%g_acc_bias, %g_acc_scale) {axis = -1} : f32[3,2]
+  %g_requant_relu = Relu(%g_requant) : f32[3,2]
+  %hq = QuantizeLinear(%g_requant_relu, %sh, %zh) : u8[3,2]
+  %hd = DequantizeLinear(%hq, %sh, %zh) : f32[3,2]
+  %s2 = const() {value = dense<[0.125]> : f32[]} : f32[]
+  %z2 = const() {value = dense<[100]> : u8[]} : u8[]
+  %m_w_quantized = const() {value = dense<[127, -64, 32, 1]> : i8[2,2]} : i8[2,2]
+  %m_w_scale = const() {value = dense<[0.0078125]> : f32[]} : f32[]
+  %m_w_zero_point = const() {value = dense<[0]> : i8[]} : i8[]
+  %yq = QLinearMatMul(%hq, %sh, %zh, %m_w_quantized, %m_w_scale, %m_w_zero_point, %s2, %z2) : u8[3,2]
+  %y = DequantizeLinear(%yq, %s2, %z2) : f32[3,2]
+  %w3 = const() {value = dense<[0.3, -1.7, 0.2, 0.01]> : f32[2,2]} : f32[2,2]
+  %m3 = MatMul(%hd, %w3) : f32[3,2]
+  %y3q = QuantizeLinear(%m3, %s2, %z2) : u8[3,2]
+  %y3 = DequantizeLinear(%y3q, %s2, %z2) : f32[3,2]
+  return %y, %y3
+}
+"""
+
+
+@pytest.mark.parametrize("text,expected", [(CNN_IN, CNN_OUT), (MLP_IN, MLP_OUT)], ids=["cnn", "mlp"])
+def test_golden_bit_identical(text, expected, rng):
+    m = parse(text)
+    m.weights = WeightStore()
+    verify(m)
+    for trial in range(3):  # fresh random inputs, wide enough to saturate some int8 values
+        feed = {a.name: (rng.standard_normal(a.type.shape) * 3).astype(np.float32) for a in m.main.args}
+        if trial == 0:
+            before = Interpreter(m).run(feed)
+            Pipeline(["fold-qdq", "dce"], verify_each=True).run(m)
+            assert print_module(m) == expected
+            after = Interpreter(m).run(feed)
+        else:
+            before = Interpreter(parse(text)).run(feed)
+            after = Interpreter(m).run(feed)
+        assert list(before) == list(after)
+        for k in before:
+            np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+
+
+def test_not_folded_without_quantized_output(rng):
+    """A DQ'd conv whose result stays float (no Q after it) is left alone: nothing to requantize to."""
+    text = CNN_IN.replace("%yq = QuantizeLinear(%c2, %s2, %z2) : i8[1,2,2,2]\n", "") \
+                 .replace("%y = DequantizeLinear(%yq, %s2, %z2) : f32[1,2,2,2]\n", "%y = Relu(%c2) : f32[1,2,2,2]\n")
+    m = parse(text)
+    m.weights = WeightStore()
+    verify(m)
+    from nnc.passes import fold_qdq
+    counts = fold_qdq.rewrite(m)
+    verify(m)
+    assert dict(counts) == {"Conv->QLinearConv+Relu": 1, "Q(DQ(x))->x": 1}
+    Pipeline(["dce"], verify_each=True).run(m)
+    assert [op.name for op in m.main.ops if op.name == "Conv"] == ["Conv"]
+
+
+# ---------------------------------------------------------------- onnxruntime quantize_static models
+
+CASES = [(k, pc, a) for k in ("cnn", "mlp") for pc in (False, True) for a in ("s8", "u8")]
+IDS = [f"{k}-{'pc' if pc else 'pt'}-{a}" for k, pc, a in CASES]
+
+
+@pytest.fixture(scope="module")
+def qdq_models(tmp_path_factory):
+    gen = _gen()
+    d = tmp_path_factory.mktemp("qdq")
+    return {i: gen.make(k, pc, a, d) for i, (k, pc, a) in zip(IDS, CASES)}
+
+
+def _quantum(path):
+    """The output DequantizeLinear's scale (the onnx file's last node)."""
+    import onnx
+    from onnx import numpy_helper
+    m = onnx.load(path)
+    last = m.graph.node[-1]
+    assert last.op_type == "DequantizeLinear"
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    return float(inits[last.input[1]])
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_ort_models_fold_and_match(qdq_models, case, rng):
+    import onnxruntime as ort
+
+    import nnc
+    path = qdq_models[case]
+    m = nnc.compile(str(path), backend="reference")
+    from nnc.onnx_import import import_model
+    from nnc.pipeline import DEFAULT_PIPELINE
+    mod = import_model(str(path))
+    literal = Interpreter(import_model(str(path)))
+    Pipeline(list(DEFAULT_PIPELINE), verify_each=True).run(mod)
+    names = [op.name for f in mod.functions for op in f.walk()]
+    assert not {"Conv", "Gemm", "MatMul"} & set(names), names  # every layer went integer
+    want = {"QLinearConv": 2} if case.startswith("cnn") else {"MatMulInteger": 1, "QLinearMatMul": 1}
+    assert {k: names.count(k) for k in want} == want
+    assert names.count("DequantizeLinear") == (1 if case.startswith("cnn") else 2)  # output (+ MLP requantize)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inp = m.inputs[0]
+    q = _quantum(path)
+    folded = Interpreter(mod)
+    for _ in range(4):
+        x = (rng.standard_normal(inp.shape) * 1.5).astype(np.float32)
+        got = m(x)
+        ref = sess.run(None, {inp.name: x})[0]
+        np.testing.assert_array_equal(got, ref)  # exact: same int8 outputs, same final DQ
+        lit = literal.run({inp.name: x})
+        fo = folded.run({inp.name: x})
+        (k,) = list(lit)
+        np.testing.assert_array_equal(fo[k], got)
+        # the literal float Q/DQ graph: equal except at rounding ties, never more than 1 quantum
+        assert float(np.max(np.abs(lit[k].astype(np.float64) - got))) <= q * 1.0001
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_ort_models_nvrtc_compile(qdq_models, case, tmp_path):
+    """The CUDA build of the folded model NVRTC-compiles on the CPU (existing int kernels)."""
+    import json
+
+    from nnc.driver import compile_model
+    compile_model(str(qdq_models[case]), tmp_path / "out", arch="sm_90")
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert plan["kernels"] and all((tmp_path / "out" / c["file"]).stat().st_size > 0 for c in plan["cubins"])
+    ir = (tmp_path / "out" / "ir" / "final.nnir").read_text()
+    assert ("QLinearConv" in ir) if case.startswith("cnn") else ("MatMulInteger" in ir and "QLinearMatMul" in ir)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", IDS)
+def test_ort_models_cuda_matches_reference(qdq_models, case, tmp_path, rng):
+    """CUDA vs the reference backend on the same compiled directory; integer accumulation is exact,
+    so the int8 outputs (and their final DQ) must be equal."""
+    import nnc
+    from nnc.driver import compile_model
+    out = tmp_path / "out"
+    compile_model(str(qdq_models[case]), out, arch="sm_90")
+    gpu, refm = nnc.load(out), nnc.load(out, backend="reference")
+    inp = refm.inputs[0]
+    for _ in range(3):
+        x = (rng.standard_normal(inp.shape) * 1.5).astype(np.float32)
+        ref = refm.run({inp.name: x}, output="numpy")
+        got = gpu.run({inp.name: x}, output="numpy", poison=True)
+        for k in ref:
+            np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{case}/{k}")
