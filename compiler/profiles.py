@@ -349,8 +349,8 @@ def check_run(feed: Mapping, sig: Sequence[ModelInput], profiles: Sequence[Profi
             + (f"{_dims_text(r.min)}" if r.is_static else f"{_dims_text(r.min)} .. {_dims_text(r.max)}")
             for r in bad))
     first = next(r for r in profiles[0].inputs if r.name in shapes and not r.holds(shapes[r.name]))
-    raise InputError(f"input {first.name!r} with shape {list(shapes[first.name])} is outside every profile of "
-                     f"this build ({'; '.join(why)})")
+    raise InputError(f"input {first.name!r} with shape {list(shapes[first.name])} is outside every profile "
+                     f"({'; '.join(why)})")
 
 
 def profiles_from_plan(plan: Mapping, where: str) -> tuple[Profile, ...]:
@@ -502,3 +502,23 @@ class ProfileSetContext(ExecutionContext):
             self._ctx[i] = self.module.build(i).context()
         kw = {"output": output} if output is not None else {}
         return self._ctx[i].run(inputs, outputs, **kw)
+
+
+def opt_inputs(plan: Mapping) -> list:
+    """plan.json's "inputs" with the first profile's opt shapes in place of symbols (`nnc run`'s
+    random inputs for a directory with profiles); the entries as they are without profiles."""
+    entries = plan.get("inputs", [])
+    profiles = profiles_from_plan(plan, "plan.json")
+    if not profiles:
+        return entries
+    p, syms = profiles[0], {}
+    for e in entries:
+        r = p.get(e["name"])
+        if r is not None and e["shape"] is not None:
+            syms.update({d: o for d, o in zip(e["shape"], r.opt) if isinstance(d, str)})
+    out = []
+    for e in entries:
+        r = p.get(e["name"])
+        shape = list(r.opt) if r is not None else None if e["shape"] is None else [syms.get(d, d) for d in e["shape"]]
+        out.append({**e, "shape": shape})
+    return out
