@@ -10,8 +10,10 @@ Rewrites (x_q: an i8/u8 value; every scale and zero point a `const`; sx, sy per-
                                        -> DequantizeLinear(acc, sx*sw) [-> Relu] -> QuantizeLinear(sy, zy)
     (QLinearMatMul has no bias input; without a bias a Gemm takes the QLinearMatMul form too)
   - Q(DQ(q, s, z), s, z) with equal constants and dtype -> q (the identity: int8 flows on).
-  W is DQ(w_q const, sw, zw?) (per-tensor, or per-channel along the output-channel axis: Conv
-  axis 0, MatMul axis 1, Gemm transB axis 0; int8/uint8; blocked (block_size > 0) is not folded),
+  W is DQ(w_q const, sw, zw?) (int8/uint8; per-tensor, per-channel along the output-channel axis:
+  Conv axis 0, MatMul axis 1, Gemm transB axis 0, or any layout, opset 21 blocked included, whose
+  scale/zero point is constant across all other axes; blocks along K with unequal scales are not
+  folded: the int32 accumulation has one scale per output),
   or a float const that is bit-for-bit DQ(w_q, sw, 0) for symmetric int8 w_q, per-tensor or else
   per-channel (the ONNX importer folds an onnxruntime model's DQ(w) into such a const; the scale is
   recovered from max|W|/127 and its neighbouring floats, and the round trip is checked exactly,
@@ -36,7 +38,7 @@ import numpy as np
 from nnc.ir import registry
 from nnc.ir.builder import Builder, const_value
 from nnc.ir.graph import Module, NameGen, Op, Region, users, value_names
-from nnc.ir.ops.quant import dequantize
+from nnc.ir.ops.quant import dequantize, expand_param
 from nnc.ir.rewrite import Substitution
 
 _INT8 = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}
@@ -84,6 +86,27 @@ def _recover_symmetric(w: np.ndarray, axis):
     return np.stack(qs, axis=axis), np.asarray(scales, np.float32)
 
 
+def _per_channel(wq, s, z, q_axis: int, block: int, out_axis: int):
+    """(w_q, sw, zw) with sw/zw scalar or 1-D along out_axis when the DQ's scale and zero point
+    (per axis, or blocked: opset 21) are constant across every other axis, else None. A block
+    structure along the reduction (K) axis with unequal scales cannot leave the int32
+    accumulation (each block needs its own scale): not folded."""
+    sf = np.broadcast_to(expand_param(s, wq.shape, q_axis, block), wq.shape)
+    zf = np.broadcast_to(expand_param(z, wq.shape, q_axis, block), wq.shape)
+    idx = [0] * wq.ndim
+    idx[out_axis] = slice(None)
+    s_c, z_c = sf[tuple(idx)], zf[tuple(idx)]
+    shape = [1] * wq.ndim
+    shape[out_axis] = wq.shape[out_axis]
+    if not (np.array_equal(sf, np.broadcast_to(s_c.reshape(shape), wq.shape))
+            and np.array_equal(zf, np.broadcast_to(z_c.reshape(shape), wq.shape))):
+        return None
+    s_c, z_c = np.ascontiguousarray(s_c, np.float32), np.ascontiguousarray(z_c, wq.dtype)
+    if np.all(s_c == s_c[0]) and np.all(z_c == z_c[0]):
+        return wq, s_c[0].reshape(()), z_c[0].reshape(())
+    return wq, s_c, z_c
+
+
 class _Fold:
     def __init__(self, module: Module, f):
         self.module = module
@@ -122,15 +145,12 @@ class _Fold:
             wq = self.c(op.operands[0])
             s = self.c(op.operands[1])
             z = self.c(op.operands[2]) if len(op.operands) > 2 and op.operands[2] is not None else None
-            if wq is None or s is None or op.attrs.block_size or wq.dtype not in _INT8 or s.dtype != np.float32:
+            if wq is None or s is None or wq.dtype not in _INT8 or s.dtype != np.float32:
                 return None
             z = np.zeros(s.shape, wq.dtype) if z is None else z
-            if s.size == 1:
+            if s.size == 1 and z.size == 1 and not op.attrs.block_size:
                 return wq, s.reshape(()), z.reshape(())
-            ax = op.attrs.axis % wq.ndim
-            if s.ndim != 1 or ax != axis % wq.ndim or s.size != wq.shape[ax]:
-                return None
-            return wq, s, z
+            return _per_channel(wq, s, z, op.attrs.axis % wq.ndim, op.attrs.block_size, axis % wq.ndim)
         a = self.c(v)
         if a is None or a.ndim < 1:
             return None

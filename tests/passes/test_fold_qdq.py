@@ -268,3 +268,46 @@ def test_ort_models_cuda_matches_reference(qdq_models, case, tmp_path, rng):
         got = gpu.run({inp.name: x}, output="numpy", poison=True)
         for k in ref:
             np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{case}/{k}")
+
+
+BLOCKED = """func @main(%x: f32[3,4]) -> (f32[3,4]) {
+  %sx = const() {value = dense<[0.0625]> : f32[]} : f32[]
+  %zx = const() {value = dense<[-2]> : i8[]} : i8[]
+  %wq = const() {value = dense<[1, -2, 3, 4, -5, 6, 7, -8, 9, 10, 11, -12, 13, -14, 15, 16]> : i8[4,4]} : i8[4,4]
+  %sw = const() {value = dense<[SCALES]> : f32[BSHAPE]} : f32[BSHAPE]
+  %xq = QuantizeLinear(%x, %sx, %zx) : i8[3,4]
+  %xd = DequantizeLinear(%xq, %sx, %zx) : f32[3,4]
+  %wd = DequantizeLinear(%wq, %sw) {axis = AXIS, block_size = 2} : f32[4,4]
+  %m = MatMul(%xd, %wd) : f32[3,4]
+  %s2 = const() {value = dense<[0.25]> : f32[]} : f32[]
+  %z2 = const() {value = dense<[7]> : i8[]} : i8[]
+  %yq = QuantizeLinear(%m, %s2, %z2) : i8[3,4]
+  %y = DequantizeLinear(%yq, %s2, %z2) : f32[3,4]
+  return %y
+}
+"""
+
+
+@pytest.mark.parametrize("axis,bshape,scales,folds", [
+    # blocks of 2 output columns (axis 1 of W[K,N]): one scale per column -> per-channel QLinearMatMul
+    (1, "4,2", "0.125, 0.25, 0.125, 0.25, 0.125, 0.25, 0.125, 0.25", True),
+    # blocks along K (axis 0) with equal scales down each column: also per-channel
+    (0, "2,4", "0.125, 0.25, 0.5, 0.0625, 0.125, 0.25, 0.5, 0.0625", True),
+    # blocks along K with different scales: each K block needs its own scale -> left as float
+    (0, "2,4", "0.125, 0.25, 0.5, 0.0625, 0.25, 0.25, 0.5, 0.0625", False),
+], ids=["blocks-along-N", "blocks-along-K-equal", "blocks-along-K-unequal"])
+def test_blocked_weights_opset21(axis, bshape, scales, folds, rng):
+    text = BLOCKED.replace("SCALES", scales).replace("BSHAPE", bshape).replace("AXIS", str(axis))
+    m = parse(text)
+    m.weights = WeightStore()
+    verify(m)
+    feeds = [{"x": (rng.standard_normal((3, 4)) * 3).astype(np.float32)} for _ in range(3)]
+    before = [Interpreter(m).run(f) for f in feeds]
+    Pipeline(["fold-qdq", "dce"], verify_each=True).run(m)
+    names = [op.name for op in m.main.ops]
+    assert ("QLinearMatMul" in names) == folds and ("MatMul" in names) != folds, names
+    if folds:
+        (ql,) = [op for op in m.main.ops if op.name == "QLinearMatMul"]
+        assert ql.operands[4].type.shape == (4,)  # the per-column scale the blocks factor into
+    for f, b in zip(feeds, before):
+        np.testing.assert_array_equal(Interpreter(m).run(f)["y"], b["y"])
