@@ -460,6 +460,9 @@ class ProfileSetModule(Module):
             self._load_kw.pop("cuda_graph", None)
         self._builds: dict = {}
         self._lock = threading.Lock()
+        if backend == "cuda":  # builds load on first use: say now that there is no GPU
+            from .runtime import require_gpu
+            require_gpu()
 
     def build(self, i: int):
         """The loaded build of profile i (OUT/profiles/<i>/)."""
