@@ -9,7 +9,10 @@ Rewrites (x_q: an i8/u8 value; every scale and zero point a `const`; sx, sy per-
                                     -> MatMulInteger(x_q, w_q, zx, zw) [+ Add(b_i32)]
                                        -> DequantizeLinear(acc, sx*sw) [-> Relu] -> QuantizeLinear(sy, zy)
     (QLinearMatMul has no bias input; without a bias a Gemm takes the QLinearMatMul form too)
-  - Q(DQ(q, s, z), s, z) with equal constants and dtype -> q (the identity: int8 flows on).
+  - Q(DQ(q, s, z), s, z) with equal constants and dtype -> q (the identity: int8 flows on), and
+    Q(OP(DQ(q, s, z), ..), s, z) (per-tensor s > 0) -> OP(q, ..) for Reshape / Flatten / Squeeze /
+    Unsqueeze / Transpose / Identity / MaxPool (monotone), Relu -> max(q, z) (or q when z is the
+    type's minimum): what onnxruntime writes around pools and reshapes between quantized layers.
   W is DQ(w_q const, sw, zw?) (int8/uint8; per-tensor, per-channel along the output-channel axis:
   Conv axis 0, MatMul axis 1, Gemm transB axis 0, or any layout, opset 21 blocked included, whose
   scale/zero point is constant across all other axes; blocks along K with unequal scales are not
@@ -42,6 +45,8 @@ from nnc.ir.ops.quant import dequantize, expand_param
 from nnc.ir.rewrite import Substitution
 
 _INT8 = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}
+# ops that commute with a per-tensor Q/DQ of equal scale and zero point (int8 flows through them)
+_PASSTHROUGH = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "MaxPool", "Relu")
 
 
 def _same_const(a, b) -> bool:
@@ -337,6 +342,46 @@ class _Fold:
             return None
         return xq
 
+    def passthrough(self, q: Op, b: Builder, returned, subst: Substitution) -> bool:
+        """Q(OP(DQ(x_q, s, z), ..), s, z) with the same per-tensor s > 0, z and dtype -> OP(x_q, ..) for
+        data movement and MaxPool (monotone; exact: rint((x-z)*s/s) = x-z), Relu -> max(x_q, z)."""
+        y = q.operands[0]
+        op = y.producer
+        if op is None or op.name not in _PASSTHROUGH or len(op.results) != 1 or not self._only_use(y, returned):
+            return False
+        act = self._act_dq(op.operands[0])
+        if act is None or q.attrs.precision is not None:
+            return False
+        xq, sx, zx = act
+        dq = op.operands[0].producer
+        sq = self.c(q.operands[1])
+        zq = self.c(q.operands[2]) if len(q.operands) > 2 and q.operands[2] is not None else None
+        if xq.type.dtype != q.results[0].type.dtype or sq is None or sq.size != 1 or not sx > 0:
+            return False
+        if sq.reshape(()).tobytes() != sx.tobytes() or (zq if zq is not None else np.zeros((), zx.dtype)).reshape(()) \
+                .astype(zx.dtype).tobytes() != zx.tobytes() or (zq is not None and zq.dtype != zx.dtype):
+            return False
+        res = q.results[0]
+        if op.name == "Relu":
+            if zx == _INT8[np.dtype(zx.dtype)][0]:  # max(x, type minimum) is x
+                subst[res] = xq
+                self.counts["Q(Relu(DQ(x)))->x"] += 1
+                return True
+            zv = dq.operands[2] if len(dq.operands) > 2 and dq.operands[2] is not None else \
+                b.constant(zx, f"{xq.name}_zero_point", op.loc)
+            new = b.create("Max", [xq, zv], names=[res.name + "_"], loc=q.loc)[0]
+        else:
+            new = b.create(op.name, [xq] + list(op.operands[1:]), op.attrs, names=[res.name + "_"], loc=q.loc)[0]
+        last = new.producer
+        if new.type != res.type:
+            b.region.ops.remove(last)
+            return False
+        self.names.taken.discard(new.name)
+        last.results = [res]
+        res.producer = last
+        self.counts[f"Q({op.name}(DQ(x)))->{last.name}(x)"] += 1
+        return True
+
     def region(self, r: Region, subst: Substitution) -> None:
         returned = {id(v) for v in r.results}
         new_ops: list = []
@@ -351,7 +396,7 @@ class _Fold:
                     subst[op.results[0]] = xq
                     self.counts["Q(DQ(x))->x"] += 1
                     continue
-                if self.fold(op, b, returned):
+                if self.fold(op, b, returned) or self.passthrough(op, b, returned, subst):
                     continue
             new_ops.append(op)
         r.ops = new_ops

@@ -182,8 +182,16 @@ def test_not_folded_without_quantized_output(rng):
 
 # ---------------------------------------------------------------- onnxruntime quantize_static models
 
-CASES = [(k, pc, a) for k in ("cnn", "mlp") for pc in (False, True) for a in ("s8", "u8")]
+CASES = [(k, pc, a) for k in ("cnn", "mlp", "cnn2") for pc in (False, True) for a in ("s8", "u8")]
 IDS = [f"{k}-{'pc' if pc else 'pt'}-{a}" for k, pc, a in CASES]
+
+
+# the ops after the default pipeline; DequantizeLinear: the model output's (+ the requantize of a
+# biased Gemm); QuantizeLinear: the input's (+ the requantize)
+WANT = {"cnn": {"QLinearConv": 2, "DequantizeLinear": 1, "QuantizeLinear": 1},
+        "mlp": {"MatMulInteger": 1, "QLinearMatMul": 1, "DequantizeLinear": 2, "QuantizeLinear": 2},
+        "cnn2": {"QLinearConv": 2, "MaxPool": 1, "Flatten": 1, "MatMulInteger": 1, "DequantizeLinear": 2,
+                 "QuantizeLinear": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -218,9 +226,11 @@ def test_ort_models_fold_and_match(qdq_models, case, rng):
     Pipeline(list(DEFAULT_PIPELINE), verify_each=True).run(mod)
     names = [op.name for f in mod.functions for op in f.walk()]
     assert not {"Conv", "Gemm", "MatMul"} & set(names), names  # every layer went integer
-    want = {"QLinearConv": 2} if case.startswith("cnn") else {"MatMulInteger": 1, "QLinearMatMul": 1}
-    assert {k: names.count(k) for k in want} == want
-    assert names.count("DequantizeLinear") == (1 if case.startswith("cnn") else 2)  # output (+ MLP requantize)
+    want = WANT[case.split("-")[0]]
+    assert {k: names.count(k) for k in want} == want, names
+    # int8 between the layers: MaxPool / Flatten read the int8 values (no float copy of them)
+    for op in (op for f in mod.functions for op in f.walk() if op.name in ("MaxPool", "Flatten")):
+        assert op.operands[0].type.dtype.np in (np.int8, np.uint8), op
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inp = m.inputs[0]
     q = _quantum(path)
@@ -248,7 +258,7 @@ def test_ort_models_nvrtc_compile(qdq_models, case, tmp_path):
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert plan["kernels"] and all((tmp_path / "out" / c["file"]).stat().st_size > 0 for c in plan["cubins"])
     ir = (tmp_path / "out" / "ir" / "final.nnir").read_text()
-    assert ("QLinearConv" in ir) if case.startswith("cnn") else ("MatMulInteger" in ir and "QLinearMatMul" in ir)
+    assert all(f"= {k}(" in ir for k in WANT[case.split("-")[0]])
 
 
 @pytest.mark.gpu
@@ -311,3 +321,50 @@ def test_blocked_weights_opset21(axis, bshape, scales, folds, rng):
         assert ql.operands[4].type.shape == (4,)  # the per-column scale the blocks factor into
     for f, b in zip(feeds, before):
         np.testing.assert_array_equal(Interpreter(m).run(f)["y"], b["y"])
+
+
+PASS_IN = """func @main(%x: i8[1,2,4,4]) -> (i8[1,2,2,2], i8[1,4,2,4], i8[1,2,4,4], i8[1,2,4,4]) {
+  %s = const() {value = dense<[0.3]> : f32[]} : f32[]
+  %z = const() {value = dense<[-3]> : i8[]} : i8[]
+  %s2 = const() {value = dense<[0.6]> : f32[]} : f32[]
+  %d = DequantizeLinear(%x, %s, %z) : f32[1,2,4,4]
+  %p = MaxPool(%d) {kernel_shape = [2, 2], strides = [2, 2]} : f32[1,2,2,2]
+  %pq = QuantizeLinear(%p, %s, %z) : i8[1,2,2,2]
+  %t = Transpose(%d) {perm = [0, 2, 1, 3]} : f32[1,4,2,4]
+  %tq = QuantizeLinear(%t, %s, %z) : i8[1,4,2,4]
+  %r = Relu(%d) : f32[1,2,4,4]
+  %rq = QuantizeLinear(%r, %s, %z) : i8[1,2,4,4]
+  %r2 = Relu(%d) : f32[1,2,4,4]
+  %rq2 = QuantizeLinear(%r2, %s2, %z) : i8[1,2,4,4]
+  return %pq, %tq, %rq, %rq2
+}
+"""
+# int8 through MaxPool / Transpose, Relu as max(x, z); a Relu re-quantized to another scale stays
+PASS_OUT = """func @main(%x: i8[1,2,4,4]) -> (i8[1,2,2,2], i8[1,4,2,4], i8[1,2,4,4], i8[1,2,4,4]) {
+  %s = const() {value = dense<[0.3]> : f32[]} : f32[]
+  %z = const() {value = dense<[-3]> : i8[]} : i8[]
+  %s2 = const() {value = dense<[0.6]> : f32[]} : f32[]
+  %d = DequantizeLinear(%x, %s, %z) : f32[1,2,4,4]
+  %pq = MaxPool(%x) {kernel_shape = [2, 2], strides = [2, 2]} : i8[1,2,2,2]
+  %tq = Transpose(%x) {perm = [0, 2, 1, 3]} : i8[1,4,2,4]
+  %rq = Max(%x, %z) : i8[1,2,4,4]
+  %r2 = Relu(%d) : f32[1,2,4,4]
+  %rq2 = QuantizeLinear(%r2, %s2, %z) : i8[1,2,4,4]
+  return %pq, %tq, %rq, %rq2
+}
+"""
+
+
+def test_passthrough_int8_flow(rng):
+    """Exact on every int8 input (drawn over the whole range), at a scale that is no power of two."""
+    m = parse(PASS_IN)
+    m.weights = WeightStore()
+    verify(m)
+    feeds = [{"x": rng.integers(-128, 128, (1, 2, 4, 4)).astype(np.int8)} for _ in range(4)]
+    before = [Interpreter(m).run(f) for f in feeds]
+    Pipeline(["fold-qdq", "dce"], verify_each=True).run(m)
+    assert print_module(m) == PASS_OUT
+    for f, b in zip(feeds, before):
+        a = Interpreter(m).run(f)
+        for k in b:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -45,6 +45,31 @@ def mlp_model(seed=1) -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def cnn2_model(seed=3) -> onnx.ModelProto:
+    """Conv -> Relu -> MaxPool -> Conv -> Relu -> Flatten -> Gemm: int8 through the pool and the reshape."""
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array((rng.standard_normal((6, 2, 3, 3)) * 0.3).astype(np.float32), "w1")
+    b1 = numpy_helper.from_array((rng.standard_normal(6) * 0.1).astype(np.float32), "b1")
+    w2 = numpy_helper.from_array((rng.standard_normal((4, 6, 3, 3)) * 0.2).astype(np.float32), "w2")
+    w3 = numpy_helper.from_array((rng.standard_normal((3, 64)) * 0.2).astype(np.float32), "w3")
+    b3 = numpy_helper.from_array((rng.standard_normal(3) * 0.1).astype(np.float32), "b3")
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("MaxPool", ["r1"], ["p1"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Flatten", ["r2"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], name="fc", transB=1),
+    ]
+    g = helper.make_graph(nodes, "qdq_cnn2", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [w1, b1, w2, w3, b3])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+MODELS = {"cnn": cnn_model, "mlp": mlp_model, "cnn2": cnn2_model}
+
+
 def calib_data(model: onnx.ModelProto, n=8, seed=2):
     inp = model.graph.input[0]
     shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
@@ -56,7 +81,7 @@ def make(kind: str, per_channel: bool, activation: str, out_dir: Path) -> Path:
     """Write the float model and its QDQ quantization; returns the QDQ model's path."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    model = cnn_model() if kind == "cnn" else mlp_model()
+    model = MODELS[kind]()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fp = out_dir / f"{kind}_fp32.onnx"
@@ -79,7 +104,7 @@ def make(kind: str, per_channel: bool, activation: str, out_dir: Path) -> Path:
 
 if __name__ == "__main__":
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent
-    for kind in ("cnn", "mlp"):
+    for kind in MODELS:
         for pc in (False, True):
             for a in ("s8", "u8"):
                 print(make(kind, pc, a, out))
