@@ -368,3 +368,51 @@ def test_passthrough_int8_flow(rng):
         a = Interpreter(m).run(f)
         for k in b:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits"
+
+
+@pytest.mark.parametrize("per_channel,act", [(False, "s8"), (True, "u8")], ids=["pt-s8", "pc-u8"])
+def test_digits_cnn_quantize_static_accuracy(per_channel, act, tmp_path):
+    """The trained digits CNN (tests/models/digits), quantize_static QDQ on its calibration split:
+    nnc's reference backend on the 360 held-out images agrees with onnxruntime CPU (logits equal, or
+    1 output quantum apart at a rounding tie) and stays within 0.5 accuracy points of fp32."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    import nnc
+    cal = np.load(DIGITS / "calib.npz", allow_pickle=False)["input"]
+    hold = np.load(DIGITS / "holdout.npz", allow_pickle=False)
+    x, y = hold["input"], hold["labels"]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": cal[i:i + 32]} for i in range(0, len(cal), 32)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    path = tmp_path / "digits.qdq.onnx"
+    quantize_static(str(DIGITS / "digits_cnn.onnx"), str(path), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QInt8 if act == "s8" else QuantType.QUInt8)
+    q = _quantum(path)
+    batch = 40
+    m = nnc.compile(str(path), shapes={"input": [batch, 1, 8, 8]}, backend="reference")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    fp32 = ort.InferenceSession(str(DIGITS / "digits_cnn.onnx"), providers=["CPUExecutionProvider"])
+    pred, pred32, off = [], [], 0
+    for i in range(0, len(y) - len(y) % batch, batch):
+        got, ref = m(x[i:i + batch]), sess.run(None, {"input": x[i:i + batch]})[0]
+        assert float(np.max(np.abs(got.astype(np.float64) - ref))) <= q * 1.0001
+        off += int((got != ref).sum())
+        pred.append(got.argmax(1))
+        pred32.append(fp32.run(None, {"input": x[i:i + batch]})[0].argmax(1))
+    n = len(np.concatenate(pred))
+    acc8 = float((np.concatenate(pred) == y[:n]).mean() * 100)
+    acc32 = float((np.concatenate(pred32) == y[:n]).mean() * 100)
+    print(f"\ndigits QDQ {'per-channel' if per_channel else 'per-tensor'} {act}: nnc {acc8:.2f}% "
+          f"fp32 {acc32:.2f}%; logits differing from onnxruntime by 1 quantum: {off}/{n * 10}")
+    assert off <= n * 10 // 100  # ties are rare: at most 1% of the logits
+    assert acc32 - acc8 <= 0.5
