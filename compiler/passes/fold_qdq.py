@@ -19,7 +19,8 @@ Rewrites (x_q: an i8/u8 value; every scale and zero point a `const`; sx, sy per-
   folded: the int32 accumulation has one scale per output),
   or a float const that is bit-for-bit DQ(w_q, sw, 0) for symmetric int8 w_q, per-tensor or else
   per-channel (the ONNX importer folds an onnxruntime model's DQ(w) into such a const; the scale is
-  recovered from max|W|/127 and its neighbouring floats, and the round trip is checked exactly,
+  recovered from max|W|/127 (/128: PyTorch's -128; /63, /64: reduce_range) and its neighbouring
+  floats, and the round trip is checked exactly,
   so an ordinary float weight is never taken for a quantized one).
   B (a float const, or DQ(i32 const, ..) folded to one): b_i32 = rint(B / (sx*sw)) in f64 (exact when
   B came from DQ(b_i32, f32(sx*sw)) as onnxruntime writes it, else rounded to the accumulator's quantum).
@@ -68,15 +69,20 @@ def _recover_symmetric(w: np.ndarray, axis):
         if amax == 0.0:
             found = (np.zeros(sl.shape, np.int8), np.float32(1.0))
         else:
-            s0 = np.float32(amax / 127.0)
-            cands = [s0]
-            lo = hi = s0
-            for _ in range(4):  # the f32 scale onnxruntime stored is within a few ulps of max|W|/127
-                lo, hi = np.nextafter(lo, np.float32(0)), np.nextafter(hi, np.float32(np.inf))
-                cands += [lo, hi]
+            cands = []
+            # the largest |w_q|: 127 (onnxruntime's symmetric int8), 128 (the -128 of PyTorch's
+            # [-128, 127] range), 63/64 (reduce_range); the stored f32 scale is within a few ulps
+            for top in (127.0, 128.0, 63.0, 64.0):
+                s0 = lo = hi = np.float32(amax / top)
+                cands.append(s0)
+                for _ in range(4):
+                    lo, hi = np.nextafter(lo, np.float32(0)), np.nextafter(hi, np.float32(np.inf))
+                    cands += [lo, hi]
             for s in cands:
+                if not s > 0:
+                    continue
                 q = np.rint(sl.astype(np.float64) / np.float64(s))
-                if np.abs(q).max() > 127:
+                if q.max() > 127 or q.min() < -128:
                     continue
                 q = q.astype(np.int8)
                 if np.array_equal(dequantize(q, np.float32(s), None, np.float32).view(np.int32), sl.view(np.int32)):

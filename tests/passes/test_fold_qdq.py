@@ -416,3 +416,47 @@ def test_digits_cnn_quantize_static_accuracy(per_channel, act, tmp_path):
           f"fp32 {acc32:.2f}%; logits differing from onnxruntime by 1 quantum: {off}/{n * 10}")
     assert off <= n * 10 // 100  # ties are rare: at most 1% of the logits
     assert acc32 - acc8 <= 0.5
+
+
+def test_recovered_weight_torch_range_and_gemm_without_bias(rng):
+    """A float weight whose largest magnitude is -128 * s (PyTorch's int8 range) is recovered exactly,
+    per channel; a Gemm (transB) without bias becomes a QLinearMatMul on the transposed int8 weight."""
+    from nnc.passes import fold_qdq
+    wq = rng.integers(-100, 100, (3, 5)).astype(np.int8)
+    wq[0, 1], wq[1, 4], wq[2, 0] = -128, 127, -128
+    sw = np.array([0.011, 0.0071, 0.023], np.float32)
+    w = (wq.astype(np.float32) * sw[:, None]).astype(np.float32)
+    got = fold_qdq._recover_symmetric(w, None) or fold_qdq._recover_symmetric(w, 0)
+    assert got is not None and np.array_equal(got[0], wq) and np.array_equal(got[1], sw)
+    assert fold_qdq._recover_symmetric(w + np.float32(1e-3), 0) is None  # not int8 data: refused
+    wtxt = ", ".join(repr(float(v)) for v in w.reshape(-1))
+    text = f"""func @main(%x: f32[2,5]) -> (f32[2,3]) {{
+  %sx = const() {{value = dense<[0.05]> : f32[]}} : f32[]
+  %zx = const() {{value = dense<[0]> : i8[]}} : i8[]
+  %w = const() {{value = dense<[{wtxt}]> : f32[3,5]}} : f32[3,5]
+  %sy = const() {{value = dense<[0.07]> : f32[]}} : f32[]
+  %zy = const() {{value = dense<[5]> : i8[]}} : i8[]
+  %xq = QuantizeLinear(%x, %sx, %zx) : i8[2,5]
+  %xd = DequantizeLinear(%xq, %sx, %zx) : f32[2,5]
+  %g = Gemm(%xd, %w) {{transB = 1}} : f32[2,3]
+  %yq = QuantizeLinear(%g, %sy, %zy) : i8[2,3]
+  %y = DequantizeLinear(%yq, %sy, %zy) : f32[2,3]
+  return %y
+}}
+"""
+    m = parse(text)
+    m.weights = WeightStore()
+    verify(m)
+    feeds = [{"x": (rng.standard_normal((2, 5)) * 3).astype(np.float32)} for _ in range(4)]
+    before = [Interpreter(m).run(f)["y"] for f in feeds]
+    Pipeline(["fold-qdq", "dce"], verify_each=True).run(m)
+    (ql,) = [op for op in m.main.ops if op.name == "QLinearMatMul"]
+    assert not [op for op in m.main.ops if op.name == "Gemm"]
+    np.testing.assert_array_equal(const_of(m, ql.operands[3]), wq.T)
+    for f, b in zip(feeds, before):  # random scales: equal, or 1 quantum apart at a rounding tie
+        assert float(np.max(np.abs(Interpreter(m).run(f)["y"] - b))) <= 0.07 * 1.0001
+
+
+def const_of(m, v):
+    from nnc.ir.builder import const_value
+    return const_value(v, m.weights)
