@@ -259,6 +259,8 @@ class _Fold:
         if w is None:
             return False
         wq, sw, zw = w
+        if not all(np.all(np.isfinite(a)) and np.all(a > 0) for a in (sx, sw, sy)):
+            return False  # a zero / non-finite scale: the literal graph's inf/NaN stays literal
         if trans_b:
             wq = np.ascontiguousarray(wq.T)
         n = wq.shape[0] if op.name == "Conv" else wq.shape[1]

@@ -460,3 +460,15 @@ def test_recovered_weight_torch_range_and_gemm_without_bias(rng):
 def const_of(m, v):
     from nnc.ir.builder import const_value
     return const_value(v, m.weights)
+
+
+def test_zero_scale_not_folded():
+    """A zero output scale (division by zero in Q) is left to the literal graph, not folded into an
+    infinite requantize multiplier."""
+    text = MLP_IN.replace('%s2 = const() {value = dense<[0.125]> : f32[]}', '%s2 = const() {value = dense<[0.0]> : f32[]}')
+    m = parse(text)
+    m.weights = WeightStore()
+    verify(m)
+    Pipeline(["fold-qdq", "dce"], verify_each=True).run(m)
+    names = [op.name for op in m.main.ops]
+    assert "MatMulInteger" in names and "QLinearMatMul" not in names and names.count("MatMul") == 2
