@@ -28,7 +28,8 @@ import numpy as np
 from .ir.errors import ImportError_, InputError, NncError
 
 BACKENDS = ("cuda", "reference")
-PRECISIONS = ("fp32", "fp16", "bf16", "best")  # best: per layer (compiler/precision_search.py)
+PRECISIONS = ("fp32", "fp16", "bf16", "best", "int8")  # best: per layer (compiler/precision_search.py);
+# int8: Q/DQ from calibration around Conv/Gemm/MatMul, the rest fp32 (compiler/passes/quantize_int8.py)
 CUDA_COMPILERS = ("nvrtc", "nvcc")
 
 Dim = Union[int, str]  # a size, or the name of a symbol bound at run time
@@ -114,6 +115,7 @@ class CompileOptions:
     calib_data: Optional[str] = None     # precision "best": an .npz or a directory of them (--calib-data)
     # optimization profiles (compiler/profiles.py: Profile, or "x:1x3/8x3/32x3" per profile; --profile)
     profiles: tuple = ()
+    calib: Optional[str] = None          # precision "int8": calib.json or a TensorRT cache (--calib; compiler/calibrate.py)
 
     def __post_init__(self):
         object.__setattr__(self, "shapes", normalize_shapes(dict(self.shapes) if isinstance(self.shapes, tuple)
@@ -139,6 +141,14 @@ class CompileOptions:
             raise NncError(f"tune_budget must be a positive number of seconds or None, not {self.tune_budget!r}")
         if self.timing_cache is not None:
             object.__setattr__(self, "timing_cache", os.fspath(self.timing_cache))
+        if (self.precision == "int8") != (self.calib is not None):
+            raise NncError("precision 'int8' needs calib (--calib calib.json or a TensorRT cache, from `nnc calibrate`)"
+                           if self.precision == "int8" else f"calib (--calib) only goes with precision 'int8', "
+                                                            f"not {self.precision!r}")
+        if self.calib is not None:
+            object.__setattr__(self, "calib", os.fspath(self.calib))
+            if self.keep_fp32:
+                raise NncError("keep_fp32 (--keep-fp32) with precision 'int8' is not supported yet")
         from .passes.mixed_precision import check_options
         check_options(self)  # keep_fp32 / allow / max_rel_err / calib_data, normalised
 
@@ -154,7 +164,8 @@ class CompileOptions:
         t = resolve_target(self.arch) if target is None else target
         tune, why = self.tuning()
         from .passes.mixed_precision import storage_precision
-        return CodegenOptions(LowerOptions(t, storage_precision(self), self.tf32, tune=tune, tune_budget=self.tune_budget,
+        storage = "fp32" if self.precision == "int8" else storage_precision(self)  # int8: float ops at fp32
+        return CodegenOptions(LowerOptions(t, storage, self.tf32, tune=tune, tune_budget=self.tune_budget,
                                            timing_cache=self.timing_cache, tune_reason=why),
                               self.cuda_compiler, cache=self.cache, jobs=self.jobs)
 
@@ -498,7 +509,7 @@ def compile(model, shapes=None, precision: str = "fp32", out=None, backend: str 
             cuda_compiler: str = "nvrtc", verify_each: bool = False, cache: bool = True,
             jobs: Optional[int] = None, fuse: bool = True, tune: Optional[bool] = None,
             tune_budget: Optional[float] = None, timing_cache=None, keep_fp32=(), allow=(),
-            max_rel_err: Optional[float] = None, calib_data=None, profiles=None,
+            max_rel_err: Optional[float] = None, calib_data=None, profiles=None, calib=None,
             options: Optional[CompileOptions] = None) -> Module:
     """Compiles an ONNX model and loads it: nnc.compile("m.onnx", shapes={"x": [1, 3, 8, 8]}).
 
@@ -512,6 +523,7 @@ def compile(model, shapes=None, precision: str = "fp32", out=None, backend: str 
     for it, timing_cache: a file of past timings (codegen/timing_cache.py). keep_fp32: layers
     pinned at fp32 (node-name globs or op types); precision="best" with allow (float types),
     max_rel_err and calib_data chooses each layer's precision (README "Mixed precision").
+    precision="int8" with calib (calib.json from `nnc calibrate`, or a TensorRT calibration cache).
     profiles: optimization profiles (nnc.Profile, "x:MIN/OPT/MAX,..." or {input: (min, opt, max)},
     one or a list; compiler/profiles.py says what each compiles to).
     options: a CompileOptions instead of the keyword arguments."""
@@ -522,7 +534,7 @@ def compile(model, shapes=None, precision: str = "fp32", out=None, backend: str 
                                      jobs=jobs, fuse=fuse, tune=tune, tune_budget=tune_budget,
                                      timing_cache=timing_cache, keep_fp32=keep_fp32, allow=allow,
                                      max_rel_err=max_rel_err, calib_data=calib_data,
-                                     profiles=profiles)
+                                     profiles=profiles, calib=calib)
     if opts.backend == "cuda":
         from .runtime import require_gpu
         require_gpu()  # before a compile that could take a while

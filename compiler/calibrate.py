@@ -4,7 +4,8 @@ Runs the model (the IR after the cleanups that precede the precision passes, so 
 the ones `quantize-int8` sees at compile time) with the numpy interpreter over calibration
 inputs and records, for every tensor the `quantize-int8` pass quantizes (the activation inputs
 of Conv / Gemm / MatMul that are not constants, and their outputs, after a Relu that is the only
-reader: passes/quantize_int8.quantized_tensors), the statistic the method needs. The result is an activation amax per tensor; the
+reader: passes/quantize_int8.quantized_tensors), the statistic the method needs. The output of a
+MaxPool or view of such a tensor is given that tensor's amax (quantize_int8.scale_sources). The result is an activation amax per tensor; the
 int8 scale is amax / 127 (symmetric, zero point 0). Weights are not calibrated here: their
 per-channel scales come from the constants at compile time (compiler/passes/quantize_int8.py).
 
@@ -180,9 +181,8 @@ class CalibTable:
     def to_trt_cache(self, version: str = TRT_DEFAULT_VERSION) -> str:
         lines = [f"TRT-{version}-{TRT_CALIBRATORS[self.method]}"]
         for k, v in sorted(self.amax.items()):
-            if any(c in k for c in "\n\r") or ": " in k:
-                raise CalibrationError(f"tensor name {k!r} cannot be written to a TensorRT cache "
-                                       "(a line break or ': ' in it)")
+            if any(c in k for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"):  # str.splitlines' breaks
+                raise CalibrationError(f"tensor name {k!r} cannot be written to a TensorRT cache (a line break in it)")
             lines.append(f"{k}: {struct.unpack('>I', struct.pack('>f', v / INT8_MAX))[0]:08x}")
         return "\n".join(lines) + "\n"
 
@@ -380,6 +380,9 @@ def calibrate(model, data, method: str = "entropy", percentile: float = 99.99, s
                 interp.run(b)
                 task.advance()
     amax = {n: s.amax_for(method, percentile) for n, s in stats.items()}
+    from .passes.quantize_int8 import scale_sources
+    for t, u in scale_sources(module).items():  # MaxPool / views keep their input's scale
+        amax[t] = amax[u]
     for n, a in amax.items():
         log(f"  {n}: max|x| {stats[n].amax:.6g} -> amax {a:.6g} ({method})")
     return CalibTable(method, amax, percentile if method == "percentile" else None, samples)

@@ -7,6 +7,7 @@ plan.json contract (kept stable, extended freely):
  "memory": {"arena_bytes", "naive_bytes", "peak_live_bytes", "weights_bytes", "persistent_bytes"},
  "layer_precision" (only with --keep-fp32 / --precision best): {"mode", "keep_fp32",
    "layers": [{"layer", "op", "node", "precision", "wanted"?, "why"?}], "search"? (best's record)}}
+ "int8" (only with --precision int8): {"calib": the --calib file's name, "method", "tensors": how many scales}
 Shapes list ints or symbol names; dtypes use numpy names. "precision" is code generation's
 storage type: for best, the fastest allowed type (each layer's own is in "layer_precision").
 """
@@ -35,12 +36,21 @@ def io_entry(v) -> dict:
     return {"name": v.name, "dtype": v.type.dtype.np_name, "shape": shape}
 
 
-def pipeline_passes(precision: str = "fp32", fuse: bool = True, per_layer=None) -> list:
+def pipeline_passes(precision: str = "fp32", fuse: bool = True, per_layer=None, int8_scales=None) -> list:
     """The pass list `nnc compile` runs at this precision (`nnc verify` runs the same one).
     fuse=False leaves out the fusion passes (`--no-fuse`: one kernel per op, to compare against).
     per_layer: a mixed_precision.PrecisionChoice (--keep-fp32, --precision best), run in the
-    precision passes' place as the entry ("mixed-precision", choice)."""
+    precision passes' place as the entry ("mixed-precision", choice).
+    int8_scales: {tensor name: scale} for precision int8: quantize-int8 runs there instead, then
+    fold-qdq (its Q/DQ into integer ops; compiler/passes/quantize_int8.py says the form)."""
     passes = [p for p in DEFAULT_PIPELINE if fuse or p not in FUSION_PASSES]
+    if precision == "int8":
+        from .passes.quantize_int8 import make_pass
+        from .pipeline import PASSES
+        at = next((i for i, p in enumerate(passes) if p in FUSION_PASSES + LAYOUT_PASSES), len(passes))
+        fold = ["fold-qdq"] if "fold-qdq" in PASSES else []
+        passes[at:at] = [("quantize-int8", make_pass(int8_scales or {}))] + fold + ["canonicalize", "dce"]
+        return passes
     if precision in ("fp16", "bf16") or per_layer is not None:
         # before the fusion passes: to-fp16 would run a fused op's body at f32 (casts around it)
         at = next((i for i, p in enumerate(passes) if p in FUSION_PASSES + LAYOUT_PASSES), len(passes))
@@ -122,7 +132,12 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
     if rep.verbose:
         rep.log(f"  import {'':<14} {rep.times['import'] * 1e3:9.1f} ms {count_ops(module):8d} ops")
     choice, search_record = precision_choice(model, options, {k: list(v) for k, v in options.shapes}, module)
-    pipe = Pipeline(pipeline_passes(precision, options.fuse, choice), options.verify_each,
+    calib = None
+    if precision == "int8":  # the calibration table: calib.json or a TensorRT cache
+        from .calibrate import load_table
+        calib = load_table(options.calib)
+    pipe = Pipeline(pipeline_passes(precision, options.fuse, choice,
+                                    calib and {k: calib.scale(k) for k in calib.amax}), options.verify_each,
                     Path(dump_ir) if dump_ir else None)
     pipe.run(module)
     if choice is not None and rep.verbose:
@@ -144,6 +159,8 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
         "precision": precision,
         **({"layer_precision": layer_precision_json(choice, search_record, options)} if choice is not None else {}),
         "tf32": options.tf32,
+        **({"int8": {"calib": Path(options.calib).name, "method": calib.method, "tensors": len(calib.amax)}}
+           if calib is not None else {}),
         "kernels": [],
         "memory": {"arena_bytes": 0, "naive_bytes": 0, "peak_live_bytes": 0},
         **(plan_extra or {}),

@@ -8,7 +8,9 @@ Rewrites, in @main (ops inside regions are left float):
       %t.q  = QuantizeLinear(%t, s_t, 0 : i8)     s_t = amax_t / 127 (per tensor, symmetric)
       %t.dq = DequantizeLinear(%t.q, s_t, 0 : i8)
   and every reader of t reads %t.dq instead (one pair per tensor, shared by all its readers:
-  onnxruntime's QDQ layout);
+  onnxruntime's QDQ layout); the output of a MaxPool / view (SCALE_PRESERVING) of a quantized
+  tensor takes that tensor's scale, whatever the table says (`scale_sources`), so the op is exact
+  on the integers;
 - the constant weight of each such op (Conv W[O, C/g, k..]: axis 0; Gemm B: axis 0 with transB,
   else 1; MatMul B[.., K, N]: the last axis) becomes DequantizeLinear(w_q : i8 const, s_w : f32[O],
   axis) with per-channel symmetric s_w = max|W[o]| / 127 (1 for an all-zero channel) and
@@ -35,6 +37,9 @@ from nnc.ir.graph import Loc, Module, NameGen, Region, users, value_names
 
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 INT8_MAX = 127.0
+# ops whose output takes their input's scale: max / views commute with a positive per-tensor
+# scale, so Q(op(DQ(q, s)), s) == op(q) exactly (what TensorRT does across pooling and reshapes)
+SCALE_PRESERVING = ("MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity")
 
 
 def _is_const(v) -> bool:
@@ -66,6 +71,20 @@ def quantized_tensors(module: Module) -> dict[str, str]:
         if r.type.dtype.short == "f32" and id(r) not in returned:
             out.setdefault(r.name, f"output of {op.name} {op.loc.node or op.results[0].name!r}")
     return out
+
+
+def scale_sources(module: Module) -> dict[str, str]:
+    """{quantized tensor: the quantized tensor whose scale it takes} for results of chains of
+    SCALE_PRESERVING ops starting at a quantized tensor (Relu -> MaxPool -> Flatten -> Gemm)."""
+    want = quantized_tensors(module)
+    origin: dict[str, str] = {}  # value -> the quantized tensor it is a max/view of
+    for op in module.main.ops:
+        if op.name in SCALE_PRESERVING and op.results and op.operands and op.operands[0] is not None:
+            u = op.operands[0].name
+            o = origin.get(u, u if u in want else None)
+            if o is not None:
+                origin[op.results[0].name] = o
+    return {t: u for t, u in origin.items() if t in want}
 
 
 def weight_axis(op, w) -> Optional[int]:
@@ -100,6 +119,8 @@ class _Insert:
     def run(self) -> bool:
         f = self.module.main
         want = quantized_tensors(self.module)
+        src = scale_sources(self.module)
+        self.scales = {**self.scales, **{t: self.scales[u] for t, u in src.items() if u in self.scales}}
         for name, why in want.items():
             if name not in self.scales:
                 raise NncError(f"--calib: no scale for tensor {name!r} ({why}); calibrate this model "
