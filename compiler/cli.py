@@ -413,14 +413,19 @@ def cmd_run(args) -> int:
         from .npz_inputs import load_inputs
         feed = load_inputs(args.inputs, plan.get("inputs", []))
     else:
-        feed = _random_inputs(plan, args.seed)
+        from .profiles import opt_inputs  # with profiles: the first one's opt shapes
+        feed = _random_inputs({**plan, "inputs": opt_inputs(plan)}, args.seed)
     t0 = time.perf_counter()
     how = args.backend
     if args.arena is not None and args.backend != "reference":
         raise NncError("--in-arena / --no-arena choose how the reference backend runs; not with --backend cuda")
     if args.no_cuda_graph and args.backend != "cuda":
         raise NncError("--no-cuda-graph chooses how the cuda backend launches; not with --backend reference")
-    if args.backend == "reference" and (args.arena or (args.arena is None and "steps" in plan)):
+    if "profile_builds" in plan or ("profiles" in plan and "steps" not in plan and args.backend == "reference"):
+        from .api import load as load_module  # picks the build / checks the inputs against the profiles
+        res = load_module(out, args.backend, in_arena=args.arena).run(feed, output="numpy")
+        how = f"{args.backend}, profiles checked"
+    elif args.backend == "reference" and (args.arena or (args.arena is None and "steps" in plan)):
         from .codegen.plan_exec import PlanExecutor  # the plan run on the CPU (codegen/plan_exec.py)
         res = PlanExecutor.from_dir(out).run(feed)
         how = "reference in the plan's arena"

@@ -4,6 +4,7 @@ static build per profile, and the run-time checks."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +223,11 @@ def test_multi_profile_directory_selects_the_build(tmp_path):
     assert "input 'input' with shape [2, 3, 32, 32] is outside every profile" in msg
     assert "profile 0: input shape [2, 3, 32, 32] not in 1x3x32x32; profile 1: input shape [2, 3, 32, 32] " \
            "not in 4x3x32x32" in msg
+    from nnc.codegen.target import gpu_present
+    if not gpu_present():
+        from nnc.runtime import GpuUnavailableError
+        with pytest.raises(GpuUnavailableError):
+            nnc.load(out)
     # recompiling without profiles gives the single-build layout again
     nnc.compile(CNN, shapes={"input": [2, 3, 32, 32]}, backend="reference", out=out)
     assert not (out / "profiles").exists()
@@ -239,3 +245,71 @@ def test_multi_profile_directory_on_cuda(tmp_path):
         np.testing.assert_allclose(got, _ort(CNN, {"input": x})[0], rtol=1e-3, atol=1e-5)
     with pytest.raises(InputError, match="outside every profile"):
         m(np.ones((2, 3, 32, 32), np.float32))
+
+
+def test_nnc_run_on_profile_directories(tmp_path, capsys):
+    from nnc.cli import main
+    out = _multi(tmp_path)
+    assert main(["run", str(out), "--backend", "reference"]) == 0  # random inputs: profile 0's opt
+    assert "probs: float32 [1, 10]" in capsys.readouterr().out
+    rng_out = tmp_path / "range"
+    assert main(["compile", str(CNN), "-o", str(rng_out), "--no-codegen",
+                 "--profile", "input:2x3x32x32/3x3x32x32/8x3x32x32"]) == 0
+    assert main(["run", str(rng_out), "--backend", "reference"]) == 0
+    assert "probs: float32 [3, 10]" in capsys.readouterr().out
+    np.savez(tmp_path / "big.npz", input=np.ones((9, 3, 32, 32), np.float32))
+    assert main(["run", str(rng_out), "--backend", "reference", "--inputs", str(tmp_path / "big.npz")]) == 1
+    assert "input 'input' with shape [9, 3, 32, 32] is outside every profile (profile 0: input shape " \
+           "[9, 3, 32, 32] not in 2x3x32x32 .. 8x3x32x32)" in capsys.readouterr().err
+
+
+def unnamed_dim_model(tmp_path) -> Path:
+    """x[?,4] (an ONNX dim with neither value nor param) and t[T,4] -> Relu each."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Relu", ["t"], ["u"])], "g",
+                          [x, helper.make_tensor_value_info("t", TensorProto.FLOAT, ["T", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4]),
+                           helper.make_tensor_value_info("u", TensorProto.FLOAT, ["T", 4])])
+    p = tmp_path / "unnamed.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    return p
+
+
+def test_default_shapes_from_python_warn_and_name_unnamed_dims(tmp_path):
+    from nnc.driver import compile_model
+    model = unnamed_dim_model(tmp_path)
+    opts = nnc.CompileOptions(backend="reference", codegen=True, tune=False)  # CUDA generated: the default applies
+    with pytest.warns(UserWarning) as w:
+        plan = compile_model(model, tmp_path / "o", options=opts)
+    msg = str(w[0].message)
+    assert "symbolic input dims x[0] (in x); T (in t)" in msg
+    assert msg.endswith("--profile x:1x4/1x4/1x4,t:1x4/1x4/1x4")
+    assert [i["shape"] for i in plan["inputs"]] == [[1, 4], [1, 4]]
+    # without CUDA code generation the dims stay symbolic and nothing is said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = nnc.compile(model.read_bytes(), backend="reference")
+    assert m.inputs[1].shape == ("T", 4)
+    # an unnamed dim must be given by name in a profile
+    with pytest.raises(ProfileError, match=r"input 'x' \[\?,4\] has dims without a name the profile does not give"):
+        nnc.compile(model, backend="reference", profiles=["t:1x4/2x4/3x4"])
+
+
+def test_several_static_profiles_on_the_reference_backend_match_exactly(tmp_path):
+    m = nnc.compile(CNN, backend="reference", profiles=["input:1x3x32x32/1x3x32x32/1x3x32x32",
+                                                        Profile.of(input=((3, 3, 32, 32),) * 3)])
+    assert m.inputs[0].shape == ("N", 3, 32, 32)  # one symbolic build, the profiles checked per run
+    x = np.random.default_rng(2).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(m(x), _ort(CNN, {"input": x})[0], rtol=1e-3, atol=1e-5)
+    with pytest.raises(InputError, match=r"profile 0: input shape \[2, 3, 32, 32\] not in 1x3x32x32; "
+                                         r"profile 1: input shape \[2, 3, 32, 32\] not in 3x3x32x32"):
+        m(np.ones((2, 3, 32, 32), np.float32))
+
+
+@pytest.mark.gpu
+def test_single_static_profile_on_cuda(tmp_path):
+    m = nnc.compile(CNN, profiles=["input:2x3x32x32/2x3x32x32/2x3x32x32"], out=tmp_path / "o")
+    assert m.inputs[0].shape == (2, 3, 32, 32)
+    x = np.random.default_rng(9).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    got = m.run({"input": x}, output="numpy")["probs"]
+    np.testing.assert_allclose(got, _ort(CNN, {"input": x})[0], rtol=1e-3, atol=1e-5)
