@@ -378,6 +378,8 @@ def compile_with_profiles(model, out, options, dump_ir, compile_model) -> dict:
         return compile_model(model, out, dump_ir=dump_ir, plan_extra=record,
                              options=dataclasses.replace(plain, shapes=_shapes(profiles[0])))
     if not options.generates_cuda:  # the reference backend: symbolic dims stay, checked per run
+        for i, p in enumerate(profiles):
+            check_corners(model, p, f"profile {i}")
         return compile_model(model, out, dump_ir=dump_ir, plan_extra=record, options=plain)
     ranged = [i for i, p in enumerate(profiles) if not p.is_static]
     if ranged:
@@ -399,6 +401,23 @@ def compile_with_profiles(model, out, options, dump_ir, compile_model) -> dict:
                  "kernels": [k for b in builds for k in b.get("kernels", [])]}
         (tmp / "plan.json").write_text(json.dumps({k: v for k, v in index.items() if k != "kernels"}, indent=1) + "\n")
     return index
+
+
+def check_corners(model, p: Profile, where: str) -> None:
+    """The model imports (shape inference and the verifier) at the profile's min, opt and max
+    shapes: a range the graph cannot take (a Reshape to a fixed shape, say) is a compile-time
+    error naming the shape, not a run-time one. (Between the corners, shapes are checked per run.)"""
+    from .ir.verify import verify
+    from .onnx_import import import_model
+    for label in ("min", "opt", "max"):
+        shapes = {r.name: list(getattr(r, label)) for r in p.inputs}
+        if label != "min" and all(getattr(r, label) == r.min for r in p.inputs):
+            continue
+        try:
+            verify(import_model(model, shapes=shapes))
+        except NncError as e:
+            text = ",".join(f"{n}:{_dims_text(d)}" for n, d in shapes.items())
+            raise ProfileError(f"{where} ({p.text()}): the model does not take its {label} shape {text}: {e}") from None
 
 
 def _shapes(p: Profile) -> tuple:

@@ -313,3 +313,67 @@ def test_single_static_profile_on_cuda(tmp_path):
     x = np.random.default_rng(9).standard_normal((2, 3, 32, 32)).astype(np.float32)
     got = m.run({"input": x}, output="numpy")["probs"]
     np.testing.assert_allclose(got, _ort(CNN, {"input": x})[0], rtol=1e-3, atol=1e-5)
+
+
+def _with_symbolic_input(path: Path, dims) -> onnx.ModelProto:
+    """The model with its first input's dims made symbolic where `dims` names a symbol (output
+    shapes and value_info dropped: shape inference recomputes them)."""
+    m = onnx.load(str(path))
+    for d, v in zip(m.graph.input[0].type.tensor_type.shape.dim, dims):
+        if isinstance(v, str):
+            d.ClearField("dim_value")
+            d.dim_param = v
+    for o in m.graph.output:
+        o.type.tensor_type.ClearField("shape")
+    del m.graph.value_info[:]
+    return m
+
+
+def test_reference_lstm_over_sequence_lengths(tmp_path):
+    model = _with_symbolic_input(ROOT / "examples" / "tiny_lstm.onnx", ["T", 1, 16])
+    m = nnc.compile(model, backend="reference", profiles=["x:1x1x16/8x1x16/40x1x16"])
+    p = tmp_path / "lstm.onnx"
+    onnx.save(model, str(p))
+    rng = np.random.default_rng(4)
+    for t in (1, 5, 40):
+        x = rng.standard_normal((t, 1, 16)).astype(np.float32)
+        got, want = m.run({"x": x}), _ort(p, {"x": x})
+        for name, w in zip(m.output_names, want):
+            np.testing.assert_allclose(got[name], w, rtol=1e-3, atol=1e-5)
+
+
+def attention_model(tmp_path) -> Path:
+    """x[1,S,64] -> softmax((x Wq)(x Wk)^T / 8)(x Wv) Wo: single-head self-attention over S."""
+    rng = np.random.default_rng(0)
+    w = {k: helper.make_tensor(k, TensorProto.FLOAT, [64, 64], (rng.standard_normal((64, 64)) * 0.1).ravel())
+         for k in ("wq", "wk", "wv", "wo")}
+    nodes = [helper.make_node("MatMul", ["x", k], [k[1]]) for k in ("wq", "wk", "wv")] + [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"]),
+        helper.make_node("Mul", ["s", "scale"], ["ss"]),
+        helper.make_node("Softmax", ["ss"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["a"]),
+        helper.make_node("MatMul", ["a", "wo"], ["y"])]
+    g = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", 64])],
+                          list(w.values()) + [helper.make_tensor("scale", TensorProto.FLOAT, [], [0.125])])
+    p = tmp_path / "attn.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    return p
+
+
+def test_reference_attention_over_sequence_lengths(tmp_path):
+    p = attention_model(tmp_path)
+    m = nnc.compile(p, backend="reference", profiles=["x:1x1x64/1x128x64/1x512x64"])
+    rng = np.random.default_rng(6)
+    for s in (1, 77, 512):
+        x = rng.standard_normal((1, s, 64)).astype(np.float32)
+        np.testing.assert_allclose(m(x), _ort(p, {"x": x})[0], rtol=1e-3, atol=1e-5)
+
+
+def test_a_range_the_graph_cannot_take_is_a_compile_error():
+    model = _with_symbolic_input(ROOT / "examples" / "tiny_transformer.onnx", [1, "S", 64])  # Reshape to 16 heads x 16
+    with pytest.raises(ProfileError) as e:
+        nnc.compile(model, backend="reference", profiles=["x:1x16x64/1x16x64/1x32x64"])
+    assert "profile 0 (x:1x16x64/1x16x64/1x32x64): the model does not take its max shape x:1x32x64: " in str(e.value)
+    assert "cannot reshape [1, 32, 64]" in str(e.value)
