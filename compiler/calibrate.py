@@ -16,7 +16,10 @@ Methods (all on |x|):
 - entropy: TensorRT's entropy calibrator: 2048-bin histogram of |x|; for every candidate
   threshold bin i in 128..2048 the reference distribution P = hist[:i] with the outliers added to
   its last bin is compared with Q, hist[:i] merged into 128 levels and spread back over P's
-  non-zero bins; the i with the smallest KL(P || Q) gives amax = (i + 0.5) * bin width.
+  non-zero bins; the i with the smallest KL(P || Q) gives amax = (i + 0.5) * bin width. The
+  zero bin counts as its neighbour when that is not empty (the spike a Relu leaves there would pull
+  the threshold in; with discrete data, image pixels k/16, the neighbour is empty and levelling
+  would leave P only the outliers).
 Histograms need the max first, so histogram methods run the data twice (max, then histogram).
 
 Calibration data: an .npz (one array per model input, first axis = samples; it is cut into the
@@ -69,10 +72,14 @@ class CalibrationError(InputError):
 
 def entropy_amax(hist: np.ndarray, bin_width: float) -> float:
     """TensorRT-style KL-divergence threshold over a histogram of |x| (see the module docstring)."""
-    hist = np.asarray(hist, np.float64)
+    hist = np.array(hist, np.float64)
     n = hist.size
     if hist.sum() == 0:
         return 0.0
+    # the zero bin is levelled to its neighbour: after a Relu it holds about half the values, and
+    # that spike would pull the threshold far in (NVIDIA's pytorch-quantization does the same)
+    if n > 1 and hist[1] > 0:
+        hist[0] = hist[1]
     if n < NUM_QUANT_LEVELS:
         return float(n * bin_width)
     total_after = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])  # total_after[i] = hist[i:].sum()

@@ -75,9 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "several profiles. min=opt=max is a static build (several: one each under OUT/profiles/); "
                         "ranges need --no-codegen for now (the reference backend checks them per run)")
     p.add_argument("--arch", default=None, help="GPU architecture, e.g. sm_90 (default: the GPU present, else sm_90)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "best"], default="fp32",
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "best", "int8"], default="fp32",
                    help="storage type of weights and activations (accumulation stays fp32); best: per layer, "
-                        "the fastest of --allow within --max-rel-err")
+                        "the fastest of --allow within --max-rel-err; int8: Q/DQ around Conv/Gemm/MatMul from "
+                        "--calib, the other ops fp32")
+    p.add_argument("--calib", default=None, metavar="FILE",
+                   help="--precision int8: activation scales, calib.json from `nnc calibrate` or a TensorRT "
+                        "calibration cache (first line TRT-...)")
     p.add_argument("--keep-fp32", default="", metavar="PATTERN,...",
                    help="layers kept at fp32: ONNX node-name globs or op types (with --precision fp16/bf16/best)")
     p.add_argument("--allow", default="", metavar="TYPE,...",
@@ -112,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bound the tuning time; problems left when it runs out use the heuristic")
     p.add_argument("--timing-cache", default=None, metavar="FILE",
                    help="read and write this timing cache (a corrupt, stale or foreign one is rebuilt)")
+
+    p = sub.add_parser("calibrate", help="INT8 calibration: activation scales for nnc compile --precision int8",
+                       description="Runs MODEL on the reference interpreter over --data and writes the activation "
+                                   "scales of every Conv/Gemm/MatMul input and output (compiler/calibrate.py).")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--data", required=True, metavar="NPZ_OR_DIR",
+                   help="calibration inputs: an .npz with one array per model input (first axis = samples), "
+                        "or a directory of them")
+    p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="entropy",
+                   help="max |x|; TensorRT's KL-divergence threshold (default); or a percentile of |x|")
+    p.add_argument("--percentile", type=float, default=99.99, help="--method percentile: which (default 99.99)")
+    _add_shapes(p)
+    p.add_argument("-o", "--out", default=None, metavar="CALIB.json", help="write calib.json here")
+    p.add_argument("--trt-cache", default=None, metavar="FILE", help="also (or instead) write a TensorRT calibration cache")
+    _add_verbose(p, "each tensor's max |x| and chosen amax")
 
     p = sub.add_parser("timing-cache", help="timing cache files (nnc compile --timing-cache)")
     tsub = p.add_subparsers(dest="tc_cmd", required=True)
@@ -247,7 +266,8 @@ def main(argv=None) -> int:
         with progress.use(progress.make_reporter(verbose=getattr(args, "verbose", False))):
             return {"ir": cmd_ir, "opt": cmd_opt, "compile": cmd_compile, "run": cmd_run, "bench": cmd_bench,
                     "inspect": cmd_inspect, "export-triton": cmd_export_triton, "serve": cmd_serve,
-                    "verify": cmd_verify, "timing-cache": cmd_timing_cache}[args.cmd](args)
+                    "verify": cmd_verify, "timing-cache": cmd_timing_cache,
+                    "calibrate": cmd_calibrate}[args.cmd](args)
     except NncError as e:
         if args.debug:
             raise
@@ -341,7 +361,7 @@ def cmd_compile(args) -> int:
                           cache=not args.no_cache, jobs=args.jobs, fuse=not args.no_fuse, tune=args.tune,
                           tune_budget=args.tune_budget, timing_cache=args.timing_cache,
                           keep_fp32=args.keep_fp32, allow=args.allow, max_rel_err=args.max_rel_err,
-                          calib_data=args.calib_data, profiles=args.profile)
+                          calib_data=args.calib_data, profiles=args.profile, calib=args.calib)
     import warnings
     with warnings.catch_warnings(record=True) as caught:  # one "nnc compile: warning:" line each
         warnings.simplefilter("always")
@@ -365,6 +385,22 @@ def cmd_compile(args) -> int:
         rep.log(f"  kernel selection: {t.get('mode', 'heuristic')} ({t.get('why', '')})")
         rep.log("  stages: " + " | ".join(f"{k} {v * 1e3:.1f} ms" for k, v in _stage_times(rep.times, args.backend))
                 + f" | total {wall * 1e3:.1f} ms")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate
+    from .onnx_import import parse_shapes
+    if not args.out and not args.trt_cache:
+        raise NncError("give -o CALIB.json and/or --trt-cache FILE: nowhere to write the scales")
+    log = progress.current().log if args.verbose else (lambda s: None)
+    t = calibrate(args.model, args.data, args.method, args.percentile, shapes=parse_shapes(args.shapes), log=log)
+    if args.out:
+        t.save(args.out)
+    if args.trt_cache:
+        t.save_trt_cache(args.trt_cache)
+    dest = " and ".join(x for x in (args.out, args.trt_cache) if x)
+    print(f"calibrated {args.model}: {len(t.amax)} tensors, {t.samples} samples, method {args.method} -> {dest}")
     return 0
 
 

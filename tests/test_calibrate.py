@@ -261,3 +261,156 @@ def test_digits_int8_ptq_accuracy(method, max_drop, digits_fp32):
     print(f"\ndigits held-out ({len(y)} images): fp32 {fp32:.2f}%, int8 {method} {int8:.2f}% "
           f"(drop {fp32 - int8:+.2f} points)")
     assert fp32 - int8 <= max_drop
+
+
+# ---- nnc calibrate / nnc compile --precision int8 ----------------------------------------------
+
+def _cli(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "nnc.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_calibrate_then_compile_int8(tmp_path):
+    model = str(DIGITS / "digits_cnn.onnx")
+    r = _cli("calibrate", model, "--data", str(DIGITS / "calib.npz"), "--method", "percentile", "--percentile",
+             "99.9", "-o", str(tmp_path / "c.json"), "--trt-cache", str(tmp_path / "c.cache"))
+    assert r.returncode == 0, r.stderr
+    assert "5 tensors, 256 samples" in r.stdout
+    doc = json.loads((tmp_path / "c.json").read_text())
+    assert doc["method"] == "percentile" and doc["percentile"] == 99.9 and set(doc["tensors"]) == \
+        {"input", "r1", "p1", "r2", "flat"}
+    assert (tmp_path / "c.cache").read_text().startswith("TRT-8601-LegacyCalibration\n")
+    for calib in ("c.json", "c.cache"):  # both files drive the compile
+        out = tmp_path / f"o_{calib}"
+        r = _cli("compile", model, "-o", str(out), "--precision", "int8", "--calib", str(tmp_path / calib),
+                 "--no-codegen")
+        assert r.returncode == 0, r.stderr
+        plan = json.loads((out / "plan.json").read_text())
+        assert plan["int8"] == {"calib": calib, "method": "percentile", "tensors": 5}
+        assert "quantize-int8" in plan["passes"]
+    # errors: clear, no traceback
+    for args, msg in [(("--precision", "int8"), "needs calib"),
+                      (("--precision", "fp16", "--calib", str(tmp_path / "c.json")), "only goes with precision 'int8'"),
+                      (("--precision", "int8", "--calib", str(tmp_path / "nope.json")), "no such file"),
+                      (("--precision", "int8", "--calib", model), "neither calib.json")]:
+        r = _cli("compile", model, "-o", str(tmp_path / "bad"), "--no-codegen", *args)
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    (tmp_path / "partial.cache").write_text("TRT-8601-EntropyCalibration2\ninput: 3c010204\n")
+    r = _cli("compile", model, "-o", str(tmp_path / "bad"), "--no-codegen", "--precision", "int8",
+             "--calib", str(tmp_path / "partial.cache"))
+    assert r.returncode != 0 and "no scale for tensor 'r1'" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("calibrate", model, "--data", str(DIGITS / "calib.npz"))
+    assert r.returncode != 0 and "nowhere to write" in r.stderr
+
+
+def _holdout_batches(m, batch):
+    h = np.load(DIGITS / "holdout.npz", allow_pickle=False)
+    x, y = h["input"], h["labels"]
+    n = len(y) - len(y) % batch
+    pred = np.concatenate([np.asarray(m.run({"input": x[i:i + batch]}, output="numpy")["logits"]).argmax(1)
+                           for i in range(0, n, batch)])
+    return float((pred == y[:n]).mean() * 100)
+
+
+def _int8_build(tmp_path, codegen=True):
+    import nnc
+    from nnc.driver import compile_model
+    t = calibrate(str(DIGITS / "digits_cnn.onnx"), DIGITS / "calib.npz", "entropy")
+    t.save_trt_cache(tmp_path / "digits.cache")
+    out = tmp_path / "int8"
+    plan = compile_model(str(DIGITS / "digits_cnn.onnx"), out, options=nnc.CompileOptions(
+        shapes={"input": [40, 1, 8, 8]}, precision="int8", calib=tmp_path / "digits.cache", tune=False,
+        backend="cuda" if codegen else "reference", codegen=codegen))
+    return plan, out
+
+
+def test_int8_cuda_build_nvrtc_compiles_and_its_plan_keeps_accuracy(tmp_path):
+    """The CUDA build of the int8 digits CNN: every kernel NVRTC-compiles on the CPU; where
+    fold-qdq is in the pipeline the convolutions are integer kernels; the plan run in its arena by
+    the reference backend stays within 0.5 points of fp32 on the held-out images."""
+    import nnc
+    from nnc.pipeline import PASSES
+    plan, out = _int8_build(tmp_path)
+    assert plan["kernels"]
+    assert list(out.glob("model.*.cubin"))
+    ops = [op for k in plan["kernels"] for op in k["ops"]]
+    assert any("QuantizeLinear(" in op for op in ops)
+    if "fold-qdq" in PASSES:
+        assert sum("QLinearConv(" in op for op in ops) == 2, ops
+    m = nnc.load(out, backend="reference")
+    fp32 = nnc.compile(str(DIGITS / "digits_cnn.onnx"), shapes={"input": [40, 1, 8, 8]}, backend="reference")
+    a8, a32 = _holdout_batches(m, 40), _holdout_batches(fp32, 40)
+    print(f"\ndigits CUDA-build plan (reference backend, in arena): fp32 {a32:.2f}%, int8 entropy {a8:.2f}%")
+    assert a32 - a8 <= 0.5
+
+
+@pytest.mark.gpu
+def test_int8_cuda_build_matches_interpreter_on_gpu(tmp_path):
+    """The int8 digits CNN's generated CUDA on the GPU against the reference interpreter of the
+    same final IR (integer convs exact; float ops fp32 tolerance), on the held-out images."""
+    import nnc
+    _, out = _int8_build(tmp_path)
+    gpu = nnc.load(out)
+    ref = nnc.load(out, backend="reference")
+    x = np.load(DIGITS / "holdout.npz", allow_pickle=False)["input"][:40]
+    got = gpu.run({"input": x}, output="numpy")["logits"]
+    want = ref.run({"input": x}, output="numpy")["logits"]
+    # a rounding tie may flip one int8 quantum somewhere: allow that, no more
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-2 * float(np.abs(want).max()))
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.975
+
+
+def test_maxpool_and_views_keep_their_input_scale():
+    """Relu -> MaxPool -> Conv and Relu -> MaxPool -> Flatten -> Gemm: the pooled / flattened
+    tensors take the Relu output's scale (in the table and in the IR), so pooling is exact on int8."""
+    from nnc.calibrate import calibration_module
+    from nnc.passes.quantize_int8 import make_pass, scale_sources
+    m = calibration_module(str(DIGITS / "digits_cnn.onnx"))
+    assert scale_sources(m) == {"p1": "r1", "flat": "r2"}
+    t = calibrate(str(DIGITS / "digits_cnn.onnx"), DIGITS / "calib.npz", "entropy")
+    assert t.amax["p1"] == t.amax["r1"] and t.amax["flat"] == t.amax["r2"]
+    make_pass({"input": 1 / 127, "r1": 0.03, "p1": 0.5, "r2": 0.07, "flat": 0.9})(m)  # p1/flat's own: ignored
+    consts = {op.results[0].name: op.attrs.value for op in m.main.ops if op.name == "const" and op.attrs.value is not None}
+    assert float(consts["p1.scale"]) == np.float32(0.03) and float(consts["flat.scale"]) == np.float32(0.07)
+
+
+def test_trt_cache_hostile_names():
+    t = CalibTable("minmax", {"a: b": 1.0, "x\ny": 2.0})
+    with pytest.raises(CalibrationError, match="line break"):
+        t.to_trt_cache()
+    t = CalibTable("minmax", {"a: b": 1.27, "(Unnamed Layer* 1) [Shuffle]_output": 2.54})
+    back = parse_trt_cache(t.to_trt_cache(), "x")
+    assert back.scale("a: b") == pytest.approx(0.01) and back.method == "minmax"
+
+
+def test_entropy_ignores_the_relu_zero_spike():
+    # half the values of a Relu'd N(0, 1) are 0: that spike must not pull the threshold in
+    rng = np.random.default_rng(2)
+    x = np.maximum(rng.standard_normal(1_000_000), 0).astype(np.float32)
+    assert 3.5 < _stats(x, "entropy") <= float(x.max())
+    # discrete data (pixels k/16, bin 1 empty): the full range is kept
+    px = (rng.integers(0, 17, 100_000) / 16).astype(np.float32)
+    px[:50_000] = 0
+    assert _stats(px, "entropy") >= 0.99
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_tiny_cnn_int8_output_error(method, tmp_path):
+    """Random-weight example CNN (Conv+BN, residual Add, Gemm, Softmax), random inputs: the int8
+    build's output against fp32 on inputs not used for calibration (rel-L2, cosine)."""
+    import nnc
+    example = Path(__file__).parent.parent / "examples" / "tiny_cnn.onnx"
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "c.npz", input=rng.standard_normal((64, 3, 32, 32)).astype(np.float32))
+    x = {"input": rng.standard_normal((16, 3, 32, 32)).astype(np.float32)}
+    calibrate(str(example), tmp_path / "c.npz", method).save(tmp_path / "c.json")
+    ref = nnc.compile(str(example), backend="reference").run(x, output="numpy")
+    got = nnc.compile(str(example), backend="reference", precision="int8", calib=tmp_path / "c.json").run(
+        x, output="numpy")
+    (name, r), = ref.items()
+    g = got[name]
+    rel = float(np.linalg.norm(g - r) / np.linalg.norm(r))
+    cos = float((g * r).sum() / np.linalg.norm(g) / np.linalg.norm(r))
+    print(f"\ntiny_cnn int8 {method}: rel-L2 {rel:.4f}, cosine {cos:.5f}")
+    assert rel < 0.03 and cos > 0.999
