@@ -10,9 +10,10 @@ Rewrites (x_q: an i8/u8 value; every scale and zero point a `const`; sx, sy per-
                                        -> DequantizeLinear(acc, sx*sw) [-> Relu] -> QuantizeLinear(sy, zy)
     (QLinearMatMul has no bias input; without a bias a Gemm takes the QLinearMatMul form too)
   - Q(DQ(q, s, z), s, z) with equal constants and dtype -> q (the identity: int8 flows on), and
-    Q(OP(DQ(q, s, z), ..), s, z) (per-tensor s > 0) -> OP(q, ..) for Reshape / Flatten / Squeeze /
-    Unsqueeze / Transpose / Identity / MaxPool (monotone), Relu -> max(q, z) (or q when z is the
-    type's minimum): what onnxruntime writes around pools and reshapes between quantized layers.
+    Q(OP(..OP(DQ(q, s, z))..), s, z) (per-tensor s > 0; a chain of single-use ops) -> the chain on q
+    for Reshape / Flatten / Squeeze / Unsqueeze / Transpose / Identity / MaxPool (monotone), Relu ->
+    max(q, z) (or nothing when z is the type's minimum): what onnxruntime writes around pools and
+    reshapes between quantized layers (one op per Q/DQ pair), and calibration's MaxPool->Flatten.
   W is DQ(w_q const, sw, zw?) (int8/uint8; per-tensor, per-channel along the output-channel axis:
   Conv axis 0, MatMul axis 1, Gemm transB axis 0, or any layout, opset 21 blocked included, whose
   scale/zero point is constant across all other axes; blocks along K with unequal scales are not
@@ -351,17 +352,20 @@ class _Fold:
         return xq
 
     def passthrough(self, q: Op, b: Builder, returned, subst: Substitution) -> bool:
-        """Q(OP(DQ(x_q, s, z), ..), s, z) with the same per-tensor s > 0, z and dtype -> OP(x_q, ..) for
-        data movement and MaxPool (monotone; exact: rint((x-z)*s/s) = x-z), Relu -> max(x_q, z)."""
-        y = q.operands[0]
-        op = y.producer
-        if op is None or op.name not in _PASSTHROUGH or len(op.results) != 1 or not self._only_use(y, returned):
-            return False
-        act = self._act_dq(op.operands[0])
-        if act is None or q.attrs.precision is not None:
+        """Q(OP_k(..OP_1(DQ(x_q, s, z))..), s, z), a chain of single-use data movement / MaxPool / Relu
+        ops, with the same per-tensor s > 0, z and dtype -> the chain on x_q: movement and MaxPool as
+        they are (monotone; exact: rint((x-z)*s/s) = x-z), Relu -> max(x_q, z) (nothing when z is the
+        type's minimum)."""
+        chain, v = [], q.operands[0]
+        while v.producer is not None and v.producer.name in _PASSTHROUGH and len(v.producer.results) == 1 \
+                and self._only_use(v, returned):
+            chain.append(v.producer)
+            v = v.producer.operands[0]
+        act = self._act_dq(v)
+        if not chain or act is None or q.attrs.precision is not None:
             return False
         xq, sx, zx = act
-        dq = op.operands[0].producer
+        dq = v.producer
         sq = self.c(q.operands[1])
         zq = self.c(q.operands[2]) if len(q.operands) > 2 and q.operands[2] is not None else None
         if xq.type.dtype != q.results[0].type.dtype or sq is None or sq.size != 1 or not sx > 0:
@@ -370,24 +374,32 @@ class _Fold:
                 .astype(zx.dtype).tobytes() != zx.tobytes() or (zq is not None and zq.dtype != zx.dtype):
             return False
         res = q.results[0]
-        if op.name == "Relu":
-            if zx == _INT8[np.dtype(zx.dtype)][0]:  # max(x, type minimum) is x
-                subst[res] = xq
-                self.counts["Q(Relu(DQ(x)))->x"] += 1
-                return True
-            zv = dq.operands[2] if len(dq.operands) > 2 and dq.operands[2] is not None else \
-                b.constant(zx, f"{xq.name}_zero_point", op.loc)
-            new = b.create("Max", [xq, zv], names=[res.name + "_"], loc=q.loc)[0]
-        else:
-            new = b.create(op.name, [xq] + list(op.operands[1:]), op.attrs, names=[res.name + "_"], loc=q.loc)[0]
-        last = new.producer
-        if new.type != res.type:
-            b.region.ops.remove(last)
+        start = len(b.region.ops)
+        cur, zv = xq, None
+        for op in reversed(chain):
+            hint = op.results[0].name + "_q"
+            if op.name == "Relu":
+                if zx == _INT8[np.dtype(zx.dtype)][0]:  # max(x, type minimum) is x
+                    continue
+                if zv is None:
+                    zv = dq.operands[2] if len(dq.operands) > 2 and dq.operands[2] is not None else \
+                        b.constant(zx, f"{xq.name}_zero_point", op.loc)
+                cur = b.create("Max", [cur, zv], names=[hint], loc=op.loc)[0]
+            else:
+                cur = b.create(op.name, [cur] + list(op.operands[1:]), op.attrs, names=[hint], loc=op.loc)[0]
+        if cur.type != res.type:
+            del b.region.ops[start:]
             return False
-        self.names.taken.discard(new.name)
+        pattern = f"Q({'('.join(op.name for op in chain)}(DQ(x)){')' * (len(chain) - 1)})->int8"
+        self.counts[pattern] += 1
+        if cur is xq:
+            subst[res] = xq
+            return True
+        last = cur.producer
+        self.names.taken.discard(cur.name)
         last.results = [res]
         res.producer = last
-        self.counts[f"Q({op.name}(DQ(x)))->{last.name}(x)"] += 1
+        last.loc = q.loc
         return True
 
     def region(self, r: Region, subst: Substitution) -> None:

@@ -472,3 +472,37 @@ def test_zero_scale_not_folded():
     Pipeline(["fold-qdq", "dce"], verify_each=True).run(m)
     names = [op.name for op in m.main.ops]
     assert "MatMulInteger" in names and "QLinearMatMul" not in names and names.count("MatMul") == 2
+
+
+CHAIN_IN = """func @main(%x: u8[1,2,4,4]) -> (u8[1,8]) {
+  %s = const() {value = dense<[0.3]> : f32[]} : f32[]
+  %z = const() {value = dense<[7]> : u8[]} : u8[]
+  %d = DequantizeLinear(%x, %s, %z) : f32[1,2,4,4]
+  %r = Relu(%d) : f32[1,2,4,4]
+  %p = MaxPool(%r) {kernel_shape = [2, 2], strides = [2, 2]} : f32[1,2,2,2]
+  %f = Flatten(%p) : f32[1,8]
+  %fq = QuantizeLinear(%f, %s, %z) : u8[1,8]
+  return %fq
+}
+"""
+CHAIN_OUT = """func @main(%x: u8[1,2,4,4]) -> (u8[1,8]) {
+  %z = const() {value = dense<[7]> : u8[]} : u8[]
+  %r_q = Max(%x, %z) : u8[1,2,4,4]
+  %p_q = MaxPool(%r_q) {kernel_shape = [2, 2], strides = [2, 2]} : u8[1,2,2,2]
+  %fq = Flatten(%p_q) : u8[1,8]
+  return %fq
+}
+"""
+
+
+def test_passthrough_chain(rng):
+    """Relu -> MaxPool -> Flatten between one DQ and one Q of equal scale (calibration's form): all int8."""
+    m = parse(CHAIN_IN)
+    m.weights = WeightStore()
+    verify(m)
+    feeds = [{"x": rng.integers(0, 256, (1, 2, 4, 4)).astype(np.uint8)} for _ in range(4)]
+    before = [Interpreter(m).run(f) for f in feeds]
+    Pipeline(["fold-qdq", "dce"], verify_each=True).run(m)
+    assert print_module(m) == CHAIN_OUT
+    for f, b in zip(feeds, before):
+        np.testing.assert_array_equal(Interpreter(m).run(f)["fq"], b["fq"])
