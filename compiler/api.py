@@ -432,9 +432,10 @@ class ReferenceModule(Module):
             raise InputError(f"run(inputs): expected a dict {{input name: array}}, given {type(inputs).__name__}")
         sel = self._selected(outputs)
         feed = {k: _to_numpy(k, v) for k, v in inputs.items()}
-        if self.profiles:  # before anything runs: rank, shared symbols, inside a profile
-            from .profiles import check_run, signature_from_plan
-            check_run(feed, signature_from_plan(self._io_entries("inputs")), self.profiles)
+        ins = self._io_entries("inputs")
+        if self.profiles or any(isinstance(d, str) for e in ins for d in e["shape"] or ()):
+            from .profiles import check_run, signature_from_plan  # before anything runs: rank, fixed
+            check_run(feed, signature_from_plan(ins), self.profiles)  # dims, shared symbols, the profiles
         executor = self.executor if executor is None else executor
         res = executor.run(feed) if executor is not None else Interpreter(self.ir).run(feed)
         got = {n: np.asarray(res[n]) for n in sel}

@@ -377,3 +377,11 @@ def test_a_range_the_graph_cannot_take_is_a_compile_error():
         nnc.compile(model, backend="reference", profiles=["x:1x16x64/1x16x64/1x32x64"])
     assert "profile 0 (x:1x16x64/1x16x64/1x32x64): the model does not take its max shape x:1x32x64: " in str(e.value)
     assert "cannot reshape [1, 32, 64]" in str(e.value)
+
+
+def test_symbolic_reference_build_without_profiles_checks_shared_symbols(tmp_path):
+    m = nnc.compile(shared_symbol_model(tmp_path), backend="reference")
+    with pytest.raises(InputError, match=r"inputs disagree on symbolic dim S: S = 3 in input 'a' .* but 5 in input 'b'"):
+        m(np.ones((3, 4), np.float32), np.ones((5, 4), np.float32), np.ones((1, 4), np.float32))
+    y = m(np.ones((6, 4), np.float32), np.ones((6, 4), np.float32), np.full((1, 4), 2, np.float32))
+    np.testing.assert_array_equal(y, np.full((6, 4), 4, np.float32))
