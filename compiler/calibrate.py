@@ -345,7 +345,7 @@ def load_batches(module, data) -> list[dict]:
         n = next(iter(counts.values()))
         b0 = args[0].type.shape[0] if args[0].type.shape else None
         step = b0 if isinstance(b0, int) and b0 > 0 else BATCH
-        if n < step:
+        if isinstance(b0, int) and n < step:
             raise CalibrationError(f"--data {str(f)!r}: {n} samples, fewer than the model's batch {step}")
         for s in range(0, n - n % step if isinstance(b0, int) else n, step):
             batches.append({k: v[s:s + step] for k, v in arrs.items()})
@@ -368,6 +368,8 @@ def calibrate(model, data, method: str = "entropy", percentile: float = 99.99, s
         raise CalibrationError("the model has no Conv / Gemm / MatMul with a float activation input: "
                                "nothing to calibrate")
     batches = load_batches(module, data)
+    if not batches:
+        raise CalibrationError(f"--data {str(data)!r}: no samples (every array has 0 along its first axis)")
     stats = {n: TensorStats() for n in names}
     arg_names = {a.name for a in module.main.args}
     samples = sum(next(iter(b.values())).shape[0] for b in batches)

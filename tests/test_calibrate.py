@@ -414,3 +414,23 @@ def test_tiny_cnn_int8_output_error(method, tmp_path):
     cos = float((g * r).sum() / np.linalg.norm(g) / np.linalg.norm(r))
     print(f"\ntiny_cnn int8 {method}: rel-L2 {rel:.4f}, cosine {cos:.5f}")
     assert rel < 0.03 and cos > 0.999
+
+
+def test_calibrate_directory_and_static_batch(tmp_path):
+    """A directory of .npz files is one data set; a static batch (--shapes) cuts the samples into
+    batches of it (the remainder left out); fewer samples than one batch is an error."""
+    model, x, w1 = _mlp(tmp_path)
+    (tmp_path / "d").mkdir()
+    np.savez(tmp_path / "d" / "a.npz", x=x[:25])
+    np.savez(tmp_path / "d" / "b.npz", x=x[25:])
+    t = calibrate(str(model), tmp_path / "d", "minmax")
+    assert t.samples == 40 and t.amax["x"] == float(np.abs(x).max())
+    t8 = calibrate(str(model), tmp_path / "d", "minmax", shapes={"x": [8, 16]})
+    assert t8.samples == 24 + 8  # 25 -> 3 batches of 8, 15 -> 1
+    used = np.concatenate([x[:24], x[25:33]])
+    assert t8.amax["x"] == float(np.abs(used).max())
+    with pytest.raises(CalibrationError, match="fewer than the model's batch 32"):
+        calibrate(str(model), tmp_path / "d", "minmax", shapes={"x": [32, 16]})
+    np.savez(tmp_path / "zero.npz", x=np.zeros((0, 16), np.float32))
+    with pytest.raises(CalibrationError, match="no samples"):
+        calibrate(str(model), tmp_path / "zero.npz", "minmax")
