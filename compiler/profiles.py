@@ -298,8 +298,10 @@ def default_profile(sig: Sequence[ModelInput]) -> Optional[tuple[dict, str]]:
         for k, d in enumerate(m.dims):
             if not isinstance(d, int):
                 users.setdefault(d if d is not None else f"{m.name}[{k}]", []).append(m.name)
-    named = "; ".join(f"{s} (in {', '.join(dict.fromkeys(u))})" for s, u in users.items())
-    line = ",".join(f"{n}:{_dims_text(s)}/{_dims_text(s)}/{_dims_text(s)}" for n, s in shapes.items())
+    from .codegen.escape import terminal_text  # input names come from the model file
+    named = "; ".join(f"{terminal_text(s)} (in {', '.join(map(terminal_text, dict.fromkeys(u)))})"
+                      for s, u in users.items())
+    line = ",".join(f"{terminal_text(n)}:{_dims_text(s)}/{_dims_text(s)}/{_dims_text(s)}" for n, s in shapes.items())
     msg = (f"the model has symbolic input dims {named}: building with every symbolic dim = 1 "
            f"(min = opt = max), as trtexec does. Give --shapes, or a range with (edit and copy): "
            f"--profile {line}")

@@ -385,3 +385,10 @@ def test_symbolic_reference_build_without_profiles_checks_shared_symbols(tmp_pat
         m(np.ones((3, 4), np.float32), np.ones((5, 4), np.float32), np.ones((1, 4), np.float32))
     y = m(np.ones((6, 4), np.float32), np.ones((6, 4), np.float32), np.full((1, 4), 2, np.float32))
     np.testing.assert_array_equal(y, np.full((6, 4), 4, np.float32))
+
+
+def test_default_warning_escapes_model_names():
+    from nnc.profiles import ModelInput, default_profile
+    shapes, msg = default_profile([ModelInput("in\x1b[2J", ("N", 3))])
+    assert shapes == {"in\x1b[2J": [1, 3]}
+    assert "\x1b" not in msg and "in\\x1b[2J:1x3/1x3/1x3" in msg
