@@ -14,6 +14,9 @@ Rewrites (x_q: an i8/u8 value; every scale and zero point a `const`; sx, sy per-
     for Reshape / Flatten / Squeeze / Unsqueeze / Transpose / Identity / MaxPool (monotone), Relu ->
     max(q, z) (or nothing when z is the type's minimum): what onnxruntime writes around pools and
     reshapes between quantized layers (one op per Q/DQ pair), and calibration's MaxPool->Flatten.
+  - a second sweep: OP(DQ(x_q), W [, B]) left over, its f32 result read by no Q (a QDQ model's
+    classifier) -> ConvInteger / MatMulInteger -> DequantizeLinear(acc, sx*sw) [-> Add(B)]: int8
+    inputs, exact int32 sums, f32 out (equal to the literal graph within fp32 rounding, not bitwise).
   W is DQ(w_q const, sw, zw?) (int8/uint8; per-tensor, per-channel along the output-channel axis:
   Conv axis 0, MatMul axis 1, Gemm transB axis 0, or any layout, opset 21 blocked included, whose
   scale/zero point is constant across all other axes; blocks along K with unequal scales are not
@@ -223,6 +226,102 @@ class _Fold:
                 bias = op.operands[2]
         return op, relu, bias
 
+    def _int_inputs(self, op: Op):
+        """(x_q, sx, zx, W, w_q, sw, zw) for OP(DQ(x_q), W) with an int8 W (w_q as [O, ..] for Conv,
+        [K, N] for MatMul/Gemm, transB applied), else None."""
+        act = self._act_dq(op.operands[0])
+        if act is None:
+            return None
+        xq, sx, zx = act
+        wv = op.operands[1]
+        if wv.type.shape is None or len(wv.type.shape) < 2:
+            return None
+        trans_b = op.name == "Gemm" and bool(op.attrs.transB)
+        if op.name == "Conv":
+            axis = 0
+        elif len(wv.type.shape) != 2:  # a batched weight has no single output-channel axis
+            return None
+        else:
+            axis = 0 if trans_b else 1
+        w = self._weight(wv, axis)
+        if w is None:
+            return None
+        wq, sw, zw = w
+        if not all(np.all(np.isfinite(a)) and np.all(a > 0) for a in (sx, sw)):
+            return None  # a zero / non-finite scale: the literal graph's inf/NaN stays literal
+        if trans_b:
+            wq = np.ascontiguousarray(wq.T)
+        return xq, sx, zx, wv, wq, sw, zw
+
+    def float_out(self, op: Op, b: Builder) -> bool:
+        """OP(DQ(x_q), W int8 [, B]) whose f32 result is read by no Q (the classifier of a QDQ model)
+        -> ConvInteger / MatMulInteger(x_q, w_q, zx, zw) -> DequantizeLinear(acc, sx*sw) [-> Add(B)]:
+        int8 inputs, exact int32 accumulation, f32 output (onnxruntime's MatMulIntegerToFloat)."""
+        if op.name not in ("Conv", "MatMul", "Gemm") or len(op.results) != 1:
+            return False
+        res = op.results[0]
+        if res.type.dtype.np != np.float32 or res.type.rank is None:
+            return False
+        if op.name == "Conv" and getattr(op.attrs, "layout", "NCHW") != "NCHW":
+            return False
+        bias = op.operands[2] if len(op.operands) > 2 else None
+        if op.name == "Gemm" and (op.attrs.transA or op.attrs.alpha != 1.0 or (bias is not None and op.attrs.beta != 1.0)):
+            return False
+        ins = self._int_inputs(op)
+        if ins is None:
+            return False
+        xq, sx, zx, wv, wq, sw, zw = ins
+        bv = None
+        if bias is not None:
+            bv = self.c(bias)
+            if bv is None or bv.dtype != np.float32:
+                return False
+        loc, hint = op.loc, res.name
+        k = b.constant
+        xdq, wdq = op.operands[0].producer, wv.producer
+        wops = wdq.operands if wdq is not None and wdq.name == "DequantizeLinear" else [None] * 3
+        cwq = wops[0] if wops[0] is not None and _same_const(self.c(wops[0]), wq) else \
+            k(wq, f"{hint}_w_quantized", loc, weight_hint=f"{hint}_w_quantized")
+        czx = xdq.operands[2] if len(xdq.operands) > 2 and xdq.operands[2] is not None else k(zx, f"{hint}_x_zero_point", loc)
+        czw = k(zw, f"{hint}_w_zero_point", loc)
+        start = len(b.region.ops)
+        if op.name == "Conv":
+            attrs = registry.make_attrs(registry.get("ConvInteger").attrs, {
+                f: getattr(op.attrs, f) for f in ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
+                if getattr(op.attrs, f, None) is not None}, "ConvInteger")
+            acc = b.create("ConvInteger", [xq, cwq, czx, czw], attrs, names=[f"{hint}_acc"], loc=loc)[0]
+            axis = 1
+        else:
+            acc = b.create("MatMulInteger", [xq, cwq, czx, czw], names=[f"{hint}_acc"], loc=loc)[0]
+            axis = -1
+        s_acc = (np.float64(sx) * sw.astype(np.float64)).astype(np.float32)
+        y = b.create("DequantizeLinear", [acc, k(s_acc, f"{hint}_acc_scale", loc)], {"axis": axis},
+                     names=[f"{hint}_f32" if bv is not None else hint], loc=loc)[0]
+        if bv is not None:
+            bshape = (-1,) + (1,) * (res.type.rank - 2) if op.name == "Conv" else bv.shape
+            y = b.create("Add", [y, k(bv.reshape(bshape), f"{hint}_bias", loc)], names=[hint], loc=loc)[0]
+        if y.type != res.type:
+            del b.region.ops[start:]
+            return False
+        last = y.producer
+        self.names.taken.discard(y.name)
+        last.results = [res]
+        res.producer = last
+        self.counts[f"{op.name}->{acc.producer.name}+float"] += 1
+        return True
+
+    def float_region(self, r: Region) -> None:
+        """Second sweep: the Conv/MatMul/Gemm the Q folds left (their results go to no Q)."""
+        new_ops: list = []
+        b = Builder(Region([], new_ops, []), self.w, self.names)
+        for op in r.ops:
+            for _, sub in op.regions():
+                self.float_region(sub)
+            if op.name in ("Conv", "MatMul", "Gemm") and self.float_out(op, b):
+                continue
+            new_ops.append(op)
+        r.ops = new_ops
+
     def fold(self, q: Op, b: Builder, returned) -> bool:
         if q.attrs.block_size or q.attrs.precision is not None:
             return False
@@ -238,32 +337,10 @@ class _Fold:
         if m is None:
             return False
         op, relu, bias = m
-        act = self._act_dq(op.operands[0])
-        if act is None:
+        ins = self._int_inputs(op)
+        if ins is None or not (np.isfinite(sy) and sy > 0):
             return False
-        xq, sx, zx = act
-        wv = op.operands[1]
-        if wv.type.shape is None or len(wv.type.shape) < 2:
-            return False
-        trans_b = op.name == "Gemm" and bool(op.attrs.transB)
-        if op.name == "Conv":
-            axis = 0
-        elif op.name == "Gemm":
-            axis = 0 if trans_b else 1
-            if len(wv.type.shape) != 2:
-                return False
-        else:
-            axis = len(wv.type.shape) - 1
-            if len(wv.type.shape) != 2:  # a batched weight has no single output-channel axis
-                return False
-        w = self._weight(wv, axis)
-        if w is None:
-            return False
-        wq, sw, zw = w
-        if not all(np.all(np.isfinite(a)) and np.all(a > 0) for a in (sx, sw, sy)):
-            return False  # a zero / non-finite scale: the literal graph's inf/NaN stays literal
-        if trans_b:
-            wq = np.ascontiguousarray(wq.T)
+        xq, sx, zx, wv, wq, sw, zw = ins
         n = wq.shape[0] if op.name == "Conv" else wq.shape[1]
         b_i32 = None
         if bias is not None:
@@ -429,6 +506,7 @@ def rewrite(module: Module) -> Counter:
     for f in module.functions:
         fo = _Fold(module, f)
         fo.region(f, Substitution())
+        fo.float_region(f)
         total += fo.counts
     return total
 

@@ -165,19 +165,28 @@ def test_golden_bit_identical(text, expected, rng):
             np.testing.assert_array_equal(before[k], after[k], err_msg=k)
 
 
-def test_not_folded_without_quantized_output(rng):
-    """A DQ'd conv whose result stays float (no Q after it) is left alone: nothing to requantize to."""
+def test_float_output_conv_becomes_convinteger(rng):
+    """A DQ'd conv whose result stays float (no Q after it: a QDQ model's classifier) becomes
+    ConvInteger -> DequantizeLinear(acc, sx*sw): int8 inputs, exact int32 accumulation, f32 out
+    (fp32 tolerance: the literal graph sums f32 products; float bias added after)."""
     text = CNN_IN.replace("%yq = QuantizeLinear(%c2, %s2, %z2) : i8[1,2,2,2]\n", "") \
-                 .replace("%y = DequantizeLinear(%yq, %s2, %z2) : f32[1,2,2,2]\n", "%y = Relu(%c2) : f32[1,2,2,2]\n")
+                 .replace("%y = DequantizeLinear(%yq, %s2, %z2) : f32[1,2,2,2]\n", "%y = Relu(%c2) : f32[1,2,2,2]\n") \
+                 .replace("%c2 = Conv(%rd2, %w2)", "%b2 = const() {value = dense<[0.3, -0.7]> : f32[2]} : f32[2]\n"
+                          "  %c2 = Conv(%rd2, %w2, %b2)")
     m = parse(text)
     m.weights = WeightStore()
     verify(m)
+    feeds = [{"x": (rng.standard_normal((1, 2, 4, 4)) * 3).astype(np.float32)} for _ in range(3)]
+    before = [Interpreter(m).run(f)["y"] for f in feeds]
     from nnc.passes import fold_qdq
     counts = fold_qdq.rewrite(m)
     verify(m)
-    assert dict(counts) == {"Conv->QLinearConv+Relu": 1, "Q(DQ(x))->x": 1}
+    assert dict(counts) == {"Conv->QLinearConv+Relu": 1, "Q(DQ(x))->x": 1, "Conv->ConvInteger+float": 1}
     Pipeline(["dce"], verify_each=True).run(m)
-    assert [op.name for op in m.main.ops if op.name == "Conv"] == ["Conv"]
+    names = [op.name for op in m.main.ops if op.name != "const"]
+    assert names == ["QuantizeLinear", "QLinearConv", "Max", "ConvInteger", "DequantizeLinear", "Add", "Relu"], names
+    for f, b in zip(feeds, before):
+        np.testing.assert_allclose(Interpreter(m).run(f)["y"], b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
 
 
 # ---------------------------------------------------------------- onnxruntime quantize_static models
@@ -471,7 +480,8 @@ def test_zero_scale_not_folded():
     verify(m)
     Pipeline(["fold-qdq", "dce"], verify_each=True).run(m)
     names = [op.name for op in m.main.ops]
-    assert "MatMulInteger" in names and "QLinearMatMul" not in names and names.count("MatMul") == 2
+    assert "QLinearMatMul" not in names  # (the float-output sweep may still take the MatMul itself)
+    assert sum(op.name == "QuantizeLinear" and op.operands[1].name == "s2" for op in m.main.ops) == 2
 
 
 CHAIN_IN = """func @main(%x: u8[1,2,4,4]) -> (u8[1,8]) {
@@ -506,3 +516,41 @@ def test_passthrough_chain(rng):
     assert print_module(m) == CHAIN_OUT
     for f, b in zip(feeds, before):
         np.testing.assert_array_equal(Interpreter(m).run(f)["fq"], b["fq"])
+
+
+def _float_out_module():
+    text = CNN_IN.replace("%yq = QuantizeLinear(%c2, %s2, %z2) : i8[1,2,2,2]\n", "") \
+                 .replace("%y = DequantizeLinear(%yq, %s2, %z2) : f32[1,2,2,2]\n", "%y = Relu(%c2) : f32[1,2,2,2]\n") \
+                 .replace("%c2 = Conv(%rd2, %w2)", "%b2 = const() {value = dense<[0.3, -0.7]> : f32[2]} : f32[2]\n"
+                          "  %c2 = Conv(%rd2, %w2, %b2)")
+    m = parse(text)
+    m.weights = WeightStore()
+    verify(m)
+    return m
+
+
+def test_float_output_nvrtc_compile(tmp_path):
+    """ConvInteger + per-channel DequantizeLinear of int32 + bias (the float-output form) lowers and
+    NVRTC-compiles for sm_90 on the CPU."""
+    from nnc.codegen.emit import compile_to_dir
+    m = _float_out_module()
+    Pipeline(["fold-qdq", "dce"], verify_each=True).run(m)
+    assert "ConvInteger" in [op.name for op in m.main.ops]
+    plan = compile_to_dir(m, tmp_path / "out", arch="sm_90")
+    assert plan["kernels"] and all((tmp_path / "out" / c["file"]).stat().st_size > 0 for c in plan["cubins"])
+
+
+@pytest.mark.gpu
+def test_float_output_cuda_matches_reference(tmp_path, rng):
+    """The float-output form on the GPU against the reference backend of the same directory."""
+    import nnc
+    from nnc.codegen.emit import compile_to_dir
+    m = _float_out_module()
+    Pipeline(["fold-qdq", "dce"], verify_each=True).run(m)
+    compile_to_dir(m, tmp_path / "out", arch="sm_90")
+    gpu, refm = nnc.load(tmp_path / "out"), nnc.load(tmp_path / "out", backend="reference")
+    for _ in range(3):
+        x = {"x": (rng.standard_normal((1, 2, 4, 4)) * 3).astype(np.float32)}
+        want = refm.run(x, output="numpy")["y"]
+        got = gpu.run(x, output="numpy", poison=True)["y"]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
