@@ -554,3 +554,24 @@ def test_float_output_cuda_matches_reference(tmp_path, rng):
         want = refm.run(x, output="numpy")["y"]
         got = gpu.run(x, output="numpy", poison=True)["y"]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["pt", "pc"])
+def test_big_weight_keeps_its_dq_op_and_folds(per_channel, tmp_path, rng):
+    """A weight over the importer's folding limit arrives as DequantizeLinear(int8 const) (not a float
+    const): folded from the DQ's own w_q / scale; nnc reference == onnxruntime CPU exactly."""
+    import onnxruntime as ort
+
+    import nnc
+    from nnc.onnx_import import import_model
+    from nnc.pipeline import DEFAULT_PIPELINE
+    path = _gen().make("bigconv", per_channel, "s8", tmp_path)
+    mod = import_model(str(path))
+    assert [op.name for op in mod.main.ops if op.name != "const"].count("DequantizeLinear") >= 2  # x and w
+    Pipeline(list(DEFAULT_PIPELINE), verify_each=True).run(mod)
+    assert [op.name for op in mod.main.ops if op.name != "const"] == ["QuantizeLinear", "QLinearConv", "DequantizeLinear"]
+    m = nnc.compile(str(path), backend="reference")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for _ in range(2):
+        x = rng.standard_normal((1, 64, 6, 6)).astype(np.float32)
+        np.testing.assert_array_equal(m(x), sess.run(None, {"x": x})[0])

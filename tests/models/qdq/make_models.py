@@ -67,7 +67,19 @@ def cnn2_model(seed=3) -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-MODELS = {"cnn": cnn_model, "mlp": mlp_model, "cnn2": cnn2_model}
+def bigconv_model(seed=4) -> onnx.ModelProto:
+    """One Conv whose weight (128x64x3x3 = 73728 elements) is over the importer's constant-folding
+    limit: its DequantizeLinear(w) stays an op in the IR (fold-qdq's DQ-weight path)."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array((rng.standard_normal((128, 64, 3, 3)) * 0.05).astype(np.float32), "w")
+    b = numpy_helper.from_array((rng.standard_normal(128) * 0.1).astype(np.float32), "b")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+                          "qdq_bigconv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128, 6, 6])], [w, b])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+MODELS = {"cnn": cnn_model, "mlp": mlp_model, "cnn2": cnn2_model, "bigconv": bigconv_model}
 
 
 def calib_data(model: onnx.ModelProto, n=8, seed=2):
