@@ -24,7 +24,8 @@ Rewrites (x_q: an i8/u8 value; every scale and zero point a `const`; sx, sy per-
   or a float const that is bit-for-bit DQ(w_q, sw, 0) for symmetric int8 w_q, per-tensor or else
   per-channel (the ONNX importer folds an onnxruntime model's DQ(w) into such a const; the scale is
   recovered from max|W|/127 (/128: PyTorch's -128; /63, /64: reduce_range) and its neighbouring
-  floats, and the round trip is checked exactly,
+  floats; or onnxruntime's asymmetric uint8 weights, scale (max - min)/255 and its zero point),
+  and the round trip is checked exactly,
   so an ordinary float weight is never taken for a quantized one).
   B (a float const, or DQ(i32 const, ..) folded to one): b_i32 = rint(B / (sx*sw)) in f64 (exact when
   B came from DQ(b_i32, f32(sx*sw)) as onnxruntime writes it, else rounded to the accumulator's quantum).
@@ -101,6 +102,52 @@ def _recover_symmetric(w: np.ndarray, axis):
     return np.stack(qs, axis=axis), np.asarray(scales, np.float32)
 
 
+def _recover_asymmetric_u8(w: np.ndarray, axis):
+    """(w_q u8, scale f32, zero point u8), scalar or per slice along axis, with dequantize(w_q, scale,
+    zp) == w bit for bit, for onnxruntime's asymmetric uint8 weights (range [min(w,0), max(w,0)] onto
+    [0, 255]), or None."""
+    if w.dtype != np.float32 or w.size == 0:
+        return None
+    slices = [w] if axis is None else [np.take(w, i, axis=axis) for i in range(w.shape[axis])]
+    out = []
+    for sl in slices:
+        lo, hi = min(float(sl.min()), 0.0), max(float(sl.max()), 0.0)
+        found = None
+        if hi == lo:
+            found = (np.zeros(sl.shape, np.uint8), np.float32(1.0), np.uint8(0))
+        else:
+            s0 = a = b = np.float32((hi - lo) / 255.0)
+            cands = [s0]
+            for _ in range(4):
+                a, b = np.nextafter(a, np.float32(0)), np.nextafter(b, np.float32(np.inf))
+                cands += [a, b]
+            for sc in cands:
+                if not sc > 0:
+                    continue
+                z0 = int(np.rint(-lo / float(sc)))
+                for z in (z0, z0 - 1, z0 + 1):
+                    if not 0 <= z <= 255:
+                        continue
+                    q = np.rint(sl.astype(np.float64) / np.float64(sc)) + z
+                    if q.min() < 0 or q.max() > 255:
+                        continue
+                    q = q.astype(np.uint8)
+                    zq = np.uint8(z)
+                    if np.array_equal(dequantize(q, sc, zq, np.float32).view(np.int32), sl.view(np.int32)):
+                        found = (q, np.float32(sc), zq)
+                        break
+                if found is not None:
+                    break
+        if found is None:
+            return None
+        out.append(found)
+    if axis is None:
+        q, sc, z = out[0]
+        return q, np.asarray(sc, np.float32), np.asarray(z, np.uint8)
+    return (np.stack([o[0] for o in out], axis=axis), np.asarray([o[1] for o in out], np.float32),
+            np.asarray([o[2] for o in out], np.uint8))
+
+
 def _per_channel(wq, s, z, q_axis: int, block: int, out_axis: int):
     """(w_q, sw, zw) with sw/zw scalar or 1-D along out_axis when the DQ's scale and zero point
     (per axis, or blocked: opset 21) are constant across every other axis, else None. A block
@@ -170,9 +217,9 @@ class _Fold:
         if a is None or a.ndim < 1:
             return None
         r = _recover_symmetric(a, None) or _recover_symmetric(a, axis % a.ndim)
-        if r is None:
-            return None
-        return r[0], r[1], np.zeros(r[1].shape, np.int8)
+        if r is not None:
+            return r[0], r[1], np.zeros(r[1].shape, np.int8)
+        return _recover_asymmetric_u8(a, None) or _recover_asymmetric_u8(a, axis % a.ndim)
 
     def _bias(self, v, sx, sw, n: int):
         """b_i32 [n] = rint(B / (sx*sw)) for a constant B of n (or broadcast 1) elements, else None."""

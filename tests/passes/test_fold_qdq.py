@@ -575,3 +575,26 @@ def test_big_weight_keeps_its_dq_op_and_folds(per_channel, tmp_path, rng):
     for _ in range(2):
         x = rng.standard_normal((1, 64, 6, 6)).astype(np.float32)
         np.testing.assert_array_equal(m(x), sess.run(None, {"x": x})[0])
+
+
+@pytest.mark.parametrize("kind", ["cnn", "mlp"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["pt", "pc"])
+def test_ort_uint8_weights(kind, per_channel, tmp_path, rng):
+    """quantize_static with QUInt8 (asymmetric) weights: the importer's folded float weights are
+    recovered as u8 + zero point bit for bit; every layer integer; == onnxruntime CPU exactly."""
+    import onnxruntime as ort
+
+    import nnc
+    from nnc.onnx_import import import_model
+    from nnc.pipeline import DEFAULT_PIPELINE
+    path = _gen().make(kind, per_channel, "u8", tmp_path, weights="u8")
+    mod = import_model(str(path))
+    Pipeline(list(DEFAULT_PIPELINE), verify_each=True).run(mod)
+    names = [op.name for op in mod.main.ops]
+    assert not {"Conv", "Gemm", "MatMul"} & set(names), names
+    m = nnc.compile(str(path), backend="reference")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inp = m.inputs[0]
+    for _ in range(3):
+        x = (rng.standard_normal(inp.shape) * 1.5).astype(np.float32)
+        np.testing.assert_array_equal(m(x), sess.run(None, {inp.name: x})[0])

@@ -89,7 +89,7 @@ def calib_data(model: onnx.ModelProto, n=8, seed=2):
     return [{inp.name: rng.standard_normal(shape).astype(np.float32)} for _ in range(n)]
 
 
-def make(kind: str, per_channel: bool, activation: str, out_dir: Path) -> Path:
+def make(kind: str, per_channel: bool, activation: str, out_dir: Path, weights: str = "s8") -> Path:
     """Write the float model and its QDQ quantization; returns the QDQ model's path."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -108,9 +108,10 @@ def make(kind: str, per_channel: bool, activation: str, out_dir: Path) -> Path:
             return next(self.it, None)
 
     act = QuantType.QInt8 if activation == "s8" else QuantType.QUInt8
-    q = out_dir / f"{kind}_{'pc' if per_channel else 'pt'}_{activation}.qdq.onnx"
+    q = out_dir / f"{kind}_{'pc' if per_channel else 'pt'}_{activation}{'_w' + weights if weights != 's8' else ''}.qdq.onnx"
     quantize_static(str(fp), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    activation_type=act, weight_type=QuantType.QInt8)
+                    activation_type=act,
+                    weight_type=QuantType.QInt8 if weights == "s8" else QuantType.QUInt8)
     return q
 
 
