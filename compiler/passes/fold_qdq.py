@@ -1,5 +1,7 @@
-"""Explicit quantization: QuantizeLinear/DequantizeLinear pairs around Conv / MatMul / Gemm folded
-into the integer ops (onnxruntime quantize_static's QDQ format; IR Q/DQ inserted by calibration).
+"""Explicit quantization: Q/DQ pairs around Conv / MatMul / Gemm become integer ops (int8 flows on).
+
+Sources: onnxruntime quantize_static's QDQ format, PyTorch-style exports, IR Q/DQ inserted by
+calibration (`--precision int8`).
 
 Rewrites (x_q: an i8/u8 value; every scale and zero point a `const`; sx, sy per-tensor):
   Q(OP(DQ(x_q, sx, zx), W [, B]), sy, zy)                 and the same with Relu between OP and Q,
