@@ -1,9 +1,34 @@
 """Small helpers shared by several kernel families (fill, views, quantize, norm, scatter, attention,
-sampling, linalg, ml, movement, pool): axis normalisation, constant scalars, accumulator types and the
-launcher of misc2.cu.j2's direct kernels. Registers no lowering."""
+sampling, linalg, ml, movement, pool): axis normalisation, constant scalars, accumulator types, the
+launcher of misc2.cu.j2's direct kernels and the binding of a fused op's body to its operands (the
+fused families: epilogue, dw_pw, gap_gemm). Registers no lowering."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
+
+
+@contextmanager
+def bound_body(L, op, anchor=None):
+    """While lowering a fused op's body: its arguments stand for the op's operands, its result (and
+    the anchor's, when given: that lowering then writes the group's output directly) for the op's
+    result. The Lowerer's value equivalences are restored afterwards."""
+    body = op.attrs.body
+    bound = []
+    try:
+        for inner, v in zip(body.args, op.operands):
+            L.equiv[id(inner)] = L.canon(v)
+            bound.append(id(inner))
+        L.equiv[id(body.results[0])] = L.canon(op.results[0])
+        bound.append(id(body.results[0]))
+        if anchor is not None:
+            L.equiv[id(anchor.results[0])] = L.canon(op.results[0])
+            bound.append(id(anchor.results[0]))
+        yield
+    finally:
+        for k in bound:
+            L.equiv.pop(k, None)
 
 
 def float_acc(dt) -> str:

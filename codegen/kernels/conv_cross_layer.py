@@ -17,7 +17,6 @@ Every kernel emitted names all the body's ops in its header.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,7 +31,8 @@ from ..lower import LowerCtx, Problem, describe_op
 from ..variants import YES, Variant, no, register
 from .common import CTYPES, KernelSpec, act_ctx, kernel_name, render as _render
 from .conv import MMA
-from .gemm_lowering import aligned, emit_spec
+from .gemm_lowering import emit_spec
+from ._helpers import bound_body as _bound
 
 PRIORITY = 25
 FAMILY = "dw_pw"
@@ -122,23 +122,6 @@ def _read(problem: Problem):
     if shape is None:
         return "not an NHWC depthwise 3x3 conv and a 1x1 conv"
     return _Pair(dw, pw, shape, dw.conv.results[0].type.dtype.np.name)
-
-
-@contextmanager
-def _bound(L, op: Op):
-    """Body arguments stand for the fused op's operands, the body's result for the op's result."""
-    body = op.attrs.body
-    bound = []
-    try:
-        for inner, v in zip(body.args, op.operands):
-            L.equiv[id(inner)] = L.canon(v)
-            bound.append(id(inner))
-        L.equiv[id(body.results[0])] = L.canon(op.results[0])
-        bound.append(id(body.results[0]))
-        yield
-    finally:
-        for k in bound:
-            L.equiv.pop(k, None)
 
 
 # ---------------------------------------------------------------- dw_pw.tiled

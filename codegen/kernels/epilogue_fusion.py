@@ -32,9 +32,8 @@ Every kernel emitted names all ops of the group in its header.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -48,6 +47,7 @@ from ..variants import YES, Variant, no, register
 from . import conv_lowering, gemm_lowering
 from .epilogue import Epilogue
 from .fused_elementwise import can_render
+from ._helpers import bound_body as _bound
 
 PRIORITY = 20  # above the generic fallback (fused.FALLBACK_PRIORITY) and fused_elementwise.py (10)
 KINDS = ("conv_epilogue", "gemm_epilogue")
@@ -122,27 +122,6 @@ def _read(problem: Problem):
         a_op = Op(anchor.name, operands, [], anchor.attrs, anchor.loc)
         a_op.results = anchor.results
     return _Group(anchor, a_op, bias, residual, onto, act, act_params, alpha, beta, conv, chan)
-
-
-@contextmanager
-def _bound(L, op: Op, anchor: Optional[Op] = None):
-    """Body arguments stand for the fused op's operands, the body's result (and the anchor's, when
-    given: its lowering then writes the group's output directly) for the group's result."""
-    body = op.attrs.body
-    bound = []
-    try:
-        for inner, v in zip(body.args, op.operands):
-            L.equiv[id(inner)] = L.canon(v)
-            bound.append(id(inner))
-        L.equiv[id(body.results[0])] = L.canon(op.results[0])
-        bound.append(id(body.results[0]))
-        if anchor is not None:
-            L.equiv[id(anchor.results[0])] = L.canon(op.results[0])
-            bound.append(id(anchor.results[0]))
-        yield
-    finally:
-        for k in bound:
-            L.equiv.pop(k, None)
 
 
 def _gemm_epilogue_info(problem: Problem, g: _Group) -> Epilogue:

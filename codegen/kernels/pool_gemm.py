@@ -13,7 +13,6 @@ Variants (family "gap_gemm", priority 24):
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,6 +27,7 @@ from ..lower import LowerCtx, Problem, describe_op
 from ..variants import YES, Variant, no, register
 from .common import CTYPES, KernelSpec, act_ctx, cdiv, kernel_name, render as _render_template
 from .gemm_lowering import emit_spec
+from ._helpers import bound_body as _bound
 
 PRIORITY = 24  # below dw_pw's 25 (one family a priority), above the epilogue groups' 20
 FAMILY = "gap_gemm"
@@ -166,22 +166,6 @@ def render_spec(g: _Gap, params: dict, name: Optional[str] = None) -> KernelSpec
     return KernelSpec(source=src, name=ctx["name"], grid=(cdiv(g.J, params["BJ"]), cdiv(g.N, params["BN"]), 1),
                       block=(NT, 1, 1), smem=params["BN"] * g.C * 4, args=args,
                       params=dict(params, family=FAMILY, template="gap_gemm.cu.j2"))
-
-
-@contextmanager
-def _bound(L, op: Op):
-    body = op.attrs.body
-    bound = []
-    try:
-        for inner, v in zip(body.args, op.operands):
-            L.equiv[id(inner)] = L.canon(v)
-            bound.append(id(inner))
-        L.equiv[id(body.results[0])] = L.canon(op.results[0])
-        bound.append(id(body.results[0]))
-        yield
-    finally:
-        for k in bound:
-            L.equiv.pop(k, None)
 
 
 def _render(ctx: LowerCtx, problem: Problem, params: dict):
