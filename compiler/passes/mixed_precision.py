@@ -31,7 +31,7 @@ from nnc.ir.builder import Builder, const_value
 from nnc.ir.errors import NncError
 from nnc.ir.graph import Module, NameGen, Op, Value, value_names
 from nnc.ir.types import F32, DType, dtype
-from nnc.passes.to_precision import _cast_takes_int, _narrow, _retarget_attrs
+from nnc.passes.to_precision import _cast_takes_int, _narrow, _retarget_attrs, keep_output_names
 
 FLOAT_PRECISIONS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}  # CLI name -> IR dtype short name
 
@@ -205,30 +205,9 @@ def lower_mixed(module: Module, choose: Callable[[Op], str], decisions: Optional
         if decisions is not None and is_layer(op):
             decisions.append(Decision(layer_key(op), op.name, op.loc.node, wanted, precision_name(low), why))
     results = [get(r, r.type.dtype) for r in f.results]
-    _keep_output_names(f, results, names)
+    keep_output_names(f, results, names)
     f.results = results
     return changed
-
-
-def _keep_output_names(f, results, names) -> None:
-    """The model's output names stay on the values finally returned (as in to_precision.lower)."""
-    by_name: dict = {}
-    for op in f.ops:
-        for x in op.results:
-            by_name.setdefault(x.name, []).append(x)
-
-    def rename(x, name):
-        by_name[x.name] = [y for y in by_name.get(x.name, []) if y is not x]
-        x.name = name
-        by_name.setdefault(name, []).append(x)
-
-    for r, v in zip(f.results, results):
-        if v.name != r.name:
-            names.taken.discard(v.name)
-            clash = next((x for x in by_name.get(r.name, []) if x is not v), None)
-            if clash is not None:
-                rename(clash, names(r.name + ".low"))
-            rename(v, r.name)
 
 
 # ----------------------------------------------------------------------------- options

@@ -92,7 +92,14 @@ def lower(module: Module, low: DType) -> bool:
         if r.type.dtype == F32 and v.type.dtype != F32:
             v = cast(v, F32)
         results.append(v)
-    # keep the model's output names on the values finally returned
+    keep_output_names(f, results, names)
+    f.results = results
+    return changed
+
+
+def keep_output_names(f, results, names) -> None:
+    """The model's output names stay on the values finally returned (`results`, one per
+    f.results): a value already holding such a name is renamed `<name>.low` (also mixed-precision's)."""
     by_name: dict = {}  # name -> values of that name, in program order (one index, not a scan per output)
     for op in f.ops:
         for x in op.results:
@@ -110,8 +117,7 @@ def lower(module: Module, low: DType) -> bool:
             if clash is not None:
                 rename(clash, names(r.name + ".low"))
             rename(v, r.name)
-    f.results = results
-    return changed
+
 
 
 def _narrow(val: np.ndarray, low: DType) -> np.ndarray:
