@@ -119,7 +119,6 @@ def keep_output_names(f, results, names) -> None:
             rename(v, r.name)
 
 
-
 def _narrow(val: np.ndarray, low: DType) -> np.ndarray:
     """f32 constant -> low precision, finite values saturating at the type's largest finite value
     (attention masks written as -3.4e38 stay a huge negative instead of turning into -inf, which
