@@ -35,10 +35,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from nnc.ir.builder import const_value
-from nnc.ir.graph import Module, Op, Value
+from nnc.ir.graph import Module, Op
 from nnc.ir.outline import Outliner
-from nnc.passes.fuse_epilogue import match_body
+from nnc.passes.fuse_epilogue import match_group
 
 KIND = "dw_pw"
 DTYPES = ("f16", "bf16")
@@ -187,9 +186,7 @@ def _part(op: Op, weights) -> Optional[Part]:
         return Part(op, op, None)
     if op.name != "fused" or op.attrs.kind != "conv_epilogue" or len(op.results) != 1:
         return None
-    body = op.attrs.body
-    outer = {id(a): v for a, v in zip(body.args, op.operands)}
-    ch = match_body(body, lambda v: const_value(outer.get(id(v), v), weights))
+    ch = match_group(op, weights)
     if ch is None or ch.anchor.name != "Conv":
         return None
     return Part(op, ch.anchor, ch)

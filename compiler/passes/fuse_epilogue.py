@@ -294,6 +294,14 @@ def match_body(body, const_of: ConstOf) -> Optional[Chain]:
     return ch
 
 
+def match_group(op: Op, weights) -> Optional[Chain]:
+    """match_body of a function-level fused op, constants seen through its operands (the passes
+    that build on this pass's groups: fuse-cross-layer, fuse-pooling)."""
+    body = op.attrs.body
+    outer = {id(a): v for a, v in zip(body.args, op.operands)}
+    return match_body(body, lambda v: const_value(outer.get(id(v), v), weights))
+
+
 # ---------------------------------------------------------------- GELU written out as ops
 # Exporters write GELU as elementwise ops (BERT: Div(x, sqrt2) -> Erf -> Add 1 -> Mul x -> Mul 0.5;
 # GPT-2: 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x^3)))). Where such a subgraph reads the end of an

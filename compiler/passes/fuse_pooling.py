@@ -30,7 +30,7 @@ from nnc.ir.builder import const_value
 from nnc.ir.graph import Module, Op
 from nnc.ir.outline import Outliner
 from nnc.passes.fuse_cross_layer import Part, _flat  # a group's ops back in the function, to outline anew
-from nnc.passes.fuse_epilogue import match_body
+from nnc.passes.fuse_epilogue import match_group
 
 KIND = "gap_gemm"
 VIEW_OPS = ("Reshape", "Flatten", "Squeeze")
@@ -59,9 +59,7 @@ def _part_gemm(op: Op, weights):
         return op, ""
     if op.name != "fused" or op.attrs.kind != "gemm_epilogue" or len(op.results) != 1:
         return None
-    body = op.attrs.body
-    outer = {id(a): v for a, v in zip(body.args, op.operands)}
-    ch = match_body(body, lambda v: const_value(outer.get(id(v), v), weights))
+    ch = match_group(op, weights)
     if ch is None or ch.anchor.name != "Gemm":
         return None
     return ch.anchor, op.attrs.params
