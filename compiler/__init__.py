@@ -4,6 +4,8 @@
     m = nnc.compile("model.onnx", shapes={"input": [1, 3, 224, 224]})   # -> nnc.Module (CUDA)
     m = nnc.compile("model.onnx", backend="reference")                  # numpy, no GPU needed
     m = nnc.load("out/")                                                 # a `nnc compile` directory
+    m = nnc.compile("model.onnx", profiles=["input:1x3x224x224/8x3x224x224/32x3x224x224"],
+                    backend="reference")                                 # one build for a range (nnc.Profile)
     m.inputs, m.outputs                 # TensorInfo(name, dtype, shape) tuples
     y = m(x)                            # or m.run({"input": x}, outputs=["probs"], output="numpy")
 
@@ -15,6 +17,7 @@ See nnc.api for the Module interface. Importing nnc never needs a GPU (cupy is i
 from . import api, ir  # noqa: F401  (nnc.api, nnc.ir)
 from .api import CompileOptions, Module, TensorInfo, compile, load  # noqa: A004  (nnc.compile, like torch.compile)
 from .ir.errors import NncError
+from .profiles import Profile  # nnc.Profile: min/opt/max input shapes (--profile)
 
 
 def _version() -> str:

@@ -178,6 +178,10 @@ def inspect(out_dir, time: bool = False, reps: int = 20, seed: int = 0) -> tuple
     from .plan_file import read_plan
     out = Path(out_dir)
     plan = read_plan(out)
+    if "profile_builds" in plan:  # an index of several builds (compiler/profiles.py): no kernels of its own
+        n = plan["profile_builds"]
+        raise NncError(f"{out} is a set of {n} builds, one per --profile, and has no kernels of its own: "
+                       f"inspect one of them, {out / 'profiles' / '0'} to {out / 'profiles' / str(int(n) - 1)}")
     rows = kernel_rows(plan)
     n_kl = sum(len(r.launches) for r in rows if r.kernel != COPIES)
     footer = f"{len([r for r in rows if r.kernel != COPIES])} kernels, {n_kl} kernel launches per run"

@@ -228,6 +228,10 @@ def test_multi_profile_directory_selects_the_build(tmp_path):
         from nnc.runtime import GpuUnavailableError
         with pytest.raises(GpuUnavailableError):
             nnc.load(out)
+    from nnc.inspect_cmd import inspect
+    with pytest.raises(NncError, match=r"set of 2 builds, one per --profile.*profiles/0 to .*profiles/1"):
+        inspect(out)  # the index has no kernels: say so, not "0 kernels"
+    assert inspect(out / "profiles" / "1")[0]  # each build has its table
     # recompiling without profiles gives the single-build layout again
     nnc.compile(CNN, shapes={"input": [2, 3, 32, 32]}, backend="reference", out=out)
     assert not (out / "profiles").exists()
