@@ -63,6 +63,15 @@ def _same_const(a, b) -> bool:
         np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
 
 
+def _scale_candidates(s0, ulps: int = 4):
+    """s0, then the f32 values 1..ulps ulps below and above it, alternating (nearest first)."""
+    cands, lo, hi = [s0], s0, s0
+    for _ in range(ulps):
+        lo, hi = np.nextafter(lo, np.float32(0)), np.nextafter(hi, np.float32(np.inf))
+        cands += [lo, hi]
+    return cands
+
+
 def _recover_symmetric(w: np.ndarray, axis):
     """(w_q int8, scale f32 scalar or [C]) with dequantize(w_q, scale) == w bit for bit (per tensor
     when axis is None, else per slice along axis), or None."""
@@ -80,11 +89,7 @@ def _recover_symmetric(w: np.ndarray, axis):
             # the largest |w_q|: 127 (onnxruntime's symmetric int8), 128 (the -128 of PyTorch's
             # [-128, 127] range), 63/64 (reduce_range); the stored f32 scale is within a few ulps
             for top in (127.0, 128.0, 63.0, 64.0):
-                s0 = lo = hi = np.float32(amax / top)
-                cands.append(s0)
-                for _ in range(4):
-                    lo, hi = np.nextafter(lo, np.float32(0)), np.nextafter(hi, np.float32(np.inf))
-                    cands += [lo, hi]
+                cands += _scale_candidates(np.float32(amax / top))
             for s in cands:
                 if not s > 0:
                     continue
@@ -118,12 +123,7 @@ def _recover_asymmetric_u8(w: np.ndarray, axis):
         if hi == lo:
             found = (np.zeros(sl.shape, np.uint8), np.float32(1.0), np.uint8(0))
         else:
-            s0 = a = b = np.float32((hi - lo) / 255.0)
-            cands = [s0]
-            for _ in range(4):
-                a, b = np.nextafter(a, np.float32(0)), np.nextafter(b, np.float32(np.inf))
-                cands += [a, b]
-            for sc in cands:
+            for sc in _scale_candidates(np.float32((hi - lo) / 255.0)):
                 if not sc > 0:
                     continue
                 z0 = int(np.rint(-lo / float(sc)))
