@@ -305,13 +305,16 @@ def tune_problems(problems: Sequence[TuneProblem], runner: Runner, deadline: Opt
                 if not why:
                     tried += 1
                     try:
-                        t, outs = runner.run(c, seed, gate=lambda o, c=c: mismatch(o, ref, c, tf32))
-                        why = mismatch(outs, ref, c, tf32)
+                        verdict: list = []  # the gate's mismatch, kept: not compared a second time
+
+                        def gate(o, c=c, verdict=verdict):
+                            verdict.append(mismatch(o, ref, c, tf32))
+                            return verdict[-1]
+                        t, outs = runner.run(c, seed, gate=gate)
+                        why = verdict[-1] if verdict else mismatch(outs, ref, c, tf32)
                         if why:
                             why = f"wrong output: {why}"
-                        elif not t < best[0]:
-                            pass
-                        else:
+                        elif t < best[0]:
                             best = (t, c)
                     except Unrecoverable as e:
                         why = f"device failed: {e}"
@@ -319,7 +322,7 @@ def tune_problems(problems: Sequence[TuneProblem], runner: Runner, deadline: Opt
                     except NncError as e:
                         why = f"failed: {e}"
                 if why:
-                    if why.startswith("wrong output") or why.startswith("device failed") or why.startswith("failed"):
+                    if why.startswith(("wrong output", "device failed", "failed")):
                         msg = f"tune: {p.layer}: {c.label} rejected: {why}"
                         log(f"  {msg}")
                         if why.startswith("wrong output"):  # a kernel bug the gate caught: always shown
