@@ -223,6 +223,26 @@ def _applies_split(problem: Problem):
     return YES
 
 
+def closed_group(part: list, last: Value, kind: str, note: str, loc) -> Op:
+    """A `fused {kind}` op over copies of the ops `part` (a closed region reading fresh arguments);
+    its result is `last` itself (the caller binds it to the fused op's result)."""
+    new, args, ext, ops = {}, [], [], []
+    for t in part:
+        operands = []
+        for v in t.operands:
+            if v is not None and id(v) not in new:
+                new[id(v)] = Value(v.name, v.type)
+                args.append(new[id(v)])
+                ext.append(v)
+            operands.append(None if v is None else new[id(v)])
+        results = [Value(r.name, r.type) for r in t.results]
+        new.update((id(r), c) for r, c in zip(t.results, results))
+        ops.append(Op(t.name, operands, results, t.attrs, t.loc))
+    group = Op("fused", ext, [], FusedAttrs(Region(args, ops, [new[id(last)]]), kind, note), loc)
+    group.results = [last]
+    return group
+
+
 def _render_split(ctx: LowerCtx, problem: Problem, params: dict):
     """The anchor alone (its lowerings by priority), then the chain after it as one elementwise group."""
     L, body = ctx.L, ctx.op.attrs.body
@@ -239,23 +259,8 @@ def _render_split(ctx: LowerCtx, problem: Problem, params: dict):
                 actx.inp(2)
     with _bound(L, ctx.op):
         L.lower_op(anchor)
-        # the tail as its own closed region (copies of its ops reading fresh arguments)
-        new, args, ext, ops = {}, [], [], []
-        for t in tail:
-            operands = []
-            for v in t.operands:
-                if v is not None and id(v) not in new:
-                    new[id(v)] = Value(v.name, v.type)
-                    args.append(new[id(v)])
-                    ext.append(v)
-                operands.append(None if v is None else new[id(v)])
-            results = [Value(r.name, r.type) for r in t.results]
-            new.update((id(r), c) for r, c in zip(t.results, results))
-            ops.append(Op(t.name, operands, results, t.attrs, t.loc))
-        group = Op("fused", ext, [], FusedAttrs(Region(args, ops, [new[id(body.results[0])]]), "elementwise",
-                                                "the chain of a declined epilogue group"), tail[0].loc)
-        group.results = [body.results[0]]  # stands for the fused op's result (bound above)
-        L.lower_op(group)
+        L.lower_op(closed_group(tail, body.results[0], "elementwise", "the chain of a declined epilogue group",
+                                tail[0].loc))
     ctx.emitted += 1
     return True
 

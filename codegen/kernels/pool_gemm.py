@@ -19,13 +19,13 @@ from typing import Optional
 import numpy as np
 
 from ...ir.builder import const_value
-from ...ir.graph import Op, Region, Value
-from ...ir.ops.fused import FusedAttrs
+from ...ir.graph import Op
 from ...passes import fuse_pooling as fp
 from ...passes.fuse_epilogue import match
 from ..lower import LowerCtx, Problem, describe_op
 from ..variants import YES, Variant, no, register
 from .common import CTYPES, KernelSpec, act_ctx, cdiv, kernel_name, render as _render_template
+from .epilogue_fusion import closed_group
 from .gemm_lowering import emit_spec
 from ._helpers import bound_body as _bound
 
@@ -199,24 +199,8 @@ def _render_split(ctx: LowerCtx, problem: Problem, params: dict):
         if not g.tail:
             L.lower_op(g.gemm)
         else:
-            part = [g.gemm] + g.tail
-            new, args, ext, ops = {}, [], [], []
-            for t in part:
-                operands = []
-                for v in t.operands:
-                    if v is not None and id(v) not in new:
-                        new[id(v)] = Value(v.name, v.type)
-                        args.append(new[id(v)])
-                        ext.append(v)
-                    operands.append(None if v is None else new[id(v)])
-                results = [Value(r.name, r.type) for r in t.results]
-                new.update((id(r), c) for r, c in zip(t.results, results))
-                ops.append(Op(t.name, operands, results, t.attrs, t.loc))
-            last = part[-1].results[0]
-            grp = Op("fused", ext, [], FusedAttrs(Region(args, ops, [new[id(last)]]), "gemm_epilogue",
-                                                  "a gap_gemm group lowered as before"), g.gemm.loc)
-            grp.results = [last]
-            L.lower_op(grp)
+            L.lower_op(closed_group([g.gemm] + g.tail, g.tail[-1].results[0], "gemm_epilogue",
+                                    "a gap_gemm group lowered as before", g.gemm.loc))
     ctx.emitted += 1
     return True
 
