@@ -193,12 +193,18 @@ def _pinned(cp, shape, dtype) -> np.ndarray:
     return np.frombuffer(mem, dtype, int(np.prod(shape))).reshape(shape)
 
 
-def _bench_reference(out: Path, options: BenchOptions, advance) -> BenchResult:
+def load_reference(out):
+    """out's reference-backend module, refused when its inputs have symbolic dims (benchmarks need shapes)."""
     from .api import load
     m = load(out, backend="reference")
-    plan = m.plan
-    if any(not isinstance(d, int) for t in plan["inputs"] for d in (t.get("shape") or [])):
+    if any(not isinstance(d, int) for t in m.plan["inputs"] for d in (t.get("shape") or [])):
         raise NncError(f"{out}: inputs have symbolic dims; compile with --shapes to bench")
+    return m
+
+
+def _bench_reference(out: Path, options: BenchOptions, advance) -> BenchResult:
+    m = load_reference(out)
+    plan = m.plan
     feed = random_inputs(plan, options.seed)
     lat = []
     total = options.warmup + options.iterations
