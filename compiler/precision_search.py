@@ -120,15 +120,6 @@ def calibration(model, module, calib_data, warn: Callable[[str], None]) -> Calib
     return Calibration(samples, f"{len(samples)} sample(s) from {p.name}")
 
 
-def _pre_passes() -> list[str]:
-    """The pipeline up to where the precision pass runs (driver.pipeline_passes' insertion point)."""
-    from .driver import pipeline_passes
-    from .pipeline import FUSION_PASSES, LAYOUT_PASSES
-    passes = pipeline_passes("fp32", fuse=False)
-    at = next((i for i, p in enumerate(passes) if p in FUSION_PASSES + LAYOUT_PASSES), len(passes))
-    return passes[:at]
-
-
 def _run(module, samples) -> list[tuple[dict, dict]]:
     """Per sample: ({output name: array}, {value name: array of every top-level op result})."""
     from .ir.interp import Interpreter
@@ -180,16 +171,18 @@ def search(model, options, warn: Callable[[str], None], log: Callable[[str], Non
            import_shapes: Optional[dict] = None, cost: Optional[LayerCost] = None) -> tuple[PrecisionChoice, SearchRecord]:
     """The per-layer choice for `options` (precision "best"): see the module docstring.
     cost: the LayerCost ordering each layer's allowed types (None: cost_model(options))."""
+    from .calibrate import pre_quant_passes
     from .ir.verify import verify
     from .onnx_import import import_model
     from .pipeline import Pipeline
 
+    pre = pre_quant_passes()  # the pipeline up to where the precision pass runs
     shapes = import_shapes if import_shapes is not None else {k: list(v) for k, v in options.shapes}
 
     def build(choice: Optional[PrecisionChoice]):
         m = import_model(model, shapes=shapes)
         verify(m)
-        passes = _pre_passes() + ([("mixed-precision", choice), "canonicalize", "dce"] if choice else [])
+        passes = pre + ([("mixed-precision", choice), "canonicalize", "dce"] if choice else [])
         Pipeline(passes).run(m)
         return m
 
