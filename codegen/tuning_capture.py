@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 
 from ..ir.errors import NncError
+from .dtypes import SCALAR_NP
 from .plan import Kernel, Scalar
 from .variants import Candidate, _params_key
 
@@ -83,9 +84,6 @@ class _Snapshot:
         L.zero_copy_bytes = self.zero_copy_bytes
 
 
-_RAW_INT_OK = ("bool",)  # integer-like dtypes random data is always in range for
-
-
 def capture(problem, cand: Candidate, params: dict, tag: str) -> Capture:
     """Renders (cand, params) for `problem` in a sandbox of its Lowerer and rolls the state back.
     tag: makes the captured kernels' names unique in the tuning batch."""
@@ -136,7 +134,6 @@ def _describe(cap: Capture, L, op, snap: _Snapshot, tag: str):
         args = []
         for a in l.args:
             if isinstance(a, Scalar):
-                from .dtypes import SCALAR_NP
                 args.append(("val", SCALAR_NP[a.type](a.value)))
                 continue
             root = L.buffers[a.alias_of] if a.alias_of is not None else a
@@ -145,8 +142,7 @@ def _describe(cap: Capture, L, op, snap: _Snapshot, tag: str):
                 data = None
                 if root.data is not None:  # the array itself (no copy per candidate: weights are big)
                     data = np.ascontiguousarray(root.data).astype(root.dtype.np, copy=False)
-                elif shared and root.id not in results and root.dtype.np.kind in "iu" and \
-                        root.dtype.np_name not in _RAW_INT_OK:
+                elif shared and root.id not in results and root.dtype.np.kind in "iu":  # bool is "b": random 0/1
                     cap.why_not = (f"integer operand {root.name} ({root.dtype.np_name}) is not a constant: "
                                    f"random indices could be out of range")
                     return
