@@ -127,14 +127,18 @@ def _persistent_applies(p):
     return rnn.recurrence_fits(_spec(p), p.target)
 
 
+def _buffers(ctx: LowerCtx, spec) -> dict:
+    """The recurrence's operands and results as emit_recurrence{,_fallback} take them."""
+    y = ctx.out(0)  # defined even when unread (then no kernel writes it)
+    return dict(g=ctx.inp(0), r=ctx.inp(1), y=y if spec.has_y else None,
+                yh=ctx.out(1) if spec.has_yh else None, yc=ctx.out(2) if spec.has_yc else None,
+                h0=ctx.inp(4), c0=ctx.inp(5) if ctx.attrs.kind == "LSTM" else None,
+                peep=ctx.inp(3), rbh=ctx.inp(2), lens=ctx.inp(6))
+
+
 def _persistent_render(ctx: LowerCtx, p, params):
     spec = _spec(p)
-    a = ctx.attrs
-    y = ctx.out(0)  # defined even when unread (then no kernel writes it)
-    rnn.emit_recurrence(ctx, spec, params, g=ctx.inp(0), r=ctx.inp(1), y=y if spec.has_y else None,
-                        yh=ctx.out(1) if spec.has_yh else None, yc=ctx.out(2) if spec.has_yc else None,
-                        h0=ctx.inp(4), c0=ctx.inp(5) if a.kind == "LSTM" else None,
-                        peep=ctx.inp(3), rbh=ctx.inp(2), lens=ctx.inp(6))
+    rnn.emit_recurrence(ctx, spec, params, **_buffers(ctx, spec))
     return True
 
 
@@ -156,12 +160,7 @@ def _fallback_applies(p):
 
 def _fallback_render(ctx: LowerCtx, p, params):
     spec = _spec(p)
-    a = ctx.attrs
-    y = ctx.out(0)  # defined even when unread (then no kernel writes it)
-    rnn.emit_recurrence_fallback(ctx, spec, params, g=ctx.inp(0), r=ctx.inp(1), y=y if spec.has_y else None,
-                                 yh=ctx.out(1) if spec.has_yh else None, yc=ctx.out(2) if spec.has_yc else None,
-                                 h0=ctx.inp(4), c0=ctx.inp(5) if a.kind == "LSTM" else None,
-                                 peep=ctx.inp(3), rbh=ctx.inp(2), lens=ctx.inp(6))
+    rnn.emit_recurrence_fallback(ctx, spec, params, **_buffers(ctx, spec))
     return True
 
 
