@@ -374,7 +374,7 @@ def lower_tuned(module, options, runner: Optional[Runner] = None):
     tuned to op by op: its body ops), so this repeats until a lowering meets nothing new (at
     most MAX_ROUNDS; what is left then keeps the heuristic). With a warm cache: one lowering."""
     from .lower import Lowerer
-    from .timing_cache import TimingCache
+    from .timing_cache import TimingCache, TimingCacheWarning
     rep = current()
     t0 = time.perf_counter()
     deadline = None if options.tune_budget is None else t0 + float(options.tune_budget)
@@ -410,7 +410,6 @@ def lower_tuned(module, options, runner: Optional[Runner] = None):
         try:
             cache.save(options.timing_cache)
         except OSError as e:  # the build is good; only the reuse is lost: say so, do not fail
-            from .timing_cache import TimingCacheWarning
             msg = f"timing cache {options.timing_cache}: cannot write it ({e}); this build's timings are not kept"
             warnings.warn(msg, TimingCacheWarning, stacklevel=2)
             rep.log(f"  warning: {msg}")
