@@ -305,11 +305,9 @@ def calibration_module(model, shapes: Optional[dict] = None):
 
 
 def pre_quant_passes() -> list[str]:
-    from .driver import pipeline_passes
-    from .pipeline import FUSION_PASSES, LAYOUT_PASSES
+    from .driver import pipeline_passes, precision_point
     passes = pipeline_passes("fp32", fuse=False)
-    at = next((i for i, p in enumerate(passes) if p in FUSION_PASSES + LAYOUT_PASSES), len(passes))
-    return passes[:at]
+    return passes[:precision_point(passes)]
 
 
 def _npz_files(data) -> list[Path]:

@@ -36,6 +36,11 @@ def io_entry(v) -> dict:
     return {"name": v.name, "dtype": v.type.dtype.np_name, "shape": shape}
 
 
+def precision_point(passes: list) -> int:
+    """Where the precision passes go in `passes`: before the first fusion / layout pass."""
+    return next((i for i, p in enumerate(passes) if p in FUSION_PASSES + LAYOUT_PASSES), len(passes))
+
+
 def pipeline_passes(precision: str = "fp32", fuse: bool = True, per_layer=None, int8_scales=None) -> list:
     """The pass list `nnc compile` runs at this precision (`nnc verify` runs the same one).
     fuse=False leaves out the fusion passes (`--no-fuse`: one kernel per op, to compare against).
@@ -47,13 +52,13 @@ def pipeline_passes(precision: str = "fp32", fuse: bool = True, per_layer=None, 
     if precision == "int8":
         from .passes.quantize_int8 import make_pass
         from .pipeline import PASSES
-        at = next((i for i, p in enumerate(passes) if p in FUSION_PASSES + LAYOUT_PASSES), len(passes))
+        at = precision_point(passes)
         fold = ["fold-qdq"] if "fold-qdq" in PASSES else []
         passes[at:at] = [("quantize-int8", make_pass(int8_scales or {}))] + fold + ["canonicalize", "dce"]
         return passes
     if precision in ("fp16", "bf16") or per_layer is not None:
         # before the fusion passes: to-fp16 would run a fused op's body at f32 (casts around it)
-        at = next((i for i, p in enumerate(passes) if p in FUSION_PASSES + LAYOUT_PASSES), len(passes))
+        at = precision_point(passes)
         lower = ("mixed-precision", per_layer) if per_layer is not None else f"to-{precision}"
         passes[at:at] = [lower, "canonicalize", "dce"]
     return passes
