@@ -300,6 +300,23 @@ def _vec(elem_per_16b: int, *vals) -> bool:
     return all(int(v) % elem_per_16b == 0 for v in vals)
 
 
+def kernel_args(pr: GemmProblem, ctype: str, to: str, ctx: dict) -> list:
+    """The GEMM kernels' argument list (gemm_f32 / gemm_tc here, gemm_wgmma.py's too)."""
+    args = [("A", f"const {ctype}*", None), ("B", f"const {ctype}*", None), ("D", f"{to}*", None)]
+    if pr.has_c:
+        args.append(("C", f"const {ctx['TC']}*", None))
+    if pr.has_bias:
+        args.append(("bias", f"const {ctx['TBIAS']}*", None))
+    args += [("M", "int", pr.M), ("N", "int", pr.N), ("K", "int", pr.K), ("lda", "long long", pr.lda_),
+             ("ldb", "long long", pr.ldb_), ("ldd", "long long", pr.ldd_), ("ldc_m", "long long", pr.ldc_m),
+             ("ldc_n", "long long", pr.ldc_n), ("alpha", "float", float(pr.alpha)), ("beta", "float", float(pr.beta)),
+             ("bdiv", "int", pr.batch[1]), ("sA0", "long long", pr.stride_a[0]), ("sA1", "long long", pr.stride_a[1]),
+             ("sB0", "long long", pr.stride_b[0]), ("sB1", "long long", pr.stride_b[1]),
+             ("sC0", "long long", pr.stride_c[0]), ("sC1", "long long", pr.stride_c[1]),
+             ("sD0", "long long", pr.stride_d[0]), ("sD1", "long long", pr.stride_d[1])]
+    return args
+
+
 def render(problem: GemmProblem, params: dict | None = None, name: str | None = None) -> KernelSpec:
     pr = problem
     params = dict(params or default_params(pr))
@@ -336,18 +353,7 @@ def render(problem: GemmProblem, params: dict | None = None, name: str | None = 
     ctx["name"] = name or kernel_name(prefix, ctx)
     src = _render(template, **ctx)
     grid = (cdiv(pr.M, params["BM"]) * cdiv(pr.N, params["BN"]), 1, pr.nbatch)
-    args = [("A", f"const {ctype}*", None), ("B", f"const {ctype}*", None), ("D", f"{to}*", None)]
-    if pr.has_c:
-        args.append(("C", f"const {ctx['TC']}*", None))
-    if pr.has_bias:
-        args.append(("bias", f"const {ctx['TBIAS']}*", None))
-    args += [("M", "int", pr.M), ("N", "int", pr.N), ("K", "int", pr.K), ("lda", "long long", lda),
-             ("ldb", "long long", ldb), ("ldd", "long long", ldd), ("ldc_m", "long long", pr.ldc_m),
-             ("ldc_n", "long long", pr.ldc_n), ("alpha", "float", float(pr.alpha)), ("beta", "float", float(pr.beta)),
-             ("bdiv", "int", pr.batch[1]), ("sA0", "long long", pr.stride_a[0]), ("sA1", "long long", pr.stride_a[1]),
-             ("sB0", "long long", pr.stride_b[0]), ("sB1", "long long", pr.stride_b[1]),
-             ("sC0", "long long", pr.stride_c[0]), ("sC1", "long long", pr.stride_c[1]),
-             ("sD0", "long long", pr.stride_d[0]), ("sD1", "long long", pr.stride_d[1])]
+    args = kernel_args(pr, ctype, to, ctx)
     if swz == GROUP_M:  # the default order is left out of plan.json / model.cu, which stay as before
         params.pop("swizzle")
     return KernelSpec(source=src, name=ctx["name"], grid=grid, block=(nt, 1, 1), smem=smem, args=args,

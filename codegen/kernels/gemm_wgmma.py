@@ -180,18 +180,7 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
     ctx["name"] = name or kernel_name("nnc_gemm_wgmma", ctx)
     src = render_template(TEMPLATE, **ctx)
     grid = (cdiv(pr.M, params["BM"]) * cdiv(pr.N, params["BN"]), 1, pr.nbatch)
-    args = [("A", f"const {ctype}*", None), ("B", f"const {ctype}*", None), ("D", f"{to}*", None)]
-    if pr.has_c:
-        args.append(("C", f"const {ctx['TC']}*", None))
-    if pr.has_bias:
-        args.append(("bias", f"const {ctx['TBIAS']}*", None))
-    args += [("M", "int", pr.M), ("N", "int", pr.N), ("K", "int", pr.K), ("lda", "long long", pr.lda_),
-             ("ldb", "long long", pr.ldb_), ("ldd", "long long", pr.ldd_), ("ldc_m", "long long", pr.ldc_m),
-             ("ldc_n", "long long", pr.ldc_n), ("alpha", "float", float(pr.alpha)), ("beta", "float", float(pr.beta)),
-             ("bdiv", "int", pr.batch[1]), ("sA0", "long long", pr.stride_a[0]), ("sA1", "long long", pr.stride_a[1]),
-             ("sB0", "long long", pr.stride_b[0]), ("sB1", "long long", pr.stride_b[1]),
-             ("sC0", "long long", pr.stride_c[0]), ("sC1", "long long", pr.stride_c[1]),
-             ("sD0", "long long", pr.stride_d[0]), ("sD1", "long long", pr.stride_d[1])]
+    args = gemm.kernel_args(pr, ctype, to, ctx)
     return KernelSpec(source=src, name=ctx["name"], grid=grid, block=(128 * (params["CW"] + 1), 1, 1),
                       smem=smem_bytes(params), args=args,
                       params=dict(params, BK=BK, family="wgmma", template=TEMPLATE))
