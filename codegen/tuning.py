@@ -123,6 +123,7 @@ class TuneProblem:
     others: list
     count: int = 1  # how many ops of the model share it
     skip: str = ""  # why it is not timed (then: the heuristic)
+    space: str = ""  # space_digest of the (candidate, params) it is tuned over (the cache entry's)
 
 
 def layer_name(op) -> str:
@@ -219,8 +220,7 @@ class SurveySelector:
                 caps.append(capture(problem, c, p, f"t{self._tags}"))
         finally:
             self._depth -= 1
-        tp = TuneProblem(key, layer_name(problem.op), caps[0], caps[1:])
-        tp.space = space
+        tp = TuneProblem(key, layer_name(problem.op), caps[0], caps[1:], space=space)
         if caps[0].why_not:
             tp.skip = f"baseline: {caps[0].why_not}"
         return tp
@@ -337,7 +337,7 @@ def tune_problems(problems: Sequence[TuneProblem], runner: Runner, deadline: Opt
                           "heuristic": {"variant": base.variant, "params": base.params,
                                         "time_ms": round(t_base * 1e3, 6)},
                           "tried": tried, "candidates": 1 + len(p.others), "rejected": rejected,
-                          "space": getattr(p, "space", "")}
+                          "space": p.space}
             if partial:  # used by this build, never cached: a later compile tunes it in full
                 out[p.key]["partial"] = partial
     return out
