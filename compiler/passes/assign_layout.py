@@ -243,17 +243,8 @@ class _Assign:
                 self._define_as(b, op.results[0], xn, q, op.loc)
                 self.changed = True
                 done = True
-            elif op.name == "BatchNormalization" and self._bn_ok(op):
-                self._bn(op, b)
-                done = True
-            elif op.name == "Resize" and self._resize_ok(op):
-                self._resize(op, b)
-                done = True
-            elif op.name == "Slice" and self._slice_ok(op):
-                self._slice(op, b)
-                done = True
-            elif op.name == "Concat" and self._concat_ok(op):
-                self._concat(op, b)
+            elif op.name in _REWRITES and _REWRITES[op.name][0](self, op):
+                _REWRITES[op.name][1](self, op, b)
                 done = True
             elif self._elementwise_ok(op):
                 self._elementwise(op, b)
@@ -499,6 +490,11 @@ class _Assign:
                 nm = getattr(p.attrs, "weight", None) if p is not None else None
                 if nm and nm not in named and nm in ws:
                     del ws.arrays[nm]
+
+
+# op name -> (applies, rewrite) of the _Assign methods for the ops rewritten by one method each
+_REWRITES = {"BatchNormalization": (_Assign._bn_ok, _Assign._bn), "Resize": (_Assign._resize_ok, _Assign._resize),
+             "Slice": (_Assign._slice_ok, _Assign._slice), "Concat": (_Assign._concat_ok, _Assign._concat)}
 
 
 def run(module: Module) -> bool:
