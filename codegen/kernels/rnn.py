@@ -23,7 +23,7 @@ h or R do not fit). rnn-pass's `recurrence` lowering calls `emit_recurrence` dir
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -145,7 +145,7 @@ class RecurrenceSpec:
         return self.gates * self.H
 
     def strides(self):
-        S, B, D, H, GH = self.S, self.B, self.D, self.H, self.GH
+        B, D, H, GH = self.B, self.D, self.H, self.GH
         g = self.g_strides or (B * D * GH, D * GH, GH)
         y = self.y_strides or (D * B * H, H, B * H)
         st = self.state_strides or (H, B * H)
