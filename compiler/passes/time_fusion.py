@@ -82,6 +82,11 @@ def _is_zero(v, weights, depth=0) -> bool:
     return False
 
 
+def _operands8(op: Op) -> list:
+    """An LSTM / GRU / RNN's operands at their ONNX positions, None where absent."""
+    return list(op.operands) + [None] * (8 - len(op.operands))
+
+
 def _regroup(groups, shape, size):
     """The axis groups of a view of a value whose dims hold `groups` (tuples of Y's logical axes),
     reshaped to `shape`: adjacent axes merge, unit axes come and go; None when the view would
@@ -165,7 +170,7 @@ class _Rewriter:
     def plan(self, op: Op):
         """None (op left alone, reason in self.notes) or what the rewrite needs."""
         kind, a, w = op.name, op.attrs, self.m.weights
-        ops = list(op.operands) + [None] * (8 - len(op.operands))
+        ops = _operands8(op)
         X, W, R, Bv_, lens, h0, c0, P = ops
         Wv = const_value(W, w)
         Bv = None if Bv_ is None else const_value(Bv_, w)
@@ -308,7 +313,7 @@ class _Rewriter:
             sq.append(u)
         cat = only_use(sq[0].results[0])
         if cat is None or cat.name != "Concat" or only_use(sq[1].results[0]) is not cat \
-                or [v for v in cat.operands] != [sq[0].results[0], sq[1].results[0]] \
+                or list(cat.operands) != [sq[0].results[0], sq[1].results[0]] \
                 or int(cat.attrs.axis) not in (2, -1):
             return None
         return sq, cat
@@ -330,7 +335,7 @@ class _Rewriter:
                     continue
             except NncError:
                 continue
-            ops = list(op.operands) + [None] * (8 - len(op.operands))
+            ops = _operands8(op)
             if const_value(ops[1], w) is None or const_value(ops[2], w) is None or \
                     (ops[3] is not None and const_value(ops[3], w) is None) or \
                     (ops[7] is not None and const_value(ops[7], w) is None):
@@ -361,8 +366,8 @@ class _Rewriter:
     def _merge_pair(self, fwd, rev, sq, cat, b: Builder, pos):
         w = self.m.weights
         kind, a = fwd.name, fwd.attrs
-        fo = list(fwd.operands) + [None] * (8 - len(fwd.operands))
-        ro = list(rev.operands) + [None] * (8 - len(rev.operands))
+        fo = _operands8(fwd)
+        ro = _operands8(rev)
         X, lens = fo[0], fo[4]
         H = int(fo[2].type.shape[2])
         gates = _KIND[kind][0]
