@@ -51,10 +51,8 @@ def pipeline_passes(precision: str = "fp32", fuse: bool = True, per_layer=None, 
     passes = [p for p in DEFAULT_PIPELINE if fuse or p not in FUSION_PASSES]
     if precision == "int8":
         from .passes.quantize_int8 import make_pass
-        from .pipeline import PASSES
         at = precision_point(passes)
-        fold = ["fold-qdq"] if "fold-qdq" in PASSES else []
-        passes[at:at] = [("quantize-int8", make_pass(int8_scales or {}))] + fold + ["canonicalize", "dce"]
+        passes[at:at] = [("quantize-int8", make_pass(int8_scales or {})), "fold-qdq", "canonicalize", "dce"]
         return passes
     if precision in ("fp16", "bf16") or per_layer is not None:
         # before the fusion passes: to-fp16 would run a fused op's body at f32 (casts around it)
