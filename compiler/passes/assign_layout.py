@@ -404,13 +404,17 @@ class _Assign:
         ph = [step4[p] for p in TO_NHWC]
         nhwc = 0 if contiguous_slice(tuple(x.type.shape[p] for p in TO_NHWC),
                                      tuple(y.type.shape[p] for p in TO_NHWC), ph) else 1
-        self.saved += max(0, nchw - nhwc)
-        self.extra += max(0, nhwc - nchw)
+        self._balance(nchw, nhwc)
         phys = b.constant(np.array([TO_NHWC.index(int(a) % 4) for a in axes], np.int64), y.name + "_axes_nhwc",
                           op.loc)
         self.created.add(id(b.region.ops[-1]))
         yn = self._emit(b, "Slice", [self.nhwc[id(x)], ops[1], ops[2], phys, ops[4]], {}, op.loc, y.name + "_nhwc")
         self._finish(op, yn, b)
+
+    def _balance(self, nchw: int, nhwc: int) -> None:
+        """Counts the launches an op takes on NCHW vs on NHWC: saved, or extra (added)."""
+        self.saved += max(0, nchw - nhwc)
+        self.extra += max(0, nhwc - nchw)
 
     def _concat_ok(self, op: Op) -> bool:
         ins = op.operands
@@ -428,8 +432,7 @@ class _Assign:
         shape = tuple(y.type.shape)
         nchw = 0 if int(np.prod(shape[:axis])) == 1 else len(op.operands)
         nhwc = 0 if int(np.prod([shape[p] for p in TO_NHWC][:phys])) == 1 else 1
-        self.saved += max(0, nchw - nhwc)
-        self.extra += max(0, nhwc - nchw)
+        self._balance(nchw, nhwc)
         ins = [self.nhwc_of(v, b, op.loc) for v in op.operands]
         yn = self._emit(b, "Concat", ins, {"axis": phys}, op.loc, y.name + "_nhwc")
         self._finish(op, yn, b)
