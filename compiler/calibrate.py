@@ -361,7 +361,8 @@ def calibrate(model, data, method: str = "entropy", percentile: float = 99.99, s
         raise CalibrationError(f"--percentile must be in (0, 100], not {percentile!r}")
     module = calibration_module(model, shapes)
     from .passes.quantize_int8 import quantized_tensors
-    names = list(quantized_tensors(module))
+    want = quantized_tensors(module)
+    names = list(want)
     if not names:
         raise CalibrationError("the model has no Conv / Gemm / MatMul with a float activation input: "
                                "nothing to calibrate")
@@ -388,7 +389,7 @@ def calibrate(model, data, method: str = "entropy", percentile: float = 99.99, s
                 task.advance()
     amax = {n: s.amax_for(method, percentile) for n, s in stats.items()}
     from .passes.quantize_int8 import scale_sources
-    for t, u in scale_sources(module).items():  # MaxPool / views keep their input's scale
+    for t, u in scale_sources(module, want).items():  # MaxPool / views keep their input's scale
         amax[t] = amax[u]
     for n, a in amax.items():
         log(f"  {n}: max|x| {stats[n].amax:.6g} -> amax {a:.6g} ({method})")

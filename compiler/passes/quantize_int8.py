@@ -73,10 +73,11 @@ def quantized_tensors(module: Module) -> dict[str, str]:
     return out
 
 
-def scale_sources(module: Module) -> dict[str, str]:
+def scale_sources(module: Module, want: Optional[dict] = None) -> dict[str, str]:
     """{quantized tensor: the quantized tensor whose scale it takes} for results of chains of
-    SCALE_PRESERVING ops starting at a quantized tensor (Relu -> MaxPool -> Flatten -> Gemm)."""
-    want = quantized_tensors(module)
+    SCALE_PRESERVING ops starting at a quantized tensor (Relu -> MaxPool -> Flatten -> Gemm).
+    want: quantized_tensors(module), when the caller has it already."""
+    want = quantized_tensors(module) if want is None else want
     origin: dict[str, str] = {}  # value -> the quantized tensor it is a max/view of
     for op in module.main.ops:
         if op.name in SCALE_PRESERVING and op.results and op.operands and op.operands[0] is not None:
@@ -119,7 +120,7 @@ class _Insert:
     def run(self) -> bool:
         f = self.module.main
         want = quantized_tensors(self.module)
-        src = scale_sources(self.module)
+        src = scale_sources(self.module, want)
         self.scales = {**self.scales, **{t: self.scales[u] for t, u in src.items() if u in self.scales}}
         for name, why in want.items():
             if name not in self.scales:
