@@ -19,8 +19,8 @@ Variants (family "recurrence"):
 """
 from __future__ import annotations
 
-from ...ir.ops.recurrence import cell_of, g_batch_major, num_dirs
-from ...ir.ops.rnn import _KIND
+from ...ir.ops.recurrence import cell_of, g_batch_major
+from ...ir.ops.rnn import _KIND, _num_dirs
 from ..lower import LowerCtx
 from ..variants import Variant, no, register
 from . import rnn
@@ -32,14 +32,14 @@ def _cells(op):
     a = op.attrs
     c0 = cell_of(a.kind, a.body)
     c1 = cell_of(a.kind, a.body_backward) if a.body_backward is not None else c0
-    return [c0, c1][:num_dirs(a.direction)]
+    return [c0, c1][:_num_dirs(a)]
 
 
 def _dims(op, shape_of):
     a = op.attrs
     gs = shape_of(0)
     S, B = (gs[1], gs[0]) if g_batch_major(a) else (gs[0], gs[1])
-    return int(S), int(B), num_dirs(a.direction), int(a.hidden_size)
+    return int(S), int(B), _num_dirs(a), int(a.hidden_size)
 
 
 def _strides(a, S, B, D, H, GH):

@@ -49,8 +49,8 @@ import numpy as np
 
 from nnc.ir.builder import Builder, const_value
 from nnc.ir.graph import Module, NameGen, Op, users, value_names
-from nnc.ir.ops.recurrence import ACT_OPS, Cell, cell_body, num_dirs
-from nnc.ir.ops.rnn import _KIND, activation_slots
+from nnc.ir.ops.recurrence import ACT_OPS, Cell, cell_body
+from nnc.ir.ops.rnn import _KIND, _num_dirs, activation_slots
 from nnc.ir.errors import NncError
 from nnc.ir import registry
 
@@ -187,7 +187,7 @@ class _Rewriter:
         if any(k not in ACT_OPS for d in slots for k, _, _ in d):
             self.notes.append(f"{op.loc}: {kind}: activations {slots} are not all single IR ops")
             return None
-        nd = num_dirs(a.direction)
+        nd = _num_dirs(a)
         gates = _KIND[kind][0]
         H = int(R.type.shape[2]) if a.hidden_size is None else int(a.hidden_size)
         GH = gates * H

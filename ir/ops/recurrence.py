@@ -47,7 +47,7 @@ from ..errors import NncError
 from ..graph import NameGen, Region, Value
 from ..registry import register
 from ..types import TensorType, dtype
-from .rnn import _KIND
+from .rnn import _KIND, _num_dirs
 
 Y_LAYOUTS = ("", "sbdh", "bsdh")
 
@@ -91,12 +91,6 @@ class Cell:
     linear_before_reset: bool = False
     has_rbh: bool = False
     has_peep: bool = False
-
-
-def num_dirs(direction: str) -> int:
-    if direction not in ("forward", "reverse", "bidirectional"):
-        raise NncError(f"direction must be forward, reverse or bidirectional, got {direction!r}")
-    return 2 if direction == "bidirectional" else 1
 
 
 def g_batch_major(a) -> bool:
@@ -301,7 +295,7 @@ def _infer(ctx):
     a = ctx.attrs
     if a.kind not in _KIND:
         ctx.fail(f"kind must be RNN, GRU or LSTM, got {a.kind!r}")
-    nd = num_dirs(a.direction)
+    nd = _num_dirs(a)
     if a.layout not in (0, 1):
         ctx.fail(f"layout must be 0 or 1, got {a.layout}")
     if a.y_layout not in Y_LAYOUTS:
@@ -364,7 +358,7 @@ def _infer(ctx):
 # ---------------------------------------------------------------- reference
 
 def _ref(a: RecurrenceAttrs, G, R, rbh=None, P=None, h0=None, c0=None, lens=None, *, ctx):
-    nd = num_dirs(a.direction)
+    nd = _num_dirs(a)
     gates = _KIND[a.kind][0]
     H = a.hidden_size
     GH = gates * H
