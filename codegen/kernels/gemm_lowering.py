@@ -20,7 +20,7 @@ from typing import Optional
 
 from ..lower import LowerCtx
 from ..plan import Buffer
-from ..variants import YES, Variant, no, register
+from ..variants import YES, Variant, no, order_key, register
 from . import gemm
 from ..dtypes import KERNEL_FAMILY_TYPES, TABLE
 from ..target import Target
@@ -298,5 +298,4 @@ EPILOGUE_VARIANTS: dict = {"MatMul": [MATMUL], "Gemm": [GEMM]}
 
 
 def add_epilogue_variant(op: str, v: Variant) -> None:
-    from ..variants import order_key
     EPILOGUE_VARIANTS[op] = sorted(EPILOGUE_VARIANTS[op] + [v], key=order_key)
