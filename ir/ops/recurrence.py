@@ -332,7 +332,7 @@ def _infer(ctx):
         if i == 6:
             if t.dtype.kind not in ("int", "uint"):
                 ctx.fail(f"sequence_lens has dtype {t.dtype}, an integer type is expected")
-        elif i != 1 and t.dtype != storage and i >= 4:
+        elif i >= 4 and t.dtype != storage:
             ctx.fail(f"{nm} has dtype {t.dtype}, G is {storage}")
     if ctx.has(2) and a.kind != "GRU":
         ctx.fail("rbh (operand 2) is only for GRU with linear_before_reset")
