@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from nnc.ir.graph import Module, Op
+from nnc.ir.layout import op_is_nhwc
 from nnc.ir.outline import Outliner
 from nnc.passes.fuse_epilogue import match_group
 
@@ -48,10 +49,6 @@ VEC = 8  # channels a thread loads at once (16 bytes): channel counts must be mu
 def conv_is_nhwc(conv: Op) -> bool:
     """Whether assign-layout made this Conv NHWC (ir/layout.py's op_is_nhwc: the one place this
     pass asks about the layout representation)."""
-    try:
-        from nnc.ir.layout import op_is_nhwc
-    except ImportError:  # (before ir/layout.py: the Conv's own attribute)
-        return (getattr(conv.attrs, "layout", None) or "NCHW") == "NHWC"
     return conv.name == "Conv" and op_is_nhwc(conv)
 
 
