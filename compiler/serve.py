@@ -19,6 +19,7 @@ SIGINT stop it (it gets SIGTERM, then SIGKILL after a grace period).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -272,13 +273,16 @@ class TritonServer:
         except (OSError, ValueError):
             return None
 
+    def repository_index(self, timeout: float = 2) -> list:
+        """Triton's repository index: [{"name", "state", "reason"?, ...}] (raises OSError/ValueError)."""
+        req = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+
     def _models_settled(self) -> bool:
         """Every model in the repository index is READY or UNAVAILABLE (load finished or failed)."""
-        import json
         try:
-            req = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST")
-            with urllib.request.urlopen(req, timeout=2) as r:
-                index = json.loads(r.read())
+            index = self.repository_index()
         except (OSError, ValueError):
             return False
         return all(m.get("state") in ("READY", "UNAVAILABLE") for m in index)
@@ -357,11 +361,8 @@ def serve(paths: Sequence[str], opts: ServerOptions, backend: str = "cuda") -> i
             server.start()
             print(f"nnc serve: Triton on {repo}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
                   f"metrics {opts.host}:{server.metrics_port}; log {server.log_path}", flush=True)
-            with urllib.request.urlopen(urllib.request.Request(f"http://{server.http_url}/v2/repository/index",
-                                                               data=b"{}", method="POST"), timeout=5) as r:
-                import json
-                for m in json.loads(r.read()):
-                    print(f"  model {m.get('name')}: {m.get('state')} {m.get('reason', '')}".rstrip(), flush=True)
+            for m in server.repository_index(timeout=5):
+                print(f"  model {m.get('name')}: {m.get('state')} {m.get('reason', '')}".rstrip(), flush=True)
             while stop["sig"] is None and server.proc.poll() is None:
                 time.sleep(0.2)
         finally:
