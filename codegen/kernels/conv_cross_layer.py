@@ -23,14 +23,14 @@ from typing import Optional
 import numpy as np
 
 from ...ir.builder import const_value
-from ...ir.graph import Op, Region, Value
-from ...ir.ops.fused import FusedAttrs
+from ...ir.graph import Op, Value
 from ...passes import fuse_cross_layer as xl
 from ...passes.fuse_epilogue import match
 from ..lower import LowerCtx, Problem, describe_op
 from ..variants import YES, Variant, no, register
 from .common import CTYPES, KernelSpec, act_ctx, kernel_name, render as _render
 from .conv import MMA
+from .epilogue_fusion import closed_group
 from .gemm_lowering import emit_spec
 from ._helpers import bound_body as _bound
 
@@ -237,27 +237,13 @@ def _name_group(ctx: LowerCtx, n_launch: int) -> None:
 
 # ---------------------------------------------------------------- dw_pw.split
 
-def _sub_group(half: _Half, body_args_of) -> Op:
+def _sub_group(half: _Half) -> Op:
     """A half as the op it was before the pass: its Conv, or a conv_epilogue group over copies."""
     if len(half.ops) == 1:
         return half.conv
-    new, args, ext, ops = {}, [], [], []
-    for t in half.ops:
-        operands = []
-        for v in t.operands:
-            if v is not None and id(v) not in new:
-                new[id(v)] = Value(v.name, v.type)
-                args.append(new[id(v)])
-                ext.append(v)
-            operands.append(None if v is None else new[id(v)])
-        results = [Value(r.name, r.type) for r in t.results]
-        new.update((id(r), c) for r, c in zip(t.results, results))
-        ops.append(Op(t.name, operands, results, t.attrs, t.loc))
-    last = half.ops[-1].results[0]
-    group = Op("fused", ext, [], FusedAttrs(Region(args, ops, [new[id(last)]]), "conv_epilogue",
-                                            "a dw_pw group lowered as two kernels"), half.conv.loc)
-    group.results = [last]  # stands for the body value (bound to the outer result where it is one)
-    return group
+    # its result stands for the body value (bound to the outer result where it is one)
+    return closed_group(half.ops, half.ops[-1].results[0], "conv_epilogue", "a dw_pw group lowered as two kernels",
+                        half.conv.loc)
 
 
 def _applies_split(problem: Problem):
@@ -269,7 +255,7 @@ def _render_split(ctx: LowerCtx, problem: Problem, params: dict):
     L, pr = ctx.L, _pair(problem)
     with _bound(L, ctx.op):
         for half in (pr.dw, pr.pw):
-            L.lower_op(_sub_group(half, None))
+            L.lower_op(_sub_group(half))
     ctx.emitted += 1
     return True
 
