@@ -13,6 +13,8 @@ GPU detection lives here (not in the runtime) so the compile side never imports 
 """
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Mapping, Optional
 
@@ -149,6 +151,17 @@ def gpu_present() -> bool:
         return False
 
 
+def device_attributes(attributes: Mapping[str, int], props: Mapping) -> dict:
+    """cupy's Device.attributes plus the compute capability, which cupy leaves out of that dict
+    (it is Device.compute_capability / the properties' major and minor): without it the device's
+    arch could not be read, and a compile for an H200 silently became a table sm_90 build (no wgmma)."""
+    attrs = dict(attributes)
+    for key, prop in (("ComputeCapabilityMajor", "major"), ("ComputeCapabilityMinor", "minor")):
+        if key not in attrs and prop in props:
+            attrs[key] = int(props[prop])
+    return attrs
+
+
 def _cupy_device() -> Optional[tuple[Mapping[str, int], str]]:
     """(attributes, name) of GPU 0, or None without one. Never raises."""
     if not gpu_present():
@@ -158,7 +171,7 @@ def _cupy_device() -> Optional[tuple[Mapping[str, int], str]]:
         dev = cupy.cuda.Device(0)
         props = cupy.cuda.runtime.getDeviceProperties(0)
         name = props.get("name", b"")
-        return dict(dev.attributes), name.decode() if isinstance(name, bytes) else str(name)
+        return device_attributes(dev.attributes, props), name.decode() if isinstance(name, bytes) else str(name)
     except Exception:
         return None
 
@@ -186,5 +199,8 @@ def resolve_target(arch=None, device: Callable[[], Optional[tuple]] = _cupy_devi
         return ARCHS[DEFAULT_ARCH]
     try:
         return from_device(*d)
-    except (TargetError, TypeError, ValueError):  # odd attributes: fall back to the arch's table entry
-        return for_arch(default_arch(lambda: d))
+    except (TargetError, TypeError, ValueError) as e:  # odd attributes: fall back to the arch's table entry
+        fallback = for_arch(default_arch(lambda: d))
+        warnings.warn(f"could not read the GPU's limits ({e}); compiling for the table's {fallback.arch} "
+                      f"instead (pass --arch to choose)", stacklevel=2)
+        return fallback

@@ -116,6 +116,31 @@ def test_target_from_a_fake_device():
         from_device({"WarpSize": 32})
 
 
+def test_cupy_shaped_attributes_still_give_the_arch_specific_target():
+    """cupy's Device.attributes has no ComputeCapabilityMajor/Minor (cupy keeps the capability in
+    Device.compute_capability and the properties' major/minor): the lookup adds them, so an H200 is
+    an sm_90a (wgmma) target and not, silently, the sm_90 table (a real bug until 2026-12-02)."""
+    cupy_like = {k: v for k, v in FAKE_H200.items() if not k.startswith("ComputeCapability")}
+    attrs = target.device_attributes(cupy_like, {"major": 9, "minor": 0, "name": b"NVIDIA H200"})
+    t = resolve_target(None, device=lambda: (attrs, "NVIDIA H200"))
+    assert (t.arch, t.source, t.has_wgmma) == ("sm_90a", "device", True)
+    # attributes the device lookup cannot read: the table's entry, with a warning saying so
+    with pytest.warns(UserWarning, match="could not read the GPU's limits"):
+        t2 = resolve_target(None, device=lambda: (cupy_like, "NVIDIA H200"))
+    assert t2.source == "table"
+
+
+@pytest.mark.gpu
+def test_the_gpu_present_reads_as_its_arch_specific_target():
+    import cupy
+    cc = cupy.cuda.Device(0).compute_capability
+    t = resolve_target(None)
+    assert t.source == "device", t
+    assert t.arch in (f"sm_{cc}", f"sm_{cc}a")
+    if cc == "90":
+        assert t.arch == "sm_90a" and t.has_wgmma
+
+
 def test_kernel_heuristics_read_the_target():
     """Tile choice follows the Target: a smaller opt-in limit removes the big-smem tiles, fewer
     SMs change the wave count the heuristic scores."""
