@@ -1,7 +1,7 @@
 """Small helpers shared by several kernel families (fill, views, quantize, norm, scatter, attention,
 sampling, linalg, ml, movement, pool): axis normalisation, constant scalars, accumulator types, the
-launcher of misc2.cu.j2's direct kernels and the binding of a fused op's body to its operands (the
-fused families: epilogue, dw_pw, gap_gemm). Registers no lowering."""
+launcher of the direct kernels built on grid_stride.cu.j2 and the binding of a fused op's body to its
+operands (the fused families: epilogue, dw_pw, gap_gemm). Registers no lowering."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -47,10 +47,10 @@ def scalar_const(ctx, i, default=None):
     return a[0].item() if a.size else default
 
 
-def misc2_launch(ctx, kind, hint, args, bufs, count, **p):
-    """One misc2.cu.j2 kernel (`kind` picks its body; `args` its C parameter list), one thread per
-    element of `count`."""
-    k = ctx.render("misc2.cu.j2", hint, kind=kind, args=args, **p)
+def grid_stride_launch(ctx, template, hint, args, bufs, count, **p):
+    """One kernel of `template` (a template extending grid_stride.cu.j2; `args` its C parameter list),
+    one thread per element of `count`."""
+    k = ctx.render(template, hint, args=args, **p)
     ctx.launch(k, ctx.grid1d(count), 256, bufs + [ctx.i64(count)])
 
 

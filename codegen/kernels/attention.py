@@ -1,8 +1,8 @@
 """Attention-style ops. attention.cu.j2: Attention (opset 23; past/current KV concatenated into the
 present outputs or temps, then one thread per query row: mask, causal / windowed, softcap, optional
 QK output). rotary.cu.j2: RotaryEmbedding (rank 3 or 4, interleaved or not, optional position ids).
-misc2.cu.j2: LinearAttention (one thread per state column), CausalConvWithState (output and the
-carried state)."""
+linear_attention.cu.j2: LinearAttention (one thread per state column). causal_conv.cu.j2:
+CausalConvWithState (output and the carried state)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from ..lower import LowerCtx, lowering
-from ._helpers import empty_result, float_acc, misc2_launch
+from ._helpers import empty_result, float_acc, grid_stride_launch
 from .elementwise import lit
 
 
@@ -106,13 +106,13 @@ def _causal(ctx: LowerCtx):
         args.append(f"const {past.ctype}* __restrict__ past")
         bufs.append(past)
     if y.numel:
-        misc2_launch(ctx, "causal", "causal_conv", args + [f"{y.ctype}* __restrict__ y"], bufs + [y], y.numel,
-                     part="y", **common)
+        grid_stride_launch(ctx, "causal_conv.cu.j2", "causal_conv", args + [f"{y.ctype}* __restrict__ y"],
+                           bufs + [y], y.numel, part="y", **common)
     if ctx.n_out > 1:
         st = ctx.out(1)
         if st.numel:
-            misc2_launch(ctx, "causal", "causal_state", args + [f"{st.ctype}* __restrict__ y"], bufs + [st], st.numel,
-                         part="state", **common)
+            grid_stride_launch(ctx, "causal_conv.cu.j2", "causal_state", args + [f"{st.ctype}* __restrict__ y"],
+                               bufs + [st], st.numel, part="state", **common)
         elif empty_result(ctx, 1):
             pass
     return True
@@ -138,12 +138,13 @@ def _linattn(ctx: LowerCtx):
     args += [f"{state.ctype}* __restrict__ state", f"{y.ctype}* __restrict__ y"]
     bufs += [state, y]
     acc = float_acc(q.dtype)
-    misc2_launch(ctx, "linattn", "linear_attention", args, bufs, Bn * hkv * dv, ctype=q.ctype, sctype=state.ctype,
-                 acc=acc, dk=dk, dv=dv, hkv=hkv, hq_n=hq, group=hq // hkv, T=T, has_past=past is not None,
-                 has_decay=decay is not None, has_beta=beta is not None,
-                 gw=decay.shape[2] if decay is not None else 1,
-                 gper=decay is not None and decay.shape[2] == hkv * dk,
-                 bw=beta.shape[2] if beta is not None else 1,
-                 bper=beta is not None and beta.shape[2] == hkv and hkv > 1,
-                 scale=repr(float(np.float32(scale))) if acc == "float" else repr(float(scale)))
+    grid_stride_launch(ctx, "linear_attention.cu.j2", "linear_attention", args, bufs, Bn * hkv * dv,
+                       ctype=q.ctype, sctype=state.ctype, acc=acc, dk=dk, dv=dv, hkv=hkv, hq_n=hq, group=hq // hkv, T=T,
+                       has_past=past is not None,
+                       has_decay=decay is not None, has_beta=beta is not None,
+                       gw=decay.shape[2] if decay is not None else 1,
+                       gper=decay is not None and decay.shape[2] == hkv * dk,
+                       bw=beta.shape[2] if beta is not None else 1,
+                       bper=beta is not None and beta.shape[2] == hkv and hkv > 1,
+                       scale=repr(float(np.float32(scale))) if acc == "float" else repr(float(scale)))
     return True

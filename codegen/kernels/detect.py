@@ -34,10 +34,10 @@ def _compress(ctx: LowerCtx):
         y = ctx.out_dynamic(0, shape[:ax] + [D] + shape[ax + 1:])
     pos = ctx.temp("i64", [max(D, 1)], "pos")
     count = ctx.temp("i64", [1], "count")
-    k1 = ctx.render("dynamic2.cu.j2", "compress_scan", kind="compress_scan", cctype=cond.ctype, n=n, D=D)
+    k1 = ctx.render("compress.cu.j2", "compress_scan", kind="compress_scan", cctype=cond.ctype, n=n, D=D)
     ctx.launch(k1, 1, 1024, [cond, pos, count])
     if x.numel:
-        k2 = ctx.render("dynamic2.cu.j2", "compress", kind="compress", ctype=x.ctype, inner=inner, D=D)
+        k2 = ctx.render("compress.cu.j2", "compress", kind="compress", ctype=x.ctype, inner=inner, D=D)
         ctx.launch(k2, ctx.grid1d(x.numel), 256, [x, pos, count, y, ctx.i64(x.numel)])
     if not static:
         ctx.readback(count, y, axis=ax)
@@ -62,7 +62,7 @@ def _unique(ctx: LowerCtx):
     first = ctx.temp("i64", [R], "first")
     rank = ctx.temp("i64", [R], "rank")
     count = ctx.temp("i64", [1], "count")
-    k = ctx.render("dynamic2.cu.j2", "unique", kind="unique", ctype=x.ctype, R=R, E=E, inner=inner,
+    k = ctx.render("unique.cu.j2", "unique", ctype=x.ctype, R=R, E=E, inner=inner,
                    sorted=bool(ctx.attr("sorted", 1)))
     ctx.launch(k, 1, 1024, [x, first, rank, y, idx, inv, cnt, count])
     ctx.readback(count, y, axis=ax)
@@ -89,7 +89,7 @@ def _nms(ctx: LowerCtx):
     keep = ctx.temp("i64", [max(B * C * N, 1)], "keep")
     kcount = ctx.temp("i64", [max(B * C, 1)], "kcount")
     count = ctx.temp("i64", [1], "count")
-    k = ctx.render("dynamic2.cu.j2", "nms", kind="nms", bctype=boxes.ctype, sctype=scores.ctype, B=B, C=C, N=N,
+    k = ctx.render("nms.cu.j2", "nms", kind="nms", bctype=boxes.ctype, sctype=scores.ctype, B=B, C=C, N=N,
                    has_max=mx is not None, mctype=mx.ctype if mx is not None else "",
                    has_iou=iou is not None, ictype=iou.ctype if iou is not None else "",
                    has_sth=sth is not None, tctype=sth.ctype if sth is not None else "",
@@ -97,7 +97,7 @@ def _nms(ctx: LowerCtx):
     args = [boxes, scores] + [b for b in (mx, iou, sth) if b is not None] + [state, keep, kcount]
     if B * C:
         ctx.launch(k, ctx.grid1d(B * C, 64), 64, args)
-    k2 = ctx.render("dynamic2.cu.j2", "nms_out", kind="nms_out", B=B, C=C, N=N)
+    k2 = ctx.render("nms.cu.j2", "nms_out", kind="nms_out", B=B, C=C, N=N)
     ctx.launch(k2, 1, 32, [keep, kcount, y, count])
     ctx.readback(count, y, axis=0)
     return True

@@ -1,11 +1,11 @@
 """ai.onnx.ml ops: TreeEnsemble (tree_ensemble.cu.j2: node tables become weights; one thread per
-sample), ArrayFeatureExtractor (misc2.cu.j2, one thread per output element)."""
+sample), ArrayFeatureExtractor (array_feature_extractor.cu.j2, one thread per output element)."""
 from __future__ import annotations
 
 import numpy as np
 
 from ..lower import LowerCtx, lowering
-from ._helpers import empty_result, misc2_launch
+from ._helpers import empty_result, grid_stride_launch
 
 
 @lowering("ArrayFeatureExtractor")
@@ -13,10 +13,10 @@ def _afe(ctx: LowerCtx):
     x, ind, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
     if empty_result(ctx):
         return True
-    misc2_launch(ctx, "afe", "array_feature_extractor", [f"const {x.ctype}* __restrict__ x",
-                                                          f"const {ind.ctype}* __restrict__ ind",
-                                                          f"{y.ctype}* __restrict__ y"],
-                 [x, ind, y], y.numel, J=ind.numel, D=x.shape[-1] if x.shape else 1)
+    grid_stride_launch(ctx, "array_feature_extractor.cu.j2", "array_feature_extractor",
+                       [f"const {x.ctype}* __restrict__ x", f"const {ind.ctype}* __restrict__ ind",
+                        f"{y.ctype}* __restrict__ y"],
+                       [x, ind, y], y.numel, J=ind.numel, D=x.shape[-1] if x.shape else 1)
     return True
 
 

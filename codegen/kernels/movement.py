@@ -1,7 +1,7 @@
 """Data movement family: views (Identity/Reshape/Squeeze/Unsqueeze/Flatten as buffer aliases),
 Transpose, Expand, Tile, Slice, Split, Concat, DepthToSpace/SpaceToDepth (all one strided-copy
 template), Gather, GatherElements, Pad, Resize (cubic / antialiased: sampling.py), ReverseSequence
-(misc2.cu.j2, one thread per output element)."""
+(reverse_sequence.cu.j2, one thread per output element)."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +9,7 @@ import numpy as np
 from ...ir.layout import op_is_nhwc
 from ..lower import LowerCtx, lowering
 from ..plan import Buffer, contiguous_strides
-from ._helpers import empty_result, misc2_launch
+from ._helpers import empty_result, grid_stride_launch
 from .elementwise import lit
 
 
@@ -295,7 +295,8 @@ def _revseq(ctx: LowerCtx):
         return True
     ba, ta = int(ctx.attr("batch_axis", 1)), int(ctx.attr("time_axis", 0))
     inner = int(np.prod(x.shape[2:], dtype=np.int64))
-    misc2_launch(ctx, "revseq", "revseq", [f"const {x.ctype}* __restrict__ x", f"const {lens.ctype}* __restrict__ lens",
-                                           f"{y.ctype}* __restrict__ y"], [x, lens, y], y.numel,
-                 inner=inner, d1=x.shape[1], batch_axis=ba, T=x.shape[ta])
+    grid_stride_launch(ctx, "reverse_sequence.cu.j2", "revseq",
+                       [f"const {x.ctype}* __restrict__ x", f"const {lens.ctype}* __restrict__ lens",
+                        f"{y.ctype}* __restrict__ y"], [x, lens, y], y.numel,
+                       inner=inner, d1=x.shape[1], batch_axis=ba, T=x.shape[ta])
     return True

@@ -1,14 +1,14 @@
 """Pooling (pool.cu.j2: MaxPool with optional Indices, AveragePool, LpPool, MaxPool/AveragePool
 {layout = "NHWC"} with channels innermost; Global* are reductions,
 see reduce.py), BatchNormalization (inference; constant parameters folded at compile time into one
-[2, C] fp32 weight) and MaxUnpool (fill.cu.j2 zero fill + a misc2.cu.j2 scatter)."""
+[2, C] fp32 weight) and MaxUnpool (fill.cu.j2 zero fill + a maxunpool.cu.j2 scatter)."""
 from __future__ import annotations
 
 import numpy as np
 
 from ...ir.layout import op_is_nhwc
 from ..lower import LowerCtx, lowering
-from ._helpers import empty_result, misc2_launch
+from ._helpers import empty_result, grid_stride_launch
 
 
 def spatial_pads(ctx: LowerCtx, in_sp, out_sp, kernel, strides, dil):
@@ -133,7 +133,7 @@ def _maxunpool(ctx: LowerCtx):
         return True
     _zero(ctx, y)
     if x.numel:
-        misc2_launch(ctx, "unpool", "maxunpool", [f"const {x.ctype}* __restrict__ x",
-                                                  f"const {ind.ctype}* __restrict__ ind", f"{y.ctype}* __restrict__ y"],
-                     [x, ind, y], x.numel, ynumel=y.numel)
+        grid_stride_launch(ctx, "maxunpool.cu.j2", "maxunpool", [f"const {x.ctype}* __restrict__ x",
+                           f"const {ind.ctype}* __restrict__ ind", f"{y.ctype}* __restrict__ y"],
+                           [x, ind, y], x.numel, ynumel=y.numel)
     return True

@@ -1,13 +1,14 @@
 """Spatial sampling and resampling, one thread per output element. gridsample.cu.j2: GridSample
-(1-3-D, nearest / linear / cubic). misc2.cu.j2: Resize linear / cubic (priority 5 over
+(1-3-D, nearest / linear / cubic). resize_taps.cu.j2: Resize linear / cubic (priority 5 over
 movement.py's Resize, which keeps nearest: per-axis tap tables computed at compile time with the reference's own 1-D
-resampler), RoiAlign, CenterCropPad, Col2Im, AffineGrid, DeformConv (bilinearly sampled inputs)."""
+resampler). roialign.cu.j2, center_crop_pad.cu.j2, col2im.cu.j2, affine_grid.cu.j2: RoiAlign, CenterCropPad, Col2Im,
+AffineGrid. deform_conv.cu.j2: DeformConv (bilinearly sampled inputs)."""
 from __future__ import annotations
 
 import numpy as np
 
 from ..lower import LowerCtx, lowering
-from ._helpers import empty_result, float_acc, misc2_launch, norm_axis
+from ._helpers import empty_result, float_acc, grid_stride_launch, norm_axis
 
 
 @lowering("GridSample")
@@ -80,10 +81,11 @@ def _resize_taps(ctx: LowerCtx):
         return True
     tb = ctx.new_weight(np.concatenate(idx_t), "taps_i")
     wb = ctx.new_weight(np.concatenate(w_t), "taps_w")
-    misc2_launch(ctx, "taps", "resize_taps", [f"const {x.ctype}* __restrict__ x", "const int32_t* __restrict__ tidx",
-                                              "const float* __restrict__ tw", f"{y.ctype}* __restrict__ y"],
-                 [x, tb, wb, y], y.numel, ctype=y.ctype, oshape=list(y.shape), in_strides=x.strides(), resized=resized,
-                 T=T, toff=toff, ntaps=int(np.prod(T)))
+    grid_stride_launch(ctx, "resize_taps.cu.j2", "resize_taps",
+                       [f"const {x.ctype}* __restrict__ x", "const int32_t* __restrict__ tidx",
+                        "const float* __restrict__ tw", f"{y.ctype}* __restrict__ y"],
+                       [x, tb, wb, y], y.numel, ctype=y.ctype, oshape=list(y.shape), in_strides=x.strides(),
+                       resized=resized, T=T, toff=toff, ntaps=int(np.prod(T)))
     return True
 
 
@@ -94,12 +96,12 @@ def _roialign(ctx: LowerCtx):
         return True
     a = ctx.attrs
     _, C, H, W = X.shape
-    misc2_launch(ctx, "roialign", "roialign", [f"const {X.ctype}* __restrict__ X",
-                                               f"const {rois.ctype}* __restrict__ rois",
-                                               f"const {bi.ctype}* __restrict__ bidx", f"{y.ctype}* __restrict__ y"],
-                 [X, rois, bi, y], y.numel, ctype=y.ctype, OH=a.output_height, OW=a.output_width, C=C, H=H, W=W,
-                 off="0.5" if a.coordinate_transformation_mode == "half_pixel" else "0.0",
-                 scale=repr(float(a.spatial_scale)), sr=int(a.sampling_ratio), mode=a.mode)
+    grid_stride_launch(ctx, "roialign.cu.j2", "roialign",
+                       [f"const {X.ctype}* __restrict__ X", f"const {rois.ctype}* __restrict__ rois",
+                        f"const {bi.ctype}* __restrict__ bidx", f"{y.ctype}* __restrict__ y"],
+                       [X, rois, bi, y], y.numel, ctype=y.ctype, OH=a.output_height, OW=a.output_width, C=C, H=H, W=W,
+                       off="0.5" if a.coordinate_transformation_mode == "half_pixel" else "0.0",
+                       scale=repr(float(a.spatial_scale)), sr=int(a.sampling_ratio), mode=a.mode)
     return True
 
 
@@ -112,9 +114,10 @@ def _ccp(ctx: LowerCtx):
     for d in range(len(x.shape)):
         i, o = x.shape[d], y.shape[d]
         delta.append((i - o) // 2 if o < i else -((o - i) // 2))
-    misc2_launch(ctx, "ccp", "center_crop_pad", [f"const {x.ctype}* __restrict__ x", f"{y.ctype}* __restrict__ y"],
-                 [x, y], y.numel, ctype=y.ctype, oshape=list(y.shape), ishape=list(x.shape), istr=x.strides(),
-                 delta=delta)
+    grid_stride_launch(ctx, "center_crop_pad.cu.j2", "center_crop_pad",
+                       [f"const {x.ctype}* __restrict__ x", f"{y.ctype}* __restrict__ y"],
+                       [x, y], y.numel, ctype=y.ctype, oshape=list(y.shape), ishape=list(x.shape), istr=x.strides(),
+                       delta=delta)
     return True
 
 
@@ -138,9 +141,10 @@ def _col2im(ctx: LowerCtx):
     Ostr = [int(np.prod(O[i + 1:], dtype=np.int64)) for i in range(nd)]
     if empty_result(ctx):
         return True
-    misc2_launch(ctx, "col2im", "col2im", [f"const {x.ctype}* __restrict__ x", f"{y.ctype}* __restrict__ y"], [x, y],
-                 y.numel, ctype=y.ctype, acc=float_acc(x.dtype), nd=nd, img=img, kshape=ks, KK=int(np.prod(ks)),
-                 pads=p[:nd], dil=dl, strides=st, O=O, Ostr=Ostr, OP=int(np.prod(O)))
+    grid_stride_launch(ctx, "col2im.cu.j2", "col2im",
+                       [f"const {x.ctype}* __restrict__ x", f"{y.ctype}* __restrict__ y"], [x, y],
+                       y.numel, ctype=y.ctype, acc=float_acc(x.dtype), nd=nd, img=img, kshape=ks, KK=int(np.prod(ks)),
+                       pads=p[:nd], dil=dl, strides=st, O=O, Ostr=Ostr, OP=int(np.prod(O)))
     return True
 
 
@@ -150,8 +154,9 @@ def _affine(ctx: LowerCtx):
     if empty_result(ctx):
         return True
     sp = list(y.shape[1:-1])
-    misc2_launch(ctx, "affine", "affine_grid", [f"const {th.ctype}* __restrict__ theta", f"{y.ctype}* __restrict__ y"],
-                 [th, y], y.numel, ctype=y.ctype, nd=len(sp), sp=sp, align=bool(ctx.attr("align_corners", 0)))
+    grid_stride_launch(ctx, "affine_grid.cu.j2", "affine_grid",
+                       [f"const {th.ctype}* __restrict__ theta", f"{y.ctype}* __restrict__ y"],
+                       [th, y], y.numel, ctype=y.ctype, nd=len(sp), sp=sp, align=bool(ctx.attr("align_corners", 0)))
     return True
 
 
@@ -175,9 +180,10 @@ def _deform(ctx: LowerCtx):
     if mask is not None:
         args.append(f"const {mask.ctype}* __restrict__ mask")
         bufs.append(mask)
-    misc2_launch(ctx, "deform", "deform_conv", args + [f"{y.ctype}* __restrict__ y"], bufs + [y], y.numel,
-                 ctype=y.ctype, acc=float_acc(x.dtype), nd=nd, outs=outs, ins=list(x.shape[2:]), ks=list(ks),
-                 dil=list(dil), st=list(st), pads=list(pads[:nd]), M=M, Mg=M // G, Cg=C // G, C=C, cpo=C // OG, OG=OG,
-                 KP=int(np.prod(ks)), OP=int(np.prod(outs)), IP=int(np.prod(x.shape[2:])), has_bias=bias is not None,
-                 has_mask=mask is not None)
+    grid_stride_launch(ctx, "deform_conv.cu.j2", "deform_conv", args + [f"{y.ctype}* __restrict__ y"],
+                       bufs + [y], y.numel,
+                       ctype=y.ctype, acc=float_acc(x.dtype), nd=nd, outs=outs, ins=list(x.shape[2:]), ks=list(ks),
+                       dil=list(dil), st=list(st), pads=list(pads[:nd]), M=M, Mg=M // G, Cg=C // G, C=C, cpo=C // OG,
+                       OG=OG, KP=int(np.prod(ks)), OP=int(np.prod(outs)), IP=int(np.prod(x.shape[2:])),
+                       has_bias=bias is not None, has_mask=mask is not None)
     return True

@@ -1,13 +1,13 @@
 """Indexed gather / scatter. scatter.cu.j2: GatherND (one thread per output element), ScatterND (one
 thread per slice element, updates applied in order), ScatterElements (one thread per line along the
-axis); the scatters copy the data into the result first and support every reduction. misc2.cu.j2:
+axis); the scatters copy the data into the result first and support every reduction. tensor_scatter.cu.j2:
 TensorScatter (KV-cache update, linear or circular, optional per-batch write indices)."""
 from __future__ import annotations
 
 import numpy as np
 
 from ..lower import LowerCtx, lowering
-from ._helpers import misc2_launch, norm_axis
+from ._helpers import grid_stride_launch, norm_axis
 from .reduce import _acc_type, _axis_view
 
 
@@ -81,7 +81,8 @@ def _tscatter(ctx: LowerCtx):
     mid = int(np.prod(cache.shape[1:ax], dtype=np.int64))
     args = [f"const {upd.ctype}* __restrict__ u"] + ([f"const {wi.ctype}* __restrict__ wi"] if wi else []) + \
         [f"{y.ctype}* __restrict__ y"]
-    misc2_launch(ctx, "tscatter", "tensor_scatter", args, [upd] + ([wi] if wi else []) + [y], upd.numel,
-                 inner=inner, S=upd.shape[ax], L=cache.shape[ax], mid=mid, has_wi=wi is not None,
-                 circular=ctx.attr("mode", "linear") == "circular")
+    grid_stride_launch(ctx, "tensor_scatter.cu.j2", "tensor_scatter", args,
+                       [upd] + ([wi] if wi else []) + [y], upd.numel,
+                       inner=inner, S=upd.shape[ax], L=cache.shape[ax], mid=mid, has_wi=wi is not None,
+                       circular=ctx.attr("mode", "linear") == "circular")
     return True
