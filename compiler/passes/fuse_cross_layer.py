@@ -27,15 +27,15 @@ misaligned buffers) is lowered as the two kernels it was before ("dw_pw.split").
 Must hold: run after assign-layout (only NHWC convs group: `layout = "NHWC"`, which assign-layout
 gives convs at fp16/bf16; at fp32 convs stay NCHW and this pass changes nothing) and after
 fuse-epilogue (the convs already carry their epilogues: the pair is read through fuse-epilogue's
-own matcher). The depthwise result has exactly one user, the pointwise conv's input, and is not
-a function result; the depthwise epilogue has no residual. Static shapes, f16/bf16.
+own matcher). The depthwise result has exactly one user, the pointwise conv's input (a read inside
+a nested region, an If or Loop body, counts as a user), and is not a function result; the depthwise epilogue has no residual. Static shapes, f16/bf16.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
-from nnc.ir.graph import Module, Op
+from nnc.ir.graph import Module, Op, users
 from nnc.ir.layout import op_is_nhwc
 from nnc.ir.outline import Outliner
 from nnc.passes.fuse_epilogue import match_group
@@ -249,11 +249,10 @@ def _flat(part: Part) -> list[Op]:
 
 def _run_func(func, module: Module, smem_limit: int) -> bool:
     weights = module.weights
-    users: dict[int, list[Op]] = {}
-    for op in func.ops:
-        for v in op.operands:
-            if v is not None:
-                users.setdefault(id(v), []).append(op)
+    # readers anywhere, nested regions included (an If / Loop body may read the depthwise result):
+    # a pair groups only when its one reader is the pointwise op, at the top level
+    readers = users(func)
+    top = {id(op) for op in func.ops}
     returned = {id(v) for v in func.results}
     pairs = []  # (dw Part, pw Part, shape)
     taken: set[int] = set()
@@ -262,8 +261,8 @@ def _run_func(func, module: Module, smem_limit: int) -> bool:
         if d is None or id(op) in taken or not _dw_ok(d):
             continue
         y = op.results[0]
-        us = users.get(id(y), [])
-        if id(y) in returned or len(us) != 1 or id(us[0]) in taken:
+        us = readers.get(id(y), [])
+        if id(y) in returned or len(us) != 1 or id(us[0]) not in top or id(us[0]) in taken:
             continue
         p = _part(us[0], weights)
         if p is None or p.op is op:

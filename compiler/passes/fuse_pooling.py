@@ -20,14 +20,15 @@ width C over the Target's shared memory) the lowering falls back to the kernels 
 
 Must hold: after fuse-epilogue (the Gemm already carries its bias / cast epilogue, read through
 fuse-epilogue's own matcher) and assign-layout (its NHWC ReduceMean form); every intermediate has
-one user and is not a function result; static shapes, float types.
+one user (a read inside a nested region, an If or Loop body, counts as one) and is not a function
+result; static shapes, float types.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 from nnc.ir.builder import const_value
-from nnc.ir.graph import Module, Op
+from nnc.ir.graph import Module, Op, users
 from nnc.ir.outline import Outliner
 from nnc.passes.fuse_cross_layer import Part, _flat  # a group's ops back in the function, to outline anew
 from nnc.passes.fuse_epilogue import match_group
@@ -67,16 +68,15 @@ def _part_gemm(op: Op, weights):
 
 def _run_func(func, module: Module) -> bool:
     weights = module.weights
-    users: dict[int, list[Op]] = {}
-    for op in func.ops:
-        for v in op.operands:
-            if v is not None:
-                users.setdefault(id(v), []).append(op)
+    # readers anywhere, nested regions included (an If / Loop body may read the pooled value): a
+    # chain continues only through a value whose one reader is a top-level op
+    readers = users(func)
+    top = {id(op) for op in func.ops}
     returned = {id(v) for v in func.results}
 
     def only(v):
-        us = users.get(id(v), [])
-        return None if id(v) in returned or len(us) != 1 else us[0]
+        us = readers.get(id(v), [])
+        return None if id(v) in returned or len(us) != 1 or id(us[0]) not in top else us[0]
 
     groups = []
     for op in func.ops:
