@@ -141,7 +141,7 @@ def record_of(entry: dict, source: str) -> dict:
     rec = {"source": source, "variant": entry["variant"], "params": entry["params"]}
     if "candidates" in entry:
         rec["candidates"] = entry["candidates"]
-    for k in ("time_ms", "heuristic", "tried", "rejected", "why"):
+    for k in ("time_ms", "heuristic", "tried", "rejected", "why", "timings"):
         if k in entry:
             rec[k] = entry[k]
     return rec
@@ -291,6 +291,8 @@ def tune_problems(problems: Sequence[TuneProblem], runner: Runner, deadline: Opt
                 continue
             task.advance()
             best = (t_base, base)
+            # every correct candidate's time (plan.json, `nnc inspect`): what the choice was made from
+            timings = [{"variant": base.variant, "params": base.params, "time_ms": round(t_base * 1e3, 6)}]
             rejected, tried, partial = [], 1, ""
             left = len(p.others)
             for c in p.others:
@@ -314,8 +316,10 @@ def tune_problems(problems: Sequence[TuneProblem], runner: Runner, deadline: Opt
                         why = verdict[-1] if verdict else mismatch(outs, ref, c, tf32)
                         if why:
                             why = f"wrong output: {why}"
-                        elif t < best[0]:
-                            best = (t, c)
+                        else:
+                            timings.append({"variant": c.variant, "params": c.params, "time_ms": round(t * 1e3, 6)})
+                            if t < best[0]:
+                                best = (t, c)
                     except Unrecoverable as e:
                         why = f"device failed: {e}"
                         stopped = partial = f"stopped: the device failed ({e}) running {c.label}"
@@ -337,7 +341,7 @@ def tune_problems(problems: Sequence[TuneProblem], runner: Runner, deadline: Opt
                           "heuristic": {"variant": base.variant, "params": base.params,
                                         "time_ms": round(t_base * 1e3, 6)},
                           "tried": tried, "candidates": 1 + len(p.others), "rejected": rejected,
-                          "space": p.space}
+                          "space": p.space, "timings": timings}
             if partial:  # used by this build, never cached: a later compile tunes it in full
                 out[p.key]["partial"] = partial
     return out

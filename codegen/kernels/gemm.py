@@ -139,6 +139,22 @@ def matmul_problem(a_shape, b_shape, dtype="float16", **kw) -> GemmProblem | Non
                        stride_d=(d0, d1), **kw)
 
 
+def fold_batch_into_rows(pr: GemmProblem) -> GemmProblem | None:
+    """A batched MatMul whose B is one matrix for every batch (stride_b 0) and whose A and D batches
+    follow each other contiguously (A [.., M, K] @ W [K, N], a Linear layer) is one GEMM of
+    batch * M rows: the same memory, one M extent, so tiles and the grouped block order span the
+    whole batch (BERT at batch 32: 4096 rows, not 32 separate 128-row GEMMs). None when it is not
+    (already unbatched, B batched, a broadcast A, a transposed or strided operand)."""
+    if pr.nbatch == 1 or any(pr.stride_b) or pr.trans_a or pr.lda is not None or pr.ldd is not None:
+        return None
+    (b0, b1), (a0, a1), (d0, d1) = pr.batch, pr.stride_a, pr.stride_d
+    mk, mn = pr.M * pr.K, pr.M * pr.N
+    # the inner level steps one matrix, the outer one the whole inner level (or is absent)
+    if (a1, d1) != ((mk, mn) if b1 > 1 else (0, 0)) or (b0 > 1 and (a0, d0) != (mk * b1, mn * b1)):
+        return None
+    return replace(pr, M=pr.M * b0 * b1, batch=(1, 1), stride_a=(0, 0), stride_d=(0, 0))
+
+
 # ---------------------------------------------------------------- tuning spaces (next to the templates)
 # gemm_tc.cu.j2: (BM, BN, BK, WARPS_M, WARPS_N, STAGES)
 TC16_SPACE = [

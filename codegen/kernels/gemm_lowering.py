@@ -192,7 +192,13 @@ def matmul_case(a, b, y, epi: Epilogue, tf32: bool, target: Target):
         return str(e)
     if pr is None:
         return "the batch needs more than two batch levels"
-    got = epilogue_fields(epi, dt, y, pr.M, pr.N, pr.stride_d, pr.batch)
+    got = None
+    flat = gemm.fold_batch_into_rows(pr)
+    if flat is not None:  # one GEMM of batch * M rows, unless the epilogue needs the batch (a broadcast C)
+        got = epilogue_fields(epi, dt, y, flat.M, flat.N, flat.stride_d, flat.batch)
+        pr = flat if got is not None else pr
+    if got is None:
+        got = epilogue_fields(epi, dt, y, pr.M, pr.N, pr.stride_d, pr.batch)
     if got is None:
         return "the epilogue does not fit the kernel"
     kw, bufs = got

@@ -44,6 +44,20 @@ TILE_SPACE = [
     (64, 64, 8, 1),
 ]
 MAX_ACC = 128  # fp32 accumulators per consumer thread the register budget allows
+# Two CTAs per SM (CTAS = 2): while one runs its epilogue (bias, activation, residual, stores: the
+# tensor cores idle) the other's mainloop runs, which a one-CTA kernel cannot overlap. Half the
+# shared memory and registers each: (BM, BN, STAGES, CW) whose ring fits twice in an SM (4-6
+# stages) and whose accumulators fit the registers ptxas may use at two CTAs (reg_cap: it compiles
+# the whole kernel to the launch bounds' share, setmaxnreg does not raise it; 128x128 with two
+# consumer warp groups needs 90 of 80 and is not in the space).
+TILE_SPACE_2CTA = [
+    (128, 64, 4, 2),
+    (64, 128, 4, 1),
+    (64, 64, 6, 1),
+]
+# BN = 192: N = 768 and 2304 (BERT) split into whole tiles that fill 128 / 132 SMs at 4096 rows
+TILE_SPACE = TILE_SPACE + [(128, 192, 4, 2)]
+REGS_BESIDES_ACC = 28  # addresses, descriptors, loop state of a consumer thread (ptxas -v, 2026-12-02)
 
 
 def smem_bytes(p: dict) -> int:
@@ -51,10 +65,36 @@ def smem_bytes(p: dict) -> int:
     return p["STAGES"] * (p["BM"] + p["BN"]) * BK * 2 + 16 * p["STAGES"] + 1024
 
 
+SMEM_RESERVED_PER_CTA = 1024  # the driver's own shared memory per resident CTA (sm_80+)
+
+
+def ctas_per_sm(p: dict) -> int:
+    return int(p.get("CTAS", 1))
+
+
 def _valid(p: dict, target: Target) -> bool:
     rows = p["BM"] // p["CW"]
-    return (rows % 64 == 0 and p["BN"] % 64 == 0 and p["BN"] <= 256 and p["STAGES"] >= 3
-            and (rows // 64) * p["BN"] // 2 <= MAX_ACC and smem_bytes(p) <= target.smem_per_block_optin)
+    ctas = ctas_per_sm(p)
+    acc = (rows // 64) * p["BN"] // 2
+    return (rows % 64 == 0 and p["BN"] % 64 == 0 and p["BN"] <= 256 and p["STAGES"] >= 3 and ctas in (1, 2)
+            and (acc <= MAX_ACC if ctas == 1 else acc + REGS_BESIDES_ACC <= reg_cap(p, target))
+            and smem_bytes(p) <= target.smem_per_block_optin
+            and ctas * (smem_bytes(p) + SMEM_RESERVED_PER_CTA) <= target.smem_per_sm)
+
+
+def reg_cap(p: dict, target: Target) -> int:
+    """Registers per thread ptxas compiles to under the launch bounds (threads, CTAS per SM)."""
+    return min(target.regs_per_thread, target.regs_per_sm // (ctas_per_sm(p) * 128 * (p["CW"] + 1)) // 8 * 8)
+
+
+def setmaxnreg(p: dict):
+    """(producer, consumer) registers per thread after setmaxnreg, or None (no reallocation): with
+    two consumer warp groups and one CTA per SM, the producer warp group, which needs few, gives
+    its registers to the consumers. At two CTAs per SM nothing moves (ptxas compiled every thread
+    to the same share)."""
+    if p["CW"] != 2 or ctas_per_sm(p) != 1:
+        return None
+    return 40, 232
 
 
 def lag(p: dict) -> int:
@@ -111,9 +151,10 @@ def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bul
     """The declared space; b_bulk: B is a constant 2-D weight, so the pre-swizzled bulk-copy
     points come first (the same tiles with cp.async B follow)."""
     out = []
-    for bm, bn, st, cw in TILE_SPACE:
-        p = dict(BM=bm, BN=bn, STAGES=st, CW=cw)
-        if _valid(p, target) and gemm._size_ok(bm, problem.M) and gemm._size_ok(bn, problem.N):
+    points = [dict(BM=bm, BN=bn, STAGES=st, CW=cw) for bm, bn, st, cw in TILE_SPACE]
+    points += [dict(BM=bm, BN=bn, STAGES=st, CW=cw, CTAS=2) for bm, bn, st, cw in TILE_SPACE_2CTA]
+    for p in points:
+        if _valid(p, target) and gemm._size_ok(p["BM"], problem.M) and gemm._size_ok(p["BN"], problem.N):
             out.append(dict(p, swizzle=gemm.GROUP_M))
     if not out:
         out = [dict(BM=64, BN=64, STAGES=8, CW=1, swizzle=gemm.GROUP_M)]
@@ -137,10 +178,11 @@ WAVE_OVERHEAD_S = 4e-6  # pipeline fill + epilogue of one CTA (no persistence: e
 def modelled_time(problem: gemm.GemmProblem, p: dict, target: Target = DEFAULT_TARGET) -> float:
     """Seconds: waves of CTAs (one per SM) times one tile's time at its measured per-SM rate, plus
     a per-wave fill/drain overhead. A model for the heuristic, not a measurement."""
-    rate = MEASURED_RATE.get((p["BM"], p["BN"], p["CW"], bool(p.get("b_bulk"))), 100) * 1e12 / 132
+    per_sm = ctas_per_sm(p)  # resident CTAs share the SM's rate
+    rate = MEASURED_RATE.get((p["BM"], p["BN"], p["CW"], bool(p.get("b_bulk"))), 100) * 1e12 / 132 / per_sm
     ctas = cdiv(problem.M, p["BM"]) * cdiv(problem.N, p["BN"]) * problem.nbatch
     tile = 2.0 * p["BM"] * p["BN"] * cdiv(problem.K, BK) * BK / rate
-    return cdiv(ctas, target.sm_count) * (tile + WAVE_OVERHEAD_S)
+    return cdiv(ctas, target.sm_count * per_sm) * (tile + WAVE_OVERHEAD_S)
 
 
 def default_params(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bulk: bool = False) -> dict:
@@ -165,7 +207,8 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
         raise ValueError("wgmma GEMM: a pre-swizzled B must be one matrix (no batch strides)")
     if not 0 <= lag(params) <= params["STAGES"] - 2:
         raise ValueError(f"wgmma GEMM: LAG must be in 0..STAGES-2, got {params}")
-    ctx = dict(BM=params["BM"], BN=params["BN"], BK=BK, STAGES=params["STAGES"], CW=params["CW"], LAG=lag(params))
+    ctx = dict(BM=params["BM"], BN=params["BN"], BK=BK, STAGES=params["STAGES"], CW=params["CW"], LAG=lag(params),
+               CTAS=ctas_per_sm(params), MAXNREG=setmaxnreg(params))
     if bulk:
         ctx["b_bulk"] = True
     if params.get("probe"):  # measurement only (tools/bench_gemm_wgmma.py --probe): wrong results

@@ -122,7 +122,12 @@ def test_every_point_compiles_sm90a():
     with ProcessPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
         sizes = list(ex.map(_compile, srcs))
     assert all(sz > 0 for sz in sizes)
-    assert all("wgmma.mma_async" in s.source and ("setmaxnreg" in s.source) == (s.params["CW"] == 2) for s in specs)
+    # setmaxnreg only where registers move: two consumer warp groups, one CTA per SM
+    assert all("wgmma.mma_async" in s.source and ("setmaxnreg" in s.source) ==
+               (s.params["CW"] == 2 and s.params.get("CTAS", 1) == 1) for s in specs)
+    assert any(s.params.get("CTAS") == 2 for s in specs) and any(s.params["BN"] == 192 for s in specs)
+    assert all(f"__launch_bounds__({128 * (s.params['CW'] + 1)}, {s.params.get('CTAS', 1)})" in s.source
+               for s in specs)
 
 
 # ---------------------------------------------------------------- lowering (CPU)
