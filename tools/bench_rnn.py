@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cuda_timing import time_cuda  # noqa: E402
+from export_graphs import clamp_ir_version  # noqa: E402
 from export_rnn_models import MODELS, export  # noqa: E402
 
 L2_TBPS = 7.0  # H200 L2 read bandwidth, TB/s (nominal; the h broadcast is L2-resident)
@@ -105,8 +106,7 @@ def floor_bench(work: Path) -> dict:
     g = h.make_graph([h.make_node("RNN", ["x", "W", "R"], ["y"], hidden_size=H)], "floor",
                      [h.make_tensor_value_info("x", T.FLOAT, [S, 1, H])], [h.make_tensor_value_info("y", T.FLOAT, None)],
                      [nh.from_array(w, "W"), nh.from_array(w.copy(), "R")])
-    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
-    m.ir_version = 10
+    m = clamp_ir_version(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))
     p = work / "floor.onnx"
     onnx.save(m, str(p))
     out = {}

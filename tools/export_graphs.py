@@ -44,8 +44,10 @@ def realistic_bn(model):
 
 
 def torch_model(name: str, batch: int = 1):
-    """(module, example inputs, input names) for one model; seeded, random weights."""
+    """(module, example inputs, input names) for one model; seeded, random weights. Turns torch's
+    fused MHA fast path off (ViT's has no ONNX export)."""
     import torch
+    torch.backends.mha.set_fastpath_enabled(False)
     torch.manual_seed(0)
     if name in ("resnet50", "mobilenet_v2", "vit_b_16"):
         import torchvision
@@ -111,17 +113,31 @@ def torch_model(name: str, batch: int = 1):
 MODELS = ["resnet50", "mobilenet_v2", "vit_b_16", "fcn_resnet50", "bert_base", "gpt2"]
 
 
-def export(name: str, path: Path, batch: int = 1) -> None:
+ORT_MAX_IR_VERSION = 10  # onnxruntime 1.30 on the GPU machine reads IR <= 10
+
+
+def clamp_ir_version(m):
+    """m (an onnx.ModelProto), its ir_version lowered to what onnxruntime on the GPU machine reads."""
+    m.ir_version = min(m.ir_version, ORT_MAX_IR_VERSION)
+    return m
+
+
+def torch_export(mod, inputs, path, input_names, output_names=("output",), opset: int = 17) -> None:
+    """The one torch.onnx export of the GPU tools: the TorchScript exporter (dynamo=False) at
+    `opset`, under no_grad, then the file's IR version clamped (clamp_ir_version). output_names=None
+    keeps torch's own names."""
     import onnx
     import torch
-    torch.backends.mha.set_fastpath_enabled(False)  # ViT: the fused MHA fast path has no ONNX export
-    mod, inputs, input_names = torch_model(name, batch)
+    names = list(output_names) if output_names is not None else None
     with torch.no_grad():
-        torch.onnx.export(mod, inputs, str(path), input_names=input_names, output_names=["output"],
-                          opset_version=17, dynamo=False)
-    m = onnx.load(str(path))
-    m.ir_version = min(m.ir_version, 10)  # onnxruntime 1.30 on the GPU machine reads IR <= 10 here
-    onnx.save(m, str(path))
+        torch.onnx.export(mod, inputs, str(path), input_names=list(input_names), output_names=names,
+                          opset_version=opset, dynamo=False)
+    onnx.save(clamp_ir_version(onnx.load(str(path))), str(path))
+
+
+def export(name: str, path: Path, batch: int = 1) -> None:
+    mod, inputs, input_names = torch_model(name, batch)
+    torch_export(mod, inputs, path, input_names)
 
 
 def strip(path: Path, dst: Path) -> dict:

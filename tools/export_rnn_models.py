@@ -9,8 +9,12 @@ output y: the last layer's output sequence (the states are left out: what an enc
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export_graphs import torch_export  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,6 @@ MODELS = {m.name: m for m in (
 
 def export(model: RnnModel, batch: int, out_dir: Path) -> Path:
     """model at batch -> out_dir/<name>_b<batch>.onnx (kept when it exists)."""
-    import onnx
     import torch
     out_dir.mkdir(parents=True, exist_ok=True)
     p = out_dir / f"{model.name}_b{batch}.onnx"
@@ -68,11 +71,7 @@ def export(model: RnnModel, batch: int, out_dir: Path) -> Path:
         return p
     mod = model.torch_module()
     x = torch.randn(*model.input_shape(batch))
-    with torch.no_grad():
-        torch.onnx.export(mod, (x,), str(p), input_names=["x"], output_names=["y"], opset_version=17, dynamo=False)
-    m = onnx.load(str(p))
-    m.ir_version = min(m.ir_version, 10)
-    onnx.save(m, str(p))
+    torch_export(mod, (x,), p, ["x"], ["y"])
     return p
 
 

@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
-from export_graphs import torch_model  # noqa: E402
+from export_graphs import torch_export, torch_model  # noqa: E402
 from cuda_timing import time_cuda  # noqa: E402
 
 ROWS: list[dict] = []
@@ -45,18 +45,10 @@ def rel_err(got, ref) -> float:
 
 
 def export(name: str, batch: int) -> tuple[Path, dict, object, tuple]:
-    import onnx
-    import torch
-    torch.backends.mha.set_fastpath_enabled(False)  # ViT: the fused MHA fast path has no ONNX export
     mod, inputs, names = torch_model(name, batch)
     p = WORK / f"{name}_b{batch}.onnx"
     if not p.exists():
-        with torch.no_grad():
-            torch.onnx.export(mod, inputs, str(p), input_names=names, output_names=["output"], opset_version=17,
-                              dynamo=False)
-        m = onnx.load(str(p))
-        m.ir_version = min(m.ir_version, 10)
-        onnx.save(m, str(p))
+        torch_export(mod, inputs, p, names)
     return p, {n: t.numpy() for n, t in zip(names, inputs)}, mod, inputs
 
 

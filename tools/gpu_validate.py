@@ -31,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tools.cuda_timing import time_cuda  # noqa: E402
+from tools.export_graphs import torch_export  # noqa: E402
 ROWS: list[tuple] = []  # (part, item, result, detail)
 
 
@@ -172,16 +173,11 @@ BUILDS = {"": True, "_unfused": False}  # out-dir suffix -> fuse (the fusion pas
 
 def export_models(d: Path) -> dict:
     """name -> (onnx path, {input: array}, torch module, torch inputs)"""
-    import torch
     models = {}
     for name in MODEL_NAMES:
         mod, inputs, input_names = torch_model(name)
         p = d / f"{name}.onnx"
-        with torch.no_grad():
-            try:
-                torch.onnx.export(mod, inputs, str(p), input_names=input_names, opset_version=17, dynamo=False)
-            except TypeError:
-                torch.onnx.export(mod, inputs, str(p), input_names=input_names, opset_version=17)
+        torch_export(mod, inputs, p, input_names, output_names=None)
         feeds = {n: t.detach().cpu().numpy() for n, t in zip(input_names, inputs)}
         models[name] = (p, feeds, mod, inputs)
     return models
