@@ -83,27 +83,13 @@ class CudaContext(api.ExecutionContext):
         return all(s.graph is not None for s in self.slots)
 
     def _capture(self, s: _Slot) -> None:
-        cp, st, m = self._cp, self.stream, self.module
-        mode = getattr(cp.cuda.runtime, "streamCaptureModeRelaxed", None)
-        err, graph = None, None
-        with st:
-            st.begin_capture() if mode is None else st.begin_capture(mode)
-            try:
-                m._execute(s.in_bufs, s.out_bufs, st, capture=True, arena=self.arena, extent_host=s.extent_host)
-            except Exception as e:
-                err = e
-            try:
-                graph = st.end_capture()
-            except Exception as e:
-                err = err or e
-        if err is not None or graph is None:
-            self.graph_fallback = f"CUDA graph capture failed, running eagerly: {type(err).__name__}: {err}"
+        from .runtime import capture_graph
+        st, m = self.stream, self.module
+        graph, why = capture_graph(self._cp, st, lambda: m._execute(s.in_bufs, s.out_bufs, st, capture=True,
+                                                                    arena=self.arena, extent_host=s.extent_host))
+        if graph is None:
+            self.graph_fallback = why
             return
-        try:
-            graph.upload(st)
-        except Exception:
-            pass
-        st.synchronize()
         s.graph = graph
 
     # ------------------------------------------------------------ running

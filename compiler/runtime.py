@@ -66,6 +66,32 @@ def _np_dtype(name: str) -> np.dtype:
 _RAW = {n: row.device_np for n, row in BY_NP_NAME.items() if row.raw_on_device}
 
 
+def capture_graph(cp, st, execute):
+    """(graph, None): the launches execute() issues on stream st, captured into one CUDA graph,
+    uploaded and st synchronized; (None, why, a sentence for graph_fallback) when the capture fails
+    (it is ended either way). Shared by Module and the execution contexts (compiler/contexts.py)."""
+    err, graph = None, None
+    mode = getattr(cp.cuda.runtime, "streamCaptureModeRelaxed", None)  # coop grid queries stay legal
+    with st:
+        st.begin_capture() if mode is None else st.begin_capture(mode)
+        try:
+            execute()
+        except Exception as e:  # the capture is ended below either way
+            err = e
+        try:
+            graph = st.end_capture()
+        except Exception as e:
+            err = err or e
+    if err is not None or graph is None:
+        return None, f"CUDA graph capture failed, running eagerly: {type(err).__name__}: {err}"
+    try:
+        graph.upload(st)  # instantiate the device-side work now, not at the first replay
+    except Exception:
+        pass  # upload is an optimisation (older cupy/driver): launch uploads on first use
+    st.synchronize()
+    return graph, None
+
+
 def _dev_dtype(name: str):
     """The cupy dtype a tensor of dtype `name` has on the device (raw bits for ml_dtypes types)."""
     return np.dtype(_RAW[name]) if name in _RAW else _np_dtype(name)
@@ -154,27 +180,11 @@ class Module(api.Module):
         self._in_bufs = [cp.empty(t["shape"], _dev_dtype(t["dtype"])) for t in self.plan["inputs"]]
         self._out_bufs = [cp.empty(t.get("max_shape", t["shape"]), _dev_dtype(t["dtype"])) for t in self.plan["outputs"]]
         st = cp.cuda.Stream(non_blocking=True)
-        err, graph = None, None
-        mode = getattr(cp.cuda.runtime, "streamCaptureModeRelaxed", None)  # coop grid queries stay legal
-        with st:
-            st.begin_capture() if mode is None else st.begin_capture(mode)
-            try:
-                self._execute(self._in_bufs, self._out_bufs, st, capture=True)
-            except Exception as e:  # the capture is ended below either way
-                err = e
-            try:
-                graph = st.end_capture()
-            except Exception as e:
-                err = err or e
-        if err is not None or graph is None:
-            self.graph_fallback = f"CUDA graph capture failed, running eagerly: {type(err).__name__}: {err}"
+        graph, self.graph_fallback = capture_graph(
+            cp, st, lambda: self._execute(self._in_bufs, self._out_bufs, st, capture=True))
+        if graph is None:
             self._in_bufs = self._out_bufs = None
             return
-        try:
-            graph.upload(st)  # instantiate the device-side work now, not at the first replay
-        except Exception:
-            pass  # upload is an optimisation (older cupy/driver): launch uploads on first use
-        st.synchronize()
         self._capture_stream = st
         self.graph = graph
 
