@@ -47,7 +47,7 @@ from typing import Optional
 from ..errors import LoweringError
 from ..init_transform import is_init_operand
 from ..lower import LowerCtx, Problem
-from ..variants import YES, Variant, no, register
+from ..variants import YES, Variant, no, order_key, register
 from . import conv, gemm
 from .common import CTYPES
 from .conv_weight import ohwi_weight
@@ -558,6 +558,12 @@ IM2COL_FFMA = _conv_variant("conv.im2col_ffma", 13, _applies_im2col, _render_im2
 DIRECT = _conv_variant("conv.direct", 14, _applies_direct, _render_direct, _direct_space, _direct_default)
 CONV_VARIANTS = (DEPTHWISE_NHWC, POINTWISE_GEMM_NHWC, IGEMM_NHWC, DEPTHWISE_NCHW, POINTWISE_GEMM_NCHW, IGEMM_NCHW,
                  IM2COL_FFMA, DIRECT)
+OTHER_CONV_VARIANTS: list = []  # other families' Conv variants a fused group's anchor may take (conv_wgmma.py)
+
+
+def add_conv_variant(v: Variant) -> None:
+    OTHER_CONV_VARIANTS.append(v)
+
 
 CONV_TRANSPOSE = register(Variant("conv_transpose.direct", FAMILY, ("ConvTranspose",), _render_direct,
                                   _applies_conv_transpose, _direct_space, _direct_default, priority=FAST_PRIORITY))
@@ -573,7 +579,7 @@ def _conv(ctx: LowerCtx, epi: Epilogue = NONE):
     the selector with the conv variants that apply (plan.json then names the conv variant and its
     tile params); None, having launched nothing, when none applies (the group is then split)."""
     problem = Problem(ctx.L, ctx.op, epi)
-    fits = [v for v in CONV_VARIANTS if v.check(problem)]
+    fits = [v for v in sorted(CONV_VARIANTS + tuple(OTHER_CONV_VARIANTS), key=order_key) if v.check(problem)]
     if not fits:
         # the buffers the conv lowering always made first (x, w, the group's output): the split
         # lowering that follows reads them all, and making them here keeps the plan's buffer order

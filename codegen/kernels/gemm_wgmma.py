@@ -60,9 +60,10 @@ TILE_SPACE = TILE_SPACE + [(128, 192, 4, 2)]
 REGS_BESIDES_ACC = 28  # addresses, descriptors, loop state of a consumer thread (ptxas -v, 2026-12-02)
 
 
-def smem_bytes(p: dict) -> int:
-    """The ring, the mbarriers and 1 KB to align the ring to a swizzle atom."""
-    return p["STAGES"] * (p["BM"] + p["BN"]) * BK * 2 + 16 * p["STAGES"] + 1024
+def smem_bytes(p: dict, im2col: bool = False) -> int:
+    """The ring, the mbarriers and 1 KB to align the ring to a swizzle atom (im2col: and the
+    producer's row table of a conv's implicit A, 8 bytes a row)."""
+    return p["STAGES"] * (p["BM"] + p["BN"]) * BK * 2 + 16 * p["STAGES"] + 1024 + (8 * p["BM"] if im2col else 0)
 
 
 SMEM_RESERVED_PER_CTA = 1024  # the driver's own shared memory per resident CTA (sm_80+)
@@ -72,14 +73,14 @@ def ctas_per_sm(p: dict) -> int:
     return int(p.get("CTAS", 1))
 
 
-def _valid(p: dict, target: Target) -> bool:
+def _valid(p: dict, target: Target, im2col: bool = False) -> bool:
     rows = p["BM"] // p["CW"]
     ctas = ctas_per_sm(p)
     acc = (rows // 64) * p["BN"] // 2
     return (rows % 64 == 0 and p["BN"] % 64 == 0 and p["BN"] <= 256 and p["STAGES"] >= 3 and ctas in (1, 2)
             and (acc <= MAX_ACC if ctas == 1 else acc + REGS_BESIDES_ACC <= reg_cap(p, target))
-            and smem_bytes(p) <= target.smem_per_block_optin
-            and ctas * (smem_bytes(p) + SMEM_RESERVED_PER_CTA) <= target.smem_per_sm)
+            and smem_bytes(p, im2col) <= target.smem_per_block_optin
+            and ctas * (smem_bytes(p, im2col) + SMEM_RESERVED_PER_CTA) <= target.smem_per_sm)
 
 
 def reg_cap(p: dict, target: Target) -> int:
@@ -147,14 +148,16 @@ def fits(pr: gemm.GemmProblem, target: Target):
     return YES
 
 
-def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bulk: bool = False) -> list[dict]:
+def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bulk: bool = False,
+               im2col: bool = False) -> list[dict]:
     """The declared space; b_bulk: B is a constant 2-D weight, so the pre-swizzled bulk-copy
-    points come first (the same tiles with cp.async B follow)."""
+    points come first (the same tiles with cp.async B follow); im2col: A is a conv's implicit
+    im2col (conv_wgmma.py), whose row table takes shared memory too."""
     out = []
     points = [dict(BM=bm, BN=bn, STAGES=st, CW=cw) for bm, bn, st, cw in TILE_SPACE]
     points += [dict(BM=bm, BN=bn, STAGES=st, CW=cw, CTAS=2) for bm, bn, st, cw in TILE_SPACE_2CTA]
     for p in points:
-        if _valid(p, target) and gemm._size_ok(p["BM"], problem.M) and gemm._size_ok(p["BN"], problem.N):
+        if _valid(p, target, im2col) and gemm._size_ok(p["BM"], problem.M) and gemm._size_ok(p["BN"], problem.N):
             out.append(dict(p, swizzle=gemm.GROUP_M))
     if not out:
         out = [dict(BM=64, BN=64, STAGES=8, CW=1, swizzle=gemm.GROUP_M)]
@@ -185,13 +188,17 @@ def modelled_time(problem: gemm.GemmProblem, p: dict, target: Target = DEFAULT_T
     return cdiv(ctas, target.sm_count * per_sm) * (tile + WAVE_OVERHEAD_S)
 
 
-def default_params(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bulk: bool = False) -> dict:
+def default_params(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bulk: bool = False,
+                   im2col: bool = False) -> dict:
     """The point of the smallest modelled time (one CTA per SM: the ring takes most of shared
     memory, so big tiles win unless they leave most SMs idle)."""
-    return min(candidates(problem, target, b_bulk), key=lambda p: modelled_time(problem, p, target))
+    return min(candidates(problem, target, b_bulk, im2col), key=lambda p: modelled_time(problem, p, target))
 
 
-def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | None = None) -> KernelSpec:
+def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | None = None,
+           im2col: dict | None = None) -> KernelSpec:
+    """im2col: A is the implicit im2col matrix of an NHWC conv of this geometry (the template's
+    CV_* constants and cv_inbounds: conv_wgmma.im2col_geometry); A then binds x."""
     pr = problem
     params = dict(params or default_params(pr))
     ctype, elem, _ = CTYPES[pr.dtype]
@@ -200,7 +207,7 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
     swz = params.get("swizzle", gemm.GROUP_M)
     if not isinstance(swz, int) or isinstance(swz, bool) or not 1 <= swz <= 1024:
         raise ValueError(f"GEMM swizzle must be an int in 1..1024, got {swz!r}")
-    if not _valid(params, DEFAULT_TARGET):
+    if not _valid(params, DEFAULT_TARGET, im2col is not None):
         raise ValueError(f"wgmma GEMM params {params} are not in the declared space's bounds")
     bulk = bool(params.get("b_bulk", False))
     if bulk and (pr.nbatch > 1 and any(pr.stride_b)):
@@ -211,6 +218,10 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
                CTAS=ctas_per_sm(params), MAXNREG=setmaxnreg(params))
     if bulk:
         ctx["b_bulk"] = True
+    if im2col is not None:
+        if pr.trans_a or not pr.trans_b or pr.nbatch != 1:
+            raise ValueError("wgmma conv: A must be the im2col rows (K-major), B [K_out, R*S*C], one batch")
+        ctx.update(a_im2col=True, **im2col)
     if params.get("probe"):  # measurement only (tools/bench_gemm_wgmma.py --probe): wrong results
         ctx["probe"] = str(params["probe"])
     ctx.update(act_ctx(pr.act, dict(pr.act_params)))
@@ -220,12 +231,12 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
                pair_store=all(int(v) % 2 == 0 for v in (pr.ldd_, *pr.stride_d)))
     if pr.has_bias and pr.bias_rows:
         ctx.update(bias_row_z1=int(pr.bias_stride_z1))
-    ctx["name"] = name or kernel_name("nnc_gemm_wgmma", ctx)
+    ctx["name"] = name or kernel_name("nnc_conv_wgmma" if im2col is not None else "nnc_gemm_wgmma", ctx)
     src = render_template(TEMPLATE, **ctx)
     grid = (cdiv(pr.M, params["BM"]) * cdiv(pr.N, params["BN"]), 1, pr.nbatch)
     args = gemm.kernel_args(pr, ctype, to, ctx)
     return KernelSpec(source=src, name=ctx["name"], grid=grid, block=(128 * (params["CW"] + 1), 1, 1),
-                      smem=smem_bytes(params), args=args,
+                      smem=smem_bytes(params, im2col is not None), args=args,
                       params=dict(params, BK=BK, family="wgmma", template=TEMPLATE))
 
 
