@@ -1,7 +1,8 @@
 """Normalisations. rownorm.cu.j2 (one block per normalised row): InstanceNormalization,
-GroupNormalization, RMSNormalization, LpNormalization (p = 1 or 2), MeanVarianceNormalization (axes
+GroupNormalization, LpNormalization (p = 1 or 2), MeanVarianceNormalization (axes
 that are not trailing: transposed into a temp with strided_copy first, and back after). scan.cu.j2
-(one thread per line / element): Hardmax, LRN. LayerNormalization lives in reduce.py."""
+(one thread per line / element): Hardmax, LRN. LayerNormalization, Softmax and RMSNormalization (whose generic kernel is
+the "rms" kind here): codegen/kernels/rownorm_variants.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -35,21 +36,6 @@ def _group_norm(ctx: LowerCtx):
     if sc.numel != C or bi.numel != C:
         ctx.fail(f"scale/bias must have C={C} elements")
     _rownorm(ctx, "group", x, y, N * G, (C // G) * spatial, 1, sc, bi, groups=G, cpg=C // G, spatial=spatial)
-    return True
-
-
-@lowering("RMSNormalization")
-def _rms_norm(ctx: LowerCtx):
-    x, y = ctx.inp(0), ctx.out(0)
-    rank = len(x.shape)
-    axis = norm_axis(int(ctx.attr("axis", -1)), rank)
-    outer = int(np.prod(x.shape[:axis], dtype=np.int64))
-    R = int(np.prod(x.shape[axis:], dtype=np.int64))
-    sc = ctx.inp(1)
-    if sc.numel not in (1, R) or (sc.numel == R and tuple(sc.shape[-(rank - axis):]) != tuple(x.shape[axis:])
-                                  and len(sc.shape) >= rank - axis):
-        ctx.fail("scale must cover the normalised dims")
-    _rownorm(ctx, "rms", x, y, outer, R, 1, sc, scale_n=sc.numel)
     return True
 
 

@@ -1,6 +1,7 @@
 """Reduction family: Reduce* over any axes (via an [outer, R, inner] view, transposing first when
-the axes are not contiguous), Softmax/LogSoftmax, LayerNormalization, ArgMax/ArgMin,
-GlobalAveragePool/GlobalMaxPool."""
+the axes are not contiguous), ArgMax/ArgMin,
+GlobalAveragePool/GlobalMaxPool.
+Softmax/LogSoftmax and LayerNormalization: codegen/kernels/rownorm_variants.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -121,44 +122,8 @@ def _axis_view(shape, axis):
     return outer, int(shape[axis]), inner
 
 
-@lowering("Softmax", "LogSoftmax")
-def _softmax(ctx: LowerCtx):
-    x, y = ctx.inp(0), ctx.out(0)
-    if len(x.shape) == 0:
-        outer, R, inner = 1, 1, 1
-    else:
-        outer, R, inner = _axis_view(x.shape, int(ctx.attr("axis", -1)))
-    variant = "row" if inner == 1 else "col"
-    k = ctx.render("softmax.cu.j2", ctx.op.name.lower(), variant=variant, outer=outer, R=R, inner=inner,
-                   ctype=x.ctype, log=ctx.op.name == "LogSoftmax")
-    grid = min(outer, 65535) if variant == "row" else ctx.grid1d(outer * inner)
-    ctx.launch(k, grid, 256, [x, y])
-    return True
-
-
-@lowering("LayerNormalization")
-def _layernorm(ctx: LowerCtx):
-    x, y = ctx.inp(0), ctx.out(0)
-    rank = len(x.shape)
-    axis = int(ctx.attr("axis", -1))
-    axis = axis + rank if axis < 0 else axis
-    outer = int(np.prod(x.shape[:axis], dtype=np.int64))
-    R = int(np.prod(x.shape[axis:], dtype=np.int64))
-    scale, bias = ctx.inp(1), ctx.inp(2)
-    for b, what in ((scale, "Scale"), (bias, "B")):
-        if b is not None and b.numel not in (1, R):
-            ctx.fail(f"{what} of {b.numel} elements does not cover the normalised {R} elements")
-    mean = ctx.out(1) if ctx.n_out > 1 else None
-    rstd = ctx.out(2) if ctx.n_out > 2 else None
-    args = [x] + [b for b in (scale, bias) if b is not None] + [y] + [b for b in (mean, rstd) if b is not None]
-    k = ctx.render("layernorm.cu.j2", "layernorm", outer=outer, R=R, ctype=x.ctype, epsilon=float(ctx.attr("epsilon", 1e-5)),
-                   has_scale=scale is not None, has_bias=bias is not None,
-                   sctype=scale.ctype if scale else "", bctype=bias.ctype if bias else "",
-                   scale_n=scale.numel if scale else 1, bias_n=bias.numel if bias else 1,
-                   has_mean=mean is not None, has_rstd=rstd is not None,
-                   mctype=(mean or rstd).ctype if (mean or rstd) else "")
-    ctx.launch(k, min(max(outer, 1), 65535), 256, args)
-    return True
+# Softmax / LogSoftmax and LayerNormalization: the "rownorm" variant family
+# (codegen/kernels/rownorm_variants.py).
 
 
 @lowering("ArgMax", "ArgMin")

@@ -1,0 +1,320 @@
+"""Row normalisations as a declared Variant family "rownorm" (codegen/variants.py):
+LayerNormalization, Softmax / LogSoftmax (over the last axis) and RMSNormalization.
+
+Variants, in the heuristic order:
+- `rownorm.<op>_regs` (templates/rownorm_regs.cu.j2): the row held in registers as stored, W warps
+  per row (W = 1: a warp per row, shuffles only; W = 32: a block of 1024 threads per row), RPB rows
+  per block, VEC-element vector loads/stores (16 bytes where R % VEC == 0 and x / y are aligned);
+  mean and variance (two passes over the registers), max and sum of exp, or sum of squares from the
+  registers: one global read and one write per element. Applies to f16 / bf16 / f32 rows of
+  contiguous elements whose per-thread share fits MAX_ROW_BYTES at W = 32 (f16: R <= 65536,
+  f32: R <= 32768), scale / bias of R or 1 elements. Space: (VEC, W, RPB); the heuristic picks
+  W by R (the least W whose share is <= TARGET_ROW_BYTES), RPB for ~256-thread blocks while the
+  grid keeps >= 2 blocks an SM.
+- `rownorm.<op>_generic`: today's kernels (layernorm.cu.j2, softmax.cu.j2, rownorm.cu.j2: a block
+  per row, passes over global memory): any dtype, the column form of Softmax (axis not last),
+  huge rows. Mean / InvStdDev and scale / bias broadcasting are the same in every variant.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from ..lower import LowerCtx
+from ..variants import YES, Variant, no, register
+from ._helpers import norm_axis
+
+FAMILY = "rownorm"
+FLOATS = ("f16", "bf16", "f32")
+MAX_ROW_BYTES = 128     # per thread: the row's share held in registers (32 registers)
+TARGET_ROW_BYTES = 96   # the heuristic's share: the least W at or under it
+WARPS = (1, 2, 4, 8, 16, 32)
+ROWS_PER_BLOCK = (1, 2, 4, 8, 16)
+MAX_BLOCK = 1024
+BLOCK_TARGET = 256
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """One row normalisation: `outer` rows of R contiguous elements."""
+    kind: str                 # layernorm | rms | softmax | logsoftmax
+    dtype: str                # short name of x's dtype
+    itemsize: int
+    outer: int
+    R: int
+    x_off: int                # byte offsets of x and y in their roots (vector alignment)
+    y_off: int
+    scale_n: int = 0          # 0: none
+    scale_size: int = 0
+    scale_off: int = 0
+    bias_n: int = 0
+    bias_size: int = 0
+    bias_off: int = 0
+
+
+def _vecs(p: RowProblem) -> list:
+    """Vector widths (elements, largest first) R and every vector pointer's alignment allow."""
+    out = []
+    v = 16 // p.itemsize
+    while v >= 1:
+        if p.R % v == 0 and p.x_off % (v * p.itemsize) == 0 and p.y_off % (v * p.itemsize) == 0:
+            out.append(v)
+        v //= 2
+    return out
+
+
+def share_bytes(p: RowProblem, vec: int, warps: int) -> int:
+    """Bytes of the row one thread holds: NV vectors of VEC elements."""
+    return -(-p.R // (vec * 32 * warps)) * vec * p.itemsize
+
+
+def regs_space(p: RowProblem) -> list:
+    space = []
+    for vec in _vecs(p):
+        nvec = p.R // vec
+        for w in WARPS:
+            if share_bytes(p, vec, w) > MAX_ROW_BYTES:
+                continue
+            if w > 1 and 32 * w > 2 * nvec:  # more than half the row's lanes idle
+                continue
+            for rpb in ROWS_PER_BLOCK:
+                block = 32 * w * rpb
+                if block > MAX_BLOCK or (rpb > 1 and rpb > p.outer):
+                    continue
+                space.append({"VEC": vec, "W": w, "RPB": rpb})
+    return space
+
+
+def regs_default(p: RowProblem, space: list, sm_count: int = 132) -> dict:
+    vec = max(s["VEC"] for s in space)
+    ws = sorted({s["W"] for s in space if s["VEC"] == vec})
+    w = next((w for w in ws if share_bytes(p, vec, w) <= TARGET_ROW_BYTES), ws[-1])
+    rpbs = sorted({s["RPB"] for s in space if s["VEC"] == vec and s["W"] == w})
+    rpb = max([r for r in rpbs if 32 * w * r <= BLOCK_TARGET] or rpbs[:1])
+    while rpb > 1 and -(-p.outer // rpb) < 2 * sm_count:
+        rpb //= 2
+    if rpb not in rpbs:
+        rpb = rpbs[0]
+    return {"VEC": vec, "W": w, "RPB": rpb}
+
+
+def regs_params(p: RowProblem, params: dict) -> dict:
+    """Template parameters of rownorm_regs.cu.j2 (beside the op's ctypes and flags)."""
+    vec, w, rpb = int(params["VEC"]), int(params["W"]), int(params["RPB"])
+    if p.R % vec or 32 * w * rpb > MAX_BLOCK:
+        raise ValueError(f"rownorm regs: VEC={vec} W={w} RPB={rpb} do not fit R={p.R}")
+    nv = -(-p.R // (vec * 32 * w))
+    vs = p.scale_n == p.R and p.scale_n > 1 and p.scale_off % (vec * p.scale_size) == 0
+    vb = p.bias_n == p.R and p.bias_n > 1 and p.bias_off % (vec * p.bias_size) == 0
+    return dict(kind=p.kind, outer=p.outer, R=p.R, VEC=vec, W=w, RPB=rpb, NV=nv, vx=True, xsize=p.itemsize,
+                vscale=vs, vbias=vb, ssize=p.scale_size, bsize=p.bias_size)
+
+
+def regs_grid(p: RowProblem, params: dict, sm_count: int) -> tuple[int, int]:
+    rpb, w = int(params["RPB"]), int(params["W"])
+    groups = -(-p.outer // rpb)
+    return max(1, min(groups, 65535)), 32 * w * rpb
+
+
+# ---------------------------------------------------------------- problems of the three ops
+
+def _info_offset(t) -> int:
+    return int(t.alias_offset) if t.alias_of is not None else 0
+
+
+def _row_problem(problem, kind: str, outer: int, R: int, scale=None, bias=None) -> RowProblem:
+    x, y = problem.tensor(0), problem.result(0)
+    return RowProblem(kind=kind, dtype=x.dtype.short, itemsize=max(1, x.dtype.bits // 8), outer=outer, R=R,
+                      x_off=_info_offset(x), y_off=_info_offset(y),
+                      scale_n=scale.numel if scale is not None else 0,
+                      scale_size=max(1, scale.dtype.bits // 8) if scale is not None else 0,
+                      scale_off=_info_offset(scale) if scale is not None else 0,
+                      bias_n=bias.numel if bias is not None else 0,
+                      bias_size=max(1, bias.dtype.bits // 8) if bias is not None else 0,
+                      bias_off=_info_offset(bias) if bias is not None else 0)
+
+
+def _layernorm_rows(problem) -> tuple[int, int]:
+    x = problem.tensor(0)
+    rank = len(x.shape)
+    axis = int(problem.attr("axis", -1))
+    axis = axis + rank if axis < 0 else axis
+    return (int(np.prod(x.shape[:axis], dtype=np.int64)), int(np.prod(x.shape[axis:], dtype=np.int64)))
+
+
+def _regs_fit(p: RowProblem) -> "Fit":
+    if p.dtype not in FLOATS:
+        return no(f"dtype {p.dtype} (f16 / bf16 / f32 only)")
+    if p.outer < 1 or p.R < 1:
+        return no("empty")
+    if not regs_space(p):
+        return no(f"a row of {p.R} does not fit the registers of a block")
+    return YES
+
+
+def _memo(problem, make) -> Optional[RowProblem]:
+    if "rownorm" not in problem.memo:
+        problem.memo["rownorm"] = make(problem)
+    return problem.memo["rownorm"]
+
+
+def _layernorm_problem(problem) -> Optional[RowProblem]:
+    outer, R = _layernorm_rows(problem)
+    scale, bias = problem.tensor(1), problem.tensor(2)
+    if scale is None or any(b is not None and b.numel not in (1, R) for b in (scale, bias)):
+        return None  # the generic variant reports it
+    return _row_problem(problem, "layernorm", outer, R, scale, bias)
+
+
+def _softmax_problem(problem) -> Optional[RowProblem]:
+    x = problem.tensor(0)
+    if len(x.shape) == 0:
+        return None
+    rank = len(x.shape)
+    axis = norm_axis(int(problem.attr("axis", -1)), rank)
+    if axis != rank - 1:
+        return None
+    R = int(x.shape[-1])
+    outer = int(np.prod(x.shape[:-1], dtype=np.int64))
+    return _row_problem(problem, "logsoftmax" if problem.op.name == "LogSoftmax" else "softmax", outer, R)
+
+
+def rms_scale_ok(scale, x_shape, axis: int) -> bool:
+    rank = len(x_shape)
+    R = int(np.prod(x_shape[axis:], dtype=np.int64))
+    return not (scale.numel not in (1, R) or (scale.numel == R and tuple(scale.shape[-(rank - axis):]) !=
+                                              tuple(x_shape[axis:]) and len(scale.shape) >= rank - axis))
+
+
+def _rms_problem(problem) -> Optional[RowProblem]:
+    x, sc = problem.tensor(0), problem.tensor(1)
+    rank = len(x.shape)
+    axis = norm_axis(int(problem.attr("axis", -1)), rank)
+    if sc is None or not rms_scale_ok(sc, x.shape, axis):
+        return None
+    outer = int(np.prod(x.shape[:axis], dtype=np.int64))
+    R = int(np.prod(x.shape[axis:], dtype=np.int64))
+    return _row_problem(problem, "rms", outer, R, sc)
+
+
+MAKERS = {"LayerNormalization": _layernorm_problem, "Softmax": _softmax_problem,
+          "LogSoftmax": _softmax_problem, "RMSNormalization": _rms_problem}
+
+
+def row_problem(problem) -> Optional[RowProblem]:
+    return _memo(problem, MAKERS[problem.op.name])
+
+
+def _applies_regs(problem):
+    p = row_problem(problem)
+    if p is None:
+        return no("not a row of contiguous elements with scale / bias of R or 1")
+    return _regs_fit(p)
+
+
+def _space_regs(problem) -> list:
+    return regs_space(row_problem(problem))
+
+
+def _default_regs(problem, space) -> dict:
+    return regs_default(row_problem(problem), space, problem.target.sm_count)
+
+
+def _render_regs(ctx: LowerCtx, problem, params: dict):
+    p = row_problem(problem)
+    x, y = ctx.inp(0), ctx.out(0)
+    scale = ctx.inp(1) if p.kind in ("layernorm", "rms") else None
+    bias = ctx.inp(2) if p.kind == "layernorm" else None
+    mean = ctx.out(1) if p.kind == "layernorm" and ctx.n_out > 1 else None
+    rstd = ctx.out(2) if p.kind == "layernorm" and ctx.n_out > 2 else None
+    eps = float(ctx.attr("epsilon", 1e-5) or 0.0) if p.kind in ("layernorm", "rms") else 0.0
+    k = ctx.render("rownorm_regs.cu.j2", f"{p.kind}_regs", ctype=x.ctype, epsilon=eps,
+                   has_scale=scale is not None, has_bias=bias is not None,
+                   sctype=scale.ctype if scale is not None else "", bctype=bias.ctype if bias is not None else "",
+                   scale_n=scale.numel if scale is not None else 1, bias_n=bias.numel if bias is not None else 1,
+                   has_mean=mean is not None, has_rstd=rstd is not None,
+                   mctype=(mean or rstd).ctype if (mean or rstd) else "", **regs_params(p, params))
+    grid, block = regs_grid(p, params, ctx.target.sm_count)
+    args = [x] + [b for b in (scale, bias) if b is not None] + [y] + [b for b in (mean, rstd) if b is not None]
+    ctx.launch(k, grid, block, args)
+    return True
+
+
+def _cost_regs(problem, params) -> float:
+    """A bytes-and-occupancy model (the stand-in timer's): read + write at 3.5 TB/s, worse for
+    blocks that idle lanes and for few blocks."""
+    p = row_problem(problem)
+    t = 2.0 * p.outer * p.R * p.itemsize / 3.5e12
+    grid, block = regs_grid(p, params, problem.target.sm_count)
+    fill = min(1.0, grid * block / (problem.target.sm_count * 1024.0))
+    lanes = p.R / float(-(-p.R // (params["VEC"] * 32 * params["W"])) * params["VEC"] * 32 * params["W"])
+    return t / max(0.05, fill * lanes) + 2e-6
+
+
+# ---------------------------------------------------------------- the generic (legacy) kernels
+
+def _render_layernorm_generic(ctx: LowerCtx, problem, params: dict):
+    x, y = ctx.inp(0), ctx.out(0)
+    outer, R = _layernorm_rows(problem)
+    scale, bias = ctx.inp(1), ctx.inp(2)
+    for b, what in ((scale, "Scale"), (bias, "B")):
+        if b is not None and b.numel not in (1, R):
+            ctx.fail(f"{what} of {b.numel} elements does not cover the normalised {R} elements")
+    mean = ctx.out(1) if ctx.n_out > 1 else None
+    rstd = ctx.out(2) if ctx.n_out > 2 else None
+    args = [x] + [b for b in (scale, bias) if b is not None] + [y] + [b for b in (mean, rstd) if b is not None]
+    k = ctx.render("layernorm.cu.j2", "layernorm", outer=outer, R=R, ctype=x.ctype,
+                   epsilon=float(ctx.attr("epsilon", 1e-5)),
+                   has_scale=scale is not None, has_bias=bias is not None,
+                   sctype=scale.ctype if scale else "", bctype=bias.ctype if bias else "",
+                   scale_n=scale.numel if scale else 1, bias_n=bias.numel if bias else 1,
+                   has_mean=mean is not None, has_rstd=rstd is not None,
+                   mctype=(mean or rstd).ctype if (mean or rstd) else "")
+    ctx.launch(k, min(max(outer, 1), 65535), 256, args)
+    return True
+
+
+def _render_softmax_generic(ctx: LowerCtx, problem, params: dict):
+    from .reduce import _axis_view
+    x, y = ctx.inp(0), ctx.out(0)
+    if len(x.shape) == 0:
+        outer, R, inner = 1, 1, 1
+    else:
+        outer, R, inner = _axis_view(x.shape, int(ctx.attr("axis", -1)))
+    variant = "row" if inner == 1 else "col"
+    k = ctx.render("softmax.cu.j2", ctx.op.name.lower(), variant=variant, outer=outer, R=R, inner=inner,
+                   ctype=x.ctype, log=ctx.op.name == "LogSoftmax")
+    grid = min(outer, 65535) if variant == "row" else ctx.grid1d(outer * inner)
+    ctx.launch(k, grid, 256, [x, y])
+    return True
+
+
+def _render_rms_generic(ctx: LowerCtx, problem, params: dict):
+    from .norm import _rownorm
+    x, y = ctx.inp(0), ctx.out(0)
+    rank = len(x.shape)
+    axis = norm_axis(int(ctx.attr("axis", -1)), rank)
+    outer = int(np.prod(x.shape[:axis], dtype=np.int64))
+    R = int(np.prod(x.shape[axis:], dtype=np.int64))
+    sc = ctx.inp(1)
+    if not rms_scale_ok(sc, x.shape, axis):
+        ctx.fail("scale must cover the normalised dims")
+    _rownorm(ctx, "rms", x, y, outer, R, 1, sc, scale_n=sc.numel)
+    return True
+
+
+GENERIC = {"LayerNormalization": _render_layernorm_generic, "Softmax": _render_softmax_generic,
+           "LogSoftmax": _render_softmax_generic, "RMSNormalization": _render_rms_generic}
+SHORT = {"LayerNormalization": "layernorm", "Softmax": "softmax", "LogSoftmax": "logsoftmax",
+         "RMSNormalization": "rmsnorm"}
+
+REGS = {}
+GENERICS = {}
+for _op, _short in SHORT.items():
+    REGS[_op] = register(Variant(
+        name=f"rownorm.{_short}_regs", family=FAMILY, ops=(_op,), rank=0, applies=_applies_regs,
+        space=_space_regs, default=_default_regs, render=_render_regs, cost=_cost_regs))
+    GENERICS[_op] = register(Variant(
+        name=f"rownorm.{_short}_generic", family=FAMILY, ops=(_op,), rank=1, render=GENERIC[_op]))

@@ -1,0 +1,131 @@
+"""The "rownorm" variant family (codegen/kernels/rownorm_variants.py): LayerNormalization,
+Softmax / LogSoftmax, RMSNormalization with the row in registers (W warps per row, RPB rows per
+block, VEC-element vectors) or today's generic kernels. CPU: applies / space / default, the
+kernel header names the op and params, the plan runs in its arena on the reference backend as
+the interpreter does, every variant compiles with NVRTC for sm_90a (R in 64 .. 8192, 1000, 999;
+f16 / bf16 / f32). GPU: each variant against the interpreter, outputs NaN-poisoned first."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nnc.codegen.kernels import rownorm_variants as rv
+from nnc.codegen.plan_exec import PlanExecutor
+from nnc.ir.interp import Interpreter
+from tools.bench_rownorm import candidates, lower_forced, model, random_feed
+
+OPS = ("LayerNormalization", "Softmax", "LogSoftmax", "RMSNormalization")
+RS = (64, 768, 1024, 3072, 4096, 8192, 1000, 999)
+
+
+def _p(R, dt="f16", outer=4096, **kw):
+    size = 4 if dt == "f32" else 2
+    return rv.RowProblem(kind="layernorm", dtype=dt, itemsize=size, outer=outer, R=R, x_off=0, y_off=0,
+                         scale_n=R, scale_size=size, bias_n=R, bias_size=size, **kw)
+
+
+def test_space_and_default():
+    p = _p(768)
+    space = rv.regs_space(p)
+    assert {s["VEC"] for s in space} == {8, 4, 2, 1}
+    assert all(rv.share_bytes(p, s["VEC"], s["W"]) <= rv.MAX_ROW_BYTES for s in space)
+    assert all(32 * s["W"] * s["RPB"] <= 1024 for s in space)
+    assert rv.regs_default(p, space) == {"VEC": 8, "W": 1, "RPB": 8}  # a warp per row, 16-byte vectors
+    assert rv.regs_default(_p(4096), rv.regs_space(_p(4096)))["W"] == 4
+    assert rv.regs_default(_p(65536, outer=1024), rv.regs_space(_p(65536, outer=1024))) == \
+        {"VEC": 8, "W": 32, "RPB": 1}  # a block per row
+    assert rv.regs_space(_p(65536, "f32")) == []  # 256 bytes a thread: the generic kernel
+    assert {s["VEC"] for s in rv.regs_space(_p(999))} == {1}
+    view = rv.RowProblem(kind="softmax", dtype="f16", itemsize=2, outer=8, R=768, x_off=4, y_off=0)
+    assert {s["VEC"] for s in rv.regs_space(view)} == {2, 1}  # a view 4 bytes into its root
+    few = _p(768, outer=64)
+    assert rv.regs_default(few, rv.regs_space(few))["RPB"] == 1  # keep the SMs busy
+    with pytest.raises(ValueError):
+        rv.regs_params(_p(999), {"VEC": 8, "W": 1, "RPB": 1})
+
+
+def test_applies_and_fallback():
+    names = [n for n, _ in candidates(model("LayerNormalization", 4, 768, "f16"))]
+    assert names[0] == "rownorm.layernorm_regs" and names[-1] == "rownorm.layernorm_generic"
+    assert [n for n, _ in candidates(model("LayerNormalization", 4, 65536, "f32"))] == ["rownorm.layernorm_generic"]
+    assert {n for n, _ in candidates(model("Softmax", 4, 65536, "f16"))} == {"rownorm.softmax_regs",
+                                                                             "rownorm.softmax_generic"}
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_header_names_op_and_params(op):
+    m = model(op, 64, 768, "f16", outs=3 if op == "LayerNormalization" else 1)
+    plan = lower_forced(m, f"rownorm.{rv.SHORT[op]}_regs", {"VEC": 8, "W": 2, "RPB": 2})
+    (k,) = plan.kernels.values()
+    assert k.template == "rownorm_regs.cu.j2" and f"= {op}(" in k.source
+    assert '"W":2' in k.source and '"RPB":2' in k.source and '"VEC":8' in k.source
+    (launch,) = plan.launches
+    assert launch.block[0] == 128 and launch.grid[0] == 32
+    if op == "LayerNormalization":
+        assert "mean_out[o]" in k.source and "rstd_out[o]" in k.source
+
+
+@pytest.mark.parametrize("op", ("LayerNormalization", "Softmax", "RMSNormalization"))
+def test_plan_runs_in_the_arena(op):
+    for R, dt in ((768, "f16"), (999, "f32")):
+        m = model(op, 6, R, dt, outs=3 if op == "LayerNormalization" else 1)
+        for vname, params in candidates(m):
+            plan = lower_forced(m, vname, params)
+            feed = random_feed(m)
+            ref, got = Interpreter(m).run(feed), PlanExecutor.from_plan(plan, m).run(feed)
+            assert set(got) == set(ref)
+            for k in ref:
+                np.testing.assert_array_equal(got[k], ref[k])
+
+
+def _sources(ops, rs, dts, tag="a"):
+    """(unique kernel name, source) of every candidate, renamed apart."""
+    out = []
+    for op in ops:
+        for R in rs:
+            for dt in dts:
+                m = model(op, 512, R, dt, outs=3 if op == "LayerNormalization" else 1)
+                for vname, params in candidates(m):
+                    plan = lower_forced(m, vname, params)
+                    for k in plan.kernels.values():
+                        name = f"{k.name}_{tag}{len(out)}"
+                        out.append((name, k.source.replace(k.name, name)))
+    return out
+
+
+@pytest.mark.parametrize("dt", ["f16", "bf16", "f32"])
+def test_variants_compile_with_nvrtc(dt):
+    from nnc.codegen.cuda import compile_nvrtc
+    from nnc.codegen.units import pieces_for, prelude
+    srcs = _sources(OPS, RS, (dt,)) + _sources(("LayerNormalization",), (65536,), (dt,), "b")
+    text = "\n".join(s for _, s in srcs)
+    cubin = compile_nvrtc(prelude(pieces_for([text])) + "\n" + text, "sm_90a", name=f"rownorm_{dt}.cu")
+    assert cubin and all(n.encode() in cubin for n, _ in srcs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_variants_match_interpreter(op, dt):
+    """Each candidate (regs default and other space points, generic) against the interpreter,
+    outputs NaN-poisoned first (needs GPU run)."""
+    import cupy as cp
+
+    from tools.bench_rownorm import build, device_arrays, run
+    tol = {"f32": 1e-3, "f16": 1e-2, "bf16": 4e-2}[dt]
+    for rows, R in ((37, 64), (130, 768), (64, 1000), (33, 999), (16, 4096), (8, 8192), (4, 65536)):
+        m = model(op, rows, R, dt, outs=3 if op == "LayerNormalization" else 1)
+        feed = random_feed(m, seed=R)
+        ref = Interpreter(m).run(feed)
+        for vname, params in candidates(m):
+            plan = lower_forced(m, vname, params)
+            fn, launch = build(plan)
+            arrs = device_arrays(plan, feed, poison=True)
+            run(fn, launch, arrs)
+            cp.cuda.Device().synchronize()
+            by_name = {b.name: a for b, a in zip(launch.args, arrs)}
+            for k, v in ref.items():
+                got = cp.asnumpy(by_name[k]).astype(np.float64).reshape(v.shape)
+                b = v.astype(np.float64)
+                np.testing.assert_allclose(got, b, rtol=tol, atol=tol * max(1.0, float(np.abs(b).max())),
+                                           err_msg=f"{op} {rows}x{R} {dt} {vname} {params} {k}")
