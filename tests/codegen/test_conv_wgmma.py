@@ -200,6 +200,30 @@ def test_resnet_like_plan_picks_wgmma_convs_on_sm90a():
     assert not any("wgmma" in c for s in base.selections for c in s.candidates)
 
 
+def test_every_space_point_renders_through_the_model():
+    """Each (variant, params) of the wgmma conv candidates' declared spaces renders in the model
+    (the timed selector's race: a timer that prefers one point at a time, all of them in turn)."""
+    from nnc.codegen.lower import lower
+    from nnc.codegen.variants import TimedSelector
+    m = _module()
+    spaces = {}
+
+    def record(c, p):
+        if c.variant.family == CW.FAMILY:
+            spaces.setdefault(c.problem.key, (c.name, c.space))
+        return 0.0 if c.variant.family == CW.FAMILY else 1.0
+    lower(m, {"arch": "sm_90a", "precision": "fp16"}, selector=TimedSelector(record))
+    assert len(spaces) == 4
+    n = max(len(sp) for _, sp in spaces.values())
+    for i in range(1, n):  # the i-th point of every space (clamped)
+        def pick(c, p, i=i):
+            if c.variant.family != CW.FAMILY:
+                return 1.0
+            return 0.0 if p == c.space[min(i, len(c.space) - 1)] else 0.5
+        plan = lower(_module(), {"arch": "sm_90a", "precision": "fp16"}, selector=TimedSelector(pick))
+        assert sum(k.template == W.TEMPLATE for k in plan.kernels.values()) == 4
+
+
 def test_wgmma_conv_variants_registered_above_mma_sync():
     from nnc.codegen.kernels import conv_lowering
     assert CW.POINTWISE_WGMMA_NHWC.priority > conv_lowering.POINTWISE_GEMM_NHWC.priority
