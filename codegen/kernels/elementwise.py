@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
+
 from ..dtypes import compute_type
 from ..lower import LowerCtx, lowering
 from ..render import cfloat
@@ -199,16 +201,57 @@ def broadcast_strides(in_shape, out_shape):
     return st
 
 
+MAX_VEC = 8          # elements a thread takes per step (the unrolled per-element body)
+VEC_BYTES = 16       # the widest load / store
+
+
+def _itemsize(b) -> int:
+    return b.dtype.bits // 8
+
+
+def vector_width(vector_bufs: list, n: int) -> int:
+    """Elements per vector for an elementwise kernel whose `vector_bufs` (its same-shape inputs and
+    its outputs) are read / written at the flat index: the most that keeps every vector within
+    VEC_BYTES, divides n and keeps every buffer's offset aligned; 1 where any is a packed or
+    emulated type (ctype nnc_*: sub-byte and f8 stores go through helpers)."""
+    if not vector_bufs or n <= 0:
+        return 1
+    if any(b.ctype is None or b.ctype.startswith("nnc_") or b.dtype.bits < 8 or b.dtype.bits % 8 for b in vector_bufs):
+        return 1
+    vec = min(MAX_VEC, VEC_BYTES // max(_itemsize(b) for b in vector_bufs))
+    while vec > 1:
+        if n % vec == 0 and all((b.alias_offset if b.alias_of is not None else 0) % (vec * _itemsize(b)) == 0
+                                for b in vector_bufs):
+            return vec
+        vec //= 2
+    return 1
+
+
 def elementwise_params(inputs: list, out_shape, stmts: list, outputs: list) -> dict:
-    """inputs: Buffers; outputs: [(Buffer, var)]; stmts: [(ctype, var, expr)]."""
+    """inputs: Buffers; outputs: [(Buffer, var)]; stmts: [(ctype, var, expr)]. VEC (and the
+    itemsize of each buffer) only where vectors apply (vector_width)."""
     ins = [{"ctype": b.ctype, "compute": b.compute, "strides": broadcast_strides(b.shape, out_shape)} for b in inputs]
-    return {
+    params = {
         "inputs": ins,
         "outputs": [{"ctype": b.ctype, "var": v} for b, v in outputs],
         "stmts": [{"ctype": c, "var": v, "expr": e} for c, v, e in stmts],
         "shape": list(out_shape),
         "need_coords": any(i["strides"] is not None for i in ins),
     }
+    n = int(np.prod(out_shape, dtype=np.int64)) if len(out_shape) else 1
+    vec = vector_width([b for b, i in zip(inputs, ins) if i["strides"] is None] + [b for b, _ in outputs], n)
+    if vec > 1:
+        for b, i in zip(inputs, ins):
+            i["itemsize"] = _itemsize(b)
+        for (b, _), o in zip(outputs, params["outputs"]):
+            o["itemsize"] = _itemsize(b)
+        params["VEC"] = vec
+    return params
+
+
+def launch_threads(params: dict, n: int) -> int:
+    """Threads an elementwise kernel of these params needs for n elements (one per vector)."""
+    return max(1, int(n) // int(params.get("VEC", 1)))
 
 
 @lowering(*sorted(EXPR))
@@ -232,5 +275,5 @@ def _elementwise(ctx: LowerCtx):
     params = elementwise_params(bufs, y.shape, [(y.compute, "t0", expr)], [(y, "t0")])
     k = ctx.render("elementwise.cu.j2", "ew_" + op.name.lower(), **params)
     n = y.numel
-    ctx.launch(k, ctx.grid1d(n), 256, [*bufs, y, ctx.i64(n)])
+    ctx.launch(k, ctx.grid1d(launch_threads(params, n)), 256, [*bufs, y, ctx.i64(n)])
     return True

@@ -21,7 +21,7 @@ from __future__ import annotations
 from ..dtypes import compute_type, ctype
 from ..lower import LowerCtx, LoweringError, Problem, describe_op
 from ..variants import YES, Variant, no, register
-from .elementwise import EXPR, elementwise_params, op_expr
+from .elementwise import EXPR, elementwise_params, launch_threads, op_expr
 
 PRIORITY = 10  # above the op-by-op fallback
 
@@ -148,7 +148,7 @@ def _render(ctx: LowerCtx, problem: Problem, params: dict):
     for d in descs:
         k.add_op(d)
     n = max(1, outs[0][0].numel)
-    ctx.launch(k, ctx.grid1d(n), 256, [*bufs, *(b for b, _ in outs), ctx.i64(outs[0][0].numel)])
+    ctx.launch(k, ctx.grid1d(launch_threads(params, n)), 256, [*bufs, *(b for b, _ in outs), ctx.i64(outs[0][0].numel)])
     return True
 
 
