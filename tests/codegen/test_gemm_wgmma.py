@@ -60,9 +60,13 @@ def test_space_within_target_and_valid():
         assert space
         for p in space:
             assert W.smem_bytes(p) <= SM90A.smem_per_block_optin
-            assert (p["BM"] // p["CW"]) % 64 == 0 and p["BN"] % 64 == 0
+            rows = p["BM"] if W.pingpong(p) else p["BM"] // p["CW"]  # a ping-pong warp group owns whole tiles
+            assert rows % 64 == 0 and p["BN"] % 64 == 0
             assert 0 <= W.lag(p) <= p["STAGES"] - 2
         assert W.default_params(pr, SM90A) in space
+        # B [K, N] by cp.async: no BN = 192 (load_mnmajor needs BN / 8 to divide 128); bulk or B^T may
+        assert not [p for p in space if p["BN"] == 192]
+        assert [p for p in W.candidates(pr, SM90A, b_bulk=True) if p["BN"] == 192 and p.get("b_bulk")] or N < 192
 
 
 def test_render_refuses_params_outside_the_space():
@@ -105,7 +109,7 @@ def all_specs():
     for dt in ("float16", "bfloat16"):  # pre-swizzled bulk B, every publish mode
         pr = gemm.GemmProblem(4096, 3072, 768, dtype=dt, has_bias=True, bias_dtype="float32", act="gelu")
         for p in W.candidates(pr, SM90A, b_bulk=True):
-            for lag in range(0, p["STAGES"] - 1, 2 if dt == "float16" else 3):
+            for lag in range(0, 1 if W.pingpong(p) else p["STAGES"] - 1, 2 if dt == "float16" else 3):
                 specs.append(W.render(pr, dict(p, LAG=lag)))
     return specs
 
@@ -263,6 +267,36 @@ def test_wgmma_gemm_gpu(case):
         bb = W.preswizzle_b(_rounded(b, pr.dtype).astype(np.float32), pr.trans_b, p["BN"])
         _run(W.render(pr, p), dict(bufs, B=_dev(bb, pr.dtype), D=d))
         _check(_host(d, odt), ref, 1e-2 if pr.dtype == "float16" else 3e-2)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("sched", ["persist", "pingpong"])
+def test_persistent_points_run_many_tiles_a_cta_gpu(sched):
+    """Persistent and ping-pong points with a grid of 2 and 3 CTAs (a stand-in Target with few SMs):
+    every CTA loops over many tiles, both consumer warp groups of a ping-pong CTA take turns, the ring
+    wraps across tiles, over a ragged M/N/K and over batches (grid z)."""
+    from dataclasses import replace
+    rng = np.random.default_rng(7)
+    few = replace(SM90A, sm_count=2)
+    for case, nb in (((1000, 999, 520, "float16", False, True, "bias_residual_relu"), 1),
+                     ((300, 200, 136, "bfloat16", False, False, "bias_gelu"), 1),
+                     ((256, 192, 192, "float16", False, False, "none"), 3)):
+        pr, a, b, extra, ref = _case_arrays(case, rng)
+        if nb > 1:  # the same A and B for every batch, D per batch
+            pr = gemm.with_(pr, batch=(1, nb), stride_d=(0, pr.M * pr.N))
+        odt = pr.out_dtype or pr.dtype
+        bufs = _bufs(pr, a, b, extra)
+        pts = [p for p in W.candidates(pr, SM90A) if (W.pingpong(p) if sched == "pingpong" else p.get("PERSIST"))]
+        assert pts
+        for p in pts:
+            spec = W.render(pr, p, target=few)
+            assert spec.grid[0] * spec.grid[2] <= max(2, nb) and spec.grid[0] * W.cdiv(pr.M, p["BM"]) >= 1
+            d = _poison((nb, pr.M, pr.N) if nb > 1 else (pr.M, pr.N), odt)
+            _run(spec, dict(bufs, D=d))
+            got = _host(d, odt)
+            for z in range(nb):
+                _check(got[z] if nb > 1 else got, ref, 1e-2 if pr.dtype == "float16" else 3e-2)
 
 
 @pytest.mark.gpu
