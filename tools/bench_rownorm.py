@@ -4,6 +4,7 @@ time and achieved GB/s (x read + y written) against a device-to-device copy of t
 
     python tools/bench_rownorm.py                      # LayerNormalization, the issue-9 shapes
     python tools/bench_rownorm.py --op Softmax --shapes 4096x768,4096x128 --dtypes f16
+    python tools/bench_rownorm.py --op AddLayerNormalization --shapes 4096x768   # the fused group (T, RPB)
 
 Each kernel is lowered by nnc for one op with a forced (variant, params), compiled with NVRTC for
 the device's arch and launched here directly (cupy), so only the kernel is timed. Also the
@@ -26,12 +27,23 @@ DTYPES = ("f16", "f32")
 
 def model(op: str, rows: int, R: int, dt: str, outs: int = 1):
     """One `op` over [rows, R] (axis -1) of dtype dt; LayerNormalization: scale and bias [R] of dt
-    (inputs); outs = 3: Mean and InvStdDev too (f32 [rows, 1])."""
+    (inputs); outs = 3: Mean and InvStdDev too (f32 [rows, 1]). op "AddLayerNormalization": x + res
+    then LayerNormalization, fused into one rowreduce group (fuse-reduction)."""
     from onnx import TensorProto as T
     from onnx import helper as h
 
     from nnc.onnx_import import import_model
     dts = {"f32": T.FLOAT, "f16": T.FLOAT16, "bf16": T.BFLOAT16}
+    if op == "AddLayerNormalization":
+        from nnc.passes import fuse_reduction
+        nodes = [h.make_node("Add", ["x", "res"], ["a"]),
+                 h.make_node("LayerNormalization", ["a", "g", "b"], ["y"], axis=-1)]
+        ins = [("x", [rows, R]), ("res", [rows, R]), ("g", [R]), ("b", [R])]
+        g = h.make_graph(nodes, "g", [h.make_tensor_value_info(n, dts[dt], s) for n, s in ins],
+                         [h.make_tensor_value_info("y", dts[dt], [rows, R])])
+        m = import_model(h.make_model(g, opset_imports=[h.make_opsetid("", 23)], ir_version=10))
+        assert fuse_reduction.run(m)
+        return m
     ins = [("x", [rows, R])]
     if op in ("LayerNormalization", "RMSNormalization"):
         ins.append(("g", [R]))
@@ -46,7 +58,8 @@ def model(op: str, rows: int, R: int, dt: str, outs: int = 1):
 
 
 class Forced:
-    """A Selector choosing one variant (by name) with the given params (None: its default)."""
+    """A Selector choosing one variant (by name) with the given params (None: its default) where
+    it is a candidate, and the heuristic's choice for every other op."""
     name = "forced"
 
     def __init__(self, variant: str, params=None):
@@ -56,7 +69,7 @@ class Forced:
         for c in candidates:
             if c.name == self.variant:
                 return c, dict(c.default_params() if self.params is None else self.params)
-        raise LookupError(f"{self.variant} is not a candidate ({[c.name for c in candidates]})")
+        return candidates[0], candidates[0].default_params()
 
 
 def options(arch: str = "sm_90a"):
@@ -81,12 +94,16 @@ def candidates(m, arch: str = "sm_90a") -> list:
     out = []
     for v in REGISTRY[op.name]:
         pr = Problem(L, op)
-        if not v.check(pr):
+        if (op.name == "fused" and v.name != "fused.rowreduce") or not v.check(pr):
             continue
         space = [dict(p) for p in v.space(pr)] or [{}]
         d = dict(v.default(pr, space))
         picks = [d]
-        if len(space) > 1:
+        if op.name == "fused":  # (T, RPB): the one CTA per row of before, warp rows, two-warp rows
+            for p in (space[0], {"T": 32, "RPB": 8}, {"T": 64, "RPB": 4}, {"T": 256, "RPB": 1}):
+                if p in space and p not in picks:
+                    picks.append(p)
+        elif len(space) > 1:
             vec = d.get("VEC")
             same = [p for p in space if p.get("VEC") == vec] or space
             for p in (min(same, key=lambda p: (p["W"], -p["RPB"])), max(same, key=lambda p: (p["W"], -p["RPB"])),
@@ -180,17 +197,18 @@ def main(argv=None) -> int:
             m = model(a.op, rows, R, dt)
             feed = random_feed(m)
             itemsize = 2 if dt in ("f16", "bf16") else 4
-            nbytes = rows * R * itemsize
+            nbytes = rows * R * itemsize * (2 if a.op == "AddLayerNormalization" else 1)  # bytes read
             src = cp.empty(nbytes, dtype=cp.uint8)
             dst = cp.empty(nbytes, dtype=cp.uint8)
             t_copy = time_ms(lambda: dst.__setitem__(slice(None), src), iters=a.iters)
             copy_gbs = 2 * nbytes / t_copy / 1e6
+            moved = nbytes + rows * R * itemsize  # read + written by the kernel
             for vname, params in candidates(m, arch):
                 plan = lower_forced(m, vname, params, arch)
                 fn, launch = build(plan, arch)
                 arrs = device_arrays(plan, feed)
                 t = time_ms(lambda: run(fn, launch, arrs), iters=a.iters)
-                gbs = 2 * nbytes / t / 1e6
+                gbs = moved / t / 1e6
                 p = ",".join(f"{k}={v}" for k, v in sorted(params.items())) or "-"
                 rows_out.append((f"{rows}x{R}", dt, vname.split(".")[-1], p, t * 1e3, gbs, gbs / copy_gbs,
                                  t_copy * 1e3))

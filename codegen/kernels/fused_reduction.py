@@ -31,7 +31,8 @@ import numpy as np
 from nnc.ir.builder import const_value
 
 from ..dtypes import compute_type
-from ..lower import LowerCtx, describe_op, lowering
+from ..lower import LowerCtx, describe_op
+from ..variants import YES, Variant, no, register
 from ..render import cfloat
 from .elementwise import broadcast_strides, op_expr
 from .fused_elementwise import _round_through_storage, broadcasts, can_render
@@ -252,9 +253,15 @@ def _offsets(shape, target, coords) -> tuple[str, int]:
     return (" + ".join(row) or "0"), st[-1]
 
 
-def plan_phases(P: _Program, outputs: list) -> dict:
+def legacy_block(C: int) -> int:
+    """Threads of the one-CTA-per-row kernel: 256 (1024 past 4096 columns), at most C rounded up to a warp."""
+    block = 256 if C <= 4096 else 1024
+    return min(block, max(32, -(-C // 32) * 32))
+
+
+def plan_phases(P: _Program, outputs: list, T: Optional[int] = None, RPB: int = 1) -> dict:
     """Template parameters: the phases, loads, statements, caches and stores of the row program.
-    outputs: [(Node, out index)]."""
+    outputs: [(Node, out index)]; T threads per row (None: legacy_block), RPB rows per CTA."""
     nodes = P.nodes
     users: dict[int, list] = {}
     for n in nodes:
@@ -265,9 +272,9 @@ def plan_phases(P: _Program, outputs: list) -> dict:
     f_outs = [(n, i) for n, i in outputs if n.space == "F"]
     r_outs = [(n, i) for n, i in outputs if n.space == "R"]
     n_loops = max([r.args[0].level + 1 for r in reds] + [n.level + 1 for n, _ in f_outs] + [0])
-    block = 256 if P.C <= 4096 else 1024
-    block = min(block, max(32, -(-P.C // 32) * 32))
-    vpt = -(-P.C // block)
+    T = legacy_block(P.C) if T is None else int(T)
+    block = T * int(RPB)
+    vpt = -(-P.C // T)
     # F values read in their own phase and in a later one: cached in registers if they fit (the
     # rest is computed in the phase that needs it, recomputed if two later phases do)
     later = [n for n in nodes if n.space == "F" and n.kind in ("arg", "ew")
@@ -342,12 +349,20 @@ def plan_phases(P: _Program, outputs: list) -> dict:
             "stores": [{"out": i, "var": var(n, k)} for n, i in my_outs],
         })
     return {"loops": loops, "rows": rows, "caches": [f"c{i}" for i in sorted(cached)],
-            "block": block, "vpt": vpt, "C": P.C}
+            "block": block, "vpt": vpt, "C": P.C, "T": T, "RPB": int(RPB)}
 
 
-@lowering("fused", priority=PRIORITY, regions=True, when=lambda op: op.attrs.kind == KIND)
-def _fused_rowreduce(ctx: LowerCtx):
-    op, L = ctx.op, ctx.L
+def _analyse(problem):
+    """(F, program, outputs [(Node, out index)], arg_of) of a rowreduce group, or None when the
+    kernel cannot take it (the op-by-op fallback of codegen/kernels/fused.py then lowers it).
+    Memoised on the problem (applies, space and render share it)."""
+    if "rowreduce" in problem.memo:
+        return problem.memo["rowreduce"]
+    problem.memo["rowreduce"] = got = _analyse_op(problem.op, problem.L)
+    return got
+
+
+def _analyse_op(op, L):
     body = op.attrs.body
     outer = {id(a): v for a, v in zip(body.args, op.operands)}
 
@@ -371,9 +386,61 @@ def _fused_rowreduce(ctx: LowerCtx):
             if id(r) not in node:
                 raise _Decline
             outs.append((node[id(r)], i))
-        params = plan_phases(P, outs)
+        plan_phases(P, outs)  # the schedule exists
     except _Decline:
         return None
+    return F, P, outs, arg_of
+
+
+ROW_THREADS = (32, 64, 128, 256, 512, 1024)
+ROWS_PER_CTA = (1, 2, 4, 8)
+TARGET_VPT = 8  # the heuristic's columns per thread for rows of at most WARP_ROWS_MAX columns
+WARP_ROWS_MAX = 1024
+
+
+def _applies(problem):
+    return YES if _analyse(problem) is not None else no("not a row program the kernel takes")
+
+
+def _space(problem) -> list:
+    """(T threads per row, RPB rows per CTA): the legacy one CTA per row first, then every T up to
+    the row rounded up to a warp, RPB while the CTA stays within 1024 threads and the rows last."""
+    F, P, _, _ = _analyse(problem)
+    rows = int(np.prod(F[:-1], dtype=np.int64))
+    legacy = {"T": legacy_block(P.C), "RPB": 1}
+    space = [legacy]
+    for t in ROW_THREADS:
+        if t > max(32, -(-P.C // 32) * 32):
+            break
+        for rpb in ROWS_PER_CTA:
+            if t * rpb > 1024 or (rpb > 1 and rpb > rows):
+                continue
+            p = {"T": t, "RPB": rpb}
+            if p not in space:
+                space.append(p)
+    return space
+
+
+def _default(problem, space) -> dict:
+    """Rows of at most WARP_ROWS_MAX columns: the least T with <= TARGET_VPT columns a thread, RPB
+    for ~256-thread CTAs while the grid keeps >= 2 CTAs an SM; longer rows: one CTA per row."""
+    F, P, _, _ = _analyse(problem)
+    if P.C > WARP_ROWS_MAX:
+        return dict(space[0])
+    rows = int(np.prod(F[:-1], dtype=np.int64))
+    t = next((t for t in ROW_THREADS if -(-P.C // t) <= TARGET_VPT), ROW_THREADS[-1])
+    rpb = max(1, 256 // t)
+    while rpb > 1 and -(-rows // rpb) < 2 * problem.target.sm_count:
+        rpb //= 2
+    p = {"T": t, "RPB": rpb}
+    return p if p in space else dict(space[0])
+
+
+def _render(ctx: LowerCtx, problem, params: dict):
+    op, L = ctx.op, ctx.L
+    body = op.attrs.body
+    F, P, outs, arg_of = _analyse(problem)
+    params = plan_phases(P, outs, int(params["T"]), int(params["RPB"]))
     # inputs: the body args / consts the program reads, each once per space it is read in
     by_index = {i: a for a, i in arg_of.items()}
     values = {id(a): a for a in body.args}
@@ -410,5 +477,11 @@ def _fused_rowreduce(ctx: LowerCtx):
     for d in descs:
         k.add_op(d)
     rows = params["rows_n"]
-    ctx.launch(k, max(1, min(rows, 65535)), params["block"], [*bufs, *out_bufs])
+    grid = -(-rows // params["RPB"])
+    ctx.launch(k, max(1, min(grid, 65535)), params["block"], [*bufs, *out_bufs])
     return True
+
+
+FUSED_ROWREDUCE = register(Variant(
+    name="fused.rowreduce", family="fused_rowreduce", ops=("fused",), kinds=(KIND,), regions=True,
+    priority=PRIORITY, applies=_applies, space=_space, default=_default, render=_render))

@@ -209,3 +209,109 @@ def test_gpu_elementwise_vectors_match_interpreter(dt, tmp_path):
                 continue
             np.testing.assert_allclose(np.asarray(got[k]).astype(np.float64), v.astype(np.float64), rtol=tol,
                                        atol=tol, err_msg=f"{rows}x{cols} {dt} {k}")
+
+
+# ---------------------------------------------------------------- fused rowreduce (T, RPB)
+
+def _add_ln(rows, C, precision="fp32"):
+    """BERT's residual Add + LayerNormalization as one rowreduce group."""
+    from onnx import helper as h
+
+    from nnc.passes import fuse_reduction
+    from nnc.pipeline import run_passes
+    from tests.passes.test_fuse_reduction import _c, _model
+    nodes = [h.make_node("Add", ["x", "res"], ["a"]),
+             h.make_node("LayerNormalization", ["a", "g", "be"], ["y"], axis=-1, epsilon=1e-12)]
+    m = _model(nodes, [("x", [rows, C]), ("res", [rows, C])], [("y", [rows, C])],
+               [_c("g", np.linspace(0.5, 1.5, C)), _c("be", np.linspace(-1, 1, C))])
+    if precision == "fp16":
+        run_passes(m, ["to-fp16", "canonicalize", "dce"])
+    assert fuse_reduction.run(m)
+    return m
+
+
+def _rowreduce_problem_space(m):
+    from nnc.codegen.kernels import fused_reduction as fr
+    from nnc.codegen.lower import Lowerer, Problem, _ensure_loaded
+    from tools.bench_rownorm import options
+    _ensure_loaded()
+    op = next(o for o in m.main.ops if o.name == "fused")
+    pr = Problem(Lowerer(m, options()), op)
+    assert fr.FUSED_ROWREDUCE.check(pr)
+    space = fr._space(pr)
+    return space, fr._default(pr, space)
+
+
+def test_rowreduce_space_and_default():
+    space, d = _rowreduce_problem_space(_add_ln(4096, 768, "fp16"))
+    assert space[0] == {"T": 256, "RPB": 1}  # the one-CTA-per-row kernel of before
+    assert {"T": 32, "RPB": 8} in space and all(p["T"] * p["RPB"] <= 1024 for p in space)
+    assert d == {"T": 128, "RPB": 2}
+    space, d = _rowreduce_problem_space(_add_ln(64, 2048))
+    assert d == {"T": 256, "RPB": 1}  # long rows: as before
+
+
+ROWREDUCE_POINTS = ({"T": 32, "RPB": 8}, {"T": 64, "RPB": 4}, {"T": 128, "RPB": 2}, {"T": 256, "RPB": 1},
+                    {"T": 32, "RPB": 1})
+
+
+def test_rowreduce_points_run_in_the_arena_and_compile():
+    from nnc.codegen.cuda import compile_nvrtc
+    from nnc.codegen.units import pieces_for, prelude
+    from tests.codegen.test_fused_reduction import MODELS as FR_MODELS
+    from tests.codegen.test_fused_reduction import _fused
+    srcs = []
+    models = [(f"{n}_{p}", _fused(n, p)) for n in sorted(FR_MODELS) for p in ("fp32", "fp16")]
+    models += [("add_ln_768", _add_ln(37, 768, "fp16")), ("add_ln_1000", _add_ln(9, 1000))]
+    for name, m in models:
+        feed = random_feed(m)
+        ref = Interpreter(m).run(feed)
+        for params in ROWREDUCE_POINTS:
+            plan = lower_forced(m, "fused.rowreduce", params)
+            ks = [k for k in plan.kernels.values() if k.template == "fused_rowreduce.cu.j2"]
+            assert ks and all(k.params["T"] == params["T"] and k.params["RPB"] == params["RPB"] for k in ks)
+            for k in ks:
+                srcs.append(k.source.replace(k.name, f"{k.name}_{len(srcs)}"))
+            got = PlanExecutor.from_plan(plan, m).run(feed)
+            for k in ref:
+                np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{name} {params}")
+    text = "\n".join(srcs)
+    assert compile_nvrtc(prelude(pieces_for([text])) + "\n" + text, "sm_90a", name="rowreduce.cu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_gpu_rowreduce_points_match_interpreter(precision, tmp_path):
+    """Each (T, RPB) point on the fused groups of test_fused_reduction and BERT's Add + LayerNorm,
+    through the full runtime (a one-choice selector registered for the test), outputs poisoned."""
+    import nnc
+    from nnc.codegen import variants
+    from nnc.codegen.emit import compile_to_dir
+    from nnc.codegen.options import CodegenOptions, LowerOptions
+    from nnc.codegen.target import resolve_target
+    from tests.codegen.test_fused_reduction import MODELS as FR_MODELS
+    from tests.codegen.test_fused_reduction import _fused
+    from tools.bench_rownorm import Forced
+    tol = 1e-2 if precision == "fp16" else 1e-3
+    models = [(n, lambda n=n: _fused(n, precision)) for n in sorted(FR_MODELS)]
+    models += [("add_ln", lambda: _add_ln(4096, 768, precision)), ("add_ln_odd", lambda: _add_ln(33, 1000, precision))]
+    for params in ROWREDUCE_POINTS:
+        variants.SELECTORS["test-forced"] = lambda: Forced("fused.rowreduce", params)
+        try:
+            for name, make in models:
+                m = make()
+                d = tmp_path / f"{name}_{params['T']}_{params['RPB']}"
+                compile_to_dir(m, d, options=CodegenOptions(LowerOptions(resolve_target(None), "fp32", False,
+                                                                         selector="test-forced")))
+                g = nnc.load(d)
+                feed = random_feed(m, seed=3)
+                ref = Interpreter(m).run(feed)
+                got = g.run(feed, output="numpy", poison=True)
+                for k, v in ref.items():
+                    b = v.astype(np.float64)
+                    np.testing.assert_allclose(np.asarray(got[k]).astype(np.float64), b, rtol=tol,
+                                               atol=tol * max(1.0, float(np.abs(b).max())),
+                                               err_msg=f"{name} {params} {k}")
+        finally:
+            variants.SELECTORS.pop("test-forced", None)
+
