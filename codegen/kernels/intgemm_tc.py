@@ -47,6 +47,7 @@ _INT8 = ("i8", "u8")
 TILES = [
     (128, 128, 64, 2, 4, 4), (128, 128, 128, 2, 4, 3), (128, 256, 64, 2, 4, 3), (256, 128, 64, 4, 2, 3),
     (128, 64, 64, 2, 2, 4), (64, 128, 64, 2, 2, 4), (64, 64, 64, 2, 2, 4), (64, 64, 128, 2, 2, 3),
+    (32, 64, 64, 1, 2, 4), (64, 32, 64, 2, 1, 4), (32, 64, 128, 1, 2, 4),
 ]
 
 
@@ -226,17 +227,24 @@ def space(problem) -> list:
 
 
 def default(problem, sp: list) -> dict:
+    """The largest of the preferred tiles that still fills one wave of CTAs; below a wave even
+    with 64x64 tiles, the tile (of at least 32x64) giving the most CTAs."""
     pr: IntGemm = problem.memo["intgemm_tc.problem"]
     sms = problem.target.sm_count
     prefs = [(128, 128, 64), (128, 64, 64), (64, 128, 64), (64, 64, 64)]
     if pr.N <= 64:
         prefs = [(128, 64, 64), (64, 64, 64)]
     by = {(p["BM"], p["BN"], p["BK"]): p for p in sp}
+
+    def ctas(t):
+        return cdiv(pr.M, t[0]) * cdiv(pr.N, t[1])
     for t in prefs:
-        p = by.get(t)
-        if p is not None and cdiv(pr.M, t[0]) * cdiv(pr.N, t[1]) >= sms:
-            return dict(p)
-    return dict(by.get((64, 64, 64), sp[-1]))
+        if t in by and ctas(t) >= sms:
+            return dict(by[t])
+    small = [t for t in ((64, 64, 64), (32, 64, 64), (64, 32, 64)) if t in by]
+    if not small:
+        return dict(sp[-1])
+    return dict(by[max(small, key=lambda t: (min(ctas(t), sms), t[0] * t[1]))])
 
 
 def _time_model(problem, params) -> float:
