@@ -53,7 +53,7 @@ def shape_specs(pr: conv.ConvProblem):
     im = None if pointwise else conv_wgmma.im2col_geometry(pr)
     wg_space = gemm_wgmma.candidates(gp, SM90A, b_bulk=True, im2col=im is not None)
     wg_default = gemm_wgmma.default_params(gp, SM90A, b_bulk=True, im2col=im is not None)
-    specs = [("wgmma", p, gemm_wgmma.render(gp, p, im2col=im), "sm_90a") for p in wg_space]
+    specs = [("wgmma", p, gemm_wgmma.render(gp, p, im2col=im, target=SM90A), "sm_90a") for p in wg_space]
     if pointwise:
         specs += [("mma.sync", p, gemm.render(gp, p), "sm_90") for p in gemm.candidates(gp, SM90)
                   if p.get("swizzle", gemm.GROUP_M) == gemm.GROUP_M]

@@ -21,6 +21,9 @@ apply.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 from ..lower import LowerCtx
 from ..variants import YES, Variant, no, register
 from . import conv, conv_lowering as CL, gemm, gemm_wgmma as W
@@ -29,6 +32,15 @@ from .gemm_lowering import aligned, emit_spec, gemm_ok
 FAMILY = "conv_wgmma"
 PRIORITY = W.PRIORITY
 MAX_SPATIAL = 1 << 15  # the row table packs (ih0, iw0) as two int16
+
+
+@dataclass(frozen=True)
+class _Case:
+    """What a variant's applies derived (problem.memo, one key per variant): the GemmProblem, whether
+    the weight is a constant to pre-swizzle for bulk copies, and the im2col geometry (None: pointwise)."""
+    gemm: gemm.GemmProblem
+    bulk: bool
+    im2col: Optional[dict]
 
 
 def im2col_geometry(pr: conv.ConvProblem) -> dict:
@@ -86,9 +98,7 @@ def _applies_pointwise(problem):
     fit = W.fits(c.gemm, problem.target)
     if not fit:
         return fit
-    problem.memo["conv_wgmma.gemm"] = c.gemm
-    problem.memo["conv_wgmma.bulk"] = _bulk_b(problem)
-    problem.memo["conv_wgmma.im2col"] = None
+    problem.memo["conv_wgmma.pointwise"] = _Case(c.gemm, _bulk_b(problem), None)
     return YES
 
 
@@ -113,24 +123,28 @@ def _applies_igemm(problem):
     fit = W.fits(gp, problem.target)
     if not fit:
         return fit
-    problem.memo["conv_wgmma.gemm"] = gp
-    problem.memo["conv_wgmma.bulk"] = _bulk_b(problem)
-    problem.memo["conv_wgmma.im2col"] = im2col_geometry(pr)
+    problem.memo["conv_wgmma.igemm"] = _Case(gp, _bulk_b(problem), im2col_geometry(pr))
     return YES
 
 
-def _space(problem) -> list:
-    return W.candidates(problem.memo["conv_wgmma.gemm"], problem.target, problem.memo["conv_wgmma.bulk"],
-                        problem.memo["conv_wgmma.im2col"] is not None)
+def _space(key: str):
+    def space(problem) -> list:
+        c = problem.memo[key]
+        return W.candidates(c.gemm, problem.target, c.bulk, c.im2col is not None)
+    return space
 
 
-def _default(problem, space) -> dict:
-    return W.default_params(problem.memo["conv_wgmma.gemm"], problem.target, problem.memo["conv_wgmma.bulk"],
-                            problem.memo["conv_wgmma.im2col"] is not None)
+def _default(key: str):
+    def default(problem, space) -> dict:
+        c = problem.memo[key]
+        return W.default_params(c.gemm, problem.target, c.bulk, c.im2col is not None)
+    return default
 
 
-def _time_model(problem, params) -> float:
-    return W.modelled_time(problem.memo["conv_wgmma.gemm"], params, problem.target)
+def _time_model(key: str):
+    def cost(problem, params) -> float:
+        return W.modelled_time(problem.memo[key].gemm, params, problem.target)
+    return cost
 
 
 def _gemm_b(w):
@@ -138,28 +152,34 @@ def _gemm_b(w):
     return w.reshape(w.shape[0], -1)
 
 
-def _render(ctx: LowerCtx, problem, params: dict):
+def _render(key: str):
+    def render(ctx: LowerCtx, problem, params: dict):
+        return _emit(ctx, problem, problem.memo[key], params)
+    return render
+
+
+def _emit(ctx: LowerCtx, problem, case: _Case, params: dict):
     epi = CL._epi(problem)
     bulk = bool(params.get("b_bulk"))
     # conv_lowering._buffers' order; a pre-swizzled B reads its own weight buffer instead of the
     # constant's (which is then never made)
     x, w, y = ctx.inp(0), problem.tensor(1) if bulk else ctx.inp(1), ctx.out(0)
     bias = epi.bias if epi.bias is not None else ctx.inp(2)
-    pr = problem.memo["conv_wgmma.gemm"]
+    pr = case.gemm
     if bulk:
         BN = params["BN"]
         w = ctx.weight(1, lambda v: W.preswizzle_b(_gemm_b(v), True, BN), key=f"wgmma_conv_b{BN}")
-    spec = W.render(pr, params, im2col=problem.memo["conv_wgmma.im2col"])
+    spec = W.render(pr, params, im2col=case.im2col, target=problem.target)
     emit_spec(ctx, spec, {"A": x, "B": w, "D": y, "C": epi.residual, "bias": bias})
     return True
 
 
-def _variant(name, rank, applies) -> Variant:
-    v = register(Variant(name, FAMILY, ("Conv",), _render, applies, _space, _default, priority=PRIORITY, rank=rank,
-                         cost=_time_model))
+def _variant(name, rank, applies, key) -> Variant:
+    v = register(Variant(name, FAMILY, ("Conv",), _render(key), applies, _space(key), _default(key),
+                         priority=PRIORITY, rank=rank, cost=_time_model(key)))
     CL.add_conv_variant(v)  # a fused conv group's anchor may render with it too
     return v
 
 
-POINTWISE_WGMMA_NHWC = _variant("conv.pointwise_wgmma_nhwc", 0, _applies_pointwise)
-IGEMM_WGMMA_NHWC = _variant("conv.igemm_wgmma_nhwc", 1, _applies_igemm)
+POINTWISE_WGMMA_NHWC = _variant("conv.pointwise_wgmma_nhwc", 0, _applies_pointwise, "conv_wgmma.pointwise")
+IGEMM_WGMMA_NHWC = _variant("conv.igemm_wgmma_nhwc", 1, _applies_igemm, "conv_wgmma.igemm")

@@ -49,7 +49,7 @@ def _is_pointwise(pr):
 
 def _render(pr, params):
     """The kernel the variant renders: pointwise -> the plain wgmma GEMM, else a_im2col."""
-    return W.render(_gemm(pr), params, im2col=None if _is_pointwise(pr) else CW.im2col_geometry(pr))
+    return W.render(_gemm(pr), params, im2col=None if _is_pointwise(pr) else CW.im2col_geometry(pr), target=SM90A)
 
 
 # ---------------------------------------------------------------- applies / space (CPU)
