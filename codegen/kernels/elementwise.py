@@ -227,9 +227,10 @@ def vector_width(vector_bufs: list, n: int) -> int:
     return 1
 
 
-def elementwise_params(inputs: list, out_shape, stmts: list, outputs: list) -> dict:
-    """inputs: Buffers; outputs: [(Buffer, var)]; stmts: [(ctype, var, expr)]. VEC (and the
-    itemsize of each buffer) only where vectors apply (vector_width)."""
+def elementwise_params(inputs: list, out_shape, stmts: list, outputs: list, vectors: bool = False) -> dict:
+    """inputs: Buffers; outputs: [(Buffer, var)]; stmts: [(ctype, var, expr)]. vectors: VEC (and
+    the itemsize of each buffer) where vectors apply (vector_width); a caller that edits the
+    inputs' strides afterwards (quantize.py) leaves it off."""
     ins = [{"ctype": b.ctype, "compute": b.compute, "strides": broadcast_strides(b.shape, out_shape)} for b in inputs]
     params = {
         "inputs": ins,
@@ -239,7 +240,8 @@ def elementwise_params(inputs: list, out_shape, stmts: list, outputs: list) -> d
         "need_coords": any(i["strides"] is not None for i in ins),
     }
     n = int(np.prod(out_shape, dtype=np.int64)) if len(out_shape) else 1
-    vec = vector_width([b for b, i in zip(inputs, ins) if i["strides"] is None] + [b for b, _ in outputs], n)
+    vec = vector_width([b for b, i in zip(inputs, ins) if i["strides"] is None] + [b for b, _ in outputs],
+                       n) if vectors else 1
     if vec > 1:
         for b, i in zip(inputs, ins):
             i["itemsize"] = _itemsize(b)
@@ -272,7 +274,7 @@ def _elementwise(ctx: LowerCtx):
         args.append(var_of[b.id])
         dts.append(b.dtype)
     expr = op_expr(op.name, op.attrs, args, dts, y.dtype)
-    params = elementwise_params(bufs, y.shape, [(y.compute, "t0", expr)], [(y, "t0")])
+    params = elementwise_params(bufs, y.shape, [(y.compute, "t0", expr)], [(y, "t0")], vectors=True)
     k = ctx.render("elementwise.cu.j2", "ew_" + op.name.lower(), **params)
     n = y.numel
     ctx.launch(k, ctx.grid1d(launch_threads(params, n)), 256, [*bufs, y, ctx.i64(n)])

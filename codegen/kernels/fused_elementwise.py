@@ -141,7 +141,7 @@ def _render(ctx: LowerCtx, problem: Problem, params: dict):
     except _Decline:
         ctx.fail("internal error: fused.elementwise applied but a value does not broadcast")
     outs = [(ctx.out(i), var[id(r)]) for i, r in enumerate(body.results)]
-    params = elementwise_params(bufs, shape, stmts, outs)
+    params = elementwise_params(bufs, shape, stmts, outs, vectors=True)
     names = "_".join(dict.fromkeys(b.name.lower() for b in body.ops if b.name != "const"))[:40]
     k = L.kernel("elementwise.cu.j2", "fused_ew_" + names, params)
     k.add_op(f"fused elementwise group of {len(descs)} ops -> " + ", ".join(f"%{r.name}" for r in op.results))
