@@ -234,3 +234,22 @@ def test_gpu_digits_int8_accuracy(tmp_path):
     a8, a32 = _holdout_batches(gpu, 40), _holdout_batches(fp32, 40)
     print(f"\ndigits int8 on CUDA (intgemm_tc): {a8:.2f}% vs fp32 {a32:.2f}%")
     assert a32 - a8 <= 0.5
+
+
+def test_every_space_point_compiles_with_nvrtc():
+    from nnc.codegen.cuda import compile_nvrtc
+    from nnc.codegen.units import pieces_for, prelude
+    srcs = []
+    for shape in ("mm:70x48x200", "conv:2x16x9x7:k24:3x3:p1"):
+        m = model(parse_shape(shape), _ops(shape)[0])
+        pr = _problem(m)
+        v = T.CONV if shape.startswith("conv") else T.MATMUL
+        assert v.check(pr)
+        for params in v.space(pr):
+            plan = lower_forced(m, _tc(shape), params)
+            for k in plan.kernels.values():
+                name = f"{k.name}_s{len(srcs)}"
+                srcs.append((name, k.source.replace(k.name, name)))
+    text = "\n".join(s for _, s in srcs)
+    cubin = compile_nvrtc(prelude(pieces_for([text])) + "\n" + text, "sm_90a", name="intgemm_tc_space.cu")
+    assert cubin and all(n.encode() in cubin for n, _ in srcs)
