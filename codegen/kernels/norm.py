@@ -26,8 +26,8 @@ def _rownorm(ctx, kind, x, y, outer, R, inner, scale=None, bias=None, **extra):
     ctx.launch(k, max(1, min(outer * inner, 65535)), 256, args)
 
 
-@lowering("InstanceNormalization", "GroupNormalization")
 def _group_norm(ctx: LowerCtx):
+    """The generic kernel of Instance / GroupNormalization (rownorm_variants.py: rownorm.*_generic)."""
     x, y = ctx.inp(0), ctx.out(0)
     N, C = x.shape[:2]
     spatial = int(np.prod(x.shape[2:], dtype=np.int64))

@@ -1,5 +1,6 @@
 """Row normalisations as a declared Variant family "rownorm" (codegen/variants.py):
-LayerNormalization, Softmax / LogSoftmax (over the last axis) and RMSNormalization.
+LayerNormalization, Softmax / LogSoftmax (over the last axis), RMSNormalization, and
+Instance / GroupNormalization (NCHW: a row is one (n, group) of cpg channels x spatial).
 
 Variants, in the heuristic order:
 - `rownorm.<op>_regs` (templates/rownorm_regs.cu.j2): the row held in registers as stored, W warps
@@ -52,6 +53,9 @@ class RowProblem:
     bias_n: int = 0
     bias_size: int = 0
     bias_off: int = 0
+    groups: int = 1           # kind group: groups, channels a group, elements a channel
+    cpg: int = 1
+    spatial: int = 1
 
 
 def _vecs(p: RowProblem) -> list:
@@ -106,10 +110,14 @@ def regs_params(p: RowProblem, params: dict) -> dict:
     if p.R % vec or 32 * w * rpb > MAX_BLOCK:
         raise ValueError(f"rownorm regs: VEC={vec} W={w} RPB={rpb} do not fit R={p.R}")
     nv = -(-p.R // (vec * 32 * w))
-    vs = p.scale_n == p.R and p.scale_n > 1 and p.scale_off % (vec * p.scale_size) == 0
-    vb = p.bias_n == p.R and p.bias_n > 1 and p.bias_off % (vec * p.bias_size) == 0
-    return dict(kind=p.kind, outer=p.outer, R=p.R, VEC=vec, W=w, RPB=rpb, NV=nv, vx=True, xsize=p.itemsize,
-                vscale=vs, vbias=vb, ssize=p.scale_size, bsize=p.bias_size)
+    per_col = p.kind in ("layernorm", "rms")  # group: per channel
+    vs = per_col and p.scale_n == p.R and p.scale_n > 1 and p.scale_off % (vec * p.scale_size) == 0
+    vb = per_col and p.bias_n == p.R and p.bias_n > 1 and p.bias_off % (vec * p.bias_size) == 0
+    out = dict(kind=p.kind, outer=p.outer, R=p.R, VEC=vec, W=w, RPB=rpb, NV=nv, vx=True, xsize=p.itemsize,
+               vscale=vs, vbias=vb, ssize=p.scale_size, bsize=p.bias_size)
+    if p.kind == "group":
+        out.update(groups=p.groups, cpg=p.cpg, spatial=p.spatial)
+    return out
 
 
 def regs_grid(p: RowProblem, params: dict, sm_count: int) -> tuple[int, int]:
@@ -124,7 +132,7 @@ def _info_offset(t) -> int:
     return int(t.alias_offset) if t.alias_of is not None else 0
 
 
-def _row_problem(problem, kind: str, outer: int, R: int, scale=None, bias=None) -> RowProblem:
+def _row_problem(problem, kind: str, outer: int, R: int, scale=None, bias=None, **extra) -> RowProblem:
     x, y = problem.tensor(0), problem.result(0)
     return RowProblem(kind=kind, dtype=x.dtype.short, itemsize=max(1, x.dtype.bits // 8), outer=outer, R=R,
                       x_off=_info_offset(x), y_off=_info_offset(y),
@@ -133,7 +141,7 @@ def _row_problem(problem, kind: str, outer: int, R: int, scale=None, bias=None) 
                       scale_off=_info_offset(scale) if scale is not None else 0,
                       bias_n=bias.numel if bias is not None else 0,
                       bias_size=max(1, bias.dtype.bits // 8) if bias is not None else 0,
-                      bias_off=_info_offset(bias) if bias is not None else 0)
+                      bias_off=_info_offset(bias) if bias is not None else 0, **extra)
 
 
 def _layernorm_rows(problem) -> tuple[int, int]:
@@ -199,8 +207,29 @@ def _rms_problem(problem) -> Optional[RowProblem]:
     return _row_problem(problem, "rms", outer, R, sc)
 
 
+def _group_dims(problem) -> tuple:
+    """(N, C, spatial, groups) of an Instance / GroupNormalization (NCHW)."""
+    x = problem.tensor(0)
+    N, C = int(x.shape[0]), int(x.shape[1])
+    spatial = int(np.prod(x.shape[2:], dtype=np.int64))
+    G = C if problem.op.name == "InstanceNormalization" else int(problem.attr("num_groups"))
+    return N, C, spatial, G
+
+
+def _group_problem(problem) -> Optional[RowProblem]:
+    x = problem.tensor(0)
+    if len(x.shape) < 2 or getattr(problem.op.attrs, "layout", "NCHW") not in (None, "NCHW"):
+        return None
+    N, C, spatial, G = _group_dims(problem)
+    sc, bi = problem.tensor(1), problem.tensor(2)
+    if G < 1 or C % G or sc is None or bi is None or sc.numel != C or bi.numel != C:
+        return None
+    return _row_problem(problem, "group", N * G, (C // G) * spatial, sc, bi, groups=G, cpg=C // G, spatial=spatial)
+
+
 MAKERS = {"LayerNormalization": _layernorm_problem, "Softmax": _softmax_problem,
-          "LogSoftmax": _softmax_problem, "RMSNormalization": _rms_problem}
+          "LogSoftmax": _softmax_problem, "RMSNormalization": _rms_problem,
+          "InstanceNormalization": _group_problem, "GroupNormalization": _group_problem}
 
 
 def row_problem(problem) -> Optional[RowProblem]:
@@ -225,11 +254,11 @@ def _default_regs(problem, space) -> dict:
 def _render_regs(ctx: LowerCtx, problem, params: dict):
     p = row_problem(problem)
     x, y = ctx.inp(0), ctx.out(0)
-    scale = ctx.inp(1) if p.kind in ("layernorm", "rms") else None
-    bias = ctx.inp(2) if p.kind == "layernorm" else None
+    scale = ctx.inp(1) if p.kind in ("layernorm", "rms", "group") else None
+    bias = ctx.inp(2) if p.kind in ("layernorm", "group") else None
     mean = ctx.out(1) if p.kind == "layernorm" and ctx.n_out > 1 else None
     rstd = ctx.out(2) if p.kind == "layernorm" and ctx.n_out > 2 else None
-    eps = float(ctx.attr("epsilon", 1e-5) or 0.0) if p.kind in ("layernorm", "rms") else 0.0
+    eps = float(ctx.attr("epsilon", 1e-5) or 0.0) if p.kind in ("layernorm", "rms", "group") else 0.0
     k = ctx.render("rownorm_regs.cu.j2", f"{p.kind}_regs", ctype=x.ctype, epsilon=eps,
                    has_scale=scale is not None, has_bias=bias is not None,
                    sctype=scale.ctype if scale is not None else "", bctype=bias.ctype if bias is not None else "",
@@ -305,10 +334,16 @@ def _render_rms_generic(ctx: LowerCtx, problem, params: dict):
     return True
 
 
+def _render_group_generic(ctx: LowerCtx, problem, params: dict):
+    from .norm import _group_norm
+    return _group_norm(ctx)
+
+
 GENERIC = {"LayerNormalization": _render_layernorm_generic, "Softmax": _render_softmax_generic,
-           "LogSoftmax": _render_softmax_generic, "RMSNormalization": _render_rms_generic}
+           "LogSoftmax": _render_softmax_generic, "RMSNormalization": _render_rms_generic,
+           "InstanceNormalization": _render_group_generic, "GroupNormalization": _render_group_generic}
 SHORT = {"LayerNormalization": "layernorm", "Softmax": "softmax", "LogSoftmax": "logsoftmax",
-         "RMSNormalization": "rmsnorm"}
+         "RMSNormalization": "rmsnorm", "InstanceNormalization": "instancenorm", "GroupNormalization": "groupnorm"}
 
 REGS = {}
 GENERICS = {}

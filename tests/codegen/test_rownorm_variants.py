@@ -315,3 +315,71 @@ def test_gpu_rowreduce_points_match_interpreter(precision, tmp_path):
         finally:
             variants.SELECTORS.pop("test-forced", None)
 
+
+
+# ---------------------------------------------------------------- Instance / GroupNormalization
+
+def _group_model(op, shape, dt, groups=None):
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    from nnc.onnx_import import import_model
+    dts = {"f32": T.FLOAT, "f16": T.FLOAT16, "bf16": T.BFLOAT16}
+    C = shape[1]
+    attrs = {"epsilon": 1e-5} if groups is None else {"epsilon": 1e-5, "num_groups": groups}
+    node = h.make_node(op, ["x", "g", "b"], ["y"], **attrs)
+    g = h.make_graph([node], "g", [h.make_tensor_value_info("x", dts[dt], shape),
+                                   h.make_tensor_value_info("g", dts[dt], [C]),
+                                   h.make_tensor_value_info("b", dts[dt], [C])],
+                     [h.make_tensor_value_info("y", dts[dt], shape)])
+    return import_model(h.make_model(g, opset_imports=[h.make_opsetid("", 21)], ir_version=10))
+
+
+GROUP_CASES = [("InstanceNormalization", [2, 8, 14, 14], None), ("InstanceNormalization", [1, 4, 64, 64], None),
+               ("GroupNormalization", [2, 32, 7, 7], 8), ("GroupNormalization", [1, 64, 16, 16], 32),
+               ("GroupNormalization", [1, 6, 5, 3], 3)]
+
+
+@pytest.mark.parametrize("dt", ["f16", "bf16", "f32"])
+def test_group_norms_arena_and_nvrtc(dt):
+    from nnc.codegen.cuda import compile_nvrtc
+    from nnc.codegen.units import pieces_for, prelude
+    srcs = []
+    for op, shape, groups in GROUP_CASES:
+        m = _group_model(op, shape, dt, groups)
+        cands = candidates(m)
+        assert cands[0][0] == f"rownorm.{rv.SHORT[op]}_regs" and cands[-1][0] == f"rownorm.{rv.SHORT[op]}_generic"
+        feed = random_feed(m)
+        ref = Interpreter(m).run(feed)
+        for vname, params in cands:
+            plan = lower_forced(m, vname, params)
+            for k in plan.kernels.values():
+                srcs.append(k.source.replace(k.name, f"{k.name}_{len(srcs)}"))
+            got = PlanExecutor.from_plan(plan, m).run(feed)
+            assert all(np.array_equal(got[k], ref[k]) for k in ref)
+    text = "\n".join(srcs)
+    assert compile_nvrtc(prelude(pieces_for([text])) + "\n" + text, "sm_90a", name=f"group_{dt}.cu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", ["f32", "f16"])
+def test_gpu_group_norms_match_interpreter(dt):
+    import cupy as cp
+
+    from tools.bench_rownorm import build, device_arrays, run
+    tol = 1e-2 if dt == "f16" else 1e-3
+    for op, shape, groups in GROUP_CASES:
+        m = _group_model(op, shape, dt, groups)
+        feed = random_feed(m, seed=shape[1])
+        ref = Interpreter(m).run(feed)
+        for vname, params in candidates(m):
+            plan = lower_forced(m, vname, params)
+            fn, launch = build(plan)
+            arrs = device_arrays(plan, feed, poison=True)
+            run(fn, launch, arrs)
+            cp.cuda.Device().synchronize()
+            by_name = {b.name: a for b, a in zip(launch.args, arrs)}
+            b = ref["y"].astype(np.float64)
+            np.testing.assert_allclose(cp.asnumpy(by_name["y"]).astype(np.float64).reshape(b.shape), b, rtol=tol,
+                                       atol=tol * max(1.0, float(np.abs(b).max())),
+                                       err_msg=f"{op} {shape} {dt} {vname} {params}")
