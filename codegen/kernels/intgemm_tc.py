@@ -71,6 +71,7 @@ class IntGemm:
     has_bias: bool
     conv: Optional[tuple] = None  # (NB, C, H, W, R, S, P, Q, SH, SW, PH, PW, DH, DW)
     yz: int = 0          # QLinear*: the output zero point
+    pair_store: bool = False  # matmul, N even, y aligned: two columns in one store
 
 
 def _scalar(v) -> Optional[int]:
@@ -208,7 +209,8 @@ def analyse(problem) -> "IntGemm | str":
     KP = -(-K // 16) * 16
     return IntGemm("conv" if conv else "mm", ql, M, N, K, KP, a.dtype.short == "u8", b.dtype.short == "u8",
                    y.dtype.short, bool(np.any(zb != 0)), bool(ql and conv and problem.has(8)), geo,
-                   int(memo.get("yz", 0)))
+                   int(memo.get("yz", 0)),
+                   not conv and N % 2 == 0 and aligned(y, 8 if y.dtype.short == "i32" else 2))
 
 
 def _applies(problem):
@@ -258,6 +260,7 @@ def gemm_params(pr: IntGemm, params: dict, op_names: str) -> dict:
     """The template's render context of the GEMM kernel."""
     kw = dict(kind="gemm", op_names=op_names, M=pr.M, N=pr.N, KP=pr.KP, a_u8=pr.a_u8, b_u8=pr.b_u8,
               yctype={"i32": "int32_t", "i8": "int8_t", "u8": "uint8_t"}[pr.out], quant=pr.quant,
+              ybytes=4 if pr.out == "i32" else 1, pair_store=pr.pair_store,
               has_zb=pr.has_zb, has_bias=pr.has_bias, conv=pr.kind == "conv", GROUP_M=GROUP_M,
               PQ=(pr.conv[6] * pr.conv[7]) if pr.conv else 1, **params)
     if pr.quant:
