@@ -44,6 +44,7 @@ correctness gate (mismatch), the selectors of the rounds and the tuner.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -124,6 +125,17 @@ class TuneProblem:
     count: int = 1  # how many ops of the model share it
     skip: str = ""  # why it is not timed (then: the heuristic)
     space: str = ""  # space_digest of the (candidate, params) it is tuned over (the cache entry's)
+
+
+def baseline_work(p: TuneProblem) -> int:
+    """A stand-in for a problem's share of the run time: threads the baseline launches (grid x block
+    of each launch), times the ops sharing it."""
+    total = 0
+    for launch in p.baseline.launches:
+        grid, block = launch[2], launch[3]
+        if isinstance(grid, (tuple, list)) and isinstance(block, (tuple, list)):
+            total += math.prod(int(g) for g in grid) * math.prod(int(b) for b in block)
+    return total * max(1, p.count)
 
 
 def layer_name(op) -> str:
@@ -245,6 +257,8 @@ def tune_problems(problems: Sequence[TuneProblem], runner: Runner, deadline: Opt
     {"skip": why} (the heuristic stays)."""
     out: dict = {}
     todo = [p for p in problems if not p.skip]
+    if deadline is not None:  # under a budget the costliest problems first: they are where time goes
+        todo.sort(key=lambda p: -baseline_work(p))
     for p in problems:
         if p.skip:
             out[p.key] = {"skip": p.skip}

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import time
+
 import pytest
 
 from nnc.codegen import tuning
@@ -256,6 +258,29 @@ def test_budget_exhaustion_falls_back_to_the_heuristic():
     recs = [l.tuning for l in plan.launches if getattr(l, "tuning", None)]
     assert any(r.get("why") == "budget" or any(x["why"] == "budget" for x in r.get("rejected", ())) for r in recs)
     assert all(r["source"] == "heuristic" for r in recs if r.get("why") == "budget")
+
+
+def test_under_a_budget_the_costliest_problems_are_timed_first():
+    from nnc.codegen.tuning_capture import Capture
+
+    def prob(key, grid, count=1):
+        base = Capture("v", {}, launches=[("kernel", "k", grid, (128, 1, 1), 0, [], 0)])
+        return tuning.TuneProblem(key, key, base, [], count=count)
+    seen = []
+
+    class Runner:
+        def prepare(self, caps):
+            return {}
+
+        def run(self, c, seed, gate=None):
+            seen.append(c.launches[0][2])
+            return 1e-3, []
+    small, big, shared = prob("a", (4, 1, 1)), prob("b", (400, 1, 1)), prob("c", (60, 1, 1), count=10)
+    tuning.tune_problems([small, big, shared], Runner(), time.perf_counter() + 60, False, lambda m: None)
+    assert seen == [(60, 1, 1), (400, 1, 1), (4, 1, 1)]  # 60 x 10 ops, then 400, then 4
+    seen.clear()
+    tuning.tune_problems([small, big, shared], Runner(), None, False, lambda m: None)  # no budget: met order
+    assert seen == [(4, 1, 1), (400, 1, 1), (60, 1, 1)]
 
 
 def test_budget_out_before_the_survey_ends():
