@@ -4,10 +4,10 @@ candidate picked, a wrong or failing one rejected and recorded, identical proble
 the budget falling back to the heuristic, the records in plan.json, and the options/CLI flags.
 (The timing cache: test_timing_cache.py; the real GPU timer: test_tuning_gpu.py.)"""
 import json
+import time
 from pathlib import Path
 
 import numpy as np
-import time
 
 import pytest
 
