@@ -66,6 +66,15 @@ def test_does_not_apply_with_reasons():
     assert [n for n, _ in candidates(m)] == ["intgemm._mm_int"]
 
 
+def test_applies_has_no_side_effects():
+    m = model(parse_shape("conv:2x16x9x7:k24:3x3:p1"), "QLinearConv")
+    pr = _problem(m)
+    L = pr.L
+    before = (len(L.buffers), len(L.launches), len(L.kernels), len(L.values), len(L.transformed))
+    assert T.CONV.check(pr) and not T.MATMUL.check(_problem(model(parse_shape("mm:64x40x64"), "MatMulInteger")))
+    assert (len(L.buffers), len(L.launches), len(L.kernels), len(L.values), len(L.transformed)) == before
+
+
 def _emulate(m, shape: str, feed):
     """The family's arithmetic in numpy: the im2col of the template (k = (c, r, s), the zero point
     outside the image, zeros up to KP), the [N, KP] weight, corr and the row-sum term; int32 wrap."""
