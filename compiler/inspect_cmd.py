@@ -3,7 +3,8 @@
 One row per kernel (in the order its first launch runs): the launches of it in one run, the IR
 ops it implements (kernels[].ops, the lines its header comment lists, op names in order), its
 template, the chosen tactic (kernels[].params.selected: variant and parameters; when the tuner
-timed it, launches[].tuning's variant, params and time_ms), and with --time the device time per
+timed it, launches[].tuning's variant, params and time_ms, and the runner-up: the second-fastest
+correct candidate of its "timings" and how much slower it was), and with --time the device time per
 run (every launch of it, timed alone on the planned arena: Module.time_launches) and its share
 of the total. Device copies (memcpy launches) get one row of their own. plan.json is read
 defensively: a field it lacks is shown as "-".
@@ -31,6 +32,7 @@ class KernelRow:
     template: str = "-"
     tactic: str = "-"
     tuned_ms: Optional[float] = None  # the tuner's time of one launch x launches (plan.json)
+    runner_up: str = "-"              # the tuner's second-fastest correct candidate and how much slower
     time_ms: Optional[float] = None   # measured per run (--time)
     share: Optional[float] = None     # of the measured total
 
@@ -62,6 +64,17 @@ def _tactic(kernel: dict, tuning: Optional[dict]) -> str:
     return "-"
 
 
+def _runner_up(tuning: dict) -> str:
+    """'variant params (+x%)' of the second-fastest timed candidate (plan.json tuning "timings"),
+    or '-': how close the choice was."""
+    timed = [r for r in tuning.get("timings") or () if isinstance(r, dict)
+             and isinstance(r.get("time_ms"), (int, float)) and r["time_ms"] > 0]
+    if len(timed) < 2:
+        return "-"
+    best, second = sorted(timed, key=lambda r: r["time_ms"])[:2]
+    return f"{second.get('variant', '?')}{_fmt_params(second.get('params'))} (+{100 * (second['time_ms'] / best['time_ms'] - 1):.1f}%)"
+
+
 def kernel_rows(plan: dict) -> list:
     """The table's rows from plan.json, without times (see the module docstring)."""
     kernels = {k.get("name"): k for k in plan.get("kernels", []) if isinstance(k, dict)}
@@ -85,6 +98,8 @@ def kernel_rows(plan: dict) -> list:
         t = l.get("tuning")
         if isinstance(t, dict) and isinstance(t.get("time_ms"), (int, float)):
             row.tuned_ms = (row.tuned_ms or 0.0) + float(t["time_ms"])
+            if row.runner_up == "-":
+                row.runner_up = _runner_up(t)
     return list(rows.values())
 
 
@@ -116,12 +131,12 @@ def measure(out_dir, reps: int = 20, repeats: int = 5, seed: int = 0, cuda_graph
 
 def _cells(r: KernelRow) -> list:
     return [r.kernel, str(len(r.launches)), r.ops, r.template, r.tactic,
-            "-" if r.tuned_ms is None else f"{r.tuned_ms:.4f}",
+            "-" if r.tuned_ms is None else f"{r.tuned_ms:.4f}", r.runner_up,
             "-" if r.time_ms is None else f"{r.time_ms:.4f}",
             "-" if r.share is None else f"{100 * r.share:.1f}%"]
 
 
-HEADERS = ["kernel", "launches", "ops fused", "template", "tactic", "tuned ms", "time ms", "share"]
+HEADERS = ["kernel", "launches", "ops fused", "template", "tactic", "tuned ms", "runner-up", "time ms", "share"]
 
 
 def format_text(rows: list, footer: str = "") -> str:

@@ -50,6 +50,13 @@ def test_tuned_fields_and_missing_fields(tiny):
     rows = kernel_rows(plan)
     r = next(r for r in rows if r.kernel == first["kernel"])
     assert r.tactic == "conv_igemm BM=64 BN=32 (tuned, timed)" and r.tuned_ms == 0.25
+    assert r.runner_up == "-"  # no timings recorded: no runner-up
+    first["tuning"]["timings"] = [{"variant": "conv_igemm", "params": {"BM": 64, "BN": 32}, "time_ms": 0.25},
+                                  {"variant": "conv_direct", "params": {}, "time_ms": 0.9},
+                                  {"variant": "conv_igemm", "params": {"BM": 128, "BN": 32}, "time_ms": 0.3}]
+    r = next(r for r in kernel_rows(plan) if r.kernel == first["kernel"])
+    assert r.runner_up == "conv_igemm BM=128 BN=32 (+20.0%)"
+    assert "runner-up" in format_text([r]) and "(+20.0%)" in format_text([r])
     # a plan with less in it (an older or hand-edited one): '-' where a field is missing
     for k in plan["kernels"]:
         k.pop("template", None), k.pop("params", None), k.pop("ops", None)
