@@ -259,9 +259,10 @@ def legacy_block(C: int) -> int:
     return min(block, max(32, -(-C // 32) * 32))
 
 
-def plan_phases(P: _Program, outputs: list, T: Optional[int] = None, RPB: int = 1) -> dict:
+def plan_phases(P: _Program, outputs: list, T: Optional[int] = None, RPB: int = 1, VEC: int = 1) -> dict:
     """Template parameters: the phases, loads, statements, caches and stores of the row program.
-    outputs: [(Node, out index)]; T threads per row (None: legacy_block), RPB rows per CTA."""
+    outputs: [(Node, out index)]; T threads per row (None: legacy_block), RPB rows per CTA, VEC
+    columns a thread takes per step (C % VEC == 0)."""
     nodes = P.nodes
     users: dict[int, list] = {}
     for n in nodes:
@@ -274,7 +275,11 @@ def plan_phases(P: _Program, outputs: list, T: Optional[int] = None, RPB: int = 
     n_loops = max([r.args[0].level + 1 for r in reds] + [n.level + 1 for n, _ in f_outs] + [0])
     T = legacy_block(P.C) if T is None else int(T)
     block = T * int(RPB)
-    vpt = -(-P.C // T)
+    VEC = int(VEC)
+    if P.C % VEC:
+        raise ValueError(f"fused rowreduce: VEC={VEC} does not divide C={P.C}")
+    nvj = -(-P.C // (T * VEC))
+    vpt = nvj * VEC
     # F values read in their own phase and in a later one: cached in registers if they fit (the
     # rest is computed in the phase that needs it, recomputed if two later phases do)
     later = [n for n in nodes if n.space == "F" and n.kind in ("arg", "ew")
@@ -349,7 +354,8 @@ def plan_phases(P: _Program, outputs: list, T: Optional[int] = None, RPB: int = 
             "stores": [{"out": i, "var": var(n, k)} for n, i in my_outs],
         })
     return {"loops": loops, "rows": rows, "caches": [f"c{i}" for i in sorted(cached)],
-            "block": block, "vpt": vpt, "C": P.C, "T": T, "RPB": int(RPB)}
+            "block": block, "vpt": vpt, "C": P.C, "T": T, "RPB": int(RPB),
+            **({"VEC": VEC, "nvj": nvj} if VEC > 1 else {})}
 
 
 def _analyse(problem):
@@ -402,37 +408,71 @@ def _applies(problem):
     return YES if _analyse(problem) is not None else no("not a row program the kernel takes")
 
 
+def _itemsize(info) -> int:
+    return max(1, info.dtype.bits // 8)
+
+
+def max_vec(problem, F) -> int:
+    """The widest vector: 16 bytes of the widest full-row (shape F) operand or result, at most 8
+    columns, dividing C (a narrower [C] operand, f32 scale of an f16 row, loads 32 bytes)."""
+    infos = [problem.tensor(i) for i in range(len(problem.op.operands)) if problem.has(i)]
+    infos += [problem.result(i) for i in range(len(problem.op.results))]
+    rows = [t for t in infos if tuple(t.shape) == tuple(F)] or infos
+    C = int(F[-1])
+    vec = min(8, 16 // max(_itemsize(t) for t in rows))
+    while vec > 1 and C % vec:
+        vec //= 2
+    return vec
+
+
+def _row_threads(C: int, vec: int) -> list:
+    """T: the powers of two up to the row, and the warp multiples that cover C / vec in 1-4 steps."""
+    cols = -(-C // vec)
+    ts = [t for t in ROW_THREADS if t <= max(32, -(-cols // 32) * 32)]
+    for n in (1, 2, 3, 4):
+        t = max(32, -(-(-(-cols // n)) // 32) * 32)
+        if t <= 1024 and t not in ts:
+            ts.append(t)
+    return sorted(ts)
+
+
 def _space(problem) -> list:
-    """(T threads per row, RPB rows per CTA): the legacy one CTA per row first, then every T up to
-    the row rounded up to a warp, RPB while the CTA stays within 1024 threads and the rows last."""
+    """(T threads per row, RPB rows per CTA, VEC columns a step): the one CTA per row of before
+    first, then every T of _row_threads, RPB while the CTA stays within 1024 threads and the
+    rows last, VEC 1 and the widest (max_vec)."""
     F, P, _, _ = _analyse(problem)
     rows = int(np.prod(F[:-1], dtype=np.int64))
-    legacy = {"T": legacy_block(P.C), "RPB": 1}
-    space = [legacy]
-    for t in ROW_THREADS:
-        if t > max(32, -(-P.C // 32) * 32):
-            break
-        for rpb in ROWS_PER_CTA:
-            if t * rpb > 1024 or (rpb > 1 and rpb > rows):
-                continue
-            p = {"T": t, "RPB": rpb}
-            if p not in space:
-                space.append(p)
+    space = [{"T": legacy_block(P.C), "RPB": 1, "VEC": 1}]
+    for vec in sorted({1, max_vec(problem, F)}):
+        for t in _row_threads(P.C, vec):
+            for rpb in ROWS_PER_CTA:
+                if t * rpb > 1024 or (rpb > 1 and rpb > rows):
+                    continue
+                p = {"T": t, "RPB": rpb, "VEC": vec}
+                if p not in space:
+                    space.append(p)
     return space
 
 
 def _default(problem, space) -> dict:
-    """Rows of at most WARP_ROWS_MAX columns: the least T with <= TARGET_VPT columns a thread, RPB
-    for ~256-thread CTAs while the grid keeps >= 2 CTAs an SM; longer rows: one CTA per row."""
+    """Rows of at most WARP_ROWS_MAX columns: the widest vectors, T covering the row in one
+    vector a thread (or the least T with <= TARGET_VPT columns a thread without vectors), RPB for
+    ~256-thread CTAs while the grid keeps >= 2 CTAs an SM; longer rows: one CTA per row."""
     F, P, _, _ = _analyse(problem)
     if P.C > WARP_ROWS_MAX:
         return dict(space[0])
     rows = int(np.prod(F[:-1], dtype=np.int64))
-    t = next((t for t in ROW_THREADS if -(-P.C // t) <= TARGET_VPT), ROW_THREADS[-1])
+    vec = max_vec(problem, F)
+    if vec > 1:
+        t = max(32, -(-(-(-P.C // vec)) // 32) * 32)
+    else:
+        t = next((t for t in ROW_THREADS if -(-P.C // t) <= TARGET_VPT), ROW_THREADS[-1])
     rpb = max(1, 256 // t)
     while rpb > 1 and -(-rows // rpb) < 2 * problem.target.sm_count:
         rpb //= 2
-    p = {"T": t, "RPB": rpb}
+    while rpb not in ROWS_PER_CTA:
+        rpb -= 1
+    p = {"T": t, "RPB": rpb, "VEC": vec}
     return p if p in space else dict(space[0])
 
 
@@ -440,7 +480,8 @@ def _render(ctx: LowerCtx, problem, params: dict):
     op, L = ctx.op, ctx.L
     body = op.attrs.body
     F, P, outs, arg_of = _analyse(problem)
-    params = plan_phases(P, outs, int(params["T"]), int(params["RPB"]))
+    vec = int(params.get("VEC", 1))
+    params = plan_phases(P, outs, int(params["T"]), int(params["RPB"]), vec)
     # inputs: the body args / consts the program reads, each once per space it is read in
     by_index = {i: a for a, i in arg_of.items()}
     values = {id(a): a for a in body.args}
@@ -458,14 +499,17 @@ def _render(ctx: LowerCtx, problem, params: dict):
         target = F if space == "F" else row_shape(F)
         row_off, col = _offsets(tuple(b.shape), target, coords)
         inputs.append({"node": n.id, "ptr": slot[b.id], "row": row_off, "col": col,
-                       "compute": compute_type(b.dtype)})
+                       "compute": compute_type(b.dtype),
+                       "vec": vec > 1 and space == "F" and _vector_loadable(b, target, vec)})
     load = {d["node"]: d for d in inputs}
     for ph in params["loops"] + params["rows"]:
         for s in ph["stmts"]:
             if s["kind"] == "load":
                 s["src"] = load[int(s["var"][1:])]
     out_bufs = [ctx.out(i) for i in range(ctx.n_out)]
-    params.update(ptrs=[{"ctype": b.ctype} for b in bufs], outputs=[{"ctype": b.ctype} for b in out_bufs],
+    params.update(ptrs=[{"ctype": b.ctype, "size": max(1, b.dtype.bits // 8)} for b in bufs],
+                  outputs=[{"ctype": b.ctype, "size": max(1, b.dtype.bits // 8),
+                            "vec": vec > 1 and tuple(b.shape) == tuple(F) and _aligned(b, vec)} for b in out_bufs],
                   rows_n=int(np.prod(F[:-1], dtype=np.int64)), row_inputs=[
                       {"ptr": d["ptr"], "row": d["row"], "node": d["node"]} for d in inputs])
     names = "_".join(dict.fromkeys(b.name.lower() for b in body.ops if b.name != "const"))[:40]
@@ -480,6 +524,23 @@ def _render(ctx: LowerCtx, problem, params: dict):
     grid = -(-rows // params["RPB"])
     ctx.launch(k, max(1, min(grid, 65535)), params["block"], [*bufs, *out_bufs])
     return True
+
+
+def _aligned(b, vec: int) -> bool:
+    off = b.alias_offset if b.alias_of is not None else 0
+    return b.dtype.bits % 8 == 0 and not b.ctype.startswith("nnc_") and off % (vec * (b.dtype.bits // 8)) == 0
+
+
+def _vector_loadable(b, target, vec: int) -> bool:
+    """An F input read as VEC-element vectors: contiguous along the row (column stride 1), every
+    row stride a multiple of VEC, its offset aligned."""
+    st = broadcast_strides(tuple(b.shape), tuple(target))
+    if st is None:
+        st = [0] * (len(target) - 1) + [1]
+        row_strides = [int(target[-1])]
+    else:
+        row_strides = [s for s in st[:-1] if s]
+    return st[-1] == 1 and all(s % vec == 0 for s in row_strides) and _aligned(b, vec)
 
 
 FUSED_ROWREDUCE = register(Variant(

@@ -243,16 +243,23 @@ def _rowreduce_problem_space(m):
 
 
 def test_rowreduce_space_and_default():
-    space, d = _rowreduce_problem_space(_add_ln(4096, 768, "fp16"))
-    assert space[0] == {"T": 256, "RPB": 1}  # the one-CTA-per-row kernel of before
-    assert {"T": 32, "RPB": 8} in space and all(p["T"] * p["RPB"] <= 1024 for p in space)
-    assert d == {"T": 128, "RPB": 2}
+    space, d = _rowreduce_problem_space(model("AddLayerNormalization", 4096, 768, "f16"))
+    assert space[0] == {"T": 256, "RPB": 1, "VEC": 1}  # the one-CTA-per-row kernel of before
+    assert {"T": 32, "RPB": 8, "VEC": 1} in space and all(p["T"] * p["RPB"] <= 1024 for p in space)
+    assert d == {"T": 96, "RPB": 2, "VEC": 8}  # one 16-byte vector a thread, two rows a CTA
+    _, d = _rowreduce_problem_space(_add_ln(4096, 768))
+    assert d == {"T": 192, "RPB": 1, "VEC": 4}
     space, d = _rowreduce_problem_space(_add_ln(64, 2048))
-    assert d == {"T": 256, "RPB": 1}  # long rows: as before
+    assert d == {"T": 256, "RPB": 1, "VEC": 1}  # long rows: as before
+    _, d = _rowreduce_problem_space(model("AddLayerNormalization", 4096, 1000, "f16"))
+    assert d["VEC"] == 8 and d["T"] == 128
+    _, d = _rowreduce_problem_space(_add_ln(4096, 768, "fp16"))  # f32 rows in and out, f16 inside
+    assert d["VEC"] == 4
 
 
 ROWREDUCE_POINTS = ({"T": 32, "RPB": 8}, {"T": 64, "RPB": 4}, {"T": 128, "RPB": 2}, {"T": 256, "RPB": 1},
-                    {"T": 32, "RPB": 1})
+                    {"T": 32, "RPB": 1}, {"T": 32, "RPB": 4, "VEC": 4}, {"T": 96, "RPB": 2, "VEC": 8},
+                    {"T": 256, "RPB": 1, "VEC": 2}, {"T": 64, "RPB": 1, "VEC": 8})
 
 
 def test_rowreduce_points_run_in_the_arena_and_compile():
@@ -269,7 +276,8 @@ def test_rowreduce_points_run_in_the_arena_and_compile():
         for params in ROWREDUCE_POINTS:
             plan = lower_forced(m, "fused.rowreduce", params)
             ks = [k for k in plan.kernels.values() if k.template == "fused_rowreduce.cu.j2"]
-            assert ks and all(k.params["T"] == params["T"] and k.params["RPB"] == params["RPB"] for k in ks)
+            assert ks and all(k.params["T"] == params["T"] and k.params["RPB"] == params["RPB"] and
+                              k.params.get("VEC", 1) == params.get("VEC", 1) for k in ks)
             for k in ks:
                 srcs.append(k.source.replace(k.name, f"{k.name}_{len(srcs)}"))
             got = PlanExecutor.from_plan(plan, m).run(feed)
