@@ -100,7 +100,12 @@ def candidates(m, arch: str = "sm_90a") -> list:
         d = dict(v.default(pr, space))
         picks = [d]
         if op.name == "fused":  # (T, RPB): the one CTA per row of before, warp rows, two-warp rows
-            for p in (space[0], {"T": 32, "RPB": 8}, {"T": 64, "RPB": 4}, {"T": 256, "RPB": 1}):
+            vec = max(p.get("VEC", 1) for p in space)
+            C = int(op.results[0].type.shape[-1])
+            cover = max(32, -(-(-(-C // vec)) // 32) * 32)  # one vector a thread
+            for p in (space[0], {"T": 32, "RPB": 8, "VEC": 1}, {"T": 64, "RPB": 4, "VEC": 1},
+                      {"T": 32, "RPB": 8, "VEC": vec}, {"T": 64, "RPB": 4, "VEC": vec}, {"T": 128, "RPB": 2, "VEC": vec},
+                      {"T": cover, "RPB": 1, "VEC": vec}, {"T": cover, "RPB": 2, "VEC": vec}):
                 if p in space and p not in picks:
                     picks.append(p)
         elif len(space) > 1:

@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 from ..lower import LowerCtx
-from ..variants import YES, Variant, no, register
+from ..variants import YES, Fit, Variant, no, register
 from ._helpers import norm_axis
 
 FAMILY = "rownorm"
@@ -152,7 +152,7 @@ def _layernorm_rows(problem) -> tuple[int, int]:
     return (int(np.prod(x.shape[:axis], dtype=np.int64)), int(np.prod(x.shape[axis:], dtype=np.int64)))
 
 
-def _regs_fit(p: RowProblem) -> "Fit":
+def _regs_fit(p: RowProblem) -> Fit:
     if p.dtype not in FLOATS:
         return no(f"dtype {p.dtype} (f16 / bf16 / f32 only)")
     if p.outer < 1 or p.R < 1:
