@@ -141,19 +141,29 @@ def build(plan, arch: str = "sm_90a"):
 
 
 def device_arrays(plan, feed: dict, poison: bool = True):
-    """cupy arrays for the launch's buffers: inputs from feed (by name), outputs NaN-poisoned."""
+    """cupy arrays for the launch's buffers: inputs from feed (by name), outputs NaN-poisoned
+    (bf16, which cupy lacks, as its uint16 bits)."""
     import cupy as cp
     k, launch = the_launch(plan)
     arrs = []
     for b in launch.args:
+        bf16 = b.dtype.short == "bf16"
         if b.kind == "input":
-            arrs.append(cp.asarray(feed[b.name].astype(b.dtype.np)))
+            host = np.ascontiguousarray(feed[b.name].astype(b.dtype.np))
+            arrs.append(cp.asarray(host.view(np.uint16) if bf16 else host))
         else:
-            a = cp.empty(tuple(b.shape), dtype=b.dtype.np)
+            a = cp.empty(tuple(b.shape), dtype=np.uint16 if bf16 else b.dtype.np)
             if poison:
-                a.fill(np.nan)
+                a.fill(0xFFFF if bf16 else np.nan)
             arrs.append(a)
     return arrs
+
+
+def to_host(b, arr) -> np.ndarray:
+    """A launch buffer's cupy array back as numpy of its dtype (bf16 from its bits)."""
+    import cupy as cp
+    h = cp.asnumpy(arr)
+    return h.view(b.dtype.np) if b.dtype.short == "bf16" else h
 
 
 def run(fn, launch, arrs):

@@ -111,7 +111,7 @@ def test_gpu_variants_match_interpreter(op, dt):
     outputs NaN-poisoned first (needs GPU run)."""
     import cupy as cp
 
-    from tools.bench_rownorm import build, device_arrays, run
+    from tools.bench_rownorm import build, device_arrays, run, to_host
     tol = {"f32": 1e-3, "f16": 1e-2, "bf16": 4e-2}[dt]
     for rows, R in ((37, 64), (130, 768), (64, 1000), (33, 999), (16, 4096), (8, 8192), (4, 65536)):
         m = model(op, rows, R, dt, outs=3 if op == "LayerNormalization" else 1)
@@ -123,9 +123,9 @@ def test_gpu_variants_match_interpreter(op, dt):
             arrs = device_arrays(plan, feed, poison=True)
             run(fn, launch, arrs)
             cp.cuda.Device().synchronize()
-            by_name = {b.name: a for b, a in zip(launch.args, arrs)}
+            by_name = {b.name: to_host(b, a) for b, a in zip(launch.args, arrs)}
             for k, v in ref.items():
-                got = cp.asnumpy(by_name[k]).astype(np.float64).reshape(v.shape)
+                got = by_name[k].astype(np.float64).reshape(v.shape)
                 b = v.astype(np.float64)
                 np.testing.assert_allclose(got, b, rtol=tol, atol=tol * max(1.0, float(np.abs(b).max())),
                                            err_msg=f"{op} {rows}x{R} {dt} {vname} {params} {k}")
@@ -374,7 +374,7 @@ def test_group_norms_arena_and_nvrtc(dt):
 def test_gpu_group_norms_match_interpreter(dt):
     import cupy as cp
 
-    from tools.bench_rownorm import build, device_arrays, run
+    from tools.bench_rownorm import build, device_arrays, run, to_host
     tol = 1e-2 if dt == "f16" else 1e-3
     for op, shape, groups in GROUP_CASES:
         m = _group_model(op, shape, dt, groups)
@@ -386,8 +386,8 @@ def test_gpu_group_norms_match_interpreter(dt):
             arrs = device_arrays(plan, feed, poison=True)
             run(fn, launch, arrs)
             cp.cuda.Device().synchronize()
-            by_name = {b.name: a for b, a in zip(launch.args, arrs)}
+            by_name = {b.name: to_host(b, a) for b, a in zip(launch.args, arrs)}
             b = ref["y"].astype(np.float64)
-            np.testing.assert_allclose(cp.asnumpy(by_name["y"]).astype(np.float64).reshape(b.shape), b, rtol=tol,
+            np.testing.assert_allclose(by_name["y"].astype(np.float64).reshape(b.shape), b, rtol=tol,
                                        atol=tol * max(1.0, float(np.abs(b).max())),
                                        err_msg=f"{op} {shape} {dt} {vname} {params}")
