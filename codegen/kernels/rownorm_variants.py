@@ -32,7 +32,7 @@ FLOATS = ("f16", "bf16", "f32")
 MAX_ROW_BYTES = 128     # per thread: the row's share held in registers (32 registers)
 TARGET_ROW_BYTES = 96   # the heuristic's share: the least W at or under it
 WARPS = (1, 2, 4, 8, 16, 32)
-ROWS_PER_BLOCK = (1, 2, 4, 8, 16)
+ROWS_PER_BLOCK = (1, 2, 4, 8)
 MAX_BLOCK = 1024
 BLOCK_TARGET = 256
 
@@ -75,8 +75,10 @@ def share_bytes(p: RowProblem, vec: int, warps: int) -> int:
 
 
 def regs_space(p: RowProblem) -> list:
+    """(VEC, W, RPB): the two widest vector widths, W while the row's share fits MAX_ROW_BYTES and
+    at least half the row's lanes have a vector, RPB while the block stays within MAX_BLOCK."""
     space = []
-    for vec in _vecs(p):
+    for vec in _vecs(p)[:2]:
         nvec = p.R // vec
         for w in WARPS:
             if share_bytes(p, vec, w) > MAX_ROW_BYTES:
