@@ -5,6 +5,7 @@ time and achieved GB/s (x read + y written) against a device-to-device copy of t
     python tools/bench_rownorm.py                      # LayerNormalization, the issue-9 shapes
     python tools/bench_rownorm.py --op Softmax --shapes 4096x768,4096x128 --dtypes f16
     python tools/bench_rownorm.py --op AddLayerNormalization --shapes 4096x768   # the fused group (T, RPB)
+    python tools/bench_rownorm.py --op Add --shapes 4096x768,32768x3072           # elementwise (VEC) vs copy
 
 Each kernel is lowered by nnc for one op with a forced (variant, params), compiled with NVRTC for
 the device's arch and launched here directly (cupy), so only the kernel is timed. Also the
@@ -22,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 SHAPES = [(4096, 768), (4096, 3072), (32768, 1024), (1024, 65536)]
+BINARY = ("Add", "Mul", "Sub", "Div")
+ELEMENTWISE = BINARY + ("Relu", "Gelu", "Sigmoid", "Tanh", "Exp", "Neg")
 DTYPES = ("f16", "f32")
 
 
@@ -34,6 +37,12 @@ def model(op: str, rows: int, R: int, dt: str, outs: int = 1):
 
     from nnc.onnx_import import import_model
     dts = {"f32": T.FLOAT, "f16": T.FLOAT16, "bf16": T.BFLOAT16}
+    if op in ELEMENTWISE:  # x [rows, R] (and b [R] broadcast for a binary op): the elementwise kernel
+        ins = [("x", [rows, R])] + ([("b", [R])] if op in BINARY else [])
+        g = h.make_graph([h.make_node(op, [n for n, _ in ins], ["y"])], "g",
+                         [h.make_tensor_value_info(n, dts[dt], s) for n, s in ins],
+                         [h.make_tensor_value_info("y", dts[dt], [rows, R])])
+        return import_model(h.make_model(g, opset_imports=[h.make_opsetid("", 23)], ir_version=10))
     if op == "AddLayerNormalization":
         from nnc.passes import fuse_reduction
         nodes = [h.make_node("Add", ["x", "res"], ["a"]),
@@ -92,6 +101,8 @@ def candidates(m, arch: str = "sm_90a") -> list:
     op = next(o for o in m.main.ops if o.name != "const")
     L = Lowerer(m, options(arch))  # no buffers: applies sees the operands' types (offset 0)
     out = []
+    if op.name in ELEMENTWISE:  # one kernel, no space: its time against the copy
+        return [(REGISTRY[op.name][0].name, {})]
     for v in REGISTRY[op.name]:
         pr = Problem(L, op)
         if (op.name == "fused" and v.name != "fused.rowreduce") or not v.check(pr):
@@ -147,6 +158,9 @@ def device_arrays(plan, feed: dict, poison: bool = True):
     k, launch = the_launch(plan)
     arrs = []
     for b in launch.args:
+        if not hasattr(b, "dtype"):  # a Scalar (the elementwise kernels' n)
+            arrs.append({"int64_t": np.int64, "int32_t": np.int32, "float": np.float32}[b.type](b.value))
+            continue
         bf16 = b.dtype.short == "bf16"
         if b.kind == "input":
             host = np.ascontiguousarray(feed[b.name].astype(b.dtype.np))
@@ -211,13 +225,13 @@ def main(argv=None) -> int:
         for dt in a.dtypes.split(","):
             m = model(a.op, rows, R, dt)
             feed = random_feed(m)
-            itemsize = 2 if dt in ("f16", "bf16") else 4
-            nbytes = rows * R * itemsize * (2 if a.op == "AddLayerNormalization" else 1)  # bytes read
+            _, first = the_launch(lower_forced(m, "-", None, arch))
+            moved = sum(b.nbytes for b in first.args if hasattr(b, "nbytes"))  # read + written by the kernel
+            nbytes = moved // 2  # the copy reads and writes as many bytes
             src = cp.empty(nbytes, dtype=cp.uint8)
             dst = cp.empty(nbytes, dtype=cp.uint8)
             t_copy = time_ms(lambda: dst.data.copy_from_device_async(src.data, nbytes), iters=a.iters)  # cudaMemcpyAsync D2D
             copy_gbs = 2 * nbytes / t_copy / 1e6
-            moved = nbytes + rows * R * itemsize  # read + written by the kernel
             for vname, params in candidates(m, arch):
                 try:
                     plan = lower_forced(m, vname, params, arch)
