@@ -219,7 +219,10 @@ class Module(api.Module):
 
     # ------------------------------------------------------------ inputs
     def _to_device(self, name: str, spec: dict, x):
-        return self._cp.ascontiguousarray(self._cp.asarray(self._input_array(name, spec, x)))
+        a = self._cp.ascontiguousarray(self._cp.asarray(self._input_array(name, spec, x)))
+        # the kernels load inputs with 16-byte vectors: a view that starts off a 16-byte boundary
+        # (a slice of a larger array) is copied into a fresh (256-byte aligned) allocation
+        return a.copy() if a.data.ptr % 16 else a
 
     def _input_array(self, name: str, spec: dict, x):
         """x (numpy, cupy, torch, DLPack, ...) checked against the input's dtype and shape: a numpy
@@ -326,6 +329,9 @@ class Module(api.Module):
                 cp.cuda.runtime.memsetAsync(o.data.ptr, 0xFF, o.nbytes, st.ptr)
         elif list(o.shape) != list(shape) or o.dtype != _dev_dtype(t["dtype"]) or not o.flags.c_contiguous:
             raise InputError(f"out[{t['name']!r}]: expected contiguous {t['dtype']}{shape}")
+        elif o.data.ptr % 16:  # the kernels store with 16-byte vectors
+            raise InputError(f"out[{t['name']!r}]: the array must start on a 16-byte boundary "
+                             f"(it starts at {o.data.ptr:#x}; a fresh cupy allocation does)")
         return o
 
     def _true_shape(self, i: int, t: dict, o):

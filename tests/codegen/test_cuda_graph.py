@@ -117,6 +117,35 @@ def test_device_inputs_outputs_and_out_arrays(dirs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [True, False])
+def test_inputs_off_a_16_byte_boundary_are_copied_and_such_out_arrays_refused(dirs, cuda_graph):
+    """The kernels use 16-byte vector loads/stores on model inputs/outputs: an input view that starts
+    2 bytes into an allocation still gives the reference's answer (copied to an aligned buffer), and
+    an out= array that does not start on 16 bytes is a clear error, not a misaligned-address fault."""
+    import cupy as cp
+    import nnc
+    from nnc.runtime import InputError
+    d = dirs["tiny_cnn"]
+    plan = _plan(d)
+    g = nnc.load(d, cuda_graph=cuda_graph)
+    feed = _random_inputs(plan, 5)
+    want = nnc.load(d, backend="reference").run(feed)
+    (name, x), = feed.items()
+    big = cp.empty(x.size + 8, x.dtype)
+    view = big[1:1 + x.size].reshape(x.shape)  # 4 bytes (fp32) past the allocation's start
+    view[...] = cp.asarray(x)
+    assert view.data.ptr % 16
+    got = g.run({name: view})
+    for k in want:
+        _close(cp.asnumpy(got[k]), want[k], f"{k} from a misaligned input")
+    t = plan["outputs"][0]
+    raw = cp.empty(int(np.prod(t["shape"])) + 8, np.float32)
+    bad = raw[1:1 + int(np.prod(t["shape"]))].reshape(t["shape"])
+    with pytest.raises(InputError, match="16-byte boundary"):
+        g.run(feed, out={t["name"]: bad})
+
+
+@pytest.mark.gpu
 def test_graph_is_captured_once(dirs):
     import nnc
     d = dirs["tiny_cnn"]
