@@ -276,7 +276,7 @@ __device__ __forceinline__ float nnc_block_max(float v, float* smem) {
 #define nnc_conv_direct_3 nnc_tiny_cnn_k_nnc_conv_direct_3
 #define nnc_conv_direct_5 nnc_tiny_cnn_k_nnc_conv_direct_5
 #define nnc_gap_gemm_92c27057bb nnc_tiny_cnn_k_nnc_gap_gemm_92c27057bb
-#define nnc_softmax_7 nnc_tiny_cnn_k_nnc_softmax_7
+#define nnc_softmax_regs_7 nnc_tiny_cnn_k_nnc_softmax_regs_7
 #define nnc_fused_ew_relu_1_inplace0 nnc_tiny_cnn_k_nnc_fused_ew_relu_1_inplace0
 #define nnc_fused_ew_add_relu_4_inplace1 nnc_tiny_cnn_k_nnc_fused_ew_add_relu_4_inplace1
 #endif
@@ -552,26 +552,79 @@ extern "C" __global__ void __launch_bounds__(256) nnc_gap_gemm_92c27057bb(
 
 
 // ============================================================================
-// kernel nnc_softmax_7
-// template: softmax.cu.j2
-// params: {"R":10,"ctype":"float","inner":1,"log":false,"outer":1,"selected":{"params":{},"variant":"reduce._softmax"},"variant":"row"}
+// kernel nnc_softmax_regs_7
+// template: rownorm_regs.cu.j2
+// params: {"NV":1,"R":10,"RPB":1,"VEC":2,"W":1,"bctype":"","bias_n":1,"bsize":0,"ctype":"float","epsilon":0.0,"has_bias":false,"has_mean":false,"has_rstd":false,"has_scale":false,"kind":"softmax","mctype":"","outer":1,"scale_n":1,"sctype":"","selected":{"params":{"RPB":1,"VEC":2,"W":1},"variant":"rownorm.softmax_regs"},"ssize":0,"vbias":false,"vscale":false,"vx":true,"xsize":4}
 // implements:
 //   %probs: f32[1,10] = Softmax(%logits: f32[1,10])
 // ============================================================================
-extern "C" __global__ void nnc_softmax_7(const float* __restrict__ x, float* __restrict__ y) {
-  const int64_t outer = 1, R = 10, inner = 1;
-  __shared__ float red[32];
-  for (int64_t o = blockIdx.x; o < outer; o += gridDim.x) {
-    const float* row = x + o * R;
-    float* out = y + o * R;
+struct alignas(8) nnc_softmax_regs_7_x { float v[2]; };
+extern "C" __global__ void __launch_bounds__(32) nnc_softmax_regs_7(const float* __restrict__ x,
+    float* __restrict__ y) {
+  const int sub = threadIdx.x / 32;  // this thread's row within the block
+  const int t = threadIdx.x % 32;    // this thread's lane within its row
+  const int64_t groups = (1LL + 0) / 1;
+  for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {  // uniform per block (the reductions sync)
+    const int64_t o = g * 1 + sub;
+    const bool live = o < 1LL;
+    const float* row = x + (live ? o : 0) * 10LL;
+    nnc_softmax_regs_7_x xv[1];
+#pragma unroll
+    for (int j = 0; j < 1; ++j) {
+      const int c = (j * 32 + t) * 2;
+      if (live && c < 10) {
+        xv[j] = *reinterpret_cast<const nnc_softmax_regs_7_x*>(row + c);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) xv[j].v[e] = static_cast<float>(0.0f);
+      }
+    }
     float m = __int_as_float(0xff800000);
-    for (int64_t r = threadIdx.x; r < R; r += blockDim.x) m = fmaxf(m, static_cast<float>(row[r]));
-    m = nnc_block_max(m, red);
+#pragma unroll
+    for (int j = 0; j < 1; ++j) {
+      const int c = (j * 32 + t) * 2;
+      if (c < 10) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float v = static_cast<float>(xv[j].v[e]);
+          m = fmaxf(m, v);
+        }
+      }
+    }
+
+    m = nnc_warp_max(m);
+
     float s = 0.0f;
-    for (int64_t r = threadIdx.x; r < R; r += blockDim.x) s += expf(static_cast<float>(row[r]) - m);
-    s = nnc_block_sum(s, red);
+#pragma unroll
+    for (int j = 0; j < 1; ++j) {
+      const int c = (j * 32 + t) * 2;
+      if (c < 10) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float v = static_cast<float>(xv[j].v[e]);
+          s += expf(v - m);
+        }
+      }
+    }
+
+    s = nnc_warp_sum(s);
+
     const float inv = 1.0f / s;
-    for (int64_t r = threadIdx.x; r < R; r += blockDim.x) out[r] = static_cast<float>(expf(static_cast<float>(row[r]) - m) * inv);
+    float* out = y + (live ? o : 0) * 10LL;
+#pragma unroll
+    for (int j = 0; j < 1; ++j) {
+      const int c = (j * 32 + t) * 2;
+      if (live && c < 10) {
+        nnc_softmax_regs_7_x yv;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float v = static_cast<float>(xv[j].v[e]);
+          float r = expf(v - m) * inv;
+          yv.v[e] = static_cast<float>(r);
+        }
+        *reinterpret_cast<nnc_softmax_regs_7_x*>(out + c) = yv;
+      }
+    }
   }
 }
 
@@ -579,7 +632,7 @@ extern "C" __global__ void nnc_softmax_7(const float* __restrict__ x, float* __r
 // ============================================================================
 // kernel nnc_fused_ew_relu_1_inplace0
 // template: elementwise.cu.j2
-// params: {"inputs":[{"aliased":true,"compute":"float","ctype":"float","strides":null}],"need_coords":false,"outputs":[{"aliased":true,"ctype":"float","var":"t0"}],"selected":{"params":{},"variant":"fused.elementwise"},"shape":[1,16,32,32],"stmts":[{"ctype":"float","expr":"(x0 < 0.0f ? 0.0f : x0)","var":"t0"}]}
+// params: {"VEC":4,"inputs":[{"aliased":true,"compute":"float","ctype":"float","itemsize":4,"strides":null}],"need_coords":false,"outputs":[{"aliased":true,"ctype":"float","itemsize":4,"var":"t0"}],"selected":{"params":{},"variant":"fused.elementwise"},"shape":[1,16,32,32],"stmts":[{"ctype":"float","expr":"(x0 < 0.0f ? 0.0f : x0)","var":"t0"}]}
 // implements:
 //   fused elementwise group of 1 ops -> %stem.r_4
 //   %stem.r_4: f32[1,16,32,32] = Relu(%stem.bn_3: f32[1,16,32,32])
@@ -588,15 +641,23 @@ extern "C" __global__ void nnc_softmax_7(const float* __restrict__ x, float* __r
 //   fused elementwise group of 1 ops -> %down.r_21
 //   %down.r_21: f32[1,32,8,8] = Relu(%down.bn_20: f32[1,32,8,8])
 // ============================================================================
+struct alignas(16) nnc_fused_ew_relu_1_inplace0_vin0 { float v[4]; };
+struct alignas(16) nnc_fused_ew_relu_1_inplace0_vout0 { float v[4]; };
 extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_relu_1_inplace0(
     const float* in0,
     float* out0,
     int64_t n) {
-  for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
-       idx += (int64_t)gridDim.x * blockDim.x) {
-    const float x0 = static_cast<float>(in0[idx]);
+  for (int64_t vi = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; vi < n / 4;
+       vi += (int64_t)gridDim.x * blockDim.x) {
+    const nnc_fused_ew_relu_1_inplace0_vin0 vin0 = *reinterpret_cast<const nnc_fused_ew_relu_1_inplace0_vin0*>(in0 + vi * 4);
+    nnc_fused_ew_relu_1_inplace0_vout0 vout0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+    const float x0 = static_cast<float>(vin0.v[e]);
     const float t0 = (x0 < 0.0f ? 0.0f : x0);
-    out0[idx] = static_cast<float>(t0);
+    vout0.v[e] = static_cast<float>(t0);
+    }
+    *reinterpret_cast<nnc_fused_ew_relu_1_inplace0_vout0*>(out0 + vi * 4) = vout0;
   }
 }
 
@@ -604,24 +665,34 @@ extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_relu_1_inplace0(
 // ============================================================================
 // kernel nnc_fused_ew_add_relu_4_inplace1
 // template: elementwise.cu.j2
-// params: {"inputs":[{"aliased":true,"compute":"float","ctype":"float","strides":null},{"compute":"float","ctype":"float","strides":null}],"need_coords":false,"outputs":[{"aliased":true,"ctype":"float","var":"t1"}],"selected":{"params":{},"variant":"fused.elementwise"},"shape":[1,16,16,16],"stmts":[{"ctype":"float","expr":"(x0 + x1)","var":"t0"},{"ctype":"float","expr":"(t0 < 0.0f ? 0.0f : t0)","var":"t1"}]}
+// params: {"VEC":4,"inputs":[{"aliased":true,"compute":"float","ctype":"float","itemsize":4,"strides":null},{"compute":"float","ctype":"float","itemsize":4,"strides":null}],"need_coords":false,"outputs":[{"aliased":true,"ctype":"float","itemsize":4,"var":"t1"}],"selected":{"params":{},"variant":"fused.elementwise"},"shape":[1,16,16,16],"stmts":[{"ctype":"float","expr":"(x0 + x1)","var":"t0"},{"ctype":"float","expr":"(t0 < 0.0f ? 0.0f : t0)","var":"t1"}]}
 // implements:
 //   fused elementwise group of 2 ops -> %res.r_16
 //   %res_15: f32[1,16,16,16] = Add(%pool_14: f32[1,16,16,16], %block.b.bn_13: f32[1,16,16,16])
 //   %res.r_16: f32[1,16,16,16] = Relu(%res_15: f32[1,16,16,16])
 // ============================================================================
+struct alignas(16) nnc_fused_ew_add_relu_4_inplace1_vin0 { float v[4]; };
+struct alignas(16) nnc_fused_ew_add_relu_4_inplace1_vin1 { float v[4]; };
+struct alignas(16) nnc_fused_ew_add_relu_4_inplace1_vout0 { float v[4]; };
 extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_add_relu_4_inplace1(
     const float* in0,
     const float* __restrict__ in1,
     float* out0,
     int64_t n) {
-  for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
-       idx += (int64_t)gridDim.x * blockDim.x) {
-    const float x0 = static_cast<float>(in0[idx]);
-    const float x1 = static_cast<float>(in1[idx]);
+  for (int64_t vi = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; vi < n / 4;
+       vi += (int64_t)gridDim.x * blockDim.x) {
+    const nnc_fused_ew_add_relu_4_inplace1_vin0 vin0 = *reinterpret_cast<const nnc_fused_ew_add_relu_4_inplace1_vin0*>(in0 + vi * 4);
+    const nnc_fused_ew_add_relu_4_inplace1_vin1 vin1 = *reinterpret_cast<const nnc_fused_ew_add_relu_4_inplace1_vin1*>(in1 + vi * 4);
+    nnc_fused_ew_add_relu_4_inplace1_vout0 vout0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+    const float x0 = static_cast<float>(vin0.v[e]);
+    const float x1 = static_cast<float>(vin1.v[e]);
     const float t0 = (x0 + x1);
     const float t1 = (t0 < 0.0f ? 0.0f : t0);
-    out0[idx] = static_cast<float>(t1);
+    vout0.v[e] = static_cast<float>(t1);
+    }
+    *reinterpret_cast<nnc_fused_ew_add_relu_4_inplace1_vout0*>(out0 + vi * 4) = vout0;
   }
 }
 
@@ -629,6 +700,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_add_relu_4_inplac
 // ---------------------------------------------------------------- host code: the C API
 #include "nnc_model.h"
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <cerrno>
 #include <cstring>
@@ -768,25 +840,25 @@ int run_phase(nnc_tiny_cnn* m, cudaStream_t stream, const void* const* inputs, v
   // [0] %stem.bn_3: f32[1,16,32,32] = Conv(%input: f32[1,3,32,32], %stem.w_bn: f32[16,3,3,3], %stem.c_bn_bias: f32[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1)}
   nnc_conv_direct_0<<<dim3(64, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)((char*)inputs[0] + 0), (float*)(m->weights + 0), (float*)(m->weights + 1792), (float*)(m->arena + 0), (int64_t)16384LL);
   // [1] %stem.r: f32[1,16,32,32] = fused(%stem.bn_3: f32[1,16,32,32]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
-  nnc_fused_ew_relu_1_inplace0<<<dim3(64, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->arena + 0), (int64_t)16384LL);
+  nnc_fused_ew_relu_1_inplace0<<<dim3(16, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->arena + 0), (int64_t)16384LL);
   // [2] %pool: f32[1,16,16,16] = MaxPool(%stem.r: f32[1,16,32,32]) {kernel_shape=(2, 2), strides=(2, 2)}
   nnc_maxpool_2<<<dim3(16, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->arena + 65536), (int64_t)4096LL);
   // [3] %block.a.bn_8: f32[1,16,16,16] = Conv(%pool: f32[1,16,16,16], %block.a.w_bn: f32[16,16,3,3], %block.a.c_bn_bias: f32[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1)}
   nnc_conv_direct_3<<<dim3(16, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 65536), (float*)(m->weights + 2048), (float*)(m->weights + 11264), (float*)(m->arena + 0), (int64_t)4096LL);
   // [4] %block.a.r: f32[1,16,16,16] = fused(%block.a.bn_8: f32[1,16,16,16]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
-  nnc_fused_ew_relu_1_inplace0<<<dim3(16, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->arena + 0), (int64_t)4096LL);
+  nnc_fused_ew_relu_1_inplace0<<<dim3(4, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->arena + 0), (int64_t)4096LL);
   // [5] %block.b.bn_13: f32[1,16,16,16] = Conv(%block.a.r: f32[1,16,16,16], %block.b.w_bn: f32[16,16,3,3], %block.b.c_bn_bias: f32[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1)}
   nnc_conv_direct_3<<<dim3(16, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->weights + 11520), (float*)(m->weights + 20736), (float*)(m->arena + 16384), (int64_t)4096LL);
   // [6] %res.r: f32[1,16,16,16] = fused(%pool: f32[1,16,16,16], %block.b.bn_13: f32[1,16,16,16]) {body=region(2 ops), kind=elementwise, params=the chain of a declined epilogue group}
-  nnc_fused_ew_add_relu_4_inplace1<<<dim3(16, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 65536), (float*)(m->arena + 16384), (float*)(m->arena + 65536), (int64_t)4096LL);
+  nnc_fused_ew_add_relu_4_inplace1<<<dim3(4, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 65536), (float*)(m->arena + 16384), (float*)(m->arena + 65536), (int64_t)4096LL);
   // [7] %down.bn_20: f32[1,32,8,8] = Conv(%res.r: f32[1,16,16,16], %down.w_bn: f32[32,16,3,3], %down.c_bn_bias: f32[32]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(2, 2)}
   nnc_conv_direct_5<<<dim3(8, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 65536), (float*)(m->weights + 20992), (float*)(m->weights + 39424), (float*)(m->arena + 0), (int64_t)2048LL);
   // [8] %down.r: f32[1,32,8,8] = fused(%down.bn_20: f32[1,32,8,8]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
-  nnc_fused_ew_relu_1_inplace0<<<dim3(8, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->arena + 0), (int64_t)2048LL);
+  nnc_fused_ew_relu_1_inplace0<<<dim3(2, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->arena + 0), (int64_t)2048LL);
   // [9] %logits: f32[1,10] = fused(%down.r: f32[1,32,8,8], %fc.w: f32[10,32], %fc.b: f32[10]) {body=region(3 ops), kind=gap_gemm, params=pool=nchw hw=64 c=32 gemm=[]}
   nnc_gap_gemm_92c27057bb<<<dim3(1, 1, 1), dim3(256, 1, 1), 128, stream>>>((float*)(m->arena + 0), (float*)(m->weights + 39680), (float*)(m->arena + 8192), (float*)(m->weights + 40960), (int32_t)1LL);
   // [10] %probs: f32[1,10] = Softmax(%logits: f32[1,10])
-  nnc_softmax_7<<<dim3(1, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 8192), (float*)((char*)outputs[0] + 0));
+  nnc_softmax_regs_7<<<dim3(1, 1, 1), dim3(32, 1, 1), 0, stream>>>((float*)(m->arena + 8192), (float*)((char*)outputs[0] + 0));
   e = cudaGetLastError();
   if (e != cudaSuccess) return fail(NNC_ERR_CUDA, std::string("nnc_tiny_cnn_run: ") + cudaGetErrorString(e));
   return NNC_OK;
@@ -977,6 +1049,16 @@ int nnc_tiny_cnn_context_output_shape(const nnc_tiny_cnn_context* c, int i, int6
 int nnc_tiny_cnn_run(nnc_tiny_cnn* m, cudaStream_t stream, const void* const* inputs, void* const* outputs) {
   if (!m) return fail(NNC_ERR_INVALID_ARGUMENT, "nnc_tiny_cnn_run: null model");
   if ((kNumInputs && !inputs) || (kNumOutputs && !outputs)) return fail(NNC_ERR_INVALID_ARGUMENT, "nnc_tiny_cnn_run: null inputs/outputs");
+  // the kernels read and write model inputs and outputs with 16-byte vectors: a pointer that is not
+  // 16-byte aligned (cudaMalloc's are 256-byte aligned) is refused, not a misaligned-address fault
+  for (int i = 0; i < kNumInputs; ++i)
+    if (reinterpret_cast<uintptr_t>(inputs[i]) % 16)
+      return fail(NNC_ERR_INVALID_ARGUMENT, std::string("nnc_tiny_cnn_run: input ") + std::to_string(i) + " (" + kInputNames[i] +
+                                            ") is not 16-byte aligned");
+  for (int i = 0; i < kNumOutputs; ++i)
+    if (reinterpret_cast<uintptr_t>(outputs[i]) % 16)
+      return fail(NNC_ERR_INVALID_ARGUMENT, std::string("nnc_tiny_cnn_run: output ") + std::to_string(i) + " (" + kOutputNames[i] +
+                                            ") is not 16-byte aligned");
   m->last_run_graph = false;
   int rc = NNC_OK;
   if (m->use_graph && !m->graph_refused && !graph_bound(m, inputs, outputs) && !capture_run(m, inputs, outputs))

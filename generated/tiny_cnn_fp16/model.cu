@@ -285,19 +285,27 @@ __device__ __forceinline__ float nnc_block_max(float v, float* smem) {
 // ============================================================================
 // kernel nnc_ew_cast_0
 // template: elementwise.cu.j2
-// params: {"inputs":[{"compute":"float","ctype":"float","strides":null}],"need_coords":false,"outputs":[{"ctype":"__half","var":"t0"}],"selected":{"params":{},"variant":"elementwise._elementwise"},"shape":[1,3,32,32],"stmts":[{"ctype":"float","expr":"static_cast<float>(x0)","var":"t0"}]}
+// params: {"VEC":4,"inputs":[{"compute":"float","ctype":"float","itemsize":4,"strides":null}],"need_coords":false,"outputs":[{"ctype":"__half","itemsize":2,"var":"t0"}],"selected":{"params":{},"variant":"elementwise._elementwise"},"shape":[1,3,32,32],"stmts":[{"ctype":"float","expr":"static_cast<float>(x0)","var":"t0"}]}
 // implements:
 //   %0: f16[1,3,32,32] = Cast(%input: f32[1,3,32,32]) {to=f16}
 // ============================================================================
+struct alignas(16) nnc_ew_cast_0_vin0 { float v[4]; };
+struct alignas(8) nnc_ew_cast_0_vout0 { __half v[4]; };
 extern "C" __global__ void __launch_bounds__(256) nnc_ew_cast_0(
     const float* __restrict__ in0,
     __half* __restrict__ out0,
     int64_t n) {
-  for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
-       idx += (int64_t)gridDim.x * blockDim.x) {
-    const float x0 = static_cast<float>(in0[idx]);
+  for (int64_t vi = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; vi < n / 4;
+       vi += (int64_t)gridDim.x * blockDim.x) {
+    const nnc_ew_cast_0_vin0 vin0 = *reinterpret_cast<const nnc_ew_cast_0_vin0*>(in0 + vi * 4);
+    nnc_ew_cast_0_vout0 vout0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+    const float x0 = static_cast<float>(vin0.v[e]);
     const float t0 = static_cast<float>(x0);
-    out0[idx] = static_cast<__half>(t0);
+    vout0.v[e] = static_cast<__half>(t0);
+    }
+    *reinterpret_cast<nnc_ew_cast_0_vout0*>(out0 + vi * 4) = vout0;
   }
 }
 
@@ -1393,54 +1401,74 @@ extern "C" __global__ void __launch_bounds__(256) nnc_gap_gemm_b12ee4b460(
 // ============================================================================
 // kernel nnc_fused_row_softmax_cast_8
 // template: fused_rowreduce.cu.j2
-// params: {"C":10,"block":32,"caches":["c0","c3"],"loops":[{"accs":[{"how":"max","src":"v0","var":"v1"}],"stmts":[{"input":0,"kind":"load","src":{"col":1,"compute":"float","node":0,"ptr":0,"row":"r * 10"},"var":"v0"},{"arr":"c0","kind":"cache","var":"v0"}],"stores":[]},{"accs":[{"how":"sum","src":"v3","var":"v4"}],"stmts":[{"expr":"(c0[j] - v1)","kind":"stmt","var":"v2"},{"expr":"expf(v2)","kind":"stmt","var":"v3"},{"arr":"c3","kind":"cache","var":"v3"}],"stores":[]},{"accs":[],"stmts":[{"expr":"(c3[j] / v4)","kind":"stmt","var":"v5"},{"expr":"static_cast<float>(v5)","kind":"stmt","var":"v6"}],"stores":...
+// params: {"C":10,"RPB":1,"T":32,"VEC":2,"block":32,"caches":["c0","c3"],"loops":[{"accs":[{"how":"max","src":"v0","var":"v1"}],"stmts":[{"input":0,"kind":"load","src":{"col":1,"compute":"float","node":0,"ptr":0,"row":"r * 10","vec":true},"var":"v0"},{"arr":"c0","kind":"cache","var":"v0"}],"stores":[]},{"accs":[{"how":"sum","src":"v3","var":"v4"}],"stmts":[{"expr":"(c0[j] - v1)","kind":"stmt","var":"v2"},{"expr":"expf(v2)","kind":"stmt","var":"v3"},{"arr":"c3","kind":"cache","var":"v3"}],"stores":[]},{"accs":[],"stmts":[{"expr":"(c3[j] / v4)","kind":"stmt","var":"v5"},{"expr":"static_cast<float>(v5)","k...
 // implements:
 //   fused row-reduction group of 2 ops -> %probs
 //   %probs_24_1: f16[1,10] = Softmax(%logits_23: f16[1,10])
 //   %probs: f32[1,10] = Cast(%probs_24_1: f16[1,10]) {to=f32}
 // ============================================================================
+struct alignas(4) nnc_fused_row_softmax_cast_8_v0 { __half v[2]; };
+struct alignas(8) nnc_fused_row_softmax_cast_8_o0 { float v[2]; };
 extern "C" __global__ void __launch_bounds__(32) nnc_fused_row_softmax_cast_8(
     const __half* __restrict__ in0,
     float* __restrict__ out0
 ) {
   __shared__ float red[32];
   for (int64_t r = blockIdx.x; r < 1; r += gridDim.x) {
-    float c0[1];
-    float c3[1];
+    float c0[2];
+    float c3[2];
     const int64_t ro0 = r * 10;
     // phase 0
     float av1 = __int_as_float(0xff800000);
 #pragma unroll
-    for (int j = 0; j < 1; ++j) {
-      const int64_t c = threadIdx.x + (int64_t)j * 32;
-      if (c < 10) {
-        const float v0 = static_cast<float>(in0[ro0 + c]);
-        c0[j] = v0;
-        av1 = fmaxf(av1, v0);
+    for (int jv = 0; jv < 1; ++jv) {
+      const int64_t cb = (threadIdx.x + (int64_t)jv * 32) * 2;
+      if (cb < 10) {
+        const nnc_fused_row_softmax_cast_8_v0 lv0 = *reinterpret_cast<const nnc_fused_row_softmax_cast_8_v0*>(in0 + ro0 + cb);
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t c = cb + e;
+          const int j = jv * 2 + e;
+          const float v0 = static_cast<float>(lv0.v[e]);
+          c0[j] = v0;
+          av1 = fmaxf(av1, v0);
+        }
       }
     }
     const float v1 = nnc_block_max(av1, red);
     // phase 1
     float av4 = 0.0f;
 #pragma unroll
-    for (int j = 0; j < 1; ++j) {
-      const int64_t c = threadIdx.x + (int64_t)j * 32;
-      if (c < 10) {
-        const float v2 = (c0[j] - v1);
-        const float v3 = expf(v2);
-        c3[j] = v3;
-        av4 += v3;
+    for (int jv = 0; jv < 1; ++jv) {
+      const int64_t cb = (threadIdx.x + (int64_t)jv * 32) * 2;
+      if (cb < 10) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t c = cb + e;
+          const int j = jv * 2 + e;
+          const float v2 = (c0[j] - v1);
+          const float v3 = expf(v2);
+          c3[j] = v3;
+          av4 += v3;
+        }
       }
     }
     const float v4 = nnc_block_sum(av4, red);
     // phase 2
 #pragma unroll
-    for (int j = 0; j < 1; ++j) {
-      const int64_t c = threadIdx.x + (int64_t)j * 32;
-      if (c < 10) {
-        const float v5 = (c3[j] / v4);
-        const float v6 = static_cast<float>(v5);
-        out0[r * 10 + c] = static_cast<float>(v6);
+    for (int jv = 0; jv < 1; ++jv) {
+      const int64_t cb = (threadIdx.x + (int64_t)jv * 32) * 2;
+      if (cb < 10) {
+        nnc_fused_row_softmax_cast_8_o0 s0;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t c = cb + e;
+          const int j = jv * 2 + e;
+          const float v5 = (c3[j] / v4);
+          const float v6 = static_cast<float>(v5);
+          s0.v[e] = static_cast<float>(v6);
+        }
+        *reinterpret_cast<nnc_fused_row_softmax_cast_8_o0*>(out0 + r * 10 + cb) = s0;
       }
     }
     __syncthreads();  // red[] is reused by the next row
@@ -1451,6 +1479,7 @@ extern "C" __global__ void __launch_bounds__(32) nnc_fused_row_softmax_cast_8(
 // ---------------------------------------------------------------- host code: the C API
 #include "nnc_model.h"
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <cerrno>
 #include <cstring>
@@ -1588,7 +1617,7 @@ int run_phase(nnc_tiny_cnn* m, cudaStream_t stream, const void* const* inputs, v
   (void)m; (void)inputs; (void)outputs;
   cudaError_t e;
   // [0] %0: f16[1,3,32,32] = Cast(%input: f32[1,3,32,32]) {to=f16}
-  nnc_ew_cast_0<<<dim3(12, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)((char*)inputs[0] + 0), (__half*)(m->arena + 0), (int64_t)3072LL);
+  nnc_ew_cast_0<<<dim3(3, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)((char*)inputs[0] + 0), (__half*)(m->arena + 0), (int64_t)3072LL);
   // [1] %0_nhwc: f16[1,32,32,3]#nhwc = Transpose(%0: f16[1,3,32,32]) {perm=(0, 2, 3, 1)}
   nnc_copy_transpose_1<<<dim3(12, 1, 1), dim3(256, 1, 1), 0, stream>>>((__half*)(m->arena + 0), (__half*)(m->arena + 32768), (int64_t)3072LL);
   // [2] %stem.bn_5_nhwc_3: f16[1,32,32,16]#nhwc = Conv(%0_nhwc_0: f16[1,32,32,3]#nhwc, %stem.w_bn_3_ohwi_1: f16[16,3,3,3], %stem.c_bn_bias_4_2: f16[16]) {kernel_shape=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1), layout=NHWC}
@@ -1795,6 +1824,16 @@ int nnc_tiny_cnn_context_output_shape(const nnc_tiny_cnn_context* c, int i, int6
 int nnc_tiny_cnn_run(nnc_tiny_cnn* m, cudaStream_t stream, const void* const* inputs, void* const* outputs) {
   if (!m) return fail(NNC_ERR_INVALID_ARGUMENT, "nnc_tiny_cnn_run: null model");
   if ((kNumInputs && !inputs) || (kNumOutputs && !outputs)) return fail(NNC_ERR_INVALID_ARGUMENT, "nnc_tiny_cnn_run: null inputs/outputs");
+  // the kernels read and write model inputs and outputs with 16-byte vectors: a pointer that is not
+  // 16-byte aligned (cudaMalloc's are 256-byte aligned) is refused, not a misaligned-address fault
+  for (int i = 0; i < kNumInputs; ++i)
+    if (reinterpret_cast<uintptr_t>(inputs[i]) % 16)
+      return fail(NNC_ERR_INVALID_ARGUMENT, std::string("nnc_tiny_cnn_run: input ") + std::to_string(i) + " (" + kInputNames[i] +
+                                            ") is not 16-byte aligned");
+  for (int i = 0; i < kNumOutputs; ++i)
+    if (reinterpret_cast<uintptr_t>(outputs[i]) % 16)
+      return fail(NNC_ERR_INVALID_ARGUMENT, std::string("nnc_tiny_cnn_run: output ") + std::to_string(i) + " (" + kOutputNames[i] +
+                                            ") is not 16-byte aligned");
   m->last_run_graph = false;
   int rc = NNC_OK;
   if (m->use_graph && !m->graph_refused && !graph_bound(m, inputs, outputs) && !capture_run(m, inputs, outputs))

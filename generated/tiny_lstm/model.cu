@@ -723,6 +723,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_matmul_5(const float* __re
 // ---------------------------------------------------------------- host code: the C API
 #include "nnc_model.h"
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <cerrno>
 #include <cstring>
@@ -1095,6 +1096,16 @@ int nnc_tiny_lstm_context_output_shape(const nnc_tiny_lstm_context* c, int i, in
 int nnc_tiny_lstm_run(nnc_tiny_lstm* m, cudaStream_t stream, const void* const* inputs, void* const* outputs) {
   if (!m) return fail(NNC_ERR_INVALID_ARGUMENT, "nnc_tiny_lstm_run: null model");
   if ((kNumInputs && !inputs) || (kNumOutputs && !outputs)) return fail(NNC_ERR_INVALID_ARGUMENT, "nnc_tiny_lstm_run: null inputs/outputs");
+  // the kernels read and write model inputs and outputs with 16-byte vectors: a pointer that is not
+  // 16-byte aligned (cudaMalloc's are 256-byte aligned) is refused, not a misaligned-address fault
+  for (int i = 0; i < kNumInputs; ++i)
+    if (reinterpret_cast<uintptr_t>(inputs[i]) % 16)
+      return fail(NNC_ERR_INVALID_ARGUMENT, std::string("nnc_tiny_lstm_run: input ") + std::to_string(i) + " (" + kInputNames[i] +
+                                            ") is not 16-byte aligned");
+  for (int i = 0; i < kNumOutputs; ++i)
+    if (reinterpret_cast<uintptr_t>(outputs[i]) % 16)
+      return fail(NNC_ERR_INVALID_ARGUMENT, std::string("nnc_tiny_lstm_run: output ") + std::to_string(i) + " (" + kOutputNames[i] +
+                                            ") is not 16-byte aligned");
   m->last_run_graph = false;
   int rc = NNC_OK;
   if (m->use_graph && !m->graph_refused && !graph_bound(m, inputs, outputs) && !capture_run(m, inputs, outputs))

@@ -271,7 +271,7 @@ __device__ __forceinline__ float nnc_block_max(float v, float* smem) {
 #if !defined(__CUDACC_RTC__) && !defined(NNC_KERNELS_ONLY)
 // In the host build the kernels' extern "C" names carry the model's prefix too, so the kernels of
 // several models link into one binary (the cubins keep the plain names plan.json lists).
-#define nnc_layernorm_0 nnc_tiny_transformer_k_nnc_layernorm_0
+#define nnc_layernorm_regs_0 nnc_tiny_transformer_k_nnc_layernorm_regs_0
 #define nnc_matmul_1 nnc_tiny_transformer_k_nnc_matmul_1
 #define nnc_flash_attention_3 nnc_tiny_transformer_k_nnc_flash_attention_3
 #define nnc_matmul_4 nnc_tiny_transformer_k_nnc_matmul_4
@@ -284,34 +284,96 @@ __device__ __forceinline__ float nnc_block_max(float v, float* smem) {
 #endif
 
 // ============================================================================
-// kernel nnc_layernorm_0
-// template: layernorm.cu.j2
-// params: {"R":64,"bctype":"float","bias_n":64,"ctype":"float","epsilon":1e-05,"has_bias":true,"has_mean":false,"has_rstd":false,"has_scale":true,"mctype":"","outer":16,"scale_n":64,"sctype":"float","selected":{"params":{},"variant":"reduce._layernorm"}}
+// kernel nnc_layernorm_regs_0
+// template: rownorm_regs.cu.j2
+// params: {"NV":1,"R":64,"RPB":1,"VEC":4,"W":1,"bctype":"float","bias_n":64,"bsize":4,"ctype":"float","epsilon":1e-05,"has_bias":true,"has_mean":false,"has_rstd":false,"has_scale":true,"kind":"layernorm","mctype":"","outer":16,"scale_n":64,"sctype":"float","selected":{"params":{"RPB":1,"VEC":4,"W":1},"variant":"rownorm.layernorm_regs"},"ssize":4,"vbias":true,"vscale":true,"vx":true,"xsize":4}
 // implements:
 //   %ln1: f32[1,16,64] = LayerNormalization(%x: f32[1,16,64], %ln1.g: f32[64], %ln1.b: f32[64])
 //   %ln2: f32[1,16,64] = LayerNormalization(%res1: f32[1,16,64], %ln1.g: f32[64], %ln1.b: f32[64])
 // ============================================================================
-extern "C" __global__ void nnc_layernorm_0(const float* __restrict__ x,
+struct alignas(16) nnc_layernorm_regs_0_x { float v[4]; };
+struct alignas(16) nnc_layernorm_regs_0_s { float v[4]; };
+struct alignas(16) nnc_layernorm_regs_0_b { float v[4]; };
+extern "C" __global__ void __launch_bounds__(32) nnc_layernorm_regs_0(const float* __restrict__ x,
     const float* __restrict__ scale,
     const float* __restrict__ bias,
     float* __restrict__ y) {
-  __shared__ float red[32];
-  const int64_t outer = 16, R = 64;
-  for (int64_t o = blockIdx.x; o < outer; o += gridDim.x) {
-    const float* row = x + o * R;
-    float s = 0.0f;
-    for (int64_t r = threadIdx.x; r < R; r += blockDim.x) s += static_cast<float>(row[r]);
-    const float mean = nnc_block_sum(s, red) / (float)R;
-    float v = 0.0f;
-    for (int64_t r = threadIdx.x; r < R; r += blockDim.x) { const float d = static_cast<float>(row[r]) - mean; v += d * d; }
-    const float rstd = rsqrtf(nnc_block_sum(v, red) / (float)R + 1e-05f);
-    for (int64_t r = threadIdx.x; r < R; r += blockDim.x) {
-      float t = (static_cast<float>(row[r]) - mean) * rstd;
-      t *= static_cast<float>(scale[r % 64]);
-      t += static_cast<float>(bias[r % 64]);
-      y[o * R + r] = static_cast<float>(t);
+  const int sub = threadIdx.x / 32;  // this thread's row within the block
+  const int t = threadIdx.x % 32;    // this thread's lane within its row
+  const int64_t groups = (16LL + 0) / 1;
+  for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {  // uniform per block (the reductions sync)
+    const int64_t o = g * 1 + sub;
+    const bool live = o < 16LL;
+    const float* row = x + (live ? o : 0) * 64LL;
+    nnc_layernorm_regs_0_x xv[1];
+#pragma unroll
+    for (int j = 0; j < 1; ++j) {
+      const int c = (j * 32 + t) * 4;
+      if (live && c < 64) {
+        xv[j] = *reinterpret_cast<const nnc_layernorm_regs_0_x*>(row + c);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) xv[j].v[e] = static_cast<float>(0.0f);
+      }
     }
-    if (threadIdx.x == 0) {
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 1; ++j) {
+      const int c = (j * 32 + t) * 4;
+      if (c < 64) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float v = static_cast<float>(xv[j].v[e]);
+          s += v;
+        }
+      }
+    }
+
+    s = nnc_warp_sum(s);
+
+    const float mean = s / 64.0f;
+    float q = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 1; ++j) {
+      const int c = (j * 32 + t) * 4;
+      if (c < 64) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float v = static_cast<float>(xv[j].v[e]);
+          const float d = v - mean; q += d * d;
+        }
+      }
+    }
+
+    q = nnc_warp_sum(q);
+
+    const float rstd = rsqrtf(q / 64.0f + 1e-05f);
+    float* out = y + (live ? o : 0) * 64LL;
+#pragma unroll
+    for (int j = 0; j < 1; ++j) {
+      const int c = (j * 32 + t) * 4;
+      if (live && c < 64) {
+        float sc[4];
+      { const nnc_layernorm_regs_0_s t_ = *reinterpret_cast<const nnc_layernorm_regs_0_s*>(scale + c);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[e] = static_cast<float>(t_.v[e]); }
+
+        float bi[4];
+      { const nnc_layernorm_regs_0_b t_ = *reinterpret_cast<const nnc_layernorm_regs_0_b*>(bias + c);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) bi[e] = static_cast<float>(t_.v[e]); }
+
+        nnc_layernorm_regs_0_x yv;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float v = static_cast<float>(xv[j].v[e]);
+          float r = (v - mean) * rstd;
+          r *= sc[e];
+          r += bi[e];
+          yv.v[e] = static_cast<float>(r);
+        }
+        *reinterpret_cast<nnc_layernorm_regs_0_x*>(out + c) = yv;
+      }
     }
   }
 }
@@ -540,24 +602,34 @@ extern "C" __global__ void __launch_bounds__(256) nnc_matmul_4(const float* __re
 // ============================================================================
 // kernel nnc_fused_ew_add_5
 // template: elementwise.cu.j2
-// params: {"inputs":[{"compute":"float","ctype":"float","strides":null},{"compute":"float","ctype":"float","strides":null}],"need_coords":false,"outputs":[{"ctype":"float","var":"t0"}],"selected":{"params":{},"variant":"fused.elementwise"},"shape":[1,16,64],"stmts":[{"ctype":"float","expr":"(x0 + x1)","var":"t0"}]}
+// params: {"VEC":4,"inputs":[{"compute":"float","ctype":"float","itemsize":4,"strides":null},{"compute":"float","ctype":"float","itemsize":4,"strides":null}],"need_coords":false,"outputs":[{"ctype":"float","itemsize":4,"var":"t0"}],"selected":{"params":{},"variant":"fused.elementwise"},"shape":[1,16,64],"stmts":[{"ctype":"float","expr":"(x0 + x1)","var":"t0"}]}
 // implements:
 //   fused elementwise group of 1 ops -> %res1_9
 //   %res1_9: f32[1,16,64] = Add(%x_8: f32[1,16,64], %attn.out_7: f32[1,16,64])
 //   fused elementwise group of 1 ops -> %y_18
 //   %y_18: f32[1,16,64] = Add(%res1_17: f32[1,16,64], %ff2_16: f32[1,16,64])
 // ============================================================================
+struct alignas(16) nnc_fused_ew_add_5_vin0 { float v[4]; };
+struct alignas(16) nnc_fused_ew_add_5_vin1 { float v[4]; };
+struct alignas(16) nnc_fused_ew_add_5_vout0 { float v[4]; };
 extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_add_5(
     const float* __restrict__ in0,
     const float* __restrict__ in1,
     float* __restrict__ out0,
     int64_t n) {
-  for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
-       idx += (int64_t)gridDim.x * blockDim.x) {
-    const float x0 = static_cast<float>(in0[idx]);
-    const float x1 = static_cast<float>(in1[idx]);
+  for (int64_t vi = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; vi < n / 4;
+       vi += (int64_t)gridDim.x * blockDim.x) {
+    const nnc_fused_ew_add_5_vin0 vin0 = *reinterpret_cast<const nnc_fused_ew_add_5_vin0*>(in0 + vi * 4);
+    const nnc_fused_ew_add_5_vin1 vin1 = *reinterpret_cast<const nnc_fused_ew_add_5_vin1*>(in1 + vi * 4);
+    nnc_fused_ew_add_5_vout0 vout0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+    const float x0 = static_cast<float>(vin0.v[e]);
+    const float x1 = static_cast<float>(vin1.v[e]);
     const float t0 = (x0 + x1);
-    out0[idx] = static_cast<float>(t0);
+    vout0.v[e] = static_cast<float>(t0);
+    }
+    *reinterpret_cast<nnc_fused_ew_add_5_vout0*>(out0 + vi * 4) = vout0;
   }
 }
 
@@ -635,27 +707,39 @@ extern "C" __global__ void __launch_bounds__(256) nnc_matmul_8(const float* __re
 // ============================================================================
 // kernel nnc_fused_ew_add_2_inplace0
 // template: elementwise.cu.j2
-// params: {"inputs":[{"aliased":true,"compute":"float","ctype":"float","strides":null},{"compute":"float","ctype":"float","strides":[64,0,0,1]}],"need_coords":true,"outputs":[{"aliased":true,"ctype":"float","var":"t0"}],"selected":{"params":{},"variant":"fused.elementwise"},"shape":[3,1,16,64],"stmts":[{"ctype":"float","expr":"(x0 + x1)","var":"t0"}]}
+// params: {"VEC":4,"inputs":[{"aliased":true,"compute":"float","ctype":"float","itemsize":4,"strides":null},{"compute":"float","ctype":"float","itemsize":4,"strides":[64,0,0,1]}],"need_coords":true,"outputs":[{"aliased":true,"ctype":"float","itemsize":4,"var":"t0"}],"selected":{"params":{},"variant":"fused.elementwise"},"shape":[3,1,16,64],"stmts":[{"ctype":"float","expr":"(x0 + x1)","var":"t0"}]}
 // implements:
 //   fused elementwise group of 1 ops -> %q.mm_hbias_4
 //   %q.mm_hbias_4: f32[3,1,16,64] = Add(%q.mm_h_2: f32[3,1,16,64], %q.mm_hb_3: f32[3,1,1,64])
 // ============================================================================
+struct alignas(16) nnc_fused_ew_add_2_inplace0_vin0 { float v[4]; };
+struct alignas(16) nnc_fused_ew_add_2_inplace0_vout0 { float v[4]; };
 extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_add_2_inplace0(
     const float* in0,
     const float* __restrict__ in1,
     float* out0,
     int64_t n) {
-  for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
-       idx += (int64_t)gridDim.x * blockDim.x) {
-    int64_t rem = idx;
-    const int64_t c3 = rem % 64; rem /= 64;
-    const int64_t c2 = rem % 16; rem /= 16;
-    const int64_t c1 = rem % 1; rem /= 1;
-    const int64_t c0 = rem % 3; rem /= 3;
-    const float x0 = static_cast<float>(in0[idx]);
+  for (int64_t vi = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; vi < n / 4;
+       vi += (int64_t)gridDim.x * blockDim.x) {
+    const nnc_fused_ew_add_2_inplace0_vin0 vin0 = *reinterpret_cast<const nnc_fused_ew_add_2_inplace0_vin0*>(in0 + vi * 4);
+    nnc_fused_ew_add_2_inplace0_vout0 vout0;
+    int64_t rem = vi * 4;
+    const int64_t cb3 = rem % 64; rem /= 64;
+    const int64_t cb2 = rem % 16; rem /= 16;
+    const int64_t cb1 = rem % 1; rem /= 1;
+    const int64_t cb0 = rem % 3; rem /= 3;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+    const int64_t c0 = cb0;
+    const int64_t c1 = cb1;
+    const int64_t c2 = cb2;
+    const int64_t c3 = cb3 + e;
+    const float x0 = static_cast<float>(vin0.v[e]);
     const float x1 = static_cast<float>(in1[0 + c0 * 64 + c3 * 1]);
     const float t0 = (x0 + x1);
-    out0[idx] = static_cast<float>(t0);
+    vout0.v[e] = static_cast<float>(t0);
+    }
+    *reinterpret_cast<nnc_fused_ew_add_2_inplace0_vout0*>(out0 + vi * 4) = vout0;
   }
 }
 
@@ -663,24 +747,34 @@ extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_add_2_inplace0(
 // ============================================================================
 // kernel nnc_fused_ew_add_5_inplace1
 // template: elementwise.cu.j2
-// params: {"inputs":[{"compute":"float","ctype":"float","strides":null},{"aliased":true,"compute":"float","ctype":"float","strides":null}],"need_coords":false,"outputs":[{"aliased":true,"ctype":"float","var":"t0"}],"selected":{"params":{},"variant":"fused.elementwise"},"shape":[1,16,64],"stmts":[{"ctype":"float","expr":"(x0 + x1)","var":"t0"}]}
+// params: {"VEC":4,"inputs":[{"compute":"float","ctype":"float","itemsize":4,"strides":null},{"aliased":true,"compute":"float","ctype":"float","itemsize":4,"strides":null}],"need_coords":false,"outputs":[{"aliased":true,"ctype":"float","itemsize":4,"var":"t0"}],"selected":{"params":{},"variant":"fused.elementwise"},"shape":[1,16,64],"stmts":[{"ctype":"float","expr":"(x0 + x1)","var":"t0"}]}
 // implements:
 //   fused elementwise group of 1 ops -> %res1_9
 //   %res1_9: f32[1,16,64] = Add(%x_8: f32[1,16,64], %attn.out_7: f32[1,16,64])
 //   fused elementwise group of 1 ops -> %y_18
 //   %y_18: f32[1,16,64] = Add(%res1_17: f32[1,16,64], %ff2_16: f32[1,16,64])
 // ============================================================================
+struct alignas(16) nnc_fused_ew_add_5_inplace1_vin0 { float v[4]; };
+struct alignas(16) nnc_fused_ew_add_5_inplace1_vin1 { float v[4]; };
+struct alignas(16) nnc_fused_ew_add_5_inplace1_vout0 { float v[4]; };
 extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_add_5_inplace1(
     const float* __restrict__ in0,
     const float* in1,
     float* out0,
     int64_t n) {
-  for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
-       idx += (int64_t)gridDim.x * blockDim.x) {
-    const float x0 = static_cast<float>(in0[idx]);
-    const float x1 = static_cast<float>(in1[idx]);
+  for (int64_t vi = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; vi < n / 4;
+       vi += (int64_t)gridDim.x * blockDim.x) {
+    const nnc_fused_ew_add_5_inplace1_vin0 vin0 = *reinterpret_cast<const nnc_fused_ew_add_5_inplace1_vin0*>(in0 + vi * 4);
+    const nnc_fused_ew_add_5_inplace1_vin1 vin1 = *reinterpret_cast<const nnc_fused_ew_add_5_inplace1_vin1*>(in1 + vi * 4);
+    nnc_fused_ew_add_5_inplace1_vout0 vout0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+    const float x0 = static_cast<float>(vin0.v[e]);
+    const float x1 = static_cast<float>(vin1.v[e]);
     const float t0 = (x0 + x1);
-    out0[idx] = static_cast<float>(t0);
+    vout0.v[e] = static_cast<float>(t0);
+    }
+    *reinterpret_cast<nnc_fused_ew_add_5_inplace1_vout0*>(out0 + vi * 4) = vout0;
   }
 }
 
@@ -688,20 +782,28 @@ extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_add_5_inplace1(
 // ============================================================================
 // kernel nnc_fused_ew_gelu_7_inplace2
 // template: elementwise.cu.j2
-// params: {"inputs":[{"aliased":true,"compute":"float","ctype":"float","strides":null}],"need_coords":false,"outputs":[{"aliased":true,"ctype":"float","var":"t0"}],"selected":{"params":{},"variant":"fused.elementwise"},"shape":[1,16,128],"stmts":[{"ctype":"float","expr":"(0.5f * x0 * (1.0f + erff(x0 * 0.7071067811865476f)))","var":"t0"}]}
+// params: {"VEC":4,"inputs":[{"aliased":true,"compute":"float","ctype":"float","itemsize":4,"strides":null}],"need_coords":false,"outputs":[{"aliased":true,"ctype":"float","itemsize":4,"var":"t0"}],"selected":{"params":{},"variant":"fused.elementwise"},"shape":[1,16,128],"stmts":[{"ctype":"float","expr":"(0.5f * x0 * (1.0f + erff(x0 * 0.7071067811865476f)))","var":"t0"}]}
 // implements:
 //   fused elementwise group of 1 ops -> %ff1.gelu_13
 //   %ff1.gelu_13: f32[1,16,128] = Gelu(%ff1_12: f32[1,16,128])
 // ============================================================================
+struct alignas(16) nnc_fused_ew_gelu_7_inplace2_vin0 { float v[4]; };
+struct alignas(16) nnc_fused_ew_gelu_7_inplace2_vout0 { float v[4]; };
 extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_gelu_7_inplace2(
     const float* in0,
     float* out0,
     int64_t n) {
-  for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
-       idx += (int64_t)gridDim.x * blockDim.x) {
-    const float x0 = static_cast<float>(in0[idx]);
+  for (int64_t vi = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; vi < n / 4;
+       vi += (int64_t)gridDim.x * blockDim.x) {
+    const nnc_fused_ew_gelu_7_inplace2_vin0 vin0 = *reinterpret_cast<const nnc_fused_ew_gelu_7_inplace2_vin0*>(in0 + vi * 4);
+    nnc_fused_ew_gelu_7_inplace2_vout0 vout0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+    const float x0 = static_cast<float>(vin0.v[e]);
     const float t0 = (0.5f * x0 * (1.0f + erff(x0 * 0.7071067811865476f)));
-    out0[idx] = static_cast<float>(t0);
+    vout0.v[e] = static_cast<float>(t0);
+    }
+    *reinterpret_cast<nnc_fused_ew_gelu_7_inplace2_vout0*>(out0 + vi * 4) = vout0;
   }
 }
 
@@ -709,6 +811,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_fused_ew_gelu_7_inplace2(
 // ---------------------------------------------------------------- host code: the C API
 #include "nnc_model.h"
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <cerrno>
 #include <cstring>
@@ -846,27 +949,27 @@ int run_phase(nnc_tiny_transformer* m, cudaStream_t stream, const void* const* i
   (void)m; (void)inputs; (void)outputs;
   cudaError_t e;
   // [0] %ln1: f32[1,16,64] = LayerNormalization(%x: f32[1,16,64], %ln1.g: f32[64], %ln1.b: f32[64])
-  nnc_layernorm_0<<<dim3(16, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)((char*)inputs[0] + 0), (float*)(m->weights + 0), (float*)(m->weights + 256), (float*)(m->arena + 12288));
+  nnc_layernorm_regs_0<<<dim3(16, 1, 1), dim3(32, 1, 1), 0, stream>>>((float*)((char*)inputs[0] + 0), (float*)(m->weights + 0), (float*)(m->weights + 256), (float*)(m->arena + 12288));
   // [1] %q.mm_h_2: f32[3,1,16,64] = MatMul(%q.mm_hx: f32[1,1,16,64], %q.mm_hw: f32[3,1,64,64])
   nnc_matmul_1<<<dim3(4, 1, 3), dim3(16, 16, 1), 0, stream>>>((float*)(m->arena + 12288), (float*)(m->weights + 512), (float*)(m->arena + 0));
   // [2] %q.mm_hbias: f32[3,1,16,64] = fused(%q.mm_h_2: f32[3,1,16,64], %q.mm_hb: f32[3,1,1,64]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
-  nnc_fused_ew_add_2_inplace0<<<dim3(12, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->weights + 49664), (float*)(m->arena + 0), (int64_t)3072LL);
+  nnc_fused_ew_add_2_inplace0<<<dim3(3, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->weights + 49664), (float*)(m->arena + 0), (int64_t)3072LL);
   // [3] %attn.t: f32[1,16,4,16] = fused(%q.mm_hbias: f32[3,1,16,64], %q.mm_hs: i64[1], %q.mm_he: i64[1], %q.mm_hax: i64[1], %q.mm_hs_0: i64[1], %q.mm_he_1: i64[1], %q.mm_hs_2: i64[1], %q.mm_he_3: i64[1], %heads_shape: i64[4], %scale: f32[]) {body=region(17 ops), kind=attention, params=S=16 T=16 D=16 scale=0.25 transposes=q,k,v,o simt}
   nnc_flash_attention_3<<<dim3(1, 4, 1), dim3(64, 1, 1), 4096, stream>>>((float*)(m->arena + 0), (float*)(m->arena + 4096), (float*)(m->arena + 8192), (float*)(m->arena + 12288), (int32_t)16LL, (int32_t)16LL, (int64_t)0LL, (int64_t)16LL, (int64_t)64LL, (int64_t)1LL, (int64_t)0LL, (int64_t)16LL, (int64_t)64LL, (int64_t)1LL, (int64_t)0LL, (int64_t)16LL, (int64_t)64LL, (int64_t)1LL, (int64_t)0LL, (int64_t)16LL, (int64_t)64LL, (int64_t)1LL);
   // [4] %attn.out_7: f32[1,16,64] = MatMul(%attn.flat: f32[1,16,64], %wo: f32[64,64])
   nnc_matmul_4<<<dim3(4, 1, 1), dim3(16, 16, 1), 0, stream>>>((float*)(m->arena + 12288), (float*)(m->weights + 50432), (float*)(m->arena + 8192));
   // [5] %res1: f32[1,16,64] = fused(%x: f32[1,16,64], %attn.out_7: f32[1,16,64]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
-  nnc_fused_ew_add_5_inplace1<<<dim3(4, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)((char*)inputs[0] + 0), (float*)(m->arena + 8192), (float*)(m->arena + 8192), (int64_t)1024LL);
+  nnc_fused_ew_add_5_inplace1<<<dim3(1, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)((char*)inputs[0] + 0), (float*)(m->arena + 8192), (float*)(m->arena + 8192), (int64_t)1024LL);
   // [6] %ln2: f32[1,16,64] = LayerNormalization(%res1: f32[1,16,64], %ln1.g: f32[64], %ln1.b: f32[64])
-  nnc_layernorm_0<<<dim3(16, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 8192), (float*)(m->weights + 0), (float*)(m->weights + 256), (float*)(m->arena + 12288));
+  nnc_layernorm_regs_0<<<dim3(16, 1, 1), dim3(32, 1, 1), 0, stream>>>((float*)(m->arena + 8192), (float*)(m->weights + 0), (float*)(m->weights + 256), (float*)(m->arena + 12288));
   // [7] %ff1_12: f32[1,16,128] = MatMul(%ln2: f32[1,16,64], %w1: f32[64,128])
   nnc_matmul_6<<<dim3(8, 1, 1), dim3(16, 16, 1), 0, stream>>>((float*)(m->arena + 12288), (float*)(m->weights + 66816), (float*)(m->arena + 0));
   // [8] %ff1.gelu: f32[1,16,128] = fused(%ff1_12: f32[1,16,128]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
-  nnc_fused_ew_gelu_7_inplace2<<<dim3(8, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->arena + 0), (int64_t)2048LL);
+  nnc_fused_ew_gelu_7_inplace2<<<dim3(2, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->arena + 0), (int64_t)2048LL);
   // [9] %ff2_16: f32[1,16,64] = MatMul(%ff1.gelu: f32[1,16,128], %w2: f32[128,64])
   nnc_matmul_8<<<dim3(4, 1, 1), dim3(16, 16, 1), 0, stream>>>((float*)(m->arena + 0), (float*)(m->weights + 99584), (float*)(m->arena + 12288));
   // [10] %y: f32[1,16,64] = fused(%res1: f32[1,16,64], %ff2_16: f32[1,16,64]) {body=region(1 ops), kind=elementwise, params=the chain of a declined epilogue group}
-  nnc_fused_ew_add_5<<<dim3(4, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 8192), (float*)(m->arena + 12288), (float*)((char*)outputs[0] + 0), (int64_t)1024LL);
+  nnc_fused_ew_add_5<<<dim3(1, 1, 1), dim3(256, 1, 1), 0, stream>>>((float*)(m->arena + 8192), (float*)(m->arena + 12288), (float*)((char*)outputs[0] + 0), (int64_t)1024LL);
   e = cudaGetLastError();
   if (e != cudaSuccess) return fail(NNC_ERR_CUDA, std::string("nnc_tiny_transformer_run: ") + cudaGetErrorString(e));
   return NNC_OK;
@@ -1057,6 +1160,16 @@ int nnc_tiny_transformer_context_output_shape(const nnc_tiny_transformer_context
 int nnc_tiny_transformer_run(nnc_tiny_transformer* m, cudaStream_t stream, const void* const* inputs, void* const* outputs) {
   if (!m) return fail(NNC_ERR_INVALID_ARGUMENT, "nnc_tiny_transformer_run: null model");
   if ((kNumInputs && !inputs) || (kNumOutputs && !outputs)) return fail(NNC_ERR_INVALID_ARGUMENT, "nnc_tiny_transformer_run: null inputs/outputs");
+  // the kernels read and write model inputs and outputs with 16-byte vectors: a pointer that is not
+  // 16-byte aligned (cudaMalloc's are 256-byte aligned) is refused, not a misaligned-address fault
+  for (int i = 0; i < kNumInputs; ++i)
+    if (reinterpret_cast<uintptr_t>(inputs[i]) % 16)
+      return fail(NNC_ERR_INVALID_ARGUMENT, std::string("nnc_tiny_transformer_run: input ") + std::to_string(i) + " (" + kInputNames[i] +
+                                            ") is not 16-byte aligned");
+  for (int i = 0; i < kNumOutputs; ++i)
+    if (reinterpret_cast<uintptr_t>(outputs[i]) % 16)
+      return fail(NNC_ERR_INVALID_ARGUMENT, std::string("nnc_tiny_transformer_run: output ") + std::to_string(i) + " (" + kOutputNames[i] +
+                                            ") is not 16-byte aligned");
   m->last_run_graph = false;
   int rc = NNC_OK;
   if (m->use_graph && !m->graph_refused && !graph_bound(m, inputs, outputs) && !capture_run(m, inputs, outputs))
