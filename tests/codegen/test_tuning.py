@@ -260,6 +260,28 @@ def test_budget_exhaustion_falls_back_to_the_heuristic():
     assert all(r["source"] == "heuristic" for r in recs if r.get("why") == "budget")
 
 
+def test_a_variant_with_a_cost_model_is_timed_on_its_best_ranked_points():
+    """The wgmma GEMM's ~40-point space: the tuner times the TUNE_TOP_K points its calibrated cost
+    model ranks fastest plus the heuristic's default; a variant without a model keeps its space."""
+    from nnc.codegen.kernels import gemm, gemm_wgmma as W
+    from nnc.codegen.variants import Candidate, Variant
+    sm90a = for_arch("sm_90a")
+
+    class P:  # the Problem fields the wgmma variant's space/default/cost read
+        target = sm90a
+        memo = {"gemm_wgmma": gemm.GemmProblem(4096, 2304, 768, trans_b=True), "gemm_wgmma_bulk": True}
+    c = Candidate(W.MATMUL, P())
+    assert len(c.space) > tuning.TUNE_TOP_K + 1
+    opts = tuning._options([c])
+    keys = [_params_key(p) for _, p in opts]
+    assert len(keys) <= tuning.TUNE_TOP_K + 1 and _params_key(c.default_params()) in keys
+    best = min(c.space, key=lambda p: W.MATMUL.cost(P(), p))
+    assert _params_key(best) in keys
+    plain = Variant("t.plain", "t", ("T",), None, lambda p: True, lambda p: [{"a": i} for i in range(20)],
+                    lambda p, space: space[0])
+    assert len(tuning._options([Candidate(plain, None)])) == 20
+
+
 def test_under_a_budget_the_costliest_problems_are_timed_first():
     from nnc.codegen.tuning_capture import Capture
 
