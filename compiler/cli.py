@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure each launch on the GPU (CUDA events, each launch repeated on the planned arena)")
     p.add_argument("--plot", metavar="F.png", help="draw the times as bars into F.png (needs matplotlib)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs of --time")
+    p.add_argument("--profile", type=int, metavar="I",
+                   help="of a directory compiled with several --profile: only build I (default: one section each)")
 
     p = sub.add_parser("export-triton", help="write a Triton Inference Server model repository entry for OUT",
                        description="Writes REPO/NAME/config.pbtxt, REPO/NAME/1/model.py (Triton's Python backend "
@@ -558,17 +560,27 @@ def _bench_scenario(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect_cmd import format_text, inspect, plot, print_rich, require_matplotlib
+    from .inspect_cmd import format_text, inspect_sections, plot, plot_paths, print_rich, require_matplotlib
     if args.plot:
         require_matplotlib()  # before any GPU time is spent
-    rows, footer = inspect(args.out, time=args.time, seed=args.seed)
+    sections = inspect_sections(args.out, profile=args.profile, time=args.time, seed=args.seed)
+    several = any(s.profile is not None for s in sections)  # a set of builds: each table under its title
+    console = None
     if sys.stdout.isatty():
         from rich.console import Console
-        print_rich(rows, Console(), f"{args.out}: per-kernel table", footer)
-    else:
-        sys.stdout.write(format_text(rows, footer))
+        console = Console()
+    for k, s in enumerate(sections):
+        if console is not None:
+            print_rich(s.rows, console, s.title, s.footer)
+        else:
+            sys.stdout.write(("\n" if k else "") + (s.title + "\n" if several else "") + format_text(s.rows, s.footer))
     if args.plot:
-        plot(rows, args.plot, f"{Path(args.out).name}: time per kernel")
+        paths = plot_paths(args.plot, sections)
+        for s, path in zip(sections, paths):
+            plot(s.rows, path, f"{Path(args.out).name}"
+                 + (f" profile {s.profile}" if s.profile is not None else "") + ": time per kernel")
+        if several:
+            print(f"nnc inspect: wrote {', '.join(map(str, paths))}", file=sys.stderr)
     return 0
 
 

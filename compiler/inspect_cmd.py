@@ -10,6 +10,12 @@ of the total. Device copies (memcpy launches) get one row of their own. plan.jso
 defensively: a field it lacks is shown as "-".
 
 --plot F.png draws the times as horizontal bars (needs matplotlib, which nnc does not depend on).
+
+A directory compiled with several static --profile (one build each under OUT/profiles/<i>/, an
+index OUT/plan.json) gets one section per build (inspect_sections): a title naming the profile
+and its input shapes, then that build's table and footer; --profile I keeps only build I, --time
+measures each, and --plot F.png writes one file per section, F-<i>.png (F.png itself when only
+one section is shown).
 """
 from __future__ import annotations
 
@@ -196,7 +202,8 @@ def inspect(out_dir, time: bool = False, reps: int = 20, seed: int = 0) -> tuple
     if "profile_builds" in plan:  # an index of several builds (compiler/profiles.py): no kernels of its own
         n = plan["profile_builds"]
         raise NncError(f"{out} is a set of {n} builds, one per --profile, and has no kernels of its own: "
-                       f"inspect one of them, {out / 'profiles' / '0'} to {out / 'profiles' / str(int(n) - 1)}")
+                       f"inspect one of them, {out / 'profiles' / '0'} to {out / 'profiles' / str(int(n) - 1)} "
+                       f"(inspect_sections(OUT) gives all of them, as `nnc inspect OUT` prints)")
     rows = kernel_rows(plan)
     n_kl = sum(len(r.launches) for r in rows if r.kernel != COPIES)
     footer = f"{len([r for r in rows if r.kernel != COPIES])} kernels, {n_kl} kernel launches per run"
@@ -209,3 +216,51 @@ def inspect(out_dir, time: bool = False, reps: int = 20, seed: int = 0) -> tuple
     if tuned:
         footer += f"; tuner's times cover {len(tuned)} kernels ({sum(tuned):.4f} ms)"
     return rows, footer
+
+
+@dataclass
+class Section:
+    """One build's table: what `nnc inspect` prints for it (a directory of several builds prints
+    one per build, with its title)."""
+    title: str
+    dir: Path
+    profile: Optional[int]  # the build's profile index in a set of builds; None: OUT is one build
+    rows: list
+    footer: str
+
+
+def input_shapes_text(out_dir) -> str:
+    """'input:1x3x32x32,mask:1x128': a build's input shapes from its plan.json (symbols by name)."""
+    from .plan_file import read_plan
+    return ",".join(f"{e['name']}:" + ("?" if e["shape"] is None else "x".join(str(d) for d in e["shape"]))
+                    for e in read_plan(out_dir).get("inputs", []))
+
+
+def inspect_sections(out_dir, profile: Optional[int] = None, time: bool = False, reps: int = 20,
+                     seed: int = 0) -> list:
+    """The Sections of OUT: one for a single build; one per build of a set of builds, or only
+    build `profile` (an NncError naming the profiles when there is no such build)."""
+    from .codegen.escape import terminal_text  # input names come from the model file
+    from .profiles import select_builds
+    out = Path(out_dir)
+    builds = select_builds(out, profile=profile)
+    n_builds = len(select_builds(out)) if profile is not None else len(builds)
+    sections = []
+    for b in builds:
+        rows, footer = inspect(b.dir, time=time, reps=reps, seed=seed)
+        shapes = terminal_text(input_shapes_text(b.dir))
+        if b.index is None:
+            title = f"{out}: per-kernel table ({shapes})"
+        else:
+            title = f"{out}: profile {b.index} of {n_builds} ({b.dir}), inputs {shapes}"
+        sections.append(Section(title, b.dir, b.index, rows, footer))
+    return sections
+
+
+def plot_paths(path, sections: list) -> list:
+    """Where --plot F.png draws each section: F.png for one section, F-<i>.png (i the profile)
+    for several."""
+    p = Path(path)
+    if len(sections) == 1:
+        return [p]
+    return [p.with_name(f"{p.stem}-{s.profile}{p.suffix}") for s in sections]

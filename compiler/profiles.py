@@ -546,3 +546,69 @@ def opt_inputs(plan: Mapping) -> list:
         shape = list(r.opt) if r is not None else None if e["shape"] is None else [syms.get(d, d) for d in e["shape"]]
         out.append({**e, "shape": shape})
     return out
+
+
+# ---------------------------------------------------------------------------- the builds, for bench and inspect
+
+
+@dataclass(frozen=True)
+class ProfileBuild:
+    """One build `nnc bench` / `nnc inspect` looks at: OUT itself (index None), or OUT/profiles/<i>/
+    of a directory with one build per static profile (index i, its profile from the index)."""
+    index: Optional[int]
+    profile: Optional[Profile]
+    dir: Path
+
+
+def _dims_of(entries) -> dict:
+    return {e["name"]: e["shape"] for e in entries}
+
+
+def select_builds(out, profile: Optional[int] = None, shapes: Optional[Mapping] = None) -> list:
+    """The ProfileBuilds of OUT to look at: every build of a profile set (OUT/plan.json with
+    "profile_builds"), or the one `profile` names, or the one whose profile holds `shapes`
+    ({input: dims}, as --shapes gives; an InputError naming the input, its shape and every
+    profile's shapes when none does, as nnc.load's runs). A directory of one build is its only
+    build (profile 0; `shapes` must be its input shapes)."""
+    from types import SimpleNamespace
+    from .plan_file import read_plan
+    out = Path(out)
+    plan = read_plan(out)
+    if profile is not None and shapes:
+        raise NncError("--profile and --shapes both pick the build: give one of them")
+    if "profile_builds" not in plan:
+        if profile not in (None, 0):
+            raise NncError(f"--profile {profile}: {out} is a single build (profile 0 only); several builds come "
+                           f"from `nnc compile` with several static --profile")
+        if shapes:
+            have = _dims_of(plan.get("inputs", []))
+            for name, dims in shapes.items():
+                if name not in have:
+                    raise InputError(f"--shapes: {name!r} is not an input of {out}; the inputs are {list(have)}")
+                if list(dims) != list(have[name] or []):
+                    raise InputError(f"--shapes: input {name!r} with shape {list(dims)} is not the shape {out} "
+                                     f"was built for ({_dims_text(have[name] or [])})")
+        return [ProfileBuild(None, None, out)]
+    profiles = profiles_from_plan(plan, str(out / "plan.json"))
+    n = plan["profile_builds"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n != len(profiles):
+        raise NncError(f"{out}/plan.json: 'profile_builds' must be the number of profiles "
+                       f"({len(profiles)}), given {n!r}")
+    builds = [ProfileBuild(i, p, out / "profiles" / str(i)) for i, p in enumerate(profiles)]
+    if profile is not None:
+        if isinstance(profile, bool) or not isinstance(profile, int) or not 0 <= profile < n:
+            raise NncError(f"--profile {profile}: {out} has profiles 0 to {n - 1} "
+                           f"({'; '.join(f'{b.index}: {b.profile.text()}' for b in builds)})")
+        return [builds[profile]]
+    if shapes:
+        sig = signature_from_plan(plan["inputs"])
+        known = [m.name for m in sig]
+        for name in shapes:
+            if name not in known:
+                raise InputError(f"--shapes: {name!r} is not a model input; the inputs are {known}")
+        try:
+            i = check_run({k: SimpleNamespace(shape=tuple(v)) for k, v in shapes.items()}, sig, profiles)
+        except InputError as e:
+            raise InputError(f"--shapes: {e}") from None
+        return [builds[i]]
+    return builds

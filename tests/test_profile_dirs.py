@@ -1,0 +1,105 @@
+"""`nnc inspect` and `nnc bench` on a directory compiled with several static --profile (one build
+each under OUT/profiles/<i>/, the index OUT/plan.json; compiler/profiles.py select_builds): a
+section / a result per profile, --profile I or --shapes picking one build, a clear error for shapes
+no profile holds. CPU only: the tables come from plan.json, the numbers from the reference backend."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import nnc
+from nnc.cli import main
+from nnc.ir.errors import InputError, NncError
+from nnc.profiles import select_builds
+
+ROOT = Path(__file__).resolve().parents[1]
+CNN = ROOT / "examples" / "tiny_cnn.onnx"  # input f32[N,3,32,32] -> probs f32[N,10]
+PROFILES = ["input:1x3x32x32/1x3x32x32/1x3x32x32", "input:4x3x32x32/4x3x32x32/4x3x32x32"]
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory) -> Path:
+    """CNN with two static profiles, batch 1 and 4 (as tests/test_profiles.py's _multi: CUDA
+    generated and NVRTC-compiled for each, no GPU needed)."""
+    from nnc.driver import compile_model
+    out = tmp_path_factory.mktemp("profile_dirs") / "multi"
+    compile_model(CNN, out, options=nnc.CompileOptions(backend="reference", codegen=True, tune=False,
+                                                       profiles=PROFILES))
+    return out
+
+
+def _sections(text: str) -> list:
+    return [line for line in text.splitlines() if ": profile " in line and " of 2 (" in line]
+
+
+# ---------------------------------------------------------------------------- selecting the build
+
+
+def test_select_builds(multi, tmp_path):
+    every = select_builds(multi)
+    assert [(b.index, b.dir) for b in every] == [(0, multi / "profiles" / "0"), (1, multi / "profiles" / "1")]
+    assert every[1].profile.text() == PROFILES[1]
+    assert [b.index for b in select_builds(multi, profile=1)] == [1]
+    assert [b.index for b in select_builds(multi, shapes={"input": [4, 3, 32, 32]})] == [1]
+    with pytest.raises(NncError, match=r"--profile 2: .* has profiles 0 to 1 \(0: input:1x3x32x32/"):
+        select_builds(multi, profile=2)
+    with pytest.raises(InputError, match=r"--shapes: 'x' is not a model input; the inputs are \['input'\]"):
+        select_builds(multi, shapes={"x": [1, 3, 32, 32]})
+    with pytest.raises(NncError, match="give one of them"):
+        select_builds(multi, profile=0, shapes={"input": [1, 3, 32, 32]})
+    one = multi / "profiles" / "0"  # a single build: itself, profile 0 only, its own shapes
+    assert [(b.index, b.dir) for b in select_builds(one, profile=0)] == [(None, one)]
+    with pytest.raises(NncError, match="is a single build"):
+        select_builds(one, profile=1)
+    with pytest.raises(InputError, match=r"input 'input' with shape \[4, 3, 32, 32\] is not the shape .* was "
+                                         r"built for \(1x3x32x32\)"):
+        select_builds(one, shapes={"input": [4, 3, 32, 32]})
+
+
+# ---------------------------------------------------------------------------- nnc inspect
+
+
+def test_inspect_prints_one_section_per_profile(multi, capsys):
+    assert main(["inspect", str(multi)]) == 0
+    out = capsys.readouterr().out
+    titles = _sections(out)
+    assert len(titles) == 2
+    assert titles[0].endswith(f"profile 0 of 2 ({multi / 'profiles' / '0'}), inputs input:1x3x32x32")
+    assert titles[1].endswith(f"profile 1 of 2 ({multi / 'profiles' / '1'}), inputs input:4x3x32x32")
+    assert out.count("kernel launches per run") == 2 and out.count("ops fused") == 2
+    first, second = out.split(titles[1])
+    assert "BN=1 " in first and "BN=4 " in second  # each section is its own build's table (gap_gemm's batch tile)
+    assert main(["inspect", str(multi), "--profile", "1"]) == 0
+    out = capsys.readouterr().out
+    assert _sections(out) == [titles[1]] and out.count("kernel launches per run") == 1
+    assert main(["inspect", str(multi), "--profile", "2"]) == 1
+    assert "nnc inspect: error: --profile 2: " in capsys.readouterr().err
+
+
+def test_inspect_of_one_build_is_unchanged(multi, capsys):
+    assert main(["inspect", str(multi / "profiles" / "0")]) == 0
+    out = capsys.readouterr().out
+    assert not _sections(out) and out.startswith("kernel ") and out.count("kernel launches per run") == 1
+
+
+def test_inspect_plot_writes_one_file_per_profile(multi, tmp_path, capsys):
+    from nnc.inspect_cmd import inspect_sections, plot_paths
+    sections = inspect_sections(multi)
+    assert plot_paths(tmp_path / "k.png", sections) == [tmp_path / "k-0.png", tmp_path / "k-1.png"]
+    assert plot_paths(tmp_path / "k.png", inspect_sections(multi, profile=1)) == [tmp_path / "k.png"]
+    pytest.importorskip("matplotlib")
+    # no times without tuning or --time: refused as for one build, before any file is written
+    assert main(["inspect", str(multi), "--plot", str(tmp_path / "k.png")]) == 1
+    assert "--plot needs times" in capsys.readouterr().err
+    assert not list(tmp_path.glob("k*.png"))
+
+
+@pytest.mark.gpu
+def test_inspect_time_measures_each_profile(multi, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert main(["inspect", str(multi), "--time", "--plot", str(tmp_path / "k.png")]) == 0
+    out = capsys.readouterr().out
+    assert len(_sections(out)) == 2 and out.count("whole run (GPU compute, nnc bench)") == 2
+    assert (tmp_path / "k-0.png").stat().st_size > 0 and (tmp_path / "k-1.png").stat().st_size > 0
