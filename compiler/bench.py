@@ -19,6 +19,12 @@ bools) of each input's dtype and shape, never all zeros.
 --backend reference runs the numpy reference (ReferenceModule) instead: latency and throughput
 only (no device, so no GPU compute or copy times); slow, but it exercises the statistics on a
 machine without a GPU.
+
+A directory compiled with several static --profile (one build each under OUT/profiles/<i>/, an
+index OUT/plan.json) is benched build by build (bench_builds): every profile, one result each, or
+the one --profile I names, or the one whose profile holds --shapes (an InputError naming the input,
+its shape and every profile's shapes when none does). Each result records its profile index and
+input shapes; --json writes one record for one build, a list of records for several.
 """
 from __future__ import annotations
 
@@ -82,6 +88,8 @@ class BenchResult:
     h2d_bytes: int = 0
     d2h_bytes: int = 0
     environment: dict = field(default_factory=dict)
+    profile: Optional[int] = None  # the build's profile in a directory of several builds (None: OUT is one)
+    shapes: dict = field(default_factory=dict)  # {input: dims} the build runs
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -115,6 +123,24 @@ def _environment(cp=None) -> dict:
                    cuda_runtime=rt.runtimeGetVersion(), cuda_driver=rt.driverGetVersion(),
                    sm=f"{props.get('major')}{props.get('minor')}")
     return env
+
+
+def _input_shapes(plan: dict) -> dict:
+    return {t["name"]: t.get("shape") for t in plan.get("inputs") or []}
+
+
+def bench_builds(out_dir, options: BenchOptions = BenchOptions(), profile: Optional[int] = None,
+                 shapes: Optional[dict] = None) -> list:
+    """bench() of each build of OUT that profiles.select_builds picks (see the module docstring):
+    OUT itself, or builds of a directory with one per static profile, each result carrying its
+    profile index (model: OUT as given)."""
+    from .profiles import select_builds
+    results = []
+    for b in select_builds(out_dir, profile=profile, shapes=shapes):
+        r = bench(b.dir, options)
+        r.model, r.profile = str(out_dir), b.index
+        results.append(r)
+    return results
 
 
 def bench(out_dir, options: BenchOptions = BenchOptions()) -> BenchResult:
@@ -182,7 +208,8 @@ def _bench_cuda(out: Path, options: BenchOptions, advance) -> BenchResult:
                        options.warmup, summarize(lat), options.iterations * batch / wall,
                        gpu_compute_ms=summarize(gpu), h2d_ms=summarize(h2d), d2h_ms=summarize(d2h),
                        enqueue_ms=summarize(enq), h2d_bytes=int(sum(b.nbytes for b in ins)),
-                       d2h_bytes=int(sum(b.nbytes for b in outs)), environment=_environment(cp))
+                       d2h_bytes=int(sum(b.nbytes for b in outs)), environment=_environment(cp),
+                       shapes=_input_shapes(plan))
 
 
 def _pinned(cp, shape, dtype) -> np.ndarray:
@@ -221,7 +248,7 @@ def _bench_reference(out: Path, options: BenchOptions, advance) -> BenchResult:
     batch = _batch(plan)
     return BenchResult(str(out), "reference", False, "the reference backend has no launches", batch,
                        options.iterations, options.warmup, summarize(lat), options.iterations * batch / wall,
-                       environment=_environment())
+                       environment=_environment(), shapes=_input_shapes(plan))
 
 
 # ---------------------------------------------------------------- printing
@@ -234,7 +261,12 @@ def _head(r: BenchResult) -> str:
     how = ("CUDA graph" if r.cuda_graph else f"eager launches ({r.graph_fallback})") if r.backend == "cuda" \
         else "numpy reference"
     dev = r.environment.get("gpu", "CPU")
-    return (f"{r.model}: {r.backend} on {dev}, {how}, batch {r.batch}, {r.iterations} iterations "
+    which = ""
+    if r.profile is not None:
+        from .codegen.escape import terminal_text  # input names come from the model file
+        dims = ",".join(f"{k}:" + ("?" if v is None else "x".join(map(str, v))) for k, v in r.shapes.items())
+        which = f" profile {r.profile} ({terminal_text(dims)})"
+    return (f"{r.model}{which}: {r.backend} on {dev}, {how}, batch {r.batch}, {r.iterations} iterations "
             f"after {r.warmup} warm-up")
 
 
@@ -265,5 +297,8 @@ def print_rich(r: BenchResult, console) -> None:
                   + (f"; H2D {r.h2d_bytes} bytes, D2H {r.d2h_bytes} bytes per request" if r.backend == "cuda" else ""))
 
 
-def write_json(r: BenchResult, path) -> None:
-    Path(path).write_text(json.dumps(r.to_json(), indent=2) + "\n")
+def write_json(r, path) -> None:
+    """One BenchResult as one record; a list of them (every build of a directory of several) as
+    a list of records."""
+    doc = [x.to_json() for x in r] if isinstance(r, (list, tuple)) else r.to_json()
+    Path(path).write_text(json.dumps(doc, indent=2) + "\n")

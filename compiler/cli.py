@@ -196,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["cuda", "reference"], default="cuda",
                    help="reference: time the numpy reference instead (latency and throughput only; slow)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
+    p.add_argument("--profile", type=int, metavar="I",
+                   help="of a directory compiled with several --profile: bench build I (default: every build)")
+    p.add_argument("--shapes", metavar="NAME:DxD,...",
+                   help="of a directory compiled with several --profile: bench the build whose profile holds "
+                        "these input shapes")
     g = p.add_argument_group("MLPerf scenarios through MLCommons LoadGen (nnc/loadgen_sut.py; pip install 'nnc[bench]')")
     g.add_argument("--scenario", choices=["single-stream", "multi-stream", "server", "offline"],
                    help="run this LoadGen scenario instead of the trtexec-style loop")
@@ -517,6 +522,11 @@ def cmd_verify(args) -> int:
     return 0 if rep.passed else 1
 
 
+def _bench_shapes(args):
+    from .onnx_import import parse_shapes
+    return parse_shapes(args.shapes) if args.shapes else None
+
+
 def cmd_bench(args) -> int:
     if args.scenario is not None:
         return _bench_scenario(args)
@@ -526,25 +536,35 @@ def cmd_bench(args) -> int:
                             ("--batch-window-us", args.batch_window_us or None)) if v is not None]
     if given:
         raise NncError(f"{', '.join(given)}: only with --scenario (the LoadGen scenarios)")
-    from .bench import BenchOptions, bench, format_text, print_rich, write_json
-    res = bench(args.out, BenchOptions(iterations=args.iterations, warmup=args.warmup,
-                                       cuda_graph=not args.no_cuda_graph, backend=args.backend, seed=args.seed))
+    from .bench import BenchOptions, bench_builds, format_text, print_rich, write_json
+    options = BenchOptions(iterations=args.iterations, warmup=args.warmup, cuda_graph=not args.no_cuda_graph,
+                           backend=args.backend, seed=args.seed)
+    results = bench_builds(args.out, options, profile=args.profile, shapes=_bench_shapes(args))
+    console = None
     if sys.stdout.isatty():
         from rich.console import Console
-        print_rich(res, Console())
-    else:
-        sys.stdout.write(format_text(res))
+        console = Console()
+    for k, res in enumerate(results):
+        if console is not None:
+            print_rich(res, console)
+        else:
+            sys.stdout.write(("\n" if k else "") + format_text(res))
     if args.json:
-        write_json(res, args.json)
+        write_json(results if len(results) > 1 else results[0], args.json)
     return 0
 
 
 def _bench_scenario(args) -> int:
     import json
     from .loadgen_sut import ScenarioOptions, format_text, loadgen_summary, print_rich, run_scenario
+    from .profiles import select_builds
     if args.no_cuda_graph:
         raise NncError("--no-cuda-graph is for the trtexec-style loop, not with --scenario")
-    res = run_scenario(args.out, ScenarioOptions(
+    builds = select_builds(args.out, profile=args.profile, shapes=_bench_shapes(args))
+    if len(builds) > 1:
+        raise NncError(f"{args.out} has {len(builds)} builds, one per --profile: LoadGen runs one of them; "
+                       f"pick it with --profile I or --shapes NAME:DxD,...")
+    res = run_scenario(builds[0].dir, ScenarioOptions(
         args.scenario, backend=args.backend, duration_s=args.duration_s, target_qps=args.target_qps,
         latency_bound_ms=args.latency_bound_ms, contexts=args.contexts, batch=args.batch, log_dir=args.log_dir,
         min_query_count=args.min_queries, batch_window_us=args.batch_window_us, seed=args.seed))

@@ -103,3 +103,90 @@ def test_inspect_time_measures_each_profile(multi, tmp_path, capsys):
     out = capsys.readouterr().out
     assert len(_sections(out)) == 2 and out.count("whole run (GPU compute, nnc bench)") == 2
     assert (tmp_path / "k-0.png").stat().st_size > 0 and (tmp_path / "k-1.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------- nnc bench (reference backend)
+
+
+BENCH = ["--backend", "reference", "--iterations", "3", "--warmup", "1"]
+
+
+def _heads(text: str) -> list:
+    return [line for line in text.splitlines() if ": reference on CPU, numpy reference, batch " in line]
+
+
+def test_bench_every_profile_one_block_and_record_each(multi, tmp_path, capsys):
+    js = tmp_path / "all.json"
+    assert main(["bench", str(multi), *BENCH, "--json", str(js)]) == 0
+    heads = _heads(capsys.readouterr().out)
+    assert [h.split(": reference")[0] for h in heads] == [f"{multi} profile 0 (input:1x3x32x32)",
+                                                          f"{multi} profile 1 (input:4x3x32x32)"]
+    assert "batch 1," in heads[0] and "batch 4," in heads[1]
+    records = json.loads(js.read_text())
+    assert isinstance(records, list) and len(records) == 2
+    for i, (r, n) in enumerate(zip(records, (1, 4))):
+        assert r["model"] == str(multi) and r["profile"] == i and r["shapes"] == {"input": [n, 3, 32, 32]}
+        assert r["batch"] == n and r["iterations"] == 3 and r["latency_ms"]["median"] > 0
+
+
+@pytest.mark.parametrize("pick", [["--profile", "1"], ["--shapes", "input:4x3x32x32"]])
+def test_bench_one_profile(multi, tmp_path, capsys, pick):
+    js = tmp_path / "one.json"
+    assert main(["bench", str(multi), *BENCH, *pick, "--json", str(js)]) == 0
+    heads = _heads(capsys.readouterr().out)
+    assert len(heads) == 1 and heads[0].startswith(f"{multi} profile 1 (input:4x3x32x32): ")
+    r = json.loads(js.read_text())  # one build: one record, not a list
+    assert r["profile"] == 1 and r["shapes"] == {"input": [4, 3, 32, 32]} and r["batch"] == 4
+
+
+def test_bench_shapes_no_profile_holds(multi, tmp_path, capsys):
+    js = tmp_path / "none.json"
+    assert main(["bench", str(multi), *BENCH, "--shapes", "input:2x3x32x32", "--json", str(js)]) == 1
+    err = capsys.readouterr().err
+    assert ("nnc bench: error: --shapes: input 'input' with shape [2, 3, 32, 32] is outside every profile "
+            "(profile 0: input shape [2, 3, 32, 32] not in 1x3x32x32; profile 1: input shape [2, 3, 32, 32] "
+            "not in 4x3x32x32)") in err
+    assert not js.exists()
+    assert main(["bench", str(multi), *BENCH, "--shapes", "ids:1x8"]) == 1
+    assert "--shapes: 'ids' is not a model input; the inputs are ['input']" in capsys.readouterr().err
+    assert main(["bench", str(multi), *BENCH, "--profile", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "nnc bench: error: --profile 5: " in err and "has profiles 0 to 1" in err
+    assert main(["bench", str(multi), *BENCH, "--profile", "0", "--shapes", "input:1x3x32x32"]) == 1
+    assert "--profile and --shapes both pick the build: give one of them" in capsys.readouterr().err
+
+
+def test_bench_one_build_keeps_its_record(multi, tmp_path, capsys):
+    one = multi / "profiles" / "0"
+    js = tmp_path / "b.json"
+    assert main(["bench", str(one), *BENCH, "--json", str(js)]) == 0
+    assert _heads(capsys.readouterr().out)[0].startswith(f"{one}: reference on CPU")
+    r = json.loads(js.read_text())
+    assert r["profile"] is None and r["shapes"] == {"input": [1, 3, 32, 32]}
+    assert main(["bench", str(one), *BENCH, "--shapes", "input:4x3x32x32"]) == 1
+    assert "is not the shape" in capsys.readouterr().err
+
+
+def test_bench_without_a_gpu_on_a_profile_directory(multi, capsys):
+    from nnc.codegen.target import gpu_present
+    if gpu_present():
+        pytest.skip("a GPU is present")
+    assert main(["bench", str(multi), "--iterations", "2", "--warmup", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "nnc bench: error: no CUDA GPU is available" in err and "--backend reference" in err
+
+
+def test_bench_scenario_needs_one_build(multi, capsys):
+    assert main(["bench", str(multi), "--scenario", "single-stream", "--backend", "reference"]) == 1
+    assert "has 2 builds, one per --profile: LoadGen runs one of them; pick it with --profile I" \
+        in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_gpu_bench_every_profile(multi, tmp_path, capsys):
+    js = tmp_path / "gpu.json"
+    assert main(["bench", str(multi), "--iterations", "20", "--warmup", "5", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("GPU compute") == 2 and f"{multi} profile 1 (input:4x3x32x32): cuda on " in out
+    records = json.loads(js.read_text())
+    assert [r["profile"] for r in records] == [0, 1] and all(r["gpu_compute_ms"]["median"] > 0 for r in records)
