@@ -580,7 +580,7 @@ def _bench_scenario(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect_cmd import format_text, inspect_sections, plot, plot_paths, print_rich, require_matplotlib
+    from .inspect_cmd import format_text, inspect_sections, plot_sections, print_rich, require_matplotlib
     if args.plot:
         require_matplotlib()  # before any GPU time is spent
     sections = inspect_sections(args.out, profile=args.profile, time=args.time, seed=args.seed)
@@ -595,10 +595,7 @@ def cmd_inspect(args) -> int:
         else:
             sys.stdout.write(("\n" if k else "") + (s.title + "\n" if several else "") + format_text(s.rows, s.footer))
     if args.plot:
-        paths = plot_paths(args.plot, sections)
-        for s, path in zip(sections, paths):
-            plot(s.rows, path, f"{Path(args.out).name}"
-                 + (f" profile {s.profile}" if s.profile is not None else "") + ": time per kernel")
+        paths = plot_sections(sections, args.plot, Path(args.out).name)
         if several:
             print(f"nnc inspect: wrote {', '.join(map(str, paths))}", file=sys.stderr)
     return 0

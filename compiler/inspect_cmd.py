@@ -264,3 +264,16 @@ def plot_paths(path, sections: list) -> list:
     if len(sections) == 1:
         return [p]
     return [p.with_name(f"{p.stem}-{s.profile}{p.suffix}") for s in sections]
+
+
+def plot_sections(sections: list, path, name: str) -> list:
+    """plot() of each section into plot_paths(path, sections); checks first that every section has
+    times, so that a refusal leaves no partial set of files. Returns the paths written."""
+    for s in sections:
+        if not any(r.time_ms is not None or r.tuned_ms is not None for r in s.rows):
+            which = f" (profile {s.profile})" if s.profile is not None else ""
+            raise NncError(f"--plot needs times{which}: add --time (measured on the GPU), or compile with tuning")
+    paths = plot_paths(path, sections)
+    for s, p in zip(sections, paths):
+        plot(s.rows, p, name + (f" profile {s.profile}" if s.profile is not None else "") + ": time per kernel")
+    return paths

@@ -85,15 +85,19 @@ def test_inspect_of_one_build_is_unchanged(multi, capsys):
 
 
 def test_inspect_plot_writes_one_file_per_profile(multi, tmp_path, capsys):
-    from nnc.inspect_cmd import inspect_sections, plot_paths
+    from nnc.inspect_cmd import inspect_sections, plot_paths, plot_sections
     sections = inspect_sections(multi)
     assert plot_paths(tmp_path / "k.png", sections) == [tmp_path / "k-0.png", tmp_path / "k-1.png"]
     assert plot_paths(tmp_path / "k.png", inspect_sections(multi, profile=1)) == [tmp_path / "k.png"]
-    pytest.importorskip("matplotlib")
-    # no times without tuning or --time: refused as for one build, before any file is written
-    assert main(["inspect", str(multi), "--plot", str(tmp_path / "k.png")]) == 1
-    assert "--plot needs times" in capsys.readouterr().err
+    # no times (untuned, no --time): refused naming the profile, before any file is written
+    sections[0].rows[0].tuned_ms = 0.5
+    with pytest.raises(NncError, match=r"--plot needs times \(profile 1\): add --time"):
+        plot_sections(sections, tmp_path / "k.png", "multi")
     assert not list(tmp_path.glob("k*.png"))
+    pytest.importorskip("matplotlib")
+    sections[1].rows[0].tuned_ms = 0.25
+    assert plot_sections(sections, tmp_path / "k.png", "multi") == [tmp_path / "k-0.png", tmp_path / "k-1.png"]
+    assert all(p.stat().st_size > 0 for p in tmp_path.glob("k-*.png"))
 
 
 @pytest.mark.gpu
