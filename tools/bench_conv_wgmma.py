@@ -26,7 +26,8 @@ from concurrent.futures import ProcessPoolExecutor
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
 
-from bench_gemm_wgmma import _compile, _graph_timed_cupy, _graph_timed_torch, _tag, _timed  # noqa: E402
+from bench_gemm_wgmma import (_compile, _graph_timed_cupy, _graph_timed_torch, _tag, _timed,  # noqa: E402
+                              dump_results, tflops_cell)
 from nnc.codegen.kernels import common, conv, conv_wgmma, gemm, gemm_wgmma  # noqa: E402
 from nnc.codegen.target import ARCHS  # noqa: E402
 
@@ -166,10 +167,7 @@ def main():
                 res.append(run_shape(pool, label, N, *geo))
     print(f"\n(total {time.time() - t0:.0f} s)")
 
-    def tf(r, key):
-        x = r[key]
-        return "-" if not x or x[2] is None else f"{r['flops'] / x[2] / 1e9:.0f} ({_tag(x[1])})"
-
+    tf = tflops_cell
     print("\n| conv | batch | cuDNN TFLOP/s | mma.sync best | wgmma heuristic | wgmma best | wgmma best / cuDNN | wrong |")
     print("|---|---|---|---|---|---|---|---|")
     for r in res:
@@ -177,9 +175,7 @@ def main():
         print(f"| {r['label']} | {r['N']} | {r['flops'] / r['torch_ms'] / 1e9:.0f} | {tf(r, 'tc')} | "
               f"{tf(r, 'wg_default')} | {tf(r, 'wg')} | {pct} | {len(r['wrong'])} |")
     if out_json:
-        with open(out_json, "w") as f:
-            json.dump([{k: (v if k not in ("tc", "wg", "wg_default") else (None if not v else
-                        {"params": v[1], "ms": v[2]})) for k, v in r.items()} for r in res], f, indent=1, default=str)
+        dump_results(res, out_json)
 
 
 if __name__ == "__main__":

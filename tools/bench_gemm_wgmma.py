@@ -56,8 +56,23 @@ def _compile(job):
 
 def _tag(p):
     t = "x".join(str(p[k]) for k in ("BM", "BN", "BK", "STAGES") if k in p) + (f"/cw{p['CW']}" if "CW" in p else "")
+    t += "/2cta" if p.get("CTAS") == 2 else ""
+    t += "/pingpong" if p.get("SCHED") == "pingpong" else ("/persist" if p.get("PERSIST") else "")
     return t + ("/bulkB" if p.get("b_bulk") else "") + (f"/lag{p['LAG']}" if "LAG" in p else "") + \
         (f"/{p['probe']}" if p.get("probe") else "")
+
+
+def tflops_cell(r: dict, key: str) -> str:
+    """'TFLOP/s (tile)' of result r's entry key ((kind, params, ms) or None)."""
+    x = r[key]
+    return "-" if not x or x[2] is None else f"{r['flops'] / x[2] / 1e9:.0f} ({_tag(x[1])})"
+
+
+def dump_results(res: list, path: str) -> None:
+    """The rows as JSON, each (kind, params, ms) entry as {params, ms}."""
+    with open(path, "w") as f:
+        json.dump([{k: (v if k not in ("tc", "wg", "wg_default") else (None if not v else
+                    {"params": v[1], "ms": v[2]})) for k, v in r.items()} for r in res], f, indent=1, default=str)
 
 
 def _timed(fn, reps):
@@ -186,10 +201,7 @@ def main():
                                      probe=explore and dt == "float16" and label == "8192^3"))
     print(f"\n(total {time.time() - t0:.0f} s)")
 
-    def tf(r, key):
-        x = r[key]
-        return "-" if not x or x[2] is None else f"{r['flops'] / x[2] / 1e9:.0f} ({_tag(x[1])})"
-
+    tf = tflops_cell
     print("\n| shape | dtype | cuBLAS TFLOP/s | mma.sync best | wgmma heuristic | wgmma best | wgmma best / cuBLAS | wrong |")
     print("|---|---|---|---|---|---|---|---|")
     for r in res:
@@ -197,9 +209,7 @@ def main():
         print(f"| {r['label']} {r['M']}x{r['N']}x{r['K']} | {r['dtype']} | {r['flops'] / r['torch_ms'] / 1e9:.0f} | "
               f"{tf(r, 'tc')} | {tf(r, 'wg_default')} | {tf(r, 'wg')} | {pct} | {len(r['wrong'])} |")
     if out_json:
-        with open(out_json, "w") as f:
-            json.dump([{k: (v if k not in ("tc", "wg", "wg_default") else (None if not v else
-                        {"params": v[1], "ms": v[2]})) for k, v in r.items()} for r in res], f, indent=1, default=str)
+        dump_results(res, out_json)
 
 
 if __name__ == "__main__":
