@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from cuda_timing import time_cuda  # noqa: E402  (tools/: the script's own directory)
+
 # "mm:MxKxN" / "conv:NxCxHxW:k<O>:<R>x<S>[:s<stride>][:p<pad>]"
 SHAPES = ["mm:128x768x768", "mm:4096x768x3072", "conv:1x64x56x56:k64:3x3:p1", "conv:32x256x56x56:k64:1x1"]
 DIGITS = Path(__file__).resolve().parents[1] / "tests" / "models" / "digits"
@@ -250,22 +252,6 @@ def output_of(plan, arrs: dict, name: str = "y"):
     raise KeyError(name)
 
 
-def time_ms(f, warmup: int = 10, iters: int = 50) -> float:
-    import cupy as cp
-    for _ in range(warmup):
-        f()
-    cp.cuda.Device().synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        f()
-        b.record()
-        b.synchronize()
-        ts.append(cp.cuda.get_elapsed_time(a, b))
-    return float(np.median(ts))
-
-
 def gflop(shape: dict) -> float:
     if shape["kind"] == "mm":
         return 2e-9 * shape["M"] * shape["K"] * shape["N"]
@@ -287,7 +273,7 @@ def _time_plan(plan, m, arch, iters, check_ref=None):
         got = output_of(plan, arrs).astype(np.int64)
         d = np.abs(got - check_ref(feed).astype(np.int64))
         err = f"max|d|={int(d.max())}"
-    return time_ms(run, iters=iters), err
+    return time_cuda(run, iters=iters), err
 
 
 def digits_e2e(arch: str, iters: int, batch: int = 256):
@@ -308,7 +294,7 @@ def digits_e2e(arch: str, iters: int, batch: int = 256):
             shapes={"input": [batch, 1, 8, 8]}, precision=prec, tune=False, backend="cuda", **kw))
         m = nnc.load(tmp / prec)
         x = cp.asarray(np.random.default_rng(0).random((batch, 1, 8, 8), dtype=np.float32))
-        out[prec] = time_ms(lambda: m.run({"input": x}), iters=iters)
+        out[prec] = time_cuda(lambda: m.run({"input": x}), iters=iters)
     return out["int8"], out["fp16"]
 
 

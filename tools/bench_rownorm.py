@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from cuda_timing import time_cuda  # noqa: E402  (tools/: the script's own directory)
+
 SHAPES = [(4096, 768), (4096, 3072), (32768, 1024), (1024, 65536)]
 BINARY = ("Add", "Mul", "Sub", "Div")
 ELEMENTWISE = BINARY + ("Relu", "Gelu", "Sigmoid", "Tanh", "Exp", "Neg")
@@ -184,22 +186,6 @@ def run(fn, launch, arrs):
     fn(tuple(launch.grid), tuple(launch.block), tuple(arrs), shared_mem=int(launch.smem))
 
 
-def time_ms(f, warmup: int = 10, iters: int = 50) -> float:
-    import cupy as cp
-    for _ in range(warmup):
-        f()
-    cp.cuda.Device().synchronize()
-    ts = []
-    for _ in range(iters):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        f()
-        b.record()
-        b.synchronize()
-        ts.append(cp.cuda.get_elapsed_time(a, b))
-    return float(np.median(ts))
-
-
 def random_feed(m, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     return {a.name: (rng.standard_normal([int(d) for d in a.type.shape]) * 2 + 0.5).astype(a.type.dtype.np)
@@ -230,14 +216,14 @@ def main(argv=None) -> int:
             nbytes = moved // 2  # the copy reads and writes as many bytes
             src = cp.empty(nbytes, dtype=cp.uint8)
             dst = cp.empty(nbytes, dtype=cp.uint8)
-            t_copy = time_ms(lambda: dst.data.copy_from_device_async(src.data, nbytes), iters=a.iters)  # cudaMemcpyAsync D2D
+            t_copy = time_cuda(lambda: dst.data.copy_from_device_async(src.data, nbytes), iters=a.iters)  # cudaMemcpyAsync D2D
             copy_gbs = 2 * nbytes / t_copy / 1e6
             for vname, params in candidates(m, arch):
                 try:
                     plan = lower_forced(m, vname, params, arch)
                     fn, launch = build(plan, arch)
                     arrs = device_arrays(plan, feed)
-                    t = time_ms(lambda: run(fn, launch, arrs), iters=a.iters)
+                    t = time_cuda(lambda: run(fn, launch, arrs), iters=a.iters)
                 except Exception as err:  # noqa: BLE001 -- a row of the table, not the end of the run
                     print(f"{rows}x{R} {dt} {vname} {params}: FAILED {type(err).__name__}: {err}"[:300], flush=True)
                     continue
