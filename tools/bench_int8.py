@@ -20,10 +20,11 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cuda_timing, also when imported as tools.<name>
 
 import numpy as np  # noqa: E402
 
-from cuda_timing import time_cuda  # noqa: E402  (tools/: the script's own directory)
+from cuda_timing import time_cuda  # noqa: E402
 
 # "mm:MxKxN" / "conv:NxCxHxW:k<O>:<R>x<S>[:s<stride>][:p<pad>]"
 SHAPES = ["mm:128x768x768", "mm:4096x768x3072", "conv:1x64x56x56:k64:3x3:p1", "conv:32x256x56x56:k64:1x1"]

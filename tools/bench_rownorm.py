@@ -19,10 +19,11 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cuda_timing, also when imported as tools.<name>
 
 import numpy as np  # noqa: E402
 
-from cuda_timing import time_cuda  # noqa: E402  (tools/: the script's own directory)
+from cuda_timing import time_cuda  # noqa: E402
 
 SHAPES = [(4096, 768), (4096, 3072), (32768, 1024), (1024, 65536)]
 BINARY = ("Add", "Mul", "Sub", "Div")
