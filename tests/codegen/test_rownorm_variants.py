@@ -103,27 +103,32 @@ def test_variants_compile_with_nvrtc(dt):
     assert cubin and all(n.encode() in cubin for n, _ in srcs)
 
 
+def _run_on_gpu(m, vname, params, feed) -> dict:
+    """The one kernel of m forced to (vname, params), run on NaN-poisoned buffers: name -> host array."""
+    import cupy as cp
+
+    from tools.bench_rownorm import build, device_arrays, run, to_host
+    plan = lower_forced(m, vname, params)
+    fn, launch = build(plan)
+    arrs = device_arrays(plan, feed, poison=True)
+    run(fn, launch, arrs)
+    cp.cuda.Device().synchronize()
+    return {b.name: to_host(b, a) for b, a in zip(launch.args, arrs)}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dt", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("op", OPS)
 def test_gpu_variants_match_interpreter(op, dt):
     """Each candidate (regs default and other space points, generic) against the interpreter,
     outputs NaN-poisoned first (needs GPU run)."""
-    import cupy as cp
-
-    from tools.bench_rownorm import build, device_arrays, run, to_host
     tol = {"f32": 1e-3, "f16": 1e-2, "bf16": 4e-2}[dt]
     for rows, R in ((37, 64), (130, 768), (64, 1000), (33, 999), (16, 4096), (8, 8192), (4, 65536)):
         m = model(op, rows, R, dt, outs=3 if op == "LayerNormalization" else 1)
         feed = random_feed(m, seed=R)
         ref = Interpreter(m).run(feed)
         for vname, params in candidates(m):
-            plan = lower_forced(m, vname, params)
-            fn, launch = build(plan)
-            arrs = device_arrays(plan, feed, poison=True)
-            run(fn, launch, arrs)
-            cp.cuda.Device().synchronize()
-            by_name = {b.name: to_host(b, a) for b, a in zip(launch.args, arrs)}
+            by_name = _run_on_gpu(m, vname, params, feed)
             for k, v in ref.items():
                 got = by_name[k].astype(np.float64).reshape(v.shape)
                 b = v.astype(np.float64)
@@ -372,21 +377,13 @@ def test_group_norms_arena_and_nvrtc(dt):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dt", ["f32", "f16"])
 def test_gpu_group_norms_match_interpreter(dt):
-    import cupy as cp
-
-    from tools.bench_rownorm import build, device_arrays, run, to_host
     tol = 1e-2 if dt == "f16" else 1e-3
     for op, shape, groups in GROUP_CASES:
         m = _group_model(op, shape, dt, groups)
         feed = random_feed(m, seed=shape[1])
         ref = Interpreter(m).run(feed)
         for vname, params in candidates(m):
-            plan = lower_forced(m, vname, params)
-            fn, launch = build(plan)
-            arrs = device_arrays(plan, feed, poison=True)
-            run(fn, launch, arrs)
-            cp.cuda.Device().synchronize()
-            by_name = {b.name: to_host(b, a) for b, a in zip(launch.args, arrs)}
+            by_name = _run_on_gpu(m, vname, params, feed)
             b = ref["y"].astype(np.float64)
             np.testing.assert_allclose(by_name["y"].astype(np.float64).reshape(b.shape), b, rtol=tol,
                                        atol=tol * max(1.0, float(np.abs(b).max())),
