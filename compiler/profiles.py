@@ -10,7 +10,8 @@ What a profile compiles to, today (issue 10's first slice):
   --shapes gives. One static profile writes OUT as a single build (plan.json records the
   profile); several write one build each under OUT/profiles/<i>/ and an index OUT/plan.json
   ("profile_builds": their count), and nnc.load(OUT) runs the build whose shapes the inputs
-  have (ProfileSetModule).
+  have (ProfileSetModule). Build i's C API is nnc_<name>_p<i>_*; OUT/nnc_<name>_profiles.{h,cu}
+  (render_profile_set) put nnc_<name>_set_* over all of them, one library (OUT/CMakeLists.txt).
 - a range: the reference backend (no CUDA codegen) keeps the symbolic dims symbolic and checks
   every run's inputs against the profiles; CUDA needs kernels with runtime sizes, not written
   yet, so a range with code generation is refused (never compiled at opt and run at other
@@ -387,22 +388,68 @@ def compile_with_profiles(model, out, options, dump_ir, compile_model) -> dict:
     if ranged:
         raise ProfileError(f"profile {ranged[0]} ({profiles[ranged[0]].text()}): {RANGE_NEEDS_RUNTIME_SIZES}")
     from .onnx_import import import_model
-    from .driver import io_entry
+    from .driver import io_entry, model_name
     symbolic = import_model(model)  # the index's inputs/outputs keep the model's symbols
+    name = model_name(options.name, model)
     with staged_dir(out) as tmp:
         builds = []
         for i, p in enumerate(profiles):
+            # build i's C API is nnc_<name>_p<i>_*: every build links into the set's one library
             builds.append(compile_model(model, tmp / "profiles" / str(i),
                                         dump_ir=Path(dump_ir) / str(i) if dump_ir else None,
                                         plan_extra={"profiles": [p.to_json()], "profile_index": i},
-                                        options=dataclasses.replace(plain, shapes=_shapes(p))))
-        index = {"name": builds[0].get("name"),
+                                        options=dataclasses.replace(plain, shapes=_shapes(p),
+                                                                    name=build_name(name, i))))
+        set_files = render_profile_set(name, profiles, builds)
+        for fname, text in set_files.items():
+            (tmp / fname).write_text(text)
+        index = {"name": name,
                  "inputs": [io_entry(a) for a in symbolic.main.args],
                  "outputs": [io_entry(r) for r in symbolic.main.results],
                  "profile_builds": len(profiles), **record,
+                 "c_api": {"prefix": f"nnc_{name}_set", "files": sorted(set_files)},
                  "kernels": [k for b in builds for k in b.get("kernels", [])]}
         (tmp / "plan.json").write_text(json.dumps({k: v for k, v in index.items() if k != "kernels"}, indent=1) + "\n")
     return index
+
+
+def build_name(name: str, i: int) -> str:
+    """The --name of profile i's build in a profile set (its C API: nnc_<name>_p<i>_*)."""
+    return f"{name}_p{i}"
+
+
+def render_profile_set(name: str, profiles: Sequence[Profile], builds: Sequence[Mapping]) -> dict:
+    """The set's C API over the builds of a profile set: {file name in OUT: text}, rendered from
+    templates/profile_set.*.j2. builds: each profile's plan.json (its static inputs and outputs,
+    the names and dtypes the same in every build; arch from the first)."""
+    from .codegen.render import render
+    first = builds[0]
+
+    def io(key):
+        out = []
+        for k, e in enumerate(first[key]):
+            for i, b in enumerate(builds):
+                o = b[key][k]
+                if o["name"] != e["name"] or o["dtype"] != e["dtype"] or len(o["shape"]) != len(e["shape"]):
+                    raise ProfileError(f"profile {i}: {key[:-1]} {k} is {o['name']!r} {o['dtype']} of rank "
+                                       f"{len(o['shape'])}, profile 0's {e['name']!r} {e['dtype']} of rank "
+                                       f"{len(e['shape'])}: the set's C API needs one name, dtype and rank")
+            out.append({"name": e["name"], "dtype": e["dtype"], "rank": len(e["shape"])})
+        return out
+    inputs, outputs = io("inputs"), io("outputs")
+    sets = [{"api": f"nnc_{build_name(name, i)}", "dir": f"profiles/{i}", "text": p.text(),
+             "input_dims": [d for e in b["inputs"] for d in e["shape"]],
+             "output_dims": [d for e in b["outputs"] for d in e.get("max_shape", e["shape"])],
+             "input_nbytes": [e["nbytes"] for e in b["inputs"]],
+             "output_nbytes": [e["nbytes"] for e in b["outputs"]]}
+            for i, (p, b) in enumerate(zip(profiles, builds))]
+    header, source = f"nnc_{name}_profiles.h", f"nnc_{name}_profiles.cu"
+    common = dict(model_name=name, api=f"nnc_{name}", header=header, source=source, profiles=sets,
+                  inputs=inputs, outputs=outputs)
+    return {header: str(render("profile_set.h.j2", **common)),
+            source: str(render("profile_set.cu.j2", **common)),
+            "CMakeLists.txt": str(render("profile_set.CMakeLists.txt.j2", target=f"nnc_{name}_profiles",
+                                         arch_num=str(first["arch"]).replace("sm_", ""), **common))}
 
 
 def check_corners(model, p: Profile, where: str) -> None:
