@@ -169,6 +169,24 @@ class HeuristicSelector:
         return c, c.default_params()
 
 
+class ForcedSelector:
+    """One variant (by name) with the given params (None: its default) wherever it is a candidate;
+    elsewhere the heuristic's choice, or with strict=True a LookupError naming the candidates. For
+    benchmarks and tests that time or check one kernel (tools/bench_int8.py, tools/bench_rownorm.py)."""
+    name = "forced"
+
+    def __init__(self, variant: str, params: Optional[dict] = None, strict: bool = False):
+        self.variant, self.params, self.strict = variant, params, strict
+
+    def choose(self, problem_key: str, candidates: Sequence[Candidate]) -> tuple[Candidate, dict]:
+        for c in candidates:
+            if c.name == self.variant:
+                return c, dict(c.default_params() if self.params is None else self.params)
+        if self.strict:
+            raise LookupError(f"{self.variant} is not a candidate ({[c.name for c in candidates]})")
+        return candidates[0], candidates[0].default_params()
+
+
 def _params_key(params: dict) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # cuda_timing, also wh
 import numpy as np  # noqa: E402
 
 from cuda_timing import time_cuda  # noqa: E402
+from nnc.codegen.variants import ForcedSelector  # noqa: E402
 
 # "mm:MxKxN" / "conv:NxCxHxW:k<O>:<R>x<S>[:s<stride>][:p<pad>]"
 SHAPES = ["mm:128x768x768", "mm:4096x768x3072", "conv:1x64x56x56:k64:3x3:p1", "conv:32x256x56x56:k64:1x1"]
@@ -134,20 +135,6 @@ def random_feed(m, seed: int = 1) -> dict:
     return out
 
 
-class Forced:
-    """A Selector choosing one variant (by name) with the given params (None: its default)."""
-    name = "forced"
-
-    def __init__(self, variant: str, params=None):
-        self.variant, self.params = variant, params
-
-    def choose(self, key, candidates):
-        for c in candidates:
-            if c.name == self.variant:
-                return c, dict(c.default_params() if self.params is None else self.params)
-        raise LookupError(f"{self.variant} is not a candidate ({[c.name for c in candidates]})")
-
-
 def options(arch: str = "sm_90a", precision: str = "fp32"):
     from nnc.codegen.options import LowerOptions
     from nnc.codegen.target import for_arch
@@ -157,7 +144,7 @@ def options(arch: str = "sm_90a", precision: str = "fp32"):
 def lower_forced(m, variant: str = None, params=None, arch: str = "sm_90a"):
     """The plan of m with the op's variant forced (None: the heuristic)."""
     from nnc.codegen.lower import lower
-    return lower(m, options(arch), selector=None if variant is None else Forced(variant, params))
+    return lower(m, options(arch), selector=None if variant is None else ForcedSelector(variant, params, strict=True))
 
 
 def candidates(m, arch: str = "sm_90a") -> list:

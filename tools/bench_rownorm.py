@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # cuda_timing, also wh
 import numpy as np  # noqa: E402
 
 from cuda_timing import time_cuda  # noqa: E402
+from nnc.codegen.variants import ForcedSelector  # noqa: E402
 
 SHAPES = [(4096, 768), (4096, 3072), (32768, 1024), (1024, 65536)]
 BINARY = ("Add", "Mul", "Sub", "Div")
@@ -69,19 +70,7 @@ def model(op: str, rows: int, R: int, dt: str, outs: int = 1):
     return import_model(h.make_model(g, opset_imports=[h.make_opsetid("", 23)], ir_version=10))
 
 
-class Forced:
-    """A Selector choosing one variant (by name) with the given params (None: its default) where
-    it is a candidate, and the heuristic's choice for every other op."""
-    name = "forced"
-
-    def __init__(self, variant: str, params=None):
-        self.variant, self.params = variant, params
-
-    def choose(self, key, candidates):
-        for c in candidates:
-            if c.name == self.variant:
-                return c, dict(c.default_params() if self.params is None else self.params)
-        return candidates[0], candidates[0].default_params()
+Forced = ForcedSelector  # the variant where it is a candidate, the heuristic elsewhere
 
 
 def options(arch: str = "sm_90a"):

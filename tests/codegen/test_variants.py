@@ -291,3 +291,16 @@ def test_plan_json_and_headers_name_the_variant():
     head = src[src.index(f"// kernel {g['name']}"):]
     head = head[:head.index("\n// implements:")]
     assert '"selected":{"params":{' in head and '"variant":"gemm.gemm"' in head
+
+
+def test_forced_selector_takes_its_variant_or_says_which_were_candidates():
+    from nnc.codegen.variants import ForcedSelector
+
+    def v(name, space):
+        return Variant(name, "t", ("T",), None, lambda p: True, lambda p: space, lambda p, sp: sp[0])
+    a, b = Candidate(v("t.a", [{"x": 1}, {"x": 2}]), None), Candidate(v("t.b", [{"y": 3}]), None)
+    assert ForcedSelector("t.b").choose("k", [a, b]) == (b, {"y": 3})
+    assert ForcedSelector("t.a", {"x": 2}).choose("k", [a, b]) == (a, {"x": 2})
+    assert ForcedSelector("t.z").choose("k", [a, b]) == (a, {"x": 1})  # elsewhere: the heuristic
+    with pytest.raises(LookupError, match=r"t.z is not a candidate \(\['t.a', 't.b'\]\)"):
+        ForcedSelector("t.z", strict=True).choose("k", [a, b])
