@@ -181,14 +181,9 @@ def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bul
     for p in points:
         if _valid(p, target, im2col) and gemm._size_ok(p["BM"], problem.M) and gemm._size_ok(p["BN"], problem.N):
             out.append(dict(p, swizzle=gemm.GROUP_M))
-    if not out:
-        out = [dict(BM=64, BN=64, STAGES=8, CW=1, swizzle=gemm.GROUP_M)]
-    if b_bulk:
-        out = [dict(p, b_bulk=True) for p in out] + [p for p in out if mn_major_loads_ok(problem, p)]
-    else:
-        out = [p for p in out if mn_major_loads_ok(problem, p)] or [dict(BM=64, BN=64, STAGES=8, CW=1,
-                                                                          swizzle=gemm.GROUP_M)]
-    return out
+    smallest = dict(BM=64, BN=64, STAGES=8, CW=1, swizzle=gemm.GROUP_M)  # loads any operand layout
+    plain = [p for p in out if mn_major_loads_ok(problem, p)] or [smallest]
+    return ([dict(p, b_bulk=True) for p in out or [smallest]] + plain) if b_bulk else plain
 
 
 def mn_major_loads_ok(problem: gemm.GemmProblem, p: dict) -> bool:
