@@ -35,12 +35,12 @@ from ..lower import LowerCtx
 from ..variants import YES, Variant, no, register
 from .common import cdiv
 from .gemm_lowering import aligned
+from .intgemm import _QR
 
 FAMILY = "intgemm_tc"
 PRIORITY = 10
 MIN_CC = 80  # mma.sync m16n8k32 s8/u8
 GROUP_M = 8
-_QR = {"i8": (-128, 127), "u8": (0, 255)}
 _INT8 = ("i8", "u8")
 
 # (BM, BN, BK, WARPS_M, WARPS_N, STAGES)
@@ -100,7 +100,7 @@ def _common(problem, ql: bool, ia: int, ib: int):
         return "missing operand"
     if a.dtype.short not in _INT8 or b.dtype.short not in _INT8:
         return "operands are not int8 / uint8"
-    if ql and y.dtype.short not in _QR:
+    if ql and y.dtype.short not in _INT8:
         return f"output dtype {y.dtype.short} is not int8 / uint8"
     if y.numel == 0:
         return "empty output"
