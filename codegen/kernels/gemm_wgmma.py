@@ -254,14 +254,14 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
     """im2col: A is the implicit im2col matrix of an NHWC conv of this geometry (the template's
     CV_* constants and cv_inbounds: conv_wgmma.im2col_geometry); A then binds x."""
     pr = problem
-    params = dict(params or default_params(pr))
+    params = dict(params or default_params(pr, target))
     ctype, elem, _ = CTYPES[pr.dtype]
     out_dtype = pr.out_dtype or pr.dtype
     to, _, to2 = CTYPES[out_dtype]
     swz = params.get("swizzle", gemm.GROUP_M)
     if not isinstance(swz, int) or isinstance(swz, bool) or not 1 <= swz <= 1024:
         raise ValueError(f"GEMM swizzle must be an int in 1..1024, got {swz!r}")
-    if not _valid(params, DEFAULT_TARGET, im2col is not None):
+    if not _valid(params, target, im2col is not None):
         raise ValueError(f"wgmma GEMM params {params} are not in the declared space's bounds")
     bulk = bool(params.get("b_bulk", False))
     if bulk and (pr.nbatch > 1 and any(pr.stride_b)):
@@ -297,7 +297,8 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
 # ---------------------------------------------------------------- the Variants (MatMul, Gemm)
 # Above the mma.sync variants (gemm_lowering.FAST_PRIORITY = 10): measured faster on the H200 on every
 # large shape (4096^3 fp16: 548 vs 293 TFLOP/s with a weight B, 331 vs 293 without; BERT-base batch-32
-# GEMMs 1.0-2.0x; tools/bench_gemm_wgmma.py, 2026-12-02). Only sm_90a targets (--arch sm_90a) see it.
+# GEMMs 1.0-2.0x; tools/bench_gemm_wgmma.py, 2026-12-02). Only sm_90a targets see it (--arch sm_90a, or
+# a compile on the Hopper GPU present: codegen/target.py).
 PRIORITY = 11
 
 
