@@ -206,7 +206,7 @@ def analyse(problem) -> "IntGemm | str":
             return sc
         memo["scale"], memo["yz"] = sc
     problem.memo["intgemm_tc"] = memo
-    KP = -(-K // 16) * 16
+    KP = cdiv(K, 16) * 16
     return IntGemm("conv" if conv else "mm", ql, M, N, K, KP, a.dtype.short == "u8", b.dtype.short == "u8",
                    y.dtype.short, bool(np.any(zb != 0)), bool(ql and conv and problem.has(8)), geo,
                    int(memo.get("yz", 0)),
@@ -223,9 +223,9 @@ def _applies(problem):
 
 def space(problem) -> list:
     optin = problem.target.smem_per_block_optin
-    return [dict(BM=bm, BN=bn, BK=bk, WARPS_M=wm, WARPS_N=wn, STAGES=st)
-            for bm, bn, bk, wm, wn, st in TILES
-            if st * (bm + bn) * (bk + 16) <= optin and (bn // wn) % 16 == 0 and (bm // wm) % 16 == 0]
+    tiles = [dict(BM=bm, BN=bn, BK=bk, WARPS_M=wm, WARPS_N=wn, STAGES=st) for bm, bn, bk, wm, wn, st in TILES]
+    return [p for p in tiles if smem_bytes(p) <= optin and (p["BN"] // p["WARPS_N"]) % 16 == 0
+            and (p["BM"] // p["WARPS_M"]) % 16 == 0]
 
 
 def default(problem, sp: list) -> dict:
