@@ -264,8 +264,8 @@ def _head(r: BenchResult) -> str:
     which = ""
     if r.profile is not None:
         from .codegen.escape import terminal_text  # input names come from the model file
-        dims = ",".join(f"{k}:" + ("?" if v is None else "x".join(map(str, v))) for k, v in r.shapes.items())
-        which = f" profile {r.profile} ({terminal_text(dims)})"
+        from .profiles import shapes_text
+        which = f" profile {r.profile} ({terminal_text(shapes_text(r.shapes))})"
     return (f"{r.model}{which}: {r.backend} on {dev}, {how}, batch {r.batch}, {r.iterations} iterations "
             f"after {r.warmup} warm-up")
 

@@ -232,8 +232,8 @@ class Section:
 def input_shapes_text(out_dir) -> str:
     """'input:1x3x32x32,mask:1x128': a build's input shapes from its plan.json (symbols by name)."""
     from .plan_file import read_plan
-    return ",".join(f"{e['name']}:" + ("?" if e["shape"] is None else "x".join(str(d) for d in e["shape"]))
-                    for e in read_plan(out_dir).get("inputs", []))
+    from .profiles import _dims_of, shapes_text
+    return shapes_text(_dims_of(read_plan(out_dir).get("inputs", [])))
 
 
 def inspect_sections(out_dir, profile: Optional[int] = None, time: bool = False, reps: int = 20,

@@ -50,6 +50,11 @@ def _dims_text(d: Sequence) -> str:
     return "x".join(str(x) for x in d)
 
 
+def shapes_text(dims: Mapping) -> str:
+    """'input:1x3x32x32,mask:?': {input: dims} as one line (None: a shape the plan does not give)."""
+    return ",".join(f"{n}:" + ("?" if d is None else _dims_text(d)) for n, d in dims.items())
+
+
 @dataclass(frozen=True)
 class InputRange:
     """One input's shapes in a profile: every dim k holds min[k] <= d <= max[k]; opt is the shape
