@@ -122,7 +122,7 @@ def regs_params(p: RowProblem, params: dict) -> dict:
     return out
 
 
-def regs_grid(p: RowProblem, params: dict, sm_count: int) -> tuple[int, int]:
+def regs_grid(p: RowProblem, params: dict) -> tuple[int, int]:
     rpb, w = int(params["RPB"]), int(params["W"])
     groups = -(-p.outer // rpb)
     return max(1, min(groups, 65535)), 32 * w * rpb
@@ -134,24 +134,33 @@ def _info_offset(t) -> int:
     return int(t.alias_offset) if t.alias_of is not None else 0
 
 
+def _itemsize(t) -> int:
+    return max(1, t.dtype.bits // 8)
+
+
+def _operand(t) -> tuple[int, int, int]:
+    """(elements, itemsize, byte offset) of a scale / bias operand; zeros where there is none."""
+    return (t.numel, _itemsize(t), _info_offset(t)) if t is not None else (0, 0, 0)
+
+
 def _row_problem(problem, kind: str, outer: int, R: int, scale=None, bias=None, **extra) -> RowProblem:
     x, y = problem.tensor(0), problem.result(0)
-    return RowProblem(kind=kind, dtype=x.dtype.short, itemsize=max(1, x.dtype.bits // 8), outer=outer, R=R,
+    scale_n, scale_size, scale_off = _operand(scale)
+    bias_n, bias_size, bias_off = _operand(bias)
+    return RowProblem(kind=kind, dtype=x.dtype.short, itemsize=_itemsize(x), outer=outer, R=R,
                       x_off=_info_offset(x), y_off=_info_offset(y),
-                      scale_n=scale.numel if scale is not None else 0,
-                      scale_size=max(1, scale.dtype.bits // 8) if scale is not None else 0,
-                      scale_off=_info_offset(scale) if scale is not None else 0,
-                      bias_n=bias.numel if bias is not None else 0,
-                      bias_size=max(1, bias.dtype.bits // 8) if bias is not None else 0,
-                      bias_off=_info_offset(bias) if bias is not None else 0, **extra)
+                      scale_n=scale_n, scale_size=scale_size, scale_off=scale_off,
+                      bias_n=bias_n, bias_size=bias_size, bias_off=bias_off, **extra)
+
+
+def _rows(shape, axis: int) -> tuple[int, int]:
+    """(outer, R) of a normalisation over the dims from `axis` (negative: from the end) on."""
+    axis = norm_axis(axis, len(shape))
+    return int(np.prod(shape[:axis], dtype=np.int64)), int(np.prod(shape[axis:], dtype=np.int64))
 
 
 def _layernorm_rows(problem) -> tuple[int, int]:
-    x = problem.tensor(0)
-    rank = len(x.shape)
-    axis = int(problem.attr("axis", -1))
-    axis = axis + rank if axis < 0 else axis
-    return (int(np.prod(x.shape[:axis], dtype=np.int64)), int(np.prod(x.shape[axis:], dtype=np.int64)))
+    return _rows(problem.tensor(0).shape, int(problem.attr("axis", -1)))
 
 
 def _regs_fit(p: RowProblem) -> Fit:
@@ -204,8 +213,7 @@ def _rms_problem(problem) -> Optional[RowProblem]:
     axis = norm_axis(int(problem.attr("axis", -1)), rank)
     if sc is None or not rms_scale_ok(sc, x.shape, axis):
         return None
-    outer = int(np.prod(x.shape[:axis], dtype=np.int64))
-    R = int(np.prod(x.shape[axis:], dtype=np.int64))
+    outer, R = _rows(x.shape, axis)
     return _row_problem(problem, "rms", outer, R, sc)
 
 
@@ -267,7 +275,7 @@ def _render_regs(ctx: LowerCtx, problem, params: dict):
                    scale_n=scale.numel if scale is not None else 1, bias_n=bias.numel if bias is not None else 1,
                    has_mean=mean is not None, has_rstd=rstd is not None,
                    mctype=(mean or rstd).ctype if (mean or rstd) else "", **regs_params(p, params))
-    grid, block = regs_grid(p, params, ctx.target.sm_count)
+    grid, block = regs_grid(p, params)
     args = [x] + [b for b in (scale, bias) if b is not None] + [y] + [b for b in (mean, rstd) if b is not None]
     ctx.launch(k, grid, block, args)
     return True
@@ -278,7 +286,7 @@ def _cost_regs(problem, params) -> float:
     blocks that idle lanes and for few blocks."""
     p = row_problem(problem)
     t = 2.0 * p.outer * p.R * p.itemsize / 3.5e12
-    grid, block = regs_grid(p, params, problem.target.sm_count)
+    grid, block = regs_grid(p, params)
     fill = min(1.0, grid * block / (problem.target.sm_count * 1024.0))
     lanes = p.R / float(-(-p.R // (params["VEC"] * 32 * params["W"])) * params["VEC"] * 32 * params["W"])
     return t / max(0.05, fill * lanes) + 2e-6
@@ -327,8 +335,7 @@ def _render_rms_generic(ctx: LowerCtx, problem, params: dict):
     x, y = ctx.inp(0), ctx.out(0)
     rank = len(x.shape)
     axis = norm_axis(int(ctx.attr("axis", -1)), rank)
-    outer = int(np.prod(x.shape[:axis], dtype=np.int64))
-    R = int(np.prod(x.shape[axis:], dtype=np.int64))
+    outer, R = _rows(x.shape, axis)
     sc = ctx.inp(1)
     if not rms_scale_ok(sc, x.shape, axis):
         ctx.fail("scale must cover the normalised dims")
