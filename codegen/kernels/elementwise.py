@@ -218,13 +218,18 @@ def vector_width(vector_bufs: list, n: int) -> int:
         return 1
     if any(b.ctype is None or b.ctype.startswith("nnc_") or b.dtype.bits < 8 or b.dtype.bits % 8 for b in vector_bufs):
         return 1
-    vec = min(MAX_VEC, VEC_BYTES // max(_itemsize(b) for b in vector_bufs))
-    while vec > 1:
-        if n % vec == 0 and all((b.alias_offset if b.alias_of is not None else 0) % (vec * _itemsize(b)) == 0
-                                for b in vector_bufs):
-            return vec
+    return widest_vector(n, max(_itemsize(b) for b in vector_bufs),
+                         [(b.alias_offset if b.alias_of is not None else 0, _itemsize(b)) for b in vector_bufs])
+
+
+def widest_vector(n: int, itemsize: int, offsets=()) -> int:
+    """The most elements a vector takes (a power of two, at most MAX_VEC and VEC_BYTES of
+    `itemsize`) that divide n and keep every (byte offset, itemsize) of `offsets` aligned; 1 at
+    least. The elementwise, fused rowreduce and rownorm kernels choose their widths with it."""
+    vec = min(MAX_VEC, VEC_BYTES // itemsize)
+    while vec > 1 and (n % vec or any(off % (vec * size) for off, size in offsets)):
         vec //= 2
-    return 1
+    return vec
 
 
 def elementwise_params(inputs: list, out_shape, stmts: list, outputs: list, vectors: bool = False) -> dict:

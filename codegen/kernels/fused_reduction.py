@@ -34,7 +34,7 @@ from ..dtypes import compute_type
 from ..lower import LowerCtx, describe_op
 from ..variants import YES, Variant, no, register
 from ..render import cfloat
-from .elementwise import broadcast_strides, op_expr
+from .elementwise import broadcast_strides, op_expr, widest_vector
 from .fused_elementwise import _round_through_storage, broadcasts, can_render
 
 PRIORITY = 15  # above the op-by-op fallback; kind-specific (`when`); unique among the fused families
@@ -418,11 +418,7 @@ def max_vec(problem, F) -> int:
     infos = [problem.tensor(i) for i in range(len(problem.op.operands)) if problem.has(i)]
     infos += [problem.result(i) for i in range(len(problem.op.results))]
     rows = [t for t in infos if tuple(t.shape) == tuple(F)] or infos
-    C = int(F[-1])
-    vec = min(8, 16 // max(_itemsize(t) for t in rows))
-    while vec > 1 and C % vec:
-        vec //= 2
-    return vec
+    return widest_vector(int(F[-1]), max(_itemsize(t) for t in rows))
 
 
 def _row_threads(C: int, vec: int) -> list:

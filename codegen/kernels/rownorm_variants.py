@@ -26,6 +26,7 @@ import numpy as np
 from ..lower import LowerCtx
 from ..variants import YES, Fit, Variant, no, register
 from ._helpers import norm_axis
+from .elementwise import widest_vector
 
 FAMILY = "rownorm"
 FLOATS = ("f16", "bf16", "f32")
@@ -60,11 +61,12 @@ class RowProblem:
 
 def _vecs(p: RowProblem) -> list:
     """Vector widths (elements, largest first) R and every vector pointer's alignment allow."""
+    if p.x_off % p.itemsize or p.y_off % p.itemsize:
+        return []
+    v = widest_vector(p.R, p.itemsize, [(p.x_off, p.itemsize), (p.y_off, p.itemsize)])
     out = []
-    v = 16 // p.itemsize
     while v >= 1:
-        if p.R % v == 0 and p.x_off % (v * p.itemsize) == 0 and p.y_off % (v * p.itemsize) == 0:
-            out.append(v)
+        out.append(v)
         v //= 2
     return out
 
