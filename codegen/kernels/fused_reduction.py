@@ -34,6 +34,7 @@ from ..dtypes import compute_type
 from ..lower import LowerCtx, describe_op
 from ..variants import YES, Variant, no, register
 from ..render import cfloat
+from .common import cdiv
 from .elementwise import broadcast_strides, op_expr, widest_vector
 from .fused_elementwise import _round_through_storage, broadcasts, can_render
 
@@ -256,7 +257,12 @@ def _offsets(shape, target, coords) -> tuple[str, int]:
 def legacy_block(C: int) -> int:
     """Threads of the one-CTA-per-row kernel: 256 (1024 past 4096 columns), at most C rounded up to a warp."""
     block = 256 if C <= 4096 else 1024
-    return min(block, max(32, -(-C // 32) * 32))
+    return min(block, warp_cover(C))
+
+
+def warp_cover(n: int) -> int:
+    """Threads covering n columns, one a thread: n rounded up to a warp (a warp at least)."""
+    return max(32, cdiv(n, 32) * 32)
 
 
 def plan_phases(P: _Program, outputs: list, T: Optional[int] = None, RPB: int = 1, VEC: int = 1) -> dict:
@@ -423,10 +429,10 @@ def max_vec(problem, F) -> int:
 
 def _row_threads(C: int, vec: int) -> list:
     """T: the powers of two up to the row, and the warp multiples that cover C / vec in 1-4 steps."""
-    cols = -(-C // vec)
-    ts = [t for t in ROW_THREADS if t <= max(32, -(-cols // 32) * 32)]
+    cols = cdiv(C, vec)
+    ts = [t for t in ROW_THREADS if t <= warp_cover(cols)]
     for n in (1, 2, 3, 4):
-        t = max(32, -(-(-(-cols // n)) // 32) * 32)
+        t = warp_cover(cdiv(cols, n))
         if t <= 1024 and t not in ts:
             ts.append(t)
     return sorted(ts)
@@ -460,7 +466,7 @@ def _default(problem, space) -> dict:
     rows = int(np.prod(F[:-1], dtype=np.int64))
     vec = max_vec(problem, F)
     if vec > 1:
-        t = max(32, -(-(-(-P.C // vec)) // 32) * 32)
+        t = warp_cover(cdiv(P.C, vec))
     else:
         t = next((t for t in ROW_THREADS if -(-P.C // t) <= TARGET_VPT), ROW_THREADS[-1])
     rpb = max(1, 256 // t)
@@ -503,8 +509,8 @@ def _render(ctx: LowerCtx, problem, params: dict):
             if s["kind"] == "load":
                 s["src"] = load[int(s["var"][1:])]
     out_bufs = [ctx.out(i) for i in range(ctx.n_out)]
-    params.update(ptrs=[{"ctype": b.ctype, "size": max(1, b.dtype.bits // 8)} for b in bufs],
-                  outputs=[{"ctype": b.ctype, "size": max(1, b.dtype.bits // 8),
+    params.update(ptrs=[{"ctype": b.ctype, "size": _itemsize(b)} for b in bufs],
+                  outputs=[{"ctype": b.ctype, "size": _itemsize(b),
                             "vec": vec > 1 and tuple(b.shape) == tuple(F) and _aligned(b, vec)} for b in out_bufs],
                   rows_n=int(np.prod(F[:-1], dtype=np.int64)), row_inputs=[
                       {"ptr": d["ptr"], "row": d["row"], "node": d["node"]} for d in inputs])
