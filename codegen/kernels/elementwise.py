@@ -9,8 +9,6 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import numpy as np
-
 from ..dtypes import compute_type
 from ..lower import LowerCtx, lowering
 from ..render import cfloat
@@ -244,7 +242,7 @@ def elementwise_params(inputs: list, out_shape, stmts: list, outputs: list, vect
         "shape": list(out_shape),
         "need_coords": any(i["strides"] is not None for i in ins),
     }
-    n = int(np.prod(out_shape, dtype=np.int64)) if len(out_shape) else 1
+    n = int(math.prod(out_shape))
     vec = vector_width([b for b, i in zip(inputs, ins) if i["strides"] is None] + [b for b, _ in outputs],
                        n) if vectors else 1
     if vec > 1:
