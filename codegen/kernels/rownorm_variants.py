@@ -71,9 +71,14 @@ def _vecs(p: RowProblem) -> list:
     return out
 
 
+def vectors_per_thread(p: RowProblem, vec: int, warps: int) -> int:
+    """NV: the VEC-element vectors of the row one thread of W warps holds."""
+    return -(-p.R // (vec * 32 * warps))
+
+
 def share_bytes(p: RowProblem, vec: int, warps: int) -> int:
     """Bytes of the row one thread holds: NV vectors of VEC elements."""
-    return -(-p.R // (vec * 32 * warps)) * vec * p.itemsize
+    return vectors_per_thread(p, vec, warps) * vec * p.itemsize
 
 
 def regs_space(p: RowProblem) -> list:
@@ -113,7 +118,7 @@ def regs_params(p: RowProblem, params: dict) -> dict:
     vec, w, rpb = int(params["VEC"]), int(params["W"]), int(params["RPB"])
     if p.R % vec or 32 * w * rpb > MAX_BLOCK:
         raise ValueError(f"rownorm regs: VEC={vec} W={w} RPB={rpb} do not fit R={p.R}")
-    nv = -(-p.R // (vec * 32 * w))
+    nv = vectors_per_thread(p, vec, w)
     per_col = p.kind in ("layernorm", "rms")  # group: per channel
     vs = per_col and p.scale_n == p.R and p.scale_n > 1 and p.scale_off % (vec * p.scale_size) == 0
     vb = per_col and p.bias_n == p.R and p.bias_n > 1 and p.bias_off % (vec * p.bias_size) == 0
@@ -290,7 +295,7 @@ def _cost_regs(problem, params) -> float:
     t = 2.0 * p.outer * p.R * p.itemsize / 3.5e12
     grid, block = regs_grid(p, params)
     fill = min(1.0, grid * block / (problem.target.sm_count * 1024.0))
-    lanes = p.R / float(-(-p.R // (params["VEC"] * 32 * params["W"])) * params["VEC"] * 32 * params["W"])
+    lanes = p.R / float(vectors_per_thread(p, params["VEC"], params["W"]) * params["VEC"] * 32 * params["W"])
     return t / max(0.05, fill * lanes) + 2e-6
 
 
