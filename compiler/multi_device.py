@@ -1,0 +1,548 @@
+"""A K-device program: one IR Module per device, its text form, its verifier, and the reference
+(numpy) multi-device executor.
+
+- `MultiDeviceModule.devices[k]` is device k's Module: an ordinary Module whose `@main` may hold
+  the communication ops of ir/ops/comm.py (Send, Recv, AllReduce, AllGather), each with
+  `device = k`. Its arguments are model inputs (by name; an input read on several devices is fed
+  to each), its results model outputs or Send tokens (`bool[0]`, dropped from the outputs).
+  `output_device` says which device's value of an output is the model's (default: the lowest
+  device returning it).
+- Text (`print_multi` / `parse_multi`, byte-identical round trip): one header line, then each
+  device's function after a `// ===== device K` line. Both are IR comments, so each section is
+  also a plain .nnir file. On disk (`save_multi` / `load_multi`): `multi.json` plus
+  `device<K>.nnir` and its weights, one per device.
+- `verify_multi`: every device Module verifies; comm ops sit at the top level of @main and name
+  their own device; peers and group members exist; and a dry run of the schedule (the executor
+  below, without data) pairs every Send with a Recv of the same type (by sender, receiver, tag,
+  in order), sees the collectives of a group in the same order with equal ops and types on every
+  member, and finds no deadlock. Errors are NncErrors naming the device and the op.
+- `run_multi`: simulated devices (one environment each) under a deterministic step scheduler:
+  each device runs its ops in order until a Recv whose message has not been sent or a collective
+  some member has not reached; a round in which no device moves is a deadlock, reported with what
+  every device waits for (never a hang). Send is buffered (a copy into a FIFO per (sender,
+  receiver, tag)); collectives are exact numpy reductions in group order. With micro_batches M > 1
+  the inputs are split into M equal parts along axis 0 (`check_batch_split` proves beforehand that
+  the graph keeps batch rows apart, else a clear error) and every device runs its function once per
+  micro-batch, in order, as a GPipe-style forward pipeline; the outputs are concatenated back.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .ir import registry
+from .ir.builder import const_value
+from .ir.errors import InputError, NncError, VerifyError
+from .ir.graph import Module, Op
+from .ir.interp import Interpreter, RefCtx, call_ref, check_input
+from .ir.ops.comm import COMM_OPS, all_gather, all_reduce
+from .ir.parser import parse, read_ir_file
+from .ir.printer import print_module, vname
+from .ir.verify import verify
+from .ir.weights import WeightStore
+
+HEADER = "// nnc-multi-device "
+SECTION = "// ===== device "
+
+
+class MultiDeviceError(NncError):
+    """A multi-device program that is malformed, or whose run cannot complete."""
+
+
+@dataclass
+class MultiDeviceModule:
+    devices: list  # list[Module]; index = device id
+    parallel: str = ""  # "pipeline" | "tensor" | "" (how it was made; informational)
+    micro_batches: int = 1  # run_multi's default M
+    output_device: dict = field(default_factory=dict)  # output name -> device whose value is the model's
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    def input_names(self) -> list[str]:
+        """Model inputs in first-seen order over the devices."""
+        out: list[str] = []
+        for m in self.devices:
+            out += [a.name for a in m.main.args if a.name not in out]
+        return out
+
+    def output_names(self) -> list[str]:
+        out: list[str] = []
+        for m in self.devices:
+            out += [v.name for v in m.main.results if not is_token(v) and v.name not in out]
+        return out
+
+    def source_of(self, name: str) -> int:
+        """The device whose value of output `name` the model returns."""
+        if name in self.output_device:
+            return self.output_device[name]
+        return next(k for k, m in enumerate(self.devices) if any(v.name == name for v in m.main.results))
+
+
+def is_token(v) -> bool:
+    """A Send's token result (not data: executors drop it from the outputs)."""
+    return v.producer is not None and v.producer.name == "Send"
+
+
+def comm_ops(module: Module) -> list[Op]:
+    return [op for op in module.main.ops if op.name in COMM_OPS]
+
+
+def describe(op: Op, device: int) -> str:
+    """`device 1: %y = Recv() {peer = 0, tag = 3}` (for messages)."""
+    a = op.attrs
+    keys = [k for k in ("peer", "tag", "group", "op", "axis") if hasattr(a, k)]
+    at = ", ".join(f"{k} = {list(getattr(a, k)) if k == 'group' else getattr(a, k)}" for k in keys)
+    res = ", ".join(vname(r.name) for r in op.results)
+    ops = ", ".join(vname(v.name) for v in op.operands if v is not None)
+    return f"device {device}: {res} = {op.name}({ops}) {{{at}}}" + (f" loc({op.loc.node!r})" if op.loc.node else "")
+
+
+# ---------------------------------------------------------------- text and files
+
+def print_multi(mdm: MultiDeviceModule) -> str:
+    head = {"devices": mdm.num_devices, "parallel": mdm.parallel, "micro_batches": mdm.micro_batches,
+            "output_device": mdm.output_device}
+    parts = [HEADER + json.dumps(head) + "\n"]
+    for k, m in enumerate(mdm.devices):
+        parts.append(f"{SECTION}{k}\n" + print_module(m))
+    return "".join(parts)
+
+
+def parse_multi(text: str, filename: str = "<string>") -> MultiDeviceModule:
+    """The text of print_multi back to a MultiDeviceModule (weights are not loaded: load_multi)."""
+    first, _, rest = text.partition("\n")
+    if not first.startswith(HEADER):
+        raise MultiDeviceError(f"{filename}:1: expected a `{HEADER.strip()} {{...}}` header line")
+    try:
+        head = json.loads(first[len(HEADER):])
+        k = int(head["devices"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise MultiDeviceError(f"{filename}:1: bad multi-device header: {e}") from None
+    chunks = re.split(r"^// ===== device (\d+)\n", rest, flags=re.M)
+    if chunks[0].strip():
+        raise MultiDeviceError(f"{filename}: text before the first `{SECTION}0` line")
+    ids = [int(x) for x in chunks[1::2]]
+    if ids != list(range(k)):
+        raise MultiDeviceError(f"{filename}: device sections {ids}, the header says {k} devices (0..{k - 1} in order)")
+    devices = [parse(body, f"{filename}[device {i}]") for i, body in zip(ids, chunks[2::2])]
+    return MultiDeviceModule(devices, str(head.get("parallel", "")), int(head.get("micro_batches", 1)),
+                             {str(n): int(d) for n, d in dict(head.get("output_device") or {}).items()})
+
+
+def save_multi(mdm: MultiDeviceModule, directory) -> None:
+    """multi.json + device<K>.nnir (+ device<K>.weights.*) in `directory` (created)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for k, m in enumerate(mdm.devices):
+        (d / f"device{k}.nnir").write_text(print_module(m))
+        (m.weights or WeightStore()).save(d / f"device{k}")
+    (d / "multi.json").write_text(json.dumps({"devices": mdm.num_devices, "parallel": mdm.parallel,
+                                              "micro_batches": mdm.micro_batches,
+                                              "output_device": mdm.output_device}, indent=1) + "\n")
+
+
+def load_multi(directory) -> MultiDeviceModule:
+    d = Path(directory)
+    try:
+        head = json.loads((d / "multi.json").read_text())
+        k = int(head["devices"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MultiDeviceError(f"{d}: not a multi-device IR directory (multi.json: {e})") from None
+    devices = []
+    for i in range(k):
+        m = parse(read_ir_file(d / f"device{i}.nnir"), str(d / f"device{i}.nnir"))
+        m.weights = WeightStore.load(d / f"device{i}")
+        devices.append(m)
+    return MultiDeviceModule(devices, str(head.get("parallel", "")), int(head.get("micro_batches", 1)),
+                             {str(n): int(v) for n, v in dict(head.get("output_device") or {}).items()})
+
+
+# ---------------------------------------------------------------- the step scheduler
+
+@dataclass
+class _Task:
+    device: int
+    micro_batch: int
+    env: dict
+    pc: int = 0
+
+
+@dataclass
+class TraceEvent:
+    """One scheduler round's work on one device: ops [first, last) of micro-batch `micro_batch`."""
+    round: int
+    device: int
+    micro_batch: int
+    first: int
+    last: int
+
+
+class _Scheduler:
+    """Runs every device's @main `runs` times (once per micro-batch) under one round-robin.
+
+    evaluate(device, op, task) -> list of result arrays, for non-comm ops; None = a dry run (the
+    verifier's): values are the result types, and only the communication is checked."""
+
+    def __init__(self, mdm: MultiDeviceModule, runs: int, feeds: Optional[list] = None,
+                 evaluate: Optional[Callable] = None):
+        self.mdm = mdm
+        self.runs = runs
+        self.feeds = feeds  # feeds[m][device] -> {arg name: array}
+        self.evaluate = evaluate
+        self.queues: dict[tuple, deque] = {}  # (src, dst, tag) -> (send op, value)
+        self.coll_seq: dict[tuple, int] = {}  # (group, device) -> collectives done
+        self.coll: dict[tuple, dict] = {}  # (group, seq) -> {device: (op, value)} and "result"
+        self.trace: list[TraceEvent] = []
+        self.results: list[list] = [[None] * mdm.num_devices for _ in range(runs)]
+
+    def _start(self, k: int, m: int) -> _Task:
+        f = self.mdm.devices[k].main
+        env: dict = {}
+        for a in f.args:
+            env[id(a)] = a.type if self.feeds is None else self.feeds[m][k][a.name]
+        return _Task(k, m, env)
+
+    def run(self) -> None:
+        K = self.mdm.num_devices
+        tasks = [self._start(k, 0) for k in range(K)]
+        done = [False] * K
+        rnd = 0
+        while not all(done):
+            rnd += 1
+            moved = False
+            for k in range(K):
+                while not done[k]:
+                    t = tasks[k]
+                    first = t.pc
+                    finished = self._advance(t)
+                    if t.pc > first:
+                        moved = True
+                        self.trace.append(TraceEvent(rnd, k, t.micro_batch, first, t.pc))
+                    if not finished:
+                        break
+                    f = self.mdm.devices[k].main
+                    self.results[t.micro_batch][k] = [t.env[id(v)] for v in f.results]
+                    moved = True
+                    if t.micro_batch + 1 < self.runs:
+                        tasks[k] = self._start(k, t.micro_batch + 1)
+                    else:
+                        done[k] = True
+            if not moved:
+                self._deadlock(tasks, done)
+        for (src, dst, tag), q in self.queues.items():
+            if q:
+                op, _ = q[0]
+                raise MultiDeviceError(f"{describe(op, src)}: no matching Recv on device {dst} "
+                                       f"(peer = {src}, tag = {tag}); {len(q)} message(s) never received")
+
+    def _deadlock(self, tasks, done) -> None:
+        waits = []
+        for k, t in enumerate(tasks):
+            if done[k]:
+                waits.append(f"device {k} has finished")
+                continue
+            op = self.mdm.devices[k].main.ops[t.pc]
+            a = op.attrs
+            if op.name == "Recv":
+                why = f"waits for a message from device {a.peer} with tag {a.tag} that is never sent"
+            else:
+                g = tuple(a.group)
+                seq = self.coll_seq.get((g, k), 0)
+                there = sorted(self.coll.get((g, seq), {}).keys() - {"result"})
+                why = (f"waits at collective #{seq} of group {list(g)}; devices {there} reached it, "
+                       f"devices {[d for d in g if d not in there]} never do")
+            mb = f" (micro-batch {t.micro_batch})" if self.runs > 1 else ""
+            waits.append(f"{describe(op, k)}{mb} {why}")
+        for (src, dst, tag), q in self.queues.items():
+            for sop, _ in q:
+                waits.append(f"undelivered: {describe(sop, src)} to device {dst} with tag {tag}")
+        raise MultiDeviceError("deadlock: no device can make progress:\n  " + "\n  ".join(waits))
+
+    def _advance(self, t: _Task) -> bool:
+        """Runs task t's ops until one blocks (False) or the function ends (True)."""
+        ops = self.mdm.devices[t.device].main.ops
+        while t.pc < len(ops):
+            op = ops[t.pc]
+            if op.name in COMM_OPS:
+                out = self._comm(t, op)
+                if out is None:
+                    return False
+            elif self.evaluate is None:
+                out = [r.type for r in op.results]
+            else:
+                out = self.evaluate(t.device, op, t)
+            for r, o in zip(op.results, out):
+                t.env[id(r)] = o
+            t.pc += 1
+        return True
+
+    def _comm(self, t: _Task, op: Op) -> Optional[list]:
+        k, a = t.device, op.attrs
+        dry = self.evaluate is None
+        if op.name == "Send":
+            x = t.env[id(op.operands[0])]
+            self.queues.setdefault((k, a.peer, a.tag), deque()).append((op, x if dry else np.array(x, copy=True)))
+            return [op.results[0].type if dry else np.zeros((0,), dtype=bool)]
+        if op.name == "Recv":
+            q = self.queues.get((a.peer, k, a.tag))
+            if not q:
+                return None
+            sop, x = q.popleft()
+            want = op.results[0].type
+            got = sop.operands[0].type
+            if got.dtype != want.dtype or got.shape is None or want.shape is None or len(got.shape) != len(want.shape) \
+                    or any(isinstance(g, int) and isinstance(w, int) and g != w for g, w in zip(got.shape, want.shape)):
+                raise MultiDeviceError(f"{describe(op, k)} expects {want}, but its matching "
+                                       f"{describe(sop, a.peer)} sends {got}")
+            if not dry:
+                x = check_input(f"message from device {a.peer} (tag {a.tag})", want, x)
+            return [x]
+        # collectives
+        g = tuple(a.group)
+        seq = self.coll_seq.get((g, k), 0)
+        slot = self.coll.setdefault((g, seq), {})
+        if k not in slot:
+            slot[k] = (op, t.env[id(op.operands[0])])
+        if "result" not in slot:
+            if any(d not in slot for d in g):
+                return None
+            slot["result"] = self._collective(g, seq, slot)
+        self.coll_seq[(g, k)] = seq + 1
+        res = slot["result"]
+        slot.setdefault("taken", set()).add(k)
+        if slot["taken"] >= set(g):
+            del self.coll[(g, seq)]
+        return [res if dry else np.array(res, copy=True)]
+
+    def _collective(self, g: tuple, seq: int, slot: dict):
+        op0, _ = slot[g[0]]
+
+        def sig(op):
+            at = {k: v for k, v in vars(op.attrs).items() if k != "device"}
+            return (op.name, tuple(sorted(at.items())), str(op.operands[0].type))
+        for d in g[1:]:
+            op, _ = slot[d]
+            if sig(op) != sig(op0):
+                raise MultiDeviceError(
+                    f"collective #{seq} of group {list(g)} differs between devices: "
+                    f"{describe(op0, g[0])} on {op0.operands[0].type} but "
+                    f"{describe(op, d)} on {op.operands[0].type}")
+        if self.evaluate is None:
+            return op0.results[0].type
+        vals = [slot[d][1] for d in g]
+        if op0.name == "AllReduce":
+            return all_reduce(op0.attrs.op, vals)
+        return all_gather(op0.attrs.axis, vals)
+
+
+# ---------------------------------------------------------------- verifier
+
+def verify_multi(mdm: MultiDeviceModule) -> None:
+    K = mdm.num_devices
+    if K < 1:
+        raise MultiDeviceError("a multi-device module needs at least one device")
+    for k, m in enumerate(mdm.devices):
+        try:
+            verify(m)
+        except NncError as e:
+            raise VerifyError(f"device {k}: {e}") from None
+        top = set(map(id, m.main.ops))
+        for op in m.main.walk():
+            if op.name not in COMM_OPS:
+                continue
+            a = op.attrs
+            if id(op) not in top:
+                raise VerifyError(f"{describe(op, k)}: communication ops belong at the top level of @main, not in a region")
+            if a.device != k:
+                raise VerifyError(f"{describe(op, k)}: says device = {a.device}, but it is in device {k}'s module")
+            for d in ([a.peer] if hasattr(a, "peer") else list(a.group)):
+                if not 0 <= d < K:
+                    raise VerifyError(f"{describe(op, k)}: device {d} does not exist (the program has {K})")
+        returned = {id(v) for v in m.main.results}
+        for op in m.main.ops:
+            if op.name == "Send" and id(op.results[0]) not in returned:
+                raise VerifyError(f"{describe(op, k)}: its token {vname(op.results[0].name)} is not returned "
+                                  f"by @main (dead-code elimination would erase the send)")
+        for v in m.main.results:
+            if v.type.dtype.kind == "bool" and v.type.shape == (0,) and not is_token(v):
+                raise VerifyError(f"device {k}: @main returns {vname(v.name)}: bool[0], which is not a Send token")
+    for name, d in mdm.output_device.items():
+        if not 0 <= d < K or not any(v.name == name for v in mdm.devices[d].main.results):
+            raise VerifyError(f"output {name!r} is assigned to device {d}, which does not return it")
+    _Scheduler(mdm, 1).run()  # dry run: pairs Send/Recv, orders collectives, finds deadlocks
+
+
+# ---------------------------------------------------------------- reference execution
+
+def run_multi(mdm: MultiDeviceModule, inputs: dict, micro_batches: Optional[int] = None,
+              trace: Optional[list] = None) -> dict[str, np.ndarray]:
+    """Runs the K-device program on the numpy interpreter (simulated devices). inputs: model
+    input name -> array (the whole batch). micro_batches: M (default mdm.micro_batches); with
+    M > 1 every input is split along axis 0 into M equal parts. trace: a list that receives the
+    scheduler's TraceEvents. Returns model output name -> array."""
+    M = mdm.micro_batches if micro_batches is None else int(micro_batches)
+    if M < 1:
+        raise MultiDeviceError(f"micro_batches {M}: must be at least 1")
+    names = mdm.input_names()
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise InputError(f"missing inputs {missing}; the model takes {names}")
+    extra = sorted(set(inputs) - set(names))
+    if extra:
+        raise InputError(f"unknown inputs {extra}; the model takes {names}")
+    if M > 1:
+        check_batch_split(mdm)
+    parts: dict[str, list] = {}
+    for n in names:
+        x = np.asarray(inputs[n])
+        if M > 1:
+            if x.ndim == 0 or x.shape[0] % M:
+                raise InputError(f"input {n!r}: shape {list(x.shape)} does not split into {M} micro-batches along axis 0")
+            parts[n] = np.split(x, M, axis=0)
+        else:
+            parts[n] = [x]
+    feeds = []
+    for m in range(M):
+        per_dev = []
+        for k, mod in enumerate(mdm.devices):
+            per_dev.append({a.name: check_input(a.name, a.type, parts[a.name][m]) for a in mod.main.args})
+        feeds.append(per_dev)
+    interps = [Interpreter(mod) for mod in mdm.devices]
+
+    def evaluate(k, op, task):
+        vals = [None if v is None else task.env[id(v)] for v in op.operands]
+        ctx = RefCtx(interps[k], task.env, op, [r.type for r in op.results])
+        try:
+            return call_ref(registry.get(op.name), op.attrs, vals, ctx.result_types, ctx)
+        except NncError as e:
+            raise NncError(f"device {k}: {op.loc}: {e}") from e.__cause__
+
+    sched = _Scheduler(mdm, M, feeds, evaluate)
+    sched.run()
+    if trace is not None:
+        trace.extend(sched.trace)
+    out = {}
+    for name in mdm.output_names():
+        k = mdm.source_of(name)
+        i = next(i for i, v in enumerate(mdm.devices[k].main.results) if v.name == name)
+        vals = [sched.results[m][k][i] for m in range(M)]
+        out[name] = vals[0] if M == 1 else np.concatenate(vals, axis=0)
+    return out
+
+
+# ---------------------------------------------------------------- micro-batching
+
+def check_batch_split(mdm: MultiDeviceModule) -> None:
+    """Raises a MultiDeviceError naming the first op that could mix rows of different samples
+    along axis 0 (so the program cannot run on micro-batches split along it); returns if every
+    model output keeps axis 0 as the batch axis. Conservative: unknown patterns are refused.
+
+    A value is *batched* if its axis 0 is the batch axis (a model input; what an op computes from
+    batched values row by row) and *free* if no batched value reaches it (weights, constants).
+    Devices are checked in order; a Recv is batched if its matching Send's value was."""
+    sent: dict[tuple, deque] = {}
+    for k, m in enumerate(mdm.devices):
+        f = m.main
+        status: dict[int, bool] = {}
+        for a in f.args:
+            if a.type.shape is None or len(a.type.shape) == 0:
+                raise MultiDeviceError(f"device {k}: input {vname(a.name)}: {a.type} has no axis 0 to split into micro-batches")
+            status[id(a)] = True
+        for op in f.ops:
+            if op.name == "Recv":
+                q = sent.get((op.attrs.peer, k, op.attrs.tag))
+                if not q:
+                    raise MultiDeviceError(f"{describe(op, k)}: receives from a later device; micro-batching "
+                                           f"checks only forward (pipeline) communication")
+                status[id(op.results[0])] = q.popleft()
+                continue
+            _batch_op(op, status, m, k)
+            if op.name == "Send":
+                sent.setdefault((k, op.attrs.peer, op.attrs.tag), deque()).append(status[id(op.operands[0])])
+        for v in f.results:
+            if not is_token(v) and not status.get(id(v), False):
+                raise MultiDeviceError(f"device {k}: output {vname(v.name)} does not depend on the batch; "
+                                       f"micro-batching would not know how to merge it")
+
+
+def _refuse(op: Op, k: int, why: str):
+    raise MultiDeviceError(f"device {k}: {vname(op.results[0].name)} = {op.name} at {op.loc}: {why}; "
+                           f"this graph cannot run split into micro-batches (use --micro-batches 1)")
+
+
+def _batch_op(op: Op, status: dict, module: Module, k: int) -> None:
+    operands = [v for v in op.operands if v is not None]
+    batched = [v for v in op.operands if v is not None and status.get(id(v), False)]
+    if not batched:
+        for r in op.results:
+            status[id(r)] = False
+        return
+    if op.name == "Send":
+        status[id(op.results[0])] = False
+        return
+    if op.name == "fused":
+        body = op.attrs.body
+        inner = {id(a): status.get(id(v), False) for a, v in zip(body.args, op.operands)}
+        for sub in body.ops:
+            _batch_op(sub, inner, module, k)
+        for r, v in zip(op.results, body.results):
+            status[id(r)] = inner.get(id(v), False)
+        return
+    if op.regions():
+        _refuse(op, k, "ops with regions are not analysed")
+    b = batched[0].type.shape[0] if batched[0].type.shape else None
+    for v in batched:
+        if v.type.shape is None or not v.type.shape or v.type.shape[0] != b:
+            _refuse(op, k, f"operand {vname(v.name)}: {v.type} has no batch axis 0 of extent {b}")
+    for r in op.results:
+        if r.type.shape is None or not r.type.shape or r.type.shape[0] != b:
+            _refuse(op, k, f"result {r.type} does not keep the batch extent {b} on axis 0")
+    a = op.attrs
+    rank0 = len(op.operands[0].type.shape) if op.operands[0] is not None and op.operands[0].type.shape is not None else 1
+    if op.name in ("Shape", "Size"):
+        _refuse(op, k, "reads the batch size")
+    if op.name == "Gather" and not status.get(id(op.operands[0]), False):
+        pass  # a table indexed by batched indices: rows stay apart
+    elif hasattr(a, "axis") and isinstance(a.axis, int) and (a.axis % max(rank0, 1)) == 0:
+        _refuse(op, k, f"works along axis {a.axis}, the batch axis")
+    if hasattr(a, "perm") and a.perm and a.perm[0] != 0:
+        _refuse(op, k, f"perm {list(a.perm)} moves the batch axis")
+    axes = getattr(a, "axes", "absent")
+    if op.name.startswith("Reduce") or op.name in ("Slice", "Squeeze", "Unsqueeze"):
+        if axes == "absent" or axes is None:
+            i = 3 if op.name == "Slice" else 1
+            cv = const_value(op.operands[i], module.weights) if len(op.operands) > i and op.operands[i] is not None else None
+            axes = None if cv is None else [int(x) for x in np.asarray(cv).reshape(-1)]
+        if axes is None and op.name.startswith("Reduce") and not getattr(a, "noop_with_empty_axes", 0):
+            _refuse(op, k, "reduces over every axis, the batch axis included")
+        if axes is None and op.name == "Slice":
+            _refuse(op, k, "slices every axis, the batch axis included")
+        if axes is not None and any(int(x) % max(rank0, 1) == 0 for x in axes) and op.name != "Unsqueeze":
+            _refuse(op, k, f"axes {list(axes)} include the batch axis")
+        if op.name == "Unsqueeze" and axes is not None and 0 in [int(x) for x in axes]:
+            _refuse(op, k, "inserts an axis before the batch axis")
+    if op.name in ("MatMul", "MatMulInteger", "QLinearMatMul", "Gemm", "Einsum"):
+        if op.name == "Einsum":
+            _refuse(op, k, "einsum equations are not analysed")
+        rhs = op.operands[3 if op.name == "QLinearMatMul" else 1]
+        if status.get(id(rhs), False) and len(rhs.type.shape or ()) <= 2:
+            _refuse(op, k, "the batched operand is a matrix right-hand side (its rows are contracted)")
+        if op.name == "Gemm" and getattr(a, "transA", 0):
+            _refuse(op, k, "transA contracts over the batch axis")
+    if op.name not in ("Reshape", "Gather", "Flatten", "Squeeze", "Unsqueeze") and len(operands) > 1:
+        rr = len(op.results[0].type.shape)
+        for v in batched:
+            if len(v.type.shape) != rr:
+                _refuse(op, k, f"operand {vname(v.name)} of rank {len(v.type.shape)} broadcasts against rank {rr}, "
+                               f"so its axis 0 is not the result's")
+    for r in op.results:
+        status[id(r)] = True
