@@ -1,6 +1,8 @@
 """Issue 8's RNN benchmark (GPU machine): each model of tools/export_rnn_models.py at each batch,
-nnc fp32 and fp16 (each sync scheme of the persistent recurrence: flags / barrier) against torch
-eager (cuDNN) at the same precision, torch.compile with --torch-compile.
+nnc fp32 and fp16 (each sync scheme of the persistent recurrence: flags / barrier, and each step
+of --step-mma: the FMA step "fma" and the tensor-core step "mma", fp16/bf16 only) against torch
+eager (cuDNN) at the same precision, torch.compile with --torch-compile. A point is labelled
+<sync> (FMA step) or <sync>_mma.
 
 - correctness: nnc vs onnxruntime (CPU, the fp32 export) on fresh random inputs: max |diff| over
   max(1, max |ref|); fp32 <= 1e-3, fp16 <= 1e-2;
@@ -14,7 +16,12 @@ eager (cuDNN) at the same precision, torch.compile with --torch-compile.
   measured by --floor (an RNN with hidden 64, batch 1: nothing but the per-step latency chain).
 
     python tools/bench_rnn.py --models lstm2x512 --batches 1 --out $OUT [--floor] [--torch-compile]
-        [--budget-s 120] [--kperm] [--stage-batch]
+        [--budget-s 120] [--kperm] [--stage-batch] [--step-mma fma|mma|both]
+
+issue 8's tensor-core step, new point vs old vs cuDNN, three alternating rounds (< 4 min):
+
+    python tools/bench_rnn.py --models lstm2x512@16,lstm2x512@32,gru5x800bi@16 --syncs barrier \\
+        --step-mma both --reps 3 --budget-s 170 --out $OUT
 
 Rows go to OUT/bench_rnn.jsonl as they finish (a later call with other --models appends); a short
 table is printed last.
@@ -35,6 +42,7 @@ from cuda_timing import time_cuda  # noqa: E402
 from export_graphs import clamp_ir_version  # noqa: E402
 from export_rnn_models import MODELS, export  # noqa: E402
 
+SYNCS = ("flags", "barrier")
 L2_TBPS = 7.0  # H200 L2 read bandwidth, TB/s (nominal; the h broadcast is L2-resident)
 TOL = {"fp32": 1e-3, "fp16": 1e-2}
 ROWS: list = []
@@ -47,19 +55,30 @@ def rel_max(got, ref) -> float:
     return float(np.max(np.abs(got - ref)) / max(1.0, float(np.max(np.abs(ref)))))
 
 
-def build(onnx_path: Path, od: Path, prec: str, sync: str) -> Path:
-    """Compile with the persistent recurrence's sync scheme forced to `sync`."""
+def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma: bool = False) -> Path:
+    """Compile with the persistent recurrence's sync scheme forced to `sync` and its step to the
+    tensor-core one (step_mma, at any batch) or the FMA one."""
     from nnc.codegen.kernels import rnn
     from nnc.driver import compile_model
     if not (od / "plan.json").exists():
-        old = rnn.DEFAULT_SYNC, rnn.DEFAULT_KPERM, rnn.DEFAULT_STAGE_BATCH
-        rnn.DEFAULT_SYNC, rnn.DEFAULT_KPERM, rnn.DEFAULT_STAGE_BATCH = (sync, bool(ARGS and ARGS.kperm),
-                                                                        bool(ARGS and ARGS.stage_batch))
+        names = ("DEFAULT_SYNC", "DEFAULT_KPERM", "DEFAULT_STAGE_BATCH", "DEFAULT_STEP_MMA", "MMA_MIN_BATCH")
+        old = [getattr(rnn, n) for n in names]
+        new = (sync, bool(ARGS and ARGS.kperm), bool(ARGS and ARGS.stage_batch), step_mma, 1)
+        for n, v in zip(names, new):
+            setattr(rnn, n, v)
         try:
             compile_model(str(onnx_path), od, precision=prec)
         finally:
-            rnn.DEFAULT_SYNC, rnn.DEFAULT_KPERM, rnn.DEFAULT_STAGE_BATCH = old
+            for n, v in zip(names, old):
+                setattr(rnn, n, v)
     return od
+
+
+def points() -> list:
+    """(label, sync, step_mma) of the nnc builds each row times."""
+    steps = {"fma": (False,), "mma": (True,), "both": (False, True)}[ARGS.step_mma] if ARGS else (False,)
+    return [(sync + ("_mma" if m else ""), sync, m) for sync in (ARGS.syncs.split(",") if ARGS else SYNCS)
+            for m in steps]
 
 
 def rec_launches(plan: dict) -> list:
@@ -76,10 +95,11 @@ def step_bound_us(spec_params: dict, sync_us: float) -> float:
     p = spec_params
     D, B, H, NG = p["D"], p["B"], p["H"], p["NG"]
     esz = 4 if p["rt"] == "float" else 2
+    hsz = 4 if p.get("ht", "float") == "float" else 2  # h between steps: fp32, or the storage dtype (mma)
     nblk = D * p["NSB"]
-    h_reads = nblk * B * H * 4
+    h_reads = nblk * B * H * hsz
     g = D * B * NG * H * 4
-    writes = D * B * H * (4 + esz)
+    writes = D * B * H * (hsz + esz)
     return (h_reads + g + writes) / (L2_TBPS * 1e12) * 1e6 + sync_us
 
 
@@ -119,7 +139,7 @@ def floor_bench(work: Path) -> dict:
     return out
 
 
-def bench_one(name: str, batch: int, work: Path, precs, syncs, floor: dict):
+def bench_one(name: str, batch: int, work: Path, precs, pts, floor: dict):
     import cupy as cp
     import onnxruntime as ort
     import torch
@@ -134,19 +154,23 @@ def bench_one(name: str, batch: int, work: Path, precs, syncs, floor: dict):
         r = {"part": "bench", "model": name, "batch": batch, "prec": prec, "kperm": bool(ARGS.kperm),
              "stage_batch": bool(ARGS.stage_batch)}
         mods = {}
-        for sync in syncs:
+        for label, sync, mma in pts:
+            if mma and prec == "fp32":
+                continue  # the tensor-core step is fp16/bf16 only
             try:
                 t0 = time.time()
-                od = build(path, work / f"{name}_b{batch}_{prec}_{sync}{'_kperm' if ARGS.kperm else ''}{'_sb' if ARGS.stage_batch else ''}", prec, sync)
+                od = build(path, work / f"{name}_b{batch}_{prec}_{label}{'_kperm' if ARGS.kperm else ''}{'_sb' if ARGS.stage_batch else ''}", prec, sync, mma)
                 m = nnc.load(od)
-                r[f"compile_s_{sync}"] = round(time.time() - t0, 1)
+                r[f"compile_s_{label}"] = round(time.time() - t0, 1)
                 xin = x.astype(m.inputs[0].dtype)
                 got = m.run({"x": xin}, output="numpy", poison=True)["y"]
-                r[f"err_{sync}"] = rel_max(got, ref)
-                r[f"ok_{sync}"] = r[f"err_{sync}"] <= TOL[prec]
-                mods[sync] = (m, cp.asarray(xin), xin)
+                r[f"err_{label}"] = rel_max(got, ref)
+                r[f"ok_{label}"] = r[f"err_{label}"] <= TOL[prec]
+                if mma and not all(p.get("STEP_MMA") for p in rec_params(m.plan)):
+                    r[f"note_{label}"] = "not every recurrence took the tensor-core step (space: fp16/bf16, H % 8)"
+                mods[label] = (m, cp.asarray(xin), xin, sync)
             except Exception as e:
-                r[f"error_{sync}"] = f"{type(e).__name__}: {str(e)[:300]}"
+                r[f"error_{label}"] = f"{type(e).__name__}: {str(e)[:300]}"
                 traceback.print_exc()
         tm = tm32.half() if prec == "fp16" else tm32.float()
         tx = torch.from_numpy(x).cuda()
@@ -166,8 +190,8 @@ def bench_one(name: str, batch: int, work: Path, precs, syncs, floor: dict):
         rounds = {k: [] for k in list(mods) + ["torch"] + (["torch_compile"] if cm else [])}
         with torch.no_grad():
             for _ in range(ARGS.reps):  # alternate: the peer moves +-30 % between runs on this machine
-                for sync, (m, dx, _) in mods.items():
-                    rounds[sync].append(time_cuda(lambda m=m, dx=dx: m.run({"x": dx}), warmup=3, iters=ARGS.iters))
+                for label, (m, dx, _, _) in mods.items():
+                    rounds[label].append(time_cuda(lambda m=m, dx=dx: m.run({"x": dx}), warmup=3, iters=ARGS.iters))
                 rounds["torch"].append(time_cuda(lambda: tm(tx), warmup=3, iters=ARGS.iters))
                 if cm:
                     rounds["torch_compile"].append(time_cuda(lambda: cm(tx), warmup=3, iters=ARGS.iters))
@@ -176,54 +200,66 @@ def bench_one(name: str, batch: int, work: Path, precs, syncs, floor: dict):
                 r[f"{k}_ms"] = float(np.median(v))
                 r[f"{k}_rounds_ms"] = [round(t, 4) for t in v]
         # the recurrence per step, derived (see the docstring), for the default sync
-        for sync, (m, _, xin) in mods.items():
+        for label, (m, _, xin, sync) in mods.items():
             try:
                 lt = m.time_launches({"x": xin}, reps=5, repeats=3)
                 recs = set(rec_launches(m.plan))
                 other = sum(t for i, t in enumerate(lt) if t is not None and i not in recs)
                 layers = max(1, len(recs))
-                rec_ms = r[f"{sync}_ms"] - other
-                r[f"other_launches_ms_{sync}"] = other
-                r[f"rec_step_us_{sync}"] = rec_ms * 1e3 / (spec.seq * layers)
+                rec_ms = r[f"{label}_ms"] - other
+                r[f"other_launches_ms_{label}"] = other
+                r[f"rec_step_us_{label}"] = rec_ms * 1e3 / (spec.seq * layers)
                 ps = rec_params(m.plan)
                 if ps:
-                    r[f"step_bound_us_{sync}"] = step_bound_us(ps[-1], floor.get(sync, 1.0))
-                    r[f"rec_params_{sync}"] = {k: ps[-1].get(k) for k in ("NSB", "HS", "TR", "TB", "KS", "NTHR", "R_SMEM",
-                                                                           "KPERM", "STAGE_BATCH")}
+                    r[f"step_bound_us_{label}"] = step_bound_us(ps[-1], floor.get(sync, 1.0))
+                    r[f"rec_params_{label}"] = {k: ps[-1].get(k) for k in ("NSB", "HS", "TR", "TB", "KS", "NTHR", "R_SMEM",
+                                                                            "KPERM", "STAGE_BATCH", "STEP_MMA", "NW",
+                                                                            "MP", "NP")}
                 r["launches"] = len(m.plan["launches"])
             except Exception as e:
-                r[f"per_step_error_{sync}"] = f"{type(e).__name__}: {str(e)[:200]}"
+                r[f"per_step_error_{label}"] = f"{type(e).__name__}: {str(e)[:200]}"
         row(**r)
 
 
 def table():
-    print("\n==== bench_rnn (ms; speedup = torch eager / nnc best sync) ====")
-    print(f"{'model':<12}{'b':>3} {'prec':<5}{'err':>9} {'ok':<3}{'flags':>8}{'barrier':>8}{'torch':>8}{'tcomp':>8}"
-          f"{'speedup':>8}{'us/step':>8}{'bound':>7}")
+    labels = [lb for lb, _, _ in points()]
+    print("\n==== bench_rnn (ms; speedup = torch eager / nnc best point; us/step (bound) per point) ====")
+    print(f"{'model':<12}{'b':>3} {'prec':<5}{'err':>9} {'ok':<3}" + "".join(f"{lb:>13}" for lb in labels)
+          + f"{'torch':>8}{'tcomp':>8}{'speedup':>8}  " + "  ".join(f"{lb + ' us/step':>20}" for lb in labels))
+    f = lambda v, w=8, p=3: f"{v:>{w}.{p}f}" if isinstance(v, (int, float)) and v is not None else f"{'-':>{w}}"
     for r in ROWS:
         if r["part"] == "floor":
             print(f"floor (sync+latency, us/step): flags {r.get('flags_us_per_step', float('nan')):.2f}, "
                   f"barrier {r.get('barrier_us_per_step', float('nan')):.2f}")
             continue
-        ts = {s: r.get(f"{s}_ms") for s in ("flags", "barrier")}
-        best = min((v, s) for s, v in ts.items() if v is not None) if any(ts.values()) else (None, None)
-        errs = [r.get(f"err_{s}") for s in ("flags", "barrier") if r.get(f"err_{s}") is not None]
-        ok = all(r.get(f"ok_{s}", True) for s in ("flags", "barrier")) and bool(errs)
-        f = lambda v, w=8, p=3: f"{v:>{w}.{p}f}" if isinstance(v, (int, float)) and v is not None else f"{'-':>{w}}"
-        sp = r.get("torch_ms") / best[0] if best[0] and r.get("torch_ms") else None
+        if "error" in r:
+            print(f"{r['model']:<12}{r['batch']:>3} error: {r['error'][:100]}")
+            continue
+        ts = {lb: r.get(f"{lb}_ms") for lb in labels if r.get(f"{lb}_ms") is not None}
+        best = min(ts.values()) if ts else None
+        errs = [r.get(f"err_{lb}") for lb in labels if r.get(f"err_{lb}") is not None]
+        ok = all(r.get(f"ok_{lb}", True) for lb in labels) and bool(errs)
+        sp = r.get("torch_ms") / best if best and r.get("torch_ms") else None
+        steps = "  ".join(f"{f(r.get(f'rec_step_us_{lb}'), 9, 2)} ({f(r.get(f'step_bound_us_{lb}'), 6, 2)})"
+                          for lb in labels)
         print(f"{r['model']:<12}{r['batch']:>3} {r['prec']:<5}{max(errs) if errs else float('nan'):>9.1e} "
-              f"{'y' if ok else 'N':<3}{f(ts['flags'])}{f(ts['barrier'])}{f(r.get('torch_ms'))}"
-              f"{f(r.get('torch_compile_ms'))}{f(sp, 8, 2)}{f(r.get(f'rec_step_us_{best[1]}'), 8, 2)}"
-              f"{f(r.get(f'step_bound_us_{best[1]}'), 7, 2)}")
+              f"{'y' if ok else 'N':<3}" + "".join(f(ts.get(lb), 13) for lb in labels)
+              + f"{f(r.get('torch_ms'))}{f(r.get('torch_compile_ms'))}{f(sp, 8, 2)}  {steps}")
+        for k, v in r.items():
+            if k.startswith(("error_", "note_", "per_step_error_")):
+                print(f"    {k}: {v}")
 
 
 def main(argv=None) -> int:
     global ARGS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--batches", default="", help="only these batches (comma-separated); default: each model's")
+    ap.add_argument("--batches", default="", help="these batches (comma-separated) of every model; default: each "
+                    "model's own (a --models item name@b runs batch b of that model only)")
     ap.add_argument("--precisions", default="fp32,fp16")
     ap.add_argument("--syncs", default="flags,barrier")
+    ap.add_argument("--step-mma", default="fma", choices=("fma", "mma", "both"),
+                    help="the recurrence step: FMA (CUDA cores), tensor-core (space param step_mma), or both")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--floor", action="store_true", help="measure the per-step sync floor first")
@@ -246,17 +282,16 @@ def main(argv=None) -> int:
             floor = floor_bench(ARGS.work)
         except Exception:
             traceback.print_exc()
-    for name in ARGS.models.split(","):
+    for item in ARGS.models.split(","):
+        name, _, at = item.partition("@")
         if name not in MODELS:
             ap.error(f"unknown model {name!r} (known: {', '.join(MODELS)})")
-        for b in MODELS[name].batches:
-            if batches and b not in batches:
-                continue
+        for b in [int(at)] if at else sorted(batches) if batches else MODELS[name].batches:
             if ARGS.budget_s and time.time() - T0 > ARGS.budget_s:
                 print(f"--budget-s {ARGS.budget_s:g} spent: {name} b{b} not run", flush=True)
                 continue
             try:
-                bench_one(name, b, ARGS.work, ARGS.precisions.split(","), ARGS.syncs.split(","), floor)
+                bench_one(name, b, ARGS.work, ARGS.precisions.split(","), points(), floor)
             except Exception as e:
                 row(part="bench", model=name, batch=b, prec="-", error=f"{type(e).__name__}: {str(e)[:300]}")
                 traceback.print_exc()

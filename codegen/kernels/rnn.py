@@ -191,6 +191,100 @@ def _tiling_cost(spec: RecurrenceSpec, lay: dict, tr: int, tb: int, ks: int) -> 
     return threads, max(issue, latency)
 
 
+# ---- the tensor-core step (space parameter step_mma): h x R^T as mma.sync m16n8k16, fp32 accumulate
+MMA_STORAGE = ("f16", "bf16")
+MMA_MAX_ACC = 128  # fp32 accumulators a thread holds (m-tiles x n-tiles x 4): beyond, registers spill
+# the batch from which the default takes the tensor-core step: the cost model's crossover
+# (point_cost: at batch 1-4 the FMA step's modelled clocks are lower or level for the issue's
+# shapes, from 8 on the mma step's are lower; tests/codegen/test_rnn_mma.py checks they agree)
+MMA_MIN_BATCH = 8
+# the tensor-core step when the batch allows it: compile-checked (NVRTC sm_90a) and GPU tests
+# written, not yet measured on the H200 at this commit (tools/bench_rnn.py --step-mma both)
+DEFAULT_STEP_MMA = True
+
+
+def _mma_layout(spec: RecurrenceSpec, nsb: int, threads: int) -> dict:
+    """Geometry and shared-memory bytes of the tensor-core step: R slice [NP][PITCH] and h [MP][PITCH]
+    in the storage dtype (rows PITCH = HK + 8 elements: 16-byte rows of one ldmatrix phase on distinct
+    banks), fp32 partial sums [NW][MP][NP] of the NW warps' k-slices."""
+    H = spec.H
+    hs = -(-H // nsb)
+    rows = spec.gates * hs
+    np_ = -(-rows // 8) * 8
+    mp = -(-spec.B // 16) * 16
+    hk = -(-H // 16) * 16
+    pitch = hk + 8
+    nw = threads // 32
+    esz = ESIZE[spec.storage]
+    r_bytes = np_ * pitch * esz
+    h_bytes = mp * pitch * esz
+    smem = r_bytes + h_bytes + nw * mp * np_ * 4
+    return dict(HS=hs, NSB=-(-H // hs), ROWS=rows, NP=np_, MP=mp, HK=hk, PITCH=pitch, NW=nw, R_BYTES=r_bytes,
+                H_BYTES=h_bytes, smem=smem)
+
+
+def _mma_cost(spec: RecurrenceSpec, lay: dict) -> float:
+    """Modelled clocks of the tensor-core step's matvec: each warp runs ceil(NKS / NW) k-steps of
+    MT ldmatrix.x4 (h) + NT ldmatrix.x2 (R) + MT*NT mma (~8 clocks issue each on its scheduler,
+    ~32 latency per dependent k-step), then the NW partials are summed by the gate threads."""
+    mt, nt = lay["MP"] // 16, lay["NP"] // 8
+    iters = -(-(lay["HK"] // 16) // lay["NW"])
+    per_iter = max(32.0, (mt + nt) * 4.0 + mt * nt * 8.0 * max(1.0, lay["NW"] / 4))
+    reduce = 30.0 + lay["NW"] * spec.gates * 2.0 + mt * nt * 8.0
+    return iters * per_iter + 30.0 + reduce
+
+
+def _mma_ok(spec: RecurrenceSpec) -> bool:
+    return spec.storage in MMA_STORAGE and spec.H % 8 == 0
+
+
+def _staging_clocks(spec: RecurrenceSpec, step_mma: bool) -> float:
+    """Modelled clocks to stage h [B][H] into one block's shared memory from L2: fp32 today, the
+    storage dtype (ldmatrix operand) for the tensor-core step; ~64 B a clock an SM after ~600 of
+    latency."""
+    esz = ESIZE[spec.storage] if step_mma else 4
+    return 600.0 + spec.B * spec.H * esz / 64.0
+
+
+def point_layout(spec: RecurrenceSpec, params: dict) -> dict:
+    """The geometry of a point of recurrence_space (either step)."""
+    if params.get("step_mma"):
+        return _mma_layout(spec, params["nsb"], params["threads"])
+    return _layout(spec, params["nsb"], params["tr"], params["tb"], params["r_smem"])
+
+
+def point_cost(spec: RecurrenceSpec, params: dict) -> float:
+    """Modelled clocks of one step's h staging + matvec at a point of the space (the default's and
+    MMA_MIN_BATCH's model; the selector can time the points instead)."""
+    mma = bool(params.get("step_mma"))
+    lay = point_layout(spec, params)
+    if mma:
+        core = _mma_cost(spec, lay)
+    else:
+        core = _tiling_cost(spec, lay, params["tr"], params["tb"], params["ks"])[1]
+    return _staging_clocks(spec, mma) + core
+
+
+def _mma_points(spec: RecurrenceSpec, target: Target, nsb: int) -> list[dict]:
+    """The tensor-core step's points at nsb blocks a direction: 4 or 8 warps splitting k (more
+    threads when B*HS gate threads need them), both syncs; R always in smem (fp16/bf16)."""
+    if not _mma_ok(spec):
+        return []
+    out = []
+    for warps in (8, 4):
+        hs = -(-spec.H // nsb)
+        threads = max(warps * 32, -(-spec.B * hs // 32) * 32)
+        if threads > 1024:
+            continue
+        lay = _mma_layout(spec, nsb, threads)
+        if lay["smem"] > target.smem_per_block_optin or (lay["MP"] // 16) * (lay["NP"] // 8) * 4 > MMA_MAX_ACC:
+            continue
+        for sync in SYNCS:
+            out.append(dict(sync=sync, nsb=lay["NSB"], tr=None, tb=None, ks=None, threads=threads, r_smem=True,
+                            kperm=False, stage_batch=False, step_mma=True))
+    return out
+
+
 def _blocks_per_dir(spec: RecurrenceSpec, target: Target) -> int:
     return max(1, min(spec.H, target.sm_count // spec.D))
 
@@ -240,9 +334,10 @@ def recurrence_space(spec: RecurrenceSpec, target: Target) -> list[dict]:
                     for kperm in kperms:
                         for stage_batch in (False, True):
                             out.append(dict(sync=sync, nsb=nsb_real, tr=tr, tb=tb, ks=ks, threads=threads,
-                                            r_smem=r_smem, kperm=kperm, stage_batch=stage_batch))
+                                            r_smem=r_smem, kperm=kperm, stage_batch=stage_batch, step_mma=False))
             if tilings:
                 break  # R in smem fits: streaming it is never better
+        out += _mma_points(spec, target, nsb)
     return out
 
 
@@ -250,6 +345,13 @@ def recurrence_default(spec: RecurrenceSpec, target: Target, space: Optional[lis
     """The heuristic: the first of the space (most blocks, R on chip, best-modelled tiling) with
     DEFAULT_SYNC (the measured-faster scheme, tools/bench_rnn.py)."""
     space = recurrence_space(spec, target) if space is None else space
+    mma = DEFAULT_STEP_MMA and spec.B >= MMA_MIN_BATCH
+    if mma and any(p.get("step_mma") for p in space):
+        pts = [p for p in space if p.get("step_mma") and p["sync"] == DEFAULT_SYNC]
+        if pts:  # most blocks first (the space's order), the cheapest-modelled warp count of those
+            top = pts[0]["nsb"]
+            return dict(min((p for p in pts if p["nsb"] == top), key=lambda p: point_cost(spec, p)))
+    space = [p for p in space if not p.get("step_mma")] or space
     for p in space:
         if (p["sync"] == DEFAULT_SYNC and p.get("kperm", False) == DEFAULT_KPERM
                 and p.get("stage_batch", False) == DEFAULT_STAGE_BATCH):
@@ -278,9 +380,19 @@ def sync_words(spec: RecurrenceSpec, params: dict) -> int:
 def render_params(spec: RecurrenceSpec, params: dict) -> dict:
     """Template parameters of the "rec" kernel for spec and a point of its space."""
     g, y, st = spec.strides()
-    lay = _layout(spec, params["nsb"], params["tr"], params["tb"], params["r_smem"])
+    mma = bool(params.get("step_mma", False))
+    if mma and not _mma_ok(spec):
+        raise ValueError(f"step_mma needs f16/bf16 storage and hidden % 8 == 0 (got {spec.storage}, {spec.H})")
+    lay = point_layout(spec, params)
     if lay["NSB"] != params["nsb"]:
         raise ValueError(f"nsb {params['nsb']} does not split hidden {spec.H} evenly into slices")
+    if mma:  # the FMA step's tiling is unused: one-row tiles keep its template constants defined
+        geom = dict(ROWSP=lay["NP"], BP=lay["MP"], HP=lay["PITCH"], R_BYTES=lay["R_BYTES"], R_SMEM=True, TR=1, TB=1,
+                    KS=1, MP=lay["MP"], NP=lay["NP"], HK=lay["HK"], PITCH=lay["PITCH"], NW=lay["NW"],
+                    H_BYTES=lay["H_BYTES"])
+    else:
+        geom = dict(ROWSP=lay["ROWSP"], BP=lay["BP"], HP=lay["HP"], R_BYTES=lay["R_BYTES"], R_SMEM=params["r_smem"],
+                    TR=params["tr"], TB=params["tb"], KS=params["ks"])
     return dict(variant="rec", kind=spec.kind, S=spec.S, B=spec.B, D=spec.D, H=spec.H, NG=spec.gates,
                 direction=spec.direction, acts=spec.acts or _default_acts(spec.kind, spec.D),
                 clip=None if spec.clip is None else float(spec.clip), input_forget=bool(spec.input_forget),
@@ -290,10 +402,9 @@ def render_params(spec: RecurrenceSpec, params: dict) -> dict:
                 has_rbh=spec.has_rbh and spec.kind == "GRU", rbh_sd=spec.H if spec.rbh_sd is None else spec.rbh_sd,
                 rbh_off=spec.rbh_off, has_lens=spec.has_lens, has_y=spec.has_y, has_yh=spec.has_yh,
                 has_yc=spec.has_yc and spec.kind == "LSTM", sync=params["sync"], NSB=lay["NSB"], HS=lay["HS"],
-                ROWSP=lay["ROWSP"], BP=lay["BP"], HP=lay["HP"], R_BYTES=lay["R_BYTES"], R_SMEM=params["r_smem"],
-                TR=params["tr"], TB=params["tb"], KS=params["ks"], VEC=_vec(spec), NTHR=params["threads"],
-                KPERM=bool(params.get("kperm", False)), STAGE_BATCH=bool(params.get("stage_batch", False)),
-                layout=0, lbr=spec.linear_before_reset)
+                VEC=_vec(spec), NTHR=params["threads"], KPERM=bool(params.get("kperm", False)) and not mma,
+                STAGE_BATCH=bool(params.get("stage_batch", False)) and not mma, STEP_MMA=mma,
+                ht=CT[spec.storage] if mma else "float", layout=0, lbr=spec.linear_before_reset, **geom)
 
 
 def _check_buffers(ctx, spec, h0, c0, peep, rbh, lens, y, yh, yc):
@@ -367,10 +478,11 @@ def emit_recurrence(ctx: LowerCtx, spec: RecurrenceSpec, params: Optional[dict] 
     params = dict(params) if params else recurrence_default(spec, ctx.target)
     _check_buffers(ctx, spec, h0, c0, peep, rbh, lens, y, yh, yc)
     tp = render_params(spec, params)
-    lay = _layout(spec, params["nsb"], params["tr"], params["tb"], params["r_smem"])
+    lay = point_layout(spec, params)
     nwords = sync_words(spec, params)
     words = ctx.temp("u32", (nwords,), "rnn_sync")
-    hbuf = ctx.temp("f32", (2, spec.D, spec.B, spec.H), "rnn_h")
+    # h between steps: fp32, or the storage dtype the tensor-core step's ldmatrix reads (half the bytes)
+    hbuf = ctx.temp(spec.storage if tp["STEP_MMA"] else "f32", (2, spec.D, spec.B, spec.H), "rnn_h")
     ki = ctx.render("rnn.cu.j2", "rnn_sync_init", variant="sync_init", NWORDS=nwords, kind=spec.kind)
     ctx.launch(ki, ctx.grid1d(nwords), 256, [words])
     k = ctx.render("rnn.cu.j2", f"coop_{spec.kind.lower()}_step", **tp)

@@ -45,12 +45,14 @@ def test_space_declares_both_syncs_and_fits_smem():
         space = rnn.recurrence_space(spec, SM90)
         assert {p["sync"] for p in space} == {"flags", "barrier"}
         for p in space:
-            lay = rnn._layout(spec, p["nsb"], p["tr"], p["tb"], p["r_smem"])
+            lay = rnn.point_layout(spec, p)
             assert lay["smem"] <= SM90.smem_per_block_optin and D * lay["NSB"] <= SM90.sm_count
             assert p["threads"] % 32 == 0 and p["threads"] <= 1024 and p["threads"] >= B * lay["HS"]
+        assert any(p["step_mma"] for p in space) == (st == "f16"), "the tensor-core step: fp16/bf16 only"
         assert space[0]["r_smem"], (kind, H, B, "R fits on chip for the issue's models")
         d = rnn.recurrence_default(spec, SM90)
         assert d in space and d["sync"] == rnn.DEFAULT_SYNC
+        assert d["step_mma"] == (st == "f16" and B >= rnn.MMA_MIN_BATCH)
 
 
 def test_fits_says_why_not():
@@ -94,8 +96,9 @@ def test_every_point_compiles(name, tmp_path, monkeypatch):
     # a covering subset (the CPU is small): every (sync, kperm, stage_batch) and every geometry once
     seen, todo = set(), []
     for params in got:
-        keys = {("flags", params["sync"], params.get("kperm"), params.get("stage_batch")),
-                ("geometry", params["nsb"], params["tr"], params["tb"], params["ks"], params["r_smem"])}
+        keys = {("flags", params["sync"], params.get("kperm"), params.get("stage_batch"), params["step_mma"]),
+                ("geometry", params["nsb"], params["tr"], params["tb"], params["ks"], params["r_smem"],
+                 params["threads"] if params["step_mma"] else None)}
         if keys - seen:
             seen |= keys
             todo.append(params)
@@ -103,6 +106,7 @@ def test_every_point_compiles(name, tmp_path, monkeypatch):
         _, plan = _compile(model, tmp_path / f"p{i}", params, monkeypatch)
         launch, k = _rec_launch(plan)
         assert k["params"]["sync"] == params["sync"] and k["params"]["NSB"] == params["nsb"]
+        assert k["params"]["STEP_MMA"] == params["step_mma"]
         assert launch["block"][0] == params["threads"] and launch["grid"][0] % params["nsb"] == 0
 
 
