@@ -116,6 +116,8 @@ class CompileOptions:
     # optimization profiles (compiler/profiles.py: Profile, or "x:1x3/8x3/32x3" per profile; --profile)
     profiles: tuple = ()
     calib: Optional[str] = None          # precision "int8": calib.json or a TensorRT cache (--calib; compiler/calibrate.py)
+    weights: str = "float"               # "int4": MatMul/Gemm constant weights quantized at compile time (--weights)
+    int4_block: int = 32                 # weights "int4": the group size along K (--int4-block 32|64|128)
 
     def __post_init__(self):
         object.__setattr__(self, "shapes", normalize_shapes(dict(self.shapes) if isinstance(self.shapes, tuple)
@@ -145,6 +147,10 @@ class CompileOptions:
             raise NncError("precision 'int8' needs calib (--calib calib.json or a TensorRT cache, from `nnc calibrate`)"
                            if self.precision == "int8" else f"calib (--calib) only goes with precision 'int8', "
                                                             f"not {self.precision!r}")
+        if self.weights not in ("float", "int4"):
+            raise NncError(f"weights must be 'float' or 'int4', not {self.weights!r}")
+        if self.int4_block not in (32, 64, 128):
+            raise NncError(f"int4_block must be 32, 64 or 128, not {self.int4_block!r}")
         if self.calib is not None:
             object.__setattr__(self, "calib", os.fspath(self.calib))
             if self.keep_fp32:

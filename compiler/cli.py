@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--precision best: calibration inputs, an .npz keyed by input name or a directory of them "
                         "(default: seeded random inputs, with a warning)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 tensor cores for fp32 GEMMs and convolutions")
+    p.add_argument("--weights", choices=["float", "int4"], default="float",
+                   help="int4: MatMul/Gemm constant weights quantized at compile time to symmetric int4 groups "
+                        "along K (weight-only; relative weight error about 9%%: check with nnc verify)")
+    p.add_argument("--int4-block", type=int, choices=[32, 64, 128], default=32,
+                   help="--weights int4: weights per group (one fp16-representable scale each)")
     p.add_argument("--backend", choices=["nvrtc", "nvcc"], default="nvrtc", help="CUDA compiler to use")
     p.add_argument("--name", default=None,
                    help="the model's C API name: its symbols are nnc_NAME_create, nnc_NAME_run, ... "
@@ -368,7 +373,8 @@ def cmd_compile(args) -> int:
                           cache=not args.no_cache, jobs=args.jobs, fuse=not args.no_fuse, tune=args.tune,
                           tune_budget=args.tune_budget, timing_cache=args.timing_cache,
                           keep_fp32=args.keep_fp32, allow=args.allow, max_rel_err=args.max_rel_err,
-                          calib_data=args.calib_data, profiles=args.profile, calib=args.calib)
+                          calib_data=args.calib_data, profiles=args.profile, calib=args.calib,
+                          weights=args.weights, int4_block=args.int4_block)
     import warnings
     with warnings.catch_warnings(record=True) as caught:  # one "nnc compile: warning:" line each
         warnings.simplefilter("always")

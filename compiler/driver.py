@@ -41,14 +41,19 @@ def precision_point(passes: list) -> int:
     return next((i for i, p in enumerate(passes) if p in FUSION_PASSES + LAYOUT_PASSES), len(passes))
 
 
-def pipeline_passes(precision: str = "fp32", fuse: bool = True, per_layer=None, int8_scales=None) -> list:
+def pipeline_passes(precision: str = "fp32", fuse: bool = True, per_layer=None, int8_scales=None,
+                    int4_block=None) -> list:
     """The pass list `nnc compile` runs at this precision (`nnc verify` runs the same one).
     fuse=False leaves out the fusion passes (`--no-fuse`: one kernel per op, to compare against).
     per_layer: a mixed_precision.PrecisionChoice (--keep-fp32, --precision best), run in the
     precision passes' place as the entry ("mixed-precision", choice).
     int8_scales: {tensor name: scale} for precision int8: quantize-int8 runs there instead, then
-    fold-qdq (its Q/DQ into integer ops; compiler/passes/quantize_int8.py says the form)."""
+    fold-qdq (its Q/DQ into integer ops; compiler/passes/quantize_int8.py says the form).
+    int4_block: --weights int4's group size: quantize-weights-int4 runs after fuse-horizontal."""
     passes = [p for p in DEFAULT_PIPELINE if fuse or p not in FUSION_PASSES]
+    if int4_block is not None:
+        from .passes.quantize_weights_int4 import make_pass as int4_pass
+        passes.insert(passes.index("fuse-horizontal") + 1, ("quantize-weights-int4", int4_pass(int4_block)))
     if precision == "int8":
         from .passes.quantize_int8 import make_pass
         at = precision_point(passes)
@@ -140,7 +145,8 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
         from .calibrate import load_table
         calib = load_table(options.calib)
     pipe = Pipeline(pipeline_passes(precision, options.fuse, choice,
-                                    calib and {k: calib.scale(k) for k in calib.amax}), options.verify_each,
+                                    calib and {k: calib.scale(k) for k in calib.amax},
+                                    options.int4_block if options.weights == "int4" else None), options.verify_each,
                     Path(dump_ir) if dump_ir else None)
     pipe.run(module)
     if choice is not None and rep.verbose:
@@ -162,6 +168,7 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
         "precision": precision,
         **({"layer_precision": layer_precision_json(choice, search_record, options)} if choice is not None else {}),
         "tf32": options.tf32,
+        **({"int4_weights": {"block_size": options.int4_block}} if options.weights == "int4" else {}),
         **({"int8": {"calib": Path(options.calib).name, "method": calib.method, "tensors": len(calib.amax)}}
            if calib is not None else {}),
         "kernels": [],

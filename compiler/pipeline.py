@@ -29,6 +29,7 @@ PASSES = {
     "cse": "cse",
     "fold-batchnorm": "fold_batchnorm",
     "fold-qdq": "fold_qdq",
+    "quantize-weights-int4": "quantize_weights_int4",  # --weights int4 (compiler/driver.pipeline_passes)
     "fuse-horizontal": "fuse_horizontal",
     "fuse-attention": "fuse_attention",
     "assign-layout": "assign_layout",

@@ -19,6 +19,12 @@ Rewrites (x_q: an i8/u8 value; every scale and zero point a `const`; sx, sy per-
   - a second sweep: OP(DQ(x_q), W [, B]) left over, its f32 result read by no Q (a QDQ model's
     classifier) -> ConvInteger / MatMulInteger -> DequantizeLinear(acc, sx*sw) [-> Add(B)]: int8
     inputs, exact int32 sums, f32 out (equal to the literal graph within fp32 rounding, not bitwise).
+  - a third sweep, weight-only int4: MatMul(X, DQ(w_q int4/uint4 const [K, N], sw, zw?)) and
+    Gemm(X, DQ(..)[, C]) (transA 0, alpha 1; transB folded into w_q) with a float X, the DQ
+    blocked along K (opset 21) or per output channel (one block of K) -> matmul_int4_weight(X,
+    w_q [K, N], sw [ceil(K/B), N][, zw]) {block_size = B} [-> Add(beta*C)] (ir/ops/gemm_int4.py:
+    exactly dequantize-then-matmul). A DQ small enough to be folded to a float constant first
+    (fold-constants: <= 65536 weights) is an ordinary float MatMul by then.
   W is DQ(w_q const, sw, zw?) (int8/uint8; per-tensor, per-channel along the output-channel axis:
   Conv axis 0, MatMul axis 1, Gemm transB axis 0, or any layout, opset 21 blocked included, whose
   scale/zero point is constant across all other axes; blocks along K with unequal scales are not
@@ -548,6 +554,105 @@ class _Fold:
         r.ops = new_ops
         subst.apply_results(r)
 
+    # ---------------------------------------------------------------- weight-only int4
+
+    def _int4_weight(self, v, trans_b: bool):
+        """(w_q [K, N], w_scale [KB, N], w_zero_point or None, block_size) for v = DQ(w_q int4 const,
+        scale const, zero point const?) blocked along K (or per output channel: one block of K),
+        else None."""
+        op = v.producer
+        if op is None or op.name != "DequantizeLinear" or len(op.results) != 1:
+            return None
+        wq = self.c(op.operands[0])
+        s = self.c(op.operands[1])
+        z = self.c(op.operands[2]) if len(op.operands) > 2 and op.operands[2] is not None else None
+        if wq is None or s is None or wq.ndim != 2 or wq.dtype.name not in ("int4", "uint4") \
+                or s.dtype.kind != "f" and "float" not in s.dtype.name:
+            return None
+        if op.results[0].type.dtype.np != s.dtype:
+            return None  # (an output_dtype other than the scale's)
+        k_axis = 1 if trans_b else 0
+        K = wq.shape[k_axis]
+        axis = op.attrs.axis % 2
+        if op.attrs.block_size:
+            if axis != k_axis:
+                return None  # blocks along N: not one scale per (K group, column)
+            bs = int(op.attrs.block_size)
+        elif s.ndim == 1 and s.size > 1 and axis != k_axis:
+            bs = K  # per output channel: one group of all K
+            s = s.reshape((1, -1)) if not trans_b else s.reshape((-1, 1))
+            z = None if z is None else (z.reshape((1, -1)) if not trans_b else z.reshape((-1, 1)))
+        else:
+            return None
+        if trans_b:
+            wq, s = wq.T, s.T
+            z = None if z is None else z.T
+        wq, s = np.ascontiguousarray(wq), np.ascontiguousarray(s)
+        if z is not None:
+            z = np.ascontiguousarray(z)
+            if not np.any(z.astype(np.int64)) and wq.dtype.name == "int4":
+                z = None  # an all-zero i4 zero point is the default
+        return wq, s, z, bs
+
+    def int4_out(self, op: Op, b: Builder) -> bool:
+        """MatMul(X, DQ(w_q int4 [K, N], ..)) / Gemm(X, DQ(..)[, C]) (transA 0, alpha 1; transB folded
+        into w_q) with a float X -> matmul_int4_weight(X, w_q, w_scale[, w_zp]) [-> Add(beta*C)]."""
+        if len(op.results) != 1 or len(op.operands) < 2:
+            return False
+        trans_b = op.name == "Gemm" and bool(op.attrs.transB)
+        if op.name == "Gemm" and (op.attrs.transA or op.attrs.alpha != 1.0):
+            return False
+        x, res = op.operands[0], op.results[0]
+        if not x.type.dtype.is_float or x.type.rank is None or x.type.rank < 1:
+            return False
+        w = self._int4_weight(op.operands[1], trans_b)
+        if w is None:
+            return False
+        wq, s, z, bs = w
+        bias = op.operands[2] if op.name == "Gemm" and len(op.operands) > 2 else None
+        loc, hint = op.loc, res.name
+        k = b.constant
+        dq = op.operands[1].producer
+
+        def param(arr, hint_, cand):
+            return cand if cand is not None and _same_const(self.c(cand), arr) else k(arr, hint_, loc, weight_hint=hint_)
+        operands = [x, param(wq, f"{hint}_w_int4", dq.operands[0]), param(s, f"{hint}_w_scale", dq.operands[1])]
+        if z is not None:
+            operands.append(param(z, f"{hint}_w_zero_point", dq.operands[2] if len(dq.operands) > 2 else None))
+        start = len(b.region.ops)
+        y = b.create("matmul_int4_weight", operands, {"block_size": bs},
+                     names=[f"{hint}_int4" if bias is not None else hint], loc=loc)[0]
+        if bias is not None:
+            c = bias
+            if op.attrs.beta != 1.0:
+                cv = self.c(bias)
+                if cv is None:
+                    del b.region.ops[start:]
+                    return False
+                c = k((cv * cv.dtype.type(op.attrs.beta)).astype(cv.dtype), f"{hint}_bias", loc)
+            y = b.create("Add", [y, c], names=[hint], loc=loc)[0]
+        if y.type != res.type:
+            del b.region.ops[start:]
+            return False
+        last = y.producer
+        self.names.taken.discard(y.name)
+        last.results = [res]
+        res.producer = last
+        self.counts[f"{op.name}(DQ(int4))->matmul_int4_weight"] += 1
+        return True
+
+    def int4_region(self, r: Region) -> None:
+        """Third sweep: MatMul / Gemm reading a DQ'd int4 weight (a float X: weight-only int4)."""
+        new_ops: list = []
+        b = Builder(Region([], new_ops, []), self.w, self.names)
+        for op in r.ops:
+            for _, sub in op.regions():
+                self.int4_region(sub)
+            if op.name in ("MatMul", "Gemm") and self.int4_out(op, b):
+                continue
+            new_ops.append(op)
+        r.ops = new_ops
+
 
 def rewrite(module: Module) -> Counter:
     """The folds done, by pattern (what `run` reports as changed)."""
@@ -556,6 +661,7 @@ def rewrite(module: Module) -> Counter:
         fo = _Fold(module, f)
         fo.region(f, Substitution())
         fo.float_region(f)
+        fo.int4_region(f)
         total += fo.counts
     return total
 
