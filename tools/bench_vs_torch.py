@@ -1,7 +1,7 @@
 """nnc against PyTorch on the GPU machine, one model per call, resumable (issue 9's benchmark).
 
     python tools/bench_vs_torch.py --model resnet50 --results benchmarks/h200.jsonl [--batches 1,32]
-        [--precisions fp16,fp32] [--peers eager,compile,reduce_overhead] [--out $OUT]
+        [--precisions fp16,fp32] [--peers eager,compile,reduce_overhead,nnc_unfused] [--out $OUT]
     python tools/bench_vs_torch.py --report --results benchmarks/h200.jsonl --md docs/benchmarks.md [--png F]
 
 One row per (model, batch, precision): nnc (`nnc.load` defaults) and every peer timed in the SAME
@@ -41,7 +41,7 @@ MATRIX = {
     "vit_b_16": ("fp16",),
     "lstm_2x512": ("fp16",),
 }
-PEERS = ("eager", "compile", "reduce_overhead")
+PEERS = ("eager", "compile", "reduce_overhead")  # and "nnc_unfused": nnc with the fusion passes off
 
 
 def environment(commit: str = "") -> dict:
@@ -80,22 +80,28 @@ def bench_one(name: str, batch: int, prec: str, peers, tune_budget=None) -> dict
     WORK.mkdir(exist_ok=True)
     path, feeds, mod, _ = export(name, batch)
     x = fresh_inputs(feeds)
-    try:
-        # nnc's defaults (timing-based selection when a GPU is present), bounded by --tune-budget
-        od = WORK / f"{name}_b{batch}_{prec}_bench"
-        t0 = time.time()
-        compile_model(str(path), od, options=CompileOptions(precision=prec, tune_budget=tune_budget))
-        compile_s = time.time() - t0
-        m = nnc.load(od)
-        r["nnc_tuning"] = {k: v for k, v in (m.plan.get("tuning") or {}).items() if not isinstance(v, (list, dict))}
-        dev = {k: cp.asarray(v) for k, v in x.items()}
-        r["nnc_ms"] = time_cuda(lambda: m.run(dev))
-        r["nnc_compile_s"] = round(compile_s, 1)
-        r["nnc_launches"] = len(m.plan.get("launches", []))
-        del m
-    except Exception as e:
-        r["nnc_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        traceback.print_exc()
+    for key, fuse in (("nnc", True), ("nnc_unfused", False)):
+        if key == "nnc_unfused" and "nnc_unfused" not in peers:
+            continue
+        try:
+            # nnc's defaults (timing-based selection when a GPU is present), bounded by --tune-budget;
+            # the unfused peer is the same build with the fusion passes off (issue 7's ratio)
+            od = WORK / f"{name}_b{batch}_{prec}_bench{'' if fuse else '_unfused'}"
+            t0 = time.time()
+            compile_model(str(path), od, options=CompileOptions(precision=prec, tune_budget=tune_budget, fuse=fuse))
+            compile_s = time.time() - t0
+            m = nnc.load(od)
+            if fuse:
+                r["nnc_tuning"] = {k: v for k, v in (m.plan.get("tuning") or {}).items()
+                                   if not isinstance(v, (list, dict))}
+            dev = {k: cp.asarray(v) for k, v in x.items()}
+            r[f"{key}_ms"] = time_cuda(lambda: m.run(dev))
+            r[f"{key}_compile_s"] = round(compile_s, 1)
+            r[f"{key}_launches"] = len(m.plan.get("launches", []))
+            del m
+        except Exception as e:
+            r[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            traceback.print_exc()
     half = prec == "fp16"
     # fp32 rows compare like with like: nnc's fp32 is strict fp32, so cuDNN's TF32 convs are off
     torch.backends.cudnn.allow_tf32 = half
@@ -106,7 +112,7 @@ def bench_one(name: str, batch: int, prec: str, peers, tune_budget=None) -> dict
     ti = [torch.from_numpy(x[k]).to("cuda") for k in feeds]
     ti = [(t.half() if half else t.float()) if t.is_floating_point() else t for t in ti]
     with torch.no_grad():
-        for peer in peers:
+        for peer in (p for p in peers if p != "nnc_unfused"):
             try:
                 if peer == "eager":
                     fn = tm
@@ -162,13 +168,14 @@ def _ratio(r, peer) -> str:
 
 def markdown(rows: list[dict]) -> str:
     head = ("| model | batch | prec | nnc | eager | torch.compile | compile+graphs | nnc vs eager | "
-            "nnc vs compile | nnc vs compile+graphs | GPU, date, commit |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+            "nnc vs compile | nnc vs compile+graphs | nnc unfused (fused speedup) | GPU, date, commit |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
     lines = []
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['precision']} | {_ms(r, 'nnc_ms')} | {_ms(r, 'eager_ms')} | "
                      f"{_ms(r, 'compile_ms')} | {_ms(r, 'reduce_overhead_ms')} | {_ratio(r, 'eager')} | "
                      f"{_ratio(r, 'compile')} | {_ratio(r, 'reduce_overhead')} | "
+                     f"{_ms(r, 'nnc_unfused_ms')} ({_ratio(r, 'nnc_unfused')}) | "
                      f"{r.get('gpu', '?')}, {r.get('date', '?')}, {r.get('nnc_commit', '?')} |")
     errors = [f"- {r['model']} b{r['batch']} {r['precision']}: {k}: {v}" for r in rows for k, v in r.items()
               if k.endswith("_error")]
