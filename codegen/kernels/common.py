@@ -95,6 +95,19 @@ def load_cubin(cubin: bytes, spec: KernelSpec):
     return fn
 
 
+_SCRATCH: dict = {}
+
+
+def _scratch(spec: KernelSpec, name: str, count: int):
+    """A zeroed 4-byte-element device buffer for scratch arg `name` of spec, made once per kernel
+    and kept (a split-K GEMM's counters must start at zero; its kernel leaves them zeroed)."""
+    import cupy
+    key = (spec.name, name, count)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = cupy.zeros(max(count, 1), cupy.int32)
+    return _SCRATCH[key]
+
+
 def launch(fn, spec: KernelSpec, buffers: dict, stream=None):
     """Launch with pointer args bound by name from `buffers` (cupy arrays) and scalar args from spec."""
     import numpy as np
@@ -102,6 +115,8 @@ def launch(fn, spec: KernelSpec, buffers: dict, stream=None):
     args = []
     for name, ctype, value in spec.args:
         if ctype.endswith("*"):
+            if name not in buffers and isinstance(value, int):  # kernel-owned scratch (split-K GEMM)
+                buffers = {**buffers, name: _scratch(spec, name, value)}
             args.append(buffers[name])
         else:
             args.append(conv[ctype](buffers.get(name, value)))

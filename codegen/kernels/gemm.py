@@ -13,7 +13,8 @@ API:  candidates(problem, target) -> list[dict];  render(problem, params=None) -
       fitted to (shared memory, SM count, L2; default: the sm_90 table entry).
 Params: the tile (BM, BN, BK; tensor cores also WARPS_M, WARPS_N, STAGES) and `swizzle`, the block
 order (GROUP_M tile rows per group, see SWIZZLE_SPACE; chosen by `choose_swizzle` for grids of more
-than one wave whose operands do not fit in L2).
+than one wave whose operands do not fit in L2); tensor cores also SPLIT_K (absent: 1), the CTAs
+that share one output tile, each over a run of whole K tiles (see "split-K" below).
 """
 from __future__ import annotations
 
@@ -293,12 +294,28 @@ def candidates(problem: GemmProblem, target: Target = DEFAULT_TARGET) -> list[di
             continue
         pick = choose_swizzle(problem, p, target)
         full.extend(dict(p, swizzle=g) for g in (pick,) + tuple(g for g in SWIZZLE_SPACE if g != pick))
+    if fam == "tc":  # then the split-K points of the tiles whose grid leaves SMs idle
+        full.extend(dict(p, swizzle=GROUP_M, SPLIT_K=s) for p in out for s in split_points(problem, p, target))
     return full
 
 
 def default_params(problem: GemmProblem, target: Target = DEFAULT_TARGET) -> dict:
-    """Heuristic pick (no measurement): the largest tile that still fills ~all SMs, else the most CTAs."""
+    """Heuristic pick (no measurement): the largest tile that still fills ~all SMs, else the most CTAs;
+    then a split-K point instead when modelled_time says it takes at most SPLIT_K_MIN_GAIN of that
+    tile's time (grids of fewer tiles than SMs with long K: see split_points)."""
     cands = candidates(problem, target)
+    whole = [p for p in cands if p.get("SPLIT_K", 1) == 1]
+    best = _default_whole(problem, whole, target)
+    split = [p for p in cands if p.get("SPLIT_K", 1) > 1]
+    if split:
+        t_best = modelled_time(problem, best, target)
+        s_best = min(split, key=lambda p: modelled_time(problem, p, target))  # first of equal times
+        if modelled_time(problem, s_best, target) <= SPLIT_K_MIN_GAIN * t_best:
+            return s_best
+    return best
+
+
+def _default_whole(problem: GemmProblem, cands: list, target: Target) -> dict:
     sms = target.sm_count
 
     def score(p):
@@ -310,6 +327,77 @@ def default_params(problem: GemmProblem, target: Target = DEFAULT_TARGET) -> dic
         return util * waste * (1.0 + 0.15 * (p["BM"] * p["BN"]) / (128 * 128))
 
     return max(cands, key=score)  # first of equal scores: the tile with its chosen swizzle
+
+
+# ---------------------------------------------------------------- split-K (gemm_tc.cu.j2)
+# A grid of fewer output tiles than SMs (batch-1 BERT: M = 128; 1x1 convs on 7x7 maps) leaves most
+# SMs idle. With SPLIT_K = S the grid is (tiles, S, batch): CTA (tile, s) runs K tiles
+# [s * KT // S, (s + 1) * KT // S) of the KT = ceil(K / BK) (whole K tiles; the split sizes differ
+# by at most one, a ragged K only zero-fills the last tile as without split), stores its fp32
+# partial tile to the workspace `ws` and counts itself in `tile_counters[tile]`; the last of the S
+# to arrive adds the S partials in split order 0..S-1 (deterministic, whoever arrives last), resets
+# the counter to 0 (re-launchable, CUDA-graph safe) and runs the epilogue. The lowering
+# (gemm_lowering.emit_spec) binds both as step temps and zeroes the counters before the launch.
+SPLIT_K_SPACE = (2, 3, 4, 6, 8, 12, 16)
+SPLIT_K_MIN_GAIN = 0.8        # the heuristic splits when the model says <= 80 % of the unsplit time
+SPLIT_K_FIXED_S = 1.5e-6      # model: the counter-zeroing copy, fences and atomics of a split launch
+SPLIT_K_L2_BPS_PER_SM = 100e9  # model: what the last CTA of a tile reads the other partials at
+SPLIT_K_MAX_PER_SM = 2        # split grids of at most this many CTAs per SM
+CTA_FLOPS = 2.5e12            # model: one CTA's mma.sync rate alone on an SM (uncalibrated)
+
+
+def split_ranges(k_tiles: int, split: int) -> list[tuple[int, int]]:
+    """[first, end) K tiles of each split: the template's (s * KT) / S formula."""
+    return [(s * k_tiles // split, (s + 1) * k_tiles // split) for s in range(split)]
+
+
+def split_points(problem: GemmProblem, p: dict, target: Target = DEFAULT_TARGET) -> list[int]:
+    """The SPLIT_K values (> 1) of SPLIT_K_SPACE tile p may run with, pruned by the Target and K:
+    the unsplit grid has fewer tiles than SMs; the split grid is at most one wave of resident CTAs
+    and at most SPLIT_K_MAX_PER_SM CTAs per SM (more splits fill no more SMs, only add partials
+    to reduce); every split runs at least max(2, STAGES - 1) K tiles (the pipeline
+    fills); the fp32 partials fit in half of L2 (they are read back from it). Tensor cores only."""
+    if problem.family != "tc":
+        return []
+    tiles = cdiv(problem.M, p["BM"]) * cdiv(problem.N, p["BN"]) * problem.nbatch
+    if tiles >= target.sm_count:
+        return []
+    k_tiles = cdiv(problem.K, p["BK"])
+    min_kt = max(2, p["STAGES"] - 1)
+    wave = target.sm_count * ctas_per_sm(p, "tc", CTYPES[problem.dtype][1], target)
+    out = []
+    for s in SPLIT_K_SPACE:
+        if k_tiles // s < min_kt or tiles * s > min(wave, SPLIT_K_MAX_PER_SM * target.sm_count):
+            continue
+        if splitk_workspace(problem, dict(p, SPLIT_K=s))[0] * 4 > target.l2_bytes // 2:
+            continue
+        out.append(s)
+    return out
+
+
+def splitk_workspace(problem: GemmProblem, params: dict) -> tuple[int, int]:
+    """(fp32 elements of the partials workspace, int32 tile counters) of a split-K launch; (0, 0)
+    without split. Partials: one BM x BN fp32 tile per (split, tile, batch); counters: one per
+    (tile, batch)."""
+    split = params.get("SPLIT_K", 1)
+    if split <= 1:
+        return 0, 0
+    tiles = cdiv(problem.M, params["BM"]) * cdiv(problem.N, params["BN"]) * problem.nbatch
+    return split * tiles * params["BM"] * params["BN"], tiles
+
+
+def modelled_time(problem: GemmProblem, p: dict, target: Target = DEFAULT_TARGET) -> float:
+    """A rough run time (seconds; a model, not a measurement): waves of CTAs over the SMs times one
+    CTA's tile of work at CTA_FLOPS; a split point runs K / S each and adds SPLIT_K_FIXED_S and the
+    last CTA's read of the other S - 1 partials. For SPLIT_K = 1 it ranks tiles as the variant's
+    old cost did (waves x tile work: proportional to it)."""
+    split = p.get("SPLIT_K", 1)
+    ctas = cdiv(problem.M, p["BM"]) * cdiv(problem.N, p["BN"]) * problem.nbatch * split
+    waves = cdiv(ctas, target.sm_count)
+    t = waves * 2.0 * p["BM"] * p["BN"] * cdiv(problem.K, split) / CTA_FLOPS
+    if split > 1:
+        t += SPLIT_K_FIXED_S + (split - 1) * p["BM"] * p["BN"] * 4 / SPLIT_K_L2_BPS_PER_SM
+    return t
 
 
 def _vec(elem_per_16b: int, *vals) -> bool:
@@ -346,6 +434,11 @@ def render(problem: GemmProblem, params: dict | None = None, name: str | None = 
     swz = params["swizzle"]
     if not isinstance(swz, int) or isinstance(swz, bool) or not 1 <= swz <= 1024:
         raise ValueError(f"GEMM swizzle must be an int in 1..1024, got {swz!r}")
+    split = params.pop("SPLIT_K", 1)
+    if not isinstance(split, int) or isinstance(split, bool) or not 1 <= split <= 65535:
+        raise ValueError(f"GEMM SPLIT_K must be an int in 1..65535, got {split!r}")
+    if split > 1 and fam != "tc":
+        raise ValueError("GEMM SPLIT_K > 1 needs the tensor-core template (gemm_tc.cu.j2)")
     ctx = {k: v for k, v in params.items() if k != "swizzle"}  # the templates read it as GROUP_M,
     ctx.update(act_ctx(pr.act, dict(pr.act_params)))          # so the default order keeps its names
     ctx.update(T=ctype, TO=to, TO2=to2, elem_bytes=elem, a_kmajor=a_kmajor, b_kmajor=b_kmajor,
@@ -353,6 +446,8 @@ def render(problem: GemmProblem, params: dict | None = None, name: str | None = 
                TC=CTYPES[pr.c_dtype or out_dtype][0], TBIAS=CTYPES[pr.bias_dtype or out_dtype][0])
     if pr.has_bias and pr.bias_rows:  # only when set, so other kernels keep their names (hash of ctx)
         ctx.update(bias_row_z1=int(pr.bias_stride_z1))
+    if split > 1:  # likewise: unsplit kernels keep their names and sources
+        ctx.update(split_k=split)
     if fam == "tc":
         epc = 16 // elem
         ctx.update(conv=False, mma={"float16": "f16", "bfloat16": "bf16", "float32": "tf32"}[pr.dtype],
@@ -368,8 +463,12 @@ def render(problem: GemmProblem, params: dict | None = None, name: str | None = 
         template, prefix = "gemm_f32.cu.j2", "nnc_gemm_f32"
     ctx["name"] = name or kernel_name(prefix, ctx)
     src = _render(template, **ctx)
-    grid = (cdiv(pr.M, params["BM"]) * cdiv(pr.N, params["BN"]), 1, pr.nbatch)
+    grid = (cdiv(pr.M, params["BM"]) * cdiv(pr.N, params["BN"]), split, pr.nbatch)
     args = kernel_args(pr, ctype, to, ctx)
+    if split > 1:  # scratch the caller binds (gemm_lowering.emit_spec): the value is its element count
+        ws, counters = splitk_workspace(pr, dict(params, SPLIT_K=split))
+        args += [("ws", "float*", ws), ("tile_counters", "int*", counters)]
+        params["SPLIT_K"] = split
     if swz == GROUP_M:  # the default order is left out of plan.json / model.cu, which stay as before
         params.pop("swizzle")
     return KernelSpec(source=src, name=ctx["name"], grid=grid, block=(nt, 1, 1), smem=smem, args=args,

@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
+
 from ..lower import LowerCtx
 from ..plan import Buffer
 from ..variants import YES, Variant, no, order_key, register
@@ -62,9 +64,12 @@ def params_for(ctx: LowerCtx, problem) -> dict:
 
 
 def emit_spec(ctx: LowerCtx, spec: KernelSpec, bufs: dict) -> None:
-    """Adds a rendered KernelSpec to the plan and launches it: pointer args bound by role from `bufs`."""
+    """Adds a rendered KernelSpec to the plan and launches it: pointer args bound by role from `bufs`;
+    a split-K kernel's scratch (roles in SPLITK_SCRATCH, not in `bufs`) is made here (splitk_scratch)."""
     template = spec.params.get("template", "")
     k = ctx.add_kernel(spec.name, spec.source, template, spec.params)
+    if any(role in SPLITK_SCRATCH and role not in bufs for role, ct, _ in spec.args if ct.endswith("*")):
+        bufs = {**bufs, **splitk_scratch(ctx, spec)}
     args = []
     for role, ct, val in spec.args:
         if ct.endswith("*"):
@@ -80,6 +85,36 @@ def emit_spec(ctx: LowerCtx, spec: KernelSpec, bufs: dict) -> None:
         else:
             ctx.fail(f"kernel {spec.name}: unsupported scalar type {ct}")
     ctx.launch(k, spec.grid, spec.block, args, smem=spec.smem)
+
+
+# the scratch pointer args of a split-K GEMM (gemm.render): role -> the temp's IR dtype
+SPLITK_SCRATCH = {"ws": "f32", "tile_counters": "i32"}
+
+
+def splitk_scratch(ctx: LowerCtx, spec: KernelSpec) -> dict:
+    """The split-K workspace and tile counters of `spec` (their arg values: element counts) as
+    temps of this step: arena bytes planned like any scratch (codegen/memory.py: live only at this
+    launch, free for other tensors elsewhere), nothing the memory planner needs to know more of.
+    The counters must be zero when the kernel starts (the last CTA of a tile resets its counter,
+    so a zeroed buffer stays zeroed, but an arena temp holds whatever another tensor left): a
+    memcpy launch from a zero constant in weights.bin, right before the kernel, zeroes them on every
+    run, CUDA-graph replays included (a copy node). The workspace needs no init: every partial is
+    written before it is read."""
+    out = {}
+    for role, ct, count in spec.args:
+        if role not in SPLITK_SCRATCH or not ct.endswith("*"):
+            continue
+        if not isinstance(count, int) or count <= 0:
+            ctx.fail(f"internal error: kernel {spec.name}: scratch {role} without an element count")
+        out[role] = ctx.temp(SPLITK_SCRATCH[role], (count,), f"splitk_{role}")
+    counters = out.get("tile_counters")
+    if counters is not None:
+        key = ("splitk_zeros", counters.numel)  # one zero constant per size, shared by the plan's GEMMs
+        zeros = ctx.L.transformed.get(key)
+        if zeros is None:
+            zeros = ctx.L.transformed[key] = ctx.new_weight(np.zeros(counters.numel, np.int32), "splitk_zeros")
+        ctx.copy(counters, zeros)
+    return out
 
 
 def emit_gemm(ctx: LowerCtx, problem: gemm.GemmProblem, bufs: dict) -> None:
@@ -285,12 +320,10 @@ def _render(ctx: LowerCtx, problem, params: dict):
 
 
 def _time_model(problem, params) -> float:
-    """A rough cost (seconds) for a stand-in timer: waves of CTAs times one CTA's tile of work
-    at a nominal 5 TFLOP/s per SM (a model, not a measurement)."""
-    pr = problem.memo["gemm"]
-    ctas = cdiv(pr.M, params["BM"]) * cdiv(pr.N, params["BN"]) * pr.nbatch
-    waves = cdiv(ctas, problem.target.sm_count)
-    return waves * 2.0 * params["BM"] * params["BN"] * pr.K / 5e12
+    """A rough cost (seconds) for a stand-in timer and the tuner's pruning: gemm.modelled_time
+    (waves of CTAs times one CTA's tile of work at a nominal 5 TFLOP/s; split-K points their
+    share of K plus the reduction; a model, not a measurement)."""
+    return gemm.modelled_time(problem.memo["gemm"], params, problem.target)
 
 
 MATMUL = register(Variant("gemm.matmul", "gemm", ("MatMul",), _render, _applies, _space, _default,
