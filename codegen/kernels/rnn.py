@@ -194,9 +194,9 @@ def _tiling_cost(spec: RecurrenceSpec, lay: dict, tr: int, tb: int, ks: int) -> 
 # ---- the tensor-core step (space parameter step_mma): h x R^T as mma.sync m16n8k16, fp32 accumulate
 MMA_STORAGE = ("f16", "bf16")
 MMA_MAX_ACC = 128  # fp32 accumulators a thread holds (m-tiles x n-tiles x 4): beyond, registers spill
-# the batch from which the default takes the tensor-core step: the cost model's crossover
-# (point_cost: at batch 1-4 the FMA step's modelled clocks are lower or level for the issue's
-# shapes, from 8 on the mma step's are lower; tests/codegen/test_rnn_mma.py checks they agree)
+# the batch from which the default takes the tensor-core step: the cost model's crossover over the
+# issue's shapes (point_cost, fp16: the mma step is modelled cheaper from batch 2 for GRU 800 and
+# LSTM 1024, from 4 for LSTM 512, from 8 for RNN 256; tests/codegen/test_rnn_mma.py checks it)
 MMA_MIN_BATCH = 8
 # the tensor-core step when the batch allows it: compile-checked (NVRTC sm_90a) and GPU tests
 # written, not yet measured on the H200 at this commit (tools/bench_rnn.py --step-mma both)
