@@ -102,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's C API name: its symbols are nnc_NAME_create, nnc_NAME_run, ... "
                         "(a C identifier; default: the model file's name)")
     p.add_argument("--no-codegen", action="store_true", help="stop after writing the IR and plan.json")
+    p.add_argument("--devices", type=int, default=None, metavar="K",
+                   help="plan the model over K devices (nnc/multi_device.py): one build per device under "
+                        "OUT/device<K>/, the communication in plan.json and OUT/ir/multi.nnmd")
+    p.add_argument("--parallel", choices=["pipeline", "tensor", "auto"], default="pipeline",
+                   help="--devices: contiguous pipeline stages (default), tensor-parallel transformer blocks, "
+                        "or auto (tensor where it shards a block, else pipeline)")
+    p.add_argument("--micro-batches", type=int, default=1, metavar="M",
+                   help="--parallel pipeline: M micro-batches in flight (GPipe); each device compiles for "
+                        "batch/M, axis 0 of every input")
+    p.add_argument("--stage-times", default=None, metavar="PLAN.json",
+                   help="--parallel pipeline: balance stages by the measured kernel times of this tuned "
+                        "single-device plan.json (default: FLOP and byte estimates)")
     p.add_argument("--no-fuse", action="store_true",
                    help="leave out the fusion passes (fuse-epilogue, fuse-elementwise): about one kernel per op")
     p.add_argument("--no-cache", action="store_true",
@@ -379,7 +391,12 @@ def cmd_compile(args) -> int:
     with warnings.catch_warnings(record=True) as caught:  # one "nnc compile: warning:" line each
         warnings.simplefilter("always")
         try:
-            plan = compile_model(args.model, args.out, dump_ir=args.dump_ir, options=opts)
+            if args.devices is not None:  # several devices: compiler/multi_device.py
+                from .multi_device import compile_multi_device
+                plan = compile_multi_device(args.model, args.out, opts, args.devices, args.parallel,
+                                            args.micro_batches, args.stage_times, args.dump_ir)
+            else:
+                plan = compile_model(args.model, args.out, dump_ir=args.dump_ir, options=opts)
         finally:
             for w in caught:
                 print(f"nnc compile: warning: {w.message}", file=sys.stderr)
@@ -470,7 +487,11 @@ def cmd_run(args) -> int:
         raise NncError("--in-arena / --no-arena choose how the reference backend runs; not with --backend cuda")
     if args.no_cuda_graph and args.backend != "cuda":
         raise NncError("--no-cuda-graph chooses how the cuda backend launches; not with --backend reference")
-    if "profile_builds" in plan or ("profiles" in plan and "steps" not in plan and args.backend == "reference"):
+    if plan.get("kind") == "multi_device":  # nnc compile --devices K (compiler/multi_device.py)
+        from .multi_device import MultiDeviceProgram
+        res = MultiDeviceProgram(out, args.backend).run(feed)
+        how = f"{args.backend}, {plan['devices']} devices ({plan['parallel']})"
+    elif "profile_builds" in plan or ("profiles" in plan and "steps" not in plan and args.backend == "reference"):
         from .api import load as load_module  # picks the build / checks the inputs against the profiles
         res = load_module(out, args.backend, in_arena=args.arena).run(feed, output="numpy")
         how = f"{args.backend}, profiles checked"

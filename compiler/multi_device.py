@@ -62,6 +62,7 @@ class MultiDeviceModule:
     parallel: str = ""  # "pipeline" | "tensor" | "" (how it was made; informational)
     micro_batches: int = 1  # run_multi's default M
     output_device: dict = field(default_factory=dict)  # output name -> device whose value is the model's
+    plan: dict = field(default_factory=dict)  # what made it (the partitioner's stages, cuts, costs); not printed
 
     @property
     def num_devices(self) -> int:
@@ -546,3 +547,265 @@ def _batch_op(op: Op, status: dict, module: Module, k: int) -> None:
                                f"so its axis 0 is not the result's")
     for r in op.results:
         status[id(r)] = True
+
+
+# ---------------------------------------------------------------- compute modules (for codegen)
+
+def compute_module(module: Module) -> Module:
+    """Device module -> an ordinary single-device Module without communication ops, for the
+    existing lowering: each Recv becomes a function argument (same name and type, after the model
+    inputs), each sent value a function result (once, however many peers get it), tokens dropped.
+    The host moves the messages (plan.json's "communication"). Only Send/Recv: a module with
+    collectives has no such form (they sit between kernels of one device) and is refused."""
+    f = module.main
+    coll = [op for op in f.ops if op.name in ("AllReduce", "AllGather")]
+    if coll:
+        raise MultiDeviceError(f"{describe(coll[0], coll[0].attrs.device)}: collectives have no CUDA lowering "
+                               f"yet; compile with --no-codegen (reference backend)")
+    from .ir.graph import Function
+    module = Module(parse(print_module(module)).functions, module.weights, module.loc_file)  # a copy
+    f = module.main
+    recvs = [op.results[0] for op in f.ops if op.name == "Recv"]
+    sent: list = []
+    for op in f.ops:
+        if op.name == "Send" and not any(op.operands[0] is v for v in sent):
+            sent.append(op.operands[0])
+    results = [v for v in f.results if not is_token(v)]
+    results += [v for v in sent if not any(v is r for r in results)]
+    ops = [op for op in f.ops if op.name not in ("Send", "Recv")]
+    for v in recvs:
+        v.producer = None  # now an argument
+    return Module([Function(list(f.args) + recvs, ops, results, name=f.name)], module.weights, module.loc_file)
+
+
+def communication_json(mdm: MultiDeviceModule) -> list[dict]:
+    """plan.json's "communication": every message and collective, in each device's program order."""
+    out = []
+    for k, m in enumerate(mdm.devices):
+        for op in comm_ops(m):
+            a = op.attrs
+            t = op.results[0].type if op.name == "Recv" else op.operands[0].type
+            e = {"device": k, "op": op.name, "value": (op.results[0] if op.name == "Recv" else op.operands[0]).name,
+                 "dtype": t.dtype.np_name, "shape": [d if isinstance(d, int) else str(d) for d in (t.shape or ())]}
+            if hasattr(a, "peer"):
+                e.update(peer=a.peer, tag=a.tag)
+            else:
+                e.update(group=list(a.group), **({"reduce": a.op} if op.name == "AllReduce" else {"axis": a.axis}))
+            from .passes.partition_pipeline import _bytes
+            e["bytes"] = _bytes(t)
+            out.append(e)
+    return out
+
+
+# ---------------------------------------------------------------- nnc compile --devices K
+
+PARALLEL_MODES = ("pipeline", "tensor", "auto")
+
+
+def _tensor_parallel(module: Module, k: int) -> Optional[MultiDeviceModule]:
+    try:
+        from .passes.shard_tensor_parallel import shard_tensor_parallel
+    except ImportError as e:
+        raise MultiDeviceError(f"--parallel tensor: the tensor-parallel pass is not available "
+                               f"(nnc.passes.shard_tensor_parallel: {e})") from None
+    prog = shard_tensor_parallel(module, k)
+    if hasattr(prog, "to_multi_device"):
+        mdm = prog.to_multi_device()
+    else:
+        mdm = MultiDeviceModule(list(prog.devices), "tensor", 1, {})
+    mdm.parallel = "tensor"
+    if hasattr(prog, "plan_json"):
+        mdm.plan = {"tensor_parallel": prog.plan_json(), **mdm.plan}
+    mdm.plan.setdefault("sharded_blocks", len(getattr(prog, "blocks", []) or []))
+    return mdm
+
+
+def compile_multi_device(model, out, options, devices: int, parallel: str = "pipeline", micro_batches: int = 1,
+                         stage_times=None, dump_ir=None) -> dict:
+    """`nnc compile --devices K --parallel P`: import, the default pass pipeline, then the
+    partitioner (pipeline: compiler/passes/partition_pipeline.py; tensor: H2's
+    shard_tensor_parallel; auto: tensor where it shards a block, else pipeline), then OUT/:
+    plan.json (the whole program: devices, stages, communication, schedule), ir/ (the
+    multi-device IR: multi.nnmd text plus device<K>.nnir and weights) and device<K>/ (each
+    device's compute module compiled as an ordinary single-device output; CUDA when codegen)."""
+    from .driver import io_entry, model_name, pipeline_passes
+    from .integrity import ir_hashes
+    from .onnx_import import import_model
+    from .outdir import staged_dir
+    from .pipeline import Pipeline
+    from .passes.partition_pipeline import gpipe_schedule, measured_times, partition
+    from . import profiles, progress
+    import warnings
+    if not isinstance(devices, int) or devices < 1:
+        raise MultiDeviceError(f"--devices {devices}: must be at least 1")
+    if parallel not in PARALLEL_MODES:
+        raise MultiDeviceError(f"--parallel {parallel!r}: one of {', '.join(PARALLEL_MODES)}")
+    if micro_batches < 1:
+        raise MultiDeviceError(f"--micro-batches {micro_batches}: must be at least 1")
+    if micro_batches > 1 and parallel != "pipeline":
+        raise MultiDeviceError("--micro-batches is for --parallel pipeline")
+    if options.profiles or options.precision in ("best", "int8") or options.keep_fp32:
+        raise MultiDeviceError("--devices: profiles, --precision best/int8 and --keep-fp32 are not supported "
+                               "with several devices yet")
+    options = profiles.default_shapes(model, options, lambda m: warnings.warn(m, UserWarning, stacklevel=3))
+    shapes = {k: list(v) for k, v in options.shapes}
+    if micro_batches > 1:  # each device compiles for one micro-batch: axis 0 of every input / M
+        if not shapes:
+            raise MultiDeviceError("--micro-batches needs --shapes (the batch dim of every input is split M ways)")
+        for n, dims in shapes.items():
+            if not dims or dims[0] % micro_batches:
+                raise MultiDeviceError(f"--micro-batches {micro_batches}: input {n!r} of shape {dims} does not "
+                                       f"split along axis 0 into {micro_batches} equal micro-batches")
+        shapes = {n: [dims[0] // micro_batches] + dims[1:] for n, dims in shapes.items()}
+    name = model_name(options.name, model)
+    rep = progress.current()
+    with rep.stage("import"):
+        module = import_model(model, shapes=shapes)
+        verify(module)
+    full_inputs = [io_entry(a) for a in module.main.args]
+    pipe = Pipeline(pipeline_passes(options.precision, options.fuse), options.verify_each,
+                    Path(dump_ir) if dump_ir else None)
+    pipe.run(module)
+    model_outputs = [io_entry(r) for r in module.main.results]
+    if micro_batches > 1:
+        for e in full_inputs + model_outputs:
+            if e["shape"] and isinstance(e["shape"][0], int):
+                e["shape"][0] *= micro_batches
+    with rep.stage("partition"):
+        mdm = None
+        if parallel in ("tensor", "auto"):
+            try:
+                mdm = _tensor_parallel(module, devices)
+            except MultiDeviceError:
+                if parallel == "tensor":
+                    raise
+            if parallel == "auto" and mdm is not None and not mdm.plan.get("sharded_blocks"):
+                mdm = None  # nothing sharded: a pipeline does better
+                module = import_model(model, shapes=shapes)
+                Pipeline(pipeline_passes(options.precision, options.fuse)).run(module)
+        if mdm is None:
+            measured = measured_times(stage_times) if stage_times else None
+            mdm = partition(module, devices, measured, micro_batches)
+        verify_multi(mdm)
+        if micro_batches > 1:
+            check_batch_split(mdm)
+    plan = {
+        "name": name, "kind": "multi_device", "devices": devices, "parallel": mdm.parallel,
+        "micro_batches": mdm.micro_batches, "precision": options.precision,
+        "inputs": full_inputs, "outputs": model_outputs,
+        "passes": [r.name for r in pipe.records],
+        "output_device": {n: mdm.source_of(n) for n in mdm.output_names()},
+        **mdm.plan,
+        "communication": communication_json(mdm),
+        **({"schedule": gpipe_schedule(devices, mdm.micro_batches)} if mdm.parallel == "pipeline" else {}),
+        "device_dirs": [f"device{k}" for k in range(devices)],
+        "codegen": bool(options.generates_cuda),
+        "kernels": [],  # with codegen: {"device", "name"} of every device's kernels (each device<K>/plan.json has them all)
+    }
+    target = None
+    if options.generates_cuda:
+        from .codegen.target import resolve_target
+        target = resolve_target(options.arch)
+        plan["arch"] = target.arch
+    with rep.stage("write"), staged_dir(out) as tmp:
+        (tmp / "ir").mkdir()
+        (tmp / "ir" / "multi.nnmd").write_text(print_multi(mdm))
+        save_multi(mdm, tmp / "ir")
+        plan["ir_sha256"] = multi_ir_hashes(tmp / "ir")
+        for k, m in enumerate(mdm.devices):
+            sub = tmp / f"device{k}"
+            if mdm.parallel == "pipeline" or options.generates_cuda:
+                cm = compute_module(m)
+                base = {"name": f"{name}_dev{k}", "device": k, "of_devices": devices,
+                        "inputs": [io_entry(a) for a in cm.main.args],
+                        "outputs": [io_entry(r) for r in cm.main.results], "passes": plan["passes"],
+                        "precision": options.precision, "kernels": [],
+                        "memory": {"arena_bytes": 0, "naive_bytes": 0, "peak_live_bytes": 0}}
+                if options.generates_cuda:
+                    from .codegen.emit import compile_to_dir
+                    dev_plan = compile_to_dir(cm, sub, base_plan={**base, "arch": target.arch, "target": target.to_json()},
+                                              name=f"{name}_dev{k}", options=options.codegen_options(target))
+                    plan["kernels"] += [{"device": k, "name": kern["name"]} for kern in dev_plan.get("kernels", [])]
+                else:
+                    (sub / "ir").mkdir(parents=True)
+                    (sub / "ir" / "final.nnir").write_text(print_module(cm))
+                    (cm.weights or WeightStore()).save(sub / "ir" / "final")
+                    base["ir_sha256"] = ir_hashes(sub / "ir")
+                    (sub / "plan.json").write_text(json.dumps(base, indent=1) + "\n")
+        (tmp / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    return plan
+
+
+# ---------------------------------------------------------------- loading an OUT of several devices
+
+def multi_ir_hashes(ir_dir) -> dict:
+    """sha256 of every file of OUT/ir (the multi-device IR), for plan.json's "ir_sha256"."""
+    from .integrity import sha256_file
+    return {p.name: sha256_file(p) for p in sorted(Path(ir_dir).iterdir()) if p.is_file()}
+
+
+def check_multi_ir(out, plan: dict) -> None:
+    from .integrity import check_file
+    from .outdir import member
+    want = plan.get("ir_sha256")
+    if not isinstance(want, dict) or not want:
+        raise MultiDeviceError(f"{out}: plan.json has no ir_sha256 for the multi-device IR")
+    for fname, digest in want.items():
+        check_file(member(Path(out) / "ir", fname, "IR file"), digest, "IR file")
+
+def is_multi_device_dir(out) -> bool:
+    try:
+        return json.loads((Path(out) / "plan.json").read_text()).get("kind") == "multi_device"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class MultiDeviceProgram:
+    """A `nnc compile --devices K` directory, loaded. backend "reference": run_multi on the
+    multi-device IR (ir/), simulated devices. backend "cuda": the device<K>/ builds loaded as K
+    module instances on the one GPU present, run stage after stage, each message a
+    device-to-device copy (cupy) standing in for NCCL send/recv: checks the plan and the
+    results, not multi-GPU speed. Pipeline programs only on "cuda"."""
+
+    def __init__(self, out, backend: str = "reference"):
+        from .plan_file import read_plan
+        self.out = Path(out)
+        self.plan = read_plan(self.out)
+        if self.plan.get("kind") != "multi_device":
+            raise MultiDeviceError(f"{self.out}: not a multi-device output (plan.json has no kind 'multi_device')")
+        check_multi_ir(self.out, self.plan)
+        self.mdm = load_multi(self.out / "ir")
+        verify_multi(self.mdm)
+        self.backend = backend
+        self._stages = None
+        if backend == "cuda":
+            if self.mdm.parallel != "pipeline" or not self.plan.get("codegen"):
+                raise MultiDeviceError(f"{self.out}: the cuda backend runs pipeline programs compiled with codegen")
+            from .runtime import load
+            self._stages = [load(self.out / d) for d in self.plan["device_dirs"]]
+
+    def run(self, inputs: dict, micro_batches: Optional[int] = None, trace: Optional[list] = None) -> dict:
+        if self.backend == "reference":
+            return run_multi(self.mdm, inputs, micro_batches, trace)
+        return self._run_cuda(inputs, self.mdm.micro_batches if micro_batches is None else micro_batches)
+
+    def _run_cuda(self, inputs: dict, M: int) -> dict:
+        import cupy as cp
+        names = self.mdm.input_names()
+        parts = {n: (np.split(np.asarray(inputs[n]), M, axis=0) if M > 1 else [np.asarray(inputs[n])]) for n in names}
+        outs: dict[str, list] = {n: [] for n in self.mdm.output_names()}
+        for mb in range(M):
+            # values on their device, by (device, name); a Recv's value is a copy of the sender's
+            held: dict[tuple, object] = {}
+            for k, (m, stage) in enumerate(zip(self.mdm.devices, self._stages)):
+                feed = {a.name: cp.asarray(parts[a.name][mb]) for a in m.main.args}
+                for op in m.main.ops:
+                    if op.name == "Recv":
+                        src = held[(op.attrs.peer, op.results[0].name)]
+                        feed[op.results[0].name] = cp.array(src, copy=True)  # the D2D copy (NCCL's stand-in)
+                res = stage.run(feed, output="cupy")
+                for n, v in res.items():
+                    held[(k, n)] = v
+            for n in outs:
+                outs[n].append(cp.asnumpy(held[(self.mdm.source_of(n), n)]))
+        return {n: v[0] if M == 1 else np.concatenate(v, axis=0) for n, v in outs.items()}

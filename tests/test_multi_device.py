@@ -121,3 +121,111 @@ def test_batch_split_refused(rng):
     m = _mdm(text)
     with pytest.raises(MultiDeviceError, match="batch axis"):
         run_multi(m, {"x": rng.standard_normal((4, 3)).astype(np.float32)}, micro_batches=2)
+
+
+# ---------------------------------------------------------------- models, nnc compile --devices
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _nnc(*args, check=True):
+    p = subprocess.run([sys.executable, "-m", "nnc.cli", *map(str, args)], capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise AssertionError(f"nnc {' '.join(map(str, args))} failed:\n{p.stderr}")
+    return p
+
+
+def _single_device(model, shapes):
+    from nnc.onnx_import import import_model
+    from nnc.pipeline import run_passes
+    m = import_model(str(model), shapes=shapes)
+    run_passes(m)
+    return m
+
+
+@pytest.mark.parametrize("model,k", [("tiny_cnn", 2), ("tiny_cnn", 4), ("tiny_transformer", 3), ("tiny_lstm", 2)])
+def test_model_pipeline_equals_single_device(model, k, rng):
+    from nnc.ir.interp import Interpreter
+    from nnc.passes.partition_pipeline import partition
+    shapes = {"input": [2, 3, 32, 32]} if model == "tiny_cnn" else {}
+    m = _single_device(EXAMPLES / f"{model}.onnx", shapes)
+    feed = {a.name: rng.standard_normal([int(d) for d in a.type.shape]).astype(a.type.dtype.np) for a in m.main.args}
+    ref = Interpreter(m).run(feed)
+    mdm = partition(m, k)
+    verify_multi(mdm)
+    assert print_multi(parse_multi(print_multi(mdm))) == print_multi(mdm)
+    out = run_multi(mdm, feed)
+    for n in ref:
+        np.testing.assert_array_equal(out[n], ref[n])
+
+
+def test_cli_compile_devices_reference(tmp_path, rng):
+    out = tmp_path / "out"
+    _nnc("compile", EXAMPLES / "tiny_cnn.onnx", "-o", out, "--shapes", "input:8x3x32x32", "--devices", "2",
+         "--micro-batches", "4", "--no-codegen")
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["kind"] == "multi_device" and plan["devices"] == 2 and plan["micro_batches"] == 4
+    assert plan["inputs"] == [{"name": "input", "dtype": "float32", "shape": [8, 3, 32, 32]}]
+    assert {e["op"] for e in plan["communication"]} == {"Send", "Recv"}
+    assert plan["schedule"]["bubble_fraction"] == pytest.approx(1 / 5)
+    assert [s["device"] for s in plan["stages"]] == [0, 1]
+    text = (out / "ir" / "multi.nnmd").read_text()
+    assert "Send(" in text and "Recv()" in text
+    for k in range(2):
+        dev = json.loads((out / f"device{k}" / "plan.json").read_text())
+        assert dev["device"] == k
+        assert "Send" not in (out / f"device{k}" / "ir" / "final.nnir").read_text()  # the compute module
+    x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", input=x)
+    p = _nnc("run", out, "--inputs", tmp_path / "in.npz", "--save", tmp_path / "res.npz")
+    assert "2 devices (pipeline)" in p.stdout
+    from nnc.ir.interp import Interpreter
+    ref = Interpreter(_single_device(EXAMPLES / "tiny_cnn.onnx", {"input": [8, 3, 32, 32]})).run({"input": x})
+    with np.load(tmp_path / "res.npz") as z:
+        np.testing.assert_allclose(z["probs"], ref["probs"], rtol=1e-6, atol=1e-7)  # micro-batch GEMM order
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--devices", "0"], "must be at least 1"),
+    (["--devices", "99"], "use at most"),
+    (["--devices", "2", "--micro-batches", "3"], "does not split along axis 0 into 3"),
+    (["--devices", "2", "--parallel", "tensor", "--micro-batches", "2"], "--micro-batches is for --parallel pipeline"),
+])
+def test_cli_bad_devices(tmp_path, args, needle):
+    p = _nnc("compile", EXAMPLES / "tiny_cnn.onnx", "-o", tmp_path / "o", "--shapes", "input:8x3x32x32",
+             "--no-codegen", *args, check=False)
+    assert p.returncode != 0 and needle in p.stderr, p.stderr
+
+
+def test_cli_compile_devices_codegen(tmp_path):
+    """Each stage lowers through the ordinary single-device codegen (NVRTC: no GPU needed)."""
+    out = tmp_path / "out"
+    _nnc("compile", EXAMPLES / "tiny_cnn.onnx", "-o", out, "--shapes", "input:4x3x32x32", "--devices", "2",
+         "--no-tune", "-j", "1")
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["codegen"] and {k["device"] for k in plan["kernels"]} == {0, 1}
+    for k in range(2):
+        dev = json.loads((out / f"device{k}" / "plan.json").read_text())
+        assert dev["kernels"] and (out / f"device{k}" / "model.cu").exists()
+    recv_names = [e["value"] for e in plan["communication"] if e["op"] == "Recv"]
+    dev1 = json.loads((out / "device1" / "plan.json").read_text())
+    assert set(recv_names) <= {e["name"] for e in dev1["inputs"]}
+
+
+@pytest.mark.gpu
+def test_cuda_stages_on_one_gpu(tmp_path, rng):
+    """The pipeline's device builds as K module instances on the one GPU, device-to-device copies
+    standing in for NCCL: results equal the reference multi-device run."""
+    from nnc.multi_device import MultiDeviceProgram
+    out = tmp_path / "out"
+    _nnc("compile", EXAMPLES / "tiny_cnn.onnx", "-o", out, "--shapes", "input:8x3x32x32", "--devices", "2",
+         "--micro-batches", "2")
+    x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
+    got = MultiDeviceProgram(out, "cuda").run({"input": x})
+    want = MultiDeviceProgram(out, "reference").run({"input": x})
+    np.testing.assert_allclose(got["probs"], want["probs"], rtol=1e-3, atol=1e-5)
