@@ -254,3 +254,23 @@ def test_gpu_mma_step_equals_fma_step(kind, sync, tmp_path, monkeypatch, rng):
         assert recs[0]["STEP_MMA"] == mma
         for _ in range(2):
             _compare(f"{kind}/{sync}/mma={mma}", d, mod, feed_of(spec, rng))
+
+
+BF16_POINTS = [("lstm_bidir_peep_lens", 16), ("gru_rev_acts_clip", 8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,B", BF16_POINTS, ids=[f"{n}-b{b}" for n, b in BF16_POINTS])
+def test_gpu_mma_step_bf16_matches_reference(name, B, root, rng):
+    """bf16 (mma .bf16): against the reference of the same compiled directory; 3e-2 (bf16 keeps 3
+    mantissa bits fewer than fp16, whose tolerance is 1e-2)."""
+    import nnc
+    d = _pipeline_dir(name, B, "bf16", root)
+    _, recs = _rec_kernels(d)
+    assert recs and all(p["STEP_MMA"] for p in recs)
+    gpu, ref = nnc.load(str(d)), nnc.load(str(d), backend="reference")
+    for _ in range(2):
+        feed = _feed(ref, rng)
+        got, want = gpu.run(feed, output="numpy", poison=True), ref.run(feed, output="numpy")
+        for k in want:
+            assert _err(got[k], want[k]) <= 3e-2, f"{name}/b{B}/{k} bf16: {_err(got[k], want[k]):.3g}"
