@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -794,6 +795,7 @@ class MultiDeviceProgram:
         names = self.mdm.input_names()
         parts = {n: (np.split(np.asarray(inputs[n]), M, axis=0) if M > 1 else [np.asarray(inputs[n])]) for n in names}
         outs: dict[str, list] = {n: [] for n in self.mdm.output_names()}
+        self.stage_ms = [[] for _ in self._stages]  # per device, per micro-batch: host wall ms of its run
         for mb in range(M):
             # values on their device, by (device, name); a Recv's value is a copy of the sender's
             held: dict[tuple, object] = {}
@@ -803,9 +805,26 @@ class MultiDeviceProgram:
                     if op.name == "Recv":
                         src = held[(op.attrs.peer, op.results[0].name)]
                         feed[op.results[0].name] = cp.array(src, copy=True)  # the D2D copy (NCCL's stand-in)
+                cp.cuda.Device().synchronize()
+                t0 = time.perf_counter()
                 res = stage.run(feed, output="cupy")
+                cp.cuda.Device().synchronize()
+                self.stage_ms[k].append((time.perf_counter() - t0) * 1e3)
                 for n, v in res.items():
                     held[(k, n)] = v
             for n in outs:
                 outs[n].append(cp.asnumpy(held[(self.mdm.source_of(n), n)]))
         return {n: v[0] if M == 1 else np.concatenate(v, axis=0) for n, v in outs.items()}
+
+
+def pipeline_estimate(stage_ms: list, micro_batches: int) -> dict:
+    """What K GPUs would take for a GPipe forward pass with these per-stage times (ms per
+    micro-batch, one list per stage): makespan = sum of the stages + (M - 1) x the slowest one
+    (communication not counted), and the bubble fraction 1 - busy / (K x makespan). An estimate
+    from one-GPU stage times, not a multi-GPU measurement."""
+    t = [float(np.median(s)) for s in stage_ms]
+    k, m = len(t), micro_batches
+    makespan = sum(t) + (m - 1) * max(t)
+    return {"stage_ms": t, "sequential_ms": m * sum(t), "pipelined_ms": makespan,
+            "bubble_fraction": 1.0 - m * sum(t) / (k * makespan) if makespan > 0 else 0.0,
+            "speedup": m * sum(t) / makespan if makespan > 0 else 1.0}

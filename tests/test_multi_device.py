@@ -229,3 +229,24 @@ def test_cuda_stages_on_one_gpu(tmp_path, rng):
     got = MultiDeviceProgram(out, "cuda").run({"input": x})
     want = MultiDeviceProgram(out, "reference").run({"input": x})
     np.testing.assert_allclose(got["probs"], want["probs"], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("parallel", ["tensor", "auto"])
+def test_cli_tensor_parallel_wiring(tmp_path, rng, parallel):
+    """--parallel tensor/auto hand the module to H2's shard_tensor_parallel (when present)."""
+    import importlib.util
+    out = tmp_path / "out"
+    p = _nnc("compile", EXAMPLES / "tiny_transformer.onnx", "-o", out, "--devices", "2", "--parallel", parallel,
+             "--no-codegen", check=False)
+    if importlib.util.find_spec("nnc.passes.shard_tensor_parallel") is None:
+        if parallel == "tensor":
+            assert p.returncode != 0 and "tensor-parallel pass is not available" in p.stderr
+        return
+    assert p.returncode == 0, p.stderr
+    from nnc.ir.interp import Interpreter
+    from nnc.multi_device import MultiDeviceProgram
+    prog = MultiDeviceProgram(out)
+    x = rng.standard_normal((1, 16, 64)).astype(np.float32)
+    ref = Interpreter(_single_device(EXAMPLES / "tiny_transformer.onnx", {})).run({"x": x})
+    got = prog.run({"x": x})
+    np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-4, atol=1e-5)
