@@ -206,7 +206,8 @@ DEFAULT_STEP_MMA = True
 def _mma_layout(spec: RecurrenceSpec, nsb: int, threads: int) -> dict:
     """Geometry and shared-memory bytes of the tensor-core step: R slice [NP][PITCH] and h [MP][PITCH]
     in the storage dtype (rows PITCH = HK + 8 elements: 16-byte rows of one ldmatrix phase on distinct
-    banks), fp32 partial sums [NW][MP][NP] of the NW warps' k-slices."""
+    banks), fp32 partial sums [NW][MP][PP] of the NW warps' k-slices (PP = NP + 4: the gate threads'
+    reads of consecutive batches land on distinct banks)."""
     H = spec.H
     hs = -(-H // nsb)
     rows = spec.gates * hs
@@ -218,8 +219,9 @@ def _mma_layout(spec: RecurrenceSpec, nsb: int, threads: int) -> dict:
     esz = ESIZE[spec.storage]
     r_bytes = np_ * pitch * esz
     h_bytes = mp * pitch * esz
-    smem = r_bytes + h_bytes + nw * mp * np_ * 4
-    return dict(HS=hs, NSB=-(-H // hs), ROWS=rows, NP=np_, MP=mp, HK=hk, PITCH=pitch, NW=nw, R_BYTES=r_bytes,
+    pp = np_ + 4
+    smem = r_bytes + h_bytes + nw * mp * pp * 4
+    return dict(HS=hs, NSB=-(-H // hs), ROWS=rows, NP=np_, PP=pp, MP=mp, HK=hk, PITCH=pitch, NW=nw, R_BYTES=r_bytes,
                 H_BYTES=h_bytes, smem=smem)
 
 
@@ -388,7 +390,7 @@ def render_params(spec: RecurrenceSpec, params: dict) -> dict:
         raise ValueError(f"nsb {params['nsb']} does not split hidden {spec.H} evenly into slices")
     if mma:  # the FMA step's tiling is unused: one-row tiles keep its template constants defined
         geom = dict(ROWSP=lay["NP"], BP=lay["MP"], HP=lay["PITCH"], R_BYTES=lay["R_BYTES"], R_SMEM=True, TR=1, TB=1,
-                    KS=1, MP=lay["MP"], NP=lay["NP"], HK=lay["HK"], PITCH=lay["PITCH"], NW=lay["NW"],
+                    KS=1, MP=lay["MP"], NP=lay["NP"], PP=lay["PP"], HK=lay["HK"], PITCH=lay["PITCH"], NW=lay["NW"],
                     H_BYTES=lay["H_BYTES"])
     else:
         geom = dict(ROWSP=lay["ROWSP"], BP=lay["BP"], HP=lay["HP"], R_BYTES=lay["R_BYTES"], R_SMEM=params["r_smem"],
