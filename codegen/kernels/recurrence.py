@@ -10,7 +10,9 @@ Variants (family "recurrence"):
                          (codegen/kernels/rnn.py emit_recurrence, contract in its RecurrenceSpec):
                          G, Y, Y_h/Y_c read and written in place through strides (layout 1 and the
                          y_layouts "sbdh"/"bsdh" cost nothing); its space (sync scheme, blocks per
-                         direction, matvec tiling) is rnn.recurrence_space.
+                         direction, matvec tiling, and step_mma: the step's h x R^T on tensor cores,
+                         mma.sync m16n8k16, for f16/bf16 with hidden % 8 == 0, the default from
+                         batch rnn.MMA_MIN_BATCH) is rnn.recurrence_space.
   recurrence.fallback    priority 0, every cell: rnn.emit_recurrence_fallback, the warp-per-item
                          step kernel (R read from global every step) with the same strided G / Y /
                          state indexing (cooperative, or one launch a stage with rnn_stepwise).

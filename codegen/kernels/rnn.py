@@ -16,7 +16,8 @@ the persistent on-chip recurrence of `emit_recurrence` (template variant "rec"):
 of ONE cooperative launch keeps its slice of R (all gates of HS hidden units) in shared memory for
 every step; per step only h (fp32 ping-pong in global, read from L2), G[t] and y[t] move; the
 sync is flag-based producer/consumer (release/acquire, one word per block) or a per-direction
-counter barrier. It declares its space (sync, blocks per direction, matvec tiling) for the
+counter barrier. It declares its space (sync, blocks per direction, matvec tiling, step_mma: the
+step's matvec on tensor cores, mma.sync m16n8k16 over R and h in smem as f16/bf16) for the
 selector. The legacy @lowering below stays the fallback (stepwise mode, two-phase GRU, shapes whose
 h or R do not fit). rnn-pass's `recurrence` lowering calls `emit_recurrence` directly
 (/work/notes/rnn_interface.md: the contract).
