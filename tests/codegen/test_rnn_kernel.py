@@ -208,6 +208,7 @@ KPERM_CASES = [c for c in GPU_CASES if c[2] == np.float16]
 def test_gpu_kperm_matches_interpreter(kind, dirn, dt, b, tmp_path, monkeypatch, rng):
     model, spec = _gpu_model(kind, dirn, dt, b)
     monkeypatch.setattr(rnn, "DEFAULT_KPERM", True)
+    monkeypatch.setattr(rnn, "DEFAULT_STEP_MMA", False)  # the FMA step's parameter (the mma step has none)
     mod = import_model(model)
     plan = compile_to_dir(mod, tmp_path, arch=None)
     _, k = _rec_launch(plan)
@@ -222,6 +223,7 @@ def test_gpu_kperm_matches_interpreter(kind, dirn, dt, b, tmp_path, monkeypatch,
 def test_gpu_stage_batch_matches_interpreter(kind, dirn, dt, b, tmp_path, monkeypatch, rng):
     model, spec = _gpu_model(kind, dirn, dt, b)
     monkeypatch.setattr(rnn, "DEFAULT_STAGE_BATCH", True)
+    monkeypatch.setattr(rnn, "DEFAULT_STEP_MMA", False)  # the FMA step's parameter (the mma step has none)
     mod = import_model(model)
     plan = compile_to_dir(mod, tmp_path, arch=None)
     _, k = _rec_launch(plan)
