@@ -159,7 +159,8 @@ def main():
                 common.launch(fn, spec, bufs)
             cp.cuda.runtime.deviceSynchronize()
             got = cp.asnumpy(D).astype(np.float64)
-            err = float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-12)) if np.isfinite(got).all() else float("inf")
+            finite = np.isfinite(got).all()
+            err = float(np.abs(got - ref).max() / (np.abs(ref).max() + 1e-12)) if finite else float("inf")
             if err > 1e-2:
                 print(f"  {label} {_tag(p)}: WRONG (rel err {err:.3g}), not timed")
                 continue
