@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 
 from ..ir.errors import NncError
+from . import tma
 from .dtypes import SCALAR_NP
 from .plan import Kernel, Scalar
 from .variants import Candidate, _params_key
@@ -134,7 +135,10 @@ def _describe(cap: Capture, L, op, snap: _Snapshot, tag: str):
         args = []
         for a in l.args:
             if isinstance(a, Scalar):
-                args.append(("val", SCALAR_NP[a.type](a.value)))
+                if tma.is_tmap(a.type):  # a tensor map: encoded by the runner from its pointer argument
+                    args.append(("tmap", tma.spec_of(a.value), tma.spec_key(a.value)))
+                else:
+                    args.append(("val", SCALAR_NP[a.type](a.value)))
                 continue
             root = L.buffers[a.alias_of] if a.alias_of is not None else a
             if root.id not in cap.roots:

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ..ir.errors import NncError
+from . import tma
 from .dtypes import info as dtype_info
 from .tuning_capture import Capture, RootSpec
 
@@ -126,6 +127,7 @@ class CudaRunner(Runner):
         self._shared: dict = {}  # (seed, root id) -> device array (the operands of the problem being tuned)
         self._shared_seed = None
         self.stream = cp.cuda.Stream(non_blocking=True)
+        self._tensor_maps = tma.TensorMapCache()
 
     def device(self) -> dict:
         cp = self.cp
@@ -187,6 +189,8 @@ class CudaRunner(Runner):
         cp = self.cp
         for kind, kname, grid, block, smem, args, nbytes in cap.launches:
             vals = tuple(np.uint64(ptrs[a[1]] + a[2]) if a[0] == "buf" else a[1] for a in args)
+            if kind == "kernel" and any(a[0] == "tmap" for a in args):  # codegen/tma.py
+                vals = tuple(tma.launch_values(args, vals, self._tensor_maps, int))
             if kind == "kernel":
                 self.funcs[kname](grid, block, vals, shared_mem=smem)  # on the current stream: self.stream
             elif kind == "memcpy" and nbytes:

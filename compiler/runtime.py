@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 
 from . import api
+from .codegen import tma
 from .codegen.dtypes import BY_NP_NAME, SCALAR_NP
 from .codegen.target import gpu_present
 from .integrity import check_bytes, check_file
@@ -124,6 +125,7 @@ class Module(api.Module):
         self._extent = {}
         self._launches = []
         self._init_launches = []  # the load-time init phase, run once (_run_init)
+        self._tensor_maps = tma.TensorMapCache()  # TMA kernels' CUtensorMaps, by (spec, address)
         optin = {}
         # shared memory a block gets without opting in: the plan's Target (older plans: 48 KB)
         tgt = p.get("target")
@@ -136,6 +138,8 @@ class Module(api.Module):
                 if "buf" in a:
                     b = self.buffers[a["buf"]]
                     args.append(("buf", b["region"], b["index"], b["offset"]))
+                elif tma.is_tmap(a.get("type")):  # encoded per address in _execute (codegen/tma.py)
+                    args.append(("tmap", tma.spec_of(a["value"]), tma.spec_key(a["value"]), 0))
                 else:
                     t = SCALAR_NP[a["type"]]
                     args.append(("val", t(a["value"]), 0, 0))
@@ -501,6 +505,8 @@ class Module(api.Module):
 
         for kind, f, grid, block, smem, args, nbytes, oidx in (self._launches if launches is None else launches):
             vals = [np.uint64(ptr(r, i, o)) if k == "buf" else r for k, r, i, o in args]
+            if kind == "kernel" and any(a[0] == "tmap" for a in args):
+                vals = tma.launch_values(args, vals, self._tensor_maps, int)
             if kind == "kernel":
                 f(grid, block, tuple(vals), shared_mem=smem)
             elif kind == "coop":  # RawModule.get_function gives a RawKernel: launch its Function

@@ -3,9 +3,12 @@ producer/consumer pipeline (one producer warp group filling a STAGES-deep shared
 16-byte cp.async at 128B-swizzled addresses, mbarrier full/empty handshakes; CW consumer warp groups
 issuing wgmma), fp32 accumulate, and the GEMM family's fused epilogue.
 
-Loads: cp.async by the producer warps, not TMA: TMA needs CUtensorMaps built on the host at load
-time (cuTensorMapEncodeTiled), which the runtime does not provide yet; cp.async needs nothing from
-the host, zero-fills ragged edges itself and keeps the kernel's arguments those of gemm_tc.cu.j2.
+Loads (params["LOAD"]): "cp_async" (the default, no key) by the producer warps: needs nothing from the
+host, zero-fills ragged edges itself and keeps the kernel's arguments those of gemm_tc.cu.j2; or
+"tma": one elected producer thread issues cp.async.bulk.tensor through two tensor maps (A's, B's),
+which the runtime encodes at load time from the operands' addresses (codegen/tma.py) and passes
+as two extra __grid_constant__ arguments after gemm.kernel_args (Scalars of type tma.TMAP_CTYPE
+whose value names the pointer argument they map). The hardware swizzles and zero-fills.
 A constant 2-D B (a weight) may instead be pre-swizzled at compile time (`preswizzle_b`, through
 LowerCtx.weight) into one contiguous block per (column tile, k-tile), which the producer loads with
 a single 1-D cp.async.bulk (the TMA engine, no tensor map) per stage: params["b_bulk"].
@@ -24,6 +27,7 @@ variants compute exactly the same thing from the same buffers.
 """
 from __future__ import annotations
 
+from .. import tma as tmap
 from ..lower import LowerCtx
 from ..target import Target
 from ..variants import YES, Variant, no, register
@@ -89,8 +93,17 @@ def persistent(p: dict) -> bool:
     return bool(p.get("PERSIST")) or pingpong(p)
 
 
+LOADS = ("cp_async", "tma")
+
+
+def load_kind(p: dict) -> str:
+    return p.get("LOAD", "cp_async")
+
+
 def _valid(p: dict, target: Target, im2col: bool = False) -> bool:
-    if p.get("SCHED", "coop") not in ("coop", "pingpong"):
+    if p.get("SCHED", "coop") not in ("coop", "pingpong") or load_kind(p) not in LOADS:
+        return False
+    if load_kind(p) == "tma" and (im2col or p.get("b_bulk") or lag(p) != 0):
         return False
     if pingpong(p) and (p["CW"] != 2 or ctas_per_sm(p) != 1 or lag(p) != 0):
         return False
@@ -168,6 +181,54 @@ def fits(pr: gemm.GemmProblem, target: Target):
     return YES
 
 
+def _batch_levels(pr: gemm.GemmProblem, strides) -> list:
+    """[(name, count, stride)] of the batch levels an operand varies over, innermost first (z1:
+    batch[1] with strides[1], then z0: batch[0] with strides[0]); a broadcast level (stride 0) or
+    one of a single batch is no tensor-map dim."""
+    lv = [("z1", pr.batch[1], int(strides[1])), ("z0", pr.batch[0], int(strides[0]))]
+    return [x for x in lv if x[1] > 1 and x[2] != 0]
+
+
+def tensor_map_specs(pr: gemm.GemmProblem, p: dict) -> tuple:
+    """(A's TensorMapSpec, B's, A's batch coordinate names, B's) for LOAD = tma: the operands as
+    the kernel reads them (A [M, K] or transposed [K, M]; B [N, K] when trans_b, else [K, N]),
+    K-major tiles one box {64 k, BM or BN}, MN-major tiles boxes {64 mn, 64 k}; arg: A and B are
+    the kernel's arguments 0 and 1 (gemm.kernel_args)."""
+    out = []
+    for arg, (kmajor, ext, ld, strides, box_rows) in enumerate((
+            (not pr.trans_a, pr.M, pr.lda_, pr.stride_a, p["BM"]),
+            (pr.trans_b, pr.N, pr.ldb_, pr.stride_b, p["BN"]))):
+        lv = _batch_levels(pr, strides)
+        batch = tuple((n, st) for _, n, st in lv)
+        if kmajor:
+            spec = tmap.matrix_spec(pr.dtype, pr.K, ext, ld, BK, box_rows, batch, arg=arg)
+        else:
+            spec = tmap.matrix_spec(pr.dtype, ext, pr.K, ld, 64, BK, batch, arg=arg)
+        out.append((spec, [name for name, _, _ in lv]))
+    (sa, za), (sb, zb) = out
+    return sa, sb, za, zb
+
+
+def tma_fits(pr: gemm.GemmProblem, target: Target = DEFAULT_TARGET):
+    """Fit: whether the TMA loads can read pr's operands (cuTensorMapEncodeTiled's rules through
+    tma.check; the addresses' 16-byte alignment is checked when the runtime encodes them)."""
+    if not getattr(target, "has_wgmma", False):
+        return no("TMA loads are in the sm_90a kernel only")
+    return tma_specs_fit(pr)
+
+
+def tma_specs_fit(pr: gemm.GemmProblem):
+    """Fit: whether pr's operands make tensor maps cuTensorMapEncodeTiled takes (any target)."""
+    if pr.dtype not in tmap.DATA_TYPE:
+        return no(f"no tensor map type for {pr.dtype}")
+    sa, sb, _, _ = tensor_map_specs(pr, dict(BM=64, BN=64))
+    for what, sp in (("A", sa), ("B", sb)):
+        why = tmap.check(sp)
+        if why:
+            return no(f"TMA {what}: {why}")
+    return YES
+
+
 def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bulk: bool = False,
                im2col: bool = False) -> list[dict]:
     """The declared space; b_bulk: B is a constant 2-D weight, so the pre-swizzled bulk-copy
@@ -183,13 +244,17 @@ def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bul
             out.append(dict(p, swizzle=gemm.GROUP_M))
     smallest = dict(BM=64, BN=64, STAGES=8, CW=1, swizzle=gemm.GROUP_M)  # loads any operand layout
     plain = [p for p in out if mn_major_loads_ok(problem, p)] or [smallest]
-    return ([dict(p, b_bulk=True) for p in out or [smallest]] + plain) if b_bulk else plain
+    # the TMA points: every tile (the boxes load any operand layout), after the cp.async ones
+    tma_points = [dict(p, LOAD="tma") for p in out] if not im2col and out and tma_fits(problem, target) else []
+    return ([dict(p, b_bulk=True) for p in out or [smallest]] + plain + tma_points) if b_bulk else plain + tma_points
 
 
 def mn_major_loads_ok(problem: gemm.GemmProblem, p: dict) -> bool:
     """The MN-major tile loader (load_mnmajor: 128 threads over 64 k rows of EXT / 8 chunks) needs
     EXT / 8 to divide 128: a B [K, N] copied by cp.async (not transposed, not bulk) cannot take
     BN = 192, nor a transposed A BM = 192 (the GPU gate caught BN = 192 wrong, H200 2026-12-02)."""
+    if load_kind(p) == "tma":
+        return True
     if not p.get("b_bulk") and not problem.trans_b and 128 % (p["BN"] // 8):
         return False
     return not (problem.trans_a and 128 % (p["BM"] // 8))
@@ -208,6 +273,9 @@ def mn_major_loads_ok(problem: gemm.GemmProblem, p: dict) -> bool:
 # On those shapes the model's pick is the measured best or within 10 % of it (the tuner's timings
 # recorded in plan.json "timings"); the old model (8192^3 rates only) picked points 10-45 % slower.
 R_INF = {True: 750e12, False: 380e12}
+# TMA points (both operands by the TMA engine, one producer thread): not measured yet; assumed near
+# the bulk-B rate (the loads that limit cp.async points move to the copy engine), a little under it
+R_INF_TMA = 700e12
 K_HALF = 1365
 TILE_EFFICIENCY = {64 * 64: 0.55, 64 * 128: 0.8, 128 * 128: 1.0, 128 * 192: 1.05, 128 * 256: 1.1}
 WAVE_OVERHEAD_S = 4e-6  # pipeline fill + epilogue of one CTA a tile (not persistent: every wave pays it)
@@ -220,7 +288,8 @@ def modelled_time(problem: gemm.GemmProblem, p: dict, target: Target = DEFAULT_T
     K = cdiv(problem.K, BK) * BK
     per_sm = ctas_per_sm(p)
     eff = TILE_EFFICIENCY.get(p["BM"] * p["BN"], 1.0) * (0.9 if per_sm == 2 else 1.0)
-    rate = R_INF[bool(p.get("b_bulk"))] * K / (K + K_HALF) * eff / target.sm_count  # one SM's
+    r_inf = R_INF_TMA if load_kind(p) == "tma" else R_INF[bool(p.get("b_bulk"))]
+    rate = r_inf * K / (K + K_HALF) * eff / target.sm_count  # one SM's
     tiles = cdiv(problem.M, p["BM"]) * cdiv(problem.N, p["BN"]) * problem.nbatch
     tile = 2.0 * p["BM"] * p["BN"] * K / rate
     if pingpong(p):
@@ -272,6 +341,13 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
                CTAS=ctas_per_sm(params), MAXNREG=setmaxnreg(params), SCHED=params.get("SCHED", "coop"))
     if bulk:
         ctx["b_bulk"] = True
+    tma = load_kind(params) == "tma"
+    if tma:
+        fit = tma_specs_fit(pr)
+        if not fit:
+            raise ValueError(f"wgmma GEMM: LOAD = tma does not fit ({fit.why})")
+        spec_a, spec_b, za, zb = tensor_map_specs(pr, params)
+        ctx.update(LOAD="tma", tma_a_batch=za, tma_b_batch=zb)  # only when set: cp.async kernels keep their names
     if im2col is not None:
         if pr.trans_a or not pr.trans_b or pr.nbatch != 1:
             raise ValueError("wgmma conv: A must be the im2col rows (K-major), B [K_out, R*S*C], one batch")
@@ -289,6 +365,9 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
     src = render_template(TEMPLATE, **ctx)
     grid = grid_of(pr, params, target)
     args = gemm.kernel_args(pr, ctype, to, ctx)
+    if tma:
+        assert args[0][0] == "A" and args[1][0] == "B"  # the specs' "arg" indices
+        args += [("tmA", tmap.TMAP_CTYPE, tmap.spec_dict(spec_a)), ("tmB", tmap.TMAP_CTYPE, tmap.spec_dict(spec_b))]
     return KernelSpec(source=src, name=ctx["name"], grid=grid, block=(128 * (params["CW"] + 1), 1, 1),
                       smem=smem_bytes(params, im2col is not None), args=args,
                       params=dict(params, BK=BK, family="wgmma", template=TEMPLATE))
@@ -350,8 +429,30 @@ def _render(ctx: LowerCtx, problem, params: dict):
     if bulk:
         BN = params["BN"]
         bufs["B"] = ctx.weight(1, lambda w: preswizzle_b(w, pr.trans_b, BN), key=f"wgmma_b{BN}{'t' * pr.trans_b}")
-    gemm_lowering.emit_spec(ctx, render(pr, params, target=problem.target), bufs)
+    emit(ctx, render(pr, params, target=problem.target), bufs)
     return True
+
+
+def emit(ctx: LowerCtx, spec: KernelSpec, bufs: dict) -> None:
+    """gemm_lowering.emit_spec, and a tensor-map argument as a Scalar of type tma.TMAP_CTYPE (its
+    value the spec dict: the runtime encodes it from the named pointer argument's address)."""
+    from ..plan import Scalar
+    from . import gemm_lowering
+    if not any(tmap.is_tmap(ct) for _, ct, _ in spec.args):
+        gemm_lowering.emit_spec(ctx, spec, bufs)
+        return
+    k = ctx.add_kernel(spec.name, spec.source, spec.params.get("template", ""), spec.params)
+    args = []
+    for role, ct, val in spec.args:
+        if ct.endswith("*"):
+            if bufs.get(role) is None:
+                ctx.fail(f"kernel {spec.name}: no buffer bound to {role}")
+            args.append(bufs[role])
+        elif tmap.is_tmap(ct):
+            args.append(Scalar(tmap.TMAP_CTYPE, dict(val)))
+        else:
+            args.append({"int": ctx.i32, "long long": ctx.i64, "float": ctx.f32}[ct](val))
+    ctx.launch(k, spec.grid, spec.block, args, smem=spec.smem)
 
 
 def _register_epilogue_variants():

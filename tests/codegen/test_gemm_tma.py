@@ -1,0 +1,324 @@
+"""TMA loads for the Hopper wgmma GEMM (codegen/tma.py; gemm_wgmma.py LOAD = tma; templates/gemm_wgmma.cu.j2).
+
+CPU: the tensor-map arguments (dims, strides, box, swizzle, element type) of every operand layout and
+of batched operands; cuTensorMapEncodeTiled's rules (tma.check) and the variant's applies; the TMA
+points in the declared space and the cost model; render's extra arguments; every TMA kernel of a
+spread of problems NVRTC-compiles for sm_90a; lowering through a model puts the tensor maps into
+plan.json and the C API host code; the runtime's launch values (a stand-in encoder).
+GPU (marked `gpu`): TMA points against numpy on ragged, transposed and batched problems, outputs
+poisoned first; a model compiled with TMA GEMMs through nnc.load, replayed as a CUDA graph."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import pytest
+
+from nnc.codegen import tma
+from nnc.codegen.kernels import common, gemm, gemm_wgmma as W
+from nnc.codegen.target import ARCHS
+
+from .test_gemm_conv import HAVE_NVRTC, _check, _dev, _host, _poison, _rounded, needs_gpu
+
+SM90A = ARCHS["sm_90a"]
+SM90 = ARCHS["sm_90"]
+
+
+def _tma_points(pr, target=SM90A, **kw):
+    return [p for p in W.candidates(pr, target, **kw) if W.load_kind(p) == "tma"]
+
+
+# ---------------------------------------------------------------- tensor-map arguments (CPU)
+def test_specs_k_major_a_and_mn_major_b():
+    pr = gemm.GemmProblem(4096, 768, 3072, dtype="float16")  # A [M, K], B [K, N]
+    sa, sb, za, zb = W.tensor_map_specs(pr, dict(BM=128, BN=192))
+    assert (sa.dims, sa.strides, sa.box, sa.swizzle, sa.arg) == ((3072, 4096), (3072 * 2,), (64, 128), 128, 0)
+    assert (sb.dims, sb.strides, sb.box, sb.arg) == ((768, 3072), (768 * 2,), (64, 64), 1)  # 64-wide blocks
+    assert za == zb == [] and sa.box_bytes == 128 * 128 and sb.box_bytes == 64 * 128
+    assert tma.check(sa) == tma.check(sb) == ""
+
+
+def test_specs_transposed_layouts_bf16_and_leading_dims():
+    pr = gemm.GemmProblem(1000, 999, 520, dtype="bfloat16", trans_a=True, trans_b=True, lda=1008, ldb=528)
+    sa, sb, _, _ = W.tensor_map_specs(pr, dict(BM=64, BN=256))
+    assert (sa.dtype, sa.dims, sa.strides, sa.box) == ("bfloat16", (1000, 520), (2016,), (64, 64))  # A [K, M]
+    assert (sb.dims, sb.strides, sb.box) == ((520, 999), (1056,), (64, 256))  # B [N, K], K-major
+    d = tma.spec_dict(sb)
+    assert tma.spec_of(d) == sb and d["dims"] == [520, 999]
+
+
+def test_specs_batch_levels_skip_broadcast():
+    pr = gemm.GemmProblem(512, 768, 64, batch=(2, 3), stride_a=(3 * 512 * 64, 512 * 64), stride_b=(0, 768 * 64),
+                          stride_d=(3 * 512 * 768, 512 * 768))
+    sa, sb, za, zb = W.tensor_map_specs(pr, dict(BM=128, BN=128))
+    assert za == ["z1", "z0"] and sa.dims == (64, 512, 3, 2) and sa.strides == (128, 512 * 64 * 2, 3 * 512 * 64 * 2)
+    assert sa.box == (64, 128, 1, 1)
+    assert zb == ["z1"] and sb.dims == (768, 64, 3) and sb.box == (64, 64, 1)  # z0 broadcast: no dim
+    src = W.render(pr, _tma_points(pr)[0]).source
+    assert "nnc_tma_load(sa, &tmA, k0, m0, z1, z0, full)" in src
+    assert "&tmB, n0 + 0, k0, z1, full)" in src
+
+
+@pytest.mark.parametrize("kw,why", [
+    (dict(strides=(24,)), "multiples of 16"),
+    (dict(box=(64, 257)), "1..256"),
+    (dict(box=(128, 64)), "exceeds the swizzle span"),
+    (dict(box=(4, 64), swizzle=0), "multiple of 16 bytes"),
+    (dict(dims=(0, 5)), "1..2^32"),
+    (dict(swizzle=48), "swizzle 48"),
+    (dict(dtype="float32"), "float32"),
+    (dict(dims=(64,) * 6, strides=(128,) * 5, box=(64,) + (1,) * 5), "rank 6"),
+])
+def test_check_states_the_encode_rules(kw, why):
+    base = dict(dtype="float16", dims=(64, 64), strides=(128,), box=(64, 64), swizzle=128, arg=0)
+    got = tma.check(tma.TensorMapSpec(**{**base, **kw}))
+    assert why in got, got
+
+
+def test_encode_refuses_unaligned_address_without_a_driver():
+    s = tma.TensorMapSpec("float16", (64, 64), (128,), (64, 64))
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        tma.encode(s, 0x1008)
+    with pytest.raises(ValueError, match="malformed"):
+        tma.spec_of({"dtype": "float16"})
+
+
+def test_tma_fits_and_the_space():
+    pr = gemm.GemmProblem(4096, 2304, 768)
+    assert W.tma_fits(pr, SM90A)
+    assert not W.tma_fits(pr, SM90) and not _tma_points(pr, SM90)
+    pts = _tma_points(pr)
+    assert pts and all(W._valid(p, SM90A) for p in pts)
+    # every schedule of the cp.async space has its TMA twin, BN = 192 too (boxes load any width)
+    sched = {(p["BM"], p["BN"], p["STAGES"], p["CW"], p.get("SCHED"), p.get("PERSIST"), p.get("CTAS")) for p in pts}
+    assert any(p["BN"] == 192 for p in pts) and any(W.pingpong(p) for p in pts) and any(p.get("CTAS") == 2 for p in pts)
+    assert len(sched) == len(pts)
+    # a weight B: the bulk points, the cp.async points and the TMA points
+    bulk_space = W.candidates(pr, SM90A, b_bulk=True)
+    assert {W.load_kind(p) for p in bulk_space} == {"cp_async", "tma"} and any(p.get("b_bulk") for p in bulk_space)
+    assert not any(p.get("b_bulk") and W.load_kind(p) == "tma" for p in bulk_space)
+    # a conv's implicit im2col A: no TMA (the rows are gathered)
+    assert not [p for p in W.candidates(pr, SM90A, im2col=True) if W.load_kind(p) == "tma"]
+    with pytest.raises(ValueError, match="declared space"):
+        W.render(pr, dict(pts[0], LOAD="tma", LAG=1))
+    with pytest.raises(ValueError, match="declared space"):
+        W.render(pr, dict(pts[0], LOAD="dma"))
+
+
+def test_cost_model_places_tma_between_cp_async_and_bulk():
+    pr = gemm.GemmProblem(4096, 3072, 768)
+    tile = dict(BM=128, BN=192, STAGES=4, CW=2, swizzle=gemm.GROUP_M)
+    t_cp = W.modelled_time(pr, tile, SM90A)
+    t_tma = W.modelled_time(pr, dict(tile, LOAD="tma"), SM90A)
+    t_bulk = W.modelled_time(pr, dict(tile, b_bulk=True), SM90A)
+    assert t_bulk < t_tma < t_cp
+    flops = 2.0 * pr.M * pr.N * pr.K
+    assert 150e12 < flops / t_tma < 800e12  # a plausible H200 rate (K = 768: fill and epilogue weigh)
+    # an activation B (no weight): the heuristic now picks a TMA point; a weight B keeps its bulk copy
+    assert W.load_kind(W.default_params(pr, SM90A)) == "tma"
+    assert W.default_params(pr, SM90A, b_bulk=True).get("b_bulk")
+
+
+def test_render_appends_the_two_tensor_maps():
+    pr = gemm.GemmProblem(4096, 768, 3072, has_bias=True, bias_dtype="float32", act="gelu")
+    p = _tma_points(pr)[0]
+    spec = W.render(pr, p)
+    names = [a[0] for a in spec.args]
+    assert names[:2] == ["A", "B"] and names[-2:] == ["tmA", "tmB"]
+    assert [a[1] for a in spec.args[-2:]] == [tma.TMAP_CTYPE] * 2
+    assert spec.args[-2][2]["arg"] == 0 and spec.args[-1][2]["arg"] == 1
+    src = spec.source
+    assert "const __grid_constant__ nnc_tmap tmA" in src and "cp.async.bulk.tensor.2d" in src
+    assert "A and B by TMA" in src and "cp.async.cg" not in src.split("namespace")[-1]
+    # a cp.async point keeps its name and arguments (LOAD enters the kernel only when tma)
+    cp = dict(p)
+    del cp["LOAD"]
+    assert "tmA" not in [a[0] for a in W.render(pr, cp).args] and W.render(pr, cp).name != spec.name
+
+
+# ---------------------------------------------------------------- NVRTC compile (CPU)
+def tma_specs():
+    specs = []
+    for dt in ("float16", "bfloat16"):
+        base = gemm.GemmProblem(4096, 4096, 4096, dtype=dt, has_bias=True, bias_dtype="float32", act="gelu")
+        specs += [W.render(base, p) for p in _tma_points(base)]
+        for ta in (False, True):
+            for tb in (False, True):
+                pr = gemm.GemmProblem(1000, 1000 if not tb else 999, 328, dtype=dt, trans_a=ta, trans_b=tb,
+                                      has_c=True, ldc_m=0, act="relu", alpha=0.5, beta=2.0,
+                                      out_dtype="float32" if ta else None)
+                pts = _tma_points(pr)
+                specs += [W.render(pr, pts[0]), W.render(pr, pts[-1])]
+    batched = gemm.GemmProblem(512, 768, 64, batch=(2, 3), stride_a=(3 * 512 * 64, 512 * 64), stride_b=(0, 768 * 64),
+                               stride_d=(3 * 512 * 768, 512 * 768), has_bias=True, act="silu")
+    specs += [W.render(batched, p) for p in _tma_points(batched)[:3]]
+    return specs
+
+
+def _compile(src):
+    return len(common.nvrtc_compile(src, "sm_90a"))
+
+
+@pytest.mark.skipif(not HAVE_NVRTC, reason="NVRTC unavailable")
+def test_every_tma_kernel_compiles_sm90a():
+    specs = tma_specs()
+    srcs = list({s.name: s.source for s in specs}.values())
+    assert len(srcs) >= 20
+    with ProcessPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
+        sizes = list(ex.map(_compile, srcs))
+    assert all(sz > 0 for sz in sizes)
+    assert all("cp.async.bulk.tensor" in s.source and "mbarrier.arrive.expect_tx" in s.source for s in specs)
+    assert any("bulk.tensor.4d" in s.source for s in specs) and any("bulk.tensor.3d" in s.source for s in specs)
+
+
+# ---------------------------------------------------------------- lowering and the runtime (CPU)
+def _tma_first(monkeypatch):
+    from nnc.codegen import variants
+    monkeypatch.setitem(variants.SELECTORS, "tma-first",
+                        lambda: variants.TimedSelector(lambda c, p: 0.0 if W.load_kind(p) == "tma" else 1.0))
+    return "tma-first"
+
+
+def _compile_model(model, out, selector):
+    from nnc.codegen.emit import compile_to_dir
+    from nnc.codegen.options import CodegenOptions, LowerOptions
+    from nnc.codegen.target import for_arch
+    from nnc.driver import pipeline_passes
+    from nnc.onnx_import import import_model
+    from nnc.pipeline import Pipeline
+    mod = import_model(model)
+    Pipeline(pipeline_passes("fp16"), verify_each=True).run(mod)
+    opts = CodegenOptions(LowerOptions(for_arch("sm_90a"), "fp16", selector=selector))
+    return mod, compile_to_dir(mod, out, options=opts)
+
+
+def _tma_model():
+    from .cuda_models import F, N, mk
+    rng = np.random.default_rng(3)
+    # a weight GEMM with a ragged M (bias + gelu) and an activation x activation batched MatMul
+    return mk([N("MatMul", ["x", "w"], ["mm"]), N("Add", ["mm", "b"], ["a"]), N("Gelu", ["a"], ["h"]),
+               N("Reshape", ["h", "shp"], ["h3"]), N("Transpose", ["h3"], ["ht"], perm=[0, 2, 1]),
+               N("MatMul", ["h3", "ht"], ["y"])],
+              [("x", F, [200, 136])], [("y", F)],
+              [("w", (rng.standard_normal((136, 256)) / 12).astype(np.float32)),
+               ("b", rng.standard_normal(256).astype(np.float32)),
+               ("shp", np.array([2, 100, 256], dtype=np.int64))])
+
+
+def test_lowered_plan_carries_tensor_maps(monkeypatch, tmp_path):
+    import json
+    _, plan = _compile_model(_tma_model(), tmp_path / "m", _tma_first(monkeypatch))
+    jplan = json.loads((tmp_path / "m" / "plan.json").read_text())
+    tm_launches = [l for l in jplan["launches"] if any(a.get("type") == tma.TMAP_CTYPE for a in l["args"])]
+    assert tm_launches, [l["kernel"] for l in jplan["launches"]]
+    for l in tm_launches:
+        for a in l["args"]:
+            if a.get("type") == tma.TMAP_CTYPE:
+                s = tma.spec_of(a["value"])
+                assert "buf" in l["args"][s.arg]  # names a pointer argument of the same launch
+    host = (tmp_path / "m" / "model.cu").read_text()
+    assert "#include <cuda.h>" in host and "cuTensorMapEncodeTiled(" in host and "tm1);" in host
+    assert "CUDA::cuda_driver" in (tmp_path / "m" / "CMakeLists.txt").read_text()
+    kernels = [k for k in plan["kernels"] if W.TEMPLATE in str(k.get("template", ""))]
+    assert kernels and all("A and B by TMA" in (tmp_path / "m" / "model.cu").read_text() for _ in kernels)
+
+
+def test_launch_values_encode_from_the_named_pointer(monkeypatch):
+    seen = []
+    monkeypatch.setattr(tma, "encode", lambda s, addr: seen.append((s.arg, addr)) or np.zeros(1, "V128"))
+    sa = tma.TensorMapSpec("float16", (64, 64), (128,), (64, 64), arg=0)
+    sb = tma.TensorMapSpec("float16", (64, 64), (128,), (64, 64), arg=1)
+    args = [("buf",), ("buf",), ("val",), ("tmap", sa, "a"), ("tmap", sb, "b")]
+    cache = tma.TensorMapCache()
+    vals = [np.uint64(0x1000), np.uint64(0x2000), np.int32(3), None, None]
+    out = tma.launch_values(args, vals, cache, int)
+    assert seen == [(0, 0x1000), (1, 0x2000)] and out[3].dtype.itemsize == 128 and out[2] == 3
+    tma.launch_values(args, vals, cache, int)
+    assert len(seen) == 2  # cached per (spec, address)
+    vals[0] = np.uint64(0x3000)
+    tma.launch_values(args, vals, cache, int)
+    assert seen[-1] == (0, 0x3000)
+
+
+# ---------------------------------------------------------------- GPU
+GPU_CASES = [  # M, N, K, dtype, trans_a, trans_b, epilogue (as test_gemm_wgmma's)
+    (256, 256, 256, "float16", False, False, "none"),
+    (7, 136, 72, "bfloat16", False, False, "bias_gelu"),
+    (129, 200, 328, "float16", False, True, "residual"),
+    (200, 64, 136, "bfloat16", True, False, "scale"),
+    (136, 72, 64, "float16", True, True, "cast_f32"),
+    (1000, 999, 520, "float16", False, True, "bias_residual_relu"),  # M, N, K no multiples of a tile
+    (1000, 1000, 520, "bfloat16", False, False, "bias"),
+    (4096, 768, 3072, "float16", False, False, "bias_gelu"),
+]
+
+
+def _run_tma(spec, bufs):
+    import cupy
+    fn = common.load_cubin(common.nvrtc_compile(spec.source, "sm_90a"), spec)
+    fn(spec.grid, spec.block, tma.kernel_spec_args(spec, bufs), shared_mem=spec.smem)
+    cupy.cuda.runtime.deviceSynchronize()
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{c[3]}-ta{int(c[4])}tb{int(c[5])}-{c[6]}")
+def test_tma_gemm_gpu(case):
+    from .test_gemm_wgmma import _bufs, _case_arrays
+    rng = np.random.default_rng(abs(hash(case)) & 0xFFFF)
+    pr, a, b, extra, ref = _case_arrays(case, rng)
+    odt = pr.out_dtype or pr.dtype
+    bufs = _bufs(pr, a, b, extra)
+    pts = _tma_points(pr)
+    assert pts
+    if pr.M * pr.N > 1 << 18:  # big: the heuristic's TMA point and one of each schedule
+        pts = [p for i, p in enumerate(pts) if i == 0 or W.pingpong(p) or p.get("CTAS") == 2][:4]
+    for p in pts:
+        d = _poison((pr.M, pr.N), odt)
+        _run_tma(W.render(pr, p), dict(bufs, D=d))
+        _check(_host(d, odt), ref, 1e-2 if pr.dtype == "float16" else 3e-2)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_tma_batched_and_persistent_gpu():
+    """Batch dims of the tensor maps (A per batch at two levels, B broadcast over one) and
+    persistent / ping-pong points on a stand-in Target of 2 SMs (every CTA loops over tiles)."""
+    from dataclasses import replace
+    rng = np.random.default_rng(5)
+    a = rng.uniform(-1, 1, (2, 3, 100, 72))
+    b = rng.uniform(-1, 1, (3, 72, 136))
+    pr = gemm.matmul_problem(a.shape, b.shape, "float16", act="relu")
+    assert pr is not None and W.tma_fits(pr, SM90A)
+    ref = np.maximum(_rounded(a, "float16") @ _rounded(b, "float16"), 0)
+    few = replace(SM90A, sm_count=2)
+    for p in _tma_points(pr):
+        d = _poison(ref.shape, "float16")
+        _run_tma(W.render(pr, p, target=few if W.persistent(p) else SM90A),
+                 dict(A=_dev(a, "float16"), B=_dev(b, "float16"), D=d))
+        _check(_host(d, "float16"), ref, 1e-2)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_tma_model_through_nnc_load_and_cuda_graph_gpu(monkeypatch, tmp_path):
+    """The whole path with the TMA points chosen: plan.json's tensor-map args encoded by the runtime
+    at capture, the run replayed as a CUDA graph on fresh inputs (arena and outputs poisoned), eager
+    runs too, against the reference interpreter."""
+    import nnc
+    from nnc.ir.interp import Interpreter
+    mod, plan = _compile_model(_tma_model(), tmp_path / "m", _tma_first(monkeypatch))
+    assert any(W.TEMPLATE in str(k.get("template", "")) for k in plan["kernels"])
+    rng = np.random.default_rng(11)
+    for cuda_graph in (True, False):
+        g = nnc.load(tmp_path / "m", cuda_graph=cuda_graph)
+        assert g.uses_cuda_graph == cuda_graph, g.graph_fallback
+        for _ in range(2):
+            feed = {x.name: rng.standard_normal(x.type.shape).astype(np.float32) for x in mod.main.args}
+            ref = Interpreter(mod).run(feed)
+            got = g.run(feed, output="numpy", poison=True)
+            for k, v in ref.items():
+                v = np.asarray(v, np.float64)
+                err = np.abs(np.asarray(got[k], np.float64) - v).max() / (np.abs(v).max() + 1e-12)
+                assert err < 2e-2, (k, err)
