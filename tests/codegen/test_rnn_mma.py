@@ -126,8 +126,13 @@ def _pipeline_dir(name, B, prec, root):
     from pathlib import Path
     d = Path(root) / f"{name}_b{B}_{prec}"
     model, _ = _model(name, B)
-    nnc.compile(model, out=str(d), backend="reference", codegen=True, precision=prec,
-                arch=None if _gpu() else "sm_90a").close()
+    old = rnn.DEFAULT_STEP_MMA, rnn.MMA_MIN_BATCH
+    rnn.DEFAULT_STEP_MMA, rnn.MMA_MIN_BATCH = True, 1  # the tensor-core step whatever the default says
+    try:
+        nnc.compile(model, out=str(d), backend="reference", codegen=True, precision=prec,
+                    arch=None if _gpu() else "sm_90a").close()
+    finally:
+        rnn.DEFAULT_STEP_MMA, rnn.MMA_MIN_BATCH = old
     return d
 
 
@@ -168,8 +173,9 @@ def test_pipeline_compiles_the_mma_step_sm90a(name, B, prec, root):
     assert "ldmatrix.sync.aligned.m8n8.x4" in src and "cp.async.cg.shared.global" in src
 
 
-def test_onnx_op_variant_compiles_the_mma_step_sm90a(tmp_path):
+def test_onnx_op_variant_compiles_the_mma_step_sm90a(tmp_path, monkeypatch):
     """rnn.persistent (an ONNX LSTM lowered without the pipeline) takes the same step."""
+    monkeypatch.setattr(rnn, "DEFAULT_STEP_MMA", True)
     model, _ = rnn_model("LSTM", S=4, Bn=16, I=16, H=64, dt=np.float16, direction="bidirectional", peep=True,
                          h0=True, c0=True, lens=[4, 3] * 8)
     plan = compile_to_dir(import_model(model), tmp_path, arch="sm_90a")
@@ -181,6 +187,7 @@ def test_onnx_op_variant_compiles_the_mma_step_sm90a(tmp_path):
 @pytest.mark.parametrize("sync", rnn.SYNCS)
 def test_both_syncs_compile(sync, tmp_path, monkeypatch):
     monkeypatch.setattr(rnn, "DEFAULT_SYNC", sync)
+    monkeypatch.setattr(rnn, "DEFAULT_STEP_MMA", True)
     model, _ = _model("gru_bidir_lensin", 16, np.float16)
     plan = compile_to_dir(import_model(model), tmp_path, arch="sm_90a")
     recs = [k["params"] for k in plan["kernels"] if k["params"].get("variant") == "rec"]
