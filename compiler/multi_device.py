@@ -445,20 +445,23 @@ def run_multi(mdm: MultiDeviceModule, inputs: dict, micro_batches: Optional[int]
 
 def check_batch_split(mdm: MultiDeviceModule) -> None:
     """Raises a MultiDeviceError naming the first op that could mix rows of different samples
-    along axis 0 (so the program cannot run on micro-batches split along it); returns if every
-    model output keeps axis 0 as the batch axis. Conservative: unknown patterns are refused.
+    (so the program cannot run on micro-batches split along axis 0 of its inputs); returns if every
+    model output has the batch on its axis 0. Conservative: patterns it does not know are refused.
 
-    A value is *batched* if its axis 0 is the batch axis (a model input; what an op computes from
-    batched values row by row) and *free* if no batched value reaches it (weights, constants).
-    Devices are checked in order; a Recv is batched if its matching Send's value was."""
+    Every value is either *batched*, with the axis that holds the batch (inputs: axis 0; a
+    Transpose, Reshape, MatMul... moves it), or *free* (weights, constants: no batched value
+    reaches it). An op is accepted when it treats the batch axis as independent rows (elementwise,
+    broadcasting, the M / batch dims of a MatMul, the N of a conv, a reduction over other axes) and
+    its result keeps the batch extent on the axis it maps to. Devices are checked in order; a Recv
+    is batched as its matching Send's value was (pipelines send forward only)."""
     sent: dict[tuple, deque] = {}
     for k, m in enumerate(mdm.devices):
         f = m.main
-        status: dict[int, bool] = {}
+        status: dict[int, Optional[int]] = {}
         for a in f.args:
             if a.type.shape is None or len(a.type.shape) == 0:
                 raise MultiDeviceError(f"device {k}: input {vname(a.name)}: {a.type} has no axis 0 to split into micro-batches")
-            status[id(a)] = True
+            status[id(a)] = 0
         for op in f.ops:
             if op.name == "Recv":
                 q = sent.get((op.attrs.peer, k, op.attrs.tag))
@@ -469,11 +472,13 @@ def check_batch_split(mdm: MultiDeviceModule) -> None:
                 continue
             _batch_op(op, status, m, k)
             if op.name == "Send":
-                sent.setdefault((k, op.attrs.peer, op.attrs.tag), deque()).append(status[id(op.operands[0])])
+                sent.setdefault((k, op.attrs.peer, op.attrs.tag), deque()).append(status.get(id(op.operands[0])))
         for v in f.results:
-            if not is_token(v) and not status.get(id(v), False):
-                raise MultiDeviceError(f"device {k}: output {vname(v.name)} does not depend on the batch; "
-                                       f"micro-batching would not know how to merge it")
+            if not is_token(v) and status.get(id(v)) != 0:
+                why = "does not depend on the batch" if status.get(id(v)) is None else \
+                    f"has the batch on axis {status[id(v)]}, not 0"
+                raise MultiDeviceError(f"device {k}: output {vname(v.name)} {why}; micro-batches could not be "
+                                       f"concatenated back along axis 0")
 
 
 def _refuse(op: Op, k: int, why: str):
@@ -481,73 +486,170 @@ def _refuse(op: Op, k: int, why: str):
                            f"this graph cannot run split into micro-batches (use --micro-batches 1)")
 
 
-def _batch_op(op: Op, status: dict, module: Module, k: int) -> None:
-    operands = [v for v in op.operands if v is not None]
-    batched = [v for v in op.operands if v is not None and status.get(id(v), False)]
+# ops whose axis 0 is the batch (N of NCHW / NHWC) and that mix everything else
+_BATCH_FIRST = {"Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool",
+                "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "BatchNormalization", "InstanceNormalization",
+                "GroupNormalization", "LRN", "MaxRoiPool", "SpaceToDepth", "DepthToSpace", "Col2Im"}
+_MATMULS = {"MatMul": (0, 1), "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3), "matmul_int4_weight": (0, None)}
+_REFUSED = {"Shape": "reads the batch size", "Size": "reads the batch size", "Einsum": "einsum is not analysed",
+            "NonZero": "data-dependent extents", "Compress": "data-dependent extents"}
+
+
+def _axes_of(op: Op, module: Module, i: int, alias: dict):
+    """Ints of a const operand i (axes given as an input), None when absent or not constant.
+    alias: a fused body's argument -> the operand outside (whose const it is)."""
+    if len(op.operands) <= i or op.operands[i] is None:
+        return None
+    v = op.operands[i]
+    while id(v) in alias:
+        v = alias[id(v)]
+    cv = const_value(v, module.weights)
+    return None if cv is None else [int(x) for x in np.asarray(cv).reshape(-1)]
+
+
+def _static(shape) -> bool:
+    return shape is not None and all(isinstance(d, int) for d in shape)
+
+
+def _reshape_axis(src: tuple, a: int, dst: tuple) -> Optional[int]:
+    """Where axis a of `src` is after a row-major reshape to `dst` (None: the batch rows mix)."""
+    if not (_static(src) and _static(dst)):
+        return None
+    lead = int(np.prod(src[:a], dtype=np.int64))
+    for j in range(len(dst)):
+        if int(np.prod(dst[:j], dtype=np.int64)) == lead and dst[j] == src[a]:
+            return j
+    return None
+
+
+def _batch_op(op: Op, status: dict, module: Module, k: int, alias: Optional[dict] = None) -> None:
+    alias = {} if alias is None else alias
+    batched = [(i, v, status[id(v)]) for i, v in enumerate(op.operands)
+               if v is not None and status.get(id(v)) is not None]
     if not batched:
         for r in op.results:
-            status[id(r)] = False
+            status[id(r)] = None
         return
     if op.name == "Send":
-        status[id(op.results[0])] = False
+        status[id(op.results[0])] = None
         return
     if op.name == "fused":
         body = op.attrs.body
-        inner = {id(a): status.get(id(v), False) for a, v in zip(body.args, op.operands)}
+        inner = {id(x): status.get(id(v)) for x, v in zip(body.args, op.operands) if v is not None}
+        alias.update({id(x): v for x, v in zip(body.args, op.operands) if v is not None})
         for sub in body.ops:
-            _batch_op(sub, inner, module, k)
+            _batch_op(sub, inner, module, k, alias)
         for r, v in zip(op.results, body.results):
-            status[id(r)] = inner.get(id(v), False)
+            status[id(r)] = inner.get(id(v))
         return
     if op.regions():
         _refuse(op, k, "ops with regions are not analysed")
-    b = batched[0].type.shape[0] if batched[0].type.shape else None
-    for v in batched:
-        if v.type.shape is None or not v.type.shape or v.type.shape[0] != b:
-            _refuse(op, k, f"operand {vname(v.name)}: {v.type} has no batch axis 0 of extent {b}")
+    if op.name in _REFUSED:
+        _refuse(op, k, _REFUSED[op.name])
+    for _, v, ax in batched:
+        if v.type.shape is None or ax >= len(v.type.shape):
+            _refuse(op, k, f"operand {vname(v.name)}: {v.type} has unknown rank")
+    res0 = op.results[0].type
+    if res0.shape is None:
+        _refuse(op, k, f"result {res0} has unknown rank")
+    R = len(res0.shape)
+    at = op.attrs
+    x0 = op.operands[0]
+    a0 = status.get(id(x0)) if x0 is not None else None
+    b = batched[0][1].type.shape[batched[0][2]]
+
+    def norm(ax, rank):
+        return ax + rank if ax < 0 else ax
+
+    want: set = set()  # result axis each batched operand maps to
+    name = op.name
+    if name in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
+        if len(batched) != 1 or batched[0][0] != 0:
+            _refuse(op, k, "its shape operand depends on the batch")
+        j = _reshape_axis(tuple(x0.type.shape), a0, tuple(res0.shape))
+        if j is None:
+            _refuse(op, k, f"reshaping {x0.type} to {res0} merges or splits the batch axis {a0}")
+        want.add(j)
+    elif name == "Transpose":
+        perm = list(at.perm) if getattr(at, "perm", None) else list(range(R))[::-1]
+        want.add(perm.index(a0))
+    elif name in _MATMULS:
+        ia, ib = _MATMULS[name]
+        for i, v, ax in batched:
+            r = len(v.type.shape)
+            if i == ia:
+                if r < 2 or ax == r - 1:
+                    _refuse(op, k, "the batch axis is contracted (the left operand's K)")
+                want.add(ax + R - r)
+            elif i == ib:
+                if r < 2 or ax == r - 2:
+                    _refuse(op, k, "the batch axis is contracted (the right operand's K)")
+                want.add(R - 1 if ax == r - 1 else ax + R - r)
+            else:
+                _refuse(op, k, f"operand {i} (scales / zero points) depends on the batch")
+    elif name == "Gemm":
+        for i, v, ax in batched:
+            if i == 0:
+                if ax != (1 if at.transA else 0):
+                    _refuse(op, k, "the batch axis is contracted (A's K)")
+                want.add(0)
+            elif i == 1:
+                if ax != (0 if at.transB else 1):
+                    _refuse(op, k, "the batch axis is contracted (B's K)")
+                want.add(1)
+            else:
+                want.add(ax + R - len(v.type.shape))
+    elif name == "Gather":
+        g = norm(at.axis, len(x0.type.shape))
+        idx = op.operands[1]
+        ri = len(idx.type.shape) if idx.type.shape is not None else 0
+        for i, v, ax in batched:
+            if i == 0:
+                if ax == g:
+                    _refuse(op, k, "gathers along the batch axis")
+                want.add(ax if ax < g else ax + ri - 1)
+            else:
+                want.add(g + ax)
+    elif name in _BATCH_FIRST:
+        for i, v, ax in batched:
+            if i != 0 or ax != 0:
+                _refuse(op, k, f"{name} treats only axis 0 of its input as the batch")
+        want.add(0)
+    else:
+        axis = getattr(at, "axis", None)
+        axes = getattr(at, "axes", None)
+        if name.startswith("Reduce") or name == "CumSum" or name == "Slice":
+            axes = _axes_of(op, module, 3 if name == "Slice" else 1, alias)
+            if axes is None and name == "CumSum":
+                _refuse(op, k, "its axis is not a constant")
+            if axes is None and not (name.startswith("Reduce") and getattr(at, "noop_with_empty_axes", 0)):
+                _refuse(op, k, "works along every axis, the batch axis included")
+        r0 = len(x0.type.shape) if x0 is not None and x0.type.shape is not None else R
+        for _, v, ax in batched:
+            r = len(v.type.shape)
+            if isinstance(axis, int):
+                if name in ("LayerNormalization", "RMSNormalization") and ax >= norm(axis, r):
+                    _refuse(op, k, f"normalises axes {norm(axis, r)}.. which include the batch axis {ax}")
+                if norm(axis, r) == ax:
+                    _refuse(op, k, f"works along axis {axis}, the batch axis")
+            if axes is not None and any(norm(int(x), r) == ax for x in axes):
+                _refuse(op, k, f"axes {list(axes)} include the batch axis {ax}")
+        if name == "Trilu" and a0 is not None and a0 >= r0 - 2:
+            _refuse(op, k, "the batch axis is one of the matrix axes")
+        for i, v, ax in batched:
+            r = len(v.type.shape)
+            if name.startswith(("Reduce", "ArgM")) and not getattr(at, "keepdims", 1) and i == 0:
+                red = [norm(int(x), r) for x in (axes if axes is not None else [axis])]
+                want.add(ax - sum(1 for x in red if x < ax))
+            else:
+                want.add(ax + R - r)  # numpy broadcasting aligns trailing axes
+    if len(want) != 1:
+        _refuse(op, k, f"its batched operands put the batch on different result axes {sorted(want)}")
+    ra = want.pop()
     for r in op.results:
-        if r.type.shape is None or not r.type.shape or r.type.shape[0] != b:
-            _refuse(op, k, f"result {r.type} does not keep the batch extent {b} on axis 0")
-    a = op.attrs
-    rank0 = len(op.operands[0].type.shape) if op.operands[0] is not None and op.operands[0].type.shape is not None else 1
-    if op.name in ("Shape", "Size"):
-        _refuse(op, k, "reads the batch size")
-    if op.name == "Gather" and not status.get(id(op.operands[0]), False):
-        pass  # a table indexed by batched indices: rows stay apart
-    elif hasattr(a, "axis") and isinstance(a.axis, int) and (a.axis % max(rank0, 1)) == 0:
-        _refuse(op, k, f"works along axis {a.axis}, the batch axis")
-    if hasattr(a, "perm") and a.perm and a.perm[0] != 0:
-        _refuse(op, k, f"perm {list(a.perm)} moves the batch axis")
-    axes = getattr(a, "axes", "absent")
-    if op.name.startswith("Reduce") or op.name in ("Slice", "Squeeze", "Unsqueeze"):
-        if axes == "absent" or axes is None:
-            i = 3 if op.name == "Slice" else 1
-            cv = const_value(op.operands[i], module.weights) if len(op.operands) > i and op.operands[i] is not None else None
-            axes = None if cv is None else [int(x) for x in np.asarray(cv).reshape(-1)]
-        if axes is None and op.name.startswith("Reduce") and not getattr(a, "noop_with_empty_axes", 0):
-            _refuse(op, k, "reduces over every axis, the batch axis included")
-        if axes is None and op.name == "Slice":
-            _refuse(op, k, "slices every axis, the batch axis included")
-        if axes is not None and any(int(x) % max(rank0, 1) == 0 for x in axes) and op.name != "Unsqueeze":
-            _refuse(op, k, f"axes {list(axes)} include the batch axis")
-        if op.name == "Unsqueeze" and axes is not None and 0 in [int(x) for x in axes]:
-            _refuse(op, k, "inserts an axis before the batch axis")
-    if op.name in ("MatMul", "MatMulInteger", "QLinearMatMul", "Gemm", "Einsum"):
-        if op.name == "Einsum":
-            _refuse(op, k, "einsum equations are not analysed")
-        rhs = op.operands[3 if op.name == "QLinearMatMul" else 1]
-        if status.get(id(rhs), False) and len(rhs.type.shape or ()) <= 2:
-            _refuse(op, k, "the batched operand is a matrix right-hand side (its rows are contracted)")
-        if op.name == "Gemm" and getattr(a, "transA", 0):
-            _refuse(op, k, "transA contracts over the batch axis")
-    if op.name not in ("Reshape", "Gather", "Flatten", "Squeeze", "Unsqueeze") and len(operands) > 1:
-        rr = len(op.results[0].type.shape)
-        for v in batched:
-            if len(v.type.shape) != rr:
-                _refuse(op, k, f"operand {vname(v.name)} of rank {len(v.type.shape)} broadcasts against rank {rr}, "
-                               f"so its axis 0 is not the result's")
-    for r in op.results:
-        status[id(r)] = True
+        if r.type.shape is None or not 0 <= ra < len(r.type.shape) or r.type.shape[ra] != b:
+            _refuse(op, k, f"result {r.type} does not keep the batch extent {b} on axis {ra}")
+        status[id(r)] = ra
 
 
 # ---------------------------------------------------------------- compute modules (for codegen)

@@ -250,3 +250,70 @@ def test_cli_tensor_parallel_wiring(tmp_path, rng, parallel):
     ref = Interpreter(_single_device(EXAMPLES / "tiny_transformer.onnx", {})).run({"x": x})
     got = prog.run({"x": x})
     np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-4, atol=1e-5)
+
+
+def _batched_transformer(tmp_path):
+    """examples/tiny_transformer.onnx with a symbolic batch (its Reshape targets copy dim 0)."""
+    import onnx
+    from onnx import numpy_helper
+    m = onnx.load(EXAMPLES / "tiny_transformer.onnx")
+    for i, init in enumerate(m.graph.initializer):
+        if init.name in ("heads_shape", "flat_shape"):
+            a = numpy_helper.to_array(init).copy()
+            a[0] = 0
+            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(a, init.name))
+    for vi in list(m.graph.input) + list(m.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_param = "B"
+    p = tmp_path / "tt_batched.onnx"
+    onnx.save(m, p)
+    return p
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("model", ["tiny_cnn", "transformer"])
+def test_micro_batched_equals_full_batch(model, precision, tmp_path, rng):
+    """Each device compiled for batch 2, run on 2 micro-batches of a batch-4 input, equals the
+    single-device graph compiled for batch 4 (NHWC fp16 convs, stacked QKV, attention groups)."""
+    from nnc.driver import pipeline_passes
+    from nnc.ir.interp import Interpreter
+    from nnc.onnx_import import import_model
+    from nnc.passes.partition_pipeline import partition
+    from nnc.pipeline import Pipeline
+    path, name, rest = ((EXAMPLES / "tiny_cnn.onnx", "input", [3, 32, 32]) if model == "tiny_cnn"
+                        else (_batched_transformer(tmp_path), "x", [16, 64]))
+
+    def build(b):
+        m = import_model(str(path), shapes={name: [b] + rest})
+        Pipeline(pipeline_passes(precision)).run(m)
+        return m
+    full = build(4)
+    feed = {name: rng.standard_normal([4] + rest).astype(full.main.args[0].type.dtype.np)}
+    ref = Interpreter(full).run(feed)
+    mdm = partition(build(2), 3, micro_batches=2)
+    verify_multi(mdm)
+    out = run_multi(mdm, feed)
+    for n in ref:
+        np.testing.assert_array_equal(out[n], ref[n])
+
+
+@pytest.mark.parametrize("body,msg", [
+    ("%y = ReduceSum(%x, %ax) {keepdims = 0} : f32[3]", "include the batch axis 0"),
+    ("%t = Transpose(%x) {perm = [1, 0]} : f32[3,4]\n  %y = Relu(%t) : f32[3,4]", "batch on axis 1, not 0"),
+    ("%t = Transpose(%x) {perm = [1, 0]} : f32[3,4]\n  %y = MatMul(%t, %x) : f32[3,3]", "contracted"),
+    ("%y = Reshape(%x, %flat) : f32[12]", "merges or splits the batch axis"),
+    ("%y = Concat(%x, %x) {axis = 0} : f32[8,3]", "works along axis 0"),
+    ("%s = Shape(%x) : i64[2]\n  %y = Reshape(%x, %s) : f32[4,3]", "reads the batch size"),
+])
+def test_batch_split_refusals(body, msg):
+    from nnc.passes.partition_pipeline import partition
+    from nnc.ir import parse
+    out_t = body.rsplit(": ", 1)[1]
+    text = (f"func @main(%x: f32[4,3]) -> ({out_t}) {{\n"
+            f"  %ax = const() {{value = dense<[0]> : i64[1]}} : i64[1]\n"
+            f"  %flat = const() {{value = dense<[12]> : i64[1]}} : i64[1]\n"
+            f"  {body}\n  return %y\n}}\n")
+    m = parse(text)
+    m.weights = WeightStore()
+    from nnc.multi_device import check_batch_split
+    with pytest.raises(MultiDeviceError, match=msg):
+        check_batch_split(partition(m, 1))
