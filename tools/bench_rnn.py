@@ -74,6 +74,19 @@ def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma: bool = Fals
     return od
 
 
+def code_tag() -> str:
+    """A hash of the recurrence's code, in the build directories' names: a later call on the same
+    machine with changed kernels rebuilds instead of loading the old plan."""
+    import hashlib
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha1()
+    for f in ("codegen/kernels/rnn.py", "codegen/kernels/recurrence.py", "templates/rnn.cu.j2",
+              "compiler/passes/time_fusion.py"):
+        p = root / f
+        h.update(p.read_bytes() if p.exists() else b"")
+    return h.hexdigest()[:8]
+
+
 def points() -> list:
     """(label, sync, step_mma) of the nnc builds each row times."""
     steps = {"fma": (False,), "mma": (True,), "both": (False, True)}[ARGS.step_mma] if ARGS else (False,)
@@ -132,7 +145,7 @@ def floor_bench(work: Path) -> dict:
     out = {}
     x = cp.asarray(r.standard_normal((S, 1, H)).astype(np.float32))
     for sync in ("flags", "barrier"):
-        mod = nnc.load(build(p, work / f"floor_{sync}", "fp32", sync))
+        mod = nnc.load(build(p, work / f"floor_{sync}_{code_tag()}", "fp32", sync))
         t = time_cuda(lambda: mod.run({"x": x}), warmup=3, iters=10)
         out[sync] = t * 1e3 / S
     row(part="floor", S=S, H=H, **{f"{k}_us_per_step": v for k, v in out.items()})
@@ -159,7 +172,8 @@ def bench_one(name: str, batch: int, work: Path, precs, pts, floor: dict):
                 continue  # the tensor-core step is fp16/bf16 only
             try:
                 t0 = time.time()
-                od = build(path, work / f"{name}_b{batch}_{prec}_{label}{'_kperm' if ARGS.kperm else ''}{'_sb' if ARGS.stage_batch else ''}", prec, sync, mma)
+                od = build(path, work / f"{name}_b{batch}_{prec}_{label}{'_kperm' if ARGS.kperm else ''}"
+                           f"{'_sb' if ARGS.stage_batch else ''}_{code_tag()}", prec, sync, mma)
                 m = nnc.load(od)
                 r[f"compile_s_{label}"] = round(time.time() - t0, 1)
                 xin = x.astype(m.inputs[0].dtype)
