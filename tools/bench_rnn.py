@@ -16,7 +16,7 @@ eager (cuDNN) at the same precision, torch.compile with --torch-compile. A point
   measured by --floor (an RNN with hidden 64, batch 1: nothing but the per-step latency chain).
 
     python tools/bench_rnn.py --models lstm2x512 --batches 1 --out $OUT [--floor] [--torch-compile]
-        [--budget-s 120] [--kperm] [--stage-batch] [--step-mma fma|mma|both]
+        [--budget-s 120] [--kperm] [--stage-batch] [--step-mma fma,mma,mma4,mma8|both]
 
 issue 8's tensor-core step, new point vs old vs cuDNN, three alternating rounds (< 4 min):
 
@@ -55,15 +55,17 @@ def rel_max(got, ref) -> float:
     return float(np.max(np.abs(got - ref)) / max(1.0, float(np.max(np.abs(ref)))))
 
 
-def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma: bool = False) -> Path:
+def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False) -> Path:
     """Compile with the persistent recurrence's sync scheme forced to `sync` and its step to the
-    tensor-core one (step_mma, at any batch) or the FMA one."""
+    tensor-core one (step_mma True, at any batch; an int: with that many warps) or the FMA one."""
     from nnc.codegen.kernels import rnn
     from nnc.driver import compile_model
     if not (od / "plan.json").exists():
-        names = ("DEFAULT_SYNC", "DEFAULT_KPERM", "DEFAULT_STAGE_BATCH", "DEFAULT_STEP_MMA", "MMA_MIN_BATCH")
+        names = ("DEFAULT_SYNC", "DEFAULT_KPERM", "DEFAULT_STAGE_BATCH", "DEFAULT_STEP_MMA", "MMA_MIN_BATCH",
+                 "DEFAULT_MMA_WARPS")
         old = [getattr(rnn, n) for n in names]
-        new = (sync, bool(ARGS and ARGS.kperm), bool(ARGS and ARGS.stage_batch), step_mma, 1)
+        new = (sync, bool(ARGS and ARGS.kperm), bool(ARGS and ARGS.stage_batch), bool(step_mma), 1,
+               step_mma if not isinstance(step_mma, bool) else None)
         for n, v in zip(names, new):
             setattr(rnn, n, v)
         try:
@@ -89,9 +91,10 @@ def code_tag() -> str:
 
 def points() -> list:
     """(label, sync, step_mma) of the nnc builds each row times."""
-    steps = {"fma": (False,), "mma": (True,), "both": (False, True)}[ARGS.step_mma] if ARGS else (False,)
-    return [(sync + ("_mma" if m else ""), sync, m) for sync in (ARGS.syncs.split(",") if ARGS else SYNCS)
-            for m in steps]
+    kinds = {"fma": False, "mma": True, "mma4": 4, "mma8": 8}
+    names = ("fma,mma" if ARGS.step_mma == "both" else ARGS.step_mma).split(",") if ARGS else ["fma"]
+    return [(sync + ("" if n == "fma" else "_" + n), sync, kinds[n]) for sync in (ARGS.syncs.split(",") if ARGS else SYNCS)
+            for n in names]
 
 
 def rec_launches(plan: dict) -> list:
@@ -272,8 +275,9 @@ def main(argv=None) -> int:
                     "model's own (a --models item name@b runs batch b of that model only)")
     ap.add_argument("--precisions", default="fp32,fp16")
     ap.add_argument("--syncs", default="flags,barrier")
-    ap.add_argument("--step-mma", default="fma", choices=("fma", "mma", "both"),
-                    help="the recurrence step: FMA (CUDA cores), tensor-core (space param step_mma), or both")
+    ap.add_argument("--step-mma", default="fma",
+                    help="the recurrence steps to time, comma-separated: fma (CUDA cores), mma (tensor cores, space "
+                         "param step_mma, the cost model's warps), mma4 / mma8 (4 / 8 warps); both = fma,mma")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--floor", action="store_true", help="measure the per-step sync floor first")

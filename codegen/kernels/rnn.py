@@ -202,6 +202,7 @@ MMA_MIN_BATCH = 8
 # the tensor-core step when the batch allows it: compile-checked (NVRTC sm_90a) and GPU tests
 # written, not yet measured on the H200 at this commit (tools/bench_rnn.py --step-mma both)
 DEFAULT_STEP_MMA = True
+DEFAULT_MMA_WARPS = None  # None: the cost model's pick of the space's 4 / 8 (tools/bench_rnn.py --step-mma mma4,mma8)
 
 
 def _mma_layout(spec: RecurrenceSpec, nsb: int, threads: int) -> dict:
@@ -284,7 +285,7 @@ def _mma_points(spec: RecurrenceSpec, target: Target, nsb: int) -> list[dict]:
             continue
         for sync in SYNCS:
             out.append(dict(sync=sync, nsb=lay["NSB"], tr=None, tb=None, ks=None, threads=threads, r_smem=True,
-                            kperm=False, stage_batch=False, step_mma=True))
+                            kperm=False, stage_batch=False, step_mma=True, mma_warps=warps))
     return out
 
 
@@ -337,7 +338,8 @@ def recurrence_space(spec: RecurrenceSpec, target: Target) -> list[dict]:
                     for kperm in kperms:
                         for stage_batch in (False, True):
                             out.append(dict(sync=sync, nsb=nsb_real, tr=tr, tb=tb, ks=ks, threads=threads,
-                                            r_smem=r_smem, kperm=kperm, stage_batch=stage_batch, step_mma=False))
+                                            r_smem=r_smem, kperm=kperm, stage_batch=stage_batch, step_mma=False,
+                                            mma_warps=None))
             if tilings:
                 break  # R in smem fits: streaming it is never better
         out += _mma_points(spec, target, nsb)
@@ -350,7 +352,8 @@ def recurrence_default(spec: RecurrenceSpec, target: Target, space: Optional[lis
     space = recurrence_space(spec, target) if space is None else space
     mma = DEFAULT_STEP_MMA and spec.B >= MMA_MIN_BATCH
     if mma and any(p.get("step_mma") for p in space):
-        pts = [p for p in space if p.get("step_mma") and p["sync"] == DEFAULT_SYNC]
+        pts = [p for p in space if p.get("step_mma") and p["sync"] == DEFAULT_SYNC
+               and DEFAULT_MMA_WARPS in (None, p.get("mma_warps"))]
         if pts:  # most blocks first (the space's order), the cheapest-modelled warp count of those
             top = pts[0]["nsb"]
             return dict(min((p for p in pts if p["nsb"] == top), key=lambda p: point_cost(spec, p)))
