@@ -786,13 +786,44 @@ def _close_row(b: _DeviceBuilder, op: Op, group: tuple, d: int, weights) -> None
     if c is None:
         ar = Op("AllReduce", [partial], [res], ar_attrs, op.loc)
         b.after[id(op)] = [ar]
-    else:
-        summed = Value(b.fresh(f"{final_name}.reduced"), res.type)
-        ar = Op("AllReduce", [partial], [summed], ar_attrs, op.loc)
-        add = Op("Add", [summed, c], [res], registry.make_attrs(registry.get("Add").attrs, {}, "Add"), op.loc)
-        _retype(add, weights)
+        res.producer = ar
+        return
+    summed = Value(b.fresh(f"{final_name}.reduced"), res.type)
+    ar = Op("AllReduce", [partial], [summed], ar_attrs, op.loc)
+    add_attrs = registry.make_attrs(registry.get("Add").attrs, {}, "Add")
+    view = _only_view_user(b.func, res, c)
+    if view is None:
+        add = Op("Add", [summed, c], [res], add_attrs, op.loc)
         b.after[id(op)] = [ar, add]
-    res.producer = b.after[id(op)][-1]
+        res.producer = add
+    else:  # Gemm -> Reshape (GPT-2's addmm): the bias after the view, next to the residual Add
+        b.after[id(op)] = [ar]
+        out = view.results[0]
+        viewed = Value(b.fresh(f"{out.name}.reduced"), out.type)
+        view.operands = [summed] + view.operands[1:]
+        view.results = [viewed]
+        viewed.producer = view
+        add = Op("Add", [viewed, c], [out], add_attrs, view.loc)
+        out.producer = add
+        b.after.setdefault(id(view), []).append(add)
+    _retype(add, weights)
+
+
+def _only_view_user(func: Function, v: Value, bias: Value) -> Optional[Op]:
+    """The one reader of v when it is a view op keeping the last dim, v is no function result and
+    the bias broadcasts along that last dim only ([N], [1, N] or a scalar), so the bias Add may
+    follow the view; else None."""
+    if any(r is v for r in func.results) or not _static(bias) or math.prod(_shape(bias)[:-1]) != 1:
+        return None
+    readers = [op for op in func.ops if any(x is v for x in op.operands)]
+    if len(readers) != 1 or readers[0].name not in RESHAPES or readers[0].operands[0] is not v \
+            or readers[0].operands.count(v) != 1 or len(readers[0].results) != 1:
+        return None
+    out = readers[0].results[0]
+    n = _shape(v)[-1]
+    if not _static(out) or _shape(out)[-1] != n or (bias.type.rank and _shape(bias)[-1] not in (1, n)):
+        return None
+    return readers[0]
 
 
 def _fusion_passes() -> list:

@@ -80,11 +80,13 @@ def bert_encoder(L=2, B=2, S=16, E=64, H=4, F=None, seed=0):
     return _model(nodes, ins, inits, "y", "bert")
 
 
-def gpt_decoder(L=2, B=2, S=16, E=64, H=4, F=None, seed=1, lm_head=0):
+def gpt_decoder(L=2, B=2, S=16, E=64, H=4, F=None, seed=1, lm_head=0, gemm=False):
     """A pre-LN GPT-2 decoder stack: LayerNorm, packed c_attn [E, 3E] + bias, Split into q/k/v,
     head split, causal Where(tril, scores, min), Softmax, head merge, c_proj + bias + residual,
     LayerNorm, c_fc + GELU (tanh form written out), c_proj + bias + residual; a final LayerNorm
-    (and with lm_head=V a [E, V] projection to logits: a column GEMM no row GEMM closes)."""
+    (and with lm_head=V a [E, V] projection to logits: a column GEMM no row GEMM closes).
+    gemm: the projections as transformers' GPT-2 export writes them (addmm): Reshape to
+    [B*S, E], Gemm(x, W, bias), Reshape back; the FFN's as torch Linear (transB = 1, W [out, in])."""
     F = F or 4 * E
     r = np.random.default_rng(seed)
     w = lambda *s: (r.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)
@@ -97,14 +99,26 @@ def gpt_decoder(L=2, B=2, S=16, E=64, H=4, F=None, seed=1, lm_head=0):
              ("half", np.array(0.5, np.float32)), ("one", np.array(1.0, np.float32)),
              ("c0", np.array(np.sqrt(2 / np.pi), np.float32)), ("c1", np.array(0.044715, np.float32)),
              ("three", np.array(3.0, np.float32))]
+    inits += [("flat", np.array([B * S, E], np.int64)), ("flatf", np.array([B * S, F], np.int64)),
+              ("sh3", np.array([B, S, 3 * E], np.int64)), ("shf", np.array([B, S, F], np.int64))]
     nodes, x = [], "x"
+
+    def linear(a, wname, bname, out, flat, back, trans=0):
+        if not gemm:
+            return [N("MatMul", [a, wname], [out + ".mm"]), N("Add", [out + ".mm", bname], [out])]
+        if trans:
+            inits[:] = [(n, np.ascontiguousarray(v.T) if n == wname else v) for n, v in inits]
+        return [N("Reshape", [a, flat], [out + ".2d"]),
+                N("Gemm", [out + ".2d", wname, bname], [out + ".g"], transB=trans),
+                N("Reshape", [out + ".g", back], [out])]
+
     for layer in range(L):
         p = f"l{layer}."
         inits += [(p + "g1", 1 + b(E)), (p + "be1", b(E)), (p + "wa", w(E, 3 * E)), (p + "ba", b(3 * E)),
                   (p + "wo", w(E, E)), (p + "bo", b(E)), (p + "g2", 1 + b(E)), (p + "be2", b(E)),
                   (p + "wf", w(E, F)), (p + "bf", b(F)), (p + "wp", w(F, E)), (p + "bp", b(E))]
         nodes += [N("LayerNormalization", [x, p + "g1", p + "be1"], [p + "ln1"], axis=-1, epsilon=1e-5),
-                  N("MatMul", [p + "ln1", p + "wa"], [p + "am"]), N("Add", [p + "am", p + "ba"], [p + "aa"]),
+                  *linear(p + "ln1", p + "wa", p + "ba", p + "aa", "flat", "sh3"),
                   N("Split", [p + "aa", "parts"], [p + "q", p + "k", p + "v"], axis=2)]
         nodes += [N("Reshape", [p + q, "hs"], [p + q + "r"]) for q in "qkv"]
         nodes += [N("Transpose", [p + "qr"], [p + "qt"], perm=[0, 2, 1, 3]),
@@ -114,15 +128,15 @@ def gpt_decoder(L=2, B=2, S=16, E=64, H=4, F=None, seed=1, lm_head=0):
                   N("Where", ["tril", p + "s1", "neg"], [p + "s2"]),
                   N("Softmax", [p + "s2"], [p + "pr"], axis=-1), N("MatMul", [p + "pr", p + "vt"], [p + "c"]),
                   N("Transpose", [p + "c"], [p + "ct"], perm=[0, 2, 1, 3]), N("Reshape", [p + "ct", "os"], [p + "cr"]),
-                  N("MatMul", [p + "cr", p + "wo"], [p + "om"]), N("Add", [p + "om", p + "bo"], [p + "oa"]),
+                  *linear(p + "cr", p + "wo", p + "bo", p + "oa", "flat", "os"),
                   N("Add", [x, p + "oa"], [p + "res1"]),
                   N("LayerNormalization", [p + "res1", p + "g2", p + "be2"], [p + "ln2"], axis=-1, epsilon=1e-5),
-                  N("MatMul", [p + "ln2", p + "wf"], [p + "f1"]), N("Add", [p + "f1", p + "bf"], [p + "h"]),
+                  *linear(p + "ln2", p + "wf", p + "bf", p + "h", "flat", "shf", trans=1),
                   N("Pow", [p + "h", "three"], [p + "h3"]), N("Mul", [p + "h3", "c1"], [p + "h3c"]),
                   N("Add", [p + "h", p + "h3c"], [p + "inner"]), N("Mul", [p + "inner", "c0"], [p + "inner2"]),
                   N("Tanh", [p + "inner2"], [p + "th"]), N("Add", [p + "th", "one"], [p + "th1"]),
                   N("Mul", [p + "h", "half"], [p + "hh"]), N("Mul", [p + "hh", p + "th1"], [p + "gelu"]),
-                  N("MatMul", [p + "gelu", p + "wp"], [p + "f2"]), N("Add", [p + "f2", p + "bp"], [p + "f2b"]),
+                  *linear(p + "gelu", p + "wp", p + "bp", p + "f2b", "flatf", "os", trans=1),
                   N("Add", [p + "res1", p + "f2b"], [p + "out"])]
         x = p + "out"
     inits += [("gf", 1 + b(E)), ("bef", b(E))]
@@ -237,17 +251,18 @@ def test_gpt_golden_packed_qkv_groups_and_split_sizes():
     filecheck(print_module(prog.devices[0]), """
         CHECK: %l0.wa = const() {weight = "l0.wa.tp0of2"} : f32[64,96]
         CHECK: %l0.aa = fused(%l0.ln1, %l0.wa, %l0.ba.shard)
-        CHECK: f32[2,16,96]
+        CHECK: MatMul(%l0.ln1_0, %l0.wa_1) : f32[2,16,96]
+        CHECK: params = "bias"} : f32[2,16,96]
         CHECK: Split(%l0.aa_0, %l0.q.split_1) {axis = 2} : f32[2,16,32], f32[2,16,32], f32[2,16,32]
         CHECK: Reshape(%l0.q_2, %l0.qr.shape_5) : f32[2,16,2,16]
         CHECK: Where(%tril_15, %l0.s1_14, %neg_16) : f32[2,2,16,16]
         CHECK: params = "S=16 T=16 D=16 scale=0.25 where transposes=q,k,v,o simt"
-        CHECK: %l0.om.partial = MatMul(%l0.cr, %l0.wo.shard) : f32[2,16,64]
-        CHECK: %l0.om = AllReduce(%l0.om.partial) {device = 0, group = [0, 1]}
-        CHECK: Add(%l0.om_0, %l0.bo_1)
+        CHECK: %l0.oa.mm.partial = MatMul(%l0.cr, %l0.wo.shard) : f32[2,16,64]
+        CHECK: %l0.oa.mm = AllReduce(%l0.oa.mm.partial) {device = 0, group = [0, 1]}
+        CHECK: Add(%l0.oa.mm_0, %l0.bo_1)
         CHECK: params = "bias gelu_tanh"} : f32[2,16,128]
-        CHECK: %l0.f2 = AllReduce(%l0.f2.partial) {device = 0, group = [0, 1]}
-        CHECK: Add(%l0.f2_
+        CHECK: %l0.f2b.mm = AllReduce(%l0.f2b.mm.partial) {device = 0, group = [0, 1]}
+        CHECK: Add(%l0.f2b.mm_
         CHECK: return %y
     """)
     m = prog.devices[1]
@@ -258,18 +273,46 @@ def test_gpt_golden_packed_qkv_groups_and_split_sizes():
     assert list(sizes.attrs.value) == [32, 32, 32]
 
 
+def test_gpt_gemm_form_golden():
+    """GPT-2's addmm export: Gemm(x, W, C) between Reshapes. The column Gemm keeps its C sliced;
+    the row Gemm loses C, which is added after the AllReduce and the Reshape back (so that it
+    meets the residual Add); transB = 1 (torch Linear) splits the weight's other axis."""
+    m = _compiled(gpt_decoder, L=1, gemm=True)
+    prog = shard_tensor_parallel(m, 2)
+    filecheck(print_module(prog.devices[1]), """
+        CHECK: %l0.wf = const() {weight = "l0.wf.tp1of2"} : f32[128,64]
+        CHECK: %l0.aa.g = Gemm(%l0.aa.2d, %l0.wa, %l0.ba.shard) : f32[32,96]
+        CHECK: %l0.aa = Reshape(%l0.aa.g, %l0.aa.shape) : f32[2,16,96]
+        CHECK: kind = "attention"
+        CHECK: %l0.oa.2d = Reshape(%l0.ct, %l0.oa.2d.shape) : f32[32,32]
+        CHECK: %l0.oa.g.partial = Gemm(%l0.oa.2d, %l0.wo.shard) : f32[32,64]
+        CHECK: %l0.oa.g.reduced = AllReduce(%l0.oa.g.partial) {device = 1, group = [0, 1]} : f32[32,64]
+        CHECK: %l0.oa.reduced = Reshape(%l0.oa.g.reduced, %os) : f32[2,16,64]
+        CHECK: %l0.oa = Add(%l0.oa.reduced, %l0.bo) : f32[2,16,64]
+        CHECK: Gemm(%l0.h.2d_0, %l0.wf_1, %l0.bf.shard_2) {transB = 1} : f32[32,128]
+        CHECK: %l0.f2b.g.partial = Gemm(%l0.f2b.2d, %l0.wp.shard) {transB = 1} : f32[32,64]
+        CHECK: %l0.f2b.g.reduced = AllReduce(%l0.f2b.g.partial)
+        CHECK: %l0.f2b = Add(%l0.f2b.reduced, %l0.bp) : f32[2,16,64]
+    """)
+    np.testing.assert_array_equal(prog.devices[1].weights["l0.wp.tp1of2"], m.weights["l0.wp"][:, 128:])
+    feed = _feed(m)
+    ref = Interpreter(m).run(feed)
+    got = run_multi(prog.to_multi_device(), feed)
+    np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-3, atol=1e-3 * np.abs(ref["y"]).max())
+
+
 def test_gpt_unfused_pipeline_golden():
     """--no-fuse: the same split without fused groups (nothing is re-fused)."""
     prog = shard_tensor_parallel(_compiled(gpt_decoder, fuse=False), 2)
     text = print_module(prog.devices[0])
     filecheck(text, """
-        CHECK: %l0.am = MatMul(%l0.ln1, %l0.wa) : f32[2,16,96]
-        CHECK: %l0.aa = Add(%l0.am, %l0.ba.shard) : f32[2,16,96]
+        CHECK: %l0.aa.mm = MatMul(%l0.ln1, %l0.wa) : f32[2,16,96]
+        CHECK: %l0.aa = Add(%l0.aa.mm, %l0.ba.shard) : f32[2,16,96]
         CHECK: %l0.q, %l0.k, %l0.v = Split(%l0.aa, %l0.q.split) {axis = 2} : f32[2,16,32], f32[2,16,32], f32[2,16,32]
         CHECK: %l0.pr = Softmax(%l0.s2) : f32[2,2,16,16]
-        CHECK: %l0.om.partial = MatMul(%l0.cr, %l0.wo.shard) : f32[2,16,64]
-        CHECK: %l0.om = AllReduce(%l0.om.partial)
-        CHECK: %l0.oa = Add(%l0.om, %l0.bo) : f32[2,16,64]
+        CHECK: %l0.oa.mm.partial = MatMul(%l0.cr, %l0.wo.shard) : f32[2,16,64]
+        CHECK: %l0.oa.mm = AllReduce(%l0.oa.mm.partial)
+        CHECK: %l0.oa = Add(%l0.oa.mm, %l0.bo) : f32[2,16,64]
     """)
     assert "fused" not in text
 
@@ -281,7 +324,7 @@ def test_lm_head_and_non_transformer_stay_replicated():
     assert text.count("AllReduce(") == 4
     filecheck(text, """
         CHECK: %wlm = const() {weight = "wlm"} : f32[64,50]
-        CHECK: %l1.f2 = AllReduce(
+        CHECK: %l1.f2b.mm = AllReduce(
         CHECK: %logits = MatMul(%y, %wlm) : f32[2,16,50]
     """)
     # a model without blocks: every device is the module itself
@@ -337,6 +380,54 @@ def test_gpt_lm_head_matches(rng):
     np.testing.assert_allclose(got["logits"], ref["logits"], rtol=1e-3, atol=1e-3 * np.abs(ref["logits"]).max())
 
 
+# ---------------------------------------------------------------- per-shard kernels
+
+def _compute_only(module):
+    """A device's Module with each AllReduce made an Identity: the shard's own kernels (its
+    partial sums go on unreduced), lowerable by the single-device CUDA backend."""
+    import copy
+    from nnc.ir import registry
+    m = copy.deepcopy(module)
+    for op in m.main.ops:
+        if op.name == "AllReduce":
+            op.name = "Identity"
+            op.attrs = registry.make_attrs(registry.get("Identity").attrs, {}, "Identity")
+    return m
+
+
+def test_shard_kernels_compile_with_nvrtc(tmp_path):
+    """The fused kernels of a shard (GEMM epilogues at N/K columns, attention of H/K heads,
+    rowreduce after the AllReduce) render and compile for sm_90 (no GPU needed)."""
+    from nnc.codegen.emit import compile_to_dir
+    prog = shard_tensor_parallel(_compiled(gpt_decoder, "fp16", L=1), 2)
+    plan = compile_to_dir(_compute_only(prog.devices[1]), tmp_path / "dev1", arch="sm_90", precision="fp16")
+    assert plan["cubins"]
+    templates = [k.get("template") for k in plan["kernels"]]
+    assert "flash_attention.cu.j2" in templates and "gemm_tc.cu.j2" in templates, templates
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["bert", "gpt"])
+def test_gpu_shard_kernels_match_interpreter(name, tmp_path):
+    """On the GPU: each device's compute (AllReduce as Identity) at fp16 gives the interpreter's
+    outputs of that same module: the per-shard kernels are right; the sum over devices is
+    run_multi's (above) and NCCL's."""
+    import nnc
+    from nnc.codegen.emit import compile_to_dir
+    m = _compiled(MODELS[name], "fp16")
+    prog = shard_tensor_parallel(m, 2)
+    for d, dev in enumerate(prog.devices):
+        cm = _compute_only(dev)
+        compile_to_dir(cm, tmp_path / f"dev{d}", arch=None, precision="fp16")
+        g = nnc.load(tmp_path / f"dev{d}")
+        feed = _feed(cm, d)
+        ref = Interpreter(cm).run(feed)
+        got = g.run(feed, output="numpy", poison=True)
+        for k, v in ref.items():
+            np.testing.assert_allclose(np.asarray(got[k], np.float32), v.astype(np.float32), rtol=3e-2,
+                                       atol=3e-2 * float(np.abs(v).max()), err_msg=f"device {d} {k}")
+
+
 # ---------------------------------------------------------------- sizes that do not divide
 
 def test_heads_not_divisible_is_an_error_naming_the_op():
@@ -352,7 +443,7 @@ def test_heads_not_divisible_is_an_error_naming_the_op():
 def test_hidden_or_ffn_not_divisible_is_an_error():
     with pytest.raises(NncError, match=r"over 3 devices: .*\[3, 2, 16, 64\].*columns: 64\) does not divide by 3"):
         shard_tensor_parallel(_compiled(bert_encoder, L=1), 3)
-    with pytest.raises(NncError, match=r"over 5 devices: MatMul %l0\.am .*\[2, 16, 144\].*columns: 3 groups of 48\)"
+    with pytest.raises(NncError, match=r"over 5 devices: MatMul %l0\.aa\.mm .*\[2, 16, 144\].*columns: 3 groups of 48\)"
                                        r" does not divide by 5"):
         shard_tensor_parallel(_compiled(gpt_decoder, L=1, E=48, H=6, fuse=False), 5)
     with pytest.raises(NncError, match=r"over 4 devices: MatMul %l0\.f1 .*columns: 198\) does not divide by 4"):
@@ -382,3 +473,10 @@ def test_shard_array_groups():
 def test_gpt2_medium_allreduce_bytes():
     # 24 layers x 2 all-reduces of [8, 512, 1024] fp16 = 48 messages of 8 MiB
     assert tp_allreduce_bytes(24, 8, 512, 1024, 2) == 48 * 8 * 512 * 1024 * 2 == 402653184  # 384 MiB
+
+
+def test_comm_bytes_tool_table():
+    from tools.tp_comm_bytes import table
+    text = table(24, 8, 512, 1024, 2, [2], {"measured 300": 300.0})
+    assert "48 messages of 8388608 B" in text and "402653184 B (384.0 MiB)" in text
+    assert "1.342" in text  # 48 x 8 MiB x 2 (2 - 1) / 2 / 300 GB/s = 1.342 ms

@@ -1,0 +1,70 @@
+"""Bytes all-reduced per forward by tensor parallelism, and the link-bound time they imply.
+
+Megatron tensor parallelism all-reduces two [batch, seq, hidden] activations per transformer layer
+(after the attention output projection and after the FFN down GEMM), whatever the device count;
+compiler/passes/shard_tensor_parallel.py places exactly these (`tp_allreduce_bytes` there). A ring
+all-reduce of S bytes over K devices moves 2 (K - 1) / K * S bytes in and out of every device, so
+with nccl-tests' bus bandwidth (busbw = algbw * 2 (K - 1) / K) one all-reduce takes
+S * 2 (K - 1) / K / busbw: the lower bound on the communication time of a forward when nothing
+overlaps it, and the floor of the whole forward's latency when everything else does.
+
+    python tools/tp_comm_bytes.py                               # GPT-2 medium of issue 13, fp16
+    python tools/tp_comm_bytes.py --busbw 350                   # a measured busbw in GB/s (nccl-tests)
+    python tools/tp_comm_bytes.py --layers 24 --batch 8 --seq 512 --hidden 1024 --dtype-bytes 2 --devices 2 4 8
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+try:
+    from nnc.passes.shard_tensor_parallel import ring_allreduce_seconds, tp_allreduce_bytes
+except ImportError:  # run from a checkout without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from compiler.passes.shard_tensor_parallel import ring_allreduce_seconds, tp_allreduce_bytes
+
+# Assumed bus bandwidths (GB/s) when none is measured: H200 NVLink 4 (900 GB/s bidirectional,
+# 450 GB/s each way; nccl-tests all-reduce busbw on 8x H100/H200 NVSwitch systems is typically
+# 350-480 GB/s at >= 8 MiB) and PCIe Gen5 x16 (64 GB/s each way, ~50 GB/s achieved). Only for the
+# table's shape: the closing note must use the busbw measured on the machine (nccl-tests
+# all_reduce_perf at the message size printed here).
+ASSUMED_BUSBW_GBS = {"nvlink4 (assumed 360)": 360.0, "pcie5 (assumed 50)": 50.0}
+
+
+def table(layers: int, batch: int, seq: int, hidden: int, dtype_bytes: int, devices, busbw: dict) -> str:
+    per_layer = 2
+    msg = batch * seq * hidden * dtype_bytes
+    total = tp_allreduce_bytes(layers, batch, seq, hidden, dtype_bytes, per_layer)
+    lines = [f"{layers} layers x {per_layer} all-reduces of [{batch}, {seq}, {hidden}] x {dtype_bytes} B = "
+             f"{layers * per_layer} messages of {msg} B ({msg / 2**20:.1f} MiB); "
+             f"{total} B ({total / 2**20:.1f} MiB) all-reduced per forward",
+             f"{'devices':>7} {'link':>24} {'busbw GB/s':>10} {'per msg ms':>10} {'forward ms':>10} "
+             f"{'bytes out/dev':>14}"]
+    for k in devices:
+        for name, bw in busbw.items():
+            t = ring_allreduce_seconds(msg, k, bw * 1e9)
+            moved = int(total * 2 * (k - 1) / k)
+            lines.append(f"{k:>7} {name:>24} {bw:>10.0f} {t * 1e3:>10.4f} {t * layers * per_layer * 1e3:>10.3f} "
+                         f"{moved:>14}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--dtype-bytes", type=int, default=2, help="2 for fp16/bf16, 4 for fp32")
+    ap.add_argument("--devices", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--busbw", type=float, nargs="*", default=None,
+                    help="measured all-reduce bus bandwidth(s) in GB/s (nccl-tests busbw)")
+    a = ap.parse_args(argv)
+    bw = {f"measured {b:g}": b for b in a.busbw} if a.busbw else ASSUMED_BUSBW_GBS
+    print(table(a.layers, a.batch, a.seq, a.hidden, a.dtype_bytes, a.devices, bw))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
