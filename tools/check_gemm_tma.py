@@ -13,7 +13,9 @@ run on fresh random inputs with the output poisoned (NaN) first and checked agai
 product (max abs error / max |ref| < 1e-2), then timed (tools/cuda_timing.time_cuda: warm-up, median
 of CUDA events; problems under 20 GFLOP as CUDA-graph replays of 20 launches, torch too, which also
 checks that a graph captures the tensor-map parameters). A wrong point is reported, never timed as
-best. --quick: fp16 only, no 8192^3.
+best. Per problem it prints the fastest three points of each kind, the picks and every point not
+ok (--verbose: every point). --quick: fp16 only, no 8192^3. --compile-only: render and compile
+every point on a CPU machine (no timing).
 """
 from __future__ import annotations
 
@@ -67,7 +69,25 @@ def problem_of(M, N, K, dt, trans_b, batch, b_shared):
 
 
 CUBINS: dict = {}  # kernel name -> cubin (or the compile error), across problems
-COMPILE_ONLY = "--compile-only" in sys.argv  # render and compile every point, no GPU (a CPU check)
+COMPILE_ONLY = "--compile-only" in sys.argv
+VERBOSE = "--verbose" in sys.argv  # every point's line (else the best three of each kind and the odd ones)
+HANG_S = 10.0  # a launch not done after this long is a hung pipeline (an mbarrier never completing)
+RESULTS: list = []  # the problems done, for the table (also printed when a launch hangs)
+
+
+def sync_or_exit(what: str) -> None:
+    """Waits for the current stream; a launch still running after HANG_S seconds is reported with
+    the table so far, and the process exits (a hung kernel cannot be stopped from here)."""
+    import torch
+    ev = torch.cuda.Event()
+    ev.record()
+    t0 = time.time()
+    while not ev.query():
+        if time.time() - t0 > HANG_S:
+            print(f"\nHANG: {what} still running after {HANG_S:.0f} s; exiting", flush=True)
+            print_table(RESULTS)
+            os._exit(3)
+        time.sleep(1e-4)
 
 
 def run_problem(pool, label, M, N, K, trans_b, batch, b_shared, dt):
@@ -125,7 +145,7 @@ def run_problem(pool, label, M, N, K, trans_b, batch, b_shared, dt):
         d.fill_(float("nan"))
         try:
             launch()
-            torch.cuda.synchronize()
+            sync_or_exit(f"{label} {dt} {tma_tag(p)}")
         except Exception as e:  # noqa: BLE001
             rows.append((p, None, f"LAUNCH-FAIL {type(e).__name__}: {e}"[:300]))
             continue
@@ -142,16 +162,29 @@ def run_problem(pool, label, M, N, K, trans_b, batch, b_shared, dt):
     tms = _graph_timed_torch(tfn) if graphs else _timed(tfn, 1)
     print(f"\n== {label} {dt} {nb}x{M}x{N}x{K}{' B[N,K]' if trans_b else ''}: torch {tms * 1e3:.1f} us "
           f"{flops / tms / 1e9:.1f} TFLOP/s{' (graph-timed)' if graphs else ''}", flush=True)
-    for p, ms, st in rows:
+    tma_model = min((p for p, _, _ in rows if kind_of(p) == "tma"), default=None,
+                    key=lambda p: W.modelled_time(pr, p, SM90A))
+    # the fastest three of each kind, the heuristic's picks, and every point that is not ok
+    shown = []
+    for kind in ("tma", "cp.async", "bulk"):
+        shown += sorted([r for r in rows if kind_of(r[0]) == kind and r[1] is not None], key=lambda r: r[1])[:3]
+    shown += [r for r in rows if (r[0] == tma_default or r[0] == tma_model) and r not in shown]
+    bad = [r for r in rows if r[1] is None and r not in shown]
+    shown += bad[:4]  # the first few points that are not ok (all with --verbose)
+    for p, ms, st in (rows if VERBOSE else shown):
         t = "" if ms is None else f"{ms * 1e3:9.1f} us {flops / ms / 1e9:7.1f} TFLOP/s"
-        print(f"   {kind_of(p):8s} {tma_tag(p):24s} {t:30s} {st}{'  (heuristic)' if p == tma_default else ''}", flush=True)
+        mark = ("  (heuristic)" if p == tma_default else "") + ("  (model's TMA pick)" if p == tma_model else "")
+        print(f"   {kind_of(p):8s} {tma_tag(p):26s} {t:30s} {st}{mark}", flush=True)
+    if len(bad) > 4 and not VERBOSE:
+        print(f"   ... and {len(bad) - 4} more points not ok", flush=True)
 
     def best(kind):
         good = [(p, ms) for p, ms, st in rows if kind_of(p) == kind and ms is not None]
         return min(good, key=lambda r: r[1]) if good else None
     dflt = next(((p, ms) for p, ms, _ in rows if p == tma_default), None)
+    tma_pick = next(((p, ms) for p, ms, _ in rows if p == tma_model), None)
     return dict(label=label, dtype=dt, M=M, N=N, K=K, nb=nb, flops=flops, torch_ms=tms,
-                tma=best("tma"), cp=best("cp.async"), bulk=best("bulk"), heuristic=dflt,
+                tma=best("tma"), cp=best("cp.async"), bulk=best("bulk"), heuristic=dflt, tma_pick=tma_pick,
                 n_tma=sum(1 for p, _, _ in rows if kind_of(p) == "tma"),
                 wrong=[(tma_tag(p), st) for p, _, st in rows if not st.startswith("ok")])
 
@@ -174,7 +207,7 @@ def main():
         print(torch.cuda.get_device_name(), "torch", torch.__version__,
               time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), flush=True)
     t0 = time.time()
-    res = []
+    res = RESULTS
     with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 4)) as pool:
         for dt in ("float16",) if quick else ("float16", "bfloat16"):
             for label, M, N, K, tb, batch, shared in PROBLEMS:
@@ -188,9 +221,16 @@ def main():
                     print(f"\n== {label} {dt}: FAILED {type(e).__name__}: {e}", flush=True)
                     res.append(dict(label=label, dtype=dt, failed=f"{type(e).__name__}: {e}"[:200]))
     print(f"\n(total {time.time() - t0:.0f} s)")
+    print_table(res)
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+
+
+def print_table(res: list) -> None:
     print("\n| problem | dtype | torch TFLOP/s | TMA best | TMA / torch | cp.async best | bulk-B best | best old / torch "
-          "| heuristic | wrong (of which TMA) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| model's TMA pick | heuristic | wrong (of which TMA) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res:
         if "failed" in r:
             print(f"| {r['label']} | {r['dtype']} | FAILED: {r['failed']} |")
@@ -200,10 +240,7 @@ def main():
         n_wrong_tma = sum(1 for t, _ in r["wrong"] if t.endswith("/tma"))
         print(f"| {r['label']} {r['nb']}x{r['M']}x{r['N']}x{r['K']} | {r['dtype']} | {r['flops'] / r['torch_ms'] / 1e9:.0f} | "
               f"{cell(r, 'tma')} | {ratio(r, 'tma')} | {cell(r, 'cp')} | {cell(r, 'bulk')} | {old_ratio} | "
-              f"{cell(r, 'heuristic')} | {len(r['wrong'])} ({n_wrong_tma} of {r['n_tma']}) |")
-    if out_json:
-        with open(out_json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+              f"{cell(r, 'tma_pick')} | {cell(r, 'heuristic')} | {len(r['wrong'])} ({n_wrong_tma} of {r['n_tma']}) |")
 
 
 if __name__ == "__main__":
