@@ -1,0 +1,264 @@
+"""Weight-only int4 GEMM for the small-M shapes of token-by-token decoding: `matmul_int4_weight`
+(ir/ops/gemm_int4.py) as declared Variants of family "gemm_int4" (templates/gemm_int4.cu.j2).
+
+* gemm_int4.small_m (priority 10): M <= 16 rows (x's leading dims folded), f16 / bf16 activations
+  and scales of that dtype. The weight is re-laid-out at compile time (ctx.weight transforms, so it
+  lands in weights.bin once): 16-column tiles x 64-k chunks of 512 bytes, lane l's 16 bytes holding
+  exactly its mma.sync m16n8k16 B fragments for the chunk's four k16 steps and the tile's two n8
+  halves, nibbles ordered so that `(word >> 4j) & 0x000f000f | 0x64006400` (f16; 0x4300 bf16)
+  is fragment register j as two halves 1024 + u (128 + u): one lop3 per pair, then an exact
+  subtract of 1024 + z and one multiply by the group's scale (rounded once to f16 / bf16, as
+  DequantizeLinear with an f16 scale writes it). x rows are the mma's A rows (rows >= M zero);
+  fp32 accumulators. A CTA owns R tiles (16R columns); its KSPLIT warps split K (chunk c goes to
+  warp c % KSPLIT), each keeping U chunks of loads in flight (registers, software-pipelined), and
+  reduce through shared memory; the scale groups' values (and zero points) are re-laid-out per
+  (tile, group) so a lane reads its two columns' scales in one 4-byte load.
+* gemm_int4.dequant (priority 0): everything else (M > 16, f32 activations, block sizes that are
+  not a multiple of 16, odd K): the weight dequantized at compile time into x's dtype (weights.bin
+  holds it at full width: no memory saving) and the op lowered as an ordinary MatMul, i.e. the
+  normal GEMM family (mma / wgmma) — prefill shapes are compute-bound, where that is the right kernel.
+
+    applies(problem) -> Fit   small_m: sm_80+ (Target.cc), constant w_q / scale / zero point, M <= 16,
+                              x f16/bf16 with scales of the same dtype, block_size % 16 == 0, K even,
+                              x 4-byte aligned
+    space                     R (16-column tiles a CTA) x KSPLIT (warps along K) x U (chunks in flight)
+                              within the Target's threads per block and a register budget
+    default                   R = 1; the fewest KSPLIT warps giving ~24 resident warps an SM (more
+                              when N is small), U = 4 (2 when each warp has few chunks)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from ...ir.ops.gemm_int4 import dequantized_weight
+from ..lower import LowerCtx
+from ..variants import YES, Variant, no, register
+from .common import cdiv
+from .gemm_lowering import aligned
+
+FAMILY = "gemm_int4"
+PRIORITY = 10
+MIN_CC = 80          # mma.sync m16n8k16 f16/bf16, bf16 hsub2/hmul2
+MAX_M = 16           # the mma's A rows
+TILE_N = 16          # columns of one packed tile (two n8 mma tiles)
+CHUNK_K = 64         # k of one packed chunk (four k16 mma steps)
+CHUNK_BYTES = TILE_N * CHUNK_K // 2
+ACT = {"f16": ("half", "0x64006400", 1024), "bf16": ("__nv_bfloat16", "0x43004300", 128)}
+# (the magic: the exponent that turns a nibble u in the low mantissa bits into OFFSET + u exactly)
+
+
+@dataclass(frozen=True)
+class Int4Gemm:
+    """What the kernel needs to know of one op (decided by applies, reused by space/render)."""
+    M: int
+    K: int
+    N: int
+    block: int       # group size along K
+    act: str         # f16 | bf16
+    has_zp: bool     # per-group zero points (else the constant ZERO)
+    zero: int        # the nibble value that dequantizes to 0 without zero points (8 for i4, 0 for u4)
+
+    @property
+    def tiles(self) -> int:
+        return cdiv(self.N, TILE_N)
+
+    @property
+    def chunks(self) -> int:
+        return cdiv(self.K, CHUNK_K)
+
+    @property
+    def groups(self) -> int:  # scale groups covering the padded K
+        return cdiv(self.chunks * CHUNK_K, self.block)
+
+
+def _rows(shape) -> int:
+    m = 1
+    for d in shape[:-1]:
+        m *= int(d)
+    return m
+
+
+def analyse(problem) -> "Int4Gemm | str":
+    if problem.target.cc < MIN_CC:
+        return f"needs sm_80+ (mma.sync m16n8k16), target is {problem.target.arch}"
+    x, wq, s, y = problem.tensor(0), problem.tensor(1), problem.tensor(2), problem.result(0)
+    if any(problem.value(i) is None for i in (1, 2)) or (problem.has(3) and problem.value(3) is None):
+        return "w_q / scale / zero point are not compile-time constants"
+    if x.dtype.short not in ACT:
+        return f"activations are {x.dtype.short}, not f16 / bf16"
+    if s.dtype != x.dtype:
+        return f"scales are {s.dtype.short}, activations {x.dtype.short}"
+    K, N = (int(d) for d in wq.shape)
+    M = _rows(x.shape)
+    bs = int(problem.attr("block_size"))
+    if M > MAX_M:
+        return f"M = {M} > {MAX_M} rows (the dequantize + GEMM variant takes it)"
+    if bs % 16:
+        return f"block_size {bs} is not a multiple of 16 (a k16 mma step in one group)"
+    if K % 2:
+        return f"K = {K} is odd (x is read in pairs)"
+    if not aligned(x, 4) or y.numel == 0:
+        return "x is a view not 4-byte aligned, or the output is empty"
+    zero = 8 if wq.dtype.short == "i4" else 0
+    return Int4Gemm(M, K, N, bs, x.dtype.short, problem.has(3), zero)
+
+
+def _applies(problem):
+    got = analyse(problem)
+    if isinstance(got, str):
+        return no(got)
+    problem.memo["gemm_int4.problem"] = got
+    return YES
+
+
+def regs_estimate(p: dict) -> int:
+    """Registers a thread holds: two stages of U*R 16-byte loads, the accumulators, scales."""
+    return 2 * p["U"] * p["R"] * 4 + p["R"] * 8 + 2 * p["U"] * p["R"] * 4 + 48
+
+
+def space(problem) -> list:
+    pr: Int4Gemm = problem.memo["gemm_int4.problem"]
+    t = problem.target
+    out = []
+    for R in (1, 2, 4):
+        if R > 1 and pr.tiles < R:
+            continue
+        for KS in (2, 4, 8, 16):
+            if KS * 32 > t.max_threads_per_block or (KS > 2 and pr.chunks < KS):
+                continue
+            for U in (1, 2, 4):
+                p = dict(R=R, KSPLIT=KS, U=U)
+                if regs_estimate(p) <= min(t.regs_per_thread, 168) and \
+                        4 * KS * R * 256 <= t.smem_per_block:
+                    out.append(p)
+    return out
+
+
+def default(problem, sp: list) -> dict:
+    """R = 1 (the most CTAs); KSPLIT: the fewest warps giving ~24 resident warps an SM; U = 4,
+    2 when a warp has fewer than 8 chunks."""
+    pr: Int4Gemm = problem.memo["gemm_int4.problem"]
+    sms = problem.target.sm_count
+    cands = [p for p in sp if p["R"] == 1] or sp
+    want = 24 * sms
+    ks_list = sorted({p["KSPLIT"] for p in cands})
+    ks = next((k for k in ks_list if pr.tiles * k >= want), ks_list[-1])
+    per_warp = cdiv(pr.chunks, ks)
+    u = 4 if per_warp >= 8 else (2 if per_warp >= 2 else 1)
+    by = {(p["R"], p["KSPLIT"], p["U"]): p for p in cands}
+    for uu in (u, 2, 1, 4):
+        if (cands[0]["R"], ks, uu) in by:
+            return dict(by[(cands[0]["R"], ks, uu)])
+    return dict(cands[0])
+
+
+def _time_model(problem, params) -> float:
+    """Bytes over an HBM-like 4 TB/s, derated when too few warps are resident to keep it busy."""
+    pr: Int4Gemm = problem.memo["gemm_int4.problem"]
+    by = pr.tiles * pr.chunks * CHUNK_BYTES + pr.tiles * pr.groups * TILE_N * 2
+    warps = cdiv(pr.tiles, params["R"]) * params["KSPLIT"]
+    inflight = warps * params["U"] * params["R"]
+    busy = min(1.0, inflight / (problem.target.sm_count * 96))
+    return by / 4e12 / max(busy, 0.05)
+
+
+# ---------------------------------------------------------------- compile-time layouts
+
+def pack_weight(u: np.ndarray, pr: Int4Gemm) -> np.ndarray:
+    """u [K, N] (nibble values 0..15) -> uint32 [tiles, chunks, 32 lanes, 4 words]; K and N padded
+    with 0 (x is 0 there, so any finite weight gives 0). Row k = chunk*64 + 16w + 8b + 2t + hi and
+    column n = tile*16 + 8h + g go to lane 4g + t, word w, nibble 4hi + 2h + b (the m16n8k16 B
+    fragment of n8 half h: register b, element hi)."""
+    KP, NP = pr.chunks * CHUNK_K, pr.tiles * TILE_N
+    full = np.zeros((KP, NP), np.uint8)
+    full[:pr.K, :pr.N] = u
+    # (chunk, w, b, t, hi, tile, h, g) -> (tile, chunk, g, t, w, hi, h, b)
+    v = full.reshape(pr.chunks, 4, 2, 4, 2, pr.tiles, 2, 8).transpose(5, 0, 7, 3, 1, 4, 6, 2)
+    v = np.ascontiguousarray(v).reshape(pr.tiles, pr.chunks, 32, 4, 8)
+    # nibble i at bits 4i of the little-endian word: byte i // 2, low nibble when i is even
+    packed = v[..., 0::2] | (v[..., 1::2] << np.uint8(4))
+    return np.ascontiguousarray(packed).view(np.uint32).reshape(pr.tiles, pr.chunks, 32, 4)
+
+
+def pack_groups(a: np.ndarray, pr: Int4Gemm, dt) -> np.ndarray:
+    """A per-(group, column) array [KB, N] -> [tiles, groups, 8 (lane // 4), 2 (n8 half)] in dt
+    (zero padded), so lane l reads its two columns' values of a group as one pair."""
+    full = np.zeros((pr.groups, pr.tiles * TILE_N), dt)
+    full[:a.shape[0], :pr.N] = a.astype(dt)
+    t = full.reshape(pr.groups, pr.tiles, 2, 8)      # [g, tile, half, lane//4]
+    return np.ascontiguousarray(t.transpose(1, 0, 3, 2))
+
+
+def nibbles(w_q: np.ndarray, zero: int) -> np.ndarray:
+    """The stored nibble u (uint8) of each int4 value: q + 8 for i4 (u = 8 is 0), q for u4. From
+    the storage bytes (ml_dtypes keeps the 4-bit code in the low nibble; converting through int64
+    is ~50x slower at decoder sizes)."""
+    a = np.asarray(w_q)
+    if a.dtype.name in ("int4", "uint4"):
+        code = np.ascontiguousarray(a).view(np.uint8) & np.uint8(0xF)
+        return code ^ np.uint8(8) if a.dtype.name == "int4" else code
+    return (a.astype(np.int64) + (8 if zero == 8 else 0)).astype(np.uint8)
+
+
+def kernel_params(pr: Int4Gemm, params: dict, op_names: str) -> dict:
+    ctype, magic, offset = ACT[pr.act]
+    return dict(op_names=op_names, M=pr.M, K=pr.K, N=pr.N, TILES=pr.tiles, CHUNKS=pr.chunks,
+                GROUPS=pr.groups, BS=pr.block, act=pr.act, T=ctype, MAGIC=magic, OFFSET=offset,
+                has_zp=pr.has_zp, ZERO=pr.zero, **params)
+
+
+def grid(pr: Int4Gemm, params: dict) -> tuple:
+    return cdiv(pr.tiles, params["R"]), params["KSPLIT"] * 32
+
+
+def _render(ctx: LowerCtx, problem, params: dict):
+    pr: Int4Gemm = problem.memo["gemm_int4.problem"]
+    x, y = ctx.inp(0), ctx.out(0)
+    sdt = np.float16 if pr.act == "f16" else ctx.value(2).dtype
+    w = ctx.weight(1, lambda q: pack_weight(nibbles(q, pr.zero), pr), key="int4_mma_tiles")
+    s = ctx.weight(2, lambda a: pack_groups(a, pr, sdt), key="int4_group_pairs")
+    args = [x, w, s]
+    if pr.has_zp:
+        offset = ACT[pr.act][2]
+        zsub = lambda z: pack_groups(nibbles(z, pr.zero).astype(np.float32) + offset, pr, sdt)  # noqa: E731
+        args.append(ctx.weight(3, zsub, key="int4_zero_offsets"))  # OFFSET + z: exact in f16 / bf16
+    args.append(y)
+    k = ctx.render("gemm_int4.cu.j2", "gemm_int4", **kernel_params(pr, params, ctx.op.name))
+    g, threads = grid(pr, params)
+    ctx.launch(k, g, threads, args)
+    return True
+
+
+# ---------------------------------------------------------------- the fallback
+
+def _render_dequant(ctx: LowerCtx, problem, params: dict):
+    """W dequantized at compile time into x's dtype, then the op as a MatMul (the GEMM family)."""
+    from ...ir.graph import Op, Value
+    from ...ir.ops.core import ConstAttrs
+    from ...ir.registry import NoAttrs
+    from ...ir.types import TensorType
+    op, L = ctx.op, ctx.L
+    xv = op.operands[0]
+    vals = [problem.value(i) for i in (1, 2)] + [problem.value(3) if problem.has(3) else None]
+    if vals[0] is None or vals[1] is None or (problem.has(3) and vals[2] is None):
+        ctx.fail("matmul_int4_weight needs constant w_q / scale / zero point")
+    w = dequantized_weight(op.attrs, *vals).astype(xv.type.dtype.np)
+    res = op.results[0]
+    wv = Value(f"{res.name}.w_dequant", TensorType(xv.type.dtype, tuple(w.shape)))
+    Op("const", [], [wv], ConstAttrs(value=w), op.loc)  # (its producer: problem.value reads it)
+    L.values[id(wv)] = ctx.new_weight(w, "w_dequant")
+    inner = Value(f"{res.name}.matmul", res.type)
+    mm = Op("MatMul", [xv, wv], [inner], NoAttrs(), op.loc)
+    L.equiv[id(inner)] = L.canon(res)  # the MatMul writes the op's result buffer
+    L.lower_op(mm)
+    ctx.emitted += 1
+    return True
+
+
+SMALL_M = register(Variant("gemm_int4.small_m", FAMILY, ("matmul_int4_weight",), _render, _applies,
+                           space, default, priority=PRIORITY, cost=_time_model))
+DEQUANT = register(Variant("gemm_int4.dequant", FAMILY, ("matmul_int4_weight",), _render_dequant,
+                           priority=0))
