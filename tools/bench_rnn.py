@@ -55,12 +55,20 @@ def rel_max(got, ref) -> float:
     return float(np.max(np.abs(got - ref)) / max(1.0, float(np.max(np.abs(ref)))))
 
 
-def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False) -> Path:
+def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False, half_blocks: bool = False) -> Path:
     """Compile with the persistent recurrence's sync scheme forced to `sync` and its step to the
-    tensor-core one (step_mma True, at any batch; an int: with that many warps) or the FMA one."""
+    tensor-core one (step_mma True, at any batch; an int: with that many warps) or the FMA one;
+    half_blocks: the space's fewer blocks a direction (half the h broadcast from L2 a step)."""
     from nnc.codegen.kernels import rnn
     from nnc.driver import compile_model
     if not (od / "plan.json").exists():
+        default = rnn.recurrence_default
+        if half_blocks:
+            def fewer(spec, target, space=None):
+                space = rnn.recurrence_space(spec, target) if space is None else space
+                least = min(p["nsb"] for p in space)
+                return default(spec, target, [p for p in space if p["nsb"] == least])
+            rnn.recurrence_default = fewer
         names = ("DEFAULT_SYNC", "DEFAULT_KPERM", "DEFAULT_STAGE_BATCH", "DEFAULT_STEP_MMA", "MMA_MIN_BATCH",
                  "DEFAULT_MMA_WARPS")
         old = [getattr(rnn, n) for n in names]
@@ -73,6 +81,7 @@ def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False) -> Pa
         finally:
             for n, v in zip(names, old):
                 setattr(rnn, n, v)
+            rnn.recurrence_default = default
     return od
 
 
@@ -90,11 +99,11 @@ def code_tag() -> str:
 
 
 def points() -> list:
-    """(label, sync, step_mma) of the nnc builds each row times."""
+    """(label, sync, step_mma, half_blocks) of the nnc builds each row times."""
     kinds = {"fma": False, "mma": True, "mma4": 4, "mma8": 8}
     names = ("fma,mma" if ARGS.step_mma == "both" else ARGS.step_mma).split(",") if ARGS else ["fma"]
-    return [(sync + ("" if n == "fma" else "_" + n), sync, kinds[n]) for sync in (ARGS.syncs.split(",") if ARGS else SYNCS)
-            for n in names]
+    return [(sync + ("" if n == "fma" else "_" + n), sync, kinds[n.removesuffix("h")], n.endswith("h"))
+            for sync in (ARGS.syncs.split(",") if ARGS else SYNCS) for n in names]
 
 
 def rec_launches(plan: dict) -> list:
@@ -170,13 +179,13 @@ def bench_one(name: str, batch: int, work: Path, precs, pts, floor: dict):
         r = {"part": "bench", "model": name, "batch": batch, "prec": prec, "kperm": bool(ARGS.kperm),
              "stage_batch": bool(ARGS.stage_batch)}
         mods = {}
-        for label, sync, mma in pts:
+        for label, sync, mma, half in pts:
             if mma and prec == "fp32":
                 continue  # the tensor-core step is fp16/bf16 only
             try:
                 t0 = time.time()
                 od = build(path, work / f"{name}_b{batch}_{prec}_{label}{'_kperm' if ARGS.kperm else ''}"
-                           f"{'_sb' if ARGS.stage_batch else ''}_{code_tag()}", prec, sync, mma)
+                           f"{'_sb' if ARGS.stage_batch else ''}_{code_tag()}", prec, sync, mma, half)
                 m = nnc.load(od)
                 r[f"compile_s_{label}"] = round(time.time() - t0, 1)
                 xin = x.astype(m.inputs[0].dtype)
@@ -239,9 +248,10 @@ def bench_one(name: str, batch: int, work: Path, precs, pts, floor: dict):
 
 
 def table():
-    labels = [lb for lb, _, _ in points()]
+    labels = [pt[0] for pt in points()]
     print("\n==== bench_rnn (ms; speedup = torch eager / nnc best point; us/step (bound) per point) ====")
-    print(f"{'model':<12}{'b':>3} {'prec':<5}{'err':>9} {'ok':<3}" + "".join(f"{lb:>13}" for lb in labels)
+    cw = max([13] + [len(lb) + 2 for lb in labels])
+    print(f"{'model':<12}{'b':>3} {'prec':<5}{'err':>9} {'ok':<3}" + "".join(f"{lb:>{cw}}" for lb in labels)
           + f"{'torch':>8}{'tcomp':>8}{'speedup':>8}  " + "  ".join(f"{lb + ' us/step':>20}" for lb in labels))
     f = lambda v, w=8, p=3: f"{v:>{w}.{p}f}" if isinstance(v, (int, float)) and v is not None else f"{'-':>{w}}"
     for r in ROWS:
@@ -260,7 +270,7 @@ def table():
         steps = "  ".join(f"{f(r.get(f'rec_step_us_{lb}'), 9, 2)} ({f(r.get(f'step_bound_us_{lb}'), 6, 2)})"
                           for lb in labels)
         print(f"{r['model']:<12}{r['batch']:>3} {r['prec']:<5}{max(errs) if errs else float('nan'):>9.1e} "
-              f"{'y' if ok else 'N':<3}" + "".join(f(ts.get(lb), 13) for lb in labels)
+              f"{'y' if ok else 'N':<3}" + "".join(f(ts.get(lb), cw) for lb in labels)
               + f"{f(r.get('torch_ms'))}{f(r.get('torch_compile_ms'))}{f(sp, 8, 2)}  {steps}")
         for k, v in r.items():
             if k.startswith(("error_", "note_", "per_step_error_")):
@@ -277,7 +287,8 @@ def main(argv=None) -> int:
     ap.add_argument("--syncs", default="flags,barrier")
     ap.add_argument("--step-mma", default="fma",
                     help="the recurrence steps to time, comma-separated: fma (CUDA cores), mma (tensor cores, space "
-                         "param step_mma, the cost model's warps), mma4 / mma8 (4 / 8 warps); both = fma,mma")
+                         "param step_mma, the cost model's warps), mma4 / mma8 (4 / 8 warps); a suffix h (fmah, "
+                         "mma8h): half the blocks a direction; both = fma,mma")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--floor", action="store_true", help="measure the per-step sync floor first")
