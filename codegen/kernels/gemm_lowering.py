@@ -12,6 +12,11 @@ applies() calls it on the problem's TensorInfos, render() on the real buffers (m
 the lowering always made them), so both decide alike. Space: `gemm.candidates(problem, target)`;
 default: `gemm.default_params` (the heuristic). problem.extra: the Epilogue of a fused group
 (epilogue_fusion.py), NONE for the op alone.
+
+Split-K points (params SPLIT_K > 1) need scratch: `emit_spec` makes the fp32 partials workspace
+and the per-tile counters as temps of the step and zeroes the counters with a copy from a zero
+constant right before the launch (`splitk_scratch`), for every GEMM-family caller (conv's GEMM
+paths and rnn.py's input projection too).
 """
 from __future__ import annotations
 
