@@ -38,7 +38,8 @@ class RootSpec:
 @dataclass
 class Capture:
     """One (candidate, params) rendered in a sandbox. launches: (kind, kernel name, grid, block,
-    smem, args, nbytes), args ("buf", root id, byte offset) | ("val", numpy scalar); kernels:
+    smem, args, nbytes), args ("buf", root id, byte offset) | ("val", numpy scalar) | ("tmap",
+    tma.TensorMapSpec, key: a tensor map of the pointer arg spec.arg, encoded by the runner); kernels:
     name -> Kernel, renamed unique in the tuning batch; outputs per op result: (root id, byte
     offset, np name, shape). why_not: "" or why it cannot run (then it is not a candidate)."""
     variant: str

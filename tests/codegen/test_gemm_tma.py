@@ -241,6 +241,28 @@ def test_launch_values_encode_from_the_named_pointer(monkeypatch):
     assert seen[-1] == (0, 0x3000)
 
 
+def test_tuner_captures_tma_points_with_their_tensor_maps():
+    """The tuner's sandbox (codegen/tuning_capture.py) captures the TMA points of a GEMM problem
+    with ("tmap", spec, key) arguments that name a pointer argument of the same launch, which the
+    GPU runner (codegen/tuning_runners.py) encodes from that pointer's address."""
+    from nnc.codegen import tuning
+    from nnc.codegen.lower import Lowerer
+    from nnc.codegen.options import LowerOptions
+    from nnc.codegen.target import for_arch
+    from .test_tuning import _matmul, _module
+    survey = tuning.SurveySelector(None)
+    Lowerer(_module(_matmul(200, 136, 256), "fp16"), LowerOptions(for_arch("sm_90a"), precision="fp16", tune=True),
+            survey).run()
+    caps = [c for p in survey.problems.values() for c in [p.baseline] + p.others if not c.why_not]
+    tma_caps = [c for c in caps if W.load_kind(c.params) == "tma"]
+    assert tma_caps, [c.params for c in caps][:5]
+    for c in tma_caps:
+        (launch,) = [l for l in c.launches if l[0] == "kernel"]
+        args = launch[5]
+        maps = [a for a in args if a[0] == "tmap"]
+        assert len(maps) == 2 and all(args[m[1].arg][0] == "buf" for m in maps)
+
+
 # ---------------------------------------------------------------- GPU
 GPU_CASES = [  # M, N, K, dtype, trans_a, trans_b, epilogue (as test_gemm_wgmma's)
     (256, 256, 256, "float16", False, False, "none"),
