@@ -17,10 +17,11 @@
   in order), sees the collectives of a group in the same order with equal ops and types on every
   member, and finds no deadlock. Errors are NncErrors naming the device and the op.
 - `run_multi`: simulated devices (one environment each) under a deterministic step scheduler:
-  each device runs its ops in order until a Recv whose message has not been sent or a collective
-  some member has not reached; a round in which no device moves is a deadlock, reported with what
-  every device waits for (never a hang). Send is buffered (a copy into a FIFO per (sender,
-  receiver, tag)); collectives are exact numpy reductions in group order. With micro_batches M > 1
+  each device runs its ops in order until a Recv whose message has not been sent, a Send whose
+  message has not been received (rendezvous, NCCL's semantics; `rendezvous=False`: buffered, a
+  copy into a FIFO per (sender, receiver, tag)) or a collective some member has not reached; a
+  round in which no device moves is a deadlock, reported with what every device waits for (never
+  a hang). Collectives are exact numpy reductions in group order. With micro_batches M > 1
   the inputs are split into M equal parts along axis 0 (`check_batch_split` proves beforehand that
   the graph keeps batch rows apart, else a clear error) and every device runs its function once per
   micro-batch, in order, as a GPipe-style forward pipeline; the outputs are concatenated back.
@@ -176,6 +177,7 @@ class _Task:
     micro_batch: int
     env: dict
     pc: int = 0
+    pending: Optional[list] = None  # rendezvous: the posted message its Send waits on
 
 
 @dataclass
@@ -192,11 +194,15 @@ class _Scheduler:
     """Runs every device's @main `runs` times (once per micro-batch) under one round-robin.
 
     evaluate(device, op, task) -> list of result arrays, for non-comm ops; None = a dry run (the
-    verifier's): values are the result types, and only the communication is checked."""
+    verifier's): values are the result types, and only the communication is checked.
+    rendezvous: a Send completes only when its Recv has taken the message (NCCL's semantics: a
+    program that needs buffered sends deadlocks here as it would on the GPUs); False: buffered."""
 
     def __init__(self, mdm: MultiDeviceModule, runs: int, feeds: Optional[list] = None,
-                 evaluate: Optional[Callable] = None):
+                 evaluate: Optional[Callable] = None, rendezvous: bool = True):
         self.mdm = mdm
+        self.rendezvous = rendezvous
+        self.posted = False  # a round's state change that moves no program counter
         self.runs = runs
         self.feeds = feeds  # feeds[m][device] -> {arg name: array}
         self.evaluate = evaluate
@@ -221,6 +227,7 @@ class _Scheduler:
         while not all(done):
             rnd += 1
             moved = False
+            self.posted = False
             for k in range(K):
                 while not done[k]:
                     t = tasks[k]
@@ -238,11 +245,11 @@ class _Scheduler:
                         tasks[k] = self._start(k, t.micro_batch + 1)
                     else:
                         done[k] = True
-            if not moved:
+            if not moved and not self.posted:
                 self._deadlock(tasks, done)
         for (src, dst, tag), q in self.queues.items():
             if q:
-                op, _ = q[0]
+                op = q[0][0]
                 raise MultiDeviceError(f"{describe(op, src)}: no matching Recv on device {dst} "
                                        f"(peer = {src}, tag = {tag}); {len(q)} message(s) never received")
 
@@ -256,6 +263,9 @@ class _Scheduler:
             a = op.attrs
             if op.name == "Recv":
                 why = f"waits for a message from device {a.peer} with tag {a.tag} that is never sent"
+            elif op.name == "Send":
+                why = (f"waits until device {a.peer} receives it (tag {a.tag}; a send completes when its "
+                       f"receive does, as in NCCL); no matching Recv on device {a.peer} is reached")
             else:
                 g = tuple(a.group)
                 seq = self.coll_seq.get((g, k), 0)
@@ -265,7 +275,7 @@ class _Scheduler:
             mb = f" (micro-batch {t.micro_batch})" if self.runs > 1 else ""
             waits.append(f"{describe(op, k)}{mb} {why}")
         for (src, dst, tag), q in self.queues.items():
-            for sop, _ in q:
+            for sop, *_ in q:
                 waits.append(f"undelivered: {describe(sop, src)} to device {dst} with tag {tag}")
         raise MultiDeviceError("deadlock: no device can make progress:\n  " + "\n  ".join(waits))
 
@@ -291,14 +301,27 @@ class _Scheduler:
         k, a = t.device, op.attrs
         dry = self.evaluate is None
         if op.name == "Send":
+            token = [op.results[0].type if dry else np.zeros((0,), dtype=bool)]
+            if t.pending is not None:  # posted earlier: done once received
+                if not t.pending[2]:
+                    return None
+                t.pending = None
+                return token
             x = t.env[id(op.operands[0])]
-            self.queues.setdefault((k, a.peer, a.tag), deque()).append((op, x if dry else np.array(x, copy=True)))
-            return [op.results[0].type if dry else np.zeros((0,), dtype=bool)]
+            entry = [op, x if dry else np.array(x, copy=True), False]  # send op, value, received
+            self.queues.setdefault((k, a.peer, a.tag), deque()).append(entry)
+            if not self.rendezvous:
+                return token
+            t.pending = entry
+            self.posted = True
+            return None
         if op.name == "Recv":
             q = self.queues.get((a.peer, k, a.tag))
             if not q:
                 return None
-            sop, x = q.popleft()
+            entry = q.popleft()
+            entry[2] = True
+            sop, x = entry[0], entry[1]
             want = op.results[0].type
             got = sop.operands[0].type
             if got.dtype != want.dtype or got.shape is None or want.shape is None or len(got.shape) != len(want.shape) \
@@ -348,7 +371,9 @@ class _Scheduler:
 
 # ---------------------------------------------------------------- verifier
 
-def verify_multi(mdm: MultiDeviceModule) -> None:
+def verify_multi(mdm: MultiDeviceModule, rendezvous: bool = True) -> None:
+    """rendezvous: sends complete only when received (NCCL); False accepts programs that need
+    buffered sends."""
     K = mdm.num_devices
     if K < 1:
         raise MultiDeviceError("a multi-device module needs at least one device")
@@ -380,17 +405,18 @@ def verify_multi(mdm: MultiDeviceModule) -> None:
     for name, d in mdm.output_device.items():
         if not 0 <= d < K or not any(v.name == name for v in mdm.devices[d].main.results):
             raise VerifyError(f"output {name!r} is assigned to device {d}, which does not return it")
-    _Scheduler(mdm, 1).run()  # dry run: pairs Send/Recv, orders collectives, finds deadlocks
+    _Scheduler(mdm, 1, rendezvous=rendezvous).run()  # dry run: pairs Send/Recv, orders collectives, finds deadlocks
 
 
 # ---------------------------------------------------------------- reference execution
 
 def run_multi(mdm: MultiDeviceModule, inputs: dict, micro_batches: Optional[int] = None,
-              trace: Optional[list] = None) -> dict[str, np.ndarray]:
+              trace: Optional[list] = None, rendezvous: bool = True) -> dict[str, np.ndarray]:
     """Runs the K-device program on the numpy interpreter (simulated devices). inputs: model
     input name -> array (the whole batch). micro_batches: M (default mdm.micro_batches); with
     M > 1 every input is split along axis 0 into M equal parts. trace: a list that receives the
-    scheduler's TraceEvents. Returns model output name -> array."""
+    scheduler's TraceEvents. rendezvous: a Send waits for its Recv (NCCL's semantics, the
+    default); False: buffered sends. Returns model output name -> array."""
     M = mdm.micro_batches if micro_batches is None else int(micro_batches)
     if M < 1:
         raise MultiDeviceError(f"micro_batches {M}: must be at least 1")
@@ -428,7 +454,7 @@ def run_multi(mdm: MultiDeviceModule, inputs: dict, micro_batches: Optional[int]
         except NncError as e:
             raise NncError(f"device {k}: {op.loc}: {e}") from e.__cause__
 
-    sched = _Scheduler(mdm, M, feeds, evaluate)
+    sched = _Scheduler(mdm, M, feeds, evaluate, rendezvous)
     sched.run()
     if trace is not None:
         trace.extend(sched.trace)

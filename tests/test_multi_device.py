@@ -317,3 +317,34 @@ def test_batch_split_refusals(body, msg):
     from nnc.multi_device import check_batch_split
     with pytest.raises(MultiDeviceError, match=msg):
         check_batch_split(partition(m, 1))
+
+
+CROSSED = """// nnc-multi-device {"devices": 2, "parallel": "pipeline", "micro_batches": 1, "output_device": {}}
+// ===== device 0
+func @main(%x: f32[2,3]) -> (bool[0], bool[0]) {
+  %a = Relu(%x) : f32[2,3]
+  %a.sent = Send(%a) {device = 0, peer = 1} : bool[0]
+  %b = Neg(%a) : f32[2,3]
+  %b.sent = Send(%b) {device = 0, peer = 1, tag = 1} : bool[0]
+  return %a.sent, %b.sent
+}
+// ===== device 1
+func @main() -> (f32[2,3]) {
+  %b = Recv() {device = 1, peer = 0, shape = [2, 3], dtype = f32, tag = 1} : f32[2,3]
+  %a = Recv() {device = 1, peer = 0, shape = [2, 3], dtype = f32} : f32[2,3]
+  %z = Sub(%a, %b) : f32[2,3]
+  return %z
+}
+"""
+
+
+def test_rendezvous_sends(rng):
+    """Receives in the other order than the sends: fine with buffered sends, a deadlock when a
+    send completes only when received (NCCL), which is what verify_multi and run_multi assume."""
+    m = _mdm(CROSSED)
+    with pytest.raises(MultiDeviceError, match=r"deadlock(.|\n)*device 0: %a.sent = Send(.|\n)*as in NCCL"):
+        verify_multi(m)
+    verify_multi(m, rendezvous=False)
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    out = run_multi(m, {"x": x}, rendezvous=False)
+    np.testing.assert_array_equal(out["z"], 2 * np.maximum(x, 0))

@@ -3,8 +3,10 @@
 Rewrites: the top-level ops of @main (in program order) are cut into K contiguous, non-empty
 stages; stage k becomes device k's @main. A value computed in stage i and read in a later stage j
 is sent *directly* from i to every j that reads it (a `Send` right after the op that computes it,
-a `Recv` right before its first reader in j: no forwarding through the stages between, so a
-skip connection costs one message, and stage j can start as early as its inputs allow). The Recv
+a `Recv` at the start of j: no forwarding through the stages between, so a skip connection
+costs one message). Each stage receives, in tag order, before it computes; tags follow the
+program order of the values, so every device meets its messages in increasing tag order and
+sends that complete only when received (NCCL's) cannot deadlock (verify_multi's dry run checks). The Recv
 keeps the value's name, so a value has the same name on every device; the Send's token is
 `%<name>.sent`, returned after the stage's outputs. Every sent value has its own tag (its index in
 the order the sends appear), so messages never pair up wrongly. Model inputs go straight to every
@@ -271,6 +273,12 @@ def _build(module: Module, work: list, stage_of: dict, k: int) -> MultiDeviceMod
             for s in readers.get(id(r), []):
                 message_tags[(id(r), s)] = tag[0]
                 tag[0] += 1
+    # every stage first receives all it reads from earlier stages, in tag order: each device then
+    # meets its messages in increasing tag order (receives, then its own sends: all larger), so
+    # sends that complete only when received (NCCL) cannot deadlock
+    value_of = {id(r): r for op in work for r in op.results}
+    for (vid, dst), t in sorted(message_tags.items(), key=lambda e: e[1]):
+        local(dst, value_of[vid], stages_ops[dst])
     for op in work:
         s = stage_of[id(op)]
         if any(r.type.shape is None for r in op.results if id(r) in readers):
