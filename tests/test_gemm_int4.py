@@ -315,3 +315,24 @@ def test_gpu_every_space_point(case):
     G.SMALL_M.check(pr)
     for params in G.SMALL_M.space(pr):
         _gpu_check(*case, params=params)
+
+
+def test_compile_to_dir_dq_int4_and_weights_int4(tmp_path):
+    """Whole `nnc compile` builds (CUDA codegen + NVRTC for sm_90a, no GPU needed): the DQ-int4 model
+    and a float MatMul under --weights int4 --precision fp16 both lower to the int4 kernel; weights.bin
+    holds the packed nibbles (K*N/2 bytes), not a dequantized copy."""
+    import onnx
+
+    import nnc
+    from nnc.driver import compile_model
+    for tag, model, extra in (("dq", onnx_model(1, 512, 384, 32), {}),
+                              ("w4", _float_mm(K=512, N=384, M=2), dict(weights="int4", precision="fp16"))):
+        p = tmp_path / f"{tag}.onnx"
+        onnx.save(model, p)
+        plan = compile_model(str(p), tmp_path / tag, options=nnc.CompileOptions(
+            backend="cuda", arch="sm_90a", tune=False, **extra))
+        temps = {k["template"] for k in plan["kernels"]}
+        assert "gemm_int4.cu.j2" in temps, temps
+        assert list((tmp_path / tag).glob("model.*.cubin"))
+        wbytes = (tmp_path / tag / "weights.bin").stat().st_size
+        assert 512 * 384 // 2 <= wbytes < 512 * 384, wbytes

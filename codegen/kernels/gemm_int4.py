@@ -155,16 +155,6 @@ def default(problem, sp: list) -> dict:
     return dict(cands[0])
 
 
-def _time_model(problem, params) -> float:
-    """Bytes over an HBM-like 4 TB/s, derated when too few warps are resident to keep it busy."""
-    pr: Int4Gemm = problem.memo["gemm_int4.problem"]
-    by = pr.tiles * pr.chunks * CHUNK_BYTES + pr.tiles * pr.groups * TILE_N * 2
-    warps = cdiv(pr.tiles, params["R"]) * params["KSPLIT"]
-    inflight = warps * params["U"] * params["R"]
-    busy = min(1.0, inflight / (problem.target.sm_count * 96))
-    return by / 4e12 / max(busy, 0.05)
-
-
 # ---------------------------------------------------------------- compile-time layouts
 
 def pack_weight(u: np.ndarray, pr: Int4Gemm) -> np.ndarray:
@@ -259,6 +249,6 @@ def _render_dequant(ctx: LowerCtx, problem, params: dict):
 
 
 SMALL_M = register(Variant("gemm_int4.small_m", FAMILY, ("matmul_int4_weight",), _render, _applies,
-                           space, default, priority=PRIORITY, cost=_time_model))
+                           space, default, priority=PRIORITY))  # no cost model: the tuner times the whole space
 DEQUANT = register(Variant("gemm_int4.dequant", FAMILY, ("matmul_int4_weight",), _render_dequant,
                            priority=0))
