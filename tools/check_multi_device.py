@@ -25,12 +25,14 @@ def main() -> int:
     ap.add_argument("--micro-batches", type=int, default=1)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tune", action="store_true", help="tune kernels per device (default --no-tune: faster)")
     ap.add_argument("--out", default=None, help="keep the build here (default: a temporary directory)")
     a = ap.parse_args()
     from nnc.multi_device import MultiDeviceProgram, pipeline_estimate
     out = Path(a.out or tempfile.mkdtemp(prefix="nnc_md_")) / "build"
     cmd = [sys.executable, "-m", "nnc.cli", "compile", a.model, "-o", str(out), "--shapes", a.shapes,
            "--devices", str(a.devices), "--micro-batches", str(a.micro_batches), "--precision", a.precision]
+    cmd += [] if a.tune else ["--no-tune"]
     subprocess.run(cmd, check=True)
     cuda = MultiDeviceProgram(out, "cuda")
     ref = MultiDeviceProgram(out, "reference")
