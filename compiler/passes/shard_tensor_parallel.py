@@ -99,7 +99,7 @@ class Block:
             return s
         out = {"kind": self.kind,
                "columns": [{"op": c, "shape": shape(c), "per_device": per_device(c)} for c in self.columns],
-               "rows": [{"op": r, "shape": shape(r), "allreduce": r} for r in self.rows]}
+               "rows": [{"op": r, "shape": shape(r)} for r in self.rows]}
         if self.heads:
             out["heads"] = self.heads
             out["heads_per_device"] = self.heads // k
@@ -264,17 +264,14 @@ def _ints(a) -> list:
 class _Propagation:
     """One attempt: the split states from a set of column weights, op by op in program order."""
 
-    def __init__(self, flat: Function, weights, users: dict, pos: dict, claimed: set):
+    def __init__(self, flat: Function, weights, users: dict, pos: dict, claimed: set, region_read: set):
         self.flat = flat
         self.weights = weights
-        self.users = users
-        self.pos = pos
-        self.claimed = claimed
+        self.users = users        # id(value) -> its readers, once per operand slot (and region use)
+        self.pos = pos            # id(op) -> index in flat.ops
+        self.claimed = claimed    # names of the ops of blocks found before
         self.returned = {id(v) for v in flat.results}
-        self.region_read = set()
-        for op in flat.ops:
-            for _, r in op.regions():
-                self.region_read |= used_values(r)
+        self.region_read = region_read  # ids of values read inside regions
 
     def const_of(self, v: Optional[Value]):
         return None if v is None else const_value(v, self.weights)
@@ -342,15 +339,16 @@ class _Propagation:
     # -- rules: the result states of an op reading split values, or _NoBlock
 
     def _slice_const(self, op: Op, i: int, sp: Split, slices: dict) -> None:
+        """Replicated operand i is read as the device's part: a constant is sliced at compile time,
+        another value by a Slice (groups 1) or Gather (groups > 1) on the device."""
         v = op.operands[i]
-        if self.const_of(v) is None:
-            raise _NoBlock(f"{op.name} %{op.results[0].name}: replicated operand %{v.name} spans the split "
-                           f"dim and is not a constant")
+        if not _static(v) or _shape(v)[sp.axis] % sp.groups:
+            raise _NoBlock(f"{op.name} %{op.results[0].name}: operand %{v.name} cannot be split on dim {sp.axis}")
         slices[(op.results[0].name, i)] = sp
 
     def _broadcast_operand(self, op: Op, i: int, out_axis: int, groups: int, out_rank: int, slices: dict):
         """A replicated operand i of an op whose result is split on out_axis: broadcast along it
-        (dim absent or 1) stays, a constant spanning it is sliced."""
+        (dim absent or 1) stays, one spanning it is read as the device's part."""
         v = op.operands[i]
         j = out_axis - (out_rank - v.type.rank)
         if j < 0:
@@ -562,6 +560,10 @@ def find_blocks(flat: Function, weights, k: int) -> list:
             for vid in used_values(r):
                 users.setdefault(vid, []).append(op)
     pos = {id(op): i for i, op in enumerate(flat.ops)}
+    region_read = set()
+    for op in flat.ops:
+        for _, r in op.regions():
+            region_read |= used_values(r)
     claimed: set = set()
     blocks = []
     for x, members in _candidates(flat, weights):
@@ -576,7 +578,7 @@ def find_blocks(flat: Function, weights, k: int) -> list:
             trials += [{id(w): (w, Split(ax, g))} for g in GROUP_TRIALS]
         for seeds in trials:
             try:
-                blk = _Propagation(flat, weights, users, pos, claimed).run(seeds)
+                blk = _Propagation(flat, weights, users, pos, claimed, region_read).run(seeds)
             except _NoBlock:
                 continue
             _check_divides(blk, flat, k)
@@ -657,6 +659,24 @@ class _DeviceBuilder:
         if key in self.memo:
             return self.memo[key]
         a = const_value(v, self.weights)
+        if a is None:  # a replicated activation (a per-head mask): the device takes its part
+            n = _shape(v)[sp.axis]
+            r, c = n // sp.groups, n // sp.groups // self.k
+            if sp.groups == 1:
+                name, attrs = "Slice", {}
+                operands = [v, self.const(before, np.array([self.d * c], np.int64), f"{v.name}.start"),
+                            self.const(before, np.array([(self.d + 1) * c], np.int64), f"{v.name}.end"),
+                            self.const(before, np.array([sp.axis], np.int64), f"{v.name}.axis")]
+            else:
+                idx = np.concatenate([np.arange(g * r + self.d * c, g * r + (self.d + 1) * c) for g in range(sp.groups)])
+                name, attrs = "Gather", {"axis": sp.axis}
+                operands = [v, self.const(before, idx.astype(np.int64), f"{v.name}.index")]
+            out = Value(self.fresh(f"{v.name}.shard"), v.type)
+            op = Op(name, operands, [out], registry.make_attrs(registry.get(name).attrs, attrs, name), before.loc)
+            _retype(op, self.weights)
+            self.new_ops.setdefault(id(before), []).append(op)
+            self.memo[key] = out
+            return out
         part = shard_array(a, sp, self.k, self.d)
         wname = v.producer.attrs.weight if v.producer.attrs.weight else v.name
         out = self.const(before, part, f"{v.name}.shard", f"{wname}.tp{self.d}of{self.k}")
@@ -827,8 +847,10 @@ def _only_view_user(func: Function, v: Value, bias: Value) -> Optional[Op]:
 
 
 def _fusion_passes() -> list:
+    """The default pipeline's fusion passes in its order, then dce (the unsliced weights) and, as
+    there, schedule-memory last."""
     from nnc.pipeline import DEFAULT_PIPELINE, FUSION_PASSES
-    return [p for p in DEFAULT_PIPELINE if p in FUSION_PASSES] + ["dce"]
+    return [p for p in DEFAULT_PIPELINE if p in FUSION_PASSES] + ["dce", "schedule-memory"]
 
 
 def shard_tensor_parallel(module: Module, k: int, refuse: bool = True) -> TensorParallelProgram:
@@ -872,7 +894,14 @@ def shard_tensor_parallel(module: Module, k: int, refuse: bool = True) -> Tensor
             dce.run(m)
         verify(m)
         devices.append(m)
-    return TensorParallelProgram(devices, [blk.info(k, flat_values) for blk in blocks])
+    infos = [blk.info(k, flat_values) for blk in blocks]
+    # each row GEMM added one AllReduce, in program order: name what it reads and gives
+    reduces = iter([op for op in devices[0].main.ops if op.name == "AllReduce"])
+    for info in infos:
+        for row in info["rows"]:
+            ar = next(reduces)
+            row["allreduce"] = {"operand": ar.operands[0].name, "result": ar.results[0].name}
+    return TensorParallelProgram(devices, infos)
 
 
 def tp_allreduce_bytes(layers: int, batch: int, seq: int, hidden: int, dtype_bytes: int = 2,

@@ -35,10 +35,11 @@ def _model(nodes, inputs, inits, out, name):
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
-def bert_encoder(L=2, B=2, S=16, E=64, H=4, F=None, seed=0):
+def bert_encoder(L=2, B=2, S=16, E=64, H=4, F=None, seed=0, head_mask=False):
     """A post-LN BERT encoder stack as transformers exports it: Q/K/V MatMul + bias Add, head
-    split Reshape/Transpose, scores / sqrt(D) + mask [B,1,1,S], Softmax, head merge, output
-    projection + bias + residual, LayerNorm, FFN with GELU written out in erf form, LayerNorm."""
+    split Reshape/Transpose, scores / sqrt(D) + mask [B,1,1,S] (head_mask: an input [B,H,S,S],
+    one mask per head), Softmax, head merge, output projection + bias + residual, LayerNorm,
+    FFN with GELU written out in erf form, LayerNorm."""
     F = F or 4 * E
     r = np.random.default_rng(seed)
     w = lambda *s: (r.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)
@@ -76,7 +77,8 @@ def bert_encoder(L=2, B=2, S=16, E=64, H=4, F=None, seed=0):
                   N("LayerNormalization", [p + "res2", p + "g2", p + "be2"], [p + "out"], axis=-1, epsilon=1e-5)]
         x = p + "out"
     nodes.append(N("Identity", [x], ["y"]))
-    ins = [h.make_tensor_value_info("x", TP.FLOAT, [B, S, E]), h.make_tensor_value_info("mask", TP.FLOAT, [B, 1, 1, S])]
+    ins = [h.make_tensor_value_info("x", TP.FLOAT, [B, S, E]),
+           h.make_tensor_value_info("mask", TP.FLOAT, [B, H, S, S] if head_mask else [B, 1, 1, S])]
     return _model(nodes, ins, inits, "y", "bert")
 
 
@@ -238,7 +240,8 @@ def test_bert_plan_json():
     att, mlp = plan["blocks"][:2]
     assert att["heads"] == 4 and att["heads_per_device"] == 1
     assert att["columns"] == [{"op": "l0.qm_h", "shape": [3, 2, 16, 64], "per_device": [3, 2, 16, 16]}]
-    assert att["rows"] == [{"op": "l0.om", "shape": [2, 16, 64], "allreduce": "l0.om"}]
+    assert att["rows"] == [{"op": "l0.om", "shape": [2, 16, 64],
+                            "allreduce": {"operand": "l0.om.partial", "result": "l0.om"}}]
     assert mlp["columns"][0]["per_device"] == [2, 16, 64] and "heads" not in mlp
     assert plan["allreduce_bytes_per_forward"] == 4 * 2 * 16 * 64 * 4
     mdm = prog.to_multi_device()
@@ -370,6 +373,20 @@ def test_unfused_and_fp16_match_single_device(name, fuse, precision):
     rtol = 1e-2 if precision == "fp16" else 1e-3
     for n in ref:
         np.testing.assert_allclose(got[n].astype(np.float64), ref[n], rtol=rtol, atol=rtol * np.abs(ref[n]).max())
+
+
+def test_per_head_mask_input_is_sliced_on_each_device():
+    m = _compiled(bert_encoder, L=1, head_mask=True)
+    prog = shard_tensor_parallel(m, 2)
+    filecheck(print_module(prog.devices[1]), """
+        CHECK: func @main(%x: f32[2,16,64], %mask: f32[2,4,16,16])
+        CHECK: %mask.shard = Slice(%mask, %mask.start, %mask.end, %mask.axis) : f32[2,2,16,16]
+        CHECK: kind = "attention"
+    """)
+    feed = _feed(m, 3)
+    ref = Interpreter(m).run(feed)
+    got = run_multi(prog.to_multi_device(), feed)
+    np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-3, atol=1e-3 * np.abs(ref["y"]).max())
 
 
 def test_gpt_lm_head_matches(rng):
