@@ -17,7 +17,8 @@ weights), so no weights travel.
 
 Balance: minimise the costliest stage, a stage's cost being the sum of its ops' costs plus the
 time to send what crosses its end. An op's cost is its measured time when `measured` names it
-(result name -> ms, from a plan.json's launches tuned on the GPU: `measured_times`), else an
+(result name -> s, from a plan.json's launches tuned on the GPU: `measured_times`; a fused
+group split into several kernels sums its launches, which name the ops of its body), else an
 estimate from FLOPs and bytes (`op_cost`): max(flops / peak, bytes / bandwidth) with peak and
 bandwidth of an H100-class part, a relative measure only. Exact minimax over contiguous cuts
 (dynamic programming, O(K n^2) with numpy over the inner loop).
@@ -114,6 +115,15 @@ def measured_times(plan_path) -> dict[str, float]:
     return out
 
 
+def _launch_names(op: Op) -> set[str]:
+    """The names a launch of this op may carry in plan.json: its results and, for a fused group
+    lowered as several kernels, those of the ops in its body."""
+    names = {r.name for r in op.results}
+    for _, r in op.regions():
+        names |= {x.name for o in r.walk() for x in o.results}
+    return names
+
+
 def _outer_reads(op: Op) -> set[int]:
     """id() of values read inside op's regions that the regions do not define."""
     out: set[int] = set()
@@ -168,8 +178,8 @@ def partition(module: Module, k: int, measured: Optional[dict] = None, micro_bat
     measured = measured or {}
 
     def cost(op):
-        t = [measured[r.name] for r in op.results if r.name in measured]
-        return max(t) if t else op_cost(op)
+        t = [measured[n] for n in _launch_names(op) if n in measured]
+        return sum(t) if t else op_cost(op)
     costs = [cost(op) for op in work]
     # bytes crossing a cut before work[j]: values defined before j and read at or after j
     last_use: dict[int, int] = {}
@@ -205,7 +215,7 @@ def partition(module: Module, k: int, measured: Optional[dict] = None, micro_bat
     mdm.plan = {"stages": [{"device": s, "ops": bounds[s + 1] - bounds[s],
                             "first_op": _label(work[bounds[s]]), "last_op": _label(work[bounds[s + 1] - 1]),
                             "cost_ms": float(sum(costs[bounds[s]:bounds[s + 1]])) * 1e3,
-                            "measured_ops": sum(any(r.name in measured for r in op.results)
+                            "measured_ops": sum(any(n in measured for n in _launch_names(op))
                                                 for op in work[bounds[s]:bounds[s + 1]])}
                            for s in range(k)],
                 "cuts": [{"before_op": _label(work[c]), "bytes": int(crossing[c])} for c in cuts],

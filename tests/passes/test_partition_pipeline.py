@@ -106,3 +106,21 @@ def test_micro_batched_pipeline_equals_single_device(rng):
     out = run_multi(mdm, {"x": x}, trace=trace)
     np.testing.assert_array_equal(out["d"], ref["d"])
     assert {(e.device, e.micro_batch) for e in trace} == {(d, b) for d in range(3) for b in range(4)}
+
+
+def test_measured_times_of_split_fused_groups():
+    """A fused group lowered as two kernels: its launches name the ops of its body."""
+    text = """func @main(%x: f32[2,64]) -> (f32[2,64]) {
+  %f = fused(%x) {body = region(%x_: f32[2,64]) {
+    %a_ = Relu(%x_) : f32[2,64]
+    %b_ = Tanh(%a_) : f32[2,64]
+    return %b_
+  }, kind = "elementwise"} : f32[2,64]
+  %c = Sigmoid(%f) : f32[2,64]
+  %d = Neg(%c) : f32[2,64]
+  %e = Exp(%d) : f32[2,64]
+  return %e
+}
+"""
+    mdm = partition(_module(text), 2, {"a_": 2e-3, "b_": 2e-3, "c": 1e-3, "d": 1e-3, "e": 1e-3})
+    assert mdm.plan["stages"][0]["ops"] == 1 and mdm.plan["stages"][0]["cost_ms"] == pytest.approx(4.0)
