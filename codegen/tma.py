@@ -14,7 +14,8 @@ and the shared-memory swizzle. It holds the global address, so it cannot be buil
   numpy array (`as_kernel_arg`), which cupy's launch passes by value through its data pointer.
   The kernel declares it `const __grid_constant__ nnc_tmap` (a 64-byte-aligned 128-byte struct).
   A CUDA graph captures the parameter bytes, so a captured run keeps the maps of its buffers.
-- The C API (templates/host.cu.j2) encodes the same spec on every launch with the same driver call.
+- The C API (templates/host.cu.j2) encodes the same spec on every launch with the same driver call,
+  found through the runtime's cudaGetDriverEntryPoint(ByVersion): the library links no libcuda.
 
 `check(spec)` states cuTensorMapEncodeTiled's rules (CUDA driver API, "Tensor Map Object
 Management"), so `applies` refuses a problem the driver would refuse and the rules are testable on
