@@ -241,6 +241,29 @@ def test_launch_values_encode_from_the_named_pointer(monkeypatch):
     assert seen[-1] == (0, 0x3000)
 
 
+def test_runtime_execute_passes_maps_of_its_buffers(monkeypatch):
+    """compiler/runtime.py's _execute (no GPU: a stand-in module, function and encoder): a tmap
+    argument becomes the map of the address its pointer argument has in this run (the arena of a
+    context differs from the module's: another map)."""
+    from types import SimpleNamespace as NS
+    from nnc import runtime
+    monkeypatch.setattr(tma, "encode", lambda s, addr: np.full(1, addr, np.uint64))
+    spec = tma.TensorMapSpec("float16", (64, 64), (128,), (64, 64), arg=1)
+    got = []
+    f = lambda grid, block, vals, shared_mem=0: got.append(vals)  # noqa: E731
+    m = runtime.Module.__new__(runtime.Module)
+    m._cp = None
+    m.arena, m.weights, m.persistent = (NS(data=NS(ptr=p)) for p in (0x10000, 0x20000, 0x30000))
+    m._extent_host = np.zeros(2, np.int64)
+    m._tensor_maps = tma.TensorMapCache()
+    args = [("buf", "arena", -1, 64), ("buf", "weights", -1, 256), ("val", np.int32(7), 0, 0), ("tmap", spec, "k", 0)]
+    m._launches = [("kernel", f, (1, 1, 1), (128, 1, 1), 0, args, 0, -1)]
+    m._execute([], [], None)
+    m._execute([], [], None, arena=NS(data=NS(ptr=0x40000)))
+    assert [int(v[3][0]) for v in got] == [0x20000 + 256] * 2  # B lives in the weights either way
+    assert int(got[0][0]) == 0x10000 + 64 and int(got[1][0]) == 0x40000 + 64 and got[0][2] == 7
+
+
 def test_tuner_captures_tma_points_with_their_tensor_maps():
     """The tuner's sandbox (codegen/tuning_capture.py) captures the TMA points of a GEMM problem
     with ("tmap", spec, key) arguments that name a pointer argument of the same launch, which the
