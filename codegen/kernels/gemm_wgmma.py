@@ -22,7 +22,8 @@ variants compute exactly the same thing from the same buffers.
                                  and 16-byte aligned rows and batch strides (lda, ldb, sA*, sB* % 8);
                                  an MN-major operand (B not transposed, A transposed) also needs
                                  its MN extent % 8 == 0 (whole 16-byte chunks)
-    candidates(problem, target)  the declared space: (BM, BN, STAGES, CW) tiles, BK = 64
+    candidates(problem, target)  the declared space: (BM, BN, STAGES, CW) tiles, BK = 64, each by
+                                 cp.async and (tma_fits: cuTensorMapEncodeTiled's rules) by TMA
     default_params(problem, target), render(problem, params) -> KernelSpec (same args as gemm.render)
 """
 from __future__ import annotations
