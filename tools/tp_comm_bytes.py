@@ -11,6 +11,16 @@ overlaps it, and the floor of the whole forward's latency when everything else d
     python tools/tp_comm_bytes.py                               # GPT-2 medium of issue 13, fp16
     python tools/tp_comm_bytes.py --busbw 350                   # a measured busbw in GB/s (nccl-tests)
     python tools/tp_comm_bytes.py --layers 24 --batch 8 --seq 512 --hidden 1024 --dtype-bytes 2 --devices 2 4 8
+
+With --bench (one GPU): the same decoder stack (tests/passes/test_shard_tensor_parallel.py's
+gpt_decoder, random weights, fp16) built whole and as device 0's shard of --devices K (its
+AllReduces as Identity: the shard's compute alone), both through the default pipeline and the CUDA
+backend (heuristic kernel choice unless --tune), timed with CUDA events; it prints the single-GPU
+latency, the shard's compute, and the tensor-parallel estimates without overlap (shard + link-bound
+communication) and with full overlap (the larger of the two), as fractions of one GPU:
+
+    python tools/tp_comm_bytes.py --bench --devices 2 --busbw 360
+    python tools/tp_comm_bytes.py --bench --no-run --layers 2 --seq 64 --batch 1   # CPU: compile only
 """
 from __future__ import annotations
 
@@ -50,6 +60,58 @@ def table(layers: int, batch: int, seq: int, hidden: int, dtype_bytes: int, devi
     return "\n".join(lines)
 
 
+def bench(a, busbw_gbs: float) -> str:
+    """Single-GPU latency of the whole stack and of one shard's compute (see the module docstring)."""
+    import copy
+    import os
+    import tempfile
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    from tests.passes.test_shard_tensor_parallel import _compute_only, gpt_decoder
+    from nnc.codegen.emit import compile_to_dir
+    from nnc.driver import pipeline_passes
+    from nnc.onnx_import import import_model
+    from nnc.passes.shard_tensor_parallel import shard_tensor_parallel
+    from nnc.pipeline import Pipeline
+    if not a.tune:
+        os.environ["NNC_TUNE"] = "0"
+    k = a.devices[0]
+    heads = a.hidden // 64
+    model = gpt_decoder(L=a.layers, B=a.batch, S=a.seq, E=a.hidden, H=heads, gemm=True)
+    module = import_model(model)
+    del model
+    Pipeline(pipeline_passes("fp16", True)).run(module)
+    shard = _compute_only(shard_tensor_parallel(module, k).devices[0])
+    work = Path(a.work or tempfile.mkdtemp(prefix="tp_bench_"))
+    rows = {}
+    for key, m in (("one GPU", module), (f"shard 0 of {k} (compute)", shard)):
+        od = work / key.split()[0]
+        plan = compile_to_dir(copy.deepcopy(m) if key == "one GPU" else m, od,
+                              arch="sm_90" if a.no_run else None, precision="fp16")
+        rows[key] = {"launches": len(plan.get("launches", [])), "dir": str(od)}
+        if not a.no_run:
+            import cupy as cp
+            import numpy as np
+            import nnc
+            from cuda_timing import time_cuda
+            g = nnc.load(od)
+            rng = np.random.default_rng(0)
+            dev = {i.name: cp.asarray(rng.standard_normal(i.shape).astype(np.float32)) for i in g.inputs}
+            rows[key]["ms"] = time_cuda(lambda: g.run(dev))
+            del g
+    msg = a.batch * a.seq * a.hidden * a.dtype_bytes
+    comm_ms = ring_allreduce_seconds(msg, k, busbw_gbs * 1e9) * 1e3 * 2 * a.layers
+    lines = [f"GPT stack L={a.layers} E={a.hidden} H={heads} S={a.seq} B={a.batch} fp16, K={k}, "
+             f"busbw {busbw_gbs:g} GB/s -> {comm_ms:.3f} ms of all-reduce per forward (link-bound)"]
+    for key, r in rows.items():
+        lines.append(f"  {key:<28} {r['launches']:5d} launches  " + (f"{r['ms']:9.3f} ms" if "ms" in r else "(not run)"))
+    if not a.no_run:
+        one, part = rows["one GPU"]["ms"], rows[f"shard 0 of {k} (compute)"]["ms"]
+        lines.append(f"  tensor parallel, no overlap:   {part + comm_ms:9.3f} ms = {(part + comm_ms) / one:.3f} x one GPU")
+        lines.append(f"  tensor parallel, full overlap: {max(part, comm_ms):9.3f} ms = {max(part, comm_ms) / one:.3f} x one GPU")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=24)
@@ -60,9 +122,16 @@ def main(argv=None) -> int:
     ap.add_argument("--devices", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--busbw", type=float, nargs="*", default=None,
                     help="measured all-reduce bus bandwidth(s) in GB/s (nccl-tests busbw)")
+    ap.add_argument("--bench", action="store_true", help="time the whole stack and one shard on this GPU")
+    ap.add_argument("--no-run", action="store_true", help="--bench: compile for sm_90 only (no GPU needed)")
+    ap.add_argument("--tune", action="store_true", help="--bench: kernel selection by timing (slower compile)")
+    ap.add_argument("--work", default=None, help="--bench: directory for the two builds (default: a temp dir)")
     a = ap.parse_args(argv)
     bw = {f"measured {b:g}": b for b in a.busbw} if a.busbw else ASSUMED_BUSBW_GBS
     print(table(a.layers, a.batch, a.seq, a.hidden, a.dtype_bytes, a.devices, bw))
+    if a.bench:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # cuda_timing
+        print(bench(a, next(iter(bw.values()))))
     return 0
 
 
