@@ -142,6 +142,10 @@ def _graph_timer(launch_once, n_launch: int):
         s.synchronize()
         return time_cuda(lambda: g.launch(s), warmup=3, iters=20) / n_launch, "graph"
     except Exception:  # (graph capture unsupported here: a plain loop, GPU-bound for these sizes)
+        try:
+            s.end_capture()
+        except Exception:
+            pass
         return time_cuda(lambda: [launch_once(i) for i in range(n_launch)], warmup=2, iters=10) / n_launch, "loop"
 
 

@@ -23,8 +23,8 @@
                               x 4-byte aligned
     space                     R (16-column tiles a CTA) x KSPLIT (warps along K) x U (chunks in flight)
                               within the Target's threads per block and a register budget
-    default                   R = 1; the fewest KSPLIT warps giving ~24 resident warps an SM (more
-                              when N is small), U = 4 (2 when each warp has few chunks)
+    default                   R = 1 (2 above 8 rows); the fewest KSPLIT warps giving ~24 resident
+                              warps an SM, U = 4 (2 when each warp has few chunks)
 """
 from __future__ import annotations
 
@@ -138,20 +138,23 @@ def space(problem) -> list:
 
 
 def default(problem, sp: list) -> dict:
-    """R = 1 (the most CTAs); KSPLIT: the fewest warps giving ~24 resident warps an SM; U = 4,
-    2 when a warp has fewer than 8 chunks."""
+    """R = 1 (the most CTAs), R = 2 above 8 rows (each A fragment, read from L1/L2, then serves two
+    tiles); KSPLIT: the fewest warps giving ~24 resident warps an SM; U = 4, 2 when a warp has
+    fewer than 8 chunks."""
     pr: Int4Gemm = problem.memo["gemm_int4.problem"]
     sms = problem.target.sm_count
-    cands = [p for p in sp if p["R"] == 1] or sp
+    r = 2 if pr.M > 8 and pr.tiles >= 2 * sms else 1
+    cands = [p for p in sp if p["R"] == r] or [p for p in sp if p["R"] == 1] or sp
+    r = cands[0]["R"]
     want = 24 * sms
     ks_list = sorted({p["KSPLIT"] for p in cands})
-    ks = next((k for k in ks_list if pr.tiles * k >= want), ks_list[-1])
+    ks = next((k for k in ks_list if cdiv(pr.tiles, r) * k >= want), ks_list[-1])
     per_warp = cdiv(pr.chunks, ks)
     u = 4 if per_warp >= 8 else (2 if per_warp >= 2 else 1)
     by = {(p["R"], p["KSPLIT"], p["U"]): p for p in cands}
     for uu in (u, 2, 1, 4):
-        if (cands[0]["R"], ks, uu) in by:
-            return dict(by[(cands[0]["R"], ks, uu)])
+        if (r, ks, uu) in by:
+            return dict(by[(r, ks, uu)])
     return dict(cands[0])
 
 
