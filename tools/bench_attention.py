@@ -1,26 +1,28 @@
-"""Fused attention benchmark: nnc's flash-attention kernel vs torch's scaled_dot_product_attention
-(flash backend) on the same shapes (run on the GPU machine; prints a short table last).
+"""Fused attention benchmark: nnc's flash-attention kernels (the mma.sync one, flash_attention.py, and
+the Hopper wgmma one, flash_attention_wgmma.py) vs torch's scaled_dot_product_attention (flash
+backend) on the same shapes (run on the GPU machine; prints a short table last).
 
-    python tools/bench_attention.py [--out /tmp/bench_attn] [--iters 100] [--cases 1x128,32x512] [--sweep]
+    python tools/bench_attention.py [--out /tmp/bench_attn] [--iters 100] [--cases 1x128,32x512,8x2048]
+                                    [--wgmma stages2|all|default|none] [--sweep]
 
-Per case (B in {1, 32}, S in {128, 512}, H = 12, D = 64, fp16):
+Per case (BxS, H = 12, D = 64, fp16):
 - builds an ONNX attention subgraph the way transformers exports it (q/k/v [B,S,H*D] inputs,
   head split Reshape+Transpose, MatMul, Div by sqrt(D), optional additive mask [B,1,1,S],
-  Softmax, MatMul, Transpose back to [B,S,H,D]), compiles it with nnc (fp16), and checks that it
+  Softmax, MatMul, Transpose back to [B,S,H,D]), compiles it with nnc (fp16) and checks that it
   became ONE flash-attention launch;
 - checks nnc's output against torch (fp32 math reference on the same fp16 inputs);
 - times, with CUDA events (warm-up, then the median of --iters), nnc's whole plan (`run` with
-  preallocated outputs; the model is nothing but the attention, so this is the kernel plus the
-  runtime's launch overhead) and, where CUDA-graph capture works, the captured plan (the kernel
-  alone, no Python in between), vs torch sdpa under sdpa_kernel(SDPBackend.FLASH_ATTENTION) on
-  [B,H,S,D] views of the same [B,S,H*D] tensors (the flash backend takes no mask, so the
-  mask-free nnc build is the like-for-like row; the masked one is shown too).
---sweep: besides the default build, every tile of the flash-attention variant's declared space
-(codegen/kernels/flash_attention.tile_space: m-tiles per warp, warps, K/V rows per tile) is built
-(the tile written into the fused op's params, which the variant's default follows) and timed, with
-and without the mask; rows "nnc t=<rows>x<bc> w<warps>", the default marked "*", and per case the
-fastest tile is printed last (what a timed selector would pick).
-TFLOP/s = 4*B*H*S^2*D / time. Every case runs in its own try/except: a failure is a table row.
+  preallocated outputs) and the CUDA-graph-captured plan (the kernel alone: the column to read),
+  vs torch sdpa under sdpa_kernel(SDPBackend.FLASH_ATTENTION) on [B,H,S,D] views of the same
+  [B,S,H*D] tensors (the flash backend takes no mask, so the mask-free nnc builds are the
+  like-for-like rows; the masked ones are shown too).
+Rows: "nnc mma <tile>" - the mma.sync kernel with the pass's tile (the fused op's params say
+wgmma=off); "nnc wgmma cw<c> bc<b> s<st>" - the wgmma kernel at that declared point (params say
+wgmma=<c>x<b>x<st>; sm_90a only); --wgmma picks the points: stages2 (default: every declared point
+with 2 stages), all, default (DEFAULT_POINT only), none. The mask rows use each kernel's default.
+--sweep: also every tile of the mma.sync kernel's declared space (flash_attention.tile_space).
+Last, per case: torch flash vs the fastest mma and wgmma rows (CUDA-graph ms) and their ratio.
+TFLOP/s = 4*B*H*S^2*D / time. Every build runs in its own try/except: a failure is a table row.
 """
 from __future__ import annotations
 
@@ -84,10 +86,10 @@ def time_graph(fn, warmup: int, iters: int, reps: int = 20):
         return None
 
 
-def build_tile(model_path: Path, od: Path, tile):
-    """Compiles the model like the driver (fp16), with the fused attention group's params set to
-    `tile` ({mi, warps, bc}; None: the pass's own choice); returns the chosen tile as the kernel
-    recorded it (MI, WARPS, BC)."""
+def build_with(model_path: Path, od: Path, words):
+    """Compiles the model like the driver (fp16), with the fused attention group's params words
+    tile= / warps= / wgmma= replaced by `words`; returns (kernel kind, its parameters) as the plan
+    recorded them: ("mma", (MI, WARPS, BC)) or ("wgmma", (CW, BC, STAGES))."""
     import dataclasses
 
     import onnx
@@ -98,22 +100,62 @@ def build_tile(model_path: Path, od: Path, tile):
     from nnc.pipeline import Pipeline
     mod = import_model(onnx.load(str(model_path)))
     Pipeline(pipeline_passes("fp16"), verify_each=False).run(mod)
-    if tile is not None:
-        for op in mod.main.ops:
-            if op.name == "fused" and op.attrs.kind == "attention":
-                words = [w for w in op.attrs.params.split() if not w.startswith(("tile=", "warps="))]
-                words = [f"tile={16 * tile['mi'] * tile['warps']}x{tile['bc']}", f"warps={tile['warps']}"] + words
-                op.attrs = dataclasses.replace(op.attrs, params=" ".join(words))
+    keys = tuple(w.split("=")[0] + "=" for w in words)
+    for op in mod.main.ops:
+        if op.name == "fused" and op.attrs.kind == "attention":
+            kept = [w for w in op.attrs.params.split() if not w.startswith(keys)] if keys else op.attrs.params.split()
+            op.attrs = dataclasses.replace(op.attrs, params=" ".join(list(words) + kept))
     plan = compile_to_dir(mod, od, arch=None, precision="fp16")
+    return kernel_of(plan)
+
+
+def kernel_of(plan):
     for k in plan["kernels"]:
         p = k.get("params", {}) if isinstance(k, dict) else {}
+        if "CW" in p and "STAGES" in p:
+            return ("wgmma", (p["CW"], p["BC"], p["STAGES"]))
         if "MI" in p and "BC" in p:
-            return (p["MI"], p["WARPS"], p["BC"])
+            return ("mma", (p["MI"], p["WARPS"], p["BC"]))
     return None
+
+
+def kernel_name(got) -> str:
+    if got is None:
+        return "-"
+    kind, t = got
+    if kind == "wgmma":
+        return f"wgmma cw{t[0]} bc{t[1]} s{t[2]}"
+    return f"mma t={16 * t[0] * t[1]}x{t[2]} w{t[1]}"
 
 
 def tile_name(t) -> str:
     return "-" if t is None else f"t={16 * t[0] * t[1]}x{t[2]} w{t[1]}"
+
+
+def configs(args):
+    """(mask, params words, what was asked) of the nnc builds of one case."""
+    from nnc.codegen.kernels import flash_attention_wgmma as W
+    from nnc.codegen.kernels.flash_attention import tile_space
+    from nnc.codegen.target import resolve_target
+    limit = resolve_target(None).smem_per_block_optin
+    out = [(False, ["wgmma=off"], "mma"), (True, ["wgmma=off"], "mma")]
+    if args.sweep:
+        for t in tile_space(D, D, limit):
+            out.append((False, [f"tile={16 * t['mi'] * t['warps']}x{t['bc']}", f"warps={t['warps']}", "wgmma=off"],
+                        ("mma", (t["mi"], t["warps"], t["bc"]))))
+    pts = W.wgmma_space(D, D, limit)
+    if args.wgmma == "stages2":
+        pts = [p for p in pts if p["stages"] == 2]
+    elif args.wgmma == "default":
+        pts = [p for p in pts if p == W.DEFAULT_POINT]
+    elif args.wgmma == "none":
+        pts = []
+    for p in pts:
+        out.append((False, [f"wgmma={p['cw']}x{p['bc']}x{p['stages']}"], ("wgmma", (p["cw"], p["bc"], p["stages"]))))
+    if args.wgmma != "none":
+        p = W.DEFAULT_POINT
+        out.append((True, [f"wgmma={p['cw']}x{p['bc']}x{p['stages']}"], ("wgmma", (p["cw"], p["bc"], p["stages"]))))
+    return out
 
 
 def run_case(B: int, S: int, out: Path, args) -> None:
@@ -153,34 +195,22 @@ def run_case(B: int, S: int, out: Path, args) -> None:
     ROWS.append(dict(case=f"B={B} S={S}", impl="torch sdpa flash", ms=t_flash, graph_ms=g_flash, flops=flops,
                      err=None, launches=None))
 
-    from nnc.codegen.kernels.flash_attention import tile_space
-    from nnc.codegen.target import resolve_target
-    tiles = [None] + (tile_space(D, D, resolve_target(None).smem_per_block_optin) if args.sweep else [])
-    for with_mask, tile in [(wm, t) for wm in (False, True) for t in tiles]:
+    import onnx
+    for idx, (with_mask, words, asked) in enumerate(configs(args)):
         impl = "nnc" + (" +mask" if with_mask else "")
         row = dict(case=f"B={B} S={S}", impl=impl, ms=None, graph_ms=None, flops=flops, err=None, launches=None,
-                   mask=with_mask, sweep=tile is not None)
+                   mask=with_mask, kind=asked if isinstance(asked, str) else asked[0])
         ROWS.append(row)
         try:
-            od = out / f"attn_b{B}_s{S}{'_mask' if with_mask else ''}"
-            model = attention_onnx(B, S, with_mask)
-            path = out / f"{od.name}.onnx"
-            import onnx
-            onnx.save(model, path)
-            if tile is None:
-                compile_model(str(path), od, precision="fp16")
-            else:
-                od = od.with_name(od.name + f"_m{tile['mi']}w{tile['warps']}c{tile['bc']}")
-                got = build_tile(path, od, tile)
-                row["impl"] = impl + " " + tile_name(got)
-                if got != (tile["mi"], tile["warps"], tile["bc"]):
-                    row["note"] = f"asked {tile}, built {got}"
+            od = out / f"attn_b{B}_s{S}{'_mask' if with_mask else ''}_{idx}"
+            path = out / f"attn_b{B}_s{S}{'_mask' if with_mask else ''}.onnx"
+            if not path.exists():
+                onnx.save(attention_onnx(B, S, with_mask), path)
+            got = build_with(path, od, words)
+            row["impl"] = impl + " " + kernel_name(got)
+            if got is None or (not isinstance(asked, str) and got != asked) or (isinstance(asked, str) and got[0] != asked):
+                row["note"] = f"asked {asked}, built {got}"
             m = nnc.load(od)
-            if tile is None:
-                chosen = next(((k["params"]["MI"], k["params"]["WARPS"], k["params"]["BC"]) for k in m.plan["kernels"]
-                               if isinstance(k, dict) and "BC" in k.get("params", {})), None)
-                row["impl"] = impl + " " + tile_name(chosen) + "*"
-                row["tile"] = chosen
             kernels = [l.get("kernel") or l.get("kind") for l in m.plan["launches"]]
             row["launches"] = len(kernels)
             n_flash = sum(1 for x in kernels if x and "flash_attention" in x)
@@ -189,7 +219,7 @@ def run_case(B: int, S: int, out: Path, args) -> None:
             feed = {"q": cp.asarray(q), "k": cp.asarray(k), "v": cp.asarray(v)}
             if with_mask:
                 feed["mask"] = cp.asarray(mask)
-            y = cp.empty((B, S, H, D), cp.float16)
+            y = cp.full((B, S, H, D), float("nan"), cp.float16)  # poisoned: a row never written shows
             got = m.run(feed, out={"y": y})["y"]
             cp.cuda.runtime.deviceSynchronize()
             a = torch.as_tensor(got, device="cuda").float()
@@ -197,6 +227,8 @@ def run_case(B: int, S: int, out: Path, args) -> None:
             row["err"] = float((a - r).abs().max().item() / max(1e-6, r.abs().max().item()))
             if not torch.isfinite(a).all():
                 row["note"] = "non-finite output"
+            elif row["err"] > 2e-2:
+                row["note"] = (row.get("note", "") + " WRONG (err > 2e-2)").strip()
             row["ms"] = time_cuda(lambda: m.run(feed, out={"y": y}), args.warmup, args.iters)
             row["graph_ms"] = time_graph(lambda: m.run(feed, out={"y": y}, stream=torch.cuda.current_stream().cuda_stream),
                                          args.warmup, args.iters)
@@ -214,8 +246,10 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/bench_attn")
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--cases", default="1x128,1x512,32x128,32x512", help="BxS,... (H=12, D=64, fp16)")
-    ap.add_argument("--sweep", action="store_true", help="also build and time every declared flash-attention tile")
+    ap.add_argument("--cases", default="1x128,1x512,32x128,32x512,8x2048", help="BxS,... (H=12, D=64, fp16)")
+    ap.add_argument("--wgmma", default="stages2", choices=("stages2", "all", "default", "none"),
+                    help="which declared points of the wgmma kernel to build and time")
+    ap.add_argument("--sweep", action="store_true", help="also every declared tile of the mma.sync kernel")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,26 +263,29 @@ def main() -> int:
                              launches=None, note=f"{type(e).__name__}: {e}"[:200]))
             traceback.print_exc()
     print()
-    print(f"{'case':<13} {'impl':<26} {'ms':>9} {'TFLOP/s':>8} {'graph ms':>9} {'TFLOP/s':>8} {'max rel err':>11} "
+    print(f"{'case':<13} {'impl':<28} {'ms':>9} {'TFLOP/s':>8} {'graph ms':>9} {'TFLOP/s':>8} {'max rel err':>11} "
           f"{'launches':>8}  note")
     for r in ROWS:
         tf = None if not r["ms"] else r["flops"] / (r["ms"] * 1e-3) / 1e12
         gtf = None if not r["graph_ms"] else r["flops"] / (r["graph_ms"] * 1e-3) / 1e12
-        print(f"{r['case']:<13} {r['impl']:<26} {fmt(r['ms'], '9.4f')} {fmt(tf, '8.1f')} {fmt(r['graph_ms'], '9.4f')} "
+        print(f"{r['case']:<13} {r['impl']:<28} {fmt(r['ms'], '9.4f')} {fmt(tf, '8.1f')} {fmt(r['graph_ms'], '9.4f')} "
               f"{fmt(gtf, '8.1f')} {fmt(r['err'], '11.2e')} {fmt(r['launches'], '8d')}  {r.get('note', '')}")
-    if args.sweep:  # the fastest tile per case (graph time: the kernel alone), vs the default's
-        print()
-        print("fastest declared tile per case (CUDA-graph ms; '*' rows: the heuristic's default):")
-        for case in dict.fromkeys(r["case"] for r in ROWS):
-            for mask in (False, True):
-                rs = [r for r in ROWS if r["case"] == case and r.get("mask") == mask and r.get("graph_ms")
-                      and r["impl"].startswith("nnc") and not r.get("note")]
-                if not rs:
-                    continue
-                best = min(rs, key=lambda r: r["graph_ms"])
-                dflt = next((r for r in rs if not r.get("sweep")), None)
-                print(f"  {case:<13} {'mask' if mask else 'no mask':<8} best {best['impl']:<26} {best['graph_ms']:.4f} ms"
-                      + (f"  default {dflt['impl']} {dflt['graph_ms']:.4f} ms" if dflt else ""))
+    # per case: torch flash vs the fastest correct row of each nnc kernel (graph time: the kernel alone)
+    print()
+    print("CUDA-graph ms, no mask: torch flash | fastest mma | fastest wgmma (ratio torch / nnc: > 1 = nnc faster)")
+    for case in dict.fromkeys(r["case"] for r in ROWS):
+        rs = [r for r in ROWS if r["case"] == case and r.get("graph_ms")]
+        torch_ms = next((r["graph_ms"] for r in rs if r["impl"] == "torch sdpa flash"), None)
+        line = f"  {case:<13} torch {fmt(torch_ms, '.4f')}"
+        for kind in ("mma", "wgmma"):
+            ok = [r for r in rs if r.get("kind") == kind and not r.get("mask") and not r.get("note")]
+            if not ok:
+                line += f" | {kind} -"
+                continue
+            best = min(ok, key=lambda r: r["graph_ms"])
+            ratio = "" if not torch_ms else f" x{torch_ms / best['graph_ms']:.2f}"
+            line += f" | {best['impl'][4:]} {best['graph_ms']:.4f}{ratio}"
+        print(line)
     return 0
 
 

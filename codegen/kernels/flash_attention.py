@@ -266,19 +266,17 @@ def _cost(problem, params) -> float:
     return waves * (work + c["T"] * (c["D"] + c["Dv"]) * 2 / 2e10)
 
 
-def _render(ctx: LowerCtx, problem, params: dict):
-    L, op = ctx.L, ctx.op
+def bind_operands(ctx: LowerCtx, problem, pair_masks: bool) -> dict:
+    """What both kernel shapes pass (this variant's and flash_attention_wgmma's): the Q/K/V/O
+    buffers (a packed pick as a view from its offset) and their (batch0, batch1, seq, dim) strides,
+    the masks (buffers, strides, template flags), the steps and post. pair_masks: a 16-bit mask of
+    the scores' type may be read as column pairs (the tc kernels' accumulator layout)."""
+    L = ctx.L
     c = _case(problem)
-    at, outer, batch, S, T, D, Dv, dt, B0, B1 = (c[k] for k in ("at", "outer", "batch", "S", "T", "D", "Dv", "dt",
-                                                                 "B0", "B1"))
-    body = op.attrs.body
+    at, outer, S, T, dt = (c[k] for k in ("at", "outer", "S", "T", "dt"))
+    batch = c["batch"]
     elem = {"f16": 2, "bf16": 2, "f32": 4}[dt]
-    tc = bool(params)
-    if tc:
-        mi, warps, bc = params["mi"], params["warps"], params["bc"]
-        smem = _smem(mi, warps, bc, D, Dv)
-    else:
-        smem = BC_SIMT * (D + Dv) * 4
+
     def buf(v):
         return L.buffer(outer.get(id(v), v))
 
@@ -306,7 +304,7 @@ def _render(ctx: LowerCtx, problem, params: dict):
             unit = ms[3] == 1
             # 32-bit loads of column pairs (col is even): a 16-bit mask of the scores' type, rows
             # and offset 4-byte aligned, T even (col < T then implies col + 1 < T)
-            pair = (tc and s.role == "add" and unit and b.dtype.short == dt and T % 2 == 0
+            pair = (pair_masks and s.role == "add" and unit and b.dtype.short == dt and T % 2 == 0
                     and _pair_aligned(b, ms[:3]))
             # rows: does the mask vary along the query rows (its dim -2, right-aligned)?
             masks.append({"ctype": b.ctype, "rows": len(mshape) >= 2 and mshape[-2] != 1, "unit": unit,
@@ -323,7 +321,24 @@ def _render(ctx: LowerCtx, problem, params: dict):
         n = int(np.prod(b.shape))
         return L.view(b, b.dtype, (n - off,), off * elem, f"{operand.source.name}.pick{off}")
 
-    qb, kb, vb = source(at.q, qoff), source(at.kt, koff), source(at.v, voff)
+    return dict(qb=source(at.q, qoff), kb=source(at.kt, koff), vb=source(at.v, voff), y=y, q4=q4, k4=k4, v4=v4,
+                o4=o4, masks=masks, margs=margs, mstr=mstr, steps=steps, post=post, elem=elem)
+
+
+def _render(ctx: LowerCtx, problem, params: dict):
+    op = ctx.op
+    c = _case(problem)
+    S, T, D, Dv, dt, B0, B1 = (c[k] for k in ("S", "T", "D", "Dv", "dt", "B0", "B1"))
+    body = op.attrs.body
+    tc = bool(params)
+    if tc:
+        mi, warps, bc = params["mi"], params["warps"], params["bc"]
+        smem = _smem(mi, warps, bc, D, Dv)
+    else:
+        smem = BC_SIMT * (D + Dv) * 4
+    b = bind_operands(ctx, problem, pair_masks=tc)
+    qb, kb, vb, y, q4, k4, v4, o4, masks, margs, mstr, steps, post, elem = (
+        b[k] for k in ("qb", "kb", "vb", "y", "q4", "k4", "v4", "o4", "masks", "margs", "mstr", "steps", "post", "elem"))
     if tc:
         params = dict(variant="tc", T=y.ctype, T2=PAIR[dt], mma=MMA[dt], D=D, DV=Dv, WARPS=warps, MI=mi, BC=bc,
                       vec_q=q4[3] == 1 and _aligned(qb, q4[:3], elem),

@@ -1,0 +1,208 @@
+"""Hopper (sm_90a) lowering of the `fused {kind = "attention"}` groups: FlashAttention-3 style,
+templates/flash_attention_wgmma.cu.j2 (S = Q K^T and O += P V with wgmma, Q and K/V tiles in
+128B-swizzled shared memory, P as wgmma's register A operand, a producer warp group streaming K/V
+through an mbarrier ring, consumer warp groups of 64 query rows).
+
+A second declared Variant for the groups flash_attention.py takes ("flash_attention.wgmma", one
+priority above it, so the heuristic prefers it wherever it applies), reading the group with the
+same matcher (flash_attention._case) and binding the same operands, masks and steps
+(flash_attention.bind_operands): same semantics (scale, additive masks incl. [B,1,1,T] padding,
+Where / causal from indices, the 16-bit rounding of a mask Add, tails, strided operands).
+
+applies() declines (the mma.sync kernel of flash_attention.py then runs) when:
+- the target has no wgmma (anything but sm_90a);
+- the group computes in f32, or D / Dv is not 64 or 128;
+- Q, K or V has a non-unit dim stride, or a seq / batch stride or offset that breaks 16-byte
+  alignment (the producer copies 16-byte chunks only);
+- a source of Q / K / V is a compile-time constant;
+- the fused op's params say "wgmma=off" (the benchmark's old-kernel rows), or, while
+  ON_BY_DEFAULT is False, do not say "wgmma=<cw>x<bc>[x<stages>]" (opt-in).
+Declared space: {cw, bc, stages} (consumer warp groups of 64 rows, key/value rows per tile, ring
+stages) whose shared memory fits the target and whose registers fit regs_model; `default`: the
+point "wgmma=" names when declared, else DEFAULT_POINT, else the space's first.
+"""
+from __future__ import annotations
+
+from ..lower import LowerCtx, describe_op
+from ..variants import Variant, YES, no, register
+from . import flash_attention as FA
+
+PRIORITY = FA.PRIORITY + 1
+# Opt-in until measured on the H200 (tools/bench_attention.py): with False only groups whose params
+# say "wgmma=<point>" take this kernel.
+ON_BY_DEFAULT = False
+HEAD_DIMS = (64, 128)
+CWS = (1, 2, 3)
+BCS = (64, 128)
+STAGES = (2, 3)
+DEFAULT_POINT = {"cw": 2, "bc": 128, "stages": 2}
+REG_OVERHEAD = 24  # row state, loop counters, barrier addresses (with D / 2 more: regs_model)
+
+
+def setmaxnreg(cw: int):
+    """(producer, consumer) registers a thread after setmaxnreg, or None (one consumer warp group: 255
+    at launch already). The producer keeps 40 (24 at three consumers); the consumers share the
+    rest of the SM's 64K at one CTA per SM, in steps of 8."""
+    if cw < 2:
+        return None
+    prod = 40 if cw == 2 else 24
+    return prod, min(255, (65536 - 128 * prod) // (128 * cw)) // 8 * 8
+
+
+def regs_budget(cw: int) -> int:
+    """Registers a consumer thread may use (one CTA of 128 (cw + 1) threads per SM)."""
+    m = setmaxnreg(cw)
+    return m[1] if m else min(255, (65536 // (128 * (cw + 1))) // 8 * 8)
+
+
+def regs_model(bc: int, D: int, Dv: int) -> int:
+    """A consumer thread's registers: S (bc / 2 fp32), P packed (bc / 4), O (Dv / 2), and an
+    overhead growing with D (the Q load's and the masks' addresses, the softmax's temporaries).
+    Fitted to ptxas -v (nvcc 13.0, sm_90a; tests/codegen/test_flash_attention_wgmma.py): every
+    declared point is spill-free with masks and causal; the excluded ones at D = 128 (cw 2 / bc 128,
+    cw 3 / bc 64) spill."""
+    return bc // 2 + bc // 4 + Dv // 2 + D // 2 + REG_OVERHEAD
+
+
+def smem_bytes(cw: int, bc: int, stages: int, D: int, Dv: int) -> int:
+    """1024 B of alignment slack, Q per warp group, the K/V ring, 2 mbarriers a stage."""
+    return 1024 + cw * 64 * D * 2 + stages * bc * (D + Dv) * 2 + 16 * stages
+
+
+def wgmma_space(D: int, Dv: int, smem_limit: int) -> list:
+    out = []
+    for cw in CWS:
+        for bc in BCS:
+            for st in STAGES:
+                if regs_model(bc, D, Dv) <= regs_budget(cw) and smem_bytes(cw, bc, st, D, Dv) <= smem_limit:
+                    out.append({"cw": cw, "bc": bc, "stages": st})
+    return out
+
+
+def requested(params: str):
+    """The fused op's "wgmma=" word: "off", a point {cw, bc, stages}, "on" (the default point), or
+    None when absent or malformed."""
+    for word in params.split():
+        if word.startswith("wgmma="):
+            v = word[len("wgmma="):]
+            if v in ("off", "on"):
+                return v
+            try:
+                parts = [int(x) for x in v.split("x")]
+            except ValueError:
+                return None
+            if len(parts) == 2:
+                parts.append(DEFAULT_POINT["stages"])
+            if len(parts) != 3:
+                return None
+            return {"cw": parts[0], "bc": parts[1], "stages": parts[2]}
+    return None
+
+
+def _aligned_source(L, operand, outer, elem: int) -> bool:
+    """Unit dim stride, and 16-byte aligned seq / batch strides and start (into its buffer)."""
+    lay = operand.layout
+    src = outer.get(id(operand.source), operand.source)
+    prod = getattr(src, "producer", None)
+    if prod is not None and prod.name == "const":
+        return False
+    if lay.strides[-1] != 1:
+        return False
+    b = L.buffer(src)
+    off = (b.alias_offset if b.alias_of is not None else 0) + lay.offset * elem
+    return off % 16 == 0 and all((s * elem) % 16 == 0 for s in lay.strides[:-1])
+
+
+def _kt_aligned(L, operand, outer, elem: int) -> bool:
+    """Kt [.., D, T] is read as K (t, d): its dim (d) stride is Kt's stride -2."""
+    lay = operand.layout
+    src = outer.get(id(operand.source), operand.source)
+    prod = getattr(src, "producer", None)
+    if prod is not None and prod.name == "const" or lay.strides[-2] != 1:
+        return False
+    b = L.buffer(src)
+    off = (b.alias_offset if b.alias_of is not None else 0) + lay.offset * elem
+    st = list(lay.strides[:-2]) + [lay.strides[-1]]
+    return off % 16 == 0 and all((s * elem) % 16 == 0 for s in st)
+
+
+def _case(problem):
+    got = problem.memo.get("attention_wgmma")
+    if got is not None:
+        return got
+    target = problem.target
+    if not getattr(target, "has_wgmma", False):
+        return "needs wgmma (sm_90a)"
+    want = requested(problem.op.attrs.params)
+    if want == "off":
+        return "params say wgmma=off"
+    if want is None and not ON_BY_DEFAULT:
+        return "opt-in: params carry no wgmma= point"
+    c = FA._case(problem)
+    if isinstance(c, str):
+        return c
+    if c["dt"] not in FA.MMA or c["D"] not in HEAD_DIMS or c["Dv"] not in HEAD_DIMS:
+        return f"{c['dt']} head dims {c['D']}/{c['Dv']}: the wgmma kernel takes f16/bf16 at 64 or 128"
+    at, outer, L = c["at"], c["outer"], problem.L
+    if not (_aligned_source(L, at.q, outer, 2) and _kt_aligned(L, at.kt, outer, 2) and _aligned_source(L, at.v, outer, 2)):
+        return "Q/K/V not unit-stride and 16-byte aligned (cp.async chunks)"
+    space = wgmma_space(c["D"], c["Dv"], target.smem_per_block_optin)
+    if not space:
+        return "no declared tile fits"
+    got = dict(c, space=space, want=want)
+    problem.memo["attention_wgmma"] = got
+    return got
+
+
+def _applies(problem):
+    got = _case(problem)
+    return no(got) if isinstance(got, str) else YES
+
+
+def _space(problem) -> list:
+    return _case(problem)["space"]
+
+
+def _default(problem, space) -> dict:
+    want = _case(problem)["want"]
+    if isinstance(want, dict) and want in space:
+        return dict(want)
+    return dict(DEFAULT_POINT) if DEFAULT_POINT in space else dict(space[0])
+
+
+def _cost(problem, params) -> float:
+    """Waves of CTAs x one CTA's MMA work at a nominal 4 TFLOP/s per SM (not a measurement)."""
+    c = _case(problem)
+    rows = 64 * params["cw"]
+    ctas = -(-c["S"] // rows) * c["B0"] * c["B1"]
+    waves = -(-ctas // problem.target.sm_count)
+    return waves * 2.0 * rows * c["T"] * (c["D"] + c["Dv"]) / 4e12
+
+
+def _render(ctx: LowerCtx, problem, params: dict):
+    op = ctx.op
+    c = _case(problem)
+    S, T, D, Dv, dt, B0, B1 = (c[k] for k in ("S", "T", "D", "Dv", "dt", "B0", "B1"))
+    cw, bc, stages = params["cw"], params["bc"], params["stages"]
+    b = FA.bind_operands(ctx, problem, pair_masks=True)
+    y, o4 = b["y"], b["o4"]
+    steps, post = b["steps"], b["post"]
+    tparams = dict(T=y.ctype, T2=FA.PAIR[dt], mma=FA.MMA[dt], D=D, DV=Dv, CW=cw, BC=bc, STAGES=stages, MAXNREG=setmaxnreg(cw),
+                   vec_o=o4[3] == 1 and FA._pair_aligned(y, o4[:3]), masks=b["masks"], steps=steps, post=post,
+                   post_fma=not steps and post != 1.0, tail=T % bc != 0)
+    k = ctx.render("flash_attention_wgmma.cu.j2", "flash_attention_wgmma", **tparams)
+    k.add_op(f"flash attention (wgmma) tile: {64 * cw}x{bc} rows x kv rows, {cw} consumer warp group(s), "
+             f"{stages} stages")
+    for bop in op.attrs.body.ops:  # the header names every op of the group
+        if bop.name != "const":
+            k.add_op(describe_op(bop))
+    grid = (-(-S // (64 * cw)), B1, B0)
+    args = [b["qb"], b["kb"], b["vb"], y] + b["margs"] + [ctx.i32(S), ctx.i32(T)]
+    args += [ctx.i64(x) for x in b["q4"] + b["k4"] + b["v4"] + o4 + b["mstr"]]
+    ctx.launch(k, grid, (128 * (cw + 1), 1, 1), args, smem=smem_bytes(cw, bc, stages, D, Dv))
+    return True
+
+
+FLASH_ATTENTION_WGMMA = register(Variant("flash_attention.wgmma", "flash_attention", ("fused",), _render, _applies,
+                                         _space, _default, priority=PRIORITY, kinds=("attention",), regions=True,
+                                         cost=_cost))

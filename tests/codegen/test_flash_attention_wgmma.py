@@ -1,0 +1,209 @@
+"""The Hopper wgmma kernel of the fused attention groups (codegen/kernels/flash_attention_wgmma.py,
+templates/flash_attention_wgmma.cu.j2):
+- applies() declines where it should (no wgmma target, f32, head dims, a K read with a non-unit dim
+  stride, "wgmma=off", and while opt-in, no "wgmma=" word); the mma.sync kernel then runs;
+- the launch passes what the mma.sync kernel's does (same operands, strides, masks, steps): read
+  by test_flash_attention's numpy emulation, it gives the interpreter's result;
+- NVRTC compiles every declared point for sm_90a (fp16 / bf16, head dims 64 / 128, padding and
+  row masks, causal, tails, packed strided operands); with nvcc, ptxas -v shows no spills and no
+  serialized wgmma (C7514) at any declared point;
+- on a GPU (`-m gpu`): matches the interpreter on fresh random inputs with poisoned outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from nnc.codegen.kernels import flash_attention_wgmma as W
+from nnc.codegen.lower import lower
+from nnc.ir.interp import Interpreter
+from tests.codegen.test_flash_attention import _build, _emulate
+from tests.passes.test_fuse_attention import attention_feed
+
+TEMPLATE = "flash_attention_wgmma.cu.j2"
+
+
+def _with_words(mod, *words):
+    """The fused attention group's params with `words` (replacing words of the same keys)."""
+    keys = tuple(w.split("=")[0] + "=" for w in words)
+    for op in mod.main.ops:
+        if op.name == "fused" and op.attrs.kind == "attention":
+            kept = [w for w in op.attrs.params.split() if not w.startswith(keys)]
+            op.attrs = dataclasses.replace(op.attrs, params=" ".join(list(words) + kept))
+    return mod
+
+
+def _point_word(p) -> str:
+    return f"wgmma={p['cw']}x{p['bc']}x{p['stages']}"
+
+
+def _plan(mod, prec, arch="sm_90a"):
+    return lower(mod, {"arch": arch, "precision": prec})
+
+
+def _attn(plan):
+    return [l for l in plan.launches if l.kernel and plan.kernels[l.kernel].template.startswith("flash_attention")]
+
+
+def _templates(plan):
+    return [plan.kernels[l.kernel].template for l in _attn(plan)]
+
+
+def test_declared_space_and_budget():
+    space = W.wgmma_space(64, 64, 227 * 1024)
+    assert W.DEFAULT_POINT in space
+    assert {"cw": 3, "bc": 128, "stages": 2} not in space  # 128 registers a thread: S, P and O do not fit
+    assert all(W.regs_model(p["bc"], 64, 64) <= W.regs_budget(p["cw"]) for p in space)
+    assert all(W.smem_bytes(p["cw"], p["bc"], p["stages"], 64, 64) <= 227 * 1024 for p in space)
+    big = W.wgmma_space(128, 128, 227 * 1024)  # head dim 128: bc 64 at two warp groups, not at three
+    assert {"cw": 2, "bc": 64, "stages": 2} in big and not any(p["cw"] == 3 for p in big)
+    assert W.requested("tile=128x64 wgmma=2x128") == {"cw": 2, "bc": 128, "stages": 2}
+    assert W.requested("wgmma=off") == "off" and W.requested("tile=128x64") is None
+
+
+def test_opt_in_and_declines():
+    """Where wgmma does not apply, the mma.sync kernel (flash_attention.cu.j2) runs."""
+    word = _point_word(W.DEFAULT_POINT)
+    mod = _build("fp16", B=2, S=128, H=2, D=64)
+    if not W.ON_BY_DEFAULT:
+        assert _templates(_plan(mod, "fp16")) == ["flash_attention.cu.j2"]
+    _with_words(mod, word)
+    assert _templates(_plan(mod, "fp16")) == [TEMPLATE]
+    assert _templates(_plan(mod, "fp16", arch="sm_90")) == ["flash_attention.cu.j2"]  # no wgmma
+    _with_words(mod, "wgmma=off")
+    assert _templates(_plan(mod, "fp16")) == ["flash_attention.cu.j2"]
+    for prec, kw in (("fp32", dict(S=33, H=2, D=64)),  # f32: simt
+                     ("fp16", dict(S=40, H=2, D=32)),  # head dim 32
+                     ("fp16", dict(S=40, H=2, D=64, kt_input=True))):  # K's dim stride is T
+        mod = _with_words(_build(prec, **kw), word)
+        assert _templates(_plan(mod, prec)) == ["flash_attention.cu.j2"], kw
+
+
+def test_selected_point_is_launched():
+    mod = _with_words(_build("fp16", B=32, S=512, H=12, D=64), "wgmma=2x128x2")
+    plan = _plan(mod, "fp16")
+    (l,) = _attn(plan)
+    k = plan.kernels[l.kernel]
+    assert k.template == TEMPLATE and k.params["selected"]["variant"] == "flash_attention.wgmma"
+    assert (k.params["CW"], k.params["BC"], k.params["STAGES"]) == (2, 128, 2)
+    assert l.grid == (4, 12, 32) and l.block == (384, 1, 1) and l.smem == W.smem_bytes(2, 128, 2, 64, 64)
+
+
+EMULATED = {
+    "bert_f16": ("fp16", dict(B=2, S=128, H=2, D=64)),
+    "tail_d128_rows_mask": ("fp16", dict(B=1, S=77, H=2, D=128, mask="b1st")),
+    "gpt2_bf16_causal_pad": ("bf16", dict(B=2, S=77, H=2, D=64, causal=True, mask="b11t", gpt2_kt=True)),
+    "gpt2_split_last": ("fp16", dict(B=2, S=40, H=2, D=64, packed="split_last", causal=True)),
+    "vit_gather": ("fp16", dict(B=2, S=48, H=2, D=64, packed="gather", mask=None)),
+}
+
+
+@pytest.mark.parametrize("name", list(EMULATED))
+def test_launch_addresses_what_the_interpreter_computes(name, rng):
+    """The wgmma launch's buffers, strides and steps, read by the numpy emulation of the tc
+    kernel's arithmetic (the same online softmax; its skips change nothing: skipped work adds 0)."""
+    prec, kw = EMULATED[name]
+    mod = _with_words(_build(prec, **kw), _point_word(W.DEFAULT_POINT))
+    plan = _plan(mod, prec)
+    (launch,) = _attn(plan)
+    k = plan.kernels[launch.kernel]
+    assert k.template == TEMPLATE
+    k.params = dict(k.params, variant="tc", MI=1)  # the emulation's knobs: tc arithmetic, 16-row skip blocks
+    values = {}
+    feed = attention_feed(mod, rng)
+    Interpreter(mod, observe=lambda op, outs: values.update({id(r): o for r, o in zip(op.results, outs)})).run(feed)
+    values.update({id(a): np.asarray(feed[a.name]) for a in mod.main.args})
+    root, out = _emulate(plan, launch, values)
+    want = np.asarray(values[id(root.value)], np.float64).reshape(-1)
+    assert not np.isnan(out).any()
+    tol = {"fp16": 2e-2, "bf16": 5e-2}[prec]
+    np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
+
+
+# every declared point of these compiles (one translation unit); the ptxas check uses the same
+COMPILE_CASES = [
+    ("fp16", dict(B=32, S=512, H=12, D=64, mask=None)),  # the benchmark: scale in the exponentials
+    ("fp16", dict(B=32, S=128, H=12, D=64)),  # [B,1,1,T] padding mask: paired loads, rounding
+    ("bf16", dict(B=2, S=77, H=2, D=64, causal=True, mask="b11t", gpt2_kt=True)),  # causal + padding, tail
+    ("fp16", dict(B=1, S=77, H=2, D=128, mask="b1st")),  # head dim 128, a row-varying mask
+    ("fp16", dict(B=2, S=40, H=2, D=64, packed="split_last", causal=True)),  # GPT-2 packed, strided seq
+]
+
+
+def _sources():
+    sources = []
+    for prec, kw in COMPILE_CASES:
+        mod = _build(prec, **kw)
+        for p in W.wgmma_space(kw["D"], kw["D"], 227 * 1024):
+            plan = _plan(_with_words(mod, _point_word(p)), prec)
+            (l,) = _attn(plan)
+            k = plan.kernels[l.kernel]
+            assert k.template == TEMPLATE and (k.params["CW"], k.params["BC"], k.params["STAGES"]) == (
+                p["cw"], p["bc"], p["stages"])
+            sources.append(k.body.replace(l.kernel, f"{l.kernel}_p{len(sources)}"))
+    return sources
+
+
+def test_every_declared_point_compiles_with_nvrtc():
+    from nnc.codegen.kernels import common
+    assert len(common.nvrtc_compile("\n".join(_sources()), "sm_90a")) > 0
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas -v)")
+def test_declared_points_do_not_spill_or_serialize(tmp_path):
+    src = tmp_path / "fa_wgmma.cu"
+    sources = _sources()
+    src.write_text("\n".join(sources))
+    r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90a", "-O3", "-Xptxas", "-v", "-o", str(tmp_path / "fa.cubin"),
+                        str(src)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
+    assert len(spills) == len(sources), r.stderr[-2000:]
+    assert all(a == "0" and b == "0" for a, b in spills), r.stderr
+    assert "C7514" not in r.stderr and "serialized" not in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- on the GPU
+
+GPU_CASES = [
+    ("fp16", dict(B=2, S=128, H=4, D=64), None),  # [B,1,1,T] padding mask
+    ("fp16", dict(B=1, S=512, H=4, D=64, mask=None), None),
+    ("fp16", dict(B=2, S=77, H=3, D=64), None),  # tail tile
+    ("bf16", dict(B=2, S=128, H=2, D=64), None),
+    ("bf16", dict(B=2, S=200, H=2, D=64, causal=True), None),  # odd length, causal + padding, bf16
+    ("fp16", dict(B=1, S=512, H=2, D=64, causal=True, mask="b11t", gpt2_kt=True), None),
+    ("fp16", dict(B=1, S=128, H=2, D=128, mask="b1st"), None),  # head dim 128, row-varying mask
+    ("fp16", dict(B=1, S=77, H=2, D=128), None),
+    ("fp16", dict(B=2, S=197, H=12, D=64, packed="gather", mask=None), None),  # ViT-B/16, strided
+    ("fp16", dict(B=1, S=128, H=12, D=64, packed="split_last", causal=True), None),  # GPT-2 c_attn
+    ("fp16", dict(B=8, S=512, H=12, D=64, mask=None), None),
+] + [("fp16", dict(B=2, S=333, H=3, D=64), p) for p in W.wgmma_space(64, 64, 227 * 1024)]  # every point
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prec,kw,point", GPU_CASES,
+                         ids=[f"{p}-" + "-".join(f"{k}{v}" for k, v in kw.items()) + (f"-{_point_word(pt)}" if pt else "")
+                              for p, kw, pt in GPU_CASES])
+def test_gpu_wgmma_attention_matches_interpreter(prec, kw, point, tmp_path, rng):
+    import nnc
+    from nnc.codegen.emit import compile_to_dir
+    mod = _with_words(_build(prec, **kw), _point_word(point or W.DEFAULT_POINT))
+    plan = compile_to_dir(mod, tmp_path, arch=None, precision=prec)
+    if not plan["target"].get("has_wgmma"):
+        pytest.skip("the GPU present has no wgmma (not sm_90a)")
+    temps = [k["template"] for k in plan["kernels"] if k["template"].startswith("flash_attention")]
+    assert temps == [TEMPLATE], temps
+    g = nnc.load(tmp_path)
+    tol = {"fp16": 2e-2, "bf16": 6e-2}[prec]
+    for _ in range(2):  # fresh inputs; arena and outputs poisoned
+        feed = attention_feed(mod, rng)
+        ref = Interpreter(mod).run(feed)["y"].astype(np.float64)
+        got = np.asarray(g.run(feed, output="numpy", poison=True)["y"]).astype(np.float64)
+        assert np.isfinite(got).all(), "non-finite output"
+        scale = max(1.0, float(np.abs(ref).max()))
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * scale)
