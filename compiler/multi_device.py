@@ -475,8 +475,9 @@ def check_batch_split(mdm: MultiDeviceModule) -> None:
     model output has the batch on its axis 0. Conservative: patterns it does not know are refused.
 
     Every value is either *batched*, with the axis that holds the batch (inputs: axis 0; a
-    Transpose, Reshape, MatMul... moves it), or *free* (weights, constants: no batched value
-    reaches it). An op is accepted when it treats the batch axis as independent rows (elementwise,
+    Transpose, Reshape, MatMul... moves it) and its block (how many consecutive entries of that
+    axis one sample spans: [B, S, D] -> [B*S, D] gives S), or *free* (weights, constants: no
+    batched value reaches it). An op is accepted when it treats the batch axis as independent rows (elementwise,
     broadcasting, the M / batch dims of a MatMul, the N of a conv, a reduction over other axes) and
     its result keeps the batch extent on the axis it maps to. Devices are checked in order; a Recv
     is batched as its matching Send's value was (pipelines send forward only)."""
@@ -484,6 +485,7 @@ def check_batch_split(mdm: MultiDeviceModule) -> None:
     for k, m in enumerate(mdm.devices):
         f = m.main
         status: dict[int, Optional[int]] = {}
+        blk: dict[int, int] = {}  # batched value -> consecutive entries of one sample on its axis
         for a in f.args:
             if a.type.shape is None or len(a.type.shape) == 0:
                 raise MultiDeviceError(f"device {k}: input {vname(a.name)}: {a.type} has no axis 0 to split into micro-batches")
@@ -494,11 +496,12 @@ def check_batch_split(mdm: MultiDeviceModule) -> None:
                 if not q:
                     raise MultiDeviceError(f"{describe(op, k)}: receives from a later device; micro-batching "
                                            f"checks only forward (pipeline) communication")
-                status[id(op.results[0])] = q.popleft()
+                status[id(op.results[0])], blk[id(op.results[0])] = q.popleft()
                 continue
-            _batch_op(op, status, m, k)
+            _batch_op(op, status, blk, m, k)
             if op.name == "Send":
-                sent.setdefault((k, op.attrs.peer, op.attrs.tag), deque()).append(status.get(id(op.operands[0])))
+                x = op.operands[0]
+                sent.setdefault((k, op.attrs.peer, op.attrs.tag), deque()).append((status.get(id(x)), blk.get(id(x), 1)))
         for v in f.results:
             if not is_token(v) and status.get(id(v)) != 0:
                 why = "does not depend on the batch" if status.get(id(v)) is None else \
@@ -537,18 +540,25 @@ def _static(shape) -> bool:
     return shape is not None and all(isinstance(d, int) for d in shape)
 
 
-def _reshape_axis(src: tuple, a: int, dst: tuple) -> Optional[int]:
-    """Where axis a of `src` is after a row-major reshape to `dst` (None: the batch rows mix)."""
-    if not (_static(src) and _static(dst)):
+def _reshape_axis(src: tuple, a: int, block: int, dst: tuple) -> Optional[tuple[int, int]]:
+    """(axis, block) of the batch after a row-major reshape of `src` (batch on axis a, each sample
+    `block` consecutive entries of it) to `dst`; None: samples would mix. A sample is a contiguous
+    run of S = block * prod(src[a+1:]) elements per index of the axes before a, so it survives as
+    `block'` entries of the dst axis j whose leading product matches and whose extent is b * block'
+    ([B, S, D] -> [B*S, D] gives block S; back to [B, S, D] gives block 1)."""
+    if not (_static(src) and _static(dst)) or src[a] % block:
         return None
     lead = int(np.prod(src[:a], dtype=np.int64))
+    b = src[a] // block
+    S = block * int(np.prod(src[a + 1:], dtype=np.int64))
     for j in range(len(dst)):
-        if int(np.prod(dst[:j], dtype=np.int64)) == lead and dst[j] == src[a]:
-            return j
+        inner = int(np.prod(dst[j + 1:], dtype=np.int64))
+        if int(np.prod(dst[:j], dtype=np.int64)) == lead and inner and S % inner == 0 and dst[j] == b * (S // inner):
+            return j, S // inner
     return None
 
 
-def _batch_op(op: Op, status: dict, module: Module, k: int, alias: Optional[dict] = None) -> None:
+def _batch_op(op: Op, status: dict, blk: dict, module: Module, k: int, alias: Optional[dict] = None) -> None:
     alias = {} if alias is None else alias
     batched = [(i, v, status[id(v)]) for i, v in enumerate(op.operands)
                if v is not None and status.get(id(v)) is not None]
@@ -562,11 +572,13 @@ def _batch_op(op: Op, status: dict, module: Module, k: int, alias: Optional[dict
     if op.name == "fused":
         body = op.attrs.body
         inner = {id(x): status.get(id(v)) for x, v in zip(body.args, op.operands) if v is not None}
+        inner_blk = {id(x): blk.get(id(v), 1) for x, v in zip(body.args, op.operands) if v is not None}
         alias.update({id(x): v for x, v in zip(body.args, op.operands) if v is not None})
         for sub in body.ops:
-            _batch_op(sub, inner, module, k, alias)
+            _batch_op(sub, inner, inner_blk, module, k, alias)
         for r, v in zip(op.results, body.results):
             status[id(r)] = inner.get(id(v))
+            blk[id(r)] = inner_blk.get(id(v), 1)
         return
     if op.regions():
         _refuse(op, k, "ops with regions are not analysed")
@@ -582,7 +594,11 @@ def _batch_op(op: Op, status: dict, module: Module, k: int, alias: Optional[dict
     at = op.attrs
     x0 = op.operands[0]
     a0 = status.get(id(x0)) if x0 is not None else None
-    b = batched[0][1].type.shape[batched[0][2]]
+    b = batched[0][1].type.shape[batched[0][2]]  # the batch's extent on its axis (samples x block)
+    blocks = {blk.get(id(v), 1) for _, v, _ in batched}
+    if len(blocks) != 1:
+        _refuse(op, k, f"its batched operands lay samples out differently (blocks {sorted(blocks)})")
+    block = blocks.pop()
 
     def norm(ax, rank):
         return ax + rank if ax < 0 else ax
@@ -592,9 +608,11 @@ def _batch_op(op: Op, status: dict, module: Module, k: int, alias: Optional[dict
     if name in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
         if len(batched) != 1 or batched[0][0] != 0:
             _refuse(op, k, "its shape operand depends on the batch")
-        j = _reshape_axis(tuple(x0.type.shape), a0, tuple(res0.shape))
-        if j is None:
-            _refuse(op, k, f"reshaping {x0.type} to {res0} merges or splits the batch axis {a0}")
+        got = _reshape_axis(tuple(x0.type.shape), a0, block, tuple(res0.shape))
+        if got is None:
+            _refuse(op, k, f"reshaping {x0.type} to {res0} mixes samples (batch axis {a0})")
+        j, block = got
+        b = res0.shape[j]
         want.add(j)
     elif name == "Transpose":
         perm = list(at.perm) if getattr(at, "perm", None) else list(range(R))[::-1]
@@ -676,6 +694,7 @@ def _batch_op(op: Op, status: dict, module: Module, k: int, alias: Optional[dict
         if r.type.shape is None or not 0 <= ra < len(r.type.shape) or r.type.shape[ra] != b:
             _refuse(op, k, f"result {r.type} does not keep the batch extent {b} on axis {ra}")
         status[id(r)] = ra
+        blk[id(r)] = block
 
 
 # ---------------------------------------------------------------- compute modules (for codegen)

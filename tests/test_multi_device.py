@@ -300,7 +300,7 @@ def test_micro_batched_equals_full_batch(model, precision, tmp_path, rng):
     ("%y = ReduceSum(%x, %ax) {keepdims = 0} : f32[3]", "include the batch axis 0"),
     ("%t = Transpose(%x) {perm = [1, 0]} : f32[3,4]\n  %y = Relu(%t) : f32[3,4]", "batch on axis 1, not 0"),
     ("%t = Transpose(%x) {perm = [1, 0]} : f32[3,4]\n  %y = MatMul(%t, %x) : f32[3,3]", "contracted"),
-    ("%y = Reshape(%x, %flat) : f32[12]", "merges or splits the batch axis"),
+    ("%y = Reshape(%x, %swap) : f32[3,4]", "mixes samples"),
     ("%y = Concat(%x, %x) {axis = 0} : f32[8,3]", "works along axis 0"),
     ("%s = Shape(%x) : i64[2]\n  %y = Reshape(%x, %s) : f32[4,3]", "reads the batch size"),
 ])
@@ -310,7 +310,7 @@ def test_batch_split_refusals(body, msg):
     out_t = body.rsplit(": ", 1)[1]
     text = (f"func @main(%x: f32[4,3]) -> ({out_t}) {{\n"
             f"  %ax = const() {{value = dense<[0]> : i64[1]}} : i64[1]\n"
-            f"  %flat = const() {{value = dense<[12]> : i64[1]}} : i64[1]\n"
+            f"  %swap = const() {{value = dense<[3, 4]> : i64[2]}} : i64[2]\n"
             f"  {body}\n  return %y\n}}\n")
     m = parse(text)
     m.weights = WeightStore()
@@ -380,3 +380,15 @@ def test_cuda_orchestration_with_stand_ins(tmp_path, rng, monkeypatch):
     got = prog.run({"input": x})
     np.testing.assert_array_equal(got["probs"], want["probs"])
     assert [len(t) for t in prog.stage_ms] == [2, 2, 2]
+
+
+def test_reshape_blocks():
+    from nnc.multi_device import _reshape_axis
+    assert _reshape_axis((4, 128, 768), 0, 1, (512, 768)) == (0, 128)  # [B, S, D] -> [B*S, D]
+    assert _reshape_axis((512, 2304), 0, 128, (4, 128, 2304)) == (0, 1)  # and back
+    assert _reshape_axis((4, 6), 0, 1, (4, 2, 3)) == (0, 1)
+    assert _reshape_axis((2, 4, 6), 1, 1, (8, 6)) is None  # the samples interleave
+    assert _reshape_axis((4, 6), 0, 1, (6, 4)) is None  # rows of samples mix
+    assert _reshape_axis((4, 6), 0, 1, (24,)) == (0, 6)  # one flat run per sample
+    assert _reshape_axis((512, 768), 0, 128, (4, 98304)) == (0, 1)
+    assert _reshape_axis((512, 768), 0, 128, (2, 196608)) is None  # 2 rows can't hold 4 samples' blocks
