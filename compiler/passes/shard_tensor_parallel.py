@@ -387,8 +387,12 @@ class _Propagation:
                 else:
                     self._broadcast_operand(op, i, axis, groups, rout, slices)
             return [Split(axis, groups)], False
+        if name == "Concat":
+            return [self._concat_rule(op, ins, slices)], False
         x = op.operands[0]
         sx = ins[0]
+        if sx is None and name not in ("MatMul", "Gemm"):
+            raise _NoBlock(f"{name} %{res[0].name}: only an operand past the first is split")
         if any(s is not None for s in ins[1:]) and name not in ("MatMul", "Gemm"):
             raise _NoBlock(f"{name} %{res[0].name}: a split operand past the first")
         if name in ("Softmax", "LogSoftmax"):
@@ -407,6 +411,11 @@ class _Propagation:
             return [self._slice_rule(op, sx)], False
         if name == "Split":
             return self._split_rule(op, sx), False
+        if name == "Expand":  # not along the split dim (the device's shape operand is rewritten)
+            axis = sx.axis + res[0].type.rank - x.type.rank
+            if _shape(res[0])[axis] != _shape(x)[sx.axis]:
+                raise _NoBlock("Expand along the split dim")
+            return [Split(axis, sx.groups)], False
         if name == "Gather":
             ax = op.attrs.axis % x.type.rank
             if ax == sx.axis:
@@ -418,6 +427,22 @@ class _Propagation:
         if name == "Gemm":
             return self._gemm_rule(op, ins, slices)
         raise _NoBlock(f"{name} %{res[0].name} is not split by these rules")
+
+    def _concat_rule(self, op: Op, ins: list, slices: dict) -> Split:
+        """Concat along another dim (RoPE's halves): the split operands alike, a replicated one
+        read as the device's part."""
+        rank = op.results[0].type.rank
+        ax = op.attrs.axis % rank
+        splits = {s for s in ins if s is not None}
+        if len(splits) != 1:
+            raise _NoBlock("Concat of operands split differently")
+        sp, = splits
+        if sp.axis == ax:
+            raise _NoBlock("Concat along the split dim")
+        for i, s in enumerate(ins):
+            if s is None:
+                self._slice_const(op, i, sp, slices)
+        return sp
 
     def _slice_rule(self, op: Op, sx: Split) -> Split:
         x = op.operands[0]
@@ -746,6 +771,10 @@ def _rewrite_device(func: Function, weights: WeightStore, blocks: list, k: int, 
                 op.operands[1] = b.const(op, np.array(sizes, np.int64), f"{key}.split")
             elif op.name == "Slice" and sx is not None:
                 _rewrite_slice(b, op, sx, k)
+            elif op.name == "Expand" and sx is not None:
+                out = list(global_shape[op.results[0].name])
+                out[blk.state[op.results[0].name].axis] //= k
+                op.operands[1] = b.const(op, np.array(out, np.int64), f"{key}.shape")
             if key in blk.rows:
                 _close_row(b, op, group, d, weights)
             else:

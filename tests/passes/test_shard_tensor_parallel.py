@@ -151,7 +151,62 @@ def gpt_decoder(L=2, B=2, S=16, E=64, H=4, F=None, seed=1, lm_head=0, gemm=False
     return _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [B, S, E])], inits, out, "gpt")
 
 
-MODELS = {"bert": bert_encoder, "gpt": gpt_decoder}
+def llama_decoder(L=2, B=1, S=16, E=64, H=4, F=96, seed=2):
+    """A LLaMA-style stack: RMSNorm written out, Q/K/V without biases, rotary embedding by halves
+    (Slice, Neg, Concat, Mul by constant cos/sin [S, D]), additive causal mask, SwiGLU (SiLU
+    written out) with separate gate and up projections, no biases anywhere."""
+    r = np.random.default_rng(seed)
+    w = lambda *s: (r.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)
+    D = E // H
+    ang = np.arange(S)[:, None] / (10000 ** (np.arange(D // 2) / (D // 2)))[None]
+    inits = [("hs", np.array([B, S, H, D], np.int64)), ("os", np.array([B, S, E], np.int64)),
+             ("sc", np.array(np.sqrt(D), np.float32)), ("two", np.array(2.0, np.float32)),
+             ("eps", np.array(1e-5, np.float32)),
+             ("cos", np.cos(np.concatenate([ang, ang], 1)).astype(np.float32)),
+             ("sin", np.sin(np.concatenate([ang, ang], 1)).astype(np.float32)),
+             ("causal", np.triu(np.full((S, S), -1e9, np.float32), 1)[None, None]),
+             ("h0", np.array([0], np.int64)), ("h1", np.array([D // 2], np.int64)),
+             ("h2", np.array([D], np.int64)), ("ax3", np.array([3], np.int64))]
+    nodes, x = [], "x"
+
+    def rms(a, g, out):
+        inits.append((g, (1 + 0.1 * r.standard_normal(E)).astype(np.float32)))
+        return [N("Pow", [a, "two"], [out + ".sq"]), N("ReduceMean", [out + ".sq"], [out + ".ms"], axes=[-1]),
+                N("Add", [out + ".ms", "eps"], [out + ".mse"]), N("Sqrt", [out + ".mse"], [out + ".rms"]),
+                N("Div", [a, out + ".rms"], [out + ".n"]), N("Mul", [out + ".n", g], [out])]
+
+    def rope(t, out):
+        return [N("Slice", [t, "h0", "h1", "ax3"], [out + ".x1"]), N("Slice", [t, "h1", "h2", "ax3"], [out + ".x2"]),
+                N("Neg", [out + ".x2"], [out + ".nx2"]), N("Concat", [out + ".nx2", out + ".x1"], [out + ".rot"], axis=3),
+                N("Mul", [t, "cos"], [out + ".c"]), N("Mul", [out + ".rot", "sin"], [out + ".s"]),
+                N("Add", [out + ".c", out + ".s"], [out])]
+
+    for layer in range(L):
+        p = f"l{layer}."
+        nodes += rms(x, p + "g1", p + "n1")
+        for q in "qkv":
+            inits.append((p + "w" + q, w(E, E)))
+            nodes += [N("MatMul", [p + "n1", p + "w" + q], [p + q]), N("Reshape", [p + q, "hs"], [p + q + "r"]),
+                      N("Transpose", [p + q + "r"], [p + q + "t"], perm=[0, 2, 1, 3])]
+        nodes += rope(p + "qt", p + "qe") + rope(p + "kt", p + "ke")
+        inits += [(p + "wo", w(E, E)), (p + "wg", w(E, F)), (p + "wu", w(E, F)), (p + "wd", w(F, E))]
+        nodes += [N("Transpose", [p + "ke"], [p + "kT"], perm=[0, 1, 3, 2]),
+                  N("MatMul", [p + "qe", p + "kT"], [p + "s0"]), N("Div", [p + "s0", "sc"], [p + "s1"]),
+                  N("Add", [p + "s1", "causal"], [p + "s2"]), N("Softmax", [p + "s2"], [p + "pr"], axis=-1),
+                  N("MatMul", [p + "pr", p + "vt"], [p + "c"]), N("Transpose", [p + "c"], [p + "ct"], perm=[0, 2, 1, 3]),
+                  N("Reshape", [p + "ct", "os"], [p + "cr"]), N("MatMul", [p + "cr", p + "wo"], [p + "o"]),
+                  N("Add", [x, p + "o"], [p + "res1"])]
+        nodes += rms(p + "res1", p + "g2", p + "n2")
+        nodes += [N("MatMul", [p + "n2", p + "wg"], [p + "gate"]), N("MatMul", [p + "n2", p + "wu"], [p + "up"]),
+                  N("Sigmoid", [p + "gate"], [p + "sg"]), N("Mul", [p + "gate", p + "sg"], [p + "silu"]),
+                  N("Mul", [p + "silu", p + "up"], [p + "act"]), N("MatMul", [p + "act", p + "wd"], [p + "down"]),
+                  N("Add", [p + "res1", p + "down"], [p + "out"])]
+        x = p + "out"
+    nodes += rms(x, "gf", "y")
+    return _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [B, S, E])], inits, "y", "llama")
+
+
+MODELS = {"bert": bert_encoder, "gpt": gpt_decoder, "llama": llama_decoder}
 
 
 def _compiled(make, precision="fp32", fuse=True, **kw):
@@ -373,6 +428,21 @@ def test_unfused_and_fp16_match_single_device(name, fuse, precision):
     rtol = 1e-2 if precision == "fp16" else 1e-3
     for n in ref:
         np.testing.assert_allclose(got[n].astype(np.float64), ref[n], rtol=rtol, atol=rtol * np.abs(ref[n]).max())
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_llama_rope_swiglu_matches(fuse):
+    """Rotary embedding (a Concat along the head dim D of split values), stacked gate/up
+    (fuse-horizontal) or separate, no biases: 2 blocks per layer, K = 2 and 4."""
+    m = _compiled(llama_decoder, fuse=fuse)
+    feed = _feed(m, 4)
+    ref = Interpreter(m).run(feed)
+    for k in (2, 4):
+        prog = shard_tensor_parallel(m, k)
+        assert [b["kind"] for b in prog.blocks] == ["attention", "mlp"] * 2
+        assert prog.blocks[0]["heads_per_device"] == 4 // k
+        got = run_multi(prog.to_multi_device(), feed)
+        np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-3, atol=1e-3 * np.abs(ref["y"]).max())
 
 
 def test_per_head_mask_input_is_sliced_on_each_device():
