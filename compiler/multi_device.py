@@ -824,11 +824,13 @@ def compile_multi_device(model, out, options, devices: int, parallel: str = "pip
         if parallel in ("tensor", "auto"):
             try:
                 mdm = _tensor_parallel(module, devices)
-            except MultiDeviceError:
+            except NncError as e:
                 if parallel == "tensor":
                     raise
+                rep.log(f"  --parallel auto: no tensor parallelism ({e}); pipeline")
             if parallel == "auto" and mdm is not None and not mdm.plan.get("sharded_blocks"):
                 mdm = None  # nothing sharded: a pipeline does better
+            if parallel == "auto" and mdm is None:  # the sharding pass may have left the module changed
                 module = import_model(model, shapes=shapes)
                 Pipeline(pipeline_passes(options.precision, options.fuse)).run(module)
         if mdm is None:
