@@ -104,11 +104,12 @@ def bench(a, busbw_gbs: float) -> str:
     lines = [f"GPT stack L={a.layers} E={a.hidden} H={heads} S={a.seq} B={a.batch} fp16, K={k}, "
              f"busbw {busbw_gbs:g} GB/s -> {comm_ms:.3f} ms of all-reduce per forward (link-bound)"]
     for key, r in rows.items():
-        lines.append(f"  {key:<28} {r['launches']:5d} launches  " + (f"{r['ms']:9.3f} ms" if "ms" in r else "(not run)"))
+        took = f"{r['ms']:9.3f} ms" if "ms" in r else "(not run)"
+        lines.append(f"  {key:<28} {r['launches']:5d} launches  {took}")
     if not a.no_run:
         one, part = rows["one GPU"]["ms"], rows[f"shard 0 of {k} (compute)"]["ms"]
-        lines.append(f"  tensor parallel, no overlap:   {part + comm_ms:9.3f} ms = {(part + comm_ms) / one:.3f} x one GPU")
-        lines.append(f"  tensor parallel, full overlap: {max(part, comm_ms):9.3f} ms = {max(part, comm_ms) / one:.3f} x one GPU")
+        for what, t in (("no overlap:  ", part + comm_ms), ("full overlap:", max(part, comm_ms))):
+            lines.append(f"  tensor parallel, {what} {t:9.3f} ms = {t / one:.3f} x one GPU")
     return "\n".join(lines)
 
 

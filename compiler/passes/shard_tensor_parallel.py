@@ -2,40 +2,45 @@
 split across them, everything else replicated.
 
     prog = shard_tensor_parallel(module, k)      # prog.devices[d]: device d's Module
-    prog.blocks                                  # what was split (also in prog.plan_json())
+    prog.blocks, prog.plan_json()                # what was split; prog.to_multi_device()
 
-Rewrites, per block (found by `find_blocks`): the column GEMMs (Q/K/V, packed QKV, fuse-horizontal's
-stacked [3, 1, E, E] Q/K/V, FFN up) take each device's slice of the weight's output columns (and of
-the bias); attention then runs on the device's heads (the head-split Reshape/Split/Slice
-constants get the per-device sizes); the row GEMM (attention output projection, FFN down) takes
-the matching rows of its weight and gives a partial sum, followed by
+Rewrites, per block (found by `find_blocks`): the column GEMMs (Q/K/V, GPT-2's packed c_attn,
+fuse-horizontal's stacked [3, 1, E, E] Q/K/V or gate/up, FFN up) take the device's part of the
+weight's output columns and of their bias; attention then runs on the device's heads (the
+head-split Reshape / Split / Slice / Expand constants get the device's sizes, a per-head mask is
+sliced); the row GEMM (attention output projection, FFN down) takes the matching rows of its
+weight and gives a partial sum:
 
-    %y.partial = MatMul(%a.shard, %w.shard)      (a Gemm loses its C here)
+    %y.partial = MatMul(%a, %w.shard)             (a Gemm loses its C here)
     %y = AllReduce(%y.partial) {device = d, group = [0, .., K-1]}
-    ... the bias Add (a Gemm's C: an Add after the AllReduce), residual Add, LayerNorm as before
+    ... bias Add, residual Add, LayerNorm as before (a Gemm's C: an Add after the AllReduce, or
+        after the Reshape back to [B, S, E] that is its only reader, next to the residual Add)
 
-so the bias is added once, after the sum. A block is found by propagating a split state from the
-column weights: a value is either replicated or `Split(axis, groups)` (its dim `axis` seen as
-[groups, K, n / (groups * K)], device d holding [:, d, :]: groups = 3 for a packed QKV's columns),
-through views (Reshape/Squeeze/Unsqueeze/Flatten: wherever the split lands in one dim of the
-result; Transpose; Slice/Split/Gather along whole groups or other axes), elementwise ops (a
-constant operand that does not broadcast along the split axis, a bias, is sliced), Softmax /
-LayerNorm over other axes, batched MatMuls split alike on a batch dim (the heads), up to MatMuls
-contracting over the split axis (-> partial sums, AllReduce). Column weights reading one
-activation are tried together (Q, K and V), then alone with groups 1, 3 and 2.
-Not a block (stays replicated, identical ops): any split value that would reach a function
-result, an op the rules do not know, a region, or a reduction over the split axis; a column GEMM
-whose result never reaches a row GEMM (a classifier head).
+so the bias is added once, after the sum. A block is found by propagating a split state from
+column weights: a value is either replicated or `Split(axis, groups)` (dim `axis` seen as
+[groups, K, n / (groups * K)], device d holding [:, d, :]; groups = 3 for a packed QKV's columns).
+The rules (`_Propagation.rule`): views (Reshape/Squeeze/Unsqueeze/Flatten: where the split lands
+in one dim of the result, `reshape_split`; Transpose; Slice/Split/Gather along other dims or whole
+groups; Concat and Expand along other dims), elementwise ops (a replicated operand spanning the
+split dim is read as the device's part: a bias sliced at compile time, an activation by a Slice /
+Gather on the device), Softmax / LayerNorm over other dims, batched MatMuls split alike on a batch
+dim (the heads), up to MatMuls / Gemms contracting over the split dim (-> partial sum, AllReduce).
+Column weights reading one activation are tried together (Q, K and V), then all but one, then
+alone with groups 1, 3 and 2. Every rule keeps the meaning, so any propagation that closes is a
+correct split. Not a block (stays replicated, identical ops): a split value that would reach a
+function result or a region, an op the rules do not know, a reduction over the split dim; a column
+GEMM whose result reaches no row GEMM (a classifier or LM head).
 
 Input: a Module after the default pipeline (fused groups are looked through: the `fused` ops
-holding a block's ops are inlined, the block rewritten, and the fusion passes of the default
-pipeline run again per device, so the per-shard GEMM epilogues, the attention kernel of H/K heads
-and the rowreduce kernels are chosen for the shard's shapes); also works before fusion or with
---no-fuse (then no fusion pass runs). Must hold: static shapes on the block's values; the weights
-of the column and row GEMMs are constants; SSA names unique in the function (including fused
-bodies). The input module is not changed.
+holding a block's ops are inlined, the blocks rewritten, and the fusion passes of the default
+pipeline run again on each device's Module, so the GEMM epilogues, the attention kernel of H/K
+heads and the rowreduce kernels are chosen for the shard's shapes; fused groups without block ops
+stay as they are); before fusion or with --no-fuse no fusion pass runs. Must hold: static shapes on
+the block's values; constant column and row weights (Gemm transA = 0); SSA names unique in the
+function, fused bodies included. The input module is not changed.
 Errors: a recognised block whose split dim does not divide by K (heads, hidden or FFN size) is an
-NncError naming the op, its shape and the sizes; K < 1 too.
+NncError naming the op, its shape and the sizes; K < 1 too. K = 1 and models without blocks give
+copies of the input.
 """
 from __future__ import annotations
 
@@ -634,13 +639,16 @@ def _check_divides(blk: Block, flat: Function, k: int) -> None:
 
 # ---------------------------------------------------------------- per-device modules
 
-def shard_array(a: np.ndarray, sp: Split, k: int, d: int) -> np.ndarray:
-    """Device d's part of a: dim sp.axis as [groups, k, c], taking [:, d, :]."""
-    n = a.shape[sp.axis]
+def part_index(n: int, sp: Split, k: int, d: int) -> np.ndarray:
+    """The indices along a split dim of extent n that device d holds: n as [groups, k, c], [:, d, :]."""
     r = n // sp.groups
     c = r // k
-    idx = np.concatenate([np.arange(g * r + d * c, g * r + (d + 1) * c) for g in range(sp.groups)])
-    return np.ascontiguousarray(np.take(a, idx, axis=sp.axis))
+    return np.concatenate([np.arange(g * r + d * c, g * r + (d + 1) * c) for g in range(sp.groups)])
+
+
+def shard_array(a: np.ndarray, sp: Split, k: int, d: int) -> np.ndarray:
+    """Device d's part of a along sp.axis."""
+    return np.ascontiguousarray(np.take(a, part_index(a.shape[sp.axis], sp, k, d), axis=sp.axis))
 
 
 class _DeviceBuilder:
@@ -686,14 +694,14 @@ class _DeviceBuilder:
         a = const_value(v, self.weights)
         if a is None:  # a replicated activation (a per-head mask): the device takes its part
             n = _shape(v)[sp.axis]
-            r, c = n // sp.groups, n // sp.groups // self.k
+            c = n // sp.groups // self.k
             if sp.groups == 1:
                 name, attrs = "Slice", {}
                 operands = [v, self.const(before, np.array([self.d * c], np.int64), f"{v.name}.start"),
                             self.const(before, np.array([(self.d + 1) * c], np.int64), f"{v.name}.end"),
                             self.const(before, np.array([sp.axis], np.int64), f"{v.name}.axis")]
             else:
-                idx = np.concatenate([np.arange(g * r + self.d * c, g * r + (self.d + 1) * c) for g in range(sp.groups)])
+                idx = part_index(n, sp, self.k, self.d)
                 name, attrs = "Gather", {"axis": sp.axis}
                 operands = [v, self.const(before, idx.astype(np.int64), f"{v.name}.index")]
             out = Value(self.fresh(f"{v.name}.shard"), v.type)

@@ -177,7 +177,8 @@ def llama_decoder(L=2, B=1, S=16, E=64, H=4, F=96, seed=2):
 
     def rope(t, out):
         return [N("Slice", [t, "h0", "h1", "ax3"], [out + ".x1"]), N("Slice", [t, "h1", "h2", "ax3"], [out + ".x2"]),
-                N("Neg", [out + ".x2"], [out + ".nx2"]), N("Concat", [out + ".nx2", out + ".x1"], [out + ".rot"], axis=3),
+                N("Neg", [out + ".x2"], [out + ".nx2"]),
+                N("Concat", [out + ".nx2", out + ".x1"], [out + ".rot"], axis=3),
                 N("Mul", [t, "cos"], [out + ".c"]), N("Mul", [out + ".rot", "sin"], [out + ".s"]),
                 N("Add", [out + ".c", out + ".s"], [out])]
 
@@ -193,7 +194,8 @@ def llama_decoder(L=2, B=1, S=16, E=64, H=4, F=96, seed=2):
         nodes += [N("Transpose", [p + "ke"], [p + "kT"], perm=[0, 1, 3, 2]),
                   N("MatMul", [p + "qe", p + "kT"], [p + "s0"]), N("Div", [p + "s0", "sc"], [p + "s1"]),
                   N("Add", [p + "s1", "causal"], [p + "s2"]), N("Softmax", [p + "s2"], [p + "pr"], axis=-1),
-                  N("MatMul", [p + "pr", p + "vt"], [p + "c"]), N("Transpose", [p + "c"], [p + "ct"], perm=[0, 2, 1, 3]),
+                  N("MatMul", [p + "pr", p + "vt"], [p + "c"]),
+                  N("Transpose", [p + "c"], [p + "ct"], perm=[0, 2, 1, 3]),
                   N("Reshape", [p + "ct", "os"], [p + "cr"]), N("MatMul", [p + "cr", p + "wo"], [p + "o"]),
                   N("Add", [x, p + "o"], [p + "res1"])]
         nodes += rms(p + "res1", p + "g2", p + "n2")
@@ -388,7 +390,8 @@ def test_lm_head_and_non_transformer_stay_replicated():
     # a model without blocks: every device is the module itself
     from onnx import load
     from pathlib import Path
-    cnn = import_model(load(str(Path(__file__).parents[2] / "examples" / "tiny_cnn.onnx")), shapes={"input": [1, 3, 32, 32]})
+    cnn = import_model(load(str(Path(__file__).parents[2] / "examples" / "tiny_cnn.onnx")),
+                       shapes={"input": [1, 3, 32, 32]})
     Pipeline(pipeline_passes("fp32", True)).run(cnn)
     prog = shard_tensor_parallel(cnn, 2)
     assert prog.blocks == [] and all(print_module(d) == print_module(cnn) for d in prog.devices)
