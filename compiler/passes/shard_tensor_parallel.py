@@ -557,9 +557,9 @@ class _Propagation:
 
 
 def _candidates(flat: Function, weights) -> list:
-    """(activation value, [(gemm op, weight value, Split of the weight's columns)]) per
-    activation read by column-GEMM candidates, in program order: MatMul(x, W) / Gemm(x, W, C)
-    with W a constant of rank >= 2 and x not one."""
+    """(activation, [(gemm op, weight value, axis of the weight's columns)]) per activation read
+    (directly or through views) by column-GEMM candidates, in program order: MatMul(x, W) /
+    Gemm(x, W, C) with W a constant of rank >= 2 and x not one."""
     groups: dict[int, tuple] = {}
     order = []
     for op in flat.ops:
@@ -571,10 +571,13 @@ def _candidates(flat: Function, weights) -> list:
         if not _static(w) or w.type.rank < 2 or (op.name == "Gemm" and op.attrs.transA):
             continue
         axis = (0 if op.attrs.transB else 1) if op.name == "Gemm" else w.type.rank - 1
-        if id(x) not in groups:
-            groups[id(x)] = (x, [])
-            order.append(id(x))
-        groups[id(x)][1].append((op, w, axis))
+        root = x  # through views: fuse-horizontal's stacked K/V reads Unsqueeze(x), Q (GQA) x itself
+        while root.producer is not None and root.producer.name in RESHAPES and root.producer.operands:
+            root = root.producer.operands[0]
+        if id(root) not in groups:
+            groups[id(root)] = (root, [])
+            order.append(id(root))
+        groups[id(root)][1].append((op, w, axis))
     return [groups[i] for i in order]
 
 

@@ -151,13 +151,16 @@ def gpt_decoder(L=2, B=2, S=16, E=64, H=4, F=None, seed=1, lm_head=0, gemm=False
     return _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [B, S, E])], inits, out, "gpt")
 
 
-def llama_decoder(L=2, B=1, S=16, E=64, H=4, F=96, seed=2):
+def llama_decoder(L=2, B=1, S=16, E=64, H=4, F=96, seed=2, kv_heads=None):
     """A LLaMA-style stack: RMSNorm written out, Q/K/V without biases, rotary embedding by halves
     (Slice, Neg, Concat, Mul by constant cos/sin [S, D]), additive causal mask, SwiGLU (SiLU
-    written out) with separate gate and up projections, no biases anywhere."""
+    written out) with separate gate and up projections, no biases anywhere. kv_heads: grouped-query
+    attention, K/V of kv_heads heads repeated as transformers' repeat_kv writes it (Unsqueeze,
+    Expand, Reshape)."""
     r = np.random.default_rng(seed)
     w = lambda *s: (r.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)
     D = E // H
+    G = kv_heads or H
     ang = np.arange(S)[:, None] / (10000 ** (np.arange(D // 2) / (D // 2)))[None]
     inits = [("hs", np.array([B, S, H, D], np.int64)), ("os", np.array([B, S, E], np.int64)),
              ("sc", np.array(np.sqrt(D), np.float32)), ("two", np.array(2.0, np.float32)),
@@ -166,7 +169,9 @@ def llama_decoder(L=2, B=1, S=16, E=64, H=4, F=96, seed=2):
              ("sin", np.sin(np.concatenate([ang, ang], 1)).astype(np.float32)),
              ("causal", np.triu(np.full((S, S), -1e9, np.float32), 1)[None, None]),
              ("h0", np.array([0], np.int64)), ("h1", np.array([D // 2], np.int64)),
-             ("h2", np.array([D], np.int64)), ("ax3", np.array([3], np.int64))]
+             ("h2", np.array([D], np.int64)), ("ax3", np.array([3], np.int64)),
+             ("kvs", np.array([B, S, G, D], np.int64)), ("ax2", np.array([2], np.int64)),
+             ("rep", np.array([B, G, H // G, S, D], np.int64)), ("hsd", np.array([B, H, S, D], np.int64))]
     nodes, x = [], "x"
 
     def rms(a, g, out):
@@ -186,15 +191,25 @@ def llama_decoder(L=2, B=1, S=16, E=64, H=4, F=96, seed=2):
         p = f"l{layer}."
         nodes += rms(x, p + "g1", p + "n1")
         for q in "qkv":
-            inits.append((p + "w" + q, w(E, E)))
-            nodes += [N("MatMul", [p + "n1", p + "w" + q], [p + q]), N("Reshape", [p + q, "hs"], [p + q + "r"]),
+            inits.append((p + "w" + q, w(E, E if q == "q" else G * D)))
+            nodes += [N("MatMul", [p + "n1", p + "w" + q], [p + q]),
+                      N("Reshape", [p + q, "hs" if q == "q" else "kvs"], [p + q + "r"]),
                       N("Transpose", [p + q + "r"], [p + q + "t"], perm=[0, 2, 1, 3])]
-        nodes += rope(p + "qt", p + "qe") + rope(p + "kt", p + "ke")
+        nodes += rope(p + "qt", p + "qe") + rope(p + "kt", p + "ke0")
+        for t in ("ke", "vt"):
+            src = p + ("ke0" if t == "ke" else "vt0")
+            if t == "vt":
+                nodes.append(N("Identity", [p + "vt"], [src]))
+            if G == H:
+                nodes.append(N("Identity", [src], [p + t + ".rep"]))
+            else:
+                nodes += [N("Unsqueeze", [src, "ax2"], [p + t + ".u"]), N("Expand", [p + t + ".u", "rep"], [p + t + ".x"]),
+                          N("Reshape", [p + t + ".x", "hsd"], [p + t + ".rep"])]
         inits += [(p + "wo", w(E, E)), (p + "wg", w(E, F)), (p + "wu", w(E, F)), (p + "wd", w(F, E))]
-        nodes += [N("Transpose", [p + "ke"], [p + "kT"], perm=[0, 1, 3, 2]),
+        nodes += [N("Transpose", [p + "ke.rep"], [p + "kT"], perm=[0, 1, 3, 2]),
                   N("MatMul", [p + "qe", p + "kT"], [p + "s0"]), N("Div", [p + "s0", "sc"], [p + "s1"]),
                   N("Add", [p + "s1", "causal"], [p + "s2"]), N("Softmax", [p + "s2"], [p + "pr"], axis=-1),
-                  N("MatMul", [p + "pr", p + "vt"], [p + "c"]),
+                  N("MatMul", [p + "pr", p + "vt.rep"], [p + "c"]),
                   N("Transpose", [p + "c"], [p + "ct"], perm=[0, 2, 1, 3]),
                   N("Reshape", [p + "ct", "os"], [p + "cr"]), N("MatMul", [p + "cr", p + "wo"], [p + "o"]),
                   N("Add", [x, p + "o"], [p + "res1"])]
@@ -446,6 +461,28 @@ def test_llama_rope_swiglu_matches(fuse):
         assert prog.blocks[0]["heads_per_device"] == 4 // k
         got = run_multi(prog.to_multi_device(), feed)
         np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-3, atol=1e-3 * np.abs(ref["y"]).max())
+
+
+def test_llama_grouped_query_attention():
+    """GQA (8 query heads, 2 K/V heads repeated by Unsqueeze/Expand/Reshape): at K = 2 each device
+    has one K/V head and its 4 query heads; at K = 4 the 2 K/V heads do not divide."""
+    m = _compiled(llama_decoder, L=1, E=64, H=8, kv_heads=2)
+    feed = _feed(m, 5)
+    ref = Interpreter(m).run(feed)
+    prog = shard_tensor_parallel(m, 2)
+    assert prog.blocks[0]["heads_per_device"] == 4
+    filecheck(print_module(prog.devices[0]), """
+        CHECK: = const() {weight = "l0.k_hw.tp0of2"} : f32[2,1,64,8]
+        CHECK: MatMul(%l0.k_hx, %l0.k_hw) : f32[2,1,16,8]
+        CHECK: %l0.ke.x = Expand(%l0.ke.u, %l0.ke.x.shape) : f32[1,1,4,16,8]
+        CHECK: %l0.vt.x = Expand(%l0.vt.u, %l0.ke.x.shape) : f32[1,1,4,16,8]
+        CHECK-NOT: Slice(
+        CHECK: %l0.o = AllReduce
+    """)
+    got = run_multi(prog.to_multi_device(), feed)
+    np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-3, atol=1e-3 * np.abs(ref["y"]).max())
+    with pytest.raises(NncError, match=r"over 4 devices: .*\[1, 16, 2, 8\].*attention heads: 2\) does not divide by 4"):
+        shard_tensor_parallel(m, 4)
 
 
 def test_per_head_mask_input_is_sliced_on_each_device():
