@@ -23,7 +23,7 @@ The rules (`_Propagation.rule`): views (Reshape/Squeeze/Unsqueeze/Flatten: where
 in one dim of the result, `reshape_split`; Transpose; Slice/Split/Gather along other dims or whole
 groups; Concat and Expand along other dims), elementwise ops (a replicated operand spanning the
 split dim is read as the device's part: a bias sliced at compile time, an activation by a Slice /
-Gather on the device), Softmax / LayerNorm over other dims, batched MatMuls split alike on a batch
+Gather on the device), Softmax / LayerNorm / Reduce* over other dims, batched MatMuls split alike on a batch
 dim (the heads), up to MatMuls / Gemms contracting over the split dim (-> partial sum, AllReduce).
 Column weights reading one activation are tried together (Q, K and V), then all but one, then
 alone with groups 1, 3 and 2. Every rule keeps the meaning, so any propagation that closes is a
@@ -67,6 +67,8 @@ UNARY = ("Relu", "Gelu", "Tanh", "Sigmoid", "Erf", "Exp", "Log", "Sqrt", "Neg", 
 BROADCAST = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu", "Clip", "Equal",
              "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Mod")
 RESHAPES = ("Reshape", "Squeeze", "Unsqueeze", "Flatten")
+REDUCES = tuple(f"Reduce{k}" for k in ("Sum", "Mean", "Max", "Min", "Prod", "L1", "L2", "SumSquare", "LogSum",
+                                        "LogSumExp"))
 GROUP_TRIALS = (1, 3, 2)  # groups of a column weight tried alone: plain, packed QKV, packed gate/up
 MAX_GROUP = 6  # column GEMMs of one activation tried also all-but-one (bounds the attempts)
 
@@ -416,6 +418,19 @@ class _Propagation:
             return [self._slice_rule(op, sx)], False
         if name == "Split":
             return self._split_rule(op, sx), False
+        if name in REDUCES:  # over other dims (a per-head RMSNorm of Q / K)
+            rank = x.type.rank
+            if len(op.operands) > 1 and op.operands[1] is not None:
+                a = self.const_of(op.operands[1])
+                if a is None:
+                    raise _NoBlock(f"{name} with non-constant axes")
+                axes = {int(i) % rank for i in np.asarray(a).reshape(-1)}
+            else:
+                axes = set() if op.attrs.noop_with_empty_axes else set(range(rank))
+            if sx.axis in axes:
+                raise _NoBlock(f"{name} over the split dim")
+            return [Split(sx.axis if op.attrs.keepdims else sx.axis - sum(i < sx.axis for i in axes),
+                          sx.groups)], False
         if name == "Expand":  # not along the split dim (the device's shape operand is rewritten)
             axis = sx.axis + res[0].type.rank - x.type.rank
             if _shape(res[0])[axis] != _shape(x)[sx.axis]:

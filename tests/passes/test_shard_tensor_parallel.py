@@ -151,12 +151,12 @@ def gpt_decoder(L=2, B=2, S=16, E=64, H=4, F=None, seed=1, lm_head=0, gemm=False
     return _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [B, S, E])], inits, out, "gpt")
 
 
-def llama_decoder(L=2, B=1, S=16, E=64, H=4, F=96, seed=2, kv_heads=None):
+def llama_decoder(L=2, B=1, S=16, E=64, H=4, F=96, seed=2, kv_heads=None, qk_norm=False):
     """A LLaMA-style stack: RMSNorm written out, Q/K/V without biases, rotary embedding by halves
     (Slice, Neg, Concat, Mul by constant cos/sin [S, D]), additive causal mask, SwiGLU (SiLU
     written out) with separate gate and up projections, no biases anywhere. kv_heads: grouped-query
     attention, K/V of kv_heads heads repeated as transformers' repeat_kv writes it (Unsqueeze,
-    Expand, Reshape)."""
+    Expand, Reshape). qk_norm: an RMSNorm over each head's D of Q and K (ReduceMean per head)."""
     r = np.random.default_rng(seed)
     w = lambda *s: (r.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)
     D = E // H
@@ -174,8 +174,8 @@ def llama_decoder(L=2, B=1, S=16, E=64, H=4, F=96, seed=2, kv_heads=None):
              ("rep", np.array([B, G, H // G, S, D], np.int64)), ("hsd", np.array([B, H, S, D], np.int64))]
     nodes, x = [], "x"
 
-    def rms(a, g, out):
-        inits.append((g, (1 + 0.1 * r.standard_normal(E)).astype(np.float32)))
+    def rms(a, g, out, n=E):
+        inits.append((g, (1 + 0.1 * r.standard_normal(n)).astype(np.float32)))
         return [N("Pow", [a, "two"], [out + ".sq"]), N("ReduceMean", [out + ".sq"], [out + ".ms"], axes=[-1]),
                 N("Add", [out + ".ms", "eps"], [out + ".mse"]), N("Sqrt", [out + ".mse"], [out + ".rms"]),
                 N("Div", [a, out + ".rms"], [out + ".n"]), N("Mul", [out + ".n", g], [out])]
@@ -195,7 +195,11 @@ def llama_decoder(L=2, B=1, S=16, E=64, H=4, F=96, seed=2, kv_heads=None):
             nodes += [N("MatMul", [p + "n1", p + "w" + q], [p + q]),
                       N("Reshape", [p + q, "hs" if q == "q" else "kvs"], [p + q + "r"]),
                       N("Transpose", [p + q + "r"], [p + q + "t"], perm=[0, 2, 1, 3])]
-        nodes += rope(p + "qt", p + "qe") + rope(p + "kt", p + "ke0")
+        qt, kt = p + "qt", p + "kt"
+        if qk_norm:
+            nodes += rms(qt, p + "qg", p + "qt.n", D) + rms(kt, p + "kg", p + "kt.n", D)
+            qt, kt = p + "qt.n", p + "kt.n"
+        nodes += rope(qt, p + "qe") + rope(kt, p + "ke0")
         for t in ("ke", "vt"):
             src = p + ("ke0" if t == "ke" else "vt0")
             if t == "vt":
@@ -203,7 +207,8 @@ def llama_decoder(L=2, B=1, S=16, E=64, H=4, F=96, seed=2, kv_heads=None):
             if G == H:
                 nodes.append(N("Identity", [src], [p + t + ".rep"]))
             else:
-                nodes += [N("Unsqueeze", [src, "ax2"], [p + t + ".u"]), N("Expand", [p + t + ".u", "rep"], [p + t + ".x"]),
+                nodes += [N("Unsqueeze", [src, "ax2"], [p + t + ".u"]),
+                          N("Expand", [p + t + ".u", "rep"], [p + t + ".x"]),
                           N("Reshape", [p + t + ".x", "hsd"], [p + t + ".rep"])]
         inits += [(p + "wo", w(E, E)), (p + "wg", w(E, F)), (p + "wu", w(E, F)), (p + "wd", w(F, E))]
         nodes += [N("Transpose", [p + "ke.rep"], [p + "kT"], perm=[0, 1, 3, 2]),
@@ -483,6 +488,17 @@ def test_llama_grouped_query_attention():
     np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-3, atol=1e-3 * np.abs(ref["y"]).max())
     with pytest.raises(NncError, match=r"over 4 devices: .*\[1, 16, 2, 8\].*attention heads: 2\) does not divide by 4"):
         shard_tensor_parallel(m, 4)
+
+
+def test_llama_qk_norm_reduces_per_head():
+    m = _compiled(llama_decoder, L=1, qk_norm=True, fuse=False)
+    assert any(op.name == "ReduceMean" and op.results[0].type.rank == 4 for op in m.main.ops)
+    feed = _feed(m, 6)
+    ref = Interpreter(m).run(feed)
+    prog = shard_tensor_parallel(m, 2)
+    assert [b["kind"] for b in prog.blocks] == ["attention", "mlp"]
+    got = run_multi(prog.to_multi_device(), feed)
+    np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-3, atol=1e-3 * np.abs(ref["y"]).max())
 
 
 def test_per_head_mask_input_is_sliced_on_each_device():
