@@ -697,33 +697,126 @@ def _batch_op(op: Op, status: dict, blk: dict, module: Module, k: int, alias: Op
         blk[id(r)] = block
 
 
-# ---------------------------------------------------------------- compute modules (for codegen)
+# ---------------------------------------------------------------- segments (for codegen)
+
+@dataclass
+class Segment:
+    """A run of a device's compute ops between communication points, as an ordinary Module the
+    single-device lowering takes: its arguments are what it reads from before it (model inputs,
+    earlier segments' values, received messages, collective results), its results what is read
+    after it (later segments, messages, collectives, the model's outputs). The host does the
+    communication around it: `recvs` before (their values are arguments), `sends` after (their
+    values are results), then `collective` (None: none follows)."""
+    index: int
+    module: Optional[Module]  # None: no compute ops (only communication)
+    recvs: list
+    sends: list
+    collective: Optional[Op]
+
+
+def segments(module: Module) -> list[Segment]:
+    """Cuts device @main at every collective, and before a Recv that follows a Send of the same
+    segment (its message may depend on that send); pipelines from the partitioner are one segment."""
+    from .ir.graph import Function
+    f = module.main
+    runs: list[dict] = []
+    cur = {"ops": [], "recvs": [], "sends": [], "collective": None}
+    for op in f.ops:
+        if op.name == "Recv" and cur["sends"]:
+            runs.append(cur)
+            cur = {"ops": [], "recvs": [], "sends": [], "collective": None}
+        if op.name == "Recv":
+            cur["recvs"].append(op)
+        elif op.name == "Send":
+            cur["sends"].append(op)
+        elif op.name in ("AllReduce", "AllGather"):
+            cur["collective"] = op
+            runs.append(cur)
+            cur = {"ops": [], "recvs": [], "sends": [], "collective": None}
+        else:
+            cur["ops"].append(op)
+    runs.append(cur)
+    # what each run reads (consts are copied into every run that reads them)
+    consts = {id(op.results[0]): op for op in f.ops if op.name == "const"}
+    reads = []
+    for r in runs:
+        ids: list = []
+        for op in r["ops"]:
+            for v in list(op.operands) + [x for _, reg in op.regions() for x in _outer_values(reg)]:
+                if v is not None and all(v is not w for w in ids):
+                    ids.append(v)
+        reads.append(ids)
+    later_need: list[set] = []
+    need: set = {id(v) for v in f.results}
+    for i in range(len(runs) - 1, -1, -1):
+        later_need.append(set(need))
+        r = runs[i]
+        need |= {id(op.operands[0]) for op in r["sends"]}
+        if r["collective"] is not None:
+            need.add(id(r["collective"].operands[0]))
+        need |= {id(v) for v in reads[i]}
+    later_need.reverse()
+    out = []
+    for i, r in enumerate(runs):
+        compute = [op for op in r["ops"] if op.name != "const"]
+        if not compute:
+            out.append(Segment(i, None, r["recvs"], r["sends"], r["collective"]))
+            continue
+        defined = {id(x) for op in r["ops"] for x in op.results}
+        args = [v for v in reads[i] if id(v) not in defined and id(v) not in consts]
+        used_consts = [consts[id(v)] for v in reads[i] if id(v) in consts]
+        own = [x for op in compute for x in op.results]
+        sent_here = {id(op.operands[0]) for op in r["sends"]}
+        coll = {id(r["collective"].operands[0])} if r["collective"] is not None else set()
+        results = [x for x in own if id(x) in later_need[i] or id(x) in sent_here or id(x) in coll]
+        if not results:  # dead code: nothing it computes is read (DCE would have erased it)
+            out.append(Segment(i, None, r["recvs"], r["sends"], r["collective"]))
+            continue
+        fn = Function([_Arg(v) for v in args], [op for op in used_consts] + compute, results, name=f.name)
+        text = print_module(Module([fn]))
+        seg = parse(text, f"<device {_device_of(module)} segment {i}>")
+        names = {op.attrs.weight for op in used_consts if op.attrs.weight is not None}
+        store = WeightStore({n: module.weights[n] for n in names} if module.weights is not None else {})
+        for o in seg.main.walk():  # consts inside fused bodies
+            if o.name == "const" and o.attrs.weight is not None and module.weights is not None:
+                store[o.attrs.weight] = module.weights[o.attrs.weight]
+        seg.weights = store
+        out.append(Segment(i, seg, r["recvs"], r["sends"], r["collective"]))
+    return out
+
+
+def _Arg(v):
+    """A stand-in argument for printing: the value's name and type, no producer."""
+    from .ir.graph import Value
+    return Value(v.name, v.type)
+
+
+def _outer_values(region) -> list:
+    inner = {id(a) for a in region.args}
+    out = []
+    for op in region.walk():
+        inner |= {id(x) for x in op.results}
+        for _, sub in op.regions():
+            inner |= {id(a) for a in sub.args}
+    for op in region.walk():
+        for v in op.operands:
+            if v is not None and id(v) not in inner:
+                out.append(v)
+    return out
+
+
+def _device_of(module: Module) -> str:
+    ops = comm_ops(module)
+    return str(ops[0].attrs.device) if ops else "?"
+
 
 def compute_module(module: Module) -> Module:
-    """Device module -> an ordinary single-device Module without communication ops, for the
-    existing lowering: each Recv becomes a function argument (same name and type, after the model
-    inputs), each sent value a function result (once, however many peers get it), tokens dropped.
-    The host moves the messages (plan.json's "communication"). Only Send/Recv: a module with
-    collectives has no such form (they sit between kernels of one device) and is refused."""
-    f = module.main
-    coll = [op for op in f.ops if op.name in ("AllReduce", "AllGather")]
-    if coll:
-        raise MultiDeviceError(f"{describe(coll[0], coll[0].attrs.device)}: collectives have no CUDA lowering "
-                               f"yet; compile with --no-codegen (reference backend)")
-    from .ir.graph import Function
-    module = Module(parse(print_module(module)).functions, module.weights, module.loc_file)  # a copy
-    f = module.main
-    recvs = [op.results[0] for op in f.ops if op.name == "Recv"]
-    sent: list = []
-    for op in f.ops:
-        if op.name == "Send" and not any(op.operands[0] is v for v in sent):
-            sent.append(op.operands[0])
-    results = [v for v in f.results if not is_token(v)]
-    results += [v for v in sent if not any(v is r for r in results)]
-    ops = [op for op in f.ops if op.name not in ("Send", "Recv")]
-    for v in recvs:
-        v.producer = None  # now an argument
-    return Module([Function(list(f.args) + recvs, ops, results, name=f.name)], module.weights, module.loc_file)
+    """The one segment of a device module without collectives (a pipeline stage): Recv values as
+    arguments, sent values and outputs as results."""
+    segs = [s for s in segments(module) if s.module is not None]
+    if len(segs) != 1:
+        raise MultiDeviceError(f"device {_device_of(module)}: {len(segs)} compute segments, not one")
+    return segs[0].module
 
 
 def communication_json(mdm: MultiDeviceModule) -> list[dict]:
@@ -775,7 +868,7 @@ def compile_multi_device(model, out, options, devices: int, parallel: str = "pip
     shard_tensor_parallel; auto: tensor where it shards a block, else pipeline), then OUT/:
     plan.json (the whole program: devices, stages, communication, schedule), ir/ (the
     multi-device IR: multi.nnmd text plus device<K>.nnir and weights) and device<K>/ (each
-    device's compute module compiled as an ordinary single-device output; CUDA when codegen)."""
+    device's compute segments (cut at collectives) compiled as ordinary single-device outputs; CUDA when codegen)."""
     from .driver import io_entry, model_name, pipeline_passes
     from .integrity import ir_hashes
     from .onnx_import import import_model
@@ -849,6 +942,7 @@ def compile_multi_device(model, out, options, devices: int, parallel: str = "pip
         "communication": communication_json(mdm),
         **({"schedule": gpipe_schedule(devices, mdm.micro_batches)} if mdm.parallel == "pipeline" else {}),
         "device_dirs": [f"device{k}" for k in range(devices)],
+        "device_builds": [],  # per device: the build of each compute segment (between collectives), in order
         "codegen": bool(options.generates_cuda),
         "kernels": [],  # with codegen: {"device", "name"} of every device's kernels (each device<K>/plan.json has them all)
     }
@@ -863,19 +957,24 @@ def compile_multi_device(model, out, options, devices: int, parallel: str = "pip
         save_multi(mdm, tmp / "ir")
         plan["ir_sha256"] = multi_ir_hashes(tmp / "ir")
         for k, m in enumerate(mdm.devices):
-            sub = tmp / f"device{k}"
-            if mdm.parallel == "pipeline" or options.generates_cuda:
-                cm = compute_module(m)
-                base = {"name": f"{name}_dev{k}", "device": k, "of_devices": devices,
+            segs = [sg for sg in segments(m) if sg.module is not None]
+            dirs = [f"device{k}"] if len(segs) == 1 else [f"device{k}/segment{sg.index}" for sg in segs]
+            plan["device_builds"].append(dirs)
+            for sg, rel in zip(segs, dirs):
+                cm, sub = sg.module, tmp / rel
+                label = f"{name}_dev{k}" + (f"_seg{sg.index}" if len(segs) > 1 else "")
+                base = {"name": label, "device": k, "of_devices": devices, "segment": sg.index,
                         "inputs": [io_entry(a) for a in cm.main.args],
                         "outputs": [io_entry(r) for r in cm.main.results], "passes": plan["passes"],
                         "precision": options.precision, "kernels": [],
                         "memory": {"arena_bytes": 0, "naive_bytes": 0, "peak_live_bytes": 0}}
                 if options.generates_cuda:
                     from .codegen.emit import compile_to_dir
+                    sub.parent.mkdir(parents=True, exist_ok=True)
                     dev_plan = compile_to_dir(cm, sub, base_plan={**base, "arch": target.arch, "target": target.to_json()},
-                                              name=f"{name}_dev{k}", options=options.codegen_options(target))
-                    plan["kernels"] += [{"device": k, "name": kern["name"]} for kern in dev_plan.get("kernels", [])]
+                                              name=label, options=options.codegen_options(target))
+                    plan["kernels"] += [{"device": k, "segment": sg.index, "name": kern["name"]}
+                                        for kern in dev_plan.get("kernels", [])]
                 else:
                     (sub / "ir").mkdir(parents=True)
                     (sub / "ir" / "final.nnir").write_text(print_module(cm))
@@ -912,10 +1011,11 @@ def is_multi_device_dir(out) -> bool:
 
 class MultiDeviceProgram:
     """A `nnc compile --devices K` directory, loaded. backend "reference": run_multi on the
-    multi-device IR (ir/), simulated devices. backend "cuda": the device<K>/ builds loaded as K
-    module instances on the one GPU present, run stage after stage, each message a
-    device-to-device copy (cupy) standing in for NCCL send/recv: checks the plan and the
-    results, not multi-GPU speed. Pipeline programs only on "cuda"."""
+    multi-device IR (ir/), simulated devices. backend "cuda": every device's segment builds
+    (plan.json's device_builds) loaded as module instances on the one GPU present and run by a
+    host step scheduler: a Recv is a device-to-device copy of the sender's value (cupy), a
+    collective a cupy sum / concatenation of the members' values, each standing in for NCCL.
+    This checks the plan, the per-device builds and the results, not multi-GPU speed."""
 
     def __init__(self, out, backend: str = "reference"):
         from .plan_file import read_plan
@@ -927,42 +1027,104 @@ class MultiDeviceProgram:
         self.mdm = load_multi(self.out / "ir")
         verify_multi(self.mdm)
         self.backend = backend
-        self._stages = None
+        self.segments = [[sg for sg in segments(m)] for m in self.mdm.devices]
+        self._builds = None  # (device, segment index) -> a loaded build
+        self.stage_ms: list = []
         if backend == "cuda":
-            if self.mdm.parallel != "pipeline" or not self.plan.get("codegen"):
-                raise MultiDeviceError(f"{self.out}: the cuda backend runs pipeline programs compiled with codegen")
+            if not self.plan.get("codegen"):
+                raise MultiDeviceError(f"{self.out}: compiled with --no-codegen; the cuda backend needs the builds")
             from .runtime import load
-            self._stages = [load(self.out / d) for d in self.plan["device_dirs"]]
+            self._builds = self._load_builds(lambda rel: load(self.out / rel))
+
+    def _load_builds(self, load) -> dict:
+        dirs = self.plan.get("device_builds")
+        if not isinstance(dirs, list) or len(dirs) != self.mdm.num_devices:
+            raise MultiDeviceError(f"{self.out}: plan.json's device_builds does not list {self.mdm.num_devices} devices")
+        builds = {}
+        for k, segs in enumerate(self.segments):
+            have = [sg for sg in segs if sg.module is not None]
+            if len(dirs[k]) != len(have):
+                raise MultiDeviceError(f"{self.out}: device {k} has {len(have)} compute segments, plan.json lists "
+                                       f"{len(dirs[k])} builds")
+            for sg, rel in zip(have, dirs[k]):
+                if not isinstance(rel, str) or ".." in Path(rel).parts or Path(rel).is_absolute():
+                    raise MultiDeviceError(f"{self.out}: device_builds entry {rel!r} is not a directory inside OUT")
+                builds[(k, sg.index)] = load(rel)
+        return builds
 
     def run(self, inputs: dict, micro_batches: Optional[int] = None, trace: Optional[list] = None) -> dict:
         if self.backend == "reference":
             return run_multi(self.mdm, inputs, micro_batches, trace)
-        return self._run_cuda(inputs, self.mdm.micro_batches if micro_batches is None else micro_batches)
+        return self._run_builds(inputs, self.mdm.micro_batches if micro_batches is None else micro_batches)
 
-    def _run_cuda(self, inputs: dict, M: int) -> dict:
+    def _run_builds(self, inputs: dict, M: int) -> dict:
         import cupy as cp
         names = self.mdm.input_names()
         parts = {n: (np.split(np.asarray(inputs[n]), M, axis=0) if M > 1 else [np.asarray(inputs[n])]) for n in names}
         outs: dict[str, list] = {n: [] for n in self.mdm.output_names()}
-        self.stage_ms = [[] for _ in self._stages]  # per device, per micro-batch: host wall ms of its run
+        K = self.mdm.num_devices
+        self.stage_ms = [[] for _ in range(K)]  # per device, per micro-batch: host wall ms of its segments
         for mb in range(M):
-            # values on their device, by (device, name); a Recv's value is a copy of the sender's
-            held: dict[tuple, object] = {}
-            for k, (m, stage) in enumerate(zip(self.mdm.devices, self._stages)):
-                feed = {a.name: cp.asarray(parts[a.name][mb]) for a in m.main.args}
-                for op in m.main.ops:
-                    if op.name == "Recv":
-                        src = held[(op.attrs.peer, op.results[0].name)]
-                        feed[op.results[0].name] = cp.array(src, copy=True)  # the D2D copy (NCCL's stand-in)
-                cp.cuda.Device().synchronize()
-                t0 = time.perf_counter()
-                res = stage.run(feed, output="cupy")
-                cp.cuda.Device().synchronize()
-                self.stage_ms[k].append((time.perf_counter() - t0) * 1e3)
-                for n, v in res.items():
-                    held[(k, n)] = v
+            env = [{a.name: cp.asarray(parts[a.name][mb]) for a in m.main.args} for m in self.mdm.devices]
+            ms = [0.0] * K
+            pos, phase = [0] * K, [0] * K  # segment, and where in it: 0 receive, 1 run, 2 send, 3 collective
+            queues: dict[tuple, deque] = {}
+            slots: dict[tuple, dict] = {}
+            seq: dict[tuple, int] = {}
+            while any(pos[k] < len(self.segments[k]) for k in range(K)):
+                moved = False
+                for k in range(K):
+                    while pos[k] < len(self.segments[k]):
+                        sg = self.segments[k][pos[k]]
+                        if phase[k] == 0:
+                            if any(not queues.get((op.attrs.peer, k, op.attrs.tag)) for op in sg.recvs):
+                                break
+                            for op in sg.recvs:  # the D2D copy standing in for ncclRecv
+                                env[k][op.results[0].name] = cp.array(queues[(op.attrs.peer, k, op.attrs.tag)].popleft(), copy=True)
+                            phase[k] = 1
+                        if phase[k] == 1:
+                            if sg.module is not None:
+                                feed = {a.name: env[k][a.name] for a in sg.module.main.args}
+                                cp.cuda.Device().synchronize()
+                                t0 = time.perf_counter()
+                                res = self._builds[(k, sg.index)].run(feed, output="cupy")
+                                cp.cuda.Device().synchronize()
+                                ms[k] += (time.perf_counter() - t0) * 1e3
+                                env[k].update({n: cp.array(v, copy=True) for n, v in res.items()})  # builds reuse buffers
+                            phase[k] = 2
+                        if phase[k] == 2:
+                            for op in sg.sends:
+                                queues.setdefault((k, op.attrs.peer, op.attrs.tag), deque()).append(env[k][op.operands[0].name])
+                            phase[k] = 3
+                        if phase[k] == 3 and sg.collective is not None:
+                            c = sg.collective
+                            g = tuple(c.attrs.group)
+                            n = seq.get((g, k), 0)
+                            slot = slots.setdefault((g, n), {})
+                            slot[k] = env[k][c.operands[0].name]
+                            if any(d not in slot for d in g):
+                                break
+                            if "result" not in slot:
+                                vals = [slot[d] for d in g]
+                                if c.name == "AllGather":
+                                    slot["result"] = cp.concatenate(vals, axis=c.attrs.axis)
+                                else:
+                                    acc = cp.array(vals[0], copy=True)
+                                    fn = {"sum": cp.add, "max": cp.maximum, "min": cp.minimum, "prod": cp.multiply}[c.attrs.op]
+                                    for v in vals[1:]:
+                                        acc = fn(acc, v).astype(acc.dtype, copy=False)
+                                    slot["result"] = acc
+                            env[k][c.results[0].name] = cp.array(slot["result"], copy=True)
+                            seq[(g, k)] = n + 1
+                        pos[k], phase[k] = pos[k] + 1, 0
+                        moved = True
+                if not moved:
+                    raise MultiDeviceError("the CUDA stage run made no progress (a program verify_multi should "
+                                           "have refused)")
+            for k in range(K):
+                self.stage_ms[k].append(ms[k])
             for n in outs:
-                outs[n].append(cp.asnumpy(held[(self.mdm.source_of(n), n)]))
+                outs[n].append(cp.asnumpy(env[self.mdm.source_of(n)][n]))
         return {n: v[0] if M == 1 else np.concatenate(v, axis=0) for n, v in outs.items()}
 
 
