@@ -47,6 +47,7 @@ def main() -> int:
     ap.add_argument("--shapes", required=True)
     ap.add_argument("--devices", type=int, default=2)
     ap.add_argument("--micro-batches", type=int, default=1)
+    ap.add_argument("--parallel", choices=["pipeline", "tensor", "auto"], default="pipeline")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--symbolic-batch", action="store_true", help="make axis 0 of inputs/outputs symbolic first")
     ap.add_argument("--repeats", type=int, default=5)
@@ -61,7 +62,8 @@ def main() -> int:
     model = prepare(a.model, a.symbolic_batch, work)
     out = work / "build"
     cmd = [sys.executable, "-m", "nnc.cli", "compile", model, "-o", str(out), "--shapes", a.shapes,
-           "--devices", str(a.devices), "--micro-batches", str(a.micro_batches), "--precision", a.precision]
+           "--devices", str(a.devices), "--micro-batches", str(a.micro_batches), "--precision", a.precision,
+           "--parallel", a.parallel]
     cmd += [] if a.tune else ["--no-tune"]
     subprocess.run(cmd, check=True)
     cuda = MultiDeviceProgram(out, "cuda")
@@ -88,6 +90,14 @@ def main() -> int:
         cuda.run(feed)
         for k, t in enumerate(cuda.stage_ms):
             stage_ms[k] += t
+    if cuda.plan["parallel"] != "pipeline":
+        t = [float(np.median(x)) for x in stage_ms]
+        print(f"\n{'device':>6} {'compute ms (median, its segments)':>34}")
+        for k, v in enumerate(t):
+            print(f"{k:>6} {v:>34.3f}")
+        print(f"\n{cuda.plan['parallel']}: slowest device's compute {max(t):.3f} ms per run; collectives done by the "
+              f"host here, not timed (communication share: see tools/tp_comm_bytes.py)")
+        return 0
     est = pipeline_estimate(stage_ms, a.micro_batches)
     print(f"\n{'device':>6} {'ms per micro-batch (median)':>28} {'est. ms':>9}  first op -> last op")
     for k, (t, st) in enumerate(zip(est["stage_ms"], cuda.plan["stages"])):
