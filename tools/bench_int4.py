@@ -179,6 +179,9 @@ def copies_for(nbytes: int) -> int:
 
 
 def subset(sp: list, full: bool) -> list:
+    """The points timed (SPLIT = 1 only: this direct launcher runs the one GEMM launch; K-split
+    CTAs are offered only for small N anyway)."""
+    sp = [p for p in sp if p.get("SPLIT", 1) == 1]
     if full:
         return sp
     return [p for p in sp if p["U"] in (2, 4) and p["KSPLIT"] in (4, 8, 16) and p["R"] in (1, 2)] or sp
@@ -196,8 +199,8 @@ def point_sources(m, pts: list, arch: str):
     for i, p in enumerate(pts):
         name = f"nnc_gemm_int4_point{i}"
         src = str(render("gemm_int4.cu.j2", name=name, **G.kernel_params(pr, p, "matmul_int4_weight")))
-        g, threads = G.grid(pr, p)
-        out.append((name, src, (g, 1, 1), (threads, 1, 1)))
+        (gx, gy), threads = G.grid(pr, p)
+        out.append((name, src, (gx, gy, 1), (threads, 1, 1)))
     return plan, out
 
 
@@ -207,7 +210,7 @@ def bench_int4(M, K, N, block, arch, full, dry, bw, n_launch=24):
     m = int4_module(M, K, N, block)
     sp, dflt, _ = space_of(m, arch)
     pts = subset(sp, full)
-    if dflt not in pts:
+    if dflt not in pts and dflt.get("SPLIT", 1) == 1:
         pts = [dflt] + pts
     t0 = time.perf_counter()
     plan, kernels = point_sources(m, pts, arch)
@@ -240,7 +243,10 @@ def bench_int4(M, K, N, block, arch, full, dry, bw, n_launch=24):
         rel = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
         err = f"maxrel={rel:.1e}"
         if not rel < 1e-2:
-            print(f"  int4 M={M} block={block} {p}: WRONG ({err})", flush=True)
+            bad = np.abs(got - want) > 1e-2 * np.abs(want).max()
+            cols = np.flatnonzero(bad.any(axis=0))
+            print(f"  int4 M={M} block={block} {p}: WRONG ({err}; bad rows {np.flatnonzero(bad.any(axis=1))[:8].tolist()}, "
+                  f"cols mod 16 {sorted(set((cols % 16).tolist()))})", flush=True)
             continue
         copies = copies_for(wb)
         sets = [arrs] + [{**arrs, **{b.id: cp.array(arrs[b.id], copy=True) for b in launch_plan.args

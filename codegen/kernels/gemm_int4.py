@@ -9,9 +9,10 @@
   is fragment register j as two halves 1024 + u (128 + u): one lop3 per pair, then an exact
   subtract of 1024 + z and one multiply by the group's scale (rounded once to f16 / bf16, as
   DequantizeLinear with an f16 scale writes it). x rows are the mma's A rows (rows >= M zero);
-  fp32 accumulators. A CTA owns R tiles (16R columns); its KSPLIT warps split K (chunk c goes to
-  warp c % KSPLIT), each keeping U chunks of loads in flight (registers, software-pipelined), and
-  reduce through shared memory; the scale groups' values (and zero points) are re-laid-out per
+  fp32 accumulators. A CTA owns R tiles (16R columns) and 1/SPLIT of K (SPLIT > 1 only when the
+  tiles give too few CTAs: fp32 partials, then a reduce kernel); its KSPLIT warps split that K
+  (chunk c goes to warp c % KSPLIT), each keeping U chunks of loads in flight (registers,
+  software-pipelined), and reduce through shared memory; the scale groups' values (and zero points) are re-laid-out per
   (tile, group) so a lane reads its two columns' scales in one 4-byte load.
 * gemm_int4.dequant (priority 0): everything else (M > 16, f32 activations, block sizes that are
   not a multiple of 16, odd K): the weight dequantized at compile time into x's dtype (weights.bin
@@ -22,9 +23,11 @@
                               x f16/bf16 with scales of the same dtype, block_size % 16 == 0, K even,
                               x 4-byte aligned
     space                     R (16-column tiles a CTA) x KSPLIT (warps along K) x U (chunks in flight)
-                              within the Target's threads per block and a register budget
-    default                   R = 1 (2 above 8 rows); the fewest KSPLIT warps giving ~24 resident
-                              warps an SM, U = 4 (2 when each warp has few chunks)
+                              x SPLIT (CTAs along K, for small N) within the Target's threads per
+                              block and a register budget
+    default                   R = 1 (2 above 8 rows); SPLIT up to one CTA an SM; the fewest KSPLIT
+                              warps giving ~24 resident warps an SM, U = 4 (2 when a warp has few
+                              chunks)
 """
 from __future__ import annotations
 
@@ -119,6 +122,14 @@ def regs_estimate(p: dict) -> int:
     return 2 * p["U"] * p["R"] * 4 + p["R"] * 8 + 2 * p["U"] * p["R"] * 4 + 48
 
 
+def splits(pr: "Int4Gemm", R: int, KS: int, sm_count: int) -> list:
+    """CTAs along K on offer: 1, and 2 / 4 / 8 while the tiles alone give too few CTAs (< 2 a SM)
+    and every split still has a chunk for each warp."""
+    ctas = cdiv(pr.tiles, R)
+    return [1] + [s for s in (2, 4, 8) if ctas * s <= 4 * sm_count and ctas < 2 * sm_count
+                  and pr.chunks >= s * KS]
+
+
 def space(problem) -> list:
     pr: Int4Gemm = problem.memo["gemm_int4.problem"]
     t = problem.target
@@ -130,31 +141,39 @@ def space(problem) -> list:
             if KS * 32 > t.max_threads_per_block or (KS > 2 and pr.chunks < KS):
                 continue
             for U in (1, 2, 4):
-                p = dict(R=R, KSPLIT=KS, U=U)
-                if regs_estimate(p) <= min(t.regs_per_thread, 168) and \
-                        4 * KS * R * 256 <= t.smem_per_block:
-                    out.append(p)
+                for SPLIT in splits(pr, R, KS, t.sm_count):
+                    p = dict(R=R, KSPLIT=KS, U=U, SPLIT=SPLIT)
+                    if regs_estimate(p) <= min(t.regs_per_thread, 168) and \
+                            4 * KS * R * 256 <= t.smem_per_block:
+                        out.append(p)
     return out
 
 
 def default(problem, sp: list) -> dict:
     """R = 1 (the most CTAs), R = 2 above 8 rows (each A fragment, read from L1/L2, then serves two
-    tiles); KSPLIT: the fewest warps giving ~24 resident warps an SM; U = 4, 2 when a warp has
-    fewer than 8 chunks."""
+    tiles); SPLIT: CTAs along K until there is one CTA an SM; KSPLIT: the fewest warps giving ~24
+    resident warps an SM; U = 4, 2 when a warp has fewer than 8 chunks."""
     pr: Int4Gemm = problem.memo["gemm_int4.problem"]
     sms = problem.target.sm_count
     r = 2 if pr.M > 8 and pr.tiles >= 2 * sms else 1
     cands = [p for p in sp if p["R"] == r] or [p for p in sp if p["R"] == 1] or sp
     r = cands[0]["R"]
+    ctas = cdiv(pr.tiles, r)
+    offered = sorted({p["SPLIT"] for p in cands})
+    split = 1
+    while ctas * split < sms and split * 2 in offered:
+        split *= 2
+    cands = [p for p in cands if p["SPLIT"] == split] or cands
+    split = cands[0]["SPLIT"]
     want = 24 * sms
     ks_list = sorted({p["KSPLIT"] for p in cands})
-    ks = next((k for k in ks_list if cdiv(pr.tiles, r) * k >= want), ks_list[-1])
-    per_warp = cdiv(pr.chunks, ks)
+    ks = next((k for k in ks_list if ctas * split * k >= want), ks_list[-1])
+    per_warp = cdiv(pr.chunks, split * ks)
     u = 4 if per_warp >= 8 else (2 if per_warp >= 2 else 1)
-    by = {(p["R"], p["KSPLIT"], p["U"]): p for p in cands}
+    by = {(p["KSPLIT"], p["U"]): p for p in cands}
     for uu in (u, 2, 1, 4):
-        if (r, ks, uu) in by:
-            return dict(by[(r, ks, uu)])
+        if (ks, uu) in by:
+            return dict(by[(ks, uu)])
     return dict(cands[0])
 
 
@@ -196,15 +215,17 @@ def nibbles(w_q: np.ndarray, zero: int) -> np.ndarray:
     return (a.astype(np.int64) + (8 if zero == 8 else 0)).astype(np.uint8)
 
 
-def kernel_params(pr: Int4Gemm, params: dict, op_names: str) -> dict:
+def kernel_params(pr: Int4Gemm, params: dict, op_names: str, kind: str = "gemm") -> dict:
     ctype, magic, offset = ACT[pr.act]
-    return dict(op_names=op_names, M=pr.M, K=pr.K, N=pr.N, TILES=pr.tiles, CHUNKS=pr.chunks,
+    params = {"SPLIT": 1, **params}
+    return dict(kind=kind, op_names=op_names, M=pr.M, K=pr.K, N=pr.N, TILES=pr.tiles, CHUNKS=pr.chunks,
                 GROUPS=pr.groups, BS=pr.block, act=pr.act, T=ctype, MAGIC=magic, OFFSET=offset,
-                has_zp=pr.has_zp, ZERO=pr.zero, **params)
+                has_zp=pr.has_zp, ZERO=pr.zero, CPS=cdiv(pr.chunks, params["SPLIT"]), **params)
 
 
 def grid(pr: Int4Gemm, params: dict) -> tuple:
-    return cdiv(pr.tiles, params["R"]), params["KSPLIT"] * 32
+    """((CTAs along N, CTAs along K), threads) of the GEMM kernel."""
+    return (cdiv(pr.tiles, params["R"]), params.get("SPLIT", 1)), params["KSPLIT"] * 32
 
 
 def _render(ctx: LowerCtx, problem, params: dict):
@@ -218,10 +239,15 @@ def _render(ctx: LowerCtx, problem, params: dict):
         offset = ACT[pr.act][2]
         zsub = lambda z: pack_groups(nibbles(z, pr.zero).astype(np.float32) + offset, pr, sdt)  # noqa: E731
         args.append(ctx.weight(3, zsub, key="int4_zero_offsets"))  # OFFSET + z: exact in f16 / bf16
-    args.append(y)
+    split = params.get("SPLIT", 1)
+    part = ctx.temp("f32", [split, pr.M, pr.N], "split_k") if split > 1 else None
+    args.append(part if split > 1 else y)
     k = ctx.render("gemm_int4.cu.j2", "gemm_int4", **kernel_params(pr, params, ctx.op.name))
     g, threads = grid(pr, params)
     ctx.launch(k, g, threads, args)
+    if split > 1:  # the partials' sum, in the activation dtype
+        kr = ctx.render("gemm_int4.cu.j2", "gemm_int4_reduce", **kernel_params(pr, params, ctx.op.name, "reduce"))
+        ctx.launch(kr, cdiv(pr.M * pr.N, 256), 256, [part, y])
     return True
 
 
