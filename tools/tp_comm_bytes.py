@@ -62,7 +62,6 @@ def table(layers: int, batch: int, seq: int, hidden: int, dtype_bytes: int, devi
 
 def bench(a, busbw_gbs: float) -> str:
     """Single-GPU latency of the whole stack and of one shard's compute (see the module docstring)."""
-    import copy
     import os
     import tempfile
     root = Path(__file__).resolve().parents[1]
@@ -86,8 +85,7 @@ def bench(a, busbw_gbs: float) -> str:
     rows = {}
     for key, m in (("one GPU", module), (f"shard 0 of {k} (compute)", shard)):
         od = work / key.split()[0]
-        plan = compile_to_dir(copy.deepcopy(m) if key == "one GPU" else m, od,
-                              arch="sm_90" if a.no_run else None, precision="fp16")
+        plan = compile_to_dir(m, od, arch="sm_90" if a.no_run else None, precision="fp16")
         rows[key] = {"launches": len(plan.get("launches", [])), "dir": str(od)}
         if not a.no_run:
             import cupy as cp
