@@ -193,7 +193,7 @@ def point_sources(m, pts: list, arch: str):
     from the template with that plan's problem."""
     from nnc.codegen.kernels import gemm_int4 as G
     from nnc.codegen.render import render
-    plan = lower_forced(m, "gemm_int4.small_m", None, arch)
+    plan = lower_forced(m, "gemm_int4.small_m", pts[0], arch)  # (a SPLIT = 1 point: one launch)
     pr = space_of(m, arch)[2]
     out = []
     for i, p in enumerate(pts):
