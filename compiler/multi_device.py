@@ -488,7 +488,8 @@ def check_batch_split(mdm: MultiDeviceModule) -> None:
         blk: dict[int, int] = {}  # batched value -> consecutive entries of one sample on its axis
         for a in f.args:
             if a.type.shape is None or len(a.type.shape) == 0:
-                raise MultiDeviceError(f"device {k}: input {vname(a.name)}: {a.type} has no axis 0 to split into micro-batches")
+                raise MultiDeviceError(f"device {k}: input {vname(a.name)}: {a.type} has no axis 0 to split "
+                                       f"into micro-batches")
             status[id(a)] = 0
         for op in f.ops:
             if op.name == "Recv":
@@ -1080,7 +1081,8 @@ class MultiDeviceProgram:
                             if any(not queues.get((op.attrs.peer, k, op.attrs.tag)) for op in sg.recvs):
                                 break
                             for op in sg.recvs:  # the D2D copy standing in for ncclRecv
-                                env[k][op.results[0].name] = cp.array(queues[(op.attrs.peer, k, op.attrs.tag)].popleft(), copy=True)
+                                msg = queues[(op.attrs.peer, k, op.attrs.tag)].popleft()
+                                env[k][op.results[0].name] = cp.array(msg, copy=True)
                             phase[k] = 1
                         if phase[k] == 1:
                             if sg.module is not None:
@@ -1094,7 +1096,8 @@ class MultiDeviceProgram:
                             phase[k] = 2
                         if phase[k] == 2:
                             for op in sg.sends:
-                                queues.setdefault((k, op.attrs.peer, op.attrs.tag), deque()).append(env[k][op.operands[0].name])
+                                q = queues.setdefault((k, op.attrs.peer, op.attrs.tag), deque())
+                                q.append(env[k][op.operands[0].name])
                             phase[k] = 3
                         if phase[k] == 3 and sg.collective is not None:
                             c = sg.collective
@@ -1110,7 +1113,8 @@ class MultiDeviceProgram:
                                     slot["result"] = cp.concatenate(vals, axis=c.attrs.axis)
                                 else:
                                     acc = cp.array(vals[0], copy=True)
-                                    fn = {"sum": cp.add, "max": cp.maximum, "min": cp.minimum, "prod": cp.multiply}[c.attrs.op]
+                                    fn = {"sum": cp.add, "max": cp.maximum, "min": cp.minimum,
+                                          "prod": cp.multiply}[c.attrs.op]
                                     for v in vals[1:]:
                                         acc = fn(acc, v).astype(acc.dtype, copy=False)
                                     slot["result"] = acc

@@ -88,7 +88,8 @@ def test_collectives(rng):
 
 
 @pytest.mark.parametrize("text,old,new,msg", [
-    (PIPE, "peer = 1} : bool", "peer = 1, tag = 5} : bool", r"deadlock(.|\n)*waits for a message from device 0(.|\n)*undelivered"),
+    (PIPE, "peer = 1} : bool", "peer = 1, tag = 5} : bool",
+     r"deadlock(.|\n)*waits for a message from device 0(.|\n)*undelivered"),
     (PIPE.replace("f32[2,3]\n  return %z", "f32[2,4]\n  return %z").replace("-> (f32[2,3])", "-> (f32[2,4])"),
      "shape = [2, 3], dtype = f32} : f32[2,3]", "shape = [2, 4], dtype = f32} : f32[2,4]", "expects f32\\[2,4\\]"),
     (PIPE, "device = 1, peer = 0", "device = 0, peer = 1", "it is in device 1's module"),
@@ -105,7 +106,8 @@ def test_verifier_errors(text, old, new, msg):
 
 def test_unreceived_send():
     extra = PIPE.replace("  return %y.sent\n", "  %w.sent = Send(%y) {device = 0, peer = 1, tag = 9} : bool[0]\n"
-                                                 "  return %y.sent, %w.sent\n").replace("-> (bool[0])", "-> (bool[0], bool[0])")
+                                                 "  return %y.sent, %w.sent\n")
+    extra = extra.replace("-> (bool[0])", "-> (bool[0], bool[0])")
     with pytest.raises(MultiDeviceError, match="no matching Recv on device 1"):
         verify_multi(_mdm(extra))
 

@@ -82,8 +82,9 @@ def op_flops(op: Op) -> int:
         return 2 * out * (k if isinstance(k, int) else 1)
     if op.name in ("Conv", "ConvInteger", "QLinearConv", "ConvTranspose") and len(op.operands) > 1:
         w = op.operands[3 if op.name == "QLinearConv" else 1]
-        if w is not None and w.type.shape:
-            return 2 * out * max(_numel(w.type) // max(int(w.type.shape[0]) if isinstance(w.type.shape[0], int) else 1, 1), 1)
+        if w is not None and w.type.shape:  # [OC, IC/g, k...]: IC/g x k... multiply-adds per output
+            oc = w.type.shape[0] if isinstance(w.type.shape[0], int) and w.type.shape[0] > 0 else 1
+            return 2 * out * max(_numel(w.type) // oc, 1)
     return out
 
 
@@ -183,7 +184,6 @@ def partition(module: Module, k: int, measured: Optional[dict] = None, micro_bat
     costs = [cost(op) for op in work]
     # bytes crossing a cut before work[j]: values defined before j and read at or after j
     last_use: dict[int, int] = {}
-    index = {id(op): i for i, op in enumerate(work)}
     defined_at: dict[int, int] = {}
     for i, op in enumerate(work):
         for r in op.results:
@@ -303,7 +303,8 @@ def _build(module: Module, work: list, stage_of: dict, k: int) -> MultiDeviceMod
             stage_vals[s][id(r)] = r
             for dst in readers.get(id(r), []):
                 tok = Value(names[s](f"{r.name}.sent"), TOKEN)
-                stages_ops[s].append(Op("Send", [r], [tok], SendAttrs(device=s, peer=dst, tag=message_tags[(id(r), dst)]), op.loc))
+                attrs = SendAttrs(device=s, peer=dst, tag=message_tags[(id(r), dst)])
+                stages_ops[s].append(Op("Send", [r], [tok], attrs, op.loc))
                 tokens[s].append(tok)
     # model outputs: returned by the stage that computes them (inputs / constants: device 0 / last)
     results: list[list[Value]] = [[] for _ in range(k)]
