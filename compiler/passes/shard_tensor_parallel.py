@@ -91,7 +91,7 @@ class Block:
     ops: list                        # names (first result) of the ops reading a split value, program order
     columns: list                    # column GEMM op names
     rows: list                       # row GEMM op names (an AllReduce follows each)
-    slices: dict                     # (op name, operand index) -> Split of a replicated constant operand
+    slices: dict                     # (op name, operand index) -> Split of a replicated operand read in part
     kind: str = "mlp"                # "attention" when a Softmax runs on split values
     heads: int = 0                   # attention heads in all (0: no attention)
 
@@ -345,7 +345,7 @@ class _Propagation:
 
     # -- rules: the result states of an op reading split values, or _NoBlock
 
-    def _slice_const(self, op: Op, i: int, sp: Split, slices: dict) -> None:
+    def _slice_operand(self, op: Op, i: int, sp: Split, slices: dict) -> None:
         """Replicated operand i is read as the device's part: a constant is sliced at compile time,
         another value by a Slice (groups 1) or Gather (groups > 1) on the device."""
         v = op.operands[i]
@@ -367,7 +367,7 @@ class _Propagation:
             return
         if d != _shape(op.results[0])[out_axis]:
             raise _NoBlock(f"operand %{v.name} does not broadcast onto the result")
-        self._slice_const(op, i, Split(j, groups), slices)
+        self._slice_operand(op, i, Split(j, groups), slices)
 
     def rule(self, op: Op, ins: list, slices: dict):
         """(result states, whether the result is a partial sum)."""
@@ -461,7 +461,7 @@ class _Propagation:
             raise _NoBlock("Concat along the split dim")
         for i, s in enumerate(ins):
             if s is None:
-                self._slice_const(op, i, sp, slices)
+                self._slice_operand(op, i, sp, slices)
         return sp
 
     def _slice_rule(self, op: Op, sx: Split) -> Split:
@@ -507,7 +507,7 @@ class _Propagation:
             raise _NoBlock("MatMul of a vector")
         if sa is not None and sa.axis == ra - 1:  # contraction: partial sums
             if sb is None:
-                self._slice_const(op, 1, Split(rb - 2, sa.groups), slices)
+                self._slice_operand(op, 1, Split(rb - 2, sa.groups), slices)
             elif sb != Split(rb - 2, sa.groups):
                 raise _NoBlock("MatMul contracting a split dim against another split")
             return [None], True
@@ -535,7 +535,7 @@ class _Propagation:
                 if j >= 0 and _shape(v)[j] != 1:
                     if j >= v.type.rank - 2:
                         raise _NoBlock("MatMul batch split meets a matrix dim")
-                    self._slice_const(op, i, Split(j, groups), slices)
+                    self._slice_operand(op, i, Split(j, groups), slices)
         return [Split(axis, groups)], False
 
     def _gemm_rule(self, op: Op, ins: list, slices: dict):
@@ -547,7 +547,7 @@ class _Propagation:
         c = op.operands[2] if len(op.operands) > 2 else None
         if sa is not None and sa.axis == a_k:
             if sb is None:
-                self._slice_const(op, 1, Split(b_k, sa.groups), slices)
+                self._slice_operand(op, 1, Split(b_k, sa.groups), slices)
             elif sb != Split(b_k, sa.groups):
                 raise _NoBlock("Gemm contracting a split dim against another split")
             if sc is not None:
