@@ -452,3 +452,17 @@ def test_cuda_tensor_parallel_on_one_gpu(tmp_path, rng):
     got = MultiDeviceProgram(out, "cuda").run({"x": x})
     want = MultiDeviceProgram(out, "reference").run({"x": x})
     np.testing.assert_allclose(got["y"], want["y"], rtol=1e-3, atol=1e-4)
+
+
+def test_cli_stage_times(tmp_path):
+    """--stage-times: a tuned plan.json's launch times balance the stages (here: made up)."""
+    ops = [l.split(" = ")[0].strip()[1:] for l in _nnc("ir", EXAMPLES / "tiny_cnn.onnx", "--shapes",
+                                                       "input:2x3x32x32").stdout.splitlines() if " = " in l]
+    times = tmp_path / "single.json"
+    times.write_text(json.dumps({"launches": [{"op": f"%{n}: f32[1] = X()", "tuning": {"time_ms": 1.0}} for n in ops]}))
+    out = tmp_path / "out"
+    _nnc("compile", EXAMPLES / "tiny_cnn.onnx", "-o", out, "--shapes", "input:2x3x32x32", "--devices", "2",
+         "--stage-times", times, "--no-codegen")
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["cost_model"].startswith("measured")
+    assert sum(s["measured_ops"] for s in plan["stages"]) >= 1
