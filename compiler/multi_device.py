@@ -1053,7 +1053,31 @@ class MultiDeviceProgram:
                 builds[(k, sg.index)] = load(rel)
         return builds
 
+    @property
+    def inputs(self) -> tuple:
+        """TensorInfo of every model input (whole-batch shapes), as nnc.Module's."""
+        from .api import TensorInfo
+        return tuple(TensorInfo.from_plan(e) for e in self.plan["inputs"])
+
+    @property
+    def outputs(self) -> tuple:
+        from .api import TensorInfo
+        return tuple(TensorInfo.from_plan(e) for e in self.plan["outputs"])
+
+    def __call__(self, *args, **kwargs):
+        names = [t.name for t in self.inputs]
+        if len(args) == 1 and isinstance(args[0], dict) and not kwargs:
+            feed = dict(args[0])
+        else:
+            if len(args) > len(names):
+                raise InputError(f"the model takes {len(names)} inputs {names}, given {len(args)}")
+            feed = {**dict(zip(names, args)), **kwargs}
+        res = self.run(feed)
+        vals = [res[t.name] for t in self.outputs]
+        return vals[0] if len(vals) == 1 else tuple(vals)
+
     def run(self, inputs: dict, micro_batches: Optional[int] = None, trace: Optional[list] = None) -> dict:
+        """inputs: name -> array (numpy; whole batch). Returns output name -> numpy array."""
         if self.backend == "reference":
             return run_multi(self.mdm, inputs, micro_batches, trace)
         return self._run_builds(inputs, self.mdm.micro_batches if micro_batches is None else micro_batches)

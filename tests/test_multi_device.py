@@ -466,3 +466,15 @@ def test_cli_stage_times(tmp_path):
     plan = json.loads((out / "plan.json").read_text())
     assert plan["cost_model"].startswith("measured")
     assert sum(s["measured_ops"] for s in plan["stages"]) >= 1
+
+
+def test_program_module_interface(tmp_path, rng):
+    from nnc.multi_device import MultiDeviceProgram
+    out = tmp_path / "out"
+    _nnc("compile", EXAMPLES / "tiny_cnn.onnx", "-o", out, "--shapes", "input:2x3x32x32", "--devices", "2",
+         "--no-codegen")
+    prog = MultiDeviceProgram(out)
+    assert [(t.name, t.shape) for t in prog.inputs] == [("input", (2, 3, 32, 32))]
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_array_equal(prog(x), prog.run({"input": x})["probs"])
+    np.testing.assert_array_equal(prog(input=x), prog({"input": x}))
