@@ -15,7 +15,7 @@ overlaps it, and the floor of the whole forward's latency when everything else d
 With --bench (one GPU): the same decoder stack (tests/passes/test_shard_tensor_parallel.py's
 gpt_decoder, random weights, fp16) built whole and as device 0's shard of --devices K (its
 AllReduces as Identity: the shard's compute alone), both through the default pipeline and the CUDA
-backend (heuristic kernel choice unless --tune), timed with CUDA events; it prints the single-GPU
+backend (heuristic kernel choice; --tune: by timing, --tune-budget seconds a build), timed with CUDA events; it prints the single-GPU
 latency, the shard's compute, and the tensor-parallel estimates without overlap (shard + link-bound
 communication) and with full overlap (the larger of the two), as fractions of one GPU:
 
@@ -62,18 +62,17 @@ def table(layers: int, batch: int, seq: int, hidden: int, dtype_bytes: int, devi
 
 def bench(a, busbw_gbs: float) -> str:
     """Single-GPU latency of the whole stack and of one shard's compute (see the module docstring)."""
-    import os
     import tempfile
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
     from tests.passes.test_shard_tensor_parallel import _compute_only, gpt_decoder
     from nnc.codegen.emit import compile_to_dir
+    from nnc.codegen.options import CodegenOptions, LowerOptions
+    from nnc.codegen.target import resolve_target
     from nnc.driver import pipeline_passes
     from nnc.onnx_import import import_model
     from nnc.passes.shard_tensor_parallel import shard_tensor_parallel
     from nnc.pipeline import Pipeline
-    if not a.tune:
-        os.environ["NNC_TUNE"] = "0"
     k = a.devices[0]
     heads = a.hidden // 64
     model = gpt_decoder(L=a.layers, B=a.batch, S=a.seq, E=a.hidden, H=heads, gemm=True)
@@ -85,7 +84,9 @@ def bench(a, busbw_gbs: float) -> str:
     rows = {}
     for key, m in (("one GPU", module), (f"shard 0 of {k} (compute)", shard)):
         od = work / key.split()[0]
-        plan = compile_to_dir(m, od, arch="sm_90" if a.no_run else None, precision="fp16")
+        lower = LowerOptions(resolve_target("sm_90" if a.no_run else None), "fp16", tune=a.tune and not a.no_run,
+                             tune_budget=a.tune_budget if a.tune else None)
+        plan = compile_to_dir(m, od, options=CodegenOptions(lower, "nvrtc"))
         rows[key] = {"launches": len(plan.get("launches", [])), "dir": str(od)}
         if not a.no_run:
             import cupy as cp
@@ -124,6 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bench", action="store_true", help="time the whole stack and one shard on this GPU")
     ap.add_argument("--no-run", action="store_true", help="--bench: compile for sm_90 only (no GPU needed)")
     ap.add_argument("--tune", action="store_true", help="--bench: kernel selection by timing (slower compile)")
+    ap.add_argument("--tune-budget", type=float, default=120.0, help="--bench --tune: seconds of tuning per build")
     ap.add_argument("--work", default=None, help="--bench: directory for the two builds (default: a temp dir)")
     a = ap.parse_args(argv)
     bw = {f"measured {b:g}": b for b in a.busbw} if a.busbw else ASSUMED_BUSBW_GBS
