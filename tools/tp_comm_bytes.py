@@ -15,9 +15,10 @@ overlaps it, and the floor of the whole forward's latency when everything else d
 With --bench (one GPU): the same decoder stack (tests/passes/test_shard_tensor_parallel.py's
 gpt_decoder, random weights, fp16) built whole and as device 0's shard of --devices K (its
 AllReduces as Identity: the shard's compute alone), both through the default pipeline and the CUDA
-backend (heuristic kernel choice; --tune: by timing, --tune-budget seconds a build), timed with CUDA events; it prints the single-GPU
-latency, the shard's compute, and the tensor-parallel estimates without overlap (shard + link-bound
-communication) and with full overlap (the larger of the two), as fractions of one GPU:
+backend (heuristic kernel choice; --tune: by timing, --tune-budget seconds a build), timed with
+CUDA events; it prints the single-GPU latency, the shard's compute, and the tensor-parallel
+estimates without overlap (shard + link-bound communication) and with full overlap (the larger of
+the two), as fractions of one GPU:
 
     python tools/tp_comm_bytes.py --bench --devices 2 --busbw 360
     python tools/tp_comm_bytes.py --bench --no-run --layers 2 --seq 64 --batch 1   # CPU: compile only
