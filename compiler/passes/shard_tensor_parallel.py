@@ -118,6 +118,7 @@ class TensorParallelProgram:
     """The K-device program: devices[d] is device d's Module (rank order)."""
     devices: list
     blocks: list = field(default_factory=list)  # Block.info dicts
+    not_split: list = field(default_factory=list)  # {"op", "why"}: column-GEMM candidates left replicated
 
     @property
     def k(self) -> int:
@@ -132,7 +133,7 @@ class TensorParallelProgram:
         allreduces = sum(len(b["rows"]) for b in self.blocks)
         return {"parallel": "tensor", "devices": self.k, "blocks": self.blocks,
                 "allreduces_per_forward": allreduces,
-                "allreduce_bytes_per_forward": self.allreduce_bytes()}
+                "allreduce_bytes_per_forward": self.allreduce_bytes(), "not_split": self.not_split}
 
     def allreduce_bytes(self) -> int:
         """Bytes of the AllReduce operands of one forward on one device (the message sizes)."""
@@ -596,9 +597,23 @@ def _candidates(flat: Function, weights) -> list:
     return [groups[i] for i in order]
 
 
-def find_blocks(flat: Function, weights, k: int) -> list:
+def _trials(members: list) -> list:
+    """Seed sets to try for the column GEMMs reading one activation, most split first."""
+    trials = []
+    if len(members) > 1:  # all of them (Q, K, V), then all but one (another reader of x)
+        trials.append({id(w): (w, Split(ax, 1)) for _, w, ax in members})
+    if 2 < len(members) <= MAX_GROUP:
+        for skip in range(len(members)):
+            trials.append({id(w): (w, Split(ax, 1)) for i, (_, w, ax) in enumerate(members) if i != skip})
+    for _, w, ax in members:
+        trials += [{id(w): (w, Split(ax, g))} for g in GROUP_TRIALS]
+    return trials
+
+
+def find_blocks(flat: Function, weights, k: int, skipped: Optional[list] = None) -> list:
     """The blocks of `flat` (fused groups already inlined), in program order. Raises NncError when
-    a block's split dims do not divide by k."""
+    a block's split dims do not divide by k. skipped: gets {"op", "why"} for each column-GEMM
+    candidate left replicated (why its first attempt did not close)."""
     users: dict[int, list] = {}
     for op in flat.ops:
         for v in op.operands:
@@ -615,24 +630,26 @@ def find_blocks(flat: Function, weights, k: int) -> list:
     claimed: set = set()
     blocks = []
     for x, members in _candidates(flat, weights):
-        members = [m for m in members if m[0].results[0].name not in claimed]
-        trials = []
-        if len(members) > 1:  # all of them (Q, K, V), then all but one (another reader of x)
-            trials.append({id(w): (w, Split(ax, 1)) for _, w, ax in members})
-        if 2 < len(members) <= MAX_GROUP:
-            for skip in range(len(members)):
-                trials.append({id(w): (w, Split(ax, 1)) for i, (_, w, ax) in enumerate(members) if i != skip})
-        for _, w, ax in members:
-            trials += [{id(w): (w, Split(ax, g))} for g in GROUP_TRIALS]
-        for seeds in trials:
-            try:
-                blk = _Propagation(flat, weights, users, pos, claimed, region_read).run(seeds)
-            except _NoBlock:
-                continue
-            _check_divides(blk, flat, k)
-            claimed |= set(blk.ops)
-            blocks.append(blk)
-            break
+        first_why = {}
+        while True:  # after a block, the readers of x it did not take are tried again
+            members = [m for m in members if m[0].results[0].name not in claimed]
+            found = None
+            for seeds in _trials(members):
+                try:
+                    found = _Propagation(flat, weights, users, pos, claimed, region_read).run(seeds)
+                    break
+                except _NoBlock as e:
+                    for op, w, _ in members:
+                        if id(w) in seeds:
+                            first_why.setdefault(op.results[0].name, str(e))
+            if found is None:
+                break
+            _check_divides(found, flat, k)
+            claimed |= set(found.ops)
+            blocks.append(found)
+        if skipped is not None:
+            skipped += [{"op": m[0].results[0].name, "why": first_why.get(m[0].results[0].name, "")}
+                        for m in members]
     return blocks
 
 
@@ -928,9 +945,12 @@ def shard_tensor_parallel(module: Module, k: int, refuse: bool = True) -> Tensor
     flat = named
     _inline(flat)
     weights = module.weights if module.weights is not None else WeightStore()
-    blocks = find_blocks(flat, weights, k)
+    skipped: list = []
+    blocks = find_blocks(flat, weights, k, skipped)
     if not blocks:
-        return replicated(k)
+        prog = replicated(k)
+        prog.not_split = skipped
+        return prog
     flat_values = {r.name: r for op in flat.ops for r in op.results}
     touched = {in_fused[n] for blk in blocks for n in blk.ops + list(blk.state) if n in in_fused}
     others = [f for f in module.functions if f is not module.main]
@@ -956,7 +976,7 @@ def shard_tensor_parallel(module: Module, k: int, refuse: bool = True) -> Tensor
         for row in info["rows"]:
             ar = next(reduces)
             row["allreduce"] = {"operand": ar.operands[0].name, "result": ar.results[0].name}
-    return TensorParallelProgram(devices, infos)
+    return TensorParallelProgram(devices, infos, skipped)
 
 
 def tp_allreduce_bytes(layers: int, batch: int, seq: int, hidden: int, dtype_bytes: int = 2,

@@ -402,6 +402,8 @@ def test_lm_head_and_non_transformer_stay_replicated():
     prog = shard_tensor_parallel(m, 2)
     text = print_module(prog.devices[0])
     assert text.count("AllReduce(") == 4
+    assert prog.not_split == [{"op": "logits", "why": "split value %logits is a function result"}]
+    assert prog.plan_json()["not_split"] == prog.not_split
     filecheck(text, """
         CHECK: %wlm = const() {weight = "wlm"} : f32[64,50]
         CHECK: %l1.f2b.mm = AllReduce(
