@@ -89,7 +89,7 @@ def time_graph(fn, warmup: int, iters: int, reps: int = 20):
 def build_with(model_path: Path, od: Path, words):
     """Compiles the model like the driver (fp16), with the fused attention group's params words
     tile= / warps= / wgmma= replaced by `words`; returns (kernel kind, its parameters) as the plan
-    recorded them: ("mma", (MI, WARPS, BC)) or ("wgmma", (CW, BC, STAGES))."""
+    recorded them: ("mma", (MI, WARPS, BC)) or ("wgmma", (CW, BC, STAGES, PERSIST))."""
     import dataclasses
 
     import onnx
@@ -113,7 +113,7 @@ def kernel_of(plan):
     for k in plan["kernels"]:
         p = k.get("params", {}) if isinstance(k, dict) else {}
         if "CW" in p and "STAGES" in p:
-            return ("wgmma", (p["CW"], p["BC"], p["STAGES"]))
+            return ("wgmma", (p["CW"], p["BC"], p["STAGES"], int(p["PERSIST"])))
         if "MI" in p and "BC" in p:
             return ("mma", (p["MI"], p["WARPS"], p["BC"]))
     return None
@@ -124,12 +124,20 @@ def kernel_name(got) -> str:
         return "-"
     kind, t = got
     if kind == "wgmma":
-        return f"wgmma cw{t[0]} bc{t[1]} s{t[2]}"
+        return f"wgmma cw{t[0]} bc{t[1]} s{t[2]}" + (" persist" if t[3] else "")
     return f"mma t={16 * t[0] * t[1]}x{t[2]} w{t[1]}"
 
 
 def tile_name(t) -> str:
     return "-" if t is None else f"t={16 * t[0] * t[1]}x{t[2]} w{t[1]}"
+
+
+def point_word(p) -> str:
+    return f"wgmma={p['cw']}x{p['bc']}x{p['stages']}x{p['persist']}"
+
+
+def point_key(p) -> tuple:
+    return (p["cw"], p["bc"], p["stages"], int(p["persist"]))
 
 
 def configs(args):
@@ -145,16 +153,17 @@ def configs(args):
                         ("mma", (t["mi"], t["warps"], t["bc"]))))
     pts = W.wgmma_space(D, D, limit)
     if args.wgmma == "stages2":
-        pts = [p for p in pts if p["stages"] == 2]
+        pts = [p for p in pts if p["stages"] == 2 and (p["persist"] or p["cw"] == 2)] + [
+            p for p in pts if p["stages"] == 3 and p["persist"] and p["cw"] == 2]
     elif args.wgmma == "default":
         pts = [p for p in pts if p == W.DEFAULT_POINT]
     elif args.wgmma == "none":
         pts = []
     for p in pts:
-        out.append((False, [f"wgmma={p['cw']}x{p['bc']}x{p['stages']}"], ("wgmma", (p["cw"], p["bc"], p["stages"]))))
+        out.append((False, [point_word(p)], ("wgmma", point_key(p))))
     if args.wgmma != "none":
         p = W.DEFAULT_POINT
-        out.append((True, [f"wgmma={p['cw']}x{p['bc']}x{p['stages']}"], ("wgmma", (p["cw"], p["bc"], p["stages"]))))
+        out.append((True, [point_word(p)], ("wgmma", point_key(p))))
     return out
 
 

@@ -17,9 +17,11 @@ applies() declines (the mma.sync kernel of flash_attention.py then runs) when:
 - a source of Q / K / V is a compile-time constant;
 - the fused op's params say "wgmma=off" (the benchmark's old-kernel rows), or, while
   ON_BY_DEFAULT is False, do not say "wgmma=<cw>x<bc>[x<stages>]" (opt-in).
-Declared space: {cw, bc, stages} (consumer warp groups of 64 rows, key/value rows per tile, ring
-stages) whose shared memory fits the target and whose registers fit regs_model; `default`: the
-point "wgmma=" names when declared, else DEFAULT_POINT, else the space's first.
+Declared space: {cw, bc, stages, persist} (consumer warp groups of 64 rows, key/value rows per
+tile, ring stages, persistent CTAs: one per SM slot looping over the (query tile, head) items
+instead of one per item) whose shared memory fits the target and whose registers fit regs_model;
+`default`: the point "wgmma=" names when declared, else DEFAULT_POINT, else the space's first.
+Grid: (CTAs, 1, 1); the items' (query tile, batch1, batch0) are decoded from compile-time counts.
 """
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ HEAD_DIMS = (64, 128)
 CWS = (1, 2, 3)
 BCS = (64, 128)
 STAGES = (2, 3)
-DEFAULT_POINT = {"cw": 2, "bc": 128, "stages": 2}
-REG_OVERHEAD = 24  # row state, loop counters, barrier addresses (with D / 2 more: regs_model)
+PERSIST = (0, 1)
+DEFAULT_POINT = {"cw": 2, "bc": 128, "stages": 2, "persist": 1}
+REG_OVERHEAD = 32  # row state, loop counters, barrier addresses (with D / 2 more: regs_model)
 
 
 def setmaxnreg(cw: int):
@@ -59,14 +62,20 @@ def regs_model(bc: int, D: int, Dv: int) -> int:
     """A consumer thread's registers: S (bc / 2 fp32), P packed (bc / 4), O (Dv / 2), and an
     overhead growing with D (the Q load's and the masks' addresses, the softmax's temporaries).
     Fitted to ptxas -v (nvcc 13.0, sm_90a; tests/codegen/test_flash_attention_wgmma.py): every
-    declared point is spill-free with masks and causal; the excluded ones at D = 128 (cw 2 / bc 128,
+    declared point is spill-free with masks and causal; the excluded ones at D = 128 (bc 128 at cw 1 or 2,
     cw 3 / bc 64) spill."""
     return bc // 2 + bc // 4 + Dv // 2 + D // 2 + REG_OVERHEAD
 
 
 def smem_bytes(cw: int, bc: int, stages: int, D: int, Dv: int) -> int:
-    """1024 B of alignment slack, Q per warp group, the K/V ring, 2 mbarriers a stage."""
-    return 1024 + cw * 64 * D * 2 + stages * bc * (D + Dv) * 2 + 16 * stages
+    """1024 B of alignment slack, Q per warp group, the K/V ring, 2 mbarriers a stage and 2 for Q."""
+    return 1024 + cw * 64 * D * 2 + stages * bc * (D + Dv) * 2 + 16 * stages + 16
+
+
+def ctas_per_sm(cw: int, bc: int) -> int:
+    """CTAs an SM holds (registers): one at two or three consumer warp groups; at one, two when
+    its S tile is 64 wide (~110 registers a thread), else one."""
+    return 2 if cw == 1 and bc == 64 else 1
 
 
 def wgmma_space(D: int, Dv: int, smem_limit: int) -> list:
@@ -75,13 +84,14 @@ def wgmma_space(D: int, Dv: int, smem_limit: int) -> list:
         for bc in BCS:
             for st in STAGES:
                 if regs_model(bc, D, Dv) <= regs_budget(cw) and smem_bytes(cw, bc, st, D, Dv) <= smem_limit:
-                    out.append({"cw": cw, "bc": bc, "stages": st})
+                    out += [{"cw": cw, "bc": bc, "stages": st, "persist": p} for p in PERSIST]
     return out
 
 
 def requested(params: str):
-    """The fused op's "wgmma=" word: "off", a point {cw, bc, stages}, "on" (the default point), or
-    None when absent or malformed."""
+    """The fused op's "wgmma=" word: "off", "on" (the default point), a point
+    "<cw>x<bc>[x<stages>[x<persist>]]" (missing fields from DEFAULT_POINT), or None when absent or
+    malformed."""
     for word in params.split():
         if word.startswith("wgmma="):
             v = word[len("wgmma="):]
@@ -91,11 +101,10 @@ def requested(params: str):
                 parts = [int(x) for x in v.split("x")]
             except ValueError:
                 return None
-            if len(parts) == 2:
-                parts.append(DEFAULT_POINT["stages"])
-            if len(parts) != 3:
+            keys = ("cw", "bc", "stages", "persist")
+            if not 2 <= len(parts) <= 4:
                 return None
-            return {"cw": parts[0], "bc": parts[1], "stages": parts[2]}
+            return {k: (parts[i] if i < len(parts) else DEFAULT_POINT[k]) for i, k in enumerate(keys)}
     return None
 
 
@@ -175,7 +184,7 @@ def _cost(problem, params) -> float:
     c = _case(problem)
     rows = 64 * params["cw"]
     ctas = -(-c["S"] // rows) * c["B0"] * c["B1"]
-    waves = -(-ctas // problem.target.sm_count)
+    waves = -(-ctas // (problem.target.sm_count * ctas_per_sm(params["cw"], params["bc"])))
     return waves * 2.0 * rows * c["T"] * (c["D"] + c["Dv"]) / 4e12
 
 
@@ -183,20 +192,24 @@ def _render(ctx: LowerCtx, problem, params: dict):
     op = ctx.op
     c = _case(problem)
     S, T, D, Dv, dt, B0, B1 = (c[k] for k in ("S", "T", "D", "Dv", "dt", "B0", "B1"))
-    cw, bc, stages = params["cw"], params["bc"], params["stages"]
+    cw, bc, stages, persist = params["cw"], params["bc"], params["stages"], params["persist"]
+    qt = -(-S // (64 * cw))
+    items = qt * B1 * B0
+    ctas = min(items, problem.target.sm_count * ctas_per_sm(cw, bc)) if persist else items
     b = FA.bind_operands(ctx, problem, pair_masks=True)
     y, o4 = b["y"], b["o4"]
     steps, post = b["steps"], b["post"]
     tparams = dict(T=y.ctype, T2=FA.PAIR[dt], mma=FA.MMA[dt], D=D, DV=Dv, CW=cw, BC=bc, STAGES=stages, MAXNREG=setmaxnreg(cw),
+                   QT=qt, NB1=B1, ITEMS=items, PERSIST=bool(persist),
                    vec_o=o4[3] == 1 and FA._pair_aligned(y, o4[:3]), masks=b["masks"], steps=steps, post=post,
                    post_fma=not steps and post != 1.0, tail=T % bc != 0)
     k = ctx.render("flash_attention_wgmma.cu.j2", "flash_attention_wgmma", **tparams)
     k.add_op(f"flash attention (wgmma) tile: {64 * cw}x{bc} rows x kv rows, {cw} consumer warp group(s), "
-             f"{stages} stages")
+             f"{stages} stages" + (f", persistent: {ctas} CTAs over {items} tiles" if persist else ""))
     for bop in op.attrs.body.ops:  # the header names every op of the group
         if bop.name != "const":
             k.add_op(describe_op(bop))
-    grid = (-(-S // (64 * cw)), B1, B0)
+    grid = (ctas, 1, 1)
     args = [b["qb"], b["kb"], b["vb"], y] + b["margs"] + [ctx.i32(S), ctx.i32(T)]
     args += [ctx.i64(x) for x in b["q4"] + b["k4"] + b["v4"] + o4 + b["mstr"]]
     ctx.launch(k, grid, (128 * (cw + 1), 1, 1), args, smem=smem_bytes(cw, bc, stages, D, Dv))

@@ -39,7 +39,7 @@ def _with_words(mod, *words):
 
 
 def _point_word(p) -> str:
-    return f"wgmma={p['cw']}x{p['bc']}x{p['stages']}"
+    return f"wgmma={p['cw']}x{p['bc']}x{p['stages']}x{p['persist']}"
 
 
 def _plan(mod, prec, arch="sm_90a"):
@@ -57,12 +57,13 @@ def _templates(plan):
 def test_declared_space_and_budget():
     space = W.wgmma_space(64, 64, 227 * 1024)
     assert W.DEFAULT_POINT in space
-    assert {"cw": 3, "bc": 128, "stages": 2} not in space  # 128 registers a thread: S, P and O do not fit
+    assert not any(p["cw"] == 3 and p["bc"] == 128 for p in space)  # 160 registers a thread: S, P and O do not fit
     assert all(W.regs_model(p["bc"], 64, 64) <= W.regs_budget(p["cw"]) for p in space)
     assert all(W.smem_bytes(p["cw"], p["bc"], p["stages"], 64, 64) <= 227 * 1024 for p in space)
     big = W.wgmma_space(128, 128, 227 * 1024)  # head dim 128: bc 64 at two warp groups, not at three
-    assert {"cw": 2, "bc": 64, "stages": 2} in big and not any(p["cw"] == 3 for p in big)
-    assert W.requested("tile=128x64 wgmma=2x128") == {"cw": 2, "bc": 128, "stages": 2}
+    assert {"cw": 2, "bc": 64, "stages": 2, "persist": 1} in big and not any(p["cw"] == 3 for p in big)
+    assert W.requested("tile=128x64 wgmma=2x128") == {"cw": 2, "bc": 128, "stages": 2, "persist": 1}
+    assert W.requested("wgmma=3x64x3x0") == {"cw": 3, "bc": 64, "stages": 3, "persist": 0}
     assert W.requested("wgmma=off") == "off" and W.requested("tile=128x64") is None
 
 
@@ -84,14 +85,18 @@ def test_opt_in_and_declines():
         assert _templates(_plan(mod, prec)) == ["flash_attention.cu.j2"], kw
 
 
-def test_selected_point_is_launched():
-    mod = _with_words(_build("fp16", B=32, S=512, H=12, D=64), "wgmma=2x128x2")
+@pytest.mark.parametrize("persist", [0, 1])
+def test_selected_point_is_launched(persist):
+    """One CTA per (query tile, head) item, or (persist) one per SM looping over the items."""
+    mod = _with_words(_build("fp16", B=32, S=512, H=12, D=64), f"wgmma=2x128x2x{persist}")
     plan = _plan(mod, "fp16")
     (l,) = _attn(plan)
     k = plan.kernels[l.kernel]
     assert k.template == TEMPLATE and k.params["selected"]["variant"] == "flash_attention.wgmma"
-    assert (k.params["CW"], k.params["BC"], k.params["STAGES"]) == (2, 128, 2)
-    assert l.grid == (4, 12, 32) and l.block == (384, 1, 1) and l.smem == W.smem_bytes(2, 128, 2, 64, 64)
+    assert (k.params["CW"], k.params["BC"], k.params["STAGES"], k.params["PERSIST"]) == (2, 128, 2, bool(persist))
+    assert k.params["ITEMS"] == 4 * 12 * 32 and (k.params["QT"], k.params["NB1"]) == (4, 12)
+    assert l.grid == ((132 if persist else 4 * 12 * 32), 1, 1)
+    assert l.block == (384, 1, 1) and l.smem == W.smem_bytes(2, 128, 2, 64, 64)
 
 
 EMULATED = {
@@ -114,6 +119,7 @@ def test_launch_addresses_what_the_interpreter_computes(name, rng):
     k = plan.kernels[launch.kernel]
     assert k.template == TEMPLATE
     k.params = dict(k.params, variant="tc", MI=1)  # the emulation's knobs: tc arithmetic, 16-row skip blocks
+    launch = dataclasses.replace(launch, grid=(1, k.params["NB1"], k.params["ITEMS"] // (k.params["QT"] * k.params["NB1"])))
     values = {}
     feed = attention_feed(mod, rng)
     Interpreter(mod, observe=lambda op, outs: values.update({id(r): o for r, o in zip(op.results, outs)})).run(feed)
@@ -144,7 +150,7 @@ def _sources():
             (l,) = _attn(plan)
             k = plan.kernels[l.kernel]
             assert k.template == TEMPLATE and (k.params["CW"], k.params["BC"], k.params["STAGES"]) == (
-                p["cw"], p["bc"], p["stages"])
+                p["cw"], p["bc"], p["stages"]) and k.params["PERSIST"] == bool(p["persist"])
             sources.append(k.body.replace(l.kernel, f"{l.kernel}_p{len(sources)}"))
     return sources
 
@@ -182,7 +188,11 @@ GPU_CASES = [
     ("fp16", dict(B=2, S=197, H=12, D=64, packed="gather", mask=None), None),  # ViT-B/16, strided
     ("fp16", dict(B=1, S=128, H=12, D=64, packed="split_last", causal=True), None),  # GPT-2 c_attn
     ("fp16", dict(B=8, S=512, H=12, D=64, mask=None), None),
-] + [("fp16", dict(B=2, S=333, H=3, D=64), p) for p in W.wgmma_space(64, 64, 227 * 1024)]  # every point
+] + [("fp16", dict(B=2, S=333, H=3, D=64), p) for p in W.wgmma_space(64, 64, 227 * 1024)  # every point ...
+       if p["stages"] == 2 or p["persist"]] + [  # (3 stages persistent only) and persistent with more items than CTAs
+    ("fp16", dict(B=4, S=512, H=48, D=64, mask=None), {"cw": 2, "bc": 128, "stages": 2, "persist": 1}),
+    ("bf16", dict(B=2, S=300, H=100, D=64, causal=True), {"cw": 1, "bc": 64, "stages": 3, "persist": 1}),
+]
 
 
 @pytest.mark.gpu
