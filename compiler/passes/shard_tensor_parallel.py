@@ -157,6 +157,7 @@ def _name_body_values(func: Function, which: Optional[set] = None) -> None:
     copy agree on names, and the bodies left fused keep theirs."""
     taken = {a.name for a in func.args} | {r.name for op in func.ops for r in op.results}
     bodies = [op.attrs.body for op in func.ops if op.name == "fused"]
+    taken |= {a.name for body in bodies for a in body.args}  # bodies left fused keep their arguments
     inner = {r.name for body in bodies for bop in body.ops for r in bop.results}
     for k, body in enumerate(bodies):
         for v in [r for bop in body.ops for r in bop.results]:

@@ -17,6 +17,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from nnc.driver import pipeline_passes
+from nnc.ir import parse
 from nnc.ir.errors import NncError
 from nnc.ir.interp import Interpreter
 from nnc.ir.printer import print_module
@@ -435,6 +436,9 @@ def test_k_devices_match_single_device(name, k):
     ref = Interpreter(m).run(feed)
     prog = shard_tensor_parallel(m, k)
     assert len(prog.blocks) == 4  # attention + mlp per layer
+    for dev in prog.devices:  # the text round-trips (unique names after inlining and re-fusion)
+        text = print_module(dev)
+        assert print_module(parse(text)) == text
     mdm = prog.to_multi_device()
     verify_multi(mdm)
     got = run_multi(mdm, feed)
