@@ -47,6 +47,15 @@ def test_fold_gemm_trans_b_golden():
     assert "i4[256,384]" in text and "f32[8,384]" in text  # transB folded: w_q [K, N]
 
 
+def test_fold_bias_into_the_op_golden():
+    m = int4_module(2, 256, 384, 32, bias=True)  # MatMul -> Add(b [N])
+    text = print_module(m)
+    assert _ops(m) == ["matmul_int4_weight"], text
+    assert "%y = matmul_int4_weight(%x, %w_q, %w_scale, none, %xw_bias) {block_size = 32} : f16[2,384]" in text, text
+    g = int4_module(2, 256, 384, 32, zero_points=True, act="f32", gemm_trans_b=True, bias=True)  # Gemm's C
+    assert _ops(g) == ["matmul_int4_weight"] and "%y_w_zero_point, %y_bias)" in print_module(g), print_module(g)
+
+
 def test_small_dq_is_folded_to_a_float_constant_first():
     """<= 65536 weights: fold-constants evaluates the DQ; the MatMul stays a float MatMul."""
     m = int4_module(1, 64, 64, 32)
@@ -56,11 +65,12 @@ def test_small_dq_is_folded_to_a_float_constant_first():
 # ---------------------------------------------------------------- interpreter vs onnxruntime
 
 @pytest.mark.parametrize("M", [1, 7, 16])
-@pytest.mark.parametrize("act,zp,trans", [("f32", False, False), ("f32", True, True), ("f16", True, False)])
-def test_interpreter_matches_onnxruntime(M, act, zp, trans):
+@pytest.mark.parametrize("act,zp,trans,bias", [("f32", False, False, False), ("f32", True, True, True),
+                                               ("f16", True, False, False), ("f32", False, False, True)])
+def test_interpreter_matches_onnxruntime(M, act, zp, trans, bias):
     K, N, bs = (200, 384, 32) if M == 7 else (256, 320, 64)  # M = 7: ragged K (not a multiple of 64)
-    model = onnx_model(M, K, N, bs, zp, act, seed=M, gemm_trans_b=trans)
-    m = int4_module(M, K, N, bs, zp, act, seed=M, gemm_trans_b=trans)
+    model = onnx_model(M, K, N, bs, zp, act, seed=M, gemm_trans_b=trans, bias=bias)
+    m = int4_module(M, K, N, bs, zp, act, seed=M, gemm_trans_b=trans, bias=bias)
     assert _ops(m) == ["matmul_int4_weight"]
     feed = random_x(m, seed=3)
     got = Interpreter(m).run(feed)["y"].astype(np.float32)
@@ -103,10 +113,16 @@ def test_weights_int4_pass_golden_gemm_bias():
     from nnc.onnx_import import import_model
     from nnc.pipeline import Pipeline
     m = import_model(_float_mm(K=128, N=96, gemm=True))
+    ref = Interpreter(import_model(_float_mm(K=128, N=96, gemm=True)))
     Pipeline(pipeline_passes("fp16", int4_block=32), verify_each=True).run(m)
     text = print_module(m)
-    assert _ops(m)[1:3] == ["matmul_int4_weight", "Add"] or "matmul_int4_weight" in _ops(m), text
+    assert _ops(m) == ["Cast", "matmul_int4_weight", "Cast"], text  # beta * C folded into the bias operand
+    assert "%y_3 = matmul_int4_weight(%0, %y_w_int4, %y_w_scale_1, none, %y_bias_2) {block_size = 32} : f16[4,96]" \
+        in text, text
     assert "i4[128,96]" in text and "f16[4,96]" in text  # scales converted exactly to f16
+    x = {"x": np.random.default_rng(2).standard_normal((4, 128)).astype(np.float32)}
+    a, b = ref.run(x)["y"], Interpreter(m).run(x)["y"]
+    assert np.linalg.norm(b - a) / np.linalg.norm(a) < 0.12
 
 
 def test_quantize_int4_scales_are_f16_exact():
@@ -198,14 +214,14 @@ def test_layout_decodes_to_the_dequantized_weight(act, zp, K, N, bs):
     np.testing.assert_array_equal(got[:K, :N], want)
 
 
-def _module(M, K, N, bs, zp, act, lead=None, seed=0):
+def _module(M, K, N, bs, zp, act, lead=None, seed=0, bias=False):
     """f16: the DQ model as it is; bf16: the f32 model through the bf16 precision passes."""
     if act == "f16":
-        return int4_module(M, K, N, bs, zp, "f16", seed=seed, lead=lead)
+        return int4_module(M, K, N, bs, zp, "f16", seed=seed, lead=lead, bias=bias)
     from nnc.driver import pipeline_passes
     from nnc.onnx_import import import_model
     from nnc.pipeline import Pipeline
-    m = import_model(onnx_model(M, K, N, bs, zp, "f32", seed=seed, lead=lead))
+    m = import_model(onnx_model(M, K, N, bs, zp, "f32", seed=seed, lead=lead, bias=bias))
     Pipeline(pipeline_passes("bf16"), verify_each=True).run(m)
     return m
 
@@ -213,7 +229,8 @@ def _module(M, K, N, bs, zp, act, lead=None, seed=0):
 # ---------------------------------------------------------------- variants, NVRTC
 
 CASES = [(1, 8192, 8192, 32, False, "f16"), (16, 4096, 4096, 128, False, "f16"), (7, 232, 301, 64, True, "f16"),
-         (4, 320, 272, 32, True, "bf16"), (16, 520, 136, 48, False, "bf16")]
+         (4, 320, 272, 32, True, "bf16"), (16, 520, 136, 48, False, "bf16"), (3, 512, 200, 32, False, "f16", True),
+         (1, 8192, 1024, 128, True, "bf16", True)]
 
 
 def test_applies_space_default_and_reasons():
@@ -239,8 +256,8 @@ def _sources(cases, all_points: bool):
     from nnc.codegen.kernels import gemm_int4 as G
     from tools.bench_int8 import lower_forced
     out = []
-    for M, K, N, bs, zp, act in cases:
-        m = _module(M, K, N, bs, zp, act)
+    for M, K, N, bs, zp, act, *bias in cases:
+        m = _module(M, K, N, bs, zp, act, bias=bool(bias and bias[0]))
         pr = _problem(m)
         assert G.SMALL_M.check(pr), (M, K, N, bs, zp, act)
         sp = G.SMALL_M.space(pr)
@@ -295,18 +312,22 @@ def test_m_over_16_falls_back_to_dequantize_and_gemm():
     assert [v for v, _ in sel] == ["gemm.wgmma.matmul", "gemm_int4.dequant"], sel  # the inner MatMul first
     assert any(b.kind == "weight" and b.dtype.short == "f16" and tuple(b.shape) == (256, 384) for b in plan.buffers)
     assert compile_nvrtc(plan_source(plan), "sm_90a", name="int4_fallback.cu")
+    mb = int4_module(40, 512, 384, 32, zero_points=True, bias=True)  # the bias: an Add after the GEMM
+    plan = lower_forced(mb, None, None)
+    assert [s.variant for s in plan.selections] == ["gemm.wgmma.matmul", "elementwise._elementwise", "gemm_int4.dequant"]
+    assert compile_nvrtc(plan_source(plan), "sm_90a", name="int4_fallback_bias.cu")
 
 
 # ---------------------------------------------------------------- GPU
 
-def _gpu_check(M, K, N, bs, zp, act, params=None, lead=None):
+def _gpu_check(M, K, N, bs, zp, act, params=None, lead=None, bias=False, variant="gemm_int4.small_m"):
     import cupy as cp
 
     from tools.bench_int8 import build, device_buffers, lower_forced, output_of, runner
-    m = _module(M, K, N, bs, zp, act, lead=lead, seed=M + K)
+    m = _module(M, K, N, bs, zp, act, lead=lead, seed=M + K, bias=bias)
     feed = random_x(m, seed=M * 7 + 1)
     want = Interpreter(m).run(feed)["y"].astype(np.float32)
-    plan = lower_forced(m, "gemm_int4.small_m", params)
+    plan = lower_forced(m, variant, params)
     arrs = device_buffers(plan, feed, poison=True)
     runner(plan, build(plan), arrs)()
     cp.cuda.Device().synchronize()
@@ -341,6 +362,17 @@ def test_gpu_matches_interpreter(M, K, N, bs, zp, act):
 @pytest.mark.gpu
 def test_gpu_batched_leading_dims():
     _gpu_check(6, 512, 384, 32, False, "f16", lead=[2, 3])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N,act", [(5, 512, 200, "f16"), (1, 8192, 1024, "bf16")])  # the second splits K
+def test_gpu_bias(M, K, N, act):
+    _gpu_check(M, K, N, 32, False, act, bias=True)
+
+
+@pytest.mark.gpu
+def test_gpu_fallback_m_over_16_with_bias():
+    _gpu_check(40, 512, 384, 32, True, "f16", bias=True, variant="gemm_int4.dequant")
 
 
 @pytest.mark.gpu

@@ -28,7 +28,10 @@ from bench_int8 import build, device_buffers, lower_forced, output_of, plan_sour
 L2_BYTES = 60 << 20  # H200 (the brief's figure); rotation keeps >= 2x this in the copies
 
 
-def onnx_model(M, K, N, block=32, zero_points=False, act="f16", seed=0, gemm_trans_b=False, lead=None):
+def onnx_model(M, K, N, block=32, zero_points=False, act="f16", seed=0, gemm_trans_b=False, lead=None,
+               bias=False):
+    """The DQ(int4) -> MatMul (Gemm transB with gemm_trans_b) model, opset 21; bias: + a constant [N]
+    (MatMul -> Add, or the Gemm's C)."""
     import ml_dtypes
     from onnx import TensorProto as TP
     from onnx import helper as h
@@ -46,18 +49,26 @@ def onnx_model(M, K, N, block=32, zero_points=False, act="f16", seed=0, gemm_tra
         inits.append(nh.from_array(tr(rng.integers(-3, 4, (KB, N), dtype=np.int8).astype(ml_dtypes.int4)), "w_zp"))
         ins.append("w_zp")
     lead = [M] if lead is None else list(lead)
-    nodes = [h.make_node("DequantizeLinear", ins, ["w"], axis=1 if gemm_trans_b else 0, block_size=block),
-             h.make_node("Gemm", ["x", "w"], ["y"], transB=1) if gemm_trans_b else h.make_node("MatMul", ["x", "w"], ["y"])]
+    nodes = [h.make_node("DequantizeLinear", ins, ["w"], axis=1 if gemm_trans_b else 0, block_size=block)]
+    if bias:
+        inits.append(nh.from_array(rng.standard_normal(N).astype(dt), "b"))
+    if gemm_trans_b:
+        nodes.append(h.make_node("Gemm", ["x", "w"] + (["b"] if bias else []), ["y"], transB=1))
+    elif bias:
+        nodes += [h.make_node("MatMul", ["x", "w"], ["xw"]), h.make_node("Add", ["xw", "b"], ["y"])]
+    else:
+        nodes.append(h.make_node("MatMul", ["x", "w"], ["y"]))
     g = h.make_graph(nodes, "int4", [h.make_tensor_value_info("x", et, lead + [K])],
                      [h.make_tensor_value_info("y", et, lead + [N])], inits)
     return h.make_model(g, opset_imports=[h.make_opsetid("", 21)], ir_version=10)
 
 
-def int4_module(M, K, N, block=32, zero_points=False, act="f16", seed=0, gemm_trans_b=False, lead=None):
+def int4_module(M, K, N, block=32, zero_points=False, act="f16", seed=0, gemm_trans_b=False, lead=None,
+                bias=False):
     """The nnc module of onnx_model after the default passes (one matmul_int4_weight)."""
     from nnc.onnx_import import import_model
     from nnc.pipeline import run_passes
-    m = import_model(onnx_model(M, K, N, block, zero_points, act, seed, gemm_trans_b, lead))
+    m = import_model(onnx_model(M, K, N, block, zero_points, act, seed, gemm_trans_b, lead, bias))
     run_passes(m, verify_each=True)
     return m
 

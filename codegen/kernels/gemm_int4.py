@@ -16,7 +16,8 @@
   (tile, group) so a lane reads its two columns' scales in one 4-byte load.
 * gemm_int4.dequant (priority 0): everything else (M > 16, f32 activations, block sizes that are
   not a multiple of 16, odd K): the weight dequantized at compile time into x's dtype (weights.bin
-  holds it at full width: no memory saving) and the op lowered as an ordinary MatMul, i.e. the
+  holds it at full width: no memory saving) and the op lowered as an ordinary MatMul (+ Add of the
+  bias), i.e. the
   normal GEMM family (mma / wgmma) — prefill shapes are compute-bound, where that is the right kernel.
 
     applies(problem) -> Fit   small_m: sm_80+ (Target.cc), constant w_q / scale / zero point, M <= 16,
@@ -63,6 +64,7 @@ class Int4Gemm:
     act: str         # f16 | bf16
     has_zp: bool     # per-group zero points (else the constant ZERO)
     zero: int        # the nibble value that dequantizes to 0 without zero points (8 for i4, 0 for u4)
+    has_bias: bool = False  # bias[N] added in the epilogue (in fp32, before the store)
 
     @property
     def tiles(self) -> int:
@@ -106,7 +108,7 @@ def analyse(problem) -> "Int4Gemm | str":
     if not aligned(x, 4) or y.numel == 0:
         return "x is a view not 4-byte aligned, or the output is empty"
     zero = 8 if wq.dtype.short == "i4" else 0
-    return Int4Gemm(M, K, N, bs, x.dtype.short, problem.has(3), zero)
+    return Int4Gemm(M, K, N, bs, x.dtype.short, problem.has(3), zero, problem.has(4))
 
 
 def _applies(problem):
@@ -220,7 +222,8 @@ def kernel_params(pr: Int4Gemm, params: dict, op_names: str, kind: str = "gemm")
     params = {"SPLIT": 1, **params}
     return dict(kind=kind, op_names=op_names, M=pr.M, K=pr.K, N=pr.N, TILES=pr.tiles, CHUNKS=pr.chunks,
                 GROUPS=pr.groups, BS=pr.block, act=pr.act, T=ctype, MAGIC=magic, OFFSET=offset,
-                has_zp=pr.has_zp, ZERO=pr.zero, CPS=cdiv(pr.chunks, params["SPLIT"]), **params)
+                has_zp=pr.has_zp, ZERO=pr.zero, has_bias=pr.has_bias, CPS=cdiv(pr.chunks, params["SPLIT"]),
+                **params)
 
 
 def grid(pr: Int4Gemm, params: dict) -> tuple:
@@ -240,14 +243,15 @@ def _render(ctx: LowerCtx, problem, params: dict):
         zsub = lambda z: pack_groups(nibbles(z, pr.zero).astype(np.float32) + offset, pr, sdt)  # noqa: E731
         args.append(ctx.weight(3, zsub, key="int4_zero_offsets"))  # OFFSET + z: exact in f16 / bf16
     split = params.get("SPLIT", 1)
+    bias = [ctx.inp(4)] if pr.has_bias else []
     part = ctx.temp("f32", [split, pr.M, pr.N], "split_k") if split > 1 else None
-    args.append(part if split > 1 else y)
+    args += [part] if split > 1 else bias + [y]
     k = ctx.render("gemm_int4.cu.j2", "gemm_int4", **kernel_params(pr, params, ctx.op.name))
     g, threads = grid(pr, params)
     ctx.launch(k, g, threads, args)
-    if split > 1:  # the partials' sum, in the activation dtype
+    if split > 1:  # the partials' sum (+ bias), in the activation dtype
         kr = ctx.render("gemm_int4.cu.j2", "gemm_int4_reduce", **kernel_params(pr, params, ctx.op.name, "reduce"))
-        ctx.launch(kr, cdiv(pr.M * pr.N, 256), 256, [part, y])
+        ctx.launch(kr, cdiv(pr.M * pr.N, 256), 256, [part] + bias + [y])
     return True
 
 
@@ -271,8 +275,15 @@ def _render_dequant(ctx: LowerCtx, problem, params: dict):
     L.values[id(wv)] = ctx.new_weight(w, "w_dequant")
     inner = Value(f"{res.name}.matmul", res.type)
     mm = Op("MatMul", [xv, wv], [inner], NoAttrs(), op.loc)
-    L.equiv[id(inner)] = L.canon(res)  # the MatMul writes the op's result buffer
-    L.lower_op(mm)
+    if not problem.has(4):
+        L.equiv[id(inner)] = L.canon(res)  # the MatMul writes the op's result buffer
+        L.lower_op(mm)
+    else:  # then the bias as an Add (a temp between them)
+        L.lower_op(mm)
+        out = Value(f"{res.name}.bias", res.type)
+        add = Op("Add", [inner, op.operands[4]], [out], NoAttrs(), op.loc)
+        L.equiv[id(out)] = L.canon(res)
+        L.lower_op(add)
     ctx.emitted += 1
     return True
 

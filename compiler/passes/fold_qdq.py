@@ -19,11 +19,11 @@ Rewrites (x_q: an i8/u8 value; every scale and zero point a `const`; sx, sy per-
   - a second sweep: OP(DQ(x_q), W [, B]) left over, its f32 result read by no Q (a QDQ model's
     classifier) -> ConvInteger / MatMulInteger -> DequantizeLinear(acc, sx*sw) [-> Add(B)]: int8
     inputs, exact int32 sums, f32 out (equal to the literal graph within fp32 rounding, not bitwise).
-  - a third sweep, weight-only int4: MatMul(X, DQ(w_q int4/uint4 const [K, N], sw, zw?)) and
-    Gemm(X, DQ(..)[, C]) (transA 0, alpha 1; transB folded into w_q) with a float X, the DQ
-    blocked along K (opset 21) or per output channel (one block of K) -> matmul_int4_weight(X,
-    w_q [K, N], sw [ceil(K/B), N][, zw]) {block_size = B} [-> Add(beta*C)] (ir/ops/gemm_int4.py:
-    exactly dequantize-then-matmul). A DQ small enough to be folded to a float constant first
+  - a third sweep, weight-only int4: MatMul(X, DQ(w_q int4/uint4 const [K, N], sw, zw?)) [-> Add
+    of a constant along N] and Gemm(X, DQ(..)[, C]) (transA 0, alpha 1; transB folded into w_q)
+    with a float X, the DQ blocked along K (opset 21) or per output channel (one block of K) ->
+    matmul_int4_weight(X, w_q [K, N], sw [ceil(K/B), N][, zw][, bias]) {block_size = B} (a C
+    that is no bias along N: an Add after it) (ir/ops/gemm_int4.py: exactly dequantize-then-matmul). A DQ small enough to be folded to a float constant first
     (fold-constants: <= 65536 weights) is an ordinary float MatMul by then.
   W is DQ(w_q const, sw, zw?) (int8/uint8; per-tensor, per-channel along the output-channel axis:
   Conv axis 0, MatMul axis 1, Gemm transB axis 0, or any layout, opset 21 blocked included, whose
@@ -594,9 +594,11 @@ class _Fold:
                 z = None  # an all-zero i4 zero point is the default
         return wq, s, z, bs
 
-    def int4_out(self, op: Op, b: Builder) -> bool:
-        """MatMul(X, DQ(w_q int4 [K, N], ..)) / Gemm(X, DQ(..)[, C]) (transA 0, alpha 1; transB folded
-        into w_q) with a float X -> matmul_int4_weight(X, w_q, w_scale[, w_zp]) [-> Add(beta*C)]."""
+    def int4_out(self, op: Op, b: Builder, uses: dict, returned: set, drop: set) -> bool:
+        """MatMul(X, DQ(w_q int4 [K, N], ..)) [-> Add(bias along N)] / Gemm(X, DQ(..)[, C]) (transA 0,
+        alpha 1; transB folded into w_q) with a float X -> matmul_int4_weight(X, w_q, w_scale[, w_zp]
+        [, bias]) (a C or Add that is no bias along N stays an Add)."""
+        from nnc.passes.quantize_weights_int4 import bias_after, matmul_int4_ops
         if len(op.results) != 1 or len(op.operands) < 2:
             return False
         trans_b = op.name == "Gemm" and bool(op.attrs.transB)
@@ -609,50 +611,40 @@ class _Fold:
         if w is None:
             return False
         wq, s, z, bs = w
-        bias = op.operands[2] if op.name == "Gemm" and len(op.operands) > 2 else None
+        gemm_c = op.operands[2] if op.name == "Gemm" and len(op.operands) > 2 else None
+        after = bias_after(res, uses, returned, self.w) if gemm_c is None else None
         loc, hint = op.loc, res.name
-        k = b.constant
         dq = op.operands[1].producer
 
         def param(arr, hint_, cand):
-            return cand if cand is not None and _same_const(self.c(cand), arr) else k(arr, hint_, loc, weight_hint=hint_)
-        operands = [x, param(wq, f"{hint}_w_int4", dq.operands[0]), param(s, f"{hint}_w_scale", dq.operands[1])]
+            return cand if cand is not None and _same_const(self.c(cand), arr) else \
+                b.constant(arr, hint_, loc, weight_hint=hint_)
+        consts = [param(wq, f"{hint}_w_int4", dq.operands[0]), param(s, f"{hint}_w_scale", dq.operands[1])]
         if z is not None:
-            operands.append(param(z, f"{hint}_w_zero_point", dq.operands[2] if len(dq.operands) > 2 else None))
-        start = len(b.region.ops)
-        y = b.create("matmul_int4_weight", operands, {"block_size": bs},
-                     names=[f"{hint}_int4" if bias is not None else hint], loc=loc)[0]
-        if bias is not None:
-            c = bias
-            if op.attrs.beta != 1.0:
-                cv = self.c(bias)
-                if cv is None:
-                    del b.region.ops[start:]
-                    return False
-                c = k((cv * cv.dtype.type(op.attrs.beta)).astype(cv.dtype), f"{hint}_bias", loc)
-            y = b.create("Add", [y, c], names=[hint], loc=loc)[0]
-        if y.type != res.type:
-            del b.region.ops[start:]
+            consts.append(param(z, f"{hint}_w_zero_point", dq.operands[2] if len(dq.operands) > 2 else None))
+        got = matmul_int4_ops(b, x, consts, bs, res, gemm_c, op.attrs.beta if gemm_c is not None else 1.0,
+                              after, hint, loc, self.w)
+        if got is None:
             return False
-        last = y.producer
-        self.names.taken.discard(y.name)
-        last.results = [res]
-        res.producer = last
-        self.counts[f"{op.name}(DQ(int4))->matmul_int4_weight"] += 1
+        drop.update(id(o) for o in got)
+        self.counts[f"{op.name}(DQ(int4)){'+Add' if got else ''}->matmul_int4_weight"] += 1
         return True
 
     def int4_region(self, r: Region) -> None:
         """Third sweep: MatMul / Gemm reading a DQ'd int4 weight (a float X: weight-only int4)."""
+        from nnc.ir.graph import users as users_of
         new_ops: list = []
         b = Builder(Region([], new_ops, []), self.w, self.names)
+        uses, returned, drop = users_of(r), {id(v) for v in r.results}, set()
         for op in r.ops:
+            if id(op) in drop:
+                continue
             for _, sub in op.regions():
                 self.int4_region(sub)
-            if op.name in ("MatMul", "Gemm") and self.int4_out(op, b):
+            if op.name in ("MatMul", "Gemm") and self.int4_out(op, b, uses, returned, drop):
                 continue
             new_ops.append(op)
         r.ops = new_ops
-
 
 def rewrite(module: Module) -> Counter:
     """The folds done, by pattern (what `run` reports as changed)."""

@@ -1,9 +1,10 @@
 """Weight-only int4 at compile time (`nnc compile --weights int4 [--int4-block 32|64|128]`).
 
-Rewrites: MatMul(X, W) and Gemm(X, W[, C]) (transA 0, alpha 1; transB folded) with a float X and a
-constant float W [K, N] (2-D) -> matmul_int4_weight(X, w_q i4 [K, N], w_scale [ceil(K/B), N])
-{block_size = B} [-> Add(beta*C)] (ir/ops/gemm_int4.py), symmetric group-wise: for column n and
-group g (rows g*B .. g*B+B-1 of K; the last group may be short)
+Rewrites: MatMul(X, W) [-> Add of a constant along N] and Gemm(X, W[, C]) (transA 0, alpha 1;
+transB folded) with a float X and a constant float W [K, N] (2-D) -> matmul_int4_weight(X, w_q i4
+[K, N], w_scale [ceil(K/B), N][, none, bias]) {block_size = B} (ir/ops/gemm_int4.py; a C that is
+no bias along N: Add(beta*C) after it), symmetric group-wise: for column n and group g (rows
+g*B .. g*B+B-1 of K; the last group may be short)
 
     s[g, n] = max|W[group, n]| / d, d in DIVISORS (7 .. 10) with the least squared error of the group,
               rounded to f16 (bf16 for a bf16 W; at least 2^-14), stored in W's dtype
@@ -23,12 +24,13 @@ quantize as one) and before the precision and fusion passes (compiler/driver.pip
 from __future__ import annotations
 
 from collections import Counter
+from typing import Optional
 
 import numpy as np
 
 from nnc.ir import narrow_types
 from nnc.ir.builder import Builder, const_value
-from nnc.ir.graph import Module, NameGen, Op, Region, value_names
+from nnc.ir.graph import Module, NameGen, Op, Region, users, value_names
 from nnc.ir.types import dtype as ir_dtype
 
 BLOCK_SIZES = (32, 64, 128)
@@ -68,6 +70,73 @@ def quantize_int4(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarra
     return narrow_types.cast_to_narrow(q, ir_dtype("i4")), best_s.astype(w.dtype)
 
 
+def bias_vector(b: Optional[np.ndarray], n: int, dt) -> Optional[np.ndarray]:
+    """b (a constant) as an [n] bias in dt when it broadcasts along the last axis only ([n], [1, n],
+    .. or one element), else None."""
+    if b is None or b.dtype.kind != "f" and b.dtype.name != "bfloat16":
+        return None
+    if b.size == 1:
+        return np.full(n, b.reshape(()), dtype=dt)
+    if b.shape[-1] != n or b.size != n:
+        return None
+    return np.ascontiguousarray(b.reshape(n).astype(dt))
+
+
+def bias_after(res, uses: dict, returned: set, weights):
+    """(the Add, bias [N]) when res's only reader is Add(res, constant bias along N) (either
+    order) of res's type, else None: the Add folds into matmul_int4_weight's bias operand."""
+    readers = uses.get(id(res), ())
+    if len(readers) != 1 or id(res) in returned:
+        return None
+    add = readers[0]
+    if add.name != "Add" or len(add.operands) != 2 or add.results[0].type != res.type:
+        return None
+    other = add.operands[1] if add.operands[0] is res else add.operands[0]
+    if other is res:
+        return None
+    b = bias_vector(const_value(other, weights), int(res.type.shape[-1]), res.type.dtype.np)
+    return None if b is None else (add, b)
+
+
+def matmul_int4_ops(b: Builder, x, consts: list, block_size: int, res, gemm_c, beta: float, after,
+                    hint: str, loc, weights) -> Optional[list]:
+    """Emits matmul_int4_weight(x, *consts[, bias]) [-> Add(beta * C)] whose last op takes over
+    `res` (or the folded Add's result); gemm_c: a Gemm's C (a constant along N becomes the bias),
+    after: bias_after's answer for a MatMul. Returns the ops to drop later (the folded Add), or
+    None (nothing emitted: the types would not match)."""
+    start = len(b.region.ops)
+    n = int(res.type.shape[-1])
+    bias, add_c, drop = None, None, []
+    if gemm_c is not None:
+        cv = const_value(gemm_c, weights)
+        bias = None if cv is None else bias_vector((cv.astype(np.float64) * beta).astype(cv.dtype), n, res.type.dtype.np)
+        if bias is None:
+            if beta != 1.0:
+                if cv is None:
+                    return None
+                add_c = b.constant((cv * cv.dtype.type(beta)).astype(cv.dtype), f"{hint}_bias", loc)
+            else:
+                add_c = gemm_c
+    elif after is not None:
+        drop, bias = [after[0]], after[1]
+        res = after[0].results[0]
+    operands = [x] + list(consts)
+    if bias is not None:
+        operands += [None] * (4 - len(operands)) + [b.constant(bias, f"{hint}_bias", loc, weight_hint=f"{hint}_bias")]
+    y = b.create("matmul_int4_weight", operands, {"block_size": block_size},
+                 names=[f"{hint}_int4" if add_c is not None else hint], loc=loc)[0]
+    if add_c is not None:
+        y = b.create("Add", [y, add_c], names=[hint], loc=loc)[0]
+    if y.type != res.type:
+        del b.region.ops[start:]
+        return None
+    last = y.producer
+    b.names.taken.discard(y.name)
+    last.results = [res]
+    res.producer = last
+    return drop
+
+
 class _Quantize:
     def __init__(self, module: Module, block_size: int):
         self.module = module
@@ -75,7 +144,7 @@ class _Quantize:
         self.names = NameGen(value_names(module))
         self.counts: Counter = Counter()
 
-    def op(self, op: Op, b: Builder) -> bool:
+    def op(self, op: Op, b: Builder, uses: dict, returned: set, drop: set) -> bool:
         if op.name not in ("MatMul", "Gemm") or len(op.results) != 1:
             return False
         if op.name == "Gemm" and (op.attrs.transA or op.attrs.alpha != 1.0):
@@ -88,40 +157,30 @@ class _Quantize:
             return False
         if op.name == "Gemm" and op.attrs.transB:
             w = w.T
-        bias = op.operands[2] if op.name == "Gemm" and len(op.operands) > 2 else None
-        cb = None
-        if bias is not None and op.attrs.beta != 1.0:
-            cb = const_value(bias, self.module.weights)
-            if cb is None:
-                return False
+        gemm_c = op.operands[2] if op.name == "Gemm" and len(op.operands) > 2 else None
+        after = bias_after(res, uses, returned, self.module.weights) if gemm_c is None else None
         q, s = quantize_int4(np.ascontiguousarray(w), self.bs)
         loc, hint = op.loc, res.name
-        start = len(b.region.ops)
-        ops = [x, b.constant(q, f"{hint}_w_int4", loc, weight_hint=f"{hint}_w_int4"),
-               b.constant(s, f"{hint}_w_scale", loc, weight_hint=f"{hint}_w_scale")]
-        y = b.create("matmul_int4_weight", ops, {"block_size": self.bs},
-                     names=[f"{hint}_int4" if bias is not None else hint], loc=loc)[0]
-        if bias is not None:
-            c = bias if cb is None else b.constant((cb * cb.dtype.type(op.attrs.beta)).astype(cb.dtype),
-                                                   f"{hint}_bias", loc)
-            y = b.create("Add", [y, c], names=[hint], loc=loc)[0]
-        if y.type != res.type:
-            del b.region.ops[start:]
+        consts = [b.constant(q, f"{hint}_w_int4", loc, weight_hint=f"{hint}_w_int4"),
+                  b.constant(s, f"{hint}_w_scale", loc, weight_hint=f"{hint}_w_scale")]
+        got = matmul_int4_ops(b, x, consts, self.bs, res, gemm_c, op.attrs.beta if gemm_c is not None else 1.0,
+                              after, hint, loc, self.module.weights)
+        if got is None:
             return False
-        last = y.producer
-        self.names.taken.discard(y.name)
-        last.results = [res]
-        res.producer = last
-        self.counts[f"{op.name}->matmul_int4_weight"] += 1
+        drop.update(id(o) for o in got)
+        self.counts[f"{op.name}{'+Add' if got else ''}->matmul_int4_weight"] += 1
         return True
 
     def region(self, r: Region) -> None:
         new_ops: list = []
         b = Builder(Region([], new_ops, []), self.module.weights, self.names)
+        uses, returned, drop = users(r), {id(v) for v in r.results}, set()
         for op in r.ops:
+            if id(op) in drop:
+                continue
             for _, sub in op.regions():
                 self.region(sub)
-            if self.op(op, b):
+            if self.op(op, b, uses, returned, drop):
                 continue
             new_ops.append(op)
         r.ops = new_ops

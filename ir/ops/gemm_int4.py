@@ -1,14 +1,14 @@
 """Weight-only int4 matrix product: `matmul_int4_weight`, nnc's own op (the same family name as
 codegen/kernels/gemm_int4.py and templates/gemm_int4.cu.j2).
 
-    %y = matmul_int4_weight(%x, %w_q, %w_scale[, %w_zero_point]) {block_size = B} : T[.., N]
+    %y = matmul_int4_weight(%x, %w_q, %w_scale[, %w_zero_point | none[, %bias]]) {block_size = B} : T[.., N]
 
 x: T[.., K] (float: f32 / f16 / bf16); w_q: i4 or u4 [K, N]; w_scale: [ceil(K/B), N] float;
-w_zero_point (optional): w_q's dtype, w_scale's shape. The meaning is exactly the graph it folds
-(compiler/passes/fold_qdq.py, compiler/passes/quantize_weights_int4.py):
+w_zero_point (optional): w_q's dtype, w_scale's shape; bias (optional): T[N]. The meaning is
+exactly the graph it folds (compiler/passes/fold_qdq.py, compiler/passes/quantize_weights_int4.py):
 
     W = DequantizeLinear(w_q, w_scale, w_zero_point, axis=0, block_size=B)   (W in w_scale's dtype)
-    y = (f32(x) @ f32(W)) as T                                                (fp32 accumulation)
+    y = (f32(x) @ f32(W) [+ f32(bias)]) as T                                  (fp32 accumulation)
 
 so with f16 scales each dequantized weight is rounded to f16 once (as ONNX's DQ with an f16 scale
 writes it), and the product accumulates in f32. Group-wise along K: block k // B of column n has
@@ -56,6 +56,9 @@ def _infer(ctx):
             ctx.fail(f"w_zero_point dtype {ctx.dtype(3)} differs from w_q's {ctx.dtype(1)}")
         if tuple(ctx.shape(3)) != tuple(ss):
             ctx.fail(f"w_zero_point must have w_scale's shape {list(ss)}, got {ctx.type(3)}")
+    if ctx.has(4):
+        if ctx.dtype(4) != ctx.dtype(0) or tuple(ctx.shape(4)) != (N,):
+            ctx.fail(f"bias must be {ctx.dtype(0)}[{N}], got {ctx.type(4)}")
     return [TensorType(ctx.dtype(0), tuple(xs[:-1]) + (N,))]
 
 
@@ -64,11 +67,14 @@ def dequantized_weight(a: MatMulInt4WeightAttrs, w_q, w_scale, w_zero_point=None
     return dequantize(w_q, w_scale, w_zero_point, w_scale.dtype, 0, a.block_size)
 
 
-def _ref(a, x, w_q, w_scale, w_zero_point=None):
+def _ref(a, x, w_q, w_scale, w_zero_point=None, bias=None):
     w = dequantized_weight(a, w_q, w_scale, w_zero_point)
-    return np.matmul(x.astype(np.float32), w.astype(np.float32)).astype(x.dtype)
+    y = np.matmul(x.astype(np.float32), w.astype(np.float32))
+    if bias is not None:
+        y = y + bias.astype(np.float32)
+    return y.astype(x.dtype)
 
 
-register("matmul_int4_weight", MatMulInt4WeightAttrs, infer=_infer, ref=_ref, inputs=(3, 4),
-         doc="y = x @ DequantizeLinear(w_q int4 [K, N], w_scale, w_zero_point, axis 0, block_size), "
-             "fp32 accumulation (weight-only int4)")
+register("matmul_int4_weight", MatMulInt4WeightAttrs, infer=_infer, ref=_ref, inputs=(3, 5),
+         doc="y = x @ DequantizeLinear(w_q int4 [K, N], w_scale, w_zero_point, axis 0, block_size) "
+             "[+ bias], fp32 accumulation (weight-only int4)")
