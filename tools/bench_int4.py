@@ -149,7 +149,8 @@ def _graph_timer(launch_once, n_launch: int):
             for i in range(n_launch):
                 launch_once(i)
             g = s.end_capture()
-        g.upload(s)
+        if hasattr(g, "upload"):
+            g.upload(s)
         s.synchronize()
         return time_cuda(lambda: g.launch(s), warmup=3, iters=20) / n_launch, "graph"
     except Exception:  # (graph capture unsupported here: a plain loop, GPU-bound for these sizes)
