@@ -167,14 +167,52 @@ def configs(args):
     return out
 
 
-def run_case(B: int, S: int, out: Path, args) -> None:
+def build_job(job):
+    """One build of the build phase (a worker process): (status, kernel_of or the error)."""
+    path, od, words = job
+    try:
+        return "ok", build_with(Path(path), Path(od), words)
+    except Exception as e:  # noqa: BLE001 - the row says why
+        return "err", f"{type(e).__name__}: {e}"[:200]
+
+
+def build_all(cases, out: Path, args) -> dict:
+    """Every (case, config) built first, in parallel worker processes (spawned: no CUDA state
+    inherited): {(B, S): [(mask, asked, out dir, status, built kernel or error), ...]}."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import os
+    import time
+
+    import onnx
+    jobs, keys = [], []
+    cfgs = configs(args)
+    for B, S in cases:
+        for with_mask in (False, True):
+            path = out / f"attn_b{B}_s{S}{'_mask' if with_mask else ''}.onnx"
+            onnx.save(attention_onnx(B, S, with_mask), path)
+        for idx, (with_mask, words, asked) in enumerate(cfgs):
+            od = out / f"attn_b{B}_s{S}{'_mask' if with_mask else ''}_{idx}"
+            jobs.append((str(out / f"attn_b{B}_s{S}{'_mask' if with_mask else ''}.onnx"), str(od), words))
+            keys.append(((B, S), with_mask, asked, od))
+    t = time.time()
+    workers = args.jobs or min(16, os.cpu_count() or 1)
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+        results = list(ex.map(build_job, jobs))
+    print(f"built {len(jobs)} models in {time.time() - t:.1f} s ({workers} workers)", flush=True)
+    built: dict = {}
+    for (case, with_mask, asked, od), (status, got) in zip(keys, results):
+        built.setdefault(case, []).append((with_mask, asked, od, status, got))
+    return built
+
+
+def run_case(B: int, S: int, out: Path, args, built) -> None:
     import cupy as cp
     import torch
     import torch.nn.functional as Fn
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import nnc
-    from nnc.driver import compile_model
 
     flops = 4.0 * B * H * S * S * D
     torch.manual_seed(0)
@@ -204,18 +242,14 @@ def run_case(B: int, S: int, out: Path, args) -> None:
     ROWS.append(dict(case=f"B={B} S={S}", impl="torch sdpa flash", ms=t_flash, graph_ms=g_flash, flops=flops,
                      err=None, launches=None))
 
-    import onnx
-    for idx, (with_mask, words, asked) in enumerate(configs(args)):
+    for with_mask, asked, od, status, got in built:
         impl = "nnc" + (" +mask" if with_mask else "")
         row = dict(case=f"B={B} S={S}", impl=impl, ms=None, graph_ms=None, flops=flops, err=None, launches=None,
                    mask=with_mask, kind=asked if isinstance(asked, str) else asked[0])
         ROWS.append(row)
         try:
-            od = out / f"attn_b{B}_s{S}{'_mask' if with_mask else ''}_{idx}"
-            path = out / f"attn_b{B}_s{S}{'_mask' if with_mask else ''}.onnx"
-            if not path.exists():
-                onnx.save(attention_onnx(B, S, with_mask), path)
-            got = build_with(path, od, words)
+            if status != "ok":
+                raise RuntimeError(f"build failed: {got}")
             row["impl"] = impl + " " + kernel_name(got)
             if got is None or (not isinstance(asked, str) and got != asked) or (isinstance(asked, str) and got[0] != asked):
                 row["note"] = f"asked {asked}, built {got}"
@@ -259,14 +293,16 @@ def main() -> int:
     ap.add_argument("--wgmma", default="stages2", choices=("stages2", "all", "default", "none"),
                     help="which declared points of the wgmma kernel to build and time")
     ap.add_argument("--sweep", action="store_true", help="also every declared tile of the mma.sync kernel")
+    ap.add_argument("--jobs", type=int, default=0, help="build processes (0: the CPUs, at most 16)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for c in args.cases.split(","):
-        B, S = (int(x) for x in c.split("x"))
+    cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
+    built = build_all(cases, out, args)
+    for B, S in cases:
         print(f"case B={B} S={S} H={H} D={D}", flush=True)
         try:
-            run_case(B, S, out, args)
+            run_case(B, S, out, args, built[(B, S)])
         except Exception as e:  # noqa: BLE001
             ROWS.append(dict(case=f"B={B} S={S}", impl="(case)", ms=None, graph_ms=None, flops=0, err=None,
                              launches=None, note=f"{type(e).__name__}: {e}"[:200]))

@@ -188,8 +188,9 @@ GPU_CASES = [
     ("fp16", dict(B=2, S=197, H=12, D=64, packed="gather", mask=None), None),  # ViT-B/16, strided
     ("fp16", dict(B=1, S=128, H=12, D=64, packed="split_last", causal=True), None),  # GPT-2 c_attn
     ("fp16", dict(B=8, S=512, H=12, D=64, mask=None), None),
-] + [("fp16", dict(B=2, S=333, H=3, D=64), p) for p in W.wgmma_space(64, 64, 227 * 1024)  # every point ...
-       if p["stages"] == 2 or p["persist"]] + [  # (3 stages persistent only) and persistent with more items than CTAs
+] + [("fp16", dict(B=2, S=333, H=3, D=64), p) for p in W.wgmma_space(64, 64, 227 * 1024)  # every tile shape
+       if p["stages"] == 2 and p["persist"] or p == {"cw": 2, "bc": 128, "stages": 2, "persist": 0}] + [
+    # persistent CTAs with more items than CTAs (the producer runs ahead into the next item), 3 stages
     ("fp16", dict(B=4, S=512, H=48, D=64, mask=None), {"cw": 2, "bc": 128, "stages": 2, "persist": 1}),
     ("bf16", dict(B=2, S=300, H=100, D=64, causal=True), {"cw": 1, "bc": 64, "stages": 3, "persist": 1}),
 ]
