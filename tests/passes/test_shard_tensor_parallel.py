@@ -10,7 +10,10 @@ single-device interpreter (K = 2 and 4, fp32 rel 1e-3; fp16 rel 1e-2); errors fo
 sizes that do not divide by K; what is not a block stays replicated."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto as TP
 from onnx import helper as h
@@ -411,9 +414,7 @@ def test_lm_head_and_non_transformer_stay_replicated():
         CHECK: %logits = MatMul(%y, %wlm) : f32[2,16,50]
     """)
     # a model without blocks: every device is the module itself
-    from onnx import load
-    from pathlib import Path
-    cnn = import_model(load(str(Path(__file__).parents[2] / "examples" / "tiny_cnn.onnx")),
+    cnn = import_model(onnx.load(str(Path(__file__).parents[2] / "examples" / "tiny_cnn.onnx")),
                        shapes={"input": [1, 3, 32, 32]})
     Pipeline(pipeline_passes("fp32", True)).run(cnn)
     prog = shard_tensor_parallel(cnn, 2)
@@ -521,7 +522,7 @@ def test_per_head_mask_input_is_sliced_on_each_device():
     np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-3, atol=1e-3 * np.abs(ref["y"]).max())
 
 
-def test_gpt_lm_head_matches(rng):
+def test_gpt_lm_head_matches():
     m = _compiled(gpt_decoder, L=1, lm_head=24)
     feed = _feed(m, 2)
     ref = Interpreter(m).run(feed)
