@@ -56,6 +56,29 @@ def test_fold_bias_into_the_op_golden():
     assert _ops(g) == ["matmul_int4_weight"] and "%y_w_zero_point, %y_bias)" in print_module(g), print_module(g)
 
 
+@pytest.mark.parametrize("zp", [False, True])
+def test_uint4_matches_onnxruntime_and_its_layout_decodes(zp):
+    """uint4 weights (onnxruntime's QDQ int4 quantizer writes uint4 with zero points): interpreter
+    vs onnxruntime, and the kernel layout (u = q, zero 0 or the zero points) bit for bit."""
+    from nnc.codegen.kernels import gemm_int4 as G
+    from nnc.ir.ops.gemm_int4 import dequantized_weight
+    model = onnx_model(3, 256, 304, 32, zp, "f16", seed=4, u4=True)
+    m = int4_module(3, 256, 304, 32, zp, "f16", seed=4, u4=True)
+    assert _ops(m) == ["matmul_int4_weight"] and "u4[256,304]" in print_module(m)
+    feed = random_x(m, seed=5)
+    got = Interpreter(m).run(feed)["y"].astype(np.float32)
+    want = _ort(model, feed).astype(np.float32)
+    assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
+    pr = _problem(m)
+    assert G.SMALL_M.check(pr)
+    p = pr.memo["gemm_int4.problem"]
+    assert p.zero == 0
+    wq, s, z = pr.value(1), pr.value(2), pr.value(3) if zp else None
+    zs = G.pack_groups(G.nibbles(z, p.zero).astype(np.float32) + G.ACT["f16"][2], p, s.dtype) if zp else None
+    dec = _decode(G.pack_weight(G.nibbles(wq, p.zero), p), p, G.pack_groups(s, p, s.dtype), zs, s.dtype)
+    np.testing.assert_array_equal(dec[:256, :304], dequantized_weight(pr.op.attrs, wq, s, z).astype(np.float32))
+
+
 def test_small_dq_is_folded_to_a_float_constant_first():
     """<= 65536 weights: fold-constants evaluates the DQ; the MatMul stays a float MatMul."""
     m = int4_module(1, 64, 64, 32)
@@ -357,6 +380,23 @@ def diagnose(got, want) -> str:
                                            (1000, 520, 128, False, "bf16"), (520, 136, 48, True, "bf16")])
 def test_gpu_matches_interpreter(M, K, N, bs, zp, act):
     _gpu_check(M, K, N, bs, zp, act)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("zp", [False, True])
+def test_gpu_uint4(zp):
+    import cupy as cp
+
+    from tools.bench_int8 import build, device_buffers, lower_forced, output_of, runner
+    m = int4_module(9, 1024, 520, 64, zp, "f16", seed=8, u4=True)
+    feed = random_x(m, seed=9)
+    want = Interpreter(m).run(feed)["y"].astype(np.float32)
+    plan = lower_forced(m, "gemm_int4.small_m", None)
+    arrs = device_buffers(plan, feed, poison=True)
+    runner(plan, build(plan), arrs)()
+    cp.cuda.Device().synchronize()
+    got = output_of(plan, arrs).astype(np.float32)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-2, diagnose(got, want)
 
 
 @pytest.mark.gpu

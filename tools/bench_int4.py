@@ -29,9 +29,9 @@ L2_BYTES = 60 << 20  # H200 (the brief's figure); rotation keeps >= 2x this in t
 
 
 def onnx_model(M, K, N, block=32, zero_points=False, act="f16", seed=0, gemm_trans_b=False, lead=None,
-               bias=False):
+               bias=False, u4=False):
     """The DQ(int4) -> MatMul (Gemm transB with gemm_trans_b) model, opset 21; bias: + a constant [N]
-    (MatMul -> Add, or the Gemm's C)."""
+    (MatMul -> Add, or the Gemm's C); u4: uint4 weights (and zero points around 8)."""
     import ml_dtypes
     from onnx import TensorProto as TP
     from onnx import helper as h
@@ -39,14 +39,17 @@ def onnx_model(M, K, N, block=32, zero_points=False, act="f16", seed=0, gemm_tra
     rng = np.random.default_rng(seed)
     KB = -(-K // block)
     dt, et = (np.float16, TP.FLOAT16) if act == "f16" else (np.float32, TP.FLOAT)
-    q = rng.integers(-8, 8, (K, N), dtype=np.int8).astype(ml_dtypes.int4)
+    q = rng.integers(0, 16, (K, N), dtype=np.int8).astype(ml_dtypes.uint4) if u4 else \
+        rng.integers(-8, 8, (K, N), dtype=np.int8).astype(ml_dtypes.int4)
     s = (0.5 + rng.random((KB, N), dtype=np.float32)).astype(dt) / np.sqrt(K).astype(dt) / 4
     s = s.astype(dt)
     tr = (lambda a: np.ascontiguousarray(a.T)) if gemm_trans_b else (lambda a: a)
     inits = [nh.from_array(tr(q), "w_q"), nh.from_array(tr(s), "w_scale")]
     ins = ["w_q", "w_scale"]
     if zero_points:
-        inits.append(nh.from_array(tr(rng.integers(-3, 4, (KB, N), dtype=np.int8).astype(ml_dtypes.int4)), "w_zp"))
+        zp = rng.integers(5, 12, (KB, N), dtype=np.int8).astype(ml_dtypes.uint4) if u4 else \
+            rng.integers(-3, 4, (KB, N), dtype=np.int8).astype(ml_dtypes.int4)
+        inits.append(nh.from_array(tr(zp), "w_zp"))
         ins.append("w_zp")
     lead = [M] if lead is None else list(lead)
     nodes = [h.make_node("DequantizeLinear", ins, ["w"], axis=1 if gemm_trans_b else 0, block_size=block)]
@@ -64,11 +67,11 @@ def onnx_model(M, K, N, block=32, zero_points=False, act="f16", seed=0, gemm_tra
 
 
 def int4_module(M, K, N, block=32, zero_points=False, act="f16", seed=0, gemm_trans_b=False, lead=None,
-                bias=False):
+                bias=False, u4=False):
     """The nnc module of onnx_model after the default passes (one matmul_int4_weight)."""
     from nnc.onnx_import import import_model
     from nnc.pipeline import run_passes
-    m = import_model(onnx_model(M, K, N, block, zero_points, act, seed, gemm_trans_b, lead, bias))
+    m = import_model(onnx_model(M, K, N, block, zero_points, act, seed, gemm_trans_b, lead, bias, u4))
     run_passes(m, verify_each=True)
     return m
 
