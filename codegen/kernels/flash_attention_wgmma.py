@@ -16,7 +16,9 @@ applies() declines (the mma.sync kernel of flash_attention.py then runs) when:
   alignment (the producer copies 16-byte chunks only);
 - a source of Q / K / V is a compile-time constant;
 - the fused op's params say "wgmma=off" (the benchmark's old-kernel rows), or, while
-  ON_BY_DEFAULT is False, do not say "wgmma=<cw>x<bc>[x<stages>]" (opt-in).
+  ON_BY_DEFAULT is False, do not say "wgmma=<cw>x<bc>[x<stages>[x<persist>]]" (opt-in); with it
+  True and no such word, when the group has fewer (query tile, head) items than SMs
+  (enough_work).
 Declared space: {cw, bc, stages, persist} (consumer warp groups of 64 rows, key/value rows per
 tile, ring stages, persistent CTAs: one per SM slot looping over the (query tile, head) items
 instead of one per item) whose shared memory fits the target and whose registers fit regs_model;
@@ -108,6 +110,13 @@ def requested(params: str):
     return None
 
 
+def enough_work(c, target) -> bool:
+    """The heuristic's use of this kernel without a "wgmma=" word: at least one CTA of the default
+    point per SM (below that the mma.sync kernel's 16-64-row CTAs spread the work wider)."""
+    items = -(-c["S"] // (64 * DEFAULT_POINT["cw"])) * c["B0"] * c["B1"]
+    return items >= target.sm_count
+
+
 def _aligned_source(L, operand, outer, elem: int) -> bool:
     """Unit dim stride, and 16-byte aligned seq / batch strides and start (into its buffer)."""
     lay = operand.layout
@@ -150,6 +159,8 @@ def _case(problem):
     c = FA._case(problem)
     if isinstance(c, str):
         return c
+    if want is None and not enough_work(c, target):
+        return "too few (query tile, head) items to fill the SMs: the mma.sync kernel's smaller CTAs win"
     if c["dt"] not in FA.MMA or c["D"] not in HEAD_DIMS or c["Dv"] not in HEAD_DIMS:
         return f"{c['dt']} head dims {c['D']}/{c['Dv']}: the wgmma kernel takes f16/bf16 at 64 or 128"
     at, outer, L = c["at"], c["outer"], problem.L
