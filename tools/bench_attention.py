@@ -22,6 +22,7 @@ wgmma=<c>x<b>x<st>; sm_90a only); --wgmma picks the points: stages2 (default: ev
 with 2 stages), all, default (DEFAULT_POINT only), none. The mask rows use each kernel's default.
 --sweep: also every tile of the mma.sync kernel's declared space (flash_attention.tile_space).
 Last, per case: torch flash vs the fastest mma and wgmma rows (CUDA-graph ms) and their ratio.
+--diag: instead, the wgmma kernel on crafted inputs isolating Q K^T and P V (see diag()).
 TFLOP/s = 4*B*H*S^2*D / time. Every build runs in its own try/except: a failure is a table row.
 """
 from __future__ import annotations
@@ -284,6 +285,57 @@ def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+def diag(out: Path, args) -> None:
+    """--diag: the wgmma kernel on crafted inputs that isolate its two products (B=1, S=T=128):
+    A, q = 0: uniform P, O = the mean of V's rows (the P V product and V's layout alone);
+    B, v[t, h, d] = (t % 64 == d): O = P folded onto 64 columns (the Q K^T product and softmax);
+    C, random. Per point and test: the max abs error vs torch (fp32 math) and where the errors lie
+    (rows mod 16 and columns mod 8 of the worst elements: a fragment-layout mistake shows as a pattern)."""
+    import cupy as cp
+    import torch
+
+    import nnc
+    B, S = 1, 128
+    pts = [{"cw": 2, "bc": 128, "stages": 2, "persist": 1}, {"cw": 2, "bc": 64, "stages": 2, "persist": 0},
+           {"cw": 1, "bc": 64, "stages": 2, "persist": 1}]
+    path = out / "diag.onnx"
+    import onnx
+    onnx.save(attention_onnx(B, S, False), path)
+    for p in pts:
+        od = out / f"diag_{point_key(p)}".replace(" ", "").replace(",", "_").replace("(", "").replace(")", "")
+        try:
+            got = build_with(path, od, [point_word(p)])
+            m = nnc.load(od)
+        except Exception as e:  # noqa: BLE001
+            print(f"  diag {point_word(p)}: build failed {type(e).__name__}: {e}"[:300], flush=True)
+            continue
+        g = torch.Generator(device="cuda").manual_seed(1)
+
+        def rnd():
+            return torch.randn(B, S, H * D, device="cuda", dtype=torch.float16, generator=g)
+        eye = (torch.arange(S, device="cuda")[:, None] % 64 == torch.arange(D, device="cuda")[None, :]).half()
+        tests = {"A q=0": (torch.zeros(B, S, H * D, device="cuda", dtype=torch.float16), rnd(), rnd()),
+                 "B v=onehot": (rnd(), rnd(), eye[None, :, None, :].expand(B, S, H, D).reshape(B, S, H * D).contiguous()),
+                 "C random": (rnd(), rnd(), rnd())}
+        for tname, (q, k, v) in tests.items():
+            hq, hk, hv = (x.view(B, S, H, D).transpose(1, 2).float() for x in (q, k, v))
+            ref = torch.nn.functional.scaled_dot_product_attention(hq, hk, hv).transpose(1, 2)
+            y = cp.full((B, S, H, D), float("nan"), cp.float16)
+            res = m.run({"q": cp.asarray(q), "k": cp.asarray(k), "v": cp.asarray(v)}, out={"y": y})["y"]
+            cp.cuda.runtime.deviceSynchronize()
+            a = torch.as_tensor(res, device="cuda").float()
+            err = (a - ref).abs().nan_to_num(1e9)
+            bad = err > 2e-2 * max(1.0, ref.abs().max().item())
+            line = f"  diag {kernel_name(got):<28} {tname:<11} max err {err.max().item():.3g}  bad {int(bad.sum())}/{bad.numel()}"
+            if bad.any():
+                idx = bad.nonzero()[:, 1:]  # (s, h, d)
+                rows = torch.bincount(idx[:, 0] % 16, minlength=16).tolist()
+                cols = torch.bincount(idx[:, 2] % 8, minlength=8).tolist()
+                heads = torch.bincount(idx[:, 1], minlength=H).tolist()
+                line += f"  rows%16 {rows} cols%8 {cols} heads {heads}"
+            print(line, flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="/tmp/bench_attn")
@@ -294,9 +346,13 @@ def main() -> int:
                     help="which declared points of the wgmma kernel to build and time")
     ap.add_argument("--sweep", action="store_true", help="also every declared tile of the mma.sync kernel")
     ap.add_argument("--jobs", type=int, default=0, help="build processes (0: the CPUs, at most 16)")
+    ap.add_argument("--diag", action="store_true", help="only the wgmma kernel on crafted inputs (see diag)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.diag:
+        diag(out, args)
+        return 0
     cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
     built = build_all(cases, out, args)
     for B, S in cases:
