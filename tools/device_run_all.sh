@@ -16,8 +16,8 @@ left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
 want() { [[ ",$STEPS," == *",$1,"* ]] && [ "$(left)" -ge "$2" ]; }
 source tools/device_setup.sh > "$OUT/setup.log" 2>&1 || { tail -5 "$OUT/setup.log"; exit 1; }
 export NNC_CACHE_DIR=/tmp/nnccache
-if want tests 150; then
-  NNC_TUNE=0 timeout 170 python3 -m pytest -q --no-header -p no:cacheprovider -m gpu -n 14 tests > "$OUT/tests.log" 2>&1
+if want tests 200; then
+  NNC_TUNE=0 timeout 230 python3 -m pytest -q --no-header -p no:cacheprovider -m gpu -n 14 tests > "$OUT/tests.log" 2>&1
   grep -E "^FAILED|^ERROR|passed|failed" "$OUT/tests.log" | head -20
 fi
 if want rows 75; then
