@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tf32", action="store_true", help="allow TF32 tensor cores for fp32 GEMMs and convolutions")
     p.add_argument("--weights", choices=["float", "int4"], default="float",
                    help="int4: MatMul/Gemm constant weights quantized at compile time to symmetric int4 groups "
-                        "along K (weight-only; relative weight error about 9-10%%: check with nnc verify)")
+                        "along K (weight-only; relative weight error about 9-10%%: compare with the float build)")
     p.add_argument("--int4-block", type=int, choices=[32, 64, 128], default=32,
                    help="--weights int4: weights per group (one fp16-representable scale each)")
     p.add_argument("--backend", choices=["nvrtc", "nvcc"], default="nvrtc", help="CUDA compiler to use")

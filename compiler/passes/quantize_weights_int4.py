@@ -17,7 +17,8 @@ Accuracy effect (measured on N(0, 1) weights [4096, 1024]; tests/test_gemm_int4.
 relative L2 error of W, and of X @ W for a random X, is about 8.7% at B = 32, 9.5% at B = 64, 10.2%
 at B = 128 (9.7 / 10.8 / 11.9% with d = 7 alone) — the usual cost of round-to-nearest 4-bit weights
 (no calibration data, no GPTQ/AWQ-style correction): for models trained or calibrated for int4
-weights; too coarse for an arbitrary float model (check with `nnc verify`).
+weights; too coarse for an arbitrary float model (measure it on your data: the build with
+CompileOptions(weights="int4") against the float one; `nnc verify` has no --weights yet).
 Requires: a verified module with folded constants; run after fuse-horizontal (stacked Q/K/V weights
 quantize as one) and before the precision and fusion passes (compiler/driver.pipeline_passes).
 """
