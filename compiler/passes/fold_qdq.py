@@ -25,6 +25,9 @@ Rewrites (x_q: an i8/u8 value; every scale and zero point a `const`; sx, sy per-
     matmul_int4_weight(X, w_q [K, N], sw [ceil(K/B), N][, zw][, bias]) {block_size = B} (a C
     that is no bias along N: an Add after it) (ir/ops/gemm_int4.py: exactly dequantize-then-matmul). A DQ small enough to be folded to a float constant first
     (fold-constants: <= 65536 weights) is an ordinary float MatMul by then.
+  - a fourth sweep, float8: MatMul / Gemm(DQ(a_q f8e4m3|f8e5m2, sa), DQ(w_q f8 const, sw per tensor
+    or per output column)) [-> Add of a constant along N] -> matmul_fp8(a_q, sa, w_q, sw[, bias])
+    (compiler/passes/quantize_fp8.fold_fp8 holds the matcher; ir/ops/gemm_fp8.py the semantics).
   W is DQ(w_q const, sw, zw?) (int8/uint8; per-tensor, per-channel along the output-channel axis:
   Conv axis 0, MatMul axis 1, Gemm transB axis 0, or any layout, opset 21 blocked included, whose
   scale/zero point is constant across all other axes; blocks along K with unequal scales are not
@@ -654,6 +657,10 @@ def rewrite(module: Module) -> Counter:
         fo.region(f, Substitution())
         fo.float_region(f)
         fo.int4_region(f)
+        from nnc.passes.quantize_fp8 import fold_sweep  # a fourth sweep: float8 QDQ -> matmul_fp8
+        fp8 = fold_sweep(module, f, fo.names)
+        if fp8:
+            fo.counts["MatMul/Gemm(DQ(fp8), DQ(fp8 const))->matmul_fp8"] += fp8
         total += fo.counts
     return total
 

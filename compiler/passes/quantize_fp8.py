@@ -1,0 +1,251 @@
+"""FP8 (E4M3) post-training quantization of MatMul / Gemm from calibration amax
+(`nnc compile --precision fp8 --calib calib.json`), and the fp8 QDQ fold that both this pass and
+ONNX float8 QDQ models go through (fold_qdq's fp8 sweep calls `fold_fp8`).
+
+Pass `quantize-fp8` (runs after to-fp16 / mixed-precision, so every other op is already fp16 and
+--keep-fp32 pins hold: a layer left at f32 is not quantized). Rewrites, in @main:
+- every MatMul (b a 2-D constant [K, N]) and Gemm (transA 0, alpha 1, a 2-D constant B) whose
+  result is f16 / bf16 gets
+      %x.fp8q  = QuantizeLinear(%x, s_x) {output_dtype = f8e4m3}     s_x = amax_x / 448 (f32)
+      %x.fp8dq = DequantizeLinear(%x.fp8q, s_x) {output_dtype = <x's dtype>}
+  on its activation x (one pair per tensor, shared by its readers; amax from the table under x's
+  name, or under the name of the model input x is a Cast of), and its weight becomes
+      DequantizeLinear(w_q : f8e4m3 const, s_w : f32[N], axis = N's axis) {output_dtype = <W's dtype>}
+  with per-column s_w = max|W[:, n]| / 448 (1 for an all-zero column), w_q = e4m3(W / s_w) (round
+  to nearest even, saturating);
+- fold-qdq then folds each into `matmul_fp8` (ir/ops/gemm_fp8.py).
+A tensor the table lacks is an error naming it and its op. The weights are quantized from the
+constant as this pass sees it (f16 after to-fp16: one extra rounding, far below e4m3's 2^-4).
+
+`fold_fp8` (fold-qdq's fp8 sweep): MatMul(DQ(a : f8, s_a), DQ(b : f8 const [K, N], s_b)) [-> Add
+of a constant along N] and Gemm(DQ(a), DQ(b)[, C]) (transA 0, alpha 1; transB folded into b, C a
+constant along N times beta) -> matmul_fp8(a, s_a, b, s_b[, bias]) {out_dtype = the MatMul's dtype},
+with s_a a per-tensor f32 constant, s_b per tensor or per output column (the DQ's axis on N), zero
+points absent or 0 (ONNX float8 zero points are 0), no block_size. Equal to the literal graph
+within fp32 rounding (ir/ops/gemm_fp8.py says how).
+Requires: a verified module with folded constants (scales are `const`s).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from nnc.ir import narrow_types
+from nnc.ir.builder import Builder, const_value
+from nnc.ir.errors import NncError
+from nnc.ir.graph import Module, NameGen, Op, Region, users, value_names
+from nnc.ir.types import F32, dtype as ir_dtype
+
+FP8 = ("f8e4m3", "f8e5m2")
+FP8_MAX = {"f8e4m3": 448.0, "f8e5m2": 57344.0}  # the largest finite values (scale = amax / max)
+LOW = ("f16", "bf16")
+
+
+# ---------------------------------------------------------------- the fold (fold-qdq's fp8 sweep)
+
+def _dq_parts(v, weights, const_input: bool):
+    """(q value or array, scale f32 array, axis) of v = DequantizeLinear(q : f8, scale f32 const,
+    zero point absent or 0) without block_size; q a const array when const_input, else None."""
+    op = v.producer
+    if op is None or op.name != "DequantizeLinear" or len(op.results) != 1 or op.attrs.block_size:
+        return None
+    q = op.operands[0]
+    if q.type.dtype.short not in FP8:
+        return None
+    s = const_value(op.operands[1], weights)
+    if s is None or s.dtype != np.float32 or not np.all(np.isfinite(s)) or not np.all(s > 0):
+        return None
+    if len(op.operands) > 2 and op.operands[2] is not None:
+        z = const_value(op.operands[2], weights)
+        if z is None or np.any(narrow_types.decode(np.asarray(z)) != 0):
+            return None
+    if const_input:
+        q = const_value(q, weights)
+        if q is None:
+            return None
+    return q, s, op.attrs.axis
+
+
+def fold_fp8(op: Op, b: Builder, uses: dict, returned: set, weights) -> Optional[list]:
+    """Emits matmul_fp8 for op (MatMul / Gemm over fp8 DQs, see the module docstring), taking over
+    op's result (or the folded bias Add's). Returns the ops to drop later (the Add), or None."""
+    from nnc.passes.quantize_weights_int4 import bias_after, bias_vector
+    if op.name not in ("MatMul", "Gemm") or len(op.results) != 1 or len(op.operands) < 2:
+        return None
+    if op.name == "Gemm" and (op.attrs.transA or op.attrs.alpha != 1.0):
+        return None
+    res = op.results[0]
+    if res.type.dtype.short not in ("f32",) + LOW or res.type.rank is None or not res.type.is_static:
+        return None
+    a = _dq_parts(op.operands[0], weights, False)
+    w = _dq_parts(op.operands[1], weights, True)
+    if a is None or w is None:
+        return None
+    aq, sa, _ = a
+    wq, sw, waxis = w
+    if sa.size != 1 or wq.ndim != 2 or aq.type.rank is None or aq.type.rank < 1:
+        return None
+    trans_b = op.name == "Gemm" and bool(op.attrs.transB)
+    n_axis = 0 if trans_b else 1
+    if sw.size > 1 and (sw.ndim != 1 or waxis % 2 != n_axis):
+        return None  # per-K-row scales cannot leave the accumulation
+    if trans_b:
+        wq = wq.T
+    wq = np.ascontiguousarray(wq)
+    K, N = wq.shape
+    if sw.size > 1 and sw.size != N:
+        return None
+    bias, drop, target = None, [], res
+    if op.name == "Gemm" and len(op.operands) > 2 and op.operands[2] is not None:
+        cv = const_value(op.operands[2], weights)
+        bias = None if cv is None else bias_vector((cv.astype(np.float64) * op.attrs.beta).astype(np.float32), N, np.float32)
+        if bias is None:
+            return None
+    elif op.name == "MatMul":
+        after = bias_after(res, uses, returned, weights)
+        if after is not None:
+            drop, target = [after[0]], after[0].results[0]
+            bias = after[1].astype(np.float32)
+    loc, hint = op.loc, res.name
+    wdq = op.operands[1].producer
+    wv = wdq.operands[0] if not trans_b else b.constant(wq, f"{hint}_w_fp8", loc, weight_hint=f"{hint}_w_fp8")
+    sav = op.operands[0].producer.operands[1]
+    swv = wdq.operands[1] if sw.ndim <= 1 else b.constant(sw.reshape(-1), f"{hint}_w_scale", loc)
+    if sw.ndim == 1 and sw.size == 1:
+        swv = b.constant(sw.reshape(()), f"{hint}_w_scale", loc)
+    if sa.ndim != 0:
+        sav = b.constant(sa.reshape(()), f"{hint}_x_scale", loc)
+    operands = [aq, sav, wv, swv]
+    if bias is not None:
+        operands.append(b.constant(bias, f"{hint}_bias", loc, weight_hint=f"{hint}_bias"))
+    start = len(b.region.ops)
+    y = b.create("matmul_fp8", operands, {"out_dtype": res.type.dtype}, names=[hint], loc=loc)[0]
+    if y.type != target.type:
+        del b.region.ops[start:]
+        return None
+    last = y.producer
+    b.names.taken.discard(y.name)
+    last.results = [target]
+    target.producer = last
+    return drop
+
+
+# ---------------------------------------------------------------- --precision fp8
+
+def quantize_weight_fp8(w: np.ndarray, axis: int, fmt: str = "f8e4m3") -> tuple[np.ndarray, np.ndarray]:
+    """(w_q : fmt, scale f32[channels along axis]) with w ~ w_q * scale: per-channel amax / max."""
+    wf = np.asarray(w, np.float64)
+    red = tuple(i for i in range(wf.ndim) if i != axis)
+    amax = np.abs(wf).max(axis=red)
+    scale = np.where(amax > 0, amax / FP8_MAX[fmt], 1.0).astype(np.float32)
+    shape = [1] * wf.ndim
+    shape[axis] = -1
+    q = narrow_types.cast_to_narrow(wf / scale.astype(np.float64).reshape(shape), ir_dtype(fmt), saturate=True)
+    return q, scale
+
+
+def quantized_layers(module: Module) -> list:
+    """[(op, activation operand value, weight axis along N)] for the MatMul / Gemm ops the pass
+    quantizes, in graph order."""
+    out = []
+    for op in module.main.ops:
+        if op.name not in ("MatMul", "Gemm") or len(op.results) != 1 or len(op.operands) < 2:
+            continue
+        if op.results[0].type.dtype.short not in LOW:
+            continue  # an f32 layer (--keep-fp32) or an integer one
+        if op.name == "Gemm" and (op.attrs.transA or op.attrs.alpha != 1.0):
+            continue
+        x, w = op.operands[0], op.operands[1]
+        if w.producer is None or w.producer.name != "const" or w.type.rank != 2:
+            continue
+        if x.producer is not None and x.producer.name == "const":
+            continue
+        axis = 0 if op.name == "Gemm" and op.attrs.transB else 1
+        out.append((op, x, axis))
+    return out
+
+
+def _calib_name(v, amax: dict) -> str:
+    """The table's name for activation v: its own, else (a model input cast to f16 at entry) the
+    Cast's input's."""
+    if v.name in amax:
+        return v.name
+    p = v.producer
+    if p is not None and p.name == "Cast" and p.operands[0].name in amax:
+        return p.operands[0].name
+    return v.name
+
+
+def insert(module: Module, amax: dict, fmt: str = "f8e4m3") -> int:
+    """The Q/DQ insertion (see the module docstring); returns the layers quantized."""
+    layers = quantized_layers(module)
+    f = module.main
+    for op, x, _ in layers:
+        key = _calib_name(x, amax)
+        why = f"input 0 of {op.name} {op.loc.node or op.results[0].name!r}"
+        if key not in amax:
+            raise NncError(f"--calib: no amax for tensor {x.name!r} ({why}); calibrate this model "
+                           f"(`nnc calibrate`) with the same --shapes")
+        a = amax[key]
+        if not (a > 0 and np.isfinite(a)):
+            raise NncError(f"--calib: tensor {key!r} ({why}) has amax {a!r}: it was all zeros or "
+                           "non-finite in the calibration data")
+    names = NameGen(value_names(module))
+    want = {id(op): (x, axis) for op, x, axis in layers}
+    new_ops: list = []
+    b = Builder(Region([], new_ops, []), module.weights, names)
+    repl: dict = {}
+    fp8 = ir_dtype(fmt)
+    for op in f.ops:
+        if id(op) in want:
+            x, axis = want[id(op)]
+            if id(x) not in repl:
+                s = b.constant(np.asarray(amax[_calib_name(x, amax)] / FP8_MAX[fmt], np.float32),
+                               f"{x.name}.fp8_scale", op.loc)
+                q = b.create("QuantizeLinear", [x, s], {"output_dtype": fp8}, names=[f"{x.name}.fp8q"], loc=op.loc)[0]
+                repl[id(x)] = b.create("DequantizeLinear", [q, s], {"output_dtype": x.type.dtype},
+                                       names=[f"{x.name}.fp8dq"], loc=op.loc)[0]
+            w = op.operands[1]
+            wv = const_value(w, module.weights)
+            wq, ws = quantize_weight_fp8(wv, axis, fmt)
+            qc = b.constant(wq, f"{w.name}.fp8", op.loc, weight_hint=f"{w.name}.fp8")
+            sc = b.constant(ws, f"{w.name}.fp8_scale", op.loc, weight_hint=f"{w.name}.fp8_scale")
+            wdq = b.create("DequantizeLinear", [qc, sc], {"axis": axis, "output_dtype": w.type.dtype},
+                           names=[f"{w.name}.fp8dq"], loc=op.loc)[0]
+            op.operands = [repl[id(x)], wdq] + list(op.operands[2:])
+        new_ops.append(op)
+    f.ops = new_ops
+    return len(layers)
+
+
+def make_pass(amax: dict, fmt: str = "f8e4m3"):
+    """The configured pass: `amax` maps activation tensor names to their calibrated max |x|."""
+    def quantize_fp8(module: Module) -> bool:
+        return insert(module, amax, fmt) > 0
+    return quantize_fp8
+
+
+def fold_sweep(module: Module, f: Region, names: NameGen) -> int:
+    """fold-qdq's fp8 sweep over region f (nested regions included): the folds done."""
+    n = 0
+    new_ops: list = []
+    b = Builder(Region([], new_ops, []), module.weights, names)
+    uses, returned, drop = users(f), {id(v) for v in f.results}, set()
+    for op in f.ops:
+        if id(op) in drop:
+            continue
+        for _, sub in op.regions():
+            n += fold_sweep(module, sub, names)
+        if op.name in ("MatMul", "Gemm"):
+            got = fold_fp8(op, b, uses, returned, module.weights)
+            if got is not None:
+                drop.update(id(o) for o in got)
+                n += 1
+                continue
+        new_ops.append(op)
+    f.ops = new_ops
+    return n
+
+
+__all__ = ["fold_fp8", "fold_sweep", "insert", "make_pass", "quantize_weight_fp8", "quantized_layers", "F32"]
