@@ -274,9 +274,19 @@ def mn_major_loads_ok(problem: gemm.GemmProblem, p: dict) -> bool:
 # On those shapes the model's pick is the measured best or within 10 % of it (the tuner's timings
 # recorded in plan.json "timings"); the old model (8192^3 rates only) picked points 10-45 % slower.
 R_INF = {True: 750e12, False: 380e12}
-# TMA points (both operands by the TMA engine, one producer thread): not measured yet; assumed near
-# the bulk-B rate (the loads that limit cp.async points move to the copy engine), a little under it
-R_INF_TMA = 700e12
+# TMA points (both operands by the TMA engine, one producer thread), fitted to tools/check_gemm_tma.py
+# on the H200 (2026-12-02, fp16: 4096^3 both B layouts, BERT-base b32's four GEMMs, 8 x 1024^3,
+# 12 x 512x768x768, 1000x999x520), where TMA was 1.3-1.9x the cp.async and bulk-B points: the same
+# peak rate as bulk B, but a tile's fill + epilogue is a separate term (K_EPI_TMA k-equivalents of
+# its mainloop) that ping-pong and two-CTA points hide behind the other warp group's / CTA's
+# mainloop; persistent and one-tile CTAs pay it per tile. The measured-best TMA point is the model's
+# pick on 5 of those 9 problems and within 2 % on two more; on the last two (4096^3 B [N, K],
+# 8 x 1024^3) its pick, ping-pong 128x128, was not among the times reported (the old model's picks
+# were 3-25 % slower than the best on 5 problems). A weight B now gets TMA too (bulk B was slower).
+R_INF_TMA = 750e12
+K_EPI_TMA = 768
+TMA_FIXED_S = 5e-6  # once a launch: the first fill and the last epilogue
+TMA_WAVE_S = 4e-6  # per wave of a CTA-a-tile grid
 K_HALF = 1365
 TILE_EFFICIENCY = {64 * 64: 0.55, 64 * 128: 0.8, 128 * 128: 1.0, 128 * 192: 1.05, 128 * 256: 1.1}
 WAVE_OVERHEAD_S = 4e-6  # pipeline fill + epilogue of one CTA a tile (not persistent: every wave pays it)
@@ -289,9 +299,10 @@ def modelled_time(problem: gemm.GemmProblem, p: dict, target: Target = DEFAULT_T
     K = cdiv(problem.K, BK) * BK
     per_sm = ctas_per_sm(p)
     eff = TILE_EFFICIENCY.get(p["BM"] * p["BN"], 1.0) * (0.9 if per_sm == 2 else 1.0)
-    r_inf = R_INF_TMA if load_kind(p) == "tma" else R_INF[bool(p.get("b_bulk"))]
-    rate = r_inf * K / (K + K_HALF) * eff / target.sm_count  # one SM's
     tiles = cdiv(problem.M, p["BM"]) * cdiv(problem.N, p["BN"]) * problem.nbatch
+    if load_kind(p) == "tma":
+        return _tma_time(p, K, eff, tiles, target)
+    rate = R_INF[bool(p.get("b_bulk"))] * K / (K + K_HALF) * eff / target.sm_count  # one SM's
     tile = 2.0 * p["BM"] * p["BN"] * K / rate
     if pingpong(p):
         return cdiv(tiles, target.sm_count) * tile + HIDDEN_OVERHEAD_S
@@ -300,6 +311,20 @@ def modelled_time(problem: gemm.GemmProblem, p: dict, target: Target = DEFAULT_T
     if persistent(p):
         return cdiv(tiles, target.sm_count) * (tile + HIDDEN_OVERHEAD_S) + HIDDEN_OVERHEAD_S
     return cdiv(tiles, target.sm_count) * (tile + WAVE_OVERHEAD_S)
+
+
+def _tma_time(p: dict, K: int, eff: float, tiles: int, target: Target) -> float:
+    """modelled_time of a TMA point: a tile's mainloop, and its fill + epilogue, at one SM's rate."""
+    sms, rate = target.sm_count, R_INF_TMA * eff / target.sm_count
+    main = 2.0 * p["BM"] * p["BN"] * K / rate
+    epi = 2.0 * p["BM"] * p["BN"] * K_EPI_TMA / rate
+    if pingpong(p):
+        return cdiv(tiles, sms) * main + epi + TMA_FIXED_S
+    if ctas_per_sm(p) == 2:
+        return cdiv(tiles, 2 * sms) * 2 * main + epi + TMA_FIXED_S
+    if persistent(p):
+        return cdiv(tiles, sms) * (main + epi) + TMA_FIXED_S
+    return cdiv(tiles, sms) * (main + epi + TMA_WAVE_S)
 
 
 def default_params(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bulk: bool = False,

@@ -331,7 +331,8 @@ def test_heuristic_picks_wgmma_with_bulk_weight_on_sm90a(name):
     plan = _plan(_e2e_models()[name], "sm_90a")
     ks = [k for k in plan.kernels.values() if k.template == W.TEMPLATE]
     assert len(ks) == 1, [k.template for k in plan.kernels.values()]
-    assert ks[0].params["selected"]["params"].get("b_bulk") is True
+    sel = ks[0].params["selected"]["params"]
+    assert sel.get("b_bulk") is True or W.load_kind(sel) == "tma"  # TMA measured faster than bulk B
     assert not [k for k in _plan(_e2e_models()[name], "sm_90").kernels.values() if k.template == W.TEMPLATE]
 
 
