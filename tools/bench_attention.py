@@ -114,7 +114,7 @@ def kernel_of(plan):
     for k in plan["kernels"]:
         p = k.get("params", {}) if isinstance(k, dict) else {}
         if "CW" in p and "STAGES" in p:
-            return ("wgmma", (p["CW"], p["BC"], p["STAGES"], int(p["PERSIST"])))
+            return ("wgmma", (p["CW"], p["BC"], p["STAGES"], int(p["PERSIST"]), int(p.get("PINGPONG", 0))))
         if "MI" in p and "BC" in p:
             return ("mma", (p["MI"], p["WARPS"], p["BC"]))
     return None
@@ -125,7 +125,7 @@ def kernel_name(got) -> str:
         return "-"
     kind, t = got
     if kind == "wgmma":
-        return f"wgmma cw{t[0]} bc{t[1]} s{t[2]}" + (" persist" if t[3] else "")
+        return f"wgmma cw{t[0]} bc{t[1]} s{t[2]}" + (" persist" if t[3] else "") + (" pp" if t[4] else "")
     return f"mma t={16 * t[0] * t[1]}x{t[2]} w{t[1]}"
 
 
@@ -134,11 +134,11 @@ def tile_name(t) -> str:
 
 
 def point_word(p) -> str:
-    return f"wgmma={p['cw']}x{p['bc']}x{p['stages']}x{p['persist']}"
+    return f"wgmma={p['cw']}x{p['bc']}x{p['stages']}x{p['persist']}x{p.get('pingpong', 0)}"
 
 
 def point_key(p) -> tuple:
-    return (p["cw"], p["bc"], p["stages"], int(p["persist"]))
+    return (p["cw"], p["bc"], p["stages"], int(p["persist"]), int(p.get("pingpong", 0)))
 
 
 def configs(args):
@@ -153,9 +153,10 @@ def configs(args):
             out.append((False, [f"tile={16 * t['mi'] * t['warps']}x{t['bc']}", f"warps={t['warps']}", "wgmma=off"],
                         ("mma", (t["mi"], t["warps"], t["bc"]))))
     pts = W.wgmma_space(D, D, limit)
-    if args.wgmma == "stages2":
-        pts = [p for p in pts if p["stages"] == 2 and (p["persist"] or p["cw"] == 2)] + [
-            p for p in pts if p["stages"] == 3 and p["persist"] and p["cw"] == 2]
+    if args.wgmma == "stages2":  # (the turn-taking points last: a hang would cost only their rows)
+        pts = [p for p in pts if p["stages"] == 2 and (p["persist"] or p["cw"] == 2) and not p["pingpong"]] + [
+            p for p in pts if p["stages"] == 3 and p["persist"] and p["cw"] == 2 and not p["pingpong"]] + [
+            p for p in pts if p["stages"] == 2 and p["pingpong"]]
     elif args.wgmma == "default":
         pts = [p for p in pts if p == W.DEFAULT_POINT]
     elif args.wgmma == "none":
@@ -242,6 +243,7 @@ def run_case(B: int, S: int, out: Path, args, built) -> None:
             print(f"  torch flash failed: {type(e).__name__}: {e}"[:300], flush=True)
     ROWS.append(dict(case=f"B={B} S={S}", impl="torch sdpa flash", ms=t_flash, graph_ms=g_flash, flops=flops,
                      err=None, launches=None))
+    print_row(ROWS[-1])
 
     for with_mask, asked, od, status, got in built:
         impl = "nnc" + (" +mask" if with_mask else "")
@@ -279,6 +281,14 @@ def run_case(B: int, S: int, out: Path, args, built) -> None:
         except Exception as e:  # noqa: BLE001 - the row says why
             row["note"] = f"{type(e).__name__}: {e}"[:200]
             traceback.print_exc()
+        print_row(row)  # as it comes (a hang later still leaves these)
+
+
+def print_row(r) -> None:
+    tf = None if not r["ms"] else r["flops"] / (r["ms"] * 1e-3) / 1e12
+    gtf = None if not r["graph_ms"] else r["flops"] / (r["graph_ms"] * 1e-3) / 1e12
+    print(f"{r['case']:<13} {r['impl']:<34} {fmt(r['ms'], '9.4f')} {fmt(tf, '8.1f')} {fmt(r['graph_ms'], '9.4f')} "
+          f"{fmt(gtf, '8.1f')} {fmt(r['err'], '11.2e')} {fmt(r['launches'], '8d')}  {r.get('note', '')}", flush=True)
 
 
 def fmt(x, spec):
@@ -297,7 +307,7 @@ def diag(out: Path, args) -> None:
     import nnc
     B, S = 1, 128
     pts = [{"cw": 2, "bc": 128, "stages": 2, "persist": 1}, {"cw": 2, "bc": 64, "stages": 2, "persist": 0},
-           {"cw": 1, "bc": 64, "stages": 2, "persist": 1}]
+           {"cw": 1, "bc": 64, "stages": 2, "persist": 1}, {"cw": 2, "bc": 128, "stages": 2, "persist": 1, "pingpong": 1}]
     path = out / "diag.onnx"
     import onnx
     onnx.save(attention_onnx(B, S, False), path)
@@ -364,13 +374,10 @@ def main() -> int:
                              launches=None, note=f"{type(e).__name__}: {e}"[:200]))
             traceback.print_exc()
     print()
-    print(f"{'case':<13} {'impl':<28} {'ms':>9} {'TFLOP/s':>8} {'graph ms':>9} {'TFLOP/s':>8} {'max rel err':>11} "
+    print(f"{'case':<13} {'impl':<34} {'ms':>9} {'TFLOP/s':>8} {'graph ms':>9} {'TFLOP/s':>8} {'max rel err':>11} "
           f"{'launches':>8}  note")
     for r in ROWS:
-        tf = None if not r["ms"] else r["flops"] / (r["ms"] * 1e-3) / 1e12
-        gtf = None if not r["graph_ms"] else r["flops"] / (r["graph_ms"] * 1e-3) / 1e12
-        print(f"{r['case']:<13} {r['impl']:<28} {fmt(r['ms'], '9.4f')} {fmt(tf, '8.1f')} {fmt(r['graph_ms'], '9.4f')} "
-              f"{fmt(gtf, '8.1f')} {fmt(r['err'], '11.2e')} {fmt(r['launches'], '8d')}  {r.get('note', '')}")
+        print_row(r)
     # per case: torch flash vs the fastest correct row of each nnc kernel (graph time: the kernel alone)
     print()
     print("CUDA-graph ms, no mask: torch flash | fastest mma | fastest wgmma (ratio torch / nnc: > 1 = nnc faster)")

@@ -19,9 +19,9 @@ applies() declines (the mma.sync kernel of flash_attention.py then runs) when:
   ON_BY_DEFAULT is False, do not say "wgmma=<cw>x<bc>[x<stages>[x<persist>]]" (opt-in); with it
   True and no such word, when the group has fewer (query tile, head) items than SMs
   (enough_work).
-Declared space: {cw, bc, stages, persist} (consumer warp groups of 64 rows, key/value rows per
-tile, ring stages, persistent CTAs: one per SM slot looping over the (query tile, head) items
-instead of one per item) whose shared memory fits the target and whose registers fit regs_model;
+Declared space: {cw, bc, stages, persist, pingpong} (consumer warp groups of 64 rows, key/value
+rows per tile, ring stages, persistent CTAs: one per SM slot looping over the (query tile, head)
+items instead of one per item, the warp groups issuing their wgmmas in turn) whose shared memory fits the target and whose registers fit regs_model;
 `default`: the point "wgmma=" names when declared, else DEFAULT_POINT, else the space's first.
 Grid: (CTAs, 1, 1); the items' (query tile, batch1, batch0) are decoded from compile-time counts.
 """
@@ -40,7 +40,7 @@ CWS = (1, 2, 3)
 BCS = (64, 128)
 STAGES = (2, 3)
 PERSIST = (0, 1)
-DEFAULT_POINT = {"cw": 2, "bc": 128, "stages": 2, "persist": 1}
+DEFAULT_POINT = {"cw": 2, "bc": 128, "stages": 2, "persist": 1, "pingpong": 0}
 REG_OVERHEAD = 32  # row state, loop counters, barrier addresses (with D / 2 more: regs_model)
 
 
@@ -86,14 +86,16 @@ def wgmma_space(D: int, Dv: int, smem_limit: int) -> list:
         for bc in BCS:
             for st in STAGES:
                 if regs_model(bc, D, Dv) <= regs_budget(cw) and smem_bytes(cw, bc, st, D, Dv) <= smem_limit:
-                    out += [{"cw": cw, "bc": bc, "stages": st, "persist": p} for p in PERSIST]
+                    out += [{"cw": cw, "bc": bc, "stages": st, "persist": p, "pingpong": 0} for p in PERSIST]
+                    if cw >= 2:  # the warp groups taking turns at the tensor cores (persistent CTAs only)
+                        out.append({"cw": cw, "bc": bc, "stages": st, "persist": 1, "pingpong": 1})
     return out
 
 
 def requested(params: str):
     """The fused op's "wgmma=" word: "off", "on" (the default point), a point
-    "<cw>x<bc>[x<stages>[x<persist>]]" (missing fields from DEFAULT_POINT), or None when absent or
-    malformed."""
+    "<cw>x<bc>[x<stages>[x<persist>[x<pingpong>]]]" (missing fields from DEFAULT_POINT), or None
+    when absent or malformed."""
     for word in params.split():
         if word.startswith("wgmma="):
             v = word[len("wgmma="):]
@@ -103,8 +105,8 @@ def requested(params: str):
                 parts = [int(x) for x in v.split("x")]
             except ValueError:
                 return None
-            keys = ("cw", "bc", "stages", "persist")
-            if not 2 <= len(parts) <= 4:
+            keys = ("cw", "bc", "stages", "persist", "pingpong")
+            if not 2 <= len(parts) <= 5:
                 return None
             return {k: (parts[i] if i < len(parts) else DEFAULT_POINT[k]) for i, k in enumerate(keys)}
     return None
@@ -211,12 +213,13 @@ def _render(ctx: LowerCtx, problem, params: dict):
     y, o4 = b["y"], b["o4"]
     steps, post = b["steps"], b["post"]
     tparams = dict(T=y.ctype, T2=FA.PAIR[dt], mma=FA.MMA[dt], D=D, DV=Dv, CW=cw, BC=bc, STAGES=stages, MAXNREG=setmaxnreg(cw),
-                   QT=qt, NB1=B1, ITEMS=items, PERSIST=bool(persist),
+                   QT=qt, NB1=B1, ITEMS=items, PERSIST=bool(persist), PINGPONG=bool(params.get("pingpong")),
                    vec_o=o4[3] == 1 and FA._pair_aligned(y, o4[:3]), masks=b["masks"], steps=steps, post=post,
                    post_fma=not steps and post != 1.0, tail=T % bc != 0)
     k = ctx.render("flash_attention_wgmma.cu.j2", "flash_attention_wgmma", **tparams)
     k.add_op(f"flash attention (wgmma) tile: {64 * cw}x{bc} rows x kv rows, {cw} consumer warp group(s), "
-             f"{stages} stages" + (f", persistent: {ctas} CTAs over {items} tiles" if persist else ""))
+             f"{stages} stages" + (f", persistent: {ctas} CTAs over {items} tiles" if persist else "")
+             + (", warp groups issue in turn" if params.get("pingpong") else ""))
     for bop in op.attrs.body.ops:  # the header names every op of the group
         if bop.name != "const":
             k.add_op(describe_op(bop))

@@ -39,7 +39,7 @@ def _with_words(mod, *words):
 
 
 def _point_word(p) -> str:
-    return f"wgmma={p['cw']}x{p['bc']}x{p['stages']}x{p['persist']}"
+    return f"wgmma={p['cw']}x{p['bc']}x{p['stages']}x{p['persist']}x{p.get('pingpong', 0)}"
 
 
 def _plan(mod, prec, arch="sm_90a"):
@@ -61,9 +61,10 @@ def test_declared_space_and_budget():
     assert all(W.regs_model(p["bc"], 64, 64) <= W.regs_budget(p["cw"]) for p in space)
     assert all(W.smem_bytes(p["cw"], p["bc"], p["stages"], 64, 64) <= 227 * 1024 for p in space)
     big = W.wgmma_space(128, 128, 227 * 1024)  # head dim 128: bc 64 at two warp groups, not at three
-    assert {"cw": 2, "bc": 64, "stages": 2, "persist": 1} in big and not any(p["cw"] == 3 for p in big)
-    assert W.requested("tile=128x64 wgmma=2x128") == {"cw": 2, "bc": 128, "stages": 2, "persist": 1}
-    assert W.requested("wgmma=3x64x3x0") == {"cw": 3, "bc": 64, "stages": 3, "persist": 0}
+    assert {"cw": 2, "bc": 64, "stages": 2, "persist": 1, "pingpong": 0} in big and not any(p["cw"] == 3 for p in big)
+    assert W.requested("tile=128x64 wgmma=2x128") == {"cw": 2, "bc": 128, "stages": 2, "persist": 1, "pingpong": 0}
+    assert W.requested("wgmma=3x64x3x0") == {"cw": 3, "bc": 64, "stages": 3, "persist": 0, "pingpong": 0}
+    assert W.requested("wgmma=2x64x2x1x1")["pingpong"] == 1
     assert W.requested("wgmma=off") == "off" and W.requested("tile=128x64") is None
 
 
@@ -94,6 +95,7 @@ def test_selected_point_is_launched(persist):
     k = plan.kernels[l.kernel]
     assert k.template == TEMPLATE and k.params["selected"]["variant"] == "flash_attention.wgmma"
     assert (k.params["CW"], k.params["BC"], k.params["STAGES"], k.params["PERSIST"]) == (2, 128, 2, bool(persist))
+    assert not k.params["PINGPONG"]
     assert k.params["ITEMS"] == 4 * 12 * 32 and (k.params["QT"], k.params["NB1"]) == (4, 12)
     assert l.grid == ((132 if persist else 4 * 12 * 32), 1, 1)
     assert l.block == (384, 1, 1) and l.smem == W.smem_bytes(2, 128, 2, 64, 64)
@@ -151,6 +153,7 @@ def _sources():
             k = plan.kernels[l.kernel]
             assert k.template == TEMPLATE and (k.params["CW"], k.params["BC"], k.params["STAGES"]) == (
                 p["cw"], p["bc"], p["stages"]) and k.params["PERSIST"] == bool(p["persist"])
+            assert k.params["PINGPONG"] == bool(p["pingpong"])
             sources.append(k.body.replace(l.kernel, f"{l.kernel}_p{len(sources)}"))
     return sources
 
@@ -189,10 +192,14 @@ GPU_CASES = [
     ("fp16", dict(B=1, S=128, H=12, D=64, packed="split_last", causal=True), None),  # GPT-2 c_attn
     ("fp16", dict(B=8, S=512, H=12, D=64, mask=None), None),
 ] + [("fp16", dict(B=2, S=333, H=3, D=64), p) for p in W.wgmma_space(64, 64, 227 * 1024)  # every tile shape
-       if p["stages"] == 2 and p["persist"] or p == {"cw": 2, "bc": 128, "stages": 2, "persist": 0}] + [
+       if p["stages"] == 2 and p["persist"] and not p["pingpong"]
+       or p == {"cw": 2, "bc": 128, "stages": 2, "persist": 0, "pingpong": 0}] + [
     # persistent CTAs with more items than CTAs (the producer runs ahead into the next item), 3 stages
-    ("fp16", dict(B=4, S=512, H=48, D=64, mask=None), {"cw": 2, "bc": 128, "stages": 2, "persist": 1}),
-    ("bf16", dict(B=2, S=300, H=100, D=64, causal=True), {"cw": 1, "bc": 64, "stages": 3, "persist": 1}),
+    ("fp16", dict(B=4, S=512, H=48, D=64, mask=None), {"cw": 2, "bc": 128, "stages": 2, "persist": 1, "pingpong": 0}),
+    ("bf16", dict(B=2, S=300, H=100, D=64, causal=True), {"cw": 1, "bc": 64, "stages": 3, "persist": 1, "pingpong": 0}),
+] + [  # the warp groups in turn: last (a barrier miscount would hang; the earlier cases have run)
+    ("fp16", dict(B=2, S=333, H=3, D=64), {"cw": 2, "bc": 128, "stages": 2, "persist": 1, "pingpong": 1}),
+    ("fp16", dict(B=4, S=512, H=48, D=64, mask=None), {"cw": 3, "bc": 64, "stages": 2, "persist": 1, "pingpong": 1}),
 ]
 
 
