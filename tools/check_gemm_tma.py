@@ -177,6 +177,9 @@ def run_problem(pool, label, M, N, K, trans_b, batch, b_shared, dt):
         print(f"   {kind_of(p):8s} {tma_tag(p):26s} {t:30s} {st}{mark}", flush=True)
     if len(bad) > 4 and not VERBOSE:
         print(f"   ... and {len(bad) - 4} more points not ok", flush=True)
+    # every TMA point's rate on one line (what the cost model is fitted to)
+    print("   all tma TFLOP/s: " + ", ".join(f"{tma_tag(p)[:-4]}={flops / ms / 1e9:.0f}" for p, ms, _ in rows
+                                              if kind_of(p) == "tma" and ms is not None), flush=True)
 
     def best(kind):
         good = [(p, ms) for p, ms, st in rows if kind_of(p) == kind and ms is not None]
