@@ -19,6 +19,9 @@ One declared Variant, "flash_attention" (codegen/variants.py), with two kernel s
   (space: the one point {}).
 applies() declines (the generic fallback then lowers the body op by op) when no kernel takes the
 group: D > 256, shared memory, or grid limits.
+On sm_90a a second variant of the same groups, flash_attention_wgmma.py (one priority above, opt-in
+through the fused op's params "wgmma=..." until ON_BY_DEFAULT), renders a FlashAttention-3-style
+wgmma kernel from the same binding (bind_operands) and step macros (flash_attention_steps.cu.j2).
 
 Semantics (steps_for_template): the scores go through the body's steps in order, in fp32; when
 the group computes in 16 bits, every additive mask's sum is rounded to that type, as the body's Add
