@@ -384,3 +384,48 @@ def test_tma_model_through_nnc_load_and_cuda_graph_gpu(monkeypatch, tmp_path):
                 v = np.asarray(v, np.float64)
                 err = np.abs(np.asarray(got[k], np.float64) - v).max() / (np.abs(v).max() + 1e-12)
                 assert err < 2e-2, (k, err)
+
+
+def _build_c_runner(monkeypatch, tmp_path):
+    """The TMA model's output directory and its nnc_run_example built with nvcc for sm_90a (as
+    CMakeLists.txt builds it: libcudart only; the C API finds cuTensorMapEncodeTiled at run time)."""
+    from .test_capi_link import _nvcc
+    out = tmp_path / "m"
+    mod, _ = _compile_model(_tma_model(), out, _tma_first(monkeypatch))
+    _nvcc("-gencode", "arch=compute_90a,code=sm_90a", "-I", out, out / "model.cu", out / "nnc_run_example.cpp",
+          "-o", tmp_path / "run", cwd=tmp_path)
+    return mod, out, tmp_path / "run"
+
+
+def _have_nvcc() -> bool:
+    from .test_capi_link import NVCC
+    return NVCC is not None
+
+
+@pytest.mark.skipif(not _have_nvcc(), reason="needs nvcc")
+def test_c_api_with_tensor_maps_builds(monkeypatch, tmp_path):
+    _, out, run = _build_c_runner(monkeypatch, tmp_path)
+    assert run.exists() and "nnc_encode_tiled()" in (out / "model.cu").read_text()
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.skipif(not _have_nvcc(), reason="needs nvcc")
+def test_c_api_with_tensor_maps_gpu(monkeypatch, tmp_path):
+    """nnc_run_example (graph replay and eager) on the TMA model equals nnc.load's output."""
+    import subprocess
+    import nnc
+    mod, out, run = _build_c_runner(monkeypatch, tmp_path)
+    x = np.random.default_rng(2).standard_normal((200, 136)).astype(np.float32)
+    x.tofile(tmp_path / "x.bin")
+    ref = nnc.load(out).run({"x": x}, output="numpy")
+    ref = ref["y"] if isinstance(ref, dict) else ref
+    for extra in ([], ["--no-cuda-graph"]):
+        res = tmp_path / f"res{len(extra)}"
+        res.mkdir()
+        r = subprocess.run([str(run), str(out), str(tmp_path / "x.bin"), "--out", str(res), "--iters", "3", *extra],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        y = np.fromfile(res / "y.bin", dtype=np.asarray(ref).dtype).reshape(np.shape(ref))
+        np.testing.assert_allclose(y, ref, rtol=1e-3, atol=1e-3)
+
