@@ -28,8 +28,9 @@ import numpy as np
 from .ir.errors import ImportError_, InputError, NncError
 
 BACKENDS = ("cuda", "reference")
-PRECISIONS = ("fp32", "fp16", "bf16", "best", "int8")  # best: per layer (compiler/precision_search.py);
-# int8: Q/DQ from calibration around Conv/Gemm/MatMul, the rest fp32 (compiler/passes/quantize_int8.py)
+PRECISIONS = ("fp32", "fp16", "bf16", "best", "int8", "fp8")  # best: per layer (compiler/precision_search.py);
+# int8: Q/DQ from calibration around Conv/Gemm/MatMul, the rest fp32 (compiler/passes/quantize_int8.py);
+# fp8: MatMul/Gemm in e4m3 from calibration amax, the rest fp16 (compiler/passes/quantize_fp8.py)
 CUDA_COMPILERS = ("nvrtc", "nvcc")
 
 Dim = Union[int, str]  # a size, or the name of a symbol bound at run time
@@ -143,17 +144,17 @@ class CompileOptions:
             raise NncError(f"tune_budget must be a positive number of seconds or None, not {self.tune_budget!r}")
         if self.timing_cache is not None:
             object.__setattr__(self, "timing_cache", os.fspath(self.timing_cache))
-        if (self.precision == "int8") != (self.calib is not None):
-            raise NncError("precision 'int8' needs calib (--calib calib.json or a TensorRT cache, from `nnc calibrate`)"
-                           if self.precision == "int8" else f"calib (--calib) only goes with precision 'int8', "
-                                                            f"not {self.precision!r}")
+        if (self.precision in ("int8", "fp8")) != (self.calib is not None):
+            raise NncError(f"precision {self.precision!r} needs calib (--calib calib.json or a TensorRT cache, from "
+                           "`nnc calibrate`)" if self.precision in ("int8", "fp8") else
+                           f"calib (--calib) only goes with precision 'int8' or 'fp8', not {self.precision!r}")
         if self.weights not in ("float", "int4"):
             raise NncError(f"weights must be 'float' or 'int4', not {self.weights!r}")
         if self.int4_block not in (32, 64, 128):
             raise NncError(f"int4_block must be 32, 64 or 128, not {self.int4_block!r}")
         if self.calib is not None:
             object.__setattr__(self, "calib", os.fspath(self.calib))
-            if self.keep_fp32:
+            if self.keep_fp32 and self.precision == "int8":
                 raise NncError("keep_fp32 (--keep-fp32) with precision 'int8' is not supported yet")
         from .passes.mixed_precision import check_options
         check_options(self)  # keep_fp32 / allow / max_rel_err / calib_data, normalised
@@ -170,7 +171,8 @@ class CompileOptions:
         t = resolve_target(self.arch) if target is None else target
         tune, why = self.tuning()
         from .passes.mixed_precision import storage_precision
-        storage = "fp32" if self.precision == "int8" else storage_precision(self)  # int8: float ops at fp32
+        storage = {"int8": "fp32", "fp8": "fp16"}.get(self.precision) or storage_precision(self)  # int8: float ops
+        # at fp32; fp8: at fp16
         return CodegenOptions(LowerOptions(t, storage, self.tf32, tune=tune, tune_budget=self.tune_budget,
                                            timing_cache=self.timing_cache, tune_reason=why),
                               self.cuda_compiler, cache=self.cache, jobs=self.jobs)
@@ -468,17 +470,32 @@ class ReferenceContext(ExecutionContext):
 # ---------------------------------------------------------------------------- entry points
 
 
-def load(out, backend: str = "cuda", *, in_arena: Optional[bool] = None, cuda_graph: bool = True) -> Module:
+def load(out, backend: str = "cuda", *, in_arena: Optional[bool] = None, cuda_graph: bool = True,
+         transport: str = "auto"):
     """Loads a directory written by `nnc compile` / nnc.compile. backend "cuda" needs a CUDA GPU
     (an NncError says so when there is none); "reference" runs ir/final.nnir with numpy, by default
     inside the plan's arena when plan.json has steps (in_arena: see ReferenceModule). cuda_graph:
     "cuda" replays each run as one CUDA graph captured at load (False: eager launches; see
-    nnc.runtime); the reference backend has no launches and ignores it."""
+    nnc.runtime); the reference backend has no launches and ignores it.
+
+    A directory of `nnc compile --devices K` gives a nnc.multi_device.MultiDeviceProgram (same
+    inputs / outputs / run / __call__; run returns numpy unless output="cupy"), the whole group
+    brought up: transport "nccl" (device k on GPU k, NCCL), "copy" (every device on the one
+    current GPU, copies standing in for NCCL) or "auto" (nccl when K GPUs are present, else copy,
+    with a warning). transport is for multi-device directories only."""
     if backend not in BACKENDS:
         raise NncError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, not {backend!r}")
     out = Path(out)
     if not out.is_dir():
         raise NncError(f"{out}: no such directory")
+    from .multi_device import MultiDeviceProgram, is_multi_device_dir
+    if is_multi_device_dir(out):  # nnc compile --devices K (compiler/multi_device.py)
+        if in_arena is not None:
+            raise NncError("in_arena: a multi-device directory runs its IR on simulated devices (reference) "
+                           "or its builds (cuda); no arena choice")
+        return MultiDeviceProgram(out, backend, transport, cuda_graph=cuda_graph)
+    if transport != "auto":
+        raise NncError(f"transport={transport!r}: only for a directory compiled with --devices K ({out} is one device)")
     from .profiles import ProfileSetModule
     if ProfileSetModule.is_profile_set(out):  # several builds, one per profile (compiler/profiles.py)
         return ProfileSetModule(out, backend, in_arena=in_arena, cuda_graph=cuda_graph)

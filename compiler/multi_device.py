@@ -1011,16 +1011,31 @@ def is_multi_device_dir(out) -> bool:
 
 
 class MultiDeviceProgram:
-    """A `nnc compile --devices K` directory, loaded. backend "reference": run_multi on the
-    multi-device IR (ir/), simulated devices. backend "cuda": every device's segment builds
-    (plan.json's device_builds) loaded as module instances on the one GPU present and run by a
-    host step scheduler: a Recv is a device-to-device copy of the sender's value (cupy), a
-    collective a cupy sum / concatenation of the members' values, each standing in for NCCL.
-    This checks the plan, the per-device builds and the results, not multi-GPU speed."""
+    """A `nnc compile --devices K` directory, loaded (what nnc.load returns for one). backend
+    "reference": run_multi on the multi-device IR (ir/), simulated devices. backend "cuda", by
+    `transport` (multi_device_nccl.choose_transport):
+    - "nccl": device k on GPU k (or gpus[k]), its builds loaded there with a stream of its own,
+      a host thread per device queueing its steps, Send / Recv / AllReduce / AllGather as NCCL
+      calls, micro-batches in flight (multi_device_nccl.DeviceGroup);
+    - "copy": every device's segment builds (plan.json's device_builds) loaded as module
+      instances on the one current GPU and run by a host step scheduler: a Recv is a
+      device-to-device copy of the sender's value (cupy), a collective a cupy sum /
+      concatenation of the members' values, each standing in for NCCL. This checks the plan,
+      the per-device builds and the results, not multi-GPU speed (nothing overlaps);
+    - "auto" (default): nccl when there are K >= 2 GPUs and NCCL, else copy (a UserWarning says so).
+    `transport_used` / `transport_reason` say which ran and why."""
 
-    def __init__(self, out, backend: str = "reference"):
+    def __init__(self, out, backend: str = "reference", transport: str = "auto", *, cuda_graph: bool = True,
+                 gpus: Optional[list] = None):
+        from .multi_device_nccl import TRANSPORTS, TransportError
         from .plan_file import read_plan
-        self.out = Path(out)
+        if backend not in ("reference", "cuda"):
+            raise MultiDeviceError(f"backend must be 'cuda' or 'reference', not {backend!r}")
+        if transport not in TRANSPORTS:
+            raise TransportError(f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, not {transport!r}")
+        if backend == "reference" and transport == "nccl":
+            raise TransportError("transport='nccl' needs backend='cuda' (the reference simulates the devices)")
+        self.out = self.dir = Path(out)
         self.plan = read_plan(self.out)
         if self.plan.get("kind") != "multi_device":
             raise MultiDeviceError(f"{self.out}: not a multi-device output (plan.json has no kind 'multi_device')")
@@ -1030,12 +1045,42 @@ class MultiDeviceProgram:
         self.backend = backend
         self.segments = [[sg for sg in segments(m)] for m in self.mdm.devices]
         self._builds = None  # (device, segment index) -> a loaded build
-        self.stage_ms: list = []
+        self.group = None  # transport "nccl": the multi_device_nccl.DeviceGroup
+        self.stage_ms: list = []  # copy: per device, per micro-batch, host wall ms of its segment builds
+        self.comm_ms: list = []   # copy: per device, per micro-batch, host wall ms of its collectives
+        self.transport_used, self.transport_reason = "reference", "backend 'reference': simulated devices"
         if backend == "cuda":
             if not self.plan.get("codegen"):
                 raise MultiDeviceError(f"{self.out}: compiled with --no-codegen; the cuda backend needs the builds")
-            from .runtime import load
-            self._builds = self._load_builds(lambda rel: load(self.out / rel))
+            from .multi_device_nccl import choose_transport, gpu_count, nccl_available
+            from .runtime import load, require_gpu
+            require_gpu()
+            K = self.mdm.num_devices
+            need_nccl = transport != "copy" and K > 1
+            choice = choose_transport(transport, K, gpu_count() if need_nccl else 1,
+                                      nccl_available() if need_nccl else False)
+            self.transport_used, self.transport_reason = choice.name, choice.reason
+            if choice.name == "nccl":
+                from .multi_device_nccl import open_nccl_group
+                self.group = open_nccl_group(self, gpus, cuda_graph)
+            else:
+                if transport == "auto" and K > 1:
+                    import warnings
+                    warnings.warn(f"{self.out}: {choice.reason}", UserWarning, stacklevel=2)
+                self._builds = self._load_builds(lambda rel: load(self.out / rel, cuda_graph=cuda_graph))
+
+    def __repr__(self):
+        return (f"<nnc.MultiDeviceProgram {self.backend} ({self.transport_used}) {self.out}: "
+                f"{self.mdm.num_devices} devices, {self.plan.get('parallel')}>")
+
+    def close(self) -> None:
+        """Frees the NCCL communicators (transport nccl); the program is unusable after."""
+        if self.group is not None:
+            for s in self.group.sides:
+                comm = getattr(s, "comm", None)
+                if comm is not None:
+                    comm.destroy()
+            self.group.broken = "closed"
 
     def _load_builds(self, load) -> dict:
         dirs = self.plan.get("device_builds")
@@ -1064,6 +1109,14 @@ class MultiDeviceProgram:
         from .api import TensorInfo
         return tuple(TensorInfo.from_plan(e) for e in self.plan["outputs"])
 
+    @property
+    def input_names(self) -> list:
+        return [e["name"] for e in self.plan["inputs"]]
+
+    @property
+    def output_names(self) -> list:
+        return [e["name"] for e in self.plan["outputs"]]
+
     def __call__(self, *args, **kwargs):
         names = [t.name for t in self.inputs]
         if len(args) == 1 and isinstance(args[0], dict) and not kwargs:
@@ -1076,11 +1129,40 @@ class MultiDeviceProgram:
         vals = [res[t.name] for t in self.outputs]
         return vals[0] if len(vals) == 1 else tuple(vals)
 
-    def run(self, inputs: dict, micro_batches: Optional[int] = None, trace: Optional[list] = None) -> dict:
-        """inputs: name -> array (numpy; whole batch). Returns output name -> numpy array."""
+    def run(self, inputs: dict, outputs=None, *, output: str = "numpy", micro_batches: Optional[int] = None,
+            trace: Optional[list] = None, timing: bool = False) -> dict:
+        """inputs: name -> array (whole batch). outputs: the names to return (default all).
+        output: "numpy" (default) or "cupy" (transport nccl: on the GPU of the device that computes
+        it). micro_batches: the reference's M (the cuda builds are compiled for plan.json's).
+        trace: the reference scheduler's TraceEvents. timing (transport nccl): CUDA events around
+        every step, read into self.group.timing (a RunTiming)."""
+        if output not in ("numpy", "cupy"):
+            raise NncError(f"output must be 'numpy' or 'cupy', not {output!r}")
+        sel = self._selected(outputs)
         if self.backend == "reference":
-            return run_multi(self.mdm, inputs, micro_batches, trace)
-        return self._run_builds(inputs, self.mdm.micro_batches if micro_batches is None else micro_batches)
+            res = run_multi(self.mdm, inputs, micro_batches, trace)
+        else:
+            if micro_batches is not None and micro_batches != self.mdm.micro_batches:
+                raise MultiDeviceError(f"micro_batches {micro_batches}: the builds are compiled for "
+                                       f"{self.mdm.micro_batches} micro-batches")
+            if self.group is not None:
+                res = self.group.run(inputs, timing=timing, output=output)
+                return {n: res[n] for n in sel}
+            res = self._run_builds(inputs, self.mdm.micro_batches)
+        if output == "cupy":
+            import cupy as cp
+            return {n: cp.asarray(res[n]) for n in sel}
+        return {n: res[n] for n in sel}
+
+    def _selected(self, outputs) -> list:
+        names = self.output_names
+        if outputs is None:
+            return names
+        sel = [outputs] if isinstance(outputs, str) else list(outputs)
+        unknown = [n for n in sel if n not in names]
+        if unknown:
+            raise InputError(f"unknown outputs {unknown}; the model's outputs are {names}")
+        return sel
 
     def _run_builds(self, inputs: dict, M: int) -> dict:
         import cupy as cp
@@ -1089,9 +1171,11 @@ class MultiDeviceProgram:
         outs: dict[str, list] = {n: [] for n in self.mdm.output_names()}
         K = self.mdm.num_devices
         self.stage_ms = [[] for _ in range(K)]  # per device, per micro-batch: host wall ms of its segments
+        self.comm_ms = [[] for _ in range(K)]  # per device, per micro-batch: host wall ms of its collectives
         for mb in range(M):
             env = [{a.name: cp.asarray(parts[a.name][mb]) for a in m.main.args} for m in self.mdm.devices]
             ms = [0.0] * K
+            cms = [0.0] * K
             pos, phase = [0] * K, [0] * K  # segment, and where in it: 0 receive, 1 run, 2 send, 3 collective
             queues: dict[tuple, deque] = {}
             slots: dict[tuple, dict] = {}
@@ -1132,6 +1216,8 @@ class MultiDeviceProgram:
                             if any(d not in slot for d in g):
                                 break
                             if "result" not in slot:
+                                cp.cuda.Device().synchronize()
+                                c0 = time.perf_counter()
                                 vals = [slot[d] for d in g]
                                 if c.name == "AllGather":
                                     slot["result"] = cp.concatenate(vals, axis=c.attrs.axis)
@@ -1142,6 +1228,9 @@ class MultiDeviceProgram:
                                     for v in vals[1:]:
                                         acc = fn(acc, v).astype(acc.dtype, copy=False)
                                     slot["result"] = acc
+                                cp.cuda.Device().synchronize()
+                                for d in g:  # each member waits for the one reduction
+                                    cms[d] += (time.perf_counter() - c0) * 1e3
                             env[k][c.results[0].name] = cp.array(slot["result"], copy=True)
                             seq[(g, k)] = n + 1
                         pos[k], phase[k] = pos[k] + 1, 0
@@ -1151,6 +1240,7 @@ class MultiDeviceProgram:
                                            "have refused)")
             for k in range(K):
                 self.stage_ms[k].append(ms[k])
+                self.comm_ms[k].append(cms[k])
             for n in outs:
                 outs[n].append(cp.asnumpy(env[self.mdm.source_of(n)][n]))
         return {n: v[0] if M == 1 else np.concatenate(v, axis=0) for n, v in outs.items()}

@@ -1,0 +1,613 @@
+"""A `nnc compile --devices K` program on K GPUs of one host, NCCL doing the communication.
+
+Each device k of the program runs on GPU `gpus[k]`: its segment builds (plan.json's
+device_builds, ordinary single-device CUDA outputs) loaded there, with one CUDA stream of its
+own. A host thread per device walks that device's steps (`device_steps`) for every micro-batch in
+the order of plan.json's GPipe schedule and only *enqueues* work on the device's stream:
+
+- recv: the segment's Recv ops as one ncclGroupStart / ncclRecv... / ncclGroupEnd (bytes into
+  buffers allocated at load, one per Recv op);
+- run: the segment's arguments copied (device to device) into the build's input buffers, then
+  the build's CUDA graph (or its eager launches) on the stream;
+- send: the segment's Send ops as one NCCL group of ncclSend from the values' buffers;
+- collective: AllReduce / AllGather as ncclAllReduce / ncclAllGather on the stream (an
+  AllGather along an axis other than 0 is gathered into [n, ...] and concatenated).
+
+Everything a device does is ordered by its stream, so a buffer that the next micro-batch
+overwrites (a build's outputs, a receive buffer) has been read by then. Nothing waits on the
+host until the run's end, so stage k computes micro-batch i while stage k + 1 computes i - 1:
+the pipeline overlaps on the GPUs. NCCL's send completes when its receive does (the programs
+verify_multi accepts are safe under that rule), so a device is never more than its stages'
+messages ahead of its peers.
+
+Why threads (one per GPU) and not processes: the builds, the weights and the inputs are loaded
+once in one address space, results come back without serialisation, and ncclCommInitAll makes
+every communicator in one call with no unique-id exchange. Host work per run is small (the
+threads only enqueue; cupy and NCCL drop the GIL inside their calls), and a thread per device is
+what NCCL asks for when one process drives several GPUs (a blocking connection setup on one GPU
+would otherwise stop the others from reaching theirs). One process per GPU would matter for
+several hosts, which this does not do.
+
+NVLink multicast (NVLS) stays off: `set_safe_env` sets NCCL_NVLS_ENABLE=0,
+TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 in this process before NCCL is
+imported or initialised (a program using multicast can take a shared host's GPUs out of service);
+nothing here calls cuMulticastCreate.
+
+The device side is an interface (`DeviceSide`): `NcclDevice` is the GPU one; tests run the same
+executor on the CPU with a numpy stand-in (tests/test_multi_device_runtime.py).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .ir.errors import InputError, NncError
+
+TRANSPORTS = ("auto", "nccl", "copy")
+# NVLink multicast off in NCCL, PyTorch and NVSHMEM (the machines' notes: it can take shared GPUs down)
+SAFE_ENV = (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1"))
+NCCL_DTYPES = {"int8": 0, "uint8": 1, "int32": 2, "uint32": 3, "int64": 4, "uint64": 5, "float16": 6,
+               "float32": 7, "float64": 8, "bfloat16": 9}
+NCCL_OPS = {"sum": 0, "prod": 1, "max": 2, "min": 3}
+NCCL_UINT8 = 1
+
+
+class TransportError(NncError):
+    """The transport asked for cannot run here (too few GPUs, no NCCL), or a multi-GPU run failed."""
+
+
+def set_safe_env(environ=None) -> None:
+    """Sets SAFE_ENV in `environ` (default os.environ), overriding what is there: before NCCL
+    initialises, which reads them once."""
+    env = os.environ if environ is None else environ
+    for k, v in SAFE_ENV:
+        env[k] = v
+
+
+def gpu_count() -> int:
+    """CUDA devices cupy sees (0 without cupy or a driver)."""
+    try:
+        import cupy
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:
+        return 0
+
+
+def nccl_available() -> bool:
+    try:
+        from cupy.cuda import nccl
+        return bool(getattr(nccl, "available", True))
+    except Exception:
+        return False
+
+
+@dataclass(frozen=True)
+class TransportChoice:
+    name: str    # "nccl" | "copy"
+    reason: str  # a sentence: why this one
+
+
+def choose_transport(transport: str, devices: int, gpus: int, have_nccl: bool) -> TransportChoice:
+    """"nccl": K GPUs and NCCL, else a TransportError; "copy": the one-GPU path (K instances on
+    one GPU, device-to-device copies and cupy sums standing in for NCCL); "auto": nccl when
+    there are at least K >= 2 GPUs and NCCL, else copy, saying why."""
+    if transport not in TRANSPORTS:
+        raise TransportError(f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, not {transport!r}")
+    if transport == "copy":
+        return TransportChoice("copy", "transport='copy': every device on the current GPU, copies standing in for NCCL")
+    short = None
+    if gpus < devices:
+        short = f"the program has {devices} devices and {gpus} GPU{'s' if gpus != 1 else ''} are present"
+    elif not have_nccl:
+        short = "cupy.cuda.nccl is not available"
+    if transport == "nccl":
+        if short:
+            raise TransportError(f"transport='nccl': {short}; use transport='copy' (or 'auto') for the one-GPU path")
+        return TransportChoice("nccl", f"transport='nccl': {devices} GPUs, NCCL")
+    if devices < 2:
+        return TransportChoice("copy", "one device: no communication")
+    if short:
+        return TransportChoice("copy", f"{short}: the one-GPU path (all {devices} devices on GPU 0, "
+                                       f"copies standing in for NCCL; nothing overlaps)")
+    return TransportChoice("nccl", f"{devices} GPUs and NCCL: one GPU per device")
+
+
+# ---------------------------------------------------------------- what each device does
+
+@dataclass(frozen=True)
+class Step:
+    kind: str        # "recv" | "run" | "send" | "collective"
+    device: int
+    micro_batch: int
+    segment: int     # the Segment's index in segments(device module)
+    ops: tuple = ()  # the comm ops of a recv / send group, or the one collective
+
+
+def micro_batch_order(plan: dict, devices: int, micro_batches: int) -> list:
+    """Per device, the micro-batches in the order it runs them: plan.json's GPipe slots (stage s
+    runs micro-batch i in slot s + i), each checked to hold every micro-batch once; without a
+    schedule (tensor parallel) 0..M-1."""
+    sched = plan.get("schedule")
+    if not isinstance(sched, dict) or not sched.get("slots"):
+        return [list(range(micro_batches)) for _ in range(devices)]
+    order: list = [[] for _ in range(devices)]
+    for slot in sched["slots"]:
+        for e in slot:
+            d, m = int(e["device"]), int(e["micro_batch"])
+            if not 0 <= d < devices:
+                raise NncError(f"plan.json schedule: device {d} does not exist (the program has {devices})")
+            order[d].append(m)
+    for d, o in enumerate(order):
+        if sorted(o) != list(range(micro_batches)):
+            raise NncError(f"plan.json schedule: device {d} runs micro-batches {o}, not each of 0..{micro_batches - 1} once")
+    return order
+
+
+def device_steps(segments: list, device: int, order: list) -> list:
+    """Device `device`'s steps: for each micro-batch of `order`, each segment's receives (one
+    group), its compute, its sends (one group), then the collective that ends it."""
+    steps = []
+    for mb in order:
+        for sg in segments:
+            if sg.recvs:
+                steps.append(Step("recv", device, mb, sg.index, tuple(sg.recvs)))
+            if sg.module is not None:
+                steps.append(Step("run", device, mb, sg.index))
+            if sg.sends:
+                steps.append(Step("send", device, mb, sg.index, tuple(sg.sends)))
+            if sg.collective is not None:
+                steps.append(Step("collective", device, mb, sg.index, (sg.collective,)))
+    return steps
+
+
+def _static_shape(t, what: str) -> tuple:
+    if t.shape is None or not all(isinstance(d, int) for d in t.shape):
+        raise NncError(f"{what}: {t} has symbolic dims; multi-GPU runs need static shapes (--shapes)")
+    return tuple(t.shape)
+
+
+# ---------------------------------------------------------------- the device side
+
+class DeviceSide:
+    """What a device worker needs of its device: arrays, copies and the transport, all queued
+    in the device's order (its stream). NcclDevice is the GPU's; tests pass a numpy stand-in."""
+
+    index: int
+
+    def current(self):  # a context manager: this device current on the calling thread
+        raise NotImplementedError
+
+    def empty(self, shape: tuple, dtype: str):
+        raise NotImplementedError
+
+    def upload(self, a: np.ndarray):
+        raise NotImplementedError
+
+    def download(self, a, dtype: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def copy(self, dst, src) -> None:
+        raise NotImplementedError
+
+    def run_build(self, build, feed: dict) -> dict:
+        """The build's arguments from feed (name -> array), one run queued; name -> result arrays."""
+        raise NotImplementedError
+
+    def recv_group(self, items: list) -> None:  # [(array, peer)]
+        raise NotImplementedError
+
+    def send_group(self, items: list) -> None:  # [(array, peer)]
+        raise NotImplementedError
+
+    def all_reduce(self, src, dst, op: str, dtype: str, group: tuple) -> None:
+        raise NotImplementedError
+
+    def all_gather(self, src, dst, dtype: str, group: tuple) -> None:
+        """dst: [len(group), *src.shape], member i's src in dst[i]."""
+        raise NotImplementedError
+
+    def concat_gathered(self, gathered, axis: int, dst) -> None:
+        raise NotImplementedError
+
+    def event(self):
+        raise NotImplementedError
+
+    def elapsed_ms(self, e0, e1) -> float:
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """After a failed run: stop what is queued (NCCL: abort the communicator)."""
+
+
+class NcclDevice(DeviceSide):
+    """GPU `gpu` with its own non-blocking stream and its NCCL communicator (rank = device)."""
+
+    def __init__(self, index: int, gpu: int, comm, cp, nccl):
+        self.index, self.gpu, self.comm, self.cp, self.nccl = index, gpu, comm, cp, nccl
+        self.size = comm.size()
+        with cp.cuda.Device(gpu):
+            self.stream = cp.cuda.Stream(non_blocking=True)
+
+    def current(self):
+        import contextlib
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.cp.cuda.Device(self.gpu))
+        stack.enter_context(self.stream)
+        return stack
+
+    def empty(self, shape, dtype):
+        from .runtime import _dev_dtype
+        with self.cp.cuda.Device(self.gpu):
+            return self.cp.empty(shape, _dev_dtype(dtype))
+
+    def upload(self, a):
+        if a.dtype.kind not in "biufc":  # ml_dtypes (bfloat16, float8...): their raw bits
+            a = a.view(np.dtype(f"u{a.dtype.itemsize}"))
+        with self.cp.cuda.Device(self.gpu):
+            d = self.cp.empty(a.shape, a.dtype)
+            if d.nbytes:
+                self.cp.cuda.runtime.memcpyAsync(d.data.ptr, np.ascontiguousarray(a).ctypes.data, d.nbytes, 1,
+                                                 self.stream.ptr)
+            return d
+
+    def download(self, a, dtype):
+        from .runtime import _np_dtype
+        h = np.empty(a.shape, a.dtype)
+        if h.nbytes:
+            self.cp.cuda.runtime.memcpyAsync(h.ctypes.data, a.data.ptr, h.nbytes, 2, self.stream.ptr)
+        self.stream.synchronize()
+        want = _np_dtype(dtype)
+        return h.view(want) if h.dtype != want else h
+
+    def copy(self, dst, src):
+        if dst.nbytes != src.nbytes:
+            raise NncError(f"device {self.index}: copy of {src.nbytes} bytes into a buffer of {dst.nbytes}")
+        if dst.nbytes and dst.data.ptr != src.data.ptr:
+            self.cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, dst.nbytes, 3, self.stream.ptr)
+
+    def run_build(self, build, feed):
+        ins, outs = build.io_buffers()
+        for t, buf in zip(build.plan["inputs"], ins):
+            self.copy(buf, feed[t["name"]])
+        build.launch(self.stream)
+        return {t["name"]: buf for t, buf in zip(build.plan["outputs"], outs)}
+
+    def recv_group(self, items):
+        self.nccl.groupStart()
+        try:
+            for a, peer in items:
+                self.comm.recv(a.data.ptr, a.nbytes, NCCL_UINT8, peer, self.stream.ptr)
+        finally:
+            self.nccl.groupEnd()
+
+    def send_group(self, items):
+        self.nccl.groupStart()
+        try:
+            for a, peer in items:
+                self.comm.send(a.data.ptr, a.nbytes, NCCL_UINT8, peer, self.stream.ptr)
+        finally:
+            self.nccl.groupEnd()
+
+    def _check_group(self, group):
+        if tuple(group) != tuple(range(self.size)):
+            raise NncError(f"device {self.index}: collective over group {list(group)}: only the whole program "
+                           f"(devices 0..{self.size - 1}) is a communicator so far")
+
+    def all_reduce(self, src, dst, op, dtype, group):
+        self._check_group(group)
+        self.comm.allReduce(src.data.ptr, dst.data.ptr, src.size, NCCL_DTYPES[dtype], NCCL_OPS[op], self.stream.ptr)
+
+    def all_gather(self, src, dst, dtype, group):
+        self._check_group(group)
+        self.comm.allGather(src.data.ptr, dst.data.ptr, src.size, NCCL_DTYPES[dtype], self.stream.ptr)
+
+    def concat_gathered(self, gathered, axis, dst):
+        with self.cp.cuda.Device(self.gpu), self.stream:
+            self.cp.concatenate(list(gathered), axis=axis, out=dst)
+
+    def event(self):
+        e = self.cp.cuda.Event()
+        e.record(self.stream)
+        return e
+
+    def elapsed_ms(self, e0, e1):
+        return float(self.cp.cuda.get_elapsed_time(e0, e1))
+
+    def synchronize(self):
+        self.stream.synchronize()
+
+    def abort(self):
+        try:
+            self.comm.abort()
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------- the executor
+
+@dataclass
+class RunTiming:
+    """One run, measured on the devices (CUDA events on each device's stream): per device and
+    micro-batch the compute time of its segment builds and the time in its receives, sends and
+    collectives (waiting for a peer included), each device's span (first step queued to last
+    done), and the host's wall time of the whole run (inputs uploaded to outputs downloaded)."""
+    compute_ms: list = field(default_factory=list)  # [device][micro-batch]
+    comm_ms: list = field(default_factory=list)     # [device][micro-batch]
+    span_ms: list = field(default_factory=list)     # [device]
+    wall_ms: float = 0.0
+
+    def bubble_fraction(self) -> float:
+        """1 - (compute of all devices) / (K x the longest span): the share of the devices' time
+        not spent computing (pipeline fill and drain, communication, waits)."""
+        k, span = len(self.span_ms), max(self.span_ms or [0.0])
+        busy = sum(sum(c) for c in self.compute_ms)
+        return 1.0 - busy / (k * span) if k and span > 0 else 0.0
+
+    def comm_share(self) -> list:
+        """Per device: time in communication / its span."""
+        return [sum(c) / s if s > 0 else 0.0 for c, s in zip(self.comm_ms, self.span_ms)]
+
+
+class DeviceGroup:
+    """K device workers over DeviceSides, one host thread each (see the module docstring).
+
+    mdm: the MultiDeviceModule; segments: per device, multi_device.segments(its module); builds:
+    (device, segment index) -> a loaded build (what sides[k].run_build takes); plan: the OUT's
+    plan.json (inputs / outputs at whole-batch shapes, the schedule)."""
+
+    def __init__(self, mdm, segments: list, builds: dict, sides: list, plan: dict, micro_batches: int):
+        from .multi_device import MultiDeviceError
+        self.mdm, self.segments, self.builds, self.sides, self.plan = mdm, segments, builds, sides, plan
+        self.M = int(micro_batches)
+        K = mdm.num_devices
+        if len(sides) != K:
+            raise MultiDeviceError(f"{len(sides)} device sides for a program of {K} devices")
+        self.order = micro_batch_order(plan, K, self.M)
+        check_message_order(mdm)
+        self.steps = [device_steps(segments[k], k, self.order[k]) for k in range(K)]
+        self.trace: list = []  # (device, step kind, micro-batch, segment) in the order each thread queued them
+        self._trace_lock = threading.Lock()
+        self.timing: Optional[RunTiming] = None
+        self.broken: Optional[str] = None
+        # buffers made once, reused by every run (stream order keeps each micro-batch's uses apart)
+        self._recv_buf, self._coll_buf, self._gather_buf = {}, {}, {}
+        for k, segs in enumerate(segments):
+            for sg in segs:
+                for op in sg.recvs:
+                    t = op.results[0].type
+                    self._recv_buf[id(op)] = sides[k].empty(_static_shape(t, f"device {k}: Recv {op.results[0].name}"),
+                                                            t.dtype.np_name)
+                c = sg.collective
+                if c is not None:
+                    t, x = c.results[0].type, c.operands[0].type
+                    dt = x.dtype.np_name
+                    if dt not in NCCL_DTYPES:
+                        raise MultiDeviceError(f"device {k}: {c.name} of {x}: NCCL has no {dt} type")
+                    shape = _static_shape(t, f"device {k}: {c.name} {c.results[0].name}")
+                    if c.name == "AllGather":
+                        n = len(c.attrs.group)
+                        self._gather_buf[id(c)] = sides[k].empty((n,) + _static_shape(x, f"device {k}: AllGather"), dt)
+                        if c.attrs.axis % len(shape) != 0:
+                            self._coll_buf[id(c)] = sides[k].empty(shape, dt)
+                    else:
+                        self._coll_buf[id(c)] = sides[k].empty(shape, dt)
+
+    def run(self, inputs: dict, timing: bool = False, output: str = "numpy") -> dict:
+        """inputs: name -> whole-batch numpy array. Returns name -> array: numpy, or (output="cupy")
+        the device array on the GPU of the device that computes it."""
+        from .api import _to_numpy
+        from .multi_device import MultiDeviceError
+        if self.broken:
+            raise MultiDeviceError(f"this multi-GPU program is unusable after an earlier failure: {self.broken}")
+        K, M = self.mdm.num_devices, self.M
+        check_inputs(self.plan, inputs)
+        t0 = time.perf_counter()
+        feeds = []
+        for k, m in enumerate(self.mdm.devices):
+            whole = {}
+            with self.sides[k].current():
+                for a in m.main.args:
+                    x = np.ascontiguousarray(_to_numpy(a.name, inputs[a.name]))
+                    if x.ndim == 0 or x.shape[0] % M:
+                        raise InputError(f"input {a.name!r}: shape {list(x.shape)} does not split into {M} "
+                                         f"micro-batches along axis 0")
+                    whole[a.name] = self.sides[k].upload(x)
+            rows = {n: v.shape[0] // M for n, v in whole.items()}
+            feeds.append([{n: v[i * rows[n]:(i + 1) * rows[n]] for n, v in whole.items()} for i in range(M)])
+        outs = {}
+        for e in self.plan["outputs"]:
+            k = self.mdm.source_of(e["name"])
+            outs[e["name"]] = self.sides[k].empty(tuple(e["shape"]), e["dtype"])
+        self.trace = []
+        self._aborted = False
+        errors: list = [None] * K
+        marks: list = [None] * K
+        threads = [threading.Thread(target=self._worker, args=(k, feeds[k], outs, timing, errors, marks),
+                                    name=f"nnc-device{k}", daemon=True) for k in range(K)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if any(e is not None for e in errors):
+            k, e = self._aborted
+            self.broken = f"device {k}: {e}"
+            if isinstance(e, NncError):
+                raise type(e)(f"device {k}: {e}") from e
+            raise MultiDeviceError(f"device {k}: {type(e).__name__}: {e}") from e
+        for s in self.sides:
+            s.synchronize()
+        res = {}
+        for e in self.plan["outputs"]:
+            k = self.mdm.source_of(e["name"])
+            res[e["name"]] = outs[e["name"]] if output == "cupy" else self.sides[k].download(outs[e["name"]], e["dtype"])
+        wall = (time.perf_counter() - t0) * 1e3
+        if timing:
+            tm = RunTiming(wall_ms=wall)
+            for k in range(K):
+                begin, end, per = marks[k]
+                side = self.sides[k]
+                tm.span_ms.append(side.elapsed_ms(begin, end))
+                comp, comm = [0.0] * M, [0.0] * M
+                for kind, mb, e0, e1 in per:
+                    (comp if kind == "run" else comm)[mb] += side.elapsed_ms(e0, e1)
+                tm.compute_ms.append(comp)
+                tm.comm_ms.append(comm)
+            self.timing = tm
+        return res
+
+    def _worker(self, k: int, feeds: list, outs: dict, timing: bool, errors: list, marks: list) -> None:
+        side = self.sides[k]
+        f = self.mdm.devices[k].main
+        mine = [(r.name, self.plan_rows(r.name)) for r in f.results if r.name in outs and self.mdm.source_of(r.name) == k]
+        per = []
+        try:
+            with side.current():
+                begin = side.event() if timing else None
+                env: dict = {}
+                cur = None
+                for st in self.steps[k]:
+                    if st.micro_batch != cur:
+                        if cur is not None:
+                            self._store_outputs(side, env, mine, outs, cur)
+                        cur, env = st.micro_batch, dict(feeds[st.micro_batch])
+                    with self._trace_lock:
+                        self.trace.append((k, st.kind, st.micro_batch, st.segment))
+                    e0 = side.event() if timing else None
+                    self._step(side, st, env)
+                    if timing:
+                        per.append((st.kind, st.micro_batch, e0, side.event()))
+                if cur is not None:
+                    self._store_outputs(side, env, mine, outs, cur)
+                end = side.event() if timing else None
+            marks[k] = (begin, end, per)
+        except BaseException as e:  # reported by run(); the others may wait for this device: abort them now
+            errors[k] = e
+            with self._trace_lock:
+                if not self._aborted:  # the first failure; the others' may follow from the abort
+                    self._aborted = (k, e)
+                    for s in self.sides:
+                        s.abort()
+
+    def plan_rows(self, name: str) -> int:
+        e = next(e for e in self.plan["outputs"] if e["name"] == name)
+        return int(e["shape"][0]) // self.M if e["shape"] else 1
+
+    def _store_outputs(self, side, env, mine, outs, mb):
+        for name, rows in mine:
+            dst = outs[name] if self.M == 1 else outs[name][mb * rows:(mb + 1) * rows]
+            side.copy(dst, env[name])
+
+    def _step(self, side: DeviceSide, st: Step, env: dict) -> None:
+        if st.kind == "recv":
+            items = []
+            for op in st.ops:
+                buf = self._recv_buf[id(op)]
+                items.append((buf, op.attrs.peer))
+                env[op.results[0].name] = buf
+            side.recv_group(items)
+        elif st.kind == "run":
+            build = self.builds[(st.device, st.segment)]
+            seg = self.segments[st.device][st.segment]
+            feed = {a.name: env[a.name] for a in seg.module.main.args}
+            env.update(side.run_build(build, feed))
+        elif st.kind == "send":
+            side.send_group([(env[op.operands[0].name], op.attrs.peer) for op in st.ops])
+        else:
+            c = st.ops[0]
+            src = env[c.operands[0].name]
+            dt = c.operands[0].type.dtype.np_name
+            g = tuple(c.attrs.group)
+            if c.name == "AllReduce":
+                dst = self._coll_buf[id(c)]
+                side.all_reduce(src, dst, c.attrs.op, dt, g)
+            else:
+                gathered = self._gather_buf[id(c)]
+                side.all_gather(src, gathered, dt, g)
+                shape = tuple(c.results[0].type.shape)
+                if id(c) in self._coll_buf:
+                    dst = self._coll_buf[id(c)]
+                    side.concat_gathered(gathered, c.attrs.axis % len(shape), dst)
+                else:
+                    dst = gathered.reshape(shape)
+            env[c.results[0].name] = dst
+
+
+def check_message_order(mdm) -> None:
+    """NCCL matches the sends and receives between two devices by their order; the IR by tag.
+    Refuses a program whose receives on a device take one peer's messages in another order than
+    that peer sends them (the partitioner's never do: they send and receive in tag order)."""
+    from .multi_device import MultiDeviceError, describe
+    sent: dict = {}
+    got: dict = {}
+    for k, m in enumerate(mdm.devices):
+        for op in m.main.ops:
+            if op.name == "Send":
+                sent.setdefault((k, op.attrs.peer), []).append((op.attrs.tag, op))
+            elif op.name == "Recv":
+                got.setdefault((op.attrs.peer, k), []).append((op.attrs.tag, op))
+    for pair in sorted(set(sent) | set(got)):
+        s, r = [t for t, _ in sent.get(pair, [])], [t for t, _ in got.get(pair, [])]
+        if s != r:
+            op = next((o for (t, o), u in zip(got.get(pair, []), s) if t != u), got.get(pair, [(0, None)])[0][1])
+            where = describe(op, pair[1]) if op is not None else f"device {pair[1]}"
+            raise MultiDeviceError(f"{where}: device {pair[0]} sends tags {s} to device {pair[1]}, which receives "
+                                   f"tags {r}; NCCL pairs two devices' messages in order, so they must agree")
+
+
+def check_inputs(plan: dict, inputs: dict) -> None:
+    """Every model input given, of its dtype and whole-batch shape (plan.json's), nothing else."""
+    from .ir.types import dtype
+    names = [e["name"] for e in plan["inputs"]]
+    missing = [n for n in names if n not in inputs]
+    extra = sorted(set(inputs) - set(names))
+    if missing or extra:
+        raise InputError(f"inputs: expected {names}; missing {missing}, unknown {extra}")
+    for e in plan["inputs"]:
+        x = inputs[e["name"]]
+        got = np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
+        if got != np.dtype(dtype(e["dtype"]).np):
+            raise InputError(f"input {e['name']!r}: expected dtype {e['dtype']}, given {got}")
+        if list(np.shape(x)) != list(e["shape"]):
+            raise InputError(f"input {e['name']!r}: expected shape {list(e['shape'])}, given {list(np.shape(x))}")
+
+
+def open_nccl_group(prog, gpus: Optional[list] = None, cuda_graph: bool = True) -> DeviceGroup:
+    """prog: a MultiDeviceProgram (plan, mdm, segments, out). Device k on GPU gpus[k] (default k):
+    NCCL communicators for all (ncclCommInitAll, after set_safe_env), each device's builds
+    loaded on its GPU."""
+    from .multi_device import MultiDeviceError
+    set_safe_env()  # before cupy.cuda.nccl initialises anything
+    import cupy as cp
+    from cupy.cuda import nccl
+    from .runtime import load
+    K = prog.mdm.num_devices
+    gpus = list(range(K)) if gpus is None else [int(g) for g in gpus]
+    if len(gpus) != K or len(set(gpus)) != K:
+        raise TransportError(f"gpus {gpus}: need {K} different GPUs, one per device")
+    have = gpu_count()
+    if any(not 0 <= g < have for g in gpus):
+        raise TransportError(f"gpus {gpus}: {have} GPU(s) present")
+    comms = nccl.NcclCommunicator.initAll(gpus)
+    sides = [NcclDevice(k, g, comms[k], cp, nccl) for k, g in enumerate(gpus)]
+    builds = {}
+    dirs = prog.plan.get("device_builds")
+    for k, segs in enumerate(prog.segments):
+        have_segs = [sg for sg in segs if sg.module is not None]
+        if not isinstance(dirs, list) or len(dirs) != K or len(dirs[k]) != len(have_segs):
+            raise MultiDeviceError(f"{prog.out}: plan.json's device_builds does not match the device programs")
+        with cp.cuda.Device(gpus[k]):
+            for sg, rel in zip(have_segs, dirs[k]):
+                m = load(prog.out / rel, cuda_graph=cuda_graph)
+                if any(t.get("shape_known_after_run") for t in m.plan["outputs"]):
+                    raise MultiDeviceError(f"{prog.out / rel}: outputs of data-dependent shape are not supported "
+                                           f"across GPUs")
+                builds[(k, sg.index)] = m
+    return DeviceGroup(prog.mdm, prog.segments, builds, sides, prog.plan, prog.mdm.micro_batches)
