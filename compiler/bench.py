@@ -52,6 +52,7 @@ class BenchOptions:
     cuda_graph: bool = True
     backend: str = "cuda"
     seed: int = 0
+    transport: str = "auto"  # a multi-device directory: "nccl" | "copy" | "auto" (nnc.multi_device_nccl)
 
     def __post_init__(self):
         for what, v, lo in (("iterations", self.iterations, 1), ("warmup", self.warmup, 0)):
@@ -59,6 +60,9 @@ class BenchOptions:
                 raise NncError(f"--{what} must be an integer >= {lo}, not {v!r}")
         if self.backend not in ("cuda", "reference"):
             raise NncError(f"backend must be 'cuda' or 'reference', not {self.backend!r}")
+        from .multi_device_nccl import TRANSPORTS
+        if self.transport not in TRANSPORTS:
+            raise NncError(f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, not {self.transport!r}")
 
 
 def summarize(samples_ms) -> Optional[dict]:
@@ -134,6 +138,11 @@ def bench_builds(out_dir, options: BenchOptions = BenchOptions(), profile: Optio
     """bench() of each build of OUT that profiles.select_builds picks (see the module docstring):
     OUT itself, or builds of a directory with one per static profile, each result carrying its
     profile index (model: OUT as given)."""
+    from .multi_device import is_multi_device_dir
+    if is_multi_device_dir(out_dir):  # nnc compile --devices K: one result for the whole group
+        if profile is not None or shapes is not None:
+            raise NncError(f"{out_dir} is a multi-device directory (one build per device): no --profile / --shapes")
+        return [bench_multi(out_dir, options)]
     from .profiles import select_builds
     results = []
     for b in select_builds(out_dir, profile=profile, shapes=shapes):
@@ -251,6 +260,147 @@ def _bench_reference(out: Path, options: BenchOptions, advance) -> BenchResult:
                        environment=_environment(), shapes=_input_shapes(plan))
 
 
+# ---------------------------------------------------------------- a multi-device directory
+
+@dataclass
+class MultiBenchResult:
+    """`nnc bench` of a `nnc compile --devices K` directory. latency: host wall per run (inputs
+    uploaded to every device that reads them, outputs downloaded). stage_ms[k]: device k's
+    compute per micro-batch; comm_ms[k]: its time in receives, sends and collectives per run.
+    transport nccl: CUDA events on each device's stream (the waits for a peer count as
+    communication), span_ms the longest device's span per run, bubble_fraction (pipeline)
+    1 - compute / (K x span) measured per run (median), comm_share (tensor) per device median of
+    communication / its span. transport copy (all devices on one GPU, nothing overlaps): host
+    wall times around each build / each stand-in collective with synchronizes, comm_share =
+    communication / (compute + communication) per device, and for pipelines `estimate`
+    (multi_device.pipeline_estimate: what K GPUs would take, communication not counted), not
+    a measurement. Reference backend: latency and throughput only."""
+    model: str
+    backend: str
+    transport: str
+    transport_reason: str
+    devices: int
+    parallel: str
+    micro_batches: int
+    batch: int
+    iterations: int
+    warmup: int
+    latency_ms: dict
+    throughput_per_s: float
+    stage_ms: list = field(default_factory=list)  # per device: summarize() of its compute ms per micro-batch
+    comm_ms: list = field(default_factory=list)   # per device: summarize() of its communication ms per run
+    span_ms: Optional[dict] = None
+    bubble_fraction: Optional[float] = None
+    comm_share: Optional[list] = None
+    estimate: Optional[dict] = None
+    measured: str = ""
+    environment: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"kind": "multi_device", **asdict(self)}
+
+
+def bench_multi(out_dir, options: BenchOptions = BenchOptions()) -> MultiBenchResult:
+    """Measures a multi-device OUT (MultiBenchResult says what each number is)."""
+    from .multi_device import MultiDeviceProgram, pipeline_estimate
+    from .progress import current
+    out = Path(out_dir)
+    if options.backend == "cuda":
+        from .runtime import require_gpu
+        cp = require_gpu()
+    prog = MultiDeviceProgram(out, options.backend, options.transport if options.backend == "cuda" else "auto",
+                              cuda_graph=options.cuda_graph)
+    plan, K, M = prog.plan, prog.mdm.num_devices, prog.mdm.micro_batches
+    feed = random_inputs(plan, options.seed)
+    nccl = prog.transport_used == "nccl"
+    lat, stage, comm, span, bubble, share = [], [[] for _ in range(K)], [[] for _ in range(K)], [], [], []
+    total = options.warmup + options.iterations
+    with current().stage("bench", total=total) as task:
+        wall0 = None
+        for it in range(total):
+            if it == options.warmup:
+                wall0 = time.perf_counter()
+            t0 = time.perf_counter()
+            prog.run(feed, timing=nccl)
+            t1 = time.perf_counter()
+            task.advance()
+            if it < options.warmup:
+                continue
+            lat.append((t1 - t0) * 1e3)
+            if nccl:
+                tm = prog.group.timing
+                for k in range(K):
+                    stage[k] += tm.compute_ms[k]
+                    comm[k].append(sum(tm.comm_ms[k]))
+                span.append(max(tm.span_ms))
+                bubble.append(tm.bubble_fraction())
+                share.append(tm.comm_share())
+            elif options.backend == "cuda":
+                for k in range(K):
+                    stage[k] += prog.stage_ms[k]
+                    comm[k].append(sum(prog.comm_ms[k]))
+                share.append([c / (c + sum(s)) if c + sum(s) > 0 else 0.0
+                              for c, s in zip((sum(x) for x in prog.comm_ms), prog.stage_ms)])
+        wall = time.perf_counter() - wall0
+    pipeline, tensor = plan.get("parallel") == "pipeline", plan.get("parallel") == "tensor"
+    r = MultiBenchResult(str(out), options.backend, prog.transport_used, prog.transport_reason, K,
+                         str(plan.get("parallel")), M, _batch(plan), options.iterations, options.warmup,
+                         summarize(lat), options.iterations * _batch(plan) / wall,
+                         environment=_environment(cp if options.backend == "cuda" else None))
+    if options.backend == "reference":
+        r.measured = "per-stage times, bubble and communication not measured (reference backend: simulated devices)"
+        return r
+    r.stage_ms = [summarize(s) for s in stage]
+    r.comm_ms = [summarize(c) for c in comm]
+    if tensor or not pipeline:
+        r.comm_share = [float(np.median([s[k] for s in share])) for k in range(K)]
+    if nccl:
+        r.span_ms = summarize(span)
+        if pipeline:
+            r.bubble_fraction = float(np.median(bubble))
+        r.measured = (f"measured on {K} GPUs: CUDA events on each device's stream (compute per micro-batch, "
+                      f"communication incl. waits for peers)")
+    else:
+        if pipeline:
+            r.estimate = pipeline_estimate([[x for x in s] for s in stage], M)
+            r.bubble_fraction = None
+        r.measured = ("one GPU, nothing overlaps: host wall times around each build and each stand-in collective "
+                      "(cupy copies / sums, not NCCL); the pipeline numbers are an estimate (" +
+                      prog.transport_reason + ")")
+    r.environment["gpus"] = K if nccl else 1
+    return r
+
+
+def _format_multi(r: MultiBenchResult) -> str:
+    where = f"{r.environment.get('gpus', 1)} x {r.environment.get('gpu', 'GPU')}" if r.backend == "cuda" else "CPU"
+    lines = [f"{r.model}: {r.backend} on {where}, transport {r.transport}, {r.parallel}, {r.devices} devices, "
+             f"{r.micro_batches} micro-batch{'es' if r.micro_batches != 1 else ''}, batch {r.batch}, "
+             f"{r.iterations} iterations after {r.warmup} warm-up",
+             f"{'ms':<34}" + "".join(f"{s:>10}" for s in STATS)]
+    rows = [("latency (host, end to end)", r.latency_ms)]
+    if r.span_ms:
+        rows.append(("longest device span (GPU)", r.span_ms))
+    for k, st in enumerate(r.stage_ms):
+        rows.append((f"device {k} compute / micro-batch", st))
+    for k, st in enumerate(r.comm_ms):
+        rows.append((f"device {k} communication / run", st))
+    for label, st in rows:
+        if st is not None:
+            lines.append(f"{label:<34}" + "".join(f"{st[s]:>10.4f}" for s in STATS))
+    if r.bubble_fraction is not None:
+        lines.append(f"bubble fraction (measured): {r.bubble_fraction:.3f}")
+    if r.estimate is not None:
+        e = r.estimate
+        lines.append(f"pipeline estimate for {r.devices} GPUs (from one-GPU stage times, not measured): "
+                     f"{e['pipelined_ms']:.3f} ms vs {e['sequential_ms']:.3f} sequential, bubble fraction "
+                     f"{e['bubble_fraction']:.3f}, speedup {e['speedup']:.2f}x")
+    if r.comm_share is not None:
+        lines.append("communication share: " + ", ".join(f"device {k} {100 * c:.1f}%" for k, c in enumerate(r.comm_share)))
+    lines.append(f"throughput: {r.throughput_per_s:.1f} inferences/s")
+    lines.append(f"({r.transport_reason}; {r.measured})")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- printing
 
 ROWS = (("latency (host, end to end)", "latency_ms"), ("GPU compute", "gpu_compute_ms"),
@@ -272,6 +422,8 @@ def _head(r: BenchResult) -> str:
 
 def format_text(r: BenchResult) -> str:
     """The table as plain text (what a non-terminal gets)."""
+    if isinstance(r, MultiBenchResult):
+        return _format_multi(r)
     lines = [_head(r), f"{'ms':<28}" + "".join(f"{s:>10}" for s in STATS)]
     for label, key in ROWS:
         st = getattr(r, key)
@@ -283,6 +435,9 @@ def format_text(r: BenchResult) -> str:
 
 
 def print_rich(r: BenchResult, console) -> None:
+    if isinstance(r, MultiBenchResult):
+        console.print(_format_multi(r), end="", markup=False, highlight=False)
+        return
     from rich.table import Table
     t = Table(title=_head(r), title_justify="left")
     t.add_column("ms", style="bold")

@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["reference", "cuda"], default="reference",
                    help="reference: numpy reference semantics (by default inside the planned arena, see "
                         "--in-arena); cuda: the generated kernels")
+    p.add_argument("--transport", choices=["auto", "nccl", "copy"], default="auto",
+                   help="a directory compiled with --devices K, --backend cuda: nccl (device k on GPU k), copy (all "
+                        "devices on one GPU, copies standing in for NCCL), auto (nccl when K GPUs are present)")
     arena = p.add_mutually_exclusive_group()
     arena.add_argument("--in-arena", dest="arena", action="store_const", const=True, default=None,
                        help="reference backend: execute the plan itself on the CPU, every value at its "
@@ -210,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=20, metavar="W", help="untimed requests first (default 20)")
     p.add_argument("--json", metavar="F", help="also write the numbers (and GPU, driver, versions, date) to F")
     p.add_argument("--no-cuda-graph", action="store_true", help="launch every kernel from the host (no CUDA graph)")
+    p.add_argument("--transport", choices=["auto", "nccl", "copy"], default="auto",
+                   help="a directory compiled with --devices K, --backend cuda: nccl (device k on GPU k), copy (all "
+                        "devices on one GPU, copies standing in for NCCL), auto (nccl when K GPUs are present)")
     p.add_argument("--backend", choices=["cuda", "reference"], default="cuda",
                    help="reference: time the numpy reference instead (latency and throughput only; slow)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
@@ -489,8 +495,10 @@ def cmd_run(args) -> int:
         raise NncError("--no-cuda-graph chooses how the cuda backend launches; not with --backend reference")
     if plan.get("kind") == "multi_device":  # nnc compile --devices K (compiler/multi_device.py)
         from .multi_device import MultiDeviceProgram
-        res = MultiDeviceProgram(out, args.backend).run(feed)
-        how = f"{args.backend}, {plan['devices']} devices ({plan['parallel']})"
+        prog = MultiDeviceProgram(out, args.backend, args.transport if args.backend == "cuda" else "auto",
+                                  cuda_graph=not args.no_cuda_graph)
+        res = prog.run(feed)
+        how = f"{args.backend}, {plan['devices']} devices ({plan['parallel']}), transport {prog.transport_used}"
     elif "profile_builds" in plan or ("profiles" in plan and "steps" not in plan and args.backend == "reference"):
         from .api import load as load_module  # picks the build / checks the inputs against the profiles
         res = load_module(out, args.backend, in_arena=args.arena).run(feed, output="numpy")
@@ -565,7 +573,7 @@ def cmd_bench(args) -> int:
         raise NncError(f"{', '.join(given)}: only with --scenario (the LoadGen scenarios)")
     from .bench import BenchOptions, bench_builds, format_text, print_rich, write_json
     options = BenchOptions(iterations=args.iterations, warmup=args.warmup, cuda_graph=not args.no_cuda_graph,
-                           backend=args.backend, seed=args.seed)
+                           backend=args.backend, seed=args.seed, transport=args.transport)
     results = bench_builds(args.out, options, profile=args.profile, shapes=_bench_shapes(args))
     console = None
     if sys.stdout.isatty():
