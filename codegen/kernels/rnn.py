@@ -199,8 +199,10 @@ MMA_MAX_ACC = 128  # fp32 accumulators a thread holds (m-tiles x n-tiles x 4): b
 # issue's shapes (point_cost, fp16: the mma step is modelled cheaper from batch 2 for GRU 800 and
 # LSTM 1024, from 4 for LSTM 512, from 8 for RNN 256; tests/codegen/test_rnn_mma.py checks it)
 MMA_MIN_BATCH = 8
-# the tensor-core step when the batch allows it: compile-checked (NVRTC sm_90a) and GPU tests
-# written, not yet measured on the H200 at this commit (tools/bench_rnn.py --step-mma both)
+# the tensor-core step when the batch allows it. Measured (tools/bench_rnn.py --step-mma, H200,
+# 2026-12-02, fp16, ms; FMA step -> mma step, cuDNN eager): LSTM 2x512 b8 1.33 -> 0.80-0.89 (3.50),
+# b16 1.62 -> 0.86-0.93 (3.38), b32 2.70 -> 1.08-1.13 (3.24); GRU 5x800 bi b16 11.2 -> 4.5-5.1 (29.4);
+# fp32 (FMA) 1.17 / 1.63 / 2.69 / 15.4: fp16 now the faster at each
 DEFAULT_STEP_MMA = True
 DEFAULT_MMA_WARPS = None  # None: the cost model's pick of the space's 4 / 8 (tools/bench_rnn.py --step-mma mma4,mma8)
 
@@ -242,12 +244,20 @@ def _mma_ok(spec: RecurrenceSpec) -> bool:
     return spec.storage in MMA_STORAGE and spec.H % 8 == 0
 
 
-def _staging_clocks(spec: RecurrenceSpec, step_mma: bool) -> float:
-    """Modelled clocks to stage h [B][H] into one block's shared memory from L2: fp32 today, the
-    storage dtype (ldmatrix operand) for the tensor-core step; ~64 B a clock an SM after ~600 of
-    latency."""
-    esz = ESIZE[spec.storage] if step_mma else 4
-    return 600.0 + spec.B * spec.H * esz / 64.0
+# the L2's aggregate rate for the h broadcast (every block of a direction reads all of h each step):
+# ~7 TB/s at ~1.9 GHz. With it the model ranks the measured points (tools/bench_rnn.py, H200,
+# 2026-12-02, fp16 us/step): LSTM 512 b16/b32 half the blocks a direction faster (3.17 vs 3.32,
+# 3.88 vs 3.93: less broadcast, little more work a block), GRU 800 bi b16 all of them (4.06 vs
+# 4.55: half would need 13 warps of gate threads and 10 n-tiles a block)
+L2_BYTES_PER_CLOCK = 3700.0
+
+
+def _staging_clocks(spec: RecurrenceSpec, step_mma: bool, blocks: int) -> float:
+    """Modelled clocks to stage h [B][H] into one block's shared memory from L2: fp32 for the FMA
+    step, the storage dtype (ldmatrix operand) for the tensor-core step; ~64 B a clock an SM after
+    ~600 of latency, or the L2's aggregate rate over all `blocks` reading it, whichever is slower."""
+    nbytes = spec.B * spec.H * (ESIZE[spec.storage] if step_mma else 4)
+    return 600.0 + max(nbytes / 64.0, blocks * nbytes / L2_BYTES_PER_CLOCK)
 
 
 def point_layout(spec: RecurrenceSpec, params: dict) -> dict:
@@ -266,7 +276,7 @@ def point_cost(spec: RecurrenceSpec, params: dict) -> float:
         core = _mma_cost(spec, lay)
     else:
         core = _tiling_cost(spec, lay, params["tr"], params["tb"], params["ks"])[1]
-    return _staging_clocks(spec, mma) + core
+    return _staging_clocks(spec, mma, spec.D * lay["NSB"]) + core
 
 
 def _mma_points(spec: RecurrenceSpec, target: Target, nsb: int) -> list[dict]:
@@ -354,9 +364,8 @@ def recurrence_default(spec: RecurrenceSpec, target: Target, space: Optional[lis
     if mma and any(p.get("step_mma") for p in space):
         pts = [p for p in space if p.get("step_mma") and p["sync"] == DEFAULT_SYNC
                and DEFAULT_MMA_WARPS in (None, p.get("mma_warps"))]
-        if pts:  # most blocks first (the space's order), the cheapest-modelled warp count of those
-            top = pts[0]["nsb"]
-            return dict(min((p for p in pts if p["nsb"] == top), key=lambda p: point_cost(spec, p)))
+        if pts:  # the cheapest-modelled blocks a direction and warps (ties: the space's order)
+            return dict(min(pts, key=lambda p: point_cost(spec, p)))
     space = [p for p in space if not p.get("step_mma")] or space
     for p in space:
         if (p["sync"] == DEFAULT_SYNC and p.get("kperm", False) == DEFAULT_KPERM
