@@ -69,6 +69,10 @@ TILE_SPACE = TILE_SPACE + [(128, 192, 4, 2)]
 # mainloop (the schedule CUTLASS calls ping-pong). (BM, BN, STAGES) per warp group.
 PERSISTENT_COOP = [(128, 256, 4, 2), (128, 192, 4, 2), (256, 128, 4, 2), (128, 128, 6, 2)]
 PINGPONG = [(128, 128, 6), (64, 256, 5), (64, 128, 8), (128, 64, 8)]
+# TMA only: ping-pong rings one or two stages deeper (all the shared memory; a TMA stage costs the
+# producer nothing but its bytes), for the tuner; the cost model does not see stages, so its pick
+# stays the shallower twin listed first
+PINGPONG_TMA_DEEP = [(128, 128, 7), (64, 128, 9), (128, 64, 9)]
 REGS_BESIDES_ACC = 28  # addresses, descriptors, loop state of a consumer thread (ptxas -v, 2026-12-02)
 
 
@@ -246,7 +250,12 @@ def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bul
     smallest = dict(BM=64, BN=64, STAGES=8, CW=1, swizzle=gemm.GROUP_M)  # loads any operand layout
     plain = [p for p in out if mn_major_loads_ok(problem, p)] or [smallest]
     # the TMA points: every tile (the boxes load any operand layout), after the cp.async ones
-    tma_points = [dict(p, LOAD="tma") for p in out] if not im2col and out and tma_fits(problem, target) else []
+    tma_points = []
+    if not im2col and out and tma_fits(problem, target):
+        deep = [dict(BM=bm, BN=bn, STAGES=st, CW=2, SCHED="pingpong", LOAD="tma") for bm, bn, st in PINGPONG_TMA_DEEP]
+        tma_points = [dict(p, LOAD="tma") for p in out] + [
+            dict(p, swizzle=gemm.GROUP_M) for p in deep
+            if _valid(p, target) and gemm._size_ok(p["BM"], problem.M) and gemm._size_ok(p["BN"], problem.N)]
     return ([dict(p, b_bulk=True) for p in out or [smallest]] + plain + tma_points) if b_bulk else plain + tma_points
 
 
