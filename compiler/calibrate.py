@@ -6,7 +6,8 @@ inputs and records, for every tensor the `quantize-int8` pass quantizes (the act
 of Conv / Gemm / MatMul that are not constants, and their outputs, after a Relu that is the only
 reader: passes/quantize_int8.quantized_tensors), the statistic the method needs. The output of a
 MaxPool or view of such a tensor is given that tensor's amax (quantize_int8.scale_sources). The result is an activation amax per tensor; the
-int8 scale is amax / 127 (symmetric, zero point 0). Weights are not calibrated here: their
+int8 scale is amax / 127 (symmetric, zero point 0); `--precision fp8` reads the same table, scale amax / 448
+(e4m3; compiler/passes/quantize_fp8.py). Weights are not calibrated here: their
 per-channel scales come from the constants at compile time (compiler/passes/quantize_int8.py).
 
 Methods (all on |x|):
@@ -176,6 +177,11 @@ class CalibTable:
     def scale(self, name: str) -> Optional[float]:
         a = self.amax.get(name)
         return None if a is None else a / INT8_MAX
+
+    def fp8_scale(self, name: str, fp8_max: float = 448.0) -> Optional[float]:
+        """The fp8 scale of a tensor: amax / the format's largest value (448: e4m3, 57344: e5m2)."""
+        a = self.amax.get(name)
+        return None if a is None else a / fp8_max
 
     def to_json(self) -> dict:
         return {"format": CALIB_FORMAT, "version": CALIB_VERSION, "method": self.method,

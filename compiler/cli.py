@@ -75,13 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "several profiles. min=opt=max is a static build (several: one each under OUT/profiles/); "
                         "ranges need --no-codegen for now (the reference backend checks them per run)")
     p.add_argument("--arch", default=None, help="GPU architecture, e.g. sm_90 (default: the GPU present, else sm_90)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "best", "int8"], default="fp32",
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "best", "int8", "fp8"], default="fp32",
                    help="storage type of weights and activations (accumulation stays fp32); best: per layer, "
                         "the fastest of --allow within --max-rel-err; int8: Q/DQ around Conv/Gemm/MatMul from "
-                        "--calib, the other ops fp32")
+                        "--calib, the other ops fp32; fp8: MatMul/Gemm in e4m3 (activation scales amax/448 from "
+                        "--calib, per-column weight scales), the other ops fp16")
     p.add_argument("--calib", default=None, metavar="FILE",
-                   help="--precision int8: activation scales, calib.json from `nnc calibrate` or a TensorRT "
-                        "calibration cache (first line TRT-...)")
+                   help="--precision int8 / fp8: activation scales (amax), calib.json from `nnc calibrate` or a "
+                        "TensorRT calibration cache (first line TRT-...)")
     p.add_argument("--keep-fp32", default="", metavar="PATTERN,...",
                    help="layers kept at fp32: ONNX node-name globs or op types (with --precision fp16/bf16/best)")
     p.add_argument("--allow", default="", metavar="TYPE,...",
@@ -136,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="INT8 calibration: activation scales for nnc compile --precision int8",
                        description="Runs MODEL on the reference interpreter over --data and writes the activation "
-                                   "scales of every Conv/Gemm/MatMul input and output (compiler/calibrate.py).")
+                                   "scales (amax) of every Conv/Gemm/MatMul input and output (compiler/calibrate.py); "
+                                   "the same file serves --precision fp8 (scale amax/448; --method minmax suits it).")
     p.add_argument("model", help="ONNX model file")
     p.add_argument("--data", required=True, metavar="NPZ_OR_DIR",
                    help="calibration inputs: an .npz with one array per model input (first axis = samples), "

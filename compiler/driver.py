@@ -7,7 +7,8 @@ plan.json contract (kept stable, extended freely):
  "memory": {"arena_bytes", "naive_bytes", "peak_live_bytes", "weights_bytes", "persistent_bytes"},
  "layer_precision" (only with --keep-fp32 / --precision best): {"mode", "keep_fp32",
    "layers": [{"layer", "op", "node", "precision", "wanted"?, "why"?}], "search"? (best's record)}}
- "int8" (only with --precision int8): {"calib": the --calib file's name, "method", "tensors": how many scales}
+ "int8" / "fp8" (only with --precision int8 / fp8): {"calib": the --calib file's name, "method", "tensors": how many
+   amax entries it has}
 Shapes list ints or symbol names; dtypes use numpy names. "precision" is code generation's
 storage type: for best, the fastest allowed type (each layer's own is in "layer_precision").
 """
@@ -42,14 +43,16 @@ def precision_point(passes: list) -> int:
 
 
 def pipeline_passes(precision: str = "fp32", fuse: bool = True, per_layer=None, int8_scales=None,
-                    int4_block=None) -> list:
+                    int4_block=None, fp8_amax=None) -> list:
     """The pass list `nnc compile` runs at this precision (`nnc verify` runs the same one).
     fuse=False leaves out the fusion passes (`--no-fuse`: one kernel per op, to compare against).
     per_layer: a mixed_precision.PrecisionChoice (--keep-fp32, --precision best), run in the
     precision passes' place as the entry ("mixed-precision", choice).
     int8_scales: {tensor name: scale} for precision int8: quantize-int8 runs there instead, then
     fold-qdq (its Q/DQ into integer ops; compiler/passes/quantize_int8.py says the form).
-    int4_block: --weights int4's group size: quantize-weights-int4 runs after fuse-horizontal."""
+    int4_block: --weights int4's group size: quantize-weights-int4 runs after fuse-horizontal.
+    fp8_amax: {tensor name: amax} for precision fp8: to-fp16 (or mixed-precision for --keep-fp32)
+    first, then quantize-fp8 and fold-qdq (MatMul/Gemm -> matmul_fp8; compiler/passes/quantize_fp8.py)."""
     passes = [p for p in DEFAULT_PIPELINE if fuse or p not in FUSION_PASSES]
     if int4_block is not None:
         from .passes.quantize_weights_int4 import make_pass as int4_pass
@@ -59,11 +62,17 @@ def pipeline_passes(precision: str = "fp32", fuse: bool = True, per_layer=None, 
         at = precision_point(passes)
         passes[at:at] = [("quantize-int8", make_pass(int8_scales or {})), "fold-qdq", "canonicalize", "dce"]
         return passes
-    if precision in ("fp16", "bf16") or per_layer is not None:
+    if precision in ("fp16", "bf16", "fp8") or per_layer is not None:
         # before the fusion passes: to-fp16 would run a fused op's body at f32 (casts around it)
         at = precision_point(passes)
+        if per_layer is None and precision == "fp8":  # mixed-precision keeps the names calib.json uses
+            from .passes.mixed_precision import PrecisionChoice
+            per_layer = PrecisionChoice("fp16")
         lower = ("mixed-precision", per_layer) if per_layer is not None else f"to-{precision}"
         passes[at:at] = [lower, "canonicalize", "dce"]
+        if precision == "fp8":  # after to-fp16: the fp8 scales stay f32, pinned f32 layers stay float
+            from .passes.quantize_fp8 import make_pass as fp8_pass
+            passes[at + 3:at + 3] = [("quantize-fp8", fp8_pass(fp8_amax or {})), "fold-qdq", "canonicalize", "dce"]
     return passes
 
 
@@ -83,7 +92,8 @@ def precision_choice(model, options, shapes: dict, module=None):
             return search(model, options, warn, rep.log if rep.verbose else (lambda s: None), import_shapes=shapes)
     if options.keep_fp32:
         nodes = frozenset(op.loc.node for op in module.main.ops if op.loc.node) if module is not None else frozenset()
-        return PrecisionChoice(options.precision, keep_patterns=options.keep_fp32, warn=warn,
+        return PrecisionChoice("fp16" if options.precision == "fp8" else options.precision,
+                               keep_patterns=options.keep_fp32, warn=warn,
                                imported_nodes=nodes), None
     return None, None
 
@@ -141,12 +151,13 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
         rep.log(f"  import {'':<14} {rep.times['import'] * 1e3:9.1f} ms {count_ops(module):8d} ops")
     choice, search_record = precision_choice(model, options, {k: list(v) for k, v in options.shapes}, module)
     calib = None
-    if precision == "int8":  # the calibration table: calib.json or a TensorRT cache
+    if precision in ("int8", "fp8"):  # the calibration table: calib.json or a TensorRT cache
         from .calibrate import load_table
         calib = load_table(options.calib)
     pipe = Pipeline(pipeline_passes(precision, options.fuse, choice,
-                                    calib and {k: calib.scale(k) for k in calib.amax},
-                                    options.int4_block if options.weights == "int4" else None), options.verify_each,
+                                    calib and precision == "int8" and {k: calib.scale(k) for k in calib.amax},
+                                    options.int4_block if options.weights == "int4" else None,
+                                    calib and precision == "fp8" and dict(calib.amax)), options.verify_each,
                     Path(dump_ir) if dump_ir else None)
     pipe.run(module)
     if choice is not None and rep.verbose:
@@ -169,7 +180,7 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
         **({"layer_precision": layer_precision_json(choice, search_record, options)} if choice is not None else {}),
         "tf32": options.tf32,
         **({"int4_weights": {"block_size": options.int4_block}} if options.weights == "int4" else {}),
-        **({"int8": {"calib": Path(options.calib).name, "method": calib.method, "tensors": len(calib.amax)}}
+        **({precision: {"calib": Path(options.calib).name, "method": calib.method, "tensors": len(calib.amax)}}
            if calib is not None else {}),
         "kernels": [],
         "memory": {"arena_bytes": 0, "naive_bytes": 0, "peak_live_bytes": 0},

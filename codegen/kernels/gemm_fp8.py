@@ -1,0 +1,118 @@
+"""FP8 GEMM: `matmul_fp8` (ir/ops/gemm_fp8.py) as declared Variants of family "gemm_fp8".
+
+Today one variant, correct rather than fast:
+
+* gemm_fp8.dequant (priority 0): the fp8 operands dequantized into f16 (bf16 when the result is
+  bf16), then the normal GEMM family with an epilogue (gemm_epilogue: mma / wgmma f16 tensor
+  cores, fp32 accumulators):
+  - a: one elementwise DequantizeLinear kernel, f16(a * a_scale) (templates/elementwise.cu.j2,
+    through the Q/DQ lowering of codegen/kernels/quantize.py) into a temp [.., K];
+  - b: at compile time, f16(b * b_scale[n]) [K, N] in weights.bin (2 bytes a weight: no memory
+    saving over an fp16 build);
+  - one `fused {kind = "gemm_epilogue"}` group MatMul -> Add(bias) -> Cast(out_dtype), so the bias
+    and the output dtype are the GEMM kernel's epilogue (codegen/kernels/epilogue_fusion.py).
+  Each operand is rounded to f16 once (relative 2^-11, far below e4m3's 2^-4 quantum), so the result
+  equals the op's semantics within fp16-GEMM tolerance. Cost: one extra pass over a (read 1 byte,
+  write 2) and the fp16 GEMM itself: about an fp16 build's speed, never faster.
+
+The fast path is the next variant of this family: Hopper's wgmma with e4m3/e5m2 operands
+(`wgmma.mma_async.sp?.m64nNk32.f32.e4m3.e4m3`), fp32 accumulators and the scales
+(a_scale * b_scale[n]) and bias in the epilogue, reading a and b as they are (1 byte a value). It
+registers here with a higher priority, `applies` = sm_90a + K % 32 == 0 + constant b, and this
+variant stays the fallback for every other target and shape.
+
+    applies(problem) -> Fit   dequant: static shapes, constant b and b_scale
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...ir.graph import Op, Region, Value
+from ...ir.narrow_types import decode
+from ...ir.ops.core import ConstAttrs
+from ...ir.ops.fused import FusedAttrs
+from ...ir.ops.quant import DequantizeAttrs, CastAttrs
+from ...ir.registry import NoAttrs
+from ...ir.types import TensorType, dtype
+from ..lower import LowerCtx, describe_op
+from ..variants import YES, Variant, no, register
+
+FAMILY = "gemm_fp8"
+
+
+def _applies_dequant(problem):
+    if problem.value(2) is None or problem.value(3) is None:
+        return no("b / b_scale are not compile-time constants")
+    if problem.has(4) and problem.value(4) is None:
+        return no("the bias is not a compile-time constant")
+    return YES
+
+
+def dequantized_weight(b: np.ndarray, b_scale: np.ndarray, dt) -> np.ndarray:
+    """f16 / bf16 [K, N]: decode(b) * b_scale[n] (in f64, one rounding to dt)."""
+    w = decode(np.asarray(b)) * np.asarray(b_scale, np.float64).reshape(-1 if np.ndim(b_scale) else ())
+    return w.astype(np.float32).astype(dt)  # (f64 -> f32 is exact here: the product has <= 28 bits)
+
+
+def params_text(group: Op) -> str:
+    return "; ".join(describe_op(o) for o in group.attrs.body.ops if o.name != "const")
+
+
+def _const(v: Value, array: np.ndarray, loc) -> Op:
+    return Op("const", [], [v], ConstAttrs(value=array), loc)
+
+
+def _render_dequant(ctx: LowerCtx, problem, params: dict):
+    op, L = ctx.op, ctx.L
+    res = op.results[0]
+    out = res.type.dtype
+    low = dtype("bf16") if out.short == "bf16" else dtype("f16")
+    a, a_scale = op.operands[0], op.operands[1]
+    K, N = (int(d) for d in op.operands[2].type.shape)
+    w = dequantized_weight(problem.value(2), problem.value(3), low.np)
+    if not np.all(np.isfinite(w.astype(np.float32))):
+        ctx.fail(f"matmul_fp8: b * b_scale overflows {low} (the dequantize variant needs it finite)")
+    # a -> low: f16(a * a_scale), one elementwise kernel into a temp
+    a_low = Value(f"{res.name}.a_dequant", TensorType(low, tuple(a.type.shape)))
+    dq = Op("DequantizeLinear", [a, a_scale], [a_low], DequantizeAttrs(axis=1, output_dtype=low), op.loc)
+    L.lower_op(dq, desc=f"{describe_op(dq)}  (a of {ctx.desc})")
+    # b -> low at compile time (weights.bin)
+    b_low = Value(f"{res.name}.w_dequant", TensorType(low, (K, N)))
+    _const(b_low, w, op.loc)  # (its producer: problem.value reads it)
+    L.values[id(b_low)] = ctx.new_weight(w, "w_dequant")
+    # MatMul -> Add(bias) -> Cast(out) as one gemm_epilogue group (a closed body)
+    xa = Value(f"{res.name}.x_arg", a_low.type)
+    wa = Value(f"{res.name}.w_arg", b_low.type)
+    body_ops = []
+    y = Value(f"{res.name}.mm", TensorType(low, tuple(res.type.shape)))
+    body_ops.append(Op("MatMul", [xa, wa], [y], NoAttrs(), op.loc))
+    roles, args, operands = [], [xa, wa], [a_low, b_low]
+    if problem.has(4):  # a constant operand of the group (the body's ops are the chain alone)
+        bv = np.asarray(problem.value(4), np.float32).astype(low.np)
+        bias = Value(f"{res.name}.bias_dequant", TensorType(low, (N,)))
+        _const(bias, bv, op.loc)
+        L.values[id(bias)] = ctx.new_weight(bv, "bias_dequant")
+        ba = Value(f"{res.name}.bias_arg", bias.type)
+        yb = Value(f"{res.name}.mm_bias", y.type)
+        body_ops.append(Op("Add", [y, ba], [yb], NoAttrs(), op.loc))
+        y = yb
+        roles.append("bias")
+        args.append(ba)
+        operands.append(bias)
+    if out != low:
+        yc = Value(f"{res.name}.mm_cast", res.type)
+        body_ops.append(Op("Cast", [y], [yc], CastAttrs(to=out), op.loc))
+        y = yc
+        roles.append("cast")
+    outer = Value(f"{res.name}.gemm", res.type)
+    group = Op("fused", operands, [outer],
+               FusedAttrs(body=Region(args, body_ops, [y]), kind="gemm_epilogue", params=" ".join(roles)),
+               op.loc)
+    L.equiv[id(outer)] = L.canon(res)  # the group writes the op's result buffer
+    L.lower_op(group, desc=f"{ctx.desc}  (as f16 GEMM + epilogue: {params_text(group)})")
+    ctx.emitted += 1
+    return True
+
+
+DEQUANT = register(Variant("gemm_fp8.dequant", FAMILY, ("matmul_fp8",), _render_dequant, _applies_dequant,
+                           priority=0))
