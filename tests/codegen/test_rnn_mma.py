@@ -77,6 +77,17 @@ def test_space_declares_the_mma_step_for_half_precision_only():
             assert d["step_mma"] == (bool(mma) and B >= rnn.MMA_MIN_BATCH and rnn.DEFAULT_STEP_MMA)
 
 
+def test_default_ranks_the_measured_points():
+    """The default's model against the H200 measurement (tools/bench_rnn.py, 2026-12-02, fp16 us a
+    step): LSTM 512 b16 / b32 ran fastest at half the blocks a direction, GRU 800 bi b16 at all."""
+    for kind, H, D, B, fewer in (("LSTM", 512, 1, 16, True), ("LSTM", 512, 1, 32, True), ("GRU", 800, 2, 16, False)):
+        spec = _spec(kind, H, D, B)
+        space = rnn.recurrence_space(spec, SM90A)
+        d = rnn.recurrence_default(spec, SM90A)
+        assert d["step_mma"]
+        assert (d["nsb"] == min(p["nsb"] for p in space)) == fewer, (kind, B, d)
+
+
 def test_mma_point_refused_for_fp32():
     spec = _spec("LSTM", 64, 1, 16, "f32")
     p = dict(rnn.recurrence_default(spec, SM90A), step_mma=True)
