@@ -309,7 +309,8 @@ def default_params(problem: GemmProblem, target: Target = DEFAULT_TARGET) -> dic
     split = [p for p in cands if p.get("SPLIT_K", 1) > 1]
     if split:
         t_best = modelled_time(problem, best, target)
-        s_best = min(split, key=lambda p: modelled_time(problem, p, target))  # first of equal times
+        # equal times: the deeper BK (a split runs few K tiles: fewer pipeline steps; H200 agrees)
+        s_best = min(split, key=lambda p: (round(modelled_time(problem, p, target), 12), -p["BK"]))
         if modelled_time(problem, s_best, target) <= SPLIT_K_MIN_GAIN * t_best:
             return s_best
     return best
@@ -339,12 +340,15 @@ def _default_whole(problem: GemmProblem, cands: list, target: Target) -> dict:
 # the counter to 0 (re-launchable, CUDA-graph safe) and runs the epilogue. The lowering
 # (gemm_lowering.emit_spec) binds both as step temps and zeroes the counters before the launch.
 SPLIT_K_SPACE = (2, 3, 4, 6, 8, 12, 16)
-SPLIT_K_MIN_GAIN = 0.8        # the heuristic splits when the model says <= 80 % of the unsplit time
-SPLIT_K_FIXED_S = 1.5e-6      # model: the counter-zeroing copy, fences and atomics of a split launch
-SPLIT_K_L2_BPS_PER_SM = 100e9  # model: what the last CTA of a tile reads the other partials at
+SPLIT_K_MIN_GAIN = 0.9        # the heuristic splits when the model says <= 90 % of the unsplit time
 SPLIT_K_MAX_PER_SM = 2        # split grids of at most this many CTAs per SM
-CTA_FLOPS = 2.5e12            # model: one CTA's mma.sync rate alone on an SM (uncalibrated)
-
+# modelled_time's constants, fitted to H200 CUDA-graph timings of 64x64 tiles at batch-1 BERT /
+# MobileNetV2 / ResNet-50 shapes (tools/bench_splitk.py, 2026-12-02): unsplit 2.0 us + K x 7.9 ns;
+# a split launch ~2 us more, plus ~0.5 us per other partial tile the last CTA reads (latency bound).
+LAUNCH_S = 2.0e-6             # a launch's fixed cost in a graph (launch, pipeline fill, epilogue)
+CTA_FLOPS = 1.0e12            # one CTA's mma.sync rate alone on an SM
+SPLIT_K_FIXED_S = 2.0e-6      # a split launch's fences, atomics and second pass
+SPLIT_K_PARTIAL_BPS = 32e9    # the last CTA reads the other S - 1 fp32 partial tiles at this
 
 def split_ranges(k_tiles: int, split: int) -> list[tuple[int, int]]:
     """[first, end) K tiles of each split: the template's (s * KT) / S formula."""
@@ -387,18 +391,17 @@ def splitk_workspace(problem: GemmProblem, params: dict) -> tuple[int, int]:
 
 
 def modelled_time(problem: GemmProblem, p: dict, target: Target = DEFAULT_TARGET) -> float:
-    """A rough run time (seconds; a model, not a measurement): waves of CTAs over the SMs times one
-    CTA's tile of work at CTA_FLOPS; a split point runs K / S each and adds SPLIT_K_FIXED_S and the
-    last CTA's read of the other S - 1 partials. For SPLIT_K = 1 it ranks tiles as the variant's
-    old cost did (waves x tile work: proportional to it)."""
+    """A rough run time (seconds; a model, not a measurement): LAUNCH_S plus waves of CTAs over the
+    SMs times one CTA's tile of work at CTA_FLOPS (the variant's old cost, plus a constant: the
+    same ranking of unsplit tiles); a split point runs K / S each and adds SPLIT_K_FIXED_S and the
+    last CTA's read of the other S - 1 partials."""
     split = p.get("SPLIT_K", 1)
     ctas = cdiv(problem.M, p["BM"]) * cdiv(problem.N, p["BN"]) * problem.nbatch * split
     waves = cdiv(ctas, target.sm_count)
-    t = waves * 2.0 * p["BM"] * p["BN"] * cdiv(problem.K, split) / CTA_FLOPS
+    t = LAUNCH_S + waves * 2.0 * p["BM"] * p["BN"] * cdiv(problem.K, split) / CTA_FLOPS
     if split > 1:
-        t += SPLIT_K_FIXED_S + (split - 1) * p["BM"] * p["BN"] * 4 / SPLIT_K_L2_BPS_PER_SM
+        t += SPLIT_K_FIXED_S + (split - 1) * p["BM"] * p["BN"] * 4 / SPLIT_K_PARTIAL_BPS
     return t
-
 
 def _vec(elem_per_16b: int, *vals) -> bool:
     return all(int(v) % elem_per_16b == 0 for v in vals)

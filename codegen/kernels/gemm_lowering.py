@@ -14,8 +14,8 @@ default: `gemm.default_params` (the heuristic). problem.extra: the Epilogue of a
 (epilogue_fusion.py), NONE for the op alone.
 
 Split-K points (params SPLIT_K > 1) need scratch: `emit_spec` makes the fp32 partials workspace
-and the per-tile counters as temps of the step and zeroes the counters with a copy from a zero
-constant right before the launch (`splitk_scratch`), for every GEMM-family caller (conv's GEMM
+(a temp of the step) and binds the per-tile counters the phase's split GEMMs share, zeroed once
+per run by a copy before the first (`splitk_scratch`), for every GEMM-family caller (conv's GEMM
 paths and rnn.py's input projection too).
 """
 from __future__ import annotations
@@ -97,29 +97,58 @@ SPLITK_SCRATCH = {"ws": "f32", "tile_counters": "i32"}
 
 
 def splitk_scratch(ctx: LowerCtx, spec: KernelSpec) -> dict:
-    """The split-K workspace and tile counters of `spec` (their arg values: element counts) as
-    temps of this step: arena bytes planned like any scratch (codegen/memory.py: live only at this
-    launch, free for other tensors elsewhere), nothing the memory planner needs to know more of.
-    The counters must be zero when the kernel starts (the last CTA of a tile resets its counter,
-    so a zeroed buffer stays zeroed, but an arena temp holds whatever another tensor left): a
-    memcpy launch from a zero constant in weights.bin, right before the kernel, zeroes them on every
-    run, CUDA-graph replays included (a copy node). The workspace needs no init: every partial is
-    written before it is read."""
+    """The split-K workspace and tile counters of `spec` (their arg values: element counts).
+
+    Workspace: a temp of this step, arena bytes planned like any scratch (codegen/memory.py: live
+    at this launch only); it needs no init, every partial is written before it is read.
+
+    Counters must be zero when a launch starts. The last CTA of a tile resets its counter, so a
+    zeroed buffer stays zeroed launch after launch; but an arena temp holds whatever another tensor
+    (or the runtime's poison) left there. So the split GEMMs of one phase (every run / the load-time
+    init phase) share ONE counters buffer (`plan_counters`): zeroed by a copy from a zero constant
+    right before the first split launch of the phase, then live until the last one, so no other
+    tensor shares its bytes in between: one copy node per run (CUDA-graph replays included), not
+    one per GEMM. Each context has its own arena, so its own counters. This relies on the launches
+    of a run executing one after the other (one compute stream, no overlap of consecutive kernels).
+    A grid with more tiles than the shared buffer has slots (only forced params: split points have
+    fewer tiles than SMs) gets its own counters and its own zeroing copy."""
     out = {}
     for role, ct, count in spec.args:
         if role not in SPLITK_SCRATCH or not ct.endswith("*"):
             continue
         if not isinstance(count, int) or count <= 0:
             ctx.fail(f"internal error: kernel {spec.name}: scratch {role} without an element count")
-        out[role] = ctx.temp(SPLITK_SCRATCH[role], (count,), f"splitk_{role}")
-    counters = out.get("tile_counters")
-    if counters is not None:
-        key = ("splitk_zeros", counters.numel)  # one zero constant per size, shared by the plan's GEMMs
-        zeros = ctx.L.transformed.get(key)
-        if zeros is None:
-            zeros = ctx.L.transformed[key] = ctx.new_weight(np.zeros(counters.numel, np.int32), "splitk_zeros")
-        ctx.copy(counters, zeros)
+        if role == "tile_counters":
+            slots = max(ctx.target.sm_count, 1)
+            out[role] = plan_counters(ctx, slots) if count <= slots else _zeroed_counters(ctx, count)
+        else:
+            out[role] = ctx.temp(SPLITK_SCRATCH[role], (count,), f"splitk_{role}")
     return out
+
+
+def plan_counters(ctx: LowerCtx, slots: int) -> Buffer:
+    """The tile counters the split GEMMs of this phase share (splitk_scratch); made, and zeroed,
+    at the first. Kept in Lowerer.transformed (keyed by phase), which the tuner's sandbox rolls back
+    with the buffers. Its `data` (zeros) is the bytes a launch expects there: a sandboxed capture of
+    a later split GEMM (codegen/tuning_capture.py) allocates it so, as it does a constant."""
+    phase = "init" if ctx.L.launches is ctx.L.init_launches else "run"
+    key = ("splitk_counters", phase, slots)
+    buf = ctx.L.transformed.get(key)
+    if buf is None:
+        buf = ctx.L.transformed[key] = _zeroed_counters(ctx, slots)
+        buf.data = np.zeros(slots, np.int32)
+    return buf
+
+
+def _zeroed_counters(ctx: LowerCtx, count: int) -> Buffer:
+    """A counters temp of `count` int32, zeroed by a copy from a zero constant emitted now."""
+    buf = ctx.temp("i32", (count,), "splitk_tile_counters")
+    key = ("splitk_zeros", count)  # one zero constant per size
+    zeros = ctx.L.transformed.get(key)
+    if zeros is None:
+        zeros = ctx.L.transformed[key] = ctx.new_weight(np.zeros(count, np.int32), "splitk_zeros")
+    ctx.copy(buf, zeros)
+    return buf
 
 
 def emit_gemm(ctx: LowerCtx, problem: gemm.GemmProblem, bufs: dict) -> None:

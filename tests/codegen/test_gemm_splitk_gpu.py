@@ -4,9 +4,9 @@ the workspace poisoned (NaN) first: fp16, bf16 and fp32 on TF32 tensor cores (th
 template has no split-K), bias + gelu + residual epilogues, ragged K, a batch, per-row bias; three
 launches in a row (the last CTA of a tile must leave its counter at zero) give the same bits
 (deterministic reduction order); a CUDA graph of [zero the counters, launch] replayed on new inputs;
-the split points of the BERT-base / MobileNetV2 batch-1 shapes; a compiled model (the lowering's
-workspace, counters and zeroing copy) under nnc.load with and without CUDA graphs against the
-reference backend. CPU checks: test_gemm_splitk.py."""
+the split points of the BERT-base / MobileNetV2 batch-1 shapes; compiled models (the lowering's
+workspace, the run's shared counters and their zeroing copy) under nnc.load with and without CUDA
+graphs against the reference backend. CPU checks: test_gemm_splitk.py."""
 from __future__ import annotations
 
 import os
@@ -190,25 +190,27 @@ def test_split_points_of_batch1_shapes_match_reference():
             assert err < _tol("float16"), f"{pr.M}x{pr.N}x{pr.K} {p} launch {launch}: rel err {err:.3g}"
 
 
-def _linear_onnx(path, rows=128, k=3072, cols=768):
-    from .test_gemm_splitk import _linear_model
-    import onnx
-    onnx.save(_linear_model(rows, k, cols), path)
-
-
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("precision,tf32", [("fp16", False), ("fp32", True)])
-def test_compiled_model_graph_and_eager_match_reference(tmp_path, precision, tf32):
+@pytest.mark.parametrize("model,precision,tf32", [("linear", "fp16", False), ("linear", "fp32", True),
+                                                  ("two_gemms", "fp16", False)])
+def test_compiled_model_graph_and_eager_match_reference(tmp_path, model, precision, tf32):
+    """The lowering's workspace, the run's shared counters and their one zeroing copy (two split
+    GEMMs share them in "two_gemms") under nnc.load, CUDA graph and eager, on fresh inputs with
+    poisoned arenas, run twice each, against the reference backend."""
     import json
 
     import nnc
+    import onnx
     from nnc.cli import _random_inputs
     from nnc.driver import compile_model
-    _linear_onnx(tmp_path / "m.onnx")
+
+    from .test_gemm_splitk import _linear_model, _two_split_gemms
+    onnx.save(_linear_model() if model == "linear" else _two_split_gemms(), tmp_path / "m.onnx")
     compile_model(str(tmp_path / "m.onnx"), tmp_path / "out", arch="sm_90", precision=precision, tf32=tf32)
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
-    assert any(k.get("params", {}).get("SPLIT_K", 1) > 1 for k in plan["kernels"]), "no split-K kernel chosen"
+    n_split = sum(1 for k in plan["kernels"] if k.get("params", {}).get("SPLIT_K", 1) > 1)
+    assert n_split >= (2 if model == "two_gemms" else 1), "split-K kernels not chosen"
     g, e = nnc.load(tmp_path / "out"), nnc.load(tmp_path / "out", cuda_graph=False)
     ref = nnc.load(tmp_path / "out", backend="reference")
     seen = []
