@@ -395,7 +395,8 @@ def _format_multi(r: MultiBenchResult) -> str:
                      f"{e['pipelined_ms']:.3f} ms vs {e['sequential_ms']:.3f} sequential, bubble fraction "
                      f"{e['bubble_fraction']:.3f}, speedup {e['speedup']:.2f}x")
     if r.comm_share is not None:
-        lines.append("communication share: " + ", ".join(f"device {k} {100 * c:.1f}%" for k, c in enumerate(r.comm_share)))
+        lines.append("communication share: " + ", ".join(f"device {k} {100 * c:.1f}%"
+                                                       for k, c in enumerate(r.comm_share)))
     lines.append(f"throughput: {r.throughput_per_s:.1f} inferences/s")
     lines.append(f"({r.transport_reason}; {r.measured})")
     return "\n".join(lines) + "\n"

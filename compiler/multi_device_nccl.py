@@ -79,6 +79,7 @@ def gpu_count() -> int:
 
 
 def nccl_available() -> bool:
+    set_safe_env()  # before cupy.cuda.nccl is first imported
     try:
         from cupy.cuda import nccl
         return bool(getattr(nccl, "available", True))
@@ -144,7 +145,8 @@ def micro_batch_order(plan: dict, devices: int, micro_batches: int) -> list:
             order[d].append(m)
     for d, o in enumerate(order):
         if sorted(o) != list(range(micro_batches)):
-            raise NncError(f"plan.json schedule: device {d} runs micro-batches {o}, not each of 0..{micro_batches - 1} once")
+            raise NncError(f"plan.json schedule: device {d} runs micro-batches {o}, not each of "
+                           f"0..{micro_batches - 1} once")
     return order
 
 
@@ -220,7 +222,8 @@ class DeviceSide:
     def elapsed_ms(self, e0, e1) -> float:
         raise NotImplementedError
 
-    def synchronize(self) -> None:
+    def synchronize(self, timeout_s: Optional[float] = None) -> None:
+        """Waits for everything queued; a TransportError after timeout_s seconds (None: no limit)."""
         raise NotImplementedError
 
     def abort(self) -> None:
@@ -321,8 +324,18 @@ class NcclDevice(DeviceSide):
     def elapsed_ms(self, e0, e1):
         return float(self.cp.cuda.get_elapsed_time(e0, e1))
 
-    def synchronize(self):
-        self.stream.synchronize()
+    def synchronize(self, timeout_s: Optional[float] = None):
+        if timeout_s is None:
+            self.stream.synchronize()
+            return
+        end = time.monotonic() + timeout_s
+        spins = 0
+        while not self.stream.done:  # cudaStreamQuery: a hung NCCL call must not hang the caller forever
+            if time.monotonic() > end:
+                raise TransportError(f"device {self.index} (GPU {self.gpu}): its work did not finish within "
+                                     f"{timeout_s:g} s (a communication that never completes?)")
+            spins += 1
+            time.sleep(0 if spins < 2000 else 1e-4)
 
     def abort(self):
         try:
@@ -363,9 +376,11 @@ class DeviceGroup:
     (device, segment index) -> a loaded build (what sides[k].run_build takes); plan: the OUT's
     plan.json (inputs / outputs at whole-batch shapes, the schedule)."""
 
-    def __init__(self, mdm, segments: list, builds: dict, sides: list, plan: dict, micro_batches: int):
+    def __init__(self, mdm, segments: list, builds: dict, sides: list, plan: dict, micro_batches: int,
+                 timeout_s: float = 120.0):
         from .multi_device import MultiDeviceError
         self.mdm, self.segments, self.builds, self.sides, self.plan = mdm, segments, builds, sides, plan
+        self.timeout_s = float(timeout_s)  # a run that has not finished on the devices by then fails (and aborts)
         self.M = int(micro_batches)
         K = mdm.num_devices
         if len(sides) != K:
@@ -442,12 +457,19 @@ class DeviceGroup:
             if isinstance(e, NncError):
                 raise type(e)(f"device {k}: {e}") from e
             raise MultiDeviceError(f"device {k}: {type(e).__name__}: {e}") from e
-        for s in self.sides:
-            s.synchronize()
+        try:
+            for s in self.sides:
+                s.synchronize(self.timeout_s)
+        except BaseException as e:
+            for s in self.sides:
+                s.abort()
+            self.broken = str(e)
+            raise
         res = {}
         for e in self.plan["outputs"]:
             k = self.mdm.source_of(e["name"])
-            res[e["name"]] = outs[e["name"]] if output == "cupy" else self.sides[k].download(outs[e["name"]], e["dtype"])
+            o = outs[e["name"]]
+            res[e["name"]] = o if output == "cupy" else self.sides[k].download(o, e["dtype"])
         wall = (time.perf_counter() - t0) * 1e3
         if timing:
             tm = RunTiming(wall_ms=wall)
@@ -466,7 +488,8 @@ class DeviceGroup:
     def _worker(self, k: int, feeds: list, outs: dict, timing: bool, errors: list, marks: list) -> None:
         side = self.sides[k]
         f = self.mdm.devices[k].main
-        mine = [(r.name, self.plan_rows(r.name)) for r in f.results if r.name in outs and self.mdm.source_of(r.name) == k]
+        mine = [(r.name, self.plan_rows(r.name)) for r in f.results
+                if r.name in outs and self.mdm.source_of(r.name) == k]  # the model outputs this device gives
         per = []
         try:
             with side.current():

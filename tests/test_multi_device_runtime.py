@@ -146,7 +146,7 @@ class FakeDevice(DeviceSide):
     def elapsed_ms(self, e0, e1):
         return (e1 - e0) * 1e3
 
-    def synchronize(self):
+    def synchronize(self, timeout_s=None):
         pass
 
     def abort(self):
@@ -230,6 +230,23 @@ def test_worker_failure_aborts_everyone(cnn3, rng):
     assert all(s.aborts == 1 for s in g.sides)  # device 0 (blocked in a send) was released
     with pytest.raises(MultiDeviceError, match="unusable after an earlier failure"):
         g.run({"input": x})
+
+
+def test_unfinished_run_times_out_and_aborts(cnn3, rng):
+    """A device whose queued work never finishes (a hung NCCL call) fails the run after
+    DeviceGroup.timeout_s instead of hanging the caller; every communicator is aborted."""
+    prog = MultiDeviceProgram(cnn3)
+    g, _ = _fake_group(prog)
+    seen = []
+
+    def hung(timeout_s=None):
+        seen.append(timeout_s)
+        raise TransportError(f"did not finish within {timeout_s:g} s")
+    g.sides[2].synchronize = hung
+    g.timeout_s = 0.5
+    with pytest.raises(TransportError, match="within 0.5 s"):
+        g.run({"input": rng.standard_normal((8, 3, 32, 32)).astype(np.float32)})
+    assert seen == [0.5] and all(s.aborts == 1 for s in g.sides) and g.broken
 
 
 def test_inputs_checked(cnn3, rng):
