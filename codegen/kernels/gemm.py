@@ -338,7 +338,8 @@ def _default_whole(problem: GemmProblem, cands: list, target: Target) -> dict:
 # partial tile to the workspace `ws` and counts itself in `tile_counters[tile]`; the last of the S
 # to arrive adds the S partials in split order 0..S-1 (deterministic, whoever arrives last), resets
 # the counter to 0 (re-launchable, CUDA-graph safe) and runs the epilogue. The lowering
-# (gemm_lowering.emit_spec) binds both as step temps and zeroes the counters before the launch.
+# (gemm_lowering.splitk_scratch) makes the workspace a temp of the step and binds the counters the
+# run's split GEMMs share, zeroed once per run before the first.
 SPLIT_K_SPACE = (2, 3, 4, 6, 8, 12, 16)
 SPLIT_K_MIN_GAIN = 0.9        # the heuristic splits when the model says <= 90 % of the unsplit time
 SPLIT_K_MAX_PER_SM = 2        # split grids of at most this many CTAs per SM
@@ -350,6 +351,7 @@ CTA_FLOPS = 1.0e12            # one CTA's mma.sync rate alone on an SM
 SPLIT_K_FIXED_S = 2.0e-6      # a split launch's fences, atomics and second pass
 SPLIT_K_PARTIAL_BPS = 32e9    # the last CTA reads the other S - 1 fp32 partial tiles at this
 
+
 def split_ranges(k_tiles: int, split: int) -> list[tuple[int, int]]:
     """[first, end) K tiles of each split: the template's (s * KT) / S formula."""
     return [(s * k_tiles // split, (s + 1) * k_tiles // split) for s in range(split)]
@@ -359,8 +361,8 @@ def split_points(problem: GemmProblem, p: dict, target: Target = DEFAULT_TARGET)
     """The SPLIT_K values (> 1) of SPLIT_K_SPACE tile p may run with, pruned by the Target and K:
     the unsplit grid has fewer tiles than SMs; the split grid is at most one wave of resident CTAs
     and at most SPLIT_K_MAX_PER_SM CTAs per SM (more splits fill no more SMs, only add partials
-    to reduce); every split runs at least max(2, STAGES - 1) K tiles (the pipeline
-    fills); the fp32 partials fit in half of L2 (they are read back from it). Tensor cores only."""
+    to reduce); every split runs at least max(2, STAGES - 1) K tiles (the pipeline fills); the
+    fp32 partials fit in half of L2 (they are read back from it). Tensor cores only."""
     if problem.family != "tc":
         return []
     tiles = cdiv(problem.M, p["BM"]) * cdiv(problem.N, p["BN"]) * problem.nbatch
@@ -402,6 +404,7 @@ def modelled_time(problem: GemmProblem, p: dict, target: Target = DEFAULT_TARGET
     if split > 1:
         t += SPLIT_K_FIXED_S + (split - 1) * p["BM"] * p["BN"] * 4 / SPLIT_K_PARTIAL_BPS
     return t
+
 
 def _vec(elem_per_16b: int, *vals) -> bool:
     return all(int(v) % elem_per_16b == 0 for v in vals)

@@ -31,7 +31,7 @@ from ..variants import YES, Variant, no, order_key, register
 from . import gemm
 from ..dtypes import KERNEL_FAMILY_TYPES, TABLE
 from ..target import Target
-from .common import DEFAULT_TARGET, KernelSpec, cdiv
+from .common import DEFAULT_TARGET, KernelSpec
 from .epilogue import NONE, Epilogue
 
 FAST_PRIORITY = 10
@@ -355,8 +355,8 @@ def _render(ctx: LowerCtx, problem, params: dict):
 
 def _time_model(problem, params) -> float:
     """A rough cost (seconds) for a stand-in timer and the tuner's pruning: gemm.modelled_time
-    (waves of CTAs times one CTA's tile of work at a nominal 5 TFLOP/s; split-K points their
-    share of K plus the reduction; a model, not a measurement)."""
+    (waves of CTAs times one CTA's tile of work, split-K points their share of K plus the
+    reduction; constants fitted to H200 timings of small-M shapes: a model, not a measurement)."""
     return gemm.modelled_time(problem.memo["gemm"], params, problem.target)
 
 
