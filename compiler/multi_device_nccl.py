@@ -229,6 +229,9 @@ class DeviceSide:
     def abort(self) -> None:
         """After a failed run: stop what is queued (NCCL: abort the communicator)."""
 
+    def new_run(self) -> None:
+        """Called before each run's first step (the GPU side recycles its timing events)."""
+
 
 class NcclDevice(DeviceSide):
     """GPU `gpu` with its own non-blocking stream and its NCCL communicator (rank = device)."""
@@ -236,6 +239,7 @@ class NcclDevice(DeviceSide):
     def __init__(self, index: int, gpu: int, comm, cp, nccl):
         self.index, self.gpu, self.comm, self.cp, self.nccl = index, gpu, comm, cp, nccl
         self.size = comm.size()
+        self._events, self._next_event = [], 0
         with cp.cuda.Device(gpu):
             self.stream = cp.cuda.Stream(non_blocking=True)
 
@@ -317,9 +321,18 @@ class NcclDevice(DeviceSide):
             self.cp.concatenate(list(gathered), axis=axis, out=dst)
 
     def event(self):
-        e = self.cp.cuda.Event()
+        """A timing event recorded on the stream now: from a pool reused run after run (a run
+        synchronizes before the next one starts), so timing costs a record, not a create."""
+        if self._next_event == len(self._events):
+            with self.cp.cuda.Device(self.gpu):
+                self._events.append(self.cp.cuda.Event())
+        e = self._events[self._next_event]
+        self._next_event += 1
         e.record(self.stream)
         return e
+
+    def new_run(self):
+        self._next_event = 0
 
     def elapsed_ms(self, e0, e1):
         return float(self.cp.cuda.get_elapsed_time(e0, e1))
@@ -387,6 +400,10 @@ class DeviceGroup:
             raise MultiDeviceError(f"{len(sides)} device sides for a program of {K} devices")
         self.order = micro_batch_order(plan, K, self.M)
         check_message_order(mdm)
+        for e in plan["inputs"] + plan["outputs"]:
+            if e.get("shape") is None or not all(isinstance(d, int) for d in e["shape"]):
+                raise MultiDeviceError(f"{e['name']!r}: shape {e.get('shape')} is not static; multi-GPU runs need "
+                                       f"static shapes (compile with --shapes)")
         self.steps = [device_steps(segments[k], k, self.order[k]) for k in range(K)]
         self.trace: list = []  # (device, step kind, micro-batch, segment) in the order each thread queued them
         self._trace_lock = threading.Lock()
@@ -443,6 +460,8 @@ class DeviceGroup:
             outs[e["name"]] = self.sides[k].empty(tuple(e["shape"]), e["dtype"])
         self.trace = []
         self._aborted = False
+        for s in self.sides:
+            s.new_run()
         errors: list = [None] * K
         marks: list = [None] * K
         threads = [threading.Thread(target=self._worker, args=(k, feeds[k], outs, timing, errors, marks),
