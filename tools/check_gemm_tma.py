@@ -6,8 +6,8 @@ same kernel with cp.async loads (and a pre-swizzled bulk B, what a weight gets) 
     python3 tools/check_gemm_tma.py [--quick] [--json FILE]
 
 Per problem (fp16 and bf16; 4096^3, 8192^3, the BERT-base batch-32 GEMMs M = 4096 with (N, K) in
-(2304, 768), (768, 768), (3072, 768), (768, 3072), B [K, N] row-major as an ONNX weight; 4096^3 with
-B [N, K] too; a batched and a broadcast-batched case; a ragged one, M, N, K no multiples of a tile):
+(2304, 768), (768, 768), (3072, 768), (768, 3072), B [K, N] row-major as an ONNX weight; two batch-1
+ones (M = 128); 4096^3 with B [N, K] too; a batched and a broadcast-batched case; a ragged one, M, N, K no multiples of a tile):
 every point of the declared space (TMA, cp.async, bulk B) compiled in parallel (NVRTC sm_90a), each
 run on fresh random inputs with the output poisoned (NaN) first and checked against torch's fp32
 product (max abs error / max |ref| < 1e-2), then timed (tools/cuda_timing.time_cuda: warm-up, median
@@ -44,6 +44,8 @@ PROBLEMS = [
     ("BERT b32 out", 4096, 768, 768, False, (1, 1), False),
     ("BERT b32 FFN-up", 4096, 3072, 768, False, (1, 1), False),
     ("BERT b32 FFN-down", 4096, 768, 3072, False, (1, 1), False),
+    ("BERT b1 QKV", 128, 2304, 768, False, (1, 1), False),
+    ("BERT b1 FFN-down", 128, 768, 3072, False, (1, 1), False),
     ("batched 2x4", 1024, 1024, 1024, False, (2, 4), False),
     ("batched, B shared", 512, 768, 768, True, (1, 12), True),
     ("ragged", 1000, 999, 520, True, (1, 1), False),
