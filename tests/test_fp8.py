@@ -63,9 +63,10 @@ def test_matmul_fp8_reference_matches_numpy(fmt):
     a = (rng.standard_normal((3, 5, 64)) * 20).astype(dt)
     b = (rng.standard_normal((64, 24)) * 20).astype(dt)
     sa, sb, bias = np.float32(0.03), (rng.random(24) * 0.01 + 1e-3).astype(np.float32), rng.standard_normal(24).astype(np.float32)
-    for out in ("f32", "f16", "bf16"):
-        got = _ref(MatMulFp8Attrs(dtype(out)), a, sa, b, sb, bias)
-        want = _numpy_fp8_mm(a, sa, b, sb, bias).astype(dtype(out).np)
+    for out, act in (("f32", "none"), ("f16", "relu"), ("bf16", "none")):
+        got = _ref(MatMulFp8Attrs(dtype(out), act), a, sa, b, sb, bias)
+        want = _numpy_fp8_mm(a, sa, b, sb, bias)
+        want = (np.maximum(want, 0) if act == "relu" else want).astype(dtype(out).np)
         assert got.dtype == dtype(out).np and got.shape == (3, 5, 24)
         np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32))
 
@@ -177,9 +178,10 @@ def test_precision_fp8_golden_and_accuracy(tmp_path):
     assert "%0 = Cast(%x) {to = f16} : f16[8,64]" in text, text  # (the model input, cast at entry)
     assert "%0.fp8q = QuantizeLinear(%0, %0.fp8_scale) {output_dtype = f8e4m3} : f8e4m3[8,64]" in text, text
     assert "%hr.fp8q = QuantizeLinear(%hr, %hr.fp8_scale) {output_dtype = f8e4m3} : f8e4m3[8,96]" in text, text
-    assert "%h = matmul_fp8(%0.fp8q, %0.fp8_scale, %h_w_fp8, %w1_1.fp8_scale, %h_bias) {out_dtype = f16} : " \
-           "f16[8,96]" in text, text
-    assert "%hr = Relu(%h) : f16[8,96]" in text
+    # the Relu is the activation of fc1's matmul_fp8 (the GEMM epilogue's)
+    assert "%hr = matmul_fp8(%0.fp8q, %0.fp8_scale, %h_w_fp8, %w1_1.fp8_scale, %h_bias) " \
+           "{out_dtype = f16, activation = \"relu\"} : f16[8,96]" in text, text
+    assert "Relu(" not in text
     # the output's Cast to f32 folds into out_dtype
     assert "%y = matmul_fp8(%hr.fp8q, %hr.fp8_scale, %w2_3.fp8, %w2_3.fp8_scale, %hw_bias) {out_dtype = f32} : " \
            "f32[8,16]" in text, text
@@ -293,8 +295,12 @@ def test_cuda_build_nvrtc_compiles_and_uses_the_fp8_variant(tmp_path):
         assert len(plan["kernels"]) == 3, [k["name"] for k in plan["kernels"]]  # Q, DQ(a), GEMM + epilogue
     model, _ = _mlp(tmp_path)
     out = tmp_path / "mlp"
-    _cuda_build(model, out, precision="fp8", calib=tmp_path / "calib.json")
+    plan = _cuda_build(model, out, precision="fp8", calib=tmp_path / "calib.json")
     assert list(out.glob("model.*.cubin"))
+    # Cast(x) to f16, then per layer Q, DQ(a), the GEMM with bias (+ Relu) (+ the f32 output cast)
+    gemms = [k for k in plan["kernels"] if any("MatMul(" in op for op in k["ops"])]
+    assert len(gemms) == 2 and any("Relu(" in op for op in gemms[0]["ops"]), [k["ops"] for k in gemms]
+    assert len(plan["kernels"]) == 7, [k["name"] for k in plan["kernels"]]
 
 
 def _gpu_vs_reference(out, feed_fn, outputs, rtol=2e-2):

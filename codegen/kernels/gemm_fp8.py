@@ -9,8 +9,9 @@ Today one variant, correct rather than fast:
     through the Q/DQ lowering of codegen/kernels/quantize.py) into a temp [.., K];
   - b: at compile time, f16(b * b_scale[n]) [K, N] in weights.bin (2 bytes a weight: no memory
     saving over an fp16 build);
-  - one `fused {kind = "gemm_epilogue"}` group MatMul -> Add(bias) -> Cast(out_dtype), so the bias
-    and the output dtype are the GEMM kernel's epilogue (codegen/kernels/epilogue_fusion.py).
+  - one `fused {kind = "gemm_epilogue"}` group MatMul -> Add(bias) -> Relu -> Cast(out_dtype), so
+    the bias, the activation and the output dtype are the GEMM kernel's epilogue
+    (codegen/kernels/epilogue_fusion.py).
   Each operand is rounded to f16 once (relative 2^-11, far below e4m3's 2^-4 quantum), so the result
   equals the op's semantics within fp16-GEMM tolerance. Cost: one extra pass over a (read 1 byte,
   write 2) and the fp16 GEMM itself: about an fp16 build's speed, never faster.
@@ -99,6 +100,11 @@ def _render_dequant(ctx: LowerCtx, problem, params: dict):
         roles.append("bias")
         args.append(ba)
         operands.append(bias)
+    if op.attrs.activation == "relu":
+        yr = Value(f"{res.name}.mm_relu", y.type)
+        body_ops.append(Op("Relu", [y], [yr], NoAttrs(), op.loc))
+        y = yr
+        roles.append("relu")
     if out != low:
         yc = Value(f"{res.name}.mm_cast", res.type)
         body_ops.append(Op("Cast", [y], [yc], CastAttrs(to=out), op.loc))

@@ -20,7 +20,8 @@ constant as this pass sees it (f16 after to-fp16: one extra rounding, far below 
 `fold_fp8` (fold-qdq's fp8 sweep): MatMul(DQ(a : f8, s_a), DQ(b : f8 const [K, N], s_b)) [-> Add
 of a constant along N] and Gemm(DQ(a), DQ(b)[, C]) (transA 0, alpha 1; transB folded into b, C a
 constant along N times beta) -> matmul_fp8(a, s_a, b, s_b[, bias]) {out_dtype = the MatMul's dtype,
-or that of a float Cast that is the result's only reader: it folds in, one rounding fewer},
+or that of a float Cast that is the result's only reader: it folds in, one rounding fewer;
+activation = "relu" when a Relu is the (bias-added) result's only reader, before that Cast},
 with s_a a per-tensor f32 constant, s_b per tensor or per output column (the DQ's axis on N), zero
 points absent or 0 (ONNX float8 zero points are 0), no block_size. Equal to the literal graph
 within fp32 rounding (ir/ops/gemm_fp8.py says how).
@@ -108,7 +109,13 @@ def fold_fp8(op: Op, b: Builder, uses: dict, returned: set, weights) -> Optional
         if after is not None:
             drop, target = [after[0]], after[0].results[0]
             bias = after[1].astype(np.float32)
+    act = "none"
     readers = uses.get(id(target), ())
+    if len(readers) == 1 and readers[0].name == "Relu" and id(target) not in returned and \
+            readers[0].results[0].type == target.type:
+        drop.append(readers[0])  # a Relu after it (and after the bias) is its activation
+        target, act = readers[0].results[0], "relu"
+        readers = uses.get(id(target), ())
     if len(readers) == 1 and readers[0].name == "Cast" and id(target) not in returned and \
             readers[0].results[0].type.dtype.short in ("f32",) + LOW:
         drop.append(readers[0])  # a Cast after it (mixed-precision's, at an output) is its out_dtype
@@ -126,7 +133,8 @@ def fold_fp8(op: Op, b: Builder, uses: dict, returned: set, weights) -> Optional
     if bias is not None:
         operands.append(b.constant(bias, f"{hint}_bias", loc, weight_hint=f"{hint}_bias"))
     start = len(b.region.ops)
-    y = b.create("matmul_fp8", operands, {"out_dtype": target.type.dtype}, names=[hint], loc=loc)[0]
+    attrs = {"out_dtype": target.type.dtype, **({"activation": act} if act != "none" else {})}
+    y = b.create("matmul_fp8", operands, attrs, names=[hint], loc=loc)[0]
     if y.type != target.type:
         del b.region.ops[start:]
         return None

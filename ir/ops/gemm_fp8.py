@@ -1,14 +1,15 @@
 """FP8 matrix product with per-tensor activation and per-tensor / per-column weight scales:
 `matmul_fp8`, nnc's own op (the same family name as codegen/kernels/gemm_fp8.py).
 
-    %y = matmul_fp8(%a, %a_scale, %b, %b_scale[, %bias]) {out_dtype = f16} : f16[.., N]
+    %y = matmul_fp8(%a, %a_scale, %b, %b_scale[, %bias]) {out_dtype = f16[, activation = "relu"]} : f16[.., N]
 
 a: f8e4m3 or f8e5m2 [.., K] (the quantized activations); a_scale: f32 [] (per tensor);
 b: f8e4m3 or f8e5m2 [K, N] (the weights, usually a const); b_scale: f32 [] or [N] (per output
-column); bias (optional): float [N]; out_dtype: f32, f16 or bf16. The meaning:
+column); bias (optional): float [N]; out_dtype: f32, f16 or bf16; activation: "none" or "relu"
+(the folds take a Relu that is the result's only reader). The meaning:
 
     acc = f32(a) @ f32(b)                  (every fp8 product is exact in f32; the sum is in f32)
-    y   = out_dtype(acc * (a_scale * b_scale[n]) [+ f32(bias[n])])
+    y   = out_dtype(act(acc * (a_scale * b_scale[n]) [+ f32(bias[n])]))
 
 which is what a Hopper fp8 wgmma with a scaling epilogue computes, and equal within fp32 rounding
 to the QDQ graph it folds (compiler/passes/fold_qdq.py, compiler/passes/quantize_fp8.py):
@@ -29,11 +30,13 @@ from ..types import DType, TensorType
 
 FP8 = ("f8e4m3", "f8e5m2")
 OUT = ("f32", "f16", "bf16")
+ACTIVATIONS = ("none", "relu")
 
 
 @dataclass(frozen=True)
 class MatMulFp8Attrs:
     out_dtype: DType  # the result's dtype (f32 / f16 / bf16)
+    activation: str = "none"  # none | relu, applied in f32 before the cast to out_dtype
 
 
 def _infer(ctx):
@@ -45,6 +48,8 @@ def _infer(ctx):
     for i, what in ((1, "a_scale"), (3, "b_scale")):
         if ctx.dtype(i).short != "f32":
             ctx.fail(f"{what} must be f32, got {ctx.type(i)}")
+    if a.activation not in ACTIVATIONS:
+        ctx.fail(f"activation must be one of {', '.join(ACTIVATIONS)}, got {a.activation!r}")
     if a.out_dtype.short not in OUT:
         ctx.fail(f"out_dtype must be f32, f16 or bf16, got {a.out_dtype}")
     if xs is None or len(xs) < 1 or ws is None or len(ws) != 2:
@@ -72,6 +77,8 @@ def _ref(attrs, a, a_scale, b, b_scale, bias=None):
     y = acc * s
     if bias is not None:
         y = y + np.asarray(bias).astype(np.float32)
+    if attrs.activation == "relu":
+        y = np.maximum(y, np.float32(0))
     return y.astype(attrs.out_dtype.np)
 
 
