@@ -264,7 +264,9 @@ def test_applies_space_default_and_reasons():
     sp = G.SMALL_M.space(pr)
     d = G.SMALL_M.default(pr, sp)
     assert d in sp and d["KSPLIT"] * 32 <= pr.target.max_threads_per_block
-    assert {p["R"] for p in sp} == {1, 2, 4} and {p["U"] for p in sp} == {1, 2, 4}
+    assert {p["R"] for p in sp} == {1, 2, 4} and {p["U"] for p in sp if p["PIPE"] == "regs"} == {1, 2, 4}
+    assert {p["STAGES"] for p in sp if p["PIPE"] == "smem"} == {3, 4, 6}
+    assert d == dict(R=2, KSPLIT=8, U=2, SPLIT=1, PIPE="regs")  # the H200's fastest regs point here
     m32 = int4_module(32, 256, 384, 32)
     assert "M = 32 > 16" in G.SMALL_M.check(_problem(m32)).why
     m32f = int4_module(4, 256, 384, 32, act="f32")

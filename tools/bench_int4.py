@@ -199,7 +199,9 @@ def subset(sp: list, full: bool) -> list:
     sp = [p for p in sp if p.get("SPLIT", 1) == 1]
     if full:
         return sp
-    return [p for p in sp if p["U"] in (2, 4) and p["KSPLIT"] in (4, 8, 16) and p["R"] in (1, 2)] or sp
+    regs = [p for p in sp if p["PIPE"] == "regs" and p["U"] in (2, 4) and p["KSPLIT"] in (8, 16) and p["R"] in (1, 2)]
+    smem = [p for p in sp if p["PIPE"] == "smem" and p["STAGES"] in (4, 6) and p["R"] in (1, 2)]
+    return regs + smem or sp
 
 
 def point_sources(m, pts: list, arch: str):
@@ -215,7 +217,7 @@ def point_sources(m, pts: list, arch: str):
         name = f"nnc_gemm_int4_point{i}"
         src = str(render("gemm_int4.cu.j2", name=name, **G.kernel_params(pr, p, "matmul_int4_weight")))
         (gx, gy), threads = G.grid(pr, p)
-        out.append((name, src, (gx, gy, 1), (threads, 1, 1)))
+        out.append((name, src, (gx, gy, 1), (threads, 1, 1), G.smem_bytes(pr, p)))
     return plan, out
 
 
@@ -229,7 +231,7 @@ def bench_int4(M, K, N, block, arch, full, dry, bw, n_launch=24):
         pts = [dflt] + pts
     t0 = time.perf_counter()
     plan, kernels = point_sources(m, pts, arch)
-    text = "\n".join(src for _, src, _, _ in kernels)
+    text = "\n".join(k[1] for k in kernels)
     cubin = compile_nvrtc(prelude(pieces_for([text])) + "\n" + text, arch, name="int4_points.cu")
     if dry:
         print(f"int4 M={M} K={K} N={N} block={block}: {len(pts)} points lowered + compiled in "
@@ -248,11 +250,13 @@ def bench_int4(M, K, N, block, arch, full, dry, bw, n_launch=24):
     wb = sum(b.nbytes for b in launch_plan.args if hasattr(b, "kind") and b.kind == "weight")
     out_arr = next(arrs[b.id] for b in launch_plan.args if hasattr(b, "kind") and b.kind == "output")
     rows, best = [], None
-    for p, (name, _, g, blk) in zip(pts, kernels):
+    for p, (name, _, g, blk, smem) in zip(pts, kernels):
         f = mod.get_function(name)
+        if smem > 48 * 1024:
+            f.max_dynamic_shared_size_bytes = int(smem)
         out_arr.view(cp.uint8).fill(0xA5)  # poisoned before each point's check
         args = tuple(arrs[b.id] for b in launch_plan.args)
-        f(g, blk, args)
+        f(g, blk, args, shared_mem=smem)
         cp.cuda.Device().synchronize()
         got = cp.asnumpy(out_arr).astype(np.float32).reshape(want.shape)
         rel = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
@@ -268,8 +272,8 @@ def bench_int4(M, K, N, block, arch, full, dry, bw, n_launch=24):
                                      if hasattr(b, "kind") and b.kind == "weight"}} for _ in range(copies - 1)]
         argsets = [tuple(a[b.id] for b in launch_plan.args) for a in sets]
 
-        def launch(i, f=f, g=g, blk=blk, argsets=argsets):
-            f(g, blk, argsets[i % len(argsets)])
+        def launch(i, f=f, g=g, blk=blk, argsets=argsets, smem=smem):
+            f(g, blk, argsets[i % len(argsets)], shared_mem=smem)
         ms, how = _graph_timer(launch, n_launch)
         del sets, argsets
         moved = wb + M * K * 2 + M * N * 2

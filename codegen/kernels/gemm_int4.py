@@ -26,9 +26,10 @@
     space                     R (16-column tiles a CTA) x KSPLIT (warps along K) x U (chunks in flight)
                               x SPLIT (CTAs along K, for small N) within the Target's threads per
                               block and a register budget
-    default                   R = 1 (2 above 8 rows); SPLIT up to one CTA an SM; the fewest KSPLIT
-                              warps giving ~24 resident warps an SM, U = 4 (2 when a warp has few
-                              chunks)
+    default                   PIPE regs, R = 2 for large N (else 1), SPLIT up to one CTA an SM, the
+                              fewest KSPLIT warps giving ~12 resident warps an SM, U = 2 (measured
+                              best regs point on the H200 at K = N = 8192; the tuner also races the
+                              PIPE smem ring: STAGES cp.async stages a warp)
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ class Int4Gemm:
     has_zp: bool     # per-group zero points (else the constant ZERO)
     zero: int        # the nibble value that dequantizes to 0 without zero points (8 for i4, 0 for u4)
     has_bias: bool = False  # bias[N] added in the epilogue (in fp32, before the store)
+    x16: bool = False       # K % 8 == 0 and x 16-byte aligned: x rows by 16-byte cp.async (PIPE smem)
 
     @property
     def tiles(self) -> int:
@@ -108,7 +110,7 @@ def analyse(problem) -> "Int4Gemm | str":
     if not aligned(x, 4) or y.numel == 0:
         return "x is a view not 4-byte aligned, or the output is empty"
     zero = 8 if wq.dtype.short == "i4" else 0
-    return Int4Gemm(M, K, N, bs, x.dtype.short, problem.has(3), zero, problem.has(4))
+    return Int4Gemm(M, K, N, bs, x.dtype.short, problem.has(3), zero, problem.has(4), K % 8 == 0 and aligned(x, 16))
 
 
 def _applies(problem):
@@ -132,6 +134,24 @@ def splits(pr: "Int4Gemm", R: int, KS: int, sm_count: int) -> list:
                   and pr.chunks >= s * KS]
 
 
+def scale_slots(block: int) -> int:
+    """Scale groups a 64-k chunk reads (the template's SPC): 64 / B, 1 when B is a multiple of 64,
+    else one per k16 step."""
+    return 64 // block if 64 % block == 0 else (1 if block % 64 == 0 else 4)
+
+
+def stage_bytes(pr: "Int4Gemm", R: int) -> int:
+    """One stage of PIPE smem's ring (the template's STAGE): R weight tiles, their scale (and zero)
+    pairs, the x rows (8 or 16, 144-byte rows: ldmatrix without bank conflicts)."""
+    pairs = R * scale_slots(pr.block) * 32
+    return R * CHUNK_BYTES + pairs * (2 if pr.has_zp else 1) + (16 if pr.M > 8 else 8) * 144
+
+
+def smem_bytes(pr: "Int4Gemm", p: dict) -> int:
+    """Dynamic shared memory of a point (PIPE smem: the warps' rings; regs: none)."""
+    return p["KSPLIT"] * p["STAGES"] * stage_bytes(pr, p["R"]) if p.get("PIPE") == "smem" else 0
+
+
 def space(problem) -> list:
     pr: Int4Gemm = problem.memo["gemm_int4.problem"]
     t = problem.target
@@ -142,22 +162,30 @@ def space(problem) -> list:
         for KS in (2, 4, 8, 16):
             if KS * 32 > t.max_threads_per_block or (KS > 2 and pr.chunks < KS):
                 continue
-            for U in (1, 2, 4):
-                for SPLIT in splits(pr, R, KS, t.sm_count):
-                    p = dict(R=R, KSPLIT=KS, U=U, SPLIT=SPLIT)
-                    if regs_estimate(p) <= min(t.regs_per_thread, 168) and \
-                            4 * KS * R * 256 <= t.smem_per_block:
+            red = 4 * KS * R * 256  # the static reduction buffer
+            for SPLIT in splits(pr, R, KS, t.sm_count):
+                for U in (1, 2, 4):
+                    p = dict(R=R, KSPLIT=KS, U=U, SPLIT=SPLIT, PIPE="regs")
+                    if regs_estimate(p) <= min(t.regs_per_thread, 168) and red <= t.smem_per_block:
+                        out.append(p)
+                if not pr.x16 or KS not in (4, 8):
+                    continue
+                for ST in (3, 4, 6):
+                    p = dict(R=R, KSPLIT=KS, SPLIT=SPLIT, PIPE="smem", STAGES=ST)
+                    if red <= t.smem_per_block and red + smem_bytes(pr, p) <= t.smem_per_block_optin:
                         out.append(p)
     return out
 
 
 def default(problem, sp: list) -> dict:
-    """R = 1 (the most CTAs), R = 2 above 8 rows (each A fragment, read from L1/L2, then serves two
-    tiles); SPLIT: CTAs along K until there is one CTA an SM; KSPLIT: the fewest warps giving ~24
-    resident warps an SM; U = 4, 2 when a warp has fewer than 8 chunks."""
+    """PIPE regs (the smem ring is the tuner's to pick). R = 2 when N gives two tiles a CTA and still
+    >= 2 CTAs an SM (each A fragment serves two tiles), else 1; SPLIT: CTAs along K until there is
+    one CTA an SM; KSPLIT: the fewest warps giving ~12 resident warps an SM; U = 2 (1 when a warp
+    has one chunk). (H200, K = N = 8192, M = 1..16: R 2, KSPLIT 8, U 2 was the fastest regs point.)"""
     pr: Int4Gemm = problem.memo["gemm_int4.problem"]
     sms = problem.target.sm_count
-    r = 2 if pr.M > 8 and pr.tiles >= 2 * sms else 1
+    sp = [p for p in sp if p["PIPE"] == "regs"] or sp
+    r = 2 if pr.tiles >= 2 * sms else 1
     cands = [p for p in sp if p["R"] == r] or [p for p in sp if p["R"] == 1] or sp
     r = cands[0]["R"]
     ctas = cdiv(pr.tiles, r)
@@ -167,13 +195,11 @@ def default(problem, sp: list) -> dict:
         split *= 2
     cands = [p for p in cands if p["SPLIT"] == split] or cands
     split = cands[0]["SPLIT"]
-    want = 24 * sms
     ks_list = sorted({p["KSPLIT"] for p in cands})
-    ks = next((k for k in ks_list if ctas * split * k >= want), ks_list[-1])
-    per_warp = cdiv(pr.chunks, split * ks)
-    u = 4 if per_warp >= 8 else (2 if per_warp >= 2 else 1)
-    by = {(p["KSPLIT"], p["U"]): p for p in cands}
-    for uu in (u, 2, 1, 4):
+    ks = next((k for k in ks_list if ctas * split * k >= 12 * sms), ks_list[-1])
+    u = 2 if cdiv(pr.chunks, split * ks) >= 2 else 1
+    by = {(p["KSPLIT"], p.get("U")): p for p in cands}
+    for uu in (u, 1, 2, 4):
         if (ks, uu) in by:
             return dict(by[(ks, uu)])
     return dict(cands[0])
@@ -219,7 +245,7 @@ def nibbles(w_q: np.ndarray, zero: int) -> np.ndarray:
 
 def kernel_params(pr: Int4Gemm, params: dict, op_names: str, kind: str = "gemm") -> dict:
     ctype, magic, offset = ACT[pr.act]
-    params = {"SPLIT": 1, **params}
+    params = {"SPLIT": 1, "PIPE": "regs", "STAGES": 0, "U": 1, **params}
     return dict(kind=kind, op_names=op_names, M=pr.M, K=pr.K, N=pr.N, TILES=pr.tiles, CHUNKS=pr.chunks,
                 GROUPS=pr.groups, BS=pr.block, act=pr.act, T=ctype, MAGIC=magic, OFFSET=offset,
                 has_zp=pr.has_zp, ZERO=pr.zero, has_bias=pr.has_bias, CPS=cdiv(pr.chunks, params["SPLIT"]),
@@ -248,7 +274,7 @@ def _render(ctx: LowerCtx, problem, params: dict):
     args += [part] if split > 1 else bias + [y]
     k = ctx.render("gemm_int4.cu.j2", "gemm_int4", **kernel_params(pr, params, ctx.op.name))
     g, threads = grid(pr, params)
-    ctx.launch(k, g, threads, args)
+    ctx.launch(k, g, threads, args, smem=smem_bytes(pr, params))
     if split > 1:  # the partials' sum (+ bias), in the activation dtype
         kr = ctx.render("gemm_int4.cu.j2", "gemm_int4_reduce", **kernel_params(pr, params, ctx.op.name, "reduce"))
         ctx.launch(kr, cdiv(pr.M * pr.N, 256), 256, [part] + bias + [y])
