@@ -402,6 +402,14 @@ def test_gpu_uint4(zp):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 7, 16])
+@pytest.mark.parametrize("K,N,bs,zp,act", [(4096, 4096, 32, False, "f16"), (232, 301, 64, True, "f16"),
+                                           (1000, 520, 128, False, "bf16")])
+def test_gpu_smem_pipeline(M, K, N, bs, zp, act):
+    _gpu_check(M, K, N, bs, zp, act, params=dict(R=2, KSPLIT=4, SPLIT=1, PIPE="smem", STAGES=4))
+
+
+@pytest.mark.gpu
 def test_gpu_batched_leading_dims():
     _gpu_check(6, 512, 384, 32, False, "f16", lead=[2, 3])
 
