@@ -118,6 +118,10 @@ def launch(fn, spec: KernelSpec, buffers: dict, stream=None):
             if name not in buffers and isinstance(value, int):  # kernel-owned scratch (split-K GEMM)
                 buffers = {**buffers, name: _scratch(spec, name, value)}
             args.append(buffers[name])
+        elif ctype == "nnc_tmap":  # a TMA kernel's tensor map (codegen/tma.py) of the pointer arg it names
+            from .. import tma
+            s = tma.spec_of(value)
+            args.append(tma.encode(s, buffers[spec.args[s.arg][0]].data.ptr))
         else:
             args.append(conv[ctype](buffers.get(name, value)))
     fn(spec.grid, spec.block, tuple(args), shared_mem=spec.smem, stream=stream)

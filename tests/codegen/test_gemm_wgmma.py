@@ -254,8 +254,9 @@ def test_wgmma_gemm_gpu(case):
     bufs = _bufs(pr, a, b, extra)
     space = W.candidates(pr, SM90A)
     points = space if pr.M * pr.N <= 1 << 18 else [W.default_params(pr, SM90A)]
-    if not pr.trans_b:  # publish modes: noinc, and the largest lag
-        points = points + [dict(points[0], LAG=points[0]["STAGES"] - 2)]
+    if not pr.trans_b:  # publish modes: noinc, and the largest lag (cp.async points only)
+        cp = next(p for p in space if W.load_kind(p) != "tma")
+        points = points + [dict(cp, LAG=cp["STAGES"] - 2)]
     for p in points:
         d = _poison((pr.M, pr.N), odt)
         _run(W.render(pr, p), dict(bufs, D=d))
