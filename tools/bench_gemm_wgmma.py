@@ -131,7 +131,8 @@ def run_shape(pool, label, M, N, K, dt, tol, explore=False, probe=False):
     wg_space = gemm_wgmma.candidates(pr, SM90A, b_bulk=True)
     wg_default = gemm_wgmma.default_params(pr, SM90A, b_bulk=True)
     if explore:
-        wg_space = wg_space + [dict(p, LAG=lag) for p in wg_space for lag in range(1, p["STAGES"] - 1)
+        wg_space = wg_space + [dict(p, LAG=lag) for p in wg_space if gemm_wgmma.load_kind(p) != "tma"  # no LAG
+                               for lag in range(1, p["STAGES"] - 1)
                                if lag in (1, p["STAGES"] - 2)]
     if probe:
         wg_space = wg_space + [dict(wg_default, probe=x) for x in ("no_a", "no_b")]
