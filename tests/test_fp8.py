@@ -127,6 +127,32 @@ def test_interpreter_matches_onnxruntime(kw):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(per_channel=True), dict(gemm=True, trans_b=True, per_channel=True, bias=True),
+                                dict(fmt="f8e5m2", per_channel=True)])
+def test_small_weight_folded_at_import_is_recovered(kw):
+    """K * N <= 65536: the importer folds DQ(w) into a float const; the fold recovers w_q and the
+    scales bit for bit (the activation is an fp8 DQ, so the model is an fp8 one) and matches ORT."""
+    from tools.fp8_models import weights
+    model = qdq_model(4, 64, 48, **kw)
+    m = _folded(model)
+    assert _ops(m) == ["QuantizeLinear", "matmul_fp8"], print_module(m)
+    x = random_x(4, 64, seed=2)
+    want = _ort(model, {"x": x})
+    np.testing.assert_allclose(Interpreter(m).run({"x": x})["y"], want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+    mm = next(o for o in m.main.ops if o.name == "matmul_fp8")
+    from nnc.ir.builder import const_value
+    got_q, got_s = (const_value(mm.operands[i], m.weights) for i in (2, 3))
+    _, wq, sw = weights(64, 48, kw.get("fmt", "f8e4m3"), kw.get("per_channel", False))
+    np.testing.assert_array_equal(got_q.view(np.uint8), wq.view(np.uint8))
+    np.testing.assert_array_equal(got_s.reshape(-1), sw.reshape(-1))
+
+
+def test_float_weight_is_not_taken_for_fp8():
+    from nnc.passes.quantize_fp8 import recover_fp8_weight
+    w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+    assert recover_fp8_weight(w, 1) is None
+
+
 def test_unfoldable_qdq_stays_literal():
     """Blocked or nonzero-zero-point fp8 DQs are not folded (and still run)."""
     model = qdq_model(4, 256, 320)

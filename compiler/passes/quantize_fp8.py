@@ -23,7 +23,9 @@ constant along N times beta) -> matmul_fp8(a, s_a, b, s_b[, bias]) {out_dtype = 
 or that of a float Cast that is the result's only reader: it folds in, one rounding fewer;
 activation = "relu" when a Relu is the (bias-added) result's only reader, before that Cast},
 with s_a a per-tensor f32 constant, s_b per tensor or per output column (the DQ's axis on N), zero
-points absent or 0 (ONNX float8 zero points are 0), no block_size. Equal to the literal graph
+points absent or 0 (ONNX float8 zero points are 0), no block_size; or b a float const that is
+bit for bit DQ(q, s) of fp8 codes (a small DQ(w) the importer folded; `recover_fp8_weight`, tried
+only when a is an fp8 DQ). Equal to the literal graph
 within fp32 rounding (ir/ops/gemm_fp8.py says how).
 Requires: a verified module with folded constants (scales are `const`s).
 """
@@ -82,6 +84,14 @@ def fold_fp8(op: Op, b: Builder, uses: dict, returned: set, weights) -> Optional
         return None
     a = _dq_parts(op.operands[0], weights, False)
     w = _dq_parts(op.operands[1], weights, True)
+    recovered = False
+    if a is not None and w is None:  # an fp8 model whose small DQ(w) import folded to a float const
+        wc = const_value(op.operands[1], weights)
+        n_ax = 0 if op.name == "Gemm" and op.attrs.transB else 1
+        r = recover_fp8_weight(wc, n_ax, (a[0].type.dtype.short,) + tuple(f for f in FP8 if f != a[0].type.dtype.short)) \
+            if wc is not None and wc.ndim == 2 else None
+        if r is not None:
+            w, recovered = (r[0], r[1], n_ax), True
     if a is None or w is None:
         return None
     aq, sa, _ = a
@@ -122,11 +132,14 @@ def fold_fp8(op: Op, b: Builder, uses: dict, returned: set, weights) -> Optional
         target = readers[0].results[0]
     loc, hint = op.loc, res.name
     wdq = op.operands[1].producer
-    wv = wdq.operands[0] if not trans_b else b.constant(wq, f"{hint}_w_fp8", loc, weight_hint=f"{hint}_w_fp8")
+    wv = wdq.operands[0] if not (trans_b or recovered) else \
+        b.constant(wq, f"{hint}_w_fp8", loc, weight_hint=f"{hint}_w_fp8")
     sav = op.operands[0].producer.operands[1]
-    swv = wdq.operands[1] if sw.ndim <= 1 else b.constant(sw.reshape(-1), f"{hint}_w_scale", loc)
-    if sw.ndim == 1 and sw.size == 1:
-        swv = b.constant(sw.reshape(()), f"{hint}_w_scale", loc)
+    swv = wdq.operands[1] if sw.ndim == 0 and not recovered else None
+    if swv is None:  # a scalar, or [N] per column, as the op takes them
+        sw_c = sw.reshape(()) if sw.size == 1 else sw.reshape(-1)
+        same = not recovered and sw.ndim == 1 and sw.size > 1
+        swv = wdq.operands[1] if same else b.constant(sw_c, f"{hint}_w_scale", loc, weight_hint=f"{hint}_w_scale")
     if sa.ndim != 0:
         sav = b.constant(sa.reshape(()), f"{hint}_x_scale", loc)
     operands = [aq, sav, wv, swv]
@@ -143,6 +156,56 @@ def fold_fp8(op: Op, b: Builder, uses: dict, returned: set, weights) -> Optional
     last.results = [target]
     target.producer = last
     return drop
+
+
+def _fp8_values(fmt: str) -> np.ndarray:
+    """The positive finite values of fmt, largest first (float64)."""
+    codes = np.arange(1, 0x80, dtype=np.uint8)
+    v = narrow_types.decode_minifloat(codes, fmt)
+    return np.sort(v[np.isfinite(v)])[::-1]
+
+
+def _recover_slice(sl: np.ndarray, fmt: str):
+    """(q : fmt, scale f32) with f32(f32(q) * scale) == sl bit for bit, or None."""
+    amax = np.float32(np.abs(sl).max()) if sl.size else np.float32(0)
+    if amax == 0:
+        return narrow_types.cast_to_narrow(np.zeros(sl.shape), ir_dtype(fmt)), np.float32(1)
+    bits = sl.view(np.int32)
+    for v in _fp8_values(fmt):  # the code the largest |w| had (its scale makes v * s == amax exactly)
+        s0 = np.float32(amax / v)
+        for s in (s0, np.nextafter(s0, np.float32(0)), np.nextafter(s0, np.float32(np.inf))):
+            if not s > 0 or np.float32(np.float32(v) * s) != amax:
+                continue
+            q = narrow_types.cast_to_narrow(sl.astype(np.float64) / np.float64(s), ir_dtype(fmt))
+            if np.array_equal((decode_f32(q) * s).astype(np.float32).view(np.int32), bits):
+                return q, s
+    return None
+
+
+def decode_f32(q: np.ndarray) -> np.ndarray:
+    return narrow_types.decode(q).astype(np.float32)
+
+
+def recover_fp8_weight(w: np.ndarray, axis: int, fmts=FP8):
+    """(w_q, scale f32 [] or [C along axis]) with DequantizeLinear(w_q, scale, axis) == w bit for
+    bit, per tensor else per slice along axis, trying the formats in order; None when w is no
+    such product (an ordinary float weight is never taken for an fp8 one)."""
+    if w is None or w.dtype != np.float32 or w.size == 0 or not np.all(np.isfinite(w)):
+        return None
+    for fmt in fmts:
+        r = _recover_slice(w, fmt)
+        if r is not None:
+            return r[0], np.asarray(r[1], np.float32)
+        qs, ss = [], []
+        for i in range(w.shape[axis]):
+            r = _recover_slice(np.ascontiguousarray(np.take(w, i, axis=axis)), fmt)
+            if r is None:
+                break
+            qs.append(r[0])
+            ss.append(r[1])
+        else:
+            return np.stack(qs, axis=axis), np.asarray(ss, np.float32)
+    return None
 
 
 # ---------------------------------------------------------------- --precision fp8
