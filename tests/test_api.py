@@ -192,7 +192,7 @@ def test_compile_options():
     with pytest.raises(dataclasses.FrozenInstanceError):
         o.precision = "fp32"
     assert CompileOptions().generates_cuda and CompileOptions(backend="reference", codegen=True).generates_cuda
-    for kw, msg in [({"precision": "fp8"}, "precision must be one of"), ({"backend": "cpu"}, "backend must be"),
+    for kw, msg in [({"precision": "fp4"}, "precision must be one of"), ({"backend": "cpu"}, "backend must be"),
                     ({"cuda_compiler": "clang"}, "cuda_compiler must be"),
                     ({"codegen": False}, "codegen=False only goes with backend='reference'"),
                     ({"shapes": {"x": [2, -1]}}, r"shapes\['x'\]: dims must be non-negative ints"),
