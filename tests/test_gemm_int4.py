@@ -266,7 +266,8 @@ def test_applies_space_default_and_reasons():
     assert d in sp and d["KSPLIT"] * 32 <= pr.target.max_threads_per_block
     assert {p["R"] for p in sp} == {1, 2, 4} and {p["U"] for p in sp if p["PIPE"] == "regs"} == {1, 2, 4}
     assert {p["STAGES"] for p in sp if p["PIPE"] == "smem"} == {3, 4, 6}
-    assert d == dict(R=2, KSPLIT=8, U=2, SPLIT=1, PIPE="regs")  # the H200's fastest regs point here
+    assert d == dict(R=2, KSPLIT=8, U=2, SPLIT=1, PIPE="regs", APRE=0)  # the H200's fastest (round 1) here
+    assert {p["APRE"] for p in sp if p["PIPE"] == "regs"} == {0, 1}
     m32 = int4_module(32, 256, 384, 32)
     assert "M = 32 > 16" in G.SMALL_M.check(_problem(m32)).why
     m32f = int4_module(4, 256, 384, 32, act="f32")
@@ -428,30 +429,35 @@ def test_gpu_fallback_m_over_16_with_bias():
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [(7, 232, 301, 64, True, "f16"), (16, 520, 136, 48, False, "bf16")])
 def test_gpu_every_space_point(case):
+    """Every declared point (both pipelines, K split over CTAs included), one NVRTC program for all."""
+    import tempfile
+    from pathlib import Path
+
+    import cupy as cp
+
+    from nnc.codegen.cuda import compile_nvrtc
     from nnc.codegen.kernels import gemm_int4 as G
-    m = _module(*case)
+    from nnc.codegen.units import pieces_for, prelude
+    from tools.bench_int8 import device_buffers, lower_forced, output_of, runner
+    m = _module(*case, seed=3)
     pr = _problem(m)
     G.SMALL_M.check(pr)
-    for params in G.SMALL_M.space(pr):
-        _gpu_check(*case, params=params)
-
-
-def test_compile_to_dir_dq_int4_and_weights_int4(tmp_path):
-    """Whole `nnc compile` builds (CUDA codegen + NVRTC for sm_90a, no GPU needed): the DQ-int4 model
-    and a float MatMul under --weights int4 --precision fp16 both lower to the int4 kernel; weights.bin
-    holds the packed nibbles (K*N/2 bytes), not a dequantized copy."""
-    import onnx
-
-    import nnc
-    from nnc.driver import compile_model
-    for tag, model, extra in (("dq", onnx_model(1, 512, 384, 32), {}),
-                              ("w4", _float_mm(K=512, N=384, M=2), dict(weights="int4", precision="fp16"))):
-        p = tmp_path / f"{tag}.onnx"
-        onnx.save(model, p)
-        plan = compile_model(str(p), tmp_path / tag, options=nnc.CompileOptions(
-            backend="cuda", arch="sm_90a", tune=False, **extra))
-        temps = {k["template"] for k in plan["kernels"]}
-        assert "gemm_int4.cu.j2" in temps, temps
-        assert list((tmp_path / tag).glob("model.*.cubin"))
-        wbytes = (tmp_path / tag / "weights.bin").stat().st_size
-        assert 512 * 384 // 2 <= wbytes < 512 * 384, wbytes
+    feed = random_x(m, seed=4)
+    want = Interpreter(m).run(feed)["y"].astype(np.float32)
+    plans, srcs = [], []
+    for i, params in enumerate(G.SMALL_M.space(pr)):
+        plan = lower_forced(m, "gemm_int4.small_m", params)
+        names = {k.name: f"{k.name}_pt{i}" for k in plan.kernels.values()}
+        srcs += [k.source.replace(k.name, names[k.name]) for k in plan.kernels.values()]
+        plans.append((params, plan, names))
+    text = "\n".join(srcs)
+    d = Path(tempfile.mkdtemp(prefix="nnc_int4_space_"))
+    (d / "k.cubin").write_bytes(compile_nvrtc(prelude(pieces_for([text])) + "\n" + text, "sm_90a", name="sp.cu"))
+    mod = cp.RawModule(path=str(d / "k.cubin"))
+    for params, plan, names in plans:
+        arrs = device_buffers(plan, feed, poison=True)
+        runner(plan, {n: mod.get_function(u) for n, u in names.items()}, arrs)()
+        cp.cuda.Device().synchronize()
+        got = output_of(plan, arrs).astype(np.float32)
+        rel = np.abs(got - want).max() / np.abs(want).max()
+        assert np.all(np.isfinite(got)) and rel < 1e-2, (case, params, rel, diagnose(got, want))

@@ -199,7 +199,7 @@ def subset(sp: list, full: bool) -> list:
     sp = [p for p in sp if p.get("SPLIT", 1) == 1]
     if full:
         return sp
-    regs = [p for p in sp if p["PIPE"] == "regs" and p["U"] in (2, 4) and p["KSPLIT"] in (8, 16) and p["R"] in (1, 2)]
+    regs = [p for p in sp if p["PIPE"] == "regs" and p["U"] == 2 and p["KSPLIT"] in (8, 16) and p["R"] in (1, 2)]
     smem = [p for p in sp if p["PIPE"] == "smem" and p["STAGES"] in (4, 6) and p["R"] in (1, 2)]
     return regs + smem or sp
 

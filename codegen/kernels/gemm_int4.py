@@ -23,9 +23,10 @@
     applies(problem) -> Fit   small_m: sm_80+ (Target.cc), constant w_q / scale / zero point, M <= 16,
                               x f16/bf16 with scales of the same dtype, block_size % 16 == 0, K even,
                               x 4-byte aligned
-    space                     R (16-column tiles a CTA) x KSPLIT (warps along K) x U (chunks in flight)
-                              x SPLIT (CTAs along K, for small N) within the Target's threads per
-                              block and a register budget
+    space                     R (16-column tiles a CTA) x KSPLIT (warps along K) x SPLIT (CTAs along
+                              K, for small N) x PIPE: regs (U chunks in flight, APRE: x fragments
+                              prefetched too) or smem (STAGES), within the Target's threads per
+                              block, shared memory and a register budget
     default                   PIPE regs, R = 2 for large N (else 1), SPLIT up to one CTA an SM, the
                               fewest KSPLIT warps giving ~12 resident warps an SM, U = 2 (measured
                               best regs point on the H200 at K = N = 8192; the tuner also races the
@@ -122,8 +123,9 @@ def _applies(problem):
 
 
 def regs_estimate(p: dict) -> int:
-    """Registers a thread holds: two stages of U*R 16-byte loads, the accumulators, scales."""
-    return 2 * p["U"] * p["R"] * 4 + p["R"] * 8 + 2 * p["U"] * p["R"] * 4 + 48
+    """Registers a thread holds (PIPE regs): two stages of U*R 16-byte loads (and with APRE their x
+    fragments), the accumulators, scales."""
+    return 2 * p["U"] * p["R"] * 4 + p["R"] * 8 + 2 * p["U"] * p["R"] * 4 + 16 * p["U"] * p.get("APRE", 0) + 48
 
 
 def splits(pr: "Int4Gemm", R: int, KS: int, sm_count: int) -> list:
@@ -165,9 +167,10 @@ def space(problem) -> list:
             red = 4 * KS * R * 256  # the static reduction buffer
             for SPLIT in splits(pr, R, KS, t.sm_count):
                 for U in (1, 2, 4):
-                    p = dict(R=R, KSPLIT=KS, U=U, SPLIT=SPLIT, PIPE="regs")
-                    if regs_estimate(p) <= min(t.regs_per_thread, 168) and red <= t.smem_per_block:
-                        out.append(p)
+                    for APRE in (0, 1):
+                        p = dict(R=R, KSPLIT=KS, U=U, SPLIT=SPLIT, PIPE="regs", APRE=APRE)
+                        if regs_estimate(p) <= min(t.regs_per_thread, 168) and red <= t.smem_per_block:
+                            out.append(p)
                 if not pr.x16 or KS not in (4, 8):
                     continue
                 for ST in (3, 4, 6):
@@ -198,6 +201,7 @@ def default(problem, sp: list) -> dict:
     ks_list = sorted({p["KSPLIT"] for p in cands})
     ks = next((k for k in ks_list if ctas * split * k >= 12 * sms), ks_list[-1])
     u = 2 if cdiv(pr.chunks, split * ks) >= 2 else 1
+    cands = [p for p in cands if not p.get("APRE")] or cands
     by = {(p["KSPLIT"], p.get("U")): p for p in cands}
     for uu in (u, 1, 2, 4):
         if (ks, uu) in by:
@@ -245,7 +249,7 @@ def nibbles(w_q: np.ndarray, zero: int) -> np.ndarray:
 
 def kernel_params(pr: Int4Gemm, params: dict, op_names: str, kind: str = "gemm") -> dict:
     ctype, magic, offset = ACT[pr.act]
-    params = {"SPLIT": 1, "PIPE": "regs", "STAGES": 0, "U": 1, **params}
+    params = {"SPLIT": 1, "PIPE": "regs", "STAGES": 0, "U": 1, "APRE": 0, **params}
     return dict(kind=kind, op_names=op_names, M=pr.M, K=pr.K, N=pr.N, TILES=pr.tiles, CHUNKS=pr.chunks,
                 GROUPS=pr.groups, BS=pr.block, act=pr.act, T=ctype, MAGIC=magic, OFFSET=offset,
                 has_zp=pr.has_zp, ZERO=pr.zero, has_bias=pr.has_bias, CPS=cdiv(pr.chunks, params["SPLIT"]),
