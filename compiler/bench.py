@@ -53,6 +53,7 @@ class BenchOptions:
     backend: str = "cuda"
     seed: int = 0
     transport: str = "auto"  # a multi-device directory: "nccl" | "copy" | "auto" (nnc.multi_device_nccl)
+    device_graphs: bool = False  # a multi-device directory on NCCL: each device's run as one CUDA graph (opt-in)
 
     def __post_init__(self):
         for what, v, lo in (("iterations", self.iterations, 1), ("warmup", self.warmup, 0)):
@@ -309,7 +310,7 @@ def bench_multi(out_dir, options: BenchOptions = BenchOptions()) -> MultiBenchRe
         from .runtime import require_gpu
         cp = require_gpu()
     prog = MultiDeviceProgram(out, options.backend, options.transport if options.backend == "cuda" else "auto",
-                              cuda_graph=options.cuda_graph)
+                              cuda_graph=options.cuda_graph, device_graphs=options.device_graphs)
     plan, K, M = prog.plan, prog.mdm.num_devices, prog.mdm.micro_batches
     feed = random_inputs(plan, options.seed)
     nccl = prog.transport_used == "nccl"
@@ -364,7 +365,8 @@ def bench_multi(out_dir, options: BenchOptions = BenchOptions()) -> MultiBenchRe
         r.span_ms = summarize(span)
         if pipeline:
             r.bubble_fraction = float(np.median(bubble))
-        r.measured = (f"measured on {K} GPUs: latency from {options.iterations} runs without events, the "
+        graphs = "one CUDA graph per device, " if prog.group.device_graphs else ""
+        r.measured = (f"measured on {K} GPUs: latency from {options.iterations} runs ({graphs}no events), the "
                       f"breakdown from {timed_runs} more with CUDA events around every step on each device's stream "
                       f"(communication includes the waits for peers)")
     else:

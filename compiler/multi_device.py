@@ -1023,10 +1023,12 @@ class MultiDeviceProgram:
       concatenation of the members' values, each standing in for NCCL. This checks the plan,
       the per-device builds and the results, not multi-GPU speed (nothing overlaps);
     - "auto" (default): nccl when there are K >= 2 GPUs and NCCL, else copy (a UserWarning says so).
-    `transport_used` / `transport_reason` say which ran and why."""
+    `transport_used` / `transport_reason` say which ran and why. device_graphs (nccl, opt-in, not
+    yet run on GPUs): each device's whole run captured once as one CUDA graph and replayed
+    (multi_device_nccl.DeviceGroup); runs with timing=True still go step by step."""
 
     def __init__(self, out, backend: str = "reference", transport: str = "auto", *, cuda_graph: bool = True,
-                 gpus: Optional[list] = None):
+                 gpus: Optional[list] = None, device_graphs: bool = False):
         from .multi_device_nccl import TRANSPORTS, TransportError
         from .plan_file import read_plan
         if backend not in ("reference", "cuda"):
@@ -1062,7 +1064,7 @@ class MultiDeviceProgram:
             self.transport_used, self.transport_reason = choice.name, choice.reason
             if choice.name == "nccl":
                 from .multi_device_nccl import open_nccl_group
-                self.group = open_nccl_group(self, gpus, cuda_graph)
+                self.group = open_nccl_group(self, gpus, cuda_graph, device_graphs)
             else:
                 if transport == "auto" and K > 1:
                     import warnings

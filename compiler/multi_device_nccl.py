@@ -232,6 +232,17 @@ class DeviceSide:
     def new_run(self) -> None:
         """Called before each run's first step (the GPU side recycles its timing events)."""
 
+    def upload_into(self, dst, a: np.ndarray) -> None:
+        """a (host) into the device array dst, queued."""
+        raise NotImplementedError
+
+    def capture(self, enqueue):
+        """What enqueue() queues on this device, captured as one replayable graph (raises if it cannot)."""
+        raise NotImplementedError
+
+    def replay(self, graph) -> None:
+        raise NotImplementedError
+
 
 class NcclDevice(DeviceSide):
     """GPU `gpu` with its own non-blocking stream and its NCCL communicator (rank = device)."""
@@ -264,6 +275,25 @@ class NcclDevice(DeviceSide):
                 self.cp.cuda.runtime.memcpyAsync(d.data.ptr, np.ascontiguousarray(a).ctypes.data, d.nbytes, 1,
                                                  self.stream.ptr)
             return d
+
+    def upload_into(self, dst, a):
+        if a.dtype.kind not in "biufc":
+            a = a.view(np.dtype(f"u{a.dtype.itemsize}"))
+        a = np.ascontiguousarray(a)
+        if a.nbytes != dst.nbytes:
+            raise NncError(f"device {self.index}: {a.nbytes} bytes into an input buffer of {dst.nbytes}")
+        if a.nbytes:
+            self.cp.cuda.runtime.memcpyAsync(dst.data.ptr, a.ctypes.data, a.nbytes, 1, self.stream.ptr)
+
+    def capture(self, enqueue):
+        from .runtime import capture_graph
+        graph, why = capture_graph(self.cp, self.stream, enqueue)
+        if graph is None:
+            raise TransportError(f"device {self.index}: {why}")
+        return graph
+
+    def replay(self, graph):
+        graph.launch(self.stream)
 
     def download(self, a, dtype):
         from .runtime import _np_dtype
@@ -317,8 +347,10 @@ class NcclDevice(DeviceSide):
         self.comm.allGather(src.data.ptr, dst.data.ptr, src.size, NCCL_DTYPES[dtype], self.stream.ptr)
 
     def concat_gathered(self, gathered, axis, dst):
-        with self.cp.cuda.Device(self.gpu), self.stream:
-            self.cp.concatenate(list(gathered), axis=axis, out=dst)
+        n, w = gathered.shape[0], gathered.shape[1 + axis]
+        with self.cp.cuda.Device(self.gpu), self.stream:  # one strided copy per member: nothing allocated
+            for i in range(n):
+                dst[(slice(None),) * axis + (slice(i * w, (i + 1) * w),)] = gathered[i]
 
     def event(self):
         """A timing event recorded on the stream now: from a pool reused run after run (a run
@@ -390,10 +422,16 @@ class DeviceGroup:
     plan.json (inputs / outputs at whole-batch shapes, the schedule)."""
 
     def __init__(self, mdm, segments: list, builds: dict, sides: list, plan: dict, micro_batches: int,
-                 timeout_s: float = 120.0):
+                 timeout_s: float = 120.0, device_graphs: bool = False):
         from .multi_device import MultiDeviceError
         self.mdm, self.segments, self.builds, self.sides, self.plan = mdm, segments, builds, sides, plan
         self.timeout_s = float(timeout_s)  # a run that has not finished on the devices by then fails (and aborts)
+        # device_graphs: each device's whole run (builds' launches, NCCL calls, copies) captured once as one CUDA
+        # graph over fixed input / output buffers, then one replay per device a run (the builds must be eager:
+        # loaded with cuda_graph=False). Runs with timing=True still go step by step (events per step).
+        self.device_graphs = bool(device_graphs)
+        self._graphs: Optional[list] = None
+        self._fixed: Optional[tuple] = None  # (per device {input: whole-batch array}, {output: array})
         self.M = int(micro_batches)
         K = mdm.num_devices
         if len(sides) != K:
@@ -441,41 +479,43 @@ class DeviceGroup:
             raise MultiDeviceError(f"this multi-GPU program is unusable after an earlier failure: {self.broken}")
         K, M = self.mdm.num_devices, self.M
         check_inputs(self.plan, inputs)
+        for a in self.plan["inputs"]:
+            if not a["shape"] or a["shape"][0] % M:
+                raise InputError(f"input {a['name']!r}: shape {a['shape']} does not split into {M} micro-batches "
+                                 f"along axis 0")
         t0 = time.perf_counter()
+        graphed = self.device_graphs and not timing
+        if graphed and self._fixed is None:
+            self._fixed = (self._input_buffers(), self._output_buffers())
         feeds = []
         for k, m in enumerate(self.mdm.devices):
             whole = {}
             with self.sides[k].current():
                 for a in m.main.args:
-                    x = np.ascontiguousarray(_to_numpy(a.name, inputs[a.name]))
-                    if x.ndim == 0 or x.shape[0] % M:
-                        raise InputError(f"input {a.name!r}: shape {list(x.shape)} does not split into {M} "
-                                         f"micro-batches along axis 0")
-                    whole[a.name] = self.sides[k].upload(x)
+                    x = _to_numpy(a.name, inputs[a.name])
+                    if graphed:
+                        whole[a.name] = self._fixed[0][k][a.name]
+                        self.sides[k].upload_into(whole[a.name], x)
+                    else:
+                        whole[a.name] = self.sides[k].upload(np.ascontiguousarray(x))
             rows = {n: v.shape[0] // M for n, v in whole.items()}
             feeds.append([{n: v[i * rows[n]:(i + 1) * rows[n]] for n, v in whole.items()} for i in range(M)])
-        outs = {}
-        for e in self.plan["outputs"]:
-            k = self.mdm.source_of(e["name"])
-            outs[e["name"]] = self.sides[k].empty(tuple(e["shape"]), e["dtype"])
-        self.trace = []
+        outs = self._fixed[1] if graphed else self._output_buffers()
         self._aborted = False
         for s in self.sides:
             s.new_run()
-        errors: list = [None] * K
         marks: list = [None] * K
-        threads = [threading.Thread(target=self._worker, args=(k, feeds[k], outs, timing, errors, marks),
-                                    name=f"nnc-device{k}", daemon=True) for k in range(K)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if any(e is not None for e in errors):
-            k, e = self._aborted
-            self.broken = f"device {k}: {e}"
-            if isinstance(e, NncError):
-                raise type(e)(f"device {k}: {e}") from e
-            raise MultiDeviceError(f"device {k}: {type(e).__name__}: {e}") from e
+        if graphed:
+            if self._graphs is None:  # the first graphed run captures: every device at once (NCCL connects)
+                graphs: list = [None] * K
+                self._threads(lambda k: self._capture(k, feeds[k], outs, graphs), "capturing")
+                self._graphs = graphs
+            for k, side in enumerate(self.sides):
+                with side.current():
+                    side.replay(self._graphs[k])
+        else:
+            self.trace = []
+            self._threads(lambda k: self._worker(k, feeds[k], outs, timing, marks), "running")
         try:
             for s in self.sides:
                 s.synchronize(self.timeout_s)
@@ -504,39 +544,80 @@ class DeviceGroup:
             self.timing = tm
         return res
 
-    def _worker(self, k: int, feeds: list, outs: dict, timing: bool, errors: list, marks: list) -> None:
+    def _threads(self, work, what: str) -> None:
+        """work(k) on a thread per device; the first failure aborts every device at once (the
+        others may be waiting for the one that failed) and is raised, naming the device."""
+        from .multi_device import MultiDeviceError
+        K = self.mdm.num_devices
+        errors: list = [None] * K
+
+        def run(k):
+            try:
+                work(k)
+            except BaseException as e:  # reported below
+                errors[k] = e
+                with self._trace_lock:
+                    if not self._aborted:  # the first failure; the others' may follow from the abort
+                        self._aborted = (k, e)
+                        for s in self.sides:
+                            s.abort()
+        threads = [threading.Thread(target=run, args=(k,), name=f"nnc-device{k}", daemon=True) for k in range(K)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if any(e is not None for e in errors):
+            k, e = self._aborted
+            self.broken = f"device {k} ({what}): {e}"
+            if isinstance(e, NncError):
+                raise type(e)(f"device {k}: {e}") from e
+            raise MultiDeviceError(f"device {k}: {type(e).__name__}: {e}") from e
+
+    def _input_buffers(self) -> list:
+        """Per device, a whole-batch device array for each model input it reads."""
+        spec = {e["name"]: e for e in self.plan["inputs"]}
+        return [{a.name: self.sides[k].empty(tuple(spec[a.name]["shape"]), spec[a.name]["dtype"])
+                 for a in m.main.args} for k, m in enumerate(self.mdm.devices)]
+
+    def _output_buffers(self) -> dict:
+        return {e["name"]: self.sides[self.mdm.source_of(e["name"])].empty(tuple(e["shape"]), e["dtype"])
+                for e in self.plan["outputs"]}
+
+    def _capture(self, k: int, feeds: list, outs: dict, graphs: list) -> None:
+        side = self.sides[k]
+        with side.current():
+            graphs[k] = side.capture(lambda: self._enqueue(k, feeds, outs, False, []))
+
+    def _worker(self, k: int, feeds: list, outs: dict, timing: bool, marks: list) -> None:
+        side = self.sides[k]
+        per: list = []
+        with side.current():
+            begin = side.event() if timing else None
+            self._enqueue(k, feeds, outs, timing, per)
+            end = side.event() if timing else None
+        marks[k] = (begin, end, per)
+
+    def _enqueue(self, k: int, feeds: list, outs: dict, timing: bool, per: list) -> None:
+        """Queues device k's steps for every micro-batch (per: (kind, micro-batch, e0, e1) when timing)."""
         side = self.sides[k]
         f = self.mdm.devices[k].main
         mine = [(r.name, self.plan_rows(r.name)) for r in f.results
                 if r.name in outs and self.mdm.source_of(r.name) == k]  # the model outputs this device gives
-        per = []
-        try:
-            with side.current():
-                begin = side.event() if timing else None
-                env: dict = {}
-                cur = None
-                for st in self.steps[k]:
-                    if st.micro_batch != cur:
-                        if cur is not None:
-                            self._store_outputs(side, env, mine, outs, cur)
-                        cur, env = st.micro_batch, dict(feeds[st.micro_batch])
-                    with self._trace_lock:
-                        self.trace.append((k, st.kind, st.micro_batch, st.segment))
-                    e0 = side.event() if timing else None
-                    self._step(side, st, env)
-                    if timing:
-                        per.append((st.kind, st.micro_batch, e0, side.event()))
+        env: dict = {}
+        cur = None
+        for st in self.steps[k]:
+            if st.micro_batch != cur:
                 if cur is not None:
                     self._store_outputs(side, env, mine, outs, cur)
-                end = side.event() if timing else None
-            marks[k] = (begin, end, per)
-        except BaseException as e:  # reported by run(); the others may wait for this device: abort them now
-            errors[k] = e
+                cur, env = st.micro_batch, dict(feeds[st.micro_batch])
             with self._trace_lock:
-                if not self._aborted:  # the first failure; the others' may follow from the abort
-                    self._aborted = (k, e)
-                    for s in self.sides:
-                        s.abort()
+                self.trace.append((k, st.kind, st.micro_batch, st.segment))
+            e0 = side.event() if timing else None
+            self._step(side, st, env)
+            if timing:
+                per.append((st.kind, st.micro_batch, e0, side.event()))
+        if cur is not None:
+            self._store_outputs(side, env, mine, outs, cur)
 
     def plan_rows(self, name: str) -> int:
         e = next(e for e in self.plan["outputs"] if e["name"] == name)
@@ -621,10 +702,13 @@ def check_inputs(plan: dict, inputs: dict) -> None:
             raise InputError(f"input {e['name']!r}: expected shape {list(e['shape'])}, given {list(np.shape(x))}")
 
 
-def open_nccl_group(prog, gpus: Optional[list] = None, cuda_graph: bool = True) -> DeviceGroup:
+def open_nccl_group(prog, gpus: Optional[list] = None, cuda_graph: bool = True,
+                    device_graphs: bool = False) -> DeviceGroup:
     """prog: a MultiDeviceProgram (plan, mdm, segments, out). Device k on GPU gpus[k] (default k):
     NCCL communicators for all (ncclCommInitAll, after set_safe_env), each device's builds
-    loaded on its GPU."""
+    loaded on its GPU. device_graphs: see DeviceGroup (the builds are then loaded eager)."""
+    if device_graphs:
+        cuda_graph = False  # their launches go into the device's graph
     from .multi_device import MultiDeviceError
     set_safe_env()  # before cupy.cuda.nccl initialises anything
     import cupy as cp
@@ -652,4 +736,5 @@ def open_nccl_group(prog, gpus: Optional[list] = None, cuda_graph: bool = True) 
                     raise MultiDeviceError(f"{prog.out / rel}: outputs of data-dependent shape are not supported "
                                            f"across GPUs")
                 builds[(k, sg.index)] = m
-    return DeviceGroup(prog.mdm, prog.segments, builds, sides, prog.plan, prog.mdm.micro_batches)
+    return DeviceGroup(prog.mdm, prog.segments, builds, sides, prog.plan, prog.mdm.micro_batches,
+                       device_graphs=device_graphs)

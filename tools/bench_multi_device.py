@@ -174,7 +174,14 @@ def gpt(work: Path, a, log) -> dict:
     del tp
     r1 = bench(work / "gpt_one", BenchOptions(iterations=a.iterations, warmup=3))
     r2 = bench_multi(work / "gpt_tp", BenchOptions(iterations=a.iterations, warmup=3, transport=a.transport))
-    return {"one": r1, "tp": r2, "rel_err": err}
+    r3 = None
+    if r2.transport == "nccl":  # opt-in: each device's whole run as one CUDA graph (host enqueue off the path)
+        try:
+            r3 = bench_multi(work / "gpt_tp", BenchOptions(iterations=a.iterations, warmup=3, transport="nccl",
+                                                           device_graphs=True))
+        except Exception as e:  # reported in the table
+            r3 = f"{type(e).__name__}: {e}"
+    return {"one": r1, "tp": r2, "tp_graphs": r3, "rel_err": err}
 
 
 def main(argv=None) -> int:
@@ -250,6 +257,12 @@ def main(argv=None) -> int:
             if tp.comm_share:
                 line += ", comm share " + "/".join(f"{100 * c:.0f}%" for c in tp.comm_share)
             table.append((f"  2-way tensor parallel ({tp.transport})", line + f", rel err {r['rel_err']:.2e}"))
+            g = r["tp_graphs"]
+            if isinstance(g, str):
+                table.append(("  2-way TP, one CUDA graph per device", f"failed: {g[:200]}"))
+            elif g is not None:
+                table.append(("  2-way TP, one CUDA graph per device", f"{g.latency_ms['median']:.3f} ms end to end "
+                              f"= {g.latency_ms['median'] / one.latency_ms['median']:.2f}x one GPU end to end"))
             msg = a.gpt_batch * a.gpt_seq * 1024 * 2
             if busbw:
                 mb = min(busbw, key=lambda s: abs(s * 2**20 - msg))
