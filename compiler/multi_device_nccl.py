@@ -479,7 +479,7 @@ class DeviceGroup:
             raise MultiDeviceError(f"this multi-GPU program is unusable after an earlier failure: {self.broken}")
         K, M = self.mdm.num_devices, self.M
         check_inputs(self.plan, inputs)
-        for a in self.plan["inputs"]:
+        for a in self.plan["inputs"] if M > 1 else ():
             if not a["shape"] or a["shape"][0] % M:
                 raise InputError(f"input {a['name']!r}: shape {a['shape']} does not split into {M} micro-batches "
                                  f"along axis 0")
@@ -498,6 +498,9 @@ class DeviceGroup:
                         self.sides[k].upload_into(whole[a.name], x)
                     else:
                         whole[a.name] = self.sides[k].upload(np.ascontiguousarray(x))
+            if M == 1:
+                feeds.append([whole])
+                continue
             rows = {n: v.shape[0] // M for n, v in whole.items()}
             feeds.append([{n: v[i * rows[n]:(i + 1) * rows[n]] for n, v in whole.items()} for i in range(M)])
         outs = self._fixed[1] if graphed else self._output_buffers()
