@@ -66,7 +66,7 @@ def main() -> int:
            "--parallel", a.parallel]
     cmd += [] if a.tune else ["--no-tune"]
     subprocess.run(cmd, check=True)
-    cuda = MultiDeviceProgram(out, "cuda")
+    cuda = MultiDeviceProgram(out, "cuda", "copy")  # the one-GPU path, whatever GPUs are present (stage_ms)
     rng = np.random.default_rng(0)
     feed = {}
     for e in cuda.plan["inputs"]:
