@@ -40,6 +40,7 @@ from typing import Optional
 import numpy as np
 
 from ...ir.ops.gemm_int4 import dequantized_weight
+from .. import dtypes
 from ..lower import LowerCtx
 from ..variants import YES, Variant, no, register
 from .common import cdiv
@@ -52,8 +53,9 @@ MAX_M = 16           # the mma's A rows
 TILE_N = 16          # columns of one packed tile (two n8 mma tiles)
 CHUNK_K = 64         # k of one packed chunk (four k16 mma steps)
 CHUNK_BYTES = TILE_N * CHUNK_K // 2
-ACT = {"f16": ("half", "0x64006400", 1024), "bf16": ("__nv_bfloat16", "0x43004300", 128)}
-# (the magic: the exponent that turns a nibble u in the low mantissa bits into OFFSET + u exactly)
+# activation type -> (magic, OFFSET): the exponent that turns a nibble u in the low mantissa bits
+# into OFFSET + u exactly (the C type comes from the one dtype table, codegen/dtypes.py)
+ACT = {"f16": ("0x64006400", 1024), "bf16": ("0x43004300", 128)}
 
 
 @dataclass(frozen=True)
@@ -248,7 +250,8 @@ def nibbles(w_q: np.ndarray, zero: int) -> np.ndarray:
 
 
 def kernel_params(pr: Int4Gemm, params: dict, op_names: str, kind: str = "gemm") -> dict:
-    ctype, magic, offset = ACT[pr.act]
+    magic, offset = ACT[pr.act]
+    ctype = dtypes.ctype(dtypes.info(pr.act).dtype)
     params = {"SPLIT": 1, "PIPE": "regs", "STAGES": 0, "U": 1, "APRE": 0, **params}
     return dict(kind=kind, op_names=op_names, M=pr.M, K=pr.K, N=pr.N, TILES=pr.tiles, CHUNKS=pr.chunks,
                 GROUPS=pr.groups, BS=pr.block, act=pr.act, T=ctype, MAGIC=magic, OFFSET=offset,
@@ -269,7 +272,7 @@ def _render(ctx: LowerCtx, problem, params: dict):
     s = ctx.weight(2, lambda a: pack_groups(a, pr, sdt), key="int4_group_pairs")
     args = [x, w, s]
     if pr.has_zp:
-        offset = ACT[pr.act][2]
+        offset = ACT[pr.act][1]
         zsub = lambda z: pack_groups(nibbles(z, pr.zero).astype(np.float32) + offset, pr, sdt)  # noqa: E731
         args.append(ctx.weight(3, zsub, key="int4_zero_offsets"))  # OFFSET + z: exact in f16 / bf16
     split = params.get("SPLIT", 1)
