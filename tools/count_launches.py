@@ -66,7 +66,7 @@ def load_model(name: str):
 @dataclass(frozen=True)
 class Count:
     """One lowered plan's launch numbers."""
-    launches: int  # every run
+    launches: int  # every run (not the split-K counter zeroing copy: splitk_zeroing)
     init_launches: int  # once, at load
     arena_bytes: int
     peak_live_bytes: int
@@ -84,11 +84,19 @@ def family(plan, launch) -> str:
     return t.split(".")[0] or (launch.kernel or "?")
 
 
+def splitk_zeroing(launch) -> bool:
+    """The copy that zeroes a run's split-K tile counters (codegen/kernels/gemm_lowering.py
+    splitk_scratch): part of split-K's reduction, which the issue's launch budgets do not count."""
+    return (launch.kind == "memcpy" and bool(launch.args)
+            and getattr(launch.args[0], "name", "").endswith("splitk_tile_counters"))
+
+
 def count_plan(plan) -> Count:
     mem = plan.memory
-    return Count(len(plan.launches), len(plan.init_launches), int(mem.get("arena_bytes", 0)),
+    runs = [l for l in plan.launches if not splitk_zeroing(l)]
+    return Count(len(runs), len(plan.init_launches), int(mem.get("arena_bytes", 0)),
                  int(mem.get("peak_live_bytes", 0)), int(mem.get("persistent_bytes", 0)),
-                 dict(Counter(family(plan, l) for l in plan.launches).most_common()))
+                 dict(Counter(family(plan, l) for l in runs).most_common()))
 
 
 def lower_model(model, precision: str, fuse: bool, arch: str = "sm_90"):
