@@ -318,7 +318,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_matmul_0(const float* __re
 // ============================================================================
 // kernel nnc_rnn_sync_init_1
 // template: rnn.cu.j2
-// params: {"NWORDS":32,"kind":"LSTM","selected":{"params":{"kperm":false,"ks":8,"nsb":32,"r_smem":true,"stage_batch":false,"sync":"barrier","tb":1,"threads":32,"tr":1},"variant":"recurrence.persistent"},"variant":"sync_init"}
+// params: {"NWORDS":32,"kind":"LSTM","selected":{"params":{"kperm":false,"ks":8,"mma_warps":null,"nsb":32,"r_smem":true,"stage_batch":false,"step_mma":false,"sync":"barrier","tb":1,"threads":32,"tr":1},"variant":"recurrence.persistent"},"variant":"sync_init"}
 // implements:
 //   %seq0: f32[8,1,32] = recurrence(%Y0.proj: f32[8,1,128], %R0: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32, y_layout=sbdh}
 //   %Y1: f32[8,1,1,32], %Yh1: f32[1,1,32] = recurrence(%Y1.proj: f32[8,1,128], %R1: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32}
@@ -331,7 +331,7 @@ extern "C" __global__ void nnc_rnn_sync_init_1(unsigned int* __restrict__ sync_w
 // ============================================================================
 // kernel nnc_coop_lstm_step_2
 // template: rnn.cu.j2
-// params: {"B":1,"BP":1,"D":1,"H":32,"HP":32,"HS":1,"KPERM":false,"KS":8,"NG":4,"NSB":32,"NTHR":32,"ROWSP":4,"R_BYTES":512,"R_SMEM":true,"S":8,"STAGE_BATCH":false,"TB":1,"TR":1,"VEC":4,"acts":[[{"alpha":0.0,"beta":0.0,"kind":"sigmoid"},{"alpha":0.0,"beta":0.0,"kind":"tanh"},{"alpha":0.0,"beta":0.0,"kind":"tanh"}]],"clip":null,"direction":"forward","g_sb":128,"g_sd":128,"g_st":128,"gt":"float","has_c0":false,"has_h0":false,"has_lens":false,"has_p":false,"has_rbh":false,"has_y":true,"has_yc":false,"has_yh":false,"input_forget":false,"kind":"LSTM","layout":0,"lbr":true,"lt":"int32_t","rbh_off":0,"rbh_sd":3...
+// params: {"B":1,"BP":1,"D":1,"H":32,"HP":32,"HS":1,"KPERM":false,"KS":8,"NG":4,"NSB":32,"NTHR":32,"ROWSP":4,"R_BYTES":512,"R_SMEM":true,"S":8,"STAGE_BATCH":false,"STEP_MMA":false,"TB":1,"TR":1,"VEC":4,"acts":[[{"alpha":0.0,"beta":0.0,"kind":"sigmoid"},{"alpha":0.0,"beta":0.0,"kind":"tanh"},{"alpha":0.0,"beta":0.0,"kind":"tanh"}]],"clip":null,"direction":"forward","g_sb":128,"g_sd":128,"g_st":128,"gt":"float","has_c0":false,"has_h0":false,"has_lens":false,"has_p":false,"has_rbh":false,"has_y":true,"has_yc":false,"has_yh":false,"ht":"float","input_forget":false,"kind":"LSTM","layout":0,"lbr":true,"lt":"i...
 // implements:
 //   %seq0: f32[8,1,32] = recurrence(%Y0.proj: f32[8,1,128], %R0: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32, y_layout=sbdh}
 // ============================================================================
@@ -345,6 +345,11 @@ __device__ __forceinline__ unsigned int nnc_coop_lstm_step_2_ld_relaxed(const un
 __device__ __forceinline__ void nnc_coop_lstm_step_2_fence_acquire() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 __device__ __forceinline__ void nnc_coop_lstm_step_2_st_release(unsigned int* p, unsigned int v) {
   asm volatile("st.release.gpu.global.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+}
+// the barrier's arrival: a release reduction (orders this block's h stores, ordered before it by
+// __syncthreads, like the flags' st.release) instead of __threadfence (membar.gl = fence.sc.gpu) + atomicAdd
+__device__ __forceinline__ void nnc_coop_lstm_step_2_add_release(unsigned int* p, unsigned int v) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
 }
 // VEC consecutive elements of R (16 bytes) as floats
 __device__ __forceinline__ void nnc_coop_lstm_step_2_ldr(const float* p, float* o) {
@@ -447,6 +452,7 @@ extern "C" __global__ void __launch_bounds__(32, 1) nnc_coop_lstm_step_2(
         }
       __syncthreads();
     }
+    float yout = 0.0f;  // y[t], stored after the publish: no other block reads it, the release need not wait for it
     if (unit) {
       float a[NG];
 #pragma unroll
@@ -471,18 +477,18 @@ extern "C" __global__ void __launch_bounds__(32, 1) nnc_coop_lstm_step_2(
       const float hn = vo * tanhf(cn);
       if (live) creg = cn;
       if (live) hreg = hn;
-      if (step + 1 < S) hbuf[(int64_t)((step + 1) & 1) * DBH + ((int64_t)d * NB + b) * H + j] = hreg;
-      y[(int64_t)t * 32 + (int64_t)b * 32 + (int64_t)d * 32 + j] = static_cast<float>(live ? hreg : 0.0f);
+      if (step + 1 < S) hbuf[(int64_t)((step + 1) & 1) * DBH + ((int64_t)d * NB + b) * H + j] = static_cast<float>(hreg);
+      yout = live ? hreg : 0.0f;
       if (step + 1 == S) {
       }
     }
     if (step + 1 < S) {
       __syncthreads();  // this block's h_{step+1} written (and accs, hsm read) before publishing
       if (tid == 0) {
-        __threadfence();
-        atomicAdd(sync_words + d * 32, 1u);
+        nnc_coop_lstm_step_2_add_release(sync_words + d * 32, 1u);
       }
     }
+    if (unit) y[(int64_t)t * 32 + (int64_t)b * 32 + (int64_t)d * 32 + j] = static_cast<float>(yout);
   }
 }
 #undef nnc_coop_lstm_step_2_AT
@@ -527,7 +533,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_matmul_3(const float* __re
 // ============================================================================
 // kernel nnc_coop_lstm_step_4
 // template: rnn.cu.j2
-// params: {"B":1,"BP":1,"D":1,"H":32,"HP":32,"HS":1,"KPERM":false,"KS":8,"NG":4,"NSB":32,"NTHR":32,"ROWSP":4,"R_BYTES":512,"R_SMEM":true,"S":8,"STAGE_BATCH":false,"TB":1,"TR":1,"VEC":4,"acts":[[{"alpha":0.0,"beta":0.0,"kind":"sigmoid"},{"alpha":0.0,"beta":0.0,"kind":"tanh"},{"alpha":0.0,"beta":0.0,"kind":"tanh"}]],"clip":null,"direction":"forward","g_sb":128,"g_sd":128,"g_st":128,"gt":"float","has_c0":false,"has_h0":false,"has_lens":false,"has_p":false,"has_rbh":false,"has_y":false,"has_yc":false,"has_yh":true,"input_forget":false,"kind":"LSTM","layout":0,"lbr":true,"lt":"int32_t","rbh_off":0,"rbh_sd":3...
+// params: {"B":1,"BP":1,"D":1,"H":32,"HP":32,"HS":1,"KPERM":false,"KS":8,"NG":4,"NSB":32,"NTHR":32,"ROWSP":4,"R_BYTES":512,"R_SMEM":true,"S":8,"STAGE_BATCH":false,"STEP_MMA":false,"TB":1,"TR":1,"VEC":4,"acts":[[{"alpha":0.0,"beta":0.0,"kind":"sigmoid"},{"alpha":0.0,"beta":0.0,"kind":"tanh"},{"alpha":0.0,"beta":0.0,"kind":"tanh"}]],"clip":null,"direction":"forward","g_sb":128,"g_sd":128,"g_st":128,"gt":"float","has_c0":false,"has_h0":false,"has_lens":false,"has_p":false,"has_rbh":false,"has_y":false,"has_yc":false,"has_yh":true,"ht":"float","input_forget":false,"kind":"LSTM","layout":0,"lbr":true,"lt":"i...
 // implements:
 //   %Y1: f32[8,1,1,32], %Yh1: f32[1,1,32] = recurrence(%Y1.proj: f32[8,1,128], %R1: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32}
 // ============================================================================
@@ -541,6 +547,11 @@ __device__ __forceinline__ unsigned int nnc_coop_lstm_step_4_ld_relaxed(const un
 __device__ __forceinline__ void nnc_coop_lstm_step_4_fence_acquire() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 __device__ __forceinline__ void nnc_coop_lstm_step_4_st_release(unsigned int* p, unsigned int v) {
   asm volatile("st.release.gpu.global.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+}
+// the barrier's arrival: a release reduction (orders this block's h stores, ordered before it by
+// __syncthreads, like the flags' st.release) instead of __threadfence (membar.gl = fence.sc.gpu) + atomicAdd
+__device__ __forceinline__ void nnc_coop_lstm_step_4_add_release(unsigned int* p, unsigned int v) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
 }
 // VEC consecutive elements of R (16 bytes) as floats
 __device__ __forceinline__ void nnc_coop_lstm_step_4_ldr(const float* p, float* o) {
@@ -667,7 +678,7 @@ extern "C" __global__ void __launch_bounds__(32, 1) nnc_coop_lstm_step_4(
       const float hn = vo * tanhf(cn);
       if (live) creg = cn;
       if (live) hreg = hn;
-      if (step + 1 < S) hbuf[(int64_t)((step + 1) & 1) * DBH + ((int64_t)d * NB + b) * H + j] = hreg;
+      if (step + 1 < S) hbuf[(int64_t)((step + 1) & 1) * DBH + ((int64_t)d * NB + b) * H + j] = static_cast<float>(hreg);
       if (step + 1 == S) {
         yh[(int64_t)b * 32 + (int64_t)d * 32 + j] = static_cast<float>(hreg);
       }
@@ -675,8 +686,7 @@ extern "C" __global__ void __launch_bounds__(32, 1) nnc_coop_lstm_step_4(
     if (step + 1 < S) {
       __syncthreads();  // this block's h_{step+1} written (and accs, hsm read) before publishing
       if (tid == 0) {
-        __threadfence();
-        atomicAdd(sync_words + d * 32, 1u);
+        nnc_coop_lstm_step_4_add_release(sync_words + d * 32, 1u);
       }
     }
   }
