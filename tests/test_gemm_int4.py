@@ -74,7 +74,7 @@ def test_uint4_matches_onnxruntime_and_its_layout_decodes(zp):
     p = pr.memo["gemm_int4.problem"]
     assert p.zero == 0
     wq, s, z = pr.value(1), pr.value(2), pr.value(3) if zp else None
-    zs = G.pack_groups(G.nibbles(z, p.zero).astype(np.float32) + G.ACT["f16"][2], p, s.dtype) if zp else None
+    zs = G.pack_groups(G.nibbles(z, p.zero).astype(np.float32) + G.ACT["f16"][1], p, s.dtype) if zp else None
     dec = _decode(G.pack_weight(G.nibbles(wq, p.zero), p), p, G.pack_groups(s, p, s.dtype), zs, s.dtype)
     np.testing.assert_array_equal(dec[:256, :304], dequantized_weight(pr.op.attrs, wq, s, z).astype(np.float32))
 
@@ -197,7 +197,7 @@ def _decode(words, pr, scales, zsub, T):
     m16n8k16 .f16 B layout); value (u - z) * s rounded once to T."""
     from nnc.codegen.kernels.gemm_int4 import ACT
     Tn, C = pr.tiles, pr.chunks
-    off = ACT[pr.act][2]
+    off = ACT[pr.act][1]
     W = np.zeros((C * 64, Tn * 16), np.float32)
     for tile in range(Tn):
         for c in range(C):
@@ -231,7 +231,7 @@ def test_layout_decodes_to_the_dequantized_weight(act, zp, K, N, bs):
     z = pr.value(3) if zp else None
     words = G.pack_weight(G.nibbles(wq, p.zero), p)
     sp = G.pack_groups(s, p, s.dtype)
-    zs = G.pack_groups(G.nibbles(z, p.zero).astype(np.float32) + G.ACT[act][2], p, s.dtype) if zp else None
+    zs = G.pack_groups(G.nibbles(z, p.zero).astype(np.float32) + G.ACT[act][1], p, s.dtype) if zp else None
     got = _decode(words, p, sp, zs, s.dtype)
     want = dequantized_weight(pr.op.attrs, wq, s, z).astype(np.float32)
     np.testing.assert_array_equal(got[:K, :N], want)
@@ -265,9 +265,9 @@ def test_applies_space_default_and_reasons():
     d = G.SMALL_M.default(pr, sp)
     assert d in sp and d["KSPLIT"] * 32 <= pr.target.max_threads_per_block
     assert {p["R"] for p in sp} == {1, 2, 4} and {p["U"] for p in sp if p["PIPE"] == "regs"} == {1, 2, 4}
-    assert {p["STAGES"] for p in sp if p["PIPE"] == "smem"} == {3, 4, 6}
+    assert {p["STAGES"] for p in sp if p["PIPE"] == "smem"} == ({3, 4, 6} if G.UNVERIFIED_POINTS else set())
     assert d == dict(R=2, KSPLIT=8, U=2, SPLIT=1, PIPE="regs", APRE=0)  # the H200's fastest (round 1) here
-    assert {p["APRE"] for p in sp if p["PIPE"] == "regs"} == {0, 1}
+    assert {p["APRE"] for p in sp if p["PIPE"] == "regs"} == ({0, 1} if G.UNVERIFIED_POINTS else {0})
     m32 = int4_module(32, 256, 384, 32)
     assert "M = 32 > 16" in G.SMALL_M.check(_problem(m32)).why
     m32f = int4_module(4, 256, 384, 32, act="f32")
@@ -423,7 +423,7 @@ def test_gpu_bias(M, K, N, act):
 
 @pytest.mark.gpu
 def test_gpu_fallback_m_over_16_with_bias():
-    _gpu_check(40, 512, 384, 32, True, "f16", bias=True, variant="gemm_int4.dequant")
+    _gpu_check(40, 512, 384, 32, True, "f16", bias=True, variant=None)  # the heuristic: M > 16 falls back
 
 
 @pytest.mark.gpu

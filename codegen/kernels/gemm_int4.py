@@ -130,6 +130,12 @@ def regs_estimate(p: dict) -> int:
     return 2 * p["U"] * p["R"] * 4 + p["R"] * 8 + 2 * p["U"] * p["R"] * 4 + 16 * p["U"] * p.get("APRE", 0) + 48
 
 
+# The smem-ring and APRE points came after the last GPU round that passed (H200, 2026-12-02 16:15) and
+# the next one failed on them (every-space-point test: CUDA_ERROR_INVALID_VALUE at launch), so they
+# stay out of the declared space until one passes on the GPU (True brings them back).
+UNVERIFIED_POINTS = False
+
+
 def splits(pr: "Int4Gemm", R: int, KS: int, sm_count: int) -> list:
     """CTAs along K on offer: 1, and 2 / 4 / 8 while the tiles alone give too few CTAs (< 2 a SM)
     and every split still has a chunk for each warp."""
@@ -169,11 +175,11 @@ def space(problem) -> list:
             red = 4 * KS * R * 256  # the static reduction buffer
             for SPLIT in splits(pr, R, KS, t.sm_count):
                 for U in (1, 2, 4):
-                    for APRE in (0, 1):
+                    for APRE in ((0, 1) if UNVERIFIED_POINTS else (0,)):
                         p = dict(R=R, KSPLIT=KS, U=U, SPLIT=SPLIT, PIPE="regs", APRE=APRE)
                         if regs_estimate(p) <= min(t.regs_per_thread, 168) and red <= t.smem_per_block:
                             out.append(p)
-                if not pr.x16 or KS not in (4, 8):
+                if not UNVERIFIED_POINTS or not pr.x16 or KS not in (4, 8):
                     continue
                 for ST in (3, 4, 6):
                     p = dict(R=R, KSPLIT=KS, SPLIT=SPLIT, PIPE="smem", STAGES=ST)

@@ -52,7 +52,7 @@ def test_space_declares_both_syncs_and_fits_smem():
         assert space[0]["r_smem"], (kind, H, B, "R fits on chip for the issue's models")
         d = rnn.recurrence_default(spec, SM90)
         assert d in space and d["sync"] == rnn.DEFAULT_SYNC
-        assert d["step_mma"] == (st == "f16" and B >= rnn.MMA_MIN_BATCH and rnn.DEFAULT_STEP_MMA)
+        assert d["step_mma"] == (st == "f16" and rnn.mma_by_default(spec))
 
 
 def test_fits_says_why_not():
