@@ -226,13 +226,19 @@ def _case(problem):
     return got
 
 
-def _applies(problem):
-    got = _case(problem)
-    return no(got) if isinstance(got, str) else YES
+def case_hooks(case):
+    """(applies, space) of a variant whose `case(problem)` is a dict with its "space", or a string
+    saying why no kernel of it takes the group (this file's and flash_attention_wgmma's)."""
+    def applies(problem):
+        got = case(problem)
+        return no(got) if isinstance(got, str) else YES
+
+    def space(problem) -> list:
+        return case(problem)["space"]
+    return applies, space
 
 
-def _space(problem) -> list:
-    return _case(problem)["space"]
+_applies, _space = case_hooks(_case)
 
 
 def _default(problem, space) -> dict:

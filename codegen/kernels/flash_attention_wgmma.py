@@ -28,7 +28,7 @@ Grid: (CTAs, 1, 1); the items' (query tile, batch1, batch0) are decoded from com
 from __future__ import annotations
 
 from ..lower import LowerCtx, describe_op
-from ..variants import Variant, YES, no, register
+from ..variants import Variant, register
 from . import flash_attention as FA
 
 PRIORITY = FA.PRIORITY + 1
@@ -176,13 +176,7 @@ def _case(problem):
     return got
 
 
-def _applies(problem):
-    got = _case(problem)
-    return no(got) if isinstance(got, str) else YES
-
-
-def _space(problem) -> list:
-    return _case(problem)["space"]
+_applies, _space = FA.case_hooks(_case)
 
 
 def _default(problem, space) -> dict:
