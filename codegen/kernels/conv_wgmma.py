@@ -27,7 +27,7 @@ from typing import Optional
 from ..lower import LowerCtx
 from ..variants import YES, Variant, no, register
 from . import conv, conv_lowering as CL, gemm, gemm_wgmma as W
-from .gemm_lowering import aligned, gemm_ok
+from .gemm_lowering import aligned, emit_spec, gemm_ok
 
 FAMILY = "conv_wgmma"
 PRIORITY = W.PRIORITY
@@ -170,7 +170,7 @@ def _emit(ctx: LowerCtx, problem, case: _Case, params: dict):
         BN = params["BN"]
         w = ctx.weight(1, lambda v: W.preswizzle_b(_gemm_b(v), True, BN), key=f"wgmma_conv_b{BN}")
     spec = W.render(pr, params, im2col=case.im2col, target=problem.target)
-    W.emit(ctx, spec, {"A": x, "B": w, "D": y, "C": epi.residual, "bias": bias})
+    emit_spec(ctx, spec, {"A": x, "B": w, "D": y, "C": epi.residual, "bias": bias})
     return True
 
 

@@ -26,7 +26,8 @@ from typing import Optional
 import numpy as np
 
 from ..lower import LowerCtx
-from ..plan import Buffer
+from .. import tma
+from ..plan import Buffer, Scalar
 from ..variants import YES, Variant, no, order_key, register
 from . import gemm
 from ..dtypes import KERNEL_FAMILY_TYPES, TABLE
@@ -69,7 +70,8 @@ def params_for(ctx: LowerCtx, problem) -> dict:
 
 
 def emit_spec(ctx: LowerCtx, spec: KernelSpec, bufs: dict) -> None:
-    """Adds a rendered KernelSpec to the plan and launches it: pointer args bound by role from `bufs`;
+    """Adds a rendered KernelSpec to the plan and launches it: pointer args bound by role from `bufs`,
+    tensor maps (wgmma's TMA points) as Scalars of type tma.TMAP_CTYPE;
     a split-K kernel's scratch (roles in SPLITK_SCRATCH, not in `bufs`) is made here (splitk_scratch)."""
     template = spec.params.get("template", "")
     k = ctx.add_kernel(spec.name, spec.source, template, spec.params)
@@ -87,6 +89,8 @@ def emit_spec(ctx: LowerCtx, spec: KernelSpec, bufs: dict) -> None:
             args.append(ctx.i64(val))
         elif ct == "float":
             args.append(ctx.f32(val))
+        elif tma.is_tmap(ct):  # a tensor map: the spec dict; the runtime encodes it from the named
+            args.append(Scalar(tma.TMAP_CTYPE, dict(val)))  # pointer argument's address (codegen/tma.py)
         else:
             ctx.fail(f"kernel {spec.name}: unsupported scalar type {ct}")
     ctx.launch(k, spec.grid, spec.block, args, smem=spec.smem)

@@ -466,30 +466,8 @@ def _render(ctx: LowerCtx, problem, params: dict):
     if bulk:
         BN = params["BN"]
         bufs["B"] = ctx.weight(1, lambda w: preswizzle_b(w, pr.trans_b, BN), key=f"wgmma_b{BN}{'t' * pr.trans_b}")
-    emit(ctx, render(pr, params, target=problem.target), bufs)
+    gemm_lowering.emit_spec(ctx, render(pr, params, target=problem.target), bufs)
     return True
-
-
-def emit(ctx: LowerCtx, spec: KernelSpec, bufs: dict) -> None:
-    """gemm_lowering.emit_spec, and a tensor-map argument as a Scalar of type tma.TMAP_CTYPE (its
-    value the spec dict: the runtime encodes it from the named pointer argument's address)."""
-    from ..plan import Scalar
-    from . import gemm_lowering
-    if not any(tmap.is_tmap(ct) for _, ct, _ in spec.args):
-        gemm_lowering.emit_spec(ctx, spec, bufs)
-        return
-    k = ctx.add_kernel(spec.name, spec.source, spec.params.get("template", ""), spec.params)
-    args = []
-    for role, ct, val in spec.args:
-        if ct.endswith("*"):
-            if bufs.get(role) is None:
-                ctx.fail(f"kernel {spec.name}: no buffer bound to {role}")
-            args.append(bufs[role])
-        elif tmap.is_tmap(ct):
-            args.append(Scalar(tmap.TMAP_CTYPE, dict(val)))
-        else:
-            args.append({"int": ctx.i32, "long long": ctx.i64, "float": ctx.f32}[ct](val))
-    ctx.launch(k, spec.grid, spec.block, args, smem=spec.smem)
 
 
 def _register_epilogue_variants():
