@@ -22,6 +22,19 @@ Management"), so `applies` refuses a problem the driver would refuse and the rul
 a CPU: rank 1..5; dims in 1..2^32; outer strides multiples of 16 bytes, below 2^40; box dims in
 1..256, the inner one a multiple of 16 bytes and, with a swizzle, at most the swizzle span; the
 global address 16-byte aligned (checked when encoding).
+
+Im2col maps (mode "im2col", cuTensorMapEncodeIm2col; a conv's implicit im2col A on the TMA path,
+codegen/kernels/conv_wgmma.py): an NHWC tensor (dims {C, W, H, N}, innermost first), a copy of which
+moves `box[1]` pixels (pixelsPerColumn) of `box[0]` channels (channelsPerPixel) each. The pixels are
+the filter base positions of consecutive output pixels: the instruction's {w, h} coordinates name
+the first one's, which then steps by the traversal stride (`elem_strides`: the conv stride) inside the
+bounding box (`lower` .. dim - 1 + `upper` per spatial dim, W first), wrapping to the next row and
+image as the output pixels do; the instruction's im2col offsets {s, r} (the filter tap) shift every
+pixel read, and pixels outside the tensor read as zero (the conv padding). The same data as a tiled
+map otherwise (an im2col map is a spec with more fields, not another code path): check() states
+cuTensorMapEncodeIm2col's further rules (rank 3..5; corners in [-2^15, 2^15) / [-128, 128) /
+[-16, 16) at rank 3 / 4 / 5; channels <= 256 and within the swizzle span; pixels <= 1024; traversal
+strides in 1..8).
 """
 from __future__ import annotations
 
@@ -46,17 +59,28 @@ INTERLEAVE_NONE = 0
 OOB_FILL_ZEROS = 0  # out-of-bounds elements read as zero (ragged M / N / K edges)
 
 
+MODES = ("tile", "im2col")
+IM2COL_CORNER = {3: 1 << 15, 4: 1 << 7, 5: 1 << 4}  # rank -> corners lie in [-x, x)
+
+
 @dataclass(frozen=True)
 class TensorMapSpec:
-    """cuTensorMapEncodeTiled's arguments but the address. dims: innermost first; strides: bytes of
-    dims 1.. (rank - 1 values); box: elements per dim of one copy; swizzle: span in bytes (0: none);
-    arg: the launch argument (index) whose address is the tensor's base."""
+    """cuTensorMapEncodeTiled's (mode "tile") or cuTensorMapEncodeIm2col's (mode "im2col") arguments
+    but the address. dims: innermost first; strides: bytes of dims 1.. (rank - 1 values); box:
+    elements per dim of one copy (im2col: (channels per pixel, pixels per column)); swizzle: span in
+    bytes (0: none); arg: the launch argument (index) whose address is the tensor's base;
+    elem_strides: per dim (empty: all 1; im2col: the traversal strides); lower / upper: im2col's
+    bounding-box corners per spatial dim, innermost (W) first."""
     dtype: str
     dims: tuple
     strides: tuple
     box: tuple
     swizzle: int = 128
     arg: int = 0
+    mode: str = "tile"
+    elem_strides: tuple = ()
+    lower: tuple = ()
+    upper: tuple = ()
 
     @property
     def rank(self) -> int:
@@ -66,17 +90,29 @@ class TensorMapSpec:
     def box_bytes(self) -> int:
         return int(np.prod(self.box)) * ELEM_BYTES[self.dtype]
 
+    @property
+    def traversal(self) -> tuple:
+        """elementStrides as the driver takes them (rank values)."""
+        return tuple(self.elem_strides) or (1,) * self.rank
+
+
+# the fields an im2col map adds: left out of a tiled map's dict (plan.json stays as it was)
+_IM2COL_FIELDS = {"mode": "tile", "elem_strides": (), "lower": (), "upper": ()}
+
 
 def spec_dict(s: TensorMapSpec) -> dict:
     d = asdict(s)
+    d = {k: v for k, v in d.items() if k not in _IM2COL_FIELDS or v != _IM2COL_FIELDS[k]}
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
 def spec_of(d: dict) -> TensorMapSpec:
     """A spec from its plan.json dict (checked)."""
     try:
+        ints = lambda key: tuple(int(x) for x in d.get(key, ()))  # noqa: E731
         s = TensorMapSpec(str(d["dtype"]), tuple(int(x) for x in d["dims"]), tuple(int(x) for x in d["strides"]),
-                          tuple(int(x) for x in d["box"]), int(d.get("swizzle", 128)), int(d["arg"]))
+                          tuple(int(x) for x in d["box"]), int(d.get("swizzle", 128)), int(d["arg"]),
+                          str(d.get("mode", "tile")), ints("elem_strides"), ints("lower"), ints("upper"))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"malformed tensor map spec {d!r} ({type(e).__name__}: {e})") from None
     why = check(s)
@@ -86,18 +122,30 @@ def spec_of(d: dict) -> TensorMapSpec:
 
 
 def check(s: TensorMapSpec) -> str:
-    """'' when cuTensorMapEncodeTiled takes s (the address aside), else why not."""
+    """'' when the driver's encode takes s (the address aside), else why not."""
     if s.dtype not in DATA_TYPE:
         return f"element type {s.dtype} has no tensor map type here"
+    if s.mode not in MODES:
+        return f"tensor map mode {s.mode!r} is not one of {MODES}"
     eb = ELEM_BYTES[s.dtype]
-    if not 1 <= s.rank <= 5 or len(s.box) != s.rank or len(s.strides) != s.rank - 1:
+    im2col = s.mode == "im2col"
+    nbox = 2 if im2col else s.rank
+    if not 1 <= s.rank <= 5 or len(s.box) != nbox or len(s.strides) != s.rank - 1:
         return f"rank {s.rank} with {len(s.strides)} strides and {len(s.box)} box dims"
     if any(not 1 <= d <= 2 ** 32 for d in s.dims):
         return f"dims {s.dims} must be in 1..2^32"
     if any(st % 16 or not 0 < st < 2 ** 40 for st in s.strides):
         return f"strides {s.strides} (bytes) must be positive multiples of 16 below 2^40"
-    if any(not 1 <= b <= 256 for b in s.box):
+    if s.elem_strides and (len(s.elem_strides) != s.rank or any(not 1 <= e <= 8 for e in s.elem_strides)):
+        return f"element strides {s.elem_strides} must be {s.rank} values in 1..8"
+    if im2col:
+        why = _check_im2col(s)
+        if why:
+            return why
+    elif any(not 1 <= b <= 256 for b in s.box):
         return f"box {s.box} dims must be in 1..256"
+    elif s.lower or s.upper:
+        return "a tiled map has no bounding-box corners"
     if (s.box[0] * eb) % 16:
         return f"the inner box dim ({s.box[0] * eb} bytes) must be a multiple of 16 bytes"
     if s.swizzle not in SWIZZLE:
@@ -106,6 +154,25 @@ def check(s: TensorMapSpec) -> str:
         return f"the inner box dim ({s.box[0] * eb} bytes) exceeds the swizzle span ({s.swizzle})"
     if s.arg < 0:
         return "no pointer argument"
+    return ""
+
+
+def _check_im2col(s: TensorMapSpec) -> str:
+    """cuTensorMapEncodeIm2col's rules beyond the tiled ones (CUDA driver API)."""
+    if not 3 <= s.rank <= 5:
+        return f"an im2col map has rank 3..5, not {s.rank}"
+    lim = IM2COL_CORNER[s.rank]
+    if len(s.lower) != s.rank - 2 or len(s.upper) != s.rank - 2:
+        return f"an im2col map of rank {s.rank} has {s.rank - 2} lower and upper corner values"
+    if any(not -lim <= v < lim for v in s.lower + s.upper):
+        return f"bounding-box corners {s.lower}, {s.upper} must lie in [-{lim}, {lim}) at rank {s.rank}"
+    for i, (lo, hi) in enumerate(zip(s.lower, s.upper)):
+        if s.dims[1 + i] - 1 + hi < lo:
+            return f"the bounding box is empty along spatial dim {i} ({lo} .. {s.dims[1 + i] - 1 + hi})"
+    if not 1 <= s.box[0] <= 256:
+        return f"channels per pixel {s.box[0]} must be in 1..256"
+    if not 1 <= s.box[1] <= 1024:
+        return f"pixels per column {s.box[1]} must be in 1..1024"
     return ""
 
 
@@ -119,6 +186,18 @@ def matrix_spec(dtype: str, inner: int, outer: int, ld: int, box_inner: int, box
     strides = [int(ld) * eb] + [int(st) * eb for _, st in batch]
     box = [int(box_inner), int(box_outer)] + [1 for _ in batch]
     return TensorMapSpec(dtype, tuple(dims), tuple(strides), tuple(box), swizzle, arg)
+
+
+def nhwc_im2col_spec(dtype: str, n: int, h: int, w: int, c: int, channels: int, pixels: int, stride: tuple,
+                     lower: tuple, upper: tuple, arg: int = 0, swizzle: int = 128) -> TensorMapSpec:
+    """An im2col map of a dense NHWC tensor [n, h, w, c]: copies of `pixels` filter base positions x
+    `channels` channels; stride (sh, sw): the traversal; lower / upper: (h, w) bounding-box corners
+    (stored W first, as the driver takes them)."""
+    eb = ELEM_BYTES[dtype]
+    return TensorMapSpec(dtype, (int(c), int(w), int(h), int(n)), (c * eb, w * c * eb, h * w * c * eb),
+                         (int(channels), int(pixels)), swizzle, arg, "im2col",
+                         (1, int(stride[1]), int(stride[0]), 1), (int(lower[1]), int(lower[0])),
+                         (int(upper[1]), int(upper[0])))
 
 
 # ---------------------------------------------------------------- encoding (GPU machines)
@@ -137,6 +216,12 @@ def _driver():
                       ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint64),
                       ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32),
                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        g = lib.cuTensorMapEncodeIm2col
+        g.restype = ctypes.c_int
+        g.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p,
+                      ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint64),
+                      ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int), ctypes.c_uint32, ctypes.c_uint32,
+                      ctypes.POINTER(ctypes.c_uint32), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
         _LIB = lib
     return _LIB
 
@@ -149,8 +234,9 @@ def _aligned_slot() -> np.ndarray:
 
 
 def encode(s: TensorMapSpec, address: int) -> np.ndarray:
-    """The CUtensorMap of s at device address `address`: a size-one numpy array of 128 raw bytes
-    (64-aligned), ready to pass by value as a kernel argument."""
+    """The CUtensorMap of s at device address `address` (cuTensorMapEncodeTiled, or
+    cuTensorMapEncodeIm2col for an im2col spec): a size-one numpy array of 128 raw bytes (64-aligned),
+    ready to pass by value as a kernel argument."""
     why = check(s)
     if why:
         raise ValueError(f"tensor map: {why}")
@@ -160,13 +246,23 @@ def encode(s: TensorMapSpec, address: int) -> np.ndarray:
     r = s.rank
     dims = (ctypes.c_uint64 * r)(*s.dims)
     strides = (ctypes.c_uint64 * max(r - 1, 1))(*(s.strides or (0,)))
-    box = (ctypes.c_uint32 * r)(*s.box)
-    ones = (ctypes.c_uint32 * r)(*([1] * r))
-    err = _driver().cuTensorMapEncodeTiled(
-        ctypes.c_void_p(out.ctypes.data), DATA_TYPE[s.dtype], r, ctypes.c_void_p(int(address)), dims, strides,
-        box, ones, INTERLEAVE_NONE, SWIZZLE[s.swizzle], L2_PROMOTION_128B, OOB_FILL_ZEROS)
+    estr = (ctypes.c_uint32 * r)(*s.traversal)
+    if s.mode == "im2col":
+        what = "cuTensorMapEncodeIm2col"
+        lower = (ctypes.c_int * len(s.lower))(*s.lower)
+        upper = (ctypes.c_int * len(s.upper))(*s.upper)
+        err = _driver().cuTensorMapEncodeIm2col(
+            ctypes.c_void_p(out.ctypes.data), DATA_TYPE[s.dtype], r, ctypes.c_void_p(int(address)), dims, strides,
+            lower, upper, s.box[0], s.box[1], estr, INTERLEAVE_NONE, SWIZZLE[s.swizzle], L2_PROMOTION_128B,
+            OOB_FILL_ZEROS)
+    else:
+        what = "cuTensorMapEncodeTiled"
+        box = (ctypes.c_uint32 * r)(*s.box)
+        err = _driver().cuTensorMapEncodeTiled(
+            ctypes.c_void_p(out.ctypes.data), DATA_TYPE[s.dtype], r, ctypes.c_void_p(int(address)), dims, strides,
+            box, estr, INTERLEAVE_NONE, SWIZZLE[s.swizzle], L2_PROMOTION_128B, OOB_FILL_ZEROS)
     if err != 0:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed (CUresult {err}) for {spec_dict(s)} at {address:#x}")
+        raise RuntimeError(f"{what} failed (CUresult {err}) for {spec_dict(s)} at {address:#x}")
     return out
 
 

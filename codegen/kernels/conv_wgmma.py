@@ -16,8 +16,12 @@ apply.
     applies(problem) -> Fit   sm_90a (gemm_wgmma.fits), fp16/bf16, NHWC, groups 1, 16-byte aligned
                               x (and weight), C % 8 == 0 (igemm), int32 offsets into x
     space                     gemm_wgmma.candidates (the bulk-B points first when the weight is a
-                              constant; the im2col row table counted in shared memory)
-    default                   gemm_wgmma.default_params (its wave model)
+                              constant; the im2col row table counted in shared memory); igemm
+                              with C % 64 == 0 and dilation 1 (gemm_wgmma.im2col_tma_fits): also the
+                              TMA points, A by an im2col tensor map of x (LOAD = tma, codegen/tma.py
+                              mode "im2col"), B by a tiled one
+    default                   gemm_wgmma.default_params (its wave model; TMA im2col at a discounted
+                              rate until measured: gemm_wgmma.IM2COL_TMA_RATE)
 """
 from __future__ import annotations
 
@@ -37,10 +41,12 @@ MAX_SPATIAL = 1 << 15  # the row table packs (ih0, iw0) as two int16
 @dataclass(frozen=True)
 class _Case:
     """What a variant's applies derived (problem.memo, one key per variant): the GemmProblem, whether
-    the weight is a constant to pre-swizzle for bulk copies, and the im2col geometry (None: pointwise)."""
+    the weight is a constant to pre-swizzle for bulk copies, the im2col geometry (None: pointwise)
+    and whether an im2col tensor map can load it (the TMA points)."""
     gemm: gemm.GemmProblem
     bulk: bool
     im2col: Optional[dict]
+    im2col_tma: bool = False
 
 
 def im2col_geometry(pr: conv.ConvProblem) -> dict:
@@ -123,27 +129,29 @@ def _applies_igemm(problem):
     fit = W.fits(gp, problem.target)
     if not fit:
         return fit
-    problem.memo["conv_wgmma.igemm"] = _Case(gp, _bulk_b(problem), im2col_geometry(pr))
+    geo = im2col_geometry(pr)
+    problem.memo["conv_wgmma.igemm"] = _Case(gp, _bulk_b(problem), geo, bool(W.im2col_tma_fits(gp, geo)))
     return YES
 
 
 def _space(key: str):
     def space(problem) -> list:
         c = problem.memo[key]
-        return W.candidates(c.gemm, problem.target, c.bulk, c.im2col is not None)
+        return W.candidates(c.gemm, problem.target, c.bulk, c.im2col is not None, c.im2col_tma)
     return space
 
 
 def _default(key: str):
     def default(problem, space) -> dict:
         c = problem.memo[key]
-        return W.default_params(c.gemm, problem.target, c.bulk, c.im2col is not None)
+        return W.default_params(c.gemm, problem.target, c.bulk, c.im2col is not None, c.im2col_tma)
     return default
 
 
 def _time_model(key: str):
     def cost(problem, params) -> float:
-        return W.modelled_time(problem.memo[key].gemm, params, problem.target)
+        c = problem.memo[key]
+        return W.modelled_time(c.gemm, params, problem.target, c.im2col is not None)
     return cost
 
 

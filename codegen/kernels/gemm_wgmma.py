@@ -79,10 +79,11 @@ REGS_BESIDES_ACC = 28  # addresses, descriptors, loop state of a consumer thread
 
 
 def smem_bytes(p: dict, im2col: bool = False) -> int:
-    """The ring, the mbarriers and 1 KB to align the ring to a swizzle atom (im2col: and the
-    producer's row table of a conv's implicit A, 8 bytes a row)."""
+    """The ring, the mbarriers and 1 KB to align the ring to a swizzle atom (im2col by cp.async: and
+    the producer's row table of a conv's implicit A, 8 bytes a row; the TMA im2col map needs none)."""
     # + ping-pong's two order barriers (16 bytes: always reserved, so the row table's place is fixed)
-    return p["STAGES"] * (p["BM"] + p["BN"]) * BK * 2 + 16 * p["STAGES"] + 16 + 1024 + (8 * p["BM"] if im2col else 0)
+    table = 8 * p["BM"] if im2col and load_kind(p) != "tma" else 0
+    return p["STAGES"] * (p["BM"] + p["BN"]) * BK * 2 + 16 * p["STAGES"] + 16 + 1024 + table
 
 
 SMEM_RESERVED_PER_CTA = 1024  # the driver's own shared memory per resident CTA (sm_80+)
@@ -110,7 +111,7 @@ def load_kind(p: dict) -> str:
 def _valid(p: dict, target: Target, im2col: bool = False) -> bool:
     if p.get("SCHED", "coop") not in ("coop", "pingpong") or load_kind(p) not in LOADS:
         return False
-    if load_kind(p) == "tma" and (im2col or p.get("b_bulk") or lag(p) != 0):
+    if load_kind(p) == "tma" and (p.get("b_bulk") or lag(p) != 0):  # (im2col: im2col_tma_fits, in render)
         return False
     if pingpong(p) and (p["CW"] != 2 or ctas_per_sm(p) != 1 or lag(p) != 0):
         return False
@@ -236,11 +237,47 @@ def tma_specs_fit(pr: gemm.GemmProblem):
     return YES
 
 
+def im2col_map_spec(pr: gemm.GemmProblem, g: dict, BM: int) -> tmap.TensorMapSpec:
+    """The im2col tensor map of a conv's implicit A (g: conv_wgmma.im2col_geometry's CV_* dict; x
+    NHWC [N, H, W, C], N = M / (P * Q)): copies of BM output pixels x one 64-channel block (128 B,
+    the K-major stage tile); traversal = the conv stride; bounding box lower corner = -pad (the
+    first output pixel's filter base) and upper corner the last one's, (P - 1) * stride - pad,
+    relative to dim - 1 (so the traversal wraps to the next row / image exactly where the output
+    pixels do, whatever the end padding); the tap (r, s) is the instruction's im2col offsets."""
+    n = pr.M // (g["CV_P"] * g["CV_Q"])
+    lower = (-g["CV_PH"], -g["CV_PW"])
+    upper = ((g["CV_P"] - 1) * g["CV_SH"] - g["CV_PH"] - (g["CV_H"] - 1),
+             (g["CV_Q"] - 1) * g["CV_SW"] - g["CV_PW"] - (g["CV_W"] - 1))
+    return tmap.nhwc_im2col_spec(pr.dtype, n, g["CV_H"], g["CV_W"], g["CV_C"], BK, BM, (g["CV_SH"], g["CV_SW"]),
+                                 lower, upper, arg=0)
+
+
+IM2COL_MAX_OFFSET = {4: 255}  # the instruction's im2col offsets (the tap r, s) at rank 4: 8 bits each
+
+
+def im2col_tma_fits(pr: gemm.GemmProblem, g: dict):
+    """Fit: whether the TMA im2col map loads the conv's implicit A: C % 64 == 0 (a k-tile is one
+    64-channel block of one tap), dilation 1, the taps within the 8-bit im2col offsets, the corners
+    and the map within cuTensorMapEncodeIm2col's rules (tma.check)."""
+    if g["CV_C"] % BK:
+        return no(f"C = {g['CV_C']} is not a multiple of {BK} (one 64-channel block a k-tile)")
+    if (g["CV_DH"], g["CV_DW"]) != (1, 1):
+        return no("a dilated conv (the im2col map's taps are the filter offsets at dilation 1)")
+    if max(g["CV_R"], g["CV_S"]) - 1 > IM2COL_MAX_OFFSET[4]:
+        return no("filter taps past the 8-bit im2col offsets")
+    if pr.M % (g["CV_P"] * g["CV_Q"]):
+        return no("M is not whole images of P x Q output pixels")
+    why = tmap.check(im2col_map_spec(pr, g, 64))
+    return no(f"TMA im2col: {why}") if why else YES
+
+
 def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bulk: bool = False,
-               im2col: bool = False) -> list[dict]:
+               im2col: bool = False, im2col_tma: bool = False) -> list[dict]:
     """The declared space; b_bulk: B is a constant 2-D weight, so the pre-swizzled bulk-copy
     points come first (the same tiles with cp.async B follow); im2col: A is a conv's implicit
-    im2col (conv_wgmma.py), whose row table takes shared memory too."""
+    im2col (conv_wgmma.py), whose row table takes shared memory too; im2col_tma: its geometry
+    takes an im2col tensor map (im2col_tma_fits), so the TMA points (A by the im2col map, B by a
+    tiled one) follow the cp.async ones, as for a GEMM."""
     out = []
     points = [dict(BM=bm, BN=bn, STAGES=st, CW=cw) for bm, bn, st, cw in TILE_SPACE]
     points += [dict(BM=bm, BN=bn, STAGES=st, CW=cw, CTAS=2) for bm, bn, st, cw in TILE_SPACE_2CTA]
@@ -253,11 +290,11 @@ def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bul
     plain = [p for p in out if mn_major_loads_ok(problem, p)] or [smallest]
     # the TMA points: every tile (the boxes load any operand layout), after the cp.async ones
     tma_points = []
-    if not im2col and out and tma_fits(problem, target):
+    if out and (im2col_tma if im2col else True) and tma_fits(problem, target):
         deep = [dict(BM=bm, BN=bn, STAGES=st, CW=2, SCHED="pingpong", LOAD="tma") for bm, bn, st in PINGPONG_TMA]
         tma_points = [dict(p, LOAD="tma") for p in out] + [
             dict(p, swizzle=gemm.GROUP_M) for p in deep
-            if _valid(p, target) and gemm._size_ok(p["BM"], problem.M) and gemm._size_ok(p["BN"], problem.N)]
+            if _valid(p, target, im2col) and gemm._size_ok(p["BM"], problem.M) and gemm._size_ok(p["BN"], problem.N)]
     return ([dict(p, b_bulk=True) for p in out or [smallest]] + plain + tma_points) if b_bulk else plain + tma_points
 
 
@@ -304,15 +341,23 @@ WAVE_OVERHEAD_S = 4e-6  # pipeline fill + epilogue of one CTA a tile (not persis
 HIDDEN_OVERHEAD_S = 2e-6  # what a persistent / overlapped schedule still pays (the first fill, the last store)
 
 
-def modelled_time(problem: gemm.GemmProblem, p: dict, target: Target = DEFAULT_TARGET) -> float:
+# A conv's implicit A by the TMA im2col map (conv_wgmma.py): NOT MEASURED yet (issue 9; the cp.async
+# im2col gather reaches 50-65 % of cuDNN, tools/bench_conv_wgmma.py). The TMA GEMM's model at a
+# discounted rate, so the heuristic takes a TMA im2col point only where the model gives it a clear
+# margin (tools/check_conv_tma.py times both against cuDNN; the timed selector races them anyway).
+IM2COL_TMA_RATE = 0.7
+
+
+def modelled_time(problem: gemm.GemmProblem, p: dict, target: Target = DEFAULT_TARGET, im2col: bool = False) -> float:
     """Seconds for problem at point p: rounds of tiles per SM times one tile's time, plus the
-    overhead its schedule cannot hide. A model for the heuristic, not a measurement."""
+    overhead its schedule cannot hide (im2col: A is a conv's implicit im2col). A model for the
+    heuristic, not a measurement."""
     K = cdiv(problem.K, BK) * BK
     per_sm = ctas_per_sm(p)
     eff = TILE_EFFICIENCY.get(p["BM"] * p["BN"], 1.0) * (0.9 if per_sm == 2 else 1.0)
     tiles = cdiv(problem.M, p["BM"]) * cdiv(problem.N, p["BN"]) * problem.nbatch
     if load_kind(p) == "tma":
-        return _tma_time(p, K, eff, tiles, target)
+        return _tma_time(p, K, eff * (IM2COL_TMA_RATE if im2col else 1.0), tiles, target)
     rate = R_INF[bool(p.get("b_bulk"))] * K / (K + K_HALF) * eff / target.sm_count  # one SM's
     tile = 2.0 * p["BM"] * p["BN"] * K / rate
     if pingpong(p):
@@ -339,10 +384,11 @@ def _tma_time(p: dict, K: int, eff: float, tiles: int, target: Target) -> float:
 
 
 def default_params(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bulk: bool = False,
-                   im2col: bool = False) -> dict:
+                   im2col: bool = False, im2col_tma: bool = False) -> dict:
     """The point of the smallest modelled time (one CTA per SM: the ring takes most of shared
     memory, so big tiles win unless they leave most SMs idle)."""
-    return min(candidates(problem, target, b_bulk, im2col), key=lambda p: modelled_time(problem, p, target))
+    return min(candidates(problem, target, b_bulk, im2col, im2col_tma),
+               key=lambda p: modelled_time(problem, p, target, im2col))
 
 
 def grid_of(problem: gemm.GemmProblem, p: dict, target: Target = DEFAULT_TARGET) -> tuple:
@@ -381,9 +427,13 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
     tma = load_kind(params) == "tma"
     if tma:
         fit = tma_specs_fit(pr)
+        if fit and im2col is not None:
+            fit = im2col_tma_fits(pr, im2col)
         if not fit:
             raise ValueError(f"wgmma GEMM: LOAD = tma does not fit ({fit.why})")
         spec_a, spec_b, za, zb = tensor_map_specs(pr, params)
+        if im2col is not None:
+            spec_a, za = im2col_map_spec(pr, im2col, params["BM"]), []
         ctx.update(LOAD="tma", tma_a_batch=za, tma_b_batch=zb)  # only when set: cp.async kernels keep their names
     if im2col is not None:
         if pr.trans_a or not pr.trans_b or pr.nbatch != 1:
