@@ -28,6 +28,7 @@ import numpy as np
 from .ir.errors import ImportError_, InputError, NncError
 
 BACKENDS = ("cuda", "reference")
+SPARSITY_MODES = ("off", "enable", "force")  # --sparsity (TensorRT's meanings; compiler/passes/sparsify_weights_24.py)
 PRECISIONS = ("fp32", "fp16", "bf16", "best", "int8", "fp8")  # best: per layer (compiler/precision_search.py);
 # int8: Q/DQ from calibration around Conv/Gemm/MatMul, the rest fp32 (compiler/passes/quantize_int8.py);
 # fp8: MatMul/Gemm in e4m3 from calibration amax, the rest fp16 (compiler/passes/quantize_fp8.py)
@@ -119,6 +120,10 @@ class CompileOptions:
     calib: Optional[str] = None          # precision "int8": calib.json or a TensorRT cache (--calib; compiler/calibrate.py)
     weights: str = "float"               # "int4": MatMul/Gemm constant weights quantized at compile time (--weights)
     int4_block: int = 32                 # weights "int4": the group size along K (--int4-block 32|64|128)
+    # 2:4 structured sparsity (TensorRT's --sparsity): "enable": MatMul/Gemm constant weights already
+    # 2:4-sparse along K run on the sparse tensor cores; "force": others are pruned first (changes the
+    # model's numbers: for benchmarking); compiler/passes/sparsify_weights_24.py
+    sparsity: str = "off"
 
     def __post_init__(self):
         object.__setattr__(self, "shapes", normalize_shapes(dict(self.shapes) if isinstance(self.shapes, tuple)
@@ -152,6 +157,10 @@ class CompileOptions:
             raise NncError(f"weights must be 'float' or 'int4', not {self.weights!r}")
         if self.int4_block not in (32, 64, 128):
             raise NncError(f"int4_block must be 32, 64 or 128, not {self.int4_block!r}")
+        if self.sparsity not in SPARSITY_MODES:
+            raise NncError(f"sparsity must be one of {', '.join(map(repr, SPARSITY_MODES))}, not {self.sparsity!r}")
+        if self.sparsity != "off" and self.weights == "int4":
+            raise NncError("sparsity (--sparsity) and weights 'int4' (--weights int4) do not combine")
         if self.calib is not None:
             object.__setattr__(self, "calib", os.fspath(self.calib))
             if self.keep_fp32 and self.precision == "int8":

@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "along K (weight-only; relative weight error about 9-10%%: compare with the float build)")
     p.add_argument("--int4-block", type=int, choices=[32, 64, 128], default=32,
                    help="--weights int4: weights per group (one fp16-representable scale each)")
+    p.add_argument("--sparsity", choices=["off", "enable", "force"], default="off",
+                   help="2:4 structured sparsity (TensorRT's meanings): enable: MatMul/Gemm constant weights that "
+                        "are 2:4-sparse along K use the sparse tensor cores (fp16/bf16, sm_80+); force: prune the "
+                        "others to 2:4 by magnitude first (CHANGES the model's outputs: for benchmarking)")
     p.add_argument("--backend", choices=["nvrtc", "nvcc"], default="nvrtc", help="CUDA compiler to use")
     p.add_argument("--name", default=None,
                    help="the model's C API name: its symbols are nnc_NAME_create, nnc_NAME_run, ... "
@@ -394,7 +398,7 @@ def cmd_compile(args) -> int:
                           tune_budget=args.tune_budget, timing_cache=args.timing_cache,
                           keep_fp32=args.keep_fp32, allow=args.allow, max_rel_err=args.max_rel_err,
                           calib_data=args.calib_data, profiles=args.profile, calib=args.calib,
-                          weights=args.weights, int4_block=args.int4_block)
+                          weights=args.weights, int4_block=args.int4_block, sparsity=args.sparsity)
     import warnings
     with warnings.catch_warnings(record=True) as caught:  # one "nnc compile: warning:" line each
         warnings.simplefilter("always")

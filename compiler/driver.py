@@ -43,7 +43,7 @@ def precision_point(passes: list) -> int:
 
 
 def pipeline_passes(precision: str = "fp32", fuse: bool = True, per_layer=None, int8_scales=None,
-                    int4_block=None, fp8_amax=None) -> list:
+                    int4_block=None, fp8_amax=None, sparsity=None) -> list:
     """The pass list `nnc compile` runs at this precision (`nnc verify` runs the same one).
     fuse=False leaves out the fusion passes (`--no-fuse`: one kernel per op, to compare against).
     per_layer: a mixed_precision.PrecisionChoice (--keep-fp32, --precision best), run in the
@@ -51,12 +51,17 @@ def pipeline_passes(precision: str = "fp32", fuse: bool = True, per_layer=None, 
     int8_scales: {tensor name: scale} for precision int8: quantize-int8 runs there instead, then
     fold-qdq (its Q/DQ into integer ops; compiler/passes/quantize_int8.py says the form).
     int4_block: --weights int4's group size: quantize-weights-int4 runs after fuse-horizontal.
+    sparsity: --sparsity enable|force (None: off): sparsify-weights-24 runs after fuse-horizontal
+    (MatMul/Gemm with 2:4-sparse constant weights -> matmul_sparse24; compiler/passes/sparsify_weights_24.py).
     fp8_amax: {tensor name: amax} for precision fp8: to-fp16 (or mixed-precision for --keep-fp32)
     first, then quantize-fp8 and fold-qdq (MatMul/Gemm -> matmul_fp8; compiler/passes/quantize_fp8.py)."""
     passes = [p for p in DEFAULT_PIPELINE if fuse or p not in FUSION_PASSES]
     if int4_block is not None:
         from .passes.quantize_weights_int4 import make_pass as int4_pass
         passes.insert(passes.index("fuse-horizontal") + 1, ("quantize-weights-int4", int4_pass(int4_block)))
+    if sparsity not in (None, "off"):
+        from .passes.sparsify_weights_24 import make_pass as sparse24_pass
+        passes.insert(passes.index("fuse-horizontal") + 1, ("sparsify-weights-24", sparse24_pass(sparsity)))
     if precision == "int8":
         from .passes.quantize_int8 import make_pass
         at = precision_point(passes)
@@ -157,7 +162,8 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
     pipe = Pipeline(pipeline_passes(precision, options.fuse, choice,
                                     calib and precision == "int8" and {k: calib.scale(k) for k in calib.amax},
                                     options.int4_block if options.weights == "int4" else None,
-                                    calib and precision == "fp8" and dict(calib.amax)), options.verify_each,
+                                    calib and precision == "fp8" and dict(calib.amax), options.sparsity),
+                    options.verify_each,
                     Path(dump_ir) if dump_ir else None)
     pipe.run(module)
     if choice is not None and rep.verbose:
@@ -180,6 +186,7 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
         **({"layer_precision": layer_precision_json(choice, search_record, options)} if choice is not None else {}),
         "tf32": options.tf32,
         **({"int4_weights": {"block_size": options.int4_block}} if options.weights == "int4" else {}),
+        **({"sparsity": options.sparsity} if options.sparsity != "off" else {}),
         **({precision: {"calib": Path(options.calib).name, "method": calib.method, "tensors": len(calib.amax)}}
            if calib is not None else {}),
         "kernels": [],

@@ -30,6 +30,7 @@ PASSES = {
     "fold-batchnorm": "fold_batchnorm",
     "fold-qdq": "fold_qdq",
     "quantize-weights-int4": "quantize_weights_int4",  # --weights int4 (compiler/driver.pipeline_passes)
+    "sparsify-weights-24": "sparsify_weights_24",  # --sparsity enable|force (compiler/driver.pipeline_passes)
     "fuse-horizontal": "fuse_horizontal",
     "fuse-attention": "fuse_attention",
     "assign-layout": "assign_layout",
