@@ -165,7 +165,8 @@ def run_shape(pool, label, N, C, H, W_, K, R, S, st, pad):
         good = [(p, ms) for p, ms, _ in rows if kind_of(p) in kinds and ms is not None]
         return min(good, key=lambda r: r[1]) if good else None
     return dict(label=label, N=N, flops=flops, torch_ms=tms, im2col=geo is not None,
-                tma=best("tma"), cp=best("bulk", "cp.async"), heuristic=next(((p, ms) for p, ms, _ in rows if p == dflt), None),
+                tma=best("tma"), cp=best("bulk", "cp.async"),
+                heuristic=next(((p, ms) for p, ms, _ in rows if p == dflt), None),
                 n_tma=sum(1 for p in space if kind_of(p) == "tma"),
                 wrong=[(tag(p), s) for p, _, s in rows if not s.startswith("ok")])
 
