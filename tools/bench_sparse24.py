@@ -100,7 +100,7 @@ def reference(m, feed):
         y = y + const_value(op.operands[3], m.weights).astype(np.float32)
     if op.attrs.activation == "relu":
         y = np.maximum(y, 0)
-    return y.astype(x.dtype)
+    return y.reshape(x.shape[:-1] + (w.shape[1],)).astype(x.dtype)
 
 
 def point_plans(m, pts, arch):
