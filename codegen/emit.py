@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -33,6 +34,8 @@ from .plan import Buffer, Plan, Scalar
 from .target import Target, resolve_target
 from .escape import is_c_identifier
 from .render import render
+from ..ir.symbolic import fmt
+from .runtime_sizes import expr_json
 from .units import make_units
 
 PLAN_VERSION = 1
@@ -62,6 +65,11 @@ def _arg(plan: Plan, a) -> dict:
 
 def _io(plan: Plan, b: Buffer) -> dict:
     d = {"name": b.name, "dtype": b.dtype.np_name, "shape": list(b.shape), "buffer": b.id, "nbytes": b.nbytes}
+    if b.sym_shape is not None:  # a range build: the model's symbolic shape, nbytes at max_shape, the
+        # per-run shape from the symbols' values (sym_shape: codegen/runtime_sizes.py)
+        d["shape"] = [x if isinstance(x, int) else fmt(x) for x in b.sym_shape]
+        d["max_shape"] = list(b.shape)
+        d["sym_shape"] = [expr_json(x) for x in b.sym_shape]
     if b.dynamic:
         info = plan.dynamic.get(b.id) or plan.dynamic.get(plan.root(b).id)
         src = _copies(plan)[0].get(id(b))
@@ -92,8 +100,12 @@ def plan_to_json(plan: Plan, *, arch: str, precision: str, tf32: bool, passes, w
     # readback launches name the output they size
     def launch_json(l) -> dict:
         d = {"kind": l.kind, "kernel": l.kernel, "grid": list(l.grid), "block": list(l.block), "smem": l.smem,
-             "args": [{"buf": a.id} if isinstance(a, Buffer) else {"type": a.type, "value": a.value} for a in l.args],
+             "args": [{"buf": a.id} if isinstance(a, Buffer) else
+                      {"type": a.type, "value": a.value, **({"expr": expr_json(a.expr)} if a.expr is not None else {})}
+                      for a in l.args],
              "op": l.op}
+        if l.grid_expr is not None:  # a range build's grid per run (codegen/runtime_sizes.py)
+            d["grid_expr"] = [expr_json(g) for g in l.grid_expr]
         if l.kind != "kernel":
             d["nbytes"] = l.nbytes
         if l.kind == "readback":
@@ -109,6 +121,7 @@ def plan_to_json(plan: Plan, *, arch: str, precision: str, tf32: bool, passes, w
         buffers.append({"id": b.id, "name": b.name, "dtype": b.dtype.np_name, "shape": list(b.shape),
                         "nbytes": b.nbytes, "kind": b.kind, "region": region, "index": index, "offset": off,
                         "alias_of": b.alias_of, "dynamic": b.dynamic,
+                        **({"sym_shape": [expr_json(x) for x in b.sym_shape]} if b.sym_shape is not None else {}),
                         **({"inplace_of": b.inplace_of} if b.inplace_of is not None else {})})
     return {
         "version": PLAN_VERSION,
@@ -190,7 +203,8 @@ def render_sources(plan: Plan, module_name: str, arch: str, precision: str,
         return d
     jplan_launches = [launch_src(l) for l in plan.launches]
     init_launches = [launch_src(l) for l in plan.init_launches]
-    ios = lambda bs: [dict(_io(plan, b), max_shape=list(b.shape), max_nbytes=b.nbytes,
+    # (a range build's C API: its max shapes only, for now; plan.json "runtime_sizes" says the range)
+    ios = lambda bs: [dict(_io(plan, b), shape=list(b.shape), max_shape=list(b.shape), max_nbytes=b.nbytes,
                            dynamic_axis=_io(plan, b).get("dynamic_axis", -1)) for b in bs]
     inputs, outputs = ios(plan.inputs), ios(plan.outputs)
     common = dict(model_name=module_name, api=c_api_prefix(module_name), arch=arch, precision=precision,
@@ -222,6 +236,8 @@ def compile_to_dir(module: Module, out_dir, arch: Optional[str] = None, precisio
         options = CodegenOptions(LowerOptions(resolve_target(arch), precision, tf32), backend,
                                  cache=not no_cache, jobs=jobs)
     lo = options.lower
+    if base_plan and base_plan.get("runtime_sizes"):  # a range profile's build (codegen/runtime_sizes.py)
+        lo = dataclasses.replace(lo, symbol_ranges=tuple((n, *v) for n, v in base_plan["runtime_sizes"].items()))
     arch, precision, tf32, backend = lo.arch, lo.precision, lo.tf32, options.backend
     if passes is None and base_plan:
         passes = base_plan.get("passes")

@@ -53,8 +53,9 @@ import numpy as np
 from ..ir.builder import const_value
 from ..ir.errors import NncError
 from ..ir.graph import Module, Op, Region, Value
+from ..ir.symbolic import Expr, evaluate
 from ..ir.types import TensorType
-from . import init_phase
+from . import init_phase, runtime_sizes
 from .memory import concat_slots, fused_away_bytes, plan_memory  # the arena: liveness, placement, the overlap checker
 from .steps import StepRecorder
 from .render import render as _render_template
@@ -98,17 +99,19 @@ NOT_HANDLED = None
 LOWERINGS: dict[str, list[Variant]] = REGISTRY
 
 
-def lowering(*ops: str, priority: int = 0, when: Optional[Callable] = None, regions: bool = False):
+def lowering(*ops: str, priority: int = 0, when: Optional[Callable] = None, regions: bool = False,
+             runtime_sizes: bool = False):
     """Registers a lowering function for ops (the legacy form of a Variant: codegen/variants.py).
     Higher priority is tried first; `when(op)` is an optional predicate (the variant's applies);
     the function may still decline by returning None without emitting ("render may decline": the
     driver then tries the next candidate). `regions=True`: the function handles the op's regions
-    (others never see an op with regions)."""
+    (others never see an op with regions). `runtime_sizes=True`: it also lowers symbolic problems
+    of a range profile (codegen/runtime_sizes.py)."""
     def deco(fn):
         register(Variant(
             name=f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}", family=f"{fn.__module__}.{fn.__name__}",
             ops=tuple(ops), render=_legacy_render(fn), applies=_legacy_applies(when), priority=priority,
-            regions=regions, may_decline=True, fn=fn))
+            regions=regions, may_decline=True, fn=fn, runtime_sizes=runtime_sizes))
         return fn
     return deco
 
@@ -224,13 +227,35 @@ class LowerCtx:
         return k
 
     def launch(self, kernel: Kernel, grid, block, args: list, smem: int = 0):
+        """grid: ints, or (a runtime-size variant) dims that are Exprs over a range profile's
+        symbols: the launch's grid is then evaluated per run (codegen/runtime_sizes.py)."""
+        grid_expr = None
+        if any(isinstance(g, Expr) for g in (grid if isinstance(grid, (tuple, list)) else (grid,))):
+            g = tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)
+            grid_expr = g + (1,) * (3 - len(g))
+            grid = tuple(max(1, runtime_sizes.at_max(d, self.L.sym_max)) for d in grid_expr)
         grid = _dim3(grid)
         block = _dim3(block)
         for a in args:
             if not isinstance(a, (Buffer, Scalar)):
                 self.fail(f"launch argument {a!r} is neither a Buffer nor a Scalar")
-        self.L.launches.append(Launch("kernel", kernel.name, grid, block, int(smem), list(args), self.desc))
+        self.L.launches.append(Launch("kernel", kernel.name, grid, block, int(smem), list(args), self.desc,
+                                      grid_expr=grid_expr))
         self.emitted += 1
+
+    def size(self, d, ctype: str = "int64_t") -> Scalar:
+        """A size argument: an int, or an Expr over a range profile's symbols, passed per run
+        (Scalar.expr; its value at max). For runtime_sizes variants (codegen/runtime_sizes.py)."""
+        if isinstance(d, Expr):
+            return Scalar(ctype, runtime_sizes.at_max(d, self.L.sym_max), d)
+        return Scalar(ctype, int(d))
+
+    def sym_shape(self, i: int) -> tuple:
+        """Operand i's shape with its symbols (ints where static)."""
+        return self.L.sym_shape(self.op.operands[i])
+
+    def sym_out_shape(self, i: int = 0) -> tuple:
+        return self.L.sym_shape(self.op.results[i])
 
     def copy(self, dst: Buffer, src: Buffer, nbytes: Optional[int] = None):
         n = dst.nbytes if nbytes is None else nbytes
@@ -245,17 +270,31 @@ class LowerCtx:
         self.L.dynamic[output.id] = {"count_buffer": count.id, "axis": axis}
         self.emitted += 1
 
-    @staticmethod
-    def grid1d(n: int, block: int = 256, max_blocks: int = 1 << 20) -> int:
+    def grid1d(self, n, block: int = 256, max_blocks: int = 1 << 20):
+        """Blocks for n elements (an Expr n: a grid per run, for kernels that loop or stop at n)."""
+        if isinstance(n, Expr):
+            return runtime_sizes.grid_dim(n, block, self.L.sym_max, max_blocks)[1]
         return max(1, min((int(n) + block - 1) // block, max_blocks))
 
-    @staticmethod
-    def i64(v) -> Scalar:
-        return Scalar("int64_t", int(v))
+    def rt_params(self) -> str:
+        """A runtime-size kernel's trailing parameters: the build's symbols (codegen/runtime_sizes.py)."""
+        return "".join(f", int64_t {c}" for c in self.L.sym_cnames.values())
 
-    @staticmethod
-    def i32(v) -> Scalar:
-        return Scalar("int32_t", int(v))
+    def rt_args(self) -> list:
+        """The Scalars for rt_params(), evaluated per run."""
+        from ..ir.symbolic import sym
+        return [self.size(sym(s)) for s in self.L.sym_cnames]
+
+    def csize(self, d):
+        """A size for a template: an int, or C text over the symbol parameters (runtime_sizes.CSize)."""
+        return runtime_sizes.c_expr(d, self.L.sym_cnames)
+
+    def i64(self, v) -> Scalar:
+        """An int64_t argument; an Expr (a range profile's runtime size) is passed per run."""
+        return self.size(v, "int64_t")
+
+    def i32(self, v) -> Scalar:
+        return self.size(v, "int32_t")
 
     @staticmethod
     def f32(v) -> Scalar:
@@ -298,13 +337,21 @@ class LowerCtx:
         return b
 
     def alias(self, i: int, src: Buffer, byte_offset: int = 0):
-        """Result i is a view of `src` (no kernel). Graph outputs get a copy instead."""
+        """Result i is a view of `src` (no kernel). Graph outputs get a copy instead. In a range
+        build only a view at offset 0 of a whole tensor (a reshape) is the same bytes at every size."""
         v = self.L.canon(self.op.results[i])
+        if self.L.sym_max and (byte_offset or src.alias_offset) and (
+                src.sym_shape is not None or self.L.plan_root_symbolic(src)):
+            self.fail("a view at a byte offset into a tensor with symbolic dims: its place differs per run "
+                      "size, which range-profile builds do not support yet")
         if self.L.is_output(v):
             dst = self.out(i)
             self.copy(dst, self.L.view(src, dst.dtype, dst.shape, byte_offset, v.name))
             return
-        self.L.values[id(v)] = self.L.view(src, v.type.dtype, self.out_shape(i), byte_offset, v.name)
+        b = self.L.view(src, v.type.dtype, self.out_shape(i), byte_offset, v.name)
+        if runtime_sizes.shape_is_symbolic(v.type.shape):
+            b.sym_shape = tuple(v.type.shape)
+        self.L.values[id(v)] = b
         self.emitted += 1
 
 
@@ -374,6 +421,24 @@ class Problem:
     def tensor(self, i: int) -> Optional[TensorInfo]:
         return self.info(self.op.operands[i]) if self.has(i) else None
 
+    @property
+    def symbolic(self) -> bool:
+        """An operand or result (a fused group's body values too) has a range profile's symbolic
+        dim: only runtime_sizes variants apply (codegen/runtime_sizes.py)."""
+        if not self.L.sym_max:
+            return False
+        vals = list(self.op.operands) + list(self.op.results)
+        if self.op.regions():
+            for b in self.op.attrs.body.ops:
+                vals += list(b.operands) + list(b.results)
+        return any(v is not None and runtime_sizes.shape_is_symbolic(v.type.shape) for v in vals)
+
+    def sym_shape(self, i: int) -> tuple:
+        return self.L.sym_shape(self.op.operands[i])
+
+    def sym_result_shape(self, i: int = 0) -> tuple:
+        return self.L.sym_shape(self.op.results[i])
+
     def result(self, i: int = 0) -> TensorInfo:
         return self.info(self.op.results[i])
 
@@ -439,13 +504,29 @@ class Lowerer:
         self.concat_slots: dict = {}
         self.slot_views: dict[int, tuple] = {}
         self.zero_copy_bytes = 0
+        # a range profile's symbols at their max (codegen/runtime_sizes.py): buffers are sized there
+        self.sym_max = {n: int(mx) for n, _, _, mx in options.symbol_ranges}
+        self.sym_cnames = runtime_sizes.sym_names(options.symbol_ranges)  # symbol -> kernel parameter
 
     def canon(self, v: Value) -> Value:
         """The function-level Value that `v` stands for (itself outside fused bodies)."""
         return self.equiv.get(id(v), v)
 
+    def sym_shape(self, v: Value) -> tuple:
+        """v's shape with a range profile's symbols kept (ints where static)."""
+        v = self.canon(v)
+        self.static_shape(v)  # the same checks
+        return tuple(v.type.shape)
+
+    def plan_root_symbolic(self, b: Buffer) -> bool:
+        r = self.buffers[b.alias_of] if b.alias_of is not None else b
+        return r.sym_shape is not None
+
     def static_shape(self, v: Value) -> tuple:
         t = v.type
+        if self.sym_max and t.shape is not None and all(
+                isinstance(d, int) or (d.kind != "unknown" and d.symbols <= self.sym_max.keys()) for d in t.shape):
+            return tuple(int(evaluate(d, self.sym_max)) if isinstance(d, Expr) else int(d) for d in t.shape)
         if t.shape is None or not all(isinstance(d, int) for d in t.shape):
             if v.producer is not None and v.producer.name in DYNAMIC_OPS:
                 return None
@@ -460,6 +541,8 @@ class Lowerer:
     def new_buffer(self, name, dt, shape, kind, data=None, io_index=-1, value=None) -> Buffer:
         ctype(dt)
         b = Buffer(len(self.buffers), name, dt, tuple(shape), kind, io_index=io_index, data=data, value=value)
+        if value is not None and self.sym_max and runtime_sizes.shape_is_symbolic(value.type.shape):
+            b.sym_shape = tuple(value.type.shape)
         self.buffers.append(b)
         return b
 
@@ -540,7 +623,7 @@ class Lowerer:
             self.values[id(a)] = b
             inputs.append(b)
         self.init_values = init_phase.input_independent(f, DYNAMIC_OPS)
-        if self.options.zero_copy_concat:
+        if self.options.zero_copy_concat and not self.sym_max:  # slots sit at offsets that differ per run size
             self.concat_slots = concat_slots(f, self.init_values, set(self.outputs_by_value))
         recorder = StepRecorder(self, f)  # one Step per op: what the CPU plan executor runs
         for index, op in enumerate(f.ops):
@@ -615,6 +698,12 @@ class Lowerer:
                 raise LoweringError(f"{op.loc}: {op.name}: {err}") from None
             if fit:
                 cands.append(Candidate(v, problem))
+        if not cands and problem.symbolic:
+            why = "; ".join(f"{v.name}: {v.check(problem).why}" for v in entries)
+            raise LoweringError(
+                f"{op.loc}: {op.name} ({describe_op(op, lambda x: self.canon(x).name)}): no CUDA kernel variant of this op "
+                f"takes runtime sizes, which a range profile needs (its dims are symbolic); build this model with "
+                f"static profiles (min = opt = max) or the reference backend. Variants: {why[:600]}")
         declined = []
         while cands:
             chosen, params = self.selector.choose(problem.key, cands) if len(cands) > 1 or \

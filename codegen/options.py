@@ -70,6 +70,9 @@ class LowerOptions:
     tune_budget: Optional[float] = None  # seconds for all the tuning (None: no bound); then the heuristic
     timing_cache: Optional[str] = None  # the timing cache file read and written (codegen/timing_cache.py)
     tune_reason: str = ""  # why tuning is on or off (plan.json "tuning" and -v say it)
+    # a range profile's symbolic dims ((name, min, opt, max), ...): buffers sized at max, kernels take
+    # the sizes at run time (codegen/runtime_sizes.py; compiler/profiles.py); () = static shapes
+    symbol_ranges: tuple = ()
 
     def __post_init__(self):
         if not isinstance(self.target, Target):

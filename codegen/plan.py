@@ -34,6 +34,7 @@ class Buffer:
     data: Optional[np.ndarray] = None  # weight/const payload (already transformed)
     dynamic: bool = False  # true extent known only after the run (NonZero)
     inplace_of: Optional[int] = None  # temp written in place over this dying operand's slot (codegen/memory.py)
+    sym_shape: Optional[tuple] = None  # a range build's shape with its symbols (shape: at max; codegen/runtime_sizes.py)
     value: Optional[Value] = field(default=None, repr=False)
 
     @property
@@ -43,6 +44,16 @@ class Buffer:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.np.itemsize  # narrow types: one byte an element
+
+    @property
+    def sym_numel(self):
+        """The element count of a run: an Expr over a range profile's symbols, else numel."""
+        if self.sym_shape is None:
+            return self.numel
+        n = 1
+        for d in self.sym_shape:
+            n = n * d
+        return n
 
     @property
     def ctype(self) -> str:
@@ -86,6 +97,7 @@ class Kernel:
 class Scalar:
     type: str  # C type: int64_t | int32_t | float
     value: Any
+    expr: Any = None  # a runtime size (ir.symbolic.Expr; value: at the profile's max): codegen/runtime_sizes.py
 
 
 @dataclass(eq=False)
@@ -99,6 +111,7 @@ class Launch:
     op: str  # description of the IR op
     nbytes: int = 0  # memcpy/readback size
     init: bool = False  # in the load-time init phase (Plan.init_launches), not run every time
+    grid_expr: Optional[tuple] = None  # a range build's grid per run (int | Expr a dim; grid: at max)
 
 
 @dataclass

@@ -66,7 +66,7 @@ def _require_steps(plan: dict, where) -> None:
 
 class _Buf:
     __slots__ = ("id", "name", "dtype", "np", "shape", "numel", "nbytes", "region", "index", "offset",
-                 "root", "dynamic", "touched")
+                 "root", "dynamic", "touched", "sym_shape", "max_numel")
 
     def __init__(self, d: dict, where: str):
         try:
@@ -77,10 +77,11 @@ class _Buf:
             self.index, self.offset = int(d["index"]), int(d["offset"])
             self.root = self.id if d.get("alias_of") is None else int(d["alias_of"])
             self.dynamic = bool(d.get("dynamic", False))
+            self.sym_shape = d.get("sym_shape")  # a range build's (codegen/runtime_sizes.py): shape is at max
         except (KeyError, TypeError, ValueError) as e:
             raise PlanExecError(f"{where}: malformed buffer entry ({type(e).__name__}: {e})") from None
         self.np = self.dtype.np
-        self.numel = math.prod(self.shape)
+        self.numel = self.max_numel = math.prod(self.shape)
         if self.numel > MAX_ELEMENTS:
             raise PlanExecError(f"{where}: shape {list(self.shape)} has more elements than nnc accepts")
         if self.region not in REGIONS:
@@ -340,7 +341,7 @@ class PlanExecutor:
         if x.dtype != b.np:
             raise PlanExecError(f"{self.where}: {what}: a {x.dtype} result for {b.dtype} buffer {b.id} (%{b.name})")
         if b.dynamic:
-            if x.size > b.numel:
+            if x.size > b.max_numel:
                 raise PlanExecError(f"{self.where}: {what}: {x.size} elements exceed buffer {b.id}'s {b.numel}")
             self._extent[b.root] = tuple(x.shape)
         elif x.size != b.numel:
@@ -394,6 +395,8 @@ class PlanExecutor:
             raise PlanExecError(f"{self.where}: buffer {b.id} of %{v.name} is {b.dtype}, the IR says {v.type}")
         t = v.type.shape
         shape = tuple(int(d) for d in t) if t is not None and all(isinstance(d, int) for d in t) else b.shape
+        if b.sym_shape is not None and t is not None:  # a range build: this run's shape
+            shape = b.shape
         return self._array(b, shape)
 
     def _compute(self, act: _Action) -> None:
@@ -427,6 +430,22 @@ class PlanExecutor:
                     or (b.root != bid and b.root in act.names):
                 self._write(b, np.asarray(x), f"steps[{st['index']}] ({op.name}) result {k} (%{r.name})")
 
+    def _bind_sizes(self, feed: dict) -> None:
+        """A range build (plan.json "runtime_sizes"): binds the symbols from the feed's shapes
+        (checked against the profile by the caller: compiler/profiles.check_run) and gives every
+        buffer with a sym_shape this run's shape (the contiguous prefix of its max-size bytes)."""
+        if not self.plan.get("runtime_sizes"):
+            return
+        from .runtime_sizes import bind, expr_eval
+        env = bind(self.plan["inputs"], {k: np.shape(v) for k, v in feed.items()})
+        for b in self.bufs:
+            if b.sym_shape is not None:
+                b.shape = tuple(expr_eval(d, env, self.where) for d in b.sym_shape)
+                b.numel = math.prod(b.shape)
+                if b.numel > b.max_numel:
+                    raise InputError(f"buffer %{b.name}: shape {list(b.shape)} exceeds the build's max "
+                                     f"({b.max_numel} elements): the inputs are outside the profile")
+
     def run(self, feed: dict) -> dict[str, np.ndarray]:
         """Runs the plan once on `feed` ({input name: array}); returns {output name: array} (copies)."""
         ins = self.plan["inputs"]
@@ -438,13 +457,14 @@ class PlanExecutor:
         if extra:
             raise InputError(f"unknown inputs {sorted(extra)}; the model takes {names}")
         self._regions["arena"].fill(POISON)
+        self._bind_sizes(feed)
         for i, e in enumerate(ins):
             b = self.bufs[e["buffer"]]
             x = np.asarray(feed[e["name"]])
             if x.dtype != b.np or tuple(x.shape) != b.shape:
                 raise InputError(f"input {e['name']!r}: expected {b.dtype.np_name}{list(b.shape)}, "
                                  f"given {x.dtype}{list(x.shape)}")
-            self._regions[("input", i)].view(b.np)[:] = x.reshape(-1)
+            self._regions[("input", i)].view(b.np)[:x.size] = x.reshape(-1)
         for i in range(len(self.plan["outputs"])):
             self._regions[("output", i)].fill(POISON)
         run_extent = dict(self._extent)  # extents of init values stay; a run's own start afresh

@@ -42,6 +42,7 @@ def env() -> jinja2.Environment:
     e.filters["tojson"] = lambda v: json.dumps(v)
     e.filters["cstr"] = c_string
     e.filters["comment"] = comment_text
+    e.filters["ll"] = lambda v: v if isinstance(v, str) else f"{int(v)}LL"  # a size: int, or runtime C text
     return e
 
 

@@ -93,11 +93,17 @@ class Variant:
     may_decline: bool = False
     cost: Optional[Callable[[Any, dict], float]] = None
     fn: Optional[Callable] = None
+    # its kernels take symbolic sizes at run time (codegen/runtime_sizes.py): only such variants
+    # apply to a symbolic problem (a range profile's op); the others bake sizes in as constants
+    runtime_sizes: bool = False
 
     def check(self, problem) -> Fit:
-        """applies(problem) as a Fit (a `fused` group of a kind not in `kinds` never applies)."""
+        """applies(problem) as a Fit (a `fused` group of a kind not in `kinds` never applies; a
+        symbolic problem needs a runtime_sizes variant)."""
         if self.kinds is not None and getattr(getattr(problem.op, "attrs", None), "kind", None) not in self.kinds:
             return no("group kind not taken")
+        if not self.runtime_sizes and getattr(problem, "symbolic", False):
+            return no("needs compile-time sizes (the op has symbolic dims of a range profile)")
         got = self.applies(problem)
         if isinstance(got, Fit):
             return got

@@ -26,6 +26,7 @@ before anything runs.
 """
 from __future__ import annotations
 
+import contextvars
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,8 @@ from .ir.errors import InputError, NncError
 Dims = tuple[int, ...]
 ModelDim = Union[int, str, None]  # a static size, a symbol's name, or None: unnamed (ONNX dim without value or param)
 
-RANGE_NEEDS_RUNTIME_SIZES = ("profile ranges need runtime-size kernels: not supported yet; compile with "
-                             "min=opt=max or use the reference backend (nnc compile --no-codegen and nnc run "
-                             "--backend reference; nnc.compile(..., backend='reference'))")
+RANGE_NEEDS_ONE_PROFILE = ("a range profile with CUDA code generation is one build with runtime sizes: give it "
+                           "as the only --profile (several profiles in one directory must be static: min=opt=max)")
 
 
 class ProfileError(NncError):
@@ -390,8 +390,10 @@ def compile_with_profiles(model, out, options, dump_ir, compile_model) -> dict:
             check_corners(model, p, f"profile {i}")
         return compile_model(model, out, dump_ir=dump_ir, plan_extra=record, options=plain)
     ranged = [i for i, p in enumerate(profiles) if not p.is_static]
+    if ranged and len(profiles) > 1:
+        raise ProfileError(f"profile {ranged[0]} ({profiles[ranged[0]].text()}): {RANGE_NEEDS_ONE_PROFILE}")
     if ranged:
-        raise ProfileError(f"profile {ranged[0]} ({profiles[ranged[0]].text()}): {RANGE_NEEDS_RUNTIME_SIZES}")
+        return compile_range(model, out, profiles[0], sig, record, plain, dump_ir, compile_model)
     from .onnx_import import import_model
     from .driver import io_entry, model_name
     symbolic = import_model(model)  # the index's inputs/outputs keep the model's symbols
@@ -416,6 +418,37 @@ def compile_with_profiles(model, out, options, dump_ir, compile_model) -> dict:
                  "kernels": [k for b in builds for k in b.get("kernels", [])]}
         (tmp / "plan.json").write_text(json.dumps({k: v for k, v in index.items() if k != "kernels"}, indent=1) + "\n")
     return index
+
+
+_RANGE_BUILD = contextvars.ContextVar("nnc_range_build", default=False)
+
+
+def compile_range(model, out, p: Profile, sig, record: dict, plain, dump_ir, compile_model) -> dict:
+    """One CUDA build for a range profile: the IR keeps the symbolic dims, lowering sizes buffers
+    at the profile's max and the kernels take the sizes at run time (codegen/runtime_sizes.py).
+    plan.json "runtime_sizes": {symbol: [min, opt, max]}. Every dim with a range must be a named
+    symbol of the model (an unnamed dim is refused: its value could not be bound per run)."""
+    symbols = validate(p, sig, "profile 0")
+    by_name = {m.name: m for m in sig}
+    for r in p.inputs:
+        dims = by_name[r.name].dims or ()
+        for k, (lo, hi) in enumerate(zip(r.min, r.max)):
+            if lo != hi and (k >= len(dims) or not isinstance(dims[k], str)):
+                raise ProfileError(f"profile 0 ({p.text()}): input {r.name!r} dim {k} has the range {lo}..{hi} "
+                                   f"but no symbolic name in the model ({by_name[r.name].text()}); a range build "
+                                   f"binds each named symbol per run: give the dim a dim_param")
+    for s_, (lo, _, _) in symbols.items():
+        if lo < 1:
+            raise ProfileError(f"profile 0 ({p.text()}): symbolic dim {s_} has min {lo}; a range build needs "
+                               f"every size >= 1")
+    check_corners(model, p, "profile 0")
+    ranges = {s_: list(v) for s_, v in symbols.items()}
+    token = _RANGE_BUILD.set(True)
+    try:
+        return compile_model(model, out, dump_ir=dump_ir, plan_extra={**record, "runtime_sizes": ranges},
+                             options=plain)
+    finally:
+        _RANGE_BUILD.reset(token)
 
 
 def build_name(name: str, i: int) -> str:
@@ -483,7 +516,7 @@ def default_shapes(model, options, warn) -> object:
     """options with trtexec's default shapes when CUDA is generated without shapes or profiles on
     a model with symbolic input dims (warn(message) says which and how to choose)."""
     import dataclasses
-    if options.shapes or options.profiles or not options.generates_cuda:
+    if options.shapes or options.profiles or not options.generates_cuda or _RANGE_BUILD.get():
         return options
     got = default_profile(model_signature(model))
     if got is None:

@@ -4,6 +4,10 @@
     y = m(x)                        # numpy, cupy or torch arrays in; cupy arrays out
     outs = m.run({"input": x}, output="numpy")
 
+A range-profile build (plan.json "runtime_sizes", codegen/runtime_sizes.py) binds its symbols
+from each run's input shapes (checked against the profile first), and keeps one CUDA graph per
+distinct shape (captured at its first run, GRAPH_CACHE of them) over max-size owned buffers.
+
 CUDA graphs: the plan's shapes are static, so at load the whole run (every launch of
 plan.json "launches", over device input/output buffers the module owns) is captured once into a
 CUDA graph; run() copies the given inputs into those buffers, replays the graph and copies the
@@ -132,7 +136,13 @@ class Module(api.Module):
         smem_default = tgt.get("smem_per_block") if isinstance(tgt, dict) else None
         if isinstance(smem_default, bool) or not isinstance(smem_default, int) or smem_default <= 0:
             smem_default = 48 * 1024
+        # a range build (plan.json "runtime_sizes", codegen/runtime_sizes.py): each run launch's grid and
+        # size arguments as trees, evaluated per distinct shape (_range_launches); _launches: at max
+        self.runtime_sizes = dict(p.get("runtime_sizes") or {})
+        self._launch_exprs = []
         for init, l in [(True, l) for l in p.get("init_launches", [])] + [(False, l) for l in p["launches"]]:
+            if not init:
+                self._launch_exprs.append((l.get("grid_expr"), [a.get("expr") for a in l["args"]]))
             args = []
             for a in l["args"]:
                 if "buf" in a:
@@ -163,14 +173,129 @@ class Module(api.Module):
         self.graph_fallback = None  # why runs are eager (a sentence), None when the graph is used
         if not isinstance(cuda_graph, bool):
             raise NncError(f"cuda_graph must be True or False, not {cuda_graph!r}")
-        if cuda_graph:
+        if self.runtime_sizes:  # one graph per distinct shape, captured at its first run (_run_range)
+            self._init_range(cuda_graph)
+        elif cuda_graph:
             self._capture()
         else:
             self.graph_fallback = "cuda_graph=False"
 
+    # ------------------------------------------------------------ a range build (runtime sizes)
+    GRAPH_CACHE = 8  # CUDA graphs kept per module, one per distinct input shape (least recently used out)
+
+    def _init_range(self, cuda_graph: bool) -> None:
+        from .profiles import profiles_from_plan, signature_from_plan
+        cp = self._cp
+        self._sig = signature_from_plan(self.plan["inputs"])
+        self.profiles = profiles_from_plan(self.plan, str(self.dir / "plan.json"))
+        self._range_graphs = cuda_graph
+        self._shape_cache: dict = {}  # (symbol values) -> (launches, graph or None)
+        self._in_bufs = [cp.empty(t.get("max_shape", t["shape"]), _dev_dtype(t["dtype"])) for t in self.plan["inputs"]]
+        self._out_bufs = [cp.empty(t.get("max_shape", t["shape"]), _dev_dtype(t["dtype"])) for t in self.plan["outputs"]]
+        self._eager_bufs = (self._in_bufs, self._out_bufs)
+        self._capture_stream = cp.cuda.Stream(non_blocking=True)
+        self.graph_fallback = None if cuda_graph else "cuda_graph=False"
+
+    def _range_launches(self, env: dict) -> list:
+        """The run launches with this run's grids and size arguments (codegen/runtime_sizes.py)."""
+        from .codegen.runtime_sizes import expr_eval
+        where = f"{self.dir}/plan.json"
+        out = []
+        for (kind, f, grid, block, smem, args, nbytes, oidx), (gx, ax) in zip(self._launches, self._launch_exprs):
+            if gx is not None:
+                grid = tuple(max(1, expr_eval(g, env, where)) for g in gx)
+            if any(e is not None for e in ax):
+                args = [("val", type(a[1])(expr_eval(e, env, where)), 0, 0) if e is not None else a
+                        for a, e in zip(args, ax)]
+            out.append((kind, f, grid, block, smem, args, nbytes, oidx))
+        return out
+
+    def bind_shapes(self, inputs) -> dict:
+        """{symbol: value} of a run of a range build, after profiles.check_run (rank, static dims,
+        shared symbols, the profile's range: an InputError naming the input otherwise)."""
+        from .codegen.runtime_sizes import bind
+        from .profiles import _shape_of, check_run
+        check_run(inputs, self._sig, self.profiles)
+        return bind(self.plan["inputs"], {k: _shape_of(v) for k, v in inputs.items()})
+
+    def _shape_entry(self, env: dict):
+        key = tuple(sorted(env.items()))
+        entry = self._shape_cache.pop(key, None)
+        if entry is None:
+            launches = self._range_launches(env)
+            graph = None
+            if self._range_graphs:
+                st = self._capture_stream
+                graph, why = capture_graph(self._cp, st, lambda: self._execute(
+                    self._in_bufs, self._out_bufs, st, launches, capture=True))
+                if graph is None:
+                    self.graph_fallback = why
+            entry = (launches, graph)
+            while len(self._shape_cache) >= self.GRAPH_CACHE:
+                self._shape_cache.pop(next(iter(self._shape_cache)))
+        self._shape_cache[key] = entry  # most recently used last
+        return entry
+
+    def _run_range(self, inputs, sel, output, out, poison, st) -> dict:
+        """A run of a range build: inputs into the prefixes of the owned max-size buffers, this
+        shape's graph (captured at its first run) or its launches, outputs cut to this run's shape."""
+        from .codegen.runtime_sizes import runtime_shape
+        cp = self._cp
+        rt = cp.cuda.runtime
+        if not isinstance(inputs, dict):
+            raise InputError(f"run(inputs): expected a dict {{input name: array}}, given {type(inputs).__name__}")
+        env = self.bind_shapes(inputs)
+        arrays = self._feed((inputs,), {}, upload=False)
+        launches, graph = self._shape_entry(env)
+        for arr, buf in zip(arrays, self._in_bufs):
+            if not arr.size:
+                continue
+            if isinstance(arr, np.ndarray):
+                src = np.ascontiguousarray(arr)
+                rt.memcpyAsync(buf.data.ptr, src.ctypes.data, src.nbytes, 1, st.ptr)
+            else:
+                src = arr if arr.flags.c_contiguous else cp.ascontiguousarray(arr)
+                rt.memcpyAsync(buf.data.ptr, src.data.ptr, src.nbytes, 3, st.ptr)
+        if poison:
+            self.arena.fill(0xFF)
+            for b in self._out_bufs:
+                if b.nbytes:
+                    rt.memsetAsync(b.data.ptr, 0xFF, b.nbytes, st.ptr)
+        if graph is not None:
+            graph.launch(st)
+        else:
+            self._execute(self._in_bufs, self._out_bufs, st, launches)
+        index = {t["name"]: i for i, t in enumerate(self.plan["outputs"])}
+        res = {}
+        for n in sel:
+            i = index[n]
+            t, buf = self.plan["outputs"][i], self._out_bufs[i]
+            shape = runtime_shape(t, env, f"{self.dir}/plan.json")
+            view = buf.reshape(-1)[: int(np.prod(shape))].reshape(shape)
+            if output == "numpy":
+                a = np.empty(view.shape, view.dtype)
+                if a.nbytes:
+                    rt.memcpyAsync(a.ctypes.data, view.data.ptr, a.nbytes, 2, st.ptr)
+                res[n] = a
+            else:
+                o = (out or {}).get(n)
+                if o is None:
+                    o = cp.empty(shape, view.dtype)
+                elif list(o.shape) != list(shape) or o.dtype != view.dtype or not o.flags.c_contiguous:
+                    raise InputError(f"out[{n!r}]: expected contiguous {t['dtype']}{shape}")
+                if o.nbytes:
+                    rt.memcpyAsync(o.data.ptr, view.data.ptr, o.nbytes, 3, st.ptr)
+                res[n] = o
+        if output == "numpy":
+            st.synchronize()
+        return res
+
     @property
     def uses_cuda_graph(self) -> bool:
-        """True when run() replays the captured CUDA graph (False: eager launches)."""
+        """True when run() replays the captured CUDA graph (False: eager launches; a range build:
+        one graph per distinct shape, unless a capture failed)."""
+        if self.runtime_sizes:
+            return self._range_graphs and self.graph_fallback is None
         return self.graph is not None
 
     def _capture(self):
@@ -267,7 +392,7 @@ class Module(api.Module):
             gname = want  # raw device bits (what run() returns as cupy) of a bf16 / narrow tensor
         if gname != want:
             raise InputError(f"input {name!r}: expected dtype {want}, given {gname}")
-        if list(arr.shape) != list(spec["shape"]):
+        if "sym_shape" not in spec and list(arr.shape) != list(spec["shape"]):  # a range build: bind_shapes checked
             raise InputError(f"input {name!r}: expected shape {list(spec['shape'])}, given {list(arr.shape)}")
         return arr
 
@@ -306,7 +431,9 @@ class Module(api.Module):
         else:
             st = stream
         with st:
-            if self.graph is not None:
+            if self.runtime_sizes:
+                result = self._run_range(inputs, sel, output, out, poison, st)
+            elif self.graph is not None:
                 result = self._run_graph(self._feed((inputs,), {}, upload=False), sel, output, out, poison, st)
             else:
                 result = self._run_eager(self._feed((inputs,), {}), sel, out, poison, st)
@@ -408,6 +535,9 @@ class Module(api.Module):
         """A new execution context (nnc.api.Module.context; a nnc.contexts.CudaContext): its own arena, streams, I/O buffers
         and CUDA graph; `slots` pipelined request buffers for run_async (see CudaContext)."""
         from .contexts import CudaContext
+        if self.runtime_sizes:
+            raise NncError(f"{self.dir}: execution contexts of a range-profile build (runtime sizes) are not "
+                           f"supported yet; use the module's run()")
         return CudaContext(self, slots=slots)
 
     # ------------------------------------------------------------ raw runs (nnc bench, nnc inspect)

@@ -129,13 +129,15 @@ def test_no_shapes_builds_at_one_and_warns_with_a_profile_line(tmp_path, capsys)
     assert plan2["profiles"] == [parse_profile(line).to_json()]
 
 
-def test_range_with_cuda_codegen_is_refused(tmp_path, capsys):
+def test_range_with_other_profiles_and_cuda_codegen_is_refused(tmp_path, capsys):
+    """A range with code generation is one build with runtime sizes (tests/test_runtime_sizes.py):
+    it cannot share a directory with other profiles yet."""
     from nnc.cli import main
-    assert main(["compile", str(CNN), "-o", str(tmp_path / "o"),
-                 "--profile", "input:1x3x32x32/8x3x32x32/32x3x32x32"]) == 1
+    assert main(["compile", str(CNN), "-o", str(tmp_path / "o"), "--profile", "input:1x3x32x32/8x3x32x32/32x3x32x32",
+                 "--profile", "input:2x3x32x32/2x3x32x32/2x3x32x32"]) == 1
     err = capsys.readouterr().err
-    assert "profile 0 (input:1x3x32x32/8x3x32x32/32x3x32x32): profile ranges need runtime-size kernels: " \
-           "not supported yet; compile with min=opt=max or use the reference backend" in err
+    assert "profile 0 (input:1x3x32x32/8x3x32x32/32x3x32x32): a range profile with CUDA code generation is one " \
+           "build with runtime sizes: give it as the only --profile" in err
     assert not (tmp_path / "o").exists()
 
 

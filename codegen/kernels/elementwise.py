@@ -10,7 +10,9 @@ import math
 from typing import Callable
 
 from ..dtypes import compute_type
+from ...ir.symbolic import floordiv
 from ..lower import LowerCtx, lowering
+from ..runtime_sizes import static_factor
 from ..render import cfloat
 
 
@@ -254,12 +256,41 @@ def elementwise_params(inputs: list, out_shape, stmts: list, outputs: list, vect
     return params
 
 
+def runtime_params(ctx, inputs: list, out_sym_shape, stmts: list, outputs: list) -> dict:
+    """elementwise_params of a range build (codegen/runtime_sizes.py): the shape and the broadcast
+    strides as C text over the symbol parameters (rt_params), VEC dividing the static part of the
+    element count (so every runtime count)."""
+    shapes = [b.sym_shape if b.sym_shape is not None else b.shape for b in inputs]
+    ins = [{"ctype": b.ctype, "compute": b.compute, "strides": broadcast_strides(sh, out_sym_shape)}
+           for b, sh in zip(inputs, shapes)]
+    for i in ins:
+        if i["strides"] is not None:
+            i["strides"] = [ctx.csize(d) for d in i["strides"]]
+    params = {
+        "inputs": ins,
+        "outputs": [{"ctype": b.ctype, "var": v} for b, v in outputs],
+        "stmts": [{"ctype": c, "var": v, "expr": e} for c, v, e in stmts],
+        "shape": [ctx.csize(d) for d in out_sym_shape],
+        "need_coords": any(i["strides"] is not None for i in ins),
+        "rt_params": ctx.rt_params(),
+    }
+    vec = vector_width([b for b, i in zip(inputs, ins) if i["strides"] is None] + [b for b, _ in outputs],
+                       static_factor(out_sym_shape))
+    if vec > 1:
+        for b, i in zip(inputs, ins):
+            i["itemsize"] = _itemsize(b)
+        for (b, _), o in zip(outputs, params["outputs"]):
+            o["itemsize"] = _itemsize(b)
+        params["VEC"] = vec
+    return params
+
+
 def launch_threads(params: dict, n: int) -> int:
     """Threads an elementwise kernel of these params needs for n elements (one per vector)."""
     return max(1, int(n) // int(params.get("VEC", 1)))
 
 
-@lowering(*sorted(EXPR))
+@lowering(*sorted(EXPR), runtime_sizes=True)  # a range build: runtime_params
 def _elementwise(ctx: LowerCtx):
     op = ctx.op
     y = ctx.out(0)
@@ -277,6 +308,12 @@ def _elementwise(ctx: LowerCtx):
         args.append(var_of[b.id])
         dts.append(b.dtype)
     expr = op_expr(op.name, op.attrs, args, dts, y.dtype)
+    if ctx.problem is not None and ctx.problem.symbolic:  # a range build: sizes per run
+        params = runtime_params(ctx, bufs, ctx.sym_out_shape(0), [(y.compute, "t0", expr)], [(y, "t0")])
+        k = ctx.render("elementwise.cu.j2", "ew_" + op.name.lower(), **params)
+        n = y.sym_numel
+        ctx.launch(k, ctx.grid1d(floordiv(n, int(params.get("VEC", 1)))), 256, [*bufs, y, ctx.i64(n), *ctx.rt_args()])
+        return True
     params = elementwise_params(bufs, y.shape, [(y.compute, "t0", expr)], [(y, "t0")], vectors=True)
     k = ctx.render("elementwise.cu.j2", "ew_" + op.name.lower(), **params)
     n = y.numel

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..lower import LowerCtx, lowering
+from ..runtime_sizes import leading_only
 from ..plan import contiguous_strides
 from ..variants import Variant, register
 from .pool import spatial_pads
@@ -98,7 +99,8 @@ def _pad3(v, fill):
 
 # NCHW only: it reads x.shape[2:] as the spatial dims (an NHWC conv's kernels are conv_lowering's;
 # a timed selection found it a wrong candidate for ResNet-50's NHWC convs)
-@lowering("Conv", priority=FALLBACK_PRIORITY, when=lambda op: getattr(op.attrs, "layout", "NCHW") != "NHWC")
+@lowering("Conv", priority=FALLBACK_PRIORITY, runtime_sizes=True,  # a batch symbolic: n per run
+          when=lambda op: getattr(op.attrs, "layout", "NCHW") != "NHWC" and leading_only(op.operands + op.results))
 def _conv(ctx: LowerCtx):
     x, w, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
     bias = ctx.inp(2)
@@ -115,6 +117,6 @@ def _conv(ctx: LowerCtx):
                    bctype=bias.ctype if bias is not None else "", OC=y.shape[1], IC=x.shape[1],
                    ICg=x.shape[1] // group, group=group, in_sp=_pad3(in_sp, 1), out_sp=_pad3(out_sp, 1),
                    kernel=_pad3(kernel, 1), strides=_pad3(strides, 1), dil=_pad3(dil, 1), pads=_pad3(begin, 0))
-    args = [x, w] + ([bias] if bias is not None else []) + [y, ctx.i64(y.numel)]
-    ctx.launch(k, ctx.grid1d(y.numel), 256, args)
+    args = [x, w] + ([bias] if bias is not None else []) + [y, ctx.i64(y.sym_numel)]
+    ctx.launch(k, ctx.grid1d(y.sym_numel), 256, args)
     return True

@@ -21,7 +21,8 @@ from __future__ import annotations
 from ..dtypes import compute_type, ctype
 from ..lower import LowerCtx, LoweringError, Problem, describe_op
 from ..variants import YES, Variant, no, register
-from .elementwise import EXPR, elementwise_params, launch_threads, op_expr
+from ...ir.symbolic import floordiv
+from .elementwise import EXPR, elementwise_params, launch_threads, op_expr, runtime_params
 
 PRIORITY = 10  # above the op-by-op fallback
 
@@ -79,7 +80,8 @@ def _applies(problem: Problem):
     if not all(can_render(b) for b in body.ops if b.name != "const"):
         return no("an op of the group is not elementwise-renderable")
     shape = problem.L.static_shape(op.results[0])
-    if any(problem.L.static_shape(r) != shape for r in op.results):
+    if any(problem.L.static_shape(r) != shape for r in op.results) or (
+            problem.symbolic and any(r.type.shape != op.results[0].type.shape for r in op.results)):
         return no("the group's results differ in shape")
     arg_of = {id(a): i for i, a in enumerate(body.args)}
     computed = set()  # results of the body's (non-const) ops: registers, not memory
@@ -141,12 +143,20 @@ def _render(ctx: LowerCtx, problem: Problem, params: dict):
     except _Decline:
         ctx.fail("internal error: fused.elementwise applied but a value does not broadcast")
     outs = [(ctx.out(i), var[id(r)]) for i, r in enumerate(body.results)]
-    params = elementwise_params(bufs, shape, stmts, outs, vectors=True)
+    if problem.symbolic:  # a range build: sizes per run (codegen/runtime_sizes.py)
+        params = runtime_params(ctx, bufs, ctx.sym_out_shape(0), stmts, outs)
+    else:
+        params = elementwise_params(bufs, shape, stmts, outs, vectors=True)
     names = "_".join(dict.fromkeys(b.name.lower() for b in body.ops if b.name != "const"))[:40]
     k = L.kernel("elementwise.cu.j2", "fused_ew_" + names, params)
     k.add_op(f"fused elementwise group of {len(descs)} ops -> " + ", ".join(f"%{r.name}" for r in op.results))
     for d in descs:
         k.add_op(d)
+    if problem.symbolic:
+        n = outs[0][0].sym_numel
+        ctx.launch(k, ctx.grid1d(floordiv(n, int(params.get("VEC", 1)))), 256,
+                   [*bufs, *(b for b, _ in outs), ctx.i64(n), *ctx.rt_args()])
+        return True
     n = max(1, outs[0][0].numel)
     ctx.launch(k, ctx.grid1d(launch_threads(params, n)), 256, [*bufs, *(b for b, _ in outs), ctx.i64(outs[0][0].numel)])
     return True
@@ -157,4 +167,4 @@ class _Decline(Exception):
 
 
 FUSED_ELEMENTWISE = register(Variant("fused.elementwise", "fused_elementwise", ("fused",), _render, _applies,
-                                     priority=PRIORITY, kinds=("elementwise",), regions=True))
+                                     priority=PRIORITY, kinds=("elementwise",), regions=True, runtime_sizes=True))

@@ -8,6 +8,7 @@ import numpy as np
 
 from ...ir.layout import op_is_nhwc
 from ..lower import LowerCtx, lowering
+from ..runtime_sizes import leading_only
 from ._helpers import empty_result, grid_stride_launch
 
 
@@ -34,7 +35,8 @@ def _pad3(v, fill):
     return [fill] * (3 - len(v)) + v
 
 
-@lowering("MaxPool", "AveragePool", "LpPool")
+@lowering("MaxPool", "AveragePool", "LpPool", runtime_sizes=True,  # a batch symbolic: n per run
+          when=lambda op: leading_only(op.operands + op.results))
 def _pool(ctx: LowerCtx):
     x, y = ctx.inp(0), ctx.out(0)
     ind = ctx.out(1) if ctx.n_out > 1 else None  # MaxPool's Indices
@@ -66,7 +68,7 @@ def _pool_nhwc(ctx: LowerCtx):
                    in_sp=_pad3(in_sp, 1), out_sp=_pad3(out_sp, 1), kernel=_pad3(kernel, 1),
                    strides=_pad3(strides, 1), dil=_pad3(dil, 1), pads=_pad3(begin, 0), pads_end=_pad3(end, 0),
                    count_include_pad=bool(ctx.attr("count_include_pad", 0)))
-    ctx.launch(k, ctx.grid1d(y.numel), 256, [x, y, ctx.i64(y.numel)])
+    ctx.launch(k, ctx.grid1d(y.sym_numel), 256, [x, y, ctx.i64(y.sym_numel)])
     return True
 
 
@@ -91,7 +93,7 @@ def _emit_pool(ctx: LowerCtx, kind: str, kernel, strides, dil, begin, end, ind):
                    in_sp=_pad3(in_sp, 1), out_sp=_pad3(out_sp, 1), kernel=_pad3(kernel, 1), strides=_pad3(strides, 1),
                    dil=_pad3(dil, 1), pads=_pad3(begin, 0), pads_end=_pad3(end, 0),
                    count_include_pad=bool(ctx.attr("count_include_pad", 0)))
-    ctx.launch(k, ctx.grid1d(y.numel), 256, [x, y] + ([ind] if ind is not None else []) + [ctx.i64(y.numel)])
+    ctx.launch(k, ctx.grid1d(y.sym_numel), 256, [x, y] + ([ind] if ind is not None else []) + [ctx.i64(y.sym_numel)])
 
 
 @lowering("BatchNormalization")

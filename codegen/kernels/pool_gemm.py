@@ -13,6 +13,7 @@ Variants (family "gap_gemm", priority 24):
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,6 +24,7 @@ from ...ir.graph import Op
 from ...passes import fuse_pooling as fp
 from ...passes.fuse_epilogue import match
 from ..lower import LowerCtx, Problem, describe_op
+from ..runtime_sizes import ceil_div, is_symbolic, leading_only
 from ..variants import YES, Variant, no, register
 from .common import CTYPES, KernelSpec, act_ctx, cdiv, kernel_name, render as _render_template
 from .epilogue_fusion import closed_group
@@ -93,7 +95,7 @@ def _read(problem: Problem):
     if (tail[-1] if tail else gemm).results[0] is not body.results[0] or gi + 1 + len(tail) != len(ops):
         return "the body is not pool -> views -> Gemm -> epilogue"
     a = gemm.attrs
-    x = pool.operands[0].type.shape
+    x = L.static_shape(pool.operands[0])  # a range build: at max; the runtime batch is n_of(problem)
     n, hw, c = (x[0], x[1] * x[2], x[3]) if kind == "nhwc" else (x[0], x[2] * x[3], x[1])
     trans_b = bool(int(getattr(a, "transB", 0) or 0))
     j = int(gemm.results[0].type.shape[1])
@@ -139,10 +141,19 @@ def _default(problem: Problem, space: list) -> dict:
     return want if want in space else dict(space[0])
 
 
+def _n_sym(problem: Problem):
+    """The batch as a range build's runtime size (an Expr), or None when static."""
+    n = problem.op.operands[0].type.shape[0] if problem.op.operands[0].type.shape else 1
+    return n if is_symbolic(n) else None
+
+
 def _applies(problem: Problem):
     g = _gap(problem)
     if isinstance(g, str):
         return no(g)
+    if problem.symbolic and not leading_only(list(problem.op.operands) + [
+            v for b in problem.op.attrs.body.ops for v in list(b.operands) + list(b.results)]):
+        return no("a symbolic dim other than the batch")
     if g.why_not:
         return no(g.why_not)
     if g.out_dtype not in CTYPES:
@@ -176,7 +187,12 @@ def _render(ctx: LowerCtx, problem: Problem, params: dict):
         w = L.buffer(g.gemm.operands[1])
         y = L.result_buffer(ctx.op.results[0])
         b = None if g.bias is None else ctx.new_weight(g.bias.astype(np.float32), "gap_gemm_bias")
-    emit_spec(ctx, render_spec(g, params), {"X": x, "W": w, "Y": y, "bias": b})
+    spec = render_spec(g, params)
+    n = _n_sym(problem)
+    if n is not None:  # a range build: the rows and the grid's rows per run (the kernel stops at NB)
+        spec = dataclasses.replace(spec, grid=(spec.grid[0], ceil_div(n, params["BN"]), 1),
+                                   args=[(r, ct, n if r == "NB" else v) for r, ct, v in spec.args])
+    emit_spec(ctx, spec, {"X": x, "W": w, "Y": y, "bias": b})
     descs = [describe_op(o) for o in ctx.op.attrs.body.ops]
     for launch in L.launches[n_launch:]:
         if launch.kernel is not None:
@@ -206,6 +222,6 @@ def _render_split(ctx: LowerCtx, problem: Problem, params: dict):
 
 
 FUSED = register(Variant("gap_gemm.fused", FAMILY, ("fused",), _render, _applies, _space, _default,
-                         priority=PRIORITY, rank=0, kinds=(fp.KIND,), regions=True))
+                         priority=PRIORITY, rank=0, kinds=(fp.KIND,), regions=True, runtime_sizes=True))
 SPLIT = register(Variant("gap_gemm.split", FAMILY, ("fused",), _render_split, _applies_split,
                          priority=PRIORITY, rank=1, kinds=(fp.KIND,), regions=True))

@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 
 from ..lower import LowerCtx
+from ..runtime_sizes import grid_dim, is_symbolic, numel
 from ..variants import YES, Fit, Variant, no, register
 from ._helpers import norm_axis
 from .elementwise import widest_vector
@@ -253,10 +254,26 @@ def row_problem(problem) -> Optional[RowProblem]:
     return _memo(problem, MAKERS[problem.op.name])
 
 
+def _rt_outer(problem, p: RowProblem):
+    """A range build's row count per run: the symbolic dims before the R static trailing
+    elements of a row (None: a row's extent is itself symbolic; codegen/runtime_sizes.py)."""
+    shape = problem.op.operands[0].type.shape
+    acc, k = 1, len(shape)
+    while k > 0 and acc < p.R and isinstance(shape[k - 1], int):
+        acc *= shape[k - 1]
+        k -= 1
+    if acc != p.R:
+        return None
+    return numel(shape[:k])
+
+
 def _applies_regs(problem):
     p = row_problem(problem)
     if p is None:
         return no("not a row of contiguous elements with scale / bias of R or 1")
+    if problem.symbolic and (_rt_outer(problem, p) is None or any(
+            is_symbolic(d) for v in problem.op.operands[1:] if v is not None for d in v.type.shape or ())):
+        return no("a row's extent, or a scale / bias, depends on a symbolic dim")
     return _regs_fit(p)
 
 
@@ -281,11 +298,21 @@ def _render_regs(ctx: LowerCtx, problem, params: dict):
                    sctype=scale.ctype if scale is not None else "", bctype=bias.ctype if bias is not None else "",
                    scale_n=scale.numel if scale is not None else 1, bias_n=bias.numel if bias is not None else 1,
                    has_mean=mean is not None, has_rstd=rstd is not None,
-                   mctype=(mean or rstd).ctype if (mean or rstd) else "", **regs_params(p, params))
+                   mctype=(mean or rstd).ctype if (mean or rstd) else "",
+                   **{**regs_params(p, params), **_rt_template(ctx, problem, p)})
     grid, block = regs_grid(p, params)
+    if problem.symbolic:  # a range build: the rows per run (the kernel loops over its row groups)
+        grid = grid_dim(_rt_outer(problem, p), int(params["RPB"]), ctx.L.sym_max, 65535)[1]
     args = [x] + [b for b in (scale, bias) if b is not None] + [y] + [b for b in (mean, rstd) if b is not None]
-    ctx.launch(k, grid, block, args)
+    ctx.launch(k, grid, block, args + (ctx.rt_args() if problem.symbolic else []))
     return True
+
+
+def _rt_template(ctx, problem, p: RowProblem) -> dict:
+    """A range build's template params: outer as C text over the symbol parameters."""
+    if not problem.symbolic:
+        return {}
+    return {"outer": ctx.csize(_rt_outer(problem, p)), "rt_params": ctx.rt_params()}
 
 
 def _cost_regs(problem, params) -> float:
@@ -366,6 +393,6 @@ GENERICS = {}
 for _op, _short in SHORT.items():
     REGS[_op] = register(Variant(
         name=f"rownorm.{_short}_regs", family=FAMILY, ops=(_op,), rank=0, applies=_applies_regs,
-        space=_space_regs, default=_default_regs, render=_render_regs, cost=_cost_regs))
+        space=_space_regs, default=_default_regs, render=_render_regs, cost=_cost_regs, runtime_sizes=True))
     GENERICS[_op] = register(Variant(
         name=f"rownorm.{_short}_generic", family=FAMILY, ops=(_op,), rank=1, render=GENERIC[_op]))

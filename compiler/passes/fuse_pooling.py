@@ -42,7 +42,9 @@ def pool_kind(op: Op, const_of) -> Optional[str]:
     """"nhwc" for ReduceMean over axes (1, 2) of a rank-4 value with keepdims, "nchw" for a 4-D
     GlobalAveragePool, else None."""
     x = op.operands[0] if op.operands else None
-    if x is None or x.type.rank != 4 or not x.type.is_static or x.type.dtype.short not in FLOATS:
+    # static but for the batch (a range profile's runtime size: codegen/runtime_sizes.py)
+    if x is None or x.type.rank != 4 or not all(isinstance(d, int) for d in x.type.shape[1:]) \
+            or x.type.dtype.short not in FLOATS:
         return None
     if op.name == "GlobalAveragePool":
         return "nchw"

@@ -1,0 +1,184 @@
+"""Range profiles on CUDA (issue 10, codegen/runtime_sizes.py): one build serves every shape of the
+profile. CPU: the kernels of a range build compile with NVRTC (sm_90a) and take the symbolic sizes
+as arguments; the reference backend runs the compiled plan (its memory plan, in its arena) at
+runtime sizes and matches onnxruntime; bad shapes are clear errors; a kernel family without
+runtime sizes is refused by name. GPU (@pytest.mark.gpu): one build at several shapes against
+onnxruntime, outputs poisoned first."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import nnc
+from nnc.ir.errors import InputError, NncError
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import profile_models  # noqa: E402
+
+CNN = profile_models.cnn()
+CNN_PROFILE = "input:1x3x32x32/8x3x32x32/32x3x32x32"
+ENC_PROFILE = "x:1x1x64/2x77x64/2x128x64"
+
+
+def _ort(model: Path, feed: dict) -> list:
+    ort = pytest.importorskip("onnxruntime")
+    s = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return s.run(None, feed)
+
+
+@pytest.fixture(scope="module")
+def cnn_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rs") / "cnn"
+    nnc.compile(CNN, profiles=[CNN_PROFILE], out=out, backend="reference", codegen=True, tune=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def enc_build(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rs")
+    model = profile_models.encoder(d / "enc.onnx")
+    out = d / "enc"
+    nnc.compile(model, profiles=[ENC_PROFILE], out=out, backend="reference", codegen=True, tune=False)
+    return model, out
+
+
+def _check_plan(out: Path, symbols: set):
+    plan = json.loads((out / "plan.json").read_text())
+    assert set(plan["runtime_sizes"]) == symbols
+    assert plan["cubins"] and all((out / c["file"]).is_file() for c in plan["cubins"])  # NVRTC compiled them
+    assert any("grid_expr" in l for l in plan["launches"])
+    assert any("expr" in a for l in plan["launches"] for a in l["args"])
+    # the inputs keep the model's symbols; sizes at max
+    assert all("sym_shape" in e and "max_shape" in e for e in plan["inputs"])
+    src = (out / "model.cu").read_text()
+    assert "nnc_s0" in src  # the kernels name the symbols by nnc's own parameter names
+    return plan
+
+
+def test_cnn_range_build_compiles_and_runs_at_every_batch(cnn_build):
+    plan = _check_plan(cnn_build, {"N"})
+    assert plan["runtime_sizes"] == {"N": [1, 8, 32]}
+    assert plan["inputs"][0]["shape"] == ["N", 3, 32, 32] and plan["inputs"][0]["max_shape"] == [32, 3, 32, 32]
+    m = nnc.load(cnn_build, backend="reference")  # runs the compiled plan in its arena (codegen/plan_exec.py)
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 8, 32):
+        x = rng.standard_normal((n, 3, 32, 32)).astype(np.float32)
+        got = m.run({"input": x})["probs"]
+        ref = _ort(CNN, {"input": x})[0]
+        assert got.shape == (n, 10)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_range_build_compiles_and_runs_at_every_length(enc_build):
+    model, out = enc_build
+    _check_plan(out, {"B", "S"})
+    m = nnc.load(out, backend="reference")
+    rng = np.random.default_rng(1)
+    for b, s in ((1, 1), (2, 77), (1, 100), (2, 128)):
+        x = rng.standard_normal((b, s, 64)).astype(np.float32)
+        got = m.run({"x": x})["y"]
+        ref = _ort(model, {"x": x})[0]
+        assert got.shape == (b, s, 64)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape, msg", [
+    ((33, 3, 32, 32), "input 'input' with shape [33, 3, 32, 32] is outside every profile"),
+    ((2, 3, 32), "has rank 3; the model's is 4"),
+    ((2, 3, 16, 16), "dim 2 must be 32"),
+])
+def test_bad_shapes_are_clear_errors(cnn_build, shape, msg):
+    m = nnc.load(cnn_build, backend="reference")
+    with pytest.raises(InputError) as e:
+        m.run({"input": np.zeros(shape, np.float32)})
+    assert msg in str(e.value)
+
+
+def test_inconsistent_symbols_are_an_error(tmp_path):
+    g = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])], "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["S", 4]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["S", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["S", 4])])
+    p = tmp_path / "add.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    out = tmp_path / "o"
+    nnc.compile(p, profiles=["a:1x4/4x4/16x4,b:1x4/4x4/16x4"], out=out, backend="reference", codegen=True, tune=False)
+    m = nnc.load(out, backend="reference")
+    a = np.ones((3, 4), np.float32)
+    np.testing.assert_array_equal(m.run({"a": a, "b": a})["y"], a + a)
+    with pytest.raises(InputError) as e:
+        m.run({"a": a, "b": np.ones((5, 4), np.float32)})
+    assert "inputs disagree on symbolic dim S" in str(e.value)
+
+
+def test_a_family_without_runtime_sizes_is_refused_by_name(tmp_path):
+    """Conv over a symbolic spatial size: the direct conv takes only a runtime batch, every other
+    conv variant bakes sizes in: a LoweringError naming the node and op, nothing written."""
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="the_conv", pads=[1, 1, 1, 1])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, "H", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, "H", 8])],
+        [onnx.numpy_helper.from_array(np.ones((4, 4, 3, 3), np.float32), "w")])
+    p = tmp_path / "conv.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    with pytest.raises(NncError) as e:
+        nnc.compile(p, profiles=["x:1x4x4x8/1x4x8x8/1x4x16x8"], out=tmp_path / "o", backend="reference",
+                    codegen=True, tune=False)
+    assert "node 'the_conv': Conv" in str(e.value) and "takes runtime sizes" in str(e.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_unnamed_dim_with_a_range_is_refused(tmp_path):
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])])
+    p = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    with pytest.raises(NncError) as e:
+        nnc.compile(p, profiles=["x:1x4/2x4/8x4"], out=tmp_path / "o", backend="reference", codegen=True, tune=False)
+    assert "no symbolic name" in str(e.value) or "dims without a name" in str(e.value)
+
+
+# ---------------------------------------------------------------------------- GPU
+
+
+def _gpu_build(model, profile, out):
+    return nnc.compile(model, profiles=[profile], out=out, tune=False)
+
+
+@pytest.mark.gpu
+def test_gpu_cnn_one_build_batch_1_7_32(tmp_path):
+    from nnc.runtime import require_gpu
+    require_gpu()
+    m = _gpu_build(CNN, CNN_PROFILE, tmp_path / "cnn")
+    rng = np.random.default_rng(2)
+    for n in (1, 7, 8, 32, 7):  # 7 twice: its cached graph replays
+        x = rng.standard_normal((n, 3, 32, 32)).astype(np.float32)
+        got = m.run({"input": x}, output="numpy", poison=True)["probs"]
+        ref = _ort(CNN, {"input": x})[0]
+        assert got.shape == (n, 10)
+        np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4)
+    assert m.uses_cuda_graph
+
+
+@pytest.mark.gpu
+def test_gpu_encoder_one_build_seq_1_77_128(tmp_path):
+    from nnc.runtime import require_gpu
+    require_gpu()
+    model = profile_models.encoder(tmp_path / "enc.onnx")
+    m = _gpu_build(model, ENC_PROFILE, tmp_path / "enc")
+    rng = np.random.default_rng(3)
+    for b, s in ((1, 1), (2, 77), (1, 100), (2, 128), (1, 1)):
+        x = rng.standard_normal((b, s, 64)).astype(np.float32)
+        got = m.run({"x": x}, output="numpy", poison=True)["y"]
+        ref = _ort(model, {"x": x})[0]
+        assert got.shape == (b, s, 64)
+        np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
