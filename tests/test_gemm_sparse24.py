@@ -201,7 +201,7 @@ def test_applies_space_default_and_reasons():
     assert G.MMA_SP.check(big)
     sp = G.MMA_SP.space(big)
     d = G.MMA_SP.default(big, sp)
-    assert d in sp and d == dict(BN=128, BM=128, WN=2, WM=2, STAGES=3)
+    assert d in sp and d == dict(BN=128, BM=128, WN=2, WM=2, STAGES=3, STORE="smem")
     assert {p["BN"] for p in sp} == {64, 128} and {p["BM"] for p in sp} == {32, 64, 128}
     assert all(G.smem_bytes(p) <= big.target.smem_per_block_optin for p in sp)
     small = problem_of(sparse_module(128, 768, 768, seed=2))

@@ -25,10 +25,12 @@ by the epilogue, with the bias along N and the activation).
 
     applies(problem) -> Fit   mma: sm_80+, x f16/bf16, constant w_values / w_meta, K % 8 == 0, x 16-byte
                               aligned, a non-empty output
-    space                     BN (64, 128) x BM (32, 64, 128) x warps WN x WM (4 or 8) x STAGES (3, 4),
-                              within the Target's shared memory (opt-in) and threads
+    space                     BN (64, 128) x BM (32, 64, 128) x warps WN x WM (4 or 8) x STAGES (3, 4) x
+                              STORE (smem: the y tile transposed through shared memory, then 16-byte row
+                              stores; direct: each accumulator stored from registers, 3 stages only), within
+                              the Target's shared memory (opt-in) and threads
     default                   the largest tiles that still give >= 1 CTA a SM (M >= 1024: BN 128, BM 128,
-                              2 x 2 warps, 3 stages; small M: BM 32 / 64 with 4 x 1 / 2 x 2 warps)
+                              2 x 2 warps, 3 stages, STORE smem; small M: BM 32 / 64 with 4 x 1 / 2 x 2 warps)
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ class Sparse24Gemm:
     act: str          # f16 | bf16
     has_bias: bool
     activation: str   # none | relu
+    y16: bool = True  # y 16-byte aligned (STORE smem's 16-byte row stores when N % 8 == 0)
 
     @property
     def k_pad(self) -> int:
@@ -102,7 +105,7 @@ def analyse(problem) -> "Sparse24Gemm | str":
         return f"K = {K} is not a multiple of 8 (x rows are read in 16-byte pieces)"
     if not aligned(x, 16) or y.numel == 0:
         return "x is a view not 16-byte aligned, or the output is empty"
-    return Sparse24Gemm(_rows(x.shape), K, N, x.dtype.short, problem.has(3), problem.attr("activation"))
+    return Sparse24Gemm(_rows(x.shape), K, N, x.dtype.short, problem.has(3), problem.attr("activation"), aligned(y, 16))
 
 
 def _applies(problem):
@@ -117,8 +120,11 @@ WARPS = ((2, 2), (4, 1), (2, 4), (4, 2))  # (WN, WM): warps along N (weight rows
 
 
 def smem_bytes(params: dict) -> int:
-    """The ring: STAGES x (BN/16 x 2 k-steps x (512 value + 64 metadata bytes) + BM x-rows)."""
-    return params["STAGES"] * (params["BN"] // TILE_N * 2 * (512 + 64) + params["BM"] * X_ROW_BYTES)
+    """The ring: STAGES x (BN/16 x 2 k-steps x (512 value + 64 metadata bytes) + BM x-rows); STORE smem
+    reuses it for the y tile (BM rows of BN + 8 halves), which always fits in 3 stages."""
+    ring = params["STAGES"] * (params["BN"] // TILE_N * 2 * (512 + 64) + params["BM"] * X_ROW_BYTES)
+    assert ring >= params["BM"] * (params["BN"] + 8) * 2
+    return ring
 
 
 def space(problem) -> list:
@@ -132,9 +138,10 @@ def space(problem) -> list:
                 if (BN // WN // TILE_N) * (BM // WM // 8) > 32:  # mma tiles a warp: accumulators in registers
                     continue
                 for ST in (3, 4):
-                    p = dict(BN=BN, BM=BM, WN=WN, WM=WM, STAGES=ST)
-                    if smem_bytes(p) <= t.smem_per_block_optin:
-                        out.append(p)
+                    for STORE in (("smem", "direct") if ST == 3 else ("smem",)):
+                        p = dict(BN=BN, BM=BM, WN=WN, WM=WM, STAGES=ST, STORE=STORE)
+                        if smem_bytes(p) <= t.smem_per_block_optin:
+                            out.append(p)
     return out
 
 
@@ -144,7 +151,7 @@ def default(problem, sp: list) -> dict:
     pr: Sparse24Gemm = problem.memo["gemm_sparse24.problem"]
     sms = problem.target.sm_count
     prefs = [(128, 128, 2, 2), (128, 64, 2, 2), (64, 64, 2, 2), (128, 32, 4, 1), (64, 32, 4, 1)]
-    by = {(p["BN"], p["BM"], p["WN"], p["WM"]): p for p in sp if p["STAGES"] == 3}
+    by = {(p["BN"], p["BM"], p["WN"], p["WM"]): p for p in sp if p["STAGES"] == 3 and p["STORE"] == "smem"}
     for key in prefs:
         if key in by and cdiv(pr.N, key[0]) * cdiv(pr.M, key[1]) >= sms:
             return dict(by[key])
@@ -191,7 +198,8 @@ def pack_meta(vals: np.ndarray, meta: np.ndarray, pr: Sparse24Gemm) -> np.ndarra
 def kernel_params(pr: Sparse24Gemm, params: dict, op_names: str) -> dict:
     return dict(op_names=op_names, M=pr.M, K=pr.K, N=pr.N, KB=pr.k_pad // STAGE_K, STEPS=pr.steps_k,
                 act=pr.act, T=dtypes.ctype(dtypes.info(pr.act).dtype), MMA_T=MMA[pr.act],
-                has_bias=pr.has_bias, activation=pr.activation, SMEM=smem_bytes(params), **params)
+                has_bias=pr.has_bias, activation=pr.activation, VEC_STORE=pr.N % 8 == 0 and pr.y16,
+                SMEM=smem_bytes(params), **{"STORE": "smem", **params})
 
 
 def grid(pr: Sparse24Gemm, params: dict) -> tuple:
