@@ -33,24 +33,45 @@ def strided_copy(ctx: LowerCtx, src: Buffer, dst: Buffer, shape, in_strides, in_
     ctx.launch(k, ctx.grid1d(n), 256, [src, dst, ctx.i64(n)])
 
 
-@lowering("Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
+@lowering("Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", runtime_sizes=True)  # the same bytes at every size
 def _view(ctx: LowerCtx):
     ctx.alias(0, ctx.inp(0))  # buffers are always contiguous: a reshape is a view
     return True
 
 
-@lowering("Transpose")
+@lowering("Transpose", runtime_sizes=True)
 def _transpose(ctx: LowerCtx):
     x, y = ctx.inp(0), ctx.out(0)
     rank = len(x.shape)
     perm = ctx.attr("perm") or tuple(reversed(range(rank)))
-    moved = [p for p in perm if x.shape[p] != 1]
+    moved = [p for p in perm if x.shape[p] != 1]  # (a range build: a symbolic dim counts as moving)
     if moved == sorted(moved):  # only extent-1 dims move: the same bytes in the same order, a view
         ctx.alias(0, x)          # (torch MHA's seq-first [1,S,E] <-> [S,1,E] at batch 1)
+        return True
+    if ctx.problem is not None and ctx.problem.symbolic:
+        xs = ctx.sym_shape(0)
+        st, acc = [0] * len(xs), 1
+        for d in range(len(xs) - 1, -1, -1):
+            st[d], acc = acc, acc * xs[d]
+        strided_copy_rt(ctx, x, y, ctx.sym_out_shape(0), [st[p] for p in perm])
         return True
     st = x.strides()
     strided_copy(ctx, x, y, y.shape, [st[p] for p in perm])
     return True
+
+
+def strided_copy_rt(ctx: LowerCtx, src: Buffer, dst: Buffer, sym_shape, sym_in_strides):
+    """strided_copy of a range build: the shape and strides (ints or Exprs) as C text over the
+    symbol parameters, the element count and grid per run (codegen/runtime_sizes.py)."""
+    n = 1
+    for d in sym_shape:
+        n = n * d
+    keep = [d for d in range(len(sym_shape)) if sym_shape[d] != 1] or [0]
+    k = ctx.render("strided_copy.cu.j2", "copy_" + ctx.op.name.lower(), ctype=src.ctype,
+                   shape=[ctx.csize(sym_shape[d]) for d in keep], in_strides=[ctx.csize(sym_in_strides[d]) for d in keep],
+                   in_mods=[0] * len(keep), in_base=0, out_contig=True, out_strides=[0] * len(keep), out_base=0,
+                   rt_params=ctx.rt_params())
+    ctx.launch(k, ctx.grid1d(n), 256, [src, dst, ctx.i64(n), *ctx.rt_args()])
 
 
 def _bcast_strides(in_shape, out_shape):

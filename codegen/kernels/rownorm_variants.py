@@ -357,6 +357,16 @@ def _render_softmax_generic(ctx: LowerCtx, problem, params: dict):
     else:
         outer, R, inner = _axis_view(x.shape, int(ctx.attr("axis", -1)))
     variant = "row" if inner == 1 else "col"
+    if problem is not None and problem.symbolic:  # a range build: the sizes per run
+        sh = ctx.sym_shape(0)
+        axis = norm_axis(int(ctx.attr("axis", -1)), len(sh))
+        so, sr, si = numel(sh[:axis]), sh[axis], numel(sh[axis + 1:])
+        variant = "row" if si == 1 else "col"
+        k = ctx.render("softmax.cu.j2", ctx.op.name.lower(), variant=variant, outer=ctx.csize(so), R=ctx.csize(sr),
+                       inner=ctx.csize(si), ctype=x.ctype, log=ctx.op.name == "LogSoftmax", rt_params=ctx.rt_params())
+        grid = grid_dim(so, 1, ctx.L.sym_max, 65535)[1] if variant == "row" else ctx.grid1d(so * si)
+        ctx.launch(k, grid, 256, [x, y, *ctx.rt_args()])
+        return True
     k = ctx.render("softmax.cu.j2", ctx.op.name.lower(), variant=variant, outer=outer, R=R, inner=inner,
                    ctype=x.ctype, log=ctx.op.name == "LogSoftmax")
     grid = min(outer, 65535) if variant == "row" else ctx.grid1d(outer * inner)
@@ -395,4 +405,5 @@ for _op, _short in SHORT.items():
         name=f"rownorm.{_short}_regs", family=FAMILY, ops=(_op,), rank=0, applies=_applies_regs,
         space=_space_regs, default=_default_regs, render=_render_regs, cost=_cost_regs, runtime_sizes=True))
     GENERICS[_op] = register(Variant(
-        name=f"rownorm.{_short}_generic", family=FAMILY, ops=(_op,), rank=1, render=GENERIC[_op]))
+        name=f"rownorm.{_short}_generic", family=FAMILY, ops=(_op,), rank=1, render=GENERIC[_op],
+        runtime_sizes=_op in ("Softmax", "LogSoftmax")))  # the softmax kernel takes its sizes per run
