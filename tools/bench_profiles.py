@@ -1,0 +1,104 @@
+"""Latency of one range-profile build (issue 10, codegen/runtime_sizes.py) at the profile's min, opt
+and max shapes against static builds of those shapes, on the GPU; outputs checked against
+onnxruntime (CPU) first.
+
+    python tools/bench_profiles.py [--models cnn,encoder] [--iters 200] [--out DIR]
+
+Models (tools/profile_models.py): cnn = examples/tiny_cnn.onnx over batch 1/8/32; encoder = one
+BERT-style layer (d=64, 4 heads) over x:1x1x64 / 2x77x64 / 2x128x64. Every build: fp32,
+--no-tune (the same heuristic selection on both sides), CUDA graphs on. A run is Module.run with
+device (cupy) inputs and outputs (the input copy into the module's buffers, the graph replay, the
+output copy): the median over 5 repeats of `iters` runs between two CUDA events. Targets:
+range/static <= 1.05 at opt, <= 1.15 at min and max. Prints a line per measurement and a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import profile_models  # noqa: E402
+
+MODELS = {
+    "cnn": ("input", (1, 3, 32, 32), (8, 3, 32, 32), (32, 3, 32, 32)),
+    "encoder": ("x", (1, 1, 64), (2, 77, 64), (2, 128, 64)),
+}
+TARGET = {"min": 1.15, "opt": 1.05, "max": 1.15}
+
+
+def _dims(s) -> str:
+    return "x".join(map(str, s))
+
+
+def time_run(m, feed, iters: int) -> float:
+    import cupy as cp
+    dev = {k: cp.asarray(v) for k, v in feed.items()}
+    for _ in range(20):
+        m.run(dev, output="cupy")
+    cp.cuda.get_current_stream().synchronize()
+    t0, t1 = cp.cuda.Event(), cp.cuda.Event()
+    ts = []
+    for _ in range(5):
+        t0.record()
+        for _ in range(iters):
+            m.run(dev, output="cupy")
+        t1.record()
+        t1.synchronize()
+        ts.append(cp.cuda.get_elapsed_time(t0, t1) / iters)
+    return float(np.median(ts))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="cnn,encoder")
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--out", default="/tmp/nnc_bench_profiles")
+    a = ap.parse_args()
+    import nnc
+    import onnxruntime as ort
+    work = Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    t_start = time.time()
+    for name in a.models.split(","):
+        inp, lo, opt, hi = MODELS[name]
+        model = profile_models.cnn() if name == "cnn" else profile_models.encoder(work / "encoder.onnx")
+        sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        profile = f"{inp}:{_dims(lo)}/{_dims(opt)}/{_dims(hi)}"
+        t = time.time()
+        rng_m = nnc.compile(model, profiles=[profile], out=work / f"{name}_range", tune=False)
+        print(f"{name}: range build {profile} in {time.time() - t:.1f} s", flush=True)
+        rng = np.random.default_rng(0)
+        for label, shape in (("min", lo), ("opt", opt), ("max", hi)):
+            feed = {inp: rng.standard_normal(shape).astype(np.float32)}
+            ref = sess.run(None, feed)[0]
+            got = rng_m.run(feed, output="numpy", poison=True)
+            err = float(np.abs(next(iter(got.values())) - ref).max())
+            t = time.time()
+            st_m = nnc.compile(model, shapes={inp: list(shape)}, out=work / f"{name}_{label}", tune=False)
+            build_s = time.time() - t
+            st_err = float(np.abs(next(iter(st_m.run(feed, output="numpy").values())) - ref).max())
+            ms_static = time_run(st_m, feed, a.iters)
+            ms_range = time_run(rng_m, feed, a.iters)
+            r = dict(model=name, at=label, shape=_dims(shape), static_ms=ms_static, range_ms=ms_range,
+                     ratio=ms_range / ms_static, err=err, static_err=st_err)
+            rows.append(r)
+            print(f"{name} {label} {_dims(shape)}: static {ms_static:.4f} ms (built in {build_s:.1f} s, err "
+                  f"{st_err:.1e}), range {ms_range:.4f} ms (err {err:.1e}), ratio {r['ratio']:.3f}", flush=True)
+    print(f"\ntotal {time.time() - t_start:.0f} s")
+    print(f"{'model':8} {'at':4} {'shape':12} {'static ms':>10} {'range ms':>10} {'ratio':>6} {'target':>6} "
+          f"{'ok':>3} {'max err':>8}")
+    for r in rows:
+        ok = r["ratio"] <= TARGET[r["at"]] and r["err"] < 1e-3
+        print(f"{r['model']:8} {r['at']:4} {r['shape']:12} {r['static_ms']:10.4f} {r['range_ms']:10.4f} "
+              f"{r['ratio']:6.3f} {TARGET[r['at']]:6.2f} {'yes' if ok else 'NO':>3} {r['err']:8.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
