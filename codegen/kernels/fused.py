@@ -70,4 +70,4 @@ def _render(ctx: LowerCtx, problem, params: dict):
 
 
 OP_BY_OP = register(Variant("fused.op_by_op", "fused", ("fused",), _render, priority=FALLBACK_PRIORITY,
-                            regions=True))
+                            regions=True, runtime_sizes=True))  # each body op is checked by its own variants

@@ -21,7 +21,7 @@ from __future__ import annotations
 from ..dtypes import compute_type, ctype
 from ..lower import LowerCtx, LoweringError, Problem, describe_op
 from ..variants import YES, Variant, no, register
-from ...ir.symbolic import floordiv
+from ...ir.symbolic import Expr, floordiv
 from .elementwise import EXPR, elementwise_params, launch_threads, op_expr, runtime_params
 
 PRIORITY = 10  # above the op-by-op fallback
@@ -38,7 +38,9 @@ def _plain_dtype(dt) -> bool:
 
 
 def _static(t) -> bool:
-    return t.shape is not None and all(isinstance(d, int) and d >= 0 for d in t.shape)
+    """Known dims: ints, or symbolic dims of a range profile (sizes per run: codegen/runtime_sizes.py)."""
+    return t.shape is not None and all((isinstance(d, int) and d >= 0) or (isinstance(d, Expr) and d.kind != "unknown")
+                                       for d in t.shape)
 
 
 def can_render(op) -> bool:
