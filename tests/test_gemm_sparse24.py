@@ -217,9 +217,9 @@ def test_applies_space_default_and_reasons():
     assert "sm_80" in G.MMA_SP.check(old).why
 
 
-def _points_source(m, pts):
+def _points_source(m, pts, variant="gemm_sparse24.mma"):
     from bench_sparse24 import compile_points, point_plans
-    plans = point_plans(m, pts, "sm_90a")
+    plans = point_plans(m, pts, "sm_90a", variant)
     cubin = compile_points(plans, "sm_90a", tag=f"sp24_{len(pts)}")
     assert cubin and all(n.encode() in cubin for _, _, names, _ in plans for n in names.values())
     return "\n".join(s for *_, srcs in plans for s in srcs)
@@ -235,6 +235,26 @@ def test_every_space_point_compiles_with_nvrtc_f16():
     assert "matmul_sparse24(" in text and "fmaxf" in text  # the header names the IR op; the relu epilogue
 
 
+def test_wgmma_variant_applies_on_sm_90a_only_and_every_point_compiles():
+    from dataclasses import replace
+
+    from nnc.codegen.kernels import gemm_sparse24 as G
+    m = sparse_module(150, 320, 264, bias=True, relu=True, seed=6)
+    pr = problem_of(m)
+    assert G.WGMMA_SP.check(pr)
+    sp = G.WGMMA_SP.space(pr)
+    assert {p["WG"] for p in sp} == {1, 2} and {p["BM"] for p in sp} == {64, 128, 256}
+    assert G.WGMMA_SP.default(pr, sp) in sp
+    assert all(G.wgmma_smem_bytes(p) <= pr.target.smem_per_block_optin for p in sp)
+    text = _points_source(m, sp, "gemm_sparse24.wgmma")
+    assert "wgmma.mma_async.sp.sync.aligned.m64n256k32.f32.f16.f16" in text
+    plain = problem_of(sparse_module(8, 64, 32, seed=5))
+    plain.target = replace(plain.target, arch="sm_90", has_wgmma=False)
+    assert "sm_90a" in G.WGMMA_SP.check(plain).why
+    from bench_int8 import candidates
+    assert [c for c, _ in candidates(m)][:2] == ["gemm_sparse24.mma", "gemm_sparse24.wgmma"]  # mma first until GPU-checked
+
+
 def test_default_compiles_with_nvrtc_bf16():
     from nnc.codegen.kernels import gemm_sparse24 as G
     m = sparse_module(33, 256, 200, bias=True, dt="bf16", seed=7)
@@ -242,6 +262,9 @@ def test_default_compiles_with_nvrtc_bf16():
     assert G.MMA_SP.check(pr)
     text = _points_source(m, [G.MMA_SP.default(pr, G.MMA_SP.space(pr))])
     assert "m16n8k32.row.col.f32.bf16.bf16.f32" in text
+    assert G.WGMMA_SP.check(pr)
+    text = _points_source(m, [G.WGMMA_SP.default(pr, G.WGMMA_SP.space(pr))], "gemm_sparse24.wgmma")
+    assert "k32.f32.bf16.bf16" in text
 
 
 def test_dense_alternative_lowers_to_the_gemm_family():
@@ -304,7 +327,8 @@ def test_options_and_cli_errors(tmp_path):
 
 # ---------------------------------------------------------------- GPU
 
-def _gpu_check(M, K, N, dt="f16", bias=False, relu=False, params=None, lead=None, torch_check=True):
+def _gpu_check(M, K, N, dt="f16", bias=False, relu=False, params=None, lead=None, torch_check=True,
+               variant="gemm_sparse24.mma"):
     import cupy as cp
 
     from bench_int8 import build, device_buffers, lower_forced, output_of, runner
@@ -312,13 +336,13 @@ def _gpu_check(M, K, N, dt="f16", bias=False, relu=False, params=None, lead=None
     feed = random_x(m, seed=M * 7 + 1)
     want = Interpreter(m).run(feed)["y"].astype(np.float32)
     np.testing.assert_array_equal(want, reference(m, feed).astype(np.float32))
-    plan = lower_forced(m, "gemm_sparse24.mma", params)
+    plan = lower_forced(m, variant, params)
     arrs = device_buffers(plan, feed, poison=True)
     runner(plan, build(plan), arrs)()
     cp.cuda.Device().synchronize()
     got = output_of(plan, arrs).astype(np.float32).reshape(want.shape)
     rel = np.abs(got - want).max() / np.abs(want).max()
-    assert np.all(np.isfinite(got)) and rel < 1e-2, (M, K, N, dt, params, rel, _diagnose(got, want))
+    assert np.all(np.isfinite(got)) and rel < 1e-2, (variant, M, K, N, dt, params, rel, _diagnose(got, want))
     if torch_check:  # and against torch on the decompressed weight (cuBLAS)
         import torch
 
@@ -350,18 +374,21 @@ def _diagnose(got, want) -> str:
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,K,N,dt", [(128, 768, 3072, "f16"), (4096, 3072, 768, "f16"), (1, 64, 16, "f16"),
                                       (37, 200, 136, "f16"), (300, 1000, 520, "bf16"), (16, 4096, 4096, "bf16")])
-def test_gpu_matches_interpreter_and_torch(M, K, N, dt):
-    _gpu_check(M, K, N, dt)
+@pytest.mark.parametrize("variant", ["gemm_sparse24.mma", "gemm_sparse24.wgmma"])
+def test_gpu_matches_interpreter_and_torch(M, K, N, dt, variant):
+    _gpu_check(M, K, N, dt, variant=variant)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dt", ["f16", "bf16"])
-def test_gpu_bias_relu_and_leading_dims(dt):
-    _gpu_check(24, 256, 200, dt, bias=True, relu=True, lead=[3])
+@pytest.mark.parametrize("variant", ["gemm_sparse24.mma", "gemm_sparse24.wgmma"])
+def test_gpu_bias_relu_and_leading_dims(dt, variant):
+    _gpu_check(24, 256, 200, dt, bias=True, relu=True, lead=[3], variant=variant)
 
 
 @pytest.mark.gpu
-def test_gpu_every_space_point():
+@pytest.mark.parametrize("variant", ["gemm_sparse24.mma", "gemm_sparse24.wgmma"])
+def test_gpu_every_space_point(variant):
     import tempfile
 
     import cupy as cp
@@ -371,12 +398,13 @@ def test_gpu_every_space_point():
     from nnc.codegen.kernels import gemm_sparse24 as G
     m = sparse_module(150, 320, 264, bias=True, seed=11)
     pr = problem_of(m)
-    assert G.MMA_SP.check(pr)
+    v = G.MMA_SP if variant.endswith("mma") else G.WGMMA_SP
+    assert v.check(pr)
     feed = random_x(m, seed=12)
     want = reference(m, feed).astype(np.float32)
-    plans = point_plans(m, G.MMA_SP.space(pr), "sm_90a")
+    plans = point_plans(m, v.space(pr), "sm_90a", variant)
     d = Path(tempfile.mkdtemp(prefix="nnc_sp24_space_"))
-    (d / "k.cubin").write_bytes(compile_points(plans, "sm_90a", "sp24_space_gpu"))
+    (d / "k.cubin").write_bytes(compile_points(plans, "sm_90a", f"sp24_space_gpu_{variant[14:]}"))
     mod = cp.RawModule(path=str(d / "k.cubin"))
     bad = []
     for params, plan, names, _ in plans:

@@ -105,12 +105,12 @@ def reference(m, feed, step=None):
     return (y.reshape(x.shape[:-1] + (w.shape[1],)) if step is None else y).astype(x.dtype)
 
 
-def point_plans(m, pts, arch):
+def point_plans(m, pts, arch, variant="gemm_sparse24.mma"):
     from bench_int8 import lower_forced
     out = []
     for i, p in enumerate(pts):
-        plan = lower_forced(m, "gemm_sparse24.mma", p, arch)
-        names = {k.name: f"{k.name}_pt{i}" for k in plan.kernels.values()}
+        plan = lower_forced(m, variant, p, arch)
+        names = {k.name: f"{k.name}_{variant[14:]}{i}" for k in plan.kernels.values()}
         srcs = [k.source.replace(k.name, names[k.name]) for k in plan.kernels.values()]
         out.append((p, plan, names, srcs))
     return out
@@ -128,47 +128,72 @@ def _graph_ms(launch, n=10):
     return _graph_timer(lambda i: launch(), n)
 
 
-def bench_sparse(M, K, N, arch, full, dry):
-    import bench_int8 as B
+def _bench_points(M, K, N):
+    """{variant: points}: the heuristic default of each variant and a few neighbours."""
     from nnc.codegen.kernels import gemm_sparse24 as G
+    return {
+        "gemm_sparse24.mma": lambda sp, d: [d] + [p for p in sp if p != d and p["STAGES"] == 3 and p["STORE"] == "smem"
+                                                  and (p["BN"], p["BM"], p["WN"], p["WM"]) in
+                                                  ((128, 64, 2, 2), (64, 64, 2, 2), (128, 128, 2, 4), (128, 128, 2, 2))],
+        "gemm_sparse24.wgmma": lambda sp, d: [d] + [p for p in sp if p != d and p["STAGES"] == 4 and
+                                                    (p["WG"], p["BM"]) in ((2, 128), (2, 256), (1, 128), (2, 64))],
+    }, {"gemm_sparse24.mma": G.MMA_SP, "gemm_sparse24.wgmma": G.WGMMA_SP}
+
+
+def bench_sparse(M, K, N, arch, full, dry):
+    """Rows ("nnc sp24 <variant>", best ms, point) of each sparse variant that applies; every point
+    checked (poisoned outputs against the fp32 reference on a row sample) before it is timed."""
+    import bench_int8 as B
     m = sparse_module(M, K, N, seed=M + N)
     pr = problem_of(m, arch)
-    fit = G.MMA_SP.check(pr)
-    if not fit:
-        raise SystemExit(f"sparse24 does not apply: {fit.why}")
-    sp = G.MMA_SP.space(pr)
-    dflt = G.MMA_SP.default(pr, sp)
-    pts = sp if full else [dflt] + [p for p in sp if p != dflt and p["STAGES"] == 3 and
-                                    (p["BN"], p["BM"], p["WN"], p["WM"]) in ((128, 64, 2, 2), (64, 64, 2, 2), (128, 128, 2, 4))]
-    t0 = time.perf_counter()
-    plans = point_plans(m, pts, arch)
-    cubin = compile_points(plans, arch)
-    if dry:
-        print(f"sparse24 {M}x{K}x{N}: {len(pts)} points lowered + compiled in {time.perf_counter() - t0:.1f}s", flush=True)
-        return []
-    import cupy as cp
-    d = Path(tempfile.mkdtemp(prefix="nnc_sp24_"))
-    (d / "k.cubin").write_bytes(cubin)
-    mod = cp.RawModule(path=str(d / "k.cubin"))
-    feed = random_x(m)
-    step = M // 512 if M > 1024 else None  # (every row of every CTA's M tile is sampled: step < BM)
-    want = reference(m, feed, step).astype(np.float32)
-    best = None
-    for p, plan, names, _ in plans:
-        arrs = B.device_buffers(plan, feed, poison=True)
-        run = B.runner(plan, {n: mod.get_function(u) for n, u in names.items()}, arrs)
-        run()
-        cp.cuda.Device().synchronize()
-        got = B.output_of(plan, arrs).astype(np.float32).reshape(-1, N)[::step or 1].reshape(want.shape)
-        rel = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
-        if not (np.all(np.isfinite(got)) and rel < 1e-2):
-            print(f"  sparse24 {M}x{K}x{N} {p}: WRONG (maxrel {rel:.2e})", flush=True)
+    picks, variants = _bench_points(M, K, N)
+    rows, feed, want, step = [], None, None, None
+    for vname, v in variants.items():
+        fit = v.check(pr)
+        if not fit:
+            print(f"  {vname} {M}x{K}x{N}: does not apply ({fit.why})", flush=True)
             continue
-        ms, how = _graph_ms(run)
-        print(f"  sparse24 {M}x{K}x{N} {p}: {ms:.4f} ms maxrel {rel:.1e} {how}{' (default)' if p == dflt else ''}", flush=True)
-        if best is None or ms < best[0]:
-            best = (ms, p)
-    return [] if best is None else [("nnc sparse24", best[0], str(best[1]))]
+        sp = v.space(pr)
+        dflt = v.default(pr, sp)
+        pts = sp if full else picks[vname](sp, dflt)
+        t0 = time.perf_counter()
+        plans = point_plans(m, pts, arch, vname)
+        cubin = compile_points(plans, arch, tag=vname[14:])
+        if dry:
+            print(f"{vname} {M}x{K}x{N}: {len(pts)} points lowered + compiled in {time.perf_counter() - t0:.1f}s",
+                  flush=True)
+            continue
+        import cupy as cp
+        d = Path(tempfile.mkdtemp(prefix="nnc_sp24_"))
+        (d / "k.cubin").write_bytes(cubin)
+        mod = cp.RawModule(path=str(d / "k.cubin"))
+        if feed is None:
+            feed = random_x(m)
+            step = M // 512 if M > 1024 else None  # (every row of every CTA's M tile is sampled: step < BM)
+            want = reference(m, feed, step).astype(np.float32)
+        best = None
+        for p, plan, names, _ in plans:
+            try:
+                arrs = B.device_buffers(plan, feed, poison=True)
+                run = B.runner(plan, {n: mod.get_function(u) for n, u in names.items()}, arrs)
+                run()
+                cp.cuda.Device().synchronize()
+            except Exception as e:  # (a launch failure: report the point, go on)
+                print(f"  {vname} {M}x{K}x{N} {p}: FAILED ({type(e).__name__}: {e})", flush=True)
+                continue
+            got = B.output_of(plan, arrs).astype(np.float32).reshape(-1, N)[::step or 1].reshape(want.shape)
+            rel = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+            if not (np.all(np.isfinite(got)) and rel < 1e-2):
+                print(f"  {vname} {M}x{K}x{N} {p}: WRONG (maxrel {rel:.2e})", flush=True)
+                continue
+            ms, how = _graph_ms(run)
+            print(f"  {vname} {M}x{K}x{N} {p}: {ms:.4f} ms maxrel {rel:.1e} {how}{' (default)' if p == dflt else ''}",
+                  flush=True)
+            if best is None or ms < best[0]:
+                best = (ms, p)
+        if best is not None:
+            rows.append((f"sp24 {vname[14:]}", best[0], str(best[1])))
+    return rows
 
 
 def bench_dense_nnc(M, K, N, arch, dry):
@@ -248,12 +273,12 @@ def main(argv=None) -> int:
         print(f"dry run: {len(args.shapes)} shapes compiled in {time.perf_counter() - t0:.0f}s")
         return 0
     print(f"\n2:4 sparse fp16 GEMM vs dense ({args.arch}, {time.perf_counter() - t0:.0f}s)")
-    print(f"{'M x K x N':>18} {'kernel':>15} {'ms':>8} {'TFLOP/s':>8} {'sparse speed-up':>15}  note")
+    print(f"{'M x K x N':>18} {'kernel':>15} {'ms':>8} {'TFLOP/s':>8} {'best sparse is':>15}  note")
     for (M, K, N), rows in table:
-        sp = next((r[1] for r in rows if r[0] == "nnc sparse24"), None)
+        sp = min((r[1] for r in rows if r[0].startswith("sp24")), default=None)
         for name, ms, note in rows:
             tf = 2 * M * K * N / (ms * 1e-3) / 1e12
-            sx = f"{ms / sp:.2f}x" if sp and name != "nnc sparse24" else ""
+            sx = f"{ms / sp:.2f}x" if sp and not name.startswith("sp24") else ""
             print(f"{f'{M}x{K}x{N}':>18} {name:>15} {ms:8.4f} {tf:8.1f} {sx:>15}  {note}")
     return 0
 

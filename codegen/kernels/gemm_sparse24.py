@@ -18,6 +18,12 @@ by the epilogue, with the bias along N and the activation).
   code 0b0100), N to 128 rows. A CTA owns BN weight rows x BM activation rows; WN x WM warps; a
   STAGES-deep cp.async ring of 64-k stages (compressed values, metadata, x rows 144-byte padded for
   conflict-free ldmatrix, which gives each n8 B fragment of a k32 step in one x4 load).
+* gemm_sparse24.wgmma (priority 10, rank 1: after mma in the heuristic order until a GPU round has
+  checked it; the tuner times both): sm_90a (Target.has_wgmma), the same conditions and the same
+  weight packing: `wgmma.mma_async.sp` m64n{BM}k32 with the sparse A from registers (each warp its
+  16-row tile: the per-warp A fragment and metadata of sparse wgmma are those of mma.sp m16n8k32) and
+  x^T from a 128-byte-swizzled K-major shared-memory tile (templates/gemm_sparse24_wgmma.cu.j2); WG
+  warp groups of 64 weight rows, BM (64, 128, 256) activation rows, STAGES (3, 4).
 * gemm_sparse24.dense (priority 0): everything else (f32 activations, a pre-sm_80 target, views),
   and the dense alternative the tuner times against the sparse kernel (TensorRT's "sparse tactics
   are timed against dense"): the weight decompressed at compile time and the op lowered as a MatMul
@@ -220,6 +226,68 @@ def _render(ctx: LowerCtx, problem, params: dict):
     return True
 
 
+# ---------------------------------------------------------------- the sparse wgmma variant (sm_90a)
+
+def wgmma_stage_bytes(params: dict) -> int:
+    """One stage: BM swizzled x rows of 128 bytes, then 64 WG weight rows' values and metadata,
+    rounded up to the 1024-byte swizzle atom."""
+    bn = 64 * params["WG"]
+    return cdiv(params["BM"] * 128 + bn // TILE_N * 2 * (512 + 64), 1024) * 1024
+
+
+def wgmma_smem_bytes(params: dict) -> int:
+    """The ring (+ 1024 bytes to start it on a 1024-byte boundary); the y tile reuses it."""
+    ring = params["STAGES"] * wgmma_stage_bytes(params)
+    assert ring >= params["BM"] * (64 * params["WG"] + 8) * 2
+    return ring + 1024
+
+
+def _applies_wgmma(problem):
+    if not getattr(problem.target, "has_wgmma", False):
+        return no(f"sparse wgmma needs sm_90a (target {problem.target.arch})")
+    return _applies(problem)
+
+
+def wgmma_space(problem) -> list:
+    t = problem.target
+    out = []
+    for WG in (1, 2):
+        for BM in (64, 128, 256):
+            for ST in (3, 4):
+                p = dict(WG=WG, BM=BM, STAGES=ST)
+                if WG * 128 <= t.max_threads_per_block and wgmma_smem_bytes(p) <= t.smem_per_block_optin:
+                    out.append(p)
+    return out
+
+
+def wgmma_default(problem, sp: list) -> dict:
+    """2 warp groups x BM 128, 4 stages while that gives >= 1 CTA a SM, else BM 64, then 1 warp group."""
+    pr: Sparse24Gemm = problem.memo["gemm_sparse24.problem"]
+    sms = problem.target.sm_count
+    by = {(p["WG"], p["BM"], p["STAGES"]): p for p in sp}
+    prefs = [(2, 128, 4), (2, 64, 4), (1, 64, 4)]
+    for key in prefs:
+        if key in by and cdiv(pr.N, 64 * key[0]) * cdiv(pr.M, key[1]) >= sms:
+            return dict(by[key])
+    return dict(by.get(prefs[-1], sp[0]))
+
+
+def _render_wgmma(ctx: LowerCtx, problem, params: dict):
+    pr: Sparse24Gemm = problem.memo["gemm_sparse24.problem"]
+    meta, vals = ctx.value(2), ctx.value(1)
+    wv = ctx.weight(1, lambda v: pack_values(v, meta, pr), key="sparse24_mma_tiles")
+    we = ctx.weight(2, lambda m: pack_meta(vals, m, pr), key="sparse24_mma_meta")
+    args = [ctx.inp(0), wv, we] + ([ctx.inp(3)] if pr.has_bias else []) + [ctx.out(0)]
+    kp = {k: v for k, v in kernel_params(pr, {"BN": 64 * params["WG"], "BM": params["BM"], "WN": 1, "WM": 1,
+                                             "STAGES": params["STAGES"]}, ctx.op.name).items()
+          if k not in ("BN", "WN", "WM", "STORE", "SMEM")}
+    k = ctx.render("gemm_sparse24_wgmma.cu.j2", "gemm_sparse24_wgmma", **{**kp, **params,
+                                                                         "SMEM": wgmma_smem_bytes(params)})
+    ctx.launch(k, (cdiv(pr.N, 64 * params["WG"]), cdiv(pr.M, params["BM"])), params["WG"] * 128, args,
+               smem=wgmma_smem_bytes(params))
+    return True
+
+
 # ---------------------------------------------------------------- the dense alternative
 
 def _render_dense(ctx: LowerCtx, problem, params: dict):
@@ -258,4 +326,6 @@ def _render_dense(ctx: LowerCtx, problem, params: dict):
 
 MMA_SP = register(Variant("gemm_sparse24.mma", FAMILY, ("matmul_sparse24",), _render, _applies,
                           space, default, priority=PRIORITY))
+WGMMA_SP = register(Variant("gemm_sparse24.wgmma", FAMILY, ("matmul_sparse24",), _render_wgmma, _applies_wgmma,
+                            wgmma_space, wgmma_default, priority=PRIORITY, rank=1))
 DENSE = register(Variant("gemm_sparse24.dense", FAMILY, ("matmul_sparse24",), _render_dense, priority=0))
