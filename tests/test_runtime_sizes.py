@@ -147,6 +147,33 @@ def test_an_unnamed_dim_with_a_range_is_refused(tmp_path):
     assert "no symbolic name" in str(e.value) or "dims without a name" in str(e.value)
 
 
+def test_cuda_runtime_evaluates_grids_and_sizes_per_shape(enc_build):
+    """nnc.runtime.Module's range path without a GPU: bind_shapes checks the profile and binds
+    B and S, _range_launches evaluates every grid and size argument; at max they are plan.json's."""
+    from nnc.codegen.dtypes import SCALAR_NP
+    from nnc.profiles import profiles_from_plan, signature_from_plan
+    from nnc.runtime import Module
+    _, out = enc_build
+    plan = json.loads((out / "plan.json").read_text())
+    m = object.__new__(Module)  # the fields __init__ fills from plan.json, without the device
+    m.plan, m.dir, m._launches, m._launch_exprs = plan, out, [], []
+    for l in plan["launches"]:
+        m._launch_exprs.append((l.get("grid_expr"), [a.get("expr") for a in l["args"]]))
+        args = [("buf", 0, 0, 0) if "buf" in a else ("val", SCALAR_NP[a["type"]](a["value"]), 0, 0) for a in l["args"]]
+        m._launches.append((l["kind"], None, tuple(l["grid"]), tuple(l["block"]), l["smem"], args, 0, -1))
+    m._sig, m.profiles = signature_from_plan(plan["inputs"]), profiles_from_plan(plan, "plan.json")
+    env = m.bind_shapes({"x": np.zeros((1, 77, 64), np.float32)})
+    assert env == {"B": 1, "S": 77}
+    small = m._range_launches(env)
+    first = plan["launches"][0]  # q projection: MatMul [B,S,64] x [64,64] in 16x16 tiles
+    assert first["grid"] == [4, 8, 2] and small[0][2] == (4, 5, 1)
+    assert [a[1] for a in small[0][5] if a[0] == "val"] == [1, 77]  # nnc_s0 = B, nnc_s1 = S
+    at_max = m._range_launches({"B": 2, "S": 128})
+    assert [(l[2], [a[1] for a in l[5]]) for l in at_max] == [(l[2], [a[1] for a in l[5]]) for l in m._launches]
+    with pytest.raises(InputError):
+        m.bind_shapes({"x": np.zeros((3, 77, 64), np.float32)})
+
+
 # ---------------------------------------------------------------------------- GPU
 
 
@@ -166,7 +193,7 @@ def test_gpu_cnn_one_build_batch_1_7_32(tmp_path):
         ref = _ort(CNN, {"input": x})[0]
         assert got.shape == (n, 10)
         np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4)
-    assert m.uses_cuda_graph
+    assert m.uses_cuda_graph and len(m._shape_cache) == 4  # one graph per distinct shape
 
 
 @pytest.mark.gpu
