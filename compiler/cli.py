@@ -155,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trt-cache", default=None, metavar="FILE", help="also (or instead) write a TensorRT calibration cache")
     _add_verbose(p, "each tensor's max |x| and chosen amax")
 
+    p = sub.add_parser("prune", help="write a 2:4-pruned copy of an ONNX model (for --sparsity enable, fine-tuning)",
+                       description="Prunes every MatMul/Gemm constant weight (K % 4 == 0) to 2:4 along K by magnitude, "
+                                   "in the initializers (compiler/prune.py). The copy computes different numbers.")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--2:4", dest="two_four", action="store_true", required=True, help="2:4 structured sparsity along K")
+    p.add_argument("-o", "--out", required=True, metavar="PRUNED.onnx", help="where to write the pruned copy")
+
     p = sub.add_parser("timing-cache", help="timing cache files (nnc compile --timing-cache)")
     tsub = p.add_subparsers(dest="tc_cmd", required=True)
     m = tsub.add_parser("merge", help="merge timing caches of one GPU (the faster entry wins)")
@@ -303,7 +310,7 @@ def main(argv=None) -> int:
             return {"ir": cmd_ir, "opt": cmd_opt, "compile": cmd_compile, "run": cmd_run, "bench": cmd_bench,
                     "inspect": cmd_inspect, "export-triton": cmd_export_triton, "serve": cmd_serve,
                     "verify": cmd_verify, "timing-cache": cmd_timing_cache,
-                    "calibrate": cmd_calibrate}[args.cmd](args)
+                    "calibrate": cmd_calibrate, "prune": cmd_prune}[args.cmd](args)
     except NncError as e:
         if args.debug:
             raise
@@ -443,6 +450,18 @@ def cmd_calibrate(args) -> int:
         t.save_trt_cache(args.trt_cache)
     dest = " and ".join(x for x in (args.out, args.trt_cache) if x)
     print(f"calibrated {args.model}: {len(t.amax)} tensors, {t.samples} samples, method {args.method} -> {dest}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from .prune import prune_file
+    done, skipped = prune_file(args.model, args.out)
+    for w in done:
+        print(f"  {w.name} {list(w.shape)}: " + ("already 2:4" if w.was_sparse else f"pruned (relative change {w.rel_change:.3f})"))
+    for name, why in skipped:
+        print(f"  {name}: left dense ({why})")
+    print(f"pruned {sum(not w.was_sparse for w in done)} of {len(done)} MatMul/Gemm weights to 2:4 -> {args.out} "
+          f"(the outputs change: fine-tune, or use for timing)")
     return 0
 
 

@@ -325,6 +325,31 @@ def test_options_and_cli_errors(tmp_path):
     assert "matmul_sparse24(" in (tmp_path / "o" / "ir" / "final.nnir").read_text()
 
 
+def test_nnc_prune_writes_a_2_4_copy_that_enable_takes(tmp_path):
+    """`nnc prune --2:4`: the MLP's two weights pruned in the initializers (onnxruntime runs the copy
+    as the pruned numpy model), then --sparsity enable turns both MatMuls into matmul_sparse24."""
+    import onnx
+
+    from nnc.cli import main
+    from nnc.passes.sparsify_weights_24 import is_sparse24, prune24
+    model, (w1, b1, w2, b2) = _mlp(seed=7)
+    src, dst = tmp_path / "mlp.onnx", tmp_path / "mlp24.onnx"
+    src.write_bytes(model.SerializeToString())
+    assert main(["prune", str(src), "--2:4", "-o", str(dst)]) == 0
+    from onnx import numpy_helper as nh
+    got = {t.name: nh.to_array(t) for t in onnx.load(str(dst)).graph.initializer}
+    assert is_sparse24(got["w1"]) and is_sparse24(got["w2"]) and np.array_equal(got["w1"], prune24(w1))
+    np.testing.assert_array_equal(got["b1"], b1)
+    ort = pytest.importorskip("onnxruntime")
+    x = np.random.default_rng(8).standard_normal((16, 128)).astype(np.float32)
+    y = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, np.maximum(x @ prune24(w1) + b1, 0) @ prune24(w2) + b2, rtol=1e-4, atol=1e-4)
+    m = _imported(onnx.load(str(dst)))
+    assert _sparsified(m, "enable") == {"MatMul+Add+Relu->matmul_sparse24": 1, "MatMul+Add->matmul_sparse24": 1}
+    with pytest.raises(SystemExit):
+        main(["prune", str(src), "-o", str(dst)])  # --2:4 is required (the only pattern)
+
+
 # ---------------------------------------------------------------- GPU
 
 def _gpu_check(M, K, N, dt="f16", bias=False, relu=False, params=None, lead=None, torch_check=True,
