@@ -42,7 +42,7 @@ from cuda_timing import time_cuda  # noqa: E402
 from export_graphs import clamp_ir_version  # noqa: E402
 from export_rnn_models import MODELS, export  # noqa: E402
 
-SYNCS = ("flags", "barrier")
+SYNCS = ("flags", "barrier", "tagged")
 L2_TBPS = 7.0  # H200 L2 read bandwidth, TB/s (nominal; the h broadcast is L2-resident)
 TOL = {"fp32": 1e-3, "fp16": 1e-2}
 ROWS: list = []
@@ -55,10 +55,11 @@ def rel_max(got, ref) -> float:
     return float(np.max(np.abs(got - ref)) / max(1.0, float(np.max(np.abs(ref)))))
 
 
-def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False, half_blocks: bool = False) -> Path:
+def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False, half_blocks=False) -> Path:
     """Compile with the persistent recurrence's sync scheme forced to `sync` and its step to the
     tensor-core one (step_mma True, at any batch; an int: with that many warps) or the FMA one;
-    half_blocks: the space's fewer blocks a direction (half the h broadcast from L2 a step)."""
+    half_blocks: the space's fewer blocks a direction (True / "h": the second-most, half the h
+    broadcast from L2 a step; "q": the fewest, a quarter at batch <= rnn.SMALL_BATCH)."""
     from nnc.codegen.kernels import rnn
     from nnc.driver import compile_model
     if not (od / "plan.json").exists():
@@ -66,8 +67,9 @@ def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False, half_
         if half_blocks:
             def fewer(spec, target, space=None):
                 space = rnn.recurrence_space(spec, target) if space is None else space
-                least = min(p["nsb"] for p in space)
-                return default(spec, target, [p for p in space if p["nsb"] == least])
+                counts = sorted({p["nsb"] for p in space}, reverse=True)
+                pick = counts[-1] if half_blocks == "q" else counts[min(1, len(counts) - 1)]
+                return default(spec, target, [p for p in space if p["nsb"] == pick])
             rnn.recurrence_default = fewer
         names = ("DEFAULT_SYNC", "DEFAULT_KPERM", "DEFAULT_STAGE_BATCH", "DEFAULT_STEP_MMA", "MMA_MIN_BATCH",
                  "DEFAULT_MMA_WARPS")
@@ -102,7 +104,7 @@ def points() -> list:
     """(label, sync, step_mma, half_blocks) of the nnc builds each row times."""
     kinds = {"fma": False, "mma": True, "mma4": 4, "mma8": 8}
     names = ("fma,mma" if ARGS.step_mma == "both" else ARGS.step_mma).split(",") if ARGS else ["fma"]
-    return [(sync + ("" if n == "fma" else "_" + n), sync, kinds[n.removesuffix("h")], n.endswith("h"))
+    return [(sync + ("" if n == "fma" else "_" + n), sync, kinds[n.rstrip("hq")], n[-1] if n[-1] in "hq" else False)
             for sync in (ARGS.syncs.split(",") if ARGS else SYNCS) for n in names]
 
 
@@ -120,7 +122,8 @@ def step_bound_us(spec_params: dict, sync_us: float) -> float:
     p = spec_params
     D, B, H, NG = p["D"], p["B"], p["H"], p["NG"]
     esz = 4 if p["rt"] == "float" else 2
-    hsz = 4 if p.get("ht", "float") == "float" else 2  # h between steps: fp32, or the storage dtype (mma)
+    # h between steps: fp32, or the storage dtype (mma); tagged: {fp32, tag} 8 bytes, {16-bit, tag} 4
+    hsz = {"float": 4, "unsigned int": 4 if p.get("STEP_MMA") else 8}.get(p.get("ht", "float"), 2)
     nblk = D * p["NSB"]
     h_reads = nblk * B * H * hsz
     g = D * B * NG * H * 4
@@ -156,7 +159,7 @@ def floor_bench(work: Path) -> dict:
     onnx.save(m, str(p))
     out = {}
     x = cp.asarray(r.standard_normal((S, 1, H)).astype(np.float32))
-    for sync in ("flags", "barrier"):
+    for sync in SYNCS:
         mod = nnc.load(build(p, work / f"floor_{sync}_{code_tag()}", "fp32", sync))
         t = time_cuda(lambda: mod.run({"x": x}), warmup=3, iters=10)
         out[sync] = t * 1e3 / S
@@ -256,8 +259,8 @@ def table():
     f = lambda v, w=8, p=3: f"{v:>{w}.{p}f}" if isinstance(v, (int, float)) and v is not None else f"{'-':>{w}}"
     for r in ROWS:
         if r["part"] == "floor":
-            print(f"floor (sync+latency, us/step): flags {r.get('flags_us_per_step', float('nan')):.2f}, "
-                  f"barrier {r.get('barrier_us_per_step', float('nan')):.2f}")
+            print("floor (sync+latency, us/step): " + ", ".join(
+                f"{s} {r.get(f'{s}_us_per_step', float('nan')):.2f}" for s in SYNCS))
             continue
         if "error" in r:
             print(f"{r['model']:<12}{r['batch']:>3} error: {r['error'][:100]}")
@@ -284,11 +287,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="", help="these batches (comma-separated) of every model; default: each "
                     "model's own (a --models item name@b runs batch b of that model only)")
     ap.add_argument("--precisions", default="fp32,fp16")
-    ap.add_argument("--syncs", default="flags,barrier")
+    ap.add_argument("--syncs", default="flags,barrier,tagged")
     ap.add_argument("--step-mma", default="fma",
                     help="the recurrence steps to time, comma-separated: fma (CUDA cores), mma (tensor cores, space "
                          "param step_mma, the cost model's warps), mma4 / mma8 (4 / 8 warps); a suffix h (fmah, "
-                         "mma8h): half the blocks a direction; both = fma,mma")
+                         "mma8h): half the blocks a direction, q (fmaq): the fewest (a quarter at batch <= 4); "
+                         "both = fma,mma")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--floor", action="store_true", help="measure the per-step sync floor first")

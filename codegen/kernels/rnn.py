@@ -98,8 +98,12 @@ def _rnn(ctx: LowerCtx):
 
 CT = {s: TABLE[s].ctype for s in FLOATS}  # from the one dtype table (codegen/dtypes.py)
 ESIZE = {s: TABLE[s].itemsize for s in FLOATS}
-SYNCS = ("flags", "barrier")
+# the per-step synchronisation between the blocks of a direction: "flags" (one release/acquire word
+# per block), "barrier" (one release counter per direction), "tagged" (h_step carries its step number
+# in the same atomic word: the consumers poll h itself, no flag, no fence; templates/rnn.cu.j2)
+SYNCS = ("flags", "barrier", "tagged")
 SYNC_WORDS_PER_DIR = 32  # barrier counters one 128-byte line apart; flags need D*NSB words
+TAG_INFLIGHT = 8  # the tagged sync's 16-byte polls a thread keeps in flight
 
 
 @dataclass(frozen=True)
@@ -332,12 +336,19 @@ def recurrence_fits(spec: RecurrenceSpec, target: Target) -> Fit:
     return YES
 
 
+SMALL_BATCH = 4  # up to this batch the space also has a quarter of the blocks a direction
+
+
 def recurrence_space(spec: RecurrenceSpec, target: Target) -> list[dict]:
-    """The declared space: sync scheme x blocks per direction (the most that are co-resident, and
-    half) x the best-modelled matvec tilings; R in smem when it fits, else streamed from L2."""
+    """The declared space: sync scheme (flags / barrier / tagged) x blocks per direction (the most
+    that are co-resident, half, and a quarter at batch <= SMALL_BATCH) x the best-modelled matvec
+    tilings; R in smem when it fits, else streamed from L2."""
     out = []
     top = _blocks_per_dir(spec, target)
-    for nsb in sorted({top, max(1, top // 2)}, reverse=True):
+    counts = {top, max(1, top // 2)}
+    if spec.B <= SMALL_BATCH:  # latency-bound: a quarter of the blocks (4x the R rows each) polls less
+        counts.add(max(1, top // 4))
+    for nsb in sorted(counts, reverse=True):
         for r_smem in (True, False):
             if not r_smem and spec.H % _vec(spec):
                 continue
@@ -358,7 +369,7 @@ def recurrence_space(spec: RecurrenceSpec, target: Target) -> list[dict]:
             for cost, threads, tr, tb, ks, nsb_real in tilings[:2]:
                 for sync in SYNCS:
                     for kperm in kperms:
-                        for stage_batch in (False, True):
+                        for stage_batch in (False, True) if sync != "tagged" else (False,):
                             out.append(dict(sync=sync, nsb=nsb_real, tr=tr, tb=tb, ks=ks, threads=threads,
                                             r_smem=r_smem, kperm=kperm, stage_batch=stage_batch, step_mma=False,
                                             mma_warps=None))
@@ -404,6 +415,19 @@ def sync_words(spec: RecurrenceSpec, params: dict) -> int:
     return max(spec.D * params["nsb"], spec.D * SYNC_WORDS_PER_DIR)
 
 
+def h_words(spec: RecurrenceSpec, params: dict) -> int:
+    """32-bit words of the tagged sync's h buffer [2][D][B][H] (FMA step: {fp32 h, u32 tag} pairs;
+    tensor-core step: one {16-bit h, 16-bit tag} word an element); 0 for the other syncs."""
+    if params["sync"] != "tagged":
+        return 0
+    return 2 * spec.D * spec.B * spec.H * (1 if params.get("step_mma") else 2)
+
+
+def _tag_inflight(spec: RecurrenceSpec, params: dict) -> int:
+    chunks = spec.B * spec.H // (4 if params.get("step_mma") else 2)
+    return max(1, min(TAG_INFLIGHT, -(-chunks // params["threads"])))
+
+
 def render_params(spec: RecurrenceSpec, params: dict) -> dict:
     """Template parameters of the "rec" kernel for spec and a point of its space."""
     g, y, st = spec.strides()
@@ -430,8 +454,10 @@ def render_params(spec: RecurrenceSpec, params: dict) -> dict:
                 rbh_off=spec.rbh_off, has_lens=spec.has_lens, has_y=spec.has_y, has_yh=spec.has_yh,
                 has_yc=spec.has_yc and spec.kind == "LSTM", sync=params["sync"], NSB=lay["NSB"], HS=lay["HS"],
                 VEC=_vec(spec), NTHR=params["threads"], KPERM=bool(params.get("kperm", False)) and not mma,
-                STAGE_BATCH=bool(params.get("stage_batch", False)) and not mma, STEP_MMA=mma,
-                ht=CT[spec.storage] if mma else "float", layout=0, lbr=spec.linear_before_reset, **geom)
+                STAGE_BATCH=bool(params.get("stage_batch", False)) and not mma and params["sync"] != "tagged",
+                STEP_MMA=mma, TAG_U=_tag_inflight(spec, params),
+                ht="unsigned int" if params["sync"] == "tagged" else CT[spec.storage] if mma else "float", layout=0,
+                lbr=spec.linear_before_reset, **geom)
 
 
 def _check_buffers(ctx, spec, h0, c0, peep, rbh, lens, y, yh, yc):
@@ -506,12 +532,16 @@ def emit_recurrence(ctx: LowerCtx, spec: RecurrenceSpec, params: Optional[dict] 
     _check_buffers(ctx, spec, h0, c0, peep, rbh, lens, y, yh, yc)
     tp = render_params(spec, params)
     lay = point_layout(spec, params)
-    nwords = sync_words(spec, params)
+    nwords, nhw = sync_words(spec, params), h_words(spec, params)
     words = ctx.temp("u32", (nwords,), "rnn_sync")
-    # h between steps: fp32, or the storage dtype the tensor-core step's ldmatrix reads (half the bytes)
-    hbuf = ctx.temp(spec.storage if tp["STEP_MMA"] else "f32", (2, spec.D, spec.B, spec.H), "rnn_h")
-    ki = ctx.render("rnn.cu.j2", "rnn_sync_init", variant="sync_init", NWORDS=nwords, kind=spec.kind)
-    ctx.launch(ki, ctx.grid1d(nwords), 256, [words])
+    # h between steps: fp32, or the storage dtype the tensor-core step's ldmatrix reads (half the bytes);
+    # the tagged sync's words (h and its step number together), zeroed with the sync words
+    if nhw:
+        hbuf = ctx.temp("u32", (nhw,), "rnn_h_tagged")
+    else:
+        hbuf = ctx.temp(spec.storage if tp["STEP_MMA"] else "f32", (2, spec.D, spec.B, spec.H), "rnn_h")
+    ki = ctx.render("rnn.cu.j2", "rnn_sync_init", variant="sync_init", NWORDS=nwords, NHWORDS=nhw, kind=spec.kind)
+    ctx.launch(ki, ctx.grid1d(max(nwords, nhw)), 256, [words] + ([hbuf] if nhw else []))
     k = ctx.render("rnn.cu.j2", f"coop_{spec.kind.lower()}_step", **tp)
     args = [g, r]
     args += [b for b, on in ((rbh, tp["has_rbh"]), (lens, tp["has_lens"]), (peep, tp["has_p"]), (h0, tp["has_h0"]),

@@ -37,13 +37,13 @@ def _rec_launch(plan):
 
 # ---------------------------------------------------------------- the space (CPU, no compile)
 
-def test_space_declares_both_syncs_and_fits_smem():
+def test_space_declares_every_sync_and_fits_smem():
     for kind, H, B, D, st in (("LSTM", 512, 1, 1, "f32"), ("LSTM", 512, 32, 1, "f16"), ("GRU", 800, 16, 2, "f32"),
                               ("LSTM", 1024, 1, 1, "f32"), ("RNN", 256, 16, 1, "f16")):
         spec = rnn.RecurrenceSpec(kind=kind, S=8, B=B, D=D, H=H, storage=st,
                                   direction="bidirectional" if D == 2 else "forward")
         space = rnn.recurrence_space(spec, SM90)
-        assert {p["sync"] for p in space} == {"flags", "barrier"}
+        assert {p["sync"] for p in space} == set(rnn.SYNCS) == {"flags", "barrier", "tagged"}
         for p in space:
             lay = rnn.point_layout(spec, p)
             assert lay["smem"] <= SM90.smem_per_block_optin and D * lay["NSB"] <= SM90.sm_count
