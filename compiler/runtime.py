@@ -215,8 +215,20 @@ class Module(api.Module):
         shared symbols, the profile's range: an InputError naming the input otherwise)."""
         from .codegen.runtime_sizes import bind
         from .profiles import _shape_of, check_run
-        check_run(inputs, self._sig, self.profiles)
-        return bind(self.plan["inputs"], {k: _shape_of(v) for k, v in inputs.items()})
+        try:  # shapes seen before were checked then: the host cost of a repeated shape stays small
+            key = tuple((k, tuple(v.shape)) for k, v in inputs.items())
+        except (AttributeError, TypeError):
+            key = None
+        bound = getattr(self, "_bound", None)
+        if bound is None:
+            bound = self._bound = {}
+        env = bound.get(key) if key is not None else None
+        if env is None:
+            check_run(inputs, self._sig, self.profiles)
+            env = bind(self.plan["inputs"], {k: _shape_of(v) for k, v in inputs.items()})
+            if key is not None and len(bound) < 256:
+                bound[key] = env
+        return env
 
     def _shape_entry(self, env: dict):
         key = tuple(sorted(env.items()))
