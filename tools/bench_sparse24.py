@@ -196,6 +196,31 @@ def bench_sparse(M, K, N, arch, full, dry):
     return rows
 
 
+def bench_dense_build(M, K, N, arch):
+    """nnc's own fp16 build of MatMul(x, W dense) (nnc.compile, the heuristic's kernels, TMA wgmma
+    included), its launches captured in a torch CUDA graph: ("nnc dense fp16", ms, kernels)."""
+    import shutil
+
+    import cupy as cp
+    import torch
+
+    import nnc
+    from bench_attention import time_graph
+    w = (np.random.default_rng(M + K).standard_normal((K, N), dtype=np.float32) / np.sqrt(K)).astype(np.float16)
+    od = Path(tempfile.mkdtemp(prefix="nnc_sp24_dense_")) / "o"
+    try:
+        nnc.compile(matmul_model(M, K, N, w), out=od, options=nnc.CompileOptions(arch=arch, tune=False))
+        m = nnc.load(od, cuda_graph=False)
+        import json
+        kernels = ",".join(sorted({k["template"].split(".")[0] for k in json.loads((od / "plan.json").read_text())["kernels"]}))
+        x = cp.asarray(np.random.default_rng(1).standard_normal((M, K)).astype(np.float16))
+        y = cp.empty((M, N), cp.float16)
+        ms = time_graph(lambda: m.run({"x": x}, out={"y": y}, stream=torch.cuda.current_stream().cuda_stream), 10, 50)
+        return [] if ms is None else [("nnc dense fp16", ms, f"{kernels} (nnc.compile build, graph)")]
+    finally:
+        shutil.rmtree(od.parent, ignore_errors=True)
+
+
 def bench_dense_nnc(M, K, N, arch, dry):
     import bench_int8 as B
     from bench_int4 import fp16_module
@@ -206,6 +231,10 @@ def bench_dense_nnc(M, K, N, arch, dry):
         from nnc.codegen.cuda import compile_nvrtc
         compile_nvrtc(B.plan_source(plan), arch, name="dense_dry.cu")
         return []
+    try:
+        return bench_dense_build(M, K, N, arch)
+    except Exception as e:  # (then the plan's kernels launched directly, below)
+        print(f"  dense nnc {M}x{K}x{N} build: not timed ({type(e).__name__}: {e})"[:300], flush=True)
     try:
         arrs = B.device_buffers(plan, random_x(m), poison=True)
         run = B.runner(plan, B.build(plan, arch), arrs)
