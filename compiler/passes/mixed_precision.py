@@ -8,7 +8,8 @@ produce f32 are retargeted (to_precision._retarget_attrs). So a run of ops at on
 casts inside it, and a cast sits exactly on an edge whose two ends differ. The function's
 arguments and results keep their declared types (a Cast at the first use / before the return).
 An op whose inference rejects D runs at f32 (as to-fp16 does); an op with regions runs at f32.
-Values the model already declares in a non-f32 type are left alone.
+Values the model already declares in a non-f32 type are left alone. Quantization scales
+(to_precision.EXACT_OPERANDS) stay f32 in every layer, as to-fp16 keeps them.
 
 The chooser keys layers by `layer_key(op)`: its first result's name, which this pass keeps (so a
 decision made on one build of the model applies to the next; compiler/precision_search.py).
@@ -31,7 +32,7 @@ from nnc.ir.builder import Builder, const_value
 from nnc.ir.errors import NncError
 from nnc.ir.graph import Module, NameGen, Op, Value, value_names
 from nnc.ir.types import F32, DType, dtype
-from nnc.passes.to_precision import _cast_takes_int, _narrow, _retarget_attrs, keep_output_names
+from nnc.passes.to_precision import _cast_takes_int, _narrow, exact_operand, keep_output_names, lowered_attrs
 
 FLOAT_PRECISIONS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}  # CLI name -> IR dtype short name
 
@@ -189,7 +190,8 @@ def lower_mixed(module: Module, choose: Callable[[Op], str], decisions: Optional
             for r in op.results:
                 names.taken.discard(r.name)
             try:
-                outs = b.create(op.name, [get(v, low) for v in op.operands], _retarget_attrs(op.attrs, low),
+                ins = [get(v, F32 if exact_operand(op, i) else low) for i, v in enumerate(op.operands)]
+                outs = b.create(op.name, ins, lowered_attrs(op, low, ins),
                                 num_results=len(op.results), names=[r.name for r in op.results], loc=op.loc)
                 changed = True
             except NncError as e:  # the op insists on f32 somewhere: run it at f32

@@ -5,6 +5,11 @@ Rewrites: every f32 value inside the main function becomes f16/bf16; f32 constan
 are retargeted; function arguments and results keep their declared f32 types, with a Cast at entry
 and exit, so the model's interface does not change. An op whose inference rejects the low
 precision keeps f32: its operands are cast up and its results cast down around it.
+Quantization parameters stay exact (EXACT_OPERANDS): the f32 scales of QuantizeLinear /
+DequantizeLinear / QLinearConv / QLinearMatMul / matmul_fp8 keep their f32 constants (a
+DequantizeLinear then gets output_dtype = the low type, so only its result is narrowed), and a
+QuantizeLinear keeps its `precision` attribute; so "scales and zero points are respected exactly"
+holds at fp16/bf16 too (zero points are integer / fp8 and never change).
 Requires: a verified module with static or symbolic shapes. Kernels still accumulate in fp32
 (softmax, normalisation statistics and GEMM accumulators), so this changes storage only.
 """
@@ -21,11 +26,39 @@ from nnc.ir.graph import Module, NameGen, Value, value_names
 from nnc.ir.types import F32, DType, dtype
 
 
-def _retarget_attrs(attrs, low: DType):
+# operand indices that are quantization scales, per op: a precision pass keeps them at their f32
+# constant (a scale rounded to fp16 changes which integer every value quantizes to); the kernels
+# read scales in their own dtype (codegen/kernels/quantize.py, intgemm, gemm_fp8). Not listed:
+# matmul_int4_weight, whose scales take the activation's dtype like its weights (the int4 kernel
+# applies them in that dtype; ir/ops/gemm_int4.py).
+EXACT_OPERANDS = {"QuantizeLinear": (1,), "DequantizeLinear": (1,), "QLinearConv": (1, 4, 6),
+                  "QLinearMatMul": (1, 4, 6), "matmul_fp8": (1, 3)}
+_KEEP_ATTRS = {"QuantizeLinear": ("precision",)}  # dtype attributes a precision pass leaves alone
+
+
+def exact_operand(op, i: int) -> bool:
+    """Operand i of op is a quantization scale that the precision passes keep exact."""
+    return i in EXACT_OPERANDS.get(op.name, ())
+
+
+def lowered_attrs(op, low: DType, operands):
+    """op's attributes at storage type `low` (_retarget_attrs), given its new operands: a
+    DequantizeLinear whose scale stays f32 writes `low` (output_dtype), a QuantizeLinear keeps its
+    division precision."""
+    attrs = _retarget_attrs(op.attrs, low, _KEEP_ATTRS.get(op.name, ()))
+    if op.name == "DequantizeLinear" and attrs.output_dtype is None and op.results[0].type.dtype == F32 \
+            and operands[1] is not None and operands[1].type.dtype == F32:
+        attrs = dataclasses.replace(attrs, output_dtype=low)
+    return attrs
+
+
+def _retarget_attrs(attrs, low: DType, keep=()):
     if attrs is None or not dataclasses.is_dataclass(attrs):
         return attrs
     changes = {}
     for f in dataclasses.fields(attrs):
+        if f.name in keep:
+            continue
         v = getattr(attrs, f.name)
         if isinstance(v, DType) and v == F32:
             changes[f.name] = low
@@ -43,6 +76,17 @@ def lower(module: Module, low: DType) -> bool:
     f.ops = []
     b = Builder(f, module.weights, names)
     vmap: dict[int, Value] = {}
+    f32_consts: dict[int, object] = {}  # id(f32 const result) -> its const op (for EXACT_OPERANDS)
+    kept: set = set()  # ids of those const ops already back in f.ops
+
+    def exact(v: Value) -> Value:
+        """v as the model had it: an f32 constant keeps its f32 op (not the narrowed copy)."""
+        if id(v) in f32_consts:
+            if id(v) not in kept:
+                kept.add(id(v))
+                f.ops.append(f32_consts[id(v)])
+            return v
+        return vmap[id(v)]
 
     def cast(v: Value, to: DType) -> Value:
         return b.create("Cast", [v], {"to": to.onnx if _cast_takes_int() else to})[0]
@@ -62,6 +106,7 @@ def lower(module: Module, low: DType) -> bool:
         if op.name == "const":
             val = const_value(op.results[0], module.weights)
             if val is not None and val.dtype == np.float32:
+                f32_consts[id(op.results[0])] = op
                 vmap[id(op.results[0])] = b.constant(_narrow(val, low), op.results[0].name, op.loc,
                                                      weight_hint=op.results[0].name)
                 changed = True
@@ -69,9 +114,10 @@ def lower(module: Module, low: DType) -> bool:
             f.ops.append(op)
             vmap[id(op.results[0])] = op.results[0]
             continue
-        ins = [None if v is None else vmap[id(v)] for v in op.operands]
+        ins = [None if v is None else (exact(v) if exact_operand(op, i) else vmap[id(v)])
+               for i, v in enumerate(op.operands)]
         opdef = registry.get(op.name)
-        attrs = _retarget_attrs(op.attrs, low)
+        attrs = lowered_attrs(op, low, ins)
         try:
             outs = b.create(op.name, ins, attrs, num_results=len(op.results),
                             names=[r.name for r in op.results], loc=op.loc)
@@ -79,7 +125,9 @@ def lower(module: Module, low: DType) -> bool:
         except NncError:  # the op insists on f32 somewhere: run it at f32
             for r in op.results:
                 names.taken.discard(r.name)
-            ins32 = [None if v is None else (cast(v, F32) if v.type.dtype == low else v) for v in ins]
+            # an f32 constant keeps its own op (no round trip through the low type)
+            ins32 = [None if v is None else exact(o) if id(o) in f32_consts else
+                     (cast(v, F32) if v.type.dtype == low else v) for o, v in zip(op.operands, ins)]
             outs = b.create(op.name, ins32, op.attrs, num_results=len(op.results),
                             names=[r.name + ".f32" for r in op.results], loc=op.loc)
             outs = [cast(o, low) if o.type.dtype == F32 else o for o in outs]
