@@ -72,7 +72,8 @@ def test_space_declares_the_mma_step_for_half_precision_only():
                 assert (lay["PITCH"] // 8) % 2 == 1, "16-byte rows of an ldmatrix phase on distinct banks"
                 assert p["threads"] >= B * lay["HS"] and p["threads"] % 32 == 0
                 tp = rnn.render_params(spec, p)
-                assert tp["STEP_MMA"] and tp["ht"] == rnn.CT[st] and not tp["KPERM"] and not tp["STAGE_BATCH"]
+                ht = "unsigned int" if p["sync"] == "tagged" else rnn.CT[st]  # tagged: {h, step} words
+                assert tp["STEP_MMA"] and tp["ht"] == ht and not tp["KPERM"] and not tp["STAGE_BATCH"]
             d = rnn.recurrence_default(spec, SM90A)
             assert d["step_mma"] == (bool(mma) and rnn.mma_by_default(spec))
 
