@@ -318,7 +318,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_matmul_0(const float* __re
 // ============================================================================
 // kernel nnc_rnn_sync_init_1
 // template: rnn.cu.j2
-// params: {"NWORDS":32,"kind":"LSTM","selected":{"params":{"kperm":false,"ks":8,"mma_warps":null,"nsb":32,"r_smem":true,"stage_batch":false,"step_mma":false,"sync":"barrier","tb":1,"threads":32,"tr":1},"variant":"recurrence.persistent"},"variant":"sync_init"}
+// params: {"NHWORDS":0,"NWORDS":32,"kind":"LSTM","selected":{"params":{"kperm":false,"ks":8,"mma_warps":null,"nsb":32,"r_smem":true,"stage_batch":false,"step_mma":false,"sync":"barrier","tb":1,"threads":32,"tr":1},"variant":"recurrence.persistent"},"variant":"sync_init"}
 // implements:
 //   %seq0: f32[8,1,32] = recurrence(%Y0.proj: f32[8,1,128], %R0: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32, y_layout=sbdh}
 //   %Y1: f32[8,1,1,32], %Yh1: f32[1,1,32] = recurrence(%Y1.proj: f32[8,1,128], %R1: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32}
@@ -331,7 +331,7 @@ extern "C" __global__ void nnc_rnn_sync_init_1(unsigned int* __restrict__ sync_w
 // ============================================================================
 // kernel nnc_coop_lstm_step_2
 // template: rnn.cu.j2
-// params: {"B":1,"BP":1,"D":1,"H":32,"HP":32,"HS":1,"KPERM":false,"KS":8,"NG":4,"NSB":32,"NTHR":32,"ROWSP":4,"R_BYTES":512,"R_SMEM":true,"S":8,"STAGE_BATCH":false,"STEP_MMA":false,"TB":1,"TR":1,"VEC":4,"acts":[[{"alpha":0.0,"beta":0.0,"kind":"sigmoid"},{"alpha":0.0,"beta":0.0,"kind":"tanh"},{"alpha":0.0,"beta":0.0,"kind":"tanh"}]],"clip":null,"direction":"forward","g_sb":128,"g_sd":128,"g_st":128,"gt":"float","has_c0":false,"has_h0":false,"has_lens":false,"has_p":false,"has_rbh":false,"has_y":true,"has_yc":false,"has_yh":false,"ht":"float","input_forget":false,"kind":"LSTM","layout":0,"lbr":true,"lt":"i...
+// params: {"B":1,"BP":1,"D":1,"H":32,"HP":32,"HS":1,"KPERM":false,"KS":8,"NG":4,"NSB":32,"NTHR":32,"ROWSP":4,"R_BYTES":512,"R_SMEM":true,"S":8,"STAGE_BATCH":false,"STEP_MMA":false,"TAG_U":1,"TB":1,"TR":1,"VEC":4,"acts":[[{"alpha":0.0,"beta":0.0,"kind":"sigmoid"},{"alpha":0.0,"beta":0.0,"kind":"tanh"},{"alpha":0.0,"beta":0.0,"kind":"tanh"}]],"clip":null,"direction":"forward","g_sb":128,"g_sd":128,"g_st":128,"gt":"float","has_c0":false,"has_h0":false,"has_lens":false,"has_p":false,"has_rbh":false,"has_y":true,"has_yc":false,"has_yh":false,"ht":"float","input_forget":false,"kind":"LSTM","layout":0,"lbr":tr...
 // implements:
 //   %seq0: f32[8,1,32] = recurrence(%Y0.proj: f32[8,1,128], %R0: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32, y_layout=sbdh}
 // ============================================================================
@@ -533,7 +533,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_matmul_3(const float* __re
 // ============================================================================
 // kernel nnc_coop_lstm_step_4
 // template: rnn.cu.j2
-// params: {"B":1,"BP":1,"D":1,"H":32,"HP":32,"HS":1,"KPERM":false,"KS":8,"NG":4,"NSB":32,"NTHR":32,"ROWSP":4,"R_BYTES":512,"R_SMEM":true,"S":8,"STAGE_BATCH":false,"STEP_MMA":false,"TB":1,"TR":1,"VEC":4,"acts":[[{"alpha":0.0,"beta":0.0,"kind":"sigmoid"},{"alpha":0.0,"beta":0.0,"kind":"tanh"},{"alpha":0.0,"beta":0.0,"kind":"tanh"}]],"clip":null,"direction":"forward","g_sb":128,"g_sd":128,"g_st":128,"gt":"float","has_c0":false,"has_h0":false,"has_lens":false,"has_p":false,"has_rbh":false,"has_y":false,"has_yc":false,"has_yh":true,"ht":"float","input_forget":false,"kind":"LSTM","layout":0,"lbr":true,"lt":"i...
+// params: {"B":1,"BP":1,"D":1,"H":32,"HP":32,"HS":1,"KPERM":false,"KS":8,"NG":4,"NSB":32,"NTHR":32,"ROWSP":4,"R_BYTES":512,"R_SMEM":true,"S":8,"STAGE_BATCH":false,"STEP_MMA":false,"TAG_U":1,"TB":1,"TR":1,"VEC":4,"acts":[[{"alpha":0.0,"beta":0.0,"kind":"sigmoid"},{"alpha":0.0,"beta":0.0,"kind":"tanh"},{"alpha":0.0,"beta":0.0,"kind":"tanh"}]],"clip":null,"direction":"forward","g_sb":128,"g_sd":128,"g_st":128,"gt":"float","has_c0":false,"has_h0":false,"has_lens":false,"has_p":false,"has_rbh":false,"has_y":false,"has_yc":false,"has_yh":true,"ht":"float","input_forget":false,"kind":"LSTM","layout":0,"lbr":tr...
 // implements:
 //   %Y1: f32[8,1,1,32], %Yh1: f32[1,1,32] = recurrence(%Y1.proj: f32[8,1,128], %R1: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32}
 // ============================================================================
