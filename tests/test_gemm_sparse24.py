@@ -60,6 +60,18 @@ def test_matmul_add_relu_fold_into_one_op_golden():
     assert '%xw_w_meta = const() {weight = "xw_w_meta"} : u8[96,32]' in text
 
 
+@pytest.mark.parametrize("approx,act", [("none", "gelu"), ("tanh", "gelu_tanh")])
+def test_gelu_folds_and_matches_the_interpreter(approx, act):
+    model = matmul_model(6, 128, 48, random_sparse24(128, 48, seed=9, dtype=np.float32),
+                         np.linspace(-1, 1, 48).astype(np.float32), dt="f32", gelu=approx)
+    m = _imported(model)
+    feed = {"x": np.random.default_rng(4).standard_normal((6, 128)).astype(np.float32)}
+    before = Interpreter(m).run(feed)["y"]
+    assert _sparsified(m) == {"MatMul+Add+Gelu->matmul_sparse24": 1}
+    assert f'{{activation = "{act}"}}' in print_module(m)
+    np.testing.assert_allclose(Interpreter(m).run(feed)["y"], before, rtol=1e-5, atol=1e-5)
+
+
 def test_gemm_trans_b_with_c_golden():
     from onnx import TensorProto as TP
     from onnx import helper as h
@@ -301,7 +313,7 @@ def test_op_verification_errors():
              (np.zeros((32, 30), np.float16), np.zeros((32, 16), np.uint8), "none", (4, 64), "w_values must be"),
              (np.zeros((32, 32), np.float16), np.zeros((32, 15), np.uint8), "none", (4, 64), "w_meta must be"),
              (np.zeros((32, 31), np.float16), np.zeros((32, 15), np.uint8), "none", (4, 62), "multiple of 4"),
-             (np.zeros((32, 32), np.float16), np.zeros((32, 16), np.uint8), "gelu", (4, 64), "activation")]
+             (np.zeros((32, 32), np.float16), np.zeros((32, 16), np.uint8), "swish", (4, 64), "activation")]
     for vals, meta, act, xs, err in cases:
         with pytest.raises(Exception, match=err):
             build(vals, meta, act, xs)
@@ -353,11 +365,11 @@ def test_nnc_prune_writes_a_2_4_copy_that_enable_takes(tmp_path):
 # ---------------------------------------------------------------- GPU
 
 def _gpu_check(M, K, N, dt="f16", bias=False, relu=False, params=None, lead=None, torch_check=True,
-               variant="gemm_sparse24.mma"):
+               variant="gemm_sparse24.mma", gelu=None):
     import cupy as cp
 
     from bench_int8 import build, device_buffers, lower_forced, output_of, runner
-    m = sparse_module(M, K, N, seed=M + K + N, bias=bias, relu=relu, dt=dt, lead=lead)
+    m = sparse_module(M, K, N, seed=M + K + N, bias=bias, relu=relu, dt=dt, lead=lead, gelu=gelu)
     feed = random_x(m, seed=M * 7 + 1)
     want = Interpreter(m).run(feed)["y"].astype(np.float32)
     np.testing.assert_array_equal(want, reference(m, feed).astype(np.float32))
@@ -382,6 +394,8 @@ def _gpu_check(M, K, N, dt="f16", bias=False, relu=False, params=None, lead=None
             y = y + torch.from_numpy(const_value(op.operands[3], m.weights).astype(np.float32)).cuda()
         if relu:
             y = torch.relu(y)
+        if gelu is not None:
+            y = torch.nn.functional.gelu(y, approximate=gelu)
         yt = y.cpu().numpy().reshape(want.shape)
         assert np.abs(got - yt).max() / np.abs(yt).max() < 1e-2
 
@@ -409,6 +423,13 @@ def test_gpu_matches_interpreter_and_torch(M, K, N, dt, variant):
 @pytest.mark.parametrize("variant", ["gemm_sparse24.mma", "gemm_sparse24.wgmma"])
 def test_gpu_bias_relu_and_leading_dims(dt, variant):
     _gpu_check(24, 256, 200, dt, bias=True, relu=True, lead=[3], variant=variant)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("approx", ["none", "tanh"])
+@pytest.mark.parametrize("variant", ["gemm_sparse24.mma", "gemm_sparse24.wgmma"])
+def test_gpu_gelu_epilogue(approx, variant):
+    _gpu_check(64, 256, 192, "f16", bias=True, variant=variant, gelu=approx)
 
 
 @pytest.mark.gpu

@@ -36,35 +36,39 @@ def random_sparse24(K: int, N: int, seed: int = 0, dtype=np.float16) -> np.ndarr
     return np.where(keep, g, 0).reshape(K, N).astype(dtype)
 
 
-def matmul_model(M: int, K: int, N: int, w: np.ndarray, bias=None, relu=False, dt="f16", lead=None):
-    """ONNX MatMul(x [.., M, K], W) [+ bias] [-> Relu] with W a constant initializer."""
+def matmul_model(M: int, K: int, N: int, w: np.ndarray, bias=None, relu=False, dt="f16", lead=None, gelu=None):
+    """ONNX MatMul(x [.., M, K], W) [+ bias] [-> Relu | Gelu(approximate=gelu)] with W a constant initializer."""
     from onnx import TensorProto as TP
     from onnx import helper as h
     from onnx import numpy_helper as nh
     et = {"f16": TP.FLOAT16, "f32": TP.FLOAT}[dt]
     npdt = {"f16": np.float16, "f32": np.float32}[dt]
-    nodes, inits, out = [h.make_node("MatMul", ["x", "w"], ["xw" if bias is not None or relu else "y"])], \
+    act = relu or gelu is not None
+    nodes, inits, out = [h.make_node("MatMul", ["x", "w"], ["xw" if bias is not None or act else "y"])], \
         [nh.from_array(w.astype(npdt), "w")], "xw"
     if bias is not None:
-        nodes.append(h.make_node("Add", ["xw", "b"], ["xb" if relu else "y"]))
+        nodes.append(h.make_node("Add", ["xw", "b"], ["xb" if act else "y"]))
         inits.append(nh.from_array(bias.astype(npdt), "b"))
         out = "xb"
     if relu:
         nodes.append(h.make_node("Relu", [out], ["y"]))
+    elif gelu is not None:
+        nodes.append(h.make_node("Gelu", [out], ["y"], approximate=gelu))
     shape = list(lead or []) + [M, K]
     g = h.make_graph(nodes, "sparse24", [h.make_tensor_value_info("x", et, shape)],
                      [h.make_tensor_value_info("y", et, shape[:-1] + [N])], inits)
     return h.make_model(g, opset_imports=[h.make_opsetid("", 21)], ir_version=10)
 
 
-def sparse_module(M, K, N, seed=0, bias=False, relu=False, dt="f16", lead=None, mode="enable", precision=None):
+def sparse_module(M, K, N, seed=0, bias=False, relu=False, dt="f16", lead=None, mode="enable", precision=None,
+                  gelu=None):
     """The imported model after the default passes with --sparsity MODE (and to-bf16 for dt "bf16")."""
     from nnc.driver import pipeline_passes
     from nnc.onnx_import import import_model
     from nnc.pipeline import Pipeline
     w = random_sparse24(K, N, seed, np.float32)
     b = np.random.default_rng(seed + 1).standard_normal(N).astype(np.float32) if bias else None
-    m = import_model(matmul_model(M, K, N, w, b, relu, "f32" if dt == "bf16" else dt, lead))
+    m = import_model(matmul_model(M, K, N, w, b, relu, "f32" if dt == "bf16" else dt, lead, gelu))
     prec = precision or ("bf16" if dt == "bf16" else "fp32")
     Pipeline(pipeline_passes(prec, sparsity=mode), verify_each=True).run(m)
     return m
@@ -102,6 +106,9 @@ def reference(m, feed, step=None):
         y = y + const_value(op.operands[3], m.weights).astype(np.float32)
     if op.attrs.activation == "relu":
         y = np.maximum(y, 0)
+    elif op.attrs.activation in ("gelu", "gelu_tanh"):
+        from nnc.ir.ops.elementwise import GeluAttrs, _gelu
+        y = _gelu(GeluAttrs("tanh" if op.attrs.activation == "gelu_tanh" else "none"), y)
     return (y.reshape(x.shape[:-1] + (w.shape[1],)) if step is None else y).astype(x.dtype)
 
 

@@ -27,7 +27,7 @@ by the epilogue, with the bias along N and the activation).
 * gemm_sparse24.dense (priority 0): everything else (f32 activations, a pre-sm_80 target, views),
   and the dense alternative the tuner times against the sparse kernel (TensorRT's "sparse tactics
   are timed against dense"): the weight decompressed at compile time and the op lowered as a MatMul
-  (+ Add of the bias, + Relu), i.e. the normal GEMM family.
+  (+ Add of the bias, + Relu / Gelu), i.e. the normal GEMM family.
 
     applies(problem) -> Fit   mma: sm_80+, x f16/bf16, constant w_values / w_meta, K % 8 == 0, x 16-byte
                               aligned, a non-empty output
@@ -71,7 +71,7 @@ class Sparse24Gemm:
     N: int
     act: str          # f16 | bf16
     has_bias: bool
-    activation: str   # none | relu
+    activation: str   # none | relu | gelu | gelu_tanh (the epilogue, gemm_common.cu.j2's activation macro)
     y16: bool = True  # y 16-byte aligned (STORE smem's 16-byte row stores when N % 8 == 0)
 
     @property
@@ -291,9 +291,10 @@ def _render_wgmma(ctx: LowerCtx, problem, params: dict):
 # ---------------------------------------------------------------- the dense alternative
 
 def _render_dense(ctx: LowerCtx, problem, params: dict):
-    """W decompressed at compile time into x's dtype, then MatMul (+ Add bias, + Relu): the GEMM family."""
+    """W decompressed at compile time into x's dtype, then MatMul (+ Add bias, + Relu / Gelu): the GEMM family."""
     from ...ir.graph import Op, Value
     from ...ir.ops.core import ConstAttrs
+    from ...ir.ops.elementwise import GeluAttrs
     from ...ir.registry import NoAttrs
     from ...ir.types import TensorType
     op, L = ctx.op, ctx.L
@@ -311,11 +312,14 @@ def _render_dense(ctx: LowerCtx, problem, params: dict):
         chain.append(("Add", [None, op.operands[3]]))
     if op.attrs.activation == "relu":
         chain.append(("Relu", [None]))
+    elif op.attrs.activation in ("gelu", "gelu_tanh"):
+        chain.append(("Gelu", [None]))
     prev = None
     for i, (name, operands) in enumerate(chain):
         last = i == len(chain) - 1
         out = Value(f"{res.name}.{name.lower()}", res.type)
-        o = Op(name, [prev if a is None else a for a in operands], [out], NoAttrs(), op.loc)
+        attrs = GeluAttrs("tanh" if op.attrs.activation == "gelu_tanh" else "none") if name == "Gelu" else NoAttrs()
+        o = Op(name, [prev if a is None else a for a in operands], [out], attrs, op.loc)
         if last:
             L.equiv[id(out)] = L.canon(res)  # the last op writes the op's result buffer
         L.lower_op(o)

@@ -1,7 +1,7 @@
 """2:4 structured sparsity of constant weights (`nnc compile --sparsity enable|force`, TensorRT's
 `--sparsity` meanings).
 
-Rewrites: MatMul(X, W) [-> Add of a constant along N] [-> Relu] and Gemm(X, W[, C]) (transA 0,
+Rewrites: MatMul(X, W) [-> Add of a constant along N] [-> Relu | Gelu] and Gemm(X, W[, C]) (transA 0,
 alpha 1; transB folded; C absent or a constant bias along N) with a float X and a constant float W
 [K, N] (2-D, K % 4 == 0) -> matmul_sparse24(X, w_values [N, K/2], w_meta u8 [N, K/4][, bias])
 {activation} (ir/ops/gemm_sparse24.py), when W is 2:4-sparse along K: in every column n, each group
@@ -18,7 +18,8 @@ of 4 consecutive k (rows 4g .. 4g+3) holds at most 2 non-zeros.
 Each kept group stores its 2 values in k order and the code i0 | i1 << 2 (i0 < i1 the kept
 positions; a group with fewer than 2 non-zeros keeps a zero in a free position), so the compressed
 form is exact for a 2:4 weight. A following Add of a constant bias along N folds into the bias
-operand, then a Relu into activation "relu" (each only when it is the one reader and not a result).
+operand, then a Relu or Gelu op into activation "relu" / "gelu" / "gelu_tanh" (each only when it is
+the one reader and not a result; a GELU written out as Mul/Erf/Add ops stays as they are).
 Requires: a verified module with folded constants; runs after fuse-horizontal (stacked Q/K/V weights
 are one weight) and before the precision passes (which convert w_values like any constant) and the
 fusion passes (compiler/driver.pipeline_passes). Not combined with --weights int4.
@@ -69,12 +70,19 @@ def compress24(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(vals.reshape(N, K // 2)), np.ascontiguousarray(meta)
 
 
-def _relu_after(res, uses: dict, returned: set):
+def _activation_after(res, uses: dict, returned: set):
+    """(the Relu / Gelu op, its activation name) when it is res's only reader, else None."""
     readers = uses.get(id(res), ())
     if len(readers) != 1 or id(res) in returned:
         return None
     r = readers[0]
-    return r if r.name == "Relu" and r.results[0].type == res.type else None
+    if r.results[0].type != res.type or len(r.results) != 1:
+        return None
+    if r.name == "Relu":
+        return r, "relu"
+    if r.name == "Gelu":
+        return r, "gelu_tanh" if r.attrs.approximate == "tanh" else "gelu"
+    return None
 
 
 class _Sparsify:
@@ -127,10 +135,10 @@ class _Sparsify:
             self.weight_sq += float(np.square(w.astype(np.float64)).sum())
             self.counts["pruned"] += 1
             w = pruned
-        relu = _relu_after(res, uses, returned)
-        if relu is not None:
-            folded.append(relu)
-            res = relu.results[0]
+        act = _activation_after(res, uses, returned)
+        if act is not None:
+            folded.append(act[0])
+            res = act[0].results[0]
         vals, meta = compress24(w)
         loc, hint = op.loc, op.results[0].name
         operands = [op.operands[0], b.constant(vals, f"{hint}_w_sp24", loc, weight_hint=f"{hint}_w_sp24"),
@@ -138,7 +146,7 @@ class _Sparsify:
         if bias is not None:
             operands.append(b.constant(bias, f"{hint}_bias", loc, weight_hint=f"{hint}_bias"))
         start = len(b.region.ops)
-        y = b.create("matmul_sparse24", operands, {"activation": "relu" if relu is not None else "none"},
+        y = b.create("matmul_sparse24", operands, {"activation": act[1] if act is not None else "none"},
                      names=[res.name], loc=loc)[0]
         if y.type != res.type:  # (the weight's dtype differs from x's: not this op's form)
             del b.region.ops[start:]
@@ -149,7 +157,7 @@ class _Sparsify:
         res.producer = last
         drop.update(id(o) for o in folded)
         self.counts[f"{op.name}{'+Add' if bias is not None and op.name == 'MatMul' else ''}"
-                    f"{'+Relu' if relu is not None else ''}->matmul_sparse24"] += 1
+                    f"{'+' + act[0].name if act is not None else ''}->matmul_sparse24"] += 1
         return True
 
     def region(self, r: Region) -> None:

@@ -14,8 +14,8 @@ its reduction dimension K, row n of W^T (column n of W) in groups of 4 consecuti
     W[4g + i0, n] = w_values[n, 2g], W[4g + i1, n] = w_values[n, 2g + 1], the other two are 0
     y = act(f32(x) @ f32(W) [+ f32(bias)]) as T                         (fp32 accumulation)
 
-activation: "none" | "relu" (the epilogue of the kernel family; compiler/passes/sparsify_weights_24.py
-folds a following Relu). The meaning is exactly the MatMul it replaces when W is already 2:4-sparse
+activation: "none" | "relu" | "gelu" (erf) | "gelu_tanh" (the epilogue of the kernel family;
+compiler/passes/sparsify_weights_24.py folds a following Relu or Gelu op). The meaning is exactly the MatMul it replaces when W is already 2:4-sparse
 (`--sparsity enable`); `--sparsity force` prunes W first (a different model: see the pass).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 from ..registry import register
 from ..types import TensorType
 
-ACTIVATIONS = ("none", "relu")
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh")
 # the six valid (i0 < i1) codes: i0 | i1 << 2
 VALID_CODES = tuple(i0 | i1 << 2 for i1 in range(4) for i0 in range(i1))
 
@@ -88,6 +88,9 @@ def _ref(a, x, w_values, w_meta, bias=None):
         y = y + bias.astype(np.float32)
     if a.activation == "relu":
         y = np.maximum(y, np.float32(0))
+    elif a.activation in ("gelu", "gelu_tanh"):
+        from .elementwise import GeluAttrs, _gelu
+        y = _gelu(GeluAttrs("tanh" if a.activation == "gelu_tanh" else "none"), y)
     return y.astype(x.dtype)
 
 
