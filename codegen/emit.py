@@ -34,8 +34,8 @@ from .plan import Buffer, Plan, Scalar
 from .target import Target, resolve_target
 from .escape import is_c_identifier
 from .render import render
-from ..ir.symbolic import fmt
-from .runtime_sizes import expr_json
+from ..ir.symbolic import Expr, fmt
+from .runtime_sizes import _c as host_c, expr_json
 from .units import make_units
 
 PLAN_VERSION = 1
@@ -195,20 +195,43 @@ def c_api_prefix(name: str) -> str:
 def render_sources(plan: Plan, module_name: str, arch: str, precision: str,
                    weights_sha256: str = "") -> dict[str, str]:
     """The text files of OUT. weights_sha256: weights.bin's, checked by the C API's create ("": no check)."""
+    ranges = getattr(plan.options, "symbol_ranges", ()) if plan.options is not None else ()
+    # a range build's C API (codegen/runtime_sizes.py): the symbols live in m->sym (set by
+    # <api>_set_input_shape), grids and size arguments are C over them
+    host_names = {r[0]: f"m->sym[{i}]" for i, r in enumerate(ranges)}
+
     def launch_src(l) -> dict:
         d = {"kind": l.kind, "kernel": l.kernel, "grid": list(l.grid), "block": list(l.block), "smem": l.smem,
              "args": [_arg(plan, a) for a in l.args], "op": l.op, "nbytes": l.nbytes}
+        if l.grid_expr is not None:
+            d["grid"] = [g if isinstance(g, int) else f"(unsigned)({host_c(g, host_names)})" for g in l.grid_expr]
+        for a, ad in zip(l.args, d["args"]):
+            if isinstance(a, Scalar) and a.expr is not None:
+                ad["expr"] = host_c(a.expr, host_names)
         if l.kind == "readback":
             d["output_index"] = _readback_output(plan, l)
         return d
     jplan_launches = [launch_src(l) for l in plan.launches]
     init_launches = [launch_src(l) for l in plan.init_launches]
-    # (a range build's C API: its max shapes only, for now; plan.json "runtime_sizes" says the range)
-    ios = lambda bs: [dict(_io(plan, b), shape=list(b.shape), max_shape=list(b.shape), max_nbytes=b.nbytes,
-                           dynamic_axis=_io(plan, b).get("dynamic_axis", -1)) for b in bs]
-    inputs, outputs = ios(plan.inputs), ios(plan.outputs)
+    sym_index = {r[0]: i for i, r in enumerate(ranges)}
+
+    def io(b):
+        d = dict(_io(plan, b), shape=list(b.shape), max_shape=list(b.shape), max_nbytes=b.nbytes,
+                 dynamic_axis=_io(plan, b).get("dynamic_axis", -1))
+        if ranges:  # per dim: the symbol's index (a bare symbol), -1 static; the output dims as C
+            sh = b.sym_shape if b.sym_shape is not None else b.shape
+            d["sym_index"] = [sym_index[x.name] if isinstance(x, Expr) and x.kind == "sym" else -1 for x in sh]
+            d["dims_c"] = [str(x) if isinstance(x, int) else host_c(x, host_names) for x in sh]
+        return d
+    inputs, outputs = [io(b) for b in plan.inputs], [io(b) for b in plan.outputs]
+    for t in inputs:
+        for x, k in zip(plan.inputs[inputs.index(t)].sym_shape or (), t.get("sym_index", ())):
+            if isinstance(x, Expr) and k < 0:
+                raise NncError(f"input {t['name']!r}: a dim {fmt(x)} that is not one symbol: a range build binds "
+                               f"each symbol from an input dim of its own")
+    symbols = [{"min": int(r[1]), "max": int(r[3])} for r in ranges]
     common = dict(model_name=module_name, api=c_api_prefix(module_name), arch=arch, precision=precision,
-                  memory=plan.memory, inputs=inputs, outputs=outputs)
+                  memory=plan.memory, inputs=inputs, outputs=outputs, symbols=symbols)
     host = render("host.cu.j2", launches=jplan_launches, init_launches=init_launches,
                   weights_sha256=weights_sha256, **common)
     kernels_src = render("model.cu.j2", prelude=render("prelude.cu.j2"), kernels=list(plan.kernels.values()),

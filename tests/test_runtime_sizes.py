@@ -174,6 +174,24 @@ def test_cuda_runtime_evaluates_grids_and_sizes_per_shape(enc_build):
         m.bind_shapes({"x": np.zeros((3, 77, 64), np.float32)})
 
 
+def test_c_api_of_a_range_build_takes_input_shapes(cnn_build):
+    """The C API: <api>_set_input_shape binds the symbols (checked against the profile), the launches
+    compute grids and sizes from m->sym, <api>_output_shape reports the bound shape; the host code
+    compiles with nvcc (running it needs a GPU)."""
+    import shutil
+    import subprocess
+    src = (cnn_build / "model.cu").read_text()
+    assert "nnc_tiny_cnn_set_input_shape" in (cnn_build / "nnc_model.h").read_text()
+    assert "const int kInputSym[] = { 0, -1, -1, -1, 0 };" in src and "case 0: dims[0] = m->sym[0]; dims[1] = 10;" in src
+    assert "(int64_t)((16384LL * m->sym[0]))" in src  # the first conv's element count per run
+    nvcc = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None)
+    if nvcc is None:
+        pytest.skip("needs nvcc")
+    r = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90a", "-c", str(cnn_build / "model.cu"), "-I", str(cnn_build),
+                        "-o", str(cnn_build.parent / "host.o")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------- GPU
 
 
