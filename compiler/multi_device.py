@@ -957,6 +957,7 @@ def compile_multi_device(model, out, options, devices: int, parallel: str = "pip
         (tmp / "ir" / "multi.nnmd").write_text(print_multi(mdm))
         save_multi(mdm, tmp / "ir")
         plan["ir_sha256"] = multi_ir_hashes(tmp / "ir")
+        build_plans: dict = {}  # (device, segment) -> its build's plan.json (codegen), for the group C API
         for k, m in enumerate(mdm.devices):
             segs = [sg for sg in segments(m) if sg.module is not None]
             dirs = [f"device{k}"] if len(segs) == 1 else [f"device{k}/segment{sg.index}" for sg in segs]
@@ -976,12 +977,16 @@ def compile_multi_device(model, out, options, devices: int, parallel: str = "pip
                                               name=label, options=options.codegen_options(target))
                     plan["kernels"] += [{"device": k, "segment": sg.index, "name": kern["name"]}
                                         for kern in dev_plan.get("kernels", [])]
+                    build_plans[(k, sg.index)] = {**dev_plan, "dir": rel}
                 else:
                     (sub / "ir").mkdir(parents=True)
                     (sub / "ir" / "final.nnir").write_text(print_module(cm))
                     (cm.weights or WeightStore()).save(sub / "ir" / "final")
                     base["ir_sha256"] = ir_hashes(sub / "ir")
                     (sub / "plan.json").write_text(json.dumps(base, indent=1) + "\n")
+        if options.generates_cuda:  # nnc_<name>_group_* over every build (compiler/multi_device_capi.py)
+            from .multi_device_capi import write_group_api
+            plan["c_api"] = write_group_api(tmp, plan, mdm, build_plans)
         (tmp / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
     return plan
 

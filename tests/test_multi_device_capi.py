@@ -1,0 +1,273 @@
+"""The group C API of a `nnc compile --devices K` directory (compiler/multi_device_capi.py,
+templates/multi_device.*.j2): step tables (two streams per device, cross-stream waits, the
+pipeline's receive of micro-batch i + 1 before its send of i), the executor's walk simulated
+(and a stalling program refused), model strings escaped, the group source compiled with nvcc, the
+CMake project (every build + the group + the example runner) built and its exports checked on
+the CPU. GPU: the example runner (the C API) on one GPU in transport copy, a 2-stage pipeline and
+a 2-way tensor-parallel transformer block, against the single-device build; NCCL on >= 2 GPUs."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import nnc
+from nnc.multi_device_capi import (COMM, COMPUTE, RECV, RUN, SEND, Buffer, GroupApiError, GroupTables, GStep,
+                                   _hazards, simulate, tables_for_dir)
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None)
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+needs_cmake = pytest.mark.skipif(NVCC is None or shutil.which("cmake") is None, reason="needs nvcc and cmake")
+
+
+def _compile(model, out, devices, parallel="pipeline", micro_batches=1, shapes=None, codegen=False):
+    from nnc.api import CompileOptions
+    from nnc.multi_device import compile_multi_device
+    opts = CompileOptions(shapes=shapes, backend="cuda" if codegen else "reference", codegen=codegen,
+                          tune=False if codegen else None, precision="fp16" if codegen else "fp32",
+                          arch="sm_90" if codegen else None)
+    return compile_multi_device(str(model), out, opts, devices, parallel, micro_batches)
+
+
+def _cmd(cmd, **kw):
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=900, **kw)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def cnn3(tmp_path_factory):
+    """tiny_cnn over 3 pipeline stages, 4 micro-batches of 2 (IR only)."""
+    out = tmp_path_factory.mktemp("cnn3") / "out"
+    _compile(EXAMPLES / "tiny_cnn.onnx", out, 3, "pipeline", 4, {"input": [8, 3, 32, 32]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe2(tmp_path_factory):
+    """tiny_cnn fp16, 2 stages x 2 micro-batches of 4, CUDA builds for sm_90 (no GPU needed)."""
+    out = tmp_path_factory.mktemp("pipe2") / "out"
+    plan = _compile(EXAMPLES / "tiny_cnn.onnx", out, 2, "pipeline", 2, {"input": [8, 3, 32, 32]}, codegen=True)
+    return out, plan
+
+
+# ---------------------------------------------------------------- tables
+
+def test_pipeline_tables_two_streams_and_hoisted_receives(cnn3):
+    t = tables_for_dir(cnn3)
+    mid = [t.steps[i] for i in t.device_steps[1]]
+    assert [(s.kind, s.mb) for s in mid] == [(RECV, 0), (RUN, 0), (RECV, 1), (SEND, 0), (RUN, 1), (RECV, 2),
+                                            (SEND, 1), (RUN, 2), (RECV, 3), (SEND, 2), (RUN, 3), (SEND, 3)]
+    assert all(s.stream == (COMM if s.kind in (RECV, SEND) else COMPUTE) for s in t.steps)
+    idx = t.device_steps[1]
+    at = {(t.steps[i].kind, t.steps[i].mb): i for i in idx}
+    # the run waits for its receive; the send for its run; the run of mb 2 for the send of mb 0
+    # (that output slot); the receive of mb 2 for the run of mb 0 (that receive slot)
+    assert at[(RECV, 0)] in t.steps[at[(RUN, 0)]].waits
+    assert t.steps[at[(SEND, 0)]].waits == [at[(RUN, 0)]]
+    assert set(t.steps[at[(RUN, 2)]].waits) == {at[(RECV, 2)], at[(SEND, 0)]}
+    assert t.steps[at[(RECV, 2)]].waits == [at[(RUN, 0)]]
+    assert at[(SEND, 1)] not in t.steps[at[(RUN, 2)]].waits  # the send of mb 1 overlaps the run of mb 2
+    # double buffering: receive buffers and build outputs have two slots
+    assert all(b.slots == 2 for b in t.buffers if b.input < 0)
+    assert {b["slots"] for b in t.builds} == {2}
+    done = simulate(t)
+    assert len(done) == len(t.steps)
+
+
+def test_tensor_parallel_tables(tmp_path):
+    pytest.importorskip("nnc.passes.shard_tensor_parallel")
+    out = tmp_path / "tp"
+    _compile(EXAMPLES / "tiny_transformer.onnx", out, 2, "tensor")
+    t = tables_for_dir(out)
+    kinds = [[t.steps[i].kind for i in ix] for ix in t.device_steps]
+    assert kinds[0][:-1] == kinds[1]  # the same steps; y is copied out from device 0 only
+    from nnc.multi_device_capi import ALLREDUCE, LOAD, OUTPUT
+    assert kinds[0].count(ALLREDUCE) == 2 and kinds[0][0] == LOAD
+    assert [t.steps[i].kind for i in t.device_steps[0]][-1] == OUTPUT  # y from device 0 only
+    assert OUTPUT not in kinds[1]
+    assert all(b.slots == 1 for b in t.buffers)
+    simulate(t)
+
+
+def test_a_stalling_program_is_refused():
+    """Both devices receive before they send: the walk cannot move and says where each waits."""
+    bufs = [Buffer(0, 16), Buffer(0, 16), Buffer(1, 16), Buffer(1, 16)]
+    steps = [GStep(0, RECV, COMM, 0, [0, 1], what="a"), GStep(0, SEND, COMM, 0, [1, 1], what="b"),
+             GStep(1, RECV, COMM, 0, [2, 0], what="c"), GStep(1, SEND, COMM, 0, [3, 0], what="d")]
+    t = GroupTables("m", 2, 1, bufs, steps, [[0, 1], [2, 3]], [], [], [])
+    _hazards(t)
+    with pytest.raises(GroupApiError, match=r"stall: device 0 at recv of micro-batch 0 \(a\); device 1 at recv"):
+        simulate(t)
+    steps[2], steps[3] = GStep(1, SEND, COMM, 0, [3, 0]), GStep(1, RECV, COMM, 0, [2, 0])
+    assert len(simulate(t)) == 4
+
+
+# ---------------------------------------------------------------- rendered sources
+
+def test_plan_and_header(pipe2):
+    out, plan = pipe2
+    assert plan["c_api"]["prefix"] == "nnc_tiny_cnn_group"
+    assert set(plan["c_api"]["files"]) == {"CMakeLists.txt", "nnc_group_example.cpp", "nnc_tiny_cnn_group.cu",
+                                           "nnc_tiny_cnn_group.h"}
+    h = (out / "nnc_tiny_cnn_group.h").read_text()
+    for decl in ("NNC_API int nnc_tiny_cnn_group_create(const char* out_dir, const int* device_ids, int num_device_ids, "
+                 "int transport,", "NNC_API int nnc_tiny_cnn_group_run(nnc_tiny_cnn_group* group, cudaStream_t stream, "
+                 "const void* const* inputs, void* const* outputs);", "NNC_API void nnc_tiny_cnn_group_destroy(",
+                 "NNC_GROUP_COPY = 2"):
+        assert decl in h, decl
+    cu = (out / "nnc_tiny_cnn_group.cu").read_text()
+    assert '#include "device0/nnc_model.h"' in cu and '#include "device1/nnc_model.h"' in cu
+    assert "#include <nccl.h>" not in cu and 'dlsym(n.lib, sym)' in cu and 'setenv("NCCL_NVLS_ENABLE", "0", 1)' in cu
+    assert "cuMulticast" not in cu
+    assert "// IR op AllReduce" in cu  # the copy transport's kernel says what it computes
+    cm = (out / "CMakeLists.txt").read_text()
+    assert "device0/model.cu" in cm and "device1/model.cu" in cm and "nnc_group_example" in cm
+    assert cm.index("CMAKE_CUDA_ARCHITECTURES 90") < cm.index("\nproject(")
+
+
+HOSTILE = 'in"*/\n#define x \\??='
+
+
+def test_model_strings_are_escaped(pipe2, tmp_path):
+    """A hostile value / input name reaches the group source only as an escaped string or comment."""
+    from nnc.multi_device_capi import render_group
+    out, _ = pipe2
+    t = tables_for_dir(out)
+    t.inputs = [{**e, "name": HOSTILE} for e in t.inputs]
+    for b in t.buffers:
+        b.what = f"recv {HOSTILE}"
+    for s in t.steps:
+        s.what = HOSTILE
+    files = render_group(t, "sm_90")
+    for name, text in files.items():
+        assert HOSTILE not in text and "??" not in text, name
+        assert "#define x" not in [line.strip()[:9] for line in text.splitlines()], name
+    assert r'{ "in\042*/\012#define x \134\077\077=", nullptr }' in files["nnc_tiny_cnn_group.cu"]
+
+
+@needs_nvcc
+def test_group_source_compiles(pipe2, tmp_path):
+    out, _ = pipe2
+    _cmd([NVCC, "-std=c++17", "-arch=sm_90", "-I", out, "-c", out / "nnc_tiny_cnn_group.cu", "-o", tmp_path / "g.o"])
+
+
+@pytest.fixture(scope="module")
+def group_lib(pipe2):
+    """OUT's CMake project built: one libnnc_tiny_cnn_group.so (both builds and the group) and
+    the example runner, with nvcc on the CPU."""
+    if NVCC is None or shutil.which("cmake") is None:
+        pytest.skip("needs nvcc and cmake")
+    out, _ = pipe2
+    build = out.parent / "build"
+    _cmd(["cmake", "-S", out, "-B", build, f"-DCMAKE_CUDA_COMPILER={NVCC}"])
+    _cmd(["cmake", "--build", build, "-j", "2"])
+    return build
+
+
+@needs_cmake
+def test_library_exports_the_group_and_every_build(group_lib):
+    r = _cmd(["nm", "-D", "--defined-only", group_lib / "libnnc_tiny_cnn_group.so"])
+    exported = {l.split()[-1] for l in r.stdout.splitlines() if not l.split()[-1].startswith("_")}
+    group = {s for s in exported if s.startswith("nnc_tiny_cnn_group_")}
+    assert {f"nnc_tiny_cnn_group_{f}" for f in ("create", "run", "destroy", "transport", "set_timing", "device_ms",
+                                                 "num_devices", "output_device", "last_error")} <= group
+    assert {"nnc_tiny_cnn_dev0_create", "nnc_tiny_cnn_dev1_run"} <= exported
+    assert (group_lib / "nnc_group_example").exists()
+
+
+# ---------------------------------------------------------------- GPU
+
+def _gpus():
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        return 0
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _nccl_library():
+    try:
+        import nvidia.nccl
+        p = Path(list(nvidia.nccl.__path__)[0]) / "lib" / "libnccl.so.2"
+        return str(p) if p.exists() else None
+    except Exception:
+        return None
+
+
+def _run_example(out, build, feeds: dict, tmp_path, transport, devices="0"):
+    plan = json.loads((Path(out) / "plan.json").read_text())
+    files = []
+    for i, e in enumerate(plan["inputs"]):
+        f = tmp_path / f"in{i}.bin"
+        np.ascontiguousarray(feeds[e["name"]]).astype(e["dtype"]).tofile(f)
+        files.append(f)
+    res = tmp_path / f"res_{transport}"
+    res.mkdir(exist_ok=True)
+    cmd = [build / "nnc_group_example", out, *files, "--out", res, "--transport", transport, "--devices", devices,
+           "--iters", "3", "--warmup", "1"]
+    if transport == "nccl" and _nccl_library():
+        cmd += ["--nccl", _nccl_library()]
+    r = _cmd(cmd)
+    outs = {e["name"]: np.fromfile(res / f"output{i}.bin", dtype=e["dtype"]).reshape(e["shape"])
+            for i, e in enumerate(plan["outputs"])}
+    return outs, r.stdout
+
+
+@pytest.mark.gpu
+@needs_cmake
+def test_gpu_c_api_pipeline_copy_matches_single(pipe2, group_lib, tmp_path):
+    out, _ = pipe2
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
+    single = nnc.compile(EXAMPLES / "tiny_cnn.onnx", shapes={"input": [8, 3, 32, 32]}, precision="fp16",
+                         out=tmp_path / "one", tune=False)
+    want = single.run({"input": x}, output="numpy")["probs"]
+    got, text = _run_example(out, group_lib, {"input": x}, tmp_path, "copy")
+    assert "transport: copy" in text and "device 1: compute" in text
+    assert np.isfinite(got["probs"]).all() and _rel(got["probs"], want) < 1e-2
+    py = nnc.load(out, transport="copy")(x)
+    assert _rel(got["probs"], py) < 1e-3  # the C API and nnc.load run the same builds
+
+
+@pytest.mark.gpu
+@needs_cmake
+def test_gpu_c_api_tensor_parallel_copy_matches_single(tmp_path):
+    pytest.importorskip("nnc.passes.shard_tensor_parallel")
+    out = tmp_path / "tp"
+    _compile(EXAMPLES / "tiny_transformer.onnx", out, 2, "tensor", codegen=True)
+    build = tmp_path / "build"
+    _cmd(["cmake", "-S", out, "-B", build, f"-DCMAKE_CUDA_COMPILER={NVCC}"])
+    _cmd(["cmake", "--build", build, "-j", "8"])
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((1, 16, 64)).astype(np.float32)
+    single = nnc.compile(EXAMPLES / "tiny_transformer.onnx", precision="fp16", out=tmp_path / "one", tune=False)
+    want = single.run({"x": x}, output="numpy")["y"]
+    got, text = _run_example(out, build, {"x": x}, tmp_path, "copy")
+    assert "transport: copy" in text
+    assert np.isfinite(got["y"]).all() and _rel(got["y"], want) < 1e-2
+    if _gpus() >= 2:
+        got2, text2 = _run_example(out, build, {"x": x}, tmp_path, "nccl", "0,1")
+        assert "transport: nccl" in text2 and _rel(got2["y"], want) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_cmake
+@pytest.mark.skipif(_gpus() < 2, reason="needs >= 2 GPUs")
+def test_gpu_c_api_pipeline_nccl(pipe2, group_lib, tmp_path):
+    out, _ = pipe2
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
+    want = nnc.load(out, transport="copy")(x)
+    got, text = _run_example(out, group_lib, {"input": x}, tmp_path, "nccl", "0,1")
+    assert "transport: nccl" in text and _rel(got["probs"], want) < 1e-3
