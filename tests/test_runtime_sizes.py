@@ -89,6 +89,28 @@ def test_encoder_range_build_compiles_and_runs_at_every_length(enc_build):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
+BERT_PROFILE = "ids:1x1/2x77/4x128,mask:1x1/2x77/4x128"
+
+
+def _bert_feed(rng, b, s):
+    mask = (rng.random((b, s)) > 0.3).astype(np.float32)
+    mask[:, 0] = 1
+    return {"ids": rng.integers(0, 100, (b, s)).astype(np.int64), "mask": mask}
+
+
+def test_bert_with_embedding_and_mask_over_batch_and_length(tmp_path):
+    """ids -> embedding Gather, the attention mask broadcast over heads and rows: one build."""
+    model = profile_models.encoder(tmp_path / "bert.onnx", embed=True)
+    out = tmp_path / "bert"
+    nnc.compile(model, profiles=[BERT_PROFILE], out=out, backend="reference", codegen=True, tune=False)
+    _check_plan(out, {"B", "S"})
+    m = nnc.load(out, backend="reference")
+    rng = np.random.default_rng(4)
+    for b, s in ((1, 1), (2, 77), (3, 50), (4, 128)):
+        feed = _bert_feed(rng, b, s)
+        np.testing.assert_allclose(m.run(feed)["y"], _ort(model, feed)[0], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("shape, msg", [
     ((33, 3, 32, 32), "input 'input' with shape [33, 3, 32, 32] is outside every profile"),
     ((2, 3, 32), "has rank 3; the model's is 4"),
@@ -227,3 +249,17 @@ def test_gpu_encoder_one_build_seq_1_77_128(tmp_path):
         ref = _ort(model, {"x": x})[0]
         assert got.shape == (b, s, 64)
         np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_bert_one_build_seq_1_77_128(tmp_path):
+    from nnc.runtime import require_gpu
+    require_gpu()
+    model = profile_models.encoder(tmp_path / "bert.onnx", embed=True)
+    m = _gpu_build(model, BERT_PROFILE, tmp_path / "bert")
+    rng = np.random.default_rng(5)
+    for b, s in ((1, 1), (2, 77), (3, 50), (4, 128), (2, 77)):
+        feed = _bert_feed(rng, b, s)
+        got = m.run(feed, output="numpy", poison=True)["y"]
+        assert got.shape == (b, s, 64)
+        np.testing.assert_allclose(got, _ort(model, feed)[0], rtol=1e-3, atol=1e-3)

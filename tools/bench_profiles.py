@@ -4,8 +4,9 @@ onnxruntime (CPU) first.
 
     python tools/bench_profiles.py [--models cnn,encoder] [--iters 200] [--out DIR]
 
-Models (tools/profile_models.py): cnn = examples/tiny_cnn.onnx over batch 1/8/32; encoder = one
-BERT-style layer (d=64, 4 heads) over x:1x1x64 / 2x77x64 / 2x128x64. Every build: fp32,
+Models (tools/profile_models.py): cnn = examples/tiny_cnn.onnx over batch 1/8/32; bert = one
+BERT-style layer (d=64, 4 heads) with an embedding Gather and an attention mask over ids/mask
+1x1 / 2x77 / 4x128 (encoder: the same layer on x:1x1x64 / 2x77x64 / 2x128x64). Every build: fp32,
 --no-tune (the same heuristic selection on both sides), CUDA graphs on. A run is Module.run with
 device (cupy) inputs and outputs (the input copy into the module's buffers, the graph replay, the
 output copy): the median over 5 repeats of `iters` runs between two CUDA events. Targets:
@@ -24,10 +25,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import profile_models  # noqa: E402
 
-MODELS = {
-    "cnn": ("input", (1, 3, 32, 32), (8, 3, 32, 32), (32, 3, 32, 32)),
-    "encoder": ("x", (1, 1, 64), (2, 77, 64), (2, 128, 64)),
+MODELS = {  # name: (inputs, min, opt, max): every input of a model has the same shape here
+    "cnn": (("input",), (1, 3, 32, 32), (8, 3, 32, 32), (32, 3, 32, 32)),
+    "encoder": (("x",), (1, 1, 64), (2, 77, 64), (2, 128, 64)),
+    "bert": (("ids", "mask"), (1, 1), (2, 77), (4, 128)),  # encoder(embed=True): ids + attention mask
 }
+
+
+def make_model(name: str, work: Path) -> Path:
+    if name == "cnn":
+        return profile_models.cnn()
+    return profile_models.encoder(work / f"{name}.onnx", embed=name == "bert")
+
+
+def make_feed(name: str, inputs, shape, rng) -> dict:
+    if name != "bert":
+        return {inputs[0]: rng.standard_normal(shape).astype(np.float32)}
+    mask = (rng.random(shape) > 0.3).astype(np.float32)
+    mask[:, 0] = 1
+    return {"ids": rng.integers(0, 100, shape).astype(np.int64), "mask": mask}
 TARGET = {"min": 1.15, "opt": 1.05, "max": 1.15}
 
 
@@ -55,7 +71,7 @@ def time_run(m, feed, iters: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="cnn,encoder")
+    ap.add_argument("--models", default="cnn,bert")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--out", default="/tmp/nnc_bench_profiles")
     a = ap.parse_args()
@@ -66,21 +82,22 @@ def main() -> int:
     rows = []
     t_start = time.time()
     for name in a.models.split(","):
-        inp, lo, opt, hi = MODELS[name]
-        model = profile_models.cnn() if name == "cnn" else profile_models.encoder(work / "encoder.onnx")
+        inputs, lo, opt, hi = MODELS[name]
+        model = make_model(name, work)
         sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-        profile = f"{inp}:{_dims(lo)}/{_dims(opt)}/{_dims(hi)}"
+        profile = ",".join(f"{inp}:{_dims(lo)}/{_dims(opt)}/{_dims(hi)}" for inp in inputs)
         t = time.time()
         rng_m = nnc.compile(model, profiles=[profile], out=work / f"{name}_range", tune=False)
         print(f"{name}: range build {profile} in {time.time() - t:.1f} s", flush=True)
         rng = np.random.default_rng(0)
         for label, shape in (("min", lo), ("opt", opt), ("max", hi)):
-            feed = {inp: rng.standard_normal(shape).astype(np.float32)}
+            feed = make_feed(name, inputs, shape, rng)
             ref = sess.run(None, feed)[0]
             got = rng_m.run(feed, output="numpy", poison=True)
             err = float(np.abs(next(iter(got.values())) - ref).max())
             t = time.time()
-            st_m = nnc.compile(model, shapes={inp: list(shape)}, out=work / f"{name}_{label}", tune=False)
+            st_m = nnc.compile(model, shapes={inp: list(shape) for inp in inputs}, out=work / f"{name}_{label}",
+                               tune=False)
             build_s = time.time() - t
             st_err = float(np.abs(next(iter(st_m.run(feed, output="numpy").values())) - ref).max())
             ms_static = time_run(st_m, feed, a.iters)

@@ -217,13 +217,37 @@ def _depth_space(ctx: LowerCtx):
     return True
 
 
-@lowering("Gather")
+def _gather_rt_or_static(op) -> bool:
+    from ..runtime_sizes import shape_is_symbolic
+    if not any(v is not None and shape_is_symbolic(v.type.shape) for v in list(op.operands) + list(op.results)):
+        return True
+    return _gather_rt(op)
+
+
+def _gather_rt(op) -> bool:
+    """A range build's Gather takes runtime sizes when the data's gathered dim and the dims after it
+    are static (an embedding table): the index count and the dims before the axis vary per run."""
+    x = op.operands[0].type.shape
+    if x is None:
+        return False
+    axis = int(getattr(op.attrs, "axis", 0) or 0)
+    axis = axis + len(x) if axis < 0 else axis
+    return all(isinstance(d, int) for d in x[axis:])
+
+
+@lowering("Gather", runtime_sizes=True, when=_gather_rt_or_static)
 def _gather(ctx: LowerCtx):
     x, ind, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
     rank = len(x.shape)
     axis = int(ctx.attr("axis", 0))
     axis = axis + rank if axis < 0 else axis
     post = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
+    if ctx.problem is not None and ctx.problem.symbolic:
+        n = y.sym_numel
+        k = ctx.render("gather.cu.j2", "gather", ctype=x.ctype, ictype=ind.ctype, post=post,
+                       nidx=ctx.csize(ind.sym_numel), dim=x.shape[axis], rt_params=ctx.rt_params())
+        ctx.launch(k, ctx.grid1d(n), 256, [x, ind, y, ctx.i64(n), *ctx.rt_args()])
+        return True
     n = y.numel
     if n == 0:
         ctx.alias(0, x)
