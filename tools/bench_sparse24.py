@@ -143,7 +143,7 @@ def _bench_points(M, K, N):
                                                   and (p["BN"], p["BM"], p["WN"], p["WM"]) in
                                                   ((128, 64, 2, 2), (64, 64, 2, 2), (128, 128, 2, 4), (128, 128, 2, 2))],
         "gemm_sparse24.wgmma": lambda sp, d: [d] + [p for p in sp if p != d and p["STAGES"] == 4 and
-                                                    (p["WG"], p["BM"]) in ((2, 128), (2, 256), (1, 128))],
+                                                    (p["WG"], p["BM"]) in ((2, 128), (2, 256), (1, 128), (2, 64))],
     }, {"gemm_sparse24.mma": G.MMA_SP, "gemm_sparse24.wgmma": G.WGMMA_SP}
 
 

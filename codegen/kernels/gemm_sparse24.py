@@ -23,8 +23,7 @@ by the epilogue, with the bias along N and the activation).
   weight packing: `wgmma.mma_async.sp` m64n{BM}k32 with the sparse A from registers (each warp its
   16-row tile: the per-warp A fragment and metadata of sparse wgmma are those of mma.sp m16n8k32) and
   x^T from a 128-byte-swizzled K-major shared-memory tile (templates/gemm_sparse24_wgmma.cu.j2); WG
-  warp groups of 64 weight rows, BM (64, 128, 256) activation rows, STAGES (3, 4), PIPE (0: each stage's
-  wgmmas waited for; 1: one stage in flight across the next, two register sets).
+  warp groups of 64 weight rows, BM (64, 128, 256) activation rows, STAGES (3, 4).
 * gemm_sparse24.dense (priority 0): everything else (f32 activations, a pre-sm_80 target, views),
   and the dense alternative the tuner times against the sparse kernel (TensorRT's "sparse tactics
   are timed against dense"): the weight decompressed at compile time and the op lowered as a MatMul
@@ -255,10 +254,9 @@ def wgmma_space(problem) -> list:
     for WG in (1, 2):
         for BM in (64, 128, 256):
             for ST in (3, 4):
-                for PIPE in (0, 1):
-                    p = dict(WG=WG, BM=BM, STAGES=ST, PIPE=PIPE)
-                    if WG * 128 <= t.max_threads_per_block and wgmma_smem_bytes(p) <= t.smem_per_block_optin:
-                        out.append(p)
+                p = dict(WG=WG, BM=BM, STAGES=ST)
+                if WG * 128 <= t.max_threads_per_block and wgmma_smem_bytes(p) <= t.smem_per_block_optin:
+                    out.append(p)
     return out
 
 
@@ -266,7 +264,7 @@ def wgmma_default(problem, sp: list) -> dict:
     """2 warp groups x BM 128, 4 stages while that gives >= 1 CTA a SM, else BM 64, then 1 warp group."""
     pr: Sparse24Gemm = problem.memo["gemm_sparse24.problem"]
     sms = problem.target.sm_count
-    by = {(p["WG"], p["BM"], p["STAGES"]): p for p in sp if p["PIPE"] == 0}
+    by = {(p["WG"], p["BM"], p["STAGES"]): p for p in sp}
     prefs = [(2, 128, 4), (2, 64, 4), (1, 64, 4)]
     for key in prefs:
         if key in by and cdiv(pr.N, 64 * key[0]) * cdiv(pr.M, key[1]) >= sms:
