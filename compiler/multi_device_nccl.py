@@ -167,6 +167,21 @@ def device_steps(segments: list, device: int, order: list) -> list:
     return steps
 
 
+def hoist_receives(steps: list) -> list:
+    """A pipeline stage's steps with the receive of micro-batch i + 1 moved before the send of
+    micro-batch i (the comm stream then has it posted while the stage computes i, and the send of
+    i overlaps the compute of i + 1). Deadlock-free: a stage's receive waits only on lower stages,
+    and the first stage receives nothing."""
+    out = list(steps)
+    i = 0
+    while i < len(out):
+        if out[i].kind == "send" and i + 1 < len(out) and out[i + 1].kind == "recv" and out[i + 1].micro_batch != out[i].micro_batch:
+            out[i], out[i + 1] = out[i + 1], out[i]
+            i += 1
+        i += 1
+    return out
+
+
 def _static_shape(t, what: str) -> tuple:
     if t.shape is None or not all(isinstance(d, int) for d in t.shape):
         raise NncError(f"{what}: {t} has symbolic dims; multi-GPU runs need static shapes (--shapes)")
@@ -180,6 +195,17 @@ class DeviceSide:
     in the device's order (its stream). NcclDevice is the GPU's; tests pass a numpy stand-in."""
 
     index: int
+    # True: a second (comm) stream for sends / receives, ordered by marks (DeviceGroup's overlap);
+    # the numpy stand-in of the tests runs everything in order (False)
+    overlap: bool = False
+
+    def mark(self, comm: bool = False):
+        """overlap: an event recorded now on the compute (or comm) stream."""
+        raise NotImplementedError
+
+    def wait(self, mark, comm: bool = False) -> None:
+        """overlap: the compute (or comm) stream waits for `mark` (None: nothing to wait for)."""
+        raise NotImplementedError
 
     def current(self):  # a context manager: this device current on the calling thread
         raise NotImplementedError
@@ -247,12 +273,29 @@ class DeviceSide:
 class NcclDevice(DeviceSide):
     """GPU `gpu` with its own non-blocking stream and its NCCL communicator (rank = device)."""
 
+    overlap = True
+
     def __init__(self, index: int, gpu: int, comm, cp, nccl):
         self.index, self.gpu, self.comm, self.cp, self.nccl = index, gpu, comm, cp, nccl
         self.size = comm.size()
         self._events, self._next_event = [], 0
+        self._marks, self._next_mark = [], 0
         with cp.cuda.Device(gpu):
             self.stream = cp.cuda.Stream(non_blocking=True)
+            self.comm_stream = cp.cuda.Stream(non_blocking=True)  # sends and receives (overlap)
+
+    def mark(self, comm=False):
+        if self._next_mark == len(self._marks):
+            with self.cp.cuda.Device(self.gpu):
+                self._marks.append(self.cp.cuda.Event(disable_timing=True))
+        e = self._marks[self._next_mark]
+        self._next_mark += 1
+        e.record(self.comm_stream if comm else self.stream)
+        return e
+
+    def wait(self, mark, comm=False):
+        if mark is not None:
+            (self.comm_stream if comm else self.stream).wait_event(mark)
 
     def current(self):
         import contextlib
@@ -317,19 +360,21 @@ class NcclDevice(DeviceSide):
         build.launch(self.stream)
         return {t["name"]: buf for t, buf in zip(build.plan["outputs"], outs)}
 
-    def recv_group(self, items):
+    def recv_group(self, items, comm=False):
+        q = (self.comm_stream if comm else self.stream).ptr
         self.nccl.groupStart()
         try:
             for a, peer in items:
-                self.comm.recv(a.data.ptr, a.nbytes, NCCL_UINT8, peer, self.stream.ptr)
+                self.comm.recv(a.data.ptr, a.nbytes, NCCL_UINT8, peer, q)
         finally:
             self.nccl.groupEnd()
 
-    def send_group(self, items):
+    def send_group(self, items, comm=False):
+        q = (self.comm_stream if comm else self.stream).ptr
         self.nccl.groupStart()
         try:
             for a, peer in items:
-                self.comm.send(a.data.ptr, a.nbytes, NCCL_UINT8, peer, self.stream.ptr)
+                self.comm.send(a.data.ptr, a.nbytes, NCCL_UINT8, peer, q)
         finally:
             self.nccl.groupEnd()
 
@@ -352,19 +397,20 @@ class NcclDevice(DeviceSide):
             for i in range(n):
                 dst[(slice(None),) * axis + (slice(i * w, (i + 1) * w),)] = gathered[i]
 
-    def event(self):
-        """A timing event recorded on the stream now: from a pool reused run after run (a run
-        synchronizes before the next one starts), so timing costs a record, not a create."""
+    def event(self, comm=False):
+        """A timing event recorded on the (compute or comm) stream now: from a pool reused run after
+        run (a run synchronizes before the next one starts), so timing costs a record, not a create."""
         if self._next_event == len(self._events):
             with self.cp.cuda.Device(self.gpu):
                 self._events.append(self.cp.cuda.Event())
         e = self._events[self._next_event]
         self._next_event += 1
-        e.record(self.stream)
+        e.record(self.comm_stream if comm else self.stream)
         return e
 
     def new_run(self):
         self._next_event = 0
+        self._next_mark = 0
 
     def elapsed_ms(self, e0, e1):
         return float(self.cp.cuda.get_elapsed_time(e0, e1))
@@ -372,10 +418,11 @@ class NcclDevice(DeviceSide):
     def synchronize(self, timeout_s: Optional[float] = None):
         if timeout_s is None:
             self.stream.synchronize()
+            self.comm_stream.synchronize()
             return
         end = time.monotonic() + timeout_s
         spins = 0
-        while not self.stream.done:  # cudaStreamQuery: a hung NCCL call must not hang the caller forever
+        while not (self.stream.done and self.comm_stream.done):  # cudaStreamQuery: a hung NCCL call must not hang the caller forever
             if time.monotonic() > end:
                 raise TransportError(f"device {self.index} (GPU {self.gpu}): its work did not finish within "
                                      f"{timeout_s:g} s (a communication that never completes?)")
@@ -443,6 +490,14 @@ class DeviceGroup:
                 raise MultiDeviceError(f"{e['name']!r}: shape {e.get('shape')} is not static; multi-GPU runs need "
                                        f"static shapes (compile with --shapes)")
         self.steps = [device_steps(segments[k], k, self.order[k]) for k in range(K)]
+        # overlap (GPU sides, step-by-step runs): sends and receives on each device's comm stream, two
+        # slots per message buffer (micro-batch parity), a pipeline stage's receive of micro-batch i + 1
+        # queued before its send of i, so the send of i runs beside the compute of i + 1
+        self.overlap = all(getattr(s, "overlap", False) for s in sides) and not self.device_graphs
+        if self.overlap:
+            self.steps = [hoist_receives(st) if len(segments[k]) == 1 else st for k, st in enumerate(self.steps)]
+        self._slot_buf: dict = {}  # overlap: (id(op), slot) -> a receive or send buffer
+        self._marks: list = [dict() for _ in range(K)]  # overlap, per device: ("sent" | "consumed", slot) -> mark
         self.trace: list = []  # (device, step kind, micro-batch, segment) in the order each thread queued them
         self._trace_lock = threading.Lock()
         self.timing: Optional[RunTiming] = None
@@ -507,6 +562,7 @@ class DeviceGroup:
         self._aborted = False
         for s in self.sides:
             s.new_run()
+        self._marks = [dict() for _ in range(K)]  # the last run synchronized both streams of every device
         marks: list = [None] * K
         if graphed:
             if self._graphs is None:  # the first graphed run captures: every device at once (NCCL connects)
@@ -606,21 +662,22 @@ class DeviceGroup:
         f = self.mdm.devices[k].main
         mine = [(r.name, self.plan_rows(r.name)) for r in f.results
                 if r.name in outs and self.mdm.source_of(r.name) == k]  # the model outputs this device gives
-        env: dict = {}
-        cur = None
-        for st in self.steps[k]:
-            if st.micro_batch != cur:
-                if cur is not None:
-                    self._store_outputs(side, env, mine, outs, cur)
-                cur, env = st.micro_batch, dict(feeds[st.micro_batch])
+        envs: dict = {}  # micro-batch -> its values (a hoisted receive starts the next one early)
+        last = {st.micro_batch: i for i, st in enumerate(self.steps[k])}
+        for i, st in enumerate(self.steps[k]):
+            env = envs.setdefault(st.micro_batch, dict(feeds[st.micro_batch]))
             with self._trace_lock:
                 self.trace.append((k, st.kind, st.micro_batch, st.segment))
-            e0 = side.event() if timing else None
-            self._step(side, st, env)
+            on_comm = self.overlap and st.kind in ("recv", "send")
+            e0 = (side.event(comm=True) if on_comm else side.event()) if timing else None
+            if self.overlap and st.kind in ("recv", "run", "send"):
+                self._overlapped_step(k, side, st, env)
+            else:
+                self._step(side, st, env)
             if timing:
-                per.append((st.kind, st.micro_batch, e0, side.event()))
-        if cur is not None:
-            self._store_outputs(side, env, mine, outs, cur)
+                per.append((st.kind, st.micro_batch, e0, side.event(comm=True) if on_comm else side.event()))
+            if last[st.micro_batch] == i:
+                self._store_outputs(side, envs.pop(st.micro_batch), mine, outs, st.micro_batch)
 
     def plan_rows(self, name: str) -> int:
         e = next(e for e in self.plan["outputs"] if e["name"] == name)
@@ -630,6 +687,44 @@ class DeviceGroup:
         for name, rows in mine:
             dst = outs[name] if self.M == 1 else outs[name][mb * rows:(mb + 1) * rows]
             side.copy(dst, env[name])
+
+    def _slot(self, k: int, op, slot: int, value):
+        key = (id(op), slot)
+        if key not in self._slot_buf:
+            t = value.type
+            self._slot_buf[key] = self.sides[k].empty(_static_shape(t, f"device {k}: {value.name}"), t.dtype.np_name)
+        return self._slot_buf[key]
+
+    def _overlapped_step(self, k: int, side: DeviceSide, st: Step, env: dict) -> None:
+        """A receive / run / send with the comm stream beside the compute stream. Receive of
+        micro-batch i into slot i % 2 on the comm stream once the run of i - 2 has read that slot;
+        the compute stream waits for it. Send: the values copied (compute stream) into slot i % 2
+        once the send of i - 2 has left it, then sent from there on the comm stream, so the builds'
+        output buffers are free for micro-batch i + 1 at once."""
+        slot = st.micro_batch % 2
+        marks = self._marks[k]
+        if st.kind == "recv":
+            side.wait(marks.get(("consumed", slot)), comm=True)
+            items = []
+            for op in st.ops:
+                buf = self._slot(k, op, slot, op.results[0])
+                items.append((buf, op.attrs.peer))
+                env[op.results[0].name] = buf
+            side.recv_group(items, comm=True)
+            side.wait(side.mark(comm=True))  # the compute stream: what follows reads the received values
+        elif st.kind == "run":
+            self._step(side, st, env)
+            marks[("consumed", slot)] = side.mark()  # the run has copied its arguments (received ones too)
+        else:
+            side.wait(marks.get(("sent", slot)))
+            items = []
+            for op in st.ops:
+                buf = self._slot(k, op, slot, op.operands[0])
+                side.copy(buf, env[op.operands[0].name])
+                items.append((buf, op.attrs.peer))
+            side.wait(side.mark(), comm=True)
+            side.send_group(items, comm=True)
+            marks[("sent", slot)] = side.mark(comm=True)
 
     def _step(self, side: DeviceSide, st: Step, env: dict) -> None:
         if st.kind == "recv":

@@ -250,6 +250,54 @@ def test_pipeline_on_fake_devices(cnn3, rng):
     assert {e[0] for e in log if e[1] == "send"} == {0, 1} and {e[0] for e in log if e[1] == "recv"} == {1, 2}
 
 
+class OverlapFakeDevice(FakeDevice):
+    """The stand-in with a comm stream (overlap): marks and waits logged, everything still in order."""
+    overlap = True
+
+    def mark(self, comm=False):
+        self.log.append((self.index, "mark", "comm" if comm else "compute"))
+        return (self.index, len(self.log))
+
+    def wait(self, mark, comm=False):
+        if mark is not None:
+            self.log.append((self.index, "wait", "comm" if comm else "compute"))
+
+    def recv_group(self, items, comm=False):
+        assert comm, "overlap: receives go on the comm stream"
+        super().recv_group(items)
+
+    def send_group(self, items, comm=False):
+        assert comm, "overlap: sends go on the comm stream"
+        super().send_group(items)
+
+    def event(self, comm=False):
+        return time.perf_counter()
+
+
+def test_pipeline_overlap_on_fake_devices(cnn3, rng):
+    """overlap (the GPU sides' default): a middle stage queues the receive of micro-batch i + 1
+    before the send of i; messages use two slots (parity); results as run_multi, run after run."""
+    from nnc.multi_device_nccl import hoist_receives
+    prog = MultiDeviceProgram(cnn3)
+    hub, log = Hub(), []
+    sides = [OverlapFakeDevice(k, hub, log) for k in range(3)]
+    builds = {(k, sg.index): FakeBuild(sg.module) for k, segs in enumerate(prog.segments) for sg in segs
+              if sg.module is not None}
+    g = DeviceGroup(prog.mdm, prog.segments, builds, sides, prog.plan, prog.mdm.micro_batches)
+    assert g.overlap
+    for _ in range(2):
+        x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
+        got = g.run({"input": x}, timing=True)
+        np.testing.assert_array_equal(got["probs"], run_multi(prog.mdm, {"input": x})["probs"])
+    per_dev = {k: [(kind, mb) for d, kind, mb, _ in g.trace if d == k] for k in range(3)}
+    assert per_dev[1] == [("recv", 0), ("run", 0), ("recv", 1), ("send", 0), ("run", 1), ("send", 1)]
+    assert per_dev[0] == [("run", 0), ("send", 0), ("run", 1), ("send", 1)]
+    n_msgs = sum(len(sg.recvs) for segs in prog.segments for sg in segs)
+    assert len(g._slot_buf) == 2 * 2 * n_msgs  # a receive and a send buffer per message, two slots each
+    assert any(e[1] == "wait" and e[2] == "comm" for e in log) and any(e[1] == "wait" and e[2] == "compute" for e in log)
+    assert hoist_receives(device_steps(prog.segments[0], 0, [0, 1])) == device_steps(prog.segments[0], 0, [0, 1])
+
+
 def test_tensor_parallel_on_fake_devices(tp2, rng):
     prog = MultiDeviceProgram(tp2)
     g, log = _fake_group(prog)
