@@ -196,6 +196,77 @@ def test_cuda_runtime_evaluates_grids_and_sizes_per_shape(enc_build):
         m.bind_shapes({"x": np.zeros((3, 77, 64), np.float32)})
 
 
+CAPI_MAIN = r"""
+// runs a range build of tiny_cnn through the C API at the batches given: x_<n>.bin -> y_<n>.bin
+#include "nnc_model.h"
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+#include <cuda_runtime.h>
+int main(int argc, char** argv) {
+  nnc_tiny_cnn* m = nullptr;
+  if (nnc_tiny_cnn_create(argv[1], &m) != NNC_OK) { std::printf("create: %s\n", nnc_tiny_cnn_last_error()); return 1; }
+  void *x = nullptr, *y = nullptr;
+  cudaMalloc(&x, nnc_tiny_cnn_input_nbytes(0));
+  cudaMalloc(&y, nnc_tiny_cnn_output_nbytes(0));
+  const int64_t bad[4] = {33, 3, 32, 32};
+  if (nnc_tiny_cnn_set_input_shape(m, 0, bad) == NNC_OK) { std::printf("33 accepted\n"); return 1; }
+  std::printf("refused: %s\n", nnc_tiny_cnn_last_error());
+  for (int a = 3; a < argc; ++a) {
+    const int n = std::atoi(argv[a]);
+    const int64_t dims[4] = {n, 3, 32, 32};
+    if (nnc_tiny_cnn_set_input_shape(m, 0, dims) != NNC_OK) { std::printf("shape: %s\n", nnc_tiny_cnn_last_error()); return 1; }
+    std::vector<float> hx((size_t)n * 3 * 32 * 32), hy((size_t)n * 10);
+    char path[4096];
+    std::snprintf(path, sizeof path, "%s/x_%d.bin", argv[2], n);
+    FILE* f = std::fopen(path, "rb");
+    if (!f || std::fread(hx.data(), 4, hx.size(), f) != hx.size()) return 1;
+    std::fclose(f);
+    cudaMemcpy(x, hx.data(), hx.size() * 4, cudaMemcpyHostToDevice);
+    const void* ins[1] = {x};
+    void* outs[1] = {y};
+    if (nnc_tiny_cnn_run(m, 0, ins, outs) != NNC_OK) { std::printf("run: %s\n", nnc_tiny_cnn_last_error()); return 1; }
+    cudaDeviceSynchronize();
+    int64_t od[2] = {0, 0};
+    nnc_tiny_cnn_output_shape(m, 0, od);
+    cudaMemcpy(hy.data(), y, hy.size() * 4, cudaMemcpyDeviceToHost);
+    std::snprintf(path, sizeof path, "%s/y_%d.bin", argv[2], n);
+    f = std::fopen(path, "wb");
+    std::fwrite(hy.data(), 4, hy.size(), f);
+    std::fclose(f);
+    std::printf("n=%d out %lldx%lld graph %d\n", n, (long long)od[0], (long long)od[1], nnc_tiny_cnn_used_cuda_graph(m));
+  }
+  nnc_tiny_cnn_destroy(m);
+  return 0;
+}
+"""
+
+
+@pytest.mark.gpu
+def test_gpu_c_api_runs_a_range_build_at_several_batches(tmp_path):
+    import shutil
+    import subprocess
+    nvcc = shutil.which("nvcc") or "/usr/local/bin/nvcc"
+    out = tmp_path / "cnn"
+    nnc.compile(CNN, profiles=[CNN_PROFILE], out=out, backend="reference", codegen=True, tune=False)
+    (tmp_path / "main.cpp").write_text(CAPI_MAIN)
+    r = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90a", "-I", str(out), str(out / "model.cu"),
+                        str(tmp_path / "main.cpp"), "-o", str(tmp_path / "app")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rng = np.random.default_rng(6)
+    xs = {n: rng.standard_normal((n, 3, 32, 32)).astype(np.float32) for n in (1, 5, 32)}
+    for n, x in xs.items():
+        x.tofile(tmp_path / f"x_{n}.bin")
+    r = subprocess.run([str(tmp_path / "app"), str(out), str(tmp_path), "1", "5", "32", "5"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "is outside the profile's 1..32" in r.stdout and "n=5 out 5x10 graph 1" in r.stdout
+    for n, x in xs.items():
+        got = np.fromfile(tmp_path / f"y_{n}.bin", np.float32).reshape(n, 10)
+        np.testing.assert_allclose(got, _ort(CNN, {"input": x})[0], rtol=1e-3, atol=1e-4)
+
+
 def test_c_api_of_a_range_build_takes_input_shapes(cnn_build):
     """The C API: <api>_set_input_shape binds the symbols (checked against the profile), the launches
     compute grids and sizes from m->sym, <api>_output_shape reports the bound shape; the host code
