@@ -8,6 +8,10 @@ estimate for K real GPUs (stage times measured one after another on one GPU; no 
     python tools/check_multi_device.py tests/models/graphs/resnet50.graph.onnx --symbolic-batch \
         --shapes input:256x3x224x224 --devices 2 --micro-batches 8 --precision fp16
 
+--c-api also builds OUT's group C API (CMake: every build + nnc_<name>_group_*) and runs its example
+runner in transport copy on GPU 0 (both streams per device, the step tables), compares its outputs
+with the Python copy path and prints its median time and per-device compute / communication / span.
+
 A `.graph.onnx` (weights stripped, tools/graph_models.py) is refilled first; --symbolic-batch
 makes axis 0 of the model's inputs and outputs a symbol (exports that fix batch 1 only there).
 """
@@ -41,6 +45,33 @@ def prepare(model: str, symbolic_batch: bool, work: Path) -> str:
     return str(p)
 
 
+def c_api(out: Path, plan: dict, feed: dict, got: dict, work: Path, repeats: int) -> None:
+    """OUT's CMake project built, its example runner run (transport copy, GPU 0) on `feed`; its
+    outputs against `got` (the Python copy path) and its timing lines printed."""
+    import os
+    build = work / "c_api_build"
+    jobs = str(os.cpu_count() or 2)
+    subprocess.run(["cmake", "-S", str(out), "-B", str(build)], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "-j", jobs], check=True, capture_output=True)
+    files = []
+    for i, e in enumerate(plan["inputs"]):
+        f = work / f"c_in{i}.bin"
+        np.ascontiguousarray(feed[e["name"]]).tofile(f)
+        files.append(str(f))
+    res = work / "c_out"
+    res.mkdir(exist_ok=True)
+    r = subprocess.run([str(build / "nnc_group_example"), str(out), *files, "--out", str(res), "--transport", "copy",
+                        "--devices", "0", "--iters", str(max(repeats, 1))], check=True, capture_output=True, text=True)
+    for i, e in enumerate(plan["outputs"]):
+        c = np.fromfile(res / f"output{i}.bin", dtype=e["dtype"]).reshape(e["shape"]).astype(np.float64)
+        p = np.asarray(got[e["name"]], np.float64)
+        rel = np.linalg.norm(c - p) / max(np.linalg.norm(p), 1e-30)
+        print(f"C API output {e['name']}: rel L2 vs nnc.load (copy) {rel:.3g}, finite {bool(np.isfinite(c).all())}")
+    for line in r.stdout.splitlines():
+        if line.startswith(("transport:", "time:", "device ")):
+            print("C API " + line)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
@@ -55,6 +86,7 @@ def main() -> int:
                     help="micro-batches compared with the reference run (numpy: slow for big models; 0: none)")
     ap.add_argument("--tune", action="store_true", help="tune kernels per device (default --no-tune: faster)")
     ap.add_argument("--out", default=None, help="keep the build here (default: a temporary directory)")
+    ap.add_argument("--c-api", action="store_true", help="also build and run the group C API (transport copy)")
     a = ap.parse_args()
     from nnc.multi_device import MultiDeviceProgram, pipeline_estimate
     work = Path(a.out or tempfile.mkdtemp(prefix="nnc_md_"))
@@ -85,6 +117,8 @@ def main() -> int:
             d = np.abs(g - w)
             rel = np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30)
             print(f"output {name} (first {n} micro-batch(es)): max |cuda - reference| {d.max():.3g}, rel L2 {rel:.3g}")
+    if a.c_api:
+        c_api(out, cuda.plan, feed, got, work, a.repeats)
     stage_ms = [[] for _ in range(a.devices)]
     for _ in range(a.repeats):
         cuda.run(feed)
