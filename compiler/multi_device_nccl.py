@@ -456,6 +456,16 @@ class RunTiming:
         busy = sum(sum(c) for c in self.compute_ms)
         return 1.0 - busy / (k * span) if k and span > 0 else 0.0
 
+    def comm_hidden(self) -> list:
+        """Per device: the share of its communication that ran beside its compute,
+        (compute + communication - span) / communication, clipped to [0, 1] (0: none overlapped,
+        or no communication)."""
+        out = []
+        for comp, comm, span in zip(self.compute_ms, self.comm_ms, self.span_ms):
+            c = sum(comm)
+            out.append(min(1.0, max(0.0, (sum(comp) + c - span) / c)) if c > 0 else 0.0)
+        return out
+
     def comm_share(self) -> list:
         """Per device: time in communication / its span."""
         return [sum(c) / s if s > 0 else 0.0 for c, s in zip(self.comm_ms, self.span_ms)]
@@ -653,6 +663,8 @@ class DeviceGroup:
         with side.current():
             begin = side.event() if timing else None
             self._enqueue(k, feeds, outs, timing, per)
+            if self.overlap:  # the compute stream's end (the span's) after the comm stream's last send
+                side.wait(side.mark(comm=True))
             end = side.event() if timing else None
         marks[k] = (begin, end, per)
 

@@ -392,6 +392,9 @@ def test_run_timing_numbers():
     tm = RunTiming(compute_ms=[[1.0, 1.0], [1.0, 1.0]], comm_ms=[[0.5, 0.5], [0.0, 0.0]], span_ms=[3.0, 4.0])
     assert tm.bubble_fraction() == pytest.approx(1 - 4.0 / 8.0)
     assert tm.comm_share() == pytest.approx([1.0 / 3.0, 0.0])
+    assert tm.comm_hidden() == [0.0, 0.0]  # device 0's sends ran after its compute; device 1 has none
+    tm.span_ms = [2.5, 2.0]
+    assert tm.comm_hidden() == pytest.approx([0.5, 0.0])
 
 
 # ---------------------------------------------------------------- transport choice, environment, NCCL calls
@@ -616,7 +619,9 @@ def test_gpu_nccl_pipeline_and_tensor_parallel(cnn2_cuda, tmp_path, rng):
     for _ in range(3):
         assert _rel(m.run({"input": x}, timing=True)["probs"], want) < 1e-2
     tm = m.group.timing
+    assert m.group.overlap  # sends / receives on each GPU's comm stream
     assert all(len(c) == 2 and min(c) > 0 for c in tm.compute_ms) and 0 <= tm.bubble_fraction() < 1
+    print("pipeline comm hidden behind compute per device:", tm.comm_hidden())
     tp, single = _fp16_tp(tmp_path)
     mt = nnc.load(tp, transport="nccl")
     xt = rng.standard_normal((1, 16, 64)).astype(np.float32)
