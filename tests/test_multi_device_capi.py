@@ -271,3 +271,18 @@ def test_gpu_c_api_pipeline_nccl(pipe2, group_lib, tmp_path):
     want = nnc.load(out, transport="copy")(x)
     got, text = _run_example(out, group_lib, {"input": x}, tmp_path, "nccl", "0,1")
     assert "transport: nccl" in text and _rel(got["probs"], want) < 1e-3
+
+
+def test_no_group_api_is_a_warning_not_a_failed_compile(tmp_path, monkeypatch):
+    """A program the group C API cannot take (symbolic shapes, data-dependent outputs...) still
+    compiles: plan.json says why there is no C API, nnc.load runs it as before."""
+    import nnc.multi_device_capi as capi
+
+    def refuse(*a, **k):
+        raise GroupApiError("planted refusal")
+    monkeypatch.setattr(capi, "write_group_api", refuse)
+    with pytest.warns(UserWarning, match="no group C API: planted refusal"):
+        plan = _compile(EXAMPLES / "tiny_cnn.onnx", tmp_path / "o", 2, "pipeline", 1, {"input": [2, 3, 32, 32]},
+                        codegen=True)
+    assert plan["c_api"] == {"prefix": None, "not_written": "planted refusal"}
+    assert not list((tmp_path / "o").glob("nnc_*_group.*"))
