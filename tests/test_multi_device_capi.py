@@ -108,6 +108,112 @@ def test_a_stalling_program_is_refused():
     assert len(simulate(t)) == 4
 
 
+def _emulate(out, tables, feeds: dict) -> dict:
+    """The C executor's data semantics in numpy: every step of the tables on byte buffers (slots,
+    micro-batch offsets, staging, build argument order, AllReduce / AllGather layouts as transport
+    copy computes them), sends buffered. Checks the tables' refs and offsets, not the streams."""
+    from collections import deque
+    from nnc.ir.interp import Interpreter
+    from nnc.multi_device import load_multi, segments
+    from nnc.multi_device_capi import ALLGATHER, ALLREDUCE, LOAD, OUTPUT, STAGE
+    mdm = load_multi(Path(out) / "ir")
+    mods = [[sg.module for sg in segments(m) if sg.module is not None] for m in mdm.devices]
+    seen = [0] * tables.devices
+    build_mod = []
+    for b in tables.builds:
+        build_mod.append(mods[b["device"]][seen[b["device"]]])
+        seen[b["device"]] += 1
+    M = tables.micro_batches
+    mem = {}
+
+    def buf(b, mb, nbytes=None):
+        info = tables.buffers[b]
+        if info.input >= 0:
+            whole = np.ascontiguousarray(feeds[tables.inputs[info.input]["name"]]).view(np.uint8).reshape(-1)
+            st = info.stride(M)
+            return whole[mb * st: mb * st + (nbytes or st)] if M > 1 else whole
+        key = (b, mb % info.slots)
+        if key not in mem:
+            mem[key] = np.full(info.nbytes, 0xAB, np.uint8)
+        return mem[key]
+    outs = {e["name"]: np.zeros(e["nbytes"], np.uint8) for e in tables.outputs}
+    pos = [0] * tables.devices
+    fifo: dict = {}
+    coll: dict = {}
+    while any(pos[k] < len(ix) for k, ix in enumerate(tables.device_steps)):
+        moved = False
+        for k, ix in enumerate(tables.device_steps):
+            while pos[k] < len(ix):
+                st = tables.steps[ix[pos[k]]]
+                r = st.refs
+                if st.kind == SEND:
+                    for b, peer in zip(r[0::2], r[1::2]):
+                        fifo.setdefault((k, peer), deque()).append(buf(b, st.mb).copy())
+                elif st.kind == RECV:
+                    if any(not fifo.get((peer, k)) for peer in r[1::2]):
+                        break
+                    for b, peer in zip(r[0::2], r[1::2]):
+                        buf(b, st.mb)[:] = fifo[(peer, k)].popleft()
+                elif st.kind in (ALLREDUCE, ALLGATHER):
+                    seq = coll.setdefault(("seq", k), 0)
+                    slot = coll.setdefault(seq, {})
+                    slot[k] = (st, buf(r[0], st.mb).copy())
+                    if len(slot) < tables.devices:
+                        break
+                    members = [slot[d][1] for d in range(tables.devices)]
+                    for d in range(tables.devices):
+                        sd, _ = slot[d]
+                        rd = sd.refs
+                        if sd.kind == ALLREDUCE:
+                            dt = np.dtype({6: np.float16, 7: np.float32}[sd.a0])
+                            acc = sum(m.view(dt).astype(np.float64) for m in members)
+                            buf(rd[1], sd.mb)[:] = acc.astype(dt).view(np.uint8)
+                        else:
+                            dst = buf(rd[2] if rd[2] >= 0 else rd[1], sd.mb).reshape(sd.p1, -1)
+                            for j, m in enumerate(members):
+                                dst[:, j * sd.p2:(j + 1) * sd.p2] = m.reshape(sd.p1, sd.p2)
+                        coll[("seq", d)] = seq + 1
+                        pos[d] += 1
+                    del coll[seq]
+                    moved = True
+                    continue
+                elif st.kind == STAGE:
+                    buf(r[1], st.mb)[:] = buf(r[0], st.mb, st.p1)
+                elif st.kind == RUN:
+                    b = tables.builds[st.build]
+                    m = build_mod[st.build]
+                    feed = {a.name: buf(ref, st.mb)[:nb].view(a.type.dtype.np).reshape(a.type.shape)
+                            for a, ref, nb in zip(m.main.args, r[:st.n_in], b["inputs"])}
+                    res = Interpreter(m).run(feed)
+                    for v, ref in zip(m.main.results, r[st.n_in:]):
+                        raw = np.ascontiguousarray(res[v.name]).view(np.uint8).reshape(-1)
+                        buf(ref, st.mb)[:raw.size] = raw
+                elif st.kind == OUTPUT:
+                    e = tables.outputs[st.a0]
+                    outs[e["name"]][st.p0:st.p0 + st.p1] = buf(r[0], st.mb)[:st.p1]
+                elif st.kind != LOAD:
+                    raise AssertionError(st)
+                pos[k] += 1
+                moved = True
+        assert moved, "the emulation stalled"
+    return {e["name"]: outs[e["name"]].view(np.dtype(e["dtype"])).reshape(e["shape"]) for e in tables.outputs}
+
+
+def test_tables_compute_what_run_multi_computes(cnn3, tmp_path, rng):
+    """The tables' data flow (every ref, slot, offset and argument order) gives run_multi's results."""
+    from nnc.multi_device import load_multi, run_multi
+    x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
+    t = tables_for_dir(cnn3)
+    want = run_multi(load_multi(cnn3 / "ir"), {"input": x})
+    np.testing.assert_array_equal(_emulate(cnn3, t, {"input": x})["probs"], want["probs"])
+    pytest.importorskip("nnc.passes.shard_tensor_parallel")
+    out = tmp_path / "tp"
+    _compile(EXAMPLES / "tiny_transformer.onnx", out, 2, "tensor")
+    xt = rng.standard_normal((1, 16, 64)).astype(np.float32)
+    got = _emulate(out, tables_for_dir(out), {"x": xt})["y"]
+    np.testing.assert_allclose(got, run_multi(load_multi(out / "ir"), {"x": xt})["y"], rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- rendered sources
 
 def test_plan_and_header(pipe2):
