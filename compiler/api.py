@@ -149,10 +149,10 @@ class CompileOptions:
             raise NncError(f"tune_budget must be a positive number of seconds or None, not {self.tune_budget!r}")
         if self.timing_cache is not None:
             object.__setattr__(self, "timing_cache", os.fspath(self.timing_cache))
-        if (self.precision in ("int8", "fp8")) != (self.calib is not None):
+        if (self.precision in ("int8", "fp8")) != (self.calib is not None) and self.precision != "best":
             raise NncError(f"precision {self.precision!r} needs calib (--calib calib.json or a TensorRT cache, from "
                            "`nnc calibrate`)" if self.precision in ("int8", "fp8") else
-                           f"calib (--calib) only goes with precision 'int8' or 'fp8', not {self.precision!r}")
+                           f"calib (--calib) only goes with precision 'int8', 'fp8' or 'best', not {self.precision!r}")
         if self.weights not in ("float", "int4"):
             raise NncError(f"weights must be 'float' or 'int4', not {self.weights!r}")
         if self.int4_block not in (32, 64, 128):

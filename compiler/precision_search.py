@@ -6,10 +6,16 @@ The algorithm (bounded, deterministic):
 1. Layers are the non-constant ops with an f32 result after the cleanups (the IR the precision
    pass sees; compiler/passes/mixed_precision.py keys them by their first result's name).
    Layers matched by `keep_fp32` are pinned at fp32 and never move.
-2. Every other layer starts at the fastest allowed type by the cost model. Without per-layer
-   timings (no GPU: the CPU case) the heuristic is "lower precision is faster", fp16 before bf16
-   (same width, more mantissa) before fp32; plan.json's "layer_precision" records that it was a
-   heuristic. A timing-based cost model plugs in at `cost_model()` (see there).
+   A layer's allowed types are the float types of --allow, plus int8 / fp8 when --allow names them
+   (which needs --calib: check_options refuses them without) and the layer can take them
+   (`quant_allowed`: a Conv / Gemm / MatMul with a constant weight whose activation the
+   calibration table has).
+2. Every other layer starts at the fastest of its allowed types by the cost model. Without
+   per-layer timings the heuristic is mixed_precision.SPEED_ORDER (int8, fp16, bf16 (same width,
+   less mantissa), fp8 (its CUDA path still dequantizes into the fp16 GEMM), fp32); plan.json's
+   "layer_precision" records which cost model it was. `TimedCost(timer)` orders by
+   timer(op, precision) -> seconds instead and records the times; `stand_in_cost()` is its
+   deterministic roofline stand-in (tests, no GPU). GPU timing is not wired in (`cost_model`).
 3. The fp32 build and the candidate build run on the calibration inputs in the reference
    interpreter (numpy, CPU). The error of each model output is its relative L2 against the fp32
    build's (accuracy.compare: the measure `nnc verify` reports; a non-finite value where fp32 is
@@ -22,8 +28,12 @@ The algorithm (bounded, deterministic):
      calibration data (else the overflow would just move one layer down per iteration), move to
      bf16 when it is allowed and they are at fp16 (bf16 has fp32's range), else to fp32;
    - otherwise the layers with the largest own error contribution (the rel-L2 of the layer's
-     output against fp32 minus the largest rel-L2 of its inputs) move to fp32: 1 layer in the
-     first such round, then 2, 4, ... (so a model needing many moves takes few iterations).
+     output against fp32 minus the largest rel-L2 of its inputs) move up: an int8 / fp8 layer to
+     the fastest float type it allows, a float layer to fp32; 1 layer in the first such round,
+     then 2, 4, ... (so a model needing many moves takes few iterations).
+   The measured builds keep int8 / fp8 layers as literal Q/DQ graphs (PrecisionChoice(fold=False):
+   equal to the folded integer / matmul_fp8 ops within fp32 rounding, and every layer keeps its
+   name to be measured); the returned choice folds them.
 5. If the budget still fails after the last iteration, every layer goes back to fp32 (which
    meets any budget: it is the reference) and a warning says so.
 Calibration inputs: an .npz keyed by input name (one sample) or a directory of such files; without
@@ -40,7 +50,8 @@ from typing import Callable, Optional, Protocol
 import numpy as np
 
 from .ir.errors import InputError, NncError
-from .passes.mixed_precision import PrecisionChoice, is_layer, keep_fp32_choice, layer_key
+from .passes.mixed_precision import (FLOAT_PRECISIONS, QUANT_FLOAT, SPEED_ORDER, PrecisionChoice, is_layer,
+                                     keep_fp32_choice, layer_key)
 
 MAX_ITERATIONS = 8
 CALIB_RANDOM_SAMPLES = 2
@@ -58,25 +69,115 @@ class LayerCost(Protocol):
 
 @dataclass
 class HeuristicCost:
-    """No timings: lower precision is faster (fp16, then bf16, then fp32)."""
+    """No timings: mixed_precision.SPEED_ORDER (int8, fp16, bf16, fp8, fp32: lower precision is
+    faster, except fp8, whose CUDA path still runs the fp16 GEMM after dequantizing)."""
     name: str = "heuristic"
     why: str = "lower precision is faster (no per-layer timings)"
 
     def order(self, op, allowed):
-        rank = {"fp16": 0, "bf16": 1, "fp32": 2}
-        return sorted(allowed, key=rank.__getitem__)
+        return sorted(allowed, key=SPEED_ORDER.index)
+
+
+@dataclass
+class TimedCost:
+    """Orders each layer's precisions by `timer(op, precision) -> seconds` (ties: SPEED_ORDER);
+    `times` keeps {layer: {precision: seconds}} for plan.json's record."""
+    timer: Callable
+    name: str = "timed"
+    why: str = ""
+    times: dict = field(default_factory=dict)
+
+    def order(self, op, allowed):
+        t = {p: float(self.timer(op, p)) for p in allowed}
+        self.times[layer_key(op)] = t
+        return sorted(allowed, key=lambda p: (t[p], SPEED_ORDER.index(p)))
+
+
+# the stand-in timer's machine: an H200's dense tensor-core peaks (ops/s) and HBM bandwidth (B/s)
+STAND_IN_PEAK = {"fp32": 67e12, "fp16": 989e12, "bf16": 989e12, "fp8": 1979e12, "int8": 1979e12}
+STAND_IN_SIMT = 67e12  # non-GEMM ops (CUDA cores)
+STAND_IN_BW = 4.8e12
+STAND_IN_LAUNCH = 2e-6
+WIDTH = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
+
+
+def _numel(t) -> int:
+    n = 1
+    for d in (t.shape or ()):
+        n *= d if isinstance(d, int) else 1  # a symbol counts 1: the stand-in needs an order only
+    return n
+
+
+def _gemm_flops(op) -> int:
+    out = op.results[0].type
+    if op.name == "Conv" and op.operands[1].type.shape:
+        w = op.operands[1].type.shape  # [O, C/g, k..]: each output takes C/g * prod(k) MACs
+        macs = 1
+        for d in w[1:]:
+            macs *= d if isinstance(d, int) else 1
+        return 2 * _numel(out) * macs
+    if op.name in ("MatMul", "Gemm"):
+        a = op.operands[0].type.shape or ()
+        k = a[-1] if a and isinstance(a[-1], int) else 1
+        if op.name == "Gemm" and op.attrs.transA and len(a) == 2 and isinstance(a[0], int):
+            k = a[0]
+        return 2 * _numel(out) * k
+    return 0
+
+
+def stand_in_layer_time(op, precision: str) -> float:
+    """A deterministic stand-in for timing one layer at `precision` (no GPU; tests): a roofline
+    over STAND_IN_PEAK / STAND_IN_BW of the layer's operands and results at that width, plus a
+    launch. fp8 is modelled as its CUDA path runs today (docs/fp8.md): Q and DQ passes over the
+    activation, then the fp16 GEMM; int8 as the int8 tensor-core kernels (1-byte operands)."""
+    if precision == "fp8":
+        x = _numel(op.operands[0].type)
+        return stand_in_layer_time(op, "fp16") + 2 * STAND_IN_LAUNCH + 6 * x / STAND_IN_BW
+    w = WIDTH[precision]
+    moved = sum(_numel(v.type) * (v.type.dtype.itemsize if not v.type.dtype.is_float else w)
+                for v in list(op.operands) + list(op.results) if v is not None and v.type.shape is not None)
+    flops = _gemm_flops(op)
+    compute = flops / STAND_IN_PEAK[precision] if flops else _numel(op.results[0].type) / STAND_IN_SIMT
+    return STAND_IN_LAUNCH + max(compute, moved / STAND_IN_BW)
+
+
+def stand_in_cost() -> TimedCost:
+    return TimedCost(stand_in_layer_time, "stand-in",
+                     "stand_in_layer_time: a roofline of each layer at each precision (deterministic, no GPU)")
 
 
 def cost_model(options) -> LayerCost:
-    """The cost model `best` uses. Per-layer timings need a GPU: codegen/tuning.py times kernel
-    variants of the lowered plan, so a timing cost model would compile the candidate build, time
-    each layer's kernels at each allowed dtype through the tuner (its timing cache keyed by
-    op+shape+dtype) and order by those times. That is not implemented: with or without a GPU
-    the heuristic is used, and plan.json says so."""
+    """The cost model `best` uses. Per-layer GPU timings are not wired in: codegen/tuning.py times
+    kernel variants of one lowered plan, and a GPU layer timer would compile each layer at each
+    allowed precision through it (its timing cache keyed by op+shape+dtype) and return those times
+    as a TimedCost timer. Today: the heuristic, with or without a GPU, and plan.json says so.
+    Any `timer(op, precision) -> seconds` plugs in as search(cost=TimedCost(timer)); tests and
+    dry runs use stand_in_cost()."""
     from .codegen.target import gpu_present
     why = HeuristicCost.why + ("; GPU present, but per-layer timing is not wired into the search yet"
                                if gpu_present() else "; no GPU present")
     return HeuristicCost(why=why)
+
+
+def quant_allowed(op, allow, amax: Optional[dict]) -> tuple[str, ...]:
+    """The quantized types (int8 / fp8 among `allow`) layer op can take: a Conv / Gemm / MatMul
+    with a constant f32 weight the passes quantize (quantize_int8.weight_axis; fp8: MatMul / Gemm
+    as quantize_fp8.quantized_layers takes them, and Conv, see quantize_fp8) whose activation has
+    an amax in the calibration table."""
+    from .passes import quantize_fp8, quantize_int8
+    if amax is None or op.name not in quantize_int8.QUANTIZED_OPS or len(op.operands) < 2:
+        return ()
+    x, w = op.operands[0], op.operands[1]
+    if w.producer is None or w.producer.name != "const" or w.type.dtype.short != "f32" or \
+            (x.producer is not None and x.producer.name == "const") or x.name not in amax or \
+            not amax[x.name] > 0 or not math.isfinite(amax[x.name]):
+        return ()
+    out = []
+    if "int8" in allow and quantize_int8.weight_axis(op, w) is not None:
+        out.append("int8")
+    if "fp8" in allow and quantize_fp8.fp8_layer_kind(op) is not None:
+        out.append("fp8")
+    return tuple(out)
 
 
 @dataclass
@@ -160,7 +261,8 @@ class SearchRecord:
         return {"allow": list(self.allow), "max_rel_err": self.max_rel_err, "cost_model": self.cost.name,
                 "cost_model_why": self.cost.why, "calibration": self.calibration, "met": self.met,
                 "fallback_all_fp32": self.fallback_all_fp32,
-                "rel_err": {k: _num(v) for k, v in self.rel_err.items()}, "iterations": self.iterations}
+                "rel_err": {k: _num(v) for k, v in self.rel_err.items()}, "iterations": self.iterations,
+                **({"layer_times_s": self.cost.times} if getattr(self.cost, "times", None) else {})}
 
 
 def _num(x: float):
@@ -178,6 +280,11 @@ def search(model, options, warn: Callable[[str], None], log: Callable[[str], Non
 
     pre = pre_quant_passes()  # the pipeline up to where the precision pass runs
     shapes = import_shapes if import_shapes is not None else {k: list(v) for k, v in options.shapes}
+    amax = None
+    if any(p in QUANT_FLOAT for p in options.allow):  # check_options made sure --calib is given
+        from .calibrate import load_table
+        amax = dict(load_table(options.calib).amax)
+    storage = next((p for p in options.allow if p in FLOAT_PRECISIONS), "fp32")
 
     def build(choice: Optional[PrecisionChoice]):
         m = import_model(model, shapes=shapes)
@@ -185,6 +292,9 @@ def search(model, options, warn: Callable[[str], None], log: Callable[[str], Non
         passes = pre + ([("mixed-precision", choice), "canonicalize", "dce"] if choice else [])
         Pipeline(passes).run(m)
         return m
+
+    def make_choice(fold: bool) -> PrecisionChoice:
+        return PrecisionChoice(storage, dict(per_layer), dict(reasons), amax=amax, fold=fold)
 
     imported = import_model(model, shapes=shapes)
     imported_nodes = frozenset(op.loc.node for op in imported.main.ops if op.loc.node)
@@ -196,42 +306,51 @@ def search(model, options, warn: Callable[[str], None], log: Callable[[str], Non
     pinned = keep_fp32_choice(ref_module, "fp16", options.keep_fp32, warn,
                               imported_nodes).per_layer if options.keep_fp32 else {}
     cost = cost or cost_model(options)
-    low_allowed = tuple(p for p in options.allow if p != "fp32") or ("fp32",)
-    per_layer = {}
-    reasons = {}
+    float_low = tuple(p for p in options.allow if p in FLOAT_PRECISIONS and p != "fp32")
+    per_layer, reasons, order_of = {}, {}, {}
     for op in layers:
         k = layer_key(op)
         if k in pinned:
             per_layer[k], reasons[k] = "fp32", "--keep-fp32"
-        else:
-            per_layer[k] = cost.order(op, low_allowed)[0]
-            reasons[k] = f"fastest allowed ({cost.name})"
+            continue
+        allowed = (quant_allowed(op, options.allow, amax) + float_low) or ("fp32",)
+        order_of[k] = cost.order(op, allowed)
+        per_layer[k] = order_of[k][0]
+        reasons[k] = f"fastest allowed ({cost.name})"
     calib = calibration(model, ref_module, options.calib_data, warn)
     refs = _run(ref_module, calib.samples)
     rec = SearchRecord(options.allow, options.max_rel_err, cost, calib.source)
     budget = options.max_rel_err
     step = 1
-    choice = PrecisionChoice(options.allow[0], dict(per_layer), dict(reasons))
+
+    def fallback(k: str) -> str:
+        """Where a sensitive layer moves: a quantized one to its fastest float type, a float one to fp32."""
+        if per_layer[k] in QUANT_FLOAT:
+            return next((p for p in order_of.get(k, ()) if p in FLOAT_PRECISIONS), "fp32")
+        return "fp32"
+
     for it in range(MAX_ITERATIONS + 1):
-        choice = PrecisionChoice(options.allow[0], dict(per_layer), dict(reasons))
-        runs = _run(build(choice), calib.samples)
+        runs = _run(build(make_choice(fold=False)), calib.samples)  # literal Q/DQ: every layer keeps its name
         errs = {}
         for (outs, _), (ref_outs, _) in zip(runs, refs):
             for name, r in ref_outs.items():
                 errs[name] = max(errs.get(name, 0.0), _err(outs[name], r))
         worst = max(errs.values(), default=0.0)
+        counts = {p: sum(v == p for v in per_layer.values()) for p in SPEED_ORDER}
         entry = {"iteration": it, "rel_err": {k: _num(v) for k, v in errs.items()},
-                 "layers_not_fp32": sum(p != "fp32" for p in per_layer.values())}
+                 "layers_not_fp32": sum(p != "fp32" for p in per_layer.values()),
+                 "layers": {p: n for p, n in counts.items() if n}}
         rec.iterations.append(entry)
         rec.rel_err = errs
         log(f"  precision best: iteration {it}: worst output rel-L2 {worst:.3g} (budget {budget:g}), "
-            f"{entry['layers_not_fp32']}/{len(per_layer)} layers below fp32")
+            f"{entry['layers_not_fp32']}/{len(per_layer)} layers below fp32 "
+            f"({', '.join(f'{n} {p}' for p, n in entry['layers'].items())})")
         if worst <= budget:
             rec.met = True
             break
         if it == MAX_ITERATIONS:
             break
-        moved = _moves(per_layer, inputs_of, runs, refs, options.allow, step)
+        moved = _moves(per_layer, inputs_of, runs, refs, options.allow, step, fallback)
         if not moved:
             break
         overflow = any(why.startswith("overflow") for _, _, why in moved)
@@ -250,11 +369,11 @@ def search(model, options, warn: Callable[[str], None], log: Callable[[str], Non
                 per_layer[k], reasons[k] = "fp32", "budget not met: all layers fp32"
         rec.rel_err = {k: 0.0 for k in rec.rel_err}  # the fp32 build is the reference itself
         rec.met = rec.fallback_all_fp32 = True
-        choice = PrecisionChoice(options.allow[0], dict(per_layer), dict(reasons))
-    return choice, rec
+    return make_choice(fold=True), rec
 
 
-def _moves(per_layer: dict, inputs_of: dict, runs, refs, allow, step: int) -> list[tuple[str, str, str]]:
+def _moves(per_layer: dict, inputs_of: dict, runs, refs, allow, step: int,
+           fallback: Callable[[str], str] = lambda k: "fp32") -> list[tuple[str, str, str]]:
     """The layers to move up, [(layer, to, why)]: see step 4 of the module docstring."""
     def value_err(name: str) -> float:
         worst = 0.0
@@ -276,7 +395,7 @@ def _moves(per_layer: dict, inputs_of: dict, runs, refs, allow, step: int) -> li
         return worst
 
     low = [k for k, p in per_layer.items() if p != "fp32"]
-    origins = [k for k in low if not finite(k) and all(finite(i) for i in inputs_of[k])]
+    origins = [k for k in low if per_layer[k] in ("fp16", "bf16") and not finite(k) and all(finite(i) for i in inputs_of[k])]
     if origins:
         out = []
         # with the first overflowing layers go all fp16 layers whose fp32 values leave fp16's range
@@ -296,7 +415,7 @@ def _moves(per_layer: dict, inputs_of: dict, runs, refs, allow, step: int) -> li
         base = max((value_err(i) for i in inputs_of[k]), default=0.0)
         contrib.append((e - base if math.isfinite(e) else math.inf, k))
     contrib.sort(key=lambda t: (-t[0], t[1]))
-    return [(k, "fp32", f"error contribution {_fmt(c)} (rel-L2 added over its inputs)") for c, k in contrib[:step]]
+    return [(k, fallback(k), f"error contribution {_fmt(c)} (rel-L2 added over its inputs)") for c, k in contrib[:step]]
 
 
 def _fmt(x: float) -> str:

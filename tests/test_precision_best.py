@@ -140,7 +140,8 @@ def test_light_model_best_meets_budget(name, tmp_path, rng):
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(precision="best", allow="fp16,int8"), "unknown type 'int8'"),
+    (dict(precision="best", allow="fp16,int8"), "int8 / fp8 layers need calibration scales; pass --calib"),
+    (dict(precision="best", allow="fp8"), "int8 / fp8 layers need calibration scales"),
     (dict(precision="best", allow="fp16,tf64"), "unknown type 'tf64'"),
     (dict(precision="best", max_rel_err=0.0), "positive"),
     (dict(precision="best", max_rel_err=-1e-2), "positive"),
@@ -163,7 +164,7 @@ def test_cli_best_and_errors(tmp_path):
     assert "seeded random" in r.stderr
     r = nnc_cli("compile", str(EXAMPLE), "-o", str(tmp_path / "p"), "--precision", "best", "--allow", "fp16,int8",
                 "--no-codegen")
-    assert r.returncode != 0 and "unknown type 'int8'" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "need calibration scales; pass --calib" in r.stderr and "Traceback" not in r.stderr
     r = nnc_cli("compile", str(EXAMPLE), "-o", str(tmp_path / "q"), "--precision", "best", "--max-rel-err", "0",
                 "--no-codegen")
     assert r.returncode != 0 and "positive" in r.stderr and "Traceback" not in r.stderr

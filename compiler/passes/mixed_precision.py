@@ -64,6 +64,8 @@ class Decision:
     wanted: str  # precision asked for (fp32/fp16/bf16)
     got: str     # precision it runs at (fp32 when the op rejects the low type)
     why: str = ""
+    result: Optional[Value] = None  # the layer's first result in the rebuilt function (its name may
+    # have changed: an output's value is renamed "<name>.low" when a Cast after it takes the name)
 
     def to_json(self) -> dict:
         return {"layer": self.layer, "op": self.op, "node": self.node, "precision": self.got,
@@ -72,8 +74,15 @@ class Decision:
 
 @dataclass
 class PrecisionChoice:
-    """What dtype each layer runs at. per_layer: {layer_key: precision}; default: the rest.
-    reasons: {layer_key: why} for the record."""
+    """What dtype each layer runs at. per_layer: {layer_key: precision}; default: the rest (a float
+    precision). reasons: {layer_key: why} for the record.
+
+    A layer at "int8" or "fp8" (precision best with --calib; `amax` then holds the calibration
+    table's {tensor: amax}) is lowered as a float layer first (int8: f32, the form quantize-int8
+    writes; fp8: QUANT_FLOAT["fp8"]), then gets Q/DQ on its activation and its weight quantized
+    (quantize_int8.quantize_layers, quantize_fp8.insert), and with fold=True fold-qdq makes it an
+    integer / matmul_fp8 op. fold=False leaves the literal Q/DQ graph (equal within fp32 rounding,
+    and every layer's result keeps its name: what precision_search measures)."""
     default: str
     per_layer: dict = field(default_factory=dict)
     reasons: dict = field(default_factory=dict)
@@ -81,9 +90,19 @@ class PrecisionChoice:
     imported_nodes: frozenset = frozenset()  # ONNX node names at import (for the warning's hint)
     warn: Optional[Callable[[str], None]] = None  # where a pattern matching nothing is reported
     decisions: list = field(default_factory=list)  # filled by run()
+    amax: Optional[dict] = None  # calibration amax per tensor name (int8 / fp8 layers)
+    fold: bool = True
 
     def choose(self, op: Op) -> str:
-        return self.per_layer.get(layer_key(op), self.default)
+        p = self.per_layer.get(layer_key(op), self.default)
+        if p in QUANT_FLOAT:
+            return QUANT_FLOAT[p]
+        src = op.operands[0].producer if op.name == "Relu" and op.operands and op.operands[0] is not None else None
+        if src is not None and self.per_layer.get(layer_key(src)) == "int8":
+            # the Relu of an int8 layer: f32 like it, so Q(Relu(Conv)) folds (int8 flows on)
+            self.reasons[layer_key(op)] = f"the Relu of int8 layer {layer_key(src)!r} (runs with it)"
+            return "fp32"
+        return p
 
     def run(self, module: Module) -> bool:
         if self.keep_patterns:
@@ -92,9 +111,34 @@ class PrecisionChoice:
             self.per_layer = {**self.per_layer, **pinned.per_layer}
             self.reasons = {**self.reasons, **pinned.reasons}
         self.decisions = []
-        return lower_mixed(module, self.choose, self.decisions, self.reasons)
+        changed = lower_mixed(module, self.choose, self.decisions, self.reasons)
+        quant = {p: {d.result.name for d in self.decisions if self.per_layer.get(d.layer) == p and d.result is not None}
+                 for p in QUANT_FLOAT}
+        if any(quant.values()):
+            changed |= self._quantize(module, quant)
+        return changed
 
     __call__ = run
+
+    def _quantize(self, module: Module, quant: dict) -> bool:
+        from nnc.passes import fold_qdq, quantize_fp8, quantize_int8
+        if self.amax is None:
+            raise NncError("int8 / fp8 layers need the calibration table (amax); precision best takes it from --calib")
+        done = set()
+        if quant["int8"]:
+            scales = {k: v / quantize_int8.INT8_MAX for k, v in self.amax.items()}
+            done |= quantize_int8.quantize_layers(module, scales, quant["int8"])
+        if quant["fp8"]:
+            done |= quantize_fp8.insert(module, self.amax, only=quant["fp8"])
+        for d in self.decisions:
+            if d.result is not None and d.result.name in done:
+                d.wanted = d.got = self.per_layer[d.layer]
+            elif self.per_layer.get(d.layer) in QUANT_FLOAT:
+                d.wanted = self.per_layer[d.layer]
+                d.why = (d.why + "; " if d.why else "") + f"not quantizable to {d.wanted}, runs at {d.got}"
+        if self.fold:
+            fold_qdq.rewrite(module)
+        return bool(done)
 
 
 def match_keep_fp32(op: Op, pattern: str) -> bool:
@@ -205,7 +249,8 @@ def lower_mixed(module: Module, choose: Callable[[Op], str], decisions: Optional
         for r, o in zip(op.results, outs):
             cur[id(r)] = o
         if decisions is not None and is_layer(op):
-            decisions.append(Decision(layer_key(op), op.name, op.loc.node, wanted, precision_name(low), why))
+            decisions.append(Decision(layer_key(op), op.name, op.loc.node, wanted, precision_name(low), why,
+                                      outs[0] if outs else None))
     results = [get(r, r.type.dtype) for r in f.results]
     keep_output_names(f, results, names)
     f.results = results
@@ -214,7 +259,11 @@ def lower_mixed(module: Module, choose: Callable[[Op], str], decisions: Optional
 
 # ----------------------------------------------------------------------------- options
 
-SPEED_ORDER = ("fp16", "bf16", "fp32")  # fastest first under the CPU heuristic (precision_search.py)
+# fastest first under the heuristic (precision_search.HeuristicCost): int8 (the int8 tensor-core
+# kernels), then fp16 / bf16, then fp8 (its CUDA path still dequantizes into the fp16 GEMM:
+# docs/fp8.md, so it is no faster than fp16 today), then fp32
+SPEED_ORDER = ("int8", "fp16", "bf16", "fp8", "fp32")
+QUANT_FLOAT = {"int8": "fp32", "fp8": "fp16"}  # quantized layer types -> the float form they are lowered from
 DEFAULT_ALLOW = ("fp16", "bf16", "fp32")
 DEFAULT_MAX_REL_ERR = 1e-2  # the project's fp16/bf16 tolerance
 
@@ -249,9 +298,12 @@ def check_options(o) -> None:
     if not best:
         return
     for a in allow:
-        if a not in FLOAT_PRECISIONS:
-            extra = " (int8/fp8 need calibration scales, not supported yet)" if a in ("int8", "fp8") else ""
-            raise NncError(f"allow: unknown type {a!r}{extra}; expected some of {', '.join(FLOAT_PRECISIONS)}")
+        if a not in FLOAT_PRECISIONS and a not in QUANT_FLOAT:
+            raise NncError(f"allow: unknown type {a!r}; expected some of {', '.join(SPEED_ORDER)}")
+    quant = [a for a in allow if a in QUANT_FLOAT]
+    if quant and o.calib is None:
+        raise NncError(f"allow {','.join(quant)}: int8 / fp8 layers need calibration scales; pass --calib "
+                       "calib.json (from `nnc calibrate`) or a TensorRT cache, or allow only float types")
     allow = allow or DEFAULT_ALLOW
     object.__setattr__(o, "allow", tuple(p for p in SPEED_ORDER if p in allow))
     e = DEFAULT_MAX_REL_ERR if o.max_rel_err is None else o.max_rel_err
@@ -265,4 +317,6 @@ def check_options(o) -> None:
 def storage_precision(o) -> str:
     """The precision code generation is told (its cache key and plan.json's codegen view): for
     'best' the fastest allowed type, which most layers start at."""
-    return o.allow[0] if o.precision == "best" else o.precision
+    if o.precision != "best":
+        return o.precision
+    return next((p for p in o.allow if p in FLOAT_PRECISIONS), "fp32")  # int8 / fp8 layers: their float form

@@ -222,6 +222,21 @@ def quantize_weight_fp8(w: np.ndarray, axis: int, fmt: str = "f8e4m3") -> tuple[
     return q, scale
 
 
+def fp8_layer_kind(op):
+    """"gemm" for a MatMul / Gemm this pass can quantize by its form alone (a 2-D constant weight,
+    Gemm transA 0 and alpha 1), else None (result dtype and calibration are checked elsewhere)."""
+    if op.name not in ("MatMul", "Gemm") or len(op.results) != 1 or len(op.operands) < 2:
+        return None
+    if op.name == "Gemm" and (op.attrs.transA or op.attrs.alpha != 1.0):
+        return None
+    x, w = op.operands[0], op.operands[1]
+    if w.producer is None or w.producer.name != "const" or w.type.rank != 2:
+        return None
+    if x.producer is not None and x.producer.name == "const":
+        return None
+    return "gemm"
+
+
 def quantized_layers(module: Module) -> list:
     """[(op, activation operand value, weight axis along N)] for the MatMul / Gemm ops the pass
     quantizes, in graph order."""
@@ -254,9 +269,10 @@ def _calib_name(v, amax: dict) -> str:
     return v.name
 
 
-def insert(module: Module, amax: dict, fmt: str = "f8e4m3") -> int:
-    """The Q/DQ insertion (see the module docstring); returns the layers quantized."""
-    layers = quantized_layers(module)
+def insert(module: Module, amax: dict, fmt: str = "f8e4m3", only=None) -> set:
+    """The Q/DQ insertion (see the module docstring); returns the layer keys (first result names)
+    quantized. only: the layer keys to quantize (precision best's fp8 layers), None: every one."""
+    layers = [t for t in quantized_layers(module) if only is None or t[0].results[0].name in only]
     f = module.main
     for op, x, _ in layers:
         key = _calib_name(x, amax)
@@ -293,13 +309,13 @@ def insert(module: Module, amax: dict, fmt: str = "f8e4m3") -> int:
             op.operands = [repl[id(x)], wdq] + list(op.operands[2:])
         new_ops.append(op)
     f.ops = new_ops
-    return len(layers)
+    return {op.results[0].name for op, _, _ in layers}
 
 
 def make_pass(amax: dict, fmt: str = "f8e4m3"):
     """The configured pass: `amax` maps activation tensor names to their calibrated max |x|."""
     def quantize_fp8(module: Module) -> bool:
-        return insert(module, amax, fmt) > 0
+        return bool(insert(module, amax, fmt))
     return quantize_fp8
 
 

@@ -169,3 +169,61 @@ def make_pass(scales: dict[str, float]):
     def quantize_int8(module: Module) -> bool:
         return _Insert(module, scales).run()
     return quantize_int8
+
+
+def _calib_name(v, scales: dict) -> str:
+    """The table's name for activation v: its own, else (a value the precision pass cast to f32)
+    the Cast's input's."""
+    p = v.producer
+    if v.name not in scales and p is not None and p.name == "Cast" and p.operands[0].name in scales:
+        return p.operands[0].name
+    return v.name
+
+
+def quantize_layers(module: Module, scales: dict[str, float], layers) -> set:
+    """Per-layer int8 (`--precision best`): Q/DQ on the float activation operand(s) of each Conv /
+    Gemm / MatMul of @main whose layer key (its first result's name) is in `layers` and whose
+    weight is a 2-D+ f32 constant, and that weight per-channel int8 (as the pass above). One Q/DQ
+    pair per tensor, read only by the int8 layers (a float reader keeps the exact value); outputs
+    are not quantized here: the next int8 layer's input pair follows them, so fold-qdq makes
+    Q(Relu?(OP(DQ, DQ))) an int8 op and the last one an int8-in, float-out op. Returns the
+    layer keys quantized. A missing or non-positive scale is an error naming the tensor."""
+    f = module.main
+    names = NameGen(value_names(module))
+    new_ops: list = []
+    b = Builder(Region([], new_ops, []), module.weights, names)
+    pairs: dict[int, object] = {}
+    done = set()
+    for op in f.ops:
+        key = op.results[0].name if op.results else ""
+        w = op.operands[1] if op.name in QUANTIZED_OPS and len(op.operands) > 1 else None
+        if key in layers and w is not None and _is_const(w) and w.type.dtype.short == "f32" and \
+                op.results[0].type.dtype.short == "f32" and weight_axis(op, w) is not None:
+            x = op.operands[0]
+            if _is_const(x) or x.type.dtype.short not in ("f32", "f16", "bf16"):
+                new_ops.append(op)
+                continue
+            if id(x) not in pairs:
+                name = _calib_name(x, scales)
+                s = scales.get(name)
+                why = f"input 0 of {op.name} {op.loc.node or key!r}"
+                if s is None:
+                    raise NncError(f"--calib: no scale for tensor {name!r} ({why}); calibrate this model "
+                                   f"(`nnc calibrate`) with the same --shapes")
+                if not (s > 0 and np.isfinite(s)):
+                    raise NncError(f"--calib: tensor {name!r} ({why}) has scale {s!r}: it was all zeros or "
+                                   "non-finite in the calibration data")
+                sc = b.constant(np.asarray(s, np.float32), f"{name}.scale", op.loc)
+                z = b.constant(np.asarray(0, np.int8), f"{name}.zp", op.loc)
+                q = b.create("QuantizeLinear", [x, sc, z], names=[f"{name}.q"], loc=op.loc)[0]
+                pairs[id(x)] = b.create("DequantizeLinear", [q, sc, z], names=[f"{name}.dq"], loc=op.loc)[0]
+            axis = weight_axis(op, w)
+            wq, ws = quantize_weight(const_value(w, module.weights), axis)
+            qc = b.constant(wq, f"{w.name}.q", op.loc, weight_hint=f"{w.name}.q")
+            sc = b.constant(ws, f"{w.name}.scale", op.loc, weight_hint=f"{w.name}.scale")
+            wdq = b.create("DequantizeLinear", [qc, sc], {"axis": axis}, names=[f"{w.name}.dq"], loc=op.loc)[0]
+            op.operands = [pairs[id(x)], wdq] + list(op.operands[2:])
+            done.add(key)
+        new_ops.append(op)
+    f.ops = new_ops
+    return done

@@ -1,0 +1,163 @@
+"""--precision best with int8 / fp8 layers (--allow fp16,bf16,fp8,int8 --calib): each layer takes the
+fastest of its allowed types by the cost model (here the deterministic stand-in timer, or a fake
+timer the test controls), within --max-rel-err on the calibration data; sensitive quantized layers
+fall back to a float type, then fp32; int8 / fp8 without --calib is refused (test_precision_best.py's
+bad-option cases). Accuracy is re-measured on held-out digits, not read from the search's record.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import nnc
+from nnc import precision_search as ps
+
+DIGITS = Path(__file__).parent / "models" / "digits"
+SHAPES = {"input": [40, 1, 8, 8]}
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    from nnc.calibrate import calibrate
+    d = tmp_path_factory.mktemp("bestq")
+    calibrate(str(DIGITS / "digits_cnn.onnx"), DIGITS / "calib.npz", "minmax").save(d / "c.json")
+    np.savez(d / "data.npz", input=np.load(DIGITS / "calib.npz")["input"][:40])
+    return d
+
+
+def _best(calib, monkeypatch, cost, allow="fp16,bf16,fp8,int8", max_rel_err=1e-2, backend="reference", **kw):
+    monkeypatch.setattr(ps, "cost_model", lambda options: cost)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return nnc.compile(str(DIGITS / "digits_cnn.onnx"), shapes=SHAPES, backend=backend, precision="best",
+                           allow=allow, calib=calib / "c.json", calib_data=calib / "data.npz",
+                           max_rel_err=max_rel_err, **kw)
+
+
+def _layers(m) -> dict:
+    return {d["layer"]: d["precision"] for d in m.plan["layer_precision"]["layers"]}
+
+
+def _ops(m) -> list:
+    text = (m.dir / "ir" / "final.nnir").read_text()
+    return [ln.split("=", 1)[1].split("(")[0].strip() for ln in text.splitlines() if " = " in ln]
+
+
+def _holdout(m):
+    h = np.load(DIGITS / "holdout.npz")
+    ok = sum(int((m.run({"input": h["input"][i:i + 40]})["logits"].argmax(1) == h["labels"][i:i + 40]).sum())
+             for i in range(0, 360, 40))
+    return 100.0 * ok / 360
+
+
+def _rel_err_on_calib(m, calib):
+    f32 = nnc.compile(str(DIGITS / "digits_cnn.onnx"), shapes=SHAPES, backend="reference")
+    x = {"input": np.load(calib / "data.npz")["input"]}
+    a, b = f32.run(x)["logits"], m.run(x)["logits"]
+    return float(np.linalg.norm(b - a) / np.linalg.norm(a))
+
+
+class FakeTimer:
+    """Seconds per (layer, precision) from a table; unlisted pairs cost 1 s."""
+    def __init__(self, table):
+        self.table = table
+
+    def __call__(self, op, precision):
+        return self.table.get((op.results[0].name, precision), self.table.get(precision, 1.0))
+
+
+def test_stand_in_timer_picks_the_fastest_allowed_per_layer(calib, monkeypatch):
+    cost = ps.stand_in_cost()
+    m = _best(calib, monkeypatch, cost, max_rel_err=1.0)  # a loose budget: nothing moves
+    rec = m.plan["layer_precision"]["search"]
+    assert rec["cost_model"] == "stand-in" and rec["met"] and len(rec["iterations"]) == 1
+    times = rec["layer_times_s"]
+    got = _layers(m)
+    for layer, t in times.items():
+        fastest = min(t, key=lambda p: (t[p], ps.SPEED_ORDER.index(p)))
+        # a Relu after an int8 layer runs with it, at f32 (so Q(Relu(conv)) can fold)
+        assert got[layer] == fastest or (fastest in ("fp16", "bf16") and got[layer] == "fp32"
+                                         and layer.startswith("r")), (layer, t, got[layer])
+    assert set(times["c1"]) == {"int8", "fp16", "bf16"}  # no fp8 for a Conv yet ... unless enabled
+    assert got["c1"] == got["c2"] == "int8" and got["logits"] == "int8"
+    ops = _ops(m)
+    assert ops.count("ConvInteger") + ops.count("QLinearConv") == 2 and "Conv" not in ops, ops
+
+
+def test_fake_timer_choice_and_fp8_layer(calib, monkeypatch):
+    # fp8 fastest for the classifier, int8 for the first conv, fp16 elsewhere
+    table = {("logits", "fp8"): 0.1, ("c1", "int8"): 0.1, "fp16": 0.5, "bf16": 0.6, "int8": 0.9, "fp8": 0.9}
+    m = _best(calib, monkeypatch, ps.TimedCost(FakeTimer(table), "fake"), max_rel_err=1e-1)
+    got = _layers(m)
+    assert got["logits"] == "fp8" and got["c1"] == "int8" and got["c2"] == "fp16", got
+    ops = _ops(m)
+    assert "matmul_fp8" in ops and ops.count("Conv") == 1, ops
+    assert _rel_err_on_calib(m, calib) <= 1e-1
+
+
+def test_sensitive_layers_fall_back_until_the_budget_holds(calib, monkeypatch):
+    table = {"int8": 0.1, "fp8": 0.2, "fp16": 0.5, "bf16": 0.6}
+    loose = _best(calib, monkeypatch, ps.TimedCost(FakeTimer(table), "fake"), max_rel_err=1.0)
+    start_err = _rel_err_on_calib(loose, calib)
+    budget = start_err * 0.8  # the all-quantized start breaks it
+    m = _best(calib, monkeypatch, ps.TimedCost(FakeTimer(table), "fake"), max_rel_err=budget)
+    rec = m.plan["layer_precision"]["search"]
+    assert rec["met"] and not rec["fallback_all_fp32"], rec["iterations"]
+    moved = [mv for it in rec["iterations"] for mv in it.get("moved", [])]
+    assert moved and all("error contribution" in mv["why"] for mv in moved)
+    # a quantized layer falls back to a float type first
+    first = {}
+    for mv in moved:
+        first.setdefault(mv["layer"], mv["to"])
+    assert any(to == "fp16" for to in first.values()), moved
+    assert _rel_err_on_calib(m, calib) <= budget * 1.01
+    assert "int8" in _layers(m).values() or "fp8" in _layers(m).values()  # not everything moved
+
+
+def test_heuristic_picks_int8_and_never_fp8_over_fp16(calib, monkeypatch):
+    m = _best(calib, monkeypatch, ps.HeuristicCost(), max_rel_err=1e-1)
+    got = _layers(m)
+    assert got["c1"] == "int8" and "fp8" not in got.values(), got
+    acc32 = _holdout(nnc.compile(str(DIGITS / "digits_cnn.onnx"), shapes=SHAPES, backend="reference"))
+    assert acc32 - _holdout(m) <= 0.5
+
+
+def _cuda_best(calib, monkeypatch, tmp_path, cost, **kw):
+    from nnc.driver import compile_model
+    monkeypatch.setattr(ps, "cost_model", lambda options: cost)
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = compile_model(str(DIGITS / "digits_cnn.onnx"), out, options=nnc.CompileOptions(
+            shapes=SHAPES, backend="cuda", tune=False, precision="best", allow="fp16,bf16,fp8,int8",
+            calib=calib / "c.json", calib_data=calib / "data.npz", max_rel_err=1e-1, **kw))
+    return out, plan
+
+
+MIXED = {("logits", "fp8"): 0.1, "int8": 0.2, "fp16": 0.5, "bf16": 0.6, "fp8": 0.9}
+
+
+def test_int8_fp8_best_cuda_build_nvrtc_compiles(calib, monkeypatch, tmp_path):
+    out, plan = _cuda_best(calib, monkeypatch, tmp_path, ps.TimedCost(FakeTimer(MIXED), "fake"), arch="sm_90a")
+    assert list(out.glob("model.*.cubin"))
+    ops = " ".join(op for k in plan["kernels"] for op in k["ops"])
+    assert "matmul_fp8(" in ops and ("ConvInteger(" in ops or "QLinearConv(" in ops), ops
+
+
+@pytest.mark.gpu
+def test_gpu_int8_fp8_best_build_matches_interpreter(calib, monkeypatch, tmp_path):
+    out, _ = _cuda_best(calib, monkeypatch, tmp_path, ps.TimedCost(FakeTimer(MIXED), "fake"))
+    gpu, ref = nnc.load(out), nnc.load(out, backend="reference")
+    h = np.load(DIGITS / "holdout.npz")["input"]
+    for i in (0, 40):
+        feed = {"input": h[i:i + 40]}
+        got = np.asarray(gpu.run(feed, output="numpy", poison=True)["logits"], np.float32)
+        want = np.asarray(ref.run(feed, output="numpy")["logits"], np.float32)
+        assert np.all(np.isfinite(got))
+        assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+    acc = _holdout(gpu)
+    print(f"\ndigits best (int8 convs, fp8 classifier) CUDA build on the GPU: {acc:.2f}%")
+    assert acc >= 97.0
