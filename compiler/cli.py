@@ -81,12 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "--calib, the other ops fp32; fp8: MatMul/Gemm in e4m3 (activation scales amax/448 from "
                         "--calib, per-column weight scales), the other ops fp16")
     p.add_argument("--calib", default=None, metavar="FILE",
-                   help="--precision int8 / fp8: activation scales (amax), calib.json from `nnc calibrate` or a "
+                   help="--precision int8 / fp8 (or best with --allow int8/fp8): activation scales (amax), calib.json from `nnc calibrate` or a "
                         "TensorRT calibration cache (first line TRT-...)")
     p.add_argument("--keep-fp32", default="", metavar="PATTERN,...",
                    help="layers kept at fp32: ONNX node-name globs or op types (with --precision fp16/bf16/best)")
     p.add_argument("--allow", default="", metavar="TYPE,...",
-                   help="--precision best: the float types layers may take (default fp16,bf16,fp32; fp32 is the fallback)")
+                   help="--precision best: the types layers may take (default fp16,bf16,fp32; fp32 is the fallback); "
+                        "int8 / fp8 need --calib and apply to Conv/Gemm/MatMul layers with constant weights")
     p.add_argument("--max-rel-err", type=float, default=None, metavar="E",
                    help="--precision best: budget for each output's relative L2 error against fp32 (default 1e-2)")
     p.add_argument("--calib-data", default=None, metavar="NPZ_OR_DIR",
