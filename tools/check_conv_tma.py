@@ -48,7 +48,7 @@ def kind_of(p):
 
 
 def tag(p):
-    return _tag(p) + ("/tma" if W.load_kind(p) == "tma" else "")
+    return _tag(p) + (f"/split{W.split_k(p)}" if W.split_k(p) > 1 else "") + ("/tma" if W.load_kind(p) == "tma" else "")
 
 
 def conv_space(pr):
@@ -118,7 +118,7 @@ def run_shape(pool, label, N, C, H, W_, K, R, S, st, pad):
                     torch.from_numpy(W.preswizzle_b(raw, True, p["BN"])).cuda().view(tdt))
             bufs["B"] = swizzled[p["BN"]]
         try:
-            vals = tma.kernel_spec_args(spec, bufs, cache)
+            vals = tma.kernel_spec_args(spec, {**W.splitk_arrays(spec), **bufs}, cache)  # split-K: its scratch
         except Exception as e:  # noqa: BLE001 (an encode refusal is a result)
             rows.append((p, None, f"ENCODE-FAIL {type(e).__name__}: {e}"[:300]))
             continue

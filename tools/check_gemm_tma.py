@@ -8,7 +8,8 @@ same kernel with cp.async loads (and a pre-swizzled bulk B, what a weight gets) 
 Per problem (fp16 and bf16; 4096^3, 8192^3, the BERT-base batch-32 GEMMs M = 4096 with (N, K) in
 (2304, 768), (768, 768), (3072, 768), (768, 3072), B [K, N] row-major as an ONNX weight; two batch-1
 ones (M = 128); 4096^3 with B [N, K] too; a batched and a broadcast-batched case; a ragged one, M, N, K no multiples of a tile):
-every point of the declared space (TMA, cp.async, bulk B) compiled in parallel (NVRTC sm_90a), each
+every point of the declared space (TMA, TMA split-K where the grid has fewer tiles than SMs: the
+batch-1 problems, cp.async, bulk B) compiled in parallel (NVRTC sm_90a), each
 run on fresh random inputs with the output poisoned (NaN) first and checked against torch's fp32
 product (max abs error / max |ref| < 1e-2), then timed (tools/cuda_timing.time_cuda: warm-up, median
 of CUDA events; problems under 20 GFLOP as CUDA-graph replays of 20 launches, torch too, which also
@@ -53,11 +54,13 @@ PROBLEMS = [
 
 
 def tma_tag(p):
-    return _tag(p) + ("/tma" if W.load_kind(p) == "tma" else "")
+    return _tag(p) + (f"/split{W.split_k(p)}" if W.split_k(p) > 1 else "") + ("/tma" if W.load_kind(p) == "tma" else "")
 
 
 def kind_of(p):
-    return "tma" if W.load_kind(p) == "tma" else ("bulk" if p.get("b_bulk") else "cp.async")
+    if W.load_kind(p) == "tma":
+        return "split" if W.split_k(p) > 1 else "tma"
+    return "bulk" if p.get("b_bulk") else "cp.async"
 
 
 def problem_of(M, N, K, dt, trans_b, batch, b_shared):
@@ -137,7 +140,7 @@ def run_problem(pool, label, M, N, K, trans_b, batch, b_shared, dt):
                 swizzled[p["BN"]] = torch.from_numpy(W.preswizzle_b(raw, trans_b, p["BN"])).cuda().view(tdt)
             bb = dict(bufs, B=cupy.from_dlpack(swizzled[p["BN"]]))
         try:
-            vals = tma.kernel_spec_args(spec, bb, cache)
+            vals = tma.kernel_spec_args(spec, {**W.splitk_arrays(spec), **bb}, cache)  # split-K: its scratch
         except Exception as e:  # noqa: BLE001 (an encode refusal is a result)
             rows.append((p, None, f"ENCODE-FAIL {type(e).__name__}: {e}"[:300]))
             continue
@@ -164,11 +167,11 @@ def run_problem(pool, label, M, N, K, trans_b, batch, b_shared, dt):
     tms = _graph_timed_torch(tfn) if graphs else _timed(tfn, 1)
     print(f"\n== {label} {dt} {nb}x{M}x{N}x{K}{' B[N,K]' if trans_b else ''}: torch {tms * 1e3:.1f} us "
           f"{flops / tms / 1e9:.1f} TFLOP/s{' (graph-timed)' if graphs else ''}", flush=True)
-    tma_model = min((p for p, _, _ in rows if kind_of(p) == "tma"), default=None,
+    tma_model = min((p for p, _, _ in rows if kind_of(p) in ("tma", "split")), default=None,
                     key=lambda p: W.modelled_time(pr, p, SM90A))
     # the fastest three of each kind, the heuristic's picks, and every point that is not ok
     shown = []
-    for kind in ("tma", "cp.async", "bulk"):
+    for kind in ("tma", "split", "cp.async", "bulk"):
         shown += sorted([r for r in rows if kind_of(r[0]) == kind and r[1] is not None], key=lambda r: r[1])[:3]
     shown += [r for r in rows if (r[0] == tma_default or r[0] == tma_model) and r not in shown]
     bad = [r for r in rows if r[1] is None and r not in shown]
@@ -189,8 +192,8 @@ def run_problem(pool, label, M, N, K, trans_b, batch, b_shared, dt):
     dflt = next(((p, ms) for p, ms, _ in rows if p == tma_default), None)
     tma_pick = next(((p, ms) for p, ms, _ in rows if p == tma_model), None)
     return dict(label=label, dtype=dt, M=M, N=N, K=K, nb=nb, flops=flops, torch_ms=tms,
-                tma=best("tma"), cp=best("cp.async"), bulk=best("bulk"), heuristic=dflt, tma_pick=tma_pick,
-                n_tma=sum(1 for p, _, _ in rows if kind_of(p) == "tma"),
+                tma=best("tma"), split=best("split"), cp=best("cp.async"), bulk=best("bulk"), heuristic=dflt,
+                tma_pick=tma_pick, n_tma=sum(1 for p, _, _ in rows if kind_of(p) in ("tma", "split")),
                 wrong=[(tma_tag(p), st) for p, _, st in rows if not st.startswith("ok")])
 
 
@@ -233,9 +236,9 @@ def main():
 
 
 def print_table(res: list) -> None:
-    print("\n| problem | dtype | torch TFLOP/s | TMA best | TMA / torch | cp.async best | bulk-B best | best old / torch "
-          "| model's TMA pick | heuristic | wrong (of which TMA) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| problem | dtype | torch TFLOP/s | TMA best | TMA / torch | TMA split-K best | split / torch | cp.async best "
+          "| bulk-B best | best old / torch | model's TMA pick | heuristic | wrong (of which TMA) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res:
         if "failed" in r:
             print(f"| {r['label']} | {r['dtype']} | FAILED: {r['failed']} |")
@@ -244,7 +247,8 @@ def print_table(res: list) -> None:
         old_ratio = "-" if old is None else f"{r['torch_ms'] / old[1]:.2f}"
         n_wrong_tma = sum(1 for t, _ in r["wrong"] if t.endswith("/tma"))
         print(f"| {r['label']} {r['nb']}x{r['M']}x{r['N']}x{r['K']} | {r['dtype']} | {r['flops'] / r['torch_ms'] / 1e9:.0f} | "
-              f"{cell(r, 'tma')} | {ratio(r, 'tma')} | {cell(r, 'cp')} | {cell(r, 'bulk')} | {old_ratio} | "
+              f"{cell(r, 'tma')} | {ratio(r, 'tma')} | {cell(r, 'split')} | {ratio(r, 'split')} | {cell(r, 'cp')} | "
+              f"{cell(r, 'bulk')} | {old_ratio} | "
               f"{cell(r, 'tma_pick')} | {cell(r, 'heuristic')} | {len(r['wrong'])} ({n_wrong_tma} of {r['n_tma']}) |")
 
 

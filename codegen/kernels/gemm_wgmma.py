@@ -113,6 +113,11 @@ def _valid(p: dict, target: Target, im2col: bool = False) -> bool:
         return False
     if load_kind(p) == "tma" and (p.get("b_bulk") or lag(p) != 0):  # (im2col: im2col_tma_fits, in render)
         return False
+    sk = p.get("SPLIT_K", 1)
+    if not isinstance(sk, int) or isinstance(sk, bool) or not 1 <= sk <= 65535:
+        return False
+    if sk > 1 and (load_kind(p) != "tma" or persistent(p)):  # split-K: TMA, a CTA a (tile, split)
+        return False
     if pingpong(p) and (p["CW"] != 2 or ctas_per_sm(p) != 1 or lag(p) != 0):
         return False
     rows = p["BM"] if pingpong(p) else p["BM"] // p["CW"]
@@ -137,6 +142,10 @@ def setmaxnreg(p: dict):
     if p["CW"] != 2 or ctas_per_sm(p) != 1:
         return None
     return 40, 232
+
+
+def split_k(p: dict) -> int:
+    return int(p.get("SPLIT_K", 1))
 
 
 def lag(p: dict) -> int:
@@ -295,7 +304,41 @@ def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bul
         tma_points = [dict(p, LOAD="tma") for p in out] + [
             dict(p, swizzle=gemm.GROUP_M) for p in deep
             if _valid(p, target, im2col) and gemm._size_ok(p["BM"], problem.M) and gemm._size_ok(p["BN"], problem.N)]
-    return ([dict(p, b_bulk=True) for p in out or [smallest]] + plain + tma_points) if b_bulk else plain + tma_points
+    # split-K (TMA, a CTA a tile): grids of fewer tiles than SMs with long K (split_points)
+    split = [dict(p, SPLIT_K=sk) for p in tma_points if not persistent(p) for sk in split_points(problem, p, target)]
+    return ([dict(p, b_bulk=True) for p in out or [smallest]] + plain + tma_points + split) if b_bulk \
+        else plain + tma_points + split
+
+
+# Split-K on the TMA points (SPLIT_K = S > 1, gemm.py's scheme and scratch: gemm.splitk_workspace's
+# fp32 partials and per-tile counters, bound by gemm_lowering.emit_spec, the counters zeroed once a
+# run): CTA (tile, s) runs k-tiles [s KT / S, (s + 1) KT / S), stores its partial, the last of the
+# tile adds them in split order and runs the epilogue. For batch-1 GEMMs (M ~ 128: a few tiles on
+# 132 SMs). NOT MEASURED yet: the heuristic splits only when the model gives it
+# gemm.SPLIT_K_MIN_GAIN of the best unsplit point's time; the timed selector races them.
+SPLIT_MIN_K_TILES = 3  # k-tiles a split runs at least (the TMA ring needs no warm-up of its own)
+
+
+def split_points(problem: gemm.GemmProblem, p: dict, target: Target = DEFAULT_TARGET) -> list[int]:
+    """The SPLIT_K values (> 1) of gemm.SPLIT_K_SPACE TMA point p may run with: the unsplit grid has
+    fewer tiles than SMs; the split grid is at most one wave of resident CTAs and at most
+    gemm.SPLIT_K_MAX_PER_SM CTAs an SM; every split runs SPLIT_MIN_K_TILES k-tiles or more; the
+    partials fit in half of L2."""
+    if load_kind(p) != "tma" or persistent(p):
+        return []
+    tiles = cdiv(problem.M, p["BM"]) * cdiv(problem.N, p["BN"]) * problem.nbatch
+    if tiles >= target.sm_count:
+        return []
+    k_tiles = cdiv(problem.K, BK)
+    wave = target.sm_count * ctas_per_sm(p)
+    out = []
+    for sk in gemm.SPLIT_K_SPACE:
+        if k_tiles // sk < SPLIT_MIN_K_TILES or tiles * sk > min(wave, gemm.SPLIT_K_MAX_PER_SM * target.sm_count):
+            continue
+        if gemm.splitk_workspace(problem, dict(p, SPLIT_K=sk))[0] * 4 > target.l2_bytes // 2:
+            continue
+        out.append(sk)
+    return out
 
 
 def mn_major_loads_ok(problem: gemm.GemmProblem, p: dict) -> bool:
@@ -370,10 +413,16 @@ def modelled_time(problem: gemm.GemmProblem, p: dict, target: Target = DEFAULT_T
 
 
 def _tma_time(p: dict, K: int, eff: float, tiles: int, target: Target) -> float:
-    """modelled_time of a TMA point: a tile's mainloop, and its fill + epilogue, at one SM's rate."""
+    """modelled_time of a TMA point: a tile's mainloop, and its fill + epilogue, at one SM's rate
+    (split-K: K / S a CTA, tiles x S CTAs, plus gemm.py's split costs: the fences and atomics, the
+    last CTA's read of the other S - 1 partials)."""
     sms, rate = target.sm_count, R_INF_TMA * eff / target.sm_count
-    main = 2.0 * p["BM"] * p["BN"] * K / rate
+    sk = split_k(p)
+    main = 2.0 * p["BM"] * p["BN"] * cdiv(K, sk) / rate
     epi = 2.0 * p["BM"] * p["BN"] * K_EPI_TMA / rate
+    if sk > 1:
+        return (cdiv(tiles * sk, ctas_per_sm(p) * sms) * ctas_per_sm(p) * main + epi + TMA_FIXED_S
+                + gemm.SPLIT_K_FIXED_S + (sk - 1) * p["BM"] * p["BN"] * 4 / gemm.SPLIT_K_PARTIAL_BPS)
     if pingpong(p):
         return cdiv(tiles, sms) * main + epi + TMA_FIXED_S
     if ctas_per_sm(p) == 2:
@@ -386,17 +435,25 @@ def _tma_time(p: dict, K: int, eff: float, tiles: int, target: Target) -> float:
 def default_params(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bulk: bool = False,
                    im2col: bool = False, im2col_tma: bool = False) -> dict:
     """The point of the smallest modelled time (one CTA per SM: the ring takes most of shared
-    memory, so big tiles win unless they leave most SMs idle)."""
-    return min(candidates(problem, target, b_bulk, im2col, im2col_tma),
-               key=lambda p: modelled_time(problem, p, target, im2col))
+    memory, so big tiles win unless they leave most SMs idle); a split-K point only when its
+    modelled time is at most gemm.SPLIT_K_MIN_GAIN of the best unsplit point's."""
+    cands = candidates(problem, target, b_bulk, im2col, im2col_tma)
+    t = lambda p: modelled_time(problem, p, target, im2col)  # noqa: E731
+    best = min((p for p in cands if split_k(p) == 1), key=t)
+    split = [p for p in cands if split_k(p) > 1]
+    if split:
+        s_best = min(split, key=t)
+        if t(s_best) <= gemm.SPLIT_K_MIN_GAIN * t(best):
+            return s_best
+    return best
 
 
 def grid_of(problem: gemm.GemmProblem, p: dict, target: Target = DEFAULT_TARGET) -> tuple:
-    """(x, 1, batches): a CTA per tile, or for a persistent point at most one per resident CTA slot
+    """(x, 1 or SPLIT_K, batches): a CTA per tile (and split), or for a persistent point at most one per resident CTA slot
     (SM count x CTAS), spread over the batches; the kernel strides its tiles by the grid either way."""
     tiles = cdiv(problem.M, p["BM"]) * cdiv(problem.N, p["BN"])
     if not persistent(p):
-        return tiles, 1, problem.nbatch
+        return tiles, split_k(p), problem.nbatch  # split-K: blockIdx.y is the split
     slots = target.sm_count * ctas_per_sm(p)
     return max(1, min(tiles, cdiv(slots, problem.nbatch))), 1, problem.nbatch
 
@@ -418,6 +475,8 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
     bulk = bool(params.get("b_bulk", False))
     if bulk and (pr.nbatch > 1 and any(pr.stride_b)):
         raise ValueError("wgmma GEMM: a pre-swizzled B must be one matrix (no batch strides)")
+    if split_k(params) > cdiv(pr.K, BK):
+        raise ValueError(f"wgmma GEMM: SPLIT_K {split_k(params)} exceeds the {cdiv(pr.K, BK)} k-tiles")
     if not 0 <= lag(params) <= params["STAGES"] - 2:
         raise ValueError(f"wgmma GEMM: LAG must be in 0..STAGES-2, got {params}")
     ctx = dict(BM=params["BM"], BN=params["BN"], BK=BK, STAGES=params["STAGES"], CW=params["CW"], LAG=lag(params),
@@ -439,6 +498,8 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
         if pr.trans_a or not pr.trans_b or pr.nbatch != 1:
             raise ValueError("wgmma conv: A must be the im2col rows (K-major), B [K_out, R*S*C], one batch")
         ctx.update(a_im2col=True, **im2col)
+    if split_k(params) > 1:  # only when set: unsplit kernels keep their names and sources
+        ctx["split_k"] = split_k(params)
     if params.get("probe"):  # measurement only (tools/bench_gemm_wgmma.py --probe): wrong results
         ctx["probe"] = str(params["probe"])
     ctx.update(act_ctx(pr.act, dict(pr.act_params)))
@@ -452,12 +513,26 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
     src = render_template(TEMPLATE, **ctx)
     grid = grid_of(pr, params, target)
     args = gemm.kernel_args(pr, ctype, to, ctx)
+    if split_k(params) > 1:  # scratch emit_spec binds (gemm_lowering.splitk_scratch): the value is its element count
+        ws, counters = gemm.splitk_workspace(pr, params)
+        args += [("ws", "float*", ws), ("tile_counters", "int*", counters)]
     if tma:
         assert args[0][0] == "A" and args[1][0] == "B"  # the specs' "arg" indices
         args += [("tmA", tmap.TMAP_CTYPE, tmap.spec_dict(spec_a)), ("tmB", tmap.TMAP_CTYPE, tmap.spec_dict(spec_b))]
     return KernelSpec(source=src, name=ctx["name"], grid=grid, block=(128 * (params["CW"] + 1), 1, 1),
                       smem=smem_bytes(params, im2col is not None), args=args,
                       params=dict(params, BK=BK, family="wgmma", template=TEMPLATE))
+
+
+def splitk_arrays(spec: KernelSpec) -> dict:
+    """Zeroed device scratch for a rendered split-K spec's ws / tile_counters args (tools and tests
+    that launch a KernelSpec directly; a compiled model gets them from gemm_lowering.emit_spec): {}
+    for an unsplit one. The kernel leaves the counters zero again, so the arrays serve any number of
+    launches. GPU only (cupy)."""
+    import cupy
+    kinds = {"float*": cupy.float32, "int*": cupy.int32}
+    return {name: cupy.zeros(max(int(n), 1), kinds[ct]) for name, ct, n in spec.args
+            if name in ("ws", "tile_counters")}
 
 
 # ---------------------------------------------------------------- the Variants (MatMul, Gemm)
