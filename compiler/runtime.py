@@ -106,6 +106,7 @@ class Module(api.Module):
     """A compiled model loaded on the current CUDA device (the interface: nnc.api.Module)."""
 
     backend = "cuda"
+    runtime_sizes: dict = {}  # plan.json "runtime_sizes" of a range build (set by __init__)
 
     def __init__(self, out_dir, verify_weights: bool = True, cuda_graph: bool = True):
         self.dir = Path(out_dir)
@@ -306,7 +307,7 @@ class Module(api.Module):
     def uses_cuda_graph(self) -> bool:
         """True when run() replays the captured CUDA graph (False: eager launches; a range build:
         one graph per distinct shape, unless a capture failed)."""
-        if self.runtime_sizes:
+        if getattr(self, "runtime_sizes", None):
             return self._range_graphs and self.graph_fallback is None
         return self.graph is not None
 
@@ -443,7 +444,7 @@ class Module(api.Module):
         else:
             st = stream
         with st:
-            if self.runtime_sizes:
+            if getattr(self, "runtime_sizes", None):
                 result = self._run_range(inputs, sel, output, out, poison, st)
             elif self.graph is not None:
                 result = self._run_graph(self._feed((inputs,), {}, upload=False), sel, output, out, poison, st)
@@ -547,7 +548,7 @@ class Module(api.Module):
         """A new execution context (nnc.api.Module.context; a nnc.contexts.CudaContext): its own arena, streams, I/O buffers
         and CUDA graph; `slots` pipelined request buffers for run_async (see CudaContext)."""
         from .contexts import CudaContext
-        if self.runtime_sizes:
+        if getattr(self, "runtime_sizes", None):
             raise NncError(f"{self.dir}: execution contexts of a range-profile build (runtime sizes) are not "
                            f"supported yet; use the module's run()")
         return CudaContext(self, slots=slots)
