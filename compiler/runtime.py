@@ -195,6 +195,7 @@ class Module(api.Module):
         self._out_bufs = [cp.empty(t.get("max_shape", t["shape"]), _dev_dtype(t["dtype"])) for t in self.plan["outputs"]]
         self._eager_bufs = (self._in_bufs, self._out_bufs)
         self._capture_stream = cp.cuda.Stream(non_blocking=True)
+        self._out_index = {t["name"]: i for i, t in enumerate(self.plan["outputs"])}
         self.graph_fallback = None if cuda_graph else "cuda_graph=False"
 
     def _range_launches(self, env: dict) -> list:
@@ -243,7 +244,10 @@ class Module(api.Module):
                     self._in_bufs, self._out_bufs, st, launches, capture=True))
                 if graph is None:
                     self.graph_fallback = why
-            entry = (launches, graph)
+            from .codegen.runtime_sizes import runtime_shape
+            where = f"{self.dir}/plan.json"
+            shapes = [tuple(runtime_shape(t, env, where)) for t in self.plan["outputs"]]
+            entry = (launches, graph, shapes)
             while len(self._shape_cache) >= self.GRAPH_CACHE:
                 self._shape_cache.pop(next(iter(self._shape_cache)))
         self._shape_cache[key] = entry  # most recently used last
@@ -252,14 +256,13 @@ class Module(api.Module):
     def _run_range(self, inputs, sel, output, out, poison, st) -> dict:
         """A run of a range build: inputs into the prefixes of the owned max-size buffers, this
         shape's graph (captured at its first run) or its launches, outputs cut to this run's shape."""
-        from .codegen.runtime_sizes import runtime_shape
         cp = self._cp
         rt = cp.cuda.runtime
         if not isinstance(inputs, dict):
             raise InputError(f"run(inputs): expected a dict {{input name: array}}, given {type(inputs).__name__}")
         env = self.bind_shapes(inputs)
         arrays = self._feed((inputs,), {}, upload=False)
-        launches, graph = self._shape_entry(env)
+        launches, graph, shapes = self._shape_entry(env)
         for arr, buf in zip(arrays, self._in_bufs):
             if not arr.size:
                 continue
@@ -278,26 +281,24 @@ class Module(api.Module):
             graph.launch(st)
         else:
             self._execute(self._in_bufs, self._out_bufs, st, launches)
-        index = {t["name"]: i for i, t in enumerate(self.plan["outputs"])}
+        index = self._out_index
         res = {}
-        for n in sel:
+        for n in sel:  # this run's output: the contiguous prefix of the max-size buffer
             i = index[n]
-            t, buf = self.plan["outputs"][i], self._out_bufs[i]
-            shape = runtime_shape(t, env, f"{self.dir}/plan.json")
-            view = buf.reshape(-1)[: int(np.prod(shape))].reshape(shape)
+            buf, shape = self._out_bufs[i], shapes[i]
             if output == "numpy":
-                a = np.empty(view.shape, view.dtype)
+                a = np.empty(shape, buf.dtype)
                 if a.nbytes:
-                    rt.memcpyAsync(a.ctypes.data, view.data.ptr, a.nbytes, 2, st.ptr)
+                    rt.memcpyAsync(a.ctypes.data, buf.data.ptr, a.nbytes, 2, st.ptr)
                 res[n] = a
             else:
                 o = (out or {}).get(n)
                 if o is None:
-                    o = cp.empty(shape, view.dtype)
-                elif list(o.shape) != list(shape) or o.dtype != view.dtype or not o.flags.c_contiguous:
-                    raise InputError(f"out[{n!r}]: expected contiguous {t['dtype']}{shape}")
+                    o = cp.empty(shape, buf.dtype)
+                elif tuple(o.shape) != shape or o.dtype != buf.dtype or not o.flags.c_contiguous:
+                    raise InputError(f"out[{n!r}]: expected contiguous {self.plan['outputs'][i]['dtype']}{list(shape)}")
                 if o.nbytes:
-                    rt.memcpyAsync(o.data.ptr, view.data.ptr, o.nbytes, 3, st.ptr)
+                    rt.memcpyAsync(o.data.ptr, buf.data.ptr, o.nbytes, 3, st.ptr)
                 res[n] = o
         if output == "numpy":
             st.synchronize()

@@ -194,6 +194,11 @@ def test_cuda_runtime_evaluates_grids_and_sizes_per_shape(enc_build):
     assert [(l[2], [a[1] for a in l[5]]) for l in at_max] == [(l[2], [a[1] for a in l[5]]) for l in m._launches]
     with pytest.raises(InputError):
         m.bind_shapes({"x": np.zeros((3, 77, 64), np.float32)})
+    m._range_graphs, m._shape_cache = False, {}  # eager: the entry without a graph
+    for b, s in [(1, 77), (2, 5)] * 3 + [(1, s) for s in range(1, 12)]:
+        launches, graph, shapes = m._shape_entry({"B": b, "S": s})
+        assert graph is None and shapes == [(b, s, 64)]
+    assert len(m._shape_cache) == Module.GRAPH_CACHE and ((("B", 1), ("S", 11))) in m._shape_cache
 
 
 CAPI_MAIN = r"""
