@@ -444,7 +444,7 @@ def test_gpu_every_space_point(variant):
     from nnc.codegen.kernels import gemm_sparse24 as G
     m = sparse_module(150, 320, 264, bias=True, seed=11)
     pr = problem_of(m)
-    v = G.MMA_SP if variant.endswith("mma") else G.WGMMA_SP
+    v = {"gemm_sparse24.mma": G.MMA_SP, "gemm_sparse24.wgmma": G.WGMMA_SP}[variant]
     assert v.check(pr)
     feed = random_x(m, seed=12)
     want = reference(m, feed).astype(np.float32)

@@ -99,7 +99,7 @@ def reference(m, feed, step=None):
     op = _op(m)
     v, meta = (const_value(o, m.weights) for o in op.operands[1:3])
     w = decompress(v, meta).astype(np.float32)
-    x = next(iter(feed.values()))
+    x = next(iter(feed.values())).astype(op.operands[0].type.dtype.np)  # (a bf16 build casts its f32 input)
     x2 = x.reshape(-1, w.shape[0])
     y = x2[::step or 1].astype(np.float32) @ w
     if len(op.operands) > 3 and op.operands[3] is not None:
