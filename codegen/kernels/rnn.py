@@ -337,6 +337,11 @@ def recurrence_fits(spec: RecurrenceSpec, target: Target) -> Fit:
 
 
 SMALL_BATCH = 4  # up to this batch the space also has a quarter of the blocks a direction
+# ... and the heuristic (FMA step) takes the most blocks that give each at least this many rows of R
+# (gates x hidden units). Measured (tools/bench_rnn.py, H200, 2026-12-03, b1 fp16, ms, all blocks ->
+# a quarter): RNN 2x256 (2 -> 8 rows) tagged 0.733 -> 0.500, barrier 0.920 -> 0.916; LSTM 2x512
+# (16 -> 64 rows) tagged 0.430 -> 0.519, barrier 0.587 -> 0.770
+MIN_ROWS_SMALL_BATCH = 8
 
 
 def recurrence_space(spec: RecurrenceSpec, target: Target) -> list[dict]:
@@ -390,6 +395,11 @@ def recurrence_default(spec: RecurrenceSpec, target: Target, space: Optional[lis
         if pts:  # the cheapest-modelled blocks a direction and warps (ties: the space's order)
             return dict(min(pts, key=lambda p: point_cost(spec, p)))
     space = [p for p in space if not p.get("step_mma")] or space
+    if spec.B <= SMALL_BATCH:  # latency-bound: the most blocks a direction that still give each MIN_ROWS rows
+        roomy = [p for p in space if spec.gates * point_layout(spec, p)["HS"] >= MIN_ROWS_SMALL_BATCH]
+        if roomy:
+            most = max(p["nsb"] for p in roomy)
+            space = [p for p in roomy if p["nsb"] == most]
     for p in space:
         if (p["sync"] == DEFAULT_SYNC and p.get("kperm", False) == DEFAULT_KPERM
                 and p.get("stage_batch", False) == DEFAULT_STAGE_BATCH):

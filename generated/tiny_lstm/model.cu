@@ -318,7 +318,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_matmul_0(const float* __re
 // ============================================================================
 // kernel nnc_rnn_sync_init_1
 // template: rnn.cu.j2
-// params: {"NHWORDS":0,"NWORDS":32,"kind":"LSTM","selected":{"params":{"kperm":false,"ks":8,"mma_warps":null,"nsb":32,"r_smem":true,"stage_batch":false,"step_mma":false,"sync":"barrier","tb":1,"threads":32,"tr":1},"variant":"recurrence.persistent"},"variant":"sync_init"}
+// params: {"NHWORDS":0,"NWORDS":32,"kind":"LSTM","selected":{"params":{"kperm":false,"ks":8,"mma_warps":null,"nsb":16,"r_smem":true,"stage_batch":false,"step_mma":false,"sync":"barrier","tb":1,"threads":64,"tr":1},"variant":"recurrence.persistent"},"variant":"sync_init"}
 // implements:
 //   %seq0: f32[8,1,32] = recurrence(%Y0.proj: f32[8,1,128], %R0: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32, y_layout=sbdh}
 //   %Y1: f32[8,1,1,32], %Yh1: f32[1,1,32] = recurrence(%Y1.proj: f32[8,1,128], %R1: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32}
@@ -331,7 +331,7 @@ extern "C" __global__ void nnc_rnn_sync_init_1(unsigned int* __restrict__ sync_w
 // ============================================================================
 // kernel nnc_coop_lstm_step_2
 // template: rnn.cu.j2
-// params: {"B":1,"BP":1,"D":1,"H":32,"HP":32,"HS":1,"KPERM":false,"KS":8,"NG":4,"NSB":32,"NTHR":32,"ROWSP":4,"R_BYTES":512,"R_SMEM":true,"S":8,"STAGE_BATCH":false,"STEP_MMA":false,"TAG_U":1,"TB":1,"TR":1,"VEC":4,"acts":[[{"alpha":0.0,"beta":0.0,"kind":"sigmoid"},{"alpha":0.0,"beta":0.0,"kind":"tanh"},{"alpha":0.0,"beta":0.0,"kind":"tanh"}]],"clip":null,"direction":"forward","g_sb":128,"g_sd":128,"g_st":128,"gt":"float","has_c0":false,"has_h0":false,"has_lens":false,"has_p":false,"has_rbh":false,"has_y":true,"has_yc":false,"has_yh":false,"ht":"float","input_forget":false,"kind":"LSTM","layout":0,"lbr":tr...
+// params: {"B":1,"BP":1,"D":1,"H":32,"HP":32,"HS":2,"KPERM":false,"KS":8,"NG":4,"NSB":16,"NTHR":64,"ROWSP":8,"R_BYTES":1024,"R_SMEM":true,"S":8,"STAGE_BATCH":false,"STEP_MMA":false,"TAG_U":1,"TB":1,"TR":1,"VEC":4,"acts":[[{"alpha":0.0,"beta":0.0,"kind":"sigmoid"},{"alpha":0.0,"beta":0.0,"kind":"tanh"},{"alpha":0.0,"beta":0.0,"kind":"tanh"}]],"clip":null,"direction":"forward","g_sb":128,"g_sd":128,"g_st":128,"gt":"float","has_c0":false,"has_h0":false,"has_lens":false,"has_p":false,"has_rbh":false,"has_y":true,"has_yc":false,"has_yh":false,"ht":"float","input_forget":false,"kind":"LSTM","layout":0,"lbr":t...
 // implements:
 //   %seq0: f32[8,1,32] = recurrence(%Y0.proj: f32[8,1,128], %R0: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32, y_layout=sbdh}
 // ============================================================================
@@ -356,20 +356,20 @@ __device__ __forceinline__ void nnc_coop_lstm_step_2_ldr(const float* p, float* 
   const float4 v = *reinterpret_cast<const float4*>(p);
   o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
 }
-extern "C" __global__ void __launch_bounds__(32, 1) nnc_coop_lstm_step_2(
+extern "C" __global__ void __launch_bounds__(64, 1) nnc_coop_lstm_step_2(
     const float* __restrict__ g, const float* __restrict__ rw,
     float* hbuf, unsigned int* sync_words,
     float* __restrict__ y,
     int unused) {
-  constexpr int S = 8, NB = 1, H = 32, HS = 1, NSB = 32, NG = 4;
-  constexpr int HP = 32, ROWSP = 4, BP = 1, TR = 1, TB = 1, KS = 8, VEC = 4;
-  constexpr int NTR = 4, NTILE = 4, NKV = 8;
+  constexpr int S = 8, NB = 1, H = 32, HS = 2, NSB = 16, NG = 4;
+  constexpr int HP = 32, ROWSP = 8, BP = 1, TR = 1, TB = 1, KS = 8, VEC = 4;
+  constexpr int NTR = 8, NTILE = 8, NKV = 8;
   constexpr int64_t DBH = (int64_t)1 * NB * H;
   (void)S; (void)unused;
   if (gridDim.x != 1 * NSB) __trap();  // a clamped grid: blocks would wait for slices nobody runs
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* rs = reinterpret_cast<float*>(smem_raw);                       // [ROWSP][HP]
-  float* hsm = reinterpret_cast<float*>(smem_raw + 512);            // [BP][HP]
+  float* hsm = reinterpret_cast<float*>(smem_raw + 1024);            // [BP][HP]
   float* accs = hsm + BP * HP;                                                 // [BP][ROWSP]
   const int tid = threadIdx.x;
   const int d = blockIdx.x / NSB, slice = blockIdx.x % NSB;
@@ -533,7 +533,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_matmul_3(const float* __re
 // ============================================================================
 // kernel nnc_coop_lstm_step_4
 // template: rnn.cu.j2
-// params: {"B":1,"BP":1,"D":1,"H":32,"HP":32,"HS":1,"KPERM":false,"KS":8,"NG":4,"NSB":32,"NTHR":32,"ROWSP":4,"R_BYTES":512,"R_SMEM":true,"S":8,"STAGE_BATCH":false,"STEP_MMA":false,"TAG_U":1,"TB":1,"TR":1,"VEC":4,"acts":[[{"alpha":0.0,"beta":0.0,"kind":"sigmoid"},{"alpha":0.0,"beta":0.0,"kind":"tanh"},{"alpha":0.0,"beta":0.0,"kind":"tanh"}]],"clip":null,"direction":"forward","g_sb":128,"g_sd":128,"g_st":128,"gt":"float","has_c0":false,"has_h0":false,"has_lens":false,"has_p":false,"has_rbh":false,"has_y":false,"has_yc":false,"has_yh":true,"ht":"float","input_forget":false,"kind":"LSTM","layout":0,"lbr":tr...
+// params: {"B":1,"BP":1,"D":1,"H":32,"HP":32,"HS":2,"KPERM":false,"KS":8,"NG":4,"NSB":16,"NTHR":64,"ROWSP":8,"R_BYTES":1024,"R_SMEM":true,"S":8,"STAGE_BATCH":false,"STEP_MMA":false,"TAG_U":1,"TB":1,"TR":1,"VEC":4,"acts":[[{"alpha":0.0,"beta":0.0,"kind":"sigmoid"},{"alpha":0.0,"beta":0.0,"kind":"tanh"},{"alpha":0.0,"beta":0.0,"kind":"tanh"}]],"clip":null,"direction":"forward","g_sb":128,"g_sd":128,"g_st":128,"gt":"float","has_c0":false,"has_h0":false,"has_lens":false,"has_p":false,"has_rbh":false,"has_y":false,"has_yc":false,"has_yh":true,"ht":"float","input_forget":false,"kind":"LSTM","layout":0,"lbr":t...
 // implements:
 //   %Y1: f32[8,1,1,32], %Yh1: f32[1,1,32] = recurrence(%Y1.proj: f32[8,1,128], %R1: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32}
 // ============================================================================
@@ -558,20 +558,20 @@ __device__ __forceinline__ void nnc_coop_lstm_step_4_ldr(const float* p, float* 
   const float4 v = *reinterpret_cast<const float4*>(p);
   o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
 }
-extern "C" __global__ void __launch_bounds__(32, 1) nnc_coop_lstm_step_4(
+extern "C" __global__ void __launch_bounds__(64, 1) nnc_coop_lstm_step_4(
     const float* __restrict__ g, const float* __restrict__ rw,
     float* hbuf, unsigned int* sync_words,
     float* __restrict__ yh,
     int unused) {
-  constexpr int S = 8, NB = 1, H = 32, HS = 1, NSB = 32, NG = 4;
-  constexpr int HP = 32, ROWSP = 4, BP = 1, TR = 1, TB = 1, KS = 8, VEC = 4;
-  constexpr int NTR = 4, NTILE = 4, NKV = 8;
+  constexpr int S = 8, NB = 1, H = 32, HS = 2, NSB = 16, NG = 4;
+  constexpr int HP = 32, ROWSP = 8, BP = 1, TR = 1, TB = 1, KS = 8, VEC = 4;
+  constexpr int NTR = 8, NTILE = 8, NKV = 8;
   constexpr int64_t DBH = (int64_t)1 * NB * H;
   (void)S; (void)unused;
   if (gridDim.x != 1 * NSB) __trap();  // a clamped grid: blocks would wait for slices nobody runs
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* rs = reinterpret_cast<float*>(smem_raw);                       // [ROWSP][HP]
-  float* hsm = reinterpret_cast<float*>(smem_raw + 512);            // [BP][HP]
+  float* hsm = reinterpret_cast<float*>(smem_raw + 1024);            // [BP][HP]
   float* accs = hsm + BP * HP;                                                 // [BP][ROWSP]
   const int tid = threadIdx.x;
   const int d = blockIdx.x / NSB, slice = blockIdx.x % NSB;
@@ -886,10 +886,10 @@ int run_phase(nnc_tiny_lstm* m, cudaStream_t stream, const void* const* inputs, 
     int dev = 0, sms = 1, per_sm = 1;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, nnc_coop_lstm_step_2, 32, 656);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, nnc_coop_lstm_step_2, 64, 1184);
     const int cap = per_sm * sms > 0 ? per_sm * sms : 1;
-    e = cudaLaunchCooperativeKernel((const void*)nnc_coop_lstm_step_2, dim3(32 < cap ? 32 : cap, 1, 1),
-                                    dim3(32, 1, 1), kargs, 656, stream);
+    e = cudaLaunchCooperativeKernel((const void*)nnc_coop_lstm_step_2, dim3(16 < cap ? 16 : cap, 1, 1),
+                                    dim3(64, 1, 1), kargs, 1184, stream);
     if (e != cudaSuccess) return fail(NNC_ERR_CUDA, std::string("launch 2: ") + cudaGetErrorString(e));
   }
   // [3] %Y1.proj2d: f32[8,128] = Gemm(%Y1.x2d: f32[8,32], %Y1.wcat: f32[32,128], %Y1.bcat: f32[128])
@@ -908,10 +908,10 @@ int run_phase(nnc_tiny_lstm* m, cudaStream_t stream, const void* const* inputs, 
     int dev = 0, sms = 1, per_sm = 1;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, nnc_coop_lstm_step_4, 32, 656);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, nnc_coop_lstm_step_4, 64, 1184);
     const int cap = per_sm * sms > 0 ? per_sm * sms : 1;
-    e = cudaLaunchCooperativeKernel((const void*)nnc_coop_lstm_step_4, dim3(32 < cap ? 32 : cap, 1, 1),
-                                    dim3(32, 1, 1), kargs, 656, stream);
+    e = cudaLaunchCooperativeKernel((const void*)nnc_coop_lstm_step_4, dim3(16 < cap ? 16 : cap, 1, 1),
+                                    dim3(64, 1, 1), kargs, 1184, stream);
     if (e != cudaSuccess) return fail(NNC_ERR_CUDA, std::string("launch 5: ") + cudaGetErrorString(e));
   }
   // [6] %y: f32[1,4] = Gemm(%h_last: f32[1,32], %Wo: f32[32,4], %bo: f32[4])

@@ -116,8 +116,9 @@ def test_tagged_renders_and_compiles_sm90a(kind, dt, mma, B, kw, tmp_path, monke
 def _contractive(model, H):
     """rnn_model's weights (std 0.4) scaled to std 0.8 / sqrt(H): spectral radius ~0.8, so rounding
     differences shrink over the steps. At std 0.4 (radius 0.4 sqrt(H): 3.2 at H=64) the cell is
-    chaotic: the interpreter's and the kernel's summation orders alone drift to > 1e-3 over 33 steps
-    (H200 07:08: an RNN fp32 S=33 3.1e-3, an LSTM fp16 H=256 2.7e-2 relative, whatever the sync)."""
+    likely chaotic, so summation-order differences alone can grow past the tolerance (suspected
+    cause of the H200 07:08 failures at std 0.4: RNN fp32 S=33 3.1e-3, LSTM fp16 H=256 mma 1.3e-2;
+    the race check below, tagged == barrier, tells a race apart)."""
     from onnx import numpy_helper as nh
     scale = 0.8 / (0.4 * np.sqrt(H))
     for init in model.graph.initializer:
