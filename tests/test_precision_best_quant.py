@@ -81,7 +81,7 @@ def test_stand_in_timer_picks_the_fastest_allowed_per_layer(calib, monkeypatch):
         # a Relu after an int8 layer runs with it, at f32 (so Q(Relu(conv)) can fold)
         assert got[layer] == fastest or (fastest in ("fp16", "bf16") and got[layer] == "fp32"
                                          and layer.startswith("r")), (layer, t, got[layer])
-    assert set(times["c1"]) == {"int8", "fp16", "bf16"}  # no fp8 for a Conv yet ... unless enabled
+    assert set(times["c1"]) == {"int8", "fp8", "fp16", "bf16"} and set(times["r1"]) == {"fp16", "bf16"}
     assert got["c1"] == got["c2"] == "int8" and got["logits"] == "int8"
     ops = _ops(m)
     assert ops.count("ConvInteger") + ops.count("QLinearConv") == 2 and "Conv" not in ops, ops

@@ -122,3 +122,66 @@ def _render_dequant(ctx: LowerCtx, problem, params: dict):
 
 DEQUANT = register(Variant("gemm_fp8.dequant", FAMILY, ("matmul_fp8",), _render_dequant, _applies_dequant,
                            priority=0))
+
+
+# ---------------------------------------------------------------- conv_fp8
+
+CONV_FAMILY = "conv_fp8"
+
+
+def _applies_conv_dequant(problem):
+    if problem.value(2) is None or problem.value(3) is None:
+        return no("w / w_scale are not compile-time constants")
+    if problem.has(4) and problem.value(4) is None:
+        return no("the bias is not a compile-time constant")
+    return YES
+
+
+def dequantized_conv_weight(w: np.ndarray, w_scale: np.ndarray, dt) -> np.ndarray:
+    """f16 / bf16 [O, C/g, k..]: decode(w) * w_scale[o] (in f64, one rounding to dt)."""
+    s = np.asarray(w_scale, np.float64)
+    s = s.reshape((-1,) + (1,) * (np.ndim(w) - 1)) if s.ndim else s
+    return (decode(np.asarray(w)) * s).astype(np.float32).astype(dt)
+
+
+def _render_conv_dequant(ctx: LowerCtx, problem, params: dict):
+    """conv_fp8 as: DQ(x) -> f16 temp (one elementwise kernel), the weight dequantized to f16 at
+    compile time (weights.bin), the bias in f16, then the normal NCHW f16 Conv lowering (its own
+    variants and selector), and a Cast kernel when out_dtype is not the f16/bf16 compute type."""
+    from ...ir.ops.conv import ConvOpAttrs
+    from ...ir.ops.gemm_fp8 import conv_attrs
+    op, L = ctx.op, ctx.L
+    res = op.results[0]
+    out = res.type.dtype
+    low = dtype("bf16") if out.short == "bf16" else dtype("f16")
+    x, x_scale = op.operands[0], op.operands[1]
+    w = dequantized_conv_weight(problem.value(2), problem.value(3), low.np)
+    if not np.all(np.isfinite(w.astype(np.float32))):
+        ctx.fail(f"conv_fp8: w * w_scale overflows {low} (the dequantize variant needs it finite)")
+    x_low = Value(f"{res.name}.x_dequant", TensorType(low, tuple(x.type.shape)))
+    dq = Op("DequantizeLinear", [x, x_scale], [x_low], DequantizeAttrs(axis=1, output_dtype=low), op.loc)
+    L.lower_op(dq, desc=f"{describe_op(dq)}  (x of {ctx.desc})")
+    w_low = Value(f"{res.name}.w_dequant", TensorType(low, w.shape))
+    _const(w_low, w, op.loc)
+    L.values[id(w_low)] = ctx.new_weight(w, "w_dequant")
+    operands = [x_low, w_low]
+    if problem.has(4):
+        bv = np.asarray(problem.value(4), np.float32).astype(low.np)
+        b_low = Value(f"{res.name}.bias_dequant", TensorType(low, bv.shape))
+        _const(b_low, bv, op.loc)
+        L.values[id(b_low)] = ctx.new_weight(bv, "bias_dequant")
+        operands.append(b_low)
+    ca = conv_attrs(op.attrs)
+    conv_res = res if out == low else Value(f"{res.name}.conv", TensorType(low, tuple(res.type.shape)))
+    conv = Op("Conv", operands, [conv_res], ConvOpAttrs(ca.auto_pad, ca.dilations, ca.group, ca.kernel_shape,
+                                                        ca.pads, ca.strides), op.loc)
+    L.lower_op(conv, desc=f"{ctx.desc}  (as f16 Conv on dequantized x and w)")
+    if out != low:
+        cast = Op("Cast", [conv_res], [res], CastAttrs(to=out), op.loc)
+        L.lower_op(cast, desc=f"{describe_op(cast)}  (out_dtype of {ctx.desc})")
+    ctx.emitted += 1
+    return True
+
+
+CONV_DEQUANT = register(Variant("conv_fp8.dequant", CONV_FAMILY, ("conv_fp8",), _render_conv_dequant,
+                                _applies_conv_dequant, priority=0))

@@ -4,8 +4,8 @@ ONNX float8 QDQ models go through (fold_qdq's fp8 sweep calls `fold_fp8`).
 
 Pass `quantize-fp8` (runs after to-fp16 / mixed-precision, so every other op is already fp16 and
 --keep-fp32 pins hold: a layer left at f32 is not quantized). Rewrites, in @main:
-- every MatMul (b a 2-D constant [K, N]) and Gemm (transA 0, alpha 1, a 2-D constant B) whose
-  result is f16 / bf16 gets
+- every MatMul (b a 2-D constant [K, N]), Gemm (transA 0, alpha 1, a 2-D constant B) and NCHW Conv
+  (a constant W [O, C/g, k..]; per-output-channel scales along axis 0) whose result is f16 / bf16 gets
       %x.fp8q  = QuantizeLinear(%x, s_x) {output_dtype = f8e4m3}     s_x = amax_x / 448 (f32)
       %x.fp8dq = DequantizeLinear(%x.fp8q, s_x) {output_dtype = <x's dtype>}
   on its activation x (one pair per tensor, shared by its readers; amax from the table under x's
@@ -13,7 +13,7 @@ Pass `quantize-fp8` (runs after to-fp16 / mixed-precision, so every other op is 
       DequantizeLinear(w_q : f8e4m3 const, s_w : f32[N], axis = N's axis) {output_dtype = <W's dtype>}
   with per-column s_w = max|W[:, n]| / 448 (1 for an all-zero column), w_q = e4m3(W / s_w) (round
   to nearest even, saturating);
-- fold-qdq then folds each into `matmul_fp8` (ir/ops/gemm_fp8.py).
+- fold-qdq then folds each into `matmul_fp8` / `conv_fp8` (ir/ops/gemm_fp8.py).
 A tensor the table lacks is an error naming it and its op. The weights are quantized from the
 constant as this pass sees it (f16 after to-fp16: one extra rounding, far below e4m3's 2^-4).
 
@@ -27,6 +27,9 @@ points absent or 0 (ONNX float8 zero points are 0), no block_size; or b a float 
 bit for bit DQ(q, s) of fp8 codes (a small DQ(w) the importer folded; `recover_fp8_weight`, tried
 only when a is an fp8 DQ). Equal to the literal graph
 within fp32 rounding (ir/ops/gemm_fp8.py says how).
+`fold_fp8_conv` (the same sweep): Conv(DQ(x : f8, s_x), DQ(w : f8 const, s_w per tensor or per output
+channel)[, B const]) (NCHW; or a recovered float const w) -> conv_fp8(x, s_x, w, s_w[, B]) {Conv's
+attrs, out_dtype = the Conv's dtype}; a Relu / Cast after it stays a separate op.
 Requires: a verified module with folded constants (scales are `const`s).
 """
 from __future__ import annotations
@@ -158,6 +161,64 @@ def fold_fp8(op: Op, b: Builder, uses: dict, returned: set, weights) -> Optional
     return drop
 
 
+def fold_fp8_conv(op: Op, b: Builder, weights) -> bool:
+    """Conv(DQ(x : f8, s_x), DQ(w : f8 const, s_w per tensor or per output channel, axis 0)[, B const])
+    (NCHW; or w a float const that is bit for bit such a product: recover_fp8_weight) ->
+    conv_fp8(x, s_x, w, s_w[, B]) {Conv's attrs, out_dtype = the Conv's dtype}, taking over the
+    Conv's result. False (nothing emitted) when the pattern does not hold."""
+    if op.name != "Conv" or len(op.results) != 1 or getattr(op.attrs, "layout", "NCHW") != "NCHW":
+        return False
+    res = op.results[0]
+    if res.type.dtype.short not in ("f32",) + LOW or not res.type.is_static:
+        return False
+    a = _dq_parts(op.operands[0], weights, False)
+    if a is None or a[1].size != 1:
+        return False
+    w = _dq_parts(op.operands[1], weights, True)
+    recovered = False
+    if w is None:
+        wc = const_value(op.operands[1], weights)
+        fmts = (a[0].type.dtype.short,) + tuple(f for f in FP8 if f != a[0].type.dtype.short)
+        r = recover_fp8_weight(wc, 0, fmts) if wc is not None and wc.ndim >= 3 else None
+        if r is None:
+            return False
+        w, recovered = (r[0], r[1], 0), True
+    wq, sw, waxis = w
+    O = wq.shape[0]
+    if sw.size > 1 and (sw.ndim != 1 or sw.size != O or waxis % wq.ndim != 0):
+        return False  # scales along another axis cannot leave the accumulation
+    bias = None
+    if len(op.operands) > 2 and op.operands[2] is not None:
+        bias = const_value(op.operands[2], weights)
+        if bias is None or bias.dtype.kind != "f" or bias.size != O:
+            return False
+    loc, hint = op.loc, res.name
+    wdq = op.operands[1].producer
+    wv = b.constant(wq, f"{hint}_w_fp8", loc, weight_hint=f"{hint}_w_fp8") if recovered else wdq.operands[0]
+    sw_c = sw.reshape(()) if sw.size == 1 else sw.reshape(-1)
+    swv = wdq.operands[1] if not recovered and sw.ndim == sw_c.ndim else \
+        b.constant(sw_c, f"{hint}_w_scale", loc, weight_hint=f"{hint}_w_scale")
+    sav = op.operands[0].producer.operands[1]
+    if a[1].ndim != 0:
+        sav = b.constant(a[1].reshape(()), f"{hint}_x_scale", loc)
+    operands = [a[0], sav, wv, swv]
+    if bias is not None:
+        operands.append(b.constant(np.asarray(bias, np.float32).reshape(-1), f"{hint}_bias", loc, weight_hint=f"{hint}_bias"))
+    at = op.attrs
+    attrs = {"out_dtype": res.type.dtype, "auto_pad": at.auto_pad, "group": at.group,
+             **{k: getattr(at, k) for k in ("dilations", "kernel_shape", "pads", "strides") if getattr(at, k) is not None}}
+    start = len(b.region.ops)
+    y = b.create("conv_fp8", operands, attrs, names=[hint], loc=loc)[0]
+    if y.type != res.type:
+        del b.region.ops[start:]
+        return False
+    last = y.producer
+    b.names.taken.discard(y.name)
+    last.results = [res]
+    res.producer = last
+    return True
+
+
 def _fp8_values(fmt: str) -> np.ndarray:
     """The positive finite values of fmt, largest first (float64)."""
     codes = np.arange(1, 0x80, dtype=np.uint8)
@@ -224,37 +285,33 @@ def quantize_weight_fp8(w: np.ndarray, axis: int, fmt: str = "f8e4m3") -> tuple[
 
 def fp8_layer_kind(op):
     """"gemm" for a MatMul / Gemm this pass can quantize by its form alone (a 2-D constant weight,
-    Gemm transA 0 and alpha 1), else None (result dtype and calibration are checked elsewhere)."""
-    if op.name not in ("MatMul", "Gemm") or len(op.results) != 1 or len(op.operands) < 2:
+    Gemm transA 0 and alpha 1), "conv" for an NCHW Conv with a constant weight, else None (result
+    dtype and calibration are checked elsewhere)."""
+    if op.name not in ("MatMul", "Gemm", "Conv") or len(op.results) != 1 or len(op.operands) < 2:
         return None
     if op.name == "Gemm" and (op.attrs.transA or op.attrs.alpha != 1.0):
         return None
+    if op.name == "Conv" and getattr(op.attrs, "layout", "NCHW") != "NCHW":
+        return None
     x, w = op.operands[0], op.operands[1]
-    if w.producer is None or w.producer.name != "const" or w.type.rank != 2:
+    rank_ok = (w.type.rank or 0) >= 3 if op.name == "Conv" else w.type.rank == 2
+    if w.producer is None or w.producer.name != "const" or not rank_ok:
         return None
     if x.producer is not None and x.producer.name == "const":
         return None
-    return "gemm"
+    return "conv" if op.name == "Conv" else "gemm"
 
 
 def quantized_layers(module: Module) -> list:
-    """[(op, activation operand value, weight axis along N)] for the MatMul / Gemm ops the pass
-    quantizes, in graph order."""
+    """[(op, activation operand value, weight axis of the output channels / columns)] for the
+    MatMul / Gemm / Conv ops the pass quantizes (fp8_layer_kind, an f16 / bf16 result), in graph order."""
     out = []
     for op in module.main.ops:
-        if op.name not in ("MatMul", "Gemm") or len(op.results) != 1 or len(op.operands) < 2:
-            continue
-        if op.results[0].type.dtype.short not in LOW:
-            continue  # an f32 layer (--keep-fp32) or an integer one
-        if op.name == "Gemm" and (op.attrs.transA or op.attrs.alpha != 1.0):
-            continue
-        x, w = op.operands[0], op.operands[1]
-        if w.producer is None or w.producer.name != "const" or w.type.rank != 2:
-            continue
-        if x.producer is not None and x.producer.name == "const":
-            continue
-        axis = 0 if op.name == "Gemm" and op.attrs.transB else 1
-        out.append((op, x, axis))
+        kind = fp8_layer_kind(op)
+        if kind is None or op.results[0].type.dtype.short not in LOW:
+            continue  # an f32 layer (--keep-fp32), an integer one, or no fp8 form
+        axis = 0 if kind == "conv" or (op.name == "Gemm" and op.attrs.transB) else 1
+        out.append((op, op.operands[0], axis))
     return out
 
 
@@ -336,6 +393,9 @@ def fold_sweep(module: Module, f: Region, names: NameGen) -> int:
                 drop.update(id(o) for o in got)
                 n += 1
                 continue
+        if op.name == "Conv" and fold_fp8_conv(op, b, module.weights):
+            n += 1
+            continue
         new_ops.append(op)
     f.ops = new_ops
     return n

@@ -18,10 +18,20 @@ to the QDQ graph it folds (compiler/passes/fold_qdq.py, compiler/passes/quantize
 
 (the literal graph rounds each dequantized operand to f32 first; here the scales are applied once
 to the exact sum).
+
+`conv_fp8` is the same for a convolution (NCHW, Conv's attributes):
+
+    %y = conv_fp8(%x, %x_scale, %w, %w_scale[, %bias]) {out_dtype = f16, pads = [..], ..} : f16[N, O, ..]
+
+x: f8 [N, C, ..]; x_scale: f32 []; w: f8 [O, C/group, k..] (a const); w_scale: f32 [] or [O] (per
+output channel); bias: float [O]. acc = conv(f32(x), f32(w)) (exact products; summed here in f64
+and rounded once to f32), y = out_dtype(acc * (x_scale * w_scale[o]) [+ bias[o]]): equal within
+fp32 rounding to Conv(DequantizeLinear(x, x_scale), DequantizeLinear(w, w_scale, axis=0)) [+ bias].
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -85,3 +95,70 @@ def _ref(attrs, a, a_scale, b, b_scale, bias=None):
 register("matmul_fp8", MatMulFp8Attrs, infer=_infer, ref=_ref, inputs=(4, 5),
          doc="y = (f32(a_fp8) @ f32(b_fp8)) * (a_scale * b_scale[n]) [+ bias], fp32 accumulation, "
              "cast to out_dtype (fp8 GEMM with per-tensor / per-column scales)")
+
+
+# ---------------------------------------------------------------- conv_fp8
+
+@dataclass(frozen=True)
+class ConvFp8Attrs:
+    """Conv's attributes (NCHW) plus the result dtype."""
+    out_dtype: DType
+    auto_pad: str = "NOTSET"
+    dilations: Optional[tuple[int, ...]] = None
+    group: int = 1
+    kernel_shape: Optional[tuple[int, ...]] = None
+    pads: Optional[tuple[int, ...]] = None
+    strides: Optional[tuple[int, ...]] = None
+
+
+def conv_attrs(a: ConvFp8Attrs):
+    from .conv import ConvAttrs
+    return ConvAttrs(a.auto_pad, a.dilations, a.group, a.kernel_shape, a.pads, a.strides)
+
+
+def _conv_infer(ctx):
+    from .conv import _conv_infer_nchw
+    a = ctx.attrs
+    xs, ws = ctx.shape(0), ctx.shape(2)
+    for i, what in ((0, "x"), (2, "w")):
+        if ctx.dtype(i).short not in FP8:
+            ctx.fail(f"{what} must be f8e4m3 or f8e5m2, got {ctx.dtype(i)}")
+    for i, what in ((1, "x_scale"), (3, "w_scale")):
+        if ctx.dtype(i).short != "f32":
+            ctx.fail(f"{what} must be f32, got {ctx.type(i)}")
+    if a.out_dtype.short not in OUT:
+        ctx.fail(f"out_dtype must be f32, f16 or bf16, got {a.out_dtype}")
+    if xs is None or ws is None or len(xs) < 3 or len(ws) != len(xs):
+        ctx.fail(f"needs x [N, C, ..] and w [O, C/group, ..] of one rank; got {ctx.type(0)}, {ctx.type(2)}")
+    if len(ctx.shape(1)) != 0:
+        ctx.fail(f"x_scale must be a scalar (per tensor), got {ctx.type(1)}")
+    O = ws[0]
+    ss = ctx.shape(3)
+    if not (len(ss) == 0 or (len(ss) == 1 and (not isinstance(ss[0], int) or not isinstance(O, int) or ss[0] == O))):
+        ctx.fail(f"w_scale must be a scalar or [{O}] (per output channel), got {ctx.type(3)}")
+    if ctx.has(4):
+        if not ctx.dtype(4).is_float or ctx.dtype(4).short in FP8 or tuple(ctx.shape(4)) != (O,):
+            ctx.fail(f"bias must be a float [{O}], got {ctx.type(4)}")
+    t = _conv_infer_nchw(ctx, conv_attrs(a), xs, ws)
+    return [TensorType(a.out_dtype, t.shape)]
+
+
+def _conv_ref(attrs, x, x_scale, w, w_scale, bias=None):
+    from ..narrow_types import decode
+    from .conv import _conv_params, conv_core
+    xf, wf = decode(x).astype(np.float64), decode(w).astype(np.float64)  # exact fp8 values
+    ca = conv_attrs(attrs)
+    s, d, pads = _conv_params(ca, xf, wf)
+    acc = conv_core(xf, wf, s, pads, d, ca.group).astype(np.float32)  # exact products, one rounding to f32
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    sc = np.float32(x_scale) * np.asarray(w_scale, np.float32).reshape(shape if np.ndim(w_scale) else ())
+    y = acc * sc
+    if bias is not None:
+        y = y + np.asarray(bias).astype(np.float32).reshape(shape)
+    return y.astype(attrs.out_dtype.np)
+
+
+register("conv_fp8", ConvFp8Attrs, infer=_conv_infer, ref=_conv_ref, inputs=(4, 5),
+         doc="y = conv(f32(x_fp8), f32(w_fp8)) * (x_scale * w_scale[o]) [+ bias[o]], exact products summed "
+             "in f32 (f64 here, one rounding), cast to out_dtype (NCHW; fp8 conv with per-tensor / "
+             "per-output-channel scales)")
