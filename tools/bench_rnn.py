@@ -71,10 +71,10 @@ def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False, half_
                 pick = counts[-1] if half_blocks == "q" else counts[min(1, len(counts) - 1)]
                 return default(spec, target, [p for p in space if p["nsb"] == pick])
             rnn.recurrence_default = fewer
-        names = ("DEFAULT_SYNC", "DEFAULT_KPERM", "DEFAULT_STAGE_BATCH", "DEFAULT_STEP_MMA", "MMA_MIN_BATCH",
-                 "DEFAULT_MMA_WARPS")
+        names = ("DEFAULT_SYNC", "DEFAULT_SYNC_SMALL_BATCH", "DEFAULT_KPERM", "DEFAULT_STAGE_BATCH", "DEFAULT_STEP_MMA",
+                 "MMA_MIN_BATCH", "DEFAULT_MMA_WARPS")
         old = [getattr(rnn, n) for n in names]
-        new = (sync, bool(ARGS and ARGS.kperm), bool(ARGS and ARGS.stage_batch), bool(step_mma), 1,
+        new = (sync, None, bool(ARGS and ARGS.kperm), bool(ARGS and ARGS.stage_batch), bool(step_mma), 1,
                step_mma if not isinstance(step_mma, bool) else None)
         for n, v in zip(names, new):
             setattr(rnn, n, v)

@@ -384,13 +384,22 @@ def recurrence_space(spec: RecurrenceSpec, target: Target) -> list[dict]:
     return out
 
 
+def default_sync(spec: RecurrenceSpec, step_mma: bool) -> str:
+    """The heuristic's sync scheme: DEFAULT_SYNC_SMALL_BATCH for the FMA step at batch <= SMALL_BATCH
+    (when set), else DEFAULT_SYNC (the measured-faster schemes, tools/bench_rnn.py)."""
+    if not step_mma and spec.B <= SMALL_BATCH and DEFAULT_SYNC_SMALL_BATCH:
+        return DEFAULT_SYNC_SMALL_BATCH
+    return DEFAULT_SYNC
+
+
 def recurrence_default(spec: RecurrenceSpec, target: Target, space: Optional[list] = None) -> dict:
     """The heuristic: the first of the space (most blocks, R on chip, best-modelled tiling) with
-    DEFAULT_SYNC (the measured-faster scheme, tools/bench_rnn.py)."""
+    default_sync's scheme; the tensor-core step's cheapest-modelled point from MMA_MIN_BATCH."""
     space = recurrence_space(spec, target) if space is None else space
     mma = mma_by_default(spec)
     if mma and any(p.get("step_mma") for p in space):
-        pts = [p for p in space if p.get("step_mma") and p["sync"] == DEFAULT_SYNC
+        sync = default_sync(spec, True)
+        pts = [p for p in space if p.get("step_mma") and p["sync"] == sync
                and DEFAULT_MMA_WARPS in (None, p.get("mma_warps"))]
         if pts:  # the cheapest-modelled blocks a direction and warps (ties: the space's order)
             return dict(min(pts, key=lambda p: point_cost(spec, p)))
@@ -400,12 +409,13 @@ def recurrence_default(spec: RecurrenceSpec, target: Target, space: Optional[lis
         if roomy:
             most = max(p["nsb"] for p in roomy)
             space = [p for p in roomy if p["nsb"] == most]
+    sync = default_sync(spec, False)
     for p in space:
-        if (p["sync"] == DEFAULT_SYNC and p.get("kperm", False) == DEFAULT_KPERM
+        if (p["sync"] == sync and p.get("kperm", False) == DEFAULT_KPERM
                 and p.get("stage_batch", False) == DEFAULT_STAGE_BATCH):
             return dict(p)
     for p in space:
-        if p["sync"] == DEFAULT_SYNC:
+        if p["sync"] == sync:
             return dict(p)
     return dict(space[0])
 
@@ -413,6 +423,11 @@ def recurrence_default(spec: RecurrenceSpec, target: Target, space: Optional[lis
 # measured (tools/bench_rnn.py, H200, 2026-12-02): LSTM 2x512 b1 fp32 0.68 ms barrier vs 0.89 ms flags,
 # fp16 0.55 vs 0.64 (acquire polls then); the floor (RNN H=64 b1) 1.46 vs 1.33 us a step
 DEFAULT_SYNC = "barrier"
+# batch <= SMALL_BATCH, FMA step (None: DEFAULT_SYNC). Measured (tools/bench_rnn.py, H200, 2026-12-03,
+# b1 fp16, ms, barrier -> tagged): LSTM 2x512 0.587 -> 0.430 (cuDNN 4.88), RNN 2x256 0.920 -> 0.733
+# (0.500 a quarter of the blocks; cuDNN 1.05); the floor (RNN H=64 b1) 1.50 -> 0.72 us a step; the
+# same max error as barrier on both. The tensor-core step (batch >= 8) keeps DEFAULT_SYNC until measured
+DEFAULT_SYNC_SMALL_BATCH = "tagged"
 # the permuted k order of fp16/bf16 R in smem (conflict-free h reads): written after the last GPU
 # run, compile-checked only, so off by default until measured (tools/bench_rnn.py --kperm)
 DEFAULT_KPERM = False

@@ -51,7 +51,7 @@ def test_space_declares_every_sync_and_fits_smem():
         assert any(p["step_mma"] for p in space) == (st == "f16"), "the tensor-core step: fp16/bf16 only"
         assert space[0]["r_smem"], (kind, H, B, "R fits on chip for the issue's models")
         d = rnn.recurrence_default(spec, SM90)
-        assert d in space and d["sync"] == rnn.DEFAULT_SYNC
+        assert d in space and d["sync"] == rnn.default_sync(spec, d["step_mma"])
         assert d["step_mma"] == (st == "f16" and rnn.mma_by_default(spec))
 
 
@@ -89,7 +89,9 @@ def test_every_point_compiles(name, tmp_path, monkeypatch):
     mod = import_model(model)
     base = compile_to_dir(mod, tmp_path / "base", arch="sm_90")
     _, k = _rec_launch(base)
-    assert k["params"]["sync"] == rnn.DEFAULT_SYNC
+    kp = k["params"]
+    assert kp["sync"] == rnn.default_sync(rnn.RecurrenceSpec(kind=kind, S=kp["S"], B=kp["B"], D=kp["D"], H=kp["H"]),
+                                          kp["STEP_MMA"])
     # every point of the declared space, through the normal compile path
     got = _space_of(mod)
     assert len(got) >= 2
@@ -151,6 +153,7 @@ def _gpu_model(kind, dirn, dt, b):
 def test_gpu_persistent_matches_interpreter(kind, dirn, dt, b, sync, tmp_path, monkeypatch, rng):
     model, spec = _gpu_model(kind, dirn, dt, b)
     monkeypatch.setattr(rnn, "DEFAULT_SYNC", sync)
+    monkeypatch.setattr(rnn, "DEFAULT_SYNC_SMALL_BATCH", None)
     mod = import_model(model)
     plan = compile_to_dir(mod, tmp_path, arch=None)
     _, k = _rec_launch(plan)

@@ -201,6 +201,7 @@ def test_onnx_op_variant_compiles_the_mma_step_sm90a(tmp_path, monkeypatch):
 @pytest.mark.parametrize("sync", rnn.SYNCS)
 def test_both_syncs_compile(sync, tmp_path, monkeypatch):
     monkeypatch.setattr(rnn, "DEFAULT_SYNC", sync)
+    monkeypatch.setattr(rnn, "DEFAULT_SYNC_SMALL_BATCH", None)
     monkeypatch.setattr(rnn, "DEFAULT_STEP_MMA", True)
     model, _ = _model("gru_bidir_lensin", 16, np.float16)
     plan = compile_to_dir(import_model(model), tmp_path, arch="sm_90a")
@@ -267,6 +268,7 @@ def test_gpu_mma_step_equals_fma_step(kind, sync, tmp_path, monkeypatch, rng):
     model, spec = _model(name, 16, np.float16)
     mod = import_model(model)
     monkeypatch.setattr(rnn, "DEFAULT_SYNC", sync)
+    monkeypatch.setattr(rnn, "DEFAULT_SYNC_SMALL_BATCH", None)
     for mma in (False, True):
         monkeypatch.setattr(rnn, "DEFAULT_STEP_MMA", mma)
         d = tmp_path / str(mma)

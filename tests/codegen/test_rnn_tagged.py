@@ -52,6 +52,7 @@ def test_h_words_and_inflight_polls():
 
 def _compiled(tmp_path, kind, dt, B, *, mma, monkeypatch, **kw):
     monkeypatch.setattr(rnn, "DEFAULT_SYNC", "tagged")
+    monkeypatch.setattr(rnn, "DEFAULT_SYNC_SMALL_BATCH", None)
     monkeypatch.setattr(rnn, "DEFAULT_STEP_MMA", mma)
     monkeypatch.setattr(rnn, "MMA_MIN_BATCH", 1)
     monkeypatch.setattr(rnn, "MMA_CELLS", ("LSTM", "GRU", "RNN"))
@@ -86,6 +87,7 @@ def test_tagged_renders_and_compiles_sm90a(kind, dt, mma, B, kw, tmp_path, monke
     if dt == "bf16":
         import nnc
         monkeypatch.setattr(rnn, "DEFAULT_SYNC", "tagged")
+        monkeypatch.setattr(rnn, "DEFAULT_SYNC_SMALL_BATCH", None)
         monkeypatch.setattr(rnn, "DEFAULT_STEP_MMA", True)
         monkeypatch.setattr(rnn, "MMA_MIN_BATCH", 1)
         monkeypatch.setattr(rnn, "MMA_CELLS", ("LSTM", "GRU", "RNN"))
@@ -131,6 +133,7 @@ def _contractive(model, H):
 def _build(d, kind, dt, B, *, mma, sync, params=None, monkeypatch, **kw):
     """The model compiled at the heuristic's point (or `params`) with the sync forced to `sync`."""
     monkeypatch.setattr(rnn, "DEFAULT_SYNC", sync)
+    monkeypatch.setattr(rnn, "DEFAULT_SYNC_SMALL_BATCH", None)
     monkeypatch.setattr(rnn, "DEFAULT_STEP_MMA", mma)
     monkeypatch.setattr(rnn, "MMA_MIN_BATCH", 1)
     monkeypatch.setattr(rnn, "MMA_CELLS", ("LSTM", "GRU", "RNN"))
