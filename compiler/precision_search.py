@@ -15,7 +15,8 @@ The algorithm (bounded, deterministic):
    less mantissa), fp8 (its CUDA path still dequantizes into the fp16 GEMM), fp32); plan.json's
    "layer_precision" records which cost model it was. `TimedCost(timer)` orders by
    timer(op, precision) -> seconds instead and records the times; `stand_in_cost()` is its
-   deterministic roofline stand-in (tests, no GPU). GPU timing is not wired in (`cost_model`).
+   deterministic roofline stand-in (tests, no GPU). With --tune and a GPU, `cost_model` times
+   each layer alone on the GPU at each allowed precision (compiler/layer_timer.py).
 3. The fp32 build and the candidate build run on the calibration inputs in the reference
    interpreter (numpy, CPU). The error of each model output is its relative L2 against the fp32
    build's (accuracy.compare: the measure `nnc verify` reports; a non-finite value where fp32 is
@@ -146,16 +147,20 @@ def stand_in_cost() -> TimedCost:
                      "stand_in_layer_time: a roofline of each layer at each precision (deterministic, no GPU)")
 
 
-def cost_model(options) -> LayerCost:
-    """The cost model `best` uses. Per-layer GPU timings are not wired in: codegen/tuning.py times
-    kernel variants of one lowered plan, and a GPU layer timer would compile each layer at each
-    allowed precision through it (its timing cache keyed by op+shape+dtype) and return those times
-    as a TimedCost timer. Today: the heuristic, with or without a GPU, and plan.json says so.
-    Any `timer(op, precision) -> seconds` plugs in as search(cost=TimedCost(timer)); tests and
-    dry runs use stand_in_cost()."""
+def cost_model(options, amax: Optional[dict] = None, storage: str = "fp16", weights=None) -> LayerCost:
+    """The cost model `best` uses: with --tune (options.tune True) and a GPU, a TimedCost over
+    compiler/layer_timer.LayerTimer (each layer built and timed alone at each allowed precision,
+    nnc bench's GPU median; `weights`: the searched module's, for the layers' constants);
+    otherwise the heuristic, and plan.json says which and why. Any `timer(op, precision) ->
+    seconds` plugs in as search(cost=TimedCost(timer)); tests and dry runs use stand_in_cost()."""
     from .codegen.target import gpu_present
-    why = HeuristicCost.why + ("; GPU present, but per-layer timing is not wired into the search yet"
-                               if gpu_present() else "; no GPU present")
+    if options.tune is True and gpu_present():
+        from .layer_timer import LayerTimer
+        timer = LayerTimer(options, amax, storage)
+        timer.src_weights = weights
+        return TimedCost(timer, "gpu", "each layer compiled alone at each allowed precision and timed on the GPU "
+                                       "(nnc bench median, compiler/layer_timer.py)")
+    why = HeuristicCost.why + ("; GPU present, per-layer timing runs with --tune" if gpu_present() else "; no GPU present")
     return HeuristicCost(why=why)
 
 
@@ -305,7 +310,7 @@ def search(model, options, warn: Callable[[str], None], log: Callable[[str], Non
                  for op in layers}
     pinned = keep_fp32_choice(ref_module, "fp16", options.keep_fp32, warn,
                               imported_nodes).per_layer if options.keep_fp32 else {}
-    cost = cost or cost_model(options)
+    cost = cost or cost_model(options, amax, storage, ref_module.weights)
     float_low = tuple(p for p in options.allow if p in FLOAT_PRECISIONS and p != "fp32")
     per_layer, reasons, order_of = {}, {}, {}
     for op in layers:

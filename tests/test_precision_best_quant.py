@@ -29,7 +29,7 @@ def calib(tmp_path_factory):
 
 
 def _best(calib, monkeypatch, cost, allow="fp16,bf16,fp8,int8", max_rel_err=1e-2, backend="reference", **kw):
-    monkeypatch.setattr(ps, "cost_model", lambda options: cost)
+    monkeypatch.setattr(ps, "cost_model", lambda options, *a, **k: cost)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return nnc.compile(str(DIGITS / "digits_cnn.onnx"), shapes=SHAPES, backend=backend, precision="best",
@@ -127,7 +127,7 @@ def test_heuristic_picks_int8_and_never_fp8_over_fp16(calib, monkeypatch):
 
 def _cuda_best(calib, monkeypatch, tmp_path, cost, **kw):
     from nnc.driver import compile_model
-    monkeypatch.setattr(ps, "cost_model", lambda options: cost)
+    monkeypatch.setattr(ps, "cost_model", lambda options, *a, **k: cost)
     out = tmp_path / "out"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -161,3 +161,60 @@ def test_gpu_int8_fp8_best_build_matches_interpreter(calib, monkeypatch, tmp_pat
     acc = _holdout(gpu)
     print(f"\ndigits best (int8 convs, fp8 classifier) CUDA build on the GPU: {acc:.2f}%")
     assert acc >= 97.0
+
+
+def test_layer_timer_builds_each_layer_alone_at_each_precision(calib, tmp_path):
+    """compiler/layer_timer.py (best's GPU cost model with --tune) on the CPU: the one-layer builds
+    compile through NVRTC for sm_90a with the precision's kernels; `measure` stands in for the GPU
+    (the plan's kernel count); repeated (op, types, precision) are built once."""
+    import json
+    from nnc.calibrate import load_table, pre_quant_passes
+    from nnc.layer_timer import LayerTimer
+    from nnc.onnx_import import import_model
+    from nnc.pipeline import Pipeline
+    m = import_model(str(DIGITS / "digits_cnn.onnx"), shapes=SHAPES)
+    Pipeline(pre_quant_passes()).run(m)
+    ops = {op.results[0].name: op for op in m.main.ops if op.name != "const"}
+    opts = nnc.CompileOptions(shapes=SHAPES, backend="cuda", arch="sm_90a", tune=False, precision="best",
+                              allow="fp16,bf16,fp8,int8", calib=calib / "c.json")
+    kernels = {}
+
+    def measure(out):
+        plan = json.loads((out / "plan.json").read_text())
+        kernels[out.name] = " ".join(op for k in plan["kernels"] for op in k["ops"])
+        return 1e-6 * len(plan["kernels"])
+
+    timer = LayerTimer(opts, dict(load_table(calib / "c.json").amax), "fp16", measure, tmp_path)
+    timer.src_weights = m.weights
+    times = {p: timer(ops["c1"], p) for p in ("int8", "fp8", "fp16")}
+    times["relu"] = timer(ops["r1"], "fp16")
+    assert timer.builds == 4 and all(t > 0 for t in times.values())
+    assert timer(ops["c1"], "int8") == times["int8"] and timer.builds == 4  # cached
+    int8, fp8, fp16, relu = (kernels[f"layer{i}"] for i in range(4))
+    assert "ConvInteger(" in int8 or "QLinearConv(" in int8, int8
+    assert "conv_fp8(" in fp8 and "QuantizeLinear(" in fp8, fp8
+    assert "Conv(" in fp16 and "QuantizeLinear" not in fp16, fp16
+    assert "Relu(" in relu and "to=f32" not in relu and times["relu"] == 1e-6, relu  # f16 in and out: one kernel
+
+
+@pytest.mark.gpu
+def test_gpu_best_with_tune_times_layers_on_the_gpu(calib, tmp_path):
+    """--precision best --tune: the cost model is the GPU layer timer; its times are in plan.json
+    and the build it chose matches the interpreter."""
+    from nnc.driver import compile_model
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = compile_model(str(DIGITS / "digits_cnn.onnx"), out, options=nnc.CompileOptions(
+            shapes=SHAPES, backend="cuda", tune=True, precision="best", allow="fp16,bf16,fp8,int8",
+            calib=calib / "c.json", calib_data=calib / "data.npz", max_rel_err=1e-2))
+    rec = plan["layer_precision"]["search"]
+    assert rec["cost_model"] == "gpu" and rec["met"]
+    times = rec["layer_times_s"]
+    assert set(times["c1"]) == {"int8", "fp8", "fp16", "bf16"} and all(t > 0 for t in times["c1"].values())
+    print("\n" + "\n".join(f"{k}: " + ", ".join(f"{p} {t * 1e6:.1f} us" for p, t in v.items()) for k, v in times.items()))
+    gpu, ref = nnc.load(out), nnc.load(out, backend="reference")
+    x = {"input": np.load(DIGITS / "holdout.npz")["input"][:40]}
+    got = np.asarray(gpu.run(x, output="numpy", poison=True)["logits"], np.float32)
+    want = np.asarray(ref.run(x, output="numpy")["logits"], np.float32)
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()

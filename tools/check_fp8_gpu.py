@@ -12,7 +12,8 @@ Sections:
   (tools/qdq_scale_models.py): its int8 conv must give the fp32 build's integers, so y must equal
   the fp32 interpreter's y rounded to fp16 (column "rel err" is then 0, "note" counts mismatches);
 - best: the digits CNN at --precision best --allow fp16,bf16,fp8,int8 --calib (heuristic cost) and
-  at fp16: held-out accuracy and time.
+  at fp16: held-out accuracy and time; besttimed (not in the default --only): the same with --tune,
+  so the search times every layer alone on the GPU at each allowed precision (compiler/layer_timer.py).
 Each row: the kernels, max |gpu - interpreter| / max |interpreter| on fresh inputs (outputs poisoned
 first), the median GPU compute time (nnc bench's CUDA events around the graph). Today's fp8 path
 dequantizes into the fp16 GEMM / conv (docs/fp8.md): expect about the fp16 time, not faster.
@@ -64,9 +65,10 @@ def _float_conv_model(N, C, HW, O, k, stride):
 def _build(model, out, **kw):
     import nnc
     from nnc.driver import compile_model
+    kw.setdefault("tune", False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return compile_model(str(model), out, options=nnc.CompileOptions(tune=False, backend="cuda", **kw))
+        return compile_model(str(model), out, options=nnc.CompileOptions(backend="cuda", **kw))
 
 
 def _check(out, feed, name, iters):
@@ -160,7 +162,7 @@ def exact(td, iters):
     _row("int8 QDQ, odd scales", "fp16", run)
 
 
-def best(td, iters):
+def best(td, iters, timed=False):
     from nnc.calibrate import calibrate
     calibrate(str(DIGITS / "digits_cnn.onnx"), DIGITS / "calib.npz", "minmax").save(td / "digits.json")
     np.savez(td / "digits_data.npz", input=np.load(DIGITS / "calib.npz")["input"][:40])
@@ -172,17 +174,20 @@ def best(td, iters):
                       == h["labels"][i:i + 40]).sum()) for i in range(0, 360, 40))
         return 100.0 * ok / 360
 
-    for name, kw in (("fp16", dict(precision="fp16")),
-                     ("best", dict(precision="best", allow="fp16,bf16,fp8,int8", calib=td / "digits.json",
-                                   calib_data=td / "digits_data.npz", max_rel_err=1e-2))):
+    best_kw = dict(precision="best", allow="fp16,bf16,fp8,int8", calib=td / "digits.json",
+                   calib_data=td / "digits_data.npz", max_rel_err=1e-2)
+    builds = (("best timed", dict(best_kw, tune=True)),) if timed else \
+        (("fp16", dict(precision="fp16")), ("best", best_kw))
+    for name, kw in builds:
         def run(kw=kw, name=name):
             out = td / f"digits_{name}"
             plan = _build(DIGITS / "digits_cnn.onnx", out, shapes=shapes, **kw)
             gpu, _, rel, ms, nk = _check(out, {"input": h["input"][:40]}, "logits", iters)
-            lp = plan.get("layer_precision", {}).get("layers", [])
-            mix = ",".join(f"{d['layer']}:{d['precision']}" for d in lp)
-            return nk, rel, ms, f"acc {accuracy(gpu):.2f}% {mix}"
-        _row("digits CNN b40", name, run)
+            lp = plan.get("layer_precision", {})
+            mix = ",".join(f"{d['layer']}:{d['precision']}" for d in lp.get("layers", []))
+            cm = lp.get("search", {}).get("cost_model", "")
+            return nk, rel, ms, f"acc {accuracy(gpu):.2f}% cost {cm} {mix}"
+        _row("digits CNN b40", name.replace(" timed", "+tune"), run)
 
 
 def main(argv=None) -> int:
@@ -203,6 +208,8 @@ def main(argv=None) -> int:
             exact(td, args.iterations)
         if "best" in parts:
             best(td, args.iterations)
+        if "besttimed" in parts:  # best with --tune: each layer timed alone on the GPU (compiler/layer_timer.py)
+            best(td, args.iterations, timed=True)
     print(f"\n{'case':>24} {'build':>12} {'kernels':>8} {'rel err':>10} {'gpu ms':>9}  note")
     print("\n".join(ROWS))
     return 0
