@@ -277,7 +277,7 @@ def _holdout_accuracy(m, batch=40):
 
 @pytest.mark.parametrize("method", ["minmax", "entropy"])
 def test_digits_fp8_accuracy(method, tmp_path):
-    """--precision fp8 on the digits CNN (its Gemm in e4m3, the convs fp16) vs fp32, held-out images."""
+    """--precision fp8 on the digits CNN (its two convs and its Gemm in e4m3) vs fp32, held-out images."""
     import nnc
     from nnc.calibrate import calibrate
     calibrate(str(DIGITS / "digits_cnn.onnx"), DIGITS / "calib.npz", method).save(tmp_path / "c.json")
