@@ -352,12 +352,12 @@ __device__ __forceinline__ void nnc_coop_lstm_step_2_st_release(unsigned int* p,
 __device__ __forceinline__ void nnc_coop_lstm_step_2_add_release(unsigned int* p, unsigned int v) {
   asm volatile("red.release.gpu.global.add.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
 }
-// tagged h: one relaxed 16-byte poll (4 single-copy-atomic 32-bit words), one relaxed store of a tagged word
-__device__ __forceinline__ uint4 nnc_coop_lstm_step_2_ld4_relaxed(const unsigned int* p) {
-  uint4 v;
-  asm volatile("ld.relaxed.gpu.global.v4.u32 { %0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p)
-               : "memory");
-  return v;
+// tagged h: one relaxed 16-byte poll whose elements are the tagged words (each element of a vector
+// access is single-copy atomic, the vector as a whole is not), one relaxed store of a tagged word
+__device__ __forceinline__ uint4 nnc_coop_lstm_step_2_ld4_relaxed(const unsigned int* p) {  // 2 words {fp32 h, u32 tag}
+  unsigned long long a, b;
+  asm volatile("ld.relaxed.gpu.global.v2.u64 { %0,%1}, [%2];" : "=l"(a), "=l"(b) : "l"(p) : "memory");
+  return make_uint4((unsigned int)a, (unsigned int)(a >> 32), (unsigned int)b, (unsigned int)(b >> 32));
 }
 __device__ __forceinline__ void nnc_coop_lstm_step_2_st_tagged(unsigned int* p, float h, unsigned int tag) {
   const unsigned long long v = ((unsigned long long)tag << 32) | __float_as_uint(h);
@@ -587,12 +587,12 @@ __device__ __forceinline__ void nnc_coop_lstm_step_4_st_release(unsigned int* p,
 __device__ __forceinline__ void nnc_coop_lstm_step_4_add_release(unsigned int* p, unsigned int v) {
   asm volatile("red.release.gpu.global.add.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
 }
-// tagged h: one relaxed 16-byte poll (4 single-copy-atomic 32-bit words), one relaxed store of a tagged word
-__device__ __forceinline__ uint4 nnc_coop_lstm_step_4_ld4_relaxed(const unsigned int* p) {
-  uint4 v;
-  asm volatile("ld.relaxed.gpu.global.v4.u32 { %0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p)
-               : "memory");
-  return v;
+// tagged h: one relaxed 16-byte poll whose elements are the tagged words (each element of a vector
+// access is single-copy atomic, the vector as a whole is not), one relaxed store of a tagged word
+__device__ __forceinline__ uint4 nnc_coop_lstm_step_4_ld4_relaxed(const unsigned int* p) {  // 2 words {fp32 h, u32 tag}
+  unsigned long long a, b;
+  asm volatile("ld.relaxed.gpu.global.v2.u64 { %0,%1}, [%2];" : "=l"(a), "=l"(b) : "l"(p) : "memory");
+  return make_uint4((unsigned int)a, (unsigned int)(a >> 32), (unsigned int)b, (unsigned int)(b >> 32));
 }
 __device__ __forceinline__ void nnc_coop_lstm_step_4_st_tagged(unsigned int* p, float h, unsigned int tag) {
   const unsigned long long v = ((unsigned long long)tag << 32) | __float_as_uint(h);

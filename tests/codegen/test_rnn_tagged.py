@@ -103,7 +103,7 @@ def test_tagged_renders_and_compiles_sm90a(kind, dt, mma, B, kw, tmp_path, monke
     assert list(tmp_path.glob("model.*.cubin")), "NVRTC wrote no cubin"
     src = (tmp_path / "model.cu").read_text()
     loop = src[src.index("for (int step = 0; step < S; ++step)"):]
-    assert "ld.relaxed.gpu.global.v4.u32" in src
+    assert ("ld.relaxed.gpu.global.v4.u32" if mma else "ld.relaxed.gpu.global.v2.u64") in src  # elements = the tagged words
     assert ("st.relaxed.gpu.global.u32" if mma else "st.relaxed.gpu.global.u64") in src
     for gone in ("_st_release(", "_add_release(", "_fence_acquire()", "_cp_wait()"):
         assert gone not in loop, gone
