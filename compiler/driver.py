@@ -170,7 +170,7 @@ def compile_model(model, out, shapes: str = "", arch=None, precision: str = "fp3
         for d in choice.decisions:
             if d.got != choice.default or d.wanted != d.got:
                 rep.log(f"  layer {d.layer!r} ({d.op}): {d.got}" + (f" ({d.why!r})" if d.why else ""))
-        n = {p: sum(d.got == p for d in choice.decisions) for p in ("fp16", "bf16", "fp32")}
+        n = {p: sum(d.got == p for d in choice.decisions) for p in ("int8", "fp8", "fp16", "bf16", "fp32")}
         rep.log("  layer precision: " + ", ".join(f"{v} {k}" for k, v in n.items() if v))
     # the device limits lowering fits kernels to (codegen/target.py): --arch's table entry, else
     # the GPU present, else sm_90; an unknown arch is an error here, before any work is written
