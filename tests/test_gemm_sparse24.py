@@ -213,7 +213,8 @@ def test_applies_space_default_and_reasons():
     assert G.MMA_SP.check(big)
     sp = G.MMA_SP.space(big)
     d = G.MMA_SP.default(big, sp)
-    assert d in sp and d == dict(BN=128, BM=128, WN=2, WM=2, STAGES=3, STORE="smem")
+    assert d in sp and d == dict(BN=128, BM=128, WN=2, WM=2, STAGES=3, STORE="smem", SPLIT=1)
+    assert {p["SPLIT"] for p in sp} == {1}  # 768 tiles: no K split on offer
     assert {p["BN"] for p in sp} == {64, 128} and {p["BM"] for p in sp} == {32, 64, 128}
     assert all(G.smem_bytes(p) <= big.target.smem_per_block_optin for p in sp)
     small = problem_of(sparse_module(128, 768, 768, seed=2))
@@ -229,19 +230,32 @@ def test_applies_space_default_and_reasons():
     assert "sm_80" in G.MMA_SP.check(old).why
 
 
-def _points_source(m, pts, variant="gemm_sparse24.mma"):
-    from bench_sparse24 import compile_points, point_plans
+def _points_source(m, pts, variant="gemm_sparse24.mma", per_unit=12):
+    """Every point's kernels NVRTC-compiled for sm_90a, per_unit points a program, the programs in
+    parallel processes (codegen/cuda.compile_many, no cache); returns the sources."""
+    from bench_sparse24 import point_plans
+    from nnc.codegen.cuda import Unit, compile_many
+    from nnc.codegen.units import pieces_for, prelude
     plans = point_plans(m, pts, "sm_90a", variant)
-    cubin = compile_points(plans, "sm_90a", tag=f"sp24_{len(pts)}")
-    assert cubin and all(n.encode() in cubin for _, _, names, _ in plans for n in names.values())
+    units = []
+    for u in range(0, len(plans), per_unit):
+        chunk = plans[u:u + per_unit]
+        text = "\n".join(s for *_, srcs in chunk for s in srcs)
+        units.append(Unit(f"sp24_{u}", prelude(pieces_for([text])) + "\n" + text,
+                          tuple(n for _, _, names, _ in chunk for n in names.values())))
+    for unit, cubin in zip(units, compile_many(units, "sm_90a")):
+        assert cubin and all(n.encode() in cubin for n in unit.kernels), unit.name
     return "\n".join(s for *_, srcs in plans for s in srcs)
 
 
 def test_every_space_point_compiles_with_nvrtc_f16():
+    """Every tile point (2048 x 1152 outputs: enough tiles that no K split is on offer, so the space is
+    the 72 tile / warp / stage / store points; the split kernels: test_few_tiles_split_k_over_ctas)."""
     from nnc.codegen.kernels import gemm_sparse24 as G
-    m = sparse_module(40, 200, 136, bias=True, relu=True, seed=6)
+    m = sparse_module(2048, 200, 1152, bias=True, relu=True, seed=6)
     pr = problem_of(m)
     assert G.MMA_SP.check(pr)
+    assert {p["SPLIT"] for p in G.MMA_SP.space(pr)} == {1} and len(G.MMA_SP.space(pr)) == 72
     text = _points_source(m, G.MMA_SP.space(pr))
     assert "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32" in text
     assert "matmul_sparse24(" in text and "fmaxf" in text  # the header names the IR op; the relu epilogue
@@ -265,6 +279,27 @@ def test_wgmma_variant_applies_on_sm_90a_only_and_every_point_compiles():
     assert "sm_90a" in G.WGMMA_SP.check(plain).why
     from bench_int8 import candidates
     assert [c for c, _ in candidates(m)][:2] == ["gemm_sparse24.mma", "gemm_sparse24.wgmma"]  # mma first until GPU-checked
+
+
+@pytest.mark.parametrize("variant", ["gemm_sparse24.mma", "gemm_sparse24.wgmma"])
+def test_few_tiles_split_k_over_ctas(variant):
+    """BERT-base b1's FFN down (128 x 3072 x 768): too few tiles for the SMs, so the default splits K
+    (fp32 partials [SPLIT, M, N], then the reduce kernel with the bias and activation)."""
+    from bench_int8 import lower_forced
+
+    from nnc.codegen.kernels import gemm_sparse24 as G
+    m = sparse_module(128, 3072, 768, bias=True, gelu="none", seed=12)
+    pr = problem_of(m)
+    v = {"gemm_sparse24.mma": G.MMA_SP, "gemm_sparse24.wgmma": G.WGMMA_SP}[variant]
+    assert v.check(pr)
+    sp = v.space(pr)
+    d = v.default(pr, sp)
+    assert d in sp and d["SPLIT"] > 1, d
+    plan = lower_forced(m, variant, d)
+    assert len(plan.launches) == 2 and tuple(plan.launches[0].grid)[2] == d["SPLIT"]
+    assert any(b.kind == "temp" and tuple(b.shape) == (d["SPLIT"], 128, 768) for b in plan.buffers)
+    text = _points_source(m, [d], variant)
+    assert "K-split fp32 partials" in text and "erff" in text  # the reduce kernel has the Gelu
 
 
 def test_default_compiles_with_nvrtc_bf16():
@@ -412,6 +447,7 @@ def _diagnose(got, want) -> str:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,K,N,dt", [(128, 768, 3072, "f16"), (4096, 3072, 768, "f16"), (1, 64, 16, "f16"),
+                                      (128, 3072, 768, "f16"),  # (the default splits K over CTAs)
                                       (37, 200, 136, "f16"), (300, 1000, 520, "bf16"), (16, 4096, 4096, "bf16")])
 @pytest.mark.parametrize("variant", ["gemm_sparse24.mma", "gemm_sparse24.wgmma"])
 def test_gpu_matches_interpreter_and_torch(M, K, N, dt, variant):

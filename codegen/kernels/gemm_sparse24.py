@@ -32,11 +32,14 @@ by the epilogue, with the bias along N and the activation).
     applies(problem) -> Fit   mma: sm_80+, x f16/bf16, constant w_values / w_meta, K % 8 == 0, x 16-byte
                               aligned, a non-empty output
     space                     BN (64, 128) x BM (32, 64, 128) x warps WN x WM (4 or 8) x STAGES (3, 4) x
+                              SPLIT (CTAs along K, 2 / 4 / 8 offered only when the tiles give fewer CTAs
+                              than SMs: fp32 partials, then a reduce kernel with the bias / activation) x
                               STORE (smem: the y tile transposed through shared memory, then 16-byte row
                               stores; direct: each accumulator stored from registers, 3 stages only), within
                               the Target's shared memory (opt-in) and threads
     default                   the largest tiles that still give >= 1 CTA a SM (M >= 1024: BN 128, BM 128,
-                              2 x 2 warps, 3 stages, STORE smem; small M: BM 32 / 64 with 4 x 1 / 2 x 2 warps)
+                              2 x 2 warps, 3 stages, STORE smem; small M: BM 32 / 64 with 4 x 1 / 2 x 2 warps;
+                              still too few tiles: K split over CTAs until there is one CTA a SM)
 """
 from __future__ import annotations
 
@@ -125,6 +128,23 @@ def _applies(problem):
 WARPS = ((2, 2), (4, 1), (2, 4), (4, 2))  # (WN, WM): warps along N (weight rows) x along M
 
 
+def splits(pr: "Sparse24Gemm", bn: int, bm: int, sm_count: int) -> list:
+    """CTAs along K on offer: 1, and 2 / 4 / 8 while the tiles alone give fewer CTAs than SMs (the
+    b1 shapes: 128 x 3072 x 768 has 24 tiles of 64 x 64) and each split keeps >= 2 k blocks."""
+    ctas = cdiv(pr.N, bn) * cdiv(pr.M, bm)
+    kb = pr.k_pad // STAGE_K
+    return [1] + [s for s in (2, 4, 8) if ctas < sm_count and ctas * s <= 2 * sm_count and kb >= 2 * s]
+
+
+def pick_split(pr: "Sparse24Gemm", bn: int, bm: int, offered, sm_count: int) -> int:
+    """The fewest CTAs along K (of those offered) that give one CTA a SM."""
+    ctas = cdiv(pr.N, bn) * cdiv(pr.M, bm)
+    for s in sorted(offered):
+        if ctas * s >= sm_count:
+            return s
+    return max(offered)
+
+
 def smem_bytes(params: dict) -> int:
     """The ring: STAGES x (BN/16 x 2 k-steps x (512 value + 64 metadata bytes) + BM x-rows); STORE smem
     reuses it for the y tile (BM rows of BN + 8 halves), which always fits in 3 stages."""
@@ -145,9 +165,12 @@ def space(problem) -> list:
                     continue
                 for ST in (3, 4):
                     for STORE in (("smem", "direct") if ST == 3 else ("smem",)):
-                        p = dict(BN=BN, BM=BM, WN=WN, WM=WM, STAGES=ST, STORE=STORE)
-                        if smem_bytes(p) <= t.smem_per_block_optin:
-                            out.append(p)
+                        for SPLIT in splits(problem.memo["gemm_sparse24.problem"], BN, BM, t.sm_count):
+                            if SPLIT > 1 and STORE != "smem":  # (a split's partials are stored from registers)
+                                continue
+                            p = dict(BN=BN, BM=BM, WN=WN, WM=WM, STAGES=ST, STORE=STORE, SPLIT=SPLIT)
+                            if smem_bytes(p) <= t.smem_per_block_optin:
+                                out.append(p)
     return out
 
 
@@ -157,13 +180,16 @@ def default(problem, sp: list) -> dict:
     pr: Sparse24Gemm = problem.memo["gemm_sparse24.problem"]
     sms = problem.target.sm_count
     prefs = [(128, 128, 2, 2), (128, 64, 2, 2), (64, 64, 2, 2), (128, 32, 4, 1), (64, 32, 4, 1)]
-    by = {(p["BN"], p["BM"], p["WN"], p["WM"]): p for p in sp if p["STAGES"] == 3 and p["STORE"] == "smem"}
+    by = {(p["BN"], p["BM"], p["WN"], p["WM"]): p for p in sp
+          if p["STAGES"] == 3 and p["STORE"] == "smem" and p["SPLIT"] == 1}
     for key in prefs:
         if key in by and cdiv(pr.N, key[0]) * cdiv(pr.M, key[1]) >= sms:
             return dict(by[key])
-    for key in reversed(prefs):
+    for key in reversed(prefs):  # too few tiles even at the smallest: split K over CTAs
         if key in by:
-            return dict(by[key])
+            offered = [p["SPLIT"] for p in sp if (p["BN"], p["BM"], p["WN"], p["WM"]) == key and p["STAGES"] == 3
+                       and p["STORE"] == "smem"]
+            return dict(by[key], SPLIT=pick_split(pr, key[0], key[1], offered, sms))
     return dict(sp[0])
 
 
@@ -201,16 +227,32 @@ def pack_meta(vals: np.ndarray, meta: np.ndarray, pr: Sparse24Gemm) -> np.ndarra
     return np.ascontiguousarray(word.transpose(0, 2, 1, 3)).reshape(pr.tiles_n, pr.steps_k, 16)
 
 
-def kernel_params(pr: Sparse24Gemm, params: dict, op_names: str) -> dict:
-    return dict(op_names=op_names, M=pr.M, K=pr.K, N=pr.N, KB=pr.k_pad // STAGE_K, STEPS=pr.steps_k,
+def kernel_params(pr: Sparse24Gemm, params: dict, op_names: str, kind: str = "gemm") -> dict:
+    kb, split = pr.k_pad // STAGE_K, params.get("SPLIT", 1)
+    return dict(kind=kind, op_names=op_names, M=pr.M, K=pr.K, N=pr.N, KB=kb, KBS=cdiv(kb, split), STEPS=pr.steps_k,
                 act=pr.act, T=dtypes.ctype(dtypes.info(pr.act).dtype), MMA_T=MMA[pr.act],
                 has_bias=pr.has_bias, activation=pr.activation, VEC_STORE=pr.N % 8 == 0 and pr.y16,
-                SMEM=smem_bytes(params), **{"STORE": "smem", **params})
+                SMEM=smem_bytes(params), **{"STORE": "smem", "SPLIT": 1, **params})
 
 
 def grid(pr: Sparse24Gemm, params: dict) -> tuple:
-    """((CTAs along N, CTAs along M), threads) of the kernel."""
-    return (cdiv(pr.N, params["BN"]), cdiv(pr.M, params["BM"])), params["WN"] * params["WM"] * 32
+    """((CTAs along N, CTAs along M, CTAs along K), threads) of the kernel."""
+    return ((cdiv(pr.N, params["BN"]), cdiv(pr.M, params["BM"]), params.get("SPLIT", 1)),
+            params["WN"] * params["WM"] * 32)
+
+
+def launch_split(ctx: LowerCtx, pr: Sparse24Gemm, kernel, grid_, threads: int, head: list, params: dict, smem: int):
+    """The GEMM launch writing y, or (SPLIT > 1) fp32 partials [SPLIT, M, N] then the reduce kernel
+    (kind "reduce" of gemm_sparse24.cu.j2: + bias, activation, cast)."""
+    split = params.get("SPLIT", 1)
+    bias = [ctx.inp(3)] if pr.has_bias else []
+    if split == 1:
+        ctx.launch(kernel, grid_, threads, head + bias + [ctx.out(0)], smem=smem)
+        return
+    part = ctx.temp("f32", [split, pr.M, pr.N], "split_k")
+    ctx.launch(kernel, grid_, threads, head + [part], smem=smem)
+    kr = ctx.render("gemm_sparse24.cu.j2", "gemm_sparse24_reduce", **kernel_params(pr, params, ctx.op.name, "reduce"))
+    ctx.launch(kr, cdiv(pr.M * pr.N, 256), 256, [part] + bias + [ctx.out(0)])
 
 
 def _render(ctx: LowerCtx, problem, params: dict):
@@ -219,10 +261,9 @@ def _render(ctx: LowerCtx, problem, params: dict):
     vals = ctx.value(1)
     wv = ctx.weight(1, lambda v: pack_values(v, meta, pr), key="sparse24_mma_tiles")
     we = ctx.weight(2, lambda m: pack_meta(vals, m, pr), key="sparse24_mma_meta")
-    args = [ctx.inp(0), wv, we] + ([ctx.inp(3)] if pr.has_bias else []) + [ctx.out(0)]
     k = ctx.render("gemm_sparse24.cu.j2", "gemm_sparse24", **kernel_params(pr, params, ctx.op.name))
     g, threads = grid(pr, params)
-    ctx.launch(k, g, threads, args, smem=smem_bytes(params))
+    launch_split(ctx, pr, k, g, threads, [ctx.inp(0), wv, we], params, smem_bytes(params))
     return True
 
 
@@ -251,12 +292,14 @@ def _applies_wgmma(problem):
 def wgmma_space(problem) -> list:
     t = problem.target
     out = []
+    pr = problem.memo["gemm_sparse24.problem"]
     for WG in (1, 2):
         for BM in (64, 128, 256):
             for ST in (3, 4):
-                p = dict(WG=WG, BM=BM, STAGES=ST)
-                if WG * 128 <= t.max_threads_per_block and wgmma_smem_bytes(p) <= t.smem_per_block_optin:
-                    out.append(p)
+                for SPLIT in splits(pr, 64 * WG, BM, t.sm_count):
+                    p = dict(WG=WG, BM=BM, STAGES=ST, SPLIT=SPLIT)
+                    if WG * 128 <= t.max_threads_per_block and wgmma_smem_bytes(p) <= t.smem_per_block_optin:
+                        out.append(p)
     return out
 
 
@@ -264,12 +307,16 @@ def wgmma_default(problem, sp: list) -> dict:
     """2 warp groups x BM 128, 4 stages while that gives >= 1 CTA a SM, else BM 64, then 1 warp group."""
     pr: Sparse24Gemm = problem.memo["gemm_sparse24.problem"]
     sms = problem.target.sm_count
-    by = {(p["WG"], p["BM"], p["STAGES"]): p for p in sp}
+    by = {(p["WG"], p["BM"], p["STAGES"]): p for p in sp if p["SPLIT"] == 1}
     prefs = [(2, 128, 4), (2, 64, 4), (1, 64, 4)]
     for key in prefs:
         if key in by and cdiv(pr.N, 64 * key[0]) * cdiv(pr.M, key[1]) >= sms:
             return dict(by[key])
-    return dict(by.get(prefs[-1], sp[0]))
+    key = prefs[-1]  # too few tiles: split K over CTAs
+    if key not in by:
+        return dict(sp[0])
+    offered = [p["SPLIT"] for p in sp if (p["WG"], p["BM"], p["STAGES"]) == key]
+    return dict(by[key], SPLIT=pick_split(pr, 64, key[1], offered, sms))
 
 
 def _render_wgmma(ctx: LowerCtx, problem, params: dict):
@@ -277,14 +324,13 @@ def _render_wgmma(ctx: LowerCtx, problem, params: dict):
     meta, vals = ctx.value(2), ctx.value(1)
     wv = ctx.weight(1, lambda v: pack_values(v, meta, pr), key="sparse24_mma_tiles")
     we = ctx.weight(2, lambda m: pack_meta(vals, m, pr), key="sparse24_mma_meta")
-    args = [ctx.inp(0), wv, we] + ([ctx.inp(3)] if pr.has_bias else []) + [ctx.out(0)]
-    kp = {k: v for k, v in kernel_params(pr, {"BN": 64 * params["WG"], "BM": params["BM"], "WN": 1, "WM": 1,
-                                             "STAGES": params["STAGES"]}, ctx.op.name).items()
-          if k not in ("BN", "WN", "WM", "STORE", "SMEM")}
-    k = ctx.render("gemm_sparse24_wgmma.cu.j2", "gemm_sparse24_wgmma", **{**kp, **params,
+    split = params.get("SPLIT", 1)
+    as_mma = {"BN": 64 * params["WG"], "BM": params["BM"], "WN": 1, "WM": 1, "STAGES": params["STAGES"], "SPLIT": split}
+    kp = {k: v for k, v in kernel_params(pr, as_mma, ctx.op.name).items() if k not in ("BN", "WN", "WM", "STORE", "SMEM")}
+    k = ctx.render("gemm_sparse24_wgmma.cu.j2", "gemm_sparse24_wgmma", **{**kp, **params, "SPLIT": split,
                                                                          "SMEM": wgmma_smem_bytes(params)})
-    ctx.launch(k, (cdiv(pr.N, 64 * params["WG"]), cdiv(pr.M, params["BM"])), params["WG"] * 128, args,
-               smem=wgmma_smem_bytes(params))
+    g = (cdiv(pr.N, 64 * params["WG"]), cdiv(pr.M, params["BM"]), split)
+    launch_split(ctx, pr, k, g, params["WG"] * 128, [ctx.inp(0), wv, we], as_mma, wgmma_smem_bytes(params))
     return True
 
 
