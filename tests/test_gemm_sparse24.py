@@ -278,7 +278,7 @@ def test_wgmma_variant_applies_on_sm_90a_only_and_every_point_compiles():
     plain.target = replace(plain.target, arch="sm_90", has_wgmma=False)
     assert "sm_90a" in G.WGMMA_SP.check(plain).why
     from bench_int8 import candidates
-    assert [c for c, _ in candidates(m)][:2] == ["gemm_sparse24.mma", "gemm_sparse24.wgmma"]  # mma first until GPU-checked
+    assert [c for c, _ in candidates(m)][:2] == ["gemm_sparse24.wgmma", "gemm_sparse24.mma"]  # wgmma first on sm_90a
 
 
 @pytest.mark.parametrize("variant", ["gemm_sparse24.mma", "gemm_sparse24.wgmma"])
@@ -514,7 +514,8 @@ def test_gpu_whole_mlp_with_sparsity_force(tmp_path):
         gpu = nnc.compile(model, options=nnc.CompileOptions(backend="cuda", tune=False, **opts), out=tmp_path / "o")
     import json
     plan = json.loads((tmp_path / "o" / "plan.json").read_text())
-    assert sum("gemm_sparse24" in k["template"] for k in plan["kernels"]) == 2, [k["template"] for k in plan["kernels"]]
+    templates = [k["template"] for k in plan["kernels"]]
+    assert sum("gemm_sparse24" in t for t in templates) >= 2 and not {"gemm_wgmma.cu.j2", "gemm_tc.cu.j2"} & set(templates), templates
     want = ref.run(feed, output="numpy")["y"].astype(np.float32)
     got = gpu.run(feed, output="numpy")["y"].astype(np.float32)
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-2

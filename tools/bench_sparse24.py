@@ -136,14 +136,22 @@ def _graph_ms(launch, n=10):
 
 
 def _bench_points(M, K, N):
-    """{variant: points}: the heuristic default of each variant and a few neighbours."""
+    """({variant: pick(space, default) -> points}, {variant: Variant}): the heuristic default of each
+    variant, a few neighbouring tiles at its K split, and the default tile at the other K splits."""
     from nnc.codegen.kernels import gemm_sparse24 as G
+
+    def around(tile_of, tiles):
+        def pick(sp, d):
+            near = [p for p in sp if p != d and p["SPLIT"] == d["SPLIT"] and tile_of(p) in tiles]
+            other = [p for p in sp if p != d and tile_of(p) == tile_of(d) and p["SPLIT"] != d["SPLIT"]]
+            return [d] + near + other
+        return pick
+    mma_tile = lambda p: (p["BN"], p["BM"], p["WN"], p["WM"], p["STAGES"], p["STORE"])  # noqa: E731
+    wg_tile = lambda p: (p["WG"], p["BM"], p["STAGES"])  # noqa: E731
     return {
-        "gemm_sparse24.mma": lambda sp, d: [d] + [p for p in sp if p != d and p["STAGES"] == 3 and p["STORE"] == "smem"
-                                                  and (p["BN"], p["BM"], p["WN"], p["WM"]) in
-                                                  ((128, 64, 2, 2), (64, 64, 2, 2), (128, 128, 2, 4), (128, 128, 2, 2))],
-        "gemm_sparse24.wgmma": lambda sp, d: [d] + [p for p in sp if p != d and p["STAGES"] == 4 and
-                                                    (p["WG"], p["BM"]) in ((2, 128), (2, 256), (1, 128), (2, 64))],
+        "gemm_sparse24.mma": around(mma_tile, [(128, 64, 2, 2, 3, "smem"), (64, 64, 2, 2, 3, "smem"),
+                                               (128, 128, 2, 4, 3, "smem"), (128, 128, 2, 2, 3, "smem")]),
+        "gemm_sparse24.wgmma": around(wg_tile, [(2, 128, 4), (2, 256, 4), (1, 128, 4), (2, 64, 4)]),
     }, {"gemm_sparse24.mma": G.MMA_SP, "gemm_sparse24.wgmma": G.WGMMA_SP}
 
 

@@ -7,7 +7,7 @@ W^T [N, K] (row n = column n of W, 2:4-sparse along K, compressed to K/2 values)
 in "col" layout, i.e. X [M, K] row-major as it lies in memory, and its D is Y^T (stored transposed
 by the epilogue, with the bias along N and the activation).
 
-* gemm_sparse24.mma (priority 10): f16 / bf16 activations, constant w_values / w_meta, K % 8 == 0,
+* gemm_sparse24.mma (priority 10, rank 1; the one of sm_80 / sm_89 / plain sm_90): f16 / bf16 activations, constant w_values / w_meta, K % 8 == 0,
   x 16-byte aligned. At compile time (ctx.weight transforms, into weights.bin once) the values are
   re-laid-out per 16-row x 32-k mma tile (512 bytes): lane l = 4g + t holds its four A registers
   {row g, kept cols 2t..2t+1}, {row g+8, same}, {row g, kept cols 8+2t..}, {row g+8, same} as one
@@ -18,8 +18,8 @@ by the epilogue, with the bias along N and the activation).
   code 0b0100), N to 128 rows. A CTA owns BN weight rows x BM activation rows; WN x WM warps; a
   STAGES-deep cp.async ring of 64-k stages (compressed values, metadata, x rows 144-byte padded for
   conflict-free ldmatrix, which gives each n8 B fragment of a k32 step in one x4 load).
-* gemm_sparse24.wgmma (priority 10, rank 1: after mma in the heuristic order until a GPU round has
-  checked it; the tuner times both): sm_90a (Target.has_wgmma), the same conditions and the same
+* gemm_sparse24.wgmma (priority 10, rank 0: first in the heuristic order on sm_90a; H200 round of
+  2026-12-03 07:08, fp16: correct, 1.1-1.25x the mma variant at M = 4096, equal at M = 128): sm_90a (Target.has_wgmma), the same conditions and the same
   weight packing: `wgmma.mma_async.sp` m64n{BM}k32 with the sparse A from registers (each warp its
   16-row tile: the per-warp A fragment and metadata of sparse wgmma are those of mma.sp m16n8k32) and
   x^T from a 128-byte-swizzled K-major shared-memory tile (templates/gemm_sparse24_wgmma.cu.j2); WG
@@ -375,7 +375,7 @@ def _render_dense(ctx: LowerCtx, problem, params: dict):
 
 
 MMA_SP = register(Variant("gemm_sparse24.mma", FAMILY, ("matmul_sparse24",), _render, _applies,
-                          space, default, priority=PRIORITY))
+                          space, default, priority=PRIORITY, rank=1))
 WGMMA_SP = register(Variant("gemm_sparse24.wgmma", FAMILY, ("matmul_sparse24",), _render_wgmma, _applies_wgmma,
-                            wgmma_space, wgmma_default, priority=PRIORITY, rank=1))
+                            wgmma_space, wgmma_default, priority=PRIORITY, rank=0))
 DENSE = register(Variant("gemm_sparse24.dense", FAMILY, ("matmul_sparse24",), _render_dense, priority=0))
