@@ -111,6 +111,44 @@ def test_bert_with_embedding_and_mask_over_batch_and_length(tmp_path):
         np.testing.assert_allclose(m.run(feed)["y"], _ort(model, feed)[0], rtol=1e-4, atol=1e-4)
 
 
+def _reduce_model(tmp_path) -> Path:
+    """ReduceMean over the symbolic sequence, ReduceMax over the last dim, a global average pool
+    not fused into a Gemm, over B and S."""
+    g = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x", "ax1"], ["m"], keepdims=1),
+         helper.make_node("ReduceMax", ["x", "ax2"], ["mx"], keepdims=0),
+         helper.make_node("Unsqueeze", ["x", "ax3"], ["x4"]),
+         helper.make_node("GlobalAveragePool", ["x4"], ["gap"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 8])],
+        [helper.make_tensor_value_info("m", TensorProto.FLOAT, ["B", 1, 8]),
+         helper.make_tensor_value_info("mx", TensorProto.FLOAT, ["B", "S"]),
+         helper.make_tensor_value_info("gap", TensorProto.FLOAT, ["B", "S", 1, 1])],
+        [onnx.numpy_helper.from_array(np.array([1], np.int64), "ax1"),
+         onnx.numpy_helper.from_array(np.array([-1], np.int64), "ax2"),
+         onnx.numpy_helper.from_array(np.array([3], np.int64), "ax3")])
+    p = tmp_path / "red.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(p))
+    return p
+
+
+REDUCE_PROFILE = "x:1x1x8/2x9x8/3x20x8"
+
+
+def test_reductions_over_symbolic_dims(tmp_path):
+    p = _reduce_model(tmp_path)
+    out = tmp_path / "o"
+    nnc.compile(p, profiles=[REDUCE_PROFILE], out=out, backend="reference", codegen=True, tune=False)
+    m = nnc.load(out, backend="reference")
+    rng = np.random.default_rng(7)
+    for b, s in ((1, 1), (2, 9), (3, 13), (3, 20)):
+        x = rng.standard_normal((b, s, 8)).astype(np.float32)
+        got, ref = m.run({"x": x}), _ort(p, {"x": x})
+        for name, r in zip(("m", "mx", "gap"), ref):
+            np.testing.assert_allclose(got[name], r, rtol=1e-5, atol=1e-6)
+    plan = json.loads((out / "plan.json").read_text())
+    assert {l["kernel"].split("_")[1] for l in plan["launches"] if l["kind"] == "kernel"} == {"reduce"}
+
+
 @pytest.mark.parametrize("shape, msg", [
     ((33, 3, 32, 32), "input 'input' with shape [33, 3, 32, 32] is outside every profile"),
     ((2, 3, 32), "has rank 3; the model's is 4"),
@@ -339,3 +377,17 @@ def test_gpu_bert_one_build_seq_1_77_128(tmp_path):
         got = m.run(feed, output="numpy", poison=True)["y"]
         assert got.shape == (b, s, 64)
         np.testing.assert_allclose(got, _ort(model, feed)[0], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_reductions_over_symbolic_dims(tmp_path):
+    from nnc.runtime import require_gpu
+    require_gpu()
+    p = _reduce_model(tmp_path)
+    m = _gpu_build(p, REDUCE_PROFILE, tmp_path / "o")
+    rng = np.random.default_rng(8)
+    for b, s in ((1, 1), (2, 9), (3, 13), (3, 20)):
+        x = rng.standard_normal((b, s, 8)).astype(np.float32)
+        got, ref = m.run({"x": x}, output="numpy", poison=True), _ort(p, {"x": x})
+        for name, r in zip(("m", "mx", "gap"), ref):
+            np.testing.assert_allclose(got[name], r, rtol=1e-4, atol=1e-5)

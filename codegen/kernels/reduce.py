@@ -10,6 +10,7 @@ from ..dtypes import compute_type
 from ..lower import LowerCtx, lowering
 from .elementwise import lit
 from .movement import strided_copy
+from ..runtime_sizes import grid_dim, numel
 
 # op -> (combine, map(v), final(acc))  (R is the reduced extent, m the max for lse)
 REDUCE = {
@@ -68,7 +69,21 @@ def reduce_view(ctx: LowerCtx, x, axes: list):
     return t, outer, int(np.prod([shape[a] for a in axes], dtype=np.int64)), 1
 
 
+def _rt_view(ctx: LowerCtx, axes: list):
+    """A range build's [outer, R, inner] of operand 0 (Exprs where symbolic), for contiguous axes
+    only (the transposing view would need runtime strides; codegen/runtime_sizes.py)."""
+    sh = list(ctx.sym_shape(0))
+    axes = sorted(axes)
+    if not axes:
+        return numel(sh), 1, 1
+    if axes != list(range(axes[0], axes[-1] + 1)):
+        ctx.fail(f"reduction axes {axes} are not contiguous: a range build reduces contiguous axes only")
+    return numel(sh[:axes[0]]), numel(sh[axes[0]:axes[-1] + 1]), numel(sh[axes[-1] + 1:])
+
+
 def emit_reduce(ctx: LowerCtx, kind: str, x, y, axes):
+    if ctx.problem is not None and ctx.problem.symbolic:
+        return _emit_reduce_rt(ctx, kind, x, y, axes)
     src, outer, R, inner = reduce_view(ctx, x, axes)
     combine, mp, fin = REDUCE[kind]
     acc = _acc_type(x.dtype)
@@ -84,7 +99,24 @@ def emit_reduce(ctx: LowerCtx, kind: str, x, y, axes):
     ctx.launch(k, grid, block, [src, y])
 
 
-@lowering(*REDUCE)
+def _emit_reduce_rt(ctx: LowerCtx, kind: str, x, y, axes):
+    """emit_reduce with the sizes per run: outer, R, inner as C over the symbol parameters."""
+    outer, R, inner = _rt_view(ctx, axes)
+    combine, mp, fin = REDUCE[kind]
+    acc = _acc_type(x.dtype)
+    f = "f" if acc == "float" else ""
+    lowest = lit(float("-inf"), acc) if acc in ("float", "double") else _init("max", acc)
+    variant = "row" if inner == 1 else "col"  # (the row kernel takes R = 1 too)
+    c = ctx.csize
+    k = ctx.render("reduce.cu.j2", "reduce_" + kind[6:].lower(), variant=variant, outer=c(outer), R=c(R), inner=c(inner),
+                   in_ctype=x.ctype, out_ctype=y.ctype, acc=acc, combine_op=combine, map_expr=mp.format(f=f),
+                   final_expr=fin.format(f=f, acc=acc, R="R"), init=_init(combine, acc), lowest=lowest,
+                   lse=kind == "ReduceLogSumExp", block=256, rt_params=ctx.rt_params())
+    grid = grid_dim(outer, 1, ctx.L.sym_max, 65535)[1] if variant == "row" else ctx.grid1d(outer * inner)
+    ctx.launch(k, grid, 256, [x, y, *ctx.rt_args()])
+
+
+@lowering(*REDUCE, runtime_sizes=True)  # (a range build: contiguous axes; _emit_reduce_rt)
 def _reduce(ctx: LowerCtx):
     x, y = ctx.inp(0), ctx.out(0)
     rank = len(x.shape)
@@ -107,7 +139,7 @@ def _reduce(ctx: LowerCtx):
     return True
 
 
-@lowering("GlobalAveragePool", "GlobalMaxPool")
+@lowering("GlobalAveragePool", "GlobalMaxPool", runtime_sizes=True)
 def _global_pool(ctx: LowerCtx):
     x, y = ctx.inp(0), ctx.out(0)
     emit_reduce(ctx, "ReduceMean" if ctx.op.name == "GlobalAveragePool" else "ReduceMax", x, y,
