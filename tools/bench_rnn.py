@@ -42,7 +42,7 @@ from cuda_timing import time_cuda  # noqa: E402
 from export_graphs import clamp_ir_version  # noqa: E402
 from export_rnn_models import MODELS, export  # noqa: E402
 
-SYNCS = ("flags", "barrier", "tagged")
+SYNCS = ("flags", "barrier", "tagged")  # (--syncs also takes local: one block a direction, where it fits)
 L2_TBPS = 7.0  # H200 L2 read bandwidth, TB/s (nominal; the h broadcast is L2-resident)
 TOL = {"fp32": 1e-3, "fp16": 1e-2}
 ROWS: list = []
@@ -197,6 +197,9 @@ def bench_one(name: str, batch: int, work: Path, precs, pts, floor: dict):
                 r[f"ok_{label}"] = r[f"err_{label}"] <= TOL[prec]
                 if mma and not all(p.get("STEP_MMA") for p in rec_params(m.plan)):
                     r[f"note_{label}"] = "not every recurrence took the tensor-core step (space: fp16/bf16, H % 8)"
+                if any(p.get("sync") != sync for p in rec_params(m.plan)):
+                    r[f"note_sync_{label}"] = (f"not every recurrence has sync {sync} (local: one block a direction, "
+                                               f"only where R, h and B*H gate threads fit one SM)")
                 mods[label] = (m, cp.asarray(xin), xin, sync)
             except Exception as e:
                 r[f"error_{label}"] = f"{type(e).__name__}: {str(e)[:300]}"

@@ -102,6 +102,8 @@ ESIZE = {s: TABLE[s].itemsize for s in FLOATS}
 # per block), "barrier" (one release counter per direction), "tagged" (h_step carries its step number
 # in the same atomic word: the consumers poll h itself, no flag, no fence; templates/rnn.cu.j2)
 SYNCS = ("flags", "barrier", "tagged")
+# one block a direction (the whole R slice on one SM): h never leaves its shared memory
+LOCAL = "local"
 SYNC_WORDS_PER_DIR = 32  # barrier counters one 128-byte line apart; flags need D*NSB words
 TAG_INFLIGHT = 8  # the tagged sync's 16-byte polls a thread keeps in flight
 
@@ -295,7 +297,7 @@ def point_cost(spec: RecurrenceSpec, params: dict) -> float:
     return _staging_clocks(spec, mma, spec.D * lay["NSB"]) + core
 
 
-def _mma_points(spec: RecurrenceSpec, target: Target, nsb: int) -> list[dict]:
+def _mma_points(spec: RecurrenceSpec, target: Target, nsb: int, syncs=None) -> list[dict]:
     """The tensor-core step's points at nsb blocks a direction: 4 or 8 warps splitting k (more
     threads when B*HS gate threads need them), both syncs; R always in smem (fp16/bf16)."""
     if not _mma_ok(spec):
@@ -309,7 +311,7 @@ def _mma_points(spec: RecurrenceSpec, target: Target, nsb: int) -> list[dict]:
         lay = _mma_layout(spec, nsb, threads)
         if lay["smem"] > target.smem_per_block_optin or (lay["MP"] // 16) * (lay["NP"] // 8) * 4 > MMA_MAX_ACC:
             continue
-        for sync in SYNCS:
+        for sync in syncs or SYNCS:
             out.append(dict(sync=sync, nsb=lay["NSB"], tr=None, tb=None, ks=None, threads=threads, r_smem=True,
                             kperm=False, stage_batch=False, step_mma=True, mma_warps=warps))
     return out
@@ -357,30 +359,48 @@ def recurrence_space(spec: RecurrenceSpec, target: Target) -> list[dict]:
         for r_smem in (True, False):
             if not r_smem and spec.H % _vec(spec):
                 continue
-            tilings = []
-            for tr in (1, 2, 4):
-                for tb in (1, 2, 4, 8):
-                    if tb > 1 and tb > spec.B:
-                        continue
-                    lay = _layout(spec, nsb, tr, tb, r_smem)
-                    if lay["smem"] > target.smem_per_block_optin:
-                        continue
-                    for ks in (32, 16, 8, 4):
-                        threads, cost = _tiling_cost(spec, lay, tr, tb, ks)
-                        if threads:
-                            tilings.append((cost, threads, tr, tb, ks, lay["NSB"]))
-            tilings.sort()
-            kperms = (False, True) if r_smem and _vec(spec) == 8 and spec.H % 8 == 0 else (False,)
-            for cost, threads, tr, tb, ks, nsb_real in tilings[:2]:
-                for sync in SYNCS:
-                    for kperm in kperms:
-                        for stage_batch in (False, True) if sync != "tagged" else (False,):
-                            out.append(dict(sync=sync, nsb=nsb_real, tr=tr, tb=tb, ks=ks, threads=threads,
-                                            r_smem=r_smem, kperm=kperm, stage_batch=stage_batch, step_mma=False,
-                                            mma_warps=None))
+            tilings = _fma_tilings(spec, target, nsb, r_smem)
+            out += _fma_points(spec, tilings, r_smem, SYNCS)
             if tilings:
                 break  # R in smem fits: streaming it is never better
         out += _mma_points(spec, target, nsb)
+    # one block a direction when its whole R (and h, and a gate thread a batch x unit) fits: h stays
+    # in that block's smem between steps, __syncthreads the only sync (sync LOCAL)
+    if top > 1 and spec.B * spec.H <= 1024:
+        out += _fma_points(spec, _fma_tilings(spec, target, 1, True), True, (LOCAL,))
+        out += _mma_points(spec, target, 1, (LOCAL,))
+    return out
+
+
+def _fma_tilings(spec: RecurrenceSpec, target: Target, nsb: int, r_smem: bool) -> list:
+    """(modelled cost, threads, tr, tb, ks, NSB) of the FMA step's tilings that fit, cheapest first."""
+    tilings = []
+    for tr in (1, 2, 4):
+        for tb in (1, 2, 4, 8):
+            if tb > 1 and tb > spec.B:
+                continue
+            lay = _layout(spec, nsb, tr, tb, r_smem)
+            if lay["smem"] > target.smem_per_block_optin:
+                continue
+            for ks in (32, 16, 8, 4):
+                threads, cost = _tiling_cost(spec, lay, tr, tb, ks)
+                if threads:
+                    tilings.append((cost, threads, tr, tb, ks, lay["NSB"]))
+    tilings.sort()
+    return tilings
+
+
+def _fma_points(spec: RecurrenceSpec, tilings: list, r_smem: bool, syncs) -> list:
+    """The FMA step's points: the two best-modelled tilings x syncs x kperm x stage_batch."""
+    out = []
+    kperms = (False, True) if r_smem and _vec(spec) == 8 and spec.H % 8 == 0 else (False,)
+    for cost, threads, tr, tb, ks, nsb_real in tilings[:2]:
+        for sync in syncs:
+            for kperm in kperms:
+                for stage_batch in (False, True) if sync in ("flags", "barrier") else (False,):
+                    out.append(dict(sync=sync, nsb=nsb_real, tr=tr, tb=tb, ks=ks, threads=threads,
+                                    r_smem=r_smem, kperm=kperm, stage_batch=stage_batch, step_mma=False,
+                                    mma_warps=None))
     return out
 
 
@@ -404,12 +424,13 @@ def recurrence_default(spec: RecurrenceSpec, target: Target, space: Optional[lis
         if pts:  # the cheapest-modelled blocks a direction and warps (ties: the space's order)
             return dict(min(pts, key=lambda p: point_cost(spec, p)))
     space = [p for p in space if not p.get("step_mma")] or space
+    sync = default_sync(spec, False)
+    space = [p for p in space if p["sync"] == sync] or space
     if spec.B <= SMALL_BATCH:  # latency-bound: the most blocks a direction that still give each MIN_ROWS rows
         roomy = [p for p in space if spec.gates * point_layout(spec, p)["HS"] >= MIN_ROWS_SMALL_BATCH]
         if roomy:
             most = max(p["nsb"] for p in roomy)
             space = [p for p in roomy if p["nsb"] == most]
-    sync = default_sync(spec, False)
     for p in space:
         if (p["sync"] == sync and p.get("kperm", False) == DEFAULT_KPERM
                 and p.get("stage_batch", False) == DEFAULT_STAGE_BATCH):

@@ -64,7 +64,7 @@ def test_space_declares_the_mma_step_for_half_precision_only():
             space = rnn.recurrence_space(spec, SM90A)
             mma = [p for p in space if p["step_mma"]]
             assert bool(mma) == (st != "f32" and H % 8 == 0), (st, kind, H)
-            assert {p["sync"] for p in mma} <= set(rnn.SYNCS)
+            assert {p["sync"] for p in mma} <= set(rnn.SYNCS) | {rnn.LOCAL}
             for p in mma:
                 lay = rnn.point_layout(spec, p)
                 assert lay["smem"] <= SM90A.smem_per_block_optin and D * lay["NSB"] <= SM90A.sm_count
