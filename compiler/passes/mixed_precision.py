@@ -93,10 +93,15 @@ class PrecisionChoice:
     amax: Optional[dict] = None  # calibration amax per tensor name (int8 / fp8 layers)
     fold: bool = True
 
+    _flow: dict = field(default_factory=dict, repr=False)  # {layer: int8 layer it follows} (run())
+
     def choose(self, op: Op) -> str:
         p = self.per_layer.get(layer_key(op), self.default)
         if p in QUANT_FLOAT:
             return QUANT_FLOAT[p]
+        if layer_key(op) in self._flow:
+            self.reasons[layer_key(op)] = f"between int8 layers (int8 flows through it to {self._flow[layer_key(op)]!r})"
+            return "fp32"
         src = op.operands[0].producer if op.name == "Relu" and op.operands and op.operands[0] is not None else None
         if src is not None and self.per_layer.get(layer_key(src)) == "int8":
             # the Relu of an int8 layer: f32 like it, so Q(Relu(Conv)) folds (int8 flows on)
@@ -111,6 +116,10 @@ class PrecisionChoice:
             self.per_layer = {**self.per_layer, **pinned.per_layer}
             self.reasons = {**self.reasons, **pinned.reasons}
         self.decisions = []
+        int8 = {k for k, v in self.per_layer.items() if v == "int8"}
+        if int8:  # the MaxPool / view / Relu ops between two int8 layers run with them (int8 flows)
+            from nnc.passes.quantize_int8 import flow_pins
+            self._flow = flow_pins(module, int8)
         changed = lower_mixed(module, self.choose, self.decisions, self.reasons)
         quant = {p: {d.result.name for d in self.decisions if self.per_layer.get(d.layer) == p and d.result is not None}
                  for p in QUANT_FLOAT}

@@ -180,6 +180,46 @@ def _calib_name(v, scales: dict) -> str:
     return v.name
 
 
+FLOW_OPS = SCALE_PRESERVING + ("Relu",)  # what int8 flows through between two int8 layers (fold-qdq's passthrough)
+
+
+def int8_chain(x, is_int8, uses, returned):
+    """(the ops from x's producer back, the value where int8 flow starts) for x = FLOW_OPS(..(y)..)
+    where y is the result of an op is_int8 accepts, every value on the way read once and not
+    returned. The flow starts at y, or at Relu(y) when a Relu reads y (so fold-qdq sees
+    Q(Relu(OP))). (None, None) when x is no such chain or the chain is that Relu alone (x's own
+    pair already folds it)."""
+    chain, v = [], x
+    while v.producer is not None and v.producer.name in FLOW_OPS and len(v.producer.results) == 1:
+        op = v.producer
+        u = op.operands[0]
+        if u is None or id(v) in returned or id(u) in returned or len(uses.get(id(v), ())) != 1 \
+                or len(uses.get(id(u), ())) != 1:
+            return None, None
+        chain.append(op)
+        if u.producer is not None and is_int8(u.producer):
+            start = v if op.name == "Relu" else u
+            return (chain, start) if start is not x else (None, None)
+        v = u
+    return None, None
+
+
+def flow_pins(module: Module, layers) -> dict:
+    """{layer key: the int8 layer it follows} for the max / view / Relu ops between two int8
+    layers (`layers`: their keys): precision best runs them at f32 with the int8 layers, so that
+    int8 flows through them (quantize_layers puts the pairs; fold-qdq folds them)."""
+    f = module.main
+    uses, returned = users(f), {id(v) for v in f.results}
+    is_int8 = lambda op: op.name in QUANTIZED_OPS and op.results and op.results[0].name in layers
+    out = {}
+    for op in f.ops:
+        if is_int8(op) and op.operands and op.operands[0] is not None:
+            chain, _ = int8_chain(op.operands[0], is_int8, uses, returned)
+            for c in chain or ():
+                out[c.results[0].name] = op.results[0].name
+    return out
+
+
 def quantize_layers(module: Module, scales: dict[str, float], layers) -> set:
     """Per-layer int8 (`--precision best`): Q/DQ on the float activation operand(s) of each Conv /
     Gemm / MatMul of @main whose layer key (its first result's name) is in `layers` and whose
@@ -194,6 +234,32 @@ def quantize_layers(module: Module, scales: dict[str, float], layers) -> set:
     b = Builder(Region([], new_ops, []), module.weights, names)
     pairs: dict[int, object] = {}
     done = set()
+    # int8 flow: for x = MaxPool/view/Relu chain of an int8 layer's output, a pair with x's scale
+    # also right after that layer (or its Relu), so fold-qdq makes the chain int8 (passthrough)
+    uses, returned = users(f), {id(v) for v in f.results}
+    is_int8 = lambda op: op.name in QUANTIZED_OPS and op.results and op.results[0].name in layers
+    flow: dict[int, float] = {}
+    for op in f.ops:
+        if is_int8(op) and op.operands and op.operands[0] is not None:
+            chain, u = int8_chain(op.operands[0], is_int8, uses, returned)
+            s = scales.get(_calib_name(op.operands[0], scales))
+            if chain and s is not None and s > 0 and np.isfinite(s):
+                flow[id(u)] = s
+    flow_repl: dict[int, object] = {}
+    for op in f.ops:
+        op.operands = [flow_repl.get(id(v), v) if v is not None else None for v in op.operands]
+        for r in op.results if op.name != "const" else ():
+            if id(r) in flow:
+                new_ops.append(op)
+                sc = b.constant(np.asarray(flow[id(r)], np.float32), f"{r.name}.scale", op.loc)
+                z = b.constant(np.asarray(0, np.int8), f"{r.name}.zp", op.loc)
+                q = b.create("QuantizeLinear", [r, sc, z], names=[f"{r.name}.q"], loc=op.loc)[0]
+                flow_repl[id(r)] = b.create("DequantizeLinear", [q, sc, z], names=[f"{r.name}.dq"], loc=op.loc)[0]
+                break
+        else:
+            new_ops.append(op)
+    f.ops, new_ops = new_ops, []
+    b = Builder(Region([], new_ops, []), module.weights, names)
     for op in f.ops:
         key = op.results[0].name if op.results else ""
         w = op.operands[1] if op.name in QUANTIZED_OPS and len(op.operands) > 1 else None
