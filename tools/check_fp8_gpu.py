@@ -11,7 +11,7 @@ Sections:
 - exact: the fp16 build of an int8 QDQ conv model whose scales are off the fp16 grid
   (tools/qdq_scale_models.py): its int8 conv must give the fp32 build's integers, so y must equal
   the fp32 interpreter's y rounded to fp16 (column "rel err" is then 0, "note" counts mismatches);
-- best: the digits CNN at --precision best --allow fp16,bf16,fp8,int8 --calib (heuristic cost) and
+- best: the digits CNN at --precision best --allow fp16,bf16,fp8,int8 --calib --max-rel-err 2e-2 (heuristic cost) and
   at fp16: held-out accuracy and time; besttimed (not in the default --only): the same with --tune,
   so the search times every layer alone on the GPU at each allowed precision (compiler/layer_timer.py).
 Each row: the kernels, max |gpu - interpreter| / max |interpreter| on fresh inputs (outputs poisoned
@@ -175,7 +175,7 @@ def best(td, iters, timed=False):
         return 100.0 * ok / 360
 
     best_kw = dict(precision="best", allow="fp16,bf16,fp8,int8", calib=td / "digits.json",
-                   calib_data=td / "digits_data.npz", max_rel_err=1e-2)
+                   calib_data=td / "digits_data.npz", max_rel_err=2e-2)  # all-int8 digits: 1.4e-2
     builds = (("best timed", dict(best_kw, tune=True)),) if timed else \
         (("fp16", dict(precision="fp16")), ("best", best_kw))
     for name, kw in builds:
