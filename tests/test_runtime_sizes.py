@@ -149,6 +149,41 @@ def test_reductions_over_symbolic_dims(tmp_path):
     assert {l["kernel"].split("_")[1] for l in plan["launches"] if l["kind"] == "kernel"} == {"reduce"}
 
 
+def _concat_model(tmp_path) -> Path:
+    """Concat along the static last axis and along the symbolic S (x with Relu(x))."""
+    g = helper.make_graph(
+        [helper.make_node("Concat", ["x", "u"], ["c2"], axis=2),
+         helper.make_node("Relu", ["x"], ["r"]),
+         helper.make_node("Concat", ["x", "r"], ["c1"], axis=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 8]),
+         helper.make_tensor_value_info("u", TensorProto.FLOAT, ["B", "S", 4])],
+        [helper.make_tensor_value_info("c2", TensorProto.FLOAT, ["B", "S", 12]),
+         helper.make_tensor_value_info("c1", TensorProto.FLOAT, ["B", None, 8])])
+    p = tmp_path / "cat.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    return p
+
+
+CONCAT_PROFILE = "x:1x1x8/2x5x8/3x9x8,u:1x1x4/2x5x4/3x9x4"
+
+
+def test_concat_along_static_and_symbolic_axes(tmp_path, gpu=False):
+    p = _concat_model(tmp_path)
+    out = tmp_path / "o"
+    if gpu:
+        m = _gpu_build(p, CONCAT_PROFILE, out)
+    else:
+        nnc.compile(p, profiles=[CONCAT_PROFILE], out=out, backend="reference", codegen=True, tune=False)
+        m = nnc.load(out, backend="reference")
+    rng = np.random.default_rng(9)
+    for b, s in ((1, 1), (2, 5), (3, 7), (3, 9)):
+        feed = {"x": rng.standard_normal((b, s, 8)).astype(np.float32),
+                "u": rng.standard_normal((b, s, 4)).astype(np.float32)}
+        got, ref = (m.run(feed, output="numpy", poison=True) if gpu else m.run(feed)), _ort(p, feed)
+        np.testing.assert_array_equal(got["c2"], ref[0])
+        np.testing.assert_array_equal(got["c1"], ref[1])
+
+
 @pytest.mark.parametrize("shape, msg", [
     ((33, 3, 32, 32), "input 'input' with shape [33, 3, 32, 32] is outside every profile"),
     ((2, 3, 32), "has rank 3; the model's is 4"),
@@ -391,3 +426,10 @@ def test_gpu_reductions_over_symbolic_dims(tmp_path):
         got, ref = m.run({"x": x}, output="numpy", poison=True), _ort(p, {"x": x})
         for name, r in zip(("m", "mx", "gap"), ref):
             np.testing.assert_allclose(got[name], r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_concat_along_static_and_symbolic_axes(tmp_path):
+    from nnc.runtime import require_gpu
+    require_gpu()
+    test_concat_along_static_and_symbolic_axes(tmp_path, gpu=True)

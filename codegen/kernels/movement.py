@@ -60,17 +60,20 @@ def _transpose(ctx: LowerCtx):
     return True
 
 
-def strided_copy_rt(ctx: LowerCtx, src: Buffer, dst: Buffer, sym_shape, sym_in_strides):
-    """strided_copy of a range build: the shape and strides (ints or Exprs) as C text over the
-    symbol parameters, the element count and grid per run (codegen/runtime_sizes.py)."""
+def strided_copy_rt(ctx: LowerCtx, src: Buffer, dst: Buffer, sym_shape, sym_in_strides, out_strides=None,
+                    out_base=0):
+    """strided_copy of a range build: the shape, strides and output base (ints or Exprs) as C
+    text over the symbol parameters, the element count and grid per run (codegen/runtime_sizes.py)."""
     n = 1
     for d in sym_shape:
         n = n * d
     keep = [d for d in range(len(sym_shape)) if sym_shape[d] != 1] or [0]
+    out_contig = out_strides is None and out_base == 0
+    ost = [ctx.csize(out_strides[d]) for d in keep] if out_strides is not None else [0] * len(keep)
     k = ctx.render("strided_copy.cu.j2", "copy_" + ctx.op.name.lower(), ctype=src.ctype,
                    shape=[ctx.csize(sym_shape[d]) for d in keep], in_strides=[ctx.csize(sym_in_strides[d]) for d in keep],
-                   in_mods=[0] * len(keep), in_base=0, out_contig=True, out_strides=[0] * len(keep), out_base=0,
-                   rt_params=ctx.rt_params())
+                   in_mods=[0] * len(keep), in_base=0, out_contig=out_contig, out_strides=ost,
+                   out_base=ctx.csize(out_base), rt_params=ctx.rt_params())
     ctx.launch(k, ctx.grid1d(n), 256, [src, dst, ctx.i64(n), *ctx.rt_args()])
 
 
@@ -153,12 +156,29 @@ def _split(ctx: LowerCtx):
     return True
 
 
-@lowering("Concat")
+def _sym_strides(shape) -> list:
+    st, acc = [0] * len(shape), 1
+    for d in range(len(shape) - 1, -1, -1):
+        st[d], acc = acc, acc * shape[d]
+    return st
+
+
+@lowering("Concat", runtime_sizes=True)
 def _concat(ctx: LowerCtx):
     y = ctx.out(0)
     rank = len(y.shape)
     axis = int(ctx.attr("axis", 0))
     axis = axis + rank if axis < 0 else axis
+    if ctx.problem is not None and ctx.problem.symbolic:  # a range build: one strided copy an input
+        ys = ctx.sym_out_shape(0)
+        yst, off = _sym_strides(ys), 0
+        for i in range(ctx.n_in):
+            if not ctx.has(i):
+                continue
+            xs = ctx.sym_shape(i)
+            strided_copy_rt(ctx, ctx.inp(i), y, xs, _sym_strides(xs), out_strides=yst, out_base=off * yst[axis])
+            off = off + xs[axis]
+        return True
     yst = y.strides()
     off = 0
     copies = []  # (input buffer, its offset on the axis): the inputs not written in place
