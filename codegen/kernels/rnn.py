@@ -404,12 +404,23 @@ def _fma_points(spec: RecurrenceSpec, tilings: list, r_smem: bool, syncs) -> lis
     return out
 
 
-def default_sync(spec: RecurrenceSpec, step_mma: bool) -> str:
-    """The heuristic's sync scheme: DEFAULT_SYNC_SMALL_BATCH for the FMA step at batch <= SMALL_BATCH
-    (when set), else DEFAULT_SYNC (the measured-faster schemes, tools/bench_rnn.py)."""
+def default_syncs(spec: RecurrenceSpec, step_mma: bool) -> tuple:
+    """The heuristic's sync schemes in order of preference (the first the space has points of):
+    DEFAULT_SYNC_SMALL_BATCH for the FMA step at batch <= SMALL_BATCH (when set), else DEFAULT_SYNC
+    (the measured-faster schemes, tools/bench_rnn.py)."""
     if not step_mma and spec.B <= SMALL_BATCH and DEFAULT_SYNC_SMALL_BATCH:
-        return DEFAULT_SYNC_SMALL_BATCH
-    return DEFAULT_SYNC
+        return tuple(DEFAULT_SYNC_SMALL_BATCH) + (DEFAULT_SYNC,)
+    return (DEFAULT_SYNC,)
+
+
+def default_sync(spec: RecurrenceSpec, step_mma: bool, space: Optional[list] = None) -> str:
+    """The first of default_syncs that has points in space (None: the first)."""
+    prefs = default_syncs(spec, step_mma)
+    if space is not None:
+        for sync in prefs:
+            if any(p["sync"] == sync and bool(p.get("step_mma")) == step_mma for p in space):
+                return sync
+    return prefs[0]
 
 
 def recurrence_default(spec: RecurrenceSpec, target: Target, space: Optional[list] = None) -> dict:
@@ -418,13 +429,13 @@ def recurrence_default(spec: RecurrenceSpec, target: Target, space: Optional[lis
     space = recurrence_space(spec, target) if space is None else space
     mma = mma_by_default(spec)
     if mma and any(p.get("step_mma") for p in space):
-        sync = default_sync(spec, True)
+        sync = default_sync(spec, True, space)
         pts = [p for p in space if p.get("step_mma") and p["sync"] == sync
                and DEFAULT_MMA_WARPS in (None, p.get("mma_warps"))]
         if pts:  # the cheapest-modelled blocks a direction and warps (ties: the space's order)
             return dict(min(pts, key=lambda p: point_cost(spec, p)))
     space = [p for p in space if not p.get("step_mma")] or space
-    sync = default_sync(spec, False)
+    sync = default_sync(spec, False, space)
     space = [p for p in space if p["sync"] == sync] or space
     if spec.B <= SMALL_BATCH:  # latency-bound: the most blocks a direction that still give each MIN_ROWS rows
         roomy = [p for p in space if spec.gates * point_layout(spec, p)["HS"] >= MIN_ROWS_SMALL_BATCH]
@@ -444,11 +455,11 @@ def recurrence_default(spec: RecurrenceSpec, target: Target, space: Optional[lis
 # measured (tools/bench_rnn.py, H200, 2026-12-02): LSTM 2x512 b1 fp32 0.68 ms barrier vs 0.89 ms flags,
 # fp16 0.55 vs 0.64 (acquire polls then); the floor (RNN H=64 b1) 1.46 vs 1.33 us a step
 DEFAULT_SYNC = "barrier"
-# batch <= SMALL_BATCH, FMA step (None: DEFAULT_SYNC). Measured (tools/bench_rnn.py, H200, 2026-12-03,
+# batch <= SMALL_BATCH, FMA step: the syncs to prefer (None: DEFAULT_SYNC). Measured (tools/bench_rnn.py, H200, 2026-12-03,
 # b1 fp16, ms, barrier -> tagged): LSTM 2x512 0.587 -> 0.430 (cuDNN 4.88), RNN 2x256 0.920 -> 0.733
 # (0.500 a quarter of the blocks; cuDNN 1.05); the floor (RNN H=64 b1) 1.50 -> 0.72 us a step; the
 # same max error as barrier on both. The tensor-core step (batch >= 8) keeps DEFAULT_SYNC until measured
-DEFAULT_SYNC_SMALL_BATCH = "tagged"
+DEFAULT_SYNC_SMALL_BATCH = ("tagged",)  # in order of preference; ("local", "tagged") once local is measured
 # the permuted k order of fp16/bf16 R in smem (conflict-free h reads): written after the last GPU
 # run, compile-checked only, so off by default until measured (tools/bench_rnn.py --kperm)
 DEFAULT_KPERM = False

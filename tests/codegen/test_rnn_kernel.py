@@ -51,7 +51,7 @@ def test_space_declares_every_sync_and_fits_smem():
         assert any(p["step_mma"] for p in space) == (st == "f16"), "the tensor-core step: fp16/bf16 only"
         assert space[0]["r_smem"], (kind, H, B, "R fits on chip for the issue's models")
         d = rnn.recurrence_default(spec, SM90)
-        assert d in space and d["sync"] == rnn.default_sync(spec, d["step_mma"])
+        assert d in space and d["sync"] == rnn.default_sync(spec, d["step_mma"], space)
         assert d["step_mma"] == (st == "f16" and rnn.mma_by_default(spec))
 
 
@@ -90,10 +90,10 @@ def test_every_point_compiles(name, tmp_path, monkeypatch):
     base = compile_to_dir(mod, tmp_path / "base", arch="sm_90")
     _, k = _rec_launch(base)
     kp = k["params"]
-    assert kp["sync"] == rnn.default_sync(rnn.RecurrenceSpec(kind=kind, S=kp["S"], B=kp["B"], D=kp["D"], H=kp["H"]),
-                                          kp["STEP_MMA"])
     # every point of the declared space, through the normal compile path
     got = _space_of(mod)
+    assert kp["sync"] == rnn.default_sync(rnn.RecurrenceSpec(kind=kind, S=kp["S"], B=kp["B"], D=kp["D"], H=kp["H"]),
+                                          kp["STEP_MMA"], got)
     assert len(got) >= 2
     # a covering subset (the CPU is small): every (sync, kperm, stage_batch) and every geometry once
     seen, todo = set(), []
