@@ -14,8 +14,9 @@ with the output poisoned (NaN) first and checked against torch's fp32 conv (max 
 warm-up, median of CUDA events; short convs as CUDA-graph replays of 20 launches, torch too, which
 also checks that a graph captures the tensor-map parameters). A launch not done after 10 s is a hung
 pipeline: reported with the table so far, then the process exits. --compile-only: render and
-compile every point (a CPU machine). Prints a table last: TFLOP/s of cuDNN, the best TMA point, the
-best cp.async point, the heuristic's pick, TMA best / cuDNN, and the points not ok.
+compile every point (a CPU machine). Prints a table last: TFLOP/s of cuDNN, the best TMA point (split-K
+and staged-epilogue points included), TMA best / cuDNN, the best staged-epilogue (EPI = smem) point,
+the best cp.async point, the heuristic's pick, and the points not ok.
 """
 from __future__ import annotations
 
@@ -43,12 +44,18 @@ RESULTS: list = []
 CUBINS: dict = {}
 
 
+TMA_KINDS = ("tma", "split", "epismem")
+
+
 def kind_of(p):
-    return "tma" if W.load_kind(p) == "tma" else ("bulk" if p.get("b_bulk") else "cp.async")
+    if W.load_kind(p) == "tma":
+        return "split" if W.split_k(p) > 1 else ("epismem" if W.epi_smem(p) else "tma")
+    return "bulk" if p.get("b_bulk") else "cp.async"
 
 
 def tag(p):
-    return _tag(p) + (f"/split{W.split_k(p)}" if W.split_k(p) > 1 else "") + ("/tma" if W.load_kind(p) == "tma" else "")
+    return (_tag(p) + (f"/split{W.split_k(p)}" if W.split_k(p) > 1 else "") + ("/epismem" if W.epi_smem(p) else "")
+            + ("/tma" if W.load_kind(p) == "tma" else ""))
 
 
 def conv_space(pr):
@@ -84,7 +91,7 @@ def run_shape(pool, label, N, C, H, W_, K, R, S, st, pad):
     CUBINS.update(zip(uniq, pool.map(_compile, [(src, "sm_90a") for src in uniq.values()])))
     if COMPILE_ONLY:
         bad = [s.name for _, s in specs if isinstance(CUBINS[s.name], str)]
-        n_tma = sum(1 for p in space if kind_of(p) == "tma")
+        n_tma = sum(1 for p in space if kind_of(p) in TMA_KINDS)
         print(f"{label} b{N}: {len(specs)} points ({n_tma} TMA), {len(bad)} failed to compile", *bad, sep="\n  ",
               flush=True)
         return None
@@ -148,7 +155,7 @@ def run_shape(pool, label, N, C, H, W_, K, R, S, st, pad):
     print(f"\n== {label} b{N}: cuDNN {tms * 1e3:.1f} us {flops / tms / 1e9:.1f} TFLOP/s"
           f"{' (graph-timed)' if graphs else ''}", flush=True)
     shown = []
-    for kind in ("tma", "bulk", "cp.async"):
+    for kind in TMA_KINDS + ("bulk", "cp.async"):
         shown += sorted([r for r in rows if kind_of(r[0]) == kind and r[1] is not None], key=lambda r: r[1])[:3]
     shown += [r for r in rows if r[0] == dflt and r not in shown]
     bad = [r for r in rows if r[1] is None and r not in shown]
@@ -159,15 +166,15 @@ def run_shape(pool, label, N, C, H, W_, K, R, S, st, pad):
     if len(bad) > 4 and not VERBOSE:
         print(f"   ... and {len(bad) - 4} more points not ok", flush=True)
     print("   all tma TFLOP/s: " + ", ".join(f"{tag(p)[:-4]}={flops / ms / 1e9:.0f}" for p, ms, _ in rows
-                                              if kind_of(p) == "tma" and ms is not None), flush=True)
+                                              if kind_of(p) in TMA_KINDS and ms is not None), flush=True)
 
     def best(*kinds):
         good = [(p, ms) for p, ms, _ in rows if kind_of(p) in kinds and ms is not None]
         return min(good, key=lambda r: r[1]) if good else None
     return dict(label=label, N=N, flops=flops, torch_ms=tms, im2col=geo is not None,
-                tma=best("tma"), cp=best("bulk", "cp.async"),
+                tma=best(*TMA_KINDS), epismem=best("epismem"), cp=best("bulk", "cp.async"),
                 heuristic=next(((p, ms) for p, ms, _ in rows if p == dflt), None),
-                n_tma=sum(1 for p in space if kind_of(p) == "tma"),
+                n_tma=sum(1 for p in space if kind_of(p) in TMA_KINDS),
                 wrong=[(tag(p), s) for p, _, s in rows if not s.startswith("ok")])
 
 
@@ -177,9 +184,9 @@ def cell(r, key):
 
 
 def print_table(res: list) -> None:
-    print("\n| conv | batch | A by TMA | cuDNN TFLOP/s | TMA best | TMA / cuDNN | cp.async best | heuristic | "
-          "wrong (of which TMA) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| conv | batch | A by TMA | cuDNN TFLOP/s | TMA best | TMA / cuDNN | staged-epilogue best | cp.async best "
+          "| heuristic | wrong (of which TMA) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in res:
         if "failed" in r:
             print(f"| {r['label']} | {r['N']} | FAILED: {r['failed']} |")
@@ -187,7 +194,8 @@ def print_table(res: list) -> None:
         ratio = "-" if not r["tma"] else f"{r['torch_ms'] / r['tma'][1]:.2f}"
         n_wrong_tma = sum(1 for t, _ in r["wrong"] if t.endswith("/tma"))
         print(f"| {r['label']} | {r['N']} | {'im2col map' if r['im2col'] else 'tiled map'} | "
-              f"{r['flops'] / r['torch_ms'] / 1e9:.0f} | {cell(r, 'tma')} | {ratio} | {cell(r, 'cp')} | "
+              f"{r['flops'] / r['torch_ms'] / 1e9:.0f} | {cell(r, 'tma')} | {ratio} | {cell(r, 'epismem')} | "
+              f"{cell(r, 'cp')} | "
               f"{cell(r, 'heuristic')} | {len(r['wrong'])} ({n_wrong_tma} of {r['n_tma']}) |")
 
 

@@ -54,7 +54,8 @@ PROBLEMS = [
 
 
 def tma_tag(p):
-    return _tag(p) + (f"/split{W.split_k(p)}" if W.split_k(p) > 1 else "") + ("/tma" if W.load_kind(p) == "tma" else "")
+    return (_tag(p) + (f"/split{W.split_k(p)}" if W.split_k(p) > 1 else "") + ("/epismem" if W.epi_smem(p) else "")
+            + ("/tma" if W.load_kind(p) == "tma" else ""))
 
 
 def kind_of(p):

@@ -118,6 +118,10 @@ def _valid(p: dict, target: Target, im2col: bool = False) -> bool:
         return False
     if sk > 1 and (load_kind(p) != "tma" or persistent(p)):  # split-K: TMA, a CTA a (tile, split)
         return False
+    if p.get("EPI", "regs") not in ("regs", "smem"):
+        return False
+    if epi_smem(p) and (load_kind(p) != "tma" or persistent(p) or sk > 1 or not epi_stage_fits(p)):
+        return False
     if pingpong(p) and (p["CW"] != 2 or ctas_per_sm(p) != 1 or lag(p) != 0):
         return False
     rows = p["BM"] if pingpong(p) else p["BM"] // p["CW"]
@@ -146,6 +150,19 @@ def setmaxnreg(p: dict):
 
 def split_k(p: dict) -> int:
     return int(p.get("SPLIT_K", 1))
+
+
+def epi_smem(p: dict) -> bool:
+    """EPI = smem: the epilogue staged through shared memory (fp32 [BM][BN + 8] over the free ring of
+    a CTA-a-tile TMA point), then row-contiguous reads of C / bias and 16-byte stores of D: for
+    store-bound GEMMs (K = 64 1x1 convs: one k-tile). NOT MEASURED yet: in the space for the timed
+    selector, never the heuristic's pick (the cost model does not see it; the register epilogue's
+    twin comes first)."""
+    return p.get("EPI", "regs") == "smem"
+
+
+def epi_stage_fits(p: dict) -> bool:
+    return p["BM"] * (p["BN"] + 8) * 4 <= p["STAGES"] * (p["BM"] + p["BN"]) * BK * 2
 
 
 def lag(p: dict) -> int:
@@ -306,6 +323,8 @@ def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bul
             if _valid(p, target, im2col) and gemm._size_ok(p["BM"], problem.M) and gemm._size_ok(p["BN"], problem.N)]
     # split-K (TMA, a CTA a tile): grids of fewer tiles than SMs with long K (split_points)
     split = [dict(p, SPLIT_K=sk) for p in tma_points if not persistent(p) for sk in split_points(problem, p, target)]
+    # the staged epilogue (EPI = smem) of the CTA-a-tile TMA points
+    split += [dict(p, EPI="smem") for p in tma_points if _valid(dict(p, EPI="smem"), target, im2col)]
     return ([dict(p, b_bulk=True) for p in out or [smallest]] + plain + tma_points + split) if b_bulk \
         else plain + tma_points + split
 
@@ -384,11 +403,19 @@ WAVE_OVERHEAD_S = 4e-6  # pipeline fill + epilogue of one CTA a tile (not persis
 HIDDEN_OVERHEAD_S = 2e-6  # what a persistent / overlapped schedule still pays (the first fill, the last store)
 
 
-# A conv's implicit A by the TMA im2col map (conv_wgmma.py): NOT MEASURED yet (issue 9; the cp.async
-# im2col gather reaches 50-65 % of cuDNN, tools/bench_conv_wgmma.py). The TMA GEMM's model at a
-# discounted rate, so the heuristic takes a TMA im2col point only where the model gives it a clear
-# margin (tools/check_conv_tma.py times both against cuDNN; the timed selector races them anyway).
-IM2COL_TMA_RATE = 0.7
+# A conv's implicit A by the TMA im2col map (conv_wgmma.py), measured on the H200 (2026-12-03,
+# tools/check_conv_tma.py, ResNet-50 b32 fp16, 0 wrong): the TMA im2col points run at the TMA GEMM's
+# rates (3x3 convs 1.04-1.09x cuDNN, 413-439 TFLOP/s at 14-56 px; 1x1/2 256 TFLOP/s), 1.5-2.3x the
+# cp.async gather's best on every shape, so where the map fits the heuristic picks among the TMA
+# points only (default_params; the cp.async ones stay in the space for the timed selector), at the
+# TMA GEMM's model (IM2COL_TMA_RATE 1.0; the first, unmeasured, 0.7 sent 3x3 256 @14 and 512 @7 to
+# the gather at 196 / 180 instead of 413 / 423 TFLOP/s). Ping-pong was the fastest schedule on 5 of
+# the 6 im2col shapes (the fused epilogue under the other warp group's mainloop); the model's
+# coop picks ran 3-13 % slower there, so one-CTA-a-tile TMA im2col points are modelled at
+# IM2COL_COOP_RATE (with it the heuristic's pick is the measured best or within 3 % on 5 of the 6
+# shapes, 13 % on 1x1/2 256->512 @56).
+IM2COL_TMA_RATE = 1.0
+IM2COL_COOP_RATE = 0.9
 
 
 def modelled_time(problem: gemm.GemmProblem, p: dict, target: Target = DEFAULT_TARGET, im2col: bool = False) -> float:
@@ -400,7 +427,9 @@ def modelled_time(problem: gemm.GemmProblem, p: dict, target: Target = DEFAULT_T
     eff = TILE_EFFICIENCY.get(p["BM"] * p["BN"], 1.0) * (0.9 if per_sm == 2 else 1.0)
     tiles = cdiv(problem.M, p["BM"]) * cdiv(problem.N, p["BN"]) * problem.nbatch
     if load_kind(p) == "tma":
-        return _tma_time(p, K, eff * (IM2COL_TMA_RATE if im2col else 1.0), tiles, target)
+        if im2col:
+            eff *= IM2COL_TMA_RATE * (1.0 if pingpong(p) else IM2COL_COOP_RATE)
+        return _tma_time(p, K, eff, tiles, target)
     rate = R_INF[bool(p.get("b_bulk"))] * K / (K + K_HALF) * eff / target.sm_count  # one SM's
     tile = 2.0 * p["BM"] * p["BN"] * K / rate
     if pingpong(p):
@@ -436,8 +465,11 @@ def default_params(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b
                    im2col: bool = False, im2col_tma: bool = False) -> dict:
     """The point of the smallest modelled time (one CTA per SM: the ring takes most of shared
     memory, so big tiles win unless they leave most SMs idle); a split-K point only when its
-    modelled time is at most gemm.SPLIT_K_MIN_GAIN of the best unsplit point's."""
+    modelled time is at most gemm.SPLIT_K_MIN_GAIN of the best unsplit point's; a conv whose
+    im2col map fits: among the TMA points only (measured faster on every shape, IM2COL_TMA_RATE)."""
     cands = candidates(problem, target, b_bulk, im2col, im2col_tma)
+    if im2col and im2col_tma:
+        cands = [p for p in cands if load_kind(p) == "tma"] or cands
     t = lambda p: modelled_time(problem, p, target, im2col)  # noqa: E731
     best = min((p for p in cands if split_k(p) == 1), key=t)
     split = [p for p in cands if split_k(p) > 1]
@@ -449,8 +481,9 @@ def default_params(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b
 
 
 def grid_of(problem: gemm.GemmProblem, p: dict, target: Target = DEFAULT_TARGET) -> tuple:
-    """(x, 1 or SPLIT_K, batches): a CTA per tile (and split), or for a persistent point at most one per resident CTA slot
-    (SM count x CTAS), spread over the batches; the kernel strides its tiles by the grid either way."""
+    """(x, 1 or SPLIT_K, batches): a CTA per tile (and split), or for a persistent point at most one
+    per resident CTA slot (SM count x CTAS), spread over the batches; the kernel strides its tiles by
+    the grid either way."""
     tiles = cdiv(problem.M, p["BM"]) * cdiv(problem.N, p["BN"])
     if not persistent(p):
         return tiles, split_k(p), problem.nbatch  # split-K: blockIdx.y is the split
@@ -500,6 +533,8 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
         ctx.update(a_im2col=True, **im2col)
     if split_k(params) > 1:  # only when set: unsplit kernels keep their names and sources
         ctx["split_k"] = split_k(params)
+    if epi_smem(params):
+        ctx.update(epi_smem=True, TO_BYTES=CTYPES[out_dtype][1])
     if params.get("probe"):  # measurement only (tools/bench_gemm_wgmma.py --probe): wrong results
         ctx["probe"] = str(params["probe"])
     ctx.update(act_ctx(pr.act, dict(pr.act_params)))

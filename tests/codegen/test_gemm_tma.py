@@ -91,7 +91,8 @@ def test_tma_fits_and_the_space():
     pts = _tma_points(pr)
     assert pts and all(W._valid(p, SM90A) for p in pts)
     # every schedule of the cp.async space has its TMA twin, BN = 192 too (boxes load any width)
-    sched = {(p["BM"], p["BN"], p["STAGES"], p["CW"], p.get("SCHED"), p.get("PERSIST"), p.get("CTAS")) for p in pts}
+    sched = {(p["BM"], p["BN"], p["STAGES"], p["CW"], p.get("SCHED"), p.get("PERSIST"), p.get("CTAS"), p.get("EPI"))
+             for p in pts}
     assert any(p["BN"] == 192 for p in pts) and any(W.pingpong(p) for p in pts) and any(p.get("CTAS") == 2 for p in pts)
     assert len(sched) == len(pts)
     # a weight B: the bulk points, the cp.async points and the TMA points
@@ -159,7 +160,7 @@ def tma_specs():
     specs = []
     for dt in ("float16", "bfloat16"):
         base = gemm.GemmProblem(4096, 4096, 4096, dtype=dt, has_bias=True, bias_dtype="float32", act="gelu")
-        specs += [W.render(base, p) for p in _tma_points(base)]
+        specs += [W.render(base, p) for p in _tma_points(base) if not W.epi_smem(p)]  # (staged: below)
         for ta in (False, True):
             for tb in (False, True):
                 pr = gemm.GemmProblem(1000, 1000 if not tb else 999, 328, dtype=dt, trans_a=ta, trans_b=tb,
@@ -320,7 +321,9 @@ def _run_tma(spec, bufs, times=1):
     """Launches spec (times launches; split-K: the same zeroed scratch, which each launch must
     leave zeroed for the next)."""
     import cupy
-    fn = common.load_cubin(common.nvrtc_compile(spec.source, "sm_90a"), spec)
+    from .test_conv_tma import _CUBINS, _cubins  # kernels compiled once, in parallel where batched
+    _cubins([spec])
+    fn = common.load_cubin(_CUBINS[spec.source], spec)
     vals = tma.kernel_spec_args(spec, {**W.splitk_arrays(spec), **bufs})
     poisoned = bufs["D"].copy()
     for _ in range(times):
@@ -435,3 +438,75 @@ def test_c_api_with_tensor_maps_gpu(monkeypatch, tmp_path):
         y = np.fromfile(res / "y.bin", dtype=np.asarray(ref).dtype).reshape(np.shape(ref))
         np.testing.assert_allclose(y, ref, rtol=1e-3, atol=1e-3)
 
+
+
+# ---------------------------------------------------------------- the staged epilogue (EPI = smem)
+def test_staged_epilogue_points_and_render():
+    pr = gemm.GemmProblem(4096, 768, 3072, has_bias=True, bias_dtype="float32", act="gelu", has_c=True,
+                          ldc_m=768, ldc_n=1, beta=1.0)
+    pts = [p for p in W.candidates(pr, SM90A, b_bulk=True) if W.epi_smem(p)]
+    assert pts and all(W.load_kind(p) == "tma" and not W.persistent(p) and W.split_k(p) == 1 for p in pts)
+    assert all(W.epi_stage_fits(p) for p in pts)
+    assert not any(W.epi_smem(p) for p in [W.default_params(pr, SM90A, True)])  # never the heuristic's
+    src = W.render(pr, pts[0]).source
+    assert "epilogue staged in shared memory" in src and "bar.sync 3," in src and "uint4" in src
+    for bad in (dict(pts[0], SCHED="pingpong"), dict(pts[0], PERSIST=True), dict(pts[0], LOAD="cp_async"),
+                dict(pts[0], SPLIT_K=2), dict(pts[0], EPI="tma")):
+        with pytest.raises(ValueError, match="declared space"):
+            W.render(pr, bad)
+
+
+def staged_specs():
+    from nnc.codegen.kernels import conv, conv_wgmma as CW
+    specs = []
+    for dt, out in (("float16", None), ("bfloat16", "float32")):
+        pr = gemm.GemmProblem(1000, 1000, 520, dtype=dt, trans_b=True, has_bias=True, has_c=True, ldc_m=1000,
+                              ldc_n=1, beta=1.0, act="relu", out_dtype=out)
+        specs += [W.render(pr, p) for p in W.candidates(pr, SM90A) if W.epi_smem(p)][::3]
+    cp = conv.ConvProblem(32, 64, 56, 56, 256, 1, 1, in_layout="NHWC", out_layout="NHWC")
+    gp = CW.igemm_problem(cp, "float16", "float16", "relu")
+    specs += [W.render(gp, p) for p in W.candidates(gp, SM90A, True) if W.epi_smem(p)][::3]
+    cp = conv.ConvProblem(32, 64, 56, 56, 64, 3, 3, pads=(1,) * 4, in_layout="NHWC", out_layout="NHWC")
+    gp, geo = CW.igemm_problem(cp), CW.im2col_geometry(cp)
+    specs += [W.render(gp, p, im2col=geo, target=SM90A) for p in W.candidates(gp, SM90A, True, True, True)
+              if W.epi_smem(p)][:2]
+    return specs
+
+
+@pytest.mark.skipif(not HAVE_NVRTC, reason="NVRTC unavailable")
+def test_staged_epilogue_kernels_compile_sm90a():
+    specs = staged_specs()
+    srcs = list({s.name: s.source for s in specs}.values())
+    assert len(srcs) >= 6
+    with ProcessPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as ex:
+        assert all(sz > 0 for sz in ex.map(_compile, srcs))
+
+
+STAGED_GPU_CASES = [(129, 200, 328, "float16", False, True, "bias_residual_relu"),
+                    (1000, 1000, 520, "bfloat16", False, False, "bias_gelu"),
+                    (136, 72, 64, "float16", True, True, "cast_f32"),
+                    (4096, 256, 64, "float16", False, True, "bias_residual_relu")]  # a 1x1 64->256 conv's K
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("case", STAGED_GPU_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{c[3]}-{c[6]}")
+def test_staged_epilogue_gpu(case):
+    """Every EPI = smem point against numpy, outputs poisoned; D also at an offset of 2 elements
+    (not 16-byte aligned: the scalar store path)."""
+    from .test_gemm_wgmma import _bufs, _case_arrays
+    rng = np.random.default_rng(abs(hash(case)) & 0xFFFF)
+    pr, a, b, extra, ref = _case_arrays(case, rng)
+    odt = pr.out_dtype or pr.dtype
+    bufs = _bufs(pr, a, b, extra)
+    pts = [p for p in W.candidates(pr, SM90A) if W.epi_smem(p)]
+    assert pts
+    from .test_conv_tma import _cubins
+    _cubins([W.render(pr, p) for p in pts])
+    for p in pts:
+        d = _poison((pr.M, pr.N), odt)
+        _run_tma(W.render(pr, p), dict(bufs, D=d))
+        _check(_host(d, odt), ref, 1e-2 if pr.dtype == "float16" else 3e-2)
+    big = _poison((pr.M * pr.N + 8,), odt)
+    _run_tma(W.render(pr, pts[0]), dict(bufs, D=big[2:2 + pr.M * pr.N].reshape(pr.M, pr.N)))
+    _check(_host(big[2:2 + pr.M * pr.N].reshape(pr.M, pr.N), odt), ref, 1e-2 if pr.dtype == "float16" else 3e-2)
