@@ -213,7 +213,7 @@ def test_applies_space_default_and_reasons():
     assert G.MMA_SP.check(big)
     sp = G.MMA_SP.space(big)
     d = G.MMA_SP.default(big, sp)
-    assert d in sp and d == dict(BN=128, BM=128, WN=2, WM=2, STAGES=3, STORE="smem", SPLIT=1)
+    assert d in sp and d == dict(BN=128, BM=128, WN=2, WM=2, STAGES=3, SPLIT=1)
     assert {p["SPLIT"] for p in sp} == {1}  # 768 tiles: no K split on offer
     assert {p["BN"] for p in sp} == {64, 128} and {p["BM"] for p in sp} == {32, 64, 128}
     assert all(G.smem_bytes(p) <= big.target.smem_per_block_optin for p in sp)
@@ -250,12 +250,12 @@ def _points_source(m, pts, variant="gemm_sparse24.mma", per_unit=12):
 
 def test_every_space_point_compiles_with_nvrtc_f16():
     """Every tile point (2048 x 1152 outputs: enough tiles that no K split is on offer, so the space is
-    the 72 tile / warp / stage / store points; the split kernels: test_few_tiles_split_k_over_ctas)."""
+    the 48 tile / warp / stage points; the split kernels: test_few_tiles_split_k_over_ctas)."""
     from nnc.codegen.kernels import gemm_sparse24 as G
     m = sparse_module(2048, 200, 1152, bias=True, relu=True, seed=6)
     pr = problem_of(m)
     assert G.MMA_SP.check(pr)
-    assert {p["SPLIT"] for p in G.MMA_SP.space(pr)} == {1} and len(G.MMA_SP.space(pr)) == 72
+    assert {p["SPLIT"] for p in G.MMA_SP.space(pr)} == {1} and len(G.MMA_SP.space(pr)) == 48
     text = _points_source(m, G.MMA_SP.space(pr))
     assert "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32" in text
     assert "matmul_sparse24(" in text and "fmaxf" in text  # the header names the IR op; the relu epilogue

@@ -146,12 +146,12 @@ def _bench_points(M, K, N):
             other = [p for p in sp if p != d and tile_of(p) == tile_of(d) and p["SPLIT"] != d["SPLIT"]]
             return [d] + near + other
         return pick
-    mma_tile = lambda p: (p["BN"], p["BM"], p["WN"], p["WM"], p["STAGES"], p["STORE"])  # noqa: E731
-    wg_tile = lambda p: (p["WG"], p["BM"], p["STAGES"])  # noqa: E731
+    mma_tile = lambda p: (p["BN"], p["BM"], p["WN"], p["WM"], p["STAGES"])  # noqa: E731
+    wg_tile = lambda p: (p["WG"], p["BM"], p["STAGES"], p["KPER"])  # noqa: E731
     return {
-        "gemm_sparse24.mma": around(mma_tile, [(128, 64, 2, 2, 3, "smem"), (64, 64, 2, 2, 3, "smem"),
-                                               (128, 128, 2, 4, 3, "smem"), (128, 128, 2, 2, 3, "smem")]),
-        "gemm_sparse24.wgmma": around(wg_tile, [(2, 128, 4), (2, 256, 4), (1, 128, 4), (2, 64, 4)]),
+        "gemm_sparse24.mma": around(mma_tile, [(128, 64, 2, 2, 3), (64, 64, 2, 2, 3), (128, 128, 2, 4, 3), (128, 128, 2, 2, 4)]),
+        "gemm_sparse24.wgmma": around(wg_tile, [(2, 128, 4, 1), (2, 256, 4, 1), (1, 128, 4, 1), (2, 64, 4, 1),
+                                                (2, 128, 4, 2), (2, 256, 4, 2), (1, 64, 4, 2)]),
     }, {"gemm_sparse24.mma": G.MMA_SP, "gemm_sparse24.wgmma": G.WGMMA_SP}
 
 

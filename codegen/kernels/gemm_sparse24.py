@@ -23,7 +23,8 @@ by the epilogue, with the bias along N and the activation).
   weight packing: `wgmma.mma_async.sp` m64n{BM}k32 with the sparse A from registers (each warp its
   16-row tile: the per-warp A fragment and metadata of sparse wgmma are those of mma.sp m16n8k32) and
   x^T from a 128-byte-swizzled K-major shared-memory tile (templates/gemm_sparse24_wgmma.cu.j2); WG
-  warp groups of 64 weight rows, BM (64, 128, 256) activation rows, STAGES (3, 4).
+  warp groups of 64 weight rows, BM (64, 128, 256) activation rows, STAGES (3, 4), SPLIT, KPER (1; 2 at
+  4 stages: two 64-k stages a batch of wgmmas, half the barriers and waits).
 * gemm_sparse24.dense (priority 0): everything else (f32 activations, a pre-sm_80 target, views),
   and the dense alternative the tuner times against the sparse kernel (TensorRT's "sparse tactics
   are timed against dense"): the weight decompressed at compile time and the op lowered as a MatMul
@@ -34,11 +35,11 @@ by the epilogue, with the bias along N and the activation).
     space                     BN (64, 128) x BM (32, 64, 128) x warps WN x WM (4 or 8) x STAGES (3, 4) x
                               SPLIT (CTAs along K, 2 / 4 / 8 offered only when the tiles give fewer CTAs
                               than SMs: fp32 partials, then a reduce kernel with the bias / activation) x
-                              STORE (smem: the y tile transposed through shared memory, then 16-byte row
-                              stores; direct: each accumulator stored from registers, 3 stages only), within
-                              the Target's shared memory (opt-in) and threads
+                              within the Target's shared memory (opt-in) and threads; the y tile always goes
+                              out transposed through shared memory (16-byte row stores; storing from
+                              registers was dropped after the H200 round: the same results, more stores)
     default                   the largest tiles that still give >= 1 CTA a SM (M >= 1024: BN 128, BM 128,
-                              2 x 2 warps, 3 stages, STORE smem; small M: BM 32 / 64 with 4 x 1 / 2 x 2 warps;
+                              2 x 2 warps, 3 stages; small M: BM 32 / 64 with 4 x 1 / 2 x 2 warps;
                               still too few tiles: K split over CTAs until there is one CTA a SM)
 """
 from __future__ import annotations
@@ -75,7 +76,7 @@ class Sparse24Gemm:
     act: str          # f16 | bf16
     has_bias: bool
     activation: str   # none | relu | gelu | gelu_tanh (the epilogue, gemm_common.cu.j2's activation macro)
-    y16: bool = True  # y 16-byte aligned (STORE smem's 16-byte row stores when N % 8 == 0)
+    y16: bool = True  # y 16-byte aligned (the epilogue's 16-byte row stores when N % 8 == 0)
 
     @property
     def k_pad(self) -> int:
@@ -146,7 +147,7 @@ def pick_split(pr: "Sparse24Gemm", bn: int, bm: int, offered, sm_count: int) -> 
 
 
 def smem_bytes(params: dict) -> int:
-    """The ring: STAGES x (BN/16 x 2 k-steps x (512 value + 64 metadata bytes) + BM x-rows); STORE smem
+    """The ring: STAGES x (BN/16 x 2 k-steps x (512 value + 64 metadata bytes) + BM x-rows); the epilogue
     reuses it for the y tile (BM rows of BN + 8 halves), which always fits in 3 stages."""
     ring = params["STAGES"] * (params["BN"] // TILE_N * 2 * (512 + 64) + params["BM"] * X_ROW_BYTES)
     assert ring >= params["BM"] * (params["BN"] + 8) * 2
@@ -164,13 +165,10 @@ def space(problem) -> list:
                 if (BN // WN // TILE_N) * (BM // WM // 8) > 32:  # mma tiles a warp: accumulators in registers
                     continue
                 for ST in (3, 4):
-                    for STORE in (("smem", "direct") if ST == 3 else ("smem",)):
-                        for SPLIT in splits(problem.memo["gemm_sparse24.problem"], BN, BM, t.sm_count):
-                            if SPLIT > 1 and STORE != "smem":  # (a split's partials are stored from registers)
-                                continue
-                            p = dict(BN=BN, BM=BM, WN=WN, WM=WM, STAGES=ST, STORE=STORE, SPLIT=SPLIT)
-                            if smem_bytes(p) <= t.smem_per_block_optin:
-                                out.append(p)
+                    for SPLIT in splits(problem.memo["gemm_sparse24.problem"], BN, BM, t.sm_count):
+                        p = dict(BN=BN, BM=BM, WN=WN, WM=WM, STAGES=ST, SPLIT=SPLIT)
+                        if smem_bytes(p) <= t.smem_per_block_optin:
+                            out.append(p)
     return out
 
 
@@ -181,14 +179,13 @@ def default(problem, sp: list) -> dict:
     sms = problem.target.sm_count
     prefs = [(128, 128, 2, 2), (128, 64, 2, 2), (64, 64, 2, 2), (128, 32, 4, 1), (64, 32, 4, 1)]
     by = {(p["BN"], p["BM"], p["WN"], p["WM"]): p for p in sp
-          if p["STAGES"] == 3 and p["STORE"] == "smem" and p["SPLIT"] == 1}
+          if p["STAGES"] == 3 and p["SPLIT"] == 1}
     for key in prefs:
         if key in by and cdiv(pr.N, key[0]) * cdiv(pr.M, key[1]) >= sms:
             return dict(by[key])
     for key in reversed(prefs):  # too few tiles even at the smallest: split K over CTAs
         if key in by:
-            offered = [p["SPLIT"] for p in sp if (p["BN"], p["BM"], p["WN"], p["WM"]) == key and p["STAGES"] == 3
-                       and p["STORE"] == "smem"]
+            offered = [p["SPLIT"] for p in sp if (p["BN"], p["BM"], p["WN"], p["WM"]) == key and p["STAGES"] == 3]
             return dict(by[key], SPLIT=pick_split(pr, key[0], key[1], offered, sms))
     return dict(sp[0])
 
@@ -232,7 +229,7 @@ def kernel_params(pr: Sparse24Gemm, params: dict, op_names: str, kind: str = "ge
     return dict(kind=kind, op_names=op_names, M=pr.M, K=pr.K, N=pr.N, KB=kb, KBS=cdiv(kb, split), STEPS=pr.steps_k,
                 act=pr.act, T=dtypes.ctype(dtypes.info(pr.act).dtype), MMA_T=MMA[pr.act],
                 has_bias=pr.has_bias, activation=pr.activation, VEC_STORE=pr.N % 8 == 0 and pr.y16,
-                SMEM=smem_bytes(params), **{"STORE": "smem", "SPLIT": 1, **params})
+                SMEM=smem_bytes(params), **{"SPLIT": 1, **params})
 
 
 def grid(pr: Sparse24Gemm, params: dict) -> tuple:
@@ -297,9 +294,10 @@ def wgmma_space(problem) -> list:
         for BM in (64, 128, 256):
             for ST in (3, 4):
                 for SPLIT in splits(pr, 64 * WG, BM, t.sm_count):
-                    p = dict(WG=WG, BM=BM, STAGES=ST, SPLIT=SPLIT)
-                    if WG * 128 <= t.max_threads_per_block and wgmma_smem_bytes(p) <= t.smem_per_block_optin:
-                        out.append(p)
+                    for KPER in ((1, 2) if ST == 4 else (1,)):
+                        p = dict(WG=WG, BM=BM, STAGES=ST, SPLIT=SPLIT, KPER=KPER)
+                        if WG * 128 <= t.max_threads_per_block and wgmma_smem_bytes(p) <= t.smem_per_block_optin:
+                            out.append(p)
     return out
 
 
@@ -307,6 +305,7 @@ def wgmma_default(problem, sp: list) -> dict:
     """2 warp groups x BM 128, 4 stages while that gives >= 1 CTA a SM, else BM 64, then 1 warp group."""
     pr: Sparse24Gemm = problem.memo["gemm_sparse24.problem"]
     sms = problem.target.sm_count
+    sp = [p for p in sp if p["KPER"] == 1] or sp  # (KPER 2: the tuner's, until a GPU round has timed it)
     by = {(p["WG"], p["BM"], p["STAGES"]): p for p in sp if p["SPLIT"] == 1}
     prefs = [(2, 128, 4), (2, 64, 4), (1, 64, 4)]
     for key in prefs:
@@ -326,8 +325,8 @@ def _render_wgmma(ctx: LowerCtx, problem, params: dict):
     we = ctx.weight(2, lambda m: pack_meta(vals, m, pr), key="sparse24_mma_meta")
     split = params.get("SPLIT", 1)
     as_mma = {"BN": 64 * params["WG"], "BM": params["BM"], "WN": 1, "WM": 1, "STAGES": params["STAGES"], "SPLIT": split}
-    kp = {k: v for k, v in kernel_params(pr, as_mma, ctx.op.name).items() if k not in ("BN", "WN", "WM", "STORE", "SMEM")}
-    k = ctx.render("gemm_sparse24_wgmma.cu.j2", "gemm_sparse24_wgmma", **{**kp, **params, "SPLIT": split,
+    kp = {k: v for k, v in kernel_params(pr, as_mma, ctx.op.name).items() if k not in ("BN", "WN", "WM", "SMEM")}
+    k = ctx.render("gemm_sparse24_wgmma.cu.j2", "gemm_sparse24_wgmma", **{**kp, "KPER": 1, **params, "SPLIT": split,
                                                                          "SMEM": wgmma_smem_bytes(params)})
     g = (cdiv(pr.N, 64 * params["WG"]), cdiv(pr.M, params["BM"]), split)
     launch_split(ctx, pr, k, g, params["WG"] * 128, [ctx.inp(0), wv, we], as_mma, wgmma_smem_bytes(params))
