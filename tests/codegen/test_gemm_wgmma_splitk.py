@@ -72,7 +72,10 @@ def test_render_split_grid_and_scratch_args():
         W.render(pr, dict(p, SPLIT_K=49))
 
 
-def test_heuristic_splits_only_with_the_gain():
+def test_heuristic_splits_only_with_the_gain(monkeypatch):
+    pr = gemm.GemmProblem(49, 512, 4608)
+    assert W.split_k(W.default_params(pr, SM90A, True)) == 1  # not by default until run on a GPU
+    monkeypatch.setattr(W, "SPLIT_K_BY_DEFAULT", True)
     for M, N, K in BERT_B1 + [(49, 512, 4608), (4096, 768, 3072)]:
         pr = gemm.GemmProblem(M, N, K)
         d = W.default_params(pr, SM90A, True)
