@@ -113,19 +113,22 @@ def test_bert_with_embedding_and_mask_over_batch_and_length(tmp_path):
 
 def _reduce_model(tmp_path) -> Path:
     """ReduceMean over the symbolic sequence, ReduceMax over the last dim, a global average pool
-    not fused into a Gemm, over B and S."""
+    not fused into a Gemm, a Gather along the symbolic axis, over B and S."""
     g = helper.make_graph(
         [helper.make_node("ReduceMean", ["x", "ax1"], ["m"], keepdims=1),
          helper.make_node("ReduceMax", ["x", "ax2"], ["mx"], keepdims=0),
          helper.make_node("Unsqueeze", ["x", "ax3"], ["x4"]),
-         helper.make_node("GlobalAveragePool", ["x4"], ["gap"])], "g",
+         helper.make_node("GlobalAveragePool", ["x4"], ["gap"]),
+         helper.make_node("Gather", ["x", "i0"], ["first"], axis=1)], "g",  # a pooler's x[:, 0]
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 8])],
         [helper.make_tensor_value_info("m", TensorProto.FLOAT, ["B", 1, 8]),
          helper.make_tensor_value_info("mx", TensorProto.FLOAT, ["B", "S"]),
-         helper.make_tensor_value_info("gap", TensorProto.FLOAT, ["B", "S", 1, 1])],
+         helper.make_tensor_value_info("gap", TensorProto.FLOAT, ["B", "S", 1, 1]),
+         helper.make_tensor_value_info("first", TensorProto.FLOAT, ["B", 8])],
         [onnx.numpy_helper.from_array(np.array([1], np.int64), "ax1"),
          onnx.numpy_helper.from_array(np.array([-1], np.int64), "ax2"),
-         onnx.numpy_helper.from_array(np.array([3], np.int64), "ax3")])
+         onnx.numpy_helper.from_array(np.array([3], np.int64), "ax3"),
+         onnx.numpy_helper.from_array(np.array(0, np.int64), "i0")])
     p = tmp_path / "red.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(p))
     return p
@@ -143,10 +146,10 @@ def test_reductions_over_symbolic_dims(tmp_path):
     for b, s in ((1, 1), (2, 9), (3, 13), (3, 20)):
         x = rng.standard_normal((b, s, 8)).astype(np.float32)
         got, ref = m.run({"x": x}), _ort(p, {"x": x})
-        for name, r in zip(("m", "mx", "gap"), ref):
+        for name, r in zip(("m", "mx", "gap", "first"), ref):
             np.testing.assert_allclose(got[name], r, rtol=1e-5, atol=1e-6)
     plan = json.loads((out / "plan.json").read_text())
-    assert {l["kernel"].split("_")[1] for l in plan["launches"] if l["kind"] == "kernel"} == {"reduce"}
+    assert {l["kernel"].split("_")[1] for l in plan["launches"] if l["kind"] == "kernel"} == {"reduce", "gather"}
 
 
 def _concat_model(tmp_path) -> Path:
@@ -424,7 +427,7 @@ def test_gpu_reductions_over_symbolic_dims(tmp_path):
     for b, s in ((1, 1), (2, 9), (3, 13), (3, 20)):
         x = rng.standard_normal((b, s, 8)).astype(np.float32)
         got, ref = m.run({"x": x}, output="numpy", poison=True), _ort(p, {"x": x})
-        for name, r in zip(("m", "mx", "gap"), ref):
+        for name, r in zip(("m", "mx", "gap", "first"), ref):
             np.testing.assert_allclose(got[name], r, rtol=1e-4, atol=1e-5)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from ...ir.layout import op_is_nhwc
 from ..lower import LowerCtx, lowering
 from ..plan import Buffer, contiguous_strides
+from ..runtime_sizes import numel
 from ._helpers import empty_result, grid_stride_launch
 from .elementwise import lit
 
@@ -237,25 +238,7 @@ def _depth_space(ctx: LowerCtx):
     return True
 
 
-def _gather_rt_or_static(op) -> bool:
-    from ..runtime_sizes import shape_is_symbolic
-    if not any(v is not None and shape_is_symbolic(v.type.shape) for v in list(op.operands) + list(op.results)):
-        return True
-    return _gather_rt(op)
-
-
-def _gather_rt(op) -> bool:
-    """A range build's Gather takes runtime sizes when the data's gathered dim and the dims after it
-    are static (an embedding table): the index count and the dims before the axis vary per run."""
-    x = op.operands[0].type.shape
-    if x is None:
-        return False
-    axis = int(getattr(op.attrs, "axis", 0) or 0)
-    axis = axis + len(x) if axis < 0 else axis
-    return all(isinstance(d, int) for d in x[axis:])
-
-
-@lowering("Gather", runtime_sizes=True, when=_gather_rt_or_static)
+@lowering("Gather", runtime_sizes=True)  # a range build: every size per run (C over the symbol params)
 def _gather(ctx: LowerCtx):
     x, ind, y = ctx.inp(0), ctx.inp(1), ctx.out(0)
     rank = len(x.shape)
@@ -263,9 +246,9 @@ def _gather(ctx: LowerCtx):
     axis = axis + rank if axis < 0 else axis
     post = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
     if ctx.problem is not None and ctx.problem.symbolic:
-        n = y.sym_numel
-        k = ctx.render("gather.cu.j2", "gather", ctype=x.ctype, ictype=ind.ctype, post=post,
-                       nidx=ctx.csize(ind.sym_numel), dim=x.shape[axis], rt_params=ctx.rt_params())
+        n, xs = y.sym_numel, ctx.sym_shape(0)
+        k = ctx.render("gather.cu.j2", "gather", ctype=x.ctype, ictype=ind.ctype, post=ctx.csize(numel(xs[axis + 1:])),
+                       nidx=ctx.csize(ind.sym_numel), dim=ctx.csize(xs[axis]), rt_params=ctx.rt_params())
         ctx.launch(k, ctx.grid1d(n), 256, [x, ind, y, ctx.i64(n), *ctx.rt_args()])
         return True
     n = y.numel
