@@ -153,15 +153,24 @@ def test_reductions_over_symbolic_dims(tmp_path):
 
 
 def _concat_model(tmp_path) -> Path:
-    """Concat along the static last axis and along the symbolic S (x with Relu(x))."""
+    """Concat along the static last axis and along the symbolic S (x with Relu(x)); Slices of the
+    result along the symbolic axis (start 1, to the end) and of x along its static last axis
+    backwards."""
     g = helper.make_graph(
         [helper.make_node("Concat", ["x", "u"], ["c2"], axis=2),
          helper.make_node("Relu", ["x"], ["r"]),
-         helper.make_node("Concat", ["x", "r"], ["c1"], axis=1)], "g",
+         helper.make_node("Concat", ["x", "r"], ["c1"], axis=1),
+         helper.make_node("Slice", ["c1", "s0", "s1", "s2"], ["sl"]),  # [:, 1:, 2:7] of the concat
+         helper.make_node("Slice", ["x", "t0", "t1", "t2", "t3"], ["rev"])], "g",  # x[:, :, ::-2]
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 8]),
          helper.make_tensor_value_info("u", TensorProto.FLOAT, ["B", "S", 4])],
         [helper.make_tensor_value_info("c2", TensorProto.FLOAT, ["B", "S", 12]),
-         helper.make_tensor_value_info("c1", TensorProto.FLOAT, ["B", None, 8])])
+         helper.make_tensor_value_info("c1", TensorProto.FLOAT, ["B", None, 8]),
+         helper.make_tensor_value_info("sl", TensorProto.FLOAT, ["B", None, 5]),
+         helper.make_tensor_value_info("rev", TensorProto.FLOAT, ["B", "S", 4])],
+        [onnx.numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (
+            ("s0", [1, 2]), ("s1", [2 ** 62, 7]), ("s2", [1, 2]),
+            ("t0", [-1]), ("t1", [-100]), ("t2", [2]), ("t3", [-2]))])
     p = tmp_path / "cat.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
     return p
@@ -185,6 +194,8 @@ def test_concat_along_static_and_symbolic_axes(tmp_path, gpu=False):
         got, ref = (m.run(feed, output="numpy", poison=True) if gpu else m.run(feed)), _ort(p, feed)
         np.testing.assert_array_equal(got["c2"], ref[0])
         np.testing.assert_array_equal(got["c1"], ref[1])
+        np.testing.assert_array_equal(got["sl"], ref[2])
+        np.testing.assert_array_equal(got["rev"], ref[3])
 
 
 @pytest.mark.parametrize("shape, msg", [

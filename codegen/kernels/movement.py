@@ -62,7 +62,7 @@ def _transpose(ctx: LowerCtx):
 
 
 def strided_copy_rt(ctx: LowerCtx, src: Buffer, dst: Buffer, sym_shape, sym_in_strides, out_strides=None,
-                    out_base=0):
+                    out_base=0, in_base=0):
     """strided_copy of a range build: the shape, strides and output base (ints or Exprs) as C
     text over the symbol parameters, the element count and grid per run (codegen/runtime_sizes.py)."""
     n = 1
@@ -73,7 +73,7 @@ def strided_copy_rt(ctx: LowerCtx, src: Buffer, dst: Buffer, sym_shape, sym_in_s
     ost = [ctx.csize(out_strides[d]) for d in keep] if out_strides is not None else [0] * len(keep)
     k = ctx.render("strided_copy.cu.j2", "copy_" + ctx.op.name.lower(), ctype=src.ctype,
                    shape=[ctx.csize(sym_shape[d]) for d in keep], in_strides=[ctx.csize(sym_in_strides[d]) for d in keep],
-                   in_mods=[0] * len(keep), in_base=0, out_contig=out_contig, out_strides=ost,
+                   in_mods=[0] * len(keep), in_base=ctx.csize(in_base), out_contig=out_contig, out_strides=ost,
                    out_base=ctx.csize(out_base), rt_params=ctx.rt_params())
     ctx.launch(k, ctx.grid1d(n), 256, [src, dst, ctx.i64(n), *ctx.rt_args()])
 
@@ -108,13 +108,15 @@ def _const_ints(ctx, i, what):
     return [int(a) for a in np.asarray(v).reshape(-1)]
 
 
-@lowering("Slice")
+@lowering("Slice", runtime_sizes=True)  # a range build: _slice_rt
 def _slice(ctx: LowerCtx):
     x, y = ctx.inp(0), ctx.out(0)
     rank = len(x.shape)
     starts, ends = _const_ints(ctx, 1, "starts"), _const_ints(ctx, 2, "ends")
     axes = _const_ints(ctx, 3, "axes") if ctx.has(3) else list(range(len(starts)))
     steps = _const_ints(ctx, 4, "steps") if ctx.has(4) else [1] * len(starts)
+    if ctx.problem is not None and ctx.problem.symbolic:
+        return _slice_rt(ctx, starts, axes, steps)
     st = x.strides()
     begin = [0] * rank
     step = [1] * rank
@@ -127,6 +129,30 @@ def _slice(ctx: LowerCtx):
         ctx.alias(0, x, base * x.dtype.np.itemsize)  # one contiguous run of x: a view, no copy
         return True
     strided_copy(ctx, x, y, y.shape, [s * k for s, k in zip(st, step)], in_base=base)
+    return True
+
+
+def _slice_rt(ctx: LowerCtx, starts, axes, steps) -> bool:
+    """A range build's Slice: a strided copy with the sizes per run. Along a symbolic axis the
+    start must be >= 0 with step 1 (the begin is then the start at every size; the IR's result
+    type gives the extent); static axes take any start, end and step."""
+    xs, ys = ctx.sym_shape(0), ctx.sym_out_shape(0)
+    rank = len(xs)
+    st = _sym_strides(xs)
+    begin, step = [0] * rank, [1] * rank
+    for s_, a, k in zip(starts, axes, steps):
+        a = a + rank if a < 0 else a
+        if isinstance(xs[a], int):
+            begin[a], step[a] = slice(s_, None, k).indices(xs[a])[0], k
+            continue
+        if s_ < 0 or k != 1:
+            ctx.fail(f"a Slice along symbolic axis {a} needs a start >= 0 and step 1 in a range build "
+                     f"(given start {s_}, step {k})")
+        begin[a] = s_
+    base = 0
+    for b, s_ in zip(begin, st):
+        base = base + b * s_
+    strided_copy_rt(ctx, ctx.inp(0), ctx.out(0), ys, [s_ * k for s_, k in zip(st, step)], in_base=base)
     return True
 
 
