@@ -145,9 +145,9 @@ def _slice_rt(ctx: LowerCtx, starts, axes, steps) -> bool:
         if isinstance(xs[a], int):
             begin[a], step[a] = slice(s_, None, k).indices(xs[a])[0], k
             continue
-        if s_ < 0 or k != 1:
-            ctx.fail(f"a Slice along symbolic axis {a} needs a start >= 0 and step 1 in a range build "
-                     f"(given start {s_}, step {k})")
+        if s_ < 0 or k != 1 or isinstance(ys[a], int):
+            ctx.fail(f"a Slice along symbolic axis {a} needs a start >= 0, step 1 and a symbolic extent in a "
+                     f"range build (given start {s_}, step {k}, extent {ys[a]})")
         begin[a] = s_
     base = 0
     for b, s_ in zip(begin, st):
