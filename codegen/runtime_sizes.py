@@ -180,10 +180,10 @@ def _c(d, names) -> str:
         return "(" + " * ".join(parts) + ")"
     if d.kind == "div":
         return f"({parts[0]} / {parts[1]})"
-    if d.kind == "max":
+    if d.kind == "max":  # a conditional, not max(): the same text compiles in device and host code
         out = parts[0]
         for p in parts[1:]:
-            out = f"max({out}, {p})"
+            out = f"({out} > {p} ? {out} : {p})"
         return out
     raise NncError(f"runtime size {d} has an unknown part")
 
