@@ -538,7 +538,7 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
     if split_k(params) > 1:  # only when set: unsplit kernels keep their names and sources
         ctx["split_k"] = split_k(params)
     if epi_smem(params):
-        ctx.update(epi_smem=True, TO_BYTES=CTYPES[out_dtype][1])
+        ctx.update(epi_smem=True, TO_BYTES=CTYPES[out_dtype][1], TC_BYTES=CTYPES[pr.c_dtype or out_dtype][1])
     if params.get("probe"):  # measurement only (tools/bench_gemm_wgmma.py --probe): wrong results
         ctx["probe"] = str(params["probe"])
     ctx.update(act_ctx(pr.act, dict(pr.act_params)))
