@@ -18,8 +18,9 @@ What a profile compiles to, today:
   kernels of runtime_sizes variants taking the symbols per run (an op with none is a clear
   LoweringError naming it), plan.json "runtime_sizes": {symbol: [min, opt, max]}; nnc.load binds
   the symbols from each run's input shapes (one CUDA graph per distinct shape), the C API by
-  <api>_set_input_shape. Kernels are chosen by the heuristic at max (no tuning at opt yet). A
-  range with other profiles in one directory is refused; every ranged dim must be a named symbol.
+  <api>_set_input_shape. Kernels are chosen by the heuristic at max (no tuning at opt yet). With
+  other profiles, a range is one build of the directory's set (OUT/profiles/<i>/; the set's C API
+  is then not written: it selects by static shapes); every ranged dim must be a named symbol.
 - no --shapes and no --profile with code generation on a model with symbolic input dims: every
   symbolic dim is 1 (min = opt = max) and a warning names the dims and prints a --profile line
   to copy, as trtexec does.
@@ -42,8 +43,6 @@ from .ir.errors import InputError, NncError
 Dims = tuple[int, ...]
 ModelDim = Union[int, str, None]  # a static size, a symbol's name, or None: unnamed (ONNX dim without value or param)
 
-RANGE_NEEDS_ONE_PROFILE = ("a range profile with CUDA code generation is one build with runtime sizes: give it "
-                           "as the only --profile (several profiles in one directory must be static: min=opt=max)")
 
 
 class ProfileError(NncError):
@@ -394,9 +393,7 @@ def compile_with_profiles(model, out, options, dump_ir, compile_model) -> dict:
             check_corners(model, p, f"profile {i}")
         return compile_model(model, out, dump_ir=dump_ir, plan_extra=record, options=plain)
     ranged = [i for i, p in enumerate(profiles) if not p.is_static]
-    if ranged and len(profiles) > 1:
-        raise ProfileError(f"profile {ranged[0]} ({profiles[ranged[0]].text()}): {RANGE_NEEDS_ONE_PROFILE}")
-    if ranged:
+    if ranged and len(profiles) == 1:
         return compile_range(model, out, profiles[0], sig, record, plain, dump_ir, compile_model)
     from .onnx_import import import_model
     from .driver import io_entry, model_name
@@ -406,19 +403,28 @@ def compile_with_profiles(model, out, options, dump_ir, compile_model) -> dict:
         builds = []
         for i, p in enumerate(profiles):
             # build i's C API is nnc_<name>_p<i>_*: every build links into the set's one library
-            builds.append(compile_model(model, tmp / "profiles" / str(i),
-                                        dump_ir=Path(dump_ir) / str(i) if dump_ir else None,
-                                        plan_extra={"profiles": [p.to_json()], "profile_index": i},
+            dump = Path(dump_ir) / str(i) if dump_ir else None
+            extra = {"profiles": [p.to_json()], "profile_index": i}
+            if not p.is_static:  # a range: one build with runtime sizes (nnc.load picks it per run)
+                builds.append(compile_range(model, tmp / "profiles" / str(i), p, sig, extra,
+                                            dataclasses.replace(plain, name=build_name(name, i)), dump,
+                                            compile_model, f"profile {i}"))
+                continue
+            builds.append(compile_model(model, tmp / "profiles" / str(i), dump_ir=dump, plan_extra=extra,
                                         options=dataclasses.replace(plain, shapes=_shapes(p),
                                                                     name=build_name(name, i))))
-        set_files = render_profile_set(name, profiles, builds)
+        # the set's C API picks a build by static shapes: written for sets of static profiles only
+        set_files = render_profile_set(name, profiles, builds) if not ranged else {}
         for fname, text in set_files.items():
             (tmp / fname).write_text(text)
+        c_api = {"prefix": f"nnc_{name}_set", "files": sorted(set_files)} if not ranged else {
+            "not_written": f"profile {ranged[0]} is a range: the set C API takes static profiles only (each "
+                           f"build's own nnc_{name}_p<i>_* API is there, with set_input_shape for a range)"}
         index = {"name": name,
                  "inputs": [io_entry(a) for a in symbolic.main.args],
                  "outputs": [io_entry(r) for r in symbolic.main.results],
                  "profile_builds": len(profiles), **record,
-                 "c_api": {"prefix": f"nnc_{name}_set", "files": sorted(set_files)},
+                 "c_api": c_api,
                  "kernels": [k for b in builds for k in b.get("kernels", [])]}
         (tmp / "plan.json").write_text(json.dumps({k: v for k, v in index.items() if k != "kernels"}, indent=1) + "\n")
     return index
@@ -427,25 +433,26 @@ def compile_with_profiles(model, out, options, dump_ir, compile_model) -> dict:
 _RANGE_BUILD = contextvars.ContextVar("nnc_range_build", default=False)
 
 
-def compile_range(model, out, p: Profile, sig, record: dict, plain, dump_ir, compile_model) -> dict:
+def compile_range(model, out, p: Profile, sig, record: dict, plain, dump_ir, compile_model,
+                  where: str = "profile 0") -> dict:
     """One CUDA build for a range profile: the IR keeps the symbolic dims, lowering sizes buffers
     at the profile's max and the kernels take the sizes at run time (codegen/runtime_sizes.py).
     plan.json "runtime_sizes": {symbol: [min, opt, max]}. Every dim with a range must be a named
     symbol of the model (an unnamed dim is refused: its value could not be bound per run)."""
-    symbols = validate(p, sig, "profile 0")
+    symbols = validate(p, sig, where)
     by_name = {m.name: m for m in sig}
     for r in p.inputs:
         dims = by_name[r.name].dims or ()
         for k, (lo, hi) in enumerate(zip(r.min, r.max)):
             if lo != hi and (k >= len(dims) or not isinstance(dims[k], str)):
-                raise ProfileError(f"profile 0 ({p.text()}): input {r.name!r} dim {k} has the range {lo}..{hi} "
+                raise ProfileError(f"{where} ({p.text()}): input {r.name!r} dim {k} has the range {lo}..{hi} "
                                    f"but no symbolic name in the model ({by_name[r.name].text()}); a range build "
                                    f"binds each named symbol per run: give the dim a dim_param")
     for s_, (lo, _, _) in symbols.items():
         if lo < 1:
-            raise ProfileError(f"profile 0 ({p.text()}): symbolic dim {s_} has min {lo}; a range build needs "
+            raise ProfileError(f"{where} ({p.text()}): symbolic dim {s_} has min {lo}; a range build needs "
                                f"every size >= 1")
-    check_corners(model, p, "profile 0")
+    check_corners(model, p, where)
     ranges = {s_: list(v) for s_, v in symbols.items()}
     # kernels are chosen by the heuristic, which sees the max shapes: timing-based tuning (at opt, as
     # the issue asks) does not know symbolic problems yet, so a range build does not tune

@@ -129,16 +129,24 @@ def test_no_shapes_builds_at_one_and_warns_with_a_profile_line(tmp_path, capsys)
     assert plan2["profiles"] == [parse_profile(line).to_json()]
 
 
-def test_range_with_other_profiles_and_cuda_codegen_is_refused(tmp_path, capsys):
-    """A range with code generation is one build with runtime sizes (tests/test_runtime_sizes.py):
-    it cannot share a directory with other profiles yet."""
-    from nnc.cli import main
-    assert main(["compile", str(CNN), "-o", str(tmp_path / "o"), "--profile", "input:1x3x32x32/8x3x32x32/32x3x32x32",
-                 "--profile", "input:2x3x32x32/2x3x32x32/2x3x32x32"]) == 1
-    err = capsys.readouterr().err
-    assert "profile 0 (input:1x3x32x32/8x3x32x32/32x3x32x32): a range profile with CUDA code generation is one " \
-           "build with runtime sizes: give it as the only --profile" in err
-    assert not (tmp_path / "o").exists()
+def test_a_range_with_other_profiles_is_one_build_of_the_set(tmp_path):
+    """A range with code generation beside a static profile: a set of two builds (the range one
+    with runtime sizes, tests/test_runtime_sizes.py); runs pick the build whose profile holds the
+    shapes; the set C API (static shapes only) is not written, and plan.json says why."""
+    out = tmp_path / "o"
+    m = nnc.compile(CNN, profiles=["input:1x3x32x32/4x3x32x32/8x3x32x32", "input:16x3x32x32/16x3x32x32/16x3x32x32"],
+                    out=out, backend="reference", codegen=True, tune=False)
+    index = json.loads((out / "plan.json").read_text())
+    assert index["profile_builds"] == 2 and "not_written" in index["c_api"]
+    assert json.loads((out / "profiles" / "0" / "plan.json").read_text())["runtime_sizes"] == {"N": [1, 4, 8]}
+    assert "runtime_sizes" not in json.loads((out / "profiles" / "1" / "plan.json").read_text())
+    rng = np.random.default_rng(0)
+    for n, build in ((5, 0), (1, 0), (16, 1)):
+        x = rng.standard_normal((n, 3, 32, 32)).astype(np.float32)
+        assert m.pick({"input": x}) == build
+        np.testing.assert_allclose(m.run({"input": x})["probs"], _ort(CNN, {"input": x})[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError):
+        m.run({"input": np.zeros((12, 3, 32, 32), np.float32)})
 
 
 # ---------------------------------------------------------------------------- the reference backend over a range
