@@ -65,7 +65,7 @@ def conv_space(pr):
     gp = CW.igemm_problem(pr)
     geo = None if pointwise else CW.im2col_geometry(pr)
     im_tma = geo is not None and bool(W.im2col_tma_fits(gp, geo))
-    space = W.candidates(gp, SM90A, True, geo is not None, im_tma)
+    space = W.candidates(gp, SM90A, True, geo is not None, im_tma, unverified=True)  # split-K, staged epilogue too
     dflt = W.default_params(gp, SM90A, True, geo is not None, im_tma)
     return gp, geo, space, dflt
 

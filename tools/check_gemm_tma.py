@@ -100,7 +100,7 @@ def run_problem(pool, label, M, N, K, trans_b, batch, b_shared, dt):
     nb = batch[0] * batch[1]
     pr = problem_of(M, N, K, dt, trans_b, batch, b_shared)
     bulk_ok = nb == 1  # a pre-swizzled B is one matrix
-    space = W.candidates(pr, SM90A, b_bulk=bulk_ok)
+    space = W.candidates(pr, SM90A, b_bulk=bulk_ok, unverified=True)  # split-K and staged-epilogue points too
     tma_default = W.default_params(pr, SM90A, b_bulk=bulk_ok)
     specs = [(p, W.render(pr, p, target=SM90A)) for p in space]
     # one compile per distinct kernel (M, N, K and strides are arguments)

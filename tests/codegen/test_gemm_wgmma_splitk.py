@@ -28,7 +28,7 @@ BERT_B1 = [(128, 2304, 768), (128, 768, 3072), (128, 3072, 768), (128, 768, 768)
 
 
 def _split_points(pr, **kw):
-    return [p for p in W.candidates(pr, SM90A, **kw) if W.split_k(p) > 1]
+    return [p for p in W.candidates(pr, SM90A, unverified=True, **kw) if W.split_k(p) > 1]
 
 
 # ---------------------------------------------------------------- space / render (CPU)
@@ -75,7 +75,8 @@ def test_render_split_grid_and_scratch_args():
 def test_heuristic_splits_only_with_the_gain(monkeypatch):
     pr = gemm.GemmProblem(49, 512, 4608)
     assert W.split_k(W.default_params(pr, SM90A, True)) == 1  # not by default until run on a GPU
-    monkeypatch.setattr(W, "SPLIT_K_BY_DEFAULT", True)
+    assert not _split_points(pr) or not [p for p in W.candidates(pr, SM90A, True) if W.split_k(p) > 1]
+    monkeypatch.setattr(W, "UNVERIFIED_IN_SPACE", True)  # once the split kernels have run on a GPU
     for M, N, K in BERT_B1 + [(49, 512, 4608), (4096, 768, 3072)]:
         pr = gemm.GemmProblem(M, N, K)
         d = W.default_params(pr, SM90A, True)
@@ -94,7 +95,7 @@ def test_conv_im2col_space_splits_at_batch_1():
     from nnc.codegen.kernels import conv
     pr = conv.ConvProblem(1, 512, 7, 7, 512, 3, 3, pads=(1,) * 4, in_layout="NHWC", out_layout="NHWC")
     gp, geo = CW.igemm_problem(pr), CW.im2col_geometry(pr)
-    pts = [p for p in W.candidates(gp, SM90A, True, True, True) if W.split_k(p) > 1]
+    pts = [p for p in W.candidates(gp, SM90A, True, True, True, unverified=True) if W.split_k(p) > 1]
     assert pts and all(W.load_kind(p) == "tma" for p in pts)
     src = W.render(gp, pts[0], im2col=geo, target=SM90A).source
     assert "kt_first % 8" in src and ".im2col.mbarrier" in src  # (r, s, c0) of the split's first k-tile
@@ -120,7 +121,7 @@ def split_specs():
         cp = conv.ConvProblem(1, C, H, H, K, R, R, stride=(st, st), pads=(pad,) * 4, in_layout="NHWC",
                               out_layout="NHWC")
         gp, geo = CW.igemm_problem(cp), CW.im2col_geometry(cp)
-        pts = [p for p in W.candidates(gp, SM90A, True, True, True) if W.split_k(p) > 1]
+        pts = [p for p in W.candidates(gp, SM90A, True, True, True, unverified=True) if W.split_k(p) > 1]
         specs += [W.render(gp, p, im2col=geo, target=SM90A)
                   for p in _few(pts, W.default_params(gp, SM90A, True, True, True))]
     return specs
@@ -232,7 +233,7 @@ def test_split_tma_im2col_conv_gpu():
     x = _rounded(rng.uniform(-1, 1, (1, 7, 7, 512)), "float16").astype(np.float32)
     w = _rounded(rng.uniform(-1, 1, (512, 3, 3, 512)) / 48, "float16").astype(np.float32)
     ref = _conv_ref_gpu(cupy.asarray(x), cupy.asarray(w), pr).get().astype(np.float64)
-    pts = [p for p in W.candidates(gp, SM90A, True, True, True) if W.split_k(p) > 1]
+    pts = [p for p in W.candidates(gp, SM90A, True, True, True, unverified=True) if W.split_k(p) > 1]
     assert pts
     from .test_conv_tma import _cubins
     _cubins([W.render(gp, p, im2col=geo, target=SM90A) for p in pts])
