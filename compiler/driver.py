@@ -51,7 +51,7 @@ def pipeline_passes(precision: str = "fp32", fuse: bool = True, per_layer=None, 
     int8_scales: {tensor name: scale} for precision int8: quantize-int8 runs there instead, then
     fold-qdq (its Q/DQ into integer ops; compiler/passes/quantize_int8.py says the form).
     int4_block: --weights int4's group size: quantize-weights-int4 runs after fuse-horizontal.
-    sparsity: --sparsity enable|force (None: off): sparsify-weights-24 runs after fuse-horizontal
+    sparsity: --sparsity enable|force (None: off): sparsify-weights-24 runs before fuse-horizontal
     (MatMul/Gemm with 2:4-sparse constant weights -> matmul_sparse24; compiler/passes/sparsify_weights_24.py).
     fp8_amax: {tensor name: amax} for precision fp8: to-fp16 (or mixed-precision for --keep-fp32)
     first, then quantize-fp8 and fold-qdq (MatMul/Gemm -> matmul_fp8; compiler/passes/quantize_fp8.py)."""
@@ -61,7 +61,8 @@ def pipeline_passes(precision: str = "fp32", fuse: bool = True, per_layer=None, 
         passes.insert(passes.index("fuse-horizontal") + 1, ("quantize-weights-int4", int4_pass(int4_block)))
     if sparsity not in (None, "off"):
         from .passes.sparsify_weights_24 import make_pass as sparse24_pass
-        passes.insert(passes.index("fuse-horizontal") + 1, ("sparsify-weights-24", sparse24_pass(sparsity)))
+        # before fuse-horizontal: its stacked Q/K/V are a batched [3, K, N] weight the pass does not take
+        passes.insert(passes.index("fuse-horizontal"), ("sparsify-weights-24", sparse24_pass(sparsity)))
     if precision == "int8":
         from .passes.quantize_int8 import make_pass
         at = precision_point(passes)

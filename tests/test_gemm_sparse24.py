@@ -72,6 +72,30 @@ def test_gelu_folds_and_matches_the_interpreter(approx, act):
     np.testing.assert_allclose(Interpreter(m).run(feed)["y"], before, rtol=1e-5, atol=1e-5)
 
 
+def test_written_out_gelu_folds():
+    """BERT's exported GELU (Div sqrt2 -> Erf -> Add 1 -> Mul x -> Mul 0.5) after MatMul + Add folds into
+    activation "gelu" (fuse_epilogue.match_gelu); the interpreter's outputs stay."""
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+    w = random_sparse24(128, 64, seed=13, dtype=np.float32)
+    c = lambda v, n: nh.from_array(np.array(v, np.float32), n)  # noqa: E731
+    nodes = [h.make_node("MatMul", ["x", "w"], ["xw"]), h.make_node("Add", ["xw", "b"], ["t"]),
+             h.make_node("Div", ["t", "sqrt2"], ["d"]), h.make_node("Erf", ["d"], ["e"]),
+             h.make_node("Add", ["e", "one"], ["e1"]), h.make_node("Mul", ["t", "e1"], ["te"]),
+             h.make_node("Mul", ["te", "half"], ["y"])]
+    g = h.make_graph(nodes, "bert_gelu", [h.make_tensor_value_info("x", TP.FLOAT, [8, 128])],
+                     [h.make_tensor_value_info("y", TP.FLOAT, [8, 64])],
+                     [nh.from_array(w, "w"), nh.from_array(np.linspace(-1, 1, 64).astype(np.float32), "b"),
+                      c(np.sqrt(2.0), "sqrt2"), c(1.0, "one"), c(0.5, "half")])
+    m = _imported(h.make_model(g, opset_imports=[h.make_opsetid("", 21)], ir_version=10))
+    feed = {"x": np.random.default_rng(5).standard_normal((8, 128)).astype(np.float32)}
+    before = Interpreter(m).run(feed)["y"]
+    assert _sparsified(m) == {"MatMul+Add+GELU ops->matmul_sparse24": 1}
+    assert _ops(m) == ["matmul_sparse24"] and '{activation = "gelu"}' in print_module(m), print_module(m)
+    np.testing.assert_allclose(Interpreter(m).run(feed)["y"], before, rtol=1e-5, atol=1e-5)
+
+
 def test_gemm_trans_b_with_c_golden():
     from onnx import TensorProto as TP
     from onnx import helper as h
