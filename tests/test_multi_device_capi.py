@@ -8,6 +8,7 @@ a 2-way tensor-parallel transformer block, against the single-device build; NCCL
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,6 +24,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None)
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 needs_cmake = pytest.mark.skipif(NVCC is None or shutil.which("cmake") is None, reason="needs nvcc and cmake")
+JOBS = str(min(os.cpu_count() or 2, 16))
 
 
 def _compile(model, out, devices, parallel="pipeline", micro_batches=1, shapes=None, codegen=False):
@@ -272,7 +274,7 @@ def group_lib(pipe2):
     out, _ = pipe2
     build = out.parent / "build"
     _cmd(["cmake", "-S", out, "-B", build, f"-DCMAKE_CUDA_COMPILER={NVCC}"])
-    _cmd(["cmake", "--build", build, "-j", "2"])
+    _cmd(["cmake", "--build", build, "-j", JOBS])
     return build
 
 
@@ -354,7 +356,7 @@ def test_gpu_c_api_tensor_parallel_copy_matches_single(tmp_path):
     _compile(EXAMPLES / "tiny_transformer.onnx", out, 2, "tensor", codegen=True)
     build = tmp_path / "build"
     _cmd(["cmake", "-S", out, "-B", build, f"-DCMAKE_CUDA_COMPILER={NVCC}"])
-    _cmd(["cmake", "--build", build, "-j", "8"])
+    _cmd(["cmake", "--build", build, "-j", JOBS])
     rng = np.random.default_rng(6)
     x = rng.standard_normal((1, 16, 64)).astype(np.float32)
     single = nnc.compile(EXAMPLES / "tiny_transformer.onnx", precision="fp16", out=tmp_path / "one", tune=False)
