@@ -289,10 +289,11 @@ def test_wgmma_variant_applies_on_sm_90a_only_and_every_point_compiles():
     from dataclasses import replace
 
     from nnc.codegen.kernels import gemm_sparse24 as G
-    m = sparse_module(150, 320, 264, bias=True, relu=True, seed=6)
+    m = sparse_module(4096, 64, 1152, bias=True, relu=True, seed=6)  # (enough tiles: no K split on offer)
     pr = problem_of(m)
     assert G.WGMMA_SP.check(pr)
     sp = G.WGMMA_SP.space(pr)
+    assert {p["SPLIT"] for p in sp} == {1} and {p["TPW"] for p in sp} == {1, 2} and {p["KPER"] for p in sp} == {1, 2}
     assert {p["WG"] for p in sp} == {1, 2} and {p["BM"] for p in sp} == {64, 128, 256}
     assert G.WGMMA_SP.default(pr, sp) in sp
     assert all(G.wgmma_smem_bytes(p) <= pr.target.smem_per_block_optin for p in sp)

@@ -147,11 +147,12 @@ def _bench_points(M, K, N):
             return [d] + near + other
         return pick
     mma_tile = lambda p: (p["BN"], p["BM"], p["WN"], p["WM"], p["STAGES"])  # noqa: E731
-    wg_tile = lambda p: (p["WG"], p["BM"], p["STAGES"], p["KPER"])  # noqa: E731
+    wg_tile = lambda p: (p["WG"], p["TPW"], p["BM"], p["STAGES"], p["KPER"])  # noqa: E731
     return {
         "gemm_sparse24.mma": around(mma_tile, [(128, 64, 2, 2, 3), (64, 64, 2, 2, 3), (128, 128, 2, 4, 3), (128, 128, 2, 2, 4)]),
-        "gemm_sparse24.wgmma": around(wg_tile, [(2, 128, 4, 1), (2, 256, 4, 1), (1, 128, 4, 1), (2, 64, 4, 1),
-                                                (2, 128, 4, 2), (2, 256, 4, 2), (1, 64, 4, 2)]),
+        "gemm_sparse24.wgmma": around(wg_tile, [(2, 1, 128, 4, 1), (2, 1, 256, 4, 1), (1, 1, 128, 4, 1),
+                                                (2, 1, 128, 4, 2), (2, 1, 256, 4, 2), (1, 1, 64, 4, 2),
+                                                (2, 2, 128, 4, 1), (2, 2, 128, 4, 2), (1, 2, 128, 4, 2)]),
     }, {"gemm_sparse24.mma": G.MMA_SP, "gemm_sparse24.wgmma": G.WGMMA_SP}
 
 

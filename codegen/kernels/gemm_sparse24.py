@@ -15,7 +15,7 @@ by the epilogue, with the bias along N and the activation).
   tile). The metadata goes per tile into 16 words: word 2g + h is what lane 4g + h (h = 0, 1: sparsity
   selector 0, threads T0 / T1 of each quad) passes, bits 0..15 row g and 16..31 row g + 8, the 4-bit
   code (i0 | i1 << 2) of chunk j of k-half h at bits 4j. K is padded to the 64-k stage (zero values,
-  code 0b0100), N to 128 rows. A CTA owns BN weight rows x BM activation rows; WN x WM warps; a
+  code 0b0100), N to 256 rows. A CTA owns BN weight rows x BM activation rows; WN x WM warps; a
   STAGES-deep cp.async ring of 64-k stages (compressed values, metadata, x rows 144-byte padded for
   conflict-free ldmatrix, which gives each n8 B fragment of a k32 step in one x4 load).
 * gemm_sparse24.wgmma (priority 10, rank 0: first in the heuristic order on sm_90a; H200 round of
@@ -23,8 +23,9 @@ by the epilogue, with the bias along N and the activation).
   weight packing: `wgmma.mma_async.sp` m64n{BM}k32 with the sparse A from registers (each warp its
   16-row tile: the per-warp A fragment and metadata of sparse wgmma are those of mma.sp m16n8k32) and
   x^T from a 128-byte-swizzled K-major shared-memory tile (templates/gemm_sparse24_wgmma.cu.j2); WG
-  warp groups of 64 weight rows, BM (64, 128, 256) activation rows, STAGES (3, 4), SPLIT, KPER (1; 2 at
-  4 stages: two 64-k stages a batch of wgmmas, half the barriers and waits).
+  warp groups, TPW (1, 2) 64-row weight tiles a warp group (TPW wgmmas a k-step: more work a barrier),
+  BM (64, 128, 256; TPW x BM <= 256) activation rows, STAGES (3, 4), SPLIT, KPER (1; 2 at 4 stages:
+  two 64-k stages a batch of wgmmas, half the barriers and waits).
 * gemm_sparse24.dense (priority 0): everything else (f32 activations, a pre-sm_80 target, views),
   and the dense alternative the tuner times against the sparse kernel (TensorRT's "sparse tactics
   are timed against dense"): the weight decompressed at compile time and the op lowered as a MatMul
@@ -61,7 +62,7 @@ MIN_CC = 80           # mma.sp m16n8k32 f16 / bf16
 TILE_N = 16           # weight rows of one mma (its M)
 STEP_K = 32           # k of one mma.sp (its K: 16 kept values a row)
 STAGE_K = 64          # k of one pipeline stage (two mma k-steps)
-PAD_N = 128           # N is padded to the largest BN
+PAD_N = 256           # N is padded to the largest BN (the wgmma variant: 2 warp groups x 2 tiles of 64)
 X_ROW_BYTES = 144     # one x row of a stage: 64 halves + 16 bytes (ldmatrix rows on distinct banks)
 PAD_CODE = 0b0100     # i0 = 0, i1 = 1: the metadata of an all-zero (padding) group
 MMA = {"f16": "f16", "bf16": "bf16"}
@@ -266,17 +267,22 @@ def _render(ctx: LowerCtx, problem, params: dict):
 
 # ---------------------------------------------------------------- the sparse wgmma variant (sm_90a)
 
+def wgmma_bn(params: dict) -> int:
+    """Weight rows a CTA: WG warp groups of TPW 64-row tiles."""
+    return 64 * params["WG"] * params.get("TPW", 1)
+
+
 def wgmma_stage_bytes(params: dict) -> int:
-    """One stage: BM swizzled x rows of 128 bytes, then 64 WG weight rows' values and metadata,
+    """One stage: BM swizzled x rows of 128 bytes, then the CTA's weight rows' values and metadata,
     rounded up to the 1024-byte swizzle atom."""
-    bn = 64 * params["WG"]
+    bn = wgmma_bn(params)
     return cdiv(params["BM"] * 128 + bn // TILE_N * 2 * (512 + 64), 1024) * 1024
 
 
 def wgmma_smem_bytes(params: dict) -> int:
     """The ring (+ 1024 bytes to start it on a 1024-byte boundary); the y tile reuses it."""
     ring = params["STAGES"] * wgmma_stage_bytes(params)
-    assert ring >= params["BM"] * (64 * params["WG"] + 8) * 2
+    assert ring >= params["BM"] * (wgmma_bn(params) + 8) * 2
     return ring + 1024
 
 
@@ -291,13 +297,16 @@ def wgmma_space(problem) -> list:
     out = []
     pr = problem.memo["gemm_sparse24.problem"]
     for WG in (1, 2):
-        for BM in (64, 128, 256):
-            for ST in (3, 4):
-                for SPLIT in splits(pr, 64 * WG, BM, t.sm_count):
-                    for KPER in ((1, 2) if ST == 4 else (1,)):
-                        p = dict(WG=WG, BM=BM, STAGES=ST, SPLIT=SPLIT, KPER=KPER)
-                        if WG * 128 <= t.max_threads_per_block and wgmma_smem_bytes(p) <= t.smem_per_block_optin:
-                            out.append(p)
+        for TPW in (1, 2):
+            for BM in (64, 128, 256):
+                if TPW * BM > 256:  # (accumulators: TPW x BM / 2 registers a thread)
+                    continue
+                for ST in (3, 4):
+                    for SPLIT in splits(pr, 64 * WG * TPW, BM, t.sm_count):
+                        for KPER in ((1, 2) if ST == 4 else (1,)):
+                            p = dict(WG=WG, TPW=TPW, BM=BM, STAGES=ST, SPLIT=SPLIT, KPER=KPER)
+                            if WG * 128 <= t.max_threads_per_block and wgmma_smem_bytes(p) <= t.smem_per_block_optin:
+                                out.append(p)
     return out
 
 
@@ -305,7 +314,7 @@ def wgmma_default(problem, sp: list) -> dict:
     """2 warp groups x BM 128, 4 stages while that gives >= 1 CTA a SM, else BM 64, then 1 warp group."""
     pr: Sparse24Gemm = problem.memo["gemm_sparse24.problem"]
     sms = problem.target.sm_count
-    sp = [p for p in sp if p["KPER"] == 1] or sp  # (KPER 2: the tuner's, until a GPU round has timed it)
+    sp = [p for p in sp if p["KPER"] == 1 and p["TPW"] == 1] or sp  # (KPER / TPW 2: the tuner's, until timed)
     by = {(p["WG"], p["BM"], p["STAGES"]): p for p in sp if p["SPLIT"] == 1}
     prefs = [(2, 128, 4), (2, 64, 4), (1, 64, 4)]
     for key in prefs:
@@ -324,11 +333,11 @@ def _render_wgmma(ctx: LowerCtx, problem, params: dict):
     wv = ctx.weight(1, lambda v: pack_values(v, meta, pr), key="sparse24_mma_tiles")
     we = ctx.weight(2, lambda m: pack_meta(vals, m, pr), key="sparse24_mma_meta")
     split = params.get("SPLIT", 1)
-    as_mma = {"BN": 64 * params["WG"], "BM": params["BM"], "WN": 1, "WM": 1, "STAGES": params["STAGES"], "SPLIT": split}
+    as_mma = {"BN": wgmma_bn(params), "BM": params["BM"], "WN": 1, "WM": 1, "STAGES": params["STAGES"], "SPLIT": split}
     kp = {k: v for k, v in kernel_params(pr, as_mma, ctx.op.name).items() if k not in ("BN", "WN", "WM", "SMEM")}
-    k = ctx.render("gemm_sparse24_wgmma.cu.j2", "gemm_sparse24_wgmma", **{**kp, "KPER": 1, **params, "SPLIT": split,
+    k = ctx.render("gemm_sparse24_wgmma.cu.j2", "gemm_sparse24_wgmma", **{**kp, "KPER": 1, "TPW": 1, **params, "SPLIT": split,
                                                                          "SMEM": wgmma_smem_bytes(params)})
-    g = (cdiv(pr.N, 64 * params["WG"]), cdiv(pr.M, params["BM"]), split)
+    g = (cdiv(pr.N, wgmma_bn(params)), cdiv(pr.M, params["BM"]), split)
     launch_split(ctx, pr, k, g, params["WG"] * 128, [ctx.inp(0), wv, we], as_mma, wgmma_smem_bytes(params))
     return True
 
