@@ -496,13 +496,17 @@ def test_gpu_gelu_epilogue(approx, variant):
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["gemm_sparse24.mma", "gemm_sparse24.wgmma"])
 def test_gpu_every_space_point(variant):
+    """Every declared point (K splits included: 150 x 264 outputs are few tiles) on one problem, the
+    points' kernels NVRTC-compiled in parallel units (codegen/cuda.compile_many)."""
     import tempfile
 
     import cupy as cp
 
     from bench_int8 import device_buffers, output_of, runner
-    from bench_sparse24 import compile_points, point_plans
+    from bench_sparse24 import point_plans
+    from nnc.codegen.cuda import Unit, compile_many
     from nnc.codegen.kernels import gemm_sparse24 as G
+    from nnc.codegen.units import pieces_for, prelude
     m = sparse_module(150, 320, 264, bias=True, seed=11)
     pr = problem_of(m)
     v = {"gemm_sparse24.mma": G.MMA_SP, "gemm_sparse24.wgmma": G.WGMMA_SP}[variant]
@@ -510,11 +514,18 @@ def test_gpu_every_space_point(variant):
     feed = random_x(m, seed=12)
     want = reference(m, feed).astype(np.float32)
     plans = point_plans(m, v.space(pr), "sm_90a", variant)
+    units = []
+    for u in range(0, len(plans), 8):
+        text = "\n".join(src for *_, srcs in plans[u:u + 8] for src in srcs)
+        units.append(Unit(f"sp24_gpu_{u}", prelude(pieces_for([text])) + "\n" + text))
     d = Path(tempfile.mkdtemp(prefix="nnc_sp24_space_"))
-    (d / "k.cubin").write_bytes(compile_points(plans, "sm_90a", f"sp24_space_gpu_{variant[14:]}"))
-    mod = cp.RawModule(path=str(d / "k.cubin"))
+    mods = []
+    for i, cubin in enumerate(compile_many(units, "sm_90a")):
+        (d / f"k{i}.cubin").write_bytes(cubin)
+        mods.append(cp.RawModule(path=str(d / f"k{i}.cubin")))
     bad = []
-    for params, plan, names, _ in plans:
+    for j, (params, plan, names, _) in enumerate(plans):
+        mod = mods[j // 8]
         arrs = device_buffers(plan, feed, poison=True)
         runner(plan, {n: mod.get_function(u) for n, u in names.items()}, arrs)()
         cp.cuda.Device().synchronize()
@@ -522,7 +533,7 @@ def test_gpu_every_space_point(variant):
         rel = np.abs(got - want).max() / np.abs(want).max()
         if not (np.all(np.isfinite(got)) and rel < 1e-2):
             bad.append((params, float(rel), _diagnose(got, want)))
-    assert not bad, bad
+    assert not bad, f"{len(bad)} of {len(plans)} points wrong: {bad}"
 
 
 @pytest.mark.gpu
