@@ -289,6 +289,204 @@ def test_library_exports_the_group_and_every_build(group_lib):
     assert (group_lib / "nnc_group_example").exists()
 
 
+# ---------------------------------------------------------------- the executor itself, on the host
+
+FAKE_CUDA_RUNTIME = r'''// a CUDA runtime stand-in for host tests: "device" memory is host memory, every call synchronous
+#pragma once
+#include <cstddef>
+#include <cstdlib>
+#include <cstring>
+typedef int cudaError_t;
+enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2 };
+typedef struct CUstream_st* cudaStream_t;
+typedef struct CUevent_st* cudaEvent_t;
+enum { cudaEventDisableTiming = 2, cudaStreamNonBlocking = 1 };
+enum cudaMemcpyKind { cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2, cudaMemcpyDeviceToDevice = 3 };
+inline const char* cudaGetErrorString(cudaError_t e) { return e ? "fake error" : "no error"; }
+inline cudaError_t cudaGetDeviceCount(int* n) { *n = 2; return cudaSuccess; }
+static int nnc_fake_device = 0;
+inline cudaError_t cudaSetDevice(int d) { nnc_fake_device = d; return cudaSuccess; }
+inline cudaError_t cudaGetDevice(int* d) { *d = nnc_fake_device; return cudaSuccess; }
+inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { *s = (cudaStream_t)std::malloc(1); return cudaSuccess; }
+inline cudaError_t cudaStreamDestroy(cudaStream_t s) { std::free(s); return cudaSuccess; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { *e = (cudaEvent_t)std::malloc(1); return cudaSuccess; }
+inline cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = (cudaEvent_t)std::malloc(1); return cudaSuccess; }
+inline cudaError_t cudaEventDestroy(cudaEvent_t e) { std::free(e); return cudaSuccess; }
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t) { return e ? cudaSuccess : cudaErrorInvalidValue; }
+inline cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t e, unsigned) { return e ? cudaSuccess : cudaErrorInvalidValue; }
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) { *ms = 0.f; return cudaSuccess; }
+inline cudaError_t cudaMalloc(void** p, size_t n) { *p = std::malloc(n); return *p ? cudaSuccess : cudaErrorMemoryAllocation; }
+inline cudaError_t cudaFree(void* p) { std::free(p); return cudaSuccess; }
+inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind, cudaStream_t) { std::memmove(d, s, n); return cudaSuccess; }
+inline cudaError_t cudaMemcpyPeerAsync(void* d, int, const void* s, int, size_t n, cudaStream_t) { std::memmove(d, s, n); return cudaSuccess; }
+inline cudaError_t cudaMemcpy2DAsync(void* d, size_t dp, const void* s, size_t sp, size_t w, size_t h, cudaMemcpyKind, cudaStream_t) {
+  for (size_t r = 0; r < h; ++r) std::memmove((char*)d + r * dp, (const char*)s + r * sp, w);
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+'''
+
+FAKE_BUILD_H = r'''#pragma once
+#include <cuda_runtime.h>
+typedef struct {api} {api};
+typedef struct {api}_context {api}_context;
+extern "C" {{
+int {api}_create(const char* path, {api}** m);
+int {api}_run({api}* m, cudaStream_t s, const void* const* in, void* const* out);
+void {api}_destroy({api}* m);
+int {api}_context_create(const {api}* m, {api}_context** c);
+int {api}_context_run({api}_context* c, cudaStream_t s, const void* const* in, void* const* out);
+void {api}_context_destroy({api}_context* c);
+const char* {api}_last_error(void);
+}}
+'''
+
+FAKE_BUILD_CPP = r'''#include "{dir}/nnc_model.h"
+#include <string>
+typedef int (*nnc_fake_runner)(int build, int slot, const void* const* in, void* const* out);
+extern nnc_fake_runner nnc_fake_run;
+struct {api} {{ int slot; }};
+struct {api}_context {{ int slot; }};
+extern "C" {{
+int {api}_create(const char* path, {api}** m) {{
+  if (std::string(path).find("{dir}") == std::string::npos) return 2;
+  *m = new {api}{{0}};
+  return 0;
+}}
+int {api}_run({api}* m, cudaStream_t, const void* const* in, void* const* out) {{ return nnc_fake_run({index}, m->slot, in, out); }}
+void {api}_destroy({api}* m) {{ delete m; }}
+int {api}_context_create(const {api}*, {api}_context** c) {{ *c = new {api}_context{{1}}; return 0; }}
+int {api}_context_run({api}_context* c, cudaStream_t, const void* const* in, void* const* out) {{ return nnc_fake_run({index}, c->slot, in, out); }}
+void {api}_context_destroy({api}_context* c) {{ delete c; }}
+const char* {api}_last_error(void) {{ return "fake build error"; }}
+}}
+'''
+
+FAKE_RUNNER_CPP = r'''typedef int (*nnc_fake_runner)(int build, int slot, const void* const* in, void* const* out);
+nnc_fake_runner nnc_fake_run = nullptr;
+extern "C" void nnc_fake_set_runner(nnc_fake_runner r) { nnc_fake_run = r; }
+'''
+
+
+def _host_group(out, work: Path):
+    """OUT's group source compiled with g++ over a CUDA stand-in (host memory, synchronous calls)
+    and fake builds that call back into Python: (ctypes library, tables)."""
+    import ctypes
+    from nnc.multi_device_capi import render_group
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("needs g++")
+    t = tables_for_dir(out)
+    files = render_group(t, "sm_90")
+    (work / "inc").mkdir(parents=True, exist_ok=True)
+    (work / "inc" / "cuda_runtime.h").write_text(FAKE_CUDA_RUNTIME)
+    srcs = []
+    for fname, text in files.items():
+        (work / fname).write_text(text)
+    for i, b in enumerate(t.builds):
+        (work / b["dir"]).mkdir(parents=True, exist_ok=True)
+        (work / b["dir"] / "nnc_model.h").write_text(FAKE_BUILD_H.format(api=b["api"]))
+        (work / f"build{i}.cpp").write_text(FAKE_BUILD_CPP.format(api=b["api"], dir=b["dir"], index=i))
+        srcs.append(work / f"build{i}.cpp")
+    (work / "runner.cpp").write_text(FAKE_RUNNER_CPP)
+    group_cu = next(work / f for f in files if f.endswith("_group.cu"))
+    lib = work / "libhostgroup.so"
+    _cmd([gxx, "-std=c++17", "-O0", "-g", "-shared", "-fPIC", "-DNNC_GROUP_HOST_EMULATION", "-I", work / "inc",
+          "-I", work, "-x", "c++", group_cu, "-x", "none", *srcs, work / "runner.cpp", "-ldl", "-o", lib])
+    return ctypes.CDLL(str(lib)), t
+
+
+def _host_run(out, work, feeds, transport=2, ids=(0,)):
+    """Runs the group once through its C API on the host stand-in; returns (outputs, reason, build calls)."""
+    import ctypes
+    from nnc.ir.interp import Interpreter
+    from nnc.multi_device import load_multi, segments
+    lib, t = _host_group(out, work)
+    mdm = load_multi(Path(out) / "ir")
+    mods = [[sg.module for sg in segments(m) if sg.module is not None] for m in mdm.devices]
+    order = {}
+    for i, b in enumerate(t.builds):
+        order.setdefault(b["device"], []).append(i)
+    build_mod = {i: mods[d][j] for d, ix in order.items() for j, i in enumerate(ix)}
+    calls = []
+    RUNNER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
+                              ctypes.POINTER(ctypes.c_void_p))
+
+    def runner(build, slot, ins, outs):
+        try:
+            m = build_mod[build]
+            feed = {}
+            for i, a in enumerate(m.main.args):
+                dt = np.dtype(a.type.dtype.np)
+                n = int(np.prod(a.type.shape)) * dt.itemsize
+                feed[a.name] = np.frombuffer(ctypes.string_at(ins[i], n), dt).reshape(a.type.shape)
+            res = Interpreter(m).run(feed)
+            for i, v in enumerate(m.main.results):
+                raw = np.ascontiguousarray(res[v.name]).tobytes()
+                ctypes.memmove(outs[i], raw, len(raw))
+            calls.append((build, slot))
+            return 0
+        except Exception:  # noqa: reported as a failed build run
+            import traceback
+            traceback.print_exc()
+            return 4
+    cb = RUNNER(runner)
+    lib.nnc_fake_set_runner(cb)
+    api = t.builds[0]["api"].rsplit("_dev", 1)[0] + "_group"
+    fn = lambda name: getattr(lib, f"{api}_{name}")
+    fn("last_error").restype = ctypes.c_char_p
+    fn("transport_reason").restype = ctypes.c_char_p
+    grp = ctypes.c_void_p()
+    id_arr = (ctypes.c_int * len(ids))(*ids)
+    rc = fn("create")(str(out).encode(), id_arr, len(ids), transport, b"/nonexistent/libnccl.so.2", ctypes.byref(grp))
+    if rc != 0:
+        return None, fn("last_error")().decode(), calls
+    reason = fn("transport_reason")(grp).decode()
+    ins = [np.ascontiguousarray(feeds[e["name"]]) for e in t.inputs]
+    outs = [np.full(e["shape"], np.nan, np.dtype(e["dtype"])) for e in t.outputs]  # poisoned
+    in_p = (ctypes.c_void_p * len(ins))(*[a.ctypes.data for a in ins])
+    out_p = (ctypes.c_void_p * len(outs))(*[a.ctypes.data for a in outs])
+    for _ in range(2):  # a second run reuses every buffer
+        rc = fn("run")(grp, None, in_p, out_p)
+        assert rc == 0, fn("last_error")().decode()
+    assert fn("set_timing")(grp, 1) == 0 and fn("run")(grp, None, in_p, out_p) == 0
+    c, m_, sp = ctypes.c_float(), ctypes.c_float(), ctypes.c_float()
+    assert fn("device_ms")(grp, 0, ctypes.byref(c), ctypes.byref(m_), ctypes.byref(sp)) == 0
+    fn("destroy")(grp)
+    return {e["name"]: o for e, o in zip(t.outputs, outs)}, reason, calls
+
+
+def test_executor_on_the_host_pipeline(cnn3, tmp_path, rng):
+    """The generated executor (walk, pairing, slots, staging, contexts, output offsets) run for real
+    on the host stand-in in transport copy: run_multi's results, every build slot used."""
+    from nnc.multi_device import load_multi, run_multi
+    x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
+    got, reason, calls = _host_run(cnn3, tmp_path, {"input": x})
+    assert "copies standing in for NCCL" in reason
+    np.testing.assert_array_equal(got["probs"], run_multi(load_multi(cnn3 / "ir"), {"input": x})["probs"])
+    assert sorted(set(calls)) == [(b, s) for b in range(3) for s in (0, 1)]  # 3 builds x 2 contexts
+    assert len(calls) == 3 * 4 * 3  # 3 runs x 4 micro-batches x 3 stages
+
+
+def test_executor_on_the_host_tensor_parallel_and_transport_choice(tmp_path, rng):
+    pytest.importorskip("nnc.passes.shard_tensor_parallel")
+    from nnc.multi_device import load_multi, run_multi
+    out = tmp_path / "tp"
+    _compile(EXAMPLES / "tiny_transformer.onnx", out, 2, "tensor")
+    x = rng.standard_normal((1, 16, 64)).astype(np.float32)
+    want = run_multi(load_multi(out / "ir"), {"x": x})["y"]
+    got, reason, _ = _host_run(out, tmp_path / "copy", {"x": x})
+    np.testing.assert_allclose(got["y"], want, rtol=1e-5, atol=1e-5)
+    # AUTO with two ids and no NCCL: the copy path, saying why; NCCL asked for: a clear error
+    got, reason, _ = _host_run(out, tmp_path / "auto", {"x": x}, transport=0, ids=(0, 1))
+    assert "cannot load NCCL (/nonexistent/libnccl.so.2)" in reason and "copies standing in" in reason
+    np.testing.assert_allclose(got["y"], want, rtol=1e-5, atol=1e-5)
+    got, err, _ = _host_run(out, tmp_path / "nccl", {"x": x}, transport=1, ids=(0, 1))
+    assert got is None and "NNC_GROUP_NCCL: cannot load NCCL" in err
+
+
 # ---------------------------------------------------------------- GPU
 
 def _gpus():
