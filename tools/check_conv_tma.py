@@ -4,11 +4,12 @@
 maps) against the cp.async points (the im2col gather, or cp.async GEMM loads; B pre-swizzled or by
 cp.async) and torch's channels_last cuDNN conv (cudnn.benchmark), same run, same GPU, fp16.
 
-    python3 tools/check_conv_tma.py [--b1] [--verbose] [--json FILE] [--compile-only]
+    python3 tools/check_conv_tma.py [--b1] [--split] [--verbose] [--json FILE] [--compile-only]
 
 Per shape (the 10 of tools/bench_conv_wgmma.py, batch 32; --b1: batch 1 too): every point of the
 variant's declared space (conv_wgmma: gemm_wgmma.candidates with the TMA im2col points where
-gemm_wgmma.im2col_tma_fits) compiled in parallel (NVRTC sm_90a), each run once on random inputs
+gemm_wgmma.im2col_tma_fits, and the staged-epilogue points not yet in it; split-K points with --split)
+compiled in parallel (NVRTC sm_90a), each run once on random inputs
 with the output poisoned (NaN) first and checked against torch's fp32 conv (max abs error / max
 |ref| < 1e-2: a wrong point is reported, never timed as best), then timed (tools/cuda_timing:
 warm-up, median of CUDA events; short convs as CUDA-graph replays of 20 launches, torch too, which
@@ -40,6 +41,7 @@ TOL = 1e-2
 HANG_S = 10.0
 COMPILE_ONLY = "--compile-only" in sys.argv
 VERBOSE = "--verbose" in sys.argv
+SPLIT = "--split" in sys.argv
 RESULTS: list = []
 CUBINS: dict = {}
 
@@ -66,6 +68,8 @@ def conv_space(pr):
     geo = None if pointwise else CW.im2col_geometry(pr)
     im_tma = geo is not None and bool(W.im2col_tma_fits(gp, geo))
     space = W.candidates(gp, SM90A, True, geo is not None, im_tma, unverified=True)  # split-K, staged epilogue too
+    if not SPLIT:  # split-K only with --split (its kernels are the slowest to compile; batch-1 matter)
+        space = [p for p in space if W.split_k(p) == 1]
     dflt = W.default_params(gp, SM90A, True, geo is not None, im_tma)
     return gp, geo, space, dflt
 
