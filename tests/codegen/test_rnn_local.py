@@ -30,10 +30,11 @@ def test_local_points_only_where_one_sm_holds_the_direction():
     assert not local("LSTM", 512, 1, "f16")[0]       # 2 MB: no
     assert not local("RNN", 256, 16, "f16")[0]       # 4096 gate threads: no
     assert local("GRU", 64, 3, "f32", D=2)[0]
-    # never the heuristic's (unmeasured)
+    # the heuristic's exactly when DEFAULT_SYNC_SMALL_BATCH prefers it (these fit, batch <= SMALL_BATCH)
     for kind, H, B, st in (("RNN", 256, 1, "f16"), ("GRU", 64, 3, "f32")):
         _, spec = local(kind, H, B, st)
-        assert rnn.recurrence_default(spec, SM90)["sync"] != rnn.LOCAL
+        prefers = rnn.LOCAL in (rnn.DEFAULT_SYNC_SMALL_BATCH or ())
+        assert (rnn.recurrence_default(spec, SM90)["sync"] == rnn.LOCAL) == prefers
 
 
 COMPILE = [("RNN", np.float16, False, 1, dict(H=256, I=16, S=4)),
