@@ -370,6 +370,88 @@ extern "C" void nnc_fake_set_runner(nnc_fake_runner r) { nnc_fake_run = r; }
 '''
 
 
+FAKE_NCCL_CPP = r'''// an NCCL stand-in for host tests: ranks in one process, every operation done at the outermost
+// ncclGroupEnd (sends matched to receives per (sender, receiver) in order, collectives over all ranks)
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+struct FakeComm { int rank, n; };
+struct FakeOp { int kind; FakeComm* c; const void* s; void* r; size_t count; int dt, op, peer; };
+static std::vector<FakeOp> g_ops;
+static int g_depth = 0, g_groups = 0, g_ungrouped = 0;
+static std::string g_nvls = "unset";
+static size_t esize(int dt) { return dt == 0 || dt == 1 ? 1 : dt == 6 || dt == 9 ? 2 : dt == 4 || dt == 5 || dt == 8 ? 8 : 4; }
+static int flush() {
+  ++g_groups;
+  std::vector<bool> used(g_ops.size(), false);
+  for (size_t i = 0; i < g_ops.size(); ++i) {
+    FakeOp& a = g_ops[i];
+    if (a.kind != 0 || used[i]) continue;
+    for (size_t j = 0; j < g_ops.size(); ++j) {
+      FakeOp& b = g_ops[j];
+      if (used[j] || b.kind != 1 || b.c->rank != a.peer || b.peer != a.c->rank) continue;
+      std::memmove(b.r, a.s, a.count * esize(a.dt));
+      used[i] = used[j] = true;
+      break;
+    }
+    if (!used[i]) return 5;  // a send without its receive in the group: would hang
+  }
+  std::vector<FakeOp*> coll;
+  for (size_t i = 0; i < g_ops.size(); ++i) if (g_ops[i].kind >= 2) coll.push_back(&g_ops[i]);
+  if (!coll.empty()) {
+    const int n = coll[0]->c->n;
+    if ((int)coll.size() != n) return 5;
+    std::vector<FakeOp*> by(n);
+    for (FakeOp* o : coll) by[o->c->rank] = o;
+    if (by[0]->kind == 2) {  // all-reduce, float32 sum only
+      if (by[0]->dt != 7 || by[0]->op != 0) return 5;
+      std::vector<float> acc(by[0]->count, 0.f);
+      for (int r = 0; r < n; ++r) for (size_t k = 0; k < acc.size(); ++k) acc[k] += ((const float*)by[r]->s)[k];
+      for (int r = 0; r < n; ++r) std::memcpy(by[r]->r, acc.data(), acc.size() * 4);
+    } else {
+      const size_t b = by[0]->count * esize(by[0]->dt);
+      for (int r = 0; r < n; ++r) for (int j = 0; j < n; ++j) std::memmove((char*)by[r]->r + j * b, by[j]->s, b);
+    }
+  }
+  g_ops.clear();
+  return 0;
+}
+extern "C" {
+int ncclCommInitAll(void** comms, int n, const int*) {
+  const char* v = std::getenv("NCCL_NVLS_ENABLE");
+  g_nvls = v ? v : "unset";
+  for (int i = 0; i < n; ++i) comms[i] = new FakeComm{i, n};
+  return 0;
+}
+int ncclCommDestroy(void* c) { delete (FakeComm*)c; return 0; }
+int ncclCommAbort(void* c) { delete (FakeComm*)c; return 0; }
+int ncclGroupStart(void) { ++g_depth; return 0; }
+int ncclGroupEnd(void) { return --g_depth == 0 ? flush() : 0; }
+static int push(FakeOp o) { if (!g_depth) ++g_ungrouped; g_ops.push_back(o); return g_depth ? 0 : flush(); }
+int ncclSend(const void* b, size_t n, int dt, int peer, void* c, void*) { return push({0, (FakeComm*)c, b, nullptr, n, dt, 0, peer}); }
+int ncclRecv(void* b, size_t n, int dt, int peer, void* c, void*) { return push({1, (FakeComm*)c, nullptr, b, n, dt, 0, peer}); }
+int ncclAllReduce(const void* s, void* r, size_t n, int dt, int op, void* c, void*) { return push({2, (FakeComm*)c, s, r, n, dt, op, -1}); }
+int ncclAllGather(const void* s, void* r, size_t n, int dt, void* c, void*) { return push({3, (FakeComm*)c, s, r, n, dt, 0, -1}); }
+const char* ncclGetErrorString(int) { return "fake nccl error"; }
+const char* fake_nccl_nvls(void) { return g_nvls.c_str(); }
+int fake_nccl_groups(void) { return g_groups; }
+int fake_nccl_ungrouped(void) { return g_ungrouped; }
+}
+'''
+
+
+def _fake_nccl(work: Path) -> Path:
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("needs g++")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "fake_nccl.cpp").write_text(FAKE_NCCL_CPP)
+    lib = work / "libfakenccl.so"
+    _cmd([gxx, "-std=c++17", "-shared", "-fPIC", work / "fake_nccl.cpp", "-o", lib])
+    return lib
+
+
 def _host_group(out, work: Path):
     """OUT's group source compiled with g++ over a CUDA stand-in (host memory, synchronous calls)
     and fake builds that call back into Python: (ctypes library, tables)."""
@@ -398,7 +480,7 @@ def _host_group(out, work: Path):
     return ctypes.CDLL(str(lib)), t
 
 
-def _host_run(out, work, feeds, transport=2, ids=(0,)):
+def _host_run(out, work, feeds, transport=2, ids=(0,), nccl=b"/nonexistent/libnccl.so.2"):
     """Runs the group once through its C API on the host stand-in; returns (outputs, reason, build calls)."""
     import ctypes
     from nnc.ir.interp import Interpreter
@@ -440,7 +522,7 @@ def _host_run(out, work, feeds, transport=2, ids=(0,)):
     fn("transport_reason").restype = ctypes.c_char_p
     grp = ctypes.c_void_p()
     id_arr = (ctypes.c_int * len(ids))(*ids)
-    rc = fn("create")(str(out).encode(), id_arr, len(ids), transport, b"/nonexistent/libnccl.so.2", ctypes.byref(grp))
+    rc = fn("create")(str(out).encode(), id_arr, len(ids), transport, nccl, ctypes.byref(grp))
     if rc != 0:
         return None, fn("last_error")().decode(), calls
     reason = fn("transport_reason")(grp).decode()
@@ -485,6 +567,35 @@ def test_executor_on_the_host_tensor_parallel_and_transport_choice(tmp_path, rng
     np.testing.assert_allclose(got["y"], want, rtol=1e-5, atol=1e-5)
     got, err, _ = _host_run(out, tmp_path / "nccl", {"x": x}, transport=1, ids=(0, 1))
     assert got is None and "NNC_GROUP_NCCL: cannot load NCCL" in err
+
+
+def test_executor_on_the_host_through_nccl(cnn3, tmp_path, rng):
+    """NNC_GROUP_NCCL over an NCCL stand-in (libfakenccl.so, dlopen'ed by path): every NCCL call
+    inside a group holding both ends of each message or every member of a collective (one host
+    thread drives all GPUs), NCCL_NVLS_ENABLE=0 at ncclCommInitAll, results as run_multi."""
+    import ctypes
+    from nnc.multi_device import load_multi, run_multi
+    lib = _fake_nccl(tmp_path / "nccl")
+    fake = ctypes.CDLL(str(lib))  # held open: the group's dlopen gets this instance (its dlclose keeps it)
+    fake.fake_nccl_nvls.restype = ctypes.c_char_p
+    x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
+    got, err, _ = _host_run(cnn3, tmp_path / "pipe3", {"input": x}, transport=1, ids=(0, 1), nccl=str(lib).encode())
+    assert got is None and "the program has 3 devices and 2 different GPU ids were given" in err
+    out = tmp_path / "pipe2"  # the stand-in has 2 "GPUs"
+    _compile(EXAMPLES / "tiny_cnn.onnx", out, 2, "pipeline", 2, {"input": [8, 3, 32, 32]})
+    got, reason, _ = _host_run(out, tmp_path / "pipe2w", {"input": x}, transport=1, ids=(0, 1), nccl=str(lib).encode())
+    assert reason == "2 GPUs and NCCL: one GPU per device"
+    np.testing.assert_array_equal(got["probs"], run_multi(load_multi(out / "ir"), {"input": x})["probs"])
+    # every message of the 3 runs its own group with both ends; nothing outside a group
+    messages = sum(len(st.refs) // 2 for st in tables_for_dir(out).steps if st.kind == RECV)
+    assert fake.fake_nccl_nvls() == b"0" and fake.fake_nccl_ungrouped() == 0
+    assert fake.fake_nccl_groups() == 3 * messages and messages >= 2
+    pytest.importorskip("nnc.passes.shard_tensor_parallel")
+    tp = tmp_path / "tp"
+    _compile(EXAMPLES / "tiny_transformer.onnx", tp, 2, "tensor")
+    xt = rng.standard_normal((1, 16, 64)).astype(np.float32)
+    got, reason, _ = _host_run(tp, tmp_path / "tpw", {"x": xt}, transport=1, ids=(0, 1), nccl=str(lib).encode())
+    np.testing.assert_allclose(got["y"], run_multi(load_multi(tp / "ir"), {"x": xt})["y"], rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- GPU
