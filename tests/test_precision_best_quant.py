@@ -48,7 +48,8 @@ def _ops(m) -> list:
 
 def _holdout(m):
     h = np.load(DIGITS / "holdout.npz")
-    ok = sum(int((m.run({"input": h["input"][i:i + 40]})["logits"].argmax(1) == h["labels"][i:i + 40]).sum())
+    ok = sum(int((np.asarray(m.run({"input": h["input"][i:i + 40]}, output="numpy")["logits"]).argmax(1)
+                  == h["labels"][i:i + 40]).sum())
              for i in range(0, 360, 40))
     return 100.0 * ok / 360
 
