@@ -259,6 +259,7 @@ def build_tables(plan: dict, mdm, segs: list, build_plans: dict) -> GroupTables:
                          [{**e, "nbytes": _entry_bytes(e), "device": mdm.source_of(e["name"])} for e in plan["outputs"]])
     _hazards(tables)
     simulate(tables)
+    check_races(tables)
     return tables
 
 
@@ -374,6 +375,93 @@ def simulate(t: GroupTables) -> list:
                     why.append(f"device {k} at {KIND_NAMES[st.kind]} of micro-batch {st.mb} ({st.what})")
             raise GroupApiError("the group executor would stall: " + "; ".join(why))
     return done
+
+
+def check_races(t: GroupTables) -> None:
+    """Proves the waits complete: every two steps of a run that touch the same (buffer, slot),
+    one of them writing, are ordered by happens-before on the GPUs. Edges: program order on each
+    (device, stream); each step's waits; a matched send / recv pair is one node (both ends
+    complete together: NCCL's rendezvous, or under transport copy the receiver's copy after the
+    sender's send point with the sender waiting for it); a collective is one node over its
+    members. Message pairs and collectives come from `simulate`'s matching (FIFO per (sender,
+    receiver), collectives in order). A race is a GroupApiError (a bug in the tables, not in the
+    model)."""
+    n = len(t.steps)
+    node = list(range(n))
+
+    def find(a):
+        while node[a] != a:
+            node[a] = node[node[a]]
+            a = node[a]
+        return a
+
+    def union(a, b):
+        node[find(a)] = find(b)
+    sendq: dict = {}
+    recvq: dict = {}
+    for k, ix in enumerate(t.device_steps):  # messages: the i-th send (s -> r) pairs with the i-th recv
+        for gi in ix:
+            st = t.steps[gi]
+            if st.kind in (SEND, RECV):
+                for peer in st.refs[1::2]:
+                    key = (k, peer) if st.kind == SEND else (peer, k)
+                    (sendq if st.kind == SEND else recvq).setdefault(key, []).append(gi)
+    for key, sends in sendq.items():
+        for a, b in zip(sends, recvq.get(key, [])):
+            union(a, b)
+    colls = [[gi for gi in ix if t.steps[gi].kind in (ALLREDUCE, ALLGATHER)] for ix in t.device_steps]
+    for members in zip(*colls):
+        for gi in members[1:]:
+            union(gi, members[0])
+    succ: dict = {}
+
+    def edge(a, b):
+        a, b = find(a), find(b)
+        if a != b:
+            succ.setdefault(a, set()).add(b)
+    for ix in t.device_steps:
+        last = {}
+        for gi in ix:
+            st = t.steps[gi]
+            if st.stream in last:
+                edge(last[st.stream], gi)
+            last[st.stream] = gi
+            for w in st.waits:
+                edge(w, gi)
+    roots = sorted({find(i) for i in range(n)})
+    reach: dict = {}
+
+    def reachable(a):  # nodes reachable from a (a DAG: memoised DFS)
+        if a in reach:
+            return reach[a]
+        reach[a] = set()  # a cycle would show as a missing order, not a hang
+        out = set()
+        for b in succ.get(a, ()):
+            out |= {b} | reachable(b)
+        reach[a] = out
+        return out
+    for r in roots:
+        reachable(r)
+    M = t.micro_batches
+    touches: dict = {}  # (buffer, slot) -> [(step, writes)]
+    for gi, st in enumerate(t.steps):
+        rd, wr = st.reads_writes()
+        for b, w in [(b, False) for b in rd] + [(b, True) for b in wr]:
+            buf = t.buffers[b]
+            slot = 0 if buf.input >= 0 else st.mb % buf.mod(M)
+            touches.setdefault((b, slot), []).append((gi, w))
+    for (b, slot), acc in touches.items():
+        for i, (x, wx) in enumerate(acc):
+            for y, wy in acc[i + 1:]:
+                if not (wx or wy) or x == y:
+                    continue
+                fx, fy = find(x), find(y)
+                if fx == fy or fy in reach.get(fx, ()) or fx in reach.get(fy, ()):
+                    continue
+                sx, sy = t.steps[x], t.steps[y]
+                raise GroupApiError(f"the group tables race on buffer {b} ({t.buffers[b].what}) slot {slot}: step {x} "
+                                    f"({KIND_NAMES[sx.kind]} of micro-batch {sx.mb}, device {sx.device}) and step {y} "
+                                    f"({KIND_NAMES[sy.kind]} of micro-batch {sy.mb}, device {sy.device}) are not ordered")
 
 
 # ---------------------------------------------------------------- rendering

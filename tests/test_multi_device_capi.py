@@ -96,6 +96,19 @@ def test_tensor_parallel_tables(tmp_path):
     simulate(t)
 
 
+def test_race_check_finds_a_missing_wait(cnn3):
+    """check_races (run on every table build) proves the waits complete; drop one and it names the race."""
+    from nnc.multi_device_capi import check_races
+    for kind, device in ((RUN, 1), (SEND, 0)):
+        t = tables_for_dir(cnn3)
+        check_races(t)
+        st = next(s for s in t.steps if s.device == device and s.kind == kind and s.mb == 2)
+        st.waits = []
+        with pytest.raises(GroupApiError, match=r"race on buffer \d+ .* slot 0: step \d+ .* micro-batch 2, device "
+                                                 rf"{device}\) .* are not ordered"):
+            check_races(t)
+
+
 def test_a_stalling_program_is_refused():
     """Both devices receive before they send: the walk cannot move and says where each waits."""
     bufs = [Buffer(0, 16), Buffer(0, 16), Buffer(1, 16), Buffer(1, 16)]
