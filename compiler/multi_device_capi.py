@@ -380,10 +380,9 @@ def simulate(t: GroupTables) -> list:
 def check_races(t: GroupTables) -> None:
     """Proves the waits complete: every two steps of a run that touch the same (buffer, slot),
     one of them writing, are ordered by happens-before on the GPUs. Edges: program order on each
-    (device, stream); each step's waits; a matched send / recv pair is one node (both ends
-    complete together: NCCL's rendezvous, or under transport copy the receiver's copy after the
-    sender's send point with the sender waiting for it); a collective is one node over its
-    members. Message pairs and collectives come from `simulate`'s matching (FIFO per (sender,
+    (device, stream); each step's waits; a send before its matched receive (only that way: NCCL
+    may finish a small send before the receive is posted); a collective is one node over its
+    members (none finishes before all have contributed). Message pairs and collectives come from `simulate`'s matching (FIFO per (sender,
     receiver), collectives in order). A race is a GroupApiError (a bug in the tables, not in the
     model)."""
     n = len(t.steps)
@@ -406,9 +405,7 @@ def check_races(t: GroupTables) -> None:
                 for peer in st.refs[1::2]:
                     key = (k, peer) if st.kind == SEND else (peer, k)
                     (sendq if st.kind == SEND else recvq).setdefault(key, []).append(gi)
-    for key, sends in sendq.items():
-        for a, b in zip(sends, recvq.get(key, [])):
-            union(a, b)
+    pairs = [(a, b) for key, sends in sendq.items() for a, b in zip(sends, recvq.get(key, []))]
     colls = [[gi for gi in ix if t.steps[gi].kind in (ALLREDUCE, ALLGATHER)] for ix in t.device_steps]
     for members in zip(*colls):
         for gi in members[1:]:
@@ -428,6 +425,8 @@ def check_races(t: GroupTables) -> None:
             last[st.stream] = gi
             for w in st.waits:
                 edge(w, gi)
+    for a, b in pairs:  # what precedes a send precedes what follows its receive (not the other way:
+        edge(a, b)      # NCCL may finish a small send before the receive is posted)
     roots = sorted({find(i) for i in range(n)})
     reach: dict = {}
 
