@@ -176,3 +176,25 @@ def test_gpu_conv_fp8_matches_interpreter(name, tmp_path):
         want = np.asarray(ref.run({"x": x}, output="numpy")["y"], np.float32)
         assert np.all(np.isfinite(got))
         assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max(), (name, seed)
+
+
+def test_fp8_qdq_conv_at_fp16_keeps_f32_scales():
+    """--precision fp16 of a float8 QDQ conv model: conv_fp8 keeps its f32 scales (to_precision's
+    EXACT_OPERANDS) and gives f16 out; equal to the fp32 build rounded to fp16 within fp16 steps."""
+    from nnc.driver import pipeline_passes
+    from nnc.onnx_import import import_model
+    from nnc.pipeline import Pipeline
+    from tools.qdq_scale_models import SX
+    model = qdq_conv_model(sx=float(SX))
+    builds = {}
+    for prec in ("fp32", "fp16"):
+        m = import_model(model)
+        Pipeline(pipeline_passes(prec, fuse=False), verify_each=True).run(m)
+        builds[prec] = m
+    conv = next(o for o in builds["fp16"].main.ops if o.name == "conv_fp8")
+    assert conv.attrs.out_dtype.short == "f16"
+    assert [conv.operands[i].type.dtype.short for i in (1, 3)] == ["f32", "f32"]
+    x = random_conv_x(2, 16, 12, seed=6, sx=float(SX)).astype(np.float16).astype(np.float32)
+    a = Interpreter(builds["fp32"]).run({"x": x})["y"]
+    b = Interpreter(builds["fp16"]).run({"x": x})["y"]
+    np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-3 * float(np.abs(a).max()))

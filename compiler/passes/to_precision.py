@@ -32,7 +32,7 @@ from nnc.ir.types import F32, DType, dtype
 # matmul_int4_weight, whose scales take the activation's dtype like its weights (the int4 kernel
 # applies them in that dtype; ir/ops/gemm_int4.py).
 EXACT_OPERANDS = {"QuantizeLinear": (1,), "DequantizeLinear": (1,), "QLinearConv": (1, 4, 6),
-                  "QLinearMatMul": (1, 4, 6), "matmul_fp8": (1, 3)}
+                  "QLinearMatMul": (1, 4, 6), "matmul_fp8": (1, 3), "conv_fp8": (1, 3)}
 _KEEP_ATTRS = {"QuantizeLinear": ("precision",)}  # dtype attributes a precision pass leaves alone
 
 
