@@ -6,7 +6,7 @@ are retargeted; function arguments and results keep their declared f32 types, wi
 and exit, so the model's interface does not change. An op whose inference rejects the low
 precision keeps f32: its operands are cast up and its results cast down around it.
 Quantization parameters stay exact (EXACT_OPERANDS): the f32 scales of QuantizeLinear /
-DequantizeLinear / QLinearConv / QLinearMatMul / matmul_fp8 keep their f32 constants (a
+DequantizeLinear / QLinearConv / QLinearMatMul / matmul_fp8 / conv_fp8 keep their f32 constants (a
 DequantizeLinear then gets output_dtype = the low type, so only its result is narrowed), and a
 QuantizeLinear keeps its `precision` attribute; so "scales and zero points are respected exactly"
 holds at fp16/bf16 too (zero points are integer / fp8 and never change).
