@@ -183,7 +183,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def report(a) -> int:
-    rows = load_rows(Path(a.results))
+    # --report may read several days' files, comma-separated, in order
+    rows = [r for f in a.results.split(",") for r in load_rows(Path(f))]
     text = markdown(rows)
     if a.md:
         env = rows[-1] if rows else {}
@@ -218,7 +219,7 @@ def report(a) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", required=True, help="JSON-lines results file (appended to)")
+    ap.add_argument("--results", required=True, help="JSON-lines results file (appended to); --report: a comma list of them")
     ap.add_argument("--model", choices=sorted(MATRIX))
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--precisions", default="", help="default: the model's row of the matrix")
