@@ -366,7 +366,11 @@ def test_gpu_precision_fp8_mlp_and_digits_match_interpreter(tmp_path):
     _cuda_build(DIGITS / "digits_cnn.onnx", out, precision="fp8", calib=tmp_path / "c.json",
                 shapes={"input": [40, 1, 8, 8]})
     x = np.load(DIGITS / "holdout.npz", allow_pickle=False)["input"]
-    _gpu_vs_reference(out, lambda s: {"input": x[40 * s:40 * s + 40]}, ["logits"])
+    # the convs are e4m3 too now: the CUDA path's f16 conv outputs differ from conv_fp8's exact ones by
+    # f16 steps, which flip some e4m3 codes of the next layer's activation (12.5 % of such a value).
+    # On the CPU the literal graph with those f16 numerics (Q/DQ unfolded) differs from the folded
+    # reference by 1.9e-2 and 2.6e-2 of max |logits| on these two batches, hence 5e-2 here.
+    _gpu_vs_reference(out, lambda s: {"input": x[40 * s:40 * s + 40]}, ["logits"], rtol=5e-2)
     import nnc
     acc = _holdout_accuracy(nnc.load(out))
     print(f"\ndigits fp8 CUDA build on the GPU: {acc:.2f}%")
