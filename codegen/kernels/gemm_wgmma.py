@@ -155,7 +155,7 @@ def split_k(p: dict) -> int:
 def epi_smem(p: dict) -> bool:
     """EPI = smem: the epilogue staged through shared memory (fp32 [BM][BN + 8] over the free ring of
     a CTA-a-tile TMA point), then row-contiguous reads of C / bias and 16-byte stores of D: for
-    store-bound GEMMs (K = 64 1x1 convs: one k-tile). NOT RUN on a GPU yet (UNVERIFIED_IN_SPACE);
+    store-bound GEMMs (K = 64 1x1 convs: one k-tile). Speed not measured (UNVERIFIED_IN_SPACE);
     never the heuristic's pick (the cost model does not see it; the register epilogue's twin comes
     first)."""
     return p.get("EPI", "regs") == "smem"
@@ -297,10 +297,12 @@ def im2col_tma_fits(pr: gemm.GemmProblem, g: dict):
     return no(f"TMA im2col: {why}") if why else YES
 
 
-# Point kinds whose kernels have not run on a GPU yet (split-K, the staged epilogue; 2026-12-03):
-# left out of the declared space (so neither the heuristic nor the tuner, whose runner would hang on
-# a deadlocked kernel, meets them) until tests/codegen/test_gemm_wgmma_splitk.py and
-# test_gemm_tma.py -k staged pass on the GPU; tools and tests ask for them (unverified=True).
+# Point kinds whose speed is not measured yet (split-K, the staged epilogue; 2026-12-03): left out of
+# the declared space, so neither the heuristic nor the tuner (whose budget more points would spread
+# over fewer problems) meets them; tools and tests ask for them (unverified=True). Their GPU tests
+# (test_gemm_wgmma_splitk.py, test_conv_tma.py) passed on the H200 at 28e0771 (2026-12-03 08:00);
+# test_gemm_tma.py -k staged and the timings (tools/check_conv_tma.py --split, check_gemm_tma.py)
+# have not run. Set True once those show where they win.
 UNVERIFIED_IN_SPACE = False
 
 
@@ -346,7 +348,7 @@ def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bul
 # fp32 partials and per-tile counters, bound by gemm_lowering.emit_spec, the counters zeroed once a
 # run): CTA (tile, s) runs k-tiles [s KT / S, (s + 1) KT / S), stores its partial, the last of the
 # tile adds them in split order and runs the epilogue. For batch-1 GEMMs (M ~ 128: a few tiles on
-# 132 SMs). NOT RUN on a GPU yet (UNVERIFIED_IN_SPACE); once in the space, the heuristic splits only
+# 132 SMs). Speed not measured (UNVERIFIED_IN_SPACE); once in the space, the heuristic splits only
 # when the model gives it gemm.SPLIT_K_MIN_GAIN of the best unsplit point's time.
 SPLIT_MIN_K_TILES = 3  # k-tiles a split runs at least (the TMA ring needs no warm-up of its own)
 
