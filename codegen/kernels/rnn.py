@@ -459,7 +459,9 @@ DEFAULT_SYNC = "barrier"
 # b1 fp16, ms, barrier -> tagged): LSTM 2x512 0.587 -> 0.430 (cuDNN 4.88), RNN 2x256 0.920 -> 0.733
 # (0.500 a quarter of the blocks; cuDNN 1.05); the floor (RNN H=64 b1) 1.50 -> 0.72 us a step; the
 # same max error as barrier on both. The tensor-core step (batch >= 8) keeps DEFAULT_SYNC until measured
-DEFAULT_SYNC_SMALL_BATCH = ("tagged",)  # in order of preference; ("local", "tagged") once local is measured
+# local (one block a direction) measured slower (H200 08:00, RNN 2x256 b1 fp16: 1.000 ms vs tagged 0.530,
+# 1.92 vs 1.00 us a step: one SM's matvec of the whole R outweighs the saved L2 round trip), so not preferred
+DEFAULT_SYNC_SMALL_BATCH = ("tagged",)  # in order of preference
 # the permuted k order of fp16/bf16 R in smem (conflict-free h reads): written after the last GPU
 # run, compile-checked only, so off by default until measured (tools/bench_rnn.py --kperm)
 DEFAULT_KPERM = False
