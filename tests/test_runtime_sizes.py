@@ -130,7 +130,7 @@ def _reduce_model(tmp_path) -> Path:
          onnx.numpy_helper.from_array(np.array([3], np.int64), "ax3"),
          onnx.numpy_helper.from_array(np.array(0, np.int64), "i0")])
     p = tmp_path / "red.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(p))
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(p))
     return p
 
 
@@ -171,8 +171,8 @@ def _concat_model(tmp_path) -> Path:
         [onnx.numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (
             ("s0", [1, 2]), ("s1", [2 ** 62, 7]), ("s2", [1, 2]),
             ("t0", [-1]), ("t1", [-100]), ("t2", [2]), ("t3", [-2]))])
-    p = tmp_path / "cat.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    p = tmp_path / "cat.onnx"  # (ir_version 10: the GPU machine's onnxruntime reads <= 13)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), str(p))
     return p
 
 
