@@ -31,8 +31,10 @@ import numpy as np
 
 from nnc.ir import narrow_types
 from nnc.ir.builder import Builder, const_value
-from nnc.ir.graph import Module, NameGen, Op, Region, users, value_names
+from nnc.ir.graph import Module, NameGen, Op, value_names
 from nnc.ir.types import dtype as ir_dtype
+
+from .weight_rewrite import WeightOpRewriter
 
 BLOCK_SIZES = (32, 64, 128)
 _F16_MIN_NORMAL = 2.0 ** -14
@@ -138,7 +140,7 @@ def matmul_int4_ops(b: Builder, x, consts: list, block_size: int, res, gemm_c, b
     return drop
 
 
-class _Quantize:
+class _Quantize(WeightOpRewriter):
     def __init__(self, module: Module, block_size: int):
         self.module = module
         self.bs = block_size
@@ -171,20 +173,6 @@ class _Quantize:
         drop.update(id(o) for o in got)
         self.counts[f"{op.name}{'+Add' if got else ''}->matmul_int4_weight"] += 1
         return True
-
-    def region(self, r: Region) -> None:
-        new_ops: list = []
-        b = Builder(Region([], new_ops, []), self.module.weights, self.names)
-        uses, returned, drop = users(r), {id(v) for v in r.results}, set()
-        for op in r.ops:
-            if id(op) in drop:
-                continue
-            for _, sub in op.regions():
-                self.region(sub)
-            if self.op(op, b, uses, returned, drop):
-                continue
-            new_ops.append(op)
-        r.ops = new_ops
 
 
 def rewrite(module: Module, block_size: int = 32) -> Counter:

@@ -34,9 +34,10 @@ from collections import Counter
 import numpy as np
 
 from nnc.ir.builder import Builder, const_value
-from nnc.ir.graph import Module, NameGen, Op, Region, users, value_names
+from nnc.ir.graph import Module, NameGen, Op, value_names
 
 from .quantize_weights_int4 import bias_after, bias_vector
+from .weight_rewrite import WeightOpRewriter
 
 MODES = ("enable", "force")
 
@@ -95,7 +96,7 @@ def _activation_after(res, uses: dict, returned: set, weights):
     return list(ops), out, "gelu_tanh" if approx == "tanh" else "gelu"
 
 
-class _Sparsify:
+class _Sparsify(WeightOpRewriter):
     def __init__(self, module: Module, mode: str):
         self.module, self.mode = module, mode
         self.names = NameGen(value_names(module))
@@ -170,20 +171,6 @@ class _Sparsify:
                     f"{'+' + (act[0][0].name if len(act[0]) == 1 else 'GELU ops') if act is not None else ''}"
                     f"->matmul_sparse24"] += 1
         return True
-
-    def region(self, r: Region) -> None:
-        new_ops: list = []
-        b = Builder(Region([], new_ops, []), self.module.weights, self.names)
-        uses, returned, drop = users(r), {id(v) for v in r.results}, set()
-        for op in r.ops:
-            if id(op) in drop:
-                continue
-            for _, sub in op.regions():
-                self.region(sub)
-            if self.op(op, b, uses, returned, drop):
-                continue
-            new_ops.append(op)
-        r.ops = new_ops
 
 
 def rewrite(module: Module, mode: str = "enable") -> Counter:
