@@ -41,12 +41,19 @@ from ..variants import YES, Variant, no, register
 FAMILY = "gemm_fp8"
 
 
-def _applies_dequant(problem):
-    if problem.value(2) is None or problem.value(3) is None:
-        return no("b / b_scale are not compile-time constants")
-    if problem.has(4) and problem.value(4) is None:
-        return no("the bias is not a compile-time constant")
-    return YES
+def _constant_weights(weight: str):
+    """applies() of a dequantizing variant: operands 2 (the fp8 weight), 3 (its scale) and the
+    optional bias 4 are compile-time constants (they are dequantized into weights.bin)."""
+    def applies(problem):
+        if problem.value(2) is None or problem.value(3) is None:
+            return no(f"{weight} / {weight}_scale are not compile-time constants")
+        if problem.has(4) and problem.value(4) is None:
+            return no("the bias is not a compile-time constant")
+        return YES
+    return applies
+
+
+_applies_dequant = _constant_weights("b")
 
 
 def dequantized_weight(b: np.ndarray, b_scale: np.ndarray, dt) -> np.ndarray:
@@ -129,12 +136,7 @@ DEQUANT = register(Variant("gemm_fp8.dequant", FAMILY, ("matmul_fp8",), _render_
 CONV_FAMILY = "conv_fp8"
 
 
-def _applies_conv_dequant(problem):
-    if problem.value(2) is None or problem.value(3) is None:
-        return no("w / w_scale are not compile-time constants")
-    if problem.has(4) and problem.value(4) is None:
-        return no("the bias is not a compile-time constant")
-    return YES
+_applies_conv_dequant = _constant_weights("w")
 
 
 def dequantized_conv_weight(w: np.ndarray, w_scale: np.ndarray, dt) -> np.ndarray:

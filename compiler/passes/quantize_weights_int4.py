@@ -34,7 +34,7 @@ from nnc.ir.builder import Builder, const_value
 from nnc.ir.graph import Module, NameGen, Op, value_names
 from nnc.ir.types import dtype as ir_dtype
 
-from .weight_rewrite import WeightOpRewriter
+from .weight_rewrite import WeightOpRewriter, float_weight_kn
 
 BLOCK_SIZES = (32, 64, 128)
 _F16_MIN_NORMAL = 2.0 ** -14
@@ -148,21 +148,13 @@ class _Quantize(WeightOpRewriter):
         self.counts: Counter = Counter()
 
     def op(self, op: Op, b: Builder, uses: dict, returned: set, drop: set) -> bool:
-        if op.name not in ("MatMul", "Gemm") or len(op.results) != 1:
-            return False
-        if op.name == "Gemm" and (op.attrs.transA or op.attrs.alpha != 1.0):
+        w = float_weight_kn(op, self.module.weights)
+        if w is None:
             return False
         x, res = op.operands[0], op.results[0]
-        w = const_value(op.operands[1], self.module.weights)
-        if not x.type.dtype.is_float or x.type.rank is None or x.type.rank < 1 or w is None or w.ndim != 2:
-            return False
-        if w.dtype.kind != "f" and w.dtype.name != "bfloat16" or w.dtype == np.float64 or w.size == 0:
-            return False
-        if op.name == "Gemm" and op.attrs.transB:
-            w = w.T
         gemm_c = op.operands[2] if op.name == "Gemm" and len(op.operands) > 2 else None
         after = bias_after(res, uses, returned, self.module.weights) if gemm_c is None else None
-        q, s = quantize_int4(np.ascontiguousarray(w), self.bs)
+        q, s = quantize_int4(w, self.bs)
         loc, hint = op.loc, res.name
         consts = [b.constant(q, f"{hint}_w_int4", loc, weight_hint=f"{hint}_w_int4"),
                   b.constant(s, f"{hint}_w_scale", loc, weight_hint=f"{hint}_w_scale")]

@@ -37,7 +37,7 @@ from nnc.ir.builder import Builder, const_value
 from nnc.ir.graph import Module, NameGen, Op, value_names
 
 from .quantize_weights_int4 import bias_after, bias_vector
-from .weight_rewrite import WeightOpRewriter
+from .weight_rewrite import WeightOpRewriter, float_weight_kn
 
 MODES = ("enable", "force")
 
@@ -104,20 +104,9 @@ class _Sparsify(WeightOpRewriter):
         self.pruned_sq = self.weight_sq = 0.0
 
     def weight_of(self, op: Op):
-        """W [K, N] (transB folded) when op is an eligible MatMul/Gemm, else None."""
-        if op.name not in ("MatMul", "Gemm") or len(op.results) != 1:
-            return None
-        if op.name == "Gemm" and (op.attrs.transA or op.attrs.alpha != 1.0):
-            return None
-        x = op.operands[0]
-        w = const_value(op.operands[1], self.module.weights)
-        if not x.type.dtype.is_float or x.type.rank is None or x.type.rank < 1 or w is None or w.ndim != 2:
-            return None
-        if w.dtype.kind != "f" and w.dtype.name != "bfloat16" or w.dtype == np.float64 or w.size == 0:
-            return None
-        if op.name == "Gemm" and op.attrs.transB:
-            w = w.T
-        return np.ascontiguousarray(w) if w.shape[0] % 4 == 0 else None
+        """W [K, N] (transB folded) when op is an eligible MatMul/Gemm with K % 4 == 0, else None."""
+        w = float_weight_kn(op, self.module.weights)
+        return w if w is not None and w.shape[0] % 4 == 0 else None
 
     def op(self, op: Op, b: Builder, uses: dict, returned: set, drop: set) -> bool:
         w = self.weight_of(op)

@@ -5,8 +5,28 @@ the ops it folded (their ids put in `drop`, e.g. a bias Add or an activation aft
 left out. Holds before: the region's values have their producers and users (ir.graph.users)."""
 from __future__ import annotations
 
-from nnc.ir.builder import Builder
+from typing import Optional
+
+import numpy as np
+
+from nnc.ir.builder import Builder, const_value
 from nnc.ir.graph import Op, Region, users
+
+
+def float_weight_kn(op: Op, weights) -> Optional[np.ndarray]:
+    """The constant float weight W [K, N] (Gemm's transB folded, contiguous) of a MatMul, or of a
+    Gemm without transA / alpha, whose input is a float tensor of rank >= 1; else None."""
+    if op.name not in ("MatMul", "Gemm") or len(op.results) != 1:
+        return None
+    if op.name == "Gemm" and (op.attrs.transA or op.attrs.alpha != 1.0):
+        return None
+    x = op.operands[0]
+    w = const_value(op.operands[1], weights)
+    if not x.type.dtype.is_float or x.type.rank is None or x.type.rank < 1 or w is None or w.ndim != 2:
+        return None
+    if w.dtype.kind != "f" and w.dtype.name != "bfloat16" or w.dtype == np.float64 or w.size == 0:
+        return None
+    return np.ascontiguousarray(w.T if op.name == "Gemm" and op.attrs.transB else w)
 
 
 class WeightOpRewriter:
