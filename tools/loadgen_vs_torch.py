@@ -4,6 +4,7 @@ LoadGen settings, in one process on one GPU.
 
     python tools/loadgen_vs_torch.py --model resnet50 --batch 32 --scenario offline --out /tmp/lg
     python tools/loadgen_vs_torch.py --model resnet50 --batch 1 --scenario server --latency-bound-ms 15 --out /tmp/lg
+    python tools/loadgen_vs_torch.py --batch 16,32,64 --contexts 1,2 --scenario offline --out /tmp/lg  # a sweep
 
 nnc: the compiled model on the cuda backend, `--contexts` execution contexts (run_async
 pipelined). torch: torch.compile(mode="reduce-overhead") of the same torchvision module, on
@@ -50,52 +51,74 @@ def torch_system(mod, plan: dict, half: bool):
     return CallableSystem(plan, make_runner, backend="torch.compile")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="resnet50")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--precision", default="fp16", choices=["fp32", "fp16"])
-    ap.add_argument("--scenario", default="offline", choices=["single-stream", "multi-stream", "server", "offline"])
-    ap.add_argument("--latency-bound-ms", type=float)
-    ap.add_argument("--target-qps", type=float)
-    ap.add_argument("--duration-s", type=float, default=20.0)
-    ap.add_argument("--contexts", type=int, default=2)
-    ap.add_argument("--torch-contexts", type=int, default=1)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--systems", default="nnc,torch", help="comma list of nnc, torch")
-    a = ap.parse_args()
+def run_batch(a, batch: int) -> list:
+    """Compile the model at this batch (nnc, --tune-budget) and run each of --systems through it,
+    nnc once per --contexts entry."""
     from gpu_models import WORK, export
     from nnc.api import CompileOptions
     from nnc.driver import compile_model
     from nnc.loadgen_sut import ScenarioOptions, format_text, run_scenario
     from nnc.plan_file import read_plan
-    WORK.mkdir(exist_ok=True)
-    path, _, mod, _ = export(a.model, a.batch)
-    od = WORK / f"{a.model}_b{a.batch}_{a.precision}_loadgen"
+    path, _, mod, _ = export(a.model, batch)
+    od = WORK / f"{a.model}_b{batch}_{a.precision}_loadgen"
     if not (od / "plan.json").exists():
-        compile_model(str(path), od, options=CompileOptions(precision=a.precision))
-    a.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+        compile_model(str(path), od, options=CompileOptions(precision=a.precision, tune_budget=a.tune_budget))
+    runs = []
     for system in a.systems.split(","):
-        opts = ScenarioOptions(a.scenario, backend="cuda", duration_s=a.duration_s, target_qps=a.target_qps,
-                               latency_bound_ms=a.latency_bound_ms, contexts=a.contexts,
-                               log_dir=str(a.out / system))
-        peer = None
-        if system == "torch":
-            peer = torch_system(mod, read_plan(od), a.precision == "fp16")  # plan: its I/O entries
+        if system == "nnc":
+            runs += [("nnc", int(c)) for c in str(a.contexts).split(",")]
+        elif system == "torch":
             # torch.compile(mode="reduce-overhead")'s CUDA graph trees are not meant to be shared
             # across threads: its contexts are --torch-contexts (default 1)
-            opts = ScenarioOptions(a.scenario, backend="cuda", duration_s=a.duration_s, target_qps=a.target_qps,
-                                   latency_bound_ms=a.latency_bound_ms, contexts=a.torch_contexts,
-                                   log_dir=str(a.out / system))
-        elif system != "nnc":
+            runs.append(("torch", a.torch_contexts))
+        else:
             raise SystemExit(f"--systems: unknown {system!r} (nnc, torch)")
+    rows = []
+    for system, contexts in runs:
+        opts = ScenarioOptions(a.scenario, backend="cuda", duration_s=a.duration_s, target_qps=a.target_qps,
+                               latency_bound_ms=a.latency_bound_ms, contexts=contexts,
+                               log_dir=str(a.out / f"{system}_b{batch}_c{contexts}"))
+        peer = torch_system(mod, read_plan(od), a.precision == "fp16") if system == "torch" else None
         r = run_scenario(od, opts, system=peer)
         sys.stdout.write(format_text(r))
-        row = {"system": system, "model": a.model, "batch": a.batch, "precision": a.precision, **r.to_json()}
+        row = {"system": system, "model": a.model, "batch": batch, "precision": a.precision, **r.to_json()}
         rows.append(row)
         print("ROW " + json.dumps(row), flush=True)
-    (a.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+def _summary_line(r: dict) -> str:
+    pts = r.get("points") or [{}]
+    best = pts[r["best"]] if r.get("best") is not None else pts[-1]
+    return (f"{r['system']:<6} {r['batch']:>5} {r['contexts']:>8}  {best.get('result', '?'):<8} "
+            f"{best.get('metric', '?')} = {best.get('value', float('nan')):.1f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--batch", default="1", help="one batch, or a comma list to sweep (offline: the best batch)")
+    ap.add_argument("--tune-budget", type=float, default=25.0, help="nnc's timing-based selection, seconds per build")
+    ap.add_argument("--precision", default="fp16", choices=["fp32", "fp16"])
+    ap.add_argument("--scenario", default="offline", choices=["single-stream", "multi-stream", "server", "offline"])
+    ap.add_argument("--latency-bound-ms", type=float)
+    ap.add_argument("--target-qps", type=float)
+    ap.add_argument("--duration-s", type=float, default=20.0)
+    ap.add_argument("--contexts", default="2", help="nnc's execution contexts; a comma list runs nnc once per entry")
+    ap.add_argument("--torch-contexts", type=int, default=1)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--systems", default="nnc,torch", help="comma list of nnc, torch")
+    a = ap.parse_args()
+    from gpu_models import WORK
+    WORK.mkdir(exist_ok=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for batch in [int(b) for b in str(a.batch).split(",")]:
+        rows += run_batch(a, batch)
+        (a.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")  # kept if a later batch dies
+    print(f"\n{a.scenario}: system batch contexts  result")
+    for r in rows:
+        print(_summary_line(r))
     return 0
 
 
