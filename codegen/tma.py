@@ -51,8 +51,9 @@ TMAP_ALIGN = 64
 GLOBAL_ALIGN = 16  # bytes, the global address (no interleave)
 
 # CUtensorMapDataType / CUtensorMapSwizzle / CUtensorMapL2promotion (cuda.h enums)
-DATA_TYPE = {"float16": 6, "bfloat16": 9}
-ELEM_BYTES = {"float16": 2, "bfloat16": 2}
+# uint8: the fp8 GEMM's e4m3 / e5m2 operands (codegen/kernels/gemm_fp8_wgmma.py): TMA only moves bytes
+DATA_TYPE = {"float16": 6, "bfloat16": 9, "uint8": 0}
+ELEM_BYTES = {"float16": 2, "bfloat16": 2, "uint8": 1}
 SWIZZLE = {0: 0, 32: 1, 64: 2, 128: 3}  # span in bytes -> enum
 L2_PROMOTION_128B = 2
 INTERLEAVE_NONE = 0

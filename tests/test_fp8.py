@@ -292,11 +292,11 @@ def test_digits_fp8_accuracy(method, tmp_path):
 
 # ---------------------------------------------------------------- CUDA: NVRTC (CPU) and GPU
 
-def _cuda_build(model, out, **kw):
+def _cuda_build(model, out, arch="sm_90a", **kw):
     import nnc
     from nnc.driver import compile_model
     plan = compile_model(str(model), out, options=nnc.CompileOptions(tune=False, backend="cuda", codegen=True,
-                                                                     arch="sm_90a", **kw))
+                                                                     arch=arch, **kw))
     return plan
 
 
@@ -308,12 +308,20 @@ def _qdq_file(tmp_path, name, **kw):
 
 CUDA_CASES = {"mm": dict(), "gemm_tb_pc_bias": dict(gemm=True, trans_b=True, per_channel=True, bias=True),
               "e5m2_bias": dict(fmt="f8e5m2", bias=True), "m64": dict(M=64, K=512, N=256, per_channel=True)}
+FP8_WGMMA = "gemm_fp8_wgmma.cu.j2"
 
 
 def test_cuda_build_nvrtc_compiles_and_uses_the_fp8_variant(tmp_path):
+    """sm_90a: Q(x) and the fp8 wgmma GEMM (tests/test_fp8_wgmma.py); sm_80: the dequantize variant
+    (Q, DQ(a), the f16 GEMM with its epilogue)."""
     for name, kw in CUDA_CASES.items():
         out = tmp_path / name
-        plan = _cuda_build(_qdq_file(tmp_path, name, **kw), out)
+        plan = _cuda_build(_qdq_file(tmp_path, name, **dict(kw)), out)
+        assert list(out.glob("model.*.cubin")), name
+        templates = [k["template"] for k in plan["kernels"]]
+        assert templates.count(FP8_WGMMA) == 1 and len(templates) == 2, templates  # Q, the fp8 GEMM
+        out = tmp_path / f"{name}_sm80"
+        plan = _cuda_build(_qdq_file(tmp_path, name, **dict(kw)), out, arch="sm_80")
         assert list(out.glob("model.*.cubin")), name
         ops = " ".join(op for k in plan["kernels"] for op in k["ops"])
         assert "matmul_fp8(" in ops and "DequantizeLinear(%x_q" in ops, ops
@@ -323,6 +331,10 @@ def test_cuda_build_nvrtc_compiles_and_uses_the_fp8_variant(tmp_path):
     out = tmp_path / "mlp"
     plan = _cuda_build(model, out, precision="fp8", calib=tmp_path / "calib.json")
     assert list(out.glob("model.*.cubin"))
+    # Cast(x) to f16, then per layer Q and the fp8 GEMM (bias, Relu in its epilogue), the f32 output cast
+    gemms = [k for k in plan["kernels"] if k["template"] == FP8_WGMMA]
+    assert len(gemms) == 2, [k["name"] for k in plan["kernels"]]
+    plan = _cuda_build(model, tmp_path / "mlp_sm80", arch="sm_80", precision="fp8", calib=tmp_path / "calib.json")
     # Cast(x) to f16, then per layer Q, DQ(a), the GEMM with bias (+ Relu) (+ the f32 output cast)
     gemms = [k for k in plan["kernels"] if any("MatMul(" in op for op in k["ops"])]
     assert len(gemms) == 2 and any("Relu(" in op for op in gemms[0]["ops"]), [k["ops"] for k in gemms]
