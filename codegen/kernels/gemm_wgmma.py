@@ -118,7 +118,7 @@ def _valid(p: dict, target: Target, im2col: bool = False) -> bool:
         return False
     if sk > 1 and (load_kind(p) != "tma" or persistent(p)):  # split-K: TMA, a CTA a (tile, split)
         return False
-    if p.get("EPI", "regs") not in ("regs", "smem"):
+    if p.get("EPI", "regs") not in EPILOGUES:
         return False
     if epi_smem(p) and (load_kind(p) != "tma" or persistent(p) or sk > 1 or not epi_stage_fits(p)):
         return False
@@ -159,6 +159,23 @@ def epi_smem(p: dict) -> bool:
     never the heuristic's pick (the cost model does not see it; the register epilogue's twin comes
     first)."""
     return p.get("EPI", "regs") == "smem"
+
+
+EPILOGUES = ("regs", "smem", "shfl")
+
+
+def epi_shfl(p: dict) -> bool:
+    """EPI = shfl: the register epilogue, but the 4 threads of a quad (one row) transpose their
+    column pairs through shuffles so each writes 8 consecutive outputs as one 16-byte store (a warp
+    store: 8 rows x 64 contiguous bytes, not 8 x 16). Any schedule (ping-pong and persistent points
+    included), no shared memory; 2-byte outputs (epi_shfl_fits). Speed not measured (IN_SPACE)."""
+    return p.get("EPI", "regs") == "shfl"
+
+
+def epi_shfl_fits(pr: gemm.GemmProblem) -> bool:
+    """A 2-byte output with even row and batch strides (the pairs the quads exchange; a row start not
+    16-byte aligned, or a ragged last octet, falls back to element stores at run time)."""
+    return CTYPES[pr.out_dtype or pr.dtype][1] == 2 and all(int(v) % 2 == 0 for v in (pr.ldd_, *pr.stride_d))
 
 
 def epi_stage_fits(p: dict) -> bool:
@@ -304,18 +321,52 @@ def im2col_tma_fits(pr: gemm.GemmProblem, g: dict):
 # test_gemm_tma.py -k staged and the timings (tools/check_conv_tma.py --split, check_gemm_tma.py)
 # have not run. Set True once those show where they win.
 UNVERIFIED_IN_SPACE = False
+# Per kind (what each point kind adds): "split" SPLIT_K > 1, "epi_smem" EPI = smem, "epi_shfl" EPI = shfl
+# (16-byte stores through quad shuffles, 2026-12-03 afternoon, unrun on GPU). A kind joins the
+# declared space when UNVERIFIED_IN_SPACE or its IN_SPACE entry is True; flip an entry only with a
+# measurement that shows where it wins (tools/check_wgmma_vs_vendor.py).
+UNVERIFIED_KINDS = ("split", "epi_smem", "epi_shfl")
+IN_SPACE = {"split": False, "epi_smem": False, "epi_shfl": False}
+# candidates(unverified=True): the kinds of the first round only (their GPU tests ran at 28e0771; what
+# the existing tests ask for); a later kind is asked for by name (unverified=("epi_shfl",) or "all")
+UNVERIFIED_TRUE = ("split", "epi_smem")
+
+
+def unverified_kinds(unverified=None) -> tuple:
+    """The unverified point kinds candidates adds for its `unverified` argument: None: those in the
+    space (UNVERIFIED_IN_SPACE, IN_SPACE); True: UNVERIFIED_TRUE; False: none; "all": every kind; a
+    tuple of kind names: those."""
+    if unverified is None:
+        return tuple(k for k in UNVERIFIED_KINDS if UNVERIFIED_IN_SPACE or IN_SPACE[k])
+    if unverified is True:
+        return UNVERIFIED_TRUE
+    if unverified is False:
+        return ()
+    if unverified == "all":
+        return UNVERIFIED_KINDS
+    kinds = tuple(unverified)
+    bad = [k for k in kinds if k not in UNVERIFIED_KINDS]
+    if bad:
+        raise ValueError(f"unknown unverified point kinds {bad} (known: {UNVERIFIED_KINDS})")
+    return kinds
+
+
+def in_space(p: dict) -> bool:
+    """Whether point p's kinds are all in the declared space (an unverified kind's flag is on)."""
+    kinds = unverified_kinds(None)
+    return ((split_k(p) == 1 or "split" in kinds) and (not epi_smem(p) or "epi_smem" in kinds)
+            and (not epi_shfl(p) or "epi_shfl" in kinds))
 
 
 def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bulk: bool = False,
-               im2col: bool = False, im2col_tma: bool = False, unverified: bool | None = None) -> list[dict]:
+               im2col: bool = False, im2col_tma: bool = False, unverified=None) -> list[dict]:
     """The declared space; b_bulk: B is a constant 2-D weight, so the pre-swizzled bulk-copy
     points come first (the same tiles with cp.async B follow); im2col: A is a conv's implicit
     im2col (conv_wgmma.py), whose row table takes shared memory too; im2col_tma: its geometry
     takes an im2col tensor map (im2col_tma_fits), so the TMA points (A by the im2col map, B by a
-    tiled one) follow the cp.async ones, as for a GEMM; unverified (default UNVERIFIED_IN_SPACE):
-    the split-K and staged-epilogue points last."""
-    if unverified is None:
-        unverified = UNVERIFIED_IN_SPACE
+    tiled one) follow the cp.async ones, as for a GEMM; unverified (unverified_kinds: None = the
+    kinds in the space): the split-K, staged-epilogue and shuffle-store points last."""
+    kinds = unverified_kinds(unverified)
     out = []
     points = [dict(BM=bm, BN=bn, STAGES=st, CW=cw) for bm, bn, st, cw in TILE_SPACE]
     points += [dict(BM=bm, BN=bn, STAGES=st, CW=cw, CTAS=2) for bm, bn, st, cw in TILE_SPACE_2CTA]
@@ -334,12 +385,21 @@ def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bul
             dict(p, swizzle=gemm.GROUP_M) for p in deep
             if _valid(p, target, im2col) and gemm._size_ok(p["BM"], problem.M) and gemm._size_ok(p["BN"], problem.N)]
     split = []
-    if unverified:
+    if "split" in kinds:
         # split-K (TMA, a CTA a tile): grids of fewer tiles than SMs with long K (split_points)
         split = [dict(p, SPLIT_K=sk) for p in tma_points if not persistent(p)
                  for sk in split_points(problem, p, target)]
+    if "epi_smem" in kinds:
         # the staged epilogue (EPI = smem) of the CTA-a-tile TMA points
         split += [dict(p, EPI="smem") for p in tma_points if _valid(dict(p, EPI="smem"), target, im2col)]
+    if "epi_shfl" in kinds and epi_shfl_fits(problem):
+        # 16-byte stores through quad shuffles (EPI = shfl) on every TMA point, and on the split ones
+        # of the smallest split of each tile (batch-1 grids: the fewest partials)
+        first_split = {}
+        for p in split:
+            if split_k(p) > 1:
+                first_split.setdefault((p["BM"], p["BN"], p["STAGES"], p["CW"], p.get("CTAS", 1)), p)
+        split += [dict(p, EPI="shfl") for p in tma_points + list(first_split.values())]
     return ([dict(p, b_bulk=True) for p in out or [smallest]] + plain + tma_points + split) if b_bulk \
         else plain + tma_points + split
 
@@ -548,6 +608,10 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
         ctx.update(a_im2col=True, **im2col)
     if split_k(params) > 1:  # only when set: unsplit kernels keep their names and sources
         ctx["split_k"] = split_k(params)
+    if epi_shfl(params):
+        if not epi_shfl_fits(pr):
+            raise ValueError("wgmma GEMM: EPI = shfl needs a 2-byte output with even row and batch strides")
+        ctx["epi_shfl"] = True
     if epi_smem(params):
         ctx.update(epi_smem=True, TO_BYTES=CTYPES[out_dtype][1], TC_BYTES=CTYPES[pr.c_dtype or out_dtype][1])
     if params.get("probe"):  # measurement only (tools/bench_gemm_wgmma.py --probe): wrong results

@@ -1,0 +1,148 @@
+"""EPI = shfl on the Hopper wgmma GEMM / conv (codegen/kernels/gemm_wgmma.py, templates/gemm_wgmma.cu.j2):
+the register epilogue whose quads transpose their column pairs through shuffles so each thread
+writes 8 consecutive outputs as one 16-byte store; and the per-kind switches of the unverified
+point kinds (gemm_wgmma.unverified_kinds, in_space).
+
+CPU: which kinds candidates adds for each `unverified` argument, that the shuffle-store points stay
+out of the space and the heuristic, render's refusals, and a covering subset of the kernels (every
+schedule, split-K, fp16 and bf16, the full epilogue, an im2col conv) NVRTC-compiles for sm_90a.
+GPU (marked `gpu`): every EPI = shfl point against numpy (random inputs, outputs poisoned), on a
+ragged N (the last octet and unaligned rows: the element-store fallback), a 7-row M (quads of rows
+past M skip), a 1x1-conv-like K = 64 and a batch-1 split-K GEMM; D at a 2-element offset."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import pytest
+
+from nnc.codegen.kernels import common, conv, conv_wgmma as CW, gemm, gemm_wgmma as W
+from nnc.codegen.target import ARCHS
+
+from .test_gemm_conv import HAVE_NVRTC, _check, _host, _poison, needs_gpu
+
+SM90A = ARCHS["sm_90a"]
+
+
+def _shfl_points(pr, **kw):
+    return [p for p in W.candidates(pr, SM90A, unverified=("split", "epi_shfl"), **kw) if W.epi_shfl(p)]
+
+
+# ---------------------------------------------------------------- the space (CPU)
+def test_unverified_kinds_and_the_space():
+    pr = gemm.GemmProblem(128, 768, 3072, dtype="float16")  # batch-1 FFN2: split points exist
+    space = W.candidates(pr, SM90A)
+    assert all(W.in_space(p) for p in space)
+    assert not any(W.epi_shfl(p) or W.epi_smem(p) or W.split_k(p) > 1 for p in space)
+    first = W.candidates(pr, SM90A, unverified=True)  # the first round's kinds only
+    assert any(W.split_k(p) > 1 for p in first) and any(W.epi_smem(p) for p in first)
+    assert not any(W.epi_shfl(p) for p in first)
+    every = W.candidates(pr, SM90A, unverified="all")
+    shfl = [p for p in every if W.epi_shfl(p)]
+    assert shfl and all(W.load_kind(p) == "tma" and not W.in_space(p) for p in shfl)
+    assert any(W.pingpong(p) for p in shfl) and any(W.persistent(p) and not W.pingpong(p) for p in shfl)
+    assert any(W.split_k(p) > 1 for p in shfl)
+    assert every[:len(space)] == space  # the unverified points come after the space, which is unchanged
+    assert W.unverified_kinds(False) == () and W.unverified_kinds(None) == ()
+    with pytest.raises(ValueError, match="unknown unverified"):
+        W.unverified_kinds(("stream_k",))
+    assert not W.epi_shfl(W.default_params(pr, SM90A, True))
+
+
+def test_in_space_follows_the_per_kind_switch(monkeypatch):
+    pr = gemm.GemmProblem(4096, 256, 64, dtype="float16", trans_b=True)
+    monkeypatch.setitem(W.IN_SPACE, "epi_shfl", True)
+    space = W.candidates(pr, SM90A)
+    assert any(W.epi_shfl(p) for p in space) and not any(W.epi_smem(p) or W.split_k(p) > 1 for p in space)
+    assert all(W.in_space(p) for p in space)
+    monkeypatch.setitem(W.IN_SPACE, "epi_shfl", False)
+    monkeypatch.setattr(W, "UNVERIFIED_IN_SPACE", True)  # the master switch: every kind
+    assert {W.split_k(p) > 1 or W.epi_smem(p) or W.epi_shfl(p) for p in W.candidates(pr, SM90A)} == {False, True}
+
+
+def test_render_refuses_and_marks():
+    f32 = gemm.GemmProblem(256, 256, 256, dtype="float16", out_dtype="float32")
+    assert not W.epi_shfl_fits(f32) and not _shfl_points(f32)
+    odd = gemm.GemmProblem(256, 999, 256, dtype="float16", trans_b=True)  # odd rows: no pairs
+    assert not W.epi_shfl_fits(odd)
+    ok = gemm.GemmProblem(256, 256, 256, dtype="float16")
+    p = _shfl_points(ok)[0]
+    with pytest.raises(ValueError, match="2-byte output"):
+        W.render(f32, p)
+    with pytest.raises(ValueError, match="declared space"):
+        W.render(ok, dict(p, EPI="shuffle"))
+    src = W.render(ok, p).source
+    assert "16-byte stores through quad shuffles" in src and "__shfl_sync(quad" in src and "make_uint4" in src
+    assert W.render(ok, p).name != W.render(ok, dict(p, EPI="regs")).name
+
+
+def shfl_specs():
+    """A covering subset: each schedule (coop, 2 CTAs, persistent, ping-pong) once in fp16 with
+    bias + residual + relu, two in bf16 with gelu, a split-K point, a 1x1/2 conv's im2col point."""
+    specs = []
+    pr = gemm.GemmProblem(1000, 1000, 520, dtype="float16", trans_b=True, has_bias=True, bias_dtype="float32",
+                          has_c=True, c_dtype="float16", ldc_m=1000, ldc_n=1, beta=0.5, act="relu")
+    pts = _shfl_points(pr)
+    picks = {}
+    for p in pts:
+        key = ("pp" if W.pingpong(p) else "persist" if W.persistent(p) else f"cta{W.ctas_per_sm(p)}")
+        picks.setdefault(key, p)
+    assert set(picks) == {"pp", "persist", "cta1", "cta2"}
+    specs += [W.render(pr, p) for p in picks.values()]
+    bf = gemm.GemmProblem(136, 768, 768, dtype="bfloat16", has_bias=True, bias_dtype="bfloat16", act="gelu")
+    specs += [W.render(bf, p) for p in _shfl_points(bf)[-2:]]
+    b1 = gemm.GemmProblem(128, 768, 3072, dtype="float16")
+    specs += [W.render(b1, next(p for p in _shfl_points(b1) if W.split_k(p) > 1))]
+    cp = conv.ConvProblem(32, 256, 56, 56, 512, 1, 1, stride=(2, 2), in_layout="NHWC", out_layout="NHWC")
+    gp, geo = CW.igemm_problem(cp), CW.im2col_geometry(cp)
+    im = [p for p in W.candidates(gp, SM90A, True, True, True, unverified=("epi_shfl",)) if W.epi_shfl(p)]
+    specs += [W.render(gp, next(p for p in im if W.pingpong(p)), im2col=geo, target=SM90A)]
+    return specs
+
+
+def _compile(src):
+    return len(common.nvrtc_compile(src, "sm_90a"))
+
+
+@pytest.mark.skipif(not HAVE_NVRTC, reason="NVRTC unavailable")
+def test_shfl_kernels_compile_sm90a():
+    specs = shfl_specs()
+    srcs = list({s.name: s.source for s in specs}.values())
+    assert len(srcs) >= 7  # (a persistent point is its one-tile twin's kernel on a smaller grid)
+    with ProcessPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as ex:
+        assert all(sz > 0 for sz in ex.map(_compile, srcs))
+
+
+# ---------------------------------------------------------------- GPU
+SHFL_GPU_CASES = [(1000, 996, 520, "float16", False, True, "bias_residual_relu"),  # ragged last octet
+                  (7, 136, 72, "bfloat16", False, False, "bias_gelu"),  # rows past M in every tile
+                  (4096, 256, 64, "float16", False, True, "bias_residual_relu"),  # a 1x1 64->256 conv's K
+                  (128, 768, 3072, "float16", False, False, "none")]  # batch-1 FFN2: split-K points
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("case", SHFL_GPU_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{c[3]}-{c[6]}")
+def test_shfl_epilogue_gpu(case):
+    """Every EPI = shfl point against numpy, outputs poisoned (split-K ones launched twice on the
+    same scratch); then D at an offset of 2 elements (rows not 16-byte aligned: element stores)."""
+    from .test_conv_tma import _cubins
+    from .test_gemm_tma import _run_tma
+    from .test_gemm_wgmma import _bufs, _case_arrays
+    rng = np.random.default_rng(abs(hash(case)) & 0xFFFF)
+    pr, a, b, extra, ref = _case_arrays(case, rng)
+    odt = pr.out_dtype or pr.dtype
+    tol = 1e-2 if pr.dtype == "float16" else 3e-2
+    bufs = _bufs(pr, a, b, extra)
+    pts = _shfl_points(pr)
+    assert pts
+    _cubins([W.render(pr, p) for p in pts])
+    for p in pts:
+        d = _poison((pr.M, pr.N), odt)
+        _run_tma(W.render(pr, p), dict(bufs, D=d), times=2 if W.split_k(p) > 1 else 1)
+        _check(_host(d, odt), ref, tol)
+    big = _poison((pr.M * pr.N + 8,), odt)
+    view = big[2:2 + pr.M * pr.N].reshape(pr.M, pr.N)
+    _run_tma(W.render(pr, pts[0]), dict(bufs, D=view))
+    _check(_host(view, odt), ref, tol)
