@@ -89,6 +89,46 @@ def test_encoder_range_build_compiles_and_runs_at_every_length(enc_build):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def _flash_launches(out: Path) -> list:
+    plan = json.loads((out / "plan.json").read_text())
+    return [l for l in plan["launches"] if l["kind"] == "kernel" and "flash_attention" in l["kernel"]]
+
+
+def test_encoder_range_build_fuses_attention_into_one_flash_kernel(enc_build):
+    """fuse-attention forms the group over S (the head split / merge views' strides are Exprs);
+    the flash-attention kernel takes S and T per run (nnc_s args evaluated per run as int32
+    scalars), its grid is ceil(S / rows) x heads x B per run, every stride that holds S is an
+    expression."""
+    _, out = enc_build
+    assert 'kind = "attention"' in (out / "ir" / "final.nnir").read_text()
+    (fa,) = _flash_launches(out)
+    assert fa["grid_expr"][0] == {"op": "div", "args": [{"op": "add", "args": [{"sym": "S"}, 63]}, 64]}
+    assert fa["grid_expr"][1:] == [4, {"sym": "B"}]
+    sizes = [a for a in fa["args"] if "buf" not in a]
+    assert [a.get("expr") for a in sizes[:2]] == [{"sym": "S"}, {"sym": "S"}] and sizes[0]["type"] == "int32_t"
+    assert sizes[2]["expr"] == {"op": "mul", "args": [64, {"sym": "S"}]}  # q's batch stride: S * H * D
+    assert [a["value"] for a in sizes[3:6]] == [16, 64, 1]  # head, row, dim strides: static
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_range_build_fp16_attention_takes_the_tensor_core_kernel(tmp_path, precision):
+    """At 16 bits the group lowers to the mma.sync kernel (tail tile masked: T is only known per
+    run); NVRTC compiles it; the plan's reference run matches onnxruntime at several lengths."""
+    model = profile_models.encoder(tmp_path / "enc.onnx")
+    out = tmp_path / "o"
+    nnc.compile(model, profiles=[ENC_PROFILE], out=out, backend="reference", codegen=True, tune=False,
+                precision=precision)
+    (fa,) = _flash_launches(out)
+    assert "grid_expr" in fa
+    src = (out / "model.cu").read_text()
+    assert "flash attention tile: 64x" in src
+    m = nnc.load(out, backend="reference")
+    rng = np.random.default_rng(11)
+    for b, s in ((1, 1), (2, 77), (1, 100)):
+        x = rng.standard_normal((b, s, 64)).astype(np.float32)
+        np.testing.assert_allclose(m.run({"x": x})["y"], _ort(model, {"x": x})[0], rtol=5e-2, atol=5e-2)
+
+
 BERT_PROFILE = "ids:1x1/2x77/4x128,mask:1x1/2x77/4x128"
 
 
@@ -104,6 +144,8 @@ def test_bert_with_embedding_and_mask_over_batch_and_length(tmp_path):
     out = tmp_path / "bert"
     nnc.compile(model, profiles=[BERT_PROFILE], out=out, backend="reference", codegen=True, tune=False)
     _check_plan(out, {"B", "S"})
+    (fa,) = _flash_launches(out)  # the mask [B,1,1,S] read through strides (S, 0, 0, 1) per run
+    assert [a.get("expr", a.get("value")) for a in fa["args"] if "buf" not in a][-4:] == [{"sym": "S"}, 0, 0, 1]
     m = nnc.load(out, backend="reference")
     rng = np.random.default_rng(4)
     for b, s in ((1, 1), (2, 77), (3, 50), (4, 128)):
@@ -405,6 +447,7 @@ def test_gpu_encoder_one_build_seq_1_77_128(tmp_path):
     require_gpu()
     model = profile_models.encoder(tmp_path / "enc.onnx")
     m = _gpu_build(model, ENC_PROFILE, tmp_path / "enc")
+    assert len(_flash_launches(tmp_path / "enc")) == 1  # the attention is one flash kernel over runtime S
     rng = np.random.default_rng(3)
     for b, s in ((1, 1), (2, 77), (1, 100), (2, 128), (1, 1)):
         x = rng.standard_normal((b, s, 64)).astype(np.float32)
@@ -420,6 +463,7 @@ def test_gpu_bert_one_build_seq_1_77_128(tmp_path):
     require_gpu()
     model = profile_models.encoder(tmp_path / "bert.onnx", embed=True)
     m = _gpu_build(model, BERT_PROFILE, tmp_path / "bert")
+    assert len(_flash_launches(tmp_path / "bert")) == 1
     rng = np.random.default_rng(5)
     for b, s in ((1, 1), (2, 77), (3, 50), (4, 128), (2, 77)):
         feed = _bert_feed(rng, b, s)
@@ -447,3 +491,24 @@ def test_gpu_concat_along_static_and_symbolic_axes(tmp_path):
     from nnc.runtime import require_gpu
     require_gpu()
     test_concat_along_static_and_symbolic_axes(tmp_path, gpu=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_gpu_encoder_16bit_one_build_tensor_core_attention(tmp_path, precision):
+    """The mma.sync flash-attention kernel over a runtime S (64-row query tiles, the kv tail tile
+    masked): lengths 1 (min), 77 (opt), 128 (max), 65 and 100 (not multiples of the tile), outputs
+    poisoned first."""
+    from nnc.runtime import require_gpu
+    require_gpu()
+    model = profile_models.encoder(tmp_path / "enc.onnx")
+    out = tmp_path / "enc"
+    m = nnc.compile(model, profiles=[ENC_PROFILE], out=out, tune=False, precision=precision)
+    assert len(_flash_launches(out)) == 1 and "flash attention tile: 64x" in (out / "model.cu").read_text()
+    rng = np.random.default_rng(12)
+    tol = 2e-2 if precision == "fp16" else 6e-2
+    for b, s in ((1, 1), (2, 77), (2, 128), (1, 65), (2, 100), (1, 1)):
+        x = rng.standard_normal((b, s, 64)).astype(np.float32)
+        got = m.run({"x": x}, output="numpy", poison=True)["y"]
+        assert got.shape == (b, s, 64)
+        np.testing.assert_allclose(got.astype(np.float32), _ort(model, {"x": x})[0], rtol=tol, atol=tol)

@@ -38,6 +38,8 @@ import numpy as np
 
 from ...ir.builder import const_value
 from ...passes.fuse_attention import TC_MAX_D, choose_kv_rows, choose_tile, match_body, parse_tile
+from .. import runtime_sizes
+from ..errors import LoweringError
 from ..lower import LowerCtx, describe_op
 from ..variants import Variant, YES, no, register
 
@@ -57,11 +59,22 @@ PAIR = {"f16": "__half2", "bf16": "__nv_bfloat162"}
 
 
 def _contiguous(shape) -> list:
+    """Row-major strides (Exprs where a range profile's dims are symbolic: passed per run)."""
     st, acc = [], 1
     for d in reversed(shape):
         st.insert(0, acc)
-        acc *= int(d)
+        acc = acc * d
     return st
+
+
+def _const_factor(d) -> int:
+    """An int that divides the stride/size d at every value of the symbols (d itself for an int;
+    a product's constant; else 1)."""
+    if isinstance(d, int):
+        return d
+    if d.kind == "mul":
+        return math.prod(a for a in d.args if isinstance(a, int))
+    return 1
 
 
 def _logical_strides(operand) -> tuple:
@@ -84,21 +97,21 @@ def _batch2(shape, strides, batch) -> list:
 
 
 def _mask_strides(shape, scores4) -> list:
-    full = (1,) * (4 - len(shape)) + tuple(int(d) for d in shape)
+    full = (1,) * (4 - len(shape)) + tuple(shape)
     st = _contiguous(full)
-    return [0 if full[i] == 1 else st[i] for i in range(4)]
+    return [0 if isinstance(full[i], int) and full[i] == 1 else st[i] for i in range(4)]
 
 
 def _aligned(buf, strides_but_last, elem: int) -> bool:
     """16-byte cp.async chunks: offset and every non-dim stride keep 16-byte alignment."""
     off = buf.alias_offset if buf.alias_of is not None else 0
-    return off % 16 == 0 and all((s * elem) % 16 == 0 for s in strides_but_last)
+    return off % 16 == 0 and all((_const_factor(s) * elem) % 16 == 0 for s in strides_but_last)
 
 
 def _pair_aligned(buf, strides_but_last) -> bool:
     """Paired 16-bit stores: 4-byte aligned offset and even strides."""
     off = buf.alias_offset if buf.alias_of is not None else 0
-    return off % 4 == 0 and all(s % 2 == 0 for s in strides_but_last)
+    return off % 4 == 0 and all(_const_factor(s) % 2 == 0 for s in strides_but_last)
 
 
 def causal_band(cond, S: int, T: int):
@@ -106,7 +119,8 @@ def causal_band(cond, S: int, T: int):
     [S, T] slice, exactly "col - row <= k" (lower: True; np.tril(ones, k)) or its complement
     (False); else None. GPT-2's causal Where condition: the kernel compares indices instead of
     loading S x T bytes."""
-    if cond is None or cond.ndim < 2 or cond.shape[-2:] != (S, T) or cond.size != S * T:
+    if cond is None or not isinstance(S, int) or not isinstance(T, int) or cond.ndim < 2 \
+            or cond.shape[-2:] != (S, T) or cond.size != S * T:
         return None
     c = np.asarray(cond).reshape(S, T) != 0
     for lower in (True, False):
@@ -208,11 +222,19 @@ def _case(problem):
     if at is None or len(op.results) != 1:
         return "the body is not an attention the kernel takes"
     batch, S, T, D, Dv = at.shape
-    batch = tuple(int(d) for d in batch)
+    batch = tuple(batch)
     dt = at.qk.results[0].type.dtype.short
     B0, B1 = (1, batch[0]) if len(batch) == 1 else batch
-    if B0 > 65535 or B1 > 65535:
+    # a range profile (codegen/runtime_sizes.py): the sizes as Exprs (passed per run), the limits
+    # and the tile decisions at the profile's max and opt
+    env_max = L.sym_max
+    env_opt = runtime_sizes.at_opt(L.options.symbol_ranges) if env_max else {}
+    mx = {k: runtime_sizes.at_max(d, env_max) for k, d in (("S", S), ("T", T), ("B0", B0), ("B1", B1))}
+    opt = {k: runtime_sizes.at_max(d, env_opt) for k, d in (("S", S), ("T", T), ("B0", B0), ("B1", B1))}
+    if mx["B0"] > 65535 or mx["B1"] > 65535:
         return "batch beyond the grid's y/z limits"
+    if max(mx["S"], mx["T"]) >= 2 ** 31:
+        return "sequence lengths past int32 rows"
     limit = problem.target.smem_per_block_optin
     space = []
     if dt in MMA and D % 16 == 0 and Dv % 16 == 0 and D <= TC_MAX_D and Dv <= TC_MAX_D:
@@ -221,7 +243,8 @@ def _case(problem):
         if D > SIMT_MAX_D or Dv > SIMT_MAX_D or BC_SIMT * (D + Dv) * 4 > limit:
             return f"head dims {D}/{Dv}: no flash-attention kernel takes them"
         space = [{}]
-    got = dict(at=at, outer=outer, const_of=const_of, batch=batch, S=S, T=T, D=D, Dv=Dv, dt=dt, B0=B0, B1=B1, space=space)
+    got = dict(at=at, outer=outer, const_of=const_of, batch=batch, S=S, T=T, D=D, Dv=Dv, dt=dt, B0=B0, B1=B1, space=space,
+               max=mx, opt=opt)
     problem.memo["attention"] = got
     return got
 
@@ -251,8 +274,9 @@ def _default(problem, space) -> dict:
         want = {"mi": recorded[0], "warps": recorded[1], "bc": _recorded_bc(problem.op.attrs.params) or BC}
         if want in space:
             return dict(want)
-    mi, w = choose_tile(c["S"], c["B0"] * c["B1"], c["D"], c["Dv"], problem.target.sm_count)
-    bc = choose_kv_rows(c["S"], c["B0"] * c["B1"], c["D"], c["Dv"], problem.target.sm_count)
+    o = c["opt"]  # (a range profile: the tile of its opt shape)
+    mi, w = choose_tile(o["S"], o["B0"] * o["B1"], c["D"], c["Dv"], problem.target.sm_count)
+    bc = choose_kv_rows(o["S"], o["B0"] * o["B1"], c["D"], c["Dv"], problem.target.sm_count)
     while True:
         want = {"mi": mi, "warps": w, "bc": bc}
         if want in space or (mi == 1 and w == WARPS[0]):
@@ -266,13 +290,14 @@ def _cost(problem, params) -> float:
     """A rough model (seconds) for the stand-in timer: waves of CTAs x one CTA's MMA work at a
     nominal 2 TFLOP/s per SM, plus a K/V reload per CTA (not a measurement)."""
     c = _case(problem)
+    o = c["opt"]
     if not params:
-        return 4.0 * c["B0"] * c["B1"] * c["S"] * c["T"] * (c["D"] + c["Dv"]) / 2e13
+        return 4.0 * o["B0"] * o["B1"] * o["S"] * o["T"] * (c["D"] + c["Dv"]) / 2e13
     rows = 16 * params["mi"] * params["warps"]
-    ctas = -(-c["S"] // rows) * c["B0"] * c["B1"]
+    ctas = -(-o["S"] // rows) * o["B0"] * o["B1"]
     waves = -(-ctas // problem.target.sm_count)
-    work = 2.0 * rows * c["T"] * (c["D"] + c["Dv"]) / 2e12
-    return waves * (work + c["T"] * (c["D"] + c["Dv"]) * 2 / 2e10)
+    work = 2.0 * rows * o["T"] * (c["D"] + c["Dv"]) / 2e12
+    return waves * (work + o["T"] * (c["D"] + c["Dv"]) * 2 / 2e10)
 
 
 def bind_operands(ctx: LowerCtx, problem, pair_masks: bool) -> dict:
@@ -297,7 +322,7 @@ def bind_operands(ctx: LowerCtx, problem, pair_masks: bool) -> dict:
     v4 = _batch2(vshape, vst, batch) + [vst[-2], vst[-1]]
     y = ctx.out(0)
     ost = list(at.out_strides)  # o's strides into the result's buffer (the absorbed head merge)
-    oshape = tuple(int(d) for d in at.pv.results[0].type.shape)
+    oshape = tuple(at.pv.results[0].type.shape)
     o4 = _batch2(oshape, ost, batch) + [ost[-2], ost[-1]]
 
     masks, margs, mstr, index, causal = [], [], [], {}, {}
@@ -308,15 +333,16 @@ def bind_operands(ctx: LowerCtx, problem, pair_masks: bool) -> dict:
         elif s.role in ("add", "where"):
             b = buf(s.operand)
             index[id(s.op)] = len(masks)
-            mshape = tuple(int(d) for d in s.operand.type.shape)
+            mshape = tuple(s.operand.type.shape)
             ms = _mask_strides(mshape, 4)
-            unit = ms[3] == 1
+            unit = isinstance(ms[3], int) and ms[3] == 1
             # 32-bit loads of column pairs (col is even): a 16-bit mask of the scores' type, rows
             # and offset 4-byte aligned, T even (col < T then implies col + 1 < T)
-            pair = (pair_masks and s.role == "add" and unit and b.dtype.short == dt and T % 2 == 0
-                    and _pair_aligned(b, ms[:3]))
+            pair = (pair_masks and s.role == "add" and unit and b.dtype.short == dt and isinstance(T, int)
+                    and T % 2 == 0 and _pair_aligned(b, ms[:3]))
             # rows: does the mask vary along the query rows (its dim -2, right-aligned)?
-            masks.append({"ctype": b.ctype, "rows": len(mshape) >= 2 and mshape[-2] != 1, "unit": unit,
+            rows = len(mshape) >= 2 and not (isinstance(mshape[-2], int) and mshape[-2] == 1)
+            masks.append({"ctype": b.ctype, "rows": rows, "unit": unit,
                           "pair": bool(pair)})
             margs.append(b)
             mstr += ms
@@ -325,6 +351,8 @@ def bind_operands(ctx: LowerCtx, problem, pair_masks: bool) -> dict:
     def source(operand, off):
         """The operand's buffer; a packed pick reads a view from its element offset to the end."""
         b = buf(operand.source)
+        if not isinstance(off, int):
+            raise LoweringError(f"{describe_op(problem.op)}: a packed pick at a symbolic offset")
         if not off:
             return b
         n = int(np.prod(b.shape))
@@ -354,7 +382,8 @@ def _render(ctx: LowerCtx, problem, params: dict):
                       vec_k=k4[3] == 1 and _aligned(kb, k4[:3], elem),
                       vec_v=v4[3] == 1 and _aligned(vb, v4[:3], elem),
                       vec_o=o4[3] == 1 and _pair_aligned(y, o4[:3]),
-                      masks=masks, steps=steps, post=post, post_fma=not steps and post != 1.0, tail=T % bc != 0)
+                      masks=masks, steps=steps, post=post, post_fma=not steps and post != 1.0,
+                      tail=not isinstance(T, int) or T % bc != 0)
         rows = 16 * mi * warps
         block = 32 * warps
     else:
@@ -367,7 +396,7 @@ def _render(ctx: LowerCtx, problem, params: dict):
     for bop in body.ops:  # the header names every op of the group
         if bop.name != "const":
             k.add_op(describe_op(bop))
-    grid = (-(-S // rows), B1, B0)
+    grid = (runtime_sizes.ceil_div(S, rows), B1, B0)  # Exprs of a range profile: the grid per run
     args = [qb, kb, vb, y] + margs + [ctx.i32(S), ctx.i32(T)]
     args += [ctx.i64(x) for x in q4 + k4 + v4 + o4 + mstr]
     ctx.launch(k, grid, block, args, smem=smem)
@@ -375,4 +404,5 @@ def _render(ctx: LowerCtx, problem, params: dict):
 
 
 FLASH_ATTENTION = register(Variant("flash_attention", "flash_attention", ("fused",), _render, _applies, _space,
-                                   _default, priority=PRIORITY, kinds=("attention",), regions=True, cost=_cost))
+                                   _default, priority=PRIORITY, kinds=("attention",), regions=True, cost=_cost,
+                                   runtime_sizes=True))

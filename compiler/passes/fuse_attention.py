@@ -29,7 +29,10 @@ Transposes/Reshapes after o up to its last Transpose (the head merge, also [B*H,
 Transpose(1,0,2) -> [S,B*H,D]) becomes o's strides into that Transpose's result.
 The scale/mask steps may come in any order; the kernel applies them in program order.
 
-Must hold: static shapes; float (f16/bf16/f32) types without layout tags; Q, Kt, V, o and the
+Must hold: static shapes, or a range profile's symbolic ones (ir/symbolic.Expr: S and T of BERT's
+[B,S,H*D]; the views' strides and sizes are then Exprs, a dim divides another only as cancelling
+monomials, Split/Slice/Gather only along static dims, the head dims static, a Where's condition
+static; the lowering passes the sizes and strides per run, codegen/runtime_sizes.py); float (f16/bf16/f32) types without layout tags; Q, Kt, V, o and the
 scores of one dtype; scores of rank 3 or 4 whose batch dims are those of Q (K^T and V may broadcast
 along them); every value inside the group has its users inside it and is not a function result
 (only o, or the end of its absorbed head merge, leaves the group); Softmax over the last axis. A Softmax over
@@ -52,6 +55,7 @@ from nnc.ir.builder import const_value
 from nnc.ir.graph import Module, Op, Value
 from nnc.ir.outline import Outliner
 from nnc.ir.rewrite import used_values
+from nnc.ir.symbolic import Expr, evaluate, sym
 
 FLOATS = ("f16", "bf16", "f32")
 MAX_STEPS = 8  # scale/mask steps between the MatMul and the Softmax
@@ -202,6 +206,8 @@ def tile_of(at: "Attention") -> str:
     or "simt"."""
     batch, S, T, D, Dv = at.shape
     dt = at.qk.results[0].type.dtype.short
+    if any(isinstance(d, Expr) for d in batch + (S, T)):
+        return ""  # a range profile: the lowering picks the tile at the profile's opt sizes
     if dt not in TC_DTYPES or D % 16 or Dv % 16 or D > TC_MAX_D or Dv > TC_MAX_D:
         return "simt"
     mi, w = choose_tile(S, math.prod(batch), D, Dv)
@@ -225,8 +231,83 @@ def parse_tile(params: str) -> Optional[tuple]:
 
 
 def _ok_type(v: Value) -> bool:
+    """A float type whose dims are ints or symbolic expressions of a range profile (no `?`)."""
     t = v.type
-    return t.is_static and t.dtype.short in FLOATS  # a layout tag: same physical dims (ir/layout.py)
+    return _known_shape(t.shape) and t.dtype.short in FLOATS  # a layout tag: same physical dims (ir/layout.py)
+
+
+def _known_shape(shape) -> bool:
+    # (the Expr constructors make any expression with a `?` part UNKNOWN itself)
+    return shape is not None and all(isinstance(d, int) or (isinstance(d, Expr) and d.kind != "unknown")
+                                     for d in shape)
+
+
+# ---------------------------------------------------------------- symbolic dims
+# A range profile's IR keeps its symbols (codegen/runtime_sizes.py): S of BERT's [B,S,H*D] is an
+# Expr. The strided-view algebra below works on dims that are ints or Exprs: equal dims are taken
+# whole, and a dim divides another when both are monomials (a constant times symbols) whose
+# factors cancel, which holds at every value of the symbols. Anything else is no view.
+
+def _same(a, b) -> bool:
+    """a and b are the same dim at every value of the symbols: equal trees, or (sums, reordered
+    products) equal at several distinct symbol values."""
+    if a == b:
+        return True
+    if isinstance(a, int) and isinstance(b, int):
+        return False
+    names = sorted((a.symbols if isinstance(a, Expr) else set()) | (b.symbols if isinstance(b, Expr) else set()))
+    for base in (1009, 7919, 104729):
+        env = {n: base + 37 * i for i, n in enumerate(names)}
+        if evaluate(a, env) != evaluate(b, env):
+            return False
+    return True
+
+
+def _monomial(d) -> Optional[tuple]:
+    """(constant, sorted symbol names with repetition) of a product of ints and symbols; None for
+    anything else (a sum, a division)."""
+    if isinstance(d, int):
+        return d, ()
+    if d.kind == "sym":
+        return 1, (d.name,)
+    if d.kind == "mul":
+        c, names = 1, []
+        for a in d.args:
+            m = _monomial(a)
+            if m is None:
+                return None
+            c *= m[0]
+            names += m[1]
+        return c, tuple(sorted(names))
+    return None
+
+
+def _quot(n, f):
+    """n / f when f divides n at every value of the symbols (an int or an Expr), else None."""
+    if isinstance(n, int) and isinstance(f, int):
+        return n // f if f and n % f == 0 else None
+    if _same(n, f):
+        return 1
+    mn, mf = _monomial(n), _monomial(f)
+    if mn is None or mf is None or mf[0] == 0 or mn[0] % mf[0]:
+        return None
+    rest = list(mn[1])
+    for name in mf[1]:
+        if name not in rest:
+            return None
+        rest.remove(name)
+    out = mn[0] // mf[0]
+    for name in rest:
+        out = out * sym(name)
+    return out
+
+
+def _is_one(d) -> bool:
+    return isinstance(d, int) and d == 1
+
+
+def _shape_same(a, b) -> bool:
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
 
 
 def _scalar(v: Value, const_of: ConstOf) -> Optional[float]:
@@ -278,11 +359,12 @@ MAX_FANOUT = 8  # users of a value an operand chain walks through (q/k/v share t
 
 
 def contiguous(shape) -> tuple:
-    """Row-major strides; a size-1 dim gets 0 (never stepped along)."""
+    """Row-major strides (ints, or Exprs over a range profile's symbols); a size-1 dim gets 0
+    (never stepped along)."""
     st, acc = [], 1
     for d in reversed(shape):
-        st.insert(0, acc if d != 1 else 0)
-        acc *= int(d)
+        st.insert(0, 0 if _is_one(d) else acc)
+        acc = acc * d
     return tuple(st)
 
 
@@ -291,9 +373,9 @@ def _merge(factors) -> tuple:
     stride apart merged."""
     out = []
     for f, s in factors:
-        if f == 1:
+        if _is_one(f):
             continue
-        if out and out[-1][1] == s * f:
+        if out and _same(out[-1][1], s * f):
             out[-1] = (out[-1][0] * f, s)
         else:
             out.append((f, s))
@@ -311,7 +393,7 @@ class NView:
 
     @staticmethod
     def of(v: View) -> "NView":
-        return NView(tuple(_merge([(int(d), int(s))]) for d, s in zip(v.shape, v.strides)), v.offset)
+        return NView(tuple(_merge([(d, s)]) for d, s in zip(v.shape, v.strides)), v.offset)
 
     @property
     def shape(self) -> tuple:
@@ -329,29 +411,30 @@ class NView:
         """Row-major reshape without a copy: each new dim takes factors from the front of the
         stream (splitting one where it is larger than what the dim still needs); None where a
         dim size does not divide a factor (no strides express it)."""
-        new_shape = tuple(int(d) for d in new_shape)
-        if math.prod(self.shape) != math.prod(new_shape) or 0 in new_shape:
+        new_shape = tuple(new_shape)
+        if not _same(math.prod(self.shape), math.prod(new_shape)) or any(isinstance(d, int) and d < 1
+                                                                          for d in new_shape):
             return None
         stream = [f for d in self.dims for f in d]
         out, k = [], 0
         for n in new_shape:
             need, fs = n, []
-            while need > 1:
+            while not _is_one(need):
                 if k == len(stream):
                     return None
                 f, s = stream[k]
-                if f <= need:
-                    if need % f:
-                        return None
+                rest = _quot(need, f)
+                if rest is not None:  # f divides what the dim still needs: take the factor whole
                     fs.append((f, s))
-                    need //= f
+                    need = rest
                     k += 1
-                else:
-                    if f % need:
-                        return None
-                    fs.append((need, s * (f // need)))
-                    stream[k] = (f // need, s)
-                    need = 1
+                    continue
+                outer = _quot(f, need)
+                if outer is None:
+                    return None
+                fs.append((need, s * outer))  # the factor is larger: split it
+                stream[k] = (outer, s)
+                need = 1
             out.append(_merge(fs))
         return NView(tuple(out), self.offset) if k == len(stream) else None
 
@@ -375,9 +458,9 @@ def view_step(op: Op, result: Value, x: NView, const_of: ConstOf) -> Optional[NV
     operand, or None where `result` is not exactly a strided view of the same buffer (a Gather of
     several or computed indices, a Slice with a step <= 0 or computed bounds, a Split / Slice along
     a dim of several factors, ...)."""
-    if not result.type.is_static:
+    if not _known_shape(result.type.shape):
         return None
-    rshape = tuple(int(d) for d in result.type.shape)
+    rshape = tuple(result.type.shape)
     rank = len(x.dims)
     if op.name in RESHAPES:
         return x.reshape(rshape)
@@ -391,7 +474,7 @@ def view_step(op: Op, result: Value, x: NView, const_of: ConstOf) -> Optional[NV
             return None
         axis %= rank
         i, n = int(np.asarray(a).reshape(())), x.shape[axis]
-        if not -n <= i < n:
+        if not isinstance(n, int) or not -n <= i < n:  # (a symbolic axis: the index may be past it)
             return None
         i %= n
         off = x.offset
@@ -401,13 +484,16 @@ def view_step(op: Op, result: Value, x: NView, const_of: ConstOf) -> Optional[NV
         return NView(x.dims[:axis] + ((),) + x.dims[axis + 1:], off).reshape(rshape)
     if op.name == "Split":
         axis = int(op.attrs.axis)
-        if not -rank <= axis < rank or any(not r.type.is_static for r in op.results):
+        if not -rank <= axis < rank or any(not _known_shape(r.type.shape) for r in op.results):
             return None
         axis %= rank
         one = _single(x.dims[axis])
         k = next(n for n, r in enumerate(op.results) if r is result)
+        if any(not isinstance(r.type.shape[axis], int) for r in op.results[:k + 1]) or one is None \
+                or not isinstance(one[0], int):
+            return None  # split sizes along a symbolic dim: no static offsets
         start = sum(int(r.type.shape[axis]) for r in op.results[:k])
-        if one is None or rshape[:axis] + rshape[axis + 1:] != x.shape[:axis] + x.shape[axis + 1:] \
+        if not _shape_same(rshape[:axis] + rshape[axis + 1:], x.shape[:axis] + x.shape[axis + 1:]) \
                 or start + rshape[axis] > one[0]:
             return None
         dims = x.dims[:axis] + (_merge([(rshape[axis], one[1])]),) + x.dims[axis + 1:]
@@ -427,13 +513,13 @@ def view_step(op: Op, result: Value, x: NView, const_of: ConstOf) -> Optional[NV
         for a, b, e, sp in zip(axes, starts, ends, steps):
             a %= rank
             one = _single(dims[a])
-            if sp <= 0 or one is None:
+            if sp <= 0 or one is None or not isinstance(one[0], int):  # (bounds on a symbolic dim: no static view)
                 return None
             b, e, sp = slice(b, e, sp).indices(one[0])
             off += b * one[1]
             dims[a] = _merge([(len(range(b, e, sp)), one[1] * sp)])
         got = NView(tuple(dims), off)
-        return got if got.shape == rshape else None
+        return got if _shape_same(got.shape, rshape) else None
     return None
 
 
@@ -441,7 +527,7 @@ def _chain_view(source: Value, chain, const_of: ConstOf) -> Optional[View]:
     """The view the ops of `chain` ((op, result, role) from source towards the operand; scales
     keep the layout) make of `source`'s contiguous buffer, or None when one is no strided view or
     the end has a dim of several factors."""
-    shape = tuple(int(d) for d in source.type.shape)
+    shape = tuple(source.type.shape)
     v = NView.of(View(shape, contiguous(shape)))
     for op, res, role in chain:
         if role == "view":
@@ -521,11 +607,11 @@ def _out_chain(o: Value, only_user: OnlyUser) -> tuple:
             break
         chain.append(u)
         cur = u.results[0]
-    oshape = tuple(int(d) for d in o.type.shape)
+    oshape = tuple(o.type.shape)
     for n in range(len(chain), 0, -1):
         if chain[n - 1].name != "Transpose":
             continue
-        rshape = tuple(int(d) for d in chain[n - 1].results[0].type.shape)
+        rshape = tuple(chain[n - 1].results[0].type.shape)
         v = NView.of(View(rshape, contiguous(rshape)))
         for op in reversed(chain[:n]):  # back from the result to o: inverse permutations, reshapes
             if op.name == "Transpose":
@@ -535,11 +621,11 @@ def _out_chain(o: Value, only_user: OnlyUser) -> tuple:
                     inv[a] = k
                 v = v.permute(inv)
             else:
-                v = v.reshape(tuple(int(d) for d in op.operands[0].type.shape))
+                v = v.reshape(tuple(op.operands[0].type.shape))
             if v is None:
                 break
         flat = v.flat() if v is not None else None
-        if flat is not None and flat.shape == oshape:
+        if flat is not None and _shape_same(flat.shape, oshape):
             return tuple(chain[:n]), flat.strides
     return (), contiguous(oshape)
 
@@ -588,8 +674,9 @@ def match(softmax: Op, producer: Producer, only_user: OnlyUser, const_of: ConstO
     D, Dv = qv.type.shape[-1], vv.type.shape[-1]
     if tuple(ktv.type.shape)[-2:] != (D, T) or tuple(vv.type.shape)[-2] != T:
         return None
-    if min(scores_shape) < 1 or D < 1 or Dv < 1 or max(S, T) >= 2 ** 31:  # empty, or past int32 rows
-        return None
+    if any(isinstance(d, int) and d < 1 for d in scores_shape + (D, Dv)) or not isinstance(D, int) \
+            or not isinstance(Dv, int) or any(isinstance(d, int) and d >= 2 ** 31 for d in (S, T)):
+        return None  # empty, a symbolic head dim, or past int32 rows (a symbolic S/T: checked at its max by the lowering)
     if not _broadcasts(tuple(ktv.type.shape)[:-2], scores_shape[:-2]) \
             or not _broadcasts(tuple(vv.type.shape)[:-2], scores_shape[:-2]) \
             or tuple(o.type.shape) != scores_shape[:-2] + (S, Dv):
