@@ -18,8 +18,17 @@ Variants (family "recurrence"):
                          state indexing (cooperative, or one launch a stage with rnn_stepwise).
                          Two-phase GRU (linear_before_reset = 0), hidden sizes not a multiple of 4,
                          shapes whose h/R slices do not fit, and rnn_stepwise go here.
+  recurrence.stack       the `recurrence_stack` op (compiler/passes/layer_wavefront.py): its space has
+                         the form "hoisted" (per layer: emit_recurrence, then the next layer's
+                         projection GEMM) and the "wavefront" points (templates/rnn_wavefront.cu.j2:
+                         one cooperative launch, layer l at step s while layer l+1 at step s-1);
+                         DEFAULT_STACK_FORM picks the form (below).
 """
 from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
 
 from ...ir.ops.recurrence import cell_of, g_batch_major
 from ...ir.ops.rnn import _KIND, _num_dirs
@@ -168,3 +177,248 @@ def _fallback_render(ctx: LowerCtx, p, params):
 
 register(Variant("recurrence.fallback", "recurrence", ("recurrence",), _fallback_render, _fallback_applies,
                  priority=0, regions=True))
+
+
+# ---------------------------------------------------------------- recurrence_stack (layer-wavefront)
+#
+# One variant, two forms in its space (a measured choice, tools/bench_rnn.py --stack):
+#   "hoisted":   per layer, as time-fusion alone lowers it: the persistent recurrence (emit_recurrence,
+#                its own default point) into a temp Y_l, then the next layer's projection GEMM
+#                (the GEMM family; the rnn "proj" kernel below GEMM_PROJ_MIN_FLOPS) into an fp32 G;
+#   "wavefront": ONE cooperative launch of templates/rnn_wavefront.cu.j2, L*nsb blocks, layer l at
+#                step s while layer l+1 at step s-1 (S + L - 1 serial steps), tagged sync.
+
+STACK_FORMS = ("hoisted", "wavefront")
+# the heuristic's form. "hoisted" (today's kernels) until the wavefront is measured on the GPU
+# (unrun there as of 2026-12-03 15:40; tools/bench_rnn.py --stack hoisted,wavefront)
+DEFAULT_STACK_FORM = "hoisted"
+WAVE_MAX_BATCH = 8  # the wavefront kernel keeps TR x B accumulators a thread: latency-bound batches only
+WAVE_MAX_THREADS = 512  # the default tiling: the fewest rows a thread (TR) with at most this many threads
+
+
+def _stack_dims(op, shape_of):
+    a = op.attrs
+    gs = shape_of(0)
+    S, B = (gs[1], gs[0]) if g_batch_major(a) else (gs[0], gs[1])
+    return int(S), int(B), int(a.layers), int(a.hidden_size)
+
+
+def _stack_y_strides(a, S, B, H):
+    """(t, b) strides of the last layer's Y (D = 1)."""
+    if a.y_layout == "bsdh" or (a.y_layout == "" and a.layout == 1):
+        return H, S * H
+    return B * H, H
+
+
+def _stack_g_strides(a, S, B, GH):
+    return (GH, S * GH) if g_batch_major(a) else (B * GH, GH)
+
+
+def _stack_states(op) -> int:
+    return (len(op.results) - 1) // op.attrs.layers
+
+
+def _wave_layout(storage: str, kind: str, B: int, H: int, L: int, nsb: int, tr: int) -> dict:
+    esz = rnn.ESIZE[storage]
+    vec = 16 // esz
+    hs = H // nsb
+    rows = _KIND[kind][0] * hs
+    rowsp = -(-rows // tr) * tr
+    kp = 2 * H if L > 1 else H
+    w_bytes = rowsp * kp * esz
+    smem = w_bytes + B * kp * 4 + B * rowsp * 4
+    return dict(HS=hs, ROWS=rows, ROWSP=rowsp, KP=kp, VEC=vec, W_BYTES=w_bytes, smem=smem)
+
+
+def wavefront_space(kind: str, storage: str, B: int, H: int, L: int, target) -> list[dict]:
+    """The wavefront's points: blocks a layer (nsb: H // nsb units each, L*nsb co-resident one an
+    SM) x rows a thread (tr) x k-lanes (ks); threads <= 1024."""
+    vec = 16 // rnn.ESIZE[storage]
+    if H % vec or H % 4 or B > WAVE_MAX_BATCH:
+        return []
+    out = []
+    for nsb in range(min(H, target.sm_count // L), 0, -1):
+        if H % nsb:
+            continue
+        for tr in (1, 2, 4):
+            lay = _wave_layout(storage, kind, B, H, L, nsb, tr)
+            if lay["smem"] > target.smem_per_block_optin:
+                continue
+            for ks in (32, 16, 8):
+                threads = -(-max(lay["ROWSP"] // tr * ks, B * lay["HS"], 32) // 32) * 32
+                if threads > 1024 or (tr * B + vec * tr + 40) * threads > 65536:
+                    continue
+                out.append(dict(form="wavefront", nsb=nsb, tr=tr, ks=ks, threads=threads))
+    return out
+
+
+def wavefront_default(kind: str, B: int, H: int, space: list[dict]) -> Optional[dict]:
+    """The most blocks a layer that give each at least rnn.MIN_ROWS_SMALL_BATCH rows (the measured
+    rule of the per-layer tagged recurrence at small batch), then ks 32 and the fewest rows a thread
+    within WAVE_MAX_THREADS threads."""
+    pts = [p for p in space if p.get("form") == "wavefront"]
+    if not pts:
+        return None
+    gates = _KIND[kind][0]
+    roomy = [p for p in pts if gates * (H // p["nsb"]) >= rnn.MIN_ROWS_SMALL_BATCH] or pts
+    most = max(p["nsb"] for p in roomy)
+    pts = [p for p in roomy if p["nsb"] == most]
+    fit = [p for p in pts if p["threads"] <= WAVE_MAX_THREADS] or pts
+    return dict(min(fit, key=lambda p: (-p["ks"], p["tr"], p["threads"])))
+
+
+def _stack_cell(op):
+    return cell_of(op.attrs.kind, op.attrs.body)
+
+
+def _stack_applies(p):
+    op = p.op
+    for i, what in ((0, "G0"), (1, "R"), (2, "W"), (3, "Bias"), (4, "rbh")):
+        t = p.tensor(i)
+        if t is not None and t.dtype.short not in FLOATS:
+            return no(f"{what} has dtype {t.dtype}: the CUDA recurrence kernels take f32 / f16 / bf16")
+    if "stack_cell" not in p.memo:
+        p.memo["stack_cell"] = _stack_cell(op)  # NncError: a body that is no cell (located by the driver)
+    cell = p.memo["stack_cell"]
+    if op.attrs.kind == "GRU" and not cell.linear_before_reset:
+        return no("GRU with linear_before_reset = 0: the stack's kernels take the one-phase cell only")
+    return True
+
+
+def _stack_space(p):
+    S, B, L, H = _stack_dims(p.op, lambda i: p.tensor(i).shape)
+    return [dict(form="hoisted")] + wavefront_space(p.op.attrs.kind, p.tensor(0).dtype.short, B, H, L, p.target)
+
+
+def _stack_default(p, space):
+    if DEFAULT_STACK_FORM == "wavefront":
+        S, B, L, H = _stack_dims(p.op, lambda i: p.tensor(i).shape)
+        got = wavefront_default(p.op.attrs.kind, B, H, space)
+        if got is not None:
+            return got
+    return dict(form="hoisted")
+
+
+def _layer_spec(a, cell, S, B, H, storage, g_dtype, g_strides, y_strides, has_rbh, has_y, n_states):
+    return rnn.RecurrenceSpec(
+        kind=a.kind, S=S, B=B, D=1, H=H, direction=a.direction, storage=storage, g_dtype=g_dtype,
+        g_strides=g_strides, y_strides=y_strides, state_strides=(H, B * H),
+        acts=[[{"kind": k, "alpha": al, "beta": be} for k, al, be in cell.acts]], clip=cell.clip,
+        input_forget=cell.input_forget, linear_before_reset=True, has_rbh=has_rbh, has_y=has_y,
+        has_yh=n_states >= 1, has_yc=a.kind == "LSTM" and n_states >= 2)
+
+
+def _stack_projection(ctx: LowerCtx, x, w_kn, bias, S, B, H, GH, storage):
+    """G [S*B, GH] fp32 = x [S*B, H] . w^T + bias on the GEMM family (or the rnn proj kernel);
+    returns (G, g_strides (t, b, d))."""
+    from . import gemm
+    from .gemm_lowering import DTYPES, emit_spec
+    wbuf = ctx.new_weight(np.ascontiguousarray(w_kn), "stack_w")  # [GH, H] (trans_b)
+    if 2.0 * S * B * GH * H >= rnn.GEMM_PROJ_MIN_FLOPS and storage in DTYPES:
+        pr = gemm.GemmProblem(M=S * B, N=GH, K=H, dtype=DTYPES[storage], out_dtype="float32", trans_b=True,
+                              has_bias=True, bias_dtype="float32", tf32=ctx.options.tf32)
+        try:
+            ks = gemm.render(pr, gemm.default_params(pr, ctx.target))
+        except Exception:  # a tile the family cannot render: the proj kernel below
+            ks = None
+        if ks is not None:
+            g = ctx.temp("f32", (S * B, GH), "stack_proj")
+            emit_spec(ctx, ks, {"A": x, "B": wbuf, "bias": ctx.new_weight(bias.astype(np.float32), "stack_bias"),
+                                "D": g})
+            return g, (B * GH, GH, GH)
+    g = ctx.temp("f32", (S, B, GH), "stack_proj")
+    both = np.concatenate([bias, np.zeros_like(bias)]).astype(np.float32)  # (Wb, Rb = 0)
+    kp = ctx.render("rnn.cu.j2", "rnn_proj", variant="proj", xt=x.ctype, wt=wbuf.ctype, has_b=True, bt="float",
+                    kind="RNN", S=S, NB=B, ND=1, H=H, GH=GH, I=H, layout=0, lbr=False)
+    ctx.launch(kp, (-(-GH // 64), -(-S * B // 64)), rnn.BLOCK, [x, wbuf, ctx.new_weight(both, "stack_bias"), g])
+    return g, (B * GH, GH, GH)
+
+
+def _render_hoisted(ctx: LowerCtx, p):
+    op, a = p.op, p.op.attrs
+    cell = p.memo["stack_cell"]
+    S, B, L, H = _stack_dims(op, ctx.shape)
+    GH = _KIND[a.kind][0] * H
+    K = _stack_states(op)
+    storage = ctx.inp(1).dtype.short
+    R, W, Bias = ctx.value(1), ctx.value(2), ctx.value(3)
+    rbh = ctx.value(4) if ctx.has(4) else None
+    if R is None or W is None or Bias is None or (ctx.has(4) and rbh is None):
+        ctx.fail("the hoisted stack needs constant R, W, Bias (and rbh)")
+    g_buf, g_dtype = ctx.inp(0), ctx.inp(0).dtype.short
+    gt, gb = _stack_g_strides(a, S, B, GH)
+    g_strides = (gt, gb, GH)
+    y_read = y_is_read(op, p.L.module.main)
+    for layer in range(L):
+        last = layer == L - 1
+        if last:
+            yt, yb = _stack_y_strides(a, S, B, H)
+            y = ctx.out(0) if y_read else None
+        else:
+            yt, yb = B * H, H
+            y = ctx.temp(storage, (S * B, H), f"stack_y{layer}")
+        spec = _layer_spec(a, cell, S, B, H, storage, g_dtype, g_strides, (yt, yb, H), rbh is not None,
+                           y is not None, K)
+        rbuf = ctx.new_weight(R[layer:layer + 1], f"stack_r{layer}")
+        rb = ctx.new_weight(rbh[layer:layer + 1], f"stack_rbh{layer}") if rbh is not None else None
+        yh = ctx.out(1 + layer) if K >= 1 else None
+        yc = ctx.out(1 + L + layer) if K >= 2 else None
+        rnn.emit_recurrence(ctx, spec, None, g=g_buf, r=rbuf, y=y, yh=yh, yc=yc, rbh=rb)
+        if not last:
+            g_buf, g_strides = _stack_projection(ctx, y, W[layer], Bias[layer].astype(np.float64), S, B, H, GH, storage)
+            g_dtype = "f32"
+    return True
+
+
+def wavefront_params(kind, cell, a, S, B, H, L, storage, g_dtype, g_strides, y_strides, has_rbh, has_y,
+                     n_states, params) -> dict:
+    """Template parameters of rnn_wavefront.cu.j2 at a point of wavefront_space."""
+    lay = _wave_layout(storage, kind, B, H, L, params["nsb"], params["tr"])
+    chunks = B * H // 2
+    return dict(kind=kind, S=S, B=B, H=H, L=L, NSB=params["nsb"], HS=lay["HS"], NG=_KIND[kind][0],
+                ROWSP=lay["ROWSP"], KP=lay["KP"], VEC=lay["VEC"], W_BYTES=lay["W_BYTES"], TR=params["tr"],
+                KS=params["ks"], NTHR=params["threads"],
+                TAG_U=max(1, min(rnn.TAG_INFLIGHT, -(-2 * chunks // params["threads"]))),
+                acts=[{"kind": k, "alpha": al, "beta": be} for k, al, be in cell.acts],
+                clip=None if cell.clip is None else float(cell.clip), input_forget=bool(cell.input_forget),
+                has_rbh=has_rbh, rt=rnn.CT[storage], gt=rnn.CT[g_dtype], g_st=g_strides[0], g_sb=g_strides[1],
+                y_st=y_strides[0], y_sb=y_strides[1], has_y=has_y, NSTATE=n_states, direction=a.direction,
+                smem=lay["smem"])
+
+
+def _render_wavefront(ctx: LowerCtx, p, params):
+    op, a = p.op, p.op.attrs
+    cell = p.memo["stack_cell"]
+    S, B, L, H = _stack_dims(op, ctx.shape)
+    GH = _KIND[a.kind][0] * H
+    K = _stack_states(op)
+    storage = ctx.inp(1).dtype.short
+    y_read = y_is_read(op, p.L.module.main)
+    tp = wavefront_params(a.kind, cell, a, S, B, H, L, storage, ctx.inp(0).dtype.short,
+                          _stack_g_strides(a, S, B, GH), _stack_y_strides(a, S, B, H), ctx.has(4), y_read, K,
+                          params)
+    smem = tp.pop("smem")
+    nhw = L * S * B * H * 2
+    words = ctx.temp("u32", (32,), "stack_sync")
+    hw = ctx.temp("u32", (nhw,), "stack_h_tagged")
+    ki = ctx.render("rnn.cu.j2", "rnn_sync_init", variant="sync_init", NWORDS=32, NHWORDS=nhw, kind=a.kind)
+    ctx.launch(ki, ctx.grid1d(nhw), 256, [words, hw])
+    k = ctx.render("rnn_wavefront.cu.j2", f"coop_{a.kind.lower()}_wavefront", **tp)
+    args = [ctx.inp(0), ctx.inp(1), ctx.inp(2), ctx.inp(3)] + ([ctx.inp(4)] if ctx.has(4) else []) + [hw]
+    if y_read:
+        args.append(ctx.out(0))
+    for kk in range(K):
+        args += [ctx.out(1 + kk * L + layer) for layer in range(L)]
+    args.append(ctx.i32(0))
+    ctx.launch(k, L * params["nsb"], params["threads"], args, smem=smem)
+    return True
+
+
+def _stack_render(ctx: LowerCtx, p, params):
+    if params.get("form") == "wavefront":
+        return _render_wavefront(ctx, p, params)
+    return _render_hoisted(ctx, p)
+
+
+register(Variant("recurrence.stack", "recurrence", ("recurrence_stack",), _stack_render, _stack_applies,
+                 space=_stack_space, default=_stack_default, priority=10, regions=True))
