@@ -82,29 +82,44 @@ class WrongCandidateWarning(UserWarning):
 
 
 
+def _xp(a):
+    """numpy, or cupy for a device array (CudaRunner's outputs: compared where they are)."""
+    if isinstance(a, np.ndarray):
+        return np
+    import sys
+    cp = sys.modules.get("cupy")
+    return cp.get_array_module(a) if cp is not None else np
+
+
 def mismatch(outs: list, ref: list, cap: Capture, tf32: bool = False) -> str:
     """"" when every output matches the baseline's (same non-finite pattern, finite elements
-    within atol + rtol|ref|, atol = rtol x max|ref|; integers exactly), else why not."""
+    within atol + rtol|ref|, atol = rtol x max|ref|; integers exactly), else why not. numpy or
+    device (cupy) arrays: a few reductions, no boolean-indexed copies."""
     for i, ((_, _, np_name, _), a, r) in enumerate(zip(cap.outputs, outs, ref)):
-        a, r = np.asarray(a), np.asarray(r)
+        xp = _xp(r)
+        a, r = xp.asarray(a), xp.asarray(r)
         if a.shape != r.shape:
             return f"result {i}: shape {a.shape} vs {r.shape}"
         rtol = tolerance(np_name, tf32)
         if rtol is None or a.dtype.kind not in "fc":
-            if not np.array_equal(a, r):
-                return f"result {i}: {int(np.sum(a != r))} of {a.size} elements differ"
+            if not bool(xp.array_equal(a, r)):
+                return f"result {i}: {int(xp.count_nonzero(a != r))} of {a.size} elements differ"
             continue
-        fa, fr = np.isfinite(a), np.isfinite(r)
-        if not np.array_equal(fa, fr):
-            return f"result {i}: {int(np.sum(fa != fr))} of {a.size} elements finite in one, not the other"
-        if not fr.any():
+        fa, fr = xp.isfinite(a), xp.isfinite(r)
+        n_fin = int(xp.count_nonzero(fa != fr))
+        if n_fin:
+            return f"result {i}: {n_fin} of {a.size} elements finite in one, not the other"
+        if not bool(fr.any()):
             continue
-        d, m = np.abs(a[fr] - r[fr]), np.abs(r[fr])
-        atol = rtol * float(m.max())
-        bad = d > atol + rtol * m
-        if bad.any():
-            return f"result {i}: {int(bad.sum())} of {a.size} elements off (max |diff| {float(d.max()):.3g}, " \
-                   f"max |baseline| {float(m.max()):.3g}, rtol {rtol:g})"
+        zero = xp.zeros((), dtype=r.dtype)
+        m = xp.abs(xp.where(fr, r, zero))  # non-finite places (equal in both): 0, never "off"
+        d = xp.abs(xp.where(fr, a, zero) - xp.where(fr, r, zero))
+        m_max = float(m.max())
+        atol = rtol * m_max
+        n_bad = int(xp.count_nonzero(d > atol + rtol * m))
+        if n_bad:
+            return f"result {i}: {n_bad} of {a.size} elements off (max |diff| {float(d.max()):.3g}, " \
+                   f"max |baseline| {m_max:.3g}, rtol {rtol:g})"
     return ""
 
 
@@ -125,6 +140,24 @@ class TuneProblem:
     count: int = 1  # how many ops of the model share it
     skip: str = ""  # why it is not timed (then: the heuristic)
     space: str = ""  # space_digest of the (candidate, params) it is tuned over (the cache entry's)
+    est_s: float = 0.0  # estimated seconds of one such op (estimated_seconds: FLOPs and bytes)
+
+
+def estimated_seconds(op) -> float:
+    """A roofline estimate of one op's run time (max(FLOPs / peak, bytes / bandwidth): the
+    pipeline partitioner's op_cost), for ordering problems by their share of the model's time;
+    0 when it cannot say."""
+    try:
+        from ..passes.partition_pipeline import op_cost
+        return float(op_cost(op))
+    except Exception:  # an estimate only: an op it cannot read orders last, never fails a build
+        return 0.0
+
+
+def estimated_share(p: TuneProblem) -> tuple:
+    """What orders problems under a budget, largest first: the estimated seconds of all the ops
+    sharing the problem, then (a tie, or no estimate) the threads its baseline launches."""
+    return (p.est_s * max(1, p.count), baseline_work(p))
 
 
 def baseline_work(p: TuneProblem) -> int:
@@ -153,7 +186,7 @@ def record_of(entry: dict, source: str) -> dict:
     rec = {"source": source, "variant": entry["variant"], "params": entry["params"]}
     if "candidates" in entry:
         rec["candidates"] = entry["candidates"]
-    for k in ("time_ms", "heuristic", "tried", "rejected", "why", "timings"):
+    for k in ("time_ms", "heuristic", "tried", "screened", "rejected", "why", "timings"):
         if k in entry:
             rec[k] = entry[k]
     return rec
@@ -165,23 +198,24 @@ class SurveySelector:
     key). Nested problems inside a sandbox render take the heuristic."""
     name = "survey"
 
-    def __init__(self, cache, deadline: Optional[float] = None, enabled: bool = True,
+    def __init__(self, cache, budget: Optional["Budget"] = None, enabled: bool = True,
                  skips: Optional[dict] = None, fresh: Optional[dict] = None, final: bool = False):
         self.cache = cache
-        self.deadline = deadline
+        self.budget = budget  # spent (an earlier round's timing): new problems keep the heuristic
         self.enabled = enabled and not final  # final: capture nothing more (the last round)
         self.known_skips = skips or {}  # key -> why (an earlier round): the heuristic, not captured again
         self.fresh = fresh or {}  # keys tuned by this run (their records say "tuned", not "cache")
         self.problems: dict[str, TuneProblem] = {}
+        self.met: dict[str, int] = {}  # key -> tunable ops of that signature this lowering met
         self.hits: dict[str, dict] = {}
         self.skipped: dict[str, str] = {}  # key -> why it was not captured
         self._depth = 0
-        self._tags = 0
         self._heur = HeuristicSelector()
 
     def choose(self, key: str, cands: Sequence[Candidate]):
         if self._depth:
             return self._heur.choose(key, cands)
+        self.met[key] = self.met.get(key, 0) + 1
         options = _options(cands)
         space = space_digest(options)
         hit = self.fresh.get(key)  # this run's own choice (also one cut short by the budget: not cached)
@@ -208,7 +242,7 @@ class SurveySelector:
                 self.skipped[key] = "met only in the last lowering round"
             elif problem.L.launches is problem.L.init_launches:
                 self.skipped[key] = "init phase (runs once at load)"
-            elif self.deadline is not None and time.perf_counter() > self.deadline:
+            elif self.budget is not None and self.budget.out():
                 self.skipped[key] = "budget"
             else:
                 self.problems[key] = self._capture(key, problem, cands, base_c, base_p, options, space)
@@ -225,14 +259,12 @@ class SurveySelector:
     def _capture(self, key, problem, cands, base_c, base_p, options, space) -> TuneProblem:
         self._depth += 1
         try:
-            caps = []
-            for c, p in [(base_c, base_p)] + [(c, p) for c, p in options
-                                              if not (c is base_c and _params_key(p) == _params_key(base_p))]:
-                self._tags += 1
-                caps.append(capture(problem, c, p, f"t{self._tags}"))
+            caps = [capture(problem, c, p) for c, p in [(base_c, base_p)] + [
+                (c, p) for c, p in options if not (c is base_c and _params_key(p) == _params_key(base_p))]]
         finally:
             self._depth -= 1
-        tp = TuneProblem(key, layer_name(problem.op), caps[0], caps[1:], space=space)
+        tp = TuneProblem(key, layer_name(problem.op), caps[0], caps[1:], space=space,
+                         est_s=estimated_seconds(problem.op))
         if caps[0].why_not:
             tp.skip = f"baseline: {caps[0].why_not}"
         return tp
@@ -275,134 +307,164 @@ def space_digest(options) -> str:
 
 # ---------------------------------------------------------------- the tuner
 
-def tune_problems(problems: Sequence[TuneProblem], runner: Runner, deadline: Optional[float], tf32: bool,
-                  log: Callable[[str], None]) -> dict:
-    """Compiles every capture in one batch, then gates and times each problem's candidates.
-    Returns key -> entry {"variant", "params", "time_ms", "heuristic", "tried", "rejected"} or
-    {"skip": why} (the heuristic stays)."""
+# Early rejection: a candidate whose quick screen (tuning_runners.SCREEN_REPEATS runs) is slower
+# than this times the best so far is not timed further (a screen's median is noisy, so the margin
+# is wide: it only drops the clearly slower; the close ones get the full repeats and are compared)
+SCREEN_RATIO = 1.5
+
+
+class Budget:
+    """--tune-budget: seconds of timing (running, checking and timing candidates on the device)
+    summed over the rounds. The sandbox renders and the NVRTC compile of the candidates come
+    before it and are not charged (plan.json "tuning" reports them apart). None: no bound."""
+
+    def __init__(self, seconds: Optional[float]):
+        self.seconds = None if seconds is None else float(seconds)
+        self.spent = 0.0
+        self._since: Optional[float] = None
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._since is not None:
+            self.spent += time.perf_counter() - self._since
+            self._since = None
+
+    def used(self) -> float:
+        return self.spent + (0.0 if self._since is None else time.perf_counter() - self._since)
+
+    def out(self) -> bool:
+        return self.seconds is not None and self.used() > self.seconds
+
+
+def tune_problems(problems: Sequence[TuneProblem], runner: Runner, budget: Optional[Budget], tf32: bool,
+                  log: Callable[[str], None], stats: Optional[dict] = None) -> dict:
+    """Compiles every capture of `problems` up front in one parallel batch (not charged to the
+    budget), then gates and times each problem's candidates, under a bound the largest estimated
+    share first (estimated_share). Returns key -> entry {"variant", "params", "time_ms",
+    "heuristic", "tried", "screened", "rejected", "timings"} or {"skip": why} (the heuristic stays).
+    stats (optional) gets compile_s, timing_s, kernels, candidates, screened added."""
+    budget = budget or Budget(None)
+    stats = stats if stats is not None else {}
     out: dict = {}
     todo = [p for p in problems if not p.skip]
-    if deadline is not None:  # under a budget the costliest problems first: they are where time goes
-        todo.sort(key=lambda p: -baseline_work(p))
+    if budget.seconds is not None:  # under a budget the costliest problems first: they are where time goes
+        todo.sort(key=estimated_share, reverse=True)
     for p in problems:
         if p.skip:
             out[p.key] = {"skip": p.skip}
     rep = current()
-    # one batch; under a budget, batches of CHUNK_KERNELS kernels, so the budget is checked between them
-    chunks = _chunks(todo, None if deadline is None else CHUNK_KERNELS)
-    chunk_of = {id(p): i for i, ch in enumerate(chunks) for p in ch}
+    caps = [c for p in todo for c in [p.baseline] + p.others if not c.why_not]
     failed: dict = {}
-    prepared: set = set()
-
-    def prepare(i: int):
-        prepared.add(i)
-        caps = [c for p in chunks[i] for c in [p.baseline] + p.others if not c.why_not]
+    t0 = time.perf_counter()
+    if caps:
         with rep.stage("tune-compile") as task:
-            task.describe(f"{sum(len(c.kernels) for c in caps)} candidate kernels")
+            n_kernels = len({k for c in caps for k in c.kernels})
+            task.describe(f"{n_kernels} distinct kernels of {len(caps)} candidates")
             failed.update(runner.prepare(caps))
-    if deadline is None and chunks:
-        prepare(0)
+        stats["kernels"] = stats.get("kernels", 0) + n_kernels
+    stats["compile_s"] = stats.get("compile_s", 0.0) + time.perf_counter() - t0
+    stats["candidates"] = stats.get("candidates", 0) + len(caps)
     n_total = sum(1 + len(p.others) for p in todo)
     stopped = ""
-    with rep.stage("tune", total=n_total) as task:
-        for p in todo:
-            if stopped or (deadline is not None and time.perf_counter() > deadline):
-                out[p.key] = {"skip": stopped or "budget"}
-                task.advance(1 + len(p.others))
-                continue
-            if chunk_of[id(p)] not in prepared:
-                prepare(chunk_of[id(p)])
-            seed = _problem_seed(p.key)
-            base = p.baseline
-            why = failed.get(id(base))
+    n_screened = 0
+    t1 = time.perf_counter()
+    budget.start()
+    try:
+        with rep.stage("tune", total=n_total) as task:
+            for p in todo:
+                if stopped or budget.out():
+                    out[p.key] = {"skip": stopped or "budget"}
+                    task.advance(1 + len(p.others))
+                    continue
+                entry, stopped, screened = _tune_one(p, runner, budget, tf32, log, failed, task)
+                n_screened += screened
+                out[p.key] = entry
+    finally:
+        budget.stop()
+        stats["timing_s"] = stats.get("timing_s", 0.0) + time.perf_counter() - t1
+        stats["screened"] = stats.get("screened", 0) + n_screened
+    return out
+
+
+def _tune_one(p: TuneProblem, runner: Runner, budget: Budget, tf32: bool, log, failed: dict, task):
+    """One problem: the baseline, then every other candidate gated and screened. Returns (entry,
+    why the device stopped or "", candidates screened out)."""
+    seed = _problem_seed(p.key)
+    base = p.baseline
+    why = failed.get(id(base))
+    try:
+        if why:
+            raise NncError(why)
+        t_base, ref = runner.run(base, seed)
+    except Unrecoverable as e:
+        stopped = f"stopped: the device failed ({e})"
+        task.advance(1 + len(p.others))
+        return {"skip": stopped}, stopped, 0
+    except NncError as e:
+        task.advance(1 + len(p.others))
+        return {"skip": f"baseline failed: {e}"}, "", 0
+    task.advance()
+    best = (t_base, base)
+    # every correct candidate's time (plan.json, `nnc inspect`): what the choice was made from
+    timings = [{"variant": base.variant, "params": base.params, "time_ms": round(t_base * 1e3, 6)}]
+    rejected, tried, screened, partial, stopped = [], 1, 0, "", ""
+    left = len(p.others)
+    for c in p.others:
+        left -= 1
+        task.describe(f"{p.layer} | {left} candidates left | best {best[0] * 1e3:.4f} ms")
+        if budget.out():
+            rejected.append({"variant": c.variant, "params": c.params, "why": "budget"})
+            partial = "budget"
+            task.advance(1 + left)
+            break
+        why = c.why_not or failed.get(id(c))
+        if not why:
+            tried += 1
             try:
+                verdict: list = []  # the gate's mismatch, kept: not compared a second time
+
+                def gate(o, c=c, verdict=verdict):
+                    verdict.append(mismatch(o, ref, c, tf32))
+                    return verdict[-1]
+                cutoff = SCREEN_RATIO * best[0] if SCREEN_RATIO else None
+                t, outs = runner.run(c, seed, gate=gate, cutoff=cutoff)
+                why = verdict[-1] if verdict else mismatch(outs, ref, c, tf32)
                 if why:
-                    raise NncError(why)
-                t_base, ref = runner.run(base, seed)
+                    why = f"wrong output: {why}"
+                elif cutoff is not None and t > cutoff:  # correct, clearly slower: not timed in full
+                    screened += 1
+                    timings.append({"variant": c.variant, "params": c.params, "time_ms": round(t * 1e3, 6),
+                                    "screened": True})
+                else:
+                    timings.append({"variant": c.variant, "params": c.params, "time_ms": round(t * 1e3, 6)})
+                    if t < best[0]:
+                        best = (t, c)
             except Unrecoverable as e:
-                stopped = f"stopped: the device failed ({e})"
-                out[p.key] = {"skip": stopped}
-                task.advance(1 + len(p.others))
-                continue
+                why = f"device failed: {e}"
+                stopped = partial = f"stopped: the device failed ({e}) running {c.label}"
             except NncError as e:
-                out[p.key] = {"skip": f"baseline failed: {e}"}
-                task.advance(1 + len(p.others))
-                continue
-            task.advance()
-            best = (t_base, base)
-            # every correct candidate's time (plan.json, `nnc inspect`): what the choice was made from
-            timings = [{"variant": base.variant, "params": base.params, "time_ms": round(t_base * 1e3, 6)}]
-            rejected, tried, partial = [], 1, ""
-            left = len(p.others)
-            for c in p.others:
-                left -= 1
-                task.describe(f"{p.layer} | {left} candidates left | best {best[0] * 1e3:.4f} ms")
-                if deadline is not None and time.perf_counter() > deadline:
-                    rejected.append({"variant": c.variant, "params": c.params, "why": "budget"})
-                    partial = "budget"
-                    task.advance(1 + left)
-                    break
-                why = c.why_not or failed.get(id(c))
-                if not why:
-                    tried += 1
-                    try:
-                        verdict: list = []  # the gate's mismatch, kept: not compared a second time
-
-                        def gate(o, c=c, verdict=verdict):
-                            verdict.append(mismatch(o, ref, c, tf32))
-                            return verdict[-1]
-                        t, outs = runner.run(c, seed, gate=gate)
-                        why = verdict[-1] if verdict else mismatch(outs, ref, c, tf32)
-                        if why:
-                            why = f"wrong output: {why}"
-                        else:
-                            timings.append({"variant": c.variant, "params": c.params, "time_ms": round(t * 1e3, 6)})
-                            if t < best[0]:
-                                best = (t, c)
-                    except Unrecoverable as e:
-                        why = f"device failed: {e}"
-                        stopped = partial = f"stopped: the device failed ({e}) running {c.label}"
-                    except NncError as e:
-                        why = f"failed: {e}"
-                if why:
-                    if why.startswith(("wrong output", "device failed", "failed")):
-                        msg = f"tune: {p.layer}: {c.label} rejected: {why}"
-                        log(f"  {msg}")
-                        if why.startswith("wrong output"):  # a kernel bug the gate caught: always shown
-                            warnings.warn(msg, WrongCandidateWarning, stacklevel=2)
-                    rejected.append({"variant": c.variant, "params": c.params, "why": why})
-                task.advance()
-                if stopped:
-                    task.advance(left)
-                    break
-            t, c = best
-            out[p.key] = {"variant": c.variant, "params": c.params, "time_ms": round(t * 1e3, 6),
-                          "heuristic": {"variant": base.variant, "params": base.params,
-                                        "time_ms": round(t_base * 1e3, 6)},
-                          "tried": tried, "candidates": 1 + len(p.others), "rejected": rejected,
-                          "space": p.space, "timings": timings}
-            if partial:  # used by this build, never cached: a later compile tunes it in full
-                out[p.key]["partial"] = partial
-    return out
-
-
-CHUNK_KERNELS = 64  # kernels a compile batch has under a budget (several per NVRTC process)
-
-
-def _chunks(problems: Sequence[TuneProblem], kernels: Optional[int]) -> list:
-    """Consecutive problems in batches of at least `kernels` candidate kernels (None: one batch)."""
-    if kernels is None:
-        return [list(problems)] if problems else []
-    out, cur, n = [], [], 0
-    for p in problems:
-        cur.append(p)
-        n += sum(len(c.kernels) for c in [p.baseline] + p.others if not c.why_not)
-        if n >= kernels:
-            out.append(cur)
-            cur, n = [], 0
-    if cur:
-        out.append(cur)
-    return out
+                why = f"failed: {e}"
+        if why:
+            if why.startswith(("wrong output", "device failed", "failed")):
+                msg = f"tune: {p.layer}: {c.label} rejected: {why}"
+                log(f"  {msg}")
+                if why.startswith("wrong output"):  # a kernel bug the gate caught: always shown
+                    warnings.warn(msg, WrongCandidateWarning, stacklevel=3)
+            rejected.append({"variant": c.variant, "params": c.params, "why": why})
+        task.advance()
+        if stopped:
+            task.advance(left)
+            break
+    t, c = best
+    entry = {"variant": c.variant, "params": c.params, "time_ms": round(t * 1e3, 6),
+             "heuristic": {"variant": base.variant, "params": base.params, "time_ms": round(t_base * 1e3, 6)},
+             "tried": tried, "screened": screened, "candidates": 1 + len(p.others), "rejected": rejected,
+             "space": p.space, "timings": timings}
+    if partial:  # used by this build, never cached: a later compile tunes it in full
+        entry["partial"] = partial
+    return entry, stopped, screened
 
 
 MAX_ROUNDS = 4  # lowerings that may meet new problems (a tuned group lowered op by op: its body's)
@@ -420,7 +482,7 @@ def lower_tuned(module, options, runner: Optional[Runner] = None):
     from .timing_cache import TimingCache, TimingCacheWarning
     rep = current()
     t0 = time.perf_counter()
-    deadline = None if options.tune_budget is None else t0 + float(options.tune_budget)
+    budget = Budget(options.tune_budget)
     if runner is None:
         runner = CudaRunner(options.arch, options.target.l2_bytes)
     device = runner.device()
@@ -429,16 +491,17 @@ def lower_tuned(module, options, runner: Optional[Runner] = None):
     fresh: dict = {}  # key -> entry tuned by this run
     skips: dict = {}  # key -> why it keeps the heuristic
     rounds, t_survey = 0, 0.0
+    stats: dict = {}  # compile_s, timing_s, kernels, candidates, screened (tune_problems)
     try:
         while True:
             ts = time.perf_counter()
-            survey = SurveySelector(cache, deadline, skips=skips, fresh=fresh,
+            survey = SurveySelector(cache, budget, skips=skips, fresh=fresh,
                                     final=rounds == MAX_ROUNDS)
             plan = Lowerer(module, options, survey).run()
             t_survey += time.perf_counter() - ts
             if not survey.problems:
                 break
-            tuned = tune_problems(list(survey.problems.values()), runner, deadline, options.tf32, rep.log)
+            tuned = tune_problems(list(survey.problems.values()), runner, budget, options.tf32, rep.log, stats)
             for k, e in tuned.items():
                 if "skip" in e:
                     skips[k] = e["skip"]
@@ -465,16 +528,25 @@ def lower_tuned(module, options, runner: Optional[Runner] = None):
     n_rej = sum(len([r for r in e.get("rejected", ()) if r["why"].startswith("wrong")])
                 for k, e in hits.items() if k in fresh)
     cache.status["hits"] = len(hits) - n_tuned
+    met = survey.met
     summary = {"mode": "tuned", "why": options.tune_reason or "--tune", "runner": runner.name, "device": device,
-               "problems": len(hits) + len(survey.skipped), "tuned": n_tuned, "cache_hits": len(hits) - n_tuned,
+               # problems = signatures: distinct problem keys (ops sharing one are tuned once);
+               # tunable_ops: the ops of the final lowering they stand for
+               "problems": len(hits) + len(survey.skipped), "signatures": len(met),
+               "tunable_ops": sum(met.values()), "tuned": n_tuned,
+               "tuned_ops": sum(met.get(k, 0) for k in hits if k in fresh), "cache_hits": len(hits) - n_tuned,
                "heuristic": len(survey.skipped), "changed_from_heuristic": n_changed, "wrong_candidates": n_rej,
+               "candidates": stats.get("candidates", 0), "kernels_compiled": stats.get("kernels", 0),
+               "screened": stats.get("screened", 0),
                "rounds": rounds + 1, "budget_s": options.tune_budget, "seconds": round(time.perf_counter() - t0, 3),
-               "lowering_seconds": round(t_survey, 3),
+               "lowering_seconds": round(t_survey, 3), "compile_seconds": round(stats.get("compile_s", 0.0), 3),
+               "timing_seconds": round(stats.get("timing_s", 0.0), 3),
                "timing_cache": None if not options.timing_cache else {"file": str(options.timing_cache),
                                                                       **cache.status}}
     plan.tuning = summary
-    rep.log(f"  tuning: {summary['problems']} tunable problems: {n_tuned} timed, "
+    rep.log(f"  tuning: {summary['problems']} tunable problems ({summary['tunable_ops']} ops): {n_tuned} timed, "
             f"{summary['cache_hits']} from the timing cache, {summary['heuristic']} heuristic; "
-            f"{n_changed} differ from the heuristic, {n_rej} wrong candidates rejected "
-            f"({summary['seconds']:.1f} s, {rounds + 1} lowerings)")
+            f"{n_changed} differ from the heuristic, {n_rej} wrong candidates rejected, "
+            f"{summary['screened']} screened out ({summary['seconds']:.1f} s: lowering {t_survey:.1f}, "
+            f"compile {summary['compile_seconds']:.1f}, timing {summary['timing_seconds']:.1f}; {rounds + 1} lowerings)")
     return plan

@@ -9,6 +9,8 @@ out of range), as do readbacks and cooperative launches.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -40,7 +42,7 @@ class Capture:
     """One (candidate, params) rendered in a sandbox. launches: (kind, kernel name, grid, block,
     smem, args, nbytes), args ("buf", root id, byte offset) | ("val", numpy scalar) | ("tmap",
     tma.TensorMapSpec, key: a tensor map of the pointer arg spec.arg, encoded by the runner); kernels:
-    name -> Kernel, renamed unique in the tuning batch; outputs per op result: (root id, byte
+    name -> Kernel, renamed by its code (batch_name: one name per distinct kernel in the batch); outputs per op result: (root id, byte
     offset, np name, shape). why_not: "" or why it cannot run (then it is not a candidate)."""
     variant: str
     params: dict
@@ -86,9 +88,8 @@ class _Snapshot:
         L.zero_copy_bytes = self.zero_copy_bytes
 
 
-def capture(problem, cand: Candidate, params: dict, tag: str) -> Capture:
-    """Renders (cand, params) for `problem` in a sandbox of its Lowerer and rolls the state back.
-    tag: makes the captured kernels' names unique in the tuning batch."""
+def capture(problem, cand: Candidate, params: dict) -> Capture:
+    """Renders (cand, params) for `problem` in a sandbox of its Lowerer and rolls the state back."""
     from .lower import LowerCtx
     L, op = problem.L, problem.op
     cap = Capture(cand.name, dict(params), cand)
@@ -107,13 +108,13 @@ def capture(problem, cand: Candidate, params: dict, tag: str) -> Capture:
         if ret is None and not ctx.emitted:
             cap.why_not = "render declined"
             return cap
-        _describe(cap, L, op, snap, tag)
+        _describe(cap, L, op, snap)
     finally:
         snap.restore()
     return cap
 
 
-def _describe(cap: Capture, L, op, snap: _Snapshot, tag: str):
+def _describe(cap: Capture, L, op, snap: _Snapshot):
     launches = L.launches[snap.n_launch:]
     if not any(l.kind == "kernel" for l in launches):
         cap.why_not = "no kernel launched"
@@ -128,7 +129,7 @@ def _describe(cap: Capture, L, op, snap: _Snapshot, tag: str):
         results.add(root.id)
         cap.outputs.append((root.id, b.alias_offset if b.alias_of is not None else 0, b.dtype.np_name,
                             tuple(int(d) for d in b.shape)))
-    names = {}
+    names = {}  # the render's kernel name -> its name in the tuning batch
     for l in launches:
         if l.kind == "readback":
             cap.why_not = "data-dependent output (readback)"
@@ -160,10 +161,22 @@ def _describe(cap: Capture, L, op, snap: _Snapshot, tag: str):
                 cap.why_not = "cooperative launch"
                 return
             if l.kernel not in names:
-                names[l.kernel] = f"{l.kernel}_{tag}"
+                names[l.kernel] = batch_name(L.kernels[l.kernel])
             kname = names[l.kernel]
         cap.launches.append((l.kind, kname, tuple(l.grid), tuple(l.block), int(l.smem), args, int(l.nbytes)))
     for old, new in names.items():
         k = L.kernels[old]
         body = re.sub(rf"\b{re.escape(old)}\b", new, k.body)
-        cap.kernels[new] = Kernel(new, k.template, dict(k.params), body, list(k.ops))
+        # no op list: the header would name the model's values, and the source (the cubin cache
+        # key) must be the same wherever this kernel recurs (another problem, model or build)
+        cap.kernels[new] = Kernel(new, k.template, dict(k.params), body, [])
+
+
+def batch_name(k: Kernel) -> str:
+    """A kernel's name in the tuning batch: its own name and a digest of its code with that name
+    taken out (template, params, body). Candidates that emit the same kernel (a group's fused
+    variant and its anchor's choice, the same conv in two problems) share it: compiled and loaded
+    once, and found in the cubin cache by the next build."""
+    text = "\n".join((k.template, json.dumps(k.params, sort_keys=True, default=str),
+                      re.sub(rf"\b{re.escape(k.name)}\b", "@KERNEL@", k.body)))
+    return f"{k.name}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"

@@ -1,8 +1,12 @@
 """Runners of the tuner (codegen/tuning.py): how captured candidates (codegen/tuning_capture.py)
 are compiled, run and timed. `CudaRunner`: the GPU (cupy, imported lazily), NVRTC batch compile
-through the cubin cache, device buffers per root, CUDA events with warm-up, the median of repeats,
-the L2 flushed (memset of twice its size) before each. `StandInRunner`: no GPU, deterministic
-times (variants.stand_in_time or a test's timer) and outputs (tests make candidates wrong or fail).
+through the cubin cache (each distinct kernel once), device buffers per root (random operands made
+on the device), the correctness gate on the device (outputs stay there: no copy to the host, no
+host-side compare of tens of millions of elements a candidate), CUDA events with warm-up, a quick
+screen of SCREEN_REPEATS runs (a candidate already slower than the cutoff stops there), else the
+median of REPEATS runs, the L2 flushed (memset of twice its size) before each. `StandInRunner`: no
+GPU, deterministic times (variants.stand_in_time or a test's timer) and outputs (tests make
+candidates wrong or fail).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from .tuning_capture import Capture, RootSpec
 
 WARMUP = 2
 REPEATS = 9
+SCREEN_REPEATS = 3  # the quick screen's runs (of the REPEATS): one clearly slower stops after these
 
 
 class Unrecoverable(NncError):
@@ -25,10 +30,13 @@ class Unrecoverable(NncError):
 
 
 class Runner:
-    """Compiles captures and runs them. run(capture, seed, gate) -> (median seconds, outputs as
-    numpy arrays, one per op result): inputs from `seed` (the same for every candidate of a
-    problem), outputs poisoned, one run, then gate(outputs) -> why wrong ("" ok): a wrong one is
-    not timed (nan). Raises NncError (why) for a candidate that fails."""
+    """Compiles captures and runs them. run(capture, seed, gate, cutoff) -> (median seconds,
+    outputs, one array per op result: numpy, or the device's arrays for CudaRunner): inputs from
+    `seed` (the same for every candidate of a problem), outputs poisoned, one run, then
+    gate(outputs) -> why wrong ("" ok): a wrong one is not timed (nan). cutoff (seconds, None: no
+    screen): when the median of the first SCREEN_REPEATS timed runs is above it, the rest are not
+    run and that median is returned (the tuner sees a time > cutoff: screened out). Raises NncError
+    (why) for a candidate that fails."""
     name = "runner"
 
     def device(self) -> dict:
@@ -39,7 +47,8 @@ class Runner:
         """Compiles the captures' kernels in one batch; returns {id(capture): why} for failures."""
         return {}
 
-    def run(self, cap: Capture, seed: int, gate: Optional[Callable] = None) -> tuple[float, list]:
+    def run(self, cap: Capture, seed: int, gate: Optional[Callable] = None,
+            cutoff: Optional[float] = None) -> tuple[float, list]:
         raise NotImplementedError
 
     def close(self):
@@ -49,26 +58,34 @@ class Runner:
 class StandInRunner(Runner):
     """No GPU: times from `timer(candidate, params)` (default variants.stand_in_time), outputs
     a deterministic function of the problem; `wrong(capture) -> bool` makes a candidate's output
-    wrong, `fail(capture) -> str|None` makes it fail (tests)."""
+    wrong, `fail(capture) -> str|None` makes it fail (tests). screen_timer: the quick screen's
+    time (default: timer's; a test makes it noisy). delay: seconds a run takes, compile_delay:
+    seconds a prepare takes (budget tests). repeats_run counts the timed runs a GPU would do."""
     name = "stand-in"
 
     def __init__(self, timer: Optional[Callable] = None, wrong: Optional[Callable] = None,
-                 fail: Optional[Callable] = None, delay: float = 0.0):
+                 fail: Optional[Callable] = None, delay: float = 0.0, screen_timer: Optional[Callable] = None,
+                 compile_delay: float = 0.0):
         from .variants import stand_in_time
         self.timer = timer or stand_in_time
+        self.screen_timer = screen_timer or self.timer
         self.wrong = wrong or (lambda cap: False)
         self.fail = fail or (lambda cap: None)
-        self.delay = delay  # seconds each run takes (budget tests)
+        self.delay = delay
+        self.compile_delay = compile_delay
         self.prepared = 0
+        self.repeats_run = 0
 
     def device(self) -> dict:
         return {"gpu": "stand-in", "sm": "sm_90", "cuda_runtime": 0, "cuda_driver": 0, "nvrtc": "none"}
 
     def prepare(self, captures):
+        if self.compile_delay:
+            time.sleep(self.compile_delay)
         self.prepared += len(captures)
         return {}
 
-    def run(self, cap, seed, gate=None):
+    def run(self, cap, seed, gate=None, cutoff=None):
         if self.delay:
             time.sleep(self.delay)
         why = self.fail(cap)
@@ -83,18 +100,31 @@ class StandInRunner(Runner):
             outs.append(a)
         if gate is not None and gate(outs):
             return float("nan"), outs
-        return float(self.timer(cap.candidate, cap.params)), outs
+        if cutoff is None:
+            self.repeats_run += REPEATS
+            return float(self.timer(cap.candidate, cap.params)), outs
+        self.repeats_run += SCREEN_REPEATS
+        quick = float(self.screen_timer(cap.candidate, cap.params))
+        if quick > cutoff:
+            return quick, outs
+        self.repeats_run += REPEATS - SCREEN_REPEATS
+        return quick if self.screen_timer is self.timer else float(self.timer(cap.candidate, cap.params)), outs
 
 
 def compile_captures(captures: Sequence[Capture], arch: str, jobs: Optional[int] = None):
-    """Every captured kernel compiled in one parallel batch through the cubin cache (codegen/cuda.py:
-    one kernel a unit, so a failure names one candidate). Returns (units, cubins, {id(capture):
-    why}) with None for a unit that failed. No GPU needed (NVRTC)."""
+    """Every distinct captured kernel (by name: tuning_capture.batch_name names a kernel by its
+    code) compiled once, in one parallel batch through the cubin cache (codegen/cuda.py: one kernel
+    a unit, so a failure names its candidates). Returns (units, cubins, {id(capture): why}) with
+    None for a unit that failed. No GPU needed (NVRTC)."""
     from . import cuda
     from .units import make_units
-    kernels = [k for c in captures for k in c.kernels.values()]
-    owner = {k.name: c for c in captures for k in c.kernels.values()}
-    units = [u for k in kernels for u in make_units([k])]
+    kernels: dict = {}
+    owners: dict = {}  # kernel name -> every capture launching it
+    for c in captures:
+        for k in c.kernels.values():
+            kernels.setdefault(k.name, k)
+            owners.setdefault(k.name, []).append(c)
+    units = [u for k in kernels.values() for u in make_units([k])]
     failed: dict = {}
     if not units:
         return units, [], failed
@@ -107,24 +137,27 @@ def compile_captures(captures: Sequence[Capture], arch: str, jobs: Optional[int]
                 cubins.append(cuda.compile_many([u], arch, jobs=1, cache=cuda.CubinCache.default())[0])
             except cuda.CompileError as e:
                 cubins.append(None)
-                failed[id(owner[u.kernels[0]])] = f"compile failed: {str(e).splitlines()[0]}"
+                for c in owners[u.kernels[0]]:
+                    failed[id(c)] = f"compile failed: {str(e).splitlines()[0]}"
     return units, cubins, failed
 
 
 class CudaRunner(Runner):
     """The GPU (cupy, imported lazily): NVRTC batch compile through the cubin cache, device buffers
-    per root, CUDA-event timing with the L2 flushed before each repeat."""
+    per root, outputs compared on the device, CUDA-event timing with the L2 flushed before each
+    repeat and a quick screen (see the module docstring)."""
     name = "cuda"
 
     def __init__(self, arch: str, l2_bytes: int, jobs: Optional[int] = None, warmup: int = WARMUP,
-                 repeats: int = REPEATS):
+                 repeats: int = REPEATS, screen: int = SCREEN_REPEATS):
         import cupy as cp
         self.cp = cp
         self.arch, self.jobs, self.warmup, self.repeats = arch, jobs, warmup, repeats
+        self.screen = max(1, min(screen, repeats))
         self.funcs: dict = {}
         self._modules = []
         self._flush = cp.empty(max(2 * int(l2_bytes), 1 << 20), dtype=cp.uint8)
-        self._shared: dict = {}  # (seed, root id) -> device array (the operands of the problem being tuned)
+        self._shared: dict = {}  # root id -> device array (the operands of the problem being tuned)
         self._shared_seed = None
         self.stream = cp.cuda.Stream(non_blocking=True)
         self._tensor_maps = tma.TensorMapCache()
@@ -146,10 +179,13 @@ class CudaRunner(Runner):
         import os
         import tempfile
         units, cubins, failed = compile_captures(captures, self.arch, self.jobs)
-        owner = {k.name: c for c in captures for k in c.kernels.values()}
+        owners: dict = {}
+        for c in captures:
+            for k in c.kernels.values():
+                owners.setdefault(k.name, []).append(c)
         with tempfile.TemporaryDirectory(prefix="nnc_tune_") as d:
             for i, (u, data) in enumerate(zip(units, cubins)):
-                if data is None:
+                if data is None or all(k in self.funcs for k in u.kernels):
                     continue
                 p = os.path.join(d, f"{i}.cubin")
                 with open(p, "wb") as f:
@@ -160,7 +196,8 @@ class CudaRunner(Runner):
                         self.funcs[k] = mod.get_function(k)
                     self._modules.append(mod)
                 except Exception as e:
-                    failed[id(owner[u.kernels[0]])] = f"load failed: {type(e).__name__}: {e}"
+                    for c in owners.get(u.kernels[0], ()):
+                        failed[id(c)] = f"load failed: {type(e).__name__}: {e}"
         return failed
 
     def _alloc(self, spec: RootSpec, seed: int):
@@ -173,17 +210,24 @@ class CudaRunner(Runner):
             a.fill(0xFF)  # poison: NaN for every float type
             return a
         dt = dtype_info(spec.np_name)
-        rng = np.random.default_rng((seed, spec.id))
         count = spec.nbytes // max(dt.itemsize, 1)
+        state = int(np.random.SeedSequence((seed, spec.id)).generate_state(1)[0])
+        raw = cp.zeros(n, cp.uint8)
+        if spec.np_name in ("float16", "float32", "float64") and count:
+            # made on the device: ResNet-50 b32's operands are ~1 GB, seconds of host RNG and copies
+            vals = cp.random.RandomState(state).uniform(-1.0, 1.0, count, dtype=cp.float32).astype(dt.dtype.np)
+            raw[:vals.nbytes] = vals.view(cp.uint8)
+            return raw
+        rng = np.random.default_rng(state)
         if dt.dtype.np.kind == "f" or spec.np_name == "bfloat16":
             host = rng.uniform(-1.0, 1.0, count).astype(dt.dtype.np)
         elif dt.dtype.np.kind == "b":
             host = rng.integers(0, 2, count).astype(np.bool_)
         else:  # a scratch or write-only integer buffer: any bits
             host = rng.integers(0, 127, count).astype(dt.dtype.np)
-        raw = np.zeros(n, np.uint8)
-        raw[:host.nbytes] = np.frombuffer(host.tobytes(), np.uint8)
-        return cp.asarray(raw)
+        if host.nbytes:
+            raw[:host.nbytes] = cp.asarray(np.frombuffer(host.tobytes(), np.uint8))
+        return raw
 
     def _launch_all(self, cap: Capture, ptrs: dict):
         cp = self.cp
@@ -196,7 +240,21 @@ class CudaRunner(Runner):
             elif kind == "memcpy" and nbytes:
                 cp.cuda.runtime.memcpyAsync(int(vals[0]), int(vals[1]), nbytes, 3, self.stream.ptr)
 
-    def run(self, cap, seed, gate=None):
+    def _timed(self, cap: Capture, ptrs: dict, n: int) -> list:
+        """n timed runs (ms), each after an L2 flush."""
+        cp = self.cp
+        evs = []
+        for _ in range(n):
+            self._flush.fill(0)  # memset 2x L2: the launches read from DRAM as in a model run
+            a, b = cp.cuda.Event(), cp.cuda.Event()
+            a.record(self.stream)
+            self._launch_all(cap, ptrs)
+            b.record(self.stream)
+            evs.append((a, b))
+        self.stream.synchronize()
+        return [cp.cuda.get_elapsed_time(a, b) for a, b in evs]
+
+    def run(self, cap, seed, gate=None, cutoff=None):
         cp = self.cp
         if self._shared_seed != seed:
             self._shared, self._shared_seed = {}, seed
@@ -218,32 +276,32 @@ class CudaRunner(Runner):
                 k.max_dynamic_shared_size_bytes = smem
         try:
             with self.stream:
+                cp.cuda.Device().synchronize()  # the buffers above were filled on the null stream
                 self._launch_all(cap, ptrs)
                 self.stream.synchronize()
                 outs = []
                 for rid, off, np_name, shape in cap.outputs:
                     dt = dtype_info(np_name)
                     n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-                    raw = cp.asnumpy(arrays[rid][off:off + n])
-                    outs.append(_as_float(raw.view(dt.device_np).reshape(shape), np_name))
+                    raw = arrays[rid][off:off + n]
+                    v = raw.view(dt.device_np).reshape(shape)
+                    o = _as_float(v, np_name, cp)
+                    # a copy on the device: the timed runs below write the result buffers again
+                    outs.append(o if o.dtype != v.dtype else o.copy())
                 if gate is not None and gate(outs):
                     return float("nan"), outs  # wrong: not timed
                 for _ in range(self.warmup):
                     self._launch_all(cap, ptrs)
-                evs = []
-                for _ in range(self.repeats):
-                    self._flush.fill(0)  # memset 2x L2: the launches read from DRAM as in a model run
-                    a, b = cp.cuda.Event(), cp.cuda.Event()
-                    a.record(self.stream)
-                    self._launch_all(cap, ptrs)
-                    b.record(self.stream)
-                    evs.append((a, b))
-                self.stream.synchronize()
+                if cutoff is None:
+                    ms = self._timed(cap, ptrs, self.repeats)
+                else:
+                    ms = self._timed(cap, ptrs, self.screen)
+                    if float(np.median(ms)) * 1e-3 <= cutoff:  # close to the best: the full repeats
+                        ms += self._timed(cap, ptrs, self.repeats - self.screen)
         except cp.cuda.driver.CUDADriverError as e:
             raise _classify(e) from None
         except cp.cuda.runtime.CUDARuntimeError as e:
             raise _classify(e) from None
-        ms = [cp.cuda.get_elapsed_time(a, b) for a, b in evs]
         return float(np.median(ms)) * 1e-3, outs
 
     def close(self):
@@ -260,11 +318,12 @@ def _classify(e) -> NncError:
     return Unrecoverable(text) if sticky else NncError(text)
 
 
-def _as_float(a: np.ndarray, np_name: str) -> np.ndarray:
-    """A device array's values for comparing (bf16 raw bits -> float32)."""
+def _as_float(a, np_name: str, xp=np):
+    """An output's values for comparing, on the device for cupy (xp): bf16 raw bits -> float32,
+    float16 -> float32 (exact), float32/64 kept; narrow types raw (compared bit for bit)."""
     if np_name == "bfloat16":
-        return (a.astype(np.uint32) << 16).view(np.float32)
+        return (a.astype(xp.uint32) << 16).view(xp.float32)
     d = dtype_info(np_name)
     if d.raw_on_device:
         return a  # narrow types: compared bit for bit
-    return a.astype(np.float64) if a.dtype.kind == "f" else a
+    return a.astype(xp.float32) if a.dtype == xp.float16 else a

@@ -21,9 +21,9 @@ class Counting(tuning.StandInRunner):
     def device(self):
         return dict(super().device(), **(self._device or {}))
 
-    def run(self, cap, seed, gate=None):
+    def run(self, cap, seed, gate=None, cutoff=None):
         self.runs += 1
-        return super().run(cap, seed, gate)
+        return super().run(cap, seed, gate, cutoff)
 
 
 def _tune(path, runner=None):
