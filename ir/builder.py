@@ -4,6 +4,9 @@
 the op. With `fold=True`, an op whose operands are all small constants is evaluated by its
 reference semantics and replaced by a `const` (this is how Shape->Gather->Concat->Reshape chains
 fold during import).
+
+`mark` / `take_over_or_roll_back`: a pass that rewrites an op builds the replacement, then lets
+its last op take over the old result Value, or removes all it built when the types differ.
 """
 from __future__ import annotations
 
@@ -84,6 +87,37 @@ class Builder:
         results = [Value(self.names(nm), t) for nm, t in zip(names, types)]
         self.region.ops.append(Op(name, operands, results, attrs, loc))
         return results
+
+    def mark(self) -> int:
+        """A point to roll back to (see take_over_or_roll_back): how many ops are built so far."""
+        return len(self.region.ops)
+
+    def take_over_or_roll_back(self, old: Value, new: Value, since: int, loc: Optional[Loc] = None) -> bool:
+        """Put the op that defines `new` in place of `old`'s producer: that op's result becomes
+        `old` itself (so every reader of `old` reads the new op, untouched). Done only when the
+        two types are equal; otherwise every op built since the mark `since` is removed, their
+        result names freed, and False returned (the caller then keeps its original op).
+
+        Why a whole rollback: a rewriting pass builds its replacement before it can know the
+        result type (inference runs in `create`), and a mismatch (e.g. a weight whose dtype is not
+        the activation's) means the pattern does not apply; the half-built ops must not stay in
+        the region as dead code reading live values. Constants made before `since` stay: they are
+        unread and DCE removes them with their weights. `loc`, when given, is the new op's loc."""
+        if new.type != old.type:
+            for op in self.region.ops[since:]:
+                for r in op.results:
+                    self.names.taken.discard(r.name)
+            del self.region.ops[since:]
+            return False
+        last = new.producer
+        assert last is not None and any(op is last for op in self.region.ops[since:]), \
+            f"{new!r} is not the result of an op built since the mark"
+        self.names.taken.discard(new.name)
+        last.results = [old if r is new else r for r in last.results]
+        old.producer = last
+        if loc is not None:
+            last.loc = loc
+        return True
 
     def _try_fold(self, opdef, attrs, operands, types, names, loc):
         vals = []

@@ -342,7 +342,7 @@ class _Fold:
             k(wq, f"{hint}_w_quantized", loc, weight_hint=f"{hint}_w_quantized")
         czx = xdq.operands[2] if len(xdq.operands) > 2 and xdq.operands[2] is not None else k(zx, f"{hint}_x_zero_point", loc)
         czw = k(zw, f"{hint}_w_zero_point", loc)
-        start = len(b.region.ops)
+        start = b.mark()
         if op.name == "Conv":
             attrs = registry.make_attrs(registry.get("ConvInteger").attrs, {
                 f: getattr(op.attrs, f) for f in ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
@@ -358,13 +358,8 @@ class _Fold:
         if bv is not None:
             bshape = (-1,) + (1,) * (res.type.rank - 2) if op.name == "Conv" else bv.shape
             y = b.create("Add", [y, k(bv.reshape(bshape), f"{hint}_bias", loc)], names=[hint], loc=loc)[0]
-        if y.type != res.type:
-            del b.region.ops[start:]
+        if not b.take_over_or_roll_back(res, y, start):
             return False
-        last = y.producer
-        self.names.taken.discard(y.name)
-        last.results = [res]
-        res.producer = last
         self.counts[f"{op.name}->{acc.producer.name}+float"] += 1
         return True
 
@@ -424,6 +419,7 @@ class _Fold:
         czw = param(zw, f"{hint}_w_zero_point", *wops[2:3])
         csy = param(sy, f"{hint}_y_scale", *q.operands[1:2])
         czy = param(zy, f"{hint}_y_zero_point", *q.operands[2:3])
+        start = b.mark()
         lo = _INT8[out_dt][0]
         if op.name == "Conv" or b_i32 is None:
             operands = [xq, csx, czx, cwq, csw, czw, csy, czy]
@@ -453,15 +449,10 @@ class _Fold:
                 fl = b.create("Relu", [fl], names=[f"{hint}_requant_relu"], loc=loc)[0]
             r = b.create("QuantizeLinear", [fl, csy, czy], names=[f"{hint}_q"], loc=loc)[0]
             pattern = f"MatMulInteger+bias{'+Relu' if relu else ''}"
-        # the last new op computes the Q's result: it takes over that Value (readers unchanged)
-        last = r.producer
-        res = q.results[0]
-        if last.results[0].type != res.type:
-            return False  # cannot happen for a verified module; be safe rather than retype
-        self.names.taken.discard(last.results[0].name)
-        last.results = [res]
-        res.producer = last
-        last.loc = q.loc
+        # the last new op computes the Q's result: it takes over that Value (readers unchanged);
+        # a type mismatch cannot happen for a verified module: be safe rather than retype
+        if not b.take_over_or_roll_back(q.results[0], r, start, loc=q.loc):
+            return False
         self.counts[f"{op.name}->{pattern}"] += 1
         return True
 
@@ -509,7 +500,7 @@ class _Fold:
                 .astype(zx.dtype).tobytes() != zx.tobytes() or (zq is not None and zq.dtype != zx.dtype):
             return False
         res = q.results[0]
-        start = len(b.region.ops)
+        start = b.mark()
         cur, zv = xq, None
         for op in reversed(chain):
             hint = op.results[0].name + "_q"
@@ -522,19 +513,13 @@ class _Fold:
                 cur = b.create("Max", [cur, zv], names=[hint], loc=op.loc)[0]
             else:
                 cur = b.create(op.name, [cur] + list(op.operands[1:]), op.attrs, names=[hint], loc=op.loc)[0]
-        if cur.type != res.type:
-            del b.region.ops[start:]
-            return False
-        pattern = f"Q({'('.join(op.name for op in chain)}(DQ(x)){')' * (len(chain) - 1)})->int8"
-        self.counts[pattern] += 1
-        if cur is xq:
+        if cur is xq:  # every op of the chain vanished: the Q's readers read x_q
+            if xq.type != res.type:
+                return False
             subst[res] = xq
-            return True
-        last = cur.producer
-        self.names.taken.discard(cur.name)
-        last.results = [res]
-        res.producer = last
-        last.loc = q.loc
+        elif not b.take_over_or_roll_back(res, cur, start, loc=q.loc):
+            return False
+        self.counts[f"Q({'('.join(op.name for op in chain)}(DQ(x)){')' * (len(chain) - 1)})->int8"] += 1
         return True
 
     def region(self, r: Region, subst: Substitution) -> None:

@@ -148,16 +148,11 @@ def fold_fp8(op: Op, b: Builder, uses: dict, returned: set, weights) -> Optional
     operands = [aq, sav, wv, swv]
     if bias is not None:
         operands.append(b.constant(bias, f"{hint}_bias", loc, weight_hint=f"{hint}_bias"))
-    start = len(b.region.ops)
+    start = b.mark()
     attrs = {"out_dtype": target.type.dtype, **({"activation": act} if act != "none" else {})}
     y = b.create("matmul_fp8", operands, attrs, names=[hint], loc=loc)[0]
-    if y.type != target.type:
-        del b.region.ops[start:]
+    if not b.take_over_or_roll_back(target, y, start):
         return None
-    last = y.producer
-    b.names.taken.discard(y.name)
-    last.results = [target]
-    target.producer = last
     return drop
 
 
@@ -207,16 +202,9 @@ def fold_fp8_conv(op: Op, b: Builder, weights) -> bool:
     at = op.attrs
     attrs = {"out_dtype": res.type.dtype, "auto_pad": at.auto_pad, "group": at.group,
              **{k: getattr(at, k) for k in ("dilations", "kernel_shape", "pads", "strides") if getattr(at, k) is not None}}
-    start = len(b.region.ops)
+    start = b.mark()
     y = b.create("conv_fp8", operands, attrs, names=[hint], loc=loc)[0]
-    if y.type != res.type:
-        del b.region.ops[start:]
-        return False
-    last = y.producer
-    b.names.taken.discard(y.name)
-    last.results = [res]
-    res.producer = last
-    return True
+    return b.take_over_or_roll_back(res, y, start)
 
 
 def _fp8_values(fmt: str) -> np.ndarray:

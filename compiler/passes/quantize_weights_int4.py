@@ -107,7 +107,7 @@ def matmul_int4_ops(b: Builder, x, consts: list, block_size: int, res, gemm_c, b
     `res` (or the folded Add's result); gemm_c: a Gemm's C (a constant along N becomes the bias),
     after: bias_after's answer for a MatMul. Returns the ops to drop later (the folded Add), or
     None (nothing emitted: the types would not match)."""
-    start = len(b.region.ops)
+    start = b.mark()
     n = int(res.type.shape[-1])
     bias, add_c, drop = None, None, []
     if gemm_c is not None:
@@ -130,13 +130,8 @@ def matmul_int4_ops(b: Builder, x, consts: list, block_size: int, res, gemm_c, b
                  names=[f"{hint}_int4" if add_c is not None else hint], loc=loc)[0]
     if add_c is not None:
         y = b.create("Add", [y, add_c], names=[hint], loc=loc)[0]
-    if y.type != res.type:
-        del b.region.ops[start:]
+    if not b.take_over_or_roll_back(res, y, start):
         return None
-    last = y.producer
-    b.names.taken.discard(y.name)
-    last.results = [res]
-    res.producer = last
     return drop
 
 

@@ -145,16 +145,11 @@ class _Sparsify(WeightOpRewriter):
                     b.constant(meta, f"{hint}_w_meta", loc, weight_hint=f"{hint}_w_meta")]
         if bias is not None:
             operands.append(b.constant(bias, f"{hint}_bias", loc, weight_hint=f"{hint}_bias"))
-        start = len(b.region.ops)
+        start = b.mark()
         y = b.create("matmul_sparse24", operands, {"activation": act[2] if act is not None else "none"},
                      names=[res.name], loc=loc)[0]
-        if y.type != res.type:  # (the weight's dtype differs from x's: not this op's form)
-            del b.region.ops[start:]
+        if not b.take_over_or_roll_back(res, y, start):  # (the weight's dtype differs from x's)
             return False
-        last = y.producer
-        b.names.taken.discard(y.name)
-        last.results = [res]
-        res.producer = last
         drop.update(id(o) for o in folded)
         self.counts[f"{op.name}{'+Add' if bias is not None and op.name == 'MatMul' else ''}"
                     f"{'+' + (act[0][0].name if len(act[0]) == 1 else 'GELU ops') if act is not None else ''}"
