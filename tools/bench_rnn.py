@@ -18,6 +18,12 @@ eager (cuDNN) at the same precision, torch.compile with --torch-compile. A point
     python tools/bench_rnn.py --models lstm2x512 --batches 1 --out $OUT [--floor] [--torch-compile]
         [--budget-s 120] [--kperm] [--stage-batch] [--step-mma fma,mma,mma4,mma8|both]
 
+issue 8's layer wavefront vs the hoisted tagged recurrence (plain pipeline, quarter blocks) vs cuDNN
+(fp16 b1, three alternating rounds, ~2 min):
+
+    python tools/bench_rnn.py --models rnn2x256@1,lstm2x512@1 --precisions fp16 --syncs tagged \
+        --step-mma fma --stack wavefront,hoisted --reps 3 --budget-s 110 --out $OUT
+
 issue 8's tensor-core step, new point vs old vs cuDNN, three alternating rounds (< 4 min):
 
     python tools/bench_rnn.py --models lstm2x512@16,lstm2x512@32,gru5x800bi@16 --syncs barrier \\
@@ -55,14 +61,29 @@ def rel_max(got, ref) -> float:
     return float(np.max(np.abs(got - ref)) / max(1.0, float(np.max(np.abs(ref)))))
 
 
-def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False, half_blocks=False) -> Path:
+def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False, half_blocks=False, stack=None) -> Path:
     """Compile with the persistent recurrence's sync scheme forced to `sync` and its step to the
     tensor-core one (step_mma True, at any batch; an int: with that many warps) or the FMA one;
     half_blocks: the space's fewer blocks a direction (True / "h": the second-most, half the h
-    broadcast from L2 a step; "q": the fewest, a quarter at batch <= rnn.SMALL_BATCH)."""
-    from nnc.codegen.kernels import rnn
+    broadcast from L2 a step; "q": the fewest, a quarter at batch <= rnn.SMALL_BATCH).
+    stack: "hoisted" / "wavefront": the pass layer-wavefront runs after time-fusion (stacked
+    unidirectional layers -> recurrence_stack) and recurrence.stack takes that form (the hoisted
+    form's per-layer recurrences at `sync`); None: the default pipeline."""
+    from nnc import driver
+    from nnc.codegen.kernels import recurrence, rnn
     from nnc.driver import compile_model
     if not (od / "plan.json").exists():
+        old_passes, old_form = driver.pipeline_passes, recurrence.DEFAULT_STACK_FORM
+        if stack:
+            from nnc.passes import layer_wavefront
+
+            def with_stack(*a, **k):
+                ps = old_passes(*a, **k)
+                if "layer-wavefront" not in ps:  # (once the lead's pipeline has it, as is)
+                    ps.insert(ps.index("time-fusion") + 1, ("layer-wavefront", layer_wavefront.run))
+                return ps
+            driver.pipeline_passes = with_stack
+            recurrence.DEFAULT_STACK_FORM = stack
         default = rnn.recurrence_default
         if half_blocks:
             def fewer(spec, target, space=None):
@@ -84,6 +105,7 @@ def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False, half_
             for n, v in zip(names, old):
                 setattr(rnn, n, v)
             rnn.recurrence_default = default
+            driver.pipeline_passes, recurrence.DEFAULT_STACK_FORM = old_passes, old_form
     return od
 
 
@@ -94,18 +116,29 @@ def code_tag() -> str:
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha1()
     for f in ("codegen/kernels/rnn.py", "codegen/kernels/recurrence.py", "templates/rnn.cu.j2",
-              "compiler/passes/time_fusion.py"):
+              "templates/rnn_wavefront.cu.j2", "compiler/passes/time_fusion.py", "compiler/passes/layer_wavefront.py"):
         p = root / f
         h.update(p.read_bytes() if p.exists() else b"")
     return h.hexdigest()[:8]
 
 
 def points() -> list:
-    """(label, sync, step_mma, half_blocks) of the nnc builds each row times."""
+    """(label, sync, step_mma, half_blocks, stack) of the nnc builds each row times: every sync x
+    step, then (--stack) the layer-wavefront pass's forms: "wave" (the wavefront kernel) and
+    "<sync>_stk" (the hoisted form: per layer the recurrence at that sync's default point)."""
     kinds = {"fma": False, "mma": True, "mma4": 4, "mma8": 8}
     names = ("fma,mma" if ARGS.step_mma == "both" else ARGS.step_mma).split(",") if ARGS else ["fma"]
-    return [(sync + ("" if n == "fma" else "_" + n), sync, kinds[n.rstrip("hq")], n[-1] if n[-1] in "hq" else False)
-            for sync in (ARGS.syncs.split(",") if ARGS else SYNCS) for n in names]
+    syncs = [s for s in (ARGS.syncs.split(",") if ARGS else SYNCS) if s]
+    pts = [(sync + ("" if n == "fma" else "_" + n), sync, kinds[n.rstrip("hq")], n[-1] if n[-1] in "hq" else False,
+            None) for sync in syncs for n in names]
+    for form in (ARGS.stack.split(",") if ARGS and ARGS.stack else []):
+        if form == "wavefront":
+            pts.append(("wave", "tagged", False, False, "wavefront"))
+        elif form == "hoisted":
+            pts += [(f"{sync}_stk", sync, False, False, "hoisted") for sync in syncs or ["tagged"]]
+        else:
+            raise SystemExit(f"--stack: unknown form {form!r} (hoisted, wavefront)")
+    return pts
 
 
 def rec_launches(plan: dict) -> list:
@@ -182,13 +215,13 @@ def bench_one(name: str, batch: int, work: Path, precs, pts, floor: dict):
         r = {"part": "bench", "model": name, "batch": batch, "prec": prec, "kperm": bool(ARGS.kperm),
              "stage_batch": bool(ARGS.stage_batch)}
         mods = {}
-        for label, sync, mma, half in pts:
+        for label, sync, mma, half, stack in pts:
             if mma and prec == "fp32":
                 continue  # the tensor-core step is fp16/bf16 only
             try:
                 t0 = time.time()
                 od = build(path, work / f"{name}_b{batch}_{prec}_{label}{'_kperm' if ARGS.kperm else ''}"
-                           f"{'_sb' if ARGS.stage_batch else ''}_{code_tag()}", prec, sync, mma, half)
+                           f"{'_sb' if ARGS.stage_batch else ''}_{code_tag()}", prec, sync, mma, half, stack)
                 m = nnc.load(od)
                 r[f"compile_s_{label}"] = round(time.time() - t0, 1)
                 xin = x.astype(m.inputs[0].dtype)
@@ -197,7 +230,9 @@ def bench_one(name: str, batch: int, work: Path, precs, pts, floor: dict):
                 r[f"ok_{label}"] = r[f"err_{label}"] <= TOL[prec]
                 if mma and not all(p.get("STEP_MMA") for p in rec_params(m.plan)):
                     r[f"note_{label}"] = "not every recurrence took the tensor-core step (space: fp16/bf16, H % 8)"
-                if any(p.get("sync") != sync for p in rec_params(m.plan)):
+                if stack == "wavefront" and not any("wavefront" in (la.get("kernel") or "") for la in m.plan["launches"]):
+                    r[f"note_{label}"] = "no wavefront kernel: layer-wavefront stacked nothing (bidirectional?)"
+                if stack != "wavefront" and any(p.get("sync") != sync for p in rec_params(m.plan)):
                     r[f"note_sync_{label}"] = (f"not every recurrence has sync {sync} (local: one block a direction, "
                                                f"only where R, h and B*H gate threads fit one SM)")
                 mods[label] = (m, cp.asarray(xin), xin, sync)
@@ -240,8 +275,13 @@ def bench_one(name: str, batch: int, work: Path, precs, pts, floor: dict):
                 layers = max(1, len(recs))
                 rec_ms = r[f"{label}_ms"] - other
                 r[f"other_launches_ms_{label}"] = other
-                r[f"rec_step_us_{label}"] = rec_ms * 1e3 / (spec.seq * layers)
                 ps = rec_params(m.plan)
+                if ps and "L" in ps[-1]:  # the wavefront: S + L - 1 serial steps in one launch
+                    r[f"rec_step_us_{label}"] = rec_ms * 1e3 / (spec.seq + ps[-1]["L"] - 1)
+                    r[f"rec_params_{label}"] = {k: ps[-1].get(k) for k in ("L", "NSB", "HS", "TR", "KS", "NTHR")}
+                    ps = []
+                else:
+                    r[f"rec_step_us_{label}"] = rec_ms * 1e3 / (spec.seq * layers)
                 if ps:
                     r[f"step_bound_us_{label}"] = step_bound_us(ps[-1], floor.get(sync, 1.0))
                     r[f"rec_params_{label}"] = {k: ps[-1].get(k) for k in ("NSB", "HS", "TR", "TB", "KS", "NTHR", "R_SMEM",
@@ -296,6 +336,11 @@ def main(argv=None) -> int:
                          "param step_mma, the cost model's warps), mma4 / mma8 (4 / 8 warps); a suffix h (fmah, "
                          "mma8h): half the blocks a direction, q (fmaq): the fewest (a quarter at batch <= 4); "
                          "both = fma,mma")
+    ap.add_argument("--stack", default="",
+                    help="also time the layer-wavefront pass's recurrence_stack forms, comma-separated: wavefront "
+                         "(label wave: one launch, layer l at step t while l+1 at t-1), hoisted (label <sync>_stk: "
+                         "per layer the recurrence, then the next projection GEMM); --syncs '' leaves out the "
+                         "plain builds")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--floor", action="store_true", help="measure the per-step sync floor first")
