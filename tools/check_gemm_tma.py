@@ -130,7 +130,7 @@ def run_problem(pool, label, M, N, K, trans_b, batch, b_shared, dt):
                                               if kind_of(p) == "tma" and ms is not None), flush=True)
     dflt = next(((p, ms) for p, ms, _ in rows if p == tma_default), None)
     tma_pick = next(((p, ms) for p, ms, _ in rows if p == tma_model), None)
-    by_kind = {k: best(rows, lambda p, k=k: kind_of(p) == k) for k in ("tma", "cp.async", "bulk")}
+    by_kind = {k: best(rows, lambda p, k=k: kind_of(p) == k and W.in_space(p)) for k in ("tma", "cp.async", "bulk")}
     return dict(label=label, dtype=dt, M=M, N=N, K=K, nb=nb, flops=flops, torch_ms=tms,
                 tma=by_kind["tma"], split=best(rows, lambda p: W.load_kind(p) == "tma" and not W.in_space(p)),
                 cp=by_kind["cp.async"], bulk=by_kind["bulk"], heuristic=dflt, tma_pick=tma_pick,

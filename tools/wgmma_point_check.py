@@ -10,7 +10,8 @@ is a hung pipeline: the caller's on_hang prints what it has, then the process ex
 cannot be stopped from here).
 
     kind_of(p), tag(p)                     the point's kind ("tma", "split", "epismem", "epishfl",
-                                           "bulk", "cp.async") and its printed name
+                                           "bulk", "cp.async"; W.in_space tells an unverified cw3 or
+                                           swizzle point from the space's) and its printed name
     compile_specs(pool, specs)             cubins of the specs' kernels not compiled yet (CUBINS)
     check_and_time(specs, bufs, out, err_of, graphs, what, bulk_b=None, on_hang=None) -> rows
     best(rows, pred)                       (params, ms) of the fastest ok row that pred takes
@@ -48,7 +49,8 @@ def kind_of(p: dict) -> str:
 
 def tag(p: dict) -> str:
     return (_tag(p) + (f"/split{W.split_k(p)}" if W.split_k(p) > 1 else "") + ("/epismem" if W.epi_smem(p) else "")
-            + ("/epishfl" if W.epi_shfl(p) else "") + ("/tma" if W.load_kind(p) == "tma" else ""))
+            + ("/epishfl" if W.epi_shfl(p) else "") + (f"/swz{p['swizzle']}" if p.get("swizzle", 8) != 8 else "")
+            + ("/tma" if W.load_kind(p) == "tma" else ""))
 
 
 def compile_specs(pool, specs) -> list:

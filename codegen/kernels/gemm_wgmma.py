@@ -75,6 +75,15 @@ PINGPONG = [(128, 128, 6), (64, 256, 5), (64, 128, 8), (128, 64, 8)]
 # 2 x 132 warp groups evenly on N = 768 / 2304 / 3072 at 4096 rows (256 / 768 / 1024 tiles; the
 # cost model rates its area like 64x128 until measured)
 PINGPONG_TMA = [(128, 128, 7), (64, 128, 9), (128, 64, 9), (64, 192, 6), (64, 192, 7)]
+# Three consumer warp groups (kind "cw3", TMA only, unverified): BM = 192 = 3 x m64, BN = 128. At
+# BERT-base b32 (M = 4096: 22 tile rows) the grid is whole waves of 132 SMs on every GEMM: N = 768
+# -> 132 tiles, 2304 -> 396, 3072 -> 528 (128x128 leaves 192 tiles = 1.45 waves on N = 768).
+# 512 threads: 128 registers each (no setmaxnreg), 64 accumulators a consumer thread.
+TILE_SPACE_CW3 = [(192, 128, 5, 3)]
+# Kind "swizzle": the TMA points of the space at GROUP_M = 16 (twice the rows of tiles sharing B
+# panels in L2) for big grids (8192^3: A and B are 128 MB each, more than L2)
+SWIZZLE_WIDE = 16
+SWIZZLE_MIN_TILES = (32, 32)  # tile rows, tile columns of 128 (M, N >= 3969: 4096^3, 8192^3)
 REGS_BESIDES_ACC = 28  # addresses, descriptors, loop state of a consumer thread (ptxas -v, 2026-12-02)
 
 
@@ -127,8 +136,12 @@ def _valid(p: dict, target: Target, im2col: bool = False) -> bool:
     rows = p["BM"] if pingpong(p) else p["BM"] // p["CW"]
     ctas = ctas_per_sm(p)
     acc = (rows // 64) * p["BN"] // 2
+    if p["CW"] not in (1, 2, 3) or (p["CW"] == 3 and load_kind(p) != "tma"):
+        return False
+    # one CTA of two warp groups or fewer: setmaxnreg / 255 registers; more (two CTAs, or 512 threads):
+    # the launch bounds' share, which the accumulators and REGS_BESIDES_ACC must fit
     return (rows % 64 == 0 and p["BN"] % 64 == 0 and p["BN"] <= 256 and p["STAGES"] >= 3 and ctas in (1, 2)
-            and (acc <= MAX_ACC if ctas == 1 else acc + REGS_BESIDES_ACC <= reg_cap(p, target))
+            and (acc <= MAX_ACC if ctas == 1 and p["CW"] <= 2 else acc + REGS_BESIDES_ACC <= reg_cap(p, target))
             and smem_bytes(p, im2col) <= target.smem_per_block_optin
             and ctas * (smem_bytes(p, im2col) + SMEM_RESERVED_PER_CTA) <= target.smem_per_sm)
 
@@ -325,8 +338,9 @@ UNVERIFIED_IN_SPACE = False
 # (16-byte stores through quad shuffles, 2026-12-03 afternoon, unrun on GPU). A kind joins the
 # declared space when UNVERIFIED_IN_SPACE or its IN_SPACE entry is True; flip an entry only with a
 # measurement that shows where it wins (tools/check_wgmma_vs_vendor.py).
-UNVERIFIED_KINDS = ("split", "epi_smem", "epi_shfl")
-IN_SPACE = {"split": False, "epi_smem": False, "epi_shfl": False}
+# "cw3" the BM = 192 three-consumer-warp-group tiles (TILE_SPACE_CW3), "swizzle" GROUP_M = SWIZZLE_WIDE
+UNVERIFIED_KINDS = ("split", "epi_smem", "epi_shfl", "cw3", "swizzle")
+IN_SPACE = {"split": False, "epi_smem": False, "epi_shfl": False, "cw3": False, "swizzle": False}
 # candidates(unverified=True): the kinds of the first round only (their GPU tests ran at 28e0771; what
 # the existing tests ask for); a later kind is asked for by name (unverified=("epi_shfl",) or "all")
 UNVERIFIED_TRUE = ("split", "epi_smem")
@@ -355,7 +369,8 @@ def in_space(p: dict) -> bool:
     """Whether point p's kinds are all in the declared space (an unverified kind's flag is on)."""
     kinds = unverified_kinds(None)
     return ((split_k(p) == 1 or "split" in kinds) and (not epi_smem(p) or "epi_smem" in kinds)
-            and (not epi_shfl(p) or "epi_shfl" in kinds))
+            and (not epi_shfl(p) or "epi_shfl" in kinds) and (p["CW"] != 3 or "cw3" in kinds)
+            and (p.get("swizzle", gemm.GROUP_M) != SWIZZLE_WIDE or "swizzle" in kinds))
 
 
 def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bulk: bool = False,
@@ -384,24 +399,32 @@ def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bul
         tma_points = [dict(p, LOAD="tma") for p in out] + [
             dict(p, swizzle=gemm.GROUP_M) for p in deep
             if _valid(p, target, im2col) and gemm._size_ok(p["BM"], problem.M) and gemm._size_ok(p["BN"], problem.N)]
-    split = []
+    if tma_points and "cw3" in kinds:  # (before the kinds below, which then take them too)
+        wide = [dict(BM=bm, BN=bn, STAGES=st, CW=cw, LOAD="tma", swizzle=gemm.GROUP_M) for bm, bn, st, cw in TILE_SPACE_CW3]
+        wide += [dict(p, PERSIST=True) for p in wide]
+        tma_points = tma_points + [p for p in wide if _valid(p, target, im2col) and gemm._size_ok(p["BM"], problem.M)
+                                   and gemm._size_ok(p["BN"], problem.N)]
+    extra = []  # the unverified kinds' points
+    if tma_points and "swizzle" in kinds and all(
+            cdiv(d, 128) >= lo for d, lo in zip((problem.M, problem.N), SWIZZLE_MIN_TILES)):
+        extra += [dict(p, swizzle=SWIZZLE_WIDE) for p in tma_points]
     if "split" in kinds:
         # split-K (TMA, a CTA a tile): grids of fewer tiles than SMs with long K (split_points)
-        split = [dict(p, SPLIT_K=sk) for p in tma_points if not persistent(p)
+        extra += [dict(p, SPLIT_K=sk) for p in tma_points if not persistent(p)
                  for sk in split_points(problem, p, target)]
     if "epi_smem" in kinds:
         # the staged epilogue (EPI = smem) of the CTA-a-tile TMA points
-        split += [dict(p, EPI="smem") for p in tma_points if _valid(dict(p, EPI="smem"), target, im2col)]
+        extra += [dict(p, EPI="smem") for p in tma_points if _valid(dict(p, EPI="smem"), target, im2col)]
     if "epi_shfl" in kinds and epi_shfl_fits(problem):
         # 16-byte stores through quad shuffles (EPI = shfl) on every TMA point, and on the split ones
         # of the smallest split of each tile (batch-1 grids: the fewest partials)
         first_split = {}
-        for p in split:
+        for p in extra:
             if split_k(p) > 1:
                 first_split.setdefault((p["BM"], p["BN"], p["STAGES"], p["CW"], p.get("CTAS", 1)), p)
-        split += [dict(p, EPI="shfl") for p in tma_points + list(first_split.values())]
-    return ([dict(p, b_bulk=True) for p in out or [smallest]] + plain + tma_points + split) if b_bulk \
-        else plain + tma_points + split
+        extra += [dict(p, EPI="shfl") for p in tma_points + list(first_split.values())]
+    return ([dict(p, b_bulk=True) for p in out or [smallest]] + plain + tma_points + extra) if b_bulk \
+        else plain + tma_points + extra
 
 
 # Split-K on the TMA points (SPLIT_K = S > 1, gemm.py's scheme and scratch: gemm.splitk_workspace's

@@ -146,3 +146,94 @@ def test_shfl_epilogue_gpu(case):
     view = big[2:2 + pr.M * pr.N].reshape(pr.M, pr.N)
     _run_tma(W.render(pr, pts[0]), dict(bufs, D=view))
     _check(_host(view, odt), ref, tol)
+
+
+# ---------------------------------------------------------------- kinds cw3 (BM = 192) and swizzle (CPU)
+def test_cw3_and_swizzle_points():
+    pr = gemm.GemmProblem(4096, 768, 768, dtype="float16")
+    assert not any(p["CW"] == 3 for p in W.candidates(pr, SM90A, unverified="all")
+                   if W.load_kind(p) != "tma")
+    cw3 = [p for p in W.candidates(pr, SM90A, unverified=("cw3", "epi_shfl")) if p["CW"] == 3]
+    assert {(p["BM"], p["BN"]) for p in cw3} == {(192, 128)} and not any(W.in_space(p) for p in cw3)
+    assert any(W.persistent(p) for p in cw3) and any(W.epi_shfl(p) for p in cw3)
+    assert W.grid_of(pr, cw3[0], SM90A)[0] == 132  # 22 x 6 tiles: one whole wave
+    spec = W.render(pr, cw3[0])
+    assert spec.block == (512, 1, 1) and "setmaxnreg" not in spec.source
+    assert not any(p["CW"] == 3 for p in W.candidates(gemm.GemmProblem(128, 768, 768), SM90A, unverified="all"))
+    with pytest.raises(ValueError, match="declared space"):
+        W.render(pr, dict(cw3[0], LOAD="cp_async"))
+    big = gemm.GemmProblem(8192, 8192, 8192, dtype="bfloat16")
+    swz = [p for p in W.candidates(big, SM90A, unverified=("swizzle",)) if p.get("swizzle") == W.SWIZZLE_WIDE]
+    assert swz and all(W.load_kind(p) == "tma" and not W.in_space(p) for p in swz)
+    assert not any(p.get("swizzle") == W.SWIZZLE_WIDE for p in W.candidates(pr, SM90A, unverified="all"))
+    assert "GROUP_M" not in str(W.render(big, swz[0]).params) and W.render(big, swz[0]).name != \
+        W.render(big, dict(swz[0], swizzle=8)).name
+
+
+@pytest.mark.skipif(not HAVE_NVRTC, reason="NVRTC unavailable")
+def test_cw3_kernels_compile_sm90a():
+    """BM = 192 with transposed A (three 64-row MN-major boxes), the full epilogue, bf16; a 3x3 conv's
+    im2col point; split-K over three consumer warp groups."""
+    pr = gemm.GemmProblem(1000, 1000, 520, dtype="bfloat16", trans_a=True, has_bias=True, bias_dtype="float32",
+                          has_c=True, c_dtype="bfloat16", ldc_m=1000, ldc_n=1, beta=0.5, act="gelu")
+    pts = [p for p in W.candidates(pr, SM90A, unverified=("cw3", "epi_smem", "split")) if p["CW"] == 3]
+    firsts = {}
+    for p in pts:
+        if not W.persistent(p):
+            firsts.setdefault((W.epi_smem(p), W.split_k(p) > 1), p)
+    assert len(firsts) == 3
+    specs = [W.render(pr, p) for p in firsts.values()]
+    cp = conv.ConvProblem(32, 128, 28, 28, 128, 3, 3, pads=(1,) * 4, in_layout="NHWC", out_layout="NHWC")
+    gp, geo = CW.igemm_problem(cp), CW.im2col_geometry(cp)
+    specs += [W.render(gp, next(p for p in W.candidates(gp, SM90A, True, True, True, unverified=("cw3",))
+                                if p["CW"] == 3), im2col=geo, target=SM90A)]
+    srcs = list({s.name: s.source for s in specs}.values())
+    assert len(srcs) == 4
+    with ProcessPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as ex:
+        assert all(sz > 0 for sz in ex.map(_compile, srcs))
+
+
+CW3_GPU_CASES = [(1000, 996, 520, "float16", False, True, "bias_residual_relu"),
+                 (200, 136, 328, "bfloat16", True, False, "bias_gelu"),
+                 (4096, 768, 768, "float16", False, False, "none")]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("case", CW3_GPU_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{c[3]}-{c[6]}")
+def test_cw3_gpu(case):
+    """Every BM = 192 point (one tile a CTA, persistent, staged and shuffle epilogues) against numpy,
+    outputs poisoned."""
+    from .test_conv_tma import _cubins
+    from .test_gemm_tma import _run_tma
+    from .test_gemm_wgmma import _bufs, _case_arrays
+    rng = np.random.default_rng(abs(hash(case)) & 0xFFFF)
+    pr, a, b, extra, ref = _case_arrays(case, rng)
+    odt = pr.out_dtype or pr.dtype
+    bufs = _bufs(pr, a, b, extra)
+    pts = [p for p in W.candidates(pr, SM90A, unverified="all") if p["CW"] == 3]
+    assert pts
+    _cubins([W.render(pr, p) for p in pts])
+    for p in pts:
+        d = _poison((pr.M, pr.N), odt)
+        _run_tma(W.render(pr, p), dict(bufs, D=d), times=2 if W.split_k(p) > 1 else 1)
+        _check(_host(d, odt), ref, 1e-2 if pr.dtype == "float16" else 3e-2)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_swizzle16_gpu():
+    """The GROUP_M = 16 points (4096 x 4096, K = 128) against numpy, outputs poisoned."""
+    from .test_conv_tma import _cubins
+    from .test_gemm_tma import _run_tma
+    from .test_gemm_wgmma import _bufs, _case_arrays
+    case = (4096, 4096, 128, "float16", False, False, "bias")
+    pr, a, b, extra, ref = _case_arrays(case, np.random.default_rng(11))
+    bufs = _bufs(pr, a, b, extra)
+    pts = [p for p in W.candidates(pr, SM90A, unverified=("swizzle",)) if p.get("swizzle") == W.SWIZZLE_WIDE]
+    assert pts
+    _cubins([W.render(pr, p) for p in pts])
+    for p in pts[::2]:
+        d = _poison((pr.M, pr.N), "float16")
+        _run_tma(W.render(pr, p), dict(bufs, D=d))
+        _check(_host(d, "float16"), ref, 1e-2)
