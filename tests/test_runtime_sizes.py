@@ -129,6 +129,71 @@ def test_range_build_fp16_attention_takes_the_tensor_core_kernel(tmp_path, preci
         np.testing.assert_allclose(m.run({"x": x})["y"], _ort(model, {"x": x})[0], rtol=5e-2, atol=5e-2)
 
 
+def _kernels(out: Path, word: str) -> list:
+    plan = json.loads((out / "plan.json").read_text())
+    return [l for l in plan["launches"] if l["kind"] == "kernel" and word in l["kernel"]]
+
+
+def test_range_build_fp16_gemms_take_their_epilogues_over_runtime_rows(tmp_path):
+    """fuse-epilogue forms the bias / residual / Gelu groups over B*S rows; the mma.sync GEMM takes
+    M = B*S per run (its grid ceil(M / BM) * tiles_n per run): the encoder's projections are one
+    launch each, as in a static build."""
+    model = profile_models.encoder(tmp_path / "enc.onnx")
+    out = tmp_path / "o"
+    nnc.compile(model, profiles=[ENC_PROFILE], out=out, backend="reference", codegen=True, tune=False,
+                precision="fp16")
+    ir = (out / "ir" / "final.nnir").read_text()
+    assert ir.count('kind = "gemm_epilogue"') == 6
+    gemms = _kernels(out, "gemm_tc")
+    assert len(gemms) == 6 and not _kernels(out, "matmul")  # no separate bias / residual / Gelu launches
+    bs = {"op": "mul", "args": [{"sym": "B"}, {"sym": "S"}]}
+    for l in gemms:
+        assert l["grid_expr"][0]["op"] == "mul" or l["grid_expr"][0]["op"] == "div"
+        m_arg = [a for a in l["args"] if "buf" not in a][0]
+        assert m_arg["type"] == "int32_t" and m_arg["expr"] == bs and m_arg["value"] == 256
+
+
+def _gemm_rows_model(tmp_path) -> Path:
+    """x f32[M,64] -> Relu(Gemm(x, W1^T, b1)) [M,96] -> MatMul(., W2) + x -> Sigmoid: a Gemm with a
+    per-column bias and an activation, a MatMul with a residual and an activation, over M rows."""
+    rng = np.random.default_rng(13)
+    w1 = (rng.standard_normal((96, 64)) / 8).astype(np.float32)
+    w2 = (rng.standard_normal((96, 64)) / 10).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["g"], transB=1),
+         helper.make_node("Relu", ["g"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["mm"]),
+         helper.make_node("Add", ["mm", "x"], ["res"]),
+         helper.make_node("Sigmoid", ["res"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", 64])],
+        [onnx.numpy_helper.from_array(w1, "w1"), onnx.numpy_helper.from_array(w2, "w2"),
+         onnx.numpy_helper.from_array(rng.standard_normal(96).astype(np.float32), "b1")])
+    p = tmp_path / "gemm_rows.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), str(p))
+    return p
+
+
+GEMM_ROWS_PROFILE = "x:1x64/77x64/256x64"
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_gemm_and_matmul_epilogues_over_runtime_rows(tmp_path, precision):
+    p = _gemm_rows_model(tmp_path)
+    out = tmp_path / "o"
+    nnc.compile(p, profiles=[GEMM_ROWS_PROFILE], out=out, backend="reference", codegen=True, tune=False,
+                precision=precision)
+    gemms = _kernels(out, "gemm_tc")
+    assert len(gemms) == 2 and all("grid_expr" in l for l in gemms)
+    src = (out / "model.cu").read_text()
+    assert "Relu" in src and "Sigmoid" in src
+    m = nnc.load(out, backend="reference")
+    rng = np.random.default_rng(14)
+    for n in (1, 77, 100, 256):
+        x = rng.standard_normal((n, 64)).astype(np.float32)
+        np.testing.assert_allclose(m.run({"x": x})["y"], _ort(p, {"x": x})[0], rtol=3e-2, atol=3e-2)
+
+
 BERT_PROFILE = "ids:1x1/2x77/4x128,mask:1x1/2x77/4x128"
 
 
@@ -512,3 +577,23 @@ def test_gpu_encoder_16bit_one_build_tensor_core_attention(tmp_path, precision):
         got = m.run({"x": x}, output="numpy", poison=True)["y"]
         assert got.shape == (b, s, 64)
         np.testing.assert_allclose(got.astype(np.float32), _ort(model, {"x": x})[0], rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_gpu_gemm_epilogues_over_runtime_rows(tmp_path, precision):
+    """The mma.sync GEMM with a fused bias+Relu (Gemm) and residual+Sigmoid (MatMul) epilogue over
+    M = 1 (min), 77 (opt), 256 (max), 100 and 65 (not multiples of the row tile), poisoned outputs."""
+    from nnc.runtime import require_gpu
+    require_gpu()
+    p = _gemm_rows_model(tmp_path)
+    out = tmp_path / "o"
+    m = nnc.compile(p, profiles=[GEMM_ROWS_PROFILE], out=out, tune=False, precision=precision)
+    assert len(_kernels(out, "gemm_tc")) == 2
+    rng = np.random.default_rng(15)
+    tol = 2e-2 if precision == "fp16" else 5e-2
+    for n in (1, 77, 256, 100, 65, 1):
+        x = rng.standard_normal((n, 64)).astype(np.float32)
+        got = m.run({"x": x}, output="numpy", poison=True)["y"]
+        assert got.shape == (n, 64)
+        np.testing.assert_allclose(got.astype(np.float32), _ort(p, {"x": x})[0], rtol=tol, atol=tol)

@@ -11,6 +11,10 @@
   fuse-horizontal's per-member bias [G, 1, 1, N], is read with zero strides along its broadcast
   axes: gemm_lowering.c_strides), the activation to its epilogue activation;
 - a final Cast is the output buffer's dtype (the GEMM's out_dtype);
+- a range profile (codegen/runtime_sizes.py): a Gemm/MatMul group whose rows M are symbolic
+  takes the GEMM variant that runs a runtime M (gemm_lowering.runtime_rows); a residual must then
+  have exactly the shape it is added onto; the split takes the rest (its parts have runtime
+  sizes); the conv epilogue stays static;
 - views (Reshape & co. keeping the last axis) need nothing: the GEMM writes the group's output,
   which is the same bytes; a residual added after or before one is read as the shape it was
   added onto (Epilogue.residual_onto).
@@ -68,6 +72,7 @@ class _Group:
     beta: float
     conv: bool
     chan: int
+    residual_onto_ir: Optional[tuple] = None  # residual_onto as the IR has it (a range profile: with its symbols)
 
 
 def _group(problem: Problem):
@@ -105,13 +110,20 @@ def _read(problem: Problem):
         elif not conv and gemm_c_is_bias(anchor, const_of) and float(anchor.attrs.beta) != 0.0:
             bias = float(anchor.attrs.beta) * np.broadcast_to(np.asarray(own, np.float64).reshape(-1), (chan,))
             operands = operands[:2]
-    alpha, beta, residual, onto, act, act_params = 1.0, 1.0, None, None, "none", ()
+    alpha, beta, residual, onto, act, act_params, onto_ir = 1.0, 1.0, None, None, "none", (), None
     for s in ch.steps:
         if s.role == "bias":
             v = np.broadcast_to(np.asarray(const_of(s.operand), np.float64).reshape(-1), (chan,))
             bias = v if bias is None else bias + v
         elif s.role == "residual":
             residual, onto = s.operand, tuple(s.op.results[0].type.shape)
+            onto_ir = onto
+            if any(not isinstance(d, int) for d in onto + tuple(residual.type.shape)):
+                # a range profile: the kernel reads C at the max shape's strides, right at every
+                # size only for a residual of exactly the shape it is added onto
+                if tuple(residual.type.shape) != onto:
+                    return "a residual broadcast along a symbolic dim"
+                onto = L.static_shape(s.op.results[0])
         elif s.role == "scale":
             alpha, beta = alpha * s.scale, beta * s.scale
             bias = None if bias is None else bias * s.scale
@@ -121,7 +133,7 @@ def _read(problem: Problem):
     if len(operands) != len(anchor.operands):  # without the bias it gave up; results not re-owned
         a_op = Op(anchor.name, operands, [], anchor.attrs, anchor.loc)
         a_op.results = anchor.results
-    return _Group(anchor, a_op, bias, residual, onto, act, act_params, alpha, beta, conv, chan)
+    return _Group(anchor, a_op, bias, residual, onto, act, act_params, alpha, beta, conv, chan, onto_ir)
 
 
 def _gemm_epilogue_info(problem: Problem, g: _Group) -> Epilogue:
@@ -136,7 +148,7 @@ def _epilogue_key(g: _Group) -> str:
     # a residual broadcast onto the result (a per-batch bias) reads less than a full one: its shape
     # is part of the key (a full one's key stays as it was)
     bshape = ""
-    if g.residual is not None and tuple(g.residual.type.shape) != g.residual_onto:
+    if g.residual is not None and tuple(g.residual.type.shape) != g.residual_onto_ir:
         bshape = "x".join(map(str, g.residual.type.shape))
         bshape = f"[{bshape}]"
     return (f"|epilogue(bias={g.bias is not None},residual={g.residual is not None}{bshape},act={g.act}"
@@ -265,9 +277,11 @@ def _render_split(ctx: LowerCtx, problem: Problem, params: dict):
     return True
 
 
+# runtime_sizes: a range profile's group takes its GEMM variant only where that one takes the
+# runtime rows (gemm_lowering.runtime_rows; each variant's own check refuses the rest), else the split
 GEMM_EPILOGUE = register(Variant("epilogue.gemm", "epilogue", ("fused",), _render_gemm, _applies_gemm,
-                                 priority=PRIORITY, rank=0, kinds=KINDS, regions=True))
+                                 priority=PRIORITY, rank=0, kinds=KINDS, regions=True, runtime_sizes=True))
 CONV_EPILOGUE = register(Variant("epilogue.conv", "epilogue", ("fused",), _render_conv, _applies_conv,
                                  priority=PRIORITY, rank=1, kinds=KINDS, regions=True, may_decline=True))
 SPLIT = register(Variant("epilogue.split", "epilogue", ("fused",), _render_split, _applies_split,
-                         priority=PRIORITY, rank=2, kinds=KINDS, regions=True))
+                         priority=PRIORITY, rank=2, kinds=KINDS, regions=True, runtime_sizes=True))  # its parts check their own

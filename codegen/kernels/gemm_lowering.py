@@ -329,21 +329,77 @@ def _case(problem, a, b, c, y):
     return gemm_case(a, b, c, y, problem.op.attrs, epi, tf32, problem.target)
 
 
+def runtime_rows(problem):
+    """A range profile's GEMM (codegen/runtime_sizes.py): the Expr of its rows M, or why the
+    kernel cannot take it. The kernels read M as an argument and guard every row (the tail tile's
+    loads and stores), so a runtime M is correct where nothing else depends on a symbol: the
+    common case, activations [*batch, S, K] times a static weight [K, N] (the batch folded into
+    the rows), or a Gemm without transA; N and K static, a Gemm's own C a static per-column bias
+    or of the result's own shape (ldc_m = N at every size). The problem is then built at the
+    profile's max (buffers are sized there; a smaller run is the prefix of each)."""
+    a, b, y = problem.sym_shape(0), problem.sym_shape(1), problem.sym_result_shape(0)
+    if not all(isinstance(d, int) for d in b) or len(b) != 2 or len(a) < 2 or not isinstance(a[-1], int) \
+            or not isinstance(y[-1], int) or tuple(y) != tuple(a[:-1]) + (y[-1],):
+        return "symbolic dims other than the rows of A (a static 2-D B)"
+    if problem.op.name == "Gemm":
+        if int(problem.attr("transA", 0) or 0):
+            return "symbolic rows with transA"
+        if problem.has(2) and problem.op.operands[2] is not None:
+            cs = problem.sym_shape(2)
+            if not all(isinstance(d, int) for d in cs) and tuple(cs) != tuple(y):
+                return "a symbolic C that is not of the result's shape"
+    return math.prod(a[:-1])
+
+
+def _rt_fit(problem, pr: gemm.GemmProblem, rows) -> Optional[str]:
+    """Why the GemmProblem built at max cannot run at the runtime rows `rows` (None: it can)."""
+    from ..runtime_sizes import at_max
+    if pr.nbatch != 1 or pr.trans_a or pr.bias_rows or pr.M != at_max(rows, problem.L.sym_max):
+        return "symbolic rows that do not fold into one GEMM's M"
+    return None
+
+
+def _opt_rows(problem, pr: gemm.GemmProblem) -> gemm.GemmProblem:
+    """The problem at the range profile's opt rows: the tile heuristics and the f32 cut-off decide
+    there, as a static build of the opt shape would."""
+    from ..runtime_sizes import at_max, at_opt
+    rows = problem.memo["gemm_rows"]
+    return gemm.with_(pr, M=max(1, at_max(rows, at_opt(problem.options.symbol_ranges))))
+
+
 def _applies(problem):
     got = _case(problem, problem.tensor(0), problem.tensor(1), problem.tensor(2) if problem.op.name == "Gemm" else None,
                 problem.result(0))
     if isinstance(got, str):
         return no(got)
-    problem.memo["gemm"] = got[0]
+    pr = got[0]
+    problem.memo.pop("gemm_rows", None)
+    if getattr(problem, "symbolic", False):
+        rows = runtime_rows(problem)
+        why = rows if isinstance(rows, str) else _rt_fit(problem, pr, rows)
+        if why is not None:
+            return no(why)
+        problem.memo["gemm_rows"] = rows
+        pr = _opt_rows(problem, pr)
+        if not f32_worth_it(pr, problem.target):
+            return no("strict fp32 problem too small for the FFMA kernel at the profile's opt (F32_MIN_CTAS)")
+    problem.memo["gemm"] = pr
     return YES
 
 
 def _space(problem) -> list:
-    return gemm.candidates(problem.memo["gemm"], problem.target)
+    space = gemm.candidates(problem.memo["gemm"], problem.target)
+    if "gemm_rows" in problem.memo:  # split-K's workspace and tile counters are sized by M: unsplit only
+        space = [p for p in space if p.get("SPLIT_K", 1) == 1]
+    return space
 
 
 def _default(problem, space) -> dict:
-    return gemm.default_params(problem.memo["gemm"], problem.target)
+    got = gemm.default_params(problem.memo["gemm"], problem.target)
+    if "gemm_rows" in problem.memo and got.get("SPLIT_K", 1) != 1:
+        same = [p for p in space if all(p.get(k) == got.get(k) for k in ("BM", "BN", "BK"))]
+        got = dict((same or space)[0])
+    return got
 
 
 def _render(ctx: LowerCtx, problem, params: dict):
@@ -353,8 +409,25 @@ def _render(ctx: LowerCtx, problem, params: dict):
     if isinstance(got, str):
         ctx.fail(f"internal error: the GEMM variant applied but its buffers do not fit ({got})")
     pr, bufs = got
-    emit_spec(ctx, gemm.render(pr, params), bufs)
+    spec = gemm.render(pr, params)
+    rows = problem.memo.get("gemm_rows")
+    if rows is not None:
+        spec = runtime_rows_spec(spec, rows, pr.N, params)
+    emit_spec(ctx, spec, bufs)
     return True
+
+
+def runtime_rows_spec(spec: KernelSpec, rows, N: int, params: dict) -> KernelSpec:
+    """A GEMM rendered at the profile's max rows, made to run `rows` (an Expr) per run: the M
+    argument and the grid's tiles (ceil(M / BM) * ceil(N / BN), the kernel's own tiles_m from the
+    same M) evaluated per run. The source is the same at every M."""
+    import dataclasses
+    from ..runtime_sizes import ceil_div
+    if spec.grid[1] != 1 or spec.grid[2] != 1:
+        raise ValueError("internal error: a runtime-rows GEMM with split-K or a batch")
+    args = [(role, ct, rows if role == "M" else val) for role, ct, val in spec.args]
+    grid = (ceil_div(rows, params["BM"]) * -(-N // params["BN"]), 1, 1)
+    return dataclasses.replace(spec, args=args, grid=grid)
 
 
 def _time_model(problem, params) -> float:
@@ -365,9 +438,9 @@ def _time_model(problem, params) -> float:
 
 
 MATMUL = register(Variant("gemm.matmul", "gemm", ("MatMul",), _render, _applies, _space, _default,
-                          priority=FAST_PRIORITY, cost=_time_model))
+                          priority=FAST_PRIORITY, cost=_time_model, runtime_sizes=True))  # runtime rows only
 GEMM = register(Variant("gemm.gemm", "gemm", ("Gemm",), _render, _applies, _space, _default,
-                        priority=FAST_PRIORITY, cost=_time_model))
+                        priority=FAST_PRIORITY, cost=_time_model, runtime_sizes=True))
 FAST = {"MatMul": MATMUL, "Gemm": GEMM}  # the mma.sync variants a fused GEMM epilogue group renders its anchor with
 # every GEMM-family variant a fused epilogue group may render its anchor with, in the heuristic order
 # (other GEMM families, e.g. gemm_wgmma.py, add theirs with add_epilogue_variant)

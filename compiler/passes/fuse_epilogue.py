@@ -33,7 +33,8 @@ in this form (templates/gemm_tc_core.cu.j2, gemm_f32.cu.j2, conv_direct.cu.j2):
   would split into GEMM + one more elementwise launch; GPT-2 fp32 99 -> 123 launches).
 The fused op's `params` names the epilogue in the kernel's order, e.g. "bias residual relu".
 
-Must hold: static shapes and float (f16/bf16/f32) types without layout tags on the whole chain;
+Must hold: static shapes (a Gemm/MatMul chain: or a range profile's symbolic dims anywhere but the
+last axis, the runtime rows of codegen/kernels/gemm_lowering.runtime_rows) and float (f16/bf16/f32) types without layout tags on the whole chain;
 every intermediate has exactly one user (the next op of the chain) and is not a function result,
 so only the chain's last value leaves the kernel; the group is convex (ir/outline.py checks).
 A Conv's own bias must be a constant when the chain adds another (the two are summed at compile
@@ -113,6 +114,16 @@ def _ok_type(v: Value) -> bool:
     return t.is_static and t.dtype.short in FLOATS  # a layout tag: same physical dims (ir/layout.py)
 
 
+def _ok_type_rows(v: Value) -> bool:
+    """_ok_type, or a range profile's symbolic dims (no `?`) anywhere but the last axis: a
+    Gemm/MatMul chain over runtime rows (the lowering runs M per run where its GEMM variant can,
+    codegen/kernels/gemm_lowering.runtime_rows, else splits the group again)."""
+    t = v.type
+    if t.shape is None or t.dtype.short not in FLOATS or not t.shape or not isinstance(t.shape[-1], int):
+        return False
+    return all(isinstance(d, int) or d.kind != "unknown" for d in t.shape)
+
+
 def _scalar(v: Value, const_of) -> Optional[float]:
     a = const_of(v)
     if a is None or a.size != 1 or a.ndim > 1:
@@ -165,10 +176,11 @@ def _activation(op: Op, const_of) -> Optional[tuple]:
 
 
 def anchor_ok(op: Op) -> bool:
-    if op.name not in ANCHORS or len(op.results) != 1 or not _ok_type(op.results[0]):
+    ok = _ok_type if op.name == "Conv" else _ok_type_rows
+    if op.name not in ANCHORS or len(op.results) != 1 or not ok(op.results[0]):
         return False
     ins = [v for v in op.operands if v is not None]
-    if not all(_ok_type(v) for v in ins) or len({v.type.dtype for v in ins} | {op.results[0].type.dtype}) != 1:
+    if not all(ok(v) for v in ins) or len({v.type.dtype for v in ins} | {op.results[0].type.dtype}) != 1:
         return False
     if op.name == "Conv":
         return op.results[0].type.rank in (3, 4)  # 1-D and 2-D convs (the kernels' geometries)
@@ -181,7 +193,8 @@ def classify(anchor: Op, op: Op, cur: Value, seen: set, const_of: ConstOf) -> Op
     """What `op` (reading the chain's current value `cur`) does in the epilogue, given the roles
     `seen` so far; None when the kernel cannot do it there."""
     out = op.results[0] if len(op.results) == 1 else None
-    if out is None or not _ok_type(out) or ("act" in seen and op.name != "Cast") or "cast" in seen:
+    ok = _ok_type if anchor.name == "Conv" else _ok_type_rows
+    if out is None or not ok(out) or ("act" in seen and op.name != "Cast") or "cast" in seen:
         return None
     shape = tuple(cur.type.shape)  # the anchor's, or a view's of it (Gemm/MatMul: last axis N)
     conv = anchor.name == "Conv"
