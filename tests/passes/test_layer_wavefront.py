@@ -30,22 +30,31 @@ GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
 
 
 def stack_model(kind, L=2, S=5, B=2, I=6, H=8, *, seed=0, states=True, direction="forward", scale=0.4,
-                y_read_too=False):
+                y_read_too=False, torch_h0=False):
     """L ONNX `kind` nodes, each Y -> Squeeze(1) -> the next one's X (torch's unidirectional stack
     export); the graph returns the last Y and, `states`, every layer's Y_h (and, LSTM, the first
-    layer's Y_c). y_read_too: layer 0's squeezed Y is a graph output too."""
+    layer's Y_c). y_read_too: layer 0's squeezed Y is a graph output too. torch_h0: each layer's
+    initial_h (and c) a Slice of ConstantOfShape([L, B, H], 0), as torch exports hx = None."""
     r = np.random.default_rng(seed)
     g = GATES[kind]
     w = lambda *s: (r.standard_normal(s) * scale).astype(np.float32)  # noqa: E731
     inits = [nh.from_array(np.array([1], np.int64), "ax1")]
     nodes, x, outs = [], "x", []
+    if torch_h0:
+        inits.append(nh.from_array(np.array([L, B, H], np.int64), "hx_shape"))
+        nodes.append(oh.make_node("ConstantOfShape", ["hx_shape"], ["hx"], value=oh.make_tensor("z", T.FLOAT, [1], [0.0])))
     for layer in range(L):
         inits += [nh.from_array(w(1, g * H, I if layer == 0 else H), f"W{layer}"),
                   nh.from_array(w(1, g * H, H), f"R{layer}"), nh.from_array(w(1, 2 * g * H), f"B{layer}")]
         extra = {"linear_before_reset": 1} if kind == "GRU" else {}
         res = [f"Y{layer}", f"Yh{layer}"] + ([f"Yc{layer}"] if kind == "LSTM" else [])
-        nodes.append(oh.make_node(kind, [x, f"W{layer}", f"R{layer}", f"B{layer}"], res, hidden_size=H,
-                                  direction=direction, **extra))
+        ins = [x, f"W{layer}", f"R{layer}", f"B{layer}"]
+        if torch_h0:
+            inits += [nh.from_array(np.array([layer], np.int64), f"s{layer}"),
+                      nh.from_array(np.array([layer + 1], np.int64), f"e{layer}")]
+            nodes.append(oh.make_node("Slice", ["hx", f"s{layer}", f"e{layer}"], [f"h0_{layer}"]))
+            ins += ["", f"h0_{layer}"] + ([f"h0_{layer}"] if kind == "LSTM" else [])
+        nodes.append(oh.make_node(kind, ins, res, hidden_size=H, direction=direction, **extra))
         nodes.append(oh.make_node("Squeeze", [f"Y{layer}", "ax1"], [f"x{layer + 1}"]))
         x = f"x{layer + 1}"
         if states:
@@ -152,13 +161,15 @@ def test_verifier_rejects_bidirectional():
 
 # ---------------------------------------------------------------- same outputs
 
-CASES = [(k, L, d) for k in ("RNN", "GRU", "LSTM") for L in (2, 3) for d in ("forward",)] + \
-        [("LSTM", 2, "reverse"), ("GRU", 3, "reverse")]
+CASES = [(k, L, d, False) for k in ("RNN", "GRU", "LSTM") for L in (2, 3) for d in ("forward",)] + \
+        [("LSTM", 2, "reverse", False), ("GRU", 3, "reverse", False), ("RNN", 2, "forward", True),
+         ("LSTM", 3, "forward", True)]
 
 
-@pytest.mark.parametrize("kind,L,direction", CASES, ids=[f"{k}-{L}-{d}" for k, L, d in CASES])
-def test_stack_same_outputs_as_before_and_onnxruntime(kind, L, direction, rng):
-    model = stack_model(kind, L=L, direction=direction, seed=L)
+@pytest.mark.parametrize("kind,L,direction,torch_h0", CASES,
+                         ids=[f"{k}-{L}-{d}{'-torch_h0' if z else ''}" for k, L, d, z in CASES])
+def test_stack_same_outputs_as_before_and_onnxruntime(kind, L, direction, torch_h0, rng):
+    model = stack_model(kind, L=L, direction=direction, seed=L, torch_h0=torch_h0)
     ref = import_model(model)
     feed = {"x": rng.standard_normal((5, 2, 6)).astype(np.float32)}
     want = Interpreter(ref).run(feed)
@@ -288,9 +299,11 @@ def test_gpu_wavefront_matches_interpreter_and_hoisted(kind, L, H, prec, B, S, t
     for i in range(3):
         feed = {"x": rng.standard_normal((S, B, H)).astype(np.float32)}
         want = Interpreter(ref_mod).run(feed)
-        got = wave.run(feed, output="numpy", poison=True)
+        fw = {"x": feed["x"].astype(wave.inputs[0].dtype)}  # (fp16 builds may take f16 inputs)
+        fh = {"x": feed["x"].astype(hoist.inputs[0].dtype)}
+        got = wave.run(fw, output="numpy", poison=True)
         assert all(np.isfinite(np.asarray(v, np.float64)).all() for v in got.values()), f"run {i}: non-finite"
         _close(want, got, tol)
         _close(dict(zip(names, sess.run(None, feed))), got, tol)
-        _close(hoist.run(feed, output="numpy", poison=True), got, tol)
+        _close(hoist.run(fh, output="numpy", poison=True), got, tol)
     (tmp_path / "plan_wave.json").write_text(json.dumps(plan_w["launches"][-1], default=str))
