@@ -74,6 +74,7 @@ def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False, half_
     from nnc.driver import compile_model
     if not (od / "plan.json").exists():
         old_passes, old_form = driver.pipeline_passes, recurrence.DEFAULT_STACK_FORM
+        old_wave_default = recurrence.wavefront_default
         if stack:
             from nnc.passes import layer_wavefront
 
@@ -83,7 +84,12 @@ def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False, half_
                     ps.insert(ps.index("time-fusion") + 1, ("layer-wavefront", layer_wavefront.run))
                 return ps
             driver.pipeline_passes = with_stack
-            recurrence.DEFAULT_STACK_FORM = stack
+            form, _, nsb = stack.partition("@")
+            recurrence.DEFAULT_STACK_FORM = form
+            if nsb:  # the wavefront at nsb blocks a layer (its default tiling there)
+                def at_nsb(kind, B, H, space, _default=old_wave_default):
+                    return _default(kind, B, H, [p for p in space if p.get("nsb") == int(nsb)])
+                recurrence.wavefront_default = at_nsb
         default = rnn.recurrence_default
         if half_blocks:
             def fewer(spec, target, space=None):
@@ -106,6 +112,7 @@ def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False, half_
                 setattr(rnn, n, v)
             rnn.recurrence_default = default
             driver.pipeline_passes, recurrence.DEFAULT_STACK_FORM = old_passes, old_form
+            recurrence.wavefront_default = old_wave_default
     return od
 
 
@@ -132,8 +139,8 @@ def points() -> list:
     pts = [(sync + ("" if n == "fma" else "_" + n), sync, kinds[n.rstrip("hq")], n[-1] if n[-1] in "hq" else False,
             None) for sync in syncs for n in names]
     for form in (ARGS.stack.split(",") if ARGS and ARGS.stack else []):
-        if form == "wavefront":
-            pts.append(("wave", "tagged", False, False, "wavefront"))
+        if form == "wavefront" or form.startswith("wavefront@"):  # @n: n blocks a layer
+            pts.append(("wave" + form.partition("@")[2], "tagged", False, False, form))
         elif form == "hoisted":
             pts += [(f"{sync}_stk", sync, False, False, "hoisted") for sync in syncs or ["tagged"]]
         else:
@@ -230,9 +237,9 @@ def bench_one(name: str, batch: int, work: Path, precs, pts, floor: dict):
                 r[f"ok_{label}"] = r[f"err_{label}"] <= TOL[prec]
                 if mma and not all(p.get("STEP_MMA") for p in rec_params(m.plan)):
                     r[f"note_{label}"] = "not every recurrence took the tensor-core step (space: fp16/bf16, H % 8)"
-                if stack == "wavefront" and not any("wavefront" in (la.get("kernel") or "") for la in m.plan["launches"]):
+                if stack and stack.startswith("wavefront") and not any("wavefront" in (la.get("kernel") or "") for la in m.plan["launches"]):
                     r[f"note_{label}"] = "no wavefront kernel: layer-wavefront stacked nothing (bidirectional?)"
-                if stack != "wavefront" and any(p.get("sync") != sync for p in rec_params(m.plan)):
+                if not (stack and stack.startswith("wavefront")) and any(p.get("sync") != sync for p in rec_params(m.plan)):
                     r[f"note_sync_{label}"] = (f"not every recurrence has sync {sync} (local: one block a direction, "
                                                f"only where R, h and B*H gate threads fit one SM)")
                 mods[label] = (m, cp.asarray(xin), xin, sync)
@@ -338,7 +345,8 @@ def main(argv=None) -> int:
                          "both = fma,mma")
     ap.add_argument("--stack", default="",
                     help="also time the layer-wavefront pass's recurrence_stack forms, comma-separated: wavefront "
-                         "(label wave: one launch, layer l at step t while l+1 at t-1), hoisted (label <sync>_stk: "
+                         "(label wave: one launch, layer l at step t while l+1 at t-1; wavefront@n: n blocks a layer, "
+                         "label wave<n>), hoisted (label <sync>_stk: "
                          "per layer the recurrence, then the next projection GEMM); --syncs '' leaves out the "
                          "plain builds")
     ap.add_argument("--reps", type=int, default=3)
