@@ -2,12 +2,13 @@
 and max shapes against static builds of those shapes, on the GPU; outputs checked against
 onnxruntime (CPU) first.
 
-    python tools/bench_profiles.py [--models cnn,encoder] [--iters 200] [--out DIR]
+    python tools/bench_profiles.py [--models cnn,encoder] [--precision fp32,fp16] [--iters 200] [--out DIR]
 
 Models (tools/profile_models.py): cnn = examples/tiny_cnn.onnx over batch 1/8/32; bert = one
 BERT-style layer (d=64, 4 heads) with an embedding Gather and an attention mask over ids/mask
-1x1 / 2x77 / 4x128 (encoder: the same layer on x:1x1x64 / 2x77x64 / 2x128x64). Every build: fp32,
---no-tune (the same heuristic selection on both sides), CUDA graphs on. A run is Module.run with
+1x1 / 2x77 / 4x128 (encoder: the same layer on x:1x1x64 / 2x77x64 / 2x128x64). Every build: each
+--precision given (default fp32; at fp16 the GEMMs take their epilogues and attention the mma.sync
+flash kernel, over runtime sizes in the range build), --no-tune (the same heuristic selection on both sides), CUDA graphs on. A run is Module.run with
 device (cupy) inputs and outputs (the input copy into the module's buffers, the graph replay, the
 output copy): the median over 5 repeats of `iters` runs between two CUDA events; "dev" replays
 each module's CUDA graph back to back (device time without run()'s host work). Targets:
@@ -101,6 +102,7 @@ def range_graph(m, feed):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="cnn,bert")
+    ap.add_argument("--precision", default="fp32", help="comma list: fp32, fp16, bf16")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--out", default="/tmp/nnc_bench_profiles")
     a = ap.parse_args()
@@ -110,45 +112,46 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     t_start = time.time()
-    for name in a.models.split(","):
+    for name, prec in [(n, p) for p in a.precision.split(",") for n in a.models.split(",")]:
         inputs, lo, opt, hi = MODELS[name]
         model = make_model(name, work)
         sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
         profile = ",".join(f"{inp}:{_dims(lo)}/{_dims(opt)}/{_dims(hi)}" for inp in inputs)
         t = time.time()
-        rng_m = nnc.compile(model, profiles=[profile], out=work / f"{name}_range", tune=False)
-        print(f"{name}: range build {profile} in {time.time() - t:.1f} s", flush=True)
+        rng_m = nnc.compile(model, profiles=[profile], out=work / f"{name}_{prec}_range", tune=False, precision=prec)
+        print(f"{name} {prec}: range build {profile} in {time.time() - t:.1f} s", flush=True)
+        tol = 1e-3 if prec == "fp32" else 5e-2
         rng = np.random.default_rng(0)
         for label, shape in (("min", lo), ("opt", opt), ("max", hi)):
             feed = make_feed(name, inputs, shape, rng)
             ref = sess.run(None, feed)[0]
             got = rng_m.run(feed, output="numpy", poison=True)
-            err = float(np.abs(next(iter(got.values())) - ref).max())
+            err = float(np.abs(next(iter(got.values())).astype(np.float32) - ref).max())
             t = time.time()
-            st_m = nnc.compile(model, shapes={inp: list(shape) for inp in inputs}, out=work / f"{name}_{label}",
-                               tune=False)
+            st_m = nnc.compile(model, shapes={inp: list(shape) for inp in inputs}, out=work / f"{name}_{prec}_{label}",
+                               tune=False, precision=prec)
             build_s = time.time() - t
-            st_err = float(np.abs(next(iter(st_m.run(feed, output="numpy").values())) - ref).max())
+            st_err = float(np.abs(next(iter(st_m.run(feed, output="numpy").values())).astype(np.float32) - ref).max())
             ms_static = time_run(st_m, feed, a.iters)
             ms_range = time_run(rng_m, feed, a.iters)
             g = range_graph(rng_m, feed)
             dev_static, dev_range = time_graph(st_m.graph, a.iters), time_graph(g, a.iters)
-            r = dict(model=name, at=label, shape=_dims(shape), static_ms=ms_static, range_ms=ms_range,
+            r = dict(model=name, prec=prec, tol=tol, at=label, shape=_dims(shape), static_ms=ms_static, range_ms=ms_range,
                      ratio=ms_range / ms_static, err=err, static_err=st_err, dev_static=dev_static,
                      dev_range=dev_range, graph=g is not None)
             rows.append(r)
-            print(f"{name} {label} {_dims(shape)}: static {ms_static:.4f} ms (graph replay {dev_static:.4f}, "
+            print(f"{name} {prec} {label} {_dims(shape)}: static {ms_static:.4f} ms (graph replay {dev_static:.4f}, "
                   f"{len(st_m.plan['launches'])} launches, built in {build_s:.1f} s, err {st_err:.1e}), range "
                   f"{ms_range:.4f} ms (graph replay {dev_range:.4f}, {len(rng_m.plan['launches'])} launches, "
                   f"graph {g is not None} {rng_m.graph_fallback or ''}, err {err:.1e}), ratio {r['ratio']:.3f}",
                   flush=True)
     print(f"\ntotal {time.time() - t_start:.0f} s")
     print("run: Module.run per request (host + device); dev: the graph replayed back to back (device)")
-    print(f"{'model':8} {'at':4} {'shape':10} {'static':>8} {'range':>8} {'ratio':>6} {'target':>6} {'ok':>3} "
+    print(f"{'model':8} {'prec':4} {'at':4} {'shape':10} {'static':>8} {'range':>8} {'ratio':>6} {'target':>6} {'ok':>3} "
           f"{'dev st':>8} {'dev rg':>8} {'dev ratio':>9} {'max err':>8}")
     for r in rows:
-        ok = r["ratio"] <= TARGET[r["at"]] and r["err"] < 1e-3
-        print(f"{r['model']:8} {r['at']:4} {r['shape']:10} {r['static_ms']:8.4f} {r['range_ms']:8.4f} "
+        ok = r["ratio"] <= TARGET[r["at"]] and r["err"] < r["tol"]
+        print(f"{r['model']:8} {r['prec']:4} {r['at']:4} {r['shape']:10} {r['static_ms']:8.4f} {r['range_ms']:8.4f} "
               f"{r['ratio']:6.3f} {TARGET[r['at']]:6.2f} {'yes' if ok else 'NO':>3} {r['dev_static']:8.4f} "
               f"{r['dev_range']:8.4f} {r['dev_range'] / r['dev_static']:9.3f} {r['err']:8.1e}")
     return 0
