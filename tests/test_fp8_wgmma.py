@@ -66,6 +66,7 @@ COVER = [
     (F.Fp8GemmProblem(64, 99, 48), (128, 128, 6, 1)),
     (F.Fp8GemmProblem(128, 768, 768, has_bias=True), (64, 128, 8, 1)),
     (F.Fp8GemmProblem(8, 320, 256, out_dtype="float32"), (64, 64, 8, 1)),
+    (F.Fp8GemmProblem(128, 768, 768, a_dtype="f8e5m2", b_dtype="f8e5m2", has_bias=True, act="relu"), (64, 32, 8, 1)),
 ]
 
 
@@ -179,12 +180,18 @@ GPU_SHAPES = [  # M, N, K: BERT-base at batch 1 and 4 (M = 128 * B), 4096 rows, 
 ]
 
 
+_CUBINS: dict = {}  # source -> cubin: M, N, K are kernel arguments, so shapes share kernels
+
+
 def _launch(spec, bufs):
     import cupy
     from nnc.codegen import tma
     from nnc.codegen.cuda import compile_nvrtc
     from nnc.codegen.kernels import common
-    fn = common.load_cubin(compile_nvrtc(str(spec.source), "sm_90a", name=spec.name + ".cu"), spec)
+    src = str(spec.source)
+    if src not in _CUBINS:
+        _CUBINS[src] = compile_nvrtc(src, "sm_90a", name=spec.name + ".cu")
+    fn = common.load_cubin(_CUBINS[src], spec)
     fn(spec.grid, spec.block, tma.kernel_spec_args(spec, bufs), shared_mem=spec.smem)
     cupy.cuda.runtime.deviceSynchronize()
 

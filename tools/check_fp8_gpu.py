@@ -14,9 +14,13 @@ Sections:
 - best: the digits CNN at --precision best --allow fp16,bf16,fp8,int8 --calib --max-rel-err 2e-2 (heuristic cost) and
   at fp16: held-out accuracy and time; besttimed (not in the default --only): the same with --tune,
   so the search times every layer alone on the GPU at each allowed precision (compiler/layer_timer.py).
+- bert (not in the default --only): BERT-base at fp16 and at --precision fp8 (minmax calibration), batch
+  1 and 32 (--bert-batches): on sm_90a the fp8 build's encoder GEMMs are the fp8 wgmma kernel
+  (codegen/kernels/gemm_fp8_wgmma.py); the note counts fp8 / f16 GEMM launches.
 Each row: the kernels, max |gpu - interpreter| / max |interpreter| on fresh inputs (outputs poisoned
-first), the median GPU compute time (nnc bench's CUDA events around the graph). Today's fp8 path
-dequantizes into the fp16 GEMM / conv (docs/fp8.md): expect about the fp16 time, not faster.
+first), the median GPU compute time (nnc bench's CUDA events around the graph). On sm_90a the fp8
+GEMMs run on the fp8 tensor cores (gemm_fp8.wgmma); fp8 convs, and fp8 GEMMs elsewhere, dequantize
+into the fp16 kernels (docs/fp8.md).
 """
 from __future__ import annotations
 
@@ -190,12 +194,80 @@ def best(td, iters, timed=False):
         _row("digits CNN b40", name.replace(" timed", "+tune"), run)
 
 
+def _time_only(out, feed, name, iters):
+    """(output, median GPU compute ms, kernels, launches by template) of a build, no reference run."""
+    import json
+
+    import nnc
+    from nnc.bench import BenchOptions, bench
+    gpu = nnc.load(out)
+    got = np.asarray(gpu.run(feed, output="numpy", poison=True)[name], np.float32)
+    r = bench(out, BenchOptions(iterations=iters, warmup=5))
+    plan = json.loads((Path(out) / "plan.json").read_text())
+    tpl = {k["name"]: k["template"] for k in plan["kernels"]}
+    n8 = sum(1 for l in plan["launches"] if tpl.get(l.get("kernel")) == "gemm_fp8_wgmma.cu.j2")
+    n16 = sum(1 for l in plan["launches"] if tpl.get(l.get("kernel")) in ("gemm_wgmma.cu.j2", "gemm_tc.cu.j2"))
+    return got, (r.gpu_compute_ms or {}).get("median", float("nan")), len(plan["kernels"]), f"{n8} fp8 / {n16} f16 GEMM launches"
+
+
+def bert(td, batches, iters):
+    """BERT-base (tests/models/graphs, refilled weights; batch > 1 by the torch export of
+    tools/export_graphs.py where torch and transformers are installed) at fp16 and at fp8 (minmax
+    calibration on one random batch-1 input). rel err: batch 1 against the interpreter of the fp8
+    build's own final IR; batch > 1 against the fp16 build's GPU output (a sanity check: fp8's
+    quantization error is in it)."""
+    import onnx
+    from nnc.calibrate import calibrate
+    from tools.graph_models import GRAPHS, load_graph_model
+    m1 = td / "bert_b1.onnx"
+    onnx.save(load_graph_model(GRAPHS / "bert_base.graph.onnx"), m1)
+    rng = np.random.default_rng(0)
+
+    def feed(b):
+        return {"input_ids": rng.integers(0, 30000, (b, 128)).astype(np.int64),
+                "attention_mask": np.ones((b, 128), np.int64)}
+    np.savez(td / "bert_cal.npz", **feed(1))
+    calibrate(str(m1), td / "bert_cal.npz", "minmax").save(td / "bert_cal.json")
+    for b in batches:
+        path = m1
+        if b != 1:
+            try:
+                sys.path.insert(0, str(ROOT / "tools"))
+                from export_graphs import torch_export, torch_model
+                mod, inputs, names = torch_model("bert_base", b)
+                path = td / f"bert_b{b}.onnx"
+                torch_export(mod, inputs, path, names)
+            except Exception as err:  # noqa: BLE001
+                ROWS.append(f"{'bert-base b%d' % b:>24} {'export':>12} FAILED: {type(err).__name__}: {str(err)[:200]}")
+                print(ROWS[-1], flush=True)
+                continue
+        x = feed(b)
+        outs = {}
+        for name, kw in (("fp16", dict(precision="fp16")),
+                         ("fp8 (calib)", dict(precision="fp8", calib=td / "bert_cal.json"))):
+            def run(name=name, kw=kw, path=path, b=b, x=x):
+                out = td / f"bert_b{b}_{name.split()[0]}"
+                _build(path, out, arch="sm_90a", **kw)
+                if b == 1:
+                    _, got, rel, ms, nk = _check(out, x, "output", iters)
+                    _, _, _, note = _time_only(out, x, "output", 3)
+                else:
+                    got, ms, nk, note = _time_only(out, x, "output", iters)
+                    ref = outs.get("fp16")
+                    rel = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-6)) if ref is not None else float("nan")
+                    note += " (rel err vs the fp16 build)"
+                outs[name.split()[0]] = got
+                return nk, rel, ms, note
+            _row(f"bert-base b{b}", name, run)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="gemm,conv,exact,best")
     ap.add_argument("--shapes", default="256x4096x4096,32x768x3072")
     ap.add_argument("--conv-shapes", default="32x64x56x56x64x3x1,32x256x14x14x256x3x1")
     ap.add_argument("--iterations", type=int, default=50)
+    ap.add_argument("--bert-batches", default="1,32", help="batches of the bert section (--only bert)")
     args = ap.parse_args(argv)
     parts = set(args.only.split(","))
     with tempfile.TemporaryDirectory() as td:
@@ -208,6 +280,8 @@ def main(argv=None) -> int:
             exact(td, args.iterations)
         if "best" in parts:
             best(td, args.iterations)
+        if "bert" in parts:  # not in the default --only: four BERT-base builds (minutes of compile)
+            bert(td, [int(v) for v in args.bert_batches.split(",")], args.iterations)
         if "besttimed" in parts:  # best with --tune: each layer timed alone on the GPU (compiler/layer_timer.py)
             best(td, args.iterations, timed=True)
     print(f"\n{'case':>24} {'build':>12} {'kernels':>8} {'rel err':>10} {'gpu ms':>9}  note")

@@ -1,10 +1,14 @@
 """FP8 GEMM: `matmul_fp8` (ir/ops/gemm_fp8.py) as declared Variants of family "gemm_fp8".
 
-Today one variant, correct rather than fast:
+Two variants:
 
-* gemm_fp8.dequant (priority 0): the fp8 operands dequantized into f16 (bf16 when the result is
-  bf16), then the normal GEMM family with an epilogue (gemm_epilogue: mma / wgmma f16 tensor
-  cores, fp32 accumulators):
+* gemm_fp8.wgmma (priority 5, codegen/kernels/gemm_fp8_wgmma.py): Hopper's fp8 tensor cores
+  (`wgmma.mma_async.m64nNk32.f32.e4m3.e4m3`, e5m2 too), reading a and the [N, K]-stored weight as
+  they are (1 byte a value), fp32 accumulators, a_scale * b_scale[n], bias, relu and the output
+  cast in its epilogue. applies: sm_90a, K % 16 == 0, constant b and b_scale.
+* gemm_fp8.dequant (priority 0), the fallback for every other target and shape: the fp8 operands
+  dequantized into f16 (bf16 when the result is bf16), then the normal GEMM family with an
+  epilogue (gemm_epilogue: mma / wgmma f16 tensor cores, fp32 accumulators):
   - a: one elementwise DequantizeLinear kernel, f16(a * a_scale) (templates/elementwise.cu.j2,
     through the Q/DQ lowering of codegen/kernels/quantize.py) into a temp [.., K];
   - b: at compile time, f16(b * b_scale[n]) [K, N] in weights.bin (2 bytes a weight: no memory
@@ -15,12 +19,6 @@ Today one variant, correct rather than fast:
   Each operand is rounded to f16 once (relative 2^-11, far below e4m3's 2^-4 quantum), so the result
   equals the op's semantics within fp16-GEMM tolerance. Cost: one extra pass over a (read 1 byte,
   write 2) and the fp16 GEMM itself: about an fp16 build's speed, never faster.
-
-The fast path is the next variant of this family: Hopper's wgmma with e4m3/e5m2 operands
-(`wgmma.mma_async.sp?.m64nNk32.f32.e4m3.e4m3`), fp32 accumulators and the scales
-(a_scale * b_scale[n]) and bias in the epilogue, reading a and b as they are (1 byte a value). It
-registers here with a higher priority, `applies` = sm_90a + K % 32 == 0 + constant b, and this
-variant stays the fallback for every other target and shape.
 
     applies(problem) -> Fit   dequant: static shapes, constant b and b_scale
 """
