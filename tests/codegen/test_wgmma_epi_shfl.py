@@ -237,3 +237,23 @@ def test_swizzle16_gpu():
         d = _poison((pr.M, pr.N), "float16")
         _run_tma(W.render(pr, p), dict(bufs, D=d))
         _check(_host(d, "float16"), ref, 1e-2)
+
+
+# ---------------------------------------------------------------- the issue-9 scoreboard's problems (CPU)
+def test_scoreboard_problems_and_points(monkeypatch):
+    """tools/check_wgmma_vs_vendor.py: issue 9's shapes, each with in-space and unverified TMA points
+    and the heuristic's pick (renders without a GPU)."""
+    import sys
+    tools = os.path.join(os.path.dirname(__file__), "..", "..", "tools")
+    monkeypatch.syspath_prepend(os.path.abspath(tools))
+    monkeypatch.setattr(sys, "argv", ["check_wgmma_vs_vendor.py"])
+    import check_wgmma_vs_vendor as C
+    labels = [p[1] for p in C.PROBLEMS]
+    assert len(labels) == 17 and labels.count("8192^3") == 2 and sum("BERT" in x for x in labels) == 8
+    for prob in C.PROBLEMS:
+        label, dt, pr, geo, cpr, points, dflt = C.problem_points(prob)
+        assert all(W.load_kind(p) == "tma" for p in points)
+        assert any(W.in_space(p) for p in points) and any(not W.in_space(p) for p in points), label
+        assert W.in_space(dflt)
+    label, dt, pr, geo, cpr, points, dflt = C.problem_points(C.PROBLEMS[-3])  # 1x1/2: the im2col map
+    assert geo is not None and W.render(pr, points[-1], im2col=geo, target=SM90A).source
