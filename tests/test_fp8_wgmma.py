@@ -140,7 +140,11 @@ def test_selector_picks_fp8_wgmma_on_sm90a_only(tmp_path):
     templates = [k["template"] for k in plan["kernels"]]
     assert templates.count(F.TEMPLATE) == 1 and len(templates) == 2, templates  # Q(x), the fp8 GEMM
     assert list(out.glob("model.*.cubin"))
-    # the weight is stored as fp8 [N, K] (1 byte a weight), the scales as f32 [N]
+    # the weight is stored once, as fp8 [N, K] (1 byte a weight), the scales as f32 [N]
+    weights = [b for b in plan["buffers"] if b["kind"] == "weight"]
+    fp8 = [(b["dtype"], b["shape"]) for b in weights if b["dtype"].startswith("float8")]
+    assert fp8 == [("float8_e4m3fn", [320, 256])], fp8
+    assert any(b["dtype"] == "float32" and b["shape"] == [320] for b in weights)
     _, plan = _build(tmp_path, "mm", "sm_80", bias=True, per_channel=True)
     templates = [k["template"] for k in plan["kernels"]]
     assert F.TEMPLATE not in templates and len(templates) == 3, templates  # Q, DQ(a), f16 GEMM
