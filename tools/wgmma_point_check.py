@@ -48,7 +48,7 @@ def kind_of(p: dict) -> str:
 
 
 def tag(p: dict) -> str:
-    return (_tag(p) + (f"/split{W.split_k(p)}" if W.split_k(p) > 1 else "") + ("/epismem" if W.epi_smem(p) else "")
+    return (_tag(p) + (f"/split{W.split_k(p)}{'w' if p.get('WAVES') else ''}" if W.split_k(p) > 1 else "") + ("/epismem" if W.epi_smem(p) else "")
             + ("/epishfl" if W.epi_shfl(p) else "") + (f"/swz{p['swizzle']}" if p.get("swizzle", 8) != 8 else "")
             + ("/tma" if W.load_kind(p) == "tma" else ""))
 

@@ -338,9 +338,12 @@ UNVERIFIED_IN_SPACE = False
 # (16-byte stores through quad shuffles, 2026-12-03 afternoon, unrun on GPU). A kind joins the
 # declared space when UNVERIFIED_IN_SPACE or its IN_SPACE entry is True; flip an entry only with a
 # measurement that shows where it wins (tools/check_wgmma_vs_vendor.py).
-# "cw3" the BM = 192 three-consumer-warp-group tiles (TILE_SPACE_CW3), "swizzle" GROUP_M = SWIZZLE_WIDE
-UNVERIFIED_KINDS = ("split", "epi_smem", "epi_shfl", "cw3", "swizzle")
-IN_SPACE = {"split": False, "epi_smem": False, "epi_shfl": False, "cw3": False, "swizzle": False}
+# "cw3" the BM = 192 three-consumer-warp-group tiles (TILE_SPACE_CW3), "swizzle" GROUP_M = SWIZZLE_WIDE,
+# "split_waves" split-K on grids of one or two waves whose last wave is mostly idle (split_wave_points;
+# the points carry WAVES = True)
+UNVERIFIED_KINDS = ("split", "epi_smem", "epi_shfl", "cw3", "swizzle", "split_waves")
+IN_SPACE = {"split": False, "epi_smem": False, "epi_shfl": False, "cw3": False, "swizzle": False,
+            "split_waves": False}
 # candidates(unverified=True): the kinds of the first round only (their GPU tests ran at 28e0771; what
 # the existing tests ask for); a later kind is asked for by name (unverified=("epi_shfl",) or "all")
 UNVERIFIED_TRUE = ("split", "epi_smem")
@@ -368,7 +371,8 @@ def unverified_kinds(unverified=None) -> tuple:
 def in_space(p: dict) -> bool:
     """Whether point p's kinds are all in the declared space (an unverified kind's flag is on)."""
     kinds = unverified_kinds(None)
-    return ((split_k(p) == 1 or "split" in kinds) and (not epi_smem(p) or "epi_smem" in kinds)
+    sk_kind = "split_waves" if p.get("WAVES") else "split"
+    return ((split_k(p) == 1 or sk_kind in kinds) and (not epi_smem(p) or "epi_smem" in kinds)
             and (not epi_shfl(p) or "epi_shfl" in kinds) and (p["CW"] != 3 or "cw3" in kinds)
             and (p.get("swizzle", gemm.GROUP_M) != SWIZZLE_WIDE or "swizzle" in kinds))
 
@@ -412,6 +416,9 @@ def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bul
         # split-K (TMA, a CTA a tile): grids of fewer tiles than SMs with long K (split_points)
         extra += [dict(p, SPLIT_K=sk) for p in tma_points if not persistent(p)
                  for sk in split_points(problem, p, target)]
+    if "split_waves" in kinds:
+        extra += [dict(p, SPLIT_K=sk, WAVES=True) for p in tma_points if not persistent(p)
+                  for sk in split_wave_points(problem, p, target)]
     if "epi_smem" in kinds:
         # the staged epilogue (EPI = smem) of the CTA-a-tile TMA points
         extra += [dict(p, EPI="smem") for p in tma_points if _valid(dict(p, EPI="smem"), target, im2col)]
@@ -451,6 +458,41 @@ def split_points(problem: gemm.GemmProblem, p: dict, target: Target = DEFAULT_TA
     out = []
     for sk in gemm.SPLIT_K_SPACE:
         if k_tiles // sk < SPLIT_MIN_K_TILES or tiles * sk > min(wave, gemm.SPLIT_K_MAX_PER_SM * target.sm_count):
+            continue
+        if gemm.splitk_workspace(problem, dict(p, SPLIT_K=sk))[0] * 4 > target.l2_bytes // 2:
+            continue
+        out.append(sk)
+    return out
+
+
+# Kind "split_waves": split-K where the unsplit grid is one or two waves of CTAs whose last wave is
+# mostly idle (BERT-base b32 out-proj / FFN2 at 128x128: 192 tiles = 1.45 waves; ResNet-50 1x1
+# 1024->256 @14: 98 tiles = 0.74 of a wave): S splits of K make a grid of S x tiles CTAs that fills
+# its waves at least SPLIT_WAVES_MIN_GAIN better, at most SPLIT_WAVES_MAX waves, every split
+# SPLIT_MIN_K_TILES k-tiles or more. The fp32 partials (S x the output) go through L2: whether the
+# fuller waves pay for them is what the measurement decides (the same kernel as "split").
+SPLIT_WAVES_SPACE = (2, 3, 4)
+SPLIT_WAVES_MIN_GAIN = 0.15
+SPLIT_WAVES_MAX = 3
+
+
+def split_wave_points(problem: gemm.GemmProblem, p: dict, target: Target = DEFAULT_TARGET) -> list[int]:
+    """The SPLIT_K values of kind split_waves for TMA point p (a CTA a tile): [] where the unsplit
+    grid has fewer tiles than SMs (split_points' case) or more than two waves."""
+    if load_kind(p) != "tma" or persistent(p):
+        return []
+    tiles = cdiv(problem.M, p["BM"]) * cdiv(problem.N, p["BN"]) * problem.nbatch
+    slots = target.sm_count * ctas_per_sm(p)
+    if tiles < target.sm_count or tiles > 2 * slots:
+        return []
+    fill = lambda n: n / (cdiv(n, slots) * slots)  # noqa: E731 (the busy share of the waves' CTA slots)
+    k_tiles = cdiv(problem.K, BK)
+    out = []
+    for sk in SPLIT_WAVES_SPACE:
+        n = tiles * sk
+        if k_tiles // sk < SPLIT_MIN_K_TILES or cdiv(n, slots) > SPLIT_WAVES_MAX:
+            continue
+        if fill(n) < fill(tiles) + SPLIT_WAVES_MIN_GAIN:
             continue
         if gemm.splitk_workspace(problem, dict(p, SPLIT_K=sk))[0] * 4 > target.l2_bytes // 2:
             continue

@@ -257,3 +257,37 @@ def test_scoreboard_problems_and_points(monkeypatch):
         assert W.in_space(dflt)
     label, dt, pr, geo, cpr, points, dflt = C.problem_points(C.PROBLEMS[-3])  # 1x1/2: the im2col map
     assert geo is not None and W.render(pr, points[-1], im2col=geo, target=SM90A).source
+
+
+# ---------------------------------------------------------------- kind split_waves
+def test_split_wave_points():
+    out = gemm.GemmProblem(4096, 768, 768, dtype="float16")  # 128x128: 192 tiles, 1.45 waves
+    pts = [p for p in W.candidates(out, SM90A, unverified=("split_waves",)) if p.get("WAVES")]
+    assert pts and all(W.split_k(p) > 1 and not W.in_space(p) for p in pts)
+    assert any((p["BM"], p["BN"], W.split_k(p)) == (128, 128, 2) for p in pts)
+    assert not any(p.get("WAVES") for p in W.candidates(out, SM90A, unverified=("split",)))
+    b1 = gemm.GemmProblem(128, 768, 3072, dtype="float16")  # fewer tiles than SMs: kind split's case
+    assert not any(p.get("WAVES") for p in W.candidates(b1, SM90A, unverified="all"))
+    p = pts[0]
+    assert W.render(out, p).name == W.render(out, {k: v for k, v in p.items() if k != "WAVES"}).name
+    assert W.grid_of(out, p, SM90A)[1] == W.split_k(p) and W.grid_of(out, p, SM90A)[0] > SM90A.sm_count // 2
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_split_waves_gpu():
+    """Split grids of more than one wave (CTAs of a tile in different waves) against numpy,
+    outputs poisoned, each launched twice on the same scratch."""
+    from .test_conv_tma import _cubins
+    from .test_gemm_tma import _run_tma
+    from .test_gemm_wgmma import _bufs, _case_arrays
+    case = (4096, 768, 768, "float16", False, False, "bias_residual_relu")
+    pr, a, b, extra, ref = _case_arrays(case, np.random.default_rng(12))
+    bufs = _bufs(pr, a, b, extra)
+    pts = [p for p in W.candidates(pr, SM90A, unverified=("split_waves", "epi_shfl")) if p.get("WAVES")]
+    assert pts
+    _cubins([W.render(pr, p) for p in pts])
+    for p in pts:
+        d = _poison((pr.M, pr.N), "float16")
+        _run_tma(W.render(pr, p), dict(bufs, D=d), times=2)
+        _check(_host(d, "float16"), ref, 1e-2)
