@@ -207,6 +207,7 @@ class SurveySelector:
         self.fresh = fresh or {}  # keys tuned by this run (their records say "tuned", not "cache")
         self.problems: dict[str, TuneProblem] = {}
         self.met: dict[str, int] = {}  # key -> tunable ops of that signature this lowering met
+        self.layers: dict[str, tuple] = {}  # key -> (layer_name of the first op met, estimated_seconds)
         self.hits: dict[str, dict] = {}
         self.skipped: dict[str, str] = {}  # key -> why it was not captured
         self._depth = 0
@@ -216,6 +217,9 @@ class SurveySelector:
         if self._depth:
             return self._heur.choose(key, cands)
         self.met[key] = self.met.get(key, 0) + 1
+        if key not in self.layers:
+            op = cands[0].problem.op
+            self.layers[key] = (layer_name(op), estimated_seconds(op))
         options = _options(cands)
         space = space_digest(options)
         hit = self.fresh.get(key)  # this run's own choice (also one cut short by the budget: not cached)
@@ -369,6 +373,8 @@ def tune_problems(problems: Sequence[TuneProblem], runner: Runner, budget: Optio
     n_total = sum(1 + len(p.others) for p in todo)
     stopped = ""
     n_screened = 0
+    if todo:
+        runner.warm_up()  # one-time device set-up (the gate's own kernels), before the clock starts
     t1 = time.perf_counter()
     budget.start()
     try:
@@ -467,6 +473,26 @@ def _tune_one(p: TuneProblem, runner: Runner, budget: Budget, tf32: bool, log, f
     return entry, stopped, screened
 
 
+def per_problem(survey: SurveySelector) -> list:
+    """plan.json tuning["by_problem"]: one row per signature of the final lowering, the largest
+    estimated share first: the first layer met, how many ops share it, tuned / cache / heuristic
+    (and why), the chosen (variant, params), its time and the heuristic's (ms)."""
+    rows = []
+    for key, n in survey.met.items():
+        layer, est = survey.layers.get(key, ("?", 0.0))
+        row = {"layer": layer, "ops": n, "estimated_ms": round(est * n * 1e3, 4)}
+        rec = survey.record(key) or {"source": "heuristic", "why": "not tunable"}
+        row["source"] = rec["source"]
+        if rec["source"] == "heuristic":
+            row["why"] = rec.get("why", "")
+        else:
+            row.update(variant=rec["variant"], params=rec["params"], time_ms=rec.get("time_ms"),
+                       heuristic_ms=(rec.get("heuristic") or {}).get("time_ms"))
+        rows.append(row)
+    rows.sort(key=lambda r: -r["estimated_ms"])
+    return rows
+
+
 MAX_ROUNDS = 4  # lowerings that may meet new problems (a tuned group lowered op by op: its body's)
 
 
@@ -543,6 +569,7 @@ def lower_tuned(module, options, runner: Optional[Runner] = None):
                "timing_seconds": round(stats.get("timing_s", 0.0), 3),
                "timing_cache": None if not options.timing_cache else {"file": str(options.timing_cache),
                                                                       **cache.status}}
+    summary["by_problem"] = per_problem(survey)
     plan.tuning = summary
     rep.log(f"  tuning: {summary['problems']} tunable problems ({summary['tunable_ops']} ops): {n_tuned} timed, "
             f"{summary['cache_hits']} from the timing cache, {summary['heuristic']} heuristic; "

@@ -47,6 +47,9 @@ class Runner:
         """Compiles the captures' kernels in one batch; returns {id(capture): why} for failures."""
         return {}
 
+    def warm_up(self) -> None:
+        """One-time set-up before the timing (and the budget's clock) starts."""
+
     def run(self, cap: Capture, seed: int, gate: Optional[Callable] = None,
             cutoff: Optional[float] = None) -> tuple[float, list]:
         raise NotImplementedError
@@ -199,6 +202,22 @@ class CudaRunner(Runner):
                     for c in owners.get(u.kernels[0], ()):
                         failed[id(c)] = f"load failed: {type(e).__name__}: {e}"
         return failed
+
+    def warm_up(self):
+        """cupy compiles its elementwise kernels (the gate's compare, the RNG's cast) at first use:
+        seconds on a fresh machine, done here rather than inside the first problem's timing."""
+        if getattr(self, "_warm", False):
+            return
+        self._warm = True
+        from .tuning import mismatch
+        cp = self.cp
+        for np_name, dt in (("float16", cp.float32), ("float32", cp.float32), ("float64", cp.float64)):
+            a = cp.random.RandomState(0).uniform(-1.0, 1.0, 8, dtype=cp.float32).astype(np.dtype(np_name))
+            v = _as_float(a, np_name, cp)
+            mismatch([v], [v.copy()], Capture("warm-up", {}, outputs=[(0, 0, np_name, (8,))]))
+        u = cp.zeros(8, cp.uint8)
+        mismatch([u], [u.copy()], Capture("warm-up", {}, outputs=[(0, 0, "uint8", (8,))]))
+        self.stream.synchronize()
 
     def _alloc(self, spec: RootSpec, seed: int):
         cp = self.cp

@@ -295,11 +295,8 @@ def test_under_a_budget_the_costliest_problems_are_timed_first():
         return tuning.TuneProblem(key, key, base, [], count=count)
     seen = []
 
-    class Runner:
-        def prepare(self, caps):
-            return {}
-
-        def run(self, c, seed, gate=None):
+    class Runner(tuning.Runner):
+        def run(self, c, seed, gate=None, cutoff=None):
             seen.append(c.launches[0][2])
             return 1e-3, []
     small, big, shared = prob("a", (4, 1, 1)), prob("b", (400, 1, 1)), prob("c", (60, 1, 1), count=10)
