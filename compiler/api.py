@@ -104,7 +104,7 @@ class CompileOptions:
     verify_each: bool = False
     cache: bool = True            # the per-kernel cubin cache (codegen/cuda.py); False: --no-cache
     jobs: Optional[int] = None    # parallel CUDA compile processes (None: the CPUs)
-    fuse: bool = True             # the fusion passes (pipeline.FUSION_PASSES); False: --no-fuse
+    fuse: bool = True             # the fusion passes (pipeline.FUSION_PASSES, FOLDING_FUSIONS); False: --no-fuse
     # kernel selection by timing on the GPU (codegen/tuning.py). None: tune when a GPU is present
     # and backend is "cuda", else the heuristic (--no-tune: False; what it assumes: plan.json "target")
     tune: Optional[bool] = None

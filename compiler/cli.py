@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--parallel pipeline: balance stages by the measured kernel times of this tuned "
                         "single-device plan.json (default: FLOP and byte estimates)")
     p.add_argument("--no-fuse", action="store_true",
-                   help="leave out the fusion passes (fuse-epilogue, fuse-elementwise): about one kernel per op")
+                   help="leave out the fusion passes (fuse-*) and the folding fusions (fold-batchnorm, fuse-horizontal): about one kernel per op")
     p.add_argument("--no-cache", action="store_true",
                    help="neither read nor write the cubin cache ($NNC_CACHE_DIR, else $XDG_CACHE_HOME/nnc or ~/.cache/nnc)")
     p.add_argument("-j", "--jobs", type=int, default=None, metavar="N",

@@ -29,7 +29,7 @@ from .ir.printer import print_module
 from .ir.symbolic import fmt
 from .ir.verify import verify
 from . import progress
-from .pipeline import DEFAULT_PIPELINE, FUSION_PASSES, LAYOUT_PASSES, Pipeline, count_ops
+from .pipeline import DEFAULT_PIPELINE, FOLDING_FUSIONS, FUSION_PASSES, LAYOUT_PASSES, Pipeline, count_ops
 
 
 def io_entry(v) -> dict:
@@ -45,7 +45,8 @@ def precision_point(passes: list) -> int:
 def pipeline_passes(precision: str = "fp32", fuse: bool = True, per_layer=None, int8_scales=None,
                     int4_block=None, fp8_amax=None, sparsity=None) -> list:
     """The pass list `nnc compile` runs at this precision (`nnc verify` runs the same one).
-    fuse=False leaves out the fusion passes (`--no-fuse`: one kernel per op, to compare against).
+    fuse=False leaves out the fusion passes and the folding fusions (`--no-fuse`: about one kernel per
+    op, to compare against; pipeline.FOLDING_FUSIONS).
     per_layer: a mixed_precision.PrecisionChoice (--keep-fp32, --precision best), run in the
     precision passes' place as the entry ("mixed-precision", choice).
     int8_scales: {tensor name: scale} for precision int8: quantize-int8 runs there instead, then
@@ -55,7 +56,7 @@ def pipeline_passes(precision: str = "fp32", fuse: bool = True, per_layer=None, 
     (MatMul/Gemm with 2:4-sparse constant weights -> matmul_sparse24; compiler/passes/sparsify_weights_24.py).
     fp8_amax: {tensor name: amax} for precision fp8: to-fp16 (or mixed-precision for --keep-fp32)
     first, then quantize-fp8 and fold-qdq (MatMul/Gemm -> matmul_fp8; compiler/passes/quantize_fp8.py)."""
-    passes = [p for p in DEFAULT_PIPELINE if fuse or p not in FUSION_PASSES]
+    passes = [p for p in DEFAULT_PIPELINE if fuse or p not in FUSION_PASSES + FOLDING_FUSIONS]
     if int4_block is not None:
         from .passes.quantize_weights_int4 import make_pass as int4_pass
         passes.insert(passes.index("fuse-horizontal") + 1, ("quantize-weights-int4", int4_pass(int4_block)))

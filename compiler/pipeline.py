@@ -103,6 +103,10 @@ DEFAULT_PIPELINE = [
 # islands, so `pipeline_passes(precision)` (compiler/driver.py) runs them before the first of these.
 FUSION_PASSES = ("fuse-attention", "fuse-epilogue", "fuse-cross-layer", "fuse-pooling", "fuse-reduction",
                  "fuse-elementwise")
+# Passes that fuse ops without outlining a region: a BatchNormalization folded into its conv's weights,
+# parallel GEMMs merged into one. `--no-fuse` (fuse=False: about one kernel per ONNX op, the baseline
+# the fused build is measured against) leaves these out as well as FUSION_PASSES.
+FOLDING_FUSIONS = ("fold-batchnorm", "fuse-horizontal")
 # Passes that pick ops by dtype: `pipeline_passes(precision)` runs the precision passes before these too.
 LAYOUT_PASSES = ("time-fusion", "assign-layout")
 

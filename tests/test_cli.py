@@ -202,10 +202,12 @@ def test_shapes_bind_symbols_across_inputs(tmp_path):
 
 
 def test_compile_no_fuse_leaves_out_the_fusion_passes(tmp_path):
-    from nnc.pipeline import FUSION_PASSES
+    from nnc.pipeline import FOLDING_FUSIONS, FUSION_PASSES
     for flag, out in (((), tmp_path / "fused"), (("--no-fuse",), tmp_path / "unfused")):
         nnc("compile", EXAMPLE, "-o", out, "--shapes", "input:1x3x32x32", "--arch", "sm_90", *flag)
     fused = json.loads((tmp_path / "fused" / "plan.json").read_text())
     unfused = json.loads((tmp_path / "unfused" / "plan.json").read_text())
     assert set(FUSION_PASSES) <= set(fused["passes"]) and not set(FUSION_PASSES) & set(unfused["passes"])
+    # the folding fusions too: the unfused build keeps each BatchNormalization as its own kernel
+    assert set(FOLDING_FUSIONS) <= set(fused["passes"]) and not set(FOLDING_FUSIONS) & set(unfused["passes"])
     assert len(fused["launches"]) < len(unfused["launches"])

@@ -6,6 +6,7 @@ candidates the tuner rejected as wrong (plan.json "tuning"), since a large count
 says that some kernel misbehaves at that size.
 
     python tools/check_batch_builds.py --model resnet50 --batches 32,64 [--precision fp16] [--tune-budget 20]
+        [--builds heuristic,tuned,unfused]
 
 Needs a GPU, torch (export), onnxruntime. Prints a short table last.
 """
@@ -28,6 +29,7 @@ def main() -> int:
     ap.add_argument("--batches", default="32,64")
     ap.add_argument("--precision", default="fp16")
     ap.add_argument("--tune-budget", type=float, default=20.0)
+    ap.add_argument("--builds", default="heuristic,tuned", help="comma list of heuristic, tuned, unfused (--no-fuse, heuristic)")
     a = ap.parse_args()
     import cupy as cp
     import onnxruntime as ort
@@ -43,13 +45,14 @@ def main() -> int:
         path, feeds, _, _ = export(a.model, batch)
         x = fresh_inputs(feeds)
         ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)[0]
-        for tune in (False, True):
-            od = WORK / f"{a.model}_b{batch}_{a.precision}_{'tuned' if tune else 'heuristic'}_check"
+        for kind in a.builds.split(","):
+            tune, fuse = {"heuristic": (False, True), "tuned": (True, True), "unfused": (False, False)}[kind]
+            od = WORK / f"{a.model}_b{batch}_{a.precision}_{kind}_check"
             t0 = time.time()
             with warnings.catch_warnings(record=True) as wrong:
                 warnings.simplefilter("always")
                 compile_model(str(path), od, options=CompileOptions(
-                    precision=a.precision, tune=tune, tune_budget=a.tune_budget if tune else None))
+                    precision=a.precision, tune=tune, fuse=fuse, tune_budget=a.tune_budget if tune else None))
             n_wrong = sum(1 for w in wrong if "rejected: wrong output" in str(w.message))
             m = nnc.load(od)
             got = m.run(x, output="numpy", poison=True)[m.output_names[0]]
@@ -57,16 +60,16 @@ def main() -> int:
             dev = {k: cp.asarray(v) for k, v in x.items()}
             ms = time_cuda(lambda: m.run(dev))
             tuning = {k: v for k, v in (m.plan.get("tuning") or {}).items() if not isinstance(v, (list, dict))}
-            rows.append((batch, "tuned" if tune else "heuristic", e, e <= tol, n_wrong, ms, time.time() - t0, tuning))
-            print(f"ROW batch {batch} {'tuned' if tune else 'heuristic'} rel {e:.2e} ok {e <= tol} "
+            rows.append((batch, kind, e, e <= tol, n_wrong, ms, time.time() - t0, len(m.plan.get("launches", []))))
+            print(f"ROW batch {batch} {kind} rel {e:.2e} ok {e <= tol} "
                   f"wrong candidates {n_wrong} {ms:.3f} ms tuning {tuning}", flush=True)
             if n_wrong:
                 for w in wrong[:6]:
                     print("   ", str(w.message)[:300], flush=True)
             m = None  # frees the arena before the next build
-    print(f"\n{a.model} {a.precision}: batch build rel-L2 ok wrong-candidates ms build-s")
-    for b, kind, e, ok, nw, ms, s, _ in rows:
-        print(f"{b:>5} {kind:<9} {e:.2e} {'ok' if ok else 'FAIL'} {nw:>4} {ms:8.3f} {s:6.0f}")
+    print(f"\n{a.model} {a.precision}: batch build rel-L2 ok wrong-candidates ms build-s launches")
+    for b, kind, e, ok, nw, ms, s, launches in rows:
+        print(f"{b:>5} {kind:<9} {e:.2e} {'ok' if ok else 'FAIL'} {nw:>4} {ms:8.3f} {s:6.0f} {launches:>5}")
     return 0 if all(r[3] for r in rows) else 1
 
 
