@@ -15,25 +15,35 @@ How (codegen/variants.py has the variants and the selector protocol):
    heuristic), what it emitted (kernels, launches, the buffers those read and write) is captured,
    and the state is rolled back. The heuristic's choice renders for real. Identical problems
    (same key) are captured once.
-2. Tune: the runner compiles every captured kernel at once (codegen/cuda.compile_many: parallel,
-   cubin-cached), then per problem runs the baseline (the heuristic's choice, itself checked by the
-   test suite against the reference interpreter) and every other candidate on the same random
-   inputs (never zeros; constants are the op's real, pre-transformed weights; outputs poisoned
-   first). A candidate whose output differs from the baseline's beyond the dtype's tolerance is
-   rejected (recorded in plan.json and logged), never picked. Eligible candidates are timed with
-   CUDA events: warm-up, then the median of repeats with the L2 flushed before each.
+2. Tune: the runner compiles every distinct captured kernel at once (codegen/cuda.compile_many:
+   parallel, cubin-cached; a kernel is named by its code, so one emitted by several candidates or
+   problems compiles once and the next build finds it cached), then per problem runs the baseline
+   (the heuristic's choice, itself checked by the test suite against the reference interpreter)
+   and every other candidate on the same random inputs (never zeros; constants are the op's real,
+   pre-transformed weights; outputs poisoned first). A candidate whose output differs from the
+   baseline's beyond the dtype's tolerance is rejected (recorded in plan.json and logged), never
+   picked; the compare runs where the outputs are (on the GPU for CudaRunner). Eligible candidates
+   are timed with CUDA events: warm-up, a quick screen of SCREEN_REPEATS runs (one slower than
+   SCREEN_RATIO x the best so far stops there: "screened", never picked), else the median of
+   REPEATS runs, the L2 flushed before each.
 3. Again: with new choices the module is lowered again (the survey now hits them in the
    in-memory cache), until a lowering meets no new problem (a choice can reveal problems: a
    fused group tuned to op by op has its body's); with a warm cache there is one lowering only.
    Every launch of a tunable problem gets `launch.tuning` (plan.json launches[i]["tuning"]:
    source tuned/cache/heuristic, variant, params, time_ms, the heuristic's time, candidates,
-   tried, rejected with why; or why the heuristic stayed).
+   tried, screened, rejected with why; or why the heuristic stayed); plan.json "tuning" sums it
+   up (signatures, the ops they stand for, tuned, screened, seconds of lowering / compile /
+   timing) with one row per signature ("by_problem").
 
 A problem that cannot be timed safely (an integer operand that is not a constant: indices could
 go out of range; a readback or cooperative launch; the baseline failing) keeps the heuristic, and
-says why. `--tune-budget` bounds the whole (capture, compile, timing): what is left when it runs
-out keeps the heuristic ("budget"). A launch error that the CUDA context cannot survive stops the
-tuning; the rest keeps the heuristic.
+says why. `--tune-budget` bounds the timing (running, checking and timing candidates on the
+device, summed over the rounds); the sandbox renders and the compile come before it and are not
+charged (their size is the spaces': TUNE_TOP_K points of a variant with a cost model, the whole space
+of one without). Under a budget problems go by their
+estimated share of the model's time (a roofline of the op's FLOPs and bytes times the ops sharing
+it), the largest first; what is left when it runs out keeps the heuristic ("budget"). A launch
+error that the CUDA context cannot survive stops the tuning; the rest keeps the heuristic.
 
 Runners (codegen/tuning_runners.py): `CudaRunner` (the GPU: cupy, imported lazily) and
 `StandInRunner` (CPU tests: times from variants.stand_in_time, outputs a deterministic function of
@@ -275,8 +285,7 @@ class SurveySelector:
 
 
 # Points of one variant the tuner times: those its cost model (Variant.cost) ranks fastest, plus its
-# default. A whole space costs a compile per point (wgmma GEMM / conv: ~40 points, ~8 s a problem on
-# the H200 machine's 16 cores, so ResNet-50 b32 tuned 3 of 46 problems in 25 s). The wgmma model
+# default. A whole space costs a compile per point (wgmma GEMM / conv: ~40 points). The wgmma model
 # (calibrated) ranks the measured best within its first 3 on the BERT / ResNet-50 shapes of
 # 2026-12-02; the other families' models (mma.sync GEMM, flash attention, int8, row norms) are not
 # calibrated against timings, which is why 6 are kept, not 1. Variants without a model are timed
