@@ -118,6 +118,8 @@ def _ok_type_rows(v: Value) -> bool:
     """_ok_type, or a range profile's symbolic dims (no `?`) anywhere but the last axis: a
     Gemm/MatMul chain over runtime rows (the lowering runs M per run where its GEMM variant can,
     codegen/kernels/gemm_lowering.runtime_rows, else splits the group again)."""
+    if _ok_type(v):
+        return True
     t = v.type
     if t.shape is None or t.dtype.short not in FLOATS or not t.shape or not isinstance(t.shape[-1], int):
         return False
