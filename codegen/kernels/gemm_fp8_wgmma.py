@@ -110,8 +110,8 @@ def candidates(pr: Fp8GemmProblem, target: Target = DEFAULT_TARGET) -> list:
 # rate (twice the fp16 wgmma model's 750 TFLOP/s: the tensor cores' fp8 rate is twice their fp16
 # one), scaled by tile efficiency, plus a per-wave fill + epilogue; rounds of tiles over the SMs.
 R_FP8 = 1500e12
-TILE_EFFICIENCY = {64 * 32: 0.3, 64 * 64: 0.5, 64 * 128: 0.75, 128 * 64: 0.8, 128 * 128: 1.0, 128 * 192: 1.05, 128 * 256: 1.1,
-                   256 * 128: 1.1}
+TILE_EFFICIENCY = {64 * 32: 0.3, 64 * 64: 0.5, 64 * 128: 0.75, 128 * 64: 0.8, 128 * 128: 1.0,
+                   128 * 192: 1.05, 128 * 256: 1.1, 256 * 128: 1.1}
 WAVE_S = 4e-6
 
 
@@ -146,6 +146,8 @@ def fits(pr: Fp8GemmProblem, target: Target):
         return no(f"K = {pr.K} is not a multiple of 16 (the tensor maps' 16-byte row stride)")
     if pr.out_dtype not in CTYPES or pr.act not in ("none", "relu"):
         return no(f"output {pr.out_dtype} / activation {pr.act} not taken")
+    if pr.has_bias and pr.bias_dtype not in ("float16", "bfloat16", "float32"):
+        return no(f"a {pr.bias_dtype} bias (the epilogue reads f16 / bf16 / f32)")
     for what, sp in zip("AB", tensor_map_specs(pr, dict(BM=64, BN=64))):
         why = tmap.check(sp)
         if why:
@@ -257,6 +259,8 @@ def _render(ctx: LowerCtx, problem, params: dict):
     pr = problem.memo["gemm_fp8_wgmma"]
     d = ctx.out(0)
     pr = replace(pr, d_offset_bytes=int(getattr(d, "alias_offset", 0) or 0))
+    if int(getattr(ctx.inp(0), "alias_offset", 0) or 0) % tmap.GLOBAL_ALIGN:  # (applies saw no buffer yet)
+        ctx.fail("matmul_fp8: a is a view at an offset that is not 16-byte aligned (its tensor map needs it)")
     bufs = {"A": ctx.inp(0), "B": ctx.weight(2, weight_nk, key="fp8_nk"), "D": d, "a_scale": ctx.inp(1),
             "b_scale": ctx.weight(3, lambda s: scale_vector(s, pr.N), key="fp8_scale_vec")}
     if pr.has_bias:
