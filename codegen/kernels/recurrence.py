@@ -26,6 +26,7 @@ Variants (family "recurrence"):
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -66,10 +67,10 @@ def _strides(a, S, B, D, H, GH):
     return g, y, st
 
 
-def y_is_read(op, func) -> bool:
-    """Whether anything reads the recurrence's Y (a graph output, an op's operand, a region's
-    result): when nothing does (an encoder passing on only Y_h), the kernels do not write it."""
-    y = op.results[0]
+def y_is_read(op, func, index: int = 0) -> bool:
+    """Whether anything reads the recurrence's Y (result `index`: a graph output, an op's operand,
+    a region's result): when nothing does (an encoder passing on only Y_h), the kernels do not write it."""
+    y = op.results[index]
     if any(r is y for r in func.results):
         return True
     for o in func.walk():
@@ -349,11 +350,12 @@ def _render_hoisted(ctx: LowerCtx, p):
     gt, gb = _stack_g_strides(a, S, B, GH)
     g_strides = (gt, gb, GH)
     y_read = y_is_read(op, p.L.module.main)
+    y_out = ctx.out(0)  # defined even when unread (then no kernel writes it)
     for layer in range(L):
         last = layer == L - 1
         if last:
             yt, yb = _stack_y_strides(a, S, B, H)
-            y = ctx.out(0) if y_read else None
+            y = y_out if y_read else None
         else:
             yt, yb = B * H, H
             y = ctx.temp(storage, (S * B, H), f"stack_y{layer}")
@@ -361,9 +363,13 @@ def _render_hoisted(ctx: LowerCtx, p):
                            y is not None, K)
         rbuf = ctx.new_weight(R[layer:layer + 1], f"stack_r{layer}")
         rb = ctx.new_weight(rbh[layer:layer + 1], f"stack_rbh{layer}") if rbh is not None else None
-        yh = ctx.out(1 + layer) if K >= 1 else None
+        yh = ctx.out(1 + layer) if K >= 1 else None  # (defined even when unread)
         yc = ctx.out(1 + L + layer) if K >= 2 else None
-        rnn.emit_recurrence(ctx, spec, None, g=g_buf, r=rbuf, y=y, yh=yh, yc=yc, rbh=rb)
+        func = p.L.module.main
+        spec = replace(spec, has_yh=K >= 1 and y_is_read(op, func, 1 + layer),
+                       has_yc=K >= 2 and y_is_read(op, func, 1 + L + layer))
+        rnn.emit_recurrence(ctx, spec, None, g=g_buf, r=rbuf, y=y, yh=yh if spec.has_yh else None,
+                            yc=yc if spec.has_yc else None, rbh=rb)
         if not last:
             g_buf, g_strides = _stack_projection(ctx, y, W[layer], Bias[layer].astype(np.float64), S, B, H, GH, storage)
             g_dtype = "f32"
@@ -394,10 +400,13 @@ def _render_wavefront(ctx: LowerCtx, p, params):
     K = _stack_states(op)
     storage = ctx.inp(1).dtype.short
     y_read = y_is_read(op, p.L.module.main)
+    y_out = ctx.out(0)  # defined even when unread (then the kernel does not write it)
     tp = wavefront_params(a.kind, cell, a, S, B, H, L, storage, ctx.inp(0).dtype.short,
                           _stack_g_strides(a, S, B, GH), _stack_y_strides(a, S, B, H), ctx.has(4), y_read, K,
                           params)
     smem = tp.pop("smem")
+    func = p.L.module.main
+    tp["state_read"] = [[y_is_read(op, func, 1 + kk * L + layer) for layer in range(L)] for kk in range(K)]
     nhw = L * S * B * H * 2
     words = ctx.temp("u32", (32,), "stack_sync")
     hw = ctx.temp("u32", (nhw,), "stack_h_tagged")
@@ -406,7 +415,7 @@ def _render_wavefront(ctx: LowerCtx, p, params):
     k = ctx.render("rnn_wavefront.cu.j2", f"coop_{a.kind.lower()}_wavefront", **tp)
     args = [ctx.inp(0), ctx.inp(1), ctx.inp(2), ctx.inp(3)] + ([ctx.inp(4)] if ctx.has(4) else []) + [hw]
     if y_read:
-        args.append(ctx.out(0))
+        args.append(y_out)
     for kk in range(K):
         args += [ctx.out(1 + kk * L + layer) for layer in range(L)]
     args.append(ctx.i32(0))
