@@ -245,3 +245,30 @@ def test_fp8_wgmma_build_matches_interpreter(kw, tmp_path):
         w = np.asarray(ref.run(feed, output="numpy")["y"], np.float32)
         assert np.all(np.isfinite(g))
         assert np.abs(g - w).max() / max(np.abs(w).max(), 1e-6) < 2e-2
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("params", [(128, 256, 4, 2), (64, 32, 8, 1)], ids=lambda p: "x".join(map(str, p)))
+def test_fp8_wgmma_gpu_exact_on_a_selection_matrix(params):
+    """A selects rows of B (a[m, k] = 1 where k = (3 m) % K), B holds small integers, scales 1, f32
+    out: every output is exact, so the test asserts equality, and a failure lists where it is wrong
+    (a swizzle / descriptor / fragment-mapping bug shows as a pattern of rows and columns)."""
+    import cupy
+    M, N, K = 192, 320, 384
+    sel = (3 * np.arange(M)) % K
+    a = np.zeros((M, K), np.float32)
+    a[np.arange(M), sel] = 1.0
+    b = (((np.arange(K)[:, None] * 7 + np.arange(N)[None, :] * 3) % 13) - 6).astype(np.float32)
+    want = b[sel, :]
+    pr = F.Fp8GemmProblem(M, N, K, out_dtype="float32", b_scale_cols=False)
+    spec = F.render_spec(pr, dict(BM=params[0], BN=params[1], STAGES=params[2], CW=params[3]), H100)
+    D = cupy.full((M, N), np.float32(np.nan), np.float32)
+    bufs = {"A": cupy.asarray(a.astype(ml_dtypes.float8_e4m3fn).view(np.uint8)),
+            "B": cupy.asarray(F.weight_nk(b.astype(ml_dtypes.float8_e4m3fn)).view(np.uint8)), "D": D,
+            "a_scale": cupy.asarray(np.ones(1, np.float32)), "b_scale": cupy.asarray(np.ones(1, np.float32))}
+    _launch(spec, bufs)
+    got = cupy.asnumpy(D)
+    bad = np.argwhere(got != want)
+    assert bad.size == 0, (f"{len(bad)} of {got.size} wrong; first (m, n, got, want): "
+                           + ", ".join(f"({m}, {n}, {got[m, n]}, {want[m, n]})" for m, n in bad[:8]))
