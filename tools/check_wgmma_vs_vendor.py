@@ -15,7 +15,7 @@ Points: every TMA point of the declared space (gemm_wgmma.candidates; what the h
 tuner choose from) and of every unverified kind (gemm_wgmma.UNVERIFIED_KINDS: split-K, EPI = smem
 staged epilogue, EPI = shfl 16-byte stores through quad shuffles, cw3 192x128 tiles of three consumer
 warp groups, swizzle GROUP_M 16 on 4096^3 / 8192^3, split_waves split-K on 1-2 wave grids whose last
-wave is mostly idle); --all-loads: the cp.async and
+wave is mostly idle, epi_tma D by TMA stores from a swizzled shared stage); --all-loads: the cp.async and
 bulk-B points too (measured 1.3-2.3x slower than TMA on these shapes, 2026-12-02/03). Each point
 is checked first (tools/wgmma_point_check.py: output poisoned with NaN, random inputs, against
 torch's fp32 result, max abs error / max |ref| < 1e-2, again after the timed runs): a wrong point
@@ -106,7 +106,7 @@ def run(pool, prob):
           flush=True)
     print_rows(rows, flops, {"heuristic": dflt}, verbose=VERBOSE)
     kinds = {"split": lambda p: W.split_k(p) > 1 and not p.get("WAVES"), "split_waves": lambda p: bool(p.get("WAVES")),
-             "epismem": W.epi_smem, "epishfl": W.epi_shfl,
+             "epismem": W.epi_smem, "epishfl": W.epi_shfl, "epitma": W.epi_tma,
              "cw3": lambda p: p["CW"] == 3, "swz16": lambda p: p.get("swizzle") == W.SWIZZLE_WIDE}
     unv = {k: best(rows, lambda p, f=f: f(p) and not W.in_space(p)) for k, f in kinds.items()}
     print("   best unverified by kind: " + ", ".join(

@@ -9,7 +9,7 @@ reported with its error and never counted as a best; a launch still running afte
 is a hung pipeline: the caller's on_hang prints what it has, then the process exits (a hung kernel
 cannot be stopped from here).
 
-    kind_of(p), tag(p)                     the point's kind ("tma", "split", "epismem", "epishfl",
+    kind_of(p), tag(p)                     the point's kind ("tma", "split", "epismem", "epishfl", "epitma",
                                            "bulk", "cp.async"; W.in_space tells an unverified cw3 or
                                            swizzle point from the space's) and its printed name
     compile_specs(pool, specs)             cubins of the specs' kernels not compiled yet (CUBINS)
@@ -34,7 +34,7 @@ from nnc.codegen.kernels import common, gemm_wgmma as W  # noqa: E402
 
 TOL = 1e-2
 HANG_S = 10.0
-TMA_KINDS = ("tma", "split", "epismem", "epishfl")
+TMA_KINDS = ("tma", "split", "epismem", "epishfl", "epitma")
 KINDS = TMA_KINDS + ("bulk", "cp.async")
 CUBINS: dict = {}  # kernel name -> cubin (or the compile error's text), across problems
 
@@ -43,13 +43,13 @@ def kind_of(p: dict) -> str:
     if W.load_kind(p) == "tma":
         if W.split_k(p) > 1:
             return "split"
-        return "epismem" if W.epi_smem(p) else ("epishfl" if W.epi_shfl(p) else "tma")
+        return "epismem" if W.epi_smem(p) else ("epishfl" if W.epi_shfl(p) else ("epitma" if W.epi_tma(p) else "tma"))
     return "bulk" if p.get("b_bulk") else "cp.async"
 
 
 def tag(p: dict) -> str:
     return (_tag(p) + (f"/split{W.split_k(p)}{'w' if p.get('WAVES') else ''}" if W.split_k(p) > 1 else "") + ("/epismem" if W.epi_smem(p) else "")
-            + ("/epishfl" if W.epi_shfl(p) else "") + (f"/swz{p['swizzle']}" if p.get("swizzle", 8) != 8 else "")
+            + ("/epishfl" if W.epi_shfl(p) else "") + ("/epitma" if W.epi_tma(p) else "") + (f"/swz{p['swizzle']}" if p.get("swizzle", 8) != 8 else "")
             + ("/tma" if W.load_kind(p) == "tma" else ""))
 
 

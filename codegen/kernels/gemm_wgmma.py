@@ -92,7 +92,15 @@ def smem_bytes(p: dict, im2col: bool = False) -> int:
     the producer's row table of a conv's implicit A, 8 bytes a row; the TMA im2col map needs none)."""
     # + ping-pong's two order barriers (16 bytes: always reserved, so the row table's place is fixed)
     table = 8 * p["BM"] if im2col and load_kind(p) != "tma" else 0
-    return p["STAGES"] * (p["BM"] + p["BN"]) * BK * 2 + 16 * p["STAGES"] + 16 + 1024 + table
+    return p["STAGES"] * (p["BM"] + p["BN"]) * BK * 2 + 16 * p["STAGES"] + 16 + 1024 + table + epi_tma_bytes(p)
+
+
+def epi_tma_bytes(p: dict) -> int:
+    """EPI = tma: the consumer warp groups' output stages (2-byte D: ROWS x BN each; ping-pong: two
+    whole tiles, else the tile's rows split), 1024-aligned after the mbarriers."""
+    if p.get("EPI", "regs") != "tma":
+        return 0
+    return p["BM"] * p["BN"] * 2 * (2 if pingpong(p) else 1) + 1024
 
 
 SMEM_RESERVED_PER_CTA = 1024  # the driver's own shared memory per resident CTA (sm_80+)
@@ -130,6 +138,8 @@ def _valid(p: dict, target: Target, im2col: bool = False) -> bool:
     if p.get("EPI", "regs") not in EPILOGUES:
         return False
     if epi_smem(p) and (load_kind(p) != "tma" or persistent(p) or sk > 1 or not epi_stage_fits(p)):
+        return False
+    if epi_tma(p) and (load_kind(p) != "tma" or sk > 1 or ctas_per_sm(p) != 1):
         return False
     if pingpong(p) and (p["CW"] != 2 or ctas_per_sm(p) != 1 or lag(p) != 0):
         return False
@@ -174,7 +184,7 @@ def epi_smem(p: dict) -> bool:
     return p.get("EPI", "regs") == "smem"
 
 
-EPILOGUES = ("regs", "smem", "shfl")
+EPILOGUES = ("regs", "smem", "shfl", "tma")
 
 
 def epi_shfl(p: dict) -> bool:
@@ -183,6 +193,30 @@ def epi_shfl(p: dict) -> bool:
     store: 8 rows x 64 contiguous bytes, not 8 x 16). Any schedule (ping-pong and persistent points
     included), no shared memory; 2-byte outputs (epi_shfl_fits). Speed not measured (IN_SPACE)."""
     return p.get("EPI", "regs") == "shfl"
+
+
+def epi_tma(p: dict) -> bool:
+    """EPI = tma: the epilogue writes each consumer warp group's rows into its own 128B-swizzled
+    shared stage and one thread stores them with cp.async.bulk.tensor (a third tensor map, of D), so
+    the stores leave as whole lines and run on while the warp group starts its next tile (the
+    schedule CUTLASS's TMA epilogue uses). Any TMA schedule at one CTA an SM, unsplit; one 2-byte D
+    matrix (epi_tma_fits). Speed not measured (IN_SPACE)."""
+    return p.get("EPI", "regs") == "tma"
+
+
+def d_map_spec(pr: gemm.GemmProblem, p: dict) -> tmap.TensorMapSpec:
+    """The tensor map of D for EPI = tma: [M, N] (leading dim ldd) in boxes of 64 columns x one
+    consumer warp group's rows, 128B-swizzled; arg 2 (gemm.kernel_args: A, B, D)."""
+    rows = p["BM"] if pingpong(p) else p["BM"] // p["CW"]
+    return tmap.matrix_spec(pr.out_dtype or pr.dtype, pr.N, pr.M, pr.ldd_, 64, rows, (), arg=2)
+
+
+def epi_tma_fits(pr: gemm.GemmProblem) -> bool:
+    """One 2-byte D matrix whose map cuTensorMapEncodeTiled takes (rows 16-byte aligned: N % 8 for a
+    dense D; the address is checked at encode time)."""
+    if CTYPES[pr.out_dtype or pr.dtype][1] != 2 or pr.nbatch != 1:
+        return False
+    return not tmap.check(d_map_spec(pr, dict(BM=64, BN=64, CW=1)))
 
 
 def epi_shfl_fits(pr: gemm.GemmProblem) -> bool:
@@ -340,10 +374,10 @@ UNVERIFIED_IN_SPACE = False
 # measurement that shows where it wins (tools/check_wgmma_vs_vendor.py).
 # "cw3" the BM = 192 three-consumer-warp-group tiles (TILE_SPACE_CW3), "swizzle" GROUP_M = SWIZZLE_WIDE,
 # "split_waves" split-K on grids of one or two waves whose last wave is mostly idle (split_wave_points;
-# the points carry WAVES = True)
-UNVERIFIED_KINDS = ("split", "epi_smem", "epi_shfl", "cw3", "swizzle", "split_waves")
+# the points carry WAVES = True), "epi_tma" EPI = tma (D by TMA stores from a swizzled stage)
+UNVERIFIED_KINDS = ("split", "epi_smem", "epi_shfl", "cw3", "swizzle", "split_waves", "epi_tma")
 IN_SPACE = {"split": False, "epi_smem": False, "epi_shfl": False, "cw3": False, "swizzle": False,
-            "split_waves": False}
+            "split_waves": False, "epi_tma": False}
 # candidates(unverified=True): the kinds of the first round only (their GPU tests ran at 28e0771; what
 # the existing tests ask for); a later kind is asked for by name (unverified=("epi_shfl",) or "all")
 UNVERIFIED_TRUE = ("split", "epi_smem")
@@ -373,7 +407,8 @@ def in_space(p: dict) -> bool:
     kinds = unverified_kinds(None)
     sk_kind = "split_waves" if p.get("WAVES") else "split"
     return ((split_k(p) == 1 or sk_kind in kinds) and (not epi_smem(p) or "epi_smem" in kinds)
-            and (not epi_shfl(p) or "epi_shfl" in kinds) and (p["CW"] != 3 or "cw3" in kinds)
+            and (not epi_shfl(p) or "epi_shfl" in kinds) and (not epi_tma(p) or "epi_tma" in kinds)
+            and (p["CW"] != 3 or "cw3" in kinds)
             and (p.get("swizzle", gemm.GROUP_M) != SWIZZLE_WIDE or "swizzle" in kinds))
 
 
@@ -430,6 +465,17 @@ def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bul
             if split_k(p) > 1:
                 first_split.setdefault((p["BM"], p["BN"], p["STAGES"], p["CW"], p.get("CTAS", 1)), p)
         extra += [dict(p, EPI="shfl") for p in tma_points + list(first_split.values())]
+    if "epi_tma" in kinds and epi_tma_fits(problem):
+        # D by TMA stores: every unsplit one-CTA TMA point, its ring shortened to make room for the
+        # output stages where it must (at least 3 stages)
+        for p in tma_points:
+            if ctas_per_sm(p) != 1:
+                continue
+            q = dict(p, EPI="tma")
+            while not _valid(q, target, im2col) and q["STAGES"] > 3:
+                q = dict(q, STAGES=q["STAGES"] - 1)
+            if _valid(q, target, im2col) and q not in extra:
+                extra.append(q)
     return ([dict(p, b_bulk=True) for p in out or [smallest]] + plain + tma_points + extra) if b_bulk \
         else plain + tma_points + extra
 
@@ -673,6 +719,10 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
         ctx.update(a_im2col=True, **im2col)
     if split_k(params) > 1:  # only when set: unsplit kernels keep their names and sources
         ctx["split_k"] = split_k(params)
+    if epi_tma(params):
+        if not epi_tma_fits(pr):
+            raise ValueError("wgmma GEMM: EPI = tma needs one 2-byte D matrix with 16-byte aligned rows")
+        ctx["epi_tma"] = True
     if epi_shfl(params):
         if not epi_shfl_fits(pr):
             raise ValueError("wgmma GEMM: EPI = shfl needs a 2-byte output with even row and batch strides")
@@ -698,6 +748,9 @@ def render(problem: gemm.GemmProblem, params: dict | None = None, name: str | No
     if tma:
         assert args[0][0] == "A" and args[1][0] == "B"  # the specs' "arg" indices
         args += [("tmA", tmap.TMAP_CTYPE, tmap.spec_dict(spec_a)), ("tmB", tmap.TMAP_CTYPE, tmap.spec_dict(spec_b))]
+    if epi_tma(params):
+        assert args[2][0] == "D"  # d_map_spec's arg index
+        args += [("tmD", tmap.TMAP_CTYPE, tmap.spec_dict(d_map_spec(pr, params)))]
     return KernelSpec(source=src, name=ctx["name"], grid=grid, block=(128 * (params["CW"] + 1), 1, 1),
                       smem=smem_bytes(params, im2col is not None), args=args,
                       params=dict(params, BK=BK, family="wgmma", template=TEMPLATE))

@@ -291,3 +291,67 @@ def test_split_waves_gpu():
         d = _poison((pr.M, pr.N), "float16")
         _run_tma(W.render(pr, p), dict(bufs, D=d), times=2)
         _check(_host(d, "float16"), ref, 1e-2)
+
+
+# ---------------------------------------------------------------- kind epi_tma (D by TMA stores)
+def test_epi_tma_points_and_render():
+    pr = gemm.GemmProblem(4096, 256, 64, dtype="float16", trans_b=True)  # a 1x1 64->256 conv's GEMM
+    pts = [p for p in W.candidates(pr, SM90A, unverified=("epi_tma",)) if W.epi_tma(p)]
+    assert pts and all(W.load_kind(p) == "tma" and W.ctas_per_sm(p) == 1 and not W.in_space(p) for p in pts)
+    assert any(W.pingpong(p) for p in pts) and all(W.smem_bytes(p) <= SM90A.smem_per_block_optin for p in pts)
+    spec = W.render(pr, next(p for p in pts if W.pingpong(p)))
+    (tmd,) = [a for a in spec.args if a[0] == "tmD"]
+    assert tmd[2]["arg"] == 2 and tmd[2]["dims"] == [256, 4096] and tmd[2]["box"][0] == 64
+    assert "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group" in spec.source
+    assert not W.epi_tma_fits(gemm.GemmProblem(256, 256, 256, dtype="float16", out_dtype="float32"))
+    assert not W.epi_tma_fits(gemm.GemmProblem(256, 252, 256, dtype="float16", trans_b=True))  # 504-byte rows
+    with pytest.raises(ValueError, match="declared space"):
+        W.render(pr, dict(pts[0], SPLIT_K=2))
+
+
+@pytest.mark.skipif(not HAVE_NVRTC, reason="NVRTC unavailable")
+def test_epi_tma_kernels_compile_sm90a():
+    """Coop, ping-pong and cw3 points with the full epilogue (bf16), and a 1x1/2 conv's im2col point."""
+    pr = gemm.GemmProblem(1000, 1000, 520, dtype="bfloat16", has_bias=True, bias_dtype="float32", has_c=True,
+                          c_dtype="bfloat16", ldc_m=1000, ldc_n=1, beta=0.5, act="relu")
+    pts = [p for p in W.candidates(pr, SM90A, unverified=("epi_tma", "cw3")) if W.epi_tma(p)]
+    picks = {}
+    for p in pts:
+        picks.setdefault("pp" if W.pingpong(p) else f"cw{p['CW']}", p)
+    specs = [W.render(pr, p) for p in picks.values()]
+    cp = conv.ConvProblem(32, 256, 56, 56, 512, 1, 1, stride=(2, 2), in_layout="NHWC", out_layout="NHWC")
+    gp, geo = CW.igemm_problem(cp), CW.im2col_geometry(cp)
+    im = [p for p in W.candidates(gp, SM90A, True, True, True, unverified=("epi_tma",)) if W.epi_tma(p)]
+    specs += [W.render(gp, next(p for p in im if W.pingpong(p)), im2col=geo, target=SM90A)]
+    assert len(specs) >= 4
+    with ProcessPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as ex:
+        assert all(sz > 0 for sz in ex.map(_compile, [s.source for s in specs]))
+
+
+EPI_TMA_GPU_CASES = [(1000, 1000, 520, "bfloat16", False, True, "bias_residual_relu"),  # ragged M: clipped rows
+                     (200, 136, 328, "float16", True, False, "bias_gelu"),  # ragged N past a 64-column box
+                     (4096, 256, 64, "float16", False, True, "bias_residual_relu")]  # a 1x1 64->256 conv's K
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("case", EPI_TMA_GPU_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{c[3]}-{c[6]}")
+def test_epi_tma_gpu(case):
+    """Every EPI = tma point (cw3 too) against numpy, outputs poisoned (with a poisoned guard row
+    past M: the TMA store must clip), each launched twice."""
+    from .test_conv_tma import _cubins
+    from .test_gemm_tma import _run_tma
+    from .test_gemm_wgmma import _bufs, _case_arrays
+    rng = np.random.default_rng(abs(hash(case)) & 0xFFFF)
+    pr, a, b, extra, ref = _case_arrays(case, rng)
+    odt = pr.out_dtype or pr.dtype
+    bufs = _bufs(pr, a, b, extra)
+    pts = [p for p in W.candidates(pr, SM90A, unverified=("epi_tma", "cw3")) if W.epi_tma(p)]
+    assert pts
+    _cubins([W.render(pr, p) for p in pts])
+    for p in pts:
+        big = _poison((pr.M + 1, pr.N), odt)
+        d = big[:pr.M]
+        _run_tma(W.render(pr, p), dict(bufs, D=d), times=2)
+        _check(_host(d, odt), ref, 1e-2 if pr.dtype == "float16" else 3e-2)
+        assert not np.isfinite(_host(big[pr.M:], odt)).any(), f"{p} wrote past M"
