@@ -175,6 +175,30 @@ def test_numpy_model_matches_the_interpreter(fmt, per_col, bias, act, out):
     assert np.abs(deq - x).max() <= 2 ** -3 * np.abs(x).max()
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_numpy_chain_quantize_multiply_dequant_matches_the_interpreter(per_channel):
+    """The whole fp8 path as the CUDA build runs it on sm_90a: Q(x) = e4m3(clip(x / sx)) (the
+    QuantizeLinear kernel; ml_dtypes rounds to nearest even, as ONNX does), then the kernel's model,
+    against the interpreter on the folded QDQ model (Q -> matmul_fp8)."""
+    from nnc.driver import pipeline_passes
+    from nnc.ir.interp import Interpreter
+    from nnc.onnx_import import import_model
+    from nnc.pipeline import Pipeline
+    from tools.fp8_models import qdq_model, random_x, weights
+    M, K, N = 24, 384, 272
+    model = qdq_model(M, K, N, per_channel=per_channel)
+    m = import_model(model)
+    Pipeline(pipeline_passes("fp32", fuse=False), verify_each=True).run(m)
+    assert [o.name for o in m.main.ops if o.name != "const"] == ["QuantizeLinear", "matmul_fp8"]
+    x = random_x(M, K, seed=3)
+    want = Interpreter(m).run({"x": x})["y"].astype(np.float32)
+    sx = np.float32(0.01)  # qdq_model's default activation scale
+    _, wq, sw = weights(K, N, per_channel=per_channel)
+    q = np.clip(x / sx, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    got = F.model(q, sx, F.weight_nk(wq), F.scale_vector(sw, N), out_dtype=np.float32)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
 # ---------------------------------------------------------------- GPU
 
 GPU_SHAPES = [  # M, N, K: BERT-base at batch 1 and 4 (M = 128 * B), 4096 rows, ragged tails
