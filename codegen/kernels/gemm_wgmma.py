@@ -23,7 +23,10 @@ variants compute exactly the same thing from the same buffers.
                                  an MN-major operand (B not transposed, A transposed) also needs
                                  its MN extent % 8 == 0 (whole 16-byte chunks)
     candidates(problem, target)  the declared space: (BM, BN, STAGES, CW) tiles, BK = 64, each by
-                                 cp.async and (tma_fits: cuTensorMapEncodeTiled's rules) by TMA
+                                 cp.async and (tma_fits: cuTensorMapEncodeTiled's rules) by TMA; the
+                                 unverified point kinds (UNVERIFIED_KINDS: split-K, staged / shuffle /
+                                 TMA-store epilogues, BM = 192 tiles, wide swizzle, wave split-K) join
+                                 it per kind (IN_SPACE) once measured; tools ask for them by name
     default_params(problem, target), render(problem, params) -> KernelSpec (same args as gemm.render)
 """
 from __future__ import annotations
