@@ -91,6 +91,7 @@ def test_encoder_range_build_compiles_and_runs_at_every_length(enc_build):
 
 def _flash_launches(out: Path) -> list:
     plan = json.loads((out / "plan.json").read_text())
+    assert plan["cubins"] and all((out / c["file"]).is_file() for c in plan["cubins"])  # NVRTC compiled them
     return [l for l in plan["launches"] if l["kind"] == "kernel" and "flash_attention" in l["kernel"]]
 
 
@@ -133,6 +134,7 @@ def test_range_build_fp16_attention_takes_the_tensor_core_kernel(tmp_path, preci
 
 def _kernels(out: Path, word: str) -> list:
     plan = json.loads((out / "plan.json").read_text())
+    assert plan["cubins"] and all((out / c["file"]).is_file() for c in plan["cubins"])  # NVRTC compiled them
     return [l for l in plan["launches"] if l["kind"] == "kernel" and word in l["kernel"]]
 
 
