@@ -152,8 +152,9 @@ class CudaRunner(Runner):
     name = "cuda"
 
     def __init__(self, arch: str, l2_bytes: int, jobs: Optional[int] = None, warmup: int = WARMUP,
-                 repeats: int = REPEATS, screen: int = SCREEN_REPEATS):
-        import cupy as cp
+                 repeats: int = REPEATS, screen: int = SCREEN_REPEATS, cp=None):
+        if cp is None:  # (a test passes a numpy stand-in of cupy: the host-side logic on the CPU)
+            import cupy as cp
         self.cp = cp
         self.arch, self.jobs, self.warmup, self.repeats = arch, jobs, warmup, repeats
         self.screen = max(1, min(screen, repeats))
@@ -164,6 +165,7 @@ class CudaRunner(Runner):
         self._shared_seed = None
         self.stream = cp.cuda.Stream(non_blocking=True)
         self._tensor_maps = tma.TensorMapCache()
+        self._fill = cp.ElementwiseKernel("uint32 seed", "float32 y", _HASH_FILL, "nnc_tune_uniform_fill")
 
     def device(self) -> dict:
         cp = self.cp
@@ -211,8 +213,8 @@ class CudaRunner(Runner):
         self._warm = True
         from .tuning import mismatch
         cp = self.cp
-        for np_name, dt in (("float16", cp.float32), ("float32", cp.float32), ("float64", cp.float64)):
-            a = cp.random.RandomState(0).uniform(-1.0, 1.0, 8, dtype=cp.float32).astype(np.dtype(np_name))
+        for np_name in ("float16", "float32", "float64"):
+            a = self._uniform(8, 0).astype(np.dtype(np_name))
             v = _as_float(a, np_name, cp)
             mismatch([v], [v.copy()], Capture("warm-up", {}, outputs=[(0, 0, np_name, (8,))]))
         u = cp.zeros(8, cp.uint8)
@@ -234,7 +236,7 @@ class CudaRunner(Runner):
         raw = cp.zeros(n, cp.uint8)
         if spec.np_name in ("float16", "float32", "float64") and count:
             # made on the device: ResNet-50 b32's operands are ~1 GB, seconds of host RNG and copies
-            vals = cp.random.RandomState(state).uniform(-1.0, 1.0, count, dtype=cp.float32).astype(dt.dtype.np)
+            vals = self._uniform(count, state).astype(dt.dtype.np)
             raw[:vals.nbytes] = vals.view(cp.uint8)
             return raw
         rng = np.random.default_rng(state)
@@ -247,6 +249,13 @@ class CudaRunner(Runner):
         if host.nbytes:
             raw[:host.nbytes] = cp.asarray(np.frombuffer(host.tobytes(), np.uint8))
         return raw
+
+    def _uniform(self, count: int, state: int):
+        """count float32 values in [-1, 1) on the device, a hash of (index, state): one kernel, no
+        generator to set up per buffer."""
+        y = self.cp.empty(count, self.cp.float32)
+        self._fill(np.uint32(state & 0xFFFFFFFF), y)
+        return y
 
     def _launch_all(self, cap: Capture, ptrs: dict):
         cp = self.cp
@@ -327,6 +336,16 @@ class CudaRunner(Runner):
         self.funcs.clear()
         self._modules.clear()
         self._shared.clear()
+
+
+# CudaRunner's operand fill (a cupy ElementwiseKernel body; i: the element's index): a 32-bit
+# integer hash of (i, seed), its top 24 bits scaled to [-1, 1). Any value pattern will do that is
+# deterministic, never all zeros and varied enough that a wrong kernel's output differs.
+_HASH_FILL = """
+    unsigned int x = (unsigned int)i * 2654435761u + seed;
+    x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16;
+    y = (float)(x >> 8) * (2.0f / 16777216.0f) - 1.0f;
+"""
 
 
 def _classify(e) -> NncError:
