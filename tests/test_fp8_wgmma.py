@@ -67,23 +67,33 @@ COVER = [
     (F.Fp8GemmProblem(128, 768, 768, has_bias=True), (64, 128, 8, 1)),
     (F.Fp8GemmProblem(8, 320, 256, out_dtype="float32"), (64, 64, 8, 1)),
     (F.Fp8GemmProblem(128, 768, 768, a_dtype="f8e5m2", b_dtype="f8e5m2", has_bias=True, act="relu"), (64, 32, 8, 1)),
+    (F.Fp8GemmProblem(4096, 768, 768, has_bias=True, act="relu"), (64, 128, 4, 1, 2)),
+    (F.Fp8GemmProblem(4096, 3072, 768, out_dtype="float32"), (128, 64, 4, 1, 2)),
+    (F.Fp8GemmProblem(4096, 2304, 768, has_bias=True, b_scale_cols=False), (64, 192, 3, 1, 2)),
 ]
+
+
+def _params(p):
+    return dict(BM=p[0], BN=p[1], STAGES=p[2], CW=p[3], **({"CTAS": p[4]} if len(p) > 4 else {}))
 
 
 def test_space_is_covered_and_valid():
     pts = {tuple(p.values()) for p in F.candidates(F.Fp8GemmProblem(256, 768, 768), H100)}
-    assert pts == {tuple(t) for t in F.TILE_SPACE}
+    assert pts == {tuple(t) for t in F.TILE_SPACE} | {tuple(t) + (2,) for t in F.TILE_SPACE_2CTA}
     assert {tuple(p) for _, p in COVER} == pts
     for p in F.candidates(F.Fp8GemmProblem(256, 768, 768), H100):
-        assert F.smem_bytes(p) <= H100.smem_per_block_optin
+        assert F.ctas_per_sm(p) * (F.smem_bytes(p) + 1024) <= H100.smem_per_sm
         assert (p["BM"] // p["CW"] // 64) * p["BN"] // 2 <= F.MAX_ACC
+    # the heuristic picks among the measured kind (one CTA per SM) only
+    for shape in ((128, 768, 768), (4096, 768, 768), (4096, 3072, 768)):
+        assert F.ctas_per_sm(F.default_params(F.Fp8GemmProblem(*shape), H100)) == 1
 
 
 def test_nvrtc_compiles_the_space_sm90a():
     compile_nvrtc = _nvrtc()
     if compile_nvrtc is None:
         pytest.skip("no NVRTC")
-    specs = [F.render_spec(pr, dict(BM=p[0], BN=p[1], STAGES=p[2], CW=p[3]), H100) for pr, p in COVER]
+    specs = [F.render_spec(pr, _params(p), H100) for pr, p in COVER]
     for s in specs:
         assert "wgmma.mma_async.sync.aligned.m64n%dk32.f32." % s.params["BN"] in str(s.source)
         assert s.source.count("// nnc: Hopper fp8 wgmma GEMM") == 1
@@ -273,7 +283,8 @@ def test_fp8_wgmma_build_matches_interpreter(kw, tmp_path):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("params", [(128, 256, 4, 2), (64, 32, 8, 1)], ids=lambda p: "x".join(map(str, p)))
+@pytest.mark.parametrize("params", [(128, 256, 4, 2), (64, 32, 8, 1), (64, 128, 4, 1, 2)],
+                         ids=lambda p: "x".join(map(str, p)))
 def test_fp8_wgmma_gpu_exact_on_a_selection_matrix(params):
     """A selects rows of B (a[m, k] = 1 where k = (3 m) % K), B holds small integers, scales 1, f32
     out: every output is exact, so the test asserts equality, and a failure lists where it is wrong
@@ -286,7 +297,7 @@ def test_fp8_wgmma_gpu_exact_on_a_selection_matrix(params):
     b = (((np.arange(K)[:, None] * 7 + np.arange(N)[None, :] * 3) % 13) - 6).astype(np.float32)
     want = b[sel, :]
     pr = F.Fp8GemmProblem(M, N, K, out_dtype="float32", b_scale_cols=False)
-    spec = F.render_spec(pr, dict(BM=params[0], BN=params[1], STAGES=params[2], CW=params[3]), H100)
+    spec = F.render_spec(pr, _params(params), H100)
     D = cupy.full((M, N), np.float32(np.nan), np.float32)
     bufs = {"A": cupy.asarray(a.astype(ml_dtypes.float8_e4m3fn).view(np.uint8)),
             "B": cupy.asarray(F.weight_nk(b.astype(ml_dtypes.float8_e4m3fn)).view(np.uint8)), "D": D,

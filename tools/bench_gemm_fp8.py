@@ -7,7 +7,8 @@ and 4096^3), each with a bias and an f16 result:
 - nnc fp8: the heuristic's point (default_params), checked first against the interpreter's
   matmul_fp8 (ir/ops/gemm_fp8._ref; output poisoned with NaN before the launch): "rel err" is
   max |gpu - ref| / max |ref|; with --space every point of the declared space is checked and
-  timed, and the fastest is shown too;
+  timed, and the fastest is shown too (point BMxBN s STAGES c consumer warp groups, "x2": two CTAs
+  per SM, in the space but never the heuristic's pick until measured);
 - torch fp16: torch.matmul of f16 [M, K] @ [K, N] (cuBLAS), plus the bias (torch.addmm);
 - torch fp8: torch._scaled_mm(e4m3 [M, K], e4m3 [K, N] column-major, per-tensor scales, f16 out,
   bias), cuBLASLt's fp8 GEMM, where this torch has it.
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
                 t16, t8, note = torch_times(M, N, K, args.iters, a8, b8, sa, sb, bias)
             except Exception as err:  # noqa: BLE001  (no torch on this machine: nnc's numbers still count)
                 t16, t8, note = float("nan"), float("nan"), f"torch: {type(err).__name__}: {str(err)[:60]}"
-            pt = lambda q: f"{q['BM']}x{q['BN']}s{q['STAGES']}c{q['CW']}"  # noqa: E731
+            pt = lambda q: f"{q['BM']}x{q['BN']}s{q['STAGES']}c{q['CW']}" + ("x2" if q.get("CTAS") == 2 else "")  # noqa: E731
             bms, bpt = (best[2], pt(best[0])) if best else (float("nan"), "-")
             tf = 2.0 * M * N * K / (ms * 1e-3) / 1e12
             bad += not rel < 2e-2

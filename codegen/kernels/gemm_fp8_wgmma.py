@@ -23,7 +23,8 @@ past M, N and K, so any K % 16 == 0 (the tensor map's 16-byte row stride) works,
                               static shapes; K % 16 == 0; b and b_scale constants; a's buffer
                               16-byte aligned (a view at another offset is refused)
     candidates(pr, target)    TILE_SPACE: (BM, BN, STAGES, CW), BK = 128, the ring within the
-                              shared memory an SM gives a block
+                              shared memory an SM gives a block; TILE_SPACE_2CTA: the same at two
+                              CTAs per SM (CTAS = 2, unmeasured, not the heuristic's pick)
     default_params            the smallest modelled_time (a model, not measured yet)
     render_spec(pr, params)   -> KernelSpec (tools and tests launch it directly)
 
@@ -62,7 +63,18 @@ TILE_SPACE = [
     (64, 64, 8, 1),
     (64, 32, 8, 1),  # small M (BERT at batch 1: M = 128): more CTAs for the SMs (48 at N = 768)
 ]
+# Two CTAs per SM (CTAS = 2): one CTA's epilogue and pipeline fill overlap the other's mainloop,
+# which a one-tile CTA cannot do itself (at K = 768 a BERT tile has only 6 k-tiles, so fill and
+# epilogue are a large share). Each CTA gets half the shared memory and the registers ptxas may use
+# at two CTAs (reg_cap: one consumer warp group, no setmaxnreg). Not measured: in the space for
+# the timed selector and tools/bench_gemm_fp8.py --space, never the heuristic's pick until measured.
+TILE_SPACE_2CTA = [
+    (64, 128, 4, 1),
+    (128, 64, 4, 1),
+    (64, 192, 3, 1),
+]
 MAX_ACC = 128
+REGS_BESIDES_ACC = 30  # addresses, descriptors, loop and epilogue state of a consumer thread (a guess)
 SMEM_RESERVED_PER_CTA = 1024
 
 
@@ -88,22 +100,31 @@ def smem_bytes(p: dict) -> int:
     return p["STAGES"] * (p["BM"] + p["BN"]) * BK + 16 * p["STAGES"] + 1024
 
 
+def ctas_per_sm(p: dict) -> int:
+    return int(p.get("CTAS", 1))
+
+
+def reg_cap(p: dict, target: Target) -> int:
+    """Registers per thread ptxas compiles to under the launch bounds (threads, CTAS per SM)."""
+    return min(target.regs_per_thread, target.regs_per_sm // (ctas_per_sm(p) * 128 * (p["CW"] + 1)) // 8 * 8)
+
+
 def _valid(p: dict, target: Target) -> bool:
     rows = p["BM"] // p["CW"]
     acc = (rows // 64) * p["BN"] // 2
+    ctas = ctas_per_sm(p)
+    if ctas not in (1, 2) or (ctas == 2 and (p["CW"] != 1 or acc + REGS_BESIDES_ACC > reg_cap(p, target))):
+        return False
     return (p["CW"] in (1, 2) and p["BM"] % p["CW"] == 0 and rows % 64 == 0 and p["BN"] % 32 == 0
             and p["BN"] <= 256 and p["BM"] <= 256 and p["STAGES"] >= 2 and acc <= MAX_ACC
             and smem_bytes(p) <= target.smem_per_block_optin
-            and smem_bytes(p) + SMEM_RESERVED_PER_CTA <= target.smem_per_sm)
+            and ctas * (smem_bytes(p) + SMEM_RESERVED_PER_CTA) <= target.smem_per_sm)
 
 
 def candidates(pr: Fp8GemmProblem, target: Target = DEFAULT_TARGET) -> list:
-    out = []
-    for bm, bn, st, cw in TILE_SPACE:
-        p = dict(BM=bm, BN=bn, STAGES=st, CW=cw)
-        if _valid(p, target):
-            out.append(p)
-    return out
+    points = [dict(BM=bm, BN=bn, STAGES=st, CW=cw) for bm, bn, st, cw in TILE_SPACE]
+    points += [dict(BM=bm, BN=bn, STAGES=st, CW=cw, CTAS=2) for bm, bn, st, cw in TILE_SPACE_2CTA]
+    return [p for p in points if _valid(p, target)]
 
 
 # The heuristic's model (NOT measured yet): a tile's mainloop at one SM's share of an fp8 peak
@@ -120,11 +141,14 @@ def modelled_time(pr: Fp8GemmProblem, p: dict, target: Target = DEFAULT_TARGET) 
     tiles = cdiv(pr.M, p["BM"]) * cdiv(pr.N, p["BN"])
     rate = R_FP8 * TILE_EFFICIENCY.get(p["BM"] * p["BN"], 1.0) / target.sm_count
     tile = 2.0 * p["BM"] * p["BN"] * K / rate
+    if ctas_per_sm(p) == 2:  # two CTAs share an SM: each at about half the rate, fills and epilogues hidden
+        return cdiv(tiles, 2 * target.sm_count) * 2 * tile / 0.9 + WAVE_S
     return cdiv(tiles, target.sm_count) * (tile + WAVE_S)
 
 
 def default_params(pr: Fp8GemmProblem, target: Target = DEFAULT_TARGET) -> dict:
-    return min(candidates(pr, target), key=lambda p: modelled_time(pr, p, target))
+    """The smallest modelled time among the one-CTA points (two-CTA points: not measured yet)."""
+    return min((p for p in candidates(pr, target) if ctas_per_sm(p) == 1), key=lambda p: modelled_time(pr, p, target))
 
 
 def tensor_map_specs(pr: Fp8GemmProblem, p: dict) -> tuple:
@@ -164,7 +188,7 @@ def render_spec(pr: Fp8GemmProblem, params: dict | None = None, target: Target =
         raise ValueError(f"fp8 wgmma GEMM params {params} are not in the declared space's bounds")
     to, to_bytes, to2 = CTYPES[pr.out_dtype]
     pair = pr.N % 2 == 0 and pr.d_offset_bytes % (2 * to_bytes) == 0
-    ctx = dict(BM=params["BM"], BN=params["BN"], BK=BK, STAGES=params["STAGES"], CW=params["CW"],
+    ctx = dict(BM=params["BM"], BN=params["BN"], BK=BK, STAGES=params["STAGES"], CW=params["CW"], CTAS=ctas_per_sm(params),
                GROUP_M=gemm.GROUP_M, atype=WGMMA_TYPE[pr.a_dtype], btype=WGMMA_TYPE[pr.b_dtype], TO=to, TO2=to2,
                has_bias=pr.has_bias, TBIAS=CTYPES[pr.bias_dtype][0] if pr.has_bias else "", act=pr.act,
                b_scale_cols=pr.b_scale_cols, pair_store=pair)
