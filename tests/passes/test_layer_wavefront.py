@@ -30,16 +30,20 @@ GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
 
 
 def stack_model(kind, L=2, S=5, B=2, I=6, H=8, *, seed=0, states=True, direction="forward", scale=0.4,
-                y_read_too=False, torch_h0=False):
+                y_read_too=False, torch_h0=False, batch_first=False):
     """L ONNX `kind` nodes, each Y -> Squeeze(1) -> the next one's X (torch's unidirectional stack
     export); the graph returns the last Y and, `states`, every layer's Y_h (and, LSTM, the first
     layer's Y_c). y_read_too: layer 0's squeezed Y is a graph output too. torch_h0: each layer's
-    initial_h (and c) a Slice of ConstantOfShape([L, B, H], 0), as torch exports hx = None."""
+    initial_h (and c) a Slice of ConstantOfShape([L, B, H], 0), as torch exports hx = None.
+    batch_first: the model takes xb [B, S, I] and returns [B, S, H] through Transpose(1, 0, 2) on both
+    sides (torch's batch_first=True export; the stack then has g_layout "bs", y_layout "bsdh")."""
     r = np.random.default_rng(seed)
     g = GATES[kind]
     w = lambda *s: (r.standard_normal(s) * scale).astype(np.float32)  # noqa: E731
     inits = [nh.from_array(np.array([1], np.int64), "ax1")]
     nodes, x, outs = [], "x", []
+    if batch_first:
+        nodes.append(oh.make_node("Transpose", ["xb"], ["x"], perm=[1, 0, 2]))
     if torch_h0:
         inits.append(nh.from_array(np.array([L, B, H], np.int64), "hx_shape"))
         nodes.append(oh.make_node("ConstantOfShape", ["hx_shape"], ["hx"], value=oh.make_tensor("z", T.FLOAT, [1], [0.0])))
@@ -61,10 +65,15 @@ def stack_model(kind, L=2, S=5, B=2, I=6, H=8, *, seed=0, states=True, direction
             outs.append(oh.make_tensor_value_info(f"Yh{layer}", T.FLOAT, None))
             if kind == "LSTM" and layer == 0:
                 outs.append(oh.make_tensor_value_info("Yc0", T.FLOAT, None))
+    if batch_first:
+        nodes.append(oh.make_node("Transpose", [x], ["y_bs"], perm=[1, 0, 2]))
+        x = "y_bs"
     outs = [oh.make_tensor_value_info(x, T.FLOAT, None)] + outs
     if y_read_too:
         outs.append(oh.make_tensor_value_info("x1", T.FLOAT, None))
-    graph = oh.make_graph(nodes, "stack", [oh.make_tensor_value_info("x", T.FLOAT, [S, B, I])], outs, inits)
+    x_in = oh.make_tensor_value_info("xb", T.FLOAT, [B, S, I]) if batch_first else \
+        oh.make_tensor_value_info("x", T.FLOAT, [S, B, I])
+    graph = oh.make_graph(nodes, "stack", [x_in], outs, inits)
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 14)])
 
 
@@ -187,6 +196,18 @@ def test_stack_same_outputs_as_before_and_onnxruntime(kind, L, direction, torch_
     _close(dict(zip(names, sess.run(None, feed))), got, 1e-4)
 
 
+def test_batch_first_stack_reads_and_writes_batch_major(rng):
+    model = stack_model("GRU", L=3, batch_first=True)
+    m = import_model(model)
+    feed = {"xb": rng.standard_normal((2, 5, 6)).astype(np.float32)}
+    want = Interpreter(import_model(model)).run(feed)
+    Pipeline(passes_with_stack(), verify_each=True).run(m)
+    (st,) = _stacks(m)
+    assert (st.attrs.g_layout, st.attrs.y_layout) == ("bs", "bsdh")
+    assert "Transpose" not in [op.name for op in m.main.ops]
+    _close(want, Interpreter(m).run(feed), 1e-5)
+
+
 def test_fp16_stack_keeps_the_storage_dtype(rng):
     model = stack_model("LSTM", L=2, H=16)
     m = import_model(model)
@@ -214,9 +235,9 @@ def test_left_alone_bidirectional_and_y_read_elsewhere(rng):
 
 # ---------------------------------------------------------------- CUDA
 
-def _compile(tmp, kind, L, H, prec, form, monkeypatch, *, S=8, B=1, scale=0.4, arch="sm_90a"):
+def _compile(tmp, kind, L, H, prec, form, monkeypatch, *, S=8, B=1, scale=0.4, arch="sm_90a", batch_first=False):
     monkeypatch.setattr(rec_kernels, "DEFAULT_STACK_FORM", form)
-    model = stack_model(kind, L=L, S=S, B=B, I=H, H=H, scale=scale)
+    model = stack_model(kind, L=L, S=S, B=B, I=H, H=H, scale=scale, batch_first=batch_first)
     m = import_model(model)
     Pipeline(passes_with_stack(prec)).run(m)
     assert _stacks(m)
@@ -268,14 +289,15 @@ def _gpu() -> bool:
     return gpu_present()
 
 
-GPU_CASES = [("RNN", 2, 256, "fp16", 1, 33), ("LSTM", 2, 128, "fp32", 2, 9), ("GRU", 3, 64, "fp16", 3, 17),
-             ("LSTM", 3, 64, "fp16", 1, 2)]
+GPU_CASES = [("RNN", 2, 256, "fp16", 1, 33, False), ("LSTM", 2, 128, "fp32", 2, 9, False),
+             ("GRU", 3, 64, "fp16", 3, 17, True), ("LSTM", 3, 64, "fp16", 1, 2, False)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind,L,H,prec,B,S", GPU_CASES, ids=[f"{c[0]}{c[1]}x{c[2]}-{c[3]}-b{c[4]}-S{c[5]}"
-                                                               for c in GPU_CASES])
-def test_gpu_wavefront_matches_interpreter_and_hoisted(kind, L, H, prec, B, S, tmp_path, monkeypatch, rng):
+@pytest.mark.parametrize("kind,L,H,prec,B,S,bf", GPU_CASES,
+                         ids=[f"{c[0]}{c[1]}x{c[2]}-{c[3]}-b{c[4]}-S{c[5]}{'-batch_first' if c[6] else ''}"
+                              for c in GPU_CASES])
+def test_gpu_wavefront_matches_interpreter_and_hoisted(kind, L, H, prec, B, S, bf, tmp_path, monkeypatch, rng):
     """The wavefront against the reference interpreter (contractive weights: std 0.8/sqrt(H)), against
     onnxruntime, and against the hoisted build (the same cell math, another summation order and the
     storage rounding of Y_l / G_l: 1e-3 fp32, 2e-2 fp16); fresh inputs and poisoned outputs each of
@@ -285,10 +307,10 @@ def test_gpu_wavefront_matches_interpreter_and_hoisted(kind, L, H, prec, B, S, t
         pytest.skip("needs a CUDA GPU")
     scale = 0.8 / np.sqrt(H)
     model, m_w, plan_w = _compile(tmp_path / "wave", kind, L, H, prec, "wavefront", monkeypatch, S=S, B=B,
-                                  scale=scale, arch=None)
+                                  scale=scale, arch=None, batch_first=bf)
     assert any("wavefront" in (la["kernel"] or "") for la in plan_w["launches"])
     _, _, plan_h = _compile(tmp_path / "hoist", kind, L, H, prec, "hoisted", monkeypatch, S=S, B=B, scale=scale,
-                            arch=None)
+                            arch=None, batch_first=bf)
     assert not any("wavefront" in (la["kernel"] or "") for la in plan_h["launches"])
     ref_mod = import_model(model)
     wave, hoist = nnc.load(tmp_path / "wave"), nnc.load(tmp_path / "hoist")
@@ -297,10 +319,11 @@ def test_gpu_wavefront_matches_interpreter_and_hoisted(kind, L, H, prec, B, S, t
     names = [o.name for o in sess.get_outputs()]
     tol = 2e-2 if prec == "fp16" else 1e-3
     for i in range(3):
-        feed = {"x": rng.standard_normal((S, B, H)).astype(np.float32)}
+        xn = "xb" if bf else "x"
+        feed = {xn: rng.standard_normal((B, S, H) if bf else (S, B, H)).astype(np.float32)}
         want = Interpreter(ref_mod).run(feed)
-        fw = {"x": feed["x"].astype(wave.inputs[0].dtype)}  # (fp16 builds may take f16 inputs)
-        fh = {"x": feed["x"].astype(hoist.inputs[0].dtype)}
+        fw = {xn: feed[xn].astype(wave.inputs[0].dtype)}  # (fp16 builds may take f16 inputs)
+        fh = {xn: feed[xn].astype(hoist.inputs[0].dtype)}
         got = wave.run(fw, output="numpy", poison=True)
         assert all(np.isfinite(np.asarray(v, np.float64)).all() for v in got.values()), f"run {i}: non-finite"
         _close(want, got, tol)
