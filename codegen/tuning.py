@@ -372,10 +372,15 @@ def tune_problems(problems: Sequence[TuneProblem], runner: Runner, budget: Optio
     failed: dict = {}
     t0 = time.perf_counter()
     if caps:
-        with rep.stage("tune-compile") as task:
-            n_kernels = len({k for c in caps for k in c.kernels})
+        n_kernels = len({k for c in caps for k in c.kernels})
+        with rep.stage("tune-compile", total=n_kernels) as task:
             task.describe(f"{n_kernels} distinct kernels of {len(caps)} candidates")
-            failed.update(runner.prepare(caps))
+            shown = [0]
+
+            def compiled(done, total, task=task, shown=shown):  # the bar: kernels compiled or cached
+                task.advance(done - shown[0])
+                shown[0] = done
+            failed.update(runner.prepare(caps, progress=compiled))
         stats["kernels"] = stats.get("kernels", 0) + n_kernels
     stats["compile_s"] = stats.get("compile_s", 0.0) + time.perf_counter() - t0
     stats["candidates"] = stats.get("candidates", 0) + len(caps)

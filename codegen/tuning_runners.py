@@ -43,8 +43,9 @@ class Runner:
         """The identity a timing cache is valid for (GPU name, SM, CUDA versions)."""
         raise NotImplementedError
 
-    def prepare(self, captures: Sequence[Capture]) -> dict:
-        """Compiles the captures' kernels in one batch; returns {id(capture): why} for failures."""
+    def prepare(self, captures: Sequence[Capture], progress: Optional[Callable] = None) -> dict:
+        """Compiles the captures' kernels in one batch; returns {id(capture): why} for failures.
+        progress(done, total): per compiled (or cached) distinct kernel."""
         return {}
 
     def warm_up(self) -> None:
@@ -82,7 +83,7 @@ class StandInRunner(Runner):
     def device(self) -> dict:
         return {"gpu": "stand-in", "sm": "sm_90", "cuda_runtime": 0, "cuda_driver": 0, "nvrtc": "none"}
 
-    def prepare(self, captures):
+    def prepare(self, captures, progress=None):
         if self.compile_delay:
             time.sleep(self.compile_delay)
         self.prepared += len(captures)
@@ -114,7 +115,8 @@ class StandInRunner(Runner):
         return quick if self.screen_timer is self.timer else float(self.timer(cap.candidate, cap.params)), outs
 
 
-def compile_captures(captures: Sequence[Capture], arch: str, jobs: Optional[int] = None):
+def compile_captures(captures: Sequence[Capture], arch: str, jobs: Optional[int] = None,
+                     progress: Optional[Callable] = None):
     """Every distinct captured kernel (by name: tuning_capture.batch_name names a kernel by its
     code) compiled once, in one parallel batch through the cubin cache (codegen/cuda.py: one kernel
     a unit, so a failure names its candidates). Returns (units, cubins, {id(capture): why}) with
@@ -132,7 +134,7 @@ def compile_captures(captures: Sequence[Capture], arch: str, jobs: Optional[int]
     if not units:
         return units, [], failed
     try:
-        cubins = cuda.compile_many(units, arch, jobs=jobs, cache=cuda.CubinCache.default())
+        cubins = cuda.compile_many(units, arch, jobs=jobs, cache=cuda.CubinCache.default(), progress=progress)
     except cuda.CompileError:
         cubins = []
         for u in units:  # find the failing ones (rare: a declared space must compile)
@@ -180,10 +182,10 @@ class CudaRunner(Runner):
                 "sm": f"sm_{props['major']}{props['minor']}", "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
                 "cuda_driver": cp.cuda.runtime.driverGetVersion(), "nvrtc": nv}
 
-    def prepare(self, captures):
+    def prepare(self, captures, progress=None):
         import os
         import tempfile
-        units, cubins, failed = compile_captures(captures, self.arch, self.jobs)
+        units, cubins, failed = compile_captures(captures, self.arch, self.jobs, progress)
         owners: dict = {}
         for c in captures:
             for k in c.kernels.values():

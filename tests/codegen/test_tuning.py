@@ -428,9 +428,9 @@ def test_compile_is_one_batch_up_front_and_not_charged_to_the_budget():
             super().__init__(**kw)
             self.batches = []
 
-        def prepare(self, caps):
+        def prepare(self, caps, progress=None):
             self.batches.append(len({k for c in caps for k in c.kernels}))
-            return super().prepare(caps)
+            return super().prepare(caps, progress)
     r = Batches()
     free = tuning.lower_tuned(_tiny_cnn(), _opts(), r)
     one_batch = r.batches

@@ -28,9 +28,9 @@ class Recording(tuning.StandInRunner):
         self.batches: list = []
         self.order: list = []  # problem keys, at their first run
 
-    def prepare(self, caps):
+    def prepare(self, caps, progress=None):
         self.batches.append(list(caps))
-        return super().prepare(caps)
+        return super().prepare(caps, progress)
 
     def run(self, cap, seed, gate=None, cutoff=None):
         key = cap.candidate.problem.key

@@ -89,10 +89,28 @@ def _fake_cupy(log: dict):
 
 
 def test_the_gpu_runner_s_host_logic_tunes_a_matmul_on_a_numpy_stand_in():
+    from nnc import progress
+
+    class Rec(progress.Reporter):  # the compile bar: a total, advanced to it
+        def __init__(self):
+            super().__init__()
+            self.compile = {"total": None, "done": 0}
+
+        def _start(self, name, total):
+            rec = self.compile if name == "tune-compile" else {"done": 0}
+            rec["total"] = total
+
+            class T(progress.Task):
+                def advance(self, n=1):
+                    rec["done"] += n
+            return T()
     log = {"launches": 0, "timed": 0, "modules": 0}
     r = TR.CudaRunner("sm_90", 1 << 20, cp=_fake_cupy(log))
-    plan = tuning.lower_tuned(_module(_matmul(64, 128, 64), "fp16"), _opts(), r)
+    rep = Rec()
+    with progress.use(rep):
+        plan = tuning.lower_tuned(_module(_matmul(64, 128, 64), "fp16"), _opts(), r)
     t = plan.tuning
+    assert rep.compile["done"] == rep.compile["total"] == t["kernels_compiled"]
     assert t["runner"] == "cuda" and t["tuned"] == t["problems"] >= 1 and t["wrong_candidates"] == 0, t
     assert log["modules"] == t["kernels_compiled"] > 0  # each distinct kernel loaded once
     # equal times: nothing is screened out (cutoff 1.5x), every timed candidate gets REPEATS runs
