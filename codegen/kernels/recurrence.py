@@ -195,6 +195,9 @@ STACK_FORMS = ("hoisted", "wavefront")
 DEFAULT_STACK_FORM = "hoisted"
 WAVE_MAX_BATCH = 8  # the wavefront kernel keeps TR x B accumulators a thread: latency-bound batches only
 WAVE_MAX_THREADS = 512  # the default tiling: the fewest rows a thread (TR) with at most this many threads
+# the wavefront's tagged words keep every step of every layer ({fp32 h, tag}: 8 bytes an element, zeroed
+# each run): at most this many bytes (RNN 2x256 b1 seq 256: 1 MB; LSTM 2x512 b1 seq 128: 1 MB)
+WAVE_MAX_WORD_BYTES = 64 << 20
 
 
 def _stack_dims(op, shape_of):
@@ -231,11 +234,11 @@ def _wave_layout(storage: str, kind: str, B: int, H: int, L: int, nsb: int, tr: 
     return dict(HS=hs, ROWS=rows, ROWSP=rowsp, KP=kp, VEC=vec, W_BYTES=w_bytes, smem=smem)
 
 
-def wavefront_space(kind: str, storage: str, B: int, H: int, L: int, target) -> list[dict]:
+def wavefront_space(kind: str, storage: str, B: int, H: int, L: int, target, S: int = 1) -> list[dict]:
     """The wavefront's points: blocks a layer (nsb: H // nsb units each, L*nsb co-resident one an
     SM) x rows a thread (tr) x k-lanes (ks); threads <= 1024."""
     vec = 16 // rnn.ESIZE[storage]
-    if H % vec or H % 4 or B > WAVE_MAX_BATCH:
+    if H % vec or H % 4 or B > WAVE_MAX_BATCH or L * S * B * H * 8 > WAVE_MAX_WORD_BYTES:
         return []
     out = []
     for nsb in range(min(H, target.sm_count // L), 0, -1):
@@ -288,7 +291,7 @@ def _stack_applies(p):
 
 def _stack_space(p):
     S, B, L, H = _stack_dims(p.op, lambda i: p.tensor(i).shape)
-    return [dict(form="hoisted")] + wavefront_space(p.op.attrs.kind, p.tensor(0).dtype.short, B, H, L, p.target)
+    return [dict(form="hoisted")] + wavefront_space(p.op.attrs.kind, p.tensor(0).dtype.short, B, H, L, p.target, S)
 
 
 def _stack_default(p, space):

@@ -282,6 +282,7 @@ def test_wavefront_space_and_default():
     p = rec_kernels.wavefront_default("LSTM", 1, 512, rec_kernels.wavefront_space("LSTM", "f16", 1, 512, 2, sm90))
     assert p["nsb"] == 64 and p["threads"] <= rec_kernels.WAVE_MAX_THREADS
     assert not rec_kernels.wavefront_space("RNN", "f16", 16, 256, 2, sm90), "latency-bound batches only"
+    assert not rec_kernels.wavefront_space("LSTM", "f16", 8, 1024, 4, sm90, S=1024), "every step's words must fit"
 
 
 def _gpu() -> bool:
