@@ -190,8 +190,9 @@ register(Variant("recurrence.fallback", "recurrence", ("recurrence",), _fallback
 #                step s while layer l+1 at step s-1 (S + L - 1 serial steps), tagged sync.
 
 STACK_FORMS = ("hoisted", "wavefront")
-# the heuristic's form. "hoisted" (today's kernels) until the wavefront is measured on the GPU
-# (unrun there as of 2026-12-03 15:40; tools/bench_rnn.py --stack hoisted,wavefront)
+# the heuristic's form: "hoisted" / "wavefront", or {cell kind: form} (kinds not named: hoisted).
+# "hoisted" (today's kernels) until the wavefront is measured on the GPU (unrun there as of
+# 2026-12-03 15:25; tools/bench_rnn.py --stack hoisted,wavefront)
 DEFAULT_STACK_FORM = "hoisted"
 WAVE_MAX_BATCH = 8  # the wavefront kernel keeps TR x B accumulators a thread: latency-bound batches only
 WAVE_MAX_THREADS = 512  # the default tiling: the fewest rows a thread (TR) with at most this many threads
@@ -295,7 +296,9 @@ def _stack_space(p):
 
 
 def _stack_default(p, space):
-    if DEFAULT_STACK_FORM == "wavefront":
+    form = DEFAULT_STACK_FORM.get(p.op.attrs.kind, "hoisted") if isinstance(DEFAULT_STACK_FORM, dict) \
+        else DEFAULT_STACK_FORM
+    if form == "wavefront":
         S, B, L, H = _stack_dims(p.op, lambda i: p.tensor(i).shape)
         got = wavefront_default(p.op.attrs.kind, B, H, space)
         if got is not None:
