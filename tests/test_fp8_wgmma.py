@@ -221,6 +221,27 @@ GPU_SHAPES = [  # M, N, K: BERT-base at batch 1 and 4 (M = 128 * B), 4096 rows, 
 _CUBINS: dict = {}  # source -> cubin: M, N, K are kernel arguments, so shapes share kernels
 
 
+def _gpu_specs(shape):
+    """(problem, [specs]) the shape test launches: the heuristic's point, then the others (at most
+    3 more from 512 rows on)."""
+    M, N, K = shape
+    pr = F.Fp8GemmProblem(M, N, K, has_bias=True, act="relu" if K == 768 else "none", b_scale_cols=N % 2 == 0)
+    default = F.default_params(pr, H100)
+    rest = [q for q in F.candidates(pr, H100) if q != default]
+    return pr, [F.render_spec(pr, p, H100) for p in [default] + rest[:3 if M >= 512 else len(rest)]]
+
+
+@pytest.fixture(scope="module")
+def precompiled():
+    """Every kernel the shape tests launch, compiled once in parallel (device time is scarce)."""
+    from nnc.codegen.cuda import Unit, compile_many
+    specs = {str(s.source): s for shape in GPU_SHAPES for s in _gpu_specs(shape)[1]}
+    srcs = [src for src in specs if src not in _CUBINS]
+    for src, cubin in zip(srcs, compile_many([Unit(specs[src].name, src, (specs[src].name,)) for src in srcs],
+                                             "sm_90a")):
+        _CUBINS[src] = cubin
+
+
 def _launch(spec, bufs):
     import cupy
     from nnc.codegen import tma
@@ -237,17 +258,15 @@ def _launch(spec, bufs):
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fp8_wgmma_gpu_matches_interpreter(shape):
+def test_fp8_wgmma_gpu_matches_interpreter(shape, precompiled):
     import cupy
     M, N, K = shape
     rng = np.random.default_rng(M * 7 + N * 3 + K)
     a, sa, b, sb, bv = _operands(M, N, K, rng, per_col=N % 2 == 0, bias=True)
-    pr = F.Fp8GemmProblem(M, N, K, has_bias=True, act="relu" if K == 768 else "none", b_scale_cols=N % 2 == 0)
+    pr, specs = _gpu_specs(shape)
     want = _ref(MatMulFp8Attrs(dtype("f16"), pr.act), a, sa, b, sb, bv).astype(np.float32)
-    pts = F.candidates(pr, H100)
-    default = F.default_params(pr, H100)
-    for p in [default] + [q for q in pts if q != default][:3 if M >= 512 else len(pts)]:
-        spec = F.render_spec(pr, p, H100)
+    for spec in specs:
+        p = {k: v for k, v in spec.params.items() if k in ("BM", "BN", "STAGES", "CW", "CTAS")}
         D = cupy.full((M, N), np.float16(np.nan), np.float16)  # poisoned
         bufs = {"A": cupy.asarray(np.asarray(a).view(np.uint8)),
                 "B": cupy.asarray(F.weight_nk(b).view(np.uint8)), "D": D,
