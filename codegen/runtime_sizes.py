@@ -17,6 +17,11 @@ none left is a LoweringError naming the node and op). The sizes travel as:
 - a launch's grid with `grid_expr` (one Expr or int per dim): plan.json "grid" at max and
   "grid_expr"; the runtime launches the grid of the run's sizes.
 
+Fused groups too: fuse-attention and fuse-epilogue form their groups over symbolic dims; the
+flash-attention kernel takes S / T / strides per run (kernels/flash_attention.py) and the mma.sync /
+FFMA GEMMs a runtime M where it folds into one GEMM's rows (kernels/gemm_lowering.runtime_rows), so
+their epilogues stay fused.
+
 Expression trees in plan.json (expr_json / expr_eval): an int, {"sym": name}, or {"op": "add" |
 "mul" | "div" | "max", "args": [...]} ("div" is floor division). Symbol values per run come from
 the input shapes (bind): each symbolic input dim gives its symbol's value.

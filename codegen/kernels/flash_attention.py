@@ -19,6 +19,11 @@ One declared Variant, "flash_attention" (codegen/variants.py), with two kernel s
   (space: the one point {}).
 applies() declines (the generic fallback then lowers the body op by op) when no kernel takes the
 group: D > 256, shared memory, or grid limits.
+Range profiles (codegen/runtime_sizes.py): the variant declares runtime_sizes. Both kernels take S,
+T and every stride as arguments, so a group over symbolic S / T (fuse_attention's views with Expr
+strides) passes those per run (Scalar.expr), launches ceil(S / rows) x B1 x B0 CTAs per run, and
+always masks the kv tail tile (T is only known per run); the tile is the one of the profile's opt
+shape, the limits are checked at its max.
 On sm_90a a second variant of the same groups, flash_attention_wgmma.py (one priority above, opt-in
 through the fused op's params "wgmma=..." until ON_BY_DEFAULT), renders a FlashAttention-3-style
 wgmma kernel from the same binding (bind_operands) and step macros (flash_attention_steps.cu.j2).
