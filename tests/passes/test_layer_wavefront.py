@@ -331,3 +331,17 @@ def test_gpu_wavefront_matches_interpreter_and_hoisted(kind, L, H, prec, B, S, b
         _close(dict(zip(names, sess.run(None, feed))), got, tol)
         _close(hoist.run(fh, output="numpy", poison=True), got, tol)
     (tmp_path / "plan_wave.json").write_text(json.dumps(plan_w["launches"][-1], default=str))
+
+
+def test_left_alone_different_hidden_sizes():
+    r = np.random.default_rng(0)
+    w = lambda *s: (r.standard_normal(s) * 0.4).astype(np.float32)  # noqa: E731
+    inits = [nh.from_array(np.array([1], np.int64), "ax"), nh.from_array(w(1, 8, 6), "W0"),
+             nh.from_array(w(1, 8, 8), "R0"), nh.from_array(w(1, 6, 8), "W1"), nh.from_array(w(1, 6, 6), "R1")]
+    nodes = [oh.make_node("RNN", ["x", "W0", "R0"], ["Y0"], hidden_size=8), oh.make_node("Squeeze", ["Y0", "ax"], ["x1"]),
+             oh.make_node("RNN", ["x1", "W1", "R1"], ["Y1"], hidden_size=6), oh.make_node("Squeeze", ["Y1", "ax"], ["y"])]
+    g = oh.make_graph(nodes, "m", [oh.make_tensor_value_info("x", T.FLOAT, [5, 2, 6])],
+                      [oh.make_tensor_value_info("y", T.FLOAT, None)], inits)
+    m = import_model(oh.make_model(g, opset_imports=[oh.make_opsetid("", 14)]))
+    Pipeline(passes_with_stack(), verify_each=True).run(m)
+    assert not _stacks(m) and sum(op.name == "recurrence" for op in m.main.ops) == 2
