@@ -357,7 +357,8 @@ def tune_problems(problems: Sequence[TuneProblem], runner: Runner, budget: Optio
     budget), then gates and times each problem's candidates, under a bound the largest estimated
     share first (estimated_share). Returns key -> entry {"variant", "params", "time_ms",
     "heuristic", "tried", "screened", "rejected", "timings"} or {"skip": why} (the heuristic stays).
-    stats (optional) gets compile_s, timing_s, kernels, candidates, screened added."""
+    stats (optional) gets compile_s, timing_s, kernel_names (distinct, over the rounds), candidates,
+    screened added."""
     budget = budget or Budget(None)
     stats = stats if stats is not None else {}
     out: dict = {}
@@ -381,7 +382,7 @@ def tune_problems(problems: Sequence[TuneProblem], runner: Runner, budget: Optio
                 task.advance(done - shown[0])
                 shown[0] = done
             failed.update(runner.prepare(caps, progress=compiled))
-        stats["kernels"] = stats.get("kernels", 0) + n_kernels
+        stats.setdefault("kernel_names", set()).update(k for c in caps for k in c.kernels)
     stats["compile_s"] = stats.get("compile_s", 0.0) + time.perf_counter() - t0
     stats["candidates"] = stats.get("candidates", 0) + len(caps)
     n_total = sum(1 + len(p.others) for p in todo)
@@ -531,7 +532,7 @@ def lower_tuned(module, options, runner: Optional[Runner] = None):
     fresh: dict = {}  # key -> entry tuned by this run
     skips: dict = {}  # key -> why it keeps the heuristic
     rounds, t_survey = 0, 0.0
-    stats: dict = {}  # compile_s, timing_s, kernels, candidates, screened (tune_problems)
+    stats: dict = {}  # compile_s, timing_s, kernel_names, candidates, screened (tune_problems)
     try:
         while True:
             ts = time.perf_counter()
@@ -576,7 +577,7 @@ def lower_tuned(module, options, runner: Optional[Runner] = None):
                "tunable_ops": sum(met.values()), "tuned": n_tuned,
                "tuned_ops": sum(met.get(k, 0) for k in hits if k in fresh), "cache_hits": len(hits) - n_tuned,
                "heuristic": len(survey.skipped), "changed_from_heuristic": n_changed, "wrong_candidates": n_rej,
-               "candidates": stats.get("candidates", 0), "kernels_compiled": stats.get("kernels", 0),
+               "candidates": stats.get("candidates", 0), "kernels_compiled": len(stats.get("kernel_names", ())),
                "screened": stats.get("screened", 0),
                "rounds": rounds + 1, "budget_s": options.tune_budget, "seconds": round(time.perf_counter() - t0, 3),
                "lowering_seconds": round(t_survey, 3), "compile_seconds": round(stats.get("compile_s", 0.0), 3),

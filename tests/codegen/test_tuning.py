@@ -427,9 +427,11 @@ def test_compile_is_one_batch_up_front_and_not_charged_to_the_budget():
         def __init__(self, **kw):
             super().__init__(**kw)
             self.batches = []
+            self.names: set = set()
 
         def prepare(self, caps, progress=None):
             self.batches.append(len({k for c in caps for k in c.kernels}))
+            self.names.update(k for c in caps for k in c.kernels)
             return super().prepare(caps, progress)
     r = Batches()
     free = tuning.lower_tuned(_tiny_cnn(), _opts(), r)
@@ -441,7 +443,7 @@ def test_compile_is_one_batch_up_front_and_not_charged_to_the_budget():
     t = plan.tuning
     assert t["tuned"] == free.tuning["tuned"] == t["problems"] and t["heuristic"] == 0, t
     assert t["compile_seconds"] >= 0.3 * len(one_batch) and t["timing_seconds"] < 0.25
-    assert t["kernels_compiled"] == sum(one_batch)
+    assert t["kernels_compiled"] == len(r.names) <= sum(one_batch)  # distinct over the rounds
 
 
 def test_layer_names_from_the_model_are_inert_in_the_progress_bar():
