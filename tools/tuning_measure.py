@@ -73,6 +73,19 @@ def _bench_ms(out) -> float:
     return float(r.gpu_compute_ms["median"])
 
 
+def _rel_diff(tuned, heur, batch) -> float:
+    """max |tuned - no-tune| / max |no-tune| of the first output on one random input (both builds
+    are the same model: a large value means a wrong kernel got through)."""
+    import numpy as np
+    import nnc
+    x = np.random.default_rng(1).standard_normal((batch, 3, 224, 224)).astype("float32")
+    mt, mh = nnc.load(tuned), nnc.load(heur)
+    n = mt.input_names[0]
+    yt = np.asarray(list(mt.run({n: x}, output="numpy").values())[0], np.float64)
+    yh = np.asarray(list(mh.run({n: x}, output="numpy").values())[0], np.float64)
+    return float(np.abs(yt - yh).max() / max(float(np.abs(yh).max()), 1e-30))
+
+
 def quick(a, out: Path, work: Path) -> int:
     """--quick: see the module docstring."""
     rows, results = [], {"model": a.model, "precision": a.precision, "tune_budget": a.tune_budget,
@@ -88,11 +101,13 @@ def quick(a, out: Path, work: Path) -> int:
             _, th = _compile(model, work / f"heur_b{b}", b, a.precision, False, None, cubins)
             r["no_tune_build_s"] = round(th, 2)
             r["tuned_ms"], r["no_tune_ms"] = _bench_ms(work / f"tuned_b{b}"), _bench_ms(work / f"heur_b{b}")
+            r["rel_diff_vs_no_tune"] = _rel_diff(work / f"tuned_b{b}", work / f"heur_b{b}", b)
             rows.append([b, a.tune_budget, tu["problems"], tu.get("signatures"), tu.get("tunable_ops"), tu["tuned"],
                          tu.get("tuned_ops"), tu["heuristic"], tu.get("candidates"), tu.get("kernels_compiled"),
                          tu.get("screened"), tu["wrong_candidates"], tu["changed_from_heuristic"],
                          tu.get("lowering_seconds"), tu.get("compile_seconds"), tu.get("timing_seconds"),
-                         tu["seconds"], r["tuned_build_s"], round(r["tuned_ms"], 4), round(r["no_tune_ms"], 4)])
+                         tu["seconds"], r["tuned_build_s"], round(r["tuned_ms"], 4), round(r["no_tune_ms"], 4),
+                         f"{r['rel_diff_vs_no_tune']:.2e}"])
             why = {}
             for l in pj["launches"]:
                 rec = l.get("tuning") or {}
@@ -105,7 +120,8 @@ def quick(a, out: Path, work: Path) -> int:
         (out / "tuning_measure.json").write_text(json.dumps(results, indent=1, default=str))
     print(f"{a.model} {a.precision} --tune-budget {a.tune_budget}: batch | budget s | problems | signatures | "
           f"tunable ops | tuned | tuned ops | heuristic | candidates | kernels compiled | screened | wrong | "
-          f"changed | lowering s | compile s | timing s | tuning s | tuned build s | tuned ms | --no-tune ms")
+          f"changed | lowering s | compile s | timing s | tuning s | tuned build s | tuned ms | --no-tune ms | "
+          f"max |tuned - no-tune| / max |no-tune|")
     for row in rows:
         print(" | ".join(str(v) for v in row))
     for k, v in results.items():
