@@ -5,7 +5,7 @@ CPU: golden IR of the pass (MatMul + Add + Relu, Gemm transB + C, a dense weight
 "enable", pruned with a warning under "force"); the interpreter's outputs equal before and after the
 pass (enable), and equal the pruned model's (force, a two-layer MLP); compress / prune / decompress;
 the compile-time layouts decoded as the PTX ISA's sparse m16n8k32 fragments and metadata give W^T bit
-for bit; applies / space / default and the reasons; NVRTC sm_90a compile of every space point; the
+for bit; applies / space / default and the reasons; NVRTC sm_90a compile of the space points (a covering subset; NNC_FULL_SPACE=1: every one); the
 dense alternative; bad input errors (op verification, options, CLI).
 GPU (@pytest.mark.gpu): the kernel against the interpreter and torch on random 2:4 weights, outputs
 poisoned first (fp16 / bf16 rel 1e-2), every space point, and a whole model built with --sparsity force."""
@@ -272,20 +272,29 @@ def _points_source(m, pts, variant="gemm_sparse24.mma", per_unit=12):
     return "\n".join(s for *_, srcs in plans for s in srcs)
 
 
+def _covering(points: list) -> list:
+    """The points to compile: each value of each parameter once (tests/codegen/space_cover.py);
+    NNC_FULL_SPACE=1: all of them."""
+    from tests.codegen import space_cover
+    return [p for _, p in space_cover.cover_points([("", p) for p in points])]
+
+
 def test_every_space_point_compiles_with_nvrtc_f16():
-    """Every tile point (2048 x 1152 outputs: enough tiles that no K split is on offer, so the space is
-    the 48 tile / warp / stage points; the split kernels: test_few_tiles_split_k_over_ctas)."""
+    """The tile points (2048 x 1152 outputs: enough tiles that no K split is on offer, so the space is
+    the 48 tile / warp / stage points; the split kernels: test_few_tiles_split_k_over_ctas): a covering
+    subset, NNC_FULL_SPACE=1 every one."""
     from nnc.codegen.kernels import gemm_sparse24 as G
     m = sparse_module(2048, 200, 1152, bias=True, relu=True, seed=6)
     pr = problem_of(m)
     assert G.MMA_SP.check(pr)
     assert {p["SPLIT"] for p in G.MMA_SP.space(pr)} == {1} and len(G.MMA_SP.space(pr)) == 48
-    text = _points_source(m, G.MMA_SP.space(pr))
+    text = _points_source(m, _covering(G.MMA_SP.space(pr)))
     assert "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32" in text
     assert "matmul_sparse24(" in text and "fmaxf" in text  # the header names the IR op; the relu epilogue
 
 
 def test_wgmma_variant_applies_on_sm_90a_only_and_every_point_compiles():
+    """(every point: a covering subset; NNC_FULL_SPACE=1 every one)"""
     from dataclasses import replace
 
     from nnc.codegen.kernels import gemm_sparse24 as G
@@ -297,7 +306,7 @@ def test_wgmma_variant_applies_on_sm_90a_only_and_every_point_compiles():
     assert {p["WG"] for p in sp} == {1, 2} and {p["BM"] for p in sp} == {64, 128, 256}
     assert G.WGMMA_SP.default(pr, sp) in sp
     assert all(G.wgmma_smem_bytes(p) <= pr.target.smem_per_block_optin for p in sp)
-    text = _points_source(m, sp, "gemm_sparse24.wgmma")
+    text = _points_source(m, _covering(sp), "gemm_sparse24.wgmma")
     assert "wgmma.mma_async.sp.sync.aligned.m64n256k32.f32.f16.f16" in text
     plain = problem_of(sparse_module(8, 64, 32, seed=5))
     plain.target = replace(plain.target, arch="sm_90", has_wgmma=False)

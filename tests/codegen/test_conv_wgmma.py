@@ -10,9 +10,7 @@ NaN, against a conv of the rounded inputs (fp32 on the GPU, tap by tap), with an
 bias + residual + relu epilogue; and the whole compiler path against the reference interpreter."""
 from __future__ import annotations
 
-import os
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ import pytest
 from nnc.codegen.kernels import common, conv, conv_wgmma as CW, gemm_wgmma as W
 from nnc.codegen.target import ARCHS
 
+from . import space_cover
 from .test_gemm_conv import HAVE_NVRTC, _check, _dev, _host, _poison, _rounded, needs_gpu
 
 SM90A = ARCHS["sm_90a"]
@@ -95,9 +94,11 @@ def test_im2col_geometry():
 
 # ---------------------------------------------------------------- NVRTC compile (CPU)
 def all_specs():
+    """[(case, spec)]: ResNet-50 shapes at batch 1 and 32 with and without the epilogue (the whole
+    space at 32 with it, else the default point), and odd problems at every third point."""
     specs = []
     for N in (1, 32):
-        for C, H, W_, K, R, S, st, pad in RESNET50.values():
+        for label, (C, H, W_, K, R, S, st, pad) in RESNET50.items():
             for epi in (False, True):
                 pr = _conv_problem(N, C, H, W_, K, R, S, st, pad, epi=epi)
                 gp = _gemm(pr)
@@ -105,33 +106,32 @@ def all_specs():
                 pts = [W.default_params(gp, SM90A, True, im)]
                 if N == 32 and epi:  # the whole space once per shape (the staged epilogue: test_gemm_tma)
                     pts = [p for p in W.candidates(gp, SM90A, True, im) if not W.epi_smem(p)]
-                specs += [_render(pr, p) for p in pts]
+                specs += [(f"{label} N={N} epi={epi}", _render(pr, p)) for p in pts]
     # C % 64 != 0 (division path), dilation, asymmetric pads, bf16, a LAG publish mode
-    odd = [_conv_problem(2, 24, 20, 20, 40, 3, 3, 2, 1, epi=True),
-           _conv_problem(1, 64, 17, 19, 64, 3, 3, 1, 2, dil=2),
-           _conv_problem(1, 128, 14, 14, 256, 3, 3, 2, 0, pads=(0, 0, 1, 1), dtype="bfloat16", epi=True),
-           _conv_problem(1, 8, 9, 9, 16, 5, 5, 1, 2)]
-    for pr in odd:
+    odd = {"C24 s2 epi": _conv_problem(2, 24, 20, 20, 40, 3, 3, 2, 1, epi=True),
+           "dilation 2": _conv_problem(1, 64, 17, 19, 64, 3, 3, 1, 2, dil=2),
+           "pads 0011 bf16 epi": _conv_problem(1, 128, 14, 14, 256, 3, 3, 2, 0, pads=(0, 0, 1, 1),
+                                               dtype="bfloat16", epi=True),
+           "C8 5x5": _conv_problem(1, 8, 9, 9, 16, 5, 5, 1, 2)}
+    for label, pr in odd.items():
         gp = _gemm(pr)
         for p in W.candidates(gp, SM90A, True, True)[::3]:
-            specs.append(_render(pr, p))
+            specs.append((label, _render(pr, p)))
             if not W.pingpong(p):  # ping-pong publishes with noinc only
-                specs.append(_render(pr, dict(p, LAG=1)))
+                specs.append((label, _render(pr, dict(p, LAG=1))))
     return specs
-
-
-def _compile(src):
-    return len(common.nvrtc_compile(src, "sm_90a"))
 
 
 @pytest.mark.skipif(not HAVE_NVRTC, reason="NVRTC unavailable")
 def test_every_point_compiles_sm90a():
-    specs = all_specs()
-    srcs = list({s.name: s.source for s in specs}.values())
-    assert len(srcs) >= 30
-    with ProcessPoolExecutor(max_workers=2) as ex:
-        sizes = list(ex.map(_compile, srcs))
-    assert all(sz > 0 for sz in sizes)
+    """NVRTC compiles a covering subset of all_specs() (tests/codegen/space_cover.py: each case,
+    each parameter value, each kernel kind); NNC_FULL_SPACE=1: every point. Every point's source
+    is checked as text."""
+    labelled = all_specs()
+    specs = [s for _, s in labelled]
+    assert len({s.name for s in specs}) >= 30
+    chosen = space_cover.to_compile(labelled, lambda s: [s.name.rsplit("_", 1)[0]])
+    assert all(sz > 0 for sz in space_cover.nvrtc_compile_all([s.source for s in chosen]))
     im = [s for s in specs if s.name.startswith("nnc_conv_wgmma")]
     assert im and all("im2col of NHWC" in s.source and "bar.sync 1, 128" in s.source for s in im)
     assert all("wgmma.mma_async" in s.source for s in specs)

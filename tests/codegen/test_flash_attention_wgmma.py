@@ -4,9 +4,10 @@ templates/flash_attention_wgmma.cu.j2):
   stride, "wgmma=off", and while opt-in, no "wgmma=" word); the mma.sync kernel then runs;
 - the launch passes what the mma.sync kernel's does (same operands, strides, masks, steps): read
   by test_flash_attention's numpy emulation, it gives the interpreter's result;
-- NVRTC compiles every declared point for sm_90a (fp16 / bf16, head dims 64 / 128, padding and
+- NVRTC compiles the declared points for sm_90a (fp16 / bf16, head dims 64 / 128, padding and
   row masks, causal, tails, packed strided operands); with nvcc, ptxas -v shows no spills and no
-  serialized wgmma (C7514) at any declared point;
+  serialized wgmma (C7514); by default a covering subset of the (case, point) kernels
+  (tests/codegen/space_cover.py), every one with NNC_FULL_SPACE=1;
 - on a GPU (`-m gpu`): matches the interpreter on fresh random inputs with poisoned outputs.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 from nnc.codegen.kernels import flash_attention_wgmma as W
 from nnc.codegen.lower import lower
 from nnc.ir.interp import Interpreter
+from tests.codegen import space_cover
 from tests.codegen.test_flash_attention import _build, _emulate
 from tests.passes.test_fuse_attention import attention_feed
 
@@ -133,7 +135,7 @@ def test_launch_addresses_what_the_interpreter_computes(name, rng):
     np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
 
 
-# every declared point of these compiles (one translation unit); the ptxas check uses the same
+# the declared points of these compile (one translation unit); the ptxas check uses the same
 COMPILE_CASES = [
     ("fp16", dict(B=32, S=512, H=12, D=64, mask=None)),  # the benchmark: scale in the exponentials
     ("fp16", dict(B=32, S=128, H=12, D=64)),  # [B,1,1,T] padding mask: paired loads, rounding
@@ -143,30 +145,37 @@ COMPILE_CASES = [
 ]
 
 
-def _sources():
+def _sources(strength: int = 1):
+    """One kernel source per (case, declared point) that space_cover.cover_points keeps at this
+    strength (NNC_FULL_SPACE=1: every declared point of every case)."""
+    labelled = [(str(n), p) for n, (_, kw) in enumerate(COMPILE_CASES)
+                for p in W.wgmma_space(kw["D"], kw["D"], 227 * 1024)]
     sources = []
-    for prec, kw in COMPILE_CASES:
-        mod = _build(prec, **kw)
-        for p in W.wgmma_space(kw["D"], kw["D"], 227 * 1024):
-            plan = _plan(_with_words(mod, _point_word(p)), prec)
-            (l,) = _attn(plan)
-            k = plan.kernels[l.kernel]
-            assert k.template == TEMPLATE and (k.params["CW"], k.params["BC"], k.params["STAGES"]) == (
-                p["cw"], p["bc"], p["stages"]) and k.params["PERSIST"] == bool(p["persist"])
-            assert k.params["PINGPONG"] == bool(p["pingpong"])
-            sources.append(k.body.replace(l.kernel, f"{l.kernel}_p{len(sources)}"))
+    for n, p in space_cover.cover_points(labelled, strength):
+        prec, kw = COMPILE_CASES[int(n)]
+        plan = _plan(_with_words(_build(prec, **kw), _point_word(p)), prec)
+        (l,) = _attn(plan)
+        k = plan.kernels[l.kernel]
+        assert k.template == TEMPLATE and (k.params["CW"], k.params["BC"], k.params["STAGES"]) == (
+            p["cw"], p["bc"], p["stages"]) and k.params["PERSIST"] == bool(p["persist"])
+        assert k.params["PINGPONG"] == bool(p["pingpong"])
+        sources.append(k.body.replace(l.kernel, f"{l.kernel}_p{len(sources)}"))
     return sources
 
 
 def test_every_declared_point_compiles_with_nvrtc():
+    """Each case and each value of each point parameter in one compiled kernel at least
+    (tests/codegen/space_cover.py); NNC_FULL_SPACE=1: all 114 (case, point) kernels."""
     from nnc.codegen.kernels import common
     assert len(common.nvrtc_compile("\n".join(_sources()), "sm_90a")) > 0
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas -v)")
 def test_declared_points_do_not_spill_or_serialize(tmp_path):
+    """Register use hangs on combinations: every pair of (case, point parameter values) once
+    (space_cover strength 2, 15 of the 114 kernels); NNC_FULL_SPACE=1: all of them."""
     src = tmp_path / "fa_wgmma.cu"
-    sources = _sources()
+    sources = _sources(strength=2)
     src.write_text("\n".join(sources))
     r = subprocess.run(["nvcc", "-cubin", "-arch=sm_90a", "-O3", "-Xptxas", "-v", "-o", str(tmp_path / "fa.cubin"),
                         str(src)], capture_output=True, text=True, timeout=900)

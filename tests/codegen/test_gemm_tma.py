@@ -2,15 +2,12 @@
 
 CPU: the tensor-map arguments (dims, strides, box, swizzle, element type) of every operand layout and
 of batched operands; cuTensorMapEncodeTiled's rules (tma.check) and the variant's applies; the TMA
-points in the declared space and the cost model; render's extra arguments; every TMA kernel of a
-spread of problems NVRTC-compiles for sm_90a; lowering through a model puts the tensor maps into
+points in the declared space and the cost model; render's extra arguments; the TMA kernels of a
+spread of problems NVRTC-compile for sm_90a (a covering subset; NNC_FULL_SPACE=1: every one); lowering through a model puts the tensor maps into
 plan.json and the C API host code; the runtime's launch values (a stand-in encoder).
 GPU (marked `gpu`): TMA points against numpy on ragged, transposed and batched problems, outputs
 poisoned first; a model compiled with TMA GEMMs through nnc.load, replayed as a CUDA graph."""
 from __future__ import annotations
-
-import os
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -19,6 +16,7 @@ from nnc.codegen import tma
 from nnc.codegen.kernels import common, gemm, gemm_wgmma as W
 from nnc.codegen.target import ARCHS
 
+from . import space_cover
 from .test_gemm_conv import HAVE_NVRTC, _check, _dev, _host, _poison, _rounded, needs_gpu
 
 SM90A = ARCHS["sm_90a"]
@@ -157,35 +155,39 @@ def test_render_appends_the_two_tensor_maps():
 
 # ---------------------------------------------------------------- NVRTC compile (CPU)
 def tma_specs():
+    """[(case, spec)]: every TMA point (but the staged epilogue's) of a bias + gelu problem, the
+    first and last of every operand layout, three of a batched problem; fp16 and bf16."""
     specs = []
     for dt in ("float16", "bfloat16"):
         base = gemm.GemmProblem(4096, 4096, 4096, dtype=dt, has_bias=True, bias_dtype="float32", act="gelu")
-        specs += [W.render(base, p) for p in _tma_points(base) if not W.epi_smem(p)]  # (staged: below)
+        specs += [(f"{dt} bias gelu", W.render(base, p)) for p in _tma_points(base) if not W.epi_smem(p)]
         for ta in (False, True):
             for tb in (False, True):
                 pr = gemm.GemmProblem(1000, 1000 if not tb else 999, 328, dtype=dt, trans_a=ta, trans_b=tb,
                                       has_c=True, ldc_m=0, act="relu", alpha=0.5, beta=2.0,
                                       out_dtype="float32" if ta else None)
                 pts = _tma_points(pr)
-                specs += [W.render(pr, pts[0]), W.render(pr, pts[-1])]
+                specs += [(f"{dt} ta={ta} tb={tb}", W.render(pr, p)) for p in (pts[0], pts[-1])]
     batched = gemm.GemmProblem(512, 768, 64, batch=(2, 3), stride_a=(3 * 512 * 64, 512 * 64), stride_b=(0, 768 * 64),
                                stride_d=(3 * 512 * 768, 512 * 768), has_bias=True, act="silu")
-    specs += [W.render(batched, p) for p in _tma_points(batched)[:3]]
+    specs += [("batched", W.render(batched, p)) for p in _tma_points(batched)[:3]]
     return specs
 
 
-def _compile(src):
-    return len(common.nvrtc_compile(src, "sm_90a"))
+def _tensor_rank(s) -> list:
+    return [f"bulk.tensor.{d}d" for d in (2, 3, 4, 5) if f"bulk.tensor.{d}d" in s.source]
 
 
 @pytest.mark.skipif(not HAVE_NVRTC, reason="NVRTC unavailable")
 def test_every_tma_kernel_compiles_sm90a():
-    specs = tma_specs()
-    srcs = list({s.name: s.source for s in specs}.values())
-    assert len(srcs) >= 20
-    with ProcessPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
-        sizes = list(ex.map(_compile, srcs))
-    assert all(sz > 0 for sz in sizes)
+    """NVRTC compiles a covering subset of tma_specs() (tests/codegen/space_cover.py: each case, each
+    parameter value, each tensor-map rank); NNC_FULL_SPACE=1: all of them. Every point's source is
+    checked as text."""
+    labelled = tma_specs()
+    specs = [s for _, s in labelled]
+    assert len({s.name for s in specs}) >= 20
+    chosen = space_cover.to_compile(labelled, _tensor_rank)
+    assert all(sz > 0 for sz in space_cover.nvrtc_compile_all([s.source for s in chosen]))
     assert all("cp.async.bulk.tensor" in s.source and "mbarrier.arrive.expect_tx" in s.source for s in specs)
     assert any("bulk.tensor.4d" in s.source for s in specs) and any("bulk.tensor.3d" in s.source for s in specs)
 
@@ -458,29 +460,33 @@ def test_staged_epilogue_points_and_render():
 
 
 def staged_specs():
+    """[(case, spec)]: every third EPI = smem point of a GEMM (fp16; bf16 to f32) and of a 1x1 conv,
+    the first two of a 3x3 TMA im2col conv."""
     from nnc.codegen.kernels import conv, conv_wgmma as CW
     specs = []
     for dt, out in (("float16", None), ("bfloat16", "float32")):
         pr = gemm.GemmProblem(1000, 1000, 520, dtype=dt, trans_b=True, has_bias=True, has_c=True, ldc_m=1000,
                               ldc_n=1, beta=1.0, act="relu", out_dtype=out)
-        specs += [W.render(pr, p) for p in W.candidates(pr, SM90A, unverified=True) if W.epi_smem(p)][::3]
+        specs += [(f"gemm {dt}", W.render(pr, p)) for p in W.candidates(pr, SM90A, unverified=True)
+                  if W.epi_smem(p)][::3]
     cp = conv.ConvProblem(32, 64, 56, 56, 256, 1, 1, in_layout="NHWC", out_layout="NHWC")
     gp = CW.igemm_problem(cp, "float16", "float16", "relu")
-    specs += [W.render(gp, p) for p in W.candidates(gp, SM90A, True, unverified=True) if W.epi_smem(p)][::3]
+    specs += [("1x1 conv", W.render(gp, p)) for p in W.candidates(gp, SM90A, True, unverified=True)
+              if W.epi_smem(p)][::3]
     cp = conv.ConvProblem(32, 64, 56, 56, 64, 3, 3, pads=(1,) * 4, in_layout="NHWC", out_layout="NHWC")
     gp, geo = CW.igemm_problem(cp), CW.im2col_geometry(cp)
     staged = [p for p in W.candidates(gp, SM90A, True, True, True, unverified=True) if W.epi_smem(p)]
-    specs += [W.render(gp, p, im2col=geo, target=SM90A) for p in staged[:2]]
+    specs += [("3x3 im2col conv", W.render(gp, p, im2col=geo, target=SM90A)) for p in staged[:2]]
     return specs
 
 
 @pytest.mark.skipif(not HAVE_NVRTC, reason="NVRTC unavailable")
 def test_staged_epilogue_kernels_compile_sm90a():
-    specs = staged_specs()
-    srcs = list({s.name: s.source for s in specs}.values())
-    assert len(srcs) >= 6
-    with ProcessPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as ex:
-        assert all(sz > 0 for sz in ex.map(_compile, srcs))
+    """A covering subset of staged_specs() (space_cover); NNC_FULL_SPACE=1: all of them."""
+    labelled = staged_specs()
+    assert len({s.name for _, s in labelled}) >= 6
+    chosen = space_cover.to_compile(labelled)
+    assert all(sz > 0 for sz in space_cover.nvrtc_compile_all([s.source for s in chosen]))
 
 
 STAGED_GPU_CASES = [(129, 200, 328, "float16", False, True, "bias_residual_relu"),

@@ -8,15 +8,13 @@ epilogue kind against numpy (fp64 of the rounded inputs), ragged M (1, 7, 129), 
 outputs poisoned first, random inputs."""
 from __future__ import annotations
 
-import os
-from concurrent.futures import ProcessPoolExecutor
-
 import numpy as np
 import pytest
 
 from nnc.codegen.kernels import common, gemm, gemm_wgmma as W
 from nnc.codegen.target import ARCHS
 
+from . import space_cover
 from .test_gemm_conv import HAVE_NVRTC, _check, _dev, _host, _poison, _rounded, needs_gpu
 
 SM90A = ARCHS["sm_90a"]
@@ -90,45 +88,48 @@ def test_preswizzle_b_layout(trans_b):
 
 # ---------------------------------------------------------------- NVRTC compile (CPU)
 def all_specs():
+    """[(case, spec)]: every point of the space on a bias + gelu problem, every layout and epilogue
+    flag, the bias-rows batch, odd ldd, and the pre-swizzled bulk B at every publish mode."""
     specs = []
     for dt in ("float16", "bfloat16"):
         base = gemm.GemmProblem(4096, 4096, 4096, dtype=dt, has_bias=True, bias_dtype="float32", act="gelu")
         for p in W.candidates(base, SM90A):
-            specs.append(W.render(base, p))
+            specs.append((f"{dt} bias gelu", W.render(base, p)))
         for ta in (False, True):
             for tb in (False, True):
                 pr = gemm.GemmProblem(1000, 1000 if not tb else 999, 328, dtype=dt, trans_a=ta, trans_b=tb,
                                       has_c=True, ldc_m=0, act="relu", alpha=0.5, beta=2.0,
                                       out_dtype="float32" if ta else None)
-                specs.append(W.render(pr, W.candidates(pr, SM90A)[-1]))
+                specs.append((f"{dt} ta={ta} tb={tb} C relu", W.render(pr, W.candidates(pr, SM90A)[-1])))
     rows = gemm.GemmProblem(512, 64, 64, has_bias=True, bias_rows=True, bias_stride_z1=512, batch=(1, 2),
                             stride_a=(0, 0), stride_b=(0, 64 * 64), stride_d=(0, 512 * 64), act="silu")
-    specs.append(W.render(rows, W.candidates(rows, SM90A)[0]))
+    specs.append(("bias rows batch silu", W.render(rows, W.candidates(rows, SM90A)[0])))
     odd = gemm.GemmProblem(7, 72, 8, ldd=73)  # odd ldd: scalar stores
-    specs.append(W.render(odd))
+    specs.append(("odd ldd", W.render(odd)))
     for dt in ("float16", "bfloat16"):  # pre-swizzled bulk B, every publish mode
         pr = gemm.GemmProblem(4096, 3072, 768, dtype=dt, has_bias=True, bias_dtype="float32", act="gelu")
         for p in [q for q in W.candidates(pr, SM90A, b_bulk=True) if W.load_kind(q) != "tma"]:  # TMA: no LAG
             for lag in range(0, 1 if W.pingpong(p) else p["STAGES"] - 1, 2 if dt == "float16" else 3):
-                specs.append(W.render(pr, dict(p, LAG=lag)))
+                specs.append((f"{dt} bulk B", W.render(pr, dict(p, LAG=lag))))
     return specs
 
 
-def _compile(src):
-    return len(common.nvrtc_compile(src, "sm_90a"))
+def _setmaxnreg(s) -> bool:
+    return s.params["CW"] == 2 and s.params.get("CTAS", 1) == 1  # registers move: 2 consumer WGs, 1 CTA/SM
 
 
 @pytest.mark.skipif(not HAVE_NVRTC, reason="NVRTC unavailable")
 def test_every_point_compiles_sm90a():
-    specs = all_specs()
-    srcs = list({s.name: s.source for s in specs}.values())
-    assert len(srcs) >= 15
-    with ProcessPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
-        sizes = list(ex.map(_compile, srcs))
-    assert all(sz > 0 for sz in sizes)
+    """NVRTC compiles a covering subset of all_specs() (tests/codegen/space_cover.py: each case, each
+    parameter value, setmaxnreg on and off); NNC_FULL_SPACE=1: every point. Every point's source is
+    checked as text."""
+    labelled = all_specs()
+    specs = [s for _, s in labelled]
+    assert len({s.name for s in specs}) >= 15
+    chosen = space_cover.to_compile(labelled, lambda s: [f"setmaxnreg={_setmaxnreg(s)}"])
+    assert all(sz > 0 for sz in space_cover.nvrtc_compile_all([s.source for s in chosen]))
     # setmaxnreg only where registers move: two consumer warp groups, one CTA per SM
-    assert all("wgmma.mma_async" in s.source and ("setmaxnreg" in s.source) ==
-               (s.params["CW"] == 2 and s.params.get("CTAS", 1) == 1) for s in specs)
+    assert all("wgmma.mma_async" in s.source and ("setmaxnreg" in s.source) == _setmaxnreg(s) for s in specs)
     assert any(s.params.get("CTAS") == 2 for s in specs) and any(s.params["BN"] == 192 for s in specs)
     assert all(f"__launch_bounds__({128 * (s.params['CW'] + 1)}, {s.params.get('CTAS', 1)})" in s.source
                for s in specs)

@@ -12,15 +12,13 @@ scratch (the counters must come back zero); a model with split GEMMs through nnc
 replays) against the reference interpreter."""
 from __future__ import annotations
 
-import os
-from concurrent.futures import ProcessPoolExecutor
-
 import numpy as np
 import pytest
 
 from nnc.codegen.kernels import common, conv_wgmma as CW, gemm, gemm_wgmma as W
 from nnc.codegen.target import ARCHS
 
+from . import space_cover
 from .test_gemm_conv import HAVE_NVRTC, _check, _poison, needs_gpu
 
 SM90A = ARCHS["sm_90a"]
@@ -110,35 +108,34 @@ def _few(pts, default):
 
 
 def split_specs():
+    """[(case, spec)]: _few split points of a batch-1 BERT GEMM (fp16; bf16 B^T), two of a ragged
+    A^T one, _few of two batch-1 ResNet TMA im2col convs."""
     from nnc.codegen.kernels import conv
     specs = []
     for dt, tb in (("float16", False), ("bfloat16", True)):
         pr = gemm.GemmProblem(128, 768, 3072, dtype=dt, trans_b=tb, has_bias=True, bias_dtype="float32",
                               act="gelu", has_c=True, ldc_m=768, ldc_n=1, beta=1.0)
-        specs += [W.render(pr, p) for p in _few(_split_points(pr), W.default_params(pr, SM90A))]
+        specs += [(f"bert {dt}", W.render(pr, p)) for p in _few(_split_points(pr), W.default_params(pr, SM90A))]
     pr = gemm.GemmProblem(104, 520, 1000, trans_a=True, out_dtype="float32")  # ragged N, K; A [K, M]
-    specs += [W.render(pr, p) for p in _split_points(pr)[:2]]
+    specs += [("ragged A^T", W.render(pr, p)) for p in _split_points(pr)[:2]]
     for C, H, K, R, st, pad in ((512, 7, 512, 3, 1, 1), (128, 28, 128, 3, 2, 1)):
         cp = conv.ConvProblem(1, C, H, H, K, R, R, stride=(st, st), pads=(pad,) * 4, in_layout="NHWC",
                               out_layout="NHWC")
         gp, geo = CW.igemm_problem(cp), CW.im2col_geometry(cp)
         pts = [p for p in W.candidates(gp, SM90A, True, True, True, unverified=True) if W.split_k(p) > 1]
-        specs += [W.render(gp, p, im2col=geo, target=SM90A)
+        specs += [(f"conv C{C} s{st}", W.render(gp, p, im2col=geo, target=SM90A))
                   for p in _few(pts, W.default_params(gp, SM90A, True, True, True))]
     return specs
 
 
-def _compile(src):
-    return len(common.nvrtc_compile(src, "sm_90a"))
-
-
 @pytest.mark.skipif(not HAVE_NVRTC, reason="NVRTC unavailable")
 def test_every_split_kernel_compiles_sm90a():
-    specs = split_specs()
-    srcs = list({s.name: s.source for s in specs}.values())
-    assert len(srcs) >= 10
-    with ProcessPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as ex:
-        assert all(sz > 0 for sz in ex.map(_compile, srcs))
+    """A covering subset of split_specs() (tests/codegen/space_cover.py: each case, each parameter
+    value, SPLIT_K included); NNC_FULL_SPACE=1: all of them."""
+    labelled = split_specs()
+    assert len({s.name for _, s in labelled}) >= 10
+    chosen = space_cover.to_compile(labelled)
+    assert all(sz > 0 for sz in space_cover.nvrtc_compile_all([s.source for s in chosen]))
 
 
 # ---------------------------------------------------------------- lowering (CPU)
