@@ -19,7 +19,8 @@ Per case (BxS, H = 12, D = 64, fp16):
 Rows: "nnc mma <tile>" - the mma.sync kernel with the pass's tile (the fused op's params say
 wgmma=off); "nnc wgmma cw<c> bc<b> s<st>" - the wgmma kernel at that declared point (params say
 wgmma=<c>x<b>x<st>; sm_90a only); --wgmma picks the points: stages2 (default: every declared point
-with 2 stages), all, default (DEFAULT_POINT only), none. The mask rows use each kernel's default.
+with 2 stages), all (the TMA points too), tma (the TMA points of 2-3 warp groups, "... tma" rows,
+and the two cp.async points cw2 bc128 s2/s3 persist pp), default (DEFAULT_POINT only), none. The mask rows use each kernel's default.
 --sweep: also every tile of the mma.sync kernel's declared space (flash_attention.tile_space).
 Last, per case: torch flash vs the fastest mma and wgmma rows (CUDA-graph ms) and their ratio.
 --diag: instead, the wgmma kernel on crafted inputs isolating Q K^T and P V (see diag()).
@@ -114,7 +115,8 @@ def kernel_of(plan):
     for k in plan["kernels"]:
         p = k.get("params", {}) if isinstance(k, dict) else {}
         if "CW" in p and "STAGES" in p:
-            return ("wgmma", (p["CW"], p["BC"], p["STAGES"], int(p["PERSIST"]), int(p.get("PINGPONG", 0))))
+            return ("wgmma", (p["CW"], p["BC"], p["STAGES"], int(p["PERSIST"]), int(p.get("PINGPONG", 0)),
+                              int(p.get("TMA", 0))))
         if "MI" in p and "BC" in p:
             return ("mma", (p["MI"], p["WARPS"], p["BC"]))
     return None
@@ -125,7 +127,8 @@ def kernel_name(got) -> str:
         return "-"
     kind, t = got
     if kind == "wgmma":
-        return f"wgmma cw{t[0]} bc{t[1]} s{t[2]}" + (" persist" if t[3] else "") + (" pp" if t[4] else "")
+        return (f"wgmma cw{t[0]} bc{t[1]} s{t[2]}" + (" persist" if t[3] else "") + (" pp" if t[4] else "")
+                + (" tma" if len(t) > 5 and t[5] else ""))
     return f"mma t={16 * t[0] * t[1]}x{t[2]} w{t[1]}"
 
 
@@ -134,11 +137,11 @@ def tile_name(t) -> str:
 
 
 def point_word(p) -> str:
-    return f"wgmma={p['cw']}x{p['bc']}x{p['stages']}x{p['persist']}x{p.get('pingpong', 0)}"
+    return f"wgmma={p['cw']}x{p['bc']}x{p['stages']}x{p['persist']}x{p.get('pingpong', 0)}" + ("x1" if p.get("tma") else "")
 
 
 def point_key(p) -> tuple:
-    return (p["cw"], p["bc"], p["stages"], int(p["persist"]), int(p.get("pingpong", 0)))
+    return (p["cw"], p["bc"], p["stages"], int(p["persist"]), int(p.get("pingpong", 0)), int(p.get("tma", 0)))
 
 
 def configs(args):
@@ -152,8 +155,15 @@ def configs(args):
         for t in tile_space(D, D, limit):
             out.append((False, [f"tile={16 * t['mi'] * t['warps']}x{t['bc']}", f"warps={t['warps']}", "wgmma=off"],
                         ("mma", (t["mi"], t["warps"], t["bc"]))))
-    pts = W.wgmma_space(D, D, limit)
-    if args.wgmma == "stages2":  # (the turn-taking points last: a hang would cost only their rows)
+    pts = W.wgmma_space(D, D, limit, tma=args.wgmma in ("all", "tma"))
+    if args.wgmma == "tma":  # the TMA points of two or three warp groups (turn-taking last), and the
+        # cp.async points measured best before them (2026-12-03) for the comparison
+        ref = [{"cw": 2, "bc": 128, "stages": st, "persist": 1, "pingpong": 1} for st in (2, 3)]
+        tp = [p for p in pts if p.get("tma") and p["cw"] >= 2]
+        pts = [p for p in ref if p in pts] + [p for p in tp if not p["pingpong"]] + [p for p in tp if p["pingpong"]]
+    elif args.wgmma == "all":  # (the turn-taking points last)
+        pts = [p for p in pts if not p["pingpong"]] + [p for p in pts if p["pingpong"]]
+    elif args.wgmma == "stages2":  # (the turn-taking points last: a hang would cost only their rows)
         pts = [p for p in pts if p["stages"] == 2 and (p["persist"] or p["cw"] == 2) and not p["pingpong"]] + [
             p for p in pts if p["stages"] == 3 and p["persist"] and p["cw"] == 2 and not p["pingpong"]] + [
             p for p in pts if p["stages"] == 2 and p["pingpong"]]
@@ -355,7 +365,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--cases", default="1x128,1x512,32x128,32x512,8x2048", help="BxS,... (H=12, D=64, fp16)")
-    ap.add_argument("--wgmma", default="stages2", choices=("stages2", "all", "default", "none"),
+    ap.add_argument("--wgmma", default="stages2", choices=("stages2", "all", "tma", "default", "none"),
                     help="which declared points of the wgmma kernel to build and time")
     ap.add_argument("--sweep", action="store_true", help="also every declared tile of the mma.sync kernel")
     ap.add_argument("--jobs", type=int, default=0, help="build processes (0: the CPUs, at most 16)")

@@ -22,12 +22,19 @@ applies() declines (the mma.sync kernel of flash_attention.py then runs) when:
 Declared space: {cw, bc, stages, persist, pingpong} (consumer warp groups of 64 rows, key/value
 rows per tile, ring stages, persistent CTAs: one per SM slot looping over the (query tile, head)
 items instead of one per item, the warp groups issuing their wgmmas in turn) whose shared memory fits the target and whose registers fit regs_model;
+plus, where Q, K and V can be described by tensor maps (tma_specs: positive 16-byte strides),
+the points with "tma": 1 (persistent only): one producer thread loads Q and the K/V tiles with
+the TMA engine (cp.async.bulk.tensor, 128B swizzle by the hardware, zero fill past S / T) and the
+Q tile is double-buffered (the next item's Q lands while the current one runs). The cp.async
+points leave "tma" out (their dicts, words and kernels are as before).
 `default`: the point "wgmma=" names when declared, else DEFAULT_POINT, else the space's first.
 Grid: (CTAs, 1, 1); the items' (query tile, batch1, batch0) are decoded from compile-time counts.
 """
 from __future__ import annotations
 
+from .. import tma as tmap
 from ..lower import LowerCtx, describe_op
+from ..plan import Scalar
 from ..variants import Variant, register
 from . import flash_attention as FA
 
@@ -39,6 +46,7 @@ HEAD_DIMS = (64, 128)
 CWS = (1, 2, 3)
 BCS = (64, 128)
 STAGES = (2, 3)
+TMA_STAGES = (2, 3, 4)  # the TMA ring: 4 stages where 64-row K/V tiles leave the room
 PERSIST = (0, 1)
 DEFAULT_POINT = {"cw": 2, "bc": 128, "stages": 2, "persist": 1, "pingpong": 0}
 REG_OVERHEAD = 32  # row state, loop counters, barrier addresses (with D / 2 more: regs_model)
@@ -69,9 +77,15 @@ def regs_model(bc: int, D: int, Dv: int) -> int:
     return bc // 2 + bc // 4 + Dv // 2 + D // 2 + REG_OVERHEAD
 
 
-def smem_bytes(cw: int, bc: int, stages: int, D: int, Dv: int) -> int:
-    """1024 B of alignment slack, Q per warp group, the K/V ring, 2 mbarriers a stage and 2 for Q."""
-    return 1024 + cw * 64 * D * 2 + stages * bc * (D + Dv) * 2 + 16 * stages + 16
+def smem_bytes(cw: int, bc: int, stages: int, D: int, Dv: int, qbufs: int = 1) -> int:
+    """1024 B of alignment slack, Q per warp group (qbufs copies: 2 on the TMA points), the K/V
+    ring, 2 mbarriers a stage and 2 a Q buffer."""
+    return 1024 + qbufs * cw * 64 * D * 2 + stages * bc * (D + Dv) * 2 + 16 * stages + 16 * qbufs
+
+
+def point_smem(p: dict, D: int, Dv: int) -> int:
+    """A declared point's shared memory (the TMA points double-buffer Q)."""
+    return smem_bytes(p["cw"], p["bc"], p["stages"], D, Dv, 2 if p.get("tma") else 1)
 
 
 def ctas_per_sm(cw: int, bc: int) -> int:
@@ -80,7 +94,8 @@ def ctas_per_sm(cw: int, bc: int) -> int:
     return 2 if cw == 1 and bc == 64 else 1
 
 
-def wgmma_space(D: int, Dv: int, smem_limit: int) -> list:
+def wgmma_space(D: int, Dv: int, smem_limit: int, tma: bool = False) -> list:
+    """The cp.async points, then (tma: the group's operands have tensor maps) the TMA points."""
     out = []
     for cw in CWS:
         for bc in BCS:
@@ -89,12 +104,67 @@ def wgmma_space(D: int, Dv: int, smem_limit: int) -> list:
                     out += [{"cw": cw, "bc": bc, "stages": st, "persist": p, "pingpong": 0} for p in PERSIST]
                     if cw >= 2:  # the warp groups taking turns at the tensor cores (persistent CTAs only)
                         out.append({"cw": cw, "bc": bc, "stages": st, "persist": 1, "pingpong": 1})
+    if tma:
+        for cw in CWS:
+            for bc in BCS:
+                for st in TMA_STAGES:
+                    for pp in ((0, 1) if cw >= 2 else (0,)):
+                        p = {"cw": cw, "bc": bc, "stages": st, "persist": 1, "pingpong": pp, "tma": 1}
+                        if regs_model(bc, D, Dv) <= regs_budget(cw) and point_smem(p, D, Dv) <= smem_limit:
+                            out.append(p)
     return out
+
+
+def _map_strides(dims: list, strides: list, elem: int):
+    """Byte strides of dims 1.. for a tensor map, or None: a dim of extent 1 takes any valid stride
+    (the one below it times its extent: never read), a broadcast (stride 0) dim of extent > 1 has no
+    tensor map."""
+    out = []
+    for i in range(1, len(dims)):
+        st = int(strides[i]) * elem
+        if dims[i] == 1:
+            st = max(16, (out[-1] if out else dims[0] * elem) * dims[i - 1])
+            st = -(-st // 16) * 16
+        out.append(st)
+    return out
+
+
+def tma_specs(c: dict, bc: int):
+    """(Q's, K's, V's) tensor map specs over (dim, seq, batch1, batch0), innermost first: boxes of
+    64 columns x 64 query rows / bc key rows (a 64-column block of a head dim 128 is a second copy
+    at column 64), 128B swizzle; the launch's arguments 0 / 1 / 2 hold the addresses. None when a
+    size is symbolic or a map breaks cuTensorMapEncodeTiled's rules (tma.check)."""
+    at, batch = c["at"], c["batch"]
+    if not all(isinstance(c[k], int) for k in ("S", "T", "B0", "B1")):
+        return None
+    dtype = {"f16": "float16", "bf16": "bfloat16"}.get(c["dt"])
+    if dtype is None:
+        return None
+    qsh, qst, _ = FA._logical_strides(at.q)
+    ksh, kst, _ = FA._logical_strides(at.kt)
+    vsh, vst, _ = FA._logical_strides(at.v)
+    q4 = FA._batch2(qsh, qst, batch) + [qst[-2], qst[-1]]
+    k4 = FA._batch2(ksh, kst, batch) + [kst[-1], kst[-2]]  # Kt [.., D, T] read as K (t, d)
+    v4 = FA._batch2(vsh, vst, batch) + [vst[-2], vst[-1]]
+    specs = []
+    for n, (st4, cols, rows, box_rows) in enumerate(((q4, c["D"], c["S"], 64), (k4, c["D"], c["T"], bc),
+                                                     (v4, c["Dv"], c["T"], bc))):
+        if not all(isinstance(x, int) for x in st4) or st4[3] != 1:
+            return None
+        dims = [cols, rows, c["B1"], c["B0"]]
+        strides = _map_strides(dims, [1, st4[2], st4[1], st4[0]], 2)
+        if any(s <= 0 for s in strides):
+            return None
+        sp = tmap.TensorMapSpec(dtype, tuple(dims), tuple(strides), (64, box_rows, 1, 1), 128, n)
+        if tmap.check(sp):
+            return None
+        specs.append(sp)
+    return tuple(specs)
 
 
 def requested(params: str):
     """The fused op's "wgmma=" word: "off", "on" (the default point), a point
-    "<cw>x<bc>[x<stages>[x<persist>[x<pingpong>]]]" (missing fields from DEFAULT_POINT), or None
+    "<cw>x<bc>[x<stages>[x<persist>[x<pingpong>[x<tma>]]]]" (missing fields from DEFAULT_POINT), or None
     when absent or malformed."""
     for word in params.split():
         if word.startswith("wgmma="):
@@ -106,9 +176,12 @@ def requested(params: str):
             except ValueError:
                 return None
             keys = ("cw", "bc", "stages", "persist", "pingpong")
-            if not 2 <= len(parts) <= 5:
+            if not 2 <= len(parts) <= 6:
                 return None
-            return {k: (parts[i] if i < len(parts) else DEFAULT_POINT[k]) for i, k in enumerate(keys)}
+            got = {k: (parts[i] if i < len(parts) else DEFAULT_POINT[k]) for i, k in enumerate(keys)}
+            if len(parts) == 6 and parts[5]:  # the TMA points carry "tma" (the cp.async ones leave it out)
+                got["tma"] = parts[5]
+            return got
     return None
 
 
@@ -168,10 +241,11 @@ def _case(problem):
     at, outer, L = c["at"], c["outer"], problem.L
     if not (_aligned_source(L, at.q, outer, 2) and _kt_aligned(L, at.kt, outer, 2) and _aligned_source(L, at.v, outer, 2)):
         return "Q/K/V not unit-stride and 16-byte aligned (cp.async chunks)"
-    space = wgmma_space(c["D"], c["Dv"], target.smem_per_block_optin)
+    maps = {bc: tma_specs(c, bc) for bc in BCS}
+    space = wgmma_space(c["D"], c["Dv"], target.smem_per_block_optin, tma=all(maps.values()))
     if not space:
         return "no declared tile fits"
-    got = dict(c, space=space, want=want)
+    got = dict(c, space=space, want=want, maps=maps)
     problem.memo["attention_wgmma"] = got
     return got
 
@@ -200,6 +274,7 @@ def _render(ctx: LowerCtx, problem, params: dict):
     c = _case(problem)
     S, T, D, Dv, dt, B0, B1 = (c[k] for k in ("S", "T", "D", "Dv", "dt", "B0", "B1"))
     cw, bc, stages, persist = params["cw"], params["bc"], params["stages"], params["persist"]
+    use_tma = bool(params.get("tma"))
     qt = -(-S // (64 * cw))
     items = qt * B1 * B0
     ctas = min(items, problem.target.sm_count * ctas_per_sm(cw, bc)) if persist else items
@@ -209,18 +284,21 @@ def _render(ctx: LowerCtx, problem, params: dict):
     tparams = dict(T=y.ctype, T2=FA.PAIR[dt], mma=FA.MMA[dt], D=D, DV=Dv, CW=cw, BC=bc, STAGES=stages, MAXNREG=setmaxnreg(cw),
                    QT=qt, NB1=B1, ITEMS=items, PERSIST=bool(persist), PINGPONG=bool(params.get("pingpong")),
                    vec_o=o4[3] == 1 and FA._pair_aligned(y, o4[:3]), masks=b["masks"], steps=steps, post=post,
-                   post_fma=not steps and post != 1.0, tail=T % bc != 0)
+                   post_fma=not steps and post != 1.0, tail=T % bc != 0, TMA=use_tma)
     k = ctx.render("flash_attention_wgmma.cu.j2", "flash_attention_wgmma", **tparams)
     k.add_op(f"flash attention (wgmma) tile: {64 * cw}x{bc} rows x kv rows, {cw} consumer warp group(s), "
              f"{stages} stages" + (f", persistent: {ctas} CTAs over {items} tiles" if persist else "")
-             + (", warp groups issue in turn" if params.get("pingpong") else ""))
+             + (", warp groups issue in turn" if params.get("pingpong") else "")
+             + (", Q/K/V by TMA, Q double-buffered" if use_tma else ""))
     for bop in op.attrs.body.ops:  # the header names every op of the group
         if bop.name != "const":
             k.add_op(describe_op(bop))
     grid = (ctas, 1, 1)
     args = [b["qb"], b["kb"], b["vb"], y] + b["margs"] + [ctx.i32(S), ctx.i32(T)]
     args += [ctx.i64(x) for x in b["q4"] + b["k4"] + b["v4"] + o4 + b["mstr"]]
-    ctx.launch(k, grid, (128 * (cw + 1), 1, 1), args, smem=smem_bytes(cw, bc, stages, D, Dv))
+    if use_tma:  # specs' "arg": 0 / 1 / 2 = the Q / K / V buffers above (the runtime encodes their addresses)
+        args += [Scalar(tmap.TMAP_CTYPE, tmap.spec_dict(sp)) for sp in c["maps"][bc]]
+    ctx.launch(k, grid, (128 * (cw + 1), 1, 1), args, smem=point_smem(params, D, Dv))
     return True
 
 

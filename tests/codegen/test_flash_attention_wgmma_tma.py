@@ -1,0 +1,141 @@
+"""The TMA points of the Hopper wgmma attention kernel (codegen/kernels/flash_attention_wgmma.py,
+"tma": 1; templates/flash_attention_wgmma.cu.j2, TMA): one producer thread loads Q and the K/V
+tiles with cp.async.bulk.tensor from three tensor maps, Q double-buffered.
+- the space holds TMA points only where the operands have tensor maps; a point word with a sixth
+  field 1 selects one; its launch carries the three map specs (dims (dim, seq, batch1, batch0),
+  byte strides, boxes 64 x 64 / bc rows, 128B swizzle, args 0 / 1 / 2 = the Q / K / V buffers) and
+  the smem of two Q buffers;
+- NVRTC compiles a covering subset of the TMA points (every value of each parameter once, over a
+  mask-free head-dim-64 case and a masked head-dim-128 bf16 tail case); NNC_FULL_SPACE=1: all;
+- on a GPU (`-m gpu`): matches the interpreter on fresh random inputs with poisoned outputs (no
+  mask, padding mask, causal, row mask, tails, head dim 128, a packed GPT-2 projection, persistent
+  grids with more items than CTAs, and the turn-taking points last: a barrier miscount would hang).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nnc.codegen import tma
+from nnc.codegen.kernels import flash_attention_wgmma as W
+from nnc.ir.interp import Interpreter
+from tests.codegen import space_cover
+from tests.codegen.test_flash_attention import _build
+from tests.codegen.test_flash_attention_wgmma import TEMPLATE, _attn, _plan, _with_words
+from tests.passes.test_fuse_attention import attention_feed
+
+
+def _word(p) -> str:
+    return f"wgmma={p['cw']}x{p['bc']}x{p['stages']}x{p['persist']}x{p.get('pingpong', 0)}x{p.get('tma', 0)}"
+
+
+def _tma_points(D=64):
+    return [p for p in W.wgmma_space(D, D, 227 * 1024, tma=True) if p.get("tma")]
+
+
+def test_tma_points_declared():
+    assert not any(p.get("tma") for p in W.wgmma_space(64, 64, 227 * 1024))  # only where maps exist
+    pts = _tma_points()
+    assert {"cw": 2, "bc": 128, "stages": 4, "persist": 1, "pingpong": 1, "tma": 1} in pts
+    assert all(p["persist"] == 1 and W.point_smem(p, 64, 64) <= 227 * 1024 for p in pts)
+    assert not any(p["cw"] == 3 and p["bc"] == 128 for p in pts)  # registers, as the cp.async points
+    assert W.requested("wgmma=2x128x3x1x1x1") == {"cw": 2, "bc": 128, "stages": 3, "persist": 1, "pingpong": 1,
+                                                  "tma": 1}
+    assert "tma" not in W.requested("wgmma=2x128x3x1x1x0")  # the cp.async point, as before
+    assert W.point_smem(pts[0], 64, 64) == W.smem_bytes(pts[0]["cw"], pts[0]["bc"], pts[0]["stages"], 64, 64) + \
+        pts[0]["cw"] * 64 * 64 * 2 + 16
+    # a dim of extent 1 takes a valid stride; a broadcast dim of extent > 1 gets 0 (no map: declined)
+    assert W._map_strides([64, 512, 1, 32], [1, 768, 0, 512 * 768], 2) == [1536, 1536 * 512, 512 * 768 * 2]
+
+
+def test_tma_point_is_launched_with_its_maps():
+    p = {"cw": 2, "bc": 128, "stages": 3, "persist": 1, "pingpong": 1, "tma": 1}
+    plan = _plan(_with_words(_build("fp16", B=32, S=512, H=12, D=64, mask=None), _word(p)), "fp16")
+    (l,) = _attn(plan)
+    k = plan.kernels[l.kernel]
+    assert k.template == TEMPLATE and k.params["TMA"] and k.params["PINGPONG"]
+    assert l.grid == (132, 1, 1) and l.block == (384, 1, 1) and l.smem == W.point_smem(p, 64, 64)
+    maps = [a for a in l.args if getattr(a, "type", None) == tma.TMAP_CTYPE]
+    assert len(maps) == 3 and l.args[-3:] == maps
+    specs = [tma.spec_of(m.value) for m in maps]
+    # [B, S, H*D] inputs split into heads: seq stride H*D, head stride D, batch stride S*H*D (bytes)
+    st = (12 * 64 * 2, 64 * 2, 512 * 12 * 64 * 2)
+    assert [(s.dims, s.strides, s.box, s.swizzle, s.arg) for s in specs] == [
+        ((64, 512, 12, 32), st, (64, 64, 1, 1), 128, 0), ((64, 512, 12, 32), st, (64, 128, 1, 1), 128, 1),
+        ((64, 512, 12, 32), st, (64, 128, 1, 1), 128, 2)]
+    assert all(not getattr(l.args[i], "type", None) for i in range(3))  # args 0..2: the Q/K/V buffers
+    body = k.body
+    assert "cp.async.bulk.tensor.4d" in body and "nnc_fa_fence_proxy_async();" not in body.split("extern \"C\"")[1]
+    assert "cp.async.cg" not in body.split("extern \"C\"")[1]  # no cp.async chunk copies in the kernel
+
+
+# the TMA points of these compile (one translation unit): mask-free D 64 (the benchmark), and bf16
+# head dim 128 with a row-varying mask and a tail
+COMPILE_CASES = [
+    ("fp16", dict(B=32, S=512, H=12, D=64, mask=None)),
+    ("bf16", dict(B=1, S=77, H=2, D=128, mask="b1st")),
+    ("fp16", dict(B=2, S=40, H=2, D=64, packed="split_last", causal=True)),  # GPT-2 packed, strided seq
+]
+
+
+def _sources():
+    labelled = [(str(n), p) for n, (_, kw) in enumerate(COMPILE_CASES) for p in _tma_points(kw["D"])]
+    out = []
+    for n, p in space_cover.cover_points(labelled):
+        prec, kw = COMPILE_CASES[int(n)]
+        plan = _plan(_with_words(_build(prec, **kw), _word(p)), prec)
+        (l,) = _attn(plan)
+        k = plan.kernels[l.kernel]
+        assert k.params["TMA"] and (k.params["CW"], k.params["BC"], k.params["STAGES"]) == (p["cw"], p["bc"], p["stages"])
+        out.append(k.body.replace(l.kernel, f"{l.kernel}_t{len(out)}"))
+    return out
+
+
+def test_tma_points_compile_with_nvrtc():
+    from nnc.codegen.kernels import common
+    assert len(common.nvrtc_compile("\n".join(_sources()), "sm_90a")) > 0
+
+
+# ---------------------------------------------------------------- on the GPU
+
+P2 = {"cw": 2, "bc": 128, "stages": 3, "persist": 1, "pingpong": 0, "tma": 1}
+GPU_CASES = [
+    ("fp16", dict(B=2, S=512, H=4, D=64, mask=None), P2),
+    ("fp16", dict(B=2, S=128, H=4, D=64), P2),  # [B,1,1,T] padding mask
+    ("fp16", dict(B=2, S=77, H=3, D=64), P2),  # tail tile (Q rows and K/V rows past S / T: zero fill)
+    ("bf16", dict(B=2, S=200, H=2, D=64, causal=True), P2),  # causal + padding, odd length
+    ("fp16", dict(B=1, S=128, H=2, D=128, mask="b1st"), P2),  # head dim 128 (two boxes a row), row mask
+    ("fp16", dict(B=1, S=128, H=12, D=64, packed="split_last", causal=True), P2),  # GPT-2 c_attn views
+    ("fp16", dict(B=4, S=512, H=48, D=64, mask=None), P2),  # more items than CTAs: Q double buffer reused
+    ("fp16", dict(B=4, S=512, H=48, D=64, mask=None), dict(P2, bc=64, stages=4)),
+    ("fp16", dict(B=2, S=333, H=3, D=64), {"cw": 1, "bc": 64, "stages": 2, "persist": 1, "pingpong": 0, "tma": 1}),
+    ("fp16", dict(B=2, S=333, H=3, D=64), {"cw": 3, "bc": 64, "stages": 3, "persist": 1, "pingpong": 0, "tma": 1}),
+] + [  # the warp groups in turn: last
+    ("fp16", dict(B=4, S=512, H=48, D=64, mask=None), dict(P2, pingpong=1)),
+    ("fp16", dict(B=8, S=512, H=12, D=64, mask=None), dict(P2, pingpong=1, stages=4)),
+    ("fp16", dict(B=2, S=333, H=3, D=64), {"cw": 3, "bc": 64, "stages": 2, "persist": 1, "pingpong": 1, "tma": 1}),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prec,kw,point", GPU_CASES,
+                         ids=[f"{p}-" + "-".join(f"{k}{v}" for k, v in kw.items()) + "-" + _word(pt)
+                              for p, kw, pt in GPU_CASES])
+def test_gpu_tma_attention_matches_interpreter(prec, kw, point, tmp_path, rng):
+    import nnc
+    from nnc.codegen.emit import compile_to_dir
+    mod = _with_words(_build(prec, **kw), _word(point))
+    plan = compile_to_dir(mod, tmp_path, arch=None, precision=prec)
+    if not plan["target"].get("has_wgmma"):
+        pytest.skip("the GPU present has no wgmma (not sm_90a)")
+    ks = [k for k in plan["kernels"] if k["template"].startswith("flash_attention")]
+    assert [k["template"] for k in ks] == [TEMPLATE] and ks[0]["params"]["TMA"], ks
+    g = nnc.load(tmp_path)
+    tol = {"fp16": 2e-2, "bf16": 6e-2}[prec]
+    for _ in range(2):  # fresh inputs; arena and outputs poisoned
+        feed = attention_feed(mod, rng)
+        ref = Interpreter(mod).run(feed)["y"].astype(np.float64)
+        got = np.asarray(g.run(feed, output="numpy", poison=True)["y"]).astype(np.float64)
+        assert np.isfinite(got).all(), "non-finite output"
+        scale = max(1.0, float(np.abs(ref).max()))
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * scale)
