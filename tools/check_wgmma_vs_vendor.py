@@ -112,8 +112,13 @@ def run(pool, prob):
     print("   best unverified by kind: " + ", ".join(
         f"{k} {'-' if v is None else f'{v[1] * 1e3:.1f} us ({vms / v[1]:.2f} of {vendor})'}" for k, v in unv.items()),
         flush=True)
+    ins, unvb = best(rows, W.in_space), best(rows, lambda p: not W.in_space(p))
+    print("   summary: " + "; ".join(
+        f"{what_} {'-' if x is None else f'{x[1] * 1e3:.1f} us {tag(x[0])} ({vms / x[1]:.2f} of {vendor})'}"
+        for what_, x in (("in-space best", ins), ("unverified best", unvb))) + f"; {len(wrong(rows))} not ok",
+        flush=True)
     return dict(label=label, dtype=dt, vendor=vendor, vendor_ms=vms, flops=flops, M=pr.M, N=pr.N, K=pr.K,
-                in_space=best(rows, W.in_space), unverified=best(rows, lambda p: not W.in_space(p)),
+                in_space=ins, unverified=unvb,
                 unverified_by_kind=unv, heuristic=next(((p, ms) for p, ms, _ in rows if p == dflt), None),
                 n_points=len(rows), wrong=wrong(rows))
 
