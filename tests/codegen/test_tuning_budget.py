@@ -197,3 +197,16 @@ def test_plan_json_reports_each_problem_and_a_summary():
     for row in t["by_problem"]:
         assert row["source"] == "tuned" and row["variant"] and row["time_ms"] > 0 and row["heuristic_ms"] > 0
         assert row["time_ms"] <= row["heuristic_ms"]
+
+
+def test_a_budget_spent_in_one_round_leaves_the_next_round_s_new_problems_on_the_heuristic():
+    b = tuning.Budget(0.5)
+    b.start()
+    b.stop()
+    assert not b.out() and b.used() < 0.5
+    b.spent = 0.6  # an earlier round's timing
+    assert b.out()
+    survey = tuning.SurveySelector(None, b)
+    Lowerer(_tiny_cnn(), _opts(), survey).run()
+    assert not survey.problems and survey.skipped and set(survey.skipped.values()) == {"budget"}
+    assert tuning.Budget(None).out() is False
