@@ -109,14 +109,12 @@ def run(pool, prob):
              "epismem": W.epi_smem, "epishfl": W.epi_shfl, "epitma": W.epi_tma,
              "cw3": lambda p: p["CW"] == 3, "swz16": lambda p: p.get("swizzle") == W.SWIZZLE_WIDE}
     unv = {k: best(rows, lambda p, f=f: f(p) and not W.in_space(p)) for k, f in kinds.items()}
-    print("   best unverified by kind: " + ", ".join(
-        f"{k} {'-' if v is None else f'{v[1] * 1e3:.1f} us ({vms / v[1]:.2f} of {vendor})'}" for k, v in unv.items()),
-        flush=True)
+    print(f"   {what} kinds (us / vendor ratio): " + " ".join(
+        f"{k} {'-' if v is None else f'{v[1] * 1e3:.1f}/{vms / v[1]:.2f}'}" for k, v in unv.items()), flush=True)
     ins, unvb = best(rows, W.in_space), best(rows, lambda p: not W.in_space(p))
-    print("   summary: " + "; ".join(
-        f"{what_} {'-' if x is None else f'{x[1] * 1e3:.1f} us {tag(x[0])} ({vms / x[1]:.2f} of {vendor})'}"
-        for what_, x in (("in-space best", ins), ("unverified best", unvb))) + f"; {len(wrong(rows))} not ok",
-        flush=True)
+    print(f"   {what} summary: {vendor} {vms * 1e3:.1f} us | " + " | ".join(
+        f"{what_} {'-' if x is None else f'{x[1] * 1e3:.1f} us {vms / x[1]:.2f} {tag(x[0])}'}"
+        for what_, x in (("in-space", ins), ("unverified", unvb))) + f" | {len(wrong(rows))} not ok", flush=True)
     return dict(label=label, dtype=dt, vendor=vendor, vendor_ms=vms, flops=flops, M=pr.M, N=pr.N, K=pr.K,
                 in_space=ins, unverified=unvb,
                 unverified_by_kind=unv, heuristic=next(((p, ms) for p, ms, _ in rows if p == dflt), None),
