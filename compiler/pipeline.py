@@ -41,6 +41,7 @@ PASSES = {
     "fuse-elementwise": "fuse_elementwise",
     "schedule-memory": "schedule_memory",
     "time-fusion": "time_fusion",
+    "layer-wavefront": "layer_wavefront",
     "to-fp16": "to_precision:run_fp16",
     "to-bf16": "to_precision:run_bf16",
 }
@@ -75,6 +76,9 @@ DEFAULT_PIPELINE = [
                         # fusion passes, so the projection gets fuse-epilogue's bias epilogue and the
                         # GEMM variants like any Gemm. (fuse-horizontal has nothing to merge: the
                         # directions' gate weights are already one [I, D*gates*H] constant)
+    "layer-wavefront",  # right after time-fusion (it takes the recurrence -> Gemm -> recurrence chains that
+                        # pass leaves): stacked unidirectional layers -> one recurrence_stack, lowered
+                        # hoisted (per layer) or as a wavefront (compiler/passes/layer_wavefront.py)
     # fusion: after the cleanups (cse, fold-batchnorm, simplify: BN must already be in the conv's
     # weights and bias for conv+bias+act+residual chains to be visible) and, at fp16/bf16, after
     # the precision passes (see FUSION_PASSES). fuse-epilogue comes before fuse-elementwise, which

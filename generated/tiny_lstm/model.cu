@@ -274,7 +274,7 @@ __device__ __forceinline__ float nnc_block_max(float v, float* smem) {
 #define nnc_matmul_0 nnc_tiny_lstm_k_nnc_matmul_0
 #define nnc_rnn_sync_init_1 nnc_tiny_lstm_k_nnc_rnn_sync_init_1
 #define nnc_coop_lstm_step_2 nnc_tiny_lstm_k_nnc_coop_lstm_step_2
-#define nnc_matmul_3 nnc_tiny_lstm_k_nnc_matmul_3
+#define nnc_gemm_f32_77a2d73f6e nnc_tiny_lstm_k_nnc_gemm_f32_77a2d73f6e
 #define nnc_coop_lstm_step_4 nnc_tiny_lstm_k_nnc_coop_lstm_step_4
 #define nnc_matmul_5 nnc_tiny_lstm_k_nnc_matmul_5
 #endif
@@ -318,10 +318,9 @@ extern "C" __global__ void __launch_bounds__(256) nnc_matmul_0(const float* __re
 // ============================================================================
 // kernel nnc_rnn_sync_init_1
 // template: rnn.cu.j2
-// params: {"NHWORDS":128,"NWORDS":32,"kind":"LSTM","selected":{"params":{"kperm":false,"ks":8,"mma_warps":null,"nsb":16,"r_smem":true,"stage_batch":false,"step_mma":false,"sync":"tagged","tb":1,"threads":64,"tr":1},"variant":"recurrence.persistent"},"variant":"sync_init"}
+// params: {"NHWORDS":128,"NWORDS":32,"kind":"LSTM","selected":{"params":{"form":"hoisted"},"variant":"recurrence.stack"},"variant":"sync_init"}
 // implements:
-//   %seq0: f32[8,1,32] = recurrence(%Y0.proj: f32[8,1,128], %R0: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32, y_layout=sbdh}
-//   %Y1: f32[8,1,1,32], %Yh1: f32[1,1,32] = recurrence(%Y1.proj: f32[8,1,128], %R1: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32}
+//   %Y1: f32[8,1,1,32], %seq0.state1: f32[1,1,32], %Yh1: f32[1,1,32] = recurrence_stack(%Y0.proj: f32[8,1,128], %Y1.stack_r: f32[2,128,32], %Y1.stack_w: f32[1,128,32], %Y1.stack_b: f32[1,128]) {body=region(12 ops), kind=LSTM, hidden_size=32, layers=2}
 // ============================================================================
 extern "C" __global__ void nnc_rnn_sync_init_1(unsigned int* __restrict__ sync_words, unsigned int* __restrict__ hwords) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < 32; i += gridDim.x * blockDim.x) sync_words[i] = 0u;
@@ -334,7 +333,7 @@ extern "C" __global__ void nnc_rnn_sync_init_1(unsigned int* __restrict__ sync_w
 // template: rnn.cu.j2
 // params: {"B":1,"BP":1,"D":1,"H":32,"HP":32,"HS":2,"KPERM":false,"KS":8,"NG":4,"NSB":16,"NTHR":64,"ROWSP":8,"R_BYTES":1024,"R_SMEM":true,"S":8,"STAGE_BATCH":false,"STEP_MMA":false,"TAG_U":1,"TB":1,"TR":1,"VEC":4,"acts":[[{"alpha":0.0,"beta":0.0,"kind":"sigmoid"},{"alpha":0.0,"beta":0.0,"kind":"tanh"},{"alpha":0.0,"beta":0.0,"kind":"tanh"}]],"clip":null,"direction":"forward","g_sb":128,"g_sd":128,"g_st":128,"gt":"float","has_c0":false,"has_h0":false,"has_lens":false,"has_p":false,"has_rbh":false,"has_y":true,"has_yc":false,"has_yh":false,"ht":"unsigned int","input_forget":false,"kind":"LSTM","layout":0,...
 // implements:
-//   %seq0: f32[8,1,32] = recurrence(%Y0.proj: f32[8,1,128], %R0: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32, y_layout=sbdh}
+//   %Y1: f32[8,1,1,32], %seq0.state1: f32[1,1,32], %Yh1: f32[1,1,32] = recurrence_stack(%Y0.proj: f32[8,1,128], %Y1.stack_r: f32[2,128,32], %Y1.stack_w: f32[1,128,32], %Y1.stack_b: f32[1,128]) {body=region(12 ops), kind=LSTM, hidden_size=32, layers=2}
 // ============================================================================
 #define nnc_coop_lstm_step_2_AT(t, b, d, n) ((int64_t)(t) * 128 + (int64_t)(b) * 128 + (int64_t)(d) * 128 + (n))
 // polls are relaxed (cheap, no L1 invalidation per poll); the acquire is one fence after the wait
@@ -529,39 +528,187 @@ extern "C" __global__ void __launch_bounds__(64, 1) nnc_coop_lstm_step_2(
 
 
 // ============================================================================
-// kernel nnc_matmul_3
-// template: matmul_fallback.cu.j2
-// params: {"K":32,"M":8,"N":128,"a_bs":[],"a_ks":1,"a_ms":32,"actype":"float","alpha":1.0,"b_bs":[],"b_ks":128,"b_ns":1,"batch":[],"bctype":"float","beta":1.0,"bias_ms":0,"bias_ns":1,"biasctype":"float","cctype":"float","has_bias":true,"selected":{"params":{"tile":16},"variant":"linalg.gemm"},"tile":16}
+// kernel nnc_gemm_f32_77a2d73f6e
+// template: gemm_f32.cu.j2
+// params: {"BK":8,"BM":64,"BN":64,"family":"f32","selected":{"params":{"form":"hoisted"},"variant":"recurrence.stack"},"template":"gemm_f32.cu.j2"}
 // implements:
-//   %Y1.proj2d: f32[8,128] = Gemm(%Y1.x2d: f32[8,32], %Y1.wcat: f32[32,128], %Y1.bcat: f32[128])
+//   %Y1: f32[8,1,1,32], %seq0.state1: f32[1,1,32], %Yh1: f32[1,1,32] = recurrence_stack(%Y0.proj: f32[8,1,128], %Y1.stack_r: f32[2,128,32], %Y1.stack_w: f32[1,128,32], %Y1.stack_b: f32[1,128]) {body=region(12 ops), kind=LSTM, hidden_size=32, layers=2}
 // ============================================================================
-#define NNC_TILE 16
-extern "C" __global__ void __launch_bounds__(256) nnc_matmul_3(const float* __restrict__ A, const float* __restrict__ B,
-    const float* __restrict__ bias,
-    float* __restrict__ C) {
-  __shared__ float As[NNC_TILE][NNC_TILE + 1];
-  __shared__ float Bs[NNC_TILE][NNC_TILE + 1];
-  const int64_t M = 8, N = 128, K = 32;
-  int64_t rem = blockIdx.z, a_off = 0, b_off = 0;
-  const int64_t row = (int64_t)blockIdx.y * NNC_TILE + threadIdx.y;
-  const int64_t col = (int64_t)blockIdx.x * NNC_TILE + threadIdx.x;
-  float acc = 0.0f;
-  for (int64_t k0 = 0; k0 < K; k0 += NNC_TILE) {
-    const int64_t ka = k0 + threadIdx.x, kb = k0 + threadIdx.y;
-    As[threadIdx.y][threadIdx.x] = (row < M && ka < K) ? static_cast<float>(A[a_off + row * 32LL + ka * 1LL]) : 0.0f;
-    Bs[threadIdx.y][threadIdx.x] = (kb < K && col < N) ? static_cast<float>(B[b_off + kb * 128LL + col * 1LL]) : 0.0f;
-    __syncthreads();
+// nnc: fp32 FFMA GEMM  D = act(alpha * op(A) @ op(B) + beta * C + bias); tile 64x64x8, 8x8 per thread
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#ifndef NNC_GEMM_COMMON_H
+#define NNC_GEMM_COMMON_H
+__device__ __forceinline__ unsigned nnc_smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+// 16-byte async copy global->shared; bytes beyond src_bytes (0..16) are zero-filled.
+__device__ __forceinline__ void nnc_cp_async16(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(nnc_smem_u32(smem)), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void nnc_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void nnc_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void nnc_ldsm_x4(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(nnc_smem_u32(p)));
+}
+__device__ __forceinline__ void nnc_ldsm_x4_t(unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(nnc_smem_u32(p)));
+}
+__device__ __forceinline__ void nnc_mma_f16(float* d, const unsigned* a, const unsigned* b) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void nnc_mma_bf16(float* d, const unsigned* a, const unsigned* b) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ void nnc_mma_tf32(float* d, const unsigned* a, const unsigned* b) {
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+__device__ __forceinline__ unsigned nnc_to_tf32(float x) {
+  unsigned r; asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x)); return r;
+}
+__device__ __forceinline__ float nnc_to_f(float x) { return x; }
+__device__ __forceinline__ float nnc_to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float nnc_to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T nnc_from_f(float x);
+template <> __device__ __forceinline__ float nnc_from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half nnc_from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 nnc_from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+#endif
+
+
+extern "C" __global__ void __launch_bounds__(64) nnc_gemm_f32_77a2d73f6e(
+    const float* __restrict__ A, const float* __restrict__ B, float* __restrict__ D, const float* __restrict__ bias, int M, int N, int K, long long lda, long long ldb, long long ldd, long long ldc_m, long long ldc_n,
+    float alpha, float beta, int bdiv, long long sA0, long long sA1, long long sB0, long long sB1,
+    long long sC0, long long sC1, long long sD0, long long sD1) {
+  __shared__ __align__(16) float As[2][8][64];
+  __shared__ __align__(16) float Bs[2][8][64];
+  const int tid = threadIdx.x;
+  {
+    const int z = blockIdx.z, z0 = z / bdiv, z1 = z - z0 * bdiv;
+    A += z0 * sA0 + z1 * sA1;
+    B += z0 * sB0 + z1 * sB1;
+    D += z0 * sD0 + z1 * sD1;
+  }
+  const int tiles_m = (M + 63) / 64, tiles_n = (N + 63) / 64;
+  int tm, tn;
+  {
+    const int bid = blockIdx.x, per_group = 8 * tiles_n;
+    const int first_m = (bid / per_group) * 8;
+    const int gsize = min(tiles_m - first_m, 8);
+    tm = first_m + (bid % per_group) % gsize;
+    tn = (bid % per_group) / gsize;
+  }
+  const int m0 = tm * 64, n0 = tn * 64;
+  float ra[2][4], rb[2][4];
+
+  // load one chunk of 4 consecutive elements along the contiguous dim (row r, col c) with predication
+  auto ld4 = [&](const float* G, long long ld, int r, int c, int rlim, int clim, bool vec, float* out) {
+    if (r < rlim && vec && c + 3 < clim) {
+      const float4 v = *reinterpret_cast<const float4*>(G + (long long)r * ld + c);
+      out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
+    } else {
 #pragma unroll
-    for (int k = 0; k < NNC_TILE; ++k) acc += As[threadIdx.y][k] * Bs[k][threadIdx.x];
+      for (int e = 0; e < 4; ++e) out[e] = (r < rlim && c + e < clim) ? G[(long long)r * ld + c + e] : 0.f;
+    }
+  };
+  auto load_regs = [&](int k0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int c = tid + i * 64;
+      if (c < 128) ld4(A, lda, m0 + c / 2, k0 + (c % 2) * 4, M, K, true, ra[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int c = tid + i * 64;
+      if (c < 128) ld4(B, ldb, n0 + c / 2, k0 + (c % 2) * 4, N, K, true, rb[i]);
+    }
+  };
+  auto store_smem = [&](int buf) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int c = tid + i * 64;
+      if (c < 128) {
+        const int r = c / 2, k = (c % 2) * 4;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) As[buf][k + e][r] = ra[i][e];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int c = tid + i * 64;
+      if (c < 128) {
+        const int r = c / 2, k = (c % 2) * 4;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) Bs[buf][k + e][r] = rb[i][e];
+      }
+    }
+  };
+
+  const int ty = tid / 8, tx = tid % 8;
+  float acc[8][8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+
+  const int KT = (K + 7) / 8;
+  load_regs(0);
+  store_smem(0);
+  __syncthreads();
+  for (int kt = 0; kt < KT; ++kt) {
+    const int buf = kt & 1;
+    if (kt + 1 < KT) load_regs((kt + 1) * 8);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      float a[8], b[8];
+      const float4 a0 = *reinterpret_cast<const float4*>(&As[buf][k][ty * 4]);
+      const float4 a1 = *reinterpret_cast<const float4*>(&As[buf][k][32 + ty * 4]);
+      const float4 b0 = *reinterpret_cast<const float4*>(&Bs[buf][k][tx * 4]);
+      const float4 b1 = *reinterpret_cast<const float4*>(&Bs[buf][k][32 + tx * 4]);
+      a[0] = a0.x; a[1] = a0.y; a[2] = a0.z; a[3] = a0.w; a[4] = a1.x; a[5] = a1.y; a[6] = a1.z; a[7] = a1.w;
+      b[0] = b0.x; b[1] = b0.y; b[2] = b0.z; b[3] = b0.w; b[4] = b1.x; b[5] = b1.y; b[6] = b1.z; b[7] = b1.w;
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    if (kt + 1 < KT) store_smem(buf ^ 1);
     __syncthreads();
   }
-  if (row < M && col < N) {
-    float r = 1.0f * acc;
-    r += 1.0f * static_cast<float>(bias[row * 0LL + col * 1LL]);
-    C[(int64_t)blockIdx.z * M * N + row * N + col] = static_cast<float>(r);
+
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int row = m0 + (i < 4 ? ty * 4 + i : 32 + ty * 4 + i - 4);
+    if (row >= M) continue;
+#pragma unroll
+    for (int jh = 0; jh < 2; ++jh) {
+      const int col0 = n0 + jh * 32 + tx * 4;
+      float v[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int col = col0 + j;
+        v[j] = alpha * acc[i][jh * 4 + j];
+        if (col < N) {
+          v[j] += bias[col];
+          
+        }
+      }
+      if (col0 + 3 < N) {
+        *reinterpret_cast<float4*>(D + (long long)row * ldd + col0) = make_float4(v[0], v[1], v[2], v[3]);
+        continue;
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (col0 + j < N) D[(long long)row * ldd + col0 + j] = v[j];
+    }
   }
 }
-#undef NNC_TILE
 
 
 // ============================================================================
@@ -569,7 +716,7 @@ extern "C" __global__ void __launch_bounds__(256) nnc_matmul_3(const float* __re
 // template: rnn.cu.j2
 // params: {"B":1,"BP":1,"D":1,"H":32,"HP":32,"HS":2,"KPERM":false,"KS":8,"NG":4,"NSB":16,"NTHR":64,"ROWSP":8,"R_BYTES":1024,"R_SMEM":true,"S":8,"STAGE_BATCH":false,"STEP_MMA":false,"TAG_U":1,"TB":1,"TR":1,"VEC":4,"acts":[[{"alpha":0.0,"beta":0.0,"kind":"sigmoid"},{"alpha":0.0,"beta":0.0,"kind":"tanh"},{"alpha":0.0,"beta":0.0,"kind":"tanh"}]],"clip":null,"direction":"forward","g_sb":128,"g_sd":128,"g_st":128,"gt":"float","has_c0":false,"has_h0":false,"has_lens":false,"has_p":false,"has_rbh":false,"has_y":false,"has_yc":false,"has_yh":true,"ht":"unsigned int","input_forget":false,"kind":"LSTM","layout":0,...
 // implements:
-//   %Y1: f32[8,1,1,32], %Yh1: f32[1,1,32] = recurrence(%Y1.proj: f32[8,1,128], %R1: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32}
+//   %Y1: f32[8,1,1,32], %seq0.state1: f32[1,1,32], %Yh1: f32[1,1,32] = recurrence_stack(%Y0.proj: f32[8,1,128], %Y1.stack_r: f32[2,128,32], %Y1.stack_w: f32[1,128,32], %Y1.stack_b: f32[1,128]) {body=region(12 ops), kind=LSTM, hidden_size=32, layers=2}
 // ============================================================================
 #define nnc_coop_lstm_step_4_AT(t, b, d, n) ((int64_t)(t) * 128 + (int64_t)(b) * 128 + (int64_t)(d) * 128 + (n))
 // polls are relaxed (cheap, no L1 invalidation per poll); the acquire is one fence after the wait
@@ -896,7 +1043,7 @@ struct Sha256 {
   }
 };
 // weights.bin's sha256 at compile time (plan.json weights_sha256); create refuses any other file
-const char kWeightsSha256[] = "cd0e921f93e3e0a7fbfc36f217721b9690061d9cae68c0c518c0a2d31b6a7a07";
+const char kWeightsSha256[] = "17c7802359872760bd7399b942bb621147eb98685f4198fe04b6bdc5210a8413";
 
 int dims_offset(const int* ranks, int i) { int o = 0; for (int k = 0; k < i; ++k) o += ranks[k]; return o; }
 // kernels launched with more than 48 KiB of dynamic shared memory must opt in (never lowers a limit)
@@ -939,9 +1086,9 @@ int run_phase(nnc_tiny_lstm* m, cudaStream_t stream, const void* const* inputs, 
   cudaError_t e;
   // [0] %Y0.proj2d: f32[8,128] = Gemm(%Y0.x2d: f32[8,16], %Y0.wcat: f32[16,128], %Y0.bcat: f32[128])
   nnc_matmul_0<<<dim3(8, 1, 1), dim3(16, 16, 1), 0, stream>>>((float*)((char*)inputs[0] + 0), (float*)(m->weights + 0), (float*)(m->weights + 8192), (float*)(m->arena + 0));
-  // [1] %seq0: f32[8,1,32] = recurrence(%Y0.proj: f32[8,1,128], %R0: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32, y_layout=sbdh}
+  // [1] %Y1: f32[8,1,1,32], %seq0.state1: f32[1,1,32], %Yh1: f32[1,1,32] = recurrence_stack(%Y0.proj: f32[8,1,128], %Y1.stack_r: f32[2,128,32], %Y1.stack_w: f32[1,128,32], %Y1.stack_b: f32[1,128]) {body=region(12 ops), kind=LSTM, hidden_size=32, layers=2}
   nnc_rnn_sync_init_1<<<dim3(1, 1, 1), dim3(256, 1, 1), 0, stream>>>((uint32_t*)(m->arena + 5632), (uint32_t*)(m->arena + 5120));
-  // [2] %seq0: f32[8,1,32] = recurrence(%Y0.proj: f32[8,1,128], %R0: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32, y_layout=sbdh}
+  // [2] %Y1: f32[8,1,1,32], %seq0.state1: f32[1,1,32], %Yh1: f32[1,1,32] = recurrence_stack(%Y0.proj: f32[8,1,128], %Y1.stack_r: f32[2,128,32], %Y1.stack_w: f32[1,128,32], %Y1.stack_b: f32[1,128]) {body=region(12 ops), kind=LSTM, hidden_size=32, layers=2}
   {  // grid-wide barriers inside: a cooperative launch, the grid clamped to the co-resident blocks
     auto a0 = (float*)(m->arena + 0);
     auto a1 = (float*)(m->weights + 8704);
@@ -959,11 +1106,11 @@ int run_phase(nnc_tiny_lstm* m, cudaStream_t stream, const void* const* inputs, 
                                     dim3(64, 1, 1), kargs, 1184, stream);
     if (e != cudaSuccess) return fail(NNC_ERR_CUDA, std::string("launch 2: ") + cudaGetErrorString(e));
   }
-  // [3] %Y1.proj2d: f32[8,128] = Gemm(%Y1.x2d: f32[8,32], %Y1.wcat: f32[32,128], %Y1.bcat: f32[128])
-  nnc_matmul_3<<<dim3(8, 1, 1), dim3(16, 16, 1), 0, stream>>>((float*)(m->arena + 4096), (float*)(m->weights + 25088), (float*)(m->weights + 41472), (float*)(m->arena + 0));
-  // [4] %Y1: f32[8,1,1,32], %Yh1: f32[1,1,32] = recurrence(%Y1.proj: f32[8,1,128], %R1: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32}
+  // [3] %Y1: f32[8,1,1,32], %seq0.state1: f32[1,1,32], %Yh1: f32[1,1,32] = recurrence_stack(%Y0.proj: f32[8,1,128], %Y1.stack_r: f32[2,128,32], %Y1.stack_w: f32[1,128,32], %Y1.stack_b: f32[1,128]) {body=region(12 ops), kind=LSTM, hidden_size=32, layers=2}
+  nnc_gemm_f32_77a2d73f6e<<<dim3(2, 1, 1), dim3(64, 1, 1), 0, stream>>>((float*)(m->arena + 4096), (float*)(m->weights + 25088), (float*)(m->arena + 0), (float*)(m->weights + 41472), (int32_t)8LL, (int32_t)128LL, (int32_t)32LL, (int64_t)32LL, (int64_t)32LL, (int64_t)128LL, (int64_t)0LL, (int64_t)1LL, 1.0f, 1.0f, (int32_t)1LL, (int64_t)0LL, (int64_t)0LL, (int64_t)0LL, (int64_t)0LL, (int64_t)0LL, (int64_t)0LL, (int64_t)0LL, (int64_t)0LL);
+  // [4] %Y1: f32[8,1,1,32], %seq0.state1: f32[1,1,32], %Yh1: f32[1,1,32] = recurrence_stack(%Y0.proj: f32[8,1,128], %Y1.stack_r: f32[2,128,32], %Y1.stack_w: f32[1,128,32], %Y1.stack_b: f32[1,128]) {body=region(12 ops), kind=LSTM, hidden_size=32, layers=2}
   nnc_rnn_sync_init_1<<<dim3(1, 1, 1), dim3(256, 1, 1), 0, stream>>>((uint32_t*)(m->arena + 4608), (uint32_t*)(m->arena + 4096));
-  // [5] %Y1: f32[8,1,1,32], %Yh1: f32[1,1,32] = recurrence(%Y1.proj: f32[8,1,128], %R1: f32[1,128,32]) {body=region(12 ops), kind=LSTM, hidden_size=32}
+  // [5] %Y1: f32[8,1,1,32], %seq0.state1: f32[1,1,32], %Yh1: f32[1,1,32] = recurrence_stack(%Y0.proj: f32[8,1,128], %Y1.stack_r: f32[2,128,32], %Y1.stack_w: f32[1,128,32], %Y1.stack_b: f32[1,128]) {body=region(12 ops), kind=LSTM, hidden_size=32, layers=2}
   {  // grid-wide barriers inside: a cooperative launch, the grid clamped to the co-resident blocks
     auto a0 = (float*)(m->arena + 0);
     auto a1 = (float*)(m->weights + 41984);
