@@ -29,7 +29,7 @@ def main() -> int:
     ap.add_argument("--batches", default="32,64")
     ap.add_argument("--precision", default="fp16")
     ap.add_argument("--tune-budget", type=float, default=20.0)
-    ap.add_argument("--builds", default="heuristic,tuned", help="comma list of heuristic, tuned, unfused (--no-fuse, heuristic)")
+    ap.add_argument("--builds", default="heuristic,tuned", help="comma list of heuristic, tuned, unfused (--no-fuse, heuristic), unfused_tuned")
     a = ap.parse_args()
     import cupy as cp
     import onnxruntime as ort
@@ -46,7 +46,8 @@ def main() -> int:
         x = fresh_inputs(feeds)
         ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)[0]
         for kind in a.builds.split(","):
-            tune, fuse = {"heuristic": (False, True), "tuned": (True, True), "unfused": (False, False)}[kind]
+            tune, fuse = {"heuristic": (False, True), "tuned": (True, True), "unfused": (False, False),
+                          "unfused_tuned": (True, False)}[kind]
             od = WORK / f"{a.model}_b{batch}_{a.precision}_{kind}_check"
             t0 = time.time()
             with warnings.catch_warnings(record=True) as wrong:
