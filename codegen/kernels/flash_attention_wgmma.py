@@ -46,7 +46,9 @@ HEAD_DIMS = (64, 128)
 CWS = (1, 2, 3)
 BCS = (64, 128)
 STAGES = (2, 3)
-TMA_STAGES = (2, 3, 4)  # the TMA ring: 4 stages where 64-row K/V tiles leave the room
+# the TMA ring: deeper where shared memory leaves the room (cw 2, bc 128, D 64: 6 stages = 229 KB):
+# a tile's load latency (L2 / DRAM, ~1 us) spans several tiles' compute at head dim 64
+TMA_STAGES = (2, 3, 4, 6)
 PERSIST = (0, 1)
 DEFAULT_POINT = {"cw": 2, "bc": 128, "stages": 2, "persist": 1, "pingpong": 0}
 REG_OVERHEAD = 32  # row state, loop counters, barrier addresses (with D / 2 more: regs_model)
@@ -88,10 +90,11 @@ def point_smem(p: dict, D: int, Dv: int) -> int:
     return smem_bytes(p["cw"], p["bc"], p["stages"], D, Dv, 2 if p.get("tma") else 1)
 
 
-def ctas_per_sm(cw: int, bc: int) -> int:
+def ctas_per_sm(cw: int, bc: int, smem: int = 0, smem_per_sm: int = 228 * 1024) -> int:
     """CTAs an SM holds (registers): one at two or three consumer warp groups; at one, two when
-    its S tile is 64 wide (~110 registers a thread), else one."""
-    return 2 if cw == 1 and bc == 64 else 1
+    its S tile is 64 wide (~110 registers a thread) and two CTAs' `smem` (+ 1 KB each, the
+    system's) fit the SM's smem_per_sm (the target's), else one."""
+    return 2 if cw == 1 and bc == 64 and 2 * (smem + 1024) <= smem_per_sm else 1
 
 
 def wgmma_space(D: int, Dv: int, smem_limit: int, tma: bool = False) -> list:
@@ -265,7 +268,8 @@ def _cost(problem, params) -> float:
     c = _case(problem)
     rows = 64 * params["cw"]
     ctas = -(-c["S"] // rows) * c["B0"] * c["B1"]
-    waves = -(-ctas // (problem.target.sm_count * ctas_per_sm(params["cw"], params["bc"])))
+    per_sm = ctas_per_sm(params["cw"], params["bc"], point_smem(params, c["D"], c["Dv"]), problem.target.smem_per_sm)
+    waves = -(-ctas // (problem.target.sm_count * per_sm))
     return waves * 2.0 * rows * c["T"] * (c["D"] + c["Dv"]) / 4e12
 
 
@@ -277,7 +281,8 @@ def _render(ctx: LowerCtx, problem, params: dict):
     use_tma = bool(params.get("tma"))
     qt = -(-S // (64 * cw))
     items = qt * B1 * B0
-    ctas = min(items, problem.target.sm_count * ctas_per_sm(cw, bc)) if persist else items
+    per_sm = ctas_per_sm(cw, bc, point_smem(params, D, Dv), problem.target.smem_per_sm)
+    ctas = min(items, problem.target.sm_count * per_sm) if persist else items
     b = FA.bind_operands(ctx, problem, pair_masks=True)
     y, o4 = b["y"], b["o4"]
     steps, post = b["steps"], b["post"]

@@ -41,7 +41,10 @@ def _tma_points(D=64):
 def test_tma_points_declared():
     assert not any(p.get("tma") for p in W.wgmma_space(64, 64, 227 * 1024))  # only where maps exist
     pts = _tma_points()
-    assert {"cw": 2, "bc": 128, "stages": 4, "persist": 1, "pingpong": 1, "tma": 1} in pts
+    assert {"cw": 2, "bc": 128, "stages": 6, "persist": 1, "pingpong": 1, "tma": 1} in pts
+    # one CTA an SM where two would not fit its shared memory (cw 1, bc 64, 6 stages: 113 KB)
+    assert W.ctas_per_sm(1, 64, W.point_smem({"cw": 1, "bc": 64, "stages": 6, "tma": 1}, 64, 64)) == 1
+    assert W.ctas_per_sm(1, 64, W.point_smem({"cw": 1, "bc": 64, "stages": 3, "tma": 1}, 64, 64)) == 2
     assert all(p["persist"] == 1 and W.point_smem(p, 64, 64) <= 227 * 1024 for p in pts)
     assert not any(p["cw"] == 3 and p["bc"] == 128 for p in pts)  # registers, as the cp.async points
     assert W.requested("wgmma=2x128x3x1x1x1") == {"cw": 2, "bc": 128, "stages": 3, "persist": 1, "pingpong": 1,
@@ -128,6 +131,7 @@ GPU_CASES = [
     ("fp16", dict(B=1, S=128, H=12, D=64, packed="split_last", causal=True), P2),  # GPT-2 c_attn views
     ("fp16", dict(B=4, S=512, H=48, D=64, mask=None), P2),  # more items than CTAs: Q double buffer reused
     ("fp16", dict(B=4, S=512, H=48, D=64, mask=None), dict(P2, bc=64, stages=4)),
+    ("fp16", dict(B=2, S=2048, H=12, D=64, mask=None), dict(P2, stages=6)),  # the deepest ring, 16 tiles an item
     ("fp16", dict(B=2, S=333, H=3, D=64), {"cw": 1, "bc": 64, "stages": 2, "persist": 1, "pingpong": 0, "tma": 1}),
     ("fp16", dict(B=2, S=333, H=3, D=64), {"cw": 3, "bc": 64, "stages": 3, "persist": 1, "pingpong": 0, "tma": 1}),
 ] + [  # the warp groups in turn: last
