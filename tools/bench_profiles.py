@@ -136,7 +136,8 @@ def main() -> int:
             ms_range = time_run(rng_m, feed, a.iters)
             g = range_graph(rng_m, feed)
             dev_static, dev_range = time_graph(st_m.graph, a.iters), time_graph(g, a.iters)
-            r = dict(model=name, prec=prec, tol=tol, at=label, shape=_dims(shape), static_ms=ms_static, range_ms=ms_range,
+            r = dict(model=name, prec=prec, tol=tol, at=label, shape=_dims(shape), static_ms=ms_static,
+                     range_ms=ms_range,
                      ratio=ms_range / ms_static, err=err, static_err=st_err, dev_static=dev_static,
                      dev_range=dev_range, graph=g is not None)
             rows.append(r)

@@ -284,4 +284,5 @@ GEMM_EPILOGUE = register(Variant("epilogue.gemm", "epilogue", ("fused",), _rende
 CONV_EPILOGUE = register(Variant("epilogue.conv", "epilogue", ("fused",), _render_conv, _applies_conv,
                                  priority=PRIORITY, rank=1, kinds=KINDS, regions=True, may_decline=True))
 SPLIT = register(Variant("epilogue.split", "epilogue", ("fused",), _render_split, _applies_split,
-                         priority=PRIORITY, rank=2, kinds=KINDS, regions=True, runtime_sizes=True))  # its parts check their own
+                         priority=PRIORITY, rank=2, kinds=KINDS, regions=True,
+                         runtime_sizes=True))  # its parts (the anchor, the elementwise chain) check their own

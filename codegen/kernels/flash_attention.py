@@ -248,8 +248,8 @@ def _case(problem):
         if D > SIMT_MAX_D or Dv > SIMT_MAX_D or BC_SIMT * (D + Dv) * 4 > limit:
             return f"head dims {D}/{Dv}: no flash-attention kernel takes them"
         space = [{}]
-    got = dict(at=at, outer=outer, const_of=const_of, batch=batch, S=S, T=T, D=D, Dv=Dv, dt=dt, B0=B0, B1=B1, space=space,
-               max=mx, opt=opt)
+    got = dict(at=at, outer=outer, const_of=const_of, batch=batch, S=S, T=T, D=D, Dv=Dv, dt=dt, B0=B0, B1=B1,
+               space=space, max=mx, opt=opt)
     problem.memo["attention"] = got
     return got
 

@@ -32,7 +32,8 @@ The scale/mask steps may come in any order; the kernel applies them in program o
 Must hold: static shapes, or a range profile's symbolic ones (ir/symbolic.Expr: S and T of BERT's
 [B,S,H*D]; the views' strides and sizes are then Exprs, a dim divides another only as cancelling
 monomials, Split/Slice/Gather only along static dims, the head dims static, a Where's condition
-static; the lowering passes the sizes and strides per run, codegen/runtime_sizes.py); float (f16/bf16/f32) types without layout tags; Q, Kt, V, o and the
+static; the lowering passes the sizes and strides per run, codegen/runtime_sizes.py); float
+(f16/bf16/f32) types without layout tags; Q, Kt, V, o and the
 scores of one dtype; scores of rank 3 or 4 whose batch dims are those of Q (K^T and V may broadcast
 along them); every value inside the group has its users inside it and is not a function result
 (only o, or the end of its absorbed head merge, leaves the group); Softmax over the last axis. A Softmax over
