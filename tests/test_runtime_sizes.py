@@ -2,8 +2,10 @@
 profile. CPU: the kernels of a range build compile with NVRTC (sm_90a) and take the symbolic sizes
 as arguments; the reference backend runs the compiled plan (its memory plan, in its arena) at
 runtime sizes and matches onnxruntime; bad shapes are clear errors; a kernel family without
-runtime sizes is refused by name. GPU (@pytest.mark.gpu): one build at several shapes against
-onnxruntime, outputs poisoned first."""
+runtime sizes is refused by name; fused groups over symbolic dims (one flash-attention kernel over
+runtime S / T, GEMMs with their epilogues over runtime rows) form and compile. GPU
+(@pytest.mark.gpu): one build at several shapes (min, opt, max, and lengths that are not multiples
+of a tile) against onnxruntime, outputs poisoned first."""
 from __future__ import annotations
 
 import json
