@@ -605,3 +605,21 @@ def test_gpu_gemm_epilogues_over_runtime_rows(tmp_path, precision):
         got = m.run({"x": x}, output="numpy", poison=True)["y"]
         assert got.shape == (n, 64)
         np.testing.assert_allclose(got.astype(np.float32), _ort(p, {"x": x})[0], rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+def test_gpu_bert_fp16_one_build_masked_tensor_core_attention(tmp_path):
+    """BERT's padding mask [B,1,1,S] read per run by the mma.sync flash kernel (element loads: T is
+    only known per run), GEMM epilogues over B*S rows: lengths 1, 77, 128, 50, outputs poisoned."""
+    from nnc.runtime import require_gpu
+    require_gpu()
+    model = profile_models.encoder(tmp_path / "bert.onnx", embed=True)
+    out = tmp_path / "bert"
+    m = nnc.compile(model, profiles=[BERT_PROFILE], out=out, tune=False, precision="fp16")
+    assert len(_flash_launches(out)) == 1 and _kernels(out, "gemm_tc")
+    rng = np.random.default_rng(16)
+    for b, s in ((1, 1), (2, 77), (4, 128), (3, 50), (2, 77)):
+        feed = _bert_feed(rng, b, s)
+        got = m.run(feed, output="numpy", poison=True)["y"]
+        assert got.shape == (b, s, 64)
+        np.testing.assert_allclose(got.astype(np.float32), _ort(model, feed)[0], rtol=2e-2, atol=2e-2)
