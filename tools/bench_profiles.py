@@ -6,7 +6,8 @@ onnxruntime (CPU) first.
 
 Models (tools/profile_models.py): cnn = examples/tiny_cnn.onnx over batch 1/8/32; bert = one
 BERT-style layer (d=64, 4 heads) with an embedding Gather and an attention mask over ids/mask
-1x1 / 2x77 / 4x128 (encoder: the same layer on x:1x1x64 / 2x77x64 / 2x128x64). Every build: each
+1x1 / 2x77 / 4x128 (encoder: the same layer on x:1x1x64 / 2x77x64 / 2x128x64; encoder768: one
+BERT-base sized layer, d 768, 12 heads, ffn 3072, on x:1x1x768 / 8x128x768 / 8x256x768). Every build: each
 --precision given (default fp32; at fp16 the GEMMs take their epilogues and attention the mma.sync
 flash kernel, over runtime sizes in the range build), --no-tune (the same heuristic selection on both sides), CUDA graphs on. A run is Module.run with
 device (cupy) inputs and outputs (the input copy into the module's buffers, the graph replay, the
@@ -31,12 +32,15 @@ MODELS = {  # name: (inputs, min, opt, max): every input of a model has the same
     "cnn": (("input",), (1, 3, 32, 32), (8, 3, 32, 32), (32, 3, 32, 32)),
     "encoder": (("x",), (1, 1, 64), (2, 77, 64), (2, 128, 64)),
     "bert": (("ids", "mask"), (1, 1), (2, 77), (4, 128)),  # encoder(embed=True): ids + attention mask
+    "encoder768": (("x",), (1, 1, 768), (8, 128, 768), (8, 256, 768)),  # BERT-base sized: d 768, 12 heads, ffn 3072
 }
 
 
 def make_model(name: str, work: Path) -> Path:
     if name == "cnn":
         return profile_models.cnn()
+    if name == "encoder768":
+        return profile_models.encoder(work / f"{name}.onnx", d=768, heads=12, ffn=3072)
     return profile_models.encoder(work / f"{name}.onnx", embed=name == "bert")
 
 
