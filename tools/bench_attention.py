@@ -20,7 +20,7 @@ Rows: "nnc mma <tile>" - the mma.sync kernel with the pass's tile (the fused op'
 wgmma=off); "nnc wgmma cw<c> bc<b> s<st>" - the wgmma kernel at that declared point (params say
 wgmma=<c>x<b>x<st>; sm_90a only); --wgmma picks the points: stages2 (default: every declared point
 with 2 stages), all (the TMA points too), tma (the TMA points of two warp groups at 3-6 stages and of
-three at 4, "... tma" rows, and the two cp.async points cw2 bc128 s2/s3 persist pp), default (DEFAULT_POINT only), none. The mask rows use each kernel's default.
+three at 4 (bc 128: 3), "... tma" rows, and the two cp.async points cw2 bc128 s2/s3 persist pp), default (DEFAULT_POINT only), none. The mask rows use each kernel's default.
 --sweep: also every tile of the mma.sync kernel's declared space (flash_attention.tile_space).
 Last, per case: torch flash vs the fastest mma and wgmma rows (CUDA-graph ms) and their ratio.
 --diag: instead, the wgmma kernel on crafted inputs isolating Q K^T and P V (see diag()).
@@ -155,11 +155,12 @@ def configs(args):
         for t in tile_space(D, D, limit):
             out.append((False, [f"tile={16 * t['mi'] * t['warps']}x{t['bc']}", f"warps={t['warps']}", "wgmma=off"],
                         ("mma", (t["mi"], t["warps"], t["bc"]))))
-    pts = W.wgmma_space(D, D, limit, tma=args.wgmma in ("all", "tma"))
+    pts = W.wgmma_space(D, D, limit, tma=args.wgmma in ("all", "tma"), maskless=True)
     if args.wgmma == "tma":  # the TMA points of two or three warp groups (turn-taking last), and the
         # cp.async points measured best before them (2026-12-03) for the comparison
         ref = [{"cw": 2, "bc": 128, "stages": st, "persist": 1, "pingpong": 1} for st in (2, 3)]
-        tp = [p for p in pts if p.get("tma") and (p["cw"] == 2 and p["stages"] >= 3 or p["cw"] == 3 and p["stages"] == 4)]
+        tp = [p for p in pts if p.get("tma") and (p["cw"] == 2 and p["stages"] >= 3 or p["cw"] == 3 and p["stages"] == 4
+                                                 or p["cw"] == 3 and p["bc"] == 128 and p["stages"] == 3)]
         pts = [p for p in ref if p in pts] + [p for p in tp if not p["pingpong"]] + [p for p in tp if p["pingpong"]]
     elif args.wgmma == "all":  # (the turn-taking points last)
         pts = [p for p in pts if not p["pingpong"]] + [p for p in pts if p["pingpong"]]

@@ -25,8 +25,10 @@ items instead of one per item, the warp groups issuing their wgmmas in turn) who
 plus, where Q, K and V can be described by tensor maps (tma_specs: positive 16-byte strides),
 the points with "tma": 1 (persistent only): one producer thread loads Q and the K/V tiles with
 the TMA engine (cp.async.bulk.tensor, 128B swizzle by the hardware, zero fill past S / T) and the
-Q tile is double-buffered (the next item's Q lands while the current one runs). The cp.async
-points leave "tma" out (their dicts, words and kernels are as before).
+Q tile is double-buffered (the next item's Q lands while the current one runs); for groups with
+no mask or causal step also FlashAttention-3's head-dim-64 tile, 3 x 64 rows x 128 keys
+(TMA_MASKLESS_FITS: ptxas fits it where regs_model would not). The cp.async points leave "tma"
+out (their dicts, words and kernels are as before).
 `default`: the point "wgmma=" names when declared, else DEFAULT_POINT, else the space's first.
 Grid: (CTAs, 1, 1); the items' (query tile, batch1, batch0) are decoded from compile-time counts.
 """
@@ -97,8 +99,16 @@ def ctas_per_sm(cw: int, bc: int, smem: int = 0, smem_per_sm: int = 228 * 1024) 
     return 2 if cw == 1 and bc == 64 and 2 * (smem + 1024) <= smem_per_sm else 1
 
 
-def wgmma_space(D: int, Dv: int, smem_limit: int, tma: bool = False) -> list:
-    """The cp.async points, then (tma: the group's operands have tensor maps) the TMA points."""
+# TMA points regs_model would exclude but ptxas fits (nvcc 13.0, sm_90a, max register + 1 in the
+# SASS, no spills): (cw, bc, D, Dv) of a group without masks or causal (scale steps only; tails and
+# strided operands fine): 152-154 of cw 3's 160. FlashAttention-3's head-dim-64 tile (192 x 128).
+# With a mask the same kernel spills (104-276 bytes), so masked groups keep the model's bound.
+TMA_MASKLESS_FITS = {(3, 128, 64, 64)}
+
+
+def wgmma_space(D: int, Dv: int, smem_limit: int, tma: bool = False, maskless: bool = False) -> list:
+    """The cp.async points, then (tma: the group's operands have tensor maps) the TMA points
+    (maskless: the group has no mask or causal step, TMA_MASKLESS_FITS join)."""
     out = []
     for cw in CWS:
         for bc in BCS:
@@ -113,7 +123,8 @@ def wgmma_space(D: int, Dv: int, smem_limit: int, tma: bool = False) -> list:
                 for st in TMA_STAGES:
                     for pp in ((0, 1) if cw >= 2 else (0,)):
                         p = {"cw": cw, "bc": bc, "stages": st, "persist": 1, "pingpong": pp, "tma": 1}
-                        if regs_model(bc, D, Dv) <= regs_budget(cw) and point_smem(p, D, Dv) <= smem_limit:
+                        fits = regs_model(bc, D, Dv) <= regs_budget(cw) or maskless and (cw, bc, D, Dv) in TMA_MASKLESS_FITS
+                        if fits and point_smem(p, D, Dv) <= smem_limit:
                             out.append(p)
     return out
 
@@ -245,7 +256,8 @@ def _case(problem):
     if not (_aligned_source(L, at.q, outer, 2) and _kt_aligned(L, at.kt, outer, 2) and _aligned_source(L, at.v, outer, 2)):
         return "Q/K/V not unit-stride and 16-byte aligned (cp.async chunks)"
     maps = {bc: tma_specs(c, bc) for bc in BCS}
-    space = wgmma_space(c["D"], c["Dv"], target.smem_per_block_optin, tma=all(maps.values()))
+    maskless = not any(s.role in ("add", "where") for s in c["at"].steps)
+    space = wgmma_space(c["D"], c["Dv"], target.smem_per_block_optin, tma=all(maps.values()), maskless=maskless)
     if not space:
         return "no declared tile fits"
     got = dict(c, space=space, want=want, maps=maps)

@@ -1,7 +1,8 @@
 """The TMA points of the Hopper wgmma attention kernel (codegen/kernels/flash_attention_wgmma.py,
 "tma": 1; templates/flash_attention_wgmma.cu.j2, TMA): one producer thread loads Q and the K/V
 tiles with cp.async.bulk.tensor from three tensor maps, Q double-buffered.
-- the space holds TMA points only where the operands have tensor maps; a point word with a sixth
+- the space holds TMA points only where the operands have tensor maps (and the 192 x 128 tile only
+  for groups without masks: the registers ptxas fits); a point word with a sixth
   field 1 selects one; its launch carries the three map specs (dims (dim, seq, batch1, batch0),
   byte strides, boxes 64 x 64 / bc rows, 128B swizzle, args 0 / 1 / 2 = the Q / K / V buffers) and
   the smem of two Q buffers;
@@ -34,8 +35,12 @@ def _word(p) -> str:
     return f"wgmma={p['cw']}x{p['bc']}x{p['stages']}x{p['persist']}x{p.get('pingpong', 0)}x{p.get('tma', 0)}"
 
 
-def _tma_points(D=64):
-    return [p for p in W.wgmma_space(D, D, 227 * 1024, tma=True) if p.get("tma")]
+def _maskless(kw) -> bool:
+    return kw.get("mask", "default") is None and not kw.get("causal")
+
+
+def _tma_points(D=64, maskless=False):
+    return [p for p in W.wgmma_space(D, D, 227 * 1024, tma=True, maskless=maskless) if p.get("tma")]
 
 
 def test_tma_points_declared():
@@ -47,6 +52,10 @@ def test_tma_points_declared():
     assert W.ctas_per_sm(1, 64, W.point_smem({"cw": 1, "bc": 64, "stages": 3, "tma": 1}, 64, 64)) == 2
     assert all(p["persist"] == 1 and W.point_smem(p, 64, 64) <= 227 * 1024 for p in pts)
     assert not any(p["cw"] == 3 and p["bc"] == 128 for p in pts)  # registers, as the cp.async points
+    # ... but with no mask / causal step ptxas fits FlashAttention-3's 192 x 128 tile (152 registers)
+    wide = [p for p in _tma_points(maskless=True) if p not in pts]
+    assert wide and all((p["cw"], p["bc"]) == (3, 128) for p in wide) and not _tma_points(128, maskless=True)[len(
+        _tma_points(128)):]
     assert W.requested("wgmma=2x128x3x1x1x1") == {"cw": 2, "bc": 128, "stages": 3, "persist": 1, "pingpong": 1,
                                                   "tma": 1}
     assert "tma" not in W.requested("wgmma=2x128x3x1x1x0")  # the cp.async point, as before
@@ -54,6 +63,16 @@ def test_tma_points_declared():
         pts[0]["cw"] * 64 * 64 * 2 + 16
     # a dim of extent 1 takes a valid stride; a broadcast dim of extent > 1 gets 0 (no map: declined)
     assert W._map_strides([64, 512, 1, 32], [1, 768, 0, 512 * 768], 2) == [1536, 1536 * 512, 512 * 768 * 2]
+
+
+def test_wide_tma_point_only_without_masks():
+    p = {"cw": 3, "bc": 128, "stages": 3, "persist": 1, "pingpong": 1, "tma": 1}
+    for kw, wide in ((dict(B=2, S=500, H=12, D=64, mask=None), True), (dict(B=2, S=128, H=12, D=64), False),
+                     (dict(B=2, S=128, H=2, D=64, mask=None, causal=True), False)):
+        plan = _plan(_with_words(_build("fp16", **kw), _word(p)), "fp16")
+        (l,) = _attn(plan)
+        k = plan.kernels[l.kernel]
+        assert ((k.params["CW"], k.params["BC"]) == (3, 128)) == wide, kw  # else the default point
 
 
 def test_tma_point_is_launched_with_its_maps():
@@ -89,9 +108,12 @@ COMPILE_CASES = [
 @functools.lru_cache(maxsize=1)
 def _sources() -> tuple:
     """One source per covered (case, TMA point); rendered once for both compile tests."""
-    labelled = [(str(n), p) for n, (_, kw) in enumerate(COMPILE_CASES) for p in _tma_points(kw["D"])]
+    labelled = [(str(n), p) for n, (_, kw) in enumerate(COMPILE_CASES) for p in _tma_points(kw["D"], _maskless(kw))]
+    picked = space_cover.cover_points(labelled)
+    wide = ("0", {"cw": 3, "bc": 128, "stages": 4, "persist": 1, "pingpong": 1, "tma": 1})  # the register-tight one
+    assert wide in labelled
     out = []
-    for n, p in space_cover.cover_points(labelled):
+    for n, p in picked + ([wide] if wide not in picked else []):
         prec, kw = COMPILE_CASES[int(n)]
         plan = _plan(_with_words(_build(prec, **kw), _word(p)), prec)
         (l,) = _attn(plan)
@@ -134,10 +156,14 @@ GPU_CASES = [
     ("fp16", dict(B=2, S=2048, H=12, D=64, mask=None), dict(P2, stages=6)),  # the deepest ring, 16 tiles an item
     ("fp16", dict(B=2, S=333, H=3, D=64), {"cw": 1, "bc": 64, "stages": 2, "persist": 1, "pingpong": 0, "tma": 1}),
     ("fp16", dict(B=2, S=333, H=3, D=64), {"cw": 3, "bc": 64, "stages": 3, "persist": 1, "pingpong": 0, "tma": 1}),
+    # the 192 x 128 tile of mask-free groups: a tail, and more items than CTAs
+    ("fp16", dict(B=2, S=333, H=3, D=64, mask=None), {"cw": 3, "bc": 128, "stages": 3, "persist": 1, "pingpong": 0, "tma": 1}),
+    ("fp16", dict(B=8, S=512, H=12, D=64, mask=None), {"cw": 3, "bc": 128, "stages": 3, "persist": 1, "pingpong": 0, "tma": 1}),
 ] + [  # the warp groups in turn: last
     ("fp16", dict(B=4, S=512, H=48, D=64, mask=None), dict(P2, pingpong=1)),
     ("fp16", dict(B=8, S=512, H=12, D=64, mask=None), dict(P2, pingpong=1, stages=4)),
     ("fp16", dict(B=2, S=333, H=3, D=64), {"cw": 3, "bc": 64, "stages": 2, "persist": 1, "pingpong": 1, "tma": 1}),
+    ("fp16", dict(B=8, S=512, H=12, D=64, mask=None), {"cw": 3, "bc": 128, "stages": 3, "persist": 1, "pingpong": 1, "tma": 1}),
 ]
 
 
