@@ -35,16 +35,19 @@ def main() -> int:
     import onnxruntime as ort
     import nnc
     from cuda_timing import time_cuda
-    from gpu_models import WORK, export, fresh_inputs, rel_err
+    from gpu_models import WORK, export, fresh_inputs, rel_err, torch_fp16_error
     from nnc.api import CompileOptions
     from nnc.driver import compile_model
     tol = 1e-3 if a.precision == "fp32" else 1e-2
     rows = []
     WORK.mkdir(exist_ok=True)
     for batch in [int(b) for b in a.batches.split(",")]:
-        path, feeds, _, _ = export(a.model, batch)
+        path, feeds, mod, _ = export(a.model, batch)
         x = fresh_inputs(feeds)
         ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)[0]
+        # what fp16 storage itself costs on this model and these random weights (torch eager, fp16)
+        torch_fp16 = torch_fp16_error(mod, feeds, x, ref) if a.precision == "fp16" else float("nan")
+        print(f"ROW batch {batch} torch-fp16-eager rel {torch_fp16:.2e}", flush=True)
         for kind in a.builds.split(","):
             tune, fuse = {"heuristic": (False, True), "tuned": (True, True), "unfused": (False, False),
                           "unfused_tuned": (True, False)}[kind]
