@@ -20,6 +20,13 @@ phases recompute it from the inputs (still one kernel, more loads).
 Arithmetic is in fp32 (f16/bf16 loaded and converted; only stored outputs round, and a Cast inside
 the group); every value is float (f16/bf16/f32). Declines (the op-by-op fallback of
 codegen/kernels/fused.py then lowers the body) on anything else.
+
+Range profiles (codegen/runtime_sizes.py): the variant takes runtime rows. A group over F =
+[..., C] with symbolic dims before a static C runs the kernel made at the profile's max with the
+row count an argument (nnc_rows, the grid from it per run), where every input is read either whole
+(its shape F or [..., 1]: row r starts at r * C or r, at every size) or the same for every row
+(broadcast along all row dims); other broadcasts would index with the max shape's extents: those
+decline.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ import numpy as np
 
 from nnc.ir.builder import const_value
 
+from .. import runtime_sizes
 from ..dtypes import compute_type
 from ..lower import LowerCtx, describe_op
 from ..variants import YES, Variant, no, register
@@ -48,8 +56,14 @@ NORM_OPS = ("LayerNormalization", "RMSNormalization")
 
 
 def _float_static(t) -> bool:
-    return (t.shape is not None and all(isinstance(d, int) and d >= 0 for d in t.shape)
-            and t.dtype.short in FLOATS)  # a layout tag: same physical dims (ir/layout.py)
+    """A float type of static dims, or a range profile's symbolic ones (no `?`) before a static last
+    axis (the row length: runtime rows, see the module docstring)."""
+    if t.shape is None or t.dtype.short not in FLOATS:  # a layout tag: same physical dims (ir/layout.py)
+        return False
+    if all(isinstance(d, int) and d >= 0 for d in t.shape):
+        return True
+    return (len(t.shape) >= 1 and isinstance(t.shape[-1], int)
+            and all(isinstance(d, int) or d.kind != "unknown" for d in t.shape))
 
 
 def row_core(op, const_of) -> Optional[str]:
@@ -385,7 +399,7 @@ def _analyse_op(op, L):
     if not cores:
         return None
     F = tuple(cores[0].operands[0].type.shape)
-    if any(tuple(c.operands[0].type.shape) != F for c in cores):
+    if any(tuple(c.operands[0].type.shape) != F for c in cores) or not F or not isinstance(F[-1], int):
         return None
     arg_of = {id(a): i for i, a in enumerate(body.args)}
     for b in body.ops:  # body consts (hand-written IR) are inputs too, numbered after the args
@@ -411,7 +425,55 @@ WARP_ROWS_MAX = 1024
 
 
 def _applies(problem):
-    return YES if _analyse(problem) is not None else no("not a row program the kernel takes")
+    got = _analyse(problem)
+    if got is None:
+        return no("not a row program the kernel takes")
+    if getattr(problem, "symbolic", False) and isinstance(_runtime_rows(problem), str):
+        return no(_runtime_rows(problem))
+    return YES
+
+
+def _runtime_rows(problem):
+    """A range profile's group: (rows Expr, F at max), or why its inputs cannot be read at runtime
+    rows (None for a static group). Memoised."""
+    if "rowreduce_rt" in problem.memo:
+        return problem.memo["rowreduce_rt"]
+    F, P, _, arg_of = _analyse(problem)
+    got = None
+    if any(not isinstance(d, int) for d in F):
+        body = problem.op.attrs.body
+        values = {id(a): a for a in body.args}
+        for b in body.ops:
+            if b.name == "const":
+                values[id(b.results[0])] = b.results[0]
+        by_index = {i: a for a, i in arg_of.items()}
+        R = row_shape(F)
+        for (i, space), _ in P.args.items():
+            shape = tuple(values[by_index[i]].type.shape)
+            whole = shape == (F if space == "F" else R)
+            per_row = all(isinstance(d, int) and d == 1 for d in shape[:-1])  # the same for every row
+            if not whole and not per_row:
+                got = "an input broadcast along some of a symbolic row domain's dims"
+                break
+        else:
+            env = problem.L.sym_max
+            got = (runtime_sizes.numel(F[:-1]), tuple(runtime_sizes.at_max(d, env) for d in F))
+    problem.memo["rowreduce_rt"] = got
+    return got
+
+
+def _rows_of(problem, F, at: str = "max") -> int:
+    """F's row count (a range profile's at its max or opt)."""
+    rt = _runtime_rows(problem) if any(not isinstance(d, int) for d in F) else None
+    if rt is None or isinstance(rt, str):
+        return int(np.prod(F[:-1], dtype=np.int64))
+    env = problem.L.sym_max if at == "max" else runtime_sizes.at_opt(problem.options.symbol_ranges)
+    return max(1, runtime_sizes.at_max(rt[0], env))
+
+
+def _static_F(problem, F) -> tuple:
+    rt = _runtime_rows(problem) if any(not isinstance(d, int) for d in F) else None
+    return rt[1] if isinstance(rt, tuple) else tuple(F)
 
 
 def _itemsize(info) -> int:
@@ -423,6 +485,7 @@ def max_vec(problem, F) -> int:
     columns, dividing C (a narrower [C] operand, f32 scale of an f16 row, loads 32 bytes)."""
     infos = [problem.tensor(i) for i in range(len(problem.op.operands)) if problem.has(i)]
     infos += [problem.result(i) for i in range(len(problem.op.results))]
+    F = _static_F(problem, F)
     rows = [t for t in infos if tuple(t.shape) == tuple(F)] or infos
     return widest_vector(int(F[-1]), max(_itemsize(t) for t in rows))
 
@@ -443,7 +506,7 @@ def _space(problem) -> list:
     first, then every T of _row_threads, RPB while the CTA stays within 1024 threads and the
     rows last, VEC 1 and the widest (max_vec)."""
     F, P, _, _ = _analyse(problem)
-    rows = int(np.prod(F[:-1], dtype=np.int64))
+    rows = _rows_of(problem, F)
     space = [{"T": legacy_block(P.C), "RPB": 1, "VEC": 1}]
     for vec in sorted({1, max_vec(problem, F)}):
         for t in _row_threads(P.C, vec):
@@ -463,7 +526,7 @@ def _default(problem, space) -> dict:
     F, P, _, _ = _analyse(problem)
     if P.C > WARP_ROWS_MAX:
         return dict(space[0])
-    rows = int(np.prod(F[:-1], dtype=np.int64))
+    rows = _rows_of(problem, F, "opt")
     vec = max_vec(problem, F)
     if vec > 1:
         t = warp_cover(cdiv(P.C, vec))
@@ -482,6 +545,9 @@ def _render(ctx: LowerCtx, problem, params: dict):
     op, L = ctx.op, ctx.L
     body = op.attrs.body
     F, P, outs, arg_of = _analyse(problem)
+    rt = _runtime_rows(problem) if any(not isinstance(d, int) for d in F) else None
+    if rt is not None:  # a range profile: the kernel of the max shape, the row count per run (applies checked it)
+        F = rt[1]
     vec = int(params.get("VEC", 1))
     params = plan_phases(P, outs, int(params["T"]), int(params["RPB"]), vec)
     # inputs: the body args / consts the program reads, each once per space it is read in
@@ -512,7 +578,7 @@ def _render(ctx: LowerCtx, problem, params: dict):
     params.update(ptrs=[{"ctype": b.ctype, "size": _itemsize(b)} for b in bufs],
                   outputs=[{"ctype": b.ctype, "size": _itemsize(b),
                             "vec": vec > 1 and tuple(b.shape) == tuple(F) and _aligned(b, vec)} for b in out_bufs],
-                  rows_n=int(np.prod(F[:-1], dtype=np.int64)), row_inputs=[
+                  rows_n=int(np.prod(F[:-1], dtype=np.int64)), rt_rows=rt is not None, row_inputs=[
                       {"ptr": d["ptr"], "row": d["row"], "node": d["node"]} for d in inputs])
     names = "_".join(dict.fromkeys(b.name.lower() for b in body.ops if b.name != "const"))[:40]
     k = L.kernel("fused_rowreduce.cu.j2", "fused_row_" + names, params)
@@ -523,6 +589,10 @@ def _render(ctx: LowerCtx, problem, params: dict):
     for d in descs:
         k.add_op(d)
     rows = params["rows_n"]
+    if rt is not None:
+        grid = runtime_sizes.grid_dim(rt[0], params["RPB"], L.sym_max, 65535)[1]
+        ctx.launch(k, grid, params["block"], [*bufs, *out_bufs, ctx.i64(rt[0])])
+        return True
     grid = -(-rows // params["RPB"])
     ctx.launch(k, max(1, min(grid, 65535)), params["block"], [*bufs, *out_bufs])
     return True
@@ -547,4 +617,4 @@ def _vector_loadable(b, target, vec: int) -> bool:
 
 FUSED_ROWREDUCE = register(Variant(
     name="fused.rowreduce", family="fused_rowreduce", ops=("fused",), kinds=(KIND,), regions=True,
-    priority=PRIORITY, applies=_applies, space=_space, default=_default, render=_render))
+    priority=PRIORITY, applies=_applies, space=_space, default=_default, render=_render, runtime_sizes=True))

@@ -24,7 +24,14 @@ conv's kernel, a MatMul's per-column bias into the GEMM's; a bias that differs p
 G GEMM launches -> 1). Members are partitioned by their
 chain (bias or not, activations) and each partition of two or more is fused.
 
-Must hold: static shapes; every chain intermediate has one user and is no region result, so the
+Over a range profile's symbolic rows (x [*b, S, K] with symbolic dims before K) the outer slices
+would start at runtime offsets, so MatMul/Gemm members whose results feed only a head split
+(Reshape -> Transpose: fuse-attention reads strided operands) become column slices instead:
+W = [K, G*N], Y = MatMul(x, W) [*b, S, G*N] (+ the biases side by side), member i =
+Slice(Y, i*N:(i+1)*N, last axis); fuse-epilogue gives the one GEMM its bias, fuse-attention
+absorbs the slices (GPT-2's packed c_attn form).
+
+Must hold: static shapes (or the symbolic rows above); every chain intermediate has one user and is no region result, so the
 members' final values (kept as the same Values: names and outputs unchanged) are the only ones
 that leave; the fused ops are emitted at the first member's place (they read only x and
 constants, so every later reader still comes after its definition). Slices start at multiples of
@@ -44,6 +51,7 @@ import numpy as np
 from nnc.ir import registry
 from nnc.ir.builder import Builder, const_value
 from nnc.ir.graph import Function, Module, NameGen, Op, Region, Value, users, value_names
+from nnc.ir.symbolic import Expr
 
 # Unary elementwise ops hoisted past the split when every member applies the same one: the
 # activations fuse-epilogue can put into a conv/GEMM epilogue, plus the other common pointwise ones
@@ -68,6 +76,14 @@ class _Member:
 def _static(v: Value) -> bool:
     s = v.type.shape
     return s is not None and all(isinstance(d, int) and d > 0 for d in s)
+
+
+def _rows_symbolic(v: Value) -> bool:
+    """A range profile's activation: symbolic dims (no `?`) before a static last axis."""
+    s = v.type.shape
+    if s is None or len(s) < 2 or not isinstance(s[-1], int) or s[-1] <= 0 or _static(v):
+        return False
+    return all((isinstance(d, int) and d > 0) or (isinstance(d, Expr) and d.kind != "unknown") for d in s)
 
 
 def _attrs_key(op: Op) -> tuple:
@@ -100,7 +116,9 @@ class _Horizontal:
     def _mm_member(self, op: Op, returned: set[int]) -> Optional[_Member]:
         x, y = op.operands[0], op.results[0]
         w = self.const(op.operands[1])
-        if w is None or w.ndim != 2 or not _static(x) or not _static(y) or len(x.type.shape) < 2:
+        if w is None or w.ndim != 2 or len(x.type.shape) < 2:
+            return None
+        if not (_static(x) and _static(y)) and not (_rows_symbolic(x) and _rows_symbolic(y)):
             return None
         if not x.type.dtype.is_float or w.dtype != x.type.dtype.np:
             return None
@@ -200,6 +218,8 @@ class _Horizontal:
                 continue
             x = op.operands[0]
             if m.kind == "mm":
+                if not _static(x) and not self._head_split(m, returned):
+                    continue
                 key = ("mm", id(x), m.weight.shape, str(m.weight.dtype), m.sig)
             else:
                 key = ("conv", id(x), m.weight.shape[1:], str(m.weight.dtype), _attrs_key(op), m.sig)
@@ -226,8 +246,22 @@ class _Horizontal:
                 new_ops.append(op)
         r.ops = new_ops
 
+    def _head_split(self, m: _Member, returned: set[int]) -> bool:
+        """Over symbolic rows the members become column slices of one [*b, M, G*N] result
+        (_emit_mm_columns): strided, so a view only where fuse-attention reads them through strides
+        (GPT-2's packed c_attn form). Taken only when the member's result feeds nothing but a
+        Reshape (a head split) whose only user is a Transpose (elsewhere a slice copy per member
+        would cost what the fusion saves)."""
+        u = self.only_user(m.final, returned)
+        if u is None or u.name != "Reshape" or u.operands[0] is not m.final:
+            return False
+        t = self.only_user(u.results[0], returned)
+        return t is not None and t.name == "Transpose"
+
     @staticmethod
     def _aligned(ms: list[_Member]) -> bool:
+        if ms[0].kind == "mm" and not _static(ms[0].op.operands[0]):
+            return ms[0].weight.shape[1] % SLICE_ALIGN_ELEMS == 0  # column slices start at i * N
         if ms[0].kind == "mm":
             step = int(np.prod(ms[0].final.type.shape))
             return step % SLICE_ALIGN_ELEMS == 0
@@ -255,9 +289,33 @@ class _Horizontal:
     def _i64(self, b: Builder, vals, hint: str, loc) -> Value:
         return b.constant(np.asarray(vals, np.int64), hint, loc)
 
+    def _emit_mm_columns(self, ms: list[_Member], b: Builder) -> None:
+        """Symbolic rows: W = [K, G*N] (the members' weights side by side), Y = MatMul(x, W) [*b, M,
+        G*N] (+ the biases side by side), member i = Slice(Y, i*N:(i+1)*N, last axis). The outer
+        slices of the static form would start at i * M * N, a runtime offset no view has."""
+        first = ms[0].op
+        loc, x = first.loc, first.operands[0]
+        hint = first.results[0].name
+        K, N = ms[0].weight.shape
+        w = np.concatenate([np.asarray(m.weight) for m in ms], axis=1)
+        wv = b.constant(np.ascontiguousarray(w), f"{hint}_hw", loc, weight_hint=f"{hint}_hw")
+        y = b.create("MatMul", [x, wv], names=[f"{hint}_h"], loc=loc)[0]
+        if ms[0].bias is not None:
+            bias = np.concatenate([m.bias for m in ms]).astype(w.dtype)
+            bv = b.constant(np.ascontiguousarray(bias), f"{hint}_hb", loc, weight_hint=f"{hint}_hb")
+            y = b.create("Add", [y, bv], names=[f"{hint}_hbias"], loc=loc)[0]
+        y = self._tail(ms, y, b, loc)
+        axis = self._i64(b, [-1], f"{hint}_hax", loc)
+        for i, m in enumerate(ms):
+            b.create("Slice", [y, self._i64(b, [i * N], f"{hint}_hs", loc), self._i64(b, [(i + 1) * N], f"{hint}_he", loc),
+                               axis], names=[m.final.name + "_hview"], loc=m.op.loc)
+            self._own(b, m.final)
+
     def _emit_mm(self, ms: list[_Member], b: Builder) -> None:
         first = ms[0].op
         loc, x = first.loc, first.operands[0]
+        if not _static(x):
+            return self._emit_mm_columns(ms, b)
         hint = ms[0].op.results[0].name
         nb = len(x.type.shape) - 2  # x's batch dims
         G = len(ms)
