@@ -67,7 +67,7 @@ class LowerOptions:
     zero_copy_concat: bool = True  # Concat inputs written straight into its output (codegen/memory.concat_slots)
     # timing-based selection (codegen/tuning.py): needs a GPU; nnc.CompileOptions decides the default
     tune: bool = False  # time every candidate on the GPU and keep the fastest correct one
-    tune_budget: Optional[float] = None  # seconds for all the tuning (None: no bound); then the heuristic
+    tune_budget: Optional[float] = None  # seconds of GPU timing (None: no bound; compile not counted); then the heuristic
     timing_cache: Optional[str] = None  # the timing cache file read and written (codegen/timing_cache.py)
     tune_reason: str = ""  # why tuning is on or off (plan.json "tuning" and -v say it)
     # a range profile's symbolic dims ((name, min, opt, max), ...): buffers sized at max, kernels take

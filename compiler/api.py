@@ -108,7 +108,7 @@ class CompileOptions:
     # kernel selection by timing on the GPU (codegen/tuning.py). None: tune when a GPU is present
     # and backend is "cuda", else the heuristic (--no-tune: False; what it assumes: plan.json "target")
     tune: Optional[bool] = None
-    tune_budget: Optional[float] = None  # seconds for all the tuning (--tune-budget); then the heuristic
+    tune_budget: Optional[float] = None  # seconds of GPU timing, compile not counted (--tune-budget); then the heuristic
     timing_cache: Optional[str] = None   # timing cache file read and written (--timing-cache)
     # per-layer precision (compiler/passes/mixed_precision.py, compiler/precision_search.py)
     keep_fp32: tuple[str, ...] = ()      # layers pinned at fp32: node-name globs or op types (--keep-fp32)

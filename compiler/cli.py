@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--no-tune", dest="tune", action="store_const", const=False,
                       help="pick kernels by the heuristic (no GPU needed: cross-compiling)")
     p.add_argument("--tune-budget", type=float, default=None, metavar="SECONDS",
-                   help="bound the tuning time; problems left when it runs out use the heuristic")
+                   help="seconds of GPU timing for the kernel tuning (the candidates' rendering and parallel "
+                        "compile come first and are not counted); problems left when it runs out use the heuristic")
     p.add_argument("--timing-cache", default=None, metavar="FILE",
                    help="read and write this timing cache (a corrupt, stale or foreign one is rebuilt)")
 
