@@ -272,11 +272,14 @@ def _points_source(m, pts, variant="gemm_sparse24.mma", per_unit=12):
     return "\n".join(s for *_, srcs in plans for s in srcs)
 
 
-def _covering(points: list) -> list:
-    """The points to compile: each value of each parameter once (tests/codegen/space_cover.py);
-    NNC_FULL_SPACE=1: all of them."""
+def _covering(m, points: list, variant="gemm_sparse24.mma") -> list:
+    """The points to compile: each value of each parameter and each line of code of the kernels
+    once (tests/codegen/space_cover.py); NNC_FULL_SPACE=1: all of them."""
+    from bench_sparse24 import point_plans
     from tests.codegen import space_cover
-    return [p for _, p in space_cover.cover_points([("", p) for p in points])]
+    sources = ["\n".join(srcs) for *_, srcs in point_plans(m, points, "sm_90a", variant)]
+    chosen = space_cover.cover_points([("", p) for p in points], source=lambda _, p: sources[points.index(p)])
+    return [p for _, p in chosen]
 
 
 def test_every_space_point_compiles_with_nvrtc_f16():
@@ -288,7 +291,7 @@ def test_every_space_point_compiles_with_nvrtc_f16():
     pr = problem_of(m)
     assert G.MMA_SP.check(pr)
     assert {p["SPLIT"] for p in G.MMA_SP.space(pr)} == {1} and len(G.MMA_SP.space(pr)) == 48
-    text = _points_source(m, _covering(G.MMA_SP.space(pr)))
+    text = _points_source(m, _covering(m, G.MMA_SP.space(pr)))
     assert "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32" in text
     assert "matmul_sparse24(" in text and "fmaxf" in text  # the header names the IR op; the relu epilogue
 
@@ -306,7 +309,7 @@ def test_wgmma_variant_applies_on_sm_90a_only_and_every_point_compiles():
     assert {p["WG"] for p in sp} == {1, 2} and {p["BM"] for p in sp} == {64, 128, 256}
     assert G.WGMMA_SP.default(pr, sp) in sp
     assert all(G.wgmma_smem_bytes(p) <= pr.target.smem_per_block_optin for p in sp)
-    text = _points_source(m, _covering(sp), "gemm_sparse24.wgmma")
+    text = _points_source(m, _covering(m, sp, "gemm_sparse24.wgmma"), "gemm_sparse24.wgmma")
     assert "wgmma.mma_async.sp.sync.aligned.m64n256k32.f32.f16.f16" in text
     plain = problem_of(sparse_module(8, 64, 32, seed=5))
     plain.target = replace(plain.target, arch="sm_90", has_wgmma=False)

@@ -5,8 +5,9 @@ CPU: the im2col map of ResNet-50 shapes (dims, strides, box, traversal, corners 
 rules (tma.check), the fit's refusals (C % 64, dilation) with reasons, the TMA points in the
 declared space (no row table) and the heuristic's measured picks, render's tensor-map args and
 instruction, the TMA im2col points of ResNet-50 shapes (and asymmetric / bf16 / 7x7 ones)
-NVRTC-compiled for sm_90a (a covering subset; NNC_FULL_SPACE=1: every one), lowering through a model puts the im2col map into plan.json and the C
-API's host code (built with nvcc when present), the tuner captures the map.
+NVRTC-compiled for sm_90a (a covering subset; NNC_FULL_SPACE=1: every one), lowering through a
+model puts the im2col map into plan.json and the C API's host code (built with nvcc when present),
+the tuner captures the map.
 GPU (marked `gpu`): every TMA im2col point of ResNet-50 conv shapes (3x3 s1 / s2 pad 1, 7x7 s2 pad 3,
 1x1 s2) and of asymmetric geometries (H != W, R != S, stride (2, 1), uneven pads: the W-first order
 of corners and offsets) at batch 1 and 32, outputs poisoned with NaN, against an fp32 conv of the
@@ -236,7 +237,7 @@ def all_specs():
 @pytest.mark.skipif(not HAVE_NVRTC, reason="NVRTC unavailable")
 def test_every_tma_im2col_point_compiles_sm90a():
     """NVRTC compiles a covering subset of all_specs() (tests/codegen/space_cover.py: each shape and
-    geometry case, each parameter value); NNC_FULL_SPACE=1: all of them (143 kernels). Every
+    geometry case, each parameter value, each line of code); NNC_FULL_SPACE=1: all of them (143 kernels). Every
     point's source is checked as text."""
     labelled = all_specs()
     specs = [s for _, s in labelled]

@@ -125,8 +125,8 @@ def all_specs():
 @pytest.mark.skipif(not HAVE_NVRTC, reason="NVRTC unavailable")
 def test_every_point_compiles_sm90a():
     """NVRTC compiles a covering subset of all_specs() (tests/codegen/space_cover.py: each case,
-    each parameter value, each kernel kind); NNC_FULL_SPACE=1: every point. Every point's source
-    is checked as text."""
+    each parameter value, each kernel kind, each line of code); NNC_FULL_SPACE=1: every point.
+    Every point's source is checked as text."""
     labelled = all_specs()
     specs = [s for _, s in labelled]
     assert len({s.name for s in specs}) >= 30

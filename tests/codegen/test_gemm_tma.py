@@ -181,8 +181,8 @@ def _tensor_rank(s) -> list:
 @pytest.mark.skipif(not HAVE_NVRTC, reason="NVRTC unavailable")
 def test_every_tma_kernel_compiles_sm90a():
     """NVRTC compiles a covering subset of tma_specs() (tests/codegen/space_cover.py: each case, each
-    parameter value, each tensor-map rank); NNC_FULL_SPACE=1: all of them. Every point's source is
-    checked as text."""
+    parameter value, each tensor-map rank, each line of code); NNC_FULL_SPACE=1: all of them.
+    Every point's source is checked as text."""
     labelled = tma_specs()
     specs = [s for _, s in labelled]
     assert len({s.name for s in specs}) >= 20

@@ -131,7 +131,7 @@ def split_specs():
 @pytest.mark.skipif(not HAVE_NVRTC, reason="NVRTC unavailable")
 def test_every_split_kernel_compiles_sm90a():
     """A covering subset of split_specs() (tests/codegen/space_cover.py: each case, each parameter
-    value, SPLIT_K included); NNC_FULL_SPACE=1: all of them."""
+    value, SPLIT_K included, each line of code); NNC_FULL_SPACE=1: all of them."""
     labelled = split_specs()
     assert len({s.name for _, s in labelled}) >= 10
     chosen = space_cover.to_compile(labelled)

@@ -1,6 +1,6 @@
-"""tests/codegen/space_cover.py: the covering subset holds every case and every parameter value
-(pairs at strength 2), is the same on every call, merges points that render one kernel, and
-NNC_FULL_SPACE=1 gives every point back."""
+"""tests/codegen/space_cover.py: the covering subset holds every case, every parameter value
+(pairs at strength 2) and every line of code, is the same on every call, merges points that
+render one kernel, and NNC_FULL_SPACE=1 gives every point back."""
 from dataclasses import dataclass, field
 
 from . import space_cover as C
@@ -13,6 +13,7 @@ SPACE = [{"BM": bm, "CW": cw, "SCHED": "pingpong"} if cw == 2 and bm == 64 else 
 class _Spec:
     name: str
     params: dict = field(default_factory=dict)
+    source: str = ""
 
 
 def _values(points, key):
@@ -51,3 +52,13 @@ def test_points_of_one_kernel_count_once_with_all_their_features(monkeypatch):
     specs = [("", _Spec("a", {"BM": 64})), ("", _Spec("a", {"BM": 64, "PERSIST": True})),
              ("", _Spec("b", {"BM": 64, "PERSIST": True}))]
     assert [s.name for s in C.to_compile(specs)] == ["a"]
+
+
+def test_a_line_of_code_only_one_point_has_is_compiled(monkeypatch):
+    monkeypatch.delenv(C.FULL_SPACE_ENV, raising=False)
+    # the same parameter values twice; only "c" emits the guarded load (numbers and names blanked:
+    # "a" and "b" differ in numbers only and count as one shape of code)
+    specs = [("", _Spec("a", {"BM": 64}, "x = ld(p + 16); // tile 64")),
+             ("", _Spec("b", {"BM": 64}, "x = ld(p + 32); // tile 128")),
+             ("", _Spec("c", {"BM": 64}, "x = ok ? ld(p + 32) : 0;"))]
+    assert [s.name for s in C.to_compile(specs)] == ["a", "c"]
