@@ -19,8 +19,8 @@ Per case (BxS, H = 12, D = 64, fp16):
 Rows: "nnc mma <tile>" - the mma.sync kernel with the pass's tile (the fused op's params say
 wgmma=off); "nnc wgmma cw<c> bc<b> s<st>" - the wgmma kernel at that declared point (params say
 wgmma=<c>x<b>x<st>; sm_90a only); --wgmma picks the points: stages2 (default: every declared point
-with 2 stages), all (the TMA points too), tma (the TMA points of two warp groups at 3-6 stages and of
-three at 4 (bc 128: 3), "... tma" rows, and the two cp.async points cw2 bc128 s2/s3 persist pp), default (DEFAULT_POINT only), none. The mask rows use each kernel's default.
+with 2 stages), all (the TMA points too), tma (13 TMA points of two / three warp groups, "... tma" rows, the
+FMA-pipe exponential ones "... emu<k>", and the two cp.async points cw2 bc128 s2/s3 persist pp), default (DEFAULT_POINT only), none. The mask rows use each kernel's default.
 --sweep: also every tile of the mma.sync kernel's declared space (flash_attention.tile_space).
 Last, per case: torch flash vs the fastest mma and wgmma rows (CUDA-graph ms) and their ratio.
 --diag: instead, the wgmma kernel on crafted inputs isolating Q K^T and P V (see diag()).
@@ -116,7 +116,7 @@ def kernel_of(plan):
         p = k.get("params", {}) if isinstance(k, dict) else {}
         if "CW" in p and "STAGES" in p:
             return ("wgmma", (p["CW"], p["BC"], p["STAGES"], int(p["PERSIST"]), int(p.get("PINGPONG", 0)),
-                              int(p.get("TMA", 0))))
+                              int(p.get("TMA", 0)), int(p.get("EMU", 0))))
         if "MI" in p and "BC" in p:
             return ("mma", (p["MI"], p["WARPS"], p["BC"]))
     return None
@@ -128,7 +128,7 @@ def kernel_name(got) -> str:
     kind, t = got
     if kind == "wgmma":
         return (f"wgmma cw{t[0]} bc{t[1]} s{t[2]}" + (" persist" if t[3] else "") + (" pp" if t[4] else "")
-                + (" tma" if len(t) > 5 and t[5] else ""))
+                + (" tma" if len(t) > 5 and t[5] else "") + (f" emu{t[6]}" if len(t) > 6 and t[6] else ""))
     return f"mma t={16 * t[0] * t[1]}x{t[2]} w{t[1]}"
 
 
@@ -137,11 +137,13 @@ def tile_name(t) -> str:
 
 
 def point_word(p) -> str:
-    return f"wgmma={p['cw']}x{p['bc']}x{p['stages']}x{p['persist']}x{p.get('pingpong', 0)}" + ("x1" if p.get("tma") else "")
+    w = f"wgmma={p['cw']}x{p['bc']}x{p['stages']}x{p['persist']}x{p.get('pingpong', 0)}"
+    return w + (f"x{p.get('tma', 0)}x{p['emu']}" if p.get("emu") else "x1" if p.get("tma") else "")
 
 
 def point_key(p) -> tuple:
-    return (p["cw"], p["bc"], p["stages"], int(p["persist"]), int(p.get("pingpong", 0)), int(p.get("tma", 0)))
+    return (p["cw"], p["bc"], p["stages"], int(p["persist"]), int(p.get("pingpong", 0)), int(p.get("tma", 0)),
+            int(p.get("emu", 0)))
 
 
 def configs(args):
@@ -156,12 +158,15 @@ def configs(args):
             out.append((False, [f"tile={16 * t['mi'] * t['warps']}x{t['bc']}", f"warps={t['warps']}", "wgmma=off"],
                         ("mma", (t["mi"], t["warps"], t["bc"]))))
     pts = W.wgmma_space(D, D, limit, tma=args.wgmma in ("all", "tma"), maskless=True)
-    if args.wgmma == "tma":  # the TMA points of two or three warp groups (turn-taking last), and the
-        # cp.async points measured best before them (2026-12-03) for the comparison
+    if args.wgmma == "tma":  # TMA points (turn-taking ones after the others, then the FMA-pipe
+        # exponentials), and the cp.async points measured best before them (2026-12-03) for the comparison
         ref = [{"cw": 2, "bc": 128, "stages": st, "persist": 1, "pingpong": 1} for st in (2, 3)]
-        tp = [p for p in pts if p.get("tma") and (p["cw"] == 2 and p["stages"] >= 3 or p["cw"] == 3 and p["stages"] == 4
-                                                 or p["cw"] == 3 and p["bc"] == 128 and p["stages"] == 3)]
-        pts = [p for p in ref if p in pts] + [p for p in tp if not p["pingpong"]] + [p for p in tp if p["pingpong"]]
+        picks = [(2, 64, 4, 0), (2, 128, 3, 0), (2, 128, 4, 0), (2, 128, 6, 0), (3, 64, 4, 0), (3, 128, 3, 0),
+                 (2, 64, 4, 1), (2, 64, 6, 1), (2, 128, 3, 1), (2, 128, 4, 1), (2, 128, 6, 1), (3, 64, 4, 1),
+                 (3, 128, 3, 1)]
+        tp = [p for k in picks for p in pts if p.get("tma") and not p.get("emu")
+              and (p["cw"], p["bc"], p["stages"], p["pingpong"]) == k]
+        pts = [p for p in ref if p in pts] + tp + [p for p in pts if p.get("emu")]
     elif args.wgmma == "all":  # (the turn-taking points last)
         pts = [p for p in pts if not p["pingpong"]] + [p for p in pts if p["pingpong"]]
     elif args.wgmma == "stages2":  # (the turn-taking points last: a hang would cost only their rows)

@@ -27,7 +27,9 @@ the points with "tma": 1 (persistent only): one producer thread loads Q and the 
 the TMA engine (cp.async.bulk.tensor, 128B swizzle by the hardware, zero fill past S / T) and the
 Q tile is double-buffered (the next item's Q lands while the current one runs); for groups with
 no mask or causal step also FlashAttention-3's head-dim-64 tile, 3 x 64 rows x 128 keys
-(TMA_MASKLESS_FITS: ptxas fits it where regs_model would not). The cp.async points leave "tma"
+(TMA_MASKLESS_FITS: ptxas fits it where regs_model would not); and on a few turn-taking TMA points
+"emu": 4 / 8, every 4th / 8th column block's exponentials by a cubic on the FMA pipe (EMUS,
+EMU_AT). The cp.async points leave "tma"
 out (their dicts, words and kernels are as before).
 `default`: the point "wgmma=" names when declared, else DEFAULT_POINT, else the space's first.
 Grid: (CTAs, 1, 1); the items' (query tile, batch1, batch0) are decoded from compile-time counts.
@@ -104,6 +106,10 @@ def ctas_per_sm(cw: int, bc: int, smem: int = 0, smem_per_sm: int = 228 * 1024) 
 # strided operands fine): 152-154 of cw 3's 160. FlashAttention-3's head-dim-64 tile (192 x 128).
 # With a mask the same kernel spills (104-276 bytes), so masked groups keep the model's bound.
 TMA_MASKLESS_FITS = {(3, 128, 64, 64)}
+# the exponentials partly on the FMA pipe (template EMU: every 4th / 8th 8-column block), declared
+# on the turn-taking TMA points of 128-key tiles at these (cw, stages): a knob to measure
+EMUS = (4, 8)
+EMU_AT = {(2, 4), (3, 3)}
 
 
 def wgmma_space(D: int, Dv: int, smem_limit: int, tma: bool = False, maskless: bool = False) -> list:
@@ -126,6 +132,8 @@ def wgmma_space(D: int, Dv: int, smem_limit: int, tma: bool = False, maskless: b
                         fits = regs_model(bc, D, Dv) <= regs_budget(cw) or maskless and (cw, bc, D, Dv) in TMA_MASKLESS_FITS
                         if fits and point_smem(p, D, Dv) <= smem_limit:
                             out.append(p)
+                            if pp and bc == 128 and (cw, st) in EMU_AT:
+                                out += [dict(p, emu=e) for e in EMUS]
     return out
 
 
@@ -178,7 +186,7 @@ def tma_specs(c: dict, bc: int):
 
 def requested(params: str):
     """The fused op's "wgmma=" word: "off", "on" (the default point), a point
-    "<cw>x<bc>[x<stages>[x<persist>[x<pingpong>[x<tma>]]]]" (missing fields from DEFAULT_POINT), or None
+    "<cw>x<bc>[x<stages>[x<persist>[x<pingpong>[x<tma>[x<emu>]]]]]" (missing fields from DEFAULT_POINT), or None
     when absent or malformed."""
     for word in params.split():
         if word.startswith("wgmma="):
@@ -190,11 +198,13 @@ def requested(params: str):
             except ValueError:
                 return None
             keys = ("cw", "bc", "stages", "persist", "pingpong")
-            if not 2 <= len(parts) <= 6:
+            if not 2 <= len(parts) <= 7:
                 return None
             got = {k: (parts[i] if i < len(parts) else DEFAULT_POINT[k]) for i, k in enumerate(keys)}
-            if len(parts) == 6 and parts[5]:  # the TMA points carry "tma" (the cp.async ones leave it out)
-                got["tma"] = parts[5]
+            # the TMA points carry "tma" (the cp.async ones leave it out), a few "emu"
+            for i, k in ((5, "tma"), (6, "emu")):
+                if len(parts) > i and parts[i]:
+                    got[k] = parts[i]
             return got
     return None
 
@@ -301,12 +311,14 @@ def _render(ctx: LowerCtx, problem, params: dict):
     tparams = dict(T=y.ctype, T2=FA.PAIR[dt], mma=FA.MMA[dt], D=D, DV=Dv, CW=cw, BC=bc, STAGES=stages, MAXNREG=setmaxnreg(cw),
                    QT=qt, NB1=B1, ITEMS=items, PERSIST=bool(persist), PINGPONG=bool(params.get("pingpong")),
                    vec_o=o4[3] == 1 and FA._pair_aligned(y, o4[:3]), masks=b["masks"], steps=steps, post=post,
-                   post_fma=not steps and post != 1.0, tail=T % bc != 0, TMA=use_tma)
+                   post_fma=not steps and post != 1.0, tail=T % bc != 0, TMA=use_tma,
+                   EMU=int(params.get("emu", 0)))
     k = ctx.render("flash_attention_wgmma.cu.j2", "flash_attention_wgmma", **tparams)
     k.add_op(f"flash attention (wgmma) tile: {64 * cw}x{bc} rows x kv rows, {cw} consumer warp group(s), "
              f"{stages} stages" + (f", persistent: {ctas} CTAs over {items} tiles" if persist else "")
              + (", warp groups issue in turn" if params.get("pingpong") else "")
-             + (", Q/K/V by TMA, Q double-buffered" if use_tma else ""))
+             + (", Q/K/V by TMA, Q double-buffered" if use_tma else "")
+             + (f", every {params['emu']}th column block's exponentials on the FMA pipe" if params.get("emu") else ""))
     for bop in op.attrs.body.ops:  # the header names every op of the group
         if bop.name != "const":
             k.add_op(describe_op(bop))

@@ -5,7 +5,7 @@ tiles with cp.async.bulk.tensor from three tensor maps, Q double-buffered.
   for groups without masks: the registers ptxas fits); a point word with a sixth
   field 1 selects one; its launch carries the three map specs (dims (dim, seq, batch1, batch0),
   byte strides, boxes 64 x 64 / bc rows, 128B swizzle, args 0 / 1 / 2 = the Q / K / V buffers) and
-  the smem of two Q buffers;
+  the smem of two Q buffers; the FMA-pipe exponential (EMU points) is within 1e-4 of 2^x;
 - NVRTC compiles a covering subset of the TMA points (every value of each parameter once, over a
   mask-free head-dim-64 case and a masked head-dim-128 bf16 tail case); NNC_FULL_SPACE=1: all;
 - on a GPU (`-m gpu`): matches the interpreter on fresh random inputs with poisoned outputs (no
@@ -32,7 +32,7 @@ from tests.passes.test_fuse_attention import attention_feed
 
 
 def _word(p) -> str:
-    return f"wgmma={p['cw']}x{p['bc']}x{p['stages']}x{p['persist']}x{p.get('pingpong', 0)}x{p.get('tma', 0)}"
+    return f"wgmma={p['cw']}x{p['bc']}x{p['stages']}x{p['persist']}x{p.get('pingpong', 0)}x{p.get('tma', 0)}x{p.get('emu', 0)}"
 
 
 def _maskless(kw) -> bool:
@@ -59,10 +59,36 @@ def test_tma_points_declared():
     assert W.requested("wgmma=2x128x3x1x1x1") == {"cw": 2, "bc": 128, "stages": 3, "persist": 1, "pingpong": 1,
                                                   "tma": 1}
     assert "tma" not in W.requested("wgmma=2x128x3x1x1x0")  # the cp.async point, as before
+    assert W.requested("wgmma=2x128x4x1x1x1x4")["emu"] == 4
+    emu = [p for p in pts if p.get("emu")]
+    assert emu and all(p["pingpong"] and p["bc"] == 128 and p["emu"] in W.EMUS for p in emu)
     assert W.point_smem(pts[0], 64, 64) == W.smem_bytes(pts[0]["cw"], pts[0]["bc"], pts[0]["stages"], 64, 64) + \
         pts[0]["cw"] * 64 * 64 * 2 + 16
     # a dim of extent 1 takes a valid stride; a broadcast dim of extent > 1 gets 0 (no map: declined)
     assert W._map_strides([64, 512, 1, 32], [1, 768, 0, 512 * 768], 2) == [1536, 1536 * 512, 512 * 768 * 2]
+
+
+def test_fma_pipe_exp2_matches_exp2():
+    """nnc_exp2_poly (the EMU points' exponentials) in float32 steps, constants read from the
+    template: relative error below 1e-4 (a 16-bit P rounds at 4.9e-4), -inf -> ~1e-38, 0 -> ~1."""
+    from pathlib import Path
+    src = (Path(__file__).resolve().parents[2] / "templates" / TEMPLATE).read_text()
+    body = src[src.index("float nnc_exp2_poly"):]
+    body = body[:body.index("}")]
+    c = [np.float32(v) for v in re.findall(r"(-?\d+\.\d*)f\b", body)]
+    lo, shift, (c3, c2, c1, c0) = c[0], c[1], c[-4:]  # clamp, shifter (twice), the cubic from the top
+    f32 = np.float32
+    x = np.concatenate([np.linspace(-140, 0, 400001), [-np.inf, 0.0]]).astype(f32)
+    xc = np.maximum(x, lo)
+    t = (xc + shift).astype(f32)
+    f = (xc - (t - shift)).astype(f32)
+    p = ((((c3 * f + c2).astype(f32) * f + c1).astype(f32)) * f + c0).astype(f32)
+    bits = (p.view(np.uint32).astype(np.uint64) + ((t.view(np.uint32).astype(np.uint64) << 23) & 0xFFFFFFFF))
+    y = (bits & 0xFFFFFFFF).astype(np.uint32).view(f32).astype(np.float64)
+    ref = np.exp2(x.astype(np.float64))
+    m = x >= -120
+    assert np.max(np.abs(y[m] - ref[m]) / ref[m]) < 1e-4
+    assert 0 <= y[-2] < 1e-36 and abs(y[-1] - 1) < 1e-4 and np.all(y[~m][:-1] < 1e-35)
 
 
 def test_wide_tma_point_only_without_masks():
@@ -164,6 +190,11 @@ GPU_CASES = [
     ("fp16", dict(B=8, S=512, H=12, D=64, mask=None), dict(P2, pingpong=1, stages=4)),
     ("fp16", dict(B=2, S=333, H=3, D=64), {"cw": 3, "bc": 64, "stages": 2, "persist": 1, "pingpong": 1, "tma": 1}),
     ("fp16", dict(B=8, S=512, H=12, D=64, mask=None), {"cw": 3, "bc": 128, "stages": 3, "persist": 1, "pingpong": 1, "tma": 1}),
+    # exponentials partly on the FMA pipe: causal (-inf scores), a padding mask, mask-free wide tile
+    ("bf16", dict(B=2, S=200, H=2, D=64, causal=True), dict(P2, pingpong=1, stages=4, emu=4)),
+    ("fp16", dict(B=2, S=128, H=4, D=64), dict(P2, pingpong=1, stages=4, emu=8)),
+    ("fp16", dict(B=8, S=512, H=12, D=64, mask=None), {"cw": 3, "bc": 128, "stages": 3, "persist": 1, "pingpong": 1,
+                                                       "tma": 1, "emu": 4}),
 ]
 
 
@@ -179,7 +210,10 @@ def test_gpu_tma_attention_matches_interpreter(prec, kw, point, tmp_path, rng):
     if not plan["target"].get("has_wgmma"):
         pytest.skip("the GPU present has no wgmma (not sm_90a)")
     ks = [k for k in plan["kernels"] if k["template"].startswith("flash_attention")]
-    assert [k["template"] for k in ks] == [TEMPLATE] and ks[0]["params"]["TMA"], ks
+    assert [k["template"] for k in ks] == [TEMPLATE], ks
+    kp = ks[0]["params"]  # the point asked for, not a fallback
+    assert kp["TMA"] and (kp["CW"], kp["BC"], kp["STAGES"], kp["PINGPONG"], kp["EMU"]) == (
+        point["cw"], point["bc"], point["stages"], bool(point["pingpong"]), point.get("emu", 0)), kp
     g = nnc.load(tmp_path)
     tol = {"fp16": 2e-2, "bf16": 6e-2}[prec]
     for _ in range(2):  # fresh inputs; arena and outputs poisoned
