@@ -191,9 +191,11 @@ register(Variant("recurrence.fallback", "recurrence", ("recurrence",), _fallback
 
 STACK_FORMS = ("hoisted", "wavefront")
 # the heuristic's form: "hoisted" / "wavefront", or {cell kind: form} (kinds not named: hoisted).
-# "hoisted" (today's kernels) until the wavefront is measured on the GPU (unrun there as of
-# 2026-12-03 15:25; tools/bench_rnn.py --stack hoisted,wavefront)
-DEFAULT_STACK_FORM = "hoisted"
+# "wavefront" since the H200 round of 2026-12-03 16:00 (tools/bench_rnn.py --stack wavefront,hoisted,
+# fp16 batch 1, median of 3 rounds): RNN 2x256 seq 256 wavefront 0.289 ms vs hoisted/tagged 0.522
+# (cuDNN 1.028); LSTM 2x512 seq 128 0.287 vs 0.423 (cuDNN 3.481). Where no wavefront point applies
+# (batch > 8, tensor-core steps, states/lengths/peepholes) the hoisted form stays.
+DEFAULT_STACK_FORM = "wavefront"
 WAVE_MAX_BATCH = 8  # the wavefront kernel keeps TR x B accumulators a thread: latency-bound batches only
 WAVE_MAX_THREADS = 512  # the default tiling: the fewest rows a thread (TR) with at most this many threads
 # the wavefront's tagged words keep every step of every layer ({fp32 h, tag}: 8 bytes an element, zeroed
