@@ -191,7 +191,7 @@ register(Variant("recurrence.fallback", "recurrence", ("recurrence",), _fallback
 
 STACK_FORMS = ("hoisted", "wavefront")
 # the heuristic's form: "hoisted" / "wavefront", or {cell kind: form} (kinds not named: hoisted).
-# "wavefront" since the H200 round of 2026-12-03 16:00 (tools/bench_rnn.py --stack wavefront,hoisted,
+# "wavefront" since the H200 round of 2026-12-03 15:30 (tools/bench_rnn.py --stack wavefront,hoisted,
 # fp16 batch 1, median of 3 rounds): RNN 2x256 seq 256 wavefront 0.289 ms vs hoisted/tagged 0.522
 # (cuDNN 1.028); LSTM 2x512 seq 128 0.287 vs 0.423 (cuDNN 3.481). Where no wavefront point applies
 # (batch > 8, tensor-core steps, states/lengths/peepholes) the hoisted form stays.
