@@ -202,6 +202,7 @@ STACK_FORMS = ("hoisted", "wavefront")
 # ask for a wavefront point elsewhere).
 DEFAULT_STACK_FORM = {"RNN": "wavefront", "LSTM": "wavefront"}
 WAVE_DEFAULT_MAX_BATCH = 2
+WAVE_DEFAULT_BATCH_MAJOR = False  # whether the heuristic's wavefront takes batch-major G0 / Y layouts too
 WAVE_MAX_BATCH = 8  # the wavefront kernel keeps TR x B accumulators a thread: latency-bound batches only
 WAVE_MAX_THREADS = 512  # the default tiling: the fewest rows a thread (TR) with at most this many threads
 # the wavefront's tagged words keep every step of every layer ({fp32 h, tag}: 8 bytes an element, zeroed
@@ -231,11 +232,18 @@ def _stack_states(op) -> int:
     return (len(op.results) - 1) // op.attrs.layers
 
 
+def wave_row_groups(kind: str) -> int:
+    """The wavefront's matvec row groups (HS rows each): one a gate; GRU one more, its hidden gate's
+    input part [0 | W_n] apart from the recurrent part [R_n | 0] (linear_before_reset: the reset gate
+    multiplies R_n h + rbh only, so one fused sum over [h_l | h_{l-1}] would be wrong for those rows)."""
+    return _KIND[kind][0] + (1 if kind == "GRU" else 0)
+
+
 def _wave_layout(storage: str, kind: str, B: int, H: int, L: int, nsb: int, tr: int) -> dict:
     esz = rnn.ESIZE[storage]
     vec = 16 // esz
     hs = H // nsb
-    rows = _KIND[kind][0] * hs
+    rows = wave_row_groups(kind) * hs
     rowsp = -(-rows // tr) * tr
     kp = 2 * H if L > 1 else H
     w_bytes = rowsp * kp * esz
@@ -307,7 +315,8 @@ def _stack_default(p, space):
     form = DEFAULT_STACK_FORM.get(p.op.attrs.kind, "hoisted") if isinstance(DEFAULT_STACK_FORM, dict) \
         else DEFAULT_STACK_FORM
     a = p.op.attrs
-    if form == "wavefront" and a.g_layout in ("", "sb") and a.y_layout in ("", "sbdh") and a.layout == 0:
+    seq_first = a.g_layout in ("", "sb") and a.y_layout in ("", "sbdh") and a.layout == 0
+    if form == "wavefront" and (seq_first or WAVE_DEFAULT_BATCH_MAJOR):
         S, B, L, H = _stack_dims(p.op, lambda i: p.tensor(i).shape)
         got = wavefront_default(a.kind, B, H, space) if B <= WAVE_DEFAULT_MAX_BATCH else None
         if got is not None:
@@ -397,6 +406,7 @@ def wavefront_params(kind, cell, a, S, B, H, L, storage, g_dtype, g_strides, y_s
     lay = _wave_layout(storage, kind, B, H, L, params["nsb"], params["tr"])
     chunks = B * H // 2
     return dict(kind=kind, S=S, B=B, H=H, L=L, NSB=params["nsb"], HS=lay["HS"], NG=_KIND[kind][0],
+                NGM=wave_row_groups(kind),
                 ROWSP=lay["ROWSP"], KP=lay["KP"], VEC=lay["VEC"], W_BYTES=lay["W_BYTES"], TR=params["tr"],
                 KS=params["ks"], NTHR=params["threads"],
                 TAG_U=max(1, min(rnn.TAG_INFLIGHT, -(-2 * chunks // params["threads"]))),

@@ -238,6 +238,10 @@ def test_left_alone_bidirectional_and_y_read_elsewhere(rng):
 
 def _compile(tmp, kind, L, H, prec, form, monkeypatch, *, S=8, B=1, scale=0.4, arch="sm_90a", batch_first=False):
     monkeypatch.setattr(rec_kernels, "DEFAULT_STACK_FORM", form)
+    # the heuristic keeps the wavefront to seq-first batch <= 2 (what the H200 has checked): lift that
+    # here, so a test asks for the wavefront of any shape its space holds
+    monkeypatch.setattr(rec_kernels, "WAVE_DEFAULT_MAX_BATCH", rec_kernels.WAVE_MAX_BATCH)
+    monkeypatch.setattr(rec_kernels, "WAVE_DEFAULT_BATCH_MAJOR", True)
     model = stack_model(kind, L=L, S=S, B=B, I=H, H=H, scale=scale, batch_first=batch_first)
     m = import_model(model)
     Pipeline(passes_with_stack(prec)).run(m)
@@ -246,7 +250,7 @@ def _compile(tmp, kind, L, H, prec, form, monkeypatch, *, S=8, B=1, scale=0.4, a
     return model, m, plan
 
 
-NVRTC = [("RNN", 2, 256, "fp16"), ("LSTM", 2, 512, "fp16"), ("GRU", 3, 64, "fp32")]
+NVRTC = [("RNN", 2, 256, "fp16"), ("LSTM", 2, 512, "fp16"), ("GRU", 3, 64, "fp32"), ("GRU", 2, 64, "fp16")]
 
 
 @pytest.mark.parametrize("kind,L,H,prec", NVRTC, ids=[f"{c[0]}{c[1]}x{c[2]}-{c[3]}" for c in NVRTC])
@@ -291,8 +295,13 @@ def _gpu() -> bool:
     return gpu_present()
 
 
+# the first four ran on the H200 at 15:50 (the GRU one WRONG, max rel err 0.41: its hidden gate's
+# input part was multiplied by r, fixed since); the last three isolate that case's factors one each
+# (GRU alone, batch 3 alone, batch_first alone)
 GPU_CASES = [("RNN", 2, 256, "fp16", 1, 33, False), ("LSTM", 2, 128, "fp32", 2, 9, False),
-             ("GRU", 3, 64, "fp16", 3, 17, True), ("LSTM", 3, 64, "fp16", 1, 2, False)]
+             ("GRU", 3, 64, "fp16", 3, 17, True), ("LSTM", 3, 64, "fp16", 1, 2, False),
+             ("GRU", 2, 64, "fp16", 1, 9, False), ("RNN", 2, 64, "fp16", 3, 9, False),
+             ("LSTM", 2, 64, "fp16", 1, 9, True)]
 
 
 @pytest.mark.gpu
