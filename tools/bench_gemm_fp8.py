@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_timing import time_cuda  # noqa: E402
 
 BERT = [(m, n, k) for m in (128, 4096) for n, k in ((2304, 768), (768, 768), (3072, 768), (768, 3072))]
 DEFAULT_SHAPES = BERT + [(4096, 4096, 4096)]
@@ -121,17 +123,7 @@ def torch_times(M, N, K, iters, a8, b8, sa, sb, bias):
     bb = torch.as_tensor(bias, device=dev)
 
     def ev(fn):
-        for _ in range(5):
-            fn()
-        ts = []
-        for _ in range(iters):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            ts.append(s.elapsed_time(e))
-        return float(np.median(ts))
+        return time_cuda(fn, warmup=5, iters=iters)
     t16 = ev(lambda: torch.addmm(bb, x, w))
     note, t8 = "", float("nan")
     try:
