@@ -355,3 +355,118 @@ def test_left_alone_different_hidden_sizes():
     m = import_model(oh.make_model(g, opset_imports=[oh.make_opsetid("", 14)]))
     Pipeline(passes_with_stack(), verify_each=True).run(m)
     assert not _stacks(m) and sum(op.name == "recurrence" for op in m.main.ops) == 2
+
+
+# ---------------------------------------------------------------- the wavefront kernel's math, emulated
+
+def _act(kind, v):
+    return {"sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)), "tanh": np.tanh, "relu": lambda x: np.maximum(x, 0.0)}[kind](v)
+
+
+def emulate_wavefront(tp, g0, R, W, Bias, rbh=None, *, fuse_gru_hidden=False):
+    """What templates/rnn_wavefront.cu.j2 computes from its parameters tp (fp32 numpy, layer by layer:
+    step s of layer l reads h_l(s-1) and h_{l-1}(s) whatever order the blocks run in): each block's
+    shared-memory rows built with the template's index math (row -> gate group q, unit j, source gate
+    qs), the matvec over [h_l(s-1) | h_{l-1}(s)], the gate math, G0 and Y through g_st/g_sb and
+    y_st/y_sb. fuse_gru_hidden: the kernel before 790318c (GRU's [R_n | W_n] in one row group).
+    Returns Y flat (the last layer's, as the kernel writes it) and each layer's final h."""
+    S, B, H, L, HS, NSB, NG, KP, ROWSP = (tp[k] for k in ("S", "B", "H", "L", "HS", "NSB", "NG", "KP", "ROWSP"))
+    NGM = NG if fuse_gru_hidden else tp["NGM"]
+    kind = tp["kind"]
+    acts = [a["kind"] for a in tp["acts"]]
+    g0 = np.asarray(g0, np.float32).ravel()
+    y = np.full(S * B * H, np.nan, np.float32)
+    below = None  # [S(step), B, H]: the layer below's h after each step
+    finals = []
+    for layer in range(L):
+        K = H if layer == 0 else 2 * H
+        wsm = np.zeros((NSB, ROWSP, KP), np.float32)
+        for sl in range(NSB):
+            for row in range(ROWSP):
+                q, j = row // HS, sl * HS + row % HS
+                qs = NG - 1 if (kind == "GRU" and q == NG) else q
+                if kind == "GRU" and not fuse_gru_hidden:
+                    take = q < NGM  # [R_n | 0] in group NG-1, [0 | W_n] in group NG, as the template
+                    cols = range(0, H) if q == NG - 1 else range(H, K) if q == NG else range(K)
+                else:
+                    take, cols = q < NG, range(K)
+                if not take or j >= H:
+                    continue
+                for col in cols:
+                    wsm[sl, row, col] = R[layer][qs * H + j, col] if col < H else W[layer - 1][qs * H + j, col - H]
+        h = np.zeros((B, H), np.float32)
+        c = np.zeros((B, H), np.float32)
+        out = np.zeros((S, B, H), np.float32)
+        for step in range(S):
+            t = S - 1 - step if tp["direction"] == "reverse" else step
+            hsm = np.zeros((B, KP), np.float32)
+            hsm[:, :H] = h
+            if layer > 0:
+                hsm[:, H:2 * H] = below[step]
+            hn_all = np.zeros((B, H), np.float32)
+            for sl in range(NSB):
+                accs = hsm @ wsm[sl].T  # [B, ROWSP]
+                for b in range(B):
+                    for uu in range(HS):
+                        j = sl * HS + uu
+                        a = [accs[b, q * HS + uu] for q in range(NGM)]
+                        gv = [g0[t * tp["g_st"] + b * tp["g_sb"] + q * H + j] if layer == 0 else
+                              float(Bias[layer - 1][q * H + j]) for q in range(NG)]
+                        if kind == "RNN":
+                            hn = _act(acts[0], gv[0] + a[0])
+                        elif kind == "LSTM":
+                            vi, vf = _act(acts[0], gv[0] + a[0]), _act(acts[0], gv[2] + a[2])
+                            vc, vo = _act(acts[1], gv[3] + a[3]), _act(acts[0], gv[1] + a[1])
+                            c[b, j] = vf * c[b, j] + vi * vc
+                            hn = vo * _act(acts[2], c[b, j])
+                        else:
+                            vz, vr = _act(acts[0], gv[0] + a[0]), _act(acts[0], gv[1] + a[1])
+                            rb = float(rbh[layer][j]) if rbh is not None else 0.0
+                            vh = _act(acts[1], gv[2] + (a[3] if NGM > NG else 0.0) + vr * (a[2] + rb))
+                            hn = (1.0 - vz) * vh + vz * h[b, j]
+                        hn_all[b, j] = hn
+                        if layer == L - 1:
+                            y[t * tp["y_st"] + b * tp["y_sb"] + j] = hn
+            h = hn_all
+            out[step] = h
+        below = out
+        finals.append(h)
+    return y, finals
+
+
+EMU_CASES = GPU_CASES[2:]  # (the 256-wide RNN's emulation is slow in numpy loops and adds no factor)
+
+
+@pytest.mark.parametrize("kind,L,H,prec,B,S,bf", EMU_CASES,
+                         ids=[f"{c[0]}{c[1]}x{c[2]}-{c[3]}-b{c[4]}-S{c[5]}{'-batch_first' if c[6] else ''}"
+                              for c in EMU_CASES])
+def test_wavefront_emulated_matches_interpreter(kind, L, H, prec, B, S, bf, tmp_path, monkeypatch, rng):
+    """The GPU cases on the CPU: the wavefront kernel's math (emulate_wavefront, from the template
+    parameters the lowering chose, the stack's constants and the G0 the interpreter computes) against
+    the interpreter; GRU before 790318c (hidden gate's input part inside r's product) must fail it."""
+    from nnc.ir.builder import const_value
+    scale = 0.8 / np.sqrt(H)
+    model, m, plan = _compile(tmp_path, kind, L, H, prec, "wavefront", monkeypatch, S=S, B=B, scale=scale,
+                              batch_first=bf)
+    wave = next(la for la in plan["launches"] if "wavefront" in (la["kernel"] or ""))
+    tp = next(k for k in plan["kernels"] if k["name"] == wave["kernel"])["params"]
+    (st,) = _stacks(m)
+    R, W, Bias = (const_value(st.operands[i], m.weights).astype(np.float32) for i in (1, 2, 3))
+    rbh = const_value(st.operands[4], m.weights).astype(np.float32) if len(st.operands) > 4 and \
+        st.operands[4] is not None else None
+    g0_op, seen = st.operands[0].producer, {}
+    xn = "xb" if bf else "x"
+    feed = {xn: rng.standard_normal((B, S, H) if bf else (S, B, H)).astype(np.float32)}
+    interp = Interpreter(m, observe=lambda op, outs: seen.setdefault("g0", outs[0]) if op is g0_op else None)
+    fm = {xn: feed[xn].astype(m.main.args[0].type.dtype.np)}
+    interp.run(fm)
+    want = Interpreter(import_model(model)).run(feed)
+    y_name = "y_bs" if bf else f"x{L}"
+    y, _ = emulate_wavefront(tp, seen["g0"], R, W, Bias, rbh)
+    y = y.reshape((B, S, H) if bf else (S, B, H))
+    tol = 2e-2 if prec == "fp16" else 1e-3
+    _close({y_name: want[y_name]}, {y_name: y}, tol)
+    if kind == "GRU":
+        bad, _ = emulate_wavefront(tp, seen["g0"], R, W, Bias, rbh, fuse_gru_hidden=True)
+        with pytest.raises(AssertionError):
+            _close({y_name: want[y_name]}, {y_name: bad.reshape(y.shape)}, tol)
