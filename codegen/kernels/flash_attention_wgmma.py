@@ -16,8 +16,10 @@ applies() declines (the mma.sync kernel of flash_attention.py then runs) when:
   alignment (the producer copies 16-byte chunks only);
 - a source of Q / K / V is a compile-time constant;
 - the fused op's params say "wgmma=off" (the benchmark's old-kernel rows), or, while
-  ON_BY_DEFAULT is False, do not say "wgmma=<cw>x<bc>[x<stages>[x<persist>]]" (opt-in); with it
-  True and no such word, when the group has fewer (query tile, head) items than SMs
+  ON_BY_DEFAULT is False, do not say "wgmma=<cw>x<bc>[x<stages>[x<persist>]]" (opt-in) and the
+  group is not of the kind the TMA points were measured to win on (tma_win: f16, head dim 64, no
+  mask or causal, T >= TMA_WIN_MIN_T, enough_work; the default is then TMA_DEFAULT_POINTS'); with
+  ON_BY_DEFAULT True and no such word, when the group has fewer (query tile, head) items than SMs
   (enough_work).
 Declared space: {cw, bc, stages, persist, pingpong} (consumer warp groups of 64 rows, key/value
 rows per tile, ring stages, persistent CTAs: one per SM slot looping over the (query tile, head)
@@ -32,7 +34,7 @@ no mask or causal step also FlashAttention-3's head-dim-64 tile, 3 x 64 rows x 1
 EMU_AT). The cp.async points leave "tma"
 out (their dicts, words and kernels are as before).
 `default`: the point "wgmma=" names when declared, else the first declared of TMA_DEFAULT_POINTS
-(empty until measured), else DEFAULT_POINT, else the space's first.
+(measured), else DEFAULT_POINT, else the space's first.
 Grid: (CTAs, 1, 1); the items' (query tile, batch1, batch0) are decoded from compile-time counts.
 """
 from __future__ import annotations
@@ -44,8 +46,9 @@ from ..variants import Variant, register
 from . import flash_attention as FA
 
 PRIORITY = FA.PRIORITY + 1
-# Opt-in until measured on the H200 (tools/bench_attention.py): with False only groups whose params
-# say "wgmma=<point>" take this kernel.
+# With False only groups whose params say "wgmma=<point>", or the kind of group the TMA points were
+# measured to win on (tma_win), take this kernel; True: every group it applies to with enough_work
+# (the cp.async DEFAULT_POINT was not faster than the mma.sync kernel on the H200).
 ON_BY_DEFAULT = False
 HEAD_DIMS = (64, 128)
 CWS = (1, 2, 3)
@@ -56,9 +59,17 @@ STAGES = (2, 3)
 TMA_STAGES = (2, 3, 4, 6)
 PERSIST = (0, 1)
 DEFAULT_POINT = {"cw": 2, "bc": 128, "stages": 2, "persist": 1, "pingpong": 0}
-# The heuristic's TMA points, first declared one wins (before DEFAULT_POINT): empty until the TMA
-# points are timed on the H200 (tools/bench_attention.py --wgmma tma); no speed is claimed for them.
-TMA_DEFAULT_POINTS: tuple = ()
+# The heuristic's TMA points, the first declared one wins (before DEFAULT_POINT). Measured on the H200
+# (2026-12-03, tools/bench_attention.py --wgmma tma, B=32 S=512 H=12 D=64 fp16, no mask, CUDA-graph
+# ms): cw2 bc128 s6 persist pp tma 0.0692 (372 TFLOP/s), s4 0.0715, vs torch SDPA flash 0.1016 and
+# the mma.sync kernel 0.1077 (at B=1 S=128 the mma.sync kernel stays faster: 0.0038 vs 0.0046).
+TMA_DEFAULT_POINTS = ({"cw": 2, "bc": 128, "stages": 6, "persist": 1, "pingpong": 1, "tma": 1},
+                      {"cw": 2, "bc": 128, "stages": 4, "persist": 1, "pingpong": 1, "tma": 1})
+# Where the heuristic takes the wgmma kernel without a "wgmma=" word (while ON_BY_DEFAULT is False):
+# the measured win's kind of group (tma_win): 16-bit f16 scores, head dims 64, no mask or causal
+# step, at least TMA_WIN_MIN_T keys and enough (query tile, head) items to fill the SMs. Short or
+# masked groups, bf16 and head dim 128 keep the mma.sync kernel (not measured with TMA).
+TMA_WIN_MIN_T = 512
 REG_OVERHEAD = 32  # row state, loop counters, barrier addresses (with D / 2 more: regs_model)
 
 
@@ -220,6 +231,15 @@ def enough_work(c, target) -> bool:
     return items >= target.sm_count
 
 
+def tma_win(c, target) -> bool:
+    """The heuristic's use of the TMA default point without a "wgmma=" word (TMA_WIN_MIN_T above)."""
+    if not all(isinstance(c[k], int) for k in ("S", "T", "B0", "B1")):
+        return False  # runtime sizes: the mma.sync kernel's variant takes those
+    maskless = not any(s.role in ("add", "where") for s in c["at"].steps)
+    return (c["dt"] == "f16" and c["D"] == 64 and c["Dv"] == 64 and maskless and c["T"] >= TMA_WIN_MIN_T
+            and enough_work(c, target))
+
+
 def _aligned_source(L, operand, outer, elem: int) -> bool:
     """Unit dim stride, and 16-byte aligned seq / batch strides and start (into its buffer)."""
     lay = operand.layout
@@ -257,11 +277,13 @@ def _case(problem):
     want = requested(problem.op.attrs.params)
     if want == "off":
         return "params say wgmma=off"
-    if want is None and not ON_BY_DEFAULT:
-        return "opt-in: params carry no wgmma= point"
     c = FA._case(problem)
     if isinstance(c, str):
         return c
+    auto = want is None and not ON_BY_DEFAULT and tma_win(c, target)  # the heuristic's measured TMA win
+    if want is None and not ON_BY_DEFAULT and not auto:
+        return (f"opt-in: params carry no wgmma= point (and the group is not a measured TMA win: f16, head "
+                f"dim 64, no mask, >= {TMA_WIN_MIN_T} keys, enough items)")
     if want is None and not enough_work(c, target):
         return "too few (query tile, head) items to fill the SMs: the mma.sync kernel's smaller CTAs win"
     if c["dt"] not in FA.MMA or c["D"] not in HEAD_DIMS or c["Dv"] not in HEAD_DIMS:
@@ -274,6 +296,8 @@ def _case(problem):
     space = wgmma_space(c["D"], c["Dv"], target.smem_per_block_optin, tma=all(maps.values()), maskless=maskless)
     if not space:
         return "no declared tile fits"
+    if auto and not any(p in space for p in TMA_DEFAULT_POINTS):
+        return "opt-in: the measured TMA points are not declared here (no tensor maps)"
     got = dict(c, space=space, want=want, maps=maps)
     problem.memo["attention_wgmma"] = got
     return got

@@ -6,6 +6,8 @@ tiles with cp.async.bulk.tensor from three tensor maps, Q double-buffered.
   field 1 selects one; its launch carries the three map specs (dims (dim, seq, batch1, batch0),
   byte strides, boxes 64 x 64 / bc rows, 128B swizzle, args 0 / 1 / 2 = the Q / K / V buffers) and
   the smem of two Q buffers; the FMA-pipe exponential (EMU points) is within 1e-4 of 2^x;
+- the heuristic takes TMA_DEFAULT_POINTS[0] for the kind of group it was measured to win on
+  (f16, head dim 64, no mask, >= 512 keys, enough items) and the mma.sync kernel elsewhere;
 - NVRTC compiles a covering subset of the TMA points (every value of each parameter once, over a
   mask-free head-dim-64 case and a masked head-dim-128 bf16 tail case); NNC_FULL_SPACE=1: all;
 - on a GPU (`-m gpu`): matches the interpreter on fresh random inputs with poisoned outputs (no
@@ -175,7 +177,7 @@ GPU_CASES = [
     ("fp16", dict(B=2, S=128, H=4, D=64), P2),  # [B,1,1,T] padding mask
     ("fp16", dict(B=2, S=77, H=3, D=64), P2),  # tail tile (Q rows and K/V rows past S / T: zero fill)
     ("bf16", dict(B=2, S=200, H=2, D=64, causal=True), P2),  # causal + padding, odd length
-    ("fp16", dict(B=1, S=128, H=2, D=128, mask="b1st"), P2),  # head dim 128 (two boxes a row), row mask
+    ("fp16", dict(B=1, S=128, H=2, D=128, mask="b1st"), dict(P2, bc=64)),  # head dim 128 (two boxes a row), row mask
     ("fp16", dict(B=1, S=128, H=12, D=64, packed="split_last", causal=True), P2),  # GPT-2 c_attn views
     ("fp16", dict(B=4, S=512, H=48, D=64, mask=None), P2),  # more items than CTAs: Q double buffer reused
     ("fp16", dict(B=4, S=512, H=48, D=64, mask=None), dict(P2, bc=64, stages=4)),
@@ -196,6 +198,47 @@ GPU_CASES = [
     ("fp16", dict(B=8, S=512, H=12, D=64, mask=None), {"cw": 3, "bc": 128, "stages": 3, "persist": 1, "pingpong": 1,
                                                        "tma": 1, "emu": 4}),
 ]
+
+
+def test_gpu_cases_lower_to_their_points():
+    """Each GPU case's point is declared for its group (the lowering would fall back otherwise)."""
+    for prec, kw, point in GPU_CASES:
+        plan = _plan(_with_words(_build(prec, **kw), _word(point)), prec)
+        (l,) = _attn(plan)
+        kp = plan.kernels[l.kernel].params
+        assert kp["TMA"] and (kp["CW"], kp["BC"], kp["STAGES"], kp["PINGPONG"], kp["EMU"]) == (
+            point["cw"], point["bc"], point["stages"], bool(point["pingpong"]), point.get("emu", 0)), (kw, point)
+
+
+# the heuristic (no "wgmma=" word): the measured TMA win (f16, head dim 64, no mask, >= 512 keys,
+# enough items) takes TMA_DEFAULT_POINTS[0]; the rest keeps the mma.sync kernel
+HEURISTIC = [
+    (dict(B=32, S=512, H=12, D=64, mask=None), True),  # measured: 0.0692 ms vs SDPA 0.1016, mma 0.1077
+    (dict(B=8, S=2048, H=12, D=64, mask=None), True),  # longer: more K/V tiles an item (not timed)
+    (dict(B=32, S=128, H=12, D=64, mask=None), False),  # 128 keys: mma measured 0.0112 vs SDPA 0.0129
+    (dict(B=1, S=512, H=12, D=64, mask=None), False),  # 48 items < 132 SMs: mma 0.0087 vs SDPA 0.0118
+    (dict(B=1, S=128, H=12, D=64, mask=None), False),  # mma 0.0038 vs TMA 0.0046
+    (dict(B=32, S=512, H=12, D=64), False),  # a padding mask: not measured with TMA
+    (dict(B=32, S=512, H=12, D=64, mask=None, causal=True), False),
+    (dict(B=32, S=512, H=12, D=128, mask=None), False),  # head dim 128: not measured
+]
+
+
+@pytest.mark.parametrize("kw,wgmma", HEURISTIC, ids=["-".join(f"{k}{v}" for k, v in kw.items()) for kw, _ in HEURISTIC])
+def test_heuristic_takes_the_measured_tma_point(kw, wgmma):
+    plan = _plan(_build("fp16", **kw), "fp16")
+    (l,) = _attn(plan)
+    k = plan.kernels[l.kernel]
+    if not wgmma:
+        assert k.template == "flash_attention.cu.j2"
+        return
+    want = W.TMA_DEFAULT_POINTS[0]
+    assert k.template == TEMPLATE and k.params["TMA"] and k.params["PINGPONG"]
+    assert (k.params["CW"], k.params["BC"], k.params["STAGES"]) == (want["cw"], want["bc"], want["stages"])
+    assert l.grid == (132, 1, 1) and l.smem == W.point_smem(want, 64, 64) <= 227 * 1024
+    # an explicit "wgmma=off" still takes the mma.sync kernel
+    plan = _plan(_with_words(_build("fp16", **kw), "wgmma=off"), "fp16")
+    assert [plan.kernels[x.kernel].template for x in _attn(plan)] == ["flash_attention.cu.j2"]
 
 
 @pytest.mark.gpu
