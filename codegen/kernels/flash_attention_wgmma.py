@@ -122,7 +122,9 @@ def ctas_per_sm(cw: int, bc: int, smem: int = 0, smem_per_sm: int = 228 * 1024) 
 # With a mask the same kernel spills (104-276 bytes), so masked groups keep the model's bound.
 TMA_MASKLESS_FITS = {(3, 128, 64, 64)}
 # the exponentials partly on the FMA pipe (template EMU: every 4th / 8th 8-column block), declared
-# on the turn-taking TMA points of 128-key tiles at these (cw, stages): a knob to measure
+# on the turn-taking TMA points of 128-key tiles at these (cw, stages): a knob to measure. H200
+# 2026-12-03, B=32 S=512: slower than without (cw2 s4 0.0788 / 0.0742 ms at emu 4 / 8 vs 0.0715;
+# cw3 s3 0.0779 / 0.0735 vs 0.0716), so no default takes it
 EMUS = (4, 8)
 EMU_AT = {(2, 4), (3, 3)}
 
