@@ -405,8 +405,8 @@ def wavefront_params(kind, cell, a, S, B, H, L, storage, g_dtype, g_strides, y_s
     """Template parameters of rnn_wavefront.cu.j2 at a point of wavefront_space."""
     lay = _wave_layout(storage, kind, B, H, L, params["nsb"], params["tr"])
     chunks = B * H // 2
-    return dict(kind=kind, S=S, B=B, H=H, L=L, NSB=params["nsb"], HS=lay["HS"], NG=_KIND[kind][0],
-                NGM=wave_row_groups(kind),
+    extra = dict(NGM=wave_row_groups(kind)) if kind == "GRU" else {}  # (RNN / LSTM kernels: as before 790318c)
+    return dict(kind=kind, S=S, B=B, H=H, L=L, NSB=params["nsb"], HS=lay["HS"], NG=_KIND[kind][0], **extra,
                 ROWSP=lay["ROWSP"], KP=lay["KP"], VEC=lay["VEC"], W_BYTES=lay["W_BYTES"], TR=params["tr"],
                 KS=params["ks"], NTHR=params["threads"],
                 TAG_U=max(1, min(rnn.TAG_INFLIGHT, -(-2 * chunks // params["threads"]))),

@@ -371,7 +371,7 @@ def emulate_wavefront(tp, g0, R, W, Bias, rbh=None, *, fuse_gru_hidden=False):
     y_st/y_sb. fuse_gru_hidden: the kernel before 790318c (GRU's [R_n | W_n] in one row group).
     Returns Y flat (the last layer's, as the kernel writes it) and each layer's final h."""
     S, B, H, L, HS, NSB, NG, KP, ROWSP = (tp[k] for k in ("S", "B", "H", "L", "HS", "NSB", "NG", "KP", "ROWSP"))
-    NGM = NG if fuse_gru_hidden else tp["NGM"]
+    NGM = NG if fuse_gru_hidden else tp.get("NGM", NG)
     kind = tp["kind"]
     acts = [a["kind"] for a in tp["acts"]]
     g0 = np.asarray(g0, np.float32).ravel()
