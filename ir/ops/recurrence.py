@@ -266,6 +266,14 @@ def _check_body(ctx, body: Region, which: str, B, H, GH, storage, st):
         want.append(("rbh_d", ctx.dtype(2), (H,)))
     if ctx.has(3):
         want.append(("p_d", ctx.dtype(3), (3 * H,)))
+    check_step_body(ctx, body, which, want, B, H, st)
+
+
+def check_step_body(ctx, body: Region, which: str, want: list, B, H, st) -> None:
+    """A recurrence step body (of `recurrence` or `recurrence_stack`): its arguments are `want`
+    ([(name, dtype, shape)]) in order; it is flat and reads only its arguments; it returns the cell's
+    states (h, and c for an LSTM), each [B, H] of dtype st, defined inside it."""
+    kind = ctx.attrs.kind
     if len(body.args) != len(want):
         ctx.fail(f"{which} takes {len(body.args)} arguments, expected {len(want)} "
                  f"({', '.join(w[0] for w in want)})")

@@ -42,7 +42,7 @@ from ..graph import Region
 from ..registry import register
 from ..types import TensorType
 from .conv import acc_dtype
-from .recurrence import Y_LAYOUTS, g_batch_major, state_dtype
+from .recurrence import Y_LAYOUTS, check_step_body, g_batch_major, state_dtype
 from .rnn import _KIND
 
 STACK_DIRECTIONS = ("forward", "reverse")
@@ -83,25 +83,7 @@ def _check_body(ctx, body: Region, B, H, GH, storage, st):
     want.append(("R_l", storage, (GH, H)))
     if ctx.has(4):
         want.append(("rbh_l", storage, (H,)))
-    if len(body.args) != len(want):
-        ctx.fail(f"body takes {len(body.args)} arguments, expected {len(want)} ({', '.join(w[0] for w in want)})")
-    for a, (nm, dt, shape) in zip(body.args, want):
-        if a.type != TensorType(dt, tuple(shape)):
-            ctx.fail(f"body argument %{a.name} ({nm}) has type {a.type}, expected {TensorType(dt, tuple(shape))}")
-    inside = {id(a) for a in body.args}
-    for op in body.ops:
-        if op.regions():
-            ctx.fail(f"body: {op.name} has regions (a recurrence body is flat)")
-        for v in op.operands:
-            if v is not None and id(v) not in inside:
-                ctx.fail(f"body reads %{v.name} from outside (a recurrence body reads only its arguments)")
-        inside.update(id(r) for r in op.results)
-    n_state = 2 if kind == "LSTM" else 1
-    if len(body.results) != n_state:
-        ctx.fail(f"body returns {len(body.results)} values, a {kind} step returns {n_state}")
-    for v in body.results:
-        if id(v) not in inside or v.type != TensorType(st, (B, H)):
-            ctx.fail(f"body returns %{v.name}: {v.type}, expected {TensorType(st, (B, H))} defined in it")
+    check_step_body(ctx, body, "body", want, B, H, st)
 
 
 def _infer(ctx):
