@@ -377,32 +377,43 @@ UNVERIFIED_IN_SPACE = False
 # measurement that shows where it wins (tools/check_wgmma_vs_vendor.py).
 # "cw3" the BM = 192 three-consumer-warp-group tiles (TILE_SPACE_CW3), "swizzle" GROUP_M = SWIZZLE_WIDE,
 # "split_waves" split-K on grids of one or two waves whose last wave is mostly idle (split_wave_points;
-# the points carry WAVES = True), "epi_tma" EPI = tma (D by TMA stores from a swizzled stage)
-UNVERIFIED_KINDS = ("split", "epi_smem", "epi_shfl", "cw3", "swizzle", "split_waves", "epi_tma")
+# the points carry WAVES = True), "epi_tma" EPI = tma (D by TMA stores from a swizzled stage),
+# "cw3_epi_tma" the cw3 tiles with EPI = tma only.
+# Measured (H200, lead's run of tools/check_wgmma_vs_vendor.py, 2026-12-03 ~15:50, every point
+# checked first, 0 wrong): epi_tma's best beat the space's best on 13 of 17 problems, cuBLAS /
+# cuDNN over nnc: BERT b1 QKV / out / FFN1 / FFN2 0.85 / 0.74 / 0.81 / 0.65 -> 0.91 / 0.82 / 0.91 /
+# 0.68, b32 QKV / out / FFN1 / FFN2 0.77 / 0.73 / 0.98 / 0.96 -> 0.96 / 0.92 / 1.09 / 1.06, ResNet-50
+# b32 1x1 64->256 @56 0.43 -> 1.07, 256->64 @56 0.81 -> 0.97, 1x1/2 256->512 0.84 -> 1.31, 1024->256
+# @14 0.73 -> 0.91, 512->2048 @7 0.69 -> 0.85; within 1-4 % of it on 4096^3 / 8192^3 (1.07-1.10 of
+# cuBLAS either way). The best 1x1 64->256 and b32 out-proj points were cw3 + epi_tma (192x128x4
+# persistent: 20.3 / 10.5 us), so those join too; the other kinds stay out: split's best was the
+# winner only on b1 FFN2 (7.0 us, 0.99; not flipped: one shape), epi_smem / epi_shfl lost to
+# epi_tma everywhere but 8192^3 bf16 (epi_smem 1.10 vs 1.06), cw3 with the register epilogue and
+# swizzle 16 lost on 4096^3 / 8192^3, split_waves lost (0.35-0.62).
+UNVERIFIED_KINDS = ("split", "epi_smem", "epi_shfl", "cw3", "swizzle", "split_waves", "epi_tma", "cw3_epi_tma")
 IN_SPACE = {"split": False, "epi_smem": False, "epi_shfl": False, "cw3": False, "swizzle": False,
-            "split_waves": False, "epi_tma": False}
+            "split_waves": False, "epi_tma": True, "cw3_epi_tma": True}
 # candidates(unverified=True): the kinds of the first round only (their GPU tests ran at 28e0771; what
 # the existing tests ask for); a later kind is asked for by name (unverified=("epi_shfl",) or "all")
 UNVERIFIED_TRUE = ("split", "epi_smem")
 
 
 def unverified_kinds(unverified=None) -> tuple:
-    """The unverified point kinds candidates adds for its `unverified` argument: None: those in the
-    space (UNVERIFIED_IN_SPACE, IN_SPACE); True: UNVERIFIED_TRUE; False: none; "all": every kind; a
-    tuple of kind names: those."""
+    """The point kinds candidates adds for its `unverified` argument: None: those in the space
+    (UNVERIFIED_IN_SPACE, IN_SPACE); True: those and UNVERIFIED_TRUE; a tuple of kind names: those
+    in the space and these; "all": every kind; False: none (the base tiles only)."""
+    space = tuple(k for k in UNVERIFIED_KINDS if UNVERIFIED_IN_SPACE or IN_SPACE[k])
     if unverified is None:
-        return tuple(k for k in UNVERIFIED_KINDS if UNVERIFIED_IN_SPACE or IN_SPACE[k])
-    if unverified is True:
-        return UNVERIFIED_TRUE
+        return space
     if unverified is False:
         return ()
     if unverified == "all":
         return UNVERIFIED_KINDS
-    kinds = tuple(unverified)
+    kinds = UNVERIFIED_TRUE if unverified is True else tuple(unverified)
     bad = [k for k in kinds if k not in UNVERIFIED_KINDS]
     if bad:
         raise ValueError(f"unknown unverified point kinds {bad} (known: {UNVERIFIED_KINDS})")
-    return kinds
+    return tuple(k for k in UNVERIFIED_KINDS if k in space or k in kinds)
 
 
 def in_space(p: dict) -> bool:
@@ -411,7 +422,7 @@ def in_space(p: dict) -> bool:
     sk_kind = "split_waves" if p.get("WAVES") else "split"
     return ((split_k(p) == 1 or sk_kind in kinds) and (not epi_smem(p) or "epi_smem" in kinds)
             and (not epi_shfl(p) or "epi_shfl" in kinds) and (not epi_tma(p) or "epi_tma" in kinds)
-            and (p["CW"] != 3 or "cw3" in kinds)
+            and (p["CW"] != 3 or "cw3" in kinds or ("cw3_epi_tma" in kinds and epi_tma(p)))
             and (p.get("swizzle", gemm.GROUP_M) != SWIZZLE_WIDE or "swizzle" in kinds))
 
 
@@ -441,11 +452,14 @@ def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bul
         tma_points = [dict(p, LOAD="tma") for p in out] + [
             dict(p, swizzle=gemm.GROUP_M) for p in deep
             if _valid(p, target, im2col) and gemm._size_ok(p["BM"], problem.M) and gemm._size_ok(p["BN"], problem.N)]
-    if tma_points and "cw3" in kinds:  # (before the kinds below, which then take them too)
+    wide = []
+    if tma_points and ("cw3" in kinds or "cw3_epi_tma" in kinds):
         wide = [dict(BM=bm, BN=bn, STAGES=st, CW=cw, LOAD="tma", swizzle=gemm.GROUP_M) for bm, bn, st, cw in TILE_SPACE_CW3]
         wide += [dict(p, PERSIST=True) for p in wide]
-        tma_points = tma_points + [p for p in wide if _valid(p, target, im2col) and gemm._size_ok(p["BM"], problem.M)
-                                   and gemm._size_ok(p["BN"], problem.N)]
+        wide = [p for p in wide if _valid(p, target, im2col) and gemm._size_ok(p["BM"], problem.M)
+                and gemm._size_ok(p["BN"], problem.N)]
+    if "cw3" in kinds:  # (before the kinds below, which then take them too)
+        tma_points, wide = tma_points + wide, []
     extra = []  # the unverified kinds' points
     if tma_points and "swizzle" in kinds and all(
             cdiv(d, 128) >= lo for d, lo in zip((problem.M, problem.N), SWIZZLE_MIN_TILES)):
@@ -471,7 +485,7 @@ def candidates(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bul
     if "epi_tma" in kinds and epi_tma_fits(problem):
         # D by TMA stores: every unsplit one-CTA TMA point, its ring shortened to make room for the
         # output stages where it must (at least 3 stages)
-        for p in tma_points:
+        for p in tma_points + wide:  # (wide: the cw3 tiles of kind cw3_epi_tma, with EPI = tma only)
             if ctas_per_sm(p) != 1:
                 continue
             q = dict(p, EPI="tma")
@@ -584,6 +598,7 @@ R_INF = {True: 750e12, False: 380e12}
 # were 3-25 % slower than the best on 5 problems). A weight B now gets TMA too (bulk B was slower).
 R_INF_TMA = 750e12
 K_EPI_TMA = 768
+K_EPI_TMA_STORE = 0.5  # EPI = tma: the fill + epilogue term's share left (the stores run on under the next tile)
 TMA_FIXED_S = 5e-6  # once a launch: the first fill and the last epilogue
 TMA_WAVE_S = 4e-6  # per wave of a CTA-a-tile grid
 K_HALF = 1365
@@ -618,7 +633,7 @@ def modelled_time(problem: gemm.GemmProblem, p: dict, target: Target = DEFAULT_T
     if load_kind(p) == "tma":
         if im2col:
             eff *= IM2COL_TMA_RATE * (1.0 if pingpong(p) else IM2COL_COOP_RATE)
-        return _tma_time(p, K, eff, tiles, target)
+        return _tma_time(p, K, eff, tiles, target, im2col)
     rate = R_INF[bool(p.get("b_bulk"))] * K / (K + K_HALF) * eff / target.sm_count  # one SM's
     tile = 2.0 * p["BM"] * p["BN"] * K / rate
     if pingpong(p):
@@ -630,14 +645,14 @@ def modelled_time(problem: gemm.GemmProblem, p: dict, target: Target = DEFAULT_T
     return cdiv(tiles, target.sm_count) * (tile + WAVE_OVERHEAD_S)
 
 
-def _tma_time(p: dict, K: int, eff: float, tiles: int, target: Target) -> float:
+def _tma_time(p: dict, K: int, eff: float, tiles: int, target: Target, im2col: bool = False) -> float:
     """modelled_time of a TMA point: a tile's mainloop, and its fill + epilogue, at one SM's rate
     (split-K: K / S a CTA, tiles x S CTAs, plus gemm.py's split costs: the fences and atomics, the
     last CTA's read of the other S - 1 partials)."""
     sms, rate = target.sm_count, R_INF_TMA * eff / target.sm_count
     sk = split_k(p)
     main = 2.0 * p["BM"] * p["BN"] * cdiv(K, sk) / rate
-    epi = 2.0 * p["BM"] * p["BN"] * K_EPI_TMA / rate
+    epi = 2.0 * p["BM"] * p["BN"] * K_EPI_TMA / rate * (K_EPI_TMA_STORE if epi_tma(p) and not im2col else 1.0)
     if sk > 1:
         return (cdiv(tiles * sk, ctas_per_sm(p) * sms) * ctas_per_sm(p) * main + epi + TMA_FIXED_S
                 + gemm.SPLIT_K_FIXED_S + (sk - 1) * p["BM"] * p["BN"] * 4 / gemm.SPLIT_K_PARTIAL_BPS)
@@ -650,8 +665,24 @@ def _tma_time(p: dict, K: int, eff: float, tiles: int, target: Target) -> float:
     return cdiv(tiles, sms) * (main + epi + TMA_WAVE_S)
 
 
+# EPI = tma in the heuristic: for a GEMM (a 1x1/1 conv's too) the model rates a tile's fill + epilogue
+# term at K_EPI_TMA_STORE = 0.5 with TMA stores, so every pick is an EPI = tma point; on the lead's
+# H200 run (2026-12-03 ~15:50, IN_SPACE's comment) the pick is the measured-best EPI = tma point on
+# 9 of the 14 problems whose best EPI = tma point is known (BERT b1 QKV / out / FFN1 64x64x8, 4.5-4.6
+# us vs the old pick's 4.8-5.1; b32 FFN1 128x128x5 ping-pong 33.6 vs 37.6; b32 FFN2 128x192x4 29.7
+# vs 32.9; 4096^3 fp16 / bf16 128x256x3 persistent 222 / 218 vs 230 / 222; 1x1 256->64 @56 128x64x8
+# ping-pong 19.0 vs 22.8; 1x1 512->2048 @7 128x128x5 ping-pong 9.7 vs 12.2); on the others (b32 QKV
+# and out-proj, 8192^3, 1x1 64->256 @56, 1024->256 @14) the kind's best beat the old pick (8192^3
+# bf16 aside: 1554 vs 1548 us) but the new pick's own time was not taken (0.5 was chosen as the
+# factor with the most of those 9 hits among 0.1-1.0). An implicit-GEMM conv's pick keeps the
+# register epilogue (the factor is 1 there: ties, the register twin comes first) unless its caller
+# asks (prefer_epi_tma: conv_wgmma for 1x1/2 convs: the kind's best 16.5 us vs the old pick's 29.6
+# at 256->512 @56); 3x3 convs were not measured with EPI = tma (the timed selector sees both).
+PREFER_EPI_TMA = True
+
+
 def default_params(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b_bulk: bool = False,
-                   im2col: bool = False, im2col_tma: bool = False) -> dict:
+                   im2col: bool = False, im2col_tma: bool = False, prefer_epi_tma: bool = False) -> dict:
     """The point of the smallest modelled time (one CTA per SM: the ring takes most of shared
     memory, so big tiles win unless they leave most SMs idle); a split-K point only when its
     modelled time is at most gemm.SPLIT_K_MIN_GAIN of the best unsplit point's; a conv whose
@@ -659,6 +690,12 @@ def default_params(problem: gemm.GemmProblem, target: Target = DEFAULT_TARGET, b
     cands = candidates(problem, target, b_bulk, im2col, im2col_tma)
     if im2col and im2col_tma:
         cands = [p for p in cands if load_kind(p) == "tma"] or cands
+    if im2col and prefer_epi_tma and PREFER_EPI_TMA:
+        # a 1x1 (strided) conv's implicit GEMM: D by TMA stores where the space has them (a GEMM's
+        # pick takes them through the model: K_EPI_TMA_STORE)
+        store = [p for p in cands if epi_tma(p) and split_k(p) == 1]
+        if store:
+            cands = store + [p for p in cands if split_k(p) > 1]
     t = lambda p: modelled_time(problem, p, target, im2col)  # noqa: E731
     best = min((p for p in cands if split_k(p) == 1), key=t)
     split = [p for p in cands if split_k(p) > 1]

@@ -43,8 +43,9 @@ def test_unverified_kinds_and_the_space():
     assert shfl and all(W.load_kind(p) == "tma" and not W.in_space(p) for p in shfl)
     assert any(W.pingpong(p) for p in shfl) and any(W.persistent(p) and not W.pingpong(p) for p in shfl)
     assert any(W.split_k(p) > 1 for p in shfl)
-    assert every[:len(space)] == space  # the unverified points come after the space, which is unchanged
-    assert W.unverified_kinds(False) == () and W.unverified_kinds(None) == ()
+    assert all(p in every for p in space) and every[:len(W.candidates(pr, SM90A, unverified=False))] == \
+        W.candidates(pr, SM90A, unverified=False)  # the kinds' points come after the base space, unchanged
+    assert W.unverified_kinds(False) == () and W.unverified_kinds(None) == ("epi_tma", "cw3_epi_tma")  # measured
     with pytest.raises(ValueError, match="unknown unverified"):
         W.unverified_kinds(("stream_k",))
     assert not W.epi_shfl(W.default_params(pr, SM90A, True))
@@ -154,7 +155,8 @@ def test_cw3_and_swizzle_points():
     assert not any(p["CW"] == 3 for p in W.candidates(pr, SM90A, unverified="all")
                    if W.load_kind(p) != "tma")
     cw3 = [p for p in W.candidates(pr, SM90A, unverified=("cw3", "epi_shfl")) if p["CW"] == 3]
-    assert {(p["BM"], p["BN"]) for p in cw3} == {(192, 128)} and not any(W.in_space(p) for p in cw3)
+    assert {(p["BM"], p["BN"]) for p in cw3} == {(192, 128)}
+    assert all(W.in_space(p) == W.epi_tma(p) for p in cw3)  # cw3 is in the space with TMA stores only
     assert any(W.persistent(p) for p in cw3) and any(W.epi_shfl(p) for p in cw3)
     assert W.grid_of(pr, cw3[0], SM90A)[0] == 132  # 22 x 6 tiles: one whole wave
     spec = W.render(pr, cw3[0])
@@ -297,7 +299,8 @@ def test_split_waves_gpu():
 def test_epi_tma_points_and_render():
     pr = gemm.GemmProblem(4096, 256, 64, dtype="float16", trans_b=True)  # a 1x1 64->256 conv's GEMM
     pts = [p for p in W.candidates(pr, SM90A, unverified=("epi_tma",)) if W.epi_tma(p)]
-    assert pts and all(W.load_kind(p) == "tma" and W.ctas_per_sm(p) == 1 and not W.in_space(p) for p in pts)
+    assert pts and all(W.load_kind(p) == "tma" and W.ctas_per_sm(p) == 1 and W.in_space(p) for p in pts)
+    assert [p for p in W.candidates(pr, SM90A) if W.epi_tma(p)] == pts  # in the space since the H200 run
     assert any(W.pingpong(p) for p in pts) and all(W.smem_bytes(p) <= SM90A.smem_per_block_optin for p in pts)
     spec = W.render(pr, next(p for p in pts if W.pingpong(p)))
     (tmd,) = [a for a in spec.args if a[0] == "tmD"]
@@ -355,3 +358,28 @@ def test_epi_tma_gpu(case):
         _run_tma(W.render(pr, p), dict(bufs, D=d), times=2)
         _check(_host(d, odt), ref, 1e-2 if pr.dtype == "float16" else 3e-2)
         assert not np.isfinite(_host(big[pr.M:], odt)).any(), f"{p} wrote past M"
+
+
+# ---------------------------------------------------------------- the flip (H200, 2026-12-03 ~15:50)
+def test_epi_tma_in_the_space_and_the_heuristic():
+    """EPI = tma and cw3 + EPI = tma are in the space; the other kinds are not; a GEMM's heuristic
+    pick is an EPI = tma point (the measured-best one on these: BERT b1 64x64x8, b32 FFN1 128x128x5
+    ping-pong, FFN2 128x192x4, 4096^3 128x256x3 persistent); a 3x3 conv's keeps the register
+    epilogue, a 1x1/2 conv's variant asks for EPI = tma."""
+    for (M, N, K), tile in {(128, 2304, 768): (64, 64, 8, None), (4096, 3072, 768): (128, 128, 5, "pingpong"),
+                            (4096, 768, 3072): (128, 192, 4, None), (4096, 4096, 4096): (128, 256, 3, "persist")}.items():
+        pr = gemm.GemmProblem(M, N, K, dtype="float16")
+        d = W.default_params(pr, SM90A, b_bulk=True)
+        sched = "pingpong" if W.pingpong(d) else "persist" if W.persistent(d) else None
+        assert W.epi_tma(d) and W.in_space(d) and (d["BM"], d["BN"], d["STAGES"], sched) == tile, (M, N, K, d)
+    space = W.candidates(gemm.GemmProblem(4096, 768, 768, dtype="float16"), SM90A)
+    assert any(p["CW"] == 3 for p in space) and all(W.epi_tma(p) for p in space if p["CW"] == 3)
+    assert not any(W.epi_shfl(p) or W.epi_smem(p) or W.split_k(p) > 1 or p.get("swizzle") == W.SWIZZLE_WIDE
+                   for p in space)
+    cp = conv.ConvProblem(32, 64, 56, 56, 64, 3, 3, pads=(1,) * 4, in_layout="NHWC", out_layout="NHWC")
+    gp = CW.igemm_problem(cp)
+    assert not W.epi_tma(W.default_params(gp, SM90A, True, True, True))
+    strided = conv.ConvProblem(32, 256, 56, 56, 512, 1, 1, stride=(2, 2), in_layout="NHWC", out_layout="NHWC")
+    gs = CW.igemm_problem(strided)
+    assert W.epi_tma(W.default_params(gs, SM90A, True, True, True, prefer_epi_tma=True))
+    assert not W.epi_tma(W.default_params(gs, SM90A, True, True, True))
