@@ -177,6 +177,7 @@ def _emit(ctx: LowerCtx, problem, case: _Case, params: dict):
     x, w, y = ctx.inp(0), problem.tensor(1) if bulk else ctx.inp(1), ctx.out(0)
     bias = epi.bias if epi.bias is not None else ctx.inp(2)
     pr = case.gemm
+    params = W.tma_store_or_regs(params, y)
     if bulk:
         BN = params["BN"]
         w = ctx.weight(1, lambda v: W.preswizzle_b(_gemm_b(v), True, BN), key=f"wgmma_conv_b{BN}")

@@ -860,11 +860,19 @@ def _render(ctx: LowerCtx, problem, params: dict):
     if isinstance(got, str):
         ctx.fail(f"internal error: the wgmma GEMM variant applied but its buffers do not fit ({got})")
     pr, bufs = got
+    params = tma_store_or_regs(params, y)
     if bulk:
         BN = params["BN"]
         bufs["B"] = ctx.weight(1, lambda w: preswizzle_b(w, pr.trans_b, BN), key=f"wgmma_b{BN}{'t' * pr.trans_b}")
     gemm_lowering.emit_spec(ctx, render(pr, params, target=problem.target), bufs)
     return True
+
+
+def tma_store_or_regs(params: dict, d_buf) -> dict:
+    """EPI = tma needs D's start 16-byte aligned (the tensor map's base): an output view that starts
+    elsewhere (a slice of a bigger buffer) takes the register epilogue of the same tile instead."""
+    from .gemm_lowering import aligned
+    return dict(params, EPI="regs") if epi_tma(params) and not aligned(d_buf) else params
 
 
 def _register_epilogue_variants():
