@@ -39,7 +39,7 @@ from nnc.codegen.target import ARCHS  # noqa: E402
 SM90A = ARCHS["sm_90a"]
 COMPILE_ONLY = "--compile-only" in sys.argv
 VERBOSE = "--verbose" in sys.argv
-UNVERIFIED = "all" if "--unverified" in sys.argv else False  # the kinds out of the declared space too
+UNVERIFIED = "all" if "--unverified" in sys.argv else None  # None: the declared space; "all": every kind
 RESULTS: list = []
 
 

@@ -66,7 +66,7 @@ def problem_of(M, N, K, dt, trans_b, batch, b_shared):
 
 COMPILE_ONLY = "--compile-only" in sys.argv
 VERBOSE = "--verbose" in sys.argv  # every point's line (else the best three of each kind and the odd ones)
-UNVERIFIED = "all" if "--unverified" in sys.argv else False  # the kinds out of the declared space too
+UNVERIFIED = "all" if "--unverified" in sys.argv else None  # None: the declared space; "all": every kind
 RESULTS: list = []  # the problems done, for the table (also printed when a launch hangs)
 
 
