@@ -105,11 +105,11 @@ def test_tma_fits_and_the_space():
         W.render(pr, dict(pts[0], LOAD="dma"))
 
 
-# (M, N, K, batch) -> the fastest TMA point measured by tools/check_gemm_tma.py (H200, 2026-12-02, fp16)
+# (M, N, K, batch) -> the fastest TMA point measured (H200, fp16; 2026-12-02 tools/check_gemm_tma.py,
+# batched; 2026-12-03 tools/check_wgmma_vs_vendor.py: EPI = tma points, what the heuristic now picks)
 MEASURED_BEST = {
-    (4096, 4096, 4096, 1): "128x128x6/cw2/pingpong",
-    (4096, 2304, 768, 1): "128x128x6/cw2/pingpong",
-    (4096, 3072, 768, 1): "128x128x6/cw2/pingpong",
+    (4096, 4096, 4096, 1): "128x256x3/cw2/persist",
+    (4096, 3072, 768, 1): "128x128x5/cw2/pingpong",
     (4096, 768, 3072, 1): "128x192x4/cw2",
     (512, 768, 768, 12): "64x128x8/cw2/pingpong",
 }
