@@ -312,7 +312,10 @@ def calibration_module(model, shapes: Optional[dict] = None):
 
 def pre_quant_passes() -> list[str]:
     from .driver import pipeline_passes, precision_point
-    passes = pipeline_passes("fp32", fuse=False)
+    # the compile's own passes up to where int8 quantization goes (the fusion passes all come after
+    # it; fold-batchnorm and fuse-horizontal before it, so the tensors calibrated are the ones
+    # quantize-int8 sees)
+    passes = pipeline_passes("fp32")
     return passes[:precision_point(passes)]
 
 
