@@ -198,9 +198,11 @@ STACK_FORMS = ("hoisted", "wavefront")
 # Only RNN and LSTM, seq-first, batch <= WAVE_DEFAULT_MAX_BATCH: the one GPU case outside that (GRU
 # 3x64 fp16 batch 3, batch_first, S 17; tests/passes/test_layer_wavefront.py) was WRONG on the H200
 # (15:41, max rel err 0.41) while RNN b1, LSTM b1/b2 (fp16/fp32, 2-3 layers) matched. The cause
-# found since (790318c, by reading and a CPU emulation, unrun on GPU): GRU layers >= 1 had r multiply
-# their hidden gate's input part too. Until the GPU confirms the fix, the heuristic keeps the wavefront
-# to the cases that passed (the tuner, tools and tests may still ask for a wavefront point elsewhere).
+# found since (790318c): GRU layers >= 1 had r multiply their hidden gate's input part too. The fix
+# passed on the H200 at 16:03 (all 7 GPU cases: GRU 3x64 b3 batch_first, GRU 2x64, RNN b3, LSTM
+# batch_first among them), but the wavefront's speed for GRU, batch 3-8 and batch-major layouts is
+# unmeasured, so the heuristic keeps it to the measured cases (the tuner, tools and tests may still
+# ask for a wavefront point elsewhere).
 DEFAULT_STACK_FORM = {"RNN": "wavefront", "LSTM": "wavefront"}
 WAVE_DEFAULT_MAX_BATCH = 2
 WAVE_DEFAULT_BATCH_MAJOR = False  # whether the heuristic's wavefront takes batch-major G0 / Y layouts too
