@@ -21,11 +21,8 @@ the best cp.async point, the heuristic's pick, and the points not ok.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
@@ -33,7 +30,7 @@ sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
 from bench_conv_wgmma import SHAPES, _problem  # noqa: E402
 from bench_gemm_wgmma import _graph_timed_torch, _timed  # noqa: E402
 from nnc.codegen.kernels import conv_wgmma as CW, gemm_wgmma as W  # noqa: E402
-from wgmma_point_check import TMA_KINDS, best, check_and_time, compile_specs, kind_of, print_rows, tag, wrong  # noqa: E402
+from wgmma_point_check import TMA_KINDS, best, check_and_time, compile_specs, kind_of, print_rows, run_jobs, tag, wrong  # noqa: E402
 from nnc.codegen.target import ARCHS  # noqa: E402
 
 SM90A = ARCHS["sm_90a"]
@@ -139,27 +136,9 @@ def print_table(res: list) -> None:
 
 def main():
     out_json = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
-    if not COMPILE_ONLY:
-        import torch
-        print(torch.cuda.get_device_name(), "torch", torch.__version__, "cudnn", torch.backends.cudnn.version(),
-              time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), flush=True)
-    t0 = time.time()
-    with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 4)) as pool:
-        for N in ((32, 1) if "--b1" in sys.argv else (32,)):
-            for label, *geo in SHAPES:
-                try:
-                    r = run_shape(pool, label, N, *geo)
-                    if r is not None:
-                        RESULTS.append(r)
-                except Exception as e:  # noqa: BLE001 (one broken shape must not hide the rest)
-                    print(f"\n== {label} b{N}: FAILED {type(e).__name__}: {e}", flush=True)
-                    RESULTS.append(dict(label=label, N=N, failed=f"{type(e).__name__}: {e}"[:200]))
-    print(f"\n(total {time.time() - t0:.0f} s)")
-    if not COMPILE_ONLY:
-        print_table(RESULTS)
-    if out_json:
-        with open(out_json, "w") as f:
-            json.dump(RESULTS, f, indent=1, default=str)
+    jobs = [(f"{label} b{N}", dict(label=label, N=N), lambda pool, a=(label, N, *geo): run_shape(pool, *a))
+            for N in ((32, 1) if "--b1" in sys.argv else (32,)) for label, *geo in SHAPES]
+    run_jobs(jobs, RESULTS, COMPILE_ONLY, print_table, out_json, cudnn=True)
 
 
 if __name__ == "__main__":

@@ -21,18 +21,16 @@ every point on a CPU machine (no timing).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
 
 from bench_gemm_wgmma import _graph_timed_torch, _timed  # noqa: E402
 from nnc.codegen.kernels import gemm, gemm_wgmma as W  # noqa: E402
-from wgmma_point_check import best, check_and_time, compile_specs, kind_of, print_rows, tag, wrong  # noqa: E402
+from wgmma_point_check import best, check_and_time, compile_specs, kind_of, print_rows, run_jobs, tag, wrong  # noqa: E402
 from nnc.codegen.target import ARCHS  # noqa: E402
 
 SM90A = ARCHS["sm_90a"]
@@ -150,30 +148,11 @@ def ratio(r, key):
 def main():
     quick = "--quick" in sys.argv
     out_json = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
-    if not COMPILE_ONLY:
-        import torch
-        print(torch.cuda.get_device_name(), "torch", torch.__version__,
-              time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), flush=True)
-    t0 = time.time()
-    res = RESULTS
-    with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 4)) as pool:
-        for dt in ("float16",) if quick else ("float16", "bfloat16"):
-            for label, M, N, K, tb, batch, shared in PROBLEMS:
-                if quick and label == "8192^3":
-                    continue
-                try:
-                    r = run_problem(pool, label, M, N, K, tb, batch, shared, dt)
-                    if r is not None:
-                        res.append(r)
-                except Exception as e:  # noqa: BLE001 (one broken problem must not hide the rest)
-                    print(f"\n== {label} {dt}: FAILED {type(e).__name__}: {e}", flush=True)
-                    res.append(dict(label=label, dtype=dt, failed=f"{type(e).__name__}: {e}"[:200]))
-    print(f"\n(total {time.time() - t0:.0f} s)")
-    if not COMPILE_ONLY:
-        print_table(res)
-    if out_json:
-        with open(out_json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+    jobs = [(f"{label} {dt}", dict(label=label, dtype=dt),
+             lambda pool, a=(label, M, N, K, tb, batch, shared, dt): run_problem(pool, *a))
+            for dt in (("float16",) if quick else ("float16", "bfloat16"))
+            for label, M, N, K, tb, batch, shared in PROBLEMS if not (quick and label == "8192^3")]
+    run_jobs(jobs, RESULTS, COMPILE_ONLY, print_table, out_json)
 
 
 def print_table(res: list) -> None:

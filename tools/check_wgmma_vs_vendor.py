@@ -28,11 +28,8 @@ the points not ok. --compile-only: render and NVRTC-compile every point (CPU), p
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
@@ -42,7 +39,7 @@ from check_conv_tma import conv_rows, conv_space  # noqa: E402
 from check_gemm_tma import gemm_rows  # noqa: E402
 from nnc.codegen.kernels import gemm, gemm_wgmma as W  # noqa: E402
 from nnc.codegen.target import ARCHS  # noqa: E402
-from wgmma_point_check import best, compile_specs, print_rows, tag, wrong  # noqa: E402
+from wgmma_point_check import best, compile_specs, print_rows, run_jobs, tag, wrong  # noqa: E402
 
 SM90A = ARCHS["sm_90a"]
 # ("gemm", label, dtype, M, N, K) / ("conv", label, N, C, H, W, K, R, S, stride, pad)
@@ -147,29 +144,10 @@ def print_table(res: list) -> None:
 
 def main():
     out_json = sys.argv[sys.argv.index("--json") + 1] if "--json" in sys.argv else None
-    if not COMPILE_ONLY:
-        import torch
-        print(torch.cuda.get_device_name(), "torch", torch.__version__, "cudnn", torch.backends.cudnn.version(),
-              time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), flush=True)
-    t0 = time.time()
-    with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 4)) as pool:
-        for prob in PROBLEMS:
-            if ONLY and ONLY not in prob[1]:
-                continue
-            try:
-                r = run(pool, prob)
-                if r is not None:
-                    RESULTS.append(r)
-            except Exception as e:  # noqa: BLE001 (one broken problem must not hide the rest)
-                print(f"\n== {prob[1]}: FAILED {type(e).__name__}: {e}", flush=True)
-                RESULTS.append(dict(label=prob[1], dtype=prob[2] if prob[0] == "gemm" else "float16",
-                                    failed=f"{type(e).__name__}: {e}"[:200]))
-    print(f"\n(total {time.time() - t0:.0f} s)")
-    if not COMPILE_ONLY:
-        print_table(RESULTS)
-    if out_json:
-        with open(out_json, "w") as f:
-            json.dump(RESULTS, f, indent=1, default=str)
+    jobs = [(prob[1], dict(label=prob[1], dtype=prob[2] if prob[0] == "gemm" else "float16"),
+             lambda pool, prob=prob: run(pool, prob))
+            for prob in PROBLEMS if not ONLY or ONLY in prob[1]]
+    run_jobs(jobs, RESULTS, COMPILE_ONLY, print_table, out_json, cudnn=True)
 
 
 if __name__ == "__main__":

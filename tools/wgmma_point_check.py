@@ -16,6 +16,9 @@ cannot be stopped from here).
     check_and_time(specs, bufs, out, err_of, graphs, what, bulk_b=None, on_hang=None) -> rows
     best(rows, pred)                       (params, ms) of the fastest ok row that pred takes
     print_rows(rows, flops, marks, kinds)  the fastest three of each kind, marked points, the odd ones
+    run_jobs(jobs, rows, compile_only, print_table, out_json, cudnn)
+                                           the tools' main loop (header, one compile pool, FAILED rows,
+                                           total time, table, JSON)
 
 No GPU is needed to import this or to compile (compile_specs).
 """
@@ -147,3 +150,36 @@ def print_rows(rows: list, flops: float, marks: dict | None = None, kinds=KINDS,
         print(f"   {kind_of(p):8s} {tag(p):34s} {t:30s} {st}{mark}{space}", flush=True)
     if len(bad) > 4 and not verbose:
         print(f"   ... and {len(bad) - 4} more points not ok", flush=True)
+
+
+def run_jobs(jobs, rows: list, compile_only: bool, print_table, out_json=None, cudnn: bool = False) -> list:
+    """The tools' main loop: a header naming the GPU and torch (with cuDNN's version where asked),
+    then each job (what, failed_fields, fn(pool) -> result row or None) on one compile pool, its row
+    appended to `rows` as it comes (the tool's RESULTS: what a hang handler prints). A job
+    that raises is printed and kept as a row {**failed_fields, failed: why}: one broken problem must
+    not hide the rest. Then the total time, print_table(rows) (not with compile_only) and the rows
+    as JSON to out_json."""
+    import json
+    from concurrent.futures import ProcessPoolExecutor
+    if not compile_only:
+        import torch
+        print(torch.cuda.get_device_name(), "torch", torch.__version__,
+              *(("cudnn", torch.backends.cudnn.version()) if cudnn else ()),
+              time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), flush=True)
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 4)) as pool:
+        for what, failed_fields, fn in jobs:
+            try:
+                r = fn(pool)
+                if r is not None:
+                    rows.append(r)
+            except Exception as e:  # noqa: BLE001 (one broken problem must not hide the rest)
+                print(f"\n== {what}: FAILED {type(e).__name__}: {e}", flush=True)
+                rows.append(dict(failed_fields, failed=f"{type(e).__name__}: {e}"[:200]))
+    print(f"\n(total {time.time() - t0:.0f} s)")
+    if not compile_only:
+        print_table(rows)
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+    return rows
