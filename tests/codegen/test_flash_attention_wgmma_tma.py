@@ -26,11 +26,10 @@ import pytest
 
 from nnc.codegen import tma
 from nnc.codegen.kernels import flash_attention_wgmma as W
-from nnc.ir.interp import Interpreter
 from tests.codegen import space_cover
 from tests.codegen.test_flash_attention import _build
 from tests.codegen.test_flash_attention_wgmma import TEMPLATE, _attn, _plan, _with_words
-from tests.passes.test_fuse_attention import attention_feed
+from tests.passes.test_fuse_attention import assert_runs_like_interpreter
 
 
 def _word(p) -> str:
@@ -258,11 +257,4 @@ def test_gpu_tma_attention_matches_interpreter(prec, kw, point, tmp_path, rng):
     assert kp["TMA"] and (kp["CW"], kp["BC"], kp["STAGES"], kp["PINGPONG"], kp["EMU"]) == (
         point["cw"], point["bc"], point["stages"], bool(point["pingpong"]), point.get("emu", 0)), kp
     g = nnc.load(tmp_path)
-    tol = {"fp16": 2e-2, "bf16": 6e-2}[prec]
-    for _ in range(2):  # fresh inputs; arena and outputs poisoned
-        feed = attention_feed(mod, rng)
-        ref = Interpreter(mod).run(feed)["y"].astype(np.float64)
-        got = np.asarray(g.run(feed, output="numpy", poison=True)["y"]).astype(np.float64)
-        assert np.isfinite(got).all(), "non-finite output"
-        scale = max(1.0, float(np.abs(ref).max()))
-        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * scale)
+    assert_runs_like_interpreter(g, mod, rng, prec)

@@ -177,6 +177,22 @@ def attention_feed(mod, rng, masked_fraction=0.25):
     return feed
 
 
+ATTENTION_TOL = {"fp16": 2e-2, "bf16": 6e-2, "fp32": 1e-4}
+
+
+def assert_runs_like_interpreter(loaded, mod, rng, prec: str, runs: int = 2) -> None:
+    """`loaded` (nnc.load of mod's build) against the interpreter on mod, output "y": fresh inputs
+    each run, arena and outputs poisoned, finite, within ATTENTION_TOL[prec] relative to max(1, |ref|)."""
+    tol = ATTENTION_TOL[prec]
+    for _ in range(runs):
+        feed = attention_feed(mod, rng)
+        ref = Interpreter(mod).run(feed)["y"].astype(np.float64)
+        got = np.asarray(loaded.run(feed, output="numpy", poison=True)["y"]).astype(np.float64)
+        assert np.isfinite(got).all(), "non-finite output"
+        scale = max(1.0, float(np.abs(ref).max()))
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * scale)
+
+
 def _fused(mod):
     return [op for op in mod.main.ops if op.name == "fused"]
 
