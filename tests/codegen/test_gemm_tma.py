@@ -334,6 +334,18 @@ def _run_tma(spec, bufs, times=1):
     cupy.cuda.runtime.deviceSynchronize()
 
 
+def check_points_gpu(pr, pts, bufs, ref, tol=None, times=None) -> None:
+    """Each point of pr rendered and launched on a poisoned D (times launches; by default twice for
+    split-K points, whose scratch each launch must leave zeroed), then D against ref (tol: 1e-2 at
+    fp16, else 3e-2)."""
+    odt = pr.out_dtype or pr.dtype
+    tol = tol if tol is not None else (1e-2 if pr.dtype == "float16" else 3e-2)
+    for p in pts:
+        d = _poison((pr.M, pr.N), odt)
+        _run_tma(W.render(pr, p), dict(bufs, D=d), times=times or (2 if W.split_k(p) > 1 else 1))
+        _check(_host(d, odt), ref, tol)
+
+
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{c[3]}-ta{int(c[4])}tb{int(c[5])}-{c[6]}")
@@ -341,16 +353,12 @@ def test_tma_gemm_gpu(case):
     from .test_gemm_wgmma import _bufs, _case_arrays
     rng = np.random.default_rng(abs(hash(case)) & 0xFFFF)
     pr, a, b, extra, ref = _case_arrays(case, rng)
-    odt = pr.out_dtype or pr.dtype
     bufs = _bufs(pr, a, b, extra)
     pts = _tma_points(pr)
     assert pts
     if pr.M * pr.N > 1 << 18:  # big: the heuristic's TMA point and one of each schedule
         pts = [p for i, p in enumerate(pts) if i == 0 or W.pingpong(p) or p.get("CTAS") == 2][:4]
-    for p in pts:
-        d = _poison((pr.M, pr.N), odt)
-        _run_tma(W.render(pr, p), dict(bufs, D=d), times=2 if W.split_k(p) > 1 else 1)
-        _check(_host(d, odt), ref, 1e-2 if pr.dtype == "float16" else 3e-2)
+    check_points_gpu(pr, pts, bufs, ref)
 
 
 @pytest.mark.gpu
@@ -510,10 +518,7 @@ def test_staged_epilogue_gpu(case):
     assert pts
     from .test_conv_tma import _cubins
     _cubins([W.render(pr, p) for p in pts])
-    for p in pts:
-        d = _poison((pr.M, pr.N), odt)
-        _run_tma(W.render(pr, p), dict(bufs, D=d))
-        _check(_host(d, odt), ref, 1e-2 if pr.dtype == "float16" else 3e-2)
+    check_points_gpu(pr, pts, bufs, ref, times=1)
     big = _poison((pr.M * pr.N + 8,), odt)
     _run_tma(W.render(pr, pts[0]), dict(bufs, D=big[2:2 + pr.M * pr.N].reshape(pr.M, pr.N)))
     _check(_host(big[2:2 + pr.M * pr.N].reshape(pr.M, pr.N), odt), ref, 1e-2 if pr.dtype == "float16" else 3e-2)

@@ -129,7 +129,7 @@ def test_shfl_epilogue_gpu(case):
     """Every EPI = shfl point against numpy, outputs poisoned (split-K ones launched twice on the
     same scratch); then D at an offset of 2 elements (rows not 16-byte aligned: element stores)."""
     from .test_conv_tma import _cubins
-    from .test_gemm_tma import _run_tma
+    from .test_gemm_tma import _run_tma, check_points_gpu
     from .test_gemm_wgmma import _bufs, _case_arrays
     rng = np.random.default_rng(abs(hash(case)) & 0xFFFF)
     pr, a, b, extra, ref = _case_arrays(case, rng)
@@ -139,10 +139,7 @@ def test_shfl_epilogue_gpu(case):
     pts = _shfl_points(pr)
     assert pts
     _cubins([W.render(pr, p) for p in pts])
-    for p in pts:
-        d = _poison((pr.M, pr.N), odt)
-        _run_tma(W.render(pr, p), dict(bufs, D=d), times=2 if W.split_k(p) > 1 else 1)
-        _check(_host(d, odt), ref, tol)
+    check_points_gpu(pr, pts, bufs, ref, tol)
     big = _poison((pr.M * pr.N + 8,), odt)
     view = big[2:2 + pr.M * pr.N].reshape(pr.M, pr.N)
     _run_tma(W.render(pr, pts[0]), dict(bufs, D=view))
@@ -207,19 +204,15 @@ def test_cw3_gpu(case):
     """Every BM = 192 point (one tile a CTA, persistent, staged and shuffle epilogues) against numpy,
     outputs poisoned."""
     from .test_conv_tma import _cubins
-    from .test_gemm_tma import _run_tma
+    from .test_gemm_tma import check_points_gpu
     from .test_gemm_wgmma import _bufs, _case_arrays
     rng = np.random.default_rng(abs(hash(case)) & 0xFFFF)
     pr, a, b, extra, ref = _case_arrays(case, rng)
-    odt = pr.out_dtype or pr.dtype
     bufs = _bufs(pr, a, b, extra)
     pts = [p for p in W.candidates(pr, SM90A, unverified="all") if p["CW"] == 3]
     assert pts
     _cubins([W.render(pr, p) for p in pts])
-    for p in pts:
-        d = _poison((pr.M, pr.N), odt)
-        _run_tma(W.render(pr, p), dict(bufs, D=d), times=2 if W.split_k(p) > 1 else 1)
-        _check(_host(d, odt), ref, 1e-2 if pr.dtype == "float16" else 3e-2)
+    check_points_gpu(pr, pts, bufs, ref)
 
 
 @pytest.mark.gpu
@@ -227,7 +220,7 @@ def test_cw3_gpu(case):
 def test_swizzle16_gpu():
     """The GROUP_M = 16 points (4096 x 4096, K = 128) against numpy, outputs poisoned."""
     from .test_conv_tma import _cubins
-    from .test_gemm_tma import _run_tma
+    from .test_gemm_tma import check_points_gpu
     from .test_gemm_wgmma import _bufs, _case_arrays
     case = (4096, 4096, 128, "float16", False, False, "bias")
     pr, a, b, extra, ref = _case_arrays(case, np.random.default_rng(11))
@@ -235,10 +228,7 @@ def test_swizzle16_gpu():
     pts = [p for p in W.candidates(pr, SM90A, unverified=("swizzle",)) if p.get("swizzle") == W.SWIZZLE_WIDE]
     assert pts
     _cubins([W.render(pr, p) for p in pts])
-    for p in pts[::2]:
-        d = _poison((pr.M, pr.N), "float16")
-        _run_tma(W.render(pr, p), dict(bufs, D=d))
-        _check(_host(d, "float16"), ref, 1e-2)
+    check_points_gpu(pr, pts[::2], bufs, ref, 1e-2, times=1)
 
 
 # ---------------------------------------------------------------- the issue-9 scoreboard's problems (CPU)
@@ -281,7 +271,7 @@ def test_split_waves_gpu():
     """Split grids of more than one wave (CTAs of a tile in different waves) against numpy,
     outputs poisoned, each launched twice on the same scratch."""
     from .test_conv_tma import _cubins
-    from .test_gemm_tma import _run_tma
+    from .test_gemm_tma import check_points_gpu
     from .test_gemm_wgmma import _bufs, _case_arrays
     case = (4096, 768, 768, "float16", False, False, "bias_residual_relu")
     pr, a, b, extra, ref = _case_arrays(case, np.random.default_rng(12))
@@ -289,10 +279,7 @@ def test_split_waves_gpu():
     pts = [p for p in W.candidates(pr, SM90A, unverified=("split_waves", "epi_shfl")) if p.get("WAVES")]
     assert pts
     _cubins([W.render(pr, p) for p in pts])
-    for p in pts:
-        d = _poison((pr.M, pr.N), "float16")
-        _run_tma(W.render(pr, p), dict(bufs, D=d), times=2)
-        _check(_host(d, "float16"), ref, 1e-2)
+    check_points_gpu(pr, pts, bufs, ref, 1e-2, times=2)
 
 
 # ---------------------------------------------------------------- kind epi_tma (D by TMA stores)
