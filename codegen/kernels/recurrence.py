@@ -362,13 +362,17 @@ def _stack_projection(ctx: LowerCtx, x, w_kn, bias, S, B, H, GH, storage):
     return g, (B * GH, GH, GH)
 
 
+def _stack_frame(ctx: LowerCtx, p):
+    """What both forms of a stack render from: the cell (applies' memo), S, B, L, H, the gate rows
+    GH, the states returned K and the storage dtype (R's)."""
+    S, B, L, H = _stack_dims(p.op, ctx.shape)
+    return (p.memo["stack_cell"], S, B, L, H, _KIND[p.op.attrs.kind][0] * H, _stack_states(p.op),
+            ctx.inp(1).dtype.short)
+
+
 def _render_hoisted(ctx: LowerCtx, p):
     op, a = p.op, p.op.attrs
-    cell = p.memo["stack_cell"]
-    S, B, L, H = _stack_dims(op, ctx.shape)
-    GH = _KIND[a.kind][0] * H
-    K = _stack_states(op)
-    storage = ctx.inp(1).dtype.short
+    cell, S, B, L, H, GH, K, storage = _stack_frame(ctx, p)
     R, W, Bias = ctx.value(1), ctx.value(2), ctx.value(3)
     rbh = ctx.value(4) if ctx.has(4) else None
     if R is None or W is None or Bias is None or (ctx.has(4) and rbh is None):
@@ -422,11 +426,7 @@ def wavefront_params(kind, cell, a, S, B, H, L, storage, g_dtype, g_strides, y_s
 
 def _render_wavefront(ctx: LowerCtx, p, params):
     op, a = p.op, p.op.attrs
-    cell = p.memo["stack_cell"]
-    S, B, L, H = _stack_dims(op, ctx.shape)
-    GH = _KIND[a.kind][0] * H
-    K = _stack_states(op)
-    storage = ctx.inp(1).dtype.short
+    cell, S, B, L, H, GH, K, storage = _stack_frame(ctx, p)
     y_read = y_is_read(op, p.L.module.main)
     y_out = ctx.out(0)  # defined even when unread (then the kernel does not write it)
     tp = wavefront_params(a.kind, cell, a, S, B, H, L, storage, ctx.inp(0).dtype.short,
