@@ -109,15 +109,20 @@ class Builder:
                     self.names.taken.discard(r.name)
             del self.region.ops[since:]
             return False
-        last = new.producer
-        assert last is not None and any(op is last for op in self.region.ops[since:]), \
+        assert new.producer is not None and any(op is new.producer for op in self.region.ops[since:]), \
             f"{new!r} is not the result of an op built since the mark"
+        self.take_over(old, new)
+        if loc is not None:
+            old.producer.loc = loc
+        return True
+
+    def take_over(self, old: Value, new: Value) -> None:
+        """The op defining `new` defines `old` instead (its readers untouched); `new`'s name is
+        freed. The caller has checked that the types agree."""
+        last = new.producer
         self.names.taken.discard(new.name)
         last.results = [old if r is new else r for r in last.results]
         old.producer = last
-        if loc is not None:
-            last.loc = loc
-        return True
 
     def _try_fold(self, opdef, attrs, operands, types, names, loc):
         vals = []

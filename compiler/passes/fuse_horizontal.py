@@ -282,9 +282,7 @@ class _Horizontal:
         got = op.results[0]
         if tuple(got.type.shape) != tuple(final.type.shape) or got.type.dtype != final.type.dtype:
             raise AssertionError(f"fuse-horizontal: {got.type} != {final.type}")  # a pass bug, never input
-        op.results = [final]
-        final.producer = op
-        self.names.taken.discard(got.name)
+        b.take_over(final, got)
 
     def _i64(self, b: Builder, vals, hint: str, loc) -> Value:
         return b.constant(np.asarray(vals, np.int64), hint, loc)
