@@ -777,9 +777,19 @@ def lower(module: Module, options: Union[LowerOptions, dict, None] = None,
     selector: a Selector instance (codegen/variants.py) instead of the one options.selector names."""
     if not isinstance(options, LowerOptions):
         options = LowerOptions.from_dict(options)
-    if options.tune and selector is None:  # timing-based selection on the GPU (codegen/tuning.py)
-        from .tuning import lower_tuned
-        return lower_tuned(module, options)
-    plan = Lowerer(module, options, selector).run()
+    # NonZero's count downstream: a runtime size symbol per count, bound at its read-back
+    # (codegen/data_dependent.py); the IR's `?` types come back after lowering
+    from .data_dependent import symbolize
+    dd = symbolize(module)
+    try:
+        if dd.symbols:
+            options = dataclasses.replace(options, symbol_ranges=tuple(options.symbol_ranges) + tuple(
+                (n, 0, mx, mx) for n, mx in dd.symbols))
+        if options.tune and selector is None:  # timing-based selection on the GPU (codegen/tuning.py)
+            from .tuning import lower_tuned
+            return lower_tuned(module, options)
+        plan = Lowerer(module, options, selector).run()
+    finally:
+        dd.restore()
     plan.tuning = {"mode": "heuristic", "why": options.tune_reason or "tuning off"}
     return plan

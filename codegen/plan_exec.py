@@ -66,7 +66,7 @@ def _require_steps(plan: dict, where) -> None:
 
 class _Buf:
     __slots__ = ("id", "name", "dtype", "np", "shape", "numel", "nbytes", "region", "index", "offset",
-                 "root", "dynamic", "touched", "sym_shape", "max_numel")
+                 "root", "dynamic", "touched", "sym_shape", "max_numel", "max_shape")
 
     def __init__(self, d: dict, where: str):
         try:
@@ -82,6 +82,7 @@ class _Buf:
             raise PlanExecError(f"{where}: malformed buffer entry ({type(e).__name__}: {e})") from None
         self.np = self.dtype.np
         self.numel = self.max_numel = math.prod(self.shape)
+        self.max_shape = self.shape
         if self.numel > MAX_ELEMENTS:
             raise PlanExecError(f"{where}: shape {list(self.shape)} has more elements than nnc accepts")
         if self.region not in REGIONS:
@@ -90,6 +91,18 @@ class _Buf:
             raise PlanExecError(f"{where}: shape {list(self.shape)}, nbytes {self.nbytes}, offset {self.offset} "
                                 f"do not fit {self.dtype}")
         self.touched = False
+
+
+def _tree_symbols(trees) -> set:
+    """The symbols a list of plan.json size trees (codegen/runtime_sizes.expr_json) use."""
+    out, todo = set(), list(trees)
+    while todo:
+        t = todo.pop()
+        if isinstance(t, dict):
+            if "sym" in t:
+                out.add(t["sym"])
+            todo.extend(t.get("args") or ())
+    return out
 
 
 class _Action:
@@ -132,6 +145,7 @@ class PlanExecutor:
         self.init_program = self._program(self.init_launches, "init")
         self.run_program = self._program(self.launches, "run")
         self._extent: dict[int, tuple] = {}  # root buffer id -> true shape of a dynamic value
+        self._env: dict = {}  # this run's runtime size symbols (_bind_sizes, _bind_dynamic)
         self._regions["arena"].fill(POISON)
         self._execute(self.init_program)  # once, at load (codegen/init_phase.py)
 
@@ -183,6 +197,7 @@ class PlanExecutor:
         f._regions = {k: (r if k in ("weights", "persistent") else np.full(r.size, POISON, np.uint8))
                       for k, r in self._regions.items()}
         f._extent = dict(self._extent)
+        f._env = dict(self._env)
         return f
 
     def _launch_list(self, key: str) -> list:
@@ -344,6 +359,7 @@ class PlanExecutor:
             if x.size > b.max_numel:
                 raise PlanExecError(f"{self.where}: {what}: {x.size} elements exceed buffer {b.id}'s {b.numel}")
             self._extent[b.root] = tuple(x.shape)
+            self._bind_dynamic(b, tuple(x.shape), what)
         elif x.size != b.numel:
             raise PlanExecError(f"{self.where}: {what}: {x.size} elements for buffer {b.id} (%{b.name}) "
                                 f"of {b.numel}")
@@ -431,20 +447,52 @@ class PlanExecutor:
                 self._write(b, np.asarray(x), f"steps[{st['index']}] ({op.name}) result {k} (%{r.name})")
 
     def _bind_sizes(self, feed: dict) -> None:
-        """A range build (plan.json "runtime_sizes"): binds the symbols from the feed's shapes
-        (checked against the profile by the caller: compiler/profiles.check_run) and gives every
-        buffer with a sym_shape this run's shape (the contiguous prefix of its max-size bytes)."""
-        if not self.plan.get("runtime_sizes"):
+        """Runtime sizes (codegen/runtime_sizes.py): binds a range build's symbols from the feed's
+        shapes (checked against the profile by the caller: compiler/profiles.check_run) and gives
+        every buffer with a sym_shape this run's shape (the contiguous prefix of its max-size
+        bytes). A data-dependent symbol (NonZero's count: codegen/data_dependent.py) is bound later,
+        when the dynamic buffer that carries it is written (_bind_dynamic); until then the buffers
+        over it keep their max shape."""
+        if not any(b.sym_shape is not None for b in self.bufs):
             return
-        from .runtime_sizes import bind, expr_eval
-        env = bind(self.plan["inputs"], {k: np.shape(v) for k, v in feed.items()})
+        from .runtime_sizes import bind
+        self._env = bind(self.plan["inputs"], {k: np.shape(v) for k, v in feed.items()}) \
+            if self.plan.get("runtime_sizes") else {}
         for b in self.bufs:
             if b.sym_shape is not None:
-                b.shape = tuple(expr_eval(d, env, self.where) for d in b.sym_shape)
+                b.shape, b.numel = b.max_shape, b.max_numel
+        self._apply_sizes()
+
+    def _apply_sizes(self) -> None:
+        from .runtime_sizes import expr_eval
+        for b in self.bufs:
+            if b.sym_shape is not None and _tree_symbols(b.sym_shape) <= self._env.keys():
+                b.shape = tuple(expr_eval(d, self._env, self.where) for d in b.sym_shape)
                 b.numel = math.prod(b.shape)
                 if b.numel > b.max_numel:
                     raise InputError(f"buffer %{b.name}: shape {list(b.shape)} exceeds the build's max "
                                      f"({b.max_numel} elements): the inputs are outside the profile")
+
+    def _bind_dynamic(self, b: _Buf, shape: tuple, what: str) -> None:
+        """A dynamic buffer written with its true `shape`: each bare symbol of its sym_shape not yet
+        bound takes that dim (the read-back of a data-dependent count), and the buffers over it get
+        their exact shapes; a symbol already bound must agree."""
+        if b.sym_shape is None:
+            return
+        if len(b.sym_shape) != len(shape):
+            raise PlanExecError(f"{self.where}: {what}: rank {len(shape)} for buffer {b.id} (%{b.name}) of "
+                                f"rank {len(b.sym_shape)}")
+        new = False
+        for d, got in zip(b.sym_shape, shape):
+            if isinstance(d, dict) and "sym" in d:
+                name = d["sym"]
+                if name not in self._env:
+                    self._env[name], new = int(got), True
+                elif self._env[name] != int(got):
+                    raise PlanExecError(f"{self.where}: {what}: dim {got} of buffer {b.id} (%{b.name}), but "
+                                        f"{name} = {self._env[name]}")
+        if new:
+            self._apply_sizes()
 
     def run(self, feed: dict) -> dict[str, np.ndarray]:
         """Runs the plan once on `feed` ({input name: array}); returns {output name: array} (copies)."""

@@ -28,7 +28,13 @@ def _topk(ctx: LowerCtx):
     return True
 
 
-@lowering("NonZero")
+def _static_input(op) -> bool:
+    return op.operands[0] is not None and op.operands[0].type.is_static
+
+
+# runtime sizes: its count is a data-dependent symbol (codegen/data_dependent.py) bound by the
+# read-back; the kernel itself only needs its input's static size
+@lowering("NonZero", when=_static_input, runtime_sizes=True)
 def _nonzero(ctx: LowerCtx):
     x = ctx.inp(0)
     shape = list(x.shape) or [1]
