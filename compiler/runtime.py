@@ -16,6 +16,12 @@ captured as device-to-host copies into pinned memory and read after one synchron
 of the run: no launch depends on a host-read value. A plan the capture refuses runs eagerly
 (Module.graph_fallback says why); nnc.load(out, cuda_graph=False) asks for eager launches.
 
+Data-dependent sizes downstream (codegen/data_dependent.py): when later launches are sized by a
+NonZero count (a symbol in the read-back buffer's sym_shape that no input binds), the run stops at
+that read-back, synchronizes, binds the symbol to the count and sizes the launches after it
+exactly (_run_data_dependent). A CUDA graph cannot hold that host step, so such a module runs
+eagerly (graph_fallback says so).
+
 cupy is imported lazily: importing nnc (or this module) never needs a GPU.
 """
 from __future__ import annotations
@@ -35,6 +41,10 @@ from .ir.errors import InputError, NncError
 
 class GpuUnavailableError(NncError):
     """The CUDA backend was asked for on a machine where cupy finds no usable GPU."""
+
+
+DATA_DEPENDENT_WHY = ("eager: launches after a NonZero count's read-back are sized by it (the host waits "
+                      "there), which a CUDA graph cannot hold")
 
 
 def require_gpu():
@@ -174,12 +184,78 @@ class Module(api.Module):
         self.graph_fallback = None  # why runs are eager (a sentence), None when the graph is used
         if not isinstance(cuda_graph, bool):
             raise NncError(f"cuda_graph must be True or False, not {cuda_graph!r}")
+        self._dd = self._data_dependent_readbacks()  # {run launch index: symbol it binds}
         if self.runtime_sizes:  # one graph per distinct shape, captured at its first run (_run_range)
-            self._init_range(cuda_graph)
-        elif cuda_graph:
+            self._init_range(cuda_graph and not self._dd)
+        elif cuda_graph and not self._dd:
             self._capture()
         else:
             self.graph_fallback = "cuda_graph=False"
+        if self._dd:
+            self.graph_fallback = (DATA_DEPENDENT_WHY if cuda_graph else "cuda_graph=False")
+
+    def _data_dependent_readbacks(self) -> dict:
+        """{index of a run readback: the symbol it binds}: a bare symbol of the read-back buffer's
+        sym_shape that no input binds (a NonZero count sized downstream: codegen/data_dependent.py)."""
+        out = {}
+        for j, l in enumerate(self.plan["launches"]):
+            if l["kind"] != "readback":
+                continue
+            bufs = [a["buf"] for a in l["args"] if "buf" in a]
+            if len(bufs) != 2 or bufs[1] not in self.buffers:
+                raise NncError(f"{self.dir}/plan.json: launches[{j}]: a readback takes a count and a buffer")
+            syms = [d["sym"] for d in self.buffers[bufs[1]].get("sym_shape") or ()
+                    if isinstance(d, dict) and "sym" in d and d["sym"] not in self.runtime_sizes]
+            if len(syms) > 1:
+                raise NncError(f"{self.dir}/plan.json: launches[{j}]: a readback binds one symbol, not {syms}")
+            if syms:
+                out[j] = syms[0]
+        return out
+
+    def _run_data_dependent(self, inputs, sel, out, poison, st) -> dict:
+        """An eager run that stops at each data-dependent read-back: synchronize, bind its symbol to
+        the count, and size the launches after it with it (grids and size arguments per run)."""
+        from .codegen.runtime_sizes import expr_eval, runtime_shape
+        where = f"{self.dir}/plan.json"
+        env = dict(self.bind_shapes(inputs)) if self.runtime_sizes else {}
+        ins = self._feed((inputs,), {})
+        outs = [self._out_array(t, out, poison, st) for t in self.plan["outputs"]]
+        if poison:
+            self.arena.fill(0xFF)
+        maxes = {b["id"]: b for b in self.plan["buffers"]}
+        seg = []
+        for j, (l, (gx, ax)) in enumerate(zip(self._launches, self._launch_exprs)):
+            kind, f, grid, block, smem, args, nbytes, oidx = l
+            if gx is not None:
+                grid = tuple(max(1, expr_eval(g, env, where)) for g in gx)
+            if any(e is not None for e in ax):
+                args = [("val", type(a[1])(expr_eval(e, env, where)), 0, 0) if e is not None else a
+                        for a, e in zip(args, ax)]
+            seg.append((kind, f, grid, block, smem, args, nbytes, oidx))
+            sym = self._dd.get(j)
+            if sym is None:
+                continue
+            self._execute(ins, outs, st, seg)
+            seg = []
+            st.synchronize()
+            n = int(self._extent_host[oidx])
+            b = maxes[self.plan["launches"][j]["args"][1]["buf"]]
+            bound = int(np.prod(b["shape"])) // max(1, int(np.prod([d for d in b.get("sym_shape") or ()
+                                                                    if isinstance(d, int)], dtype=np.int64)))
+            if not 0 <= n <= bound:
+                raise NncError(f"{where}: launches[{j}]: read back {sym} = {n}, outside 0..{bound}")
+            env[sym] = n
+        if seg:
+            self._execute(ins, outs, st, seg)
+        self._read_extents(st)
+        res = {}
+        for i, (t, o) in enumerate(zip(self.plan["outputs"], outs)):
+            if t.get("sym_shape"):  # this run's shape: the contiguous prefix of the max-size array
+                shape = tuple(runtime_shape(t, env, where))
+                res[t["name"]] = o.reshape(-1)[: int(np.prod(shape, dtype=np.int64))].reshape(shape)
+            else:
+                res[t["name"]] = self._true_shape(i, t, o)
+        return {n: res[n] for n in sel}
 
     # ------------------------------------------------------------ a range build (runtime sizes)
     GRAPH_CACHE = 8  # CUDA graphs kept per module, one per distinct input shape (least recently used out)
@@ -445,7 +521,9 @@ class Module(api.Module):
         else:
             st = stream
         with st:
-            if getattr(self, "runtime_sizes", None):
+            if getattr(self, "_dd", None):
+                result = self._run_data_dependent(inputs, sel, out, poison, st)
+            elif getattr(self, "runtime_sizes", None):
                 result = self._run_range(inputs, sel, output, out, poison, st)
             elif self.graph is not None:
                 result = self._run_graph(self._feed((inputs,), {}, upload=False), sel, output, out, poison, st)
@@ -549,9 +627,10 @@ class Module(api.Module):
         """A new execution context (nnc.api.Module.context; a nnc.contexts.CudaContext): its own arena, streams, I/O buffers
         and CUDA graph; `slots` pipelined request buffers for run_async (see CudaContext)."""
         from .contexts import CudaContext
-        if getattr(self, "runtime_sizes", None):
-            raise NncError(f"{self.dir}: execution contexts of a range-profile build (runtime sizes) are not "
-                           f"supported yet; use the module's run()")
+        if getattr(self, "runtime_sizes", None) or getattr(self, "_dd", None):
+            raise NncError(f"{self.dir}: execution contexts of a range-profile build (runtime sizes) or of "
+                           f"data-dependent sizes (a NonZero count sized downstream) are not supported yet; "
+                           f"use the module's run()")
         return CudaContext(self, slots=slots)
 
     # ------------------------------------------------------------ raw runs (nnc bench, nnc inspect)
@@ -571,6 +650,9 @@ class Module(api.Module):
     def launch(self, stream) -> None:
         """Queues one run over io_buffers() on stream: the graph replay, or every launch eagerly.
         No copies and no synchronize (so extents of data-dependent outputs are not read)."""
+        if getattr(self, "_dd", None):
+            raise NncError(f"{self.dir}: launches sized by a NonZero count read back mid-run cannot be queued "
+                           f"without the host; use run()")
         if self.graph is not None:
             self.graph.launch(stream)
         else:

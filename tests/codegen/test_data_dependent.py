@@ -120,6 +120,24 @@ def test_unsupported_consumer_is_a_clear_error():
     assert "?" in str(m.main.results[0].type)  # the IR's types came back after the failure
 
 
+def test_runtime_finds_the_binding_readback(tmp_path):
+    """compiler/runtime.py's map {readback launch: symbol} from plan.json (no GPU needed)."""
+    import json
+    from types import SimpleNamespace
+    from nnc.codegen.emit import compile_to_dir
+    from nnc.codegen.options import CodegenOptions
+    from nnc.runtime import Module
+    m = _module(nonzero_gather_model())
+    compile_to_dir(m, tmp_path / "out", options=CodegenOptions(LowerOptions(resolve_target("sm_90"), "fp32",
+                                                                                 False), "nvrtc"))
+    pj = json.loads((tmp_path / "out" / "plan.json").read_text())
+    fake = SimpleNamespace(plan=pj, buffers={b["id"]: b for b in pj["buffers"]}, runtime_sizes={}, dir=tmp_path)
+    rb = [j for j, l in enumerate(pj["launches"]) if l["kind"] == "readback"]
+    assert Module._data_dependent_readbacks(fake) == {rb[0]: "nnc_nz0"}
+    out = {t["name"]: t for t in pj["outputs"]}
+    assert out["r"]["sym_shape"] == [{"sym": "nnc_nz0"}] and out["r"]["max_shape"] == [20]
+
+
 @pytest.mark.gpu
 def test_cuda_runs_like_the_interpreter(tmp_path):
     import nnc
@@ -130,7 +148,7 @@ def test_cuda_runs_like_the_interpreter(tmp_path):
     compile_to_dir(m, tmp_path / "out", options=CodegenOptions(LowerOptions(resolve_target(None), "fp32", False),
                                                               "nvrtc"))
     mod = nnc.load(tmp_path / "out")
-    assert not mod.uses_cuda_graph and "read back" in (mod.graph_fallback or "")
+    assert not mod.uses_cuda_graph and "read-back" in (mod.graph_fallback or "")
     rng = np.random.default_rng(11)
     counts = set()
     for _ in range(2):
