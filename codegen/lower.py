@@ -787,8 +787,11 @@ def lower(module: Module, options: Union[LowerOptions, dict, None] = None,
                 (n, 0, mx, mx) for n, mx in dd.symbols))
         if options.tune and selector is None:  # timing-based selection on the GPU (codegen/tuning.py)
             from .tuning import lower_tuned
-            return lower_tuned(module, options)
+            plan = lower_tuned(module, options)
+            plan.data_dependent = tuple(n for n, _ in dd.symbols) or getattr(plan, "data_dependent", ())
+            return plan
         plan = Lowerer(module, options, selector).run()
+        plan.data_dependent = tuple(n for n, _ in dd.symbols)  # the symbols bound at a read-back
     finally:
         dd.restore()
     plan.tuning = {"mode": "heuristic", "why": options.tune_reason or "tuning off"}
