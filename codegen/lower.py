@@ -792,6 +792,12 @@ def lower(module: Module, options: Union[LowerOptions, dict, None] = None,
             return plan
         plan = Lowerer(module, options, selector).run()
         plan.data_dependent = tuple(n for n, _ in dd.symbols)  # the symbols bound at a read-back
+    except LoweringError as e:
+        if dd.symbols and "takes runtime sizes" in str(e):  # say what it is (and keep onnx_backend's test)
+            raise LoweringError(f"{e} -- here the symbolic size is NonZero's data-dependent count "
+                                f"({', '.join(n for n, _ in dd.symbols)}): CUDA code generation needs static "
+                                f"shapes for this op") from None
+        raise
     finally:
         dd.restore()
     plan.tuning = {"mode": "heuristic", "why": options.tune_reason or "tuning off"}
