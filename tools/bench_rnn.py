@@ -261,13 +261,13 @@ def bench_one(name: str, batch: int, work: Path, precs, pts, floor: dict):
             except Exception as e:
                 r["torch_compile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 cm = None
-        rounds = {k: [] for k in list(mods) + ["torch"] + (["torch_compile"] if cm else [])}
+        rounds = {k: [] for k in list(mods) + ["torch"] + (["torch_compile"] if cm is not None else [])}
         with torch.no_grad():
             for _ in range(ARGS.reps):  # alternate: the peer moves +-30 % between runs on this machine
                 for label, (m, dx, _, _) in mods.items():
                     rounds[label].append(time_cuda(lambda m=m, dx=dx: m.run({"x": dx}), warmup=3, iters=ARGS.iters))
                 rounds["torch"].append(time_cuda(lambda: tm(tx), warmup=3, iters=ARGS.iters))
-                if cm:
+                if cm is not None:
                     rounds["torch_compile"].append(time_cuda(lambda: cm(tx), warmup=3, iters=ARGS.iters))
         for k, v in rounds.items():
             if v:
