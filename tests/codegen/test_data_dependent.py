@@ -160,4 +160,5 @@ def test_cuda_runs_like_the_interpreter(tmp_path):
             assert got["r"].shape == ref["r"].shape
             np.testing.assert_allclose(got["r"], ref["r"], rtol=1e-3, atol=1e-5)
             np.testing.assert_allclose(got["s"], ref["s"], rtol=1e-3, atol=1e-3)
-    assert len(counts) == 4
+    # fresh feeds each round: the empty and the full count every time, partial counts differing per round
+    assert {0, shape[0] * shape[1]} <= counts and len(counts) >= 4
