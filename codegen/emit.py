@@ -203,17 +203,23 @@ def render_sources(plan: Plan, module_name: str, arch: str, precision: str,
     def launch_src(l) -> dict:
         d = {"kind": l.kind, "kernel": l.kernel, "grid": list(l.grid), "block": list(l.block), "smem": l.smem,
              "args": [_arg(plan, a) for a in l.args], "op": l.op, "nbytes": l.nbytes}
-        if l.grid_expr is not None:
-            d["grid"] = [g if isinstance(g, int) else f"(unsigned)({host_c(g, host_names)})" for g in l.grid_expr]
+        if l.grid_expr is not None:  # >= 1 block: a data-dependent count may be 0 (codegen/data_dependent.py)
+            d["grid"] = [g if isinstance(g, int) else f"nnc_grid1((int64_t)({host_c(g, host_names)}))"
+                         for g in l.grid_expr]
         for a, ad in zip(l.args, d["args"]):
             if isinstance(a, Scalar) and a.expr is not None:
                 ad["expr"] = host_c(a.expr, host_names)
         if l.kind == "readback":
             d["output_index"] = _readback_output(plan, l)
+            # a NonZero count sized downstream: the host binds its symbol here (m->sym[k])
+            dd = set(getattr(plan, "data_dependent", ()))
+            syms = [x.name for x in (l.args[1].sym_shape or ()) if isinstance(x, Expr) and x.kind == "sym"
+                    and x.name in dd]
+            d["binds_sym"] = sym_index[syms[0]] if syms else -1
         return d
+    sym_index = {r[0]: i for i, r in enumerate(ranges)}
     jplan_launches = [launch_src(l) for l in plan.launches]
     init_launches = [launch_src(l) for l in plan.init_launches]
-    sym_index = {r[0]: i for i, r in enumerate(ranges)}
 
     def io(b):
         d = dict(_io(plan, b), shape=list(b.shape), max_shape=list(b.shape), max_nbytes=b.nbytes,

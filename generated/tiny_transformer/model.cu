@@ -843,6 +843,10 @@ const size_t kOutputBytes[] = { 4096ULL, 0 };
 const int kOutputDynamicAxis[] = { -1, 0 };
 // a run copies data-dependent extents to the host (readback launches): it synchronizes once, at its end
 const bool kHasReadback = false;
+// a NonZero count that sizes later launches (codegen/data_dependent.py): the run waits for it
+// mid-way, so it never runs as a CUDA graph
+const bool kDataDependent = false;
+inline unsigned nnc_grid1(int64_t g) { return g > 0 ? (unsigned)g : 1u; }
 
 // the weights file is opened without following a symbolic link at its name (like nnc.load)
 FILE* open_nofollow(const std::string& p) {
@@ -1172,6 +1176,7 @@ int nnc_tiny_transformer_run(nnc_tiny_transformer* m, cudaStream_t stream, const
                                             ") is not 16-byte aligned");
   m->last_run_graph = false;
   int rc = NNC_OK;
+  if (kDataDependent) m->graph_refused = true;  // a host wait mid-run: eager (see kDataDependent)
   if (m->use_graph && !m->graph_refused && !graph_bound(m, inputs, outputs) && !capture_run(m, inputs, outputs))
     m->graph_refused = true;
   if (m->use_graph && !m->graph_refused) {
