@@ -215,7 +215,7 @@ class Module(api.Module):
     def _run_data_dependent(self, inputs, sel, out, poison, st) -> dict:
         """An eager run that stops at each data-dependent read-back: synchronize, bind its symbol to
         the count, and size the launches after it with it (grids and size arguments per run)."""
-        from .codegen.runtime_sizes import expr_eval, runtime_shape
+        from .codegen.runtime_sizes import runtime_shape
         where = f"{self.dir}/plan.json"
         env = dict(self.bind_shapes(inputs)) if self.runtime_sizes else {}
         ins = self._feed((inputs,), {})
@@ -224,21 +224,15 @@ class Module(api.Module):
             self.arena.fill(0xFF)
         maxes = {b["id"]: b for b in self.plan["buffers"]}
         seg = []
-        for j, (l, (gx, ax)) in enumerate(zip(self._launches, self._launch_exprs)):
-            kind, f, grid, block, smem, args, nbytes, oidx = l
-            if gx is not None:
-                grid = tuple(max(1, expr_eval(g, env, where)) for g in gx)
-            if any(e is not None for e in ax):
-                args = [("val", type(a[1])(expr_eval(e, env, where)), 0, 0) if e is not None else a
-                        for a, e in zip(args, ax)]
-            seg.append((kind, f, grid, block, smem, args, nbytes, oidx))
+        for j, (l, exprs) in enumerate(zip(self._launches, self._launch_exprs)):
+            seg.append(_sized_launch(l, exprs, env, where))
             sym = self._dd.get(j)
             if sym is None:
                 continue
             self._execute(ins, outs, st, seg)
             seg = []
             st.synchronize()
-            n = int(self._extent_host[oidx])
+            n = int(self._extent_host[l[7]])  # l[7]: the read-back slot of this launch
             b = maxes[self.plan["launches"][j]["args"][1]["buf"]]
             bound = int(np.prod(b["shape"])) // max(1, int(np.prod([d for d in b.get("sym_shape") or ()
                                                                     if isinstance(d, int)], dtype=np.int64)))
@@ -276,17 +270,8 @@ class Module(api.Module):
 
     def _range_launches(self, env: dict) -> list:
         """The run launches with this run's grids and size arguments (codegen/runtime_sizes.py)."""
-        from .codegen.runtime_sizes import expr_eval
         where = f"{self.dir}/plan.json"
-        out = []
-        for (kind, f, grid, block, smem, args, nbytes, oidx), (gx, ax) in zip(self._launches, self._launch_exprs):
-            if gx is not None:
-                grid = tuple(max(1, expr_eval(g, env, where)) for g in gx)
-            if any(e is not None for e in ax):
-                args = [("val", type(a[1])(expr_eval(e, env, where)), 0, 0) if e is not None else a
-                        for a, e in zip(args, ax)]
-            out.append((kind, f, grid, block, smem, args, nbytes, oidx))
-        return out
+        return [_sized_launch(l, exprs, env, where) for l, exprs in zip(self._launches, self._launch_exprs)]
 
     def bind_shapes(self, inputs) -> dict:
         """{symbol: value} of a run of a range build, after profiles.check_run (rank, static dims,
@@ -789,3 +774,17 @@ def load(out_dir, cuda_graph: bool = True) -> Module:
     """Loads a compiled model directory onto the current CUDA device (cuda_graph: replay the run
     as one captured CUDA graph; False: eager launches)."""
     return Module(out_dir, cuda_graph=cuda_graph)
+
+
+def _sized_launch(launch: tuple, exprs: tuple, env: dict, where: str) -> tuple:
+    """One launch with this run's grid and size arguments: `exprs` = (grid expressions or None, one
+    expression or None per argument), evaluated over the bound symbols `env` (codegen/runtime_sizes.py).
+    A grid keeps >= 1 block (a data-dependent count may be 0)."""
+    from .codegen.runtime_sizes import expr_eval
+    kind, f, grid, block, smem, args, nbytes, oidx = launch
+    gx, ax = exprs
+    if gx is not None:
+        grid = tuple(max(1, expr_eval(g, env, where)) for g in gx)
+    if any(e is not None for e in ax):
+        args = [("val", type(a[1])(expr_eval(e, env, where)), 0, 0) if e is not None else a for a, e in zip(args, ax)]
+    return (kind, f, grid, block, smem, args, nbytes, oidx)
