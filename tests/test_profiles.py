@@ -28,7 +28,7 @@ def shared_symbol_model(tmp_path) -> Path:
          helper.make_tensor_value_info("b", TensorProto.FLOAT, ["S", 4]),
          helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["S", 4])])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     p = tmp_path / "shared.onnx"
     onnx.save(m, str(p))
     return p
@@ -285,7 +285,7 @@ def unnamed_dim_model(tmp_path) -> Path:
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4]),
                            helper.make_tensor_value_info("u", TensorProto.FLOAT, ["T", 4])])
     p = tmp_path / "unnamed.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), str(p))
     return p
 
 
@@ -372,7 +372,7 @@ def attention_model(tmp_path) -> Path:
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", 64])],
                           list(w.values()) + [helper.make_tensor("scale", TensorProto.FLOAT, [], [0.125])])
     p = tmp_path / "attn.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), str(p))
     return p
 
 
