@@ -93,18 +93,6 @@ class _Buf:
         self.touched = False
 
 
-def _tree_symbols(trees) -> set:
-    """The symbols a list of plan.json size trees (codegen/runtime_sizes.expr_json) use."""
-    out, todo = set(), list(trees)
-    while todo:
-        t = todo.pop()
-        if isinstance(t, dict):
-            if "sym" in t:
-                out.add(t["sym"])
-            todo.extend(t.get("args") or ())
-    return out
-
-
 class _Action:
     """One thing the executor does, in launch order: compute a step, or copy bytes."""
     __slots__ = ("kind", "step", "names", "dst", "src", "nbytes")
@@ -464,9 +452,9 @@ class PlanExecutor:
         self._apply_sizes()
 
     def _apply_sizes(self) -> None:
-        from .runtime_sizes import expr_eval
+        from .runtime_sizes import expr_eval, tree_symbols
         for b in self.bufs:
-            if b.sym_shape is not None and _tree_symbols(b.sym_shape) <= self._env.keys():
+            if b.sym_shape is not None and tree_symbols(b.sym_shape) <= self._env.keys():
                 b.shape = tuple(expr_eval(d, self._env, self.where) for d in b.sym_shape)
                 b.numel = math.prod(b.shape)
                 if b.numel > b.max_numel:

@@ -28,7 +28,7 @@ the input shapes (bind): each symbolic input dim gives its symbol's value.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Sequence
 
 from ..ir.errors import NncError
 from ..ir.symbolic import Expr, evaluate, floordiv
@@ -75,6 +75,18 @@ def expr_json(d: Dim):
 
 
 MAX_EXPR_DEPTH = 64
+
+
+def tree_symbols(trees) -> set:
+    """The symbols a list of plan.json size trees (expr_json) use."""
+    out, todo = set(), list(trees)
+    while todo:
+        t = todo.pop()
+        if isinstance(t, dict):
+            if "sym" in t:
+                out.add(t["sym"])
+            todo.extend(t.get("args") or ())
+    return out
 
 
 def expr_eval(tree, env: Mapping[str, int], where: str = "plan.json", depth: int = 0) -> int:
