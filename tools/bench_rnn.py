@@ -49,6 +49,7 @@ from export_graphs import clamp_ir_version  # noqa: E402
 from export_rnn_models import MODELS, export  # noqa: E402
 
 SYNCS = ("flags", "barrier", "tagged")  # (--syncs also takes local: one block a direction, where it fits)
+SM_DENSE_FLOPS = 989e12 / 132  # one H100/H200 SM's dense fp16 tensor rate (nominal), FLOP/s
 L2_TBPS = 7.0  # H200 L2 read bandwidth, TB/s (nominal; the h broadcast is L2-resident)
 TOL = {"fp32": 1e-3, "fp16": 1e-2}
 ROWS: list = []
@@ -99,10 +100,12 @@ def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False, half_
                 return default(spec, target, [p for p in space if p["nsb"] == pick])
             rnn.recurrence_default = fewer
         names = ("DEFAULT_SYNC", "DEFAULT_SYNC_SMALL_BATCH", "DEFAULT_KPERM", "DEFAULT_STAGE_BATCH", "DEFAULT_STEP_MMA",
-                 "MMA_MIN_BATCH", "DEFAULT_MMA_WARPS")
+                 "MMA_MIN_BATCH", "DEFAULT_MMA_WARPS", "DEFAULT_ONCHIP", "DEFAULT_ONCHIP_HSPLIT")
         old = [getattr(rnn, n) for n in names]
-        new = (sync, None, bool(ARGS and ARGS.kperm), bool(ARGS and ARGS.stage_batch), bool(step_mma), 1,
-               step_mma if not isinstance(step_mma, bool) else None)
+        onchip = sync.startswith(rnn.ONCHIP)  # onchip: h split by the cell's default; onchip1: h 16-bit; onchip2: hi + lo
+        new = (rnn.ONCHIP if onchip else sync, None, bool(ARGS and ARGS.kperm), bool(ARGS and ARGS.stage_batch),
+               bool(step_mma), 1, step_mma if not isinstance(step_mma, bool) else None, onchip,
+               {"onchip1": False, "onchip2": True}.get(sync))
         for n, v in zip(names, new):
             setattr(rnn, n, v)
         try:
@@ -123,7 +126,7 @@ def code_tag() -> str:
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha1()
     for f in ("codegen/kernels/rnn.py", "codegen/kernels/recurrence.py", "templates/rnn.cu.j2",
-              "templates/rnn_wavefront.cu.j2", "compiler/passes/time_fusion.py", "compiler/passes/layer_wavefront.py"):
+              "templates/rnn_wavefront.cu.j2", "templates/rnn_onchip.cu.j2", "compiler/passes/time_fusion.py", "compiler/passes/layer_wavefront.py"):
         p = root / f
         h.update(p.read_bytes() if p.exists() else b"")
     return h.hexdigest()[:8]
@@ -133,7 +136,7 @@ def points() -> list:
     """(label, sync, step_mma, half_blocks, stack) of the nnc builds each row times: every sync x
     step, then (--stack) the layer-wavefront pass's forms: "wave" (the wavefront kernel) and
     "<sync>_stk" (the hoisted form: per layer the recurrence at that sync's default point)."""
-    kinds = {"fma": False, "mma": True, "mma4": 4, "mma8": 8}
+    kinds = {"fma": False, "mma": True, "mma4": 4, "mma8": 8, "mma16": 16}
     names = ("fma,mma" if ARGS.step_mma == "both" else ARGS.step_mma).split(",") if ARGS else ["fma"]
     syncs = [s for s in (ARGS.syncs.split(",") if ARGS else SYNCS) if s]
     pts = [(sync + ("" if n == "fma" else "_" + n), sync, kinds[n.rstrip("hq")], n[-1] if n[-1] in "hq" else False,
@@ -149,7 +152,7 @@ def points() -> list:
 
 
 def rec_launches(plan: dict) -> list:
-    return [i for i, l in enumerate(plan["launches"]) if (l.get("kernel") or "").startswith("nnc_coop_")]
+    return [i for i, l in enumerate(plan["launches"]) if (l.get("kernel") or "").startswith(("nnc_coop_", "nnc_rnn_onchip"))]
 
 
 def rec_params(plan: dict) -> list:
@@ -161,6 +164,10 @@ def step_bound_us(spec_params: dict, sync_us: float) -> float:
     """Bytes one step of one layer moves over L2 bandwidth, plus one synchronisation."""
     p = spec_params
     D, B, H, NG = p["D"], p["B"], p["H"], p["NG"]
+    if p.get("sync") == "onchip":  # h stays in the block: G[t] and y[t] over L2, plus the MMAs on one SM
+        mp = -(-B // 16) * 16
+        flops = 2.0 * mp * NG * H * H * (2 if p.get("HSPLIT") else 1)
+        return (D * B * (NG * H * 4 + H * 2)) / (L2_TBPS * 1e12) * 1e6 + flops / SM_DENSE_FLOPS * 1e6
     esz = 4 if p["rt"] == "float" else 2
     # h between steps: fp32, or the storage dtype (mma); tagged: {fp32, tag} 8 bytes, {16-bit, tag} 4
     hsz = {"float": 4, "unsigned int": 4 if p.get("STEP_MMA") else 8}.get(p.get("ht", "float"), 2)
@@ -239,7 +246,8 @@ def bench_one(name: str, batch: int, work: Path, precs, pts, floor: dict):
                     r[f"note_{label}"] = "not every recurrence took the tensor-core step (space: fp16/bf16, H % 8)"
                 if stack and stack.startswith("wavefront") and not any("wavefront" in (la.get("kernel") or "") for la in m.plan["launches"]):
                     r[f"note_{label}"] = "no wavefront kernel: layer-wavefront stacked nothing (bidirectional?)"
-                if not (stack and stack.startswith("wavefront")) and any(p.get("sync") != sync for p in rec_params(m.plan)):
+                if not (stack and stack.startswith("wavefront")) and any(
+                        p.get("sync") != ("onchip" if sync.startswith("onchip") else sync) for p in rec_params(m.plan)):
                     r[f"note_sync_{label}"] = (f"not every recurrence has sync {sync} (local: one block a direction, "
                                                f"only where R, h and B*H gate threads fit one SM)")
                 mods[label] = (m, cp.asarray(xin), xin, sync)
@@ -293,7 +301,7 @@ def bench_one(name: str, batch: int, work: Path, precs, pts, floor: dict):
                     r[f"step_bound_us_{label}"] = step_bound_us(ps[-1], floor.get(sync, 1.0))
                     r[f"rec_params_{label}"] = {k: ps[-1].get(k) for k in ("NSB", "HS", "TR", "TB", "KS", "NTHR", "R_SMEM",
                                                                             "KPERM", "STAGE_BATCH", "STEP_MMA", "NW",
-                                                                            "MP", "NP")}
+                                                                            "MP", "NP", "sync", "U", "HSPLIT", "PF")}
                 r["launches"] = len(m.plan["launches"])
             except Exception as e:
                 r[f"per_step_error_{label}"] = f"{type(e).__name__}: {str(e)[:200]}"

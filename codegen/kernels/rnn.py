@@ -280,6 +280,8 @@ def _staging_clocks(spec: RecurrenceSpec, step_mma: bool, blocks: int) -> float:
 
 def point_layout(spec: RecurrenceSpec, params: dict) -> dict:
     """The geometry of a point of recurrence_space (either step)."""
+    if params["sync"] == ONCHIP:
+        return onchip_layout(spec, params["mma_warps"], bool(params["hsplit"]))
     if params.get("step_mma"):
         return _mma_layout(spec, params["nsb"], params["threads"])
     return _layout(spec, params["nsb"], params["tr"], params["tb"], params["r_smem"])
@@ -290,6 +292,9 @@ def point_cost(spec: RecurrenceSpec, params: dict) -> float:
     MMA_MIN_BATCH's model; the selector can time the points instead)."""
     mma = bool(params.get("step_mma"))
     lay = point_layout(spec, params)
+    if params["sync"] == ONCHIP:  # no staging: the matvec over all of R on one SM, hi (+ lo)
+        nmma = lay["MT"] * lay["NT"] * (spec.H // 16) * (2 if params["hsplit"] else 1)
+        return 100.0 + nmma * 4.0 / 4 + 30.0 * (spec.H // 16)
     if mma:
         core = _mma_cost(spec, lay)
     else:
@@ -315,6 +320,90 @@ def _mma_points(spec: RecurrenceSpec, target: Target, nsb: int, syncs=None) -> l
             out.append(dict(sync=sync, nsb=lay["NSB"], tr=None, tb=None, ks=None, threads=threads, r_smem=True,
                             kperm=False, stage_batch=False, step_mma=True, mma_warps=warps))
     return out
+
+
+# ---- the on-chip recurrence (sync ONCHIP, templates/rnn_onchip.cu.j2): one block a direction holds
+# the direction's whole R in smem and h never leaves it; the matvec on tensor cores split over warps
+# by hidden unit, so every gate of a (batch, unit) lands in one thread's accumulators
+ONCHIP = "onchip"
+ONCHIP_WARPS = (16, 8, 4)
+ONCHIP_MAX_MT = 4  # batch <= 64: the m-tiles a thread's accumulators hold
+# from this batch the heuristic takes the on-chip step where it applies (the tensor-core step's
+# own crossover, MMA_MIN_BATCH; below, the latency-bound batches keep the measured tagged /
+# wavefront kernels, which spread the matvec over many SMs)
+ONCHIP_MIN_BATCH = 8
+DEFAULT_ONCHIP = True
+DEFAULT_ONCHIP_WARPS = 8
+# h as hi + lo 16-bit operands (twice the MMAs): None = for the cells whose only state is h (RNN, the
+# reason MMA_CELLS leaves RNN out of the tensor-core step); True / False forces it (tools/bench_rnn.py)
+DEFAULT_ONCHIP_HSPLIT = None
+
+
+def onchip_layout(spec: RecurrenceSpec, warps: int, hsplit: bool) -> Optional[dict]:
+    """Geometry of the on-chip step with `warps` warps, or None where it does not apply: R [NG*H][PITCH]
+    and the h tiles [2 (hi, lo: 4)][MP][PITCH] in the storage dtype (PITCH = H + 8: the 8 rows of one
+    ldmatrix phase on distinct banks)."""
+    H = spec.H
+    if spec.storage not in MMA_STORAGE or H % 16 or H % (8 * warps):
+        return None
+    u = H // warps
+    mp = -(-spec.B // 16) * 16
+    mt, nt = mp // 16, spec.gates * u // 8
+    pitch = H + 8
+    esz = ESIZE[spec.storage]
+    r_bytes = spec.gates * H * pitch * esz
+    smem = r_bytes + (4 if hsplit else 2) * mp * pitch * esz
+    pos = mt * (u // 8) * 4  # (batch, unit) positions a thread owns
+    pf = pos * spec.gates <= 32  # G[t] one step ahead while registers allow
+    regs = mt * nt * 4 * (2 if hsplit else 1) + pos * (2 if spec.kind == "LSTM" else 1) + pos * spec.gates * (2 if pf else 1)
+    return dict(HS=H, NSB=1, U=u, MP=mp, MT=mt, NT=nt, PITCH=pitch, R_BYTES=r_bytes, smem=smem, PF=pf, regs=regs)
+
+
+def _onchip_points(spec: RecurrenceSpec, target: Target) -> list[dict]:
+    out = []
+    if -(-spec.B // 16) > ONCHIP_MAX_MT:
+        return out
+    for warps in ONCHIP_WARPS:
+        for hsplit in (False, True):
+            lay = onchip_layout(spec, warps, hsplit)
+            if lay is None or lay["smem"] > target.smem_per_block_optin or lay["regs"] > 160:
+                continue
+            out.append(dict(sync=ONCHIP, nsb=1, tr=None, tb=None, ks=None, threads=32 * warps, r_smem=True, kperm=False,
+                            stage_batch=False, step_mma=True, mma_warps=warps, hsplit=hsplit))
+    return out
+
+
+def onchip_hsplit(spec: RecurrenceSpec) -> bool:
+    return spec.kind == "RNN" if DEFAULT_ONCHIP_HSPLIT is None else bool(DEFAULT_ONCHIP_HSPLIT)
+
+
+def _onchip_default(spec: RecurrenceSpec, space: list, forced: bool) -> Optional[dict]:
+    """The heuristic's on-chip point (DEFAULT_ONCHIP_WARPS warps, else the most), or None."""
+    if not (forced or (DEFAULT_ONCHIP and spec.B >= ONCHIP_MIN_BATCH)):
+        return None
+    pts = [p for p in space if p["sync"] == ONCHIP]
+    want = [p for p in pts if p["hsplit"] == onchip_hsplit(spec)] or pts
+    for p in want:
+        if p["mma_warps"] == (DEFAULT_MMA_WARPS or DEFAULT_ONCHIP_WARPS):
+            return dict(p)
+    return dict(want[0]) if want else None
+
+
+def onchip_render_params(spec: RecurrenceSpec, params: dict) -> dict:
+    g, y, st = spec.strides()
+    lay = onchip_layout(spec, params["mma_warps"], bool(params["hsplit"]))
+    if lay is None:
+        raise ValueError(f"the on-chip step does not take {spec.kind} hidden {spec.H} {spec.storage} at {params['mma_warps']} warps")
+    return dict(kind=spec.kind, S=spec.S, B=spec.B, D=spec.D, H=spec.H, NG=spec.gates, direction=spec.direction,
+                acts=spec.acts or _default_acts(spec.kind, spec.D), clip=None if spec.clip is None else float(spec.clip),
+                input_forget=bool(spec.input_forget), rt=CT[spec.storage], gt=CT[spec.g_dtype],
+                lt=TABLE[spec.lens_dtype].ctype, g_st=g[0], g_sb=g[1], g_sd=g[2], y_st=y[0], y_sb=y[1], y_sd=y[2],
+                st_sb=st[0], st_sd=st[1], has_h0=spec.has_h0, has_c0=spec.has_c0 and spec.kind == "LSTM",
+                has_p=spec.has_peep and spec.kind == "LSTM", has_rbh=spec.has_rbh and spec.kind == "GRU",
+                rbh_sd=spec.H if spec.rbh_sd is None else spec.rbh_sd, rbh_off=spec.rbh_off, has_lens=spec.has_lens,
+                has_y=spec.has_y, has_yh=spec.has_yh, has_yc=spec.has_yc and spec.kind == "LSTM", sync=ONCHIP,
+                NTHR=params["threads"], U=lay["U"], MP=lay["MP"], PITCH=lay["PITCH"], HSPLIT=bool(params["hsplit"]),
+                PF=lay["PF"])
 
 
 def _blocks_per_dir(spec: RecurrenceSpec, target: Target) -> int:
@@ -366,6 +455,7 @@ def recurrence_space(spec: RecurrenceSpec, target: Target) -> list[dict]:
         out += _mma_points(spec, target, nsb)
     # one block a direction when its whole R (and h, and a gate thread a batch x unit) fits: h stays
     # in that block's smem between steps, __syncthreads the only sync (sync LOCAL)
+    out += _onchip_points(spec, target)
     if top > 1 and spec.B * spec.H <= 1024:
         out += _fma_points(spec, _fma_tilings(spec, target, 1, True), True, (LOCAL,))
         out += _mma_points(spec, target, 1, (LOCAL,))
@@ -427,6 +517,10 @@ def recurrence_default(spec: RecurrenceSpec, target: Target, space: Optional[lis
     """The heuristic: the first of the space (most blocks, R on chip, best-modelled tiling) with
     default_sync's scheme; the tensor-core step's cheapest-modelled point from MMA_MIN_BATCH."""
     space = recurrence_space(spec, target) if space is None else space
+    onchip = _onchip_default(spec, space, forced=DEFAULT_SYNC == ONCHIP)
+    if onchip is not None:
+        return onchip
+    space = [p for p in space if p["sync"] != ONCHIP] or space
     mma = mma_by_default(spec)
     if mma and any(p.get("step_mma") for p in space):
         sync = default_sync(spec, True, space)
@@ -488,7 +582,10 @@ def _tag_inflight(spec: RecurrenceSpec, params: dict) -> int:
 
 
 def render_params(spec: RecurrenceSpec, params: dict) -> dict:
-    """Template parameters of the "rec" kernel for spec and a point of its space."""
+    """Template parameters of the "rec" kernel (rnn.cu.j2) for spec and a point of its space; of the
+    on-chip kernel (rnn_onchip.cu.j2) for an ONCHIP point."""
+    if params["sync"] == ONCHIP:
+        return onchip_render_params(spec, params)
     g, y, st = spec.strides()
     mma = bool(params.get("step_mma", False))
     if mma and not _mma_ok(spec):
@@ -590,6 +687,13 @@ def emit_recurrence(ctx: LowerCtx, spec: RecurrenceSpec, params: Optional[dict] 
     params = dict(params) if params else recurrence_default(spec, ctx.target)
     _check_buffers(ctx, spec, h0, c0, peep, rbh, lens, y, yh, yc)
     tp = render_params(spec, params)
+    if params["sync"] == ONCHIP:  # one ordinary launch of D blocks: no sync words, no h in global
+        k = ctx.render("rnn_onchip.cu.j2", f"rnn_onchip_{spec.kind.lower()}", **tp)
+        args = [g, r] + [b for b, on in ((rbh, tp["has_rbh"]), (lens, tp["has_lens"]), (peep, tp["has_p"]),
+                                         (h0, tp["has_h0"]), (c0, tp["has_c0"]), (y, tp["has_y"]), (yh, tp["has_yh"]),
+                                         (yc, tp["has_yc"])) if on]
+        ctx.launch(k, spec.D, params["threads"], args + [ctx.i32(0)], smem=point_layout(spec, params)["smem"])
+        return params
     lay = point_layout(spec, params)
     nwords, nhw = sync_words(spec, params), h_words(spec, params)
     words = ctx.temp("u32", (nwords,), "rnn_sync")

@@ -43,14 +43,20 @@ def test_space_declares_every_sync_and_fits_smem():
         spec = rnn.RecurrenceSpec(kind=kind, S=8, B=B, D=D, H=H, storage=st,
                                   direction="bidirectional" if D == 2 else "forward")
         space = rnn.recurrence_space(spec, SM90)
-        assert {p["sync"] for p in space} == set(rnn.SYNCS) == {"flags", "barrier", "tagged"}
+        assert {p["sync"] for p in space} - {rnn.ONCHIP} == set(rnn.SYNCS) == {"flags", "barrier", "tagged"}
+        assert any(p["sync"] == rnn.ONCHIP for p in space) == (kind == "RNN"), "R on one SM: only RNN 256 fp16"
         for p in space:
             lay = rnn.point_layout(spec, p)
             assert lay["smem"] <= SM90.smem_per_block_optin and D * lay["NSB"] <= SM90.sm_count
-            assert p["threads"] % 32 == 0 and p["threads"] <= 1024 and p["threads"] >= B * lay["HS"]
+            assert p["threads"] % 32 == 0 and p["threads"] <= 1024
+            if p["sync"] != rnn.ONCHIP:  # (on-chip: a thread owns several positions of the mma fragments)
+                assert p["threads"] >= B * lay["HS"]
         assert any(p["step_mma"] for p in space) == (st == "f16"), "the tensor-core step: fp16/bf16 only"
         assert space[0]["r_smem"], (kind, H, B, "R fits on chip for the issue's models")
         d = rnn.recurrence_default(spec, SM90)
+        if d["sync"] == rnn.ONCHIP:
+            assert d in space and B >= rnn.ONCHIP_MIN_BATCH
+            continue
         assert d in space and d["sync"] == rnn.default_sync(spec, d["step_mma"], space)
         assert d["step_mma"] == (st == "f16" and rnn.mma_by_default(spec))
 
@@ -98,6 +104,8 @@ def test_every_point_compiles(name, tmp_path, monkeypatch):
     # a covering subset (the CPU is small): every (sync, kperm, stage_batch) and every geometry once
     seen, todo = set(), []
     for params in got:
+        if params["sync"] == rnn.ONCHIP:
+            continue  # another template (rnn_onchip.cu.j2): tests/codegen/test_rnn_onchip.py compiles its points
         keys = {("flags", params["sync"], params.get("kperm"), params.get("stage_batch"), params["step_mma"]),
                 ("geometry", params["nsb"], params["tr"], params["tb"], params["ks"], params["r_smem"],
                  params["threads"] if params["step_mma"] else None)}

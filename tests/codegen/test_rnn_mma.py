@@ -27,6 +27,13 @@ from nnc.onnx_import import import_model
 from .test_rnn_cuda import rnn_model
 
 SM90A = for_arch("sm_90a")
+
+
+@pytest.fixture(autouse=True)
+def _persistent_kernel(monkeypatch):
+    """These tests are of rnn.cu.j2's tensor-core step: the heuristic's on-chip kernel (rnn_onchip.cu.j2,
+    where R fits one SM: tests/codegen/test_rnn_onchip.py) is kept out of their pipelines."""
+    monkeypatch.setattr(rnn, "DEFAULT_ONCHIP", False)
 ISSUE_SHAPES = (("LSTM", 512, 1), ("GRU", 800, 2), ("LSTM", 1024, 1), ("RNN", 256, 1))  # kind, hidden, directions
 
 

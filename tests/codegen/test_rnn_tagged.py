@@ -54,6 +54,7 @@ def _compiled(tmp_path, kind, dt, B, *, mma, monkeypatch, **kw):
     monkeypatch.setattr(rnn, "DEFAULT_SYNC", "tagged")
     monkeypatch.setattr(rnn, "DEFAULT_SYNC_SMALL_BATCH", None)
     monkeypatch.setattr(rnn, "DEFAULT_STEP_MMA", mma)
+    monkeypatch.setattr(rnn, "DEFAULT_ONCHIP", False)  # the persistent kernel of rnn.cu.j2, not the on-chip one
     monkeypatch.setattr(rnn, "MMA_MIN_BATCH", 1)
     monkeypatch.setattr(rnn, "MMA_CELLS", ("LSTM", "GRU", "RNN"))
     if kind == "GRU":
@@ -89,6 +90,7 @@ def test_tagged_renders_and_compiles_sm90a(kind, dt, mma, B, kw, tmp_path, monke
         monkeypatch.setattr(rnn, "DEFAULT_SYNC", "tagged")
         monkeypatch.setattr(rnn, "DEFAULT_SYNC_SMALL_BATCH", None)
         monkeypatch.setattr(rnn, "DEFAULT_STEP_MMA", True)
+        monkeypatch.setattr(rnn, "DEFAULT_ONCHIP", False)
         monkeypatch.setattr(rnn, "MMA_MIN_BATCH", 1)
         monkeypatch.setattr(rnn, "MMA_CELLS", ("LSTM", "GRU", "RNN"))
         model, _ = rnn_model(kind, dt=np.float32, Bn=B, **kw)
@@ -135,6 +137,7 @@ def _build(d, kind, dt, B, *, mma, sync, params=None, monkeypatch, **kw):
     monkeypatch.setattr(rnn, "DEFAULT_SYNC", sync)
     monkeypatch.setattr(rnn, "DEFAULT_SYNC_SMALL_BATCH", None)
     monkeypatch.setattr(rnn, "DEFAULT_STEP_MMA", mma)
+    monkeypatch.setattr(rnn, "DEFAULT_ONCHIP", sync == rnn.ONCHIP)
     monkeypatch.setattr(rnn, "MMA_MIN_BATCH", 1)
     monkeypatch.setattr(rnn, "MMA_CELLS", ("LSTM", "GRU", "RNN"))
     if params is not None:

@@ -1,0 +1,158 @@
+"""The on-chip recurrence (codegen/kernels/rnn.py ONCHIP, templates/rnn_onchip.cu.j2): one block a
+direction holds its whole R in shared memory, the step's matvec on tensor cores split by hidden unit,
+h never leaves the block. CPU: which specs get such points and which the heuristic takes, what it
+renders (an ordinary launch of D blocks, no sync words, no global h), NVRTC sm_90a of each cell with
+the options (h0 / c0, peepholes, lens, clip, reverse / bidirectional, hi + lo h, layout 1) and a
+numpy emulation of its arithmetic (fp16 operands, fp32 accumulate; hi + lo) against fp32. GPU:
+against the interpreter (contractive weights) and against the tagged persistent kernel at fp16
+(different kernels: agreement within the fp16 tolerance) on fresh random inputs with poisoned
+outputs, three runs each."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nnc.codegen.kernels import rnn
+from nnc.codegen.target import for_arch
+
+from .test_rnn_cuda import _compare, _feed
+from .test_rnn_tagged import _build, _gpu
+
+SM90 = for_arch("sm_90a")
+
+
+def _spec(kind, H, B, st="f16", D=1):
+    return rnn.RecurrenceSpec(kind=kind, S=8, B=B, D=D, H=H, storage=st,
+                              direction="bidirectional" if D == 2 else "forward")
+
+
+def _onchip(spec):
+    return [p for p in rnn.recurrence_space(spec, SM90) if p["sync"] == rnn.ONCHIP]
+
+
+def test_points_only_where_one_sm_holds_r_at_16_bits():
+    pts = _onchip(_spec("RNN", 256, 16))                 # R 256 x 264 fp16: 135 KB
+    assert {(p["mma_warps"], p["hsplit"]) for p in pts} >= {(8, False), (8, True), (16, True)}
+    assert all(rnn.point_layout(_spec("RNN", 256, 16), p)["smem"] <= SM90.smem_per_block_optin for p in pts)
+    assert not _onchip(_spec("RNN", 256, 16, st="f32"))  # fp32 R: no tensor-core operand
+    assert not _onchip(_spec("LSTM", 512, 16))           # 2 MB of R: no
+    assert not _onchip(_spec("GRU", 800, 16))
+    assert not _onchip(_spec("RNN", 72, 16))             # hidden % 16
+    assert not _onchip(_spec("RNN", 256, 65))            # more m-tiles than a thread's accumulators hold
+    assert _onchip(_spec("LSTM", 128, 32, D=2)) and _onchip(_spec("GRU", 128, 8, st="bf16"))
+
+
+def test_heuristic_takes_it_from_min_batch_with_hsplit_for_plain_rnn():
+    for B in (1, rnn.ONCHIP_MIN_BATCH - 1):
+        assert rnn.recurrence_default(_spec("RNN", 256, B), SM90)["sync"] != rnn.ONCHIP
+    p = rnn.recurrence_default(_spec("RNN", 256, 16), SM90)
+    assert p["sync"] == rnn.ONCHIP and p["hsplit"] and p["mma_warps"] == rnn.DEFAULT_ONCHIP_WARPS
+    p = rnn.recurrence_default(_spec("LSTM", 128, 16), SM90)
+    assert p["sync"] == rnn.ONCHIP and not p["hsplit"]   # c carries the state in fp32
+    assert rnn.recurrence_default(_spec("LSTM", 512, 16), SM90)["sync"] != rnn.ONCHIP
+
+
+def _emulate(R, G, h0, hsplit, act=np.tanh):
+    """The kernel's arithmetic for a plain RNN in numpy: h operands rounded to fp16 (hi, and lo =
+    h - hi rounded), R fp16, products summed in fp32, the state kept in fp32."""
+    h = h0.astype(np.float32)
+    Rf = R.astype(np.float16).astype(np.float32)
+    for t in range(G.shape[0]):
+        hi = h.astype(np.float16).astype(np.float32)
+        acc = hi @ Rf.T
+        if hsplit:
+            acc += (h - hi).astype(np.float16).astype(np.float32) @ Rf.T
+        h = act(G[t] + acc).astype(np.float32)
+    return h
+
+
+def test_hsplit_keeps_plain_rnn_near_fp32():
+    """Why HSPLIT exists: with a near-critical R (spectral radius ~1, as RNN weights trained on long
+    sequences are), rounding h to fp16 at every step drifts; hi + lo tracks fp32 ~100x closer."""
+    rng = np.random.default_rng(3)
+    H, B, S = 256, 16, 256
+    R = (rng.standard_normal((H, H)) * (1.0 / np.sqrt(H))).astype(np.float16)
+    G = (rng.standard_normal((S, B, H)) * 0.5).astype(np.float32)
+    h0 = np.zeros((B, H), np.float32)
+    ref = h0.astype(np.float64)
+    Rd = R.astype(np.float64)
+    for t in range(S):
+        ref = np.tanh(G[t] + ref @ Rd.T)
+    one = float(np.max(np.abs(_emulate(R, G, h0, False) - ref)))
+    two = float(np.max(np.abs(_emulate(R, G, h0, True) - ref)))
+    assert two < 1e-4 and two * 20 < one, (one, two)
+
+
+COMPILE = [("RNN", np.float16, 16, dict(H=256, I=16, S=4)),
+           ("RNN", np.float16, 8, dict(H=64, I=16, S=4, clip=1.5, h0=True, direction="reverse", layout=1)),
+           ("LSTM", np.float16, 16, dict(H=64, I=16, S=4, h0=True, c0=True, peep=True, direction="bidirectional")),
+           ("LSTM", "bf16", 24, dict(H=128, I=16, S=4, lens=[4, 2, 3] * 8, input_forget=1)),
+           ("GRU", np.float16, 12, dict(H=64, I=16, S=4, h0=True, direction="bidirectional"))]
+CIDS = [f"{c[0]}-{c[1] if isinstance(c[1], str) else np.dtype(c[1]).name}-b{c[2]}" for c in COMPILE]
+
+
+@pytest.mark.parametrize("kind,dt,B,kw", COMPILE, ids=CIDS)
+@pytest.mark.parametrize("hsplit", [False, True])
+def test_renders_and_compiles_sm90a(kind, dt, B, kw, hsplit, tmp_path, monkeypatch):
+    if _gpu():
+        pytest.skip("the GPU tests below compile for the device")
+    import json
+
+    import nnc
+    import nnc.codegen.emit as emit
+    from . import test_rnn_tagged as tt
+    from .test_rnn_cuda import rnn_model
+    monkeypatch.setattr(rnn, "DEFAULT_ONCHIP_HSPLIT", hsplit)
+    if dt == "bf16":  # the model in fp32, compiled at bf16
+        monkeypatch.setattr(rnn, "DEFAULT_SYNC", rnn.ONCHIP)
+        model, _ = rnn_model(kind, dt=np.float32, Bn=B, **kw)
+        nnc.compile(model, out=str(tmp_path), backend="reference", codegen=True, precision="bf16", arch="sm_90a").close()
+        plan = json.loads((tmp_path / "plan.json").read_text())
+    else:
+        monkeypatch.setattr(tt, "compile_to_dir", lambda mod, d, arch=None: emit.compile_to_dir(mod, d, arch="sm_90a"))
+        _, plan, _ = _build(tmp_path, kind, dt, B, mma=True, sync=rnn.ONCHIP, monkeypatch=monkeypatch, **kw)
+    recs = [k for k in plan["kernels"] if k["params"].get("sync") == rnn.ONCHIP]
+    assert len(recs) == 1, [k["name"] for k in plan["kernels"]]
+    p = recs[0]["params"]
+    assert p["HSPLIT"] == hsplit and p["kind"] == kind
+    launch = [l for l in plan["launches"] if l["kernel"] == recs[0]["name"]]
+    assert len(launch) == 1 and list(launch[0]["grid"])[:1] == [p["D"]] and not recs[0]["name"].startswith("nnc_coop_")
+    assert not any("sync_init" in k["name"] for k in plan["kernels"]), "no sync words to reset"
+    assert list(tmp_path.glob("model.*.cubin")), "NVRTC wrote no cubin"
+    src = (tmp_path / "model.cu").read_text()
+    body = src[src.index(recs[0]["name"] + "("):]
+    loop = body[body.index("for (int step = 0; step < S; ++step)"):]
+    loop = loop[:loop.index("#undef")]
+    assert loop.count("__syncthreads()") == 1, "one block barrier a step"
+    for gone in ("relaxed", "release", "hbuf", "sync_words"):
+        assert gone not in loop, gone
+    assert ("accl[" in loop) == hsplit
+
+
+GPU_CASES = [("RNN", np.float16, 16, dict(H=256, I=24, S=40)),
+             ("RNN", np.float16, 9, dict(H=128, I=24, S=17, clip=1.5, h0=True, direction="bidirectional")),
+             ("LSTM", np.float16, 16, dict(H=64, I=24, S=9, direction="bidirectional", peep=True, h0=True, c0=True)),
+             ("LSTM", np.float16, 33, dict(H=128, I=24, S=7, direction="reverse", layout=1)),
+             ("GRU", np.float16, 20, dict(H=64, I=24, S=9, lens=[9, 4, 1, 7] * 5, h0=True))]
+GIDS = [f"{c[0]}-b{c[2]}-S{c[3]['S']}" for c in GPU_CASES]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,dt,B,kw", GPU_CASES, ids=GIDS)
+@pytest.mark.parametrize("hsplit", [False, True])
+def test_gpu_onchip_matches_interpreter_and_tagged(kind, dt, B, kw, hsplit, tmp_path, monkeypatch, rng):
+    import nnc
+    monkeypatch.setattr(rnn, "DEFAULT_ONCHIP_HSPLIT", hsplit)
+    mod, plan, spec = _build(tmp_path / "onchip", kind, dt, B, mma=True, sync=rnn.ONCHIP, monkeypatch=monkeypatch, **kw)
+    recs = [k["params"] for k in plan["kernels"] if k["params"].get("sync") == rnn.ONCHIP]
+    assert len(recs) == 1 and recs[0]["HSPLIT"] == hsplit
+    _build(tmp_path / "tagged", kind, dt, B, mma=False, sync="tagged", monkeypatch=monkeypatch, **kw)
+    onchip, tagged = nnc.load(tmp_path / "onchip"), nnc.load(tmp_path / "tagged")
+    for i in range(3):
+        feed = _feed(spec, rng)
+        _compare(f"{kind}/onchip/hsplit={hsplit}/run{i}", tmp_path / "onchip", mod, feed)
+        got, want = onchip.run(feed, output="numpy", poison=True), tagged.run(feed, output="numpy", poison=True)
+        for k, w in want.items():
+            g, w = got[k].astype(np.float64), w.astype(np.float64)
+            diff = float(np.max(np.abs(g - w))) / max(1.0, float(np.max(np.abs(w)))) if w.size else 0.0
+            assert diff <= 1e-2, f"run {i} {k}: onchip vs tagged max rel diff {diff:.3g}"
