@@ -332,7 +332,12 @@ ONCHIP_MAX_MT = 4  # batch <= 64: the m-tiles a thread's accumulators hold
 # own crossover, MMA_MIN_BATCH; below, the latency-bound batches keep the measured tagged /
 # wavefront kernels, which spread the matvec over many SMs)
 ONCHIP_MIN_BATCH = 8
-DEFAULT_ONCHIP = True
+# off by default: correct but measured slower than the tagged persistent kernel (H200, 2026-12-04 18:40 UTC,
+# tools/bench_rnn.py, RNN 2x256 seq 256 b16 fp16, median of 3 rounds, ms (us a step): onchip 8 warps 1.698
+# (3.27), 4 warps 1.750, 16 warps 1.717; hi + lo 1.873 (3.62); tagged 1.179 (2.25); cuDNN 0.721; ptxas: 86
+# registers, no spills). The step is latency-bound on one SM (the serial ldmatrix -> mma chain over K, the
+# gate math of 16 positions a thread), not on the 0.28 us of its MMAs; it stays in the space for the selector
+DEFAULT_ONCHIP = False
 DEFAULT_ONCHIP_WARPS = 8
 # h as hi + lo 16-bit operands (twice the MMAs): None = for the cells whose only state is h (RNN, the
 # reason MMA_CELLS leaves RNN out of the tensor-core step); True / False forces it (tools/bench_rnn.py)
