@@ -394,11 +394,10 @@ def _onchip_default(spec: RecurrenceSpec, space: list, forced: bool) -> Optional
     return dict(want[0]) if want else None
 
 
-def onchip_render_params(spec: RecurrenceSpec, params: dict) -> dict:
+def _cell_params(spec: RecurrenceSpec) -> dict:
+    """The template parameters both recurrence kernels (rnn.cu.j2 "rec", rnn_onchip.cu.j2) take from
+    the spec: the cell, its dtypes, strides and optional operands."""
     g, y, st = spec.strides()
-    lay = onchip_layout(spec, params["mma_warps"], bool(params["hsplit"]))
-    if lay is None:
-        raise ValueError(f"the on-chip step does not take {spec.kind} hidden {spec.H} {spec.storage} at {params['mma_warps']} warps")
     return dict(kind=spec.kind, S=spec.S, B=spec.B, D=spec.D, H=spec.H, NG=spec.gates, direction=spec.direction,
                 acts=spec.acts or _default_acts(spec.kind, spec.D), clip=None if spec.clip is None else float(spec.clip),
                 input_forget=bool(spec.input_forget), rt=CT[spec.storage], gt=CT[spec.g_dtype],
@@ -406,9 +405,15 @@ def onchip_render_params(spec: RecurrenceSpec, params: dict) -> dict:
                 st_sb=st[0], st_sd=st[1], has_h0=spec.has_h0, has_c0=spec.has_c0 and spec.kind == "LSTM",
                 has_p=spec.has_peep and spec.kind == "LSTM", has_rbh=spec.has_rbh and spec.kind == "GRU",
                 rbh_sd=spec.H if spec.rbh_sd is None else spec.rbh_sd, rbh_off=spec.rbh_off, has_lens=spec.has_lens,
-                has_y=spec.has_y, has_yh=spec.has_yh, has_yc=spec.has_yc and spec.kind == "LSTM", sync=ONCHIP,
-                NTHR=params["threads"], U=lay["U"], MP=lay["MP"], PITCH=lay["PITCH"], HSPLIT=bool(params["hsplit"]),
-                PF=lay["PF"])
+                has_y=spec.has_y, has_yh=spec.has_yh, has_yc=spec.has_yc and spec.kind == "LSTM")
+
+
+def onchip_render_params(spec: RecurrenceSpec, params: dict) -> dict:
+    lay = onchip_layout(spec, params["mma_warps"], bool(params["hsplit"]))
+    if lay is None:
+        raise ValueError(f"the on-chip step does not take {spec.kind} hidden {spec.H} {spec.storage} at {params['mma_warps']} warps")
+    return dict(_cell_params(spec), sync=ONCHIP, NTHR=params["threads"], U=lay["U"], MP=lay["MP"], PITCH=lay["PITCH"],
+                HSPLIT=bool(params["hsplit"]), PF=lay["PF"])
 
 
 def _blocks_per_dir(spec: RecurrenceSpec, target: Target) -> int:
@@ -591,7 +596,6 @@ def render_params(spec: RecurrenceSpec, params: dict) -> dict:
     on-chip kernel (rnn_onchip.cu.j2) for an ONCHIP point."""
     if params["sync"] == ONCHIP:
         return onchip_render_params(spec, params)
-    g, y, st = spec.strides()
     mma = bool(params.get("step_mma", False))
     if mma and not _mma_ok(spec):
         raise ValueError(f"step_mma needs f16/bf16 storage and hidden % 8 == 0 (got {spec.storage}, {spec.H})")
@@ -605,15 +609,7 @@ def render_params(spec: RecurrenceSpec, params: dict) -> dict:
     else:
         geom = dict(ROWSP=lay["ROWSP"], BP=lay["BP"], HP=lay["HP"], R_BYTES=lay["R_BYTES"], R_SMEM=params["r_smem"],
                     TR=params["tr"], TB=params["tb"], KS=params["ks"])
-    return dict(variant="rec", kind=spec.kind, S=spec.S, B=spec.B, D=spec.D, H=spec.H, NG=spec.gates,
-                direction=spec.direction, acts=spec.acts or _default_acts(spec.kind, spec.D),
-                clip=None if spec.clip is None else float(spec.clip), input_forget=bool(spec.input_forget),
-                rt=CT[spec.storage], gt=CT[spec.g_dtype], lt=TABLE[spec.lens_dtype].ctype,
-                g_st=g[0], g_sb=g[1], g_sd=g[2], y_st=y[0], y_sb=y[1], y_sd=y[2], st_sb=st[0], st_sd=st[1],
-                has_h0=spec.has_h0, has_c0=spec.has_c0 and spec.kind == "LSTM", has_p=spec.has_peep and spec.kind == "LSTM",
-                has_rbh=spec.has_rbh and spec.kind == "GRU", rbh_sd=spec.H if spec.rbh_sd is None else spec.rbh_sd,
-                rbh_off=spec.rbh_off, has_lens=spec.has_lens, has_y=spec.has_y, has_yh=spec.has_yh,
-                has_yc=spec.has_yc and spec.kind == "LSTM", sync=params["sync"], NSB=lay["NSB"], HS=lay["HS"],
+    return dict(_cell_params(spec), variant="rec", sync=params["sync"], NSB=lay["NSB"], HS=lay["HS"],
                 VEC=_vec(spec), NTHR=params["threads"], KPERM=bool(params.get("kperm", False)) and not mma,
                 STAGE_BATCH=bool(params.get("stage_batch", False)) and not mma and params["sync"] != "tagged",
                 STEP_MMA=mma, TAG_U=_tag_inflight(spec, params),

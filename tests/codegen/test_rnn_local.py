@@ -13,7 +13,7 @@ from nnc.codegen.kernels import rnn
 from nnc.codegen.target import for_arch
 
 from .test_rnn_cuda import _compare, _feed
-from .test_rnn_tagged import _build, _gpu, _rec
+from .test_rnn_tagged import _build, _diffs, _gpu, _rec
 
 SM90 = for_arch("sm_90a")
 
@@ -80,9 +80,6 @@ def test_gpu_local_matches_interpreter_and_barrier(kind, dt, mma, B, kw, tmp_pat
     for i in range(3):
         feed = _feed(spec, rng)
         _compare(f"{kind}/local/mma={mma}/run{i}", tmp_path / "local", mod, feed)
-        got, want = local.run(feed, output="numpy", poison=True), barrier.run(feed, output="numpy", poison=True)
-        for k, w in want.items():
-            g, w = got[k].astype(np.float64), w.astype(np.float64)
-            diff = float(np.max(np.abs(g - w))) / max(1.0, float(np.max(np.abs(w)))) if w.size else 0.0
-            tol = 1e-6 if got[k].dtype == np.float32 else 1e-3
+        for k, diff, dt in _diffs(local, barrier, feed):
+            tol = 1e-6 if dt == np.float32 else 1e-3
             assert diff <= tol, f"run {i} {k}: local vs barrier max rel diff {diff:.3g}"

@@ -16,7 +16,7 @@ from nnc.codegen.kernels import rnn
 from nnc.codegen.target import for_arch
 
 from .test_rnn_cuda import _compare, _feed
-from .test_rnn_tagged import _build, _gpu
+from .test_rnn_tagged import _build, _diffs, _gpu
 
 SM90 = for_arch("sm_90a")
 
@@ -157,8 +157,5 @@ def test_gpu_onchip_matches_interpreter_and_tagged(kind, dt, B, kw, hsplit, tmp_
     for i in range(3):
         feed = _feed(spec, rng)
         _compare(f"{kind}/onchip/hsplit={hsplit}/run{i}", tmp_path / "onchip", mod, feed)
-        got, want = onchip.run(feed, output="numpy", poison=True), tagged.run(feed, output="numpy", poison=True)
-        for k, w in want.items():
-            g, w = got[k].astype(np.float64), w.astype(np.float64)
-            diff = float(np.max(np.abs(g - w))) / max(1.0, float(np.max(np.abs(w)))) if w.size else 0.0
+        for k, diff, _ in _diffs(onchip, tagged, feed):
             assert diff <= 1e-2, f"run {i} {k}: onchip vs tagged max rel diff {diff:.3g}"

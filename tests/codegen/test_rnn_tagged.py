@@ -132,6 +132,16 @@ def _contractive(model, H):
     return model
 
 
+def _diffs(mod_a, mod_b, feed):
+    """Both modules run on feed (outputs poisoned first): (output, max |a - b| / max(1, max |b|), a's dtype)."""
+    got, want = mod_a.run(feed, output="numpy", poison=True), mod_b.run(feed, output="numpy", poison=True)
+    out = []
+    for k, w in want.items():
+        g, w = got[k].astype(np.float64), w.astype(np.float64)
+        out.append((k, float(np.max(np.abs(g - w))) / max(1.0, float(np.max(np.abs(w)))) if w.size else 0.0, got[k].dtype))
+    return out
+
+
 def _build(d, kind, dt, B, *, mma, sync, params=None, monkeypatch, **kw):
     """The model compiled at the heuristic's point (or `params`) with the sync forced to `sync`."""
     monkeypatch.setattr(rnn, "DEFAULT_SYNC", sync)
@@ -179,11 +189,8 @@ def test_gpu_tagged_matches_interpreter_and_barrier(kind, dt, mma, B, kw, tmp_pa
     for i in range(3):  # fresh inputs each run: a stale tagged word would pass for this run's h
         feed = _feed(spec, rng)
         _compare(f"{kind}/tagged/mma={mma}/run{i}", tmp_path / "tagged", mod, feed)
-        got, want = tagged.run(feed, output="numpy", poison=True), barrier.run(feed, output="numpy", poison=True)
-        for k, w in want.items():
-            g, w = got[k].astype(np.float64), w.astype(np.float64)
-            diff = float(np.max(np.abs(g - w))) / max(1.0, float(np.max(np.abs(w)))) if w.size else 0.0
-            tol = 1e-6 if got[k].dtype == np.float32 else 1e-3  # the same arithmetic: equal, or one 16-bit ulp
+        for k, diff, dt in _diffs(tagged, barrier, feed):
+            tol = 1e-6 if dt == np.float32 else 1e-3  # the same arithmetic: equal, or one 16-bit ulp
             assert diff <= tol, f"run {i} {k}: tagged vs barrier max rel diff {diff:.3g}"
 
 
