@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import traceback
@@ -100,12 +101,13 @@ def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False, half_
                 return default(spec, target, [p for p in space if p["nsb"] == pick])
             rnn.recurrence_default = fewer
         names = ("DEFAULT_SYNC", "DEFAULT_SYNC_SMALL_BATCH", "DEFAULT_KPERM", "DEFAULT_STAGE_BATCH", "DEFAULT_STEP_MMA",
-                 "MMA_MIN_BATCH", "DEFAULT_MMA_WARPS", "DEFAULT_ONCHIP", "DEFAULT_ONCHIP_HSPLIT")
+                 "MMA_MIN_BATCH", "DEFAULT_MMA_WARPS", "DEFAULT_ONCHIP", "DEFAULT_ONCHIP_HSPLIT", "DEFAULT_ONCHIP_CLUSTER",
+                 "DEFAULT_ONCHIP_KSPLIT")
         old = [getattr(rnn, n) for n in names]
-        onchip = sync.startswith(rnn.ONCHIP)  # onchip: h split by the cell's default; onchip1: h 16-bit; onchip2: hi + lo
+        oc = onchip_form(sync)
+        onchip = oc is not None
         new = (rnn.ONCHIP if onchip else sync, None, bool(ARGS and ARGS.kperm), bool(ARGS and ARGS.stage_batch),
-               bool(step_mma), 1, step_mma if not isinstance(step_mma, bool) else None, onchip,
-               {"onchip1": False, "onchip2": True}.get(sync))
+               bool(step_mma), 1, step_mma if not isinstance(step_mma, bool) else None, onchip) + (oc or (None, None, None))
         for n, v in zip(names, new):
             setattr(rnn, n, v)
         try:
@@ -117,6 +119,17 @@ def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False, half_
             driver.pipeline_passes, recurrence.DEFAULT_STACK_FORM = old_passes, old_form
             recurrence.wavefront_default = old_wave_default
     return od
+
+
+def onchip_form(sync: str):
+    """onchip[1|2][cN][kM] -> (hsplit, cluster, k split) for the on-chip recurrence (None: the cell's
+    default h split / the heuristic's cluster and k split); None for other syncs. onchip1: h 16-bit,
+    onchip2: hi + lo; cN: a cluster of N CTAs a direction; kM: M k groups of warps."""
+    m = re.fullmatch(r"onchip([12]?)(?:c(\d+))?(?:k(\d+))?", sync)
+    if not m:
+        return None
+    return ({"1": False, "2": True}.get(m.group(1)), int(m.group(2)) if m.group(2) else None,
+            int(m.group(3)) if m.group(3) else None)
 
 
 def code_tag() -> str:
@@ -250,6 +263,10 @@ def bench_one(name: str, batch: int, work: Path, precs, pts, floor: dict):
                         p.get("sync") != ("onchip" if sync.startswith("onchip") else sync) for p in rec_params(m.plan)):
                     r[f"note_sync_{label}"] = (f"not every recurrence has sync {sync} (local: one block a direction, "
                                                f"only where R, h and B*H gate threads fit one SM)")
+                if onchip_form(sync):  # the on-chip layouts the recurrences took (CTAs a direction, k groups, threads)
+                    r[f"onchip_{label}"] = sorted({f"c{p.get('CL', 1)}k{p.get('KSP', 1)}t{p.get('NTHR')}"
+                                                   f"{'h2' if p.get('HSPLIT') else ''}" for p in rec_params(m.plan)
+                                                   if p.get("sync") == "onchip"})
                 mods[label] = (m, cp.asarray(xin), xin, sync)
             except Exception as e:
                 r[f"error_{label}"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -345,7 +362,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="", help="these batches (comma-separated) of every model; default: each "
                     "model's own (a --models item name@b runs batch b of that model only)")
     ap.add_argument("--precisions", default="fp32,fp16")
-    ap.add_argument("--syncs", default="flags,barrier,tagged")
+    ap.add_argument("--syncs", default="flags,barrier,tagged",
+                    help="flags, barrier, tagged, local, onchip[1|2][cN][kM] (the on-chip recurrence: 1 h 16-bit, "
+                         "2 hi + lo; cN a cluster of N CTAs a direction; kM M k groups of warps)")
     ap.add_argument("--step-mma", default="fma",
                     help="the recurrence steps to time, comma-separated: fma (CUDA cores), mma (tensor cores, space "
                          "param step_mma, the cost model's warps), mma4 / mma8 (4 / 8 warps); a suffix h (fmah, "

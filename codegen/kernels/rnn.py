@@ -281,7 +281,8 @@ def _staging_clocks(spec: RecurrenceSpec, step_mma: bool, blocks: int) -> float:
 def point_layout(spec: RecurrenceSpec, params: dict) -> dict:
     """The geometry of a point of recurrence_space (either step)."""
     if params["sync"] == ONCHIP:
-        return onchip_layout(spec, params["mma_warps"], bool(params["hsplit"]))
+        return onchip_layout(spec, params["mma_warps"], bool(params["hsplit"]), params.get("cluster", 1),
+                             params.get("ksplit", 1))
     if params.get("step_mma"):
         return _mma_layout(spec, params["nsb"], params["threads"])
     return _layout(spec, params["nsb"], params["tr"], params["tb"], params["r_smem"])
@@ -293,8 +294,9 @@ def point_cost(spec: RecurrenceSpec, params: dict) -> float:
     mma = bool(params.get("step_mma"))
     lay = point_layout(spec, params)
     if params["sync"] == ONCHIP:  # no staging: the matvec over all of R on one SM, hi (+ lo)
-        nmma = lay["MT"] * lay["NT"] * (spec.H // 16) * (2 if params["hsplit"] else 1)
-        return 100.0 + nmma * 4.0 / 4 + 30.0 * (spec.H // 16)
+        nmma = lay["MT"] * lay["NT"] * (spec.H // 16) * (2 if params["hsplit"] else 1) // lay["KSP"]
+        sync = 100.0 if lay["CL"] == 1 else 600.0  # (modelled: a cluster barrier + the DSMEM pushes)
+        return sync + nmma * 4.0 / 4 + 30.0 * (spec.H // 16) / lay["KSP"] + (60.0 if lay["KSP"] > 1 else 0.0)
     if mma:
         core = _mma_cost(spec, lay)
     else:
@@ -327,6 +329,11 @@ def _mma_points(spec: RecurrenceSpec, target: Target, nsb: int, syncs=None) -> l
 # by hidden unit, so every gate of a (batch, unit) lands in one thread's accumulators
 ONCHIP = "onchip"
 ONCHIP_WARPS = (16, 8, 4)
+# CTAs a direction: one, or a thread-block cluster (portable sizes <= 8) that splits R by hidden unit
+# and shares h over distributed shared memory, one cluster barrier a step
+ONCHIP_CLUSTERS = (1, 2, 4, 8)
+# k groups of warps splitting the step's matvec over K (partial sums added through smem)
+ONCHIP_KSPLITS = (1, 2, 4)
 ONCHIP_MAX_MT = 4  # batch <= 64: the m-tiles a thread's accumulators hold
 # from this batch the heuristic takes the on-chip step where it applies (the tensor-core step's
 # own crossover, MMA_MIN_BATCH; below, the latency-bound batches keep the measured tagged /
@@ -342,39 +349,54 @@ DEFAULT_ONCHIP_WARPS = 8
 # h as hi + lo 16-bit operands (twice the MMAs): None = for the cells whose only state is h (RNN, the
 # reason MMA_CELLS leaves RNN out of the tensor-core step); True / False forces it (tools/bench_rnn.py)
 DEFAULT_ONCHIP_HSPLIT = None
+# the heuristic's cluster size and k split among the on-chip points (None: 1 and 1, the single-CTA
+# kernel measured above); tools/bench_rnn.py forces them with --syncs onchip[1|2][cN][kM]
+DEFAULT_ONCHIP_CLUSTER = None
+DEFAULT_ONCHIP_KSPLIT = None
 
 
-def onchip_layout(spec: RecurrenceSpec, warps: int, hsplit: bool) -> Optional[dict]:
-    """Geometry of the on-chip step with `warps` warps, or None where it does not apply: R [NG*H][PITCH]
-    and the h tiles [2 (hi, lo: 4)][MP][PITCH] in the storage dtype (PITCH = H + 8: the 8 rows of one
-    ldmatrix phase on distinct banks)."""
+def onchip_layout(spec: RecurrenceSpec, warps: int, hsplit: bool, cluster: int = 1, ksplit: int = 1) -> Optional[dict]:
+    """Geometry of the on-chip step with `warps` warps (ksplit k groups of warps // ksplit) in each of
+    `cluster` CTAs a direction, or None where it does not apply: this CTA's rows of R [NG*H/cluster]
+    [PITCH] and the full h tiles [2 (hi, lo: 4)][MP][PITCH] in the storage dtype (PITCH = H + 8: the 8
+    rows of one ldmatrix phase on distinct banks), then the k groups' partial sums in fp32."""
     H = spec.H
-    if spec.storage not in MMA_STORAGE or H % 16 or H % (8 * warps):
+    if spec.storage not in MMA_STORAGE or H % 16 or warps % ksplit or (H // 16) % ksplit or H % cluster:
         return None
-    u = H // warps
+    nwn = warps // ksplit
+    uc = H // cluster
+    if uc % (8 * nwn):
+        return None
+    u = uc // nwn
     mp = -(-spec.B // 16) * 16
     mt, nt = mp // 16, spec.gates * u // 8
     pitch = H + 8
     esz = ESIZE[spec.storage]
-    r_bytes = spec.gates * H * pitch * esz
-    smem = r_bytes + (4 if hsplit else 2) * mp * pitch * esz
+    r_bytes = spec.gates * uc * pitch * esz
+    smem = r_bytes + (4 if hsplit else 2) * mp * pitch * esz + (ksplit - 1) * nwn * mt * nt * 4 * 32 * 4
     pos = mt * (u // 8) * 4  # (batch, unit) positions a thread owns
     pf = pos * spec.gates <= 32  # G[t] one step ahead while registers allow
     regs = mt * nt * 4 * (2 if hsplit else 1) + pos * (2 if spec.kind == "LSTM" else 1) + pos * spec.gates * (2 if pf else 1)
-    return dict(HS=H, NSB=1, U=u, MP=mp, MT=mt, NT=nt, PITCH=pitch, R_BYTES=r_bytes, smem=smem, PF=pf, regs=regs)
+    return dict(HS=H, NSB=1, U=u, MP=mp, MT=mt, NT=nt, PITCH=pitch, R_BYTES=r_bytes, smem=smem, PF=pf, regs=regs,
+                CL=cluster, KSP=ksplit, NWN=nwn)
 
 
 def _onchip_points(spec: RecurrenceSpec, target: Target) -> list[dict]:
     out = []
     if -(-spec.B // 16) > ONCHIP_MAX_MT:
         return out
-    for warps in ONCHIP_WARPS:
-        for hsplit in (False, True):
-            lay = onchip_layout(spec, warps, hsplit)
-            if lay is None or lay["smem"] > target.smem_per_block_optin or lay["regs"] > 160:
-                continue
-            out.append(dict(sync=ONCHIP, nsb=1, tr=None, tb=None, ks=None, threads=32 * warps, r_smem=True, kperm=False,
-                            stage_batch=False, step_mma=True, mma_warps=warps, hsplit=hsplit))
+    for cluster in ONCHIP_CLUSTERS:
+        if spec.D * cluster > target.sm_count:
+            continue
+        for warps in ONCHIP_WARPS:
+            for ksplit in ONCHIP_KSPLITS:
+                for hsplit in (False, True):
+                    lay = onchip_layout(spec, warps, hsplit, cluster, ksplit)
+                    if lay is None or lay["smem"] > target.smem_per_block_optin or lay["regs"] > 160:
+                        continue
+                    out.append(dict(sync=ONCHIP, nsb=1, tr=None, tb=None, ks=None, threads=32 * warps, r_smem=True,
+                                    kperm=False, stage_batch=False, step_mma=True, mma_warps=warps, hsplit=hsplit,
+                                    cluster=cluster, ksplit=ksplit))
     return out
 
 
@@ -386,7 +408,9 @@ def _onchip_default(spec: RecurrenceSpec, space: list, forced: bool) -> Optional
     """The heuristic's on-chip point (DEFAULT_ONCHIP_WARPS warps, else the most), or None."""
     if not (forced or (DEFAULT_ONCHIP and spec.B >= ONCHIP_MIN_BATCH)):
         return None
+    cl, ksp = DEFAULT_ONCHIP_CLUSTER or 1, DEFAULT_ONCHIP_KSPLIT or 1
     pts = [p for p in space if p["sync"] == ONCHIP]
+    pts = [p for p in pts if (p.get("cluster", 1), p.get("ksplit", 1)) == (cl, ksp)] or pts
     want = [p for p in pts if p["hsplit"] == onchip_hsplit(spec)] or pts
     for p in want:
         if p["mma_warps"] == (DEFAULT_MMA_WARPS or DEFAULT_ONCHIP_WARPS):
@@ -409,11 +433,13 @@ def _cell_params(spec: RecurrenceSpec) -> dict:
 
 
 def onchip_render_params(spec: RecurrenceSpec, params: dict) -> dict:
-    lay = onchip_layout(spec, params["mma_warps"], bool(params["hsplit"]))
+    cl, ksp = params.get("cluster", 1), params.get("ksplit", 1)
+    lay = onchip_layout(spec, params["mma_warps"], bool(params["hsplit"]), cl, ksp)
     if lay is None:
-        raise ValueError(f"the on-chip step does not take {spec.kind} hidden {spec.H} {spec.storage} at {params['mma_warps']} warps")
+        raise ValueError(f"the on-chip step does not take {spec.kind} hidden {spec.H} {spec.storage} at "
+                         f"{params['mma_warps']} warps, cluster {cl}, k split {ksp}")
     return dict(_cell_params(spec), sync=ONCHIP, NTHR=params["threads"], U=lay["U"], MP=lay["MP"], PITCH=lay["PITCH"],
-                HSPLIT=bool(params["hsplit"]), PF=lay["PF"])
+                HSPLIT=bool(params["hsplit"]), PF=lay["PF"], CL=cl, KSP=ksp, NWN=lay["NWN"])
 
 
 def _blocks_per_dir(spec: RecurrenceSpec, target: Target) -> int:
@@ -688,12 +714,12 @@ def emit_recurrence(ctx: LowerCtx, spec: RecurrenceSpec, params: Optional[dict] 
     params = dict(params) if params else recurrence_default(spec, ctx.target)
     _check_buffers(ctx, spec, h0, c0, peep, rbh, lens, y, yh, yc)
     tp = render_params(spec, params)
-    if params["sync"] == ONCHIP:  # one ordinary launch of D blocks: no sync words, no h in global
+    if params["sync"] == ONCHIP:  # one ordinary launch of D clusters of CL blocks: no sync words, no h in global
         k = ctx.render("rnn_onchip.cu.j2", f"rnn_onchip_{spec.kind.lower()}", **tp)
         args = [g, r] + [b for b, on in ((rbh, tp["has_rbh"]), (lens, tp["has_lens"]), (peep, tp["has_p"]),
                                          (h0, tp["has_h0"]), (c0, tp["has_c0"]), (y, tp["has_y"]), (yh, tp["has_yh"]),
                                          (yc, tp["has_yc"])) if on]
-        ctx.launch(k, spec.D, params["threads"], args + [ctx.i32(0)], smem=point_layout(spec, params)["smem"])
+        ctx.launch(k, spec.D * tp["CL"], params["threads"], args + [ctx.i32(0)], smem=point_layout(spec, params)["smem"])
         return params
     lay = point_layout(spec, params)
     nwords, nhw = sync_words(spec, params), h_words(spec, params)

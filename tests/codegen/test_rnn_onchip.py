@@ -93,12 +93,46 @@ COMPILE = [("RNN", np.float16, 16, dict(H=256, I=16, S=4)),
 CIDS = [f"{c[0]}-{c[1] if isinstance(c[1], str) else np.dtype(c[1]).name}-b{c[2]}" for c in COMPILE]
 
 
+def _force_layout(monkeypatch, spec, cl_ksp, hsplit):
+    """Makes the heuristic take the on-chip point with (cluster, k split) = cl_ksp; skips where the
+    space has none such."""
+    cl, ksp = cl_ksp
+    if not any((p["cluster"], p["ksplit"], p["hsplit"]) == (cl, ksp, hsplit) for p in _onchip(spec)):
+        pytest.skip(f"no on-chip point with cluster {cl}, k split {ksp}, hsplit {hsplit} at {spec.kind} "
+                    f"hidden {spec.H} b{spec.B}")
+    monkeypatch.setattr(rnn, "DEFAULT_ONCHIP_CLUSTER", cl)
+    monkeypatch.setattr(rnn, "DEFAULT_ONCHIP_KSPLIT", ksp)
+
+
+def test_cluster_and_ksplit_points():
+    """A cluster of CL CTAs keeps 1/CL of R each (RNN 256: 135 KB on one SM, 17 KB on eight); a k
+    split adds its partial sums' smem; points exist only where the units split evenly into warps."""
+    spec = _spec("RNN", 256, 16)
+    pts = {(p["cluster"], p["ksplit"], p["mma_warps"]): p for p in _onchip(spec) if not p["hsplit"]}
+    assert {(1, 1, 8), (2, 2, 8), (4, 4, 16), (8, 1, 4), (8, 4, 16)} <= set(pts)
+    one, eight = (rnn.point_layout(spec, pts[k]) for k in ((1, 1, 8), (8, 1, 4)))
+    assert one["R_BYTES"] == 8 * eight["R_BYTES"] == 256 * 264 * 2
+    k4 = rnn.point_layout(spec, pts[(8, 4, 16)])
+    assert k4["smem"] - eight["smem"] == 3 * 4 * 1 * 1 * 4 * 32 * 4  # (KSP-1) x NWN x MT x NT x 4 x 32 floats
+    assert not any(p["cluster"] == 8 and p["mma_warps"] == 8 and p["ksplit"] == 1 for p in _onchip(spec)), \
+        "8 warps x 8 units do not split a CTA's 32 units"
+    assert rnn.recurrence_default(spec, SM90).get("cluster", 1) == (rnn.DEFAULT_ONCHIP_CLUSTER or 1) or \
+        rnn.recurrence_default(spec, SM90)["sync"] != rnn.ONCHIP
+    # bigger cells fit once split: LSTM 512 at fp16 is 2 MB of R, 266 KB a CTA at 8: still no
+    assert not _onchip(_spec("LSTM", 512, 16))
+    # LSTM 256: 540 KB of R; 270 KB a CTA at 2, 135 KB at 4
+    assert {p["cluster"] for p in _onchip(_spec("LSTM", 256, 16))} == {4, 8}
+
+
 @pytest.mark.parametrize("kind,dt,B,kw", COMPILE, ids=CIDS)
 @pytest.mark.parametrize("hsplit", [False, True])
-def test_renders_and_compiles_sm90a(kind, dt, B, kw, hsplit, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cl_ksp", [(1, 1), (4, 2)], ids=["cta", "cluster4-k2"])
+def test_renders_and_compiles_sm90a(kind, dt, B, kw, hsplit, cl_ksp, tmp_path, monkeypatch):
     if _gpu():
         pytest.skip("the GPU tests below compile for the device")
     import json
+    _force_layout(monkeypatch, _spec(kind, kw["H"], B, D=2 if kw.get("direction") == "bidirectional" else 1), cl_ksp,
+                  hsplit)
 
     import nnc
     import nnc.codegen.emit as emit
@@ -117,16 +151,22 @@ def test_renders_and_compiles_sm90a(kind, dt, B, kw, hsplit, tmp_path, monkeypat
     assert len(recs) == 1, [k["name"] for k in plan["kernels"]]
     p = recs[0]["params"]
     assert p["HSPLIT"] == hsplit and p["kind"] == kind
+    assert (p["CL"], p["KSP"]) == cl_ksp
     launch = [l for l in plan["launches"] if l["kernel"] == recs[0]["name"]]
-    assert len(launch) == 1 and list(launch[0]["grid"])[:1] == [p["D"]] and not recs[0]["name"].startswith("nnc_coop_")
+    assert len(launch) == 1 and list(launch[0]["grid"])[:1] == [p["D"] * p["CL"]]
+    assert not recs[0]["name"].startswith("nnc_coop_")
     assert not any("sync_init" in k["name"] for k in plan["kernels"]), "no sync words to reset"
     assert list(tmp_path.glob("model.*.cubin")), "NVRTC wrote no cubin"
     src = (tmp_path / "model.cu").read_text()
+    head = src[:src.index(recs[0]["name"] + "(")]
+    assert ("__cluster_dims__(" in head.splitlines()[-1]) == (p["CL"] > 1)
     body = src[src.index(recs[0]["name"] + "("):]
     loop = body[body.index("for (int step = 0; step < S; ++step)"):]
     loop = loop[:loop.index("#undef")]
-    assert loop.count("__syncthreads()") == 1, "one block barrier a step"
-    for gone in ("relaxed", "release", "hbuf", "sync_words"):
+    # a step: one block barrier (CTA), or the partial sums' barrier and / or the cluster's
+    assert loop.count("__syncthreads()") == (p["KSP"] > 1) + (p["CL"] > 1 or p["KSP"] == 1)
+    assert loop.count("_cluster_sync()") == (p["CL"] > 1) and loop.count("_st_cluster(") == (p["CL"] > 1)
+    for gone in ("relaxed", "hbuf", "sync_words", "ld.global"):
         assert gone not in loop, gone
     assert ("accl[" in loop) == hsplit
 
@@ -142,20 +182,20 @@ GIDS = [f"{c[0]}-b{c[2]}-S{c[3]['S']}" for c in GPU_CASES]
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind,dt,B,kw", GPU_CASES, ids=GIDS)
 @pytest.mark.parametrize("hsplit", [False, True])
-def test_gpu_onchip_matches_interpreter_and_tagged(kind, dt, B, kw, hsplit, tmp_path, monkeypatch, rng):
+@pytest.mark.parametrize("cl_ksp", [(1, 1), (4, 2), (8, 4)], ids=["cta", "cluster4-k2", "cluster8-k4"])
+def test_gpu_onchip_matches_interpreter_and_tagged(kind, dt, B, kw, hsplit, cl_ksp, tmp_path, monkeypatch, rng):
     import nnc
     monkeypatch.setattr(rnn, "DEFAULT_ONCHIP_HSPLIT", hsplit)
     spec0 = rnn.RecurrenceSpec(kind=kind, S=kw["S"], B=B, D=2 if kw.get("direction") == "bidirectional" else 1, H=kw["H"],
                                storage="f16")
-    if not any(p["hsplit"] == hsplit for p in _onchip(spec0)):
-        pytest.skip(f"no on-chip point with hsplit={hsplit} at {kind} b{B} (a thread's registers)")
+    _force_layout(monkeypatch, spec0, cl_ksp, hsplit)
     mod, plan, spec = _build(tmp_path / "onchip", kind, dt, B, mma=True, sync=rnn.ONCHIP, monkeypatch=monkeypatch, **kw)
     recs = [k["params"] for k in plan["kernels"] if k["params"].get("sync") == rnn.ONCHIP]
-    assert len(recs) == 1 and recs[0]["HSPLIT"] == hsplit
+    assert len(recs) == 1 and recs[0]["HSPLIT"] == hsplit and (recs[0]["CL"], recs[0]["KSP"]) == cl_ksp
     _build(tmp_path / "tagged", kind, dt, B, mma=False, sync="tagged", monkeypatch=monkeypatch, **kw)
     onchip, tagged = nnc.load(tmp_path / "onchip"), nnc.load(tmp_path / "tagged")
     for i in range(3):
         feed = _feed(spec, rng)
         _compare(f"{kind}/onchip/hsplit={hsplit}/run{i}", tmp_path / "onchip", mod, feed)
         for k, diff, _ in _diffs(onchip, tagged, feed):
-            assert diff <= 1e-2, f"run {i} {k}: onchip vs tagged max rel diff {diff:.3g}"
+            assert diff <= 1e-2, f"run {i} {k}: onchip {cl_ksp} vs tagged max rel diff {diff:.3g}"
