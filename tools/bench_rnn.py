@@ -77,6 +77,7 @@ def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False, half_
     if not (od / "plan.json").exists():
         old_passes, old_form = driver.pipeline_passes, recurrence.DEFAULT_STACK_FORM
         old_wave_default = recurrence.wavefront_default
+        old_stack_onchip = recurrence.DEFAULT_STACK_ONCHIP
         if stack:
             from nnc.passes import layer_wavefront
 
@@ -88,7 +89,9 @@ def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False, half_
             driver.pipeline_passes = with_stack
             form, _, nsb = stack.partition("@")
             recurrence.DEFAULT_STACK_FORM = form
-            if nsb:  # the wavefront at nsb blocks a layer (its default tiling there)
+            if form == "onchip":  # the on-chip wavefront at that point (onchip@cNkMwW[h1|h2])
+                recurrence.DEFAULT_STACK_ONCHIP = stack_onchip_point(nsb)
+            elif nsb:  # the wavefront at nsb blocks a layer (its default tiling there)
                 def at_nsb(kind, B, H, space, _default=old_wave_default):
                     return _default(kind, B, H, [p for p in space if p.get("nsb") == int(nsb)])
                 recurrence.wavefront_default = at_nsb
@@ -118,7 +121,18 @@ def build(onnx_path: Path, od: Path, prec: str, sync: str, step_mma=False, half_
             rnn.recurrence_default = default
             driver.pipeline_passes, recurrence.DEFAULT_STACK_FORM = old_passes, old_form
             recurrence.wavefront_default = old_wave_default
+            recurrence.DEFAULT_STACK_ONCHIP = old_stack_onchip
     return od
+
+
+def stack_onchip_point(text: str) -> dict:
+    """cNkMwW[h1|h2] -> the on-chip wavefront's point: N CTAs a layer, M k groups, W warps, h 16-bit
+    (h1) or hi + lo (h2; absent: the cell's default)."""
+    m = re.fullmatch(r"c(\d+)k(\d+)w(\d+)(?:h([12]))?", text)
+    if not m:
+        raise SystemExit(f"--stack onchip@{text}: expected onchip@cNkMwW[h1|h2], e.g. onchip@c4k4w16h2")
+    return dict(cluster=int(m.group(1)), ksplit=int(m.group(2)), warps=int(m.group(3)),
+                hsplit={"1": False, "2": True}.get(m.group(4)))
 
 
 def onchip_form(sync: str):
@@ -159,8 +173,11 @@ def points() -> list:
             pts.append(("wave" + form.partition("@")[2], "tagged", False, False, form))
         elif form == "hoisted":
             pts += [(f"{sync}_stk", sync, False, False, "hoisted") for sync in syncs or ["tagged"]]
+        elif form.startswith("onchip@"):  # the on-chip wavefront (one cluster, every layer)
+            stack_onchip_point(form.partition("@")[2])
+            pts.append(("ocw_" + form.partition("@")[2], "tagged", False, False, form))
         else:
-            raise SystemExit(f"--stack: unknown form {form!r} (hoisted, wavefront)")
+            raise SystemExit(f"--stack: unknown form {form!r} (hoisted, wavefront[@nsb], onchip@cNkMwW[h1|h2])")
     return pts
 
 
@@ -259,7 +276,10 @@ def bench_one(name: str, batch: int, work: Path, precs, pts, floor: dict):
                     r[f"note_{label}"] = "not every recurrence took the tensor-core step (space: fp16/bf16, H % 8)"
                 if stack and stack.startswith("wavefront") and not any("wavefront" in (la.get("kernel") or "") for la in m.plan["launches"]):
                     r[f"note_{label}"] = "no wavefront kernel: layer-wavefront stacked nothing (bidirectional?)"
-                if not (stack and stack.startswith("wavefront")) and any(
+                if stack and stack.startswith("onchip") and not any(
+                        "_stack" in (la.get("kernel") or "") for la in m.plan["launches"]):
+                    r[f"note_{label}"] = "no on-chip stack kernel (no stack, or no on-chip point at this shape)"
+                if not (stack and stack.startswith(("wavefront", "onchip"))) and any(
                         p.get("sync") != ("onchip" if sync.startswith("onchip") else sync) for p in rec_params(m.plan)):
                     r[f"note_sync_{label}"] = (f"not every recurrence has sync {sync} (local: one block a direction, "
                                                f"only where R, h and B*H gate threads fit one SM)")

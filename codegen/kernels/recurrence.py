@@ -189,7 +189,11 @@ register(Variant("recurrence.fallback", "recurrence", ("recurrence",), _fallback
 #   "wavefront": ONE cooperative launch of templates/rnn_wavefront.cu.j2, L*nsb blocks, layer l at
 #                step s while layer l+1 at step s-1 (S + L - 1 serial steps), tagged sync.
 
-STACK_FORMS = ("hoisted", "wavefront")
+#   "onchip":    ONE cluster of L*cluster CTAs (templates/rnn_onchip.cu.j2 with L > 1): every layer's
+#                [R_l | W_l] rows on chip, h over distributed shared memory, one cluster barrier a
+#                step, S + L - 1 steps (the on-chip recurrence's layer wavefront; 16-bit storage).
+
+STACK_FORMS = ("hoisted", "wavefront", "onchip")
 # the heuristic's form: "hoisted" / "wavefront", or {cell kind: form} (kinds not named: hoisted).
 # "wavefront" since the H200 round of 2026-12-03 15:30 (tools/bench_rnn.py --stack wavefront,hoisted,
 # fp16 batch 1, median of 3 rounds): RNN 2x256 seq 256 wavefront 0.289 ms vs hoisted/tagged 0.522
@@ -211,6 +215,13 @@ WAVE_MAX_THREADS = 512  # the default tiling: the fewest rows a thread (TR) with
 # the wavefront's tagged words keep every step of every layer ({fp32 h, tag}: 8 bytes an element, zeroed
 # each run): at most this many bytes (RNN 2x256 b1 seq 256: 1 MB; LSTM 2x512 b1 seq 128: 1 MB)
 WAVE_MAX_WORD_BYTES = 64 << 20
+# the on-chip wavefront: RNN and LSTM (GRU's hidden gate needs its input part outside r's product,
+# which one fused [R | W] matvec cannot keep apart); at most 8 CTAs (the portable cluster size) in all
+ONCHIP_STACK_KINDS = ("RNN", "LSTM")
+ONCHIP_STACK_MAX_CTAS = 8
+# the heuristic's on-chip wavefront point (from batch rnn.ONCHIP_MIN_BATCH), None: off.
+# hsplit None: h as hi + lo for RNN only (as the per-layer on-chip step)
+DEFAULT_STACK_ONCHIP: Optional[dict] = None
 
 
 def _stack_dims(op, shape_of):
@@ -311,13 +322,20 @@ def _stack_applies(p):
 
 def _stack_space(p):
     S, B, L, H = _stack_dims(p.op, lambda i: p.tensor(i).shape)
-    return [dict(form="hoisted")] + wavefront_space(p.op.attrs.kind, p.tensor(0).dtype.short, B, H, L, p.target, S)
+    kind, storage = p.op.attrs.kind, p.tensor(0).dtype.short
+    out = [dict(form="hoisted")] + wavefront_space(kind, storage, B, H, L, p.target, S)
+    if all(p.value(i) is not None for i in (1, 2, 3)):  # (the on-chip form bakes [R_l | W_l] at compile time)
+        out += onchip_stack_space(kind, storage, B, H, L, p.target)
+    return out
 
 
 def _stack_default(p, space):
     form = DEFAULT_STACK_FORM.get(p.op.attrs.kind, "hoisted") if isinstance(DEFAULT_STACK_FORM, dict) \
         else DEFAULT_STACK_FORM
     a = p.op.attrs
+    got = onchip_stack_default(a.kind, _stack_dims(p.op, lambda i: p.tensor(i).shape)[1], space)
+    if got is not None:
+        return got
     seq_first = a.g_layout in ("", "sb") and a.y_layout in ("", "sbdh") and a.layout == 0
     if form == "wavefront" and (seq_first or WAVE_DEFAULT_BATCH_MAJOR):
         S, B, L, H = _stack_dims(p.op, lambda i: p.tensor(i).shape)
@@ -451,9 +469,80 @@ def _render_wavefront(ctx: LowerCtx, p, params):
     return True
 
 
+def _onchip_stack_spec(kind: str, storage: str, B: int, H: int) -> rnn.RecurrenceSpec:
+    """The per-layer spec the on-chip geometry (rnn.onchip_layout) reads: cell, batch, H, storage."""
+    return rnn.RecurrenceSpec(kind=kind, S=1, B=B, D=1, H=H, storage=storage, g_dtype=storage)
+
+
+def onchip_stack_space(kind: str, storage: str, B: int, H: int, L: int, target) -> list[dict]:
+    """The on-chip wavefront's points: CTAs a layer (cluster; L * cluster in one portable cluster) x
+    warps x k split x h as hi + lo, where [R_l | W_l]'s rows, the h tiles and the partial sums fit
+    one SM's shared memory (16-bit storage, batch <= 64: the tensor-core step's own limits)."""
+    if kind not in ONCHIP_STACK_KINDS or L < 2 or -(-B // 16) > rnn.ONCHIP_MAX_MT:
+        return []
+    spec = _onchip_stack_spec(kind, storage, B, H)
+    out = []
+    for cluster in rnn.ONCHIP_CLUSTERS:
+        if L * cluster > ONCHIP_STACK_MAX_CTAS:
+            continue
+        for warps in rnn.ONCHIP_WARPS:
+            for ksplit in rnn.ONCHIP_KSPLITS:
+                for hsplit in (False, True):
+                    lay = rnn.onchip_layout(spec, warps, hsplit, cluster, ksplit, k_width=2 * H)
+                    if lay is None or lay["smem"] > target.smem_per_block_optin or lay["regs"] > 160:
+                        continue
+                    out.append(dict(form="onchip", cluster=cluster, ksplit=ksplit, mma_warps=warps, hsplit=hsplit,
+                                    threads=32 * warps))
+    return out
+
+
+def onchip_stack_default(kind: str, B: int, space: list[dict]) -> Optional[dict]:
+    """The heuristic's on-chip wavefront point (DEFAULT_STACK_ONCHIP's cluster / k split / warps, h as
+    hi + lo for the cells whose only state is h), or None (off, batch below ONCHIP_MIN_BATCH, no point)."""
+    want = DEFAULT_STACK_ONCHIP
+    pts = [p for p in space if p.get("form") == "onchip"]
+    if not want or not pts or B < rnn.ONCHIP_MIN_BATCH:
+        return None
+    hs = (kind == "RNN") if want.get("hsplit") is None else bool(want["hsplit"])
+
+    def miss(p):  # how far a point is from the wanted one, field by field in this order
+        return (p["cluster"] != want["cluster"], p["ksplit"] != want["ksplit"], p["mma_warps"] != want["warps"],
+                p["hsplit"] != hs, -p["cluster"], -p["mma_warps"])
+    return dict(min(pts, key=miss))
+
+
+def _render_onchip(ctx: LowerCtx, p, params):
+    op, a = p.op, p.op.attrs
+    cell, S, B, L, H, GH, K, storage = _stack_frame(ctx, p)
+    R, W, Bias = ctx.value(1), ctx.value(2), ctx.value(3)
+    if R is None or W is None or Bias is None:
+        ctx.fail("the on-chip stack needs constant R, W and Bias")
+    rw = np.zeros((L, GH, 2 * H), R.dtype)  # [R_l | W_l] (layer 0: [R_0 | 0]; W[l-1] feeds layer l)
+    rw[:, :, :H] = R
+    rw[1:, :, H:] = W
+    y_read = y_is_read(op, p.L.module.main)
+    gt, gb = _stack_g_strides(a, S, B, GH)
+    yt, yb = _stack_y_strides(a, S, B, H)
+    spec = _layer_spec(a, cell, S, B, H, storage, ctx.inp(0).dtype.short, (gt, gb, GH), (yt, yb, H), False, y_read, K)
+    tp = dict(rnn.onchip_render_params(spec, params, k_width=2 * H), L=L)
+    lay = rnn.onchip_layout(spec, params["mma_warps"], bool(params["hsplit"]), params["cluster"], params["ksplit"],
+                            k_width=2 * H)
+    k = ctx.render("rnn_onchip.cu.j2", f"rnn_onchip_{a.kind.lower()}_stack", **tp)
+    args = [ctx.inp(0), ctx.new_weight(rw, "stack_rw"), ctx.new_weight(np.asarray(Bias, R.dtype), "stack_wb")]
+    if y_read:
+        args.append(ctx.out(0))
+    for kk in range(K):  # (every layer's states: the outputs exist, read or not)
+        args += [ctx.out(1 + kk * L + layer) for layer in range(L)]
+    args.append(ctx.i32(0))
+    ctx.launch(k, L * params["cluster"], params["threads"], args, smem=lay["smem"])
+    return True
+
+
 def _stack_render(ctx: LowerCtx, p, params):
     if params.get("form") == "wavefront":
         return _render_wavefront(ctx, p, params)
+    if params.get("form") == "onchip":
+        return _render_onchip(ctx, p, params)
     return _render_hoisted(ctx, p)
 
 

@@ -339,29 +339,40 @@ ONCHIP_MAX_MT = 4  # batch <= 64: the m-tiles a thread's accumulators hold
 # own crossover, MMA_MIN_BATCH; below, the latency-bound batches keep the measured tagged /
 # wavefront kernels, which spread the matvec over many SMs)
 ONCHIP_MIN_BATCH = 8
-# off by default: correct but measured slower than the tagged persistent kernel (H200, 2026-12-04 18:40 UTC,
-# tools/bench_rnn.py, RNN 2x256 seq 256 b16 fp16, median of 3 rounds, ms (us a step): onchip 8 warps 1.698
-# (3.27), 4 warps 1.750, 16 warps 1.717; hi + lo 1.873 (3.62); tagged 1.179 (2.25); cuDNN 0.721; ptxas: 86
-# registers, no spills). The step is latency-bound on one SM (the serial ldmatrix -> mma chain over K, the
-# gate math of 16 positions a thread), not on the 0.28 us of its MMAs; it stays in the space for the selector
-DEFAULT_ONCHIP = False
+# On by default for the cells measured faster, at cluster 8 x k split 4, 8 warps, h 16-bit (H200, 2026-12-05
+# 05:45 UTC, tools/bench_rnn.py --syncs ..., RNN 2x256 seq 256 b16 fp16, median of 3 alternating rounds, ms
+# (us a step): c8k4 8 warps h 16-bit 0.803 (1.53); same, 16 warps 0.819; hi + lo: c8k4 0.995, c8k1 4 warps
+# 0.990, c4k2 1.072, c2k4 1.434, single CTA 1.910 (3.69); the tagged persistent kernel 1.207 (2.31); cuDNN
+# 0.816 in the same run. Every point matched the reference within 8.3e-4 (hi + lo 7.7e-4, torch fp16 8.5e-4):
+# at this seq the 16-bit h operand costs no accuracy, so hi + lo is off by default). Earlier (2026-12-04
+# 18:40) the single-CTA kernel alone: 1.698 vs tagged 1.179, latency-bound on one SM (the serial ldmatrix ->
+# mma chain over K, the gate math of 16 positions a thread), which the cluster (1/8 of R a CTA) and the k
+# split (a quarter of the chain a warp) cut. Only the cells measured (DEFAULT_ONCHIP_CELLS): LSTM / GRU
+# cells small enough to fit keep the tagged kernel by default (their on-chip points stay in the space).
+DEFAULT_ONCHIP = True
+DEFAULT_ONCHIP_CELLS = ("RNN",)
 DEFAULT_ONCHIP_WARPS = 8
-# h as hi + lo 16-bit operands (twice the MMAs): None = for the cells whose only state is h (RNN, the
-# reason MMA_CELLS leaves RNN out of the tensor-core step); True / False forces it (tools/bench_rnn.py)
-DEFAULT_ONCHIP_HSPLIT = None
-# the heuristic's cluster size and k split among the on-chip points (None: 1 and 1, the single-CTA
-# kernel measured above); tools/bench_rnn.py forces them with --syncs onchip[1|2][cN][kM]
-DEFAULT_ONCHIP_CLUSTER = None
-DEFAULT_ONCHIP_KSPLIT = None
+# h as hi + lo 16-bit operands (twice the MMAs): None = for the cells whose only state is h (RNN: the
+# rounding of each step's h feeds the next step); True / False forces it (tools/bench_rnn.py). False: the
+# measurement above (no accuracy lost at RNN 2x256 seq 256, 0.803 against 0.995 ms)
+DEFAULT_ONCHIP_HSPLIT = False
+# the heuristic's cluster size and k split among the on-chip points (None: 1; where the shape has no such
+# point, the nearest: the same cluster first, then the same k split); tools/bench_rnn.py forces them with
+# --syncs onchip[1|2][cN][kM]
+DEFAULT_ONCHIP_CLUSTER = 8
+DEFAULT_ONCHIP_KSPLIT = 4
 
 
-def onchip_layout(spec: RecurrenceSpec, warps: int, hsplit: bool, cluster: int = 1, ksplit: int = 1) -> Optional[dict]:
+def onchip_layout(spec: RecurrenceSpec, warps: int, hsplit: bool, cluster: int = 1, ksplit: int = 1,
+                  k_width: Optional[int] = None) -> Optional[dict]:
     """Geometry of the on-chip step with `warps` warps (ksplit k groups of warps // ksplit) in each of
     `cluster` CTAs a direction, or None where it does not apply: this CTA's rows of R [NG*H/cluster]
-    [PITCH] and the full h tiles [2 (hi, lo: 4)][MP][PITCH] in the storage dtype (PITCH = H + 8: the 8
-    rows of one ldmatrix phase on distinct banks), then the k groups' partial sums in fp32."""
+    [PITCH] and the full h tiles [2 (hi, lo: 4)][MP][PITCH] in the storage dtype (PITCH = KW + 8: the 8
+    rows of one ldmatrix phase on distinct banks), then the k groups' partial sums in fp32. k_width
+    KW: the matvec's K (H; a stack's layer wavefront: 2H, [R_l | W_l] against [h_l | h_{l-1}])."""
     H = spec.H
-    if spec.storage not in MMA_STORAGE or H % 16 or warps % ksplit or (H // 16) % ksplit or H % cluster:
+    kw = k_width or H
+    if spec.storage not in MMA_STORAGE or H % 16 or warps % ksplit or (kw // 16) % ksplit or H % cluster:
         return None
     nwn = warps // ksplit
     uc = H // cluster
@@ -370,7 +381,7 @@ def onchip_layout(spec: RecurrenceSpec, warps: int, hsplit: bool, cluster: int =
     u = uc // nwn
     mp = -(-spec.B // 16) * 16
     mt, nt = mp // 16, spec.gates * u // 8
-    pitch = H + 8
+    pitch = kw + 8
     esz = ESIZE[spec.storage]
     r_bytes = spec.gates * uc * pitch * esz
     smem = r_bytes + (4 if hsplit else 2) * mp * pitch * esz + (ksplit - 1) * nwn * mt * nt * 4 * 32 * 4
@@ -406,16 +417,18 @@ def onchip_hsplit(spec: RecurrenceSpec) -> bool:
 
 def _onchip_default(spec: RecurrenceSpec, space: list, forced: bool) -> Optional[dict]:
     """The heuristic's on-chip point (DEFAULT_ONCHIP_WARPS warps, else the most), or None."""
-    if not (forced or (DEFAULT_ONCHIP and spec.B >= ONCHIP_MIN_BATCH)):
+    if not (forced or (DEFAULT_ONCHIP and spec.B >= ONCHIP_MIN_BATCH and spec.kind in DEFAULT_ONCHIP_CELLS)):
         return None
     cl, ksp = DEFAULT_ONCHIP_CLUSTER or 1, DEFAULT_ONCHIP_KSPLIT or 1
+    warps, hs = DEFAULT_MMA_WARPS or DEFAULT_ONCHIP_WARPS, onchip_hsplit(spec)
     pts = [p for p in space if p["sync"] == ONCHIP]
-    pts = [p for p in pts if (p.get("cluster", 1), p.get("ksplit", 1)) == (cl, ksp)] or pts
-    want = [p for p in pts if p["hsplit"] == onchip_hsplit(spec)] or pts
-    for p in want:
-        if p["mma_warps"] == (DEFAULT_MMA_WARPS or DEFAULT_ONCHIP_WARPS):
-            return dict(p)
-    return dict(want[0]) if want else None
+    if not pts:
+        return None
+
+    def miss(p):  # field by field: the wanted h split, cluster, k split, warps; then the bigger cluster
+        c, k = p.get("cluster", 1), p.get("ksplit", 1)
+        return (p["hsplit"] != hs, c != cl, k != ksp, p["mma_warps"] != warps, abs(c - cl), abs(k - ksp), -c)
+    return dict(min(pts, key=miss))
 
 
 def _cell_params(spec: RecurrenceSpec) -> dict:
@@ -432,9 +445,9 @@ def _cell_params(spec: RecurrenceSpec) -> dict:
                 has_y=spec.has_y, has_yh=spec.has_yh, has_yc=spec.has_yc and spec.kind == "LSTM")
 
 
-def onchip_render_params(spec: RecurrenceSpec, params: dict) -> dict:
+def onchip_render_params(spec: RecurrenceSpec, params: dict, k_width: Optional[int] = None) -> dict:
     cl, ksp = params.get("cluster", 1), params.get("ksplit", 1)
-    lay = onchip_layout(spec, params["mma_warps"], bool(params["hsplit"]), cl, ksp)
+    lay = onchip_layout(spec, params["mma_warps"], bool(params["hsplit"]), cl, ksp, k_width)
     if lay is None:
         raise ValueError(f"the on-chip step does not take {spec.kind} hidden {spec.H} {spec.storage} at "
                          f"{params['mma_warps']} warps, cluster {cl}, k split {ksp}")
